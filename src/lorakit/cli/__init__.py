@@ -1,0 +1,81 @@
+"""The `lorakit` command: parse, call the library, print.
+
+Each subcommand lives in its own module under `lorakit.cli` and exposes
+`register(subparsers)`, which adds its parser and sets `func=run` on it. Modules are imported
+lazily so that `lorakit --help` stays fast and a broken optional dependency of one command
+never breaks the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lorakit.errors import LorakitError
+
+# (command, module under lorakit.cli, one-line help)
+COMMANDS = [
+    ("train", "train", "fine-tune a model with LoRA (no arguments: the built-in offline demo)"),
+    ("generate", "generate", "generate text with a base model plus an adapter"),
+    ("eval", "evaluate", "loss and perplexity of base and adapter on a data file"),
+    ("merge", "merge", "merge an adapter into its base and save a plain transformers model"),
+    ("recommend", "recommend", "recommend r, alpha, targets and a full config for your model, data, hardware"),
+    ("estimate", "estimate", "predict peak memory and FLOPs of a training config"),
+    ("analyze", "analyze", "effective rank of a trained adapter, per module"),
+    ("sweep", "sweep", "short trainings over a grid of r, alpha and targets"),
+    ("bench", "bench", "speed and memory against PEFT on the same model and inputs"),
+    ("export", "export", "export an adapter for vLLM, llama.cpp (GGUF) or as a merged model"),
+]
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorakit",
+        description="Fine-tune LLMs with LoRA and choose rank, alpha and target modules well.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = _requested_command(argv)
+    for name, module, help_text in COMMANDS:
+        if wanted is not None and name != wanted:
+            sub.add_parser(name, help=help_text)  # listed in --help, built only when used
+            continue
+        try:
+            mod = importlib.import_module(f"lorakit.cli.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"lorakit.cli.{module}":
+                raise
+            sub.add_parser(name, help=f"{help_text} (not available in this build)")
+            continue
+        mod.register(sub, name, help_text)
+    return parser
+
+
+def _requested_command(argv: list[str] | None) -> str | None:
+    args = sys.argv[1:] if argv is None else argv
+    names = {name for name, _, _ in COMMANDS}
+    for arg in args:
+        if not arg.startswith("-"):
+            return arg if arg in names else None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 0 if not argv else 2
+    try:
+        return int(args.func(args) or 0)
+    except LorakitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Errors a user can cause. The CLI prints their message and exits with code 2, no traceback.
+
+Every message names the problem and the fix. Anything else that escapes is a bug and may
+traceback.
+"""
+
+
+class LorakitError(Exception):
+    """Base class for user-facing errors (bad flag, file, config, adapter, model)."""
+
+    exit_code = 2
+
+
+class ConfigError(LorakitError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+class TargetMatchError(LorakitError):
+    """A requested target module matches nothing in the model (or matches the wrong kind)."""
+
+
+class AdapterMismatchError(LorakitError):
+    """An adapter does not fit the model it is being loaded onto."""
+
+
+class AdapterFileError(LorakitError):
+    """An adapter or checkpoint folder is missing, damaged, or in an unsafe format."""
+
+
+class DataError(LorakitError):
+    """A data file is missing, empty, malformed, or has no usable examples."""
+
+
+class ModelLoadError(LorakitError):
+    """A model path or id cannot be loaded."""
+
+
+class OutputError(LorakitError):
+    """The output folder cannot be written (is a file, read-only, holds another run, disk full)."""
+
+
+class TrainingError(LorakitError):
+    """Training cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+class MergeError(LorakitError):
+    """An adapter cannot be merged safely (non-finite values, mismatched base)."""

@@ -1,0 +1,283 @@
+"""Adapters on disk, in PEFT's format, so PEFT, vLLM, TGI and llama.cpp's converter load them.
+
+    ADAPTER_DIR/
+      adapter_config.json          peft_type "LORA", r, lora_alpha, target_modules, ...
+      adapter_model.safetensors    base_model.model.<module>.lora_A.weight   (r, in)
+                                   base_model.model.<module>.lora_B.weight   (out, r)
+                                   base_model.model.<module>.lora_magnitude_vector (DoRA, out)
+                                   base_model.model.<module>.<param>         (modules_to_save)
+
+lorakit adds two entries to the safetensors metadata, which PEFT ignores: the base model's
+fingerprint (architecture fields + parameter shapes) and the lorakit version. Loading onto a
+model with another fingerprint is refused unless `allow_other_base=True`.
+
+Loading reads the adapted modules and their ranks from the tensors themselves rather than
+re-matching `target_modules`, so any PEFT adapter (rank_pattern, regex targets) maps exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.errors import AdapterFileError, AdapterMismatchError
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.layer import LoraLinear
+from lorakit.lora.model import CONFIG_ATTR, base_fingerprint, lora_layers, wrap_modules
+from lorakit.safe_io import atomic_save_safetensors, atomic_write_json, load_safetensors_checked, refuse_pickle
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS_FILE = "adapter_model.bin"
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+# PEFT options lorakit does not implement: loading them would silently compute something else
+_UNSUPPORTED = {"layers_to_transform": None, "layer_replication": None, "lora_bias": False,
+                "use_qalora": False, "target_parameters": None, "trainable_token_indices": None,
+                "alora_invocation_tokens": None}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names (PiSSA converted to a plain LoRA)."""
+    config: LoraConfig = getattr(model, CONFIG_ATTR)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model):
+        a, b = _portable_factors(layer)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b
+        if layer.use_dora:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
+    for module_name in config.modules_to_save:
+        for pname, param in model.get_submodule(module_name).named_parameters():
+            tensors[f"{PREFIX}{module_name}.{pname}"] = param.detach()
+    return {k: v.contiguous().cpu() for k, v in tensors.items()}
+
+
+def _portable_factors(layer: LoraLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA changed the base; express its update against the original W as a rank-2r LoRA."""
+    a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+    if layer.init != "pissa":
+        return a, b
+    # s*B@A - s*B0@A0 == s*[B, -B0] @ [A; A0]; saved with r'=2r, so rescale to keep s
+    scale_fix = math.sqrt(layer.scaling / _saved_scaling(layer))
+    a2 = torch.cat([a, layer.pissa_A0.to(a.dtype)], dim=0) * scale_fix
+    b2 = torch.cat([b, -layer.pissa_B0.to(b.dtype)], dim=1) * scale_fix
+    return a2, b2
+
+
+def _saved_scaling(layer: LoraLinear) -> float:
+    rslora = not math.isclose(layer.scaling, layer.lora_alpha / layer.r)
+    r2 = 2 * layer.r
+    return layer.lora_alpha / math.sqrt(r2) if rslora else layer.lora_alpha / r2
+
+
+def adapter_config_dict(model: nn.Module, base_model_name: str | None) -> dict:
+    config: LoraConfig = getattr(model, CONFIG_ATTR)
+    layers = dict(lora_layers(model))
+    rank_of = {name: _saved_rank(layer) for name, layer in layers.items()}
+    rank_pattern = {re.escape(n): r for n, r in rank_of.items() if r != _saved_rank_default(config)}
+    alpha_pattern = {re.escape(n): l.lora_alpha for n, l in layers.items() if l.lora_alpha != config.alpha}
+    return {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": base_model_name,
+        "r": _saved_rank_default(config),
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(layers),
+        "exclude_modules": None,
+        "use_rslora": config.scaling == "rslora",
+        "use_dora": config.use_dora,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": list(config.modules_to_save) or None,
+        "fan_in_fan_out": any(l.fan_in_fan_out for l in layers.values()),
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def _saved_rank(layer: LoraLinear) -> int:
+    return 2 * layer.r if layer.init == "pissa" else layer.r
+
+
+def _saved_rank_default(config: LoraConfig) -> int:
+    return 2 * config.r if config.init == "pissa" else config.r
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def save_adapter(model: nn.Module, path: str | Path, base_model_name: str | None = None) -> Path:
+    """Write the adapter folder. Each file is written atomically."""
+    if not hasattr(model, CONFIG_ATTR):
+        raise AdapterFileError("this model has no LoRA adapters to save; call apply_lora or load_adapter first")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if base_model_name is None:
+        base_model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    metadata = {"format": "pt", "lorakit_base_fingerprint": base_fingerprint(model),
+                "lorakit_version": _version()}
+    atomic_save_safetensors(path / WEIGHTS_FILE, adapter_state_dict(model), metadata)
+    atomic_write_json(path / CONFIG_FILE, adapter_config_dict(model, base_model_name))
+    return path
+
+
+def _version() -> str:
+    from lorakit import __version__
+
+    return __version__
+
+
+def read_adapter(path: str | Path, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(adapter_config, tensors with PEFT keys minus the prefix, safetensors metadata)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterFileError(f"no adapter folder at {path}; pass the folder that holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    config = _read_config(path / CONFIG_FILE)
+    weights = path / WEIGHTS_FILE
+    if weights.exists():
+        tensors, metadata = load_safetensors_checked(weights), _metadata(weights)
+    elif (path / PICKLE_WEIGHTS_FILE).exists():
+        from lorakit.safe_io import load_tensor_file
+
+        tensors, metadata = load_tensor_file(path / PICKLE_WEIGHTS_FILE, allow_pickle), {}
+    else:
+        raise AdapterFileError(f"{path} has no {WEIGHTS_FILE}; the adapter's weights are missing")
+    return config, {k.removeprefix(PREFIX): v for k, v in tensors.items()}, metadata
+
+
+def _read_config(path: Path) -> dict:
+    if not path.exists():
+        raise AdapterFileError(f"{path} is missing; an adapter folder needs {CONFIG_FILE} beside its weights")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{path} is not valid JSON ({exc}); restore it from the original adapter") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"{path} does not describe a LoRA adapter (peft_type {config.get('peft_type')!r})")
+    for key, neutral in _UNSUPPORTED.items():
+        if config.get(key, neutral) not in (neutral, None, False, [], {}):
+            raise AdapterFileError(f"{path}: the PEFT option {key}={config[key]!r} is not supported by lorakit")
+    return config
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata() or {}
+
+
+def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False, *,
+                 allow_other_base: bool = False, allow_pickle: bool = False) -> nn.Module:
+    """Put a saved adapter (lorakit's or PEFT's) on a base model, in place."""
+    config_dict, tensors, metadata = read_adapter(path, allow_pickle)
+    _check_fingerprint(model, metadata, path, allow_other_base)
+    config = lora_config_from_peft(config_dict)
+    ranks = _ranks_from_tensors(config, tensors, path)
+    _check_modules_exist(model, ranks, path)
+    wrap_modules(model, config, ranks)
+    _load_tensors(model, config, tensors, path)
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable and (".lora_" in name or name.endswith("lora_magnitude_vector")
+                                            or _in_modules_to_save(name, config)))
+    return model
+
+
+def lora_config_from_peft(config: dict) -> LoraConfig:
+    return LoraConfig(
+        r=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
+        target_modules=config.get("target_modules") or "all-linear",
+        dropout=float(config.get("lora_dropout") or 0.0),
+        scaling="rslora" if config.get("use_rslora") else "standard",
+        use_dora=bool(config.get("use_dora")),
+        rank_pattern=dict(config.get("rank_pattern") or {}),
+        alpha_pattern=dict(config.get("alpha_pattern") or {}),
+        modules_to_save=list(config.get("modules_to_save") or []),
+    )
+
+
+def _check_fingerprint(model, metadata: dict, path, allow_other_base: bool) -> None:
+    saved = metadata.get("lorakit_base_fingerprint")
+    if saved is None or allow_other_base:
+        return
+    current = base_fingerprint(model)
+    if saved != current:
+        raise AdapterMismatchError(
+            f"the adapter in {path} was trained on another base model (fingerprint {saved}, "
+            f"this model {current}); load it onto its own base model, or pass --allow-other-base "
+            "if you are sure the shapes and weights correspond"
+        )
+
+
+def _ranks_from_tensors(config: LoraConfig, tensors: dict, path) -> dict[str, tuple[int, float]]:
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match:
+            modules.setdefault(match["module"], {})[match["part"]] = tensor
+    if not modules:
+        raise AdapterFileError(f"{path} holds no LoRA tensors (no *.lora_A.weight keys)")
+    ranks = {}
+    for module, parts in modules.items():
+        if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
+            missing = "lora_B.weight" if "lora_A.weight" in parts else "lora_A.weight"
+            raise AdapterFileError(f"{path}: tensor {PREFIX}{module}.{missing} is missing; the adapter is incomplete")
+        r = parts["lora_A.weight"].shape[0]
+        if parts["lora_B.weight"].shape[1] != r:
+            raise AdapterFileError(f"{path}: {module} has lora_A of rank {r} but lora_B of shape {tuple(parts['lora_B.weight'].shape)}")
+        ranks[module] = (r, config.rank_and_alpha(module)[1])
+    return ranks
+
+
+def _check_modules_exist(model: nn.Module, ranks: dict, path) -> None:
+    missing = [name for name in ranks if not _has_module(model, name)]
+    if missing:
+        raise AdapterMismatchError(
+            f"the adapter in {path} targets modules this model does not have ({', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}); load it onto the base model it was trained for"
+        )
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _load_tensors(model: nn.Module, config: LoraConfig, tensors: dict, path) -> None:
+    params = dict(model.named_parameters())
+    expected = {k for k in params if ".lora_" in k or k.endswith("lora_magnitude_vector") or _in_modules_to_save(k, config)}
+    missing = sorted(expected - set(tensors))
+    if missing:
+        raise AdapterFileError(f"{path}: tensor {PREFIX}{missing[0]} is missing ({len(missing)} in all); the adapter is incomplete")
+    for key, tensor in tensors.items():
+        if key not in params:
+            raise AdapterMismatchError(f"{path}: tensor {key} does not fit this model; load it onto its own base model")
+        target = params[key]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise AdapterMismatchError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}; "
+                "the adapter was made for another base model"
+            )
+        with torch.no_grad():
+            target.copy_(tensor.to(target.dtype))
+
+
+def _in_modules_to_save(param_name: str, config: LoraConfig) -> bool:
+    return any(param_name.startswith(m + ".") for m in config.modules_to_save)

@@ -1,0 +1,200 @@
+"""The LoRA layer: a frozen base layer plus a trainable low-rank update.
+
+        x ──► base_layer (W, frozen) ──────────────────────────┐
+        │                                                      ▼
+        └─► dropout ─► lora_A (r x in) ─► lora_B (out x r) ─► × s ─► (+) ─► y
+
+    y = W x + s · B A dropout(x),   s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+A starts like nn.Linear's default (Kaiming-uniform, a=sqrt(5), as in the LoRA paper's
+reference code) and B at zero, so training starts exactly at the base model.
+
+DoRA (weight-decomposed LoRA) learns a magnitude per output row instead of letting it drift:
+    W' = m · (W + s B A) / ||W + s B A||_row,   with the norm treated as a constant in backward.
+PiSSA starts A and B from the top-r singular vectors of W and keeps the residual as the base;
+the initial factors are kept so the adapter can be saved as a plain LoRA for the original W.
+
+The adapter's master weights stay in fp32 when the base is fp16/bf16 (optimizer precision);
+the forward casts these small matrices to the activation dtype, so the GEMMs run in the
+activation dtype and gradients still reach the fp32 masters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 style layers store W as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def layer_kind(module: nn.Module) -> str:
+    if isinstance(module, LoraLinear):
+        return "lora"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if is_conv1d(module):
+        return "conv1d"
+    return type(module).__name__
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+class LoraLinear(nn.Module):
+    """Wraps an nn.Linear or GPT-2 Conv1D (or a bitsandbytes quantised Linear)."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, scaling: float,
+                 dropout: float = 0.0, use_dora: bool = False, init: str = "kaiming"):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_out_features(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.r, self.lora_alpha, self.scaling = r, alpha, scaling
+        self.use_dora, self.init = use_dora, init
+        weight = base_layer.weight
+        master = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() else weight.dtype
+        factory = dict(device=weight.device, dtype=master)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        self.merged = False
+        self.disabled = False
+        self.reset_lora_parameters(init)
+
+    # ---- initialisation -------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+        if init == "pissa":
+            self._init_pissa()
+        else:
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+        if self.use_dora:
+            norm = self.base_weight().float().norm(p=2, dim=1)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.weight.dtype))
+
+    @torch.no_grad()
+    def _init_pissa(self) -> None:
+        weight = self.base_weight().float()  # (out, in)
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        root = torch.sqrt(s[: self.r] / self.scaling)
+        a = root[:, None] * vh[: self.r]  # (r, in)
+        b = u[:, : self.r] * root[None, :]  # (out, r)
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b)
+        self._set_base_weight(weight - self.scaling * (b @ a))
+        # the initial factors: a saved adapter must describe the change from the original W
+        self.register_buffer("pissa_A0", a.clone(), persistent=False)
+        self.register_buffer("pissa_B0", b.clone(), persistent=False)
+
+    # ---- base weight access (out, in orientation) ------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        if hasattr(weight, "quant_state"):  # bitsandbytes 4-bit
+            import bitsandbytes.functional as bnbf
+
+            return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        if getattr(weight, "CB", None) is not None or getattr(self.base_layer, "state", None) is not None and hasattr(self.base_layer.state, "SCB"):
+            return _dequantize_int8(self.base_layer)
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _set_base_weight(self, new_weight: torch.Tensor) -> None:
+        weight = self.base_layer.weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise NotImplementedError("changing a quantised base weight in place (merge it after dequantising)")
+        value = new_weight.T if self.fan_in_fan_out else new_weight
+        weight.data.copy_(value.to(weight.dtype))
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B A in fp32, (out, in)."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.disabled or self.merged:
+            return result
+        dropped = self.lora_dropout(x)
+        dtype = dropped.dtype if torch.is_floating_point(dropped) else self.lora_A.weight.dtype
+        a = self.lora_A.weight.to(dtype)
+        b = self.lora_B.weight.to(dtype)
+        lora = F.linear(F.linear(dropped, a), b)  # (..., out)
+        if self.use_dora:
+            return result + self._dora_term(x, dropped, result, lora)
+        return result + (lora * self.scaling).to(result.dtype)
+
+    def _dora_term(self, x, dropped, result, lora) -> torch.Tensor:
+        weight = self.base_weight()
+        combined = weight.float() + self.delta_weight()
+        # the norm is a constant in backward (DoRA paper, section 4.3): cheaper, same fixed point
+        norm = combined.norm(p=2, dim=1).detach()
+        scale = (self.lora_magnitude_vector.float() / norm).to(result.dtype)  # (out,)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base = result
+            bias = getattr(self.base_layer, "bias", None)
+            if bias is not None:
+                base = base - bias
+        else:
+            base = F.linear(dropped, weight.to(dropped.dtype))
+        return (scale - 1) * base + scale * (lora * self.scaling).to(result.dtype)
+
+    # ---- merge -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into W (computed in fp32, cast once). Idempotent."""
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all() or (self.use_dora and not torch.isfinite(self.lora_magnitude_vector).all()):
+            from lorakit.errors import MergeError
+
+            raise MergeError("the adapter holds NaN or inf values; refusing to merge it into the base weights")
+        weight = self.base_weight().float()
+        if self.use_dora:
+            combined = weight + delta
+            self._dora_factor = self.lora_magnitude_vector.float() / combined.norm(p=2, dim=1)
+            merged = self._dora_factor[:, None] * combined
+        else:
+            merged = weight + delta
+        self._set_base_weight(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self.base_weight().float()
+        if self.use_dora:
+            weight = weight / self._dora_factor[:, None]
+        self._set_base_weight(weight - self.delta_weight())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        kind = "rslora" if not math.isclose(self.scaling, self.lora_alpha / self.r) else "lora"
+        return f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:.4g}, {kind}, dora={self.use_dora}"
+
+
+def _dequantize_int8(layer: nn.Module) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    weight = layer.weight
+    cb = weight.CB if getattr(weight, "CB", None) is not None else layer.state.CB
+    scb = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
+    return bnbf.int8_vectorwise_dequant(cb, scb) if hasattr(bnbf, "int8_vectorwise_dequant") else cb.float() * scb[:, None] / 127

@@ -1,0 +1,211 @@
+"""Putting adapters on a model and taking them off: apply, merge, unmerge, disable, report.
+
+apply_lora wraps each targeted layer in place (the model object stays the same, so callers'
+references, hooks and devices keep working) and freezes everything except the adapters and
+`modules_to_save`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from lorakit.errors import ConfigError, MergeError
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.layer import LoraLinear, in_out_features, layer_kind
+from lorakit.lora.targets import ModuleInfo, select_targets
+
+CONFIG_ATTR = "lorakit_config"
+
+
+def describe_modules(model: nn.Module) -> list[ModuleInfo]:
+    infos = []
+    for name, module in model.named_modules():
+        kind = layer_kind(module)
+        if kind == "lora":
+            continue
+        name = name.removesuffix(".base_layer")
+        features = in_out_features(module) if kind in ("linear", "conv1d") else (0, 0)
+        infos.append(ModuleInfo(name, kind, *features))
+    return infos
+
+
+def output_head_name(model: nn.Module) -> str | None:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Wrap the targeted layers with LoRA, in place. Returns the same model."""
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise ConfigError("this model already has LoRA adapters; load the base model again to apply a new config")
+    names = select_targets(
+        describe_modules(model), config.target_modules, exclude=config.exclude_modules,
+        model_type=model_type(model), output_head=output_head_name(model),
+    )
+    ranks = {name: config.rank_and_alpha(name) for name in names}
+    _check_ranks(model, ranks)
+    head = classification_head(model)
+    if head and head not in config.modules_to_save and head not in names:
+        # a task head starts random: it must train and be saved with the adapter (PEFT does the same)
+        config = dataclasses.replace(config, modules_to_save=[*config.modules_to_save, head])
+    wrap_modules(model, config, ranks)
+    return model
+
+
+def classification_head(model: nn.Module) -> str | None:
+    if not type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        return None
+    return next((n for n in ("classifier", "score") if hasattr(model, n)), None)
+
+
+def wrap_modules(model: nn.Module, config: LoraConfig, ranks: dict[str, tuple[int, float]]) -> None:
+    """Wrap exactly these modules with the given (r, alpha) each; freeze the rest."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, (r, alpha) in ranks.items():
+        parent, child = _parent_and_child(model, name)
+        base = getattr(parent, child)
+        layer = LoraLinear(base, r, alpha, config.scale_for(r, alpha), config.dropout, config.use_dora, config.init)
+        setattr(parent, child, layer)
+    for name in config.modules_to_save:
+        _module(model, name).requires_grad_(True)
+    setattr(model, CONFIG_ATTR, config)
+
+
+def _check_ranks(model: nn.Module, ranks: dict[str, tuple[int, float]]) -> None:
+    problems = []
+    for name, (r, _) in ranks.items():
+        fan_in, fan_out = in_out_features(_module(model, name))
+        if r > min(fan_in, fan_out):
+            problems.append(f"{name} ({fan_in} -> {fan_out}) cannot take rank {r} (at most {min(fan_in, fan_out)})")
+    if problems:
+        raise ConfigError("rank too large for some layers; lower r or exclude them:\n  - " + "\n  - ".join(problems))
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ConfigError(f"the model has no module named {name!r}") from None
+
+
+def _parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            yield name, module
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight. Merging twice is a no-op."""
+    layers = list(lora_layers(model))
+    for name, layer in layers:  # check all first, so a bad adapter leaves nothing half merged
+        if not all(torch.isfinite(p).all() for p in adapter_parameters(layer)):
+            raise MergeError(f"the adapter of {name} holds NaN or inf values; refusing to merge it")
+    for _, layer in layers:
+        layer.merge()
+    return model
+
+
+def adapter_parameters(layer: LoraLinear) -> list[torch.Tensor]:
+    params = [layer.lora_A.weight, layer.lora_B.weight]
+    return params + ([layer.lora_magnitude_vector] if layer.lora_magnitude_vector is not None else [])
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace each LoRA layer by its base layer (merged first unless merge=False)."""
+    if merge:
+        merge_lora(model)
+    for name, layer in list(lora_layers(model)):
+        parent, child = _parent_and_child(model, name)
+        setattr(parent, child, layer.base_layer)
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Run the base model without the adapters inside the block."""
+    layers = [layer for _, layer in lora_layers(model)]
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, previous):
+            layer.disabled = flag
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+@dataclass
+class LoraReport:
+    adapted_modules: int
+    trainable_params: int
+    total_params: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        return (f"{self.adapted_modules} modules adapted; trainable parameters: "
+                f"{self.trainable_params:,} of {self.total_params:,} ({self.percent:.3f}%)")
+
+
+def lora_report(model: nn.Module) -> LoraReport:
+    trainable = sum(p.numel() for _, p in trainable_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    return LoraReport(sum(1 for _ in lora_layers(model)), trainable, total)
+
+
+_ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "n_embd", "n_layer", "n_head")
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A hash of the architecture fields and every base parameter's name and shape."""
+    config = getattr(model, "config", None)
+    arch = {f: getattr(config, f, None) for f in _ARCH_FIELDS} if config is not None else {}
+    shapes = []
+    for name, param in model.named_parameters():
+        if ".lora_" in name or name.endswith("lora_magnitude_vector"):
+            continue
+        shapes.append((name.replace(".base_layer", ""), list(_logical_shape(param))))
+    blob = json.dumps({"arch": arch, "shapes": sorted(shapes)}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _logical_shape(param: torch.Tensor) -> tuple[int, ...]:
+    quant_state = getattr(param, "quant_state", None)  # bitsandbytes 4-bit packs the weight
+    return tuple(quant_state.shape) if quant_state is not None else tuple(param.shape)

@@ -1,0 +1,273 @@
+"""Safe file IO: atomic writes, checked safetensors loads, pickle refusal, path containment.
+
+Every file lorakit writes goes through one of the ``atomic_*`` helpers, so a run killed at any
+instant leaves either the old file or the new one, never a half-written one:
+
+    path.tmp-XXXX  --write, flush, fsync-->  os.replace(tmp, path)  --fsync(folder)-->  done
+
+The temp file lives in the *same* folder (a rename across file systems is not atomic), and the
+folder is fsynced after the rename so the new name itself survives a power cut. Any OSError
+while writing (disk full, read-only, permission denied) removes the temp file and becomes an
+``OutputError`` with a message saying what to do.
+
+Reading is defensive in the other direction:
+
+- ``load_safetensors_checked`` reads the whole file into memory and parses it, so a truncated
+  or corrupt file is an ``AdapterFileError`` naming the file (never zeros from a short mmap).
+- ``refuse_pickle`` / ``load_tensor_file``: pickle files (``.bin .pt .pth .pkl``) can run code
+  when loaded. They are refused unless the user passes ``--allow-pickle``, and even then are
+  loaded with ``torch.load(weights_only=True)`` on torch >= 2.6 (CVE-2025-32434) only.
+- ``ensure_inside`` stops a relative path from a config or adapter file from escaping its
+  base folder (``..``, absolute paths, symlinks that resolve outside).
+
+Public API::
+
+    atomic_write_bytes(path, data)            atomic_write_text(path, text)
+    atomic_write_json(path, obj)              atomic_save_safetensors(path, tensors, metadata)
+    load_safetensors_checked(path) -> dict[str, Tensor]
+    refuse_pickle(path, allow_pickle) -> bool          load_tensor_file(path, allow_pickle)
+    ensure_inside(base_dir, path, what=..., error=OutputError) -> Path
+    sha256_file(path) -> str                  fsync_dir(path)
+    output_error(exc, path) -> OutputError    with translate_os_errors(path): ...
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as _safetensors_load
+from safetensors.torch import save_file as _safetensors_save_file
+
+from lorakit.errors import AdapterFileError, LorakitError, OutputError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+# errno -> (what happened, what the user should do)
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("disk full", "free space or choose another --output"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose another --output"),
+    errno.EROFS: ("read-only file system", "choose a writable --output"),
+    errno.EACCES: ("permission denied", "fix the folder's permissions or choose another --output"),
+    errno.EPERM: ("operation not permitted", "fix the folder's permissions or choose another --output"),
+}
+
+
+def output_error(exc: OSError, path: str | os.PathLike) -> OutputError:
+    """Turn an OSError raised while writing ``path`` into one actionable OutputError."""
+    what, fix = _WRITE_ERRORS.get(exc.errno, (exc.strerror or str(exc), "check the output folder"))
+    return OutputError(f"{what} while writing {path}: {fix}")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (new names, renames) to disk. A no-op where unsupported."""
+    if os.name == "nt":  # Windows cannot open a directory for fsync
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+@contextmanager
+def translate_os_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Inside this block, an OSError becomes an OutputError about writing ``path``."""
+    try:
+        yield
+    except LorakitError:
+        raise
+    except OSError as exc:
+        raise output_error(exc, path) from exc
+
+
+def _create_temp_beside(path: Path) -> str:
+    """An empty new file next to ``path``. Not mkstemp: its 0600 mode would stick after the
+    rename, while a file made with 0666 gets the user's umask like any other new file."""
+    tmp = str(path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    return tmp
+
+
+def _atomic_write(path: str | os.PathLike, fill: Callable[[str], None]) -> Path:
+    """Create a temp file beside ``path``, let ``fill(tmp_name)`` write it, then swap it in."""
+    path = Path(path)
+    with translate_os_errors(path):
+        tmp = _create_temp_beside(path)
+        try:
+            fill(tmp)
+            with open(tmp, "rb+") as fh:  # fsync through a fresh handle: fill may not expose one
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+        fsync_dir(path.parent)
+    return path
+
+
+def _write_with(mode: str, payload: bytes | str, encoding: str | None = None) -> Callable[[str], None]:
+    def fill(tmp: str) -> None:
+        with open(tmp, mode, encoding=encoding) as fh:
+            fh.write(payload)
+            fh.flush()
+
+    return fill
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see the module docstring)."""
+    return _atomic_write(path, _write_with("wb", data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    return _atomic_write(path, _write_with("w", text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically. Serialise first, so a TypeError writes nothing."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    return atomic_write_text(path, text)
+
+
+def atomic_save_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Save tensors (moved to CPU, made contiguous) as a safetensors file atomically."""
+    plain = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    meta = {"format": "pt", **(metadata or {})}
+    return _atomic_write(path, lambda tmp: _safetensors_save_file(plain, tmp, metadata=meta))
+
+
+def load_safetensors_checked(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing, truncated or corrupt file is an AdapterFileError."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AdapterFileError(f"{path} does not exist: check the path") from None
+    except OSError as exc:
+        raise AdapterFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return _safetensors_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(
+            f"{path} is not a valid safetensors file ({exc}); it is probably truncated or "
+            "corrupt: re-download or re-create it"
+        ) from exc
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """Zip (torch.save since 1.6) or raw pickle protocol 2+ magic bytes."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and head[1] <= 5)
+
+
+def refuse_pickle(path: str | os.PathLike, allow_pickle: bool) -> bool:
+    """Return True if ``path`` is a pickle file that may be loaded; raise if it may not.
+
+    Pickle is recognised by suffix or by magic bytes. Without ``allow_pickle`` it is refused;
+    with it, torch must be new enough for ``weights_only=True`` to be a real safeguard.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" and (
+        path.suffix.lower() in PICKLE_SUFFIXES or _looks_like_pickle(path)
+    ):
+        if not allow_pickle:
+            raise AdapterFileError(
+                f"{path} is a pickle file, which can run code when loaded; convert it to "
+                "safetensors or pass --allow-pickle to load it with weights_only=True"
+            )
+        _require_safe_torch_load(path)
+        return True
+    return False
+
+
+def _require_safe_torch_load(path: Path) -> None:
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 6):
+        raise AdapterFileError(
+            f"refusing to load pickle file {path} with torch {torch.__version__}: "
+            "weights_only=True is unsafe before torch 2.6 (CVE-2025-32434); upgrade torch "
+            "or convert the file to safetensors"
+        )
+
+
+def load_tensor_file(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Load a tensor file: safetensors always, pickle only with ``allow_pickle`` (weights_only)."""
+    path = Path(path)
+    if not refuse_pickle(path, allow_pickle):
+        return load_safetensors_checked(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise AdapterFileError(f"{path} does not exist: check the path") from None
+    except Exception as exc:  # the unpickler raises many types; all mean "unsafe or damaged"
+        raise AdapterFileError(
+            f"{path} could not be loaded with weights_only=True ({exc}); it holds objects "
+            "other than tensors or is damaged: convert it to safetensors"
+        ) from exc
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise AdapterFileError(f"{path} does not hold a flat name -> tensor dictionary")
+    return obj
+
+
+def ensure_inside(
+    base_dir: str | os.PathLike,
+    path: str | os.PathLike,
+    what: str = "path",
+    error: type[LorakitError] = OutputError,
+) -> Path:
+    """Resolve relative ``path`` under ``base_dir``; raise ``error`` if it would escape it.
+
+    Rejects absolute paths, ``..`` that climbs out, and symlinks resolving outside. Pass
+    ``error=ConfigError`` for paths read from a config, ``AdapterFileError`` for adapter files.
+    Returns the resolved path.
+    """
+    raw = Path(path)
+    if raw.is_absolute() or raw.drive:
+        raise error(f"{what} {str(path)!r} is an absolute path: give a path relative to {base_dir}")
+    base = Path(base_dir).resolve()
+    resolved = (base / raw).resolve()
+    if resolved != base and not resolved.is_relative_to(base):
+        raise error(
+            f"{what} {str(path)!r} points outside {base} (via '..' or a symlink): "
+            f"keep it inside {base}"
+        )
+    return resolved
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+

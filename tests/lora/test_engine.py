@@ -1,0 +1,144 @@
+import pytest
+import torch
+
+from lorakit import LoraConfig, apply_lora, disable_adapters, lora_report, merge_lora, trainable_parameters, unmerge_lora
+from lorakit.errors import ConfigError, MergeError
+from lorakit.lora.layer import LoraLinear
+
+from tiny_models import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
+
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_config_reports_every_problem_at_once():
+    with pytest.raises(ConfigError) as err:
+        LoraConfig(r=0, alpha=-1, dropout=1.5, scaling="big", init="zeros")
+    message = str(err.value)
+    for word in ("r must", "alpha must", "dropout must", "scaling must", "init must"):
+        assert word in message
+
+
+def test_zero_b_gives_base_output(llama):
+    reference = logits(llama)
+    apply_lora(llama, LoraConfig(r=4, alpha=8))
+    assert torch.equal(logits(llama), reference)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2, tiny_bert])
+def test_merge_unmerge_parity(factory):
+    model = factory()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_lora(model)
+    adapted = logits(model)
+    merge_lora(model)
+    assert torch.allclose(logits(model), adapted, atol=1e-5)
+    merge_lora(model)  # twice is a no-op
+    assert torch.allclose(logits(model), adapted, atol=1e-5)
+    unmerge_lora(model)
+    restored = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    for key, value in base.items():
+        assert torch.allclose(restored[key], value, atol=1e-6), key
+
+
+def test_dora_merge_parity(llama):
+    apply_lora(llama, LoraConfig(r=4, alpha=8, use_dora=True))
+    randomize_lora(llama)
+    adapted = logits(llama)
+    merge_lora(llama)
+    assert torch.allclose(logits(llama), adapted, atol=1e-5)
+    unmerge_lora(llama)
+    assert torch.allclose(logits(llama), adapted, atol=1e-5)
+
+
+def test_bf16_merge_within_tolerance():
+    model = tiny_llama().to(torch.bfloat16)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_lora(model)
+    assert model.model.layers[0].self_attn.q_proj.lora_A.weight.dtype == torch.float32  # fp32 masters
+    adapted = logits(model).float()
+    merge_lora(model)
+    # merged in fp32 and cast once: differences come from bf16 rounding of W alone
+    assert (logits(model).float() - adapted).abs().max() < 0.05
+
+
+def test_fp16_forward_runs():
+    model = tiny_llama().to(torch.float16)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    out = logits(model)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_nan_adapter_refuses_to_merge(llama):
+    apply_lora(llama, LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        llama.model.layers[1].mlp.up_proj.lora_B.weight[0, 0] = float("nan")
+    before = llama.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    with pytest.raises(MergeError, match="NaN"):
+        merge_lora(llama)
+    assert torch.equal(llama.model.layers[0].self_attn.q_proj.base_layer.weight, before)  # nothing half merged
+
+
+def test_only_adapters_change_after_a_step(llama):
+    apply_lora(llama, LoraConfig(r=4, alpha=8))
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for _, p in trainable_parameters(llama)], lr=1e-2)
+    llama.train()
+    llama(IDS, labels=IDS).loss.backward()
+    optimizer.step()
+    changed = {k for k, v in llama.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".lora_" in k for k in changed)
+    assert any(".lora_B." in k for k in changed)
+
+
+def test_trainable_report_and_modules_to_save():
+    model = tiny_bert()
+    apply_lora(model, LoraConfig(r=4, alpha=8, modules_to_save=["classifier"]))
+    names = [n for n, _ in trainable_parameters(model)]
+    assert "classifier.weight" in names and all(".lora_" in n or n.startswith("classifier") for n in names)
+    report = lora_report(model)
+    assert report.adapted_modules == 12
+    assert report.trainable_params == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_disable_adapters_gives_base(llama):
+    reference = logits(llama)
+    apply_lora(llama, LoraConfig(r=4, alpha=8))
+    randomize_lora(llama)
+    with disable_adapters(llama):
+        assert torch.equal(logits(llama), reference)
+    assert not torch.allclose(logits(llama), reference)
+
+
+def test_scaling_standard_and_rslora(llama):
+    apply_lora(llama, LoraConfig(r=16, alpha=32, scaling="rslora", rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 8}))
+    layer = llama.model.layers[0].self_attn
+    assert layer.k_proj.scaling == pytest.approx(32 / 4)
+    assert layer.q_proj.r == 4 and layer.q_proj.scaling == pytest.approx(32 / 2)
+    assert layer.v_proj.scaling == pytest.approx(8 / 4)
+
+
+def test_rank_above_layer_size_names_the_layer():
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match=r"k_proj \(64 -> 32\) cannot take rank 48"):
+        apply_lora(model, LoraConfig(r=48, alpha=96))
+
+
+def test_pissa_starts_at_base_output(llama):
+    reference = logits(llama)
+    apply_lora(llama, LoraConfig(r=4, alpha=8, init="pissa"))
+    assert torch.allclose(logits(llama), reference, atol=1e-4)
+    layer: LoraLinear = llama.model.layers[0].mlp.up_proj
+    assert layer.lora_B.weight.abs().sum() > 0  # principal directions, not zeros
+
+
+def test_gaussian_init_and_dropout(llama):
+    apply_lora(llama, LoraConfig(r=4, alpha=8, init="gaussian", dropout=0.1))
+    layer = llama.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.lora_dropout, torch.nn.Dropout)
+    assert layer.lora_A.weight.std().item() == pytest.approx(0.25, rel=0.2)

@@ -1,0 +1,130 @@
+"""lorakit adapters load in PEFT, and PEFT adapters load in lorakit, with the same logits."""
+
+import json
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from lorakit import LoraConfig, apply_lora, load_adapter, save_adapter
+from lorakit.errors import AdapterFileError, AdapterMismatchError
+
+from tiny_models import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
+
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+VARIANTS = {
+    "plain": dict(),
+    "rslora": dict(scaling="rslora"),
+    "dora": dict(use_dora=True),
+}
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("arch", FACTORIES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lorakit_adapter_loads_in_peft(tmp_path, arch, variant):
+    model = FACTORIES[arch]()
+    apply_lora(model, LoraConfig(r=4, alpha=12, **VARIANTS[variant]))
+    randomize_lora(model)
+    expected = logits(model)
+    save_adapter(model, tmp_path / "adapter")
+    peft_model = peft.PeftModel.from_pretrained(FACTORIES[arch](), tmp_path / "adapter").eval()
+    assert (logits(peft_model) - expected).abs().max() <= 1e-5
+    assert (logits(FACTORIES[arch]()) - expected).abs().max() > 1e-4  # the adapter matters: the check can fail
+
+
+def peft_config(variant: str, **extra):
+    options = VARIANTS[variant]
+    return peft.LoraConfig(r=4, lora_alpha=12, target_modules="all-linear", init_lora_weights=True,
+                           use_rslora=options.get("scaling") == "rslora", use_dora=options.get("use_dora", False), **extra)
+
+
+@pytest.mark.parametrize("arch", FACTORIES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_peft_adapter_loads_in_lorakit(tmp_path, arch, variant):
+    peft_model = peft.get_peft_model(FACTORIES[arch](), peft_config(variant))
+    randomize_lora(peft_model)
+    peft_model.eval()
+    expected = logits(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = load_adapter(FACTORIES[arch](), tmp_path / "adapter")
+    assert (logits(model) - expected).abs().max() <= 1e-5
+
+
+def test_peft_rank_pattern_adapter(tmp_path):
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                             rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 4})
+    peft_model = randomize_lora(peft.get_peft_model(tiny_llama(), config)).eval()
+    expected = logits(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = load_adapter(tiny_llama(), tmp_path / "adapter")
+    assert model.model.layers[0].self_attn.v_proj.r == 2
+    assert (logits(model) - expected).abs().max() <= 1e-5
+
+
+def test_pissa_adapter_is_portable(tmp_path):
+    model = tiny_llama()
+    apply_lora(model, LoraConfig(r=4, alpha=8, init="pissa"))
+    randomize_lora(model, std=0.01)
+    with torch.no_grad():  # PiSSA's factors start large; nudge them rather than replace
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.01)
+    expected = logits(model)
+    save_adapter(model, tmp_path / "adapter")
+    peft_model = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
+    assert (logits(peft_model) - expected).abs().max() <= 1e-4
+    assert (logits(load_adapter(tiny_llama(), tmp_path / "adapter")) - expected).abs().max() <= 1e-4
+
+
+def test_round_trip_and_trainable_flag(tmp_path, llama):
+    apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(llama)
+    expected = logits(llama)
+    save_adapter(llama, tmp_path / "a")
+    frozen = load_adapter(tiny_llama(), tmp_path / "a")
+    assert (logits(frozen) - expected).abs().max() == 0
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = load_adapter(tiny_llama(), tmp_path / "a", trainable=True)
+    assert {n.split(".")[-2] for n, p in trainable.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+
+
+def test_other_base_is_refused_with_override(tmp_path, llama):
+    apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    save_adapter(llama, tmp_path / "a")
+    other = tiny_llama(layers=3)
+    with pytest.raises(AdapterMismatchError, match="another base model"):
+        load_adapter(other, tmp_path / "a")
+    load_adapter(tiny_llama(layers=3), tmp_path / "a", allow_other_base=True)  # shapes fit: allowed
+
+
+def test_missing_tensor_and_bad_config(tmp_path, llama):
+    from safetensors.torch import load_file, save_file
+
+    apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    save_adapter(llama, tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors.pop(next(k for k in tensors if k.endswith("lora_B.weight")))
+    save_file(tensors, weights)
+    with pytest.raises(AdapterFileError, match="lora_B.weight is missing"):
+        load_adapter(tiny_llama(), tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterFileError, match="not valid JSON"):
+        load_adapter(tiny_llama(), tmp_path / "a")
+
+
+def test_saved_config_fields(tmp_path):
+    model = tiny_gpt2()
+    apply_lora(model, LoraConfig(r=4, alpha=8, scaling="rslora"))
+    save_adapter(model, tmp_path / "a", base_model_name="my/base")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_rslora"] and config["fan_in_fan_out"]
+    assert config["base_model_name_or_path"] == "my/base" and config["task_type"] == "CAUSAL_LM"
+    assert len(config["target_modules"]) == 8
