@@ -1,0 +1,313 @@
+"""The training configuration: one tree of dataclasses behind the YAML file and the CLI flags.
+
+    RunConfig
+      model:  ModelConfig   --model --dtype --quantize --allow-pickle
+      data:   DataConfig    --data --format --seq-len --packing --eval-data --eval-split ...
+      lora:   LoraChoice    --task --r --alpha --targets --rslora --dora --dropout --init
+      train:  TrainConfig   --lr --epochs --max-steps --batch-size --grad-accum --seed ...
+      output: OutputConfig  --output --resume --overwrite --keep-checkpoints --dry-run
+
+Each field carries its help text and its flag; `add_flags` builds argparse options from them,
+`load_yaml` reads the same keys (nested by section, or flat), and `resolve` merges
+defaults < task preset < YAML < flags, remembering where every value came from so a run can
+say why it uses r=16. Validation collects every problem before raising one ConfigError.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from lorakit.errors import ConfigError
+
+# The guide's presets: rank by task, alpha = 2r, adapters on all seven projections.
+TASK_PRESETS = {
+    "domain": {"r": 16, "alpha": 32},
+    "style": {"r": 8, "alpha": 16},
+    "classification": {"r": 8, "alpha": 16},
+    "new-concepts": {"r": 64, "alpha": 128},
+}
+
+
+def opt(default, help: str, flag: str | None = None, choices=None, **kw):
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = opt(None, "model: local folder, hub id, or .gguf file (default: built-in SmolLM2-135M-Instruct)", flag="--model")
+    dtype: str = opt("auto", "weights dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    quantize: str = opt("none", "load the base in 4-bit (NF4) or 8-bit with bitsandbytes (GPU)", choices=["none", "4bit", "8bit"])
+    allow_pickle: bool = opt(False, "allow pickle weight files (.bin), loaded with weights_only=True")
+
+
+@dataclass
+class DataConfig:
+    data: list[str] = opt([], "training data: .jsonl .json .csv .parquet .txt files or a `datasets` folder (default: the demo set)")
+    format: str = opt("auto", "data format", choices=["auto", "text", "instruction", "chat"])
+    seq_len: int = opt(512, "maximum tokens per sequence")
+    packing: bool = opt(True, "pack several examples into one sequence (no cross-example attention)")
+    train_on_inputs: bool = opt(False, "train on prompt tokens too, not only the responses")
+    eval_data: list[str] = opt([], "evaluation data files (default: split off --eval-split of the training data)")
+    eval_split: float = opt(0.05, "fraction (<1) or number (>=1) of training examples held out for evaluation")
+
+
+@dataclass
+class LoraChoice:
+    task: str = opt("domain", "the guide's preset: domain r=16, style/classification r=8, new-concepts r=64", choices=list(TASK_PRESETS))
+    r: int | None = opt(None, "LoRA rank (default: from --task)")
+    alpha: float | None = opt(None, "LoRA alpha (default: 2 * r, from --task)")
+    targets: str = opt("all", "target modules: all (the 7 projections), attention, mlp, qv, all-linear, or names/regex")
+    rslora: bool = opt(False, "scale by alpha/sqrt(r) (rank-stabilised LoRA) instead of alpha/r")
+    dora: bool = opt(False, "weight-decomposed LoRA (DoRA)")
+    dropout: float = opt(0.0, "dropout on the adapter input")
+    init: str = opt("kaiming", "adapter initialisation", choices=["kaiming", "gaussian", "pissa"])
+
+
+@dataclass
+class TrainConfig:
+    lr: float = opt(2e-4, "peak learning rate (AdamW)")
+    epochs: float = opt(1.0, "passes over the training data (ignored when --max-steps is set)")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps")
+    batch_size: int = opt(4, "sequences per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    warmup_ratio: float = opt(0.05, "fraction of steps for linear warm-up")
+    schedule: str = opt("cosine", "learning-rate decay after warm-up", choices=["cosine", "linear", "constant"])
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    seed: int = opt(42, "random seed (runs are deterministic on a CPU)")
+    eval_every: int = opt(0, "evaluate every N steps (0: only before and after training)")
+    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    log_every: int = opt(1, "log metrics every N steps")
+    max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row")
+    eval_batches: int = opt(0, "limit evaluation to N batches (0: all)")
+    fast_paths: bool = opt(True, "use lorakit's fused kernels where they apply")
+
+
+@dataclass
+class OutputConfig:
+    output: str = opt("runs/lorakit", "output folder")
+    resume: bool = opt(False, "continue from the newest complete checkpoint in --output")
+    overwrite: bool = opt(False, "replace a finished or partial run in --output")
+    keep_checkpoints: int = opt(2, "keep the newest K checkpoints")
+    dry_run: bool = opt(False, "show one rendered example, token statistics and trainable parameters, then exit")
+    tensorboard: bool = opt(True, "write TensorBoard events when tensorboard is installed")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraChoice = field(default_factory=LoraChoice)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    sources: dict[str, str] = field(default_factory=dict)  # "lora.r" -> "preset domain" | "config file" | "flag"
+
+    def to_dict(self) -> dict:
+        return {s.name: dataclasses.asdict(getattr(self, s.name)) for s in fields(self) if s.name != "sources"}
+
+
+SECTIONS = [f for f in fields(RunConfig) if f.name != "sources"]
+
+
+def section_types() -> dict[str, type]:
+    hints = get_type_hints(RunConfig)
+    return {s.name: hints[s.name] for s in SECTIONS}
+
+
+def all_fields() -> list[tuple[str, dataclasses.Field, Any]]:
+    """(section, field, type) for every option."""
+    out = []
+    for section, cls in section_types().items():
+        hints = get_type_hints(cls)
+        out += [(section, f, hints[f.name]) for f in fields(cls)]
+    return out
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; defaults are None so we can tell which flags were given."""
+    for section, f, typ in all_fields():
+        group = _group(parser, section)
+        kwargs = dict(dest=f"{section}.{f.name}", default=None, help=f.metadata["help"])
+        base = _base_type(typ)
+        if base is bool:
+            group.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, **kwargs)
+        elif base is list:
+            group.add_argument(flag_of(f), nargs="+", metavar="PATH", **kwargs)
+        else:
+            group.add_argument(flag_of(f), type=base, choices=f.metadata.get("choices"), **kwargs)
+
+
+def _group(parser, section: str):
+    groups = parser.__dict__.setdefault("_lorakit_groups", {})
+    if section not in groups:
+        groups[section] = parser.add_argument_group(section)
+    return groups[section]
+
+
+def _base_type(typ) -> type:
+    if get_origin(typ) in (list,):
+        return list
+    args = [a for a in get_args(typ) if a is not type(None)]
+    if args:
+        return _base_type(args[0])
+    return typ
+
+
+def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a config file into {section: {field: value}}; flat keys are placed in their section."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file written by lorakit or by hand")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of options (e.g. `lora: {{r: 16}}`), not {type(raw).__name__}")
+    return _place_keys(raw, path)
+
+
+def _place_keys(raw: dict, path: Path) -> dict[str, dict[str, Any]]:
+    owners = {f.name: s for s, f, _ in all_fields()}
+    owners.update({flag_of(f).lstrip("-").replace("-", "_"): s for s, f, _ in all_fields()})
+    placed: dict[str, dict[str, Any]] = {s.name: {} for s in SECTIONS}
+    unknown = []
+    for key, value in raw.items():
+        if key in placed and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                name = _field_name(key, sub_key)
+                (placed[key].__setitem__(name, sub_value) if name else unknown.append(f"{key}.{sub_key}"))
+        elif key in owners:
+            section = owners[key]
+            placed[section][_field_name(section, key)] = value
+        else:
+            unknown.append(str(key))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {path}: {', '.join(unknown)}; see `lorakit train --help` for the options")
+    return placed
+
+
+def _field_name(section: str, key: str) -> str | None:
+    cls = section_types()[section]
+    for f in fields(cls):
+        if key in (f.name, flag_of(f).lstrip("-").replace("-", "_"), flag_of(f).lstrip("-")):
+            return f.name
+    return None
+
+
+def resolve(yaml_values: dict[str, dict] | None, flag_values: dict[str, Any]) -> RunConfig:
+    """defaults < task preset < YAML < flags, with provenance; then validate."""
+    config, sources = RunConfig(), {}
+    layers = [(yaml_values or {}, "config file"), (_nest(flag_values), "flag")]
+    for values, origin in layers:
+        for section, entries in values.items():
+            for name, value in entries.items():
+                setattr(getattr(config, section), name, _coerce(section, name, value, origin))
+                sources[f"{section}.{name}"] = origin
+    _apply_task_preset(config, sources)
+    config.sources = sources
+    validate(config)
+    return config
+
+
+def _nest(flag_values: dict[str, Any]) -> dict[str, dict]:
+    nested: dict[str, dict] = {}
+    for dotted, value in flag_values.items():
+        if value is not None and "." in dotted:
+            section, name = dotted.split(".", 1)
+            nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def _coerce(section: str, name: str, value, origin: str):
+    typ = get_type_hints(section_types()[section])[name]
+    base = _base_type(typ)
+    where = f"{section}.{name} ({origin})"
+    if value is None:
+        return None
+    if base is list:
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    if base is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if base is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if base is str and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    return float(value) if base is float else value
+
+
+def _apply_task_preset(config: RunConfig, sources: dict[str, str]) -> None:
+    lora = config.lora
+    preset = TASK_PRESETS.get(lora.task)
+    if preset is None:
+        return
+    if lora.r is None:
+        lora.r = preset["r"]
+        sources["lora.r"] = f"preset --task {lora.task}"
+    if lora.alpha is None:
+        explicit_r = sources.get("lora.r") in ("flag", "config file")
+        lora.alpha = float(2 * lora.r) if explicit_r else float(preset["alpha"])
+        sources["lora.alpha"] = "alpha = 2 * r (the guide)" if explicit_r else f"preset --task {lora.task}"
+    sources.setdefault("lora.targets", "default: all seven projections (the guide)")
+
+
+def validate(config: RunConfig) -> None:
+    problems = []
+    for section, f, typ in all_fields():
+        value = getattr(getattr(config, section), f.name)
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            problems.append(f"{flag_of(f)} must be one of {', '.join(choices)}, got {value!r}")
+    t, d, o = config.train, config.data, config.output
+    checks = [
+        (t.lr > 0 and math.isfinite(t.lr), f"--lr must be positive, got {t.lr}"),
+        (t.epochs > 0, f"--epochs must be positive, got {t.epochs}"),
+        (t.max_steps is None or t.max_steps > 0, f"--max-steps must be positive, got {t.max_steps}"),
+        (t.batch_size >= 1, f"--batch-size must be at least 1, got {t.batch_size}"),
+        (t.grad_accum >= 1, f"--grad-accum must be at least 1, got {t.grad_accum}"),
+        (0 <= t.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {t.warmup_ratio}"),
+        (t.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {t.max_grad_norm}"),
+        (t.eval_every >= 0 and t.save_every >= 0, "--eval-every and --save-every must be >= 0"),
+        (t.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {t.max_bad_steps}"),
+        (d.seq_len >= 8, f"--seq-len must be at least 8, got {d.seq_len}"),
+        (d.eval_split >= 0, f"--eval-split must be >= 0, got {d.eval_split}"),
+        (o.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {o.keep_checkpoints}"),
+        (not (o.resume and o.overwrite), "--resume and --overwrite contradict each other; choose one"),
+    ]
+    problems += [message for ok, message in checks if not ok]
+    try:
+        lora_config(config)
+    except ConfigError as exc:
+        problems += [line.strip()[2:] for line in str(exc).splitlines()[1:]] or [str(exc)]
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def lora_config(config: RunConfig):
+    """The engine's LoraConfig for this run."""
+    from lorakit.lora.config import LoraConfig
+
+    lora = config.lora
+    return LoraConfig(r=lora.r, alpha=lora.alpha, target_modules=lora.targets, dropout=lora.dropout,
+                      scaling="rslora" if lora.rslora else "standard", use_dora=lora.dora, init=lora.init)
+
+
+def save_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,234 @@
+"""The one training loop: every entry point (CLI, sweep, torchrun) goes through Trainer.
+
+    for step in range(start, total_steps):
+        group = next grad_accum micro-batches        # (epoch, batch_index) is the data position
+        n = label tokens in the whole group          # loss = sum CE / n: exact accumulation
+        forward + backward each micro-batch
+        non-finite loss or gradient -> skip the update, count it, stop after K in a row
+        clip, AdamW step, lr from the schedule
+        log / eval / checkpoint at step boundaries
+
+A checkpoint at a step boundary holds the data position and every RNG, so a resumed run
+consumes the same batches with the same dropout masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from lorakit.data.batching import BatchIterator, count_label_tokens, plan_batches
+from lorakit.errors import TrainingError
+from lorakit.kernels.llama_patch import causal_lm_loss
+from lorakit.train.schedule import lr_factor, warmup_steps_for
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # data position: next micro-batch is (epoch, batch_index)
+    batch_index: int = 0
+    train_tokens: int = 0  # label tokens trained on
+    seen_tokens: int = 0  # input tokens processed
+    skipped_steps: int = 0
+    bad_in_row: int = 0
+    loss_ema: float | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoopSettings:
+    lr: float
+    total_steps: int
+    warmup_steps: int
+    schedule: str
+    grad_accum: int
+    max_grad_norm: float
+    max_bad_steps: int
+    batch_size: int
+    seq_len: int
+    packing: bool
+    seed: int
+    pad_id: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    tokens: int
+    skipped: bool
+    grad_norm: float
+    spike: bool = False
+
+
+@dataclass
+class Hooks:
+    """Called by the loop at step boundaries; the runner fills these in."""
+
+    on_step: Callable[[TrainState, StepResult], None] = lambda state, result: None
+    should_stop: Callable[[], bool] = lambda: False
+    extra: dict = field(default_factory=dict)
+
+
+def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
+    return max(1, math.ceil(num_batches / grad_accum))
+
+
+def total_steps_for(num_batches: int, grad_accum: int, epochs: float, max_steps: int | None) -> int:
+    if max_steps:
+        return max_steps
+    return max(1, math.ceil(epochs * steps_per_epoch(num_batches, grad_accum)))
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, train_dataset, settings: LoopSettings, optimizer: torch.optim.Optimizer,
+                 state: TrainState | None = None):
+        self.model, self.dataset, self.settings, self.optimizer = model, train_dataset, settings, optimizer
+        self.state = state or TrainState()
+        self.lengths = None
+
+    # ---- data position ---------------------------------------------------------------------
+    def _plan(self, epoch: int):
+        s = self.settings
+        return plan_batches(self.dataset.lengths(), s.batch_size, s.seq_len, s.packing, shuffle=True,
+                            seed=s.seed, epoch=epoch)
+
+    def _batches(self) -> Iterator[dict]:
+        """Micro-batches from the current data position on, across epochs, forever."""
+        s = self.settings
+        while True:
+            plan = self._plan(self.state.epoch)
+            iterator = BatchIterator(self.dataset.dataset, plan, packing=s.packing, seq_len=s.seq_len,
+                                     pad_id=s.pad_id, start_index=self.state.batch_index,
+                                     mask_dtype=s.autocast_dtype or next(self.model.parameters()).dtype)
+            for batch in iterator:
+                self.state.batch_index += 1
+                yield batch
+            self.state.epoch += 1
+            self.state.batch_index = 0
+
+    # ---- one optimizer step ----------------------------------------------------------------
+    def train_step(self, batches: Iterator[dict]) -> StepResult:
+        s = self.settings
+        group = [next(batches) for _ in range(s.grad_accum)]
+        tokens = sum(count_label_tokens(b) for b in group)
+        lr = s.lr * lr_factor(self.state.step, s.total_steps, s.warmup_steps, s.schedule)
+        for group_ in self.optimizer.param_groups:
+            group_["lr"] = lr
+        self.model.train()
+        loss_sum = 0.0
+        for batch in group:
+            loss = self._loss(batch, normalizer=max(tokens, 1))
+            loss.backward()
+            loss_sum += loss.item()
+        return self._apply_update(loss_sum, lr, tokens, sum(int(b["input_ids"].numel()) for b in group))
+
+    def _loss(self, batch: dict, normalizer) -> torch.Tensor:
+        batch = {k: v.to(self.settings.device) for k, v in batch.items()}
+        dtype = self.settings.autocast_dtype
+        with torch.autocast(self.settings.device.type, dtype=dtype, enabled=dtype is not None):
+            return causal_lm_loss(self.model, batch, normalizer)
+
+    def _apply_update(self, loss: float, lr: float, tokens: int, seen: int) -> StepResult:
+        s, state = self.settings, self.state
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        norm = _grad_norm(params, s.max_grad_norm)
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        if finite:
+            self.optimizer.step()
+            state.bad_in_row = 0
+        else:
+            state.skipped_steps += 1
+            state.bad_in_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.train_tokens += tokens
+        state.seen_tokens += seen
+        spike = finite and state.loss_ema is not None and loss > 3 * state.loss_ema and loss > state.loss_ema + 1
+        if finite:
+            state.loss_ema = loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * loss
+        if state.bad_in_row >= s.max_bad_steps:
+            raise TrainingError(
+                f"{state.bad_in_row} steps in a row had a non-finite loss or gradient (last at step {state.step}); "
+                "the run stopped and the last good checkpoint is intact: lower --lr, check the data, "
+                "or use --dtype float32, then --resume"
+            )
+        return StepResult(loss, lr, tokens, not finite, norm, spike)
+
+    def run(self, hooks: Hooks) -> TrainState:
+        batches = self._batches()
+        while self.state.step < self.settings.total_steps and not hooks.should_stop():
+            result = self.train_step(batches)
+            hooks.on_step(self.state, result)
+        return self.state
+
+
+def _grad_norm(params, max_norm: float) -> float:
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+    return float(torch.norm(torch.stack([g.grad.detach().float().norm() for g in grads])))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, settings: LoopSettings, max_batches: int = 0) -> dict:
+    """Token-level mean cross-entropy and perplexity over an evaluation set."""
+    model.eval()
+    plan = plan_batches(dataset.lengths(), settings.batch_size, settings.seq_len, settings.packing,
+                        shuffle=False, seed=0, epoch=0)
+    if max_batches:
+        plan = plan[:max_batches]
+    iterator = BatchIterator(dataset.dataset, plan, packing=settings.packing, seq_len=settings.seq_len,
+                             pad_id=settings.pad_id, mask_dtype=settings.autocast_dtype or next(model.parameters()).dtype)
+    total, tokens = 0.0, 0
+    dtype = settings.autocast_dtype
+    for batch in iterator:
+        batch = {k: v.to(settings.device) for k, v in batch.items()}
+        with torch.autocast(settings.device.type, dtype=dtype, enabled=dtype is not None):
+            total += float(causal_lm_loss(model, batch, normalizer=1))
+        tokens += count_label_tokens(batch)
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens}
+
+
+class StopSignals:
+    """SIGTERM / SIGINT ask the loop to stop at the next step boundary (a checkpoint follows)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. tests in threads)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,64 @@
+"""The progress bar: loss, learning rate, tokens/s, ETA and memory, with rich.
+
+On a terminal it redraws in place; elsewhere (CI, log files) it prints a line every ~10% of
+the run so logs stay short.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+
+def memory_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB RSS"
+
+
+class Progress:
+    def __init__(self, total: int, start: int, device: torch.device, start_tokens: int = 0):
+        self.total, self.start, self.device = total, start, device
+        self.tokens0 = start_tokens
+        self.console = Console(stderr=True)
+        self.live = self.console.is_terminal
+        self.started = time.perf_counter()
+        self._last_print = -1
+        self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                console=self.console, transient=False, disable=not self.live)
+        self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def update(self, state, result) -> None:
+        elapsed = time.perf_counter() - self.started
+        rate = (state.seen_tokens - self.tokens0) / max(elapsed, 1e-9)
+        done = state.step - self.start
+        eta = elapsed / max(done, 1) * (self.total - state.step)
+        info = (f"loss {result.loss:.4f}  lr {result.lr:.2e}  {rate:,.0f} tok/s  "
+                f"ETA {eta:,.0f}s  mem {memory_text(self.device)}")
+        self.bar.update(self.task, completed=state.step, info=info)
+        if not self.live and self._due(state.step):
+            print(f"step {state.step}/{self.total}  {info}", file=sys.stderr, flush=True)
+
+    def _due(self, step: int) -> bool:
+        bucket = step * 10 // max(self.total, 1)
+        if bucket != self._last_print or step == self.total:
+            self._last_print = bucket
+            return True
+        return False
+
+    def note(self, text: str) -> None:
+        if text:
+            self.console.print(text)

@@ -1,0 +1,75 @@
+"""What a run prints: the plan (with where each choice came from), a dry run, the final report."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from lorakit.lora import lora_layers, lora_report
+
+console = Console()
+
+
+def print_plan(prepared) -> None:
+    config, lora = prepared.config, prepared.config.lora
+    scale = lora.alpha / (lora.r ** 0.5 if lora.rslora else lora.r)
+    table = Table(title="LoRA choices", show_header=True, header_style="bold")
+    table.add_column("parameter")
+    table.add_column("value")
+    table.add_column("from")
+    src = config.sources
+    table.add_row("r", str(lora.r), src.get("lora.r", "default"))
+    table.add_row("alpha", f"{lora.alpha:g}", src.get("lora.alpha", "default"))
+    table.add_row("scale", f"{scale:.4g} ({'alpha/sqrt(r), rsLoRA' if lora.rslora else 'alpha/r'})",
+                  src.get("lora.rslora", "default"))
+    table.add_row("targets", _targets_text(prepared), src.get("lora.targets", "default"))
+    console.print(table)
+    report = lora_report(prepared.model)
+    s = prepared.settings
+    console.print(f"model: {prepared.source.name}   data: {prepared.train.stats.examples} training examples "
+                  f"({prepared.train.format}), {len(prepared.eval) if prepared.eval else 0} eval")
+    console.print(f"{report}   steps: {s.total_steps} x {s.grad_accum} micro-batch(es) of {s.batch_size} "
+                  f"x {s.seq_len} tokens   device: {s.device.type}")
+    for notice in prepared.notices:
+        console.print(f"[dim]{notice}[/dim]")
+
+
+def _targets_text(prepared) -> str:
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, _ in lora_layers(prepared.model)})
+    return f"{prepared.config.lora.targets} -> {', '.join(leaves)}"
+
+
+def print_dry_run(prepared) -> None:
+    from lorakit.data.formats import render_marked
+
+    stats = prepared.train.stats
+    console.print("\n[bold]one training example[/bold] (trained tokens inside [[ ]]):")
+    console.print(render_marked(prepared.train.dataset[0], prepared.tokenizer), markup=False, highlight=False)
+    console.print(f"\n[bold]data[/bold]: {stats.format_note}")
+    console.print(f"  examples {stats.examples} (dropped {stats.dropped}, truncated {stats.truncated}), "
+                  f"tokens {stats.total_tokens:,}, trained tokens {stats.label_tokens:,} "
+                  f"({100 * (1 - stats.masked_fraction):.1f}%), length min/mean/max "
+                  f"{stats.length_min}/{stats.length_mean:.0f}/{stats.length_max}")
+    for warning in stats.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    modules = [name for name, _ in lora_layers(prepared.model)]
+    console.print(f"\n[bold]adapted modules[/bold] ({len(modules)}): {', '.join(modules[:8])}"
+                  f"{' ...' if len(modules) > 8 else ''}")
+    console.print(str(lora_report(prepared.model)))
+    console.print("dry run: nothing was trained or written")
+
+
+def print_report(prepared, result, sample_before=None, sample_after=None) -> None:
+    s = result.summary
+    console.print("\n[bold green]training finished[/bold green]")
+    if s.get("base_eval_loss") is not None:
+        drop = 100 * (1 - s["final_eval_loss"] / s["base_eval_loss"])
+        console.print(f"eval loss: base {s['base_eval_loss']:.4f} -> final {s['final_eval_loss']:.4f} "
+                      f"({drop:.1f}% lower); perplexity {s['base_eval_perplexity']:.2f} -> {s['final_eval_perplexity']:.2f}")
+    console.print(f"steps {s['steps']}, {s['train_tokens']:,} trained tokens, {s['tokens_per_second']:,.0f} tokens/s, "
+                  f"training time {s['wall_seconds']:.0f} s, peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB")
+    console.print(f"adapter: {s['adapter']}   summary: {result.output / 'summary.json'}   curves: {result.output / 'loss.png'}")
+    if sample_before and sample_after:
+        console.print(f"\n[bold]prompt[/bold]: {sample_before[0]}")
+        console.print(f"[bold]before[/bold]: {sample_before[1]}", markup=False, highlight=False)
+        console.print(f"[bold]after[/bold]:  {sample_after[1]}", markup=False, highlight=False)

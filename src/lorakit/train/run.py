@@ -1,0 +1,173 @@
+"""A training run from a resolved RunConfig: load, check, train, save, report.
+
+    RunConfig ─► load model + tokenizer (models.py)
+              ─► read + tokenise data once (data/), split eval
+              ─► apply LoRA (lora/)      ─► dry run? print and stop
+              ─► claim the output folder (nothing is written before the inputs are known good)
+              ─► Trainer.run (train/loop.py) with logging, eval and checkpoint hooks
+              ─► adapter/, summary.json (written last: its presence marks a finished run)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.config import RunConfig, lora_config, save_yaml
+from lorakit.data.formats import TokenizedData, pad_token_id, split_eval, tokenize_records
+from lorakit.data.reading import read_records
+from lorakit.errors import ConfigError, OutputError
+from lorakit.lora import apply_lora, lora_report
+from lorakit.lora.targets import ARCH_PROJECTIONS
+from lorakit.train.loop import LoopSettings, TrainState, total_steps_for
+from lorakit.train.schedule import warmup_steps_for
+
+RUN_FILES = ("summary.json", "adapter", "checkpoints", "metrics.jsonl", "config.yaml")
+
+
+@dataclass
+class Prepared:
+    config: RunConfig
+    model: Any
+    tokenizer: Any
+    source: Any
+    train: TokenizedData
+    eval: TokenizedData | None
+    settings: LoopSettings
+    notices: list[str]
+
+
+def device_for(config: RunConfig) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(config: RunConfig):
+    from lorakit.models import load_model_and_tokenizer
+
+    device = device_for(config)
+    if config.model.quantize != "none":
+        from lorakit.quantize import load_quantized
+
+        return load_quantized(config.model.name, config.model.quantize, config.model.allow_pickle)
+    return load_model_and_tokenizer(config.model.name, dtype=config.model.dtype, device=device.type,
+                                    allow_pickle=config.model.allow_pickle)
+
+
+def load_data(config: RunConfig, tokenizer) -> tuple[TokenizedData, TokenizedData | None]:
+    d = config.data
+    train = tokenize_records(read_records(d.data), tokenizer, d.format, d.seq_len, d.train_on_inputs)
+    if d.eval_data:
+        evaluation = tokenize_records(read_records(d.eval_data), tokenizer, d.format, d.seq_len, d.train_on_inputs)
+        return train, evaluation
+    if d.eval_split <= 0:
+        return train, None
+    split = int(d.eval_split) if d.eval_split >= 1 else d.eval_split
+    if len(train) < 2:
+        raise ConfigError(f"--eval-split needs at least 2 examples, the data has {len(train)}; pass --eval-data or --eval-split 0")
+    return split_eval(train, split, config.train.seed)
+
+
+def resolve_targets(config: RunConfig, model) -> list[str]:
+    """The guide's default "all" needs the architecture table; fall back to all-linear otherwise."""
+    model_type = getattr(model.config, "model_type", None)
+    if config.lora.targets in ("all", "attention", "mlp", "qv") and model_type not in ARCH_PROJECTIONS:
+        if config.sources.get("lora.targets", "").startswith("default"):
+            config.lora.targets = "all-linear"
+            return [f"model type {model_type!r} is not in the projection table: using all-linear targets"]
+    return []
+
+
+def loop_settings(config: RunConfig, model, tokenizer, train: TokenizedData) -> LoopSettings:
+    t, d = config.train, config.data
+    from lorakit.data.batching import plan_batches
+
+    num_batches = len(plan_batches(train.lengths(), t.batch_size, d.seq_len, d.packing, True, t.seed, 0))
+    total = total_steps_for(num_batches, t.grad_accum, t.epochs, t.max_steps)
+    device = device_for(config)
+    autocast = None
+    if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
+        autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return LoopSettings(lr=t.lr, total_steps=total, warmup_steps=warmup_steps_for(total, t.warmup_ratio),
+                        schedule=t.schedule, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
+                        max_bad_steps=t.max_bad_steps, batch_size=t.batch_size, seq_len=d.seq_len,
+                        packing=d.packing, seed=t.seed, pad_id=pad_token_id(tokenizer), device=device,
+                        autocast_dtype=autocast)
+
+
+def prepare(config: RunConfig) -> Prepared:
+    torch.manual_seed(config.train.seed)
+    model, tokenizer, source = load_model(config)
+    train, evaluation = load_data(config, tokenizer)
+    notices = resolve_targets(config, model)
+    apply_lora(model, lora_config(config))
+    if lora_report(model).trainable_params == 0:
+        raise ConfigError("no trainable parameters after applying LoRA; check --targets")
+    if config.train.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.train.fast_paths:
+        notices += _enable_fast_paths(model, config)
+    settings = loop_settings(config, model, tokenizer, train)
+    return Prepared(config, model, tokenizer, source, train, evaluation, settings, notices)
+
+
+def _enable_fast_paths(model, config: RunConfig) -> list[str]:
+    from lorakit.kernels.llama_patch import enable_fast_paths
+
+    if config.train.grad_checkpointing:
+        return ["fast paths: off with gradient checkpointing (the checkpointed layers recompute the plain path)"]
+    return [f"fast paths: {n}" for n in enable_fast_paths(model)]
+
+
+# ---- the output folder --------------------------------------------------------------------------
+
+def claim_output(config: RunConfig) -> Path:
+    """Check the output folder can hold this run; only then create or clear it."""
+    out = Path(config.output.output)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output {out} is a file; choose a folder path")
+    existing = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+    if existing and not (config.output.resume or config.output.overwrite):
+        state = "a finished run" if "summary.json" in existing else "an unfinished run"
+        raise OutputError(f"--output {out} already holds {state}; pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another --output")
+    if config.output.overwrite:
+        for name in existing + ["loss.png", "tensorboard", "report.txt"]:
+            _remove(out / name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".lorakit-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write to --output {out} ({exc.strerror}); choose a writable folder") from None
+    return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def summary_path(out: Path) -> Path:
+    return out / "summary.json"
+
+
+def write_config(out: Path, config: RunConfig) -> None:
+    from lorakit.safe_io import atomic_write_text
+
+    atomic_write_text(out / "config.yaml", save_yaml(config))
+
+
+def read_summary(out: Path) -> dict:
+    return json.loads(summary_path(out).read_text())
+
+
+def initial_state() -> TrainState:
+    return TrainState()
