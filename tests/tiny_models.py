@@ -7,8 +7,9 @@ def tiny_llama(seed: int = 0, layers: int = 2, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, **overrides)
+    options = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    config = LlamaConfig(**{**options, **overrides})
     return LlamaForCausalLM(config).eval()
 
 
@@ -39,3 +40,49 @@ def randomize_lora(model, seed: int = 1, std: float = 0.05):
             elif "lora_magnitude_vector" in name:
                 param.mul_(1 + 0.1 * torch.randn(param.shape, generator=gen))
     return model
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = ["define the word apple: a round fruit", "define the word river: a large natural stream of water",
+          "the user asks what a word means and the assistant answers with a short definition"]
+
+
+def tiny_tokenizer():
+    """A byte-level BPE with ChatML, trained offline in milliseconds (eos = <|im_end|>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>", chat_template=CHATML)
+
+
+def save_tiny_chat_model(path, seed: int = 0, layers: int = 2):
+    """A tiny Llama + ChatML tokenizer folder that `lorakit train --model PATH` loads."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(seed=seed, layers=layers, vocab_size=len(tokenizer),
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_define_data(path, count: int = 48, seed: int = 0):
+    """Instruction-format JSONL with a learnable pattern."""
+    import json
+    import random
+
+    words = ["apple", "river", "stone", "cloud", "bread", "chair", "light", "music", "ocean", "paper", "tiger", "water"]
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(count):
+            word = rng.choice(words)
+            handle.write(json.dumps({"instruction": f"Define the word {word}.", "output": f"{word}: a short definition"}) + "\n")
+    return path

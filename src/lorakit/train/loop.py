@@ -111,7 +111,8 @@ class Trainer:
             plan = self._plan(self.state.epoch)
             iterator = BatchIterator(self.dataset.dataset, plan, packing=s.packing, seq_len=s.seq_len,
                                      pad_id=s.pad_id, start_index=self.state.batch_index,
-                                     mask_dtype=s.autocast_dtype or next(self.model.parameters()).dtype)
+                                     mask_dtype=s.autocast_dtype or next(self.model.parameters()).dtype,
+                                     device=s.device)
             for batch in iterator:
                 self.state.batch_index += 1
                 yield batch
@@ -192,7 +193,8 @@ def evaluate(model: nn.Module, dataset, settings: LoopSettings, max_batches: int
     if max_batches:
         plan = plan[:max_batches]
     iterator = BatchIterator(dataset.dataset, plan, packing=settings.packing, seq_len=settings.seq_len,
-                             pad_id=settings.pad_id, mask_dtype=settings.autocast_dtype or next(model.parameters()).dtype)
+                             pad_id=settings.pad_id, mask_dtype=settings.autocast_dtype or next(model.parameters()).dtype,
+                             device=settings.device)
     total, tokens = 0.0, 0
     dtype = settings.autocast_dtype
     for batch in iterator:

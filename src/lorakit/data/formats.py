@@ -1,0 +1,507 @@
+"""Turn raw records into token ids and loss masks (labels), once, with ``datasets.map``.
+
+Formats (``auto`` picks one from the columns: ``messages``/``conversations`` -> chat, an
+instruction field pair -> instruction, ``text`` -> text):
+
+- ``text``: a ``text`` column; causal LM on every token, EOS appended so the model learns to stop.
+- ``instruction``: ``instruction`` + ``output`` (optional ``input`` appended to the instruction
+  after a blank line), or the pairs ``prompt``/``response``, ``question``/``answer``,
+  ``prompt``/``completion``; optional ``system``. Rendered as a one-turn chat (below).
+- ``chat``: ``messages`` = [{role, content}] with roles system/user/assistant, or ShareGPT
+  ``conversations`` = [{from, value}] with human/gpt/system (mapped to user/assistant/system);
+  optional ``system`` column prepended as a system turn.
+
+Chats are rendered with the tokenizer's chat template, so an instruct model sees its own
+format. A tokenizer without one gets `FALLBACK_CHAT_TEMPLATE`::
+
+    <bos>### System:
+    {system}
+
+    ### User:
+    {instruction}
+
+    {input}
+
+    ### Assistant:
+    {output}<eos>
+
+Masking renders prefixes instead of searching strings. For every assistant turn i::
+
+    start_i = len(render(messages[:i], add_generation_prompt=True))   # characters
+    end_i   = len(render(messages[:i + 1]))
+    full    = render(messages)         # each prefix must be a prefix of this string
+
+A token of ``full`` is trained when its first character lies in some [start_i, end_i); that
+includes the template's end-of-turn token (``<|im_end|>``) so the tuned model stops. With
+``train_on_inputs=True`` every token is trained. Masked labels are -100. Labels are aligned
+with ``input_ids`` (the model shifts them). The first label of every example is always -100:
+no token precedes it, and packing relies on it so no example predicts its neighbour's start.
+
+Examples longer than ``seq_len`` are cut (counted); examples left with no trained token are
+dropped (counted). `DataStats` summarises a run for ``--dry-run``; `render_marked` shows one
+example with its trained text wrapped in ``[[...]]``. `generation_prompt_ids` renders a prompt
+for generation exactly as training rendered it (same template or fallback). ``datasets``
+caches the tokenised result, so a re-run on the same files and tokenizer does not re-tokenise.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import datasets
+import jinja2
+import numpy as np
+
+from lorakit import __version__
+from lorakit.data.reading import RecordSet, SourceFile, locate
+from lorakit.errors import ConfigError, DataError
+
+FORMATS = ("auto", "text", "instruction", "chat")
+IGNORE_INDEX = -100
+INSTRUCTION_FIELDS = (("instruction", "output"), ("prompt", "response"), ("question", "answer"),
+                      ("prompt", "completion"))
+CHAT_COLUMNS = ("messages", "conversations")
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
+                "gpt": "assistant"}
+MASKED_WARN_FRACTION = 0.9
+TOKENIZE_REVISION = 1  # bump when the tokenised output changes, to invalidate datasets' cache
+
+# Newlines are Jinja string literals because HF compiles templates with trim_blocks=True.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+    "{{ '### ' + (message['role'] | capitalize) + ':\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{% if messages %}{{ '\\n\\n' }}{% endif %}"
+    "{{ '### Assistant:\\n' }}{% endif %}"
+)
+
+
+@dataclass
+class DataStats:
+    """Figures for a dry run; ``warnings`` are sentences worth showing to the user."""
+
+    format: str
+    format_note: str
+    seq_len: int
+    records: int  # rows read
+    examples: int  # rows kept
+    dropped: int  # rows with no trained token after truncation
+    truncated: int  # rows cut at seq_len (kept or dropped)
+    total_tokens: int
+    label_tokens: int
+    masked_fraction: float
+    length_min: int
+    length_mean: float
+    length_max: int
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TokenizedData:
+    """Columns: input_ids, labels (-100 = not trained), length, num_labels, truncated."""
+
+    dataset: datasets.Dataset
+    format: str
+    stats: DataStats
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def lengths(self) -> np.ndarray:
+        return _numeric_columns(self.dataset)["length"]
+
+
+@dataclass
+class _Encoder:
+    """Everything the per-batch map function needs (hashed by datasets for its cache)."""
+
+    tokenizer: Any
+    fmt: str
+    seq_len: int
+    train_on_inputs: bool
+    template: str | None  # None: the tokenizer's own chat template
+    fields: tuple[str, ...]  # the columns the format reads
+    sources: list[SourceFile]
+    # datasets caches map results by a hash of the function and these fields, but it hashes
+    # module functions by name; the revision makes a new lorakit version re-tokenise.
+    revision: str = f"{__version__}/{TOKENIZE_REVISION}"
+
+    def where(self, index: int) -> str:
+        return locate(self.sources, index)
+
+
+# ---------------------------------------------------------------- format detection
+
+
+def detect_format(ds: datasets.Dataset) -> str:
+    """``chat``, ``instruction`` or ``text`` from the column names; DataError if none fits."""
+    return _detect(list(ds.column_names))[0]
+
+
+def _detect(columns: list[str]) -> tuple[str, str]:
+    for name in CHAT_COLUMNS:
+        if name in columns:
+            return "chat", f"auto-detected chat from column '{name}'"
+    pair = _instruction_pair(columns)
+    if pair:
+        return "instruction", f"auto-detected instruction from columns '{pair[0]}', '{pair[1]}'"
+    if "text" in columns:
+        return "text", "auto-detected text from column 'text'"
+    raise DataError(
+        f"cannot tell the data format from the columns {columns}; expected 'messages' or "
+        f"'conversations' (chat), {_pairs_text()} (instruction), or 'text' (text)"
+    )
+
+
+def _instruction_pair(columns: Sequence[str]) -> tuple[str, str] | None:
+    return next((p for p in INSTRUCTION_FIELDS if p[0] in columns and p[1] in columns), None)
+
+
+def _pairs_text() -> str:
+    return " or ".join(f"'{a}'+'{b}'" for a, b in INSTRUCTION_FIELDS)
+
+
+def _resolve_format(columns: list[str], fmt: str) -> tuple[str, tuple[str, ...], str]:
+    """(format, the columns it reads, a note saying how it was chosen)."""
+    if fmt == "auto":
+        fmt, note = _detect(columns)
+    else:
+        note = f"format {fmt} (chosen)"
+    if fmt == "text" and "text" in columns:
+        return fmt, ("text",), note
+    if fmt == "chat":
+        column = next((c for c in CHAT_COLUMNS if c in columns), None)
+        if column:
+            return fmt, (column,), note
+    if fmt == "instruction":
+        pair = _instruction_pair(columns)
+        if pair:
+            return fmt, pair, note
+    need = {"text": "'text'", "chat": "'messages' or 'conversations'", "instruction": _pairs_text()}
+    raise DataError(f"format {fmt} needs the column(s) {need[fmt]}, but the data has {columns}")
+
+
+# ---------------------------------------------------------------- records -> messages
+
+
+def _text_of(row: dict, name: str, index: int, enc: _Encoder) -> str:
+    value = row.get(name)
+    if not isinstance(value, str):
+        got = "is missing" if value is None else f"is a {type(value).__name__}, not a string"
+        raise DataError(
+            f"{enc.where(index)}: field '{name}' {got}; format {enc.fmt} expects the fields "
+            f"{', '.join(enc.fields)}"
+        )
+    return value
+
+
+def _instruction_messages(row: dict, index: int, enc: _Encoder) -> list[dict]:
+    prompt_field, answer_field = enc.fields
+    prompt = _text_of(row, prompt_field, index, enc)
+    context = row.get("input") if prompt_field == "instruction" else None
+    if isinstance(context, str) and context.strip():
+        prompt = f"{prompt}\n\n{context}"
+    messages = [{"role": "user", "content": prompt},
+                {"role": "assistant", "content": _text_of(row, answer_field, index, enc)}]
+    return _with_system(row, messages)
+
+
+def _with_system(row: dict, messages: list[dict]) -> list[dict]:
+    system = row.get("system")
+    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def _chat_messages(row: dict, index: int, enc: _Encoder) -> list[dict]:
+    column = enc.fields[0]
+    turns = row.get(column)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{enc.where(index)}: '{column}' must be a non-empty list of turns")
+    messages = [_one_turn(turn, number, index, enc) for number, turn in enumerate(turns, 1)]
+    return _with_system(row, messages)
+
+
+def _one_turn(turn: Any, number: int, index: int, enc: _Encoder) -> dict:
+    turn = turn if isinstance(turn, dict) else {}
+    sharegpt = turn.get("from") is not None  # ShareGPT {from, value}, else {role, content}
+    role = turn.get("from") if sharegpt else turn.get("role")
+    content = turn.get("value") if sharegpt else turn.get("content")
+    if role not in ROLE_ALIASES:
+        raise DataError(
+            f"{enc.where(index)}: turn {number} has unknown role {role!r}; expected one of "
+            f"{', '.join(ROLE_ALIASES)} (as 'role' with 'content', or ShareGPT 'from' with 'value')"
+        )
+    if not isinstance(content, str):
+        raise DataError(
+            f"{enc.where(index)}: turn {number} ({role}) has no text in "
+            f"'{'value' if sharegpt else 'content'}'"
+        )
+    return {"role": ROLE_ALIASES[role], "content": content}
+
+
+# ---------------------------------------------------------------- rendering and masking
+
+
+def _render(enc: _Encoder, messages: list[dict], generation: bool, index: int) -> str:
+    try:
+        return enc.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation, chat_template=enc.template
+        )
+    except jinja2.TemplateError as exc:
+        raise DataError(f"{enc.where(index)}: the chat template rejected this conversation: {exc}") from exc
+
+
+def _assistant_spans(enc: _Encoder, messages: list[dict], full: str, index: int) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the assistant turns inside ``full``."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(enc, messages[:i], True, index)
+        through = full if i == len(messages) - 1 else _render(enc, messages[: i + 1], False, index)
+        if not (full.startswith(before) and full.startswith(through)):
+            raise DataError(
+                f"{enc.where(index)}: the chat template renders a conversation prefix differently "
+                "from the whole conversation, so the response tokens cannot be located; use "
+                "train_on_inputs, or a tokenizer whose template renders turns independently"
+            )
+        spans.append((len(before), len(through)))
+    return spans
+
+
+def _token_mask(tokenizer: Any, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """Token ids of ``full`` and whether each token starts inside one of ``spans``."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        trained = [any(s <= a < e for s, e in spans) for a, _ in enc["offset_mapping"]]
+        return list(enc["input_ids"]), trained
+    # slow tokenizers have no offsets: count the tokens of each prefix instead
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    trained = [False] * len(ids)
+    for s, e in spans:
+        a = len(tokenizer(full[:s], add_special_tokens=False)["input_ids"])
+        b = len(tokenizer(full[:e], add_special_tokens=False)["input_ids"])
+        trained[a:b] = [True] * (b - a)
+    return list(ids), trained
+
+
+def _encode_messages(messages: list[dict], index: int, enc: _Encoder) -> tuple[list[int], list[int]]:
+    full = _render(enc, messages, False, index)
+    if enc.train_on_inputs:
+        spans = [(0, len(full))]
+    else:
+        spans = _assistant_spans(enc, messages, full, index)
+    ids, trained = _token_mask(enc.tokenizer, full, spans)
+    return ids, [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]
+
+
+def _encode_texts(texts: list[str], tokenizer: Any) -> list[list[int]]:
+    """Tokenise plain texts in one call (fast tokenizers parallelise it) and append EOS."""
+    eos = tokenizer.eos_token_id
+    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    return [list(ids) + ([eos] if eos is not None and (not ids or ids[-1] != eos) else [])
+            for ids in encoded]
+
+
+def _finish(ids: list[int], labels: list[int], seq_len: int) -> dict[str, Any]:
+    truncated = len(ids) > seq_len
+    ids, labels = ids[:seq_len], labels[:seq_len]
+    if labels:
+        labels[0] = IGNORE_INDEX  # nothing predicts the first token (see module docstring)
+    num_labels = sum(label != IGNORE_INDEX for label in labels)
+    return {"input_ids": ids, "labels": labels, "length": len(ids), "num_labels": num_labels,
+            "truncated": truncated}
+
+
+def _encode_batch(batch: dict[str, list], indices: list[int], enc: _Encoder) -> dict[str, list]:
+    rows = [{name: batch[name][k] for name in batch} for k in range(len(indices))]
+    if enc.fmt == "text":
+        texts = [_text_of(row, "text", i, enc) for row, i in zip(rows, indices)]
+        pairs = [(ids, list(ids)) for ids in _encode_texts(texts, enc.tokenizer)]
+    else:
+        to_messages = _chat_messages if enc.fmt == "chat" else _instruction_messages
+        pairs = [_encode_messages(to_messages(row, i, enc), i, enc) for row, i in zip(rows, indices)]
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "num_labels", "truncated")}
+    for ids, labels in pairs:
+        for key, value in _finish(ids, labels, enc.seq_len).items():
+            out[key].append(value)
+    return out
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def tokenize_records(
+    records: RecordSet | datasets.Dataset,
+    tokenizer: Any,
+    fmt: str = "auto",
+    seq_len: int = 512,
+    train_on_inputs: bool = False,
+    num_proc: int | None = None,
+) -> TokenizedData:
+    """Tokenise every record once; drop untrainable ones; DataError if none is left."""
+    ds, sources = (records.dataset, records.sources) if isinstance(records, RecordSet) else (records, [])
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if seq_len < 2:
+        raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
+    if len(ds) == 0:
+        raise DataError("the data holds no records")
+    fmt, fields, note = _resolve_format(list(ds.column_names), fmt)
+    template = None if tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE
+    enc = _Encoder(tokenizer, fmt, seq_len, train_on_inputs, template, fields, list(sources))
+    mapped = ds.map(_encode_batch, fn_kwargs={"enc": enc}, batched=True, with_indices=True,
+                    remove_columns=ds.column_names, num_proc=num_proc, desc=f"Tokenizing ({fmt})")
+    return _keep_trainable(mapped, enc, note)
+
+
+def _keep_trainable(mapped: datasets.Dataset, enc: _Encoder, note: str) -> TokenizedData:
+    columns = _numeric_columns(mapped)
+    num_labels, truncated = columns["num_labels"], columns["truncated"]
+    keep = np.flatnonzero(num_labels > 0)
+    if keep.size == 0:
+        raise DataError(_nothing_left(len(mapped), int(truncated.sum()), enc))
+    kept = mapped if keep.size == len(mapped) else mapped.select(keep)
+    stats = compute_stats(kept, enc.fmt, note, enc.seq_len, records=len(mapped),
+                          truncated=int(truncated.sum()))
+    stats.warnings += _eos_warning(kept[0], enc)
+    return TokenizedData(kept, enc.fmt, stats)
+
+
+def _numeric_columns(ds: datasets.Dataset) -> dict[str, np.ndarray]:
+    """length, num_labels and truncated as numpy arrays, read in one batch (not row by row)."""
+    table = ds.select_columns(["length", "num_labels", "truncated"]).with_format("numpy")[:]
+    return {"length": np.asarray(table["length"], dtype=np.int64),
+            "num_labels": np.asarray(table["num_labels"], dtype=np.int64),
+            "truncated": np.asarray(table["truncated"], dtype=bool)}
+
+
+def _nothing_left(total: int, cut: int, enc: _Encoder) -> str:
+    if cut == total:
+        return (f"no usable examples: all {total} examples are longer than --seq-len {enc.seq_len} "
+                "and were cut before any trained (response) token; raise --seq-len")
+    return (f"no usable examples: none of the {total} examples has a trained token "
+            f"({cut} were cut at --seq-len {enc.seq_len} before their response, the others have "
+            f"no assistant turn or an empty response); check the {', '.join(enc.fields)} fields")
+
+
+def compute_stats(ds: datasets.Dataset, fmt: str, note: str, seq_len: int, records: int | None = None,
+                  truncated: int | None = None) -> DataStats:
+    """Stats of a tokenized dataset (columns length, num_labels, truncated) plus warnings."""
+    columns = _numeric_columns(ds)
+    lengths, num_labels = columns["length"], columns["num_labels"]
+    cut_kept = int(columns["truncated"].sum())
+    records = len(ds) if records is None else records
+    truncated = cut_kept if truncated is None else truncated
+    total, trained = int(lengths.sum()), int(num_labels.sum())
+    stats = DataStats(
+        format=fmt, format_note=note, seq_len=seq_len, records=records, examples=len(ds),
+        dropped=records - len(ds), truncated=truncated, total_tokens=total, label_tokens=trained,
+        masked_fraction=1.0 - trained / total if total else 0.0,
+        length_min=int(lengths.min()), length_mean=float(lengths.mean()), length_max=int(lengths.max()),
+    )
+    stats.warnings = _warnings(stats, cut_kept)
+    return stats
+
+
+def _warnings(stats: DataStats, cut_kept: int) -> list[str]:
+    notes = []
+    if stats.masked_fraction > MASKED_WARN_FRACTION:
+        notes.append(
+            f"{stats.masked_fraction:.0%} of the tokens are masked (only {stats.label_tokens} of "
+            f"{stats.total_tokens} are trained); fine for short answers, otherwise check the "
+            "response fields or set train_on_inputs"
+        )
+    if cut_kept:
+        notes.append(f"{cut_kept} of {stats.examples} examples were cut at --seq-len "
+                     f"{stats.seq_len}; raise --seq-len to train on their ends")
+    if stats.dropped:
+        notes.append(f"{stats.dropped} examples had no trained token after truncation and were skipped")
+    return notes
+
+
+def _eos_warning(example: dict, enc: _Encoder) -> list[str]:
+    """Warn when the first example's trained tokens hold no EOS/end-of-turn token."""
+    if example["truncated"]:
+        return []
+    tokenizer = enc.tokenizer
+    stops = {tokenizer.eos_token_id} | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if any(label in stops for label in example["labels"] if label != IGNORE_INDEX):
+        return []
+    return ["the trained tokens hold no EOS or end-of-turn token, so the tuned model may not stop "
+            "generating; use a tokenizer with an eos_token (and a chat template that ends turns)"]
+
+
+def render_marked(example: dict, tokenizer: Any, start: str = "[[", end: str = "]]") -> str:
+    """The example's text with every run of trained tokens wrapped in ``start``/``end``."""
+    ids, labels = example["input_ids"], example["labels"]
+    pieces = []
+    for trained, run in itertools.groupby(range(len(ids)), key=lambda i: labels[i] != IGNORE_INDEX):
+        text = tokenizer.decode([ids[i] for i in run], skip_special_tokens=False)
+        pieces.append(f"{start}{text}{end}" if trained else text)
+    return "".join(pieces)
+
+
+def split_eval(tok: TokenizedData, fraction_or_count: float | int,
+               seed: int) -> tuple[TokenizedData, TokenizedData]:
+    """(train, eval): a float in (0, 1) is a fraction, an int >= 1 a count; same seed, same split."""
+    n = len(tok.dataset)
+    k = _eval_count(fraction_or_count, n)
+    order = np.random.default_rng(seed).permutation(n)
+    eval_idx, train_idx = np.sort(order[:k]), np.sort(order[k:])
+    return _subset(tok, train_idx), _subset(tok, eval_idx)
+
+
+def _eval_count(value: float | int, n: int) -> int:
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if number and 0 < value < 1:
+        k = max(1, round(value * n))
+    elif number and value >= 1 and float(value).is_integer():
+        k = int(value)
+    else:
+        raise ConfigError(f"eval split must be a fraction in (0, 1) or a whole count >= 1, got {value!r}")
+    if k >= n:
+        raise DataError(f"an eval split of {k} examples leaves none of the {n} examples for "
+                        "training; use a smaller eval split or more data")
+    return k
+
+
+def _subset(tok: TokenizedData, indices: np.ndarray) -> TokenizedData:
+    ds = tok.dataset.select(indices)
+    note = tok.stats.format_note
+    return TokenizedData(ds, tok.format, compute_stats(ds, tok.format, note, tok.stats.seq_len))
+
+
+def chat_template_for(tokenizer: Any) -> str | None:
+    """The template lorakit renders chats with: None means the tokenizer's own."""
+    return None if tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE
+
+
+def generation_prompt_ids(tokenizer: Any, prompt: str | list[dict], fmt: str = "chat",
+                          system: str | None = None) -> list[int]:
+    """Token ids to generate from, rendered exactly like the training data of ``fmt``."""
+    if fmt == "text":
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         chat_template=chat_template_for(tokenizer))
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with (never trained or attended): pad, else eos, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -1,0 +1,311 @@
+"""Read training records from files with Hugging Face `datasets`.
+
+Inputs: one or more ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` or ``.txt`` files, or a folder
+written by ``datasets.Dataset.save_to_disk``. Each file is loaded on its own (``datasets``
+converts it to Arrow in its cache and memory-maps it, so files larger than RAM work) and the
+parts are concatenated in the order given.
+
+``datasets`` reports malformed input with errors that rarely name the line, so every text file
+is first streamed once, cheaply, to check what ``datasets`` would choke on::
+
+    file ──> exists? supported extension? not empty? not binary (NUL bytes)? UTF-8?
+        .jsonl: every non-blank line parses as a JSON object  (line number in the error)
+        .parquet: starts and ends with the ``PAR1`` magic
+    ──> datasets.load_dataset(...)  ──> concatenate
+
+Plain text (``.txt``): one example per paragraph (blocks separated by a blank line). A file
+with no blank line at all has one example per line. Surrounding whitespace is stripped and
+empty examples are skipped.
+
+``read_records`` returns a `RecordSet`: the concatenated dataset plus where each row came
+from, so later stages can name "data.jsonl line 18" in their errors.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import datasets
+
+from lorakit.errors import DataError
+
+# extension -> datasets builder name
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+_CHUNK = 1 << 20
+_PREVIEW = 80
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file (or saved folder) and the rows it contributed."""
+
+    path: Path
+    kind: str  # "jsonl", "json", "csv", "parquet", "txt" or "saved"
+    start: int  # index of its first row in the concatenated dataset
+    count: int
+
+    def describe_row(self, row: int) -> str:
+        """Human position of the file's row ``row`` (0-based), e.g. ``data.jsonl line 18``."""
+        if self.kind == "jsonl":
+            return f"{self.path} line {_nth_nonblank_line(self.path, row)}"
+        if self.kind == "csv":
+            return f"{self.path} data row {row + 1}"
+        if self.kind == "txt":
+            return f"{self.path} example {row + 1}"
+        return f"{self.path} record {row + 1}"
+
+
+@dataclass
+class RecordSet:
+    """Concatenated raw records and their provenance."""
+
+    dataset: datasets.Dataset
+    sources: list[SourceFile]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def locate(self, index: int) -> str:
+        """Where global row ``index`` came from, for error messages."""
+        return locate(self.sources, index)
+
+
+def locate(sources: Sequence[SourceFile], index: int) -> str:
+    """``record 5 (data.jsonl line 7)``; plain ``record 5`` when the origin is unknown."""
+    for src in sources:
+        if src.start <= index < src.start + src.count:
+            return f"record {index + 1} ({src.describe_row(index - src.start)})"
+    return f"record {index + 1}"
+
+
+def read_records(
+    paths: str | Path | Sequence[str | Path], cache_dir: str | Path | None = None
+) -> RecordSet:
+    """Validate and load every path, then concatenate them into one `RecordSet`."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise DataError("no data files given; pass at least one .jsonl/.json/.csv/.parquet/.txt file")
+    parts, sources, start = [], [], 0
+    for raw in paths:
+        path = Path(raw)
+        ds, kind = _read_one(path, cache_dir)
+        parts.append(ds)
+        sources.append(SourceFile(path, kind, start, len(ds)))
+        start += len(ds)
+    return RecordSet(_concatenate(parts, sources), sources)
+
+
+def _read_one(path: Path, cache_dir: str | Path | None) -> tuple[datasets.Dataset, str]:
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist; check the path")
+    if path.is_dir():
+        return _load_saved(path), "saved"
+    suffix = path.suffix.lower()
+    if suffix not in BUILDERS:
+        raise DataError(
+            f"{path}: unsupported extension {suffix or '(none)'!r}; use .jsonl, .json, .csv, "
+            ".parquet or .txt, or a folder written by datasets' save_to_disk"
+        )
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty; it needs at least one record")
+    kind = suffix[1:]
+    options = _validate(path, kind)
+    ds = _load_file(path, kind, cache_dir, options)
+    if kind == "txt":
+        ds = _clean_text_rows(ds)
+    if len(ds) == 0:
+        raise DataError(f"{path} holds no records (only a header or blank lines?)")
+    return ds, kind
+
+
+def _validate(path: Path, kind: str) -> dict:
+    """Cheap streaming checks; returns extra options for the datasets builder."""
+    if kind == "parquet":
+        _check_parquet(path)
+        return {}
+    _check_not_binary(path)
+    if kind == "jsonl":
+        _check_jsonl(path)
+        return {}
+    has_blank = _check_utf8(path)
+    if kind == "txt":
+        return {"sample_by": "paragraph" if has_blank else "line"}
+    return {}
+
+
+def _check_not_binary(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{path} is UTF-16 encoded; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    if b"\x00" in head:
+        raise DataError(f"{path} looks binary (it contains NUL bytes), not a {path.suffix} text file")
+
+
+def _check_utf8(path: Path) -> bool:
+    """Stream-decode the file as UTF-8; return whether it has a blank line between text."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, seen_text, has_blank, carry = 1, False, False, ""
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                bad_line = line + chunk[: exc.start].count(b"\n")
+                raise _not_utf8(path, bad_line) from exc
+            line += chunk.count(b"\n")
+            lines = (carry + text).split("\n")
+            carry = lines.pop()
+            for piece in lines:
+                blank = not piece.strip()
+                has_blank = has_blank or (blank and seen_text)
+                seen_text = seen_text or not blank
+    if not (seen_text or carry.strip()):
+        raise DataError(f"{path} is empty (only whitespace); it needs at least one record")
+    return has_blank
+
+
+def _check_jsonl(path: Path) -> None:
+    """Every non-blank line must be a JSON object; errors name the line and show its start."""
+    seen = False
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, number) from exc
+            if not text.strip():
+                continue
+            seen = True
+            _parse_jsonl_line(path, number, text)
+    if not seen:
+        raise DataError(f"{path} is empty (only blank lines); it needs at least one JSON record")
+
+
+def _parse_jsonl_line(path: Path, number: int, text: str) -> None:
+    preview = text.strip()[:_PREVIEW]
+    if number == 1 and text.startswith("\ufeff"):
+        raise DataError(f"{path} starts with a byte-order mark (BOM); save it as UTF-8 without BOM")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path} line {number} is not valid JSON ({exc.msg}): {preview!r}; each line of a "
+            ".jsonl file must be one JSON object"
+        ) from exc
+    if not isinstance(value, dict):
+        raise DataError(
+            f"{path} line {number} is a JSON {type(value).__name__}, not an object: {preview!r}; "
+            'each line must look like {"text": "..."}'
+        )
+
+
+def _not_utf8(path: Path, line: int) -> DataError:
+    return DataError(
+        f"{path} line {line} is not valid UTF-8; re-save the file as UTF-8 "
+        "(e.g. iconv -f latin1 -t utf-8 in.txt > out.txt)"
+    )
+
+
+def _check_parquet(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(path.stat().st_size - 4, 0))
+        tail = f.read(4)
+    if head != b"PAR1" or tail != b"PAR1":
+        raise DataError(f"{path} is not a Parquet file (no PAR1 magic); check the file or its extension")
+
+
+def _load_file(path: Path, kind: str, cache_dir, options: dict) -> datasets.Dataset:
+    builder = BUILDERS["." + kind]
+    try:
+        return datasets.load_dataset(
+            builder, data_files=[str(path)], split="train",
+            cache_dir=str(cache_dir) if cache_dir else None, **options,
+        )
+    except Exception as exc:  # datasets/pyarrow raise many types for malformed files
+        if kind == "json" and _first_char(path) == "{":
+            _check_jsonl(path)  # a JSON-lines file named .json: find the bad line
+        if "corresponds to no data" in str(exc):  # datasets' words for "zero rows"
+            raise DataError(f"{path} holds no records (only a header or blank lines?)") from exc
+        reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"could not read {path} as {kind}: {reason}") from exc
+
+
+def _first_char(path: Path) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while chunk := f.read(4096):
+            if chunk.strip():
+                return chunk.strip()[0]
+    return ""
+
+
+def _clean_text_rows(ds: datasets.Dataset) -> datasets.Dataset:
+    """Strip each .txt example and drop the empty ones."""
+    stripped = ds.map(lambda batch: {"text": [t.strip() for t in batch["text"]]}, batched=True)
+    return stripped.filter(lambda batch: [bool(t) for t in batch["text"]], batched=True)
+
+
+def _load_saved(folder: Path) -> datasets.Dataset:
+    if not ((folder / "state.json").exists() or (folder / "dataset_dict.json").exists()):
+        raise DataError(
+            f"{folder} is a folder but not a dataset saved with datasets' save_to_disk "
+            "(no state.json or dataset_dict.json); pass the data files inside it instead"
+        )
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except Exception as exc:  # a damaged save: name the folder rather than leak internals
+        raise DataError(f"could not load the saved dataset in {folder}: {exc}") from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        return _pick_split(folder, loaded)
+    return loaded
+
+
+def _pick_split(folder: Path, loaded: datasets.DatasetDict) -> datasets.Dataset:
+    if "train" in loaded:
+        return loaded["train"]
+    if len(loaded) == 1:
+        return next(iter(loaded.values()))
+    raise DataError(
+        f"{folder} holds several splits ({', '.join(loaded)}) and none is named 'train'; "
+        "pass the split's folder (e.g. path/to/save/<split>)"
+    )
+
+
+def _concatenate(parts: list[datasets.Dataset], sources: list[SourceFile]) -> datasets.Dataset:
+    if len(parts) == 1:
+        return parts[0]
+    try:
+        return datasets.concatenate_datasets([_plain_strings(p) for p in parts])
+    except ValueError as exc:
+        columns = "; ".join(f"{s.path}: {dict(p.features)}" for s, p in zip(sources, parts))
+        raise DataError(
+            f"the data files cannot be combined, their columns differ in type ({columns}); "
+            "use the same fields with the same types in every file"
+        ) from exc
+
+
+def _plain_strings(ds: datasets.Dataset) -> datasets.Dataset:
+    """CSV and some Parquet files give ``large_string`` columns, which do not align with JSON's ``string``."""
+    large = [name for name, feature in ds.features.items()
+             if isinstance(feature, datasets.Value) and feature.dtype == "large_string"]
+    for name in large:
+        ds = ds.cast_column(name, datasets.Value("string"))
+    return ds
+
+
+def _nth_nonblank_line(path: Path, row: int) -> int | str:
+    """1-based line number of the ``row``-th (0-based) non-blank line; '?' if not found."""
+    seen = -1
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if raw.strip():
+                seen += 1
+                if seen == row:
+                    return number
+    return "?"

@@ -1,0 +1,339 @@
+"""Formats, masking, stats and eval split, with tiny tokenizers built offline."""
+
+import json
+
+import datasets
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from lorakit.data.formats import (
+    IGNORE_INDEX, detect_format, generation_prompt_ids, pad_token_id, render_marked, split_eval,
+    tokenize_records,
+)
+from lorakit.data.reading import read_records
+from lorakit.errors import ConfigError, DataError
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>"]
+
+
+def _bpe() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world what is the answer", "the user says hello"] * 5, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    """ChatML template, eos = <|im_end|>, no BOS."""
+    return PreTrainedTokenizerFast(tokenizer_object=_bpe(), eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=CHATML)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """No chat template; adds <s> in front like Llama tokenizers; eos = </s>."""
+    tok = _bpe()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def ds(rows):
+    return datasets.Dataset.from_list(rows)
+
+
+def one(tokenized):
+    assert len(tokenized.dataset) == 1
+    return tokenized.dataset[0]
+
+
+def trained_ids(example):
+    return [t for t in example["labels"] if t != IGNORE_INDEX]
+
+
+# ---------------------------------------------------------------- text
+
+
+def test_text_trains_every_token_and_appends_eos(plain):
+    ex = one(tokenize_records(ds([{"text": "hello world"}]), plain, fmt="text"))
+    ids = ex["input_ids"]
+    assert ids[0] == plain.bos_token_id and ids[-1] == plain.eos_token_id
+    assert ids[1:-1] == plain("hello world", add_special_tokens=False)["input_ids"]
+    assert ex["labels"] == [IGNORE_INDEX] + ids[1:]
+    assert ex["length"] == len(ids) and ex["num_labels"] == len(ids) - 1
+    assert render_marked(ex, plain) == "<s>[[hello world</s>]]"
+
+
+# ---------------------------------------------------------------- instruction
+
+
+@pytest.mark.parametrize("prompt_field,answer_field", [
+    ("instruction", "output"), ("prompt", "response"), ("question", "answer"), ("prompt", "completion")])
+def test_instruction_aliases_use_the_chat_template(chatml, prompt_field, answer_field):
+    data = ds([{prompt_field: "what is it", answer_field: "the answer"}])
+    tokenized = tokenize_records(data, chatml)
+    assert tokenized.format == "instruction" and answer_field in tokenized.stats.format_note
+    ex = one(tokenized)
+    assert render_marked(ex, chatml) == (
+        "<|im_start|>user\nwhat is it<|im_end|>\n<|im_start|>assistant\n[[the answer<|im_end|>\n]]")
+    assert chatml.eos_token_id in trained_ids(ex)
+
+
+def test_instruction_input_and_system(chatml):
+    data = ds([{"instruction": "say", "input": "hello", "output": "world", "system": "be brief"}])
+    text = render_marked(one(tokenize_records(data, chatml)), chatml)
+    assert text == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nsay\n\nhello<|im_end|>\n"
+                    "<|im_start|>assistant\n[[world<|im_end|>\n]]")
+
+
+def test_instruction_fallback_template_without_chat_template(plain):
+    data = ds([{"instruction": "say", "input": "", "output": "world", "system": "be brief"}])
+    ex = one(tokenize_records(data, plain))
+    assert render_marked(ex, plain) == (
+        "<s>### System:\nbe brief\n\n### User:\nsay\n\n### Assistant:\n[[world</s>]]")
+    assert trained_ids(ex)[-1] == plain.eos_token_id
+    assert ex["input_ids"].count(plain.bos_token_id) == 1  # the template's BOS, not a second one
+
+
+def test_generation_prompt_matches_the_trained_prefix(chatml, plain):
+    data = ds([{"instruction": "what is it", "output": "the answer"}])
+    for tok in (chatml, plain):
+        ex = one(tokenize_records(data, tok))
+        first_trained = next(i for i, t in enumerate(ex["labels"]) if t != IGNORE_INDEX)
+        assert generation_prompt_ids(tok, "what is it") == ex["input_ids"][:first_trained]
+    text = one(tokenize_records(ds([{"text": "hello"}]), plain))
+    assert generation_prompt_ids(plain, "hello", fmt="text") == text["input_ids"][:-1]
+
+
+def test_train_on_inputs_trains_everything_but_the_first_token(chatml):
+    data = ds([{"instruction": "what is it", "output": "the answer"}])
+    ex = one(tokenize_records(data, chatml, train_on_inputs=True))
+    assert ex["labels"] == [IGNORE_INDEX] + ex["input_ids"][1:]
+
+
+# ---------------------------------------------------------------- chat
+
+
+def test_messages_multi_turn_trains_only_assistant_turns(chatml):
+    messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"}]
+    ex = one(tokenize_records(ds([{"messages": messages}]), chatml))
+    assert render_marked(ex, chatml) == (
+        "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        "[[hello<|im_end|>\n]]<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n[[a<|im_end|>\n]]")
+    assert trained_ids(ex).count(chatml.eos_token_id) == 2  # each turn's <|im_end|> is learned
+
+
+def test_sharegpt_conversations_and_system_column(chatml, plain):
+    conv = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    data = ds([{"conversations": conv, "system": "sys"}])
+    assert detect_format(data) == "chat"
+    assert render_marked(one(tokenize_records(data, chatml)), chatml) == (
+        "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        "[[hello<|im_end|>\n]]")
+    assert render_marked(one(tokenize_records(data, plain)), plain) == (
+        "<s>### System:\nsys\n\n### User:\nhi\n\n### Assistant:\n[[hello</s>]]")
+
+
+class _SlowView:
+    """The chatml tokenizer seen as a slow one (no offsets), to test the other masking path."""
+
+    is_fast = False
+
+    def __init__(self, fast):
+        self._fast = fast
+
+    def __getattr__(self, name):
+        return getattr(self._fast, name)
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": self._fast(text, add_special_tokens=add_special_tokens)["input_ids"]}
+
+
+def test_slow_tokenizer_path_gives_the_same_mask(chatml):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello world"},
+                {"role": "user", "content": "q"}, {"role": "assistant", "content": "the answer"}]
+    data = ds([{"messages": messages}])
+    fast = one(tokenize_records(data, chatml))
+    slow = one(tokenize_records(data, _SlowView(chatml)))
+    assert slow["labels"] == fast["labels"] and slow["input_ids"] == fast["input_ids"]
+
+
+def test_template_that_renders_prefixes_differently_is_an_error(chatml):
+    weird = CHATML.replace("{{ m['content'] }}", "{{ m['content'] }}{% if loop.last %}!{% endif %}")
+    tok = PreTrainedTokenizerFast(tokenizer_object=chatml.backend_tokenizer, eos_token="<|im_end|>",
+                                  chat_template=weird)
+    data = ds([{"instruction": "a", "output": "b"}])
+    with pytest.raises(DataError, match="renders a conversation prefix differently"):
+        tokenize_records(data, tok)
+    assert one(tokenize_records(data, tok, train_on_inputs=True))["num_labels"] > 0
+
+
+def test_template_exception_is_a_data_error(chatml):
+    strict = "{{ raise_exception('roles must alternate') }}"
+    tok = PreTrainedTokenizerFast(tokenizer_object=chatml.backend_tokenizer, chat_template=strict)
+    with pytest.raises(DataError, match="record 1.*roles must alternate"):
+        tokenize_records(ds([{"instruction": "a", "output": "b"}]), tok)
+
+
+def test_no_eos_in_trained_tokens_is_warned(chatml):
+    no_end = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+             "{% if add_generation_prompt %}assistant: {% endif %}"
+    tok = PreTrainedTokenizerFast(tokenizer_object=chatml.backend_tokenizer, chat_template=no_end)
+    stats = tokenize_records(ds([{"instruction": "a", "output": "b"}]), tok).stats
+    assert any("EOS" in w for w in stats.warnings)
+    good = tokenize_records(ds([{"instruction": "a", "output": "b"}]), chatml).stats
+    assert not any("EOS" in w for w in good.warnings)
+
+
+# ---------------------------------------------------------------- detection and record errors
+
+
+@pytest.mark.parametrize("row,expected", [
+    ({"messages": [], "text": "x"}, "chat"),
+    ({"conversations": []}, "chat"),
+    ({"question": "q", "answer": "a"}, "instruction"),
+    ({"prompt": "q", "completion": "a", "text": "x"}, "instruction"),
+    ({"text": "x", "id": 3}, "text"),
+])
+def test_detect_format(row, expected):
+    assert detect_format(ds([row])) == expected
+
+
+def test_undetectable_columns_are_named():
+    with pytest.raises(DataError, match=r"\['foo', 'bar'\]"):
+        detect_format(ds([{"foo": "x", "bar": "y"}]))
+
+
+def test_chosen_format_needs_its_columns(chatml):
+    with pytest.raises(DataError, match="format chat needs .*'messages'.*'text'"):
+        tokenize_records(ds([{"text": "x"}]), chatml, fmt="chat")
+
+
+def test_bad_arguments(chatml):
+    with pytest.raises(ConfigError, match="unknown data format"):
+        tokenize_records(ds([{"text": "x"}]), chatml, fmt="alpaca")
+    with pytest.raises(ConfigError, match="seq_len"):
+        tokenize_records(ds([{"text": "x"}]), chatml, seq_len=1)
+
+
+def _jsonl(tmp_path, rows):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return read_records(path, cache_dir=tmp_path / "cache"), path
+
+
+def test_missing_field_names_record_line_and_expected_fields(tmp_path, chatml):
+    records, path = _jsonl(tmp_path, [{"instruction": "a", "output": "b"}, {"instruction": "c"}])
+    with pytest.raises(DataError) as err:
+        tokenize_records(records, chatml)
+    message = str(err.value)
+    assert f"record 2 ({path} line 2)" in message
+    assert "'output' is missing" in message and "instruction, output" in message
+
+
+def test_wrong_field_type_is_named(chatml):
+    with pytest.raises(DataError, match="record 1: field 'text' is a int"):
+        tokenize_records(ds([{"text": 5}]), chatml, fmt="text")
+
+
+def test_unknown_role_names_role_and_line(tmp_path, chatml):
+    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            {"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}]
+    records, path = _jsonl(tmp_path, rows)
+    with pytest.raises(DataError, match=rf"{path} line 2\): turn 2 has unknown role 'robot'"):
+        tokenize_records(records, chatml)
+
+
+def test_unknown_sharegpt_role(chatml):
+    conv = [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]
+    with pytest.raises(DataError, match="unknown role 'bot'"):
+        tokenize_records(ds([{"conversations": conv}]), chatml)
+
+
+def test_turn_without_content(chatml):
+    messages = [{"role": "user", "content": None}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(DataError, match="turn 1 \\(user\\) has no text in 'content'"):
+        tokenize_records(ds([{"messages": messages}]), chatml)
+
+
+# ---------------------------------------------------------------- truncation, dropping, stats
+
+
+def test_truncation_and_dropping_are_counted(chatml):
+    long_prompt = " ".join(["hello"] * 40)
+    rows = [{"instruction": "hi", "output": "world"},
+            {"instruction": "hi", "output": " ".join(["world"] * 40)},  # cut inside its response
+            {"instruction": long_prompt, "output": "world"}]  # cut before its response: dropped
+    tokenized = tokenize_records(ds(rows), chatml, seq_len=24)
+    stats = tokenized.stats
+    assert (stats.records, stats.examples, stats.dropped, stats.truncated) == (3, 2, 1, 2)
+    assert stats.length_max == 24 and max(tokenized.lengths()) == 24
+    lengths = [len(ex["input_ids"]) for ex in tokenized.dataset]
+    assert stats.total_tokens == sum(lengths) and stats.length_min == min(lengths)
+    labels = sum(len(trained_ids(ex)) for ex in tokenized.dataset)
+    assert stats.label_tokens == labels
+    assert stats.masked_fraction == pytest.approx(1 - labels / sum(lengths))
+    assert any("cut at --seq-len 24" in w for w in stats.warnings)
+    assert any("1 examples had no trained token" in w for w in stats.warnings)
+
+
+def test_all_examples_too_long_is_an_error(chatml):
+    rows = [{"instruction": " ".join(["hello"] * 40), "output": "x"}] * 12
+    with pytest.raises(DataError, match="all 12 examples are longer than --seq-len 16.*raise --seq-len"):
+        tokenize_records(ds(rows), chatml, seq_len=16)
+
+
+def test_mostly_masked_is_warned(chatml):
+    rows = [{"instruction": " ".join(["hello world"] * 20), "output": "a"}]
+    stats = tokenize_records(ds(rows), chatml).stats
+    assert stats.masked_fraction > 0.9
+    assert any("masked" in w for w in stats.warnings)
+
+
+def test_pad_token_id(chatml, plain):
+    assert pad_token_id(chatml) == chatml.pad_token_id
+    assert pad_token_id(plain) == plain.eos_token_id
+
+
+# ---------------------------------------------------------------- eval split
+
+
+def test_split_eval_is_deterministic_and_disjoint(chatml):
+    rows = [{"text": "hello " * (i + 1)} for i in range(20)]
+    tokenized = tokenize_records(ds(rows), chatml)
+    train, evals = split_eval(tokenized, 0.25, seed=3)
+    assert (len(train), len(evals)) == (15, 5)
+    again_train, again_eval = split_eval(tokenized, 0.25, seed=3)
+    assert evals.dataset["length"][:] == again_eval.dataset["length"][:]
+    both = train.dataset["length"][:] + evals.dataset["length"][:]
+    assert sorted(both) == sorted(tokenized.dataset["length"][:])
+    other = split_eval(tokenized, 0.25, seed=4)[1]
+    assert other.dataset["length"][:] != evals.dataset["length"][:]
+    assert evals.stats.examples == 5 and evals.stats.total_tokens == sum(evals.dataset["length"][:])
+    assert len(split_eval(tokenized, 3, seed=0)[1]) == 3
+
+
+@pytest.mark.parametrize("value,error", [(20, DataError), (0, ConfigError), (1.5, ConfigError),
+                                         (-0.1, ConfigError), (True, ConfigError)])
+def test_split_eval_rejects_bad_sizes(chatml, value, error):
+    tokenized = tokenize_records(ds([{"text": "hello"}] * 20), chatml)
+    with pytest.raises(error):
+        split_eval(tokenized, value, seed=0)
+
+
+def test_txt_file_end_to_end(tmp_path, plain):
+    path = tmp_path / "book.txt"
+    path.write_text("hello world\nwhat is it\n\nthe answer\n", encoding="utf-8")
+    tokenized = tokenize_records(read_records(path, cache_dir=tmp_path / "cache"), plain)
+    assert tokenized.format == "text" and tokenized.stats.records == 2
+    assert [render_marked(ex, plain) for ex in tokenized.dataset] == [
+        "<s>[[hello world\nwhat is it</s>]]", "<s>[[the answer</s>]]"]

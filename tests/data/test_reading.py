@@ -1,0 +1,191 @@
+"""Reading data files: every supported kind, concatenation, provenance, and each error path."""
+
+import json
+
+import datasets
+import pytest
+
+from lorakit.data.reading import read_records
+from lorakit.errors import DataError
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "hf-cache"
+
+
+def write_jsonl(path, rows, blank_lines=False):
+    lines = [json.dumps(r) for r in rows]
+    path.write_text(("\n\n" if blank_lines else "\n").join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+ROWS = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
+
+
+def test_jsonl(tmp_path, cache):
+    recs = read_records(write_jsonl(tmp_path / "d.jsonl", ROWS), cache_dir=cache)
+    assert recs.dataset[:] == {"instruction": ["q0", "q1", "q2"], "output": ["a0", "a1", "a2"]}
+
+
+def test_json_array_csv_and_parquet(tmp_path, cache):
+    (tmp_path / "d.json").write_text(json.dumps(ROWS), encoding="utf-8")
+    (tmp_path / "d.csv").write_text("instruction,output\nq0,a0\nq1,a1\nq2,a2\n", encoding="utf-8")
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "d.parquet"))
+    for name in ("d.json", "d.csv", "d.parquet"):
+        recs = read_records(tmp_path / name, cache_dir=cache)
+        assert recs.dataset["output"][:] == ["a0", "a1", "a2"], name
+
+
+def test_txt_paragraphs_when_blank_lines(tmp_path, cache):
+    path = tmp_path / "d.txt"
+    path.write_text("first para\nstill first\n\n\n\nsecond para\n  \n", encoding="utf-8")
+    recs = read_records(path, cache_dir=cache)
+    assert recs.dataset["text"][:] == ["first para\nstill first", "second para"]
+
+
+def test_txt_lines_when_no_blank_line(tmp_path, cache):
+    path = tmp_path / "d.txt"
+    path.write_text("one\n two \nthree", encoding="utf-8")
+    assert read_records(path, cache_dir=cache).dataset["text"][:] == ["one", "two", "three"]
+
+
+def test_saved_dataset_and_dict(tmp_path, cache):
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    assert len(read_records(tmp_path / "saved", cache_dir=cache)) == 3
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:2]),
+                               "test": datasets.Dataset.from_list(ROWS[2:])})
+    dd.save_to_disk(str(tmp_path / "dict"))
+    assert read_records(tmp_path / "dict", cache_dir=cache).dataset["output"][:] == ["a0", "a1"]
+
+
+def test_saved_dict_without_train_split_is_an_error(tmp_path, cache):
+    dd = datasets.DatasetDict({"a": datasets.Dataset.from_list(ROWS), "b": datasets.Dataset.from_list(ROWS)})
+    dd.save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match="several splits"):
+        read_records(tmp_path / "dict", cache_dir=cache)
+
+
+def test_several_files_concatenate_in_order_and_locate(tmp_path, cache):
+    a = write_jsonl(tmp_path / "a.jsonl", ROWS[:2], blank_lines=True)
+    b = tmp_path / "b.csv"
+    b.write_text("instruction,output,input\nq9,a9,ctx\n", encoding="utf-8")
+    recs = read_records([a, b], cache_dir=cache)
+    assert recs.dataset["instruction"][:] == ["q0", "q1", "q9"]
+    assert recs.dataset["input"][:] == [None, None, "ctx"]
+    # a.jsonl has a blank line between its two records: the second record is on line 3
+    assert recs.locate(1) == f"record 2 ({a} line 3)"
+    assert recs.locate(2) == f"record 3 ({b} data row 1)"
+
+
+def test_missing_file(tmp_path, cache):
+    with pytest.raises(DataError, match="does not exist") as err:
+        read_records(tmp_path / "nope.jsonl", cache_dir=cache)
+    assert "nope.jsonl" in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\n"])
+def test_empty_file(tmp_path, cache, content):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="empty"):
+        read_records(path, cache_dir=cache)
+
+
+def test_empty_txt_file(tmp_path, cache):
+    path = tmp_path / "d.txt"
+    path.write_bytes(b" \n\n ")
+    with pytest.raises(DataError, match="empty"):
+        read_records(path, cache_dir=cache)
+
+
+def test_binary_file(tmp_path, cache):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(DataError, match="binary"):
+        read_records(path, cache_dir=cache)
+
+
+def test_not_utf8_names_the_line(tmp_path, cache):
+    for name in ("d.jsonl", "d.txt", "d.csv"):
+        path = tmp_path / name
+        jsonl = name.endswith("l")
+        path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n' if jsonl else b"text\nok\ncaf\xe9\n")
+        with pytest.raises(DataError, match="not valid UTF-8") as err:
+            read_records(path, cache_dir=cache)
+        line = 2 if jsonl else 3
+        assert f"{name} line {line}" in str(err.value)
+
+
+def test_utf16_is_named(tmp_path, cache):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes('{"text": "hi"}\n'.encode("utf-16"))
+    with pytest.raises(DataError, match="UTF-16"):
+        read_records(path, cache_dir=cache)
+
+
+def test_bad_jsonl_line_names_file_line_and_start(tmp_path, cache):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"\n{"text": "c"}\n', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_records(path, cache_dir=cache)
+    message = str(err.value)
+    assert "d.jsonl line 3" in message and '{"text": "b"' in message
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path, cache):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n["text", "b"]\n', encoding="utf-8")
+    with pytest.raises(DataError, match="line 2 is a JSON list"):
+        read_records(path, cache_dir=cache)
+
+
+def test_json_lines_named_json_reports_the_line(tmp_path, cache):
+    path = tmp_path / "d.json"
+    path.write_text('{"text": "a"}\n{"text": oops}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="d.json line 2"):
+        read_records(path, cache_dir=cache)
+
+
+def test_broken_json_array(tmp_path, cache):
+    path = tmp_path / "d.json"
+    path.write_text('[{"text": "a"}, {"text": ', encoding="utf-8")
+    with pytest.raises(DataError, match="could not read .*d.json"):
+        read_records(path, cache_dir=cache)
+
+
+def test_unsupported_extension(tmp_path, cache):
+    path = tmp_path / "d.xlsx"
+    path.write_text("x", encoding="utf-8")
+    with pytest.raises(DataError, match="unsupported extension '.xlsx'"):
+        read_records(path, cache_dir=cache)
+
+
+def test_folder_that_is_not_a_save(tmp_path, cache):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    write_jsonl(folder / "d.jsonl", ROWS)
+    with pytest.raises(DataError, match="not a dataset saved"):
+        read_records(folder, cache_dir=cache)
+
+
+def test_fake_parquet(tmp_path, cache):
+    path = tmp_path / "d.parquet"
+    path.write_text("instruction,output\n", encoding="utf-8")
+    with pytest.raises(DataError, match="not a Parquet file"):
+        read_records(path, cache_dir=cache)
+
+
+def test_files_with_clashing_types(tmp_path, cache):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": 3}])
+    with pytest.raises(DataError, match="cannot be combined") as err:
+        read_records([a, b], cache_dir=cache)
+    assert "b.jsonl" in str(err.value)
+
+
+def test_csv_with_header_only(tmp_path, cache):
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,output\n", encoding="utf-8")
+    with pytest.raises(DataError, match="no records"):
+        read_records(path, cache_dir=cache)

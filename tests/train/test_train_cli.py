@@ -1,0 +1,79 @@
+"""End to end through the CLI on a tiny model: loss goes down, the output folder is complete."""
+
+import json
+
+import pytest
+
+from lorakit.cli import main
+
+from tiny_models import save_tiny_chat_model, write_define_data
+
+SUMMARY_KEYS = {"base_eval_loss", "final_eval_loss", "train_loss", "steps", "train_tokens", "tokens_per_second",
+                "peak_memory_bytes", "wall_seconds", "trainable_params", "total_params", "r", "alpha", "target_modules"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model = save_tiny_chat_model(root / "model")
+    data = write_define_data(root / "train.jsonl", count=64)
+    return model, data
+
+
+def train_args(tiny, out, *extra):
+    model, data = tiny
+    return ["train", "--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", "12",
+            "--batch-size", "4", "--seq-len", "64", "--lr", "1e-2", "--r", "4", "--eval-split", "8", "--seed", "3",
+            *extra]
+
+
+def test_end_to_end_training(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["final_eval_loss"] < 0.92 * summary["base_eval_loss"]
+    assert summary["steps"] == 12 and summary["r"] == 4 and summary["alpha"] == 8
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml",
+                 "metrics.jsonl", "loss.png", "checkpoints"):
+        assert (out / name).exists(), name
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for e in lines if e["kind"] == "train") == 12
+    printed = capsys.readouterr().out
+    assert "flag" in printed and "alpha = 2 * r" in printed  # provenance of r and alpha
+
+
+def test_same_seed_same_adapter(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        assert main(train_args(tiny, tmp_path / name, "--max-steps", "3")) == 0
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_existing_run_needs_resume_or_overwrite(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--max-steps", "2")) == 0
+    assert main(train_args(tiny, out, "--max-steps", "2")) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(train_args(tiny, out, "--max-steps", "2", "--overwrite")) == 0
+
+
+def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--dry-run")) == 0
+    assert not out.exists()
+    printed = capsys.readouterr().out
+    assert "[[" in printed and "trainable parameters" in printed
+
+
+def test_yaml_config_and_flag_override(tiny, tmp_path, capsys):
+    model, data = tiny
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {model}}}\ndata: {{data: [{data}], seq_len: 64}}\nlora: {{r: 2, alpha: 4}}\n"
+                      "train: {max_steps: 1, batch_size: 2}\n")
+    assert main(["train", str(config), "--alpha", "6", "--output", str(tmp_path / "o")]) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["r"] == 2 and summary["alpha"] == 6
