@@ -185,6 +185,13 @@ def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False, *,
                  allow_other_base: bool = False, allow_pickle: bool = False) -> nn.Module:
     """Put a saved adapter (lorakit's or PEFT's) on a base model, in place."""
     config_dict, tensors, metadata = read_adapter(path, allow_pickle)
+    return attach_adapter(model, config_dict, tensors, metadata, path, trainable=trainable,
+                          allow_other_base=allow_other_base)
+
+
+def attach_adapter(model: nn.Module, config_dict: dict, tensors: dict, metadata: dict, path="<memory>", *,
+                   trainable: bool = False, allow_other_base: bool = False) -> nn.Module:
+    """Wrap and fill a model from an adapter already read into memory (see read_adapter)."""
     _check_fingerprint(model, metadata, path, allow_other_base)
     config = lora_config_from_peft(config_dict)
     ranks = _ranks_from_tensors(config, tensors, path)

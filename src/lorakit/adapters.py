@@ -1,0 +1,100 @@
+"""Several adapters on one base model, switched without reloading the base.
+
+Adapters are small (megabytes), the base is large: AdapterSet reads each adapter's tensors
+once into host memory and, on `activate`, unwraps the current one (the base weights are never
+touched while unmerged) and attaches the next. Switching costs a copy of the adapter tensors.
+
+    adapters = AdapterSet(model)
+    adapters.add("runs/legal/adapter", name="legal")
+    adapters.add("runs/medical/adapter", name="medical")
+    adapters.activate("legal"); ...; adapters.activate("medical"); ...; adapters.deactivate()
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.lora.io import CONFIG_FILE, attach_adapter, read_adapter
+from lorakit.lora.model import CONFIG_ATTR, base_fingerprint, remove_lora
+
+
+@dataclass
+class _Stored:
+    path: Path
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    metadata: dict
+
+
+class AdapterSet:
+    def __init__(self, model: nn.Module, allow_other_base: bool = False):
+        if hasattr(model, CONFIG_ATTR):
+            raise ConfigError("AdapterSet needs a base model without adapters attached")
+        self.model, self.allow_other_base = model, allow_other_base
+        self.fingerprint = base_fingerprint(model)
+        self._adapters: dict[str, _Stored] = {}
+        self.active: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    def add(self, path: str | Path, name: str | None = None) -> str:
+        path = Path(path)
+        name = name or path.name if path.name != "adapter" else (name or path.parent.name)
+        if name in self._adapters:
+            raise ConfigError(f"an adapter named {name!r} is already loaded; give this one another name")
+        config, tensors, metadata = read_adapter(path)
+        saved = metadata.get("lorakit_base_fingerprint")
+        if saved and saved != self.fingerprint and not self.allow_other_base:
+            attach_adapter(_Probe(), config, tensors, metadata, path)  # raises the standard mismatch message
+        self._adapters[name] = _Stored(path, config, tensors, metadata)
+        return name
+
+    def activate(self, name: str) -> nn.Module:
+        stored = self._lookup(name)
+        self.deactivate()
+        attach_adapter(self.model, stored.config, stored.tensors, stored.metadata, stored.path,
+                       allow_other_base=self.allow_other_base)
+        self.active = name
+        return self.model
+
+    def deactivate(self) -> nn.Module:
+        if self.active is not None:
+            remove_lora(self.model, merge=False)
+            self.active = None
+        return self.model
+
+    def _lookup(self, name: str) -> _Stored:
+        if name in self._adapters:
+            return self._adapters[name]
+        by_path = [n for n, s in self._adapters.items() if str(s.path) == name or str(s.path.resolve()) == name]
+        if by_path:
+            return self._adapters[by_path[0]]
+        raise ConfigError(f"no adapter named {name!r} is loaded; loaded: {', '.join(self._adapters) or 'none'}")
+
+
+class _Probe(nn.Module):
+    """Stands in for a model whose fingerprint never matches (used to raise the usual error)."""
+
+    config = None
+
+
+def base_model_for(adapter_paths: list[str]) -> str | None:
+    """The base model named in the first adapter's config (None: use the built-in default)."""
+    if not adapter_paths:
+        return None
+    config_path = Path(adapter_paths[0]) / CONFIG_FILE
+    if not config_path.exists():
+        raise AdapterFileError(f"{config_path} is missing; pass an adapter folder (or --model and no adapter)")
+    try:
+        name = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError:
+        raise AdapterFileError(f"{config_path} is not valid JSON; restore it from the original adapter") from None
+    return None if name in (None, "", "unknown") else name

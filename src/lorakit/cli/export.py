@@ -1,0 +1,98 @@
+"""`lorakit export`: write an adapter for vLLM, llama.cpp (GGUF), or as a merged model.
+
+    lorakit export --adapter runs/demo/adapter --format vllm --output served/demo
+    lorakit export --adapter runs/demo/adapter --format gguf --output demo-lora.gguf --base-config BASE
+    lorakit export --adapter runs/demo/adapter --format merged --output merged/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lorakit.errors import ConfigError
+
+DESCRIPTION = """\
+Export a PEFT-format adapter folder.
+  vllm    check it against vLLM's LoRA loader and write a clean copy (or list what vLLM rejects)
+  gguf    write a llama.cpp LoRA adapter (.gguf) for `llama-cli -m BASE.gguf --lora FILE`
+  merged  merge it into its base model and save a plain transformers model
+See docs/export.md for the rules and their sources."""
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", required=True, type=Path,
+                   help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--format", required=True, choices=("vllm", "gguf", "merged"), help="what to write")
+    p.add_argument("--output", required=True, type=Path,
+                   help="vllm / merged: a new folder; gguf: a .gguf file path (or an existing folder)")
+    p.add_argument("--base-config", type=Path, default=None,
+                   help="base model folder with config.json (default: the adapter's base_model_name_or_path, if local)")
+    p.add_argument("--allow-embeddings", action="store_true",
+                   help="vllm: accept LoRA on embed_tokens / lm_head (only some vLLM models support it)")
+    p.add_argument("--max-lora-rank", type=int, default=None,
+                   help="vllm: the --max-lora-rank you will serve with (vLLM's default is 16)")
+    p.add_argument("--outtype", choices=("f32", "f16", "bf16"), default="f32",
+                   help="gguf: tensor type (default f32, as llama.cpp's convert_lora_to_gguf.py)")
+    p.add_argument("--base", default=None, help="merged: base model folder or id (default: the adapter's base)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a pickle adapter_model.bin (with torch.load(weights_only=True))")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.format == "vllm":
+        result = _export_vllm(args)
+    elif args.format == "gguf":
+        result = _export_gguf(args)
+    else:
+        result = export_merged(args.adapter, args.output, base=args.base)
+        if not args.json:
+            print(f"wrote merged model to {args.output}")
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _export_vllm(args: argparse.Namespace) -> dict:
+    from lorakit.export.vllm import export_vllm
+
+    done = export_vllm(args.adapter, args.output, max_lora_rank=args.max_lora_rank,
+                       allow_embeddings=args.allow_embeddings, base_config_dir=args.base_config,
+                       allow_pickle=args.allow_pickle)
+    for warning in done.check.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not args.json:
+        print(f"wrote {done.output} ({done.modules} modules, {done.tensors} tensors, max rank {done.check.max_rank})")
+        print(f"serve it with: vllm serve BASE --enable-lora --max-lora-rank {done.check.max_lora_rank} "
+              f"--lora-modules NAME={done.output}")
+    return done.to_dict()
+
+
+def _export_gguf(args: argparse.Namespace) -> dict:
+    from lorakit.export.gguf import export_gguf
+
+    done = export_gguf(args.adapter, args.output, base_config_dir=args.base_config,
+                       outtype=args.outtype, allow_pickle=args.allow_pickle)
+    if not args.json:
+        print(f"wrote {done.output} (arch {done.arch}, {done.tensors} tensor pairs, "
+              f"alpha {done.alpha:g}, {done.outtype})")
+        if done.baked:
+            print(f"folded per-module scale factors into lora_b for {len(done.baked)} modules "
+                  "(rsLoRA / alpha_pattern; llama.cpp applies one alpha)")
+        print(f"use it with: llama-cli -m BASE.gguf --lora {done.output}")
+    return done.to_dict()
+
+
+def export_merged(adapter_dir: Path, output_dir: Path, base: str | None = None) -> dict:
+    """Thin call into `lorakit merge`'s library function."""
+    from lorakit.merge import merge_to_folder
+
+    result = merge_to_folder(adapter_dir, output_dir, base=base)
+    return {"format": "merged", "output": str(output_dir),
+            **(result if isinstance(result, dict) else {})}

@@ -1,0 +1,38 @@
+"""`lorakit generate --adapter DIR [--model M] PROMPT`: chat-aware generation that streams tokens.
+
+Several adapters can be loaded at once (`--adapter a --adapter b --use b`); the base is loaded
+once and the adapters are switched in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    p = subparsers.add_parser(name, help=help_text, description=__doc__)
+    p.add_argument("prompt", help="the user message (or raw text with --raw)")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="adapter folder (repeat to load several); none: the base model alone")
+    p.add_argument("--use", metavar="NAME", help="which loaded adapter to use (folder name or path); default: the first")
+    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--raw", action="store_true", help="continue raw text instead of a chat turn")
+    p.add_argument("--allow-other-base", action="store_true", help="load an adapter made for another base model")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.adapters import AdapterSet, base_model_for
+    from lorakit.generate import generate_text
+    from lorakit.models import load_model_and_tokenizer
+
+    model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for(args.adapter))
+    if args.adapter:
+        adapters = AdapterSet(model, allow_other_base=args.allow_other_base)
+        for path in args.adapter:
+            adapters.add(path)
+        adapters.activate(args.use or adapters.names[0])
+    generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, stream=True, raw=args.raw)
+    return 0

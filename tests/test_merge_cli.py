@@ -1,0 +1,47 @@
+"""`lorakit merge` writes a plain transformers folder that reproduces base + adapter."""
+
+import json
+
+import torch
+
+from lorakit import LoraConfig, apply_lora, save_adapter
+from lorakit.cli import main
+
+from tiny_models import randomize_lora, save_tiny_chat_model
+
+
+def test_merge_writes_a_plain_model_that_matches(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    base_dir = save_tiny_chat_model(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_lora(model)
+    ids = torch.randint(0, 300, (1, 10))
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["max_abs_logit_difference"] <= 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in k for k in merged.state_dict())
+    with torch.no_grad():
+        assert (merged(ids).logits - expected).abs().max() <= 1e-4
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+    # the output exists now: a second merge refuses without --overwrite
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 2
+
+
+def test_merge_refuses_nan_adapter_and_writes_nothing(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    base_dir = save_tiny_chat_model(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.lora_B.weight.fill_(float("nan"))
+    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 2
+    assert "NaN" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
