@@ -1,0 +1,81 @@
+"""Several adapters on one base; generate and eval through the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from lorakit import LoraConfig, apply_lora, save_adapter
+from lorakit.adapters import AdapterSet
+from lorakit.cli import main
+from lorakit.errors import AdapterMismatchError, ConfigError
+
+from tiny_models import randomize_lora, save_tiny_chat_model, tiny_llama, write_define_data
+
+IDS = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def saved_adapter(path, seed, targets):
+    model = tiny_llama()
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=targets))
+    randomize_lora(model, seed=seed)
+    expected = logits(model)
+    save_adapter(model, path)
+    return expected
+
+
+def test_switch_between_adapters_without_reloading(tmp_path):
+    first = saved_adapter(tmp_path / "first", 1, ["q_proj", "v_proj"])
+    second = saved_adapter(tmp_path / "second", 2, "all-linear")
+    base = tiny_llama()
+    reference = logits(base)
+    weight_before = base.model.layers[0].self_attn.q_proj.weight
+    adapters = AdapterSet(base)
+    assert adapters.add(tmp_path / "first") == "first" and adapters.add(tmp_path / "second") == "second"
+    for name, expected in [("first", first), ("second", second), ("first", first)]:
+        adapters.activate(name)
+        assert (logits(base) - expected).abs().max() <= 1e-6
+    adapters.deactivate()
+    assert torch.equal(logits(base), reference)
+    assert base.model.layers[0].self_attn.q_proj.weight is weight_before  # the base was never reloaded
+    with pytest.raises(ConfigError, match="no adapter named"):
+        adapters.activate("third")
+
+
+def test_adapter_for_another_base_is_refused(tmp_path):
+    saved_adapter(tmp_path / "a", 1, ["q_proj"])
+    with pytest.raises(AdapterMismatchError):
+        AdapterSet(tiny_llama(layers=3)).add(tmp_path / "a")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    model = save_tiny_chat_model(root / "model")
+    data = write_define_data(root / "d.jsonl", 32)
+    out = root / "run"
+    assert main(["train", "--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", "4",
+                 "--batch-size", "4", "--seq-len", "64", "--r", "4", "--lr", "1e-2", "--eval-split", "0"]) == 0
+    return model, data, out / "adapter"
+
+
+def test_generate_streams_text(trained, capsys):
+    model, _, adapter = trained
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(adapter), "--model", str(model), "--max-new-tokens", "5",
+                 "Define the word apple."]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_eval_reports_base_and_adapter(trained, capsys):
+    model, data, adapter = trained
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(adapter), "--model", str(model), "--data", str(data), "--seq-len", "64",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["adapter_loss"] < result["base_loss"] and result["tokens"] > 0
