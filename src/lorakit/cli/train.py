@@ -11,7 +11,7 @@ from lorakit.config import add_flags, load_yaml, resolve
 # `lorakit train` with no data: the built-in SmolLM2 on the bundled WordNet set, sized to finish
 # in a few minutes on 2 CPU cores. Each value applies only where the user gave none.
 DEMO_DEFAULTS = {
-    "data.seq_len": 256, "data.packing": True, "train.batch_size": 8, "train.max_steps": 60,
+    "data.seq_len": 256, "data.packing": True, "train.batch_size": 4, "train.max_steps": 60,
     "train.lr": 1e-3, "train.eval_batches": 0, "output.output": "runs/demo", "lora.task": "domain",
 }
 
