@@ -53,12 +53,14 @@ from lorakit.errors import AdapterFileError, LorakitError, OutputError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 # errno -> (what happened, what the user should do)
+_FREE_SPACE = "free space or choose another --output"
+_FIX_PERMISSIONS = "fix the folder's permissions or choose another --output"
 _WRITE_ERRORS = {
-    errno.ENOSPC: ("disk full", "free space or choose another --output"),
-    errno.EDQUOT: ("disk quota exceeded", "free space or choose another --output"),
+    errno.ENOSPC: ("disk full", _FREE_SPACE),
+    errno.EDQUOT: ("disk quota exceeded", _FREE_SPACE),
     errno.EROFS: ("read-only file system", "choose a writable --output"),
-    errno.EACCES: ("permission denied", "fix the folder's permissions or choose another --output"),
-    errno.EPERM: ("operation not permitted", "fix the folder's permissions or choose another --output"),
+    errno.EACCES: ("permission denied", _FIX_PERMISSIONS),
+    errno.EPERM: ("operation not permitted", _FIX_PERMISSIONS),
 }
 
 
@@ -125,7 +127,9 @@ def _atomic_write(path: str | os.PathLike, fill: Callable[[str], None]) -> Path:
     return path
 
 
-def _write_with(mode: str, payload: bytes | str, encoding: str | None = None) -> Callable[[str], None]:
+def _write_with(
+    mode: str, payload: bytes | str, encoding: str | None = None
+) -> Callable[[str], None]:
     def fill(tmp: str) -> None:
         with open(tmp, mode, encoding=encoding) as fh:
             fh.write(payload)
@@ -219,7 +223,9 @@ def _require_safe_torch_load(path: Path) -> None:
         )
 
 
-def load_tensor_file(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+def load_tensor_file(
+    path: str | os.PathLike, allow_pickle: bool = False
+) -> dict[str, torch.Tensor]:
     """Load a tensor file: safetensors always, pickle only with ``allow_pickle`` (weights_only)."""
     path = Path(path)
     if not refuse_pickle(path, allow_pickle):
