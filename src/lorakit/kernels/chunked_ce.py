@@ -1,0 +1,144 @@
+"""Chunked lm_head + cross-entropy: the causal-LM loss without ever holding the full logits.
+
+The plain path computes `logits = hidden @ W.T` for every token (N x V), upcasts it to fp32,
+then `log_softmax`, and autograd keeps several N x V tensors alive until backward: about
+6 bytes x N x V at peak (6 GB for 8k tokens at a 128k vocabulary).
+
+Here the tokens are processed in chunks of `chunk_size` rows. For each chunk, in forward:
+
+    logits = h_c @ W.T (+ b)             # (c, V), upcast to fp32
+    lse    = logsumexp(logits)           # (c,)
+    loss  += sum(lse - logits[label])    # over rows whose label != ignore_index
+    G      = (softmax(logits) - onehot(label)) * valid / normaliser   # (c, V), in place
+    grad_hidden[c] = G @ W               # (c, H)
+    grad_W        += G.T @ h_c           # only when the head itself is trained
+
+so the gradient is finished during forward and only `grad_hidden` (N x H) is kept; backward
+multiplies it by the incoming scalar gradient. Peak extra memory is one chunk of fp32 logits.
+A frozen head (the LoRA case) gets no weight gradient at all, and a chunk whose labels are all
+ignored (prompt tokens under loss masking) skips its GEMMs entirely.
+
+`normalizer` makes gradient accumulation exact: pass the number of label tokens in the whole
+accumulated batch and each micro-batch's loss is sum(CE) / normalizer, so the summed
+micro-batch gradients equal the big-batch mean gradient. Without it the loss is the mean over
+this call's non-ignored tokens (0 when there are none, instead of the NaN of a 0/0 mean).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class _ChunkedLMHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, inv_norm, chunk_size):
+        # hidden (N, H), weight (V, H), bias (V,) or None, labels (N,), inv_norm 0-dim fp32
+        grads = _GradBuffers(hidden, weight, bias, ctx.needs_input_grad)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start, has_labels in _chunk_starts(labels, chunk_size):
+            rows = slice(start, start + chunk_size)
+            if not has_labels:  # nothing to learn here: skip both GEMMs
+                if grads.hidden is not None:
+                    grads.hidden[rows].zero_()
+                continue
+            loss_sum += _chunk_loss_and_grads(hidden[rows], weight, bias, labels[rows],
+                                              inv_norm, grads, rows)
+        ctx.save_for_backward(*grads.as_tuple())
+        return loss_sum * inv_norm
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_loss.to(g.dtype)
+                  for g in (grad_hidden, grad_weight, grad_bias)]
+        return scaled[0], scaled[1], scaled[2], None, None, None
+
+
+class _GradBuffers:
+    """The gradients filled in chunk by chunk; None for inputs that need no gradient."""
+
+    def __init__(self, hidden, weight, bias, needs_grad):
+        self.hidden = torch.empty_like(hidden) if needs_grad[0] else None
+        # the head gradient sums over all chunks: accumulate it in fp32
+        self.weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if needs_grad[1] else None)
+        self.bias = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+                     if bias is not None and needs_grad[2] else None)
+        self.weight_dtype = weight.dtype
+        self.bias_dtype = None if bias is None else bias.dtype
+
+    def as_tuple(self):
+        weight = None if self.weight is None else self.weight.to(self.weight_dtype)
+        bias = None if self.bias is None else self.bias.to(self.bias_dtype)
+        return self.hidden, weight, bias
+
+
+def _chunk_starts(labels, chunk_size):
+    """(first row, whether any label is kept) per chunk, with one host sync for all chunks."""
+    n = labels.shape[0]
+    padded = torch.nn.functional.pad(labels, (0, -n % chunk_size), value=IGNORE_INDEX)
+    kept = (padded.view(-1, chunk_size) != IGNORE_INDEX).any(dim=1).tolist()
+    return [(i * chunk_size, flag) for i, flag in enumerate(kept)]
+
+
+def _chunk_loss_and_grads(h, weight, bias, labels, inv_norm, grads, rows):
+    """Loss sum of one chunk; writes its gradient slices into `grads`."""
+    valid = labels != IGNORE_INDEX  # (c,)
+    h_w = h.to(weight.dtype)
+    logits = F.linear(h_w, weight, bias).float()  # (c, V) fp32
+    lse = torch.logsumexp(logits, dim=-1)  # (c,)
+    safe_labels = torch.where(valid, labels, 0)
+    target = logits.gather(1, safe_labels[:, None]).squeeze(1)
+    loss_sum = ((lse - target) * valid).sum()
+    if grads.hidden is None and grads.weight is None and grads.bias is None:
+        return loss_sum
+    # softmax - onehot, written over the logits buffer, rows of ignored labels zeroed
+    grad_logits = logits.sub_(lse[:, None]).exp_()
+    grad_logits[torch.arange(len(labels), device=h.device), safe_labels] -= 1.0
+    grad_logits.mul_((valid.float() * inv_norm)[:, None])
+    _accumulate(grad_logits, h_w, weight, grads, rows)
+    return loss_sum
+
+
+def _accumulate(grad_logits, h_w, weight, grads, rows):
+    g = grad_logits.to(weight.dtype)  # (c, V), GEMMs in the head's dtype
+    if grads.hidden is not None:
+        grads.hidden[rows] = g @ weight  # (c, H)
+    if grads.weight is not None:
+        grads.weight.addmm_(grad_logits.T, h_w.float())
+    if grads.bias is not None:
+        grads.bias += grad_logits.sum(0)
+
+
+def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         normalizer: float | int | torch.Tensor | None = None,
+                         chunk_size: int = 4096,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over tokens of CE(hidden @ weight.T + bias, labels) / normalizer, a 0-dim fp32 tensor.
+
+    hidden: (..., H) final hidden states; weight: (V, H) lm_head weight; labels: (...) with
+    -100 for tokens that carry no loss (already shifted for causal LM). normalizer: the divisor,
+    e.g. the label-token count of a whole accumulated batch; None means this call's count of
+    non-ignored labels (the mean). The weight gets a gradient only if it requires grad.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    labels_1d = labels.reshape(-1).to(hidden.device)
+    if labels_1d.shape[0] != hidden_2d.shape[0]:
+        raise ValueError(f"labels hold {labels_1d.shape[0]} tokens but hidden holds "
+                         f"{hidden_2d.shape[0]}")
+    inv_norm = _inverse_normalizer(normalizer, labels_1d)
+    return _ChunkedLMHeadLoss.apply(hidden_2d, weight, bias, labels_1d, inv_norm, chunk_size)
+
+
+def _inverse_normalizer(normalizer, labels):
+    if normalizer is None:
+        # the count stays on the device: no host sync
+        count = (labels != IGNORE_INDEX).sum().float()
+        return torch.where(count > 0, 1.0 / count.clamp_min(1.0), torch.zeros_like(count))
+    norm = torch.as_tensor(normalizer, dtype=torch.float32, device=labels.device)
+    return 1.0 / norm

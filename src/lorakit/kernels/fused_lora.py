@@ -1,0 +1,209 @@
+"""Fused LoRA autograd for a Llama-style block: q/k/v, o, and the SwiGLU MLP.
+
+A LoRA projection is y = x W^T + b + s * (x A^T) B^T with W frozen, A (r x in), B (out x r).
+Run module by module (the plain path), every projection makes its own adapter temporaries
+(B(A x), the scaled copy, the new sum) and the MLP saves silu(e), g and h = silu(e) * g for
+backward. Here projections that read the same input are computed together:
+
+    forward                                   backward (dY_i = grad of output i)
+    XA  = X @ cat(A_1..A_k)^T     (T, sum r)  dXA_i = s_i * dY_i @ B_i            (T, r_i)
+    Y_i = X @ W_i^T + b_i                     dB_i  = s_i * dY_i^T @ XA_i         (out_i, r_i)
+    Y_i.addmm_(XA_i, B_i^T, alpha=s_i)        dA    = cat(dXA_i)^T @ X            one GEMM
+                                              dX    = sum_i dY_i @ W_i + cat(dXA_i) @ cat(A_i)
+
+so X is saved once for the whole group, one skinny GEMM replaces k adapter-A GEMMs (forward
+and backward), the update is added in place with the scale folded into `addmm_`, dX is
+accumulated in place, and no product of size in x out is ever formed. The frozen W gets no
+gradient. For the MLP, down(silu(e) * g) with e = gate(x), g = up(x), only X, e and g are
+saved; h = silu(e) * g is recomputed in backward and
+
+    dg = dh * silu(e),   de = dh * g * sigmoid(e) * (1 + e * (1 - sigmoid(e))).
+
+Adapters stored in a wider dtype than the activations (fp32 master weights under a bf16 base)
+are cast down for the GEMMs, and their gradients are cast back.
+
+The fused path covers plain LoRA only: `fuse_blocker(module)` names why a module cannot use
+it (dropout > 0, DoRA, merged or disabled adapter, trainable or non-float base weight).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PARAMS_PER_PROJECTION = 4  # base weight, base bias (or None), lora_A weight, lora_B weight
+
+
+def fuse_blocker(module: nn.Module) -> str | None:
+    """Why `module` cannot take the fused path, or None when it can."""
+    if not all(hasattr(module, a) for a in ("base_layer", "lora_A", "lora_B", "scaling")):
+        return f"{type(module).__name__} is not a LoRA layer"
+    if getattr(module, "use_dora", False):
+        return "DoRA adapters are not fused"
+    if getattr(module, "merged", False):
+        return "the adapter is merged into the base weight"
+    if getattr(module, "disabled", False):
+        return "the adapter is disabled"
+    dropout = getattr(module, "lora_dropout", None)
+    if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+        return f"lora dropout is {dropout.p} (the fused path needs 0)"
+    if dropout is not None and not isinstance(dropout, (nn.Identity, nn.Dropout)):
+        return f"unknown lora_dropout module {type(dropout).__name__}"
+    return _base_blocker(module)
+
+
+def _base_blocker(module: nn.Module) -> str | None:
+    base = module.base_layer
+    if not isinstance(base, nn.Linear) or not base.weight.dtype.is_floating_point:
+        return f"base layer {type(base).__name__} is not a plain floating-point nn.Linear"
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return "the base layer is trainable"
+    if module.lora_A.bias is not None or module.lora_B.bias is not None:
+        return "adapter matrices with a bias are not fused"
+    return None
+
+
+def can_fuse(module: nn.Module) -> bool:
+    """True when `module` is a plain LoRA layer the fused functions can run."""
+    return fuse_blocker(module) is None
+
+
+def lora_linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """layer(x) for one LoRA projection (e.g. o_proj), update added in place."""
+    (out,) = _SharedInputLora.apply(x, *_scalings_and_params([layer]))
+    return out
+
+
+def lora_qkv(x: torch.Tensor, q: nn.Module, k: nn.Module,
+             v: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q(x), k(x), v(x)) with x saved once and one merged adapter-A GEMM."""
+    return _SharedInputLora.apply(x, *_scalings_and_params([q, k, v]))
+
+
+def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) saving only x, gate(x) and up(x) for backward."""
+    return _LoraSwiGLU.apply(x, *_scalings_and_params([gate, up, down]))
+
+
+def _scalings_and_params(layers):
+    params = []
+    for layer in layers:
+        reason = fuse_blocker(layer)
+        if reason is not None:
+            raise ValueError(f"cannot fuse {type(layer).__name__}: {reason}")
+        base = layer.base_layer
+        params += [base.weight, base.bias, layer.lora_A.weight, layer.lora_B.weight]
+    return (tuple(float(layer.scaling) for layer in layers), *params)
+
+
+def _group(params, scalings):
+    """[(W, b, A, B, s), ...] from the flat argument list."""
+    n = PARAMS_PER_PROJECTION
+    return [(*params[i * n:(i + 1) * n], s) for i, s in enumerate(scalings)]
+
+
+def _rank_slices(projections):
+    slices, start = [], 0
+    for _, _, lora_a, _, _ in projections:
+        slices.append(slice(start, start + lora_a.shape[0]))
+        start += lora_a.shape[0]
+    return slices
+
+
+def _shared_forward(x2, projections):
+    """Outputs of projections sharing input x2 (T, in), plus what backward needs."""
+    a_cat = torch.cat([p[2].to(x2.dtype) for p in projections])  # (R, in), R = sum of ranks
+    xa = x2 @ a_cat.T  # (T, R)
+    outs = []
+    for (weight, bias, _, lora_b, s), cols in zip(projections, _rank_slices(projections)):
+        out = F.linear(x2, weight, bias)  # (T, out)
+        out.addmm_(xa[:, cols], lora_b.to(x2.dtype).T, alpha=s)
+        outs.append(out)
+    return outs, xa, a_cat
+
+
+def _shared_backward(x2, xa, a_cat, projections, grad_outs, need_input_grad):
+    """(dX or None, [dA_i], [dB_i]) for projections sharing input x2."""
+    dxa = torch.empty_like(xa)  # (T, R)
+    grads_b = []
+    for (_, _, _, lora_b, s), cols, dy in zip(projections, _rank_slices(projections), grad_outs):
+        dxa[:, cols] = (dy @ lora_b.to(dy.dtype)).mul_(s)  # (T, r_i)
+        grads_b.append((dy.T @ xa[:, cols]).mul_(s).to(lora_b.dtype))  # (out_i, r_i)
+    grad_a_cat = dxa.T @ x2  # (R, in)
+    grads_a = [grad_a_cat[cols].to(p[2].dtype)
+               for p, cols in zip(projections, _rank_slices(projections))]
+    dx = None
+    if need_input_grad:
+        dx = grad_outs[0] @ projections[0][0]  # (T, in)
+        for (weight, *_), dy in zip(projections[1:], grad_outs[1:]):
+            dx.addmm_(dy, weight)
+        dx.addmm_(dxa, a_cat)
+    return dx, grads_a, grads_b
+
+
+def _param_grads(grads_a, grads_b):
+    """Gradient list in argument order: None for the frozen W and b."""
+    out = []
+    for grad_a, grad_b in zip(grads_a, grads_b):
+        out += [None, None, grad_a, grad_b]
+    return out
+
+
+def _flat(t):
+    return t.reshape(-1, t.shape[-1])
+
+
+class _SharedInputLora(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scalings, *params):
+        projections = _group(params, scalings)
+        outs, xa, a_cat = _shared_forward(_flat(x), projections)
+        ctx.scalings = scalings
+        ctx.save_for_backward(x, xa, a_cat, *params)
+        lead = x.shape[:-1]
+        return tuple(out.view(*lead, out.shape[-1]) for out in outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        x, xa, a_cat, *params = ctx.saved_tensors
+        projections = _group(params, ctx.scalings)
+        dx, grads_a, grads_b = _shared_backward(_flat(x), xa, a_cat, projections,
+                                                [_flat(g) for g in grad_outs],
+                                                ctx.needs_input_grad[0])
+        dx = None if dx is None else dx.view(x.shape)
+        return dx, None, *_param_grads(grads_a, grads_b)
+
+
+def _silu_parts(e):
+    """(sigmoid(e), silu(e)), computed the same way in forward and backward."""
+    sig = torch.sigmoid(e)
+    return sig, e * sig
+
+
+class _LoraSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scalings, *params):
+        gate, up, down = _group(params, scalings)
+        (e, g), xa, a_cat = _shared_forward(_flat(x), [gate, up])  # (T, I) each
+        h = _silu_parts(e)[1].mul_(g)  # (T, I), not saved
+        (out,), ha, a_down = _shared_forward(h, [down])
+        ctx.scalings = scalings
+        ctx.save_for_backward(x, e, g, xa, a_cat, ha, a_down, *params)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, e, g, xa, a_cat, ha, a_down, *params = ctx.saved_tensors
+        gate, up, down = _group(params, ctx.scalings)
+        sig, silu = _silu_parts(e)
+        dh, grads_a_down, grads_b_down = _shared_backward(
+            silu * g, ha, a_down, [down], [_flat(grad_out)], True)
+        # d silu(e)/de = sig * (1 + e * (1 - sig)), built in sig's buffer
+        dsilu = sig.mul_(torch.sub(1.0, sig).mul_(e).add_(1.0))
+        dg = silu.mul_(dh)
+        de = dh.mul_(g).mul_(dsilu)
+        dx, grads_a, grads_b = _shared_backward(_flat(x), xa, a_cat, [gate, up], [de, dg],
+                                                ctx.needs_input_grad[0])
+        dx = None if dx is None else dx.view(x.shape)
+        return (dx, None, *_param_grads(grads_a + grads_a_down, grads_b + grads_b_down))

@@ -1,0 +1,226 @@
+"""Switch a Llama-style model with LoRA adapters onto the fused fast paths, and back.
+
+enable_fast_paths(model) patches forwards per instance (the classes are untouched, so other
+models in the process are unaffected), and only where the fused functions compute exactly what
+the module would:
+
+    mlp.forward        -> lora_mlp(x, gate_proj, up_proj, down_proj)   SwiGLU MLPs we know
+    self_attn.forward  -> q, k, v = lora_qkv(hidden_states, q_proj, k_proj, v_proj), handed
+                          to the unchanged attention code: q_proj(hidden_states) returns the
+                          precomputed q (matched by tensor identity), so RoPE, the cache and
+                          the attention kernel stay transformers' own
+    o_proj.forward     -> lora_linear(x, o_proj)
+
+Every patched forward re-checks at call time and runs the original forward instead when an
+adapter was merged or disabled since, or under autocast (the fused functions do their own
+dtype handling). disable_fast_paths(model) restores the previous forwards.
+
+causal_lm_loss(model, batch, normalizer) is the trainer's loss: it runs the decoder stack for
+the final hidden states and applies chunked_lm_head_loss with labels shifted by one, so full
+logits never exist.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.kernels.chunked_ce import IGNORE_INDEX, chunked_lm_head_loss
+from lorakit.kernels.fused_lora import fuse_blocker, lora_linear, lora_mlp, lora_qkv
+
+# modules whose forward is exactly down(act(gate(x)) * up(x)) / calls q,k,v_proj(hidden_states)
+SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
+QKV, MLP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")
+
+_SAVED_FORWARD = "_lorakit_saved_forward"  # marks a patched module; holds its previous forward
+_PRECOMPUTED = "_lorakit_precomputed"  # (input, output) stashed on q/k/v_proj for one call
+
+
+def enable_fast_paths(model: nn.Module) -> list[str]:
+    """Patch every fusable attention and MLP in place; returns notices for what fell back."""
+    fallbacks: dict[str, list[str]] = defaultdict(list)
+    for name, module in model.named_modules():
+        reason = _patch_if_fusable(module)
+        if reason is not None:
+            fallbacks[reason].append(name)
+    if not fallbacks and not fast_paths_enabled(model):
+        fallbacks.setdefault("no Llama-style attention or SwiGLU MLP with LoRA was found", [])
+    return [_notice(reason, names) for reason, names in fallbacks.items()]
+
+
+def disable_fast_paths(model: nn.Module) -> None:
+    """Undo enable_fast_paths: every patched module gets its previous forward back."""
+    for module in model.modules():
+        if hasattr(module, _SAVED_FORWARD):
+            _restore_forward(module)
+        module.__dict__.pop(_PRECOMPUTED, None)
+
+
+def fast_paths_enabled(model: nn.Module) -> bool:
+    return any(hasattr(m, _SAVED_FORWARD) for m in model.modules())
+
+
+def _notice(reason: str, names: list[str]) -> str:
+    if not names:
+        return reason
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"plain path kept for {len(names)} module(s) ({shown}): {reason}"
+
+
+def _patch_if_fusable(module: nn.Module) -> str | None:
+    """Patch an attention or MLP module; the reason it was left alone, or None."""
+    if hasattr(module, _SAVED_FORWARD):
+        return None
+    if all(hasattr(module, p) for p in MLP):
+        reason = _mlp_blocker(module)
+        if reason is None:
+            _set_forward(module, _fused_mlp_forward(module, module.forward))
+        return reason
+    if all(hasattr(module, p) for p in (*QKV, "o_proj")):
+        return _patch_attention(module)
+    return None
+
+
+def _mlp_blocker(mlp: nn.Module) -> str | None:
+    if type(mlp).__name__ not in SWIGLU_MLPS:
+        return f"{type(mlp).__name__} is not a SwiGLU MLP the fast path knows"
+    act = getattr(mlp, "act_fn", None)
+    if not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
+        return f"activation {type(act).__name__} is not SiLU"
+    return _group_blocker(mlp, MLP)
+
+
+def _group_blocker(parent: nn.Module, names: tuple[str, ...]) -> str | None:
+    if hasattr(parent, "_hf_hook"):
+        return "accelerate hooks (device_map offload) are attached"
+    for name in names:
+        child = getattr(parent, name)
+        reason = fuse_blocker(child) or ("accelerate hooks are attached"
+                                         if hasattr(child, "_hf_hook") else None)
+        if reason is not None:
+            return f"{name}: {reason}"
+    return None
+
+
+def _patch_attention(attn: nn.Module) -> str | None:
+    if type(attn).__name__ not in ATTENTIONS:
+        return f"{type(attn).__name__} is not an attention the fast path knows"
+    o_reason = _group_blocker(attn, ("o_proj",))
+    if o_reason is None:
+        _set_forward(attn.o_proj, _fused_linear_forward(attn.o_proj, attn.o_proj.forward))
+    qkv_reason = _group_blocker(attn, QKV)
+    if qkv_reason is None:
+        projections = [getattr(attn, name) for name in QKV]
+        for proj in projections:
+            _set_forward(proj, _precomputed_forward(proj, proj.forward))
+        _set_forward(attn, _fused_attention_forward(attn, attn.forward, projections))
+    return qkv_reason or o_reason
+
+
+def _set_forward(module: nn.Module, forward: Callable) -> None:
+    # an instance-level forward set by someone else (e.g. accelerate) is kept to restore
+    setattr(module, _SAVED_FORWARD, module.__dict__.get("forward"))
+    module.forward = forward
+
+
+def _restore_forward(module: nn.Module) -> None:
+    saved = module.__dict__.pop(_SAVED_FORWARD)
+    if saved is None:
+        del module.forward
+    else:
+        module.forward = saved
+
+
+def _runtime_ok(x: torch.Tensor, layers) -> bool:
+    """The fused path still applies now (nothing merged/disabled since patching, no autocast)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    return all(fuse_blocker(layer) is None for layer in layers)
+
+
+def _fused_mlp_forward(mlp: nn.Module, original: Callable) -> Callable:
+    def forward(x):
+        layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        return lora_mlp(x, *layers) if _runtime_ok(x, layers) else original(x)
+    return forward
+
+
+def _fused_linear_forward(layer: nn.Module, original: Callable) -> Callable:
+    def forward(x):
+        return lora_linear(x, layer) if _runtime_ok(x, (layer,)) else original(x)
+    return forward
+
+
+def _precomputed_forward(proj: nn.Module, original: Callable) -> Callable:
+    def forward(x):
+        stash = proj.__dict__.pop(_PRECOMPUTED, None)
+        if stash is not None and stash[0] is x:
+            return stash[1]
+        return original(x)
+    return forward
+
+
+def _fused_attention_forward(attn: nn.Module, original: Callable, projections) -> Callable:
+    def forward(*args, **kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if not _runtime_ok(hidden, projections):
+            return original(*args, **kwargs)
+        for proj, out in zip(projections, lora_qkv(hidden, *projections)):
+            proj.__dict__[_PRECOMPUTED] = (hidden, out)
+        try:
+            return original(*args, **kwargs)
+        finally:  # never leave a stale output behind
+            for proj in projections:
+                proj.__dict__.pop(_PRECOMPUTED, None)
+    return forward
+
+
+# ---- loss without logits ----------------------------------------------------------------------
+
+def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
+                   normalizer: float | int | torch.Tensor | None = None, *,
+                   chunk_size: int = 4096) -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM: sum over label tokens / normalizer.
+
+    batch: model inputs plus optional "labels" (default: input_ids), -100 where no loss.
+    Labels are shifted here, as transformers does. normalizer None = mean over label tokens.
+    Heads that rescale logits (softcapping, logit scale) fall back to full logits.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs.setdefault("use_cache", False)
+    labels = batch["labels"] if "labels" in batch else batch["input_ids"]
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # (B, T)
+    head = model.get_output_embeddings()
+    if _head_blocker(model, head) is not None:
+        return _full_logits_loss(model, inputs, shifted, normalizer)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(**inputs).last_hidden_state  # (B, T, H)
+    return chunked_lm_head_loss(hidden, head.weight, shifted, normalizer=normalizer,
+                                chunk_size=chunk_size, bias=head.bias)
+
+
+def _head_blocker(model: nn.Module, head: nn.Module | None) -> str | None:
+    if type(head) is not nn.Linear:
+        return f"output head is {type(head).__name__}, not a plain nn.Linear"
+    config = getattr(model, "config", None)
+    for field in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(config, field, None) not in (None, 1, 1.0):
+            return f"the model rescales its logits ({field})"
+    prefix = getattr(model, "base_model_prefix", None)
+    if not prefix or not hasattr(model, prefix):
+        return "the model has no decoder backbone attribute to call"
+    return None
+
+
+def _full_logits_loss(model, inputs, shifted, normalizer):
+    logits = model(**inputs).logits.float()  # (B, T, V)
+    total = F.cross_entropy(logits.flatten(0, -2), shifted.flatten().to(logits.device),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    if normalizer is None:
+        normalizer = (shifted != IGNORE_INDEX).sum().clamp_min(1)
+    return total / normalizer

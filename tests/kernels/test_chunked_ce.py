@@ -1,0 +1,133 @@
+"""chunked_lm_head_loss against the plain full-logits cross-entropy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.kernels.chunked_ce import chunked_lm_head_loss
+
+N, H, V = 37, 16, 50  # 37 tokens: chunks of 8 leave a ragged last chunk
+
+
+def _inputs(dtype=torch.float32, seed=0, ignore_every=3):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * 0.3).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::ignore_every] = -100
+    return hidden, weight, labels
+
+
+def _reference(hidden, weight, labels, normalizer, bias=None):
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / normalizer
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 4096])
+def test_fp32_loss_and_hidden_grad_match_reference(chunk_size):
+    hidden, weight, labels = _inputs()
+    normalizer = 123.0
+    ref = _reference(hidden, weight, labels, normalizer)
+    out = chunked_lm_head_loss(hidden, weight, labels, normalizer=normalizer,
+                               chunk_size=chunk_size)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    (g_ref,), (g_out,) = _grads(ref, [hidden]), _grads(out, [hidden])
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_default_normalizer_is_mean_over_kept_labels():
+    hidden, weight, labels = _inputs()
+    ref = F.cross_entropy(F.linear(hidden, weight), labels, ignore_index=-100)
+    out = chunked_lm_head_loss(hidden, weight, labels, chunk_size=8)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_grads(out, [hidden])[0], _grads(ref, [hidden])[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_with_all_labels_ignored():
+    hidden, weight, labels = _inputs()
+    labels[8:24] = -100  # chunks 1 and 2 (of size 8) carry no loss at all
+    ref = _reference(hidden, weight, labels, 10.0)
+    out = chunked_lm_head_loss(hidden, weight, labels, normalizer=10.0, chunk_size=8)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    g_out = _grads(out, [hidden])[0]
+    torch.testing.assert_close(g_out, _grads(ref, [hidden])[0], rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(g_out[8:24]) == 0
+
+
+def test_all_labels_ignored_gives_zero_not_nan():
+    hidden, weight, labels = _inputs()
+    labels[:] = -100
+    out = chunked_lm_head_loss(hidden, weight, labels, chunk_size=8)
+    assert out.item() == 0.0
+    assert torch.count_nonzero(_grads(out, [hidden])[0]) == 0
+
+
+def test_trainable_weight_and_bias_get_gradients():
+    hidden, weight, labels = _inputs()
+    weight.requires_grad_()
+    bias = (torch.randn(V) * 0.1).requires_grad_()
+    ref = _reference(hidden, weight, labels, 7.0, bias)
+    out = chunked_lm_head_loss(hidden, weight, labels, normalizer=7.0, chunk_size=8, bias=bias)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g_out, g_ref in zip(_grads(out, [hidden, weight, bias]), _grads(ref, [hidden, weight, bias])):
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_weight_gets_no_gradient_and_grad_output_scales():
+    hidden, weight, labels = _inputs()
+    out = chunked_lm_head_loss(hidden, weight, labels, normalizer=5.0, chunk_size=8)
+    (2.5 * out).backward()
+    assert weight.grad is None
+    hidden_ref = hidden.detach().clone().requires_grad_()
+    (2.5 * _reference(hidden_ref, weight, labels, 5.0)).backward()
+    torch.testing.assert_close(hidden.grad, hidden_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_with_shared_normalizer_equal_one_big_batch():
+    hidden, weight, labels = _inputs()
+    total = int((labels != -100).sum())
+    halves = [slice(0, 20), slice(20, N)]
+    summed = sum(chunked_lm_head_loss(hidden[s], weight, labels[s], normalizer=total,
+                                      chunk_size=8) for s in halves)
+    big = F.cross_entropy(F.linear(hidden, weight), labels, ignore_index=-100)
+    torch.testing.assert_close(summed, big, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_within_tolerance_of_fp32_reference():
+    hidden, weight, labels = _inputs(torch.bfloat16)
+    out = chunked_lm_head_loss(hidden, weight, labels, normalizer=20.0, chunk_size=8)
+    hidden32 = hidden.detach().float().requires_grad_()
+    ref = _reference(hidden32, weight.float(), labels, 20.0)
+    # bf16 logits carry ~3 significant digits: loss within 1e-2 relative, grads within 2e-2
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    g_out = _grads(out, [hidden])[0]
+    assert g_out.dtype == torch.bfloat16
+    torch.testing.assert_close(g_out.float(), _grads(ref, [hidden32])[0], rtol=2e-2, atol=2e-3)
+
+
+def test_leading_dims_are_flattened():
+    hidden, weight, labels = _inputs()
+    hidden3 = hidden[:36].reshape(4, 9, H)
+    out = chunked_lm_head_loss(hidden3, weight, labels[:36].reshape(4, 9), normalizer=3.0,
+                               chunk_size=8)
+    ref = _reference(hidden[:36], weight, labels[:36], 3.0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_mismatched_label_count_is_rejected():
+    hidden, weight, labels = _inputs()
+    with pytest.raises(ValueError, match="labels hold"):
+        chunked_lm_head_loss(hidden, weight, labels[:-1])
+
+
+def test_only_the_hidden_gradient_is_kept_for_backward():
+    hidden, weight, labels = _inputs()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        chunked_lm_head_loss(hidden, weight, labels, chunk_size=8)
+    assert [tuple(t.shape) for t in saved if t.numel() > 1] == [(N, H)]  # nothing N x V

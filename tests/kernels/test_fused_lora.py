@@ -1,0 +1,176 @@
+"""Fused LoRA autograd functions against the plain LoraLinear module forward."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.kernels.fused_lora import can_fuse, fuse_blocker, lora_linear, lora_mlp, lora_qkv
+from lorakit.lora.layer import LoraLinear
+
+HIDDEN, INTER = 24, 40
+
+
+def _lora(in_f, out_f, r, alpha=None, bias=False, dtype=torch.float32, dropout=0.0, dora=False):
+    base = nn.Linear(in_f, out_f, bias=bias).to(dtype).requires_grad_(False)
+    alpha = 2 * r if alpha is None else alpha
+    layer = LoraLinear(base, r, alpha, alpha / r, dropout=dropout, use_dora=dora)
+    with torch.no_grad():  # B starts at zero: give it values so its path is tested
+        layer.lora_B.weight.normal_(std=0.5)
+    return layer
+
+
+def _qkv(bias=False, dtype=torch.float32):
+    # different ranks and widths (GQA: k, v narrower than q) catch slicing mistakes
+    return (_lora(HIDDEN, HIDDEN, 4, bias=bias, dtype=dtype),
+            _lora(HIDDEN, 12, 2, alpha=5, bias=bias, dtype=dtype),
+            _lora(HIDDEN, 12, 3, bias=bias, dtype=dtype))
+
+
+def _mlp(dtype=torch.float32):
+    return (_lora(HIDDEN, INTER, 4, dtype=dtype), _lora(HIDDEN, INTER, 2, alpha=3, dtype=dtype),
+            _lora(INTER, HIDDEN, 4, dtype=dtype))
+
+
+def _input(dtype=torch.float32, shape=(3, 5)):
+    return torch.randn(*shape, HIDDEN, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+def _adapter_params(layers):
+    return [p for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+
+
+def _outputs_and_grads(fn, x, layers, seed=2):
+    """Run fn(x) (a tensor or tuple), backprop a fixed random projection of every output."""
+    x = x.detach().clone().requires_grad_()
+    outs = fn(x)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    params = _adapter_params(layers)
+    grads = torch.autograd.grad(loss, [x, *params])
+    return [o.detach() for o in outs], list(grads)
+
+
+def _assert_match(fused, plain, rtol, atol):
+    for got, want in zip(fused[0] + fused[1], plain[0] + plain[1]):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+
+
+def _plain_mlp(gate, up, down):
+    return lambda x: down(F.silu(gate(x)) * up(x))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_qkv_fp32_matches_plain_modules(bias):
+    layers = _qkv(bias=bias)
+    fused = _outputs_and_grads(lambda x: lora_qkv(x, *layers), _input(), layers)
+    plain = _outputs_and_grads(lambda x: tuple(layer(x) for layer in layers), _input(), layers)
+    _assert_match(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_single_projection_fp32_matches_plain_module():
+    layer = _lora(HIDDEN, 16, 4, bias=True)
+    fused = _outputs_and_grads(lambda x: lora_linear(x, layer), _input(), [layer])
+    plain = _outputs_and_grads(layer, _input(), [layer])
+    _assert_match(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_fp32_matches_plain_modules():
+    layers = _mlp()
+    fused = _outputs_and_grads(lambda x: lora_mlp(x, *layers), _input(), layers)
+    plain = _outputs_and_grads(_plain_mlp(*layers), _input(), layers)
+    _assert_match(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def _fp32_copy(layers):
+    return [copy.deepcopy(layer).float() for layer in layers]
+
+
+def _relative_errors(got, oracle):
+    return [float((g.float() - o).norm() / o.norm()) for g, o in zip(got[0] + got[1],
+                                                                    oracle[0] + oracle[1])]
+
+
+@pytest.mark.parametrize("block", ["qkv", "mlp"])
+def test_bf16_base_with_fp32_adapters_as_accurate_as_plain_path(block):
+    # LoraLinear keeps fp32 masters under a bf16 base; both paths run the GEMMs in bf16.
+    # Oracle: the plain path on an fp32 copy. Stated tolerance: every output and gradient
+    # within 1.5e-2 of it in norm (bf16 has 8 mantissa bits, eps 7.8e-3), and no worse than
+    # twice the plain bf16 path's own error.
+    layers = _qkv(dtype=torch.bfloat16) if block == "qkv" else _mlp(dtype=torch.bfloat16)
+    assert layers[0].lora_A.weight.dtype == torch.float32
+    fused_fn = (lambda t, ls: lora_qkv(t, *ls)) if block == "qkv" else (lambda t, ls: lora_mlp(t, *ls))
+    plain_fn = ((lambda t, ls: tuple(m(t) for m in ls)) if block == "qkv"
+                else (lambda t, ls: _plain_mlp(*ls)(t)))
+    x, layers32 = _input(torch.bfloat16), _fp32_copy(layers)
+    oracle = _outputs_and_grads(lambda t: plain_fn(t, layers32), x.float(), layers32)
+    fused = _outputs_and_grads(lambda t: fused_fn(t, layers), x, layers)
+    plain = _outputs_and_grads(lambda t: plain_fn(t, layers), x, layers)
+    assert [t.dtype for t in fused[0] + fused[1]] == [t.dtype for t in plain[0] + plain[1]]
+    for fused_err, plain_err in zip(_relative_errors(fused, oracle), _relative_errors(plain, oracle)):
+        assert fused_err < 1.5e-2 and fused_err <= 2 * plain_err + 1e-3
+
+
+def test_frozen_base_gets_no_gradient_and_adapters_accumulate():
+    layers = _mlp()
+    x = _input().requires_grad_()
+    lora_mlp(x, *layers).sum().backward()
+    first = [p.grad.clone() for p in _adapter_params(layers)]
+    lora_mlp(x, *layers).sum().backward()  # .grad accumulates like any autograd path
+    for p, g in zip(_adapter_params(layers), first):
+        torch.testing.assert_close(p.grad, 2 * g)
+    assert all(layer.base_layer.weight.grad is None for layer in layers)
+
+
+def test_input_without_grad_still_trains_adapters():
+    layers = _qkv()
+    x = _input()  # e.g. the embedding output of a frozen model
+    sum(o.sum() for o in lora_qkv(x, *layers)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _adapter_params(layers))
+
+
+def test_save_only_block_input_for_qkv():
+    layers = _qkv()
+    x = _input().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_qkv(x, *layers)
+    params = [p for layer in layers for p in layer.parameters()]
+    big = [t for t in saved if t.numel() >= x.numel() and not any(t is p for p in params)]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()  # x itself, once, no copy
+
+
+def test_mlp_saves_no_silu_product():
+    layers = _mlp()
+    x = _input().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_mlp(x, *layers)
+    tokens = x.numel() // HIDDEN
+    activations = [t for t in saved if t.dim() == 2 and t.shape[0] == tokens
+                   and t.shape[1] == INTER]
+    assert len(activations) == 2  # gate and up outputs; silu(e) and h are recomputed
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda m: setattr(m, "lora_dropout", nn.Dropout(0.1)), "dropout"),
+    (lambda m: setattr(m, "merged", True), "merged"),
+    (lambda m: setattr(m, "disabled", True), "disabled"),
+    (lambda m: m.base_layer.weight.requires_grad_(True), "trainable"),
+])
+def test_fuse_blocker_names_the_reason(change, reason):
+    layer = _lora(HIDDEN, 8, 2)
+    assert can_fuse(layer) and fuse_blocker(layer) is None
+    change(layer)
+    assert not can_fuse(layer) and reason in fuse_blocker(layer)
+    with pytest.raises(ValueError, match=reason):
+        lora_linear(_input(), layer)
+
+
+def test_dora_and_plain_linear_are_not_fusable():
+    assert "DoRA" in fuse_blocker(_lora(HIDDEN, 8, 2, dora=True))
+    assert "not a LoRA layer" in fuse_blocker(nn.Linear(4, 4))

@@ -1,0 +1,173 @@
+"""Fast paths on a tiny model with LoRA: same loss and adapter gradients as the plain path."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from lorakit.kernels import llama_patch
+from lorakit.kernels.llama_patch import (causal_lm_loss, disable_fast_paths, enable_fast_paths,
+                                         fast_paths_enabled)
+from lorakit.lora import LoraConfig, LoraLinear, apply_lora, merge_lora
+
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=256)
+
+
+def _model(arch="llama", **lora_options):
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**SIZES))
+    else:  # Qwen2: biases on q, k, v
+        model = Qwen2ForCausalLM(Qwen2Config(**SIZES))
+    apply_lora(model, LoraConfig(r=4, alpha=8, **lora_options))
+    with torch.no_grad():  # B starts at zero: make the adapters matter
+        for module in model.modules():
+            if isinstance(module, LoraLinear):
+                module.lora_B.weight.normal_(std=0.05)
+    return model
+
+
+def _batch(vocab=256):
+    g = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(0, vocab, (2, 12), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -3:] = 0  # right padding
+    labels = input_ids.clone()
+    labels[:, :4] = -100  # prompt tokens carry no loss
+    labels[attention_mask == 0] = -100
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def _adapter_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _loss_and_grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), _adapter_grads(model)
+
+
+def _assert_same(got, want, rtol=1e-5):
+    (loss_got, grads_got), (loss_want, grads_want) = got, want
+    torch.testing.assert_close(loss_got, loss_want, rtol=rtol, atol=0)
+    assert grads_got.keys() == grads_want.keys() and len(grads_want) > 0
+    for name, g in grads_want.items():
+        torch.testing.assert_close(grads_got[name], g, rtol=rtol,
+                                   atol=rtol * float(g.abs().max()), msg=name)
+
+
+def _plain(model, batch):
+    return _loss_and_grads(model, lambda: model(**batch).loss)
+
+
+def _fast(model, batch):
+    return _loss_and_grads(model, lambda: causal_lm_loss(model, batch))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fast_paths_match_plain_model_loss_and_grads(arch):
+    model, batch = _model(arch), _batch()
+    plain = _plain(model, batch)
+    assert enable_fast_paths(model) == []
+    assert isinstance(model.model.layers[0].mlp.__dict__["forward"], type(lambda: 0))
+    _assert_same(_fast(model, batch), plain)
+
+
+def test_fused_blocks_are_the_ones_running(monkeypatch):
+    model, batch = _model(), _batch()
+    calls = []
+    for name in ("lora_mlp", "lora_qkv", "lora_linear"):
+        real = getattr(llama_patch, name)
+        monkeypatch.setattr(llama_patch, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    enable_fast_paths(model)
+    causal_lm_loss(model, batch)
+    assert sorted(calls) == sorted(["lora_mlp", "lora_qkv", "lora_linear"] * 2)
+
+
+def test_with_gradient_checkpointing():
+    model, batch = _model(), _batch()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.train()
+    plain = _plain(model, batch)
+    enable_fast_paths(model)
+    _assert_same(_fast(model, batch), plain)
+
+
+def test_disable_restores_the_original_forwards():
+    model, batch = _model(), _batch()
+    enable_fast_paths(model)
+    enable_fast_paths(model)  # idempotent
+    assert fast_paths_enabled(model)
+    disable_fast_paths(model)
+    assert not fast_paths_enabled(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    model(**batch)
+
+
+@pytest.mark.parametrize("options, reason", [(dict(dropout=0.1), "dropout"),
+                                             (dict(use_dora=True), "DoRA")])
+def test_unfusable_adapters_fall_back_with_a_notice(options, reason):
+    model, batch = _model(**options), _batch()
+    model.eval()  # dropout off: both paths compute the same function
+    notices = enable_fast_paths(model)
+    assert notices and all(reason in n for n in notices)
+    assert not fast_paths_enabled(model)
+    _assert_same(_fast(model, batch), _plain(model, batch))
+
+
+def test_merged_after_enabling_runs_the_plain_forward():
+    model, batch = _model(), _batch()
+    with torch.no_grad():
+        want = model(**batch).logits
+    enable_fast_paths(model)
+    merge_lora(model)  # the fused path would add the update twice
+    with torch.no_grad():
+        got = model(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_normalizer_makes_micro_batches_add_up():
+    model, batch = _model(), _batch()
+    enable_fast_paths(model)
+    total = int((batch["labels"][:, 1:] != -100).sum())
+    halves = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(2)]
+    summed = _loss_and_grads(model, lambda: sum(causal_lm_loss(model, h, total) for h in halves))
+    _assert_same(summed, _fast(model, batch))
+
+
+def test_other_architectures_get_a_notice_and_the_chunked_loss_still_works():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=256,
+                                       n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0))
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    notices = enable_fast_paths(model)
+    assert notices == ["no Llama-style attention or SwiGLU MLP with LoRA was found"]
+    batch = _batch()
+    _assert_same(_fast(model, batch), _plain(model, batch))
+
+
+def test_rescaled_logits_use_the_full_logits_loss(monkeypatch):
+    model, batch = _model(), _batch()
+    plain = _plain(model, batch)
+    model.config.logit_scale = 0.5  # ignored by Llama itself, but marks a head we must not chunk
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("chunked loss used on a rescaled head")
+
+    monkeypatch.setattr(llama_patch, "chunked_lm_head_loss", refuse)
+    _assert_same(_fast(model, batch), plain)
+
+
+def test_trainable_head_gets_its_gradient():
+    model, batch = _model(), _batch()
+    model.lm_head.weight.requires_grad_(True)  # tied to the input embedding here
+    plain = _plain(model, batch)
+    _assert_same(_fast(model, batch), plain)
+    assert isinstance(model.lm_head, nn.Linear)
