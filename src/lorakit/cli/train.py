@@ -1,4 +1,7 @@
-"""`lorakit train [CONFIG.yaml] [flags]`: flags override the YAML; no arguments runs the demo."""
+"""`lorakit train [CONFIG.yaml] [flags]`: flags override the YAML; no arguments runs the demo.
+
+Several GPUs or nodes: `torchrun --nproc_per_node N -m lorakit train ...` (docs/distributed.md).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +24,12 @@ def register(subparsers, name: str, help_text: str) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("config_file", nargs="?", metavar="CONFIG.yaml", help="a YAML config (flags override it)")
     add_flags(p)
+    # torchrun's own parser reads every later "--x" too and rejects --r as ambiguous (--rdzv-*, --role ...)
+    p.add_argument("--lora-r", dest="lora.r", type=int, default=None, metavar="R",
+                   help="same as --r; use this spelling after `torchrun ... -m lorakit train`")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun: shard the frozen base over the processes (FSDP2) instead of a whole "
+                        "copy per GPU; default: shard when the memory estimate does not fit one GPU")
     p.set_defaults(func=run)
 
 
@@ -59,24 +68,40 @@ def _is_demo(key: str, flags: dict) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.train import distributed
+
+    try:
+        return _train(args)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lorakit.train import distributed
+    from lorakit.train.distributed import is_main
     from lorakit.train.report import print_plan, print_report
     from lorakit.train.run import claim_output, prepare
     from lorakit.train.session import Session
 
     config, demo = resolve_args(args)
-    prepared = prepare(config)
-    print_plan(prepared)
+    prepared = prepare(config, fsdp=getattr(args, "fsdp", None))  # joins the torchrun job, if any
+    if is_main():
+        print_plan(prepared)
     if config.output.dry_run:
         from lorakit.train.report import print_dry_run
 
-        print_dry_run(prepared)
+        if is_main():
+            print_dry_run(prepared)
         return 0
-    out = claim_output(config)
-    sample_before = _sample(prepared) if demo else None
+    distributed.main_first(lambda: claim_output(config))  # rank 0 checks and creates it, then the others go on
+    out = Path(config.output.output)
+    sample_before = _sample(prepared) if demo else None  # every rank: a sharded model generates together
     result = Session(prepared, out).run()
     if result.interrupted:
         return 130
-    print_report(prepared, result, sample_before, _sample(prepared) if demo else None)
+    sample_after = _sample(prepared) if demo else None
+    if is_main():
+        print_report(prepared, result, sample_before, sample_after)
     return 0
 
 

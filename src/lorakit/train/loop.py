@@ -4,6 +4,8 @@
         group = next grad_accum micro-batches        # (epoch, batch_index) is the data position
         n = label tokens in the whole group          # loss = sum CE / n: exact accumulation
         forward + backward each micro-batch
+        (under torchrun: the group is world_size x grad_accum global micro-batches, each rank
+        trains on its share, n is all-reduced and gradients summed: see train/distributed.py)
         non-finite loss or gradient -> skip the update, count it, stop after K in a row
         clip, AdamW step, lr from the schedule
         log / eval / checkpoint at step boundaries
@@ -25,6 +27,7 @@ from torch import nn
 
 from lorakit.data.batching import BatchIterator, count_label_tokens, plan_batches
 from lorakit.errors import TrainingError
+from lorakit.train import distributed
 from lorakit.kernels.llama_patch import causal_lm_loss
 from lorakit.train.schedule import lr_factor, warmup_steps_for
 
@@ -60,6 +63,8 @@ class LoopSettings:
     pad_id: int
     device: torch.device
     autocast_dtype: torch.dtype | None = None
+    rank: int = 0  # this process's share of each step (train/distributed.py)
+    world_size: int = 1
 
 
 @dataclass
@@ -104,8 +109,9 @@ class Trainer:
         return plan_batches(self.dataset.lengths(), s.batch_size, s.seq_len, s.packing, shuffle=True,
                             seed=s.seed, epoch=epoch)
 
-    def _batches(self) -> Iterator[dict]:
-        """Micro-batches from the current data position on, across epochs, forever."""
+    def _stream(self) -> Iterator[tuple[BatchIterator, int]]:
+        """(iterator, plan index) of every global micro-batch from the current data position on,
+        across epochs, forever. Batches are collated only by the rank that trains on them."""
         s = self.settings
         while True:
             plan = self._plan(self.state.epoch)
@@ -113,17 +119,18 @@ class Trainer:
                                      pad_id=s.pad_id, start_index=self.state.batch_index,
                                      mask_dtype=s.autocast_dtype or next(self.model.parameters()).dtype,
                                      device=s.device)
-            for batch in iterator:
-                self.state.batch_index += 1
-                yield batch
+            for index in range(self.state.batch_index, len(plan)):
+                self.state.batch_index = index + 1
+                yield iterator, index
             self.state.epoch += 1
             self.state.batch_index = 0
 
     # ---- one optimizer step ----------------------------------------------------------------
-    def train_step(self, batches: Iterator[dict]) -> StepResult:
+    def train_step(self, stream: Iterator[tuple[BatchIterator, int]]) -> StepResult:
         s = self.settings
-        group = [next(batches) for _ in range(s.grad_accum)]
-        tokens = sum(count_label_tokens(b) for b in group)
+        picks = [next(stream) for _ in range(s.grad_accum * s.world_size)]  # the global step
+        group = [iterator.batch(index) for iterator, index in distributed.shard(picks, s.rank, s.world_size)]
+        tokens = distributed.all_reduce_sum(sum(count_label_tokens(b) for b in group))  # global normaliser
         lr = s.lr * lr_factor(self.state.step, s.total_steps, s.warmup_steps, s.schedule)
         for group_ in self.optimizer.param_groups:
             group_["lr"] = lr
@@ -133,7 +140,9 @@ class Trainer:
             loss = self._loss(batch, normalizer=max(tokens, 1))
             loss.backward()
             loss_sum += loss.item()
-        return self._apply_update(loss_sum, lr, tokens, sum(int(b["input_ids"].numel()) for b in group))
+        distributed.sync_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
+        loss_sum, seen = distributed.all_reduce_sum([loss_sum, sum(int(b["input_ids"].numel()) for b in group)])
+        return self._apply_update(loss_sum, lr, tokens, seen)
 
     def _loss(self, batch: dict, normalizer) -> torch.Tensor:
         batch = {k: v.to(self.settings.device) for k, v in batch.items()}
@@ -168,9 +177,9 @@ class Trainer:
         return StepResult(loss, lr, tokens, not finite, norm, spike)
 
     def run(self, hooks: Hooks) -> TrainState:
-        batches = self._batches()
+        stream = self._stream()
         while self.state.step < self.settings.total_steps and not hooks.should_stop():
-            result = self.train_step(batches)
+            result = self.train_step(stream)
             hooks.on_step(self.state, result)
         return self.state
 
@@ -192,16 +201,22 @@ def evaluate(model: nn.Module, dataset, settings: LoopSettings, max_batches: int
                         shuffle=False, seed=0, epoch=0)
     if max_batches:
         plan = plan[:max_batches]
-    iterator = BatchIterator(dataset.dataset, plan, packing=settings.packing, seq_len=settings.seq_len,
-                             pad_id=settings.pad_id, mask_dtype=settings.autocast_dtype or next(model.parameters()).dtype,
-                             device=settings.device)
+    # each rank takes its share; a sharded model needs as many forwards on every rank, so the
+    # ranks one batch short run a dummy one that is not counted
+    mine, padding = distributed.shard_padded(plan, settings.rank, settings.world_size)
+    iterator = BatchIterator(dataset.dataset, mine + plan[:1] * padding, packing=settings.packing,
+                             seq_len=settings.seq_len, pad_id=settings.pad_id, device=settings.device,
+                             mask_dtype=settings.autocast_dtype or next(model.parameters()).dtype)
     total, tokens = 0.0, 0
     dtype = settings.autocast_dtype
-    for batch in iterator:
+    for position, batch in enumerate(iterator):
         batch = {k: v.to(settings.device) for k, v in batch.items()}
         with torch.autocast(settings.device.type, dtype=dtype, enabled=dtype is not None):
-            total += float(causal_lm_loss(model, batch, normalizer=1))
-        tokens += count_label_tokens(batch)
+            loss_sum = float(causal_lm_loss(model, batch, normalizer=1))
+        if position < len(mine):
+            total += loss_sum
+            tokens += count_label_tokens(batch)
+    total, tokens = distributed.all_reduce_sum([total, tokens])
     loss = total / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens}
 

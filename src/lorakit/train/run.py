@@ -24,6 +24,7 @@ from lorakit.data.reading import read_records
 from lorakit.errors import ConfigError, OutputError
 from lorakit.lora import apply_lora, lora_report
 from lorakit.lora.targets import ARCH_PROJECTIONS
+from lorakit.train import distributed
 from lorakit.train.loop import LoopSettings, TrainState, total_steps_for
 from lorakit.train.schedule import warmup_steps_for
 
@@ -43,10 +44,11 @@ class Prepared:
 
 
 def device_for(config: RunConfig) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return distributed.device_of_rank()  # under torchrun: this process's own GPU
 
 
-def load_model(config: RunConfig):
+def load_model(config: RunConfig, on_cpu: bool = False):
+    """`on_cpu`: load in the GPU's dtype but keep it on the CPU (FSDP shards it onto the GPU)."""
     from lorakit.models import load_model_and_tokenizer
 
     device = device_for(config)
@@ -54,7 +56,10 @@ def load_model(config: RunConfig):
         from lorakit.quantize import load_quantized
 
         return load_quantized(config.model.name, config.model.quantize, config.model.allow_pickle)
-    return load_model_and_tokenizer(config.model.name, dtype=config.model.dtype, device=device.type,
+    dtype = config.model.dtype
+    if on_cpu and dtype == "auto" and device.type == "cuda":
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return load_model_and_tokenizer(config.model.name, dtype=dtype, device="cpu" if on_cpu else device.type,
                                     allow_pickle=config.model.allow_pickle)
 
 
@@ -87,7 +92,8 @@ def loop_settings(config: RunConfig, model, tokenizer, train: TokenizedData) -> 
     from lorakit.data.batching import plan_batches
 
     num_batches = len(plan_batches(train.lengths(), t.batch_size, d.seq_len, d.packing, True, t.seed, 0))
-    total = total_steps_for(num_batches, t.grad_accum, t.epochs, t.max_steps)
+    world = distributed.world()  # a step takes world.size x grad_accum micro-batches of the plan
+    total = total_steps_for(num_batches, t.grad_accum * world.size, t.epochs, t.max_steps)
     device = device_for(config)
     autocast = None
     if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
@@ -96,13 +102,16 @@ def loop_settings(config: RunConfig, model, tokenizer, train: TokenizedData) -> 
                         schedule=t.schedule, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
                         max_bad_steps=t.max_bad_steps, batch_size=t.batch_size, seq_len=d.seq_len,
                         packing=d.packing, seed=t.seed, pad_id=pad_token_id(tokenizer), device=device,
-                        autocast_dtype=autocast)
+                        autocast_dtype=autocast, rank=world.rank, world_size=world.size)
 
 
-def prepare(config: RunConfig) -> Prepared:
+def prepare(config: RunConfig, fsdp: bool | None = None) -> Prepared:
+    """`fsdp`: under torchrun, shard the base (True), replicate it (False), or decide (None)."""
+    distributed.init_from_env()
+    use_fsdp, parallel_notices = distributed.choose_fsdp(fsdp, config, device_for(config))
     torch.manual_seed(config.train.seed)
-    model, tokenizer, source = load_model(config)
-    train, evaluation = load_data(config, tokenizer)
+    model, tokenizer, source = load_model(config, on_cpu=use_fsdp)
+    train, evaluation = distributed.main_first(lambda: load_data(config, tokenizer), others_too=True)  # one fills the cache
     notices = resolve_targets(config, model)
     apply_lora(model, lora_config(config))
     if lora_report(model).trainable_params == 0:
@@ -111,8 +120,28 @@ def prepare(config: RunConfig) -> Prepared:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.train.fast_paths:
         notices += _enable_fast_paths(model, config)
+    distributed.wrap_model(model, use_fsdp, device_for(config))
+    notices += parallel_notices + distributed.global_batch_notice(config.train)
     settings = loop_settings(config, model, tokenizer, train)
     return Prepared(config, model, tokenizer, source, train, evaluation, settings, notices)
+
+
+def keep_global_batch(prepared: Prepared, micro_batches_per_step: int) -> str | None:
+    """On resume with another number of processes, set grad_accum so that one step still takes
+    `micro_batches_per_step` micro-batches of the plan (the checkpoint's global batch)."""
+    world, train = distributed.world_size(), prepared.config.train
+    if train.grad_accum * world == micro_batches_per_step:
+        return None
+    if micro_batches_per_step % world:
+        raise ConfigError(f"the checkpoint's steps hold {micro_batches_per_step} micro-batches, which {world} "
+                          f"processes cannot share evenly; resume with a number of processes that divides "
+                          f"{micro_batches_per_step}, or start a new --output")
+    given = train.grad_accum
+    train.grad_accum = micro_batches_per_step // world
+    prepared.config.sources["train.grad_accum"] = "checkpoint (global batch kept)"
+    prepared.settings = loop_settings(prepared.config, prepared.model, prepared.tokenizer, prepared.train)
+    return (f"resume: --grad-accum {train.grad_accum} instead of {given}, so {world} process(es) keep the "
+            f"checkpoint's {micro_batches_per_step} micro-batches per step")
 
 
 def _enable_fast_paths(model, config: RunConfig) -> list[str]:

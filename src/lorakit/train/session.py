@@ -15,18 +15,20 @@ from __future__ import annotations
 import json
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from lorakit.errors import TrainingError
+from lorakit.errors import AdapterFileError, AdapterMismatchError, DataError, TrainingError
 from lorakit.lora import adapter_state_dict, base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
-from lorakit.safe_io import atomic_write_json
+from lorakit.safe_io import atomic_write_json, atomic_write_text
 from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed
 from lorakit.train.loop import Hooks, StepResult, StopSignals, Trainer, TrainState, evaluate
 from lorakit.train.progress import Progress
-from lorakit.train.run import Prepared, write_config
+from lorakit.train.rng import capture_rng
+from lorakit.train.run import Prepared, keep_global_batch, write_config
 
 
 @dataclass
@@ -53,7 +55,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 class Session:
     def __init__(self, prepared: Prepared, out: Path, log=print):
-        self.p, self.out, self.log = prepared, out, log
+        self.p, self.out = prepared, out
+        self.log = log if distributed.is_main() else _quiet  # under torchrun rank 0 speaks and writes
         self.config = prepared.config
         self.optimizer = make_optimizer(prepared)
         self.state = TrainState()
@@ -68,7 +71,7 @@ class Session:
     def resume_if_asked(self) -> None:
         if not self.config.output.resume:
             return
-        path = ckpt.find_latest_valid(self.out / "checkpoints")
+        path = self._latest_checkpoint()
         if path is None:
             self.log("resume: no complete checkpoint found; starting from the beginning")
             return
@@ -79,33 +82,88 @@ class Session:
 
             raise AdapterMismatchError(f"the checkpoint {path} was made for another base model; "
                                        "resume with the same --model, or start a new --output")
-        params = dict(self.p.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in checkpoint.model_tensors.items():
-                params[name].copy_(tensor.to(params[name].dtype))
+        _check_tensors_fit(path, self.p.model, checkpoint.model_tensors)
+        state = _train_state_from(path, saved)
+        self._note_changed_config(saved.get("config"))
+        self._check_data_position(path, state)
+        self._keep_global_batch(saved)
+        distributed.load_full_tensors(dict(self.p.model.named_parameters()), checkpoint.model_tensors)
+        if distributed.world_size() > 1:  # whole tensors -> this run's layout (sharded or not)
+            whole = checkpoint.optimizer_state_dict
+            checkpoint.optimizer_state_dict = distributed.shard_optimizer_state(self.optimizer, whole)
         ckpt.load_optimizer_state(self.optimizer, checkpoint)
-        self.state = TrainState(**saved["state"])
+        self.state = state
         self.base_eval = saved.get("base_eval")
-        self.history = _read_history(self.out / "metrics.jsonl", self.state.step)
+        self.history = _read_history(self.out / "metrics.jsonl", self.state.step, saved.get("history_len"))
         self.train_seconds = saved.get("train_seconds", 0.0)
         checkpoint.restore_rng()
+        distributed.restore_rank_rng(checkpoint.rng_tensors)
         self.log(f"resumed from {path.name} (step {self.state.step}, epoch {self.state.epoch}, batch {self.state.batch_index})")
+
+    def _latest_checkpoint(self) -> Path | None:
+        """Rank 0 picks (and tidies) the newest complete checkpoint; every rank loads that one."""
+        root = self.out / "checkpoints"
+        found = ckpt.find_latest_valid(root) if distributed.is_main() else None
+        code = -1 if found is None else int(found.name.rsplit("-", 1)[1])
+        if found is None and distributed.is_main() and ckpt.list_checkpoints(root):
+            code = -2  # checkpoints exist but none is usable: never silently start over
+        step = distributed.broadcast_int(code)
+        if step == -2:
+            raise AdapterFileError(f"--resume: every checkpoint in {root} is damaged (see the warnings above); "
+                                   "restore one, or pass --overwrite instead of --resume to start again")
+        return None if step < 0 else root / ckpt.step_dir_name(step)
+
+    def _check_data_position(self, path: Path, state: TrainState) -> None:
+        from lorakit.data.batching import plan_batches
+
+        s = self.p.settings
+        batches = len(plan_batches(self.p.train.lengths(), s.batch_size, s.seq_len, s.packing, True, s.seed, state.epoch))
+        if state.batch_index > batches:
+            raise DataError(f"the checkpoint {path} stopped after micro-batch {state.batch_index} of epoch {state.epoch}, "
+                            f"but the data now makes {batches} micro-batches per epoch; resume with the same data, "
+                            "--batch-size, --seq-len and --seed, or start a new --output")
+
+    def _note_changed_config(self, saved: dict | None) -> None:
+        """Resuming with other settings is allowed (e.g. more --max-steps) but not exact: say so."""
+        changed = _config_changes(saved or {}, self.config.to_dict())
+        if changed:
+            self.log("resume: settings differ from the checkpoint's (the run continues with the new ones, "
+                     "so it will not match an uninterrupted run): " + ", ".join(changed))
+
+    def _keep_global_batch(self, saved: dict) -> None:
+        """Another world size continues the same global batch (grad_accum adjusted)."""
+        per_step = saved.get("micro_batches_per_step")
+        notice = keep_global_batch(self.p, per_step) if per_step else None
+        if notice:
+            self.log(notice)
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        tensors = {n: p.detach().cpu() for n, p in trainable_parameters(self.p.model)}
+        """Every rank gathers (sharded tensors need all of them); rank 0 alone writes."""
+        s = self.p.settings
+        tensors = distributed.full_tensors(trainable_parameters(self.p.model))
+        optimizer = distributed.full_optimizer_state(self.optimizer) if s.world_size > 1 else self.optimizer
+        rng_tensors, rng_meta = capture_rng()
+        rng_tensors.update(distributed.gather_rank_rng())
         trainer_state = {"state": self.state.to_json(), "config": self.config.to_dict(),
                          "fingerprint": self.fingerprint, "base_eval": self.base_eval,
-                         "train_seconds": self.train_seconds}
-        return ckpt.save_checkpoint(self.out / "checkpoints", self.state.step, model_tensors=tensors,
-                                    optimizer=self.optimizer, scheduler_state={"step": self.state.step},
-                                    trainer_state=trainer_state, keep=self.config.output.keep_checkpoints)
+                         "train_seconds": self.train_seconds, "history_len": len(self.history),
+                         "micro_batches_per_step": s.grad_accum * s.world_size, "world_size": s.world_size}
+        path = self.out / "checkpoints" / ckpt.step_dir_name(self.state.step)
+        if distributed.is_main():
+            path = ckpt.save_checkpoint(self.out / "checkpoints", self.state.step, model_tensors=tensors,
+                                        optimizer=optimizer, scheduler_state={"step": self.state.step},
+                                        trainer_state=trainer_state, keep=self.config.output.keep_checkpoints,
+                                        rng=(rng_tensors, rng_meta))
+        distributed.barrier()  # no rank goes on (or exits) before the checkpoint is complete
+        return path
 
     # ---- logging ---------------------------------------------------------------------------
     def record(self, entry: dict) -> None:
         self.history.append(entry)
-        self.metrics.write(json.dumps(entry) + "\n")
-        self.metrics.flush()
+        if self.metrics is not None:  # rank 0 only
+            self.metrics.write(json.dumps(entry) + "\n")
+            self.metrics.flush()
 
     def run_eval(self, label: str) -> dict | None:
         if self.p.eval is None:
@@ -117,22 +175,27 @@ class Session:
 
     # ---- the run ---------------------------------------------------------------------------
     def run(self) -> RunResult:
-        write_config(self.out, self.config)
         self.resume_if_asked()
-        self._open_metrics()
+        if distributed.is_main():
+            write_config(self.out, self.config)  # after resume: it may keep the checkpoint's global batch
+            self._open_metrics()
         if self.base_eval is None and self.p.eval is not None:
             with disable_adapters(self.p.model):
                 self.base_eval = self.run_eval("base")
             self.log(f"base model eval loss {self.base_eval['loss']:.4f} (perplexity {self.base_eval['perplexity']:.2f})")
         trainer = Trainer(self.p.model, self.p.train, self.p.settings, self.optimizer, self.state)
-        with StopSignals() as signals, Progress(self.p.settings.total_steps, self.state.step, self.p.settings.device, self.state.seen_tokens) as bar:
-            hooks = Hooks(on_step=lambda s, r: self._on_step(s, r, bar), should_stop=lambda: signals.received is not None)
+        progress = Progress if distributed.is_main() else _NoProgress
+        with StopSignals() as signals, progress(self.p.settings.total_steps, self.state.step, self.p.settings.device, self.state.seen_tokens) as bar:
+            # every rank stops at the same step, whichever rank got the signal
+            hooks = Hooks(on_step=lambda s, r: self._on_step(s, r, bar),
+                          should_stop=lambda: distributed.any_rank(signals.received is not None))
             started = time.perf_counter()
             try:
                 trainer.run(hooks)
             finally:
                 self.train_seconds += time.perf_counter() - started
-        if signals.received:
+        if distributed.any_rank(signals.received is not None):
+            signals.received = signals.received or "a signal to another rank"
             path = self.save_checkpoint()
             self.log(f"stopped by {signals.received} at step {self.state.step}; checkpoint saved to {path}; "
                      "continue with the same command plus --resume")
@@ -157,14 +220,19 @@ class Session:
 
     def _open_metrics(self) -> None:
         path = self.out / "metrics.jsonl"
-        path.write_text("".join(json.dumps(e) + "\n" for e in self.history))
+        # atomic: a kill while rewriting must not lose the history a later resume reads back
+        atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in self.history))
         self.metrics = path.open("a", encoding="utf-8")
 
     # ---- the end ---------------------------------------------------------------------------
     def finish(self) -> RunResult:
+        self.save_checkpoint()  # before the final eval: a resume from it evaluates (and logs) it once
         final_eval = self.run_eval("final")
-        self.save_checkpoint()
-        save_adapter(self.p.model, self.out / "adapter", base_model_name=_base_name(self.p))
+        with distributed.whole_trainable(self.p.model):  # sharded adapters gathered on every rank
+            if distributed.is_main():
+                save_adapter(self.p.model, self.out / "adapter", base_model_name=_base_name(self.p))
+        if not distributed.is_main():
+            return RunResult({}, self.out, None, self.history)
         summary = self.summary(final_eval)
         _plot(self.history, self.out / "loss.png")
         self.metrics.close()
@@ -183,6 +251,7 @@ class Session:
             "final_eval_perplexity": final_eval["perplexity"] if final_eval else None,
             "train_loss": sum(tail) / len(tail),
             "steps": self.state.step,
+            "world_size": distributed.world_size(),
             "skipped_steps": self.state.skipped_steps,
             "train_tokens": self.state.train_tokens,
             "tokens_per_second": self.state.seen_tokens / max(self.train_seconds, 1e-9),
@@ -198,6 +267,29 @@ class Session:
         }
 
 
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+class _NoProgress:
+    """The progress bar's interface, silent: ranks other than 0."""
+
+    def __init__(self, *args):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, state, result) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
 def _scale(config) -> float:
     lora = config.lora
     return lora.alpha / (lora.r ** 0.5) if lora.rslora else lora.alpha / lora.r
@@ -209,16 +301,75 @@ def _base_name(prepared: Prepared) -> str:
     return base_model_name(prepared.model)
 
 
-def _read_history(path: Path, up_to_step: int) -> list[dict]:
+def _check_tensors_fit(path: Path, model, tensors: dict[str, torch.Tensor]) -> None:
+    """The checkpoint must hold exactly this run's trainable tensors, with the same shapes."""
+    params = {name: tuple(p.shape) for name, p in trainable_parameters(model)}
+    extra = sorted(set(tensors) - set(params))
+    missing = sorted(set(params) - set(tensors))
+    wrong = [n for n in sorted(set(params) & set(tensors)) if tuple(tensors[n].shape) != params[n]]
+    if not (extra or missing or wrong):
+        return
+    if wrong:
+        problem = f"{wrong[0]} has shape {tuple(tensors[wrong[0]].shape)} there, {params[wrong[0]]} now (another --r?)"
+    elif extra:
+        problem = f"it holds {len(extra)} tensor(s) this run does not train, e.g. {extra[0]} (other --targets?)"
+    else:
+        problem = f"it lacks {len(missing)} tensor(s) this run trains, e.g. {missing[0]} (other --targets?)"
+    raise AdapterMismatchError(f"the checkpoint {path} does not fit this run's LoRA layers: {problem}; "
+                               "resume with the LoRA settings of that run (see its config.yaml), "
+                               "or start a new --output")
+
+
+_STATE_FIELDS = {f.name: f.type for f in fields(TrainState)}
+
+
+def _train_state_from(path: Path, saved: dict) -> TrainState:
+    """TrainState from a checkpoint's JSON, checked: the file may be damaged or hand-edited."""
+    raw = saved.get("state")
+    problem = None
+    if not isinstance(raw, dict) or set(raw) != set(_STATE_FIELDS):
+        problem = "its 'state' entry does not have the training-state fields"
+    else:
+        counters = [k for k in raw if k != "loss_ema"]
+        bad = [k for k in counters if isinstance(raw[k], bool) or not isinstance(raw[k], int) or raw[k] < 0]
+        ema = raw["loss_ema"]
+        if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float))):
+            bad.append("loss_ema")
+        problem = f"invalid value(s) for {', '.join(bad)}" if bad else None
+    if problem:
+        raise AdapterFileError(f"{path / ckpt.TRAINER_STATE} is not a valid lorakit training state ({problem}); "
+                               "delete this checkpoint folder to resume from the previous one")
+    return TrainState(**raw)
+
+
+_NOT_COMPARED = {"output.resume", "output.overwrite", "output.output", "output.dry_run", "output.keep_checkpoints"}
+
+
+def _config_changes(saved: dict, now: dict) -> list[str]:
+    changes = []
+    for section, values in now.items():
+        before = saved.get(section) if isinstance(saved.get(section), dict) else {}
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name not in _NOT_COMPARED and key in before and before[key] != value:
+                changes.append(f"{name} {before[key]!r} -> {value!r}")
+    return changes
+
+
+def _read_history(path: Path, up_to_step: int, count: int | None = None) -> list[dict]:
+    """The metrics logged before the checkpoint was taken: its first `count` lines (older
+    checkpoints without a count: the entries up to its step)."""
     if not path.exists():
         return []
     entries = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if count is not None and len(entries) >= count:
+            break
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             break  # a line cut by the kill: everything after it is newer than the checkpoint anyway
-        if entry.get("step", 0) <= up_to_step:
+        if isinstance(entry, dict) and (count is not None or entry.get("step", 0) <= up_to_step):
             entries.append(entry)
     return entries
 

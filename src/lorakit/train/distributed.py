@@ -1,0 +1,456 @@
+"""Several processes, one result: data-parallel LoRA training under torchrun.
+
+    torchrun --nproc_per_node N -m lorakit train ...     (RANK, WORLD_SIZE, LOCAL_RANK set)
+
+Every rank builds the same batch plan (same seed, same epoch) and reads the same global stream
+of micro-batches. One optimizer step consumes N x grad_accum of them; rank k takes positions
+k, k+N, k+2N ... of that group (`shard`), so no example is seen twice and none is skipped:
+
+    global stream   b0 b1 b2 b3 | b4 b5 b6 b7 | ...      N=2, grad_accum=2
+    rank 0          b0    b2    | b4    b6    |
+    rank 1             b1    b3 |    b5    b7 |
+
+The loss of each micro-batch is (sum of token cross-entropies) / T, where T is the number of
+label tokens in the WHOLE global step (all-reduced before any backward), and the gradients are
+SUMMED over ranks. Hence the gradient is exactly the one of a single process that accumulates
+all N x grad_accum micro-batches, up to the order of floating-point additions.
+
+Two ways to hold the frozen base:
+
+    replicated ("DDP")  each GPU holds the whole base; after the last micro-batch of a step the
+                        adapter gradients are summed with one all-reduce per dtype (the same
+                        traffic as DistributedDataParallel with no_sync during accumulation; the
+                        torch DDP wrapper itself is not used because the fused loss calls the
+                        backbone directly, around the wrapper's forward)
+    FSDP2               `fully_shard` on every decoder layer and on the backbone: each GPU keeps
+                        1/N of the base and all-gathers one layer at a time; gradients are
+                        reduce-scattered as sums. Tied or output embeddings stay replicated,
+                        since the fused loss reads the head weight outside any forward.
+
+Only rank 0 writes files (logs, metrics, checkpoints, the adapter); full tensors are gathered
+first, so a sharded run saves the same adapter and checkpoint as a single process. A checkpoint
+stores the data position as a global micro-batch index, so it resumes with any world size that
+divides the global step's micro-batch count.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lorakit.errors import ConfigError, LorakitError
+
+FSDP_MEMORY_FRACTION = 0.9  # auto mode shards when the estimate needs more of one GPU than this
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # None: a single process, no process group
+
+
+_world: World | None = None
+_we_initialised = False
+
+
+# ---- the process group ----------------------------------------------------------------------
+
+def init_from_env() -> World:
+    """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK (idempotent).
+
+    Without those variables (or WORLD_SIZE=1) this is a single process and nothing is set up.
+    Backend: nccl on CUDA (each process on GPU LOCAL_RANK), gloo on CPU.
+    """
+    global _world, _we_initialised
+    if _world is not None:
+        return _world
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        _world = World()
+        return _world
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        _check_gpu(local_rank)
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        extra = {"device_id": torch.device("cuda", local_rank)} if backend == "nccl" else {}
+        dist.init_process_group(backend, **extra)
+        _we_initialised = True
+    _world = World(rank, size, local_rank, dist.get_backend())
+    return _world
+
+
+def _check_gpu(local_rank: int) -> None:
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(f"LOCAL_RANK is {local_rank} but this node has {count} GPU(s); "
+                          f"pass --nproc_per_node {count} (or fewer) to torchrun")
+
+
+def shutdown() -> None:
+    """Leave the process group if we created it."""
+    global _world, _we_initialised
+    if _we_initialised and dist.is_initialized():
+        dist.destroy_process_group()
+    _world, _we_initialised = None, False
+
+
+def world() -> World:
+    return _world if _world is not None else World()
+
+
+def rank() -> int:
+    return world().rank
+
+
+def world_size() -> int:
+    return world().size
+
+
+def is_main() -> bool:
+    return world().rank == 0
+
+
+def device_of_rank() -> torch.device:
+    """This process's compute device: its own GPU under torchrun, else the default."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", world().local_rank) if world().size > 1 else torch.device("cuda")
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", world().local_rank) if world().backend == "nccl" else torch.device("cpu")
+
+
+# ---- small collectives ----------------------------------------------------------------------
+
+def all_reduce_sum(value):
+    """Sum a number, or a list of numbers, over all ranks (ints stay ints)."""
+    if world_size() == 1:
+        return value
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(tensor)
+    summed = [round(s) if isinstance(v, int) else s for v, s in zip(values, tensor.tolist())]
+    return summed if isinstance(value, (list, tuple)) else summed[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on at least one (e.g. a stop signal)."""
+    return bool(all_reduce_sum(int(bool(flag)))) if world_size() > 1 else bool(flag)
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's value, on every rank."""
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def main_first(action, others_too: bool = False):
+    """Run `action` on rank 0, share whether it worked, then (with `others_too`) on the others.
+
+    For work that must happen once (claim the output folder) or that fills a cache the others
+    then read (tokenising with `datasets`). A user error on rank 0 is re-raised there; the other
+    ranks raise a short pointer to it, so no rank waits forever for a peer that has stopped.
+    Returns the action's result (None on the other ranks without `others_too`).
+    """
+    if world_size() == 1:
+        return action()
+    result, error = None, None
+    if is_main():
+        try:
+            result = action()
+        except LorakitError as exc:
+            error = exc
+    if broadcast_int(0 if error else 1) == 0:
+        if error is not None:
+            raise error
+        raise LorakitError("rank 0 stopped with the error shown above; fix it and run again")
+    return action() if others_too and not is_main() else result
+
+
+# ---- the data split -------------------------------------------------------------------------
+
+def shard(items: Sequence[Any], rank_: int, world: int) -> list[Any]:
+    """Positions rank, rank+world, rank+2*world ... of `items`: disjoint, together all of them."""
+    if not 0 <= rank_ < world:
+        raise ValueError(f"rank {rank_} outside a world of {world}")
+    return list(items)[rank_::world]
+
+
+def shard_padded(items: Sequence[Any], rank_: int, world: int) -> tuple[list[Any], int]:
+    """`shard`, plus how many extra forward passes this rank must run (weighted zero).
+
+    Sharded models need the same number of forwards on every rank (each forward all-gathers),
+    so a rank with one item fewer repeats a dummy one.
+    """
+    mine = shard(items, rank_, world)
+    per_rank = -(-len(items) // world)
+    return mine, per_rank - len(mine) if items else 0
+
+
+# ---- choosing and applying the parallel layout --------------------------------------------
+
+def choose_fsdp(requested: bool | None, config, device: torch.device) -> tuple[bool, list[str]]:
+    """Shard the base (FSDP) or replicate it; None means decide from the memory estimate."""
+    n = world_size()
+    if n == 1:
+        return False, (["--fsdp: one process, nothing to shard"] if requested else [])
+    if requested and config.model.quantize != "none":
+        raise ConfigError(f"--fsdp cannot shard a --quantize {config.model.quantize} base; "
+                          "drop --fsdp (each GPU then holds the whole quantised base) or --quantize")
+    if requested is not None:
+        layout = "FSDP (base sharded" if requested else "DDP (base replicated"
+        return requested, [f"parallel: {layout} over {n} processes, --fsdp flag)"]
+    if device.type != "cuda" or config.model.quantize != "none":
+        return False, [f"parallel: DDP (base replicated on each of {n} processes)"]
+    need = estimated_step_bytes(config)
+    if need is None:
+        return False, [f"parallel: DDP over {n} processes (no memory estimate for this model; "
+                       "pass --fsdp to shard the base)"]
+    capacity = torch.cuda.get_device_properties(device).total_memory
+    fsdp = need > FSDP_MEMORY_FRACTION * capacity
+    layout = "FSDP (base sharded" if fsdp else "DDP (base replicated"
+    return fsdp, [f"parallel: {layout} over {n} processes; estimated {need / 2**30:.1f} GiB per step "
+                  f"on one {capacity / 2**30:.0f} GiB GPU)"]
+
+
+def global_batch_notice(train) -> list[str]:
+    """How many sequences one optimizer step trains on, across all processes."""
+    n = world_size()
+    if n == 1:
+        return []
+    total = n * train.grad_accum * train.batch_size
+    return [f"global batch: {n} processes x {train.grad_accum} micro-batch(es) x {train.batch_size} sequences "
+            f"= {total} sequences per step"]
+
+
+def estimated_step_bytes(config) -> int | None:
+    """lorakit estimate's peak for this config on one device, or None when it cannot tell."""
+    from lorakit.plan.estimate import TrainShape, estimate_memory, model_shape
+
+    t, lora = config.train, config.lora
+    dtype = {"float32": "fp32", "float16": "fp16"}.get(config.model.dtype, "bf16")
+    try:
+        targets = lora.targets if lora.targets in ("all", "all-linear", "attention", "mlp", "qv") else "all-linear"
+        shape = TrainShape(batch_size=t.batch_size, seq_len=config.data.seq_len, r=lora.r, targets=targets,
+                           grad_checkpointing=t.grad_checkpointing, dtype=dtype, fused_loss=t.fast_paths,
+                           world_size=world_size())  # replicated: the whole base plus the all-reduce buffer
+        return estimate_memory(model_shape(config.model.name or "smollm2-135m"), shape).total
+    except (LorakitError, KeyError, ValueError, TypeError, OSError):
+        return None
+
+
+def wrap_model(model: nn.Module, fsdp: bool, device: torch.device) -> nn.Module:
+    """Make the model ready for this world: identical adapters everywhere, then shard or not.
+
+    Replicated: the model is already on `device`; rank 0's trainable tensors are broadcast (as
+    DDP does at construction). FSDP: the model comes on the CPU and each layer's shard moves to
+    `device` as it is sharded, so no GPU ever holds the whole base.
+    """
+    if world_size() == 1:
+        return model
+    _broadcast_trainable(model)
+    if fsdp:
+        _fully_shard(model, device)
+    return model
+
+
+def _broadcast_trainable(model: nn.Module) -> None:
+    with torch.no_grad():
+        for _, param in sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad), key=lambda np: np[0]):
+            buffer = param.detach().to(_comm_device())
+            dist.broadcast(buffer, src=0)
+            param.copy_(buffer.to(param.device))
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The repeated blocks: the ModuleList holding the most parameters."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ConfigError(f"{type(model).__name__} has no list of layers to shard; run without --fsdp")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def _fully_shard(model: nn.Module, device: torch.device) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = decoder_layers(model)
+    _move_outside(model, layers, device)
+    mesh = init_device_mesh(device.type, (world_size(),))
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    # the fused loss reads the head weight outside any forward: keep it (and a tied input embedding) whole
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    ignored = {head.weight} if head is not None and getattr(head, "weight", None) is not None else set()
+    sharded = []
+    for layer in layers:
+        sharded.append(fully_shard(layer, mesh=mesh))
+    if isinstance(backbone, nn.Module):
+        sharded.append(fully_shard(backbone, mesh=mesh, ignored_params=ignored & set(backbone.parameters())))
+    for module in sharded:
+        module.set_gradient_divide_factor(1.0)  # sum over ranks: the loss is already divided by the global token count
+        module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+
+
+def _move_outside(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
+    """Move what is not in the sharded layers (embeddings, final norm, head) to `device`."""
+    inside = {id(p) for p in layers.parameters()} | {id(b) for b in layers.buffers()}
+    with torch.no_grad():
+        for module in model.modules():
+            for param in module._parameters.values():
+                if param is not None and id(param) not in inside and param.device != device:
+                    param.data = param.data.to(device)
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None and id(buffer) not in inside:
+                    module._buffers[name] = buffer.to(device)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+# ---- gradients --------------------------------------------------------------------------------
+
+def sync_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Sum the replicated parameters' gradients over ranks, one all-reduce per dtype.
+
+    Sharded (FSDP) gradients are already reduce-scattered as sums in backward and are skipped.
+    """
+    if world_size() == 1:
+        return
+    plain = [p for p in params if not is_sharded(p)]
+    for param in plain:
+        if param.grad is None:  # keep the collective the same size on every rank
+            param.grad = torch.zeros_like(param)
+    for dtype in sorted({p.grad.dtype for p in plain}, key=str):
+        group = [p for p in plain if p.grad.dtype == dtype]
+        flat = torch.cat([p.grad.reshape(-1) for p in group]).to(_comm_device())
+        dist.all_reduce(flat)
+        for param, piece in zip(group, flat.split([p.grad.numel() for p in group])):
+            param.grad.copy_(piece.view_as(param.grad))
+
+
+# ---- full tensors for saving, shards for loading ----------------------------------------------
+
+def whole_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU; a sharded one is gathered (every rank must call this)."""
+    return (tensor.full_tensor() if is_sharded(tensor) else tensor).detach().cpu()
+
+
+def full_tensors(named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{name: whole tensor on the CPU}, in the given order on every rank."""
+    return {name: whole_cpu(tensor) for name, tensor in named}
+
+
+def _like(template: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """`whole` laid out like `template` (sharded the same way when it is a DTensor)."""
+    if not is_sharded(template):
+        return whole.to(template.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = template.device_mesh
+    return distribute_tensor(whole.to(mesh.device_type), mesh, template.placements)
+
+
+@torch.no_grad()
+def load_full_tensors(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors (from a checkpoint) into parameters, sharded or not."""
+    for name, whole in tensors.items():
+        target = params[name]
+        target.copy_(_like(target, whole.to(target.dtype)))
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with whole tensors: the format of a single-process checkpoint."""
+    state_dict = optimizer.state_dict()
+    state = {index: {key: whole_cpu(v) if isinstance(v, torch.Tensor) else v for key, v in per_param.items()}
+             for index, per_param in state_dict["state"].items()}
+    return {"state": state, "param_groups": state_dict["param_groups"]}
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """A whole-tensor optimizer state laid out like this run's parameters (for load_state_dict)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, per_param in state_dict["state"].items():
+        param = params[int(index)]
+        state[index] = {key: (_like(param, v) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
+                        for key, v in per_param.items()}
+    return {"state": state, "param_groups": state_dict["param_groups"]}
+
+
+@contextmanager
+def whole_trainable(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, sharded trainable parameters are whole (gathered) tensors, so
+    `save_adapter(model, ...)` writes the complete adapter; the shards return afterwards.
+
+    Only the adapters are gathered, never the frozen base: this fits where FSDP was needed.
+    """
+    swapped = []
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.requires_grad and is_sharded(param):
+                module._parameters[name] = nn.Parameter(param.full_tensor().detach(), requires_grad=False)
+                swapped.append((module, name, param))
+    try:
+        yield model
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+# ---- per-rank random state --------------------------------------------------------------------
+
+def gather_rank_rng() -> dict[str, torch.Tensor]:
+    """Every rank's torch RNG state (CPU, and this rank's GPU), named rank.{k}.cpu / rank.{k}.cuda,
+    for rank 0 to save next to its own: dropout masks differ per rank."""
+    if world_size() == 1:
+        return {}
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state(world().local_rank)
+    out = {}
+    for kind, state in states.items():
+        gathered = _all_gather_bytes(state)
+        out.update({f"rank.{k}.{kind}": g.cpu() for k, g in enumerate(gathered)})
+    return out
+
+
+def _all_gather_bytes(state: torch.Tensor) -> list[torch.Tensor]:
+    device = _comm_device()
+    buffers = [torch.empty_like(state, device=device) for _ in range(world_size())]
+    dist.all_gather(buffers, state.to(device))
+    return buffers
+
+
+def restore_rank_rng(tensors: dict[str, torch.Tensor]) -> bool:
+    """Put this rank's own RNG state back when the checkpoint has one for it (same world size)."""
+    key = f"rank.{rank()}.cpu"
+    saved_world = sum(1 for name in tensors if name.startswith("rank.") and name.endswith(".cpu"))
+    if world_size() == 1 or saved_world != world_size() or key not in tensors:
+        return False
+    torch.set_rng_state(tensors[key])
+    cuda_key = f"rank.{rank()}.cuda"
+    if torch.cuda.is_available() and cuda_key in tensors:
+        torch.cuda.set_rng_state(tensors[cuda_key], world().local_rank)
+    return True

@@ -1,0 +1,267 @@
+"""Multi-process training under torchrun (gloo, 2 CPU processes, a tiny model).
+
+The contract: N processes with --grad-accum g train the same adapter as one process with
+--grad-accum N*g over the same batch plan; a run killed mid-way resumes, with N or with another
+number of processes, to the adapter of an uninterrupted run.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.cli import main
+from lorakit.data.batching import plan_batches
+from lorakit.train import distributed
+from lorakit.train.loop import LoopSettings, Trainer
+
+from tiny_models import save_tiny_chat_model, write_define_data
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or sys.platform != "linux",
+                                reason="needs torch.distributed and Linux /proc")
+
+
+# ---- the data split (no processes) ------------------------------------------------------------
+
+@pytest.mark.parametrize("count,world", [(10, 2), (11, 3), (2, 4), (0, 2), (7, 1)])
+def test_shard_is_disjoint_and_complete(count, world):
+    items = list(range(count))
+    shares = [distributed.shard(items, k, world) for k in range(world)]
+    assert sorted(i for share in shares for i in share) == items
+    for k, share in enumerate(shares):
+        assert share == items[k::world]  # rank k takes k, k+N, k+2N ...
+
+
+def test_shard_padded_gives_every_rank_the_same_number_of_forwards():
+    items = list(range(7))
+    results = [distributed.shard_padded(items, k, 3) for k in range(3)]
+    assert [len(mine) + pad for mine, pad in results] == [3, 3, 3]
+    assert [pad for _, pad in results] == [0, 1, 1]
+    assert distributed.shard_padded([], 1, 2) == ([], 0)
+
+
+def test_shard_rejects_a_rank_outside_the_world():
+    with pytest.raises(ValueError):
+        distributed.shard([1, 2], 2, 2)
+
+
+class _Lengths:
+    """The part of TokenizedData the batch stream reads."""
+
+    def __init__(self, lengths):
+        self._lengths, self.dataset = lengths, [{"input_ids": [1] * n, "labels": [1] * n} for n in lengths]
+
+    def lengths(self):
+        return self._lengths
+
+
+def _consumed(world: int, rank: int, grad_accum: int, steps: int):
+    """(plan index, plan entry) of the micro-batches `rank` trains on in `steps` steps, and the
+    data position (epoch, batch index) after them."""
+    settings = LoopSettings(lr=1.0, total_steps=steps, warmup_steps=0, schedule="constant", grad_accum=grad_accum,
+                            max_grad_norm=0, max_bad_steps=1, batch_size=2, seq_len=16, packing=False, seed=5,
+                            pad_id=0, device=torch.device("cpu"), rank=rank, world_size=world)
+    trainer = Trainer(torch.nn.Linear(1, 1), _Lengths([3, 5, 7, 2, 9, 4, 6, 8, 3, 5, 2]), settings, None)
+    stream, taken = trainer._stream(), []
+    for _ in range(steps):
+        picks = [next(stream) for _ in range(grad_accum * world)]
+        taken += [(index, iterator.plan[index]) for iterator, index in distributed.shard(picks, rank, world)]
+    return taken, (trainer.state.epoch, trainer.state.batch_index)
+
+
+def test_ranks_split_the_single_process_stream_across_epochs():
+    """6 plan batches per epoch, 2 ranks x grad_accum 2: 5 steps cross three epoch boundaries."""
+    single, position = _consumed(world=1, rank=0, grad_accum=4, steps=5)
+    ranks = [_consumed(world=2, rank=k, grad_accum=2, steps=5) for k in range(2)]
+    assert [r[1] for r in ranks] == [position, position]  # the same global data position everywhere
+    assert len(single) == 20
+    interleaved = [ranks[k][0][j] for j in range(10) for k in range(2)]
+    assert interleaved == single  # rank k has micro-batches k, k+2, k+4 ... of the global stream
+
+
+def test_plan_is_identical_for_every_rank():
+    lengths = np.array([3, 5, 7, 2, 9, 4, 6])
+    assert plan_batches(lengths, 2, 16, True, True, 3, 1) == plan_batches(lengths, 2, 16, True, True, 3, 1)
+
+
+# ---- real runs --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-dist")
+    return save_tiny_chat_model(root / "model"), write_define_data(root / "train.jsonl", count=64)
+
+
+def train_args(tiny, out, *extra):
+    model, data = tiny
+    # --lora-r: torchrun's parser rejects --r as an abbreviation of its own options
+    return ["train", "--model", str(model), "--data", str(data), "--output", str(out), "--batch-size", "2",
+            "--seq-len", "64", "--lr", "1e-2", "--lora-r", "4", "--eval-split", "8", "--seed", "3", *extra]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
+
+
+def _torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(_free_port()), "-m", "lorakit", *args]
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(_torchrun_cmd(nproc, args), env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def single(args: list[str]) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun workers: same kernels, same floating-point order
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape and a[k].numel() > 0 for k in a)  # complete, not empty shards
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def train_losses(out: Path) -> list[float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [e["loss"] for e in lines if e["kind"] == "train"]
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tiny, tmp_path):
+    """2 ranks x grad_accum 2 == 1 process x grad_accum 4 (fp32), data packed, 2 epochs."""
+    common = ("--max-steps", "8", "--dtype", "float32")
+    two = torchrun(2, train_args(tiny, tmp_path / "two", "--grad-accum", "2", *common))
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    single(train_args(tiny, tmp_path / "one", "--grad-accum", "4", *common))
+    assert max_difference(adapter(tmp_path / "two"), adapter(tmp_path / "one")) < 1e-5
+    assert np.allclose(train_losses(tmp_path / "two"), train_losses(tmp_path / "one"), atol=1e-5, rtol=0)
+    s2, s1 = summary(tmp_path / "two"), summary(tmp_path / "one")
+    assert abs(s2["final_eval_loss"] - s1["final_eval_loss"]) < 1e-5  # sums of losses and tokens all-reduced
+    assert s2["train_tokens"] == s1["train_tokens"] and s2["world_size"] == 2
+    assert len(train_losses(tmp_path / "two")) == 8  # rank 0 alone writes the metrics
+    assert two.stdout.count("training finished") == 1  # and reports
+
+
+def test_fsdp_equals_one_process_and_saves_the_whole_adapter(tiny, tmp_path):
+    """FSDP2 (sharded base and adapters) on gloo; unpacked data with 3 eval batches for 2 ranks
+    (one rank runs an uncounted dummy forward), checkpoints in the single-process format."""
+    common = ("--max-steps", "4", "--no-packing", "--eval-split", "6", "--save-every", "2")
+    two = torchrun(2, train_args(tiny, tmp_path / "fsdp", "--grad-accum", "1", "--fsdp", *common))
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "FSDP" in two.stdout
+    single(train_args(tiny, tmp_path / "one", "--grad-accum", "2", *common))
+    assert max_difference(adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")) < 1e-5
+    assert abs(summary(tmp_path / "fsdp")["final_eval_loss"] - summary(tmp_path / "one")["final_eval_loss"]) < 1e-5
+    for name in ("adapter_model.safetensors", "optimizer.safetensors"):
+        sharded = load_file(tmp_path / "fsdp" / "checkpoints" / "step-000004" / name)
+        whole = load_file(tmp_path / "one" / "checkpoints" / "step-000004" / name)
+        assert max_difference(sharded, whole) < 1e-5
+
+
+def test_existing_output_fails_on_every_rank_without_hanging(tiny, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    result = torchrun(2, train_args(tiny, out, "--max-steps", "1"), timeout=180)
+    assert result.returncode != 0
+    assert "already holds a finished run" in result.stderr and "--resume" in result.stderr
+
+
+# ---- kill and resume --------------------------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def _rank_of(pid: int) -> str | None:
+    try:
+        entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    env = dict(e.decode(errors="replace").split("=", 1) for e in entries if b"=" in e)
+    return env.get("RANK")
+
+
+def run_and_kill_rank(args: list[str], out: Path, rank: str = "1", after_step: int = 2) -> int:
+    """Start 2 ranks, SIGKILL one as soon as checkpoint `after_step` exists; torchrun tears down."""
+    log = open(out.parent / f"{out.name}.log", "w")
+    proc = subprocess.Popen(_torchrun_cmd(2, args), env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        marker, deadline = out / "checkpoints" / f"step-{after_step:06d}", time.monotonic() + 180
+        while not marker.exists():
+            assert proc.poll() is None, (out.parent / f"{out.name}.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        victims = [pid for pid in _children(proc.pid) if _rank_of(pid) == rank]
+        assert len(victims) == 1
+        os.kill(victims[0], signal.SIGKILL)
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def test_killed_run_resumes_with_two_and_with_one_process(tiny, tmp_path):
+    steps, common = 24, ("--max-steps", "24", "--save-every", "2", "--dtype", "float32")
+    args = (*common, "--grad-accum", "1")
+    killed = tmp_path / "killed"
+    assert run_and_kill_rank(train_args(tiny, killed, *args), killed) != 0
+    assert not (killed / "summary.json").exists()
+    saved = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert saved and int(saved[-1].split("-")[1]) < steps  # the kill came mid-run
+
+    copy = tmp_path / "killed-copy"
+    subprocess.run(["cp", "-r", str(killed), str(copy)], check=True)
+    resumed = torchrun(2, train_args(tiny, killed, *args, "--resume"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    # one process, same flags: it keeps the checkpoint's 2 micro-batches per step (grad_accum 2)
+    single(train_args(tiny, copy, *args, "--resume"))
+    reference = tmp_path / "reference"
+    single(train_args(tiny, reference, *common, "--grad-accum", "2"))
+
+    expected = adapter(reference)
+    for out in (killed, copy):
+        got = adapter(out)
+        assert max_difference(got, expected) < 1e-5
+        # 2 ranks x 1 micro-batch sum their gradients in the same order as 1 x 2: bit-identical
+        assert all(torch.equal(got[k], expected[k]) for k in expected), out.name
+        assert summary(out)["steps"] == steps
+    assert "grad_accum: 2" in (copy / "config.yaml").read_text()
