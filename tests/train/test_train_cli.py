@@ -35,7 +35,7 @@ def test_end_to_end_training(tiny, tmp_path, capsys):
     assert summary["final_eval_loss"] < 0.92 * summary["base_eval_loss"]
     assert summary["steps"] == 12 and summary["r"] == 4 and summary["alpha"] == 8
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml",
-                 "metrics.jsonl", "loss.png", "checkpoints"):
+                 "metrics.jsonl", "loss.png", "checkpoints", "tensorboard"):
         assert (out / name).exists(), name
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for e in lines if e["kind"] == "train") == 12

@@ -62,6 +62,7 @@ class Session:
         self.state = TrainState()
         self.history: list[dict] = []
         self.metrics = None
+        self.tensorboard = None
         self.base_eval: dict | None = None
         self.last_eval: dict | None = None
         self.train_seconds = 0.0
@@ -164,6 +165,10 @@ class Session:
         if self.metrics is not None:  # rank 0 only
             self.metrics.write(json.dumps(entry) + "\n")
             self.metrics.flush()
+        if self.tensorboard is not None:
+            for key, value in entry.items():
+                if key not in ("kind", "step") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{entry['kind']}/{key}", value, entry["step"])
 
     def run_eval(self, label: str) -> dict | None:
         if self.p.eval is None:
@@ -223,6 +228,8 @@ class Session:
         # atomic: a kill while rewriting must not lose the history a later resume reads back
         atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in self.history))
         self.metrics = path.open("a", encoding="utf-8")
+        if self.config.output.tensorboard:
+            self.tensorboard = _tensorboard_writer(self.out)
 
     # ---- the end ---------------------------------------------------------------------------
     def finish(self) -> RunResult:
@@ -236,6 +243,8 @@ class Session:
         summary = self.summary(final_eval)
         _plot(self.history, self.out / "loss.png")
         self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         atomic_write_json(self.out / "summary.json", summary)  # last: marks the run finished
         return RunResult(summary, self.out, None, self.history)
 
@@ -288,6 +297,15 @@ class _NoProgress:
 
     def note(self, text: str) -> None:
         pass
+
+
+def _tensorboard_writer(out: Path):
+    """TensorBoard events beside the metrics when tensorboard is installed (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
 def _scale(config) -> float:
