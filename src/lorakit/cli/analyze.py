@@ -1,0 +1,116 @@
+"""`lorakit analyze ADAPTER_DIR`: how much of its rank each module of a trained adapter uses.
+
+    lorakit analyze runs/demo/adapter                   # tables, verdict, effective_rank.png
+    lorakit analyze runs/demo/adapter --json            # everything, machine-readable
+    lorakit analyze ADAPTER --energy 0.8,0.95 --heatmap rank.png --top 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lorakit.errors import ConfigError
+
+DESCRIPTION = """\
+Singular values of every module's update s·BA, computed from the factors (no base model
+needed), the rank holding 90% / 99% of the energy, the stable rank and the norm; a summary
+per module type, a heatmap of the effective rank by layer, and a verdict on r:
+k95 = the 95th percentile of the modules' rank at the first energy level; suggested
+r = the next power of two >= k95 (at least 4); "saturated" when k95 >= 3/4 of r."""
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", type=Path, metavar="ADAPTER_DIR",
+                   help="adapter folder (adapter_config.json + adapter_model.safetensors), lorakit's or PEFT's")
+    p.add_argument("--energy", default="0.9,0.99",
+                   help="energy levels, comma-separated fractions; the first drives the heatmap and verdict")
+    p.add_argument("--heatmap", type=Path, default=None,
+                   help="where to write the PNG (default: ADAPTER_DIR/effective_rank.png)")
+    p.add_argument("--no-heatmap", action="store_true", help="do not write the heatmap")
+    p.add_argument("--top", type=int, default=15, help="modules listed in the table (highest rank first)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a pickle adapter_model.bin (with torch.load(weights_only=True))")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+    p.set_defaults(func=run)
+
+
+def parse_energies(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--energy must be comma-separated fractions such as 0.9,0.99, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.plan.analyze import analyze_adapter, plot_effective_rank
+
+    analysis = analyze_adapter(args.adapter, parse_energies(args.energy), allow_pickle=args.allow_pickle)
+    if not args.no_heatmap:
+        target = args.heatmap or args.adapter / "effective_rank.png"
+        analysis.heatmap = str(plot_effective_rank(analysis, target))
+    if args.json:
+        print(json.dumps(analysis.to_dict(), indent=2))
+    else:
+        print_report(analysis, args.top)
+    return 0
+
+
+def print_report(analysis, top: int) -> None:
+    from rich.console import Console
+
+    console = Console()
+    energy = analysis.energies[0]
+    levels = [f"{e * 100:g}%" for e in analysis.energies]
+    scaling = "alpha/sqrt(r) (rsLoRA)" if analysis.use_rslora else "alpha/r"
+    console.print(f"[bold]{analysis.path}[/]: {len(analysis.modules)} modules, r={analysis.r}, "
+                  f"alpha={analysis.lora_alpha:g}, scale {scaling}")
+    for warning in analysis.warnings:
+        console.print(f"[yellow]note:[/] {warning}")
+    console.print(_modules_table(analysis, top, levels))
+    console.print(_types_table(analysis, energy))
+    if analysis.heatmap:
+        console.print(f"heatmap: {analysis.heatmap}")
+    style = {"saturated": "yellow", "oversized": "cyan", "untrained": "red"}.get(analysis.verdict.kind, "green")
+    console.print(f"[bold {style}]verdict:[/] {analysis.verdict.message}")
+
+
+def _modules_table(analysis, top: int, levels: list[str]):
+    from rich.table import Table
+
+    energy = analysis.energies[0]
+    ranked = sorted(analysis.modules, key=lambda m: (-m.rank_at(energy), -m.frobenius_norm))
+    shown = ranked[: max(0, top)]
+    table = Table(title=f"top {len(shown)} of {len(ranked)} modules by rank at {levels[0]} energy")
+    widest = max((len(_after_layer(m.name)) for m in shown), default=6)
+    table.add_column("layer", justify="right")
+    table.add_column("module", min_width=min(widest, 40))
+    for column in ("r", *[f"rank@{lv}" for lv in levels], "stable rank", "‖ΔW‖_F"):
+        table.add_column(column, justify="right")
+    for m in shown:
+        layer, suffix = ("-", m.name) if m.layer is None else (str(m.layer), _after_layer(m.name))
+        ranks = [str(m.rank_at(e)) for e in analysis.energies]
+        table.add_row(layer, suffix, str(m.r), *ranks, f"{m.stable_rank:.2f}", f"{m.frobenius_norm:.3g}")
+    return table
+
+
+def _after_layer(name: str) -> str:
+    from lorakit.plan.analyze import parse_module_name
+
+    return parse_module_name(name)[1]
+
+
+def _types_table(analysis, energy: float):
+    from rich.table import Table
+
+    table = Table(title="by module type")
+    level, pct = f"{energy:g}", f"{energy * 100:g}%"
+    for column in ("type", "n", "r", f"mean rank@{pct}", f"max rank@{pct}", "stable rank", "‖ΔW‖_F"):
+        table.add_column(column, justify="left" if column == "type" else "right")
+    for row in analysis.by_type():
+        table.add_row(row["module_type"], str(row["modules"]), str(row["r"]), f"{row[f'mean_rank@{level}']:.1f}",
+                      str(row[f"max_rank@{level}"]), f"{row['mean_stable_rank']:.2f}", f"{row['mean_frobenius_norm']:.3g}")
+    return table

@@ -1,0 +1,118 @@
+"""`lorakit estimate`: peak memory and FLOPs of a LoRA training step, from the model config alone.
+
+    lorakit estimate --model 8b --batch-size 2 --seq-len 2048 --grad-checkpointing on
+    lorakit estimate --model path/to/model_or_config.json --r 64 --quantize 4bit --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lorakit.errors import ConfigError
+
+DESCRIPTION = """\
+Predict the per-device peak memory (weights, adapter state, saved activations, logits,
+workspace) with and without activation checkpointing, the FLOPs per token and per step, and
+the step time implied at 100% and at a given MFU of the device's peak. Only the model's
+config is read (presets: 1b, 8b, smollm2-135m; or a config.json / model folder / hub id).
+The memory model and its validation: docs/estimator-validation.md."""
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="preset (1b, 8b, smollm2-135m), config.json, model folder or hub id (default: smollm2-135m)")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--targets", default="all-linear",
+                   help="all-linear, attention, mlp, qv, or projections such as q_proj,v_proj")
+    p.add_argument("--batch-size", type=int, default=4, help="micro-batch per device")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--grad-checkpointing", choices=("on", "off"), default="off")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights and activations")
+    p.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none", help="base weights (bitsandbytes)")
+    p.add_argument("--world-size", type=int, default=1, help="data-parallel devices (memory is per device)")
+    p.add_argument("--fused-loss", action="store_true", help="chunked lm_head + cross-entropy (no full logits)")
+    p.add_argument("--engine", choices=("lorakit", "peft"), default="lorakit",
+                   help="peft: PEFT's defaults (fp32 adapters, an input copy per adapter)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--device-peak-tflops", type=float, default=817.0,
+                   help="the device's dense matmul peak in TFLOP/s (817: measured bf16 on one H200)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the second step time")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.plan.estimate import TrainShape, estimate
+
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
+    shape = TrainShape(
+        batch_size=args.batch_size, seq_len=args.seq_len, r=args.r, targets=args.targets,
+        grad_checkpointing=args.grad_checkpointing == "on", dtype=args.dtype, quantize=args.quantize,
+        world_size=args.world_size, fused_loss=args.fused_loss, engine=args.engine, lora_dropout=args.lora_dropout,
+    )
+    result = estimate(args.model, shape, peak_tflops=args.device_peak_tflops, mfu=args.mfu)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_report(result)
+    return 0
+
+
+def print_report(result) -> None:
+    from rich.console import Console
+
+    console = Console()
+    m, s = result.model, result.shape
+    quant = f", {s.quantize} base" if s.quantize else ""
+    console.print(f"[bold]{m.name}[/]: {m.num_params() / 1e6:,.1f}M params, {m.num_layers} layers, hidden {m.hidden_size}, "
+                  f"vocab {m.vocab_size:,}; LoRA r={s.r} on {s.targets} = {result.memory.trainable_params / 1e6:,.2f}M "
+                  f"trainable; {s.batch_size} x {s.seq_len} tokens, {s.dtype}{quant}")
+    console.print(_memory_table(result))
+    console.print(_speed_table(result))
+
+
+def _memory_table(result):
+    from rich.table import Table
+
+    from lorakit.plan.estimate import gib
+
+    on, off = (result.memory, result.memory_other_checkpointing)
+    if not result.shape.grad_checkpointing:
+        on, off = off, on
+    mark = lambda flag: " (chosen)" if flag == result.shape.grad_checkpointing else ""  # noqa: E731
+    table = Table(title="peak memory per device, GiB")
+    table.add_column("")
+    table.add_column("checkpointing off" + mark(False), justify="right")
+    table.add_column("checkpointing on" + mark(True), justify="right")
+    rows = [("base weights", "weights"), ("adapter: weight, grad, AdamW", "adapter"),
+            ("activations (saved, peak)", "activations"), ("logits: head + loss peak", "logits"),
+            ("backward workspace", "workspace")]
+    for label, name in rows:
+        table.add_row(label, f"{gib(getattr(off, name)):.2f}", f"{gib(getattr(on, name)):.2f}")
+    table.add_row("[bold]total (timeline peak)[/]", f"[bold]{gib(off.total):.2f}[/]", f"[bold]{gib(on.total):.2f}[/]")
+    table.caption = ("allocated bytes; the CUDA context (~0.5 GiB), library workspaces and allocator "
+                     "fragmentation come on top")
+    return table
+
+
+def _speed_table(result):
+    from rich.table import Table
+
+    s = result.shape
+    tokens = s.tokens
+    table = Table(title=f"FLOPs and time at {result.peak_tflops:g} TFLOP/s peak",
+                  caption="model FLOPs per token: 4 N_mm + 6 N_lora + 6 L s h_q (PERF.md)")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_column("tokens/s per device", justify="right")
+    table.add_row("model FLOPs per token", f"{result.flops_per_token / 1e9:,.3f} G", "")
+    if s.grad_checkpointing:
+        table.add_row("hardware FLOPs per token (recompute)", f"{result.hardware_flops_per_token / 1e9:,.3f} G", "")
+    table.add_row(f"FLOPs per step ({tokens * s.world_size:,} tokens)", f"{result.flops_per_step / 1e12:,.2f} T", "")
+    for label, seconds in (("100% MFU", result.step_seconds_at_100), (f"{result.mfu * 100:g}% MFU", result.step_seconds_at_mfu)):
+        table.add_row(f"step time at {label}", f"{seconds * 1e3:,.1f} ms", f"{tokens / seconds:,.0f}")
+    return table

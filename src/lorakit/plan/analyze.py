@@ -1,0 +1,404 @@
+"""How much of its rank does a trained LoRA adapter use? Singular values per module.
+
+Works on any PEFT-format LoRA adapter folder (lorakit's or PEFT's): `adapter_config.json` +
+`adapter_model.safetensors`, no base model needed. For each adapted module the update is
+
+    ΔW = s · B A,    B: (out x r),  A: (r x in),  s = alpha / r  (rsLoRA: alpha / sqrt(r))
+
+and its singular values come from the small factors, never from the out x in matrix:
+
+    B = Q_B R_B,  Aᵀ = Q_A R_A  (thin QR)   =>   ΔW = s · Q_B (R_B R_Aᵀ) Q_Aᵀ
+
+Q_B and Q_A have orthonormal columns, so ΔW has the singular values of the r x r core
+s · R_B R_Aᵀ: O((out + in) r²) work instead of O(out · in · r).
+
+Per module: the singular values σ, the rank holding a fraction of the energy Σσ² (90% and
+99% by default: the smallest k with σ1² + ... + σk² >= fraction · Σσ²), the stable rank
+Σσ² / σ1², and the Frobenius norm. The layer index and module type come from the name
+(`model.layers.3.self_attn.q_proj` -> layer 3, `q_proj`; GPT-2 `transformer.h.3.attn.c_attn`).
+
+The verdict, over the modules with a non-zero update, at the first energy level (90%):
+  k95 = the 95th percentile (nearest rank) of the per-module rank at that energy,
+  suggested r = the next power of two >= k95, at least 4;
+  - "saturated" if k95 >= 3/4 of r: the adapter uses most of its rank, a larger r may help;
+  - "oversized" if the suggested r is below r: "r=64, but 95% of modules use at most 12
+    dimensions (90% energy): r=16 would likely do";
+  - "fits" otherwise; "untrained" if every B is zero (no update yet).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.safe_io import atomic_write_bytes, load_tensor_file, translate_os_errors
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS_FILE = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+DEFAULT_ENERGIES = (0.9, 0.99)
+PEFT_DEFAULT_R, PEFT_DEFAULT_ALPHA = 8, 8
+SATURATION = 0.75
+PERCENTILE = 0.95
+MIN_SUGGESTED_R = 4
+_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?$")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
+_CANONICAL_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                    "c_attn", "c_proj", "c_fc", "query", "key", "value", "dense")
+
+
+@dataclass
+class ModuleRank:
+    """The spectrum of one module's update s · B A."""
+
+    name: str
+    layer: int | None
+    module_type: str
+    r: int
+    alpha: float
+    scale: float
+    shape: tuple[int, int]  # (out, in) of the update
+    singular_values: list[float]
+    energy_ranks: dict[str, int]  # "0.9" -> rank holding 90% of the energy
+    stable_rank: float
+    frobenius_norm: float
+
+    @property
+    def is_zero(self) -> bool:
+        return self.frobenius_norm == 0.0
+
+    def rank_at(self, energy: float) -> int:
+        return self.energy_ranks[_energy_key(energy)]
+
+
+@dataclass
+class Verdict:
+    kind: str  # "untrained", "saturated", "oversized" or "fits"
+    message: str
+    r: int
+    energy: float
+    percentile_rank: int | None = None  # k95: 95% of modules need at most this many dimensions
+    suggested_r: int | None = None
+
+
+@dataclass
+class AdapterAnalysis:
+    path: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    use_dora: bool
+    energies: tuple[float, ...]
+    modules: list[ModuleRank]
+    verdict: Verdict
+    warnings: list[str] = field(default_factory=list)
+    heatmap: str | None = None
+
+    def by_type(self) -> list[dict]:
+        """Per module type: count, mean and max rank at the first energy, means of the rest."""
+        energy = self.energies[0]
+        groups: dict[str, list[ModuleRank]] = {}
+        for module in self.modules:
+            groups.setdefault(module.module_type, []).append(module)
+        rows = []
+        for module_type in _ordered_types(groups):
+            mods = groups[module_type]
+            ranks = [m.rank_at(energy) for m in mods]
+            rows.append({
+                "module_type": module_type, "modules": len(mods), "r": max(m.r for m in mods),
+                f"mean_rank@{energy:g}": sum(ranks) / len(ranks), f"max_rank@{energy:g}": max(ranks),
+                "mean_stable_rank": sum(m.stable_rank for m in mods) / len(mods),
+                "mean_frobenius_norm": sum(m.frobenius_norm for m in mods) / len(mods),
+            })
+        return rows
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["by_type"] = self.by_type()
+        return out
+
+
+# ---- the maths ------------------------------------------------------------------------------
+
+def update_singular_values(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """Singular values of scale * B @ A from the factors (float64), largest first.
+
+    lora_A: (r, in) (conv: (r, in, k, k)); lora_B: (out, r) (conv: (out, r, 1, 1))."""
+    r = lora_A.shape[0]
+    a = lora_A.reshape(r, -1).double()  # (r, in)
+    b = lora_B.reshape(lora_B.shape[0], r).double()  # (out, r)
+    _, r_b = torch.linalg.qr(b)  # (min(out, r), r)
+    _, r_a = torch.linalg.qr(a.T)  # (min(in, r), r)
+    core = r_b @ r_a.T  # (min(out, r), min(in, r))
+    return torch.linalg.svdvals(core) * abs(scale)
+
+
+def energy_rank(singular_values: torch.Tensor, fraction: float) -> int:
+    """Smallest k whose top-k singular values hold `fraction` of Σσ² (0 for a zero update)."""
+    energy = singular_values.double() ** 2
+    total = energy.sum()
+    if total <= 0:
+        return 0
+    cumulative = torch.cumsum(energy, 0) / total
+    return int((cumulative < fraction - 1e-12).sum().item()) + 1
+
+
+def stable_rank(singular_values: torch.Tensor) -> float:
+    """||ΔW||_F² / ||ΔW||_2²: between 1 (one direction) and the rank (flat spectrum)."""
+    top = float(singular_values.max()) if singular_values.numel() else 0.0
+    return float((singular_values.double() ** 2).sum() / top**2) if top > 0 else 0.0
+
+
+def parse_module_name(name: str) -> tuple[int | None, str]:
+    """(layer index, the part of the name after it): `model.layers.3.self_attn.q_proj` ->
+    (3, 'self_attn.q_proj'); names without a number -> (None, the last component)."""
+    match = _LAYER_INDEX.search(name)
+    if not match:
+        return None, name.rsplit(".", 1)[-1]
+    return int(match.group(1)), name[match.end():] or name
+
+
+def _energy_key(energy: float) -> str:
+    return f"{energy:g}"
+
+
+def _ordered_types(types) -> list[str]:
+    def key(t: str):
+        last = t.rsplit(".", 1)[-1]
+        return (_CANONICAL_ORDER.index(last) if last in _CANONICAL_ORDER else len(_CANONICAL_ORDER), t)
+
+    return sorted(types, key=key)
+
+
+# ---- reading the adapter --------------------------------------------------------------------
+
+def read_adapter_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterFileError(f"{path} is missing; an adapter folder needs {CONFIG_FILE} beside its weights")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{path} is not valid JSON ({exc}); restore it from the original adapter") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{path} must hold a JSON object, not {type(config).__name__}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"{path} describes a {config.get('peft_type')} adapter; analyze reads LoRA adapters")
+    for key in ("r", "lora_alpha"):
+        if key in config and not _is_number(config[key]):
+            raise AdapterFileError(f"{path}: {key} must be a number, got {config[key]!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict) or not all(_is_number(v) for v in pattern.values()):
+            raise AdapterFileError(f"{path}: {key} must map module patterns to numbers, got {pattern!r}")
+    return config
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def read_adapter_tensors(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    weights = folder / WEIGHTS_FILE
+    if weights.exists():
+        return load_tensor_file(weights)
+    if (folder / PICKLE_WEIGHTS_FILE).exists():
+        return load_tensor_file(folder / PICKLE_WEIGHTS_FILE, allow_pickle)
+    raise AdapterFileError(f"{folder} has no {WEIGHTS_FILE}; the adapter's weights are missing")
+
+
+def pair_factors(tensors: dict[str, torch.Tensor], source: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module name -> (A as (r, in...), B as (out, r...)), checked for completeness and shape."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _FACTOR_KEY.match(key.removeprefix(PEFT_PREFIX).removesuffix(".weight"))
+        if match:
+            part = match["part"].replace("embedding_", "")
+            if part in parts.setdefault(match["module"], {}):
+                raise AdapterFileError(f"{source}: {match['module']} has two {part} tensors (several adapters in one file?)")
+            # embedding factors (A: r x vocab, B: dim x r) multiply like a linear layer's
+            parts[match["module"]][part] = tensor
+    if not parts:
+        raise AdapterFileError(f"{source} holds no LoRA tensors (no *.lora_A.weight / *.lora_B.weight keys)")
+    return {module: _checked_pair(module, found, source) for module, found in sorted(parts.items())}
+
+
+def _checked_pair(module: str, found: dict, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    for part in ("lora_A", "lora_B"):
+        if part not in found:
+            raise AdapterFileError(f"{source}: tensor {PEFT_PREFIX}{module}.{part}.weight is missing; the adapter is incomplete")
+    a, b = found["lora_A"], found["lora_B"]
+    if a.dim() < 2 or b.dim() < 2 or b.shape[1] != a.shape[0] or b[0].numel() != a.shape[0]:
+        raise AdapterFileError(
+            f"{source}: {module} has lora_A of shape {tuple(a.shape)} and lora_B of shape {tuple(b.shape)}; "
+            "they do not multiply (B must be out x r, A r x in)"
+        )
+    if not a.is_floating_point() or not b.is_floating_point():
+        raise AdapterFileError(f"{source}: {module}'s factors are not floating point ({a.dtype}, {b.dtype})")
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        raise AdapterFileError(f"{source}: {module}'s factors hold NaN or inf values; the adapter is damaged "
+                               "(a diverged run?): train it again or use an earlier checkpoint")
+    return a, b
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """PEFT's rule: a key matches when it matches the end of the module name (after a dot)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def module_scale(config: dict, module: str, r: int) -> tuple[float, float]:
+    """(alpha, scale) of one module: alpha_pattern over lora_alpha; alpha/r or alpha/sqrt(r)."""
+    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA)))
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return alpha, scale
+
+
+# ---- the analysis ---------------------------------------------------------------------------
+
+def analyze_adapter(path: str | Path, energies: Sequence[float] = DEFAULT_ENERGIES,
+                    allow_pickle: bool = False) -> AdapterAnalysis:
+    """Read an adapter folder and compute every module's spectrum and the verdict."""
+    energies = check_energies(energies)
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterFileError(f"no adapter folder at {folder}; pass the folder holding {CONFIG_FILE} and {WEIGHTS_FILE}")
+    config = read_adapter_config(folder)
+    pairs = pair_factors(read_adapter_tensors(folder, allow_pickle), str(folder / WEIGHTS_FILE))
+    warnings = _config_warnings(config, pairs)
+    modules = [_module_rank(name, a, b, config, energies) for name, (a, b) in pairs.items()]
+    _shorten_types(modules)
+    r = int(config.get("r") or max(m.r for m in modules))
+    return AdapterAnalysis(
+        path=str(folder), r=r, lora_alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
+        use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
+        energies=tuple(energies), modules=modules, verdict=make_verdict(modules, r, energies[0]), warnings=warnings,
+    )
+
+
+def check_energies(energies: Sequence[float]) -> tuple[float, ...]:
+    energies = tuple(float(e) for e in energies)
+    if not energies or any(not 0 < e <= 1 for e in energies):
+        raise ConfigError(f"energy levels must be fractions in (0, 1], e.g. 0.9,0.99; got {list(energies)}")
+    return energies
+
+
+def _module_rank(name: str, a: torch.Tensor, b: torch.Tensor, config: dict, energies) -> ModuleRank:
+    r = a.shape[0]
+    alpha, scale = module_scale(config, name, r)
+    sv = update_singular_values(a, b, scale)
+    layer, module_type = parse_module_name(name)
+    return ModuleRank(
+        name=name, layer=layer, module_type=module_type, r=r, alpha=alpha, scale=scale,
+        shape=(b.shape[0], a[0].numel()), singular_values=[float(x) for x in sv],
+        energy_ranks={_energy_key(e): energy_rank(sv, e) for e in energies},
+        stable_rank=stable_rank(sv), frobenius_norm=float(torch.sqrt((sv**2).sum())),
+    )
+
+
+def _shorten_types(modules: list[ModuleRank]) -> None:
+    """`self_attn.q_proj` -> `q_proj` when the last components still tell the types apart."""
+    types = {m.module_type for m in modules}
+    short = {t: t.rsplit(".", 1)[-1] for t in types}
+    if len(set(short.values())) == len(types):
+        for m in modules:
+            m.module_type = short[m.module_type]
+
+
+def _config_warnings(config: dict, pairs: dict) -> list[str]:
+    warnings = []
+    if "lora_alpha" not in config:
+        warnings.append(f"adapter_config.json has no lora_alpha; assumed PEFT's default {PEFT_DEFAULT_ALPHA}")
+    default_r = config.get("r", PEFT_DEFAULT_R)
+    mismatched = [name for name, (a, _) in pairs.items()
+                  if int(_pattern_value(config.get("rank_pattern"), name, default_r)) != a.shape[0]]
+    if mismatched:
+        warnings.append(f"{len(mismatched)} modules have a rank other than the config's r/rank_pattern "
+                        f"(e.g. {mismatched[0]}); the tensors' rank is used")
+    if config.get("use_dora"):
+        warnings.append("DoRA adapter: the spectra describe the low-rank direction update s·BA; "
+                        "the learned magnitudes rescale rows on top of it")
+    return warnings
+
+
+def _percentile_nearest_rank(values: list[int], fraction: float) -> int:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def _next_power_of_two(k: int) -> int:
+    return 1 << max(0, k - 1).bit_length()
+
+
+def make_verdict(modules: list[ModuleRank], r: int, energy: float) -> Verdict:
+    """The rule of the module docstring."""
+    pct = f"{energy * 100:g}% energy"
+    trained = [m for m in modules if not m.is_zero]
+    if not trained:
+        return Verdict("untrained", f"r={r}, but every lora_B is zero: the adapter holds no update yet "
+                                    "(untrained, or saved before the first step)", r, energy)
+    k95 = _percentile_nearest_rank([m.rank_at(energy) for m in trained], PERCENTILE)
+    suggested = max(MIN_SUGGESTED_R, _next_power_of_two(k95))
+    usage = f"95% of modules use at most {k95} dimension{'s' if k95 != 1 else ''} ({pct})"
+    if k95 >= SATURATION * r:
+        kind, message = "saturated", f"r={r}, and {usage}: rank is saturated: consider a larger r (e.g. {2 * r})"
+    elif suggested < r:
+        kind, message = "oversized", f"r={r}, but {usage}: r={suggested} would likely do"
+    else:
+        kind, message = "fits", f"r={r} fits: {usage}"
+    idle = len(modules) - len(trained)
+    if idle:
+        message += f"; {idle} module{'s have' if idle != 1 else ' has'} no update (B = 0)"
+    return Verdict(kind, message, r, energy, k95, suggested)
+
+
+# ---- the heatmap ----------------------------------------------------------------------------
+
+def plot_effective_rank(analysis: AdapterAnalysis, path: str | Path, energy: float | None = None) -> Path:
+    """PNG of the rank at `energy` (default: the first level) by layer (x) and module type (y)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    energy = analysis.energies[0] if energy is None else energy
+    layered = [m for m in analysis.modules if m.layer is not None]
+    layers = sorted({m.layer for m in layered})
+    types = _ordered_types({m.module_type for m in layered})
+    grid = np.full((max(1, len(types)), max(1, len(layers))), np.nan)
+    for m in layered:
+        grid[types.index(m.module_type), layers.index(m.layer)] = m.rank_at(energy)
+    fig = Figure(figsize=(min(max(5.0, 2 + 0.45 * len(layers)), 24), 1.5 + 0.45 * len(types)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=0, vmax=analysis.r)
+    fig.colorbar(image, ax=ax, label=f"rank at {energy * 100:g}% energy")
+    if grid.size <= 600:
+        for (row, col), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                color = "black" if value > 0.6 * analysis.r else "white"  # readable on viridis' yellows
+                ax.text(col, row, f"{int(value)}", ha="center", va="center", fontsize=6, color=color)
+    ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+    ax.set_yticks(range(len(types)), types, fontsize=8)
+    ax.set_xlabel("layer")
+    skipped = len(analysis.modules) - len(layered)
+    note = f"; {skipped} modules outside numbered layers not shown" if skipped else ""
+    ax.set_title(f"effective rank of {Path(analysis.path).name} (r={analysis.r}){note}", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    path = Path(path)
+    with translate_os_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, buffer.getvalue())
+

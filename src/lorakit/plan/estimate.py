@@ -1,0 +1,545 @@
+"""Predict the peak memory and the FLOPs of one LoRA training step from the model CONFIG alone.
+
+No weights are loaded: a Llama-style decoder (Llama, Mistral, Qwen2/3, SmolLM, Gemma-like) is
+described by a handful of sizes (`ModelShape`), and the step by `TrainShape`.
+
+Peak memory (per device, allocated bytes) is the largest of four moments of the step::
+
+    weights + adapter + max( saved activations + head and loss peak,     # head fwd / bwd
+                             saved activations + final-norm backward,    # fp32 RMSNorm grads
+                             activation peak + a layer's backward )      # (recompute with ckpt)
+
+- weights: every base parameter in the compute dtype; with `quantize` the decoder's linear
+  layers take NF4 (4 bits + 0.127 bits of double-quantised absmax) or int8 (+ an fp32 scale per
+  row); embeddings, norms and the output head stay in the compute dtype.
+- adapter: fp32 master weight, fp32 grad and AdamW's m and v = 16 B per trainable param.
+- activations: what autograd SAVES for backward, derived tensor by tensor for transformers'
+  Llama decoder layer with sdpa attention (see `layer_saved_bytes`). A frozen linear saves
+  nothing (dX needs only W); a LoRA branch saves its input (lorakit: one copy per group, as
+  q/k/v share x; PEFT's fp32 adapters: an fp32 copy per adapter) and its rank-r intermediate;
+  RMSNorm saves an fp32 copy of its input and 1/rms; sdpa saves q, k, v, the output (which is
+  also o_proj's input) and the fp32 logsumexp; SwiGLU saves gate, up and silu(gate); down_proj's
+  LoRA saves the product. Layer 0 saves less: the frozen embedding's output needs no grad.
+  With activation checkpointing a layer keeps only its input, and the backward recomputes one
+  layer at a time: the peak is all the checkpoints plus one layer's full saved set.
+- logits: the unfused head + cross-entropy of transformers 5 (`ForCausalLMLoss`): the head
+  writes logits in the compute dtype, `.float()` copies them to fp32, log_softmax saves its fp32
+  output (forward: 10 B per token per vocab entry in 16-bit, 8 B in fp32); backward holds that
+  output, NLL's fp32 gradient and log_softmax's fp32 gradient at once: 12 B. This assumes the
+  caller drops the model outputs before backward (`loss = model(...).loss`); keeping
+  `outputs.logits` alive adds the logits once more.
+  `fused_loss` (lorakit.kernels.chunked_ce: no full logits) keeps about 8 B x chunk x vocab
+  plus the hidden states' gradient (computed in forward) and its scaled copy.
+- workspace: gradient buffers and temporaries at the backward peaks (`backward_workspace_bytes`).
+
+FLOPs per trained token with a frozen base (PERF.md): F = 4*N_mm + 6*N_lora + 6*L*s*h_q.
+Checkpointing recomputes the layers' forward: hardware FLOPs, not model FLOPs (MFU uses F).
+
+The derivation is checked against measurement (plan/measure.py, docs/estimator-validation.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+from lorakit.errors import ConfigError, ModelLoadError
+
+GIB = 1024**3
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_GROUPS = {
+    "all-linear": PROJECTIONS, "all": PROJECTIONS,
+    "attention": PROJECTIONS[:4], "mlp": PROJECTIONS[4:], "qv": ("q_proj", "v_proj"),
+}
+DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+QUANTIZE = (None, "4bit", "8bit")
+ENGINES = ("lorakit", "peft")
+NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit codes + int8 absmax/64 + fp32 absmax2/256
+ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight, grad, AdamW m and v
+LOGITS_BYTES_PEAK = 12  # fp32 log_softmax output + NLL grad + log_softmax grad, per token x vocab
+CHUNKED_LOSS_BYTES = 8  # per chunk row x vocab in lorakit.kernels.chunked_ce (measured: 7.5-7.8)
+DEFAULT_MFU = 0.4
+
+TargetSpec = Union[str, Sequence[str]]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Llama-style decoder that decide memory and FLOPs."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer in one decoder layer."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in self.projection_shapes().values())
+
+    def num_params(self) -> int:
+        embed = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else embed
+        norms = (2 * self.num_layers + 1) * self.hidden_size
+        return embed + head + norms + self.num_layers * self.layer_linear_params()
+
+    def matmul_params(self) -> int:
+        """N_mm: every matmul's parameters, the output head included, the embedding lookup not."""
+        return self.num_layers * self.layer_linear_params() + self.vocab_size * self.hidden_size
+
+
+# Shapes of /work/shared/PERF.md and of the built-in model.
+PRESETS = {
+    "1b": ModelShape("1b (Llama-3.2-1B shape)", 2048, 8192, 16, 32, 8, 64, 128256, True),
+    "8b": ModelShape("8b (Llama-3.1-8B shape)", 4096, 14336, 32, 32, 8, 128, 128256, False),
+    "smollm2-135m": ModelShape("smollm2-135m", 576, 1536, 30, 9, 3, 64, 49152, True),
+}
+PRESETS["smollm2-135m-instruct"] = PRESETS["smollm2-135m"]
+
+
+@dataclass
+class TrainShape:
+    """One training step: per-device micro-batch, sequence, LoRA rank and targets, precision."""
+
+    batch_size: int = 4
+    seq_len: int = 2048
+    r: int = 16
+    targets: TargetSpec = "all-linear"
+    grad_checkpointing: bool = False
+    dtype: str = "bf16"
+    quantize: str | None = None
+    world_size: int = 1
+    fused_loss: bool = False  # chunked lm_head + cross-entropy: no full logits
+    engine: str = "lorakit"  # "peft": PEFT defaults (fp32 adapters, an fp32 input copy per adapter)
+    lora_dropout: float = 0.0
+    loss_chunk_tokens: int = 4096  # lorakit.kernels.chunked_ce's default chunk
+    device: str = "cuda"  # "cpu": dropout keeps a float mask instead of a bool one
+
+    def __post_init__(self) -> None:
+        if self.quantize in ("none", ""):
+            self.quantize = None
+        problems = _shape_problems(self)
+        if problems:
+            raise ConfigError("invalid training shape:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def compute_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+
+def _shape_problems(shape: TrainShape) -> list[str]:
+    out = []
+    for name in ("batch_size", "seq_len", "r", "world_size", "loss_chunk_tokens"):
+        value = getattr(shape, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            out.append(f"{name} must be a positive integer, got {value!r}")
+    if shape.dtype not in DTYPE_BYTES:
+        out.append(f"dtype must be one of bf16, fp16, fp32, got {shape.dtype!r}")
+    if shape.quantize not in QUANTIZE:
+        out.append(f"quantize must be none, 4bit or 8bit, got {shape.quantize!r}")
+    if shape.engine not in ENGINES:
+        out.append(f"engine must be one of {', '.join(ENGINES)}, got {shape.engine!r}")
+    if shape.device not in ("cuda", "cpu"):
+        out.append(f"device must be cuda or cpu, got {shape.device!r}")
+    if not 0.0 <= shape.lora_dropout < 1.0:
+        out.append(f"lora_dropout must be in [0, 1), got {shape.lora_dropout!r}")
+    try:
+        resolve_targets(shape.targets)
+    except ConfigError as exc:
+        out.append(str(exc))
+    return out
+
+
+def resolve_targets(targets: TargetSpec) -> tuple[str, ...]:
+    """The adapted projections of each layer, from a preset or a list of names (q or q_proj)."""
+    if isinstance(targets, str):
+        if targets in TARGET_GROUPS:
+            return TARGET_GROUPS[targets]
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    chosen = []
+    for name in targets:
+        full = name if name.endswith("_proj") else f"{name}_proj"
+        if full not in PROJECTIONS:
+            raise ConfigError(
+                f"unknown target {name!r} for the estimator: use a preset ({', '.join(TARGET_GROUPS)}) "
+                f"or names among {', '.join(PROJECTIONS)}"
+            )
+        chosen.append(full)
+    if not chosen:
+        raise ConfigError("targets is empty: name at least one projection, e.g. all-linear")
+    return tuple(p for p in PROJECTIONS if p in chosen)
+
+
+# ---- model shapes from presets, config files and transformers configs -----------------------
+
+def model_shape(model: Any) -> ModelShape:
+    """A ModelShape from a preset name, a config.json (file or folder), a hub id, a dict or an
+    HF config object."""
+    if isinstance(model, ModelShape):
+        return model
+    if isinstance(model, dict):
+        return shape_from_dict(model, "config")
+    if isinstance(model, (str, Path)):
+        return _shape_from_name(str(model))
+    if hasattr(model, "to_dict"):
+        return shape_from_dict(model.to_dict(), type(model).__name__)
+    raise ConfigError(f"cannot read model sizes from a {type(model).__name__}")
+
+
+def _shape_from_name(name: str) -> ModelShape:
+    if name.lower() in PRESETS:
+        return PRESETS[name.lower()]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"cannot read model config {path}: {exc}") from None
+        return shape_from_dict(data, str(path))
+    if Path(name).exists() or name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{name} holds no config.json; pass a model folder, a config.json or a preset")
+    return _shape_from_hub(name)
+
+
+def _shape_from_hub(name: str) -> ModelShape:
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name)
+    except Exception as exc:  # hub errors come in many types; all mean "not found here"
+        presets = ", ".join(p for p in PRESETS if p != "smollm2-135m-instruct")
+        raise ModelLoadError(
+            f"cannot find a model config for {name!r} ({type(exc).__name__}); pass a preset ({presets}), "
+            "a config.json, a model folder, or a hub id (needs network)"
+        ) from None
+    return shape_from_dict(config.to_dict(), name)
+
+
+def shape_from_dict(data: dict, source: str) -> ModelShape:
+    """Read a Llama-style config dict (multimodal configs: their text_config)."""
+    data = data.get("text_config") or data
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "vocab_size") if not isinstance(data.get(k), int)]
+    if missing:
+        raise ConfigError(
+            f"{source} lacks {', '.join(missing)}: the estimator needs a Llama-style decoder config "
+            f"(model_type {data.get('model_type')!r} is not one)"
+        )
+    heads = data["num_attention_heads"]
+    return ModelShape(
+        name=str(data.get("_name_or_path") or data.get("model_type") or source),
+        hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
+        num_layers=data["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=data.get("num_key_value_heads") or heads,
+        head_dim=data.get("head_dim") or data["hidden_size"] // heads,
+        vocab_size=data["vocab_size"], tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+    )
+
+
+# ---- parameters and FLOPs -------------------------------------------------------------------
+
+def count_lora_params(model_config: Any, r: int, targets: TargetSpec = "all-linear") -> int:
+    """Trainable LoRA parameters: r * (in + out) per adapted projection, over all layers."""
+    shape = model_shape(model_config)
+    per_layer = sum(r * (i + o) for name, (i, o) in shape.projection_shapes().items() if name in resolve_targets(targets))
+    return shape.num_layers * per_layer
+
+
+def flops_per_token(model_config: Any, shape: TrainShape, hardware: bool = False) -> float:
+    """Model FLOPs per trained token, F = 4*N_mm + 6*N_lora + 6*L*s*h_q (causal attention).
+
+    hardware=True adds checkpointing's recomputed forward (2*N_layers + 2*N_lora + 2*L*s*h_q)."""
+    m = model_shape(model_config)
+    n_lora = count_lora_params(m, shape.r, shape.targets)
+    attention = m.num_layers * shape.seq_len * m.q_dim
+    flops = 4 * m.matmul_params() + 6 * n_lora + 6 * attention
+    if hardware and shape.grad_checkpointing:
+        flops += 2 * m.num_layers * m.layer_linear_params() + 2 * n_lora + 2 * attention
+    return float(flops)
+
+
+def step_time(model_config: Any, shape: TrainShape, peak_tflops: float, mfu: float = 1.0) -> float:
+    """Seconds per step on one device at the given MFU of `peak_tflops` (per-device tokens)."""
+    if peak_tflops <= 0 or not 0 < mfu <= 1:
+        raise ConfigError(f"peak TFLOP/s must be > 0 and MFU in (0, 1], got {peak_tflops} and {mfu}")
+    return flops_per_token(model_config, shape) * shape.tokens / (peak_tflops * 1e12 * mfu)
+
+
+# ---- memory ---------------------------------------------------------------------------------
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device. `total` is the timeline peak, not always the sum of the parts."""
+
+    weights: int
+    adapter: int
+    activations: int  # the activation peak: everything saved, or checkpoints + one recomputed layer
+    logits: int  # the head + loss peak on top of the resident activations
+    workspace: int  # gradient buffers alive inside one layer's backward
+    total: int
+    activations_resident: int  # saved when the loss starts: all layers, or the checkpoints only
+    allocated_at_head: int  # activations allocated when the head starts: the saved ones + its input
+    activations_with_checkpointing: int
+    activations_without_checkpointing: int
+    trainable_params: int
+    per_layer_saved_bytes_per_token: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def weight_bytes(m: ModelShape, shape: TrainShape) -> int:
+    """Base weights: decoder linears quantised or not; embeddings, norms, head in compute dtype."""
+    linear = m.num_layers * m.layer_linear_params()
+    rest = m.num_params() - linear
+    b = shape.compute_bytes
+    if shape.quantize == "4bit":
+        return int(linear * NF4_BYTES_PER_PARAM + rest * b)
+    if shape.quantize == "8bit":
+        rows = m.num_layers * sum(out for _, out in m.projection_shapes().values())
+        return int(linear + 4 * rows + rest * b)
+    return int((linear + rest) * b)
+
+
+def adapter_bytes(trainable: int, shape: TrainShape) -> int:
+    """16 B per trainable parameter; DDP's gradient buckets add a copy of the fp32 grads."""
+    extra = 4 if shape.world_size > 1 else 0
+    return trainable * (ADAPTER_BYTES_PER_PARAM + extra)
+
+
+def layer_saved_bytes(m: ModelShape, shape: TrainShape, stream_grad: bool = True) -> dict[str, float]:
+    """Bytes per token that autograd saves in one decoder layer, by tensor.
+
+    stream_grad: whether the layer's input requires grad (False only for layer 0, whose input is
+    the frozen embedding's output)."""
+    h, i, b = m.hidden_size, m.intermediate_size, shape.compute_bytes
+    adapted = set(resolve_targets(shape.targets))
+    saved: dict[str, float] = {}
+    if stream_grad:
+        saved["norm1 input (fp32) + 1/rms"] = 4 * h + 4
+    attn_grad = stream_grad or bool(adapted & {"q_proj", "k_proj", "v_proj"})
+    if attn_grad:
+        saved["q, k, v (post-RoPE)"] = b * (m.q_dim + 2 * m.kv_dim)
+        saved["attention output"] = b * m.q_dim
+        saved["attention logsumexp (fp32)"] = 4 * m.num_heads
+    mid_grad = attn_grad or "o_proj" in adapted
+    if mid_grad:
+        saved["norm2 input (fp32) + 1/rms"] = 4 * h + 4
+    gate_grad, up_grad = mid_grad or "gate_proj" in adapted, mid_grad or "up_proj" in adapted
+    if gate_grad:
+        saved["gate output (silu input)"] = b * i
+        saved["up output"] = b * i
+    if up_grad:
+        saved["silu(gate)"] = b * i
+    saved.update(_lora_saved_bytes(m, shape, adapted, attn_grad, stream_grad))
+    return saved
+
+
+def _lora_saved_bytes(m: ModelShape, shape: TrainShape, adapted: set[str], attn_grad: bool,
+                      stream_grad: bool) -> dict[str, float]:
+    """What the LoRA branches add: their inputs (shared per group, or a copy per adapter) and
+    the rank-r intermediates. With dropout each adapter saves its dropped copy, and its mask
+    where the input needs a grad (CUDA's fused dropout keeps a bool mask, the CPU a float one)."""
+    b = shape.compute_bytes
+    cast = shape.engine == "peft" and b < 4  # PEFT keeps adapters in fp32 and casts x per adapter
+    lora_b = 4 if cast else b
+    shapes = m.projection_shapes()
+    saved: dict[str, float] = {}
+    groups = {"attention input": ("q_proj", "k_proj", "v_proj"), "o_proj input": ("o_proj",),
+              "MLP input": ("gate_proj", "up_proj"), "down_proj input (SwiGLU product)": ("down_proj",)}
+    for label, members in groups.items():
+        users = [p for p in members if p in adapted]
+        if not users:
+            continue
+        width = shapes[users[0]][0]
+        if shape.lora_dropout > 0:
+            mask = (lora_b if shape.device == "cpu" else 1) if stream_grad or label != "attention input" else 0
+            saved[f"{label}: dropped copy (+ mask) per adapter"] = len(users) * width * (lora_b + mask)
+        elif cast:
+            saved[f"{label}: fp32 copy per adapter"] = len(users) * width * 4
+        elif not (label == "o_proj input" and attn_grad):  # sdpa's output is o_proj's input
+            saved[label] = width * b
+    saved["LoRA intermediates (x @ A)"] = len(adapted) * shape.r * lora_b
+    return saved
+
+
+def _per_step_saved_bytes(m: ModelShape, shape: TrainShape) -> int:
+    """Saved once per step, outside the layers: RoPE cos/sin (shared by the batch and all
+    layers) and the final norm's fp32 input."""
+    rope = 2 * shape.seq_len * m.head_dim * shape.compute_bytes
+    return rope + shape.tokens * (4 * m.hidden_size + 4)
+
+
+def _adapter_weight_copies(m: ModelShape, shape: TrainShape) -> int:
+    """lorakit keeps fp32 masters and casts A and B to a 16-bit compute dtype in forward; the
+    matmuls save those copies (all layers' without checkpointing, one layer's with it)."""
+    if shape.engine != "lorakit" or shape.compute_bytes == 4:
+        return 0
+    return count_lora_params(m, shape.r, shape.targets) * shape.compute_bytes
+
+
+def int8_kept_inputs(m: ModelShape, shape: TrainShape, checkpointing: bool) -> int:
+    """Bytes per token per layer that bitsandbytes' int8 matmul keeps alive on its own.
+
+    It stores each linear layer's input as a context attribute, outside autograd's saved
+    tensors, so checkpointing cannot drop it: the attention input, o_proj's input, the MLP input
+    and the SwiGLU product stay alive in every layer. Without checkpointing most of them are
+    the very tensors the LoRA branches and sdpa save already."""
+    if shape.quantize != "8bit":
+        return 0
+    b, h = shape.compute_bytes, m.hidden_size
+    widths = {"attention input": h, "o_proj input": m.q_dim, "MLP input": h,
+              "down_proj input (SwiGLU product)": m.intermediate_size}
+    if checkpointing:
+        return sum(widths.values()) * b
+    saved = layer_saved_bytes(m, shape)
+    shared = set(saved) | ({"o_proj input"} if "attention output" in saved else set())
+    return sum(w for label, w in widths.items() if label not in shared) * b
+
+
+def saved_activation_bytes(m: ModelShape, shape: TrainShape, checkpointing: bool) -> tuple[int, int]:
+    """(saved when the loss starts, saved at the activation peak) for the whole step."""
+    first = sum(layer_saved_bytes(m, shape, stream_grad=False).values())
+    other = sum(layer_saved_bytes(m, shape, stream_grad=True).values())
+    fixed = _per_step_saved_bytes(m, shape)
+    copies = _adapter_weight_copies(m, shape)
+    kept = m.num_layers * shape.tokens * int8_kept_inputs(m, shape, checkpointing)
+    if not checkpointing:
+        resident = int(shape.tokens * (first + (m.num_layers - 1) * other)) + fixed + copies + kept
+        return resident, resident
+    checkpoints = m.num_layers * shape.tokens * m.hidden_size * shape.compute_bytes
+    resident = checkpoints + fixed + kept
+    recompute = shape.tokens * other + copies // m.num_layers
+    if shape.compute_bytes == 4:  # fp32: norm1's "copy" is the checkpointed input itself
+        recompute -= shape.tokens * 4 * m.hidden_size
+    return resident, int(resident + recompute)
+
+
+def _alive_unsaved_at_head(m: ModelShape, shape: TrainShape) -> int:
+    """Alive but not saved when the head starts: its input, the final norm's output."""
+    return shape.tokens * m.hidden_size * shape.compute_bytes
+
+
+def head_peak_bytes(m: ModelShape, shape: TrainShape) -> int:
+    """Peak of the output head + cross-entropy above the saved activations.
+
+    Forward: logits (compute dtype) + their fp32 copy + log_softmax's fp32 output (fp32 models:
+    the copy is the logits themselves). Backward (outputs already dropped by the caller):
+    log_softmax's output + NLL's grad + log_softmax's grad, all fp32 (12 B per token x vocab)."""
+    tokens, vocab, b = shape.tokens, m.vocab_size, shape.compute_bytes
+    labels = 8 * tokens  # int64 targets saved by the NLL loss
+    if shape.fused_loss:  # one chunk's fp32 logits + a temporary; the hidden grad and its scaled copy
+        chunk = min(shape.loss_chunk_tokens, tokens)
+        return int(CHUNKED_LOSS_BYTES * chunk * vocab + 2 * tokens * m.hidden_size * b + labels)
+    forward = _alive_unsaved_at_head(m, shape) + (b + 4 + (4 if b < 4 else 0)) * tokens * vocab
+    backward = LOGITS_BYTES_PEAK * tokens * vocab
+    return int(max(forward, backward) + labels)
+
+
+def backward_workspace_bytes(m: ModelShape, shape: TrainShape) -> tuple[int, int]:
+    """Temporaries at the two backward peaks, measured on top of the saved activations:
+
+    - the final RMSNorm's backward runs in fp32: about five fp32 hidden-sized buffers;
+    - a layer: without checkpointing, the MLP's backward holds the product's grad and the grads
+      of silu(gate) and up while the product itself (and the final norm's saved input) are
+      already freed: 2 x intermediate + hidden, in the compute dtype. With checkpointing the
+      recomputed forward adds the LoRA branches' out-of-place temporaries on top of the full
+      recomputed layer; PEFT's fp32 adapters double them (fp32 branch output, scaled, sum)."""
+    h, i, b, tokens = m.hidden_size, m.intermediate_size, shape.compute_bytes, shape.tokens
+    norm = 20 * h
+    if not shape.grad_checkpointing:
+        layer = 2 * i * b + h * b - (4 * h + 4)
+    elif shape.engine == "peft" and b < 4:
+        layer = 4 * i * b + 4 * h * b
+    else:
+        layer = 2 * i * b + h * b
+    return int(tokens * norm), int(tokens * layer)
+
+
+def estimate_memory(model_config: Any, shape: TrainShape) -> MemoryEstimate:
+    """Peak memory of one training step on one device: the largest of four moments
+    (head forward, head backward, final-norm backward, a layer's backward)."""
+    m = model_shape(model_config)
+    trainable = count_lora_params(m, shape.r, shape.targets)
+    weights, adapter = weight_bytes(m, shape), adapter_bytes(trainable, shape)
+    resident, peak = saved_activation_bytes(m, shape, shape.grad_checkpointing)
+    head = head_peak_bytes(m, shape)
+    norm_ws, layer_ws = backward_workspace_bytes(m, shape)
+    workspace = max(resident + norm_ws, peak + layer_ws) - peak
+    if shape.quantize:  # the backward dequantises one weight at a time
+        workspace += max(i * o for i, o in m.projection_shapes().values()) * shape.compute_bytes
+    total = weights + adapter + max(resident + head, peak + workspace)
+    return MemoryEstimate(
+        weights=weights, adapter=adapter, activations=peak, logits=head, workspace=workspace, total=int(total),
+        activations_resident=resident, allocated_at_head=resident + _alive_unsaved_at_head(m, shape),
+        activations_with_checkpointing=saved_activation_bytes(m, shape, True)[1],
+        activations_without_checkpointing=saved_activation_bytes(m, shape, False)[1],
+        trainable_params=trainable,
+        per_layer_saved_bytes_per_token=layer_saved_bytes(m, shape),
+    )
+
+
+@dataclass
+class Estimate:
+    """Everything `lorakit estimate` reports."""
+
+    model: ModelShape
+    shape: TrainShape
+    memory: MemoryEstimate
+    memory_other_checkpointing: MemoryEstimate
+    flops_per_token: float
+    hardware_flops_per_token: float
+    flops_per_step: float
+    peak_tflops: float
+    step_seconds_at_100: float
+    step_seconds_at_mfu: float
+    mfu: float
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["model"]["num_params"] = self.model.num_params()
+        out["tokens_per_step"] = self.shape.tokens * self.shape.world_size
+        return out
+
+
+def estimate(model_config: Any, shape: TrainShape, peak_tflops: float = 817.0, mfu: float = DEFAULT_MFU) -> Estimate:
+    """Memory (with the requested checkpointing and the other setting), FLOPs and step times."""
+    m = model_shape(model_config)
+    other = replace(shape, grad_checkpointing=not shape.grad_checkpointing)
+    per_token = flops_per_token(m, shape)
+    return Estimate(
+        model=m, shape=shape, memory=estimate_memory(m, shape), memory_other_checkpointing=estimate_memory(m, other),
+        flops_per_token=per_token, hardware_flops_per_token=flops_per_token(m, shape, hardware=True),
+        flops_per_step=per_token * shape.tokens * shape.world_size, peak_tflops=peak_tflops,
+        step_seconds_at_100=step_time(m, shape, peak_tflops), step_seconds_at_mfu=step_time(m, shape, peak_tflops, mfu),
+        mfu=mfu,
+    )
+
+
+def gib(nbytes: float) -> float:
+    return nbytes / GIB

@@ -1,0 +1,241 @@
+"""lorakit estimate: parameter counts, FLOPs, weight bytes, the saved-activation model against
+measurement, the CPU measurement itself, and the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from lorakit.cli import main
+from lorakit.errors import ConfigError, ModelLoadError
+from lorakit.plan.estimate import (
+    NF4_BYTES_PER_PARAM,
+    PRESETS,
+    TrainShape,
+    count_lora_params,
+    estimate,
+    estimate_memory,
+    flops_per_token,
+    layer_saved_bytes,
+    model_shape,
+    step_time,
+    weight_bytes,
+)
+from lorakit.plan.measure import AllocationTimeline, SavedTensorTracker, measure_step
+
+
+def tiny_config(**overrides):
+    from transformers import LlamaConfig
+
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+    sizes.update(overrides)
+    return LlamaConfig(**sizes)
+
+
+# ---- parameters and FLOPs --------------------------------------------------------------------
+
+@pytest.mark.parametrize("targets,peft_targets", [
+    ("all-linear", "all-linear"), ("qv", ["q_proj", "v_proj"]), ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+])
+def test_lora_param_count_equals_a_real_peft_model(targets, peft_targets):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    config = tiny_config(head_dim=32)  # head_dim != hidden / heads: q is 128 wide
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, target_modules=peft_targets))
+    real = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert count_lora_params(config, 8, targets) == real
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_param_count_equals_the_real_model(tied):
+    from transformers import LlamaForCausalLM
+
+    config = tiny_config(tie_word_embeddings=tied)
+    real = sum(p.numel() for p in LlamaForCausalLM(config).parameters())  # tied weights counted once
+    assert model_shape(config).num_params() == real
+
+
+def test_flops_per_token_of_the_1b_shape():
+    shape = TrainShape(batch_size=4, seq_len=2048, r=16)
+    h, i, kv, vocab, layers = 2048, 8192, 512, 128256, 16
+    n_mm = layers * (2 * h * h + 2 * h * kv + 3 * h * i) + vocab * h  # the tied head still multiplies
+    n_lora = layers * 16 * (2 * (h + h) + 2 * (h + kv) + 3 * (h + i))
+    by_hand = 4 * n_mm + 6 * n_lora + 6 * layers * 2048 * h
+    assert flops_per_token("1b", shape) == by_hand
+    # PERF.md: ~5.3 GFLOP/token (817 TFLOP/s at 100% MFU is ~153k tokens/s, i.e. 5.34 G)
+    assert abs(by_hand / (817e12 / 153e3) - 1) < 0.02
+    hardware = flops_per_token("1b", TrainShape(seq_len=2048, grad_checkpointing=True), hardware=True)
+    assert hardware == by_hand + 2 * (n_mm - vocab * h) + 2 * n_lora + 2 * layers * 2048 * h
+
+
+def test_8b_flops_and_step_time():
+    shape = TrainShape(batch_size=2, seq_len=2048, r=16)
+    per_token = flops_per_token("8b", shape)
+    assert abs(per_token / 31.6e9 - 1) < 0.02  # PERF.md: ~31.6 GFLOP/token
+    assert step_time("8b", shape, 817) == pytest.approx(per_token * 4096 / 817e12)
+    assert step_time("8b", shape, 817, mfu=0.4) == pytest.approx(per_token * 4096 / 817e12 / 0.4)
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+def test_weight_bytes_bf16_nf4_int8():
+    m = PRESETS["8b"]
+    linear = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    rest = 2 * 128256 * 4096 + 65 * 4096  # untied embedding + head, norms
+    assert m.num_params() == linear + rest == 8_030_261_248  # Llama-3.1-8B
+    assert weight_bytes(m, TrainShape(dtype="bf16")) == 2 * (linear + rest)
+    assert weight_bytes(m, TrainShape(dtype="fp32")) == 4 * (linear + rest)
+    assert NF4_BYTES_PER_PARAM == pytest.approx(0.5 + 0.127 / 8, abs=2e-4)  # 4.127 bits
+    assert weight_bytes(m, TrainShape(quantize="4bit")) == int(linear * NF4_BYTES_PER_PARAM + 2 * rest)
+    assert weight_bytes(m, TrainShape(quantize="4bit")) / 1e9 == pytest.approx(5.70, abs=0.05)  # research notes
+    rows = 32 * (4096 + 1024 + 1024 + 4096 + 14336 * 2 + 4096)
+    assert weight_bytes(m, TrainShape(quantize="8bit")) == linear + 4 * rows + 2 * rest
+
+
+# ---- activations -----------------------------------------------------------------------------
+
+def test_saved_bytes_per_layer_by_hand():
+    m = PRESETS["1b"]  # h 2048, q 2048, kv 512, I 8192, 32 heads
+    saved = layer_saved_bytes(m, TrainShape(r=16, dtype="bf16"))
+    by_hand = (4 * 2048 + 4) * 2 + 2 * (2048 + 2 * 512) + 2 * 2048 + 4 * 32 + 3 * 2 * 8192 \
+        + 2 * 2048 + 2 * 2048 + 2 * 8192 + 7 * 16 * 2
+    assert sum(saved.values()) == by_hand
+    peft = layer_saved_bytes(m, TrainShape(r=16, dtype="bf16", engine="peft"))  # fp32 copy per adapter
+    assert sum(peft.values()) - by_hand == (3 * 4 - 2) * 2048 + 4 * 2048 + (2 * 4 - 2) * 2048 + (4 - 2) * 8192 + 7 * 16 * 2
+
+
+def test_layer_zero_saves_less():
+    m = PRESETS["smollm2-135m"]
+    first = layer_saved_bytes(m, TrainShape(), stream_grad=False)
+    other = layer_saved_bytes(m, TrainShape(), stream_grad=True)
+    assert sum(other.values()) - sum(first.values()) == 4 * m.hidden_size + 4  # no norm1 save
+    only_mlp = layer_saved_bytes(m, TrainShape(targets="mlp"), stream_grad=False)
+    assert not any("q, k, v" in key for key in only_mlp)  # nothing upstream needs a grad
+
+
+def test_checkpointing_fused_loss_and_quantisation_lower_their_terms():
+    base = TrainShape(batch_size=4, seq_len=2048)
+    plain = estimate_memory("1b", base)
+    ckpt = estimate_memory("1b", TrainShape(batch_size=4, seq_len=2048, grad_checkpointing=True))
+    fused = estimate_memory("1b", TrainShape(batch_size=4, seq_len=2048, fused_loss=True))
+    nf4 = estimate_memory("1b", TrainShape(batch_size=4, seq_len=2048, quantize="4bit"))
+    assert ckpt.activations < plain.activations / 5 and ckpt.total < plain.total
+    assert plain.activations_without_checkpointing == plain.activations == ckpt.activations_without_checkpointing
+    assert ckpt.activations_with_checkpointing == ckpt.activations
+    assert plain.logits == 12 * 8192 * 128256 + 8 * 8192  # fp32 lsm output + two fp32 grads, + labels
+    assert fused.logits == 8 * 4096 * 128256 + 2 * 8192 * 2048 * 2 + 8 * 8192  # one 4096-token chunk
+    assert fused.total < plain.total - 8e9
+    assert nf4.weights < plain.weights / 2
+    assert plain.adapter == 16 * count_lora_params("1b", 16)
+    assert plain.total == plain.weights + plain.adapter + plain.activations_resident + plain.logits
+
+
+def test_perf_anchor_without_checkpointing():
+    """PERF.md, 1b 4 x 2048 on an H200: PEFT defaults 33.6 GiB, PEFT with bf16 adapters 26.5 GiB."""
+    peft = estimate_memory("1b", TrainShape(batch_size=4, seq_len=2048, engine="peft")).total / 2**30
+    lorakit = estimate_memory("1b", TrainShape(batch_size=4, seq_len=2048)).total / 2**30
+    assert peft == pytest.approx(33.6, rel=0.05)
+    assert lorakit == pytest.approx(26.5, rel=0.05)
+
+
+# ---- the CPU measurement ---------------------------------------------------------------------
+
+def test_saved_tensor_tracker_counts_storages_once_and_releases_them():
+    x = torch.randn(1000, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(1000))
+    tracker = SavedTensorTracker({weight.untyped_storage().data_ptr()})
+    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+        y = (x.exp() * x * weight).sum()  # exp saves its result; mul saves x (twice as a view)
+        assert tracker.live == 2 * 4000 + 4000  # exp(x), x, x * exp(x); the parameter excluded
+        y.backward()
+    assert tracker.live == 0 and tracker.peak == 12000
+
+
+def test_allocation_timeline_levels_and_peaks():
+    line = AllocationTimeline([(1, 100), (2, 50), (3, -100), (4, 200), (5, -250)], {"a": 3, "b": 5})
+    assert line.level_at(3) == 150
+    assert line.peak_between(None, None) == 250
+    assert line.peak_between(3, 3) == 150  # the level entering the window counts
+    assert line.peak_between(None, 2) == 150
+
+
+def test_measured_step_agrees_with_the_estimate():
+    config = tiny_config()
+    for checkpointing in (False, True):
+        shape = TrainShape(batch_size=2, seq_len=64, r=8, dtype="fp32", grad_checkpointing=checkpointing, device="cpu")
+        measured, predicted = measure_step(config, shape), estimate_memory(config, shape)
+        assert measured.weights == pytest.approx(predicted.weights, rel=0.01)
+        assert measured.adapter == pytest.approx(predicted.adapter, rel=0.01)
+        assert measured.activations == pytest.approx(predicted.allocated_at_head, rel=0.1)
+        assert measured.total == pytest.approx(predicted.total, rel=0.1)
+        if not checkpointing:  # everything autograd saved, plus log_softmax's output and the labels
+            saved = predicted.activations_resident + 4 * shape.tokens * config.vocab_size + 8 * shape.tokens
+            assert measured.saved_peak == pytest.approx(saved, rel=0.02)
+
+
+# ---- model shapes and errors -----------------------------------------------------------------
+
+def test_model_shape_from_a_folder_a_file_a_preset(tmp_path):
+    config = tiny_config(num_key_value_heads=1)
+    config.save_pretrained(tmp_path)
+    from_folder, from_file = model_shape(tmp_path), model_shape(str(tmp_path / "config.json"))
+    assert from_folder == from_file
+    assert (from_folder.hidden_size, from_folder.num_kv_heads, from_folder.head_dim, from_folder.vocab_size) == (64, 1, 16, 512)
+    assert model_shape("SmolLM2-135M").num_params() == pytest.approx(134.5e6, rel=0.01)
+
+
+def test_bad_models_and_shapes_are_user_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        model_shape(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    with pytest.raises(ConfigError, match="Llama-style"):
+        model_shape(tmp_path)
+    with pytest.raises(ConfigError, match="dtype"):
+        TrainShape(dtype="int3")
+    with pytest.raises(ConfigError, match="unknown target 'qkv'"):
+        TrainShape(targets="qkv")
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainShape(batch_size=0)
+
+
+def test_estimate_reports_both_checkpointing_settings():
+    result = estimate("8b", TrainShape(batch_size=2, seq_len=2048, grad_checkpointing=True, engine="peft"))
+    assert result.memory_other_checkpointing.activations > result.memory.activations
+    assert result.memory.total / 2**30 == pytest.approx(23.4, rel=0.1)  # PERF.md: PEFT, 8b, 2 x 2048, ckpt
+    assert result.step_seconds_at_mfu == pytest.approx(result.step_seconds_at_100 / 0.4)
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+def test_cli_json(capsys):
+    assert main(["estimate", "--model", "1b", "--batch-size", "4", "--seq-len", "2048", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["num_params"] == 1_235_814_400
+    assert report["memory"]["total"] > report["memory_other_checkpointing"]["total"]
+    assert report["flops_per_token"] == pytest.approx(5.413e9, rel=1e-3)
+    assert report["tokens_per_step"] == 8192
+
+
+def test_cli_table(capsys):
+    assert main(["estimate", "--model", "smollm2-135m", "--grad-checkpointing", "on", "--quantize", "4bit"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpointing on (chosen)" in out and "step time at 40% MFU" in out
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys):
+    assert main(["estimate", "--model", str(tmp_path / "missing")]) == 2
+    assert main(["estimate", "--model", "1b", "--r", "0"]) == 2
+    assert main(["estimate", "--model", "1b", "--targets", "attn_everything"]) == 2
+    assert "unknown target" in capsys.readouterr().err
+
+
+def test_int8_inputs_survive_checkpointing():
+    m = PRESETS["smollm2-135m"]
+    nf4 = estimate_memory(m, TrainShape(grad_checkpointing=True, quantize="4bit"))
+    int8 = estimate_memory(m, TrainShape(grad_checkpointing=True, quantize="8bit"))
+    per_layer = 2 * (2 * m.hidden_size + m.q_dim + m.intermediate_size)  # bf16 inputs of the 4 linear groups
+    assert int8.activations_resident - nf4.activations_resident == m.num_layers * 4 * 2048 * per_layer
+    plain = estimate_memory(m, TrainShape(quantize="8bit"))  # the same tensors are saved anyway
+    assert plain.activations == estimate_memory(m, TrainShape(quantize="4bit")).activations
