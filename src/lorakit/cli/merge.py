@@ -17,19 +17,30 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", required=True, metavar="DIR")
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the merged weights (the merge itself runs in fp32)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the merged weights (default float32; bfloat16 with --quantize); "
+                        "the merge itself runs in fp32")
+    p.add_argument("--quantize", default=None, choices=["4bit", "8bit"],
+                   help="the adapter was trained on a 4-/8-bit base (QLoRA): load the base the same way, "
+                        "dequantise it and merge into that (needs bitsandbytes)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--allow-other-base", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickle files (model *.bin, adapter_model.bin) with torch.load(weights_only=True)")
 
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.merge import merge_to_folder
 
-    result = merge_to_folder(args.adapter, args.output, args.model, args.dtype, args.allow_other_base, args.overwrite)
+    result = merge_to_folder(args.adapter, args.output, args.model, args.dtype, args.allow_other_base, args.overwrite,
+                             quantize=getattr(args, "quantize", None), allow_pickle=getattr(args, "allow_pickle", False))
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2))
     else:
         print(f"merged model written to {result['output']} ({result['dtype']}); reloaded with plain transformers, "
               f"max logit difference {result['max_abs_logit_difference']:.2e} (tolerance {result['tolerance']:g})")
+        if "max_abs_logit_difference_vs_quantized" in result:
+            print(f"{result['dequantized_layers']} {result['quantize']} layers dequantised, each checked against its "
+                  f"kernel; vs the {result['quantize']} model as trained (16-bit arithmetic): max logit difference "
+                  f"{result['max_abs_logit_difference_vs_quantized']:.2e} (tolerance {result['tolerance_vs_quantized']:.3g})")
     return 0

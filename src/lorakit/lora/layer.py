@@ -21,7 +21,9 @@ activation dtype and gradients still reach the fp32 masters.
 
 from __future__ import annotations
 
+import copy
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,11 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def _init_pissa(self) -> None:
+        if is_quantized_linear(self.base_layer):
+            from lorakit.errors import ConfigError
+
+            raise ConfigError("init 'pissa' rewrites the base weight, which a 4-/8-bit quantised base cannot "
+                              "hold; use init 'kaiming' or 'gaussian' with --quantize, or a dense base for PiSSA")
         weight = self.base_weight().float()  # (out, in)
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         root = torch.sqrt(s[: self.r] / self.scaling)
@@ -106,19 +113,19 @@ class LoraLinear(nn.Module):
 
     # ---- base weight access (out, in orientation) ------------------------------------------
     def base_weight(self) -> torch.Tensor:
+        """W as (out, in); a bitsandbytes 4-/8-bit base is dequantised (a temporary copy)."""
+        if is_quantized_linear(self.base_layer):
+            return dequantize_weight(self.base_layer)
         weight = self.base_layer.weight
-        if hasattr(weight, "quant_state"):  # bitsandbytes 4-bit
-            import bitsandbytes.functional as bnbf
-
-            return bnbf.dequantize_4bit(weight.data, weight.quant_state)
-        if getattr(weight, "CB", None) is not None or getattr(self.base_layer, "state", None) is not None and hasattr(self.base_layer.state, "SCB"):
-            return _dequantize_int8(self.base_layer)
         return weight.T if self.fan_in_fan_out else weight
 
     def _set_base_weight(self, new_weight: torch.Tensor) -> None:
         weight = self.base_layer.weight
-        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise NotImplementedError("changing a quantised base weight in place (merge it after dequantising)")
+        if is_quantized_linear(self.base_layer) or not weight.is_floating_point():
+            from lorakit.errors import MergeError
+
+            raise MergeError("cannot write into a 4-/8-bit quantised base weight; dequantise the base first "
+                             "(lorakit.quantize.dequantize_model, or `lorakit merge --quantize`)")
         value = new_weight.T if self.fan_in_fan_out else new_weight
         weight.data.copy_(value.to(weight.dtype))
 
@@ -191,10 +198,55 @@ class LoraLinear(nn.Module):
         return f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:.4g}, {kind}, dora={self.use_dora}"
 
 
-def _dequantize_int8(layer: nn.Module) -> torch.Tensor:
+# ---- bitsandbytes quantised bases --------------------------------------------------------------
+# bitsandbytes' Linear4bit (NF4/FP4 codes + blockwise absmax, optionally double-quantised) and
+# Linear8bitLt (LLM.int8: int8 rows + one fp32 scale per output row) subclass nn.Linear, so the
+# engine wraps them like any linear layer; only reading W needs care.
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    bnb = sys.modules.get("bitsandbytes")  # never imported here: a quantised model has loaded it
+    return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def dequantize_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense (out, in) weight a bitsandbytes layer multiplies by.
+
+    4-bit: in the quant state's dtype (the compute dtype), exactly what the kernel uses.
+    8-bit: CB * SCB / 127 in fp32 (the kernel's effective weight before any rounding).
+    `dtype` asks for another dtype (computed in fp32 first, then cast once)."""
     import bitsandbytes.functional as bnbf
 
     weight = layer.weight
-    cb = weight.CB if getattr(weight, "CB", None) is not None else layer.state.CB
-    scb = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
-    return bnbf.int8_vectorwise_dequant(cb, scb) if hasattr(bnbf, "int8_vectorwise_dequant") else cb.float() * scb[:, None] / 127
+    if getattr(weight, "quant_state", None) is not None:
+        _unpack_cpu_4bit(weight)
+        state = weight.quant_state
+        if dtype is not None and dtype != state.dtype:
+            state = copy.copy(state)  # dequantise straight into the requested dtype
+            state.dtype = torch.float32
+            return bnbf.dequantize_4bit(weight.data, state).to(dtype)
+        return bnbf.dequantize_4bit(weight.data, state)
+    cb, scb = _int8_codes_and_scales(layer)
+    if hasattr(bnbf, "int8_vectorwise_dequant"):
+        dense = bnbf.int8_vectorwise_dequant(cb, scb)
+    else:  # bitsandbytes < 0.45
+        dense = cb.float() * scb.float()[:, None] / 127
+    return dense if dtype is None else dense.to(dtype)
+
+
+def _unpack_cpu_4bit(weight: torch.Tensor) -> None:
+    """bitsandbytes repacks a 4-bit weight for its AVX512 CPU inference kernel on the first eval
+    forward; undo that (as bitsandbytes does itself before saving) so dequantize_4bit reads it."""
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+
+
+def _int8_codes_and_scales(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8 keeps CB/SCB on the weight until the first forward, then on layer.state."""
+    weight, state = layer.weight, getattr(layer, "state", None)
+    cb = weight.CB if getattr(weight, "CB", None) is not None else getattr(state, "CB", None)
+    scb = weight.SCB if getattr(weight, "SCB", None) is not None else getattr(state, "SCB", None)
+    if cb is None or scb is None:
+        raise RuntimeError("this 8-bit layer holds no int8 weights and scales (CB/SCB); was it moved to a device?")
+    return cb, scb

@@ -1,0 +1,264 @@
+"""QLoRA on CPU: a tiny Llama loaded in 4 bits (NF4) and 8 bits (LLM.int8) with bitsandbytes.
+
+Loading, LoRA training on the quantised layers, adapters that move between quantised and dense
+bases, and merging into a checked dense folder, with negative controls: merging into the
+unquantised weights (the dequantisation skipped) must be refused.
+"""
+
+import json
+
+import pytest
+import torch
+
+from lorakit import LoraConfig, apply_lora, load_adapter, save_adapter
+from lorakit.cli import main
+from lorakit.errors import ConfigError, MergeError
+
+from tiny_models import randomize_lora, save_tiny_chat_model
+
+KINDS = ("4bit", "8bit")
+
+
+def _bitsandbytes_problem() -> str | None:
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").to("cpu")
+        layer(torch.randn(2, 64, dtype=torch.bfloat16))
+    except Exception as exc:  # missing, or no backend for this machine
+        return f"bitsandbytes cannot run a 4-bit layer here ({type(exc).__name__}: {exc})"
+    return None
+
+
+BNB_PROBLEM = _bitsandbytes_problem()
+needs_bnb = pytest.mark.skipif(BNB_PROBLEM is not None, reason=BNB_PROBLEM or "")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return save_tiny_chat_model(tmp_path_factory.mktemp("qlora") / "base")
+
+
+def load(base_dir, kind):
+    from lorakit.quantize import load_quantized
+
+    model, _, _ = load_quantized(base_dir, kind)
+    return model
+
+
+def dense(base_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).eval()
+
+
+IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+# ---- errors a user can cause ----------------------------------------------------------------
+
+def test_missing_bitsandbytes_is_a_clear_error(monkeypatch, base_dir):
+    from lorakit.quantize import load_quantized
+
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # import raises ImportError
+    with pytest.raises(ConfigError, match="pip install bitsandbytes"):
+        load_quantized(base_dir, "4bit")
+
+
+def test_unknown_quantize_value(base_dir):
+    from lorakit.quantize import load_quantized
+
+    with pytest.raises(ConfigError, match="4bit, 8bit"):
+        load_quantized(base_dir, "3bit")
+
+
+@needs_bnb
+def test_gguf_is_refused_with_the_converted_folder_named(tmp_path, capsys):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    (tmp_path / "adapter").mkdir()
+    code = main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "out"),
+                 "--model", str(gguf), "--quantize", "4bit"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already quantised by llama.cpp" in err and "--model " in err and "model-" in err
+
+
+# ---- loading and LoRA on quantised layers ---------------------------------------------------
+
+@needs_bnb
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_quantizes_decoder_linears_only(base_dir, kind):
+    import bitsandbytes as bnb
+
+    model = load(base_dir, kind)
+    cls = bnb.nn.Linear4bit if kind == "4bit" else bnb.nn.Linear8bitLt
+    attention = model.model.layers[0].self_attn
+    assert isinstance(attention.q_proj, cls) and isinstance(model.model.layers[1].mlp.down_proj, cls)
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.bfloat16  # no fp32 upcast of the whole model
+    assert not any(p.requires_grad for p in model.parameters())
+    # input grads flow exactly when checkpointing is on in training (reentrant checkpoints need them)
+    embed = model.get_input_embeddings()
+    model.train()
+    assert not embed(IDS).requires_grad
+    model.model.gradient_checkpointing = True  # the flag alone: transformers' own hook not installed
+    assert embed(IDS).requires_grad
+    assert not model.eval().get_input_embeddings()(IDS).requires_grad
+
+
+@needs_bnb
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_forward_on_a_quantized_layer_matches_plain_pytorch(base_dir, kind):
+    from lorakit.lora.layer import dequantize_weight
+
+    model = apply_lora(load(base_dir, kind), LoraConfig(r=4, alpha=8))
+    randomize_lora(model)
+    layer = model.model.layers[1].mlp.down_proj
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.no_grad():
+        got = layer(x).float()
+        w = dequantize_weight(layer.base_layer).float()
+        a, b = layer.lora_A.weight.bfloat16().float(), layer.lora_B.weight.bfloat16().float()
+        expected = x.float() @ w.T + layer.scaling * (x.float() @ a.T @ b.T)
+    # 4-bit: bf16 rounding only; 8-bit eval also rounds x to int8 per row (LLM.int8)
+    rtol = 0.01 if kind == "4bit" else 0.03
+    assert (got - expected).norm() <= rtol * expected.norm()
+
+
+@needs_bnb
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_step_trains_only_the_adapter(base_dir, kind):
+    model = apply_lora(load(base_dir, kind), LoraConfig(r=4, alpha=8))
+    randomize_lora(model, std=0.05)  # B != 0, so A gets a gradient too
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    model.train()
+    model(IDS, labels=IDS).loss.backward()
+    lora = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    assert set(map(id, trainable)) == set(map(id, lora.values())) and len(lora) == 4 * 7
+    # reentrant checkpointing backpropagates through a layer only if its input requires grad
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+    optimizer.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in after if ".lora_" in k}
+
+
+@needs_bnb
+def test_rank_check_and_fingerprint_use_logical_shapes(base_dir):
+    from lorakit.lora import base_fingerprint
+
+    model = load(base_dir, "4bit")  # packed: q_proj.weight is (2048, 1) uint8
+    with pytest.raises(ConfigError, match=r"k_proj \(64 -> 32\) cannot take rank 33"):
+        apply_lora(model, LoraConfig(r=33, alpha=33))
+    assert base_fingerprint(model) == base_fingerprint(dense(base_dir)) == base_fingerprint(load(base_dir, "8bit"))
+
+
+@needs_bnb
+def test_dora_reads_the_dequantized_weight(base_dir):
+    from lorakit.lora.layer import dequantize_weight
+    from lorakit.merge import _logits
+    from lorakit.quantize import dequantize_model
+
+    model = apply_lora(load(base_dir, "4bit"), LoraConfig(r=4, alpha=8, use_dora=True))
+    layer = model.model.layers[0].self_attn.v_proj
+    norms = dequantize_weight(layer.base_layer).float().norm(dim=1)
+    assert torch.allclose(layer.lora_magnitude_vector, norms)
+    randomize_lora(model)
+    quantized = _logits(model, IDS)
+    dequantize_model(model)  # the same DoRA model on dense bf16 copies of the kernels' weights
+    assert (quantized - _logits(model, IDS)).abs().max() <= 0.02 * quantized.abs().max()
+
+
+@needs_bnb
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapters_move_between_quantized_and_dense_bases(base_dir, tmp_path, kind):
+    from safetensors import safe_open
+
+    quantized = apply_lora(load(base_dir, kind), LoraConfig(r=4, alpha=8))
+    randomize_lora(quantized, seed=3)
+    save_adapter(quantized, tmp_path / "from_q")
+    plain = apply_lora(dense(base_dir), LoraConfig(r=4, alpha=8))
+    save_adapter(plain, tmp_path / "from_dense")
+
+    def layout(folder):
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        config = json.loads((folder / "adapter_config.json").read_text())
+        return shapes, {k: v for k, v in config.items() if k != "base_model_name_or_path"}
+
+    assert layout(tmp_path / "from_q") == layout(tmp_path / "from_dense")  # PEFT layout, same fingerprint
+    onto_dense = load_adapter(dense(base_dir), tmp_path / "from_q")
+    onto_quantized = load_adapter(load(base_dir, kind), tmp_path / "from_dense")
+    for source, target in ((quantized, onto_dense), (plain, onto_quantized)):
+        source_lora = {k: v for k, v in source.state_dict().items() if ".lora_" in k}
+        target_lora = {k: v for k, v in target.state_dict().items() if ".lora_" in k}
+        assert source_lora.keys() == target_lora.keys()
+        assert all(torch.equal(source_lora[k].float(), target_lora[k].float()) for k in source_lora)
+
+
+# ---- merging a quantised base ---------------------------------------------------------------
+
+def _trained_adapter(base_dir, folder, kind):
+    model = apply_lora(load(base_dir, kind), LoraConfig(r=4, alpha=8))
+    randomize_lora(model, seed=4)
+    save_adapter(model, folder, base_model_name=str(base_dir))
+    return model
+
+
+@needs_bnb
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_writes_a_dense_folder_that_reproduces_the_quantized_model(base_dir, tmp_path, capsys, kind):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.merge import _logits
+
+    adapted = _trained_adapter(base_dir, tmp_path / "adapter", kind)
+    code = main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged"),
+                 "--quantize", kind, "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dtype"] == "bfloat16" and result["dequantized_layers"] == 14
+    assert result["max_abs_logit_difference"] <= result["tolerance"]
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
+    assert not any("lora" in k or "SCB" in k or "quant" in k for k in merged.state_dict())
+    # independently of merge.py's own checks: the folder computes what the adapted 4/8-bit model does
+    reference = _logits(adapted, IDS)
+    assert (_logits(merged, IDS) - reference).abs().max() <= 0.02 * reference.abs().max()
+
+
+@needs_bnb
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_refuses_the_unquantized_weights(base_dir, tmp_path, monkeypatch, kind):
+    """Negative control: if the merge used the original weights instead of dequantising, the
+    layer check refuses (both kinds), and for NF4 so does the logit check on its own."""
+    import lorakit.lora.layer as layer_module
+    import lorakit.quantize as quantize_module
+    from lorakit.merge import merge_to_folder
+
+    _trained_adapter(base_dir, tmp_path / "adapter", kind)
+    originals = [m.weight.detach().float() for m in dense(base_dir).modules() if isinstance(m, torch.nn.Linear)]
+    real_dequantize = layer_module.dequantize_weight
+
+    def skip_dequantization(layer, dtype=None):
+        # the original a quantised layer came from is the nearest one (quantisation error ~10%,
+        # another random matrix ~140%)
+        weight = real_dequantize(layer, torch.float32)
+        same_shape = [w for w in originals if w.shape == weight.shape]
+        return min(same_shape, key=lambda w: float((w - weight).norm()))
+
+    monkeypatch.setattr(layer_module, "dequantize_weight", skip_dequantization)
+    with pytest.raises(MergeError, match="differs from what its 4/8-bit kernel computes"):
+        merge_to_folder(tmp_path / "adapter", tmp_path / "merged", quantize=kind)
+    assert not (tmp_path / "merged").exists()
+    if kind == "4bit":  # NF4's error is far above bf16 rounding: the logits alone catch it too
+        monkeypatch.setattr(quantize_module, "check_dequantized", lambda *args, **kwargs: 0.0)
+        with pytest.raises(MergeError, match="differ from the 4bit base"):
+            merge_to_folder(tmp_path / "adapter", tmp_path / "merged", quantize=kind)
+        assert not (tmp_path / "merged").exists()
