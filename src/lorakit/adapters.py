@@ -33,10 +33,10 @@ class _Stored:
 
 
 class AdapterSet:
-    def __init__(self, model: nn.Module, allow_other_base: bool = False):
+    def __init__(self, model: nn.Module, allow_other_base: bool = False, allow_pickle: bool = False):
         if hasattr(model, CONFIG_ATTR):
             raise ConfigError("AdapterSet needs a base model without adapters attached")
-        self.model, self.allow_other_base = model, allow_other_base
+        self.model, self.allow_other_base, self.allow_pickle = model, allow_other_base, allow_pickle
         self.fingerprint = base_fingerprint(model)
         self._adapters: dict[str, _Stored] = {}
         self.active: str | None = None
@@ -50,7 +50,7 @@ class AdapterSet:
         name = name or path.name if path.name != "adapter" else (name or path.parent.name)
         if name in self._adapters:
             raise ConfigError(f"an adapter named {name!r} is already loaded; give this one another name")
-        config, tensors, metadata = read_adapter(path)
+        config, tensors, metadata = read_adapter(path, self.allow_pickle)
         saved = metadata.get("lorakit_base_fingerprint")
         if saved and saved != self.fingerprint and not self.allow_other_base:
             attach_adapter(_Probe(), config, tensors, metadata, path)  # raises the standard mismatch message

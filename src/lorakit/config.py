@@ -174,12 +174,40 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML file written by lorakit or by hand")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}; fix the syntax") from None
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictSafeLoader) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
+    except yaml.constructor.ConstructorError as exc:
+        problem = _yaml_problem(exc)
+        fix = "keep one of them" if "given twice" in problem else \
+            "remove the tag: a config holds plain values (numbers, strings, lists, mappings) only"
+        raise ConfigError(f"config file {path} is not valid YAML for lorakit: {problem}; {fix}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}; fix the syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of options (e.g. `lora: {{r: 16}}`), not {type(raw).__name__}")
     return _place_keys(raw, path)
+
+
+class _StrictSafeLoader(yaml.SafeLoader):
+    """yaml.safe_load (no Python object tags), and a key given twice is an error, not last-wins."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (the YAML error text is several lines)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1})" if mark is not None else problem
 
 
 def _place_keys(raw: dict, path: Path) -> dict[str, dict[str, Any]]:
@@ -188,6 +216,9 @@ def _place_keys(raw: dict, path: Path) -> dict[str, dict[str, Any]]:
     placed: dict[str, dict[str, Any]] = {s.name: {} for s in SECTIONS}
     unknown = []
     for key, value in raw.items():
+        if key in placed and not isinstance(value, dict) and value is not None:
+            raise ConfigError(f"{key} in {path} must be a mapping of options (e.g. `{key}: {{...}}`), "
+                              f"not {type(value).__name__}")
         if key in placed and isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 name = _field_name(key, sub_key)

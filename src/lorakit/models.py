@@ -432,11 +432,13 @@ def load_model_and_tokenizer(
 def _load_model_from(
     source: ModelSource, target: str, kwargs: dict[str, Any], torch_dtype: Any, auto_class: Any
 ) -> Any:
+    from safetensors import SafetensorError
+
     if auto_class is None:
         from transformers import AutoModelForCausalLM as auto_class
     try:
         model = auto_class.from_pretrained(target, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # a truncated file: SafetensorError
         raise _load_error(source, exc, kwargs) from exc
     model.eval()
     return model

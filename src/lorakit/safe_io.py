@@ -162,7 +162,30 @@ def atomic_save_safetensors(
     """Save tensors (moved to CPU, made contiguous) as a safetensors file atomically."""
     plain = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     meta = {"format": "pt", **(metadata or {})}
-    return _atomic_write(path, lambda tmp: _safetensors_save_file(plain, tmp, metadata=meta))
+
+    def fill(tmp: str) -> None:
+        _safetensors_save_file(plain, tmp, metadata=meta)
+        _sort_metadata_in_header(tmp)
+
+    return _atomic_write(path, fill)
+
+
+def _sort_metadata_in_header(path: str) -> None:
+    """safetensors writes ``__metadata__`` in hash-map order, which changes from process to
+    process; sort it in place so the same tensors and metadata always give the same bytes
+    (same checksums, byte-identical resumed runs). Sorting keeps the header's length."""
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+        header = json.loads(raw)
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        text += b" " * (size - len(text))
+        if len(text) == size:  # else leave the valid, merely unsorted, header alone
+            fh.seek(8)
+            fh.write(text)
 
 
 def load_safetensors_checked(path: str | os.PathLike) -> dict[str, torch.Tensor]:

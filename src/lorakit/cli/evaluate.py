@@ -14,6 +14,9 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "text", "instruction", "chat"])
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--allow-other-base", action="store_true", help="load an adapter made for another base model")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickle files (model *.bin, adapter_model.bin) with torch.load(weights_only=True)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -28,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.models import load_model_and_tokenizer
     from lorakit.train.loop import LoopSettings, evaluate
 
-    model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for([args.adapter]))
+    model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for([args.adapter]), allow_pickle=args.allow_pickle)
     data = tokenize_records(read_records(args.data), tokenizer, args.format, args.seq_len)
-    load_adapter(model, args.adapter)
+    load_adapter(model, args.adapter, allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle)
     device = next(model.parameters()).device
     settings = LoopSettings(lr=0, total_steps=0, warmup_steps=0, schedule="constant", grad_accum=1, max_grad_norm=0,
                             max_bad_steps=1, batch_size=args.batch_size, seq_len=args.seq_len, packing=True, seed=0,

@@ -41,6 +41,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--base", default=None, help="merged: base model folder or id (default: the adapter's base)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read a pickle adapter_model.bin (with torch.load(weights_only=True))")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="merged: merge an adapter made for another base model")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "gguf":
         result = _export_gguf(args)
     else:
-        result = export_merged(args.adapter, args.output, base=args.base)
+        result = export_merged(args.adapter, args.output, base=args.base, allow_pickle=args.allow_pickle,
+                               allow_other_base=args.allow_other_base)
         if not args.json:
             print(f"wrote merged model to {args.output}")
     if args.json:
@@ -89,10 +92,12 @@ def _export_gguf(args: argparse.Namespace) -> dict:
     return done.to_dict()
 
 
-def export_merged(adapter_dir: Path, output_dir: Path, base: str | None = None) -> dict:
+def export_merged(adapter_dir: Path, output_dir: Path, base: str | None = None, allow_pickle: bool = False,
+                  allow_other_base: bool = False) -> dict:
     """Thin call into `lorakit merge`'s library function."""
     from lorakit.merge import merge_to_folder
 
-    result = merge_to_folder(adapter_dir, output_dir, base=base)
+    result = merge_to_folder(adapter_dir, output_dir, base=base, allow_pickle=allow_pickle,
+                             allow_other_base=allow_other_base)
     return {"format": "merged", "output": str(output_dir),
             **(result if isinstance(result, dict) else {})}

@@ -20,6 +20,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--raw", action="store_true", help="continue raw text instead of a chat turn")
     p.add_argument("--allow-other-base", action="store_true", help="load an adapter made for another base model")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickle files (model *.bin, adapter_model.bin) with torch.load(weights_only=True)")
     p.set_defaults(func=run)
 
 
@@ -28,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.generate import generate_text
     from lorakit.models import load_model_and_tokenizer
 
-    model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for(args.adapter))
+    model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for(args.adapter), allow_pickle=args.allow_pickle)
     if args.adapter:
-        adapters = AdapterSet(model, allow_other_base=args.allow_other_base)
+        adapters = AdapterSet(model, allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle)
         for path in args.adapter:
             adapters.add(path)
         adapters.activate(args.use or adapters.names[0])

@@ -225,7 +225,8 @@ def export_vllm(
     check = check_vllm(adapter, max_lora_rank, allow_embeddings, base_config)
     if check.problems:
         raise AdapterFileError(
-            f"{adapter.folder} cannot be served by vLLM:\n  - " + "\n  - ".join(check.problems)
+            f"{adapter.folder} cannot be served by vLLM (fix what each line says, or re-save the adapter "
+            "from its training run):\n  - " + "\n  - ".join(check.problems)
         )
     output = Path(output_dir)
     _check_output_folder(output, adapter.folder)

@@ -193,6 +193,7 @@ def attach_adapter(model: nn.Module, config_dict: dict, tensors: dict, metadata:
                    trainable: bool = False, allow_other_base: bool = False) -> nn.Module:
     """Wrap and fill a model from an adapter already read into memory (see read_adapter)."""
     _check_fingerprint(model, metadata, path, allow_other_base)
+    _check_finite(tensors, path)
     config = lora_config_from_peft(config_dict)
     ranks = _ranks_from_tensors(config, tensors, path)
     _check_modules_exist(model, ranks, path)
@@ -228,6 +229,13 @@ def _check_fingerprint(model, metadata: dict, path, allow_other_base: bool) -> N
             f"this model {current}); load it onto its own base model, or pass --allow-other-base "
             "if you are sure the shapes and weights correspond"
         )
+
+
+def _check_finite(tensors: dict, path) -> None:
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterFileError(f"{path}: tensor {PREFIX}{key} holds NaN or inf values; the adapter is damaged "
+                                   "(a diverged run?): train it again or use an earlier checkpoint")
 
 
 def _ranks_from_tensors(config: LoraConfig, tensors: dict, path) -> dict[str, tuple[int, float]]:

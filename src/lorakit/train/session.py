@@ -79,8 +79,6 @@ class Session:
         checkpoint = ckpt.load_checkpoint(path)
         saved = checkpoint.trainer_state
         if saved.get("fingerprint") not in (None, self.fingerprint):
-            from lorakit.errors import AdapterMismatchError
-
             raise AdapterMismatchError(f"the checkpoint {path} was made for another base model; "
                                        "resume with the same --model, or start a new --output")
         _check_tensors_fit(path, self.p.model, checkpoint.model_tensors)
@@ -165,6 +163,9 @@ class Session:
         if self.metrics is not None:  # rank 0 only
             self.metrics.write(json.dumps(entry) + "\n")
             self.metrics.flush()
+        self._to_tensorboard(entry)
+
+    def _to_tensorboard(self, entry: dict) -> None:
         if self.tensorboard is not None:
             for key, value in entry.items():
                 if key not in ("kind", "step") and isinstance(value, (int, float)):
@@ -229,7 +230,13 @@ class Session:
         atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in self.history))
         self.metrics = path.open("a", encoding="utf-8")
         if self.config.output.tensorboard:
-            self.tensorboard = _tensorboard_writer(self.out)
+            # resumed at step s: TensorBoard hides what the killed run logged from step s on (purge_step),
+            # the entries at s that the checkpoint kept are logged again, and later ones come anew
+            resumed = self.state.step > 0
+            self.tensorboard = _tensorboard_writer(self.out, purge_step=self.state.step if resumed else None)
+            for entry in self.history if resumed else []:
+                if entry.get("step") == self.state.step:
+                    self._to_tensorboard(entry)
 
     # ---- the end ---------------------------------------------------------------------------
     def finish(self) -> RunResult:
@@ -299,13 +306,13 @@ class _NoProgress:
         pass
 
 
-def _tensorboard_writer(out: Path):
+def _tensorboard_writer(out: Path, purge_step: int | None = None):
     """TensorBoard events beside the metrics when tensorboard is installed (it is optional)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(log_dir=str(out / "tensorboard"))
+    return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=purge_step)
 
 
 def _scale(config) -> float:

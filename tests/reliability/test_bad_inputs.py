@@ -1,0 +1,504 @@
+"""Every bad input a user can give, through the CLI: exit 2, one message, no traceback, no mess.
+
+The inputs live in tests/reliability/corpus/ (config/*.yaml, data/*) where they are files;
+damaged models, adapters, checkpoints and output folders are made from the shared tiny model
+and trained run (conftest.py) by the `setup` of each case. Each case asserts:
+
+- exit code 2;
+- one `error:` message on stderr holding a fragment naming the problem AND one naming the fix;
+- no traceback;
+- nothing written: the --output folder is exactly as before (absent, or unchanged), no temp
+  folders beside it; where a run starts and then fails (disk full), the earlier checkpoints are
+  intact and nothing looks finished (no summary.json, no adapter/).
+
+Most cases run `lorakit.cli.main` in-process (fast); `test_real_processes_print_no_traceback`
+runs a few as real `python -m lorakit` processes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lorakit.cli import main
+from lorakit.train import checkpoint as ckpt
+from reliability_kit import CORPUS, LORAKIT, child_env
+from tiny_models import write_define_data
+
+
+@dataclass
+class Ctx:
+    tiny: object
+    trained: Path
+    other_model: Path
+    tmp: Path
+    monkeypatch: pytest.MonkeyPatch
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "out"
+
+    @property
+    def adapter(self) -> Path:
+        return self.tmp / "adapter"
+
+    @property
+    def model(self) -> Path:
+        return self.tmp / "model"
+
+    def paths(self) -> dict[str, str]:
+        return {"tmp": str(self.tmp), "out": str(self.out), "adapter": str(self.adapter), "model": str(self.model),
+                "tiny_model": str(self.tiny.model), "data": str(self.tiny.data), "other": str(self.other_model)}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: Callable[[Ctx], list[str]]
+    problem: str  # a fragment of the message that names the problem
+    fix: str  # a fragment that names the fix
+    setup: Callable[[Ctx], None] | None = None
+    writes: bool = False  # the run starts, then fails: check `after` instead of "nothing written"
+    after: Callable[[Ctx], None] | None = None
+
+
+# ---- argv builders ---------------------------------------------------------------------------
+
+def _fill(ctx: Ctx, args) -> list[str]:
+    return [str(a).format(**ctx.paths()) for a in args]
+
+
+def train(*extra, data: str | None = None, config: str | None = None):
+    """`lorakit train` on the tiny model; `data` names a corpus file (or a {placeholder} path)."""
+    def build(ctx: Ctx) -> list[str]:
+        data_path = ctx.tiny.data if data is None else (data if "{" in data else CORPUS / "data" / data)
+        argv = ["train", *([str(CORPUS / "config" / config)] if config else []), "--model", str(ctx.tiny.model),
+                "--data", str(data_path), "--output", str(ctx.out), "--max-steps", "2", "--batch-size", "4",
+                "--seq-len", "64", "--eval-split", "0", "--seed", "3", "--save-every", "1"]
+        rank = [] if config else ["--r", "4"]  # a flag would override the config file's value
+        return _fill(ctx, argv + rank + list(extra))
+    return build
+
+
+def adapter_cmd(command: str, *extra):
+    """An adapter-reading command on the damaged copy of the trained adapter."""
+    def build(ctx: Ctx) -> list[str]:
+        a, m = str(ctx.adapter), str(ctx.tiny.model)
+        argv = {"eval": ["eval", "--adapter", a, "--data", str(ctx.tiny.data), "--model", m, "--seq-len", "64"],
+                "generate": ["generate", "--adapter", a, "--model", m, "--max-new-tokens", "2"],
+                "merge": ["merge", "--adapter", a, "--model", m, "--output", str(ctx.out)],
+                "analyze": ["analyze", a, "--no-heatmap"],
+                "export": ["export", "--adapter", a, "--format", "vllm", "--output", str(ctx.out)]}[command]
+        return _fill(ctx, argv + list(extra)) + (["hello"] if command == "generate" else [])
+    return build
+
+
+def raw(*args):
+    return lambda ctx: _fill(ctx, args)
+
+
+# ---- damage ----------------------------------------------------------------------------------
+
+def _copy_adapter(ctx: Ctx) -> Path:
+    return Path(shutil.copytree(ctx.trained / "adapter", ctx.adapter))
+
+
+def _weights(ctx: Ctx) -> tuple[dict, dict]:
+    path = ctx.adapter / "adapter_model.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    return load_file(path), metadata
+
+
+def adapter_damage(kind: str):
+    def setup(ctx: Ctx) -> None:
+        _copy_adapter(ctx)
+        weights = ctx.adapter / "adapter_model.safetensors"
+        tensors, metadata = _weights(ctx)
+        first = sorted(tensors)[0]
+        if kind == "missing-tensor":
+            del tensors[first]
+        elif kind == "nan":
+            tensors[first] = torch.full_like(tensors[first], float("nan"))
+        elif kind == "other-base":
+            metadata["lorakit_base_fingerprint"] = "sha256:" + "0" * 32
+        if kind in ("missing-tensor", "nan", "other-base"):
+            save_file(tensors, weights, metadata=metadata)
+        elif kind == "truncated":
+            weights.write_bytes(weights.read_bytes()[:-100])
+        elif kind == "pickle":
+            torch.save(tensors, ctx.adapter / "adapter_model.bin")
+            weights.unlink()
+        elif kind == "no-weights":
+            weights.unlink()
+        elif kind == "bad-config":
+            (ctx.adapter / "adapter_config.json").write_text('{"r": 4, "lora_alpha": ')
+        elif kind != "none":
+            raise ValueError(kind)
+    return setup
+
+
+def model_damage(kind: str):
+    def setup(ctx: Ctx) -> None:
+        src, dst = ctx.tiny.model, ctx.model
+        if kind == "truncated":
+            shutil.copytree(src, dst)
+            weights = dst / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+            return
+        dst.mkdir()
+        if kind == "empty":
+            return
+        for item in src.iterdir():
+            if item.suffix != ".safetensors":
+                shutil.copy(item, dst / item.name)
+        if kind == "pickle-only":
+            torch.save(load_file(src / "model.safetensors"), dst / "pytorch_model.bin")
+    return setup
+
+
+def write_file(name: str, data: bytes):
+    return lambda ctx: (ctx.tmp / name).write_bytes(data)
+
+
+def copy_run(finished: bool = True):
+    def setup(ctx: Ctx) -> None:
+        shutil.copytree(ctx.trained, ctx.out)
+        if not finished:
+            (ctx.out / "summary.json").unlink()
+            shutil.rmtree(ctx.out / "adapter")
+    return setup
+
+
+def _rewrite_manifest(folder: Path) -> None:
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    for name, entry in manifest["files"].items():
+        data = (folder / name).read_bytes()
+        entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+def edit_trainer_state(change: Callable[[dict], None]):
+    """A hand-edited (or hostile) trainer_state.json in every checkpoint, manifests made to match."""
+    def setup(ctx: Ctx) -> None:
+        copy_run()(ctx)
+        for folder in ckpt.list_checkpoints(ctx.out / "checkpoints"):
+            state = json.loads((folder / ckpt.TRAINER_STATE).read_text())
+            change(state)
+            (folder / ckpt.TRAINER_STATE).write_text(json.dumps(state))
+            _rewrite_manifest(folder)
+    return setup
+
+
+def damage_all_checkpoints(ctx: Ctx) -> None:
+    copy_run()(ctx)
+    for folder in ckpt.list_checkpoints(ctx.out / "checkpoints"):
+        path = folder / ckpt.ADAPTER_FILE
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+def fewer_examples(ctx: Ctx) -> None:
+    copy_run()(ctx)
+    write_define_data(ctx.tmp / "small.jsonl", count=6)
+
+
+def read_only_output(ctx: Ctx) -> None:
+    """Root ignores chmod, so the file system's answer is simulated where the output is created."""
+    original = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == ctx.out:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return original(self, *args, **kwargs)
+
+    ctx.monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+def disk_full_at_second_checkpoint(ctx: Ctx) -> None:
+    """ENOSPC on the 4th safetensors write: checkpoint 1 writes three, checkpoint 2's first fails."""
+    import lorakit.safe_io as safe_io
+
+    original, calls = safe_io._safetensors_save_file, []
+
+    def save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    ctx.monkeypatch.setattr(safe_io, "_safetensors_save_file", save)
+
+
+def earlier_checkpoint_intact(ctx: Ctx) -> None:
+    root = ctx.out / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-000001"]
+    assert ckpt.verify_checkpoint(root / "step-000001") is None
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+    assert not (ctx.out / "summary.json").exists() and not (ctx.out / "adapter").exists()
+
+
+def both(*setups):
+    def setup(ctx: Ctx) -> None:
+        for step in setups:
+            step(ctx)
+    return setup
+
+
+# ---- the table -------------------------------------------------------------------------------
+
+CONFIG_CASES = [
+    Case("yaml-malformed", train(config="malformed.yaml"), "malformed.yaml is not valid YAML", "fix the syntax"),
+    Case("yaml-unknown-key", train(config="unknown_key.yaml"), "unknown key(s)", "lorakit train --help"),
+    Case("yaml-unknown-top-key", train(config="unknown_top_key.yaml"), "learning_rate", "lorakit train --help"),
+    Case("yaml-wrong-type-int", train(config="wrong_type_int.yaml"), "lora.r (config file)", "must be an integer"),
+    Case("yaml-wrong-type-bool", train(config="wrong_type_bool.yaml"), "data.packing (config file)", "must be true or false"),
+    Case("yaml-float-steps", train(config="wrong_type_float_steps.yaml"), "train.max_steps", "must be an integer"),
+    Case("yaml-top-level-list", train(config="top_level_list.yaml"), "not list", "must hold a mapping of options"),
+    Case("yaml-section-not-mapping", train(config="section_not_mapping.yaml"), "lora in", "must be a mapping of options"),
+    Case("yaml-python-object", train(config="python_object.yaml"), "python/object/apply", "remove the tag"),
+    Case("yaml-python-object-nested", train(config="python_object_nested.yaml"), "python/object/apply", "remove the tag"),
+    Case("yaml-latin1", train(config="latin1.yaml"), "is not UTF-8 text", "save it as UTF-8"),
+    Case("yaml-duplicate-key", train(config="duplicate_key.yaml"), "key 'r' is given twice", "keep one of them"),
+    Case("yaml-r-zero", train(config="r_zero.yaml"), "r must be a positive integer, got 0", "8, 16 or 64"),
+    Case("yaml-alpha-negative", train(config="alpha_negative.yaml"), "got -16", "alpha must be a positive number"),
+    Case("yaml-dropout-range", train(config="dropout_out_of_range.yaml"), "got 1.5", "dropout must be in [0, 1)"),
+    Case("yaml-lr-nan", train(config="lr_nan.yaml"), "got nan", "--lr must be positive"),
+    Case("yaml-output-not-string", train(config="output_not_string.yaml"), "output.output (config file)", "must be a string"),
+    Case("yaml-missing-file", train("{tmp}/nope.yaml"), "nope.yaml does not exist", "pass a YAML file"),
+]
+
+FLAG_CASES = [
+    Case("flag-r-zero", train("--r", "0"), "got 0", "r must be a positive integer"),
+    Case("flag-alpha-negative", train("--alpha", "-8"), "got -8", "alpha must be a positive number"),
+    Case("flag-dropout-range", train("--dropout", "1.5"), "got 1.5", "dropout must be in [0, 1)"),
+    Case("flag-dropout-negative", train("--dropout", "-0.1"), "got -0.1", "dropout must be in [0, 1)"),
+    Case("flag-lr-negative", train("--lr=-1e-3"), "got -0.001", "--lr must be positive"),
+    Case("flag-batch-size-zero", train("--batch-size", "0"), "got 0", "--batch-size must be at least 1"),
+    Case("flag-max-steps-zero", train("--max-steps", "0"), "got 0", "--max-steps must be positive"),
+    Case("flag-warmup-ratio", train("--warmup-ratio", "1.5"), "got 1.5", "--warmup-ratio must be in [0, 1)"),
+    Case("flag-seq-len-tiny", train("--seq-len", "4"), "got 4", "--seq-len must be at least 8"),
+    Case("flag-keep-zero", train("--keep-checkpoints", "0"), "got 0", "--keep-checkpoints must be at least 1"),
+    Case("flag-resume-and-overwrite", train("--resume", "--overwrite"), "contradict each other", "choose one"),
+    Case("flag-unknown", train("--rank", "8"), "unrecognized arguments: --rank", "usage:"),
+    Case("flag-bad-format-choice", train("--format", "xml"), "invalid choice: 'xml'", "choose from"),
+    Case("flag-r-not-int", train("--r", "abc"), "invalid int value: 'abc'", "usage:"),
+    Case("flag-targets-typo", train("--targets", "q_projj"), "'q_projj' matches no linear layer", "Did you mean 'q_proj'"),
+    Case("flag-targets-partly-typo", train("--targets", "q_proj,v_projj"), "'v_projj' matches no linear layer", "Did you mean 'v_proj'"),
+    Case("flag-targets-empty", train("--targets", ""), "target_modules is empty", "all-linear"),
+    Case("flag-rank-above-layer", train("--r", "100"), "cannot take rank 100 (at most 32)", "lower r or exclude them"),
+    Case("flag-eval-split-all", train("--eval-split", "100"), "leaves none of the 48 examples", "smaller eval split"),
+    Case("export-bad-format", raw("export", "--adapter", "{tmp}", "--format", "onnx", "--output", "{out}"),
+         "invalid choice: 'onnx'", "choose from"),
+]
+
+DATA_CASES = [
+    Case("data-missing", train(data="{tmp}/nope.jsonl"), "nope.jsonl does not exist", "check the path"),
+    Case("data-empty", train(data="empty.jsonl"), "empty.jsonl is empty", "at least one record"),
+    Case("data-blank-lines", train(data="blank_lines.jsonl"), "only blank lines", "at least one JSON record"),
+    Case("data-binary", train(data="binary.jsonl"), "looks binary (it contains NUL bytes)", "not a .jsonl text file"),
+    Case("data-utf16", train(data="utf16.jsonl"), "is UTF-16 encoded", "convert it to UTF-8"),
+    Case("data-latin1-jsonl", train(data="latin1.jsonl"), "line 1 is not valid UTF-8", "re-save the file as UTF-8"),
+    Case("data-latin1-txt", train(data="latin1.txt"), "line 1 is not valid UTF-8", "re-save the file as UTF-8"),
+    Case("data-bom", train(data="bom.jsonl"), "starts with a byte-order mark", "UTF-8 without BOM"),
+    Case("data-bad-json-line", train(data="bad_json_line.jsonl"), "line 3 is not valid JSON", "must be one JSON object"),
+    Case("data-array-line", train(data="array_line.jsonl"), "line 2 is a JSON list, not an object", 'must look like {"text": "..."}'),
+    Case("data-no-known-fields", train(data="no_known_fields.jsonl"), "cannot tell the data format", "expected 'messages'"),
+    Case("data-missing-field", train(data="missing_field.jsonl"), "line 2): field 'output' is missing", "expects the fields instruction, output"),
+    Case("data-wrong-field-type", train(data="wrong_field_type.jsonl"), "field 'instruction' is a int", "expects the fields"),
+    Case("data-unknown-role", train(data="unknown_role.jsonl"), "unknown role 'wizard'", "expected one of system, user"),
+    Case("data-empty-messages", train(data="empty_messages.jsonl"), "'messages' must be a non-empty list", "list of turns"),
+    Case("data-all-too-long", train(data="too_long.jsonl"), "all 3 examples are longer than --seq-len 64", "raise --seq-len"),
+    Case("data-no-trained-tokens", train(data="no_trained_tokens.jsonl"), "none of the 2 examples has a trained token", "check the text"),
+    Case("data-header-only-csv", train(data="header_only.csv"), "holds no records", "only a header"),
+    Case("data-not-parquet", train(data="not_parquet.parquet"), "is not a Parquet file", "check the file or its extension"),
+    Case("data-unsupported-extension", train(data="data.xml"), "unsupported extension '.xml'", "use .jsonl"),
+    Case("data-wrong-format-flag", train("--format", "instruction", data="chat_as_instruction.jsonl"),
+         "format instruction needs the column(s)", "but the data has ['messages']"),
+    Case("data-folder-not-dataset", train(data="{tmp}"), "is a folder but not a dataset saved", "pass the data files inside it"),
+    Case("data-eval-file-missing", train("--eval-data", "{tmp}/nope-eval.jsonl"), "nope-eval.jsonl does not exist", "check the path"),
+]
+
+MODEL_CASES = [
+    Case("model-missing", train("--model", "{tmp}/no-such-model"), "no such model folder or file", "pass a local folder with config.json"),
+    Case("model-empty-folder", train("--model", "{model}"), "has no config.json", "pass a local folder with config.json",
+         setup=model_damage("empty")),
+    Case("model-no-weights", train("--model", "{model}"), "has config.json but no weights", "copy the weight files",
+         setup=model_damage("no-weights")),
+    Case("model-pickle-only", train("--model", "{model}"), "holds only pickle weights", "pass --allow-pickle",
+         setup=model_damage("pickle-only")),
+    Case("model-truncated-weights", train("--model", "{model}"), "could not load the model", "re-save the model",
+         setup=model_damage("truncated")),
+    Case("model-fake-gguf", train("--model", "{tmp}/model.gguf"), "is not a GGUF file", "re-download or re-export it",
+         setup=write_file("model.gguf", b"not a gguf at all")),
+    Case("model-weights-file", train("--model", "{tmp}/pytorch_model.bin"), "is a file but not a .gguf file",
+         "a transformers model is a folder", setup=write_file("pytorch_model.bin", b"x")),
+    Case("model-is-an-adapter", train("--model", "{adapter}"), "it holds a LoRA adapter", "pass its base model as the model",
+         setup=adapter_damage("none")),
+]
+
+OUTPUT_CASES = [
+    Case("output-is-a-file", train(), "is a file", "choose a folder path", setup=write_file("out", b"not a folder")),
+    Case("output-holds-finished-run", train(), "already holds a finished run", "pass --resume to continue it",
+         setup=copy_run(finished=True)),
+    Case("output-holds-unfinished-run", train(), "already holds an unfinished run", "--overwrite to replace it",
+         setup=copy_run(finished=False)),
+    Case("output-read-only", train(), "Read-only file system", "choose a writable folder", setup=read_only_output),
+    Case("output-disk-full-during-checkpoint", train(), "disk full while writing", "free space or choose another --output",
+         setup=disk_full_at_second_checkpoint, writes=True, after=earlier_checkpoint_intact),
+    Case("resume-other-rank", train("--resume", "--r", "8"), "does not fit this run's LoRA layers",
+         "resume with the LoRA settings of that run", setup=copy_run()),
+    Case("resume-other-targets", train("--resume", "--targets", "qv"), "tensor(s) this run does not train",
+         "resume with the LoRA settings of that run", setup=copy_run()),
+    Case("resume-other-base-model", train("--resume", "--model", "{other}"), "was made for another base model",
+         "resume with the same --model", setup=copy_run()),
+    Case("resume-every-checkpoint-damaged", train("--resume"), "every checkpoint in", "pass --overwrite instead of --resume",
+         setup=damage_all_checkpoints),
+    Case("resume-hostile-trainer-state", train("--resume"), "is not a valid lorakit training state",
+         "delete this checkpoint folder", setup=edit_trainer_state(lambda s: s["state"].update(step=-3, evil="x"))),
+    Case("resume-other-data", train("--resume", data="{tmp}/small.jsonl"), "the data now makes",
+         "resume with the same data", setup=fewer_examples),
+]
+
+ADAPTER_CASES = [
+    Case("eval-adapter-missing-tensor", adapter_cmd("eval"), "is missing", "the adapter is incomplete",
+         setup=adapter_damage("missing-tensor")),
+    Case("generate-adapter-missing-tensor", adapter_cmd("generate"), "is missing", "the adapter is incomplete",
+         setup=adapter_damage("missing-tensor")),
+    Case("merge-adapter-missing-tensor", adapter_cmd("merge"), "is missing", "the adapter is incomplete",
+         setup=adapter_damage("missing-tensor")),
+    Case("analyze-adapter-missing-tensor", adapter_cmd("analyze"), "is missing", "the adapter is incomplete",
+         setup=adapter_damage("missing-tensor")),
+    Case("export-adapter-missing-tensor", adapter_cmd("export"), "is missing", "re-save the adapter",
+         setup=adapter_damage("missing-tensor")),
+    Case("eval-adapter-truncated", adapter_cmd("eval"), "not a valid safetensors file", "re-download or re-create it",
+         setup=adapter_damage("truncated")),
+    Case("generate-adapter-truncated", adapter_cmd("generate"), "not a valid safetensors file", "re-download or re-create it",
+         setup=adapter_damage("truncated")),
+    Case("merge-adapter-truncated", adapter_cmd("merge"), "not a valid safetensors file", "re-download or re-create it",
+         setup=adapter_damage("truncated")),
+    Case("analyze-adapter-truncated", adapter_cmd("analyze"), "not a valid safetensors file", "re-download or re-create it",
+         setup=adapter_damage("truncated")),
+    Case("export-adapter-truncated", adapter_cmd("export"), "is truncated", "re-copy or re-save the adapter",
+         setup=adapter_damage("truncated")),
+    Case("eval-adapter-other-base", adapter_cmd("eval"), "was trained on another base model", "pass --allow-other-base",
+         setup=adapter_damage("other-base")),
+    Case("generate-adapter-other-base", adapter_cmd("generate"), "was trained on another base model", "pass --allow-other-base",
+         setup=adapter_damage("other-base")),
+    Case("merge-adapter-other-base", adapter_cmd("merge"), "was trained on another base model", "pass --allow-other-base",
+         setup=adapter_damage("other-base")),
+    Case("eval-adapter-on-smaller-model", adapter_cmd("eval", "--model", "{other}", "--allow-other-base"),
+         "targets modules this model does not have", "load it onto the base model it was trained for",
+         setup=adapter_damage("none")),
+    Case("eval-adapter-pickle", adapter_cmd("eval"), "is a pickle file", "pass --allow-pickle", setup=adapter_damage("pickle")),
+    Case("generate-adapter-pickle", adapter_cmd("generate"), "is a pickle file", "pass --allow-pickle",
+         setup=adapter_damage("pickle")),
+    Case("merge-adapter-pickle", adapter_cmd("merge"), "is a pickle file", "pass --allow-pickle", setup=adapter_damage("pickle")),
+    Case("analyze-adapter-pickle", adapter_cmd("analyze"), "is a pickle file", "pass --allow-pickle",
+         setup=adapter_damage("pickle")),
+    Case("export-adapter-pickle", adapter_cmd("export"), "is a pickle file", "pass --allow-pickle", setup=adapter_damage("pickle")),
+    Case("eval-adapter-nan", adapter_cmd("eval"), "holds NaN or inf values", "train it again or use an earlier checkpoint",
+         setup=adapter_damage("nan")),
+    Case("analyze-adapter-nan", adapter_cmd("analyze"), "hold NaN or inf values", "train it again or use an earlier checkpoint",
+         setup=adapter_damage("nan")),
+    Case("merge-adapter-nan", adapter_cmd("merge"), "NaN or inf", "train it again", setup=adapter_damage("nan")),
+    Case("eval-adapter-config-not-json", adapter_cmd("eval"), "adapter_config.json is not valid JSON",
+         "restore it from the original adapter", setup=adapter_damage("bad-config")),
+    Case("generate-adapter-no-weights", adapter_cmd("generate"), "has no adapter_model.safetensors",
+         "the adapter's weights are missing", setup=adapter_damage("no-weights")),
+    Case("eval-adapter-folder-missing", adapter_cmd("eval"), "no adapter folder at", "pass the folder that holds"),
+    Case("merge-output-exists", adapter_cmd("merge"), "already exists", "pass --overwrite",
+         setup=both(adapter_damage("none"), write_file("out", b"keep me"))),
+]
+
+CASES = CONFIG_CASES + FLAG_CASES + DATA_CASES + MODEL_CASES + OUTPUT_CASES + ADAPTER_CASES
+
+
+def test_the_corpus_is_large_and_every_file_is_used():
+    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+    files = {p.name for p in (CORPUS / "config").iterdir()} | {p.name for p in (CORPUS / "data").iterdir()}
+    text = Path(__file__).read_text()
+    assert files and all(f'"{name}"' in text for name in files), sorted(n for n in files if f'"{n}"' not in text)
+
+
+# ---- running a case --------------------------------------------------------------------------
+
+def snapshot(path: Path) -> dict | None:
+    """Every file under `path` with its bytes' hash (None: the path does not exist)."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def assert_one_clear_message(case: Case, rc: int, out: str, err: str) -> None:
+    assert rc == 2, (rc, err[-2000:])
+    assert "Traceback" not in out + err, err[-3000:]
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    start = err.index("usage:") if ": error: " in errors[0] and "usage:" in err else err.index(errors[0])
+    message = err[start:]  # argparse: usage line + error; lorakit: the message and its continuation lines
+    assert case.problem in message, message
+    assert case.fix in message, message
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_through_the_cli(case, tiny, trained, other_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a YAML payload that ran would leave LORAKIT_PWNED here
+    ctx = Ctx(tiny, trained, other_model, tmp_path, monkeypatch)
+    if case.setup:
+        case.setup(ctx)
+    before = snapshot(ctx.out)
+    rc, out, err = run_cli(case.argv(ctx), capsys)
+    assert_one_clear_message(case, rc, out, err)
+    if case.writes:
+        case.after(ctx)
+    else:
+        assert snapshot(ctx.out) == before, "the failed command changed its output"
+    assert not list(tmp_path.glob(".tmp-*")), "a temp folder was left beside the output"
+    assert not (tmp_path / "LORAKIT_PWNED").exists()
+
+
+# ---- a few as real processes: what a user sees on a terminal ---------------------------------
+
+REAL_PROCESS_CASES = ["yaml-malformed", "flag-unknown", "eval-adapter-truncated"]
+
+
+def test_real_processes_print_no_traceback(tiny, trained, other_model, tmp_path, monkeypatch):
+    children = []
+    for case in [c for c in CASES if c.id in REAL_PROCESS_CASES]:
+        ctx = Ctx(tiny, trained, other_model, tmp_path / case.id, monkeypatch)
+        ctx.tmp.mkdir()
+        if case.setup:
+            case.setup(ctx)
+        child = subprocess.Popen([*LORAKIT, *case.argv(ctx)], env=child_env(), cwd=ctx.tmp, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        children.append((case, ctx, child))
+    for case, ctx, child in children:
+        out, err = child.communicate(timeout=240)
+        assert_one_clear_message(case, child.returncode, out, err)
+        assert not ctx.out.exists()
