@@ -51,6 +51,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(actions[0].choices) if actions else {}
+
+
 def _requested_command(argv: list[str] | None) -> str | None:
     args = sys.argv[1:] if argv is None else argv
     names = {name for name, _, _ in COMMANDS}
@@ -63,7 +68,10 @@ def _requested_command(argv: list[str] | None) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # report it with the subcommand's usage, which lists the flags that do exist
+        command = _subparsers(parser).get(getattr(args, "command", None), parser)
+        command.error(f"unrecognized arguments: {' '.join(unknown)} (see `{command.prog} --help`)")
     if not hasattr(args, "func"):
         parser.print_help()
         return 0 if not argv else 2
