@@ -1,0 +1,507 @@
+"""Recommend a complete, runnable training config from the model, the data and the memory budget.
+
+The guide gives the starting point; the data, the model's size and the budget move it:
+
+    guide preset (--task)  r = 16 domain | 8 style, classification | 64 new-concepts,
+                           alpha = 2r, adapters on all seven projections
+      │
+      ├─ data (tokenised with the model's own tokenizer)
+      │     trained (response) tokens  ─► rank: halve below 100K, x2 above 10M, x4 above 100M
+      │                                ─► epochs: 3 below 1M, 2 below 10M, else 1
+      │     example lengths (p99)      ─► seq_len: the next round length
+      ├─ model size                    ─► learning rate (then x 32/alpha when alpha > 32)
+      └─ memory budget (plan/estimate) ─► the largest micro-batch that fits without activation
+                                          checkpointing, else with it; grad_accum makes up an
+                                          effective batch of ~16 examples (32 above 10K examples)
+
+Every value carries a one-line reason, and a reason that departs from the guide says so
+("r=32 instead of 16: 40M trained tokens"). The evidence behind each rule is in
+docs/choosing-parameters.md. Nothing here is random: the same model, data and budget give the
+same config, byte for byte.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from lorakit.config import TASK_PRESETS, RunConfig, resolve, save_yaml
+from lorakit.errors import ConfigError
+
+GIB = 1024**3
+TINY_TOKENS, LARGE_TOKENS, HUGE_TOKENS = 100_000, 10_000_000, 100_000_000
+SMALL_SET_TOKENS = 1_000_000
+MIN_RANK, MAX_RANK = 4, 256
+ROUND_LENGTHS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192,
+                 12288, 16384, 24576, 32768, 65536, 131072)
+MIN_STEPS = 50  # shrink the effective batch rather than train for fewer optimizer steps
+# (params below, lr at alpha = 32, evidence) from the smallest model up; see the docs.
+LR_TIERS = ((1e9, 1e-3, "under 1B: small models take a high LR (lorakit's demo trains SmolLM2-135M at 1e-3)"),
+            (5e9, 5e-4, "1B-5B: Thinking Machines calibrated 1e-3 for Llama-3.2-1B/3B at batch 128; halved for "
+                        "batches of 16-32"),
+            (math.inf, 2e-4, "5B and up: the QLoRA and Unsloth default (Thinking Machines: 3e-4 for Llama-3.1-8B at "
+                             "batch 128)"))
+GPU_HEADROOM_BYTES, CPU_HEADROOM_BYTES = GIB // 2, GIB  # CUDA context / Python + torch runtime
+
+
+# ---- what the recommendation is made of ------------------------------------------------------
+
+@dataclass
+class Choice:
+    """One recommended value. `guide` is the guide's value (None where the guide is silent)."""
+
+    key: str  # "lora.r", "train.lr", ...
+    value: Any
+    reason: str
+    guide: Any = None
+
+    @property
+    def departs(self) -> bool:
+        return self.guide is not None and self.guide != self.value
+
+
+@dataclass
+class DataProfile:
+    examples: int
+    total_tokens: int
+    trained_tokens: int
+    length_mean: float
+    length_p50: int
+    length_p99: int
+    length_max: int
+    response_p50: int
+    response_p99: int
+    format: str
+
+
+@dataclass
+class ModelFacts:
+    name: str
+    params: int
+    model_type: str | None
+    max_positions: int | None
+    shape: Any = None  # plan.estimate.ModelShape, or None when the estimator cannot read the model
+    shape_note: str = ""
+
+
+@dataclass
+class Budget:
+    device: str  # "cuda" | "cpu"
+    total_bytes: int
+    source: str
+
+    @property
+    def usable_bytes(self) -> int:
+        headroom = GPU_HEADROOM_BYTES if self.device == "cuda" else CPU_HEADROOM_BYTES
+        return max(0, int(0.9 * self.total_bytes) - headroom)
+
+
+@dataclass
+class Recommendation:
+    config: RunConfig
+    choices: list[Choice]
+    data: DataProfile
+    model: ModelFacts
+    budget: Budget
+    memory: dict = field(default_factory=dict)  # the estimate for the chosen shape
+    notes: list[str] = field(default_factory=list)
+
+    def yaml(self) -> str:
+        return save_yaml(self.config)
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "choices": [{**asdict(c), "departs": c.departs} for c in self.choices],
+            "data": asdict(self.data),
+            "model": {"name": self.model.name, "params": self.model.params, "model_type": self.model.model_type,
+                      "max_positions": self.model.max_positions, "estimator": self.model.shape_note or "ok"},
+            "budget": {"device": self.budget.device, "total_bytes": self.budget.total_bytes,
+                       "usable_bytes": self.budget.usable_bytes, "source": self.budget.source},
+            "memory": self.memory,
+            "notes": self.notes,
+        }
+
+
+# ---- memory budgets --------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, flag: str = "--gpu-memory") -> int:
+    """'24GiB', '24GB', '24G' or '24' (GiB) -> bytes. Units are read as binary (GB = GiB):
+    GPU vendors quote binary sizes ('24 GB' cards hold 24 GiB)."""
+    match = _SIZE.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"{flag} {text!r} is not a memory size; write e.g. 24GiB, 80GB or 16")
+    unit = match.group(2).lower() or "g"
+    return int(float(match.group(1)) * 1024 ** "kmgt".index(unit) * 1024)
+
+
+def machine_memory_bytes() -> int:
+    """Total RAM (not free RAM: that changes from minute to minute, the recommendation must not)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        raise ConfigError("cannot read this machine's memory size; pass --memory, e.g. --memory 16GiB") from None
+
+
+def make_budget(device: str = "auto", gpu_memory: str | None = None, memory: str | None = None) -> Budget:
+    """The memory to plan for, from the flags, the GPU, or this machine's RAM."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if gpu_memory and memory:
+        raise ConfigError("--gpu-memory and --memory both given; --gpu-memory plans for a GPU, --memory for CPU RAM")
+    if gpu_memory and device == "cpu":
+        raise ConfigError("--gpu-memory contradicts --device cpu; use --memory for CPU RAM")
+    if memory and device == "cuda":
+        raise ConfigError("--memory is CPU RAM and contradicts --device cuda; use --gpu-memory")
+    if gpu_memory:
+        return Budget("cuda", parse_size(gpu_memory), f"--gpu-memory {gpu_memory}")
+    if memory:
+        return Budget("cpu", parse_size(memory, "--memory"), f"--memory {memory}")
+    return _detected_budget(device)
+
+
+def _detected_budget(device: str) -> Budget:
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no GPU is visible; pass --gpu-memory to plan for one elsewhere")
+        props = torch.cuda.get_device_properties(0)
+        return Budget("cuda", int(props.total_memory), f"GPU 0 ({props.name})")
+    return Budget("cpu", machine_memory_bytes(), "this machine's RAM")
+
+
+# ---- the rules -------------------------------------------------------------------------------
+
+def choose_rank(task: str, trained_tokens: int) -> Choice:
+    """The preset's rank, moved by the amount of data the adapter has to absorb."""
+    preset = TASK_PRESETS[task]["r"]
+    amount = f"{_count(trained_tokens)} trained tokens"
+    if trained_tokens < TINY_TOKENS:
+        r = max(MIN_RANK, preset // 2)
+        why = f"r={r} instead of {preset}: only {amount}; a smaller adapter holds them and overfits less"
+    elif trained_tokens > LARGE_TOKENS:
+        r = min(MAX_RANK, preset * (4 if trained_tokens > HUGE_TOKENS else 2))
+        why = f"r={r} instead of {preset}: {amount}; the rank needed grows with the data (Biderman et al. 2024, Thinking Machines 2025)"
+    else:
+        r = preset
+        why = f"the guide's --task {task} preset; {amount} is a medium-sized set"
+    return Choice("lora.r", r, why, guide=preset)
+
+
+def choose_epochs(trained_tokens: int) -> Choice:
+    amount = _count(trained_tokens)
+    if trained_tokens < SMALL_SET_TOKENS:
+        return Choice("train.epochs", 3.0, f"small set ({amount} trained tokens): three passes")
+    if trained_tokens < LARGE_TOKENS:
+        return Choice("train.epochs", 2.0, f"medium set ({amount} trained tokens): two passes")
+    return Choice("train.epochs", 1.0, f"large set ({amount} trained tokens): one pass is enough and repeats overfit")
+
+
+def choose_seq_len(length_p99: int, length_max: int, max_positions: int | None) -> Choice:
+    """The next round length that holds 99% of the examples whole (packing fills the rest)."""
+    limit = max_positions or ROUND_LENGTHS[-1]
+    fitting = [n for n in ROUND_LENGTHS if n >= length_p99 and n <= limit]
+    if not fitting:
+        return Choice("data.seq_len", limit, f"the model's context ({limit}); 1% of examples are longer than "
+                                               f"{length_p99} tokens and will be cut")
+    seq_len = fitting[0]
+    covered = "every example" if seq_len >= length_max else f"99% of examples (longest: {length_max}, cut)"
+    return Choice("data.seq_len", seq_len, f"covers {covered}; p99 length {length_p99} tokens, rounded up")
+
+
+def choose_lr(params: int, alpha: float) -> Choice:
+    """A tier by model size (at alpha = 32), lowered in proportion when alpha is larger."""
+    base, why = next((lr, why) for limit, lr, why in LR_TIERS if params < limit)
+    if alpha <= 32:
+        return Choice("train.lr", base, f"{_count(params)} parameters, {why}")
+    lr = float(f"{base * 32 / alpha:.2g}")
+    return Choice("train.lr", lr, f"{base:g} x 32/alpha: alpha={alpha:g} with alpha=2r makes each step's update "
+                                  f"{alpha / 32:g}x larger than at r=16 (Hu et al.: the update grows with r)")
+
+
+def target_examples(examples: int, epochs: float) -> tuple[int, str]:
+    """Examples per optimizer step: 16, or 32 for large sets; fewer when steps would be too few."""
+    target = 32 if examples >= 10_000 else 16
+    passes = int(examples * epochs)
+    if passes // target >= MIN_STEPS:
+        return target, f"an effective batch of ~{target} examples"
+    smaller = max(1, 2 ** int(math.log2(max(1, passes // MIN_STEPS))))
+    return smaller, f"an effective batch of ~{smaller} examples (not {target}: keeps >= {MIN_STEPS} optimizer steps)"
+
+
+def rows_per_step(examples_per_step: int, mean_length: float, seq_len: int, packing: bool) -> int:
+    """Sequences per optimizer step: packed rows hold several examples each."""
+    if not packing:
+        return _pow2_at_least(examples_per_step)
+    rows = examples_per_step * mean_length / seq_len
+    return max(1, 2 ** round(math.log2(max(rows, 1.0))))
+
+
+def fit_batch(rows: int, memory_of: Callable[[int, bool], int], usable: int) -> tuple[int, bool, int]:
+    """(micro-batch, checkpointing, predicted bytes): the largest power-of-two micro-batch up to
+    `rows` that fits without activation checkpointing (faster), else the largest with it."""
+    for checkpointing in (False, True):
+        batch = rows
+        while batch >= 1:
+            need = memory_of(batch, checkpointing)
+            if need <= usable:
+                return batch, checkpointing, need
+            batch //= 2
+    raise ConfigError(f"the model does not fit: one sequence with activation checkpointing needs "
+                      f"{memory_of(1, True) / GIB:.1f} GiB but the budget leaves {usable / GIB:.1f} GiB; "
+                      "plan for more memory or a smaller model")
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def _count(n: float) -> str:
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.3g}{suffix}"
+    return str(int(n))
+
+
+# ---- reading the model and the data ----------------------------------------------------------
+
+def model_facts(spec: str | None) -> ModelFacts:
+    """Size, context and estimator shape from the model's config alone (no weights loaded)."""
+    from lorakit.models import resolve_model
+    from lorakit.plan.estimate import shape_from_dict
+
+    source = resolve_model(spec)
+    config = _hf_config(source)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    try:
+        shape, note = shape_from_dict(config.to_dict(), source.name), ""
+    except ConfigError as exc:
+        shape, note = None, f"memory not estimated: {exc}"
+    return ModelFacts(source.name, _count_params(config), getattr(config, "model_type", None),
+                      int(limit) if isinstance(limit, int) else None, shape, note)
+
+
+def _hf_config(source) -> Any:
+    from transformers import AutoConfig
+
+    from lorakit.errors import ModelLoadError
+    from lorakit.models import ensure_gguf_converted
+
+    target = source.location
+    if source.kind in ("builtin", "gguf"):
+        target = str(ensure_gguf_converted(source.location, builtin=source.kind == "builtin"))
+    try:
+        return AutoConfig.from_pretrained(target)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot read the model config of {source.name} ({type(exc).__name__}); pass a model "
+                             "folder with config.json, a .gguf file, or a hub id (needs network)") from None
+
+
+def _count_params(config: Any) -> int:
+    """Parameters of the model built on the meta device: exact, and no memory is allocated."""
+    return sum(p.numel() for p in meta_model_from_config(config).parameters())
+
+
+def meta_model_from_config(config: Any) -> Any:
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    for auto in (AutoModelForCausalLM, AutoModel):
+        try:
+            with torch.device("meta"):
+                return auto.from_config(config)
+        except (ValueError, KeyError):
+            continue
+    raise ConfigError(f"cannot build a {getattr(config, 'model_type', '?')} model from its config")
+
+
+def meta_model(spec: str | None) -> Any:
+    """The model's modules with no weights (names, shapes, kinds), from its config alone."""
+    from lorakit.models import resolve_model
+
+    return meta_model_from_config(_hf_config(resolve_model(spec)))
+
+
+def _tokenizer(spec: str | None) -> Any:
+    """The model's tokenizer; a local folder needs no weights (plan before downloading them)."""
+    from lorakit.errors import ModelLoadError
+    from lorakit.models import load_tokenizer, resolve_model
+
+    source = resolve_model(spec)
+    if source.kind != "local":
+        return load_tokenizer(spec)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.location)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"no usable tokenizer in {source.location} ({type(exc).__name__}); copy the tokenizer "
+                             "files (tokenizer.json, tokenizer_config.json) next to config.json") from None
+
+
+def profile_data(paths: list[str], tokenizer: Any, fmt: str, max_positions: int | None,
+                 train_on_inputs: bool = False) -> DataProfile:
+    """Token counts with the real tokenizer and chat template, examples uncut (up to the context)."""
+    from lorakit.data.formats import tokenize_records
+    from lorakit.data.reading import read_records
+
+    data = tokenize_records(read_records(paths), tokenizer, fmt, max_positions or ROUND_LENGTHS[-1], train_on_inputs)
+    lengths = data.lengths()
+    trained = np.asarray(data.dataset.select_columns(["num_labels"]).with_format("numpy")[:]["num_labels"])
+    pct = lambda values, q: int(np.percentile(values, q, method="higher"))  # noqa: E731
+    return DataProfile(
+        examples=len(data), total_tokens=int(lengths.sum()), trained_tokens=int(trained.sum()),
+        length_mean=round(float(lengths.mean()), 2), length_p50=pct(lengths, 50), length_p99=pct(lengths, 99),
+        length_max=int(lengths.max()), response_p50=pct(trained, 50), response_p99=pct(trained, 99), format=data.format,
+    )
+
+
+# ---- putting it together ---------------------------------------------------------------------
+
+def recommend(model: str | None = None, data: list[str] | None = None, task: str = "domain",
+              budget: Budget | None = None, fmt: str = "auto", eval_data: list[str] | None = None,
+              run_output: str = "runs/lorakit") -> Recommendation:
+    """The whole recommendation. data None: the built-in demo set (as `lorakit train`)."""
+    if task not in TASK_PRESETS:
+        raise ConfigError(f"--task must be one of {', '.join(TASK_PRESETS)}, got {task!r}")
+    data, eval_data = _data_paths(data, eval_data)
+    budget = budget or make_budget()
+    facts = model_facts(model)
+    profile = profile_data(data, _tokenizer(model), fmt, facts.max_positions)
+    choices, memory = plan_choices(task, profile, facts, budget)
+    notes = [facts.shape_note] if facts.shape_note else []
+    config = build_config(_model_spec(model), data, eval_data, fmt, task, choices, run_output)
+    return Recommendation(config, choices, profile, facts, budget, memory, notes)
+
+
+def plan_choices(task: str, profile: DataProfile, facts: ModelFacts, budget: Budget) -> tuple[list[Choice], dict]:
+    """Every choice from the profile, the model facts and the budget (no I/O: testable alone)."""
+    r = choose_rank(task, profile.trained_tokens)
+    alpha = 2.0 * r.value
+    alpha_why = "alpha = 2r (the guide): scale alpha/r = 2 at any rank"
+    if r.value >= 64:
+        alpha_why += "; at this rank also try --rslora (alpha/sqrt(r)), which keeps high ranks learning"
+    targets = _targets_choice(facts.model_type)
+    epochs = choose_epochs(profile.trained_tokens)
+    seq_len = choose_seq_len(profile.length_p99, profile.length_max, facts.max_positions)
+    per_step, per_step_why = target_examples(profile.examples, epochs.value)
+    rows = rows_per_step(per_step, profile.length_mean, seq_len.value, packing=True)
+    (quantize, batch, checkpointing), accum, memory = _fit(facts, budget, rows, seq_len.value, r.value)
+    return [
+        r, Choice("lora.alpha", alpha, alpha_why, guide=alpha), targets,
+        Choice("lora.rslora", False, "standard scaling alpha/r, as the guide assumes", guide=False),
+        choose_lr(facts.params, alpha), epochs, seq_len,
+        Choice("data.packing", True, "short examples share a row (no attention across them): little compute on padding"),
+        batch, Choice("train.grad_accum", accum, f"{batch.value} x {accum} = {rows} rows of {seq_len.value} tokens "
+                                                 f"per step: {per_step_why}"),
+        checkpointing, quantize,
+    ], memory
+
+
+def _targets_choice(model_type: str | None) -> Choice:
+    from lorakit.lora.targets import ARCH_PROJECTIONS
+
+    if model_type in ARCH_PROJECTIONS:
+        return Choice("lora.targets", "all", "all seven projections (the guide); attention-only LoRA trails all-layer "
+                                             "LoRA in QLoRA, Biderman et al. and Thinking Machines' runs", guide="all")
+    return Choice("lora.targets", "all-linear", f"all-linear instead of all: {model_type!r} has no projection table; "
+                                                "every linear layer except the output head", guide="all")
+
+
+def _fit(facts: ModelFacts, budget: Budget, rows: int, seq_len: int, r: int) -> tuple[list[Choice], int, dict]:
+    """([quantize, batch, checkpointing] choices, grad_accum, memory estimate) for the budget.
+
+    A GPU plan falls back to a 4-bit base (QLoRA) when the 16-bit base cannot fit at all."""
+    usable = budget.usable_bytes
+    if facts.shape is None:
+        batch = min(rows, 4)
+        return [Choice("model.quantize", "none", "no quantisation: memory could not be estimated"),
+                Choice("train.batch_size", batch, "a cautious micro-batch: the estimator cannot read this model"),
+                Choice("train.grad_checkpointing", False, "off: memory could not be estimated")], rows // batch, {}
+    options = ("none", "4bit") if budget.device == "cuda" else ("none",)  # bitsandbytes runs on GPUs only
+    for quantize in options:
+        memory_of = _memory_function(facts.shape, seq_len, r, budget.device, quantize)
+        try:
+            batch, checkpointing, need = fit_batch(rows, memory_of, usable)
+            break
+        except ConfigError:
+            if quantize == options[-1]:
+                raise
+            plain_need = memory_of(1, True)
+    where = f"{_gib(usable)} GiB usable of {_gib(budget.total_bytes)} GiB ({budget.source})"
+    quantize_why = ("the unquantised base fits: no quantisation" if quantize == "none" else
+                    f"QLoRA (4-bit NF4 base): the 16-bit base needs {_gib(plain_need)} GiB even at 1 row with "
+                    "checkpointing")
+    gc_why = (f"on: without it even 1 row needs {_gib(memory_of(1, False))} GiB; it recomputes each layer in backward"
+              if checkpointing else "off: the batch fits without it, and recomputing activations costs about a third more compute")
+    memory = {"predicted_peak_bytes": need, "usable_bytes": usable, "quantize": quantize,
+              "without_checkpointing_bytes": memory_of(batch, False), "with_checkpointing_bytes": memory_of(batch, True)}
+    return [Choice("model.quantize", quantize, quantize_why),
+            Choice("train.batch_size", batch, f"the largest micro-batch of {seq_len}-token rows that fits {where}: "
+                                              f"{_gib(need)} GiB predicted"),
+            Choice("train.grad_checkpointing", checkpointing, gc_why)], rows // batch, memory
+
+
+def _memory_function(shape: Any, seq_len: int, r: int, device: str, quantize: str = "none") -> Callable[[int, bool], int]:
+    from lorakit.plan.estimate import TrainShape, estimate_memory
+
+    dtype = "bf16" if device == "cuda" else "fp32"  # what `--dtype auto` loads on each device
+
+    def memory_of(batch: int, checkpointing: bool) -> int:
+        step = TrainShape(batch_size=batch, seq_len=seq_len, r=r, targets="all-linear", grad_checkpointing=checkpointing,
+                          dtype=dtype, quantize=quantize, fused_loss=True, loss_chunk_tokens=4096)
+        return estimate_memory(shape, step).total
+
+    return memory_of
+
+
+def build_config(model: str | None, data: list[str], eval_data: list[str], fmt: str, task: str,
+                 choices: list[Choice], run_output: str) -> RunConfig:
+    """A RunConfig from the choices, through the same resolve() that `lorakit train` uses."""
+    values: dict[str, dict] = {"model": {"name": model}, "data": {"data": data, "format": fmt, "eval_data": eval_data},
+                               "lora": {"task": task}, "train": {"max_steps": None}, "output": {"output": run_output}}
+    for choice in choices:
+        section, name = choice.key.split(".")
+        values[section][name] = choice.value
+    return resolve(values, {})
+
+
+def _data_paths(data: list[str] | None, eval_data: list[str] | None) -> tuple[list[str], list[str]]:
+    from lorakit.demo import DEMO_EVAL, DEMO_TRAIN
+
+    if not data:
+        return [str(DEMO_TRAIN)], [str(DEMO_EVAL)] if eval_data is None else _absolute(eval_data)
+    return _absolute(data), _absolute(eval_data or [])
+
+
+def _absolute(paths: list[str]) -> list[str]:
+    """Absolute paths, so the YAML runs from any folder; a missing file fails here, not at train time."""
+    from lorakit.errors import DataError
+
+    out = []
+    for path in paths:
+        resolved = Path(path).expanduser()
+        if not resolved.exists():
+            raise DataError(f"data file {path} does not exist; pass existing files to --data / --eval-data")
+        out.append(str(resolved.resolve()))
+    return out
+
+
+def _model_spec(model: str | None) -> str | None:
+    if model is not None and Path(model).expanduser().exists():
+        return str(Path(model).expanduser().resolve())
+    return model
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.1f}"

@@ -1,0 +1,369 @@
+"""Short trainings over a grid of rank, alpha, targets (and rsLoRA), to measure what they buy.
+
+    CONFIG.yaml ─► for each point (r, alpha, targets, rslora) of the grid:
+                     DIR/points/<slug>/   a normal training run (train.run.prepare + Session),
+                                          with the point's LoRA values and --max-steps
+    then         ─► DIR/sweep.json        grid, every point's summary, the best point, the guide's
+                    DIR/sweep.png         eval loss against trainable parameters, training time
+                                          and peak memory
+
+Resuming: a point whose folder holds summary.json (written last by every run) and the same
+requested config (point.json) is reused, not retrained; a point killed half-way has no
+summary.json and is retrained from scratch. A finished point whose config differs (another
+--max-steps, another base config) is never silently replaced: the sweep stops and asks for
+--overwrite or another --output.
+
+Peak memory is per point: the CUDA allocator's peak is reset before each point, and on Linux
+the process's resident-set high-water mark is reset through /proc/self/clear_refs (so CPU
+figures are the whole process, base model included, during that point).
+
+Alpha tokens: `2r` (any `<k>r`), `r`, or a number. Targets tokens: any lorakit target spec
+(all, attention, mlp, qv, all-linear, a module name); join names with `+` (q_proj+v_proj).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from lorakit.config import TASK_PRESETS, RunConfig, load_yaml, resolve
+from lorakit.errors import ConfigError, OutputError
+
+GUIDE_TARGETS = ("all", "all-linear")  # on Llama-style models both are the seven projections
+_ALPHA = re.compile(r"^(\d+(?:\.\d+)?)?r$")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    r: int
+    alpha: float
+    targets: str
+    rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
+
+    @property
+    def slug(self) -> str:
+        """A folder name: r16-a32-all, r64-a128-q_proj_v_proj-rslora."""
+        clean = re.sub(r"[^A-Za-z0-9_-]+", "_", self.targets).strip("_")[:40] or "targets"
+        if clean != self.targets:  # keep two specs that clean to the same text apart
+            clean += "-" + hashlib.sha256(self.targets.encode()).hexdigest()[:6]
+        return f"r{self.r}-a{self.alpha:g}-{clean}" + ("-rslora" if self.rslora else "")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "scale": self.scale, "slug": self.slug}
+
+
+@dataclass
+class Grid:
+    ranks: list[int]
+    alphas: list[str]
+    targets: list[str]
+    rslora: list[bool]
+
+    def points(self) -> list[SweepPoint]:
+        """Every combination in flag order, duplicates (e.g. alpha 2r and 32 at r=16) once."""
+        seen: dict[tuple, SweepPoint] = {}
+        for targets in self.targets:
+            for r in self.ranks:
+                for token in self.alphas:
+                    for rs in self.rslora:
+                        point = SweepPoint(r, alpha_for(token, r), targets, rs)
+                        seen.setdefault((point.r, point.alpha, point.targets, point.rslora), point)
+        return list(seen.values())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- parsing the grid flags ------------------------------------------------------------------
+
+def _tokens(text: str, flag: str) -> list[str]:
+    items = [t.strip() for t in str(text).split(",")]
+    if not items or any(not t for t in items):
+        raise ConfigError(f"{flag} {text!r} has an empty entry; write a comma-separated list like 4,16,64")
+    return items
+
+
+def parse_ranks(text: str) -> list[int]:
+    ranks = []
+    for token in _tokens(text, "--r"):
+        if not token.isdigit() or int(token) < 1:
+            raise ConfigError(f"--r: {token!r} is not a positive integer rank; write e.g. --r 4,16,64")
+        ranks.append(int(token))
+    return ranks
+
+
+def parse_alphas(text: str) -> list[str]:
+    tokens = _tokens(text, "--alpha")
+    for token in tokens:
+        alpha_for(token, 1)
+    return tokens
+
+
+def alpha_for(token: str, r: int) -> float:
+    """`2r` -> 2 * r, `r` -> r, `16` -> 16."""
+    match = _ALPHA.match(token)
+    if match:
+        return float(match.group(1) or 1) * r
+    try:
+        value = float(token)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"--alpha: {token!r} is not an alpha; use 2r, r, <k>r, or a positive number like 16")
+    return value
+
+
+def parse_targets(text: str) -> list[str]:
+    return [token.replace("+", ",") for token in _tokens(text, "--targets")]
+
+
+def parse_rslora(text: str) -> list[bool]:
+    choices = {"off": [False], "on": [True], "both": [False, True]}
+    if text not in choices:
+        raise ConfigError(f"--rslora must be off, on or both, got {text!r}")
+    return choices[text]
+
+
+def make_grid(r: str, alpha: str, targets: str, rslora: str = "off") -> Grid:
+    return Grid(parse_ranks(r), parse_alphas(alpha), parse_targets(targets), parse_rslora(rslora))
+
+
+# ---- one point -------------------------------------------------------------------------------
+
+def base_values(config_path: str | Path) -> dict[str, dict]:
+    """The YAML's values; the sweep needs its data named (no silent demo fallback)."""
+    values = load_yaml(config_path)
+    if not values.get("data", {}).get("data"):
+        raise ConfigError(f"{config_path} names no training data; add `data: {{data: [FILE.jsonl]}}` "
+                          "(`lorakit recommend --output FILE.yaml` writes a complete config)")
+    return values
+
+
+def point_config(values: dict[str, dict], point: SweepPoint, max_steps: int, folder: Path) -> RunConfig:
+    """The YAML's config with the point's LoRA values, --max-steps and the point's folder."""
+    merged = {section: dict(entries) for section, entries in values.items()}
+    merged.setdefault("lora", {}).update(r=point.r, alpha=point.alpha, targets=point.targets, rslora=point.rslora)
+    merged.setdefault("train", {})["max_steps"] = max_steps
+    merged.setdefault("output", {}).update(output=str(folder), resume=False, overwrite=False, dry_run=False)
+    return resolve(merged, {})
+
+
+def requested(config: RunConfig) -> dict:
+    """What decides a point's result: everything but the output section."""
+    return {k: v for k, v in config.to_dict().items() if k != "output"}
+
+
+def finished_summary(folder: Path, config: RunConfig, overwrite: bool) -> dict | None:
+    """The saved summary when this exact point already finished; None when it must (re)train."""
+    summary, marker = folder / "summary.json", folder / "point.json"
+    if not summary.is_file():
+        return None
+    saved = json.loads(marker.read_text()) if marker.is_file() else None
+    if saved == requested(config):
+        return json.loads(summary.read_text())
+    if overwrite:
+        return None
+    raise OutputError(f"{folder} holds a finished run with different settings than this sweep asks for "
+                      "(another base config or --max-steps); pass --overwrite to retrain it, or choose another --output")
+
+
+def train_point(config: RunConfig, log: Callable[[str], None]) -> tuple[dict | None, str | None]:
+    """(summary, interrupted signal) of one normal training run in this process."""
+    from lorakit.safe_io import atomic_write_json
+    from lorakit.train.run import claim_output, device_for, prepare
+    from lorakit.train.session import Session
+
+    folder, marker = Path(config.output.output), requested(config)
+    config.output.overwrite = folder.exists()  # a half-finished point starts again from scratch
+    _reset_peak_memory(device_for(config))
+    prepared = prepare(config)
+    out = claim_output(config)
+    atomic_write_json(out / "point.json", marker)
+    try:
+        result = Session(prepared, out, log=log).run()
+    finally:
+        del prepared
+        _release_memory()
+    return (None, result.interrupted) if result.interrupted else (result.summary, None)
+
+
+def _reset_peak_memory(device) -> None:
+    """Make the next peak-memory reading this point's own."""
+    import torch
+
+    _release_memory()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the resident-set high-water mark that getrusage reports
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _release_memory() -> None:
+    import ctypes
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:  # hand freed heap back to the OS so the next point's resident set starts low
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# ---- the sweep -------------------------------------------------------------------------------
+
+def check_targets(config: RunConfig, points: list[SweepPoint]) -> None:
+    """Fail before training anything when a target spec matches nothing in the model."""
+    from lorakit.lora.model import describe_modules, model_type, output_head_name
+    from lorakit.lora.targets import select_targets
+    from lorakit.plan.recommend import meta_model
+
+    model = meta_model(config.model.name)
+    modules, kind, head = describe_modules(model), model_type(model), output_head_name(model)
+    for spec in dict.fromkeys(p.targets for p in points):
+        select_targets(modules, spec, model_type=kind, output_head=head)
+
+
+def guide_point(task: str) -> SweepPoint:
+    r = TASK_PRESETS[task]["r"]
+    return SweepPoint(r, 2.0 * r, "all", False)
+
+
+def find_guide(points: list[SweepPoint], task: str) -> SweepPoint | None:
+    guide = guide_point(task)
+    for point in points:
+        if (point.r, point.alpha, point.rslora) == (guide.r, guide.alpha, False) and point.targets in GUIDE_TARGETS:
+            return point
+    return None
+
+
+def run_sweep(config_path: str | Path, grid: Grid, max_steps: int | None, output: str | Path,
+              overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Train (or reuse) every point, then write sweep.json and sweep.png. Returns sweep.json
+    (its "interrupted" names the signal when a point was stopped)."""
+    values = base_values(config_path)
+    max_steps = max_steps or values.get("train", {}).get("max_steps")
+    if not max_steps or int(max_steps) < 1:
+        raise ConfigError("a sweep needs a step budget: pass --max-steps N (or set train.max_steps in the config)")
+    out, points = Path(output), grid.points()
+    configs = {p.slug: point_config(values, p, int(max_steps), out / "points" / p.slug) for p in points}
+    check_targets(next(iter(configs.values())), points)
+    task = next(iter(configs.values())).lora.task
+    results: dict[str, dict] = {}
+    for point in points:
+        summary = finished_summary(out / "points" / point.slug, configs[point.slug], overwrite)
+        status = "reused" if summary is not None else "trained"
+        if summary is None:
+            log(f"sweep: training point {len(results) + 1}/{len(points)}: {point.slug}")
+            summary, stopped = train_point(configs[point.slug], log)
+            if stopped:  # Ctrl-C: the point reruns from scratch next time
+                return write_report(out, config_path, grid, max_steps, points, results, task, interrupted=stopped)
+        else:
+            log(f"sweep: reusing finished point {point.slug}")
+        results[point.slug] = {"point": point.to_dict(), "status": status, "summary": summary}
+        write_report(out, config_path, grid, max_steps, points, results, task)
+    report = write_report(out, config_path, grid, max_steps, points, results, task)
+    plot_sweep(report, out / "sweep.png")
+    return report
+
+
+def write_report(out: Path, config_path, grid: Grid, max_steps: int, points: list[SweepPoint],
+                 results: dict[str, dict], task: str, interrupted: str | None = None) -> dict:
+    """sweep.json, rewritten atomically after every point so a kill leaves a readable file."""
+    from lorakit.safe_io import atomic_write_json
+
+    metric = "final_eval_loss" if all(r["summary"].get("final_eval_loss") is not None for r in results.values()) \
+        else "train_loss"
+    guide = find_guide(points, task)
+    report = {
+        "config": str(Path(config_path).resolve()), "max_steps": int(max_steps), "grid": grid.to_dict(),
+        "metric": metric, "points": list(results.values()),
+        "pending": [p.slug for p in points if p.slug not in results],
+        "best": _best(results, metric),
+        "guide": {"task": task, **guide_point(task).to_dict(), "in_grid": guide is not None,
+                  "slug": guide.slug if guide else None},
+        "interrupted": interrupted,
+    }
+    atomic_write_json(out / "sweep.json", report)
+    return report
+
+
+def _best(results: dict[str, dict], metric: str) -> str | None:
+    """Lowest loss; ties go to the point with fewer trainable parameters."""
+    scored = [(r["summary"][metric], r["summary"]["trainable_params"], slug) for slug, r in results.items()
+              if r["summary"].get(metric) is not None]
+    return min(scored)[2] if scored else None
+
+
+# ---- the figure ------------------------------------------------------------------------------
+
+PANELS = (("trainable_params", "trainable parameters", True),
+          ("wall_seconds", "training time (s)", False),
+          ("peak_memory_bytes", "peak memory (GiB)", False))
+
+
+def plot_sweep(report: dict, path: Path) -> None:
+    """Three panels of loss against cost; the best point starred, the guide's point ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = report["metric"]
+    rows = [(p["point"]["slug"], p["summary"]) for p in report["points"] if p["summary"].get(metric) is not None]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharey=True)
+    for ax, (key, label, log_x) in zip(axes, PANELS):
+        _panel(ax, rows, key, metric, report)
+        ax.set_xlabel(label)
+        ax.set_xscale("log" if log_x else "linear")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metric.replace("_", " "))
+    axes[0].legend(loc="best", fontsize=8)
+    guide = report["guide"]
+    fig.suptitle(f"LoRA sweep, {report['max_steps']} steps per point (star: best; ring: the guide's "
+                 f"--task {guide['task']} point{'' if guide['in_grid'] else ', not in this grid'})")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _panel(ax, rows: list[tuple[str, dict]], key: str, metric: str, report: dict) -> None:
+    scale = 2**30 if key == "peak_memory_bytes" else 1
+    for slug, summary in rows:
+        x, y = summary[key] / scale, summary[metric]
+        ax.scatter([x], [y], s=30, label=slug)
+        ax.annotate(slug, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if slug == report["best"]:
+            ax.scatter([x], [y], marker="*", s=260, facecolors="none", edgecolors="black")
+        if slug == report["guide"]["slug"]:
+            ax.scatter([x], [y], marker="o", s=220, facecolors="none", edgecolors="red", linewidths=1.5)
+
+
+def table_rows(report: dict) -> list[dict[str, Any]]:
+    """One flat row per point, for the CLI table and the docs."""
+    rows = []
+    for entry in report["points"]:
+        p, s = entry["point"], entry["summary"]
+        marks = [m for m, on in (("best", p["slug"] == report["best"]), ("guide", p["slug"] == report["guide"]["slug"])) if on]
+        rows.append({"point": p["slug"], "r": p["r"], "alpha": p["alpha"], "scale": p["scale"], "targets": p["targets"],
+                     "rslora": p["rslora"], "trainable_params": s["trainable_params"],
+                     "eval_loss": s.get("final_eval_loss"), "base_eval_loss": s.get("base_eval_loss"),
+                     "train_loss": s.get("train_loss"), "wall_seconds": s["wall_seconds"],
+                     "peak_memory_gib": s["peak_memory_bytes"] / 2**30, "status": entry["status"], "marks": marks})
+    return rows

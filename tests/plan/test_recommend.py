@@ -1,0 +1,190 @@
+"""`lorakit recommend`: deterministic, runnable, explains its departures, follows the budget."""
+
+import json
+
+import pytest
+
+from lorakit.cli import main
+from lorakit.errors import ConfigError
+from lorakit.plan.estimate import PRESETS, TrainShape, estimate_memory
+from lorakit.plan.recommend import (GIB, Budget, DataProfile, ModelFacts, choose_lr, choose_rank, choose_seq_len,
+                                    parse_size, plan_choices)
+
+from tiny_models import save_tiny_chat_model, write_define_data
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return save_tiny_chat_model(root / "model"), write_define_data(root / "train.jsonl", count=48)
+
+
+def recommend_args(tiny, *extra):
+    model, data = tiny
+    return ["recommend", "--model", str(model), "--data", str(data), "--device", "cpu", "--memory", "8GiB", *extra]
+
+
+def test_same_inputs_same_config_and_it_trains(tiny, tmp_path, capsys):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    assert main(recommend_args(tiny, "--output", str(first))) == 0
+    assert main(recommend_args(tiny, "--output", str(second), "--run-output", "runs/a")) == 0
+    assert first.read_bytes() == second.read_bytes()
+    capsys.readouterr()
+    assert main(recommend_args(tiny, "--json")) == 0
+    one = capsys.readouterr().out
+    assert main(recommend_args(tiny, "--json")) == 0
+    assert capsys.readouterr().out == one
+    # the written YAML is a complete config that `lorakit train` accepts as is
+    assert main(["train", str(first), "--dry-run"]) == 0
+    assert "trainable parameters" in capsys.readouterr().out
+
+
+def test_tiny_data_departs_from_the_guide_and_says_so(tiny, capsys):
+    assert main(recommend_args(tiny, "--json")) == 0
+    rec = json.loads(capsys.readouterr().out)
+    choices = {c["key"]: c for c in rec["choices"]}
+    assert rec["data"]["examples"] == 48 and rec["data"]["trained_tokens"] > 0
+    assert choices["lora.r"]["value"] == 8 and choices["lora.r"]["departs"]
+    assert "instead of 16" in choices["lora.r"]["reason"]
+    assert choices["lora.alpha"]["value"] == 16 and not choices["lora.alpha"]["departs"]
+    assert choices["lora.targets"]["value"] == "all"
+    assert choices["train.epochs"]["value"] == 3
+    # seq_len: a round length at or above the longest example (tiny model context: 256)
+    assert choices["data.seq_len"]["value"] >= rec["data"]["length_max"]
+    assert choices["data.seq_len"]["value"] in (64, 128, 192, 256)
+    for c in rec["choices"]:
+        assert c["reason"], c["key"]
+    config = rec["config"]
+    assert config["lora"]["r"] == 8 and config["train"]["lr"] == choices["train.lr"]["value"]
+
+
+def test_printed_table_flags_departures(tiny, capsys):
+    assert main(recommend_args(tiny, "--task", "style")) == 0
+    out = capsys.readouterr().out
+    assert "r=4 instead of 8" in out and "departs from the guide: lora.r" in out
+
+
+def test_rank_and_lr_follow_data_and_alpha():
+    big = choose_rank("domain", 40_000_000)
+    assert big.value == 32 and big.departs and big.reason.startswith("r=32 instead of 16: 40M trained tokens")
+    assert choose_rank("domain", 500_000_000).value == 64
+    medium = choose_rank("domain", 2_000_000)
+    assert medium.value == 16 and not medium.departs
+    assert choose_rank("new-concepts", 50_000).value == 32
+    assert choose_lr(135_000_000, 32).value == 1e-3
+    assert choose_lr(8_000_000_000, 32).value == 2e-4
+    lowered = choose_lr(8_000_000_000, 64)
+    assert lowered.value == 1e-4 and "32/alpha" in lowered.reason
+    assert choose_seq_len(70, 86, 8192).value == 128
+    assert choose_seq_len(900, 5000, 8192).value == 1024
+    capped = choose_seq_len(9000, 9000, 4096)
+    assert capped.value == 4096 and "cut" in capped.reason
+
+
+def profile(examples=20_000, mean=1500.0):
+    return DataProfile(examples=examples, total_tokens=int(examples * mean), trained_tokens=5_000_000,
+                       length_mean=mean, length_p50=1400, length_p99=1900, length_max=2600,
+                       response_p50=200, response_p99=900, format="chat")
+
+
+def one_b():
+    shape = PRESETS["1b"]
+    return ModelFacts("1b", shape.num_params(), "llama", 131072, shape)
+
+
+def need(batch, checkpointing, quantize=None, r=16, seq_len=2048):
+    step = TrainShape(batch_size=batch, seq_len=seq_len, r=r, targets="all-linear", grad_checkpointing=checkpointing,
+                      dtype="bf16", quantize=quantize, fused_loss=True, loss_chunk_tokens=4096)
+    return estimate_memory(PRESETS["1b"], step).total
+
+
+def budget_for(usable: float) -> Budget:
+    """A GPU budget whose usable part is `usable` bytes (the inverse of Budget.usable_bytes)."""
+    return Budget("cuda", int((usable + GIB // 2) / 0.9) + 1, "test")
+
+
+def pick(budget):
+    choices, memory = plan_choices("domain", profile(), one_b(), budget)
+    values = {c.key: c.value for c in choices}
+    return (values["train.batch_size"], values["train.grad_accum"], values["train.grad_checkpointing"],
+            values["model.quantize"], memory)
+
+
+def test_budget_moves_batch_and_checkpointing():
+    # 20K examples -> ~32 examples per step; 1500-token examples in 2048-token rows -> 32 rows
+    roomy = pick(Budget("cuda", 140 * GIB, "test"))
+    assert roomy[:4] == (32, 1, False, "none")
+    assert roomy[4]["predicted_peak_bytes"] == need(32, False)
+    # room for 4 rows without checkpointing: micro-batch 4, 8 accumulation steps
+    middle = pick(budget_for(need(4, False)))
+    assert middle[:4] == (4, 8, False, "none")
+    # not even one row fits without checkpointing: turn it on
+    tight_bytes = (need(1, True) + need(1, False)) / 2
+    assert need(1, True) < tight_bytes < need(1, False)
+    tight = pick(budget_for(tight_bytes))
+    assert tight[0] * tight[1] == 32 and tight[2:4] == (True, "none")
+    # the 16-bit base cannot fit at all: a 4-bit base (QLoRA) on a GPU
+    qlora = pick(budget_for(need(1, True) * 0.9))
+    assert qlora[3] == "4bit" and qlora[4]["predicted_peak_bytes"] <= need(1, True) * 0.9
+    with pytest.raises(ConfigError, match="does not fit"):
+        pick(budget_for(need(1, True, "4bit") * 0.9))
+    # a CPU plan never quantises (bitsandbytes needs a GPU)
+    with pytest.raises(ConfigError, match="does not fit"):
+        plan_choices("domain", profile(), one_b(), Budget("cpu", int(need(1, True) * 1.0), "test"))
+
+
+def test_budget_changes_the_written_config(tiny, capsys):
+    capsys.readouterr()
+    assert main(recommend_args(tiny, "--json")) == 0
+    roomy = json.loads(capsys.readouterr().out)
+    assert roomy["budget"]["device"] == "cpu" and roomy["memory"]["predicted_peak_bytes"] <= roomy["budget"]["usable_bytes"]
+    # a GPU plan is bf16 and reports its own budget
+    assert main(recommend_args(tiny, "--json")[:-5] + ["--gpu-memory", "2GiB", "--json"]) == 0
+    gpu = json.loads(capsys.readouterr().out)
+    assert gpu["budget"] == {"device": "cuda", "total_bytes": 2 * GIB, "usable_bytes": int(0.9 * 2 * GIB) - GIB // 2,
+                             "source": "--gpu-memory 2GiB"}
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == parse_size("24GB") == parse_size("24g") == parse_size("24") == 24 * GIB
+    assert parse_size("512MiB") == GIB // 2
+    for bad in ("abc", "0", "-4GB", "12XB"):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gpu-memory", "lots"], "not a memory size"),
+    (["--gpu-memory", "8GiB", "--device", "cpu"], "--gpu-memory"),
+    (["--data", "/no/such/file.jsonl"], "does not exist"),
+    (["--model", "/no/such/model"], "no such model"),
+    (["--output", "config.txt"], ".yaml"),
+])
+def test_bad_input_exits_2(tiny, extra, message, capsys):
+    model, data = tiny
+    args = ["recommend", "--model", str(model), "--data", str(data)]
+    if "--gpu-memory" not in extra:
+        args += ["--device", "cpu", "--memory", "8GiB"]
+    for i in range(0, len(extra), 2):  # a later flag replaces an earlier one
+        if extra[i] in args:
+            args[args.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            args += extra[i:i + 2]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_model_the_estimator_cannot_read_still_gets_a_runnable_config(tiny, tmp_path, capsys):
+    from tiny_models import tiny_gpt2, tiny_tokenizer
+
+    folder = tmp_path / "gpt2"
+    tiny_gpt2().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    out = tmp_path / "gpt2.yaml"
+    assert main(["recommend", "--model", str(folder), "--data", str(tiny[1]), "--device", "cpu", "--memory", "4GiB",
+                 "--output", str(out), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["memory"] == {} and any("memory not estimated" in note for note in rec["notes"])
+    assert rec["config"]["data"]["seq_len"] <= 128  # the model's context (n_positions)
+    assert main(["train", str(out), "--dry-run"]) == 0

@@ -1,0 +1,139 @@
+"""`lorakit sweep`: grid parsing, one normal run per point, resume without retraining, errors."""
+
+import json
+
+import pytest
+
+from lorakit.cli import main
+from lorakit.errors import ConfigError
+from lorakit.plan.sweep import Grid, SweepPoint, alpha_for, find_guide, make_grid
+
+from tiny_models import save_tiny_chat_model, write_define_data
+
+
+@pytest.fixture(scope="module")
+def base_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    model = save_tiny_chat_model(root / "model")
+    data = write_define_data(root / "train.jsonl", count=48)
+    config = root / "base.yaml"
+    config.write_text(f"model: {{name: {model}}}\ndata: {{data: [{data}], seq_len: 64, eval_split: 8}}\n"
+                      "train: {batch_size: 4, lr: 0.01, seed: 3}\n")
+    return config
+
+
+def test_grid_tokens_and_points():
+    assert alpha_for("2r", 8) == 16 and alpha_for("r", 8) == 8 and alpha_for("16", 8) == 16 and alpha_for("0.5r", 8) == 4
+    grid = make_grid("4,16", "2r,32", "qv,q_proj+v_proj", "both")
+    points = grid.points()
+    # r=16: alpha 2r == 32, so that pair appears once; 2 targets x (r4: 2 alphas, r16: 1) x 2 rslora
+    assert len(points) == 2 * 3 * 2
+    assert points[0] == SweepPoint(4, 8.0, "qv", False)
+    assert {p.targets for p in points} == {"qv", "q_proj,v_proj"}
+    assert len({p.slug for p in points}) == len(points)
+    assert SweepPoint(64, 64.0, "qv", True).scale == 8.0
+    for bad in (("0", "2r", "all"), ("4", "2x", "all"), ("4", "-1", "all"), ("4,,8", "2r", "all"), ("4", "2r", "")):
+        with pytest.raises(ConfigError):
+            make_grid(*bad)
+    guide = find_guide(Grid([8, 16], ["2r"], ["qv", "all"], [False]).points(), "domain")
+    assert guide == SweepPoint(16, 32.0, "all", False)
+    assert find_guide(Grid([8], ["2r"], ["all"], [False]).points(), "domain") is None
+
+
+def sweep_args(config, out, *extra):
+    return ["sweep", str(config), "--r", "2,16", "--alpha", "2r", "--targets", "all", "--max-steps", "2",
+            "--output", str(out), *extra]
+
+
+def test_sweep_resumes_without_retraining(base_config, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(sweep_args(base_config, out)) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "sweep.json").read_text())
+    slugs = [p["point"]["slug"] for p in report["points"]]
+    assert slugs == ["r2-a4-all", "r16-a32-all"] and report["pending"] == []
+    for entry in report["points"]:
+        s = entry["summary"]
+        assert entry["status"] == "trained" and s["steps"] == 2 and s["r"] == entry["point"]["r"]
+        assert s["final_eval_loss"] < s["base_eval_loss"]
+        assert (out / "points" / entry["point"]["slug"] / "adapter" / "adapter_model.safetensors").is_file()
+    # the guide's --task domain point (r16, alpha 32, all) is in the grid and marked
+    assert report["guide"]["slug"] == "r16-a32-all" and report["guide"]["in_grid"]
+    assert report["best"] in slugs and (out / "sweep.png").stat().st_size > 0
+    assert "guide" in printed and "r16-a32-all" in printed
+    kept, redone = out / "points" / "r2-a4-all", out / "points" / "r16-a32-all"
+    before = {p: p.stat().st_mtime_ns for p in kept.rglob("*") if p.is_file()}
+    (redone / "summary.json").unlink()  # as if killed before the end
+    assert main(sweep_args(base_config, out, "--json")) == 0
+    report = json.loads(capsys.readouterr().out)  # --json: stdout is sweep.json alone
+    assert {p: p.stat().st_mtime_ns for p in kept.rglob("*") if p.is_file()} == before
+    assert (redone / "summary.json").is_file()
+    assert [e["status"] for e in report["points"]] == ["reused", "trained"]
+    assert report == json.loads((out / "sweep.json").read_text())
+
+
+def test_changed_settings_need_overwrite(base_config, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", str(base_config), "--r", "2", "--targets", "qv", "--max-steps", "1", "--output", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args[:-4] + ["--max-steps", "2", "--output", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args[:-4] + ["--max-steps", "2", "--output", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "points" / "r2-a4-qv" / "summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--alpha", "2x"], "'2x' is not an alpha"),
+    (["--r", "four"], "not a positive integer"),
+    (["--targets", "q_prj"], "q_prj"),
+    (["--max-steps", "0"], "--max-steps"),
+])
+def test_bad_grid_exits_2_before_training(base_config, tmp_path, capsys, args, message):
+    out = tmp_path / "sweep"
+    full = ["sweep", str(base_config), "--r", "2", "--alpha", "2r", "--targets", "all", "--max-steps", "1",
+            "--output", str(out)]
+    for i in range(0, len(args), 2):
+        full[full.index(args[i]) + 1] = args[i + 1]
+    assert main(full) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (out / "points").exists()
+
+
+def test_missing_or_dataless_config_exits_2(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "nope.yaml"), "--max-steps", "1"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("lora: {r: 4}\n")
+    assert main(["sweep", str(empty), "--max-steps", "1", "--output", str(tmp_path / "o")]) == 2
+    assert "names no training data" in capsys.readouterr().err
+
+
+def test_killed_sweep_retrains_only_the_unfinished_point(base_config, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    args = ["sweep", str(base_config), "--r", "2,4", "--targets", "qv", "--max-steps", "8", "--output", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = out / "points" / "r4-a8-qv"
+    deadline = time.time() + 300
+    while not (second / "point.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: as if the machine went down
+    proc.wait()
+    assert not (second / "summary.json").exists(), "the second point finished before the kill"
+    first = out / "points" / "r2-a4-qv"
+    before = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
+    assert (first / "summary.json").is_file()
+    assert main(args + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [e["status"] for e in report["points"]] == ["reused", "trained"]
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == before
+    assert json.loads((second / "summary.json").read_text())["steps"] == 8
