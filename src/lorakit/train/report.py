@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from lorakit.lora import lora_layers, lora_report
 
@@ -71,5 +72,5 @@ def print_report(prepared, result, sample_before=None, sample_after=None) -> Non
     console.print(f"adapter: {s['adapter']}   summary: {result.output / 'summary.json'}   curves: {result.output / 'loss.png'}")
     if sample_before and sample_after:
         console.print(f"\n[bold]prompt[/bold]: {sample_before[0]}")
-        console.print(f"[bold]before[/bold]: {sample_before[1]}", markup=False, highlight=False)
-        console.print(f"[bold]after[/bold]:  {sample_after[1]}", markup=False, highlight=False)
+        for label, sample in (("before", sample_before), ("after ", sample_after)):
+            console.print(Text.assemble((f"{label}: ", "bold"), sample[1]), highlight=False)
