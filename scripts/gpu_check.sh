@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# lorakit on one H200, in ONE device run: correctness of the fast paths on CUDA, then
+# `lorakit bench` on the PERF.md shapes against PEFT. Planned to finish in about 6 minutes,
+# capped at 9 (each step has its own timeout inside an overall budget), so one call with
+# timeout_s=600 fits the 15 minutes of device time with the machine's start and one rerun.
+#
+#   1. pytest tests/kernels tests/lora -x        the kernel and engine tests (CPU reference paths)
+#   2. scripts/gpu_kernels.py                    the fused functions on CUDA, bf16 and fp32, against
+#                                                a float64 reference (min cosine >= 0.999)
+#   3. lorakit bench --preset gpu-1b --check     1b shape, 4 x 2048: speed + gradient/loss parity
+#   4. lorakit bench --preset gpu-1b --grad-checkpointing
+#   5. lorakit bench --preset gpu-8b --grad-checkpointing     8b shape, 2 x 2048
+#   6. lorakit bench --preset gpu-1b --variants lorakit --chunk-size 256
+#                                                the loss in 256-token chunks instead of 4096:
+#                                                ~3.5 GiB less logits memory predicted; speed?
+#
+# Results in $OUT (at most 8 files come back): gpu_check.log (the other commands' output),
+# pytest.log, kernels.json, bench_1b_check.json, bench_1b_ckpt.json, bench_8b_ckpt.json,
+# bench_1b_chunk256.json, summary.txt.
+# The short table printed last (summary.txt) is what to paste into docs/performance.md.
+#
+# How to run it (the device tool, repository root):
+#     run(command="bash scripts/gpu_check.sh", timeout_s=600)
+#
+# Wheels: none are needed. The device image has python 3.12, torch 2.11 (CUDA 13),
+# transformers 5.17, peft 0.21, triton, pytest, rich, pyyaml, safetensors, numpy; lorakit runs
+# from src/ (PYTHONPATH below, no install), and neither `lorakit bench` nor tests/kernels,
+# tests/lora import datasets or gguf. Optional: liger-kernel adds the peft-liger variant
+# (pure Python; needs torch and triton, both there). Prepare it once here, then carry .whl:
+#     echo /.whl/ >> .git/info/exclude
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5
+#     run(command="bash scripts/gpu_check.sh", timeout_s=600, carry=[".whl"])
+# This script installs whatever .whl/*.whl it finds into /tmp/site.
+
+set -u
+OUT="${OUT:-/tmp/lorakit_gpu_check}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+BUDGET="${BUDGET:-540}"  # seconds for all steps together; the device call's limit is 600
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY="${PYTHON:-python3}"
+STATUS=()
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    "$PY" - <<'EOF'
+import importlib.metadata as m, platform
+names = ["torch", "transformers", "peft", "triton", "liger-kernel", "rich", "pyyaml", "datasets"]
+def version(n):
+    try:
+        return m.version(n)
+    except m.PackageNotFoundError:
+        return "-"
+print("python", platform.python_version(), *(f"{n} {version(n)}" for n in names))
+EOF
+} >>"$LOG" 2>&1
+
+# step NAME CAP_SECONDS COMMAND...: run with timeout min(CAP, what is left of the budget)
+step() {
+    local name="$1" cap="$2"
+    shift 2
+    local left=$((BUDGET - SECONDS))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 30)); then
+        STATUS+=("$name: skipped, budget spent")
+        return
+    fi
+    echo "=== $name (timeout ${limit}s) $*" >>"$LOG"
+    local start=$SECONDS
+    timeout -k 10 "$limit" "$@"
+    local rc=$?
+    STATUS+=("$name: rc=$rc in $((SECONDS - start))s$([[ $rc == 124 || $rc == 137 ]] && echo ' (TIMED OUT)')")
+}
+
+bench() {  # bench NAME CAP ARGS...: JSON to $OUT/NAME.json, log to the log
+    local name="$1" cap="$2"
+    shift 2
+    step "$name" "$cap" bash -c 'out="$1" log="$2"; shift 2; "$0" -m lorakit bench --json "$@" >"$out" 2>>"$log"' \
+        "$PY" "$OUT/$name.json" "$LOG" "$@"
+}
+
+step pytest 120 bash -c "\"$PY\" -m pytest -x -q -p no:cacheprovider tests/kernels tests/lora >\"$OUT/pytest.log\" 2>&1"
+step kernels 60 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.json\" >>\"$LOG\" 2>&1"
+bench bench_1b_check 150 --preset gpu-1b --check
+bench bench_1b_ckpt 110 --preset gpu-1b --grad-checkpointing
+bench bench_8b_ckpt 170 --preset gpu-8b --grad-checkpointing
+bench bench_1b_chunk256 60 --preset gpu-1b --variants lorakit --chunk-size 256
+
+{
+    echo "steps (${SECONDS}s in all):"
+    printf '  %s\n' "${STATUS[@]}"
+    echo "--- kernels on CUDA"
+    grep -E "min cosine|no CUDA" "$LOG" || echo "  (no kernel results)"
+    echo "--- pytest"
+    tail -n 3 "$OUT/pytest.log" 2>/dev/null
+    "$PY" scripts/gpu_summary.py "$OUT"/bench_*.json
+} 2>&1 | tee "$OUT/summary.txt"

@@ -1,0 +1,663 @@
+"""Benchmark lorakit against PEFT: same model shape, same inputs, same LoRA, one table.
+
+Every variant gets a fresh random-initialised Llama-shaped model built from the preset's
+config (same seed), LoRA r on q,k,v,o,gate,up,down with alpha = 2r and dropout 0, AdamW
+(lr 1e-4) and the same batch. A step is forward + backward + optimizer step.
+
+    lorakit        apply_lora + enable_fast_paths (fused q/k/v, o and SwiGLU autograd) +
+                   causal_lm_loss (chunked lm_head + cross-entropy, no full logits), fused
+                   AdamW on CUDA: what `lorakit train` runs
+    peft           get_peft_model defaults (autocast_adapter_dtype=True: fp32 adapters)
+    peft-bf16      autocast_adapter_dtype=False: adapters in the base dtype (GPU only)
+    peft-liger     PEFT + Liger (rope, rmsnorm, swiglu, fused linear CE); GPU with
+                   liger-kernel installed; it patches transformers classes, so it runs last
+    lorakit-plain, lorakit-ce, lorakit-fused
+                   ablations: no fast path / only the chunked loss / only the fused blocks
+
+GPU: bf16 weights, no autocast, every variant in this process with `empty_cache` and
+`reset_peak_memory_stats` between them; peak = max allocated / reserved over the timed steps.
+CPU: fp32, each variant in a child process, because a process's peak RSS never goes down;
+peak = the child's peak RSS (imports and weights included). `interleave` (CPU) times all
+variants in one process taking steps in turn, so a shared machine's bursts of load hit them
+alike, and takes peak RSS from a short child per variant.
+
+Timing: `warmup` steps excluded, then over `steps` steps the median and min wall time (after a
+device sync) and the median process CPU time. "saved" is what autograd keeps for backward in
+one step (parameters excluded): a number noise cannot move.
+
+MFU = F x tokens/s / peak, with F the model FLOPs per trained token (`flops_per_token`,
+docs/performance.md) and the peak measured in the same run (bf16 8192^3 matmul on GPU, fp32
+2048^3 on CPU) unless given. `check` (bench_check.py): gradients and losses against PEFT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from lorakit.errors import ConfigError
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-plain", "lorakit-ce", "lorakit-fused")
+DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger")
+LR = 1e-4
+GIB = 2**30
+
+_SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+_LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)
+_LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True)
+# preset -> (model shape, batch, sequence length, device)
+PRESETS = {"cpu": (_SMOLLM2_135M, 4, 256, "cpu"), "gpu-1b": (_LLAMA_1B, 4, 2048, "cuda"),
+           "gpu-8b": (_LLAMA_8B, 2, 2048, "cuda"), "tiny": (_TINY, 2, 32, "cpu")}
+
+
+@dataclass
+class BenchSettings:
+    """What to run; None fields come from the preset (see `resolve`)."""
+
+    preset: str = "cpu"
+    r: int = 16
+    batch: int | None = None
+    seq_len: int | None = None
+    layers: int | None = None
+    grad_checkpointing: bool = False
+    packing: bool = False
+    steps: int = 10
+    warmup: int = 3
+    variants: list[str] | None = None
+    check: bool = False
+    check_steps: int = 5
+    peak_tflops: float | None = None
+    threads: int | None = None
+    isolate: bool = True  # CPU: a child process per variant (False: in this process, for tests)
+    interleave: bool = False  # CPU: speed from one process, variants' steps in turn; memory from children
+    device: str | None = None
+    chunk_size: int = 4096
+    seed: int = 0
+
+
+@dataclass
+class Plan:
+    """Settings with every field filled in, the model shape, and why variants were dropped."""
+
+    settings: BenchSettings
+    shape: dict
+    dtype: str
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> str:
+        return self.settings.device
+
+
+# ---- settings ----------------------------------------------------------------------------------
+
+def resolve(settings: BenchSettings) -> Plan:
+    """Fill the preset's defaults in, validate, and choose the variants that apply here."""
+    if settings.preset not in PRESETS:
+        raise ConfigError(f"--preset {settings.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    shape, batch, seq_len, device = PRESETS[settings.preset]
+    s = dataclasses.replace(settings, batch=settings.batch or batch, seq_len=settings.seq_len or seq_len,
+                            layers=settings.layers or shape["num_hidden_layers"],
+                            device=settings.device or device, threads=settings.threads or os.cpu_count() or 1)
+    _validate(s)
+    shape = {**shape, "num_hidden_layers": s.layers, "max_position_embeddings": max(s.seq_len, 2048)}
+    plan = Plan(s, shape, "bfloat16" if s.device == "cuda" else "float32")
+    s.variants = _choose_variants(settings.variants, plan)
+    return plan
+
+
+def _validate(s: BenchSettings) -> None:
+    for name in ("r", "batch", "seq_len", "layers", "steps", "check_steps", "chunk_size", "threads"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    if s.warmup < 0:
+        raise ConfigError(f"--warmup must be 0 or more, got {s.warmup}")
+    if s.device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda, got {s.device!r}")
+    if s.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--preset {s.preset} runs on a CUDA GPU and none is visible; use --preset cpu")
+    if s.interleave and s.device != "cpu":
+        raise ConfigError("--interleave is for CPU runs; on a GPU the variants already share one quiet process")
+    if s.peak_tflops is not None and s.peak_tflops <= 0:
+        raise ConfigError(f"--peak-tflops must be positive, got {s.peak_tflops}")
+
+
+def _choose_variants(asked: list[str] | None, plan: Plan) -> list[str]:
+    unknown = [v for v in asked or [] if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    chosen = []
+    for name in asked or DEFAULT_VARIANTS:
+        reason = _skip_reason(name, plan)
+        if reason is None:
+            chosen.append(name)
+        elif asked:  # dropping a default quietly is fine; dropping what was asked for is news
+            plan.notices.append(f"{name} skipped: {reason}")
+    if any(v.startswith("peft") for v in chosen) and importlib.util.find_spec("peft") is None:
+        raise ConfigError("the PEFT variants need peft: pip install peft, or run --variants lorakit")
+    # Liger patches transformers classes for the whole process: it runs last
+    return sorted(dict.fromkeys(chosen), key=lambda v: v == "peft-liger")
+
+
+def _skip_reason(name: str, plan: Plan) -> str | None:
+    if name == "peft-bf16" and plan.dtype == "float32":
+        return "the model is fp32 here, so it would equal peft"
+    if name == "peft-liger":
+        if plan.device != "cuda":
+            return "Liger's kernels are Triton, GPU only"
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger-kernel is not installed"
+    return None
+
+
+# ---- FLOPs -------------------------------------------------------------------------------------
+
+def projection_shapes(shape: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) of each adapted projection of one decoder layer."""
+    h, inter = shape["hidden_size"], shape["intermediate_size"]
+    head_dim = shape.get("head_dim") or h // shape["num_attention_heads"]
+    h_q, h_kv = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
+    return {"q_proj": (h, h_q), "k_proj": (h, h_kv), "v_proj": (h, h_kv), "o_proj": (h_q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def flops_per_token(shape: dict, r: int, context: float) -> dict:
+    """Model FLOPs per trained token with a frozen base, F = 4 N_mm + 6 N_lora + 6 L s h_q.
+
+    N_mm: parameters of every matmul (lm_head included, input embedding excluded); N_lora:
+    sum of r (in + out) over adapted layers; s: attention context (`context`: the sequence
+    length, or packed the token-weighted mean document length); h_q = heads x head_dim.
+    """
+    layers, projections = shape["num_hidden_layers"], projection_shapes(shape)
+    n_mm = layers * sum(i * o for i, o in projections.values()) + shape["vocab_size"] * shape["hidden_size"]
+    n_lora = layers * sum(r * (i + o) for i, o in projections.values())
+    h_q = projections["q_proj"][1]
+    attention = 6 * layers * context * h_q
+    return {"per_token": 4 * n_mm + 6 * n_lora + attention, "n_mm": n_mm, "n_lora": n_lora,
+            "attention": attention, "context": context}
+
+
+def measure_matmul_peak(device: str) -> float:
+    """Dense matmul TFLOP/s here: bf16 8192^3 on CUDA (mean of 10), fp32 2048^3 on CPU (best of 5)."""
+    if device == "cuda":
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ a
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            a @ a
+        end.record()
+        torch.cuda.synchronize()
+        return 2 * 8192**3 * 10 / (start.elapsed_time(end) / 1e3) / 1e12
+    a, best = torch.randn(2048, 2048), float("inf")
+    for _ in range(6):  # the first one warms up
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best / 1e12
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+def make_inputs(plan: Plan) -> dict:
+    """Seeded random tokens: {"lorakit": batch, "peft": batch, "tokens": real tokens, "context": s}.
+
+    Unpacked: both get (batch, seq_len) ids with labels = input_ids. Packed: variable-length
+    examples; lorakit gets the trainer's packed rows (block-causal 4D mask), PEFT the same
+    examples one per row, padded.
+    """
+    s = plan.settings
+    if not s.packing:
+        ids = torch.randint(0, plan.shape["vocab_size"], (s.batch, s.seq_len),
+                            generator=torch.Generator().manual_seed(s.seed))
+        batch = {"input_ids": ids.to(s.device), "labels": ids.to(s.device)}
+        return {"lorakit": batch, "peft": batch, "tokens": ids.numel(), "context": float(s.seq_len)}
+    from lorakit.data.batching import collate  # the trainer's collation
+
+    rows = _packed_rows(plan)
+    lengths = [len(ex["input_ids"]) for row in rows for ex in row]
+    mask_dtype = getattr(torch, plan.dtype)
+    return {"lorakit": collate(rows, True, s.seq_len, 0, mask_dtype=mask_dtype, device=s.device),
+            "peft": collate([ex for row in rows for ex in row], False, s.seq_len, 0, device=s.device),
+            "tokens": sum(lengths), "context": sum(n * n for n in lengths) / sum(lengths)}
+
+
+def _packed_rows(plan: Plan) -> list[list[dict]]:
+    """The first `batch` packed rows of random examples, 1/8 to 1 times seq_len long."""
+    from lorakit.data.batching import plan_batches
+
+    s, g = plan.settings, torch.Generator().manual_seed(plan.settings.seed)
+    examples, total = [], 0
+    while total < 2 * s.batch * s.seq_len:  # enough to fill `batch` rows
+        n = int(torch.randint(max(1, s.seq_len // 8), s.seq_len + 1, (1,), generator=g))
+        ids = torch.randint(0, plan.shape["vocab_size"], (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": ids})
+        total += n
+    first = plan_batches([len(e["input_ids"]) for e in examples], s.batch, s.seq_len, True,
+                         shuffle=False, seed=s.seed, epoch=0)[0]
+    return [[examples[i] for i in row] for row in first]
+
+
+# ---- models and variants -----------------------------------------------------------------------
+
+def build_model(plan: Plan) -> torch.nn.Module:
+    """A random-initialised LlamaForCausalLM of the plan's shape, dtype and device (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**plan.shape)
+    torch.manual_seed(plan.settings.seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, plan.dtype))  # built in place: an 8b fp32 copy is 32 GB
+    try:
+        with torch.device(plan.device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    if plan.settings.grad_checkpointing:
+        with warnings.catch_warnings():  # renamed in recent transformers; the old name works in all
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+@dataclass
+class Prepared:
+    model: torch.nn.Module
+    loss_fn: object  # batch -> 0-dim loss
+    optimizer: torch.optim.Optimizer
+    inputs_key: str  # "lorakit" or "peft": which batch this variant trains on
+    notices: list[str]
+
+
+def prepare_variant(name: str, plan: Plan) -> Prepared:
+    """A fresh model with the variant's adapters, loss and optimizer."""
+    if name == "peft-liger":
+        _apply_liger()  # before the model exists: it swaps classes' forwards
+    model = build_model(plan)
+    if name.startswith("peft"):
+        model = add_peft_adapters(model, plan, autocast_adapter_dtype=name != "peft-bf16")
+        loss_fn, notices, key = hf_loss(model), [], "peft"
+    else:
+        notices = add_lorakit_adapters(model, plan, fused=name in ("lorakit", "lorakit-fused"))
+        loss_fn, key = lorakit_loss(model, plan, chunked=name in ("lorakit", "lorakit-ce")), "lorakit"
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = plan.device == "cuda" and name.startswith("lorakit")
+    optimizer = torch.optim.AdamW(params, lr=LR, **({"fused": True} if fused else {}))
+    return Prepared(model, loss_fn, optimizer, key, notices)
+
+
+def add_lorakit_adapters(model, plan: Plan, fused: bool) -> list[str]:
+    from lorakit.lora import LoraConfig, apply_lora
+
+    apply_lora(model, LoraConfig(r=plan.settings.r, alpha=2 * plan.settings.r, target_modules=TARGETS))
+    if not fused:
+        return []
+    from lorakit.kernels.llama_patch import enable_fast_paths
+
+    return enable_fast_paths(model)
+
+
+def add_peft_adapters(model, plan: Plan, autocast_adapter_dtype: bool = True):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = PeftLoraConfig(r=plan.settings.r, lora_alpha=2 * plan.settings.r, lora_dropout=0.0,
+                            target_modules=TARGETS)
+    return get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def hf_loss(model):
+    """The model's own loss: full logits, upcast to fp32, then cross-entropy."""
+    return lambda batch: model(**batch, use_cache=False).loss
+
+
+def lorakit_loss(model, plan: Plan, chunked: bool):
+    if not chunked:
+        return hf_loss(model)
+    from lorakit.kernels.llama_patch import causal_lm_loss
+
+    return lambda batch: causal_lm_loss(model, batch, chunk_size=plan.settings.chunk_size)
+
+
+def _apply_liger() -> None:
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True)
+
+
+# ---- one variant -------------------------------------------------------------------------------
+
+class SavedForBackward:
+    """Bytes of distinct non-parameter storages autograd saves while the hooks are active."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.param_ptrs:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step(prepared: Prepared, batch: dict, device: str, hooks=None) -> tuple[float, float, float]:
+    """One forward + backward + optimizer step: (wall seconds, process CPU seconds, loss)."""
+    _sync(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with hooks or contextlib.nullcontext():
+        loss = prepared.loss_fn(batch)
+    loss.backward()
+    prepared.optimizer.step()
+    prepared.optimizer.zero_grad(set_to_none=True)
+    value = loss.item()  # syncs the device too
+    _sync(device)
+    return time.perf_counter() - start, time.process_time() - cpu_start, value
+
+
+def _new_raw(name: str) -> dict:
+    return {"variant": name, "wall_s": [], "cpu_s": [], "losses": [], "saved_bytes": None, "notices": []}
+
+
+def _record(raw: dict, timed: bool, result: tuple[float, float, float]) -> None:
+    raw["losses"].append(result[2])
+    if timed:
+        raw["wall_s"].append(result[0])
+        raw["cpu_s"].append(result[1])
+
+
+def run_steps(name: str, prepared: Prepared, batch: dict, plan: Plan) -> dict:
+    """Warm-up then timed steps of one variant; the first warm-up step also counts saved bytes."""
+    s, saved, raw = plan.settings, SavedForBackward(prepared.model), _new_raw(name)
+    for step in range(s.warmup + s.steps):
+        if step == s.warmup and plan.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        hooks = saved.hooks() if step == 0 and s.warmup > 0 else None
+        _record(raw, step >= s.warmup, train_step(prepared, batch, plan.device, hooks))
+    raw["saved_bytes"] = saved.nbytes if s.warmup > 0 else None
+    return raw
+
+
+def run_interleaved(plan: Plan, inputs: dict, log=print) -> dict[str, dict]:
+    """CPU speed, paired: every variant's model in this process, taking its steps in turn, so a
+    burst of load on a shared machine hits all variants alike. Memory is meaningless here."""
+    s = plan.settings
+    prepared = {name: prepare_variant(name, plan) for name in s.variants}
+    raws = {name: _new_raw(name) for name in s.variants}
+    for step in range(s.warmup + s.steps):
+        for name, p in prepared.items():
+            _record(raws[name], step >= s.warmup, train_step(p, inputs[p.inputs_key], plan.device))
+        times = {name: f" {raws[name]['wall_s'][-1]:.3g} s" if step >= s.warmup else "" for name in s.variants}
+        log(f"    step {step + 1}/{s.warmup + s.steps}: " +
+            ", ".join(f"{name} {raws[name]['losses'][-1]:.4f}{times[name]}" for name in s.variants))
+    return raws
+
+
+def measure_variant(name: str, plan: Plan, inputs: dict) -> dict:
+    """Build, train and measure one variant in this process."""
+    rss_before = _peak_rss_bytes()
+    prepared = prepare_variant(name, plan)
+    rss_built = _peak_rss_bytes()
+    raw = run_steps(name, prepared, inputs[prepared.inputs_key], plan)
+    raw.update(notices=prepared.notices, memory=_memory(plan.device, rss_before, rss_built))
+    del prepared
+    return raw
+
+
+def _memory(device: str, rss_before: int, rss_built: int) -> dict:
+    if device == "cuda":
+        return {"peak_allocated": torch.cuda.max_memory_allocated(),
+                "peak_reserved": torch.cuda.max_memory_reserved()}
+    return {"peak_rss": _peak_rss_bytes(), "rss_at_start": rss_before, "rss_built": rss_built}
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS. Linux: VmHWM, since ru_maxrss carries the parent's peak through
+    fork + exec (a child spawned by a big parent would report the parent's size)."""
+    hwm = _proc_field("/proc/self/status", "VmHWM")  # "123456 kB"
+    if hwm is not None:
+        return int(hwm.split()[0]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux and BSD report KiB
+
+
+def _proc_field(path: str, key: str) -> str | None:
+    """The value of `key: value` in a /proc file, None where there is none."""
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            for line in f:
+                if line.split(":", 1)[0].strip() == key:
+                    return line.split(":", 1)[1].strip()
+    return None
+
+
+def _release_cuda() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# ---- running the variants ----------------------------------------------------------------------
+
+def _child_main(request_json: str) -> None:
+    """Entry point of a CPU child: one variant, its raw measurements as the last stdout line."""
+    request = json.loads(request_json)
+    plan = resolve(BenchSettings(**request["settings"]))
+    torch.set_num_threads(plan.settings.threads)
+    raw = measure_variant(request["variant"], plan, make_inputs(plan))
+    raw["matmul_tflops"] = measure_matmul_peak("cpu")  # under this child's conditions
+    print(json.dumps(raw))
+
+
+def _spawn(name: str, plan: Plan) -> dict:
+    import lorakit
+
+    src = os.path.dirname(os.path.dirname(os.path.abspath(lorakit.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    request = json.dumps({"variant": name, "settings": asdict(plan.settings)})
+    out = subprocess.run([sys.executable, "-m", "lorakit.bench", request], capture_output=True, text=True, env=env)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        return {"variant": name, "error": "\n".join(out.stderr.strip().splitlines()[-3:]) or "no output"}
+    return json.loads(lines[-1])
+
+
+def run_variants(plan: Plan, inputs: dict, log=print) -> list[dict]:
+    """Raw measurements of every variant: CPU children (isolate), interleaved, or in-process."""
+    s = plan.settings
+    if s.interleave:
+        return _interleaved_with_memory(plan, inputs, log)
+    in_child, results = plan.device == "cpu" and s.isolate, []
+    for name in s.variants:  # on GPU Liger comes last: its patches stay for the process
+        log(f"  {name}: {'child process' if in_child else 'this process'}")
+        results.append(_spawn(name, plan) if in_child else _measure_here(name, plan, inputs))
+        log(f"    {_progress(results[-1])}")
+    return results
+
+
+def _interleaved_with_memory(plan: Plan, inputs: dict, log) -> list[dict]:
+    """Speed from run_interleaved; peak RSS and saved bytes from a short child per variant."""
+    speed = run_interleaved(plan, inputs, log)
+    short = dataclasses.replace(plan.settings, steps=1, warmup=1, interleave=False)
+    rows = []
+    for name in plan.settings.variants:
+        log(f"  {name}: memory in a child process (1 warm-up + 1 step)")
+        memory = _spawn(name, dataclasses.replace(plan, settings=short))
+        if "error" in memory:
+            rows.append(memory)
+            continue
+        rows.append({**speed[name], **{k: memory[k] for k in ("memory", "saved_bytes", "notices")}})
+    return rows
+
+
+def _progress(raw: dict) -> str:
+    if "error" in raw:
+        return f"failed: {raw['error']}"
+    mem = raw["memory"]
+    peak = mem.get("peak_allocated", mem.get("peak_rss", 0)) / GIB
+    return (f"median step {statistics.median(raw['wall_s']):.2f} s, CPU {statistics.median(raw['cpu_s']):.2f} s, "
+            f"peak {peak:.2f} GiB, first loss {raw['losses'][0]:.4f}")
+
+
+def _measure_here(name: str, plan: Plan, inputs: dict) -> dict:
+    _release_cuda()
+    try:
+        return measure_variant(name, plan, inputs)
+    except torch.cuda.OutOfMemoryError as exc:
+        return {"variant": name, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+    finally:
+        _release_cuda()
+
+
+# ---- summary -----------------------------------------------------------------------------------
+
+def summarize(raw: dict, tokens: int, flops: float, peak_tflops: float, device: str) -> dict:
+    """One variant's figures from its raw measurements."""
+    if "error" in raw:
+        return {"variant": raw["variant"], "error": raw["error"]}
+    step = statistics.median(raw["wall_s"])
+    tokens_per_s = tokens / step
+    mem = raw["memory"]
+    row = {"variant": raw["variant"], "step_ms": 1e3 * step, "min_step_ms": 1e3 * min(raw["wall_s"]),
+           "cpu_ms": 1e3 * statistics.median(raw["cpu_s"]), "timed_steps": len(raw["wall_s"]),
+           "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / (peak_tflops * 1e12),
+           "saved_gib": None if raw["saved_bytes"] is None else raw["saved_bytes"] / GIB,
+           "first_loss": raw["losses"][0], "last_loss": raw["losses"][-1], "notices": raw["notices"]}
+    if device == "cuda":
+        row.update(peak_allocated_gib=mem["peak_allocated"] / GIB, peak_reserved_gib=mem["peak_reserved"] / GIB)
+        row["peak_gib"] = row["peak_allocated_gib"]
+    else:
+        row.update(peak_rss_gib=mem["peak_rss"] / GIB, rss_growth_gib=(mem["peak_rss"] - mem["rss_built"]) / GIB)
+        row["peak_gib"] = row["peak_rss_gib"]
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed (tokens/s, and CPU time) and peak-memory ratios against peft and peft-bf16."""
+    by_name = {r["variant"]: r for r in rows if "error" not in r}
+    for row in rows:
+        if "error" in row:
+            continue
+        for base_name, suffix in (("peft", "peft"), ("peft-bf16", "peft_bf16")):
+            base = by_name.get(base_name)
+            row[f"speed_vs_{suffix}"] = base and row["tokens_per_s"] / base["tokens_per_s"]
+            row[f"cpu_speed_vs_{suffix}"] = base and base["cpu_ms"] / row["cpu_ms"]
+            row[f"memory_vs_{suffix}"] = base and row["peak_gib"] / base["peak_gib"]
+
+
+def environment(plan: Plan) -> dict:
+    import transformers
+
+    import lorakit
+
+    env = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "python": platform.python_version(),
+           "torch": torch.__version__, "transformers": transformers.__version__, "lorakit": lorakit.__version__,
+           "peft": _version("peft"), "liger_kernel": _version("liger_kernel"), "cpu": _cpu_name(),
+           "cpu_count": os.cpu_count(), "threads": plan.settings.threads, "load_average": _load_average()}
+    if plan.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def _version(module: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    return _proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
+
+
+def _load_average() -> list[float] | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
+
+
+# ---- the whole benchmark -----------------------------------------------------------------------
+
+def run_bench(settings: BenchSettings, log=print) -> dict:
+    """Everything `lorakit bench` reports, as a JSON-ready dict."""
+    plan = resolve(settings)
+    s = plan.settings
+    torch.set_num_threads(s.threads)
+    inputs = make_inputs(plan)
+    flops = flops_per_token(plan.shape, s.r, inputs["context"])
+    log(f"{s.preset}: {s.layers} layers, batch {s.batch} x {s.seq_len}, {plan.dtype} on {s.device}, "
+        f"{inputs['tokens']} real tokens per step")
+    check = None
+    if s.check:
+        from lorakit.bench_check import check_against_peft
+
+        log("  check: lorakit vs peft from identical weights")
+        check = check_against_peft(plan, inputs)
+        _release_cuda()
+    peak = s.peak_tflops or measure_matmul_peak(s.device)
+    raw = run_variants(plan, inputs, log)
+    if not s.peak_tflops and s.device == "cpu":  # a busy CPU's peak varies: the best seen in the run
+        peak = max([peak, measure_matmul_peak("cpu")] + [r.get("matmul_tflops", 0) for r in raw])
+    rows = [summarize(r, inputs["tokens"], flops["per_token"], peak, s.device) for r in raw]
+    add_ratios(rows)
+    return {"settings": asdict(s), "shape": plan.shape, "dtype": plan.dtype, "environment": environment(plan),
+            "tokens_per_step": inputs["tokens"], "flops": flops,
+            "peak": {"tflops": peak, "source": "--peak-tflops" if s.peak_tflops else PEAK_SOURCE[s.device]},
+            "memory_note": _memory_note(plan), "notices": plan.notices, "variants": rows, "check": check}
+
+
+PEAK_SOURCE = {"cuda": "measured: bf16 8192^3 matmul, mean of 10",
+               "cpu": "measured: fp32 2048^3 matmul, the best of 5 tries before, after, and in each child"}
+
+
+def _memory_note(plan: Plan) -> str:
+    if plan.device == "cuda":
+        return ("peak = torch.cuda.max_memory_allocated (and reserved) over the timed steps; all variants in "
+                "one process, empty_cache + reset_peak_memory_stats between them")
+    rss = "peak = a child process's peak RSS (VmHWM: imports and weights included), one child per variant "
+    rss += "because a process's peak RSS never goes down"
+    if plan.settings.interleave:
+        return f"speed: all variants in one process, taking steps in turn; {rss} (1 warm-up + 1 step)"
+    if not plan.settings.isolate:
+        return "peak RSS of this one process, cumulative over the variants: only the first variant's is its own"
+    return rss
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])

@@ -1,0 +1,144 @@
+"""`lorakit bench`: speed, memory and MFU of lorakit against PEFT on the same model and inputs.
+
+    lorakit bench                                   # CPU, SmolLM2-135M shape, batch 4 x 256
+    lorakit bench --preset gpu-1b --check           # H200: Llama-3.2-1B shape, correctness too
+    lorakit bench --preset gpu-8b --grad-checkpointing --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+DESCRIPTION = """\
+Train a few steps of the same random-initialised Llama-shaped model with lorakit (fused
+LoRA blocks, chunked lm_head + cross-entropy) and with PEFT (defaults; bf16 adapters on GPU;
+PEFT + Liger when liger-kernel is installed), on the same seeded inputs, and report the median
+step time, tokens/s, peak memory, MFU and the ratios against PEFT. Presets: cpu (SmolLM2-135M
+shape, fp32, 4 x 256), gpu-1b (Llama-3.2-1B shape, bf16, 4 x 2048), gpu-8b (Llama-3.1-8B shape,
+bf16, 2 x 2048), tiny (a 2-layer smoke test). On CPU every variant runs in its own process
+(peak RSS never goes down); on GPU all run in one process with the allocator reset between.
+--check also compares step-1 adapter gradients (cosine >= 0.999) and the loss curve against
+PEFT from identical weights. On a busy shared CPU, --interleave times the variants step by
+step in one process. Method and numbers: docs/performance.md."""
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    from lorakit.bench import PRESETS, VARIANTS
+
+    p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="model shape, batch and device")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2r) on all 7 projections")
+    p.add_argument("--batch", type=int, help="rows per step (default: the preset's)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default: the preset's)")
+    p.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing, every variant")
+    p.add_argument("--packing", action="store_true",
+                   help="variable-length examples: lorakit packed (the trainer's batches), PEFT padded")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--variants", type=_variant_list, metavar="LIST",
+                   help=f"comma-separated, from {','.join(VARIANTS)} (default: lorakit and the PEFT ones that apply)")
+    p.add_argument("--check", action="store_true", help="gradient cosine and loss curve against PEFT")
+    p.add_argument("--check-steps", type=int, default=5, help="loss-curve steps of --check")
+    p.add_argument("--peak-tflops", type=float, help="matmul peak for MFU (default: measured in this run)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--interleave", action="store_true",
+                   help="CPU: time all variants in one process, steps in turn (paired under a shared machine's "
+                        "load); peak RSS from a short child process per variant")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="override the preset's device")
+    p.add_argument("--chunk-size", type=int, default=4096, help="tokens per lm_head + loss chunk (lorakit)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=run)
+
+
+def _variant_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.bench import BenchSettings, run_bench
+
+    settings = BenchSettings(
+        preset=args.preset, r=args.r, batch=args.batch, seq_len=args.seq_len, layers=args.layers,
+        grad_checkpointing=args.grad_checkpointing, packing=args.packing, steps=args.steps, warmup=args.warmup,
+        variants=args.variants, check=args.check, check_steps=args.check_steps, peak_tflops=args.peak_tflops,
+        threads=args.threads, interleave=args.interleave, device=args.device,
+        chunk_size=args.chunk_size)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, every step
+    result = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        _print_report(result)
+    check = result["check"]
+    return 1 if check is not None and not check["passed"] else 0
+
+
+def _print_report(result: dict) -> None:
+    env, s, flops = result["environment"], result["settings"], result["flops"]
+    hardware = env.get("gpu") or f"{env['cpu']}, {env['threads']} threads, load {env['load_average']}"
+    print(f"{result['environment']['date']}  {hardware}")
+    print(f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+          f"lorakit {env['lorakit']}, liger-kernel {env['liger_kernel']}")
+    print(f"{s['preset']}: {s['layers']} layers, batch {s['batch']} x {s['seq_len']}, {result['dtype']}, r={s['r']}, "
+          f"grad ckpt {'on' if s['grad_checkpointing'] else 'off'}, packing {'on' if s['packing'] else 'off'}; "
+          f"{result['tokens_per_step']} real tokens per step, median of {s['steps']} steps "
+          f"after {s['warmup']} warm-up{', interleaved' if s['interleave'] else ''}")
+    print(f"F = {flops['per_token'] / 1e9:.3f} GFLOP/token (N_mm {flops['n_mm'] / 1e6:.1f}M, "
+          f"N_lora {flops['n_lora'] / 1e6:.2f}M, s {flops['context']:.0f}); "
+          f"peak {result['peak']['tflops']:.2f} TFLOP/s ({result['peak']['source']})")
+    print(result["memory_note"])
+    variant_notices = [f"{r['variant']}: {n}" for r in result["variants"] for n in r.get("notices", [])]
+    for notice in result["notices"] + variant_notices:
+        print(f"note: {notice}")
+    if result["check"] is not None:
+        print(_check_line(result["check"]))
+    _print_table(result)
+
+
+def _check_line(check: dict) -> str:
+    verdict = "PASSED" if check["passed"] else "FAILED"
+    return (f"check {verdict}: min step-1 gradient cosine {check['min_grad_cosine']:.6f} over {check['tensors']} "
+            f"adapter tensors (worst {check['worst_tensor']}; needs >= {check['min_cosine_required']}), "
+            f"max loss relative difference {check['max_loss_rel_diff']:.2e} over {check['steps']} steps "
+            f"(tolerance {check['loss_tolerance']:.0e})")
+
+
+COLUMNS = ["variant", "step ms", "min ms", "cpu ms", "tok/s", "peak GiB", "saved GiB", "MFU",
+           "x PEFT", "x PEFT cpu", "x PEFT-bf16", "mem x PEFT", "loss first/last"]
+
+
+def _cells(row: dict) -> list[str]:
+    if "error" in row:
+        return [row["variant"], "failed: " + row["error"].splitlines()[-1]] + [""] * (len(COLUMNS) - 2)
+
+    def ratio(key):
+        return "-" if row.get(key) is None else f"{row[key]:.2f}"
+
+    saved = "-" if row["saved_gib"] is None else f"{row['saved_gib']:.3f}"
+    return [row["variant"], f"{row['step_ms']:.0f}", f"{row['min_step_ms']:.0f}", f"{row['cpu_ms']:.0f}",
+            f"{row['tokens_per_s']:,.0f}", f"{row['peak_gib']:.2f}", saved, f"{100 * row['mfu']:.1f}%",
+            ratio("speed_vs_peft"), ratio("cpu_speed_vs_peft"), ratio("speed_vs_peft_bf16"),
+            ratio("memory_vs_peft"), f"{row['first_loss']:.3f}/{row['last_loss']:.3f}"]
+
+
+def _print_table(result: dict) -> None:
+    rows = [_cells(r) for r in result["variants"]]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # the GPU machine may lack rich: plain columns
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+        for line in [COLUMNS, *rows]:
+            print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+        return
+    table = Table(title="lorakit bench (x PEFT: tokens/s ratio; mem x PEFT: peak memory ratio)")
+    for i, name in enumerate(COLUMNS):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for cells in rows:
+        table.add_row(*cells)
+    Console(width=200).print(table)

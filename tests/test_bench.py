@@ -1,0 +1,140 @@
+"""`lorakit bench` on a 2-layer tiny shape: figures present, FLOPs by hand, correctness check.
+
+Timings are never asserted: the machine is shared.
+"""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit import bench
+from lorakit.bench import BenchSettings, flops_per_token, make_inputs, resolve, run_bench
+from lorakit.bench_check import check_against_peft
+from lorakit.errors import ConfigError
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256)
+
+
+def _settings(**overrides) -> BenchSettings:
+    options = dict(preset="tiny", steps=1, warmup=0, variants=["lorakit", "peft"], peak_tflops=1.0,
+                   isolate=False, threads=1)
+    return BenchSettings(**{**options, **overrides})
+
+
+def test_flops_per_token_by_hand():
+    # head_dim 16, h_q 64, h_kv 32; per layer q 64*64, k,v 64*32, o 64*64, gate,up,down 64*128
+    n_mm = 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192) + 256 * 64  # + lm_head
+    n_lora = 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128))  # r = 4
+    flops = flops_per_token(TINY, r=4, context=32)
+    assert (flops["n_mm"], flops["n_lora"]) == (90112, 8192) == (n_mm, n_lora)
+    assert flops["per_token"] == 4 * 90112 + 6 * 8192 + 6 * 2 * 32 * 64 == 434176
+
+
+def test_flops_counts_match_the_built_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.lora import LoraConfig, apply_lora
+
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))  # lm_head included
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=bench.TARGETS))
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops = flops_per_token(TINY, r=4, context=32)
+    assert (flops["n_mm"], flops["n_lora"]) == (linear, lora)
+
+
+def test_bench_in_process_reports_every_figure():
+    result = run_bench(_settings(), log=lambda line: None)
+    json.dumps(result)  # JSON-ready
+    for key in ("settings", "shape", "environment", "flops", "peak", "memory_note", "variants", "check"):
+        assert key in result
+    rows = {r["variant"]: r for r in result["variants"]}
+    assert set(rows) == {"lorakit", "peft"}
+    for row in rows.values():
+        assert "error" not in row, row
+        for key in ("step_ms", "min_step_ms", "cpu_ms", "tokens_per_s", "peak_gib", "mfu", "speed_vs_peft",
+                    "memory_vs_peft", "first_loss", "last_loss"):
+            assert row[key] is not None, key
+        # MFU = F * tokens/s / peak, peak given as 1 TFLOP/s
+        assert row["mfu"] == pytest.approx(result["flops"]["per_token"] * row["tokens_per_s"] / 1e12)
+    assert rows["peft"]["speed_vs_peft"] == 1.0
+    # same base, B = 0 at the start: both begin at the base model's loss
+    assert rows["lorakit"]["first_loss"] == pytest.approx(rows["peft"]["first_loss"], rel=1e-5)
+
+
+def test_cli_json_runs_a_child_process_per_variant(capsys):
+    from lorakit.cli import main
+
+    code = main(["bench", "--preset", "tiny", "--steps", "1", "--warmup", "1", "--variants", "lorakit",
+                 "--threads", "1", "--peak-tflops", "1", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    (row,) = result["variants"]
+    assert "error" not in row, row
+    assert row["peak_rss_gib"] > 0 and row["saved_gib"] > 0
+    assert "child process" in result["memory_note"]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_check_matches_peft_from_identical_weights(packing):
+    plan = resolve(_settings(check_steps=3, packing=packing, seq_len=48))
+    check = check_against_peft(plan, make_inputs(plan))
+    assert check["tensors"] == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    assert check["min_grad_cosine"] >= 0.999
+    assert check["max_loss_rel_diff"] < 1e-3
+    assert check["passed"]
+    assert len({round(a, 6) for a, _ in check["losses"]}) > 1  # training moved the loss
+
+
+def test_check_catches_a_wrong_loss(monkeypatch):
+    def wrong_loss(model, plan, chunked):  # predicts the current token instead of the next
+        from lorakit.kernels.llama_patch import causal_lm_loss
+
+        return lambda batch: causal_lm_loss(model, {**batch, "labels": torch.roll(batch["labels"], 1, -1)})
+
+    monkeypatch.setattr(bench, "lorakit_loss", wrong_loss)
+    plan = resolve(_settings(check_steps=2))
+    check = check_against_peft(plan, make_inputs(plan))
+    assert check["min_grad_cosine"] < 0.999
+    assert not check["passed"]
+
+
+def test_packed_inputs_hold_the_same_examples_as_the_padded_ones():
+    plan = resolve(_settings(packing=True, batch=2, seq_len=64))
+    inputs = make_inputs(plan)
+    packed, padded = inputs["lorakit"], inputs["peft"]
+    assert packed["attention_mask"].shape == (2, 1, packed["input_ids"].shape[1], packed["input_ids"].shape[1])
+    assert padded["attention_mask"].dim() == 2 and padded["input_ids"].shape[0] > 2
+    assert inputs["tokens"] == int(padded["attention_mask"].sum())
+    real = packed["labels"] != -100
+    assert int(real.sum()) == int((padded["labels"] != -100).sum())
+    assert 64 / 8 <= inputs["context"] <= 64
+
+
+def test_settings_errors_and_dropped_variants():
+    with pytest.raises(ConfigError, match="preset"):
+        resolve(BenchSettings(preset="huge"))
+    with pytest.raises(ConfigError, match="unknown variant"):
+        resolve(_settings(variants=["lorakit", "unsloth"]))
+    with pytest.raises(ConfigError, match="--steps"):
+        resolve(_settings(steps=0))
+    plan = resolve(_settings(variants=["peft-liger", "peft-bf16", "lorakit"]))
+    assert plan.settings.variants == ["lorakit"]  # both are GPU-only
+    assert len(plan.notices) == 2
+    assert resolve(BenchSettings()).settings.variants == ["lorakit", "peft"]  # CPU defaults
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            resolve(BenchSettings(preset="gpu-1b"))
+
+
+def test_interleaved_steps_take_turns_from_the_same_start():
+    plan = resolve(_settings(steps=2, warmup=1))
+    raws = bench.run_interleaved(plan, make_inputs(plan), log=lambda line: None)
+    assert set(raws) == {"lorakit", "peft"}
+    for raw in raws.values():
+        assert len(raw["wall_s"]) == len(raw["cpu_s"]) == 2 and len(raw["losses"]) == 3
+    # both start at the base model (B = 0) and take the same AdamW steps
+    assert raws["lorakit"]["losses"] == pytest.approx(raws["peft"]["losses"], rel=1e-5)
