@@ -22,8 +22,6 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from lorakit.adapters import base_model_for
     from lorakit.data.formats import pad_token_id, tokenize_records
     from lorakit.data.reading import read_records

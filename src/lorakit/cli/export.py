@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-from lorakit.errors import ConfigError
 
 DESCRIPTION = """\
 Export a PEFT-format adapter folder.

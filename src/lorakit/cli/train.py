@@ -6,7 +6,6 @@ Several GPUs or nodes: `torchrun --nproc_per_node N -m lorakit train ...` (docs/
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from lorakit.config import add_flags, load_yaml, resolve

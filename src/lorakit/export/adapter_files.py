@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.lora.config import pattern_value
 from lorakit.safe_io import load_safetensors_checked, load_tensor_file, refuse_pickle
 
 CONFIG_FILE = "adapter_config.json"
@@ -101,15 +101,6 @@ class Adapter:
         _, alpha = self.expected_rank_and_alpha(module)
         rank = self.pairs[module].rank
         return alpha / math.sqrt(rank) if self.uses_rslora() else alpha / rank
-
-
-def pattern_value(pattern: dict, module: str, default):
-    """PEFT's rule for rank_pattern / alpha_pattern: the first key that matches the end of the
-    module name at a '.' boundary (a regular expression) wins."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def read_adapter(folder: str | Path, allow_pickle: bool = False) -> Adapter:

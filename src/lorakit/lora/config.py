@@ -78,16 +78,18 @@ class LoraConfig:
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The rank and alpha of one module, after rank_pattern / alpha_pattern."""
-        r = _pattern_value(self.rank_pattern, module_name, self.r)
-        alpha = _pattern_value(self.alpha_pattern, module_name, self.alpha)
+        r = pattern_value(self.rank_pattern, module_name, self.r)
+        alpha = pattern_value(self.alpha_pattern, module_name, self.alpha)
         return int(r), float(alpha)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _pattern_value(pattern: dict, module_name: str, default):
-    for key, value in pattern.items():
+def pattern_value(pattern: dict, module_name: str, default):
+    """PEFT's rule for rank_pattern / alpha_pattern: the first key (a regular expression) that
+    matches the end of the module name at a '.' boundary wins."""
+    for key, value in (pattern or {}).items():
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
@@ -128,9 +130,9 @@ def _pattern_problems(rank_pattern, alpha_pattern) -> list[str]:
     for key, value in rank_pattern.items():
         if not _is_int(value) or value < 1:
             out.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
-        out += _regex_problems(f"rank_pattern key", key)
+        out += _regex_problems("rank_pattern key", key)
     for key, value in alpha_pattern.items():
         if not _is_number(value) or value <= 0:
             out.append(f"alpha_pattern[{key!r}] must be a positive number, got {value!r}")
-        out += _regex_problems(f"alpha_pattern key", key)
+        out += _regex_problems("alpha_pattern key", key)
     return out

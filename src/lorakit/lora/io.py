@@ -29,7 +29,7 @@ from lorakit.errors import AdapterFileError, AdapterMismatchError
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.layer import LoraLinear
 from lorakit.lora.model import CONFIG_ATTR, base_fingerprint, lora_layers, wrap_modules
-from lorakit.safe_io import atomic_save_safetensors, atomic_write_json, load_safetensors_checked, refuse_pickle
+from lorakit.safe_io import atomic_save_safetensors, atomic_write_json, load_safetensors_checked
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"

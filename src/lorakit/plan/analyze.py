@@ -39,6 +39,7 @@ from typing import Sequence
 import torch
 
 from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.lora.config import pattern_value
 from lorakit.safe_io import atomic_write_bytes, load_tensor_file, translate_os_errors
 
 CONFIG_FILE = "adapter_config.json"
@@ -250,17 +251,9 @@ def _checked_pair(module: str, found: dict, source: str) -> tuple[torch.Tensor, 
     return a, b
 
 
-def _pattern_value(pattern: dict, module: str, default):
-    """PEFT's rule: a key matches when it matches the end of the module name (after a dot)."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def module_scale(config: dict, module: str, r: int) -> tuple[float, float]:
     """(alpha, scale) of one module: alpha_pattern over lora_alpha; alpha/r or alpha/sqrt(r)."""
-    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA)))
+    alpha = float(pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA)))
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return alpha, scale
 
@@ -322,7 +315,7 @@ def _config_warnings(config: dict, pairs: dict) -> list[str]:
         warnings.append(f"adapter_config.json has no lora_alpha; assumed PEFT's default {PEFT_DEFAULT_ALPHA}")
     default_r = config.get("r", PEFT_DEFAULT_R)
     mismatched = [name for name, (a, _) in pairs.items()
-                  if int(_pattern_value(config.get("rank_pattern"), name, default_r)) != a.shape[0]]
+                  if int(pattern_value(config.get("rank_pattern"), name, default_r)) != a.shape[0]]
     if mismatched:
         warnings.append(f"{len(mismatched)} modules have a rank other than the config's r/rank_pattern "
                         f"(e.g. {mismatched[0]}); the tensors' rank is used")

@@ -29,7 +29,7 @@ from lorakit.data.batching import BatchIterator, count_label_tokens, plan_batche
 from lorakit.errors import TrainingError
 from lorakit.train import distributed
 from lorakit.kernels.llama_patch import causal_lm_loss
-from lorakit.train.schedule import lr_factor, warmup_steps_for
+from lorakit.train.schedule import lr_factor
 
 
 @dataclass

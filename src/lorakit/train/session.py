@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from lorakit.errors import AdapterFileError, AdapterMismatchError, DataError, TrainingError
-from lorakit.lora import adapter_state_dict, base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
+from lorakit.errors import AdapterFileError, AdapterMismatchError, DataError
+from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
 from lorakit.safe_io import atomic_write_json, atomic_write_text
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
