@@ -77,3 +77,13 @@ def test_yaml_config_and_flag_override(tiny, tmp_path, capsys):
     assert main(["train", str(config), "--alpha", "6", "--output", str(tmp_path / "o")]) == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["r"] == 2 and summary["alpha"] == 6
+
+
+def test_checkpointing_keeps_the_fast_paths_and_the_result(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    assert main(train_args(tiny, tmp_path / "plain", "--max-steps", "3")) == 0
+    assert main(train_args(tiny, tmp_path / "ckpt", "--max-steps", "3", "--grad-checkpointing")) == 0
+    a = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
