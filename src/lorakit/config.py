@@ -340,5 +340,10 @@ def lora_config(config: RunConfig):
                       scaling="rslora" if lora.rslora else "standard", use_dora=lora.dora, init=lora.init)
 
 
+def effective_scale(config: RunConfig) -> float:
+    """The factor the update B @ A is multiplied by: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return lora_config(config).scale_for(config.lora.r, config.lora.alpha)
+
+
 def save_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from lorakit.config import effective_scale
 from lorakit.lora import lora_layers, lora_report
 
 console = Console()
@@ -13,7 +14,7 @@ console = Console()
 
 def print_plan(prepared) -> None:
     config, lora = prepared.config, prepared.config.lora
-    scale = lora.alpha / (lora.r ** 0.5 if lora.rslora else lora.r)
+    scale = effective_scale(config)
     table = Table(title="LoRA choices", show_header=True, header_style="bold")
     table.add_column("parameter")
     table.add_column("value")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.config import effective_scale
 from lorakit.errors import AdapterFileError, AdapterMismatchError, DataError
 from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
 from lorakit.safe_io import atomic_write_json, atomic_write_text
@@ -276,7 +277,7 @@ class Session:
             "trainable_params": report.trainable_params,
             "total_params": report.total_params,
             "adapted_modules": report.adapted_modules,
-            "r": lora.r, "alpha": lora.alpha, "scale": _scale(self.config),
+            "r": lora.r, "alpha": lora.alpha, "scale": effective_scale(self.config),
             "target_modules": lora.targets,
             "model": _base_name(self.p),
             "adapter": str(self.out / "adapter"),
@@ -313,11 +314,6 @@ def _tensorboard_writer(out: Path, purge_step: int | None = None):
     except ImportError:
         return None
     return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=purge_step)
-
-
-def _scale(config) -> float:
-    lora = config.lora
-    return lora.alpha / (lora.r ** 0.5) if lora.rslora else lora.alpha / lora.r
 
 
 def _base_name(prepared: Prepared) -> str:
