@@ -49,7 +49,7 @@ import time
 import torch
 from torch import nn
 
-from lorakit import bench
+from lorakit import bench, bench_variants
 
 VARIANTS = ("lorakit-bf16", "lorakit-qlora", "peft-qlora", "peft-qlora-prepared")
 DEFAULT_VARIANTS = VARIANTS[:3]
@@ -59,8 +59,8 @@ FIRST_LOSS_RTOL = 0.01  # lorakit-qlora vs peft-qlora on identical NF4 weights (
 # ---- the NF4 model -------------------------------------------------------------------------------
 
 def quantize_in_place(model: nn.Module) -> int:
-    """Replace every decoder projection (bench.TARGETS) by an NF4 Linear4bit; returns the count."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in bench.TARGETS]
+    """Replace every decoder projection (bench_variants.TARGETS) by an NF4 Linear4bit; returns the count."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in bench_variants.TARGETS]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -87,7 +87,7 @@ def _nf4_linear(linear: nn.Linear) -> nn.Module:
 def build_nf4_model(plan) -> nn.Module:
     from lorakit.quantize import prepare_for_kbit_training
 
-    model = bench.build_model(plan)  # bf16 on the GPU, seeded: the same weights as lorakit-bf16
+    model = bench_variants.build_model(plan)  # bf16 on the GPU, seeded: the same weights as lorakit-bf16
     count = quantize_in_place(model)
     _release()
     prepare_for_kbit_training(model)  # freeze; keep embeddings, norms, head in bf16
@@ -113,7 +113,7 @@ class NF4Holder:
 def prepare(name: str, plan, nf4: NF4Holder):
     """(Prepared, cleanup) for one variant."""
     if name == "lorakit-bf16":
-        model = bench.build_model(plan)
+        model = bench_variants.build_model(plan)
         return _lorakit(model, plan), lambda: None
     if name == "lorakit-qlora":
         return _lorakit(nf4.get(), plan), lambda: _remove_lorakit(nf4.model)
@@ -123,9 +123,9 @@ def prepare(name: str, plan, nf4: NF4Holder):
 
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.settings.grad_checkpointing,
                                         gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_model = bench.add_peft_adapters(model, plan)
+    peft_model = bench_variants.add_peft_adapters(model, plan)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    prepared = bench.Prepared(peft_model, bench._hf_loss(peft_model), torch.optim.AdamW(params, lr=bench.LR),
+    prepared = bench_variants.Prepared(peft_model, bench_variants.hf_loss(peft_model), torch.optim.AdamW(params, lr=bench_variants.LR),
                               "peft", [])
 
     def cleanup():
@@ -133,11 +133,11 @@ def prepare(name: str, plan, nf4: NF4Holder):
     return prepared, cleanup
 
 
-def _lorakit(model: nn.Module, plan) -> "bench.Prepared":
-    notices = bench.add_lorakit_adapters(model, plan, fused=True)
+def _lorakit(model: nn.Module, plan) -> "bench_variants.Prepared":
+    notices = bench_variants.add_lorakit_adapters(model, plan, fused=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=bench.LR, **({"fused": True} if plan.device == "cuda" else {}))
-    return bench.Prepared(model, bench._lorakit_loss(model, plan, chunked=True), optimizer, "lorakit", notices)
+    optimizer = torch.optim.AdamW(params, lr=bench_variants.LR, **({"fused": True} if plan.device == "cuda" else {}))
+    return bench_variants.Prepared(model, bench_variants.lorakit_loss(model, plan, chunked=True), optimizer, "lorakit", notices)
 
 
 def _remove_lorakit(model: nn.Module) -> None:

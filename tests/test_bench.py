@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit import bench
+from lorakit import bench, bench_variants
 from lorakit.bench import BenchSettings, flops_per_token, make_inputs, resolve, run_bench
 from lorakit.bench_check import check_against_peft
 from lorakit.errors import ConfigError
@@ -40,7 +40,7 @@ def test_flops_counts_match_the_built_model():
 
     model = LlamaForCausalLM(LlamaConfig(**TINY))
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))  # lm_head included
-    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=bench.TARGETS))
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=bench_variants.TARGETS))
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops = flops_per_token(TINY, r=4, context=32)
     assert (flops["n_mm"], flops["n_lora"]) == (linear, lora)
@@ -95,7 +95,7 @@ def test_check_catches_a_wrong_loss(monkeypatch):
 
         return lambda batch: causal_lm_loss(model, {**batch, "labels": torch.roll(batch["labels"], 1, -1)})
 
-    monkeypatch.setattr(bench, "lorakit_loss", wrong_loss)
+    monkeypatch.setattr(bench_variants, "lorakit_loss", wrong_loss)
     plan = resolve(_settings(check_steps=2))
     check = check_against_peft(plan, make_inputs(plan))
     assert check["min_grad_cosine"] < 0.999
@@ -138,3 +138,10 @@ def test_interleaved_steps_take_turns_from_the_same_start():
         assert len(raw["wall_s"]) == len(raw["cpu_s"]) == 2 and len(raw["losses"]) == 3
     # both start at the base model (B = 0) and take the same AdamW steps
     assert raws["lorakit"]["losses"] == pytest.approx(raws["peft"]["losses"], rel=1e-5)
+
+
+def test_cpu_runs_interleave_by_default_and_sequential_is_a_choice():
+    assert resolve(BenchSettings(preset="tiny")).settings.interleave is True
+    assert resolve(BenchSettings(preset="tiny", interleave=False)).settings.interleave is False
+    assert resolve(BenchSettings(preset="tiny", isolate=False)).settings.interleave is False  # in-process tests
+    assert resolve(BenchSettings(preset="tiny")).settings.chunk_size is None  # sized by bytes at run time

@@ -4,15 +4,8 @@ Every variant gets a fresh random-initialised Llama-shaped model built from the 
 config (same seed), LoRA r on q,k,v,o,gate,up,down with alpha = 2r and dropout 0, AdamW
 (lr 1e-4) and the same batch. A step is forward + backward + optimizer step.
 
-    lorakit        apply_lora + enable_fast_paths (fused q/k/v, o and SwiGLU autograd) +
-                   causal_lm_loss (chunked lm_head + cross-entropy, no full logits), fused
-                   AdamW on CUDA: what `lorakit train` runs
-    peft           get_peft_model defaults (autocast_adapter_dtype=True: fp32 adapters)
-    peft-bf16      autocast_adapter_dtype=False: adapters in the base dtype (GPU only)
-    peft-liger     PEFT + Liger (rope, rmsnorm, swiglu, fused linear CE); GPU with
-                   liger-kernel installed; it patches transformers classes, so it runs last
-    lorakit-plain, lorakit-ce, lorakit-fused
-                   ablations: no fast path / only the chunked loss / only the fused blocks
+The variants (lorakit, peft, peft-bf16, peft-liger and lorakit's ablations) are built in
+bench_variants.py.
 
 GPU: bf16 weights, no autocast, every variant in this process with `empty_cache` and
 `reset_peak_memory_stats` between them; peak = max allocated / reserved over the timed steps.
@@ -44,17 +37,15 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lorakit.bench_variants import Prepared, prepare_variant
 from lorakit.errors import ConfigError
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-plain", "lorakit-ce", "lorakit-fused")
 DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger")
-LR = 1e-4
 GIB = 2**30
 
 _SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -89,9 +80,11 @@ class BenchSettings:
     peak_tflops: float | None = None
     threads: int | None = None
     isolate: bool = True  # CPU: a child process per variant (False: in this process, for tests)
-    interleave: bool = False  # CPU: speed from one process, variants' steps in turn; memory from children
+    # CPU: speed from one process, variants' steps in turn; memory from children. None: on for
+    # CPU runs in child processes (a shared machine's load bursts would decide a sequential run)
+    interleave: bool | None = None
     device: str | None = None
-    chunk_size: int = 4096
+    chunk_size: int | None = None  # lm_head + loss rows per chunk; None: by a byte budget
     seed: int = 0
 
 
@@ -119,6 +112,8 @@ def resolve(settings: BenchSettings) -> Plan:
     s = dataclasses.replace(settings, batch=settings.batch or batch, seq_len=settings.seq_len or seq_len,
                             layers=settings.layers or shape["num_hidden_layers"],
                             device=settings.device or device, threads=settings.threads or os.cpu_count() or 1)
+    if s.interleave is None:
+        s.interleave = s.device == "cpu" and s.isolate
     _validate(s)
     shape = {**shape, "num_hidden_layers": s.layers, "max_position_embeddings": max(s.seq_len, 2048)}
     plan = Plan(s, shape, "bfloat16" if s.device == "cuda" else "float32")
@@ -128,7 +123,7 @@ def resolve(settings: BenchSettings) -> Plan:
 
 def _validate(s: BenchSettings) -> None:
     for name in ("r", "batch", "seq_len", "layers", "steps", "check_steps", "chunk_size", "threads"):
-        if getattr(s, name) < 1:
+        if getattr(s, name) is not None and getattr(s, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
     if s.warmup < 0:
         raise ConfigError(f"--warmup must be 0 or more, got {s.warmup}")
@@ -257,94 +252,6 @@ def _packed_rows(plan: Plan) -> list[list[dict]]:
     first = plan_batches([len(e["input_ids"]) for e in examples], s.batch, s.seq_len, True,
                          shuffle=False, seed=s.seed, epoch=0)[0]
     return [[examples[i] for i in row] for row in first]
-
-
-# ---- models and variants -----------------------------------------------------------------------
-
-def build_model(plan: Plan) -> torch.nn.Module:
-    """A random-initialised LlamaForCausalLM of the plan's shape, dtype and device (seeded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**plan.shape)
-    torch.manual_seed(plan.settings.seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, plan.dtype))  # built in place: an 8b fp32 copy is 32 GB
-    try:
-        with torch.device(plan.device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    if plan.settings.grad_checkpointing:
-        with warnings.catch_warnings():  # renamed in recent transformers; the old name works in all
-            warnings.simplefilter("ignore", FutureWarning)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.train()
-
-
-@dataclass
-class Prepared:
-    model: torch.nn.Module
-    loss_fn: object  # batch -> 0-dim loss
-    optimizer: torch.optim.Optimizer
-    inputs_key: str  # "lorakit" or "peft": which batch this variant trains on
-    notices: list[str]
-
-
-def prepare_variant(name: str, plan: Plan) -> Prepared:
-    """A fresh model with the variant's adapters, loss and optimizer."""
-    if name == "peft-liger":
-        _apply_liger()  # before the model exists: it swaps classes' forwards
-    model = build_model(plan)
-    if name.startswith("peft"):
-        model = add_peft_adapters(model, plan, autocast_adapter_dtype=name != "peft-bf16")
-        loss_fn, notices, key = hf_loss(model), [], "peft"
-    else:
-        notices = add_lorakit_adapters(model, plan, fused=name in ("lorakit", "lorakit-fused"))
-        loss_fn, key = lorakit_loss(model, plan, chunked=name in ("lorakit", "lorakit-ce")), "lorakit"
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = plan.device == "cuda" and name.startswith("lorakit")
-    optimizer = torch.optim.AdamW(params, lr=LR, **({"fused": True} if fused else {}))
-    return Prepared(model, loss_fn, optimizer, key, notices)
-
-
-def add_lorakit_adapters(model, plan: Plan, fused: bool) -> list[str]:
-    from lorakit.lora import LoraConfig, apply_lora
-
-    apply_lora(model, LoraConfig(r=plan.settings.r, alpha=2 * plan.settings.r, target_modules=TARGETS))
-    if not fused:
-        return []
-    from lorakit.kernels.llama_patch import enable_fast_paths
-
-    return enable_fast_paths(model)
-
-
-def add_peft_adapters(model, plan: Plan, autocast_adapter_dtype: bool = True):
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    config = PeftLoraConfig(r=plan.settings.r, lora_alpha=2 * plan.settings.r, lora_dropout=0.0,
-                            target_modules=TARGETS)
-    return get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
-
-
-def hf_loss(model):
-    """The model's own loss: full logits, upcast to fp32, then cross-entropy."""
-    return lambda batch: model(**batch, use_cache=False).loss
-
-
-def lorakit_loss(model, plan: Plan, chunked: bool):
-    if not chunked:
-        return hf_loss(model)
-    from lorakit.kernels.llama_patch import causal_lm_loss
-
-    return lambda batch: causal_lm_loss(model, batch, chunk_size=plan.settings.chunk_size)
-
-
-def _apply_liger() -> None:
-    from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=True)
 
 
 # ---- one variant -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from lorakit import bench
+from lorakit import bench, bench_variants
 
 CHECK_LR = 1e-3
 MIN_COSINE = 0.999
@@ -29,10 +29,10 @@ def check_against_peft(plan: bench.Plan, inputs: dict) -> dict:
     from lorakit.lora import lora_layers
 
     s = plan.settings
-    ours = bench.build_model(plan)
-    bench.add_lorakit_adapters(ours, plan, fused=True)
+    ours = bench_variants.build_model(plan)
+    bench_variants.add_lorakit_adapters(ours, plan, fused=True)
     _randomise_lora_b(ours, s.seed)
-    theirs = bench.add_peft_adapters(bench.build_model(plan), plan)
+    theirs = bench_variants.add_peft_adapters(bench_variants.build_model(plan), plan)
     if not torch.equal(ours.get_input_embeddings().weight, theirs.get_input_embeddings().weight):
         raise RuntimeError("the two seeded models differ: the check would compare different bases")
     pairs = [(name, layer, theirs.base_model.model.get_submodule(name)) for name, layer in lora_layers(ours)]
@@ -57,8 +57,8 @@ def _randomise_lora_b(model, seed: int, std: float = 0.02) -> None:
 
 def _train_both(ours, theirs, pairs, plan: bench.Plan, inputs: dict):
     """check_steps steps of each from the same start: loss pairs and step-1 gradient cosines."""
-    steps = [(bench.lorakit_loss(ours, plan, chunked=True), inputs["lorakit"], ours),
-             (bench.hf_loss(theirs), inputs["peft"], theirs)]
+    steps = [(bench_variants.lorakit_loss(ours, plan, chunked=True), inputs["lorakit"], ours),
+             (bench_variants.hf_loss(theirs), inputs["peft"], theirs)]
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=CHECK_LR)
                   for _, _, m in steps]
     losses, cosines = [], {}

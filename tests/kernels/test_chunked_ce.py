@@ -131,3 +131,23 @@ def test_only_the_hidden_gradient_is_kept_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         chunked_lm_head_loss(hidden, weight, labels, chunk_size=8)
     assert [tuple(t.shape) for t in saved if t.numel() > 1] == [(N, H)]  # nothing N x V
+
+
+def test_default_chunk_rows_follow_the_byte_budget():
+    from lorakit.kernels.chunked_ce import default_chunk_rows
+
+    assert default_chunk_rows(49152) == 640  # 128 MiB of fp32 logits, a multiple of 64 rows
+    assert default_chunk_rows(128256) == 256  # the floor: smaller GEMMs would waste the GPU
+    assert default_chunk_rows(256) == 4096  # the ceiling
+    assert default_chunk_rows(49152, budget_bytes=2**30) == 4096
+
+
+def test_default_chunking_equals_the_reference_over_several_chunks(monkeypatch):
+    from lorakit.kernels import chunked_ce
+
+    monkeypatch.setattr(chunked_ce, "default_chunk_rows", lambda vocab: 8)  # 37 rows: 5 chunks
+    hidden, weight, labels = _inputs()
+    ref = _reference(hidden, weight, labels, 10.0)
+    out = chunked_lm_head_loss(hidden, weight, labels, normalizer=10.0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_grads(out, [hidden])[0], _grads(ref, [hidden])[0], rtol=1e-5, atol=1e-6)

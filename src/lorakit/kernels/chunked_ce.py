@@ -4,7 +4,8 @@ The plain path computes `logits = hidden @ W.T` for every token (N x V), upcasts
 then `log_softmax`, and autograd keeps several N x V tensors alive until backward: about
 6 bytes x N x V at peak (6 GB for 8k tokens at a 128k vocabulary).
 
-Here the tokens are processed in chunks of `chunk_size` rows. For each chunk, in forward:
+Here the tokens are processed in chunks of `chunk_size` rows (by default as many as fit
+128 MiB of fp32 logits: `default_chunk_rows`). For each chunk, in forward:
 
     logits = h_c @ W.T (+ b)             # (c, V), upcast to fp32
     lse    = logsumexp(logits)           # (c,)
@@ -30,6 +31,17 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+# fp32 logits held per chunk; rows = budget / (4 V), kept between the bounds below. 128 MiB is
+# 640 rows at SmolLM2's 49k vocabulary (two chunks for 4 x 256 tokens) and 256 rows at Llama-3's
+# 128k: about 3 GiB less than 4096-row chunks at 1b, with GEMMs of 256+ rows still efficient.
+CHUNK_BUDGET_BYTES = 128 * 2**20
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS, ROW_MULTIPLE = 256, 4096, 64
+
+
+def default_chunk_rows(vocab_size: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
+    """Rows per chunk so that one chunk's fp32 logits take about `budget_bytes`."""
+    rows = budget_bytes // (4 * vocab_size) // ROW_MULTIPLE * ROW_MULTIPLE
+    return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, rows))
 
 
 class _ChunkedLMHeadLoss(torch.autograd.Function):
@@ -115,7 +127,7 @@ def _accumulate(grad_logits, h_w, weight, grads, rows):
 
 def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          normalizer: float | int | torch.Tensor | None = None,
-                         chunk_size: int = 4096,
+                         chunk_size: int | None = None,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
     """sum over tokens of CE(hidden @ weight.T + bias, labels) / normalizer, a 0-dim fp32 tensor.
 
@@ -123,7 +135,10 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     -100 for tokens that carry no loss (already shifted for causal LM). normalizer: the divisor,
     e.g. the label-token count of a whole accumulated batch; None means this call's count of
     non-ignored labels (the mean). The weight gets a gradient only if it requires grad.
+    chunk_size: rows per chunk; None sizes chunks by CHUNK_BUDGET_BYTES (`default_chunk_rows`).
     """
+    if chunk_size is None:
+        chunk_size = default_chunk_rows(weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])  # (N, H)

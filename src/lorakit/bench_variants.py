@@ -1,0 +1,106 @@
+"""The variants `lorakit bench` compares: a fresh seeded model each, its adapters, loss and optimizer.
+
+    lorakit        apply_lora + enable_fast_paths + causal_lm_loss (chunked lm_head + CE):
+                   what `lorakit train` runs
+    peft           get_peft_model defaults (autocast_adapter_dtype=True: fp32 adapters)
+    peft-bf16      autocast_adapter_dtype=False: adapters in the base dtype
+    peft-liger     PEFT + Liger's Triton kernels (patches transformers classes: runs last)
+    lorakit-plain, lorakit-ce, lorakit-fused
+                   ablations: no fast path / only the chunked loss / only the fused blocks
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LR = 1e-4
+
+
+def build_model(plan) -> torch.nn.Module:
+    """A random-initialised LlamaForCausalLM of the plan's shape, dtype and device (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**plan.shape)
+    torch.manual_seed(plan.settings.seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, plan.dtype))  # built in place: an 8b fp32 copy is 32 GB
+    try:
+        with torch.device(plan.device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    if plan.settings.grad_checkpointing:
+        with warnings.catch_warnings():  # renamed in recent transformers; the old name works in all
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+@dataclass
+class Prepared:
+    model: torch.nn.Module
+    loss_fn: object  # batch -> 0-dim loss
+    optimizer: torch.optim.Optimizer
+    inputs_key: str  # "lorakit" or "peft": which batch this variant trains on
+    notices: list[str]
+
+
+def prepare_variant(name: str, plan) -> Prepared:
+    """A fresh model with the variant's adapters, loss and optimizer."""
+    if name == "peft-liger":
+        _apply_liger()  # before the model exists: it swaps classes' forwards
+    model = build_model(plan)
+    if name.startswith("peft"):
+        model = add_peft_adapters(model, plan, autocast_adapter_dtype=name != "peft-bf16")
+        loss_fn, notices, key = hf_loss(model), [], "peft"
+    else:
+        notices = add_lorakit_adapters(model, plan, fused=name in ("lorakit", "lorakit-fused"))
+        loss_fn, key = lorakit_loss(model, plan, chunked=name in ("lorakit", "lorakit-ce")), "lorakit"
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = plan.device == "cuda" and name.startswith("lorakit")
+    optimizer = torch.optim.AdamW(params, lr=LR, **({"fused": True} if fused else {}))
+    return Prepared(model, loss_fn, optimizer, key, notices)
+
+
+def add_lorakit_adapters(model, plan, fused: bool) -> list[str]:
+    from lorakit.lora import LoraConfig, apply_lora
+
+    apply_lora(model, LoraConfig(r=plan.settings.r, alpha=2 * plan.settings.r, target_modules=TARGETS))
+    if not fused:
+        return []
+    from lorakit.kernels.llama_patch import enable_fast_paths
+
+    return enable_fast_paths(model)
+
+
+def add_peft_adapters(model, plan, autocast_adapter_dtype: bool = True):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = PeftLoraConfig(r=plan.settings.r, lora_alpha=2 * plan.settings.r, lora_dropout=0.0,
+                            target_modules=TARGETS)
+    return get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def hf_loss(model):
+    """The model's own loss: full logits, upcast to fp32, then cross-entropy."""
+    return lambda batch: model(**batch, use_cache=False).loss
+
+
+def lorakit_loss(model, plan, chunked: bool):
+    if not chunked:
+        return hf_loss(model)
+    from lorakit.kernels.llama_patch import causal_lm_loss
+
+    return lambda batch: causal_lm_loss(model, batch, chunk_size=plan.settings.chunk_size)
+
+
+def _apply_liger() -> None:
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True)
