@@ -7,12 +7,12 @@ then `log_softmax`, and autograd keeps several N x V tensors alive until backwar
 Here the tokens are processed in chunks of `chunk_size` rows (by default as many as fit
 128 MiB of fp32 logits: `default_chunk_rows`). For each chunk, in forward:
 
-    logits = h_c @ W.T (+ b)             # (c, V), upcast to fp32
-    lse    = logsumexp(logits)           # (c,)
-    loss  += sum(lse - logits[label])    # over rows whose label != ignore_index
-    G      = (softmax(logits) - onehot(label)) * valid / normaliser   # (c, V), in place
-    grad_hidden[c] = G @ W               # (c, H)
-    grad_W        += G.T @ h_c           # only when the head itself is trained
+    logp   = log_softmax(h_c @ W.T (+ b)) in fp32   # (c, V)
+    loss  -= sum(logp[label])                        # over rows whose label != ignore_index
+    G      = exp(logp) - onehot(label)               # (c, V), in place
+    s      = valid / normaliser                      # (c, 1): row factor, 0 for ignored labels
+    grad_hidden[c] = s * (G @ W)                     # (c, H)
+    grad_W        += G.T @ (s * h_c)                 # only when the head itself is trained
 
 so the gradient is finished during forward and only `grad_hidden` (N x H) is kept; backward
 multiplies it by the incoming scalar gradient. Peak extra memory is one chunk of fp32 logits.
@@ -100,29 +100,30 @@ def _chunk_loss_and_grads(h, weight, bias, labels, inv_norm, grads, rows):
     """Loss sum of one chunk; writes its gradient slices into `grads`."""
     valid = labels != IGNORE_INDEX  # (c,)
     h_w = h.to(weight.dtype)
-    logits = F.linear(h_w, weight, bias).float()  # (c, V) fp32
-    lse = torch.logsumexp(logits, dim=-1)  # (c,)
+    # one fused pass for max, sum-exp and the upcast; the head-dtype logits die right after
+    log_probs = F.log_softmax(F.linear(h_w, weight, bias), dim=-1, dtype=torch.float32)  # (c, V)
     safe_labels = torch.where(valid, labels, 0)
-    target = logits.gather(1, safe_labels[:, None]).squeeze(1)
-    loss_sum = ((lse - target) * valid).sum()
+    loss_sum = -(log_probs.gather(1, safe_labels[:, None]).squeeze(1) * valid).sum()
     if grads.hidden is None and grads.weight is None and grads.bias is None:
         return loss_sum
-    # softmax - onehot, written over the logits buffer, rows of ignored labels zeroed
-    grad_logits = logits.sub_(lse[:, None]).exp_()
+    # softmax - onehot, over the log-probabilities' buffer
+    grad_logits = log_probs.exp_()
     grad_logits[torch.arange(len(labels), device=h.device), safe_labels] -= 1.0
-    grad_logits.mul_((valid.float() * inv_norm)[:, None])
-    _accumulate(grad_logits, h_w, weight, grads, rows)
+    # the per-row factor (0 for ignored labels) is applied to the small (c, H) side of each GEMM
+    # instead of the (c, V) gradient: the same products, one pass over c x V fewer
+    row_scale = (valid.float() * inv_norm)[:, None]  # (c, 1)
+    _accumulate(grad_logits, row_scale, h_w, weight, grads, rows)
     return loss_sum
 
 
-def _accumulate(grad_logits, h_w, weight, grads, rows):
+def _accumulate(grad_logits, row_scale, h_w, weight, grads, rows):
     g = grad_logits.to(weight.dtype)  # (c, V), GEMMs in the head's dtype
     if grads.hidden is not None:
-        grads.hidden[rows] = g @ weight  # (c, H)
+        grads.hidden[rows] = (g @ weight).float().mul_(row_scale).to(grads.hidden.dtype)  # (c, H)
     if grads.weight is not None:
-        grads.weight.addmm_(grad_logits.T, h_w.float())
+        grads.weight.addmm_(grad_logits.T, h_w.float() * row_scale)
     if grads.bias is not None:
-        grads.bias += grad_logits.sum(0)
+        grads.bias += grad_logits.T @ row_scale.squeeze(1)
 
 
 def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
