@@ -64,3 +64,43 @@ def test_all_problems_reported_together():
 def test_resume_and_overwrite_conflict():
     with pytest.raises(ConfigError, match="contradict"):
         resolve(None, flags("--resume", "--overwrite"))
+
+
+@pytest.mark.parametrize("argv,value", [
+    ((), "auto"), (("--grad-checkpointing",), "on"), (("--grad-checkpointing", "off"), "off"),
+    (("--no-grad-checkpointing",), "off"), (("--grad-checkpointing", "auto"), "auto"),
+])
+def test_grad_checkpointing_flags(argv, value):
+    config = resolve(None, flags(*argv))
+    assert config.train.grad_checkpointing == value
+    assert config.sources.get("train.grad_checkpointing") == ("flag" if argv else None)
+
+
+@pytest.mark.parametrize("text,value", [("true", "on"), ("false", "off"), ("on", "on"), ("off", "off"),
+                                        ("auto", "auto"), ("'on'", "on")])
+def test_grad_checkpointing_in_yaml_takes_booleans_too(tmp_path, text, value):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  grad_checkpointing: {text}\n")
+    assert resolve(load_yaml(path), flags()).train.grad_checkpointing == value
+
+
+@pytest.mark.parametrize("text,message", [("maybe", "must be one of auto, on, off, got 'maybe'"),
+                                          ("3", "must be one of auto, on, off \\(or true/false\\), got 3")])
+def test_bad_grad_checkpointing_is_a_config_error(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"grad_checkpointing: {text}\n")
+    with pytest.raises(ConfigError, match=message):
+        resolve(load_yaml(path), flags())
+
+
+def test_bad_grad_checkpointing_flag_is_refused_by_the_parser():
+    with pytest.raises(SystemExit):
+        flags("--grad-checkpointing", "sometimes")
+
+
+def test_saved_config_round_trips_the_checkpointing_choice(tmp_path):
+    from lorakit.config import save_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(save_yaml(resolve(None, flags("--grad-checkpointing", "on"))))
+    assert resolve(load_yaml(path), flags()).train.grad_checkpointing == "on"

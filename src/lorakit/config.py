@@ -35,8 +35,10 @@ TASK_PRESETS = {
 }
 
 
-def opt(default, help: str, flag: str | None = None, choices=None, **kw):
-    meta = {"help": help, "flag": flag, "choices": choices}
+def opt(default, help: str, flag: str | None = None, choices=None, switch: tuple[str, str] | None = None):
+    """A field with its help and flag. `switch=(on, off)` makes a choice that also reads as a
+    yes/no: YAML true/false and the bare `--flag` / `--no-flag` mean `on` / `off`."""
+    meta = {"help": help, "flag": flag, "choices": choices, "switch": switch}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -84,7 +86,11 @@ class TrainConfig:
     schedule: str = opt("cosine", "learning-rate decay after warm-up", choices=["cosine", "linear", "constant"])
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
-    grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    grad_checkpointing: str = opt(
+        "auto", "activation checkpointing (recompute activations in backward to save memory): auto (default) decides from "
+        "the memory estimate (off when the step fits, else the fewest layers that make it fit), on checkpoints every "
+        "layer; a bare --grad-checkpointing means on (put it after CONFIG.yaml)",
+        choices=["auto", "on", "off"], switch=("on", "off"))
     seed: int = opt(42, "random seed (runs are deterministic on a CPU)")
     eval_every: int = opt(0, "evaluate every N steps (0: only before and after training)")
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
@@ -144,12 +150,23 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         group = _group(parser, section)
         kwargs = dict(dest=f"{section}.{f.name}", default=None, help=f.metadata["help"])
         base = _base_type(typ)
-        if base is bool:
+        if f.metadata.get("switch"):
+            _add_switch(group, f, kwargs)
+        elif base is bool:
             group.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, **kwargs)
         elif base is list:
             group.add_argument(flag_of(f), nargs="+", metavar="PATH", **kwargs)
         else:
             group.add_argument(flag_of(f), type=base, choices=f.metadata.get("choices"), **kwargs)
+
+
+def _add_switch(group, f: dataclasses.Field, kwargs: dict) -> None:
+    """`--flag [CHOICE]` (bare: the switch's on value) and `--no-flag` (its off value)."""
+    on, off = f.metadata["switch"]
+    choices = f.metadata["choices"]
+    group.add_argument(flag_of(f), nargs="?", const=on, choices=choices, metavar="{" + ",".join(choices) + "}", **kwargs)
+    group.add_argument("--no-" + flag_of(f)[2:], action="store_const", const=off, dest=kwargs["dest"], default=None,
+                       help=f"same as {flag_of(f)} {off}")
 
 
 def _group(parser, section: str):
@@ -273,6 +290,12 @@ def _coerce(section: str, name: str, value, origin: str):
         return None
     if base is list:
         return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    switch = _field(section, name).metadata.get("switch")
+    if switch and isinstance(value, bool):  # YAML reads on/off/yes/no/true/false as booleans
+        return switch[0] if value else switch[1]
+    if switch and not isinstance(value, str):
+        choices = ", ".join(_field(section, name).metadata["choices"])
+        raise ConfigError(f"{where} must be one of {choices} (or true/false), got {value!r}")
     if base is bool and not isinstance(value, bool):
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     if base is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -282,6 +305,10 @@ def _coerce(section: str, name: str, value, origin: str):
     if base is str and not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, got {value!r}")
     return float(value) if base is float else value
+
+
+def _field(section: str, name: str) -> dataclasses.Field:
+    return next(f for f in fields(section_types()[section]) if f.name == name)
 
 
 def _apply_task_preset(config: RunConfig, sources: dict[str, str]) -> None:

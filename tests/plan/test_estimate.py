@@ -175,6 +175,68 @@ def test_measured_step_agrees_with_the_estimate():
             assert measured.saved_peak == pytest.approx(saved, rel=0.02)
 
 
+def test_selective_checkpointing_lies_between_and_keeps_both_ends():
+    m = PRESETS["1b"]
+    shape = dict(batch_size=4, seq_len=2048, fused_loss=True)
+    off, on = estimate_memory(m, TrainShape(**shape)), estimate_memory(m, TrainShape(**shape, grad_checkpointing=True))
+    assert estimate_memory(m, TrainShape(**shape, grad_checkpointing=True, checkpoint_layers=0)).to_dict() == off.to_dict()
+    assert estimate_memory(m, TrainShape(**shape, grad_checkpointing=True, checkpoint_layers=16)).to_dict() == on.to_dict()
+    totals = [estimate_memory(m, TrainShape(**shape, grad_checkpointing=True, checkpoint_layers=k)).total for k in range(17)]
+    assert all(a > b for a, b in zip(totals, totals[1:]))  # each checkpointed layer saves memory
+    half = estimate_memory(m, TrainShape(**shape, grad_checkpointing=True, checkpoint_layers=8))
+    per_layer = 8192 * sum(layer_saved_bytes(m, TrainShape(**shape)).values())
+    layer_zero = 8192 * sum(layer_saved_bytes(m, TrainShape(**shape), stream_grad=False).values())
+    checkpoint = 8192 * 2048 * 2  # a checkpointed layer keeps its bf16 input
+    cast_copies = count_lora_params(m, 16) * 2 // 16  # and not its adapters' bf16 weight copies
+    freed = layer_zero + 7 * per_layer + 8 * (cast_copies - checkpoint)  # layers 0-7 are checkpointed
+    assert off.activations_resident - half.activations_resident == freed
+    # the recompute comes after the plain layers are freed: the resident set stays the peak
+    assert half.activations == half.activations_resident
+    plain_flops = flops_per_token(m, TrainShape(**shape), hardware=True)
+    full_flops = flops_per_token(m, TrainShape(**shape, grad_checkpointing=True), hardware=True)
+    half_flops = flops_per_token(m, TrainShape(**shape, grad_checkpointing=True, checkpoint_layers=8), hardware=True)
+    assert half_flops == pytest.approx((plain_flops + full_flops) / 2)
+
+
+def test_selective_checkpointing_agrees_with_measurement(monkeypatch):
+    """The earliest k of 4 layers checkpointed, as lorakit's trainer picks them (the model is
+    sized so that the layers, not the loss, decide the memory)."""
+    from lorakit.plan import measure
+    from lorakit.train.memory_plan import Budget, CheckpointPlan, apply_checkpointing
+
+    config = tiny_config(intermediate_size=172, num_hidden_layers=4, vocab_size=256)
+    k_now = []
+    monkeypatch.setattr(measure, "_enable_checkpointing", lambda model, *_: apply_checkpointing(
+        model, CheckpointPlan("selective", tuple(range(k_now[-1])), 4, None, Budget(None, "test"), "")))
+    at_head = []
+    for k in (0, 1, 3):
+        k_now.append(k)
+        shape = TrainShape(batch_size=2, seq_len=64, r=8, dtype="fp32", grad_checkpointing=k > 0,
+                           checkpoint_layers=k, device="cpu")
+        measured, predicted = measure_step(config, shape), estimate_memory(config, shape)
+        at_head.append(measured.activations)
+        if k == 0:
+            continue
+        # the saved set at the loss: the plain layers', the checkpoints, log_softmax's output, the labels
+        saved = predicted.activations_resident + 4 * shape.tokens * config.vocab_size + 8 * shape.tokens
+        assert measured.saved_peak == pytest.approx(saved, abs=16)
+        assert measured.activations == pytest.approx(predicted.allocated_at_head, rel=0.05)
+        assert measured.backward_peak == pytest.approx(predicted.activations + predicted.workspace, rel=0.1)
+        assert measured.total == pytest.approx(predicted.total, rel=0.1)
+    assert all(a > b for a, b in zip(at_head, at_head[1:]))
+
+
+def test_checkpoint_layers_is_checked():
+    with pytest.raises(ConfigError, match="needs grad_checkpointing"):
+        TrainShape(checkpoint_layers=3)
+    with pytest.raises(ConfigError, match="checkpoint_layers must be"):
+        TrainShape(grad_checkpointing=True, checkpoint_layers=-1)
+    with pytest.raises(ConfigError, match="True or False"):
+        TrainShape(grad_checkpointing="off")  # a config's on/off/auto string is not a shape
+    with pytest.raises(ConfigError, match="exceeds the model's 16 layers"):
+        estimate_memory("1b", TrainShape(grad_checkpointing=True, checkpoint_layers=17))
+
+
 # ---- model shapes and errors -----------------------------------------------------------------
 
 def test_model_shape_from_a_folder_a_file_a_preset(tmp_path):
@@ -222,6 +284,16 @@ def test_cli_table(capsys):
     assert main(["estimate", "--model", "smollm2-135m", "--grad-checkpointing", "on", "--quantize", "4bit"]) == 0
     out = capsys.readouterr().out
     assert "checkpointing on (chosen)" in out and "step time at 40% MFU" in out
+
+
+def test_cli_selective_column(capsys):
+    assert main(["estimate", "--model", "1b", "--grad-checkpointing", "on", "--checkpoint-layers", "6", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    selective = estimate_memory("1b", TrainShape(grad_checkpointing=True, checkpoint_layers=6)).total
+    assert report["memory"]["total"] == selective and report["shape"]["checkpoint_layers"] == 6
+    assert main(["estimate", "--model", "1b", "--grad-checkpointing", "on", "--checkpoint-layers", "6"]) == 0
+    assert "checkpointing 6 of 16" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
+    assert main(["estimate", "--model", "1b", "--checkpoint-layers", "6"]) == 2  # selective needs it on
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
     lorakit estimate --model 8b --batch-size 2 --seq-len 2048 --grad-checkpointing on
     lorakit estimate --model path/to/model_or_config.json --r 64 --quantize 4bit --json
+    lorakit estimate --model 1b --grad-checkpointing on --checkpoint-layers 6    (selective)
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch per device")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--grad-checkpointing", choices=("on", "off"), default="off")
+    p.add_argument("--checkpoint-layers", type=int, default=None, metavar="K",
+                   help="with --grad-checkpointing on: checkpoint only the first K layers (selective; default: all)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights and activations")
     p.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none", help="base weights (bitsandbytes)")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel devices (memory is per device)")
@@ -51,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
     shape = TrainShape(
         batch_size=args.batch_size, seq_len=args.seq_len, r=args.r, targets=args.targets,
-        grad_checkpointing=args.grad_checkpointing == "on", dtype=args.dtype, quantize=args.quantize,
+        grad_checkpointing=args.grad_checkpointing == "on", checkpoint_layers=args.checkpoint_layers,
+        dtype=args.dtype, quantize=args.quantize,
         world_size=args.world_size, fused_loss=args.fused_loss, engine=args.engine, lora_dropout=args.lora_dropout,
     )
     result = estimate(args.model, shape, peak_tflops=args.device_peak_tflops, mfu=args.mfu)
@@ -87,7 +91,10 @@ def _memory_table(result):
     table = Table(title="peak memory per device, GiB")
     table.add_column("")
     table.add_column("checkpointing off" + mark(False), justify="right")
-    table.add_column("checkpointing on" + mark(True), justify="right")
+    k = result.shape.checkpoint_layers
+    selective = k is not None and result.shape.grad_checkpointing and k < result.model.num_layers
+    table.add_column((f"checkpointing {k} of {result.model.num_layers} layers" if selective else "checkpointing on")
+                     + mark(True), justify="right")
     rows = [("base weights", "weights"), ("adapter: weight, grad, AdamW", "adapter"),
             ("activations (saved, peak)", "activations"), ("logits: head + loss peak", "logits"),
             ("backward workspace", "workspace")]

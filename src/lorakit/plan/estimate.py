@@ -22,6 +22,10 @@ Peak memory (per device, allocated bytes) is the largest of four moments of the 
   LoRA saves the product. Layer 0 saves less: the frozen embedding's output needs no grad.
   With activation checkpointing a layer keeps only its input, and the backward recomputes one
   layer at a time: the peak is all the checkpoints plus one layer's full saved set.
+  Selective checkpointing (`checkpoint_layers` k of L, the earliest k, as lorakit's trainer
+  picks them): the later L-k layers save everything, the first k their inputs. Backward runs
+  the plain layers first (all saved, the resident peak), then recomputes the checkpointed ones
+  after the plain layers' tensors are freed: k inputs + one recomputed layer.
 - logits: the unfused head + cross-entropy of transformers 5 (`ForCausalLMLoss`): the head
   writes logits in the compute dtype, `.float()` copies them to fp32, log_softmax saves its fp32
   output (forward: 10 B per token per vocab entry in 16-bit, 8 B in fp32); backward holds that
@@ -133,6 +137,7 @@ class TrainShape:
     lora_dropout: float = 0.0
     loss_chunk_tokens: int = 4096  # lorakit.kernels.chunked_ce's default chunk
     device: str = "cuda"  # "cpu": dropout keeps a float mask instead of a bool one
+    checkpoint_layers: int | None = None  # with grad_checkpointing: how many (the earliest); None = all
 
     def __post_init__(self) -> None:
         if self.quantize in ("none", ""):
@@ -166,6 +171,13 @@ def _shape_problems(shape: TrainShape) -> list[str]:
         out.append(f"device must be cuda or cpu, got {shape.device!r}")
     if not 0.0 <= shape.lora_dropout < 1.0:
         out.append(f"lora_dropout must be in [0, 1), got {shape.lora_dropout!r}")
+    if not isinstance(shape.grad_checkpointing, bool):
+        out.append(f"grad_checkpointing must be True or False, got {shape.grad_checkpointing!r}")
+    k = shape.checkpoint_layers
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+        out.append(f"checkpoint_layers must be None or an integer >= 0, got {k!r}")
+    elif k and not shape.grad_checkpointing:
+        out.append(f"checkpoint_layers={k} needs grad_checkpointing=True")
     try:
         resolve_targets(shape.targets)
     except ConfigError as exc:
@@ -273,13 +285,15 @@ def count_lora_params(model_config: Any, r: int, targets: TargetSpec = "all-line
 def flops_per_token(model_config: Any, shape: TrainShape, hardware: bool = False) -> float:
     """Model FLOPs per trained token, F = 4*N_mm + 6*N_lora + 6*L*s*h_q (causal attention).
 
-    hardware=True adds checkpointing's recomputed forward (2*N_layers + 2*N_lora + 2*L*s*h_q)."""
+    hardware=True adds checkpointing's recomputed forward (2*N_layers + 2*N_lora + 2*L*s*h_q),
+    for the checkpointed share k/L of the layers."""
     m = model_shape(model_config)
     n_lora = count_lora_params(m, shape.r, shape.targets)
     attention = m.num_layers * shape.seq_len * m.q_dim
     flops = 4 * m.matmul_params() + 6 * n_lora + 6 * attention
     if hardware and shape.grad_checkpointing:
-        flops += 2 * m.num_layers * m.layer_linear_params() + 2 * n_lora + 2 * attention
+        recomputed = 2 * m.num_layers * m.layer_linear_params() + 2 * n_lora + 2 * attention
+        flops += recomputed * checkpointed_layers(m, shape) / m.num_layers
     return float(flops)
 
 
@@ -422,22 +436,57 @@ def int8_kept_inputs(m: ModelShape, shape: TrainShape, checkpointing: bool) -> i
     return sum(w for label, w in widths.items() if label not in shared) * b
 
 
-def saved_activation_bytes(m: ModelShape, shape: TrainShape, checkpointing: bool) -> tuple[int, int]:
-    """(saved when the loss starts, saved at the activation peak) for the whole step."""
+def checkpointed_layers(m: ModelShape, shape: TrainShape) -> int:
+    """How many layers (the earliest) are checkpointed: 0 off, all when on, or the shape's k."""
+    if not shape.grad_checkpointing:
+        return 0
+    k = m.num_layers if shape.checkpoint_layers is None else shape.checkpoint_layers
+    if k > m.num_layers:
+        raise ConfigError(f"checkpoint_layers={k} exceeds the model's {m.num_layers} layers")
+    return k
+
+
+@dataclass(frozen=True)
+class ActivationLevels:
+    """Activation bytes of the whole step at its moments (see `activation_levels`)."""
+
+    resident: int  # saved when the loss starts
+    recompute: int  # while a checkpointed layer is recomputed in backward (0: none is)
+
+    @property
+    def peak(self) -> int:
+        return max(self.resident, self.recompute)
+
+
+def activation_levels(m: ModelShape, shape: TrainShape, k: int) -> ActivationLevels:
+    """Saved bytes with the earliest k of L layers checkpointed (0: none, L: all).
+
+    The plain layers save their full set (layer 0's smaller one when it is plain) and the
+    adapters' cast weight copies; a checkpointed layer keeps its input. Backward reaches the
+    checkpointed layers last, when the plain layers' tensors are gone: then the k inputs, the
+    per-step tensors and one recomputed layer are alive."""
+    tokens, layers = shape.tokens, m.num_layers
     first = sum(layer_saved_bytes(m, shape, stream_grad=False).values())
     other = sum(layer_saved_bytes(m, shape, stream_grad=True).values())
     fixed = _per_step_saved_bytes(m, shape)
     copies = _adapter_weight_copies(m, shape)
-    kept = m.num_layers * shape.tokens * int8_kept_inputs(m, shape, checkpointing)
-    if not checkpointing:
-        resident = int(shape.tokens * (first + (m.num_layers - 1) * other)) + fixed + copies + kept
-        return resident, resident
-    checkpoints = m.num_layers * shape.tokens * m.hidden_size * shape.compute_bytes
-    resident = checkpoints + fixed + kept
-    recompute = shape.tokens * other + copies // m.num_layers
+    kept = tokens * (k * int8_kept_inputs(m, shape, True) + (layers - k) * int8_kept_inputs(m, shape, False))
+    checkpoints = k * tokens * m.hidden_size * shape.compute_bytes
+    plain = tokens * (first + (layers - 1) * other) if k == 0 else tokens * (layers - k) * other
+    resident = int(plain) + checkpoints + fixed + copies * (layers - k) // layers + kept
+    if k == 0:
+        return ActivationLevels(resident, 0)
+    recompute = shape.tokens * other + copies // layers
     if shape.compute_bytes == 4:  # fp32: norm1's "copy" is the checkpointed input itself
         recompute -= shape.tokens * 4 * m.hidden_size
-    return resident, int(resident + recompute)
+    return ActivationLevels(resident, int(checkpoints + fixed + kept + recompute))
+
+
+def saved_activation_bytes(m: ModelShape, shape: TrainShape, checkpointing: bool) -> tuple[int, int]:
+    """(saved when the loss starts, saved at the activation peak) with no layer or every layer
+    checkpointed."""
+    levels = activation_levels(m, shape, m.num_layers if checkpointing else 0)
+    return levels.resident, levels.peak
 
 
 def _alive_unsaved_at_head(m: ModelShape, shape: TrainShape) -> int:
@@ -461,8 +510,9 @@ def head_peak_bytes(m: ModelShape, shape: TrainShape) -> int:
     return int(max(forward, backward) + labels)
 
 
-def backward_workspace_bytes(m: ModelShape, shape: TrainShape) -> tuple[int, int]:
-    """Temporaries at the two backward peaks, measured on top of the saved activations:
+def backward_workspace_bytes(m: ModelShape, shape: TrainShape) -> tuple[int, int, int]:
+    """Temporaries at the backward peaks, measured on top of the saved activations:
+    (final norm, a plain layer, a recomputed layer).
 
     - the final RMSNorm's backward runs in fp32: about five fp32 hidden-sized buffers;
     - a layer: without checkpointing, the MLP's backward holds the product's grad and the grads
@@ -472,13 +522,9 @@ def backward_workspace_bytes(m: ModelShape, shape: TrainShape) -> tuple[int, int
       recomputed layer; PEFT's fp32 adapters double them (fp32 branch output, scaled, sum)."""
     h, i, b, tokens = m.hidden_size, m.intermediate_size, shape.compute_bytes, shape.tokens
     norm = 20 * h
-    if not shape.grad_checkpointing:
-        layer = 2 * i * b + h * b - (4 * h + 4)
-    elif shape.engine == "peft" and b < 4:
-        layer = 4 * i * b + 4 * h * b
-    else:
-        layer = 2 * i * b + h * b
-    return int(tokens * norm), int(tokens * layer)
+    plain = 2 * i * b + h * b - (4 * h + 4)
+    recomputed = 4 * i * b + 4 * h * b if shape.engine == "peft" and b < 4 else 2 * i * b + h * b
+    return int(tokens * norm), int(tokens * plain), int(tokens * recomputed)
 
 
 def estimate_memory(model_config: Any, shape: TrainShape) -> MemoryEstimate:
@@ -487,10 +533,17 @@ def estimate_memory(model_config: Any, shape: TrainShape) -> MemoryEstimate:
     m = model_shape(model_config)
     trainable = count_lora_params(m, shape.r, shape.targets)
     weights, adapter = weight_bytes(m, shape), adapter_bytes(trainable, shape)
-    resident, peak = saved_activation_bytes(m, shape, shape.grad_checkpointing)
+    k = checkpointed_layers(m, shape)
+    levels = activation_levels(m, shape, k)
+    resident, peak = levels.resident, levels.peak
     head = head_peak_bytes(m, shape)
-    norm_ws, layer_ws = backward_workspace_bytes(m, shape)
-    workspace = max(resident + norm_ws, peak + layer_ws) - peak
+    norm_ws, plain_ws, recompute_ws = backward_workspace_bytes(m, shape)
+    moments = [resident + norm_ws]
+    if k < m.num_layers:  # the last plain layer's backward, with everything still saved
+        moments.append(resident + plain_ws)
+    if k > 0:
+        moments.append(levels.recompute + recompute_ws)
+    workspace = max(moments) - peak
     if shape.quantize:  # the backward dequantises one weight at a time
         workspace += max(i * o for i, o in m.projection_shapes().values()) * shape.compute_bytes
     total = weights + adapter + max(resident + head, peak + workspace)
@@ -528,9 +581,10 @@ class Estimate:
 
 
 def estimate(model_config: Any, shape: TrainShape, peak_tflops: float = 817.0, mfu: float = DEFAULT_MFU) -> Estimate:
-    """Memory (with the requested checkpointing and the other setting), FLOPs and step times."""
+    """Memory (with the requested checkpointing and the other setting), FLOPs and step times.
+    The other setting of a selective shape is no checkpointing."""
     m = model_shape(model_config)
-    other = replace(shape, grad_checkpointing=not shape.grad_checkpointing)
+    other = replace(shape, grad_checkpointing=not shape.grad_checkpointing, checkpoint_layers=None)
     per_token = flops_per_token(m, shape)
     return Estimate(
         model=m, shape=shape, memory=estimate_memory(m, shape), memory_other_checkpointing=estimate_memory(m, other),

@@ -92,7 +92,7 @@ def build_model(hf_config: Any, shape: TrainShape, engine: str = "lorakit", devi
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
     if shape.grad_checkpointing:
-        _enable_checkpointing(model)
+        _enable_checkpointing(model, shape.checkpoint_layers)
     return model.train()
 
 
@@ -112,13 +112,18 @@ def _quantized_model(hf_config: Any, shape: TrainShape, device: str) -> nn.Modul
                                                     attn_implementation="sdpa", device_map={"": device})
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
+def _enable_checkpointing(model: nn.Module, layers: int | None = None) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     enable = getattr(base, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:  # older transformers
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if layers is not None:  # the earliest `layers` decoder layers, as the trainer picks them
+        from lorakit.train.memory_plan import decoder_layers
+
+        for index, layer in enumerate(decoder_layers(base)):
+            layer.gradient_checkpointing = index < layers
 
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,

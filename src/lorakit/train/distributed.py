@@ -251,7 +251,7 @@ def estimated_step_bytes(config) -> int | None:
     try:
         targets = lora.targets if lora.targets in ("all", "all-linear", "attention", "mlp", "qv") else "all-linear"
         shape = TrainShape(batch_size=t.batch_size, seq_len=config.data.seq_len, r=lora.r, targets=targets,
-                           grad_checkpointing=t.grad_checkpointing, dtype=dtype, fused_loss=t.fast_paths,
+                           grad_checkpointing=t.grad_checkpointing != "off", dtype=dtype, fused_loss=t.fast_paths,
                            world_size=world_size())  # replicated: the whole base plus the all-reduce buffer
         return estimate_memory(model_shape(config.model.name or "smollm2-135m"), shape).total
     except (LorakitError, KeyError, ValueError, TypeError, OSError):

@@ -116,8 +116,7 @@ def prepare(config: RunConfig, fsdp: bool | None = None) -> Prepared:
     apply_lora(model, lora_config(config))
     if lora_report(model).trainable_params == 0:
         raise ConfigError("no trainable parameters after applying LoRA; check --targets")
-    if config.train.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    notices += _checkpointing(model, config)
     if config.train.fast_paths:
         notices += _enable_fast_paths(model, config)
     distributed.wrap_model(model, use_fsdp, device_for(config))
@@ -142,6 +141,14 @@ def keep_global_batch(prepared: Prepared, micro_batches_per_step: int) -> str | 
     prepared.settings = loop_settings(prepared.config, prepared.model, prepared.tokenizer, prepared.train)
     return (f"resume: --grad-accum {train.grad_accum} instead of {given}, so {world} process(es) keep the "
             f"checkpoint's {micro_batches_per_step} micro-batches per step")
+
+
+def _checkpointing(model, config: RunConfig) -> list[str]:
+    from lorakit.train.memory_plan import apply_checkpointing, choose_checkpointing
+
+    plan = choose_checkpointing(model, config, device_for(config))  # --grad-checkpointing auto/on/off
+    apply_checkpointing(model, plan)
+    return [plan.notice]
 
 
 def _enable_fast_paths(model, config: RunConfig) -> list[str]:

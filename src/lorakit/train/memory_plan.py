@@ -1,0 +1,221 @@
+"""Activation checkpointing for a run: chosen from the memory estimate, applied layer by layer.
+
+    --grad-checkpointing auto   off when the step fits the memory budget; else the fewest decoder
+                                layers (the earliest ones) whose checkpointing makes it fit;
+                                else every layer, with a notice when even that does not fit
+    --grad-checkpointing on     every layer          --grad-checkpointing off   none
+
+The estimate is plan/estimate.py's, for this run's shape (micro-batch, sequence, rank, the
+adapted projections, dtype, quantisation, the fused loss). The budget is what the device has
+free now (CUDA: `torch.cuda.mem_get_info`; CPU: MemAvailable in /proc/meminfo, shared by the
+processes of this node) times SAFETY_MARGIN, plus what the model already holds there, since the
+estimate counts the weights that are loaded by now. Models the estimator cannot describe
+(not Llama-style) train without checkpointing unless it is asked for.
+
+Checkpointing uses transformers' per-layer switch: every `GradientCheckpointingLayer` checks its
+own `gradient_checkpointing` flag at call time, so after the model-wide (non-reentrant) enable
+the layers left out are switched back off.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+SAFETY_MARGIN = 0.9  # the estimate leaves out allocator fragmentation and library workspaces
+MEMINFO = Path("/proc/meminfo")
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Budget:
+    bytes: int | None  # None: unknown, the step is assumed to fit
+    source: str
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    mode: str  # "off" | "selective" | "full"
+    layers: tuple[int, ...]  # indices of the checkpointed decoder layers
+    num_layers: int
+    estimate_bytes: int | None  # the estimated peak of one step with this plan (None: not estimated)
+    budget: Budget
+    notice: str
+
+
+def choose_checkpointing(model: nn.Module, config, device: torch.device) -> CheckpointPlan:
+    """The checkpointing for this run: as requested by --grad-checkpointing on/off, or for auto
+    the least that makes the estimated step fit the budget."""
+    requested = config.train.grad_checkpointing
+    needs = checkpointing_needs(model, config, device)
+    budget = memory_budget(model, device)
+    num_layers = len(decoder_layers(model))
+    hints = ["a smaller --batch-size or --seq-len"]
+    if device.type == "cuda" and config.model.quantize == "none":
+        hints.append("--quantize 4bit")
+    if requested in ("on", "off"):
+        why = f"--grad-checkpointing {requested} from {config.sources.get('train.grad_checkpointing', 'default')}"
+        if requested == "on":
+            return _plan("full", num_layers, num_layers, needs[-1] if needs else None, budget, why, hints)
+        return _plan("off", 0, num_layers, needs[0] if needs else None, budget, why,
+                     hints + ["--grad-checkpointing auto"])
+    if needs is None:
+        return _plan("off", 0, num_layers, None, budget, "the memory estimator does not model this architecture; "
+                     "pass --grad-checkpointing on if the step runs out of memory", hints)
+    if budget.bytes is None:
+        return _plan("off", 0, num_layers, needs[0], budget, f"assumed to fit: {budget.source}", hints)
+    # The earliest layers, not a spread: backward reaches them last, after the plain layers'
+    # saved tensors are freed, so their recompute never adds to the resident peak.
+    k = next((k for k, need in enumerate(needs) if need <= budget.bytes), num_layers)
+    mode = "off" if k == 0 else "full" if k == num_layers else "selective"
+    why = "" if k == 0 else f"without checkpointing {_size(needs[0])}"
+    return _plan(mode, k, num_layers, needs[k], budget, why, hints)
+
+
+def apply_checkpointing(model: nn.Module, plan: CheckpointPlan) -> None:
+    """Non-reentrant checkpointing on the plan's decoder layers (none when the plan is off)."""
+    if plan.mode == "off":
+        return
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers before activation_checkpointing_enable
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if plan.mode == "selective":
+        chosen = set(plan.layers)
+        for index, layer in enumerate(decoder_layers(model)):
+            layer.gradient_checkpointing = index in chosen
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers transformers can checkpoint one by one, in forward order."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: no per-layer switch, so no selective checkpointing
+        return []
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+# ---- the estimate ---------------------------------------------------------------------------
+
+def checkpointing_needs(model: nn.Module, config, device: torch.device) -> list[int] | None:
+    """Estimated peak bytes of one step with the earliest k layers checkpointed, k = 0..L, or
+    None when the estimator cannot describe this model or cannot checkpoint it layer by layer."""
+    from lorakit.plan.estimate import TrainShape, estimate_memory, model_shape
+
+    try:
+        shape = model_shape(model.config)
+    except (LorakitError, AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if not _llama_style(model) or len(decoder_layers(model)) != shape.num_layers:
+        return None
+    step = dict(batch_size=config.train.batch_size, seq_len=config.data.seq_len, r=config.lora.r,
+                targets=_adapted_projections(model), dtype=_compute_dtype(model),
+                quantize=None if config.model.quantize == "none" else config.model.quantize,
+                world_size=_world_size(), fused_loss=_fused_loss(model), lora_dropout=config.lora.dropout,
+                device="cuda" if device.type == "cuda" else "cpu")
+    return [estimate_memory(shape, TrainShape(**step, grad_checkpointing=k > 0, checkpoint_layers=k)).total
+            for k in range(shape.num_layers + 1)]
+
+
+def _llama_style(model: nn.Module) -> bool:
+    from lorakit.plan.estimate import PROJECTIONS
+
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return set(PROJECTIONS) <= leaves
+
+
+def _adapted_projections(model: nn.Module) -> list[str] | str:
+    from lorakit.lora import lora_layers
+    from lorakit.plan.estimate import PROJECTIONS
+
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in lora_layers(model)}
+    return [p for p in PROJECTIONS if p in leaves] or "all-linear"
+
+
+def _compute_dtype(model: nn.Module) -> str:
+    # the input embedding stays in the compute dtype, also in a quantised base
+    dtype = model.get_input_embeddings().weight.dtype
+    return {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
+
+
+def _fused_loss(model: nn.Module) -> bool:
+    """Whether the trainer's loss (kernels.causal_lm_loss) takes the chunked path, no full logits."""
+    from lorakit.kernels.llama_patch import _head_blocker
+
+    return _head_blocker(model, model.get_output_embeddings()) is None
+
+
+def _world_size() -> int:
+    from lorakit.train import distributed
+
+    return distributed.world_size()
+
+
+# ---- the budget -----------------------------------------------------------------------------
+
+def memory_budget(model: nn.Module, device: torch.device) -> Budget:
+    """Free memory of `device` x SAFETY_MARGIN, plus what the model holds there already."""
+    held = _held_bytes(model, device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        where = f"{SAFETY_MARGIN:.0%} of the free memory of {device}"
+    else:
+        free = _meminfo_available()
+        if free is None:
+            return Budget(None, f"{MEMINFO} is unreadable")
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this node
+        free //= processes
+        where = f"{SAFETY_MARGIN:.0%} of MemAvailable" + (f" / {processes} processes" if processes > 1 else "")
+    return Budget(int(free * SAFETY_MARGIN) + held, f"{where} + {_size(held)} the model holds")
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _held_bytes(model: nn.Module, device: torch.device) -> int:
+    """Bytes of the model's parameters and buffers on `device`, one count per storage."""
+    storages: dict[int, int] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+# ---- the plan and its notice ----------------------------------------------------------------
+
+def _plan(mode: str, k: int, num_layers: int, need: int | None, budget: Budget, why: str,
+          hints: list[str]) -> CheckpointPlan:
+    layers = {"off": (), "selective": tuple(range(k)), "full": tuple(range(num_layers))}[mode]
+    what = {"off": "off", "full": "every layer", "selective": f"selective, {k} of {num_layers} layers"}[mode]
+    return CheckpointPlan(mode, layers, num_layers, need, budget, _notice(what, need, budget, why, hints))
+
+
+def _notice(what: str, need: int | None, budget: Budget, why: str, hints: list[str]) -> str:
+    head = f"activation checkpointing: {what}"
+    if need is None or budget.bytes is None:
+        return f"{head} ({why}" + (f"; estimated peak {_size(need)})" if need is not None else ")")
+    if need > budget.bytes:
+        return (f"{head}, but the estimated peak {_size(need)} exceeds the {_size(budget.bytes)} available "
+                f"({budget.source}); try {' or '.join(hints)}")
+    figures = f"estimated peak {_size(need)} of {_size(budget.bytes)} available: {budget.source}"
+    return f"{head} ({figures}" + (f"; {why})" if why else ")")
+
+
+def _size(nbytes: Any) -> str:
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.1f} MiB"

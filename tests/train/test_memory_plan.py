@@ -1,0 +1,186 @@
+"""Activation checkpointing chosen from the memory estimate: the choice against budgets, the
+budget itself, selective checkpointing against a plain run, and the wiring into `lorakit train`."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from lorakit.config import add_flags, lora_config, resolve
+from lorakit.lora import apply_lora
+from lorakit.plan.measure import SavedTensorTracker
+from lorakit.train import memory_plan
+from lorakit.train.memory_plan import (
+    Budget,
+    CheckpointPlan,
+    apply_checkpointing,
+    checkpointing_needs,
+    choose_checkpointing,
+    decoder_layers,
+    memory_budget,
+)
+
+from tiny_models import randomize_lora, tiny_gpt2, tiny_llama
+
+CPU = torch.device("cpu")
+
+
+def run_config(*argv):
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    base = ["--data", "unused.jsonl", "--batch-size", "2", "--seq-len", "64", "--r", "4"]
+    return resolve(None, {k: v for k, v in vars(parser.parse_args(base + list(argv))).items()})
+
+
+def lora_model(layers=4, model=None):
+    model = model if model is not None else tiny_llama(layers=layers)
+    apply_lora(model, lora_config(run_config()))
+    randomize_lora(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return model.train()
+
+
+def with_budget(monkeypatch, nbytes):
+    monkeypatch.setattr(memory_plan, "memory_budget", lambda model, device: Budget(nbytes, "test budget"))
+
+
+# ---- the choice --------------------------------------------------------------------------------
+
+def test_auto_takes_the_least_checkpointing_that_fits(monkeypatch):
+    model, config = lora_model(), run_config()
+    needs = checkpointing_needs(model, config, CPU)
+    assert len(needs) == 5 and all(a > b for a, b in zip(needs, needs[1:]))  # more layers, less memory
+    with_budget(monkeypatch, needs[0])
+    assert choose_checkpointing(model, config, CPU).mode == "off"
+    with_budget(monkeypatch, needs[2] + 1)  # between 2 and 1 checkpointed layers
+    plan = choose_checkpointing(model, config, CPU)
+    assert (plan.mode, plan.layers, plan.estimate_bytes) == ("selective", (0, 1), needs[2])
+    assert plan.notice.startswith("activation checkpointing: selective, 2 of 4 layers (estimated peak")
+    with_budget(monkeypatch, needs[4])
+    assert choose_checkpointing(model, config, CPU).layers == (0, 1, 2, 3)
+    with_budget(monkeypatch, needs[4] - 1)  # even every layer does not fit: full, and say so
+    plan = choose_checkpointing(model, config, CPU)
+    assert plan.mode == "full" and "exceeds" in plan.notice and "--batch-size" in plan.notice
+    assert "--quantize" not in plan.notice  # bitsandbytes needs a GPU
+
+
+def test_explicit_on_and_off_win_over_the_budget(monkeypatch):
+    model = lora_model()
+    with_budget(monkeypatch, 1)
+    off = choose_checkpointing(model, run_config("--no-grad-checkpointing"), CPU)
+    assert off.mode == "off" and "exceeds" in off.notice and "--grad-checkpointing auto" in off.notice
+    with_budget(monkeypatch, 2**40)
+    on = choose_checkpointing(model, run_config("--grad-checkpointing"), CPU)
+    assert on.mode == "full" and "--grad-checkpointing on from flag" in on.notice
+
+
+def test_models_the_estimator_cannot_describe_train_without_checkpointing(monkeypatch):
+    with_budget(monkeypatch, 1)
+    plan = choose_checkpointing(lora_model(model=tiny_gpt2()), run_config(), CPU)
+    assert plan.mode == "off" and plan.estimate_bytes is None and "does not model" in plan.notice
+
+
+def test_unknown_budget_assumes_it_fits(monkeypatch, tmp_path):
+    monkeypatch.setattr(memory_plan, "MEMINFO", tmp_path / "missing")
+    plan = choose_checkpointing(lora_model(), run_config(), CPU)
+    assert plan.mode == "off" and plan.budget.bytes is None and "assumed to fit" in plan.notice
+
+
+# ---- the budget --------------------------------------------------------------------------------
+
+def test_cpu_budget_is_memavailable_times_margin_plus_the_model(monkeypatch, tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  1000000 kB\nMemFree:  300000 kB\nMemAvailable:  500000 kB\n")
+    monkeypatch.setattr(memory_plan, "MEMINFO", meminfo)
+    model = lora_model()
+    held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    budget = memory_budget(model, CPU)
+    assert budget.bytes == int(500000 * 1024 * 0.9) + held and "MemAvailable" in budget.source
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes share this node's memory
+    assert memory_budget(model, CPU).bytes == int(250000 * 1024 * 0.9) + held
+
+
+def test_cuda_budget_reads_the_free_memory_of_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
+    budget = memory_budget(lora_model(), torch.device("cuda", 0))  # the model is on the CPU: holds 0 there
+    assert budget.bytes == int(9 * 2**30) and "cuda:0" in budget.source
+
+
+# ---- selective checkpointing against a plain run -------------------------------------------------
+
+def step(model, batch):
+    """Loss, the adapters' grads, the bytes saved for backward at the loss and those each decoder
+    layer saved (a checkpointed layer: its input, kept by the checkpoint; its recompute's saves
+    go through the checkpoint's own hooks)."""
+    tracker = SavedTensorTracker({p.untyped_storage().data_ptr() for p in model.parameters()})
+    per_layer = []
+    hooks = []
+    for layer in decoder_layers(model):
+        hooks.append(layer.register_forward_pre_hook(lambda m, a: per_layer.append(-tracker.live)))
+        hooks.append(layer.register_forward_hook(lambda m, a, o: per_layer.__setitem__(-1, per_layer[-1] + tracker.live)))
+    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+        loss = model(input_ids=batch, labels=batch).loss
+        saved = tracker.live
+        loss.backward()
+    for hook in hooks:
+        hook.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, saved, per_layer
+
+
+def plan_of(mode, layers, num_layers=4):
+    return CheckpointPlan(mode, tuple(layers), num_layers, None, Budget(None, "test"), "")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_selective_checkpointing_equals_the_plain_step_and_saves_in_between():
+    batch = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for mode, layers in (("off", ()), ("selective", (0, 1)), ("full", range(4))):
+        model = lora_model()  # same seeds: the same weights and adapters each time
+        apply_checkpointing(model, plan_of(mode, layers))
+        runs[mode] = step(model, batch)
+    loss, grads, saved, per_layer = runs["off"]
+    assert len(grads) == 4 * 7 * 2  # every adapter's A and B got a gradient
+    for mode in ("selective", "full"):
+        other_loss, other_grads, _, _ = runs[mode]
+        assert torch.allclose(other_loss, loss, atol=1e-6)
+        assert all(torch.allclose(other_grads[n], g, atol=1e-6, rtol=1e-5) for n, g in grads.items())
+    assert runs["full"][2] < runs["selective"][2] < saved
+    layer_input = batch.numel() * 64 * 4  # fp32 hidden states
+    assert runs["full"][3] == [layer_input] * 4  # a checkpointed layer keeps its input only
+    assert runs["selective"][3][:2] == [layer_input] * 2
+    assert runs["selective"][3][3] == per_layer[3] > 10 * layer_input  # a plain layer: its whole saved set
+
+
+# ---- the wiring into `lorakit train` -------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_train_picks_selective_checkpointing_and_keeps_the_result(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from lorakit.cli import main
+    from tiny_models import save_tiny_chat_model, write_define_data
+
+    model, data = save_tiny_chat_model(tmp_path / "model", layers=4), write_define_data(tmp_path / "d.jsonl", 32)
+    args = ["train", "--model", str(model), "--data", str(data), "--max-steps", "2", "--batch-size", "2",
+            "--seq-len", "64", "--r", "4", "--eval-split", "0", "--seed", "3"]
+    assert main([*args, "--output", str(tmp_path / "plain")]) == 0
+    assert "activation checkpointing: off" in capsys.readouterr().out
+
+    def tight(model, device):  # room for the step with 3 of the 4 layers checkpointed
+        from lorakit.config import RunConfig
+
+        config = RunConfig()
+        config.train.batch_size, config.data.seq_len, config.lora.r = 2, 64, 4
+        return Budget(checkpointing_needs(model, config, device)[3], "test budget")
+
+    monkeypatch.setattr(memory_plan, "memory_budget", tight)
+    assert main([*args, "--output", str(tmp_path / "tight")]) == 0
+    assert "activation checkpointing: selective, 3 of 4 layers" in capsys.readouterr().out
+    a = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "tight" / "adapter" / "adapter_model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert json.loads((tmp_path / "tight" / "summary.json").read_text())["steps"] == 2
