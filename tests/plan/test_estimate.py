@@ -125,7 +125,7 @@ def test_checkpointing_fused_loss_and_quantisation_lower_their_terms():
     assert plain.activations_without_checkpointing == plain.activations == ckpt.activations_without_checkpointing
     assert ckpt.activations_with_checkpointing == ckpt.activations
     assert plain.logits == 12 * 8192 * 128256 + 8 * 8192  # fp32 lsm output + two fp32 grads, + labels
-    assert fused.logits == 8 * 4096 * 128256 + 2 * 8192 * 2048 * 2 + 8 * 8192  # one 4096-token chunk
+    assert fused.logits == 8 * 256 * 128256 + 2 * 8192 * 2048 * 2 + 8 * 8192  # one 256-row chunk (128 MiB fp32)
     assert fused.total < plain.total - 8e9
     assert nf4.weights < plain.weights / 2
     assert plain.adapter == 16 * count_lora_params("1b", 16)
@@ -182,7 +182,9 @@ def test_selective_checkpointing_lies_between_and_keeps_both_ends():
     assert estimate_memory(m, TrainShape(**shape, grad_checkpointing=True, checkpoint_layers=0)).to_dict() == off.to_dict()
     assert estimate_memory(m, TrainShape(**shape, grad_checkpointing=True, checkpoint_layers=16)).to_dict() == on.to_dict()
     totals = [estimate_memory(m, TrainShape(**shape, grad_checkpointing=True, checkpoint_layers=k)).total for k in range(17)]
-    assert all(a > b for a, b in zip(totals, totals[1:]))  # each checkpointed layer saves memory
+    # each checkpointed layer saves memory until the peak moves to one layer's recompute + backward
+    # (with 256-row loss chunks that is the last layer's: checkpointing it too saves nothing)
+    assert all(a > b for a, b in zip(totals[:15], totals[1:15])) and totals[15] == totals[16]
     half = estimate_memory(m, TrainShape(**shape, grad_checkpointing=True, checkpoint_layers=8))
     per_layer = 8192 * sum(layer_saved_bytes(m, TrainShape(**shape)).values())
     layer_zero = 8192 * sum(layer_saved_bytes(m, TrainShape(**shape), stream_grad=False).values())

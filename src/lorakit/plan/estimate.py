@@ -135,7 +135,7 @@ class TrainShape:
     fused_loss: bool = False  # chunked lm_head + cross-entropy: no full logits
     engine: str = "lorakit"  # "peft": PEFT defaults (fp32 adapters, an fp32 input copy per adapter)
     lora_dropout: float = 0.0
-    loss_chunk_tokens: int = 4096  # lorakit.kernels.chunked_ce's default chunk
+    loss_chunk_tokens: int | None = None  # None: lorakit.kernels.chunked_ce's default (by bytes)
     device: str = "cuda"  # "cpu": dropout keeps a float mask instead of a bool one
     checkpoint_layers: int | None = None  # with grad_checkpointing: how many (the earliest); None = all
 
@@ -159,6 +159,8 @@ def _shape_problems(shape: TrainShape) -> list[str]:
     out = []
     for name in ("batch_size", "seq_len", "r", "world_size", "loss_chunk_tokens"):
         value = getattr(shape, name)
+        if name == "loss_chunk_tokens" and value is None:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             out.append(f"{name} must be a positive integer, got {value!r}")
     if shape.dtype not in DTYPE_BYTES:
@@ -503,7 +505,9 @@ def head_peak_bytes(m: ModelShape, shape: TrainShape) -> int:
     tokens, vocab, b = shape.tokens, m.vocab_size, shape.compute_bytes
     labels = 8 * tokens  # int64 targets saved by the NLL loss
     if shape.fused_loss:  # one chunk's fp32 logits + a temporary; the hidden grad and its scaled copy
-        chunk = min(shape.loss_chunk_tokens, tokens)
+        from lorakit.kernels.chunked_ce import default_chunk_rows  # torch: only when asked
+
+        chunk = min(shape.loss_chunk_tokens or default_chunk_rows(vocab), tokens)
         return int(CHUNKED_LOSS_BYTES * chunk * vocab + 2 * tokens * m.hidden_size * b + labels)
     forward = _alive_unsaved_at_head(m, shape) + (b + 4 + (4 if b < 4 else 0)) * tokens * vocab
     backward = LOGITS_BYTES_PEAK * tokens * vocab

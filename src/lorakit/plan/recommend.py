@@ -459,7 +459,7 @@ def _memory_function(shape: Any, seq_len: int, r: int, device: str, quantize: st
 
     def memory_of(batch: int, checkpointing: bool) -> int:
         step = TrainShape(batch_size=batch, seq_len=seq_len, r=r, targets="all-linear", grad_checkpointing=checkpointing,
-                          dtype=dtype, quantize=quantize, fused_loss=True, loss_chunk_tokens=4096)
+                          dtype=dtype, quantize=quantize, fused_loss=True)
         return estimate_memory(shape, step).total
 
     return memory_of
