@@ -23,6 +23,7 @@ from lorakit.models import (
     converted_gguf_dir,
     ensure_gguf_converted,
     load_model_and_tokenizer,
+    load_pretrained,
     load_tokenizer,
     resolve_model,
 )
@@ -261,6 +262,45 @@ def test_pickle_only_folder_is_refused(pickle_folder):
 def test_pickle_only_folder_loads_when_allowed(pickle_folder):
     model, _, _ = load_model_and_tokenizer(pickle_folder, allow_pickle=True)
     torch.testing.assert_close(_logits(model), _logits(_tiny_llama(seed=3)))
+
+
+# --------------------------------------------------------------------------- load_pretrained (quantize's hook)
+
+
+def test_load_pretrained_hands_the_callers_loader_the_files_it_found(pickle_folder):
+    from transformers import AutoModelForCausalLM
+
+    calls = []
+
+    def from_pretrained(target, kwargs):
+        calls.append((target, kwargs))
+        return AutoModelForCausalLM.from_pretrained(target, **kwargs).train()
+
+    source = resolve_model(pickle_folder)
+    model, tokenizer = load_pretrained(source, from_pretrained, allow_pickle=True)
+    assert calls == [(source.location, {"use_safetensors": False})]  # pickle-only: transformers must read *.bin
+    assert not model.training and base_model_name(model) == source.location
+    assert tokenizer.pad_token == "</s>" and model.config.pad_token_id == tokenizer.pad_token_id
+    torch.testing.assert_close(_logits(model), _logits(_tiny_llama(seed=3)))
+    with pytest.raises(ModelLoadError, match="only pickle weights"):
+        load_pretrained(source, from_pretrained)
+
+
+def test_load_pretrained_names_the_model_when_the_loader_fails(tiny_folder):
+    source = resolve_model(tiny_folder)
+
+    def broken(target, kwargs):
+        raise OSError("weights cut short")
+
+    with pytest.raises(ModelLoadError, match=f"could not load the model in {source.location} "
+                                             r"\(OSError: weights cut short\); check that config.json"):
+        load_pretrained(source, broken)
+
+    def refuses(target, kwargs):
+        raise ConfigError("--quantize cannot run here")
+
+    with pytest.raises(ConfigError, match="--quantize cannot run here"):  # the loader's own errors pass through
+        load_pretrained(source, refuses)
 
 
 def test_weights_that_do_not_fit_the_config(tmp_path):

@@ -34,7 +34,9 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from safetensors import SafetensorError
 
 from lorakit.errors import ConfigError, ModelLoadError
 
@@ -50,6 +52,9 @@ CONVERSION_MARKER = "lorakit_conversion.json"
 # One optional namespace, then a repo name: "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _SPEC_HINT = "pass a local folder with config.json and weights, a hub id, or a .gguf file"
+
+# what from_pretrained raises for a bad file, folder or id (a truncated file: SafetensorError)
+_LOAD_ERRORS = (ImportError, OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
 
 @dataclass(frozen=True)
@@ -420,28 +425,39 @@ def load_model_and_tokenizer(
     source = resolve_model(spec)
     device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
-    target, kwargs = _load_target(source, allow_pickle)
-    tokenizer = _load_tokenizer_from(source, target, kwargs)
-    model = _load_model_from(source, target, kwargs, torch_dtype, auto_class)
-    _ensure_pad_token(tokenizer, model)
-    model.name_or_path = source.name
-    model.config._name_or_path = source.name
+    if auto_class is None:
+        from transformers import AutoModelForCausalLM as auto_class
+
+    def from_pretrained(target: str, kwargs: dict[str, Any]) -> Any:
+        return auto_class.from_pretrained(target, dtype=torch_dtype, **kwargs)
+
+    model, tokenizer = load_pretrained(source, from_pretrained, allow_pickle)
     return model.to(device), tokenizer, source
 
 
-def _load_model_from(
-    source: ModelSource, target: str, kwargs: dict[str, Any], torch_dtype: Any, auto_class: Any
-) -> Any:
-    from safetensors import SafetensorError
+def load_pretrained(
+    source: ModelSource, from_pretrained: Callable[[str, dict[str, Any]], Any], allow_pickle: bool = False
+) -> tuple[Any, Any]:
+    """The steps every model load shares, around the caller's own ``from_pretrained``.
 
-    if auto_class is None:
-        from transformers import AutoModelForCausalLM as auto_class
+    Finds the files for ``source`` (converting a .gguf once, refusing pickle weights unless
+    ``allow_pickle``), loads the tokenizer, then calls ``from_pretrained(target, kwargs)`` with
+    the folder or hub id and the keyword arguments that make transformers read those files
+    (pass them on). A loading failure it raises (OSError, ValueError, ...) becomes a
+    ModelLoadError naming the source. The model is returned in eval mode, recording its name, and the tokenizer
+    with a pad token.
+    """
+    target, kwargs = _load_target(source, allow_pickle)
+    tokenizer = _load_tokenizer_from(source, target, kwargs)
     try:
-        model = auto_class.from_pretrained(target, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # a truncated file: SafetensorError
+        model = from_pretrained(target, dict(kwargs))
+    except _LOAD_ERRORS as exc:  # a LorakitError raised by from_pretrained passes through as it is
         raise _load_error(source, exc, kwargs) from exc
     model.eval()
-    return model
+    _ensure_pad_token(tokenizer, model)
+    model.name_or_path = source.name
+    model.config._name_or_path = source.name
+    return model, tokenizer
 
 
 def _load_error(source: ModelSource, exc: Exception, kwargs: dict[str, Any]) -> ModelLoadError:

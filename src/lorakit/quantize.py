@@ -87,20 +87,17 @@ def load_quantized(spec: str | os.PathLike | None, quantize: str, allow_pickle: 
     if source.kind in ("gguf", "builtin"):
         raise ConfigError(_gguf_message(source))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    target, kwargs = models._load_target(source, allow_pickle)
-    tokenizer = models._load_tokenizer_from(source, target, kwargs)
-    model = _from_pretrained(source, target, kwargs, quantize, device)
-    models._ensure_pad_token(tokenizer, model)
-    model.name_or_path = source.name
-    model.config._name_or_path = source.name
+
+    def from_pretrained(target: str, kwargs: dict) -> Any:
+        return _from_pretrained(source, target, kwargs, quantize, device)
+
+    model, tokenizer = models.load_pretrained(source, from_pretrained, allow_pickle)
     prepare_for_kbit_training(model)
     return model, tokenizer, source
 
 
 def _from_pretrained(source, target: str, kwargs: dict, quantize: str, device: str) -> Any:
     from transformers import AutoModelForCausalLM
-
-    from lorakit import models
 
     try:
         model = AutoModelForCausalLM.from_pretrained(target, dtype=COMPUTE_DTYPE, device_map={"": device},
@@ -110,11 +107,10 @@ def _from_pretrained(source, target: str, kwargs: dict, quantize: str, device: s
             raise ConfigError(f"--quantize {quantize} cannot run here ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0]}); it needs a CUDA GPU, or bitsandbytes >= 0.48 "
                               "on CPU (pip install -U bitsandbytes); or drop --quantize") from exc
-        raise models._load_error(source, exc, kwargs) from exc
+        raise  # models.load_pretrained names the model in a ModelLoadError
     if not any(_quantized_linears(model)):
         raise ConfigError(f"loading {source.location} with --quantize {quantize} quantised no linear layer; "
                           "this architecture has no nn.Linear layers bitsandbytes can replace: drop --quantize")
-    model.eval()
     return model
 
 

@@ -11,13 +11,14 @@ lorakit adds two entries to the safetensors metadata, which PEFT ignores: the ba
 fingerprint (architecture fields + parameter shapes) and the lorakit version. Loading onto a
 model with another fingerprint is refused unless `allow_other_base=True`.
 
-Loading reads the adapted modules and their ranks from the tensors themselves rather than
-re-matching `target_modules`, so any PEFT adapter (rank_pattern, regex targets) maps exactly.
+Reading and checking the folder is lorakit.lora.adapter_folder's job (shared with analyze and
+export); this module saves, and fits what was read onto a model. Loading takes the adapted
+modules and their ranks from the tensors themselves rather than re-matching `target_modules`, so
+any PEFT adapter (rank_pattern, regex targets) maps exactly.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -26,16 +27,20 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterFileError, AdapterMismatchError
+from lorakit.lora.adapter_folder import (
+    CONFIG_FILE,
+    FINGERPRINT_KEY,
+    WEIGHTS_FILE,
+    Adapter,
+    adapter_from_memory,
+    read_adapter_folder,
+)
+from lorakit.lora.adapter_folder import PEFT_PREFIX as PREFIX
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.layer import LoraLinear
 from lorakit.lora.model import CONFIG_ATTR, base_fingerprint, lora_layers, wrap_modules
-from lorakit.safe_io import atomic_save_safetensors, atomic_write_json, load_safetensors_checked
+from lorakit.safe_io import atomic_save_safetensors, atomic_write_json
 
-PREFIX = "base_model.model."
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_WEIGHTS_FILE = "adapter_model.bin"
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 # PEFT options lorakit does not implement: loading them would silently compute something else
 _UNSUPPORTED = {"layers_to_transform": None, "layer_replication": None, "lora_bias": False,
                 "use_qalora": False, "target_parameters": None, "trainable_token_indices": None,
@@ -128,7 +133,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name: str | None
     path.mkdir(parents=True, exist_ok=True)
     if base_model_name is None:
         base_model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    metadata = {"format": "pt", "lorakit_base_fingerprint": base_fingerprint(model),
+    metadata = {"format": "pt", FINGERPRINT_KEY: base_fingerprint(model),
                 "lorakit_version": _version()}
     atomic_save_safetensors(path / WEIGHTS_FILE, adapter_state_dict(model), metadata)
     atomic_write_json(path / CONFIG_FILE, adapter_config_dict(model, base_model_name))
@@ -142,63 +147,41 @@ def _version() -> str:
 
 
 def read_adapter(path: str | Path, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """(adapter_config, tensors with PEFT keys minus the prefix, safetensors metadata)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterFileError(f"no adapter folder at {path}; pass the folder that holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    config = _read_config(path / CONFIG_FILE)
-    weights = path / WEIGHTS_FILE
-    if weights.exists():
-        tensors, metadata = load_safetensors_checked(weights), _metadata(weights)
-    elif (path / PICKLE_WEIGHTS_FILE).exists():
-        from lorakit.safe_io import load_tensor_file
-
-        tensors, metadata = load_tensor_file(path / PICKLE_WEIGHTS_FILE, allow_pickle), {}
-    else:
-        raise AdapterFileError(f"{path} has no {WEIGHTS_FILE}; the adapter's weights are missing")
-    return config, {k.removeprefix(PREFIX): v for k, v in tensors.items()}, metadata
+    """(adapter_config, tensors under the model's parameter names, safetensors metadata), checked."""
+    adapter = read_adapter_folder(path, allow_pickle)
+    check_engine_supports(adapter.config, adapter.folder / CONFIG_FILE)
+    return adapter.config, adapter.parameter_tensors(), adapter.metadata
 
 
-def _read_config(path: Path) -> dict:
-    if not path.exists():
-        raise AdapterFileError(f"{path} is missing; an adapter folder needs {CONFIG_FILE} beside its weights")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{path} is not valid JSON ({exc}); restore it from the original adapter") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(f"{path} does not describe a LoRA adapter (peft_type {config.get('peft_type')!r})")
+def check_engine_supports(config: dict, where) -> None:
+    """Refuse PEFT options the engine does not implement: loading them would compute something else."""
     for key, neutral in _UNSUPPORTED.items():
         if config.get(key, neutral) not in (neutral, None, False, [], {}):
-            raise AdapterFileError(f"{path}: the PEFT option {key}={config[key]!r} is not supported by lorakit")
-    return config
-
-
-def _metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        return handle.metadata() or {}
+            raise AdapterFileError(f"{where}: the PEFT option {key}={config[key]!r} is not supported by lorakit; "
+                                   "load this adapter with PEFT instead")
 
 
 def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False, *,
                  allow_other_base: bool = False, allow_pickle: bool = False) -> nn.Module:
     """Put a saved adapter (lorakit's or PEFT's) on a base model, in place."""
-    config_dict, tensors, metadata = read_adapter(path, allow_pickle)
-    return attach_adapter(model, config_dict, tensors, metadata, path, trainable=trainable,
-                          allow_other_base=allow_other_base)
+    return _attach(model, read_adapter_folder(path, allow_pickle), path, trainable, allow_other_base)
 
 
 def attach_adapter(model: nn.Module, config_dict: dict, tensors: dict, metadata: dict, path="<memory>", *,
                    trainable: bool = False, allow_other_base: bool = False) -> nn.Module:
     """Wrap and fill a model from an adapter already read into memory (see read_adapter)."""
-    _check_fingerprint(model, metadata, path, allow_other_base)
-    _check_finite(tensors, path)
-    config = lora_config_from_peft(config_dict)
-    ranks = _ranks_from_tensors(config, tensors, path)
+    adapter = adapter_from_memory(config_dict, tensors, metadata, source=path)
+    return _attach(model, adapter, path, trainable, allow_other_base)
+
+
+def _attach(model: nn.Module, adapter: Adapter, path, trainable: bool, allow_other_base: bool) -> nn.Module:
+    check_engine_supports(adapter.config, path)
+    _check_fingerprint(model, adapter.base_fingerprint, path, allow_other_base)
+    config = lora_config_from_peft(adapter.config)
+    ranks = _ranks(config, adapter, path)
     _check_modules_exist(model, ranks, path)
     wrap_modules(model, config, ranks)
-    _load_tensors(model, config, tensors, path)
+    _load_tensors(model, config, adapter.parameter_tensors(), path)
     for name, param in model.named_parameters():
         param.requires_grad_(trainable and (".lora_" in name or name.endswith("lora_magnitude_vector")
                                             or _in_modules_to_save(name, config)))
@@ -218,8 +201,7 @@ def lora_config_from_peft(config: dict) -> LoraConfig:
     )
 
 
-def _check_fingerprint(model, metadata: dict, path, allow_other_base: bool) -> None:
-    saved = metadata.get("lorakit_base_fingerprint")
+def _check_fingerprint(model, saved: str | None, path, allow_other_base: bool) -> None:
     if saved is None or allow_other_base:
         return
     current = base_fingerprint(model)
@@ -231,31 +213,15 @@ def _check_fingerprint(model, metadata: dict, path, allow_other_base: bool) -> N
         )
 
 
-def _check_finite(tensors: dict, path) -> None:
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise AdapterFileError(f"{path}: tensor {PREFIX}{key} holds NaN or inf values; the adapter is damaged "
-                                   "(a diverged run?): train it again or use an earlier checkpoint")
-
-
-def _ranks_from_tensors(config: LoraConfig, tensors: dict, path) -> dict[str, tuple[int, float]]:
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _LORA_KEY.match(key)
-        if match:
-            modules.setdefault(match["module"], {})[match["part"]] = tensor
-    if not modules:
-        raise AdapterFileError(f"{path} holds no LoRA tensors (no *.lora_A.weight keys)")
-    ranks = {}
-    for module, parts in modules.items():
-        if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
-            missing = "lora_B.weight" if "lora_A.weight" in parts else "lora_A.weight"
-            raise AdapterFileError(f"{path}: tensor {PREFIX}{module}.{missing} is missing; the adapter is incomplete")
-        r = parts["lora_A.weight"].shape[0]
-        if parts["lora_B.weight"].shape[1] != r:
-            raise AdapterFileError(f"{path}: {module} has lora_A of rank {r} but lora_B of shape {tuple(parts['lora_B.weight'].shape)}")
-        ranks[module] = (r, config.rank_and_alpha(module)[1])
-    return ranks
+def _ranks(config: LoraConfig, adapter: Adapter, path) -> dict[str, tuple[int, float]]:
+    """module -> (rank, alpha): the rank from the tensors, so any PEFT rank_pattern maps exactly."""
+    embeddings = sorted(m for m, pair in adapter.pairs.items() if pair.kind != "linear")
+    if embeddings:
+        raise AdapterMismatchError(
+            f"the adapter in {path} adapts embeddings ({', '.join(embeddings[:3])}) with lora_embedding_A/B; "
+            "lorakit adapts linear layers only: load this adapter with PEFT, or retrain it without them"
+        )
+    return {module: (pair.rank, config.rank_and_alpha(module)[1]) for module, pair in adapter.pairs.items()}
 
 
 def _check_modules_exist(model: nn.Module, ranks: dict, path) -> None:

@@ -1,7 +1,8 @@
 """How much of its rank does a trained LoRA adapter use? Singular values per module.
 
 Works on any PEFT-format LoRA adapter folder (lorakit's or PEFT's): `adapter_config.json` +
-`adapter_model.safetensors`, no base model needed. For each adapted module the update is
+`adapter_model.safetensors`, no base model needed; lorakit.lora.adapter_folder reads and checks
+it, as for loading and export. For each adapted module the update is
 
     ΔW = s · B A,    B: (out x r),  A: (r x in),  s = alpha / r  (rsLoRA: alpha / sqrt(r))
 
@@ -29,7 +30,6 @@ The verdict, over the modules with a non-zero update, at the first energy level 
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -38,20 +38,14 @@ from typing import Sequence
 
 import torch
 
-from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.lora.config import pattern_value
-from lorakit.safe_io import atomic_write_bytes, load_tensor_file, translate_os_errors
+from lorakit.errors import ConfigError
+from lorakit.lora.adapter_folder import PEFT_DEFAULT_ALPHA, Adapter, rank_mismatches, read_adapter_folder
+from lorakit.safe_io import atomic_write_bytes, translate_os_errors
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_WEIGHTS_FILE = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
 DEFAULT_ENERGIES = (0.9, 0.99)
-PEFT_DEFAULT_R, PEFT_DEFAULT_ALPHA = 8, 8
 SATURATION = 0.75
 PERCENTILE = 0.95
 MIN_SUGGESTED_R = 4
-_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?$")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
 _CANONICAL_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                     "c_attn", "c_proj", "c_fc", "query", "key", "value", "dense")
@@ -180,103 +174,21 @@ def _ordered_types(types) -> list[str]:
     return sorted(types, key=key)
 
 
-# ---- reading the adapter --------------------------------------------------------------------
-
-def read_adapter_config(folder: Path) -> dict:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterFileError(f"{path} is missing; an adapter folder needs {CONFIG_FILE} beside its weights")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{path} is not valid JSON ({exc}); restore it from the original adapter") from None
-    if not isinstance(config, dict):
-        raise AdapterFileError(f"{path} must hold a JSON object, not {type(config).__name__}")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(f"{path} describes a {config.get('peft_type')} adapter; analyze reads LoRA adapters")
-    for key in ("r", "lora_alpha"):
-        if key in config and not _is_number(config[key]):
-            raise AdapterFileError(f"{path}: {key} must be a number, got {config[key]!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(key) or {}
-        if not isinstance(pattern, dict) or not all(_is_number(v) for v in pattern.values()):
-            raise AdapterFileError(f"{path}: {key} must map module patterns to numbers, got {pattern!r}")
-    return config
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-
-
-def read_adapter_tensors(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    weights = folder / WEIGHTS_FILE
-    if weights.exists():
-        return load_tensor_file(weights)
-    if (folder / PICKLE_WEIGHTS_FILE).exists():
-        return load_tensor_file(folder / PICKLE_WEIGHTS_FILE, allow_pickle)
-    raise AdapterFileError(f"{folder} has no {WEIGHTS_FILE}; the adapter's weights are missing")
-
-
-def pair_factors(tensors: dict[str, torch.Tensor], source: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module name -> (A as (r, in...), B as (out, r...)), checked for completeness and shape."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _FACTOR_KEY.match(key.removeprefix(PEFT_PREFIX).removesuffix(".weight"))
-        if match:
-            part = match["part"].replace("embedding_", "")
-            if part in parts.setdefault(match["module"], {}):
-                raise AdapterFileError(f"{source}: {match['module']} has two {part} tensors (several adapters in one file?)")
-            # embedding factors (A: r x vocab, B: dim x r) multiply like a linear layer's
-            parts[match["module"]][part] = tensor
-    if not parts:
-        raise AdapterFileError(f"{source} holds no LoRA tensors (no *.lora_A.weight / *.lora_B.weight keys)")
-    return {module: _checked_pair(module, found, source) for module, found in sorted(parts.items())}
-
-
-def _checked_pair(module: str, found: dict, source: str) -> tuple[torch.Tensor, torch.Tensor]:
-    for part in ("lora_A", "lora_B"):
-        if part not in found:
-            raise AdapterFileError(f"{source}: tensor {PEFT_PREFIX}{module}.{part}.weight is missing; the adapter is incomplete")
-    a, b = found["lora_A"], found["lora_B"]
-    if a.dim() < 2 or b.dim() < 2 or b.shape[1] != a.shape[0] or b[0].numel() != a.shape[0]:
-        raise AdapterFileError(
-            f"{source}: {module} has lora_A of shape {tuple(a.shape)} and lora_B of shape {tuple(b.shape)}; "
-            "they do not multiply (B must be out x r, A r x in)"
-        )
-    if not a.is_floating_point() or not b.is_floating_point():
-        raise AdapterFileError(f"{source}: {module}'s factors are not floating point ({a.dtype}, {b.dtype})")
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-        raise AdapterFileError(f"{source}: {module}'s factors hold NaN or inf values; the adapter is damaged "
-                               "(a diverged run?): train it again or use an earlier checkpoint")
-    return a, b
-
-
-def module_scale(config: dict, module: str, r: int) -> tuple[float, float]:
-    """(alpha, scale) of one module: alpha_pattern over lora_alpha; alpha/r or alpha/sqrt(r)."""
-    alpha = float(pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA)))
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return alpha, scale
-
-
 # ---- the analysis ---------------------------------------------------------------------------
 
 def analyze_adapter(path: str | Path, energies: Sequence[float] = DEFAULT_ENERGIES,
                     allow_pickle: bool = False) -> AdapterAnalysis:
     """Read an adapter folder and compute every module's spectrum and the verdict."""
     energies = check_energies(energies)
-    folder = Path(path)
-    if not folder.is_dir():
-        raise AdapterFileError(f"no adapter folder at {folder}; pass the folder holding {CONFIG_FILE} and {WEIGHTS_FILE}")
-    config = read_adapter_config(folder)
-    pairs = pair_factors(read_adapter_tensors(folder, allow_pickle), str(folder / WEIGHTS_FILE))
-    warnings = _config_warnings(config, pairs)
-    modules = [_module_rank(name, a, b, config, energies) for name, (a, b) in pairs.items()]
+    adapter = read_adapter_folder(path, allow_pickle)
+    modules = [_module_rank(adapter, name, energies) for name in sorted(adapter.pairs)]
     _shorten_types(modules)
+    config = adapter.config
     r = int(config.get("r") or max(m.r for m in modules))
     return AdapterAnalysis(
-        path=str(folder), r=r, lora_alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
-        use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
-        energies=tuple(energies), modules=modules, verdict=make_verdict(modules, r, energies[0]), warnings=warnings,
+        path=str(adapter.folder), r=r, lora_alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
+        use_rslora=adapter.uses_rslora(), use_dora=bool(config.get("use_dora")), energies=tuple(energies),
+        modules=modules, verdict=make_verdict(modules, r, energies[0]), warnings=_config_warnings(adapter),
     )
 
 
@@ -287,14 +199,14 @@ def check_energies(energies: Sequence[float]) -> tuple[float, ...]:
     return energies
 
 
-def _module_rank(name: str, a: torch.Tensor, b: torch.Tensor, config: dict, energies) -> ModuleRank:
-    r = a.shape[0]
-    alpha, scale = module_scale(config, name, r)
-    sv = update_singular_values(a, b, scale)
+def _module_rank(adapter: Adapter, name: str, energies) -> ModuleRank:
+    pair = adapter.pairs[name]
+    scale = adapter.scaling(name)
+    sv = update_singular_values(pair.A, pair.B, scale)
     layer, module_type = parse_module_name(name)
     return ModuleRank(
-        name=name, layer=layer, module_type=module_type, r=r, alpha=alpha, scale=scale,
-        shape=(b.shape[0], a[0].numel()), singular_values=[float(x) for x in sv],
+        name=name, layer=layer, module_type=module_type, r=pair.rank, alpha=adapter.rank_and_alpha(name)[1],
+        scale=scale, shape=(pair.B.shape[0], pair.A[0].numel()), singular_values=[float(x) for x in sv],
         energy_ranks={_energy_key(e): energy_rank(sv, e) for e in energies},
         stable_rank=stable_rank(sv), frobenius_norm=float(torch.sqrt((sv**2).sum())),
     )
@@ -309,17 +221,15 @@ def _shorten_types(modules: list[ModuleRank]) -> None:
             m.module_type = short[m.module_type]
 
 
-def _config_warnings(config: dict, pairs: dict) -> list[str]:
+def _config_warnings(adapter: Adapter) -> list[str]:
     warnings = []
-    if "lora_alpha" not in config:
+    if "lora_alpha" not in adapter.config:
         warnings.append(f"adapter_config.json has no lora_alpha; assumed PEFT's default {PEFT_DEFAULT_ALPHA}")
-    default_r = config.get("r", PEFT_DEFAULT_R)
-    mismatched = [name for name, (a, _) in pairs.items()
-                  if int(pattern_value(config.get("rank_pattern"), name, default_r)) != a.shape[0]]
+    mismatched = rank_mismatches(adapter)
     if mismatched:
         warnings.append(f"{len(mismatched)} modules have a rank other than the config's r/rank_pattern "
-                        f"(e.g. {mismatched[0]}); the tensors' rank is used")
-    if config.get("use_dora"):
+                        f"(e.g. {mismatched[0][0]}); the tensors' rank is used")
+    if adapter.config.get("use_dora"):
         warnings.append("DoRA adapter: the spectra describe the low-rank direction update s·BA; "
                         "the learned magnitudes rescale rows on top of it")
     return warnings
