@@ -44,8 +44,9 @@ import torch
 from lorakit.bench_variants import Prepared, prepare_variant
 from lorakit.errors import ConfigError
 
-VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-plain", "lorakit-ce", "lorakit-fused")
-DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger")
+VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-triton", "lorakit-plain", "lorakit-ce",
+            "lorakit-fused")
+DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-triton", "peft-liger")
 GIB = 2**30
 
 _SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -157,6 +158,11 @@ def _choose_variants(asked: list[str] | None, plan: Plan) -> list[str]:
 def _skip_reason(name: str, plan: Plan) -> str | None:
     if name == "peft-bf16" and plan.dtype == "float32":
         return "the model is fp32 here, so it would equal peft"
+    if name == "lorakit-triton":
+        if plan.device != "cuda":
+            return "Triton kernels are for CUDA GPUs (a CPU runs them only in Triton's slow interpreter)"
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
     if name == "peft-liger":
         if plan.device != "cuda":
             return "Liger's kernels are Triton, GPU only"

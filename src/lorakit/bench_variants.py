@@ -5,6 +5,7 @@
     peft           get_peft_model defaults (autocast_adapter_dtype=True: fp32 adapters)
     peft-bf16      autocast_adapter_dtype=False: adapters in the base dtype
     peft-liger     PEFT + Liger's Triton kernels (patches transformers classes: runs last)
+    lorakit-triton lorakit + Triton RMSNorm, SwiGLU and RoPE (enable_fast_paths(triton=True); CUDA)
     lorakit-plain, lorakit-ce, lorakit-fused
                    ablations: no fast path / only the chunked loss / only the fused blocks
 """
@@ -58,15 +59,17 @@ def prepare_variant(name: str, plan) -> Prepared:
         model = add_peft_adapters(model, plan, autocast_adapter_dtype=name != "peft-bf16")
         loss_fn, notices, key = hf_loss(model), [], "peft"
     else:
-        notices = add_lorakit_adapters(model, plan, fused=name in ("lorakit", "lorakit-fused"))
-        loss_fn, key = lorakit_loss(model, plan, chunked=name in ("lorakit", "lorakit-ce")), "lorakit"
+        notices = add_lorakit_adapters(model, plan, fused=name in ("lorakit", "lorakit-fused", "lorakit-triton"),
+                                       triton=name == "lorakit-triton")
+        chunked = name in ("lorakit", "lorakit-ce", "lorakit-triton")
+        loss_fn, key = lorakit_loss(model, plan, chunked=chunked), "lorakit"
     params = [p for p in model.parameters() if p.requires_grad]
     fused = plan.device == "cuda" and name.startswith("lorakit")
     optimizer = torch.optim.AdamW(params, lr=LR, **({"fused": True} if fused else {}))
     return Prepared(model, loss_fn, optimizer, key, notices)
 
 
-def add_lorakit_adapters(model, plan, fused: bool) -> list[str]:
+def add_lorakit_adapters(model, plan, fused: bool, triton: bool = False) -> list[str]:
     from lorakit.lora import LoraConfig, apply_lora
 
     apply_lora(model, LoraConfig(r=plan.settings.r, alpha=2 * plan.settings.r, target_modules=TARGETS))
@@ -74,7 +77,7 @@ def add_lorakit_adapters(model, plan, fused: bool) -> list[str]:
         return []
     from lorakit.kernels.llama_patch import enable_fast_paths
 
-    return enable_fast_paths(model)
+    return enable_fast_paths(model, triton=triton)
 
 
 def add_peft_adapters(model, plan, autocast_adapter_dtype: bool = True):

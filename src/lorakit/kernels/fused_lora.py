@@ -19,6 +19,10 @@ saved; h = silu(e) * g is recomputed in backward and
 
     dg = dh * silu(e),   de = dh * g * sigmoid(e) * (1 + e * (1 - sigmoid(e))).
 
+With triton=True, lora_mlp computes h (forward and recompute) and (de, dg) with the Triton
+kernels of triton_ops (one pass each, de written over dh) when the kernels can take x: a CUDA
+tensor, or any tensor under TRITON_INTERPRET=1. Otherwise the PyTorch code below runs.
+
 Adapters stored in a wider dtype than the activations (fp32 master weights under a bf16 base)
 are cast down for the GEMMs, and their gradients are cast back.
 
@@ -81,9 +85,21 @@ def lora_qkv(x: torch.Tensor, q: nn.Module, k: nn.Module,
     return _SharedInputLora.apply(x, *_scalings_and_params([q, k, v]))
 
 
-def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) saving only x, gate(x) and up(x) for backward."""
-    return _LoraSwiGLU.apply(x, *_scalings_and_params([gate, up, down]))
+def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, *,
+             triton: bool = False) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) saving only x, gate(x) and up(x) for backward.
+
+    triton=True: the SwiGLU elementwise part runs the Triton kernels where they can take x.
+    """
+    return _LoraSwiGLU.apply(x, _triton_ops_for(x) if triton else None,
+                             *_scalings_and_params([gate, up, down]))
+
+
+def _triton_ops_for(x):
+    """The triton_ops module when its kernels can take x, else None. Imported on demand: the
+    module decides between interpreter and GPU kernels when it is first imported."""
+    from lorakit.kernels import triton_ops
+    return triton_ops if triton_ops.runs_on(x) else None
 
 
 def _scalings_and_params(layers):
@@ -181,14 +197,22 @@ def _silu_parts(e):
     return sig, e * sig
 
 
+def _silu_mul_grads(e, g, sig, silu, dh):
+    """(de, dg) for h = silu(e) * g, reusing the buffers of sig, silu and dh."""
+    # d silu(e)/de = sig * (1 + e * (1 - sig)), built in sig's buffer
+    dsilu = sig.mul_(torch.sub(1.0, sig).mul_(e).add_(1.0))
+    dg = silu.mul_(dh)
+    return dh.mul_(g).mul_(dsilu), dg
+
+
 class _LoraSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scalings, *params):
+    def forward(ctx, x, triton_ops, scalings, *params):
         gate, up, down = _group(params, scalings)
         (e, g), xa, a_cat = _shared_forward(_flat(x), [gate, up])  # (T, I) each
-        h = _silu_parts(e)[1].mul_(g)  # (T, I), not saved
+        h = triton_ops.silu_mul(e, g) if triton_ops else _silu_parts(e)[1].mul_(g)  # not saved
         (out,), ha, a_down = _shared_forward(h, [down])
-        ctx.scalings = scalings
+        ctx.scalings, ctx.triton_ops = scalings, triton_ops
         ctx.save_for_backward(x, e, g, xa, a_cat, ha, a_down, *params)
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -196,14 +220,21 @@ class _LoraSwiGLU(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, e, g, xa, a_cat, ha, a_down, *params = ctx.saved_tensors
         gate, up, down = _group(params, ctx.scalings)
-        sig, silu = _silu_parts(e)
+        ops = ctx.triton_ops
+        if ops is None:
+            sig, silu = _silu_parts(e)
+            h = silu * g
+        else:
+            h = ops.silu_mul(e, g)
         dh, grads_a_down, grads_b_down = _shared_backward(
-            silu * g, ha, a_down, [down], [_flat(grad_out)], True)
-        # d silu(e)/de = sig * (1 + e * (1 - sig)), built in sig's buffer
-        dsilu = sig.mul_(torch.sub(1.0, sig).mul_(e).add_(1.0))
-        dg = silu.mul_(dh)
-        de = dh.mul_(g).mul_(dsilu)
+            h, ha, a_down, [down], [_flat(grad_out)], True)
+        del h
+        if ops is None:
+            de, dg = _silu_mul_grads(e, g, sig, silu, dh)
+        else:  # one pass, de written over dh
+            de, dg = ops.silu_mul_grads(e, g, dh, into_grad=True)
         dx, grads_a, grads_b = _shared_backward(_flat(x), xa, a_cat, [gate, up], [de, dg],
                                                 ctx.needs_input_grad[0])
         dx = None if dx is None else dx.view(x.shape)
-        return (dx, None, *_param_grads(grads_a + grads_a_down, grads_b + grads_b_down))
+        return (dx, None, None,
+                *_param_grads(grads_a + grads_a_down, grads_b + grads_b_down))

@@ -11,6 +11,16 @@ the module would:
                           the attention kernel stay transformers' own
     o_proj.forward     -> lora_linear(x, o_proj)
 
+enable_fast_paths(model, triton=True) adds the Triton kernels of triton_ops (opt-in until they
+are measured on a GPU; when Triton cannot run here, one notice says why and the rest stays):
+
+    RMSNorm.forward    -> rms_norm(x, weight, eps)                     the RMSNorms we know
+    mlp.forward        -> lora_mlp(..., triton=True)                   SwiGLU part in Triton
+    self_attn.forward  -> a copy of transformers 5.x LlamaAttention.forward (with the q/k norms
+                          of Qwen3 and the sliding window of Mistral/Qwen2/Qwen3) whose only
+                          change is rope(q, k, cos, sin) in place of apply_rotary_pos_emb;
+                          projections, cache update and attention kernel are called as there
+
 Every patched forward re-checks at call time and runs the original forward instead when an
 adapter was merged or disabled since, or under autocast (the fused functions do their own
 dtype handling). disable_fast_paths(model) restores the previous forwards.
@@ -22,6 +32,8 @@ logits never exist.
 
 from __future__ import annotations
 
+import inspect
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 
@@ -36,21 +48,40 @@ from lorakit.kernels.fused_lora import fuse_blocker, lora_linear, lora_mlp, lora
 SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
 QKV, MLP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")
+# modules whose forward is exactly LlamaRMSNorm's
+RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+# what each attention passes to the attention kernel beyond LlamaAttention's arguments
+_EXTRA_ATTENTION_ARGS = {
+    "LlamaAttention": lambda attn: {},
+    "MistralAttention": lambda attn: {"sliding_window": getattr(attn.config, "sliding_window",
+                                                                None)},
+    "Qwen2Attention": lambda attn: {"sliding_window": attn.sliding_window},
+    "Qwen3Attention": lambda attn: {"sliding_window": attn.sliding_window},
+}
 
 _SAVED_FORWARD = "_lorakit_saved_forward"  # marks a patched module; holds its previous forward
 _PRECOMPUTED = "_lorakit_precomputed"  # (input, output) stashed on q/k/v_proj for one call
+_TRITON = "_lorakit_triton"  # marks a module whose patched forward runs Triton kernels
 
 
-def enable_fast_paths(model: nn.Module) -> list[str]:
-    """Patch every fusable attention and MLP in place; returns notices for what fell back."""
+def enable_fast_paths(model: nn.Module, triton: bool = False) -> list[str]:
+    """Patch every fusable attention and MLP in place (and, with triton=True, the RMSNorms and
+    RoPE); returns notices for what fell back. Switching triton on or off re-patches."""
+    notices, ops = [], None
+    if triton:
+        ops, reason = _triton_ops()
+        if ops is None:
+            notices.append(f"Triton kernels not used ({reason}); the other fast paths stay")
+    if fast_paths_enabled(model) and _uses_triton(model) != (ops is not None):
+        disable_fast_paths(model)
     fallbacks: dict[str, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
-        reason = _patch_if_fusable(module)
+        reason = _patch_if_fusable(module, ops)
         if reason is not None:
             fallbacks[reason].append(name)
     if not fallbacks and not fast_paths_enabled(model):
         fallbacks.setdefault("no Llama-style attention or SwiGLU MLP with LoRA was found", [])
-    return [_notice(reason, names) for reason, names in fallbacks.items()]
+    return notices + [_notice(reason, names) for reason, names in fallbacks.items()]
 
 
 def disable_fast_paths(model: nn.Module) -> None:
@@ -65,6 +96,17 @@ def fast_paths_enabled(model: nn.Module) -> bool:
     return any(hasattr(m, _SAVED_FORWARD) for m in model.modules())
 
 
+def _uses_triton(model: nn.Module) -> bool:
+    return any(m.__dict__.get(_TRITON, False) for m in model.modules())
+
+
+def _triton_ops():
+    """(the triton_ops module, None) when its kernels can run here, else (None, why not)."""
+    from lorakit.kernels import triton_ops  # imports without triton; decides GPU/interpreter
+    reason = triton_ops.unavailable_reason()
+    return (None, reason) if reason else (triton_ops, None)
+
+
 def _notice(reason: str, names: list[str]) -> str:
     if not names:
         return reason
@@ -72,17 +114,31 @@ def _notice(reason: str, names: list[str]) -> str:
     return f"plain path kept for {len(names)} module(s) ({shown}): {reason}"
 
 
-def _patch_if_fusable(module: nn.Module) -> str | None:
-    """Patch an attention or MLP module; the reason it was left alone, or None."""
+def _patch_if_fusable(module: nn.Module, ops) -> str | None:
+    """Patch an attention, MLP or (with Triton ops) RMSNorm module; the reason it was left
+    alone, or None."""
     if hasattr(module, _SAVED_FORWARD):
         return None
+    if type(module).__name__ in RMS_NORMS:
+        return _patch_norm(module, ops) if ops is not None else None
     if all(hasattr(module, p) for p in MLP):
         reason = _mlp_blocker(module)
         if reason is None:
-            _set_forward(module, _fused_mlp_forward(module, module.forward))
+            _set_forward(module, _fused_mlp_forward(module, module.forward, ops is not None),
+                         triton=ops is not None)
         return reason
     if all(hasattr(module, p) for p in (*QKV, "o_proj")):
-        return _patch_attention(module)
+        return _patch_attention(module, ops)
+    return None
+
+
+def _patch_norm(norm: nn.Module, ops) -> str | None:
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not hasattr(norm, "variance_epsilon"):
+        return f"{type(norm).__name__} has no weight / variance_epsilon"
+    if hasattr(norm, "_hf_hook"):
+        return "accelerate hooks (device_map offload) are attached"
+    _set_forward(norm, _triton_norm_forward(norm, norm.forward, ops), triton=True)
     return None
 
 
@@ -107,7 +163,7 @@ def _group_blocker(parent: nn.Module, names: tuple[str, ...]) -> str | None:
     return None
 
 
-def _patch_attention(attn: nn.Module) -> str | None:
+def _patch_attention(attn: nn.Module, ops) -> str | None:
     if type(attn).__name__ not in ATTENTIONS:
         return f"{type(attn).__name__} is not an attention the fast path knows"
     o_reason = _group_blocker(attn, ("o_proj",))
@@ -118,18 +174,37 @@ def _patch_attention(attn: nn.Module) -> str | None:
         projections = [getattr(attn, name) for name in QKV]
         for proj in projections:
             _set_forward(proj, _precomputed_forward(proj, proj.forward))
-        _set_forward(attn, _fused_attention_forward(attn, attn.forward, projections))
+        rope_reason = _rope_swap_blocker(attn) if ops is not None else None
+        rope_ops = ops if ops is not None and rope_reason is None else None
+        _set_forward(attn, _fused_attention_forward(attn, attn.forward, projections, rope_ops),
+                     triton=rope_ops is not None)
+        return o_reason or rope_reason
     return qkv_reason or o_reason
 
 
-def _set_forward(module: nn.Module, forward: Callable) -> None:
+def _rope_swap_blocker(attn: nn.Module) -> str | None:
+    """Why the copied attention forward may not match this attention's, or None."""
+    modeling = sys.modules.get(type(attn).__module__)
+    interfaces = getattr(modeling, "ALL_ATTENTION_FUNCTIONS", None)
+    params = inspect.signature(type(attn).forward).parameters
+    if (not hasattr(interfaces, "get_interface") or not hasattr(modeling, "eager_attention_forward")
+            or not {"position_embeddings", "cache"} <= params.keys()):
+        return ("Triton RoPE not used: this transformers version's attention forward differs "
+                "from the 5.x one the fast path copies")
+    return None
+
+
+def _set_forward(module: nn.Module, forward: Callable, triton: bool = False) -> None:
     # an instance-level forward set by someone else (e.g. accelerate) is kept to restore
     setattr(module, _SAVED_FORWARD, module.__dict__.get("forward"))
     module.forward = forward
+    if triton:
+        module.__dict__[_TRITON] = True
 
 
 def _restore_forward(module: nn.Module) -> None:
     saved = module.__dict__.pop(_SAVED_FORWARD)
+    module.__dict__.pop(_TRITON, None)
     if saved is None:
         del module.forward
     else:
@@ -143,10 +218,20 @@ def _runtime_ok(x: torch.Tensor, layers) -> bool:
     return all(fuse_blocker(layer) is None for layer in layers)
 
 
-def _fused_mlp_forward(mlp: nn.Module, original: Callable) -> Callable:
+def _fused_mlp_forward(mlp: nn.Module, original: Callable, triton: bool) -> Callable:
+    options = {"triton": True} if triton else {}
+
     def forward(x):
         layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        return lora_mlp(x, *layers) if _runtime_ok(x, layers) else original(x)
+        return lora_mlp(x, *layers, **options) if _runtime_ok(x, layers) else original(x)
+    return forward
+
+
+def _triton_norm_forward(norm: nn.Module, original: Callable, ops) -> Callable:
+    def forward(hidden_states):
+        if torch.is_autocast_enabled(hidden_states.device.type) or not ops.runs_on(hidden_states):
+            return original(hidden_states)
+        return ops.rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
     return forward
 
 
@@ -165,7 +250,10 @@ def _precomputed_forward(proj: nn.Module, original: Callable) -> Callable:
     return forward
 
 
-def _fused_attention_forward(attn: nn.Module, original: Callable, projections) -> Callable:
+def _fused_attention_forward(attn: nn.Module, original: Callable, projections,
+                             rope_ops=None) -> Callable:
+    """q, k, v from lora_qkv, then transformers' forward, or with rope_ops the copy of it that
+    applies RoPE with the Triton kernel."""
     def forward(*args, **kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if not _runtime_ok(hidden, projections):
@@ -173,6 +261,8 @@ def _fused_attention_forward(attn: nn.Module, original: Callable, projections) -
         for proj, out in zip(projections, lora_qkv(hidden, *projections)):
             proj.__dict__[_PRECOMPUTED] = (hidden, out)
         try:
+            if rope_ops is not None and rope_ops.runs_on(hidden):
+                return _attention_with_rope(attn, rope_ops.rope, *args, **kwargs)
             return original(*args, **kwargs)
         finally:  # never leave a stale output behind
             for proj in projections:
@@ -180,23 +270,56 @@ def _fused_attention_forward(attn: nn.Module, original: Callable, projections) -
     return forward
 
 
+def _attention_with_rope(attn, rope, hidden_states, position_embeddings=None,
+                         attention_mask=None, cache=None, **kwargs):
+    """transformers 5.x LlamaAttention.forward (plus Qwen3's q/k norms and the sliding window
+    of Mistral/Qwen2/Qwen3), with rope(q, k, cos, sin) for apply_rotary_pos_emb."""
+    if "past_key_values" in kwargs:  # the deprecated name transformers still accepts
+        cache = kwargs.pop("past_key_values")
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, attn.head_dim)
+    query_states = attn.q_proj(hidden_states).view(hidden_shape)
+    key_states = attn.k_proj(hidden_states).view(hidden_shape)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before RoPE
+        query_states, key_states = attn.q_norm(query_states), attn.k_norm(key_states)
+    query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+    value_states = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+    cos, sin = position_embeddings
+    query_states, key_states = rope(query_states, key_states, cos, sin)
+    if cache is not None:
+        key_states, value_states = cache.update(key_states, value_states, attn.layer_idx,
+                                                kwargs=kwargs)
+
+    modeling = sys.modules[type(attn).__module__]
+    attention_interface = modeling.ALL_ATTENTION_FUNCTIONS.get_interface(
+        attn.config._attn_implementation, modeling.eager_attention_forward)
+    attn_output, attn_weights = attention_interface(
+        attn, query_states, key_states, value_states, attention_mask,
+        dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling,
+        **_EXTRA_ATTENTION_ARGS[type(attn).__name__](attn), **kwargs)
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return attn.o_proj(attn_output), attn_weights
+
+
 # ---- loss without logits ----------------------------------------------------------------------
 
 def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
                    normalizer: float | int | torch.Tensor | None = None, *,
-                   chunk_size: int = 4096) -> torch.Tensor:
+                   chunk_size: int | None = None) -> torch.Tensor:
     """Next-token cross-entropy of a causal LM: sum over label tokens / normalizer.
 
     batch: model inputs plus optional "labels" (default: input_ids), -100 where no loss.
     Labels are shifted here, as transformers does. normalizer None = mean over label tokens.
     Heads that rescale logits (softcapping, logit scale) fall back to full logits.
+    chunk_size: rows per lm_head + loss chunk (None: chunked_ce's 128 MiB budget).
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     inputs.setdefault("use_cache", False)
     labels = batch["labels"] if "labels" in batch else batch["input_ids"]
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # (B, T)
     head = model.get_output_embeddings()
-    if _head_blocker(model, head) is not None:
+    if chunked_loss_blocker(model) is not None:
         return _full_logits_loss(model, inputs, shifted, normalizer)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(**inputs).last_hidden_state  # (B, T, H)
@@ -204,7 +327,9 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
                                 chunk_size=chunk_size, bias=head.bias)
 
 
-def _head_blocker(model: nn.Module, head: nn.Module | None) -> str | None:
+def chunked_loss_blocker(model: nn.Module) -> str | None:
+    """Why causal_lm_loss must compute full logits for this model, or None (it chunks)."""
+    head = model.get_output_embeddings()
     if type(head) is not nn.Linear:
         return f"output head is {type(head).__name__}, not a plain nn.Linear"
     config = getattr(model, "config", None)

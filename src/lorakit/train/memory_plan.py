@@ -148,9 +148,9 @@ def _compute_dtype(model: nn.Module) -> str:
 
 def _fused_loss(model: nn.Module) -> bool:
     """Whether the trainer's loss (kernels.causal_lm_loss) takes the chunked path, no full logits."""
-    from lorakit.kernels.llama_patch import _head_blocker
+    from lorakit.kernels.llama_patch import chunked_loss_blocker
 
-    return _head_blocker(model, model.get_output_embeddings()) is None
+    return chunked_loss_blocker(model) is None
 
 
 def _world_size() -> int:

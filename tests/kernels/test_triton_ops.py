@@ -1,0 +1,223 @@
+"""Triton RMSNorm, SwiGLU and RoPE (forward and every gradient) against plain PyTorch, run on
+CPU through Triton's interpreter. Sizes are odd on purpose (hidden 72, 5 rows, half head dim
+36) so the masked tails are exercised; tensors stay tiny because the interpreter is slow."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton_ops builds its kernels
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+from transformers.models.llama.modeling_llama import (LlamaRMSNorm,  # noqa: E402
+                                                      apply_rotary_pos_emb)
+
+from lorakit.kernels import triton_ops as ops  # noqa: E402
+
+if not ops.triton_available():  # triton_ops was imported earlier without the interpreter
+    pytest.skip(f"Triton kernels cannot run: {ops.unavailable_reason()}", allow_module_level=True)
+
+HIDDEN = 72
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5),
+             torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+             torch.float16: dict(rtol=5e-3, atol=5e-3)}
+
+
+def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+def _outputs_and_grads(fn, inputs, seed=7):
+    """fn(*inputs) and the grads of a fixed random projection of its outputs w.r.t. every
+    input that requires grad."""
+    inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    wrt = [t for t in inputs if t.requires_grad]
+    return [o.detach() for o in outs], list(torch.autograd.grad(loss, wrt))
+
+
+def _assert_close(got, want, dtype):
+    for g, w in zip(got[0] + got[1], want[0] + want[1], strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        # scale atol to the tensor's size: a dW summed over rows is larger than one element
+        tol = TOLERANCE[dtype]
+        torch.testing.assert_close(g.float(), w.float(), rtol=tol["rtol"],
+                                   atol=tol["atol"] * max(1.0, float(w.abs().max())))
+
+
+def test_available_under_the_interpreter():
+    assert ops.triton_available() and ops.unavailable_reason() is None
+    assert ops.runs_on(torch.zeros(1))
+
+
+# ---- RMSNorm ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(5, HIDDEN), (2, 7, HIDDEN)])
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_rms_norm_matches_reference(dtype, shape, weight_grad):
+    x = _randn(*shape, dtype=dtype).requires_grad_()
+    weight = (1 + _randn(HIDDEN, seed=1, scale=0.1)).to(dtype).requires_grad_(weight_grad)
+    got = _outputs_and_grads(lambda a, w: ops.rms_norm(a, w, 1e-6), [x, weight])
+    want = _outputs_and_grads(lambda a, w: ops.rms_norm_reference(a, w, 1e-6), [x, weight])
+    assert len(got[1]) == (2 if weight_grad else 1)
+    _assert_close(got, want, dtype)
+
+
+def test_rms_norm_reference_is_llama_rms_norm():
+    norm = LlamaRMSNorm(HIDDEN, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + _randn(HIDDEN, seed=1, scale=0.1))
+    x = _randn(5, HIDDEN, dtype=torch.bfloat16)
+    torch.testing.assert_close(ops.rms_norm_reference(x, norm.weight.bfloat16(), 1e-5),
+                               norm.bfloat16()(x), rtol=0, atol=0)
+
+
+def test_rms_norm_matches_llama_module_and_its_grads():
+    norm = LlamaRMSNorm(HIDDEN, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + _randn(HIDDEN, seed=1, scale=0.1))
+    x = _randn(13, HIDDEN, scale=3.0).requires_grad_()  # 13 rows: uneven rows per program
+    got = _outputs_and_grads(lambda a, w: ops.rms_norm(a, w, 1e-5), [x, norm.weight])
+    want = _outputs_and_grads(lambda a, w: torch.func.functional_call(norm, {"weight": w}, (a,)),
+                              [x, norm.weight])
+    _assert_close(got, want, torch.float32)
+
+
+def test_rms_norm_bf16_input_fp32_weight_promotes_like_llama():
+    x = _randn(5, HIDDEN, dtype=torch.bfloat16).requires_grad_()
+    weight = (1 + _randn(HIDDEN, seed=1, scale=0.1)).requires_grad_()
+    got = _outputs_and_grads(lambda a, w: ops.rms_norm(a, w, 1e-6), [x, weight])
+    want = _outputs_and_grads(lambda a, w: ops.rms_norm_reference(a, w, 1e-6), [x, weight])
+    assert got[0][0].dtype == torch.float32
+    _assert_close(got, want, torch.bfloat16)
+
+
+def test_rms_norm_strided_input_and_no_rows():
+    x = _randn(HIDDEN, 5).T.requires_grad_()  # column stride != 1: copied to rows
+    weight = 1 + _randn(HIDDEN, seed=1, scale=0.1)
+    _assert_close(_outputs_and_grads(lambda a: ops.rms_norm(a, weight, 1e-6), [x]),
+                  _outputs_and_grads(lambda a: ops.rms_norm_reference(a, weight, 1e-6), [x]),
+                  torch.float32)
+    empty = torch.zeros(0, HIDDEN, requires_grad=True)
+    out = ops.rms_norm(empty, weight.requires_grad_(), 1e-6)
+    dx, dw = torch.autograd.grad(out.sum(), [empty, weight])
+    assert out.shape == (0, HIDDEN) and dx.shape == (0, HIDDEN) and not dw.any()
+
+
+# ---- SwiGLU -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(5, HIDDEN), (3, 1030)])  # 3090 elements: 4 blocks, a tail
+def test_swiglu_matches_reference(dtype, shape):
+    gate = _randn(*shape, dtype=dtype, scale=3.0).requires_grad_()
+    up = _randn(*shape, dtype=dtype, seed=1).requires_grad_()
+    _assert_close(_outputs_and_grads(ops.swiglu, [gate, up]),
+                  _outputs_and_grads(ops.swiglu_reference, [gate, up]), dtype)
+
+
+def test_swiglu_saves_only_gate_and_up():
+    gate, up = _randn(5, HIDDEN).requires_grad_(), _randn(5, HIDDEN, seed=1).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ops.swiglu(gate, up)
+    assert sorted(t.data_ptr() for t in saved) == sorted([gate.data_ptr(), up.data_ptr()])
+
+
+def test_swiglu_grads_can_overwrite_the_incoming_gradient():
+    gate, up, grad = (_randn(5, HIDDEN, seed=s) for s in range(3))
+    want = ops.silu_mul_grads(gate, up, grad)
+    got = ops.silu_mul_grads(gate, up, grad.clone(), into_grad=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+# ---- RoPE -------------------------------------------------------------------------------------
+
+def _rotary(batch, seq_len, dim, dtype, seed=None):
+    """Llama's cos/sin (halves repeat), or random ones with distinct halves when seed is set."""
+    if seed is not None:
+        return _randn(batch, seq_len, dim, seed=seed, dtype=dtype), \
+            _randn(batch, seq_len, dim, seed=seed + 1, dtype=dtype)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    freqs = torch.arange(seq_len).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1).expand(batch, seq_len, dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _qk(batch, seq_len, dim, dtype):
+    # q as the attention sees it: a (B, T, H, D) projection output viewed as (B, H, T, D)
+    q = _randn(batch, seq_len, 4, dim, dtype=dtype).transpose(1, 2).requires_grad_()
+    k = _randn(batch, 2, seq_len, dim, dtype=dtype, seed=1).requires_grad_()
+    return q, k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cos_batch, seed", [(1, None), (2, None), (2, 5)])
+def test_rope_matches_transformers(dtype, cos_batch, seed):
+    q, k = _qk(2, 5, HIDDEN, dtype)
+    cos, sin = _rotary(cos_batch, 5, HIDDEN, dtype, seed)
+    q_before, k_before = q.detach().clone(), k.detach().clone()
+    got = _outputs_and_grads(lambda a, b: ops.rope(a, b, cos, sin), [q, k])
+    want = _outputs_and_grads(lambda a, b: apply_rotary_pos_emb(a, b, cos, sin), [q, k])
+    _assert_close(got, want, dtype)
+    assert torch.equal(q, q_before) and torch.equal(k, k_before)  # inputs untouched
+    assert got[0][0].stride() == q.stride()  # laid out like q
+
+
+def test_rope_backward_is_rotation_by_minus_sin():
+    q, k = _qk(1, 5, HIDDEN, torch.float32)
+    cos, sin = _rotary(1, 5, HIDDEN, torch.float32)
+    gq, gk = _randn(*q.shape, seed=3), _randn(*k.shape, seed=4)
+    dq, dk = torch.autograd.grad(ops.rope(q, k, cos, sin), [q, k], [gq, gk])
+    want_q, want_k = apply_rotary_pos_emb(gq, gk, cos, -sin)
+    torch.testing.assert_close(dq, want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dk, want_k, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_with_trainable_cos_takes_the_reference():
+    q, k = _qk(1, 5, HIDDEN, torch.float32)
+    cos, sin = (t.requires_grad_() for t in _rotary(1, 5, HIDDEN, torch.float32))
+    got = _outputs_and_grads(ops.rope, [q, k, cos, sin])
+    want = _outputs_and_grads(apply_rotary_pos_emb, [q, k, cos, sin])
+    assert len(got[1]) == 4
+    _assert_close(got, want, torch.float32)
+
+
+# ---- lora_mlp's SwiGLU part -------------------------------------------------------------------
+
+def _lora_mlp_layers(dtype):
+    from lorakit.lora.layer import LoraLinear
+
+    torch.manual_seed(0)
+    layers = []
+    for in_f, out_f in ((HIDDEN, 40), (HIDDEN, 40), (40, HIDDEN)):
+        base = torch.nn.Linear(in_f, out_f, bias=False).to(dtype).requires_grad_(False)
+        layer = LoraLinear(base, 4, 8, 2.0)
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(std=0.5)
+        layers.append(layer)
+    return layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_mlp_with_triton_swiglu_matches_torch_swiglu(dtype):
+    from lorakit.kernels.fused_lora import lora_mlp
+
+    layers = _lora_mlp_layers(dtype)
+    params = [p for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+
+    def run(triton):
+        x = _randn(5, HIDDEN, dtype=dtype).requires_grad_()
+        out = lora_mlp(x, *layers, triton=triton)
+        weights = _randn(*out.shape, seed=9)
+        return [out.detach()], list(torch.autograd.grad((out.float() * weights).sum(),
+                                                        [x, *params]))
+
+    _assert_close(run(True), run(False), dtype)
