@@ -7,6 +7,8 @@ adapter masters fp32, as apply_lora makes them) and in fp32, on 1b-like widths:
     o            lora_linear(x, o)              vs  o(x)
     mlp          lora_mlp(x, gate, up, down)    vs  down(silu(gate(x)) * up(x))
     lm_head+ce   chunked_lm_head_loss(h, W, y)  vs  cross_entropy(h W^T, y)
+    triton ops   rms_norm, swiglu, rope (kernels/triton_ops.py, compiled for the GPU here)
+                 vs their plain references; skipped without triton
 
 For each: the output and the gradients of x and of every lora_A / lora_B (a random upstream
 gradient), as cosine similarity and max relative error against the same computation in float64.
@@ -102,6 +104,46 @@ def check_lm_head(dtype) -> dict:
             "max_rel_error": error}
 
 
+def _triton_cases(dtype):
+    """name -> (inputs, triton fn, reference fn); inputs that need gradients are float tensors."""
+    from lorakit.kernels import triton_ops as ops
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(TOKENS, HIDDEN, device=DEVICE, dtype=dtype), torch.rand(HIDDEN, device=DEVICE) + 0.5
+    gate, up = (torch.randn(TOKENS, INTER, device=DEVICE, dtype=dtype) for _ in range(2))
+    q, k = torch.randn(2, 32, 512, 64, device=DEVICE, dtype=dtype), torch.randn(2, 8, 512, 64, device=DEVICE, dtype=dtype)
+    angles = torch.rand(2, 512, 32, device=DEVICE) * 6.28
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    return {
+        "rms_norm": ([x], lambda x: ops.rms_norm(x, weight.to(dtype), 1e-5),
+                     lambda x: ops.rms_norm_reference(x, weight.double(), 1e-5)),
+        "swiglu": ([gate, up], ops.swiglu, ops.swiglu_reference),
+        "rope": ([q, k], lambda q, k: torch.cat([t.flatten() for t in ops.rope(q, k, cos, sin)]),
+                 lambda q, k: torch.cat([t.flatten() for t in ops.rope_reference(q, k, cos.double(), sin.double())])),
+    }
+
+
+def check_triton(dtype) -> list[dict]:
+    from lorakit.kernels import triton_ops
+
+    if not triton_ops.triton_available():
+        print(f"triton ops skipped: {triton_ops.unavailable_reason()}")
+        return []
+    results = []
+    for name, (inputs, fast, plain) in _triton_cases(dtype).items():
+        pairs = []
+        for fn, cast in ((fast, lambda t: t), (plain, lambda t: t.double())):
+            leaves = [cast(t).detach().requires_grad_(True) for t in inputs]
+            out = fn(*leaves)
+            upstream = torch.randn(out.shape, generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE)
+            (out.double() * upstream.double()).sum().backward()
+            pairs.append([out.detach()] + [leaf.grad for leaf in leaves])
+        cosine, error = _compare(*pairs)
+        results.append({"case": name, "dtype": str(dtype).removeprefix("torch."), "min_cosine": cosine,
+                        "max_rel_error": error})
+    return results
+
+
 def main() -> int:
     global DEVICE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -117,6 +159,7 @@ def main() -> int:
         for name, (modules, fused, plain) in _cases(dtype).items():
             results.append(check_block(name, modules, fused, plain, dtype))
         results.append(check_lm_head(dtype))
+        results += check_triton(dtype)
     for r in results:
         verdict = "ok" if r["min_cosine"] >= MIN_COSINE else "FAILED"
         print(f"{r['case']:<11}{r['dtype']:<10}min cosine {r['min_cosine']:.6f}  "
