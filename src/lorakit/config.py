@@ -98,6 +98,8 @@ class TrainConfig:
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row")
     eval_batches: int = opt(0, "limit evaluation to N batches (0: all)")
     fast_paths: bool = opt(True, "use lorakit's fused kernels where they apply")
+    triton_kernels: bool = opt(False, "also Triton RMSNorm, SwiGLU and RoPE kernels (CUDA; opt-in until a GPU run "
+                                      "measures them: docs/performance.md)")
 
 
 @dataclass

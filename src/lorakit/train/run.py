@@ -155,7 +155,7 @@ def _enable_fast_paths(model, config: RunConfig) -> list[str]:
     from lorakit.kernels.llama_patch import enable_fast_paths
 
     # safe under non-reentrant checkpointing: the recomputed forward takes the same fused functions
-    return [f"fast paths: {n}" for n in enable_fast_paths(model)]
+    return [f"fast paths: {n}" for n in enable_fast_paths(model, triton=config.train.triton_kernels)]
 
 
 # ---- the output folder --------------------------------------------------------------------------
