@@ -105,13 +105,24 @@ def test_check_catches_a_wrong_loss(monkeypatch):
 def test_packed_inputs_hold_the_same_examples_as_the_padded_ones():
     plan = resolve(_settings(packing=True, batch=2, seq_len=64))
     inputs = make_inputs(plan)
-    packed, padded = inputs["lorakit"], inputs["peft"]
-    assert packed["attention_mask"].shape == (2, 1, packed["input_ids"].shape[1], packed["input_ids"].shape[1])
+    packed, masked, padded = inputs["lorakit"], inputs["lorakit-4d"], inputs["peft"]
+    assert "attention_mask" not in packed and packed["cu_seq_lens_q"][-1] == packed["input_ids"].numel()
+    assert masked["attention_mask"].shape == (2, 1, masked["input_ids"].shape[1], masked["input_ids"].shape[1])
+    assert torch.equal(packed["input_ids"], masked["input_ids"]) and torch.equal(packed["labels"], masked["labels"])
     assert padded["attention_mask"].dim() == 2 and padded["input_ids"].shape[0] > 2
     assert inputs["tokens"] == int(padded["attention_mask"].sum())
     real = packed["labels"] != -100
     assert int(real.sum()) == int((padded["labels"] != -100).sum())
     assert 64 / 8 <= inputs["context"] <= 64
+
+
+def test_packed_bench_runs_varlen_and_4d_alike():
+    result = run_bench(_settings(packing=True, seq_len=48, steps=2, variants=["lorakit", "lorakit-4d", "peft"]),
+                       log=lambda line: None)
+    rows = {r["variant"]: r for r in result["variants"]}
+    assert "error" not in rows["lorakit-4d"], rows["lorakit-4d"]
+    assert rows["lorakit"]["last_loss"] == pytest.approx(rows["lorakit-4d"]["last_loss"], rel=1e-5)
+    assert rows["lorakit"]["last_loss"] == pytest.approx(rows["peft"]["last_loss"], rel=1e-5)
 
 
 def test_settings_errors_and_dropped_variants():

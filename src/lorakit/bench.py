@@ -45,7 +45,7 @@ from lorakit.bench_variants import Prepared, prepare_variant
 from lorakit.errors import ConfigError
 
 VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-triton", "lorakit-plain", "lorakit-ce",
-            "lorakit-fused")
+            "lorakit-fused", "lorakit-4d")
 DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-triton", "peft-liger")
 GIB = 2**30
 
@@ -156,6 +156,8 @@ def _choose_variants(asked: list[str] | None, plan: Plan) -> list[str]:
 
 
 def _skip_reason(name: str, plan: Plan) -> str | None:
+    if name == "lorakit-4d" and not plan.settings.packing:
+        return "it differs from lorakit only in packed rows (--packing)"
     if name == "peft-bf16" and plan.dtype == "float32":
         return "the model is fp32 here, so it would equal peft"
     if name == "lorakit-triton":
@@ -222,24 +224,27 @@ def measure_matmul_peak(device: str) -> float:
 # ---- inputs ------------------------------------------------------------------------------------
 
 def make_inputs(plan: Plan) -> dict:
-    """Seeded random tokens: {"lorakit": batch, "peft": batch, "tokens": real tokens, "context": s}.
+    """Seeded random tokens: {"lorakit": batch, "lorakit-4d": batch, "peft": batch, "tokens": real
+    tokens, "context": s}.
 
-    Unpacked: both get (batch, seq_len) ids with labels = input_ids. Packed: variable-length
-    examples; lorakit gets the trainer's packed rows (block-causal 4D mask), PEFT the same
-    examples one per row, padded.
+    Unpacked: all get (batch, seq_len) ids with labels = input_ids. Packed: variable-length
+    examples; lorakit gets the trainer's packed rows (varlen: document boundaries, no mask),
+    lorakit-4d the same rows with a block-causal 4D mask, PEFT the same examples one per row, padded.
     """
     s = plan.settings
     if not s.packing:
         ids = torch.randint(0, plan.shape["vocab_size"], (s.batch, s.seq_len),
                             generator=torch.Generator().manual_seed(s.seed))
         batch = {"input_ids": ids.to(s.device), "labels": ids.to(s.device)}
-        return {"lorakit": batch, "peft": batch, "tokens": ids.numel(), "context": float(s.seq_len)}
+        return {"lorakit": batch, "lorakit-4d": batch, "peft": batch, "tokens": ids.numel(),
+                "context": float(s.seq_len)}
     from lorakit.data.batching import collate  # the trainer's collation
 
     rows = _packed_rows(plan)
     lengths = [len(ex["input_ids"]) for row in rows for ex in row]
     mask_dtype = getattr(torch, plan.dtype)
-    return {"lorakit": collate(rows, True, s.seq_len, 0, mask_dtype=mask_dtype, device=s.device),
+    return {"lorakit": collate(rows, True, s.seq_len, 0, packed_attention="varlen", device=s.device),
+            "lorakit-4d": collate(rows, True, s.seq_len, 0, mask_dtype=mask_dtype, device=s.device),
             "peft": collate([ex for row in rows for ex in row], False, s.seq_len, 0, device=s.device),
             "tokens": sum(lengths), "context": sum(n * n for n in lengths) / sum(lengths)}
 

@@ -8,6 +8,11 @@
     lorakit-triton lorakit + Triton RMSNorm, SwiGLU and RoPE (enable_fast_paths(triton=True); CUDA)
     lorakit-plain, lorakit-ce, lorakit-fused
                    ablations: no fast path / only the chunked loss / only the fused blocks
+    lorakit-4d     packed runs: lorakit with a block-causal 4D mask instead of per-document
+                   (varlen) attention
+
+Packed runs (--packing): lorakit, lorakit-fused and lorakit-triton switch the model to
+lorakit_varlen attention and train on varlen rows, as the trainer does with its fast paths.
 """
 
 from __future__ import annotations
@@ -59,25 +64,30 @@ def prepare_variant(name: str, plan) -> Prepared:
         model = add_peft_adapters(model, plan, autocast_adapter_dtype=name != "peft-bf16")
         loss_fn, notices, key = hf_loss(model), [], "peft"
     else:
-        notices = add_lorakit_adapters(model, plan, fused=name in ("lorakit", "lorakit-fused", "lorakit-triton"),
-                                       triton=name == "lorakit-triton")
-        chunked = name in ("lorakit", "lorakit-ce", "lorakit-triton")
-        loss_fn, key = lorakit_loss(model, plan, chunked=chunked), "lorakit"
+        fused = name in ("lorakit", "lorakit-fused", "lorakit-triton", "lorakit-4d")
+        notices = add_lorakit_adapters(model, plan, fused=fused, triton=name == "lorakit-triton",
+                                       varlen=name != "lorakit-4d")
+        chunked = name in ("lorakit", "lorakit-ce", "lorakit-triton", "lorakit-4d")
+        key = "lorakit" if fused and name != "lorakit-4d" else "lorakit-4d"  # packed: varlen rows or 4D mask
+        loss_fn = lorakit_loss(model, plan, chunked=chunked)
     params = [p for p in model.parameters() if p.requires_grad]
     fused = plan.device == "cuda" and name.startswith("lorakit")
     optimizer = torch.optim.AdamW(params, lr=LR, **({"fused": True} if fused else {}))
     return Prepared(model, loss_fn, optimizer, key, notices)
 
 
-def add_lorakit_adapters(model, plan, fused: bool, triton: bool = False) -> list[str]:
+def add_lorakit_adapters(model, plan, fused: bool, triton: bool = False, varlen: bool = True) -> list[str]:
+    """apply_lora; with `fused` the trainer's fast paths (and, packed, its varlen attention)."""
     from lorakit.lora import LoraConfig, apply_lora
 
     apply_lora(model, LoraConfig(r=plan.settings.r, alpha=2 * plan.settings.r, target_modules=TARGETS))
     if not fused:
         return []
     from lorakit.kernels.llama_patch import enable_fast_paths
+    from lorakit.kernels.varlen_attention import use_varlen_attention
 
-    return enable_fast_paths(model, triton=triton)
+    notices = enable_fast_paths(model, triton=triton)
+    return notices + (use_varlen_attention(model) if varlen and plan.settings.packing else [])
 
 
 def add_peft_adapters(model, plan, autocast_adapter_dtype: bool = True):

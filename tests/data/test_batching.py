@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorakit.data.batching import (
-    BatchIterator, block_causal_mask, collate, count_label_tokens, plan_batches,
+    BatchIterator, block_causal_mask, collate, count_label_tokens, plan_batches, varlen_boundaries,
 )
+from lorakit.errors import ConfigError
+from lorakit.kernels.varlen_attention import VARLEN  # registers the attention implementation
 
 VOCAB = 256
 
@@ -53,7 +55,14 @@ def packed_example_sums(losses, rows, examples):
     return sums
 
 
-MODES = [("sdpa", "4d"), ("eager", "4d"), ("sdpa", "position_ids"), ("eager", "position_ids")]
+MODES = [("sdpa", "4d"), ("eager", "4d"), ("sdpa", "position_ids"), ("eager", "position_ids"),
+         ("sdpa", "varlen"), ("eager", "varlen"), (VARLEN, "varlen"), (VARLEN, "4d")]
+
+
+def packing_kwargs(attn, packed_attention):
+    """Without a mask, sdpa/eager see the packing only in position_ids, and only without a cache;
+    lorakit_varlen reads the boundaries itself."""
+    return {"use_cache": False} if packed_attention != "4d" and attn != VARLEN else {}
 
 
 @pytest.mark.parametrize("attn,packed_attention", MODES)
@@ -61,7 +70,7 @@ def test_packed_loss_equals_unpacked_loss(attn, packed_attention):
     model = tiny_llama(attn)
     examples = make_examples([5, 9, 3, 7, 4, 6])
     rows = [[0, 1, 2], [3, 4, 5]]
-    kwargs = {"use_cache": False} if packed_attention == "position_ids" else {}
+    kwargs = packing_kwargs(attn, packed_attention)
     unpacked = collate(examples, packing=False, seq_len=32, pad_id=0)
     per_example = token_losses(model, unpacked).sum(dim=1)
     alone = [token_losses(model, collate([ex], False, 32, 0)).sum() for ex in examples]
@@ -91,7 +100,7 @@ def test_no_leakage_across_packed_examples(attn, packed_attention):
     model = tiny_llama(attn)
     first, second = make_examples([6, 5], seed=1)
     changed = {"input_ids": [(t + 7) % VOCAB for t in first["input_ids"]], "labels": first["labels"]}
-    kwargs = {"use_cache": False} if packed_attention == "position_ids" else {}
+    kwargs = packing_kwargs(attn, packed_attention)
     before = _logits(model, collate([[first, second]], True, 16, 0, packed_attention), **kwargs)
     after = _logits(model, collate([[changed, second]], True, 16, 0, packed_attention), **kwargs)
     assert not torch.allclose(before[:6], after[:6], atol=1e-3)  # the edit is visible where it should be
@@ -141,6 +150,32 @@ def test_packed_layout():
     assert batch["labels"][1, 2:].tolist() == [-100] * 3
     with pytest.raises(ValueError, match="more than seq_len"):
         collate([[a, b]], packing=True, seq_len=4, pad_id=0)
+
+
+def test_varlen_layout():
+    a, b, c = make_examples([3, 2, 1])
+    batch = collate([[a, b], [c], [a, c]], packing=True, seq_len=8, pad_id=0, packed_attention="varlen")
+    assert set(batch) == {"input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
+                          "max_length_q", "max_length_k"}
+    # rows of width 5: [a b], [c + 4-token tail], [a c + 1-token tail], as one 15-token sequence
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 10, 13, 14, 15]
+    assert torch.equal(batch["cu_seq_lens_k"], batch["cu_seq_lens_q"])
+    assert batch["cu_seq_lens_q"].dtype == batch["max_length_q"].dtype == torch.int32
+    assert batch["max_length_q"].shape == () and int(batch["max_length_q"]) == int(batch["max_length_k"]) == 4
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3], [0, 1, 2, 0, 0]]
+    assert batch["labels"][1, 1:].tolist() == [-100] * 4 and batch["labels"][2, 4] == -100  # tails
+    four_d = collate([[a, b], [c], [a, c]], packing=True, seq_len=8, pad_id=0)
+    assert count_label_tokens(batch) == count_label_tokens(four_d)
+    assert all(torch.equal(batch[k], four_d[k]) for k in ("input_ids", "labels", "position_ids"))
+    on_meta = collate([[a, b]], packing=True, seq_len=8, pad_id=0, packed_attention="varlen", device="meta")
+    assert {t.device.type for t in on_meta.values()} == {"meta"}
+    with pytest.raises(ConfigError, match="varlen"):
+        collate([[a, b]], packing=True, seq_len=8, pad_id=0, packed_attention="flash")
+
+
+def test_varlen_boundaries_of_full_rows_have_no_tail():
+    bounds = varlen_boundaries([[2, 2], [4]], width=4)
+    assert bounds["cu_seq_lens_q"].tolist() == [0, 2, 4, 8] and int(bounds["max_length_q"]) == 4
 
 
 def test_block_causal_mask_matches_a_loop():
@@ -213,13 +248,13 @@ def test_plan_rejects_examples_longer_than_seq_len():
 # ---------------------------------------------------------------- iteration and resume
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_resume_at_batch_index_gives_the_same_batches(packing):
+@pytest.mark.parametrize("packing,packed_attention", [(False, "4d"), (True, "4d"), (True, "varlen")])
+def test_resume_at_batch_index_gives_the_same_batches(packing, packed_attention):
     examples = make_examples(np.random.default_rng(1).integers(2, 30, size=40).tolist())
     dataset = datasets.Dataset.from_list(examples)
     lengths = [len(e["input_ids"]) for e in examples]
     plan = plan_batches(lengths, 4, 64, packing=packing, shuffle=True, seed=7, epoch=2)
-    options = dict(packing=packing, seq_len=64, pad_id=0)
+    options = dict(packing=packing, seq_len=64, pad_id=0, packed_attention=packed_attention)
     full = list(BatchIterator(dataset, plan, **options))
     assert len(full) == len(plan)
     replanned = plan_batches(lengths, 4, 64, packing=packing, shuffle=True, seed=7, epoch=2)

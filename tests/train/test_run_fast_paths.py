@@ -41,3 +41,15 @@ def test_triton_kernels_without_a_gpu_fall_back_with_one_notice(monkeypatch):
     notices = [n for n in run._enable_fast_paths(model, config) if "Triton" in n]
     assert len(notices) == 1 and "not used" in notices[0], notices
     assert fast_paths_enabled(model)  # the other fast paths stay
+
+
+def test_packed_runs_switch_to_varlen_attention_and_unpacked_runs_do_not():
+    packed = _config()  # packing is the default
+    model = _model(packed)
+    run._enable_fast_paths(model, packed)
+    assert run.packed_attention_for(model, packing=True) == "varlen"
+    unpacked = _config("--no-packing")
+    model = _model(unpacked)
+    run._enable_fast_paths(model, unpacked)
+    assert run.packed_attention_for(model, packing=False) == "4d"
+    assert model.config._attn_implementation != "lorakit_varlen"

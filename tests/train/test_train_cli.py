@@ -87,3 +87,20 @@ def test_checkpointing_keeps_the_fast_paths_and_the_result(tiny, tmp_path):
     a = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_packed_rows_train_the_same_with_varlen_attention_as_with_a_4d_mask(tiny, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from lorakit.train import run
+
+    chosen = []
+    original = run.packed_attention_for
+    monkeypatch.setattr(run, "packed_attention_for", lambda model, packing: chosen.append(original(model, packing))
+                        or chosen[-1])
+    assert main(train_args(tiny, tmp_path / "varlen", "--max-steps", "3")) == 0  # packing is the default
+    assert main(train_args(tiny, tmp_path / "mask", "--max-steps", "3", "--no-fast-paths")) == 0
+    assert chosen == ["varlen", "4d"]
+    a = load_file(tmp_path / "varlen" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "mask" / "adapter" / "adapter_model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5

@@ -30,15 +30,26 @@ Attention for packed rows (``packed_attention``), checked on a Llama model in tr
 - ``"position_ids"``: no ``attention_mask``; transformers detects packing from the restarting
   ``position_ids`` (also what flash-attention needs). It only does so when no KV cache exists:
   the model MUST be called with ``use_cache=False``, otherwise examples silently see each other.
+- ``"varlen"``: no ``attention_mask``; ``position_ids`` as above plus the document boundaries
+  flash-attention's varlen API takes: ``cu_seq_lens_q`` = ``cu_seq_lens_k``, int32 cumulative
+  lengths over the B*T tokens read as one sequence, and ``max_length_q`` = ``max_length_k``, the
+  longest segment as a 0-dim int32 tensor (a tensor so that ``{k: v.to(device)}`` works on every
+  batch value). Each row's padding tail is a segment of its own: it attends only to itself
+  (labels -100) and every token has an output. Exact with no B*T*T tensor under ``lorakit_varlen``
+  attention (kernels/varlen_attention.py: ``use_varlen_attention(model)``), which reads these
+  kwargs; it is also the layout transformers' flash-attention varlen path reads (not run here).
+  Under ``sdpa``/``eager`` the kwargs are ignored and transformers detects packing from
+  ``position_ids``: still exact, but it builds a 4D mask itself and needs ``use_cache=False``.
 
 Unpacked batches carry a 2D (B, T) long ``attention_mask`` (1 = token, 0 = padding, on the right).
-A batch holds only model kwargs (``input_ids``, ``labels``, ``position_ids``,
-``attention_mask``); the number of trained tokens is ``count_label_tokens(batch)``.
+A batch holds only model kwargs (``input_ids``, ``labels``, ``position_ids``, ``attention_mask``
+or the varlen boundaries), all tensors; the number of trained tokens is ``count_label_tokens(batch)``.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from itertools import accumulate
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -49,7 +60,7 @@ from lorakit.errors import ConfigError
 IGNORE_INDEX = -100
 BUCKET_BATCHES = 64  # sort windows hold this many batches' worth of examples
 PACK_WINDOW = 8192  # examples packed together (best-fit decreasing) at a time
-PACKED_ATTENTION = ("4d", "position_ids")
+PACKED_ATTENTION = ("4d", "position_ids", "varlen")
 
 Plan = list[list[list[int]]]
 
@@ -120,6 +131,9 @@ def collate(rows: Sequence[Sequence[dict]] | Sequence[dict], packing: bool, seq_
     if packed_attention not in PACKED_ATTENTION:
         raise ConfigError(f"packed_attention must be one of {PACKED_ATTENTION}, got {packed_attention!r}")
     batch, segments = _collate_packed(rows, seq_len, pad_id)
+    if packed_attention == "varlen":
+        width = batch["input_ids"].shape[1]
+        batch.update(varlen_boundaries([[len(ex["input_ids"]) for ex in row] for row in rows], width))
     batch = _to(batch, device)
     if packed_attention == "4d":
         batch["attention_mask"] = block_causal_mask(segments.to(batch["input_ids"].device), mask_dtype)
@@ -185,6 +199,19 @@ def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype = torch.float32
     allowed = same & (position[:, None] >= position[None, :])
     low = torch.finfo(dtype).min
     return torch.full(allowed.shape, low, dtype=dtype, device=segments.device).masked_fill_(allowed, 0)
+
+
+def varlen_boundaries(row_lengths: Sequence[Sequence[int]], width: int) -> dict[str, torch.Tensor]:
+    """cu_seq_lens / max_length kwargs for rows of ``width`` tokens holding documents of these
+    lengths; a row's padding tail (width - its total) is one more segment."""
+    lengths = []
+    for row in row_lengths:
+        lengths += [int(n) for n in row]
+        if sum(row) < width:
+            lengths.append(width - sum(row))
+    bounds = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)
+    longest = torch.tensor(max(lengths), dtype=torch.int32)
+    return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 
 
 def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -63,6 +63,7 @@ class LoopSettings:
     pad_id: int
     device: torch.device
     autocast_dtype: torch.dtype | None = None
+    packed_attention: str = "4d"  # how packed rows mark documents (data/batching.py): "4d" or "varlen"
     rank: int = 0  # this process's share of each step (train/distributed.py)
     world_size: int = 1
 
@@ -117,6 +118,7 @@ class Trainer:
             plan = self._plan(self.state.epoch)
             iterator = BatchIterator(self.dataset.dataset, plan, packing=s.packing, seq_len=s.seq_len,
                                      pad_id=s.pad_id, start_index=self.state.batch_index,
+                                     packed_attention=s.packed_attention,
                                      mask_dtype=s.autocast_dtype or next(self.model.parameters()).dtype,
                                      device=s.device)
             for index in range(self.state.batch_index, len(plan)):
@@ -206,6 +208,7 @@ def evaluate(model: nn.Module, dataset, settings: LoopSettings, max_batches: int
     mine, padding = distributed.shard_padded(plan, settings.rank, settings.world_size)
     iterator = BatchIterator(dataset.dataset, mine + plan[:1] * padding, packing=settings.packing,
                              seq_len=settings.seq_len, pad_id=settings.pad_id, device=settings.device,
+                             packed_attention=settings.packed_attention,
                              mask_dtype=settings.autocast_dtype or next(model.parameters()).dtype)
     total, tokens = 0.0, 0
     dtype = settings.autocast_dtype

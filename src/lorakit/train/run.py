@@ -22,6 +22,7 @@ from lorakit.config import RunConfig, lora_config, save_yaml
 from lorakit.data.formats import TokenizedData, pad_token_id, split_eval, tokenize_records
 from lorakit.data.reading import read_records
 from lorakit.errors import ConfigError, OutputError
+from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
 from lorakit.lora.targets import ARCH_PROJECTIONS
 from lorakit.train import distributed
@@ -102,7 +103,8 @@ def loop_settings(config: RunConfig, model, tokenizer, train: TokenizedData) -> 
                         schedule=t.schedule, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
                         max_bad_steps=t.max_bad_steps, batch_size=t.batch_size, seq_len=d.seq_len,
                         packing=d.packing, seed=t.seed, pad_id=pad_token_id(tokenizer), device=device,
-                        autocast_dtype=autocast, rank=world.rank, world_size=world.size)
+                        autocast_dtype=autocast, packed_attention=packed_attention_for(model, d.packing),
+                        rank=world.rank, world_size=world.size)
 
 
 def prepare(config: RunConfig, fsdp: bool | None = None) -> Prepared:
@@ -151,11 +153,21 @@ def _checkpointing(model, config: RunConfig) -> list[str]:
     return [plan.notice]
 
 
+def packed_attention_for(model, packing: bool) -> str:
+    """Packed rows carry document boundaries (cu_seq_lens, no B*T*T mask) when the model's
+    attention reads them (lorakit_varlen, flash-attention); else a block-causal 4D mask."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    return "varlen" if packing and (implementation == VARLEN or "flash" in implementation) else "4d"
+
+
 def _enable_fast_paths(model, config: RunConfig) -> list[str]:
     from lorakit.kernels.llama_patch import enable_fast_paths
 
     # safe under non-reentrant checkpointing: the recomputed forward takes the same fused functions
-    return [f"fast paths: {n}" for n in enable_fast_paths(model, triton=config.train.triton_kernels)]
+    notices = enable_fast_paths(model, triton=config.train.triton_kernels)
+    if config.data.packing:  # packed rows without a B*T*T mask, no work across documents
+        notices += use_varlen_attention(model)
+    return [f"fast paths: {n}" for n in notices]
 
 
 # ---- the output folder --------------------------------------------------------------------------

@@ -1,0 +1,245 @@
+"""Exact attention for packed rows without a (B, 1, T, T) mask: one causal SDPA per document.
+
+A packed batch (``collate(..., packed_attention="varlen")``) carries its document boundaries as
+``cu_seq_lens_q`` / ``cu_seq_lens_k``: cumulative lengths over the B*T tokens read as one long
+sequence (the convention of flash-attention's varlen API, which transformers uses), every
+row's padding tail being a segment of its own. transformers hands these kwargs, like
+``position_ids``, from the model's forward down to the attention function, so::
+
+    model.set_attn_implementation("lorakit_varlen")   # or use_varlen_attention(model)
+    out = model(**batch)                                # no attention_mask, nothing B*T*T
+
+runs ``scaled_dot_product_attention(is_causal=True)`` on each document's slice (documents of
+equal length share one batched call), so no token attends across a boundary and no work is
+spent on the cross-document blocks. Without ``cu_seq_lens`` the boundaries are read from
+restarting ``position_ids`` (the rule transformers uses to detect packing).
+
+The matching mask entry (``ALL_MASK_ATTENTION_FUNCTIONS["lorakit_varlen"]``) builds nothing
+when there is no padding mask and no cache offset; otherwise (a padded batch, generation with
+a cache) it builds what ``sdpa`` would, and the attention function hands that call to
+transformers' ``sdpa_attention_forward`` unchanged. A 4D mask in the batch is passed through
+to SDPA as well, so every batch layout stays exact under this implementation.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+VARLEN = "lorakit_varlen"
+# plain causal self-attention, position_ids handed to the attention function: checked exact
+# against the 4D-mask path in tests/kernels/test_varlen_attention.py
+VERIFIED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_GQA_IN_SDPA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+_PREVIOUS = "_lorakit_attn_before_varlen"  # set on a model by use_varlen_attention
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Documents of a (B, T) batch: each row's segment lengths, and the segments (numbered in
+    token order) of each length."""
+
+    width: int
+    rows: tuple[tuple[int, ...], ...]  # segment lengths of each row, summing to width
+    groups: dict[int, tuple[int, ...]]  # length -> segment numbers
+
+    @property
+    def one_per_row(self) -> bool:
+        return all(len(row) == 1 for row in self.rows)
+
+
+def segments_from_bounds(bounds: list[int], batch: int, width: int) -> Segments:
+    """Segments from cumulative lengths over the flattened batch; each must lie inside one row."""
+    total = batch * width
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(f"cu_seq_lens must run from 0 to batch * seq_len = {total} (every token in a segment, "
+                         f"padding tails too), got {bounds[:3]}...{bounds[-2:]}")
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    groups: dict[int, list[int]] = defaultdict(list)
+    for number, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if end <= start or start // width != (end - 1) // width:
+            raise ValueError(f"cu_seq_lens segment [{start}, {end}) is empty or crosses a row boundary "
+                             f"(rows are {width} tokens)")
+        rows[start // width].append(end - start)
+        groups[end - start].append(number)
+    return Segments(width, tuple(map(tuple, rows)), {n: tuple(s) for n, s in groups.items()})
+
+
+def bounds_from_position_ids(position_ids: torch.Tensor, batch: int) -> list[int]:
+    """Cumulative segment bounds: a segment starts at each row start and wherever the position
+    does not follow the previous one by 1 (transformers' own packing rule)."""
+    positions = position_ids.expand(batch, -1)
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    return starts.flatten().nonzero().flatten().tolist() + [positions.numel()]
+
+
+class _SegmentCache:
+    """The last Segments, keyed by the boundary tensors' identity and version: every layer of a
+    forward receives the same tensors, so boundaries are read to the host once per forward."""
+
+    def __init__(self) -> None:
+        self.source: tuple[torch.Tensor, ...] = ()  # held, so identities stay unique
+        self.key: tuple | None = None
+        self.value: Segments | None = None
+
+    def get(self, source: tuple[torch.Tensor, ...], batch: int, width: int, build) -> Segments:
+        key = (tuple(t._version for t in source), batch, width)
+        same = len(source) == len(self.source) and all(a is b for a, b in zip(source, self.source))
+        if not same or key != self.key:
+            self.source, self.key, self.value = (), None, None
+            self.value = build()
+            self.source, self.key = source, key
+        return self.value
+
+
+_CACHE = _SegmentCache()
+
+
+def _segments(query: torch.Tensor, kwargs: dict) -> Segments | None:
+    batch, width = query.shape[0], query.shape[2]
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        if cu_q is None or cu_k is None:
+            raise ValueError("pass both cu_seq_lens_q and cu_seq_lens_k (equal for self-attention)")
+
+        def from_bounds() -> Segments:
+            if cu_k is not cu_q and not torch.equal(cu_q.cpu(), cu_k.cpu()):
+                raise ValueError("cu_seq_lens_q and cu_seq_lens_k differ; lorakit_varlen does self-attention only")
+            return segments_from_bounds(cu_q.tolist(), batch, width)
+        return _CACHE.get((cu_q, cu_k), batch, width, from_bounds)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        return None
+    return _CACHE.get((position_ids,), batch, width,
+                      lambda: segments_from_bounds(bounds_from_position_ids(position_ids, batch), batch, width))
+
+
+def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                             scaling: float | None = None, is_causal: bool | None = None,
+                             **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: q (B, Hq, T, D), k/v (B, Hkv, S, D) -> ((B, T, Hq, D), None)."""
+    has_bounds = kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    plain = attention_mask is not None or query.shape[2] != key.shape[2] or not is_causal
+    if plain and has_bounds:
+        raise ValueError("lorakit_varlen: cu_seq_lens need causal self-attention over the whole row, "
+                         "with no attention_mask and no cache offset")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"lorakit_varlen does not support {name}; use eager attention for this model")
+    segments = None if plain or query.shape[2] == 1 else _segments(query, kwargs)
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    _check_window(segments, kwargs.get("sliding_window"))
+    key, value, gqa = _match_heads(query, key, value)
+    options = dict(dropout_p=dropout, scale=scaling, is_causal=True, **({"enable_gqa": True} if gqa else {}))
+    if segments.one_per_row:  # nothing packed: one call, SDPA's own causal path
+        return F.scaled_dot_product_attention(query, key, value, **options).transpose(1, 2).contiguous(), None
+    return _per_document(query, key, value, segments, options), None
+
+
+def _check_window(segments: Segments, window: int | None) -> None:
+    # a window at least as long as every document never cuts anything: causal is then exact
+    if window is not None and max(segments.groups) > window:
+        raise ValueError(f"a packed document of {max(segments.groups)} tokens is longer than the model's "
+                         f"sliding window ({window}); lorakit_varlen cannot apply the window")
+
+
+def _match_heads(query, key, value):
+    """k/v with as many heads as q, or SDPA's enable_gqa when torch has it (no copies)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups == 1:
+        return key, value, False
+    if _GQA_IN_SDPA:
+        return key, value, True
+    return repeat_kv(key, groups), repeat_kv(value, groups), False
+
+
+def _per_document(query, key, value, segments: Segments, options: dict) -> torch.Tensor:
+    """Causal SDPA per document, documents of equal length stacked into one call.
+
+    Documents are cut out with unbind/split (views whose backward is one stack/cat), not by
+    indexing, whose backward zero-fills a full-size gradient per slice.
+    """
+    pieces = [[piece for row, lengths in zip(t.unbind(0), segments.rows) for piece in row.split(lengths, dim=1)]
+              for t in (query, key, value)]  # per tensor: (H, length, D) views in token order
+    outputs: list[torch.Tensor | None] = [None] * len(pieces[0])
+    for numbers in segments.groups.values():
+        q, k, v = (torch.stack([p[i] for i in numbers]) if len(numbers) > 1 else p[numbers[0]][None]
+                   for p in pieces)
+        out = F.scaled_dot_product_attention(q, k, v, **options)  # (n, Hq, length, D)
+        for number, piece in zip(numbers, out.transpose(1, 2).unbind(0)):
+            outputs[number] = piece  # (length, Hq, D)
+    flat = torch.cat(outputs)  # (B*T, Hq, D)
+    return flat.view(len(segments.rows), segments.width, *flat.shape[1:])
+
+
+def varlen_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                attention_mask: torch.Tensor | None = None, **kwargs):
+    """Mask interface entry: nothing where the attention function draws the boundaries itself
+    (no padding mask, no cache offset); otherwise what sdpa would get."""
+    fresh = (attention_mask is None and q_length == kv_length
+             and not isinstance(q_offset, torch.Tensor) and q_offset == 0 and kv_offset == 0)
+    if fresh:
+        return None
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                     attention_mask=attention_mask, **kwargs)
+
+
+AttentionInterface.register(VARLEN, varlen_attention_forward)
+AttentionMaskInterface.register(VARLEN, varlen_mask)
+
+
+# ---- switching a model -------------------------------------------------------------------------
+
+def use_varlen_attention(model: nn.Module) -> list[str]:
+    """Switch ``model`` to lorakit_varlen; returns notices (empty when switched) saying why not."""
+    reason = varlen_blocker(model)
+    if reason is not None:
+        return [f"packed attention keeps {getattr(getattr(model, 'config', None), '_attn_implementation', '?')}: "
+                f"{reason}"]
+    if model.config._attn_implementation == VARLEN or _is_flash(model.config._attn_implementation):
+        return []  # flash-attention reads the same cu_seq_lens with its own varlen kernel: keep it
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(VARLEN)
+    if model.config._attn_implementation != VARLEN:  # transformers only warns when it refuses
+        return [f"packed attention keeps {previous}: transformers did not accept {VARLEN} for "
+                f"{type(model).__name__}"]
+    model.__dict__[_PREVIOUS] = previous
+    return []
+
+
+def restore_attention(model: nn.Module) -> None:
+    """Undo use_varlen_attention: the implementation the model had before."""
+    previous = model.__dict__.pop(_PREVIOUS, None)
+    if previous is not None:
+        model.set_attn_implementation(previous)
+
+
+def _is_flash(implementation: str | None) -> bool:
+    return bool(implementation) and "flash" in implementation  # transformers' own test for any flash kernel
+
+
+def varlen_blocker(model: nn.Module) -> str | None:
+    """Why lorakit_varlen would not be exact for ``model``, or None."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        return f"{type(model).__name__} is not a transformers model (unwrap a PEFT model first)"
+    if not getattr(model, "_supports_attention_backend", False) or not model._can_set_attn_implementation():
+        return f"{type(model).__name__} does not route its attention through transformers' AttentionInterface"
+    if getattr(config, "model_type", None) not in VERIFIED_MODEL_TYPES:
+        return (f"model type {getattr(config, 'model_type', None)!r} is not one lorakit_varlen is verified "
+                f"for ({', '.join(VERIFIED_MODEL_TYPES)})")
+    if not getattr(config, "is_causal", True):
+        return "the model's attention is not causal"
+    return None

@@ -1,0 +1,256 @@
+"""lorakit_varlen: packed rows without a 4D mask give the same loss and adapter gradients as
+the same examples unpacked (one per padded row) and as the 4D-mask packed batch."""
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from lorakit.data.batching import collate, count_label_tokens
+from lorakit.kernels import varlen_attention
+from lorakit.kernels.llama_patch import causal_lm_loss, enable_fast_paths, fast_paths_enabled
+from lorakit.kernels.varlen_attention import (VARLEN, bounds_from_position_ids, restore_attention,
+                                              segments_from_bounds, use_varlen_attention)
+from lorakit.lora import LoraConfig, apply_lora
+from tiny_models import randomize_lora, tiny_gpt2, tiny_llama
+
+VOCAB = 256
+# rows of document lengths (seq_len 16): documents of length 1, equal lengths across rows
+# (batched into one SDPA call), padded tails of 4 and 1 tokens, a row with no tail
+ROWS = [[5, 1, 7, 1, 2], [3, 1, 6], [9, 4, 1, 1], [3, 3]]
+WIDTH = 16
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=VOCAB)
+
+
+def make_rows(rows=ROWS, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for lengths in rows:
+        row = []
+        for n in lengths:
+            ids = torch.randint(3, VOCAB, (n,), generator=gen).tolist()
+            row.append({"input_ids": ids, "labels": list(ids)})
+        out.append(row)
+    return out
+
+
+def lora_model(arch="llama", fast=True, **overrides):
+    if arch == "llama":
+        model = tiny_llama(**overrides)
+    else:
+        torch.manual_seed(0)
+        config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                                     "mistral": (MistralConfig, MistralForCausalLM)}[arch]
+        model = model_class(config_class(**{**SIZES, **overrides}))
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_lora(model)
+    if fast:
+        enable_fast_paths(model)
+        assert fast_paths_enabled(model)
+    return model.train()
+
+
+def chunked_loss(model, batch):
+    return causal_lm_loss(model, batch, normalizer=count_label_tokens(batch))
+
+
+def model_loss(model, batch):
+    return model(**batch, use_cache=False).loss  # mean over label tokens
+
+
+def loss_and_grads(model, batch, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    return loss.detach(), grads
+
+
+def assert_same(got, want, atol=1e-5):
+    torch.testing.assert_close(got[0], want[0], atol=atol, rtol=0)
+    assert got[1].keys() == want[1].keys()
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, atol=atol, rtol=1e-4, msg=name)
+
+
+def with_attention(model, implementation, batch, loss_fn):
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(implementation)
+    try:
+        return loss_and_grads(model, batch, loss_fn)
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("loss_fn", [chunked_loss, model_loss], ids=["causal_lm_loss", "model_loss"])
+def test_varlen_equals_unpacked_and_4d_mask(arch, loss_fn):
+    model = lora_model(arch)
+    rows = make_rows()
+    unpacked = collate([ex for row in rows for ex in row], packing=False, seq_len=WIDTH, pad_id=0)
+    packed_4d = collate(rows, packing=True, seq_len=WIDTH, pad_id=0, packed_attention="4d")
+    varlen = collate(rows, packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen")
+    assert "attention_mask" not in varlen
+    assert count_label_tokens(varlen) == count_label_tokens(unpacked) == count_label_tokens(packed_4d)
+
+    want_unpacked = with_attention(model, "sdpa", unpacked, loss_fn)
+    want_4d = with_attention(model, "sdpa", packed_4d, loss_fn)
+    assert use_varlen_attention(model) == []
+    got = loss_and_grads(model, varlen, loss_fn)
+    assert_same(got, want_unpacked)
+    assert_same(got, want_4d)
+    restore_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_fast_paths_do_not_change_the_varlen_result():
+    rows = make_rows(seed=4)
+    varlen = collate(rows, packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen")
+    results = []
+    for fast in (False, True):
+        model = lora_model(fast=fast)
+        use_varlen_attention(model)
+        results.append(loss_and_grads(model, varlen, chunked_loss))
+    assert_same(results[1], results[0])
+
+
+def test_sdpa_is_called_once_per_document_length_without_a_mask(monkeypatch):
+    calls = []
+    real = varlen_attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **options):
+        calls.append((q.shape, options))
+        return real(q, k, v, **options)
+
+    monkeypatch.setattr(varlen_attention.F, "scaled_dot_product_attention", spy)
+    model = lora_model()
+    use_varlen_attention(model)
+    chunked_loss(model, collate(make_rows(), packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen"))
+    lengths = {n for row in ROWS for n in row} | {WIDTH - sum(row) for row in ROWS if sum(row) < WIDTH}
+    assert len(calls) == len(lengths) * model.config.num_hidden_layers
+    assert all(o["is_causal"] and o.get("attn_mask") is None and o["enable_gqa"] for _, o in calls)
+    ones = [shape for shape, _ in calls if shape[2] == 1]  # documents of length 1 and a 1-token tail
+    assert ones and all(shape[0] == sum(row.count(1) for row in ROWS) + 1 for shape in ones)
+
+
+def test_dropout_and_scaling_reach_sdpa(monkeypatch):
+    seen = []
+    real = varlen_attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(varlen_attention.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **o: seen.append(o) or real(q, k, v, **o))
+    model = lora_model(attention_dropout=0.5)
+    use_varlen_attention(model)
+    batch = collate(make_rows(), packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen")
+    chunked_loss(model, batch)
+    assert seen and all(o["dropout_p"] == 0.5 and o["scale"] == 16 ** -0.5 for o in seen)
+    seen.clear()
+    with torch.no_grad():
+        chunked_loss(model.eval(), batch)
+    assert seen and all(o["dropout_p"] == 0.0 for o in seen)
+
+
+def test_gqa_without_enable_gqa_gives_the_same_result(monkeypatch):
+    model = lora_model()
+    use_varlen_attention(model)
+    batch = collate(make_rows(), packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen")
+    want = loss_and_grads(model, batch, chunked_loss)
+    monkeypatch.setattr(varlen_attention, "_GQA_IN_SDPA", False)  # torch < 2.5: repeat k/v
+    assert_same(loss_and_grads(model, batch, chunked_loss), want)
+
+
+def test_gradient_checkpointing_gives_the_same_result():
+    batch = collate(make_rows(seed=2), packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen")
+    model = lora_model()
+    use_varlen_attention(model)
+    want = loss_and_grads(model, batch, chunked_loss)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    assert_same(loss_and_grads(model, batch, chunked_loss), want)
+
+
+@pytest.mark.parametrize("mode", ["position_ids", "4d"])
+def test_other_batch_layouts_stay_exact_under_varlen(mode):
+    """A position_ids batch (boundaries read from restarting positions, even with a cache) and a
+    4D-mask batch (handed to sdpa) give what sdpa gives on the 4D-mask batch."""
+    model = lora_model()
+    rows = make_rows(seed=1)
+    want = with_attention(model, "sdpa", collate(rows, True, WIDTH, 0, "4d"), model_loss)
+    use_varlen_attention(model)
+    batch = collate(rows, True, WIDTH, 0, mode)
+    assert_same(loss_and_grads(model, batch, lambda m, b: m(**b).loss), want)  # use_cache left on
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_varlen_batch_is_exact_under_sdpa_and_eager(attn):
+    """Without lorakit_varlen the kwargs are ignored and transformers reads packing from position_ids."""
+    model = lora_model()
+    rows = make_rows(seed=3)
+    want = with_attention(model, attn, collate(rows, True, WIDTH, 0, "4d"), chunked_loss)
+    got = with_attention(model, attn, collate(rows, True, WIDTH, 0, "varlen"), chunked_loss)
+    assert_same(got, want)
+
+
+def test_padded_batches_and_generation_match_sdpa():
+    model = lora_model().eval()
+    examples = [ex for row in make_rows(seed=5) for ex in row][:4]
+    padded = collate(examples, packing=False, seq_len=WIDTH, pad_id=0)
+    prompt = torch.tensor([examples[2]["input_ids"][:6]])
+    outputs = {}
+    for implementation in ("sdpa", VARLEN):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            logits = model(**padded).logits
+            tokens = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        outputs[implementation] = (logits * padded["attention_mask"][..., None], tokens)
+    torch.testing.assert_close(outputs[VARLEN][0], outputs["sdpa"][0], atol=1e-5, rtol=0)
+    assert torch.equal(outputs[VARLEN][1], outputs["sdpa"][1])
+
+
+def test_collated_bounds_match_the_position_ids_rule():
+    batch = collate(make_rows(), packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen")
+    assert batch["cu_seq_lens_q"].tolist() == bounds_from_position_ids(batch["position_ids"], len(ROWS))
+    segments = segments_from_bounds(batch["cu_seq_lens_q"].tolist(), len(ROWS), WIDTH)
+    assert segments.rows == ((5, 1, 7, 1, 2), (3, 1, 6, 6), (9, 4, 1, 1, 1), (3, 3, 10))  # with tails
+    assert segments.groups[1] == (1, 3, 6, 11, 12, 13)  # segment numbers: five documents and a tail
+
+
+@pytest.mark.parametrize("bounds,match", [([0, 5, 20, 32], "crosses a row"), ([0, 5, 30], "from 0"),
+                                          ([0, 5, 5, 32], "empty")])
+def test_bad_bounds_are_refused(bounds, match):
+    with pytest.raises(ValueError, match=match):
+        segments_from_bounds(bounds, 2, 16)
+
+
+def test_bounds_with_a_mask_are_refused():
+    model = lora_model(fast=False)
+    use_varlen_attention(model)
+    batch = collate(make_rows(), packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen")
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch["attention_mask"][1, -2:] = 0  # padding: sdpa would need a mask
+    with pytest.raises(ValueError, match="no attention_mask"):
+        model(**batch)
+
+
+def test_documents_longer_than_a_sliding_window_are_refused():
+    model = lora_model("mistral", sliding_window=4)
+    assert use_varlen_attention(model) == []
+    with pytest.raises(ValueError, match="sliding window"):
+        chunked_loss(model, collate(make_rows(), True, WIDTH, 0, "varlen"))
+
+
+def test_models_outside_the_interface_get_a_notice():
+    model = tiny_gpt2()
+    notices = use_varlen_attention(model)
+    assert len(notices) == 1 and "gpt2" in notices[0]
+    assert model.config._attn_implementation != VARLEN
+    restore_attention(model)  # nothing to undo: no error
+
+
+def test_flash_attention_is_kept():
+    """flash-attention reads the same cu_seq_lens with its own kernel (not installed here, so the
+    implementation is only named, never run)."""
+    model = lora_model(fast=False)
+    model.config._attn_implementation_internal = "flash_attention_2"
+    assert use_varlen_attention(model) == []
+    assert model.config._attn_implementation == "flash_attention_2"
