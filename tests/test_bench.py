@@ -141,11 +141,14 @@ def test_settings_errors_and_dropped_variants():
             resolve(BenchSettings(preset="gpu-1b"))
 
 
-def test_interleaved_steps_take_turns_from_the_same_start():
-    plan = resolve(_settings(steps=2, warmup=1))
-    raws = bench.run_interleaved(plan, make_inputs(plan), log=lambda line: None)
-    assert set(raws) == {"lorakit", "peft"}
+def test_lockstep_children_take_turns_from_the_same_start():
+    plan = resolve(_settings(steps=2, warmup=1, interleave=True))
+    lines = []
+    raws = {raw["variant"]: raw for raw in bench.run_lockstep(plan, log=lines.append)}
+    assert set(raws) == {"lorakit", "peft"} and not any("error" in raw for raw in raws.values()), raws
+    assert len(lines) == 3 and all("lorakit" in line and "peft" in line for line in lines)  # turns, per step
     for raw in raws.values():
+        assert raw["memory"]["peak_rss"] > raw["memory"]["rss_built"] > 0 and raw["saved_bytes"] > 0
         assert len(raw["wall_s"]) == len(raw["cpu_s"]) == 2 and len(raw["losses"]) == 3
     # both start at the base model (B = 0) and take the same AdamW steps
     assert raws["lorakit"]["losses"] == pytest.approx(raws["peft"]["losses"], rel=1e-5)

@@ -10,9 +10,11 @@ bench_variants.py.
 GPU: bf16 weights, no autocast, every variant in this process with `empty_cache` and
 `reset_peak_memory_stats` between them; peak = max allocated / reserved over the timed steps.
 CPU: fp32, each variant in a child process, because a process's peak RSS never goes down;
-peak = the child's peak RSS (imports and weights included). `interleave` (CPU) times all
-variants in one process taking steps in turn, so a shared machine's bursts of load hit them
-alike, and takes peak RSS from a short child per variant.
+peak = the child's peak RSS (imports and weights included). `interleave` (the CPU default)
+starts every variant's child first and has them take their steps in turn (lockstep), so a
+shared machine's bursts of load hit them alike; otherwise the children run one after the other.
+(Models taking turns inside ONE process were tried and dropped: they slowed each other
+unequally, PEFT by up to 30%, through the shared heap.)
 
 Timing: `warmup` steps excluded, then over `steps` steps the median and min wall time (after a
 device sync) and the median process CPU time. "saved" is what autograd keeps for backward in
@@ -330,21 +332,6 @@ def run_steps(name: str, prepared: Prepared, batch: dict, plan: Plan) -> dict:
     return raw
 
 
-def run_interleaved(plan: Plan, inputs: dict, log=print) -> dict[str, dict]:
-    """CPU speed, paired: every variant's model in this process, taking its steps in turn, so a
-    burst of load on a shared machine hits all variants alike. Memory is meaningless here."""
-    s = plan.settings
-    prepared = {name: prepare_variant(name, plan) for name in s.variants}
-    raws = {name: _new_raw(name) for name in s.variants}
-    for step in range(s.warmup + s.steps):
-        for name, p in prepared.items():
-            _record(raws[name], step >= s.warmup, train_step(p, inputs[p.inputs_key], plan.device))
-        times = {name: f" {raws[name]['wall_s'][-1]:.3g} s" if step >= s.warmup else "" for name in s.variants}
-        log(f"    step {step + 1}/{s.warmup + s.steps}: " +
-            ", ".join(f"{name} {raws[name]['losses'][-1]:.4f}{times[name]}" for name in s.variants))
-    return raws
-
-
 def measure_variant(name: str, plan: Plan, inputs: dict) -> dict:
     """Build, train and measure one variant in this process."""
     rss_before = _peak_rss_bytes()
@@ -392,54 +379,127 @@ def _release_cuda() -> None:
 # ---- running the variants ----------------------------------------------------------------------
 
 def _child_main(request_json: str) -> None:
-    """Entry point of a CPU child: one variant, its raw measurements as the last stdout line."""
+    """Entry point of a CPU child: one variant. Alone: its raw measurements as the last stdout
+    line. Lockstep: one step per "step" line on stdin, a reply line after each; at end of input
+    the raw measurements."""
     request = json.loads(request_json)
     plan = resolve(BenchSettings(**request["settings"]))
     torch.set_num_threads(plan.settings.threads)
-    raw = measure_variant(request["variant"], plan, make_inputs(plan))
+    if request.get("lockstep"):
+        raw = _lockstep_child(request["variant"], plan, make_inputs(plan))
+    else:
+        raw = measure_variant(request["variant"], plan, make_inputs(plan))
     raw["matmul_tflops"] = measure_matmul_peak("cpu")  # under this child's conditions
-    print(json.dumps(raw))
+    _reply(raw)
 
 
-def _spawn(name: str, plan: Plan) -> dict:
+_REPLY = "LORAKIT-BENCH "  # marks the protocol's stdout lines among anything a library prints
+
+
+def _reply(message: dict) -> None:
+    print(_REPLY + json.dumps(message), flush=True)
+
+
+def _lockstep_child(name: str, plan: Plan, inputs: dict) -> dict:
+    """A variant's steps, each when the parent asks: the variants' processes take turns."""
+    rss_before = _peak_rss_bytes()
+    prepared = prepare_variant(name, plan)
+    rss_built = _peak_rss_bytes()
+    s, saved, raw = plan.settings, SavedForBackward(prepared.model), _new_raw(name)
+    batch = inputs[prepared.inputs_key]
+    _reply({"ready": True})
+    for step, _ in enumerate(sys.stdin):
+        hooks = saved.hooks() if step == 0 and s.warmup > 0 else None
+        result = train_step(prepared, batch, plan.device, hooks)
+        _record(raw, step >= s.warmup, result)
+        _reply({"wall_s": result[0], "loss": result[2]})
+    raw.update(saved_bytes=saved.nbytes if s.warmup > 0 else None, notices=prepared.notices,
+               memory=_memory(plan.device, rss_before, rss_built))
+    return raw
+
+
+def _child_command(name: str, plan: Plan, lockstep: bool) -> tuple[list[str], dict]:
     import lorakit
 
     src = os.path.dirname(os.path.dirname(os.path.abspath(lorakit.__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
-    request = json.dumps({"variant": name, "settings": asdict(plan.settings)})
-    out = subprocess.run([sys.executable, "-m", "lorakit.bench", request], capture_output=True, text=True, env=env)
-    lines = out.stdout.strip().splitlines()
-    if out.returncode != 0 or not lines:
+    request = json.dumps({"variant": name, "settings": asdict(plan.settings), "lockstep": lockstep})
+    return [sys.executable, "-m", "lorakit.bench", request], env
+
+
+def _spawn(name: str, plan: Plan) -> dict:
+    command, env = _child_command(name, plan, lockstep=False)
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    replies = [line[len(_REPLY):] for line in out.stdout.splitlines() if line.startswith(_REPLY)]
+    if out.returncode != 0 or not replies:
         return {"variant": name, "error": "\n".join(out.stderr.strip().splitlines()[-3:]) or "no output"}
-    return json.loads(lines[-1])
+    return json.loads(replies[-1])
+
+
+class _LockstepChild:
+    """One variant's process, driven a step at a time; stderr goes to a temporary file (a pipe
+    nobody reads would fill and block the child)."""
+
+    def __init__(self, name: str, plan: Plan):
+        import tempfile
+
+        command, env = _child_command(name, plan, lockstep=True)
+        self.name, self.stderr = name, tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.stderr, text=True, env=env)
+        self.error: str | None = None
+
+    def read(self) -> dict | None:
+        for line in self.process.stdout:
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY):])
+        self.process.wait()
+        self.stderr.seek(0)
+        self.error = "\n".join(self.stderr.read().strip().splitlines()[-3:]) or "the child process ended"
+        return None
+
+    def step(self) -> dict | None:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def finish(self) -> dict:
+        self.process.stdin.close()
+        raw = self.read()
+        self.process.wait()
+        return raw if raw is not None else {"variant": self.name, "error": self.error}
+
+
+def run_lockstep(plan: Plan, log=print) -> list[dict]:
+    """CPU: a child process per variant, all built first, then taking their steps in turn: a
+    shared machine's bursts of load hit every variant alike, and no variant shares a heap,
+    allocator state or caches' contents with another (as models in one process would)."""
+    s = plan.settings
+    children = [_LockstepChild(name, plan) for name in s.variants]
+    live = [child for child in children if child.read() is not None]
+    for step in range(s.warmup + s.steps):
+        replies = {child.name: child.step() for child in live}
+        live = [child for child in live if replies[child.name] is not None]
+        timed = step >= s.warmup
+        log(f"    step {step + 1}/{s.warmup + s.steps}: " + ", ".join(
+            f"{name} {r['loss']:.4f}" + (f" {r['wall_s']:.3g} s" if timed else "")
+            for name, r in replies.items() if r is not None))
+    return [child.finish() if child in live else {"variant": child.name, "error": child.error}
+            for child in children]
 
 
 def run_variants(plan: Plan, inputs: dict, log=print) -> list[dict]:
-    """Raw measurements of every variant: CPU children (isolate), interleaved, or in-process."""
+    """Raw measurements of every variant: CPU children in lockstep (interleave) or one after the
+    other (isolate), or in this process."""
     s = plan.settings
     if s.interleave:
-        return _interleaved_with_memory(plan, inputs, log)
+        return run_lockstep(plan, log)
     in_child, results = plan.device == "cpu" and s.isolate, []
     for name in s.variants:  # on GPU Liger comes last: its patches stay for the process
         log(f"  {name}: {'child process' if in_child else 'this process'}")
         results.append(_spawn(name, plan) if in_child else _measure_here(name, plan, inputs))
         log(f"    {_progress(results[-1])}")
     return results
-
-
-def _interleaved_with_memory(plan: Plan, inputs: dict, log) -> list[dict]:
-    """Speed from run_interleaved; peak RSS and saved bytes from a short child per variant."""
-    speed = run_interleaved(plan, inputs, log)
-    short = dataclasses.replace(plan.settings, steps=1, warmup=1, interleave=False)
-    rows = []
-    for name in plan.settings.variants:
-        log(f"  {name}: memory in a child process (1 warm-up + 1 step)")
-        memory = _spawn(name, dataclasses.replace(plan, settings=short))
-        if "error" in memory:
-            rows.append(memory)
-            continue
-        rows.append({**speed[name], **{k: memory[k] for k in ("memory", "saved_bytes", "notices")}})
-    return rows
 
 
 def _progress(raw: dict) -> str:
@@ -571,7 +631,7 @@ def _memory_note(plan: Plan) -> str:
     rss = "peak = a child process's peak RSS (VmHWM: imports and weights included), one child per variant "
     rss += "because a process's peak RSS never goes down"
     if plan.settings.interleave:
-        return f"speed: all variants in one process, taking steps in turn; {rss} (1 warm-up + 1 step)"
+        return f"{rss}; the children take their steps in turn (lockstep)"
     if not plan.settings.isolate:
         return "peak RSS of this one process, cumulative over the variants: only the first variant's is its own"
     return rss

@@ -21,8 +21,8 @@ shape, fp32, 4 x 256), gpu-1b (Llama-3.2-1B shape, bf16, 4 x 2048), gpu-8b (Llam
 bf16, 2 x 2048), tiny (a 2-layer smoke test). On CPU every variant runs in its own process
 (peak RSS never goes down); on GPU all run in one process with the allocator reset between.
 --check also compares step-1 adapter gradients (cosine >= 0.999) and the loss curve against
-PEFT from identical weights. On CPU the variants take their steps in turn in one process (a
-shared machine's load then hits them alike); --sequential times them one after the other. Method and numbers: docs/performance.md."""
+PEFT from identical weights. On CPU the variants' child processes take their steps in turn
+(a shared machine's load then hits them alike); --sequential runs them one after the other. Method and numbers: docs/performance.md."""
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -47,9 +47,9 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--peak-tflops", type=float, help="matmul peak for MFU (default: measured in this run)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--sequential", dest="interleave", action="store_false", default=None,
-                   help="CPU: time each variant alone in its own child process, one after the other (for a "
-                        "quiet machine). Default on CPU: all variants in one process, taking steps in turn, so "
-                        "a shared machine's load hits them alike; peak RSS from a short child per variant")
+                   help="CPU: time each variant's child process alone, one after the other (for a quiet "
+                        "machine). Default on CPU: all children built first, then taking their steps in turn, "
+                        "so a shared machine's load hits them alike")
     p.add_argument("--interleave", dest="interleave", action="store_true",
                    help="the CPU default (kept for scripts)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="override the preset's device")
