@@ -65,17 +65,19 @@ def test_bench_in_process_reports_every_figure():
     assert rows["lorakit"]["first_loss"] == pytest.approx(rows["peft"]["first_loss"], rel=1e-5)
 
 
-def test_cli_json_runs_a_child_process_per_variant(capsys):
+@pytest.mark.parametrize("mode", [[], ["--sequential"]])
+def test_cli_json_runs_a_child_process_per_variant(capsys, mode):
     from lorakit.cli import main
 
     code = main(["bench", "--preset", "tiny", "--steps", "1", "--warmup", "1", "--variants", "lorakit",
-                 "--threads", "1", "--peak-tflops", "1", "--json"])
+                 "--threads", "1", "--peak-tflops", "1", "--json", *mode])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     (row,) = result["variants"]
     assert "error" not in row, row
     assert row["peak_rss_gib"] > 0 and row["saved_gib"] > 0
     assert "child process" in result["memory_note"]
+    assert ("lockstep" in result["memory_note"]) == (not mode)
 
 
 @pytest.mark.parametrize("packing", [False, True])
