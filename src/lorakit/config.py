@@ -98,6 +98,8 @@ class TrainConfig:
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row")
     eval_batches: int = opt(0, "limit evaluation to N batches (0: all)")
     fast_paths: bool = opt(True, "use lorakit's fused kernels where they apply")
+    threads: int | None = opt(None, "CPU threads for torch (default: torch's choice, all cores); on a shared "
+                                    "machine set it to the idle cores: a busy core stalls every parallel op")
     triton_kernels: bool = opt(False, "also Triton RMSNorm, SwiGLU and RoPE kernels (CUDA; opt-in until a GPU run "
                                       "measures them: docs/performance.md)")
 
@@ -346,6 +348,7 @@ def validate(config: RunConfig) -> None:
         (t.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {t.max_grad_norm}"),
         (t.eval_every >= 0 and t.save_every >= 0, "--eval-every and --save-every must be >= 0"),
         (t.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {t.max_bad_steps}"),
+        (t.threads is None or t.threads >= 1, f"--threads must be at least 1, got {t.threads}"),
         (d.seq_len >= 8, f"--seq-len must be at least 8, got {d.seq_len}"),
         (d.eval_split >= 0, f"--eval-split must be >= 0, got {d.eval_split}"),
         (o.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {o.keep_checkpoints}"),

@@ -104,3 +104,18 @@ def test_packed_rows_train_the_same_with_varlen_attention_as_with_a_4d_mask(tiny
     a = load_file(tmp_path / "varlen" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "mask" / "adapter" / "adapter_model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_threads_flag_sets_torch_threads_and_zero_is_refused(tiny, tmp_path, capsys):
+    import torch
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(train_args(tiny, tmp_path / "one", "--max-steps", "1", "--threads", "1")) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    assert main(train_args(tiny, tmp_path / "zero", "--max-steps", "1", "--threads", "0")) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "zero").exists()

@@ -110,6 +110,8 @@ def loop_settings(config: RunConfig, model, tokenizer, train: TokenizedData) -> 
 def prepare(config: RunConfig, fsdp: bool | None = None) -> Prepared:
     """`fsdp`: under torchrun, shard the base (True), replicate it (False), or decide (None)."""
     distributed.init_from_env()
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
     use_fsdp, parallel_notices = distributed.choose_fsdp(fsdp, config, device_for(config))
     torch.manual_seed(config.train.seed)
     model, tokenizer, source = load_model(config, on_cpu=use_fsdp)
