@@ -26,9 +26,6 @@ def register(subparsers, name: str, help_text: str) -> None:
     # torchrun's own parser reads every later "--x" too and rejects --r as ambiguous (--rdzv-*, --role ...)
     p.add_argument("--lora-r", dest="lora.r", type=int, default=None, metavar="R",
                    help="same as --r; use this spelling after `torchrun ... -m lorakit train`")
-    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
-                   help="under torchrun: shard the frozen base over the processes (FSDP2) instead of a whole "
-                        "copy per GPU; default: shard when the memory estimate does not fit one GPU")
     p.set_defaults(func=run)
 
 
@@ -83,7 +80,7 @@ def _train(args: argparse.Namespace) -> int:
     from lorakit.train.session import Session
 
     config, demo = resolve_args(args)
-    prepared = prepare(config, fsdp=getattr(args, "fsdp", None))  # joins the torchrun job, if any
+    prepared = prepare(config)  # joins the torchrun job, if any
     if is_main():
         print_plan(prepared)
     if config.output.dry_run:

@@ -218,7 +218,7 @@ def choose_fsdp(requested: bool | None, config, device: torch.device) -> tuple[b
                           "drop --fsdp (each GPU then holds the whole quantised base) or --quantize")
     if requested is not None:
         layout = "FSDP (base sharded" if requested else "DDP (base replicated"
-        return requested, [f"parallel: {layout} over {n} processes, --fsdp flag)"]
+        return requested, [f"parallel: {layout} over {n} processes, --fsdp {'on' if requested else 'off'})"]
     if device.type != "cuda" or config.model.quantize != "none":
         return False, [f"parallel: DDP (base replicated on each of {n} processes)"]
     need = estimated_step_bytes(config)

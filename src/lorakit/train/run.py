@@ -107,12 +107,13 @@ def loop_settings(config: RunConfig, model, tokenizer, train: TokenizedData) -> 
                         rank=world.rank, world_size=world.size)
 
 
-def prepare(config: RunConfig, fsdp: bool | None = None) -> Prepared:
-    """`fsdp`: under torchrun, shard the base (True), replicate it (False), or decide (None)."""
+def prepare(config: RunConfig) -> Prepared:
+    """Everything a run needs before its output folder is claimed; under torchrun, joins the job."""
     distributed.init_from_env()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    use_fsdp, parallel_notices = distributed.choose_fsdp(fsdp, config, device_for(config))
+    requested = {"auto": None, "on": True, "off": False}[config.train.fsdp]
+    use_fsdp, parallel_notices = distributed.choose_fsdp(requested, config, device_for(config))
     torch.manual_seed(config.train.seed)
     model, tokenizer, source = load_model(config, on_cpu=use_fsdp)
     train, evaluation = distributed.main_first(lambda: load_data(config, tokenizer), others_too=True)  # one fills the cache
