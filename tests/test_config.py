@@ -104,3 +104,13 @@ def test_saved_config_round_trips_the_checkpointing_choice(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(save_yaml(resolve(None, flags("--grad-checkpointing", "on"))))
     assert resolve(load_yaml(path), flags()).train.grad_checkpointing == "on"
+
+
+@pytest.mark.parametrize("argv,yaml_text,value", [
+    ((), None, "auto"), (("--fsdp",), None, "on"), (("--no-fsdp",), None, "off"), ((), "true", "on"),
+    (("--fsdp", "auto"), "false", "auto"),  # the flag wins over the file
+])
+def test_fsdp_is_a_switch_from_flags_and_yaml(tmp_path, argv, yaml_text, value):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  fsdp: {yaml_text}\n" if yaml_text else "{}\n")
+    assert resolve(load_yaml(path), flags(*argv)).train.fsdp == value
