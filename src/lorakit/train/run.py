@@ -157,10 +157,11 @@ def _checkpointing(model, config: RunConfig) -> list[str]:
 
 
 def packed_attention_for(model, packing: bool) -> str:
-    """Packed rows carry document boundaries (cu_seq_lens, no B*T*T mask) when the model's
-    attention reads them (lorakit_varlen, flash-attention); else a block-causal 4D mask."""
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
-    return "varlen" if packing and (implementation == VARLEN or "flash" in implementation) else "4d"
+    """Packed rows carry document boundaries (cu_seq_lens, no B*T*T mask) when the model runs
+    lorakit_varlen attention; else a block-causal 4D mask. (flash-attention reads the same
+    boundaries in transformers, but that path has not run here: it keeps the old layout.)"""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return "varlen" if packing and implementation == VARLEN else "4d"
 
 
 def _enable_fast_paths(model, config: RunConfig) -> list[str]:
