@@ -152,7 +152,7 @@ def measure(name: str, plan, inputs: dict, nf4: NF4Holder) -> dict:
     prepared, cleanup = prepare(name, plan, nf4)
     try:
         raw = bench.run_steps(prepared, inputs[prepared.inputs_key], plan)
-        raw.update(variant=name, notices=prepared.notices, memory=bench._memory(plan.device, 0, 0))
+        raw.update(variant=name, notices=prepared.notices, memory=bench.memory_figures(plan.device, 0, 0))
     finally:
         prepared.optimizer.zero_grad(set_to_none=True)
         del prepared

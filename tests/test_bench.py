@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit import bench, bench_variants
+from lorakit import bench_children, bench_variants
 from lorakit.bench import BenchSettings, flops_per_token, make_inputs, resolve, run_bench
 from lorakit.bench_check import check_against_peft
 from lorakit.errors import ConfigError
@@ -146,7 +146,7 @@ def test_settings_errors_and_dropped_variants():
 def test_lockstep_children_take_turns_from_the_same_start():
     plan = resolve(_settings(steps=2, warmup=1, interleave=True))
     lines = []
-    raws = {raw["variant"]: raw for raw in bench.run_lockstep(plan, log=lines.append)}
+    raws = {raw["variant"]: raw for raw in bench_children.run_lockstep(plan, log=lines.append)}
     assert set(raws) == {"lorakit", "peft"} and not any("error" in raw for raw in raws.values()), raws
     assert len(lines) == 3 and all("lorakit" in line and "peft" in line for line in lines)  # turns, per step
     for raw in raws.values():

@@ -5,7 +5,7 @@ config (same seed), LoRA r on q,k,v,o,gate,up,down with alpha = 2r and dropout 0
 (lr 1e-4) and the same batch. A step is forward + backward + optimizer step.
 
 The variants (lorakit, peft, peft-bf16, peft-liger and lorakit's ablations) are built in
-bench_variants.py.
+bench_variants.py; the CPU child processes are run by bench_children.py.
 
 GPU: bf16 weights, no autocast, every variant in this process with `empty_cache` and
 `reset_peak_memory_stats` between them; peak = max allocated / reserved over the timed steps.
@@ -31,13 +31,10 @@ import contextlib
 import dataclasses
 import gc
 import importlib.util
-import json
 import os
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -309,11 +306,11 @@ def train_step(prepared: Prepared, batch: dict, device: str, hooks=None) -> tupl
     return time.perf_counter() - start, time.process_time() - cpu_start, value
 
 
-def _new_raw(name: str) -> dict:
+def new_raw(name: str) -> dict:
     return {"variant": name, "wall_s": [], "cpu_s": [], "losses": [], "saved_bytes": None, "notices": []}
 
 
-def _record(raw: dict, timed: bool, result: tuple[float, float, float]) -> None:
+def record_step(raw: dict, timed: bool, result: tuple[float, float, float]) -> None:
     raw["losses"].append(result[2])
     if timed:
         raw["wall_s"].append(result[0])
@@ -322,35 +319,35 @@ def _record(raw: dict, timed: bool, result: tuple[float, float, float]) -> None:
 
 def run_steps(name: str, prepared: Prepared, batch: dict, plan: Plan) -> dict:
     """Warm-up then timed steps of one variant; the first warm-up step also counts saved bytes."""
-    s, saved, raw = plan.settings, SavedForBackward(prepared.model), _new_raw(name)
+    s, saved, raw = plan.settings, SavedForBackward(prepared.model), new_raw(name)
     for step in range(s.warmup + s.steps):
         if step == s.warmup and plan.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         hooks = saved.hooks() if step == 0 and s.warmup > 0 else None
-        _record(raw, step >= s.warmup, train_step(prepared, batch, plan.device, hooks))
+        record_step(raw, step >= s.warmup, train_step(prepared, batch, plan.device, hooks))
     raw["saved_bytes"] = saved.nbytes if s.warmup > 0 else None
     return raw
 
 
 def measure_variant(name: str, plan: Plan, inputs: dict) -> dict:
     """Build, train and measure one variant in this process."""
-    rss_before = _peak_rss_bytes()
+    rss_before = peak_rss_bytes()
     prepared = prepare_variant(name, plan)
-    rss_built = _peak_rss_bytes()
+    rss_built = peak_rss_bytes()
     raw = run_steps(name, prepared, inputs[prepared.inputs_key], plan)
-    raw.update(notices=prepared.notices, memory=_memory(plan.device, rss_before, rss_built))
+    raw.update(notices=prepared.notices, memory=memory_figures(plan.device, rss_before, rss_built))
     del prepared
     return raw
 
 
-def _memory(device: str, rss_before: int, rss_built: int) -> dict:
+def memory_figures(device: str, rss_before: int, rss_built: int) -> dict:
     if device == "cuda":
         return {"peak_allocated": torch.cuda.max_memory_allocated(),
                 "peak_reserved": torch.cuda.max_memory_reserved()}
-    return {"peak_rss": _peak_rss_bytes(), "rss_at_start": rss_before, "rss_built": rss_built}
+    return {"peak_rss": peak_rss_bytes(), "rss_at_start": rss_before, "rss_built": rss_built}
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     """This process's peak RSS. Linux: VmHWM, since ru_maxrss carries the parent's peak through
     fork + exec (a child spawned by a big parent would report the parent's size)."""
     hwm = _proc_field("/proc/self/status", "VmHWM")  # "123456 kB"
@@ -378,126 +375,18 @@ def _release_cuda() -> None:
 
 # ---- running the variants ----------------------------------------------------------------------
 
-def _child_main(request_json: str) -> None:
-    """Entry point of a CPU child: one variant. Alone: its raw measurements as the last stdout
-    line. Lockstep: one step per "step" line on stdin, a reply line after each; at end of input
-    the raw measurements."""
-    request = json.loads(request_json)
-    plan = resolve(BenchSettings(**request["settings"]))
-    torch.set_num_threads(plan.settings.threads)
-    if request.get("lockstep"):
-        raw = _lockstep_child(request["variant"], plan, make_inputs(plan))
-    else:
-        raw = measure_variant(request["variant"], plan, make_inputs(plan))
-    raw["matmul_tflops"] = measure_matmul_peak("cpu")  # under this child's conditions
-    _reply(raw)
-
-
-_REPLY = "LORAKIT-BENCH "  # marks the protocol's stdout lines among anything a library prints
-
-
-def _reply(message: dict) -> None:
-    print(_REPLY + json.dumps(message), flush=True)
-
-
-def _lockstep_child(name: str, plan: Plan, inputs: dict) -> dict:
-    """A variant's steps, each when the parent asks: the variants' processes take turns."""
-    rss_before = _peak_rss_bytes()
-    prepared = prepare_variant(name, plan)
-    rss_built = _peak_rss_bytes()
-    s, saved, raw = plan.settings, SavedForBackward(prepared.model), _new_raw(name)
-    batch = inputs[prepared.inputs_key]
-    _reply({"ready": True})
-    for step, _ in enumerate(sys.stdin):
-        hooks = saved.hooks() if step == 0 and s.warmup > 0 else None
-        result = train_step(prepared, batch, plan.device, hooks)
-        _record(raw, step >= s.warmup, result)
-        _reply({"wall_s": result[0], "loss": result[2]})
-    raw.update(saved_bytes=saved.nbytes if s.warmup > 0 else None, notices=prepared.notices,
-               memory=_memory(plan.device, rss_before, rss_built))
-    return raw
-
-
-def _child_command(name: str, plan: Plan, lockstep: bool) -> tuple[list[str], dict]:
-    import lorakit
-
-    src = os.path.dirname(os.path.dirname(os.path.abspath(lorakit.__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
-    request = json.dumps({"variant": name, "settings": asdict(plan.settings), "lockstep": lockstep})
-    return [sys.executable, "-m", "lorakit.bench", request], env
-
-
-def _spawn(name: str, plan: Plan) -> dict:
-    command, env = _child_command(name, plan, lockstep=False)
-    out = subprocess.run(command, capture_output=True, text=True, env=env)
-    replies = [line[len(_REPLY):] for line in out.stdout.splitlines() if line.startswith(_REPLY)]
-    if out.returncode != 0 or not replies:
-        return {"variant": name, "error": "\n".join(out.stderr.strip().splitlines()[-3:]) or "no output"}
-    return json.loads(replies[-1])
-
-
-class _LockstepChild:
-    """One variant's process, driven a step at a time; stderr goes to a temporary file (a pipe
-    nobody reads would fill and block the child)."""
-
-    def __init__(self, name: str, plan: Plan):
-        import tempfile
-
-        command, env = _child_command(name, plan, lockstep=True)
-        self.name, self.stderr = name, tempfile.TemporaryFile(mode="w+")
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.stderr, text=True, env=env)
-        self.error: str | None = None
-
-    def read(self) -> dict | None:
-        for line in self.process.stdout:
-            if line.startswith(_REPLY):
-                return json.loads(line[len(_REPLY):])
-        self.process.wait()
-        self.stderr.seek(0)
-        self.error = "\n".join(self.stderr.read().strip().splitlines()[-3:]) or "the child process ended"
-        return None
-
-    def step(self) -> dict | None:
-        self.process.stdin.write("step\n")
-        self.process.stdin.flush()
-        return self.read()
-
-    def finish(self) -> dict:
-        self.process.stdin.close()
-        raw = self.read()
-        self.process.wait()
-        return raw if raw is not None else {"variant": self.name, "error": self.error}
-
-
-def run_lockstep(plan: Plan, log=print) -> list[dict]:
-    """CPU: a child process per variant, all built first, then taking their steps in turn: a
-    shared machine's bursts of load hit every variant alike, and no variant shares a heap,
-    allocator state or caches' contents with another (as models in one process would)."""
-    s = plan.settings
-    children = [_LockstepChild(name, plan) for name in s.variants]
-    live = [child for child in children if child.read() is not None]
-    for step in range(s.warmup + s.steps):
-        replies = {child.name: child.step() for child in live}
-        live = [child for child in live if replies[child.name] is not None]
-        timed = step >= s.warmup
-        log(f"    step {step + 1}/{s.warmup + s.steps}: " + ", ".join(
-            f"{name} {r['loss']:.4f}" + (f" {r['wall_s']:.3g} s" if timed else "")
-            for name, r in replies.items() if r is not None))
-    return [child.finish() if child in live else {"variant": child.name, "error": child.error}
-            for child in children]
-
-
 def run_variants(plan: Plan, inputs: dict, log=print) -> list[dict]:
     """Raw measurements of every variant: CPU children in lockstep (interleave) or one after the
     other (isolate), or in this process."""
     s = plan.settings
+    from lorakit.bench_children import run_lockstep, spawn  # they import this module
+
     if s.interleave:
         return run_lockstep(plan, log)
     in_child, results = plan.device == "cpu" and s.isolate, []
     for name in s.variants:  # on GPU Liger comes last: its patches stay for the process
         log(f"  {name}: {'child process' if in_child else 'this process'}")
-        results.append(_spawn(name, plan) if in_child else _measure_here(name, plan, inputs))
+        results.append(spawn(name, plan) if in_child else _measure_here(name, plan, inputs))
         log(f"    {_progress(results[-1])}")
     return results
 
@@ -636,6 +525,3 @@ def _memory_note(plan: Plan) -> str:
         return "peak RSS of this one process, cumulative over the variants: only the first variant's is its own"
     return rss
 
-
-if __name__ == "__main__":
-    _child_main(sys.argv[1])
