@@ -41,7 +41,6 @@ A CPU dry run of the whole script (tiny shape; bitsandbytes >= 0.48 runs NF4 on 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import time
@@ -89,7 +88,7 @@ def build_nf4_model(plan) -> nn.Module:
 
     model = bench_variants.build_model(plan)  # bf16 on the GPU, seeded: the same weights as lorakit-bf16
     count = quantize_in_place(model)
-    _release()
+    bench.release_cuda()
     prepare_for_kbit_training(model)  # freeze; keep embeddings, norms, head in bf16
     allocated = f", {torch.cuda.memory_allocated() / bench.GIB:.2f} GiB allocated" if plan.device == "cuda" else ""
     print(f"  NF4 model: {count} projections quantised{allocated}", flush=True)
@@ -157,15 +156,8 @@ def measure(name: str, plan, inputs: dict, nf4: NF4Holder) -> dict:
         prepared.optimizer.zero_grad(set_to_none=True)
         del prepared
         cleanup()
-        _release()
+        bench.release_cuda()
     return raw
-
-
-def _release() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -235,10 +227,10 @@ def main(argv=None) -> int:
             raw = measure(name, plan, inputs, nf4)
         except torch.cuda.OutOfMemoryError as exc:
             raw = {"variant": name, "error": f"out of memory: {str(exc).splitlines()[0]}"}
-            _release()
+            bench.release_cuda()
         except Exception as exc:  # one broken variant must not cost the others' device time
             raw = {"variant": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-            _release()
+            bench.release_cuda()
         row = bench.summarize(raw, inputs["tokens"], flops["per_token"], peak_tflops, s.device)
         rows.append(row)
         print(f"    {json.dumps({k: v for k, v in row.items() if k != 'notices'}, default=str)} "

@@ -366,7 +366,8 @@ def _proc_field(path: str, key: str) -> str | None:
     return None
 
 
-def _release_cuda() -> None:
+def release_cuda() -> None:
+    """Free what the last variant left on the GPU and restart the peak counters."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -401,13 +402,13 @@ def _progress(raw: dict) -> str:
 
 
 def _measure_here(name: str, plan: Plan, inputs: dict) -> dict:
-    _release_cuda()
+    release_cuda()
     try:
         return measure_variant(name, plan, inputs)
     except torch.cuda.OutOfMemoryError as exc:
         return {"variant": name, "error": f"out of memory: {str(exc).splitlines()[0]}"}
     finally:
-        _release_cuda()
+        release_cuda()
 
 
 # ---- summary -----------------------------------------------------------------------------------
@@ -496,7 +497,7 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
 
         log("  check: lorakit vs peft from identical weights")
         check = check_against_peft(plan, inputs)
-        _release_cuda()
+        release_cuda()
     peak = s.peak_tflops or measure_matmul_peak(s.device)
     raw = run_variants(plan, inputs, log)
     if not s.peak_tflops and s.device == "cpu":  # a busy CPU's peak varies: the best seen in the run

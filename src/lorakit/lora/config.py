@@ -74,7 +74,7 @@ class LoraConfig:
         return out
 
     def scale_for(self, r: int, alpha: float) -> float:
-        return alpha / math.sqrt(r) if self.scaling == "rslora" else alpha / r
+        return lora_scale(r, alpha, self.scaling)
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The rank and alpha of one module, after rank_pattern / alpha_pattern."""
@@ -136,3 +136,8 @@ def _pattern_problems(rank_pattern, alpha_pattern) -> list[str]:
             out.append(f"alpha_pattern[{key!r}] must be a positive number, got {value!r}")
         out += _regex_problems("alpha_pattern key", key)
     return out
+
+
+def lora_scale(r: int, alpha: float, scaling: str = "standard") -> float:
+    """The factor on B(A(x)): alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return alpha / math.sqrt(r) if scaling == "rslora" else alpha / r

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from lorakit.config import TASK_PRESETS, RunConfig, load_yaml, resolve
 from lorakit.errors import ConfigError, OutputError
+from lorakit.lora.config import lora_scale
 
 GUIDE_TARGETS = ("all", "all-linear")  # on Llama-style models both are the seven projections
 _ALPHA = re.compile(r"^(\d+(?:\.\d+)?)?r$")
@@ -47,7 +48,7 @@ class SweepPoint:
 
     @property
     def scale(self) -> float:
-        return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
+        return lora_scale(self.r, self.alpha, "rslora" if self.rslora else "standard")
 
     @property
     def slug(self) -> str:
