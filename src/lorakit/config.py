@@ -89,7 +89,7 @@ class TrainConfig:
     grad_checkpointing: str = opt(
         "auto", "activation checkpointing (recompute activations in backward to save memory): auto (default) decides from "
         "the memory estimate (off when the step fits, else the fewest layers that make it fit), on checkpoints every "
-        "layer; a bare --grad-checkpointing means on (put it after CONFIG.yaml)",
+        "layer; a bare --grad-checkpointing means on",
         choices=["auto", "on", "off"], switch=("on", "off"))
     seed: int = opt(42, "random seed (runs are deterministic on a CPU)")
     eval_every: int = opt(0, "evaluate every N steps (0: only before and after training)")
@@ -174,6 +174,23 @@ def _add_switch(group, f: dataclasses.Field, kwargs: dict) -> None:
     group.add_argument(flag_of(f), nargs="?", const=on, choices=choices, metavar="{" + ",".join(choices) + "}", **kwargs)
     group.add_argument("--no-" + flag_of(f)[2:], action="store_const", const=off, dest=kwargs["dest"], default=None,
                        help=f"same as {flag_of(f)} {off}")
+
+
+def explicit_switches(argv: list[str]) -> list[str]:
+    """`--fsdp CONFIG.yaml` would read the file name as the switch's value; write such a bare switch
+    as `--fsdp=on` so the file stays the positional argument. Other values are left for argparse
+    to accept or reject."""
+    switches = {flag_of(f): f.metadata["switch"][0] for _, f, _ in all_fields() if f.metadata.get("switch")}
+    out = []
+    for arg, following in zip(argv, argv[1:] + [None]):
+        if arg in switches and following is not None and _names_a_file(following):
+            arg = f"{arg}={switches[arg]}"
+        out.append(arg)
+    return out
+
+
+def _names_a_file(arg: str) -> bool:
+    return arg.endswith((".yaml", ".yml")) or Path(arg).is_file()
 
 
 def _group(parser, section: str):

@@ -119,3 +119,15 @@ def test_threads_flag_sets_torch_threads_and_zero_is_refused(tiny, tmp_path, cap
     assert main(train_args(tiny, tmp_path / "zero", "--max-steps", "1", "--threads", "0")) == 2
     assert "--threads must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "zero").exists()
+
+
+def test_bare_switch_before_the_config_file_leaves_the_file_positional(tiny, tmp_path, capsys):
+    model, data = tiny
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {model}}}\ndata: {{data: [{data}], seq_len: 64}}\ntrain: {{max_steps: 1}}\n")
+    capsys.readouterr()
+    assert main(["train", "--grad-checkpointing", str(config), "--dry-run", "--output", str(tmp_path / "o")]) == 0
+    assert "activation checkpointing: every layer" in capsys.readouterr().out
+    # a value that is neither a choice nor a file is still refused by the parser
+    with pytest.raises(SystemExit):
+        main(["train", str(config), "--grad-checkpointing", "sometimes"])

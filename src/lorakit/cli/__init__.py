@@ -67,6 +67,10 @@ def _requested_command(argv: list[str] | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if _requested_command(argv) == "train":
+        from lorakit.config import explicit_switches
+
+        argv = explicit_switches(argv)
     parser = build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # report it with the subcommand's usage, which lists the flags that do exist
