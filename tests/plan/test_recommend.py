@@ -106,7 +106,8 @@ def budget_for(usable: float) -> Budget:
 def pick(budget):
     choices, memory = plan_choices("domain", profile(), one_b(), budget)
     values = {c.key: c.value for c in choices}
-    return (values["train.batch_size"], values["train.grad_accum"], values["train.grad_checkpointing"],
+    assert values["train.grad_checkpointing"] == "auto"  # the trainer decides again where it runs
+    return (values["train.batch_size"], values["train.grad_accum"], memory["expects_checkpointing"],
             values["model.quantize"], memory)
 
 

@@ -427,7 +427,8 @@ def _fit(facts: ModelFacts, budget: Budget, rows: int, seq_len: int, r: int) -> 
         batch = min(rows, 4)
         return [Choice("model.quantize", "none", "no quantisation: memory could not be estimated"),
                 Choice("train.batch_size", batch, "a cautious micro-batch: the estimator cannot read this model"),
-                Choice("train.grad_checkpointing", False, "off: memory could not be estimated")], rows // batch, {}
+                Choice("train.grad_checkpointing", "auto", "auto: memory could not be estimated here; the trainer "
+                                                           "keeps it off for models its estimator cannot describe")], rows // batch, {}
     options = ("none", "4bit") if budget.device == "cuda" else ("none",)  # bitsandbytes runs on GPUs only
     for quantize in options:
         memory_of = _memory_function(facts.shape, seq_len, r, budget.device, quantize)
@@ -442,14 +443,17 @@ def _fit(facts: ModelFacts, budget: Budget, rows: int, seq_len: int, r: int) -> 
     quantize_why = ("the unquantised base fits: no quantisation" if quantize == "none" else
                     f"QLoRA (4-bit NF4 base): the 16-bit base needs {_gib(plain_need)} GiB even at 1 row with "
                     "checkpointing")
-    gc_why = (f"on: without it even 1 row needs {_gib(memory_of(1, False))} GiB; it recomputes each layer in backward"
-              if checkpointing else "off: the batch fits without it, and recomputing activations costs about a third more compute")
+    # auto, not on/off: the trainer re-estimates on the card it runs on, and checkpoints only the layers it must
+    gc_why = (f"auto (expected on): without it even 1 row needs {_gib(memory_of(1, False))} GiB; the trainer "
+              "checkpoints the fewest layers that fit" if checkpointing else
+              "auto (expected off): the batch fits without it; recomputing activations costs about a third more compute")
     memory = {"predicted_peak_bytes": need, "usable_bytes": usable, "quantize": quantize,
+              "expects_checkpointing": checkpointing,
               "without_checkpointing_bytes": memory_of(batch, False), "with_checkpointing_bytes": memory_of(batch, True)}
     return [Choice("model.quantize", quantize, quantize_why),
             Choice("train.batch_size", batch, f"the largest micro-batch of {seq_len}-token rows that fits {where}: "
                                               f"{_gib(need)} GiB predicted"),
-            Choice("train.grad_checkpointing", checkpointing, gc_why)], rows // batch, memory
+            Choice("train.grad_checkpointing", "auto", gc_why)], rows // batch, memory
 
 
 def _memory_function(shape: Any, seq_len: int, r: int, device: str, quantize: str = "none") -> Callable[[int, bool], int]:
