@@ -125,12 +125,36 @@ def test_mismatched_label_count_is_rejected():
         chunked_lm_head_loss(hidden, weight, labels[:-1])
 
 
-def test_only_the_hidden_gradient_is_kept_for_backward():
+def test_only_the_labelled_rows_hidden_gradient_is_kept_for_backward():
     hidden, weight, labels = _inputs()
+    kept = int((labels != -100).sum())
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         chunked_lm_head_loss(hidden, weight, labels, chunk_size=8)
-    assert [tuple(t.shape) for t in saved if t.numel() > 1] == [(N, H)]  # nothing N x V
+    # the labelled rows' indices and their hidden gradient; nothing N x V
+    assert sorted(tuple(t.shape) for t in saved if t.numel() > 1) == [(kept,), (kept, H)]
+
+
+def test_ignored_rows_never_reach_the_head(monkeypatch):
+    from lorakit.kernels import chunked_ce
+
+    rows_seen = []
+    plain_linear = F.linear
+    monkeypatch.setattr(chunked_ce.F, "linear", lambda x, w, b=None: rows_seen.append(len(x)) or plain_linear(x, w, b))
+    hidden, weight, labels = _inputs(ignore_every=2)
+    out = chunked_lm_head_loss(hidden, weight, labels, normalizer=5.0, chunk_size=8)
+    assert sum(rows_seen) == int((labels != -100).sum()) < N
+    ref = _reference(hidden, weight, labels, 5.0)
+    (g_out,), (g_ref,) = _grads(out, [hidden]), _grads(ref, [hidden])
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(g_out[labels == -100]) == 0
+
+
+def test_all_labels_ignored_gives_zero_loss_and_gradient():
+    hidden, weight, labels = _inputs()
+    out = chunked_lm_head_loss(hidden, weight, torch.full_like(labels, -100), chunk_size=8)
+    assert out.item() == 0.0
+    assert torch.count_nonzero(_grads(out, [hidden])[0]) == 0
 
 
 def test_default_chunk_rows_follow_the_byte_budget():

@@ -4,20 +4,24 @@ The plain path computes `logits = hidden @ W.T` for every token (N x V), upcasts
 then `log_softmax`, and autograd keeps several N x V tensors alive until backward: about
 6 bytes x N x V at peak (6 GB for 8k tokens at a 128k vocabulary).
 
-Here the tokens are processed in chunks of `chunk_size` rows (by default as many as fit
+Rows whose label is ignored (prompt tokens under loss masking, padding, each sequence's last
+token) carry no loss and no gradient, so they are dropped before the head: an `index_select`
+keeps the labelled rows (its backward puts zeros in the others). On instruction data, where
+often most tokens are prompt, this skips most of the head's GEMMs; the plain path computes
+logits for every token.
+
+The labelled tokens are processed in chunks of `chunk_size` rows (by default as many as fit
 128 MiB of fp32 logits: `default_chunk_rows`). For each chunk, in forward:
 
     logp   = log_softmax(h_c @ W.T (+ b)) in fp32   # (c, V)
-    loss  -= sum(logp[label])                        # over rows whose label != ignore_index
+    loss  -= sum(logp[label])
     G      = exp(logp) - onehot(label)               # (c, V), in place
-    s      = valid / normaliser                      # (c, 1): row factor, 0 for ignored labels
-    grad_hidden[c] = s * (G @ W)                     # (c, H)
-    grad_W        += G.T @ (s * h_c)                 # only when the head itself is trained
+    grad_hidden[c] = (G @ W) / normaliser            # (c, H)
+    grad_W        += G.T @ (h_c / normaliser)        # only when the head itself is trained
 
 so the gradient is finished during forward and only `grad_hidden` (N x H) is kept; backward
 multiplies it by the incoming scalar gradient. Peak extra memory is one chunk of fp32 logits.
-A frozen head (the LoRA case) gets no weight gradient at all, and a chunk whose labels are all
-ignored (prompt tokens under loss masking) skips its GEMMs entirely.
+A frozen head (the LoRA case) gets no weight gradient at all.
 
 `normalizer` makes gradient accumulation exact: pass the number of label tokens in the whole
 accumulated batch and each micro-batch's loss is sum(CE) / normalizer, so the summed
@@ -47,15 +51,11 @@ def default_chunk_rows(vocab_size: int, budget_bytes: int = CHUNK_BUDGET_BYTES) 
 class _ChunkedLMHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, inv_norm, chunk_size):
-        # hidden (N, H), weight (V, H), bias (V,) or None, labels (N,), inv_norm 0-dim fp32
+        # hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) all kept, inv_norm 0-dim fp32
         grads = _GradBuffers(hidden, weight, bias, ctx.needs_input_grad)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start, has_labels in _chunk_starts(labels, chunk_size):
+        for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            if not has_labels:  # nothing to learn here: skip both GEMMs
-                if grads.hidden is not None:
-                    grads.hidden[rows].zero_()
-                continue
             loss_sum += _chunk_loss_and_grads(hidden[rows], weight, bias, labels[rows],
                                               inv_norm, grads, rows)
         ctx.save_for_backward(*grads.as_tuple())
@@ -88,42 +88,31 @@ class _GradBuffers:
         return self.hidden, weight, bias
 
 
-def _chunk_starts(labels, chunk_size):
-    """(first row, whether any label is kept) per chunk, with one host sync for all chunks."""
-    n = labels.shape[0]
-    padded = torch.nn.functional.pad(labels, (0, -n % chunk_size), value=IGNORE_INDEX)
-    kept = (padded.view(-1, chunk_size) != IGNORE_INDEX).any(dim=1).tolist()
-    return [(i * chunk_size, flag) for i, flag in enumerate(kept)]
-
-
 def _chunk_loss_and_grads(h, weight, bias, labels, inv_norm, grads, rows):
-    """Loss sum of one chunk; writes its gradient slices into `grads`."""
-    valid = labels != IGNORE_INDEX  # (c,)
+    """Loss sum of one chunk of labelled rows; writes its gradient slices into `grads`."""
     h_w = h.to(weight.dtype)
     # one fused pass for max, sum-exp and the upcast; the head-dtype logits die right after
     log_probs = F.log_softmax(F.linear(h_w, weight, bias), dim=-1, dtype=torch.float32)  # (c, V)
-    safe_labels = torch.where(valid, labels, 0)
-    loss_sum = -(log_probs.gather(1, safe_labels[:, None]).squeeze(1) * valid).sum()
+    loss_sum = -log_probs.gather(1, labels[:, None]).sum()
     if grads.hidden is None and grads.weight is None and grads.bias is None:
         return loss_sum
     # softmax - onehot, over the log-probabilities' buffer
     grad_logits = log_probs.exp_()
-    grad_logits[torch.arange(len(labels), device=h.device), safe_labels] -= 1.0
-    # the per-row factor (0 for ignored labels) is applied to the small (c, H) side of each GEMM
-    # instead of the (c, V) gradient: the same products, one pass over c x V fewer
-    row_scale = (valid.float() * inv_norm)[:, None]  # (c, 1)
-    _accumulate(grad_logits, row_scale, h_w, weight, grads, rows)
+    grad_logits[torch.arange(len(labels), device=h.device), labels] -= 1.0
+    _accumulate(grad_logits, inv_norm, h_w, weight, grads, rows)
     return loss_sum
 
 
-def _accumulate(grad_logits, row_scale, h_w, weight, grads, rows):
+def _accumulate(grad_logits, inv_norm, h_w, weight, grads, rows):
+    # 1/normaliser goes on the small (c, H) side of each GEMM, not on the (c, V) gradient:
+    # the same products, one pass over c x V fewer
     g = grad_logits.to(weight.dtype)  # (c, V), GEMMs in the head's dtype
     if grads.hidden is not None:
-        grads.hidden[rows] = (g @ weight).float().mul_(row_scale).to(grads.hidden.dtype)  # (c, H)
+        grads.hidden[rows] = (g @ weight).float().mul_(inv_norm).to(grads.hidden.dtype)  # (c, H)
     if grads.weight is not None:
-        grads.weight.addmm_(grad_logits.T, h_w.float() * row_scale)
+        grads.weight.addmm_(grad_logits.T, h_w.float() * inv_norm)
     if grads.bias is not None:
-        grads.bias += grad_logits.T @ row_scale.squeeze(1)
+        grads.bias += grad_logits.sum(0) * inv_norm
 
 
 def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -148,6 +137,9 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"labels hold {labels_1d.shape[0]} tokens but hidden holds "
                          f"{hidden_2d.shape[0]}")
     inv_norm = _inverse_normalizer(normalizer, labels_1d)
+    kept = (labels_1d != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync
+    if kept.numel() < labels_1d.numel():  # ignored rows: no loss, no gradient, no head GEMMs
+        hidden_2d, labels_1d = hidden_2d.index_select(0, kept), labels_1d.index_select(0, kept)
     return _ChunkedLMHeadLoss.apply(hidden_2d, weight, bias, labels_1d, inv_norm, chunk_size)
 
 
