@@ -104,6 +104,20 @@ def test_check_catches_a_wrong_loss(monkeypatch):
     assert not check["passed"]
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_prompt_fraction_masks_the_start_of_each_example_and_matches_peft(packing):
+    plan = resolve(_settings(check_steps=2, packing=packing, seq_len=48, prompt_fraction=0.75))
+    inputs = make_inputs(plan)
+    labels = inputs["peft"]["labels"]
+    assert (labels[:, :36 if not packing else 4] == -100).all()  # packed: the shortest example has 48/8 = 6 tokens
+    assert 0.15 < inputs["labelled"] < 0.35
+    check = check_against_peft(plan, inputs)  # the head skips the prompt rows: the same loss and gradients
+    assert check["passed"], check
+    head = TINY["vocab_size"] * TINY["hidden_size"]
+    full, masked = flops_per_token(TINY, 4, 32), flops_per_token(TINY, 4, 32, labelled=0.25)
+    assert full["per_token"] - masked["per_token"] == 4 * 0.75 * head
+
+
 def test_packed_inputs_hold_the_same_examples_as_the_padded_ones():
     plan = resolve(_settings(packing=True, batch=2, seq_len=64))
     inputs = make_inputs(plan)

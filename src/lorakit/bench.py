@@ -85,6 +85,7 @@ class BenchSettings:
     interleave: bool | None = None
     device: str | None = None
     chunk_size: int | None = None  # lm_head + loss rows per chunk; None: by a byte budget
+    prompt_fraction: float = 0.0  # the first part of each example is prompt: no loss there
     seed: int = 0
 
 
@@ -133,6 +134,8 @@ def _validate(s: BenchSettings) -> None:
         raise ConfigError(f"--preset {s.preset} runs on a CUDA GPU and none is visible; use --preset cpu")
     if s.interleave and s.device != "cpu":
         raise ConfigError("--interleave is for CPU runs; on a GPU the variants already share one quiet process")
+    if not 0 <= s.prompt_fraction < 1:
+        raise ConfigError(f"--prompt-fraction must be at least 0 and below 1, got {s.prompt_fraction}")
     if s.peak_tflops is not None and s.peak_tflops <= 0:
         raise ConfigError(f"--peak-tflops must be positive, got {s.peak_tflops}")
 
@@ -183,15 +186,17 @@ def projection_shapes(shape: dict) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
 
 
-def flops_per_token(shape: dict, r: int, context: float) -> dict:
-    """Model FLOPs per trained token with a frozen base, F = 4 N_mm + 6 N_lora + 6 L s h_q.
+def flops_per_token(shape: dict, r: int, context: float, labelled: float = 1.0) -> dict:
+    """Model FLOPs per token with a frozen base, F = 4 N_mm + 6 N_lora + 6 L s h_q.
 
-    N_mm: parameters of every matmul (lm_head included, input embedding excluded); N_lora:
-    sum of r (in + out) over adapted layers; s: attention context (`context`: the sequence
-    length, or packed the token-weighted mean document length); h_q = heads x head_dim.
+    N_mm: parameters of every matmul (input embedding excluded), the lm_head's counted for the
+    `labelled` fraction of tokens only (a token without a label needs no logits); N_lora: sum
+    of r (in + out) over adapted layers; s: attention context (`context`: the sequence length,
+    or packed the token-weighted mean document length); h_q = heads x head_dim.
     """
     layers, projections = shape["num_hidden_layers"], projection_shapes(shape)
-    n_mm = layers * sum(i * o for i, o in projections.values()) + shape["vocab_size"] * shape["hidden_size"]
+    head = labelled * shape["vocab_size"] * shape["hidden_size"]
+    n_mm = layers * sum(i * o for i, o in projections.values()) + head
     n_lora = layers * sum(r * (i + o) for i, o in projections.values())
     h_q = projections["q_proj"][1]
     attention = 6 * layers * context * h_q
@@ -229,14 +234,17 @@ def make_inputs(plan: Plan) -> dict:
     Unpacked: all get (batch, seq_len) ids with labels = input_ids. Packed: variable-length
     examples; lorakit gets the trainer's packed rows (varlen: document boundaries, no mask),
     lorakit-4d the same rows with a block-causal 4D mask, PEFT the same examples one per row, padded.
+    With `prompt_fraction` f the first f of each example's labels are -100, as in instruction data.
     """
     s = plan.settings
     if not s.packing:
         ids = torch.randint(0, plan.shape["vocab_size"], (s.batch, s.seq_len),
                             generator=torch.Generator().manual_seed(s.seed))
-        batch = {"input_ids": ids.to(s.device), "labels": ids.to(s.device)}
+        labels = ids.clone()
+        labels[:, :int(s.prompt_fraction * s.seq_len)] = -100
+        batch = {"input_ids": ids.to(s.device), "labels": labels.to(s.device)}
         return {"lorakit": batch, "lorakit-4d": batch, "peft": batch, "tokens": ids.numel(),
-                "context": float(s.seq_len)}
+                "context": float(s.seq_len), "labelled": _labelled_fraction(labels)}
     from lorakit.data.batching import collate  # the trainer's collation
 
     rows = _packed_rows(plan)
@@ -245,7 +253,12 @@ def make_inputs(plan: Plan) -> dict:
     return {"lorakit": collate(rows, True, s.seq_len, 0, packed_attention="varlen", device=s.device),
             "lorakit-4d": collate(rows, True, s.seq_len, 0, mask_dtype=mask_dtype, device=s.device),
             "peft": collate([ex for row in rows for ex in row], False, s.seq_len, 0, device=s.device),
-            "tokens": sum(lengths), "context": sum(n * n for n in lengths) / sum(lengths)}
+            "tokens": sum(lengths), "context": sum(n * n for n in lengths) / sum(lengths),
+            "labelled": sum(sum(t != -100 for t in ex["labels"]) for row in rows for ex in row) / sum(lengths)}
+
+
+def _labelled_fraction(labels: torch.Tensor) -> float:
+    return float((labels != -100).float().mean())
 
 
 def _packed_rows(plan: Plan) -> list[list[dict]]:
@@ -257,7 +270,8 @@ def _packed_rows(plan: Plan) -> list[list[dict]]:
     while total < 2 * s.batch * s.seq_len:  # enough to fill `batch` rows
         n = int(torch.randint(max(1, s.seq_len // 8), s.seq_len + 1, (1,), generator=g))
         ids = torch.randint(0, plan.shape["vocab_size"], (n,), generator=g).tolist()
-        examples.append({"input_ids": ids, "labels": ids})
+        prompt = int(s.prompt_fraction * n)
+        examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
         total += n
     first = plan_batches([len(e["input_ids"]) for e in examples], s.batch, s.seq_len, True,
                          shuffle=False, seed=s.seed, epoch=0)[0]
@@ -488,9 +502,9 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     s = plan.settings
     torch.set_num_threads(s.threads)
     inputs = make_inputs(plan)
-    flops = flops_per_token(plan.shape, s.r, inputs["context"])
+    flops = flops_per_token(plan.shape, s.r, inputs["context"], inputs["labelled"])
     log(f"{s.preset}: {s.layers} layers, batch {s.batch} x {s.seq_len}, {plan.dtype} on {s.device}, "
-        f"{inputs['tokens']} real tokens per step")
+        f"{inputs['tokens']} real tokens per step, {100 * inputs['labelled']:.0f}% with a label")
     check = None
     if s.check:
         from lorakit.bench_check import check_against_peft
@@ -505,7 +519,7 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     rows = [summarize(r, inputs["tokens"], flops["per_token"], peak, s.device) for r in raw]
     add_ratios(rows)
     return {"settings": asdict(s), "shape": plan.shape, "dtype": plan.dtype, "environment": environment(plan),
-            "tokens_per_step": inputs["tokens"], "flops": flops,
+            "tokens_per_step": inputs["tokens"], "labelled_fraction": inputs["labelled"], "flops": flops,
             "peak": {"tflops": peak, "source": "--peak-tflops" if s.peak_tflops else PEAK_SOURCE[s.device]},
             "memory_note": _memory_note(plan), "notices": plan.notices, "variants": rows, "check": check}
 

@@ -55,6 +55,9 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), help="override the preset's device")
     p.add_argument("--chunk-size", type=int,
                    help="tokens per lm_head + loss chunk (lorakit; default: 128 MiB of fp32 logits per chunk)")
+    p.add_argument("--prompt-fraction", type=float, default=0.0, metavar="F",
+                   help="the first F of each example is prompt, without labels, as in instruction data "
+                        "(default 0: every token is trained)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
 
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         grad_checkpointing=args.grad_checkpointing, packing=args.packing, steps=args.steps, warmup=args.warmup,
         variants=args.variants, check=args.check, check_steps=args.check_steps, peak_tflops=args.peak_tflops,
         threads=args.threads, interleave=args.interleave, device=args.device,
-        chunk_size=args.chunk_size)
+        chunk_size=args.chunk_size, prompt_fraction=args.prompt_fraction)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, every step
     result = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
@@ -90,7 +93,8 @@ def _print_report(result: dict) -> None:
           f"lorakit {env['lorakit']}, liger-kernel {env['liger_kernel']}")
     print(f"{s['preset']}: {s['layers']} layers, batch {s['batch']} x {s['seq_len']}, {result['dtype']}, r={s['r']}, "
           f"grad ckpt {'on' if s['grad_checkpointing'] else 'off'}, packing {'on' if s['packing'] else 'off'}; "
-          f"{result['tokens_per_step']} real tokens per step, median of {s['steps']} steps "
+          f"{result['tokens_per_step']} real tokens per step ({100 * result['labelled_fraction']:.0f}% labelled), "
+          f"median of {s['steps']} steps "
           f"after {s['warmup']} warm-up{', interleaved' if s['interleave'] else ''}")
     print(f"F = {flops['per_token'] / 1e9:.3f} GFLOP/token (N_mm {flops['n_mm'] / 1e6:.1f}M, "
           f"N_lora {flops['n_lora'] / 1e6:.2f}M, s {flops['context']:.0f}); "
