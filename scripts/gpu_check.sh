@@ -15,12 +15,15 @@
 #                                                the loss in 4096-row chunks instead of the default
 #                                                256 (128 MiB budget): ~3 GiB more memory predicted;
 #                                                is the default slower?
+#   7. lorakit bench --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5
+#                                                instruction-style labels: lorakit's head skips the
+#                                                unlabelled half (~10% of the step's FLOPs predicted)
 # The benches' default variants include lorakit-triton (Triton RMSNorm/SwiGLU/RoPE, opt-in in the
 # trainer until this run shows they pay) and step 2 checks those kernels compiled for CUDA.
 #
-# Results in $OUT (at most 8 files come back): gpu_check.log (the other commands' output),
-# pytest.log, kernels.json, bench_1b_check.json, bench_1b_ckpt.json, bench_8b_ckpt.json,
-# bench_1b_chunk4096.json, summary.txt.
+# Results in $OUT (at most 8 files come back): gpu_check.log (every command's output, pytest's
+# too), kernels.json, bench_1b_check.json, bench_1b_ckpt.json, bench_8b_ckpt.json,
+# bench_1b_chunk4096.json, bench_1b_prompt50.json, summary.txt.
 # The short table printed last (summary.txt) is what to paste into docs/performance.md.
 #
 # How to run it (the device tool, repository root):
@@ -90,12 +93,13 @@ bench() {  # bench NAME CAP ARGS...: JSON to $OUT/NAME.json, log to the log
         "$PY" "$OUT/$name.json" "$LOG" "$@"
 }
 
-step pytest 120 bash -c "\"$PY\" -m pytest -x -q -p no:cacheprovider tests/kernels tests/lora -k \"not triton\" >\"$OUT/pytest.log\" 2>&1"
+step pytest 120 bash -c "\"$PY\" -m pytest -x -q -p no:cacheprovider tests/kernels tests/lora -k \"not triton\" >>\"$LOG\" 2>&1"
 step kernels 60 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.json\" >>\"$LOG\" 2>&1"
 bench bench_1b_check 150 --preset gpu-1b --check
 bench bench_1b_ckpt 110 --preset gpu-1b --grad-checkpointing
 bench bench_8b_ckpt 170 --preset gpu-8b --grad-checkpointing
 bench bench_1b_chunk4096 60 --preset gpu-1b --variants lorakit --chunk-size 4096
+bench bench_1b_prompt50 50 --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5 --steps 5 --warmup 2
 
 {
     echo "steps (${SECONDS}s in all):"
@@ -103,6 +107,6 @@ bench bench_1b_chunk4096 60 --preset gpu-1b --variants lorakit --chunk-size 4096
     echo "--- kernels on CUDA"
     grep -E "min cosine|no CUDA" "$LOG" || echo "  (no kernel results)"
     echo "--- pytest"
-    tail -n 3 "$OUT/pytest.log" 2>/dev/null
+    grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$LOG" | tail -n 1
     "$PY" scripts/gpu_summary.py "$OUT"/bench_*.json
 } 2>&1 | tee "$OUT/summary.txt"

@@ -41,7 +41,8 @@ def summarize(path: str) -> list[str]:
         return [f"== {path}: no result ({exc.__class__.__name__})"]
     s = result["settings"]
     lines = [f"== {s['preset']}, batch {s['batch']} x {s['seq_len']}, grad ckpt "
-             f"{'on' if s['grad_checkpointing'] else 'off'}, peak {result['peak']['tflops']:.3g} TFLOP/s, "
+             f"{'on' if s['grad_checkpointing'] else 'off'}, chunk {s.get('chunk_size') or 'default'}, "
+             f"{100 * result.get('labelled_fraction', 1.0):.0f}% labelled, peak {result['peak']['tflops']:.3g} TFLOP/s, "
              f"{result['environment'].get('gpu', result['environment']['cpu'])}"]
     check = result.get("check")
     if check:
@@ -50,7 +51,7 @@ def summarize(path: str) -> list[str]:
                      f"{check['max_loss_rel_diff']:.1e}")
     lines += [HEADER] + [_row(r) for r in result["variants"]]
     anchor = ANCHORS.get((s["preset"], s["grad_checkpointing"]))
-    if anchor:
+    if anchor and not s.get("prompt_fraction"):  # the anchors train every token
         lines.append(f"(PERF.md anchor, PEFT defaults: {anchor[0]:,} tok/s, {anchor[1]} GiB)")
     return lines
 
