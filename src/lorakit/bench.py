@@ -33,7 +33,6 @@ import gc
 import importlib.util
 import os
 import platform
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ import torch
 
 from lorakit.bench_variants import Prepared, prepare_variant
 from lorakit.errors import ConfigError
+from lorakit.host import peak_rss_bytes, proc_field
 
 VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-triton", "lorakit-plain", "lorakit-ce",
             "lorakit-fused", "lorakit-4d")
@@ -361,25 +361,6 @@ def memory_figures(device: str, rss_before: int, rss_built: int) -> dict:
     return {"peak_rss": peak_rss_bytes(), "rss_at_start": rss_before, "rss_built": rss_built}
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak RSS. Linux: VmHWM, since ru_maxrss carries the parent's peak through
-    fork + exec (a child spawned by a big parent would report the parent's size)."""
-    hwm = _proc_field("/proc/self/status", "VmHWM")  # "123456 kB"
-    if hwm is not None:
-        return int(hwm.split()[0]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux and BSD report KiB
-
-
-def _proc_field(path: str, key: str) -> str | None:
-    """The value of `key: value` in a /proc file, None where there is none."""
-    with contextlib.suppress(OSError):
-        with open(path) as f:
-            for line in f:
-                if line.split(":", 1)[0].strip() == key:
-                    return line.split(":", 1)[1].strip()
-    return None
-
-
 def release_cuda() -> None:
     """Free what the last variant left on the GPU and restart the peak counters."""
     gc.collect()
@@ -485,7 +466,7 @@ def _version(module: str) -> str | None:
 
 
 def _cpu_name() -> str:
-    return _proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
+    return proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 
 def _load_average() -> list[float] | None:

@@ -20,9 +20,9 @@ from dataclasses import asdict
 import torch
 
 from lorakit.bench import (BenchSettings, Plan, SavedForBackward, make_inputs, measure_matmul_peak,
-                           measure_variant, memory_figures, new_raw, peak_rss_bytes, record_step, resolve,
-                           train_step)
+                           measure_variant, memory_figures, new_raw, record_step, resolve, train_step)
 from lorakit.bench_variants import prepare_variant
+from lorakit.host import peak_rss_bytes
 
 
 def child_main(request_json: str) -> None:

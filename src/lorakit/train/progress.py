@@ -6,7 +6,6 @@ the run so logs stay short.
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 
@@ -14,11 +13,13 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 
+from lorakit.host import peak_rss_bytes
+
 
 def memory_text(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB RSS"
+    return f"{peak_rss_bytes() / 2**30:.1f} GiB RSS"
 
 
 class Progress:

@@ -13,7 +13,6 @@ The output folder during and after a run:
 from __future__ import annotations
 
 import json
-import resource
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from lorakit.config import effective_scale
 from lorakit.errors import AdapterFileError, AdapterMismatchError, DataError
+from lorakit.host import peak_rss_bytes
 from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
 from lorakit.safe_io import atomic_write_json, atomic_write_text
 from lorakit.train import checkpoint as ckpt
@@ -51,7 +51,7 @@ def make_optimizer(prepared: Prepared) -> torch.optim.Optimizer:
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    return peak_rss_bytes()
 
 
 class Session:

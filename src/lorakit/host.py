@@ -1,0 +1,48 @@
+"""What the host (Linux, CPU side) says about memory: one reader for every command.
+
+- `peak_rss_bytes`: this process's resident-set high-water mark, from VmHWM in
+  /proc/self/status. `getrusage`'s ru_maxrss is the fallback only: it carries the parent's
+  peak through fork + exec, so a child started by a big process (the bench's variants, a
+  sweep's points) would report its parent's size.
+- `available_memory_bytes`: MemAvailable in /proc/meminfo, what can be allocated without
+  swapping (free memory plus reclaimable caches), None where there is no such file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+
+KIB = 1024
+
+
+def proc_field(path: str, key: str) -> str | None:
+    """The value of `key: value` in a /proc file, None where there is none."""
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
+    return None
+
+
+def _kib_field(path: str, key: str) -> int | None:
+    value = proc_field(path, key)  # "123456 kB"
+    try:
+        return int(value.split()[0]) * KIB if value else None
+    except (ValueError, IndexError):
+        return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (see the module docstring for why VmHWM)."""
+    hwm = _kib_field("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB  # Linux and BSD report KiB
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable: what this host can still hand out without swapping."""
+    return _kib_field("/proc/meminfo", "MemAvailable")

@@ -1,0 +1,34 @@
+"""host.py: the /proc readers against what the process just did."""
+
+import resource
+
+from lorakit import host
+
+
+def test_proc_field_reads_a_key_and_misses_cleanly(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmHWM:\t  2048 kB\nVmRSS:\t1024 kB\n")
+    assert host.proc_field(str(status), "VmHWM") == "2048 kB"
+    assert host.proc_field(str(status), "VmPeak") is None
+    assert host.proc_field(str(tmp_path / "absent"), "VmHWM") is None
+
+
+def test_peak_rss_grows_with_what_this_process_touches():
+    before = host.peak_rss_bytes()
+    block = bytearray(256 * 2**20)
+    block[:: 4096] = b"\x01" * len(block[:: 4096])  # touch every page so it becomes resident
+    assert host.peak_rss_bytes() >= before + 200 * 2**20
+    del block
+
+
+def test_available_memory_is_plausible():
+    available = host.available_memory_bytes()
+    total = host.proc_field("/proc/meminfo", "MemTotal")
+    assert available is not None and 0 < available <= int(total.split()[0]) * 1024
+
+
+def test_unreadable_fields_give_none(monkeypatch):
+    monkeypatch.setattr(host, "proc_field", lambda path, key: "not a number")
+    assert host.available_memory_bytes() is None
+    monkeypatch.setattr(host, "proc_field", lambda path, key: None)
+    assert host.peak_rss_bytes() == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
