@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from lorakit.plan.estimate import PRESETS, ModelShape, TrainShape, estimate_memory
+from lorakit.plan.estimate import TrainShape, estimate_memory
 from lorakit.plan.measure import measure_step, measure_step_cuda
+from lorakit.plan.model_shapes import PRESETS, ModelShape
 
 MIB = 1024**2
 DOC_START, DOC_END = "<!-- validation-table:start -->", "<!-- validation-table:end -->"

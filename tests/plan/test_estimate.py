@@ -1,6 +1,7 @@
 """lorakit estimate: parameter counts, FLOPs, weight bytes, the saved-activation model against
 measurement, the CPU measurement itself, and the CLI."""
 
+import gc
 import json
 
 import pytest
@@ -10,18 +11,16 @@ from lorakit.cli import main
 from lorakit.errors import ConfigError, ModelLoadError
 from lorakit.plan.estimate import (
     NF4_BYTES_PER_PARAM,
-    PRESETS,
     TrainShape,
-    count_lora_params,
     estimate,
     estimate_memory,
     flops_per_token,
     layer_saved_bytes,
-    model_shape,
     step_time,
     weight_bytes,
 )
 from lorakit.plan.measure import AllocationTimeline, SavedTensorTracker, measure_step
+from lorakit.plan.model_shapes import PRESETS, count_lora_params, model_shape
 
 
 def tiny_config(**overrides):
@@ -228,6 +227,67 @@ def test_selective_checkpointing_agrees_with_measurement(monkeypatch):
     assert all(a > b for a, b in zip(at_head, at_head[1:]))
 
 
+def test_offloaded_checkpoints_keep_two_layer_inputs_on_the_device():
+    m = PRESETS["1b"]
+    shape = dict(batch_size=4, seq_len=2048, fused_loss=True, grad_checkpointing=True)
+    full = estimate_memory(m, TrainShape(**shape))
+    offload = estimate_memory(m, TrainShape(**shape, offload_checkpoints=True))
+    layer_input = 8192 * 2048 * 2  # bf16 hidden states of 4 x 2048 tokens
+    # 16 inputs on the device become 2 in flight; the other 14 wait in host memory
+    assert full.activations_resident - offload.activations_resident == 14 * layer_input
+    assert full.activations - offload.activations == 14 * layer_input
+    assert full.total - offload.total == 14 * layer_input
+    assert (offload.offloaded_to_host, full.offloaded_to_host) == (16 * layer_input, 0)
+    assert offload.weights == full.weights and offload.logits == full.logits  # only the checkpoints move
+    one = estimate_memory(m, TrainShape(**shape, checkpoint_layers=1, offload_checkpoints=True))
+    assert one.total == estimate_memory(m, TrainShape(**shape, checkpoint_layers=1)).total  # 1 <= 2 in flight
+    assert one.offloaded_to_host == layer_input
+    result = estimate(m, TrainShape(**shape, offload_checkpoints=True))  # the other setting: no checkpointing
+    assert result.memory_other_checkpointing.to_dict() == estimate_memory(m, TrainShape(batch_size=4, seq_len=2048,
+                                                                                        fused_loss=True)).to_dict()
+    assert flops_per_token(m, TrainShape(**shape, offload_checkpoints=True), hardware=True) == \
+        flops_per_token(m, TrainShape(**shape), hardware=True)  # the same recompute
+    with pytest.raises(ConfigError, match="offload_checkpoints=True needs grad_checkpointing"):
+        TrainShape(offload_checkpoints=True)
+    with pytest.raises(ConfigError, match="offload_checkpoints must be True or False"):
+        TrainShape(grad_checkpointing=True, offload_checkpoints="yes")
+
+
+def test_offloaded_checkpoints_agree_with_measurement(monkeypatch):
+    """Offloading on the CPU, measured: the host copies are kept in numpy memory, outside the
+    torch allocator the measurement reads, so what remains is what a device would hold."""
+    import numpy as np
+
+    from lorakit.plan import measure
+    from lorakit.train.memory_plan import decoder_layers
+    from lorakit.train.offload import HostCopy, HostOffload, offload_layers
+
+    class NumpyHost(HostOffload):
+        def pack(self, tensor):
+            return HostCopy(np.array(tensor.detach().numpy()), tensor.device, False)
+
+        def unpack(self, packed):
+            return torch.from_numpy(packed.tensor).clone()  # back through the torch allocator
+
+    enable = measure._enable_checkpointing
+    monkeypatch.setattr(measure, "_enable_checkpointing", lambda model, *_: (
+        enable(model), offload_layers(decoder_layers(model), NumpyHost(offloadable=lambda t: True))))
+    config = tiny_config(intermediate_size=172, num_hidden_layers=8, vocab_size=256)
+    shape = TrainShape(batch_size=2, seq_len=64, r=8, dtype="fp32", grad_checkpointing=True,
+                       offload_checkpoints=True, device="cpu")
+    gc.collect()  # earlier tests' garbage freed during a profiled step would read as a negative allocation
+    measured, predicted = measure_step(config, shape), estimate_memory(config, shape)
+    assert measured.activations == pytest.approx(predicted.allocated_at_head, rel=0.1)
+    assert measured.total == pytest.approx(predicted.total, rel=0.05)
+    monkeypatch.setattr(measure, "_enable_checkpointing", enable)
+    gc.collect()
+    full = measure_step(config, TrainShape(**{**shape.__dict__, "offload_checkpoints": False}))
+    layer_input = shape.tokens * 64 * 4
+    drop = full.activations - measured.activations  # at the head: the checkpoints that left the device
+    predicted_drop = 6 * layer_input  # 8 inputs, 2 counted in flight
+    assert predicted_drop <= drop <= predicted_drop + 2 * layer_input  # the estimate errs on the safe side
+
+
 def test_checkpoint_layers_is_checked():
     with pytest.raises(ConfigError, match="needs grad_checkpointing"):
         TrainShape(checkpoint_layers=3)
@@ -296,6 +356,21 @@ def test_cli_selective_column(capsys):
     assert main(["estimate", "--model", "1b", "--grad-checkpointing", "on", "--checkpoint-layers", "6"]) == 0
     assert "checkpointing 6 of 16" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
     assert main(["estimate", "--model", "1b", "--checkpoint-layers", "6"]) == 2  # selective needs it on
+
+
+def test_cli_offload(capsys):
+    assert main(["estimate", "--model", "8b", "--batch-size", "1", "--seq-len", "32768", "--grad-checkpointing",
+                 "offload", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["shape"]["offload_checkpoints"] and report["shape"]["grad_checkpointing"]
+    assert report["memory"]["offloaded_to_host"] == 32 * 32768 * 4096 * 2  # every layer's bf16 input: 8 GiB
+    assert report["memory_other_checkpointing"]["offloaded_to_host"] == 0
+    on = estimate_memory("8b", TrainShape(batch_size=1, seq_len=32768, grad_checkpointing=True)).total
+    assert on - report["memory"]["total"] == 30 * 32768 * 4096 * 2
+    assert main(["estimate", "--model", "8b", "--batch-size", "1", "--seq-len", "32768", "--grad-checkpointing",
+                 "offload"]) == 0
+    out = capsys.readouterr().out  # rich wraps the long header over two lines
+    assert "offloaded (chosen)" in out and "in host memory" in out and "8.00" in out
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Predict the peak memory and the FLOPs of one LoRA training step from the model CONFIG alone.
 
 No weights are loaded: a Llama-style decoder (Llama, Mistral, Qwen2/3, SmolLM, Gemma-like) is
-described by a handful of sizes (`ModelShape`), and the step by `TrainShape`.
+described by a handful of sizes (`ModelShape`, read by plan/model_shapes.py), and the step by
+`TrainShape`.
 
 Peak memory (per device, allocated bytes) is the largest of four moments of the step::
 
@@ -26,6 +27,15 @@ Peak memory (per device, allocated bytes) is the largest of four moments of the 
   picks them): the later L-k layers save everything, the first k their inputs. Backward runs
   the plain layers first (all saved, the resident peak), then recomputes the checkpointed ones
   after the plain layers' tensors are freed: k inputs + one recomputed layer.
+  Offloaded checkpoints (`offload_checkpoints`, the trainer's `--grad-checkpointing offload`):
+  the checkpointed layers' inputs wait in host memory (`offloaded_to_host`), and the device
+  counts OFFLOAD_IN_FLIGHT = 2 of them instead of k. Two, because the forward holds two hidden
+  states of the chain at once: the running layer's input (referenced until the layer returns,
+  its host copy already made) and the output the layer writes, the next layer's input. The
+  backward holds one: the input copied back for the layer being recomputed (it is freed with
+  that layer's saved tensors before the next copy comes back); the gradient flowing between
+  the layers is the workspace's. Counting the forward's pair at every moment over-counts by at
+  most two hidden states, against k saved.
 - logits: the unfused head + cross-entropy of transformers 5 (`ForCausalLMLoss`): the head
   writes logits in the compute dtype, `.float()` copies them to fp32, log_softmax saves its fp32
   output (forward: 10 B per token per vocab entry in 16-bit, 8 B in fp32); backward holds that
@@ -44,19 +54,13 @@ The derivation is checked against measurement (plan/measure.py, docs/estimator-v
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
-from lorakit.errors import ConfigError, ModelLoadError
+from lorakit.errors import ConfigError
+from lorakit.plan.model_shapes import ModelShape, TargetSpec, count_lora_params, model_shape, resolve_targets
 
 GIB = 1024**3
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-TARGET_GROUPS = {
-    "all-linear": PROJECTIONS, "all": PROJECTIONS,
-    "attention": PROJECTIONS[:4], "mlp": PROJECTIONS[4:], "qv": ("q_proj", "v_proj"),
-}
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
 QUANTIZE = (None, "4bit", "8bit")
 ENGINES = ("lorakit", "peft")
@@ -65,59 +69,7 @@ ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight, grad, AdamW m and v
 LOGITS_BYTES_PEAK = 12  # fp32 log_softmax output + NLL grad + log_softmax grad, per token x vocab
 CHUNKED_LOSS_BYTES = 8  # per chunk row x vocab in lorakit.kernels.chunked_ce (measured: 7.5-7.8)
 DEFAULT_MFU = 0.4
-
-TargetSpec = Union[str, Sequence[str]]
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes of a Llama-style decoder that decide memory and FLOPs."""
-
-    name: str
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    def projection_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear layer in one decoder layer."""
-        h, i = self.hidden_size, self.intermediate_size
-        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
-                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    def layer_linear_params(self) -> int:
-        return sum(a * b for a, b in self.projection_shapes().values())
-
-    def num_params(self) -> int:
-        embed = self.vocab_size * self.hidden_size
-        head = 0 if self.tie_word_embeddings else embed
-        norms = (2 * self.num_layers + 1) * self.hidden_size
-        return embed + head + norms + self.num_layers * self.layer_linear_params()
-
-    def matmul_params(self) -> int:
-        """N_mm: every matmul's parameters, the output head included, the embedding lookup not."""
-        return self.num_layers * self.layer_linear_params() + self.vocab_size * self.hidden_size
-
-
-# Shapes of /work/shared/PERF.md and of the built-in model.
-PRESETS = {
-    "1b": ModelShape("1b (Llama-3.2-1B shape)", 2048, 8192, 16, 32, 8, 64, 128256, True),
-    "8b": ModelShape("8b (Llama-3.1-8B shape)", 4096, 14336, 32, 32, 8, 128, 128256, False),
-    "smollm2-135m": ModelShape("smollm2-135m", 576, 1536, 30, 9, 3, 64, 49152, True),
-}
-PRESETS["smollm2-135m-instruct"] = PRESETS["smollm2-135m"]
+OFFLOAD_IN_FLIGHT = 2  # offloaded checkpoints: layer inputs on the device at once (module docstring)
 
 
 @dataclass
@@ -138,6 +90,7 @@ class TrainShape:
     loss_chunk_tokens: int | None = None  # None: lorakit.kernels.chunked_ce's default (by bytes)
     device: str = "cuda"  # "cpu": dropout keeps a float mask instead of a bool one
     checkpoint_layers: int | None = None  # with grad_checkpointing: how many (the earliest); None = all
+    offload_checkpoints: bool = False  # with grad_checkpointing: the checkpointed inputs wait in host memory
 
     def __post_init__(self) -> None:
         if self.quantize in ("none", ""):
@@ -175,6 +128,10 @@ def _shape_problems(shape: TrainShape) -> list[str]:
         out.append(f"lora_dropout must be in [0, 1), got {shape.lora_dropout!r}")
     if not isinstance(shape.grad_checkpointing, bool):
         out.append(f"grad_checkpointing must be True or False, got {shape.grad_checkpointing!r}")
+    if not isinstance(shape.offload_checkpoints, bool):
+        out.append(f"offload_checkpoints must be True or False, got {shape.offload_checkpoints!r}")
+    elif shape.offload_checkpoints and not shape.grad_checkpointing:
+        out.append("offload_checkpoints=True needs grad_checkpointing=True")
     k = shape.checkpoint_layers
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
         out.append(f"checkpoint_layers must be None or an integer >= 0, got {k!r}")
@@ -187,102 +144,7 @@ def _shape_problems(shape: TrainShape) -> list[str]:
     return out
 
 
-def resolve_targets(targets: TargetSpec) -> tuple[str, ...]:
-    """The adapted projections of each layer, from a preset or a list of names (q or q_proj)."""
-    if isinstance(targets, str):
-        if targets in TARGET_GROUPS:
-            return TARGET_GROUPS[targets]
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    chosen = []
-    for name in targets:
-        full = name if name.endswith("_proj") else f"{name}_proj"
-        if full not in PROJECTIONS:
-            raise ConfigError(
-                f"unknown target {name!r} for the estimator: use a preset ({', '.join(TARGET_GROUPS)}) "
-                f"or names among {', '.join(PROJECTIONS)}"
-            )
-        chosen.append(full)
-    if not chosen:
-        raise ConfigError("targets is empty: name at least one projection, e.g. all-linear")
-    return tuple(p for p in PROJECTIONS if p in chosen)
-
-
-# ---- model shapes from presets, config files and transformers configs -----------------------
-
-def model_shape(model: Any) -> ModelShape:
-    """A ModelShape from a preset name, a config.json (file or folder), a hub id, a dict or an
-    HF config object."""
-    if isinstance(model, ModelShape):
-        return model
-    if isinstance(model, dict):
-        return shape_from_dict(model, "config")
-    if isinstance(model, (str, Path)):
-        return _shape_from_name(str(model))
-    if hasattr(model, "to_dict"):
-        return shape_from_dict(model.to_dict(), type(model).__name__)
-    raise ConfigError(f"cannot read model sizes from a {type(model).__name__}")
-
-
-def _shape_from_name(name: str) -> ModelShape:
-    if name.lower() in PRESETS:
-        return PRESETS[name.lower()]
-    path = Path(name).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"cannot read model config {path}: {exc}") from None
-        return shape_from_dict(data, str(path))
-    if Path(name).exists() or name.startswith((".", "/", "~")):
-        raise ModelLoadError(f"{name} holds no config.json; pass a model folder, a config.json or a preset")
-    return _shape_from_hub(name)
-
-
-def _shape_from_hub(name: str) -> ModelShape:
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(name)
-    except Exception as exc:  # hub errors come in many types; all mean "not found here"
-        presets = ", ".join(p for p in PRESETS if p != "smollm2-135m-instruct")
-        raise ModelLoadError(
-            f"cannot find a model config for {name!r} ({type(exc).__name__}); pass a preset ({presets}), "
-            "a config.json, a model folder, or a hub id (needs network)"
-        ) from None
-    return shape_from_dict(config.to_dict(), name)
-
-
-def shape_from_dict(data: dict, source: str) -> ModelShape:
-    """Read a Llama-style config dict (multimodal configs: their text_config)."""
-    data = data.get("text_config") or data
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                           "vocab_size") if not isinstance(data.get(k), int)]
-    if missing:
-        raise ConfigError(
-            f"{source} lacks {', '.join(missing)}: the estimator needs a Llama-style decoder config "
-            f"(model_type {data.get('model_type')!r} is not one)"
-        )
-    heads = data["num_attention_heads"]
-    return ModelShape(
-        name=str(data.get("_name_or_path") or data.get("model_type") or source),
-        hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
-        num_layers=data["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=data.get("num_key_value_heads") or heads,
-        head_dim=data.get("head_dim") or data["hidden_size"] // heads,
-        vocab_size=data["vocab_size"], tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-    )
-
-
 # ---- parameters and FLOPs -------------------------------------------------------------------
-
-def count_lora_params(model_config: Any, r: int, targets: TargetSpec = "all-linear") -> int:
-    """Trainable LoRA parameters: r * (in + out) per adapted projection, over all layers."""
-    shape = model_shape(model_config)
-    per_layer = sum(r * (i + o) for name, (i, o) in shape.projection_shapes().items() if name in resolve_targets(targets))
-    return shape.num_layers * per_layer
-
 
 def flops_per_token(model_config: Any, shape: TrainShape, hardware: bool = False) -> float:
     """Model FLOPs per trained token, F = 4*N_mm + 6*N_lora + 6*L*s*h_q (causal attention).
@@ -323,6 +185,7 @@ class MemoryEstimate:
     activations_with_checkpointing: int
     activations_without_checkpointing: int
     trainable_params: int
+    offloaded_to_host: int = 0  # offloaded checkpoints: the layer inputs held in host memory
     per_layer_saved_bytes_per_token: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -438,6 +301,19 @@ def int8_kept_inputs(m: ModelShape, shape: TrainShape, checkpointing: bool) -> i
     return sum(w for label, w in widths.items() if label not in shared) * b
 
 
+def device_checkpoints(shape: TrainShape, k: int) -> int:
+    """How many of the k checkpointed layers' inputs are on the device at once."""
+    return min(k, OFFLOAD_IN_FLIGHT) if shape.offload_checkpoints else k
+
+
+def offloaded_bytes(m: ModelShape, shape: TrainShape) -> int:
+    """Host memory for the offloaded checkpoints: every checkpointed layer's input (0 unless
+    offloaded)."""
+    if not shape.offload_checkpoints:
+        return 0
+    return checkpointed_layers(m, shape) * shape.tokens * m.hidden_size * shape.compute_bytes
+
+
 def checkpointed_layers(m: ModelShape, shape: TrainShape) -> int:
     """How many layers (the earliest) are checkpointed: 0 off, all when on, or the shape's k."""
     if not shape.grad_checkpointing:
@@ -466,14 +342,15 @@ def activation_levels(m: ModelShape, shape: TrainShape, k: int) -> ActivationLev
     The plain layers save their full set (layer 0's smaller one when it is plain) and the
     adapters' cast weight copies; a checkpointed layer keeps its input. Backward reaches the
     checkpointed layers last, when the plain layers' tensors are gone: then the k inputs, the
-    per-step tensors and one recomputed layer are alive."""
+    per-step tensors and one recomputed layer are alive. Offloaded, `device_checkpoints` of the
+    k inputs are on the device."""
     tokens, layers = shape.tokens, m.num_layers
     first = sum(layer_saved_bytes(m, shape, stream_grad=False).values())
     other = sum(layer_saved_bytes(m, shape, stream_grad=True).values())
     fixed = _per_step_saved_bytes(m, shape)
     copies = _adapter_weight_copies(m, shape)
     kept = tokens * (k * int8_kept_inputs(m, shape, True) + (layers - k) * int8_kept_inputs(m, shape, False))
-    checkpoints = k * tokens * m.hidden_size * shape.compute_bytes
+    checkpoints = device_checkpoints(shape, k) * tokens * m.hidden_size * shape.compute_bytes
     plain = tokens * (first + (layers - 1) * other) if k == 0 else tokens * (layers - k) * other
     resident = int(plain) + checkpoints + fixed + copies * (layers - k) // layers + kept
     if k == 0:
@@ -556,7 +433,7 @@ def estimate_memory(model_config: Any, shape: TrainShape) -> MemoryEstimate:
         activations_resident=resident, allocated_at_head=resident + _alive_unsaved_at_head(m, shape),
         activations_with_checkpointing=saved_activation_bytes(m, shape, True)[1],
         activations_without_checkpointing=saved_activation_bytes(m, shape, False)[1],
-        trainable_params=trainable,
+        trainable_params=trainable, offloaded_to_host=offloaded_bytes(m, shape),
         per_layer_saved_bytes_per_token=layer_saved_bytes(m, shape),
     )
 
@@ -586,9 +463,10 @@ class Estimate:
 
 def estimate(model_config: Any, shape: TrainShape, peak_tflops: float = 817.0, mfu: float = DEFAULT_MFU) -> Estimate:
     """Memory (with the requested checkpointing and the other setting), FLOPs and step times.
-    The other setting of a selective shape is no checkpointing."""
+    The other setting of a selective or offloaded shape is no checkpointing."""
     m = model_shape(model_config)
-    other = replace(shape, grad_checkpointing=not shape.grad_checkpointing, checkpoint_layers=None)
+    other = replace(shape, grad_checkpointing=not shape.grad_checkpointing, checkpoint_layers=None,
+                    offload_checkpoints=False)
     per_token = flops_per_token(m, shape)
     return Estimate(
         model=m, shape=shape, memory=estimate_memory(m, shape), memory_other_checkpointing=estimate_memory(m, other),

@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.plan.estimate import TrainShape, resolve_targets
+from lorakit.plan.estimate import TrainShape
+from lorakit.plan.model_shapes import resolve_targets
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
                 "fp32": torch.float32, "float32": torch.float32}

@@ -1,0 +1,177 @@
+"""The sizes of a Llama-style decoder that decide memory and FLOPs, read without any weights.
+
+A model is named by a preset (`PRESETS`: the shapes of PERF.md and the built-in SmolLM2), a
+config.json (file or model folder), a hub id, a config dict or a transformers config object;
+`model_shape` turns any of them into a `ModelShape`. Multimodal configs are read through their
+`text_config`. Anything without the Llama-style sizes (GPT-2, encoders) is a ConfigError: the
+estimator does not describe it.
+
+The adapted projections of a layer come from a preset (all-linear, attention, mlp, qv) or a
+list of names (`resolve_targets`), and the trainable LoRA parameters are r * (in + out) per
+adapted projection (`count_lora_params`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+from lorakit.errors import ConfigError, ModelLoadError
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_GROUPS = {
+    "all-linear": PROJECTIONS, "all": PROJECTIONS,
+    "attention": PROJECTIONS[:4], "mlp": PROJECTIONS[4:], "qv": ("q_proj", "v_proj"),
+}
+
+TargetSpec = Union[str, Sequence[str]]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Llama-style decoder that decide memory and FLOPs."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer in one decoder layer."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in self.projection_shapes().values())
+
+    def num_params(self) -> int:
+        embed = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else embed
+        norms = (2 * self.num_layers + 1) * self.hidden_size
+        return embed + head + norms + self.num_layers * self.layer_linear_params()
+
+    def matmul_params(self) -> int:
+        """N_mm: every matmul's parameters, the output head included, the embedding lookup not."""
+        return self.num_layers * self.layer_linear_params() + self.vocab_size * self.hidden_size
+
+
+# Shapes of /work/shared/PERF.md and of the built-in model.
+PRESETS = {
+    "1b": ModelShape("1b (Llama-3.2-1B shape)", 2048, 8192, 16, 32, 8, 64, 128256, True),
+    "8b": ModelShape("8b (Llama-3.1-8B shape)", 4096, 14336, 32, 32, 8, 128, 128256, False),
+    "smollm2-135m": ModelShape("smollm2-135m", 576, 1536, 30, 9, 3, 64, 49152, True),
+}
+PRESETS["smollm2-135m-instruct"] = PRESETS["smollm2-135m"]
+
+
+def resolve_targets(targets: TargetSpec) -> tuple[str, ...]:
+    """The adapted projections of each layer, from a preset or a list of names (q or q_proj)."""
+    if isinstance(targets, str):
+        if targets in TARGET_GROUPS:
+            return TARGET_GROUPS[targets]
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    chosen = []
+    for name in targets:
+        full = name if name.endswith("_proj") else f"{name}_proj"
+        if full not in PROJECTIONS:
+            raise ConfigError(
+                f"unknown target {name!r} for the estimator: use a preset ({', '.join(TARGET_GROUPS)}) "
+                f"or names among {', '.join(PROJECTIONS)}"
+            )
+        chosen.append(full)
+    if not chosen:
+        raise ConfigError("targets is empty: name at least one projection, e.g. all-linear")
+    return tuple(p for p in PROJECTIONS if p in chosen)
+
+
+# ---- model shapes from presets, config files and transformers configs -----------------------
+
+def model_shape(model: Any) -> ModelShape:
+    """A ModelShape from a preset name, a config.json (file or folder), a hub id, a dict or an
+    HF config object."""
+    if isinstance(model, ModelShape):
+        return model
+    if isinstance(model, dict):
+        return shape_from_dict(model, "config")
+    if isinstance(model, (str, Path)):
+        return _shape_from_name(str(model))
+    if hasattr(model, "to_dict"):
+        return shape_from_dict(model.to_dict(), type(model).__name__)
+    raise ConfigError(f"cannot read model sizes from a {type(model).__name__}")
+
+
+def _shape_from_name(name: str) -> ModelShape:
+    if name.lower() in PRESETS:
+        return PRESETS[name.lower()]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"cannot read model config {path}: {exc}") from None
+        return shape_from_dict(data, str(path))
+    if Path(name).exists() or name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{name} holds no config.json; pass a model folder, a config.json or a preset")
+    return _shape_from_hub(name)
+
+
+def _shape_from_hub(name: str) -> ModelShape:
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name)
+    except Exception as exc:  # hub errors come in many types; all mean "not found here"
+        presets = ", ".join(p for p in PRESETS if p != "smollm2-135m-instruct")
+        raise ModelLoadError(
+            f"cannot find a model config for {name!r} ({type(exc).__name__}); pass a preset ({presets}), "
+            "a config.json, a model folder, or a hub id (needs network)"
+        ) from None
+    return shape_from_dict(config.to_dict(), name)
+
+
+def shape_from_dict(data: dict, source: str) -> ModelShape:
+    """Read a Llama-style config dict (multimodal configs: their text_config)."""
+    data = data.get("text_config") or data
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "vocab_size") if not isinstance(data.get(k), int)]
+    if missing:
+        raise ConfigError(
+            f"{source} lacks {', '.join(missing)}: the estimator needs a Llama-style decoder config "
+            f"(model_type {data.get('model_type')!r} is not one)"
+        )
+    heads = data["num_attention_heads"]
+    return ModelShape(
+        name=str(data.get("_name_or_path") or data.get("model_type") or source),
+        hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
+        num_layers=data["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=data.get("num_key_value_heads") or heads,
+        head_dim=data.get("head_dim") or data["hidden_size"] // heads,
+        vocab_size=data["vocab_size"], tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+    )
+
+
+# ---- trainable parameters -------------------------------------------------------------------
+
+def count_lora_params(model_config: Any, r: int, targets: TargetSpec = "all-linear") -> int:
+    """Trainable LoRA parameters: r * (in + out) per adapted projection, over all layers."""
+    shape = model_shape(model_config)
+    per_layer = sum(r * (i + o) for name, (i, o) in shape.projection_shapes().items() if name in resolve_targets(targets))
+    return shape.num_layers * per_layer
