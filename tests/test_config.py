@@ -84,8 +84,8 @@ def test_grad_checkpointing_in_yaml_takes_booleans_too(tmp_path, text, value):
     assert resolve(load_yaml(path), flags()).train.grad_checkpointing == value
 
 
-@pytest.mark.parametrize("text,message", [("maybe", "must be one of auto, on, off, got 'maybe'"),
-                                          ("3", "must be one of auto, on, off \\(or true/false\\), got 3")])
+@pytest.mark.parametrize("text,message", [("maybe", "must be one of auto, on, off, offload, got 'maybe'"),
+                                          ("3", "must be one of auto, on, off, offload \\(or true/false\\), got 3")])
 def test_bad_grad_checkpointing_is_a_config_error(tmp_path, text, message):
     path = tmp_path / "c.yaml"
     path.write_text(f"grad_checkpointing: {text}\n")

@@ -88,9 +88,11 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
     grad_checkpointing: str = opt(
         "auto", "activation checkpointing (recompute activations in backward to save memory): auto (default) decides from "
-        "the memory estimate (off when the step fits, else the fewest layers that make it fit), on checkpoints every "
-        "layer; a bare --grad-checkpointing means on",
-        choices=["auto", "on", "off"], switch=("on", "off"))
+        "the memory estimate (off when the step fits, else the fewest layers that make it fit, else every layer, else "
+        "on a GPU every layer with its input offloaded), on checkpoints every layer, offload checkpoints every layer and "
+        "holds its input in host memory until backward (GPU; a CPU run checkpoints every layer without it); a bare "
+        "--grad-checkpointing means on",
+        choices=["auto", "on", "off", "offload"], switch=("on", "off"))
     seed: int = opt(42, "random seed (runs are deterministic on a CPU)")
     eval_every: int = opt(0, "evaluate every N steps (0: only before and after training)")
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")

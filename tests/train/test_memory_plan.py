@@ -1,5 +1,6 @@
 """Activation checkpointing chosen from the memory estimate: the choice against budgets, the
-budget itself, selective checkpointing against a plain run, and the wiring into `lorakit train`."""
+budget itself, selective and offloaded checkpointing against a plain run, and the wiring into
+`lorakit train`."""
 
 import argparse
 import json
@@ -7,6 +8,7 @@ import json
 import pytest
 import torch
 
+from lorakit import host
 from lorakit.config import add_flags, lora_config, resolve
 from lorakit.lora import apply_lora
 from lorakit.plan.measure import SavedTensorTracker
@@ -19,11 +21,14 @@ from lorakit.train.memory_plan import (
     choose_checkpointing,
     decoder_layers,
     memory_budget,
+    offload_needs,
 )
+from lorakit.train.offload import HostOffload
 
 from tiny_models import randomize_lora, tiny_gpt2, tiny_llama
 
 CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)  # only planned for: the budget is monkeypatched, nothing runs there
 
 
 def run_config(*argv):
@@ -83,9 +88,52 @@ def test_models_the_estimator_cannot_describe_train_without_checkpointing(monkey
 
 
 def test_unknown_budget_assumes_it_fits(monkeypatch, tmp_path):
-    monkeypatch.setattr(memory_plan, "MEMINFO", tmp_path / "missing")
+    monkeypatch.setattr(host, "MEMINFO", str(tmp_path / "missing"))
     plan = choose_checkpointing(lora_model(), run_config(), CPU)
     assert plan.mode == "off" and plan.budget.bytes is None and "assumed to fit" in plan.notice
+
+
+def roomy_host(monkeypatch, tmp_path, kib=10**8):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemAvailable:  {kib} kB\n")
+    monkeypatch.setattr(host, "MEMINFO", str(meminfo))
+
+
+def test_auto_offloads_on_cuda_when_only_offload_fits(monkeypatch, tmp_path):
+    model, config = lora_model(), run_config()
+    roomy_host(monkeypatch, tmp_path)
+    full = checkpointing_needs(model, config, CUDA)[-1]
+    device_need, host_bytes = offload_needs(model, config, CUDA)
+    assert device_need < full and host_bytes == 4 * 2 * 64 * 64 * 4  # every layer's fp32 input
+    assert full - device_need == 2 * 2 * 64 * 64 * 4  # 4 inputs on the device become 2 in flight
+    with_budget(monkeypatch, full)  # full checkpointing fits: no offloading
+    assert choose_checkpointing(model, config, CUDA).mode == "full"
+    with_budget(monkeypatch, device_need)
+    plan = choose_checkpointing(model, config, CUDA)
+    assert (plan.mode, plan.layers, plan.estimate_bytes) == ("offload", (0, 1, 2, 3), device_need)
+    assert plan.notice.startswith("activation checkpointing: every layer, inputs offloaded to host memory (estimated")
+    assert "in host memory" in plan.notice.split("available:")[1]
+    assert choose_checkpointing(model, config, CPU).mode == "full"  # never on a CPU
+    with_budget(monkeypatch, device_need - 1)  # not even offloading fits: full, and say so
+    plan = choose_checkpointing(model, config, CUDA)
+    assert plan.mode == "full" and "exceeds" in plan.notice and "--quantize 4bit" in plan.notice
+    with_budget(monkeypatch, device_need)
+    roomy_host(monkeypatch, tmp_path, kib=host_bytes // 1024 - 1)  # the host cannot take the inputs
+    assert choose_checkpointing(model, config, CUDA).mode == "full"
+
+
+def test_explicit_offload(monkeypatch):
+    model = lora_model()
+    with_budget(monkeypatch, 2**40)
+    plan = choose_checkpointing(model, run_config("--grad-checkpointing", "offload"), CUDA)
+    assert plan.mode == "offload" and plan.layers == (0, 1, 2, 3)
+    assert "--grad-checkpointing offload from flag" in plan.notice and "in host memory" in plan.notice
+    plan = choose_checkpointing(model, run_config("--grad-checkpointing", "offload"), CPU)
+    assert (plan.mode, plan.layers) == ("full", (0, 1, 2, 3))
+    assert plan.notice.startswith("activation checkpointing: every layer (") and "nothing is offloaded" in plan.notice
+    with_budget(monkeypatch, 1)  # on CUDA, explicit on that does not fit points at offload
+    on = choose_checkpointing(model, run_config("--grad-checkpointing"), CUDA)
+    assert "--grad-checkpointing offload" in on.notice
 
 
 # ---- the budget --------------------------------------------------------------------------------
@@ -93,7 +141,7 @@ def test_unknown_budget_assumes_it_fits(monkeypatch, tmp_path):
 def test_cpu_budget_is_memavailable_times_margin_plus_the_model(monkeypatch, tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:  1000000 kB\nMemFree:  300000 kB\nMemAvailable:  500000 kB\n")
-    monkeypatch.setattr(memory_plan, "MEMINFO", meminfo)
+    monkeypatch.setattr(host, "MEMINFO", str(meminfo))
     model = lora_model()
     held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     budget = memory_budget(model, CPU)
@@ -153,6 +201,50 @@ def test_selective_checkpointing_equals_the_plain_step_and_saves_in_between():
     assert runs["full"][3] == [layer_input] * 4  # a checkpointed layer keeps its input only
     assert runs["selective"][3][:2] == [layer_input] * 2
     assert runs["selective"][3][3] == per_layer[3] > 10 * layer_input  # a plain layer: its whole saved set
+
+
+class TracedHost(HostOffload):
+    """Offloads every tensor (the CPU stands in for a device) and records what it packs."""
+
+    packed: list = []
+    unpacked: list = []
+
+    def __init__(self):
+        super().__init__(offloadable=lambda tensor: True)
+
+    def pack(self, tensor):
+        TracedHost.packed.append(tuple(tensor.shape))
+        return super().pack(tensor)
+
+    def unpack(self, packed):
+        TracedHost.unpacked.append(tuple(packed.tensor.shape))
+        return super().unpack(packed)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_offload_equals_the_plain_step_and_packs_only_the_layer_inputs(monkeypatch):
+    from lorakit.train import offload
+
+    batch = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    loss, grads, _, _ = step(lora_model(), batch)
+    model = lora_model()
+    monkeypatch.setattr(offload, "HostOffload", TracedHost)
+    TracedHost.packed, TracedHost.unpacked = [], []
+    apply_checkpointing(model, plan_of("offload", range(4)))
+    offloaded_loss, offloaded_grads, saved, per_layer = step(model, batch)
+    assert torch.allclose(offloaded_loss, loss, atol=1e-6)
+    assert offloaded_grads.keys() == grads.keys()
+    assert all(torch.allclose(offloaded_grads[n], g, atol=1e-6, rtol=1e-5) for n, g in grads.items())
+    # exactly each layer's input (torch < 2.5 also saves an empty placeholder per checkpoint), once out
+    # and once back: the layers' inner ops stay with the checkpoint's own hooks
+    assert [s for s in TracedHost.packed if 0 not in s] == [(2, 32, 64)] * 4
+    assert [s for s in TracedHost.unpacked if 0 not in s] == [(2, 32, 64)] * 4
+    assert per_layer == [0] * 4  # the outer tracker sees nothing saved inside a layer: the copies hold them
+
+
+def test_cpu_tensors_are_not_copied_by_default():
+    tensor = torch.randn(3, 4)
+    assert HostOffload().pack(tensor) is tensor and HostOffload().unpack(tensor) is tensor
 
 
 # ---- the wiring into `lorakit train` -------------------------------------------------------------

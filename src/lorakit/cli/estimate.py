@@ -3,6 +3,7 @@
     lorakit estimate --model 8b --batch-size 2 --seq-len 2048 --grad-checkpointing on
     lorakit estimate --model path/to/model_or_config.json --r 64 --quantize 4bit --json
     lorakit estimate --model 1b --grad-checkpointing on --checkpoint-layers 6    (selective)
+    lorakit estimate --model 8b --seq-len 32768 --grad-checkpointing offload     (inputs in host memory)
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from lorakit.errors import ConfigError
 
 DESCRIPTION = """\
 Predict the per-device peak memory (weights, adapter state, saved activations, logits,
-workspace) with and without activation checkpointing, the FLOPs per token and per step, and
+workspace) with and without activation checkpointing (offload: the checkpointed layers'
+inputs wait in host memory), the FLOPs per token and per step, and
 the step time implied at 100% and at a given MFU of the device's peak. Only the model's
 config is read (presets: 1b, 8b, smollm2-135m; or a config.json / model folder / hub id).
 The memory model and its validation: docs/estimator-validation.md."""
@@ -30,9 +32,11 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help="all-linear, attention, mlp, qv, or projections such as q_proj,v_proj")
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch per device")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--grad-checkpointing", choices=("on", "off"), default="off")
+    p.add_argument("--grad-checkpointing", choices=("on", "off", "offload"), default="off",
+                   help="on: checkpoint the layers; offload: and hold their inputs in host memory (default: off)")
     p.add_argument("--checkpoint-layers", type=int, default=None, metavar="K",
-                   help="with --grad-checkpointing on: checkpoint only the first K layers (selective; default: all)")
+                   help="with --grad-checkpointing on or offload: checkpoint only the first K layers (selective; "
+                        "default: all)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights and activations")
     p.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none", help="base weights (bitsandbytes)")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel devices (memory is per device)")
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
     shape = TrainShape(
         batch_size=args.batch_size, seq_len=args.seq_len, r=args.r, targets=args.targets,
-        grad_checkpointing=args.grad_checkpointing == "on", checkpoint_layers=args.checkpoint_layers,
+        grad_checkpointing=args.grad_checkpointing != "off", checkpoint_layers=args.checkpoint_layers,
+        offload_checkpoints=args.grad_checkpointing == "offload",
         dtype=args.dtype, quantize=args.quantize,
         world_size=args.world_size, fused_loss=args.fused_loss, engine=args.engine, lora_dropout=args.lora_dropout,
     )
@@ -91,19 +96,26 @@ def _memory_table(result):
     table = Table(title="peak memory per device, GiB")
     table.add_column("")
     table.add_column("checkpointing off" + mark(False), justify="right")
-    k = result.shape.checkpoint_layers
-    selective = k is not None and result.shape.grad_checkpointing and k < result.model.num_layers
-    table.add_column((f"checkpointing {k} of {result.model.num_layers} layers" if selective else "checkpointing on")
-                     + mark(True), justify="right")
+    table.add_column(_checkpointing_label(result) + mark(True), justify="right")
     rows = [("base weights", "weights"), ("adapter: weight, grad, AdamW", "adapter"),
             ("activations (saved, peak)", "activations"), ("logits: head + loss peak", "logits"),
             ("backward workspace", "workspace")]
     for label, name in rows:
         table.add_row(label, f"{gib(getattr(off, name)):.2f}", f"{gib(getattr(on, name)):.2f}")
     table.add_row("[bold]total (timeline peak)[/]", f"[bold]{gib(off.total):.2f}[/]", f"[bold]{gib(on.total):.2f}[/]")
+    if on.offloaded_to_host:
+        table.add_row("in host memory: offloaded layer inputs", "0.00", f"{gib(on.offloaded_to_host):.2f}")
     table.caption = ("allocated bytes; the CUDA context (~0.5 GiB), library workspaces and allocator "
                      "fragmentation come on top")
     return table
+
+
+def _checkpointing_label(result) -> str:
+    s, layers = result.shape, result.model.num_layers
+    k = s.checkpoint_layers
+    selective = s.grad_checkpointing and k is not None and k < layers  # else the column is every layer's
+    label = f"checkpointing {k} of {layers} layers" if selective else "checkpointing on"
+    return label + (", inputs offloaded" if s.offload_checkpoints else "")
 
 
 def _speed_table(result):

@@ -244,14 +244,16 @@ def global_batch_notice(train) -> list[str]:
 
 def estimated_step_bytes(config) -> int | None:
     """lorakit estimate's peak for this config on one device, or None when it cannot tell."""
-    from lorakit.plan.estimate import TrainShape, estimate_memory, model_shape
+    from lorakit.plan.estimate import TrainShape, estimate_memory
+    from lorakit.plan.model_shapes import model_shape
 
     t, lora = config.train, config.lora
     dtype = {"float32": "fp32", "float16": "fp16"}.get(config.model.dtype, "bf16")
     try:
         targets = lora.targets if lora.targets in ("all", "all-linear", "attention", "mlp", "qv") else "all-linear"
         shape = TrainShape(batch_size=t.batch_size, seq_len=config.data.seq_len, r=lora.r, targets=targets,
-                           grad_checkpointing=t.grad_checkpointing != "off", dtype=dtype, fused_loss=t.fast_paths,
+                           grad_checkpointing=t.grad_checkpointing != "off",
+                           offload_checkpoints=t.grad_checkpointing == "offload", dtype=dtype, fused_loss=t.fast_paths,
                            world_size=world_size())  # replicated: the whole base plus the all-reduce buffer
         return estimate_memory(model_shape(config.model.name or "smollm2-135m"), shape).total
     except (LorakitError, KeyError, ValueError, TypeError, OSError):

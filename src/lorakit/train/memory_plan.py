@@ -1,9 +1,12 @@
 """Activation checkpointing for a run: chosen from the memory estimate, applied layer by layer.
 
-    --grad-checkpointing auto   off when the step fits the memory budget; else the fewest decoder
-                                layers (the earliest ones) whose checkpointing makes it fit;
-                                else every layer, with a notice when even that does not fit
-    --grad-checkpointing on     every layer          --grad-checkpointing off   none
+    --grad-checkpointing auto     off when the step fits the memory budget; else the fewest
+                                  decoder layers (the earliest ones) whose checkpointing makes it
+                                  fit; else every layer; on CUDA, else every layer with its input
+                                  offloaded to host memory; else every layer, with a notice
+    --grad-checkpointing on       every layer          --grad-checkpointing off   none
+    --grad-checkpointing offload  every layer, inputs in host memory (a CPU run: every layer,
+                                  nothing to offload to, with a notice)
 
 The estimate is plan/estimate.py's, for this run's shape (micro-batch, sequence, rank, the
 adapted projections, dtype, quantisation, the fused loss). The budget is what the device has
@@ -14,23 +17,27 @@ estimate counts the weights that are loaded by now. Models the estimator cannot 
 
 Checkpointing uses transformers' per-layer switch: every `GradientCheckpointingLayer` checks its
 own `gradient_checkpointing` flag at call time, so after the model-wide (non-reentrant) enable
-the layers left out are switched back off.
+the layers left out are switched back off. Offloading replaces each layer's checkpoint function
+with train/offload.py's, which holds the layer's input in (pinned) host memory until backward:
+the device then keeps two layer inputs at a time instead of one per layer, for a copy out in
+forward and a copy back in backward per layer. Offload comes after full checkpointing because it only saves
+those inputs (L - 2 hidden states) and costs PCIe traffic; the host must have room for them
+(MemAvailable, as for the CPU budget).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.host import available_memory_bytes
 
 SAFETY_MARGIN = 0.9  # the estimate leaves out allocator fragmentation and library workspaces
-MEMINFO = Path("/proc/meminfo")
 GIB = 1024**3
 
 
@@ -42,7 +49,7 @@ class Budget:
 
 @dataclass(frozen=True)
 class CheckpointPlan:
-    mode: str  # "off" | "selective" | "full"
+    mode: str  # "off" | "selective" | "full" | "offload" (full, the layers' inputs in host memory)
     layers: tuple[int, ...]  # indices of the checkpointed decoder layers
     num_layers: int
     estimate_bytes: int | None  # the estimated peak of one step with this plan (None: not estimated)
@@ -51,21 +58,16 @@ class CheckpointPlan:
 
 
 def choose_checkpointing(model: nn.Module, config, device: torch.device) -> CheckpointPlan:
-    """The checkpointing for this run: as requested by --grad-checkpointing on/off, or for auto
-    the least that makes the estimated step fit the budget."""
-    requested = config.train.grad_checkpointing
+    """The checkpointing for this run: as requested by --grad-checkpointing on/off/offload, or
+    for auto the least that makes the estimated step fit the budget."""
     needs = checkpointing_needs(model, config, device)
     budget = memory_budget(model, device)
     num_layers = len(decoder_layers(model))
     hints = ["a smaller --batch-size or --seq-len"]
     if device.type == "cuda" and config.model.quantize == "none":
         hints.append("--quantize 4bit")
-    if requested in ("on", "off"):
-        why = f"--grad-checkpointing {requested} from {config.sources.get('train.grad_checkpointing', 'default')}"
-        if requested == "on":
-            return _plan("full", num_layers, num_layers, needs[-1] if needs else None, budget, why, hints)
-        return _plan("off", 0, num_layers, needs[0] if needs else None, budget, why,
-                     hints + ["--grad-checkpointing auto"])
+    if config.train.grad_checkpointing != "auto":
+        return _requested_plan(model, config, device, needs, budget, hints)
     if needs is None:
         return _plan("off", 0, num_layers, None, budget, "the memory estimator does not model this architecture; "
                      "pass --grad-checkpointing on if the step runs out of memory", hints)
@@ -74,13 +76,53 @@ def choose_checkpointing(model: nn.Module, config, device: torch.device) -> Chec
     # The earliest layers, not a spread: backward reaches them last, after the plain layers'
     # saved tensors are freed, so their recompute never adds to the resident peak.
     k = next((k for k, need in enumerate(needs) if need <= budget.bytes), num_layers)
+    if needs[k] > budget.bytes and device.type == "cuda":
+        offloaded = _offload_if_it_fits(model, config, device, needs, budget, hints)
+        if offloaded is not None:
+            return offloaded
     mode = "off" if k == 0 else "full" if k == num_layers else "selective"
     why = "" if k == 0 else f"without checkpointing {_size(needs[0])}"
     return _plan(mode, k, num_layers, needs[k], budget, why, hints)
 
 
+def _requested_plan(model: nn.Module, config, device: torch.device, needs: list[int] | None, budget: Budget,
+                    hints: list[str]) -> CheckpointPlan:
+    """--grad-checkpointing on, off or offload, whatever the budget says."""
+    requested, num_layers = config.train.grad_checkpointing, len(decoder_layers(model))
+    why = f"--grad-checkpointing {requested} from {config.sources.get('train.grad_checkpointing', 'default')}"
+    full = needs[-1] if needs else None
+    if requested == "off":
+        return _plan("off", 0, num_layers, needs[0] if needs else None, budget, why,
+                     hints + ["--grad-checkpointing auto"])
+    if requested == "on":
+        return _plan("full", num_layers, num_layers, full, budget, why,
+                     hints + (["--grad-checkpointing offload"] if device.type == "cuda" else []))
+    if device.type == "cpu":
+        return _plan("full", num_layers, num_layers, full, budget, f"{why}: a CPU run's activations are in host "
+                     "memory already, so nothing is offloaded", hints)
+    if num_layers == 0:
+        return _plan("full", 0, 0, full, budget, f"{why}: this transformers version has no per-layer "
+                     "checkpointing to offload from (it needs transformers' GradientCheckpointingLayer)", hints)
+    offloaded = offload_needs(model, config, device)
+    return _plan("offload", num_layers, num_layers, offloaded[0] if offloaded else None, budget,
+                 why + (f"; {_size(offloaded[1])} in host memory" if offloaded else ""), hints)
+
+
+def _offload_if_it_fits(model: nn.Module, config, device: torch.device, needs: list[int], budget: Budget,
+                        hints: list[str]) -> CheckpointPlan | None:
+    """The offload plan when full checkpointing does not fit the device but offloading does,
+    and the host has room for the layers' inputs; else None."""
+    offloaded = offload_needs(model, config, device)
+    if offloaded is None or offloaded[0] > budget.bytes or not _host_has_room(offloaded[1]):
+        return None
+    num_layers = len(needs) - 1
+    why = f"every layer on the device {_size(needs[-1])}; {_size(offloaded[1])} in host memory"
+    return _plan("offload", num_layers, num_layers, offloaded[0], budget, why, hints)
+
+
 def apply_checkpointing(model: nn.Module, plan: CheckpointPlan) -> None:
-    """Non-reentrant checkpointing on the plan's decoder layers (none when the plan is off)."""
+    """Non-reentrant checkpointing on the plan's decoder layers (none when the plan is off),
+    their inputs offloaded to host memory when the plan says so."""
     if plan.mode == "off":
         return
     enable = getattr(model, "activation_checkpointing_enable", None)
@@ -92,6 +134,10 @@ def apply_checkpointing(model: nn.Module, plan: CheckpointPlan) -> None:
         chosen = set(plan.layers)
         for index, layer in enumerate(decoder_layers(model)):
             layer.gradient_checkpointing = index in chosen
+    elif plan.mode == "offload":
+        from lorakit.train.offload import offload_layers
+
+        offload_layers(decoder_layers(model))
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -108,7 +154,33 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def checkpointing_needs(model: nn.Module, config, device: torch.device) -> list[int] | None:
     """Estimated peak bytes of one step with the earliest k layers checkpointed, k = 0..L, or
     None when the estimator cannot describe this model or cannot checkpoint it layer by layer."""
-    from lorakit.plan.estimate import TrainShape, estimate_memory, model_shape
+    from lorakit.plan.estimate import TrainShape, estimate_memory
+
+    step = _estimator_step(model, config, device)
+    if step is None:
+        return None
+    shape, sizes = step
+    return [estimate_memory(shape, TrainShape(**sizes, grad_checkpointing=k > 0, checkpoint_layers=k)).total
+            for k in range(shape.num_layers + 1)]
+
+
+def offload_needs(model: nn.Module, config, device: torch.device) -> tuple[int, int] | None:
+    """(estimated device peak, host bytes) of one step with every layer checkpointed and its
+    input offloaded, or None as for `checkpointing_needs`."""
+    from lorakit.plan.estimate import TrainShape, estimate_memory
+
+    step = _estimator_step(model, config, device)
+    if step is None:
+        return None
+    shape, sizes = step
+    estimate = estimate_memory(shape, TrainShape(**sizes, grad_checkpointing=True, offload_checkpoints=True))
+    return estimate.total, estimate.offloaded_to_host
+
+
+def _estimator_step(model: nn.Module, config, device: torch.device) -> tuple[Any, dict[str, Any]] | None:
+    """The estimator's model shape and this run's step sizes, or None when it cannot describe
+    the model or the model has no per-layer checkpointing."""
+    from lorakit.plan.model_shapes import model_shape
 
     try:
         shape = model_shape(model.config)
@@ -116,17 +188,16 @@ def checkpointing_needs(model: nn.Module, config, device: torch.device) -> list[
         return None
     if not _llama_style(model) or len(decoder_layers(model)) != shape.num_layers:
         return None
-    step = dict(batch_size=config.train.batch_size, seq_len=config.data.seq_len, r=config.lora.r,
-                targets=_adapted_projections(model), dtype=_compute_dtype(model),
-                quantize=None if config.model.quantize == "none" else config.model.quantize,
-                world_size=_world_size(), fused_loss=_fused_loss(model), lora_dropout=config.lora.dropout,
-                device="cuda" if device.type == "cuda" else "cpu")
-    return [estimate_memory(shape, TrainShape(**step, grad_checkpointing=k > 0, checkpoint_layers=k)).total
-            for k in range(shape.num_layers + 1)]
+    return shape, dict(
+        batch_size=config.train.batch_size, seq_len=config.data.seq_len, r=config.lora.r,
+        targets=_adapted_projections(model), dtype=_compute_dtype(model),
+        quantize=None if config.model.quantize == "none" else config.model.quantize, world_size=_world_size(),
+        fused_loss=_fused_loss(model), lora_dropout=config.lora.dropout,
+        device="cuda" if device.type == "cuda" else "cpu")
 
 
 def _llama_style(model: nn.Module) -> bool:
-    from lorakit.plan.estimate import PROJECTIONS
+    from lorakit.plan.model_shapes import PROJECTIONS
 
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     return set(PROJECTIONS) <= leaves
@@ -134,7 +205,7 @@ def _llama_style(model: nn.Module) -> bool:
 
 def _adapted_projections(model: nn.Module) -> list[str] | str:
     from lorakit.lora import lora_layers
-    from lorakit.plan.estimate import PROJECTIONS
+    from lorakit.plan.model_shapes import PROJECTIONS
 
     leaves = {name.rsplit(".", 1)[-1] for name, _ in lora_layers(model)}
     return [p for p in PROJECTIONS if p in leaves] or "all-linear"
@@ -168,23 +239,22 @@ def memory_budget(model: nn.Module, device: torch.device) -> Budget:
         free, _ = torch.cuda.mem_get_info(device)
         where = f"{SAFETY_MARGIN:.0%} of the free memory of {device}"
     else:
-        free = _meminfo_available()
+        free = available_memory_bytes()
         if free is None:
-            return Budget(None, f"{MEMINFO} is unreadable")
+            return Budget(None, "MemAvailable in /proc/meminfo is unreadable")
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this node
         free //= processes
         where = f"{SAFETY_MARGIN:.0%} of MemAvailable" + (f" / {processes} processes" if processes > 1 else "")
     return Budget(int(free * SAFETY_MARGIN) + held, f"{where} + {_size(held)} the model holds")
 
 
-def _meminfo_available() -> int | None:
-    try:
-        for line in MEMINFO.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+def _host_has_room(nbytes: int) -> bool:
+    """Whether host memory can take `nbytes` of offloaded layer inputs (this process's share of
+    MemAvailable x SAFETY_MARGIN; yes when it cannot be read)."""
+    available = available_memory_bytes()
+    if available is None:
+        return True
+    return available * SAFETY_MARGIN // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) >= nbytes
 
 
 def _held_bytes(model: nn.Module, device: torch.device) -> int:
@@ -201,8 +271,9 @@ def _held_bytes(model: nn.Module, device: torch.device) -> int:
 
 def _plan(mode: str, k: int, num_layers: int, need: int | None, budget: Budget, why: str,
           hints: list[str]) -> CheckpointPlan:
-    layers = {"off": (), "selective": tuple(range(k)), "full": tuple(range(num_layers))}[mode]
-    what = {"off": "off", "full": "every layer", "selective": f"selective, {k} of {num_layers} layers"}[mode]
+    layers = {"off": (), "selective": tuple(range(k))}.get(mode, tuple(range(num_layers)))
+    what = {"off": "off", "full": "every layer", "selective": f"selective, {k} of {num_layers} layers",
+            "offload": "every layer, inputs offloaded to host memory"}[mode]
     return CheckpointPlan(mode, layers, num_layers, need, budget, _notice(what, need, budget, why, hints))
 
 

@@ -151,7 +151,7 @@ def keep_global_batch(prepared: Prepared, micro_batches_per_step: int) -> str | 
 def _checkpointing(model, config: RunConfig) -> list[str]:
     from lorakit.train.memory_plan import apply_checkpointing, choose_checkpointing
 
-    plan = choose_checkpointing(model, config, device_for(config))  # --grad-checkpointing auto/on/off
+    plan = choose_checkpointing(model, config, device_for(config))  # --grad-checkpointing auto/on/off/offload
     apply_checkpointing(model, plan)
     return [plan.notice]
 
