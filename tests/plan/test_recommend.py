@@ -6,7 +6,8 @@ import pytest
 
 from lorakit.cli import main
 from lorakit.errors import ConfigError
-from lorakit.plan.estimate import PRESETS, TrainShape, estimate_memory
+from lorakit.plan.estimate import TrainShape, estimate_memory
+from lorakit.plan.model_shapes import PRESETS
 from lorakit.plan.recommend import (GIB, Budget, DataProfile, ModelFacts, choose_lr, choose_rank, choose_seq_len,
                                     parse_size, plan_choices)
 
@@ -189,3 +190,18 @@ def test_model_the_estimator_cannot_read_still_gets_a_runnable_config(tiny, tmp_
     assert rec["memory"] == {} and any("memory not estimated" in note for note in rec["notes"])
     assert rec["config"]["data"]["seq_len"] <= 128  # the model's context (n_positions)
     assert main(["train", str(out), "--dry-run"]) == 0
+
+
+def test_long_runs_evaluate_and_checkpoint_about_ten_times():
+    from lorakit.plan.recommend import choose_eval_and_save
+
+    short = {c.key: c.value for c in choose_eval_and_save(60)}
+    assert short == {"train.eval_every": 0, "train.save_every": 0}
+    for steps, every in ((100, 10), (625, 50), (2000, 200), (12_345, 1000)):
+        values = {c.key: c.value for c in choose_eval_and_save(steps)}
+        assert values == {"train.eval_every": every, "train.save_every": every}, steps
+        assert 5 <= steps // every <= 20
+    # the 20K-example profile (5M trained tokens: two epochs): 20K x 2 / 32 per step = 1250 steps
+    choices, _ = plan_choices("domain", profile(), one_b(), Budget("cuda", 140 * GIB, "test"))
+    values = {c.key: c.value for c in choices}
+    assert values["train.epochs"] == 2 and values["train.save_every"] == values["train.eval_every"] == 100

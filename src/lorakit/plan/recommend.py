@@ -86,7 +86,7 @@ class ModelFacts:
     params: int
     model_type: str | None
     max_positions: int | None
-    shape: Any = None  # plan.estimate.ModelShape, or None when the estimator cannot read the model
+    shape: Any = None  # plan.model_shapes.ModelShape, or None when the estimator cannot read the model
     shape_note: str = ""
 
 
@@ -239,6 +239,24 @@ def target_examples(examples: int, epochs: float) -> tuple[int, str]:
     return smaller, f"an effective batch of ~{smaller} examples (not {target}: keeps >= {MIN_STEPS} optimizer steps)"
 
 
+def choose_eval_and_save(total_steps: int) -> list[Choice]:
+    """Evaluate and checkpoint about ten times in a run long enough to need it."""
+    if total_steps < 2 * MIN_STEPS:
+        why = f"a short run (~{total_steps} steps): evaluated before and after, checkpointed at the end"
+        return [Choice("train.eval_every", 0, why), Choice("train.save_every", 0, why)]
+    every = _round_down_nicely(total_steps // 10)
+    return [Choice("train.eval_every", every, f"~{total_steps} steps: about ten points on the eval curve show where "
+                                              "it stops falling (more epochs would overfit)"),
+            Choice("train.save_every", every, "a checkpoint at each evaluation: --resume after a crash loses at "
+                                              "most a tenth of the run")]
+
+
+def _round_down_nicely(n: int) -> int:
+    """n rounded down to 1, 2 or 5 times a power of ten (at least 1)."""
+    scale = 10 ** int(math.log10(max(n, 1)))
+    return max(1, max(m * scale for m in (1, 2, 5) if m * scale <= max(n, 1)))
+
+
 def rows_per_step(examples_per_step: int, mean_length: float, seq_len: int, packing: bool) -> int:
     """Sequences per optimizer step: packed rows hold several examples each."""
     if not packing:
@@ -278,7 +296,7 @@ def _count(n: float) -> str:
 def model_facts(spec: str | None) -> ModelFacts:
     """Size, context and estimator shape from the model's config alone (no weights loaded)."""
     from lorakit.models import resolve_model
-    from lorakit.plan.estimate import shape_from_dict
+    from lorakit.plan.model_shapes import shape_from_dict
 
     source = resolve_model(spec)
     config = _hf_config(source)
@@ -404,7 +422,7 @@ def plan_choices(task: str, profile: DataProfile, facts: ModelFacts, budget: Bud
         Choice("data.packing", True, "short examples share a row (no attention across them): little compute on padding"),
         batch, Choice("train.grad_accum", accum, f"{batch.value} x {accum} = {rows} rows of {seq_len.value} tokens "
                                                  f"per step: {per_step_why}"),
-        checkpointing, quantize,
+        checkpointing, quantize, *choose_eval_and_save(int(profile.examples * epochs.value) // per_step),
     ], memory
 
 
