@@ -14,6 +14,7 @@ import contextlib
 import resource
 
 KIB = 1024
+MEMINFO = "/proc/meminfo"
 
 
 def proc_field(path: str, key: str) -> str | None:
@@ -45,4 +46,4 @@ def peak_rss_bytes() -> int:
 
 def available_memory_bytes() -> int | None:
     """MemAvailable: what this host can still hand out without swapping."""
-    return _kib_field("/proc/meminfo", "MemAvailable")
+    return _kib_field(MEMINFO, "MemAvailable")
