@@ -9,8 +9,9 @@
 #   2. scripts/gpu_kernels.py                    the fused functions on CUDA, bf16 and fp32, against
 #                                                a float64 reference (min cosine >= 0.999)
 #   3. lorakit bench --preset gpu-1b --check     1b shape, 4 x 2048: speed + gradient/loss parity
-#   4. lorakit bench --preset gpu-1b --grad-checkpointing
-#   5. lorakit bench --preset gpu-8b --grad-checkpointing     8b shape, 2 x 2048
+#   4. lorakit bench --preset gpu-1b --grad-checkpointing    also lorakit-offload: every layer's
+#                                                input in host memory (peak and PCIe cost)
+#   5. lorakit bench --preset gpu-8b --grad-checkpointing     8b shape, 2 x 2048 (lorakit-offload too)
 #   6. lorakit bench --preset gpu-1b --variants lorakit --chunk-size 4096
 #                                                the loss in 4096-row chunks instead of the default
 #                                                256 (128 MiB budget): ~3 GiB more memory predicted;

@@ -175,3 +175,20 @@ def test_cpu_runs_interleave_by_default_and_sequential_is_a_choice():
     assert resolve(BenchSettings(preset="tiny", interleave=False)).settings.interleave is False
     assert resolve(BenchSettings(preset="tiny", isolate=False)).settings.interleave is False  # in-process tests
     assert resolve(BenchSettings(preset="tiny")).settings.chunk_size is None  # sized by bytes at run time
+
+
+def test_offload_variant_is_cuda_only_and_trains_like_lorakit_when_forced():
+    from lorakit.bench import train_step
+    from lorakit.bench_variants import prepare_variant
+
+    plan = resolve(_settings(variants=["lorakit", "lorakit-offload"], grad_checkpointing=True))
+    assert plan.settings.variants == ["lorakit"] and "lorakit-offload skipped" in plan.notices[0]
+    inputs = make_inputs(plan)
+    losses = {}
+    for name in ("lorakit", "lorakit-offload"):  # on a CPU its hooks keep tensors where they are
+        prepared = prepare_variant(name, plan)
+        offloaded = {getattr(layer._gradient_checkpointing_func, "__qualname__", "").startswith("offloaded_checkpoint")
+                     for layer in prepared.model.model.layers}
+        assert offloaded == {name == "lorakit-offload"}
+        losses[name] = [train_step(prepared, inputs["lorakit"], "cpu")[2] for _ in range(2)]
+    assert losses["lorakit-offload"] == pytest.approx(losses["lorakit"], rel=1e-6)

@@ -44,8 +44,8 @@ from lorakit.errors import ConfigError
 from lorakit.host import peak_rss_bytes, proc_field
 
 VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-triton", "lorakit-plain", "lorakit-ce",
-            "lorakit-fused", "lorakit-4d")
-DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-triton", "peft-liger")
+            "lorakit-fused", "lorakit-4d", "lorakit-offload")
+DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-triton", "lorakit-offload", "peft-liger")
 GIB = 2**30
 
 _SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -160,6 +160,8 @@ def _choose_variants(asked: list[str] | None, plan: Plan) -> list[str]:
 def _skip_reason(name: str, plan: Plan) -> str | None:
     if name == "lorakit-4d" and not plan.settings.packing:
         return "it differs from lorakit only in packed rows (--packing)"
+    if name == "lorakit-offload" and (plan.device != "cuda" or not plan.settings.grad_checkpointing):
+        return "it offloads checkpointed layers' inputs from a GPU: needs --grad-checkpointing on CUDA"
     if name == "peft-bf16" and plan.dtype == "float32":
         return "the model is fp32 here, so it would equal peft"
     if name == "lorakit-triton":

@@ -125,19 +125,31 @@ def apply_checkpointing(model: nn.Module, plan: CheckpointPlan) -> None:
     their inputs offloaded to host memory when the plan says so."""
     if plan.mode == "off":
         return
+    if plan.mode != "selective":
+        checkpoint_every_layer(model, offload=plan.mode == "offload")
+        return
+    _enable_checkpointing(model)
+    chosen = set(plan.layers)
+    for index, layer in enumerate(decoder_layers(model)):
+        layer.gradient_checkpointing = index in chosen
+
+
+def checkpoint_every_layer(model: nn.Module, offload: bool = False) -> None:
+    """Non-reentrant checkpointing on every decoder layer, each layer's input in host memory
+    with `offload` (also the bench's way in)."""
+    _enable_checkpointing(model)
+    if offload:
+        from lorakit.train.offload import offload_layers
+
+        offload_layers(decoder_layers(model))
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:  # transformers before activation_checkpointing_enable
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if plan.mode == "selective":
-        chosen = set(plan.layers)
-        for index, layer in enumerate(decoder_layers(model)):
-            layer.gradient_checkpointing = index in chosen
-    elif plan.mode == "offload":
-        from lorakit.train.offload import offload_layers
-
-        offload_layers(decoder_layers(model))
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
