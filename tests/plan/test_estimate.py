@@ -2,6 +2,7 @@
 measurement, the CPU measurement itself, and the CLI."""
 
 import gc
+import os
 import json
 
 import pytest
@@ -20,7 +21,7 @@ from lorakit.plan.estimate import (
     weight_bytes,
 )
 from lorakit.plan.measure import AllocationTimeline, SavedTensorTracker, measure_step
-from lorakit.plan.model_shapes import PRESETS, count_lora_params, model_shape
+from lorakit.plan.model_shapes import PRESETS, ModelShape, count_lora_params, model_shape
 
 
 def tiny_config(**overrides):
@@ -388,3 +389,136 @@ def test_int8_inputs_survive_checkpointing():
     assert int8.activations_resident - nf4.activations_resident == m.num_layers * 4 * 2048 * per_layer
     plain = estimate_memory(m, TrainShape(quantize="8bit"))  # the same tensors are saved anyway
     assert plain.activations == estimate_memory(m, TrainShape(quantize="4bit")).activations
+
+
+# ---- FSDP: one rank's share -------------------------------------------------------------------
+
+SMALL = ModelShape("small", hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                   head_dim=16, vocab_size=512)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fsdp_weights_by_hand(tied):
+    from dataclasses import replace
+
+    m = replace(SMALL, tie_word_embeddings=tied)
+    shape = TrainShape(batch_size=1, seq_len=16, r=4, world_size=2, fsdp=True)
+    # a layer: q 64x64, k and v 64x32, o 64x64, gate/up 64x128, down 128x64 = 36864, + 2 norms of 64
+    layer_base = (4096 + 2048 + 2048 + 4096 + 3 * 8192 + 2 * 64) * 2  # bf16
+    layer_lora = 4 * (128 + 96 + 96 + 128 + 3 * 192)  # r * (in + out) per projection = 4096 params
+    embed = 512 * 64
+    all_params = embed * (1 if tied else 2) + 9 * 64 + 4 * 36864
+    sharded = (all_params - embed) * 2  # every base parameter but the head (tied: the embedding is the head)
+    root = (64 + (0 if tied else embed)) * 2  # final norm (+ the untied embedding): whole for the step
+    expected = sharded // 2 + 2 * (layer_base + 4 * layer_lora) + root + embed * 2
+    fsdp = estimate_memory(m, shape)
+    assert fsdp.weights == expected
+    assert fsdp.adapter == 4 * layer_lora * 16 // 2  # fp32 weight, grad, m, v: sharded, no all-reduce copy
+    ddp = estimate_memory(m, TrainShape(batch_size=1, seq_len=16, r=4, world_size=2))
+    assert ddp.weights == all_params * 2 and ddp.adapter == 4 * layer_lora * 20
+    # per micro-batch, as replicated: only the parameters' share changes
+    assert (fsdp.activations, fsdp.logits, fsdp.workspace) == (ddp.activations, ddp.logits, ddp.workspace)
+    assert ddp.total - fsdp.total == (ddp.weights + ddp.adapter) - (fsdp.weights + fsdp.adapter)
+    parts = fsdp.fsdp_weights
+    assert (parts.base_shard, parts.root_whole, parts.head) == (sharded // 2, root, embed * 2)
+    assert ddp.fsdp_weights is None
+
+
+def test_fsdp_needs_several_devices_and_an_unquantised_base(capsys):
+    with pytest.raises(ConfigError, match="world_size is 1"):
+        TrainShape(fsdp=True)
+    with pytest.raises(ConfigError, match="cannot shard a 4bit base"):
+        TrainShape(fsdp=True, world_size=2, quantize="4bit")
+    with pytest.raises(ConfigError, match="True or False"):
+        TrainShape(fsdp="on", world_size=2)
+    assert main(["estimate", "--model", "1b", "--fsdp"]) == 2
+    assert "--world-size" in capsys.readouterr().err
+
+
+def test_fsdp_over_8_ranks_saves_most_of_the_8b_decoder():
+    m = PRESETS["8b"]
+    sizes = dict(batch_size=1, seq_len=2048, grad_checkpointing=True, fused_loss=True, world_size=8)
+    ddp, fsdp = estimate_memory(m, TrainShape(**sizes)), estimate_memory(m, TrainShape(**sizes, fsdp=True))
+    layer = m.layer_linear_params() + 2 * m.hidden_size
+    decoder = m.num_layers * layer * 2  # bf16, 14.0 GiB
+    saved = ddp.weights - fsdp.weights
+    # 7/8 of the decoder and of the embedding and norm go, but two layers and the root come back whole
+    embed, norm = m.vocab_size * m.hidden_size * 2, m.hidden_size * 2
+    gathered = 2 * (layer * 2 + 4 * count_lora_params(m, 16) // m.num_layers)  # bf16 base + fp32 adapters
+    assert saved == pytest.approx(7 / 8 * (decoder + embed + norm) - gathered - (embed + norm), abs=8)
+    assert saved > 7 / 8 * decoder - 2 * layer * 2 - embed - 16 * 2**20  # the 16 MiB: adapter copies in the layers
+    assert saved / 2**30 == pytest.approx(10.4, abs=0.1)
+    assert ddp.adapter - fsdp.adapter == count_lora_params(m, 16) * (20 - 2)
+    assert fsdp.total < ddp.total / 2
+
+
+def test_cli_fsdp_reports_one_rank(capsys):
+    args = ["estimate", "--model", "8b", "--batch-size", "1", "--world-size", "8", "--fsdp"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    shape = TrainShape(batch_size=1, world_size=8, fsdp=True)
+    assert report["shape"]["fsdp"] is True and report["memory"]["total"] == estimate_memory("8b", shape).total
+    assert report["memory"]["fsdp_weights"]["head"] == 128256 * 4096 * 2
+    assert main(args) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "FSDP over 8" in out and "per rank of 8, FSDP" in out and "layers gathered" in out
+    assert main(["estimate", "--model", "8b", "--world-size", "8"]) == 0
+    assert "DDP (replicated)" in " ".join(capsys.readouterr().out.split())
+
+
+def _fsdp_rank(rank: int, store_path: str, results) -> None:
+    """One of 2 gloo ranks: lorakit's FSDP2 wrap of a tiny untied Llama with LoRA, one step."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from lorakit import LoraConfig, apply_lora
+    from lorakit.train import distributed
+    from tiny_models import tiny_llama
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)  # no port to race for
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    distributed.init_from_env()  # the group exists: it only records the world
+    model = tiny_llama(layers=4, tie_word_embeddings=False).train()
+    apply_lora(model, LoraConfig(r=4))
+    distributed.wrap_model(model, True, torch.device("cpu"))
+    whole = lambda: sorted(n for n, p in model.named_parameters() if not isinstance(p, DTensor))  # noqa: E731
+    seen = {"after wrap": whole()}
+
+    def at_head(module, args) -> None:  # a pre-hook's return value would replace the head's input
+        seen.setdefault("at the head", whole())
+
+    model.lm_head.register_forward_pre_hook(at_head)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank))
+    model(input_ids=ids, labels=ids).loss.backward()
+    seen["base shard bytes"] = sum(p.to_local().numel() * p.element_size() for n, p in model.named_parameters()
+                                   if isinstance(p, DTensor) and "lora_" not in n)
+    seen["adapter shard params"] = sum(p.to_local().numel() for n, p in model.named_parameters()
+                                       if isinstance(p, DTensor) and "lora_" in n)
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    seen["adapter grads sharded"] = all(isinstance(p.grad, DTensor) for p in adapters)
+    results.put((rank, seen))
+    distributed.shutdown()
+    dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_fsdp_accounting_matches_lorakits_sharding_on_two_gloo_ranks(tmp_path):
+    """What the estimate assumes of train/distributed.py's FSDP2 layout, checked on the real wrap:
+    only the head is whole after wrapping; at the head the root's own parameters (final norm,
+    untied embedding) are whole too; the base and the adapters are split in halves."""
+    import torch.multiprocessing as mp
+
+    from lorakit.plan.estimate import fsdp_weights
+    from tiny_models import tiny_llama
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    mp.start_processes(_fsdp_rank, args=(str(tmp_path / "store"), results), nprocs=2, start_method="spawn")
+    seen = dict(results.get(timeout=60) for _ in range(2))[0]
+    m = model_shape(tiny_llama(layers=4, tie_word_embeddings=False).config)
+    parts = fsdp_weights(m, TrainShape(r=4, dtype="fp32", world_size=2, fsdp=True), count_lora_params(m, 4))
+    assert seen["after wrap"] == ["lm_head.weight"]
+    assert seen["at the head"] == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+    assert seen["base shard bytes"] == parts.base_shard
+    assert seen["adapter shard params"] * 16 == parts.adapter_shard and seen["adapter grads sharded"]

@@ -276,3 +276,52 @@ def test_train_picks_selective_checkpointing_and_keeps_the_result(tmp_path, monk
     b = load_file(tmp_path / "tight" / "adapter" / "adapter_model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     assert json.loads((tmp_path / "tight" / "summary.json").read_text())["steps"] == 2
+
+
+# ---- FSDP: the plan counts one rank's share ------------------------------------------------------
+
+def two_processes(monkeypatch):
+    from lorakit.train import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+
+
+def test_a_sharded_run_plans_with_one_ranks_share(monkeypatch):
+    from lorakit.plan.estimate import TrainShape, estimate_memory
+
+    model = lora_model()
+    two_processes(monkeypatch)
+    sharded, replicated = run_config("--fsdp", "on"), run_config("--fsdp", "off")
+    fsdp_needs, ddp_needs = checkpointing_needs(model, sharded, CPU), checkpointing_needs(model, replicated, CPU)
+    assert checkpointing_needs(model, replicated, CPU, fsdp=True) == fsdp_needs  # the decision, passed or derived
+    sizes = dict(batch_size=2, seq_len=64, r=4, dtype="fp32", world_size=2, fused_loss=True, device="cpu")
+    assert fsdp_needs[0] == estimate_memory(model.config, TrainShape(**sizes, fsdp=True)).total
+    assert ddp_needs[0] == estimate_memory(model.config, TrainShape(**sizes)).total
+    assert all(f < d for f, d in zip(fsdp_needs, ddp_needs))
+    with_budget(monkeypatch, fsdp_needs[0])  # fits sharded, not replicated
+    assert choose_checkpointing(model, sharded, CPU).mode == "off"
+    plan = choose_checkpointing(model, sharded, CPU, fsdp=False)
+    assert plan.mode != "off" and plan.estimate_bytes in ddp_needs
+    plan = choose_checkpointing(model, run_config(), CPU)  # --fsdp auto on a CPU: replicated
+    assert plan.mode != "off" and plan.estimate_bytes in ddp_needs
+
+
+def test_a_single_process_never_plans_sharded(monkeypatch):
+    model = lora_model()
+    assert memory_plan.sharded_run(run_config("--fsdp", "on"), CPU) is False
+    assert checkpointing_needs(model, run_config("--fsdp", "on"), CPU) == checkpointing_needs(model, run_config(), CPU)
+
+
+def test_estimated_step_bytes_stays_replicated_unless_asked(monkeypatch):
+    from lorakit.plan.estimate import TrainShape, estimate_memory
+    from lorakit.train import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 8)
+    config = run_config("--model", "8b", "--grad-checkpointing", "on")
+    config.train.fast_paths = True
+    sizes = dict(batch_size=2, seq_len=64, r=4, grad_checkpointing=True, fused_loss=True, world_size=8)
+    assert distributed.estimated_step_bytes(config) == estimate_memory("8b", TrainShape(**sizes)).total
+    sharded = estimate_memory("8b", TrainShape(**sizes, fsdp=True)).total
+    assert distributed.estimated_step_bytes(config, fsdp=True) == sharded
+    monkeypatch.setattr(distributed, "world_size", lambda: 1)
+    assert distributed.estimated_step_bytes(config, fsdp=True) is None  # nothing to shard

@@ -4,6 +4,7 @@
     lorakit estimate --model path/to/model_or_config.json --r 64 --quantize 4bit --json
     lorakit estimate --model 1b --grad-checkpointing on --checkpoint-layers 6    (selective)
     lorakit estimate --model 8b --seq-len 32768 --grad-checkpointing offload     (inputs in host memory)
+    lorakit estimate --model 8b --world-size 8 --fsdp                           (per rank, base sharded)
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ DESCRIPTION = """\
 Predict the per-device peak memory (weights, adapter state, saved activations, logits,
 workspace) with and without activation checkpointing (offload: the checkpointed layers'
 inputs wait in host memory), the FLOPs per token and per step, and
-the step time implied at 100% and at a given MFU of the device's peak. Only the model's
+the step time implied at 100% and at a given MFU of the device's peak; with --world-size N
+--fsdp, one rank's share of a sharded base (FSDP2). Only the model's
 config is read (presets: 1b, 8b, smollm2-135m; or a config.json / model folder / hub id).
 The memory model and its validation: docs/estimator-validation.md."""
 
@@ -40,6 +42,9 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights and activations")
     p.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none", help="base weights (bitsandbytes)")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel devices (memory is per device)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with --world-size N > 1: the base and adapters sharded over the N devices (FSDP2, "
+                        "lorakit train --fsdp); default: replicated (DDP)")
     p.add_argument("--fused-loss", action="store_true", help="chunked lm_head + cross-entropy (no full logits)")
     p.add_argument("--engine", choices=("lorakit", "peft"), default="lorakit",
                    help="peft: PEFT's defaults (fp32 adapters, an input copy per adapter)")
@@ -61,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         grad_checkpointing=args.grad_checkpointing != "off", checkpoint_layers=args.checkpoint_layers,
         offload_checkpoints=args.grad_checkpointing == "offload",
         dtype=args.dtype, quantize=args.quantize,
-        world_size=args.world_size, fused_loss=args.fused_loss, engine=args.engine, lora_dropout=args.lora_dropout,
+        world_size=args.world_size, fsdp=args.fsdp, fused_loss=args.fused_loss, engine=args.engine,
+        lora_dropout=args.lora_dropout,
     )
     result = estimate(args.model, shape, peak_tflops=args.device_peak_tflops, mfu=args.mfu)
     if args.json:
@@ -77,6 +83,9 @@ def print_report(result) -> None:
     console = Console()
     m, s = result.model, result.shape
     quant = f", {s.quantize} base" if s.quantize else ""
+    if s.world_size > 1:
+        layout = "FSDP (base and adapters sharded)" if s.fsdp else "DDP (replicated)"
+        quant += f"; per rank of {s.world_size}, {layout}"
     console.print(f"[bold]{m.name}[/]: {m.num_params() / 1e6:,.1f}M params, {m.num_layers} layers, hidden {m.hidden_size}, "
                   f"vocab {m.vocab_size:,}; LoRA r={s.r} on {s.targets} = {result.memory.trainable_params / 1e6:,.2f}M "
                   f"trainable; {s.batch_size} x {s.seq_len} tokens, {s.dtype}{quant}")
@@ -93,7 +102,9 @@ def _memory_table(result):
     if not result.shape.grad_checkpointing:
         on, off = off, on
     mark = lambda flag: " (chosen)" if flag == result.shape.grad_checkpointing else ""  # noqa: E731
-    table = Table(title="peak memory per device, GiB")
+    s = result.shape
+    title = f"peak memory per rank, FSDP over {s.world_size}, GiB" if s.fsdp else "peak memory per device, GiB"
+    table = Table(title=title)
     table.add_column("")
     table.add_column("checkpointing off" + mark(False), justify="right")
     table.add_column(_checkpointing_label(result) + mark(True), justify="right")
@@ -102,12 +113,24 @@ def _memory_table(result):
             ("backward workspace", "workspace")]
     for label, name in rows:
         table.add_row(label, f"{gib(getattr(off, name)):.2f}", f"{gib(getattr(on, name)):.2f}")
+        if name == "weights" and on.fsdp_weights is not None:
+            _add_fsdp_rows(table, off.fsdp_weights, on.fsdp_weights)
     table.add_row("[bold]total (timeline peak)[/]", f"[bold]{gib(off.total):.2f}[/]", f"[bold]{gib(on.total):.2f}[/]")
     if on.offloaded_to_host:
         table.add_row("in host memory: offloaded layer inputs", "0.00", f"{gib(on.offloaded_to_host):.2f}")
     table.caption = ("allocated bytes; the CUDA context (~0.5 GiB), library workspaces and allocator "
                      "fragmentation come on top")
     return table
+
+
+def _add_fsdp_rows(table, off, on) -> None:
+    """What the FSDP base weights are made of (the same with and without checkpointing)."""
+    from lorakit.plan.estimate import FSDP_GATHERED_LAYERS, gib
+
+    parts = [("1/N shard of the base", "base_shard"), (f"{FSDP_GATHERED_LAYERS} layers gathered", "gathered_layers"),
+             ("root: norm, untied embed", "root_whole"), ("head (not sharded)", "head")]
+    for label, name in parts:
+        table.add_row(f"  {label}", f"{gib(getattr(off, name)):.2f}", f"{gib(getattr(on, name)):.2f}")
 
 
 def _checkpointing_label(result) -> str:

@@ -14,6 +14,11 @@ Peak memory (per device, allocated bytes) is the largest of four moments of the 
   layers take NF4 (4 bits + 0.127 bits of double-quantised absmax) or int8 (+ an fp32 scale per
   row); embeddings, norms and the output head stay in the compute dtype.
 - adapter: fp32 master weight, fp32 grad and AdamW's m and v = 16 B per trainable param.
+- FSDP (`fsdp`, lorakit's FSDP2 layout in train/distributed.py, see `fsdp_weights`): each rank
+  holds 1/W of every sharded parameter (base and adapters, so the adapter's 16 B are divided by
+  W too), two decoder layers gathered whole, the backbone's own parameters whole for the step
+  (FSDP2's root is not resharded after forward) and the output head (with a tied input
+  embedding) never sharded. Activations are per micro-batch, as replicated.
 - activations: what autograd SAVES for backward, derived tensor by tensor for transformers'
   Llama decoder layer with sdpa attention (see `layer_saved_bytes`). A frozen linear saves
   nothing (dX needs only W); a LoRA branch saves its input (lorakit: one copy per group, as
@@ -70,6 +75,7 @@ LOGITS_BYTES_PEAK = 12  # fp32 log_softmax output + NLL grad + log_softmax grad,
 CHUNKED_LOSS_BYTES = 8  # per chunk row x vocab in lorakit.kernels.chunked_ce (measured: 7.5-7.8)
 DEFAULT_MFU = 0.4
 OFFLOAD_IN_FLIGHT = 2  # offloaded checkpoints: layer inputs on the device at once (module docstring)
+FSDP_GATHERED_LAYERS = 2  # FSDP2: decoder layers unsharded at once (the computed one + one in flight)
 
 
 @dataclass
@@ -91,6 +97,7 @@ class TrainShape:
     device: str = "cuda"  # "cpu": dropout keeps a float mask instead of a bool one
     checkpoint_layers: int | None = None  # with grad_checkpointing: how many (the earliest); None = all
     offload_checkpoints: bool = False  # with grad_checkpointing: the checkpointed inputs wait in host memory
+    fsdp: bool = False  # with world_size > 1: the base and adapters sharded (FSDP2), else replicated (DDP)
 
     def __post_init__(self) -> None:
         if self.quantize in ("none", ""):
@@ -132,6 +139,7 @@ def _shape_problems(shape: TrainShape) -> list[str]:
         out.append(f"offload_checkpoints must be True or False, got {shape.offload_checkpoints!r}")
     elif shape.offload_checkpoints and not shape.grad_checkpointing:
         out.append("offload_checkpoints=True needs grad_checkpointing=True")
+    out += _fsdp_problems(shape)
     k = shape.checkpoint_layers
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
         out.append(f"checkpoint_layers must be None or an integer >= 0, got {k!r}")
@@ -142,6 +150,18 @@ def _shape_problems(shape: TrainShape) -> list[str]:
     except ConfigError as exc:
         out.append(str(exc))
     return out
+
+
+def _fsdp_problems(shape: TrainShape) -> list[str]:
+    if not isinstance(shape.fsdp, bool):
+        return [f"fsdp must be True or False, got {shape.fsdp!r}"]
+    if shape.fsdp and isinstance(shape.world_size, int) and shape.world_size < 2:
+        return [f"fsdp=True shards over several devices but world_size is {shape.world_size}; "
+                "pass world_size >= 2 (--world-size N) or drop fsdp"]
+    if shape.fsdp and shape.quantize:
+        return [f"fsdp=True cannot shard a {shape.quantize} base (lorakit replicates a quantised base); "
+                "drop fsdp or quantize"]
+    return []
 
 
 # ---- parameters and FLOPs -------------------------------------------------------------------
@@ -172,7 +192,8 @@ def step_time(model_config: Any, shape: TrainShape, peak_tflops: float, mfu: flo
 
 @dataclass
 class MemoryEstimate:
-    """Bytes per device. `total` is the timeline peak, not always the sum of the parts."""
+    """Bytes per device. `total` is the timeline peak, not always the sum of the parts.
+    With FSDP, weights and adapter are one rank's share (their parts in `fsdp_weights`)."""
 
     weights: int
     adapter: int
@@ -187,6 +208,7 @@ class MemoryEstimate:
     trainable_params: int
     offloaded_to_host: int = 0  # offloaded checkpoints: the layer inputs held in host memory
     per_layer_saved_bytes_per_token: dict[str, float] = field(default_factory=dict)
+    fsdp_weights: FsdpWeights | None = None  # FSDP only: the parts of weights and adapter
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,9 +228,63 @@ def weight_bytes(m: ModelShape, shape: TrainShape) -> int:
 
 
 def adapter_bytes(trainable: int, shape: TrainShape) -> int:
-    """16 B per trainable parameter; DDP's gradient buckets add a copy of the fp32 grads."""
+    """16 B per trainable parameter; DDP's gradient buckets add a copy of the fp32 grads (a
+    replicated run; FSDP's share is `fsdp_weights`)."""
     extra = 4 if shape.world_size > 1 else 0
     return trainable * (ADAPTER_BYTES_PER_PARAM + extra)
+
+
+@dataclass(frozen=True)
+class FsdpWeights:
+    """Parameter bytes on one rank of an FSDP2 run (see `fsdp_weights`)."""
+
+    base_shard: int  # this rank's 1/W of the sharded base parameters
+    adapter_shard: int  # this rank's 1/W of the adapters' fp32 weights, grads and AdamW m and v
+    gathered_layers: int  # FSDP_GATHERED_LAYERS decoder layers unsharded: base + fp32 adapter weights
+    root_whole: int  # the backbone's own parameters (final norm, an untied input embedding), whole for the step
+    head: int  # the output head (= a tied input embedding), never sharded
+
+    @property
+    def weights(self) -> int:
+        """Everything but the adapter state: shards, gathered layers, the root and the head."""
+        return self.base_shard + self.gathered_layers + self.root_whole + self.head
+
+
+def fsdp_weights(m: ModelShape, shape: TrainShape, trainable: int) -> FsdpWeights:
+    """Per-rank parameter bytes under lorakit's FSDP2 layout (train/distributed.py `wrap_model`).
+
+    `fully_shard` runs on every decoder layer and on the backbone, with the output head's weight
+    ignored (the fused loss reads it outside any forward): so every base parameter but the head
+    (a tied input embedding is the head) is sharded, and so are the LoRA A and B inside the
+    layers, whatever their requires_grad. Their grads are reduce-scattered and AdamW's states
+    follow the sharded parameters: the adapter's 16 B per parameter are divided by W, and no
+    all-reduce buffer is needed (that is the replicated run's).
+
+    Unsharded at once: FSDP_GATHERED_LAYERS decoder layers. In forward, FSDP2 keeps the layer
+    being computed and the all-gather buffer it was copied out of until the next layer's copy-out
+    (torch's implicit forward prefetch, `FSDPParamGroup.wait_for_unshard`); in backward, the layer
+    being differentiated and the previous layer, prefetched by default (`_backward_prefetch`, one
+    layer ahead). The backbone is FSDP2's root, which is not resharded after forward
+    (reshard_after_forward=None means False for the root): its own parameters (the final norm and
+    an untied input embedding) are whole from the forward to the end of the backward, on top of
+    their shard. Left out: FSDP2's padding of each parameter's first dimension to a multiple of W
+    and one layer's unsharded adapter grads before their reduce-scatter (both < 1% of a layer)."""
+    w, b = shape.world_size, shape.compute_bytes
+    head = m.vocab_size * m.hidden_size
+    root = m.hidden_size + (0 if m.tie_word_embeddings else head)
+    layer = (m.layer_linear_params() + 2 * m.hidden_size) * b + 4 * trainable // m.num_layers
+    return FsdpWeights(
+        base_shard=-(-(m.num_params() - head) * b // w), adapter_shard=-(-trainable * ADAPTER_BYTES_PER_PARAM // w),
+        gathered_layers=FSDP_GATHERED_LAYERS * layer, root_whole=root * b, head=head * b,
+    )
+
+
+def parameter_bytes(m: ModelShape, shape: TrainShape, trainable: int) -> tuple[int, int]:
+    """(base weights, adapter state) on one device: replicated, or this rank's under FSDP."""
+    if shape.fsdp:
+        sharded = fsdp_weights(m, shape, trainable)
+        return sharded.weights, sharded.adapter_shard
+    return weight_bytes(m, shape), adapter_bytes(trainable, shape)
 
 
 def layer_saved_bytes(m: ModelShape, shape: TrainShape, stream_grad: bool = True) -> dict[str, float]:
@@ -413,7 +489,7 @@ def estimate_memory(model_config: Any, shape: TrainShape) -> MemoryEstimate:
     (head forward, head backward, final-norm backward, a layer's backward)."""
     m = model_shape(model_config)
     trainable = count_lora_params(m, shape.r, shape.targets)
-    weights, adapter = weight_bytes(m, shape), adapter_bytes(trainable, shape)
+    weights, adapter = parameter_bytes(m, shape, trainable)
     k = checkpointed_layers(m, shape)
     levels = activation_levels(m, shape, k)
     resident, peak = levels.resident, levels.peak
@@ -435,6 +511,7 @@ def estimate_memory(model_config: Any, shape: TrainShape) -> MemoryEstimate:
         activations_without_checkpointing=saved_activation_bytes(m, shape, False)[1],
         trainable_params=trainable, offloaded_to_host=offloaded_bytes(m, shape),
         per_layer_saved_bytes_per_token=layer_saved_bytes(m, shape),
+        fsdp_weights=fsdp_weights(m, shape, trainable) if shape.fsdp else None,
     )
 
 

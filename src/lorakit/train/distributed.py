@@ -228,8 +228,10 @@ def choose_fsdp(requested: bool | None, config, device: torch.device) -> tuple[b
     capacity = torch.cuda.get_device_properties(device).total_memory
     fsdp = need > FSDP_MEMORY_FRACTION * capacity
     layout = "FSDP (base sharded" if fsdp else "DDP (base replicated"
-    return fsdp, [f"parallel: {layout} over {n} processes; estimated {need / 2**30:.1f} GiB per step "
-                  f"on one {capacity / 2**30:.0f} GiB GPU)"]
+    sharded = estimated_step_bytes(config, fsdp=True) if fsdp else None
+    per_rank = f", {sharded / 2**30:.1f} GiB per rank sharded" if sharded is not None else ""
+    return fsdp, [f"parallel: {layout} over {n} processes; estimated {need / 2**30:.1f} GiB per step replicated"
+                  f"{per_rank} on one {capacity / 2**30:.0f} GiB GPU)"]
 
 
 def global_batch_notice(train) -> list[str]:
@@ -242,8 +244,11 @@ def global_batch_notice(train) -> list[str]:
             f"= {total} sequences per step"]
 
 
-def estimated_step_bytes(config) -> int | None:
-    """lorakit estimate's peak for this config on one device, or None when it cannot tell."""
+def estimated_step_bytes(config, fsdp: bool = False) -> int | None:
+    """lorakit estimate's peak for this config on one device, or None when it cannot tell.
+
+    Replicated by default (what auto mode compares with the GPU); `fsdp`: one rank's share of a
+    sharded run (None in a single process, where nothing is sharded)."""
     from lorakit.plan.estimate import TrainShape, estimate_memory
     from lorakit.plan.model_shapes import model_shape
 
@@ -254,7 +259,7 @@ def estimated_step_bytes(config) -> int | None:
         shape = TrainShape(batch_size=t.batch_size, seq_len=config.data.seq_len, r=lora.r, targets=targets,
                            grad_checkpointing=t.grad_checkpointing != "off",
                            offload_checkpoints=t.grad_checkpointing == "offload", dtype=dtype, fused_loss=t.fast_paths,
-                           world_size=world_size())  # replicated: the whole base plus the all-reduce buffer
+                           world_size=world_size(), fsdp=fsdp)  # replicated: the whole base + the all-reduce buffer
         return estimate_memory(model_shape(config.model.name or "smollm2-135m"), shape).total
     except (LorakitError, KeyError, ValueError, TypeError, OSError):
         return None

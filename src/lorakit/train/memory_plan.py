@@ -9,7 +9,8 @@
                                   nothing to offload to, with a notice)
 
 The estimate is plan/estimate.py's, for this run's shape (micro-batch, sequence, rank, the
-adapted projections, dtype, quantisation, the fused loss). The budget is what the device has
+adapted projections, dtype, quantisation, the fused loss; under FSDP one rank's share of the
+sharded base, `sharded_run`). The budget is what the device has
 free now (CUDA: `torch.cuda.mem_get_info`; CPU: MemAvailable in /proc/meminfo, shared by the
 processes of this node) times SAFETY_MARGIN, plus what the model already holds there, since the
 estimate counts the weights that are loaded by now. Models the estimator cannot describe
@@ -57,17 +58,19 @@ class CheckpointPlan:
     notice: str
 
 
-def choose_checkpointing(model: nn.Module, config, device: torch.device) -> CheckpointPlan:
+def choose_checkpointing(model: nn.Module, config, device: torch.device, fsdp: bool | None = None) -> CheckpointPlan:
     """The checkpointing for this run: as requested by --grad-checkpointing on/off/offload, or
-    for auto the least that makes the estimated step fit the budget."""
-    needs = checkpointing_needs(model, config, device)
+    for auto the least that makes the estimated step fit the budget. `fsdp`: whether the base
+    will be sharded (the estimate then counts one rank's share); None: as `sharded_run` says."""
+    fsdp = sharded_run(config, device) if fsdp is None else fsdp
+    needs = checkpointing_needs(model, config, device, fsdp)
     budget = memory_budget(model, device)
     num_layers = len(decoder_layers(model))
     hints = ["a smaller --batch-size or --seq-len"]
     if device.type == "cuda" and config.model.quantize == "none":
         hints.append("--quantize 4bit")
     if config.train.grad_checkpointing != "auto":
-        return _requested_plan(model, config, device, needs, budget, hints)
+        return _requested_plan(model, config, device, needs, budget, hints, fsdp)
     if needs is None:
         return _plan("off", 0, num_layers, None, budget, "the memory estimator does not model this architecture; "
                      "pass --grad-checkpointing on if the step runs out of memory", hints)
@@ -77,7 +80,7 @@ def choose_checkpointing(model: nn.Module, config, device: torch.device) -> Chec
     # saved tensors are freed, so their recompute never adds to the resident peak.
     k = next((k for k, need in enumerate(needs) if need <= budget.bytes), num_layers)
     if needs[k] > budget.bytes and device.type == "cuda":
-        offloaded = _offload_if_it_fits(model, config, device, needs, budget, hints)
+        offloaded = _offload_if_it_fits(model, config, device, needs, budget, hints, fsdp)
         if offloaded is not None:
             return offloaded
     mode = "off" if k == 0 else "full" if k == num_layers else "selective"
@@ -86,7 +89,7 @@ def choose_checkpointing(model: nn.Module, config, device: torch.device) -> Chec
 
 
 def _requested_plan(model: nn.Module, config, device: torch.device, needs: list[int] | None, budget: Budget,
-                    hints: list[str]) -> CheckpointPlan:
+                    hints: list[str], fsdp: bool) -> CheckpointPlan:
     """--grad-checkpointing on, off or offload, whatever the budget says."""
     requested, num_layers = config.train.grad_checkpointing, len(decoder_layers(model))
     why = f"--grad-checkpointing {requested} from {config.sources.get('train.grad_checkpointing', 'default')}"
@@ -103,16 +106,16 @@ def _requested_plan(model: nn.Module, config, device: torch.device, needs: list[
     if num_layers == 0:
         return _plan("full", 0, 0, full, budget, f"{why}: this transformers version has no per-layer "
                      "checkpointing to offload from (it needs transformers' GradientCheckpointingLayer)", hints)
-    offloaded = offload_needs(model, config, device)
+    offloaded = offload_needs(model, config, device, fsdp)
     return _plan("offload", num_layers, num_layers, offloaded[0] if offloaded else None, budget,
                  why + (f"; {_size(offloaded[1])} in host memory" if offloaded else ""), hints)
 
 
 def _offload_if_it_fits(model: nn.Module, config, device: torch.device, needs: list[int], budget: Budget,
-                        hints: list[str]) -> CheckpointPlan | None:
+                        hints: list[str], fsdp: bool) -> CheckpointPlan | None:
     """The offload plan when full checkpointing does not fit the device but offloading does,
     and the host has room for the layers' inputs; else None."""
-    offloaded = offload_needs(model, config, device)
+    offloaded = offload_needs(model, config, device, fsdp)
     if offloaded is None or offloaded[0] > budget.bytes or not _host_has_room(offloaded[1]):
         return None
     num_layers = len(needs) - 1
@@ -163,12 +166,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 # ---- the estimate ---------------------------------------------------------------------------
 
-def checkpointing_needs(model: nn.Module, config, device: torch.device) -> list[int] | None:
+def checkpointing_needs(model: nn.Module, config, device: torch.device, fsdp: bool | None = None) -> list[int] | None:
     """Estimated peak bytes of one step with the earliest k layers checkpointed, k = 0..L, or
-    None when the estimator cannot describe this model or cannot checkpoint it layer by layer."""
+    None when the estimator cannot describe this model or cannot checkpoint it layer by layer.
+    `fsdp` as for `choose_checkpointing`."""
     from lorakit.plan.estimate import TrainShape, estimate_memory
 
-    step = _estimator_step(model, config, device)
+    step = _estimator_step(model, config, device, fsdp)
     if step is None:
         return None
     shape, sizes = step
@@ -176,12 +180,12 @@ def checkpointing_needs(model: nn.Module, config, device: torch.device) -> list[
             for k in range(shape.num_layers + 1)]
 
 
-def offload_needs(model: nn.Module, config, device: torch.device) -> tuple[int, int] | None:
+def offload_needs(model: nn.Module, config, device: torch.device, fsdp: bool | None = None) -> tuple[int, int] | None:
     """(estimated device peak, host bytes) of one step with every layer checkpointed and its
     input offloaded, or None as for `checkpointing_needs`."""
     from lorakit.plan.estimate import TrainShape, estimate_memory
 
-    step = _estimator_step(model, config, device)
+    step = _estimator_step(model, config, device, fsdp)
     if step is None:
         return None
     shape, sizes = step
@@ -189,9 +193,11 @@ def offload_needs(model: nn.Module, config, device: torch.device) -> tuple[int, 
     return estimate.total, estimate.offloaded_to_host
 
 
-def _estimator_step(model: nn.Module, config, device: torch.device) -> tuple[Any, dict[str, Any]] | None:
-    """The estimator's model shape and this run's step sizes, or None when it cannot describe
-    the model or the model has no per-layer checkpointing."""
+def _estimator_step(model: nn.Module, config, device: torch.device,
+                    fsdp: bool | None) -> tuple[Any, dict[str, Any]] | None:
+    """The estimator's model shape and this run's step sizes (one rank's share when the base is
+    sharded), or None when it cannot describe the model or the model has no per-layer
+    checkpointing."""
     from lorakit.plan.model_shapes import model_shape
 
     try:
@@ -205,7 +211,8 @@ def _estimator_step(model: nn.Module, config, device: torch.device) -> tuple[Any
         targets=_adapted_projections(model), dtype=_compute_dtype(model),
         quantize=None if config.model.quantize == "none" else config.model.quantize, world_size=_world_size(),
         fused_loss=_fused_loss(model), lora_dropout=config.lora.dropout,
-        device="cuda" if device.type == "cuda" else "cpu")
+        device="cuda" if device.type == "cuda" else "cpu",
+        fsdp=sharded_run(config, device) if fsdp is None else fsdp)
 
 
 def _llama_style(model: nn.Module) -> bool:
@@ -240,6 +247,18 @@ def _world_size() -> int:
     from lorakit.train import distributed
 
     return distributed.world_size()
+
+
+def sharded_run(config, device: torch.device) -> bool:
+    """Whether this run shards its base (FSDP): `distributed.choose_fsdp`'s answer for the same
+    --fsdp, config, world and device that train.run.prepare() gave it just before the plan
+    (it depends on nothing else: the estimate and the GPU's total memory)."""
+    from lorakit.train import distributed
+
+    if _world_size() == 1:
+        return False
+    requested = {"auto": None, "on": True, "off": False}[config.train.fsdp]
+    return distributed.choose_fsdp(requested, config, device)[0]
 
 
 # ---- the budget -----------------------------------------------------------------------------

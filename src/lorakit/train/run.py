@@ -121,7 +121,7 @@ def prepare(config: RunConfig) -> Prepared:
     apply_lora(model, lora_config(config))
     if lora_report(model).trainable_params == 0:
         raise ConfigError("no trainable parameters after applying LoRA; check --targets")
-    notices += _checkpointing(model, config)
+    notices += _checkpointing(model, config, use_fsdp)
     if config.train.fast_paths:
         notices += _enable_fast_paths(model, config)
     distributed.wrap_model(model, use_fsdp, device_for(config))
@@ -148,10 +148,11 @@ def keep_global_batch(prepared: Prepared, micro_batches_per_step: int) -> str | 
             f"checkpoint's {micro_batches_per_step} micro-batches per step")
 
 
-def _checkpointing(model, config: RunConfig) -> list[str]:
+def _checkpointing(model, config: RunConfig, fsdp: bool) -> list[str]:
     from lorakit.train.memory_plan import apply_checkpointing, choose_checkpointing
 
-    plan = choose_checkpointing(model, config, device_for(config))  # --grad-checkpointing auto/on/off/offload
+    # --grad-checkpointing auto/on/off/offload; a sharded base is estimated at one rank's share
+    plan = choose_checkpointing(model, config, device_for(config), fsdp=fsdp)
     apply_checkpointing(model, plan)
     return [plan.notice]
 
