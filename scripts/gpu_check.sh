@@ -8,7 +8,9 @@
 #                                                Triton's interpreter tests left to CI, step 2 compiles them)
 #   2. scripts/gpu_kernels.py                    the fused functions on CUDA, bf16 and fp32, against
 #                                                a float64 reference (min cosine >= 0.999)
-#   3. lorakit bench --preset gpu-1b --check     1b shape, 4 x 2048: speed + gradient/loss parity
+#   3. lorakit bench --preset gpu-1b --check --check-steps 50
+#                                                1b shape, 4 x 2048: speed + gradient parity and
+#                                                the loss curve over 50 steps (bf16 tolerance)
 #   4. lorakit bench --preset gpu-1b --grad-checkpointing    also lorakit-offload: every layer's
 #                                                input in host memory (peak and PCIe cost)
 #   5. lorakit bench --preset gpu-8b --grad-checkpointing     8b shape, 2 x 2048 (lorakit-offload too)
@@ -96,7 +98,7 @@ bench() {  # bench NAME CAP ARGS...: JSON to $OUT/NAME.json, log to the log
 
 step pytest 120 bash -c "\"$PY\" -m pytest -x -q -p no:cacheprovider tests/kernels tests/lora -k \"not triton\" >>\"$LOG\" 2>&1"
 step kernels 60 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.json\" >>\"$LOG\" 2>&1"
-bench bench_1b_check 150 --preset gpu-1b --check
+bench bench_1b_check 150 --preset gpu-1b --check --check-steps 50
 bench bench_1b_ckpt 110 --preset gpu-1b --grad-checkpointing
 bench bench_8b_ckpt 170 --preset gpu-8b --grad-checkpointing
 bench bench_1b_chunk4096 60 --preset gpu-1b --variants lorakit --chunk-size 4096
