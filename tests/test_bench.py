@@ -118,6 +118,17 @@ def test_prompt_fraction_masks_the_start_of_each_example_and_matches_peft(packin
     assert full["per_token"] - masked["per_token"] == 4 * 0.75 * head
 
 
+def test_max_doc_len_packs_several_short_examples_per_row():
+    plan = resolve(_settings(packing=True, batch=2, seq_len=64, max_doc_len=16))
+    inputs = make_inputs(plan)
+    lengths = inputs["lorakit"]["cu_seq_lens_q"].diff()
+    assert int(lengths.max()) <= 16 and len(lengths) >= 2 * 64 // 16
+    assert inputs["context"] <= 16 and inputs["peft"]["input_ids"].shape[1] <= 16  # padded to the longest
+    for bad in (dict(packing=False, max_doc_len=16), dict(packing=True, seq_len=64, max_doc_len=65)):
+        with pytest.raises(ConfigError, match="--max-doc-len"):
+            resolve(_settings(**bad))
+
+
 def test_packed_inputs_hold_the_same_examples_as_the_padded_ones():
     plan = resolve(_settings(packing=True, batch=2, seq_len=64))
     inputs = make_inputs(plan)

@@ -86,6 +86,7 @@ class BenchSettings:
     device: str | None = None
     chunk_size: int | None = None  # lm_head + loss rows per chunk; None: by a byte budget
     prompt_fraction: float = 0.0  # the first part of each example is prompt: no loss there
+    max_doc_len: int | None = None  # packed examples: max_doc_len/8 to max_doc_len tokens; None: seq_len
     seed: int = 0
 
 
@@ -123,7 +124,7 @@ def resolve(settings: BenchSettings) -> Plan:
 
 
 def _validate(s: BenchSettings) -> None:
-    for name in ("r", "batch", "seq_len", "layers", "steps", "check_steps", "chunk_size", "threads"):
+    for name in ("r", "batch", "seq_len", "layers", "steps", "check_steps", "chunk_size", "threads", "max_doc_len"):
         if getattr(s, name) is not None and getattr(s, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
     if s.warmup < 0:
@@ -134,6 +135,8 @@ def _validate(s: BenchSettings) -> None:
         raise ConfigError(f"--preset {s.preset} runs on a CUDA GPU and none is visible; use --preset cpu")
     if s.interleave and s.device != "cpu":
         raise ConfigError("--interleave is for CPU runs; on a GPU the variants already share one quiet process")
+    if s.max_doc_len is not None and (not s.packing or s.max_doc_len > s.seq_len):
+        raise ConfigError(f"--max-doc-len {s.max_doc_len} needs --packing and at most --seq-len ({s.seq_len})")
     if not 0 <= s.prompt_fraction < 1:
         raise ConfigError(f"--prompt-fraction must be at least 0 and below 1, got {s.prompt_fraction}")
     if s.peak_tflops is not None and s.peak_tflops <= 0:
@@ -264,13 +267,14 @@ def _labelled_fraction(labels: torch.Tensor) -> float:
 
 
 def _packed_rows(plan: Plan) -> list[list[dict]]:
-    """The first `batch` packed rows of random examples, 1/8 to 1 times seq_len long."""
+    """The first `batch` packed rows of random examples, 1/8 to 1 times max_doc_len long."""
     from lorakit.data.batching import plan_batches
 
     s, g = plan.settings, torch.Generator().manual_seed(plan.settings.seed)
+    longest = s.max_doc_len or s.seq_len
     examples, total = [], 0
     while total < 2 * s.batch * s.seq_len:  # enough to fill `batch` rows
-        n = int(torch.randint(max(1, s.seq_len // 8), s.seq_len + 1, (1,), generator=g))
+        n = int(torch.randint(max(1, longest // 8), longest + 1, (1,), generator=g))
         ids = torch.randint(0, plan.shape["vocab_size"], (n,), generator=g).tolist()
         prompt = int(s.prompt_fraction * n)
         examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})

@@ -55,6 +55,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), help="override the preset's device")
     p.add_argument("--chunk-size", type=int,
                    help="tokens per lm_head + loss chunk (lorakit; default: 128 MiB of fp32 logits per chunk)")
+    p.add_argument("--max-doc-len", type=int, metavar="N",
+                   help="with --packing: examples N/8 to N tokens long, several per row (default: the sequence length)")
     p.add_argument("--prompt-fraction", type=float, default=0.0, metavar="F",
                    help="the first F of each example is prompt, without labels, as in instruction data "
                         "(default 0: every token is trained)")
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         grad_checkpointing=args.grad_checkpointing, packing=args.packing, steps=args.steps, warmup=args.warmup,
         variants=args.variants, check=args.check, check_steps=args.check_steps, peak_tflops=args.peak_tflops,
         threads=args.threads, interleave=args.interleave, device=args.device,
-        chunk_size=args.chunk_size, prompt_fraction=args.prompt_fraction)
+        chunk_size=args.chunk_size, prompt_fraction=args.prompt_fraction, max_doc_len=args.max_doc_len)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, every step
     result = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
