@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # lorakit on one H200, in ONE device run: correctness of the fast paths on CUDA, then
-# `lorakit bench` on the PERF.md shapes against PEFT. Planned to finish in about 6 minutes,
+# `lorakit bench` on the PERF.md shapes against PEFT. Planned to finish in about 7-8 minutes,
 # capped at 9 (each step has its own timeout inside an overall budget), so one call with
 # timeout_s=600 fits the 15 minutes of device time with the machine's start and one rerun.
 #
@@ -14,19 +14,22 @@
 #   4. lorakit bench --preset gpu-1b --grad-checkpointing    also lorakit-offload: every layer's
 #                                                input in host memory (peak and PCIe cost)
 #   5. lorakit bench --preset gpu-8b --grad-checkpointing     8b shape, 2 x 2048 (lorakit-offload too)
-#   6. lorakit bench --preset gpu-1b --variants lorakit --chunk-size 4096
+#   6. lorakit bench --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5
+#                                                instruction-style labels: lorakit's head skips the
+#                                                unlabelled half (~10% of the step's FLOPs predicted)
+#   7. lorakit bench --preset gpu-1b --packing --max-doc-len 512 --variants lorakit,lorakit-4d,peft-bf16
+#                                                rows of several documents: varlen against the 4D
+#                                                mask, packed against PEFT padded
+#   8. lorakit bench --preset gpu-1b --variants lorakit --chunk-size 4096
 #                                                the loss in 4096-row chunks instead of the default
 #                                                256 (128 MiB budget): ~3 GiB more memory predicted;
 #                                                is the default slower?
-#   7. lorakit bench --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5
-#                                                instruction-style labels: lorakit's head skips the
-#                                                unlabelled half (~10% of the step's FLOPs predicted)
 # The benches' default variants include lorakit-triton (Triton RMSNorm/SwiGLU/RoPE, opt-in in the
 # trainer until this run shows they pay) and step 2 checks those kernels compiled for CUDA.
 #
 # Results in $OUT (at most 8 files come back): gpu_check.log (every command's output, pytest's
-# too), kernels.json, bench_1b_check.json, bench_1b_ckpt.json, bench_8b_ckpt.json,
-# bench_1b_chunk4096.json, bench_1b_prompt50.json, summary.txt.
+# too), kernels.json, benches.json ({step name: `lorakit bench --json` result} of steps 3-8),
+# summary.txt.
 # The short table printed last (summary.txt) is what to paste into docs/performance.md.
 #
 # How to run it (the device tool, repository root):
@@ -101,8 +104,10 @@ step kernels 60 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.js
 bench bench_1b_check 150 --preset gpu-1b --check --check-steps 50
 bench bench_1b_ckpt 110 --preset gpu-1b --grad-checkpointing
 bench bench_8b_ckpt 170 --preset gpu-8b --grad-checkpointing
-bench bench_1b_chunk4096 60 --preset gpu-1b --variants lorakit --chunk-size 4096
+# the rest by importance: what the budget leaves out is skipped, and the summary says so
 bench bench_1b_prompt50 50 --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5 --steps 5 --warmup 2
+bench bench_1b_packed 60 --preset gpu-1b --packing --max-doc-len 512 --variants lorakit,lorakit-4d,peft-bf16 --steps 5 --warmup 2
+bench bench_1b_chunk4096 60 --preset gpu-1b --variants lorakit --chunk-size 4096
 
 {
     echo "steps (${SECONDS}s in all):"
@@ -113,3 +118,16 @@ bench bench_1b_prompt50 50 --preset gpu-1b --variants lorakit,peft-bf16 --prompt
     grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$LOG" | tail -n 1
     "$PY" scripts/gpu_summary.py "$OUT"/bench_*.json
 } 2>&1 | tee "$OUT/summary.txt"
+# at most 8 files come back: the benches' JSON travel as one file, {name: result}
+"$PY" - "$OUT" <<'EOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+results = {}
+for path in sorted(out.glob("bench_*.json")):
+    try:
+        results[path.stem] = json.loads(path.read_text())
+    except ValueError:
+        results[path.stem] = {"error": "unreadable: " + path.read_text()[-500:]}
+    path.unlink()
+(out / "benches.json").write_text(json.dumps(results, indent=1))
+EOF
