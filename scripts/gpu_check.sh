@@ -13,7 +13,8 @@
 #                                                the loss curve over 50 steps (bf16 tolerance)
 #   4. lorakit bench --preset gpu-1b --grad-checkpointing    also lorakit-offload: every layer's
 #                                                input in host memory (peak and PCIe cost)
-#   5. lorakit bench --preset gpu-8b --grad-checkpointing     8b shape, 2 x 2048 (lorakit-offload too)
+#   5. lorakit bench --preset gpu-8b --grad-checkpointing --variants lorakit,lorakit-offload,peft,peft-liger
+#                                                8b shape, 2 x 2048: the 8b goal's comparisons
 #   6. lorakit bench --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5
 #                                                instruction-style labels: lorakit's head skips the
 #                                                unlabelled half (~10% of the step's FLOPs predicted)
@@ -103,7 +104,7 @@ step pytest 120 bash -c "\"$PY\" -m pytest -x -q -p no:cacheprovider tests/kerne
 step kernels 60 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.json\" >>\"$LOG\" 2>&1"
 bench bench_1b_check 150 --preset gpu-1b --check --check-steps 50
 bench bench_1b_ckpt 110 --preset gpu-1b --grad-checkpointing
-bench bench_8b_ckpt 170 --preset gpu-8b --grad-checkpointing
+bench bench_8b_ckpt 170 --preset gpu-8b --grad-checkpointing --variants lorakit,lorakit-offload,peft,peft-liger
 # the rest by importance: what the budget leaves out is skipped, and the summary says so
 bench bench_1b_prompt50 50 --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5 --steps 5 --warmup 2
 bench bench_1b_packed 60 --preset gpu-1b --packing --max-doc-len 512 --variants lorakit,lorakit-4d,peft-bf16 --steps 5 --warmup 2

@@ -51,7 +51,8 @@ def summarize(path: str) -> list[str]:
                      f"{check['max_loss_rel_diff']:.1e}")
     lines += [HEADER] + [_row(r) for r in result["variants"]]
     anchor = ANCHORS.get((s["preset"], s["grad_checkpointing"]))
-    if anchor and not s.get("prompt_fraction"):  # the anchors train every token
+    # the anchors: every token trained, unpacked rows, the default loss chunk
+    if anchor and not (s.get("prompt_fraction") or s.get("packing") or s.get("chunk_size")):
         lines.append(f"(PERF.md anchor, PEFT defaults: {anchor[0]:,} tok/s, {anchor[1]} GiB)")
     return lines
 

@@ -114,3 +114,17 @@ def test_fsdp_is_a_switch_from_flags_and_yaml(tmp_path, argv, yaml_text, value):
     path = tmp_path / "c.yaml"
     path.write_text(f"train:\n  fsdp: {yaml_text}\n" if yaml_text else "{}\n")
     assert resolve(load_yaml(path), flags(*argv)).train.fsdp == value
+
+
+def test_explicit_switches_rewrite_only_a_bare_switch_before_a_file(tmp_path, monkeypatch):
+    from lorakit.config import explicit_switches
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "off").write_text("")  # a file that shares its name with a switch's value
+    (tmp_path / "run.cfg").write_text("")
+    assert explicit_switches(["train", "--fsdp", "c.yaml"]) == ["train", "--fsdp=on", "c.yaml"]
+    assert explicit_switches(["train", "--grad-checkpointing", "run.cfg"]) == ["train", "--grad-checkpointing=on",
+                                                                            "run.cfg"]
+    for untouched in (["train", "--grad-checkpointing", "off"], ["train", "--fsdp=off", "c.yaml"],
+                      ["train", "--", "--fsdp", "c.yaml"], ["train", "--fsdp"], ["train", "--lr", "c.yaml"]):
+        assert explicit_switches(untouched) == untouched

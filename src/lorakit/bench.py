@@ -249,21 +249,22 @@ def make_inputs(plan: Plan) -> dict:
         labels[:, :int(s.prompt_fraction * s.seq_len)] = -100
         batch = {"input_ids": ids.to(s.device), "labels": labels.to(s.device)}
         return {"lorakit": batch, "lorakit-4d": batch, "peft": batch, "tokens": ids.numel(),
-                "context": float(s.seq_len), "labelled": _labelled_fraction(labels)}
+                "context": float(s.seq_len), "labelled": _labelled_fraction(labels, ids.numel())}
     from lorakit.data.batching import collate  # the trainer's collation
 
     rows = _packed_rows(plan)
     lengths = [len(ex["input_ids"]) for row in rows for ex in row]
     mask_dtype = getattr(torch, plan.dtype)
+    padded = collate([ex for row in rows for ex in row], False, s.seq_len, 0, device=s.device)
     return {"lorakit": collate(rows, True, s.seq_len, 0, packed_attention="varlen", device=s.device),
             "lorakit-4d": collate(rows, True, s.seq_len, 0, mask_dtype=mask_dtype, device=s.device),
-            "peft": collate([ex for row in rows for ex in row], False, s.seq_len, 0, device=s.device),
-            "tokens": sum(lengths), "context": sum(n * n for n in lengths) / sum(lengths),
-            "labelled": sum(sum(t != -100 for t in ex["labels"]) for row in rows for ex in row) / sum(lengths)}
+            "peft": padded, "tokens": sum(lengths), "context": sum(n * n for n in lengths) / sum(lengths),
+            "labelled": _labelled_fraction(padded["labels"], sum(lengths))}
 
 
-def _labelled_fraction(labels: torch.Tensor) -> float:
-    return float((labels != -100).float().mean())
+def _labelled_fraction(labels: torch.Tensor, tokens: int) -> float:
+    """The share of tokens whose next-token loss counts (each row's first label predicts nothing)."""
+    return int((labels[:, 1:] != -100).sum()) / tokens
 
 
 def _packed_rows(plan: Plan) -> list[list[dict]]:

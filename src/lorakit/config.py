@@ -180,13 +180,16 @@ def _add_switch(group, f: dataclasses.Field, kwargs: dict) -> None:
 
 def explicit_switches(argv: list[str]) -> list[str]:
     """`--fsdp CONFIG.yaml` would read the file name as the switch's value; write such a bare switch
-    as `--fsdp=on` so the file stays the positional argument. Other values are left for argparse
-    to accept or reject."""
-    switches = {flag_of(f): f.metadata["switch"][0] for _, f, _ in all_fields() if f.metadata.get("switch")}
+    as `--fsdp=on` so the file stays the positional argument. A switch's own values (`--fsdp off`,
+    even with a file named `off` here) and everything after `--` are left for argparse."""
+    switches = {flag_of(f): f.metadata for _, f, _ in all_fields() if f.metadata.get("switch")}
     out = []
-    for arg, following in zip(argv, argv[1:] + [None]):
-        if arg in switches and following is not None and _names_a_file(following):
-            arg = f"{arg}={switches[arg]}"
+    for i, (arg, following) in enumerate(zip(argv, argv[1:] + [None])):
+        if arg == "--":
+            return out + argv[i:]
+        meta = switches.get(arg)
+        if meta and following is not None and following not in meta["choices"] and _names_a_file(following):
+            arg = f"{arg}={meta['switch'][0]}"
         out.append(arg)
     return out
 

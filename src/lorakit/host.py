@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import sys
 
 KIB = 1024
 MEMINFO = "/proc/meminfo"
@@ -41,7 +42,8 @@ def peak_rss_bytes() -> int:
     hwm = _kib_field("/proc/self/status", "VmHWM")
     if hwm is not None:
         return hwm
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB  # Linux and BSD report KiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * KIB  # macOS reports bytes, Linux and BSD KiB
 
 
 def available_memory_bytes() -> int | None:

@@ -325,3 +325,14 @@ def test_estimated_step_bytes_stays_replicated_unless_asked(monkeypatch):
     assert distributed.estimated_step_bytes(config, fsdp=True) == sharded
     monkeypatch.setattr(distributed, "world_size", lambda: 1)
     assert distributed.estimated_step_bytes(config, fsdp=True) is None  # nothing to shard
+
+
+def test_offload_warns_once_when_the_layer_input_comes_by_keyword():
+    from lorakit.train import offload
+
+    offload._warn_keyword_inputs.cache_clear()
+    run = offload.offloaded_checkpoint()
+    x = torch.randn(2, 3, requires_grad=True)
+    with pytest.warns(UserWarning, match="by keyword"):
+        run(lambda hidden: hidden * 2, hidden=x).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))

@@ -82,13 +82,13 @@ def print_report(result) -> None:
 
     console = Console()
     m, s = result.model, result.shape
-    quant = f", {s.quantize} base" if s.quantize else ""
+    suffix = f", {s.quantize} base" if s.quantize else ""
     if s.world_size > 1:
         layout = "FSDP (base and adapters sharded)" if s.fsdp else "DDP (replicated)"
-        quant += f"; per rank of {s.world_size}, {layout}"
+        suffix += f"; per rank of {s.world_size}, {layout}"
     console.print(f"[bold]{m.name}[/]: {m.num_params() / 1e6:,.1f}M params, {m.num_layers} layers, hidden {m.hidden_size}, "
                   f"vocab {m.vocab_size:,}; LoRA r={s.r} on {s.targets} = {result.memory.trainable_params / 1e6:,.2f}M "
-                  f"trainable; {s.batch_size} x {s.seq_len} tokens, {s.dtype}{quant}")
+                  f"trainable; {s.batch_size} x {s.seq_len} tokens, {s.dtype}{suffix}")
     console.print(_memory_table(result))
     console.print(_speed_table(result))
 

@@ -19,8 +19,11 @@ The labelled tokens are processed in chunks of `chunk_size` rows (by default as 
     grad_hidden[c] = (G @ W) / normaliser            # (c, H)
     grad_W        += G.T @ (h_c / normaliser)        # only when the head itself is trained
 
-so the gradient is finished during forward and only `grad_hidden` (N x H) is kept; backward
-multiplies it by the incoming scalar gradient. Peak extra memory is one chunk of fp32 logits.
+so the gradient is finished during forward and only `grad_hidden` (labelled rows x H) is kept;
+backward multiplies it by the incoming scalar gradient, and index_select's backward spreads it
+into an N x H gradient. Peak extra memory is one chunk of fp32 logits plus two hidden-sized
+tensors (forward: the selected rows and their gradient; backward: the gradient and its scaled
+copy, then the scaled copy and the N x H result).
 A frozen head (the LoRA case) gets no weight gradient at all.
 
 `normalizer` makes gradient accumulation exact: pass the number of label tokens in the whole

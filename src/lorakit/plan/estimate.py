@@ -48,7 +48,8 @@ Peak memory (per device, allocated bytes) is the largest of four moments of the 
   caller drops the model outputs before backward (`loss = model(...).loss`); keeping
   `outputs.logits` alive adds the logits once more.
   `fused_loss` (lorakit.kernels.chunked_ce: no full logits) keeps about 8 B x chunk x vocab
-  plus the hidden states' gradient (computed in forward) and its scaled copy.
+  plus two hidden-sized tensors: the labelled rows and their gradient (computed in forward),
+  then the gradient and its scaled copy.
 - workspace: gradient buffers and temporaries at the backward peaks (`backward_workspace_bytes`).
 
 FLOPs per trained token with a frozen base (PERF.md): F = 4*N_mm + 6*N_lora + 6*L*s*h_q.
@@ -457,7 +458,7 @@ def head_peak_bytes(m: ModelShape, shape: TrainShape) -> int:
     log_softmax's output + NLL's grad + log_softmax's grad, all fp32 (12 B per token x vocab)."""
     tokens, vocab, b = shape.tokens, m.vocab_size, shape.compute_bytes
     labels = 8 * tokens  # int64 targets saved by the NLL loss
-    if shape.fused_loss:  # one chunk's fp32 logits + a temporary; the hidden grad and its scaled copy
+    if shape.fused_loss:  # one chunk's fp32 logits + a temporary; two hidden-sized tensors (chunked_ce.py)
         from lorakit.kernels.chunked_ce import default_chunk_rows  # torch: only when asked
 
         chunk = min(shape.loss_chunk_tokens or default_chunk_rows(vocab), tokens)

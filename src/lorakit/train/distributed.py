@@ -208,6 +208,11 @@ def shard_padded(items: Sequence[Any], rank_: int, world: int) -> tuple[list[Any
 
 # ---- choosing and applying the parallel layout --------------------------------------------
 
+def requested_fsdp(config) -> bool | None:
+    """train.fsdp as choose_fsdp takes it: on True, off False, auto None."""
+    return {"auto": None, "on": True, "off": False}[config.train.fsdp]
+
+
 def choose_fsdp(requested: bool | None, config, device: torch.device) -> tuple[bool, list[str]]:
     """Shard the base (FSDP) or replicate it; None means decide from the memory estimate."""
     n = world_size()
@@ -259,7 +264,7 @@ def estimated_step_bytes(config, fsdp: bool = False) -> int | None:
         shape = TrainShape(batch_size=t.batch_size, seq_len=config.data.seq_len, r=lora.r, targets=targets,
                            grad_checkpointing=t.grad_checkpointing != "off",
                            offload_checkpoints=t.grad_checkpointing == "offload", dtype=dtype, fused_loss=t.fast_paths,
-                           world_size=world_size(), fsdp=fsdp)  # replicated: the whole base + the all-reduce buffer
+                           world_size=world_size(), fsdp=fsdp)  # replicated (the all-reduce buffer too) or one rank's shard
         return estimate_memory(model_shape(config.model.name or "smollm2-135m"), shape).total
     except (LorakitError, KeyError, ValueError, TypeError, OSError):
         return None

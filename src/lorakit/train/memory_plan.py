@@ -257,8 +257,7 @@ def sharded_run(config, device: torch.device) -> bool:
 
     if _world_size() == 1:
         return False
-    requested = {"auto": None, "on": True, "off": False}[config.train.fsdp]
-    return distributed.choose_fsdp(requested, config, device)[0]
+    return distributed.choose_fsdp(distributed.requested_fsdp(config), config, device)[0]
 
 
 # ---- the budget -----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ a copy (lorakit never offloads on a CPU run; tests pass their own `offloadable`)
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -91,10 +92,19 @@ def offloaded_checkpoint(offload: HostOffload | None = None) -> Callable[..., An
     checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
     def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not any(isinstance(a, torch.Tensor) for a in args):
+            _warn_keyword_inputs()
         with offload.hooks():
             return checkpoint(function, *args, **kwargs)
 
     return run
+
+
+@functools.cache
+def _warn_keyword_inputs() -> None:
+    # torch's checkpoint keeps keyword arguments in a closure, out of the saved-tensor hooks' reach
+    warnings.warn("offloaded checkpointing: this transformers version passes the layer's hidden states "
+                  "by keyword, so they stay on the device; use --grad-checkpointing on", stacklevel=3)
 
 
 def offload_layers(layers: list[nn.Module], offload: HostOffload | None = None) -> None:

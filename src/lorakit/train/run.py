@@ -112,8 +112,7 @@ def prepare(config: RunConfig) -> Prepared:
     distributed.init_from_env()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    requested = {"auto": None, "on": True, "off": False}[config.train.fsdp]
-    use_fsdp, parallel_notices = distributed.choose_fsdp(requested, config, device_for(config))
+    use_fsdp, parallel_notices = distributed.choose_fsdp(distributed.requested_fsdp(config), config, device_for(config))
     torch.manual_seed(config.train.seed)
     model, tokenizer, source = load_model(config, on_cpu=use_fsdp)
     train, evaluation = distributed.main_first(lambda: load_data(config, tokenizer), others_too=True)  # one fills the cache
