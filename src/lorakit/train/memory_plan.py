@@ -272,7 +272,7 @@ def memory_budget(model: nn.Module, device: torch.device) -> Budget:
         free = available_memory_bytes()
         if free is None:
             return Budget(None, "MemAvailable in /proc/meminfo is unreadable")
-        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this node
+        processes = _processes_on_node()
         free //= processes
         where = f"{SAFETY_MARGIN:.0%} of MemAvailable" + (f" / {processes} processes" if processes > 1 else "")
     return Budget(int(free * SAFETY_MARGIN) + held, f"{where} + {_size(held)} the model holds")
@@ -284,7 +284,12 @@ def _host_has_room(nbytes: int) -> bool:
     available = available_memory_bytes()
     if available is None:
         return True
-    return available * SAFETY_MARGIN // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) >= nbytes
+    return available * SAFETY_MARGIN // _processes_on_node() >= nbytes
+
+
+def _processes_on_node() -> int:
+    """torchrun's processes on this node: they share its host memory."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def _held_bytes(model: nn.Module, device: torch.device) -> int:
