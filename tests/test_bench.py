@@ -204,3 +204,13 @@ def test_offload_variant_is_cuda_only_and_is_wired_in_when_forced():
         assert offloaded == {name == "lorakit-offload"}
         losses[name] = [train_step(prepared, inputs["lorakit"], "cpu")[2] for _ in range(2)]
     assert losses["lorakit-offload"] == pytest.approx(losses["lorakit"], rel=1e-6)
+
+
+@pytest.mark.parametrize("flags,message", [(["--prompt-fraction", "1"], "--prompt-fraction"),
+                                           (["--max-doc-len", "64"], "--max-doc-len")])
+def test_bad_new_flags_exit_2_with_one_message(capsys, flags, message):
+    from lorakit.cli import main
+
+    assert main(["bench", "--preset", "tiny", "--steps", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
