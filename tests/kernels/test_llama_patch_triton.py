@@ -1,6 +1,7 @@
 """enable_fast_paths(model, triton=True) on tiny models with LoRA, in Triton's interpreter: same
 logits and adapter gradients as triton=False and as the unpatched model."""
 
+import inspect
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton_ops builds its kernels
@@ -120,11 +121,14 @@ def test_trainable_norm_weights_get_their_gradient():
 def test_kv_cache_decoding_matches():
     model, batch = _model(), _batch()
     ids, next_ids = batch["input_ids"][:, :5], batch["input_ids"][:, 5:]
+    # transformers 5.24 names the argument `cache`, 5.17 `past_key_values`
+    cache_name = ("cache" if "cache" in inspect.signature(type(model).forward).parameters
+                  else "past_key_values")
 
     def two_steps():
         with torch.no_grad():
             first = model(input_ids=ids, use_cache=True)
-            return model(input_ids=next_ids, cache=first.past_key_values).logits
+            return model(input_ids=next_ids, **{cache_name: first.past_key_values}).logits
 
     want = two_steps()
     enable_fast_paths(model, triton=True)

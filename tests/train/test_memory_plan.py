@@ -163,19 +163,31 @@ def step(model, batch):
     layer saved (a checkpointed layer: its input, kept by the checkpoint; its recompute's saves
     go through the checkpoint's own hooks)."""
     tracker = SavedTensorTracker({p.untyped_storage().data_ptr() for p in model.parameters()})
-    per_layer = []
-    hooks = []
+    per_layer, forward_pass = [], [True]
     for layer in decoder_layers(model):
-        hooks.append(layer.register_forward_pre_hook(lambda m, a: per_layer.append(-tracker.live)))
-        hooks.append(layer.register_forward_hook(lambda m, a, o: per_layer.__setitem__(-1, per_layer[-1] + tracker.live)))
+        _measure_calls(layer, tracker, per_layer, forward_pass)
     with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
         loss = model(input_ids=batch, labels=batch).loss
         saved = tracker.live
+        forward_pass[0] = False
         loss.backward()
-    for hook in hooks:
-        hook.remove()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads, saved, per_layer
+
+
+def _measure_calls(layer, tracker, per_layer, forward_pass):
+    """Records what each forward call of `layer` leaves saved, measured around the whole call:
+    transformers 5.17 runs a layer's module hooks inside its checkpoint (and again in the
+    recompute), 5.24 outside, so hooks cannot measure it the same way on both."""
+    def measured_call(self, *args, **kwargs):
+        before = tracker.live
+        out = super(measured, self).__call__(*args, **kwargs)
+        if forward_pass[0]:
+            per_layer.append(tracker.live - before)
+        return out
+
+    measured = type(type(layer).__name__, (type(layer),), {"__call__": measured_call})
+    layer.__class__ = measured
 
 
 def plan_of(mode, layers, num_layers=4):

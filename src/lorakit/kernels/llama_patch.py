@@ -16,8 +16,8 @@ are measured on a GPU; when Triton cannot run here, one notice says why and the 
 
     RMSNorm.forward    -> rms_norm(x, weight, eps)                     the RMSNorms we know
     mlp.forward        -> lora_mlp(..., triton=True)                   SwiGLU part in Triton
-    self_attn.forward  -> a copy of transformers 5.x LlamaAttention.forward (with the q/k norms
-                          of Qwen3 and the sliding window of Mistral/Qwen2/Qwen3) whose only
+    self_attn.forward  -> a copy of transformers 5.17-5.24 LlamaAttention.forward (with the q/k
+                          norms of Qwen3 and the sliding window of Mistral/Qwen2/Qwen3) whose only
                           change is rope(q, k, cos, sin) in place of apply_rotary_pos_emb;
                           projections, cache update and attention kernel are called as there
 
@@ -32,6 +32,7 @@ logits never exist.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections import defaultdict
@@ -187,11 +188,19 @@ def _rope_swap_blocker(attn: nn.Module) -> str | None:
     modeling = sys.modules.get(type(attn).__module__)
     interfaces = getattr(modeling, "ALL_ATTENTION_FUNCTIONS", None)
     params = inspect.signature(type(attn).forward).parameters
+    # transformers 5.24 names the cache `cache`; 5.17 (and other 5.x) `past_key_values`
     if (not hasattr(interfaces, "get_interface") or not hasattr(modeling, "eager_attention_forward")
-            or not {"position_embeddings", "cache"} <= params.keys()):
+            or "position_embeddings" not in params
+            or not {"cache", "past_key_values"} & params.keys()):
         return ("Triton RoPE not used: this transformers version's attention forward differs "
-                "from the 5.x one the fast path copies")
+                "from the 5.17-5.24 one the fast path copies")
     return None
+
+
+@functools.cache
+def _names_its_cache_cache(attention_class: type) -> bool:
+    """True from transformers 5.24, whose attention passes its kwargs on to cache.update."""
+    return "cache" in inspect.signature(attention_class.forward).parameters
 
 
 def _set_forward(module: nn.Module, forward: Callable, triton: bool = False) -> None:
@@ -272,9 +281,9 @@ def _fused_attention_forward(attn: nn.Module, original: Callable, projections,
 
 def _attention_with_rope(attn, rope, hidden_states, position_embeddings=None,
                          attention_mask=None, cache=None, **kwargs):
-    """transformers 5.x LlamaAttention.forward (plus Qwen3's q/k norms and the sliding window
+    """transformers 5.17-5.24 LlamaAttention.forward (plus Qwen3's q/k norms and the sliding window
     of Mistral/Qwen2/Qwen3), with rope(q, k, cos, sin) for apply_rotary_pos_emb."""
-    if "past_key_values" in kwargs:  # the deprecated name transformers still accepts
+    if "past_key_values" in kwargs:  # the name before 5.24, still accepted since
         cache = kwargs.pop("past_key_values")
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, attn.head_dim)
@@ -288,8 +297,9 @@ def _attention_with_rope(attn, rope, hidden_states, position_embeddings=None,
     cos, sin = position_embeddings
     query_states, key_states = rope(query_states, key_states, cos, sin)
     if cache is not None:
+        extra = {"kwargs": kwargs} if _names_its_cache_cache(type(attn)) else {}
         key_states, value_states = cache.update(key_states, value_states, attn.layer_idx,
-                                                kwargs=kwargs)
+                                                **extra)
 
     modeling = sys.modules[type(attn).__module__]
     attention_interface = modeling.ALL_ATTENTION_FUNCTIONS.get_interface(
