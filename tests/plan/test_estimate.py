@@ -259,20 +259,17 @@ def test_offloaded_checkpoints_agree_with_measurement(monkeypatch):
     torch allocator the measurement reads, so what remains is what a device would hold."""
     import numpy as np
 
-    from lorakit.plan import measure
-    from lorakit.train.memory_plan import decoder_layers
-    from lorakit.train.offload import HostCopy, HostOffload, offload_layers
+    from lorakit.train import offload
 
-    class NumpyHost(HostOffload):
+    class NumpyHost(offload.HostOffload):
         def pack(self, tensor):
-            return HostCopy(np.array(tensor.detach().numpy()), tensor.device, False)
+            return offload.HostCopy(np.array(tensor.detach().numpy()), tensor.device, False)
 
         def unpack(self, packed):
             return torch.from_numpy(packed.tensor).clone()  # back through the torch allocator
 
-    enable = measure._enable_checkpointing
-    monkeypatch.setattr(measure, "_enable_checkpointing", lambda model, *_: (
-        enable(model), offload_layers(decoder_layers(model), NumpyHost(offloadable=lambda t: True))))
+    # measure.build_model offloads as the trainer does, here into numpy memory
+    monkeypatch.setattr(offload, "HostOffload", lambda: NumpyHost(offloadable=lambda t: True))
     config = tiny_config(intermediate_size=172, num_hidden_layers=8, vocab_size=256)
     shape = TrainShape(batch_size=2, seq_len=64, r=8, dtype="fp32", grad_checkpointing=True,
                        offload_checkpoints=True, device="cpu")
@@ -280,7 +277,6 @@ def test_offloaded_checkpoints_agree_with_measurement(monkeypatch):
     measured, predicted = measure_step(config, shape), estimate_memory(config, shape)
     assert measured.activations == pytest.approx(predicted.allocated_at_head, rel=0.1)
     assert measured.total == pytest.approx(predicted.total, rel=0.05)
-    monkeypatch.setattr(measure, "_enable_checkpointing", enable)
     gc.collect()
     full = measure_step(config, TrainShape(**{**shape.__dict__, "offload_checkpoints": False}))
     layer_input = shape.tokens * 64 * 4

@@ -93,7 +93,7 @@ def build_model(hf_config: Any, shape: TrainShape, engine: str = "lorakit", devi
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
     if shape.grad_checkpointing:
-        _enable_checkpointing(model, shape.checkpoint_layers)
+        _enable_checkpointing(model, shape.checkpoint_layers, shape.offload_checkpoints)
     return model.train()
 
 
@@ -113,18 +113,25 @@ def _quantized_model(hf_config: Any, shape: TrainShape, device: str) -> nn.Modul
                                                     attn_implementation="sdpa", device_map={"": device})
 
 
-def _enable_checkpointing(model: nn.Module, layers: int | None = None) -> None:
+def _enable_checkpointing(model: nn.Module, layers: int | None = None, offload: bool = False) -> None:
+    """Checkpoint the earliest `layers` decoder layers (all when None), as the trainer picks
+    them; with `offload` their inputs wait in host memory (only tensors on an accelerator move)."""
+    from lorakit.train.memory_plan import decoder_layers
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     enable = getattr(base, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:  # older transformers
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if layers is not None:  # the earliest `layers` decoder layers, as the trainer picks them
-        from lorakit.train.memory_plan import decoder_layers
-
+    checkpointed = decoder_layers(base)[:layers]
+    if layers is not None:
         for index, layer in enumerate(decoder_layers(base)):
             layer.gradient_checkpointing = index < layers
+    if offload:
+        from lorakit.train.offload import offload_layers
+
+        offload_layers(checkpointed)
 
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
