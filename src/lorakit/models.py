@@ -221,6 +221,7 @@ def _write_dense_folder(gguf_path: Path, out: Path, builtin: bool) -> None:
             f"cannot read GGUF file {gguf_path} ({type(exc).__name__}: {exc}); the file may be "
             "truncated or corrupt, or its architecture unsupported by transformers"
         ) from exc
+    _special_tokens_from_gguf(tokenizer, gguf_path)
     if builtin:
         _fix_smollm2_tokens(tokenizer)
     _align_generation_tokens(model, tokenizer)
@@ -277,6 +278,25 @@ def _tokenizer_from_gguf(gguf_path: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+_GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                        "pad_token": "padding_token_id", "unk_token": "unknown_token_id"}
+
+
+def _special_tokens_from_gguf(tokenizer: Any, gguf_path: Path) -> None:
+    """Take the special tokens the GGUF file names: some transformers versions (4.57, 5.17)
+    read its EOS as the BOS, so training data would end with the wrong token."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(gguf_path)).fields
+    for attribute, key in _GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is None:
+            continue
+        token_id = int(field.parts[-1][0])
+        if 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
 
 
 def _fix_smollm2_tokens(tokenizer: Any) -> None:
