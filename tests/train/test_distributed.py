@@ -224,18 +224,18 @@ def test_existing_output_fails_on_every_rank_without_hanging(tiny, tmp_path):
 
 # ---- kill and resume --------------------------------------------------------------------------
 
-# Only rank 1 draws the silent progress bar (rank 0 draws the real one), and it does so right after
-# each optimizer step: so this SIGKILLs rank 1 alone, between steps 5 and 6, on any machine, while
-# rank 0 is in the run's collectives. Rank 0 then fails on the lost peer and torchrun ends the job.
-KILL_RANK_1_AFTER_STEP_5 = "call:lorakit.train.session:_NoProgress.update:5"
+# Every rank enters save_checkpoint (a collective) at steps 2, 4, 6...: this SIGKILLs rank 1 alone
+# as it enters the third, after step 6, while rank 0 waits for it in the gather. Rank 0 then fails
+# on the lost peer and torchrun ends the job; step-000004 is the last complete checkpoint.
+KILL_RANK_1_AT_THIRD_SAVE = "call:lorakit.train.session:Session.save_checkpoint:3@1"
 
 
 def test_killed_run_resumes_with_two_and_with_one_process(tiny, tmp_path):
     steps, common = 24, ("--max-steps", "24", "--save-every", "2", "--dtype", "float32")
     args = (*common, "--grad-accum", "1")
-    assert callable(session._NoProgress.update)  # the hook's target: without it nothing would be killed
+    assert callable(session.Session.save_checkpoint)  # the hook's target: without it nothing dies
     killed = tmp_path / "killed"
-    run = torchrun(2, train_args(tiny, killed, *args), kill_at=KILL_RANK_1_AFTER_STEP_5)
+    run = torchrun(2, train_args(tiny, killed, *args), kill_at=KILL_RANK_1_AT_THIRD_SAVE)
     log = run.stdout[-3000:] + run.stderr[-3000:]
     assert run.returncode != 0 and re.search(r"rank\s*:\s*1\b.*\n\s*exitcode\s*:\s*-9\b", run.stderr), log
     assert not (killed / "summary.json").exists()

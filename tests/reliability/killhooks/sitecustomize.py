@@ -10,6 +10,9 @@ counted in this process):
                              dies before the atomic rename (a torn write, as on a real crash)
     rmtree:PREFIX:n          SIGKILL half way through the n-th rmtree (in lorakit's checkpoint
                              module) of a folder whose name starts with PREFIX
+
+A spec ending in @R (`call:MODULE:QUALNAME:n@1`) arms the hook only in the torchrun worker whose
+RANK is R, so one rank of a distributed run dies while the others wait in a collective.
 """
 
 import os
@@ -94,5 +97,12 @@ def _install(spec: str) -> None:
         raise SystemExit(f"LORAKIT_KILL_AT: unknown kind {kind!r}")
 
 
+def _armed_here(spec: str) -> tuple[bool, str]:
+    spec, _, rank = spec.partition("@")
+    return not rank or os.environ.get("RANK") == rank, spec
+
+
 if os.environ.get("LORAKIT_KILL_AT"):
-    _install(os.environ["LORAKIT_KILL_AT"])
+    armed, spec = _armed_here(os.environ["LORAKIT_KILL_AT"])
+    if armed:
+        _install(spec)
