@@ -123,25 +123,55 @@ def _triton_cases(dtype):
     }
 
 
-def check_triton(dtype) -> list[dict]:
+def check_triton(dtype):
+    """Each Triton case's result as it is done (none when Triton cannot run here)."""
     from lorakit.kernels import triton_ops
 
     if not triton_ops.triton_available():
-        print(f"triton ops skipped: {triton_ops.unavailable_reason()}")
-        return []
-    results = []
-    for name, (inputs, fast, plain) in _triton_cases(dtype).items():
-        pairs = []
-        for fn, cast in ((fast, lambda t: t), (plain, lambda t: t.double())):
-            leaves = [cast(t).detach().requires_grad_(True) for t in inputs]
-            out = fn(*leaves)
-            upstream = torch.randn(out.shape, generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE)
-            (out.double() * upstream.double()).sum().backward()
-            pairs.append([out.detach()] + [leaf.grad for leaf in leaves])
-        cosine, error = _compare(*pairs)
-        results.append({"case": name, "dtype": str(dtype).removeprefix("torch."), "min_cosine": cosine,
-                        "max_rel_error": error})
-    return results
+        print(f"triton ops skipped: {triton_ops.unavailable_reason()}", flush=True)
+        return
+    for name, case in _triton_cases(dtype).items():
+        yield _guarded(name, dtype, _check_triton_case, name, case, dtype)
+
+
+def _check_triton_case(name, case, dtype) -> dict:
+    inputs, fast, plain = case
+    pairs = []
+    for fn, cast in ((fast, lambda t: t), (plain, lambda t: t.double())):
+        leaves = [cast(t).detach().requires_grad_(True) for t in inputs]
+        out = fn(*leaves)
+        upstream = torch.randn(out.shape, generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE)
+        (out.double() * upstream.double()).sum().backward()
+        pairs.append([out.detach()] + [leaf.grad for leaf in leaves])
+    cosine, error = _compare(*pairs)
+    return {"case": name, "dtype": str(dtype).removeprefix("torch."), "min_cosine": cosine,
+            "max_rel_error": error}
+
+
+def _guarded(label, dtype, check, *args) -> dict:
+    """One case's result, or a failed row naming the error: the other cases still run."""
+    try:
+        return check(*args)
+    except Exception as exc:  # noqa: BLE001 - a kernel that fails to compile is a result too
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return {"case": label, "dtype": str(dtype).removeprefix("torch."), "min_cosine": float("nan"),
+                "max_rel_error": float("nan"), "error": f"{type(exc).__name__}: {first}"[:300]}
+
+
+def _report(result: dict, results: list[dict], json_path: str | None) -> None:
+    """Print the case at once and rewrite the JSON: a timeout keeps what was done."""
+    results.append(result)
+    verdict = "ok" if _passed(result) else "FAILED"
+    line = (f"{result['case']:<11}{result['dtype']:<10}min cosine {result['min_cosine']:.6f}  "
+            f"max rel error {result['max_rel_error']:.2e}  {verdict}")
+    print(line + (f"  ({result['error']})" if "error" in result else ""), flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def _passed(result: dict) -> bool:
+    return result["min_cosine"] >= MIN_COSINE  # False for NaN: a failed case
 
 
 def main() -> int:
@@ -154,20 +184,14 @@ def main() -> int:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("no CUDA device")
         return 2
-    results = []
+    results: list[dict] = []
     for dtype in (torch.bfloat16, torch.float32):
         for name, (modules, fused, plain) in _cases(dtype).items():
-            results.append(check_block(name, modules, fused, plain, dtype))
-        results.append(check_lm_head(dtype))
-        results += check_triton(dtype)
-    for r in results:
-        verdict = "ok" if r["min_cosine"] >= MIN_COSINE else "FAILED"
-        print(f"{r['case']:<11}{r['dtype']:<10}min cosine {r['min_cosine']:.6f}  "
-              f"max rel error {r['max_rel_error']:.2e}  {verdict}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return 0 if all(r["min_cosine"] >= MIN_COSINE for r in results) else 1
+            _report(_guarded(name, dtype, check_block, name, modules, fused, plain, dtype), results, args.json)
+        _report(_guarded("lm_head+ce", dtype, check_lm_head, dtype), results, args.json)
+        for result in check_triton(dtype):
+            _report(result, results, args.json)
+    return 0 if all(_passed(r) for r in results) else 1
 
 
 if __name__ == "__main__":

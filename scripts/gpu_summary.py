@@ -33,6 +33,22 @@ def _row(r: dict) -> str:
             f"{_ratio(r.get('memory_vs_peft')):>11}")
 
 
+def _check_lines(check: dict) -> list[str]:
+    verdict = "PASSED" if check["passed"] else "FAILED"
+    if "error" in check:
+        return [f"check FAILED: {check['error']}"]
+    lines = [f"check {verdict}: vs PEFT min grad cosine {check['min_grad_cosine']:.5f} "
+             f"({check['worst_tensor']}), max loss rel diff {check['max_loss_rel_diff']:.1e} "
+             f"over {check['steps']} steps"]
+    ref = check.get("reference")
+    if ref:
+        cos, rel = ref["min_grad_cosine"], ref["max_loss_rel_diff"]
+        lines.append(f"  vs {ref['matmul']} reference: grad cosine lorakit {cos['lorakit']:.5f} / PEFT "
+                     f"{cos['peft']:.5f} (bound {ref['cosine_bound']:.5f}), loss rel diff lorakit "
+                     f"{rel['lorakit']:.1e} / PEFT {rel['peft']:.1e} (bound {ref['loss_bound']:.1e})")
+    return lines
+
+
 def summarize(path: str) -> list[str]:
     try:
         with open(path) as f:
@@ -46,9 +62,7 @@ def summarize(path: str) -> list[str]:
              f"{result['environment'].get('gpu', result['environment']['cpu'])}"]
     check = result.get("check")
     if check:
-        lines.append(f"check {'PASSED' if check['passed'] else 'FAILED'}: min grad cosine "
-                     f"{check['min_grad_cosine']:.5f} ({check['worst_tensor']}), max loss rel diff "
-                     f"{check['max_loss_rel_diff']:.1e}")
+        lines += _check_lines(check)
     lines += [HEADER] + [_row(r) for r in result["variants"]]
     anchor = ANCHORS.get((s["preset"], s["grad_checkpointing"]))
     # the anchors: every token trained, unpacked rows, the default loss chunk

@@ -104,6 +104,68 @@ def test_check_catches_a_wrong_loss(monkeypatch):
     assert not check["passed"]
 
 
+def _bf16_plan(**overrides):
+    """The GPU's bf16 check, run on the CPU (bf16 math works there, slowly)."""
+    plan = resolve(_settings(**overrides))
+    plan.dtype = "bfloat16"
+    return plan
+
+
+def test_bf16_check_judges_lorakit_and_peft_against_an_fp32_reference():
+    plan = _bf16_plan(check_steps=3)
+    check = check_against_peft(plan, make_inputs(plan))
+    ref = check["reference"]
+    assert ref is not None and ref["matmul"] == "fp32"  # TF32 only on CUDA
+    assert len(ref["losses"]) == 3 and ref["losses"][0] != ref["losses"][-1]
+    cos, rel = ref["min_grad_cosine"], ref["max_loss_rel_diff"]
+    # bf16 rounding is visible against fp32 but small, for both
+    assert 0.99 < cos["peft"] < 1.0 and 0.99 < cos["lorakit"] < 1.0
+    assert 0 < rel["peft"] < 1e-2 and rel["lorakit"] < 1e-2
+    assert ref["cosine_bound"] == pytest.approx(min(0.999, cos["peft"] - 0.002))
+    assert check["passed"] and ref["passed"]
+
+
+def test_bf16_check_catches_a_wrong_loss(monkeypatch):
+    def wrong_loss(model, plan, chunked):  # predicts the current token instead of the next
+        from lorakit.kernels.llama_patch import causal_lm_loss
+
+        return lambda batch: causal_lm_loss(model, {**batch, "labels": torch.roll(batch["labels"], 1, -1)})
+
+    monkeypatch.setattr(bench_variants, "lorakit_loss", wrong_loss)
+    plan = _bf16_plan(check_steps=2)
+    check = check_against_peft(plan, make_inputs(plan))
+    assert check["reference"]["min_grad_cosine"]["lorakit"] < check["reference"]["cosine_bound"]
+    assert not check["passed"]
+
+
+def test_a_failing_variant_or_check_keeps_the_other_results(monkeypatch, capsys):
+    from lorakit import bench, bench_check
+    from lorakit.cli import main
+
+    real = bench.prepare_variant
+
+    def broken_peft(name, plan):
+        if name == "peft":
+            raise RuntimeError("a kernel failed to compile\nsecond line")
+        return real(name, plan)
+
+    def broken_check(plan, inputs):
+        raise ValueError("the check broke")
+
+    monkeypatch.setattr(bench, "prepare_variant", broken_peft)
+    monkeypatch.setattr(bench_check, "check_against_peft", broken_check)
+    result = run_bench(_settings(check=True), log=lambda line: None)
+    rows = {r["variant"]: r for r in result["variants"]}
+    assert rows["peft"]["error"] == "RuntimeError: a kernel failed to compile"
+    assert "error" not in rows["lorakit"] and rows["lorakit"]["tokens_per_s"] > 0
+    assert result["check"] == {"error": "ValueError: the check broke", "passed": False}
+    capsys.readouterr()
+    code = main(["bench", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--check", "--sequential",
+                 "--variants", "lorakit", "--threads", "1", "--peak-tflops", "1"])
+    out = capsys.readouterr().out
+    assert code == 1 and "check FAILED: it did not run to the end (ValueError: the check broke)" in out
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_prompt_fraction_masks_the_start_of_each_example_and_matches_peft(packing):
     plan = resolve(_settings(check_steps=2, packing=packing, seq_len=48, prompt_fraction=0.75))

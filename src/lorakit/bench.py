@@ -34,7 +34,9 @@ import importlib.util
 import os
 import platform
 import statistics
+import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -409,8 +411,16 @@ def _measure_here(name: str, plan: Plan, inputs: dict) -> dict:
         return measure_variant(name, plan, inputs)
     except torch.cuda.OutOfMemoryError as exc:
         return {"variant": name, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+    except Exception as exc:  # noqa: BLE001 - one broken variant (a kernel, a peer's patch) must not cost the others
+        traceback.print_exc(file=sys.stderr)
+        return {"variant": name, "error": _one_line(exc)}
     finally:
         release_cuda()
+
+
+def _one_line(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"[:300]
 
 
 # ---- summary -----------------------------------------------------------------------------------
@@ -498,7 +508,11 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
         from lorakit.bench_check import check_against_peft
 
         log("  check: lorakit vs peft from identical weights")
-        check = check_against_peft(plan, inputs)
+        try:
+            check = check_against_peft(plan, inputs)
+        except Exception as exc:  # noqa: BLE001 - the speed rows still get measured and reported
+            traceback.print_exc(file=sys.stderr)
+            check = {"error": _one_line(exc), "passed": False}
         release_cuda()
     peak = s.peak_tflops or measure_matmul_peak(s.device)
     raw = run_variants(plan, inputs, log)

@@ -20,9 +20,11 @@ step time, tokens/s, peak memory, MFU and the ratios against PEFT. Presets: cpu 
 shape, fp32, 4 x 256), gpu-1b (Llama-3.2-1B shape, bf16, 4 x 2048), gpu-8b (Llama-3.1-8B shape,
 bf16, 2 x 2048), tiny (a 2-layer smoke test). On CPU every variant runs in its own process
 (peak RSS never goes down); on GPU all run in one process with the allocator reset between.
---check also compares step-1 adapter gradients (cosine >= 0.999) and the loss curve against
-PEFT from identical weights. On CPU the variants' child processes take their steps in turn
-(a shared machine's load then hits them alike); --sequential runs them one after the other. Method and numbers: docs/performance.md."""
+--check also compares step-1 adapter gradients and the loss curve against PEFT from identical
+weights (fp32: cosine >= 0.999, losses within 1e-3; bf16: lorakit must be about as close to an
+fp32 copy of the model as PEFT is, since bf16 rounding alone moves both further). On CPU the
+variants' child processes take their steps in turn (a shared machine's load then hits them
+alike); --sequential runs them one after the other. Method and numbers: docs/performance.md."""
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -111,11 +113,21 @@ def _print_report(result: dict) -> None:
 
 
 def _check_line(check: dict) -> str:
+    if "error" in check:
+        return f"check FAILED: it did not run to the end ({check['error']})"
     verdict = "PASSED" if check["passed"] else "FAILED"
-    return (f"check {verdict}: min step-1 gradient cosine {check['min_grad_cosine']:.6f} over {check['tensors']} "
-            f"adapter tensors (worst {check['worst_tensor']}; needs >= {check['min_cosine_required']}), "
-            f"max loss relative difference {check['max_loss_rel_diff']:.2e} over {check['steps']} steps "
-            f"(tolerance {check['loss_tolerance']:.0e})")
+    against_peft = (f"min step-1 gradient cosine {check['min_grad_cosine']:.6f} over {check['tensors']} "
+                    f"adapter tensors (worst {check['worst_tensor']}), max loss relative difference "
+                    f"{check['max_loss_rel_diff']:.2e} over {check['steps']} steps")
+    ref = check.get("reference")
+    if ref is None:
+        return (f"check {verdict}: {against_peft} (needs cosine >= {check['min_cosine_required']}, "
+                f"loss within {check['loss_tolerance']:.0e})")
+    cos, rel = ref["min_grad_cosine"], ref["max_loss_rel_diff"]
+    return (f"check {verdict}: lorakit vs PEFT {against_peft}.\n"
+            f"  against the {ref['matmul']} reference: gradient cosine lorakit {cos['lorakit']:.6f}, PEFT "
+            f"{cos['peft']:.6f} (lorakit needs >= {ref['cosine_bound']:.6f}); loss relative difference "
+            f"lorakit {rel['lorakit']:.2e}, PEFT {rel['peft']:.2e} (lorakit needs <= {ref['loss_bound']:.2e})")
 
 
 COLUMNS = ["variant", "step ms", "min ms", "cpu ms", "tok/s", "peak GiB", "saved GiB", "MFU",
