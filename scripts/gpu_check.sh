@@ -17,9 +17,10 @@
 #   5. lorakit bench --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5
 #                                                instruction-style labels: lorakit's head skips the
 #                                                unlabelled half (~10% of the step's FLOPs predicted)
-#   6. lorakit bench --preset gpu-1b --packing --max-doc-len 512 --variants lorakit,lorakit-4d,peft-bf16
-#                                                rows of several documents: varlen against the 4D
-#                                                mask, packed against PEFT padded
+#   6. lorakit bench --preset gpu-1b --packing --max-doc-len 512 --variants lorakit,lorakit-perdoc,lorakit-4d,peft-bf16
+#                                                rows of several documents: torch's varlen kernel
+#                                                against an SDPA call per document and the 4D mask,
+#                                                packed against PEFT padded
 #   7. lorakit bench --preset gpu-1b --variants lorakit --chunk-size 4096
 #                                                the loss in 4096-row chunks instead of the default
 #                                                256 (128 MiB budget): ~3 GiB more memory predicted;
@@ -28,15 +29,15 @@
 #                                                which CI runs too: last, with what time is left)
 # A variant or check that raises is reported as a failed row; the other rows still come back.
 # The benches' default variants include lorakit-triton (Triton RMSNorm/SwiGLU/RoPE, opt-in in the
-# trainer until this run shows they pay) and step 2 checks those kernels compiled for CUDA.
+# trainer until this run shows they pay) and step 1 checks those kernels compiled for CUDA.
 #
 # Results in $OUT (at most 8 files come back): gpu_check.log (every command's output, pytest's
-# too), kernels.json, benches.json ({step name: `lorakit bench --json` result} of steps 3-8),
+# too), kernels.json, benches.json ({step name: `lorakit bench --json` result} of steps 2-7),
 # summary.txt.
 # The short table printed last (summary.txt) is what to paste into docs/performance.md.
 #
-# How to run it (the device tool, repository root):
-#     run(command="bash scripts/gpu_check.sh", timeout_s=600)
+# How to run it (the device tool, repository root; .whl holds the liger-kernel wheel, below):
+#     run(command="bash scripts/gpu_check.sh", timeout_s=600, carry=[".whl"])
 #
 # Wheels: none are needed. The device image has python 3.12, torch 2.11 (CUDA 13),
 # transformers 5.17, peft 0.21, triton, pytest, rich, pyyaml, safetensors, numpy; lorakit runs
@@ -108,7 +109,7 @@ bench bench_1b_ckpt 110 --preset gpu-1b --grad-checkpointing
 bench bench_8b_ckpt 170 --preset gpu-8b --grad-checkpointing --variants lorakit,lorakit-offload,peft,peft-liger
 # the rest by importance: what the budget leaves out is skipped, and the summary says so
 bench bench_1b_prompt50 50 --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5 --steps 5 --warmup 2
-bench bench_1b_packed 60 --preset gpu-1b --packing --max-doc-len 512 --variants lorakit,lorakit-4d,peft-bf16 --steps 5 --warmup 2
+bench bench_1b_packed 60 --preset gpu-1b --packing --max-doc-len 512 --variants lorakit,lorakit-perdoc,lorakit-4d,peft-bf16 --steps 5 --warmup 2
 bench bench_1b_chunk4096 60 --preset gpu-1b --variants lorakit --chunk-size 4096
 step pytest 120 bash -c "\"$PY\" -m pytest -x -q -p no:cacheprovider tests/kernels tests/lora -k \"not triton\" >>\"$LOG\" 2>&1"
 

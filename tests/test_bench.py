@@ -276,3 +276,15 @@ def test_bad_new_flags_exit_2_with_one_message(capsys, flags, message):
     assert main(["bench", "--preset", "tiny", "--steps", "1", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_perdoc_variant_is_cuda_only_and_keeps_torch_varlen_kernel_out():
+    from lorakit.bench_variants import prepare_variant
+    from lorakit.kernels.varlen_attention import PER_DOCUMENT_ONLY
+
+    plan = resolve(_settings(variants=["lorakit", "lorakit-perdoc"], packing=True, seq_len=48))
+    assert plan.settings.variants == ["lorakit"] and "lorakit-perdoc skipped" in plan.notices[0]
+    flags = {name: {m.__dict__.get(PER_DOCUMENT_ONLY, False) for m in prepare_variant(name, plan).model.modules()
+                    if hasattr(m, "head_dim")}
+             for name in ("lorakit", "lorakit-perdoc")}
+    assert flags == {"lorakit": {False}, "lorakit-perdoc": {True}}

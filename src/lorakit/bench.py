@@ -46,7 +46,7 @@ from lorakit.errors import ConfigError
 from lorakit.host import peak_rss_bytes, proc_field
 
 VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-triton", "lorakit-plain", "lorakit-ce",
-            "lorakit-fused", "lorakit-4d", "lorakit-offload")
+            "lorakit-fused", "lorakit-4d", "lorakit-perdoc", "lorakit-offload")
 DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-triton", "lorakit-offload", "peft-liger")
 GIB = 2**30
 
@@ -165,6 +165,9 @@ def _choose_variants(asked: list[str] | None, plan: Plan) -> list[str]:
 def _skip_reason(name: str, plan: Plan) -> str | None:
     if name == "lorakit-4d" and not plan.settings.packing:
         return "it differs from lorakit only in packed rows (--packing)"
+    if name == "lorakit-perdoc" and (plan.device != "cuda" or not plan.settings.packing):
+        return ("it differs from lorakit only in packed rows on CUDA (an SDPA call per document instead of "
+                "torch's varlen kernel)")
     if name == "lorakit-offload" and (plan.device != "cuda" or not plan.settings.grad_checkpointing):
         return "it offloads checkpointed layers' inputs from a GPU: needs --grad-checkpointing on CUDA"
     if name == "peft-bf16" and plan.dtype == "float32":

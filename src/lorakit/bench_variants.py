@@ -10,11 +10,13 @@
                    ablations: no fast path / only the chunked loss / only the fused blocks
     lorakit-4d     packed runs: lorakit with a block-causal 4D mask instead of per-document
                    (varlen) attention
+    lorakit-perdoc packed runs on CUDA: lorakit with an SDPA call per document length instead of
+                   torch's varlen kernel (the CPU's way)
     lorakit-offload
                    with --grad-checkpointing on CUDA: lorakit with each checkpointed layer's
                    input in host memory (the trainer's `--grad-checkpointing offload`)
 
-Packed runs (--packing): lorakit, lorakit-fused and lorakit-triton switch the model to
+Packed runs (--packing): lorakit, lorakit-fused, lorakit-triton and lorakit-perdoc switch the model to
 lorakit_varlen attention and train on varlen rows, as the trainer does with its fast paths.
 """
 
@@ -67,12 +69,18 @@ def prepare_variant(name: str, plan) -> Prepared:
         model = add_peft_adapters(model, plan, autocast_adapter_dtype=name != "peft-bf16")
         loss_fn, notices, key = hf_loss(model), [], "peft"
     else:
-        fused = name in ("lorakit", "lorakit-fused", "lorakit-triton", "lorakit-4d", "lorakit-offload")
+        fused = name in ("lorakit", "lorakit-fused", "lorakit-triton", "lorakit-4d", "lorakit-perdoc",
+                         "lorakit-offload")
         notices = add_lorakit_adapters(model, plan, fused=fused, triton=name == "lorakit-triton",
                                        varlen=name != "lorakit-4d")
-        chunked = name in ("lorakit", "lorakit-ce", "lorakit-triton", "lorakit-4d", "lorakit-offload")
+        chunked = name in ("lorakit", "lorakit-ce", "lorakit-triton", "lorakit-4d", "lorakit-perdoc",
+                           "lorakit-offload")
         key = "lorakit" if fused and name != "lorakit-4d" else "lorakit-4d"  # packed: varlen rows or 4D mask
         loss_fn = lorakit_loss(model, plan, chunked=chunked)
+        if name == "lorakit-perdoc":
+            from lorakit.kernels.varlen_attention import per_document_only
+
+            per_document_only(model)
         if name == "lorakit-offload":
             from lorakit.train.memory_plan import checkpoint_every_layer
 

@@ -3,6 +3,7 @@ the same examples unpacked (one per padded row) and as the 4D-mask packed batch.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from lorakit.data.batching import collate, count_label_tokens
@@ -254,3 +255,103 @@ def test_flash_attention_is_kept():
     model.config._attn_implementation_internal = "flash_attention_2"
     assert use_varlen_attention(model) == []
     assert model.config._attn_implementation == "flash_attention_2"
+
+
+# ---- torch's varlen kernel (CUDA only): its plumbing, with a CPU stand-in for the kernel ---------
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, causal=True, gqa=False):
+    """Plain varlen attention over (T, H, D) tensors: one causal SDPA per [cu[i], cu[i+1])."""
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    assert max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+    if k.shape[1] != q.shape[1]:
+        assert gqa, "k/v with fewer heads need enable_gqa"
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    bounds = cu_q.tolist()
+    outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), scale=scale,
+                                           is_causal=causal)[0].transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs)
+
+
+def new_style_kernel(calls, causal_ok=True):
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1), enable_gqa=False):
+        calls.append((cu_seq_q.tolist(), max_q))
+        causal = tuple(window_size) == (-1, 0)
+        assert causal, "lorakit asks for causal attention"
+        return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                                 causal=causal_ok, gqa=enable_gqa)
+    return varlen_attn
+
+
+def old_style_kernel(calls):  # torch 2.10: is_causal, no enable_gqa
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, is_causal=False,
+                    scale=None):
+        calls.append((cu_seq_q.tolist(), max_q))
+        return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                                 causal=is_causal)
+    return varlen_attn
+
+
+@pytest.fixture
+def kernel_on_cpu(monkeypatch):
+    """Lets the kernel path run on the CPU; returns a function installing a stand-in kernel."""
+    monkeypatch.setattr(varlen_attention._FLASH, "trusted", None)
+    monkeypatch.setattr(varlen_attention, "_flash_varlen_usable", lambda module, query: (
+        varlen_attention._FLASH.trusted is not False
+        and not module.__dict__.get(varlen_attention.PER_DOCUMENT_ONLY, False)))
+    return lambda kernel: monkeypatch.setattr(varlen_attention, "_torch_varlen_attn", lambda: kernel)
+
+
+def packed_batch():
+    return collate(make_rows(), packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen")
+
+
+def per_document_result():
+    model = lora_model()
+    use_varlen_attention(model)
+    varlen_attention.per_document_only(model)
+    return loss_and_grads(model, packed_batch(), chunked_loss)
+
+
+@pytest.mark.parametrize("style", [new_style_kernel, old_style_kernel])
+def test_the_varlen_kernel_gets_every_document_in_one_call(kernel_on_cpu, style):
+    want = per_document_result()
+    calls = []
+    kernel_on_cpu(style(calls))
+    model = lora_model()  # GQA: 4 query heads, 2 key/value heads
+    use_varlen_attention(model)
+    got = loss_and_grads(model, packed_batch(), chunked_loss)
+    assert_same(got, want)
+    lengths = [n for row in ROWS for n in row + ([WIDTH - sum(row)] if sum(row) < WIDTH else [])]
+    bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    # the first call is checked against per-document SDPA, then one call per layer
+    assert calls == [(bounds, max(lengths))] * (1 + model.config.num_hidden_layers)
+    assert varlen_attention._FLASH.trusted is True
+
+
+@pytest.mark.parametrize("broken", ["non-causal", "raises"])
+def test_a_kernel_that_disagrees_or_fails_is_dropped_with_one_warning(kernel_on_cpu, broken):
+    want = per_document_result()
+    calls = []
+
+    def raising(*args, **kwargs):
+        calls.append(args[3].tolist())
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    kernel_on_cpu(new_style_kernel(calls, causal_ok=False) if broken == "non-causal" else raising)
+    model = lora_model()
+    use_varlen_attention(model)
+    with pytest.warns(UserWarning, match="varlen kernel is not used") as caught:
+        got = loss_and_grads(model, packed_batch(), chunked_loss)
+        loss_and_grads(model, packed_batch(), chunked_loss)
+    assert len(caught) == 1 and ("disagrees" in str(caught[0].message)) == (broken == "non-causal")
+    assert len(calls) == 1 and varlen_attention._FLASH.trusted is False  # tried once, then never again
+    assert_same(got, want)
+
+
+def test_per_document_only_keeps_the_kernel_out(kernel_on_cpu):
+    calls = []
+    kernel_on_cpu(new_style_kernel(calls))
+    per_document_result()
+    assert calls == []

@@ -14,6 +14,12 @@ equal length share one batched call), so no token attends across a boundary and 
 spent on the cross-document blocks. Without ``cu_seq_lens`` the boundaries are read from
 restarting ``position_ids`` (the rule transformers uses to detect packing).
 
+On a CUDA GPU, in bf16/fp16 without dropout, torch's own varlen kernel
+(``torch.nn.attention.varlen.varlen_attn``, flash attention over the cumulative bounds) does
+all documents in one call instead. Its first call in a process is checked against the
+per-document SDPA path; if it raises or disagrees, the per-document path is used from then on
+and one warning says why. A model's attention modules can opt out (``per_document_only``).
+
 The matching mask entry (``ALL_MASK_ATTENTION_FUNCTIONS["lorakit_varlen"]``) builds nothing
 when there is no padding mask and no cache offset; otherwise (a padded batch, generation with
 a cache) it builds what ``sdpa`` would, and the attention function hands that call to
@@ -23,8 +29,11 @@ to SDPA as well, so every batch layout stays exact under this implementation.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +58,14 @@ class Segments:
     width: int
     rows: tuple[tuple[int, ...], ...]  # segment lengths of each row, summing to width
     groups: dict[int, tuple[int, ...]]  # length -> segment numbers
+    # the cumulative bounds as int32 on each device that asked (the varlen kernel's input)
+    device_bounds: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def bounds_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self.device_bounds:
+            lengths = torch.tensor([0, *(n for row in self.rows for n in row)])
+            self.device_bounds[device] = lengths.cumsum(0).to(torch.int32).to(device)
+        return self.device_bounds[device]
 
     @property
     def one_per_row(self) -> bool:
@@ -145,6 +162,10 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     options = dict(dropout_p=dropout, scale=scaling, is_causal=True, **({"enable_gqa": True} if gqa else {}))
     if segments.one_per_row:  # nothing packed: one call, SDPA's own causal path
         return F.scaled_dot_product_attention(query, key, value, **options).transpose(1, 2).contiguous(), None
+    if dropout == 0.0 and _flash_varlen_usable(module, query):
+        flash = _flash_varlen_checked(query, key, value, segments, scaling, options)
+        if flash is not None:
+            return flash, None
     return _per_document(query, key, value, segments, options), None
 
 
@@ -182,6 +203,91 @@ def _per_document(query, key, value, segments: Segments, options: dict) -> torch
             outputs[number] = piece  # (length, Hq, D)
     flat = torch.cat(outputs)  # (B*T, Hq, D)
     return flat.view(len(segments.rows), segments.width, *flat.shape[1:])
+
+
+# ---- torch's varlen kernel (CUDA) ---------------------------------------------------------------
+
+PER_DOCUMENT_ONLY = "_lorakit_per_document_only"  # on an attention module: never the varlen kernel
+
+
+class _FlashVarlenState:
+    """Whether torch's varlen kernel is trusted in this process: None until its first call was
+    checked against the per-document path, then True, or False with the reason warned once."""
+
+    trusted: bool | None = None
+
+
+_FLASH = _FlashVarlenState()
+
+
+def per_document_only(model: nn.Module, on: bool = True) -> None:
+    """Keep ``model``'s packed attention on per-document SDPA (for comparisons)."""
+    for module in model.modules():
+        if hasattr(module, "is_causal") and hasattr(module, "head_dim"):
+            module.__dict__[PER_DOCUMENT_ONLY] = on
+
+
+def _torch_varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _flash_varlen_usable(module: nn.Module, query: torch.Tensor) -> bool:
+    return (_FLASH.trusted is not False and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+            and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
+            and not module.__dict__.get(PER_DOCUMENT_ONLY, False) and _torch_varlen_attn() is not None)
+
+
+def _flash_varlen_checked(query, key, value, segments: Segments, scaling, options) -> torch.Tensor | None:
+    """The varlen kernel's output, or None when it is not trusted here (see _FlashVarlenState)."""
+    if _FLASH.trusted is None:
+        _FLASH.trusted, reason = _flash_varlen_agrees(query, key, value, segments, scaling, options)
+        if not _FLASH.trusted:
+            warnings.warn(f"packed attention: torch's varlen kernel is not used ({reason}); each document "
+                          "gets its own SDPA call instead", stacklevel=3)
+            return None
+    return _flash_varlen(query, key, value, segments, scaling)
+
+
+def _flash_varlen_agrees(query, key, value, segments, scaling, options) -> tuple[bool, str]:
+    try:
+        with torch.no_grad():
+            got = _flash_varlen(query, key, value, segments, scaling).float()
+            want = _per_document(query, key, value, segments, options).float()
+    except Exception as exc:  # noqa: BLE001 - any failure of an optional kernel means: do not use it
+        return False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    error = float((got - want).abs().max())
+    scale = float(want.abs().max())
+    cosine = float(F.cosine_similarity(got.flatten(), want.flatten(), dim=0))
+    if cosine < 0.999 or error > 0.05 * scale + 1e-3:
+        return False, f"it disagrees with per-document SDPA (cosine {cosine:.5f}, max error {error:.3g})"
+    return True, ""
+
+
+@functools.cache
+def _parameters(function) -> frozenset[str]:
+    return frozenset(inspect.signature(function).parameters)
+
+
+def _flash_varlen(query, key, value, segments: Segments, scaling) -> torch.Tensor:
+    """q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, T, Hq, D), all documents in one kernel call."""
+    varlen_attn = _torch_varlen_attn()
+    params = _parameters(varlen_attn)
+    batch, heads, width, dim = query.shape
+    # causal: a window of (all before, none after) since torch 2.11, is_causal in 2.10
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    gqa = key.shape[1] != heads
+    if gqa and "enable_gqa" not in params:
+        key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // key.shape[1])
+    extra = {"enable_gqa": True} if gqa and "enable_gqa" in params else {}
+    q, k, v = (t.transpose(1, 2).reshape(batch * width, t.shape[1], dim) for t in (query, key, value))
+    bounds = segments.bounds_on(query.device)
+    longest = max(segments.groups)
+    out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling, **causal, **extra)
+    return out.reshape(batch, width, heads, dim)
 
 
 def varlen_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
