@@ -109,7 +109,7 @@ bench bench_1b_ckpt 110 --preset gpu-1b --grad-checkpointing
 bench bench_8b_ckpt 170 --preset gpu-8b --grad-checkpointing --variants lorakit,lorakit-offload,peft,peft-liger
 # the rest by importance: what the budget leaves out is skipped, and the summary says so
 bench bench_1b_prompt50 50 --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5 --steps 5 --warmup 2
-bench bench_1b_packed 60 --preset gpu-1b --packing --max-doc-len 512 --variants lorakit,lorakit-perdoc,lorakit-4d,peft-bf16 --steps 5 --warmup 2
+bench bench_1b_packed 80 --preset gpu-1b --packing --max-doc-len 512 --variants lorakit,lorakit-perdoc,lorakit-4d,peft-bf16 --steps 5 --warmup 2
 bench bench_1b_chunk4096 60 --preset gpu-1b --variants lorakit --chunk-size 4096
 step pytest 120 bash -c "\"$PY\" -m pytest -x -q -p no:cacheprovider tests/kernels tests/lora -k \"not triton\" >>\"$LOG\" 2>&1"
 

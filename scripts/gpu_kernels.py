@@ -9,9 +9,11 @@ adapter masters fp32, as apply_lora makes them) and in fp32, on 1b-like widths:
     lm_head+ce   chunked_lm_head_loss(h, W, y)  vs  cross_entropy(h W^T, y)
     triton ops   rms_norm, swiglu, rope (kernels/triton_ops.py, compiled for the GPU here)
                  vs their plain references; skipped without triton
+    varlen       torch's varlen kernel as lorakit_varlen calls it for packed rows (bf16, GQA,
+                 documents of mixed lengths) vs causal SDPA per document; skipped without it
 
-For each: the output and the gradients of x and of every lora_A / lora_B (a random upstream
-gradient), as cosine similarity and max relative error against the same computation in float64.
+For each: the output and the gradients of its inputs (x and every lora_A / lora_B; q, k, v)
+under a random upstream gradient, as cosine similarity and max relative error against the same computation in float64.
 Prints one line per case, writes JSON with --json, exits 1 if any cosine < 0.999.
 
     PYTHONPATH=src python3 scripts/gpu_kernels.py [--json out.json] [--device cpu]   # cpu: dry run
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import sys
 
@@ -104,6 +107,43 @@ def check_lm_head(dtype) -> dict:
             "max_rel_error": error}
 
 
+# packed rows of 1024 tokens: long and short documents, equal lengths across rows, many short ones
+VARLEN_ROWS = [[700, 300, 24], [512, 512], [1000, 24], [64] * 16]
+
+
+def check_varlen(dtype):
+    """torch's varlen kernel through lorakit_varlen's call, against per-document SDPA in float64."""
+    from lorakit.kernels import varlen_attention as va
+
+    if DEVICE != "cuda" or dtype not in (torch.bfloat16, torch.float16) or va._torch_varlen_attn() is None:
+        print(f"varlen     {str(dtype).removeprefix('torch.'):<10}skipped: the kernel needs CUDA, bf16/fp16 "
+              "and torch >= 2.10", flush=True)
+        return
+    yield _guarded("varlen", dtype, _check_varlen_case, va, dtype)
+
+
+def _check_varlen_case(va, dtype) -> dict:
+    torch.manual_seed(0)
+    width, batch = sum(VARLEN_ROWS[0]), len(VARLEN_ROWS)
+    bounds = torch.tensor([0, *(n for row in VARLEN_ROWS for n in row)]).cumsum(0).tolist()
+    segments = va.segments_from_bounds(bounds, batch, width)
+    q = torch.randn(batch, 32, width, 64, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(batch, 8, width, 64, device=DEVICE, dtype=dtype) for _ in range(2))
+    upstream = torch.randn(batch, width, 32, 64, device=DEVICE, dtype=torch.float64)
+    options = dict(dropout_p=0.0, scale=64 ** -0.5, is_causal=True, enable_gqa=True)
+    fast = lambda q, k, v: va._flash_varlen(q, k, v, segments, 64 ** -0.5)
+    plain = lambda q, k, v: va._per_document(q, k, v, segments, options)
+    pairs = []
+    for fn, cast in ((fast, lambda t: t), (plain, lambda t: t.double())):
+        leaves = [cast(t).detach().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves)
+        (out.double() * upstream).sum().backward()
+        pairs.append([out.detach()] + [leaf.grad for leaf in leaves])
+    cosine, error = _compare(*pairs)
+    return {"case": "varlen", "dtype": str(dtype).removeprefix("torch."), "min_cosine": cosine,
+            "max_rel_error": error}
+
+
 def _triton_cases(dtype):
     """name -> (inputs, triton fn, reference fn); inputs that need gradients are float tensors."""
     from lorakit.kernels import triton_ops as ops
@@ -130,8 +170,17 @@ def check_triton(dtype):
     if not triton_ops.triton_available():
         print(f"triton ops skipped: {triton_ops.unavailable_reason()}", flush=True)
         return
-    for name, case in _triton_cases(dtype).items():
+    try:
+        cases = _triton_cases(dtype)
+    except Exception as exc:  # noqa: BLE001 - the other checks still run
+        yield _guarded("triton", dtype, _raise, exc)
+        return
+    for name, case in cases.items():
         yield _guarded(name, dtype, _check_triton_case, name, case, dtype)
+
+
+def _raise(exc: Exception):
+    raise exc
 
 
 def _check_triton_case(name, case, dtype) -> dict:
@@ -189,7 +238,7 @@ def main() -> int:
         for name, (modules, fused, plain) in _cases(dtype).items():
             _report(_guarded(name, dtype, check_block, name, modules, fused, plain, dtype), results, args.json)
         _report(_guarded("lm_head+ce", dtype, check_lm_head, dtype), results, args.json)
-        for result in check_triton(dtype):
+        for result in itertools.chain(check_triton(dtype), check_varlen(dtype)):
             _report(result, results, args.json)
     return 0 if all(_passed(r) for r in results) else 1
 

@@ -64,6 +64,7 @@ def summarize(path: str) -> list[str]:
     if check:
         lines += _check_lines(check)
     lines += [HEADER] + [_row(r) for r in result["variants"]]
+    lines += [f"note: {r['variant']}: {n}" for r in result["variants"] for n in r.get("notices", [])]
     anchor = ANCHORS.get((s["preset"], s["grad_checkpointing"]))
     # the anchors: every token trained, unpacked rows, the default loss chunk
     if anchor and not (s.get("prompt_fraction") or s.get("packing") or s.get("chunk_size")):

@@ -354,7 +354,18 @@ def test_gguf_converts_once_to_a_plain_folder(tiny_gguf, cache):
     direct = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
     torch.testing.assert_close(_logits(model, (5, 70, 80)), _logits(direct, (5, 70, 80)))
     assert tokenizer.eos_token == "<|im_end|>" and model.generation_config.eos_token_id == 2
+    assert tokenizer.bos_token == "<|im_start|>" and tokenizer.unk_token == "<|endoftext|>"
     assert base_model_name(model) == str(tiny_gguf.resolve())
+
+
+def test_special_tokens_come_from_the_gguf_metadata(tiny_gguf):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name)
+    tokenizer.eos_token = tokenizer.unk_token = tokenizer.bos_token  # as transformers 5.17 reads this file
+    models._special_tokens_from_gguf(tokenizer, tiny_gguf)
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == \
+        ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # the file's ids 1, 2 and 0
 
 
 def test_gguf_second_load_uses_the_cache(tiny_gguf, cache, monkeypatch):

@@ -361,9 +361,20 @@ def measure_variant(name: str, plan: Plan, inputs: dict) -> dict:
     prepared = prepare_variant(name, plan)
     rss_built = peak_rss_bytes()
     raw = run_steps(name, prepared, inputs[prepared.inputs_key], plan)
-    raw.update(notices=prepared.notices, memory=memory_figures(plan.device, rss_before, rss_built))
+    notices = prepared.notices + _attention_notice(name, plan)
+    raw.update(notices=notices, memory=memory_figures(plan.device, rss_before, rss_built))
     del prepared
     return raw
+
+
+def _attention_notice(name: str, plan: Plan) -> list[str]:
+    """Packed GPU rows: whether torch's varlen kernel ran (it is dropped if its first call fails)."""
+    if not (plan.settings.packing and plan.device == "cuda") or name in ("lorakit-4d", "lorakit-perdoc") \
+            or not name.startswith("lorakit"):
+        return []
+    from lorakit.kernels.varlen_attention import varlen_kernel_status
+
+    return [varlen_kernel_status()]
 
 
 def memory_figures(device: str, rss_before: int, rss_built: int) -> dict:

@@ -151,9 +151,10 @@ def _adapter_grads(model) -> dict[str, torch.Tensor]:
 
 
 def _cosines(ours: dict, theirs: dict) -> dict[str, float]:
+    """Per adapter tensor; NaN (the worst) where one side has no gradient or no such tensor."""
     cosines = {}
-    for key, mine in ours.items():
-        other = theirs.get(key)
+    for key in sorted(ours.keys() | theirs.keys()):
+        mine, other = ours.get(key), theirs.get(key)
         if mine is None or other is None:
             cosines[key] = float("nan")
             continue

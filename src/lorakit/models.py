@@ -300,8 +300,8 @@ def _special_tokens_from_gguf(tokenizer: Any, gguf_path: Path) -> None:
 
 
 def _fix_smollm2_tokens(tokenizer: Any) -> None:
-    """transformers 4.57 reads SmolLM2's EOS from the GGUF as <|im_start|>; ChatML ends a turn
-    with <|im_end|>, and generation must stop there."""
+    """The built-in SmolLM2 speaks ChatML: a turn ends with <|im_end|>, where generation must
+    stop and which also pads (the file's metadata agrees; this pins it for the demo)."""
     tokenizer.bos_token = "<|im_start|>"
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|im_end|>"

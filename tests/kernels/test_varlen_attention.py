@@ -262,6 +262,7 @@ def test_flash_attention_is_kept():
 def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, causal=True, gqa=False):
     """Plain varlen attention over (T, H, D) tensors: one causal SDPA per [cu[i], cu[i+1])."""
     assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    assert scale == q.shape[-1] ** -0.5  # the model's scaling is passed on, not left to a default
     assert max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
     if k.shape[1] != q.shape[1]:
         assert gqa, "k/v with fewer heads need enable_gqa"
@@ -328,6 +329,7 @@ def test_the_varlen_kernel_gets_every_document_in_one_call(kernel_on_cpu, style)
     # the first call is checked against per-document SDPA, then one call per layer
     assert calls == [(bounds, max(lengths))] * (1 + model.config.num_hidden_layers)
     assert varlen_attention._FLASH.trusted is True
+    assert varlen_attention.varlen_kernel_status().startswith("torch's varlen kernel: used")
 
 
 @pytest.mark.parametrize("broken", ["non-causal", "raises"])
@@ -347,6 +349,7 @@ def test_a_kernel_that_disagrees_or_fails_is_dropped_with_one_warning(kernel_on_
         loss_and_grads(model, packed_batch(), chunked_loss)
     assert len(caught) == 1 and ("disagrees" in str(caught[0].message)) == (broken == "non-causal")
     assert len(calls) == 1 and varlen_attention._FLASH.trusted is False  # tried once, then never again
+    assert varlen_attention.varlen_kernel_status().startswith("torch's varlen kernel: not used (")
     assert_same(got, want)
 
 
@@ -355,3 +358,27 @@ def test_per_document_only_keeps_the_kernel_out(kernel_on_cpu):
     kernel_on_cpu(new_style_kernel(calls))
     per_document_result()
     assert calls == []
+
+
+def test_the_kernel_is_only_tried_where_it_can_run(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(varlen_attention._FLASH, "trusted", None)
+    monkeypatch.setattr(varlen_attention, "_torch_varlen_attn", lambda: new_style_kernel([]))
+    module = torch.nn.Module()
+
+    def usable(**changes):
+        query = SimpleNamespace(**{**dict(is_cuda=True, dtype=torch.bfloat16, shape=(2, 4, 16, 64)), **changes})
+        return varlen_attention._flash_varlen_usable(module, query)
+
+    assert usable() and usable(dtype=torch.float16)
+    assert not usable(is_cuda=False) and not usable(dtype=torch.float32)
+    assert not usable(shape=(2, 4, 16, 60)) and not usable(shape=(2, 4, 16, 512))  # head dims flash cannot take
+    module.__dict__[varlen_attention.PER_DOCUMENT_ONLY] = True
+    assert not usable()
+    module.__dict__[varlen_attention.PER_DOCUMENT_ONLY] = False
+    monkeypatch.setattr(varlen_attention._FLASH, "trusted", False)  # dropped after a failed first call
+    assert not usable()
+    monkeypatch.setattr(varlen_attention._FLASH, "trusted", None)
+    monkeypatch.setattr(varlen_attention, "_torch_varlen_attn", lambda: None)  # torch < 2.10
+    assert not usable()

@@ -17,8 +17,9 @@ restarting ``position_ids`` (the rule transformers uses to detect packing).
 On a CUDA GPU, in bf16/fp16 without dropout, torch's own varlen kernel
 (``torch.nn.attention.varlen.varlen_attn``, flash attention over the cumulative bounds) does
 all documents in one call instead. Its first call in a process is checked against the
-per-document SDPA path; if it raises or disagrees, the per-document path is used from then on
-and one warning says why. A model's attention modules can opt out (``per_document_only``).
+per-document SDPA path (its forward output; `scripts/gpu_kernels.py` checks its gradients on a
+GPU); if it raises or disagrees, the per-document path is used from then on and one warning
+says why. A model's attention modules can opt out (``per_document_only``).
 
 The matching mask entry (``ALL_MASK_ATTENTION_FUNCTIONS["lorakit_varlen"]``) builds nothing
 when there is no padding mask and no cache offset; otherwise (a padded batch, generation with
@@ -215,6 +216,16 @@ class _FlashVarlenState:
     checked against the per-document path, then True, or False with the reason warned once."""
 
     trusted: bool | None = None
+    reason: str = ""
+
+
+def varlen_kernel_status() -> str:
+    """One line on torch's varlen kernel in this process (for reports)."""
+    if _FLASH.trusted is None:
+        return "torch's varlen kernel: not called in this process"
+    if _FLASH.trusted:
+        return "torch's varlen kernel: used (its first output matched per-document SDPA)"
+    return f"torch's varlen kernel: not used ({_FLASH.reason})"
 
 
 _FLASH = _FlashVarlenState()
@@ -227,6 +238,7 @@ def per_document_only(model: nn.Module, on: bool = True) -> None:
             module.__dict__[PER_DOCUMENT_ONLY] = on
 
 
+@functools.cache
 def _torch_varlen_attn():
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -244,9 +256,9 @@ def _flash_varlen_usable(module: nn.Module, query: torch.Tensor) -> bool:
 def _flash_varlen_checked(query, key, value, segments: Segments, scaling, options) -> torch.Tensor | None:
     """The varlen kernel's output, or None when it is not trusted here (see _FlashVarlenState)."""
     if _FLASH.trusted is None:
-        _FLASH.trusted, reason = _flash_varlen_agrees(query, key, value, segments, scaling, options)
+        _FLASH.trusted, _FLASH.reason = _flash_varlen_agrees(query, key, value, segments, scaling, options)
         if not _FLASH.trusted:
-            warnings.warn(f"packed attention: torch's varlen kernel is not used ({reason}); each document "
+            warnings.warn(f"packed attention: torch's varlen kernel is not used ({_FLASH.reason}); each document "
                           "gets its own SDPA call instead", stacklevel=3)
             return None
     return _flash_varlen(query, key, value, segments, scaling)
