@@ -1,0 +1,59 @@
+"""The GPU run's scripts, exercised on the CPU: they run once on a lent GPU, so a broken script
+would cost that run. (scripts/gpu_check.sh itself is plain shell around these.)"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import gpu_kernels  # noqa: E402
+import gpu_summary  # noqa: E402
+
+
+def test_train_smoke_trains_resumes_and_reports(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_train_smoke.py"), str(tmp_path),
+                           "--hidden", "64", "--layers", "1", "--vocab", "512", "--steps", "4"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from step-000004" in done.stdout and "train smoke: ok" in done.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["final_eval_loss"] < summary["base_eval_loss"]
+
+
+def test_a_failing_kernel_case_is_a_failed_row_and_the_json_is_written_at_once(tmp_path):
+    def broken():
+        raise RuntimeError("triton compile failed\nsecond line")
+
+    results, path = [], tmp_path / "kernels.json"
+    gpu_kernels._report(gpu_kernels._guarded("rms_norm", torch.bfloat16, broken), results, str(path))
+    (row,) = json.loads(path.read_text())
+    assert row["error"] == "RuntimeError: triton compile failed" and not gpu_kernels._passed(row)
+
+
+def test_summary_prints_the_check_against_the_reference_and_the_notices(tmp_path):
+    variant = {"variant": "lorakit", "tokens_per_s": 90000.0, "step_ms": 91.0, "peak_gib": 10.0,
+               "peak_allocated_gib": 10.0, "peak_reserved_gib": 11.0, "mfu": 0.55, "speed_vs_peft": 2.5,
+               "speed_vs_peft_bf16": 1.7, "memory_vs_peft": 0.3,
+               "notices": ["torch's varlen kernel: used (its first output matched per-document SDPA)"]}
+    check = {"passed": True, "min_grad_cosine": 0.9979, "worst_tensor": "model.layers.3.self_attn.k_proj.lora_A",
+             "max_loss_rel_diff": 0.02, "steps": 50,
+             "reference": {"matmul": "tf32", "min_grad_cosine": {"lorakit": 0.9977, "peft": 0.9981},
+                           "max_loss_rel_diff": {"lorakit": 0.016, "peft": 0.022}, "cosine_bound": 0.9961,
+                           "loss_bound": 0.033}}
+    result = {"settings": {"preset": "gpu-1b", "batch": 4, "seq_len": 2048, "grad_checkpointing": False},
+              "labelled_fraction": 1.0, "peak": {"tflops": 790.0}, "environment": {"gpu": "H200", "cpu": "x"},
+              "check": check, "variants": [variant, {"variant": "peft", "error": "out of memory: ..."}]}
+    path = tmp_path / "bench_1b_check.json"
+    path.write_text(json.dumps(result))
+    text = "\n".join(gpu_summary.summarize(str(path)))
+    assert "check PASSED" in text and "vs tf32 reference: grad cosine lorakit 0.99770 / PEFT 0.99810" in text
+    assert "peft          failed: out of memory" in text
+    assert "note: lorakit: torch's varlen kernel: used" in text
+    assert "(PERF.md anchor, PEFT defaults: 36,490 tok/s, 35.5 GiB)" in text
