@@ -14,28 +14,32 @@
 #                                                input in host memory (peak and PCIe cost)
 #   4. lorakit bench --preset gpu-8b --grad-checkpointing --variants lorakit,lorakit-offload,peft,peft-liger
 #                                                8b shape, 2 x 2048: the 8b goal's comparisons
-#   5. scripts/gpu_train_smoke.py               `lorakit train` end to end on the GPU: a random
+#   5. lorakit bench --preset gpu-1b --memory-budget 12 --variants lorakit,lorakit-triton,peft-bf16
+#                                                the 1b speed goal's operating point (peak <= 12 GiB):
+#                                                lorakit checkpoints the earliest layers the estimate
+#                                                says it needs (~5 of 16), as the trainer would
+#   6. scripts/gpu_train_smoke.py               `lorakit train` end to end on the GPU: a random
 #                                                Llama (hidden 1024, 8 layers), the demo data packed,
 #                                                40 steps, then --resume to 60; eval loss must fall
-#   6. lorakit bench --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5
+#   7. lorakit bench --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5
 #                                                instruction-style labels: lorakit's head skips the
 #                                                unlabelled half (~10% of the step's FLOPs predicted)
-#   7. lorakit bench --preset gpu-1b --packing --max-doc-len 512 --variants lorakit,lorakit-perdoc,lorakit-4d,peft-bf16
+#   8. lorakit bench --preset gpu-1b --packing --max-doc-len 512 --variants lorakit,lorakit-perdoc,lorakit-4d,peft-bf16
 #                                                rows of several documents: torch's varlen kernel
 #                                                against an SDPA call per document and the 4D mask,
 #                                                packed against PEFT padded
-#   8. lorakit bench --preset gpu-1b --variants lorakit --chunk-size 4096
+#   9. lorakit bench --preset gpu-1b --variants lorakit --chunk-size 4096
 #                                                the loss in 4096-row chunks instead of the default
 #                                                256 (128 MiB budget): ~3 GiB more memory predicted;
 #                                                is the default slower?
-#   9. pytest tests/kernels tests/lora -x        the kernel and engine tests (CPU reference paths,
+#  10. pytest tests/kernels tests/lora -x        the kernel and engine tests (CPU reference paths,
 #                                                which CI runs too: last, with what time is left)
 # A variant or check that raises is reported as a failed row; the other rows still come back.
 # The benches' default variants include lorakit-triton (Triton RMSNorm/SwiGLU/RoPE, opt-in in the
 # trainer until this run shows they pay) and step 1 checks those kernels compiled for CUDA.
 #
 # Results in $OUT (at most 8 files come back): gpu_check.log (every command's output, pytest's
-# too), kernels.json, benches.json ({step name: `lorakit bench --json` result} of steps 2-4 and 6-8),
+# too), kernels.json, benches.json ({step name: `lorakit bench --json` result} of steps 2-5 and 7-9),
 # summary.txt.
 # The short table printed last (summary.txt) is what to paste into docs/performance.md.
 #
@@ -46,12 +50,12 @@
 # triton, pytest, rich, pyyaml, safetensors, numpy, pandas, pyarrow; lorakit runs from src/
 # (PYTHONPATH below, no install). `lorakit bench`, tests/kernels and tests/lora need nothing
 # more. Carried as wheels (pure Python; .gitignore already ignores /.whl/): liger-kernel for the
-# peft-liger variant, and datasets with dill and multiprocess for the trainer (step 5):
+# peft-liger variant, and datasets with dill and multiprocess for the trainer (step 6):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1 \
 #         multiprocess==0.70.19
 #     run(command="bash scripts/gpu_check.sh", timeout_s=600, carry=[".whl"])
-# Without them the peft-liger row says liger-kernel is not installed and step 5 fails at import.
+# Without them the peft-liger row says liger-kernel is not installed and step 6 fails at import.
 # This script installs whatever .whl/*.whl it finds into /tmp/site.
 
 set -u
@@ -111,6 +115,7 @@ step kernels 60 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.js
 bench bench_1b_check 170 --preset gpu-1b --check --check-steps 50
 bench bench_1b_ckpt 110 --preset gpu-1b --grad-checkpointing
 bench bench_8b_ckpt 170 --preset gpu-8b --grad-checkpointing --variants lorakit,lorakit-offload,peft,peft-liger
+bench bench_1b_budget12 60 --preset gpu-1b --memory-budget 12 --variants lorakit,lorakit-triton,peft-bf16 --steps 5 --warmup 2
 step train 90 bash -c "\"$PY\" scripts/gpu_train_smoke.py /tmp/lorakit_train_smoke >>\"$LOG\" 2>&1"
 # the rest by importance: what the budget leaves out is skipped, and the summary says so
 bench bench_1b_prompt50 50 --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5 --steps 5 --warmup 2

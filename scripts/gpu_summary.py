@@ -33,6 +33,11 @@ def _row(r: dict) -> str:
             f"{_ratio(r.get('memory_vs_peft')):>11}")
 
 
+def _budget(settings: dict) -> str:
+    budget = settings.get("memory_budget_gib")
+    return "" if budget is None else f"lorakit within {budget:g} GiB (--memory-budget), "
+
+
 def _check_lines(check: dict) -> list[str]:
     verdict = "PASSED" if check["passed"] else "FAILED"
     if "error" in check:
@@ -58,7 +63,8 @@ def summarize(path: str) -> list[str]:
     s = result["settings"]
     lines = [f"== {s['preset']}, batch {s['batch']} x {s['seq_len']}, grad ckpt "
              f"{'on' if s['grad_checkpointing'] else 'off'}, chunk {s.get('chunk_size') or 'default'}, "
-             f"{100 * result.get('labelled_fraction', 1.0):.0f}% labelled, peak {result['peak']['tflops']:.3g} TFLOP/s, "
+             f"{100 * result.get('labelled_fraction', 1.0):.0f}% labelled, "
+             f"{_budget(s)}peak {result['peak']['tflops']:.3g} TFLOP/s, "
              f"{result['environment'].get('gpu', result['environment']['cpu'])}"]
     check = result.get("check")
     if check:
@@ -67,7 +73,8 @@ def summarize(path: str) -> list[str]:
     lines += [f"note: {r['variant']}: {n}" for r in result["variants"] for n in r.get("notices", [])]
     anchor = ANCHORS.get((s["preset"], s["grad_checkpointing"]))
     # the anchors: every token trained, unpacked rows, the default loss chunk
-    if anchor and not (s.get("prompt_fraction") or s.get("packing") or s.get("chunk_size")):
+    if anchor and not (s.get("prompt_fraction") or s.get("packing") or s.get("chunk_size")
+                       or s.get("memory_budget_gib")):
         lines.append(f"(PERF.md anchor, PEFT defaults: {anchor[0]:,} tok/s, {anchor[1]} GiB)")
     return lines
 

@@ -288,3 +288,27 @@ def test_perdoc_variant_is_cuda_only_and_keeps_torch_varlen_kernel_out():
                     if hasattr(m, "head_dim")}
              for name in ("lorakit", "lorakit-perdoc")}
     assert flags == {"lorakit": {False}, "lorakit-perdoc": {True}}
+
+
+def test_memory_budget_checkpoints_the_fewest_earliest_layers_the_estimate_needs(capsys):
+    from lorakit.bench import budget_checkpoint_layers
+    from lorakit.bench_variants import prepare_variant
+    from lorakit.cli import main
+    from lorakit.plan.estimate import TrainShape, estimate_memory
+    from lorakit.train.memory_plan import decoder_layers
+
+    plan = resolve(_settings(layers=4))
+    step = dict(batch_size=plan.settings.batch, seq_len=plan.settings.seq_len, r=16, targets=bench_variants.TARGETS,
+                fused_loss=True, dtype="fp32", device="cpu")
+    peaks = [estimate_memory(plan.shape, TrainShape(**step, grad_checkpointing=k > 0, checkpoint_layers=k or None)).total
+             for k in range(5)]
+    assert peaks == sorted(peaks, reverse=True) and peaks[0] > peaks[4]  # each checkpointed layer saves memory
+    budget = (peaks[2] + peaks[3]) / 2 / 2**30  # between 2 and 3 layers: 3 are needed
+    plan = resolve(_settings(layers=4, memory_budget_gib=budget, variants=["lorakit", "peft"]))
+    assert plan.checkpoint_layers == 3 and "checkpoint the first 3 of 4 layers" in plan.notices[-1]
+    assert budget_checkpoint_layers(resolve(_settings(layers=4, memory_budget_gib=1e-3)))[0] == 4  # never fits
+    flags = {name: [layer.gradient_checkpointing for layer in decoder_layers(prepare_variant(name, plan).model)]
+             for name in ("lorakit", "peft")}
+    assert flags == {"lorakit": [True, True, True, False], "peft": [False] * 4}
+    assert main(["bench", "--preset", "tiny", "--memory-budget", "1", "--grad-checkpointing"]) == 2
+    assert "--memory-budget must be" in capsys.readouterr().err

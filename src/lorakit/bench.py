@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lorakit.bench_variants import Prepared, prepare_variant
+from lorakit.bench_variants import TARGETS, Prepared, prepare_variant
 from lorakit.errors import ConfigError
 from lorakit.host import peak_rss_bytes, proc_field
 
@@ -89,6 +89,9 @@ class BenchSettings:
     chunk_size: int | None = None  # lm_head + loss rows per chunk; None: by a byte budget
     prompt_fraction: float = 0.0  # the first part of each example is prompt: no loss there
     max_doc_len: int | None = None  # packed examples: max_doc_len/8 to max_doc_len tokens; None: seq_len
+    # lorakit variants checkpoint the fewest earliest layers that the memory estimate says fit
+    # this many GiB (the trainer's --grad-checkpointing auto against a smaller device)
+    memory_budget_gib: float | None = None
     seed: int = 0
 
 
@@ -100,6 +103,7 @@ class Plan:
     shape: dict
     dtype: str
     notices: list[str] = field(default_factory=list)
+    checkpoint_layers: int = 0  # lorakit variants, with --memory-budget: the earliest k layers
 
     @property
     def device(self) -> str:
@@ -122,7 +126,29 @@ def resolve(settings: BenchSettings) -> Plan:
     shape = {**shape, "num_hidden_layers": s.layers, "max_position_embeddings": max(s.seq_len, 2048)}
     plan = Plan(s, shape, "bfloat16" if s.device == "cuda" else "float32")
     s.variants = _choose_variants(settings.variants, plan)
+    if s.memory_budget_gib is not None:
+        plan.checkpoint_layers, notice = budget_checkpoint_layers(plan)
+        plan.notices.append(notice)
     return plan
+
+
+def budget_checkpoint_layers(plan: Plan) -> tuple[int, str]:
+    """The fewest earliest layers whose checkpointing brings lorakit's estimated step peak within
+    --memory-budget (all of them when even that does not fit), and a notice saying so."""
+    from lorakit.plan.estimate import TrainShape, estimate_memory
+
+    s = plan.settings
+    step = dict(batch_size=s.batch, seq_len=s.seq_len, r=s.r, targets=list(TARGETS), fused_loss=True,
+                dtype="bf16" if plan.dtype == "bfloat16" else "fp32", device=s.device,
+                loss_chunk_tokens=s.chunk_size)
+    peaks = [estimate_memory(plan.shape, TrainShape(**step, grad_checkpointing=k > 0, checkpoint_layers=k or None)).total
+             for k in range(s.layers + 1)]
+    budget = s.memory_budget_gib * GIB
+    k = next((k for k, peak in enumerate(peaks) if peak <= budget), s.layers)
+    fits = "within" if peaks[k] <= budget else "over even so, of"
+    return k, (f"--memory-budget {s.memory_budget_gib:g} GiB: lorakit variants checkpoint the first {k} of "
+               f"{s.layers} layers (estimated peak {peaks[k] / GIB:.2f} GiB, {fits} the budget; none: "
+               f"{peaks[0] / GIB:.2f} GiB); PEFT variants run as they are")
 
 
 def _validate(s: BenchSettings) -> None:
@@ -143,6 +169,9 @@ def _validate(s: BenchSettings) -> None:
         raise ConfigError(f"--prompt-fraction must be at least 0 and below 1, got {s.prompt_fraction}")
     if s.peak_tflops is not None and s.peak_tflops <= 0:
         raise ConfigError(f"--peak-tflops must be positive, got {s.peak_tflops}")
+    if s.memory_budget_gib is not None and (s.memory_budget_gib <= 0 or s.grad_checkpointing):
+        raise ConfigError(f"--memory-budget must be a positive number of GiB and without --grad-checkpointing "
+                          f"(it chooses the checkpointed layers itself), got {s.memory_budget_gib:g}")
 
 
 def _choose_variants(asked: list[str] | None, plan: Plan) -> list[str]:

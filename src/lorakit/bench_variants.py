@@ -16,6 +16,9 @@
                    with --grad-checkpointing on CUDA: lorakit with each checkpointed layer's
                    input in host memory (the trainer's `--grad-checkpointing offload`)
 
+With --memory-budget GiB the lorakit variants checkpoint the earliest layers the memory estimate
+says are needed to fit it (bench.budget_checkpoint_layers), as the trainer does on a smaller device.
+
 Packed runs (--packing): lorakit, lorakit-fused, lorakit-triton and lorakit-perdoc switch the model to
 lorakit_varlen attention and train on varlen rows, as the trainer does with its fast paths.
 """
@@ -77,6 +80,8 @@ def prepare_variant(name: str, plan) -> Prepared:
                            "lorakit-offload")
         key = "lorakit" if fused and name != "lorakit-4d" else "lorakit-4d"  # packed: varlen rows or 4D mask
         loss_fn = lorakit_loss(model, plan, chunked=chunked)
+        if plan.checkpoint_layers:
+            _checkpoint_earliest(model, plan.checkpoint_layers)
         if name == "lorakit-perdoc":
             from lorakit.kernels.varlen_attention import per_document_only
 
@@ -89,6 +94,14 @@ def prepare_variant(name: str, plan) -> Prepared:
     fused = plan.device == "cuda" and name.startswith("lorakit")
     optimizer = torch.optim.AdamW(params, lr=LR, **({"fused": True} if fused else {}))
     return Prepared(model, loss_fn, optimizer, key, notices)
+
+
+def _checkpoint_earliest(model, k: int) -> None:
+    """The trainer's selective checkpointing: the first k decoder layers."""
+    from lorakit.train.memory_plan import Budget, CheckpointPlan, apply_checkpointing, decoder_layers
+
+    layers = len(decoder_layers(model))
+    apply_checkpointing(model, CheckpointPlan("selective", tuple(range(k)), layers, None, Budget(None, "bench"), ""))
 
 
 def add_lorakit_adapters(model, plan, fused: bool, triton: bool = False, varlen: bool = True) -> list[str]:

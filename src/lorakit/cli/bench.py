@@ -62,6 +62,9 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--prompt-fraction", type=float, default=0.0, metavar="F",
                    help="the first F of each example is prompt, without labels, as in instruction data "
                         "(default 0: every token is trained)")
+    p.add_argument("--memory-budget", type=float, metavar="GIB",
+                   help="lorakit variants checkpoint the fewest earliest layers that the memory estimate says "
+                        "fit this many GiB, as the trainer does on a smaller device (PEFT variants as they are)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
 
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         grad_checkpointing=args.grad_checkpointing, packing=args.packing, steps=args.steps, warmup=args.warmup,
         variants=args.variants, check=args.check, check_steps=args.check_steps, peak_tflops=args.peak_tflops,
         threads=args.threads, interleave=args.interleave, device=args.device,
-        chunk_size=args.chunk_size, prompt_fraction=args.prompt_fraction, max_doc_len=args.max_doc_len)
+        chunk_size=args.chunk_size, prompt_fraction=args.prompt_fraction, max_doc_len=args.max_doc_len,
+        memory_budget_gib=args.memory_budget)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, every step
     result = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
