@@ -4,13 +4,15 @@
 
 One block per file: the setting, the --check verdict, and per variant tokens/s, step time,
 peak allocated / reserved memory, MFU and the ratios against PEFT (defaults) and PEFT-bf16,
-followed by the PERF.md anchor for PEFT on the same shape where there is one.
+followed by the PERF.md anchor for PEFT on the same shape where there is one. Last, issue 5's
+GPU goals, each met / NOT met / not measured, from the files gpu_check.sh names.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 # PERF.md, one H200, transformers 5.17 + PEFT 0.21 (defaults), tokens/s and peak GiB
 ANCHORS = {("gpu-1b", False): (36490, 35.5), ("gpu-1b", True): (26761, 16.8), ("gpu-8b", True): (6407, 23.4)}
@@ -79,9 +81,70 @@ def summarize(path: str) -> list[str]:
     return lines
 
 
+# issue 5's GPU goals: (bench file, lorakit's peak bound GiB, tokens/s bound, what it is compared with)
+GOALS = {
+    "1b speed": ("bench_1b_budget12", 12.0, "2.5x PEFT (bench_1b_check's peft row; PERF.md: 36,490)"),
+    "1b memory": ("bench_1b_ckpt", 4.4, "60,000 tokens/s"),
+    "8b": ("bench_8b_ckpt", 17.8, "2x PEFT with checkpointing (its peft row; PERF.md: 6,407)"),
+}
+LORAKIT_ROWS = ("lorakit", "lorakit-triton", "lorakit-offload")
+
+
+def goal_lines(results: dict[str, dict]) -> list[str]:
+    """Issue 5's GPU goals against the run's bench results ({file stem: result}): each met,
+    NOT met or not measured, with the fastest lorakit row within the memory bound."""
+    lines = ["--- issue 5's GPU goals"]
+    for goal, (stem, peak_bound, against) in GOALS.items():
+        lines.append(f"{goal}: {_goal_verdict(goal, results, stem, peak_bound, against)}")
+    check = (results.get("bench_1b_check") or {}).get("check")
+    lines.append("same function (1b --check, 50 steps): " + ("not measured" if not check else
+                                                              "met" if check["passed"] else "NOT met"))
+    return lines
+
+
+def _goal_verdict(goal: str, results: dict[str, dict], stem: str, peak_bound: float, against: str) -> str:
+    if stem not in results:
+        return f"not measured (no {stem} result)"
+    target = _goal_target(goal, results)
+    if target is None:
+        return f"not measured (no PEFT row to compare with: {against})"
+    lorakit = [r for name in LORAKIT_ROWS if (r := _measured(results[stem], name)) is not None]
+    within = [r for r in lorakit if r["peak_gib"] <= peak_bound]
+    if not within:
+        seen = ", ".join(f"{r['variant']} {r['peak_gib']:.1f} GiB" for r in lorakit) or "no lorakit row ran"
+        return f"NOT met: no lorakit row within {peak_bound:g} GiB ({seen})"
+    best = max(within, key=lambda r: r["tokens_per_s"])
+    verdict = "met" if best["tokens_per_s"] >= target else "NOT met"
+    return (f"{verdict}: {best['variant']} {best['tokens_per_s']:,.0f} tok/s at {best['peak_gib']:.1f} GiB "
+            f"(needs >= {target:,.0f} tok/s: {against}; <= {peak_bound:g} GiB)")
+
+
+def _goal_target(goal: str, results: dict[str, dict]) -> float | None:
+    if goal == "1b memory":
+        return 60000.0
+    stem = "bench_1b_check" if goal == "1b speed" else "bench_8b_ckpt"
+    peft = _measured(results.get(stem), "peft")
+    return None if peft is None else (2.5 if goal == "1b speed" else 2.0) * peft["tokens_per_s"]
+
+
+def _measured(result: dict | None, variant: str) -> dict | None:
+    rows = [r for r in (result or {}).get("variants", []) if r["variant"] == variant and "error" not in r]
+    return rows[0] if rows else None
+
+
+def _load(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def main(paths: list[str]) -> int:
     for path in paths:
         print("\n".join(summarize(path)))
+    results = {Path(path).stem: _load(path) for path in paths}
+    print("\n".join(goal_lines({k: v for k, v in results.items() if v is not None})))
     return 0
 
 

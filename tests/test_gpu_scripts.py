@@ -57,3 +57,28 @@ def test_summary_prints_the_check_against_the_reference_and_the_notices(tmp_path
     assert "peft          failed: out of memory" in text
     assert "note: lorakit: torch's varlen kernel: used" in text
     assert "(PERF.md anchor, PEFT defaults: 36,490 tok/s, 35.5 GiB)" in text
+
+
+def _bench(*rows):
+    return {"variants": [dict(zip(("variant", "tokens_per_s", "peak_gib"), row)) for row in rows]}
+
+
+def test_goal_verdicts_read_the_right_benches_and_bounds():
+    results = {
+        "bench_1b_check": {**_bench(("lorakit", 60000, 15.1), ("peft", 36000, 35.5)), "check": {"passed": True}},
+        "bench_1b_budget12": _bench(("lorakit", 91000, 11.5), ("lorakit-triton", 95000, 12.3)),
+        "bench_1b_ckpt": _bench(("lorakit", 55000, 4.1), ("lorakit-offload", 50000, 3.6)),
+        "bench_8b_ckpt": _bench(("lorakit", 13000, 16.0), ("peft", 6400, 23.4)),
+    }
+    lines = gpu_summary.goal_lines(results)
+    # 1b speed: lorakit-triton is faster but over 12 GiB, so lorakit's 91k counts against 2.5 x 36k
+    assert lines[1] == ("1b speed: met: lorakit 91,000 tok/s at 11.5 GiB (needs >= 90,000 tok/s: "
+                        "2.5x PEFT (bench_1b_check's peft row; PERF.md: 36,490); <= 12 GiB)")
+    assert lines[2].startswith("1b memory: NOT met: lorakit 55,000 tok/s at 4.1 GiB (needs >= 60,000")
+    assert lines[3].startswith("8b: met: lorakit 13,000 tok/s at 16.0 GiB (needs >= 12,800 tok/s")
+    assert lines[4] == "same function (1b --check, 50 steps): met"
+    del results["bench_8b_ckpt"]
+    results["bench_1b_ckpt"] = _bench(("lorakit", 70000, 4.6))
+    lines = gpu_summary.goal_lines(results)
+    assert lines[2] == "1b memory: NOT met: no lorakit row within 4.4 GiB (lorakit 4.6 GiB)"
+    assert lines[3] == "8b: not measured (no bench_8b_ckpt result)"
