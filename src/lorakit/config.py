@@ -93,6 +93,9 @@ class TrainConfig:
         "holds its input in host memory until backward (GPU; a CPU run checkpoints every layer without it); a bare "
         "--grad-checkpointing means on",
         choices=["auto", "on", "off", "offload"], switch=("on", "off"))
+    memory_budget: float | None = opt(None, "GiB the training step may take on its device, weights included: "
+                                            "--grad-checkpointing auto plans for the smaller of this and the free "
+                                            "memory (to leave room for other work; the allocator is not capped)")
     seed: int = opt(42, "random seed (runs are deterministic on a CPU)")
     eval_every: int = opt(0, "evaluate every N steps (0: only before and after training)")
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
@@ -374,6 +377,8 @@ def validate(config: RunConfig) -> None:
         (t.eval_every >= 0 and t.save_every >= 0, "--eval-every and --save-every must be >= 0"),
         (t.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {t.max_bad_steps}"),
         (t.threads is None or t.threads >= 1, f"--threads must be at least 1, got {t.threads}"),
+        (t.memory_budget is None or (t.memory_budget > 0 and math.isfinite(t.memory_budget)),
+         f"--memory-budget must be a positive number of GiB, got {t.memory_budget}"),
         (d.seq_len >= 8, f"--seq-len must be at least 8, got {d.seq_len}"),
         (d.eval_split >= 0, f"--eval-split must be >= 0, got {d.eval_split}"),
         (o.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {o.keep_checkpoints}"),

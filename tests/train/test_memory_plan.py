@@ -348,3 +348,26 @@ def test_offload_warns_once_when_the_layer_input_comes_by_keyword():
     with pytest.warns(UserWarning, match="by keyword"):
         run(lambda hidden: hidden * 2, hidden=x).sum().backward()
     assert torch.equal(x.grad, torch.full_like(x, 2.0))
+
+
+def test_memory_budget_flag_lowers_the_budget_auto_plans_for(monkeypatch):
+    model, gib = lora_model(), memory_plan.GIB
+    needs = checkpointing_needs(model, run_config(), CPU)
+    with_budget(monkeypatch, needs[0] * 10)  # the device has room for the plain step
+    assert choose_checkpointing(model, run_config(), CPU).mode == "off"
+    cap = (needs[2] + needs[3]) / 2 / gib  # between 2 and 3 checkpointed layers
+    plan = choose_checkpointing(model, run_config("--memory-budget", repr(cap)), CPU)
+    assert (plan.mode, plan.layers) == ("selective", (0, 1, 2))
+    assert plan.budget.bytes == int(cap * gib) and "--memory-budget" in plan.notice and "from flag" in plan.notice
+    roomy = choose_checkpointing(model, run_config("--memory-budget", "1000"), CPU)  # above the device's: no effect
+    assert roomy.mode == "off" and roomy.budget.source == "test budget"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_bad_memory_budget_exits_2_with_one_message(capsys, tmp_path, value):
+    from lorakit.cli import main
+
+    assert main(["train", "--memory-budget", value, "--data", str(tmp_path / "none.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"--memory-budget must be a positive number of GiB, got {float(value)}" in err
+    assert "Traceback" not in err

@@ -13,7 +13,7 @@ adapted projections, dtype, quantisation, the fused loss; under FSDP one rank's 
 sharded base, `sharded_run`). The budget is what the device has
 free now (CUDA: `torch.cuda.mem_get_info`; CPU: MemAvailable in /proc/meminfo, shared by the
 processes of this node) times SAFETY_MARGIN, plus what the model already holds there, since the
-estimate counts the weights that are loaded by now. Models the estimator cannot describe
+estimate counts the weights that are loaded by now; `--memory-budget GIB` lowers it (`capped`). Models the estimator cannot describe
 (not Llama-style) train without checkpointing unless it is asked for.
 
 Checkpointing uses transformers' per-layer switch: every `GradientCheckpointingLayer` checks its
@@ -64,7 +64,7 @@ def choose_checkpointing(model: nn.Module, config, device: torch.device, fsdp: b
     will be sharded (the estimate then counts one rank's share); None: as `sharded_run` says."""
     fsdp = sharded_run(config, device) if fsdp is None else fsdp
     needs = checkpointing_needs(model, config, device, fsdp)
-    budget = memory_budget(model, device)
+    budget = capped(memory_budget(model, device), config)
     num_layers = len(decoder_layers(model))
     hints = ["a smaller --batch-size or --seq-len"]
     if device.type == "cuda" and config.model.quantize == "none":
@@ -276,6 +276,15 @@ def memory_budget(model: nn.Module, device: torch.device) -> Budget:
         free //= processes
         where = f"{SAFETY_MARGIN:.0%} of MemAvailable" + (f" / {processes} processes" if processes > 1 else "")
     return Budget(int(free * SAFETY_MARGIN) + held, f"{where} + {_size(held)} the model holds")
+
+
+def capped(budget: Budget, config) -> Budget:
+    """The budget, or --memory-budget where that is smaller (or the device's is unknown)."""
+    cap = config.train.memory_budget
+    if cap is None or (budget.bytes is not None and budget.bytes <= cap * GIB):
+        return budget
+    source = config.sources.get("train.memory_budget", "the config")
+    return Budget(int(cap * GIB), f"--memory-budget {cap:g} GiB from {source}")
 
 
 def _host_has_room(nbytes: int) -> bool:
