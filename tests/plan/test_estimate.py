@@ -518,3 +518,15 @@ def test_fsdp_accounting_matches_lorakits_sharding_on_two_gloo_ranks(tmp_path):
     assert seen["at the head"] == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
     assert seen["base shard bytes"] == parts.base_shard
     assert seen["adapter shard params"] * 16 == parts.adapter_shard and seen["adapter grads sharded"]
+
+
+def test_fused_loss_flops_count_the_head_for_labelled_tokens_only():
+    m = model_shape("1b")
+    head = m.vocab_size * m.hidden_size
+    full = flops_per_token(m, TrainShape(fused_loss=True))
+    assert full - flops_per_token(m, TrainShape(fused_loss=True, labelled_fraction=0.25)) == 4 * 0.75 * head
+    # the plain loss computes every logit whatever the labels
+    assert flops_per_token(m, TrainShape(labelled_fraction=0.25)) == flops_per_token(m, TrainShape())
+    for bad in (0.0, 1.5, "half"):
+        with pytest.raises(ConfigError, match="labelled_fraction must be in"):
+            TrainShape(labelled_fraction=bad)

@@ -49,6 +49,9 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--engine", choices=("lorakit", "peft"), default="lorakit",
                    help="peft: PEFT's defaults (fp32 adapters, an input copy per adapter)")
     p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--labelled-fraction", type=float, default=1.0, metavar="F",
+                   help="share of tokens with a label (instruction data: the responses); with --fused-loss "
+                        "the head runs for those only, which lowers the FLOPs")
     p.add_argument("--device-peak-tflops", type=float, default=817.0,
                    help="the device's dense matmul peak in TFLOP/s (817: measured bf16 on one H200)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the second step time")
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         offload_checkpoints=args.grad_checkpointing == "offload",
         dtype=args.dtype, quantize=args.quantize,
         world_size=args.world_size, fsdp=args.fsdp, fused_loss=args.fused_loss, engine=args.engine,
-        lora_dropout=args.lora_dropout,
+        lora_dropout=args.lora_dropout, labelled_fraction=args.labelled_fraction,
     )
     result = estimate(args.model, shape, peak_tflops=args.device_peak_tflops, mfu=args.mfu)
     if args.json:

@@ -99,6 +99,9 @@ class TrainShape:
     checkpoint_layers: int | None = None  # with grad_checkpointing: how many (the earliest); None = all
     offload_checkpoints: bool = False  # with grad_checkpointing: the checkpointed inputs wait in host memory
     fsdp: bool = False  # with world_size > 1: the base and adapters sharded (FSDP2), else replicated (DDP)
+    # the share of tokens with a label (instruction data: the responses); the fused loss runs the
+    # head for those rows only, the plain loss for every token
+    labelled_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.quantize in ("none", ""):
@@ -132,6 +135,8 @@ def _shape_problems(shape: TrainShape) -> list[str]:
         out.append(f"engine must be one of {', '.join(ENGINES)}, got {shape.engine!r}")
     if shape.device not in ("cuda", "cpu"):
         out.append(f"device must be cuda or cpu, got {shape.device!r}")
+    if not isinstance(shape.labelled_fraction, (int, float)) or not 0.0 < shape.labelled_fraction <= 1.0:
+        out.append(f"labelled_fraction must be in (0, 1], got {shape.labelled_fraction!r}")
     if not 0.0 <= shape.lora_dropout < 1.0:
         out.append(f"lora_dropout must be in [0, 1), got {shape.lora_dropout!r}")
     if not isinstance(shape.grad_checkpointing, bool):
@@ -168,14 +173,16 @@ def _fsdp_problems(shape: TrainShape) -> list[str]:
 # ---- parameters and FLOPs -------------------------------------------------------------------
 
 def flops_per_token(model_config: Any, shape: TrainShape, hardware: bool = False) -> float:
-    """Model FLOPs per trained token, F = 4*N_mm + 6*N_lora + 6*L*s*h_q (causal attention).
+    """Model FLOPs per token, F = 4*N_mm + 6*N_lora + 6*L*s*h_q (causal attention), with the
+    head's share of N_mm times labelled_fraction under the fused loss (it skips unlabelled rows).
 
     hardware=True adds checkpointing's recomputed forward (2*N_layers + 2*N_lora + 2*L*s*h_q),
     for the checkpointed share k/L of the layers."""
     m = model_shape(model_config)
     n_lora = count_lora_params(m, shape.r, shape.targets)
     attention = m.num_layers * shape.seq_len * m.q_dim
-    flops = 4 * m.matmul_params() + 6 * n_lora + 6 * attention
+    skipped_head = m.vocab_size * m.hidden_size * (1 - shape.labelled_fraction) if shape.fused_loss else 0
+    flops = 4 * (m.matmul_params() - skipped_head) + 6 * n_lora + 6 * attention
     if hardware and shape.grad_checkpointing:
         recomputed = 2 * m.num_layers * m.layer_linear_params() + 2 * n_lora + 2 * attention
         flops += recomputed * checkpointed_layers(m, shape) / m.num_layers
