@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # lorakit on one H200, in ONE device run: correctness of the fast paths on CUDA, then
-# `lorakit bench` on the PERF.md shapes against PEFT. Planned to finish in about 7-8 minutes,
-# capped at 9 (each step has its own timeout inside an overall budget), so one call with
-# timeout_s=600 fits the 15 minutes of device time with the machine's start and one rerun.
+# `lorakit bench` on the PERF.md shapes against PEFT. Capped at 9 minutes (each step has its own
+# timeout inside an overall budget), so one call with timeout_s=600 plus the machine's start
+# takes most of the 15 minutes of device time: a second call can rerun a few steps only
+# (ONLY="step names", e.g. ONLY="bench_8b_ckpt train" bash scripts/gpu_check.sh).
 #
 #   1. scripts/gpu_kernels.py                    the fused functions on CUDA, bf16 and fp32, against
 #                                                a float64 reference (min cosine >= 0.999)
@@ -17,7 +18,8 @@
 #   5. lorakit bench --preset gpu-1b --memory-budget 12 --variants lorakit,lorakit-triton,peft-bf16
 #                                                the 1b speed goal's operating point (peak <= 12 GiB):
 #                                                lorakit checkpoints the earliest layers the estimate
-#                                                says it needs (~5 of 16), as the trainer would
+#                                                says it needs (~6 of 16), as `lorakit train
+#                                                --memory-budget 12` plans
 #   6. scripts/gpu_train_smoke.py               `lorakit train` end to end on the GPU: a random
 #                                                Llama (hidden 1024, 8 layers), the demo data packed,
 #                                                40 steps, then --resume to 60; eval loss must fall
@@ -63,6 +65,7 @@ OUT="${OUT:-/tmp/lorakit_gpu_check}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 BUDGET="${BUDGET:-540}"  # seconds for all steps together; the device call's limit is 600
+ONLY="${ONLY:-}"  # space-separated step names to run alone, e.g. a rerun: ONLY="bench_8b_ckpt train"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY="${PYTHON:-python3}"
 STATUS=()
@@ -87,14 +90,20 @@ print("python", platform.python_version(), *(f"{n} {version(n)}" for n in names)
 EOF
 } >>"$LOG" 2>&1
 
-# step NAME CAP_SECONDS COMMAND...: run with timeout min(CAP, what is left of the budget)
+# step NAME CAP_SECONDS COMMAND...: run with timeout min(CAP, what is left of the budget);
+# skipped when less than half its cap is left (it would likely time out; later, shorter steps
+# may still fit), or when ONLY names other steps
 step() {
     local name="$1" cap="$2"
     shift 2
+    if [[ -n "$ONLY" && " $ONLY " != *" $name "* ]]; then
+        STATUS+=("$name: not in ONLY")
+        return
+    fi
     local left=$((BUDGET - SECONDS))
     local limit=$((cap < left ? cap : left))
-    if ((limit < 30)); then
-        STATUS+=("$name: skipped, budget spent")
+    if ((limit < 30 || 2 * left < cap)); then
+        STATUS+=("$name: skipped, ${left}s of the budget left")
         return
     fi
     echo "=== $name (timeout ${limit}s) $*" >>"$LOG"
@@ -132,6 +141,7 @@ step pytest 120 bash -c "\"$PY\" -m pytest -x -p no:cacheprovider tests/kernels 
     grep -E "^train smoke:|^summary.json:" "$LOG" || echo "  (no train result)"
     echo "--- pytest"
     grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$LOG" | tail -n 1
+    shopt -s nullglob  # no bench result at all: the summary says each goal was not measured
     "$PY" scripts/gpu_summary.py "$OUT"/bench_*.json
 } 2>&1 | tee "$OUT/summary.txt"
 # at most 8 files come back: the benches' JSON travel as one file, {name: result}

@@ -9,10 +9,10 @@ download) and a random Llama of the given width and depth. Then runs, as a user 
     python -m lorakit train --model OUT_DIR/model --data <demo train> --eval-data <demo eval>
         --packing --max-steps STEPS --save-every STEPS/2 --output OUT_DIR/run
 
-and the same again with --max-steps 1.5 x STEPS --resume. Prints each run's exit code, the
-trainer's notices, and from summary.json the eval loss before and after, tokens/s and peak
-memory. Exits 1 if a run failed, the resume did not continue from the checkpoint, or the eval
-loss did not fall.
+and the same again with --max-steps 1.5 x STEPS --resume. Prints both runs' output and
+summary.json (eval loss before and after, tokens/s, peak memory). Exits 1 if a run failed, did
+not train on the GPU where there is one, did not resume from the checkpoint or reach 1.5 x STEPS,
+or if the eval loss did not fall. OUT_DIR is cleared first.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 def build_model_folder(folder: Path, hidden: int, layers: int, vocab: int) -> None:
     """A ChatML tokenizer trained on the demo data and a random Llama, saved as a model folder."""
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -44,6 +46,7 @@ def build_model_folder(folder: Path, hidden: int, layers: int, vocab: int) -> No
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         bos_token="<|im_start|>", chat_template=CHATML)
+    torch.manual_seed(0)  # the same base on every build: a resume checks the base's fingerprint
     heads = max(1, hidden // 64)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
@@ -82,22 +85,37 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
+    shutil.rmtree(args.out, ignore_errors=True)  # a rerun on the same machine starts afresh
     folder, run = args.out / "model", args.out / "run"
     build_model_folder(folder, args.hidden, args.layers, args.vocab)
-    half = max(1, args.steps // 2)
-    first, _ = train(folder, run, args.steps, half)
-    more = args.steps + half
-    second, output = train(folder, run, more, half, "--resume")
-    problems = []
-    if first != 0 or second != 0:
-        problems.append(f"exit codes {first} and {second}")
-    elif f"resumed from step-{args.steps:06d}" not in output:
-        problems.append(f"the second run did not resume from step-{args.steps:06d}")
-    else:
-        summary = report(run)
-        problems += _loss_problems(summary)
+    problems = _train_twice(folder, run, args.steps)
     print("train smoke:", "; ".join(problems) if problems else "ok", flush=True)
     return 1 if problems else 0
+
+
+def _train_twice(folder: Path, run: Path, steps: int) -> list[str]:
+    half = max(1, steps // 2)
+    code, output = train(folder, run, steps, half)
+    if code != 0:
+        return [f"the first run exited with {code}"]
+    device = "cuda" if _cuda_available() else "cpu"
+    if f"device: {device}" not in output:
+        return [f"the run did not say it trains on {device}"]
+    code, output = train(folder, run, steps + half, half, "--resume")
+    if code != 0:
+        return [f"the resumed run exited with {code}"]
+    if f"resumed from step-{steps:06d}" not in output:
+        return [f"the second run did not resume from step-{steps:06d}"]
+    summary = report(run)
+    problems = [] if summary.get("steps") == steps + half else [f"summary.json says {summary.get('steps')} "
+                                                                 f"steps, not {steps + half}"]
+    return problems + _loss_problems(summary)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _loss_problems(summary: dict) -> list[str]:

@@ -90,7 +90,7 @@ class BenchSettings:
     prompt_fraction: float = 0.0  # the first part of each example is prompt: no loss there
     max_doc_len: int | None = None  # packed examples: max_doc_len/8 to max_doc_len tokens; None: seq_len
     # lorakit variants checkpoint the fewest earliest layers that the memory estimate says fit
-    # this many GiB (the trainer's --grad-checkpointing auto against a smaller device)
+    # this many GiB, as `lorakit train --memory-budget` plans it
     memory_budget_gib: float | None = None
     seed: int = 0
 
@@ -134,8 +134,10 @@ def resolve(settings: BenchSettings) -> Plan:
 
 def budget_checkpoint_layers(plan: Plan) -> tuple[int, str]:
     """The fewest earliest layers whose checkpointing brings lorakit's estimated step peak within
-    --memory-budget (all of them when even that does not fit), and a notice saying so."""
+    --memory-budget as `lorakit train --memory-budget` plans it (all of them when even that does
+    not fit; the trainer would offload then), and a notice saying so."""
     from lorakit.plan.estimate import TrainShape, estimate_memory
+    from lorakit.train.memory_plan import SAFETY_MARGIN
 
     s = plan.settings
     step = dict(batch_size=s.batch, seq_len=s.seq_len, r=s.r, targets=list(TARGETS), fused_loss=True,
@@ -143,12 +145,12 @@ def budget_checkpoint_layers(plan: Plan) -> tuple[int, str]:
                 loss_chunk_tokens=s.chunk_size)
     peaks = [estimate_memory(plan.shape, TrainShape(**step, grad_checkpointing=k > 0, checkpoint_layers=k or None)).total
              for k in range(s.layers + 1)]
-    budget = s.memory_budget_gib * GIB
+    budget = s.memory_budget_gib * GIB * SAFETY_MARGIN  # the trainer's margin: fragmentation, workspaces
     k = next((k for k, peak in enumerate(peaks) if peak <= budget), s.layers)
     fits = "within" if peaks[k] <= budget else "over even so, of"
     return k, (f"--memory-budget {s.memory_budget_gib:g} GiB: lorakit variants checkpoint the first {k} of "
-               f"{s.layers} layers (estimated peak {peaks[k] / GIB:.2f} GiB, {fits} the budget; none: "
-               f"{peaks[0] / GIB:.2f} GiB); PEFT variants run as they are")
+               f"{s.layers} layers (estimated peak {peaks[k] / GIB:.2f} GiB, {fits} {SAFETY_MARGIN:.0%} of the "
+               f"budget; none: {peaks[0] / GIB:.2f} GiB); PEFT variants run as they are")
 
 
 def _validate(s: BenchSettings) -> None:
@@ -169,9 +171,10 @@ def _validate(s: BenchSettings) -> None:
         raise ConfigError(f"--prompt-fraction must be at least 0 and below 1, got {s.prompt_fraction}")
     if s.peak_tflops is not None and s.peak_tflops <= 0:
         raise ConfigError(f"--peak-tflops must be positive, got {s.peak_tflops}")
-    if s.memory_budget_gib is not None and (s.memory_budget_gib <= 0 or s.grad_checkpointing):
-        raise ConfigError(f"--memory-budget must be a positive number of GiB and without --grad-checkpointing "
-                          f"(it chooses the checkpointed layers itself), got {s.memory_budget_gib:g}")
+    if s.memory_budget_gib is not None and not (0 < s.memory_budget_gib < float("inf")):
+        raise ConfigError(f"--memory-budget must be a positive number of GiB, got {s.memory_budget_gib:g}")
+    if s.memory_budget_gib is not None and s.grad_checkpointing:
+        raise ConfigError("--memory-budget chooses the checkpointed layers itself: drop --grad-checkpointing")
 
 
 def _choose_variants(asked: list[str] | None, plan: Plan) -> list[str]:

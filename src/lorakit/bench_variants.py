@@ -17,7 +17,7 @@
                    input in host memory (the trainer's `--grad-checkpointing offload`)
 
 With --memory-budget GiB the lorakit variants checkpoint the earliest layers the memory estimate
-says are needed to fit it (bench.budget_checkpoint_layers), as the trainer does on a smaller device.
+says are needed to fit it (bench.budget_checkpoint_layers), as `lorakit train --memory-budget` plans.
 
 Packed runs (--packing): lorakit, lorakit-fused, lorakit-triton and lorakit-perdoc switch the model to
 lorakit_varlen attention and train on varlen rows, as the trainer does with its fast paths.

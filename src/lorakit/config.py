@@ -93,9 +93,10 @@ class TrainConfig:
         "holds its input in host memory until backward (GPU; a CPU run checkpoints every layer without it); a bare "
         "--grad-checkpointing means on",
         choices=["auto", "on", "off", "offload"], switch=("on", "off"))
-    memory_budget: float | None = opt(None, "GiB the training step may take on its device, weights included: "
-                                            "--grad-checkpointing auto plans for the smaller of this and the free "
-                                            "memory (to leave room for other work; the allocator is not capped)")
+    memory_budget: float | None = opt(None, "GiB the training step may take on its device (under torchrun: per "
+                                            "process), weights included: --grad-checkpointing auto plans for 90%% "
+                                            "of the smaller of this and the free memory (to leave room for other "
+                                            "work; the allocator is not capped)")
     seed: int = opt(42, "random seed (runs are deterministic on a CPU)")
     eval_every: int = opt(0, "evaluate every N steps (0: only before and after training)")
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")

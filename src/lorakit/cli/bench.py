@@ -64,7 +64,7 @@ def register(subparsers, name: str, help_text: str) -> None:
                         "(default 0: every token is trained)")
     p.add_argument("--memory-budget", type=float, metavar="GIB",
                    help="lorakit variants checkpoint the fewest earliest layers that the memory estimate says "
-                        "fit this many GiB, as the trainer does on a smaller device (PEFT variants as they are)")
+                        "fit this many GiB, as `lorakit train --memory-budget` plans it (PEFT variants as they are)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
 

@@ -69,6 +69,8 @@ def choose_checkpointing(model: nn.Module, config, device: torch.device, fsdp: b
     hints = ["a smaller --batch-size or --seq-len"]
     if device.type == "cuda" and config.model.quantize == "none":
         hints.append("--quantize 4bit")
+    if _world_size() > 1 and not fsdp:
+        hints.append("--fsdp (each process then holds a share of the base)")
     if config.train.grad_checkpointing != "auto":
         return _requested_plan(model, config, device, needs, budget, hints, fsdp)
     if needs is None:
@@ -279,12 +281,16 @@ def memory_budget(model: nn.Module, device: torch.device) -> Budget:
 
 
 def capped(budget: Budget, config) -> Budget:
-    """The budget, or --memory-budget where that is smaller (or the device's is unknown)."""
+    """The budget, or --memory-budget x SAFETY_MARGIN where that is smaller (or the device's is
+    unknown): the same margin for fragmentation and workspaces as a device of that size gets."""
     cap = config.train.memory_budget
-    if cap is None or (budget.bytes is not None and budget.bytes <= cap * GIB):
+    if cap is None:
+        return budget
+    cap_bytes = int(cap * GIB * SAFETY_MARGIN)
+    if budget.bytes is not None and budget.bytes <= cap_bytes:
         return budget
     source = config.sources.get("train.memory_budget", "the config")
-    return Budget(int(cap * GIB), f"--memory-budget {cap:g} GiB from {source}")
+    return Budget(cap_bytes, f"{SAFETY_MARGIN:.0%} of --memory-budget {cap:g} GiB from {source}")
 
 
 def _host_has_room(nbytes: int) -> bool:
