@@ -219,6 +219,9 @@ class _FlashVarlenState:
     reason: str = ""
 
 
+_FLASH = _FlashVarlenState()
+
+
 def varlen_kernel_status() -> str:
     """One line on torch's varlen kernel in this process (for reports)."""
     if _FLASH.trusted is None:
@@ -226,9 +229,6 @@ def varlen_kernel_status() -> str:
     if _FLASH.trusted:
         return "torch's varlen kernel: used (its first output matched per-document SDPA)"
     return f"torch's varlen kernel: not used ({_FLASH.reason})"
-
-
-_FLASH = _FlashVarlenState()
 
 
 def per_document_only(model: nn.Module, on: bool = True) -> None:
