@@ -45,7 +45,7 @@
 # summary.txt.
 # The short table printed last (summary.txt) is what to paste into docs/performance.md.
 #
-# How to run it (the device tool, repository root; .whl holds the liger-kernel wheel, below):
+# How to run it (the device tool, repository root; .whl holds the wheels named below):
 #     run(command="bash scripts/gpu_check.sh", timeout_s=600, carry=[".whl"])
 #
 # Wheels: the device image has python 3.12, torch 2.11 (CUDA 13), transformers 5.17, peft 0.21,
