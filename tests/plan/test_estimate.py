@@ -530,3 +530,13 @@ def test_fused_loss_flops_count_the_head_for_labelled_tokens_only():
     for bad in (0.0, 1.5, "half"):
         with pytest.raises(ConfigError, match="labelled_fraction must be in"):
             TrainShape(labelled_fraction=bad)
+
+
+def test_cli_labelled_fraction_lowers_the_flops_and_refuses_zero(capsys):
+    assert main(["estimate", "--model", "1b", "--fused-loss", "--labelled-fraction", "0.5", "--json"]) == 0
+    half = json.loads(capsys.readouterr().out)["flops_per_token"]
+    assert main(["estimate", "--model", "1b", "--fused-loss", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["flops_per_token"] - half == 2 * 128256 * 2048
+    assert main(["estimate", "--model", "1b", "--labelled-fraction", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "labelled_fraction must be in (0, 1], got 0.0" in err and "Traceback" not in err
