@@ -238,7 +238,8 @@ def test_lockstep_children_take_turns_from_the_same_start():
     assert len(lines) == 3 and all("lorakit" in line and "peft" in line for line in lines)  # turns, per step
     for raw in raws.values():
         assert raw["memory"]["peak_rss"] > raw["memory"]["rss_built"] > 0 and raw["saved_bytes"] > 0
-        assert len(raw["wall_s"]) == len(raw["cpu_s"]) == 2 and len(raw["losses"]) == 3
+        assert len(raw["wall_s"]) == len(raw["cpu_s"]) == len(raw["faults"]) == 2 and len(raw["losses"]) == 3
+        assert all(isinstance(n, int) and n >= 0 for n in raw["faults"])  # minor page faults per timed step
     # both start at the base model (B = 0) and take the same AdamW steps
     assert raws["lorakit"]["losses"] == pytest.approx(raws["peft"]["losses"], rel=1e-5)
 

@@ -43,7 +43,7 @@ import torch
 
 from lorakit.bench_variants import TARGETS, Prepared, prepare_variant
 from lorakit.errors import ConfigError
-from lorakit.host import peak_rss_bytes, proc_field
+from lorakit.host import minor_page_faults, peak_rss_bytes, proc_field
 
 VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-triton", "lorakit-plain", "lorakit-ce",
             "lorakit-fused", "lorakit-4d", "lorakit-perdoc", "lorakit-offload")
@@ -350,10 +350,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_step(prepared: Prepared, batch: dict, device: str, hooks=None) -> tuple[float, float, float]:
-    """One forward + backward + optimizer step: (wall seconds, process CPU seconds, loss)."""
+def train_step(prepared: Prepared, batch: dict, device: str, hooks=None) -> tuple[float, float, float, int]:
+    """One forward + backward + optimizer step: (wall seconds, process CPU seconds, loss, minor
+    page faults)."""
     _sync(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start, faults_start = time.perf_counter(), time.process_time(), minor_page_faults()
     with hooks or contextlib.nullcontext():
         loss = prepared.loss_fn(batch)
     loss.backward()
@@ -361,18 +362,20 @@ def train_step(prepared: Prepared, batch: dict, device: str, hooks=None) -> tupl
     prepared.optimizer.zero_grad(set_to_none=True)
     value = loss.item()  # syncs the device too
     _sync(device)
-    return time.perf_counter() - start, time.process_time() - cpu_start, value
+    return time.perf_counter() - start, time.process_time() - cpu_start, value, minor_page_faults() - faults_start
 
 
 def new_raw(name: str) -> dict:
-    return {"variant": name, "wall_s": [], "cpu_s": [], "losses": [], "saved_bytes": None, "notices": []}
+    return {"variant": name, "wall_s": [], "cpu_s": [], "faults": [], "losses": [], "saved_bytes": None,
+            "notices": []}
 
 
-def record_step(raw: dict, timed: bool, result: tuple[float, float, float]) -> None:
+def record_step(raw: dict, timed: bool, result: tuple[float, float, float, int]) -> None:
     raw["losses"].append(result[2])
     if timed:
         raw["wall_s"].append(result[0])
         raw["cpu_s"].append(result[1])
+        raw["faults"].append(result[3])
 
 
 def run_steps(name: str, prepared: Prepared, batch: dict, plan: Plan) -> dict:
@@ -480,6 +483,7 @@ def summarize(raw: dict, tokens: int, flops: float, peak_tflops: float, device: 
     mem = raw["memory"]
     row = {"variant": raw["variant"], "step_ms": 1e3 * step, "min_step_ms": 1e3 * min(raw["wall_s"]),
            "cpu_ms": 1e3 * statistics.median(raw["cpu_s"]), "timed_steps": len(raw["wall_s"]),
+           "page_faults": statistics.median(raw["faults"]) if raw.get("faults") else None,
            "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / (peak_tflops * 1e12),
            "saved_gib": None if raw["saved_bytes"] is None else raw["saved_bytes"] / GIB,
            "first_loss": raw["losses"][0], "last_loss": raw["losses"][-1], "notices": raw["notices"]}

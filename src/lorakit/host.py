@@ -46,6 +46,12 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * KIB  # macOS reports bytes, Linux and BSD KiB
 
 
+def minor_page_faults() -> int:
+    """Page faults this process has taken that needed no disk read (fresh pages faulted in):
+    a cost of allocating big tensors anew, paid in the kernel (docs/performance.md)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def available_memory_bytes() -> int | None:
     """MemAvailable: what this host can still hand out without swapping."""
     return _kib_field(MEMINFO, "MemAvailable")

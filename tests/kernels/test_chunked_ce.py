@@ -139,8 +139,8 @@ def test_ignored_rows_never_reach_the_head(monkeypatch):
     from lorakit.kernels import chunked_ce
 
     rows_seen = []
-    plain_linear = F.linear
-    monkeypatch.setattr(chunked_ce.F, "linear", lambda x, w, b=None: rows_seen.append(len(x)) or plain_linear(x, w, b))
+    plain_head = chunked_ce._head_logits
+    monkeypatch.setattr(chunked_ce, "_head_logits", lambda x, *args, **kw: rows_seen.append(len(x)) or plain_head(x, *args, **kw))
     hidden, weight, labels = _inputs(ignore_every=2)
     out = chunked_lm_head_loss(hidden, weight, labels, normalizer=5.0, chunk_size=8)
     assert sum(rows_seen) == int((labels != -100).sum()) < N
@@ -175,3 +175,38 @@ def test_default_chunking_equals_the_reference_over_several_chunks(monkeypatch):
     out = chunked_lm_head_loss(hidden, weight, labels, normalizer=10.0)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_grads(out, [hidden])[0], _grads(ref, [hidden])[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, with_bias", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_cpu_workspace_path_equals_the_allocating_path_exactly(monkeypatch, dtype, with_bias):
+    from lorakit.kernels import chunked_ce
+
+    hidden, weight, labels = _inputs(dtype)
+    bias = (torch.randn(V) * 0.1).to(dtype) if with_bias else None
+
+    def loss_and_grad():
+        out = chunked_lm_head_loss(hidden, weight, labels, normalizer=9.0, chunk_size=8, bias=bias)
+        return out, _grads(out, [hidden])[0]
+
+    reused = loss_and_grad()
+    monkeypatch.setattr(chunked_ce, "_workspace_for", lambda device: None)
+    allocated = loss_and_grad()
+    for got, want in zip(reused, allocated):
+        assert torch.equal(got, want)
+
+
+def test_cpu_workspace_is_reused_across_calls_and_grows_for_bigger_chunks():
+    from lorakit.kernels.chunked_ce import _WORKSPACE, release_workspace
+
+    release_workspace()
+    hidden, weight, labels = _inputs()
+    chunked_lm_head_loss(hidden, weight, labels, chunk_size=8)
+    first = _WORKSPACE.get("logits", 8, V, torch.float32).data_ptr()
+    assert _WORKSPACE.nbytes == 8 * V * 4  # one fp32 buffer: log_softmax runs in place
+    chunked_lm_head_loss(hidden, weight, labels, chunk_size=8)
+    assert _WORKSPACE.get("logits", 8, V, torch.float32).data_ptr() == first
+    out = chunked_lm_head_loss(hidden, weight, labels, normalizer=4.0, chunk_size=16)  # grows
+    assert _WORKSPACE.nbytes == 16 * V * 4
+    torch.testing.assert_close(out, _reference(hidden, weight, labels, 4.0), rtol=1e-5, atol=1e-6)
+    release_workspace()
+    assert _WORKSPACE.nbytes == 0

@@ -134,7 +134,7 @@ def _check_line(check: dict) -> str:
             f"lorakit {rel['lorakit']:.2e}, PEFT {rel['peft']:.2e} (lorakit needs <= {ref['loss_bound']:.2e})")
 
 
-COLUMNS = ["variant", "step ms", "min ms", "cpu ms", "tok/s", "peak GiB", "saved GiB", "MFU",
+COLUMNS = ["variant", "step ms", "min ms", "cpu ms", "faults", "tok/s", "peak GiB", "saved GiB", "MFU",
            "x PEFT", "x PEFT cpu", "x PEFT-bf16", "mem x PEFT", "loss first/last"]
 
 
@@ -146,7 +146,8 @@ def _cells(row: dict) -> list[str]:
         return "-" if row.get(key) is None else f"{row[key]:.2f}"
 
     saved = "-" if row["saved_gib"] is None else f"{row['saved_gib']:.3f}"
-    return [row["variant"], f"{row['step_ms']:.0f}", f"{row['min_step_ms']:.0f}", f"{row['cpu_ms']:.0f}",
+    faults = "-" if row.get("page_faults") is None else f"{row['page_faults'] / 1e3:,.0f}k"
+    return [row["variant"], f"{row['step_ms']:.0f}", f"{row['min_step_ms']:.0f}", f"{row['cpu_ms']:.0f}", faults,
             f"{row['tokens_per_s']:,.0f}", f"{row['peak_gib']:.2f}", saved, f"{100 * row['mfu']:.1f}%",
             ratio("speed_vs_peft"), ratio("cpu_speed_vs_peft"), ratio("speed_vs_peft_bf16"),
             ratio("memory_vs_peft"), f"{row['first_loss']:.3f}/{row['last_loss']:.3f}"]

@@ -94,28 +94,97 @@ class _GradBuffers:
 def _chunk_loss_and_grads(h, weight, bias, labels, inv_norm, grads, rows):
     """Loss sum of one chunk of labelled rows; writes its gradient slices into `grads`."""
     h_w = h.to(weight.dtype)
-    # one fused pass for max, sum-exp and the upcast; the head-dtype logits die right after
-    log_probs = F.log_softmax(F.linear(h_w, weight, bias), dim=-1, dtype=torch.float32)  # (c, V)
+    logits, log_probs = _log_probs(h_w, weight, bias)  # (c, V): head dtype, fp32
     loss_sum = -log_probs.gather(1, labels[:, None]).sum()
     if grads.hidden is None and grads.weight is None and grads.bias is None:
         return loss_sum
     # softmax - onehot, over the log-probabilities' buffer
     grad_logits = log_probs.exp_()
     grad_logits[torch.arange(len(labels), device=h.device), labels] -= 1.0
-    _accumulate(grad_logits, inv_norm, h_w, weight, grads, rows)
+    # the GEMMs run in the head's dtype: a 16-bit head's copy goes into the logits' buffer
+    g = grad_logits if logits is log_probs else logits.copy_(grad_logits)
+    _accumulate(g, grad_logits, inv_norm, h_w, weight, grads, rows)
     return loss_sum
 
 
-def _accumulate(grad_logits, inv_norm, h_w, weight, grads, rows):
-    # 1/normaliser goes on the small (c, H) side of each GEMM, not on the (c, V) gradient:
-    # the same products, one pass over c x V fewer
-    g = grad_logits.to(weight.dtype)  # (c, V), GEMMs in the head's dtype
+def _log_probs(h_w, weight, bias):
+    """(logits in the head's dtype, fp32 log-probabilities): one tensor for an fp32 head.
+
+    On the CPU both live in the reused workspace and log_softmax writes in place; elsewhere
+    each chunk allocates (CUDA's caching allocator already reuses the memory)."""
+    rows, vocab = h_w.shape[0], weight.shape[0]
+    workspace = _workspace_for(h_w.device)
+    if workspace is None:
+        # one fused pass for max, sum-exp and the upcast; the head-dtype logits die right after
+        logits = _head_logits(h_w, weight, bias)
+        log_probs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
+        return (log_probs if logits.dtype == torch.float32 else logits), log_probs
+    logits = _head_logits(h_w, weight, bias, out=workspace.get("logits", rows, vocab, weight.dtype))
+    log_probs = logits
+    if logits.dtype != torch.float32:  # (log_softmax's dtype= would allocate its own fp32 copy)
+        log_probs = workspace.get("log_probs", rows, vocab, torch.float32).copy_(logits)
+    torch.log_softmax(log_probs, -1, out=log_probs)  # in place, one pass
+    return logits, log_probs
+
+
+def _head_logits(h_w, weight, bias, out=None):
+    """h_w @ weight.T (+ bias), into `out` when given."""
+    if out is None:
+        return F.linear(h_w, weight, bias)
+    if bias is None:
+        return torch.mm(h_w, weight.T, out=out)
+    return torch.addmm(bias, h_w, weight.T, out=out)
+
+
+def _accumulate(g, grad_logits, inv_norm, h_w, weight, grads, rows):
+    # g: grad_logits (c, V) in the head's dtype. 1/normaliser goes on the small (c, H) side of
+    # each GEMM, not on the (c, V) gradient: the same products, one pass over c x V fewer
     if grads.hidden is not None:
         grads.hidden[rows] = (g @ weight).float().mul_(inv_norm).to(grads.hidden.dtype)  # (c, H)
     if grads.weight is not None:
         grads.weight.addmm_(grad_logits.T, h_w.float() * inv_norm)
     if grads.bias is not None:
         grads.bias += grad_logits.sum(0) * inv_norm
+
+
+class _CpuWorkspace:
+    """(rows, vocab) buffers for the chunks' logits, kept between chunks and steps on the CPU.
+
+    The C allocator hands a tensor of 100+ MiB out as a fresh mapping that the kernel faults in
+    page by page on first write, and unmaps it on free: every chunk of every step paid about
+    31k page faults per 126 MiB buffer (SmolLM2's 640 x 49152 fp32 chunk), more time than the
+    log_softmax over it (docs/performance.md). Reused buffers are faulted in once. One buffer
+    per role and dtype is held, sized for the largest chunk seen; `clear()` frees them.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, role: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self._buffers.get((role, dtype))
+        if buffer is None or buffer.numel() < rows * cols:
+            self._buffers.pop((role, dtype), None)  # free the old one before the bigger one
+            buffer = self._buffers[(role, dtype)] = torch.empty(rows * cols, dtype=dtype)
+        return buffer[: rows * cols].view(rows, cols)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+_WORKSPACE = _CpuWorkspace()
+
+
+def _workspace_for(device: torch.device) -> _CpuWorkspace | None:
+    return _WORKSPACE if device.type == "cpu" else None
+
+
+def release_workspace() -> None:
+    """Free the CPU buffers the loss keeps between calls (for a process done training)."""
+    _WORKSPACE.clear()
 
 
 def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
