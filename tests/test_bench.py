@@ -105,10 +105,8 @@ def test_check_catches_a_wrong_loss(monkeypatch):
 
 
 def _bf16_plan(**overrides):
-    """The GPU's bf16 check, run on the CPU (bf16 math works there, slowly)."""
-    plan = resolve(_settings(**overrides))
-    plan.dtype = "bfloat16"
-    return plan
+    """The GPU's bf16 check, run on the CPU (`--dtype bfloat16`)."""
+    return resolve(_settings(dtype="bfloat16", **overrides))
 
 
 def test_bf16_check_judges_lorakit_and_peft_against_an_fp32_reference():
@@ -267,6 +265,26 @@ def test_offload_variant_is_cuda_only_and_is_wired_in_when_forced():
         assert offloaded == {name == "lorakit-offload"}
         losses[name] = [train_step(prepared, inputs["lorakit"], "cpu")[2] for _ in range(2)]
     assert losses["lorakit-offload"] == pytest.approx(losses["lorakit"], rel=1e-6)
+
+
+def test_cpu_bench_in_bf16_adds_the_peft_bf16_row_and_measures_a_bf16_peak(monkeypatch):
+    import lorakit.bench as bench
+
+    plan = resolve(_settings(dtype="bfloat16", variants=None))
+    assert plan.dtype == "bfloat16" and plan.settings.variants == ["lorakit", "peft", "peft-bf16"]
+    assert resolve(_settings(variants=None)).settings.variants == ["lorakit", "peft"]  # fp32: peft-bf16 = peft
+    peaks = []
+    real_peak = bench.measure_matmul_peak
+    monkeypatch.setattr(bench, "measure_matmul_peak", lambda device, dtype="float32": peaks.append(dtype)
+                        or real_peak(device, dtype))
+    result = run_bench(_settings(dtype="bfloat16", variants=None, peak_tflops=None), log=lambda line: None)
+    assert set(peaks) == {"bfloat16"} and "bf16 2048^3" in result["peak"]["source"]
+    with pytest.raises(ConfigError, match="--dtype must be one of float32, bfloat16"):
+        resolve(_settings(dtype="float16"))
+    rows = {r["variant"]: r for r in result["variants"]}
+    assert all("error" not in r for r in rows.values()) and rows["peft-bf16"]["speed_vs_peft_bf16"] == 1.0
+    # bf16 weights everywhere; lorakit and PEFT start at the same loss
+    assert rows["lorakit"]["first_loss"] == pytest.approx(rows["peft-bf16"]["first_loss"], rel=1e-3)
 
 
 @pytest.mark.parametrize("flags,message", [(["--prompt-fraction", "1"], "--prompt-fraction"),

@@ -49,6 +49,7 @@ VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-triton", "lor
             "lorakit-fused", "lorakit-4d", "lorakit-perdoc", "lorakit-offload")
 DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-triton", "lorakit-offload", "peft-liger")
 GIB = 2**30
+DTYPES = ("float32", "bfloat16")
 
 _SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
@@ -92,6 +93,7 @@ class BenchSettings:
     # lorakit variants checkpoint the fewest earliest layers that the memory estimate says fit
     # this many GiB, as `lorakit train --memory-budget` plans it
     memory_budget_gib: float | None = None
+    dtype: str | None = None  # weights dtype; None: the preset's (bf16 on CUDA, fp32 on the CPU)
     seed: int = 0
 
 
@@ -124,7 +126,7 @@ def resolve(settings: BenchSettings) -> Plan:
         s.interleave = s.device == "cpu" and s.isolate
     _validate(s)
     shape = {**shape, "num_hidden_layers": s.layers, "max_position_embeddings": max(s.seq_len, 2048)}
-    plan = Plan(s, shape, "bfloat16" if s.device == "cuda" else "float32")
+    plan = Plan(s, shape, s.dtype or ("bfloat16" if s.device == "cuda" else "float32"))
     s.variants = _choose_variants(settings.variants, plan)
     if s.memory_budget_gib is not None:
         plan.checkpoint_layers, notice = budget_checkpoint_layers(plan)
@@ -173,6 +175,8 @@ def _validate(s: BenchSettings) -> None:
         raise ConfigError(f"--peak-tflops must be positive, got {s.peak_tflops}")
     if s.memory_budget_gib is not None and not (0 < s.memory_budget_gib < float("inf")):
         raise ConfigError(f"--memory-budget must be a positive number of GiB, got {s.memory_budget_gib:g}")
+    if s.dtype not in (None, *DTYPES):
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {s.dtype!r}")
     if s.memory_budget_gib is not None and s.grad_checkpointing:
         raise ConfigError("--memory-budget chooses the checkpointed layers itself: drop --grad-checkpointing")
 
@@ -246,8 +250,9 @@ def flops_per_token(shape: dict, r: int, context: float, labelled: float = 1.0) 
             "attention": attention, "context": context}
 
 
-def measure_matmul_peak(device: str) -> float:
-    """Dense matmul TFLOP/s here: bf16 8192^3 on CUDA (mean of 10), fp32 2048^3 on CPU (best of 5)."""
+def measure_matmul_peak(device: str, dtype: str = "float32") -> float:
+    """Dense matmul TFLOP/s here: bf16 8192^3 on CUDA (mean of 10), 2048^3 in the model's dtype on
+    the CPU (best of 5)."""
     if device == "cuda":
         a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
         for _ in range(3):
@@ -259,7 +264,7 @@ def measure_matmul_peak(device: str) -> float:
         end.record()
         torch.cuda.synchronize()
         return 2 * 8192**3 * 10 / (start.elapsed_time(end) / 1e3) / 1e12
-    a, best = torch.randn(2048, 2048), float("inf")
+    a, best = torch.randn(2048, 2048, dtype=getattr(torch, dtype)), float("inf")
     for _ in range(6):  # the first one warms up
         start = time.perf_counter()
         a @ a
@@ -564,20 +569,23 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
             traceback.print_exc(file=sys.stderr)
             check = {"error": _one_line(exc), "passed": False}
         release_cuda()
-    peak = s.peak_tflops or measure_matmul_peak(s.device)
+    peak = s.peak_tflops or measure_matmul_peak(s.device, plan.dtype)
     raw = run_variants(plan, inputs, log)
     if not s.peak_tflops and s.device == "cpu":  # a busy CPU's peak varies: the best seen in the run
-        peak = max([peak, measure_matmul_peak("cpu")] + [r.get("matmul_tflops", 0) for r in raw])
+        peak = max([peak, measure_matmul_peak("cpu", plan.dtype)] + [r.get("matmul_tflops", 0) for r in raw])
     rows = [summarize(r, inputs["tokens"], flops["per_token"], peak, s.device) for r in raw]
     add_ratios(rows)
     return {"settings": asdict(s), "shape": plan.shape, "dtype": plan.dtype, "environment": environment(plan),
             "tokens_per_step": inputs["tokens"], "labelled_fraction": inputs["labelled"], "flops": flops,
-            "peak": {"tflops": peak, "source": "--peak-tflops" if s.peak_tflops else PEAK_SOURCE[s.device]},
+            "peak": {"tflops": peak, "source": "--peak-tflops" if s.peak_tflops else _peak_source(plan)},
             "memory_note": _memory_note(plan), "notices": plan.notices, "variants": rows, "check": check}
 
 
-PEAK_SOURCE = {"cuda": "measured: bf16 8192^3 matmul, mean of 10",
-               "cpu": "measured: fp32 2048^3 matmul, the best of 5 tries before, after, and in each child"}
+def _peak_source(plan: Plan) -> str:
+    if plan.device == "cuda":
+        return "measured: bf16 8192^3 matmul, mean of 10"
+    dtype = "bf16" if plan.dtype == "bfloat16" else "fp32"
+    return f"measured: {dtype} 2048^3 matmul, the best of 5 tries before, after, and in each child"
 
 
 def _memory_note(plan: Plan) -> str:

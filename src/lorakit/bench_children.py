@@ -36,7 +36,7 @@ def child_main(request_json: str) -> None:
         raw = _lockstep_child(request["variant"], plan, make_inputs(plan))
     else:
         raw = measure_variant(request["variant"], plan, make_inputs(plan))
-    raw["matmul_tflops"] = measure_matmul_peak("cpu")  # under this child's conditions
+    raw["matmul_tflops"] = measure_matmul_peak("cpu", plan.dtype)  # under this child's conditions
     _reply(raw)
 
 

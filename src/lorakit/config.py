@@ -47,7 +47,8 @@ def opt(default, help: str, flag: str | None = None, choices=None, switch: tuple
 @dataclass
 class ModelConfig:
     name: str | None = opt(None, "model: local folder, hub id, or .gguf file (default: built-in SmolLM2-135M-Instruct)", flag="--model")
-    dtype: str = opt("auto", "weights dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    dtype: str = opt("auto", "weights dtype; auto: bfloat16 on a GPU with bf16 or a CPU with native bf16 "
+                     "(AVX512-BF16, AMX), else float32", choices=["auto", "float32", "bfloat16", "float16"])
     quantize: str = opt("none", "load the base in 4-bit (NF4) or 8-bit with bitsandbytes (GPU)", choices=["none", "4bit", "8bit"])
     allow_pickle: bool = opt(False, "allow pickle weight files (.bin), loaded with weights_only=True")
 

@@ -393,6 +393,28 @@ def _hub_error(hub_id: str, exc: Exception, offline: bool) -> ModelLoadError:
 # --------------------------------------------------------------------------- loading
 
 
+def training_dtype(requested: str, device: str) -> str:
+    """The weights dtype `lorakit train` loads: `requested` unless it is "auto". Auto is bf16 where
+    the hardware multiplies bf16 natively (a GPU with bf16; a CPU with AVX512-BF16 or AMX, where
+    bf16 matmuls ran 4x faster than fp32 and the demo trained 2x faster to the same eval loss:
+    docs/performance.md), else fp32 (fp16 would need loss scaling)."""
+    import torch
+
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):  # a plan for a GPU elsewhere (none here) assumes one with bf16
+        return "float32" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bfloat16"
+    return "bfloat16" if device == "cpu" and cpu_has_native_bf16() else "float32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX tiles)."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu: private, present since 2.1
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def _resolve_dtype(dtype: str, device: str) -> Any:
     import torch
 

@@ -55,6 +55,9 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--interleave", dest="interleave", action="store_true",
                    help="the CPU default (kept for scripts)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="override the preset's device")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="weights dtype for every variant (default: the preset's: bf16 on a GPU, fp32 on the CPU; "
+                        "bfloat16 on a CPU with native bf16 is what `lorakit train` picks there)")
     p.add_argument("--chunk-size", type=int,
                    help="tokens per lm_head + loss chunk (lorakit; default: 128 MiB of fp32 logits per chunk)")
     p.add_argument("--max-doc-len", type=int, metavar="N",
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         variants=args.variants, check=args.check, check_steps=args.check_steps, peak_tflops=args.peak_tflops,
         threads=args.threads, interleave=args.interleave, device=args.device,
         chunk_size=args.chunk_size, prompt_fraction=args.prompt_fraction, max_doc_len=args.max_doc_len,
-        memory_budget_gib=args.memory_budget)
+        memory_budget_gib=args.memory_budget, dtype=args.dtype)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, every step
     result = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:

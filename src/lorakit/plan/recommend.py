@@ -477,7 +477,9 @@ def _fit(facts: ModelFacts, budget: Budget, rows: int, seq_len: int, r: int) -> 
 def _memory_function(shape: Any, seq_len: int, r: int, device: str, quantize: str = "none") -> Callable[[int, bool], int]:
     from lorakit.plan.estimate import TrainShape, estimate_memory
 
-    dtype = "bf16" if device == "cuda" else "fp32"  # what `--dtype auto` loads on each device
+    from lorakit.models import training_dtype
+
+    dtype = "bf16" if training_dtype("auto", device) == "bfloat16" else "fp32"  # what `--dtype auto` loads
 
     def memory_of(batch: int, checkpointing: bool) -> int:
         step = TrainShape(batch_size=batch, seq_len=seq_len, r=r, targets="all-linear", grad_checkpointing=checkpointing,

@@ -280,6 +280,8 @@ class Session:
             "r": lora.r, "alpha": lora.alpha, "scale": effective_scale(self.config),
             "target_modules": lora.targets,
             "model": _base_name(self.p),
+            "dtype": str(next(self.p.model.parameters()).dtype).removeprefix("torch."),
+            "device": self.p.settings.device.type,
             "adapter": str(self.out / "adapter"),
         }
 
