@@ -62,6 +62,26 @@ def test_shard_rejects_a_rank_outside_the_world():
         distributed.shard([1, 2], 2, 2)
 
 
+@pytest.mark.parametrize("budget_gib, need_gib, sharded", [(None, 50, False), (None, 130, True),
+                                                         (40, 50, True), (40, 30, False), (200, 130, True)])
+def test_auto_fsdp_shards_when_the_step_exceeds_the_gpu_or_the_memory_budget(monkeypatch, budget_gib, need_gib,
+                                                                            sharded):
+    from types import SimpleNamespace
+
+    from lorakit.config import resolve
+
+    gib = 2**30
+    config = resolve(None, {"train.memory_budget": budget_gib} if budget_gib else {})
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=140 * gib))
+    monkeypatch.setattr(distributed, "estimated_step_bytes",
+                        lambda config, fsdp=False: (need_gib // 2 if fsdp else need_gib) * gib)
+    fsdp, notices = distributed.choose_fsdp(None, config, torch.device("cuda"))
+    assert fsdp is sharded  # 90% of the smaller of the GPU (140 GiB) and the budget
+    where = f"--memory-budget {budget_gib:g} GiB" if budget_gib and budget_gib < 140 else "one 140 GiB GPU"
+    assert len(notices) == 1 and where in notices[0] and ("FSDP" in notices[0]) == sharded
+
+
 class _Lengths:
     """The part of TokenizedData the batch stream reads."""
 

@@ -230,13 +230,23 @@ def choose_fsdp(requested: bool | None, config, device: torch.device) -> tuple[b
     if need is None:
         return False, [f"parallel: DDP over {n} processes (no memory estimate for this model; "
                        "pass --fsdp to shard the base)"]
-    capacity = torch.cuda.get_device_properties(device).total_memory
-    fsdp = need > FSDP_MEMORY_FRACTION * capacity
+    room, where = _room_per_rank(config, device)
+    fsdp = need > room
     layout = "FSDP (base sharded" if fsdp else "DDP (base replicated"
     sharded = estimated_step_bytes(config, fsdp=True) if fsdp else None
     per_rank = f", {sharded / 2**30:.1f} GiB per rank sharded" if sharded is not None else ""
     return fsdp, [f"parallel: {layout} over {n} processes; estimated {need / 2**30:.1f} GiB per step replicated"
-                  f"{per_rank} on one {capacity / 2**30:.0f} GiB GPU)"]
+                  f"{per_rank} {where})"]
+
+
+def _room_per_rank(config, device: torch.device) -> tuple[float, str]:
+    """Bytes a replicated step may take on one GPU before auto mode shards, and where that
+    limit comes from: FSDP_MEMORY_FRACTION of the GPU, or of --memory-budget when smaller."""
+    capacity = torch.cuda.get_device_properties(device).total_memory
+    budget = config.train.memory_budget
+    if budget is not None and budget * 2**30 < capacity:
+        return FSDP_MEMORY_FRACTION * budget * 2**30, f"within --memory-budget {budget:g} GiB"
+    return FSDP_MEMORY_FRACTION * capacity, f"on one {capacity / 2**30:.0f} GiB GPU"
 
 
 def global_batch_notice(train) -> list[str]:
