@@ -55,8 +55,8 @@ def test_bench_in_process_reports_every_figure():
     assert set(rows) == {"lorakit", "peft"}
     for row in rows.values():
         assert "error" not in row, row
-        for key in ("step_ms", "min_step_ms", "cpu_ms", "tokens_per_s", "peak_gib", "mfu", "speed_vs_peft",
-                    "memory_vs_peft", "first_loss", "last_loss"):
+        for key in ("step_ms", "min_step_ms", "cpu_ms", "page_faults", "tokens_per_s", "peak_gib", "mfu",
+                    "speed_vs_peft", "memory_vs_peft", "first_loss", "last_loss"):
             assert row[key] is not None, key
         # MFU = F * tokens/s / peak, peak given as 1 TFLOP/s
         assert row["mfu"] == pytest.approx(result["flops"]["per_token"] * row["tokens_per_s"] / 1e12)

@@ -488,7 +488,8 @@ def summarize(raw: dict, tokens: int, flops: float, peak_tflops: float, device: 
     mem = raw["memory"]
     row = {"variant": raw["variant"], "step_ms": 1e3 * step, "min_step_ms": 1e3 * min(raw["wall_s"]),
            "cpu_ms": 1e3 * statistics.median(raw["cpu_s"]), "timed_steps": len(raw["wall_s"]),
-           "page_faults": statistics.median(raw["faults"]) if raw.get("faults") else None,
+           # host page faults: a CPU step's cost of fresh memory (a GPU step's lives in its allocator)
+           "page_faults": statistics.median(raw["faults"]) if raw.get("faults") and device == "cpu" else None,
            "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / (peak_tflops * 1e12),
            "saved_gib": None if raw["saved_bytes"] is None else raw["saved_bytes"] / GIB,
            "first_loss": raw["losses"][0], "last_loss": raw["losses"][-1], "notices": raw["notices"]}
