@@ -177,22 +177,54 @@ def test_default_chunking_equals_the_reference_over_several_chunks(monkeypatch):
     torch.testing.assert_close(_grads(out, [hidden])[0], _grads(ref, [hidden])[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype, with_bias", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
 def test_cpu_workspace_path_equals_the_allocating_path_exactly(monkeypatch, dtype, with_bias):
     from lorakit.kernels import chunked_ce
 
     hidden, weight, labels = _inputs(dtype)
-    bias = (torch.randn(V) * 0.1).to(dtype) if with_bias else None
+    weight.requires_grad_()  # the head's own gradient path reads the workspace too
+    bias = (torch.randn(V) * 0.1).to(dtype).requires_grad_() if with_bias else None
+    inputs = [hidden, weight] + ([bias] if with_bias else [])
 
-    def loss_and_grad():
+    def loss_and_grads():
         out = chunked_lm_head_loss(hidden, weight, labels, normalizer=9.0, chunk_size=8, bias=bias)
-        return out, _grads(out, [hidden])[0]
+        return [out, *_grads(out, inputs)]
 
-    reused = loss_and_grad()
+    reused = loss_and_grads()
     monkeypatch.setattr(chunked_ce, "_workspace_for", lambda device: None)
-    allocated = loss_and_grad()
-    for got, want in zip(reused, allocated):
+    allocated = loss_and_grads()
+    for got, want in zip(reused, allocated, strict=True):
         assert torch.equal(got, want)
+
+
+def test_cpu_workspace_first_used_under_inference_mode_still_serves_training():
+    from lorakit.kernels.chunked_ce import release_workspace
+
+    release_workspace()
+    hidden, weight, labels = _inputs()
+    with torch.inference_mode():
+        chunked_lm_head_loss(hidden.detach(), weight, labels, normalizer=4.0, chunk_size=8)  # an eval first
+    out = chunked_lm_head_loss(hidden, weight, labels, normalizer=4.0, chunk_size=8)
+    ref = _reference(hidden, weight, labels, 4.0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_grads(out, [hidden])[0], _grads(ref, [hidden])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_workspace_is_per_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [_inputs(seed=seed) for seed in range(4)]
+    expected = [_reference(h, w, y, 3.0).item() for h, w, y in cases]
+
+    def loss_many_times(case):
+        h, w, y = case
+        return [chunked_lm_head_loss(h.detach(), w, y, normalizer=3.0, chunk_size=8).item() for _ in range(20)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(loss_many_times, cases))
+    for got, want in zip(results, expected):
+        assert got == pytest.approx([want] * 20, rel=1e-5)
 
 
 def test_cpu_workspace_is_reused_across_calls_and_grows_for_bigger_chunks():

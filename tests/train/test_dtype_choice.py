@@ -28,7 +28,12 @@ def test_native_bf16_probe_agrees_with_the_cpu_flags():
         pytest.skip("no /proc/cpuinfo here")
     flags = {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
              for flag in line.split(":", 1)[1].split()}
-    assert models.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    if "avx512_bf16" in flags:
+        assert models.cpu_has_native_bf16()
+    elif not flags & {"amx_bf16", "amx_tile"}:
+        assert not models.cpu_has_native_bf16()
+    else:  # AMX listed: usable only where the OS enabled it, which torch checks and cpuinfo does not say
+        pytest.skip("AMX without AVX512-BF16: the flags alone do not decide")
 
 
 @pytest.fixture(scope="module")
@@ -58,4 +63,4 @@ def test_float32_flag_overrides_auto(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
     assert _train(tiny, tmp_path / "run", "--dtype", "float32") == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["dtype"] == "float32"
-    assert "dtype: bfloat16" not in capsys.readouterr().out
+    assert "dtype: bfloat16" not in " ".join(capsys.readouterr().out.split())

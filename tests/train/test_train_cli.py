@@ -9,7 +9,8 @@ from lorakit.cli import main
 from tiny_models import save_tiny_chat_model, write_define_data
 
 SUMMARY_KEYS = {"base_eval_loss", "final_eval_loss", "train_loss", "steps", "train_tokens", "tokens_per_second",
-                "peak_memory_bytes", "wall_seconds", "trainable_params", "total_params", "r", "alpha", "target_modules"}
+                "peak_memory_bytes", "wall_seconds", "trainable_params", "total_params", "r", "alpha", "target_modules",
+                "dtype", "device"}
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +28,16 @@ def train_args(tiny, out, *extra):
             *extra]
 
 
-def test_end_to_end_training(tiny, tmp_path, capsys):
+def test_end_to_end_training(tiny, tmp_path, capsys, monkeypatch):
+    from lorakit.kernels import chunked_ce
+
     out = tmp_path / "run"
+    held = []  # the loss's CPU workspace, seen at the final eval and after the run
+    real_release = chunked_ce.release_workspace
+    monkeypatch.setattr("lorakit.train.session.release_workspace",
+                        lambda: held.append(chunked_ce._WORKSPACE.nbytes) or real_release())
     assert main(train_args(tiny, out)) == 0
+    assert held[0] > 0 and chunked_ce._WORKSPACE.nbytes == 0  # used by training, freed at its end
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["final_eval_loss"] < 0.92 * summary["base_eval_loss"]

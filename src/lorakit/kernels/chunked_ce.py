@@ -23,7 +23,9 @@ so the gradient is finished during forward and only `grad_hidden` (labelled rows
 backward multiplies it by the incoming scalar gradient, and index_select's backward spreads it
 into an N x H gradient. Peak extra memory is one chunk of fp32 logits plus two hidden-sized
 tensors (forward: the selected rows and their gradient; backward: the gradient and its scaled
-copy, then the scaled copy and the N x H result).
+copy, then the scaled copy and the N x H result). On the CPU the chunk's buffers stay allocated
+between calls (fp32 logits, plus the head-dtype logits for a 16-bit head: `_CpuWorkspace`), so
+that each step does not fault fresh pages in.
 A frozen head (the LoRA case) gets no weight gradient at all.
 
 `normalizer` makes gradient accumulation exact: pass the number of label tokens in the whole
@@ -33,6 +35,8 @@ this call's non-ignored tokens (0 when there are none, instead of the NaN of a 0
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -94,37 +98,36 @@ class _GradBuffers:
 def _chunk_loss_and_grads(h, weight, bias, labels, inv_norm, grads, rows):
     """Loss sum of one chunk of labelled rows; writes its gradient slices into `grads`."""
     h_w = h.to(weight.dtype)
-    logits, log_probs = _log_probs(h_w, weight, bias)  # (c, V): head dtype, fp32
+    log_probs, spare = _log_probs(h_w, weight, bias)  # (c, V) fp32; a 16-bit head's logits buffer
     loss_sum = -log_probs.gather(1, labels[:, None]).sum()
     if grads.hidden is None and grads.weight is None and grads.bias is None:
         return loss_sum
     # softmax - onehot, over the log-probabilities' buffer
-    grad_logits = log_probs.exp_()
-    grad_logits[torch.arange(len(labels), device=h.device), labels] -= 1.0
-    # the GEMMs run in the head's dtype: a 16-bit head's copy goes into the logits' buffer
-    g = grad_logits if logits is log_probs else logits.copy_(grad_logits)
-    _accumulate(g, grad_logits, inv_norm, h_w, weight, grads, rows)
+    grad_fp32 = log_probs.exp_()
+    grad_fp32[torch.arange(len(labels), device=h.device), labels] -= 1.0
+    # the GEMMs run in the head's dtype: a 16-bit head's copy goes into its spent logits' buffer
+    grad_head_dtype = grad_fp32 if spare is None else spare.copy_(grad_fp32)
+    _accumulate(grad_head_dtype, grad_fp32, inv_norm, h_w, weight, grads, rows)
     return loss_sum
 
 
 def _log_probs(h_w, weight, bias):
-    """(logits in the head's dtype, fp32 log-probabilities): one tensor for an fp32 head.
+    """(fp32 log-probabilities, the spent logits of a 16-bit head or None for an fp32 one).
 
     On the CPU both live in the reused workspace and log_softmax writes in place; elsewhere
     each chunk allocates (CUDA's caching allocator already reuses the memory)."""
     rows, vocab = h_w.shape[0], weight.shape[0]
     workspace = _workspace_for(h_w.device)
-    if workspace is None:
-        # one fused pass for max, sum-exp and the upcast; the head-dtype logits die right after
+    if workspace is None:  # one fused pass for max, sum-exp and the upcast
         logits = _head_logits(h_w, weight, bias)
         log_probs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
-        return (log_probs if logits.dtype == torch.float32 else logits), log_probs
+        return log_probs, (None if logits.dtype == torch.float32 else logits)
     logits = _head_logits(h_w, weight, bias, out=workspace.get("logits", rows, vocab, weight.dtype))
-    log_probs = logits
-    if logits.dtype != torch.float32:  # (log_softmax's dtype= would allocate its own fp32 copy)
-        log_probs = workspace.get("log_probs", rows, vocab, torch.float32).copy_(logits)
-    torch.log_softmax(log_probs, -1, out=log_probs)  # in place, one pass
-    return logits, log_probs
+    if logits.dtype == torch.float32:
+        return torch.log_softmax(logits, -1, out=logits), None  # in place, one pass
+    # an fp32 copy in its own buffer (log_softmax's dtype= would allocate one), then in place
+    log_probs = workspace.get("log_probs", rows, vocab, torch.float32).copy_(logits)
+    return torch.log_softmax(log_probs, -1, out=log_probs), logits
 
 
 def _head_logits(h_w, weight, bias, out=None):
@@ -136,25 +139,26 @@ def _head_logits(h_w, weight, bias, out=None):
     return torch.addmm(bias, h_w, weight.T, out=out)
 
 
-def _accumulate(g, grad_logits, inv_norm, h_w, weight, grads, rows):
-    # g: grad_logits (c, V) in the head's dtype. 1/normaliser goes on the small (c, H) side of
-    # each GEMM, not on the (c, V) gradient: the same products, one pass over c x V fewer
+def _accumulate(grad_head_dtype, grad_fp32, inv_norm, h_w, weight, grads, rows):
+    # 1/normaliser goes on the small (c, H) side of each GEMM, not on the (c, V) gradient: the
+    # same products, one pass over c x V fewer
     if grads.hidden is not None:
-        grads.hidden[rows] = (g @ weight).float().mul_(inv_norm).to(grads.hidden.dtype)  # (c, H)
+        grads.hidden[rows] = (grad_head_dtype @ weight).float().mul_(inv_norm).to(grads.hidden.dtype)  # (c, H)
     if grads.weight is not None:
-        grads.weight.addmm_(grad_logits.T, h_w.float() * inv_norm)
+        grads.weight.addmm_(grad_fp32.T, h_w.float() * inv_norm)
     if grads.bias is not None:
-        grads.bias += grad_logits.sum(0) * inv_norm
+        grads.bias += grad_fp32.sum(0) * inv_norm
 
 
-class _CpuWorkspace:
+class _CpuWorkspace(threading.local):
     """(rows, vocab) buffers for the chunks' logits, kept between chunks and steps on the CPU.
 
-    The C allocator hands a tensor of 100+ MiB out as a fresh mapping that the kernel faults in
+    The C allocator hands a tensor over 32 MiB out as a fresh mapping that the kernel faults in
     page by page on first write, and unmaps it on free: every chunk of every step paid about
-    31k page faults per 126 MiB buffer (SmolLM2's 640 x 49152 fp32 chunk), more time than the
-    log_softmax over it (docs/performance.md). Reused buffers are faulted in once. One buffer
-    per role and dtype is held, sized for the largest chunk seen; `clear()` frees them.
+    31k page faults per 120 MiB buffer (SmolLM2's 640 x 49152 fp32 chunk), more time than the
+    log_softmax over it (docs/performance.md). Reused buffers are faulted in once. Each thread
+    has its own buffers, one per role and dtype, sized for the largest chunk seen; `clear()`
+    frees them (the trainer does when a run ends).
     """
 
     def __init__(self) -> None:
@@ -164,7 +168,10 @@ class _CpuWorkspace:
         buffer = self._buffers.get((role, dtype))
         if buffer is None or buffer.numel() < rows * cols:
             self._buffers.pop((role, dtype), None)  # free the old one before the bigger one
-            buffer = self._buffers[(role, dtype)] = torch.empty(rows * cols, dtype=dtype)
+            # a normal tensor even when first asked for under inference_mode: later training
+            # calls write into it in place, which an inference tensor refuses
+            with torch.inference_mode(False):
+                buffer = self._buffers[(role, dtype)] = torch.empty(rows * cols, dtype=dtype)
         return buffer[: rows * cols].view(rows, cols)
 
     def clear(self) -> None:
@@ -183,7 +190,7 @@ def _workspace_for(device: torch.device) -> _CpuWorkspace | None:
 
 
 def release_workspace() -> None:
-    """Free the CPU buffers the loss keeps between calls (for a process done training)."""
+    """Free this thread's CPU buffers the loss keeps between calls (a process done training)."""
     _WORKSPACE.clear()
 
 

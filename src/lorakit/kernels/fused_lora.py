@@ -192,11 +192,12 @@ class _SharedInputLora(torch.autograd.Function):
 
 
 def _silu_mul_grads(e, g, silu, dh):
-    """(de, dg) for h = silu(e) * g: dg in silu's buffer; de by torch's fused silu backward
-    (dh g sigmoid(e) (1 + e (1 - sigmoid(e))) in one pass, in fp32 inside for 16-bit inputs),
-    from dh g built in dh's buffer. Two passes fewer than spelling the derivative out."""
+    """(de, dg) for h = silu(e) * g: dg in silu's buffer; de in dh's, by torch's fused silu
+    backward (dh g sigmoid(e) (1 + e (1 - sigmoid(e))) in one pass, in fp32 inside for 16-bit
+    inputs). Two passes fewer than spelling the derivative out."""
     dg = silu.mul_(dh)
-    return torch.ops.aten.silu_backward(dh.mul_(g), e), dg
+    dh_g = dh.mul_(g)
+    return torch.ops.aten.silu_backward.grad_input(dh_g, e, grad_input=dh_g), dg
 
 
 class _LoraSwiGLU(torch.autograd.Function):

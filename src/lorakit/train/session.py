@@ -22,6 +22,7 @@ import torch
 from lorakit.config import effective_scale
 from lorakit.errors import AdapterFileError, AdapterMismatchError, DataError
 from lorakit.host import peak_rss_bytes
+from lorakit.kernels.chunked_ce import release_workspace
 from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
 from lorakit.safe_io import atomic_write_json, atomic_write_text
 from lorakit.train import checkpoint as ckpt
@@ -245,6 +246,7 @@ class Session:
     def finish(self) -> RunResult:
         self.save_checkpoint()  # before the final eval: a resume from it evaluates (and logs) it once
         final_eval = self.run_eval("final")
+        release_workspace()  # the loss's CPU buffers: no more loss in this run
         with distributed.whole_trainable(self.p.model):  # sharded adapters gathered on every rank
             if distributed.is_main():
                 save_adapter(self.p.model, self.out / "adapter", base_model_name=_base_name(self.p))
