@@ -140,3 +140,21 @@ def test_bare_switch_before_the_config_file_leaves_the_file_positional(tiny, tmp
     # a value that is neither a choice nor a file is still refused by the parser
     with pytest.raises(SystemExit):
         main(["train", str(config), "--grad-checkpointing", "sometimes"])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_run_trains_in_the_chosen_dtype_and_says_so(tiny, tmp_path, monkeypatch, capsys, native):
+    monkeypatch.setattr("lorakit.models.cpu_has_native_bf16", lambda: native)
+    assert main(train_args(tiny, tmp_path / "run", "--max-steps", "3")) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dtype"] == ("bfloat16" if native else "float32") and summary["device"] == "cpu"
+    assert summary["final_eval_loss"] == summary["final_eval_loss"]  # not NaN
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert ("dtype: bfloat16 (auto" in printed) == native
+
+
+def test_float32_flag_overrides_auto(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("lorakit.models.cpu_has_native_bf16", lambda: True)
+    assert main(train_args(tiny, tmp_path / "run", "--max-steps", "3", "--dtype", "float32")) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["dtype"] == "float32"
+    assert "dtype: bfloat16" not in " ".join(capsys.readouterr().out.split())
