@@ -6,7 +6,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from lorakit.kernels import llama_patch
+from lorakit.kernels import llama_patch, native_ops
 from lorakit.kernels.llama_patch import (causal_lm_loss, disable_fast_paths, enable_fast_paths,
                                          fast_paths_enabled)
 from lorakit.lora import LoraConfig, LoraLinear, apply_lora, merge_lora
@@ -89,6 +89,19 @@ def test_fused_blocks_are_the_ones_running(monkeypatch):
     assert sorted(calls) == sorted(["lora_mlp", "lora_qkv", "lora_linear"] * 2)
 
 
+def test_native_norm_and_rope_are_the_ones_running_on_cpu(monkeypatch):
+    model, batch = _model(), _batch()
+    calls = []
+    for name in ("rms_norm", "rope"):
+        real = getattr(native_ops, name)
+        monkeypatch.setattr(native_ops, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    enable_fast_paths(model)
+    causal_lm_loss(model, batch)
+    layers = len(model.model.layers)
+    assert sorted(calls) == sorted(["rms_norm"] * (2 * layers + 1) + ["rope"] * layers)
+
+
 def test_with_gradient_checkpointing():
     model, batch = _model(), _batch()
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -117,7 +130,8 @@ def test_unfusable_adapters_fall_back_with_a_notice(options, reason):
     model.eval()  # dropout off: both paths compute the same function
     notices = enable_fast_paths(model)
     assert notices and all(reason in n for n in notices)
-    assert not fast_paths_enabled(model)
+    blocks = [m for layer in model.model.layers for m in (layer.self_attn, layer.mlp)]
+    assert not any("forward" in m.__dict__ for m in blocks)  # only the norms' op is swapped
     _assert_same(_fast(model, batch), _plain(model, batch))
 
 

@@ -11,15 +11,19 @@ the module would:
                           the attention kernel stay transformers' own
     o_proj.forward     -> lora_linear(x, o_proj)
 
-enable_fast_paths(model, triton=True) adds the Triton kernels of triton_ops (opt-in until they
-are measured on a GPU; when Triton cannot run here, one notice says why and the rest stays):
+RMSNorm and RoPE take the ops of native_ops (plain PyTorch with hand-written backwards) on CPU
+tensors; enable_fast_paths(model, triton=True) takes the Triton kernels of triton_ops instead, on
+a GPU (opt-in until they are measured there; when Triton cannot run here, one notice says why and
+the rest stays):
 
-    RMSNorm.forward    -> rms_norm(x, weight, eps)                     the RMSNorms we know
-    mlp.forward        -> lora_mlp(..., triton=True)                   SwiGLU part in Triton
+    RMSNorm.forward    -> ops.rms_norm(x, weight, eps)                 the RMSNorms we know
+    mlp.forward        -> lora_mlp(..., triton=True)                   Triton only: SwiGLU part
     self_attn.forward  -> a copy of transformers 5.17-5.24 LlamaAttention.forward (with the q/k
                           norms of Qwen3 and the sliding window of Mistral/Qwen2/Qwen3) whose only
-                          change is rope(q, k, cos, sin) in place of apply_rotary_pos_emb;
+                          change is ops.rope(q, k, cos, sin) in place of apply_rotary_pos_emb;
                           projections, cache update and attention kernel are called as there
+
+Where the ops cannot take a tensor (native ops on a GPU, say) the module's own code runs.
 
 Every patched forward re-checks at call time and runs the original forward instead when an
 adapter was merged or disabled since, or under autocast (the fused functions do their own
@@ -42,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.kernels import native_ops
 from lorakit.kernels.chunked_ce import IGNORE_INDEX, chunked_lm_head_loss
 from lorakit.kernels.fused_lora import fuse_blocker, lora_linear, lora_mlp, lora_qkv
 
@@ -66,21 +71,23 @@ _TRITON = "_lorakit_triton"  # marks a module whose patched forward runs Triton 
 
 
 def enable_fast_paths(model: nn.Module, triton: bool = False) -> list[str]:
-    """Patch every fusable attention and MLP in place (and, with triton=True, the RMSNorms and
-    RoPE); returns notices for what fell back. Switching triton on or off re-patches."""
-    notices, ops = [], None
+    """Patch every fusable attention, MLP and RMSNorm in place (RMSNorm and RoPE with the
+    native ops, or with triton=True the Triton kernels); returns notices for what fell back.
+    Switching triton on or off re-patches."""
+    notices, ops = [], native_ops
     if triton:
-        ops, reason = _triton_ops()
-        if ops is None:
+        triton_ops, reason = _triton_ops()
+        if triton_ops is None:
             notices.append(f"Triton kernels not used ({reason}); the other fast paths stay")
-    if fast_paths_enabled(model) and _uses_triton(model) != (ops is not None):
+        ops = triton_ops or native_ops
+    if fast_paths_enabled(model) and _uses_triton(model) != _is_triton(ops):
         disable_fast_paths(model)
     fallbacks: dict[str, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
         reason = _patch_if_fusable(module, ops)
         if reason is not None:
             fallbacks[reason].append(name)
-    if not fallbacks and not fast_paths_enabled(model):
+    if not fallbacks and not _blocks_patched(model):
         fallbacks.setdefault("no Llama-style attention or SwiGLU MLP with LoRA was found", [])
     return notices + [_notice(reason, names) for reason, names in fallbacks.items()]
 
@@ -101,6 +108,16 @@ def _uses_triton(model: nn.Module) -> bool:
     return any(m.__dict__.get(_TRITON, False) for m in model.modules())
 
 
+def _is_triton(ops) -> bool:
+    return ops is not native_ops
+
+
+def _blocks_patched(model: nn.Module) -> bool:
+    """An attention or MLP runs a fused forward (patched norms alone do not count)."""
+    return any(hasattr(m, _SAVED_FORWARD) and type(m).__name__ not in RMS_NORMS
+               for m in model.modules())
+
+
 def _triton_ops():
     """(the triton_ops module, None) when its kernels can run here, else (None, why not)."""
     from lorakit.kernels import triton_ops  # imports without triton; decides GPU/interpreter
@@ -116,17 +133,16 @@ def _notice(reason: str, names: list[str]) -> str:
 
 
 def _patch_if_fusable(module: nn.Module, ops) -> str | None:
-    """Patch an attention, MLP or (with Triton ops) RMSNorm module; the reason it was left
-    alone, or None."""
+    """Patch an attention, MLP or RMSNorm module; the reason it was left alone, or None."""
     if hasattr(module, _SAVED_FORWARD):
         return None
     if type(module).__name__ in RMS_NORMS:
-        return _patch_norm(module, ops) if ops is not None else None
+        return _patch_norm(module, ops)
     if all(hasattr(module, p) for p in MLP):
         reason = _mlp_blocker(module)
         if reason is None:
-            _set_forward(module, _fused_mlp_forward(module, module.forward, ops is not None),
-                         triton=ops is not None)
+            _set_forward(module, _fused_mlp_forward(module, module.forward, _is_triton(ops)),
+                         triton=_is_triton(ops))
         return reason
     if all(hasattr(module, p) for p in (*QKV, "o_proj")):
         return _patch_attention(module, ops)
@@ -139,7 +155,7 @@ def _patch_norm(norm: nn.Module, ops) -> str | None:
         return f"{type(norm).__name__} has no weight / variance_epsilon"
     if hasattr(norm, "_hf_hook"):
         return "accelerate hooks (device_map offload) are attached"
-    _set_forward(norm, _triton_norm_forward(norm, norm.forward, ops), triton=True)
+    _set_forward(norm, _norm_forward(norm, norm.forward, ops), triton=_is_triton(ops))
     return None
 
 
@@ -175,10 +191,10 @@ def _patch_attention(attn: nn.Module, ops) -> str | None:
         projections = [getattr(attn, name) for name in QKV]
         for proj in projections:
             _set_forward(proj, _precomputed_forward(proj, proj.forward))
-        rope_reason = _rope_swap_blocker(attn) if ops is not None else None
-        rope_ops = ops if ops is not None and rope_reason is None else None
+        rope_reason = _rope_swap_blocker(attn)
+        rope_ops = ops if rope_reason is None else None
         _set_forward(attn, _fused_attention_forward(attn, attn.forward, projections, rope_ops),
-                     triton=rope_ops is not None)
+                     triton=rope_ops is not None and _is_triton(rope_ops))
         return o_reason or rope_reason
     return qkv_reason or o_reason
 
@@ -192,7 +208,7 @@ def _rope_swap_blocker(attn: nn.Module) -> str | None:
     if (not hasattr(interfaces, "get_interface") or not hasattr(modeling, "eager_attention_forward")
             or "position_embeddings" not in params
             or not {"cache", "past_key_values"} & params.keys()):
-        return ("Triton RoPE not used: this transformers version's attention forward differs "
+        return ("fused RoPE not used: this transformers version's attention forward differs "
                 "from the 5.17-5.24 one the fast path copies")
     return None
 
@@ -236,7 +252,7 @@ def _fused_mlp_forward(mlp: nn.Module, original: Callable, triton: bool) -> Call
     return forward
 
 
-def _triton_norm_forward(norm: nn.Module, original: Callable, ops) -> Callable:
+def _norm_forward(norm: nn.Module, original: Callable, ops) -> Callable:
     def forward(hidden_states):
         if torch.is_autocast_enabled(hidden_states.device.type) or not ops.runs_on(hidden_states):
             return original(hidden_states)
@@ -262,7 +278,7 @@ def _precomputed_forward(proj: nn.Module, original: Callable) -> Callable:
 def _fused_attention_forward(attn: nn.Module, original: Callable, projections,
                              rope_ops=None) -> Callable:
     """q, k, v from lora_qkv, then transformers' forward, or with rope_ops the copy of it that
-    applies RoPE with the Triton kernel."""
+    applies RoPE with rope_ops.rope (where rope_ops can take the tensors)."""
     def forward(*args, **kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if not _runtime_ok(hidden, projections):

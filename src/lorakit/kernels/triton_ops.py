@@ -1,7 +1,7 @@
 """Fused Triton kernels for RMSNorm, SwiGLU and RoPE, forward and backward, with autograd wrappers.
 
-Each op has a plain PyTorch reference here (`*_reference`): the tests compare against it, and the
-wrappers fall back to it for inputs the kernels do not cover (see each docstring).
+Each op has a plain PyTorch reference (`*_reference`, from native_ops): the tests compare against
+it, and the wrappers fall back to it for inputs the kernels do not cover (see each docstring).
 
     rms_norm(x, w, eps)    y = w * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)    LlamaRMSNorm
                            saves x and one fp32 rstd per row; backward (n = x32 * rstd)
@@ -34,7 +34,10 @@ import os
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
+
+# the plain PyTorch references: the wrappers fall back to them
+from lorakit.kernels.native_ops import (rms_norm_reference, rope_reference,
+                                        swiglu_reference)
 
 try:
     import triton
@@ -90,30 +93,6 @@ def _programs_for_reduction(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: few programs, each looping over many rows
-
-
-# ---- references --------------------------------------------------------------------------------
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm.forward, written out."""
-    x32 = x.to(torch.float32)
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
-
-
-def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rope_reference(q, k, cos, sin):
-    """transformers' apply_rotary_pos_emb with unsqueeze_dim=1: q, k (B, H, T, D), cos (B, T, D)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 # ---- helpers ----------------------------------------------------------------------------------
