@@ -1,10 +1,13 @@
 """Fast paths on a tiny model with LoRA: same loss and adapter gradients as the plain path."""
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 from lorakit.kernels import llama_patch, native_ops
 from lorakit.kernels.llama_patch import (causal_lm_loss, disable_fast_paths, enable_fast_paths,
@@ -13,14 +16,15 @@ from lorakit.lora import LoraConfig, LoraLinear, apply_lora, merge_lora
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256)
+# Qwen2: biases on q, k, v; Qwen3: RMSNorms on q and k per head; Mistral: a sliding window
+ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+         "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
 
 
 def _model(arch="llama", **lora_options):
     torch.manual_seed(0)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**SIZES))
-    else:  # Qwen2: biases on q, k, v
-        model = Qwen2ForCausalLM(Qwen2Config(**SIZES))
+    config_cls, model_cls = ARCHS[arch]
+    model = model_cls(config_cls(**SIZES))
     apply_lora(model, LoraConfig(r=4, alpha=8, **lora_options))
     with torch.no_grad():  # B starts at zero: make the adapters matter
         for module in model.modules():
@@ -68,7 +72,7 @@ def _fast(model, batch):
     return _loss_and_grads(model, lambda: causal_lm_loss(model, batch))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_fast_paths_match_plain_model_loss_and_grads(arch):
     model, batch = _model(arch), _batch()
     plain = _plain(model, batch)
@@ -100,6 +104,36 @@ def test_native_norm_and_rope_are_the_ones_running_on_cpu(monkeypatch):
     causal_lm_loss(model, batch)
     layers = len(model.model.layers)
     assert sorted(calls) == sorted(["rms_norm"] * (2 * layers + 1) + ["rope"] * layers)
+
+
+def test_trainable_norm_weights_get_their_gradient():
+    model, batch = _model(), _batch()
+    norms = [model.model.norm] + [layer.post_attention_layernorm for layer in model.model.layers]
+    for norm in norms:
+        norm.weight.requires_grad_(True)
+    plain = _plain(model, batch)
+    enable_fast_paths(model)
+    fast = _fast(model, batch)
+    assert "model.norm.weight" in fast[1]
+    _assert_same(fast, plain)
+
+
+def test_kv_cache_decoding_matches():
+    model, batch = _model(), _batch()
+    model.eval()
+    ids, next_ids = batch["input_ids"][:, :7], batch["input_ids"][:, 7:]
+    # transformers 5.24 names the argument `cache`, 5.17 `past_key_values`
+    cache_name = ("cache" if "cache" in inspect.signature(type(model).forward).parameters
+                  else "past_key_values")
+
+    def prefill_then_decode():
+        with torch.no_grad():
+            first = model(input_ids=ids, use_cache=True)
+            return model(input_ids=next_ids, **{cache_name: first.past_key_values}).logits
+
+    want = prefill_then_decode()
+    enable_fast_paths(model)
+    torch.testing.assert_close(prefill_then_decode(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_with_gradient_checkpointing():
