@@ -103,7 +103,37 @@ def test_native_norm_and_rope_are_the_ones_running_on_cpu(monkeypatch):
     enable_fast_paths(model)
     causal_lm_loss(model, batch)
     layers = len(model.model.layers)
-    assert sorted(calls) == sorted(["rms_norm"] * (2 * layers + 1) + ["rope"] * layers)
+    ropes = layers if llama_patch._rope_swap_blocker(model.model.layers[0].self_attn) is None else 0
+    assert sorted(calls) == sorted(["rms_norm"] * (2 * layers + 1) + ["rope"] * ropes)
+
+
+@pytest.mark.parametrize("version, copied", [("5.17.0", True), ("5.24.1", True),
+                                             ("5.16.2", False), ("5.25.0.dev0", False)])
+def test_rope_swap_only_in_the_copied_transformers_range(monkeypatch, version, copied):
+    import transformers
+
+    model, batch = _model(), _batch()
+    plain = _plain(model, batch)
+    monkeypatch.setattr(transformers, "__version__", version)
+    notices = enable_fast_paths(model)
+    if copied:
+        assert notices == []
+    else:
+        assert len(notices) == 1 and f"transformers {version[:6]}" in notices[0]
+        assert "fused RoPE not used" in notices[0]
+    _assert_same(_fast(model, batch), plain)
+
+
+def test_patched_norms_alone_do_not_count_as_fast_paths():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**SIZES))  # no adapters: no block can fuse
+    notices = enable_fast_paths(llama)
+    assert len(notices) == 2 and all("is not a LoRA layer" in n for n in notices)
+    assert not fast_paths_enabled(llama) and "forward" in llama.model.norm.__dict__
+    norms_only = nn.Sequential(nn.Linear(8, 8), LlamaRMSNorm(8))
+    assert enable_fast_paths(norms_only) == ["no Llama-style attention or SwiGLU MLP with LoRA was found"]
 
 
 def test_trainable_norm_weights_get_their_gradient():
@@ -164,8 +194,7 @@ def test_unfusable_adapters_fall_back_with_a_notice(options, reason):
     model.eval()  # dropout off: both paths compute the same function
     notices = enable_fast_paths(model)
     assert notices and all(reason in n for n in notices)
-    blocks = [m for layer in model.model.layers for m in (layer.self_attn, layer.mlp)]
-    assert not any("forward" in m.__dict__ for m in blocks)  # only the norms' op is swapped
+    assert not fast_paths_enabled(model)  # the norms alone take the native op
     _assert_same(_fast(model, batch), _plain(model, batch))
 
 

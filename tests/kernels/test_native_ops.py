@@ -51,6 +51,7 @@ def test_rms_norm_passes_gradcheck_with_a_trainable_weight():
 def test_rms_norm_matches_llama_rms_norm_in_fp32(trainable):
     norm, x = _norm(trainable=trainable), _randn(2, 7, HIDDEN, seed=1).requires_grad_()
     inputs = [x, norm.weight]
+    assert type(native_ops.rms_norm(x, norm.weight, 1e-5).grad_fn).__name__ == "_RMSNormBackward"
     got = _values_and_grads(lambda a, w: native_ops.rms_norm(a, w, norm.variance_epsilon), inputs)
     want = _values_and_grads(lambda a, w: native_ops.rms_norm_reference(a, w, 1e-5), inputs)
     with torch.no_grad():
@@ -122,6 +123,7 @@ def test_rope_matches_transformers_in_fp32_and_leaves_its_inputs(cos_batch, seed
     q, k = _qk(5)
     cos, sin = _rotary(cos_batch, 5, seed=seed)
     before = q.detach().clone(), k.detach().clone()
+    assert type(native_ops.rope(q, k, cos, sin)[0].grad_fn).__name__ == "_RopeBackward"
     got = _values_and_grads(lambda a, b: native_ops.rope(a, b, cos, sin), [q, k])
     want = _values_and_grads(lambda a, b: apply_rotary_pos_emb(a, b, cos, sin), [q, k])
     for g, w in zip(got, want, strict=True):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -65,6 +66,8 @@ _EXTRA_ATTENTION_ARGS = {
     "Qwen3Attention": lambda attn: {"sliding_window": attn.sliding_window},
 }
 
+# the transformers releases (major, minor) whose LlamaAttention.forward _attention_with_rope copies
+COPIED_ATTENTION_RANGE = ((5, 17), (5, 24))
 _SAVED_FORWARD = "_lorakit_saved_forward"  # marks a patched module; holds its previous forward
 _PRECOMPUTED = "_lorakit_precomputed"  # (input, output) stashed on q/k/v_proj for one call
 _TRITON = "_lorakit_triton"  # marks a module whose patched forward runs Triton kernels
@@ -80,14 +83,14 @@ def enable_fast_paths(model: nn.Module, triton: bool = False) -> list[str]:
         if triton_ops is None:
             notices.append(f"Triton kernels not used ({reason}); the other fast paths stay")
         ops = triton_ops or native_ops
-    if fast_paths_enabled(model) and _uses_triton(model) != _is_triton(ops):
+    if _any_patched(model) and _uses_triton(model) != _is_triton(ops):
         disable_fast_paths(model)
     fallbacks: dict[str, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
         reason = _patch_if_fusable(module, ops)
         if reason is not None:
             fallbacks[reason].append(name)
-    if not fallbacks and not _blocks_patched(model):
+    if not fallbacks and not fast_paths_enabled(model):
         fallbacks.setdefault("no Llama-style attention or SwiGLU MLP with LoRA was found", [])
     return notices + [_notice(reason, names) for reason, names in fallbacks.items()]
 
@@ -101,6 +104,12 @@ def disable_fast_paths(model: nn.Module) -> None:
 
 
 def fast_paths_enabled(model: nn.Module) -> bool:
+    """An attention or MLP runs a fused forward (patched norms alone do not count)."""
+    return any(hasattr(m, _SAVED_FORWARD) and type(m).__name__ not in RMS_NORMS
+               for m in model.modules())
+
+
+def _any_patched(model: nn.Module) -> bool:
     return any(hasattr(m, _SAVED_FORWARD) for m in model.modules())
 
 
@@ -110,12 +119,6 @@ def _uses_triton(model: nn.Module) -> bool:
 
 def _is_triton(ops) -> bool:
     return ops is not native_ops
-
-
-def _blocks_patched(model: nn.Module) -> bool:
-    """An attention or MLP runs a fused forward (patched norms alone do not count)."""
-    return any(hasattr(m, _SAVED_FORWARD) and type(m).__name__ not in RMS_NORMS
-               for m in model.modules())
 
 
 def _triton_ops():
@@ -200,7 +203,13 @@ def _patch_attention(attn: nn.Module, ops) -> str | None:
 
 
 def _rope_swap_blocker(attn: nn.Module) -> str | None:
-    """Why the copied attention forward may not match this attention's, or None."""
+    """Why the copied attention forward may not match this attention's, or None. A release
+    outside the copied range is refused even when its names still fit: a forward can change
+    behind the same signature, and the copy runs by default on CPU."""
+    version = _transformers_version()
+    if not COPIED_ATTENTION_RANGE[0] <= version[:2] <= COPIED_ATTENTION_RANGE[1]:
+        return (f"fused RoPE not used: transformers {'.'.join(map(str, version))} is outside "
+                "5.17-5.24, whose attention forward the fast path copies")
     modeling = sys.modules.get(type(attn).__module__)
     interfaces = getattr(modeling, "ALL_ATTENTION_FUNCTIONS", None)
     params = inspect.signature(type(attn).forward).parameters
@@ -211,6 +220,12 @@ def _rope_swap_blocker(attn: nn.Module) -> str | None:
         return ("fused RoPE not used: this transformers version's attention forward differs "
                 "from the 5.17-5.24 one the fast path copies")
     return None
+
+
+def _transformers_version() -> tuple[int, ...]:
+    import transformers
+
+    return tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:3])
 
 
 @functools.cache

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def runs_on(t: torch.Tensor) -> bool:
@@ -81,17 +82,19 @@ class _RMSNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # in-place backward; nothing in lorakit takes second derivatives
     def backward(ctx, grad_y):
         x, weight, rstd = ctx.saved_tensors
         x32 = _at_least_fp32(x)
-        grad_normed = _at_least_fp32((grad_y * weight).to(x.dtype))  # as LlamaRMSNorm's graph casts
-        coefficient = _row_dot(grad_normed, x32).mul_(rstd.pow(3)).div_(x.shape[-1])
-        dx = grad_normed.mul_(rstd).addcmul_(x32, coefficient, value=-1)
-        dw = None
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = _at_least_fp32((grad_y * weight).to(x.dtype))  # LlamaRMSNorm's casts
+            coefficient = _row_dot(grad_normed, x32).mul_(rstd.pow(3)).div_(x.shape[-1])
+            dx = grad_normed.mul_(rstd).addcmul_(x32, coefficient, value=-1).to(x.dtype)
         if ctx.needs_input_grad[1]:
             normed = (x32 * rstd).to(x.dtype)
             dw = (grad_y * normed).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        return dx.to(x.dtype), dw, None
+        return dx, dw, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
