@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit import bench_children, bench_variants
+from lorakit import bench, bench_children, bench_variants
 from lorakit.bench import BenchSettings, flops_per_token, make_inputs, resolve, run_bench
 from lorakit.bench_check import check_against_peft
 from lorakit.errors import ConfigError
@@ -137,7 +137,7 @@ def test_bf16_check_catches_a_wrong_loss(monkeypatch):
 
 
 def test_a_failing_variant_or_check_keeps_the_other_results(monkeypatch, capsys):
-    from lorakit import bench, bench_check
+    from lorakit import bench_check
     from lorakit.cli import main
 
     real = bench.prepare_variant
@@ -295,6 +295,21 @@ def test_bad_new_flags_exit_2_with_one_message(capsys, flags, message):
     assert main(["bench", "--preset", "tiny", "--steps", "1", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_eager_variant_keeps_transformers_norm_and_rope_and_trains_alike():
+    from lorakit.bench_variants import prepare_variant
+
+    result = run_bench(_settings(steps=3, variants=["lorakit", "lorakit-eager"]), log=lambda line: None)
+    rows = {r["variant"]: r for r in result["variants"]}
+    assert rows["lorakit-eager"]["last_loss"] == pytest.approx(rows["lorakit"]["last_loss"], rel=1e-5)
+    plan = resolve(_settings())
+    patched_norms = {name: sum("forward" in m.__dict__ for m in prepare_variant(name, plan).model.modules()
+                               if type(m).__name__ == "LlamaRMSNorm")
+                     for name in ("lorakit", "lorakit-eager")}
+    assert patched_norms == {"lorakit": 2 * TINY["num_hidden_layers"] + 1, "lorakit-eager": 0}
+    plan.settings.device = "cuda"  # no GPU here: only the rule is checked
+    assert "CPU tensors only" in bench._skip_reason("lorakit-eager", plan)
 
 
 def test_perdoc_variant_is_cuda_only_and_keeps_torch_varlen_kernel_out():

@@ -46,7 +46,7 @@ from lorakit.errors import ConfigError
 from lorakit.host import minor_page_faults, peak_rss_bytes, proc_field
 
 VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-triton", "lorakit-plain", "lorakit-ce",
-            "lorakit-fused", "lorakit-4d", "lorakit-perdoc", "lorakit-offload")
+            "lorakit-fused", "lorakit-eager", "lorakit-4d", "lorakit-perdoc", "lorakit-offload")
 DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-triton", "lorakit-offload", "peft-liger")
 GIB = 2**30
 DTYPES = ("float32", "bfloat16")
@@ -206,6 +206,8 @@ def _skip_reason(name: str, plan: Plan) -> str | None:
                 "torch's varlen kernel)")
     if name == "lorakit-offload" and (plan.device != "cuda" or not plan.settings.grad_checkpointing):
         return "it offloads checkpointed layers' inputs from a GPU: needs --grad-checkpointing on CUDA"
+    if name == "lorakit-eager" and plan.device != "cpu":
+        return "the native RMSNorm and RoPE it leaves out run on CPU tensors only: here it equals lorakit"
     if name == "peft-bf16" and plan.dtype == "float32":
         return "the model is fp32 here, so it would equal peft"
     if name == "lorakit-triton":

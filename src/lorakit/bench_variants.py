@@ -8,6 +8,9 @@
     lorakit-triton lorakit + Triton RMSNorm, SwiGLU and RoPE (enable_fast_paths(triton=True); CUDA)
     lorakit-plain, lorakit-ce, lorakit-fused
                    ablations: no fast path / only the chunked loss / only the fused blocks
+                   (with the native RMSNorm and RoPE on a CPU)
+    lorakit-eager  CPU ablation: lorakit with transformers' own RMSNorm and RoPE code
+                   (enable_fast_paths(native=False))
     lorakit-4d     packed runs: lorakit with a block-causal 4D mask instead of per-document
                    (varlen) attention
     lorakit-perdoc packed runs on CUDA: lorakit with an SDPA call per document length instead of
@@ -72,12 +75,12 @@ def prepare_variant(name: str, plan) -> Prepared:
         model = add_peft_adapters(model, plan, autocast_adapter_dtype=name != "peft-bf16")
         loss_fn, notices, key = hf_loss(model), [], "peft"
     else:
-        fused = name in ("lorakit", "lorakit-fused", "lorakit-triton", "lorakit-4d", "lorakit-perdoc",
-                         "lorakit-offload")
+        fused = name in ("lorakit", "lorakit-fused", "lorakit-triton", "lorakit-eager", "lorakit-4d",
+                         "lorakit-perdoc", "lorakit-offload")
         notices = add_lorakit_adapters(model, plan, fused=fused, triton=name == "lorakit-triton",
-                                       varlen=name != "lorakit-4d")
-        chunked = name in ("lorakit", "lorakit-ce", "lorakit-triton", "lorakit-4d", "lorakit-perdoc",
-                           "lorakit-offload")
+                                       varlen=name != "lorakit-4d", native=name != "lorakit-eager")
+        chunked = name in ("lorakit", "lorakit-ce", "lorakit-triton", "lorakit-eager", "lorakit-4d",
+                           "lorakit-perdoc", "lorakit-offload")
         key = "lorakit" if fused and name != "lorakit-4d" else "lorakit-4d"  # packed: varlen rows or 4D mask
         loss_fn = lorakit_loss(model, plan, chunked=chunked)
         if plan.checkpoint_layers:
@@ -104,7 +107,8 @@ def _checkpoint_earliest(model, k: int) -> None:
     apply_checkpointing(model, CheckpointPlan("selective", tuple(range(k)), layers, None, Budget(None, "bench"), ""))
 
 
-def add_lorakit_adapters(model, plan, fused: bool, triton: bool = False, varlen: bool = True) -> list[str]:
+def add_lorakit_adapters(model, plan, fused: bool, triton: bool = False, varlen: bool = True,
+                         native: bool = True) -> list[str]:
     """apply_lora; with `fused` the trainer's fast paths (and, packed, its varlen attention)."""
     from lorakit.lora import LoraConfig, apply_lora
 
@@ -114,7 +118,7 @@ def add_lorakit_adapters(model, plan, fused: bool, triton: bool = False, varlen:
     from lorakit.kernels.llama_patch import enable_fast_paths
     from lorakit.kernels.varlen_attention import use_varlen_attention
 
-    notices = enable_fast_paths(model, triton=triton)
+    notices = enable_fast_paths(model, triton=triton, native=native)
     return notices + (use_varlen_attention(model) if varlen and plan.settings.packing else [])
 
 

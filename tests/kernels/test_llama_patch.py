@@ -166,6 +166,17 @@ def test_kv_cache_decoding_matches():
     torch.testing.assert_close(prefill_then_decode(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_native_false_leaves_norms_and_rope_to_transformers_and_switches_back():
+    model, batch = _model(), _batch()
+    plain = _plain(model, batch)
+    enable_fast_paths(model)
+    assert enable_fast_paths(model, native=False) == []  # re-patched without the native ops
+    assert fast_paths_enabled(model) and "forward" not in model.model.norm.__dict__
+    _assert_same(_fast(model, batch), plain)
+    enable_fast_paths(model)
+    assert "forward" in model.model.norm.__dict__
+
+
 def test_with_gradient_checkpointing():
     model, batch = _model(), _batch()
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable

@@ -73,17 +73,19 @@ _PRECOMPUTED = "_lorakit_precomputed"  # (input, output) stashed on q/k/v_proj f
 _TRITON = "_lorakit_triton"  # marks a module whose patched forward runs Triton kernels
 
 
-def enable_fast_paths(model: nn.Module, triton: bool = False) -> list[str]:
+def enable_fast_paths(model: nn.Module, triton: bool = False, native: bool = True) -> list[str]:
     """Patch every fusable attention, MLP and RMSNorm in place (RMSNorm and RoPE with the
     native ops, or with triton=True the Triton kernels); returns notices for what fell back.
+    native=False (without triton) leaves RMSNorm and RoPE to transformers' code (an ablation).
     Switching triton on or off re-patches."""
-    notices, ops = [], native_ops
+    notices, ops = [], native_ops if native else None
     if triton:
         triton_ops, reason = _triton_ops()
         if triton_ops is None:
             notices.append(f"Triton kernels not used ({reason}); the other fast paths stay")
-        ops = triton_ops or native_ops
-    if _any_patched(model) and _uses_triton(model) != _is_triton(ops):
+        ops = triton_ops or ops
+    if _any_patched(model) and (_uses_triton(model) != _is_triton(ops)
+                                or _norms_patched(model) != (ops is not None)):
         disable_fast_paths(model)
     fallbacks: dict[str, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
@@ -113,12 +115,17 @@ def _any_patched(model: nn.Module) -> bool:
     return any(hasattr(m, _SAVED_FORWARD) for m in model.modules())
 
 
+def _norms_patched(model: nn.Module) -> bool:
+    return any(hasattr(m, _SAVED_FORWARD) and type(m).__name__ in RMS_NORMS
+               for m in model.modules())
+
+
 def _uses_triton(model: nn.Module) -> bool:
     return any(m.__dict__.get(_TRITON, False) for m in model.modules())
 
 
 def _is_triton(ops) -> bool:
-    return ops is not native_ops
+    return ops is not None and ops is not native_ops
 
 
 def _triton_ops():
@@ -140,7 +147,7 @@ def _patch_if_fusable(module: nn.Module, ops) -> str | None:
     if hasattr(module, _SAVED_FORWARD):
         return None
     if type(module).__name__ in RMS_NORMS:
-        return _patch_norm(module, ops)
+        return _patch_norm(module, ops) if ops is not None else None
     if all(hasattr(module, p) for p in MLP):
         reason = _mlp_blocker(module)
         if reason is None:
@@ -194,8 +201,8 @@ def _patch_attention(attn: nn.Module, ops) -> str | None:
         projections = [getattr(attn, name) for name in QKV]
         for proj in projections:
             _set_forward(proj, _precomputed_forward(proj, proj.forward))
-        rope_reason = _rope_swap_blocker(attn)
-        rope_ops = ops if rope_reason is None else None
+        rope_reason = _rope_swap_blocker(attn) if ops is not None else None
+        rope_ops = ops if ops is not None and rope_reason is None else None
         _set_forward(attn, _fused_attention_forward(attn, attn.forward, projections, rope_ops),
                      triton=rope_ops is not None and _is_triton(rope_ops))
         return o_reason or rope_reason
