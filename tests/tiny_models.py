@@ -30,6 +30,17 @@ def tiny_bert(seed: int = 0):
     return BertForSequenceClassification(config).eval()
 
 
+def prefill_then_decode(model, input_ids, prefill: int):
+    """Logits of the tokens after `prefill`, decoded from the KV cache of the first `prefill`."""
+    import inspect
+
+    # transformers 5.24 names the argument `cache`, 5.17 `past_key_values`
+    cache_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    with torch.no_grad():
+        first = model(input_ids=input_ids[:, :prefill], use_cache=True)
+        return model(input_ids=input_ids[:, prefill:], **{cache_name: first.past_key_values}).logits
+
+
 def randomize_lora(model, seed: int = 1, std: float = 0.05):
     """Give every adapter a non-zero B (and magnitude noise), so parity tests can fail."""
     gen = torch.Generator().manual_seed(seed)

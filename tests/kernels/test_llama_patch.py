@@ -1,9 +1,8 @@
 """Fast paths on a tiny model with LoRA: same loss and adapter gradients as the plain path."""
 
-import inspect
-
 import pytest
 import torch
+from tiny_models import prefill_then_decode
 from torch import nn
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
@@ -149,21 +148,10 @@ def test_trainable_norm_weights_get_their_gradient():
 
 
 def test_kv_cache_decoding_matches():
-    model, batch = _model(), _batch()
-    model.eval()
-    ids, next_ids = batch["input_ids"][:, :7], batch["input_ids"][:, 7:]
-    # transformers 5.24 names the argument `cache`, 5.17 `past_key_values`
-    cache_name = ("cache" if "cache" in inspect.signature(type(model).forward).parameters
-                  else "past_key_values")
-
-    def prefill_then_decode():
-        with torch.no_grad():
-            first = model(input_ids=ids, use_cache=True)
-            return model(input_ids=next_ids, **{cache_name: first.past_key_values}).logits
-
-    want = prefill_then_decode()
+    model, ids = _model().eval(), _batch()["input_ids"]
+    want = prefill_then_decode(model, ids, 7)
     enable_fast_paths(model)
-    torch.testing.assert_close(prefill_then_decode(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prefill_then_decode(model, ids, 7), want, rtol=1e-5, atol=1e-5)
 
 
 def test_native_false_leaves_norms_and_rope_to_transformers_and_switches_back():

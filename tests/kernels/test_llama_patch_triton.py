@@ -1,7 +1,6 @@
 """enable_fast_paths(model, triton=True) on tiny models with LoRA, in Triton's interpreter: same
 logits and adapter gradients as triton=False and as the unpatched model."""
 
-import inspect
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton_ops builds its kernels
@@ -11,7 +10,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
-from tiny_models import randomize_lora, tiny_llama  # noqa: E402
+from tiny_models import prefill_then_decode, randomize_lora, tiny_llama  # noqa: E402
 from transformers import (MistralConfig, MistralForCausalLM, Qwen2Config,  # noqa: E402
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -119,20 +118,10 @@ def test_trainable_norm_weights_get_their_gradient():
 
 
 def test_kv_cache_decoding_matches():
-    model, batch = _model(), _batch()
-    ids, next_ids = batch["input_ids"][:, :5], batch["input_ids"][:, 5:]
-    # transformers 5.24 names the argument `cache`, 5.17 `past_key_values`
-    cache_name = ("cache" if "cache" in inspect.signature(type(model).forward).parameters
-                  else "past_key_values")
-
-    def two_steps():
-        with torch.no_grad():
-            first = model(input_ids=ids, use_cache=True)
-            return model(input_ids=next_ids, **{cache_name: first.past_key_values}).logits
-
-    want = two_steps()
+    model, ids = _model(), _batch()["input_ids"]
+    want = prefill_then_decode(model, ids, 5)
     enable_fast_paths(model, triton=True)
-    torch.testing.assert_close(two_steps(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prefill_then_decode(model, ids, 5), want, rtol=1e-5, atol=1e-5)
 
 
 def test_switching_and_disabling_restore_everything():

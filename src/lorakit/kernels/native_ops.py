@@ -134,7 +134,9 @@ class _Rope(torch.autograd.Function):
         return _rotate(grad_q, cos, sin, True), _rotate(grad_k, cos, sin, True), None, None
 
 
-def _rope_blocker(q, k, cos, sin) -> str | None:
+def rope_blocker(q, k, cos, sin) -> str | None:
+    """Why these tensors are not q, k (B, H, T, D) and cos, sin (B, T, D) of one dtype, with an
+    even head dim and constant cos/sin, or None. The Triton kernels need this and more."""
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
         return "shapes are not q, k (B, H, T, D) and cos, sin (B, T, D)"
     if q.shape[-1] % 2 or k.shape[-1] != q.shape[-1] or cos.shape[-1] != q.shape[-1]:
@@ -151,6 +153,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     """apply_rotary_pos_emb(q, k, cos, sin) for q (B, H, T, D), k (B, Hkv, T, D), cos and sin
     (B or 1, T, D); new tensors, the inputs are not modified. Anything else (mixed dtypes,
     cos/sin needing a gradient) runs the reference."""
-    if _rope_blocker(q, k, cos, sin) is not None:
+    if rope_blocker(q, k, cos, sin) is not None:
         return rope_reference(q, k, cos, sin)
     return _Rope.apply(q, k, cos, sin)

@@ -36,7 +36,7 @@ from types import SimpleNamespace
 import torch
 
 # the plain PyTorch references: the wrappers fall back to them
-from lorakit.kernels.native_ops import (rms_norm_reference, rope_reference,
+from lorakit.kernels.native_ops import (rms_norm_reference, rope_blocker, rope_reference,
                                         swiglu_reference)
 
 try:
@@ -393,19 +393,18 @@ class _Rope(torch.autograd.Function):
 def _rope_blocker(q, k, cos, sin) -> str | None:
     if not runs_on(q):
         return "the kernels cannot take these tensors"
-    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
-        return "shapes are not q, k (B, H, T, D) and cos, sin (B, T, D)"
-    batch, _, seq_len, dim = q.shape
-    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, seq_len, dim) or dim % 2:
-        return "k does not match q, or the head dim is odd"
-    if cos.shape[0] not in (1, batch) or tuple(cos.shape[1:]) != (seq_len, dim):
+    reason = rope_blocker(q, k, cos, sin)  # shapes, head dims, one dtype, constant cos/sin
+    if reason is not None:
+        return reason
+    batch, _, seq_len, _ = q.shape
+    if (k.shape[0], k.shape[2]) != (batch, seq_len):
+        return "k does not match q"
+    if cos.shape[0] not in (1, batch) or cos.shape[1] != seq_len:
         return "cos/sin do not match q"
-    if len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1 or not q.dtype.is_floating_point:
-        return "mixed dtypes (the reference promotes them)"
+    if not q.dtype.is_floating_point:
+        return "not a floating-point dtype"
     if len({q.device, k.device, cos.device, sin.device}) != 1:
         return "tensors on different devices"
-    if cos.requires_grad or sin.requires_grad:
-        return "cos/sin need a gradient"
     return None
 
 
