@@ -166,10 +166,26 @@ def test_default_chunk_rows_follow_the_byte_budget():
     assert default_chunk_rows(49152, budget_bytes=2**30) == 4096
 
 
+def test_an_fp32_head_on_the_cpu_gets_the_larger_budget(monkeypatch):
+    from lorakit.kernels import chunked_ce
+
+    assert chunked_ce.chunk_budget_bytes("cpu", fp32_head=True) == 256 * 2**20
+    assert chunked_ce.chunk_budget_bytes("cpu", fp32_head=False) == 128 * 2**20
+    assert chunked_ce.chunk_budget_bytes("cuda", fp32_head=True) == 128 * 2**20
+    seen = []
+    real = chunked_ce.default_chunk_rows
+    monkeypatch.setattr(chunked_ce, "default_chunk_rows",
+                        lambda vocab, budget: seen.append(budget) or real(vocab, budget))
+    hidden, weight, labels = _inputs()
+    for head in (weight, weight.bfloat16()):
+        chunked_lm_head_loss(hidden.to(head.dtype), head, labels)
+    assert seen == [256 * 2**20, 128 * 2**20]
+
+
 def test_default_chunking_equals_the_reference_over_several_chunks(monkeypatch):
     from lorakit.kernels import chunked_ce
 
-    monkeypatch.setattr(chunked_ce, "default_chunk_rows", lambda vocab: 8)  # 37 rows: 5 chunks
+    monkeypatch.setattr(chunked_ce, "default_chunk_rows", lambda vocab, budget: 8)  # 37 rows: 5 chunks
     hidden, weight, labels = _inputs()
     ref = _reference(hidden, weight, labels, 10.0)
     out = chunked_lm_head_loss(hidden, weight, labels, normalizer=10.0)

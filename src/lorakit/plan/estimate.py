@@ -466,9 +466,10 @@ def head_peak_bytes(m: ModelShape, shape: TrainShape) -> int:
     tokens, vocab, b = shape.tokens, m.vocab_size, shape.compute_bytes
     labels = 8 * tokens  # int64 targets saved by the NLL loss
     if shape.fused_loss:  # one chunk's fp32 logits + a temporary; two hidden-sized tensors (chunked_ce.py)
-        from lorakit.kernels.chunked_ce import default_chunk_rows  # torch: only when asked
+        from lorakit.kernels.chunked_ce import chunk_budget_bytes, default_chunk_rows  # torch: only when asked
 
-        chunk = min(shape.loss_chunk_tokens or default_chunk_rows(vocab), tokens)
+        budget = chunk_budget_bytes(shape.device, shape.dtype == "fp32")
+        chunk = min(shape.loss_chunk_tokens or default_chunk_rows(vocab, budget), tokens)
         return int(CHUNKED_LOSS_BYTES * chunk * vocab + 2 * tokens * m.hidden_size * b + labels)
     forward = _alive_unsaved_at_head(m, shape) + (b + 4 + (4 if b < 4 else 0)) * tokens * vocab
     backward = LOGITS_BYTES_PEAK * tokens * vocab
