@@ -8,7 +8,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
 
-from lorakit.kernels import llama_patch, native_ops
+from lorakit.kernels import cpu_attention, llama_patch, native_ops
 from lorakit.kernels.llama_patch import (causal_lm_loss, disable_fast_paths, enable_fast_paths,
                                          fast_paths_enabled)
 from lorakit.lora import LoraConfig, LoraLinear, apply_lora, merge_lora
@@ -78,6 +78,44 @@ def test_fast_paths_match_plain_model_loss_and_grads(arch):
     assert enable_fast_paths(model) == []
     assert isinstance(model.model.layers[0].mlp.__dict__["forward"], type(lambda: 0))
     _assert_same(_fast(model, batch), plain)
+
+
+def _unpadded_batch(vocab=256):
+    input_ids = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(4))
+    labels = input_ids.clone()
+    labels[:, :5] = -100
+    return dict(input_ids=input_ids, labels=labels)
+
+
+def _count_cpu_attention_calls(monkeypatch):
+    calls = []
+    real = cpu_attention.causal_attention
+    monkeypatch.setattr(cpu_attention, "causal_attention",
+                        lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_cpu_attention_takes_unpadded_rows_and_matches(monkeypatch, arch):
+    model, batch = _model(arch), _unpadded_batch()
+    plain = _plain(model, batch)
+    calls = _count_cpu_attention_calls(monkeypatch)
+    enable_fast_paths(model)
+    _assert_same(_fast(model, batch), plain)
+    copied = llama_patch._rope_swap_blocker(model.model.layers[0].self_attn) is None
+    assert len(calls) == (len(model.model.layers) if copied else 0)
+
+
+def test_padded_rows_and_sliding_windows_keep_sdpa(monkeypatch):
+    calls = _count_cpu_attention_calls(monkeypatch)
+    model = _model()
+    enable_fast_paths(model)
+    causal_lm_loss(model, _batch())  # an attention mask
+    model = _model("mistral")
+    model.config.sliding_window = 8  # shorter than the 20 tokens
+    enable_fast_paths(model)
+    causal_lm_loss(model, _unpadded_batch())
+    assert calls == []
 
 
 def test_fused_blocks_are_the_ones_running(monkeypatch):

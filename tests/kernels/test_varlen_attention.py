@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from lorakit.data.batching import collate, count_label_tokens
-from lorakit.kernels import varlen_attention
+from lorakit.kernels import cpu_attention, varlen_attention
 from lorakit.kernels.llama_patch import causal_lm_loss, enable_fast_paths, fast_paths_enabled
 from lorakit.kernels.varlen_attention import (VARLEN, bounds_from_position_ids, restore_attention,
                                               segments_from_bounds, use_varlen_attention)
@@ -116,23 +116,29 @@ def test_fast_paths_do_not_change_the_varlen_result():
     assert_same(results[1], results[0])
 
 
-def test_sdpa_is_called_once_per_document_length_without_a_mask(monkeypatch):
-    calls = []
-    real = varlen_attention.F.scaled_dot_product_attention
+def _spy_on_causal_calls(monkeypatch):
+    """(SDPA calls as (q shape, options), cpu_attention calls as (q shape, scale))."""
+    sdpa_calls, cpu_calls = [], []
+    real_sdpa, real_cpu = varlen_attention.F.scaled_dot_product_attention, cpu_attention.causal_attention
+    monkeypatch.setattr(varlen_attention.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **o: sdpa_calls.append((q.shape, o)) or real_sdpa(q, k, v, **o))
+    monkeypatch.setattr(cpu_attention, "causal_attention",
+                        lambda q, k, v, scale: cpu_calls.append((q.shape, scale)) or real_cpu(q, k, v, scale))
+    return sdpa_calls, cpu_calls
 
-    def spy(q, k, v, **options):
-        calls.append((q.shape, options))
-        return real(q, k, v, **options)
 
-    monkeypatch.setattr(varlen_attention.F, "scaled_dot_product_attention", spy)
+def test_one_causal_call_per_document_length_without_a_mask(monkeypatch):
+    sdpa_calls, cpu_calls = _spy_on_causal_calls(monkeypatch)
     model = lora_model()
     use_varlen_attention(model)
     chunked_loss(model, collate(make_rows(), packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen"))
     lengths = {n for row in ROWS for n in row} | {WIDTH - sum(row) for row in ROWS if sum(row) < WIDTH}
-    assert len(calls) == len(lengths) * model.config.num_hidden_layers
-    assert all(o["is_causal"] and o.get("attn_mask") is None and o["enable_gqa"] for _, o in calls)
-    ones = [shape for shape, _ in calls if shape[2] == 1]  # documents of length 1 and a 1-token tail
-    assert ones and all(shape[0] == sum(row.count(1) for row in ROWS) + 1 for shape in ones)
+    assert len(sdpa_calls) + len(cpu_calls) == len(lengths) * model.config.num_hidden_layers
+    # fp32 on the CPU: documents of 2+ tokens take cpu_attention, single tokens SDPA
+    assert cpu_calls and all(shape[2] > 1 and scale == 16 ** -0.5 for shape, scale in cpu_calls)
+    assert all(o["is_causal"] and o.get("attn_mask") is None and o["enable_gqa"] for _, o in sdpa_calls)
+    ones = [shape for shape, _ in sdpa_calls]  # documents of length 1 and a 1-token tail
+    assert ones and all(shape[2] == 1 and shape[0] == sum(row.count(1) for row in ROWS) + 1 for shape in ones)
 
 
 def test_dropout_and_scaling_reach_sdpa(monkeypatch):

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.kernels import native_ops
+from lorakit.kernels import cpu_attention, native_ops
 from lorakit.kernels.chunked_ce import IGNORE_INDEX, chunked_lm_head_loss
 from lorakit.kernels.fused_lora import fuse_blocker, lora_linear, lora_mlp, lora_qkv
 
@@ -339,15 +339,29 @@ def _attention_with_rope(attn, rope, hidden_states, position_embeddings=None,
         key_states, value_states = cache.update(key_states, value_states, attn.layer_idx,
                                                 **extra)
 
-    modeling = sys.modules[type(attn).__module__]
-    attention_interface = modeling.ALL_ATTENTION_FUNCTIONS.get_interface(
-        attn.config._attn_implementation, modeling.eager_attention_forward)
-    attn_output, attn_weights = attention_interface(
-        attn, query_states, key_states, value_states, attention_mask,
-        dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling,
-        **_EXTRA_ATTENTION_ARGS[type(attn).__name__](attn), **kwargs)
+    options = dict(dropout=0.0 if not attn.training else attn.attention_dropout,
+                   scaling=attn.scaling, **_EXTRA_ATTENTION_ARGS[type(attn).__name__](attn))
+    if _cpu_attention_applies(attn, query_states, key_states, value_states, attention_mask,
+                              options, kwargs):
+        attn_output, attn_weights = cpu_attention.causal_attention(
+            query_states, key_states, value_states, attn.scaling), None
+    else:
+        modeling = sys.modules[type(attn).__module__]
+        attention_interface = modeling.ALL_ATTENTION_FUNCTIONS.get_interface(
+            attn.config._attn_implementation, modeling.eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            attn, query_states, key_states, value_states, attention_mask, **options, **kwargs)
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return attn.o_proj(attn_output), attn_weights
+
+
+def _cpu_attention_applies(attn, query, key, value, attention_mask, options, kwargs) -> bool:
+    """cpu_attention computes what the model's SDPA call would compute here."""
+    return (attn.config._attn_implementation == "sdpa"
+            and kwargs.get("is_causal", getattr(attn, "is_causal", True))
+            and not any(kwargs.get(name) is not None for name in ("softcap", "s_aux"))
+            and cpu_attention.attention_blocker(query, key, value, attention_mask, options["dropout"],
+                                                options.get("sliding_window")) is None)
 
 
 # ---- loss without logits ----------------------------------------------------------------------

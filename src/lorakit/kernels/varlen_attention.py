@@ -43,6 +43,8 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from lorakit.kernels import cpu_attention
+
 VARLEN = "lorakit_varlen"
 # plain causal self-attention, position_ids handed to the attention function: checked exact
 # against the 4D-mask path in tests/kernels/test_varlen_attention.py
@@ -161,8 +163,8 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     _check_window(segments, kwargs.get("sliding_window"))
     key, value, gqa = _match_heads(query, key, value)
     options = dict(dropout_p=dropout, scale=scaling, is_causal=True, **({"enable_gqa": True} if gqa else {}))
-    if segments.one_per_row:  # nothing packed: one call, SDPA's own causal path
-        return F.scaled_dot_product_attention(query, key, value, **options).transpose(1, 2).contiguous(), None
+    if segments.one_per_row:  # nothing packed: one causal call
+        return _causal(query, key, value, options).contiguous(), None
     if dropout == 0.0 and _flash_varlen_usable(module, query):
         flash = _flash_varlen_checked(query, key, value, segments, scaling, options)
         if flash is not None:
@@ -199,11 +201,19 @@ def _per_document(query, key, value, segments: Segments, options: dict) -> torch
     for numbers in segments.groups.values():
         q, k, v = (torch.stack([p[i] for i in numbers]) if len(numbers) > 1 else p[numbers[0]][None]
                    for p in pieces)
-        out = F.scaled_dot_product_attention(q, k, v, **options)  # (n, Hq, length, D)
-        for number, piece in zip(numbers, out.transpose(1, 2).unbind(0)):
+        out = _causal(q, k, v, options)  # (n, length, Hq, D)
+        for number, piece in zip(numbers, out.unbind(0)):
             outputs[number] = piece  # (length, Hq, D)
     flat = torch.cat(outputs)  # (B*T, Hq, D)
     return flat.view(len(segments.rows), segments.width, *flat.shape[1:])
+
+
+def _causal(query, key, value, options: dict) -> torch.Tensor:
+    """Causal attention (B, H, T, D) -> (B, T, H, D): cpu_attention where it applies, else SDPA."""
+    if cpu_attention.attention_blocker(query, key, value, dropout=options["dropout_p"]) is None:
+        scale = options["scale"] if options["scale"] is not None else query.shape[-1] ** -0.5
+        return cpu_attention.causal_attention(query, key, value, scale)
+    return F.scaled_dot_product_attention(query, key, value, **options).transpose(1, 2)
 
 
 # ---- torch's varlen kernel (CUDA) ---------------------------------------------------------------
