@@ -540,3 +540,41 @@ def test_cli_labelled_fraction_lowers_the_flops_and_refuses_zero(capsys):
     assert main(["estimate", "--model", "1b", "--labelled-fraction", "0"]) == 2
     err = capsys.readouterr().err
     assert "labelled_fraction must be in (0, 1], got 0.0" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cpu_fast_paths_save_no_more_than_the_estimate(monkeypatch, dtype):
+    """The estimate derives lorakit's plain layers. On the CPU the fast paths keep the attention
+    probabilities as well (kernels/cpu_attention.py), but not silu(gate), and the native norm
+    keeps a 16-bit input as it is: a memory plan made from the estimate must still hold."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.bench import SavedForBackward
+    from lorakit.kernels import cpu_attention
+    from lorakit.kernels.llama_patch import enable_fast_paths
+    from lorakit.lora import LoraConfig, apply_lora
+
+    # SmolLM2-135M's proportions (576 wide, 9 / 3 heads of 64, MLP 1536) in 2 layers
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                         num_hidden_layers=2, vocab_size=256)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    apply_lora(model, LoraConfig(r=16, alpha=32))
+    assert enable_fast_paths(model) == []
+    ids = torch.randint(0, 256, (2, 256))
+
+    def saved_bytes(keep_probs_up_to):
+        monkeypatch.setattr(cpu_attention, "KEEP_PROBS_MAX_LEN", keep_probs_up_to)
+        saved = SavedForBackward(model)
+        with saved.hooks():
+            model.model(input_ids=ids).last_hidden_state
+        return saved.nbytes
+
+    shape = TrainShape(batch_size=2, seq_len=256, r=16, dtype=dtype, device="cpu")
+    m = model_shape(config)
+    estimate = shape.tokens * (sum(layer_saved_bytes(m, shape, stream_grad=False).values())
+                               + sum(layer_saved_bytes(m, shape).values()) + 4 * m.hidden_size + 4)
+    probs = cpu_attention.kept_probability_bytes(256, 9)  # per token and layer
+    kept, recomputed = saved_bytes(256), saved_bytes(255)
+    assert kept - recomputed == 2 * shape.tokens * (probs - 4 * 9)  # recomputing keeps the fp32 lse
+    assert kept <= estimate

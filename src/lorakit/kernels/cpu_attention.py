@@ -72,6 +72,15 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return _CausalGroupedAttention.apply(query, key, value, float(scale))
 
 
+def kept_probability_bytes(length: int, heads: int) -> float:
+    """Bytes per token that the forward keeps for backward beyond SDPA's tensors: the fp32
+    probabilities of `heads` query heads over rows of `length` (0 past KEEP_PROBS_MAX_LEN)."""
+    if length > KEEP_PROBS_MAX_LEN:
+        return 0.0
+    keys_per_row = sum((end - start) * end for start, end in _blocks(length)) / length
+    return 4.0 * heads * keys_per_row
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
