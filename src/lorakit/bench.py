@@ -207,7 +207,7 @@ def _skip_reason(name: str, plan: Plan) -> str | None:
     if name == "lorakit-offload" and (plan.device != "cuda" or not plan.settings.grad_checkpointing):
         return "it offloads checkpointed layers' inputs from a GPU: needs --grad-checkpointing on CUDA"
     if name == "lorakit-eager" and plan.device != "cpu":
-        return "the native RMSNorm and RoPE it leaves out run on CPU tensors only: here it equals lorakit"
+        return "the native RMSNorm, RoPE and attention it leaves out run on CPU tensors only: here it equals lorakit"
     if name == "peft-bf16" and plan.dtype == "float32":
         return "the model is fp32 here, so it would equal peft"
     if name == "lorakit-triton":

@@ -9,7 +9,7 @@
     lorakit-plain, lorakit-ce, lorakit-fused
                    ablations: no fast path / only the chunked loss / only the fused blocks
                    (with the native RMSNorm and RoPE on a CPU)
-    lorakit-eager  CPU ablation: lorakit with transformers' own RMSNorm and RoPE code
+    lorakit-eager  CPU ablation: lorakit with transformers' own RMSNorm, RoPE and SDPA attention
                    (enable_fast_paths(native=False))
     lorakit-4d     packed runs: lorakit with a block-causal 4D mask instead of per-document
                    (varlen) attention

@@ -106,6 +106,20 @@ def test_cpu_attention_takes_unpadded_rows_and_matches(monkeypatch, arch):
     assert len(calls) == (len(model.model.layers) if copied else 0)
 
 
+def test_native_false_and_disable_keep_sdpa(monkeypatch):
+    calls = _count_cpu_attention_calls(monkeypatch)
+    model, batch = _model(), _unpadded_batch()
+    enable_fast_paths(model, native=False)
+    causal_lm_loss(model, batch)
+    enable_fast_paths(model)
+    disable_fast_paths(model)
+    model(**batch)
+    assert calls == []
+    enable_fast_paths(model)
+    causal_lm_loss(model, batch)
+    assert len(calls) == len(model.model.layers)
+
+
 def test_padded_rows_and_sliding_windows_keep_sdpa(monkeypatch):
     calls = _count_cpu_attention_calls(monkeypatch)
     model = _model()

@@ -141,6 +141,14 @@ def test_one_causal_call_per_document_length_without_a_mask(monkeypatch):
     assert ones and all(shape[2] == 1 and shape[0] == sum(row.count(1) for row in ROWS) + 1 for shape in ones)
 
 
+def test_without_the_fast_paths_every_document_takes_sdpa(monkeypatch):
+    sdpa_calls, cpu_calls = _spy_on_causal_calls(monkeypatch)
+    model = lora_model(fast=False)
+    use_varlen_attention(model)
+    chunked_loss(model, collate(make_rows(), packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen"))
+    assert sdpa_calls and cpu_calls == []
+
+
 def test_dropout_and_scaling_reach_sdpa(monkeypatch):
     seen = []
     real = varlen_attention.F.scaled_dot_product_attention

@@ -35,6 +35,23 @@ BLOCK = 64  # query positions per block: 64 G-row GEMMs, and the skipped triangl
 KEEP_PROBS_MAX_LEN = 256  # longer rows recompute P in backward instead of keeping it
 
 
+# set on an attention module by enable_fast_paths (with the native ops): its causal attention may
+# take this kernel, in the copied attention forward and in the varlen path
+_ENABLED = "_lorakit_cpu_attention"
+
+
+def set_enabled(module, on: bool) -> None:
+    """Let `module`'s causal attention take causal_attention where it applies (or not)."""
+    if on:
+        module.__dict__[_ENABLED] = True
+    else:
+        module.__dict__.pop(_ENABLED, None)
+
+
+def enabled_for(module) -> bool:
+    return bool(getattr(module, "__dict__", {}).get(_ENABLED, False))
+
+
 def attention_blocker(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask=None, dropout: float = 0.0,
                       sliding_window: int | None = None) -> str | None:

@@ -23,6 +23,11 @@ the rest stays):
                           change is ops.rope(q, k, cos, sin) in place of apply_rotary_pos_emb;
                           projections, cache update and attention kernel are called as there
 
+With the native ops, the copied forward also hands causal attention over CPU tensors to
+cpu_attention.causal_attention (block-causal GEMMs over grouped query heads; the varlen path of
+packed rows does the same) in place of SDPA, where it computes what SDPA would: the sdpa
+implementation, no mask, no cache, no dropout, no sliding window shorter than the row.
+
 Where the ops cannot take a tensor (native ops on a GPU, say) the module's own code runs.
 
 Every patched forward re-checks at call time and runs the original forward instead when an
@@ -103,6 +108,7 @@ def disable_fast_paths(model: nn.Module) -> None:
         if hasattr(module, _SAVED_FORWARD):
             _restore_forward(module)
         module.__dict__.pop(_PRECOMPUTED, None)
+        cpu_attention.set_enabled(module, False)
 
 
 def fast_paths_enabled(model: nn.Module) -> bool:
@@ -203,6 +209,7 @@ def _patch_attention(attn: nn.Module, ops) -> str | None:
             _set_forward(proj, _precomputed_forward(proj, proj.forward))
         rope_reason = _rope_swap_blocker(attn) if ops is not None else None
         rope_ops = ops if ops is not None and rope_reason is None else None
+        cpu_attention.set_enabled(attn, ops is native_ops)
         _set_forward(attn, _fused_attention_forward(attn, attn.forward, projections, rope_ops),
                      triton=rope_ops is not None and _is_triton(rope_ops))
         return o_reason or rope_reason
@@ -357,7 +364,7 @@ def _attention_with_rope(attn, rope, hidden_states, position_embeddings=None,
 
 def _cpu_attention_applies(attn, query, key, value, attention_mask, options, kwargs) -> bool:
     """cpu_attention computes what the model's SDPA call would compute here."""
-    return (attn.config._attn_implementation == "sdpa"
+    return (cpu_attention.enabled_for(attn) and attn.config._attn_implementation == "sdpa"
             and kwargs.get("is_causal", getattr(attn, "is_causal", True))
             and not any(kwargs.get(name) is not None for name in ("softcap", "s_aux"))
             and cpu_attention.attention_blocker(query, key, value, attention_mask, options["dropout"],

@@ -12,7 +12,9 @@ row's padding tail being a segment of its own. transformers hands these kwargs, 
 runs ``scaled_dot_product_attention(is_causal=True)`` on each document's slice (documents of
 equal length share one batched call), so no token attends across a boundary and no work is
 spent on the cross-document blocks. Without ``cu_seq_lens`` the boundaries are read from
-restarting ``position_ids`` (the rule transformers uses to detect packing).
+restarting ``position_ids`` (the rule transformers uses to detect packing). On the CPU, the
+attention modules to which enable_fast_paths gave the native ops run lorakit's
+``cpu_attention.causal_attention`` in place of those SDPA calls.
 
 On a CUDA GPU, in bf16/fp16 without dropout, torch's own varlen kernel
 (``torch.nn.attention.varlen.varlen_attn``, flash attention over the cumulative bounds) does
@@ -163,13 +165,14 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     _check_window(segments, kwargs.get("sliding_window"))
     key, value, gqa = _match_heads(query, key, value)
     options = dict(dropout_p=dropout, scale=scaling, is_causal=True, **({"enable_gqa": True} if gqa else {}))
+    native = cpu_attention.enabled_for(module)  # the fast paths' CPU kernel, where it applies
     if segments.one_per_row:  # nothing packed: one causal call
-        return _causal(query, key, value, options).contiguous(), None
+        return _causal(query, key, value, options, native).contiguous(), None
     if dropout == 0.0 and _flash_varlen_usable(module, query):
         flash = _flash_varlen_checked(query, key, value, segments, scaling, options)
         if flash is not None:
             return flash, None
-    return _per_document(query, key, value, segments, options), None
+    return _per_document(query, key, value, segments, options, native), None
 
 
 def _check_window(segments: Segments, window: int | None) -> None:
@@ -189,7 +192,7 @@ def _match_heads(query, key, value):
     return repeat_kv(key, groups), repeat_kv(value, groups), False
 
 
-def _per_document(query, key, value, segments: Segments, options: dict) -> torch.Tensor:
+def _per_document(query, key, value, segments: Segments, options: dict, native: bool = False) -> torch.Tensor:
     """Causal SDPA per document, documents of equal length stacked into one call.
 
     Documents are cut out with unbind/split (views whose backward is one stack/cat), not by
@@ -201,16 +204,17 @@ def _per_document(query, key, value, segments: Segments, options: dict) -> torch
     for numbers in segments.groups.values():
         q, k, v = (torch.stack([p[i] for i in numbers]) if len(numbers) > 1 else p[numbers[0]][None]
                    for p in pieces)
-        out = _causal(q, k, v, options)  # (n, length, Hq, D)
+        out = _causal(q, k, v, options, native)  # (n, length, Hq, D)
         for number, piece in zip(numbers, out.unbind(0)):
             outputs[number] = piece  # (length, Hq, D)
     flat = torch.cat(outputs)  # (B*T, Hq, D)
     return flat.view(len(segments.rows), segments.width, *flat.shape[1:])
 
 
-def _causal(query, key, value, options: dict) -> torch.Tensor:
-    """Causal attention (B, H, T, D) -> (B, T, H, D): cpu_attention where it applies, else SDPA."""
-    if cpu_attention.attention_blocker(query, key, value, dropout=options["dropout_p"]) is None:
+def _causal(query, key, value, options: dict, native: bool) -> torch.Tensor:
+    """Causal attention (B, H, T, D) -> (B, T, H, D): with `native`, cpu_attention where it
+    applies; else SDPA."""
+    if native and cpu_attention.attention_blocker(query, key, value, dropout=options["dropout_p"]) is None:
         scale = options["scale"] if options["scale"] is not None else query.shape[-1] ** -0.5
         return cpu_attention.causal_attention(query, key, value, scale)
     return F.scaled_dot_product_attention(query, key, value, **options).transpose(1, 2)
