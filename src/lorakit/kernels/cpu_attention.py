@@ -1,8 +1,8 @@
 """Causal self-attention for training on the CPU: block-causal GEMMs over grouped query heads.
 
 SDPA on the CPU runs torch's flash-attention kernels, whose backward is slow at training
-lengths: 13.4 ms forward + backward per layer at SmolLM2's shape (4 x 256 tokens, 9 query and 3
-key/value heads of 64), 40% of it above this module's 8.9-9.7 ms (docs/performance.md).
+lengths: 13.4-13.7 ms forward + backward per layer at SmolLM2's shape (4 x 256 tokens, 9 query
+and 3 key/value heads of 64, fp32 or bf16) against this module's 8.7-9.7 ms (docs/performance.md).
 
 Layout. The G = Hq / Hkv query heads that share a key/value head are stacked into one matrix,
 rows ordered (position, head): q (B, Hq, T, D) -> (B Hkv, T G, D). Each (batch, key/value head)
@@ -20,8 +20,9 @@ Backward needs P. Up to KEEP_PROBS_MAX_LEN positions it is kept from the forward
 of the layer saves); longer rows keep only the row log-sum-exp and recompute P = exp(S - lse)
 block by block, one more GEMM per block, so memory stays linear in T.
 
-Computes in fp32 (float64 stays float64; 16-bit inputs are upcast, so P and the sums are never
-rounded to 16 bits). `attention_blocker` names why a call must stay with SDPA instead: a mask,
+Computes in fp32 (float64 stays float64). 16-bit inputs are upcast: P and every sum stay fp32,
+only the output is rounded to 16 bits (and read back as such for delta, as SDPA does).
+`attention_blocker` names why a call must stay with SDPA instead: a mask,
 a cache (queries shorter than keys), dropout, a sliding window shorter than the row, a GPU.
 """
 
