@@ -91,6 +91,20 @@ def test_blocker_names_what_sdpa_must_handle(change, reason):
     assert attention_blocker(q, k, v, **change) == reason
 
 
+def test_blocker_leaves_autocast_to_sdpa():
+    q, k, v, _ = _qkv(length=12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention_blocker(q, k, v) == "autocast is on (SDPA follows its dtype rules)"
+
+
+def test_traces_under_torch_compile():
+    q, k, v, grad = _qkv(length=20, dim=16)
+    want = _run(causal_attention, q, k, v, grad, 0.25)
+    compiled = torch.compile(causal_attention, backend="aot_eager", fullgraph=False)
+    for got, w in zip(_run(compiled, q, k, v, grad, 0.25), want, strict=True):
+        torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-6)
+
+
 def test_blocker_refuses_a_cache_odd_heads_mixed_dtypes_and_other_devices():
     q, k, v, _ = _qkv(heads=6, kv_heads=2, length=12)
     assert "differ in length" in attention_blocker(q[:, :, -1:], k, v)

@@ -126,7 +126,9 @@ def test_padded_rows_and_sliding_windows_keep_sdpa(monkeypatch):
     enable_fast_paths(model)
     causal_lm_loss(model, _batch())  # an attention mask
     model = _model("mistral")
-    model.config.sliding_window = 8  # shorter than the 20 tokens
+    # shorter than the 20 tokens: transformers then passes a window mask, which routes the call
+    # (attention_blocker's own window check is unit-tested in test_cpu_attention.py)
+    model.config.sliding_window = 8
     enable_fast_paths(model)
     causal_lm_loss(model, _unpadded_batch())
     assert calls == []

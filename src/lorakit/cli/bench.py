@@ -59,7 +59,8 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help="weights dtype for every variant (default: the preset's: bf16 on a GPU, fp32 on the CPU; "
                         "bfloat16 on a CPU with native bf16 is what `lorakit train` picks there)")
     p.add_argument("--chunk-size", type=int,
-                   help="tokens per lm_head + loss chunk (lorakit; default: 128 MiB of fp32 logits per chunk)")
+                   help="tokens per lm_head + loss chunk (lorakit; default: 128 MiB of fp32 logits per chunk, "
+                        "256 MiB for an fp32 head on the CPU)")
     p.add_argument("--max-doc-len", type=int, metavar="N",
                    help="with --packing: examples N/8 to N tokens long, several per row (default: the sequence length)")
     p.add_argument("--prompt-fraction", type=float, default=0.0, metavar="F",

@@ -23,7 +23,8 @@ block by block, one more GEMM per block, so memory stays linear in T.
 Computes in fp32 (float64 stays float64). 16-bit inputs are upcast: P and every sum stay fp32,
 only the output is rounded to 16 bits (and read back as such for delta, as SDPA does).
 `attention_blocker` names why a call must stay with SDPA instead: a mask,
-a cache (queries shorter than keys), dropout, a sliding window shorter than the row, a GPU.
+queries shorter than keys (decoding from a cache), dropout, a sliding window shorter than the
+row, autocast, a GPU.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def attention_blocker(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     query (B, Hq, T, D), key and value (B, Hkv, S, D)."""
     if query.device.type != "cpu":
         return "not a CPU tensor"
+    if torch.is_autocast_enabled("cpu"):
+        return "autocast is on (SDPA follows its dtype rules)"
     if not query.dtype.is_floating_point or query.dtype != key.dtype or key.dtype != value.dtype:
         return "query, key and value must share one floating-point dtype"
     if attention_mask is not None:
@@ -110,7 +113,7 @@ def _blocks(length: int):
 @functools.cache
 def _diagonal_mask(positions: int, group: int) -> torch.Tensor:
     """(positions G, positions) True where row (t, g) must not see key j: j > t."""
-    keys = torch.arange(positions)
+    keys = torch.arange(positions, device="cpu")  # explicit: a default-device context may differ
     return keys[None, :] > keys.repeat_interleave(group)[:, None]
 
 
@@ -118,12 +121,10 @@ def _grouped(x: torch.Tensor, kv_heads: int, dtype: torch.dtype, scale: float = 
     """(B, Hq, T, D) -> (B Hkv, T G, D) in `dtype`, rows ordered (position, head), times scale."""
     b, heads, length, dim = x.shape
     group = heads // kv_heads
-    out = torch.empty(b, kv_heads, length, group, dim, dtype=dtype)
-    source = x.view(b, kv_heads, group, length, dim).transpose(2, 3)
-    if scale == 1.0:
-        out.copy_(source)
-    else:
-        torch.mul(source, scale, out=out)
+    out = torch.empty(b, kv_heads, length, group, dim, dtype=dtype, device=x.device)
+    out.copy_(x.view(b, kv_heads, group, length, dim).transpose(2, 3))
+    if scale != 1.0:  # not mul(out=): torch.compile cannot trace a view of an out= result
+        out.mul_(scale)
     return out.view(b * kv_heads, length * group, dim)
 
 
@@ -169,6 +170,7 @@ class _CausalGroupedAttention(torch.autograd.Function):
         result = query.new_empty(b, length, heads, dim)
         result.view(b, length, kv_heads, group, dim).copy_(
             out.view(b, kv_heads, length, group, dim).transpose(1, 2))
+        # the result itself is saved (no copy): modifying it in place later is an autograd error
         ctx.save_for_backward(query, key, value, result, *(probs if keep else [lse]))
         ctx.scale, ctx.keep = scale, keep
         return result
@@ -205,7 +207,7 @@ def _ungrouped(grad_q, shape, kv_heads, scale, dtype):
     forward)."""
     b, heads, length, dim = shape
     group = heads // kv_heads
-    out = torch.empty(b, heads, length, dim, dtype=dtype)
-    torch.mul(grad_q.view(b, kv_heads, length, group, dim).transpose(2, 3), scale,
-              out=out.view(b, kv_heads, group, length, dim))
-    return out
+    out = torch.empty(b, heads, length, dim, dtype=dtype, device=grad_q.device)
+    out.view(b, kv_heads, group, length, dim).copy_(
+        grad_q.view(b, kv_heads, length, group, dim).transpose(2, 3))
+    return out.mul_(scale)

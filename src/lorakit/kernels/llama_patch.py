@@ -26,7 +26,8 @@ the rest stays):
 With the native ops, the copied forward also hands causal attention over CPU tensors to
 cpu_attention.causal_attention (block-causal GEMMs over grouped query heads; the varlen path of
 packed rows does the same) in place of SDPA, where it computes what SDPA would: the sdpa
-implementation, no mask, no cache, no dropout, no sliding window shorter than the row.
+implementation, no mask, queries as long as keys (training, or a prefill into an empty cache),
+no dropout, no sliding window shorter than the row, no autocast.
 
 Where the ops cannot take a tensor (native ops on a GPU, say) the module's own code runs.
 
@@ -381,7 +382,8 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     batch: model inputs plus optional "labels" (default: input_ids), -100 where no loss.
     Labels are shifted here, as transformers does. normalizer None = mean over label tokens.
     Heads that rescale logits (softcapping, logit scale) fall back to full logits.
-    chunk_size: rows per lm_head + loss chunk (None: chunked_ce's 128 MiB budget).
+    chunk_size: rows per lm_head + loss chunk (None: chunked_ce's budget, 128 MiB of fp32 logits,
+    256 MiB for an fp32 head on the CPU).
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     inputs.setdefault("use_cache", False)
