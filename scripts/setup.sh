@@ -8,7 +8,9 @@ PIP="python3 -m pip"
 # torch first: a CPU build is on disk here; a bare `torch` requirement would pull a CUDA build.
 python3 -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
 if [[ "${1:-}" == "--dev" ]]; then
-    $PIP install -q -e ".[dev]"
+    # tests: transformers within the releases whose attention forward kernels/llama_patch.py
+    # copies (COPIED_ATTENTION_RANGE); a newer one gets a notice in use, and the tests would fail
+    $PIP install -q -e ".[dev]" "transformers>=5.17,<5.25"
 else
     $PIP install -q -e .
 fi

@@ -177,6 +177,14 @@ def test_rope_swap_only_in_the_copied_transformers_range(monkeypatch, version, c
     _assert_same(_fast(model, batch), plain)
 
 
+def test_the_test_install_keeps_transformers_in_the_copied_range():
+    from pathlib import Path
+
+    setup = (Path(__file__).resolve().parents[2] / "scripts" / "setup.sh").read_text()
+    (low_major, low_minor), (high_major, high_minor) = llama_patch.COPIED_ATTENTION_RANGE
+    assert f'"transformers>={low_major}.{low_minor},<{high_major}.{high_minor + 1}"' in setup
+
+
 def test_patched_norms_alone_do_not_count_as_fast_paths():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
