@@ -116,6 +116,20 @@ def test_ranks_split_the_single_process_stream_across_epochs():
     assert interleaved == single  # rank k has micro-batches k, k+2, k+4 ... of the global stream
 
 
+def test_shutdown_collects_garbage_before_leaving_the_group(monkeypatch):
+    """FSDP's mesh and DTensors live in reference cycles; destroyed at interpreter exit instead,
+    gloo aborted a finished 2-rank run (13 of 30 runs of a DTensor gather; 0 of 30 with this)."""
+    calls = []
+    monkeypatch.setattr(distributed, "_we_initialised", True)
+    monkeypatch.setattr(distributed, "_world", distributed.World(0, 2, 0, "gloo"))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.gc, "collect", lambda: calls.append("collect"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.shutdown()
+    assert calls == ["collect", "destroy"]
+    assert distributed.world() == distributed.World()
+
+
 def test_plan_is_identical_for_every_rank():
     lengths = np.array([3, 5, 7, 2, 9, 4, 6])
     assert plan_batches(lengths, 2, 16, True, True, 3, 1) == plan_batches(lengths, 2, 16, True, True, 3, 1)

@@ -35,6 +35,7 @@ divides the global step's micro-batch count.
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -97,9 +98,15 @@ def _check_gpu(local_rank: int) -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group if we created it."""
+    """Leave the process group if we created it.
+
+    Garbage is collected first: FSDP's device mesh and DTensors sit in reference cycles, and
+    left for the interpreter's exit they tear down gloo's threads out of order; the process
+    then aborts ("terminate called without an active exception") after a finished run, and
+    torchrun reports the job as failed (in a 2-rank gloo test, 13 of 30 runs without this)."""
     global _world, _we_initialised
     if _we_initialised and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
     _world, _we_initialised = None, False
 
