@@ -106,6 +106,44 @@ def test_cpu_attention_takes_unpadded_rows_and_matches(monkeypatch, arch):
     assert len(calls) == (len(model.model.layers) if copied else 0)
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj"]])
+def test_attention_without_fused_projections_still_takes_the_native_rope_and_attention(monkeypatch, targets):
+    """LoRA on q and v only, or on the MLP only: q, k, v cannot fuse, but the copied forward
+    calls the projections as they are and keeps the CPU attention and the native RoPE."""
+    model, batch = _model(target_modules=targets), _unpadded_batch()
+    plain = _plain(model, batch)
+    attention_calls = _count_cpu_attention_calls(monkeypatch)
+    real_rope, rope_calls = native_ops.rope, []
+    monkeypatch.setattr(native_ops, "rope", lambda *a: rope_calls.append(1) or real_rope(*a))
+    notices = enable_fast_paths(model)
+    assert any("self_attn" in n and "is not a LoRA layer" in n for n in notices)
+    _assert_same(_fast(model, batch), plain)
+    layers = len(model.model.layers)
+    assert len(attention_calls) == layers and len(rope_calls) == layers
+    assert fast_paths_enabled(model) == ("gate_proj" in targets)  # RoPE and attention alone do not count
+
+
+def test_dropout_adapters_draw_the_same_masks_through_the_copied_forward():
+    """Dropout keeps q, k, v unfused; the copy calls them in transformers' order, so in training
+    mode the same seed gives the plain model's masks, loss and gradients."""
+    model, batch = _model(dropout=0.3), _unpadded_batch()
+    model.train()
+    torch.manual_seed(11)
+    plain = _plain(model, batch)
+    enable_fast_paths(model)
+    assert "forward" in model.model.layers[0].self_attn.__dict__
+    torch.manual_seed(11)
+    _assert_same(_fast(model, batch), plain)
+
+
+def test_enabling_twice_patches_each_module_once():
+    model = _model(target_modules=["q_proj", "v_proj", "o_proj"])
+    for native in (True, True, False, False):
+        enable_fast_paths(model, native=native)
+    disable_fast_paths(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 def test_native_false_and_disable_keep_sdpa(monkeypatch):
     calls = _count_cpu_attention_calls(monkeypatch)
     model, batch = _model(), _unpadded_batch()

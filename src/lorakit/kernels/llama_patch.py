@@ -21,7 +21,9 @@ the rest stays):
     self_attn.forward  -> a copy of transformers 5.17-5.24 LlamaAttention.forward (with the q/k
                           norms of Qwen3 and the sliding window of Mistral/Qwen2/Qwen3) whose only
                           change is ops.rope(q, k, cos, sin) in place of apply_rotary_pos_emb;
-                          projections, cache update and attention kernel are called as there
+                          projections, cache update and attention kernel are called as there.
+                          It runs also where q, k, v cannot fuse (LoRA on some of them only, or
+                          on the MLP only, dropout, DoRA): then each projection's own forward
 
 With the native ops, the copied forward also hands causal attention over CPU tensors to
 cpu_attention.causal_attention (block-causal GEMMs over grouped query heads; the varlen path of
@@ -113,8 +115,8 @@ def disable_fast_paths(model: nn.Module) -> None:
 
 
 def fast_paths_enabled(model: nn.Module) -> bool:
-    """An attention or MLP runs a fused forward (patched norms alone do not count)."""
-    return any(hasattr(m, _SAVED_FORWARD) and type(m).__name__ not in RMS_NORMS
+    """A LoRA projection or MLP runs fused (patched norms, RoPE or attention alone do not count)."""
+    return any(hasattr(m, _SAVED_FORWARD) and type(m).__name__ not in (*RMS_NORMS, *ATTENTIONS)
                for m in model.modules())
 
 
@@ -201,20 +203,22 @@ def _patch_attention(attn: nn.Module, ops) -> str | None:
     if type(attn).__name__ not in ATTENTIONS:
         return f"{type(attn).__name__} is not an attention the fast path knows"
     o_reason = _group_blocker(attn, ("o_proj",))
-    if o_reason is None:
+    # a later enable_fast_paths visits an attention it left unpatched again; its o_proj may be
+    if o_reason is None and not hasattr(attn.o_proj, _SAVED_FORWARD):
         _set_forward(attn.o_proj, _fused_linear_forward(attn.o_proj, attn.o_proj.forward))
     qkv_reason = _group_blocker(attn, QKV)
-    if qkv_reason is None:
-        projections = [getattr(attn, name) for name in QKV]
-        for proj in projections:
-            _set_forward(proj, _precomputed_forward(proj, proj.forward))
-        rope_reason = _rope_swap_blocker(attn) if ops is not None else None
-        rope_ops = ops if ops is not None and rope_reason is None else None
-        cpu_attention.set_enabled(attn, ops is native_ops)
+    projections = [getattr(attn, name) for name in QKV] if qkv_reason is None else []
+    for proj in projections:
+        _set_forward(proj, _precomputed_forward(proj, proj.forward))
+    rope_reason = _rope_swap_blocker(attn) if ops is not None else None
+    rope_ops = ops if ops is not None and rope_reason is None else None
+    cpu_attention.set_enabled(attn, ops is native_ops)  # read by the copy and by varlen_attention
+    # without fused q, k, v (LoRA on some of them only, dropout, DoRA, none) the copied forward
+    # still pays for its RoPE and, on the CPU, its attention: it calls the projections as they are
+    if projections or rope_ops is not None:
         _set_forward(attn, _fused_attention_forward(attn, attn.forward, projections, rope_ops),
                      triton=rope_ops is not None and _is_triton(rope_ops))
-        return o_reason or rope_reason
-    return qkv_reason or o_reason
+    return qkv_reason or o_reason or (rope_reason if projections else None)
 
 
 def _rope_swap_blocker(attn: nn.Module) -> str | None:
@@ -307,13 +311,14 @@ def _precomputed_forward(proj: nn.Module, original: Callable) -> Callable:
 
 def _fused_attention_forward(attn: nn.Module, original: Callable, projections,
                              rope_ops=None) -> Callable:
-    """q, k, v from lora_qkv, then transformers' forward, or with rope_ops the copy of it that
-    applies RoPE with rope_ops.rope (where rope_ops can take the tensors)."""
+    """q, k, v from lora_qkv (with `projections`; without, each projection's own forward), then
+    transformers' forward, or with rope_ops the copy of it that applies RoPE with rope_ops.rope
+    (where rope_ops can take the tensors)."""
     def forward(*args, **kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if not _runtime_ok(hidden, projections):
             return original(*args, **kwargs)
-        for proj, out in zip(projections, lora_qkv(hidden, *projections)):
+        for proj, out in zip(projections, lora_qkv(hidden, *projections) if projections else ()):
             proj.__dict__[_PRECOMPUTED] = (hidden, out)
         try:
             if rope_ops is not None and rope_ops.runs_on(hidden):
