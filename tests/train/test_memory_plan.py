@@ -372,3 +372,22 @@ def test_bad_memory_budget_exits_2_with_one_message(capsys, tmp_path, value):
     err = capsys.readouterr().err
     assert f"--memory-budget must be a positive number of GiB, got {float(value)}" in err
     assert "Traceback" not in err
+
+
+def test_the_plan_counts_the_cpu_attention_probabilities_where_the_fast_paths_keep_them():
+    from lorakit.kernels.llama_patch import disable_fast_paths, enable_fast_paths
+
+    model, config = lora_model(), run_config()
+
+    def planned():
+        _, sizes = memory_plan._estimator_step(model, config, CPU, fsdp=False)
+        return sizes["cpu_attention"]
+
+    assert not planned()  # SDPA: only its logsumexp
+    enable_fast_paths(model)
+    assert planned()
+    assert not memory_plan._estimator_step(model, config, CUDA, fsdp=False)[1]["cpu_attention"]
+    enable_fast_paths(model, native=False)  # transformers' own ops: SDPA again
+    assert not planned()
+    disable_fast_paths(model)
+    assert not planned()

@@ -24,7 +24,8 @@ Peak memory (per device, allocated bytes) is the largest of four moments of the 
   nothing (dX needs only W); a LoRA branch saves its input (lorakit: one copy per group, as
   q/k/v share x; PEFT's fp32 adapters: an fp32 copy per adapter) and its rank-r intermediate;
   RMSNorm saves an fp32 copy of its input and 1/rms; sdpa saves q, k, v, the output (which is
-  also o_proj's input) and the fp32 logsumexp; SwiGLU saves gate, up and silu(gate); down_proj's
+  also o_proj's input) and the fp32 logsumexp (with `cpu_attention`, lorakit's CPU attention, up
+  to 256 positions: the fp32 probabilities instead); SwiGLU saves gate, up and silu(gate); down_proj's
   LoRA saves the product. Layer 0 saves less: the frozen embedding's output needs no grad.
   With activation checkpointing a layer keeps only its input, and the backward recomputes one
   layer at a time: the peak is all the checkpoints plus one layer's full saved set.
@@ -102,6 +103,9 @@ class TrainShape:
     # the share of tokens with a label (instruction data: the responses); the fused loss runs the
     # head for those rows only, the plain loss for every token
     labelled_fraction: float = 1.0
+    # lorakit's CPU attention (kernels/cpu_attention.py, on with the fast paths on a CPU): it keeps
+    # the fp32 probabilities for backward, rows up to 256 positions, instead of the logsumexp
+    cpu_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.quantize in ("none", ""):
@@ -295,6 +299,15 @@ def parameter_bytes(m: ModelShape, shape: TrainShape, trainable: int) -> tuple[i
     return weight_bytes(m, shape), adapter_bytes(trainable, shape)
 
 
+def _kept_attention_probability_bytes(m: ModelShape, shape: TrainShape) -> float:
+    """Per token and layer, the probabilities lorakit's CPU attention keeps (0: none kept)."""
+    if not shape.cpu_attention or shape.device != "cpu" or shape.engine != "lorakit":
+        return 0.0
+    from lorakit.kernels.cpu_attention import kept_probability_bytes
+
+    return kept_probability_bytes(shape.seq_len, m.num_heads)
+
+
 def layer_saved_bytes(m: ModelShape, shape: TrainShape, stream_grad: bool = True) -> dict[str, float]:
     """Bytes per token that autograd saves in one decoder layer, by tensor.
 
@@ -309,7 +322,11 @@ def layer_saved_bytes(m: ModelShape, shape: TrainShape, stream_grad: bool = True
     if attn_grad:
         saved["q, k, v (post-RoPE)"] = b * (m.q_dim + 2 * m.kv_dim)
         saved["attention output"] = b * m.q_dim
-        saved["attention logsumexp (fp32)"] = 4 * m.num_heads
+        probabilities = _kept_attention_probability_bytes(m, shape)
+        if probabilities:
+            saved["attention probabilities (fp32, CPU attention)"] = probabilities
+        else:
+            saved["attention logsumexp (fp32)"] = 4 * m.num_heads
     mid_grad = attn_grad or "o_proj" in adapted
     if mid_grad:
         saved["norm2 input (fp32) + 1/rms"] = 4 * h + 4

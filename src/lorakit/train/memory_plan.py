@@ -213,7 +213,7 @@ def _estimator_step(model: nn.Module, config, device: torch.device,
         targets=_adapted_projections(model), dtype=_compute_dtype(model),
         quantize=None if config.model.quantize == "none" else config.model.quantize, world_size=_world_size(),
         fused_loss=_fused_loss(model), lora_dropout=config.lora.dropout,
-        device="cuda" if device.type == "cuda" else "cpu",
+        device="cuda" if device.type == "cuda" else "cpu", cpu_attention=_cpu_attention(model, device),
         fsdp=sharded_run(config, device) if fsdp is None else fsdp)
 
 
@@ -243,6 +243,13 @@ def _fused_loss(model: nn.Module) -> bool:
     from lorakit.kernels.llama_patch import chunked_loss_blocker
 
     return chunked_loss_blocker(model) is None
+
+
+def _cpu_attention(model: nn.Module, device: torch.device) -> bool:
+    """Whether the fast paths gave the attention lorakit's CPU kernel (it keeps probabilities)."""
+    from lorakit.kernels import cpu_attention
+
+    return device.type == "cpu" and any(cpu_attention.enabled_for(m) for m in model.modules())
 
 
 def _world_size() -> int:
