@@ -79,3 +79,44 @@ def test_eval_reports_base_and_adapter(trained, capsys):
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["adapter_loss"] < result["base_loss"] and result["tokens"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float32"])
+def test_eval_reproduces_the_training_runs_own_eval(tmp_path, capsys, dtype):
+    """`lorakit eval` reports the losses of the run's summary: exactly in fp32; in bf16 within
+    the roundings of training's fast paths (native norm, RoPE and attention), which eval leaves
+    to transformers."""
+    model = save_tiny_chat_model(tmp_path / "model")
+    data, held_out = write_define_data(tmp_path / "d.jsonl", 32), write_define_data(tmp_path / "e.jsonl", 8, seed=1)
+    common = ["--seq-len", "64", "--batch-size", "4"]
+    assert main(["train", "--model", str(model), "--data", str(data), "--eval-data", str(held_out), "--output",
+                 str(tmp_path / "run"), "--max-steps", "3", "--r", "4", "--lr", "1e-2", "--dtype", dtype, *common]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(tmp_path / "run" / "adapter"), "--model", str(model), "--data", str(held_out),
+                 "--dtype", dtype, "--json", *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rel = 1e-5 if summary["dtype"] == "float32" else 1e-4
+    assert result["base_loss"] == pytest.approx(summary["base_eval_loss"], rel=rel)
+    assert result["adapter_loss"] == pytest.approx(summary["final_eval_loss"], rel=rel)
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_eval_and_generate_load_the_base_as_train_does(monkeypatch, capsys, command):
+    from lorakit import models
+
+    loads = []
+
+    def record(spec, **options):
+        loads.append(options)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(models, "load_model_and_tokenizer", record)
+    argv = [command, "--adapter", "unused", "--model", "unused"] + (["--data", "x.jsonl"] if command == "eval" else ["hi"])
+    for extra in ([], ["--dtype", "float32"], ["--device", "cpu", "--dtype", "bfloat16"]):
+        assert main(argv + extra) == 2
+    picked = models.training_dtype("auto", "cpu")  # bf16 on a CPU with native bf16, else fp32
+    assert [(o["device"], o["dtype"]) for o in loads] == [("cpu", picked), ("cpu", "float32"), ("cpu", "bfloat16")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(argv + ["--device", "cuda"]) == 2
+    assert "CUDA is not available; use --device cpu" in capsys.readouterr().err

@@ -407,6 +407,24 @@ def training_dtype(requested: str, device: str) -> str:
     return "bfloat16" if device == "cpu" and cpu_has_native_bf16() else "float32"
 
 
+def inference_placement(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """(device, dtype) for `lorakit eval` and `lorakit generate`: a GPU when there is one, and the
+    dtype `lorakit train` picks there, so that eval reproduces training's own eval loss."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    resolved = _resolve_device(device)
+    return resolved, training_dtype(dtype, resolved)
+
+
+def add_placement_flags(parser: Any) -> None:
+    """--device and --dtype, as `lorakit eval` and `lorakit generate` take them."""
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: the GPU when there is one, else the CPU")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weights dtype; auto: what lorakit train picks on that device (bfloat16 on a GPU "
+                             "or a CPU with native bf16, else float32), so the losses match training's eval")
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX tiles)."""
     import torch

@@ -7,6 +7,8 @@ import json
 
 
 def register(subparsers, name: str, help_text: str) -> None:
+    from lorakit.models import add_placement_flags
+
     p = subparsers.add_parser(name, help=help_text, description=__doc__)
     p.add_argument("--adapter", required=True, metavar="DIR")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE")
@@ -15,6 +17,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--allow-other-base", action="store_true", help="load an adapter made for another base model")
+    add_placement_flags(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickle files (model *.bin, adapter_model.bin) with torch.load(weights_only=True)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -26,10 +29,12 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.data.formats import pad_token_id, tokenize_records
     from lorakit.data.reading import read_records
     from lorakit.lora import disable_adapters, load_adapter
-    from lorakit.models import load_model_and_tokenizer
+    from lorakit.models import inference_placement, load_model_and_tokenizer
     from lorakit.train.loop import LoopSettings, evaluate
 
-    model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for([args.adapter]), allow_pickle=args.allow_pickle)
+    device, dtype = inference_placement(args.device, args.dtype)
+    model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for([args.adapter]), dtype=dtype, device=device,
+                                                   allow_pickle=args.allow_pickle)
     data = tokenize_records(read_records(args.data), tokenizer, args.format, args.seq_len)
     load_adapter(model, args.adapter, allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle)
     device = next(model.parameters()).device

@@ -10,6 +10,8 @@ import argparse
 
 
 def register(subparsers, name: str, help_text: str) -> None:
+    from lorakit.models import add_placement_flags
+
     p = subparsers.add_parser(name, help=help_text, description=__doc__)
     p.add_argument("prompt", help="the user message (or raw text with --raw)")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
@@ -20,6 +22,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--raw", action="store_true", help="continue raw text instead of a chat turn")
     p.add_argument("--allow-other-base", action="store_true", help="load an adapter made for another base model")
+    add_placement_flags(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickle files (model *.bin, adapter_model.bin) with torch.load(weights_only=True)")
     p.set_defaults(func=run)
@@ -28,9 +31,11 @@ def register(subparsers, name: str, help_text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.adapters import AdapterSet, base_model_for
     from lorakit.generate import generate_text
-    from lorakit.models import load_model_and_tokenizer
+    from lorakit.models import inference_placement, load_model_and_tokenizer
 
-    model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for(args.adapter), allow_pickle=args.allow_pickle)
+    device, dtype = inference_placement(args.device, args.dtype)
+    model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for(args.adapter), dtype=dtype, device=device,
+                                                   allow_pickle=args.allow_pickle)
     if args.adapter:
         adapters = AdapterSet(model, allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle)
         for path in args.adapter:
