@@ -391,3 +391,24 @@ def test_the_plan_counts_the_cpu_attention_probabilities_where_the_fast_paths_ke
     assert not planned()
     disable_fast_paths(model)
     assert not planned()
+
+
+def test_the_trainer_plans_after_enabling_the_fast_paths(monkeypatch, tmp_path):
+    """prepare() enables the fast paths before it plans checkpointing, so on a CPU the plan
+    counts the attention probabilities they keep."""
+    from tiny_models import save_tiny_chat_model, write_define_data
+
+    from lorakit.train.run import prepare
+
+    model = save_tiny_chat_model(tmp_path / "model")
+    data = write_define_data(tmp_path / "d.jsonl", 16)
+    planned, real = [], memory_plan._estimator_step
+
+    def recording(*args, **kwargs):
+        step = real(*args, **kwargs)
+        planned.append(step[1]["cpu_attention"])
+        return step
+
+    monkeypatch.setattr(memory_plan, "_estimator_step", recording)
+    prepare(run_config("--model", str(model), "--data", str(data), "--eval-split", "0"))
+    assert planned and all(planned)

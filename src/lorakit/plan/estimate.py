@@ -24,8 +24,8 @@ Peak memory (per device, allocated bytes) is the largest of four moments of the 
   nothing (dX needs only W); a LoRA branch saves its input (lorakit: one copy per group, as
   q/k/v share x; PEFT's fp32 adapters: an fp32 copy per adapter) and its rank-r intermediate;
   RMSNorm saves an fp32 copy of its input and 1/rms; sdpa saves q, k, v, the output (which is
-  also o_proj's input) and the fp32 logsumexp (with `cpu_attention`, lorakit's CPU attention, up
-  to 256 positions: the fp32 probabilities instead); SwiGLU saves gate, up and silu(gate); down_proj's
+  also o_proj's input) and the fp32 logsumexp (with `cpu_attention`, lorakit's CPU attention: the
+  fp32 probabilities of up to 256 positions instead); SwiGLU saves gate, up and silu(gate); down_proj's
   LoRA saves the product. Layer 0 saves less: the frozen embedding's output needs no grad.
   With activation checkpointing a layer keeps only its input, and the backward recomputes one
   layer at a time: the peak is all the checkpoints plus one layer's full saved set.
@@ -300,12 +300,16 @@ def parameter_bytes(m: ModelShape, shape: TrainShape, trainable: int) -> tuple[i
 
 
 def _kept_attention_probability_bytes(m: ModelShape, shape: TrainShape) -> float:
-    """Per token and layer, the probabilities lorakit's CPU attention keeps (0: none kept)."""
+    """Per token and layer, the probabilities lorakit's CPU attention keeps (0: none kept).
+
+    It keeps them for rows of up to 256 positions. Longer rows keep them too when they are packed
+    documents (each handed over alone) or batches padded to less than seq_len, so they count as
+    256-position rows: an upper bound, since shorter rows keep fewer bytes per token."""
     if not shape.cpu_attention or shape.device != "cpu" or shape.engine != "lorakit":
         return 0.0
-    from lorakit.kernels.cpu_attention import kept_probability_bytes
+    from lorakit.kernels.cpu_attention import KEEP_PROBS_MAX_LEN, kept_probability_bytes
 
-    return kept_probability_bytes(shape.seq_len, m.num_heads)
+    return kept_probability_bytes(min(shape.seq_len, KEEP_PROBS_MAX_LEN), m.num_heads)
 
 
 def layer_saved_bytes(m: ModelShape, shape: TrainShape, stream_grad: bool = True) -> dict[str, float]:

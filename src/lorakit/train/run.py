@@ -128,9 +128,9 @@ def prepare(config: RunConfig) -> Prepared:
     apply_lora(model, lora_config(config))
     if lora_report(model).trainable_params == 0:
         raise ConfigError("no trainable parameters after applying LoRA; check --targets")
-    notices += _checkpointing(model, config, use_fsdp)
-    if config.train.fast_paths:
+    if config.train.fast_paths:  # first: the memory plan counts what they keep (the CPU attention's probabilities)
         notices += _enable_fast_paths(model, config)
+    notices += _checkpointing(model, config, use_fsdp)
     distributed.wrap_model(model, use_fsdp, device_for(config))
     notices += parallel_notices + distributed.global_batch_notice(config.train)
     settings = loop_settings(config, model, tokenizer, train)
