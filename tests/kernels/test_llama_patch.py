@@ -123,6 +123,30 @@ def test_attention_without_fused_projections_still_takes_the_native_rope_and_att
     assert fast_paths_enabled(model) == ("gate_proj" in targets)  # RoPE and attention alone do not count
 
 
+def test_attention_with_accelerate_hooks_keeps_its_own_forward():
+    """The copy would call the projections itself and skip the hook's pre/post forward."""
+    model = _model(target_modules=["q_proj", "v_proj"])
+    attn = model.model.layers[0].self_attn
+    attn._hf_hook = object()
+    enable_fast_paths(model)
+    assert "forward" not in attn.__dict__ and "forward" in model.model.layers[1].self_attn.__dict__
+
+
+def test_switching_native_off_unpatches_what_the_norms_do_not_show():
+    """Which ops a module took is not read back from the norms: with the norms left alone (here
+    hooked), native=False still takes the native RoPE copy and the CPU attention away."""
+    model = _model()
+    for module in model.modules():
+        if type(module).__name__ == "LlamaRMSNorm":
+            module._hf_hook = object()
+    enable_fast_paths(model)
+    attn = model.model.layers[0].self_attn
+    assert cpu_attention.enabled_for(attn)
+    enable_fast_paths(model, native=False)
+    assert not cpu_attention.enabled_for(attn)
+    assert "forward" in attn.__dict__  # q, k, v still fused, RoPE and attention transformers' own
+
+
 def test_dropout_adapters_draw_the_same_masks_through_the_copied_forward():
     """Dropout keeps q, k, v unfused; the copy calls them in transformers' order, so in training
     mode the same seed gives the plain model's masks, loss and gradients."""

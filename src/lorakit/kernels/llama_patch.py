@@ -85,16 +85,16 @@ def enable_fast_paths(model: nn.Module, triton: bool = False, native: bool = Tru
     """Patch every fusable attention, MLP and RMSNorm in place (RMSNorm and RoPE with the
     native ops, or with triton=True the Triton kernels); returns notices for what fell back.
     native=False (without triton) leaves RMSNorm and RoPE to transformers' code (an ablation).
-    Switching triton on or off re-patches."""
+    Each call starts from the unpatched model, so switching triton or native takes effect."""
     notices, ops = [], native_ops if native else None
     if triton:
         triton_ops, reason = _triton_ops()
         if triton_ops is None:
             notices.append(f"Triton kernels not used ({reason}); the other fast paths stay")
         ops = triton_ops or ops
-    if _any_patched(model) and (_uses_triton(model) != _is_triton(ops)
-                                or _norms_patched(model) != (ops is not None)):
-        disable_fast_paths(model)
+    # start from the unpatched model: a module patched with other ops (triton, native or neither)
+    # would otherwise keep them, wherever the modules' state cannot tell which ops they took
+    disable_fast_paths(model)
     fallbacks: dict[str, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
         reason = _patch_if_fusable(module, ops)
@@ -118,19 +118,6 @@ def fast_paths_enabled(model: nn.Module) -> bool:
     """A LoRA projection or MLP runs fused (patched norms, RoPE or attention alone do not count)."""
     return any(hasattr(m, _SAVED_FORWARD) and type(m).__name__ not in (*RMS_NORMS, *ATTENTIONS)
                for m in model.modules())
-
-
-def _any_patched(model: nn.Module) -> bool:
-    return any(hasattr(m, _SAVED_FORWARD) for m in model.modules())
-
-
-def _norms_patched(model: nn.Module) -> bool:
-    return any(hasattr(m, _SAVED_FORWARD) and type(m).__name__ in RMS_NORMS
-               for m in model.modules())
-
-
-def _uses_triton(model: nn.Module) -> bool:
-    return any(m.__dict__.get(_TRITON, False) for m in model.modules())
 
 
 def _is_triton(ops) -> bool:
@@ -203,8 +190,7 @@ def _patch_attention(attn: nn.Module, ops) -> str | None:
     if type(attn).__name__ not in ATTENTIONS:
         return f"{type(attn).__name__} is not an attention the fast path knows"
     o_reason = _group_blocker(attn, ("o_proj",))
-    # a later enable_fast_paths visits an attention it left unpatched again; its o_proj may be
-    if o_reason is None and not hasattr(attn.o_proj, _SAVED_FORWARD):
+    if o_reason is None:
         _set_forward(attn.o_proj, _fused_linear_forward(attn.o_proj, attn.o_proj.forward))
     qkv_reason = _group_blocker(attn, QKV)
     projections = [getattr(attn, name) for name in QKV] if qkv_reason is None else []
@@ -225,6 +211,8 @@ def _rope_swap_blocker(attn: nn.Module) -> str | None:
     """Why the copied attention forward may not match this attention's, or None. A release
     outside the copied range is refused even when its names still fit: a forward can change
     behind the same signature, and the copy runs by default on CPU."""
+    if hasattr(attn, "_hf_hook"):  # the copy would bypass the hook's pre/post forward
+        return "accelerate hooks (device_map offload) are attached"
     version = _transformers_version()
     if not COPIED_ATTENTION_RANGE[0] <= version[:2] <= COPIED_ATTENTION_RANGE[1]:
         return (f"fused RoPE not used: transformers {'.'.join(map(str, version))} is outside "
