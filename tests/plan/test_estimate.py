@@ -496,6 +496,8 @@ def _fsdp_rank(rank: int, store_path: str, results) -> None:
     seen["adapter grads sharded"] = all(isinstance(p.grad, DTensor) for p in adapters)
     results.put((rank, seen))
     distributed.shutdown()
+    del model, adapters, whole
+    gc.collect()  # DTensors left to the interpreter's exit can abort it (see distributed.shutdown)
     dist.destroy_process_group()
 
 
@@ -582,6 +584,10 @@ def test_cpu_fast_paths_save_no_more_than_the_estimate(monkeypatch, dtype, targe
         return shape.tokens * layers + _per_step_saved_bytes(m, shape)
 
     with_probs, without = estimated_saved(cpu_attention=True), estimated_saved()
+    # longer rows count as 256-position ones: packed documents of up to 256 tokens keep theirs
+    long_rows = TrainShape(seq_len=1024, targets=targets, dtype=dtype, device="cpu", cpu_attention=True)
+    probs = cpu_attention.kept_probability_bytes(256, 9)
+    assert layer_saved_bytes(m, long_rows)["attention probabilities (fp32, CPU attention)"] == probs
     kept, recomputed = saved_bytes(256), saved_bytes(255)
     # what keeping the probabilities adds (recomputing keeps the fp32 lse): as many layers as the
     # estimate says save their attention (with LoRA on the MLP only, layer 0 saves none)

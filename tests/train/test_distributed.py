@@ -130,6 +130,36 @@ def test_shutdown_collects_garbage_before_leaving_the_group(monkeypatch):
     assert distributed.world() == distributed.World()
 
 
+def test_a_failed_run_frees_its_model_before_leaving_the_group(monkeypatch):
+    """An exception's traceback holds the run's frames, and they the model: cleared first, the
+    garbage collection in shutdown frees the model while the process group still exists."""
+    import gc
+    import weakref
+
+    from lorakit.cli import train as train_cli
+
+    model_refs, alive_at_shutdown = [], []
+
+    class Model:
+        pass
+
+    def failing_run(args):
+        model = Model()
+        model.itself = model  # a reference cycle, as FSDP's modules and hooks make
+        model_refs.append(weakref.ref(model))
+        raise RuntimeError("a peer stopped")
+
+    def shutdown():
+        gc.collect()
+        alive_at_shutdown.append(model_refs[0]() is not None)
+
+    monkeypatch.setattr(train_cli, "_train", failing_run)
+    monkeypatch.setattr(distributed, "shutdown", shutdown)
+    with pytest.raises(RuntimeError, match="a peer stopped"):
+        train_cli.run(None)
+    assert alive_at_shutdown == [False]
+
+
 def test_plan_is_identical_for_every_rank():
     lengths = np.array([3, 5, 7, 2, 9, 4, 6])
     assert plan_batches(lengths, 2, 16, True, True, 3, 1) == plan_batches(lengths, 2, 16, True, True, 3, 1)

@@ -6,6 +6,7 @@ Several GPUs or nodes: `torchrun --nproc_per_node N -m lorakit train ...` (docs/
 from __future__ import annotations
 
 import argparse
+import traceback
 from pathlib import Path
 
 from lorakit.config import add_flags, load_yaml, resolve
@@ -68,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return _train(args)
+    except BaseException as exc:
+        # the traceback's frames hold the model: drop them, so that shutdown frees its DTensors
+        # before leaving the process group (distributed.shutdown says why that order matters)
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         distributed.shutdown()
 
