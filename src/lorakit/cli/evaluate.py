@@ -30,17 +30,25 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.data.reading import read_records
     from lorakit.lora import disable_adapters, load_adapter
     from lorakit.models import inference_placement, load_model_and_tokenizer
+    from lorakit.kernels.llama_patch import enable_fast_paths
+    from lorakit.kernels.varlen_attention import use_varlen_attention
     from lorakit.train.loop import LoopSettings, evaluate
+    from lorakit.train.run import packed_attention_for
 
     device, dtype = inference_placement(args.device, args.dtype)
     model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for([args.adapter]), dtype=dtype, device=device,
                                                    allow_pickle=args.allow_pickle)
     data = tokenize_records(read_records(args.data), tokenizer, args.format, args.seq_len)
     load_adapter(model, args.adapter, allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle)
+    # the trainer's eval path (fast paths, packed rows without a 4D mask): in 16 bits their
+    # roundings differ from transformers' ops, and eval should reproduce a run's own eval loss
+    enable_fast_paths(model)
+    use_varlen_attention(model)
     device = next(model.parameters()).device
     settings = LoopSettings(lr=0, total_steps=0, warmup_steps=0, schedule="constant", grad_accum=1, max_grad_norm=0,
                             max_bad_steps=1, batch_size=args.batch_size, seq_len=args.seq_len, packing=True, seed=0,
-                            pad_id=pad_token_id(tokenizer), device=device)
+                            pad_id=pad_token_id(tokenizer), device=device,
+                            packed_attention=packed_attention_for(model, packing=True))
     with disable_adapters(model):
         base = evaluate(model, data, settings)
     tuned = evaluate(model, data, settings)
