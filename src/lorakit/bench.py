@@ -144,7 +144,7 @@ def budget_checkpoint_layers(plan: Plan) -> tuple[int, str]:
     s = plan.settings
     step = dict(batch_size=s.batch, seq_len=s.seq_len, r=s.r, targets=list(TARGETS), fused_loss=True,
                 dtype="bf16" if plan.dtype == "bfloat16" else "fp32", device=s.device,
-                loss_chunk_tokens=s.chunk_size, cpu_attention=s.device == "cpu")
+                loss_chunk_tokens=s.chunk_size, cpu_attention=s.device == "cpu", fused_mlp=True)
     peaks = [estimate_memory(plan.shape, TrainShape(**step, grad_checkpointing=k > 0, checkpoint_layers=k or None)).total
              for k in range(s.layers + 1)]
     budget = s.memory_budget_gib * GIB * SAFETY_MARGIN  # the trainer's margin: fragmentation, workspaces

@@ -95,7 +95,7 @@ def one_b():
 
 def need(batch, checkpointing, quantize=None, r=16, seq_len=2048):
     step = TrainShape(batch_size=batch, seq_len=seq_len, r=r, targets="all-linear", grad_checkpointing=checkpointing,
-                      dtype="bf16", quantize=quantize, fused_loss=True)
+                      dtype="bf16", quantize=quantize, fused_loss=True, fused_mlp=True)  # as recommend plans
     return estimate_memory(PRESETS["1b"], step).total
 
 

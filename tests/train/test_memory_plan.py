@@ -384,8 +384,9 @@ def test_the_plan_counts_the_cpu_attention_probabilities_where_the_fast_paths_ke
         return sizes["cpu_attention"]
 
     assert not planned()  # SDPA: only its logsumexp
+    assert not memory_plan._estimator_step(model, config, CPU, fsdp=False)[1]["fused_mlp"]
     enable_fast_paths(model)
-    assert planned()
+    assert planned() and memory_plan._estimator_step(model, config, CPU, fsdp=False)[1]["fused_mlp"]
     assert not memory_plan._estimator_step(model, config, CUDA, fsdp=False)[1]["cpu_attention"]
     enable_fast_paths(model, native=False)  # transformers' own ops: SDPA again
     assert not planned()
@@ -394,8 +395,9 @@ def test_the_plan_counts_the_cpu_attention_probabilities_where_the_fast_paths_ke
 
 
 def test_the_trainer_plans_after_enabling_the_fast_paths(monkeypatch, tmp_path):
-    """prepare() enables the fast paths before it plans checkpointing, so on a CPU the plan
-    counts the attention probabilities they keep."""
+    """prepare() enables the fast paths before it plans checkpointing, so the plan counts what
+    they keep (on a CPU the attention probabilities) and what they do not (the fused MLP's
+    silu(gate) and SwiGLU product)."""
     from tiny_models import save_tiny_chat_model, write_define_data
 
     from lorakit.train.run import prepare
@@ -406,7 +408,7 @@ def test_the_trainer_plans_after_enabling_the_fast_paths(monkeypatch, tmp_path):
 
     def recording(*args, **kwargs):
         step = real(*args, **kwargs)
-        planned.append(step[1]["cpu_attention"])
+        planned.append(step[1]["cpu_attention"] and step[1]["fused_mlp"])
         return step
 
     monkeypatch.setattr(memory_plan, "_estimator_step", recording)

@@ -120,6 +120,11 @@ def fast_paths_enabled(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def mlps_fused(model: nn.Module) -> bool:
+    """Some MLP runs lora_mlp (which keeps neither silu(gate) nor the SwiGLU product)."""
+    return any(hasattr(m, _SAVED_FORWARD) and type(m).__name__ in SWIGLU_MLPS for m in model.modules())
+
+
 def _is_triton(ops) -> bool:
     return ops is not None and ops is not native_ops
 

@@ -26,7 +26,7 @@ Peak memory (per device, allocated bytes) is the largest of four moments of the 
   RMSNorm saves an fp32 copy of its input and 1/rms; sdpa saves q, k, v, the output (which is
   also o_proj's input) and the fp32 logsumexp (with `cpu_attention`, lorakit's CPU attention: the
   fp32 probabilities of up to 256 positions instead); SwiGLU saves gate, up and silu(gate); down_proj's
-  LoRA saves the product. Layer 0 saves less: the frozen embedding's output needs no grad.
+  LoRA saves the product (with `fused_mlp`, lorakit's fused MLP, neither: both are recomputed). Layer 0 saves less: the frozen embedding's output needs no grad.
   With activation checkpointing a layer keeps only its input, and the backward recomputes one
   layer at a time: the peak is all the checkpoints plus one layer's full saved set.
   Selective checkpointing (`checkpoint_layers` k of L, the earliest k, as lorakit's trainer
@@ -106,6 +106,9 @@ class TrainShape:
     # lorakit's CPU attention (kernels/cpu_attention.py, on with the fast paths on a CPU): it keeps
     # the fp32 probabilities for backward, rows up to 256 positions, instead of the logsumexp
     cpu_attention: bool = False
+    # lorakit's fused LoRA MLP (kernels/fused_lora.lora_mlp, a fast path on every device when gate,
+    # up and down all carry plain LoRA): it recomputes silu(gate) and the SwiGLU product in backward
+    fused_mlp: bool = False
 
     def __post_init__(self) -> None:
         if self.quantize in ("none", ""):
@@ -341,7 +344,16 @@ def layer_saved_bytes(m: ModelShape, shape: TrainShape, stream_grad: bool = True
     if up_grad:
         saved["silu(gate)"] = b * i
     saved.update(_lora_saved_bytes(m, shape, adapted, attn_grad, stream_grad))
+    if _mlp_is_fused(shape, adapted):
+        saved.pop("silu(gate)", None)
+        saved.pop("down_proj input (SwiGLU product)", None)
     return saved
+
+
+def _mlp_is_fused(shape: TrainShape, adapted: set[str]) -> bool:
+    """Whether lorakit's fused MLP runs: plain LoRA (no dropout, no quantised base) on all three."""
+    return (shape.fused_mlp and shape.engine == "lorakit" and shape.lora_dropout == 0 and shape.quantize is None
+            and {"gate_proj", "up_proj", "down_proj"} <= adapted)
 
 
 def _lora_saved_bytes(m: ModelShape, shape: TrainShape, adapted: set[str], attn_grad: bool,
