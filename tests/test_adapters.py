@@ -111,11 +111,11 @@ def test_eval_and_generate_load_the_base_as_train_does(monkeypatch, capsys, comm
         raise ConfigError("stop here")
 
     monkeypatch.setattr(models, "load_model_and_tokenizer", record)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto: the CPU, also on a GPU machine
     argv = [command, "--adapter", "unused", "--model", "unused"] + (["--data", "x.jsonl"] if command == "eval" else ["hi"])
     for extra in ([], ["--dtype", "float32"], ["--device", "cpu", "--dtype", "bfloat16"]):
         assert main(argv + extra) == 2
     picked = models.training_dtype("auto", "cpu")  # bf16 on a CPU with native bf16, else fp32
     assert [(o["device"], o["dtype"]) for o in loads] == [("cpu", picked), ("cpu", "float32"), ("cpu", "bfloat16")]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(argv + ["--device", "cuda"]) == 2
     assert "CUDA is not available; use --device cpu" in capsys.readouterr().err

@@ -375,6 +375,7 @@ def test_bad_memory_budget_exits_2_with_one_message(capsys, tmp_path, value):
 
 
 def test_the_plan_counts_the_cpu_attention_probabilities_where_the_fast_paths_keep_them():
+    from lorakit.kernels import llama_patch
     from lorakit.kernels.llama_patch import disable_fast_paths, enable_fast_paths
 
     model, config = lora_model(), run_config()
@@ -388,6 +389,8 @@ def test_the_plan_counts_the_cpu_attention_probabilities_where_the_fast_paths_ke
     enable_fast_paths(model)
     assert planned() and memory_plan._estimator_step(model, config, CPU, fsdp=False)[1]["fused_mlp"]
     assert not memory_plan._estimator_step(model, config, CUDA, fsdp=False)[1]["cpu_attention"]
+    llama_patch._restore_forward(model.model.layers[0].mlp)  # one MLP unfused: the estimate keeps its tensors
+    assert not memory_plan._estimator_step(model, config, CPU, fsdp=False)[1]["fused_mlp"]
     enable_fast_paths(model, native=False)  # transformers' own ops: SDPA again
     assert not planned()
     disable_fast_paths(model)

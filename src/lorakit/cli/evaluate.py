@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.kernels.llama_patch import enable_fast_paths
     from lorakit.kernels.varlen_attention import use_varlen_attention
     from lorakit.train.loop import LoopSettings, evaluate
-    from lorakit.train.run import packed_attention_for
+    from lorakit.train.run import autocast_dtype_for, packed_attention_for
 
     device, dtype = inference_placement(args.device, args.dtype)
     model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for([args.adapter]), dtype=dtype, device=device,
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     settings = LoopSettings(lr=0, total_steps=0, warmup_steps=0, schedule="constant", grad_accum=1, max_grad_norm=0,
                             max_bad_steps=1, batch_size=args.batch_size, seq_len=args.seq_len, packing=True, seed=0,
                             pad_id=pad_token_id(tokenizer), device=device,
+                            autocast_dtype=autocast_dtype_for(model, device),
                             packed_attention=packed_attention_for(model, packing=True))
     with disable_adapters(model):
         base = evaluate(model, data, settings)

@@ -121,8 +121,10 @@ def fast_paths_enabled(model: nn.Module) -> bool:
 
 
 def mlps_fused(model: nn.Module) -> bool:
-    """Some MLP runs lora_mlp (which keeps neither silu(gate) nor the SwiGLU product)."""
-    return any(hasattr(m, _SAVED_FORWARD) and type(m).__name__ in SWIGLU_MLPS for m in model.modules())
+    """Every SwiGLU MLP runs lora_mlp (which keeps neither silu(gate) nor the SwiGLU product): the
+    estimator's per-layer model cannot count a mix, so a mix answers False (the larger estimate)."""
+    mlps = [m for m in model.modules() if type(m).__name__ in SWIGLU_MLPS]
+    return bool(mlps) and all(hasattr(m, _SAVED_FORWARD) for m in mlps)
 
 
 def _is_triton(ops) -> bool:

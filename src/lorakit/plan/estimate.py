@@ -518,11 +518,14 @@ def backward_workspace_bytes(m: ModelShape, shape: TrainShape) -> tuple[int, int
       of silu(gate) and up while the product itself (and the final norm's saved input) are
       already freed: 2 x intermediate + hidden, in the compute dtype. With checkpointing the
       recomputed forward adds the LoRA branches' out-of-place temporaries on top of the full
-      recomputed layer; PEFT's fp32 adapters double them (fp32 branch output, scaled, sum)."""
+      recomputed layer; PEFT's fp32 adapters double them (fp32 branch output, scaled, sum).
+      lorakit's fused MLP recomputes silu(gate) and the product in its backward, and holds both
+      with the product's grad: one intermediate-sized tensor more (counted, not yet measured)."""
     h, i, b, tokens = m.hidden_size, m.intermediate_size, shape.compute_bytes, shape.tokens
     norm = 20 * h
-    plain = 2 * i * b + h * b - (4 * h + 4)
-    recomputed = 4 * i * b + 4 * h * b if shape.engine == "peft" and b < 4 else 2 * i * b + h * b
+    fused = i * b if _mlp_is_fused(shape, set(resolve_targets(shape.targets))) else 0
+    plain = 2 * i * b + h * b - (4 * h + 4) + fused
+    recomputed = 4 * i * b + 4 * h * b if shape.engine == "peft" and b < 4 else 2 * i * b + h * b + fused
     return int(tokens * norm), int(tokens * plain), int(tokens * recomputed)
 
 

@@ -96,6 +96,13 @@ def resolve_targets(config: RunConfig, model) -> list[str]:
     return []
 
 
+def autocast_dtype_for(model, device: torch.device) -> torch.dtype | None:
+    """fp32 weights on a GPU train (and evaluate) under 16-bit autocast; elsewhere none."""
+    if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
 def loop_settings(config: RunConfig, model, tokenizer, train: TokenizedData) -> LoopSettings:
     t, d = config.train, config.data
     from lorakit.data.batching import plan_batches
@@ -104,9 +111,7 @@ def loop_settings(config: RunConfig, model, tokenizer, train: TokenizedData) -> 
     world = distributed.world()  # a step takes world.size x grad_accum micro-batches of the plan
     total = total_steps_for(num_batches, t.grad_accum * world.size, t.epochs, t.max_steps)
     device = device_for(config)
-    autocast = None
-    if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
-        autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    autocast = autocast_dtype_for(model, device)
     return LoopSettings(lr=t.lr, total_steps=total, warmup_steps=warmup_steps_for(total, t.warmup_ratio),
                         schedule=t.schedule, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
                         max_bad_steps=t.max_bad_steps, batch_size=t.batch_size, seq_len=d.seq_len,
