@@ -28,10 +28,10 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.adapters import base_model_for
     from lorakit.data.formats import pad_token_id, tokenize_records
     from lorakit.data.reading import read_records
-    from lorakit.lora import disable_adapters, load_adapter
-    from lorakit.models import inference_placement, load_model_and_tokenizer
     from lorakit.kernels.llama_patch import enable_fast_paths
     from lorakit.kernels.varlen_attention import use_varlen_attention
+    from lorakit.lora import disable_adapters, load_adapter
+    from lorakit.models import inference_placement, load_model_and_tokenizer
     from lorakit.train.loop import LoopSettings, evaluate
     from lorakit.train.run import autocast_dtype_for, packed_attention_for
 

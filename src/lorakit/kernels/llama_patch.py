@@ -23,7 +23,8 @@ the rest stays):
                           change is ops.rope(q, k, cos, sin) in place of apply_rotary_pos_emb;
                           projections, cache update and attention kernel are called as there.
                           It runs also where q, k, v cannot fuse (LoRA on some of them only, or
-                          on the MLP only, dropout, DoRA): then each projection's own forward
+                          on the MLP only, dropout, DoRA): it then calls each projection's own
+                          forward
 
 With the native ops, the copied forward also hands causal attention over CPU tensors to
 cpu_attention.causal_attention (block-causal GEMMs over grouped query heads; the varlen path of

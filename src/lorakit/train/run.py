@@ -133,7 +133,7 @@ def prepare(config: RunConfig) -> Prepared:
     apply_lora(model, lora_config(config))
     if lora_report(model).trainable_params == 0:
         raise ConfigError("no trainable parameters after applying LoRA; check --targets")
-    if config.train.fast_paths:  # first: the memory plan counts what they keep (the CPU attention's probabilities)
+    if config.train.fast_paths:  # first: the memory plan counts what they keep and what they recompute
         notices += _enable_fast_paths(model, config)
     notices += _checkpointing(model, config, use_fsdp)
     distributed.wrap_model(model, use_fsdp, device_for(config))
