@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.loop import LoopSettings, evaluate
     from lorakit.train.run import autocast_dtype_for, packed_attention_for
 
-    device, dtype = inference_placement(args.device, args.dtype)
-    model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for([args.adapter]), dtype=dtype, device=device,
-                                                   allow_pickle=args.allow_pickle)
+    placement, dtype = inference_placement(args.device, args.dtype)
+    model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for([args.adapter]), dtype=dtype,
+                                                   device=placement, allow_pickle=args.allow_pickle)
     data = tokenize_records(read_records(args.data), tokenizer, args.format, args.seq_len)
     load_adapter(model, args.adapter, allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle)
     # the trainer's eval path (fast paths, packed rows without a 4D mask): in 16 bits their

@@ -77,6 +77,7 @@ _EXTRA_ATTENTION_ARGS = {
 
 # the transformers releases (major, minor) whose LlamaAttention.forward _attention_with_rope copies
 COPIED_ATTENTION_RANGE = ((5, 17), (5, 24))
+_COPIED_RELEASES = "-".join(".".join(map(str, release)) for release in COPIED_ATTENTION_RANGE)  # "5.17-5.24"
 _SAVED_FORWARD = "_lorakit_saved_forward"  # marks a patched module; holds its previous forward
 _PRECOMPUTED = "_lorakit_precomputed"  # (input, output) stashed on q/k/v_proj for one call
 _TRITON = "_lorakit_triton"  # marks a module whose patched forward runs Triton kernels
@@ -224,7 +225,7 @@ def _rope_swap_blocker(attn: nn.Module) -> str | None:
     version = _transformers_version()
     if not COPIED_ATTENTION_RANGE[0] <= version[:2] <= COPIED_ATTENTION_RANGE[1]:
         return (f"fused RoPE not used: transformers {'.'.join(map(str, version))} is outside "
-                "5.17-5.24, whose attention forward the fast path copies")
+                f"{_COPIED_RELEASES}, whose attention forward the fast path copies")
     modeling = sys.modules.get(type(attn).__module__)
     interfaces = getattr(modeling, "ALL_ATTENTION_FUNCTIONS", None)
     params = inspect.signature(type(attn).forward).parameters
@@ -233,7 +234,7 @@ def _rope_swap_blocker(attn: nn.Module) -> str | None:
             or "position_embeddings" not in params
             or not {"cache", "past_key_values"} & params.keys()):
         return ("fused RoPE not used: this transformers version's attention forward differs "
-                "from the 5.17-5.24 one the fast path copies")
+                f"from the {_COPIED_RELEASES} one the fast path copies")
     return None
 
 

@@ -25,8 +25,9 @@ Peak memory (per device, allocated bytes) is the largest of four moments of the 
   q/k/v share x; PEFT's fp32 adapters: an fp32 copy per adapter) and its rank-r intermediate;
   RMSNorm saves an fp32 copy of its input and 1/rms; sdpa saves q, k, v, the output (which is
   also o_proj's input) and the fp32 logsumexp (with `cpu_attention`, lorakit's CPU attention: the
-  fp32 probabilities of up to 256 positions instead); SwiGLU saves gate, up and silu(gate); down_proj's
-  LoRA saves the product (with `fused_mlp`, lorakit's fused MLP, neither: both are recomputed). Layer 0 saves less: the frozen embedding's output needs no grad.
+  fp32 probabilities of up to 256 positions instead); SwiGLU saves gate, up and silu(gate);
+  down_proj's LoRA saves the product (with `fused_mlp`, lorakit's fused MLP, neither: both are
+  recomputed). Layer 0 saves less: the frozen embedding's output needs no grad.
   With activation checkpointing a layer keeps only its input, and the backward recomputes one
   layer at a time: the peak is all the checkpoints plus one layer's full saved set.
   Selective checkpointing (`checkpoint_layers` k of L, the earliest k, as lorakit's trainer

@@ -483,7 +483,7 @@ def _memory_function(shape: Any, seq_len: int, r: int, device: str, quantize: st
 
     def memory_of(batch: int, checkpointing: bool) -> int:
         step = TrainShape(batch_size=batch, seq_len=seq_len, r=r, targets="all-linear", grad_checkpointing=checkpointing,
-                          dtype=dtype, quantize=quantize, fused_loss=True, device="cpu" if device == "cpu" else "cuda",
+                          dtype=dtype, quantize=quantize, fused_loss=True, device=device,
                           cpu_attention=device == "cpu", fused_mlp=True)  # the trainer's fast paths there
         return estimate_memory(shape, step).total
 

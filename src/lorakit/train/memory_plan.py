@@ -200,6 +200,7 @@ def _estimator_step(model: nn.Module, config, device: torch.device,
     """The estimator's model shape and this run's step sizes (one rank's share when the base is
     sharded), or None when it cannot describe the model or the model has no per-layer
     checkpointing."""
+    from lorakit.kernels.llama_patch import mlps_fused
     from lorakit.plan.model_shapes import model_shape
 
     try:
@@ -214,7 +215,7 @@ def _estimator_step(model: nn.Module, config, device: torch.device,
         quantize=None if config.model.quantize == "none" else config.model.quantize, world_size=_world_size(),
         fused_loss=_fused_loss(model), lora_dropout=config.lora.dropout,
         device="cuda" if device.type == "cuda" else "cpu", cpu_attention=_cpu_attention(model, device),
-        fused_mlp=_fused_mlp(model),
+        fused_mlp=mlps_fused(model),
         fsdp=sharded_run(config, device) if fsdp is None else fsdp)
 
 
@@ -251,12 +252,6 @@ def _cpu_attention(model: nn.Module, device: torch.device) -> bool:
     from lorakit.kernels import cpu_attention
 
     return device.type == "cpu" and any(cpu_attention.enabled_for(m) for m in model.modules())
-
-
-def _fused_mlp(model: nn.Module) -> bool:
-    from lorakit.kernels.llama_patch import mlps_fused
-
-    return mlps_fused(model)
 
 
 def _world_size() -> int:
