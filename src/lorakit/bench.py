@@ -43,10 +43,11 @@ import torch
 
 from lorakit.bench_variants import TARGETS, Prepared, prepare_variant
 from lorakit.errors import ConfigError
+from lorakit.kernels import cpu_gemm
 from lorakit.host import minor_page_faults, peak_rss_bytes, proc_field
 
 VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-triton", "lorakit-plain", "lorakit-ce",
-            "lorakit-fused", "lorakit-eager", "lorakit-4d", "lorakit-perdoc", "lorakit-offload")
+            "lorakit-fused", "lorakit-eager", "lorakit-aten", "lorakit-4d", "lorakit-perdoc", "lorakit-offload")
 DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-triton", "lorakit-offload", "peft-liger")
 GIB = 2**30
 DTYPES = ("float32", "bfloat16")
@@ -208,6 +209,8 @@ def _skip_reason(name: str, plan: Plan) -> str | None:
         return "it offloads checkpointed layers' inputs from a GPU: needs --grad-checkpointing on CUDA"
     if name == "lorakit-eager" and plan.device != "cpu":
         return "the native RMSNorm, RoPE and attention it leaves out run on CPU tensors only: here it equals lorakit"
+    if name == "lorakit-aten" and plan.device != "cpu":
+        return "lorakit takes oneDNN's GEMMs on CPU tensors only: here it equals lorakit"
     if name == "peft-bf16" and plan.dtype == "float32":
         return "the model is fp32 here, so it would equal peft"
     if name == "lorakit-triton":
@@ -254,7 +257,8 @@ def flops_per_token(shape: dict, r: int, context: float, labelled: float = 1.0) 
 
 def measure_matmul_peak(device: str, dtype: str = "float32") -> float:
     """Dense matmul TFLOP/s here: bf16 8192^3 on CUDA (mean of 10), 2048^3 in the model's dtype on
-    the CPU (best of 5)."""
+    the CPU (best of 5, through torch's mm and through oneDNN's: the faster of the two, since
+    lorakit's blocks take the faster one, kernels/cpu_gemm.py)."""
     if device == "cuda":
         a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
         for _ in range(3):
@@ -267,10 +271,12 @@ def measure_matmul_peak(device: str, dtype: str = "float32") -> float:
         torch.cuda.synchronize()
         return 2 * 8192**3 * 10 / (start.elapsed_time(end) / 1e3) / 1e12
     a, best = torch.randn(2048, 2048, dtype=getattr(torch, dtype)), float("inf")
-    for _ in range(6):  # the first one warms up
-        start = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - start)
+    for backend in (cpu_gemm.ATEN, cpu_gemm.ONEDNN):
+        with cpu_gemm.use_backend(backend), torch.no_grad():
+            for _ in range(6):  # the first one warms up
+                start = time.perf_counter()
+                cpu_gemm.matmul(a, a)
+                best = min(best, time.perf_counter() - start)
     return 2 * 2048**3 / best / 1e12
 
 
@@ -362,9 +368,10 @@ def train_step(prepared: Prepared, batch: dict, device: str, hooks=None) -> tupl
     page faults)."""
     _sync(device)
     start, cpu_start, faults_start = time.perf_counter(), time.process_time(), minor_page_faults()
-    with hooks or contextlib.nullcontext():
-        loss = prepared.loss_fn(batch)
-    loss.backward()
+    with cpu_gemm.use_backend(prepared.gemm_backend):
+        with hooks or contextlib.nullcontext():
+            loss = prepared.loss_fn(batch)
+        loss.backward()
     prepared.optimizer.step()
     prepared.optimizer.zero_grad(set_to_none=True)
     value = loss.item()  # syncs the device too

@@ -11,6 +11,8 @@
                    (with the native RMSNorm and RoPE on a CPU)
     lorakit-eager  CPU ablation: lorakit with transformers' own RMSNorm, RoPE and SDPA attention
                    (enable_fast_paths(native=False))
+    lorakit-aten   CPU ablation: lorakit with torch's own GEMMs (MKL) where lorakit takes
+                   oneDNN's (kernels/cpu_gemm.py; LORAKIT_CPU_GEMM=aten in the trainer)
     lorakit-4d     packed runs: lorakit with a block-causal 4D mask instead of per-document
                    (varlen) attention
     lorakit-perdoc packed runs on CUDA: lorakit with an SDPA call per document length instead of
@@ -64,6 +66,7 @@ class Prepared:
     optimizer: torch.optim.Optimizer
     inputs_key: str  # "lorakit" or "peft": which batch this variant trains on
     notices: list[str]
+    gemm_backend: str | None = None  # cpu_gemm's backend for this variant's steps; None: its own choice
 
 
 def prepare_variant(name: str, plan) -> Prepared:
@@ -76,11 +79,11 @@ def prepare_variant(name: str, plan) -> Prepared:
         loss_fn, notices, key = hf_loss(model), [], "peft"
     else:
         fused = name in ("lorakit", "lorakit-fused", "lorakit-triton", "lorakit-eager", "lorakit-4d",
-                         "lorakit-perdoc", "lorakit-offload")
+                         "lorakit-perdoc", "lorakit-offload", "lorakit-aten")
         notices = add_lorakit_adapters(model, plan, fused=fused, triton=name == "lorakit-triton",
                                        varlen=name != "lorakit-4d", native=name != "lorakit-eager")
         chunked = name in ("lorakit", "lorakit-ce", "lorakit-triton", "lorakit-eager", "lorakit-4d",
-                           "lorakit-perdoc", "lorakit-offload")
+                           "lorakit-perdoc", "lorakit-offload", "lorakit-aten")
         key = "lorakit" if fused and name != "lorakit-4d" else "lorakit-4d"  # packed: varlen rows or 4D mask
         loss_fn = lorakit_loss(model, plan, chunked=chunked)
         if plan.checkpoint_layers:
@@ -96,7 +99,8 @@ def prepare_variant(name: str, plan) -> Prepared:
     params = [p for p in model.parameters() if p.requires_grad]
     fused = name.startswith("lorakit")  # the trainer's fused AdamW (CUDA and CPU)
     optimizer = torch.optim.AdamW(params, lr=LR, **({"fused": True} if fused else {}))
-    return Prepared(model, loss_fn, optimizer, key, notices)
+    return Prepared(model, loss_fn, optimizer, key, notices,
+                    gemm_backend="aten" if name == "lorakit-aten" else None)
 
 
 def _checkpoint_earliest(model, k: int) -> None:

@@ -11,6 +11,7 @@ from lorakit.kernels.fused_lora import can_fuse, fuse_blocker, lora_linear, lora
 from lorakit.lora.layer import LoraLinear
 
 HIDDEN, INTER = 24, 40
+pytestmark = pytest.mark.usefixtures("gemm_backend")  # torch's GEMMs and oneDNN's
 
 
 def _lora(in_f, out_f, r, alpha=None, bias=False, dtype=torch.float32, dropout=0.0, dora=False):

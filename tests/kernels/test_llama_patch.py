@@ -16,6 +16,7 @@ from lorakit.lora import LoraConfig, LoraLinear, apply_lora, merge_lora
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256)
 # Qwen2: biases on q, k, v; Qwen3: RMSNorms on q and k per head; Mistral: a sliding window
+pytestmark = pytest.mark.usefixtures("gemm_backend")  # torch's GEMMs and oneDNN's
 ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
          "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
 

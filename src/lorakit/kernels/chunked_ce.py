@@ -42,6 +42,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from lorakit.kernels import cpu_gemm
+
 IGNORE_INDEX = -100
 # fp32 logits held per chunk; rows = budget / (4 V), kept between the bounds below. 128 MiB is
 # 640 rows at SmolLM2's 49k vocabulary (two chunks for 4 x 256 tokens) and 256 rows at Llama-3's
@@ -130,10 +132,10 @@ def _log_probs(h_w, weight, bias):
     rows, vocab = h_w.shape[0], weight.shape[0]
     workspace = _workspace_for(h_w.device)
     if workspace is None:  # one fused pass for max, sum-exp and the upcast
-        logits = _head_logits(h_w, weight, bias)
+        logits = cpu_gemm.linear(h_w, weight, bias)
         log_probs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
         return log_probs, (None if logits.dtype == torch.float32 else logits)
-    logits = _head_logits(h_w, weight, bias, out=workspace.get("logits", rows, vocab, weight.dtype))
+    logits = _head_logits(h_w, weight, bias, workspace)
     if logits.dtype == torch.float32:
         return torch.log_softmax(logits, -1, out=logits), None  # in place, one pass
     # an fp32 copy in its own buffer (log_softmax's dtype= would allocate one), then in place
@@ -141,10 +143,13 @@ def _log_probs(h_w, weight, bias):
     return torch.log_softmax(log_probs, -1, out=log_probs), logits
 
 
-def _head_logits(h_w, weight, bias, out=None):
-    """h_w @ weight.T (+ bias), into `out` when given."""
-    if out is None:
-        return F.linear(h_w, weight, bias)
+def _head_logits(h_w, weight, bias, workspace):
+    """h_w @ weight.T (+ bias), in the workspace's buffer where torch's mm computes it. oneDNN
+    returns a buffer of its own, whose pages are faulted in anew each chunk: it still took
+    about 0.6x MKL's time on a machine where MKL runs at half speed (cpu_gemm)."""
+    if cpu_gemm.backend_for(h_w) == cpu_gemm.ONEDNN:
+        return cpu_gemm.linear(h_w, weight, bias)
+    out = workspace.get("logits", h_w.shape[0], weight.shape[0], weight.dtype)
     if bias is None:
         return torch.mm(h_w, weight.T, out=out)
     return torch.addmm(bias, h_w, weight.T, out=out)
@@ -154,7 +159,7 @@ def _accumulate(grad_head_dtype, grad_fp32, inv_norm, h_w, weight, grads, rows):
     # 1/normaliser goes on the small (c, H) side of each GEMM, not on the (c, V) gradient: the
     # same products, one pass over c x V fewer
     if grads.hidden is not None:
-        grads.hidden[rows] = (grad_head_dtype @ weight).float().mul_(inv_norm).to(grads.hidden.dtype)  # (c, H)
+        grads.hidden[rows] = cpu_gemm.matmul(grad_head_dtype, weight).float().mul_(inv_norm).to(grads.hidden.dtype)  # (c, H)
     if grads.weight is not None:
         grads.weight.addmm_(grad_fp32.T, h_w.float() * inv_norm)
     if grads.bias is not None:

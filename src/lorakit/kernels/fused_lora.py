@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit.kernels import cpu_gemm
+
 PARAMS_PER_PROJECTION = 4  # base weight, base bias (or None), lora_A weight, lora_B weight
 
 
@@ -130,10 +132,10 @@ def _rank_slices(projections):
 def _shared_forward(x2, projections):
     """Outputs of projections sharing input x2 (T, in), plus what backward needs."""
     a_cat = torch.cat([p[2].to(x2.dtype) for p in projections])  # (R, in), R = sum of ranks
-    xa = x2 @ a_cat.T  # (T, R)
+    xa = cpu_gemm.linear(x2, a_cat)  # (T, R)
     outs = []
     for (weight, bias, _, lora_b, s), cols in zip(projections, _rank_slices(projections)):
-        out = F.linear(x2, weight, bias)  # (T, out)
+        out = cpu_gemm.linear(x2, weight, bias)  # (T, out)
         out.addmm_(xa[:, cols], lora_b.to(x2.dtype).T, alpha=s)
         outs.append(out)
     return outs, xa, a_cat
@@ -151,9 +153,9 @@ def _shared_backward(x2, xa, a_cat, projections, grad_outs, need_input_grad):
                for p, cols in zip(projections, _rank_slices(projections))]
     dx = None
     if need_input_grad:
-        dx = grad_outs[0] @ projections[0][0]  # (T, in)
+        dx = cpu_gemm.matmul(grad_outs[0], projections[0][0])  # (T, in)
         for (weight, *_), dy in zip(projections[1:], grad_outs[1:]):
-            dx.addmm_(dy, weight)
+            dx = cpu_gemm.matmul_add(dy, weight, dx)
         dx.addmm_(dxa, a_cat)
     return dx, grads_a, grads_b
 

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.kernels import cpu_attention, native_ops
+from lorakit.kernels import cpu_attention, cpu_gemm, native_ops
 from lorakit.kernels.chunked_ce import IGNORE_INDEX, chunked_lm_head_loss
 from lorakit.kernels.fused_lora import fuse_blocker, lora_linear, lora_mlp, lora_qkv
 
@@ -117,9 +117,10 @@ def disable_fast_paths(model: nn.Module) -> None:
 
 
 def fast_paths_enabled(model: nn.Module) -> bool:
-    """A LoRA projection or MLP runs fused (patched norms, RoPE or attention alone do not count)."""
+    """A LoRA projection or MLP runs fused (patched norms, RoPE, attention or frozen linears alone
+    do not count)."""
     return any(hasattr(m, _SAVED_FORWARD) and type(m).__name__ not in (*RMS_NORMS, *ATTENTIONS)
-               for m in model.modules())
+               and type(m) is not nn.Linear for m in model.modules())
 
 
 def mlps_fused(model: nn.Module) -> bool:
@@ -150,6 +151,10 @@ def _notice(reason: str, names: list[str]) -> str:
 def _patch_if_fusable(module: nn.Module, ops) -> str | None:
     """Patch an attention, MLP or RMSNorm module; the reason it was left alone, or None."""
     if hasattr(module, _SAVED_FORWARD):
+        return None
+    if type(module) is nn.Linear:  # exactly: quantized subclasses keep their own forward
+        if not hasattr(module, "_hf_hook"):
+            _set_forward(module, _frozen_linear_forward(module, module.forward))
         return None
     if type(module).__name__ in RMS_NORMS:
         return _patch_norm(module, ops) if ops is not None else None
@@ -294,6 +299,18 @@ def _norm_forward(norm: nn.Module, original: Callable, ops) -> Callable:
 def _fused_linear_forward(layer: nn.Module, original: Callable) -> Callable:
     def forward(x):
         return lora_linear(x, layer) if _runtime_ok(x, (layer,)) else original(x)
+    return forward
+
+
+def _frozen_linear_forward(linear: nn.Linear, original: Callable) -> Callable:
+    """cpu_gemm.frozen_linear where oneDNN takes this input and nothing trains the weight."""
+    def forward(x):
+        weight, bias = linear.weight, linear.bias
+        if (weight.requires_grad or (bias is not None and bias.requires_grad)
+                or x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type)
+                or cpu_gemm.backend_for(x) != cpu_gemm.ONEDNN):
+            return original(x)
+        return cpu_gemm.frozen_linear(x, weight, bias)
     return forward
 
 
