@@ -36,6 +36,13 @@ def test_matmul_and_matmul_add_read_the_weight_transposed(dtype):
     torch.testing.assert_close(cpu_gemm.matmul_add(dy, weight, acc.clone()), want, **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("widths", [(5, 40), (40, 5)])  # an adapter's A and B gradients
+def test_grad_weight_is_dy_transposed_times_x(dtype, widths):
+    dy, x = _tensors(dtype, (33, widths[0]), (33, widths[1]))
+    torch.testing.assert_close(cpu_gemm.grad_weight(dy, x), dy.T @ x, **TOLERANCE[dtype])
+
+
 def test_float64_and_grad_recording_calls_take_torchs_path():
     x, weight = _tensors(torch.float64, (5, 8), (6, 8))
     assert cpu_gemm.backend_for(x) == cpu_gemm.ATEN

@@ -146,9 +146,10 @@ def _shared_backward(x2, xa, a_cat, projections, grad_outs, need_input_grad):
     dxa = torch.empty_like(xa)  # (T, R)
     grads_b = []
     for (_, _, _, lora_b, s), cols, dy in zip(projections, _rank_slices(projections), grad_outs):
-        dxa[:, cols] = (dy @ lora_b.to(dy.dtype)).mul_(s)  # (T, r_i)
-        grads_b.append((dy.T @ xa[:, cols]).mul_(s).to(lora_b.dtype))  # (out_i, r_i)
-    grad_a_cat = dxa.T @ x2  # (R, in)
+        dxa[:, cols] = cpu_gemm.matmul(dy, lora_b.to(dy.dtype)).mul_(s)  # (T, r_i)
+        grad_b = cpu_gemm.grad_weight(dy, xa[:, cols]).mul_(s)  # (out_i, r_i)
+        grads_b.append(grad_b.to(lora_b.dtype).contiguous())  # oneDNN's is a transposed view
+    grad_a_cat = cpu_gemm.grad_weight(dxa, x2)  # (R, in)
     grads_a = [grad_a_cat[cols].to(p[2].dtype)
                for p, cols in zip(projections, _rank_slices(projections))]
     dx = None

@@ -145,7 +145,7 @@ def _notice(reason: str, names: list[str]) -> str:
     if not names:
         return reason
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return f"plain path kept for {len(names)} module(s) ({shown}): {reason}"
+    return f"{len(names)} module(s) ({shown}): {reason}"
 
 
 def _patch_if_fusable(module: nn.Module, ops) -> str | None:
@@ -163,7 +163,7 @@ def _patch_if_fusable(module: nn.Module, ops) -> str | None:
         if reason is None:
             _set_forward(module, _fused_mlp_forward(module, module.forward, _is_triton(ops)),
                          triton=_is_triton(ops))
-        return reason
+        return None if reason is None else f"MLP not fused ({reason})"
     if all(hasattr(module, p) for p in (*QKV, "o_proj")):
         return _patch_attention(module, ops)
     return None
@@ -218,7 +218,12 @@ def _patch_attention(attn: nn.Module, ops) -> str | None:
     if projections or rope_ops is not None:
         _set_forward(attn, _fused_attention_forward(attn, attn.forward, projections, rope_ops),
                      triton=rope_ops is not None and _is_triton(rope_ops))
-    return qkv_reason or o_reason or (rope_reason if projections else None)
+    if qkv_reason is not None:
+        still_fast = "; the fast RoPE (and on a CPU attention) still apply" if rope_ops is not None else ""
+        return f"q, k, v not fused ({qkv_reason}){still_fast}"
+    if o_reason is not None:
+        return f"o_proj not fused ({o_reason})"
+    return rope_reason
 
 
 def _rope_swap_blocker(attn: nn.Module) -> str | None:
