@@ -400,8 +400,18 @@ def run_steps(name: str, prepared: Prepared, batch: dict, plan: Plan) -> dict:
             torch.cuda.reset_peak_memory_stats()
         hooks = saved.hooks() if step == 0 and s.warmup > 0 else None
         record_step(raw, step >= s.warmup, train_step(prepared, batch, plan.device, hooks))
-    raw["saved_bytes"] = saved.nbytes if s.warmup > 0 else None
+    raw.update(saved_bytes=saved.nbytes if s.warmup > 0 else None, cpu_gemm=gemm_backend(name, prepared, plan))
     return raw
+
+
+def gemm_backend(name: str, prepared: Prepared, plan: Plan) -> str | None:
+    """Whose GEMMs a CPU variant's frozen weights took: the lorakit variants' cpu_gemm choice (made
+    in each child process) or torch's own for PEFT; None on a GPU."""
+    if plan.device != "cpu":
+        return None
+    if not name.startswith("lorakit"):
+        return cpu_gemm.ATEN
+    return prepared.gemm_backend or cpu_gemm.backend_for(torch.empty(0, dtype=getattr(torch, plan.dtype)))
 
 
 def measure_variant(name: str, plan: Plan, inputs: dict) -> dict:
@@ -501,7 +511,8 @@ def summarize(raw: dict, tokens: int, flops: float, peak_tflops: float, device: 
            "page_faults": statistics.median(raw["faults"]) if raw.get("faults") and device == "cpu" else None,
            "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / (peak_tflops * 1e12),
            "saved_gib": None if raw["saved_bytes"] is None else raw["saved_bytes"] / GIB,
-           "first_loss": raw["losses"][0], "last_loss": raw["losses"][-1], "notices": raw["notices"]}
+           "first_loss": raw["losses"][0], "last_loss": raw["losses"][-1], "notices": raw["notices"],
+           "cpu_gemm": raw.get("cpu_gemm")}
     if device == "cuda":
         row.update(peak_allocated_gib=mem["peak_allocated"] / GIB, peak_reserved_gib=mem["peak_reserved"] / GIB)
         row["peak_gib"] = row["peak_allocated_gib"]

@@ -19,8 +19,9 @@ from dataclasses import asdict
 
 import torch
 
-from lorakit.bench import (BenchSettings, Plan, SavedForBackward, make_inputs, measure_matmul_peak,
-                           measure_variant, memory_figures, new_raw, record_step, resolve, train_step)
+from lorakit.bench import (BenchSettings, Plan, SavedForBackward, gemm_backend, make_inputs,
+                           measure_matmul_peak, measure_variant, memory_figures, new_raw, record_step,
+                           resolve, train_step)
 from lorakit.bench_variants import prepare_variant
 from lorakit.host import peak_rss_bytes
 
@@ -61,7 +62,8 @@ def _lockstep_child(name: str, plan: Plan, inputs: dict) -> dict:
         record_step(raw, step >= s.warmup, result)
         _reply({"wall_s": result[0], "loss": result[2]})
     raw.update(saved_bytes=saved.nbytes if s.warmup > 0 else None, notices=prepared.notices,
-               memory=memory_figures(plan.device, rss_before, rss_built))
+               memory=memory_figures(plan.device, rss_before, rss_built),
+               cpu_gemm=gemm_backend(name, prepared, plan))
     return raw
 
 

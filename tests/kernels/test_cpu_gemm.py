@@ -1,5 +1,9 @@
 """cpu_gemm's products against plain PyTorch, with torch's GEMMs and with oneDNN's."""
 
+import copy
+import pickle
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +13,18 @@ from lorakit.lora import LoraConfig, apply_lora
 from tiny_models import randomize_lora, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("gemm_backend")  # torch's GEMMs and oneDNN's
+
+@pytest.fixture
+def onednn_calls(monkeypatch, gemm_backend):
+    """Counts the oneDNN calls; at the end, checks that the oneDNN backend made some and torch's
+    none (so a test cannot pass on torch's path while meaning to test oneDNN's)."""
+    calls = []
+    for name in ("_onednn_linear", "_onednn_linear_add"):
+        real = getattr(cpu_gemm, name)
+        monkeypatch.setattr(cpu_gemm, name, lambda *a, _real=real: calls.append(1) or _real(*a))
+    yield calls
+    assert (len(calls) > 0) == (gemm_backend == cpu_gemm.ONEDNN)
+
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -20,7 +36,7 @@ def _tensors(dtype, *shapes, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_is_f_linear(dtype, with_bias):
+def test_linear_is_f_linear(dtype, with_bias, onednn_calls):
     x, weight, bias = _tensors(dtype, (3, 7, 24), (40, 24), (40,))
     bias = bias if with_bias else None
     got = cpu_gemm.linear(x, weight, bias)
@@ -29,7 +45,7 @@ def test_linear_is_f_linear(dtype, with_bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matmul_and_matmul_add_read_the_weight_transposed(dtype):
+def test_matmul_and_matmul_add_read_the_weight_transposed(dtype, onednn_calls):
     dy, weight, acc = _tensors(dtype, (21, 40), (40, 24), (21, 24))
     torch.testing.assert_close(cpu_gemm.matmul(dy, weight), dy @ weight, **TOLERANCE[dtype])
     want = acc + dy @ weight
@@ -38,7 +54,7 @@ def test_matmul_and_matmul_add_read_the_weight_transposed(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("widths", [(5, 40), (40, 5)])  # an adapter's A and B gradients
-def test_grad_weight_is_dy_transposed_times_x(dtype, widths):
+def test_grad_weight_is_dy_transposed_times_x(dtype, widths, onednn_calls):
     dy, x = _tensors(dtype, (33, widths[0]), (33, widths[1]))
     torch.testing.assert_close(cpu_gemm.grad_weight(dy, x), dy.T @ x, **TOLERANCE[dtype])
 
@@ -55,7 +71,7 @@ def test_float64_and_grad_recording_calls_take_torchs_path():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_frozen_linear_forward_and_input_gradient(dtype):
+def test_frozen_linear_forward_and_input_gradient(dtype, onednn_calls):
     x, weight, bias = _tensors(dtype, (2, 5, 24), (40, 24), (40,))
     x_plain = x.clone().requires_grad_()
     x.requires_grad_()
@@ -69,7 +85,7 @@ def test_frozen_linear_forward_and_input_gradient(dtype):
     assert weight.grad is None and bias.grad is None
 
 
-def test_frozen_linears_of_a_model_are_patched_and_match_the_plain_model():
+def test_frozen_linears_of_a_model_are_patched_and_match_the_plain_model(onednn_calls):
     """LoRA on q and v only: k, o and the MLP are frozen nn.Linear modules."""
     model = tiny_llama()
     apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -86,14 +102,15 @@ def test_frozen_linears_of_a_model_are_patched_and_match_the_plain_model():
     plain = loss_and_grads()
     llama_patch.enable_fast_paths(model)
     k_proj = model.model.layers[0].self_attn.k_proj
-    assert "forward" in k_proj.__dict__  # patched per instance
+    assert type(k_proj) is cpu_gemm.CpuGemmLinear
+    assert llama_patch.chunked_loss_blocker(model) is None  # the head's new class still chunks
     fast = loss_and_grads()
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=0)
     for got, want in zip(fast[1], plain[1], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert not llama_patch.fast_paths_enabled(model)  # no LoRA block runs fused
     llama_patch.disable_fast_paths(model)
-    assert "forward" not in k_proj.__dict__
+    assert type(k_proj) is torch.nn.Linear
 
 
 def test_the_faster_backend_is_chosen_by_a_clear_margin(monkeypatch):
@@ -115,3 +132,63 @@ def test_the_environment_fixes_the_backend(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend"):
         with cpu_gemm.use_backend("mkl"):
             pass
+
+
+def test_what_onednn_cannot_take_exactly_takes_torchs_path(onednn_calls):
+    x, weight, bias = _tensors(torch.float32, (6, 24), (40, 24), (80,))
+    for odd_bias in (bias[::2], bias[:1].expand(40), bias[:40].bfloat16()):  # strided, stride 0, dtype
+        if odd_bias.dtype == x.dtype:
+            torch.testing.assert_close(cpu_gemm.linear(x, weight, odd_bias), F.linear(x, weight, odd_bias))
+        else:
+            with pytest.raises(RuntimeError):  # as F.linear refuses it
+                cpu_gemm.linear(x, weight, odd_bias)
+    empty = torch.zeros(0, 24)
+    assert cpu_gemm.grad_weight(torch.zeros(0, 40), empty).abs().sum() == 0
+    assert cpu_gemm.linear(empty, weight).shape == (0, 40)
+    x3 = _tensors(torch.float32, (5, 3, 24))[0].transpose(0, 1)  # not contiguous
+    torch.testing.assert_close(cpu_gemm.linear(x3, weight), F.linear(x3, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_calls_that_record_a_graph_or_run_under_autocast_take_torchs_path():
+    x, weight, bias, acc = _tensors(torch.float32, (6, 24), (40, 24), (40,), (6, 40))
+    bias.requires_grad_()
+    cpu_gemm.linear(x, weight, bias).sum().backward()
+    torch.testing.assert_close(bias.grad, torch.full((40,), 6.0))
+    acc.requires_grad_()
+    cpu_gemm.matmul_add(x, weight.T.contiguous(), acc.clone()).sum().backward()
+    torch.testing.assert_close(acc.grad, torch.ones(6, 40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_gemm.linear(x, weight).dtype == F.linear(x, weight).dtype == torch.bfloat16
+
+
+def test_a_patched_linear_copies_pickles_and_vmaps():
+    model = tiny_llama()
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    llama_patch.enable_fast_paths(model)
+    twin = copy.deepcopy(model)
+    k_proj, twin_k = model.model.layers[0].self_attn.k_proj, twin.model.layers[0].self_attn.k_proj
+    with torch.no_grad():
+        twin_k.weight.zero_()
+    x = torch.randn(2, 3, 64)
+    assert twin_k(x).abs().sum() == 0 and k_proj(x).abs().sum() > 0  # the copy reads its own weight
+    restored = pickle.loads(pickle.dumps(k_proj))
+    assert type(restored) is cpu_gemm.CpuGemmLinear
+    torch.testing.assert_close(restored(x), k_proj(x))
+    torch.testing.assert_close(torch.vmap(k_proj)(x), F.linear(x, k_proj.weight))
+
+
+def test_a_backend_fixed_in_one_thread_leaves_the_others_alone():
+    seen = []
+    with cpu_gemm.use_backend(cpu_gemm.ATEN):
+        thread = threading.Thread(target=lambda: seen.append(cpu_gemm._forced.get()))
+        thread.start()
+        thread.join()
+        assert cpu_gemm._forced.get() == cpu_gemm.ATEN
+    assert seen == [None]
+
+
+def test_an_unknown_environment_value_is_refused(monkeypatch):
+    from lorakit.cli import main
+
+    monkeypatch.setenv(cpu_gemm.ENV_VAR, "mkl")
+    assert main(["estimate", "--model", "smollm2-135m"]) == 2

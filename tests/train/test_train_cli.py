@@ -31,6 +31,8 @@ def train_args(tiny, out, *extra):
 def test_end_to_end_training(tiny, tmp_path, capsys, monkeypatch):
     from lorakit.kernels import chunked_ce
 
+    # torch's GEMMs: an fp32 head under oneDNN's (kernels/cpu_gemm.py) keeps no logits workspace
+    monkeypatch.setenv("LORAKIT_CPU_GEMM", "aten")
     out = tmp_path / "run"
     held = []  # the loss's CPU workspace, seen at the final eval and after the run
     real_release = chunked_ce.release_workspace

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from lorakit.errors import LorakitError
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     try:
+        if os.environ.get("LORAKIT_CPU_GEMM"):  # checked here, not mid-run (importing it loads torch)
+            from lorakit.kernels.cpu_gemm import check_environment
+
+            check_environment()
         return int(args.func(args) or 0)
     except LorakitError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -5,84 +5,106 @@ instruction set, and on this project's machines (AMD EPYC, Zen 5) its fp32 GEMMs
 half of what the AVX-512 units do: 215-222 GFLOP/s on 2 threads against oneDNN's 464-493 for the
 same products (2048^3 and the shapes of a SmolLM2 block; docs/performance.md). oneDNN, which
 torch also ships, chooses by instruction set. Its results are fp32 products like MKL's
-(summation order aside: no reduced-precision arithmetic), so the fused LoRA blocks and the
-chunked loss route their large GEMMs through here:
+(summation order aside: no reduced-precision arithmetic), so the fused LoRA blocks, the
+chunked loss and the frozen nn.Linear modules route their GEMMs through here:
 
     linear(x, w, b)        x @ w.T + b     forward of a projection (w: out x in)
     matmul(x, w)           x @ w           its input gradient; w.T is read in place, not copied
     matmul_add(x, w, acc)  acc + x @ w     the same, summed over the projections sharing x
     grad_weight(dy, x)     dy.T @ x        an adapter matrix's gradient
+    frozen_linear(x, w, b) F.linear for a weight that gets no gradient, as an autograd function
 
-`backend_for(t)` decides per dtype, the first time it is asked, by timing one GEMM both ways:
-oneDNN when it is clearly faster (Zen 4/5), torch's own `mm` otherwise (Intel CPUs, where MKL
-already runs AVX-512, and any GPU tensor). LORAKIT_CPU_GEMM=onednn or =aten fixes the choice.
-oneDNN's op has no autograd formula: these functions are for autograd Functions' forward and
-backward, where no graph is recorded; a call that would record one takes torch's path.
+`backend_for(t)` decides per dtype and thread count, the first time it is asked, by timing one
+GEMM both ways (about 0.2 s, oneDNN's kernel generation included): oneDNN when it is clearly
+faster (Zen 4/5), torch's own `mm` otherwise (Intel CPUs, where MKL already runs AVX-512, and any
+GPU tensor). LORAKIT_CPU_GEMM=onednn or =aten fixes the choice. Whatever oneDNN cannot take
+exactly as torch would takes torch's path: a call that records an autograd graph (the op has no
+derivative), autocast, torch.compile tracing, functorch transforms, empty operands, a strided
+bias or one of another dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import os
+import threading
 import time
 
 import torch
 
+from lorakit.errors import ConfigError
+
 ONEDNN, ATEN = "onednn", "aten"
 ENV_VAR = "LORAKIT_CPU_GEMM"
 # oneDNN is chosen when its best time is below this share of torch's: on Zen 5 it measured
-# 0.45-0.5, on CPUs where both run the same instruction set the two are within a few percent
+# 0.45-0.5 in fp32 and 1.0 in bf16; where both run the same instruction set they are within a
+# few percent
 WIN_RATIO = 0.85
 _TIMED_SHAPE = (512, 576, 1536)  # (rows, in, out): one of the MLP's GEMMs at a small batch
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
-_chosen: dict[torch.dtype, str] = {}
-_forced: str | None = None
+_chosen: dict[tuple[torch.dtype, int], str] = {}
+_choosing = threading.Lock()
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("lorakit_cpu_gemm", default=None)
 
 
 def backend_for(t: torch.Tensor) -> str:
     """The backend the products with `t`'s device and dtype take here."""
-    if t.device.type != "cpu" or t.dtype not in _ONEDNN_DTYPES or not _onednn_available():
+    if (t.device.type != "cpu" or t.dtype not in _ONEDNN_DTYPES or not _onednn_available()
+            or not torch.backends.mkldnn.enabled):
         return ATEN
-    choice = _forced or _from_environment()
+    choice = _forced.get() or _from_environment()
     if choice is not None:
-        return choice
-    if t.dtype not in _chosen:
-        _chosen[t.dtype] = _faster_backend(t.dtype)
-    return _chosen[t.dtype]
+        return choice if choice == ATEN or _onednn_runs(t.dtype) else ATEN
+    key = (t.dtype, torch.get_num_threads())
+    if key not in _chosen:
+        with _choosing:
+            if key not in _chosen:
+                _chosen[key] = _faster_backend(t.dtype)
+    return _chosen[key]
 
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
-    """Fix the backend inside the block (None: decide as usual); for tests and measurements."""
-    global _forced
+    """Fix the backend inside the block, in this thread (None: decide as usual); for tests and
+    measurements."""
     if name not in (ONEDNN, ATEN, None):
         raise ValueError(f"unknown backend {name!r}; use {ONEDNN!r} or {ATEN!r}")
-    previous, _forced = _forced, name
+    token = _forced.set(name)
     try:
         yield
     finally:
-        _forced = previous
+        _forced.reset(token)
+
+
+def check_environment() -> None:
+    """Refuse a LORAKIT_CPU_GEMM value other than auto, onednn or aten (a CLI checks at start)."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if value not in ("auto", ONEDNN, ATEN):
+        raise ConfigError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not a CPU GEMM backend; "
+                          f"set it to auto, {ONEDNN} or {ATEN}, or unset it")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) for x (..., in) and weight (out, in)."""
-    if _takes_onednn(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if _takes_onednn(x, weight, bias) and _bias_fits(bias, x):
+        return _onednn_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight for x (T, out) and weight (out, in): a projection's input gradient."""
     if _takes_onednn(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight.t(), None, "none", [], "")
+        return _onednn_linear(x, weight.t(), None)
     return x @ weight
 
 
 def matmul_add(x: torch.Tensor, weight: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     """acc + x @ weight; torch's path adds into acc in place, oneDNN's in its output's epilogue."""
-    if _takes_onednn(x, weight):
-        return torch.ops.mkldnn._linear_pointwise.binary(x, acc, weight.t(), None, "add")
+    if _takes_onednn(x, weight, acc) and acc.dtype == x.dtype:
+        return _onednn_linear_add(x, weight.t(), acc)
     return acc.addmm_(x, weight)
 
 
@@ -93,8 +115,8 @@ def grad_weight(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if not _takes_onednn(x, dy):
         return dy.T @ x
     if dy.shape[1] <= x.shape[1]:
-        return torch.ops.mkldnn._linear_pointwise(dy.t(), x.t(), None, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise(x.t(), dy.t(), None, "none", [], "").t()
+        return _onednn_linear(dy.t(), x.t(), None)
+    return _onednn_linear(x.t(), dy.t(), None).t()
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,10 +140,51 @@ class _FrozenLinear(torch.autograd.Function):
         return grad_in.view(*grad_out.shape[:-1], weight.shape[1]), None, None
 
 
-def _takes_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+class CpuGemmLinear(torch.nn.Linear):
+    """An nn.Linear whose products take `frozen_linear` when nothing trains its weight or bias
+    and oneDNN is this input's backend, and nn.Linear's own forward otherwise. enable_fast_paths
+    gives frozen nn.Linear modules this class (a class, not a patched forward: copies and
+    pickles of the model keep working) and disable_fast_paths gives them theirs back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._frozen() and x.dtype == self.weight.dtype and _takes_onednn(x, self.weight):
+            return frozen_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+    def _frozen(self) -> bool:
+        return not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+
+
+def traced() -> bool:
+    """torch.compile or a functorch transform (vmap, grad, jvp) is running: they need ops with
+    derivatives and batching rules, which oneDNN's linear lacks."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
+# the two oneDNN calls, one place each (tests count them)
+def _onednn_linear(x, weight, bias):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _onednn_linear_add(x, weight, acc):
+    return torch.ops.mkldnn._linear_pointwise.binary(x, acc, weight, None, "add")
+
+
+def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    if traced():
+        return False
+    tensors = [t for t in (x, weight, *others) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # the op has no derivative
-    return x.dtype == weight.dtype and x.dim() >= 2 and backend_for(x) == ONEDNN
+    if torch.is_autocast_enabled("cpu"):
+        return False  # F.linear would compute in autocast's dtype
+    return (x.dtype == weight.dtype and x.dim() >= 2 and weight.dim() == 2
+            and all(n > 0 for n in (*x.shape, *weight.shape)) and backend_for(x) == ONEDNN)
+
+
+def _bias_fits(bias: torch.Tensor | None, x: torch.Tensor) -> bool:
+    # oneDNN reads the bias as a dense vector: its strides are ignored
+    return bias is None or (bias.dtype == x.dtype and bias.dim() == 1 and bias.is_contiguous())
 
 
 def _from_environment() -> str | None:
@@ -129,21 +192,32 @@ def _from_environment() -> str | None:
     return value if value in (ONEDNN, ATEN) else None
 
 
+@functools.cache
 def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@functools.cache
+def _onednn_runs(dtype: torch.dtype) -> bool:
+    """oneDNN's linear takes this dtype on this CPU (an old CPU may have no bf16 kernel)."""
+    x = torch.ones(4, 8, dtype=dtype)
+    try:
+        with torch.no_grad():
+            return torch.equal(_onednn_linear(x, x, None), torch.full((4, 4), 8, dtype=dtype))
+    except RuntimeError:
+        return False
+
+
 def _faster_backend(dtype: torch.dtype) -> str:
-    """Time one GEMM both ways (best of 5 after a warm-up: about 30 ms in all)."""
+    """Time one GEMM both ways, best of 5 after a warm-up."""
+    if not _onednn_runs(dtype):
+        return ATEN
     rows, inner, out = _TIMED_SHAPE
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, inner, generator=generator).to(dtype)
     weight = torch.randn(out, inner, generator=generator).to(dtype)
     with torch.no_grad():
-        try:
-            onednn = _best_time(lambda: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], ""))
-        except RuntimeError:  # a build whose oneDNN cannot take this dtype
-            return ATEN
+        onednn = _best_time(lambda: _onednn_linear(x, weight, None))
         aten = _best_time(lambda: torch.nn.functional.linear(x, weight))
     return ONEDNN if onednn < WIN_RATIO * aten else ATEN
 

@@ -112,15 +112,16 @@ def disable_fast_paths(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, _SAVED_FORWARD):
             _restore_forward(module)
+        if type(module) is cpu_gemm.CpuGemmLinear:
+            module.__class__ = nn.Linear
         module.__dict__.pop(_PRECOMPUTED, None)
         cpu_attention.set_enabled(module, False)
 
 
 def fast_paths_enabled(model: nn.Module) -> bool:
-    """A LoRA projection or MLP runs fused (patched norms, RoPE, attention or frozen linears alone
-    do not count)."""
+    """A LoRA projection or MLP runs fused (patched norms, RoPE or attention alone do not count)."""
     return any(hasattr(m, _SAVED_FORWARD) and type(m).__name__ not in (*RMS_NORMS, *ATTENTIONS)
-               and type(m) is not nn.Linear for m in model.modules())
+               for m in model.modules())
 
 
 def mlps_fused(model: nn.Module) -> bool:
@@ -153,8 +154,8 @@ def _patch_if_fusable(module: nn.Module, ops) -> str | None:
     if hasattr(module, _SAVED_FORWARD):
         return None
     if type(module) is nn.Linear:  # exactly: quantized subclasses keep their own forward
-        if not hasattr(module, "_hf_hook"):
-            _set_forward(module, _frozen_linear_forward(module, module.forward))
+        if not hasattr(module, "_hf_hook") and "forward" not in module.__dict__:
+            module.__class__ = cpu_gemm.CpuGemmLinear
         return None
     if type(module).__name__ in RMS_NORMS:
         return _patch_norm(module, ops) if ops is not None else None
@@ -307,18 +308,6 @@ def _fused_linear_forward(layer: nn.Module, original: Callable) -> Callable:
     return forward
 
 
-def _frozen_linear_forward(linear: nn.Linear, original: Callable) -> Callable:
-    """cpu_gemm.frozen_linear where oneDNN takes this input and nothing trains the weight."""
-    def forward(x):
-        weight, bias = linear.weight, linear.bias
-        if (weight.requires_grad or (bias is not None and bias.requires_grad)
-                or x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type)
-                or cpu_gemm.backend_for(x) != cpu_gemm.ONEDNN):
-            return original(x)
-        return cpu_gemm.frozen_linear(x, weight, bias)
-    return forward
-
-
 def _precomputed_forward(proj: nn.Module, original: Callable) -> Callable:
     def forward(x):
         stash = proj.__dict__.pop(_PRECOMPUTED, None)
@@ -425,7 +414,7 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
 def chunked_loss_blocker(model: nn.Module) -> str | None:
     """Why causal_lm_loss must compute full logits for this model, or None (it chunks)."""
     head = model.get_output_embeddings()
-    if type(head) is not nn.Linear:
+    if type(head) not in (nn.Linear, cpu_gemm.CpuGemmLinear):
         return f"output head is {type(head).__name__}, not a plain nn.Linear"
     config = getattr(model, "config", None)
     for field in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
