@@ -12,8 +12,6 @@ from lorakit.kernels import cpu_gemm, llama_patch
 from lorakit.lora import LoraConfig, apply_lora
 from tiny_models import randomize_lora, tiny_llama
 
-pytestmark = pytest.mark.usefixtures("gemm_backend")  # torch's GEMMs and oneDNN's
-
 @pytest.fixture
 def onednn_calls(monkeypatch, gemm_backend):
     """Counts the oneDNN calls; at the end, checks that the oneDNN backend made some and torch's
@@ -59,6 +57,7 @@ def test_grad_weight_is_dy_transposed_times_x(dtype, widths, onednn_calls):
     torch.testing.assert_close(cpu_gemm.grad_weight(dy, x), dy.T @ x, **TOLERANCE[dtype])
 
 
+@pytest.mark.usefixtures("gemm_backend")  # with torch's GEMMs and oneDNN's
 def test_float64_and_grad_recording_calls_take_torchs_path():
     x, weight = _tensors(torch.float64, (5, 8), (6, 8))
     assert cpu_gemm.backend_for(x) == cpu_gemm.ATEN
@@ -149,6 +148,7 @@ def test_what_onednn_cannot_take_exactly_takes_torchs_path(onednn_calls):
     torch.testing.assert_close(cpu_gemm.linear(x3, weight), F.linear(x3, weight), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("gemm_backend")  # with torch's GEMMs and oneDNN's
 def test_calls_that_record_a_graph_or_run_under_autocast_take_torchs_path():
     x, weight, bias, acc = _tensors(torch.float32, (6, 24), (40, 24), (40,), (6, 40))
     bias.requires_grad_()
@@ -161,6 +161,7 @@ def test_calls_that_record_a_graph_or_run_under_autocast_take_torchs_path():
         assert cpu_gemm.linear(x, weight).dtype == F.linear(x, weight).dtype == torch.bfloat16
 
 
+@pytest.mark.usefixtures("gemm_backend")  # with torch's GEMMs and oneDNN's
 def test_a_patched_linear_copies_pickles_and_vmaps():
     model = tiny_llama()
     apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -192,3 +193,19 @@ def test_an_unknown_environment_value_is_refused(monkeypatch):
 
     monkeypatch.setenv(cpu_gemm.ENV_VAR, "mkl")
     assert main(["estimate", "--model", "smollm2-135m"]) == 2
+
+
+def test_onednn_caches_are_bounded_unless_the_user_chose():
+    """Batches of varying length make new GEMM shapes every step; oneDNN's default caches of 1024
+    shapes grew a run's memory by 0.6 GiB. Importing cpu_gemm bounds both (kept if already set)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; import lorakit.kernels.cpu_gemm; "
+            "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['LRU_CACHE_CAPACITY'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    run = lambda extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,
+                                       text=True, check=True).stdout.split()
+    assert run({}) == [cpu_gemm.CACHE_CAPACITY] * 2
+    assert run({"LRU_CACHE_CAPACITY": "7"}) == [cpu_gemm.CACHE_CAPACITY, "7"]

@@ -45,6 +45,16 @@ WIN_RATIO = 0.85
 _TIMED_SHAPE = (512, 576, 1536)  # (rows, in, out): one of the MLP's GEMMs at a small batch
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
+# oneDNN keeps each GEMM shape's primitive, with its scratch buffers, in two caches of 1024
+# entries (oneDNN's own and ideep's, torch's wrapper). Batches of varying length bring new shapes
+# every step: the demo's fp32 run grew by 0.6 GiB over 60 steps. 64 entries each keep a fixed-shape
+# step's products (about 25) and bound the growth to about 0.2 GiB; a shape made anew costs about
+# 2 ms. Both are read when oneDNN first runs, so this holds wherever lorakit is imported first;
+# a value the user set stays.
+CACHE_CAPACITY = "64"
+for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_cache, CACHE_CAPACITY)
+
 _chosen: dict[tuple[torch.dtype, int], str] = {}
 _choosing = threading.Lock()
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("lorakit_cpu_gemm", default=None)
