@@ -26,7 +26,8 @@ into an N x H gradient. Peak extra memory is one chunk of fp32 logits plus two h
 tensors (forward: the selected rows and their gradient; backward: the gradient and its scaled
 copy, then the scaled copy and the N x H result). On the CPU the chunk's buffers stay allocated
 between calls (fp32 logits, plus the head-dtype logits for a 16-bit head: `_CpuWorkspace`), so
-that each step does not fault fresh pages in.
+that each step does not fault fresh pages in; where the head's products take oneDNN
+(kernels/cpu_gemm) its logits come in oneDNN's own buffer instead, still faster.
 A frozen head (the LoRA case) gets no weight gradient at all.
 
 `normalizer` makes gradient accumulation exact: pass the number of label tokens in the whole

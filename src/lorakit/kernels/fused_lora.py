@@ -23,6 +23,10 @@ With triton=True, lora_mlp computes h (forward and recompute) and (de, dg) with 
 kernels of triton_ops (one pass each, de written over dh) when the kernels can take x: a CUDA
 tensor, or any tensor under TRITON_INTERPRET=1. Otherwise the PyTorch code below runs.
 
+On the CPU the large products (the base weights' forward and input gradient, the adapters' A
+and B products and gradients) go through kernels/cpu_gemm, which takes oneDNN where it is
+faster than torch's own GEMMs.
+
 Adapters stored in a wider dtype than the activations (fp32 master weights under a bf16 base)
 are cast down for the GEMMs, and their gradients are cast back.
 
