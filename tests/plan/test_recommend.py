@@ -95,7 +95,8 @@ def one_b():
 
 def need(batch, checkpointing, quantize=None, r=16, seq_len=2048):
     step = TrainShape(batch_size=batch, seq_len=seq_len, r=r, targets="all-linear", grad_checkpointing=checkpointing,
-                      dtype="bf16", quantize=quantize, fused_loss=True, fused_mlp=True)  # as recommend plans
+                      dtype="bf16", quantize=quantize, fused_loss=True,
+                      fused_mlp=quantize in (None, "none"))  # as recommend plans: a 4-bit base is not fused
     return estimate_memory(PRESETS["1b"], step).total
 
 
@@ -145,6 +146,16 @@ def test_budget_changes_the_written_config(tiny, capsys):
     gpu = json.loads(capsys.readouterr().out)
     assert gpu["budget"] == {"device": "cuda", "total_bytes": 2 * GIB, "usable_bytes": int(0.9 * 2 * GIB) - GIB // 2,
                              "source": "--gpu-memory 2GiB"}
+
+
+def test_a_model_whose_mlp_the_trainer_does_not_fuse_gets_the_larger_estimate():
+    import dataclasses
+
+    budget = Budget("cuda", 140 * GIB, "test")
+    fused = plan_choices("domain", profile(), one_b(), budget)[1]
+    unfused = plan_choices("domain", profile(), dataclasses.replace(one_b(), model_type="gemma"), budget)[1]
+    assert fused["predicted_peak_bytes"] == need(32, False)
+    assert unfused["predicted_peak_bytes"] > fused["predicted_peak_bytes"]
 
 
 def test_parse_size():

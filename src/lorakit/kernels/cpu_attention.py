@@ -110,11 +110,20 @@ def _blocks(length: int):
     return [(start, min(start + BLOCK, length)) for start in range(0, length, BLOCK)]
 
 
-@functools.cache
 def _diagonal_mask(positions: int, group: int) -> torch.Tensor:
-    """(positions G, positions) True where row (t, g) must not see key j: j > t."""
+    """(positions G, positions) True where row (t, g) must not see key j: j > t. Cached, except
+    under torch.compile, which traces through a cache (and warns that it does)."""
+    if torch.compiler.is_compiling():
+        return _block_mask(positions, group)
+    return _cached_block_mask(positions, group)
+
+
+def _block_mask(positions: int, group: int) -> torch.Tensor:
     keys = torch.arange(positions, device="cpu")  # explicit: a default-device context may differ
     return keys[None, :] > keys.repeat_interleave(group)[:, None]
+
+
+_cached_block_mask = functools.cache(_block_mask)
 
 
 def _grouped(x: torch.Tensor, kv_heads: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:

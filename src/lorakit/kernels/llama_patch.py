@@ -66,6 +66,7 @@ from lorakit.kernels.fused_lora import fuse_blocker, lora_linear, lora_mlp, lora
 
 # modules whose forward is exactly down(act(gate(x)) * up(x)) / calls q,k,v_proj(hidden_states)
 SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+FUSED_MLP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # the config model_types of those MLPs
 ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
 QKV, MLP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")
 # modules whose forward is exactly LlamaRMSNorm's

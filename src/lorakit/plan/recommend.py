@@ -447,9 +447,12 @@ def _fit(facts: ModelFacts, budget: Budget, rows: int, seq_len: int, r: int) -> 
                 Choice("train.batch_size", batch, "a cautious micro-batch: the estimator cannot read this model"),
                 Choice("train.grad_checkpointing", "auto", "auto: memory could not be estimated here; the trainer "
                                                            "keeps it off for models its estimator cannot describe")], rows // batch, {}
+    from lorakit.kernels.llama_patch import FUSED_MLP_MODEL_TYPES
+
     options = ("none", "4bit") if budget.device == "cuda" else ("none",)  # bitsandbytes runs on GPUs only
     for quantize in options:
-        memory_of = _memory_function(facts.shape, seq_len, r, budget.device, quantize)
+        memory_of = _memory_function(facts.shape, seq_len, r, budget.device, quantize,
+                                     fused_mlp=quantize == "none" and facts.model_type in FUSED_MLP_MODEL_TYPES)
         try:
             batch, checkpointing, need = fit_batch(rows, memory_of, usable)
             break
@@ -474,7 +477,10 @@ def _fit(facts: ModelFacts, budget: Budget, rows: int, seq_len: int, r: int) -> 
             Choice("train.grad_checkpointing", "auto", gc_why)], rows // batch, memory
 
 
-def _memory_function(shape: Any, seq_len: int, r: int, device: str, quantize: str = "none") -> Callable[[int, bool], int]:
+def _memory_function(shape: Any, seq_len: int, r: int, device: str, quantize: str = "none",
+                     fused_mlp: bool = False) -> Callable[[int, bool], int]:
+    """Bytes for (batch, checkpointing) under the trainer's fast paths on `device`; fused_mlp: its
+    MLPs run lorakit's fused SwiGLU (plain-LoRA SwiGLU models the fast paths know, no quantised base)."""
     from lorakit.plan.estimate import TrainShape, estimate_memory
 
     from lorakit.models import training_dtype
@@ -484,7 +490,7 @@ def _memory_function(shape: Any, seq_len: int, r: int, device: str, quantize: st
     def memory_of(batch: int, checkpointing: bool) -> int:
         step = TrainShape(batch_size=batch, seq_len=seq_len, r=r, targets="all-linear", grad_checkpointing=checkpointing,
                           dtype=dtype, quantize=quantize, fused_loss=True, device=device,
-                          cpu_attention=device == "cpu", fused_mlp=True)  # the trainer's fast paths there
+                          cpu_attention=device == "cpu", fused_mlp=fused_mlp)  # the trainer's fast paths there
         return estimate_memory(shape, step).total
 
     return memory_of
