@@ -53,3 +53,16 @@ def test_packed_runs_switch_to_varlen_attention_and_unpacked_runs_do_not():
     run._enable_fast_paths(model, unpacked)
     assert run.packed_attention_for(model, packing=False) == "4d"
     assert model.config._attn_implementation != "lorakit_varlen"
+
+
+def test_the_run_says_when_its_gemms_take_onednn():
+    from lorakit.kernels import cpu_gemm
+
+    config = _config()
+    with cpu_gemm.use_backend(cpu_gemm.ONEDNN):
+        said = run._enable_fast_paths(_model(config), config)
+    with cpu_gemm.use_backend(cpu_gemm.ATEN):
+        silent = run._enable_fast_paths(_model(config), config)
+    assert [n for n in said if "oneDNN" in n] == [
+        "fast paths: float32 GEMMs through oneDNN, faster than torch's own on this CPU (LORAKIT_CPU_GEMM=aten for torch's)"]
+    assert not any("oneDNN" in n for n in silent)
