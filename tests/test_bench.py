@@ -381,3 +381,16 @@ def test_bench_budget_plans_as_the_trainer_does(monkeypatch, budget_gib, layers)
     trainer = memory_plan.choose_checkpointing(model, config, torch.device("cpu"))
     assert budget_checkpoint_layers(plan)[0] == layers
     assert trainer.layers == tuple(range(layers))
+
+
+def test_the_report_says_whose_gemms_each_variant_ran(monkeypatch):
+    from lorakit.kernels import cpu_gemm
+
+    if not cpu_gemm._onednn_runs(torch.float32):
+        pytest.skip("oneDNN cannot run fp32 products here")
+    monkeypatch.setenv(cpu_gemm.ENV_VAR, "onednn")
+    result = run_bench(_settings(steps=1, variants=["lorakit", "lorakit-plain", "lorakit-aten", "peft"]),
+                       log=lambda line: None)
+    ran = {r["variant"]: r["cpu_gemm"] for r in result["variants"]}
+    assert ran["lorakit"].startswith("onednn (") and ran["lorakit"].endswith(" products per step)")
+    assert ran["lorakit-plain"] == ran["lorakit-aten"] == ran["peft"] == "aten"

@@ -368,7 +368,8 @@ def train_step(prepared: Prepared, batch: dict, device: str, hooks=None) -> tupl
     page faults)."""
     _sync(device)
     start, cpu_start, faults_start = time.perf_counter(), time.process_time(), minor_page_faults()
-    with cpu_gemm.use_backend(prepared.gemm_backend):
+    forced = cpu_gemm.use_backend(prepared.gemm_backend) if prepared.gemm_backend else contextlib.nullcontext()
+    with forced:
         with hooks or contextlib.nullcontext():
             loss = prepared.loss_fn(batch)
         loss.backward()
@@ -395,23 +396,23 @@ def record_step(raw: dict, timed: bool, result: tuple[float, float, float, int])
 def run_steps(name: str, prepared: Prepared, batch: dict, plan: Plan) -> dict:
     """Warm-up then timed steps of one variant; the first warm-up step also counts saved bytes."""
     s, saved, raw = plan.settings, SavedForBackward(prepared.model), new_raw(name)
+    products = cpu_gemm.onednn_products()
     for step in range(s.warmup + s.steps):
         if step == s.warmup and plan.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         hooks = saved.hooks() if step == 0 and s.warmup > 0 else None
         record_step(raw, step >= s.warmup, train_step(prepared, batch, plan.device, hooks))
-    raw.update(saved_bytes=saved.nbytes if s.warmup > 0 else None, cpu_gemm=gemm_backend(name, prepared, plan))
+    raw.update(saved_bytes=saved.nbytes if s.warmup > 0 else None,
+               cpu_gemm=gemm_backend(cpu_gemm.onednn_products() - products, s.warmup + s.steps, plan.device))
     return raw
 
 
-def gemm_backend(name: str, prepared: Prepared, plan: Plan) -> str | None:
-    """Whose GEMMs a CPU variant's frozen weights took: the lorakit variants' cpu_gemm choice (made
-    in each child process) or torch's own for PEFT; None on a GPU."""
-    if plan.device != "cpu":
+def gemm_backend(onednn_products: int, steps: int, device: str) -> str | None:
+    """Whose GEMMs a CPU variant's frozen weights took, from the oneDNN products its steps made
+    (kernels/cpu_gemm.py); None on a GPU."""
+    if device != "cpu":
         return None
-    if not name.startswith("lorakit"):
-        return cpu_gemm.ATEN
-    return prepared.gemm_backend or cpu_gemm.backend_for(torch.empty(0, dtype=getattr(torch, plan.dtype)))
+    return f"onednn ({onednn_products // steps} products per step)" if onednn_products else "aten"
 
 
 def measure_variant(name: str, plan: Plan, inputs: dict) -> dict:

@@ -23,6 +23,7 @@ from lorakit.bench import (BenchSettings, Plan, SavedForBackward, gemm_backend, 
                            measure_matmul_peak, measure_variant, memory_figures, new_raw, record_step,
                            resolve, train_step)
 from lorakit.bench_variants import prepare_variant
+from lorakit.kernels import cpu_gemm
 from lorakit.host import peak_rss_bytes
 
 
@@ -54,7 +55,7 @@ def _lockstep_child(name: str, plan: Plan, inputs: dict) -> dict:
     prepared = prepare_variant(name, plan)
     rss_built = peak_rss_bytes()
     s, saved, raw = plan.settings, SavedForBackward(prepared.model), new_raw(name)
-    batch = inputs[prepared.inputs_key]
+    batch, products = inputs[prepared.inputs_key], cpu_gemm.onednn_products()
     _reply({"ready": True})
     for step, _ in enumerate(sys.stdin):
         hooks = saved.hooks() if step == 0 and s.warmup > 0 else None
@@ -63,7 +64,8 @@ def _lockstep_child(name: str, plan: Plan, inputs: dict) -> dict:
         _reply({"wall_s": result[0], "loss": result[2]})
     raw.update(saved_bytes=saved.nbytes if s.warmup > 0 else None, notices=prepared.notices,
                memory=memory_figures(plan.device, rss_before, rss_built),
-               cpu_gemm=gemm_backend(name, prepared, plan))
+               cpu_gemm=gemm_backend(cpu_gemm.onednn_products() - products, max(len(raw["losses"]), 1),
+                                         plan.device))
     return raw
 
 

@@ -13,15 +13,18 @@ from lorakit.lora import LoraConfig, apply_lora
 from tiny_models import randomize_lora, tiny_llama
 
 @pytest.fixture
-def onednn_calls(monkeypatch, gemm_backend):
-    """Counts the oneDNN calls; at the end, checks that the oneDNN backend made some and torch's
-    none (so a test cannot pass on torch's path while meaning to test oneDNN's)."""
+def onednn_calls(request, monkeypatch, gemm_backend):
+    """Counts the oneDNN calls; at the end, checks that the oneDNN backend made some (where
+    oneDNN runs the test's dtype on this CPU) and torch's none, so a test cannot pass on torch's
+    path while meaning to test oneDNN's."""
+    dtype = getattr(request.node, "callspec", None) and request.node.callspec.params.get("dtype")
+    runs = cpu_gemm._onednn_runs(dtype or torch.float32)  # an AVX2-only CPU has no bf16 kernel
     calls = []
     for name in ("_onednn_linear", "_onednn_linear_add"):
         real = getattr(cpu_gemm, name)
         monkeypatch.setattr(cpu_gemm, name, lambda *a, _real=real: calls.append(1) or _real(*a))
     yield calls
-    assert (len(calls) > 0) == (gemm_backend == cpu_gemm.ONEDNN)
+    assert (len(calls) > 0) == (gemm_backend == cpu_gemm.ONEDNN and runs)
 
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -103,7 +106,16 @@ def test_frozen_linears_of_a_model_are_patched_and_match_the_plain_model(onednn_
     k_proj = model.model.layers[0].self_attn.k_proj
     assert type(k_proj) is cpu_gemm.CpuGemmLinear
     assert llama_patch.chunked_loss_blocker(model) is None  # the head's new class still chunks
-    fast = loss_and_grads()
+    took = set()  # the weights whose products went through frozen_linear, inputs needing grad
+    real = cpu_gemm.frozen_linear
+    cpu_gemm.frozen_linear = lambda x, weight, bias=None: took.add(weight) or real(x, weight, bias)
+    try:
+        fast = loss_and_grads()
+    finally:
+        cpu_gemm.frozen_linear = real
+    frozen = {m.weight for m in model.modules() if type(m) is cpu_gemm.CpuGemmLinear
+              and not m.weight.requires_grad and m is not model.lm_head}  # the loss reads the head's weight
+    assert len(frozen) == 2 * 7 and took == (frozen if cpu_gemm.backend_for(ids.float()) == "onednn" else set())
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=0)
     for got, want in zip(fast[1], plain[1], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -113,7 +113,7 @@ def _print_report(result: dict) -> None:
           f"peak {result['peak']['tflops']:.2f} TFLOP/s ({result['peak']['source']})")
     print(result["memory_note"])
     gemms = {r["variant"]: r["cpu_gemm"] for r in result["variants"] if r.get("cpu_gemm")}
-    if gemms:  # kernels/cpu_gemm.py: chosen by timing in each variant's process
+    if gemms:  # kernels/cpu_gemm.py: what each variant's steps ran
         print("frozen-weight GEMMs: " + ", ".join(f"{name} {backend}" for name, backend in gemms.items()))
     variant_notices = [f"{r['variant']}: {n}" for r in result["variants"] for n in r.get("notices", [])]
     for notice in result["notices"] + variant_notices:

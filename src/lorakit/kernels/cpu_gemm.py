@@ -16,7 +16,7 @@ chunked loss and the frozen nn.Linear modules route their GEMMs through here:
 
 `backend_for(t)` decides per dtype and thread count, the first time it is asked, by timing one
 GEMM both ways (about 0.2 s, oneDNN's kernel generation included): oneDNN when it is clearly
-faster (Zen 4/5), torch's own `mm` otherwise (Intel CPUs, where MKL already runs AVX-512, and any
+faster (measured on Zen 5), torch's own `mm` otherwise (Intel CPUs, where MKL already runs AVX-512, and any
 GPU tensor). LORAKIT_CPU_GEMM=onednn or =aten fixes the choice. Whatever oneDNN cannot take
 exactly as torch would takes torch's path: a call that records an autograd graph (the op has no
 derivative), autocast, torch.compile tracing, functorch transforms, empty operands, a strided
@@ -152,12 +152,14 @@ class _FrozenLinear(torch.autograd.Function):
 
 class CpuGemmLinear(torch.nn.Linear):
     """An nn.Linear whose products take `frozen_linear` when nothing trains its weight or bias
-    and oneDNN is this input's backend, and nn.Linear's own forward otherwise. enable_fast_paths
-    gives frozen nn.Linear modules this class (a class, not a patched forward: copies and
-    pickles of the model keep working) and disable_fast_paths gives them theirs back."""
+    and oneDNN is this input's backend (the input may need a gradient: frozen_linear gives it
+    one), and nn.Linear's own forward otherwise. enable_fast_paths gives every nn.Linear this
+    class, trainable ones too, since what trains can change (a class, not a patched forward:
+    copies and pickles of the model keep working); disable_fast_paths gives them theirs back."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._frozen() and x.dtype == self.weight.dtype and _takes_onednn(x, self.weight):
+        if (x.device.type == "cpu" and x.dtype == self.weight.dtype and self._frozen()
+                and _onednn_eligible(x, self.weight, self.bias)):
             return frozen_linear(x, self.weight, self.bias)
         return super().forward(x)
 
@@ -171,23 +173,37 @@ def traced() -> bool:
     return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
+def onednn_products() -> int:
+    """oneDNN products made in this process so far (lorakit bench reports them per variant)."""
+    return _products[0]
+
+
+_products = [0]
+
+
 # the two oneDNN calls, one place each (tests count them)
 def _onednn_linear(x, weight, bias):
+    _products[0] += 1
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def _onednn_linear_add(x, weight, acc):
+    _products[0] += 1
     return torch.ops.mkldnn._linear_pointwise.binary(x, acc, weight, None, "add")
 
 
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    if traced():
-        return False
+    """oneDNN computes this product here, and no autograd graph is being recorded through it."""
     tensors = [t for t in (x, weight, *others) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # the op has no derivative
-    if torch.is_autocast_enabled("cpu"):
-        return False  # F.linear would compute in autocast's dtype
+    return _onednn_eligible(x, weight, *others)
+
+
+def _onednn_eligible(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """oneDNN computes what torch would for these operands, and is this machine's choice."""
+    if traced() or torch.is_autocast_enabled("cpu"):  # autocast: F.linear would cast
+        return False
     return (x.dtype == weight.dtype and x.dim() >= 2 and weight.dim() == 2
             and all(n > 0 for n in (*x.shape, *weight.shape)) and backend_for(x) == ONEDNN)
 

@@ -32,9 +32,10 @@ packed rows does the same) in place of SDPA, where it computes what SDPA would: 
 implementation, no mask, queries as long as keys (training, or a prefill into an empty cache),
 no dropout, no sliding window shorter than the row, no autocast.
 
-Every frozen nn.Linear (exactly that class: quantized ones keep theirs) becomes a
-cpu_gemm.CpuGemmLinear, whose forward and input gradient take oneDNN's GEMMs where cpu_gemm
-finds them faster than torch's (fp32 on AMD Zen 4/5) and nn.Linear's own forward otherwise.
+Every nn.Linear (exactly that class: quantized ones keep theirs) becomes a
+cpu_gemm.CpuGemmLinear: while its weight is frozen, its forward and input gradient take oneDNN's
+GEMMs where cpu_gemm finds them faster than torch's (fp32 on this project's AMD Zen 5), and
+nn.Linear's own forward otherwise.
 
 Where the ops cannot take a tensor (native ops on a GPU, say) the module's own code runs.
 
