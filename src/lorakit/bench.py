@@ -43,8 +43,8 @@ import torch
 
 from lorakit.bench_variants import TARGETS, Prepared, prepare_variant
 from lorakit.errors import ConfigError
-from lorakit.kernels import cpu_gemm
 from lorakit.host import minor_page_faults, peak_rss_bytes, proc_field
+from lorakit.kernels import cpu_gemm
 
 VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-triton", "lorakit-plain", "lorakit-ce",
             "lorakit-fused", "lorakit-eager", "lorakit-aten", "lorakit-4d", "lorakit-perdoc", "lorakit-offload")
@@ -257,8 +257,8 @@ def flops_per_token(shape: dict, r: int, context: float, labelled: float = 1.0) 
 
 def measure_matmul_peak(device: str, dtype: str = "float32") -> float:
     """Dense matmul TFLOP/s here: bf16 8192^3 on CUDA (mean of 10), 2048^3 in the model's dtype on
-    the CPU (best of 5, through torch's mm and through oneDNN's: the faster of the two, since
-    lorakit's blocks take the faster one, kernels/cpu_gemm.py)."""
+    the CPU (best of 5 through torch's mm and 5 through oneDNN's, kernels/cpu_gemm.py: the
+    machine's faster GEMM)."""
     if device == "cuda":
         a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
         for _ in range(3):

@@ -160,7 +160,8 @@ def _accumulate(grad_head_dtype, grad_fp32, inv_norm, h_w, weight, grads, rows):
     # 1/normaliser goes on the small (c, H) side of each GEMM, not on the (c, V) gradient: the
     # same products, one pass over c x V fewer
     if grads.hidden is not None:
-        grads.hidden[rows] = cpu_gemm.matmul(grad_head_dtype, weight).float().mul_(inv_norm).to(grads.hidden.dtype)  # (c, H)
+        grad_hidden = cpu_gemm.matmul(grad_head_dtype, weight)  # (c, H)
+        grads.hidden[rows] = grad_hidden.float().mul_(inv_norm).to(grads.hidden.dtype)
     if grads.weight is not None:
         grads.weight.addmm_(grad_fp32.T, h_w.float() * inv_norm)
     if grads.bias is not None:
