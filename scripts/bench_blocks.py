@@ -4,6 +4,8 @@ One process, SmolLM2-135M widths (hidden 576, KV 192, intermediate 1536, vocab 4
 `--tokens` rows, LoRA r=16 with a non-zero B. Each block's forward + backward runs plain and
 fused alternately `--repeats` times; the minimum of each resists a busy machine better than the
 mean. Process CPU time is reported too. The end-to-end comparison is `lorakit bench`.
+The fused side takes kernels/cpu_gemm's choice of GEMMs (oneDNN on a CPU where it is faster);
+LORAKIT_CPU_GEMM=aten compares the two on torch's GEMMs alone.
 
     q,k,v        q(x), k(x), v(x)              vs lora_qkv (one adapter-A GEMM, x saved once)
     o            o(x)                          vs lora_linear (update added in place)
