@@ -1,5 +1,8 @@
 """Fast paths on a tiny model with LoRA: same loss and adapter gradients as the plain path."""
 
+import copy
+import types
+
 import pytest
 import torch
 from tiny_models import prefill_then_decode
@@ -77,8 +80,23 @@ def test_fast_paths_match_plain_model_loss_and_grads(arch):
     model, batch = _model(arch), _batch()
     plain = _plain(model, batch)
     assert enable_fast_paths(model) == []
-    assert isinstance(model.model.layers[0].mlp.__dict__["forward"], type(lambda: 0))
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.__dict__["forward"], types.MethodType) and mlp.__dict__["forward"].__self__ is mlp
     _assert_same(_fast(model, batch), plain)
+
+
+def test_a_deep_copy_of_a_patched_model_computes_with_its_own_weights():
+    model, batch = _model(), _batch()
+    enable_fast_paths(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in twin.named_parameters():
+            if "lora_B" in name or "norm" in name:
+                param.mul_(0.5)
+    fast = causal_lm_loss(twin, batch).item()
+    disable_fast_paths(twin)
+    assert fast == pytest.approx(causal_lm_loss(twin, batch).item(), rel=1e-5)  # its plain path
+    assert fast != pytest.approx(causal_lm_loss(model, batch).item(), rel=1e-3)
 
 
 def _unpadded_batch(vocab=256):

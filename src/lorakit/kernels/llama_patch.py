@@ -54,6 +54,7 @@ import functools
 import inspect
 import re
 import sys
+import types
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 
@@ -168,8 +169,7 @@ def _patch_if_fusable(module: nn.Module, ops) -> str | None:
     if all(hasattr(module, p) for p in MLP):
         reason = _mlp_blocker(module)
         if reason is None:
-            _set_forward(module, _fused_mlp_forward(module, module.forward, _is_triton(ops)),
-                         triton=_is_triton(ops))
+            _set_forward(module, _fused_mlp_forward(_is_triton(ops)), triton=_is_triton(ops))
         return None if reason is None else f"MLP not fused ({reason})"
     if all(hasattr(module, p) for p in (*QKV, "o_proj")):
         return _patch_attention(module, ops)
@@ -182,7 +182,7 @@ def _patch_norm(norm: nn.Module, ops) -> str | None:
         return f"{type(norm).__name__} has no weight / variance_epsilon"
     if hasattr(norm, "_hf_hook"):
         return "accelerate hooks (device_map offload) are attached"
-    _set_forward(norm, _norm_forward(norm, norm.forward, ops), triton=_is_triton(ops))
+    _set_forward(norm, _norm_forward(ops), triton=_is_triton(ops))
     return None
 
 
@@ -212,18 +212,18 @@ def _patch_attention(attn: nn.Module, ops) -> str | None:
         return f"{type(attn).__name__} is not an attention the fast path knows"
     o_reason = _group_blocker(attn, ("o_proj",))
     if o_reason is None:
-        _set_forward(attn.o_proj, _fused_linear_forward(attn.o_proj, attn.o_proj.forward))
+        _set_forward(attn.o_proj, _fused_linear_forward)
     qkv_reason = _group_blocker(attn, QKV)
     projections = [getattr(attn, name) for name in QKV] if qkv_reason is None else []
     for proj in projections:
-        _set_forward(proj, _precomputed_forward(proj, proj.forward))
+        _set_forward(proj, _precomputed_forward)
     rope_reason = _rope_swap_blocker(attn) if ops is not None else None
     rope_ops = ops if ops is not None and rope_reason is None else None
     cpu_attention.set_enabled(attn, ops is native_ops)  # read by the copy and by varlen_attention
     # without fused q, k, v (LoRA on some of them only, dropout, DoRA, none) the copied forward
     # still pays for its RoPE and, on the CPU, its attention: it calls the projections as they are
     if projections or rope_ops is not None:
-        _set_forward(attn, _fused_attention_forward(attn, attn.forward, projections, rope_ops),
+        _set_forward(attn, _fused_attention_forward(bool(projections), rope_ops),
                      triton=rope_ops is not None and _is_triton(rope_ops))
     if qkv_reason is not None:
         still_fast = "; the fast RoPE (and on a CPU attention) still apply" if rope_ops is not None else ""
@@ -268,9 +268,11 @@ def _names_its_cache_cache(attention_class: type) -> bool:
 
 
 def _set_forward(module: nn.Module, forward: Callable, triton: bool = False) -> None:
+    """Bind forward(self, ...) to the module. Bound, not a closure over the module: a deep copy
+    of the model rebinds it to the copy, which then computes with its own weights."""
     # an instance-level forward set by someone else (e.g. accelerate) is kept to restore
     setattr(module, _SAVED_FORWARD, module.__dict__.get("forward"))
-    module.forward = forward
+    module.forward = types.MethodType(forward, module)
     if triton:
         module.__dict__[_TRITON] = True
 
@@ -291,53 +293,55 @@ def _runtime_ok(x: torch.Tensor, layers) -> bool:
     return all(fuse_blocker(layer) is None for layer in layers)
 
 
-def _fused_mlp_forward(mlp: nn.Module, original: Callable, triton: bool) -> Callable:
+def _original(module: nn.Module) -> Callable:
+    """The forward the module had before it was patched."""
+    saved = module.__dict__.get(_SAVED_FORWARD)
+    return saved if saved is not None else type(module).forward.__get__(module)
+
+
+def _fused_mlp_forward(triton: bool) -> Callable:
     options = {"triton": True} if triton else {}
 
-    def forward(x):
+    def forward(mlp, x):
         layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        return lora_mlp(x, *layers, **options) if _runtime_ok(x, layers) else original(x)
+        return lora_mlp(x, *layers, **options) if _runtime_ok(x, layers) else _original(mlp)(x)
     return forward
 
 
-def _norm_forward(norm: nn.Module, original: Callable, ops) -> Callable:
-    def forward(hidden_states):
+def _norm_forward(ops) -> Callable:
+    def forward(norm, hidden_states):
         if torch.is_autocast_enabled(hidden_states.device.type) or not ops.runs_on(hidden_states):
-            return original(hidden_states)
+            return _original(norm)(hidden_states)
         return ops.rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
     return forward
 
 
-def _fused_linear_forward(layer: nn.Module, original: Callable) -> Callable:
-    def forward(x):
-        return lora_linear(x, layer) if _runtime_ok(x, (layer,)) else original(x)
-    return forward
+def _fused_linear_forward(layer, x):
+    return lora_linear(x, layer) if _runtime_ok(x, (layer,)) else _original(layer)(x)
 
 
-def _precomputed_forward(proj: nn.Module, original: Callable) -> Callable:
-    def forward(x):
-        stash = proj.__dict__.pop(_PRECOMPUTED, None)
-        if stash is not None and stash[0] is x:
-            return stash[1]
-        return original(x)
-    return forward
+def _precomputed_forward(proj, x):
+    stash = proj.__dict__.pop(_PRECOMPUTED, None)
+    if stash is not None and stash[0] is x:
+        return stash[1]
+    return _original(proj)(x)
 
 
-def _fused_attention_forward(attn: nn.Module, original: Callable, projections,
-                             rope_ops=None) -> Callable:
-    """q, k, v from lora_qkv (with `projections`; without, each projection's own forward), then
+def _fused_attention_forward(fused_qkv: bool, rope_ops=None) -> Callable:
+    """q, k, v from lora_qkv (with `fused_qkv`; without, each projection's own forward), then
     transformers' forward, or with rope_ops the copy of it that applies RoPE with rope_ops.rope
     (where rope_ops can take the tensors)."""
-    def forward(*args, **kwargs):
+    def forward(attn, *args, **kwargs):
+        projections = [getattr(attn, name) for name in QKV] if fused_qkv else []
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if not _runtime_ok(hidden, projections):
-            return original(*args, **kwargs)
+            return _original(attn)(*args, **kwargs)
         for proj, out in zip(projections, lora_qkv(hidden, *projections) if projections else ()):
             proj.__dict__[_PRECOMPUTED] = (hidden, out)
         try:
             if rope_ops is not None and rope_ops.runs_on(hidden):
                 return _attention_with_rope(attn, rope_ops.rope, *args, **kwargs)
-            return original(*args, **kwargs)
+            return _original(attn)(*args, **kwargs)
         finally:  # never leave a stale output behind
             for proj in projections:
                 proj.__dict__.pop(_PRECOMPUTED, None)
