@@ -16,8 +16,9 @@ chunked loss and the frozen nn.Linear modules route their GEMMs through here:
 
 `backend_for(t)` decides per dtype and thread count, the first time it is asked, by timing one
 GEMM both ways (about 0.2 s, oneDNN's kernel generation included): oneDNN when it is clearly
-faster (measured on Zen 5), torch's own `mm` otherwise (Intel CPUs, where MKL already runs AVX-512, and any
-GPU tensor). LORAKIT_CPU_GEMM=onednn or =aten fixes the choice. Whatever oneDNN cannot take
+faster (measured on Zen 5), torch's own `mm` otherwise (expected on Intel CPUs, where MKL already
+runs AVX-512, though not measured; and always for GPU tensors). LORAKIT_CPU_GEMM=onednn or =aten
+fixes the choice. Whatever oneDNN cannot take
 exactly as torch would takes torch's path: a call that records an autograd graph (the op has no
 derivative), autocast, torch.compile tracing, functorch transforms, empty operands, a strided
 bias or one of another dtype.
@@ -170,7 +171,11 @@ class CpuGemmLinear(torch.nn.Linear):
 def traced() -> bool:
     """torch.compile or a functorch transform (vmap, grad, jvp) is running: they need ops with
     derivatives and batching rules, which oneDNN's linear lacks."""
-    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    return torch.compiler.is_compiling() or _functorch_active()
+
+
+# private in torch 2.13; a release without it runs no transform this module could see
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def onednn_products() -> int:
