@@ -221,3 +221,11 @@ def test_onednn_caches_are_bounded_unless_the_user_chose():
                                        text=True, check=True).stdout.split()
     assert run({}) == [cpu_gemm.CACHE_CAPACITY] * 2
     assert run({"LRU_CACHE_CAPACITY": "7"}) == [cpu_gemm.CACHE_CAPACITY, "7"]
+
+
+def test_choosing_the_backend_is_not_counted_as_anyones_products():
+    cpu_gemm._chosen.clear()
+    cpu_gemm._onednn_runs.cache_clear()
+    before = cpu_gemm.onednn_products()
+    cpu_gemm.backend_for(torch.zeros(2, 2))
+    assert cpu_gemm.onednn_products() == before

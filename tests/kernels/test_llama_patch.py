@@ -1,7 +1,7 @@
 """Fast paths on a tiny model with LoRA: same loss and adapter gradients as the plain path."""
 
 import copy
-import types
+import pickle
 
 import pytest
 import torch
@@ -81,7 +81,7 @@ def test_fast_paths_match_plain_model_loss_and_grads(arch):
     plain = _plain(model, batch)
     assert enable_fast_paths(model) == []
     mlp = model.model.layers[0].mlp
-    assert isinstance(mlp.__dict__["forward"], types.MethodType) and mlp.__dict__["forward"].__self__ is mlp
+    assert mlp.__dict__["forward"].module is mlp  # bound to its module, not a closure
     _assert_same(_fast(model, batch), plain)
 
 
@@ -97,6 +97,27 @@ def test_a_deep_copy_of_a_patched_model_computes_with_its_own_weights():
     disable_fast_paths(twin)
     assert fast == pytest.approx(causal_lm_loss(twin, batch).item(), rel=1e-5)  # its plain path
     assert fast != pytest.approx(causal_lm_loss(model, batch).item(), rel=1e-3)
+
+
+def test_a_patched_model_refuses_pickling_with_the_way_out():
+    model = _model()
+    enable_fast_paths(model)
+    with pytest.raises(TypeError, match="disable_fast_paths"):
+        pickle.dumps(model)
+    disable_fast_paths(model)
+    pickle.dumps(model)
+
+
+def test_a_projection_two_attentions_share_is_patched_once_and_falls_back():
+    model, batch = _model(), _batch()
+    first, second = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+    second.o_proj, second.q_proj = first.o_proj, first.q_proj
+    enable_fast_paths(model)
+    merge_lora(model)  # the patched forwards now fall back to the modules' own
+    loss = causal_lm_loss(model, batch)
+    assert torch.isfinite(loss)
+    disable_fast_paths(model)
+    assert "forward" not in first.o_proj.__dict__ and "forward" not in first.q_proj.__dict__
 
 
 def _unpadded_batch(vocab=256):

@@ -50,11 +50,11 @@ logits never exist.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import re
 import sys
-import types
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 
@@ -268,13 +268,34 @@ def _names_its_cache_cache(attention_class: type) -> bool:
 
 
 def _set_forward(module: nn.Module, forward: Callable, triton: bool = False) -> None:
-    """Bind forward(self, ...) to the module. Bound, not a closure over the module: a deep copy
-    of the model rebinds it to the copy, which then computes with its own weights."""
+    """Bind forward(module, ...) to the module, once (a projection two attentions share is
+    patched by the first)."""
+    if _SAVED_FORWARD in module.__dict__:
+        return
     # an instance-level forward set by someone else (e.g. accelerate) is kept to restore
     setattr(module, _SAVED_FORWARD, module.__dict__.get("forward"))
-    module.forward = types.MethodType(forward, module)
+    module.forward = _BoundForward(forward, module)
     if triton:
         module.__dict__[_TRITON] = True
+
+
+class _BoundForward:
+    """forward(module, ...) bound to its module, not a closure over it: a deep copy of the model
+    binds the copy's to the copy, which then computes with its own weights. Pickling refuses,
+    since the forward would not come back: save the adapter, or disable the fast paths first."""
+
+    def __init__(self, function: Callable, module: nn.Module) -> None:
+        self.function, self.module = function, module
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.module, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return _BoundForward(self.function, copy.deepcopy(self.module, memo))
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"{type(self.module).__name__} runs lorakit's fast paths and cannot be pickled; "
+                        "call lorakit.kernels.llama_patch.disable_fast_paths(model) first, or save the adapter")
 
 
 def _restore_forward(module: nn.Module) -> None:
