@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.kernels import cpu_gemm
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 1e-4
 
@@ -100,7 +102,7 @@ def prepare_variant(name: str, plan) -> Prepared:
     fused = name.startswith("lorakit")  # the trainer's fused AdamW (CUDA and CPU)
     optimizer = torch.optim.AdamW(params, lr=LR, **({"fused": True} if fused else {}))
     return Prepared(model, loss_fn, optimizer, key, notices,
-                    gemm_backend="aten" if name == "lorakit-aten" else None)
+                    gemm_backend=cpu_gemm.ATEN if name == "lorakit-aten" else None)
 
 
 def _checkpoint_earliest(model, k: int) -> None:

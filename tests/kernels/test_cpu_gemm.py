@@ -200,11 +200,13 @@ def test_a_backend_fixed_in_one_thread_leaves_the_others_alone():
     assert seen == [None]
 
 
-def test_an_unknown_environment_value_is_refused(monkeypatch):
+def test_an_unknown_environment_value_is_refused(monkeypatch, capsys):
     from lorakit.cli import main
 
     monkeypatch.setenv(cpu_gemm.ENV_VAR, "mkl")
     assert main(["estimate", "--model", "smollm2-135m"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: LORAKIT_CPU_GEMM='mkl' is not a CPU GEMM backend") and "Traceback" not in err
 
 
 def test_onednn_caches_are_bounded_unless_the_user_chose():

@@ -92,8 +92,7 @@ def use_backend(name: str | None):
 
 def check_environment() -> None:
     """Refuse a LORAKIT_CPU_GEMM value other than auto, onednn or aten (a CLI checks at start)."""
-    value = os.environ.get(ENV_VAR, "auto").strip().lower()
-    if value not in ("auto", ONEDNN, ATEN):
+    if _environment_value() not in ("auto", ONEDNN, ATEN):
         raise ConfigError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not a CPU GEMM backend; "
                           f"set it to auto, {ONEDNN} or {ATEN}, or unset it")
 
@@ -224,8 +223,12 @@ def _bias_fits(bias: torch.Tensor | None, x: torch.Tensor) -> bool:
 
 
 def _from_environment() -> str | None:
-    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+    value = _environment_value()
     return value if value in (ONEDNN, ATEN) else None
+
+
+def _environment_value() -> str:
+    return os.environ.get(ENV_VAR, "auto").strip().lower()
 
 
 @functools.cache
