@@ -45,6 +45,7 @@ from lorakit.bench_variants import TARGETS, Prepared, prepare_variant
 from lorakit.errors import ConfigError
 from lorakit.host import minor_page_faults, peak_rss_bytes, proc_field
 from lorakit.kernels import cpu_gemm
+from lorakit.plan.estimate import model_flops
 
 VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-triton", "lorakit-plain", "lorakit-ce",
             "lorakit-fused", "lorakit-eager", "lorakit-aten", "lorakit-4d", "lorakit-perdoc", "lorakit-offload")
@@ -228,31 +229,10 @@ def _skip_reason(name: str, plan: Plan) -> str | None:
 
 # ---- FLOPs -------------------------------------------------------------------------------------
 
-def projection_shapes(shape: dict) -> dict[str, tuple[int, int]]:
-    """(in, out) of each adapted projection of one decoder layer."""
-    h, inter = shape["hidden_size"], shape["intermediate_size"]
-    head_dim = shape.get("head_dim") or h // shape["num_attention_heads"]
-    h_q, h_kv = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
-    return {"q_proj": (h, h_q), "k_proj": (h, h_kv), "v_proj": (h, h_kv), "o_proj": (h_q, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-
-
 def flops_per_token(shape: dict, r: int, context: float, labelled: float = 1.0) -> dict:
-    """Model FLOPs per token with a frozen base, F = 4 N_mm + 6 N_lora + 6 L s h_q.
-
-    N_mm: parameters of every matmul (input embedding excluded), the lm_head's counted for the
-    `labelled` fraction of tokens only (a token without a label needs no logits); N_lora: sum
-    of r (in + out) over adapted layers; s: attention context (`context`: the sequence length,
-    or packed the token-weighted mean document length); h_q = heads x head_dim.
-    """
-    layers, projections = shape["num_hidden_layers"], projection_shapes(shape)
-    head = labelled * shape["vocab_size"] * shape["hidden_size"]
-    n_mm = layers * sum(i * o for i, o in projections.values()) + head
-    n_lora = layers * sum(r * (i + o) for i, o in projections.values())
-    h_q = projections["q_proj"][1]
-    attention = 6 * layers * context * h_q
-    return {"per_token": 4 * n_mm + 6 * n_lora + attention, "n_mm": n_mm, "n_lora": n_lora,
-            "attention": attention, "context": context}
+    """F = 4 N_mm + 6 N_lora + 6 L s h_q for a preset's config dict with LoRA on all seven
+    projections: plan/estimate.py's `model_flops`, the one formula the estimator uses too."""
+    return model_flops(shape, r, TARGETS, context, labelled)
 
 
 def measure_matmul_peak(device: str, dtype: str = "float32") -> float:

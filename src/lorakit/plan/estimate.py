@@ -180,21 +180,39 @@ def _fsdp_problems(shape: TrainShape) -> list[str]:
 
 # ---- parameters and FLOPs -------------------------------------------------------------------
 
+def model_flops(model_config: Any, r: int, targets: TargetSpec, context: float,
+                labelled: float = 1.0) -> dict:
+    """Model FLOPs per token with a frozen base, F = 4 N_mm + 6 N_lora + 6 L s h_q, and its parts.
+
+    N_mm: every matmul's parameters (the input embedding lookup excluded), the output head's
+    counted for the `labelled` fraction of tokens only (a token without a label needs no logits
+    under the fused loss); N_lora: r (in + out) summed over the adapted projections; s: the
+    attention context (the sequence length, or packed the token-weighted mean document length);
+    h_q = heads x head_dim. The forward takes 2 N per token, the input gradient 2 N, and only
+    the adapters need a weight gradient (another 2 N_lora)."""
+    m = model_shape(model_config)
+    n_mm = m.matmul_params() - m.vocab_size * m.hidden_size * (1 - labelled)
+    n_lora = count_lora_params(m, r, targets)
+    attention = 6 * m.num_layers * context * m.q_dim
+    return {"per_token": 4 * n_mm + 6 * n_lora + attention, "n_mm": n_mm, "n_lora": n_lora,
+            "attention": attention, "context": context}
+
+
 def flops_per_token(model_config: Any, shape: TrainShape, hardware: bool = False) -> float:
-    """Model FLOPs per token, F = 4*N_mm + 6*N_lora + 6*L*s*h_q (causal attention), with the
-    head's share of N_mm times labelled_fraction under the fused loss (it skips unlabelled rows).
+    """`model_flops` for a training shape: context = seq_len, the head skipping the unlabelled
+    fraction under the fused loss only.
 
     hardware=True adds checkpointing's recomputed forward (2*N_layers + 2*N_lora + 2*L*s*h_q),
     for the checkpointed share k/L of the layers."""
     m = model_shape(model_config)
-    n_lora = count_lora_params(m, shape.r, shape.targets)
-    attention = m.num_layers * shape.seq_len * m.q_dim
-    skipped_head = m.vocab_size * m.hidden_size * (1 - shape.labelled_fraction) if shape.fused_loss else 0
-    flops = 4 * (m.matmul_params() - skipped_head) + 6 * n_lora + 6 * attention
+    labelled = shape.labelled_fraction if shape.fused_loss else 1.0
+    flops = model_flops(m, shape.r, shape.targets, shape.seq_len, labelled)
+    total = flops["per_token"]
     if hardware and shape.grad_checkpointing:
-        recomputed = 2 * m.num_layers * m.layer_linear_params() + 2 * n_lora + 2 * attention
-        flops += recomputed * checkpointed_layers(m, shape) / m.num_layers
-    return float(flops)
+        attention = m.num_layers * shape.seq_len * m.q_dim
+        recomputed = 2 * (m.num_layers * m.layer_linear_params() + flops["n_lora"] + attention)
+        total += recomputed * checkpointed_layers(m, shape) / m.num_layers
+    return float(total)
 
 
 def step_time(model_config: Any, shape: TrainShape, peak_tflops: float, mfu: float = 1.0) -> float:
