@@ -339,7 +339,7 @@ def test_memory_budget_checkpoints_the_fewest_earliest_layers_the_estimate_needs
     assert peaks == sorted(peaks, reverse=True) and peaks[0] > peaks[4]  # each checkpointed layer saves memory
     budget = (peaks[2] + peaks[3]) / 2 / 2**30 / 0.9  # 90% of it between 2 and 3 layers: 3 are needed
     plan = resolve(_settings(layers=4, memory_budget_gib=budget, variants=["lorakit", "peft"]))
-    assert plan.checkpoint_layers == 3 and "checkpoint the first 3 of 4 layers" in plan.notices[-1]
+    assert plan.checkpoint_layers == {"lorakit": 3} and "lorakit checkpoints the first 3 of 4 layers" in plan.notices[-1]
     assert budget_checkpoint_layers(resolve(_settings(layers=4, memory_budget_gib=1e-3)))[0] == 4  # never fits
     flags = {name: [layer.gradient_checkpointing for layer in decoder_layers(prepare_variant(name, plan).model)]
              for name in ("lorakit", "peft")}
@@ -381,6 +381,16 @@ def test_bench_budget_plans_as_the_trainer_does(monkeypatch, budget_gib, layers)
     trainer = memory_plan.choose_checkpointing(model, config, torch.device("cpu"))
     assert budget_checkpoint_layers(plan)[0] == layers
     assert trainer.layers == tuple(range(layers))
+
+
+def test_bench_budget_plans_each_variant_with_the_fast_paths_it_runs():
+    # at 2.8 MiB (see above) lorakit needs 1 layer, and the ablations without the fused MLP and
+    # chunked loss save more per layer, so they need more
+    variants = ["lorakit", "lorakit-plain", "lorakit-ce", "lorakit-fused", "peft"]
+    plan = resolve(_settings(layers=4, memory_budget_gib=0.0028, variants=variants))
+    assert plan.checkpoint_layers["lorakit"] == 1 and set(plan.checkpoint_layers) == set(variants) - {"peft"}
+    assert all(plan.checkpoint_layers[v] > 1 for v in ("lorakit-plain", "lorakit-ce"))
+    assert "lorakit-plain checkpoints the first" in plan.notices[-1]
 
 
 def test_the_report_says_whose_gemms_each_variant_ran(monkeypatch):

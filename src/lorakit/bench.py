@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lorakit.bench_variants import TARGETS, Prepared, prepare_variant
+from lorakit.bench_variants import TARGETS, Prepared, fast_paths, prepare_variant
 from lorakit.errors import ConfigError
 from lorakit.host import minor_page_faults, peak_rss_bytes, proc_field
 from lorakit.kernels import cpu_gemm
@@ -107,7 +107,8 @@ class Plan:
     shape: dict
     dtype: str
     notices: list[str] = field(default_factory=list)
-    checkpoint_layers: int = 0  # lorakit variants, with --memory-budget: the earliest k layers
+    # with --memory-budget: how many of the earliest layers each lorakit variant checkpoints
+    checkpoint_layers: dict[str, int] = field(default_factory=dict)
 
     @property
     def device(self) -> str:
@@ -131,30 +132,43 @@ def resolve(settings: BenchSettings) -> Plan:
     plan = Plan(s, shape, s.dtype or ("bfloat16" if s.device == "cuda" else "float32"))
     s.variants = _choose_variants(settings.variants, plan)
     if s.memory_budget_gib is not None:
-        plan.checkpoint_layers, notice = budget_checkpoint_layers(plan)
-        plan.notices.append(notice)
+        plan.notices.append(_plan_memory_budget(plan))
     return plan
 
 
-def budget_checkpoint_layers(plan: Plan) -> tuple[int, str]:
-    """The fewest earliest layers whose checkpointing brings lorakit's estimated step peak within
-    --memory-budget as `lorakit train --memory-budget` plans it (all of them when even that does
-    not fit; the trainer would offload then), and a notice saying so."""
+def _plan_memory_budget(plan: Plan) -> str:
+    """Fill plan.checkpoint_layers for each lorakit variant; the notice that says so."""
+    from lorakit.train.memory_plan import SAFETY_MARGIN
+
+    parts = []
+    for name in (v for v in plan.settings.variants if v.startswith("lorakit")):
+        plan.checkpoint_layers[name], part = budget_checkpoint_layers(plan, name)
+        parts.append(part)
+    return (f"--memory-budget {plan.settings.memory_budget_gib:g} GiB, planned as `lorakit train` does "
+            f"({SAFETY_MARGIN:.0%} of it for the step): " + "; ".join(parts + ["PEFT variants run as they are"]))
+
+
+def budget_checkpoint_layers(plan: Plan, variant: str = "lorakit") -> tuple[int, str]:
+    """The fewest earliest layers whose checkpointing brings `variant`'s estimated step peak (with
+    the fast paths it runs) within --memory-budget as `lorakit train --memory-budget` plans it
+    (all of them when even that does not fit; the trainer would offload then), and a phrase
+    saying so."""
     from lorakit.plan.estimate import TrainShape, estimate_memory
     from lorakit.train.memory_plan import SAFETY_MARGIN
 
     s = plan.settings
-    step = dict(batch_size=s.batch, seq_len=s.seq_len, r=s.r, targets=list(TARGETS), fused_loss=True,
+    fused, chunked, native = fast_paths(variant)
+    step = dict(batch_size=s.batch, seq_len=s.seq_len, r=s.r, targets=list(TARGETS), fused_loss=chunked,
                 dtype="bf16" if plan.dtype == "bfloat16" else "fp32", device=s.device,
-                loss_chunk_tokens=s.chunk_size, cpu_attention=s.device == "cpu", fused_mlp=True)
+                loss_chunk_tokens=s.chunk_size, cpu_attention=s.device == "cpu" and fused and native,
+                fused_mlp=fused)
     peaks = [estimate_memory(plan.shape, TrainShape(**step, grad_checkpointing=k > 0, checkpoint_layers=k or None)).total
              for k in range(s.layers + 1)]
     budget = s.memory_budget_gib * GIB * SAFETY_MARGIN  # the trainer's margin: fragmentation, workspaces
     k = next((k for k, peak in enumerate(peaks) if peak <= budget), s.layers)
-    fits = "within" if peaks[k] <= budget else "over even so, of"
-    return k, (f"--memory-budget {s.memory_budget_gib:g} GiB: lorakit variants checkpoint the first {k} of "
-               f"{s.layers} layers (estimated peak {peaks[k] / GIB:.2f} GiB, {fits} {SAFETY_MARGIN:.0%} of the "
-               f"budget; none: {peaks[0] / GIB:.2f} GiB); PEFT variants run as they are")
+    over = "" if peaks[k] <= budget else ", over even so"
+    return k, (f"{variant} checkpoints the first {k} of {s.layers} layers (estimated peak "
+               f"{peaks[k] / GIB:.3g} GiB{over}; with none {peaks[0] / GIB:.3g})")
 
 
 def _validate(s: BenchSettings) -> None:

@@ -40,6 +40,16 @@ from lorakit.kernels import cpu_gemm
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 1e-4
 
+# the lorakit variants that leave out the fused blocks (enable_fast_paths) or the chunked loss
+_UNFUSED = ("lorakit-plain", "lorakit-ce")
+_UNCHUNKED = ("lorakit-plain", "lorakit-fused")
+
+
+def fast_paths(name: str) -> tuple[bool, bool, bool]:
+    """A lorakit variant's (fused blocks, chunked loss, native CPU kernels): what it runs and what
+    the memory estimate must assume for it."""
+    return name not in _UNFUSED, name not in _UNCHUNKED, name != "lorakit-eager"
+
 
 def build_model(plan) -> torch.nn.Module:
     """A random-initialised LlamaForCausalLM of the plan's shape, dtype and device (seeded)."""
@@ -80,16 +90,13 @@ def prepare_variant(name: str, plan) -> Prepared:
         model = add_peft_adapters(model, plan, autocast_adapter_dtype=name != "peft-bf16")
         loss_fn, notices, key = hf_loss(model), [], "peft"
     else:
-        fused = name in ("lorakit", "lorakit-fused", "lorakit-triton", "lorakit-eager", "lorakit-4d",
-                         "lorakit-perdoc", "lorakit-offload", "lorakit-aten")
+        fused, chunked, native = fast_paths(name)
         notices = add_lorakit_adapters(model, plan, fused=fused, triton=name == "lorakit-triton",
-                                       varlen=name != "lorakit-4d", native=name != "lorakit-eager")
-        chunked = name in ("lorakit", "lorakit-ce", "lorakit-triton", "lorakit-eager", "lorakit-4d",
-                           "lorakit-perdoc", "lorakit-offload", "lorakit-aten")
+                                       varlen=name != "lorakit-4d", native=native)
         key = "lorakit" if fused and name != "lorakit-4d" else "lorakit-4d"  # packed: varlen rows or 4D mask
         loss_fn = lorakit_loss(model, plan, chunked=chunked)
-        if plan.checkpoint_layers:
-            _checkpoint_earliest(model, plan.checkpoint_layers)
+        if plan.checkpoint_layers.get(name):
+            _checkpoint_earliest(model, plan.checkpoint_layers[name])
         if name == "lorakit-perdoc":
             from lorakit.kernels.varlen_attention import per_document_only
 
