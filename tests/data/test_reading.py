@@ -50,6 +50,31 @@ def test_txt_lines_when_no_blank_line(tmp_path, cache):
     assert read_records(path, cache_dir=cache).dataset["text"][:] == ["one", "two", "three"]
 
 
+def test_txt_trailing_blank_lines_keep_one_example_per_line(tmp_path, cache):
+    # a blank line only at the end separates nothing: the file was read as ONE paragraph before
+    path = tmp_path / "d.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(50)) + "\n\n \n", encoding="utf-8")
+    assert read_records(path, cache_dir=cache).dataset["text"][:] == [f"line {i}" for i in range(50)]
+
+
+def test_txt_whitespace_only_lines_separate_paragraphs(tmp_path, cache):
+    # datasets' own paragraph mode splits on an exact "\n\n" and kept these three as one example
+    path = tmp_path / "d.txt"
+    path.write_bytes(b"one a\r\none b\r\n \r\ntwo\n\t\nthree\n")
+    assert read_records(path, cache_dir=cache).dataset["text"][:] == ["one a\none b", "two", "three"]
+
+
+def test_txt_edited_file_is_read_anew(tmp_path, cache):
+    import os
+
+    path = tmp_path / "d.txt"
+    path.write_text("old one\nold two\n", encoding="utf-8")
+    assert read_records(path, cache_dir=cache).dataset["text"][:] == ["old one", "old two"]
+    path.write_text("new one\nnew two\n", encoding="utf-8")  # the same size
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert read_records(path, cache_dir=cache).dataset["text"][:] == ["new one", "new two"]
+
+
 def test_saved_dataset_and_dict(tmp_path, cache):
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
     assert len(read_records(tmp_path / "saved", cache_dir=cache)) == 3

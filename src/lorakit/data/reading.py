@@ -13,9 +13,11 @@ is first streamed once, cheaply, to check what ``datasets`` would choke on::
         .parquet: starts and ends with the ``PAR1`` magic
     ──> datasets.load_dataset(...)  ──> concatenate
 
-Plain text (``.txt``): one example per paragraph (blocks separated by a blank line). A file
-with no blank line at all has one example per line. Surrounding whitespace is stripped and
-empty examples are skipped.
+Plain text (``.txt``): one example per paragraph (blocks separated by blank or
+whitespace-only lines). A file with no blank line between two lines of text (trailing blank
+lines do not count) has one example per line. Surrounding whitespace is stripped and empty
+examples are skipped. lorakit splits ``.txt`` files itself, into an Arrow dataset like the
+others: ``datasets``' own paragraph mode splits on an exact ``"\n\n"`` only.
 
 ``read_records`` returns a `RecordSet`: the concatenated dataset plus where each row came
 from, so later stages can name "data.jsonl line 18" in their errors.
@@ -115,9 +117,7 @@ def _read_one(path: Path, cache_dir: str | Path | None) -> tuple[datasets.Datase
         raise DataError(f"{path} is empty; it needs at least one record")
     kind = suffix[1:]
     options = _validate(path, kind)
-    ds = _load_file(path, kind, cache_dir, options)
-    if kind == "txt":
-        ds = _clean_text_rows(ds)
+    ds = _load_text(path, cache_dir, **options) if kind == "txt" else _load_file(path, kind, cache_dir, options)
     if len(ds) == 0:
         raise DataError(f"{path} holds no records (only a header or blank lines?)")
     return ds, kind
@@ -134,7 +134,7 @@ def _validate(path: Path, kind: str) -> dict:
         return {}
     has_blank = _check_utf8(path)
     if kind == "txt":
-        return {"sample_by": "paragraph" if has_blank else "line"}
+        return {"paragraphs": has_blank}
     return {}
 
 
@@ -148,9 +148,10 @@ def _check_not_binary(path: Path) -> None:
 
 
 def _check_utf8(path: Path) -> bool:
-    """Stream-decode the file as UTF-8; return whether it has a blank line between text."""
+    """Stream-decode the file as UTF-8; return whether a blank (or whitespace-only) line stands
+    between two lines of text."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    line, seen_text, has_blank, carry = 1, False, False, ""
+    line, seen_text, blank_after_text, has_blank, carry = 1, False, False, False, ""
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             try:
@@ -162,9 +163,13 @@ def _check_utf8(path: Path) -> bool:
             lines = (carry + text).split("\n")
             carry = lines.pop()
             for piece in lines:
-                blank = not piece.strip()
-                has_blank = has_blank or (blank and seen_text)
-                seen_text = seen_text or not blank
+                if piece.strip():
+                    has_blank = has_blank or blank_after_text
+                    seen_text = True
+                else:
+                    blank_after_text = blank_after_text or seen_text
+    if carry.strip():
+        has_blank = has_blank or blank_after_text
     if not (seen_text or carry.strip()):
         raise DataError(f"{path} is empty (only whitespace); it needs at least one record")
     return has_blank
@@ -245,10 +250,34 @@ def _first_char(path: Path) -> str:
     return ""
 
 
-def _clean_text_rows(ds: datasets.Dataset) -> datasets.Dataset:
-    """Strip each .txt example and drop the empty ones."""
-    stripped = ds.map(lambda batch: {"text": [t.strip() for t in batch["text"]]}, batched=True)
-    return stripped.filter(lambda batch: [bool(t) for t in batch["text"]], batched=True)
+def _load_text(path: Path, cache_dir, paragraphs: bool) -> datasets.Dataset:
+    """A .txt file's examples (see the module docstring) as an Arrow dataset in the cache. The
+    file's size and modification time are part of the cache key, so an edited file is read anew."""
+    stat = path.stat()
+    return datasets.Dataset.from_generator(
+        _text_examples, cache_dir=str(cache_dir) if cache_dir else None,
+        gen_kwargs={"path": str(path.resolve()), "paragraphs": paragraphs,
+                    "stamp": (stat.st_size, stat.st_mtime_ns)},
+    )
+
+
+def _text_examples(path: str, paragraphs: bool, stamp: tuple):
+    """{"text": ...} per line, or per paragraph; stripped, empty ones skipped. Read with
+    universal newlines: CRLF and CR end lines too."""
+    del stamp  # only in the cache key
+    block = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not paragraphs:
+                if line.strip():
+                    yield {"text": line.strip()}
+            elif line.strip():
+                block.append(line.rstrip())
+            elif block:
+                yield {"text": "\n".join(block).strip()}
+                block = []
+    if block:
+        yield {"text": "\n".join(block).strip()}
 
 
 def _load_saved(folder: Path) -> datasets.Dataset:
