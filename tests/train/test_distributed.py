@@ -116,6 +116,19 @@ def test_ranks_split_the_single_process_stream_across_epochs():
     assert interleaved == single  # rank k has micro-batches k, k+2, k+4 ... of the global stream
 
 
+@pytest.mark.parametrize("grad_accum,world", [(4, 1), (2, 2), (5, 1)])
+def test_epochs_count_micro_batches_not_whole_steps_per_epoch(grad_accum, world):
+    """Steps run on across epochs, so 2 epochs of 6 batches at 4 a step are 3 steps ending at
+    the second epoch's end (a whole 2 steps per epoch trained 2.67 epochs); at 5 a step, the
+    last step spills one step's remainder into the third epoch, never a whole step more."""
+    from lorakit.train.loop import total_steps_for
+
+    steps = total_steps_for(6, grad_accum * world, 2.0, None)
+    _, (epoch, batch_index) = _consumed(world=world, rank=0, grad_accum=grad_accum, steps=steps)
+    assert 12 <= epoch * 6 + batch_index < 12 + grad_accum * world
+    assert total_steps_for(6, 4, 2.0, max_steps=7) == 7
+
+
 def test_shutdown_collects_garbage_before_leaving_the_group(monkeypatch):
     """FSDP's mesh and DTensors live in reference cycles; destroyed at interpreter exit instead,
     gloo aborted a finished 2-rank run (13 of 30 runs of a DTensor gather; 0 of 30 with this)."""

@@ -87,14 +87,14 @@ class Hooks:
     extra: dict = field(default_factory=dict)
 
 
-def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
-    return max(1, math.ceil(num_batches / grad_accum))
-
-
 def total_steps_for(num_batches: int, grad_accum: int, epochs: float, max_steps: int | None) -> int:
+    """Optimizer steps for `epochs` passes over `num_batches` micro-batches, `grad_accum` of them a
+    step. A step's micro-batches run on into the next epoch (`Trainer._stream`), so this is the
+    epochs' micro-batches over grad_accum, not a whole number of steps per epoch: that would
+    train up to twice the epochs asked for."""
     if max_steps:
         return max_steps
-    return max(1, math.ceil(epochs * steps_per_epoch(num_batches, grad_accum)))
+    return max(1, math.ceil(epochs * num_batches / grad_accum))
 
 
 class Trainer:
