@@ -167,6 +167,19 @@ def test_slow_tokenizer_path_gives_the_same_mask(chatml):
     assert slow["labels"] == fast["labels"] and slow["input_ids"] == fast["input_ids"]
 
 
+def test_answer_token_that_starts_on_the_prompts_last_space_is_trained(chatml):
+    # the prefix "Answer: " ends in a space that the answer's first token " the" starts on
+    spaced = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}"
+              "Answer: {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}Answer: {% endif %}")
+    tok = PreTrainedTokenizerFast(tokenizer_object=chatml.backend_tokenizer, eos_token="<|im_end|>",
+                                  chat_template=spaced)
+    data = ds([{"instruction": "hello", "output": "the answer"}])
+    for tokenizer in (tok, _SlowView(tok)):
+        example = one(tokenize_records(data, tokenizer))
+        assert tok.decode(trained_ids(example)) == " the answer<|im_end|>"
+
+
 def test_template_that_renders_prefixes_differently_is_an_error(chatml):
     weird = CHATML.replace("{{ m['content'] }}", "{{ m['content'] }}{% if loop.last %}!{% endif %}")
     tok = PreTrainedTokenizerFast(tokenizer_object=chatml.backend_tokenizer, eos_token="<|im_end|>",

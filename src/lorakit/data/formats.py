@@ -279,19 +279,27 @@ def _assistant_spans(enc: _Encoder, messages: list[dict], full: str, index: int)
 
 
 def _token_mask(tokenizer: Any, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
-    """Token ids of ``full`` and whether each token starts inside one of ``spans``."""
+    """Token ids of ``full`` and whether each token is trained: it starts inside one of
+    ``spans``, or straddles a span's start. A template whose assistant prefix ends in a space
+    ("Answer: ") has the answer's first token (" a") start on that space; it is still the
+    answer's first word and must be learnt."""
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        trained = [any(s <= a < e for s, e in spans) for a, _ in enc["offset_mapping"]]
+        trained = [any(s <= a < e or a < s < b for s, e in spans) for a, b in enc["offset_mapping"]]
         return list(enc["input_ids"]), trained
-    # slow tokenizers have no offsets: count the tokens of each prefix instead
+    # slow tokenizers have no offsets: count the tokens of each prefix instead; a token that
+    # straddles a span's start differs from the prefix's last token, so the span starts there
     ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     trained = [False] * len(ids)
     for s, e in spans:
-        a = len(tokenizer(full[:s], add_special_tokens=False)["input_ids"])
+        a = _common_prefix_length(tokenizer(full[:s], add_special_tokens=False)["input_ids"], ids)
         b = len(tokenizer(full[:e], add_special_tokens=False)["input_ids"])
         trained[a:b] = [True] * (b - a)
     return list(ids), trained
+
+
+def _common_prefix_length(prefix: list[int], ids: list[int]) -> int:
+    return next((i for i, (p, t) in enumerate(zip(prefix, ids)) if p != t), min(len(prefix), len(ids)))
 
 
 def _encode_messages(messages: list[dict], index: int, enc: _Encoder) -> tuple[list[int], list[int]]:
