@@ -273,6 +273,19 @@ def test_damaged_newest_falls_back_to_previous(tmp_path, caplog, damage):
     assert load_checkpoint(tmp_path / "step-000001").step == 1
 
 
+def test_a_resumed_run_never_prunes_its_new_checkpoint_for_a_damaged_later_one(tmp_path):
+    model, optimizer, scheduler = _make_run()
+    _save_run(tmp_path, 1, model, optimizer, scheduler, keep=2)
+    damaged = _save_run(tmp_path, 4, model, optimizer, scheduler, keep=2)
+    (damaged / "adapter_model.safetensors").write_bytes(b"torn")
+    assert find_latest_valid(tmp_path) == tmp_path / "step-000001"  # the resume point
+    _save_run(tmp_path, 2, model, optimizer, scheduler, keep=1)  # counting step 4 deleted this one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000004"]
+    assert find_latest_valid(tmp_path) == tmp_path / "step-000002"
+    _save_run(tmp_path, 4, model, optimizer, scheduler, keep=1)  # reaching step 4 replaces the damaged one
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000004"] and verify_checkpoint(damaged) is None
+
+
 def test_stale_temp_folders_are_ignored_and_removed(tmp_path):
     model, optimizer, scheduler = _make_run()
     good = _save_run(tmp_path, 1, model, optimizer, scheduler)

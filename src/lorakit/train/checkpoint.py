@@ -285,7 +285,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune_checkpoints(root, keep)
+    prune_checkpoints(root, keep, up_to_step=step)
     return final
 
 
@@ -306,6 +306,10 @@ def list_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found, key=lambda item: item[0], reverse=True)]
 
 
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
 def remove_stale_temp_dirs(ckpt_root: str | os.PathLike) -> list[Path]:
     """Delete ``.tmp-*`` leftovers of killed saves; returns what was removed."""
     root = Path(ckpt_root)
@@ -324,16 +328,21 @@ def remove_stale_temp_dirs(ckpt_root: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def prune_checkpoints(ckpt_root: str | os.PathLike, keep: int | None) -> None:
-    """Delete all but the ``keep`` newest step folders.
+def prune_checkpoints(ckpt_root: str | os.PathLike, keep: int | None, up_to_step: int | None = None) -> None:
+    """Delete all but the ``keep`` newest step folders (of steps up to ``up_to_step``).
 
+    ``up_to_step`` is the step just saved: later folders are neither counted nor deleted. A run
+    resumes from its newest valid checkpoint, so the only later ones are damaged ones it skipped;
+    counting them deleted the checkpoint just written (keep=1) and left nothing to resume from.
     Each doomed folder is first renamed to ``.tmp-delete-*`` so a kill mid-delete leaves no
     half-deleted ``step-*`` folder behind. A failure here only warns: training can go on.
     """
     if keep is None:
         return
     root = Path(ckpt_root)
-    for path in list_checkpoints(root)[keep:]:
+    folders = [path for path in list_checkpoints(root)
+               if up_to_step is None or _step_of(path) <= up_to_step]
+    for path in folders[keep:]:
         trash = root / f"{TEMP_PREFIX}delete-{path.name}-{os.getpid()}"
         try:
             os.rename(path, trash)
