@@ -115,6 +115,38 @@ def test_disable_adapters_gives_base(llama):
     assert not torch.allclose(logits(llama), reference)
 
 
+@pytest.mark.parametrize("factory,dora", [(tiny_llama, False), (tiny_llama, True), (tiny_gpt2, False),
+                                         (tiny_gpt2, True)])
+def test_disable_adapters_gives_base_when_merged(factory, dora):
+    # a merged layer used to return the merged (adapted) output when disabled
+    model = factory()
+    reference = logits(model)
+    apply_lora(model, LoraConfig(r=4, alpha=8, use_dora=dora))
+    randomize_lora(model)
+    adapted = logits(model)
+    merge_lora(model)
+    with disable_adapters(model):
+        assert torch.allclose(logits(model), reference, atol=1e-5)
+    assert torch.allclose(logits(model), adapted, atol=1e-5)  # the weights were left as they were
+
+
+def test_pissa_disabled_and_removed_give_the_original_model(llama):
+    # PiSSA moves W's principal part into the adapter: the base layer alone is a residual
+    from lorakit import remove_lora
+
+    reference, weight = logits(llama), llama.model.layers[0].mlp.up_proj.weight.clone()
+    apply_lora(llama, LoraConfig(r=4, alpha=8, init="pissa"))
+    randomize_lora(llama)
+    with disable_adapters(llama):
+        assert torch.allclose(logits(llama), reference, atol=1e-5)
+    merge_lora(llama)
+    with disable_adapters(llama):
+        assert torch.allclose(logits(llama), reference, atol=1e-5)
+    remove_lora(llama, merge=False)
+    assert torch.allclose(llama.model.layers[0].mlp.up_proj.weight, weight, atol=1e-5)
+    assert torch.allclose(logits(llama), reference, atol=1e-5)
+
+
 def test_scaling_standard_and_rslora(llama):
     apply_lora(llama, LoraConfig(r=16, alpha=32, scaling="rslora", rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 8}))
     layer = llama.model.layers[0].self_attn

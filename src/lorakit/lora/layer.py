@@ -136,7 +136,9 @@ class LoraLinear(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.disabled or self.merged:
+        if self.disabled:
+            return self._original_output(x, result)
+        if self.merged:
             return result
         dropped = self.lora_dropout(x)
         dtype = dropped.dtype if torch.is_floating_point(dropped) else self.lora_A.weight.dtype
@@ -146,6 +148,38 @@ class LoraLinear(nn.Module):
         if self.use_dora:
             return result + self._dora_term(x, dropped, result, lora)
         return result + (lora * self.scaling).to(result.dtype)
+
+    def _original_output(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What the layer computed before the adapter touched W, from the base layer's `result`:
+        a merged update taken out again, PiSSA's principal part (moved from W into the adapter at
+        init) put back. W is left as it is, so disabling never drifts the weights."""
+        pissa = hasattr(self, "pissa_A0")
+        if not (self.merged or pissa):
+            return result
+        dtype = x.dtype if torch.is_floating_point(x) else torch.float32
+        out = result.float()
+        if self.merged:
+            bias = getattr(self.base_layer, "bias", None)
+            if self.use_dora:  # merged W' = f (W + sBA): W x = (y - b) / f - sBA x
+                unbiased = out if bias is None else out - bias.float()
+                out = unbiased / self._dora_factor + (0 if bias is None else bias.float())
+            out = out - self._low_rank(x, self.lora_A.weight, self.lora_B.weight, dtype)
+        if pissa:
+            out = out + self._low_rank(x, self.pissa_A0, self.pissa_B0, dtype)
+        return out.to(result.dtype)
+
+    def _low_rank(self, x, a, b, dtype) -> torch.Tensor:
+        """s · x Aᵀ Bᵀ in fp32."""
+        return self.scaling * F.linear(F.linear(x.to(dtype), a.to(dtype)), b.to(dtype)).float()
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        """Write the original W back into the base layer: unmerge, and undo PiSSA's residual."""
+        self.unmerge()
+        if hasattr(self, "pissa_A0"):
+            original = self.base_weight().float() + self.scaling * (self.pissa_B0.float() @ self.pissa_A0.float())
+            self._set_base_weight(original)
+            del self.pissa_A0, self.pissa_B0
 
     def _dora_term(self, x, dropped, result, lora) -> torch.Tensor:
         weight = self.base_weight()

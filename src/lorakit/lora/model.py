@@ -139,10 +139,13 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace each LoRA layer by its base layer (merged first unless merge=False)."""
+    """Replace each LoRA layer by its base layer: merged first, or with merge=False holding the
+    original weight again (a merged update taken out, PiSSA's residual undone)."""
     if merge:
         merge_lora(model)
     for name, layer in list(lora_layers(model)):
+        if not merge:
+            layer.restore_base()
         parent, child = _parent_and_child(model, name)
         setattr(parent, child, layer.base_layer)
     if hasattr(model, CONFIG_ATTR):
@@ -152,7 +155,8 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Run the base model without the adapters inside the block."""
+    """Run the base model without the adapters inside the block: the original model, also when
+    an adapter is merged or was initialised with PiSSA (whose base layer holds a residual)."""
     layers = [layer for _, layer in lora_layers(model)]
     previous = [layer.disabled for layer in layers]
     for layer in layers:
