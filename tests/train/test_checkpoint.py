@@ -351,6 +351,19 @@ def test_disk_full_during_save_keeps_earlier_checkpoints(tmp_path, monkeypatch, 
     assert failures >= 3 if function != "rename" else failures >= 1
 
 
+def test_resume_keeps_this_runs_hyperparameters_and_the_saved_moments(tmp_path):
+    model, optimizer, scheduler = _make_run()
+    _train(model, optimizer, scheduler, 2)
+    ckpt = load_checkpoint(_save_run(tmp_path, 2, model, optimizer, scheduler))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    resumed = torch.optim.AdamW(trainable, lr=5e-3, betas=(0.9, 0.99), weight_decay=0.0)  # new flags
+    load_optimizer_state(resumed, ckpt)
+    group = resumed.param_groups[0]
+    assert (group["weight_decay"], group["betas"]) == (0.0, (0.9, 0.99))
+    assert group["lr"] == optimizer.param_groups[0]["lr"]  # the schedule's, as saved
+    assert all(torch.equal(resumed.state[p]["exp_avg"], optimizer.state[p]["exp_avg"]) for p in trainable)
+
+
 def test_optimizer_mismatch_is_a_clear_error(tmp_path):
     model, optimizer, scheduler = _make_run()
     _train(model, optimizer, scheduler, 1)

@@ -459,11 +459,19 @@ def _optimizer_mismatch(optimizer: torch.optim.Optimizer, state_dict: Mapping) -
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:
-    """Load the checkpoint's optimizer state after checking it fits the trainable tensors."""
+    """Load the checkpoint's optimizer state (AdamW's moments and step counts) after checking it
+    fits the trainable tensors. The hyperparameters other than the schedule's learning rate stay
+    this run's (a resume with a new --weight-decay uses it, as the resume notice says);
+    load_state_dict alone would restore the saved ones."""
     problem = _optimizer_mismatch(optimizer, checkpoint.optimizer_state_dict)
     if problem is not None:
         raise AdapterMismatchError(
             f"checkpoint {checkpoint.path} does not fit this run's trainable parameters "
             f"({problem}): resume with the same LoRA config and base model, or start a new --output"
         )
+    schedule_owned = ("params", "lr", "initial_lr")
+    settings = [{key: value for key, value in group.items() if key not in schedule_owned}
+                for group in optimizer.param_groups]
     optimizer.load_state_dict(checkpoint.optimizer_state_dict)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
