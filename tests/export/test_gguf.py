@@ -254,6 +254,11 @@ def test_dora_and_modules_to_save_are_refused(tmp_path):
         "saved")
     with pytest.raises(AdapterFileError, match="lm_head"):
         export_gguf(saved_dir, tmp_path / "s.gguf")
+    pissa_dir, _, _ = make_peft_adapter(
+        tmp_path, tiny_llama_config(), dict(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="pissa"),
+        "pissa")
+    with pytest.raises(AdapterFileError, match="init_lora_weights is 'pissa'"):  # its factors need a residual W
+        export_gguf(pissa_dir, tmp_path / "p.gguf")
 
 
 def test_cli_writes_into_an_existing_folder(tmp_path, capsys):

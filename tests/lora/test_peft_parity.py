@@ -68,9 +68,10 @@ def test_peft_rank_pattern_adapter(tmp_path):
     assert (logits(model) - expected).abs().max() <= 1e-5
 
 
-def test_pissa_adapter_is_portable(tmp_path):
+@pytest.mark.parametrize("r,scaling", [(4, "standard"), (4, "rslora"), (1, "rslora")])  # r=1: alpha/sqrt(r) == alpha/r
+def test_pissa_adapter_is_portable(tmp_path, r, scaling):
     model = tiny_llama()
-    apply_lora(model, LoraConfig(r=4, alpha=8, init="pissa"))
+    apply_lora(model, LoraConfig(r=r, alpha=8, init="pissa", scaling=scaling))
     randomize_lora(model, std=0.01)
     with torch.no_grad():  # PiSSA's factors start large; nudge them rather than replace
         for name, p in model.named_parameters():
@@ -81,6 +82,35 @@ def test_pissa_adapter_is_portable(tmp_path):
     peft_model = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
     assert (logits(peft_model) - expected).abs().max() <= 1e-4
     assert (logits(load_adapter(tiny_llama(), tmp_path / "adapter")) - expected).abs().max() <= 1e-4
+
+
+def test_peft_pissa_adapter_loads_on_the_residual_base_it_needs(tmp_path):
+    # PEFT rebuilds W - s B0 A0 when it loads an adapter saved with init_lora_weights="pissa";
+    # lorakit added the factors to the original W (off by more than the adapter's whole effect)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights="pissa")
+    peft_model = peft.get_peft_model(tiny_llama(), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.01 * torch.randn_like(p))
+    expected = logits(peft_model.eval())
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = load_adapter(tiny_llama(), tmp_path / "peft")
+    assert (logits(model) - expected).abs().max() <= 1e-5
+    assert (logits(tiny_llama()) - expected).abs().max() > 1e-3
+    save_adapter(model, tmp_path / "again")  # lorakit saves it as a plain rank-2r LoRA against W
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "again").eval()
+    assert (logits(again) - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("init", ["olora", "pissa_niter_4", "loftq", "corda"])
+def test_peft_inits_that_rewrite_the_base_differently_are_refused(tmp_path, llama, init):
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+    with pytest.raises(AdapterFileError, match=f"init_lora_weights='{init}' rewrites the base weights"):
+        load_adapter(llama, tmp_path)
 
 
 def test_round_trip_and_trainable_flag(tmp_path, llama):

@@ -41,6 +41,7 @@ import torch
 
 from lorakit.errors import AdapterFileError, ConfigError, OutputError
 from lorakit.export.adapter_files import Adapter, LoraPair, find_base_config, read_adapter, tensor_problems
+from lorakit.lora.io import base_rewriting_init
 from lorakit.safe_io import fsync_dir, output_error
 
 OUTTYPES = {
@@ -118,6 +119,10 @@ def _refuse_unconvertible(adapter: Adapter) -> None:
         shown = adapter.other_keys[:3] or adapter.config.get("modules_to_save")
         problems.append(f"it holds fully trained modules ({shown}): a GGUF adapter carries only LoRA "
                         "factors; use --format merged")
+    init = base_rewriting_init(adapter.config)
+    if init is not None:
+        problems.append(f"init_lora_weights is {init!r}: its factors apply to a rewritten base weight, which "
+                        "llama.cpp does not make; use --format merged")
     problems += tensor_problems(adapter)
     if problems:
         raise AdapterFileError(f"{adapter.folder} cannot be written as a GGUF adapter:\n  - " + "\n  - ".join(problems))

@@ -47,12 +47,27 @@ _UNSUPPORTED = {"layers_to_transform": None, "layer_replication": None, "lora_bi
                 "alora_invocation_tokens": None}
 
 
+# PEFT initialisations that also rewrite the base weight when PEFT creates or loads the adapter
+# (W - s B0 A0 for PiSSA and OLoRA; CorDA from data statistics; LoftQ a quantised residual): the
+# saved factors only make sense on that rewritten base. lorakit rebuilds PiSSA's (an exact SVD of W,
+# as its own --init pissa does); the others it refuses.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def base_rewriting_init(config: dict) -> str | None:
+    """The adapter's init_lora_weights when PEFT rewrites the base weight for it, else None."""
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        return init
+    return None
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key names (PiSSA converted to a plain LoRA)."""
     config: LoraConfig = getattr(model, CONFIG_ATTR)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
-        a, b = _portable_factors(layer)
+        a, b = _portable_factors(layer, config.scaling == "rslora")
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b
         if layer.use_dora:
@@ -63,22 +78,17 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
 
-def _portable_factors(layer: LoraLinear) -> tuple[torch.Tensor, torch.Tensor]:
+def _portable_factors(layer: LoraLinear, rslora: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """PiSSA changed the base; express its update against the original W as a rank-2r LoRA."""
     a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
     if layer.init != "pissa":
         return a, b
     # s*B@A - s*B0@A0 == s*[B, -B0] @ [A; A0]; saved with r'=2r, so rescale to keep s
-    scale_fix = math.sqrt(layer.scaling / _saved_scaling(layer))
+    saved_scaling = layer.lora_alpha / (math.sqrt(2 * layer.r) if rslora else 2 * layer.r)
+    scale_fix = math.sqrt(layer.scaling / saved_scaling)
     a2 = torch.cat([a, layer.pissa_A0.to(a.dtype)], dim=0) * scale_fix
     b2 = torch.cat([b, -layer.pissa_B0.to(b.dtype)], dim=1) * scale_fix
     return a2, b2
-
-
-def _saved_scaling(layer: LoraLinear) -> float:
-    rslora = not math.isclose(layer.scaling, layer.lora_alpha / layer.r)
-    r2 = 2 * layer.r
-    return layer.lora_alpha / math.sqrt(r2) if rslora else layer.lora_alpha / r2
 
 
 def adapter_config_dict(model: nn.Module, base_model_name: str | None) -> dict:
@@ -159,6 +169,12 @@ def check_engine_supports(config: dict, where) -> None:
         if config.get(key, neutral) not in (neutral, None, False, [], {}):
             raise AdapterFileError(f"{where}: the PEFT option {key}={config[key]!r} is not supported by lorakit; "
                                    "load this adapter with PEFT instead")
+    init = base_rewriting_init(config)
+    if init is not None and init.lower() != "pissa":
+        raise AdapterFileError(
+            f"{where}: init_lora_weights={init!r} rewrites the base weights when PEFT loads the adapter, which "
+            "lorakit does not reproduce; load it with PEFT, or have PEFT convert it to a plain LoRA "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and load that")
 
 
 def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False, *,
@@ -198,6 +214,8 @@ def lora_config_from_peft(config: dict) -> LoraConfig:
         rank_pattern=dict(config.get("rank_pattern") or {}),
         alpha_pattern=dict(config.get("alpha_pattern") or {}),
         modules_to_save=list(config.get("modules_to_save") or []),
+        # PiSSA: wrapping rebuilds the residual base (and the initial factors a re-save needs)
+        init="pissa" if (base_rewriting_init(config) or "").lower() == "pissa" else "kaiming",
     )
 
 

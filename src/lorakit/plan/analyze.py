@@ -40,6 +40,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.lora.adapter_folder import PEFT_DEFAULT_ALPHA, Adapter, rank_mismatches, read_adapter_folder
+from lorakit.lora.io import base_rewriting_init
 from lorakit.safe_io import atomic_write_bytes, translate_os_errors
 
 DEFAULT_ENERGIES = (0.9, 0.99)
@@ -232,6 +233,10 @@ def _config_warnings(adapter: Adapter) -> list[str]:
     if adapter.config.get("use_dora"):
         warnings.append("DoRA adapter: the spectra describe the low-rank direction update s·BA; "
                         "the learned magnitudes rescale rows on top of it")
+    init = base_rewriting_init(adapter.config)
+    if init is not None:
+        warnings.append(f"init_lora_weights {init!r}: PEFT moved part of W into the adapter at init, so s·BA "
+                        "is not the change to the base model; lorakit's own PiSSA adapters are saved as plain LoRA")
     return warnings
 
 
