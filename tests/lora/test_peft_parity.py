@@ -113,6 +113,41 @@ def test_peft_inits_that_rewrite_the_base_differently_are_refused(tmp_path, llam
         load_adapter(llama, tmp_path)
 
 
+def test_peft_seq_cls_adapter_loads_though_it_names_a_head_the_model_lacks(tmp_path):
+    # PEFT's SEQ_CLS adapters list modules_to_save ["classifier", "score"]; BERT has no "score"
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    peft_model = randomize_lora(peft.get_peft_model(tiny_bert(), config))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.05)
+    expected = logits(peft_model.eval())
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = load_adapter(tiny_bert(), tmp_path / "adapter")
+    assert (logits(model) - expected).abs().max() <= 1e-5
+
+
+def test_a_tied_lm_head_is_never_trained_in_place_and_its_lora_merges_untied(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from lorakit import remove_lora
+    from lorakit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tied to model.embed_tokens.weight"):
+        apply_lora(tiny_llama(tie_word_embeddings=True), LoraConfig(r=4, alpha=8, modules_to_save=["lm_head"]))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    peft_model = randomize_lora(peft.get_peft_model(tiny_llama(tie_word_embeddings=True), config)).eval()
+    expected = logits(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")  # with lm_head.base_layer.weight, the tied embedding
+    model = load_adapter(tiny_llama(tie_word_embeddings=True), tmp_path / "adapter")
+    assert (logits(model) - expected).abs().max() <= 1e-5
+    remove_lora(model)  # merging into the shared weight changed the input embedding too
+    assert (logits(model) - expected).abs().max() <= 1e-5
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (logits(reloaded) - expected).abs().max() <= 1e-5
+
+
 def test_round_trip_and_trainable_flag(tmp_path, llama):
     apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     randomize_lora(llama)

@@ -19,6 +19,7 @@ any PEFT adapter (rank_pattern, regex targets) maps exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -193,7 +194,7 @@ def attach_adapter(model: nn.Module, config_dict: dict, tensors: dict, metadata:
 def _attach(model: nn.Module, adapter: Adapter, path, trainable: bool, allow_other_base: bool) -> nn.Module:
     check_engine_supports(adapter.config, path)
     _check_fingerprint(model, adapter.base_fingerprint, path, allow_other_base)
-    config = lora_config_from_peft(adapter.config)
+    config = _modules_to_save_here(model, lora_config_from_peft(adapter.config), adapter)
     ranks = _ranks(config, adapter, path)
     _check_modules_exist(model, ranks, path)
     wrap_modules(model, config, ranks)
@@ -202,6 +203,21 @@ def _attach(model: nn.Module, adapter: Adapter, path, trainable: bool, allow_oth
         param.requires_grad_(trainable and (".lora_" in name or name.endswith("lora_magnitude_vector")
                                             or _in_modules_to_save(name, config)))
     return model
+
+
+def _modules_to_save_here(model: nn.Module, config: LoraConfig, adapter: Adapter) -> LoraConfig:
+    """modules_to_save as this model's module names, the way PEFT reads them: a name matches the
+    module of that name or ending in ".name", and a name matching nothing is skipped unless the
+    adapter holds its tensors (PEFT's SEQ_CLS adapters list both "classifier" and "score")."""
+    module_names = [name for name, _ in model.named_modules() if name]
+    resolved = []
+    for wanted in config.modules_to_save:
+        matches = [name for name in module_names if name == wanted or name.endswith("." + wanted)]
+        if not matches and any(key.startswith(wanted + ".") for key in adapter.parameter_tensors()):
+            raise AdapterMismatchError(f"the adapter trains module {wanted!r} in full, which this model does not "
+                                       "have; load it onto the base model it was trained for")
+        resolved += [name for name in matches if name not in resolved]
+    return dataclasses.replace(config, modules_to_save=resolved)
 
 
 def lora_config_from_peft(config: dict) -> LoraConfig:
@@ -260,7 +276,7 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 
 def _load_tensors(model: nn.Module, config: LoraConfig, tensors: dict, path) -> None:
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head keeps its own name
     expected = {k for k in params if ".lora_" in k or k.endswith("lora_magnitude_vector") or _in_modules_to_save(k, config)}
     missing = sorted(expected - set(tensors))
     if missing:

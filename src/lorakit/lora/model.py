@@ -84,8 +84,23 @@ def wrap_modules(model: nn.Module, config: LoraConfig, ranks: dict[str, tuple[in
         layer = LoraLinear(base, r, alpha, config.scale_for(r, alpha), config.dropout, config.use_dora, config.init)
         setattr(parent, child, layer)
     for name in config.modules_to_save:
+        _refuse_tied(model, name)
         _module(model, name).requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
+
+
+def _refuse_tied(model: nn.Module, name: str) -> None:
+    """A module trained in full is trained in place: one whose weight is tied to another module
+    (a tied lm_head and input embedding) would change both, and PEFT, which trains a copy, would
+    load the result differently."""
+    own = {id(p) for p in _module(model, name).parameters()}
+    others = sorted({other for other, p in model.named_parameters(remove_duplicate=False)
+                     if id(p) in own and not other.startswith(name + ".")})
+    if others:
+        raise ConfigError(
+            f"modules_to_save names {name!r}, whose weight is tied to {others[0]} (tied embeddings): training it "
+            "would change both; leave it out of modules_to_save (LoRA on the projections adapts the model), "
+            "or untie the weights first")
 
 
 def _check_ranks(model: nn.Module, ranks: dict[str, tuple[int, float]]) -> None:
@@ -122,9 +137,26 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, layer in layers:  # check all first, so a bad adapter leaves nothing half merged
         if not all(torch.isfinite(p).all() for p in adapter_parameters(layer)):
             raise MergeError(f"the adapter of {name} holds NaN or inf values; refusing to merge it")
+    _untie_adapted_weights(model, layers)
     for _, layer in layers:
         layer.merge()
     return model
+
+
+def _untie_adapted_weights(model: nn.Module, layers: list[tuple[str, LoraLinear]]) -> None:
+    """A merged update belongs to its layer alone: a base weight tied to another module (LoRA on
+    a tied lm_head) gets its own copy first, or the input embedding would change too; the model's
+    config then says the embeddings are untied, so a saved merged model loads the same way."""
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    for _, layer in layers:
+        weight = layer.base_layer.weight
+        if uses.get(id(weight), 0) > 1 and not layer.merged:
+            layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            for config in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
+                if config is not None and getattr(config, "tie_word_embeddings", False):
+                    config.tie_word_embeddings = False
 
 
 def adapter_parameters(layer: LoraLinear) -> list[torch.Tensor]:
