@@ -148,6 +148,43 @@ def test_a_tied_lm_head_is_never_trained_in_place_and_its_lora_merges_untied(tmp
     assert (logits(reloaded) - expected).abs().max() <= 1e-5
 
 
+def test_tensors_an_adapter_overwrites_in_full_come_back_when_it_is_disabled_or_removed(tmp_path):
+    # PEFT's bias="all" trains every bias; lorakit loads them into the base model's own biases,
+    # and disabling, switching or removing the adapter used to keep them (re-saving dropped them)
+    from lorakit import disable_adapters, remove_lora
+    from lorakit.adapters import AdapterSet
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, bias="all")
+    peft_model = peft.get_peft_model(tiny_gpt2(), config)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    expected, base = logits(peft_model.eval()), logits(tiny_gpt2())
+    peft_model.save_pretrained(tmp_path / "biased")
+    plain = randomize_lora(apply_lora(tiny_gpt2(), LoraConfig(r=4, alpha=8, target_modules=["c_attn"])))
+    plain_logits = logits(plain)
+    save_adapter(plain, tmp_path / "plain")
+
+    model = load_adapter(tiny_gpt2(), tmp_path / "biased")
+    assert (logits(model) - expected).abs().max() <= 1e-5
+    with disable_adapters(model):
+        assert torch.equal(logits(model), base)
+    assert (logits(model) - expected).abs().max() <= 1e-5
+    save_adapter(model, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["bias"] == "all"
+    again = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "again").eval()
+    assert (logits(again) - expected).abs().max() <= 1e-5
+    assert torch.equal(logits(remove_lora(model, merge=False)), base)
+
+    adapters = AdapterSet(tiny_gpt2())
+    adapters.add(tmp_path / "biased", "biased")
+    adapters.add(tmp_path / "plain", "plain")
+    adapters.activate("biased")
+    assert (logits(adapters.activate("plain")) - plain_logits).abs().max() <= 1e-6
+    assert torch.equal(logits(adapters.deactivate()), base)
+
+
 def test_round_trip_and_trainable_flag(tmp_path, llama):
     apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     randomize_lora(llama)

@@ -39,7 +39,8 @@ from lorakit.lora.adapter_folder import (
 from lorakit.lora.adapter_folder import PEFT_PREFIX as PREFIX
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.layer import LoraLinear
-from lorakit.lora.model import CONFIG_ATTR, base_fingerprint, lora_layers, wrap_modules
+from lorakit.lora.model import (CONFIG_ATTR, base_fingerprint, lora_layers, overwritten_originals, remember_original,
+                                wrap_modules)
 from lorakit.safe_io import atomic_save_safetensors, atomic_write_json
 
 # PEFT options lorakit does not implement: loading them would silently compute something else
@@ -76,7 +77,23 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for module_name in config.modules_to_save:
         for pname, param in model.get_submodule(module_name).named_parameters():
             tensors[f"{PREFIX}{module_name}.{pname}"] = param.detach()
+    for name in _trained_biases(model):
+        tensors[f"{PREFIX}{name}"] = model.get_parameter(name).detach()
     return {k: v.contiguous().cpu() for k, v in tensors.items()}
+
+
+def _trained_biases(model: nn.Module) -> list[str]:
+    """Biases a loaded PEFT adapter (bias "all" or "lora_only") set: saved again with it."""
+    config: LoraConfig = getattr(model, CONFIG_ATTR)
+    return [name for name in overwritten_originals(model)
+            if name.endswith(".bias") and not _in_modules_to_save(name, config)]
+
+
+def _bias_mode(model: nn.Module) -> str:
+    biases = _trained_biases(model)
+    if not biases:
+        return "none"
+    return "lora_only" if all(name.endswith(".base_layer.bias") for name in biases) else "all"
 
 
 def _portable_factors(layer: LoraLinear, rslora: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +130,7 @@ def adapter_config_dict(model: nn.Module, base_model_name: str | None) -> dict:
         "alpha_pattern": alpha_pattern,
         "modules_to_save": list(config.modules_to_save) or None,
         "fan_in_fan_out": any(l.fan_in_fan_out for l in layers.values()),
-        "bias": "none",
+        "bias": _bias_mode(model),
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -277,7 +294,7 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 def _load_tensors(model: nn.Module, config: LoraConfig, tensors: dict, path) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head keeps its own name
-    expected = {k for k in params if ".lora_" in k or k.endswith("lora_magnitude_vector") or _in_modules_to_save(k, config)}
+    expected = {k for k in params if _is_adapter_parameter(k) or _in_modules_to_save(k, config)}
     missing = sorted(expected - set(tensors))
     if missing:
         raise AdapterFileError(f"{path}: tensor {PREFIX}{missing[0]} is missing ({len(missing)} in all); the adapter is incomplete")
@@ -290,8 +307,14 @@ def _load_tensors(model: nn.Module, config: LoraConfig, tensors: dict, path) -> 
                 f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}; "
                 "the adapter was made for another base model"
             )
+        if not _is_adapter_parameter(key):
+            remember_original(model, key, target)
         with torch.no_grad():
             target.copy_(tensor.to(target.dtype))
+
+
+def _is_adapter_parameter(name: str) -> bool:
+    return ".lora_" in name or name.endswith("lora_magnitude_vector")
 
 
 def _in_modules_to_save(param_name: str, config: LoraConfig) -> bool:

@@ -23,6 +23,9 @@ from lorakit.lora.layer import LoraLinear, in_out_features, layer_kind
 from lorakit.lora.targets import ModuleInfo, select_targets
 
 CONFIG_ATTR = "lorakit_config"
+# base parameters a loaded adapter overwrote in full (modules_to_save, PEFT's trained biases):
+# name -> the original values, on the CPU, so that disabling or removing the adapter restores them
+ORIGINALS_ATTR = "_lorakit_originals"
 
 
 def describe_modules(model: nn.Module) -> list[ModuleInfo]:
@@ -172,30 +175,60 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace each LoRA layer by its base layer: merged first, or with merge=False holding the
-    original weight again (a merged update taken out, PiSSA's residual undone)."""
+    original weights again (a merged update taken out, PiSSA's residual undone, the tensors a
+    loaded adapter overwrote in full restored)."""
     if merge:
         merge_lora(model)
+    else:
+        _put_values(model, overwritten_originals(model))
     for name, layer in list(lora_layers(model)):
         if not merge:
             layer.restore_base()
         parent, child = _parent_and_child(model, name)
         setattr(parent, child, layer.base_layer)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    for attr in (CONFIG_ATTR, ORIGINALS_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
+
+
+def remember_original(model: nn.Module, name: str, param: torch.Tensor) -> None:
+    """Keep `param`'s values before an adapter overwrites them in full (the first time only)."""
+    originals = overwritten_originals(model)
+    if name not in originals:
+        originals[name] = param.detach().to("cpu", copy=True)
+        setattr(model, ORIGINALS_ATTR, originals)
+
+
+def overwritten_originals(model: nn.Module) -> dict[str, torch.Tensor]:
+    return getattr(model, ORIGINALS_ATTR, {})
+
+
+@torch.no_grad()
+def _put_values(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy each value into its parameter; return what the parameters held before."""
+    previous = {}
+    for name, value in values.items():
+        param = model.get_parameter(name)
+        previous[name] = param.detach().clone()
+        param.copy_(value.to(param.device, param.dtype))
+    return previous
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Run the base model without the adapters inside the block: the original model, also when
-    an adapter is merged or was initialised with PiSSA (whose base layer holds a residual)."""
+    an adapter is merged, was initialised with PiSSA (whose base layer holds a residual) or
+    overwrote tensors in full when it was loaded (those are swapped back for the block)."""
     layers = [layer for _, layer in lora_layers(model)]
     previous = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
+    adapted = _put_values(model, overwritten_originals(model))
     try:
         yield model
     finally:
+        _put_values(model, adapted)
         for layer, flag in zip(layers, previous):
             layer.disabled = flag
 
