@@ -38,6 +38,17 @@ def test_comma_list_and_exclude():
     assert names == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
 
 
+def test_a_regex_with_a_comma_is_not_split_into_names():
+    assert select_targets(LLAMA, r"model\.layers\.\d{1,2}\.self_attn\.q_proj") == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert select_targets(LLAMA, "q_proj, ") == select_targets(LLAMA, ["q_proj"])
+
+
+def test_exclude_takes_the_architecture_presets_too():
+    names = select_targets(LLAMA, "all-linear", exclude="mlp", model_type="llama", output_head="lm_head")
+    assert names == select_targets(LLAMA, "attention", model_type="llama")
+
+
 def test_partial_typo_is_an_error_with_suggestion():
     with pytest.raises(TargetMatchError) as err:
         select_targets(LLAMA, ["q_proj", "v_porj"])

@@ -93,7 +93,7 @@ def select_targets(
         if not hits:
             raise TargetMatchError(_miss_message(label, modules, linear, pattern))
         chosen.update(hits)
-    chosen -= set(_excluded(exclude, linear))
+    chosen -= set(_excluded(exclude, model_type, linear))
     if not chosen:
         raise TargetMatchError(f"exclude_modules {exclude!r} removed every target; nothing is left to adapt")
     return [m.name for m in linear if m.name in chosen]
@@ -107,8 +107,9 @@ def _patterns_for(spec, model_type, linear) -> list[tuple[str, str]]:
             return [("all-linear", _all_linear_regex(linear))]
         if spec in GROUPS:
             return _group_patterns(spec, model_type)
-        if "," in spec:
-            spec = [s.strip() for s in spec.split(",") if s.strip()]
+        pieces = [s.strip() for s in spec.split(",") if s.strip()]
+        if "," in spec and pieces and all(_PLAIN_NAME.match(piece) for piece in pieces):  # a regex may hold {1,2}
+            spec = pieces
         elif _PLAIN_NAME.match(spec):
             spec = [spec]
         else:
@@ -145,10 +146,10 @@ def _matches(pattern: str, name: str) -> bool:
     return re.fullmatch(pattern, name) is not None
 
 
-def _excluded(exclude, linear: Sequence[ModuleInfo]) -> list[str]:
+def _excluded(exclude, model_type: str | None, linear: Sequence[ModuleInfo]) -> list[str]:
     if exclude is None:
         return []
-    patterns = _patterns_for(exclude, None, linear)
+    patterns = _patterns_for(exclude, model_type, linear)
     return [m.name for m in linear if any(_matches(p, m.name) for _, p in patterns)]
 
 
