@@ -58,6 +58,22 @@ def test_param_count_equals_the_real_model(tied):
     assert model_shape(config).num_params() == real
 
 
+def test_a_config_json_without_tie_word_embeddings_takes_its_model_types_default(tmp_path):
+    # transformers writes only non-default values: a Gemma config.json often leaves out its tie
+    import json
+
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    config = GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=256)
+    data = {k: v for k, v in config.to_dict().items() if k != "tie_word_embeddings"}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    real = sum(p.numel() for p in GemmaForCausalLM(config).parameters())
+    assert model_shape(tmp_path).tie_word_embeddings and model_shape(tmp_path).num_params() == real
+    llama = {k: v for k, v in tiny_config().to_dict().items() if k != "tie_word_embeddings"}
+    assert not model_shape(llama).tie_word_embeddings
+
+
 def test_flops_per_token_of_the_1b_shape():
     shape = TrainShape(batch_size=4, seq_len=2048, r=16)
     h, i, kv, vocab, layers = 2048, 8192, 512, 128256, 16

@@ -164,8 +164,22 @@ def shape_from_dict(data: dict, source: str) -> ModelShape:
         num_layers=data["num_hidden_layers"], num_heads=heads,
         num_kv_heads=data.get("num_key_value_heads") or heads,
         head_dim=data.get("head_dim") or data["hidden_size"] // heads,
-        vocab_size=data["vocab_size"], tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+        vocab_size=data["vocab_size"], tie_word_embeddings=_ties_embeddings(data),
     )
+
+
+def _ties_embeddings(data: dict) -> bool:
+    """tie_word_embeddings, or when a config.json leaves it out (transformers writes only values
+    that differ from the class's defaults), its model type's default: True for Gemma, False for
+    Llama and Qwen2."""
+    if "tie_word_embeddings" in data:
+        return bool(data["tie_word_embeddings"])
+    try:
+        from transformers import CONFIG_MAPPING
+
+        return bool(CONFIG_MAPPING[data.get("model_type")]().tie_word_embeddings)
+    except Exception:  # an unknown model type or a transformers without it: the common case
+        return False
 
 
 # ---- trainable parameters -------------------------------------------------------------------
