@@ -61,6 +61,14 @@ def test_all_problems_reported_together():
         assert fragment in text
 
 
+@pytest.mark.parametrize("value", ["1.5", "nan", "inf", "-0.1"])
+def test_eval_split_is_a_fraction_or_a_whole_count(value):
+    with pytest.raises(ConfigError, match="--eval-split must be a fraction below 1 or a whole number"):
+        resolve(None, flags("--eval-split", value))
+    for fine in ("0", "0.1", "3"):
+        assert resolve(None, flags("--eval-split", fine)).data.eval_split == float(fine)
+
+
 def test_resume_and_overwrite_conflict():
     with pytest.raises(ConfigError, match="contradict"):
         resolve(None, flags("--resume", "--overwrite"))

@@ -382,7 +382,8 @@ def validate(config: RunConfig) -> None:
         (t.memory_budget is None or (t.memory_budget > 0 and math.isfinite(t.memory_budget)),
          f"--memory-budget must be a positive number of GiB, got {t.memory_budget}"),
         (d.seq_len >= 8, f"--seq-len must be at least 8, got {d.seq_len}"),
-        (d.eval_split >= 0, f"--eval-split must be >= 0, got {d.eval_split}"),
+        (d.eval_split >= 0 and math.isfinite(d.eval_split) and (d.eval_split < 1 or d.eval_split == int(d.eval_split)),
+         f"--eval-split must be a fraction below 1 or a whole number of examples, got {d.eval_split}"),
         (o.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {o.keep_checkpoints}"),
         (not (o.resume and o.overwrite), "--resume and --overwrite contradict each other; choose one"),
     ]

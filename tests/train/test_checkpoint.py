@@ -286,6 +286,17 @@ def test_a_resumed_run_never_prunes_its_new_checkpoint_for_a_damaged_later_one(t
     assert [p.name for p in tmp_path.iterdir()] == ["step-000004"] and verify_checkpoint(damaged) is None
 
 
+def test_a_checkpoint_moved_aside_by_an_interrupted_re_save_is_put_back(tmp_path):
+    # _publish renames the old step-N aside, then the new copy into place: a kill between the two
+    model, optimizer, scheduler = _make_run()
+    _save_run(tmp_path, 1, model, optimizer, scheduler)
+    done = _save_run(tmp_path, 2, model, optimizer, scheduler)
+    done.rename(tmp_path / ".tmp-replaced-step-000002-4242")
+    (tmp_path / ".tmp-step-000002-4243").mkdir()  # the new copy, never renamed
+    assert find_latest_valid(tmp_path) == done and verify_checkpoint(done) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001", "step-000002"]
+
+
 def test_stale_temp_folders_are_ignored_and_removed(tmp_path):
     model, optimizer, scheduler = _make_run()
     good = _save_run(tmp_path, 1, model, optimizer, scheduler)

@@ -80,6 +80,7 @@ MANIFEST = "manifest.json"
 DATA_FILES = (ADAPTER_FILE, OPTIMIZER_TENSORS, OPTIMIZER_JSON, RNG_FILE, TRAINER_STATE)
 TEMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_REPLACED_DIR = re.compile(r"^\.tmp-replaced-(step-\d+)-\d+$")  # `_publish`'s aside name
 
 
 @dataclass
@@ -311,11 +312,13 @@ def _step_of(path: Path) -> int:
 
 
 def remove_stale_temp_dirs(ckpt_root: str | os.PathLike) -> list[Path]:
-    """Delete ``.tmp-*`` leftovers of killed saves; returns what was removed."""
+    """Delete ``.tmp-*`` leftovers of killed saves; returns what was removed. A complete
+    checkpoint moved aside by a same-step re-save (`_publish`) whose new copy never got its name
+    is put back instead."""
     root = Path(ckpt_root)
     removed = []
     for entry in root.iterdir() if root.is_dir() else []:
-        if not entry.name.startswith(TEMP_PREFIX):
+        if not entry.name.startswith(TEMP_PREFIX) or _restored(entry):
             continue
         try:
             if entry.is_dir() and not entry.is_symlink():
@@ -326,6 +329,18 @@ def remove_stale_temp_dirs(ckpt_root: str | os.PathLike) -> list[Path]:
         except OSError as exc:  # never read, so a leftover we cannot delete is only clutter
             log.warning("could not delete unfinished checkpoint folder %s: %s", entry, exc)
     return removed
+
+
+def _restored(entry: Path) -> bool:
+    match = _REPLACED_DIR.match(entry.name)
+    if match is None or (entry.parent / match.group(1)).exists() or verify_checkpoint(entry) is not None:
+        return False
+    try:
+        os.rename(entry, entry.parent / match.group(1))
+    except OSError:
+        return False
+    log.warning("put back checkpoint %s, which an interrupted re-save had moved aside", match.group(1))
+    return True
 
 
 def prune_checkpoints(ckpt_root: str | os.PathLike, keep: int | None, up_to_step: int | None = None) -> None:
