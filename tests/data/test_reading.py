@@ -209,6 +209,16 @@ def test_files_with_clashing_types(tmp_path, cache):
     assert "b.jsonl" in str(err.value)
 
 
+def test_malformed_csv_and_json_name_the_cause(tmp_path, cache):
+    # datasets wraps pandas' and pyarrow's errors in "An error occurred while generating the dataset"
+    (tmp_path / "ragged.csv").write_text("instruction,output\nx,y\nx,y,z,w\n", encoding="utf-8")
+    with pytest.raises(DataError, match="Expected 2 fields in line 3, saw 4"):
+        read_records(tmp_path / "ragged.csv", cache_dir=cache)
+    (tmp_path / "str.json").write_text('"hello"\n', encoding="utf-8")
+    with pytest.raises(DataError, match="not a list of records"):
+        read_records(tmp_path / "str.json", cache_dir=cache)
+
+
 def test_csv_with_header_only(tmp_path, cache):
     path = tmp_path / "d.csv"
     path.write_text("instruction,output\n", encoding="utf-8")

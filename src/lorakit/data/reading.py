@@ -236,10 +236,24 @@ def _load_file(path: Path, kind: str, cache_dir, options: dict) -> datasets.Data
     except Exception as exc:  # datasets/pyarrow raise many types for malformed files
         if kind == "json" and _first_char(path) == "{":
             _check_jsonl(path)  # a JSON-lines file named .json: find the bad line
+        if kind == "json" and _first_char(path) not in ("[", "{"):
+            raise DataError(f"{path} is JSON but not a list of records: a .json file holds an array of objects "
+                            "([{...}, ...]) or one object per line") from exc
         if "corresponds to no data" in str(exc):  # datasets' words for "zero rows"
             raise DataError(f"{path} holds no records (only a header or blank lines?)") from exc
-        reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"could not read {path} as {kind}: {reason}") from exc
+        raise DataError(f"could not read {path} as {kind}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The first message in the exception's chain that says more than datasets' wrapper does
+    ("An error occurred while generating the dataset"): pandas' or pyarrow's, with the line."""
+    seen = exc
+    while seen is not None:
+        text = str(seen).strip()
+        if text and "error occurred while generating the dataset" not in text:
+            return text.splitlines()[-1][:300]
+        seen = seen.__cause__ or seen.__context__
+    return str(exc).strip()[:300] or type(exc).__name__
 
 
 def _first_char(path: Path) -> str:
