@@ -69,6 +69,29 @@ def test_eval_split_is_a_fraction_or_a_whole_count(value):
         assert resolve(None, flags("--eval-split", fine)).data.eval_split == float(fine)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (("--weight-decay", "-1"), "--weight-decay must be >= 0"), (("--weight-decay", "nan"), "--weight-decay must be >= 0"),
+    (("--log-every", "0"), "--log-every must be at least 1"), (("--eval-batches", "-1"), "--eval-batches must be >= 0"),
+    (("--epochs", "inf"), "--epochs must be a positive number"), (("--seed", "-1"), "--seed must be in"),
+    (("--seed", str(2**64)), "--seed must be in"), (("--threads", "100000"), "--threads must be at most"),
+    (("--output", " "), "--output is empty")])
+def test_values_that_crashed_a_run_after_its_folder_was_cleared(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(None, flags(*argv))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("train: {lr: null}\n", "train.lr .* is empty"), ("data: {data: null}\n", "data.data .* is empty"),
+    ("output: null\n", "output.output .* is empty"), ("? [a, b]\n: 1\n", "a key is a list, not a plain name")])
+def test_empty_values_and_odd_keys_in_yaml_are_named(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        resolve(load_yaml(path), flags())
+    path.write_text("train: {max_steps: null}\n")  # an optional value may be null
+    assert resolve(load_yaml(path), flags()).train.max_steps is None
+
+
 def test_resume_and_overwrite_conflict():
     with pytest.raises(ConfigError, match="contradict"):
         resolve(None, flags("--resume", "--overwrite"))

@@ -98,6 +98,20 @@ def test_partial_safetensors_write_on_disk_full_is_cleaned(tmp_path, monkeypatch
     assert _leftovers(tmp_path) == []
 
 
+def test_safetensors_own_io_error_on_a_full_disk_is_an_output_error(tmp_path, monkeypatch):
+    # safetensors raises its SafetensorError (not an OSError) when the disk fills up
+    SafetensorError = type("SafetensorError", (Exception,), {})
+
+    def enospc(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                              "message: \"No space left on device\" })")
+
+    monkeypatch.setattr(safe_io, "_safetensors_save_file", enospc)
+    with pytest.raises(OutputError, match="disk full while writing .*w.safetensors"):
+        atomic_save_safetensors(tmp_path / "w.safetensors", {"w": torch.zeros(10)})
+    assert _leftovers(tmp_path) == []
+
+
 def test_safetensors_round_trip_with_metadata_and_views(tmp_path):
     base = torch.arange(12.0).reshape(3, 4)
     bf16 = torch.tensor([1, 2], dtype=torch.bfloat16)

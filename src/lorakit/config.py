@@ -231,6 +231,7 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     except yaml.constructor.ConstructorError as exc:
         problem = _yaml_problem(exc)
         fix = "keep one of them" if "given twice" in problem else \
+            "use a plain option name" if "not a plain name" in problem else \
             "remove the tag: a config holds plain values (numbers, strings, lists, mappings) only"
         raise ConfigError(f"config file {path} is not valid YAML for lorakit: {problem}; {fix}") from None
     except yaml.YAMLError as exc:
@@ -247,6 +248,9 @@ class _StrictSafeLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key is a {type(key).__name__}, not a plain name", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice", key_node.start_mark)
@@ -320,8 +324,10 @@ def _coerce(section: str, name: str, value, origin: str):
     typ = get_type_hints(section_types()[section])[name]
     base = _base_type(typ)
     where = f"{section}.{name} ({origin})"
-    if value is None:
-        return None
+    if value is None:  # an empty list stays a value: lorakit's own config.yaml of a demo run holds data: []
+        if base is not list and type(None) in get_args(typ):
+            return None
+        raise ConfigError(f"{where} is empty; give it a value, or leave the key out for the default")
     if base is list:
         return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
     switch = _field(section, name).metadata.get("switch")
@@ -360,6 +366,9 @@ def _apply_task_preset(config: RunConfig, sources: dict[str, str]) -> None:
     sources.setdefault("lora.targets", "default: all seven projections (the guide)")
 
 
+MAX_THREADS = 1024  # far above any CPU's cores; 100000 threads exhaust memory before they run
+
+
 def validate(config: RunConfig) -> None:
     problems = []
     for section, f, typ in all_fields():
@@ -370,7 +379,13 @@ def validate(config: RunConfig) -> None:
     t, d, o = config.train, config.data, config.output
     checks = [
         (t.lr > 0 and math.isfinite(t.lr), f"--lr must be positive, got {t.lr}"),
-        (t.epochs > 0, f"--epochs must be positive, got {t.epochs}"),
+        (t.epochs > 0 and math.isfinite(t.epochs), f"--epochs must be a positive number, got {t.epochs}"),
+        (t.weight_decay >= 0 and math.isfinite(t.weight_decay), f"--weight-decay must be >= 0, got {t.weight_decay}"),
+        (t.log_every >= 1, f"--log-every must be at least 1, got {t.log_every}"),
+        (t.eval_batches >= 0, f"--eval-batches must be >= 0 (0: all), got {t.eval_batches}"),
+        (0 <= t.seed < 2**32, f"--seed must be in [0, 2**32), got {t.seed}"),
+        (t.threads is None or t.threads <= MAX_THREADS,
+         f"--threads must be at most {MAX_THREADS}, got {t.threads}; use about as many as the free cores"),
         (t.max_steps is None or t.max_steps > 0, f"--max-steps must be positive, got {t.max_steps}"),
         (t.batch_size >= 1, f"--batch-size must be at least 1, got {t.batch_size}"),
         (t.grad_accum >= 1, f"--grad-accum must be at least 1, got {t.grad_accum}"),
@@ -385,6 +400,7 @@ def validate(config: RunConfig) -> None:
         (d.eval_split >= 0 and math.isfinite(d.eval_split) and (d.eval_split < 1 or d.eval_split == int(d.eval_split)),
          f"--eval-split must be a fraction below 1 or a whole number of examples, got {d.eval_split}"),
         (o.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {o.keep_checkpoints}"),
+        (bool(o.output.strip()), "--output is empty; name the run's folder (e.g. runs/mine)"),
         (not (o.resume and o.overwrite), "--resume and --overwrite contradict each other; choose one"),
     ]
     problems += [message for ok, message in checks if not ok]

@@ -164,10 +164,24 @@ def atomic_save_safetensors(
     meta = {"format": "pt", **(metadata or {})}
 
     def fill(tmp: str) -> None:
-        _safetensors_save_file(plain, tmp, metadata=meta)
+        try:
+            _safetensors_save_file(plain, tmp, metadata=meta)
+        except Exception as exc:  # safetensors' Rust I/O errors are not OSErrors
+            if isinstance(exc, OSError) or "SafetensorError" not in type(exc).__name__:
+                raise
+            raise _as_os_error(exc) from exc
         _sort_metadata_in_header(tmp)
 
     return _atomic_write(path, fill)
+
+
+def _as_os_error(exc: Exception) -> OSError:
+    """The OSError a safetensors write error stands for, so it reads like any failed write."""
+    text = str(exc)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+        if os.strerror(code) in text:
+            return OSError(code, os.strerror(code))
+    return OSError(errno.EIO, text)
 
 
 def _sort_metadata_in_header(path: str) -> None:

@@ -95,10 +95,10 @@ def _train(args: argparse.Namespace) -> int:
         if is_main():
             print_dry_run(prepared)
         return 0
+    session = Session(prepared, Path(config.output.output))  # the optimizer too, before a folder is cleared
     distributed.main_first(lambda: claim_output(config))  # rank 0 checks and creates it, then the others go on
-    out = Path(config.output.output)
     sample_before = _sample(prepared) if demo else None  # every rank: a sharded model generates together
-    result = Session(prepared, out).run()
+    result = session.run()
     if result.interrupted:
         return 130
     sample_after = _sample(prepared) if demo else None
