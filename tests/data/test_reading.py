@@ -219,6 +219,13 @@ def test_malformed_csv_and_json_name_the_cause(tmp_path, cache):
         read_records(tmp_path / "str.json", cache_dir=cache)
 
 
+def test_a_file_name_with_glob_characters_is_read_as_named(tmp_path, cache):
+    # datasets took "data[1].jsonl" as a pattern and read data1.jsonl instead
+    write_jsonl(tmp_path / "data[1].jsonl", ROWS[:1])
+    write_jsonl(tmp_path / "data1.jsonl", ROWS)
+    assert read_records(tmp_path / "data[1].jsonl", cache_dir=cache).dataset["output"][:] == ["a0"]
+
+
 def test_csv_with_header_only(tmp_path, cache):
     path = tmp_path / "d.csv"
     path.write_text("instruction,output\n", encoding="utf-8")

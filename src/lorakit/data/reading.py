@@ -26,6 +26,7 @@ from, so later stages can name "data.jsonl line 18" in their errors.
 from __future__ import annotations
 
 import codecs
+import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,8 +230,8 @@ def _check_parquet(path: Path) -> None:
 def _load_file(path: Path, kind: str, cache_dir, options: dict) -> datasets.Dataset:
     builder = BUILDERS["." + kind]
     try:
-        return datasets.load_dataset(
-            builder, data_files=[str(path)], split="train",
+        return datasets.load_dataset(  # datasets expands * ? [ ] in data_files: "data[1].jsonl" is a name
+            builder, data_files=[glob.escape(str(path))], split="train",
             cache_dir=str(cache_dir) if cache_dir else None, **options,
         )
     except Exception as exc:  # datasets/pyarrow raise many types for malformed files
