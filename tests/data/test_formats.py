@@ -266,6 +266,15 @@ def test_unknown_role_names_role_and_line(tmp_path, chatml):
         tokenize_records(records, chatml)
 
 
+def test_a_list_as_role_and_an_assistant_first_conversation_are_named(chatml):
+    listed = ds([{"messages": [{"role": ["user"], "content": "a"}, {"role": ["assistant"], "content": "b"}]}])
+    with pytest.raises(DataError, match=r"turn 1 has unknown role \['user'\]"):
+        tokenize_records(listed, chatml)
+    first = ds([{"messages": [{"role": "assistant", "content": "b"}, {"role": "user", "content": "a"}]}])
+    with pytest.raises(DataError, match="starts with the assistant's turn"):
+        tokenize_records(first, chatml)
+
+
 def test_unknown_sharegpt_role(chatml):
     conv = [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]
     with pytest.raises(DataError, match="unknown role 'bot'"):

@@ -226,6 +226,13 @@ def test_a_file_name_with_glob_characters_is_read_as_named(tmp_path, cache):
     assert read_records(tmp_path / "data[1].jsonl", cache_dir=cache).dataset["output"][:] == ["a0"]
 
 
+def test_a_jsonl_line_nested_too_deeply_is_named(tmp_path, cache):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n' + '{"x": ' + "[" * 100000 + "]" * 100000 + "}\n", encoding="utf-8")
+    with pytest.raises(DataError, match="line 2 nests its values too deeply"):
+        read_records(path, cache_dir=cache)
+
+
 def test_csv_with_header_only(tmp_path, cache):
     path = tmp_path / "d.csv"
     path.write_text("instruction,output\n", encoding="utf-8")

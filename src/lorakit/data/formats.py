@@ -227,6 +227,9 @@ def _chat_messages(row: dict, index: int, enc: _Encoder) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{enc.where(index)}: '{column}' must be a non-empty list of turns")
     messages = [_one_turn(turn, number, index, enc) for number, turn in enumerate(turns, 1)]
+    if messages[0]["role"] == "assistant":
+        raise DataError(f"{enc.where(index)}: the conversation starts with the assistant's turn; start it with a "
+                        "system or user turn (the answer needs something to answer)")
     return _with_system(row, messages)
 
 
@@ -235,7 +238,7 @@ def _one_turn(turn: Any, number: int, index: int, enc: _Encoder) -> dict:
     sharegpt = turn.get("from") is not None  # ShareGPT {from, value}, else {role, content}
     role = turn.get("from") if sharegpt else turn.get("role")
     content = turn.get("value") if sharegpt else turn.get("content")
-    if role not in ROLE_ALIASES:
+    if not isinstance(role, str) or role not in ROLE_ALIASES:
         raise DataError(
             f"{enc.where(index)}: turn {number} has unknown role {role!r}; expected one of "
             f"{', '.join(ROLE_ALIASES)} (as 'role' with 'content', or ShareGPT 'from' with 'value')"
@@ -256,7 +259,7 @@ def _render(enc: _Encoder, messages: list[dict], generation: bool, index: int) -
         return enc.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation, chat_template=enc.template
         )
-    except jinja2.TemplateError as exc:
+    except (jinja2.TemplateError, ValueError, TypeError) as exc:  # transformers raises ValueError too
         raise DataError(f"{enc.where(index)}: the chat template rejected this conversation: {exc}") from exc
 
 

@@ -204,6 +204,9 @@ def _parse_jsonl_line(path: Path, number: int, text: str) -> None:
             f"{path} line {number} is not valid JSON ({exc.msg}): {preview!r}; each line of a "
             ".jsonl file must be one JSON object"
         ) from exc
+    except RecursionError:
+        raise DataError(f"{path} line {number} nests its values too deeply to read: {preview!r}; "
+                        "a record holds text fields and lists of turns") from None
     if not isinstance(value, dict):
         raise DataError(
             f"{path} line {number} is a JSON {type(value).__name__}, not an object: {preview!r}; "
