@@ -45,3 +45,29 @@ def test_merge_refuses_nan_adapter_and_writes_nothing(tmp_path, capsys):
     assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 2
     assert "NaN" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
+
+
+def test_merge_output_problems_are_one_message_and_leave_nothing(tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import safe_io  # noqa: F401  (the module whose error translation is under test)
+
+    base_dir = save_tiny_chat_model(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    (tmp_path / "afile").write_text("x")
+    merge = ["merge", "--adapter", str(tmp_path / "adapter"), "--output"]
+    for output, extra, words in [("afile/sub", [], "which is a file"), ("afile", ["--overwrite"], "is a file")]:
+        assert main(merge + [str(tmp_path / output), *extra]) == 2
+        assert words in capsys.readouterr().err
+    # a disk filling up during the save: safetensors' own error, one message, no temp folder left
+    SafetensorError = type("SafetensorError", (Exception,), {})
+
+    def full_disk(self, *args, **kwargs):
+        raise SafetensorError("IoError: No space left on device (os error 28)")
+
+    monkeypatch.setattr(type(model), "save_pretrained", full_disk)
+    assert main(merge + [str(tmp_path / "new" / "merged")]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == []

@@ -14,6 +14,7 @@ The reloaded model knows nothing of lorakit, so the check proves the folder load
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import MergeError, OutputError
+from lorakit.safe_io import translate_os_errors
 
 PROBE_TOKENS = 32
 # A quantised base (QLoRA) is checked three ways (figures: max |logit difference| / max |logit|,
@@ -74,21 +76,24 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
     else:
         merged = _merge_dense(spec, adapter_dir, dtype or "float32", allow_other_base, allow_pickle)
     tmp = output_dir.parent / f".tmp-{output_dir.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
     out_dtype = merged.model.dtype
     try:
-        merged.model.save_pretrained(tmp, safe_serialization=True)
-        merged.tokenizer.save_pretrained(tmp)
+        with translate_os_errors(output_dir):
+            output_dir.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            merged.model.save_pretrained(tmp, safe_serialization=True)
+            merged.tokenizer.save_pretrained(tmp)
         merged.model = None  # the reloaded copy needs the memory
         _free_memory()
         reload_dtype = merged.reload_dtype or out_dtype
         difference = _reload_difference(tmp, merged.probe, merged.reference, reload_dtype, merged.tolerance)
+        with translate_os_errors(output_dir):
+            if overwrite and output_dir.exists():
+                shutil.rmtree(output_dir)
+            tmp.rename(output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)
-    tmp.rename(output_dir)
     return {"output": str(output_dir), "max_abs_logit_difference": difference, "tolerance": merged.tolerance,
             "dtype": str(out_dtype).removeprefix("torch."), "quantize": quantize or "none", **merged.figures}
 
@@ -163,9 +168,17 @@ def _free_memory() -> None:
 
 
 def _check_output(output_dir: Path, overwrite: bool) -> None:
+    """Before any work: the output can be a new folder there (created only when the merge is done)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputError(f"--output {output_dir} is a file; choose a folder path")
     if output_dir.exists() and not overwrite:
         raise OutputError(f"--output {output_dir} already exists; choose a new folder or pass --overwrite")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    above = next((p for p in output_dir.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise OutputError(f"--output {output_dir} is under {above}, which is a file; choose a folder path")
+    if above is not None and not os.access(above, os.W_OK):
+        raise OutputError(f"cannot write under {above} for --output {output_dir} (permission denied or read-only); "
+                          "choose a writable folder")
 
 
 def _probe_ids(model) -> torch.Tensor:

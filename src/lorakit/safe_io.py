@@ -93,13 +93,18 @@ def _remove_quietly(path: str) -> None:
 
 @contextmanager
 def translate_os_errors(path: str | os.PathLike) -> Iterator[None]:
-    """Inside this block, an OSError becomes an OutputError about writing ``path``."""
+    """Inside this block, an OSError (or safetensors' own I/O error, which is not one) becomes an
+    OutputError about writing ``path``."""
     try:
         yield
     except LorakitError:
         raise
     except OSError as exc:
         raise output_error(exc, path) from exc
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise output_error(_as_os_error(exc), path) from exc
 
 
 def _create_temp_beside(path: Path) -> str:
@@ -164,12 +169,7 @@ def atomic_save_safetensors(
     meta = {"format": "pt", **(metadata or {})}
 
     def fill(tmp: str) -> None:
-        try:
-            _safetensors_save_file(plain, tmp, metadata=meta)
-        except Exception as exc:  # safetensors' Rust I/O errors are not OSErrors
-            if isinstance(exc, OSError) or "SafetensorError" not in type(exc).__name__:
-                raise
-            raise _as_os_error(exc) from exc
+        _safetensors_save_file(plain, tmp, metadata=meta)
         _sort_metadata_in_header(tmp)
 
     return _atomic_write(path, fill)
