@@ -222,6 +222,19 @@ def test_missing_tensor_and_bad_config(tmp_path, llama):
         load_adapter(tiny_llama(), tmp_path / "a")
 
 
+@pytest.mark.parametrize("key,value,words", [("lora_dropout", "x", "lora_dropout must be a number"),
+                                             ("lora_dropout", 1.5, "lora_dropout must be a number"),
+                                             ("use_dora", "yes", "use_dora must be true or false"),
+                                             ("target_modules", [1, 2], "target_modules must be")])
+def test_config_fields_of_the_wrong_type_are_named(tmp_path, llama, key, value, words):
+    apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    save_adapter(llama, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(AdapterFileError, match=words):
+        load_adapter(tiny_llama(), tmp_path / "a")
+
+
 def test_saved_config_fields(tmp_path):
     model = tiny_gpt2()
     apply_lora(model, LoraConfig(r=4, alpha=8, scaling="rslora"))

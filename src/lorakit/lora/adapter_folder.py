@@ -185,6 +185,20 @@ def check_adapter_config(config, where: str | Path) -> None:
     if "lora_alpha" in config and not _is_positive_number(config["lora_alpha"]):
         raise AdapterFileError(f"{where}: lora_alpha must be a number above 0, got {config['lora_alpha']!r}; "
                                "fix it or re-save the adapter")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
+        raise AdapterFileError(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}; "
+                               "fix it or re-save the adapter")
+    for key in ("use_rslora", "use_dora"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise AdapterFileError(f"{where}: {key} must be true or false, got {config[key]!r}; "
+                                   "fix it or re-save the adapter")
+    for key in ("target_modules", "modules_to_save"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise AdapterFileError(f"{where}: {key} must be a module name, a list of names or null, "
+                                   f"got {value!r}; fix it or re-save the adapter")
     for key, valid, what in (("rank_pattern", _is_positive_int, "positive integers"),
                              ("alpha_pattern", _is_positive_number, "numbers above 0")):
         _check_pattern(config.get(key) or {}, key, valid, what, where)
@@ -206,8 +220,12 @@ def _is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _is_positive_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return _is_number(value) and value > 0
 
 
 def find_weights_file(folder: Path, allow_pickle: bool = False) -> Path:
