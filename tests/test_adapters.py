@@ -72,6 +72,14 @@ def test_generate_streams_text(trained, capsys):
     assert capsys.readouterr().out.strip() != ""
 
 
+@pytest.mark.parametrize("flags,words", [(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+                                         (["--temperature", "nan"], "--temperature must be 0"),
+                                         (["--temperature", "-1"], "--temperature must be 0")])
+def test_generate_refuses_bad_sampling_values_before_loading(capsys, flags, words):
+    assert main(["generate", *flags, "hello"]) == 2
+    assert words in capsys.readouterr().err
+
+
 def test_eval_reports_base_and_adapter(trained, capsys):
     model, data, adapter = trained
     capsys.readouterr()

@@ -347,6 +347,12 @@ def test_estimate_reports_both_checkpointing_settings():
 
 # ---- CLI -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("value", ["inf", "0", "nan"])
+def test_cli_refuses_a_peak_that_is_not_a_positive_number(capsys, value):
+    assert main(["estimate", "--model", "1b", "--device-peak-tflops", value]) == 2
+    assert "--device-peak-tflops must be a positive number" in capsys.readouterr().err
+
+
 def test_cli_json(capsys):
     assert main(["estimate", "--model", "1b", "--batch-size", "4", "--seq-len", "2048", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

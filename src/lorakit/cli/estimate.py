@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
+    if not 0 < args.device_peak_tflops < float("inf"):
+        raise ConfigError(f"--device-peak-tflops must be a positive number, got {args.device_peak_tflops}")
     shape = TrainShape(
         batch_size=args.batch_size, seq_len=args.seq_len, r=args.r, targets=args.targets,
         grad_checkpointing=args.grad_checkpointing != "off", checkpoint_layers=args.checkpoint_layers,

@@ -30,9 +30,14 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.adapters import AdapterSet, base_model_for
+    from lorakit.errors import ConfigError
     from lorakit.generate import generate_text
     from lorakit.models import inference_placement, load_model_and_tokenizer
 
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not 0 <= args.temperature < float("inf"):
+        raise ConfigError(f"--temperature must be 0 (greedy) or a positive number, got {args.temperature}")
     device, dtype = inference_placement(args.device, args.dtype)
     model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for(args.adapter), dtype=dtype, device=device,
                                                    allow_pickle=args.allow_pickle)

@@ -217,7 +217,7 @@ def flops_per_token(model_config: Any, shape: TrainShape, hardware: bool = False
 
 def step_time(model_config: Any, shape: TrainShape, peak_tflops: float, mfu: float = 1.0) -> float:
     """Seconds per step on one device at the given MFU of `peak_tflops` (per-device tokens)."""
-    if peak_tflops <= 0 or not 0 < mfu <= 1:
+    if not (0 < peak_tflops < float("inf")) or not 0 < mfu <= 1:
         raise ConfigError(f"peak TFLOP/s must be > 0 and MFU in (0, 1], got {peak_tflops} and {mfu}")
     return flops_per_token(model_config, shape) * shape.tokens / (peak_tflops * 1e12 * mfu)
 
