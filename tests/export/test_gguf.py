@@ -275,3 +275,7 @@ def test_cli_writes_into_an_existing_folder(tmp_path, capsys):
     _, tensors = read_gguf(written)
     assert report["tensors"] == 4 and len(tensors) == 8
     assert all(t.tensor_type == gguf.GGMLQuantizationType.F16 for t in tensors.values())
+    before = written.read_bytes()  # a second export never replaces the file
+    assert main(["export", "--adapter", str(adapter_dir), "--format", "gguf", "--output", str(out_dir),
+                 "--outtype", "f16"]) == 2
+    assert "already exists" in capsys.readouterr().err and written.read_bytes() == before

@@ -194,6 +194,13 @@ def test_cli_json_parses_and_writes_the_default_heatmap(tmp_path, capsys):
     assert (tmp_path / "effective_rank.png").exists() and report["heatmap"] == str(tmp_path / "effective_rank.png")
 
 
+def test_cli_heatmap_must_be_an_image_name(tmp_path, capsys):
+    write_adapter(tmp_path, _modules([3.0, 2.0, 1.0], 16, count=2))
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["analyze", str(tmp_path), "--heatmap", str(tmp_path / "notes.txt")]) == 2
+    assert "must end in .png" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_cli_table_output(tmp_path, capsys):
     write_adapter(tmp_path, _modules([3.0, 2.0, 1.0], 16, count=2))
     assert main(["analyze", str(tmp_path), "--no-heatmap", "--top", "1"]) == 0

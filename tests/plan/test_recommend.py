@@ -30,6 +30,11 @@ def test_same_inputs_same_config_and_it_trains(tiny, tmp_path, capsys):
     assert main(recommend_args(tiny, "--output", str(first))) == 0
     assert main(recommend_args(tiny, "--output", str(second), "--run-output", "runs/a")) == 0
     assert first.read_bytes() == second.read_bytes()
+    first.write_text("# my own notes\n")  # an existing file is replaced only when asked
+    assert main(recommend_args(tiny, "--output", str(first))) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err and first.read_text() == "# my own notes\n"
+    assert main(recommend_args(tiny, "--output", str(first), "--overwrite")) == 0
+    assert first.read_bytes() == second.read_bytes()
     capsys.readouterr()
     assert main(recommend_args(tiny, "--json")) == 0
     one = capsys.readouterr().out

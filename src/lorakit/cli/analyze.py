@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     analysis = analyze_adapter(args.adapter, parse_energies(args.energy), allow_pickle=args.allow_pickle)
     if not args.no_heatmap:
         target = args.heatmap or args.adapter / "effective_rank.png"
+        if target.suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise ConfigError(f"--heatmap {target} must end in .png, .svg or .pdf (it is an image)")
         analysis.heatmap = str(plot_effective_rank(analysis, target))
     if args.json:
         print(json.dumps(analysis.to_dict(), indent=2))

@@ -28,6 +28,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="plan for this device (auto: the visible GPU, else CPU RAM)")
     p.add_argument("--output", metavar="FILE.yaml", help="write the config here (run it with `lorakit train FILE.yaml`)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--run-output", metavar="DIR", help="the training run's output folder written into the config "
                                                        "(default: runs/<name of FILE.yaml>, or runs/lorakit)")
     p.add_argument("--json", action="store_true", help="print the recommendation as JSON")
@@ -35,12 +36,14 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.errors import ConfigError
+    from lorakit.errors import ConfigError, OutputError
     from lorakit.plan.recommend import make_budget, recommend
     from lorakit.safe_io import atomic_write_text
 
     if args.output and Path(args.output).suffix.lower() not in (".yaml", ".yml"):
         raise ConfigError(f"--output {args.output} must end in .yaml or .yml")
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise OutputError(f"--output {args.output} already exists; pass --overwrite to replace it, or choose another name")
     run_output = args.run_output or (f"runs/{Path(args.output).stem}" if args.output else "runs/lorakit")
     budget = make_budget(args.device, args.gpu_memory, args.memory)
     rec = recommend(args.model, args.data, args.task, budget, args.format, args.eval_data, run_output)

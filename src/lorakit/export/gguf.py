@@ -222,11 +222,10 @@ def rotary_permute(rows: torch.Tensor, n_head: int, name: str = "tensor") -> tor
 
 
 def _output_path(output: Path, adapter_folder: Path, outtype: str) -> Path:
-    if output.is_dir():
-        return output / f"{adapter_folder.resolve().name}-lora-{outtype}.gguf"
-    if output.exists() and output.suffix != ".gguf":
-        raise OutputError(f"--output {output} exists and is not a .gguf file; choose another path")
-    return output
+    path = output / f"{adapter_folder.resolve().name}-lora-{outtype}.gguf" if output.is_dir() else output
+    if path.exists():  # as vllm and merged exports: never replace a file the user has
+        raise OutputError(f"{path} already exists; choose another --output, or delete it first")
+    return path
 
 
 def _write_gguf(path: Path, arch: str, name: str, alpha: float, outtype: str, tensors: dict) -> None:
