@@ -279,3 +279,17 @@ def test_cli_writes_into_an_existing_folder(tmp_path, capsys):
     assert main(["export", "--adapter", str(adapter_dir), "--format", "gguf", "--output", str(out_dir),
                  "--outtype", "f16"]) == 2
     assert "already exists" in capsys.readouterr().err and written.read_bytes() == before
+
+
+@pytest.mark.parametrize("export_format", ["gguf", "vllm"])
+def test_an_adapter_for_another_base_shape_is_refused(tmp_path, capsys, export_format):
+    # the base config says 128 wide (head_dim stays 16: q is 128 -> 64), the factors are 64 -> 64
+    adapter_dir, _, _ = make_peft_adapter(tmp_path, tiny_llama_config(), dict(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    wide = tiny_llama_config()
+    wide.hidden_size, wide.intermediate_size = 128, 256
+    wide.save_pretrained(tmp_path / "wide")
+    code = main(["export", "--adapter", str(adapter_dir), "--format", export_format, "--output",
+                 str(tmp_path / f"out-{export_format}"), "--base-config", str(tmp_path / "wide")])
+    assert code == 2
+    assert "the factors map 64 -> 64, the base's q_proj maps 128 -> 64" in capsys.readouterr().err
+    assert not (tmp_path / f"out-{export_format}").exists()

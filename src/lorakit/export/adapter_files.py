@@ -45,6 +45,30 @@ def tensor_problems(adapter: Adapter) -> list[str]:
     return problems
 
 
+def base_shape_problems(adapter: Adapter, base_config: dict | None) -> list[str]:
+    """Factors whose sizes contradict the base's config.json (an adapter for another model):
+    A (r, in) and B (out, r) against each Llama-style projection's (in, out). Other
+    architectures, and a missing config, are not checked here."""
+    from lorakit.plan.model_shapes import shape_from_dict
+
+    if base_config is None:
+        return []
+    try:
+        projections = shape_from_dict(base_config, "config.json").projection_shapes()
+    except ConfigError:  # not a Llama-style decoder: its layer sizes are not in the table
+        return []
+    problems = []
+    for module in sorted(adapter.pairs):
+        pair, kind = adapter.pairs[module], module.rsplit(".", 1)[-1]
+        if kind not in projections or pair.A is None or pair.B is None or pair.A.dim() != 2 or pair.B.dim() != 2:
+            continue
+        (want_in, want_out), have = projections[kind], (pair.A.shape[1], pair.B.shape[0])
+        if have != (want_in, want_out):
+            problems.append(f"{module}: the factors map {have[0]} -> {have[1]}, the base's {kind} maps "
+                            f"{want_in} -> {want_out}: the adapter was made for another base model")
+    return problems[:3] + ([f"... and {len(problems) - 3} more"] if len(problems) > 3 else [])
+
+
 def find_base_config(adapter: Adapter, base_config_dir: str | Path | None = None) -> dict | None:
     """The base model's config.json: from ``base_config_dir`` if given, else from the adapter's
     base_model_name_or_path when that is a local folder. None when neither is available."""

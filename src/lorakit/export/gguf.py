@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from lorakit.errors import AdapterFileError, ConfigError, OutputError
-from lorakit.export.adapter_files import Adapter, LoraPair, find_base_config, read_adapter, tensor_problems
+from lorakit.export.adapter_files import (Adapter, LoraPair, base_shape_problems, find_base_config, read_adapter,
+                                         tensor_problems)
 from lorakit.lora.io import base_rewriting_init
 from lorakit.safe_io import fsync_dir, output_error
 
@@ -98,8 +99,8 @@ def export_gguf(
     if outtype not in OUTTYPES:
         raise ConfigError(f"--outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
     adapter = read_adapter(adapter_dir, allow_pickle=allow_pickle)
-    _refuse_unconvertible(adapter)
     base_config = find_base_config(adapter, base_config_dir)
+    _refuse_unconvertible(adapter, base_config)
     spec = arch_spec(base_config)
     alpha = float(adapter.config["lora_alpha"])
     tensors, baked = gguf_tensors(adapter, base_config, spec, alpha)
@@ -109,8 +110,8 @@ def export_gguf(
     return GgufExport(path, arch_name, alpha, outtype, len(tensors), baked)
 
 
-def _refuse_unconvertible(adapter: Adapter) -> None:
-    problems = []
+def _refuse_unconvertible(adapter: Adapter, base_config: dict | None) -> None:
+    problems = base_shape_problems(adapter, base_config)
     if adapter.config.get("use_dora") or adapter.magnitudes:
         problems.append("it is a DoRA adapter: llama.cpp has no DoRA; use --format merged")
     if adapter.biases or adapter.config.get("lora_bias") or adapter.config.get("bias", "none") != "none":

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.errors import AdapterFileError, ConfigError, OutputError
-from lorakit.export.adapter_files import Adapter, find_base_config, read_adapter, tensor_problems
+from lorakit.export.adapter_files import Adapter, base_shape_problems, find_base_config, read_adapter, tensor_problems
 from lorakit.safe_io import atomic_save_safetensors, atomic_write_json, fsync_dir, output_error
 
 # vllm/config/lora.py: MaxLoRARanks and the default of LoRAConfig.max_lora_rank
@@ -94,6 +94,7 @@ def check_vllm(
     check.problems += feature_problems(adapter.config)
     check.problems += tensor_key_problems(adapter)
     check.problems += tensor_problems(adapter)
+    check.problems += base_shape_problems(adapter, base_config)
     _check_modules(check, adapter, allow_embeddings, base_config)
     _check_rank(check, adapter, max_lora_rank)
     return check
