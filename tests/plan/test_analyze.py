@@ -199,6 +199,8 @@ def test_cli_heatmap_must_be_an_image_name(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["analyze", str(tmp_path), "--heatmap", str(tmp_path / "notes.txt")]) == 2
     assert "must end in .png" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "mine"
+    for flags in (["--top", "-1"], ["--energy", "0.9,,0.99"]):
+        assert main(["analyze", str(tmp_path), "--no-heatmap", *flags]) == 2
 
 
 def test_cli_table_output(tmp_path, capsys):

@@ -160,3 +160,13 @@ def test_float32_flag_overrides_auto(tiny, tmp_path, monkeypatch, capsys):
     assert main(train_args(tiny, tmp_path / "run", "--max-steps", "3", "--dtype", "float32")) == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["dtype"] == "float32"
     assert "dtype: bfloat16" not in " ".join(capsys.readouterr().out.split())
+
+
+def test_summary_json_holds_no_nan_for_other_tools():
+    import json
+
+    from lorakit.train.session import _strict_json
+
+    summary = {"final_eval_loss": float("nan"), "history": [1.5, float("inf")], "steps": 3}
+    assert json.loads(json.dumps(_strict_json(summary), allow_nan=False)) == {
+        "final_eval_loss": None, "history": [1.5, None], "steps": 3}

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, OutputError
 
 DESCRIPTION = """\
 Singular values of every module's update s·BA, computed from the factors (no base model
@@ -40,7 +40,7 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 def parse_energies(text: str) -> list[float]:
     try:
-        return [float(part) for part in text.split(",") if part.strip()]
+        return [float(part) for part in text.split(",")]
     except ValueError:
         raise ConfigError(f"--energy must be comma-separated fractions such as 0.9,0.99, got {text!r}") from None
 
@@ -48,12 +48,18 @@ def parse_energies(text: str) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     from lorakit.plan.analyze import analyze_adapter, plot_effective_rank
 
+    if args.top < 1:
+        raise ConfigError(f"--top must be at least 1, got {args.top}")
     analysis = analyze_adapter(args.adapter, parse_energies(args.energy), allow_pickle=args.allow_pickle)
     if not args.no_heatmap:
         target = args.heatmap or args.adapter / "effective_rank.png"
-        if target.suffix.lower() not in (".png", ".svg", ".pdf"):
-            raise ConfigError(f"--heatmap {target} must end in .png, .svg or .pdf (it is an image)")
-        analysis.heatmap = str(plot_effective_rank(analysis, target))
+        if target.suffix.lower() != ".png":
+            raise ConfigError(f"--heatmap {target} must end in .png (it is a PNG image)")
+        try:
+            analysis.heatmap = str(plot_effective_rank(analysis, target))
+        except OutputError as exc:  # its fix names --output, which analyze does not have
+            what = str(exc).rsplit(": ", 1)[0]
+            raise OutputError(f"{what}: write the heatmap elsewhere with --heatmap PATH.png, or pass --no-heatmap") from None
     if args.json:
         print(json.dumps(analysis.to_dict(), indent=2))
     else:

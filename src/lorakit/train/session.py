@@ -13,6 +13,7 @@ The output folder during and after a run:
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -257,7 +258,7 @@ class Session:
         self.metrics.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
-        atomic_write_json(self.out / "summary.json", summary)  # last: marks the run finished
+        atomic_write_json(self.out / "summary.json", _strict_json(summary))  # last: marks the run finished
         return RunResult(summary, self.out, None, self.history)
 
     def summary(self, final_eval: dict | None) -> dict:
@@ -423,3 +424,15 @@ def _plot(history: list[dict], path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _strict_json(value):
+    """NaN and inf as null: summary.json is read by other tools (jq, JavaScript), whose JSON has
+    no NaN; a diverged run's losses are non-finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    return value
