@@ -122,6 +122,7 @@ def resolve(settings: BenchSettings) -> Plan:
     if settings.preset not in PRESETS:
         raise ConfigError(f"--preset {settings.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
     shape, batch, seq_len, device = PRESETS[settings.preset]
+    _validate_counts(settings)  # before the preset's defaults fill in what is None (a 0 is no default)
     s = dataclasses.replace(settings, batch=settings.batch or batch, seq_len=settings.seq_len or seq_len,
                             layers=settings.layers or shape["num_hidden_layers"],
                             device=settings.device or device, threads=settings.threads or os.cpu_count() or 1)
@@ -171,10 +172,18 @@ def budget_checkpoint_layers(plan: Plan, variant: str = "lorakit") -> tuple[int,
                f"{peaks[k] / GIB:.3g} GiB{over}; with none {peaks[0] / GIB:.3g})")
 
 
-def _validate(s: BenchSettings) -> None:
+def _validate_counts(s: BenchSettings) -> None:
     for name in ("r", "batch", "seq_len", "layers", "steps", "check_steps", "chunk_size", "threads", "max_doc_len"):
         if getattr(s, name) is not None and getattr(s, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    if s.seq_len is not None and s.seq_len < 2:
+        raise ConfigError(f"--seq-len must be at least 2 (a token and the next one it predicts), got {s.seq_len}")
+    if s.variants is not None and not s.variants:
+        raise ConfigError("--variants is empty; name at least one, e.g. lorakit,peft")
+
+
+def _validate(s: BenchSettings) -> None:
+    _validate_counts(s)
     if s.warmup < 0:
         raise ConfigError(f"--warmup must be 0 or more, got {s.warmup}")
     if s.device not in ("cpu", "cuda"):
