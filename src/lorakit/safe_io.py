@@ -67,6 +67,8 @@ _WRITE_ERRORS = {
 def output_error(exc: OSError, path: str | os.PathLike) -> OutputError:
     """Turn an OSError raised while writing ``path`` into one actionable OutputError."""
     what, fix = _WRITE_ERRORS.get(exc.errno, (exc.strerror or str(exc), "check the output folder"))
+    if exc.errno is None and "requested and" in str(exc):  # numpy's tofile on a full disk: no errno
+        what, fix = f"a short write ({exc}; the disk is likely full)", _FREE_SPACE
     return OutputError(f"{what} while writing {path}: {fix}")
 
 

@@ -166,7 +166,7 @@ def test_a_model_whose_mlp_the_trainer_does_not_fuse_gets_the_larger_estimate():
 def test_parse_size():
     assert parse_size("24GiB") == parse_size("24GB") == parse_size("24g") == parse_size("24") == 24 * GIB
     assert parse_size("512MiB") == GIB // 2
-    for bad in ("abc", "0", "-4GB", "12XB"):
+    for bad in ("abc", "0", "-4GB", "12XB", "1B", "100MiB", "1K"):  # "1B" was read as 1 GiB
         with pytest.raises(ConfigError):
             parse_size(bad)
 

@@ -138,10 +138,17 @@ def parse_size(text: str, flag: str = "--gpu-memory") -> int:
     """'24GiB', '24GB', '24G' or '24' (GiB) -> bytes. Units are read as binary (GB = GiB):
     GPU vendors quote binary sizes ('24 GB' cards hold 24 GiB)."""
     match = _SIZE.match(str(text))
-    if not match or float(match.group(1)) <= 0:
+    if not match or float(match.group(1)) <= 0 or (match.group(3) and not match.group(2)):  # "1B": bytes?
         raise ConfigError(f"{flag} {text!r} is not a memory size; write e.g. 24GiB, 80GB or 16")
     unit = match.group(2).lower() or "g"
-    return int(float(match.group(1)) * 1024 ** "kmgt".index(unit) * 1024)
+    size = int(float(match.group(1)) * 1024 ** "kmgt".index(unit) * 1024)
+    if size < MIN_MEMORY:
+        raise ConfigError(f"{flag} {text!r} is below {MIN_MEMORY // 2**20} MiB, too little to train any model; "
+                          "write the size with its unit, e.g. 24GiB")
+    return size
+
+
+MIN_MEMORY = 256 * 2**20
 
 
 def machine_memory_bytes() -> int:
