@@ -189,7 +189,8 @@ def _validate(s: BenchSettings) -> None:
     if s.device not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, got {s.device!r}")
     if s.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--preset {s.preset} runs on a CUDA GPU and none is visible; use --preset cpu")
+        chosen = f"--preset {s.preset}" if PRESETS[s.preset][3] == "cuda" else "--device cuda"
+        raise ConfigError(f"{chosen} runs on a CUDA GPU and none is visible; use --preset cpu or --device cpu")
     if s.interleave and s.device != "cpu":
         raise ConfigError("--interleave is for CPU runs; on a GPU the variants already share one quiet process")
     if s.max_doc_len is not None and (not s.packing or s.max_doc_len > s.seq_len):
