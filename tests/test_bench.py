@@ -224,8 +224,10 @@ def test_settings_errors_and_dropped_variants():
     assert len(plan.notices) == 2
     assert resolve(BenchSettings()).settings.variants == ["lorakit", "peft"]  # CPU defaults
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="CUDA"):
+        with pytest.raises(ConfigError, match="--preset gpu-1b runs on a CUDA GPU"):
             resolve(BenchSettings(preset="gpu-1b"))
+        with pytest.raises(ConfigError, match="--device cuda runs on a CUDA GPU"):
+            resolve(BenchSettings(preset="tiny", device="cuda"))
 
 
 def test_lockstep_children_take_turns_from_the_same_start():
