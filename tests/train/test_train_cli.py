@@ -71,6 +71,20 @@ def test_existing_run_needs_resume_or_overwrite(tiny, tmp_path, capsys):
     assert main(train_args(tiny, out, "--max-steps", "2", "--overwrite")) == 0
 
 
+def test_a_finished_run_continued_with_more_steps_is_unfinished_until_it_ends(tiny, tmp_path, monkeypatch):
+    from lorakit.train import session
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--max-steps", "2")) == 0
+    seen = []
+    real_finish = session.Session.finish
+    monkeypatch.setattr(session.Session, "finish",
+                        lambda self: seen.append((out / "summary.json").exists()) or real_finish(self))
+    assert main(train_args(tiny, out, "--max-steps", "3", "--resume")) == 0
+    assert seen == [False]  # a crash before the end would not leave a folder that looks finished
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
 def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(tiny, out, "--dry-run")) == 0
