@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.lora.io import CONFIG_FILE, attach_adapter, read_adapter
+from lorakit.lora.io import CONFIG_FILE, attach_adapter, base_rewriting_init, read_adapter
 from lorakit.lora.model import CONFIG_ATTR, base_fingerprint, remove_lora
 
 
@@ -51,11 +51,22 @@ class AdapterSet:
         if name in self._adapters:
             raise ConfigError(f"an adapter named {name!r} is already loaded; give this one another name")
         config, tensors, metadata = read_adapter(path, self.allow_pickle)
+        self._refuse_base_rewriting_among_several(config, path)
         saved = metadata.get("lorakit_base_fingerprint")
         if saved and saved != self.fingerprint and not self.allow_other_base:
             attach_adapter(_Probe(), config, tensors, metadata, path)  # raises the standard mismatch message
         self._adapters[name] = _Stored(path, config, tensors, metadata)
         return name
+
+    def _refuse_base_rewriting_among_several(self, config: dict, path: Path) -> None:
+        """A PEFT PiSSA adapter rewrites the base's weights each time it is attached, which rounds
+        them a little every switch: it may be the set's only adapter, not one of several."""
+        rewriting = [str(p) for p, c in [(path, config)] + [(s.path, s.config) for s in self._adapters.values()]
+                     if base_rewriting_init(c)]
+        if rewriting and self._adapters:
+            raise ConfigError(f"{rewriting[0]} is a PiSSA adapter, which rewrites the base weights when attached; "
+                              "switching it with others would drift them: load it alone, or re-save it as a "
+                              "plain LoRA (load_adapter, then save_adapter) first")
 
     def activate(self, name: str) -> nn.Module:
         stored = self._lookup(name)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import MergeError, OutputError
-from lorakit.safe_io import translate_os_errors
+from lorakit.safe_io import output_error, translate_os_errors
 
 PROBE_TOKENS = 32
 # A quantised base (QLoRA) is checked three ways (figures: max |logit difference| / max |logit|,
@@ -87,13 +87,10 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
         _free_memory()
         reload_dtype = merged.reload_dtype or out_dtype
         difference = _reload_difference(tmp, merged.probe, merged.reference, reload_dtype, merged.tolerance)
-        with translate_os_errors(output_dir):
-            if overwrite and output_dir.exists():
-                shutil.rmtree(output_dir)
-            tmp.rename(output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _move_into_place(tmp, output_dir, overwrite)
     return {"output": str(output_dir), "max_abs_logit_difference": difference, "tolerance": merged.tolerance,
             "dtype": str(out_dtype).removeprefix("torch."), "quantize": quantize or "none", **merged.figures}
 
@@ -165,6 +162,18 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
+    """The checked merge replaces --output. If that fails, the merge is kept where it is and the
+    message says so: it took minutes, and the old output may already be gone."""
+    try:
+        if overwrite and output_dir.exists():
+            shutil.rmtree(output_dir)
+        tmp.rename(output_dir)
+    except OSError as exc:
+        raise OutputError(f"{output_error(exc, output_dir)}; the checked merged model is complete in {tmp}: "
+                          f"move it there yourself") from None
 
 
 def _check_output(output_dir: Path, overwrite: bool) -> None:

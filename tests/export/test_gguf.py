@@ -293,3 +293,15 @@ def test_an_adapter_for_another_base_shape_is_refused(tmp_path, capsys, export_f
     assert code == 2
     assert "the factors map 64 -> 64, the base's q_proj maps 128 -> 64" in capsys.readouterr().err
     assert not (tmp_path / f"out-{export_format}").exists()
+
+
+def test_the_shape_check_skips_layers_the_llama_table_does_not_describe(tmp_path):
+    # MoE experts, vision towers and MLA attention have other sizes: never "another base model"
+    from lorakit.export.adapter_files import base_shape_problems, read_adapter
+
+    adapter_dir, _, _ = make_peft_adapter(tmp_path, tiny_llama_config(), dict(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    adapter = read_adapter(adapter_dir)
+    wide = {**tiny_llama_config().to_dict(), "hidden_size": 128, "head_dim": 32}
+    assert base_shape_problems(adapter, wide)  # a Llama of another width: refused
+    for model_type in ("qwen3_moe", "llava", "deepseek_v2", None):
+        assert base_shape_problems(adapter, {**wide, "model_type": model_type}) == []

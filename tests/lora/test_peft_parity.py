@@ -185,6 +185,50 @@ def test_tensors_an_adapter_overwrites_in_full_come_back_when_it_is_disabled_or_
     assert torch.equal(logits(adapters.deactivate()), base)
 
 
+def test_an_adapter_holding_a_tied_tensor_under_both_names_comes_off_cleanly(tmp_path):
+    # PEFT's save_embedding_layers writes the tied embedding as embed_tokens and lm_head: the
+    # original must be kept before either name is loaded, and swapped back under both names
+    from safetensors.torch import save_file
+
+    from lorakit import disable_adapters, remove_lora
+
+    model = tiny_llama(tie_word_embeddings=True)
+    original = model.model.embed_tokens.weight.detach().clone()
+    trained = torch.randn_like(original)
+    tensors = {"base_model.model.model.embed_tokens.weight": trained, "base_model.model.lm_head.weight": trained.clone()}
+    for i in range(2):
+        tensors[f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight"] = torch.randn(4, 64)
+        tensors[f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight"] = torch.zeros(64, 4)
+    tmp_path.mkdir(exist_ok=True)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                               "target_modules": ["q_proj"]}))
+    load_adapter(model, tmp_path)
+    embedding = model.model.embed_tokens.weight
+    with disable_adapters(model):
+        assert torch.equal(embedding, original)
+    assert torch.equal(embedding, trained)
+    remove_lora(model, merge=False)
+    assert torch.equal(model.model.embed_tokens.weight, original)
+
+
+def test_a_pissa_adapter_is_refused_among_several_in_an_adapter_set(tmp_path):
+    # attaching it rewrites the base weights; switching would round them a little each time
+    from lorakit.adapters import AdapterSet
+    from lorakit.errors import ConfigError
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="pissa")
+    peft.get_peft_model(tiny_llama(), config).save_pretrained(tmp_path / "pissa")
+    save_adapter(apply_lora(tiny_llama(), LoraConfig(r=4, alpha=8, target_modules=["q_proj"])), tmp_path / "plain")
+    alone = AdapterSet(tiny_llama())
+    alone.add(tmp_path / "pissa")
+    alone.activate("pissa")
+    several = AdapterSet(tiny_llama())
+    several.add(tmp_path / "plain")
+    with pytest.raises(ConfigError, match="PiSSA adapter, which rewrites the base weights"):
+        several.add(tmp_path / "pissa")
+
+
 def test_round_trip_and_trainable_flag(tmp_path, llama):
     apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     randomize_lora(llama)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import codecs
 import glob
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,9 +134,9 @@ def _validate(path: Path, kind: str) -> dict:
     if kind == "jsonl":
         _check_jsonl(path)
         return {}
-    has_blank = _check_utf8(path)
+    has_blank, digest = _check_utf8(path)
     if kind == "txt":
-        return {"paragraphs": has_blank}
+        return {"paragraphs": has_blank, "digest": digest}
     return {}
 
 
@@ -148,13 +149,15 @@ def _check_not_binary(path: Path) -> None:
         raise DataError(f"{path} looks binary (it contains NUL bytes), not a {path.suffix} text file")
 
 
-def _check_utf8(path: Path) -> bool:
+def _check_utf8(path: Path) -> tuple[bool, str]:
     """Stream-decode the file as UTF-8; return whether a blank (or whitespace-only) line stands
-    between two lines of text."""
+    between two lines of text, and the sha256 of its bytes."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     line, seen_text, blank_after_text, has_blank, carry = 1, False, False, False, ""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
+            digest.update(chunk)
             try:
                 text = decoder.decode(chunk)
             except UnicodeDecodeError as exc:
@@ -173,7 +176,7 @@ def _check_utf8(path: Path) -> bool:
         has_blank = has_blank or blank_after_text
     if not (seen_text or carry.strip()):
         raise DataError(f"{path} is empty (only whitespace); it needs at least one record")
-    return has_blank
+    return has_blank, digest.hexdigest()
 
 
 def _check_jsonl(path: Path) -> None:
@@ -268,21 +271,24 @@ def _first_char(path: Path) -> str:
     return ""
 
 
-def _load_text(path: Path, cache_dir, paragraphs: bool) -> datasets.Dataset:
-    """A .txt file's examples (see the module docstring) as an Arrow dataset in the cache. The
-    file's size and modification time are part of the cache key, so an edited file is read anew."""
-    stat = path.stat()
+# part of the .txt cache key: datasets hashes _text_examples by name, not by its code, so a change
+# to how .txt files are split must bump this or old caches would be reused
+TXT_SPLITTING = 2
+
+
+def _load_text(path: Path, cache_dir, paragraphs: bool, digest: str) -> datasets.Dataset:
+    """A .txt file's examples (see the module docstring) as an Arrow dataset in the cache, keyed
+    by the file's content (its sha256) and the splitting rule."""
     return datasets.Dataset.from_generator(
         _text_examples, cache_dir=str(cache_dir) if cache_dir else None,
-        gen_kwargs={"path": str(path.resolve()), "paragraphs": paragraphs,
-                    "stamp": (stat.st_size, stat.st_mtime_ns)},
+        gen_kwargs={"path": str(path.resolve()), "paragraphs": paragraphs, "key": (digest, TXT_SPLITTING)},
     )
 
 
-def _text_examples(path: str, paragraphs: bool, stamp: tuple):
+def _text_examples(path: str, paragraphs: bool, key: tuple):
     """{"text": ...} per line, or per paragraph; stripped, empty ones skipped. Read with
     universal newlines: CRLF and CR end lines too."""
-    del stamp  # only in the cache key
+    del key  # only in the cache key
     block = []
     with open(path, encoding="utf-8") as f:
         for line in f:

@@ -12,6 +12,7 @@ converted or served adapter needs on top of what lorakit can load.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from lorakit.errors import AdapterFileError, ConfigError
@@ -45,23 +46,30 @@ def tensor_problems(adapter: Adapter) -> list[str]:
     return problems
 
 
+# decoders whose every layer has the seven projections of plan/model_shapes.py's sizes
+_PLAIN_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo2", "smollm3")
+_DECODER_PROJECTION = re.compile(r"(?:^|\.)layers\.\d+\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|"
+                                 r"up_proj|down_proj)$")
+
+
 def base_shape_problems(adapter: Adapter, base_config: dict | None) -> list[str]:
     """Factors whose sizes contradict the base's config.json (an adapter for another model):
     A (r, in) and B (out, r) against each Llama-style projection's (in, out). Other
     architectures, and a missing config, are not checked here."""
     from lorakit.plan.model_shapes import shape_from_dict
 
-    if base_config is None:
-        return []
+    if base_config is None or base_config.get("model_type") not in _PLAIN_DECODERS:
+        return []  # MoE experts, vision towers, MLA attention: sizes the table does not describe
     try:
         projections = shape_from_dict(base_config, "config.json").projection_shapes()
-    except ConfigError:  # not a Llama-style decoder: its layer sizes are not in the table
+    except ConfigError:
         return []
     problems = []
     for module in sorted(adapter.pairs):
-        pair, kind = adapter.pairs[module], module.rsplit(".", 1)[-1]
-        if kind not in projections or pair.A is None or pair.B is None or pair.A.dim() != 2 or pair.B.dim() != 2:
+        pair, match = adapter.pairs[module], _DECODER_PROJECTION.search(module)
+        if match is None or pair.A is None or pair.B is None or pair.A.dim() != 2 or pair.B.dim() != 2:
             continue
+        kind = match.group(1)
         (want_in, want_out), have = projections[kind], (pair.A.shape[1], pair.B.shape[0])
         if have != (want_in, want_out):
             problems.append(f"{module}: the factors map {have[0]} -> {have[1]}, the base's {kind} maps "

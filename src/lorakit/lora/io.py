@@ -90,10 +90,9 @@ def _trained_biases(model: nn.Module) -> list[str]:
 
 
 def _bias_mode(model: nn.Module) -> str:
-    biases = _trained_biases(model)
-    if not biases:
-        return "none"
-    return "lora_only" if all(name.endswith(".base_layer.bias") for name in biases) else "all"
+    """ "all" whenever the adapter sets biases: PEFT saves and loads every bias key then, while its
+    "lora_only" looks for "<module>.bias" and would drop the wrapped layers' "base_layer.bias"."""
+    return "all" if _trained_biases(model) else "none"
 
 
 def _portable_factors(layer: LoraLinear, rslora: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +187,9 @@ def check_engine_supports(config: dict, where) -> None:
             raise AdapterFileError(f"{where}: the PEFT option {key}={config[key]!r} is not supported by lorakit; "
                                    "load this adapter with PEFT instead")
     init = base_rewriting_init(config)
+    if init is not None and init.lower() == "pissa" and config.get("use_dora"):
+        raise AdapterFileError(f"{where}: a PiSSA adapter with DoRA is not supported by lorakit; load this adapter "
+                               "with PEFT instead")
     if init is not None and init.lower() != "pissa":
         raise AdapterFileError(
             f"{where}: init_lora_weights={init!r} rewrites the base weights when PEFT loads the adapter, which "
@@ -307,10 +309,12 @@ def _load_tensors(model: nn.Module, config: LoraConfig, tensors: dict, path) -> 
                 f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}; "
                 "the adapter was made for another base model"
             )
+    for key in tensors:  # all before any copy: tied names (embed_tokens, lm_head) share one tensor
         if not _is_adapter_parameter(key):
-            remember_original(model, key, target)
-        with torch.no_grad():
-            target.copy_(tensor.to(target.dtype))
+            remember_original(model, key, params[key])
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            params[key].copy_(tensor.to(params[key].dtype))
 
 
 def _is_adapter_parameter(name: str) -> bool:

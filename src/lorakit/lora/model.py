@@ -206,11 +206,11 @@ def overwritten_originals(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def _put_values(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy each value into its parameter; return what the parameters held before."""
-    previous = {}
+    """Copy each value into its parameter; return what the parameters held before (all read
+    before any is written: two names may be one tied tensor)."""
+    previous = {name: model.get_parameter(name).detach().clone() for name in values}
     for name, value in values.items():
         param = model.get_parameter(name)
-        previous[name] = param.detach().clone()
         param.copy_(value.to(param.device, param.dtype))
     return previous
 
