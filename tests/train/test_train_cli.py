@@ -85,6 +85,13 @@ def test_a_finished_run_continued_with_more_steps_is_unfinished_until_it_ends(ti
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
 
 
+def test_a_step_longer_than_the_data_is_named(tiny, tmp_path, capsys):
+    assert main(train_args(tiny, tmp_path / "run", "--grad-accum", "100", "--dry-run")) == 0
+    assert "passes over the" in capsys.readouterr().out
+    assert main(train_args(tiny, tmp_path / "run", "--dry-run")) == 0
+    assert "passes over the" not in capsys.readouterr().out
+
+
 def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(tiny, out, "--dry-run")) == 0

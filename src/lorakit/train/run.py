@@ -139,7 +139,22 @@ def prepare(config: RunConfig) -> Prepared:
     distributed.wrap_model(model, use_fsdp, device_for(config))
     notices += parallel_notices + distributed.global_batch_notice(config.train)
     settings = loop_settings(config, model, tokenizer, train)
-    return Prepared(config, model, tokenizer, source, train, evaluation, settings, notices)
+    return Prepared(config, model, tokenizer, source, train, evaluation, settings, notices + _long_step_notice(settings, train))
+
+
+def _long_step_notice(settings: LoopSettings, train: TokenizedData) -> list[str]:
+    """One line when a step takes more than one pass over the data: each step then repeats every
+    example, and a stop signal waits for the end of the step."""
+    from lorakit.data.batching import plan_batches
+
+    per_step = settings.grad_accum * settings.world_size
+    batches = len(plan_batches(train.lengths(), settings.batch_size, settings.seq_len, settings.packing, True,
+                               settings.seed, 0))
+    if per_step <= batches:
+        return []
+    return [f"one step takes {per_step} micro-batches, {per_step / batches:.1f} passes over the {batches} of this data "
+            "(--grad-accum x processes): each step sees every example more than once; lower --grad-accum or "
+            "--batch-size"]
 
 
 def keep_global_batch(prepared: Prepared, micro_batches_per_step: int) -> str | None:
