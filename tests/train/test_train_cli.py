@@ -92,6 +92,15 @@ def test_a_step_longer_than_the_data_is_named(tiny, tmp_path, capsys):
     assert "passes over the" not in capsys.readouterr().out
 
 
+def test_the_users_own_config_in_the_output_folder_is_never_replaced(tiny, tmp_path, capsys):
+    own = tmp_path / "config.yaml"
+    own.write_text("# my notes\ntrain:\n  max_steps: 1\n")
+    for extra in ([], ["--overwrite"]):
+        assert main(["train", str(own), *train_args(tiny, tmp_path)[1:], *extra]) == 2
+        assert "where this run writes its own config.yaml" in capsys.readouterr().err
+    assert own.read_text().startswith("# my notes")
+
+
 def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(tiny, out, "--dry-run")) == 0

@@ -86,6 +86,7 @@ def _train(args: argparse.Namespace) -> int:
     from lorakit.train.session import Session
 
     config, demo = resolve_args(args)
+    _refuse_config_inside_output(args.config_file, config)
     prepared = prepare(config)  # joins the torchrun job, if any
     if is_main():
         print_plan(prepared)
@@ -105,6 +106,21 @@ def _train(args: argparse.Namespace) -> int:
     if is_main():
         print_report(prepared, result, sample_before, sample_after)
     return 0
+
+
+def _refuse_config_inside_output(config_file: str | None, config) -> None:
+    """A run writes OUTPUT/config.yaml: the user's own file there, in a folder that holds no run,
+    would be replaced (or taken for an unfinished run). A run's own config.yaml passed back with
+    --resume or --overwrite is fine."""
+    from lorakit.errors import OutputError
+    from lorakit.train.run import RUN_FILES
+
+    out = Path(config.output.output)
+    written = out / "config.yaml"
+    holds_a_run = any((out / name).exists() for name in RUN_FILES if name != "config.yaml")
+    if config_file and written.exists() and written.resolve() == Path(config_file).resolve() and not holds_a_run:
+        raise OutputError(f"{config_file} is where this run writes its own config.yaml (--output "
+                          f"{config.output.output}); keep your file elsewhere or choose another --output")
 
 
 def _sample(prepared) -> tuple[str, str] | None:
