@@ -353,6 +353,12 @@ def test_cli_refuses_a_peak_that_is_not_a_positive_number(capsys, value):
     assert "--device-peak-tflops must be a positive number" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_rank_above_a_layers_smaller_side(capsys):
+    assert main(["estimate", "--model", "smollm2-135m", "--r", "1000"]) == 2
+    assert "r=1000 is above q_proj's smaller side (576)" in capsys.readouterr().err
+    assert main(["estimate", "--model", "smollm2-135m", "--r", "1000", "--targets", "mlp"]) == 2  # MLP sides: 576
+
+
 def test_cli_json(capsys):
     assert main(["estimate", "--model", "1b", "--batch-size", "4", "--seq-len", "2048", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

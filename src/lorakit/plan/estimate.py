@@ -606,6 +606,7 @@ def estimate(model_config: Any, shape: TrainShape, peak_tflops: float = 817.0, m
     """Memory (with the requested checkpointing and the other setting), FLOPs and step times.
     The other setting of a selective or offloaded shape is no checkpointing."""
     m = model_shape(model_config)
+    _check_rank_fits(m, shape)
     other = replace(shape, grad_checkpointing=not shape.grad_checkpointing, checkpoint_layers=None,
                     offload_checkpoints=False)
     per_token = flops_per_token(m, shape)
@@ -616,6 +617,16 @@ def estimate(model_config: Any, shape: TrainShape, peak_tflops: float = 817.0, m
         step_seconds_at_100=step_time(m, shape, peak_tflops), step_seconds_at_mfu=step_time(m, shape, peak_tflops, mfu),
         mfu=mfu,
     )
+
+
+def _check_rank_fits(m: ModelShape, shape: TrainShape) -> None:
+    """The trainer refuses a rank above a layer's smaller side; so does the estimate."""
+    sides = {name: min(dims) for name, dims in m.projection_shapes().items() if name in resolve_targets(shape.targets)}
+    too_small = {name: side for name, side in sides.items() if shape.r > side}
+    if too_small:
+        name, side = next(iter(too_small.items()))
+        raise ConfigError(f"r={shape.r} is above {name}'s smaller side ({side}) in {m.name}; lower r to {side} or "
+                          "less, or leave that projection out of the targets")
 
 
 def gib(nbytes: float) -> float:
