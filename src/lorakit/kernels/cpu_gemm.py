@@ -111,12 +111,11 @@ def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x @ weight
 
 
-def matmul_add(x: torch.Tensor, weight: torch.Tensor, acc: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """acc + alpha x @ weight; torch's path adds into acc in place, oneDNN's in its output's
-    epilogue (alpha folded into a copy of the weight: call it with the small factor there)."""
+def matmul_add(x: torch.Tensor, weight: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """acc + x @ weight; torch's path adds into acc in place, oneDNN's in its output's epilogue."""
     if _takes_onednn(x, weight, acc) and acc.dtype == x.dtype:
-        return _onednn_linear_add(x, (weight * alpha if alpha != 1.0 else weight).t(), acc)
-    return acc.addmm_(x, weight, alpha=alpha)
+        return _onednn_linear_add(x, weight.t(), acc)
+    return acc.addmm_(x, weight)
 
 
 def grad_weight(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

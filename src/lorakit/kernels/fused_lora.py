@@ -8,13 +8,12 @@ backward. Here projections that read the same input are computed together:
     forward                                   backward (dY_i = grad of output i)
     XA  = X @ cat(A_1..A_k)^T     (T, sum r)  dXA_i = s_i * dY_i @ B_i            (T, r_i)
     Y_i = X @ W_i^T + b_i                     dB_i  = s_i * dY_i^T @ XA_i         (out_i, r_i)
-    Y_i += s_i XA_i B_i^T                     dA    = cat(dXA_i)^T @ X            one GEMM
+    Y_i.addmm_(XA_i, B_i^T, alpha=s_i)        dA    = cat(dXA_i)^T @ X            one GEMM
                                               dX    = sum_i dY_i @ W_i + cat(dXA_i) @ cat(A_i)
 
 so X is saved once for the whole group, one skinny GEMM replaces k adapter-A GEMMs (forward
-and backward), the update is added with the scale folded into `addmm_` (in place; on oneDNN's
-path in its GEMM's summing epilogue, the scale in a copy of the small B_i), dX is accumulated
-the same way, and no product of size in x out is ever formed. The frozen W gets no
+and backward), the update is added in place with the scale folded into `addmm_`, dX is
+accumulated in place, and no product of size in x out is ever formed. The frozen W gets no
 gradient. For the MLP, down(silu(e) * g) with e = gate(x), g = up(x), only X, e and g are
 saved; h = silu(e) * g is recomputed in backward and
 
@@ -141,7 +140,8 @@ def _shared_forward(x2, projections):
     outs = []
     for (weight, bias, _, lora_b, s), cols in zip(projections, _rank_slices(projections)):
         out = cpu_gemm.linear(x2, weight, bias)  # (T, out)
-        outs.append(cpu_gemm.matmul_add(xa[:, cols], lora_b.to(x2.dtype).T, out, alpha=s))  # out + s (x A) B^T
+        out.addmm_(xa[:, cols], lora_b.to(x2.dtype).T, alpha=s)
+        outs.append(out)
     return outs, xa, a_cat
 
 
@@ -161,7 +161,7 @@ def _shared_backward(x2, xa, a_cat, projections, grad_outs, need_input_grad):
         dx = cpu_gemm.matmul(grad_outs[0], projections[0][0])  # (T, in)
         for (weight, *_), dy in zip(projections[1:], grad_outs[1:]):
             dx = cpu_gemm.matmul_add(dy, weight, dx)
-        dx = cpu_gemm.matmul_add(dxa, a_cat, dx)
+        dx.addmm_(dxa, a_cat)
     return dx, grads_a, grads_b
 
 
