@@ -101,6 +101,23 @@ def test_the_users_own_config_in_the_output_folder_is_never_replaced(tiny, tmp_p
     assert own.read_text().startswith("# my notes")
 
 
+def test_a_second_run_into_a_folder_in_use_is_refused(tiny, tmp_path, capsys):
+    import fcntl
+    import os
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--max-steps", "1")) == 0
+    other = os.open(out, os.O_RDONLY)  # another run's hold on the folder
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        for flag in ("--overwrite", "--resume"):
+            assert main(train_args(tiny, out, "--max-steps", "2", flag)) == 2
+            assert "another lorakit run is writing to --output" in capsys.readouterr().err
+    finally:
+        os.close(other)
+    assert main(train_args(tiny, out, "--max-steps", "2", "--resume")) == 0  # free again
+
+
 def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(tiny, out, "--dry-run")) == 0

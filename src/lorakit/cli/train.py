@@ -82,7 +82,7 @@ def _train(args: argparse.Namespace) -> int:
     from lorakit.train import distributed
     from lorakit.train.distributed import is_main
     from lorakit.train.report import print_plan, print_report
-    from lorakit.train.run import claim_output, prepare
+    from lorakit.train.run import claim_output, prepare, release_run_folder
     from lorakit.train.session import Session
 
     config, demo = resolve_args(args)
@@ -97,9 +97,12 @@ def _train(args: argparse.Namespace) -> int:
             print_dry_run(prepared)
         return 0
     session = Session(prepared, Path(config.output.output))  # the optimizer too, before a folder is cleared
-    distributed.main_first(lambda: claim_output(config))  # rank 0 checks and creates it, then the others go on
-    sample_before = _sample(prepared) if demo else None  # every rank: a sharded model generates together
-    result = session.run()
+    distributed.main_first(lambda: claim_output(config))  # rank 0 checks, creates and locks it; then the others
+    try:
+        sample_before = _sample(prepared) if demo else None  # every rank: a sharded model generates together
+        result = session.run()
+    finally:
+        release_run_folder(Path(config.output.output))
     if result.interrupted:
         return 130
     sample_after = _sample(prepared) if demo else None

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,6 +221,16 @@ def claim_output(config: RunConfig) -> Path:
     out = Path(config.output.output)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--output {out} is a file; choose a folder path")
+    if out.is_dir():
+        _lock_run_folder(out)
+    try:
+        return _claim_locked(config, out)
+    except BaseException:
+        release_run_folder(out)
+        raise
+
+
+def _claim_locked(config: RunConfig, out: Path) -> Path:
     existing = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
     if existing and not (config.output.resume or config.output.overwrite):
         state = "a finished run" if "summary.json" in existing else "an unfinished run"
@@ -235,7 +246,40 @@ def claim_output(config: RunConfig) -> Path:
         probe.unlink()
     except OSError as exc:
         raise OutputError(f"cannot write to --output {out} ({exc.strerror}); choose a writable folder") from None
+    _lock_run_folder(out)
     return out
+
+
+_held_locks: dict[Path, int] = {}  # run folder -> the open descriptor whose lock lasts the process
+
+
+def _lock_run_folder(out: Path) -> None:
+    """Hold an exclusive lock on the run folder itself (flock on its descriptor: no file is
+    created) until this process ends: a second run into the same folder, with --resume or
+    --overwrite too, would mix its files with this one's. The kernel drops the lock when the
+    process dies, so a killed run leaves nothing stale."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        return
+    key = out.resolve()
+    if key in _held_locks:
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputError(f"another lorakit run is writing to --output {out} right now; wait for it to end, "
+                          "stop it, or choose another --output") from None
+    _held_locks[key] = fd
+
+
+def release_run_folder(out: Path) -> None:
+    """Let another run into `out` (the end of this run in a process that goes on, e.g. tests)."""
+    fd = _held_locks.pop(Path(out).resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:
