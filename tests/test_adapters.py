@@ -74,9 +74,10 @@ def test_generate_streams_text(trained, capsys):
 
 @pytest.mark.parametrize("flags,words", [(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
                                          (["--temperature", "nan"], "--temperature must be 0"),
-                                         (["--temperature", "-1"], "--temperature must be 0")])
+                                         (["--temperature", "-1"], "--temperature must be 0"),
+                                         (["--raw", ""], "the prompt is empty")])
 def test_generate_refuses_bad_sampling_values_before_loading(capsys, flags, words):
-    assert main(["generate", *flags, "hello"]) == 2
+    assert main(["generate", *flags] + ([] if flags[-1] == "" else ["hello"])) == 2
     assert words in capsys.readouterr().err
 
 

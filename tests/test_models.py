@@ -227,6 +227,13 @@ def test_load_tokenizer_alone(tiny_folder):
     assert tokenizer.pad_token == "</s>"
 
 
+def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path):
+    # transformers built an empty tokenizer from config.json: every text became one token
+    _tiny_llama().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="holds no tokenizer files"):
+        load_tokenizer(tmp_path)
+
+
 def test_folder_without_config(tmp_path):
     with pytest.raises(ModelLoadError, match=f"model folder {tmp_path} has no config.json"):
         load_model_and_tokenizer(tmp_path)

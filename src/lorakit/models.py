@@ -539,10 +539,19 @@ def load_tokenizer(spec: str | os.PathLike | None = None, allow_pickle: bool = F
     return tokenizer
 
 
+# what AutoTokenizer reads a tokenizer from: one of these must be in a local model folder
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def _load_tokenizer_from(source: ModelSource, target: str, kwargs: dict[str, Any]) -> Any:
     from transformers import AutoTokenizer
 
     hub_kwargs = {"local_files_only": True} if kwargs.get("local_files_only") else {}
+    if source.kind == "local" and not any((Path(target) / name).exists() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from config.json alone: every text one token
+        raise ModelLoadError(f"{target} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); copy the "
+                             "tokenizer saved with the model into the folder (tokenizer.save_pretrained)")
     try:
         return AutoTokenizer.from_pretrained(target, **hub_kwargs)
     except (OSError, ValueError, KeyError, TypeError) as exc:

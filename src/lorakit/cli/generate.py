@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.generate import generate_text
     from lorakit.models import inference_placement, load_model_and_tokenizer
 
+    if not args.prompt.strip():
+        raise ConfigError("the prompt is empty; pass the text to answer or continue, e.g. lorakit generate \"Define 'knoll'.\"")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not 0 <= args.temperature < float("inf"):
