@@ -118,6 +118,21 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tiny, tmp_path, capsys):
     assert main(train_args(tiny, out, "--max-steps", "2", "--resume")) == 0  # free again
 
 
+def test_resume_past_max_steps_is_refused_and_new_eval_data_gets_a_new_base_loss(tiny, tmp_path, capsys, monkeypatch):
+    from lorakit.train import session
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--max-steps", "4", "--save-every", "2")) == 0
+    (out / "summary.json").unlink()
+    assert main(train_args(tiny, out, "--max-steps", "3", "--resume")) == 2
+    assert "is at step 4, past this run's last step (3)" in capsys.readouterr().err
+    other = write_define_data(tmp_path / "other.jsonl", count=40, seed=7)
+    measured, real = [], session.Session.run_eval
+    monkeypatch.setattr(session.Session, "run_eval", lambda self, label: measured.append(label) or real(self, label))
+    assert main(train_args(tiny, out, "--max-steps", "5", "--resume", "--eval-data", str(other))) == 0
+    assert measured[0] == "base"  # the saved base loss was of the other eval set
+
+
 def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(tiny, out, "--dry-run")) == 0

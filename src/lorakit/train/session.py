@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lorakit.config import effective_scale
-from lorakit.errors import AdapterFileError, AdapterMismatchError, DataError
+from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError, DataError
 from lorakit.host import peak_rss_bytes
 from lorakit.kernels.chunked_ce import release_workspace
 from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
@@ -88,7 +88,13 @@ class Session:
                                        "resume with the same --model, or start a new --output")
         _check_tensors_fit(path, self.p.model, checkpoint.model_tensors)
         state = _train_state_from(path, saved)
+        if state.step > self.p.settings.total_steps:
+            raise ConfigError(f"the checkpoint {path} is at step {state.step}, past this run's last step "
+                              f"({self.p.settings.total_steps}); resume with --max-steps {state.step} or more, "
+                              "or start a new --output")
         self._note_changed_config(saved.get("config"))
+        if _changes_what_base_eval_measured(saved.get("config") or {}, self.config.to_dict()):
+            saved = {**saved, "base_eval": None}  # measured on other data or another base: measure again
         self._check_data_position(path, state)
         self._keep_global_batch(saved)
         distributed.load_full_tensors(dict(self.p.model.named_parameters()), checkpoint.model_tensors)
@@ -426,6 +432,14 @@ def _plot(history: list[dict], path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _changes_what_base_eval_measured(saved: dict, now: dict) -> bool:
+    """The base model's eval loss depends on the model and the eval examples only."""
+    keys = [("model", "name"), ("data", "data"), ("data", "eval_data"), ("data", "eval_split"), ("data", "seq_len"),
+            ("data", "format"), ("data", "train_on_inputs")]
+    return any((saved.get(section) or {}).get(name) != (now.get(section) or {}).get(name) for section, name in keys
+               if section in saved)
 
 
 def _strict_json(value):
