@@ -95,7 +95,8 @@ def test_a_step_longer_than_the_data_is_named(tiny, tmp_path, capsys):
 def test_the_users_own_config_in_the_output_folder_is_never_replaced(tiny, tmp_path, capsys):
     own = tmp_path / "config.yaml"
     own.write_text("# my notes\ntrain:\n  max_steps: 1\n")
-    for extra in ([], ["--overwrite"]):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")  # files of the user's, no checkpoint: still not a run
+    for extra in ([], ["--overwrite"], ["--resume"]):
         assert main(["train", str(own), *train_args(tiny, tmp_path)[1:], *extra]) == 2
         assert "where this run writes its own config.yaml" in capsys.readouterr().err
     assert own.read_text().startswith("# my notes")

@@ -116,11 +116,10 @@ def _refuse_config_inside_output(config_file: str | None, config) -> None:
     would be replaced (or taken for an unfinished run). A run's own config.yaml passed back with
     --resume or --overwrite is fine."""
     from lorakit.errors import OutputError
-    from lorakit.train.run import RUN_FILES
 
     out = Path(config.output.output)
     written = out / "config.yaml"
-    holds_a_run = any((out / name).exists() for name in RUN_FILES if name != "config.yaml")
+    holds_a_run = any((out / name).exists() for name in ("summary.json", "adapter", "checkpoints"))
     if config_file and written.exists() and written.resolve() == Path(config_file).resolve() and not holds_a_run:
         raise OutputError(f"{config_file} is where this run writes its own config.yaml (--output "
                           f"{config.output.output}); keep your file elsewhere or choose another --output")
