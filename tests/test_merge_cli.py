@@ -71,3 +71,20 @@ def test_merge_output_problems_are_one_message_and_leave_nothing(tmp_path, capsy
     assert main(merge + [str(tmp_path / "new" / "merged")]) == 2
     assert "disk full" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == []
+
+
+def test_export_merged_takes_overwrite_as_its_message_says(tmp_path, capsys):
+    base_dir = save_tiny_chat_model(tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    (tmp_path / "out").mkdir()
+    export = ["export", "--adapter", str(tmp_path / "adapter"), "--format", "merged", "--output", str(tmp_path / "out")]
+    assert main(export) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(export + ["--overwrite"]) == 0
+    assert (tmp_path / "out" / "config.json").exists()
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--format", "vllm", "--output",
+                 str(tmp_path / "v"), "--overwrite"]) == 2

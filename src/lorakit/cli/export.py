@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from lorakit.errors import ConfigError
+
 
 DESCRIPTION = """\
 Export a PEFT-format adapter folder.
@@ -42,18 +44,22 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help="read a pickle adapter_model.bin (with torch.load(weights_only=True))")
     p.add_argument("--allow-other-base", action="store_true",
                    help="merged: merge an adapter made for another base model")
+    p.add_argument("--overwrite", action="store_true", help="merged: replace an existing --output folder")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.overwrite and args.format != "merged":
+        raise ConfigError(f"--overwrite is for --format merged; a {args.format} export never replaces a file: "
+                          "choose another --output or delete the old one")
     if args.format == "vllm":
         result = _export_vllm(args)
     elif args.format == "gguf":
         result = _export_gguf(args)
     else:
         result = export_merged(args.adapter, args.output, base=args.base, allow_pickle=args.allow_pickle,
-                               allow_other_base=args.allow_other_base)
+                               allow_other_base=args.allow_other_base, overwrite=args.overwrite)
         if not args.json:
             print(f"wrote merged model to {args.output}")
     if args.json:
@@ -92,11 +98,11 @@ def _export_gguf(args: argparse.Namespace) -> dict:
 
 
 def export_merged(adapter_dir: Path, output_dir: Path, base: str | None = None, allow_pickle: bool = False,
-                  allow_other_base: bool = False) -> dict:
+                  allow_other_base: bool = False, overwrite: bool = False) -> dict:
     """Thin call into `lorakit merge`'s library function."""
     from lorakit.merge import merge_to_folder
 
     result = merge_to_folder(adapter_dir, output_dir, base=base, allow_pickle=allow_pickle,
-                             allow_other_base=allow_other_base)
+                             allow_other_base=allow_other_base, overwrite=overwrite)
     return {"format": "merged", "output": str(output_dir),
             **(result if isinstance(result, dict) else {})}
