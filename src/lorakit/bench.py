@@ -46,6 +46,7 @@ from lorakit.errors import ConfigError
 from lorakit.host import minor_page_faults, peak_rss_bytes, proc_field
 from lorakit.kernels import cpu_gemm
 from lorakit.plan.estimate import model_flops
+from lorakit.plan.model_shapes import model_shape
 
 VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-triton", "lorakit-plain", "lorakit-ce",
             "lorakit-fused", "lorakit-eager", "lorakit-aten", "lorakit-4d", "lorakit-perdoc", "lorakit-offload")
@@ -130,6 +131,10 @@ def resolve(settings: BenchSettings) -> Plan:
         s.interleave = s.device == "cpu" and s.isolate
     _validate(s)
     shape = {**shape, "num_hidden_layers": s.layers, "max_position_embeddings": max(s.seq_len, 2048)}
+    smallest = min(min(dims) for dims in model_shape(shape).projection_shapes().values())
+    if s.r > smallest:
+        raise ConfigError(f"--r {s.r} is above the smallest projection side ({smallest}) of --preset {s.preset}; "
+                          f"choose --r {smallest} or less")
     plan = Plan(s, shape, s.dtype or ("bfloat16" if s.device == "cuda" else "float32"))
     s.variants = _choose_variants(settings.variants, plan)
     if s.memory_budget_gib is not None:
@@ -218,6 +223,8 @@ def _choose_variants(asked: list[str] | None, plan: Plan) -> list[str]:
             chosen.append(name)
         elif asked:  # dropping a default quietly is fine; dropping what was asked for is news
             plan.notices.append(f"{name} skipped: {reason}")
+    if asked and not chosen:
+        raise ConfigError("none of the asked variants runs here: " + "; ".join(plan.notices[-len(asked):]))
     if any(v.startswith("peft") for v in chosen) and importlib.util.find_spec("peft") is None:
         raise ConfigError("the PEFT variants need peft: pip install peft, or run --variants lorakit")
     # Liger patches transformers classes for the whole process: it runs last
