@@ -88,6 +88,7 @@ def test_changed_settings_need_overwrite(base_config, tmp_path, capsys):
     (["--r", "four"], "not a positive integer"),
     (["--targets", "q_prj"], "q_prj"),
     (["--max-steps", "0"], "--max-steps"),
+    (["--r", "2,1000"], "--r 1000 is above the smallest targeted layer side"),  # was found after point 1 trained
 ])
 def test_bad_grid_exits_2_before_training(base_config, tmp_path, capsys, args, message):
     out = tmp_path / "sweep"
