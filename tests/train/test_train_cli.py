@@ -134,6 +134,19 @@ def test_resume_past_max_steps_is_refused_and_new_eval_data_gets_a_new_base_loss
     assert measured[0] == "base"  # the saved base loss was of the other eval set
 
 
+def test_resume_with_a_new_grad_accum_on_the_same_processes_takes_it(tiny, tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--max-steps", "4", "--save-every", "2")) == 0
+    (out / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(train_args(tiny, out, "--max-steps", "5", "--resume", "--grad-accum", "3")) == 0
+    printed = capsys.readouterr().out
+    assert "train.grad_accum 1 -> 3" in printed and "instead of 3" not in printed  # it said one thing, did another
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["grad_accum"] == 3
+
+
 def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(tiny, out, "--dry-run")) == 0

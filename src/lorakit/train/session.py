@@ -143,8 +143,13 @@ class Session:
                      "so it will not match an uninterrupted run): " + ", ".join(changed))
 
     def _keep_global_batch(self, saved: dict) -> None:
-        """Another world size continues the same global batch (grad_accum adjusted)."""
+        """Another world size continues the same global batch (grad_accum adjusted). The same
+        world size with a --grad-accum given anew takes the new one (the changed-settings line
+        has said so)."""
         per_step = saved.get("micro_batches_per_step")
+        same_world = saved.get("world_size", 1) == distributed.world_size()
+        if same_world and self.config.sources.get("train.grad_accum") == "flag":
+            return
         notice = keep_global_batch(self.p, per_step) if per_step else None
         if notice:
             self.log(notice)
