@@ -48,9 +48,14 @@ def test_atomic_write_honours_umask_not_0600(tmp_path):
     old = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "a.txt", "x")
+        atomic_save_safetensors(tmp_path / "w.safetensors", {"w": torch.ones(2)})  # safetensors itself makes 0600
+        (tmp_path / "lib").mkdir()
+        (tmp_path / "lib" / "model.bin").touch(mode=0o600)
+        safe_io.give_default_modes(tmp_path / "lib")
     finally:
         os.umask(old)
-    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    for path in ("a.txt", "w.safetensors", "lib/model.bin"):
+        assert stat.S_IMODE((tmp_path / path).stat().st_mode) == 0o644, path
 
 
 def test_unserialisable_json_writes_nothing(tmp_path):

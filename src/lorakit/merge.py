@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import MergeError, OutputError
-from lorakit.safe_io import output_error, translate_os_errors
+from lorakit.safe_io import give_default_modes, output_error, translate_os_errors
 
 PROBE_TOKENS = 32
 # A quantised base (QLoRA) is checked three ways (figures: max |logit difference| / max |logit|,
@@ -83,6 +83,7 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
             shutil.rmtree(tmp, ignore_errors=True)
             merged.model.save_pretrained(tmp, safe_serialization=True)
             merged.tokenizer.save_pretrained(tmp)
+            give_default_modes(tmp)
         merged.model = None  # the reloaded copy needs the memory
         _free_memory()
         reload_dtype = merged.reload_dtype or out_dtype

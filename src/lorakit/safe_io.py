@@ -171,7 +171,9 @@ def atomic_save_safetensors(
     meta = {"format": "pt", **(metadata or {})}
 
     def fill(tmp: str) -> None:
-        _safetensors_save_file(plain, tmp, metadata=meta)
+        mode = os.stat(tmp).st_mode & 0o777  # the new empty file's: 0666 less the umask
+        _safetensors_save_file(plain, tmp, metadata=meta)  # replaces it with a file of mode 0600
+        os.chmod(tmp, mode)  # readable like any other written file (a server under another user)
         _sort_metadata_in_header(tmp)
 
     return _atomic_write(path, fill)
@@ -184,6 +186,16 @@ def _as_os_error(exc: Exception) -> OSError:
         if os.strerror(code) in text:
             return OSError(code, os.strerror(code))
     return OSError(errno.EIO, text)
+
+
+def give_default_modes(folder: str | os.PathLike) -> None:
+    """Files under `folder` get 0666 less the umask, as a plain open() makes them: libraries that
+    write through a private temp file (safetensors) leave 0600, unreadable to other users."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~mask)
 
 
 def _sort_metadata_in_header(path: str) -> None:
