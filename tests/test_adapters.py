@@ -47,6 +47,16 @@ def test_switch_between_adapters_without_reloading(tmp_path):
         adapters.activate("third")
 
 
+def test_two_adapter_folders_of_one_name_are_told_apart_by_path(tmp_path):
+    first = saved_adapter(tmp_path / "runs" / "a" / "adapter", 1, ["q_proj"])
+    second = saved_adapter(tmp_path / "old" / "a" / "adapter", 2, ["q_proj"])
+    adapters = AdapterSet(tiny_llama())
+    assert adapters.add(tmp_path / "runs" / "a" / "adapter") == "a"
+    assert adapters.add(tmp_path / "old" / "a" / "adapter") == str(tmp_path / "old" / "a" / "adapter")
+    assert (logits(adapters.activate(f"{tmp_path}/old/./a/adapter/")) - second).abs().max() <= 1e-6  # any spelling
+    assert (logits(adapters.activate("a")) - first).abs().max() <= 1e-6
+
+
 def test_adapter_for_another_base_is_refused(tmp_path):
     saved_adapter(tmp_path / "a", 1, ["q_proj"])
     with pytest.raises(AdapterMismatchError):
@@ -75,7 +85,8 @@ def test_generate_streams_text(trained, capsys):
 @pytest.mark.parametrize("flags,words", [(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
                                          (["--temperature", "nan"], "--temperature must be 0"),
                                          (["--temperature", "-1"], "--temperature must be 0"),
-                                         (["--raw", ""], "the prompt is empty")])
+                                         (["--raw", ""], "the prompt is empty"),
+                                         (["--use", "zzz"], "none is loaded")])
 def test_generate_refuses_bad_sampling_values_before_loading(capsys, flags, words):
     assert main(["generate", *flags] + ([] if flags[-1] == "" else ["hello"])) == 2
     assert words in capsys.readouterr().err

@@ -47,7 +47,10 @@ class AdapterSet:
 
     def add(self, path: str | Path, name: str | None = None) -> str:
         path = Path(path)
-        name = name or path.name if path.name != "adapter" else (name or path.parent.name)
+        default = path.parent.name if path.name == "adapter" else path.name
+        if name is None and default in self._adapters:  # runs/a/adapter beside old/a/adapter: its path names it
+            name = str(path)
+        name = name or default
         if name in self._adapters:
             raise ConfigError(f"an adapter named {name!r} is already loaded; give this one another name")
         config, tensors, metadata = read_adapter(path, self.allow_pickle)
@@ -85,7 +88,8 @@ class AdapterSet:
     def _lookup(self, name: str) -> _Stored:
         if name in self._adapters:
             return self._adapters[name]
-        by_path = [n for n, s in self._adapters.items() if str(s.path) == name or str(s.path.resolve()) == name]
+        wanted = Path(name).resolve()
+        by_path = [n for n, s in self._adapters.items() if s.path.resolve() == wanted]
         if by_path:
             return self._adapters[by_path[0]]
         raise ConfigError(f"no adapter named {name!r} is loaded; loaded: {', '.join(self._adapters) or 'none'}")

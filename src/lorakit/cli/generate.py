@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.generate import generate_text
     from lorakit.models import inference_placement, load_model_and_tokenizer
 
+    if args.use and not args.adapter:
+        raise ConfigError(f"--use {args.use} names an adapter, but none is loaded; add --adapter DIR")
     if not args.prompt.strip():
         raise ConfigError("the prompt is empty; pass the text to answer or continue, e.g. lorakit generate \"Define 'knoll'.\"")
     if args.max_new_tokens < 1:
@@ -50,3 +52,4 @@ def run(args: argparse.Namespace) -> int:
         adapters.activate(args.use or adapters.names[0])
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, stream=True, raw=args.raw)
     return 0
+

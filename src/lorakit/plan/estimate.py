@@ -624,7 +624,7 @@ def _check_rank_fits(m: ModelShape, shape: TrainShape) -> None:
     sides = {name: min(dims) for name, dims in m.projection_shapes().items() if name in resolve_targets(shape.targets)}
     too_small = {name: side for name, side in sides.items() if shape.r > side}
     if too_small:
-        name, side = next(iter(too_small.items()))
+        name, side = min(too_small.items(), key=lambda item: item[1])  # the bound for every target
         raise ConfigError(f"r={shape.r} is above {name}'s smaller side ({side}) in {m.name}; lower r to {side} or "
                           "less, or leave that projection out of the targets")
 
