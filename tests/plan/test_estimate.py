@@ -359,6 +359,17 @@ def test_cli_refuses_a_rank_above_a_layers_smaller_side(capsys):
     assert main(["estimate", "--model", "smollm2-135m", "--r", "1000", "--targets", "mlp"]) == 2  # MLP sides: 576
 
 
+def test_an_unknown_model_name_fails_at_once_offline(capsys, monkeypatch):
+    import time
+
+    from lorakit import models
+
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)  # as on these machines
+    start = time.perf_counter()
+    assert main(["estimate", "--model", "no-such-model-anywhere"]) == 2
+    assert time.perf_counter() - start < 10 and "cannot find a model config" in capsys.readouterr().err
+
+
 def test_cli_json(capsys):
     assert main(["estimate", "--model", "1b", "--batch-size", "4", "--seq-len", "2048", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -137,7 +137,10 @@ def _shape_from_hub(name: str) -> ModelShape:
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(name)
+        from lorakit.models import hub_reachable
+
+        # offline: only the local HF cache, at once (transformers would retry the network for ~25 s)
+        config = AutoConfig.from_pretrained(name, **({} if hub_reachable() else {"local_files_only": True}))
     except Exception as exc:  # hub errors come in many types; all mean "not found here"
         presets = ", ".join(p for p in PRESETS if p != "smollm2-135m-instruct")
         raise ModelLoadError(
