@@ -355,7 +355,7 @@ def test_cli_refuses_a_peak_that_is_not_a_positive_number(capsys, value):
 
 def test_cli_refuses_a_rank_above_a_layers_smaller_side(capsys):
     assert main(["estimate", "--model", "smollm2-135m", "--r", "1000"]) == 2
-    assert "r=1000 is above q_proj's smaller side (576)" in capsys.readouterr().err
+    assert "r=1000 is above k_proj's smaller side (192)" in capsys.readouterr().err  # the tightest bound
     assert main(["estimate", "--model", "smollm2-135m", "--r", "1000", "--targets", "mlp"]) == 2  # MLP sides: 576
 
 

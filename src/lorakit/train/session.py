@@ -88,14 +88,14 @@ class Session:
                                        "resume with the same --model, or start a new --output")
         _check_tensors_fit(path, self.p.model, checkpoint.model_tensors)
         state = _train_state_from(path, saved)
-        if state.step > self.p.settings.total_steps:
-            raise ConfigError(f"the checkpoint {path} is at step {state.step}, past this run's last step "
-                              f"({self.p.settings.total_steps}); resume with --max-steps {state.step} or more, "
-                              "or start a new --output")
         self._note_changed_config(saved.get("config"))
         if _changes_what_base_eval_measured(saved.get("config") or {}, self.config.to_dict()):
             saved = {**saved, "base_eval": None}  # measured on other data or another base: measure again
         self._check_data_position(path, state)
+        if state.step > self.p.settings.total_steps:
+            raise ConfigError(f"the checkpoint {path} is at step {state.step}, past this run's last step "
+                              f"({self.p.settings.total_steps}); resume with --max-steps {state.step} or more, "
+                              "or start a new --output")
         self._keep_global_batch(saved)
         distributed.load_full_tensors(dict(self.p.model.named_parameters()), checkpoint.model_tensors)
         if distributed.world_size() > 1:  # whole tensors -> this run's layout (sharded or not)
