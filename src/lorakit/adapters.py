@@ -49,7 +49,7 @@ class AdapterSet:
         path = Path(path)
         default = path.parent.name if path.name == "adapter" else path.name
         if name is None and default in self._adapters:  # runs/a/adapter beside old/a/adapter: its path names it
-            name = str(path)
+            name = str(path.resolve())
         name = name or default
         if name in self._adapters:
             raise ConfigError(f"an adapter named {name!r} is already loaded; give this one another name")

@@ -1,6 +1,8 @@
 """`lorakit sweep`: grid parsing, one normal run per point, resume without retraining, errors."""
 
+import fcntl
 import json
+import os
 
 import pytest
 
@@ -57,6 +59,11 @@ def test_sweep_resumes_without_retraining(base_config, tmp_path, capsys):
         assert entry["status"] == "trained" and s["steps"] == 2 and s["r"] == entry["point"]["r"]
         assert s["final_eval_loss"] < s["base_eval_loss"]
         assert (out / "points" / entry["point"]["slug"] / "adapter" / "adapter_model.safetensors").is_file()
+        held = os.open(out / "points" / entry["point"]["slug"], os.O_RDONLY)  # the point's run let go of it
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(held)
     # the guide's --task domain point (r16, alpha 32, all) is in the grid and marked
     assert report["guide"]["slug"] == "r16-a32-all" and report["guide"]["in_grid"]
     assert report["best"] in slugs and (out / "sweep.png").stat().st_size > 0

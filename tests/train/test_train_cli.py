@@ -1,6 +1,7 @@
 """End to end through the CLI on a tiny model: loss goes down, the output folder is complete."""
 
 import json
+import shutil
 
 import pytest
 
@@ -100,6 +101,12 @@ def test_the_users_own_config_in_the_output_folder_is_never_replaced(tiny, tmp_p
         assert main(["train", str(own), *train_args(tiny, tmp_path)[1:], *extra]) == 2
         assert "where this run writes its own config.yaml" in capsys.readouterr().err
     assert own.read_text().startswith("# my notes")
+    # a run's own config.yaml (killed before its first checkpoint) is fine to pass back
+    run = tmp_path / "killed"
+    assert main(train_args(tiny, run, "--max-steps", "1")) == 0
+    for name in ("checkpoints", "adapter", "summary.json"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    assert main(["train", str(run / "config.yaml"), "--output", str(run), "--resume"]) == 0
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused(tiny, tmp_path, capsys):

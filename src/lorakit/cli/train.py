@@ -119,10 +119,31 @@ def _refuse_config_inside_output(config_file: str | None, config) -> None:
 
     out = Path(config.output.output)
     written = out / "config.yaml"
+    if not (config_file and written.exists() and written.resolve() == Path(config_file).resolve()):
+        return
     holds_a_run = any((out / name).exists() for name in ("summary.json", "adapter", "checkpoints"))
-    if config_file and written.exists() and written.resolve() == Path(config_file).resolve() and not holds_a_run:
+    if not holds_a_run and not _written_by_a_run(written):
         raise OutputError(f"{config_file} is where this run writes its own config.yaml (--output "
                           f"{config.output.output}); keep your file elsewhere or choose another --output")
+
+
+def _written_by_a_run(path: Path) -> bool:
+    """A run's own config.yaml holds every option of every section (a run killed before its
+    first checkpoint leaves one); a hand-written file names a few."""
+    import dataclasses
+
+    import yaml
+
+    from lorakit.config import SECTIONS, section_types
+
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and all(
+        isinstance(saved.get(section.name), dict)
+        and {f.name for f in dataclasses.fields(section_types()[section.name])} <= set(saved[section.name])
+        for section in SECTIONS)
 
 
 def _sample(prepared) -> tuple[str, str] | None:

@@ -180,7 +180,7 @@ def finished_summary(folder: Path, config: RunConfig, overwrite: bool) -> dict |
 def train_point(config: RunConfig, log: Callable[[str], None]) -> tuple[dict | None, str | None]:
     """(summary, interrupted signal) of one normal training run in this process."""
     from lorakit.safe_io import atomic_write_json
-    from lorakit.train.run import claim_output, device_for, prepare
+    from lorakit.train.run import claim_output, device_for, prepare, release_run_folder
     from lorakit.train.session import Session
 
     folder, marker = Path(config.output.output), requested(config)
@@ -188,10 +188,11 @@ def train_point(config: RunConfig, log: Callable[[str], None]) -> tuple[dict | N
     _reset_peak_memory(device_for(config))
     prepared = prepare(config)
     out = claim_output(config)
-    atomic_write_json(out / "point.json", marker)
     try:
+        atomic_write_json(out / "point.json", marker)
         result = Session(prepared, out, log=log).run()
     finally:
+        release_run_folder(out)  # the point is done: `lorakit train --output` on it may go on
         del prepared
         _release_memory()
     return (None, result.interrupted) if result.interrupted else (result.summary, None)

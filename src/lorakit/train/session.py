@@ -92,11 +92,11 @@ class Session:
         if _changes_what_base_eval_measured(saved.get("config") or {}, self.config.to_dict()):
             saved = {**saved, "base_eval": None}  # measured on other data or another base: measure again
         self._check_data_position(path, state)
+        self._keep_global_batch(saved)  # may change grad_accum, and with it the run's last step
         if state.step > self.p.settings.total_steps:
             raise ConfigError(f"the checkpoint {path} is at step {state.step}, past this run's last step "
                               f"({self.p.settings.total_steps}); resume with --max-steps {state.step} or more, "
                               "or start a new --output")
-        self._keep_global_batch(saved)
         distributed.load_full_tensors(dict(self.p.model.named_parameters()), checkpoint.model_tensors)
         if distributed.world_size() > 1:  # whole tensors -> this run's layout (sharded or not)
             whole = checkpoint.optimizer_state_dict
@@ -144,11 +144,11 @@ class Session:
 
     def _keep_global_batch(self, saved: dict) -> None:
         """Another world size continues the same global batch (grad_accum adjusted). The same
-        world size with a --grad-accum given anew takes the new one (the changed-settings line
-        has said so)."""
+        world size with a grad_accum given anew (flag or config file) takes the new one (the
+        changed-settings line has said so)."""
         per_step = saved.get("micro_batches_per_step")
         same_world = saved.get("world_size", 1) == distributed.world_size()
-        if same_world and self.config.sources.get("train.grad_accum") == "flag":
+        if same_world and self.config.sources.get("train.grad_accum") in ("flag", "config file"):
             return
         notice = keep_global_batch(self.p, per_step) if per_step else None
         if notice:
@@ -440,9 +440,11 @@ def _plot(history: list[dict], path: Path) -> None:
 
 
 def _changes_what_base_eval_measured(saved: dict, now: dict) -> bool:
-    """The base model's eval loss depends on the model and the eval examples only."""
-    keys = [("model", "name"), ("data", "data"), ("data", "eval_data"), ("data", "eval_split"), ("data", "seq_len"),
-            ("data", "format"), ("data", "train_on_inputs")]
+    """The base model's eval loss depends on the model, its precision and the eval examples (the
+    split's seed, and with eval_batches the batches that are evaluated)."""
+    keys = [("model", "name"), ("model", "dtype"), ("model", "quantize"), ("data", "data"), ("data", "eval_data"),
+            ("data", "eval_split"), ("data", "seq_len"), ("data", "format"), ("data", "train_on_inputs"),
+            ("data", "packing"), ("train", "seed"), ("train", "eval_batches"), ("train", "batch_size")]
     return any((saved.get(section) or {}).get(name) != (now.get(section) or {}).get(name) for section, name in keys
                if section in saved)
 
