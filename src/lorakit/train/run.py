@@ -221,12 +221,14 @@ def claim_output(config: RunConfig) -> Path:
     out = Path(config.output.output)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--output {out} is a file; choose a folder path")
+    held_before = out.is_dir() and out.resolve() in _held_locks
     if out.is_dir():
         _lock_run_folder(out)
     try:
         return _claim_locked(config, out)
     except BaseException:
-        release_run_folder(out)
+        if not held_before:  # a lock this process held already (an earlier claim) stays held
+            release_run_folder(out)
         raise
 
 
