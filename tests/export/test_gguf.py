@@ -279,6 +279,8 @@ def test_cli_writes_into_an_existing_folder(tmp_path, capsys):
     assert main(["export", "--adapter", str(adapter_dir), "--format", "gguf", "--output", str(out_dir),
                  "--outtype", "f16"]) == 2
     assert "already exists" in capsys.readouterr().err and written.read_bytes() == before
+    assert main(["export", "--adapter", str(adapter_dir), "--format", "gguf", "--output", str(tmp_path / "noext")]) == 2
+    assert "must end in .gguf" in capsys.readouterr().err and not (tmp_path / "noext").exists()
 
 
 @pytest.mark.parametrize("export_format", ["gguf", "vllm"])

@@ -35,6 +35,8 @@ def test_same_inputs_same_config_and_it_trains(tiny, tmp_path, capsys):
     assert "already exists; pass --overwrite" in capsys.readouterr().err and first.read_text() == "# my own notes\n"
     assert main(recommend_args(tiny, "--output", str(first), "--overwrite")) == 0
     assert first.read_bytes() == second.read_bytes()
+    assert main(recommend_args(tiny, "--output", str(tmp_path / "new" / "c.yaml"))) == 0  # its folder is made
+    assert (tmp_path / "new" / "c.yaml").read_bytes() != b""
     capsys.readouterr()
     assert main(recommend_args(tiny, "--json")) == 0
     one = capsys.readouterr().out

@@ -38,7 +38,7 @@ def register(subparsers, name: str, help_text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.errors import ConfigError, OutputError
     from lorakit.plan.recommend import make_budget, recommend
-    from lorakit.safe_io import atomic_write_text
+    from lorakit.safe_io import atomic_write_text, translate_os_errors
 
     if args.output and Path(args.output).suffix.lower() not in (".yaml", ".yml"):
         raise ConfigError(f"--output {args.output} must end in .yaml or .yml")
@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     budget = make_budget(args.device, args.gpu_memory, args.memory)
     rec = recommend(args.model, args.data, args.task, budget, args.format, args.eval_data, run_output)
     if args.output:
+        with translate_os_errors(args.output):  # a new folder for it, as the other outputs get one
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.output, rec.yaml())
     if args.json:
         print(json.dumps(rec.to_dict(), indent=2))

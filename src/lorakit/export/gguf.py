@@ -224,6 +224,8 @@ def rotary_permute(rows: torch.Tensor, n_head: int, name: str = "tensor") -> tor
 
 def _output_path(output: Path, adapter_folder: Path, outtype: str) -> Path:
     path = output / f"{adapter_folder.resolve().name}-lora-{outtype}.gguf" if output.is_dir() else output
+    if path.suffix.lower() != ".gguf":
+        raise ConfigError(f"--output {output} must end in .gguf, or be an existing folder to write into")
     if path.exists():  # as vllm and merged exports: never replace a file the user has
         raise OutputError(f"{path} already exists; choose another --output, or delete it first")
     return path
