@@ -267,7 +267,10 @@ def _lock_run_folder(out: Path) -> None:
     key = out.resolve()
     if key in _held_locks:
         return
-    fd = os.open(key, os.O_RDONLY)
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError as exc:
+        raise OutputError(f"cannot open --output {out} ({exc.strerror}); choose a folder you can read and write") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
