@@ -26,9 +26,11 @@ from, so later stages can name "data.jsonl line 18" in their errors.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -236,10 +238,11 @@ def _check_parquet(path: Path) -> None:
 def _load_file(path: Path, kind: str, cache_dir, options: dict) -> datasets.Dataset:
     builder = BUILDERS["." + kind]
     try:
-        return datasets.load_dataset(  # datasets expands * ? [ ] in data_files: "data[1].jsonl" is a name
-            builder, data_files=[glob.escape(str(path))], split="train",
-            cache_dir=str(cache_dir) if cache_dir else None, **options,
-        )
+        with _quiet_builders():
+            return datasets.load_dataset(  # datasets expands * ? [ ] in data_files: "data[1].jsonl" is a name
+                builder, data_files=[glob.escape(str(path))], split="train",
+                cache_dir=str(cache_dir) if cache_dir else None, **options,
+            )
     except Exception as exc:  # datasets/pyarrow raise many types for malformed files
         if kind == "json" and _first_char(path) == "{":
             _check_jsonl(path)  # a JSON-lines file named .json: find the bad line
@@ -261,6 +264,19 @@ def _reason(exc: BaseException) -> str:
             return text.splitlines()[-1][:300]
         seen = seen.__cause__ or seen.__context__
     return str(exc).strip()[:300] or type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet_builders():
+    """datasets' CSV and JSON builders log a malformed file's error (with its traceback) before
+    raising it; lorakit's own message names it, once."""
+    logger = logging.getLogger("datasets.packaged_modules")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_char(path: Path) -> str:
