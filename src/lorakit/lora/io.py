@@ -229,10 +229,11 @@ def _modules_to_save_here(model: nn.Module, config: LoraConfig, adapter: Adapter
     module of that name or ending in ".name", and a name matching nothing is skipped unless the
     adapter holds its tensors (PEFT's SEQ_CLS adapters list both "classifier" and "score")."""
     module_names = [name for name, _ in model.named_modules() if name]
+    tensor_names = list(adapter.parameter_tensors())
     resolved = []
     for wanted in config.modules_to_save:
         matches = [name for name in module_names if name == wanted or name.endswith("." + wanted)]
-        if not matches and any(key.startswith(wanted + ".") for key in adapter.parameter_tensors()):
+        if not matches and any(key.startswith(wanted + ".") for key in tensor_names):
             raise AdapterMismatchError(f"the adapter trains module {wanted!r} in full, which this model does not "
                                        "have; load it onto the base model it was trained for")
         resolved += [name for name in matches if name not in resolved]

@@ -96,14 +96,22 @@ def _refuse_tied(model: nn.Module, name: str) -> None:
     """A module trained in full is trained in place: one whose weight is tied to another module
     (a tied lm_head and input embedding) would change both, and PEFT, which trains a copy, would
     load the result differently."""
-    own = {id(p) for p in _module(model, name).parameters()}
-    others = sorted({other for other, p in model.named_parameters(remove_duplicate=False)
-                     if id(p) in own and not other.startswith(name + ".")})
+    names = _names_by_tensor(model)
+    others = sorted({other for p in _module(model, name).parameters() for other in names[id(p)]
+                     if not other.startswith(name + ".")})
     if others:
         raise ConfigError(
             f"modules_to_save names {name!r}, whose weight is tied to {others[0]} (tied embeddings): training it "
             "would change both; leave it out of modules_to_save (LoRA on the projections adapts the model), "
             "or untie the weights first")
+
+
+def _names_by_tensor(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each parameter tensor goes by: a tied weight has several."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
 
 
 def _check_ranks(model: nn.Module, ranks: dict[str, tuple[int, float]]) -> None:
@@ -150,12 +158,10 @@ def _untie_adapted_weights(model: nn.Module, layers: list[tuple[str, LoraLinear]
     """A merged update belongs to its layer alone: a base weight tied to another module (LoRA on
     a tied lm_head) gets its own copy first, or the input embedding would change too; the model's
     config then says the embeddings are untied, so a saved merged model loads the same way."""
-    uses: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        uses[id(param)] = uses.get(id(param), 0) + 1
+    names = _names_by_tensor(model)
     for _, layer in layers:
         weight = layer.base_layer.weight
-        if uses.get(id(weight), 0) > 1 and not layer.merged:
+        if len(names.get(id(weight), ())) > 1 and not layer.merged:
             layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
             for config in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
                 if config is not None and getattr(config, "tie_word_embeddings", False):
