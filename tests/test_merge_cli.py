@@ -88,3 +88,25 @@ def test_export_merged_takes_overwrite_as_its_message_says(tmp_path, capsys):
     assert (tmp_path / "out" / "config.json").exists()
     assert main(["export", "--adapter", str(tmp_path / "adapter"), "--format", "vllm", "--output",
                  str(tmp_path / "v"), "--overwrite"]) == 2
+
+
+def test_a_failed_final_move_keeps_the_checked_merge_and_says_where(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    base_dir = save_tiny_chat_model(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    real_rename = Path.rename
+
+    def refuse_into_output(self, target):
+        if Path(target).name == "merged":
+            raise PermissionError(13, "Permission denied")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", refuse_into_output)
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 2
+    assert "the checked merged model is complete in" in capsys.readouterr().err
+    assert (tmp_path / ".tmp-merged" / "config.json").exists() and not (tmp_path / "merged").exists()

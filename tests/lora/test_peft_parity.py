@@ -229,6 +229,14 @@ def test_a_pissa_adapter_is_refused_among_several_in_an_adapter_set(tmp_path):
         several.add(tmp_path / "pissa")
 
 
+def test_a_peft_pissa_adapter_with_dora_is_refused(tmp_path, llama):
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa", "use_dora": True}))
+    with pytest.raises(AdapterFileError, match="PiSSA adapter with DoRA is not supported by lorakit"):
+        load_adapter(llama, tmp_path)
+
+
 def test_round_trip_and_trainable_flag(tmp_path, llama):
     apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     randomize_lora(llama)

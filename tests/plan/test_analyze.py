@@ -203,6 +203,21 @@ def test_cli_heatmap_must_be_an_image_name(tmp_path, capsys):
         assert main(["analyze", str(tmp_path), "--no-heatmap", *flags]) == 2
 
 
+def test_cli_heatmap_write_error_names_heatmap_not_output(tmp_path, capsys, monkeypatch):
+    from lorakit.errors import OutputError
+    from lorakit.plan import analyze
+
+    write_adapter(tmp_path, _modules([3.0, 2.0, 1.0], 16, count=2))
+
+    def read_only(analysis, path):
+        raise OutputError(f"read-only file system while writing {path}: choose a writable --output")
+
+    monkeypatch.setattr(analyze, "plot_effective_rank", read_only)
+    assert main(["analyze", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "read-only file system" in err and "--no-heatmap" in err and "--output" not in err
+
+
 def test_cli_table_output(tmp_path, capsys):
     write_adapter(tmp_path, _modules([3.0, 2.0, 1.0], 16, count=2))
     assert main(["analyze", str(tmp_path), "--no-heatmap", "--top", "1"]) == 0
