@@ -159,3 +159,28 @@ def test_explicit_switches_rewrite_only_a_bare_switch_before_a_file(tmp_path, mo
     for untouched in (["train", "--grad-checkpointing", "off"], ["train", "--fsdp=off", "c.yaml"],
                       ["train", "--", "--fsdp", "c.yaml"], ["train", "--fsdp"], ["train", "--lr", "c.yaml"]):
         assert explicit_switches(untouched) == untouched
+
+
+def test_help_shows_each_options_real_default(capsys):
+    """Every flag's argparse default is None (to tell given flags apart), so --help must take the
+    default from the config's fields; the demo's own defaults are listed above them."""
+    from lorakit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    for shown in ("maximum tokens per sequence (default: 512)", "peak learning rate (AdamW) (default: 0.0002)",
+                  "output folder (default: runs/lorakit)", "(default: on)", "--seq-len 256, --packing,"):
+        assert shown in text
+
+
+@pytest.mark.parametrize("command, shown", [("estimate", "LoRA rank (default: 16)"),
+                                            ("analyze", "(default: 0.9,0.99)"),
+                                            ("bench", "timed steps per variant (default: 10)")])
+def test_other_commands_help_shows_defaults(capsys, command, shown):
+    from lorakit.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert shown in " ".join(capsys.readouterr().out.split())

@@ -162,8 +162,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per field; defaults are None so we can tell which flags were given."""
     for section, f, typ in all_fields():
         group = _group(parser, section)
-        kwargs = dict(dest=f"{section}.{f.name}", default=None, help=f.metadata["help"])
+        kwargs = dict(dest=f"{section}.{f.name}", default=None, help=help_with_default(f))
         base = _base_type(typ)
+        if base not in (bool, list) and not f.metadata.get("choices"):
+            kwargs["metavar"] = f.name.upper()
         if f.metadata.get("switch"):
             _add_switch(group, f, kwargs)
         elif base is bool:
@@ -172,6 +174,17 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag_of(f), nargs="+", metavar="PATH", **kwargs)
         else:
             group.add_argument(flag_of(f), type=base, choices=f.metadata.get("choices"), **kwargs)
+
+
+def help_with_default(f: dataclasses.Field) -> str:
+    """The field's help with its default appended (argparse's own would show None: every flag
+    defaults to None so that given flags can be told apart), unless the help already says it."""
+    text = f.metadata["help"]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if "default" in text or default is None or default == []:
+        return text
+    shown = {True: "on", False: "off"}.get(default, default) if isinstance(default, bool) else default
+    return f"{text} (default: {shown})"
 
 
 def _add_switch(group, f: dataclasses.Field, kwargs: dict) -> None:

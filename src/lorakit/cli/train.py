@@ -6,6 +6,7 @@ Several GPUs or nodes: `torchrun --nproc_per_node N -m lorakit train ...` (docs/
 from __future__ import annotations
 
 import argparse
+import textwrap
 import traceback
 from pathlib import Path
 
@@ -20,14 +21,24 @@ DEMO_DEFAULTS = {
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    p = subparsers.add_parser(name, help=help_text, description=__doc__,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser(name, help=help_text, description=__doc__ + _demo_text(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config_file", nargs="?", metavar="CONFIG.yaml", help="a YAML config (flags override it)")
     add_flags(p)
     # torchrun's own parser reads every later "--x" too and rejects --r as ambiguous (--rdzv-*, --role ...)
     p.add_argument("--lora-r", dest="lora.r", type=int, default=None, metavar="R",
                    help="same as --r; use this spelling after `torchrun ... -m lorakit train`")
     p.set_defaults(func=run)
+
+
+def _demo_text() -> str:
+    """The demo's own defaults, for --help (they differ from the options' defaults listed there)."""
+    flags = []
+    for key, value in DEMO_DEFAULTS.items():
+        flag = "--" + key.split(".")[1].replace("_", "-")
+        flags.append(flag if value is True else f"{flag} {value}")
+    text = "Without --data (the demo), these replace the defaults listed below: " + ", ".join(flags) + "."
+    return "\n" + textwrap.fill(text, width=78) + "\n"
 
 
 def resolve_args(args: argparse.Namespace):
