@@ -307,3 +307,18 @@ def test_the_shape_check_skips_layers_the_llama_table_does_not_describe(tmp_path
     assert base_shape_problems(adapter, wide)  # a Llama of another width: refused
     for model_type in ("qwen3_moe", "llava", "deepseek_v2", None):
         assert base_shape_problems(adapter, {**wide, "model_type": model_type}) == []
+
+
+def test_an_adapter_on_the_built_in_model_finds_its_config(tmp_path, monkeypatch):
+    """`lorakit train`'s default adapter names the built-in model by its alias; export reads the
+    config of the folder the built-in was converted to, with no --base-config."""
+    from lorakit.export import adapter_files
+
+    adapter_dir, base_dir, _ = make_peft_adapter(tmp_path, tiny_llama_config(), dict(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "smollm2-135m-instruct"
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(adapter_files, "_builtin_folder", lambda: base_dir)
+    done = export_gguf(adapter_dir, tmp_path / "x.gguf")
+    fields, tensors = read_gguf(tmp_path / "x.gguf")
+    assert len(tensors) == 2 * done.tensors == 4 and done.output.name == "x.gguf"

@@ -79,7 +79,8 @@ def base_shape_problems(adapter: Adapter, base_config: dict | None) -> list[str]
 
 def find_base_config(adapter: Adapter, base_config_dir: str | Path | None = None) -> dict | None:
     """The base model's config.json: from ``base_config_dir`` if given, else from the adapter's
-    base_model_name_or_path when that is a local folder. None when neither is available."""
+    base_model_name_or_path when that is a local folder or lorakit's built-in model (the folder
+    it was converted to for training). None when neither is available."""
     if base_config_dir is not None:
         path = Path(base_config_dir)
         path = path if path.name == "config.json" else path / "config.json"
@@ -89,10 +90,24 @@ def find_base_config(adapter: Adapter, base_config_dir: str | Path | None = None
     base = adapter.config.get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         return None
+    if _names_the_builtin(base):
+        return _read_json(_builtin_folder() / "config.json")
     for candidate in (Path(base), adapter.folder / base):
         if (candidate / "config.json").is_file():
             return _read_json(candidate / "config.json")
     return None
+
+
+def _names_the_builtin(base: str) -> bool:
+    from lorakit.models import DEFAULT_MODEL  # transformers, only when needed
+
+    return base.strip().lower() == DEFAULT_MODEL
+
+
+def _builtin_folder() -> Path:
+    from lorakit.models import builtin_gguf_path, ensure_gguf_converted
+
+    return ensure_gguf_converted(builtin_gguf_path(), builtin=True)
 
 
 def _read_json(path: Path) -> dict:
