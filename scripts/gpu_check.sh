@@ -80,7 +80,8 @@ fi
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
     "$PY" - <<'EOF'
 import importlib.metadata as m, platform
-names = ["torch", "transformers", "peft", "triton", "liger-kernel", "rich", "pyyaml", "datasets"]
+names = ["torch", "transformers", "peft", "triton", "liger-kernel", "rich", "pyyaml", "datasets",
+         "pyarrow", "fsspec", "huggingface-hub", "xxhash", "dill", "multiprocess"]  # datasets' needs too
 def version(n):
     try:
         return m.version(n)

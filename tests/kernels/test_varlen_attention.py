@@ -299,7 +299,16 @@ def new_style_kernel(calls, causal_ok=True):
     return varlen_attn
 
 
-def old_style_kernel(calls):  # torch 2.10: is_causal, no enable_gqa
+def window_no_gqa_kernel(calls):  # torch 2.11 (the GPU image's): window_size, no enable_gqa
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1)):
+        calls.append((cu_seq_q.tolist(), max_q))
+        assert tuple(window_size) == (-1, 0), "lorakit asks for causal attention"
+        return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale)
+    return varlen_attn
+
+
+def old_style_kernel(calls):  # torch 2.9: is_causal, no enable_gqa
     def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, is_causal=False,
                     scale=None):
         calls.append((cu_seq_q.tolist(), max_q))
@@ -329,7 +338,7 @@ def per_document_result():
     return loss_and_grads(model, packed_batch(), chunked_loss)
 
 
-@pytest.mark.parametrize("style", [new_style_kernel, old_style_kernel])
+@pytest.mark.parametrize("style", [new_style_kernel, window_no_gqa_kernel, old_style_kernel])
 def test_the_varlen_kernel_gets_every_document_in_one_call(kernel_on_cpu, style):
     want = per_document_result()
     calls = []

@@ -303,7 +303,7 @@ def _flash_varlen(query, key, value, segments: Segments, scaling) -> torch.Tenso
     varlen_attn = _torch_varlen_attn()
     params = _parameters(varlen_attn)
     batch, heads, width, dim = query.shape
-    # causal: a window of (all before, none after) since torch 2.11, is_causal in 2.10
+    # causal: a window of (all before, none after) since torch 2.10, is_causal in 2.9
     causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     gqa = key.shape[1] != heads
     if gqa and "enable_gqa" not in params:
