@@ -5,8 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python3 -m pip"
+# A system Python that its distribution manages (PEP 668: Debian 12+, Ubuntu 23.04+) refuses pip
+# installs outside a virtual environment; say how to make one rather than fail inside pip.
+if python3 -c 'import sys, sysconfig, pathlib; sys.exit(sys.prefix == sys.base_prefix and pathlib.Path(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED").exists())'; then :; else
+    echo "setup.sh: this python3 is managed by the system (PEP 668) and pip may not install into it." >&2
+    echo "Make a virtual environment first: python3 -m venv .venv && . .venv/bin/activate, then run this again." >&2
+    exit 2
+fi
 # torch first: a CPU build is on disk here; a bare `torch` requirement would pull a CUDA build.
-python3 -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
+# An older torch than lorakit needs (2.4) would be replaced by pip with a CUDA build: install
+# the CPU one explicitly then too.
+python3 -c 'import sys, torch; sys.exit(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 4))' 2>/dev/null \
+    || $PIP install -q "torch==2.13.0"
 if [[ "${1:-}" == "--dev" ]]; then
     # tests: transformers within the releases whose attention forward kernels/llama_patch.py
     # copies (COPIED_ATTENTION_RANGE); a newer one gets a notice in use, and the tests would fail

@@ -107,7 +107,8 @@ class TrainConfig:
     fast_paths: bool = opt(True, "use lorakit's fused kernels where they apply")
     fsdp: str = opt("auto", "under torchrun: shard the frozen base over the processes (FSDP2, on) or keep a whole "
                             "copy per process (DDP, off); auto shards when the memory estimate does not fit one "
-                            "GPU. A bare --fsdp means on", choices=["auto", "on", "off"], switch=("on", "off"))
+                            "GPU (90%% of it, or of --memory-budget when smaller). A bare --fsdp means on",
+                    choices=["auto", "on", "off"], switch=("on", "off"))
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice, all cores); on a shared "
                                     "machine set it to the idle cores: a busy core stalls every parallel op")
     triton_kernels: bool = opt(False, "also Triton RMSNorm, SwiGLU and RoPE kernels (CUDA; opt-in until a GPU run "

@@ -152,7 +152,7 @@ def _speed_table(result):
     s = result.shape
     tokens = s.tokens
     table = Table(title=f"FLOPs and time at {result.peak_tflops:g} TFLOP/s peak",
-                  caption="model FLOPs per token: 4 N_mm + 6 N_lora + 6 L s h_q (PERF.md)")
+                  caption="model FLOPs per token: 4 N_mm + 6 N_lora + 6 L s h_q (docs/performance.md)")
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_column("tokens/s per device", justify="right")

@@ -54,7 +54,7 @@ Peak memory (per device, allocated bytes) is the largest of four moments of the 
   then the gradient and its scaled copy.
 - workspace: gradient buffers and temporaries at the backward peaks (`backward_workspace_bytes`).
 
-FLOPs per trained token with a frozen base (PERF.md): F = 4*N_mm + 6*N_lora + 6*L*s*h_q.
+FLOPs per trained token with a frozen base (docs/performance.md, "The floor"): F = 4*N_mm + 6*N_lora + 6*L*s*h_q.
 Checkpointing recomputes the layers' forward: hardware FLOPs, not model FLOPs (MFU uses F).
 
 The derivation is checked against measurement (plan/measure.py, docs/estimator-validation.md).

@@ -1,6 +1,6 @@
 """The sizes of a Llama-style decoder that decide memory and FLOPs, read without any weights.
 
-A model is named by a preset (`PRESETS`: the shapes of PERF.md and the built-in SmolLM2), a
+A model is named by a preset (`PRESETS`: the Llama-3.2-1B and Llama-3.1-8B shapes of the GPU benchmarks and the built-in SmolLM2), a
 config.json (file or model folder), a hub id, a config dict or a transformers config object;
 `model_shape` turns any of them into a `ModelShape`. Multimodal configs are read through their
 `text_config`. Anything without the Llama-style sizes (GPT-2, encoders) is a ConfigError: the
@@ -71,7 +71,7 @@ class ModelShape:
         return self.num_layers * self.layer_linear_params() + self.vocab_size * self.hidden_size
 
 
-# Shapes of /work/shared/PERF.md and of the built-in model.
+# The GPU benchmarks' shapes (docs/performance.md) and the built-in model.
 PRESETS = {
     "1b": ModelShape("1b (Llama-3.2-1B shape)", 2048, 8192, 16, 32, 8, 64, 128256, True),
     "8b": ModelShape("8b (Llama-3.1-8B shape)", 4096, 14336, 32, 32, 8, 128, 128256, False),
