@@ -14,7 +14,8 @@ adapter masters fp32, as apply_lora makes them) and in fp32, on 1b-like widths:
 
 For each: the output and the gradients of its inputs (x and every lora_A / lora_B; q, k, v)
 under a random upstream gradient, as cosine similarity and max relative error against the same computation in float64.
-Prints one line per case, writes JSON with --json, exits 1 if any cosine < 0.999.
+Prints one line per case, writes JSON with --json, exits 1 if any case fails: a cosine below 0.999, or a max
+relative error above 5e-2 in 16 bits, 1e-3 in fp32 (cosine alone would pass a result off by a constant factor).
 
     PYTHONPATH=src python3 scripts/gpu_kernels.py [--json out.json] [--device cpu]   # cpu: dry run
 """
@@ -37,6 +38,10 @@ from lorakit.lora import LoraLinear
 
 HIDDEN, KV, INTER, VOCAB, TOKENS, RANK = 2048, 512, 8192, 32768, 1024, 16
 MIN_COSINE = 0.999
+# and the largest error relative to the reference's largest value: cosine alone ignores scale (a
+# loss off by a constant factor has cosine 1). Measured on a CPU at smaller sizes: bf16 4e-3 to
+# 1e-2, fp32 below 1e-6; a 1% scale error lands above the fp32 bound
+MAX_REL_ERROR = {"bfloat16": 5e-2, "float16": 5e-2, "float32": 1e-3}
 DEVICE = "cuda"  # set from --device
 
 
@@ -213,7 +218,9 @@ def _report(result: dict, results: list[dict], json_path: str | None) -> None:
 
 
 def _passed(result: dict) -> bool:
-    return result["min_cosine"] >= MIN_COSINE  # False for NaN: a failed case
+    """False for NaN too: a failed case."""
+    bound = MAX_REL_ERROR.get(result["dtype"], MAX_REL_ERROR["bfloat16"])
+    return result["min_cosine"] >= MIN_COSINE and result["max_rel_error"] <= bound
 
 
 def main() -> int:

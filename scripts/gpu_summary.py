@@ -16,7 +16,7 @@ from pathlib import Path
 
 # PERF.md, one H200, transformers 5.17 + PEFT 0.21 (defaults), tokens/s and peak GiB
 ANCHORS = {("gpu-1b", False): (36490, 35.5), ("gpu-1b", True): (26761, 16.8), ("gpu-8b", True): (6407, 23.4)}
-HEADER = f"{'variant':<14}{'tok/s':>9}{'step ms':>9}{'alloc GiB':>10}{'resv GiB':>9}{'MFU':>7}" \
+HEADER = f"{'variant':<16}{'tok/s':>9}{'step ms':>9}{'alloc GiB':>10}{'resv GiB':>9}{'MFU':>7}" \
          f"{'x PEFT':>8}{'x bf16':>8}{'mem x PEFT':>11}"
 
 
@@ -26,10 +26,10 @@ def _ratio(value) -> str:
 
 def _row(r: dict) -> str:
     if "error" in r:
-        return f"{r['variant']:<14}failed: {r['error'].splitlines()[-1][:100]}"
+        return f"{r['variant']:<16}failed: {r['error'].splitlines()[-1][:100]}"
     alloc = r.get("peak_allocated_gib", r["peak_gib"])
     reserved = r.get("peak_reserved_gib")
-    return (f"{r['variant']:<14}{r['tokens_per_s']:>9,.0f}{r['step_ms']:>9.0f}{alloc:>10.1f}"
+    return (f"{r['variant']:<16}{r['tokens_per_s']:>9,.0f}{r['step_ms']:>9.0f}{alloc:>10.1f}"
             f"{'-' if reserved is None else f'{reserved:.1f}':>9}{100 * r['mfu']:>6.1f}%"
             f"{_ratio(r.get('speed_vs_peft')):>8}{_ratio(r.get('speed_vs_peft_bf16')):>8}"
             f"{_ratio(r.get('memory_vs_peft')):>11}")
@@ -72,6 +72,7 @@ def summarize(path: str) -> list[str]:
     if check:
         lines += _check_lines(check)
     lines += [HEADER] + [_row(r) for r in result["variants"]]
+    lines += [f"note: {n}" for n in result.get("notices", [])]  # e.g. the --memory-budget plan's estimates
     lines += [f"note: {r['variant']}: {n}" for r in result["variants"] for n in r.get("notices", [])]
     anchor = ANCHORS.get((s["preset"], s["grad_checkpointing"]))
     # the anchors: every token trained, unpacked rows, the default loss chunk
@@ -105,9 +106,11 @@ def _goal_verdict(results, stem, peak_bound, peft_row, ratio, anchor) -> str:
     if stem not in results:
         return f"not measured (no {stem} result)"
     lorakit = [r for name in LORAKIT_ROWS if (r := _measured(results[stem], name)) is not None]
+    if not lorakit:  # failed, out of memory or cut short: nothing says whether the goal holds
+        return f"not measured (no lorakit row of {stem} ran to the end)"
     within = [r for r in lorakit if r["peak_gib"] <= peak_bound]
     if not within:
-        seen = ", ".join(f"{r['variant']} {r['peak_gib']:.1f} GiB" for r in lorakit) or "no lorakit row ran"
+        seen = ", ".join(f"{r['variant']} {r['peak_gib']:.1f} GiB" for r in lorakit)
         return f"NOT met: no lorakit row within {peak_bound:g} GiB ({seen})"
     best = max(within, key=lambda r: r["tokens_per_s"])
     targets = _targets(results, peft_row, ratio, anchor)

@@ -164,6 +164,36 @@ def test_a_failing_variant_or_check_keeps_the_other_results(monkeypatch, capsys)
     assert code == 1 and "check FAILED: it did not run to the end (ValueError: the check broke)" in out
 
 
+def test_a_run_stopped_part_way_keeps_the_rows_it_measured(monkeypatch):
+    """A GPU step killed by its time limit, or a fault no variant guard catches: what was measured
+    before is handed to `partial` (the CLI's --json-file) after every variant."""
+    real, written = bench.prepare_variant, []
+
+    def killed_at_peft(name, plan):
+        if name == "peft":
+            raise KeyboardInterrupt  # not an Exception: no variant guard catches it
+        return real(name, plan)
+
+    monkeypatch.setattr(bench, "prepare_variant", killed_at_peft)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(_settings(), log=lambda line: None, partial=written.append)
+    assert [len(r["variants"]) for r in written] == [0, 1]
+    assert written[-1]["variants"][0]["variant"] == "lorakit" and written[-1]["variants"][0]["tokens_per_s"] > 0
+
+
+def test_json_file_holds_the_final_result_and_bad_paths_are_refused(tmp_path, capsys):
+    from lorakit.cli import main
+
+    target = tmp_path / "bench.json"
+    args = ["bench", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--sequential", "--variants", "lorakit",
+            "--threads", "1", "--peak-tflops", "1"]
+    assert main([*args, "--json-file", str(target)]) == 0
+    assert [r["variant"] for r in json.loads(target.read_text())["variants"]] == ["lorakit"]
+    for bad, message in ((tmp_path, "is a folder"), (tmp_path / "no" / "b.json", "does not exist")):
+        assert main([*args, "--json-file", str(bad)]) == 2
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_prompt_fraction_masks_the_start_of_each_example_and_matches_peft(packing):
     plan = resolve(_settings(check_steps=2, packing=packing, seq_len=48, prompt_fraction=0.75))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def test_summary_prints_the_check_against_the_reference_and_the_notices(tmp_path
     path.write_text(json.dumps(result))
     text = "\n".join(gpu_summary.summarize(str(path)))
     assert "check PASSED" in text and "vs tf32 reference: grad cosine lorakit 0.99770 / PEFT 0.99810" in text
-    assert "peft          failed: out of memory" in text
+    assert "peft            failed: out of memory" in text
     assert "note: lorakit: torch's varlen kernel: used" in text
     assert "(PERF.md anchor, PEFT defaults: 36,490 tok/s, 35.5 GiB)" in text
 
@@ -92,3 +93,23 @@ def test_goal_verdicts_read_the_right_benches_and_bounds():
     assert lines[2] == "1b memory: NOT met: no lorakit row within 4.4 GiB (lorakit 4.6 GiB)"
     assert lines[3] == "8b: not measured (no bench_8b_ckpt result)"
     assert lines[4] == "same function (1b --check): not measured (RuntimeError: out of memory)"
+
+
+def test_a_goal_whose_lorakit_rows_all_failed_is_not_measured():
+    results = {"bench_8b_ckpt": {**_bench(("peft", 6400, 23.4)),
+                                 "variants": [{"variant": "lorakit", "error": "out of memory: tried to allocate"},
+                                              *_bench(("peft", 6400, 23.4))["variants"]]}}
+    assert gpu_summary.goal_lines(results)[3] == "8b: not measured (no lorakit row of bench_8b_ckpt ran to the end)"
+    assert gpu_summary._row({"variant": "lorakit-offload", "error": "x"}).startswith("lorakit-offload failed: x")
+
+
+@pytest.mark.parametrize("scale, passed", [(1.0, True), (0.75, False)])
+def test_a_loss_off_by_a_constant_factor_fails_the_kernel_check(monkeypatch, scale, passed):
+    """Cosine ignores scale (a one-element loss has cosine 1 with anything of its sign): the
+    relative error must catch a wrong normaliser."""
+    real = gpu_kernels.chunked_lm_head_loss
+    for name, value in (("DEVICE", "cpu"), ("HIDDEN", 64), ("VOCAB", 512), ("TOKENS", 128)):
+        monkeypatch.setattr(gpu_kernels, name, value)
+    monkeypatch.setattr(gpu_kernels, "chunked_lm_head_loss", lambda *a, **k: scale * real(*a, **k))
+    result = gpu_kernels.check_lm_head(torch.float32)
+    assert result["min_cosine"] > 0.999 and gpu_kernels._passed(result) is passed

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import importlib.util
 import os
@@ -465,9 +466,10 @@ def release_cuda() -> None:
 
 # ---- running the variants ----------------------------------------------------------------------
 
-def run_variants(plan: Plan, inputs: dict, log=print) -> list[dict]:
+def run_variants(plan: Plan, inputs: dict, log=print, measured=None) -> list[dict]:
     """Raw measurements of every variant: CPU children in lockstep (interleave) or one after the
-    other (isolate), or in this process."""
+    other (isolate), or in this process. `measured(results so far)` is called after each variant
+    (not in lockstep, where all finish together)."""
     s = plan.settings
     from lorakit.bench_children import run_lockstep, spawn  # they import this module
 
@@ -476,8 +478,10 @@ def run_variants(plan: Plan, inputs: dict, log=print) -> list[dict]:
     in_child, results = plan.device == "cpu" and s.isolate, []
     for name in s.variants:  # on GPU Liger comes last: its patches stay for the process
         log(f"  {name}: {'child process' if in_child else 'this process'}")
-        results.append(spawn(name, plan) if in_child else _measure_here(name, plan, inputs))
+        results.append(spawn(name, plan) if in_child else _measure_here(name, plan, inputs, log))
         log(f"    {_progress(results[-1])}")
+        if measured is not None:
+            measured(results)
     return results
 
 
@@ -490,7 +494,7 @@ def _progress(raw: dict) -> str:
             f"peak {peak:.2f} GiB, first loss {raw['losses'][0]:.4f}")
 
 
-def _measure_here(name: str, plan: Plan, inputs: dict) -> dict:
+def _measure_here(name: str, plan: Plan, inputs: dict, log=print) -> dict:
     release_cuda()
     try:
         return measure_variant(name, plan, inputs)
@@ -500,7 +504,10 @@ def _measure_here(name: str, plan: Plan, inputs: dict) -> dict:
         traceback.print_exc(file=sys.stderr)
         return {"variant": name, "error": _one_line(exc)}
     finally:
-        release_cuda()
+        try:  # after a sticky CUDA fault this raises too; the rows measured so far must still be reported
+            release_cuda()
+        except Exception as exc:  # noqa: BLE001
+            log(f"    could not release GPU memory after {name}: {_one_line(exc)}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -582,8 +589,9 @@ def _load_average() -> list[float] | None:
 
 # ---- the whole benchmark -----------------------------------------------------------------------
 
-def run_bench(settings: BenchSettings, log=print) -> dict:
-    """Everything `lorakit bench` reports, as a JSON-ready dict."""
+def run_bench(settings: BenchSettings, log=print, partial=None) -> dict:
+    """Everything `lorakit bench` reports, as a JSON-ready dict. `partial(result so far)` is
+    called after the check and after each variant, so a run cut short keeps what it measured."""
     plan = resolve(settings)
     s = plan.settings
     torch.set_num_threads(s.threads)
@@ -603,9 +611,18 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
             check = {"error": _one_line(exc), "passed": False}
         release_cuda()
     peak = s.peak_tflops or measure_matmul_peak(s.device, plan.dtype)
-    raw = run_variants(plan, inputs, log)
+    report = functools.partial(_result, plan, inputs, flops, check=check)
+    if partial is not None:
+        partial(report([], peak))
+    measured = None if partial is None else (lambda raw_so_far: partial(report(raw_so_far, peak)))
+    raw = run_variants(plan, inputs, log, measured)
     if not s.peak_tflops and s.device == "cpu":  # a busy CPU's peak varies: the best seen in the run
         peak = max([peak, measure_matmul_peak("cpu", plan.dtype)] + [r.get("matmul_tflops", 0) for r in raw])
+    return report(raw, peak)
+
+
+def _result(plan: Plan, inputs: dict, flops: dict, raw: list[dict], peak: float, check: dict | None) -> dict:
+    s = plan.settings
     rows = [summarize(r, inputs["tokens"], flops["per_token"], peak, s.device) for r in raw]
     add_ratios(rows)
     return {"settings": asdict(s), "shape": plan.shape, "dtype": plan.dtype, "environment": environment(plan),

@@ -8,9 +8,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import warnings
+from pathlib import Path
+
+from lorakit.errors import ConfigError
 
 DESCRIPTION = """\
 Train a few steps of the same random-initialised Llama-shaped model with lorakit (fused
@@ -70,6 +74,9 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help="lorakit variants checkpoint the fewest earliest layers that the memory estimate says "
                         "fit this many GiB, as `lorakit train --memory-budget` plans it (PEFT variants as they are)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--json-file", metavar="PATH",
+                   help="also write the results as JSON to PATH, rewritten after each variant, so a run stopped "
+                        "part way keeps the rows it measured")
     p.set_defaults(func=run)
 
 
@@ -88,13 +95,34 @@ def run(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size, prompt_fraction=args.prompt_fraction, max_doc_len=args.max_doc_len,
         memory_budget_gib=args.memory_budget, dtype=args.dtype)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, every step
-    result = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    write_file = None
+    if args.json_file:
+        write_file = functools.partial(_write_json_file, _checked_json_file(args.json_file))
+    result = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True), partial=write_file)
+    if write_file is not None:
+        write_file(result)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         _print_report(result)
     check = result["check"]
     return 1 if check is not None and not check["passed"] else 0
+
+
+def _checked_json_file(path: str) -> Path:
+    """--json-file's path, checked before anything is measured."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--json-file {path} is a folder; give a file name such as {target / 'bench.json'}")
+    if not target.parent.is_dir():
+        raise ConfigError(f"--json-file {path}: the folder {target.parent} does not exist; create it first")
+    return target
+
+
+def _write_json_file(path: Path, result: dict) -> None:
+    from lorakit.safe_io import atomic_write_json
+
+    atomic_write_json(path, result)
 
 
 def _print_report(result: dict) -> None:
