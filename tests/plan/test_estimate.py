@@ -379,6 +379,18 @@ def test_cli_json(capsys):
     assert report["tokens_per_step"] == 8192
 
 
+def test_cli_fast_paths_model_the_trainers_step(capsys):
+    """--fast-paths: the chunked loss and the fused MLP, as `lorakit train` plans its step."""
+    args = ["estimate", "--model", "1b", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*args, "--fast-paths"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    want = estimate_memory("1b", TrainShape(fused_loss=True, fused_mlp=True))
+    assert fast["memory"]["total"] == want.total < plain["memory"]["total"]
+    assert fast["shape"]["fused_loss"] and fast["shape"]["fused_mlp"] and not plain["shape"]["fused_mlp"]
+
+
 def test_cli_table(capsys):
     assert main(["estimate", "--model", "smollm2-135m", "--grad-checkpointing", "on", "--quantize", "4bit"]) == 0
     out = capsys.readouterr().out

@@ -5,6 +5,7 @@
     lorakit estimate --model 1b --grad-checkpointing on --checkpoint-layers 6    (selective)
     lorakit estimate --model 8b --seq-len 32768 --grad-checkpointing offload     (inputs in host memory)
     lorakit estimate --model 8b --world-size 8 --fsdp                           (per rank, base sharded)
+    lorakit estimate --model 1b --fast-paths          (lorakit train's step: chunked loss, fused MLP)
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help="with --world-size N > 1: the base and adapters sharded over the N devices (FSDP2, "
                         "lorakit train --fsdp); default: replicated (DDP)")
     p.add_argument("--fused-loss", action="store_true", help="chunked lm_head + cross-entropy (no full logits)")
+    p.add_argument("--fast-paths", action="store_true",
+                   help="what `lorakit train` runs on a GPU with its fast paths (its default): the chunked loss "
+                        "and the fused MLP where gate, up and down all carry plain LoRA; without it, transformers' "
+                        "own step with lorakit's adapters")
     p.add_argument("--engine", choices=("lorakit", "peft"), default="lorakit",
                    help="peft: PEFT's defaults (fp32 adapters, an input copy per adapter)")
     p.add_argument("--lora-dropout", type=float, default=0.0)
@@ -71,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         grad_checkpointing=args.grad_checkpointing != "off", checkpoint_layers=args.checkpoint_layers,
         offload_checkpoints=args.grad_checkpointing == "offload",
         dtype=args.dtype, quantize=args.quantize,
-        world_size=args.world_size, fsdp=args.fsdp, fused_loss=args.fused_loss, engine=args.engine,
+        world_size=args.world_size, fsdp=args.fsdp, fused_loss=args.fused_loss or args.fast_paths,
+        fused_mlp=args.fast_paths, engine=args.engine,
         lora_dropout=args.lora_dropout, labelled_fraction=args.labelled_fraction,
     )
     result = estimate(args.model, shape, peak_tflops=args.device_peak_tflops, mfu=args.mfu)
@@ -93,9 +99,19 @@ def print_report(result) -> None:
         suffix += f"; per rank of {s.world_size}, {layout}"
     console.print(f"[bold]{m.name}[/]: {m.num_params() / 1e6:,.1f}M params, {m.num_layers} layers, hidden {m.hidden_size}, "
                   f"vocab {m.vocab_size:,}; LoRA r={s.r} on {s.targets} = {result.memory.trainable_params / 1e6:,.2f}M "
-                  f"trainable; {s.batch_size} x {s.seq_len} tokens, {s.dtype}{suffix}")
+                  f"trainable; {s.batch_size} x {s.seq_len} tokens, {s.dtype}{suffix}; {_step_kind(s)}")
     console.print(_memory_table(result))
     console.print(_speed_table(result))
+
+
+def _step_kind(s) -> str:
+    if s.engine == "peft":
+        return "PEFT's defaults"
+    if s.fused_mlp:
+        return "lorakit train's fast paths (fused loss and MLP)"
+    if s.fused_loss:
+        return "transformers' step with the fused loss"
+    return "transformers' own step (--fast-paths: what lorakit train runs)"
 
 
 def _memory_table(result):
