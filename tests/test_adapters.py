@@ -101,6 +101,21 @@ def test_eval_reports_base_and_adapter(trained, capsys):
     assert result["adapter_loss"] < result["base_loss"] and result["tokens"] > 0
 
 
+@pytest.mark.parametrize("flags, message", [(["--seq-len", "1"], "--seq-len must be at least 2"),
+                                           (["--batch-size", "0"], "--batch-size must be at least 1")])
+def test_eval_refuses_sizes_it_cannot_run_before_loading(capsys, flags, message):
+    assert main(["eval", "--adapter", "nowhere", "--data", "nothing.jsonl", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_as_a_library_call(trained):
+    from lorakit.evaluate import evaluate_adapter
+
+    model, data, adapter = trained
+    result = evaluate_adapter(str(adapter), [str(data)], model=str(model), seq_len=64)
+    assert result["adapter_loss"] < result["base_loss"] and result["tokens"] > 0
+
+
 @pytest.mark.parametrize("dtype", ["auto", "float32"])
 def test_eval_reproduces_the_training_runs_own_eval(tmp_path, capsys, dtype):
     """`lorakit eval` reports the losses of the run's summary, in bf16 too: it loads the base in
