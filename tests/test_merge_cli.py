@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from lorakit import LoraConfig, apply_lora, save_adapter
@@ -110,3 +111,17 @@ def test_a_failed_final_move_keeps_the_checked_merge_and_says_where(tmp_path, ca
     assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 2
     assert "the checked merged model is complete in" in capsys.readouterr().err
     assert (tmp_path / ".tmp-merged" / "config.json").exists() and not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("fmt, flags, message", [
+    ("vllm", ["--outtype", "f16"], "--outtype is for --format gguf, not vllm"),
+    ("gguf", ["--max-lora-rank", "64"], "--max-lora-rank is for --format vllm, not gguf"),
+    ("gguf", ["--base", "some/model"], "--base is for --format merged, not gguf"),
+    ("merged", ["--base-config", "x"], "--base-config is for --format vllm or gguf, not merged"),
+    ("vllm", ["--overwrite"], "a vllm export never replaces a file"),
+])
+def test_an_option_the_format_would_ignore_is_refused(tmp_path, capsys, fmt, flags, message):
+    assert main(["export", "--adapter", str(tmp_path / "a"), "--format", fmt, "--output", str(tmp_path / "o"),
+                 *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

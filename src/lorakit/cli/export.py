@@ -37,7 +37,7 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help="vllm: accept LoRA on embed_tokens / lm_head (only some vLLM models support it)")
     p.add_argument("--max-lora-rank", type=int, default=None,
                    help="vllm: the --max-lora-rank you will serve with (vLLM's default is 16)")
-    p.add_argument("--outtype", choices=("f32", "f16", "bf16"), default="f32",
+    p.add_argument("--outtype", choices=("f32", "f16", "bf16"), default=None,
                    help="gguf: tensor type (default f32, as llama.cpp's convert_lora_to_gguf.py)")
     p.add_argument("--base", default=None, help="merged: base model folder or id (default: the adapter's base)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -49,10 +49,16 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.set_defaults(func=run)
 
 
+# the options that only some formats read: given to another, they would be silently ignored
+FORMATS_OF_OPTION = {"base_config": ("vllm", "gguf"), "allow_embeddings": ("vllm",), "max_lora_rank": ("vllm",),
+                     "outtype": ("gguf",), "base": ("merged",), "allow_other_base": ("merged",),
+                     "overwrite": ("merged",)}
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.overwrite and args.format != "merged":
-        raise ConfigError(f"--overwrite is for --format merged; a {args.format} export never replaces a file: "
-                          "choose another --output or delete the old one")
+    _refuse_options_of_other_formats(args)
+    if args.format == "gguf" and args.outtype is None:
+        args.outtype = "f32"
     if args.format == "vllm":
         result = _export_vllm(args)
     elif args.format == "gguf":
@@ -65,6 +71,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _refuse_options_of_other_formats(args: argparse.Namespace) -> None:
+    for option, formats in FORMATS_OF_OPTION.items():
+        if getattr(args, option) not in (None, False) and args.format not in formats:
+            flag = "--" + option.replace("_", "-")
+            why = ("; a {0} export never replaces a file: choose another --output or delete the old one"
+                   if option == "overwrite" else ", which ignores it: leave it out").format(args.format)
+            raise ConfigError(f"{flag} is for --format {' or '.join(formats)}, not {args.format}{why}")
 
 
 def _export_vllm(args: argparse.Namespace) -> dict:
