@@ -330,6 +330,15 @@ def test_bad_models_and_shapes_are_user_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
     with pytest.raises(ConfigError, match="Llama-style"):
         model_shape(tmp_path)
+    # BERT's config has the decoder's size keys too: it must not get a decoder's figures
+    bert = {"model_type": "bert", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "vocab_size": 512}
+    (tmp_path / "config.json").write_text(json.dumps(bert))
+    with pytest.raises(ConfigError, match="is an encoder model"):
+        model_shape(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**bert, "model_type": "t5", "is_encoder_decoder": True}))
+    with pytest.raises(ConfigError, match="is an encoder-decoder model"):
+        model_shape(tmp_path)
     with pytest.raises(ConfigError, match="dtype"):
         TrainShape(dtype="int3")
     with pytest.raises(ConfigError, match="unknown target 'qkv'"):

@@ -150,9 +150,21 @@ def _shape_from_hub(name: str) -> ModelShape:
     return shape_from_dict(config.to_dict(), name)
 
 
+# BERT-style encoders: their configs carry the decoder's size keys too, but not its step
+ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "electra", "distilbert",
+                                 "albert", "camembert", "mpnet", "modernbert", "ernie", "longformer", "big_bird"})
+
+
 def shape_from_dict(data: dict, source: str) -> ModelShape:
     """Read a Llama-style config dict (multimodal configs: their text_config)."""
     data = data.get("text_config") or data
+    kind = data.get("model_type")
+    if data.get("is_encoder_decoder") or kind in ENCODER_MODEL_TYPES:
+        raise ConfigError(
+            f"{source} is {'an encoder-decoder' if data.get('is_encoder_decoder') else 'an encoder'} model "
+            f"(model_type {kind!r}); the estimator models Llama-style decoders (Llama, Mistral, Qwen, SmolLM, "
+            "Gemma-like) only, so it has no figures for it"
+        )
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                            "vocab_size") if not isinstance(data.get(k), int)]
     if missing:
