@@ -180,6 +180,33 @@ def test_answer_token_that_starts_on_the_prompts_last_space_is_trained(chatml):
         assert tok.decode(trained_ids(example)) == " the answer<|im_end|>"
 
 
+class _SlowViewWithoutRoundTrip(_SlowView):
+    """A slow tokenizer whose decode does not give the text back (as SentencePiece's may not)."""
+
+    def decode(self, ids, **kwargs):
+        return self._fast.decode(ids, **kwargs).upper()
+
+
+def test_slow_tokenizer_mask_does_not_train_a_prompt_token_the_prefix_tokenizes_differently():
+    # byte-level BPE: "\n\n" alone is one token, before a word it is "\n" + "\n"; counting the prompt's
+    # tokens alone trained both newlines of the prompt
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Q: hello world\n\nthe answer is here\n\n", "what\n\nthe user says hello"] * 5, trainer)
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n\n{% else %}"
+                "{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", chat_template=template)
+    assert fast.tokenize("Q: hello\n\n")[-1] == "ĊĊ" and fast.tokenize("Q: hello\n\nthe")[-3:] == ["Ċ", "Ċ", "the"]
+    data = ds([{"instruction": "hello", "output": "the answer"}])
+    for tokenizer in (fast, _SlowView(fast)):
+        assert fast.decode(trained_ids(one(tokenize_records(data, tokenizer)))) == "the answer<|im_end|>"
+    # where decoding does not give the text back, the prefix's own tokens still place the span
+    example = one(tokenize_records(data, _SlowViewWithoutRoundTrip(fast)))
+    assert fast.decode(trained_ids(example)).endswith("the answer<|im_end|>")
+
+
 def test_template_that_renders_prefixes_differently_is_an_error(chatml):
     weird = CHATML.replace("{{ m['content'] }}", "{{ m['content'] }}{% if loop.last %}!{% endif %}")
     tok = PreTrainedTokenizerFast(tokenizer_object=chatml.backend_tokenizer, eos_token="<|im_end|>",

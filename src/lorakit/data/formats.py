@@ -46,9 +46,10 @@ caches the tokenised result, so a re-run on the same files and tokenizer does no
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import datasets
 import jinja2
@@ -66,7 +67,8 @@ CHAT_COLUMNS = ("messages", "conversations")
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
                 "gpt": "assistant"}
 MASKED_WARN_FRACTION = 0.9
-TOKENIZE_REVISION = 1  # bump when the tokenised output changes, to invalidate datasets' cache
+TOKENIZE_REVISION = 2  # bump when the tokenised output changes, to invalidate datasets' cache (2: the straddling
+# answer token trained; slow tokenizers place spans by decoding)
 
 # Newlines are Jinja string literals because HF compiles templates with trim_blocks=True.
 FALLBACK_CHAT_TEMPLATE = (
@@ -290,15 +292,41 @@ def _token_mask(tokenizer: Any, full: str, spans: list[tuple[int, int]]) -> tupl
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         trained = [any(s <= a < e or a < s < b for s, e in spans) for a, b in enc["offset_mapping"]]
         return list(enc["input_ids"]), trained
-    # slow tokenizers have no offsets: count the tokens of each prefix instead; a token that
-    # straddles a span's start differs from the prefix's last token, so the span starts there
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
     trained = [False] * len(ids)
-    for s, e in spans:
-        a = _common_prefix_length(tokenizer(full[:s], add_special_tokens=False)["input_ids"], ids)
-        b = len(tokenizer(full[:e], add_special_tokens=False)["input_ids"])
-        trained[a:b] = [True] * (b - a)
-    return list(ids), trained
+    for first, stop in _slow_span_tokens(tokenizer, full, ids, spans):
+        trained[first:stop] = [True] * (stop - first)
+    return ids, trained
+
+
+def _slow_span_tokens(tokenizer: Any, full: str, ids: list[int], spans) -> list[tuple[int, int]]:
+    """[first, stop) token indices of each span, for a tokenizer without offsets.
+
+    Where decoding reproduces ``full``, the text of the first n tokens gives each token's
+    boundaries: the span's first token is the first that ends after its start. (Tokenising the
+    prompt alone can end in a token the whole text does not have: "\n\n" alone, "\n" + "\n"
+    before a word.) Otherwise: the prefix's tokens, as far as they agree with the whole text's."""
+    decoded = functools.lru_cache(maxsize=None)(
+        lambda n: tokenizer.decode(ids[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+    if decoded(len(ids)) == full:
+        ranges = [(_first_index(len(ids), lambda n: len(decoded(n + 1)) > s),
+                   _first_index(len(ids), lambda n: len(decoded(n)) >= e)) for s, e in spans]
+        if all(full.startswith(decoded(n)) for pair in ranges for n in pair):
+            return ranges
+    return [(_common_prefix_length(tokenizer(full[:s], add_special_tokens=False)["input_ids"], ids),
+             len(tokenizer(full[:e], add_special_tokens=False)["input_ids"])) for s, e in spans]
+
+
+def _first_index(count: int, holds: Callable[[int], bool]) -> int:
+    """The smallest n in [0, count] where ``holds`` (monotonic: false, then true) is true; count if none."""
+    low, high = 0, count
+    while low < high:
+        middle = (low + high) // 2
+        if holds(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def _common_prefix_length(prefix: list[int], ids: list[int]) -> int:
