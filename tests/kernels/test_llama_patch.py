@@ -411,3 +411,75 @@ def test_trainable_head_gets_its_gradient():
     plain = _plain(model, batch)
     _assert_same(_fast(model, batch), plain)
     assert isinstance(model.lm_head, nn.Linear)
+
+
+# ---- where a fast path would compute something else: it must step aside ------------------------
+
+def test_a_head_that_is_more_than_a_projection_keeps_its_own_logits():
+    """RoBERTa's causal LM head is dense + GELU + LayerNorm + the projection that
+    get_output_embeddings returns: the chunked loss (projection of the last hidden state) would
+    be another function. The one-time check finds it; the loss is the model's own."""
+    from transformers import RobertaConfig, RobertaForCausalLM
+
+    torch.manual_seed(0)
+    model = RobertaForCausalLM(RobertaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, vocab_size=256, is_decoder=True)).eval()
+    batch = _batch()  # eval: RoBERTa's dropout would draw other masks in the two losses
+    notices = enable_fast_paths(model)
+    assert any("the loss computes full logits: its logits are not the output head" in n for n in notices)
+    torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss)
+
+
+def test_a_config_multiplier_on_the_logits_keeps_them():
+    model = _model()
+    model.config.lm_head_multiplier = 0.5  # FalconH1's field
+    assert "lm_head_multiplier" in llama_patch.chunked_loss_blocker(model)
+
+
+def test_a_base_layer_subclass_with_its_own_forward_is_not_fused():
+    class HalvingLinear(nn.Linear):  # as BitNet's or an FP8 linear: the weight alone is not the function
+        def forward(self, x):
+            return super().forward(x) / 2
+
+    model, batch = _model(), _batch()
+    model.model.layers[0].self_attn.o_proj.base_layer.__class__ = HalvingLinear
+    plain = _plain(model, batch)
+    notices = enable_fast_paths(model)
+    assert any("HalvingLinear is not a plain nn.Linear" in n for n in notices)
+    _assert_same(_fast(model, batch), plain)
+
+
+@pytest.mark.parametrize("where", ["mlp.down_proj", "mlp.gate_proj.base_layer", "self_attn.q_proj.base_layer"])
+def test_a_hook_on_a_projection_is_honoured(where):
+    model, batch = _model(), _batch()
+    model.model.layers[1].get_submodule(where).register_forward_hook(lambda module, args, out: out / 2)
+    plain = _plain(model, batch)
+    enable_fast_paths(model)
+    _assert_same(_fast(model, batch), plain)
+
+
+def test_torch_func_transforms_take_the_plain_path():
+    from torch.func import functional_call, grad
+
+    model, batch = _model(), _batch()
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss_of(p):
+        return functional_call(model, p, args=(), kwargs=dict(batch, use_cache=False)).loss
+
+    want = grad(loss_of)(params)
+    enable_fast_paths(model)
+    got = grad(loss_of)(params)  # the fused autograd functions have no setup_context: they step aside
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, msg=name)
+
+
+def test_the_loss_of_a_peft_model_is_its_base_models():
+    import peft
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(LlamaForCausalLM(LlamaConfig(**SIZES)), peft.LoraConfig(r=4, target_modules="all-linear"))
+    batch = _batch()
+    notices = enable_fast_paths(model)
+    assert not any("DoRA" in n for n in notices)  # PEFT's use_dora is a dict per adapter, not a DoRA flag
+    torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss)

@@ -128,8 +128,8 @@ def _spy_on_causal_calls(monkeypatch):
 
 
 def test_one_causal_call_per_document_length_without_a_mask(monkeypatch):
+    model = lora_model()  # first: enabling the fast paths checks the loss's head with a small forward
     sdpa_calls, cpu_calls = _spy_on_causal_calls(monkeypatch)
-    model = lora_model()
     use_varlen_attention(model)
     chunked_loss(model, collate(make_rows(), packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen"))
     lengths = {n for row in ROWS for n in row} | {WIDTH - sum(row) for row in ROWS if sum(row) < WIDTH}
@@ -151,10 +151,10 @@ def test_without_the_fast_paths_every_document_takes_sdpa(monkeypatch):
 
 def test_dropout_and_scaling_reach_sdpa(monkeypatch):
     seen = []
+    model = lora_model(attention_dropout=0.5)
     real = varlen_attention.F.scaled_dot_product_attention
     monkeypatch.setattr(varlen_attention.F, "scaled_dot_product_attention",
                         lambda q, k, v, **o: seen.append(o) or real(q, k, v, **o))
-    model = lora_model(attention_dropout=0.5)
     use_varlen_attention(model)
     batch = collate(make_rows(), packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen")
     chunked_loss(model, batch)

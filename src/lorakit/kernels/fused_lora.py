@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from lorakit.kernels import cpu_gemm
 
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PARAMS_PER_PROJECTION = 4  # base weight, base bias (or None), lora_A weight, lora_B weight
 
 
@@ -49,13 +50,15 @@ def fuse_blocker(module: nn.Module) -> str | None:
     """Why `module` cannot take the fused path, or None when it can."""
     if not all(hasattr(module, a) for a in ("base_layer", "lora_A", "lora_B", "scaling")):
         return f"{type(module).__name__} is not a LoRA layer"
-    if getattr(module, "use_dora", False):
+    if getattr(module, "use_dora", False) is True:  # PEFT keeps a dict per adapter name here: not ours
         return "DoRA adapters are not fused"
     if getattr(module, "merged", False):
         return "the adapter is merged into the base weight"
     if getattr(module, "disabled", False):
         return "the adapter is disabled"
     dropout = getattr(module, "lora_dropout", None)
+    # even in eval mode, where dropout does nothing: the trainer enables the fast paths on a model
+    # loaded in eval mode, and its memory plan counts what they keep
     if isinstance(dropout, nn.Dropout) and dropout.p > 0:
         return f"lora dropout is {dropout.p} (the fused path needs 0)"
     if dropout is not None and not isinstance(dropout, (nn.Identity, nn.Dropout)):
@@ -65,8 +68,9 @@ def fuse_blocker(module: nn.Module) -> str | None:
 
 def _base_blocker(module: nn.Module) -> str | None:
     base = module.base_layer
-    if not isinstance(base, nn.Linear) or not base.weight.dtype.is_floating_point:
-        return f"base layer {type(base).__name__} is not a plain floating-point nn.Linear"
+    # exact types: a subclass with its own forward (BitNet's, FP8 ones) computes something else
+    if type(base) not in (nn.Linear, cpu_gemm.CpuGemmLinear) or base.weight.dtype not in _FUSED_DTYPES:
+        return f"base layer {type(base).__name__} is not a plain nn.Linear in fp16, bf16, fp32 or fp64"
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return "the base layer is trainable"
     if module.lora_A.bias is not None or module.lora_B.bias is not None:

@@ -104,6 +104,7 @@ def enable_fast_paths(model: nn.Module, triton: bool = False, native: bool = Tru
     # start from the unpatched model: a module patched with other ops (triton, native or neither)
     # would otherwise keep them, wherever the modules' state cannot tell which ops they took
     disable_fast_paths(model)
+    notices += _loss_notice(model)  # its check runs a small forward: on the plain modules, before patching
     fallbacks: dict[str, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
         reason = _patch_if_fusable(module, ops)
@@ -112,6 +113,14 @@ def enable_fast_paths(model: nn.Module, triton: bool = False, native: bool = Tru
     if not fallbacks and not fast_paths_enabled(model):
         fallbacks.setdefault("no Llama-style attention or SwiGLU MLP with LoRA was found", [])
     return notices + [_notice(reason, names) for reason, names in fallbacks.items()]
+
+
+def _loss_notice(model: nn.Module) -> list[str]:
+    """The chunked loss's own check (a small forward, once per model), run here rather than in
+    the first training step."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    reason = chunked_loss_blocker(model) if callable(get_head) and get_head() is not None else None
+    return [] if reason is None else [f"the loss computes full logits: {reason}"]
 
 
 def disable_fast_paths(model: nn.Module) -> None:
@@ -308,10 +317,27 @@ def _restore_forward(module: nn.Module) -> None:
 
 
 def _runtime_ok(x: torch.Tensor, layers) -> bool:
-    """The fused path still applies now (nothing merged/disabled since patching, no autocast)."""
-    if torch.is_autocast_enabled(x.device.type):
+    """The fused path still applies now: nothing merged or disabled since patching, no autocast,
+    no torch.func transform (the fused autograd functions have no setup_context), and no hook on
+    a projection or its parts (the fused path reads their weights and would skip the hooks)."""
+    if torch.is_autocast_enabled(x.device.type) or cpu_gemm.traced() or _global_module_hooks():
         return False
-    return all(fuse_blocker(layer) is None for layer in layers)
+    return all(fuse_blocker(layer) is None and not _hooked(layer) for layer in layers)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooked(layer: nn.Module) -> bool:
+    """A hook on the LoRA layer, its base layer or its factors (accelerate's _hf_hook included)."""
+    return any(getattr(m, d, None) for m in layer.modules() for d in _HOOK_DICTS) \
+        or any(hasattr(m, "_hf_hook") for m in layer.modules())
+
+
+def _global_module_hooks() -> bool:
+    module = torch.nn.modules.module
+    return any(getattr(module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                         "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def _original(module: nn.Module) -> Callable:
@@ -331,7 +357,8 @@ def _fused_mlp_forward(triton: bool) -> Callable:
 
 def _norm_forward(ops) -> Callable:
     def forward(norm, hidden_states):
-        if torch.is_autocast_enabled(hidden_states.device.type) or not ops.runs_on(hidden_states):
+        if (torch.is_autocast_enabled(hidden_states.device.type) or cpu_gemm.traced()
+                or not ops.runs_on(hidden_states)):
             return _original(norm)(hidden_states)
         return ops.rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
     return forward
@@ -429,6 +456,8 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     chunk_size: rows per lm_head + loss chunk (None: chunked_ce's budget, 128 MiB of fp32 logits,
     256 MiB for an fp32 head on the CPU).
     """
+    if hasattr(model, "get_base_model"):  # a PEFT model: its base_model_prefix names the wrapper's model
+        model = model.get_base_model()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     inputs.setdefault("use_cache", False)
     labels = batch["labels"] if "labels" in batch else batch["input_ids"]
@@ -442,18 +471,48 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
                                 chunk_size=chunk_size, bias=head.bias)
 
 
+# config fields of heads that transform the logits after the output projection
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap",
+                    "output_logit_soft_cap", "lm_head_multiplier", "logit_softcapping")
+_HEAD_CHECKED = "_lorakit_head_check"  # model.__dict__: why its logits are not head(last hidden), or None
+
+
 def chunked_loss_blocker(model: nn.Module) -> str | None:
     """Why causal_lm_loss must compute full logits for this model, or None (it chunks)."""
     head = model.get_output_embeddings()
     if type(head) not in (nn.Linear, cpu_gemm.CpuGemmLinear):
         return f"output head is {type(head).__name__}, not a plain nn.Linear"
     config = getattr(model, "config", None)
-    for field in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+    for field in LOGIT_TRANSFORMS:
         if getattr(config, field, None) not in (None, 1, 1.0):
             return f"the model rescales its logits ({field})"
     prefix = getattr(model, "base_model_prefix", None)
     if not prefix or not hasattr(model, prefix):
         return "the model has no decoder backbone attribute to call"
+    if _HEAD_CHECKED not in model.__dict__:
+        model.__dict__[_HEAD_CHECKED] = _head_mismatch(model, getattr(model, prefix), head)
+    return model.__dict__[_HEAD_CHECKED]
+
+
+def _head_mismatch(model: nn.Module, backbone: nn.Module, head: nn.Module) -> str | None:
+    """The chunked loss computes head(last hidden state); a model whose own logits are something
+    else (a dense layer and norm before the projection as in RoBERTa, a multiplier, a cap) must
+    keep its own. Checked once per model on two tokens, in eval mode and without gradients."""
+    ids = torch.tensor([[0, 1]], device=head.weight.device)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
+            mine = F.linear(hidden, head.weight, head.bias).float()  # as the chunked loss reads the head
+    except Exception as exc:  # noqa: BLE001 - a model that cannot run this check keeps its own logits
+        return f"its logits could not be checked against the output head ({type(exc).__name__})"
+    finally:
+        model.train(was_training)
+    scale = float(logits.abs().max().clamp_min(1e-6))
+    if mine.shape != logits.shape or float((mine - logits).abs().max()) > 1e-3 * scale:
+        return "its logits are not the output head applied to the last hidden state"
     return None
 
 
