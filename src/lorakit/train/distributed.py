@@ -403,9 +403,11 @@ def _like(template: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def load_full_tensors(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
-    """Copy whole tensors (from a checkpoint) into parameters, sharded or not."""
-    for name, whole in tensors.items():
-        target = params[name]
+    """Copy whole tensors (from a checkpoint) into parameters, sharded or not. In sorted order:
+    each sharded copy is a scatter from rank 0, so every rank must take the names in the same
+    order, and a safetensors file loads its keys in a different order in each process."""
+    for name in sorted(tensors):
+        whole, target = tensors[name], params[name]
         target.copy_(_like(target, whole.to(target.dtype)))
 
 
@@ -421,10 +423,10 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) ->
     """A whole-tensor optimizer state laid out like this run's parameters (for load_state_dict)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = {}
-    for index, per_param in state_dict["state"].items():
-        param = params[int(index)]
-        state[index] = {key: (_like(param, v) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
-                        for key, v in per_param.items()}
+    for index in sorted(state_dict["state"], key=int):  # the same order on every rank: see load_full_tensors
+        per_param, param = state_dict["state"][index], params[int(index)]
+        state[index] = {key: (_like(param, per_param[key]) if isinstance(per_param[key], torch.Tensor)
+                              and per_param[key].dim() > 0 else per_param[key]) for key in sorted(per_param)}
     return {"state": state, "param_groups": state_dict["param_groups"]}
 
 
