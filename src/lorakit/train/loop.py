@@ -225,7 +225,11 @@ def evaluate(model: nn.Module, dataset, settings: LoopSettings, max_batches: int
 
 
 class StopSignals:
-    """SIGTERM / SIGINT ask the loop to stop at the next step boundary (a checkpoint follows)."""
+    """SIGTERM / SIGINT ask the loop to stop at the next step boundary (a checkpoint follows).
+
+    A second SIGINT (Ctrl-C again) stops at once. A second SIGTERM does not: a scheduler that
+    signals every process of a torchrun job (SLURM's scancel, its time limit) reaches each worker
+    twice, directly and through torchrun, and the checkpoint must still be written."""
 
     def __init__(self):
         self.received: str | None = None
@@ -240,9 +244,9 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        if self.received:  # a second signal: stop now
+        if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        self.received = self.received or signal.Signals(signum).name
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

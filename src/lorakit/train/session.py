@@ -209,22 +209,27 @@ class Session:
             self.log(f"base model eval loss {self.base_eval['loss']:.4f} (perplexity {self.base_eval['perplexity']:.2f})")
         trainer = Trainer(self.p.model, self.p.train, self.p.settings, self.optimizer, self.state)
         progress = Progress if distributed.is_main() else _NoProgress
-        with StopSignals() as signals, progress(self.p.settings.total_steps, self.state.step, self.p.settings.device, self.state.seen_tokens) as bar:
-            # every rank stops at the same step, whichever rank got the signal
-            hooks = Hooks(on_step=lambda s, r: self._on_step(s, r, bar),
-                          should_stop=lambda: distributed.any_rank(signals.received is not None))
-            started = time.perf_counter()
-            try:
-                trainer.run(hooks)
-            finally:
-                self.train_seconds += time.perf_counter() - started
-        if distributed.any_rank(signals.received is not None):
-            signals.received = signals.received or "a signal to another rank"
-            path = self.save_checkpoint()
-            self.log(f"stopped by {signals.received} at step {self.state.step}; checkpoint saved to {path}; "
-                     "continue with the same command plus --resume")
-            return RunResult({}, self.out, signals.received, self.history)
+        # the handlers stay through the stop's checkpoint: a late signal must not kill its save
+        with StopSignals() as signals:
+            with progress(self.p.settings.total_steps, self.state.step, self.p.settings.device,
+                          self.state.seen_tokens) as bar:
+                # every rank stops at the same step, whichever rank got the signal
+                hooks = Hooks(on_step=lambda s, r: self._on_step(s, r, bar),
+                              should_stop=lambda: distributed.any_rank(signals.received is not None))
+                started = time.perf_counter()
+                try:
+                    trainer.run(hooks)
+                finally:
+                    self.train_seconds += time.perf_counter() - started
+            if distributed.any_rank(signals.received is not None):
+                return self._stop(signals.received or "a signal to another rank")
         return self.finish()
+
+    def _stop(self, signal_name: str) -> RunResult:
+        path = self.save_checkpoint()
+        self.log(f"stopped by {signal_name} at step {self.state.step}; checkpoint saved to {path}; "
+                 "continue with the same command plus --resume")
+        return RunResult({}, self.out, signal_name, self.history)
 
     def _on_step(self, state: TrainState, result: StepResult, bar) -> None:
         t = self.config.train
