@@ -353,3 +353,13 @@ def test_fsdp_run_resumes_into_the_right_shards(tiny, tmp_path):
     single(train_args(tiny, one, "--grad-accum", "2", "--max-steps", "2", *common))
     single(train_args(tiny, one, "--grad-accum", "2", "--max-steps", "4", "--resume", *common))
     assert max_difference(adapter(sharded), adapter(one)) < 1e-5
+
+
+def test_ranks_draw_different_dropout_masks(tiny, tmp_path):
+    """Every rank starts from one seed (the adapters are initialised alike); after that each rank's
+    generator must differ, or micro-batches of one shape get the same dropout masks everywhere."""
+    out = tmp_path / "dropout"
+    run = torchrun(2, train_args(tiny, out, "--max-steps", "1", "--dropout", "0.1", "--save-every", "1"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rng = load_file(out / "checkpoints" / "step-000001" / "rng.safetensors")
+    assert not torch.equal(rng["rank.0.cpu"], rng["rank.1.cpu"])

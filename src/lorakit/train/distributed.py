@@ -474,6 +474,16 @@ def _all_gather_bytes(state: torch.Tensor) -> list[torch.Tensor]:
     return buffers
 
 
+def diverge_rank_rng() -> None:
+    """From one random state shared by every rank, a different one per rank, so that dropout
+    masks differ between ranks (a run starts from one seed; a resume with another number of
+    processes restores rank 0's state everywhere). Deterministic for a given number of ranks."""
+    if world_size() == 1:
+        return
+    shared = int(torch.randint(2**62, (1,)))  # the same draw on every rank
+    torch.manual_seed(shared + rank())  # the CPU and every GPU generator
+
+
 def restore_rank_rng(tensors: dict[str, torch.Tensor]) -> bool:
     """Put this rank's own RNG state back when the checkpoint has one for it (same world size)."""
     key = f"rank.{rank()}.cpu"

@@ -138,6 +138,7 @@ def prepare(config: RunConfig) -> Prepared:
         notices += _enable_fast_paths(model, config)
     notices += _checkpointing(model, config, use_fsdp)
     distributed.wrap_model(model, use_fsdp, device_for(config))
+    distributed.diverge_rank_rng()  # after the shared initialisation: each rank its own dropout masks
     notices += parallel_notices + distributed.global_batch_notice(config.train)
     settings = loop_settings(config, model, tokenizer, train)
     return Prepared(config, model, tokenizer, source, train, evaluation, settings, notices + _long_step_notice(settings, train))

@@ -107,7 +107,8 @@ class Session:
         self.history = _read_history(self.out / "metrics.jsonl", self.state.step, saved.get("history_len"))
         self.train_seconds = saved.get("train_seconds", 0.0)
         checkpoint.restore_rng()
-        distributed.restore_rank_rng(checkpoint.rng_tensors)
+        if not distributed.restore_rank_rng(checkpoint.rng_tensors):  # another number of processes
+            distributed.diverge_rank_rng()
         if distributed.is_main():  # a finished run continued (more --max-steps) is unfinished until it ends
             (self.out / "summary.json").unlink(missing_ok=True)
         self.log(f"resumed from {path.name} (step {self.state.step}, epoch {self.state.epoch}, batch {self.state.batch_index})")
