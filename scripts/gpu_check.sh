@@ -145,7 +145,8 @@ summarize() {
         grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$LOG" | tail -n 1
         shopt -s nullglob  # no bench result at all: the summary says each goal was not measured
         "$PY" scripts/gpu_summary.py "$PARTS"/bench_*.json
-    } >"$OUT/summary.txt.tmp" 2>&1 && mv "$OUT/summary.txt.tmp" "$OUT/summary.txt"
+        shopt -u nullglob
+    } >"$OUT/summary.txt.tmp" 2>&1; mv "$OUT/summary.txt.tmp" "$OUT/summary.txt"  # a failed summary shows its error
     "$PY" - "$PARTS" "$OUT/benches.json" <<'EOF'
 import json, os, pathlib, sys
 parts, target = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])

@@ -112,7 +112,7 @@ def test_eval_as_a_library_call(trained):
     from lorakit.evaluate import evaluate_adapter
 
     model, data, adapter = trained
-    result = evaluate_adapter(str(adapter), [str(data)], model=str(model), seq_len=64)
+    result = evaluate_adapter(str(adapter), str(data), model=str(model), seq_len=64)  # one path, not a list
     assert result["adapter_loss"] < result["base_loss"] and result["tokens"] > 0
 
 

@@ -171,7 +171,8 @@ def test_help_shows_each_options_real_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text
     for shown in ("maximum tokens per sequence (default: 512)", "peak learning rate (AdamW) (default: 0.0002)",
-                  "output folder (default: runs/lorakit)", "(default: on)", "--seq-len 256, --packing,"):
+                  "output folder (default: runs/lorakit)", "(default: on)",
+                  "these replace the defaults listed below: --seq-len 256, --max-steps 60, --lr 0.001, --output runs/demo."):
         assert shown in text
 
 

@@ -177,6 +177,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag_of(f), type=base, choices=f.metadata.get("choices"), **kwargs)
 
 
+def default_of(key: str) -> Any:
+    """The default of an option named "section.field"."""
+    section, name = key.split(".")
+    f = next(f for s, f, _ in all_fields() if s == section and f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def help_with_default(f: dataclasses.Field) -> str:
     """The field's help with its default appended (argparse's own would show None: every flag
     defaults to None so that given flags can be told apart), unless the help already says it."""

@@ -7,12 +7,13 @@ same data, and scores a new file the way training would have.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from lorakit.errors import ConfigError
 
 
-def evaluate_adapter(adapter: str, data: Sequence[str], model: str | None = None, fmt: str = "auto",
+def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], model: str | None = None, fmt: str = "auto",
                      seq_len: int = 512, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
                      allow_other_base: bool = False, allow_pickle: bool = False) -> dict:
     """{base_loss, base_perplexity, adapter_loss, adapter_perplexity, tokens} over ``data``;
@@ -28,7 +29,8 @@ def evaluate_adapter(adapter: str, data: Sequence[str], model: str | None = None
     placement, torch_dtype = inference_placement(device, dtype)
     base_model, tokenizer, _ = load_model_and_tokenizer(model or base_model_for([adapter]), dtype=torch_dtype,
                                                         device=placement, allow_pickle=allow_pickle)
-    records = tokenize_records(read_records(list(data)), tokenizer, fmt, seq_len)
+    files = [data] if isinstance(data, (str, os.PathLike)) else list(data)  # one path, or several
+    records = tokenize_records(read_records(files), tokenizer, fmt, seq_len)
     load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
     settings = _eval_settings(base_model, tokenizer, seq_len, batch_size)
     with disable_adapters(base_model):

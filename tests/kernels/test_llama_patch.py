@@ -474,12 +474,32 @@ def test_torch_func_transforms_take_the_plain_path():
         torch.testing.assert_close(got[name], g, msg=name)
 
 
-def test_the_loss_of_a_peft_model_is_its_base_models():
+def test_the_loss_of_a_peft_model_is_its_base_models_chunked(monkeypatch):
     import peft
 
     torch.manual_seed(0)
     model = peft.get_peft_model(LlamaForCausalLM(LlamaConfig(**SIZES)), peft.LoraConfig(r=4, target_modules="all-linear"))
     batch = _batch()
     notices = enable_fast_paths(model)
-    assert not any("DoRA" in n for n in notices)  # PEFT's use_dora is a dict per adapter, not a DoRA flag
+    assert not any("DoRA" in n or "full logits" in n for n in notices)  # PEFT's use_dora is a dict per adapter
+    chunked = []
+    real = llama_patch.chunked_lm_head_loss
+    monkeypatch.setattr(llama_patch, "chunked_lm_head_loss", lambda *a, **k: chunked.append(1) or real(*a, **k))
     torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss)
+    assert chunked == [1]
+
+
+class _RenamedLlama(LlamaForCausalLM):
+    """A causal LM the head check has not seen: it runs the check."""
+
+
+def test_the_head_check_runs_one_forward_and_keeps_each_modules_mode():
+    torch.manual_seed(0)
+    model = _RenamedLlama(LlamaConfig(**SIZES))
+    model.model.layers[0].eval()  # a mixed state that a user set
+    calls = []
+    model.model.register_forward_hook(lambda *a: calls.append(1))
+    assert llama_patch.chunked_loss_blocker(model) is None
+    assert llama_patch.chunked_loss_blocker(model) is None  # once per model
+    assert calls == [1]
+    assert model.training and not model.model.layers[0].training and model.model.layers[1].training

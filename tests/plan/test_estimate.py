@@ -398,6 +398,9 @@ def test_cli_fast_paths_model_the_trainers_step(capsys):
     want = estimate_memory("1b", TrainShape(fused_loss=True, fused_mlp=True))
     assert fast["memory"]["total"] == want.total < plain["memory"]["total"]
     assert fast["shape"]["fused_loss"] and fast["shape"]["fused_mlp"] and not plain["shape"]["fused_mlp"]
+    assert main([*args, "--fast-paths", "--engine", "peft"]) == 2  # PEFT's step has neither
+    assert main(["estimate", "--model", "1b", "--fast-paths", "--targets", "attention"]) == 0
+    assert "the MLP unfused" in " ".join(capsys.readouterr().out.split())
 
 
 def test_cli_table(capsys):

@@ -59,8 +59,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (action.option_strings and "default" not in text and action.default not in (None, False, [])
-                and action.default is not argparse.SUPPRESS):
+        default = action.default
+        no_default = default is None or default is False or default == [] or default is argparse.SUPPRESS
+        if action.option_strings and "default" not in text and not no_default:  # 0 is a default, False not
             text += " (default: %(default)s)"
         return text
 

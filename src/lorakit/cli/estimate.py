@@ -34,7 +34,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--targets", default="all-linear",
                    help="all-linear, attention, mlp, qv, or projections such as q_proj,v_proj")
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch per device")
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
     p.add_argument("--grad-checkpointing", choices=("on", "off", "offload"), default="off",
                    help="on: checkpoint the layers; offload: and hold their inputs in host memory (default: off)")
     p.add_argument("--checkpoint-layers", type=int, default=None, metavar="K",
@@ -53,7 +53,7 @@ def register(subparsers, name: str, help_text: str) -> None:
                         "own step with lorakit's adapters")
     p.add_argument("--engine", choices=("lorakit", "peft"), default="lorakit",
                    help="peft: PEFT's defaults (fp32 adapters, an input copy per adapter)")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (above 0 it keeps a mask)")
     p.add_argument("--labelled-fraction", type=float, default=1.0, metavar="F",
                    help="share of tokens with a label (instruction data: the responses); with --fused-loss "
                         "the head runs for those only, which lowers the FLOPs")
@@ -67,6 +67,9 @@ def register(subparsers, name: str, help_text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.plan.estimate import TrainShape, estimate
 
+    if args.fast_paths and args.engine == "peft":
+        raise ConfigError("--fast-paths models lorakit train's step; PEFT's (--engine peft) has no fused loss or MLP: "
+                          "drop one of them")
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
     if not 0 < args.device_peak_tflops < float("inf"):
@@ -99,16 +102,21 @@ def print_report(result) -> None:
         suffix += f"; per rank of {s.world_size}, {layout}"
     console.print(f"[bold]{m.name}[/]: {m.num_params() / 1e6:,.1f}M params, {m.num_layers} layers, hidden {m.hidden_size}, "
                   f"vocab {m.vocab_size:,}; LoRA r={s.r} on {s.targets} = {result.memory.trainable_params / 1e6:,.2f}M "
-                  f"trainable; {s.batch_size} x {s.seq_len} tokens, {s.dtype}{suffix}; {_step_kind(s)}")
+                  f"trainable; {s.batch_size} x {s.seq_len} tokens, {s.dtype}{suffix}; {_step_kind(result)}")
     console.print(_memory_table(result))
     console.print(_speed_table(result))
 
 
-def _step_kind(s) -> str:
+def _step_kind(result) -> str:
+    from lorakit.plan.estimate import mlp_runs_fused
+
+    s = result.shape
     if s.engine == "peft":
-        return "PEFT's defaults"
+        return "PEFT's defaults" + (" with the fused loss" if s.fused_loss else "")
     if s.fused_mlp:
-        return "lorakit train's fast paths (fused loss and MLP)"
+        if mlp_runs_fused(s):
+            return "lorakit train's fast paths (fused loss and MLP)"
+        return "lorakit train's fast paths (fused loss; the MLP unfused: it needs plain LoRA on gate, up and down)"
     if s.fused_loss:
         return "transformers' step with the fused loss"
     return "transformers' own step (--fast-paths: what lorakit train runs)"

@@ -10,8 +10,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     from lorakit.models import add_placement_flags
 
     p = subparsers.add_parser(name, help=help_text, description=__doc__)
-    p.add_argument("--adapter", required=True, metavar="DIR")
-    p.add_argument("--data", required=True, nargs="+", metavar="FILE")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter folder (PEFT format)")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="data files to score, read as lorakit train reads them")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--format", default="auto", choices=["auto", "text", "instruction", "chat"], help="data format")
     p.add_argument("--seq-len", type=int, default=512, help="maximum tokens per sequence (longer examples are cut)")

@@ -18,7 +18,7 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help="adapter folder (repeat to load several); none: the base model alone")
     p.add_argument("--use", metavar="NAME", help="which loaded adapter to use (folder name or path); default: the first")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--raw", action="store_true", help="continue raw text instead of a chat turn")
     p.add_argument("--allow-other-base", action="store_true", help="load an adapter made for another base model")

@@ -14,8 +14,8 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", required=True, metavar="DIR")
-    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter folder (PEFT format)")
+    p.add_argument("--output", required=True, metavar="DIR", help="the merged model's new folder")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the merged weights (default float32; bfloat16 with --quantize); "
@@ -23,8 +23,8 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["4bit", "8bit"],
                    help="the adapter was trained on a 4-/8-bit base (QLoRA): load the base the same way, "
                         "dequantise it and merge into that (needs bitsandbytes)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--allow-other-base", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    p.add_argument("--allow-other-base", action="store_true", help="merge an adapter made for another base model")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickle files (model *.bin, adapter_model.bin) with torch.load(weights_only=True)")
 

@@ -33,8 +33,12 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 def _demo_text() -> str:
     """The demo's own defaults, for --help (they differ from the options' defaults listed there)."""
+    from lorakit.config import default_of
+
     flags = []
     for key, value in DEMO_DEFAULTS.items():
+        if value == default_of(key):  # the same as the option's own default: nothing to say
+            continue
         flag = "--" + key.split(".")[1].replace("_", "-")
         flags.append(flag if value is True else f"{flag} {value}")
     text = "Without --data (the demo), these replace the defaults listed below: " + ", ".join(flags) + "."

@@ -91,7 +91,8 @@ def find_base_config(adapter: Adapter, base_config_dir: str | Path | None = None
     if not isinstance(base, str) or not base:
         return None
     if _names_the_builtin(base):
-        return _read_json(_builtin_folder() / "config.json")
+        folder = _builtin_folder()
+        return None if folder is None else _read_json(folder / "config.json")
     for candidate in (Path(base), adapter.folder / base):
         if (candidate / "config.json").is_file():
             return _read_json(candidate / "config.json")
@@ -104,10 +105,17 @@ def _names_the_builtin(base: str) -> bool:
     return base.strip().lower() == DEFAULT_MODEL
 
 
-def _builtin_folder() -> Path:
+def _builtin_folder() -> Path | None:
+    """The folder the built-in model was converted to (converted now if it never was), or None
+    where the package that ships it is not installed: the adapter exports without a base config
+    where its format allows."""
+    from lorakit.errors import ModelLoadError
     from lorakit.models import builtin_gguf_path, ensure_gguf_converted
 
-    return ensure_gguf_converted(builtin_gguf_path(), builtin=True)
+    try:
+        return ensure_gguf_converted(builtin_gguf_path(), builtin=True)
+    except ModelLoadError:
+        return None
 
 
 def _read_json(path: Path) -> dict:

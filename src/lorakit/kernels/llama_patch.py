@@ -477,8 +477,15 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 _HEAD_CHECKED = "_lorakit_head_check"  # model.__dict__: why its logits are not head(last hidden), or None
 
 
+# causal LMs whose logits are exactly lm_head(last hidden state) (transformers 5.17-5.24): no check
+HEAD_IS_A_PROJECTION = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                        "GPT2LMHeadModel"}
+
+
 def chunked_loss_blocker(model: nn.Module) -> str | None:
     """Why causal_lm_loss must compute full logits for this model, or None (it chunks)."""
+    if hasattr(model, "get_base_model"):  # a PEFT model: the checks are about the model it wraps
+        model = model.get_base_model()
     head = model.get_output_embeddings()
     if type(head) not in (nn.Linear, cpu_gemm.CpuGemmLinear):
         return f"output head is {type(head).__name__}, not a plain nn.Linear"
@@ -489,31 +496,42 @@ def chunked_loss_blocker(model: nn.Module) -> str | None:
     prefix = getattr(model, "base_model_prefix", None)
     if not prefix or not hasattr(model, prefix):
         return "the model has no decoder backbone attribute to call"
+    if type(model).__name__ in HEAD_IS_A_PROJECTION:
+        return None
     if _HEAD_CHECKED not in model.__dict__:
-        model.__dict__[_HEAD_CHECKED] = _head_mismatch(model, getattr(model, prefix), head)
+        reason, lasting = _head_mismatch(model, getattr(model, prefix), head)
+        if not lasting:
+            return reason
+        model.__dict__[_HEAD_CHECKED] = reason
     return model.__dict__[_HEAD_CHECKED]
 
 
-def _head_mismatch(model: nn.Module, backbone: nn.Module, head: nn.Module) -> str | None:
-    """The chunked loss computes head(last hidden state); a model whose own logits are something
-    else (a dense layer and norm before the projection as in RoBERTa, a multiplier, a cap) must
-    keep its own. Checked once per model on two tokens, in eval mode and without gradients."""
+def _head_mismatch(model: nn.Module, backbone: nn.Module, head: nn.Module) -> tuple[str | None, bool]:
+    """(why the model's logits are not the projection of its backbone's last hidden state, or None;
+    whether that answer lasts). The chunked loss computes that projection; a model whose logits are
+    something else (RoBERTa's dense layer and norm first, a multiplier, a cap) keeps its own. One
+    forward of two tokens in eval mode without gradients, the backbone's output taken by a hook."""
     ids = torch.tensor([[0, 1]], device=head.weight.device)
-    was_training = model.training
+    seen = []
+    modes = {module: module.training for module in model.modules()}
+    handle = backbone.register_forward_hook(lambda module, args, out: seen.append(out))
     try:
         model.eval()
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits.float()
-            hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
-            mine = F.linear(hidden, head.weight, head.bias).float()  # as the chunked loss reads the head
+            mine = F.linear(seen[-1].last_hidden_state, head.weight, head.bias).float()  # as the chunked loss
+    except torch.cuda.OutOfMemoryError:
+        return "its logits could not be checked against the output head (out of memory)", False
     except Exception as exc:  # noqa: BLE001 - a model that cannot run this check keeps its own logits
-        return f"its logits could not be checked against the output head ({type(exc).__name__})"
+        return f"its logits could not be checked against the output head ({type(exc).__name__})", True
     finally:
-        model.train(was_training)
+        handle.remove()
+        for module, training in modes.items():
+            module.training = training
     scale = float(logits.abs().max().clamp_min(1e-6))
     if mine.shape != logits.shape or float((mine - logits).abs().max()) > 1e-3 * scale:
-        return "its logits are not the output head applied to the last hidden state"
-    return None
+        return "its logits are not the output head applied to the last hidden state", True
+    return None, True
 
 
 def _full_logits_loss(model, inputs, shifted, normalizer):

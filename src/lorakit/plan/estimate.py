@@ -369,6 +369,11 @@ def layer_saved_bytes(m: ModelShape, shape: TrainShape, stream_grad: bool = True
     return saved
 
 
+def mlp_runs_fused(shape: TrainShape) -> bool:
+    """Whether the estimate counts lorakit's fused MLP for this step."""
+    return _mlp_is_fused(shape, set(resolve_targets(shape.targets)))
+
+
 def _mlp_is_fused(shape: TrainShape, adapted: set[str]) -> bool:
     """Whether lorakit's fused MLP runs: plain LoRA (no dropout, no quantised base) on all three."""
     return (shape.fused_mlp and shape.engine == "lorakit" and shape.lora_dropout == 0 and shape.quantize is None

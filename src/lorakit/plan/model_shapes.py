@@ -152,7 +152,8 @@ def _shape_from_hub(name: str) -> ModelShape:
 
 # BERT-style encoders: their configs carry the decoder's size keys too, but not its step
 ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "electra", "distilbert",
-                                 "albert", "camembert", "mpnet", "modernbert", "ernie", "longformer", "big_bird"})
+                                 "albert", "camembert", "mpnet", "modernbert", "ernie", "longformer", "big_bird",
+                                 "xlm", "esm", "nomic_bert", "roformer", "funnel", "luke", "megatron-bert"})
 
 
 def shape_from_dict(data: dict, source: str) -> ModelShape:
