@@ -82,6 +82,30 @@ def test_generate_streams_text(trained, capsys):
     assert capsys.readouterr().out.strip() != ""
 
 
+def test_generate_refuses_more_tokens_than_the_context_holds(trained, capsys):
+    model, _, adapter = trained
+    context = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    assert main(["generate", "--adapter", str(adapter), "--model", str(model), "--max-new-tokens", str(context),
+                 "Define the word apple."]) == 2
+    err = capsys.readouterr().err
+    assert f"exceed the model's context of {context} positions; lower --max-new-tokens to" in err
+
+
+def test_generate_stops_at_every_end_token_of_the_generation_config(trained, monkeypatch):
+    """Chat models end a turn with a token listed only in generation_config (Llama 3's <|eot_id|>)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.generate import generate_text
+
+    model_dir, _, _ = trained
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    model.generation_config.eos_token_id = [7, tokenizer.eos_token_id, 9]
+    seen = {}
+    monkeypatch.setattr(model, "generate", lambda inputs, **options: seen.update(options) or inputs)
+    generate_text(model, tokenizer, "hello", max_new_tokens=3)
+    assert seen["eos_token_id"] == [tokenizer.eos_token_id, 7, 9]
+
+
 @pytest.mark.parametrize("flags,words", [(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
                                          (["--temperature", "nan"], "--temperature must be 0"),
                                          (["--temperature", "-1"], "--temperature must be 0"),

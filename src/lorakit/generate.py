@@ -11,6 +11,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temp
     from lorakit.data.formats import generation_prompt_ids
 
     ids = generation_prompt_ids(tokenizer, prompt, "text" if raw else "chat")
+    _check_context(model, len(ids), max_new_tokens)
     device = next(model.parameters()).device
     inputs = torch.tensor([ids], device=device)
     streamer = None
@@ -19,7 +20,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temp
 
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     options = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=tokenizer.pad_token_id,
-                   eos_token_id=tokenizer.eos_token_id, streamer=streamer)
+                   eos_token_id=stop_token_ids(model, tokenizer), streamer=streamer)
     if temperature > 0:
         options["temperature"] = temperature
     was_training = model.training
@@ -28,3 +29,24 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temp
         output = model.generate(inputs, attention_mask=torch.ones_like(inputs), **options)
     model.train(was_training)
     return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and every end token of the model's generation config: chat models end
+    a turn with a token listed only there (Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    ids = [tokenizer.eos_token_id, *configured]
+    return list(dict.fromkeys(i for i in ids if isinstance(i, int)))
+
+
+def _check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    from lorakit.errors import ConfigError
+
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(context, int) and prompt_tokens + max_new_tokens > context:
+        room = context - prompt_tokens
+        fix = f"lower --max-new-tokens to {room} or less" if room > 0 else "shorten the prompt"
+        raise ConfigError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} exceed the "
+                          f"model's context of {context} positions; {fix}")
