@@ -153,6 +153,14 @@ def test_saturated_rank_says_so(tmp_path):
     assert "rank is saturated: consider a larger r" in verdict.message
 
 
+def test_a_rank_pattern_is_judged_by_the_modules_own_rank(tmp_path):
+    """r=32 in the config, every module at 8 by rank_pattern, and all 8 used: saturated at 8, not
+    'r=32 is oversized, r=8 would do' (the rank it already has)."""
+    write_adapter(tmp_path, _modules([1.0] * 8, 8), r=32, lora_alpha=32, rank_pattern={"q_proj": 8})
+    analysis = analyze_adapter(tmp_path)
+    assert analysis.r == 8 and analysis.verdict.kind == "saturated"
+
+
 def test_rank_that_fits(tmp_path):
     write_adapter(tmp_path, _modules([1.0] * 10, 16), r=16, lora_alpha=16)  # 90% of a flat 10: 9 dims
     verdict = analyze_adapter(tmp_path).verdict
