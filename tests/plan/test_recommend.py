@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from lorakit.cli import main
 from lorakit.errors import ConfigError
@@ -45,6 +46,23 @@ def test_same_inputs_same_config_and_it_trains(tiny, tmp_path, capsys):
     # the written YAML is a complete config that `lorakit train` accepts as is
     assert main(["train", str(first), "--dry-run"]) == 0
     assert "trainable parameters" in capsys.readouterr().out
+
+
+def test_a_budget_from_the_command_line_reaches_the_trainer(tiny, tmp_path, capsys, monkeypatch):
+    """--memory plans for less than this machine has: the config carries it, or `lorakit train`
+    would plan its checkpointing for the whole machine."""
+    from lorakit.plan import recommend
+    from lorakit.train.memory_plan import SAFETY_MARGIN
+
+    config = tmp_path / "small.yaml"
+    assert main(recommend_args(tiny, "--output", str(config))) == 0
+    written = yaml.safe_load(config.read_text())["train"]["memory_budget"]
+    usable = recommend.make_budget("cpu", memory="8GiB").usable_bytes
+    assert written == pytest.approx(usable / SAFETY_MARGIN / 2**30, abs=0.01)
+    monkeypatch.setattr(recommend, "machine_memory_bytes", lambda: 8 * 2**30)
+    assert main(["recommend", "--model", str(tiny[0]), "--data", str(tiny[1]), "--device", "cpu", "--output",
+                 str(tmp_path / "machine.yaml")]) == 0  # this machine's memory: the trainer measures it itself
+    assert yaml.safe_load((tmp_path / "machine.yaml").read_text())["train"]["memory_budget"] is None
 
 
 def test_tiny_data_departs_from_the_guide_and_says_so(tiny, capsys):

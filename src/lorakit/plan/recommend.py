@@ -429,7 +429,8 @@ def plan_choices(task: str, profile: DataProfile, facts: ModelFacts, budget: Bud
         Choice("data.packing", True, "short examples share a row (no attention across them): little compute on padding"),
         batch, Choice("train.grad_accum", accum, f"{batch.value} x {accum} = {rows} rows of {seq_len.value} tokens "
                                                  f"per step: {per_step_why}"),
-        checkpointing, quantize, *choose_eval_and_save(int(profile.examples * epochs.value) // per_step),
+        checkpointing, *(_budget_choice(budget) if memory else []), quantize,
+        *choose_eval_and_save(int(profile.examples * epochs.value) // per_step),
     ], memory
 
 
@@ -482,6 +483,18 @@ def _fit(facts: ModelFacts, budget: Budget, rows: int, seq_len: int, r: int) -> 
             Choice("train.batch_size", batch, f"the largest micro-batch of {seq_len}-token rows that fits {where}: "
                                               f"{_gib(need)} GiB predicted"),
             Choice("train.grad_checkpointing", "auto", gc_why)], rows // batch, memory
+
+
+def _budget_choice(budget: Budget) -> list[Choice]:
+    """A budget given on the command line goes into the config, so that the trainer plans for it
+    rather than for the machine it runs on: the usable part, as the trainer takes 90% of it."""
+    if not budget.source.startswith("--"):
+        return []
+    from lorakit.train.memory_plan import SAFETY_MARGIN
+
+    gib = math.floor(budget.usable_bytes / SAFETY_MARGIN / GIB * 100) / 100
+    return [Choice("train.memory_budget", gib, f"{budget.source} less room for the runtime; lorakit train plans its "
+                                               f"checkpointing for {SAFETY_MARGIN:.0%} of it, as here")]
 
 
 def _memory_function(shape: Any, seq_len: int, r: int, device: str, quantize: str = "none",
