@@ -125,3 +125,21 @@ def test_an_option_the_format_would_ignore_is_refused(tmp_path, capsys, fmt, fla
                  *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_base_without_a_chat_template_keeps_the_trained_format_after_merging(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.data.formats import FALLBACK_CHAT_TEMPLATE
+
+    base_dir = save_tiny_chat_model(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.chat_template = None  # training rendered its chats with lorakit's fallback format
+    tokenizer.save_pretrained(base_dir)
+    (base_dir / "chat_template.jinja").unlink(missing_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    assert AutoTokenizer.from_pretrained(base_dir).chat_template is None
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == FALLBACK_CHAT_TEMPLATE

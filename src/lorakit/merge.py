@@ -82,7 +82,7 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
             output_dir.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             merged.model.save_pretrained(tmp, safe_serialization=True)
-            merged.tokenizer.save_pretrained(tmp)
+            _keep_training_chat_format(merged.tokenizer).save_pretrained(tmp)
             give_default_modes(tmp)
         merged.model = None  # the reloaded copy needs the memory
         _free_memory()
@@ -94,6 +94,17 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
     _move_into_place(tmp, output_dir, overwrite)
     return {"output": str(output_dir), "max_abs_logit_difference": difference, "tolerance": merged.tolerance,
             "dtype": str(out_dtype).removeprefix("torch."), "quantize": quantize or "none", **merged.figures}
+
+
+def _keep_training_chat_format(tokenizer):
+    """A base without a chat template was trained on lorakit's fallback format ("### User:"); the
+    merged model's tokenizer carries it, so that its chats are rendered as in training."""
+    from lorakit.data.formats import chat_template_for
+
+    fallback = chat_template_for(tokenizer)
+    if fallback is not None:
+        tokenizer.chat_template = fallback
+    return tokenizer
 
 
 @dataclass
