@@ -143,3 +143,20 @@ def test_a_base_without_a_chat_template_keeps_the_trained_format_after_merging(t
     assert AutoTokenizer.from_pretrained(base_dir).chat_template is None
     assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 0
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == FALLBACK_CHAT_TEMPLATE
+
+
+def test_a_16_bit_merge_outside_its_tolerance_points_to_float32(tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import merge
+
+    base_dir = save_tiny_chat_model(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    monkeypatch.setattr(merge, "merge_tolerance", lambda dtype, reference: 0.0)  # bf16 rounding alone exceeds it
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "m"), "--dtype",
+                 "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing was written; merge in float32 (the default" in err and not (tmp_path / "m").exists()

@@ -220,6 +220,8 @@ def _reload_difference(folder: Path, probe, reference, dtype, tolerance: float) 
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(probe.device)
     difference = float((_logits(reloaded, probe) - reference).abs().max())
     if not difference <= tolerance:
+        advice = ("; merge in float32 (the default, without --dtype), where rounding cannot account for it"
+                  if dtype in (torch.bfloat16, torch.float16) else "")
         raise MergeError(f"the merged model's logits differ from base+adapter by {difference:.3g} "
-                         f"(tolerance {tolerance:.3g}); nothing was written")
+                         f"(tolerance {tolerance:.3g}); nothing was written{advice}")
     return difference
