@@ -90,6 +90,18 @@ def test_changed_settings_need_overwrite(base_config, tmp_path, capsys):
     assert json.loads((out / "points" / "r2-a4-qv" / "summary.json").read_text())["steps"] == 2
 
 
+@pytest.mark.parametrize("damaged", ["point.json", "summary.json"])
+def test_a_damaged_point_file_retrains_that_point(base_config, tmp_path, capsys, damaged):
+    out = tmp_path / "sweep"
+    args = ["sweep", str(base_config), "--r", "2", "--targets", "qv", "--max-steps", "1", "--output", str(out)]
+    assert main(args) == 0
+    (out / "points" / "r2-a4-qv" / damaged).write_text("{bad")  # a kill or a full disk mid-write
+    capsys.readouterr()
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [e["status"] for e in report["points"]] == ["trained"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--alpha", "2x"], "'2x' is not an alpha"),
     (["--r", "four"], "not a positive integer"),

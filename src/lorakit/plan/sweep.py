@@ -168,13 +168,23 @@ def finished_summary(folder: Path, config: RunConfig, overwrite: bool) -> dict |
     summary, marker = folder / "summary.json", folder / "point.json"
     if not summary.is_file():
         return None
-    saved = json.loads(marker.read_text()) if marker.is_file() else None
+    saved, result = _json_or_none(marker), _json_or_none(summary)
+    if result is None or (marker.is_file() and saved is None):  # damaged (a kill, a full disk): train again
+        return None
     if saved == requested(config):
-        return json.loads(summary.read_text())
+        return result
     if overwrite:
         return None
     raise OutputError(f"{folder} holds a finished run with different settings than this sweep asks for "
                       "(another base config or --max-steps); pass --overwrite to retrain it, or choose another --output")
+
+
+def _json_or_none(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def train_point(config: RunConfig, log: Callable[[str], None]) -> tuple[dict | None, str | None]:
