@@ -178,3 +178,13 @@ def test_eval_and_generate_load_the_base_as_train_does(monkeypatch, capsys, comm
     assert [(o["device"], o["dtype"]) for o in loads] == [("cpu", picked), ("cpu", "float32"), ("cpu", "bfloat16")]
     assert main(argv + ["--device", "cuda"]) == 2
     assert "CUDA is not available; use --device cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "analyze", "merge"])
+def test_a_run_folder_given_as_the_adapter_is_pointed_to_its_adapter(trained, tmp_path, capsys, command):
+    _, _, adapter = trained
+    run = adapter.parent
+    argv = {"generate": ["generate", "--adapter", str(run), "hello"], "analyze": ["analyze", str(run)],
+            "merge": ["merge", "--adapter", str(run), "--output", str(tmp_path / "m")]}[command]
+    assert main(argv) == 2
+    assert f"this looks like a training run's folder: pass its adapter, {adapter}" in capsys.readouterr().err

@@ -107,7 +107,9 @@ def base_model_for(adapter_paths: list[str]) -> str | None:
         return None
     config_path = Path(adapter_paths[0]) / CONFIG_FILE
     if not config_path.exists():
-        raise AdapterFileError(f"{config_path} is missing; pass an adapter folder (or --model and no adapter)")
+        from lorakit.lora.adapter_folder import missing_config_hint
+
+        raise AdapterFileError(f"{config_path} is missing; {missing_config_hint(Path(adapter_paths[0]))}")
     try:
         name = json.loads(config_path.read_text()).get("base_model_name_or_path")
     except json.JSONDecodeError:

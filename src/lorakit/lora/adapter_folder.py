@@ -160,7 +160,7 @@ def read_adapter_config(folder: Path) -> dict:
     """adapter_config.json as a dict, its fields checked (see check_adapter_config)."""
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise AdapterFileError(f"{path} is missing; an adapter folder needs {CONFIG_FILE} beside its weights")
+        raise AdapterFileError(f"{path} is missing; {missing_config_hint(folder)}")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -169,6 +169,13 @@ def read_adapter_config(folder: Path) -> dict:
         raise AdapterFileError(f"cannot read {path} ({exc.strerror or exc}); check its permissions") from None
     check_adapter_config(config, path)
     return config
+
+
+def missing_config_hint(folder: Path) -> str:
+    """What to pass instead of a folder without adapter_config.json: a run folder's adapter."""
+    if (Path(folder) / "adapter" / CONFIG_FILE).is_file():
+        return f"this looks like a training run's folder: pass its adapter, {Path(folder) / 'adapter'}"
+    return f"an adapter folder needs {CONFIG_FILE} beside its weights"
 
 
 def check_adapter_config(config, where: str | Path) -> None:

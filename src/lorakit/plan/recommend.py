@@ -283,7 +283,7 @@ def fit_batch(rows: int, memory_of: Callable[[int, bool], int], usable: int) -> 
                 return batch, checkpointing, need
             batch //= 2
     raise ConfigError(f"the model does not fit: one sequence with activation checkpointing needs "
-                      f"{memory_of(1, True) / GIB:.1f} GiB but the budget leaves {usable / GIB:.1f} GiB; "
+                      f"{memory_of(1, True) / GIB:.2f} GiB but the budget leaves {usable / GIB:.2f} GiB; "
                       "plan for more memory or a smaller model")
 
 
