@@ -148,6 +148,25 @@ def test_a_tied_lm_head_is_never_trained_in_place_and_its_lora_merges_untied(tmp
     assert (logits(reloaded) - expected).abs().max() <= 1e-5
 
 
+def test_a_peft_adapter_that_saved_a_tied_lm_head_in_full_loads_as_peft_runs_it(tmp_path):
+    """PEFT trains a copy of a modules_to_save module; on a tied base that copy is the head alone.
+    Loading it must give the head its own weight, not refuse (as training it in place is refused)."""
+    from lorakit import disable_adapters
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    peft_model = peft.get_peft_model(tiny_llama(tie_word_embeddings=True), config)
+    with torch.no_grad():
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
+    peft_model = randomize_lora(peft_model).eval()
+    expected, base = logits(peft_model), logits(tiny_llama(tie_word_embeddings=True))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = load_adapter(tiny_llama(tie_word_embeddings=True), tmp_path / "adapter")
+    assert (logits(model) - expected).abs().max() <= 1e-5
+    assert torch.equal(model.model.embed_tokens.weight, tiny_llama(tie_word_embeddings=True).model.embed_tokens.weight)
+    with disable_adapters(model):
+        assert (logits(model) - base).abs().max() <= 1e-6
+
+
 def test_tensors_an_adapter_overwrites_in_full_come_back_when_it_is_disabled_or_removed(tmp_path):
     # PEFT's bias="all" trains every bias; lorakit loads them into the base model's own biases,
     # and disabling, switching or removing the adapter used to keep them (re-saving dropped them)

@@ -40,7 +40,7 @@ from lorakit.lora.adapter_folder import PEFT_PREFIX as PREFIX
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.layer import LoraLinear
 from lorakit.lora.model import (CONFIG_ATTR, base_fingerprint, lora_layers, overwritten_originals, remember_original,
-                                wrap_modules)
+                                untie_modules_to_save, wrap_modules)
 from lorakit.safe_io import atomic_save_safetensors, atomic_write_json
 
 # PEFT options lorakit does not implement: loading them would silently compute something else
@@ -216,6 +216,7 @@ def _attach(model: nn.Module, adapter: Adapter, path, trainable: bool, allow_oth
     config = _modules_to_save_here(model, lora_config_from_peft(adapter.config), adapter)
     ranks = _ranks(config, adapter, path)
     _check_modules_exist(model, ranks, path)
+    untie_modules_to_save(model, config.modules_to_save)
     wrap_modules(model, config, ranks)
     _load_tensors(model, config, adapter.parameter_tensors(), path)
     for name, param in model.named_parameters():

@@ -106,6 +106,25 @@ def _refuse_tied(model: nn.Module, name: str) -> None:
             "or untie the weights first")
 
 
+def untie_modules_to_save(model: nn.Module, names: list[str]) -> None:
+    """Loading an adapter that saved a tied module in full (PEFT's modules_to_save=["lm_head"] on a
+    base with tied embeddings: PEFT trained a copy): the module gets its own copy of the weight,
+    as in PEFT, so that loading it leaves the input embedding as it was."""
+    tensor_names = _names_by_tensor(model)
+    for name in names:
+        module = _module(model, name)
+        for param_name, param in list(module.named_parameters(recurse=False)):
+            if any(not other.startswith(name + ".") for other in tensor_names[id(param)]):
+                setattr(module, param_name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+                _mark_untied(model)
+
+
+def _mark_untied(model: nn.Module) -> None:
+    for config in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+
+
 def _names_by_tensor(model: nn.Module) -> dict[int, list[str]]:
     """Every name each parameter tensor goes by: a tied weight has several."""
     names: dict[int, list[str]] = {}
@@ -163,9 +182,7 @@ def _untie_adapted_weights(model: nn.Module, layers: list[tuple[str, LoraLinear]
         weight = layer.base_layer.weight
         if len(names.get(id(weight), ())) > 1 and not layer.merged:
             layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-            for config in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
-                if config is not None and getattr(config, "tie_word_embeddings", False):
-                    config.tie_word_embeddings = False
+            _mark_untied(model)
 
 
 def adapter_parameters(layer: LoraLinear) -> list[torch.Tensor]:
