@@ -82,13 +82,19 @@ def test_generate_streams_text(trained, capsys):
     assert capsys.readouterr().out.strip() != ""
 
 
-def test_generate_refuses_more_tokens_than_the_context_holds(trained, capsys):
-    model, _, adapter = trained
-    context = json.loads((model / "config.json").read_text())["max_position_embeddings"]
-    assert main(["generate", "--adapter", str(adapter), "--model", str(model), "--max-new-tokens", str(context),
-                 "Define the word apple."]) == 2
-    err = capsys.readouterr().err
-    assert f"exceed the model's context of {context} positions; lower --max-new-tokens to" in err
+def test_generate_refuses_more_tokens_than_learned_positions_hold(tmp_path, capsys):
+    """GPT-2's positions are a table of n_positions rows: a longer sequence indexes past it (an
+    IndexError). Rotary models run past their configured length and are not refused."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tiny_models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=len(tokenizer), n_positions=32,
+                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    assert main(["generate", "--model", str(tmp_path / "gpt2"), "--max-new-tokens", "40", "--raw", "hello"]) == 2
+    assert "exceed the model's context of 32 positions; lower --max-new-tokens to" in capsys.readouterr().err
 
 
 def test_generate_stops_at_every_end_token_of_the_generation_config(trained, monkeypatch):
@@ -104,6 +110,20 @@ def test_generate_stops_at_every_end_token_of_the_generation_config(trained, mon
     monkeypatch.setattr(model, "generate", lambda inputs, **options: seen.update(options) or inputs)
     generate_text(model, tokenizer, "hello", max_new_tokens=3)
     assert seen["eos_token_id"] == [tokenizer.eos_token_id, 7, 9]
+
+
+def test_stop_tokens_take_any_form_and_none_means_none():
+    from types import SimpleNamespace
+
+    import torch
+
+    from lorakit.generate import stop_token_ids
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=torch.tensor([5, 6])))
+    assert stop_token_ids(model, SimpleNamespace(eos_token_id=3)) == [3, 5, 6]
+    assert stop_token_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=(5, 3))),
+                          SimpleNamespace(eos_token_id=3)) == [3, 5]
+    assert stop_token_ids(SimpleNamespace(), SimpleNamespace(eos_token_id=None)) is None
 
 
 @pytest.mark.parametrize("flags,words", [(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),

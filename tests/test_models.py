@@ -417,6 +417,16 @@ def test_killed_conversion_leaves_no_folder_that_looks_complete(tiny_gguf, cache
     assert not stale.exists() and (target / models.CONVERSION_MARKER).is_file()
 
 
+def test_a_package_transformers_needs_for_gguf_is_named(tiny_gguf, cache, monkeypatch):
+    """transformers loads a GGUF only with accelerate installed; its error is not a damaged file."""
+    def needs_a_package(gguf_path):
+        raise ValueError("notinstalledpkg is required when loading a GGUF file `pip install notinstalledpkg`.")
+
+    monkeypatch.setattr(models, "_dense_model_from_gguf", needs_a_package)
+    with pytest.raises(ModelLoadError, match="needs the package notinstalledpkg: pip install notinstalledpkg"):
+        ensure_gguf_converted(tiny_gguf)
+
+
 def test_file_that_is_not_gguf(tmp_path, cache):
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"PK\x03\x04 not a gguf at all")

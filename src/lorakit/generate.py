@@ -31,19 +31,27 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temp
     return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
+def stop_token_ids(model, tokenizer) -> list[int] | None:
     """The tokenizer's EOS and every end token of the model's generation config: chat models end
-    a turn with a token listed only there (Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
+    a turn with a token listed only there (Llama 3's <|eot_id|>, Gemma's <end_of_turn>). None
+    when there is none (generate then runs to max_new_tokens)."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    configured = configured if isinstance(configured, list) else [configured]
-    ids = [tokenizer.eos_token_id, *configured]
-    return list(dict.fromkeys(i for i in ids if isinstance(i, int)))
+    ids = [tokenizer.eos_token_id, *([] if configured is None else torch.as_tensor(configured).flatten().tolist())]
+    found = list(dict.fromkeys(int(i) for i in ids if i is not None))
+    return found or None
+
+
+# a model with rotary positions; one without has a table of learned positions (GPT-2, OPT) that
+# a longer sequence indexes past its end
+ROTARY_CONFIG_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct", "rotary_emb_base")
 
 
 def _check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
     from lorakit.errors import ConfigError
 
     config = getattr(model, "config", None)
+    if any(getattr(config, key, None) is not None for key in ROTARY_CONFIG_KEYS):
+        return  # rotary positions run past the configured length (with scaling, well past it)
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if isinstance(context, int) and prompt_tokens + max_new_tokens > context:
         room = context - prompt_tokens

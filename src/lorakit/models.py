@@ -217,6 +217,10 @@ def _write_dense_folder(gguf_path: Path, out: Path, builtin: bool) -> None:
     except ModelLoadError:
         raise
     except Exception as exc:  # the gguf reader raises many kinds on a damaged file
+        missing = re.search(r"(\w+) is required", str(exc))
+        if missing and importlib.util.find_spec(missing.group(1)) is None:  # transformers needs a package
+            raise ModelLoadError(f"reading the GGUF file {gguf_path.name} needs the package {missing.group(1)}: "
+                                 f"pip install {missing.group(1)}") from exc
         raise ModelLoadError(
             f"cannot read GGUF file {gguf_path} ({type(exc).__name__}: {exc}); the file may be "
             "truncated or corrupt, or its architecture unsupported by transformers"

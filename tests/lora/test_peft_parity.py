@@ -152,6 +152,7 @@ def test_a_peft_adapter_that_saved_a_tied_lm_head_in_full_loads_as_peft_runs_it(
     """PEFT trains a copy of a modules_to_save module; on a tied base that copy is the head alone.
     Loading it must give the head its own weight, not refuse (as training it in place is refused)."""
     from lorakit import disable_adapters
+    from lorakit.adapters import AdapterSet
 
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
     peft_model = peft.get_peft_model(tiny_llama(tie_word_embeddings=True), config)
@@ -165,6 +166,16 @@ def test_a_peft_adapter_that_saved_a_tied_lm_head_in_full_loads_as_peft_runs_it(
     assert torch.equal(model.model.embed_tokens.weight, tiny_llama(tie_word_embeddings=True).model.embed_tokens.weight)
     with disable_adapters(model):
         assert (logits(model) - base).abs().max() <= 1e-6
+    # the untied head is still the same base: re-saving and switching keep matching it
+    save_adapter(model, tmp_path / "again")
+    assert (logits(load_adapter(tiny_llama(tie_word_embeddings=True), tmp_path / "again")) - expected).abs().max() <= 1e-5
+    plain = randomize_lora(apply_lora(tiny_llama(tie_word_embeddings=True), LoraConfig(r=4, alpha=8)))
+    save_adapter(plain, tmp_path / "plain")
+    adapters = AdapterSet(tiny_llama(tie_word_embeddings=True))
+    adapters.add(tmp_path / "adapter", "head")
+    adapters.add(tmp_path / "plain", "plain")
+    adapters.activate("head")
+    assert (logits(adapters.activate("plain")) - logits(plain)).abs().max() <= 1e-6
 
 
 def test_tensors_an_adapter_overwrites_in_full_come_back_when_it_is_disabled_or_removed(tmp_path):

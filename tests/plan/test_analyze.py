@@ -161,6 +161,16 @@ def test_a_rank_pattern_is_judged_by_the_modules_own_rank(tmp_path):
     assert analysis.r == 8 and analysis.verdict.kind == "saturated"
 
 
+def test_mixed_ranks_are_judged_by_the_configs_r(tmp_path):
+    """r=8 with one module raised to 64 by rank_pattern, every module using all of its 8: the
+    adapter is saturated at 8, not 'r=64 is oversized, r=8 would do'."""
+    factors = _modules([1.0] * 8, 8)
+    factors["model.layers.0.self_attn.o_proj"] = low_rank_factors(64, 64, 64, [1.0] * 8, seed=9)
+    write_adapter(tmp_path, factors, r=8, lora_alpha=8, rank_pattern={"o_proj": 64})
+    analysis = analyze_adapter(tmp_path)
+    assert analysis.r == 8 and analysis.verdict.kind == "saturated"
+
+
 def test_rank_that_fits(tmp_path):
     write_adapter(tmp_path, _modules([1.0] * 10, 16), r=16, lora_alpha=16)  # 90% of a flat 10: 9 dims
     verdict = analyze_adapter(tmp_path).verdict

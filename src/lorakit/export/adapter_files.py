@@ -113,9 +113,10 @@ def _builtin_folder() -> Path | None:
     from lorakit.models import builtin_gguf_path, ensure_gguf_converted
 
     try:
-        return ensure_gguf_converted(builtin_gguf_path(), builtin=True)
-    except ModelLoadError:
+        path = builtin_gguf_path()
+    except ModelLoadError:  # its package is not installed
         return None
+    return ensure_gguf_converted(path, builtin=True)
 
 
 def _read_json(path: Path) -> dict:

@@ -520,8 +520,11 @@ def _head_mismatch(model: nn.Module, backbone: nn.Module, head: nn.Module) -> tu
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits.float()
             mine = F.linear(seen[-1].last_hidden_state, head.weight, head.bias).float()  # as the chunked loss
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, MemoryError):
         return "its logits could not be checked against the output head (out of memory)", False
+    except RuntimeError as exc:  # the CPU allocator's out of memory is a RuntimeError
+        lasting = "memory" not in str(exc).lower()
+        return f"its logits could not be checked against the output head ({type(exc).__name__})", lasting
     except Exception as exc:  # noqa: BLE001 - a model that cannot run this check keeps its own logits
         return f"its logits could not be checked against the output head ({type(exc).__name__})", True
     finally:

@@ -115,8 +115,18 @@ def untie_modules_to_save(model: nn.Module, names: list[str]) -> None:
         module = _module(model, name)
         for param_name, param in list(module.named_parameters(recurse=False)):
             if any(not other.startswith(name + ".") for other in tensor_names[id(param)]):
+                _remember_fingerprint(model)
                 setattr(module, param_name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
                 _mark_untied(model)
+
+
+_FINGERPRINT_BEFORE_UNTYING = "_lorakit_fingerprint_before_untying"
+
+
+def _remember_fingerprint(model: nn.Module) -> None:
+    """Before a tied weight gets its own copy: the base is the same model, and adapters made for
+    it, or saved from it, must keep matching it."""
+    model.__dict__.setdefault(_FINGERPRINT_BEFORE_UNTYING, base_fingerprint(model))
 
 
 def _mark_untied(model: nn.Module) -> None:
@@ -181,6 +191,7 @@ def _untie_adapted_weights(model: nn.Module, layers: list[tuple[str, LoraLinear]
     for _, layer in layers:
         weight = layer.base_layer.weight
         if len(names.get(id(weight), ())) > 1 and not layer.merged:
+            _remember_fingerprint(model)
             layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
             _mark_untied(model)
 
@@ -286,7 +297,10 @@ _ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_la
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """A hash of the architecture fields and every base parameter's name and shape."""
+    """A hash of the architecture fields and every base parameter's name and shape: the base's as
+    loaded (untying a head for an adapter or a merge keeps the fingerprint it had before)."""
+    if _FINGERPRINT_BEFORE_UNTYING in model.__dict__:
+        return model.__dict__[_FINGERPRINT_BEFORE_UNTYING]
     config = getattr(model, "config", None)
     arch = {f: getattr(config, f, None) for f in _ARCH_FIELDS} if config is not None else {}
     shapes = []

@@ -19,7 +19,7 @@ Per module: the singular values σ, the rank holding a fraction of the energy Σ
 (`model.layers.3.self_attn.q_proj` -> layer 3, `q_proj`; GPT-2 `transformer.h.3.attn.c_attn`).
 
 The verdict, over the modules with a non-zero update, at the first energy level (90%), with r the
-largest rank the modules have (the config's r, unless a rank_pattern changes it):
+modules' rank (the config's r, unless a rank_pattern gives them all another one):
   k95 = the 95th percentile (nearest rank) of the per-module rank at that energy,
   suggested r = the next power of two >= k95, at least 4;
   - "saturated" if k95 >= 3/4 of r: the adapter uses most of its rank, a larger r may help;
@@ -186,8 +186,10 @@ def analyze_adapter(path: str | Path, energies: Sequence[float] = DEFAULT_ENERGI
     modules = [_module_rank(adapter, name, energies) for name in sorted(adapter.pairs)]
     _shorten_types(modules)
     config = adapter.config
-    # the modules' own ranks: with a rank_pattern they need not be the config's r
-    r = max((m.r for m in modules), default=int(config.get("r") or 0))
+    # a rank_pattern may give every module another rank than the config's r: judge by that one;
+    # with several ranks, by the config's r
+    ranks = {m.r for m in modules}
+    r = ranks.pop() if len(ranks) == 1 else int(config.get("r") or max(m.r for m in modules))
     return AdapterAnalysis(
         path=str(adapter.folder), r=r, lora_alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         use_rslora=adapter.uses_rslora(), use_dora=bool(config.get("use_dora")), energies=tuple(energies),

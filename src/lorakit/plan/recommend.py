@@ -485,6 +485,14 @@ def _fit(facts: ModelFacts, budget: Budget, rows: int, seq_len: int, r: int) -> 
             Choice("train.grad_checkpointing", "auto", gc_why)], rows // batch, memory
 
 
+def _floor_significant(value: float, digits: int) -> float:
+    """`value` rounded down to `digits` significant digits (never above what was planned for)."""
+    if value <= 0:
+        return 0.0
+    scale = 10 ** (digits - 1 - math.floor(math.log10(value)))
+    return math.floor(value * scale) / scale
+
+
 def _budget_choice(budget: Budget) -> list[Choice]:
     """A budget given on the command line goes into the config, so that the trainer plans for it
     rather than for the machine it runs on: the usable part, as the trainer takes 90% of it."""
@@ -492,7 +500,9 @@ def _budget_choice(budget: Budget) -> list[Choice]:
         return []
     from lorakit.train.memory_plan import SAFETY_MARGIN
 
-    gib = math.floor(budget.usable_bytes / SAFETY_MARGIN / GIB * 100) / 100
+    gib = _floor_significant(budget.usable_bytes / SAFETY_MARGIN / GIB, 3)
+    if gib <= 0:
+        return []
     return [Choice("train.memory_budget", gib, f"{budget.source} less room for the runtime; lorakit train plans its "
                                                f"checkpointing for {SAFETY_MARGIN:.0%} of it, as here")]
 
