@@ -363,7 +363,7 @@ MODEL_CASES = [
 
 OUTPUT_CASES = [
     Case("output-is-a-file", train(), "is a file", "choose a folder path", setup=write_file("out", b"not a folder")),
-    Case("output-holds-finished-run", train(), "already holds a finished run", "pass --resume to continue it",
+    Case("output-holds-finished-run", train(), "already holds a finished run", "pass --resume with a larger --max-steps",
          setup=copy_run(finished=True)),
     Case("output-holds-unfinished-run", train(), "already holds an unfinished run", "--overwrite to replace it",
          setup=copy_run(finished=False)),

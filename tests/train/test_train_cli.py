@@ -253,3 +253,14 @@ def test_summary_json_holds_no_nan_for_other_tools():
     summary = {"final_eval_loss": float("nan"), "history": [1.5, float("inf")], "steps": 3}
     assert json.loads(json.dumps(_strict_json(summary), allow_nan=False)) == {
         "final_eval_loss": None, "history": [1.5, None], "steps": 3}
+
+
+def test_an_occupied_output_is_refused_before_the_model_loads(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    data = write_define_data(tmp_path / "d.jsonl", 8)
+    # a model that does not exist: the folder's refusal must come first, not after loading
+    assert main(["train", "--model", str(tmp_path / "no-model-here"), "--data", str(data), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a finished run; pass --resume with a larger --max-steps" in err

@@ -97,11 +97,12 @@ def _train(args: argparse.Namespace) -> int:
     from lorakit.train import distributed
     from lorakit.train.distributed import is_main
     from lorakit.train.report import print_plan, print_report
-    from lorakit.train.run import claim_output, prepare, release_run_folder
+    from lorakit.train.run import claim_output, prepare, refuse_occupied_output, release_run_folder
     from lorakit.train.session import Session
 
     config, demo = resolve_args(args)
     _refuse_config_inside_output(args.config_file, config)
+    refuse_occupied_output(config)  # before the model loads: a refusal is immediate
     prepared = prepare(config)  # joins the torchrun job, if any
     if is_main():
         print_plan(prepared)

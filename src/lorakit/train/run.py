@@ -233,12 +233,24 @@ def claim_output(config: RunConfig) -> Path:
         raise
 
 
-def _claim_locked(config: RunConfig, out: Path) -> Path:
+def refuse_occupied_output(config: RunConfig) -> list[str]:
+    """The run files already in --output (read only); an error when neither --resume nor
+    --overwrite says what to do with them. Checked again, under the folder's lock, when claimed;
+    first before the model loads, so that a refusal is immediate."""
+    out = Path(config.output.output)
     existing = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
-    if existing and not (config.output.resume or config.output.overwrite):
-        state = "a finished run" if "summary.json" in existing else "an unfinished run"
-        raise OutputError(f"--output {out} already holds {state}; pass --resume to continue it, "
-                          "--overwrite to replace it, or choose another --output")
+    if existing and not (config.output.resume or config.output.overwrite or config.output.dry_run):
+        if "summary.json" in existing:
+            state, go_on = "a finished run", "pass --resume with a larger --max-steps to train it further"
+        else:
+            state, go_on = "an unfinished run", "pass --resume to continue it"
+        raise OutputError(f"--output {out} already holds {state}; {go_on}, --overwrite to replace it, "
+                          "or choose another --output")
+    return existing
+
+
+def _claim_locked(config: RunConfig, out: Path) -> Path:
+    existing = refuse_occupied_output(config)
     if config.output.overwrite:
         for name in existing + ["loss.png", "tensorboard", "report.txt"]:
             _remove(out / name)
