@@ -239,3 +239,13 @@ def test_csv_with_header_only(tmp_path, cache):
     path.write_text("instruction,output\n", encoding="utf-8")
     with pytest.raises(DataError, match="no records"):
         read_records(path, cache_dir=cache)
+
+
+def test_a_small_file_loads_without_datasets_progress_bar(tmp_path, capfd):
+    import datasets
+
+    path = tmp_path / "small.jsonl"
+    path.write_text('{"text": "one"}\n{"text": "two"}\n')
+    read_records([path], cache_dir=tmp_path / "cache")
+    assert "Generating train split" not in capfd.readouterr().err
+    assert not datasets.are_progress_bars_disabled()  # as it was before
