@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lorakit import bench, bench_children, bench_variants
-from lorakit.bench import BenchSettings, flops_per_token, make_inputs, resolve, run_bench
+from lorakit.bench import BenchSettings, flops_per_token, resolve, run_bench
+from lorakit.bench_inputs import make_inputs
 from lorakit.bench_check import check_against_peft
 from lorakit.errors import ConfigError
 

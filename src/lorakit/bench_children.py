@@ -19,9 +19,9 @@ from dataclasses import asdict
 
 import torch
 
-from lorakit.bench import (BenchSettings, Plan, SavedForBackward, gemm_backend, make_inputs,
-                           measure_matmul_peak, measure_variant, memory_figures, new_raw, record_step,
-                           resolve, train_step)
+from lorakit.bench import (BenchSettings, Plan, SavedForBackward, gemm_backend, measure_matmul_peak, measure_variant,
+                           memory_figures, new_raw, record_step, resolve, train_step)
+from lorakit.bench_inputs import make_inputs
 from lorakit.bench_variants import prepare_variant
 from lorakit.kernels import cpu_gemm
 from lorakit.host import peak_rss_bytes
