@@ -48,7 +48,7 @@ import time
 import torch
 from torch import nn
 
-from lorakit import bench, bench_variants
+from lorakit import bench, bench_inputs, bench_variants
 
 VARIANTS = ("lorakit-bf16", "lorakit-qlora", "peft-qlora", "peft-qlora-prepared")
 DEFAULT_VARIANTS = VARIANTS[:3]
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     plan = bench.resolve(settings)
     s = plan.settings
     torch.set_num_threads(s.threads)
-    inputs = bench.make_inputs(plan)
+    inputs = bench_inputs.make_inputs(plan)
     flops = bench.flops_per_token(plan.shape, s.r, inputs["context"])
     env = {**bench.environment(plan), "bitsandbytes": bitsandbytes.__version__}
     print(f"{s.preset}: {s.layers} layers, batch {s.batch} x {s.seq_len}, {plan.dtype} on {s.device}, "
