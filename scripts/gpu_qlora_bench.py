@@ -150,7 +150,7 @@ def _remove_lorakit(model: nn.Module) -> None:
 def measure(name: str, plan, inputs: dict, nf4: NF4Holder) -> dict:
     prepared, cleanup = prepare(name, plan, nf4)
     try:
-        raw = bench.run_steps(prepared, inputs[prepared.inputs_key], plan)
+        raw = bench.run_steps(name, prepared, inputs[prepared.inputs_key], plan)
         raw.update(variant=name, notices=prepared.notices, memory=bench.memory_figures(plan.device, 0, 0))
     finally:
         prepared.optimizer.zero_grad(set_to_none=True)

@@ -113,3 +113,16 @@ def test_a_loss_off_by_a_constant_factor_fails_the_kernel_check(monkeypatch, sca
     monkeypatch.setattr(gpu_kernels, "chunked_lm_head_loss", lambda *a, **k: scale * real(*a, **k))
     result = gpu_kernels.check_lm_head(torch.float32)
     assert result["min_cosine"] > 0.999 and gpu_kernels._passed(result) is passed
+
+
+def test_qlora_bench_runs_its_variants_on_the_tiny_preset():
+    """scripts/gpu_qlora_bench.py is run by hand on a GPU; on the CPU (bitsandbytes >= 0.48 has
+    CPU kernels) its tiny preset exercises every variant, so an API change cannot break it unseen."""
+    pytest.importorskip("bitsandbytes")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_qlora_bench.py"), "--preset", "tiny", "--steps", "1",
+                          "--warmup", "0"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "error:" not in run.stdout and "relative gap 0.00e+00 (ok)" in run.stdout
+    for variant in ("lorakit-bf16", "lorakit-qlora", "peft-qlora"):
+        assert f"| {variant} |" in run.stdout
