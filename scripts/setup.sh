@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 PIP="python3 -m pip"
 # A system Python that its distribution manages (PEP 668: Debian 12+, Ubuntu 23.04+) refuses pip
 # installs outside a virtual environment; say how to make one rather than fail inside pip.
-if [[ "${PIP_BREAK_SYSTEM_PACKAGES:-}" =~ ^(1|[Tt]rue|[Yy]es|[Oo]n)$ ]] || python3 -c 'import sys, sysconfig, pathlib; sys.exit(sys.prefix == sys.base_prefix and pathlib.Path(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED").exists())'; then :; else
+BREAK="${PIP_BREAK_SYSTEM_PACKAGES:-}"
+if [[ "${BREAK,,}" =~ ^(1|y|yes|t|true|on)$ ]] || python3 -c 'import sys, sysconfig, pathlib; sys.exit(sys.prefix == sys.base_prefix and pathlib.Path(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED").exists())'; then :; else
     echo "setup.sh: this python3 is managed by the system (PEP 668) and pip may not install into it." >&2
     echo "Make a virtual environment first: python3 -m venv .venv && . .venv/bin/activate, then run this again." >&2
     exit 2

@@ -82,18 +82,21 @@ def test_generate_streams_text(trained, capsys):
     assert capsys.readouterr().out.strip() != ""
 
 
-def test_generate_refuses_more_tokens_than_learned_positions_hold(tmp_path, capsys):
-    """GPT-2's positions are a table of n_positions rows: a longer sequence indexes past it (an
-    IndexError). Rotary models run past their configured length and are not refused."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+@pytest.mark.parametrize("arch", ["gpt2", "gptj"])
+def test_generate_refuses_more_tokens_than_a_position_table_holds(tmp_path, capsys, arch):
+    """GPT-2's positions are a table of n_positions rows, GPT-J's precomputed sin/cos too: a longer
+    sequence indexes past it (an IndexError). Models computing RoPE for any length are not refused."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM
 
     from tiny_models import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=len(tokenizer), n_positions=32,
-                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(tmp_path / "gpt2")
-    tokenizer.save_pretrained(tmp_path / "gpt2")
-    assert main(["generate", "--model", str(tmp_path / "gpt2"), "--max-new-tokens", "40", "--raw", "hello"]) == 2
+    sizes = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=len(tokenizer), n_positions=32,
+                 eos_token_id=tokenizer.eos_token_id)
+    model = (GPT2LMHeadModel(GPT2Config(**sizes)) if arch == "gpt2" else GPTJForCausalLM(GPTJConfig(rotary_dim=8, **sizes)))
+    model.save_pretrained(tmp_path / arch)
+    tokenizer.save_pretrained(tmp_path / arch)
+    assert main(["generate", "--model", str(tmp_path / arch), "--max-new-tokens", "40", "--raw", "hello"]) == 2
     assert "exceed the model's context of 32 positions; lower --max-new-tokens to" in capsys.readouterr().err
 
 

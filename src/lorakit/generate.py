@@ -41,9 +41,10 @@ def stop_token_ids(model, tokenizer) -> list[int] | None:
     return found or None
 
 
-# a model with rotary positions; one without has a table of learned positions (GPT-2, OPT) that
-# a longer sequence indexes past its end
-ROTARY_CONFIG_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct", "rotary_emb_base")
+# a model whose rotary positions are computed for any length; one without has a table of positions
+# (learned: GPT-2, OPT; GPT-J and CodeGen precompute their sin/cos, keyed by rotary_dim) that a
+# longer sequence indexes past its end
+ROTARY_CONFIG_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_pct", "rotary_emb_base")
 
 
 def _check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:

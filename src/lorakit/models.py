@@ -217,7 +217,7 @@ def _write_dense_folder(gguf_path: Path, out: Path, builtin: bool) -> None:
     except ModelLoadError:
         raise
     except Exception as exc:  # the gguf reader raises many kinds on a damaged file
-        missing = re.search(r"(\w+) is required", str(exc))
+        missing = re.search(r"(\w+) is required when loading a GGUF", str(exc))  # transformers' words
         if missing and importlib.util.find_spec(missing.group(1)) is None:  # transformers needs a package
             raise ModelLoadError(f"reading the GGUF file {gguf_path.name} needs the package {missing.group(1)}: "
                                  f"pip install {missing.group(1)}") from exc

@@ -176,6 +176,15 @@ def test_a_peft_adapter_that_saved_a_tied_lm_head_in_full_loads_as_peft_runs_it(
     adapters.add(tmp_path / "plain", "plain")
     adapters.activate("head")
     assert (logits(adapters.activate("plain")) - logits(plain)).abs().max() <= 1e-6
+    # merged, it is a new base (its head untied): its fingerprint is the one it has when saved and reloaded
+    from transformers import LlamaForCausalLM
+
+    from lorakit import remove_lora
+    from lorakit.lora import base_fingerprint
+
+    merged = remove_lora(load_adapter(tiny_llama(tie_word_embeddings=True), tmp_path / "adapter"))
+    merged.save_pretrained(tmp_path / "merged")
+    assert base_fingerprint(merged) == base_fingerprint(LlamaForCausalLM.from_pretrained(tmp_path / "merged"))
 
 
 def test_tensors_an_adapter_overwrites_in_full_come_back_when_it_is_disabled_or_removed(tmp_path):

@@ -60,6 +60,7 @@ def test_a_budget_from_the_command_line_reaches_the_trainer(tiny, tmp_path, caps
     usable = recommend.make_budget("cpu", memory="8GiB").usable_bytes
     assert written == pytest.approx(usable / SAFETY_MARGIN / 2**30, abs=0.01)
     assert recommend._floor_significant(0.0834, 3) == 0.0834 and recommend._floor_significant(14.8888, 3) == 14.8
+    assert recommend._floor_significant(1.15, 3) == 1.15  # 1.15 * 100 is 114.999... in floating point
     monkeypatch.setattr(recommend, "machine_memory_bytes", lambda: 8 * 2**30)
     assert main(["recommend", "--model", str(tiny[0]), "--data", str(tiny[1]), "--device", "cpu", "--output",
                  str(tmp_path / "machine.yaml")]) == 0  # this machine's memory: the trainer measures it itself

@@ -6,6 +6,7 @@ Several GPUs or nodes: `torchrun --nproc_per_node N -m lorakit train ...` (docs/
 from __future__ import annotations
 
 import argparse
+import os
 import textwrap
 import traceback
 from pathlib import Path
@@ -102,7 +103,8 @@ def _train(args: argparse.Namespace) -> int:
 
     config, demo = resolve_args(args)
     _refuse_config_inside_output(args.config_file, config)
-    refuse_occupied_output(config)  # before the model loads: a refusal is immediate
+    if os.environ.get("RANK", "0") == "0":  # before the model loads (rank 0: the one that claims the folder)
+        refuse_occupied_output(config)
     prepared = prepare(config)  # joins the torchrun job, if any
     if is_main():
         print_plan(prepared)

@@ -522,8 +522,8 @@ def _head_mismatch(model: nn.Module, backbone: nn.Module, head: nn.Module) -> tu
             mine = F.linear(seen[-1].last_hidden_state, head.weight, head.bias).float()  # as the chunked loss
     except (torch.cuda.OutOfMemoryError, MemoryError):
         return "its logits could not be checked against the output head (out of memory)", False
-    except RuntimeError as exc:  # the CPU allocator's out of memory is a RuntimeError
-        lasting = "memory" not in str(exc).lower()
+    except RuntimeError as exc:  # the CPU allocator's out of memory is a RuntimeError ("can't allocate memory")
+        lasting = "allocate" not in str(exc).lower() and "out of memory" not in str(exc).lower()
         return f"its logits could not be checked against the output head ({type(exc).__name__})", lasting
     except Exception as exc:  # noqa: BLE001 - a model that cannot run this check keeps its own logits
         return f"its logits could not be checked against the output head ({type(exc).__name__})", True

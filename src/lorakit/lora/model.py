@@ -223,6 +223,8 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     for attr in (CONFIG_ATTR, ORIGINALS_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
+    if merge:  # a new base: its fingerprint is its own (untied weights included), as when saved and reloaded
+        model.__dict__.pop(_FINGERPRINT_BEFORE_UNTYING, None)
     return model
 
 

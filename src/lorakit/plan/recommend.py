@@ -490,7 +490,7 @@ def _floor_significant(value: float, digits: int) -> float:
     if value <= 0:
         return 0.0
     scale = 10 ** (digits - 1 - math.floor(math.log10(value)))
-    return math.floor(value * scale) / scale
+    return math.floor(value * scale + 1e-9) / scale  # the epsilon: 1.15 * 100 is 114.999...
 
 
 def _budget_choice(budget: Budget) -> list[Choice]:
