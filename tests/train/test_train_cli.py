@@ -52,6 +52,7 @@ def test_end_to_end_training(tiny, tmp_path, capsys, monkeypatch):
     assert sum(1 for e in lines if e["kind"] == "train") == 12
     printed = capsys.readouterr().out
     assert "flag" in printed and "alpha = 2 * r" in printed  # provenance of r and alpha
+    assert "(the process's resident memory" in " ".join(printed.split())  # not the plan's tensor estimate
 
 
 def test_same_seed_same_adapter(tiny, tmp_path):

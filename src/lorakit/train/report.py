@@ -61,6 +61,13 @@ def print_dry_run(prepared) -> None:
     console.print("dry run: nothing was trained or written")
 
 
+def _peak_kind(prepared) -> str:
+    """What summary.json's peak_memory_bytes counts (the plan's estimate counts the step's tensors)."""
+    if prepared.settings.device.type == "cuda":
+        return "tensors allocated on the GPU"
+    return "the process's resident memory: the step's tensors plus Python, torch and the data"
+
+
 def print_report(prepared, result, sample_before=None, sample_after=None) -> None:
     s = result.summary
     console.print("\n[bold green]training finished[/bold green]")
@@ -69,7 +76,8 @@ def print_report(prepared, result, sample_before=None, sample_after=None) -> Non
         console.print(f"eval loss: base {s['base_eval_loss']:.4f} -> final {s['final_eval_loss']:.4f} "
                       f"({drop:.1f}% lower); perplexity {s['base_eval_perplexity']:.2f} -> {s['final_eval_perplexity']:.2f}")
     console.print(f"steps {s['steps']}, {s['train_tokens']:,} trained tokens, {s['tokens_per_second']:,.0f} tokens/s, "
-                  f"training time {s['wall_seconds']:.0f} s, peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB")
+                  f"training time {s['wall_seconds']:.0f} s, peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB "
+                  f"({_peak_kind(prepared)})")
     console.print(f"adapter: {s['adapter']}   summary: {result.output / 'summary.json'}   curves: {result.output / 'loss.png'}")
     if sample_before and sample_after:
         console.print(f"\n[bold]prompt[/bold]: {sample_before[0]}")
