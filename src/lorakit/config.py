@@ -180,7 +180,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def default_of(key: str) -> Any:
     """The default of an option named "section.field"."""
     section, name = key.split(".")
-    f = next(f for s, f, _ in all_fields() if s == section and f.name == name)
+    return field_default(next(f for s, f, _ in all_fields() if s == section and f.name == name))
+
+
+def field_default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
@@ -188,7 +191,7 @@ def help_with_default(f: dataclasses.Field) -> str:
     """The field's help with its default appended (argparse's own would show None: every flag
     defaults to None so that given flags can be told apart), unless the help already says it."""
     text = f.metadata["help"]
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    default = field_default(f)
     if "default" in text or default is None or default == []:
         return text
     shown = {True: "on", False: "off"}.get(default, default) if isinstance(default, bool) else default

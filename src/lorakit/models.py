@@ -76,7 +76,7 @@ class ModelSource:
 
 def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
     """Classify ``spec`` without loading anything. Raises ModelLoadError for a missing path."""
-    if spec is None or str(spec).strip().lower() == DEFAULT_MODEL:
+    if spec is None or names_the_builtin(spec):
         return _builtin_source()
     text = str(spec).strip()
     path = Path(text).expanduser()
@@ -93,6 +93,11 @@ def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
     if _looks_like_path(text) or not _HUB_ID.match(text):
         raise ModelLoadError(f"no such model folder or file: {text}; {_SPEC_HINT}")
     return ModelSource("hub", text, text)
+
+
+def names_the_builtin(spec: str | os.PathLike) -> bool:
+    """The alias of the built-in model (what adapters trained on it record as their base)."""
+    return str(spec).strip().lower() == DEFAULT_MODEL
 
 
 def _looks_like_path(text: str) -> bool:

@@ -90,19 +90,15 @@ def find_base_config(adapter: Adapter, base_config_dir: str | Path | None = None
     base = adapter.config.get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         return None
-    if _names_the_builtin(base):
+    from lorakit.models import names_the_builtin  # transformers, only when needed
+
+    if names_the_builtin(base):
         folder = _builtin_folder()
         return None if folder is None else _read_json(folder / "config.json")
     for candidate in (Path(base), adapter.folder / base):
         if (candidate / "config.json").is_file():
             return _read_json(candidate / "config.json")
     return None
-
-
-def _names_the_builtin(base: str) -> bool:
-    from lorakit.models import DEFAULT_MODEL  # transformers, only when needed
-
-    return base.strip().lower() == DEFAULT_MODEL
 
 
 def _builtin_folder() -> Path | None:

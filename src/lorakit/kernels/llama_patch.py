@@ -330,7 +330,7 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 
 def _hooked(layer: nn.Module) -> bool:
     """A hook on the LoRA layer, its base layer or its factors (accelerate's _hf_hook included)."""
-    return any(getattr(m, d, None) or "_hf_hook" in m.__dict__ for m in layer.modules() for d in _HOOK_DICTS)
+    return any("_hf_hook" in m.__dict__ or any(getattr(m, d, None) for d in _HOOK_DICTS) for m in layer.modules())
 
 
 def _global_module_hooks() -> bool:

@@ -95,6 +95,7 @@ class Budget:
     device: str  # "cuda" | "cpu"
     total_bytes: int
     source: str
+    given: bool = False  # from --memory / --gpu-memory, not this machine: the config carries it
 
     @property
     def usable_bytes(self) -> int:
@@ -170,9 +171,9 @@ def make_budget(device: str = "auto", gpu_memory: str | None = None, memory: str
     if memory and device == "cuda":
         raise ConfigError("--memory is CPU RAM and contradicts --device cuda; use --gpu-memory")
     if gpu_memory:
-        return Budget("cuda", parse_size(gpu_memory), f"--gpu-memory {gpu_memory}")
+        return Budget("cuda", parse_size(gpu_memory), f"--gpu-memory {gpu_memory}", given=True)
     if memory:
-        return Budget("cpu", parse_size(memory, "--memory"), f"--memory {memory}")
+        return Budget("cpu", parse_size(memory, "--memory"), f"--memory {memory}", given=True)
     return _detected_budget(device)
 
 
@@ -496,7 +497,7 @@ def _floor_significant(value: float, digits: int) -> float:
 def _budget_choice(budget: Budget) -> list[Choice]:
     """A budget given on the command line goes into the config, so that the trainer plans for it
     rather than for the machine it runs on: the usable part, as the trainer takes 90% of it."""
-    if not budget.source.startswith("--"):
+    if not budget.given:
         return []
     from lorakit.train.memory_plan import SAFETY_MARGIN
 
