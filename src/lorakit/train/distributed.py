@@ -425,9 +425,13 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) ->
     state = {}
     for index in sorted(state_dict["state"], key=int):  # the same order on every rank: see load_full_tensors
         per_param, param = state_dict["state"][index], params[int(index)]
-        state[index] = {key: (_like(param, per_param[key]) if isinstance(per_param[key], torch.Tensor)
-                              and per_param[key].dim() > 0 else per_param[key]) for key in sorted(per_param)}
+        state[index] = {key: _state_like(param, per_param[key]) for key in sorted(per_param)}
     return {"state": state, "param_groups": state_dict["param_groups"]}
+
+
+def _state_like(param: torch.Tensor, value):
+    """An optimizer state entry laid out like its parameter (a scalar such as `step` stays as it is)."""
+    return _like(param, value) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
 
 
 @contextmanager
