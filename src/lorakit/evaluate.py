@@ -29,8 +29,7 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     placement, torch_dtype = inference_placement(device, dtype)
     base_model, tokenizer, _ = load_model_and_tokenizer(model or base_model_for([adapter]), dtype=torch_dtype,
                                                         device=placement, allow_pickle=allow_pickle)
-    files = [data] if isinstance(data, (str, os.PathLike)) else list(data)  # one path, or several
-    records = tokenize_records(read_records(files), tokenizer, fmt, seq_len)
+    records = tokenize_records(read_records(data), tokenizer, fmt, seq_len)  # one path, or several
     load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
     settings = _eval_settings(base_model, tokenizer, seq_len, batch_size)
     with disable_adapters(base_model):

@@ -241,7 +241,7 @@ PROGRESS_BAR_BYTES = 64 * 2**20  # smaller files load in a second or two: no bar
 def _load_file(path: Path, kind: str, cache_dir, options: dict) -> datasets.Dataset:
     builder = BUILDERS["." + kind]
     try:
-        with _quiet_builders(show_progress=path.stat().st_size >= PROGRESS_BAR_BYTES):
+        with _quiet_builders(path):
             return datasets.load_dataset(  # datasets expands * ? [ ] in data_files: "data[1].jsonl" is a name
                 builder, data_files=[glob.escape(str(path))], split="train",
                 cache_dir=str(cache_dir) if cache_dir else None, **options,
@@ -270,14 +270,14 @@ def _reason(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_builders(show_progress: bool = True):
+def _quiet_builders(path: Path):
     """datasets' CSV and JSON builders log a malformed file's error (with its traceback) before
     raising it; lorakit's own message names it, once. Their progress bar ("Generating train
     split") only for a file big enough to take a while."""
     logger = logging.getLogger("datasets.packaged_modules")
     level, bars_were_off = logger.level, datasets.are_progress_bars_disabled()
     logger.setLevel(logging.CRITICAL)
-    if not show_progress:
+    if path.stat().st_size < PROGRESS_BAR_BYTES:
         datasets.disable_progress_bars()
     try:
         yield
@@ -303,7 +303,7 @@ TXT_SPLITTING = 2
 def _load_text(path: Path, cache_dir, paragraphs: bool, digest: str) -> datasets.Dataset:
     """A .txt file's examples (see the module docstring) as an Arrow dataset in the cache, keyed
     by the file's content (its sha256) and the splitting rule."""
-    with _quiet_builders(show_progress=path.stat().st_size >= PROGRESS_BAR_BYTES):
+    with _quiet_builders(path):
         return datasets.Dataset.from_generator(
             _text_examples, cache_dir=str(cache_dir) if cache_dir else None,
             gen_kwargs={"path": str(path.resolve()), "paragraphs": paragraphs, "key": (digest, TXT_SPLITTING)},
