@@ -78,7 +78,8 @@ def load_quantized(spec: str | os.PathLike | None, quantize: str, allow_pickle: 
                    device: str | None = None) -> tuple[Any, Any, Any]:
     """Load a model with its linear layers in 4 or 8 bits: (model, tokenizer, ModelSource).
 
-    device: "cuda" when a GPU is present, else "cpu" (bitsandbytes >= 0.48 runs both on CPU)."""
+    device: this process's GPU when there is one (under torchrun, the local rank's: init_from_env
+    set it), else "cpu" (bitsandbytes >= 0.48 runs both on CPU)."""
     from lorakit import models
 
     check_quantize(quantize)
@@ -86,7 +87,7 @@ def load_quantized(spec: str | os.PathLike | None, quantize: str, allow_pickle: 
     source = models.resolve_model(spec)
     if source.kind in ("gguf", "builtin"):
         raise ConfigError(_gguf_message(source))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
 
     def from_pretrained(target: str, kwargs: dict) -> Any:
         return _from_pretrained(source, target, kwargs, quantize, device)

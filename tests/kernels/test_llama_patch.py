@@ -458,6 +458,25 @@ def test_a_hook_on_a_projection_is_honoured(where):
     _assert_same(_fast(model, batch), plain)
 
 
+def test_a_global_module_hook_is_honoured_and_said_once():
+    model, batch = _model(), _batch()
+    down_proj = model.model.layers[1].mlp.down_proj
+    halve = nn.modules.module.register_module_forward_hook(  # as a profiler or FLOP counter would
+        lambda module, args, out: out / 2 if module is down_proj else out)
+    try:
+        plain = _plain(model, batch)
+        enable_fast_paths(model)
+        llama_patch._say_once_global_hooks.cache_clear()
+        with pytest.warns(UserWarning, match="global module hook") as said:
+            hooked = _fast(model, batch)
+            _fast(model, batch)
+    finally:
+        halve.remove()
+    _assert_same(hooked, plain)
+    assert len([w for w in said if "global module hook" in str(w.message)]) == 1
+    assert not torch.allclose(_fast(model, batch)[0], plain[0])  # without it the fused path runs again
+
+
 def test_torch_func_transforms_take_the_plain_path():
     from torch.func import functional_call, grad
 

@@ -55,6 +55,7 @@ import functools
 import inspect
 import re
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 
@@ -335,8 +336,19 @@ def _hooked(layer: nn.Module) -> bool:
 
 def _global_module_hooks() -> bool:
     module = torch.nn.modules.module
-    return any(getattr(module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                         "_global_backward_hooks", "_global_backward_pre_hooks"))
+    hooked = any(getattr(module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                           "_global_backward_hooks", "_global_backward_pre_hooks"))
+    if hooked:
+        _say_once_global_hooks()
+    return hooked
+
+
+@functools.cache
+def _say_once_global_hooks() -> None:
+    # a profiler or FLOP counter registers these; a run that suddenly slows should say why
+    warnings.warn("a global module hook is registered (torch.nn.modules.module.register_module_forward_hook "
+                  "or similar): lorakit's fused paths step aside while it is, so steps run slower",
+                  stacklevel=2)
 
 
 def _original(module: nn.Module) -> Callable:
