@@ -221,6 +221,22 @@ def test_bad_dtype_and_unavailable_device_are_config_errors(tiny_folder):
             load_model_and_tokenizer(tiny_folder, device="cuda")
 
 
+def test_device_names_a_gpu_by_number(monkeypatch):
+    import argparse
+
+    from lorakit.models import _device_name, _resolve_device
+
+    assert [_device_name(d) for d in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
+    for bad in ("gpu", "cuda:", "cuda:x", "cpu:0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="use auto, cpu, cuda or cuda:N"):
+            _device_name(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(ConfigError, match="has 2 GPU"):
+        _resolve_device("cuda:2")
+
+
 def test_load_tokenizer_alone(tiny_folder):
     tokenizer = load_tokenizer(tiny_folder)
     assert tokenizer("dog ran far").input_ids == [10, 11, 12]

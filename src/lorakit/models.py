@@ -427,8 +427,8 @@ def inference_placement(device: str = "auto", dtype: str = "auto") -> tuple[str,
 
 def add_placement_flags(parser: Any) -> None:
     """--device and --dtype, as `lorakit eval` and `lorakit generate` take them."""
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="auto: the GPU when there is one, else the CPU")
+    parser.add_argument("--device", default="auto", type=_device_name,
+                        help="auto, cpu, cuda or cuda:N (the N-th GPU); auto: the GPU when there is one, else the CPU")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights dtype; auto: what lorakit train picks on that device (bfloat16 on a GPU "
                              "or a CPU with native bf16, else float32), so the losses match training's eval")
@@ -454,6 +454,14 @@ def _resolve_dtype(dtype: str, device: str) -> Any:
     return torch.float32  # CPU, or a GPU without bf16: fp16 would need loss scaling
 
 
+def _device_name(text: str) -> str:
+    import argparse
+
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
+
+
 def _resolve_device(device: str) -> str:
     import torch
 
@@ -461,6 +469,10 @@ def _resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} was requested but CUDA is not available; use --device cpu")
+    index = device.partition(":")[2]
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} was requested but this machine has {torch.cuda.device_count()} "
+                          f"GPU(s), numbered from 0; use one of them, or --device cuda")
     return device
 
 
