@@ -207,9 +207,16 @@ def test_existing_pad_token_is_kept(tmp_path):
     assert tokenizer.pad_token == "<pad>" and model.config.pad_token_id == 3
 
 
-@pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32), ("auto", torch.float32)])
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)])
 def test_dtype_is_applied(tiny_folder, dtype, expected):
     model, _, _ = load_model_and_tokenizer(tiny_folder, dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {expected}
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_is_what_train_loads(tiny_folder, monkeypatch, native_bf16, expected):
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native_bf16)
+    model, _, _ = load_model_and_tokenizer(tiny_folder, dtype="auto")
     assert {p.dtype for p in model.parameters()} == {expected}
 
 

@@ -139,10 +139,10 @@ def _merge_quantized(spec, adapter_dir, dtype: str, quantize: str, allow_other_b
     a dense fp32 layer on the CPU holding the weight its kernel multiplies by (checked); the exact
     adapted model's fp32 logits are the reference; merge in fp32, cast once to `dtype`."""
     from lorakit.lora import load_adapter, remove_lora
-    from lorakit.models import _resolve_dtype
+    from lorakit.models import torch_dtype
     from lorakit.quantize import dequantize_model, load_quantized
 
-    target_dtype = _resolve_dtype(dtype, "cpu")
+    target_dtype = torch_dtype(dtype, "cpu")
     model, tokenizer, _ = load_quantized(spec, quantize, allow_pickle)
     load_adapter(model, adapter_dir, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
     kernel_logits = _logits(model, _probe_ids(model))  # bf16, through the 4/8-bit kernels

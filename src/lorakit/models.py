@@ -409,6 +409,8 @@ def training_dtype(requested: str, device: str) -> str:
     docs/performance.md), else fp32 (fp16 would need loss scaling)."""
     import torch
 
+    if requested not in DTYPES:
+        raise ConfigError(f"dtype {requested!r} is not one of {', '.join(DTYPES)}")
     if requested != "auto":
         return requested
     if device.startswith("cuda"):  # a plan for a GPU elsewhere (none here) assumes one with bf16
@@ -419,8 +421,6 @@ def training_dtype(requested: str, device: str) -> str:
 def inference_placement(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
     """(device, dtype) for `lorakit eval` and `lorakit generate`: a GPU when there is one, and the
     dtype `lorakit train` picks there, so that eval reproduces training's own eval loss."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     resolved = _resolve_device(device)
     return resolved, training_dtype(dtype, resolved)
 
@@ -442,16 +442,11 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def _resolve_dtype(dtype: str, device: str) -> Any:
+def torch_dtype(name: str, device: str) -> Any:
+    """The torch dtype a --dtype name loads on `device` ("auto": what lorakit train picks there)."""
     import torch
 
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32  # CPU, or a GPU without bf16: fp16 would need loss scaling
+    return getattr(torch, training_dtype(name, device))
 
 
 def _device_name(text: str) -> str:
@@ -492,12 +487,14 @@ def _load_target(source: ModelSource, allow_pickle: bool) -> tuple[str, dict[str
 
 def load_model_and_tokenizer(
     spec: str | os.PathLike | None = None,
-    dtype: str = "auto",
+    dtype: str = "float32",
     device: str = "cpu",
     allow_pickle: bool = False,
     auto_class: Any = None,
 ) -> tuple[Any, Any, ModelSource]:
     """Load a model, its tokenizer and where they came from.
+
+    ``dtype`` "auto" is what lorakit train loads on ``device`` (bf16 where it multiplies natively).
 
     ``auto_class`` defaults to AutoModelForCausalLM (pass e.g. AutoModelForSequenceClassification
     for an encoder). The tokenizer always has a pad token (falling back to EOS) and the model
@@ -505,12 +502,12 @@ def load_model_and_tokenizer(
     """
     source = resolve_model(spec)
     device = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
+    weights_dtype = torch_dtype(dtype, device)
     if auto_class is None:
         from transformers import AutoModelForCausalLM as auto_class
 
     def from_pretrained(target: str, kwargs: dict[str, Any]) -> Any:
-        return auto_class.from_pretrained(target, dtype=torch_dtype, **kwargs)
+        return auto_class.from_pretrained(target, dtype=weights_dtype, **kwargs)
 
     model, tokenizer = load_pretrained(source, from_pretrained, allow_pickle)
     return model.to(device), tokenizer, source
