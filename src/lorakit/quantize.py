@@ -159,10 +159,6 @@ def _checkpointing_on(model: nn.Module) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
-def is_quantized_model(model: nn.Module) -> bool:
-    return any(True for _ in _quantized_linears(model))
-
-
 def _quantized_linears(model: nn.Module):
     from lorakit.lora.layer import is_quantized_linear
 

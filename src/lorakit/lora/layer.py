@@ -146,7 +146,7 @@ class LoraLinear(nn.Module):
         b = self.lora_B.weight.to(dtype)
         lora = F.linear(F.linear(dropped, a), b)  # (..., out)
         if self.use_dora:
-            return result + self._dora_term(x, dropped, result, lora)
+            return result + self._dora_term(dropped, result, lora)
         return result + (lora * self.scaling).to(result.dtype)
 
     def _original_output(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -181,7 +181,7 @@ class LoraLinear(nn.Module):
             self._set_base_weight(original)
             del self.pissa_A0, self.pissa_B0
 
-    def _dora_term(self, x, dropped, result, lora) -> torch.Tensor:
+    def _dora_term(self, dropped, result, lora) -> torch.Tensor:
         weight = self.base_weight()
         combined = weight.float() + self.delta_weight()
         # the norm is a constant in backward (DoRA paper, section 4.3): cheaper, same fixed point

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 import signal
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -66,6 +65,7 @@ class LoopSettings:
     packed_attention: str = "4d"  # how packed rows mark documents (data/batching.py): "4d" or "varlen"
     rank: int = 0  # this process's share of each step (train/distributed.py)
     world_size: int = 1
+    batches_per_epoch: int = 0  # micro-batches in epoch 0's plan (packing may make others differ by a few)
 
 
 @dataclass
@@ -84,7 +84,12 @@ class Hooks:
 
     on_step: Callable[[TrainState, StepResult], None] = lambda state, result: None
     should_stop: Callable[[], bool] = lambda: False
-    extra: dict = field(default_factory=dict)
+
+
+def epoch_plan(dataset, settings: LoopSettings, epoch: int) -> list:
+    """The micro-batches of one epoch of the training data, in the order the loop takes them."""
+    return plan_batches(dataset.lengths(), settings.batch_size, settings.seq_len, settings.packing, shuffle=True,
+                        seed=settings.seed, epoch=epoch)
 
 
 def total_steps_for(num_batches: int, grad_accum: int, epochs: float, max_steps: int | None) -> int:
@@ -102,20 +107,15 @@ class Trainer:
                  state: TrainState | None = None):
         self.model, self.dataset, self.settings, self.optimizer = model, train_dataset, settings, optimizer
         self.state = state or TrainState()
-        self.lengths = None
 
     # ---- data position ---------------------------------------------------------------------
-    def _plan(self, epoch: int):
-        s = self.settings
-        return plan_batches(self.dataset.lengths(), s.batch_size, s.seq_len, s.packing, shuffle=True,
-                            seed=s.seed, epoch=epoch)
 
     def _stream(self) -> Iterator[tuple[BatchIterator, int]]:
         """(iterator, plan index) of every global micro-batch from the current data position on,
         across epochs, forever. Batches are collated only by the rank that trains on them."""
         s = self.settings
         while True:
-            plan = self._plan(self.state.epoch)
+            plan = epoch_plan(self.dataset, self.settings, self.state.epoch)
             iterator = BatchIterator(self.dataset.dataset, plan, packing=s.packing, seq_len=s.seq_len,
                                      pad_id=s.pad_id, start_index=self.state.batch_index,
                                      packed_attention=s.packed_attention,
@@ -253,6 +253,3 @@ class StopSignals:
             signal.signal(sig, handler)
         return False
 
-
-def now() -> float:
-    return time.perf_counter()

@@ -1,16 +1,18 @@
-"""A training run from a resolved RunConfig: load, check, train, save, report.
+"""Everything before the first step: a resolved RunConfig becomes a Prepared run, and the output
+folder is claimed.
 
     RunConfig ─► load model + tokenizer (models.py)
               ─► read + tokenise data once (data/), split eval
-              ─► apply LoRA (lora/)      ─► dry run? print and stop
-              ─► claim the output folder (nothing is written before the inputs are known good)
-              ─► Trainer.run (train/loop.py) with logging, eval and checkpoint hooks
-              ─► adapter/, summary.json (written last: its presence marks a finished run)
+              ─► apply LoRA (lora/), checkpointing and fast paths ─► Prepared (+ its notices)
+              ─► claim and lock the output folder (nothing is written before the inputs are known good)
+
+session.py then trains (Trainer, train/loop.py), evaluates, checkpoints and writes adapter/ and
+summary.json (written last: its presence marks a finished run); cli/train.py prints the plan and
+the report.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from lorakit.lora import apply_lora, lora_report
 from lorakit.lora.targets import ARCH_PROJECTIONS
 from lorakit.models import training_dtype
 from lorakit.train import distributed
-from lorakit.train.loop import LoopSettings, TrainState, total_steps_for
+from lorakit.train.loop import LoopSettings, epoch_plan, total_steps_for
 from lorakit.train.schedule import warmup_steps_for
 
 RUN_FILES = ("summary.json", "adapter", "checkpoints", "metrics.jsonl", "config.yaml")
@@ -106,19 +108,18 @@ def autocast_dtype_for(model, device: torch.device) -> torch.dtype | None:
 
 def loop_settings(config: RunConfig, model, tokenizer, train: TokenizedData) -> LoopSettings:
     t, d = config.train, config.data
-    from lorakit.data.batching import plan_batches
-
-    num_batches = len(plan_batches(train.lengths(), t.batch_size, d.seq_len, d.packing, True, t.seed, 0))
     world = distributed.world()  # a step takes world.size x grad_accum micro-batches of the plan
-    total = total_steps_for(num_batches, t.grad_accum * world.size, t.epochs, t.max_steps)
     device = device_for(config)
-    autocast = autocast_dtype_for(model, device)
-    return LoopSettings(lr=t.lr, total_steps=total, warmup_steps=warmup_steps_for(total, t.warmup_ratio),
-                        schedule=t.schedule, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
-                        max_bad_steps=t.max_bad_steps, batch_size=t.batch_size, seq_len=d.seq_len,
-                        packing=d.packing, seed=t.seed, pad_id=pad_token_id(tokenizer), device=device,
-                        autocast_dtype=autocast, packed_attention=packed_attention_for(model, d.packing),
-                        rank=world.rank, world_size=world.size)
+    settings = LoopSettings(lr=t.lr, total_steps=0, warmup_steps=0, schedule=t.schedule, grad_accum=t.grad_accum,
+                            max_grad_norm=t.max_grad_norm, max_bad_steps=t.max_bad_steps, batch_size=t.batch_size,
+                            seq_len=d.seq_len, packing=d.packing, seed=t.seed, pad_id=pad_token_id(tokenizer),
+                            device=device, autocast_dtype=autocast_dtype_for(model, device),
+                            packed_attention=packed_attention_for(model, d.packing), rank=world.rank,
+                            world_size=world.size)
+    settings.batches_per_epoch = len(epoch_plan(train, settings, 0))
+    settings.total_steps = total_steps_for(settings.batches_per_epoch, t.grad_accum * world.size, t.epochs, t.max_steps)
+    settings.warmup_steps = warmup_steps_for(settings.total_steps, t.warmup_ratio)
+    return settings
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -141,17 +142,13 @@ def prepare(config: RunConfig) -> Prepared:
     distributed.diverge_rank_rng()  # after the shared initialisation: each rank its own dropout masks
     notices += parallel_notices + distributed.global_batch_notice(config.train)
     settings = loop_settings(config, model, tokenizer, train)
-    return Prepared(config, model, tokenizer, source, train, evaluation, settings, notices + _long_step_notice(settings, train))
+    return Prepared(config, model, tokenizer, source, train, evaluation, settings, notices + _long_step_notice(settings))
 
 
-def _long_step_notice(settings: LoopSettings, train: TokenizedData) -> list[str]:
+def _long_step_notice(settings: LoopSettings) -> list[str]:
     """One line when a step takes more than one pass over the data: each step then repeats every
     example, and a stop signal waits for the end of the step."""
-    from lorakit.data.batching import plan_batches
-
-    per_step = settings.grad_accum * settings.world_size
-    batches = len(plan_batches(train.lengths(), settings.batch_size, settings.seq_len, settings.packing, True,
-                               settings.seed, 0))
+    per_step, batches = settings.grad_accum * settings.world_size, settings.batches_per_epoch
     if per_step <= batches:
         return []
     return [f"one step takes {per_step} micro-batches, {per_step / batches:.1f} passes over the {batches} of this data "
@@ -307,19 +304,8 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def summary_path(out: Path) -> Path:
-    return out / "summary.json"
-
-
 def write_config(out: Path, config: RunConfig) -> None:
     from lorakit.safe_io import atomic_write_text
 
     atomic_write_text(out / "config.yaml", save_yaml(config))
 
-
-def read_summary(out: Path) -> dict:
-    return json.loads(summary_path(out).read_text())
-
-
-def initial_state() -> TrainState:
-    return TrainState()

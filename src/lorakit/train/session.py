@@ -28,7 +28,7 @@ from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_a
 from lorakit.safe_io import atomic_write_json, atomic_write_text
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
-from lorakit.train.loop import Hooks, StepResult, StopSignals, Trainer, TrainState, evaluate
+from lorakit.train.loop import Hooks, StepResult, StopSignals, Trainer, TrainState, epoch_plan, evaluate
 from lorakit.train.progress import Progress
 from lorakit.train.rng import capture_rng
 from lorakit.train.run import Prepared, keep_global_batch, write_config
@@ -127,10 +127,7 @@ class Session:
         return None if step < 0 else root / ckpt.step_dir_name(step)
 
     def _check_data_position(self, path: Path, state: TrainState) -> None:
-        from lorakit.data.batching import plan_batches
-
-        s = self.p.settings
-        batches = len(plan_batches(self.p.train.lengths(), s.batch_size, s.seq_len, s.packing, True, s.seed, state.epoch))
+        batches = len(epoch_plan(self.p.train, self.p.settings, state.epoch))
         if state.batch_index > batches:
             raise DataError(f"the checkpoint {path} stopped after micro-batch {state.batch_index} of epoch {state.epoch}, "
                             f"but the data now makes {batches} micro-batches per epoch; resume with the same data, "
