@@ -231,12 +231,13 @@ def test_bad_dtype_and_unavailable_device_are_config_errors(tiny_folder):
 def test_device_names_a_gpu_by_number(monkeypatch):
     import argparse
 
-    from lorakit.models import _device_name, _resolve_device
+    from lorakit.cli.placement import device_name
+    from lorakit.models import _resolve_device
 
-    assert [_device_name(d) for d in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
+    assert [device_name(d) for d in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
     for bad in ("gpu", "cuda:", "cuda:x", "cpu:0"):
         with pytest.raises(argparse.ArgumentTypeError, match="use auto, cpu, cuda or cuda:N"):
-            _device_name(bad)
+            device_name(bad)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert _resolve_device("cuda:1") == "cuda:1"

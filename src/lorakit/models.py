@@ -425,15 +425,6 @@ def inference_placement(device: str = "auto", dtype: str = "auto") -> tuple[str,
     return resolved, training_dtype(dtype, resolved)
 
 
-def add_placement_flags(parser: Any) -> None:
-    """--device and --dtype, as `lorakit eval` and `lorakit generate` take them."""
-    parser.add_argument("--device", default="auto", type=_device_name,
-                        help="auto, cpu, cuda or cuda:N (the N-th GPU); auto: the GPU when there is one, else the CPU")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="weights dtype; auto: what lorakit train picks on that device (bfloat16 on a GPU "
-                             "or a CPU with native bf16, else float32), so the losses match training's eval")
-
-
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX tiles)."""
     import torch
@@ -447,14 +438,6 @@ def torch_dtype(name: str, device: str) -> Any:
     import torch
 
     return getattr(torch, training_dtype(name, device))
-
-
-def _device_name(text: str) -> str:
-    import argparse
-
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        return text
-    raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
 
 
 def _resolve_device(device: str) -> str:

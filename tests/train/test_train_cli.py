@@ -265,3 +265,15 @@ def test_an_occupied_output_is_refused_before_the_model_loads(tmp_path, capsys):
     assert main(["train", "--model", str(tmp_path / "no-model-here"), "--data", str(data), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "already holds a finished run; pass --resume with a larger --max-steps" in err
+
+
+def test_the_demo_labels_only_the_values_it_filled_in(tmp_path):
+    from lorakit.cli import build_parser
+    from lorakit.cli.train import resolve_args
+
+    eval_file = tmp_path / "eval.jsonl"
+    args = build_parser().parse_args(["train", "--eval-data", str(eval_file), "--seq-len", "128"])
+    config, demo = resolve_args(args)
+    assert demo and config.data.eval_data == [str(eval_file)]
+    assert config.sources["data.eval_data"] == config.sources["data.seq_len"] == "flag"
+    assert config.sources["data.data"] == config.sources["train.max_steps"] == "demo default"

@@ -22,8 +22,7 @@ r = the next power of two >= k95 (at least 4); "saturated" when k95 >= 3/4 of r.
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION)
     p.add_argument("adapter", type=Path, metavar="ADAPTER_DIR",
                    help="adapter folder (adapter_config.json + adapter_model.safetensors), lorakit's or PEFT's")
     p.add_argument("--energy", default="0.9,0.99",

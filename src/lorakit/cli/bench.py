@@ -34,8 +34,7 @@ alike); --sequential runs them one after the other. Method and numbers: docs/per
 def register(subparsers, name: str, help_text: str) -> None:
     from lorakit.bench import PRESETS, VARIANTS
 
-    p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="model shape, batch and device")
     p.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2r) on all 7 projections")
     p.add_argument("--batch", type=int, help="rows per step (default: the preset's)")

@@ -26,8 +26,7 @@ The memory model and its validation: docs/estimator-validation.md."""
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION)
     p.add_argument("--model", default="smollm2-135m",
                    help="preset (1b, 8b, smollm2-135m), config.json, model folder or hub id (default: smollm2-135m)")
     p.add_argument("--r", type=int, default=16, help="LoRA rank")

@@ -7,7 +7,7 @@ import json
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    from lorakit.models import add_placement_flags
+    from lorakit.cli.placement import add_placement_flags
 
     p = subparsers.add_parser(name, help=help_text, description=__doc__)
     p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter folder (PEFT format)")

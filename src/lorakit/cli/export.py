@@ -24,8 +24,7 @@ See docs/export.md for the rules and their sources."""
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION)
     p.add_argument("--adapter", required=True, type=Path,
                    help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--format", required=True, choices=("vllm", "gguf", "merged"), help="what to write")

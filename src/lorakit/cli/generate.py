@@ -10,7 +10,7 @@ import argparse
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    from lorakit.models import add_placement_flags
+    from lorakit.cli.placement import add_placement_flags
 
     p = subparsers.add_parser(name, help=help_text, description=__doc__)
     p.add_argument("prompt", help="the user message (or raw text with --raw)")

@@ -16,8 +16,7 @@ from lorakit.config import TASK_PRESETS
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    p = subparsers.add_parser(name, help=help_text, description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(name, help=help_text, description=__doc__)
     p.add_argument("--model", help="local folder, hub id, or .gguf file (default: built-in SmolLM2-135M-Instruct)")
     p.add_argument("--data", nargs="+", metavar="FILE", help="training data files (default: the built-in demo set)")
     p.add_argument("--eval-data", nargs="+", metavar="FILE", help="evaluation data files (default: split off 5%%)")

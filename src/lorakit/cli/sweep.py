@@ -16,13 +16,12 @@ from pathlib import Path
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    p = subparsers.add_parser(name, help=help_text, description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(name, help=help_text, description=__doc__)
     p.add_argument("config_file", metavar="CONFIG.yaml", help="the base training config (e.g. from `lorakit recommend`)")
-    p.add_argument("--r", default="4,16,64", help="ranks, comma-separated (default: %(default)s)")
-    p.add_argument("--alpha", default="2r", help="alphas: 2r, r, <k>r or numbers, comma-separated (default: %(default)s)")
-    p.add_argument("--targets", default="qv,all", help="target specs, comma-separated (default: %(default)s)")
-    p.add_argument("--rslora", default="off", choices=["off", "on", "both"], help="rsLoRA scaling (default: %(default)s)")
+    p.add_argument("--r", default="4,16,64", help="ranks, comma-separated")
+    p.add_argument("--alpha", default="2r", help="alphas: 2r, r, <k>r or numbers, comma-separated")
+    p.add_argument("--targets", default="qv,all", help="target specs, comma-separated")
+    p.add_argument("--rslora", default="off", choices=["off", "on", "both"], help="rsLoRA scaling")
     p.add_argument("--max-steps", type=int, help="optimizer steps per point (default: train.max_steps of the config)")
     p.add_argument("--output", metavar="DIR", help="sweep folder (default: runs/sweep-<config name>)")
     p.add_argument("--overwrite", action="store_true", help="retrain finished points whose settings changed")

@@ -22,8 +22,7 @@ DEMO_DEFAULTS = {
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    p = subparsers.add_parser(name, help=help_text, description=__doc__ + _demo_text(),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(name, help=help_text, description=__doc__ + _demo_text())
     p.add_argument("config_file", nargs="?", metavar="CONFIG.yaml", help="a YAML config (flags override it)")
     add_flags(p)
     # torchrun's own parser reads every later "--x" too and rejects --r as ambiguous (--rdzv-*, --role ...)
@@ -50,34 +49,28 @@ def resolve_args(args: argparse.Namespace):
     flags = {k: v for k, v in vars(args).items() if "." in k}
     yaml_values = load_yaml(args.config_file) if args.config_file else None
     demo = not flags.get("data.data") and not (yaml_values or {}).get("data", {}).get("data")
-    if demo:
-        _apply_demo(flags, yaml_values or {})
+    demo_keys = _apply_demo(flags, yaml_values or {}) if demo else []
     config = resolve(yaml_values, flags)
-    for key in [k for k, v in config.sources.items() if v == "flag" and flags.get(k) is not None and _is_demo(k, flags)]:
+    for key in demo_keys:  # resolve took them for flags
         config.sources[key] = "demo default"
     return config, demo
 
 
-_DEMO_MARK = "__demo__"
-
-
-def _apply_demo(flags: dict, yaml_values: dict) -> None:
+def _apply_demo(flags: dict, yaml_values: dict) -> list[str]:
+    """Fill the demo's data and defaults into `flags` where neither flags nor YAML set them; the
+    keys it filled."""
     from lorakit.demo import DEMO_EVAL, DEMO_TRAIN
 
     given = {f"{s}.{k}" for s, entries in yaml_values.items() for k in entries}
-    flags["data.data"] = [str(DEMO_TRAIN)]
+    flags["data.data"], demo_keys = [str(DEMO_TRAIN)], ["data.data"]
     if not flags.get("data.eval_data") and "data.eval_data" not in given:
         flags["data.eval_data"] = [str(DEMO_EVAL)]
-    demo_keys = ["data.data", "data.eval_data"]
+        demo_keys.append("data.eval_data")
     for key, value in DEMO_DEFAULTS.items():
         if flags.get(key) is None and key not in given:
             flags[key] = value
             demo_keys.append(key)
-    flags[_DEMO_MARK] = demo_keys
-
-
-def _is_demo(key: str, flags: dict) -> bool:
-    return key in flags.get(_DEMO_MARK, [])
+    return demo_keys
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,11 +91,12 @@ def _train(args: argparse.Namespace) -> int:
     from lorakit.train import distributed
     from lorakit.train.distributed import is_main
     from lorakit.train.report import print_plan, print_report
-    from lorakit.train.run import claim_output, prepare, refuse_occupied_output, release_run_folder
+    from lorakit.train.run import (claim_output, prepare, refuse_config_inside_output, refuse_occupied_output,
+                                   release_run_folder)
     from lorakit.train.session import Session
 
     config, demo = resolve_args(args)
-    _refuse_config_inside_output(args.config_file, config)
+    refuse_config_inside_output(args.config_file, config)
     if os.environ.get("RANK", "0") == "0":  # before the model loads (rank 0: the one that claims the folder)
         refuse_occupied_output(config)
     prepared = prepare(config)  # joins the torchrun job, if any
@@ -127,41 +121,6 @@ def _train(args: argparse.Namespace) -> int:
     if is_main():
         print_report(prepared, result, sample_before, sample_after)
     return 0
-
-
-def _refuse_config_inside_output(config_file: str | None, config) -> None:
-    """A run writes OUTPUT/config.yaml: the user's own file there, in a folder that holds no run,
-    would be replaced (or taken for an unfinished run). A run's own config.yaml passed back with
-    --resume or --overwrite is fine."""
-    from lorakit.errors import OutputError
-
-    out = Path(config.output.output)
-    written = out / "config.yaml"
-    if not (config_file and written.exists() and written.resolve() == Path(config_file).resolve()):
-        return
-    holds_a_run = any((out / name).exists() for name in ("summary.json", "adapter", "checkpoints"))
-    if not holds_a_run and not _written_by_a_run(written):
-        raise OutputError(f"{config_file} is where this run writes its own config.yaml (--output "
-                          f"{config.output.output}); keep your file elsewhere or choose another --output")
-
-
-def _written_by_a_run(path: Path) -> bool:
-    """A run's own config.yaml holds every option of every section (a run killed before its
-    first checkpoint leaves one); a hand-written file names a few."""
-    import dataclasses
-
-    import yaml
-
-    from lorakit.config import SECTIONS, section_types
-
-    try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(saved, dict) and all(
-        isinstance(saved.get(section.name), dict)
-        and {f.name for f in dataclasses.fields(section_types()[section.name])} <= set(saved[section.name])
-        for section in SECTIONS)
 
 
 def _sample(prepared) -> tuple[str, str] | None:

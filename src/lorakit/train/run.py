@@ -246,6 +246,40 @@ def refuse_occupied_output(config: RunConfig) -> list[str]:
     return existing
 
 
+def refuse_config_inside_output(config_file: str | None, config) -> None:
+    """A run writes OUTPUT/config.yaml: the user's own file there, in a folder that holds no run,
+    would be replaced (or taken for an unfinished run). A run's own config.yaml passed back with
+    --resume or --overwrite is fine."""
+    out = Path(config.output.output)
+    written = out / "config.yaml"
+    if not (config_file and written.exists() and written.resolve() == Path(config_file).resolve()):
+        return
+    # a run leaves one of these (a metrics.jsonl of the user's beside the file does not make one)
+    holds_a_run = any((out / name).exists() for name in ("summary.json", "adapter", "checkpoints"))
+    if not holds_a_run and not _written_by_a_run(written):
+        raise OutputError(f"{config_file} is where this run writes its own config.yaml (--output "
+                          f"{config.output.output}); keep your file elsewhere or choose another --output")
+
+
+def _written_by_a_run(path: Path) -> bool:
+    """A run's own config.yaml holds every option of every section (a run killed before its
+    first checkpoint leaves one); a hand-written file names a few."""
+    import dataclasses
+
+    import yaml
+
+    from lorakit.config import SECTIONS, section_types
+
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and all(
+        isinstance(saved.get(section.name), dict)
+        and {f.name for f in dataclasses.fields(section_types()[section.name])} <= set(saved[section.name])
+        for section in SECTIONS)
+
+
 def _claim_locked(config: RunConfig, out: Path) -> Path:
     existing = refuse_occupied_output(config)
     if config.output.overwrite:
