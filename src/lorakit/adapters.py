@@ -12,15 +12,15 @@ touched while unmerged) and attaches the next. Switching costs a copy of the ada
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.lora.io import CONFIG_FILE, attach_adapter, base_rewriting_init, read_adapter
+from lorakit.errors import ConfigError
+from lorakit.lora.adapter_folder import FINGERPRINT_KEY, read_adapter_config
+from lorakit.lora.io import attach_adapter, base_rewriting_init, check_fingerprint, read_adapter
 from lorakit.lora.model import CONFIG_ATTR, base_fingerprint, remove_lora
 
 
@@ -55,9 +55,8 @@ class AdapterSet:
             raise ConfigError(f"an adapter named {name!r} is already loaded; give this one another name")
         config, tensors, metadata = read_adapter(path, self.allow_pickle)
         self._refuse_base_rewriting_among_several(config, path)
-        saved = metadata.get("lorakit_base_fingerprint")
-        if saved and saved != self.fingerprint and not self.allow_other_base:
-            attach_adapter(_Probe(), config, tensors, metadata, path)  # raises the standard mismatch message
+        if not self.allow_other_base:
+            check_fingerprint(metadata.get(FINGERPRINT_KEY), self.fingerprint, path)
         self._adapters[name] = _Stored(path, config, tensors, metadata)
         return name
 
@@ -95,23 +94,9 @@ class AdapterSet:
         raise ConfigError(f"no adapter named {name!r} is loaded; loaded: {', '.join(self._adapters) or 'none'}")
 
 
-class _Probe(nn.Module):
-    """Stands in for a model whose fingerprint never matches (used to raise the usual error)."""
-
-    config = None
-
-
 def base_model_for(adapter_paths: list[str]) -> str | None:
     """The base model named in the first adapter's config (None: use the built-in default)."""
     if not adapter_paths:
         return None
-    config_path = Path(adapter_paths[0]) / CONFIG_FILE
-    if not config_path.exists():
-        from lorakit.lora.adapter_folder import missing_config_hint
-
-        raise AdapterFileError(f"{config_path} is missing; {missing_config_hint(Path(adapter_paths[0]))}")
-    try:
-        name = json.loads(config_path.read_text()).get("base_model_name_or_path")
-    except json.JSONDecodeError:
-        raise AdapterFileError(f"{config_path} is not valid JSON; restore it from the original adapter") from None
+    name = read_adapter_config(Path(adapter_paths[0])).get("base_model_name_or_path")
     return None if name in (None, "", "unknown") else name

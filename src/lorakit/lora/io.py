@@ -257,10 +257,13 @@ def lora_config_from_peft(config: dict) -> LoraConfig:
 
 
 def _check_fingerprint(model, saved: str | None, path, allow_other_base: bool) -> None:
-    if saved is None or allow_other_base:
-        return
-    current = base_fingerprint(model)
-    if saved != current:
+    if saved is not None and not allow_other_base:
+        check_fingerprint(saved, base_fingerprint(model), path)
+
+
+def check_fingerprint(saved: str | None, current: str, path) -> None:
+    """Refuse an adapter saved for another base (`saved`: its metadata's fingerprint, if any)."""
+    if saved is not None and saved != current:
         raise AdapterMismatchError(
             f"the adapter in {path} was trained on another base model (fingerprint {saved}, "
             f"this model {current}); load it onto its own base model, or pass --allow-other-base "
