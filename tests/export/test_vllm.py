@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from lorakit.cli import main
 from lorakit.errors import AdapterFileError, ConfigError, OutputError
-from lorakit.export.adapter_files import read_adapter, split_key
+from lorakit.export.adapter_files import read_for_export, split_key
 from lorakit.export.vllm import export_vllm
 
 peft = pytest.importorskip("peft")
@@ -164,7 +164,7 @@ def test_truncated_safetensors_names_the_lost_tensors(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 3000])
     with pytest.raises(AdapterFileError, match="truncated.*cut off: base_model.model.model.layers.1"):
-        read_adapter(adapter_dir)
+        read_for_export(adapter_dir)
     assert cli_export(adapter_dir, tmp_path / "out") == 2
 
 

@@ -1,8 +1,8 @@
 """The adapter folder as export sees it: lorakit.lora.adapter_folder's reader, plus what a
 converted or served adapter needs on top of what lorakit can load.
 
-- ``read_adapter`` does not raise on tensor problems: vLLM and GGUF export list every problem
-  at once (``tensor_problems``), beside their own;
+- ``read_for_export`` does not raise on tensor problems: vLLM and GGUF export list every problem
+  at once (``export_tensor_problems``), beside their own;
 - r and lora_alpha must be written out (vLLM and llama.cpp read them, they have no default);
 - every factor must be 2-D and have the rank adapter_config gives its module, because the
   serving side sizes its buffers from the config, not from the tensors;
@@ -22,8 +22,8 @@ from lorakit.lora.adapter_folder import Adapter, LoraPair, rank_mismatches, spli
 _PEFT_DEFAULTS = {"r": adapter_folder.PEFT_DEFAULT_R, "lora_alpha": adapter_folder.PEFT_DEFAULT_ALPHA}
 
 
-def read_adapter(folder: str | Path, allow_pickle: bool = False) -> Adapter:
-    """Read and group an adapter folder; tensor problems are left to ``tensor_problems``."""
+def read_for_export(folder: str | Path, allow_pickle: bool = False) -> Adapter:
+    """Read and group an adapter folder; tensor problems are left to ``export_tensor_problems``."""
     adapter = adapter_folder.read_adapter_folder(folder, allow_pickle, check_tensors=False)
     for key, default in _PEFT_DEFAULTS.items():
         if key not in adapter.config:
@@ -32,7 +32,7 @@ def read_adapter(folder: str | Path, allow_pickle: bool = False) -> Adapter:
     return adapter
 
 
-def tensor_problems(adapter: Adapter) -> list[str]:
+def export_tensor_problems(adapter: Adapter) -> list[str]:
     """The reader's tensor problems, then factors that are not 2-D and ranks the config contradicts."""
     problems = adapter_folder.tensor_problems(adapter)
     for module in sorted(adapter.pairs):

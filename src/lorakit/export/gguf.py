@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from lorakit.errors import AdapterFileError, ConfigError, OutputError
-from lorakit.export.adapter_files import (Adapter, LoraPair, base_shape_problems, find_base_config, read_adapter,
-                                         tensor_problems)
+from lorakit.export.adapter_files import (Adapter, LoraPair, base_shape_problems, export_tensor_problems,
+                                         find_base_config, read_for_export)
 from lorakit.lora.io import base_rewriting_init
 from lorakit.safe_io import fsync_dir, output_error
 
@@ -98,7 +98,7 @@ def export_gguf(
     """Convert the adapter in ``adapter_dir`` to a llama.cpp LoRA GGUF at ``output``."""
     if outtype not in OUTTYPES:
         raise ConfigError(f"--outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
-    adapter = read_adapter(adapter_dir, allow_pickle=allow_pickle)
+    adapter = read_for_export(adapter_dir, allow_pickle=allow_pickle)
     base_config = find_base_config(adapter, base_config_dir)
     _refuse_unconvertible(adapter, base_config)
     spec = arch_spec(base_config)
@@ -124,7 +124,7 @@ def _refuse_unconvertible(adapter: Adapter, base_config: dict | None) -> None:
     if init is not None:
         problems.append(f"init_lora_weights is {init!r}: its factors apply to a rewritten base weight, which "
                         "llama.cpp does not make; use --format merged")
-    problems += tensor_problems(adapter)
+    problems += export_tensor_problems(adapter)
     if problems:
         raise AdapterFileError(f"{adapter.folder} cannot be written as a GGUF adapter:\n  - " + "\n  - ".join(problems))
 

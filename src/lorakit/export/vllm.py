@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.errors import AdapterFileError, ConfigError, OutputError
-from lorakit.export.adapter_files import Adapter, base_shape_problems, find_base_config, read_adapter, tensor_problems
+from lorakit.export.adapter_files import (Adapter, base_shape_problems, export_tensor_problems, find_base_config,
+                                         read_for_export)
 from lorakit.safe_io import atomic_save_safetensors, atomic_write_json, fsync_dir, output_error
 
 # vllm/config/lora.py: MaxLoRARanks and the default of LoRAConfig.max_lora_rank
@@ -93,7 +94,7 @@ def check_vllm(
         )
     check.problems += feature_problems(adapter.config)
     check.problems += tensor_key_problems(adapter)
-    check.problems += tensor_problems(adapter)
+    check.problems += export_tensor_problems(adapter)
     check.problems += base_shape_problems(adapter, base_config)
     _check_modules(check, adapter, allow_embeddings, base_config)
     _check_rank(check, adapter, max_lora_rank)
@@ -221,7 +222,7 @@ def export_vllm(
     allow_pickle: bool = False,
 ) -> VllmExport:
     """Check the adapter for vLLM and write a clean copy to ``output_dir`` (a new folder)."""
-    adapter = read_adapter(adapter_dir, allow_pickle=allow_pickle)
+    adapter = read_for_export(adapter_dir, allow_pickle=allow_pickle)
     base_config = find_base_config(adapter, base_config_dir)
     check = check_vllm(adapter, max_lora_rank, allow_embeddings, base_config)
     if check.problems:
