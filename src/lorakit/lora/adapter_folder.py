@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import AdapterFileError
-from lorakit.lora.config import pattern_value
+from lorakit.lora.config import lora_scale, pattern_value
 from lorakit.safe_io import load_safetensors_checked, load_tensor_file, refuse_pickle
 
 CONFIG_FILE = "adapter_config.json"
@@ -122,7 +122,7 @@ class Adapter:
         """The factor PEFT multiplies B @ A by for ``module``, using the tensors' rank."""
         _, alpha = self.rank_and_alpha(module)
         rank = self.pairs[module].rank
-        return alpha / math.sqrt(rank) if self.uses_rslora() else alpha / rank
+        return lora_scale(rank, alpha, "rslora" if self.uses_rslora() else "standard")
 
     def parameter_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor under the name its parameter has in a model lorakit adapted (prefix and

@@ -37,7 +37,7 @@ from lorakit.lora.adapter_folder import (
     read_adapter_folder,
 )
 from lorakit.lora.adapter_folder import PEFT_PREFIX as PREFIX
-from lorakit.lora.config import LoraConfig
+from lorakit.lora.config import LoraConfig, lora_scale
 from lorakit.lora.layer import LoraLinear
 from lorakit.lora.model import (CONFIG_ATTR, base_fingerprint, lora_layers, overwritten_originals, remember_original,
                                 untie_modules_to_save, wrap_modules)
@@ -101,7 +101,7 @@ def _portable_factors(layer: LoraLinear, rslora: bool) -> tuple[torch.Tensor, to
     if layer.init != "pissa":
         return a, b
     # s*B@A - s*B0@A0 == s*[B, -B0] @ [A; A0]; saved with r'=2r, so rescale to keep s
-    saved_scaling = layer.lora_alpha / (math.sqrt(2 * layer.r) if rslora else 2 * layer.r)
+    saved_scaling = lora_scale(2 * layer.r, layer.lora_alpha, "rslora" if rslora else "standard")
     scale_fix = math.sqrt(layer.scaling / saved_scaling)
     a2 = torch.cat([a, layer.pissa_A0.to(a.dtype)], dim=0) * scale_fix
     b2 = torch.cat([b, -layer.pissa_B0.to(b.dtype)], dim=1) * scale_fix
