@@ -190,12 +190,13 @@ def _json_or_none(path: Path) -> dict | None:
 def train_point(config: RunConfig, log: Callable[[str], None]) -> tuple[dict | None, str | None]:
     """(summary, interrupted signal) of one normal training run in this process."""
     from lorakit.safe_io import atomic_write_json
-    from lorakit.train.run import claim_output, device_for, prepare, release_run_folder
+    from lorakit.train.distributed import device_of_rank
+    from lorakit.train.run import claim_output, prepare, release_run_folder
     from lorakit.train.session import Session
 
     folder, marker = Path(config.output.output), requested(config)
     config.output.overwrite = folder.exists()  # a half-finished point starts again from scratch
-    _reset_peak_memory(device_for(config))
+    _reset_peak_memory(device_of_rank())
     prepared = prepare(config)
     out = claim_output(config)
     try:

@@ -48,15 +48,11 @@ class Prepared:
     notices: list[str]
 
 
-def device_for(config: RunConfig) -> torch.device:
-    return distributed.device_of_rank()  # under torchrun: this process's own GPU
-
-
 def load_model(config: RunConfig, on_cpu: bool = False):
     """`on_cpu`: load in the GPU's dtype but keep it on the CPU (FSDP shards it onto the GPU)."""
     from lorakit.models import load_model_and_tokenizer
 
-    device = device_for(config)
+    device = distributed.device_of_rank()
     if config.model.quantize != "none":
         from lorakit.quantize import load_quantized
 
@@ -69,7 +65,7 @@ def load_model(config: RunConfig, on_cpu: bool = False):
 def dtype_notice(config: RunConfig, model) -> list[str]:
     """One line when "auto" chose bf16 on a CPU (a GPU run in bf16 is what users expect)."""
     weights = next(model.parameters()).dtype
-    if config.model.dtype != "auto" or weights != torch.bfloat16 or device_for(config).type != "cpu":
+    if config.model.dtype != "auto" or weights != torch.bfloat16 or distributed.device_of_rank().type != "cpu":
         return []
     return ["dtype: bfloat16 (auto: this CPU multiplies bf16 natively; on one such CPU training ran 1.6x faster than fp32; "
             "adapters and optimizer state stay fp32; --dtype float32 for full precision)"]
@@ -109,7 +105,7 @@ def autocast_dtype_for(model, device: torch.device) -> torch.dtype | None:
 def loop_settings(config: RunConfig, model, tokenizer, train: TokenizedData) -> LoopSettings:
     t, d = config.train, config.data
     world = distributed.world()  # a step takes world.size x grad_accum micro-batches of the plan
-    device = device_for(config)
+    device = distributed.device_of_rank()
     settings = LoopSettings(lr=t.lr, total_steps=0, warmup_steps=0, schedule=t.schedule, grad_accum=t.grad_accum,
                             max_grad_norm=t.max_grad_norm, max_bad_steps=t.max_bad_steps, batch_size=t.batch_size,
                             seq_len=d.seq_len, packing=d.packing, seed=t.seed, pad_id=pad_token_id(tokenizer),
@@ -127,7 +123,8 @@ def prepare(config: RunConfig) -> Prepared:
     distributed.init_from_env()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    use_fsdp, parallel_notices = distributed.choose_fsdp(distributed.requested_fsdp(config), config, device_for(config))
+    device = distributed.device_of_rank()  # under torchrun: this process's own GPU
+    use_fsdp, parallel_notices = distributed.choose_fsdp(distributed.requested_fsdp(config), config, device)
     torch.manual_seed(config.train.seed)
     model, tokenizer, source = load_model(config, on_cpu=use_fsdp)
     train, evaluation = distributed.main_first(lambda: load_data(config, tokenizer), others_too=True)  # one fills the cache
@@ -138,7 +135,7 @@ def prepare(config: RunConfig) -> Prepared:
     if config.train.fast_paths:  # first: the memory plan counts what they keep and what they recompute
         notices += _enable_fast_paths(model, config)
     notices += _checkpointing(model, config, use_fsdp)
-    distributed.wrap_model(model, use_fsdp, device_for(config))
+    distributed.wrap_model(model, use_fsdp, device)
     distributed.diverge_rank_rng()  # after the shared initialisation: each rank its own dropout masks
     notices += parallel_notices + distributed.global_batch_notice(config.train)
     settings = loop_settings(config, model, tokenizer, train)
@@ -178,7 +175,7 @@ def _checkpointing(model, config: RunConfig, fsdp: bool) -> list[str]:
     from lorakit.train.memory_plan import apply_checkpointing, choose_checkpointing
 
     # --grad-checkpointing auto/on/off/offload; a sharded base is estimated at one rank's share
-    plan = choose_checkpointing(model, config, device_for(config), fsdp=fsdp)
+    plan = choose_checkpointing(model, config, distributed.device_of_rank(), fsdp=fsdp)
     apply_checkpointing(model, plan)
     return [plan.notice]
 
