@@ -24,6 +24,7 @@ Public API::
 
     atomic_write_bytes(path, data)            atomic_write_text(path, text)
     atomic_write_json(path, obj)              atomic_save_safetensors(path, tensors, metadata)
+    save_figure(figure, path)
     load_safetensors_checked(path) -> dict[str, Tensor]
     refuse_pickle(path, allow_pickle) -> bool          load_tensor_file(path, allow_pickle)
     ensure_inside(base_dir, path, what=..., error=OutputError) -> Path
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import uuid
@@ -148,6 +150,13 @@ def _write_with(
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see the module docstring)."""
     return _atomic_write(path, _write_with("wb", data))
+
+
+def save_figure(figure: Any, path: str | os.PathLike) -> Path:
+    """A matplotlib Figure as a PNG at 110 dpi, written atomically (rendered in memory first)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -30,7 +30,6 @@ modules' rank (the config's r, unless a rank_pattern gives them all another one)
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -42,7 +41,7 @@ import torch
 from lorakit.errors import ConfigError
 from lorakit.lora.adapter_folder import PEFT_DEFAULT_ALPHA, Adapter, rank_mismatches, read_adapter_folder
 from lorakit.lora.io import base_rewriting_init
-from lorakit.safe_io import atomic_write_bytes, translate_os_errors
+from lorakit.safe_io import save_figure, translate_os_errors
 
 DEFAULT_ENERGIES = (0.9, 0.99)
 SATURATION = 0.75
@@ -280,7 +279,6 @@ def make_verdict(modules: list[ModuleRank], r: int, energy: float) -> Verdict:
 def plot_effective_rank(analysis: AdapterAnalysis, path: str | Path, energy: float | None = None) -> Path:
     """PNG of the rank at `energy` (default: the first level) by layer (x) and module type (y)."""
     import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     energy = analysis.energies[0] if energy is None else energy
@@ -291,7 +289,6 @@ def plot_effective_rank(analysis: AdapterAnalysis, path: str | Path, energy: flo
     for m in layered:
         grid[types.index(m.module_type), layers.index(m.layer)] = m.rank_at(energy)
     fig = Figure(figsize=(min(max(5.0, 2 + 0.45 * len(layers)), 24), 1.5 + 0.45 * len(types)))
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=0, vmax=analysis.r)
     fig.colorbar(image, ax=ax, label=f"rank at {energy * 100:g}% energy")
@@ -307,10 +304,8 @@ def plot_effective_rank(analysis: AdapterAnalysis, path: str | Path, energy: flo
     note = f"; {skipped} modules outside numbered layers not shown" if skipped else ""
     ax.set_title(f"effective rank of {Path(analysis.path).name} (r={analysis.r}){note}", fontsize=9)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
     path = Path(path)
     with translate_os_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_figure(fig, path)
 

@@ -338,14 +338,14 @@ PANELS = (("trainable_params", "trainable parameters", True),
 
 def plot_sweep(report: dict, path: Path) -> None:
     """Three panels of loss against cost; the best point starred, the guide's point ringed."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lorakit.safe_io import save_figure
 
     metric = report["metric"]
     rows = [(p["point"]["slug"], p["summary"]) for p in report["points"] if p["summary"].get(metric) is not None]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharey=True)
+    fig = Figure(figsize=(15, 4.6))
+    axes = fig.subplots(1, 3, sharey=True)
     for ax, (key, label, log_x) in zip(axes, PANELS):
         _panel(ax, rows, key, metric, report)
         ax.set_xlabel(label)
@@ -357,10 +357,7 @@ def plot_sweep(report: dict, path: Path) -> None:
     fig.suptitle(f"LoRA sweep, {report['max_steps']} steps per point (star: best; ring: the guide's "
                  f"--task {guide['task']} point{'' if guide['in_grid'] else ', not in this grid'})")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def _panel(ax, rows: list[tuple[str, dict]], key: str, metric: str, report: dict) -> None:

@@ -25,7 +25,7 @@ from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError, 
 from lorakit.host import peak_rss_bytes
 from lorakit.kernels.chunked_ce import release_workspace
 from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
-from lorakit.safe_io import atomic_write_json, atomic_write_text
+from lorakit.safe_io import atomic_write_json, atomic_write_text, save_figure
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.loop import Hooks, StepResult, StopSignals, Trainer, TrainState, epoch_plan, evaluate
@@ -419,14 +419,12 @@ def _read_history(path: Path, up_to_step: int, count: int | None = None) -> list
 
 
 def _plot(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend switched under a user's notebook
 
     train = [(e["step"], e["loss"]) for e in history if e["kind"] == "train"]
     evals = [(e["step"], e["eval_loss"]) for e in history if e["kind"] == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:
@@ -436,10 +434,7 @@ def _plot(history: list[dict], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def _changes_what_base_eval_measured(saved: dict, now: dict) -> bool:
