@@ -48,6 +48,7 @@ def test_end_to_end_training(tiny, tmp_path, capsys, monkeypatch):
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml",
                  "metrics.jsonl", "loss.png", "checkpoints", "tensorboard"):
         assert (out / name).exists(), name
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG") and not list(out.glob("*tmp*"))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for e in lines if e["kind"] == "train") == 12
     printed = capsys.readouterr().out
