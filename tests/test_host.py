@@ -16,8 +16,7 @@ def test_proc_field_reads_a_key_and_misses_cleanly(tmp_path):
 def test_peak_rss_grows_with_what_this_process_touches():
     # the high-water mark only grows: bring it down to the current size, or an earlier test's
     # bigger peak would hide this allocation
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    host.reset_peak_rss()
     before = host.peak_rss_bytes()
     block = bytearray(256 * 2**20)
     block[:: 4096] = b"\x01" * len(block[:: 4096])  # touch every page so it becomes resident
@@ -36,3 +35,14 @@ def test_unreadable_fields_give_none(monkeypatch):
     assert host.available_memory_bytes() is None
     monkeypatch.setattr(host, "proc_field", lambda path, key: None)
     assert host.peak_rss_bytes() == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+
+def test_reset_peak_rss_starts_the_high_water_mark_from_now():
+    block = bytearray(256 * 2**20)
+    block[:: 4096] = b"\x01" * len(block[:: 4096])
+    high = host.peak_rss_bytes()
+    del block
+    host.return_freed_memory()
+    host.reset_peak_rss()
+    assert host.peak_rss_bytes() < high - 128 * 2**20

@@ -6,6 +6,8 @@
   sweep's points) would report its parent's size.
 - `available_memory_bytes`: MemAvailable in /proc/meminfo, what can be allocated without
   swapping (free memory plus reclaimable caches), None where there is no such file.
+- `reset_peak_rss` and `return_freed_memory`: so that a sweep's next point in the same process
+  reads its own peak, starting from a small resident set.
 """
 
 from __future__ import annotations
@@ -55,3 +57,19 @@ def minor_page_faults() -> int:
 def available_memory_bytes() -> int | None:
     """MemAvailable: what this host can still hand out without swapping."""
     return _kib_field(MEMINFO, "MemAvailable")
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM again from the current resident set (Linux's clear_refs "5"; elsewhere a no-op)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def return_freed_memory() -> None:
+    """Hand the C heap's freed pages back to the OS (glibc's malloc_trim; elsewhere a no-op), so
+    that the resident set shrinks to what is still in use."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from lorakit import host
 from lorakit.config import TASK_PRESETS, RunConfig, load_yaml, resolve
 from lorakit.errors import ConfigError, OutputError
 from lorakit.lora.config import lora_scale
@@ -216,25 +217,17 @@ def _reset_peak_memory(device) -> None:
     _release_memory()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: "5" resets the resident-set high-water mark that getrusage reports
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    else:
+        host.reset_peak_rss()
 
 
 def _release_memory() -> None:
-    import ctypes
-
     import torch
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    try:  # hand freed heap back to the OS so the next point's resident set starts low
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    host.return_freed_memory()
 
 
 # ---- the sweep -------------------------------------------------------------------------------
