@@ -16,10 +16,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgres
 from lorakit.host import peak_rss_bytes
 
 
-def memory_text(device: torch.device) -> str:
+def peak_memory_bytes(device: torch.device) -> int:
+    """The run's peak so far: tensors allocated on a GPU; the process's resident set on a CPU."""
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-    return f"{peak_rss_bytes() / 2**30:.1f} GiB RSS"
+        return int(torch.cuda.max_memory_allocated(device))
+    return peak_rss_bytes()
+
+
+def memory_text(device: torch.device) -> str:
+    return f"{peak_memory_bytes(device) / 2**30:.1f} GiB{' RSS' if device.type != 'cuda' else ''}"
 
 
 class Progress:

@@ -22,14 +22,13 @@ import torch
 
 from lorakit.config import effective_scale
 from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError, DataError
-from lorakit.host import peak_rss_bytes
 from lorakit.kernels.chunked_ce import release_workspace
 from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
 from lorakit.safe_io import atomic_write_json, atomic_write_text, save_figure
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.loop import Hooks, StepResult, StopSignals, Trainer, TrainState, epoch_plan, evaluate
-from lorakit.train.progress import Progress
+from lorakit.train.progress import Progress, peak_memory_bytes
 from lorakit.train.rng import capture_rng
 from lorakit.train.run import Prepared, keep_global_batch, write_config
 
@@ -50,12 +49,6 @@ def make_optimizer(prepared: Prepared) -> torch.optim.Optimizer:
     fused = prepared.settings.device.type in ("cuda", "cpu")
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8,
                              **({"fused": True} if fused else {}))
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return peak_rss_bytes()
 
 
 class Session:
