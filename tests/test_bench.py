@@ -367,7 +367,7 @@ def test_memory_budget_checkpoints_the_fewest_earliest_layers_the_estimate_needs
     from lorakit.bench_variants import prepare_variant
     from lorakit.cli import main
     from lorakit.plan.estimate import TrainShape, estimate_memory
-    from lorakit.train.memory_plan import decoder_layers
+    from lorakit.train.memory_plan import checkpointable_layers
 
     plan = resolve(_settings(layers=4))
     step = dict(batch_size=plan.settings.batch, seq_len=plan.settings.seq_len, r=16, targets=bench_variants.TARGETS,
@@ -379,7 +379,7 @@ def test_memory_budget_checkpoints_the_fewest_earliest_layers_the_estimate_needs
     plan = resolve(_settings(layers=4, memory_budget_gib=budget, variants=["lorakit", "peft"]))
     assert plan.checkpoint_layers == {"lorakit": 3} and "lorakit checkpoints the first 3 of 4 layers" in plan.notices[-1]
     assert budget_checkpoint_layers(resolve(_settings(layers=4, memory_budget_gib=1e-3)))[0] == 4  # never fits
-    flags = {name: [layer.gradient_checkpointing for layer in decoder_layers(prepare_variant(name, plan).model)]
+    flags = {name: [layer.gradient_checkpointing for layer in checkpointable_layers(prepare_variant(name, plan).model)]
              for name in ("lorakit", "peft")}
     assert flags == {"lorakit": [True, True, True, False], "peft": [False] * 4}
     assert main(["bench", "--preset", "tiny", "--memory-budget", "1", "--grad-checkpointing"]) == 2

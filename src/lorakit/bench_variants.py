@@ -114,9 +114,9 @@ def prepare_variant(name: str, plan) -> Prepared:
 
 def _checkpoint_earliest(model, k: int) -> None:
     """The trainer's selective checkpointing: the first k decoder layers."""
-    from lorakit.train.memory_plan import Budget, CheckpointPlan, apply_checkpointing, decoder_layers
+    from lorakit.train.memory_plan import Budget, CheckpointPlan, apply_checkpointing, checkpointable_layers
 
-    layers = len(decoder_layers(model))
+    layers = len(checkpointable_layers(model))
     apply_checkpointing(model, CheckpointPlan("selective", tuple(range(k)), layers, None, Budget(None, "bench"), ""))
 
 

@@ -9,7 +9,7 @@ from lorakit.cli import main
 from lorakit.errors import ConfigError
 from lorakit.plan.estimate import TrainShape, estimate_memory
 from lorakit.plan.model_shapes import PRESETS
-from lorakit.plan.recommend import (GIB, Budget, DataProfile, ModelFacts, choose_lr, choose_rank, choose_seq_len,
+from lorakit.plan.recommend import (GIB, DeviceMemory, DataProfile, ModelFacts, choose_lr, choose_rank, choose_seq_len,
                                     parse_size, plan_choices)
 
 from tiny_models import save_tiny_chat_model, write_define_data
@@ -127,9 +127,9 @@ def need(batch, checkpointing, quantize=None, r=16, seq_len=2048):
     return estimate_memory(PRESETS["1b"], step).total
 
 
-def budget_for(usable: float) -> Budget:
-    """A GPU budget whose usable part is `usable` bytes (the inverse of Budget.usable_bytes)."""
-    return Budget("cuda", int((usable + GIB // 2) / 0.9) + 1, "test")
+def budget_for(usable: float) -> DeviceMemory:
+    """A GPU budget whose usable part is `usable` bytes (the inverse of DeviceMemory.usable_bytes)."""
+    return DeviceMemory("cuda", int((usable + GIB // 2) / 0.9) + 1, "test")
 
 
 def pick(budget):
@@ -142,7 +142,7 @@ def pick(budget):
 
 def test_budget_moves_batch_and_checkpointing():
     # 20K examples -> ~32 examples per step; 1500-token examples in 2048-token rows -> 32 rows
-    roomy = pick(Budget("cuda", 140 * GIB, "test"))
+    roomy = pick(DeviceMemory("cuda", 140 * GIB, "test"))
     assert roomy[:4] == (32, 1, False, "none")
     assert roomy[4]["predicted_peak_bytes"] == need(32, False)
     # room for 4 rows without checkpointing: micro-batch 4, 8 accumulation steps
@@ -160,7 +160,7 @@ def test_budget_moves_batch_and_checkpointing():
         pick(budget_for(need(1, True, "4bit") * 0.9))
     # a CPU plan never quantises (bitsandbytes needs a GPU)
     with pytest.raises(ConfigError, match="does not fit"):
-        plan_choices("domain", profile(), one_b(), Budget("cpu", int(need(1, True) * 1.0), "test"))
+        plan_choices("domain", profile(), one_b(), DeviceMemory("cpu", int(need(1, True) * 1.0), "test"))
 
 
 def test_budget_changes_the_written_config(tiny, capsys):
@@ -178,7 +178,7 @@ def test_budget_changes_the_written_config(tiny, capsys):
 def test_a_model_whose_mlp_the_trainer_does_not_fuse_gets_the_larger_estimate():
     import dataclasses
 
-    budget = Budget("cuda", 140 * GIB, "test")
+    budget = DeviceMemory("cuda", 140 * GIB, "test")
     fused = plan_choices("domain", profile(), one_b(), budget)[1]
     unfused = plan_choices("domain", profile(), dataclasses.replace(one_b(), model_type="gemma"), budget)[1]
     assert fused["predicted_peak_bytes"] == need(32, False)
@@ -240,6 +240,6 @@ def test_long_runs_evaluate_and_checkpoint_about_ten_times():
         assert values == {"train.eval_every": every, "train.save_every": every}, steps
         assert 5 <= steps // every <= 20
     # the 20K-example profile (5M trained tokens: two epochs): 20K x 2 / 32 per step = 1250 steps
-    choices, _ = plan_choices("domain", profile(), one_b(), Budget("cuda", 140 * GIB, "test"))
+    choices, _ = plan_choices("domain", profile(), one_b(), DeviceMemory("cuda", 140 * GIB, "test"))
     values = {c.key: c.value for c in choices}
     assert values["train.epochs"] == 2 and values["train.save_every"] == values["train.eval_every"] == 100

@@ -19,7 +19,7 @@ from lorakit.train.memory_plan import (
     apply_checkpointing,
     checkpointing_needs,
     choose_checkpointing,
-    decoder_layers,
+    checkpointable_layers,
     memory_budget,
     offload_needs,
 )
@@ -164,7 +164,7 @@ def step(model, batch):
     go through the checkpoint's own hooks)."""
     tracker = SavedTensorTracker({p.untyped_storage().data_ptr() for p in model.parameters()})
     per_layer, forward_pass = [], [True]
-    for layer in decoder_layers(model):
+    for layer in checkpointable_layers(model):
         _measure_calls(layer, tracker, per_layer, forward_pass)
     with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
         loss = model(input_ids=batch, labels=batch).loss

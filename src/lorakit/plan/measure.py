@@ -116,7 +116,7 @@ def _quantized_model(hf_config: Any, shape: TrainShape, device: str) -> nn.Modul
 def _enable_checkpointing(model: nn.Module, layers: int | None = None, offload: bool = False) -> None:
     """Checkpoint the earliest `layers` decoder layers (all when None), as the trainer picks
     them; with `offload` their inputs wait in host memory (only tensors on an accelerator move)."""
-    from lorakit.train.memory_plan import decoder_layers
+    from lorakit.train.memory_plan import checkpointable_layers
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     enable = getattr(base, "activation_checkpointing_enable", None)
@@ -124,9 +124,9 @@ def _enable_checkpointing(model: nn.Module, layers: int | None = None, offload: 
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:  # older transformers
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    checkpointed = decoder_layers(base)[:layers]
+    checkpointed = checkpointable_layers(base)[:layers]
     if layers is not None:
-        for index, layer in enumerate(decoder_layers(base)):
+        for index, layer in enumerate(checkpointable_layers(base)):
             layer.gradient_checkpointing = index < layers
     if offload:
         from lorakit.train.offload import offload_layers

@@ -91,7 +91,7 @@ class ModelFacts:
 
 
 @dataclass
-class Budget:
+class DeviceMemory:
     device: str  # "cuda" | "cpu"
     total_bytes: int
     source: str
@@ -99,8 +99,10 @@ class Budget:
 
     @property
     def usable_bytes(self) -> int:
+        from lorakit.train.memory_plan import SAFETY_MARGIN
+
         headroom = GPU_HEADROOM_BYTES if self.device == "cuda" else CPU_HEADROOM_BYTES
-        return max(0, int(0.9 * self.total_bytes) - headroom)
+        return max(0, int(SAFETY_MARGIN * self.total_bytes) - headroom)
 
 
 @dataclass
@@ -109,7 +111,7 @@ class Recommendation:
     choices: list[Choice]
     data: DataProfile
     model: ModelFacts
-    budget: Budget
+    budget: DeviceMemory
     memory: dict = field(default_factory=dict)  # the estimate for the chosen shape
     notes: list[str] = field(default_factory=list)
 
@@ -160,7 +162,7 @@ def machine_memory_bytes() -> int:
         raise ConfigError("cannot read this machine's memory size; pass --memory, e.g. --memory 16GiB") from None
 
 
-def make_budget(device: str = "auto", gpu_memory: str | None = None, memory: str | None = None) -> Budget:
+def make_budget(device: str = "auto", gpu_memory: str | None = None, memory: str | None = None) -> DeviceMemory:
     """The memory to plan for, from the flags, the GPU, or this machine's RAM."""
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
@@ -171,21 +173,21 @@ def make_budget(device: str = "auto", gpu_memory: str | None = None, memory: str
     if memory and device == "cuda":
         raise ConfigError("--memory is CPU RAM and contradicts --device cuda; use --gpu-memory")
     if gpu_memory:
-        return Budget("cuda", parse_size(gpu_memory), f"--gpu-memory {gpu_memory}", given=True)
+        return DeviceMemory("cuda", parse_size(gpu_memory), f"--gpu-memory {gpu_memory}", given=True)
     if memory:
-        return Budget("cpu", parse_size(memory, "--memory"), f"--memory {memory}", given=True)
+        return DeviceMemory("cpu", parse_size(memory, "--memory"), f"--memory {memory}", given=True)
     return _detected_budget(device)
 
 
-def _detected_budget(device: str) -> Budget:
+def _detected_budget(device: str) -> DeviceMemory:
     import torch
 
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda but no GPU is visible; pass --gpu-memory to plan for one elsewhere")
         props = torch.cuda.get_device_properties(0)
-        return Budget("cuda", int(props.total_memory), f"GPU 0 ({props.name})")
-    return Budget("cpu", machine_memory_bytes(), "this machine's RAM")
+        return DeviceMemory("cuda", int(props.total_memory), f"GPU 0 ({props.name})")
+    return DeviceMemory("cpu", machine_memory_bytes(), "this machine's RAM")
 
 
 # ---- the rules -------------------------------------------------------------------------------
@@ -395,7 +397,7 @@ def profile_data(paths: list[str], tokenizer: Any, fmt: str, max_positions: int 
 # ---- putting it together ---------------------------------------------------------------------
 
 def recommend(model: str | None = None, data: list[str] | None = None, task: str = "domain",
-              budget: Budget | None = None, fmt: str = "auto", eval_data: list[str] | None = None,
+              budget: DeviceMemory | None = None, fmt: str = "auto", eval_data: list[str] | None = None,
               run_output: str = "runs/lorakit") -> Recommendation:
     """The whole recommendation. data None: the built-in demo set (as `lorakit train`)."""
     if task not in TASK_PRESETS:
@@ -410,7 +412,7 @@ def recommend(model: str | None = None, data: list[str] | None = None, task: str
     return Recommendation(config, choices, profile, facts, budget, memory, notes)
 
 
-def plan_choices(task: str, profile: DataProfile, facts: ModelFacts, budget: Budget) -> tuple[list[Choice], dict]:
+def plan_choices(task: str, profile: DataProfile, facts: ModelFacts, budget: DeviceMemory) -> tuple[list[Choice], dict]:
     """Every choice from the profile, the model facts and the budget (no I/O: testable alone)."""
     r = choose_rank(task, profile.trained_tokens)
     alpha = 2.0 * r.value
@@ -445,7 +447,7 @@ def _targets_choice(model_type: str | None) -> Choice:
                                                 "every linear layer except the output head", guide="all")
 
 
-def _fit(facts: ModelFacts, budget: Budget, rows: int, seq_len: int, r: int) -> tuple[list[Choice], int, dict]:
+def _fit(facts: ModelFacts, budget: DeviceMemory, rows: int, seq_len: int, r: int) -> tuple[list[Choice], int, dict]:
     """([quantize, batch, checkpointing] choices, grad_accum, memory estimate) for the budget.
 
     A GPU plan falls back to a 4-bit base (QLoRA) when the 16-bit base cannot fit at all."""
@@ -494,7 +496,7 @@ def _floor_significant(value: float, digits: int) -> float:
     return math.floor(value * scale + 1e-9) / scale  # the epsilon: 1.15 * 100 is 114.999...
 
 
-def _budget_choice(budget: Budget) -> list[Choice]:
+def _budget_choice(budget: DeviceMemory) -> list[Choice]:
     """A budget given on the command line goes into the config, so that the trainer plans for it
     rather than for the machine it runs on: the usable part, as the trainer takes 90% of it."""
     if not budget.given:

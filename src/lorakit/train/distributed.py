@@ -310,7 +310,7 @@ def _broadcast_trainable(model: nn.Module) -> None:
             param.copy_(buffer.to(param.device))
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def shardable_layers(model: nn.Module) -> nn.ModuleList:
     """The repeated blocks: the ModuleList holding the most parameters."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
@@ -322,7 +322,7 @@ def _fully_shard(model: nn.Module, device: torch.device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    layers = decoder_layers(model)
+    layers = shardable_layers(model)
     _move_outside(model, layers, device)
     mesh = init_device_mesh(device.type, (world_size(),))
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)

@@ -65,7 +65,7 @@ def choose_checkpointing(model: nn.Module, config, device: torch.device, fsdp: b
     fsdp = sharded_run(config, device) if fsdp is None else fsdp
     needs = checkpointing_needs(model, config, device, fsdp)
     budget = capped(memory_budget(model, device), config)
-    num_layers = len(decoder_layers(model))
+    num_layers = len(checkpointable_layers(model))
     hints = ["a smaller --batch-size or --seq-len"]
     if device.type == "cuda" and config.model.quantize == "none":
         hints.append("--quantize 4bit")
@@ -93,7 +93,7 @@ def choose_checkpointing(model: nn.Module, config, device: torch.device, fsdp: b
 def _requested_plan(model: nn.Module, config, device: torch.device, needs: list[int] | None, budget: Budget,
                     hints: list[str], fsdp: bool) -> CheckpointPlan:
     """--grad-checkpointing on, off or offload, whatever the budget says."""
-    requested, num_layers = config.train.grad_checkpointing, len(decoder_layers(model))
+    requested, num_layers = config.train.grad_checkpointing, len(checkpointable_layers(model))
     why = f"--grad-checkpointing {requested} from {config.sources.get('train.grad_checkpointing', 'default')}"
     full = needs[-1] if needs else None
     if requested == "off":
@@ -135,7 +135,7 @@ def apply_checkpointing(model: nn.Module, plan: CheckpointPlan) -> None:
         return
     _enable_checkpointing(model)
     chosen = set(plan.layers)
-    for index, layer in enumerate(decoder_layers(model)):
+    for index, layer in enumerate(checkpointable_layers(model)):
         layer.gradient_checkpointing = index in chosen
 
 
@@ -146,7 +146,7 @@ def checkpoint_every_layer(model: nn.Module, offload: bool = False) -> None:
     if offload:
         from lorakit.train.offload import offload_layers
 
-        offload_layers(decoder_layers(model))
+        offload_layers(checkpointable_layers(model))
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
@@ -157,7 +157,7 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
+def checkpointable_layers(model: nn.Module) -> list[nn.Module]:
     """The layers transformers can checkpoint one by one, in forward order."""
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
@@ -207,7 +207,7 @@ def _estimator_step(model: nn.Module, config, device: torch.device,
         shape = model_shape(model.config)
     except (LorakitError, AttributeError, KeyError, TypeError, ValueError):
         return None
-    if not _llama_style(model) or len(decoder_layers(model)) != shape.num_layers:
+    if not _llama_style(model) or len(checkpointable_layers(model)) != shape.num_layers:
         return None
     return shape, dict(
         batch_size=config.train.batch_size, seq_len=config.data.seq_len, r=config.lora.r,
