@@ -53,7 +53,7 @@ def make_optimizer(prepared: Prepared) -> torch.optim.Optimizer:
 
 class Session:
     def __init__(self, prepared: Prepared, out: Path, log=print):
-        self.p, self.out = prepared, out
+        self.prepared, self.out = prepared, out
         self.log = log if distributed.is_main() else _quiet  # under torchrun rank 0 speaks and writes
         self.config = prepared.config
         self.optimizer = make_optimizer(prepared)
@@ -75,36 +75,46 @@ class Session:
             self.log("resume: no complete checkpoint found; starting from the beginning")
             return
         checkpoint = ckpt.load_checkpoint(path)
+        state, saved = self._check_resumable(path, checkpoint)
+        self._restore(checkpoint, state, saved)
+        if distributed.is_main():  # a finished run continued (more --max-steps) is unfinished until it ends
+            (self.out / "summary.json").unlink(missing_ok=True)
+        self.log(f"resumed from {path.name} (step {state.step}, epoch {state.epoch}, batch {state.batch_index})")
+
+    def _check_resumable(self, path: Path, checkpoint) -> tuple[TrainState, dict]:
+        """The checkpoint's position and trainer state, once it is known to fit this model, data
+        and run (grad_accum may be changed to keep its global batch)."""
         saved = checkpoint.trainer_state
         if saved.get("fingerprint") not in (None, self.fingerprint):
             raise AdapterMismatchError(f"the checkpoint {path} was made for another base model; "
                                        "resume with the same --model, or start a new --output")
-        _check_tensors_fit(path, self.p.model, checkpoint.model_tensors)
+        _check_tensors_fit(path, self.prepared.model, checkpoint.model_tensors)
         state = _train_state_from(path, saved)
         self._note_changed_config(saved.get("config"))
         if _changes_what_base_eval_measured(saved.get("config") or {}, self.config.to_dict()):
             saved = {**saved, "base_eval": None}  # measured on other data or another base: measure again
         self._check_data_position(path, state)
         self._keep_global_batch(saved)  # may change grad_accum, and with it the run's last step
-        if state.step > self.p.settings.total_steps:
+        if state.step > self.prepared.settings.total_steps:
             raise ConfigError(f"the checkpoint {path} is at step {state.step}, past this run's last step "
-                              f"({self.p.settings.total_steps}); resume with --max-steps {state.step} or more, "
+                              f"({self.prepared.settings.total_steps}); resume with --max-steps {state.step} or more, "
                               "or start a new --output")
-        distributed.load_full_tensors(dict(self.p.model.named_parameters()), checkpoint.model_tensors)
+        return state, saved
+
+    def _restore(self, checkpoint, state: TrainState, saved: dict) -> None:
+        """Weights, optimizer, position, history and random streams as the checkpoint left them."""
+        distributed.load_full_tensors(dict(self.prepared.model.named_parameters()), checkpoint.model_tensors)
         if distributed.world_size() > 1:  # whole tensors -> this run's layout (sharded or not)
             whole = checkpoint.optimizer_state_dict
             checkpoint.optimizer_state_dict = distributed.shard_optimizer_state(self.optimizer, whole)
         ckpt.load_optimizer_state(self.optimizer, checkpoint)
         self.state = state
         self.base_eval = saved.get("base_eval")
-        self.history = _read_history(self.out / "metrics.jsonl", self.state.step, saved.get("history_len"))
+        self.history = _read_history(self.out / "metrics.jsonl", state.step, saved.get("history_len"))
         self.train_seconds = saved.get("train_seconds", 0.0)
         checkpoint.restore_rng()
         if not distributed.restore_rank_rng(checkpoint.rng_tensors):  # another number of processes
             distributed.diverge_rank_rng()
-        if distributed.is_main():  # a finished run continued (more --max-steps) is unfinished until it ends
-            (self.out / "summary.json").unlink(missing_ok=True)
-        self.log(f"resumed from {path.name} (step {self.state.step}, epoch {self.state.epoch}, batch {self.state.batch_index})")
 
     def _latest_checkpoint(self) -> Path | None:
         """Rank 0 picks (and tidies) the newest complete checkpoint; every rank loads that one."""
@@ -120,7 +130,7 @@ class Session:
         return None if step < 0 else root / ckpt.step_dir_name(step)
 
     def _check_data_position(self, path: Path, state: TrainState) -> None:
-        batches = len(epoch_plan(self.p.train, self.p.settings, state.epoch))
+        batches = len(epoch_plan(self.prepared.train, self.prepared.settings, state.epoch))
         if state.batch_index > batches:
             raise DataError(f"the checkpoint {path} stopped after micro-batch {state.batch_index} of epoch {state.epoch}, "
                             f"but the data now makes {batches} micro-batches per epoch; resume with the same data, "
@@ -141,15 +151,15 @@ class Session:
         same_world = saved.get("world_size", 1) == distributed.world_size()
         if same_world and self.config.sources.get("train.grad_accum") in ("flag", "config file"):
             return
-        notice = keep_global_batch(self.p, per_step) if per_step else None
+        notice = keep_global_batch(self.prepared, per_step) if per_step else None
         if notice:
             self.log(notice)
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """Every rank gathers (sharded tensors need all of them); rank 0 alone writes."""
-        s = self.p.settings
-        tensors = distributed.full_tensors(trainable_parameters(self.p.model))
+        s = self.prepared.settings
+        tensors = distributed.full_tensors(trainable_parameters(self.prepared.model))
         optimizer = distributed.full_optimizer_state(self.optimizer) if s.world_size > 1 else self.optimizer
         rng_tensors, rng_meta = capture_rng()
         rng_tensors.update(distributed.gather_rank_rng())
@@ -181,9 +191,9 @@ class Session:
                     self.tensorboard.add_scalar(f"{entry['kind']}/{key}", value, entry["step"])
 
     def run_eval(self, label: str) -> dict | None:
-        if self.p.eval is None:
+        if self.prepared.eval is None:
             return None
-        result = evaluate(self.p.model, self.p.eval, self.p.settings, self.config.train.eval_batches)
+        result = evaluate(self.prepared.model, self.prepared.eval, self.prepared.settings, self.config.train.eval_batches)
         self.record({"kind": "eval", "step": self.state.step, "label": label,
                      "eval_loss": result["loss"], "eval_perplexity": result["perplexity"]})
         return result
@@ -194,15 +204,15 @@ class Session:
         if distributed.is_main():
             write_config(self.out, self.config)  # after resume: it may keep the checkpoint's global batch
             self._open_metrics()
-        if self.base_eval is None and self.p.eval is not None:
-            with disable_adapters(self.p.model):
+        if self.base_eval is None and self.prepared.eval is not None:
+            with disable_adapters(self.prepared.model):
                 self.base_eval = self.run_eval("base")
             self.log(f"base model eval loss {self.base_eval['loss']:.4f} (perplexity {self.base_eval['perplexity']:.2f})")
-        trainer = Trainer(self.p.model, self.p.train, self.p.settings, self.optimizer, self.state)
+        trainer = Trainer(self.prepared.model, self.prepared.train, self.prepared.settings, self.optimizer, self.state)
         progress = Progress if distributed.is_main() else _NoProgress
         # the handlers stay through the stop's checkpoint: a late signal must not kill its save
         with StopSignals() as signals:
-            with progress(self.p.settings.total_steps, self.state.step, self.p.settings.device,
+            with progress(self.prepared.settings.total_steps, self.state.step, self.prepared.settings.device,
                           self.state.seen_tokens) as bar:
                 # every rank stops at the same step, whichever rank got the signal
                 hooks = Hooks(on_step=lambda s, r: self._on_step(s, r, bar),
@@ -229,13 +239,13 @@ class Session:
             self.log(f"step {state.step}: non-finite loss or gradient, update skipped ({state.bad_in_row} in a row)")
         if result.spike:
             self.log(f"step {state.step}: loss spike ({result.loss:.3f}, running mean {state.loss_ema:.3f})")
-        if state.step % t.log_every == 0 or state.step == self.p.settings.total_steps:
+        if state.step % t.log_every == 0 or state.step == self.prepared.settings.total_steps:
             self.record({"kind": "train", "step": state.step, "loss": result.loss, "lr": result.lr,
                          "grad_norm": result.grad_norm, "tokens": state.train_tokens, "skipped": state.skipped_steps})
-        if t.eval_every and state.step % t.eval_every == 0 and state.step < self.p.settings.total_steps:
+        if t.eval_every and state.step % t.eval_every == 0 and state.step < self.prepared.settings.total_steps:
             self.last_eval = self.run_eval(f"step {state.step}")
             bar.note(f"step {state.step}: eval loss {self.last_eval['loss']:.4f}" if self.last_eval else "")
-        if t.save_every and state.step % t.save_every == 0 and state.step < self.p.settings.total_steps:
+        if t.save_every and state.step % t.save_every == 0 and state.step < self.prepared.settings.total_steps:
             self.save_checkpoint()
 
     def _open_metrics(self) -> None:
@@ -257,9 +267,9 @@ class Session:
         self.save_checkpoint()  # before the final eval: a resume from it evaluates (and logs) it once
         final_eval = self.run_eval("final")
         release_workspace()  # the loss's CPU buffers: no more loss in this run
-        with distributed.whole_trainable(self.p.model):  # sharded adapters gathered on every rank
+        with distributed.whole_trainable(self.prepared.model):  # sharded adapters gathered on every rank
             if distributed.is_main():
-                save_adapter(self.p.model, self.out / "adapter", base_model_name=_base_name(self.p))
+                save_adapter(self.prepared.model, self.out / "adapter", base_model_name=_base_name(self.prepared))
         if not distributed.is_main():
             return RunResult({}, self.out, None, self.history)
         summary = self.summary(final_eval)
@@ -271,7 +281,7 @@ class Session:
         return RunResult(summary, self.out, None, self.history)
 
     def summary(self, final_eval: dict | None) -> dict:
-        report = lora_report(self.p.model)
+        report = lora_report(self.prepared.model)
         lora = self.config.lora
         train_losses = [e["loss"] for e in self.history if e["kind"] == "train" and e["loss"] == e["loss"]]
         tail = train_losses[-max(1, len(train_losses) // 10):] if train_losses else [float("nan")]
@@ -286,16 +296,16 @@ class Session:
             "skipped_steps": self.state.skipped_steps,
             "train_tokens": self.state.train_tokens,
             "tokens_per_second": self.state.seen_tokens / max(self.train_seconds, 1e-9),
-            "peak_memory_bytes": peak_memory_bytes(self.p.settings.device),
+            "peak_memory_bytes": peak_memory_bytes(self.prepared.settings.device),
             "wall_seconds": self.train_seconds,
             "trainable_params": report.trainable_params,
             "total_params": report.total_params,
             "adapted_modules": report.adapted_modules,
             "r": lora.r, "alpha": lora.alpha, "scale": effective_scale(self.config),
             "target_modules": lora.targets,
-            "model": _base_name(self.p),
-            "dtype": str(next(self.p.model.parameters()).dtype).removeprefix("torch."),
-            "device": self.p.settings.device.type,
+            "model": _base_name(self.prepared),
+            "dtype": str(next(self.prepared.model.parameters()).dtype).removeprefix("torch."),
+            "device": self.prepared.settings.device.type,
             "adapter": str(self.out / "adapter"),
         }
 
