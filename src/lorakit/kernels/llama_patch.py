@@ -166,12 +166,22 @@ def _notice(reason: str, names: list[str]) -> str:
     return f"{len(names)} module(s) ({shown}): {reason}"
 
 
+ACCELERATE_HOOKED = "accelerate hooks (device_map offload) are attached"
+
+
+def _accelerate_hooked(module: nn.Module) -> bool:
+    """accelerate wraps the module's forward (device_map offload): a patched forward would skip it."""
+    return hasattr(module, "_hf_hook")
+
+
 def _patch_if_fusable(module: nn.Module, ops) -> str | None:
-    """Patch an attention, MLP or RMSNorm module; the reason it was left alone, or None."""
+    """Patch an attention, MLP or RMSNorm module; the reason it was left alone, or None. A plain
+    nn.Linear (a frozen layer outside LoRA) becomes a CpuGemmLinear, whose GEMM may run through
+    oneDNN on a CPU (kernels/cpu_gemm.py)."""
     if hasattr(module, _SAVED_FORWARD):
         return None
     if type(module) is nn.Linear:  # exactly: quantized subclasses keep their own forward
-        if not hasattr(module, "_hf_hook") and "forward" not in module.__dict__:
+        if not _accelerate_hooked(module) and "forward" not in module.__dict__:
             module.__class__ = cpu_gemm.CpuGemmLinear
         return None
     if type(module).__name__ in RMS_NORMS:
@@ -190,8 +200,8 @@ def _patch_norm(norm: nn.Module, ops) -> str | None:
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or not hasattr(norm, "variance_epsilon"):
         return f"{type(norm).__name__} has no weight / variance_epsilon"
-    if hasattr(norm, "_hf_hook"):
-        return "accelerate hooks (device_map offload) are attached"
+    if _accelerate_hooked(norm):
+        return ACCELERATE_HOOKED
     _set_forward(norm, _norm_forward(ops), triton=_is_triton(ops))
     return None
 
@@ -206,12 +216,11 @@ def _mlp_blocker(mlp: nn.Module) -> str | None:
 
 
 def _group_blocker(parent: nn.Module, names: tuple[str, ...]) -> str | None:
-    if hasattr(parent, "_hf_hook"):
-        return "accelerate hooks (device_map offload) are attached"
+    if _accelerate_hooked(parent):
+        return ACCELERATE_HOOKED
     for name in names:
         child = getattr(parent, name)
-        reason = fuse_blocker(child) or ("accelerate hooks are attached"
-                                         if hasattr(child, "_hf_hook") else None)
+        reason = fuse_blocker(child) or (ACCELERATE_HOOKED if _accelerate_hooked(child) else None)
         if reason is not None:
             return f"{name}: {reason}"
     return None
@@ -247,8 +256,8 @@ def _rope_swap_blocker(attn: nn.Module) -> str | None:
     """Why the copied attention forward may not match this attention's, or None. A release
     outside the copied range is refused even when its names still fit: a forward can change
     behind the same signature, and the copy runs by default on CPU."""
-    if hasattr(attn, "_hf_hook"):  # the copy would bypass the hook's pre/post forward
-        return "accelerate hooks (device_map offload) are attached"
+    if _accelerate_hooked(attn):
+        return ACCELERATE_HOOKED
     version = _transformers_version()
     if not COPIED_ATTENTION_RANGE[0] <= version[:2] <= COPIED_ATTENTION_RANGE[1]:
         return (f"fused RoPE not used: transformers {'.'.join(map(str, version))} is outside "
@@ -331,7 +340,7 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 
 def _hooked(layer: nn.Module) -> bool:
     """A hook on the LoRA layer, its base layer or its factors (accelerate's _hf_hook included)."""
-    return any("_hf_hook" in m.__dict__ or any(getattr(m, d, None) for d in _HOOK_DICTS) for m in layer.modules())
+    return any(_accelerate_hooked(m) or any(getattr(m, d, None) for d in _HOOK_DICTS) for m in layer.modules())
 
 
 def _global_module_hooks() -> bool:
