@@ -26,6 +26,7 @@ import yaml
 
 from lorakit.errors import ConfigError
 
+DATA_FORMATS = ("auto", "text", "instruction", "chat")  # data/formats.py reads each
 # The guide's presets: rank by task, alpha = 2r, adapters on all seven projections.
 TASK_PRESETS = {
     "domain": {"r": 16, "alpha": 32},
@@ -56,7 +57,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     data: list[str] = opt([], "training data: .jsonl .json .csv .parquet .txt files or a `datasets` folder (default: the demo set)")
-    format: str = opt("auto", "data format", choices=["auto", "text", "instruction", "chat"])
+    format: str = opt("auto", "data format", choices=list(DATA_FORMATS))
     seq_len: int = opt(512, "maximum tokens per sequence")
     packing: bool = opt(True, "pack several examples into one sequence (no cross-example attention)")
     train_on_inputs: bool = opt(False, "train on prompt tokens too, not only the responses")

@@ -52,7 +52,7 @@ def merge_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
     return DENSE_16BIT_MERGE_RTOL * float(reference.abs().max())
 
 
-def quantized_merge_tolerance(reference: torch.Tensor, dtype: torch.dtype) -> float:
+def quantized_merge_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
     """Max abs logit difference accepted between the exact adapted quantised model (fp32) and the
     merged folder evaluated in fp32: a fraction of the largest logit (the rounding's effect
     scales with the logits)."""
@@ -153,7 +153,7 @@ def _merge_quantized(spec, adapter_dir, dtype: str, quantize: str, allow_other_b
     remove_lora(model, merge=True)
     model.to(target_dtype)  # the one rounding
     figures = {"dequantized_layers": layers, **_kernel_check(model, probe, kernel_logits, quantize)}
-    return Merged(model, tokenizer, probe, reference, quantized_merge_tolerance(reference, target_dtype),
+    return Merged(model, tokenizer, probe, reference, quantized_merge_tolerance(target_dtype, reference),
                   torch.float32, figures)
 
 

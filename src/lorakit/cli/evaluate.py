@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lorakit.config import DATA_FORMATS
+
 
 def register(subparsers, name: str, help_text: str) -> None:
     from lorakit.cli.placement import add_placement_flags
@@ -13,7 +15,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter folder (PEFT format)")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="data files to score, read as lorakit train reads them")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--format", default="auto", choices=["auto", "text", "instruction", "chat"], help="data format")
+    p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="data format")
     p.add_argument("--seq-len", type=int, default=512, help="maximum tokens per sequence (longer examples are cut)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     p.add_argument("--allow-other-base", action="store_true", help="load an adapter made for another base model")

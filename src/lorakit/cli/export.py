@@ -116,7 +116,5 @@ def export_merged(adapter_dir: Path, output_dir: Path, base: str | None = None, 
     """Thin call into `lorakit merge`'s library function."""
     from lorakit.merge import merge_to_folder
 
-    result = merge_to_folder(adapter_dir, output_dir, base=base, allow_pickle=allow_pickle,
-                             allow_other_base=allow_other_base, overwrite=overwrite)
-    return {"format": "merged", "output": str(output_dir),
-            **(result if isinstance(result, dict) else {})}
+    return {"format": "merged", **merge_to_folder(adapter_dir, output_dir, base=base, allow_pickle=allow_pickle,
+                                                  allow_other_base=allow_other_base, overwrite=overwrite)}

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lorakit.config import TASK_PRESETS
+from lorakit.config import DATA_FORMATS, TASK_PRESETS
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -20,7 +20,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--model", help="local folder, hub id, or .gguf file (default: built-in SmolLM2-135M-Instruct)")
     p.add_argument("--data", nargs="+", metavar="FILE", help="training data files (default: the built-in demo set)")
     p.add_argument("--eval-data", nargs="+", metavar="FILE", help="evaluation data files (default: split off 5%%)")
-    p.add_argument("--format", default="auto", choices=["auto", "text", "instruction", "chat"], help="data format")
+    p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="data format")
     p.add_argument("--task", default="domain", choices=list(TASK_PRESETS), help="the guide's preset to start from")
     p.add_argument("--gpu-memory", metavar="SIZE", help="plan for a GPU with this much memory, e.g. 24GiB")
     p.add_argument("--memory", metavar="SIZE", help="plan for CPU training with this much RAM (default: this machine's)")

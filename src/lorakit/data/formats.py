@@ -56,10 +56,10 @@ import jinja2
 import numpy as np
 
 from lorakit import __version__
+from lorakit.config import DATA_FORMATS
 from lorakit.data.reading import RecordSet, SourceFile, locate
 from lorakit.errors import ConfigError, DataError
 
-FORMATS = ("auto", "text", "instruction", "chat")
 IGNORE_INDEX = -100
 INSTRUCTION_FIELDS = (("instruction", "output"), ("prompt", "response"), ("question", "answer"),
                       ("prompt", "completion"))
@@ -386,14 +386,14 @@ def tokenize_records(
 ) -> TokenizedData:
     """Tokenise every record once; drop untrainable ones; DataError if none is left."""
     ds, sources = (records.dataset, records.sources) if isinstance(records, RecordSet) else (records, [])
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt not in DATA_FORMATS:
+        raise ConfigError(f"unknown data format {fmt!r}; choose one of {', '.join(DATA_FORMATS)}")
     if seq_len < 2:
         raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
     if len(ds) == 0:
         raise DataError("the data holds no records")
     fmt, fields, note = _resolve_format(list(ds.column_names), fmt)
-    template = None if tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE
+    template = chat_template_for(tokenizer)
     enc = _Encoder(tokenizer, fmt, seq_len, train_on_inputs, template, fields, list(sources))
     mapped = ds.map(_encode_batch, fn_kwargs={"enc": enc}, batched=True, with_indices=True,
                     remove_columns=ds.column_names, num_proc=num_proc, desc=f"Tokenizing ({fmt})")

@@ -131,19 +131,19 @@ class Trainer:
     def train_step(self, stream: Iterator[tuple[BatchIterator, int]]) -> StepResult:
         s = self.settings
         picks = [next(stream) for _ in range(s.grad_accum * s.world_size)]  # the global step
-        group = [iterator.batch(index) for iterator, index in distributed.shard(picks, s.rank, s.world_size)]
-        tokens = distributed.all_reduce_sum(sum(count_label_tokens(b) for b in group))  # global normaliser
+        micro_batches = [iterator.batch(index) for iterator, index in distributed.shard(picks, s.rank, s.world_size)]
+        tokens = distributed.all_reduce_sum(sum(count_label_tokens(b) for b in micro_batches))  # global normaliser
         lr = s.lr * lr_factor(self.state.step, s.total_steps, s.warmup_steps, s.schedule)
-        for group_ in self.optimizer.param_groups:
-            group_["lr"] = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.model.train()
         loss_sum = 0.0
-        for batch in group:
+        for batch in micro_batches:
             loss = self._loss(batch, normalizer=max(tokens, 1))
             loss.backward()
             loss_sum += loss.item()
         distributed.sync_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
-        loss_sum, seen = distributed.all_reduce_sum([loss_sum, sum(int(b["input_ids"].numel()) for b in group)])
+        loss_sum, seen = distributed.all_reduce_sum([loss_sum, sum(int(b["input_ids"].numel()) for b in micro_batches)])
         return self._apply_update(loss_sum, lr, tokens, seen)
 
     def _loss(self, batch: dict, normalizer) -> torch.Tensor:
