@@ -307,7 +307,7 @@ def test_existing_output_fails_on_every_rank_without_hanging(tiny, tmp_path):
 KILL_RANK_1_AT_THIRD_SAVE = "call:lorakit.train.session:Session.save_checkpoint:3@1"
 
 
-def test_killed_run_resumes_with_two_and_with_one_process(tiny, tmp_path):
+def test_killed_run_resumes_with_two_and_with_one_process(tiny, tmp_path, capsys):
     steps, common = 24, ("--max-steps", "24", "--save-every", "2", "--dtype", "float32")
     args = (*common, "--grad-accum", "1")
     assert callable(session.Session.save_checkpoint)  # the hook's target: without it nothing dies
@@ -325,7 +325,9 @@ def test_killed_run_resumes_with_two_and_with_one_process(tiny, tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from step-000004" in resumed.stdout
     # one process, same flags: it keeps the checkpoint's 2 micro-batches per step (grad_accum 2)
+    capsys.readouterr()
     single(train_args(tiny, copy, *args, "--resume"))
+    assert re.search(r"--grad-accum 2 instead of 1, .*\(steps: \d+ x 2 micro-batch", capsys.readouterr().out)
     reference = tmp_path / "reference"
     single(train_args(tiny, reference, *common, "--grad-accum", "2"))
 

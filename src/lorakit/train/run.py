@@ -167,8 +167,10 @@ def keep_global_batch(prepared: Prepared, micro_batches_per_step: int) -> str | 
     train.grad_accum = micro_batches_per_step // world
     prepared.config.sources["train.grad_accum"] = "checkpoint (global batch kept)"
     prepared.settings = loop_settings(prepared.config, prepared.model, prepared.tokenizer, prepared.train)
+    s = prepared.settings  # the plan printed above had the old grad_accum: restate the steps line
     return (f"resume: --grad-accum {train.grad_accum} instead of {given}, so {world} process(es) keep the "
-            f"checkpoint's {micro_batches_per_step} micro-batches per step")
+            f"checkpoint's {micro_batches_per_step} micro-batches per step (steps: {s.total_steps} x "
+            f"{s.grad_accum} micro-batch(es) of {s.batch_size} x {s.seq_len} tokens per process)")
 
 
 def _checkpointing(model, config: RunConfig, fsdp: bool) -> list[str]:
