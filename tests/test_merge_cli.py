@@ -160,3 +160,27 @@ def test_a_16_bit_merge_outside_its_tolerance_points_to_float32(tmp_path, capsys
                  "bfloat16"]) == 2
     err = capsys.readouterr().err
     assert "nothing was written; merge in float32 (the default" in err and not (tmp_path / "m").exists()
+
+
+def test_an_output_holding_an_input_or_the_current_folder_is_refused(tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    base_dir = save_tiny_chat_model(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    run = tmp_path / "run"
+    save_adapter(model, run / "adapter", base_model_name=str(base_dir))
+    (run / "notes.txt").write_text("mine")
+    monkeypatch.chdir(run)
+    cases = [(run, "the adapter"), (run / "adapter", "the adapter"), (tmp_path / "base", "the base model"),
+             (".", "the adapter")]
+    for output, what in cases:
+        assert main(["merge", "--adapter", "adapter", "--output", str(output), "--overwrite"]) == 2
+        assert f"is or holds {what}" in capsys.readouterr().err
+    elsewhere = tmp_path / "elsewhere" / "deeper"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    assert main(["merge", "--adapter", str(run / "adapter"), "--output", "..", "--overwrite"]) == 2
+    assert "is or holds the current folder" in capsys.readouterr().err
+    assert (run / "notes.txt").read_text() == "mine" and (run / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "base" / "config.json").exists()

@@ -68,14 +68,15 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
     from lorakit.adapters import base_model_for
 
     output_dir = Path(output_dir)
-    _check_output(output_dir, overwrite)
     spec = base or base_model_for([str(adapter_dir)])
+    _check_output(output_dir, overwrite, inputs={"the adapter": adapter_dir, "the base model": spec})
     quantize = None if quantize in (None, "none") else quantize
     if quantize:
         merged = _merge_quantized(spec, adapter_dir, dtype or "bfloat16", quantize, allow_other_base, allow_pickle)
     else:
         merged = _merge_dense(spec, adapter_dir, dtype or "float32", allow_other_base, allow_pickle)
-    tmp = output_dir.parent / f".tmp-{output_dir.name}"
+    resolved = output_dir.resolve()  # "." has no name: its temp folder goes beside the real one
+    tmp = resolved.parent / f".tmp-{resolved.name}"
     out_dtype = merged.model.dtype
     try:
         with translate_os_errors(output_dir):
@@ -188,8 +189,10 @@ def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
                           f"move it there yourself") from None
 
 
-def _check_output(output_dir: Path, overwrite: bool) -> None:
-    """Before any work: the output can be a new folder there (created only when the merge is done)."""
+def _check_output(output_dir: Path, overwrite: bool, inputs: dict[str, str | Path | None]) -> None:
+    """Before any work: the output can be a new folder there (created only when the merge is done),
+    and replacing it would delete none of the inputs, nor the folder the command runs in."""
+    _refuse_output_holding(output_dir, {**inputs, "the current folder": Path.cwd()})
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputError(f"--output {output_dir} is a file; choose a folder path")
     if output_dir.exists() and not overwrite:
@@ -200,6 +203,17 @@ def _check_output(output_dir: Path, overwrite: bool) -> None:
     if above is not None and not os.access(above, os.W_OK):
         raise OutputError(f"cannot write under {above} for --output {output_dir} (permission denied or read-only); "
                           "choose a writable folder")
+
+
+def _refuse_output_holding(output_dir: Path, inputs: dict[str, str | Path | None]) -> None:
+    target = output_dir.resolve()
+    for what, path in inputs.items():
+        if path is None or not Path(path).exists():  # a hub id, or the built-in model
+            continue
+        source = Path(path).resolve()
+        if source == target or target in source.parents:
+            raise OutputError(f"--output {output_dir} is or holds {what} ({path}), which --overwrite would "
+                              "delete; choose a new folder elsewhere")
 
 
 def _probe_ids(model) -> torch.Tensor:
