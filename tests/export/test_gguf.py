@@ -342,3 +342,22 @@ def test_without_the_built_in_models_package_an_export_that_needs_no_base_config
     assert main(["export", "--adapter", str(adapter_dir), "--format", "vllm", "--output", str(tmp_path / "v")]) == 0
     with pytest.raises(ConfigError, match="--base-config"):  # GGUF needs the architecture
         export_gguf(adapter_dir, tmp_path / "x.gguf")
+
+
+def test_a_write_cut_short_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
+    from lorakit.errors import OutputError
+
+    adapter_dir, _, _ = make_peft_adapter(tmp_path, tiny_llama_config(), dict(r=4, lora_alpha=8, target_modules=ALL_SEVEN))
+    real_write = gguf.GGUFWriter.write_tensors_to_file
+
+    def write_then_lose_the_tail(self, **kwargs):  # as numpy's tofile on a full disk: no exception
+        real_write(self, **kwargs)
+        for fout in self.fout:
+            fout.flush()
+            fout.truncate(fout.tell() // 2)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", write_then_lose_the_tail)
+    out = tmp_path / "adapter.gguf"
+    with pytest.raises(OutputError, match="could not be written completely"):
+        export_gguf(adapter_dir, out)
+    assert list(tmp_path.glob("*.gguf*")) == []

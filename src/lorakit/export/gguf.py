@@ -248,6 +248,7 @@ def _write_gguf(path: Path, arch: str, name: str, alpha: float, outtype: str, te
         writer.close()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        _check_written(tmp, path, 2 * len(tensors))
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:
@@ -255,6 +256,18 @@ def _write_gguf(path: Path, arch: str, name: str, alpha: float, outtype: str, te
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _check_written(tmp: Path, path: Path, expected_tensors: int) -> None:
+    """Read the file back: numpy's tofile, which the writer uses, can lose a failed write (a full
+    disk) without raising, and the cut-off file would be renamed into place."""
+    try:
+        found = len(gguf.GGUFReader(tmp).tensors)
+    except Exception:  # noqa: BLE001  (any parse failure: the file is not what was written)
+        found = -1
+    if found != expected_tensors:
+        raise OutputError(f"{path} could not be written completely (is the disk full?); nothing was written: "
+                          "free some space or choose another --output")
 
 
 def _add_metadata(writer: gguf.GGUFWriter, name: str, alpha: float, file_type: gguf.LlamaFileType) -> None:
