@@ -247,6 +247,8 @@ def _base_type(typ) -> type:
 def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     """Read a config file into {section: {field: value}}; flat keys are placed in their section."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file (a run's own is OUTPUT/config.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML file written by lorakit or by hand")
     try:
@@ -261,6 +263,9 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"config file {path} is not valid YAML for lorakit: {problem}; {fix}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}; fix the syntax") from None
+    except RecursionError:  # yaml's reader recurses once per nesting level
+        raise ConfigError(f"config file {path} nests too deeply to read; a config is sections of plain options "
+                          "(e.g. `lora: {r: 16}`)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of options (e.g. `lora: {{r: 16}}`), not {type(raw).__name__}")
     return _place_keys(raw, path)

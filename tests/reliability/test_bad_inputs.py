@@ -261,6 +261,7 @@ def both(*setups):
 
 CONFIG_CASES = [
     Case("yaml-malformed", train(config="malformed.yaml"), "malformed.yaml is not valid YAML", "fix the syntax"),
+    Case("yaml-nested-too-deep", train(config="nested_too_deep.yaml"), "nests too deeply", "sections of plain options"),
     Case("yaml-unknown-key", train(config="unknown_key.yaml"), "unknown key(s)", "lorakit train --help"),
     Case("yaml-unknown-top-key", train(config="unknown_top_key.yaml"), "learning_rate", "lorakit train --help"),
     Case("yaml-wrong-type-int", train(config="wrong_type_int.yaml"), "lora.r (config file)", "must be an integer"),
@@ -307,6 +308,13 @@ FLAG_CASES = [
     Case("flag-eval-split-all", train("--eval-split", "100"), "leaves none of the 48 examples", "smaller eval split"),
     Case("export-bad-format", raw("export", "--adapter", "{tmp}", "--format", "onnx", "--output", "{out}"),
          "invalid choice: 'onnx'", "choose from"),
+    Case("config-is-a-folder", raw("train", "{tmp}"), "is a folder", "pass a YAML file"),
+    Case("estimate-zero-layers", raw("estimate", "--model", "{tmp}/config.json"), "num_hidden_layers is 0",
+         "pass the model's own config.json", setup=write_file("config.json", json.dumps(
+             {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 0,
+              "num_attention_heads": 4, "vocab_size": 100}).encode())),
+    Case("estimate-config-a-list", raw("estimate", "--model", "{tmp}/config.json"), "holds a JSON list",
+         "pass the model's own config.json", setup=write_file("config.json", b"[1]")),
 ]
 
 DATA_CASES = [
@@ -363,6 +371,9 @@ MODEL_CASES = [
 
 OUTPUT_CASES = [
     Case("output-is-a-file", train(), "is a file", "choose a folder path", setup=write_file("out", b"not a folder")),
+    Case("output-name-too-long", train("--output", "{tmp}/" + "x" * 300), "File name too long", "choose a shorter path"),
+    Case("merge-output-holds-the-adapter", adapter_cmd("merge", "--output", "{tmp}", "--overwrite"),
+         "is or holds the adapter", "choose a new folder elsewhere", setup=lambda ctx: _copy_adapter(ctx)),
     Case("output-holds-finished-run", train(), "already holds a finished run", "pass --resume with a larger --max-steps",
          setup=copy_run(finished=True)),
     Case("output-holds-unfinished-run", train(), "already holds an unfinished run", "--overwrite to replace it",

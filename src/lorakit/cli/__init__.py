@@ -9,11 +9,22 @@ never breaks the others.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 
 from lorakit.errors import LorakitError
+
+# A path the user gave that the system refused, where no command translated the error itself:
+# errno -> the fix (the system's own words say what happened)
+PATH_FIXES = {
+    errno.ENAMETOOLONG: "choose a shorter path", errno.ELOOP: "fix the symbolic-link loop or choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.ENOSPC: "free some space or choose another path", errno.EDQUOT: "free some space or choose another path",
+    errno.EROFS: "choose a path on a writable file system",
+    errno.EACCES: "fix its permissions or choose another path", errno.EPERM: "fix its permissions or choose another path",
+}
 
 # (command, module under lorakit.cli, one-line help)
 COMMANDS = [
@@ -103,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     except LorakitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in PATH_FIXES or exc.filename is None:
+            raise
+        print(f"error: {exc.strerror}: {exc.filename}; {PATH_FIXES[exc.errno]}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # pathlib's resolve() before Python 3.13; an OSError (ELOOP) since
+        if not str(exc).startswith("Symlink loop"):
+            raise
+        print(f"error: {exc}; {PATH_FIXES[errno.ELOOP]}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -158,6 +158,9 @@ ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "deberta", "d
 
 def shape_from_dict(data: dict, source: str) -> ModelShape:
     """Read a Llama-style config dict (multimodal configs: their text_config)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} holds a JSON {type(data).__name__}, not a model config (a mapping of "
+                          "sizes); pass the model's own config.json")
     data = data.get("text_config") or data
     kind = data.get("model_type")
     if data.get("is_encoder_decoder") or kind in ENCODER_MODEL_TYPES:
@@ -174,14 +177,34 @@ def shape_from_dict(data: dict, source: str) -> ModelShape:
             f"(model_type {data.get('model_type')!r} is not one)"
         )
     heads = data["num_attention_heads"]
-    return ModelShape(
+    shape = ModelShape(
         name=str(data.get("_name_or_path") or data.get("model_type") or source),
         hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
         num_layers=data["num_hidden_layers"], num_heads=heads,
         num_kv_heads=data.get("num_key_value_heads") or heads,
-        head_dim=data.get("head_dim") or data["hidden_size"] // heads,
+        head_dim=data.get("head_dim") or (data["hidden_size"] // heads if heads > 0 else 0),
         vocab_size=data["vocab_size"], tie_word_embeddings=_ties_embeddings(data),
     )
+    problems = _shape_problems(shape, explicit_head_dim="head_dim" in data and data["head_dim"] is not None)
+    if problems:
+        raise ConfigError(f"{source} does not describe a model: {'; '.join(problems)}; pass the model's own config.json")
+    return shape
+
+
+def _shape_problems(shape: ModelShape, explicit_head_dim: bool) -> list[str]:
+    sizes = {"hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size,
+             "num_hidden_layers": shape.num_layers, "num_attention_heads": shape.num_heads,
+             "num_key_value_heads": shape.num_kv_heads, "head_dim": shape.head_dim, "vocab_size": shape.vocab_size}
+    problems = [f"{key} is {value}, not a positive integer" for key, value in sizes.items()
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0]
+    if problems:
+        return problems
+    if not explicit_head_dim and shape.hidden_size % shape.num_heads:
+        problems.append(f"hidden_size {shape.hidden_size} is not a multiple of num_attention_heads {shape.num_heads}")
+    if shape.num_heads % shape.num_kv_heads:
+        problems.append(f"num_attention_heads {shape.num_heads} is not a multiple of num_key_value_heads "
+                        f"{shape.num_kv_heads}")
+    return problems
 
 
 def _ties_embeddings(data: dict) -> bool:
