@@ -227,6 +227,19 @@ def read_only_output(ctx: Ctx) -> None:
     ctx.monkeypatch.setattr(Path, "mkdir", mkdir)
 
 
+def read_only_run(ctx: Ctx) -> None:
+    """A finished run on a file system that has become read-only (as above, simulated)."""
+    copy_run()(ctx)
+    original = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.parent == ctx.out:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return original(self, *args, **kwargs)
+
+    ctx.monkeypatch.setattr(Path, "write_text", write_text)
+
+
 def disk_full_at_second_checkpoint(ctx: Ctx) -> None:
     """ENOSPC on the 4th safetensors write: checkpoint 1 writes three, checkpoint 2's first fails."""
     import lorakit.safe_io as safe_io
@@ -371,6 +384,8 @@ MODEL_CASES = [
 
 OUTPUT_CASES = [
     Case("output-is-a-file", train(), "is a file", "choose a folder path", setup=write_file("out", b"not a folder")),
+    Case("overwrite-read-only-run", train("--overwrite"), "Read-only file system", "choose a writable folder",
+         setup=read_only_run),
     Case("output-name-too-long", train("--output", "{tmp}/" + "x" * 300), "File name too long", "choose a shorter path"),
     Case("merge-output-holds-the-adapter", adapter_cmd("merge", "--output", "{tmp}", "--overwrite"),
          "is or holds the adapter", "choose a new folder elsewhere", setup=lambda ctx: _copy_adapter(ctx)),

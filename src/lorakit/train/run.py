@@ -281,9 +281,20 @@ def _written_by_a_run(path: Path) -> bool:
 
 def _claim_locked(config: RunConfig, out: Path) -> Path:
     existing = refuse_occupied_output(config)
+    _check_writable(out)  # before --overwrite deletes anything: a read-only folder keeps its run
     if config.output.overwrite:
         for name in existing + ["loss.png", "tensorboard", "report.txt"]:
-            _remove(out / name)
+            try:
+                _remove(out / name)
+            except OSError as exc:
+                raise OutputError(f"--overwrite could not delete {exc.filename or out / name} ({exc.strerror}); "
+                                  f"the old run in {out} is partly deleted: fix its permissions, then run again "
+                                  "with --overwrite, or choose another --output") from None
+    _lock_run_folder(out)
+    return out
+
+
+def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".lorakit-write-test"
@@ -291,8 +302,6 @@ def _claim_locked(config: RunConfig, out: Path) -> Path:
         probe.unlink()
     except OSError as exc:
         raise OutputError(f"cannot write to --output {out} ({exc.strerror}); choose a writable folder") from None
-    _lock_run_folder(out)
-    return out
 
 
 _held_locks: dict[Path, int] = {}  # run folder -> the open descriptor whose lock lasts the process
