@@ -243,6 +243,8 @@ def test_device_names_a_gpu_by_number(monkeypatch):
     assert _resolve_device("cuda:1") == "cuda:1"
     with pytest.raises(ConfigError, match="has 2 GPU"):
         _resolve_device("cuda:2")
+    with pytest.raises(ConfigError, match="is not a device"):
+        _resolve_device("cuda:x")
 
 
 def test_load_tokenizer_alone(tiny_folder):

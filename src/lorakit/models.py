@@ -448,6 +448,8 @@ def _resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} was requested but CUDA is not available; use --device cpu")
     index = device.partition(":")[2]
+    if index and not index.isdigit():
+        raise ConfigError(f"device {device!r} is not a device: use auto, cpu, cuda or cuda:N")
     if index and int(index) >= torch.cuda.device_count():
         raise ConfigError(f"device {device!r} was requested but this machine has {torch.cuda.device_count()} "
                           f"GPU(s), numbered from 0; use one of them, or --device cuda")
