@@ -157,6 +157,14 @@ def model_damage(kind: str):
             weights = dst / "model.safetensors"
             weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
             return
+        if kind == "nan-weights":
+            shutil.copytree(src, dst)
+            tensors = load_file(dst / "model.safetensors")
+            for name in tensors:
+                if "embed_tokens" in name:
+                    tensors[name].fill_(float("nan"))
+            save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+            return
         dst.mkdir()
         if kind == "empty":
             return
@@ -260,6 +268,10 @@ def earlier_checkpoint_intact(ctx: Ctx) -> None:
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-000001"]
     assert ckpt.verify_checkpoint(root / "step-000001") is None
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+    assert not (ctx.out / "summary.json").exists() and not (ctx.out / "adapter").exists()
+
+
+def nothing_finished(ctx: Ctx) -> None:
     assert not (ctx.out / "summary.json").exists() and not (ctx.out / "adapter").exists()
 
 
@@ -374,6 +386,11 @@ MODEL_CASES = [
          setup=model_damage("pickle-only")),
     Case("model-truncated-weights", train("--model", "{model}"), "could not load the model", "re-save the model",
          setup=model_damage("truncated")),
+    Case("model-nan-weights", train("--model", "{model}"), "all 2 steps had a non-finite loss",
+         "check the model and the data", setup=model_damage("nan-weights"), writes=True, after=nothing_finished),
+    Case("model-nan-weights-eval", train("--model", "{model}", "--eval-split", "8"),
+         "the base model's eval loss is nan before any training", "check the model",
+         setup=model_damage("nan-weights"), writes=True, after=nothing_finished),
     Case("model-fake-gguf", train("--model", "{tmp}/model.gguf"), "is not a GGUF file", "re-download or re-export it",
          setup=write_file("model.gguf", b"not a gguf at all")),
     Case("model-weights-file", train("--model", "{tmp}/pytorch_model.bin"), "is a file but not a .gguf file",

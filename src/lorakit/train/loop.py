@@ -173,8 +173,8 @@ class Trainer:
         if state.bad_in_row >= s.max_bad_steps:
             raise TrainingError(
                 f"{state.bad_in_row} steps in a row had a non-finite loss or gradient (last at step {state.step}); "
-                "the run stopped and the last good checkpoint is intact: lower --lr, check the data, "
-                "or use --dtype float32, then --resume"
+                "the run stopped (any checkpoint saved before is intact): lower --lr, check the data, or use "
+                "--dtype float32, then run again (--resume continues from the newest checkpoint, if there is one)"
             )
         return StepResult(loss, lr, tokens, not finite, norm, spike)
 

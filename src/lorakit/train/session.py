@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lorakit.config import effective_scale
-from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError, DataError
+from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError, DataError, OutputError, TrainingError
 from lorakit.kernels.chunked_ce import release_workspace
 from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
 from lorakit.safe_io import atomic_write_json, atomic_write_text, save_figure
@@ -208,6 +208,7 @@ class Session:
             with disable_adapters(self.prepared.model):
                 self.base_eval = self.run_eval("base")
             self.log(f"base model eval loss {self.base_eval['loss']:.4f} (perplexity {self.base_eval['perplexity']:.2f})")
+            _refuse_non_finite_base(self.base_eval["loss"])
         trainer = Trainer(self.prepared.model, self.prepared.train, self.prepared.settings, self.optimizer, self.state)
         progress = Progress if distributed.is_main() else _NoProgress
         # the handlers stay through the stop's checkpoint: a late signal must not kill its save
@@ -264,6 +265,10 @@ class Session:
 
     # ---- the end ---------------------------------------------------------------------------
     def finish(self) -> RunResult:
+        if self.state.step and self.state.skipped_steps >= self.state.step:
+            raise TrainingError(f"all {self.state.step} steps had a non-finite loss or gradient, so nothing was "
+                                "learned and no adapter was written: check the model and the data (a float16 "
+                                "checkpoint may overflow: --dtype float32), or lower --lr")
         self.save_checkpoint()  # before the final eval: a resume from it evaluates (and logs) it once
         final_eval = self.run_eval("final")
         release_workspace()  # the loss's CPU buffers: no more loss in this run
@@ -273,7 +278,10 @@ class Session:
         if not distributed.is_main():
             return RunResult({}, self.out, None, self.history)
         summary = self.summary(final_eval)
-        _plot(self.history, self.out / "loss.png")
+        try:
+            _plot(self.history, self.out / "loss.png")
+        except (OutputError, RuntimeError, ValueError) as exc:  # a picture: the run's figures are in metrics.jsonl
+            self.log(f"warning: loss.png was not written ({exc}); the losses are in metrics.jsonl")
         self.metrics.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
@@ -419,6 +427,13 @@ def _read_history(path: Path, up_to_step: int, count: int | None = None) -> list
         if isinstance(entry, dict) and (count is not None or entry.get("step", 0) <= up_to_step):
             entries.append(entry)
     return entries
+
+
+def _refuse_non_finite_base(loss: float) -> None:
+    if not math.isfinite(loss):
+        raise TrainingError(f"the base model's eval loss is {loss} before any training: its weights or the data give "
+                            "non-finite values; check the model (a float16 checkpoint may overflow: --dtype "
+                            "float32) and the data")
 
 
 def _plot(history: list[dict], path: Path) -> None:
