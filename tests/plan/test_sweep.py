@@ -90,12 +90,16 @@ def test_changed_settings_need_overwrite(base_config, tmp_path, capsys):
     assert json.loads((out / "points" / "r2-a4-qv" / "summary.json").read_text())["steps"] == 2
 
 
-@pytest.mark.parametrize("damaged", ["point.json", "summary.json"])
-def test_a_damaged_point_file_retrains_that_point(base_config, tmp_path, capsys, damaged):
+@pytest.mark.parametrize("damaged, edit", [("point.json", None), ("summary.json", None),
+                                           ("summary.json", {"final_eval_loss": "x"}),
+                                           ("summary.json", {"wall_seconds": None})])
+def test_a_damaged_point_file_retrains_that_point(base_config, tmp_path, capsys, damaged, edit):
     out = tmp_path / "sweep"
     args = ["sweep", str(base_config), "--r", "2", "--targets", "qv", "--max-steps", "1", "--output", str(out)]
     assert main(args) == 0
-    (out / "points" / "r2-a4-qv" / damaged).write_text("{bad")  # a kill or a full disk mid-write
+    path = out / "points" / "r2-a4-qv" / damaged
+    # a kill or a full disk mid-write, or a hand edit the table could not show
+    path.write_text("{bad" if edit is None else json.dumps({**json.loads(path.read_text()), **edit}))
     capsys.readouterr()
     assert main([*args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -169,8 +169,8 @@ def finished_summary(folder: Path, config: RunConfig, overwrite: bool) -> dict |
     summary, marker = folder / "summary.json", folder / "point.json"
     if not summary.is_file():
         return None
-    saved, result = _json_or_none(marker), _json_or_none(summary)
-    if result is None or (marker.is_file() and saved is None):  # damaged (a kill, a full disk): train again
+    saved, result = _json_or_none(marker), _summary_or_none(summary)
+    if result is None or (marker.is_file() and saved is None):  # damaged (a kill, a full disk, an edit): train again
         return None
     if saved == requested(config):
         return result
@@ -178,6 +178,22 @@ def finished_summary(folder: Path, config: RunConfig, overwrite: bool) -> dict |
         return None
     raise OutputError(f"{folder} holds a finished run with different settings than this sweep asks for "
                       "(another base config or --max-steps); pass --overwrite to retrain it, or choose another --output")
+
+
+# what the table and the plot read from a point's summary.json
+SUMMARY_NUMBERS = {"trainable_params": False, "wall_seconds": False, "peak_memory_bytes": False,
+                   "final_eval_loss": True, "base_eval_loss": True, "train_loss": True}  # key -> may be null
+
+
+def _summary_or_none(path: Path) -> dict | None:
+    summary = _json_or_none(path)
+    if summary is None:
+        return None
+    for key, nullable in SUMMARY_NUMBERS.items():
+        value = summary.get(key)
+        if not (value is None and nullable) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            return None
+    return summary
 
 
 def _json_or_none(path: Path) -> dict | None:
