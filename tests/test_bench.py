@@ -250,6 +250,9 @@ def test_settings_errors_and_dropped_variants():
         resolve(_settings(variants=["lorakit", "unsloth"]))
     with pytest.raises(ConfigError, match="--steps"):
         resolve(_settings(steps=0))
+    for peak in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="--peak-tflops must be a positive number"):
+            resolve(_settings(peak_tflops=peak))
     plan = resolve(_settings(variants=["peft-liger", "peft-bf16", "lorakit"]))
     assert plan.settings.variants == ["lorakit"]  # both are GPU-only
     assert len(plan.notices) == 2

@@ -74,7 +74,8 @@ def test_eval_split_is_a_fraction_or_a_whole_count(value):
     (("--log-every", "0"), "--log-every must be at least 1"), (("--eval-batches", "-1"), "--eval-batches must be >= 0"),
     (("--epochs", "inf"), "--epochs must be a positive number"), (("--seed", "-1"), "--seed must be in"),
     (("--seed", str(2**64)), "--seed must be in"), (("--threads", "100000"), "--threads must be at most"),
-    (("--output", " "), "--output is empty")])
+    (("--output", " "), "--output is empty"), (("--epochs", "1e30"), "up to 1,000,000"),
+    (("--max-steps", str(10**26)), "at most 1,000,000,000")])
 def test_values_that_crashed_a_run_after_its_folder_was_cleared(argv, message):
     with pytest.raises(ConfigError, match=message):
         resolve(None, flags(*argv))

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import gc
 import importlib.util
+import math
 import os
 import platform
 import statistics
@@ -204,8 +205,8 @@ def _validate(s: BenchSettings) -> None:
         raise ConfigError(f"--max-doc-len {s.max_doc_len} needs --packing and at most --seq-len ({s.seq_len})")
     if not 0 <= s.prompt_fraction < 1:
         raise ConfigError(f"--prompt-fraction must be at least 0 and below 1, got {s.prompt_fraction}")
-    if s.peak_tflops is not None and s.peak_tflops <= 0:
-        raise ConfigError(f"--peak-tflops must be positive, got {s.peak_tflops}")
+    if s.peak_tflops is not None and not 0 < s.peak_tflops < math.inf:
+        raise ConfigError(f"--peak-tflops must be a positive number, got {s.peak_tflops}")
     if s.memory_budget_gib is not None and not (0 < s.memory_budget_gib < float("inf")):
         raise ConfigError(f"--memory-budget must be a positive number of GiB, got {s.memory_budget_gib:g}")
     if s.dtype not in (None, *DTYPES):

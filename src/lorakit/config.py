@@ -397,6 +397,7 @@ def _apply_task_preset(config: RunConfig, sources: dict[str, str]) -> None:
 
 
 MAX_THREADS = 1024  # far above any CPU's cores; 100000 threads exhaust memory before they run
+MAX_STEPS, MAX_EPOCHS = 10**9, 10**6  # far beyond any run: a larger value is a typo (1e26), not a plan
 
 
 def validate(config: RunConfig) -> None:
@@ -409,14 +410,15 @@ def validate(config: RunConfig) -> None:
     t, d, o = config.train, config.data, config.output
     checks = [
         (t.lr > 0 and math.isfinite(t.lr), f"--lr must be positive, got {t.lr}"),
-        (t.epochs > 0 and math.isfinite(t.epochs), f"--epochs must be a positive number, got {t.epochs}"),
+        (0 < t.epochs <= MAX_EPOCHS, f"--epochs must be a positive number up to {MAX_EPOCHS:,}, got {t.epochs}"),
         (t.weight_decay >= 0 and math.isfinite(t.weight_decay), f"--weight-decay must be >= 0, got {t.weight_decay}"),
         (t.log_every >= 1, f"--log-every must be at least 1, got {t.log_every}"),
         (t.eval_batches >= 0, f"--eval-batches must be >= 0 (0: all), got {t.eval_batches}"),
         (0 <= t.seed < 2**32, f"--seed must be in [0, 2**32), got {t.seed}"),
         (t.threads is None or t.threads <= MAX_THREADS,
          f"--threads must be at most {MAX_THREADS}, got {t.threads}; use about as many as the free cores"),
-        (t.max_steps is None or t.max_steps > 0, f"--max-steps must be positive, got {t.max_steps}"),
+        (t.max_steps is None or 0 < t.max_steps <= MAX_STEPS,
+         f"--max-steps must be positive and at most {MAX_STEPS:,}, got {t.max_steps}"),
         (t.batch_size >= 1, f"--batch-size must be at least 1, got {t.batch_size}"),
         (t.grad_accum >= 1, f"--grad-accum must be at least 1, got {t.grad_accum}"),
         (0 <= t.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {t.warmup_ratio}"),
