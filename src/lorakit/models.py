@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -338,6 +339,7 @@ def _check_local_folder(folder: Path, allow_pickle: bool) -> bool:
         if (folder / "adapter_config.json").is_file():
             hint = " (it holds a LoRA adapter: pass its base model as the model, and the folder as the adapter)"
         raise ModelLoadError(f"model folder {folder} has no config.json{hint}; {_SPEC_HINT}")
+    _check_config_json(folder / "config.json")
     if any(folder.glob("*.safetensors")):
         return False
     if not any(folder.glob("*.bin")):
@@ -352,6 +354,17 @@ def _check_local_folder(folder: Path, allow_pickle: bool) -> bool:
             "(they are then loaded with torch.load(weights_only=True))"
         )
     return True
+
+
+def _check_config_json(path: Path) -> None:
+    """transformers reads config.json from the tokenizer first: a broken one would be blamed on it."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc}); restore it from the original model") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(config).__name__}, not a model config; restore it from "
+                             "the original model")
 
 
 # --------------------------------------------------------------------------- hub

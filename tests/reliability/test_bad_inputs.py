@@ -157,6 +157,10 @@ def model_damage(kind: str):
             weights = dst / "model.safetensors"
             weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
             return
+        if kind in ("bad-config-json", "list-config-json"):
+            shutil.copytree(src, dst)
+            (dst / "config.json").write_text("{bad" if kind == "bad-config-json" else "[1]")
+            return
         if kind == "nan-weights":
             shutil.copytree(src, dst)
             tensors = load_file(dst / "model.safetensors")
@@ -386,6 +390,10 @@ MODEL_CASES = [
          setup=model_damage("pickle-only")),
     Case("model-truncated-weights", train("--model", "{model}"), "could not load the model", "re-save the model",
          setup=model_damage("truncated")),
+    Case("model-config-json-malformed", train("--model", "{model}"), "config.json is not valid JSON",
+         "restore it from the original model", setup=model_damage("bad-config-json")),
+    Case("model-config-json-a-list", train("--model", "{model}"), "config.json holds a JSON list",
+         "restore it from the original model", setup=model_damage("list-config-json")),
     Case("model-nan-weights", train("--model", "{model}"), "all 2 steps had a non-finite loss",
          "check the model and the data", setup=model_damage("nan-weights"), writes=True, after=nothing_finished),
     Case("model-nan-weights-eval", train("--model", "{model}", "--eval-split", "8"),
