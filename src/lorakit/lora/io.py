@@ -266,8 +266,9 @@ def check_fingerprint(saved: str | None, current: str, path) -> None:
     if saved is not None and saved != current:
         raise AdapterMismatchError(
             f"the adapter in {path} was trained on another base model (fingerprint {saved}, "
-            f"this model {current}); load it onto its own base model, or pass --allow-other-base "
-            "if you are sure the shapes and weights correspond"
+            f"this model {current}); load it onto its own base model (--model; without it, the one "
+            "adapter_config.json names, else the built-in model), or pass --allow-other-base if you are sure "
+            "the shapes and weights correspond"
         )
 
 
