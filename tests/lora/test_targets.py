@@ -38,6 +38,17 @@ def test_comma_list_and_exclude():
     assert names == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
 
 
+def test_groups_inside_a_list_are_groups():
+    assert select_targets(LLAMA, "attention,mlp", model_type="llama") == select_targets(LLAMA, "all", model_type="llama")
+    assert select_targets(LLAMA, ["qv", "down_proj"], model_type="llama") == [
+        n for n in select_targets(LLAMA, "all", model_type="llama") if n.endswith(("q_proj", "v_proj", "down_proj"))]
+
+
+def test_the_output_head_is_named_as_such():
+    with pytest.raises(TargetMatchError, match="is the output head"):
+        select_targets(LLAMA, "lm_head", output_head="lm_head")
+
+
 def test_a_regex_with_a_comma_is_not_split_into_names():
     assert select_targets(LLAMA, r"model\.layers\.\d{1,2}\.self_attn\.q_proj") == [
         "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]

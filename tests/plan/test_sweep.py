@@ -110,6 +110,7 @@ def test_a_damaged_point_file_retrains_that_point(base_config, tmp_path, capsys,
     (["--alpha", "2x"], "'2x' is not an alpha"),
     (["--r", "four"], "not a positive integer"),
     (["--targets", "q_prj"], "q_prj"),
+    (["--targets", "all+"], "has an empty name around '+'"),
     (["--max-steps", "0"], "--max-steps"),
     (["--r", "2,1000"], "--r 1000 is above the smallest targeted layer side"),  # was found after point 1 trained
 ])

@@ -9,7 +9,8 @@
     "attention" (q, k, v, o), "mlp" (gate, up, down), "qv" (q, v), mapped to each
     architecture's own names by ARCH_PROJECTIONS;
   - a list of names: exact module names or name suffixes (`q_proj` matches
-    `model.layers.3.self_attn.q_proj`), or regular expressions (full match);
+    `model.layers.3.self_attn.q_proj`), regular expressions (full match), or the groups above
+    ("attention,mlp" is "all");
   - a single string: a name, a comma-separated list, or a regular expression (full match).
 
 Every requested entry must match at least one linear layer; otherwise TargetMatchError lists
@@ -91,7 +92,7 @@ def select_targets(
     for label, pattern in patterns:
         hits = [m.name for m in linear if _matches(pattern, m.name)]
         if not hits:
-            raise TargetMatchError(_miss_message(label, modules, linear, pattern))
+            raise TargetMatchError(_miss_message(label, modules, linear, pattern, output_head))
         chosen.update(hits)
     chosen -= set(_excluded(exclude, model_type, linear))
     if not chosen:
@@ -114,7 +115,13 @@ def _patterns_for(spec, model_type, linear) -> list[tuple[str, str]]:
             spec = [spec]
         else:
             return [(spec, spec)]
-    return [(entry, _entry_regex(entry)) for entry in spec]
+    patterns = []
+    for entry in spec:
+        if entry == "all-linear" or entry in GROUPS:
+            patterns += _patterns_for(entry, model_type, linear)
+        else:
+            patterns.append((entry, _entry_regex(entry)))
+    return patterns
 
 
 def _entry_regex(entry: str) -> str:
@@ -153,7 +160,10 @@ def _excluded(exclude, model_type: str | None, linear: Sequence[ModuleInfo]) -> 
     return [m.name for m in linear if any(_matches(p, m.name) for _, p in patterns)]
 
 
-def _miss_message(label: str, modules, linear, pattern: str) -> str:
+def _miss_message(label: str, modules, linear, pattern: str, output_head: str | None) -> str:
+    if output_head is not None and _matches(pattern, output_head):
+        return (f"target {label!r} is the output head ({output_head}); lorakit trains LoRA on the other linear "
+                "layers only: choose among them, e.g. all")
     non_linear = [m for m in modules if _matches(pattern, m.name) and m.kind not in LINEAR_KINDS]
     if non_linear:
         m = non_linear[0]

@@ -125,7 +125,14 @@ def alpha_for(token: str, r: int) -> float:
 
 
 def parse_targets(text: str) -> list[str]:
-    return [token.replace("+", ",") for token in _tokens(text, "--targets")]
+    """`qv,all,q_proj+v_proj`: one target spec per comma, names joined by `+` within one."""
+    specs = []
+    for token in _tokens(text, "--targets"):
+        names = token.split("+")
+        if not all(name.strip() for name in names):
+            raise ConfigError(f"--targets: {token!r} has an empty name around '+'; join names like q_proj+v_proj")
+        specs.append(",".join(name.strip() for name in names))
+    return specs
 
 
 def parse_rslora(text: str) -> list[bool]:
