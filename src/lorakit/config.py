@@ -70,7 +70,7 @@ class LoraChoice:
     task: str = opt("domain", "the guide's preset: domain r=16, style/classification r=8, new-concepts r=64", choices=list(TASK_PRESETS))
     r: int | None = opt(None, "LoRA rank (default: from --task)")
     alpha: float | None = opt(None, "LoRA alpha (default: 2 * r, from --task)")
-    targets: str = opt("all", "target modules: all (the 7 projections), attention, mlp, qv, all-linear, or names/regex")
+    targets: str = opt("all", "target modules: all (the 7 projections), attention, mlp, qv, all-linear, names, a comma list of these (attention,mlp), or a regex")
     rslora: bool = opt(False, "scale by alpha/sqrt(r) (rank-stabilised LoRA) instead of alpha/r")
     dora: bool = opt(False, "weight-decomposed LoRA (DoRA)")
     dropout: float = opt(0.0, "dropout on the adapter input")
