@@ -190,9 +190,14 @@ def test_json_file_holds_the_final_result_and_bad_paths_are_refused(tmp_path, ca
             "--threads", "1", "--peak-tflops", "1"]
     assert main([*args, "--json-file", str(target)]) == 0
     assert [r["variant"] for r in json.loads(target.read_text())["variants"]] == ["lorakit"]
-    for bad, message in ((tmp_path, "is a folder"), (tmp_path / "no" / "b.json", "does not exist")):
+    assert main([*args, "--json-file", str(target)]) == 0  # an earlier result is replaced
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    for bad, message in ((tmp_path, "is a folder"), (tmp_path / "no" / "b.json", "does not exist"),
+                         (notes, "is not a lorakit bench result")):
         assert main([*args, "--json-file", str(bad)]) == 2
         assert message in capsys.readouterr().err
+    assert notes.read_text() == '{"mine": 1}'
 
 
 @pytest.mark.parametrize("packing", [False, True])

@@ -115,7 +115,17 @@ def _checked_json_file(path: str) -> Path:
         raise ConfigError(f"--json-file {path} is a folder; give a file name such as {target / 'bench.json'}")
     if not target.parent.is_dir():
         raise ConfigError(f"--json-file {path}: the folder {target.parent} does not exist; create it first")
+    if target.exists() and not _is_bench_result(target):  # an earlier bench's result is replaced, nothing else
+        raise ConfigError(f"--json-file {path} exists and is not a lorakit bench result; choose another file name")
     return target
+
+
+def _is_bench_result(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and {"environment", "settings", "variants"} <= set(data)
 
 
 def _write_json_file(path: Path, result: dict) -> None:
