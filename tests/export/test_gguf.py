@@ -297,6 +297,19 @@ def test_an_adapter_for_another_base_shape_is_refused(tmp_path, capsys, export_f
     assert not (tmp_path / f"out-{export_format}").exists()
 
 
+@pytest.mark.parametrize("export_format", ["gguf", "vllm"])
+def test_an_adapter_for_a_deeper_base_is_refused(tmp_path, capsys, export_format):
+    adapter_dir, _, _ = make_peft_adapter(tmp_path, tiny_llama_config(), dict(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    shallow = tiny_llama_config()
+    shallow.num_hidden_layers = 1
+    shallow.save_pretrained(tmp_path / "shallow")
+    code = main(["export", "--adapter", str(adapter_dir), "--format", export_format, "--output",
+                 str(tmp_path / f"out-{export_format}"), "--base-config", str(tmp_path / "shallow")])
+    assert code == 2
+    assert "layers.1.self_attn.q_proj: the base has 1 layers" in capsys.readouterr().err
+    assert not (tmp_path / f"out-{export_format}").exists()
+
+
 def test_the_shape_check_skips_layers_the_llama_table_does_not_describe(tmp_path):
     # MoE experts, vision towers and MLA attention have other sizes: never "another base model"
     from lorakit.export.adapter_files import base_shape_problems, read_for_export

@@ -48,6 +48,7 @@ def export_tensor_problems(adapter: Adapter) -> list[str]:
 
 # decoders whose every layer has the seven projections of plan/model_shapes.py's sizes
 _PLAIN_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo2", "smollm3")
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _DECODER_PROJECTION = re.compile(r"(?:^|\.)layers\.\d+\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|"
                                  r"up_proj|down_proj)$")
 
@@ -61,11 +62,16 @@ def base_shape_problems(adapter: Adapter, base_config: dict | None) -> list[str]
     if base_config is None or base_config.get("model_type") not in _PLAIN_DECODERS:
         return []  # MoE experts, vision towers, MLA attention: sizes the table does not describe
     try:
-        projections = shape_from_dict(base_config, "config.json").projection_shapes()
+        shape = shape_from_dict(base_config, "config.json")
     except ConfigError:
         return []
-    problems = []
+    projections, problems = shape.projection_shapes(), []
     for module in sorted(adapter.pairs):
+        layer = _LAYER_INDEX.search(module)
+        if layer is not None and int(layer.group(1)) >= shape.num_layers:
+            problems.append(f"{module}: the base has {shape.num_layers} layers (0-{shape.num_layers - 1}): "
+                            "the adapter was made for another base model")
+            continue
         pair, match = adapter.pairs[module], _DECODER_PROJECTION.search(module)
         if match is None or pair.A is None or pair.B is None or pair.A.dim() != 2 or pair.B.dim() != 2:
             continue
