@@ -186,3 +186,13 @@ def test_other_commands_help_shows_defaults(capsys, command, shown):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert shown in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("yaml_values, argv, shown, hidden", [
+    (None, ("--r", "0"), "r must be a positive integer, got 0", "alpha must"),  # alpha = 2r follows from r
+    ({"lora": {"task": "poetry"}}, (), "--task must be one of", "got None"),  # no preset: no r, no alpha
+])
+def test_a_problem_that_follows_from_another_is_not_listed(yaml_values, argv, shown, hidden):
+    with pytest.raises(ConfigError) as err:
+        resolve(yaml_values, flags(*argv))
+    assert shown in str(err.value) and hidden not in str(err.value)

@@ -439,9 +439,20 @@ def validate(config: RunConfig) -> None:
     try:
         lora_config(config)
     except ConfigError as exc:
-        problems += [line.strip()[2:] for line in str(exc).splitlines()[1:]] or [str(exc)]
+        lora_problems = [line.strip()[2:] for line in str(exc).splitlines()[1:]] or [str(exc)]
+        problems += [p for p in lora_problems if not _follows_from_another(p, config)]
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _follows_from_another(problem: str, config: RunConfig) -> bool:
+    """An r or alpha problem that only repeats another one: no r because the --task is unknown, or
+    an alpha of 2 * r from a bad r."""
+    lora = config.lora
+    unknown_task = lora.task not in TASK_PRESETS and "got None" in problem
+    alpha_from_bad_r = (problem.startswith("alpha ") and config.sources.get("lora.alpha") == "alpha = 2 * r (the guide)"
+                        and not (isinstance(lora.r, int) and lora.r > 0))
+    return unknown_task or alpha_from_bad_r
 
 
 def lora_config(config: RunConfig):
