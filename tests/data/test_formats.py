@@ -253,6 +253,17 @@ def test_undetectable_columns_are_named():
         detect_format(ds([{"foo": "x", "bar": "y"}]))
 
 
+def test_files_of_different_formats_are_named_together(chatml, tmp_path):
+    instruction, chat, more = tmp_path / "i.jsonl", tmp_path / "c.jsonl", tmp_path / "i2.jsonl"
+    instruction.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    more.write_text(json.dumps({"instruction": "c", "input": "d", "output": "e"}) + "\n")
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
+                                             {"role": "assistant", "content": "b"}]}) + "\n")
+    with pytest.raises(DataError, match=r"different formats \(.*i.jsonl: instruction, .*c.jsonl: chat\)"):
+        tokenize_records(read_records([instruction, chat]), chatml)
+    assert len(tokenize_records(read_records([instruction, more]), chatml).dataset) == 2  # extra fields are fine
+
+
 def test_chosen_format_needs_its_columns(chatml):
     with pytest.raises(DataError, match="format chat needs .*'messages'.*'text'"):
         tokenize_records(ds([{"text": "x"}]), chatml, fmt="chat")

@@ -160,6 +160,21 @@ def _detect(columns: list[str]) -> tuple[str, str]:
     )
 
 
+def _refuse_mixed_formats(sources: Sequence[SourceFile]) -> None:
+    """Files of different formats would be read as the first one found (chat before instruction),
+    and the others' rows blamed for lacking its fields."""
+    found = {}
+    for src in sources if len(sources) > 1 else []:
+        try:
+            found[src.path] = _detect(list(src.columns))[0]
+        except DataError as exc:
+            raise DataError(f"{src.path}: {exc}") from None
+    if len(set(found.values())) > 1:
+        listed = ", ".join(f"{path}: {fmt}" for path, fmt in found.items())
+        raise DataError(f"the data files hold different formats ({listed}); train on one format at a time, or "
+                        "convert the files to one format first")
+
+
 def _instruction_pair(columns: Sequence[str]) -> tuple[str, str] | None:
     return next((p for p in INSTRUCTION_FIELDS if p[0] in columns and p[1] in columns), None)
 
@@ -392,6 +407,8 @@ def tokenize_records(
         raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
     if len(ds) == 0:
         raise DataError("the data holds no records")
+    if fmt == "auto":
+        _refuse_mixed_formats(sources)
     fmt, fields, note = _resolve_format(list(ds.column_names), fmt)
     template = chat_template_for(tokenizer)
     enc = _Encoder(tokenizer, fmt, seq_len, train_on_inputs, template, fields, list(sources))

@@ -53,6 +53,7 @@ class SourceFile:
     kind: str  # "jsonl", "json", "csv", "parquet", "txt" or "saved"
     start: int  # index of its first row in the concatenated dataset
     count: int
+    columns: tuple[str, ...] = ()  # its own fields (the concatenation holds every file's)
 
     def describe_row(self, row: int) -> str:
         """Human position of the file's row ``row`` (0-based), e.g. ``data.jsonl line 18``."""
@@ -101,7 +102,7 @@ def read_records(
         path = Path(raw)
         ds, kind = _read_one(path, cache_dir)
         parts.append(ds)
-        sources.append(SourceFile(path, kind, start, len(ds)))
+        sources.append(SourceFile(path, kind, start, len(ds), tuple(ds.column_names)))
         start += len(ds)
     return RecordSet(_concatenate(parts, sources), sources)
 
