@@ -85,6 +85,14 @@ def test_write_error_becomes_output_error_and_keeps_old_file(tmp_path, monkeypat
     assert _leftovers(tmp_path) == []
 
 
+def test_a_path_under_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(OutputError, match="a part of the path is a file, not a folder"):
+        with safe_io.translate_os_errors(tmp_path / "notes" / "x.png"):
+            (tmp_path / "notes" / "x.png").parent.mkdir(parents=True, exist_ok=True)
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 def test_partial_safetensors_write_on_disk_full_is_cleaned(tmp_path, monkeypatch):
     target = tmp_path / "w.safetensors"
     atomic_save_safetensors(target, {"w": torch.ones(3)})

@@ -63,6 +63,9 @@ _WRITE_ERRORS = {
     errno.EROFS: ("read-only file system", "choose a writable --output"),
     errno.EACCES: ("permission denied", _FIX_PERMISSIONS),
     errno.EPERM: ("operation not permitted", _FIX_PERMISSIONS),
+    # mkdir(parents=True) under a file: the file "exists" where a folder was wanted
+    errno.EEXIST: ("a part of the path is a file, not a folder", "choose another --output"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose another --output"),
 }
 
 

@@ -113,6 +113,8 @@ def _checked_json_file(path: str) -> Path:
     target = Path(path)
     if target.is_dir():
         raise ConfigError(f"--json-file {path} is a folder; give a file name such as {target / 'bench.json'}")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise ConfigError(f"--json-file {path}: {target.parent} is a file, not a folder; choose another path")
     if not target.parent.is_dir():
         raise ConfigError(f"--json-file {path}: the folder {target.parent} does not exist; create it first")
     if target.exists() and not _is_bench_result(target):  # an earlier bench's result is replaced, nothing else
