@@ -169,8 +169,12 @@ def shape_from_dict(data: dict, source: str) -> ModelShape:
             f"(model_type {kind!r}); the estimator models Llama-style decoders (Llama, Mistral, Qwen, SmolLM, "
             "Gemma-like) only, so it has no figures for it"
         )
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                           "vocab_size") if not isinstance(data.get(k), int)]
+    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    wrong = [f"{k} is {data[k]!r}, not a positive integer" for k in required
+             if k in data and (not isinstance(data[k], int) or isinstance(data[k], bool))]
+    if wrong:
+        raise ConfigError(f"{source} does not describe a model: {'; '.join(wrong)}; pass the model's own config.json")
+    missing = [k for k in required if k not in data]
     if missing:
         raise ConfigError(
             f"{source} lacks {', '.join(missing)}: the estimator needs a Llama-style decoder config "
