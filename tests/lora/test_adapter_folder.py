@@ -215,3 +215,17 @@ def test_load_analyze_and_export_name_the_same_problem(saved, tmp_path, damage):
                     f"{PREFIX}model.layers.1.self_attn.v_proj.lora_B.weight; re-copy or re-save the adapter")
     for message in every_reader_message(folder, tmp_path):
         assert all(part in message for part in ((expected,) if isinstance(expected, str) else expected)), message
+
+
+def test_a_rank_the_config_contradicts_is_refused_on_load_and_warned_by_analyze(saved, tmp_path):
+    import json
+
+    folder, _ = saved
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))  # the tensors have rank 4
+    expected = "tensors have rank 4 but adapter_config gives r=8"
+    with pytest.raises(AdapterFileError, match=expected):
+        load_adapter(tiny_llama(), folder)
+    with pytest.raises(AdapterFileError, match=expected):
+        export_vllm(folder, tmp_path / "served")
+    assert any("rank other than the config's r" in w for w in analyze_adapter(folder).warnings)

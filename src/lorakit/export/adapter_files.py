@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.lora import adapter_folder
-from lorakit.lora.adapter_folder import Adapter, LoraPair, rank_mismatches, split_key  # noqa: F401  (re-exported)
+from lorakit.lora.adapter_folder import Adapter, LoraPair, split_key  # noqa: F401  (re-exported)
 
 _PEFT_DEFAULTS = {"r": adapter_folder.PEFT_DEFAULT_R, "lora_alpha": adapter_folder.PEFT_DEFAULT_ALPHA}
 
@@ -33,7 +33,7 @@ def read_for_export(folder: str | Path, allow_pickle: bool = False) -> Adapter:
 
 
 def export_tensor_problems(adapter: Adapter) -> list[str]:
-    """The reader's tensor problems, then factors that are not 2-D and ranks the config contradicts."""
+    """The reader's tensor problems (ranks the config contradicts included), then factors that are not 2-D."""
     problems = adapter_folder.tensor_problems(adapter)
     for module in sorted(adapter.pairs):
         pair = adapter.pairs[module]
@@ -41,8 +41,6 @@ def export_tensor_problems(adapter: Adapter) -> list[str]:
             tensor = getattr(pair, factor)
             if tensor is not None and tensor.dim() != 2:
                 problems.append(f"{pair.peft_key(factor)} has shape {tuple(tensor.shape)}; a LoRA factor is 2-D")
-    for module, rank, expected in rank_mismatches(adapter):
-        problems.append(f"{module}: tensors have rank {rank} but adapter_config gives r={expected} for it")
     return problems
 
 

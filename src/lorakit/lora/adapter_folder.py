@@ -354,8 +354,9 @@ def group_tensors(folder: Path, config: dict, weights_file: Path, tensors: dict[
 
 # ---- checking -----------------------------------------------------------------------------------
 
-def tensor_problems(adapter: Adapter) -> list[str]:
-    """Every pairing, dtype, NaN / inf and shape problem of the tensors, one line each."""
+def tensor_problems(adapter: Adapter, check_ranks: bool = True) -> list[str]:
+    """Every pairing, dtype, NaN / inf and shape problem of the tensors, one line each, and
+    (check_ranks) every rank the config contradicts."""
     problems: list[str] = []
     if not adapter.pairs:
         problems.append(f"{adapter.weights_file.name} holds no LoRA tensors (no *.lora_A.weight / "
@@ -365,6 +366,9 @@ def tensor_problems(adapter: Adapter) -> list[str]:
     for key in adapter.magnitudes + adapter.biases + adapter.base_copies + adapter.other_keys:
         if not _finite(adapter.tensors[key]):
             problems.append(f"{key} holds NaN or inf values; {_DIVERGED}")
+    # PEFT builds each layer at the config's rank and would refuse these tensors; the scale needs it too
+    for module, rank, expected in rank_mismatches(adapter) if check_ranks else []:
+        problems.append(f"{module}: tensors have rank {rank} but adapter_config gives r={expected} for it")
     return problems
 
 
@@ -397,9 +401,9 @@ def _finite(tensor: torch.Tensor) -> bool:
     return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
 
 
-def raise_tensor_problems(adapter: Adapter) -> None:
+def raise_tensor_problems(adapter: Adapter, check_ranks: bool = True) -> None:
     """One AdapterFileError naming every tensor problem (none: returns)."""
-    problems = tensor_problems(adapter)
+    problems = tensor_problems(adapter, check_ranks)
     if len(problems) == 1:
         raise AdapterFileError(f"{adapter.folder}: {problems[0]}")
     if problems:

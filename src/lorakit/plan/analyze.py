@@ -39,7 +39,8 @@ from typing import Sequence
 import torch
 
 from lorakit.errors import ConfigError
-from lorakit.lora.adapter_folder import PEFT_DEFAULT_ALPHA, Adapter, rank_mismatches, read_adapter_folder
+from lorakit.lora.adapter_folder import (PEFT_DEFAULT_ALPHA, Adapter, raise_tensor_problems, rank_mismatches,
+                                         read_adapter_folder)
 from lorakit.lora.io import base_rewriting_init
 from lorakit.safe_io import save_figure, translate_os_errors
 
@@ -181,7 +182,8 @@ def analyze_adapter(path: str | Path, energies: Sequence[float] = DEFAULT_ENERGI
                     allow_pickle: bool = False) -> AdapterAnalysis:
     """Read an adapter folder and compute every module's spectrum and the verdict."""
     energies = check_energies(energies)
-    adapter = read_adapter_folder(path, allow_pickle)
+    adapter = read_adapter_folder(path, allow_pickle, check_tensors=False)
+    raise_tensor_problems(adapter, check_ranks=False)  # a rank the config contradicts: analysed, and warned about
     modules = [_module_rank(adapter, name, energies) for name in sorted(adapter.pairs)]
     _shorten_types(modules)
     config = adapter.config
