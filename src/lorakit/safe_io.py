@@ -24,7 +24,7 @@ Public API::
 
     atomic_write_bytes(path, data)            atomic_write_text(path, text)
     atomic_write_json(path, obj)              atomic_save_safetensors(path, tensors, metadata)
-    save_figure(figure, path)
+    save_figure(figure, path, made_by)        figure_made_by(path, made_by) -> bool
     load_safetensors_checked(path) -> dict[str, Tensor]
     refuse_pickle(path, allow_pickle) -> bool          load_tensor_file(path, allow_pickle)
     ensure_inside(base_dir, path, what=..., error=OutputError) -> Path
@@ -155,11 +155,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return _atomic_write(path, _write_with("wb", data))
 
 
-def save_figure(figure: Any, path: str | os.PathLike) -> Path:
-    """A matplotlib Figure as a PNG at 110 dpi, written atomically (rendered in memory first)."""
+def save_figure(figure: Any, path: str | os.PathLike, made_by: str = "lorakit") -> Path:
+    """A matplotlib Figure as a PNG at 110 dpi, written atomically (rendered in memory first), its
+    Software field naming the command that made it (see `figure_made_by`)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
+    figure.savefig(buffer, format="png", dpi=110, metadata={"Software": made_by})
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def figure_made_by(path: str | os.PathLike, made_by: str) -> bool:
+    """Whether the PNG at `path` is one `save_figure(..., made_by=made_by)` wrote: a command may
+    replace its own picture, not a file of the user's."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == made_by
+    except (OSError, UnidentifiedImageError):
+        return False
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

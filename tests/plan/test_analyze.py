@@ -221,6 +221,18 @@ def test_cli_heatmap_must_be_an_image_name(tmp_path, capsys):
         assert main(["analyze", str(tmp_path), "--no-heatmap", *flags]) == 2
 
 
+def test_cli_heatmap_replaces_its_own_picture_only(tmp_path, capsys):
+    write_adapter(tmp_path / "a", _modules([3.0, 2.0, 1.0], 16, count=2))
+    mine, heatmap = tmp_path / "loss.png", tmp_path / "rank.png"
+    mine.write_bytes(b"\x89PNG\r\n\x1a\n a picture of the user's")
+    assert main(["analyze", str(tmp_path / "a"), "--heatmap", str(mine)]) == 2
+    assert "is not a heatmap lorakit analyze wrote" in capsys.readouterr().err
+    assert mine.read_bytes().endswith(b"a picture of the user's")
+    for _ in range(2):  # the second run replaces the first one's heatmap
+        assert main(["analyze", str(tmp_path / "a"), "--heatmap", str(heatmap)]) == 0
+    assert heatmap.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_cli_heatmap_write_error_names_heatmap_not_output(tmp_path, capsys, monkeypatch):
     from lorakit.errors import OutputError
     from lorakit.plan import analyze

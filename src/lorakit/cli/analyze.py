@@ -49,11 +49,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
+    target = None if args.no_heatmap else _heatmap_target(args)
     analysis = analyze_adapter(args.adapter, parse_energies(args.energy), allow_pickle=args.allow_pickle)
-    if not args.no_heatmap:
-        target = args.heatmap or args.adapter / "effective_rank.png"
-        if target.suffix.lower() != ".png":
-            raise ConfigError(f"--heatmap {target} must end in .png (it is a PNG image)")
+    if target is not None:
         try:
             analysis.heatmap = str(plot_effective_rank(analysis, target))
         except OutputError as exc:  # its fix names --output, which analyze does not have
@@ -64,6 +62,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(analysis, args.top)
     return 0
+
+
+def _heatmap_target(args: argparse.Namespace) -> Path:
+    """Where the heatmap goes, checked before the analysis runs."""
+    from lorakit.plan.analyze import HEATMAP_MAKER
+    from lorakit.safe_io import figure_made_by
+
+    target = args.heatmap or args.adapter / "effective_rank.png"
+    if target.suffix.lower() != ".png":
+        raise ConfigError(f"--heatmap {target} must end in .png (it is a PNG image)")
+    if args.heatmap is not None and target.exists() and not figure_made_by(target, HEATMAP_MAKER):
+        raise OutputError(f"--heatmap {target} exists and is not a heatmap lorakit analyze wrote; choose "
+                          "another path, or delete the file first")
+    return target
 
 
 def print_report(analysis, top: int) -> None:

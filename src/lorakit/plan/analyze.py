@@ -278,6 +278,8 @@ def make_verdict(modules: list[ModuleRank], r: int, energy: float) -> Verdict:
 
 # ---- the heatmap ----------------------------------------------------------------------------
 
+HEATMAP_MAKER = "lorakit analyze"  # the PNG's Software field: analyze replaces only its own heatmaps
+
 def plot_effective_rank(analysis: AdapterAnalysis, path: str | Path, energy: float | None = None) -> Path:
     """PNG of the rank at `energy` (default: the first level) by layer (x) and module type (y)."""
     import numpy as np
@@ -309,5 +311,5 @@ def plot_effective_rank(analysis: AdapterAnalysis, path: str | Path, energy: flo
     path = Path(path)
     with translate_os_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    return save_figure(fig, path)
+    return save_figure(fig, path, made_by=HEATMAP_MAKER)
 
