@@ -197,6 +197,7 @@ def test_parse_size():
     (["--gpu-memory", "lots"], "not a memory size"),
     (["--gpu-memory", "8GiB", "--device", "cpu"], "--gpu-memory"),
     (["--data", "/no/such/file.jsonl"], "does not exist"),
+    (["--eval-data", "/no/such/eval.jsonl"], "eval.jsonl does not exist"),
     (["--model", "/no/such/model"], "no such model"),
     (["--output", "config.txt"], ".yaml"),
 ])

@@ -406,6 +406,10 @@ def recommend(model: str | None = None, data: list[str] | None = None, task: str
     budget = budget or make_budget()
     facts = model_facts(model)
     profile = profile_data(data, _tokenizer(model), fmt, facts.max_positions)
+    if eval_data:  # read now: a config naming an unreadable file would fail only when train starts
+        from lorakit.data.reading import read_records
+
+        read_records(eval_data)
     choices, memory = plan_choices(task, profile, facts, budget)
     notes = [facts.shape_note] if facts.shape_note else []
     config = build_config(_model_spec(model), data, eval_data, fmt, task, choices, run_output)
