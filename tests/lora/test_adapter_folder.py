@@ -229,3 +229,18 @@ def test_a_rank_the_config_contradicts_is_refused_on_load_and_warned_by_analyze(
     with pytest.raises(AdapterFileError, match=expected):
         export_vllm(folder, tmp_path / "served")
     assert any("rank other than the config's r" in w for w in analyze_adapter(folder).warnings)
+
+
+def test_an_unsupported_option_is_named_before_the_ranks_it_changes(saved):
+    import json
+
+    from lorakit.adapters import AdapterSet
+
+    folder, _ = saved
+    config = json.loads((folder / "adapter_config.json").read_text())
+    # PEFT's target_parameters saves rank r per expert: the tensors' rank is not the config's r
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 2, "target_parameters": ["experts.weight"]}))
+    with pytest.raises(AdapterFileError, match="target_parameters=.* is not supported by lorakit"):
+        load_adapter(tiny_llama(), folder)
+    with pytest.raises(AdapterFileError, match="target_parameters=.* is not supported by lorakit"):
+        AdapterSet(tiny_llama()).add(folder)

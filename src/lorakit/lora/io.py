@@ -34,6 +34,7 @@ from lorakit.lora.adapter_folder import (
     WEIGHTS_FILE,
     Adapter,
     adapter_from_memory,
+    raise_tensor_problems,
     read_adapter_folder,
 )
 from lorakit.lora.adapter_folder import PEFT_PREFIX as PREFIX
@@ -175,9 +176,17 @@ def _version() -> str:
 
 def read_adapter(path: str | Path, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """(adapter_config, tensors under the model's parameter names, safetensors metadata), checked."""
-    adapter = read_adapter_folder(path, allow_pickle)
-    check_engine_supports(adapter.config, adapter.folder / CONFIG_FILE)
+    adapter = _read_supported(path, allow_pickle)
     return adapter.config, adapter.parameter_tensors(), adapter.metadata
+
+
+def _read_supported(path: str | Path, allow_pickle: bool) -> Adapter:
+    """The folder read, the options checked, then the tensors: an option the engine lacks (PEFT's
+    target_parameters: rank r per expert) would otherwise show as a tensor problem."""
+    adapter = read_adapter_folder(path, allow_pickle, check_tensors=False)
+    check_engine_supports(adapter.config, adapter.folder / CONFIG_FILE)
+    raise_tensor_problems(adapter)
+    return adapter
 
 
 def check_engine_supports(config: dict, where) -> None:
@@ -200,12 +209,13 @@ def check_engine_supports(config: dict, where) -> None:
 def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False, *,
                  allow_other_base: bool = False, allow_pickle: bool = False) -> nn.Module:
     """Put a saved adapter (lorakit's or PEFT's) on a base model, in place."""
-    return _attach(model, read_adapter_folder(path, allow_pickle), path, trainable, allow_other_base)
+    return _attach(model, _read_supported(path, allow_pickle), path, trainable, allow_other_base)
 
 
 def attach_adapter(model: nn.Module, config_dict: dict, tensors: dict, metadata: dict, path="<memory>", *,
                    trainable: bool = False, allow_other_base: bool = False) -> nn.Module:
     """Wrap and fill a model from an adapter already read into memory (see read_adapter)."""
+    check_engine_supports(config_dict, path)
     adapter = adapter_from_memory(config_dict, tensors, metadata, source=path)
     return _attach(model, adapter, path, trainable, allow_other_base)
 
