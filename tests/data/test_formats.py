@@ -259,8 +259,13 @@ def test_files_of_different_formats_are_named_together(chatml, tmp_path):
     more.write_text(json.dumps({"instruction": "c", "input": "d", "output": "e"}) + "\n")
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
                                              {"role": "assistant", "content": "b"}]}) + "\n")
-    with pytest.raises(DataError, match=r"different formats \(.*i.jsonl: instruction, .*c.jsonl: chat\)"):
+    with pytest.raises(DataError, match=r"different fields \(.*i.jsonl: instruction \(instruction, output\), "
+                                        r".*c.jsonl: chat \(messages\)\)"):
         tokenize_records(read_records([instruction, chat]), chatml)
+    completion = tmp_path / "p.jsonl"
+    completion.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"p.jsonl: instruction \(prompt, completion\)"):
+        tokenize_records(read_records([instruction, completion]), chatml)
     assert len(tokenize_records(read_records([instruction, more]), chatml).dataset) == 2  # extra fields are fine
 
 

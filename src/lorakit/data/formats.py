@@ -161,18 +161,20 @@ def _detect(columns: list[str]) -> tuple[str, str]:
 
 
 def _refuse_mixed_formats(sources: Sequence[SourceFile]) -> None:
-    """Files of different formats would be read as the first one found (chat before instruction),
-    and the others' rows blamed for lacking its fields."""
+    """Files read through different fields (instruction beside chat, instruction/output beside
+    prompt/completion) would all be read through the first file's, and the others' rows blamed
+    for lacking them."""
     found = {}
     for src in sources if len(sources) > 1 else []:
         try:
-            found[src.path] = _detect(list(src.columns))[0]
+            fmt, fields, _ = _resolve_format(list(src.columns), "auto")
         except DataError as exc:
             raise DataError(f"{src.path}: {exc}") from None
+        found[src.path] = f"{fmt} ({', '.join(fields)})"
     if len(set(found.values())) > 1:
-        listed = ", ".join(f"{path}: {fmt}" for path, fmt in found.items())
-        raise DataError(f"the data files hold different formats ({listed}); train on one format at a time, or "
-                        "convert the files to one format first")
+        listed = ", ".join(f"{path}: {how}" for path, how in found.items())
+        raise DataError(f"the data files are read through different fields ({listed}); give every file the same "
+                        "format and field names, or train on one kind at a time")
 
 
 def _instruction_pair(columns: Sequence[str]) -> tuple[str, str] | None:
