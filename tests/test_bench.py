@@ -191,6 +191,9 @@ def test_json_file_holds_the_final_result_and_bad_paths_are_refused(tmp_path, ca
     assert main([*args, "--json-file", str(target)]) == 0
     assert [r["variant"] for r in json.loads(target.read_text())["variants"]] == ["lorakit"]
     assert main([*args, "--json-file", str(target)]) == 0  # an earlier result is replaced
+    empty = tmp_path / "mktemp.json"
+    empty.touch()
+    assert main([*args, "--json-file", str(empty)]) == 0 and json.loads(empty.read_text())["variants"]
     notes = tmp_path / "notes.json"
     notes.write_text('{"mine": 1}')
     for bad, message in ((tmp_path, "is a folder"), (tmp_path / "no" / "b.json", "does not exist"),

@@ -196,3 +196,15 @@ def test_a_problem_that_follows_from_another_is_not_listed(yaml_values, argv, sh
     with pytest.raises(ConfigError) as err:
         resolve(yaml_values, flags(*argv))
     assert shown in str(err.value) and hidden not in str(err.value)
+
+
+def test_a_refused_path_in_the_cache_points_to_lorakit_cache(tmp_path, monkeypatch):
+    import errno
+
+    from lorakit.cli import PATH_FIXES, _path_fix
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    inside = OSError(errno.ENOTDIR, "Not a directory", str(tmp_path / "cache" / "models"))
+    assert "set LORAKIT_CACHE" in _path_fix(inside)
+    elsewhere = OSError(errno.ENOTDIR, "Not a directory", str(tmp_path / "out"))
+    assert _path_fix(elsewhere) == PATH_FIXES[errno.ENOTDIR]

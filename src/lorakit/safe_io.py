@@ -63,8 +63,6 @@ _WRITE_ERRORS = {
     errno.EROFS: ("read-only file system", "choose a writable --output"),
     errno.EACCES: ("permission denied", _FIX_PERMISSIONS),
     errno.EPERM: ("operation not permitted", _FIX_PERMISSIONS),
-    # mkdir(parents=True) under a file: the file "exists" where a folder was wanted
-    errno.EEXIST: ("a part of the path is a file, not a folder", "choose another --output"),
     errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose another --output"),
 }
 
@@ -72,6 +70,8 @@ _WRITE_ERRORS = {
 def output_error(exc: OSError, path: str | os.PathLike) -> OutputError:
     """Turn an OSError raised while writing ``path`` into one actionable OutputError."""
     what, fix = _WRITE_ERRORS.get(exc.errno, (exc.strerror or str(exc), "check the output folder"))
+    if exc.errno == errno.EEXIST and exc.filename and os.path.isfile(exc.filename):  # mkdir(parents=True) under a file
+        what, fix = _WRITE_ERRORS[errno.ENOTDIR]
     if exc.errno is None and "requested and" in str(exc):  # numpy's tofile on a full disk: no errno
         what, fix = f"a short write ({exc}; the disk is likely full)", _FREE_SPACE
     return OutputError(f"{what} while writing {path}: {fix}")

@@ -343,6 +343,8 @@ def test_bad_models_and_shapes_are_user_errors(tmp_path):
         TrainShape(dtype="int3")
     with pytest.raises(ConfigError, match="unknown target 'qkv'"):
         TrainShape(targets="qkv")
+    from lorakit.plan.model_shapes import resolve_targets
+    assert resolve_targets("attention,mlp") == resolve_targets("all")  # groups inside a list, as train takes them
     with pytest.raises(ConfigError, match="batch_size"):
         TrainShape(batch_size=0)
 

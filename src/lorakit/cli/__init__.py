@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in PATH_FIXES or exc.filename is None:
             raise
-        print(f"error: {exc.strerror}: {exc.filename}; {PATH_FIXES[exc.errno]}", file=sys.stderr)
+        print(f"error: {exc.strerror}: {exc.filename}; {_path_fix(exc)}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # pathlib's resolve() before Python 3.13; an OSError (ELOOP) since
         if not str(exc).startswith("Symlink loop"):
@@ -127,6 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _path_fix(exc: OSError) -> str:
+    """PATH_FIXES' advice, pointed at LORAKIT_CACHE when the path is in lorakit's own cache (not one
+    the user gave on the command line)."""
+    from pathlib import Path
+
+    from lorakit.models import cache_dir
+
+    cache, path = cache_dir().absolute(), Path(os.fsdecode(exc.filename)).absolute()
+    if path == cache or cache in path.parents:
+        return f"it is in lorakit's cache ({cache}): set LORAKIT_CACHE to a writable folder"
+    return PATH_FIXES[exc.errno]
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ def _checked_json_file(path: str) -> Path:
         raise ConfigError(f"--json-file {path}: {target.parent} is a file, not a folder; choose another path")
     if not target.parent.is_dir():
         raise ConfigError(f"--json-file {path}: the folder {target.parent} does not exist; create it first")
-    if target.exists() and not _is_bench_result(target):  # an earlier bench's result is replaced, nothing else
+    # an earlier bench's result (or an empty file, as mktemp makes) is replaced, nothing else
+    if target.exists() and target.stat().st_size and not _is_bench_result(target):
         raise ConfigError(f"--json-file {path} exists and is not a lorakit bench result; choose another file name")
     return target
 

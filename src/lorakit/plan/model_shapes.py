@@ -88,6 +88,9 @@ def resolve_targets(targets: TargetSpec) -> tuple[str, ...]:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     chosen = []
     for name in targets:
+        if name in TARGET_GROUPS:  # "attention,mlp", as train takes it
+            chosen += TARGET_GROUPS[name]
+            continue
         full = name if name.endswith("_proj") else f"{name}_proj"
         if full not in PROJECTIONS:
             raise ConfigError(
