@@ -234,6 +234,7 @@ def refuse_occupied_output(config: RunConfig) -> list[str]:
     --overwrite says what to do with them. Checked again, under the folder's lock, when claimed;
     first before the model loads, so that a refusal is immediate."""
     out = Path(config.output.output)
+    out.resolve()  # a symbolic-link loop raises here, before the model loads (the CLI names it)
     existing = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
     if existing and not (config.output.resume or config.output.overwrite or config.output.dry_run):
         if "summary.json" in existing:
