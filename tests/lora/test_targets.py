@@ -44,6 +44,11 @@ def test_groups_inside_a_list_are_groups():
         n for n in select_targets(LLAMA, "all", model_type="llama") if n.endswith(("q_proj", "v_proj", "down_proj"))]
 
 
+def test_a_model_without_linear_layers_is_named_as_such():
+    with pytest.raises(TargetMatchError, match="this model has no linear layer to adapt"):
+        select_targets([ModuleInfo("lm_head", "linear", 8, 100)], "all", model_type="llama", output_head="lm_head")
+
+
 def test_the_output_head_is_named_as_such():
     with pytest.raises(TargetMatchError, match="is the output head"):
         select_targets(LLAMA, "lm_head", output_head="lm_head")

@@ -164,6 +164,9 @@ def _miss_message(label: str, modules, linear, pattern: str, output_head: str | 
     if output_head is not None and _matches(pattern, output_head):
         return (f"target {label!r} is the output head ({output_head}); lorakit trains LoRA on the other linear "
                 "layers only: choose among them, e.g. all")
+    if not linear:
+        return (f"target {label!r} matches nothing: this model has no linear layer to adapt (besides its output "
+                "head); check that the model folder holds the model you meant (its config.json's layer count)")
     non_linear = [m for m in modules if _matches(pattern, m.name) and m.kind not in LINEAR_KINDS]
     if non_linear:
         m = non_linear[0]
