@@ -201,14 +201,15 @@ def _rewrite_manifest(folder: Path) -> None:
     (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 
-def edit_trainer_state(change: Callable[[dict], None]):
-    """A hand-edited (or hostile) trainer_state.json in every checkpoint, manifests made to match."""
+def edit_trainer_state(change: Callable[[dict], object]):
+    """A hand-edited (or hostile) trainer_state.json in every checkpoint, manifests made to match;
+    `change` edits the dict in place, or returns what replaces it."""
     def setup(ctx: Ctx) -> None:
         copy_run()(ctx)
         for folder in ckpt.list_checkpoints(ctx.out / "checkpoints"):
             state = json.loads((folder / ckpt.TRAINER_STATE).read_text())
-            change(state)
-            (folder / ckpt.TRAINER_STATE).write_text(json.dumps(state))
+            replaced = change(state)
+            (folder / ckpt.TRAINER_STATE).write_text(json.dumps(state if replaced is None else replaced))
             _rewrite_manifest(folder)
     return setup
 
@@ -432,6 +433,13 @@ OUTPUT_CASES = [
          "resume with the same --model", setup=copy_run()),
     Case("resume-every-checkpoint-damaged", train("--resume"), "every checkpoint in", "pass --overwrite instead of --resume",
          setup=damage_all_checkpoints),
+    *[Case(f"resume-trainer-state-{name}", train("--resume"), problem, "delete this",
+           setup=edit_trainer_state(change)) for name, change, problem in [
+        ("a-list", lambda s: [1], "lacks the step or the random state"),
+        ("config-a-string", lambda s: s.update(config="oops"), "invalid value(s) for config"),
+        ("history-len-a-string", lambda s: s.update(history_len="x"), "invalid value(s) for history_len"),
+        ("step-not-the-folders", lambda s: s["state"].update(step=s["state"]["step"] + 2), "is not the step its folder"),
+    ]],
     Case("resume-hostile-trainer-state", train("--resume"), "is not a valid lorakit training state",
          "delete this checkpoint folder", setup=edit_trainer_state(lambda s: s["state"].update(step=-3, evil="x"))),
     Case("resume-other-data", train("--resume", data="{tmp}/small.jsonl"), "the data now makes",

@@ -278,3 +278,19 @@ def test_the_demo_labels_only_the_values_it_filled_in(tmp_path):
     assert demo and config.data.eval_data == [str(eval_file)]
     assert config.sources["data.eval_data"] == config.sources["data.seq_len"] == "flag"
     assert config.sources["data.data"] == config.sources["train.max_steps"] == "demo default"
+
+
+def test_resume_on_data_with_other_contents_says_so(tiny, tmp_path, capsys):
+    import shutil
+
+    model, _ = tiny
+    data = write_define_data(tmp_path / "data.jsonl", count=48, seed=1)
+    out = tmp_path / "run"
+    args = ["train", "--model", str(model), "--data", str(data), "--output", str(out), "--batch-size", "4",
+            "--seq-len", "64", "--r", "4", "--eval-split", "0", "--save-every", "1"]
+    assert main([*args, "--max-steps", "2"]) == 0
+    assert main([*args, "--max-steps", "3", "--resume"]) == 0
+    assert "the training data differs" not in capsys.readouterr().out  # same data: an exact continuation
+    shutil.copy(write_define_data(tmp_path / "other.jsonl", count=48, seed=7), data)  # same file, other rows
+    assert main([*args, "--max-steps", "4", "--resume"]) == 0
+    assert "the training data differs from the checkpoint's" in capsys.readouterr().out

@@ -442,6 +442,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             "or delete this folder"
         )
     trainer_state = _decode(_read_json(folder / TRAINER_STATE), {})
+    if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step"), int) \
+            or not isinstance(trainer_state.get("rng"), dict):
+        raise AdapterFileError(f"checkpoint {folder} is damaged: its {TRAINER_STATE} lacks the step or the random "
+                               "state; resume from an earlier checkpoint or delete this folder")
     optimizer_sd = unflatten_optimizer_state(
         load_safetensors_checked(folder / OPTIMIZER_TENSORS), _read_json(folder / OPTIMIZER_JSON)
     )

@@ -65,6 +65,7 @@ class Session:
         self.last_eval: dict | None = None
         self.train_seconds = 0.0
         self.fingerprint = base_fingerprint(prepared.model)
+        self.data_fingerprint = prepared.train.fingerprint()
 
     # ---- resume --------------------------------------------------------------------------
     def resume_if_asked(self) -> None:
@@ -85,12 +86,15 @@ class Session:
         """The checkpoint's position and trainer state, once it is known to fit this model, data
         and run (grad_accum may be changed to keep its global batch)."""
         saved = checkpoint.trainer_state
+        state = _train_state_from(path, saved)
         if saved.get("fingerprint") not in (None, self.fingerprint):
             raise AdapterMismatchError(f"the checkpoint {path} was made for another base model; "
                                        "resume with the same --model, or start a new --output")
         _check_tensors_fit(path, self.prepared.model, checkpoint.model_tensors)
-        state = _train_state_from(path, saved)
         self._note_changed_config(saved.get("config"))
+        if saved.get("data_fingerprint") not in (None, self.data_fingerprint):
+            self.log("resume: the training data differs from the checkpoint's (same files, other contents); the run "
+                     "continues on the new data at the saved position, so it will not match an uninterrupted run")
         if _changes_what_base_eval_measured(saved.get("config") or {}, self.config.to_dict()):
             saved = {**saved, "base_eval": None}  # measured on other data or another base: measure again
         self._check_data_position(path, state)
@@ -164,7 +168,8 @@ class Session:
         rng_tensors, rng_meta = capture_rng()
         rng_tensors.update(distributed.gather_rank_rng())
         trainer_state = {"state": self.state.to_json(), "config": self.config.to_dict(),
-                         "fingerprint": self.fingerprint, "base_eval": self.base_eval,
+                         "fingerprint": self.fingerprint, "data_fingerprint": self.data_fingerprint,
+                         "base_eval": self.base_eval,
                          "train_seconds": self.train_seconds, "history_len": len(self.history),
                          "micro_batches_per_step": s.grad_accum * s.world_size, "world_size": s.world_size}
         path = self.out / "checkpoints" / ckpt.step_dir_name(self.state.step)
@@ -380,21 +385,36 @@ _STATE_FIELDS = {f.name: f.type for f in fields(TrainState)}
 
 def _train_state_from(path: Path, saved: dict) -> TrainState:
     """TrainState from a checkpoint's JSON, checked: the file may be damaged or hand-edited."""
-    raw = saved.get("state")
-    problem = None
-    if not isinstance(raw, dict) or set(raw) != set(_STATE_FIELDS):
-        problem = "its 'state' entry does not have the training-state fields"
-    else:
-        counters = [k for k in raw if k != "loss_ema"]
-        bad = [k for k in counters if isinstance(raw[k], bool) or not isinstance(raw[k], int) or raw[k] < 0]
-        ema = raw["loss_ema"]
-        if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float))):
-            bad.append("loss_ema")
-        problem = f"invalid value(s) for {', '.join(bad)}" if bad else None
+    problem = _trainer_state_problem(path, saved)
     if problem:
         raise AdapterFileError(f"{path / ckpt.TRAINER_STATE} is not a valid lorakit training state ({problem}); "
                                "delete this checkpoint folder to resume from the previous one")
-    return TrainState(**raw)
+    return TrainState(**saved["state"])
+
+
+# trainer_state.json's other entries a resume reads: key -> the JSON types it may have (or null)
+_SAVED_TYPES = {"config": dict, "base_eval": dict, "history_len": int, "train_seconds": (int, float),
+                "micro_batches_per_step": int, "world_size": int}
+
+
+def _trainer_state_problem(path: Path, saved) -> str | None:
+    if not isinstance(saved, dict):
+        return "it is not a JSON object"
+    raw = saved.get("state")
+    if not isinstance(raw, dict) or set(raw) != set(_STATE_FIELDS):
+        return "its 'state' entry does not have the training-state fields"
+    counters = [k for k in raw if k != "loss_ema"]
+    bad = [k for k in counters if isinstance(raw[k], bool) or not isinstance(raw[k], int) or raw[k] < 0]
+    ema = raw["loss_ema"]
+    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not math.isfinite(ema)):
+        bad.append("loss_ema")
+    bad += [k for k, kinds in _SAVED_TYPES.items() if saved.get(k) is not None
+            and (isinstance(saved[k], bool) or not isinstance(saved[k], kinds) or (kinds is int and saved[k] < 0))]
+    if bad:
+        return f"invalid value(s) for {', '.join(bad)}"
+    if ckpt.step_dir_name(raw["step"]) != path.name:
+        return f"its step {raw['step']} is not the step its folder {path.name} names"
+    return None
 
 
 _NOT_COMPARED = {"output.resume", "output.overwrite", "output.output", "output.dry_run", "output.keep_checkpoints"}
