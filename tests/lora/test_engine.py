@@ -17,9 +17,9 @@ def logits(model):
 
 def test_config_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as err:
-        LoraConfig(r=0, alpha=-1, dropout=1.5, scaling="big", init="zeros")
+        LoraConfig(r=0, alpha=-1, dropout=1.5, scaling="big", init="zeros", use_dora="no")
     message = str(err.value)
-    for word in ("r must", "alpha must", "dropout must", "scaling must", "init must"):
+    for word in ("r must", "alpha must", "dropout must", "scaling must", "init must", "use_dora must be True or False"):
         assert word in message
 
 

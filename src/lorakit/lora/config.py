@@ -63,6 +63,8 @@ class LoraConfig:
             out.append(f"scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
         if self.init not in INITS:
             out.append(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not isinstance(self.use_dora, bool):  # "no" is truthy: it would turn DoRA on
+            out.append(f"use_dora must be True or False, got {self.use_dora!r}")
         if self.init == "pissa" and self.use_dora:
             out.append("init='pissa' cannot be combined with use_dora=True; choose one")
         out += _target_problems("target_modules", self.target_modules)
