@@ -174,3 +174,30 @@ def test_gaussian_init_and_dropout(llama):
     layer = llama.model.layers[0].self_attn.q_proj
     assert isinstance(layer.lora_dropout, torch.nn.Dropout)
     assert layer.lora_A.weight.std().item() == pytest.approx(0.25, rel=0.2)
+
+
+def test_a_compiled_model_is_adapted_saved_and_loaded_as_its_module(tmp_path):
+    from safetensors.torch import load_file
+
+    from lorakit import load_adapter, save_adapter
+    from lorakit.lora import base_fingerprint
+
+    model = tiny_llama()
+    compiled = torch.compile(model)  # lazy: nothing compiles until a forward
+    assert base_fingerprint(compiled) == base_fingerprint(model)
+    assert apply_lora(compiled, LoraConfig(r=4)) is compiled
+    save_adapter(compiled, tmp_path / "a")
+    assert not any("_orig_mod" in key for key in load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    load_adapter(tiny_llama(), tmp_path / "a")  # the plain base takes it: same names, same fingerprint
+    assert any(isinstance(m, LoraLinear) for m in load_adapter(torch.compile(tiny_llama()), tmp_path / "a").modules())
+
+
+def test_loading_onto_a_model_with_adapters_is_refused_before_it_changes(tmp_path):
+    from lorakit import load_adapter, save_adapter
+
+    model = apply_lora(tiny_llama(), LoraConfig(r=4))
+    save_adapter(model, tmp_path / "a")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    with pytest.raises(ConfigError, match="already has LoRA adapters"):
+        load_adapter(model, tmp_path / "a")
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable

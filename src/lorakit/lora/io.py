@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.errors import AdapterFileError, AdapterMismatchError
+from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError
 from lorakit.lora.adapter_folder import (
     CONFIG_FILE,
     FINGERPRINT_KEY,
@@ -40,8 +40,8 @@ from lorakit.lora.adapter_folder import (
 from lorakit.lora.adapter_folder import PEFT_PREFIX as PREFIX
 from lorakit.lora.config import LoraConfig, lora_scale
 from lorakit.lora.layer import LoraLinear
-from lorakit.lora.model import (CONFIG_ATTR, base_fingerprint, lora_layers, overwritten_originals, remember_original,
-                                untie_modules_to_save, wrap_modules)
+from lorakit.lora.model import (CONFIG_ATTR, base_fingerprint, lora_layers, on_the_compiled_model, overwritten_originals,
+                                remember_original, untie_modules_to_save, wrap_modules)
 from lorakit.safe_io import atomic_save_safetensors, atomic_write_json
 
 # PEFT options lorakit does not implement: loading them would silently compute something else
@@ -153,6 +153,7 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
+@on_the_compiled_model
 def save_adapter(model: nn.Module, path: str | Path, base_model_name: str | None = None) -> Path:
     """Write the adapter folder. Each file is written atomically."""
     if not hasattr(model, CONFIG_ATTR):
@@ -206,12 +207,14 @@ def check_engine_supports(config: dict, where) -> None:
             "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and load that")
 
 
+@on_the_compiled_model
 def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False, *,
                  allow_other_base: bool = False, allow_pickle: bool = False) -> nn.Module:
     """Put a saved adapter (lorakit's or PEFT's) on a base model, in place."""
     return _attach(model, _read_supported(path, allow_pickle), path, trainable, allow_other_base)
 
 
+@on_the_compiled_model
 def attach_adapter(model: nn.Module, config_dict: dict, tensors: dict, metadata: dict, path="<memory>", *,
                    trainable: bool = False, allow_other_base: bool = False) -> nn.Module:
     """Wrap and fill a model from an adapter already read into memory (see read_adapter)."""
@@ -221,6 +224,9 @@ def attach_adapter(model: nn.Module, config_dict: dict, tensors: dict, metadata:
 
 
 def _attach(model: nn.Module, adapter: Adapter, path, trainable: bool, allow_other_base: bool) -> nn.Module:
+    if hasattr(model, CONFIG_ATTR) or any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise ConfigError("this model already has LoRA adapters; take them off first (remove_lora(model, "
+                          "merge=False)), or load the base model again")
     check_engine_supports(adapter.config, path)
     _check_fingerprint(model, adapter.base_fingerprint, path, allow_other_base)
     config = _modules_to_save_here(model, lora_config_from_peft(adapter.config), adapter)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -53,6 +54,21 @@ def model_type(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
+def on_the_compiled_model(function: Callable) -> Callable:
+    """Run `function` on the module torch.compile wraps: the wrapper's names start with
+    "_orig_mod.", which a saved adapter must not hold (nor a fingerprint count). The wrapper
+    recompiles on its next call. Returns the caller's own object where `function` returns the model."""
+    @functools.wraps(function)
+    def on_inner(model, *args, **kwargs):
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return function(model, *args, **kwargs)
+        result = function(inner, *args, **kwargs)
+        return model if result is inner else result
+    return on_inner
+
+
+@on_the_compiled_model
 def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Wrap the targeted layers with LoRA, in place. Returns the same model."""
     if any(isinstance(m, LoraLinear) for m in model.modules()):
@@ -171,6 +187,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
             yield name, module
 
 
+@on_the_compiled_model
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight. Merging twice is a no-op."""
     layers = list(lora_layers(model))
@@ -207,6 +224,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+@on_the_compiled_model
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace each LoRA layer by its base layer: merged first, or with merge=False holding the
     original weights again (a merged update taken out, PiSSA's residual undone, the tensors a
@@ -298,6 +316,7 @@ _ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_la
                 "num_key_value_heads", "vocab_size", "n_embd", "n_layer", "n_head")
 
 
+@on_the_compiled_model
 def base_fingerprint(model: nn.Module) -> str:
     """A hash of the architecture fields and every base parameter's name and shape: the base's as
     loaded (untying a head for an adapter or a merge keeps the fingerprint it had before)."""
