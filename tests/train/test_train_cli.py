@@ -294,3 +294,12 @@ def test_resume_on_data_with_other_contents_says_so(tiny, tmp_path, capsys):
     shutil.copy(write_define_data(tmp_path / "other.jsonl", count=48, seed=7), data)  # same file, other rows
     assert main([*args, "--max-steps", "4", "--resume"]) == 0
     assert "the training data differs from the checkpoint's" in capsys.readouterr().out
+
+
+def test_resume_says_when_the_logged_history_is_gone(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--max-steps", "2", "--save-every", "1")) == 0
+    (out / "metrics.jsonl").unlink()
+    capsys.readouterr()
+    assert main(train_args(tiny, out, "--max-steps", "3", "--resume")) == 0
+    assert "metrics.jsonl holds 0 of the" in capsys.readouterr().out

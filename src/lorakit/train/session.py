@@ -115,6 +115,10 @@ class Session:
         self.state = state
         self.base_eval = saved.get("base_eval")
         self.history = _read_history(self.out / "metrics.jsonl", state.step, saved.get("history_len"))
+        if len(self.history) < (saved.get("history_len") or 0):
+            self.log(f"resume: metrics.jsonl holds {len(self.history)} of the {saved['history_len']} entries logged "
+                     "before the checkpoint (the file was removed or damaged); the run goes on, and metrics.jsonl, "
+                     "loss.png and the final report's train loss cover what is left")
         self.train_seconds = saved.get("train_seconds", 0.0)
         checkpoint.restore_rng()
         if not distributed.restore_rank_rng(checkpoint.rng_tensors):  # another number of processes
