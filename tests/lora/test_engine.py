@@ -201,3 +201,15 @@ def test_loading_onto_a_model_with_adapters_is_refused_before_it_changes(tmp_pat
     with pytest.raises(ConfigError, match="already has LoRA adapters"):
         load_adapter(model, tmp_path / "a")
     assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
+
+
+def test_a_model_on_the_meta_device_cannot_be_saved_or_merged(tmp_path):
+    from lorakit import save_adapter
+
+    with torch.device("meta"):
+        model = tiny_llama()
+    apply_lora(model, LoraConfig(r=4))
+    for act in (lambda: save_adapter(model, tmp_path / "a"), lambda: merge_lora(model)):
+        with pytest.raises(ConfigError, match="on the meta device"):
+            act()
+    assert not (tmp_path / "a").exists()

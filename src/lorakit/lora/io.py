@@ -41,7 +41,7 @@ from lorakit.lora.adapter_folder import PEFT_PREFIX as PREFIX
 from lorakit.lora.config import LoraConfig, lora_scale
 from lorakit.lora.layer import LoraLinear
 from lorakit.lora.model import (CONFIG_ATTR, base_fingerprint, lora_layers, on_the_compiled_model, overwritten_originals,
-                                remember_original, untie_modules_to_save, wrap_modules)
+                                refuse_meta_tensors, remember_original, untie_modules_to_save, wrap_modules)
 from lorakit.safe_io import atomic_save_safetensors, atomic_write_json
 
 # PEFT options lorakit does not implement: loading them would silently compute something else
@@ -158,6 +158,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name: str | None
     """Write the adapter folder. Each file is written atomically."""
     if not hasattr(model, CONFIG_ATTR):
         raise AdapterFileError("this model has no LoRA adapters to save; call apply_lora or load_adapter first")
+    refuse_meta_tensors(model, "save its adapter")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if base_model_name is None:

@@ -190,6 +190,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 @on_the_compiled_model
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight. Merging twice is a no-op."""
+    refuse_meta_tensors(model, "merge")
     layers = list(lora_layers(model))
     for name, layer in layers:  # check all first, so a bad adapter leaves nothing half merged
         if not all(torch.isfinite(p).all() for p in adapter_parameters(layer)):
@@ -198,6 +199,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for _, layer in layers:
         layer.merge()
     return model
+
+
+def refuse_meta_tensors(model: nn.Module, action: str) -> None:
+    """A model built on the meta device has shapes but no values: nothing can be saved or merged."""
+    if any(p.is_meta for p in model.parameters()):
+        raise ConfigError(f"cannot {action}: the model's weights are on the meta device (shapes without values); "
+                          "load or materialise them first (e.g. from_pretrained, or to_empty then load_state_dict)")
 
 
 def _untie_adapted_weights(model: nn.Module, layers: list[tuple[str, LoraLinear]]) -> None:
