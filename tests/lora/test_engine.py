@@ -213,3 +213,17 @@ def test_a_model_on_the_meta_device_cannot_be_saved_or_merged(tmp_path):
         with pytest.raises(ConfigError, match="on the meta device"):
             act()
     assert not (tmp_path / "a").exists()
+
+
+def test_a_pattern_or_exclusion_that_matches_nothing_is_refused():
+    from lorakit.errors import TargetMatchError
+
+    with pytest.raises(ConfigError, match=r"rank_pattern\['nomatch_proj'\] matches none of the"):
+        apply_lora(tiny_llama(), LoraConfig(r=4, rank_pattern={"nomatch_proj": 2}))
+    with pytest.raises(ConfigError, match=r"alpha_pattern\['up_proj'\] matches none"):
+        apply_lora(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], alpha_pattern={"up_proj": 2}))
+    with pytest.raises(TargetMatchError, match="exclude_modules: target 'zzz' matches no linear layer"):
+        apply_lora(tiny_llama(), LoraConfig(r=4, exclude_modules=["zzz"]))
+    model = apply_lora(tiny_llama(), LoraConfig(r=4, rank_pattern={"q_proj": 2}, exclude_modules=["v_proj"]))
+    assert model.model.layers[0].self_attn.q_proj.r == 2 and not isinstance(model.model.layers[0].self_attn.v_proj,
+                                                                            LoraLinear)

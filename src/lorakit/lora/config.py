@@ -92,9 +92,13 @@ def pattern_value(pattern: dict, module_name: str, default):
     """PEFT's rule for rank_pattern / alpha_pattern: the first key (a regular expression) that
     matches the end of the module name at a '.' boundary wins."""
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if pattern_matches(key, module_name):
             return value
     return default
+
+
+def pattern_matches(key: str, module_name: str) -> bool:
+    return re.match(rf"(.*\.)?({key})$", module_name) is not None
 
 
 def _is_int(value) -> bool:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError, MergeError
-from lorakit.lora.config import LoraConfig
+from lorakit.lora.config import LoraConfig, pattern_matches
 from lorakit.lora.layer import LoraLinear, in_out_features, layer_kind
 from lorakit.lora.targets import ModuleInfo, select_targets
 
@@ -77,6 +77,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         describe_modules(model), config.target_modules, exclude=config.exclude_modules,
         model_type=model_type(model), output_head=output_head_name(model),
     )
+    _refuse_unused_patterns(config, names)
     ranks = {name: config.rank_and_alpha(name) for name in names}
     _check_ranks(model, ranks)
     head = classification_head(model)
@@ -85,6 +86,16 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         config = dataclasses.replace(config, modules_to_save=[*config.modules_to_save, head])
     wrap_modules(model, config, ranks)
     return model
+
+
+def _refuse_unused_patterns(config: LoraConfig, names: list[str]) -> None:
+    """A rank_pattern or alpha_pattern key that adapts nothing is a typo, as a target would be."""
+    unused = [f"{field}[{key!r}]" for field, pattern in (("rank_pattern", config.rank_pattern),
+                                                         ("alpha_pattern", config.alpha_pattern))
+              for key in pattern if not any(pattern_matches(key, name) for name in names)]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)} matches none of the {len(names)} adapted modules (e.g. {names[0]}); "
+                          "fix the key or leave it out")
 
 
 def classification_head(model: nn.Module) -> str | None:

@@ -157,6 +157,9 @@ def _excluded(exclude, model_type: str | None, linear: Sequence[ModuleInfo]) -> 
     if exclude is None:
         return []
     patterns = _patterns_for(exclude, model_type, linear)
+    for label, pattern in patterns:  # a typo here would quietly adapt what was meant to be left out
+        if not any(_matches(pattern, m.name) for m in linear):
+            raise TargetMatchError("exclude_modules: " + _miss_message(label, [], linear, pattern, None))
     return [m.name for m in linear if any(_matches(p, m.name) for _, p in patterns)]
 
 
