@@ -175,8 +175,10 @@ def _refuse_mixed_formats(sources: Sequence[SourceFile]) -> None:
     """Files read through different fields (instruction beside chat, instruction/output beside
     prompt/completion) would all be read through the first file's, and the others' rows blamed
     for lacking them."""
+    if len(sources) < 2:
+        return
     found = {}
-    for src in sources if len(sources) > 1 else []:
+    for src in sources:
         try:
             fmt, fields, _ = _resolve_format(list(src.columns), "auto")
         except DataError as exc:

@@ -225,10 +225,10 @@ def attach_adapter(model: nn.Module, config_dict: dict, tensors: dict, metadata:
 
 
 def _attach(model: nn.Module, adapter: Adapter, path, trainable: bool, allow_other_base: bool) -> nn.Module:
+    """`adapter`'s options already checked (check_engine_supports) by the caller."""
     if hasattr(model, CONFIG_ATTR) or any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ConfigError("this model already has LoRA adapters; take them off first (remove_lora(model, "
                           "merge=False)), or load the base model again")
-    check_engine_supports(adapter.config, path)
     _check_fingerprint(model, adapter.base_fingerprint, path, allow_other_base)
     config = _modules_to_save_here(model, lora_config_from_peft(adapter.config), adapter)
     ranks = _ranks(config, adapter, path)
