@@ -244,3 +244,42 @@ def test_an_unsupported_option_is_named_before_the_ranks_it_changes(saved):
         load_adapter(tiny_llama(), folder)
     with pytest.raises(AdapterFileError, match="target_parameters=.* is not supported by lorakit"):
         AdapterSet(tiny_llama()).add(folder)
+
+
+@pytest.mark.parametrize("fields, covered", [
+    ({"target_modules": ["q_proj", "v_proj"]}, True),
+    ({"target_modules": r".*\.(q|v)_proj"}, True),
+    ({"target_modules": None}, True),
+    ({"target_modules": "all-linear"}, True),
+    ({"target_modules": ["zzz"]}, False),
+    ({"target_modules": ["q_proj"]}, False),  # PEFT loads this adapter without v_proj, and says nothing
+    ({"target_modules": "q_proj|v_proj"}, False),  # a string is a full-match regex in PEFT: no module is named that
+    ({"target_modules": ["q_proj", "v_proj"], "exclude_modules": ["v_proj"]}, False),
+])
+def test_tensors_of_modules_the_config_does_not_target_are_refused_as_peft_would_skip_them(saved, tmp_path, fields,
+                                                                                           covered):
+    import json
+
+    folder, _ = saved
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **fields}))
+    if covered:
+        load_adapter(tiny_llama(), folder)
+        assert not any("target_modules does not name" in w for w in analyze_adapter(folder).warnings)
+        return
+    expected = "does not cover .* modules the tensors adapt .*so PEFT would ignore their tensors"
+    with pytest.raises(AdapterFileError, match=expected):
+        load_adapter(tiny_llama(), folder)
+    with pytest.raises(AdapterFileError, match=expected):
+        export_vllm(folder, tmp_path / "served")
+    assert any("target_modules does not name" in w for w in analyze_adapter(folder).warnings)
+
+
+def test_an_invalid_target_regex_is_named(saved):
+    import json
+
+    folder, _ = saved
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "target_modules": "(q_proj"}))
+    with pytest.raises(AdapterFileError, match=r"target_modules '\(q_proj' is not a valid regular expression"):
+        read_adapter_folder(folder)

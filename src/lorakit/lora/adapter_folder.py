@@ -200,12 +200,14 @@ def check_adapter_config(config, where: str | Path) -> None:
         if config.get(key) is not None and not isinstance(config[key], bool):
             raise AdapterFileError(f"{where}: {key} must be true or false, got {config[key]!r}; "
                                    "fix it or re-save the adapter")
-    for key in ("target_modules", "modules_to_save"):
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):
         value = config.get(key)
         if value is not None and not isinstance(value, str) and not (
                 isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise AdapterFileError(f"{where}: {key} must be a module name, a list of names or null, "
                                    f"got {value!r}; fix it or re-save the adapter")
+        if isinstance(value, str) and key != "modules_to_save":
+            _check_regex(value, key, where)
     for key, valid, what in (("rank_pattern", _is_positive_int, "positive integers"),
                              ("alpha_pattern", _is_positive_number, "numbers above 0")):
         _check_pattern(config.get(key) or {}, key, valid, what, where)
@@ -216,11 +218,15 @@ def _check_pattern(pattern, key: str, valid, what: str, where) -> None:
         raise AdapterFileError(f"{where}: {key} must map module patterns to {what}, got {pattern!r}; "
                                "fix it or re-save the adapter")
     for regex in pattern:
-        try:
-            re.compile(regex)
-        except re.error as exc:
-            raise AdapterFileError(f"{where}: {key} key {regex!r} is not a valid regular expression ({exc}); "
-                                   "fix it or re-save the adapter") from None
+        _check_regex(regex, f"{key} key", where)
+
+
+def _check_regex(regex: str, what: str, where) -> None:
+    try:
+        re.compile(regex)
+    except re.error as exc:
+        raise AdapterFileError(f"{where}: {what} {regex!r} is not a valid regular expression ({exc}); "
+                               "fix it or re-save the adapter") from None
 
 
 def _is_positive_int(value) -> bool:
@@ -354,9 +360,9 @@ def group_tensors(folder: Path, config: dict, weights_file: Path, tensors: dict[
 
 # ---- checking -----------------------------------------------------------------------------------
 
-def tensor_problems(adapter: Adapter, check_ranks: bool = True) -> list[str]:
+def tensor_problems(adapter: Adapter, check_config: bool = True) -> list[str]:
     """Every pairing, dtype, NaN / inf and shape problem of the tensors, one line each, and
-    (check_ranks) every rank the config contradicts."""
+    (check_config) every place adapter_config contradicts them: a rank, a module it does not target."""
     problems: list[str] = []
     if not adapter.pairs:
         problems.append(f"{adapter.weights_file.name} holds no LoRA tensors (no *.lora_A.weight / "
@@ -367,8 +373,14 @@ def tensor_problems(adapter: Adapter, check_ranks: bool = True) -> list[str]:
         if not _finite(adapter.tensors[key]):
             problems.append(f"{key} holds NaN or inf values; {_DIVERGED}")
     # PEFT builds each layer at the config's rank and would refuse these tensors; the scale needs it too
-    for module, rank, expected in rank_mismatches(adapter) if check_ranks else []:
+    for module, rank, expected in rank_mismatches(adapter) if check_config else []:
         problems.append(f"{module}: tensors have rank {rank} but adapter_config gives r={expected} for it")
+    # PEFT builds layers from target_modules and skips tensors of any other module: lorakit would not
+    untargeted = untargeted_modules(adapter) if check_config else []
+    if untargeted:
+        problems.append(f"adapter_config's target_modules {adapter.config.get('target_modules')!r} (less "
+                        f"exclude_modules) does not cover {len(untargeted)} modules the tensors adapt (e.g. "
+                        f"{untargeted[0]}), so PEFT would ignore their tensors; list them in target_modules")
     return problems
 
 
@@ -401,9 +413,9 @@ def _finite(tensor: torch.Tensor) -> bool:
     return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
 
 
-def raise_tensor_problems(adapter: Adapter, check_ranks: bool = True) -> None:
+def raise_tensor_problems(adapter: Adapter, check_config: bool = True) -> None:
     """One AdapterFileError naming every tensor problem (none: returns)."""
-    problems = tensor_problems(adapter, check_ranks)
+    problems = tensor_problems(adapter, check_config)
     if len(problems) == 1:
         raise AdapterFileError(f"{adapter.folder}: {problems[0]}")
     if problems:
@@ -421,3 +433,21 @@ def rank_mismatches(adapter: Adapter) -> list[tuple[str, int, int]]:
         if factors_chain(pair) and pair.rank != expected:
             out.append((module, pair.rank, expected))
     return out
+
+
+def untargeted_modules(adapter: Adapter) -> list[str]:
+    """Modules holding LoRA factors that adapter_config's target_modules, by PEFT's rule, does not
+    target (or exclude_modules removes). An absent target_modules or "all-linear" targets them all."""
+    targets, exclude = adapter.config.get("target_modules"), adapter.config.get("exclude_modules")
+    if targets is None or targets == "all-linear":
+        targets = None
+    return [module for module in sorted(adapter.pairs)
+            if (targets is not None and not _peft_targets(targets, module)) or (exclude and _peft_targets(exclude, module))]
+
+
+def _peft_targets(spec: str | list[str], module: str) -> bool:
+    """PEFT's matching: a string is a regular expression the whole name must match; a list holds
+    names matching the module's name or its last dotted parts."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module) is not None
+    return any(module == name or module.endswith("." + name) for name in spec)

@@ -40,7 +40,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.lora.adapter_folder import (PEFT_DEFAULT_ALPHA, Adapter, raise_tensor_problems, rank_mismatches,
-                                         read_adapter_folder)
+                                         read_adapter_folder, untargeted_modules)
 from lorakit.lora.io import base_rewriting_init
 from lorakit.safe_io import save_figure, translate_os_errors
 
@@ -183,7 +183,7 @@ def analyze_adapter(path: str | Path, energies: Sequence[float] = DEFAULT_ENERGI
     """Read an adapter folder and compute every module's spectrum and the verdict."""
     energies = check_energies(energies)
     adapter = read_adapter_folder(path, allow_pickle, check_tensors=False)
-    raise_tensor_problems(adapter, check_ranks=False)  # a rank the config contradicts: analysed, and warned about
+    raise_tensor_problems(adapter, check_config=False)  # where the config contradicts the tensors: warned about
     modules = [_module_rank(adapter, name, energies) for name in sorted(adapter.pairs)]
     _shorten_types(modules)
     config = adapter.config
@@ -235,6 +235,10 @@ def _config_warnings(adapter: Adapter) -> list[str]:
     if mismatched:
         warnings.append(f"{len(mismatched)} modules have a rank other than the config's r/rank_pattern "
                         f"(e.g. {mismatched[0][0]}); the tensors' rank is used")
+    untargeted = untargeted_modules(adapter)
+    if untargeted:
+        warnings.append(f"{len(untargeted)} modules hold factors that target_modules does not name (e.g. "
+                        f"{untargeted[0]}); PEFT would skip them, the analysis includes them")
     if adapter.config.get("use_dora"):
         warnings.append("DoRA adapter: the spectra describe the low-rank direction update s·BA; "
                         "the learned magnitudes rescale rows on top of it")
