@@ -74,6 +74,24 @@ def test_fp16_forward_runs():
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
 
 
+def test_training_a_merged_model_warns_with_the_fix(llama):
+    import warnings
+
+    merge_lora(randomize_lora(apply_lora(llama, LoraConfig(r=4, alpha=8))))
+    with torch.no_grad():  # inference on a merged model is what merging is for: no warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            llama(IDS)
+    llama.train()
+    with pytest.warns(UserWarning, match=r"merged into the base weights .* call unmerge_lora\(model\) before training"):
+        llama(IDS)
+    unmerge_lora(llama)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llama(IDS, labels=IDS).loss.backward()
+    assert llama.model.layers[0].self_attn.q_proj.lora_B.weight.grad is not None
+
+
 def test_nan_adapter_refuses_to_merge(llama):
     apply_lora(llama, LoraConfig(r=4, alpha=8))
     with torch.no_grad():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,14 @@ class LoraLinear(nn.Module):
         value = new_weight.T if self.fan_in_fan_out else new_weight
         weight.data.copy_(value.to(weight.dtype))
 
+    def _warn_if_training_while_merged(self) -> None:
+        # the merged update is a constant in the weight: the factors get no gradient, and torch's own
+        # error at backward ("does not require grad") names neither the cause nor the fix
+        if self.training and torch.is_grad_enabled() and self.lora_A.weight.requires_grad:
+            warnings.warn("this model's adapters are merged into the base weights (merge_lora), so training "
+                          "cannot reach them: call unmerge_lora(model) before training (for inference, "
+                          "model.eval() or torch.no_grad() silences this)", stacklevel=2)
+
     def delta_weight(self) -> torch.Tensor:
         """s · B A in fp32, (out, in)."""
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
@@ -139,6 +148,7 @@ class LoraLinear(nn.Module):
         if self.disabled:
             return self._original_output(x, result)
         if self.merged:
+            self._warn_if_training_while_merged()
             return result
         dropped = self.lora_dropout(x)
         dtype = dropped.dtype if torch.is_floating_point(dropped) else self.lora_A.weight.dtype
