@@ -164,6 +164,23 @@ def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
     assert "[[" in printed and "trainable parameters" in printed
 
 
+def test_a_seq_len_beyond_the_context_is_named_and_refused_where_positions_are_a_table(tiny, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from lorakit.errors import ConfigError
+    from lorakit.train.run import context_notice
+
+    from tiny_models import tiny_bert, tiny_gpt2
+
+    assert main(train_args(tiny, tmp_path / "run", "--dry-run", "--seq-len", "512")) == 0  # rotary: runs, with a line
+    assert "--seq-len 512 is beyond the model's context (256)" in capsys.readouterr().out
+    for model, limit in ((tiny_gpt2(), 128), (tiny_bert(), 128)):
+        asked = SimpleNamespace(data=SimpleNamespace(seq_len=limit + 1))
+        with pytest.raises(ConfigError, match=f"longer than the model's context \\({limit} positions.*--seq-len {limit} or less"):
+            context_notice(asked, model)
+        assert context_notice(SimpleNamespace(data=SimpleNamespace(seq_len=limit)), model) == []
+
+
 def test_yaml_config_and_flag_override(tiny, tmp_path, capsys):
     model, data = tiny
     config = tmp_path / "c.yaml"

@@ -305,18 +305,17 @@ def _count(n: float) -> str:
 
 def model_facts(spec: str | None) -> ModelFacts:
     """Size, context and estimator shape from the model's config alone (no weights loaded)."""
-    from lorakit.models import resolve_model
+    from lorakit.models import context_length, resolve_model
     from lorakit.plan.model_shapes import shape_from_dict
 
     source = resolve_model(spec)
     config = _hf_config(source)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     try:
         shape, note = shape_from_dict(config.to_dict(), source.name), ""
     except ConfigError as exc:
         shape, note = None, f"memory not estimated: {exc}"
     return ModelFacts(source.name, _count_params(config), getattr(config, "model_type", None),
-                      int(limit) if isinstance(limit, int) else None, shape, note)
+                      context_length(config), shape, note)
 
 
 def _hf_config(source) -> Any:

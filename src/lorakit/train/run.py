@@ -28,7 +28,7 @@ from lorakit.errors import ConfigError, OutputError
 from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
 from lorakit.lora.targets import ARCH_PROJECTIONS
-from lorakit.models import training_dtype
+from lorakit.models import context_length, learned_positions, training_dtype
 from lorakit.train import distributed
 from lorakit.train.loop import LoopSettings, epoch_plan, total_steps_for
 from lorakit.train.schedule import warmup_steps_for
@@ -69,6 +69,20 @@ def dtype_notice(config: RunConfig, model) -> list[str]:
         return []
     return ["dtype: bfloat16 (auto: this CPU multiplies bf16 natively; on one such CPU training ran 1.6x faster than fp32; "
             "adapters and optimizer state stay fp32; --dtype float32 for full precision)"]
+
+
+def context_notice(config: RunConfig, model) -> list[str]:
+    """--seq-len beyond the model's context: refused where positions are a learned table (a longer
+    sequence has no row to look up), one line where they are rotary (it runs, outside what the model learned)."""
+    limit = context_length(model.config)
+    seq_len = config.data.seq_len
+    if limit is None or seq_len <= limit:
+        return []
+    if learned_positions(model, limit):
+        raise ConfigError(f"--seq-len {seq_len} is longer than the model's context ({limit} positions, a learned "
+                          f"table with no row beyond it); use --seq-len {limit} or less")
+    return [f"--seq-len {seq_len} is beyond the model's context ({limit}): it trains on positions the base model "
+            f"never saw; use --seq-len {limit} or less unless you are extending its context"]
 
 
 def load_data(config: RunConfig, tokenizer) -> tuple[TokenizedData, TokenizedData | None]:
@@ -127,8 +141,9 @@ def prepare(config: RunConfig) -> Prepared:
     use_fsdp, parallel_notices = distributed.choose_fsdp(distributed.requested_fsdp(config), config, device)
     torch.manual_seed(config.train.seed)
     model, tokenizer, source = load_model(config, on_cpu=use_fsdp)
+    context = context_notice(config, model)  # before tokenizing: a refusal should not wait for the data
     train, evaluation = distributed.main_first(lambda: load_data(config, tokenizer), others_too=True)  # one fills the cache
-    notices = dtype_notice(config, model) + resolve_targets(config, model)
+    notices = context + dtype_notice(config, model) + resolve_targets(config, model)
     apply_lora(model, lora_config(config))
     if lora_report(model).trainable_params == 0:
         raise ConfigError("no trainable parameters after applying LoRA; check --targets")
