@@ -605,12 +605,6 @@ def base_model_name(model: Any) -> str:
     return str(name) if name else "unknown"
 
 
-def context_length(model_config) -> int | None:
-    """The longest sequence the model was built for (max_position_embeddings or GPT-2's n_positions)."""
-    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-    return limit if isinstance(limit, int) and limit > 0 else None
-
-
 def learned_positions(model, limit: int) -> bool:
     """The model looks positions up in a table (GPT-2's wpe, BERT's, OPT's with its offset of 2)."""
     from torch import nn

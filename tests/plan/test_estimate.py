@@ -390,6 +390,19 @@ def test_cli_json(capsys):
     assert report["tokens_per_step"] == 8192
 
 
+def test_a_seq_len_beyond_the_models_context_is_noted(tmp_path, capsys):
+    tiny_config(max_position_embeddings=512).save_pretrained(tmp_path)
+    assert model_shape(tmp_path).context == 512 and model_shape("smollm2-135m").context == 8192
+    assert main(["estimate", "--model", str(tmp_path), "--seq-len", "512", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []
+    assert main(["estimate", "--model", str(tmp_path), "--seq-len", "513", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == [
+        "--seq-len 513 is beyond the model's context (512): lorakit train would name it, and refuse it where "
+        "positions are a learned table"]
+    assert main(["estimate", "--model", str(tmp_path), "--seq-len", "513"]) == 0
+    assert "note: --seq-len 513 is beyond the model's context (512)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_cli_fast_paths_model_the_trainers_step(capsys):
     """--fast-paths: the chunked loss and the fused MLP, as `lorakit train` plans its step."""
     args = ["estimate", "--model", "1b", "--json"]

@@ -102,6 +102,8 @@ def print_report(result) -> None:
     console.print(f"[bold]{m.name}[/]: {m.num_params() / 1e6:,.1f}M params, {m.num_layers} layers, hidden {m.hidden_size}, "
                   f"vocab {m.vocab_size:,}; LoRA r={s.r} on {s.targets} = {result.memory.trainable_params / 1e6:,.2f}M "
                   f"trainable; {s.batch_size} x {s.seq_len} tokens, {s.dtype}{suffix}; {_step_kind(result)}")
+    for note in result.notes():
+        console.print(f"[yellow]note:[/] {note}")
     console.print(_memory_table(result))
     console.print(_speed_table(result))
 

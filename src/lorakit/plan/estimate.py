@@ -600,10 +600,18 @@ class Estimate:
     step_seconds_at_mfu: float
     mfu: float
 
+    def notes(self) -> list[str]:
+        context = self.model.context
+        if context is None or self.shape.seq_len <= context:
+            return []
+        return [f"--seq-len {self.shape.seq_len} is beyond the model's context ({context}): lorakit train would "
+                "name it, and refuse it where positions are a learned table"]
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["model"]["num_params"] = self.model.num_params()
         out["tokens_per_step"] = self.shape.tokens * self.shape.world_size
+        out["notes"] = self.notes()
         return out
 
 

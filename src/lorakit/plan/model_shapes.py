@@ -42,6 +42,7 @@ class ModelShape:
     head_dim: int
     vocab_size: int
     tie_word_embeddings: bool = False
+    context: int | None = None  # max_position_embeddings, when known
 
     @property
     def q_dim(self) -> int:
@@ -73,9 +74,9 @@ class ModelShape:
 
 # The GPU benchmarks' shapes (docs/performance.md) and the built-in model.
 PRESETS = {
-    "1b": ModelShape("1b (Llama-3.2-1B shape)", 2048, 8192, 16, 32, 8, 64, 128256, True),
-    "8b": ModelShape("8b (Llama-3.1-8B shape)", 4096, 14336, 32, 32, 8, 128, 128256, False),
-    "smollm2-135m": ModelShape("smollm2-135m", 576, 1536, 30, 9, 3, 64, 49152, True),
+    "1b": ModelShape("1b (Llama-3.2-1B shape)", 2048, 8192, 16, 32, 8, 64, 128256, True, 131072),
+    "8b": ModelShape("8b (Llama-3.1-8B shape)", 4096, 14336, 32, 32, 8, 128, 128256, False, 131072),
+    "smollm2-135m": ModelShape("smollm2-135m", 576, 1536, 30, 9, 3, 64, 49152, True, 8192),
 }
 PRESETS["smollm2-135m-instruct"] = PRESETS["smollm2-135m"]
 
@@ -191,11 +192,20 @@ def shape_from_dict(data: dict, source: str) -> ModelShape:
         num_kv_heads=data.get("num_key_value_heads") or heads,
         head_dim=data.get("head_dim") or (data["hidden_size"] // heads if heads > 0 else 0),
         vocab_size=data["vocab_size"], tie_word_embeddings=_ties_embeddings(data),
+        context=context_length(data),
     )
     problems = _shape_problems(shape, explicit_head_dim="head_dim" in data and data["head_dim"] is not None)
     if problems:
         raise ConfigError(f"{source} does not describe a model: {'; '.join(problems)}; pass the model's own config.json")
     return shape
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings, GPT-2's n_positions),
+    from a config dict or object."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    limit = get("max_position_embeddings") or get("n_positions")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
 
 def _shape_problems(shape: ModelShape, explicit_head_dim: bool) -> list[str]:

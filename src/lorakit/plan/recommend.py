@@ -305,8 +305,8 @@ def _count(n: float) -> str:
 
 def model_facts(spec: str | None) -> ModelFacts:
     """Size, context and estimator shape from the model's config alone (no weights loaded)."""
-    from lorakit.models import context_length, resolve_model
-    from lorakit.plan.model_shapes import shape_from_dict
+    from lorakit.models import resolve_model
+    from lorakit.plan.model_shapes import context_length, shape_from_dict
 
     source = resolve_model(spec)
     config = _hf_config(source)

@@ -28,7 +28,8 @@ from lorakit.errors import ConfigError, OutputError
 from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
 from lorakit.lora.targets import ARCH_PROJECTIONS
-from lorakit.models import context_length, learned_positions, training_dtype
+from lorakit.models import learned_positions, training_dtype
+from lorakit.plan.model_shapes import context_length
 from lorakit.train import distributed
 from lorakit.train.loop import LoopSettings, epoch_plan, total_steps_for
 from lorakit.train.schedule import warmup_steps_for
