@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from lorakit import models
+from lorakit import gguf_convert, models
 from lorakit.errors import ConfigError, ModelLoadError
+from lorakit.gguf_convert import CONVERSION_MARKER, converted_gguf_dir, ensure_gguf_converted
 from lorakit.models import (
     DEFAULT_MODEL,
     base_model_name,
-    converted_gguf_dir,
-    ensure_gguf_converted,
     load_model_and_tokenizer,
     load_pretrained,
     load_tokenizer,
@@ -382,7 +381,7 @@ def test_gguf_converts_once_to_a_plain_folder(tiny_gguf, cache):
     assert source.kind == "gguf" and folder.parent == cache / "models"
     assert folder.name.startswith("tiny-test-")
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", models.CONVERSION_MARKER} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.json", CONVERSION_MARKER} <= names
     assert "quantization_config" not in (folder / "config.json").read_text()
     direct = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
     torch.testing.assert_close(_logits(model, (5, 70, 80)), _logits(direct, (5, 70, 80)))
@@ -396,7 +395,7 @@ def test_special_tokens_come_from_the_gguf_metadata(tiny_gguf):
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name)
     tokenizer.eos_token = tokenizer.unk_token = tokenizer.bos_token  # as transformers 5.17 reads this file
-    models._special_tokens_from_gguf(tokenizer, tiny_gguf)
+    gguf_convert._special_tokens_from_gguf(tokenizer, tiny_gguf)
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == \
         ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # the file's ids 1, 2 and 0
 
@@ -407,7 +406,7 @@ def test_gguf_second_load_uses_the_cache(tiny_gguf, cache, monkeypatch):
     def must_not_convert(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(models, "_write_dense_folder", must_not_convert)
+    monkeypatch.setattr(gguf_convert, "_write_dense_folder", must_not_convert)
     assert ensure_gguf_converted(tiny_gguf) == first
     model, _, _ = load_model_and_tokenizer(tiny_gguf)
     assert model.config.num_hidden_layers == 2
@@ -422,14 +421,14 @@ def test_changed_gguf_gets_a_new_cache_folder(tmp_path, cache):
 
 
 def test_killed_conversion_leaves_no_folder_that_looks_complete(tiny_gguf, cache, monkeypatch):
-    real_write = models._write_dense_folder
+    real_write = gguf_convert._write_dense_folder
 
     def dies_half_way(gguf_path, out, builtin):
         out.mkdir(parents=True)
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_write_dense_folder", dies_half_way)
+    monkeypatch.setattr(gguf_convert, "_write_dense_folder", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         ensure_gguf_converted(tiny_gguf)
     target = converted_gguf_dir(tiny_gguf)
@@ -438,9 +437,9 @@ def test_killed_conversion_leaves_no_folder_that_looks_complete(tiny_gguf, cache
     # a temp folder left by a process that no longer exists is swept by the next conversion
     stale = target.parent / f".tmp-{target.name}-999999999-deadbeef"
     stale.mkdir()
-    monkeypatch.setattr(models, "_write_dense_folder", real_write)
+    monkeypatch.setattr(gguf_convert, "_write_dense_folder", real_write)
     assert ensure_gguf_converted(tiny_gguf) == target
-    assert not stale.exists() and (target / models.CONVERSION_MARKER).is_file()
+    assert not stale.exists() and (target / CONVERSION_MARKER).is_file()
 
 
 def test_a_package_transformers_needs_for_gguf_is_named(tiny_gguf, cache, monkeypatch):
@@ -448,7 +447,7 @@ def test_a_package_transformers_needs_for_gguf_is_named(tiny_gguf, cache, monkey
     def needs_a_package(gguf_path):
         raise ValueError("notinstalledpkg is required when loading a GGUF file `pip install notinstalledpkg`.")
 
-    monkeypatch.setattr(models, "_dense_model_from_gguf", needs_a_package)
+    monkeypatch.setattr(gguf_convert, "_dense_model_from_gguf", needs_a_package)
     with pytest.raises(ModelLoadError, match="needs the package notinstalledpkg: pip install notinstalledpkg"):
         ensure_gguf_converted(tiny_gguf)
 

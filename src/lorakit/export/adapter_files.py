@@ -110,7 +110,8 @@ def _builtin_folder() -> Path | None:
     where the package that ships it is not installed: the adapter exports without a base config
     where its format allows."""
     from lorakit.errors import ModelLoadError
-    from lorakit.models import builtin_gguf_path, ensure_gguf_converted
+    from lorakit.gguf_convert import ensure_gguf_converted
+    from lorakit.models import builtin_gguf_path
 
     try:
         path = builtin_gguf_path()

@@ -322,7 +322,7 @@ def _hf_config(source) -> Any:
     from transformers import AutoConfig
 
     from lorakit.errors import ModelLoadError
-    from lorakit.models import ensure_gguf_converted
+    from lorakit.gguf_convert import ensure_gguf_converted
 
     target = source.location
     if source.kind in ("builtin", "gguf"):
