@@ -199,6 +199,18 @@ def test_local_folder_loads_same_weights_and_pads(tiny_folder):
     assert tokenizer("the cat sat").input_ids == [4, 5, 6]
 
 
+def test_a_small_local_model_loads_without_transformers_progress_bar(tiny_folder, capfd, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    load_model_and_tokenizer(str(tiny_folder))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # the user's setting is restored
+    monkeypatch.setattr(models, "LOADING_BAR_BYTES", 0)  # as if the weights took a while to load
+    load_model_and_tokenizer(str(tiny_folder))
+    assert "Loading weights" in capfd.readouterr().err
+
+
 def test_existing_pad_token_is_kept(tmp_path):
     _tiny_llama().save_pretrained(tmp_path)
     _tiny_tokenizer(with_pad=True).save_pretrained(tmp_path)

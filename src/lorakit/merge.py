@@ -231,7 +231,10 @@ def _logits(model, ids) -> torch.Tensor:
 def _reload_difference(folder: Path, probe, reference, dtype, tolerance: float) -> float:
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(probe.device)
+    from lorakit.models import loading_bar_only_when_slow
+
+    with loading_bar_only_when_slow(str(folder)):
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(probe.device)
     difference = float((_logits(reloaded, probe) - reference).abs().max())
     if not difference <= tolerance:
         advice = ("; merge in float32 (the default, without --dtype), where rounding cannot account for it"

