@@ -144,6 +144,9 @@ def adapter_damage(kind: str):
             weights.unlink()
         elif kind == "bad-config":
             (ctx.adapter / "adapter_config.json").write_text('{"r": 4, "lora_alpha": ')
+        elif kind == "untargeted":  # PEFT would skip the tensors of every module but q_proj
+            config = json.loads((ctx.adapter / "adapter_config.json").read_text())
+            (ctx.adapter / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
         elif kind != "none":
             raise ValueError(kind)
     return setup
@@ -497,6 +500,10 @@ ADAPTER_CASES = [
     Case("generate-adapter-no-weights", adapter_cmd("generate"), "has no adapter_model.safetensors",
          "the adapter's weights are missing", setup=adapter_damage("no-weights")),
     Case("eval-adapter-folder-missing", adapter_cmd("eval"), "no adapter folder at", "pass the folder that holds"),
+    Case("eval-adapter-untargeted-modules", adapter_cmd("eval"), "does not cover", "list them in target_modules",
+         setup=adapter_damage("untargeted")),
+    Case("export-adapter-untargeted-modules", adapter_cmd("export"), "does not cover", "list them in target_modules",
+         setup=adapter_damage("untargeted")),
     Case("merge-output-exists", adapter_cmd("merge"), "is a file", "choose a folder path",
          setup=both(adapter_damage("none"), write_file("out", b"keep me"))),
 ]
