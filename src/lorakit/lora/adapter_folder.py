@@ -378,10 +378,16 @@ def tensor_problems(adapter: Adapter, check_config: bool = True) -> list[str]:
     # PEFT builds layers from target_modules and skips tensors of any other module: lorakit would not
     untargeted = untargeted_modules(adapter) if check_config else []
     if untargeted:
-        problems.append(f"adapter_config's target_modules {adapter.config.get('target_modules')!r} (less "
-                        f"exclude_modules) does not cover {len(untargeted)} modules the tensors adapt (e.g. "
-                        f"{untargeted[0]}), so PEFT would ignore their tensors; list them in target_modules")
+        problems.append(f"adapter_config's {_targets_in_words(adapter.config)} does not cover {len(untargeted)} "
+                        f"modules the tensors adapt (e.g. {untargeted[0]}), so PEFT would ignore their tensors; "
+                        "list them in target_modules")
     return problems
+
+
+def _targets_in_words(config: dict) -> str:
+    targets = config.get("target_modules")
+    shown = f"{len(targets)} names" if isinstance(targets, list) and len(targets) > 4 else repr(targets)
+    return f"target_modules ({shown})" + (" less exclude_modules" if config.get("exclude_modules") else "")
 
 
 def _pair_problems(pair: LoraPair) -> list[str]:
