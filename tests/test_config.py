@@ -138,6 +138,24 @@ def test_saved_config_round_trips_the_checkpointing_choice(tmp_path):
     assert resolve(load_yaml(path), flags()).train.grad_checkpointing == "on"
 
 
+@pytest.mark.parametrize("argv, saved_keys", [
+    ((), set()), (("--r", "8"), {"r"}), (("--alpha", "4"), {"alpha"}), (("--r", "8", "--alpha", "4"), {"r", "alpha"}),
+    (("--task", "style"), set()),
+])
+def test_a_saved_config_repeats_the_run_and_keeps_r_and_alpha_following_the_guide(tmp_path, argv, saved_keys):
+    from lorakit.config import save_yaml
+
+    original = resolve(None, flags(*argv))
+    path = tmp_path / "c.yaml"
+    path.write_text(save_yaml(original))
+    assert {"r", "alpha"} & set(load_yaml(path)["lora"]) == saved_keys
+    again = resolve(load_yaml(path), flags())
+    assert (again.lora.task, again.lora.r, again.lora.alpha) == (original.lora.task, original.lora.r, original.lora.alpha)
+    # the README's `lorakit train config.yaml --r 32`: alpha follows unless it was given
+    bigger = resolve(load_yaml(path), flags("--r", "32"))
+    assert bigger.lora.alpha == (original.lora.alpha if "alpha" in saved_keys else 64.0)
+
+
 @pytest.mark.parametrize("argv,yaml_text,value", [
     ((), None, "auto"), (("--fsdp",), None, "on"), (("--no-fsdp",), None, "off"), ((), "true", "on"),
     (("--fsdp", "auto"), "false", "auto"),  # the flag wins over the file

@@ -381,6 +381,10 @@ def _field(section: str, name: str) -> dataclasses.Field:
     return next(f for f in fields(section_types()[section]) if f.name == name)
 
 
+ALPHA_RULE = "alpha = 2 * r (the guide)"
+DERIVED_SOURCES = ("preset --task", ALPHA_RULE)  # values that follow from others, not given
+
+
 def _apply_task_preset(config: RunConfig, sources: dict[str, str]) -> None:
     lora = config.lora
     preset = TASK_PRESETS.get(lora.task)
@@ -392,7 +396,7 @@ def _apply_task_preset(config: RunConfig, sources: dict[str, str]) -> None:
     if lora.alpha is None:
         explicit_r = sources.get("lora.r") in ("flag", "config file")
         lora.alpha = float(2 * lora.r) if explicit_r else float(preset["alpha"])
-        sources["lora.alpha"] = "alpha = 2 * r (the guide)" if explicit_r else f"preset --task {lora.task}"
+        sources["lora.alpha"] = ALPHA_RULE if explicit_r else f"preset --task {lora.task}"
     sources.setdefault("lora.targets", "default: all seven projections (the guide)")
 
 
@@ -450,7 +454,7 @@ def _follows_from_another(problem: str, config: RunConfig) -> bool:
     an alpha of 2 * r from a bad r."""
     lora = config.lora
     unknown_task = lora.task not in TASK_PRESETS and "got None" in problem
-    alpha_from_bad_r = (problem.startswith("alpha ") and config.sources.get("lora.alpha") == "alpha = 2 * r (the guide)"
+    alpha_from_bad_r = (problem.startswith("alpha ") and config.sources.get("lora.alpha") == ALPHA_RULE
                         and not (isinstance(lora.r, int) and lora.r > 0))
     return unknown_task or alpha_from_bad_r
 
@@ -470,4 +474,18 @@ def effective_scale(config: RunConfig) -> float:
 
 
 def save_yaml(config: RunConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The config as YAML that repeats the run. r and alpha that followed from --task or from
+    alpha = 2r are left out, so they follow again: `train config.yaml --r 32` then gets alpha 64."""
+    values = config.to_dict()
+    derived = [key for key in ("r", "alpha") if config.sources.get(f"lora.{key}", "").startswith(DERIVED_SOURCES)]
+    for key in derived:
+        del values["lora"][key]
+    text = yaml.safe_dump(values, sort_keys=False)
+    if not derived:
+        return text
+    lora = config.lora
+    note = {("r",): f"r follows from task {lora.task} (r {lora.r}); give it here to fix it",
+            ("alpha",): f"alpha follows from r (alpha = 2r = {lora.alpha:g}); give it here to fix it",
+            ("r", "alpha"): f"r and alpha follow from task {lora.task} (r {lora.r}, alpha {lora.alpha:g}); "
+                            "give them here to fix them"}[tuple(derived)]
+    return text.replace("lora:\n", f"lora:\n  # {note}\n", 1)
