@@ -383,6 +383,7 @@ def _field(section: str, name: str) -> dataclasses.Field:
 
 ALPHA_RULE = "alpha = 2 * r (the guide)"
 DERIVED_SOURCES = ("preset --task", ALPHA_RULE)  # values that follow from others, not given
+DERIVABLE = {"lora": ("r", "alpha")}  # the options a saved config leaves out when they followed from others
 
 
 def _apply_task_preset(config: RunConfig, sources: dict[str, str]) -> None:
@@ -477,7 +478,7 @@ def save_yaml(config: RunConfig) -> str:
     """The config as YAML that repeats the run. r and alpha that followed from --task or from
     alpha = 2r are left out, so they follow again: `train config.yaml --r 32` then gets alpha 64."""
     values = config.to_dict()
-    derived = [key for key in ("r", "alpha") if config.sources.get(f"lora.{key}", "").startswith(DERIVED_SOURCES)]
+    derived = [key for key in DERIVABLE["lora"] if config.sources.get(f"lora.{key}", "").startswith(DERIVED_SOURCES)]
     for key in derived:
         del values["lora"][key]
     text = yaml.safe_dump(values, sort_keys=False)

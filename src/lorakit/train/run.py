@@ -278,13 +278,13 @@ def refuse_config_inside_output(config_file: str | None, config) -> None:
 
 
 def _written_by_a_run(path: Path) -> bool:
-    """A run's own config.yaml holds every option of every section (a run killed before its
-    first checkpoint leaves one); a hand-written file names a few."""
+    """A run's own config.yaml holds every option of every section but those that followed from
+    others (a run killed before its first checkpoint leaves one); a hand-written file names a few."""
     import dataclasses
 
     import yaml
 
-    from lorakit.config import SECTIONS, section_types
+    from lorakit.config import DERIVABLE, SECTIONS, section_types
 
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -292,7 +292,8 @@ def _written_by_a_run(path: Path) -> bool:
         return False
     return isinstance(saved, dict) and all(
         isinstance(saved.get(section.name), dict)
-        and {f.name for f in dataclasses.fields(section_types()[section.name])} <= set(saved[section.name])
+        and {f.name for f in dataclasses.fields(section_types()[section.name])} - set(DERIVABLE.get(section.name, ()))
+        <= set(saved[section.name])
         for section in SECTIONS)
 
 
