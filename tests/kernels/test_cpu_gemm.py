@@ -130,6 +130,9 @@ def test_the_faster_backend_is_chosen_by_a_clear_margin(monkeypatch):
         timings = iter([onednn, aten])  # _faster_backend times oneDNN first
         monkeypatch.setattr(cpu_gemm, "_best_time", lambda product: next(timings))
         assert cpu_gemm._faster_backend(torch.float32) == want
+    timings = iter([1.0, 2.0])  # however the timing would come out, bf16 keeps torch's path
+    monkeypatch.setattr(cpu_gemm, "_best_time", lambda product: next(timings))
+    assert cpu_gemm._faster_backend(torch.bfloat16) == cpu_gemm.ATEN
 
 
 def test_the_environment_fixes_the_backend(monkeypatch):
