@@ -57,7 +57,7 @@ import torch
 
 from lorakit.errors import ConfigError
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # a label no loss counts: torch's cross_entropy default, which kernels/chunked_ce.py keeps too
 BUCKET_BATCHES = 64  # sort windows hold this many batches' worth of examples
 PACK_WINDOW = 8192  # examples packed together (best-fit decreasing) at a time
 PACKED_ATTENTION = ("4d", "position_ids", "varlen")

@@ -58,10 +58,10 @@ import numpy as np
 
 from lorakit import __version__
 from lorakit.config import DATA_FORMATS
+from lorakit.data.batching import IGNORE_INDEX
 from lorakit.data.reading import RecordSet, SourceFile, locate
 from lorakit.errors import ConfigError, DataError
 
-IGNORE_INDEX = -100
 INSTRUCTION_FIELDS = (("instruction", "output"), ("prompt", "response"), ("question", "answer"),
                       ("prompt", "completion"))
 CHAT_COLUMNS = ("messages", "conversations")

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from lorakit.kernels import cpu_gemm
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # torch's cross_entropy default; the data's label masks (data/batching.py) use it
 # fp32 logits held per chunk; rows = budget / (4 V), kept between the bounds below. 128 MiB is
 # 640 rows at SmolLM2's 49k vocabulary (two chunks for 4 x 256 tokens) and 256 rows at Llama-3's
 # 128k: about 3 GiB less than 4096-row chunks at 1b, with GEMMs of 256+ rows still efficient.
