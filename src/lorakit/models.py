@@ -432,3 +432,24 @@ def learned_positions(model, limit: int) -> bool:
     tokens = model.get_input_embeddings()
     return any(isinstance(m, nn.Embedding) and m is not tokens and limit <= m.num_embeddings <= limit + 2
                for m in model.modules())
+
+
+def sliding_window(model_config) -> int | None:
+    """The attention window of the model's sliding-window layers (Mistral, Gemma 2/3, Phi-3,
+    Starcoder2), or None where no layer has one (Qwen2's is off unless use_sliding_window)."""
+    window = getattr(model_config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    if getattr(model_config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(model_config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and "sliding_attention" not in layer_types:
+        return None
+    return window
+
+
+def uses_alibi(model_config) -> bool:
+    """Attention biased by distance (ALiBi: BLOOM, MPT, Falcon's alibi option) instead of positions."""
+    return (getattr(model_config, "model_type", None) in ("bloom", "mpt")
+            or getattr(model_config, "alibi", False) is True
+            or getattr(getattr(model_config, "attn_config", None), "alibi", False) is True)

@@ -66,3 +66,70 @@ def test_the_run_says_when_its_gemms_take_onednn():
     assert [n for n in said if "oneDNN" in n] == [
         "fast paths: float32 GEMMs through oneDNN, faster than torch's own on this CPU (LORAKIT_CPU_GEMM=aten for torch's)"]
     assert not any("oneDNN" in n for n in silent)
+
+
+class _Lengths:
+    """TokenizedData's two members packing_notice reads."""
+
+    def __init__(self, *lengths):
+        import numpy as np
+
+        self._lengths = np.array(lengths)
+
+    def lengths(self):
+        return self._lengths
+
+    def __len__(self):
+        return len(self._lengths)
+
+
+def _tiny(config_class: str, **options):
+    import transformers
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128)
+    if config_class == "BloomConfig":
+        small = dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=128)
+    return transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**small, **options))
+
+
+def test_packing_turns_off_where_a_packed_row_cannot_carry_the_models_attention_rule():
+    cases = [  # (model, longest example, packing kept)
+        (_tiny("MistralConfig", sliding_window=8), 9, False),  # lorakit_varlen cannot cut a document at a window
+        (_tiny("MistralConfig", sliding_window=8), 8, True),  # no document is longer: the window never binds
+        (_tiny("Gemma2Config", sliding_window=8, head_dim=16), 20, False),  # a 4D mask would drop the window
+        (_tiny("Qwen2Config", sliding_window=8), 20, True),  # Qwen2's window is off unless use_sliding_window
+        (_tiny("BloomConfig"), 5, False),  # ALiBi: transformers builds its biases from a 2D mask
+        (tiny_llama(), 64, True),
+    ]
+    for model, longest, kept in cases:
+        config = _config()
+        assert config.data.packing
+        notices = run.packing_notice(config, model, _Lengths(3, longest), _Lengths(2))
+        assert config.data.packing is kept, (type(model).__name__, notices)
+        assert (notices == []) is kept
+        if not kept:
+            assert notices[0].startswith("packing: off, ") and "each row holds one example (padded)" in notices[0]
+    config = _config("--no-packing")
+    assert run.packing_notice(config, _tiny("BloomConfig"), _Lengths(5), None) == [] and not config.data.packing
+
+
+def test_a_sliding_window_model_trains_through_the_cli_instead_of_crashing(tmp_path, capsys):
+    import transformers
+
+    from lorakit.cli import main
+
+    from tiny_models import tiny_tokenizer, write_define_data
+
+    tokenizer = tiny_tokenizer()
+    config = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                                        vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                        pad_token_id=tokenizer.pad_token_id)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = write_define_data(tmp_path / "data.jsonl", count=16)
+    args = ["train", "--model", str(tmp_path / "model"), "--data", str(data), "--seq-len", "64", "--max-steps", "1",
+            "--r", "4", "--dtype", "float32", "--eval-split", "4", "--output", str(tmp_path / "run")]
+    assert main(args) == 0  # the packed documents are longer than the window: lorakit_varlen raised mid-run
+    assert "packing: off, the model's sliding window (8 tokens)" in " ".join(capsys.readouterr().out.split())

@@ -28,7 +28,7 @@ from lorakit.errors import ConfigError, OutputError
 from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
 from lorakit.lora.targets import ARCH_PROJECTIONS
-from lorakit.models import learned_positions, training_dtype
+from lorakit.models import learned_positions, sliding_window, training_dtype, uses_alibi
 from lorakit.plan.model_shapes import context_length
 from lorakit.train import distributed
 from lorakit.train.loop import LoopSettings, epoch_plan, total_steps_for
@@ -144,7 +144,8 @@ def prepare(config: RunConfig) -> Prepared:
     model, tokenizer, source = load_model(config, on_cpu=use_fsdp)
     context = context_notice(config, model)  # before tokenizing: a refusal should not wait for the data
     train, evaluation = distributed.main_first(lambda: load_data(config, tokenizer), others_too=True)  # one fills the cache
-    notices = context + dtype_notice(config, model) + resolve_targets(config, model)
+    notices = (context + packing_notice(config, model, train, evaluation) + dtype_notice(config, model)
+               + resolve_targets(config, model))
     apply_lora(model, lora_config(config))
     if lora_report(model).trainable_params == 0:
         raise ConfigError("no trainable parameters after applying LoRA; check --targets")
@@ -196,6 +197,26 @@ def _checkpointing(model, config: RunConfig, fsdp: bool) -> list[str]:
     plan = choose_checkpointing(model, config, distributed.device_of_rank(), fsdp=fsdp)
     apply_checkpointing(model, plan)
     return [plan.notice]
+
+
+def packing_notice(config: RunConfig, model, train: TokenizedData, evaluation: TokenizedData | None) -> list[str]:
+    """Packing off, with one line, where a packed row's layout cannot carry the model's own
+    attention rule: a sliding window some document is longer than (a block-causal mask or per-
+    document attention would let it see past the window), or ALiBi biases (transformers builds
+    them from a 2D mask). Padded rows get transformers' own masks, window included."""
+    if not config.data.packing:
+        return []
+    longest = max(int(data.lengths().max()) for data in (train, evaluation) if data is not None and len(data))
+    window = sliding_window(model.config)
+    if window is not None and longest > window:
+        reason = (f"the model's sliding window ({window} tokens) is shorter than the longest example ({longest}), "
+                  "and a packed row's mask cannot apply it")
+    elif uses_alibi(model.config):
+        reason = f"{model.config.model_type} positions tokens with ALiBi, which a packed row's mask cannot carry"
+    else:
+        return []
+    config.data.packing = False
+    return [f"packing: off, {reason}; each row holds one example (padded)"]
 
 
 def packed_attention_for(model, packing: bool) -> str:
