@@ -149,6 +149,19 @@ def _group_patterns(group: str, model_type: str | None) -> list[tuple[str, str]]
     return [(f"{group}:{pattern}", pattern) for pattern in unique]
 
 
+def group_layer_names(modules: Sequence[ModuleInfo], group: str, model_type: str | None) -> tuple[list[str], list[str]]:
+    """(the last dotted names of the linear layers the group's projections match, the projections
+    that match none) for a group preset; a mixture of experts whose experts are fused 3D parameters
+    (transformers 5's Mixtral, Qwen3-MoE) has no gate, up or down linear layer."""
+    linear = [m.name for m in modules if m.kind in LINEAR_KINDS]
+    names, missing = set(), []
+    for label, pattern in _group_patterns(group, model_type):
+        hits = [name.rsplit(".", 1)[-1] for name in linear if _matches(pattern, name)]
+        names.update(hits)
+        missing += [] if hits else [label.split(":", 1)[1].removeprefix(r".*\.")]
+    return sorted(names), missing
+
+
 def _matches(pattern: str, name: str) -> bool:
     return re.fullmatch(pattern, name) is not None
 

@@ -27,7 +27,8 @@ from lorakit.data.reading import read_records
 from lorakit.errors import ConfigError, OutputError
 from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
-from lorakit.lora.targets import ARCH_PROJECTIONS
+from lorakit.lora.model import describe_modules
+from lorakit.lora.targets import ARCH_PROJECTIONS, GROUPS, group_layer_names
 from lorakit.models import learned_positions, sliding_window, training_dtype, uses_alibi
 from lorakit.plan.model_shapes import context_length
 from lorakit.train import distributed
@@ -101,13 +102,29 @@ def load_data(config: RunConfig, tokenizer) -> tuple[TokenizedData, TokenizedDat
 
 
 def resolve_targets(config: RunConfig, model) -> list[str]:
-    """The guide's default "all" needs the architecture table; fall back to all-linear otherwise."""
+    """The guide's default "all" needs the architecture table; fall back to all-linear otherwise.
+    Experts fused into 3D parameters stay frozen: said once, and the default takes what is linear."""
     model_type = getattr(model.config, "model_type", None)
-    if config.lora.targets in ("all", "attention", "mlp", "qv") and model_type not in ARCH_PROJECTIONS:
-        if config.sources.get("lora.targets", "").startswith("default"):
+    default = config.sources.get("lora.targets", "").startswith("default")
+    if config.lora.targets in GROUPS and model_type not in ARCH_PROJECTIONS:
+        if default:
             config.lora.targets = "all-linear"
             return [f"model type {model_type!r} is not in the projection table: using all-linear targets"]
-    return []
+        return []
+    experts = [name for name, p in model.named_parameters() if p.dim() == 3 and "expert" in name]
+    if not experts:
+        return []
+    frozen = (f"the experts' weights are fused 3D parameters ({experts[0]}, {len(experts)} in all), which LoRA on "
+              "linear layers cannot adapt: they stay frozen")
+    if config.lora.targets not in GROUPS:
+        return [frozen]
+    names, missing = group_layer_names(describe_modules(model), config.lora.targets, model_type)
+    if missing and not default:
+        raise ConfigError(f"--targets {config.lora.targets}: {', '.join(missing)} are fused expert parameters in this "
+                          f"model ({experts[0]}), not linear layers; choose among {', '.join(names) or 'attention'}")
+    if missing:
+        config.lora.targets = ",".join(names)
+    return [frozen + (f"; targets: {', '.join(names)}" if missing else "")]
 
 
 def autocast_dtype_for(model, device: torch.device) -> torch.dtype | None:
