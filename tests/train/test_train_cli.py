@@ -111,6 +111,23 @@ def test_the_users_own_config_in_the_output_folder_is_never_replaced(tiny, tmp_p
     assert main(["train", str(run / "config.yaml"), "--output", str(run), "--resume"]) == 0
 
 
+def test_a_runs_own_config_is_recognised_whichever_of_r_and_alpha_it_leaves_out(tmp_path):
+    import argparse
+
+    from lorakit.config import add_flags, resolve, save_yaml
+    from lorakit.train.run import _written_by_a_run
+
+    for argv in ((), ("--r", "8"), ("--alpha", "4"), ("--r", "8", "--alpha", "4")):
+        parser = argparse.ArgumentParser()
+        add_flags(parser)
+        path = tmp_path / "config.yaml"
+        text = save_yaml(resolve(None, vars(parser.parse_args(list(argv)))))
+        path.write_text(text)
+        assert _written_by_a_run(path), argv
+        path.write_text(text.replace("  targets: all\n", ""))  # a key a run always writes
+        assert not _written_by_a_run(path), argv
+
+
 def test_a_second_run_into_a_folder_in_use_is_refused(tiny, tmp_path, capsys):
     import fcntl
     import os
@@ -164,21 +181,41 @@ def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
     assert "[[" in printed and "trainable parameters" in printed
 
 
-def test_a_seq_len_beyond_the_context_is_named_and_refused_where_positions_are_a_table(tiny, tmp_path, capsys):
+def test_rows_beyond_the_models_positions_are_refused_where_they_are_a_table_and_named_where_rotary():
     from types import SimpleNamespace
+
+    import transformers
 
     from lorakit.errors import ConfigError
     from lorakit.train.run import context_notice
 
-    from tiny_models import tiny_bert, tiny_gpt2
+    from tiny_models import tiny_gpt2, tiny_llama
 
-    assert main(train_args(tiny, tmp_path / "run", "--dry-run", "--seq-len", "512")) == 0  # rotary: runs, with a line
-    assert "--seq-len 512 is beyond the model's context (256)" in capsys.readouterr().out
-    for model, limit in ((tiny_gpt2(), 128), (tiny_bert(), 128)):
-        asked = SimpleNamespace(data=SimpleNamespace(seq_len=limit + 1))
-        with pytest.raises(ConfigError, match=f"longer than the model's context \\({limit} positions.*--seq-len {limit} or less"):
-            context_notice(asked, model)
-        assert context_notice(SimpleNamespace(data=SimpleNamespace(seq_len=limit)), model) == []
+    def asked(seq_len, packing=True):
+        return SimpleNamespace(data=SimpleNamespace(seq_len=seq_len, packing=packing))
+
+    gptj = transformers.AutoModelForCausalLM.from_config(transformers.GPTJConfig(
+        vocab_size=128, n_embd=64, n_layer=1, n_head=4, rotary_dim=8, n_positions=64))  # sin/cos in a buffer
+    opt = transformers.AutoModelForCausalLM.from_config(transformers.OPTConfig(
+        vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=64))  # a table of 66 rows, the first 2 an offset
+    roberta = transformers.AutoModelForCausalLM.from_config(transformers.RobertaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=66, is_decoder=True))  # positions start after the padding index (1)
+    for model, table in ((tiny_gpt2(), 128), (gptj, 64), (opt, 64), (roberta, 64)):
+        with pytest.raises(ConfigError, match=f"an example of {table + 1} tokens would run past the model's {table} "
+                                              f"positions.*use --seq-len {table} or less"):
+            context_notice(asked(4 * table), model, longest=table + 1)
+        with pytest.raises(ConfigError, match="packed rows of up to .* or --no-packing"):  # the padding runs on
+            context_notice(asked(table + 1), model, longest=10)
+        assert context_notice(asked(4 * table, packing=False), model, longest=table) == []  # rows never get longer
+        assert context_notice(asked(table), model, longest=table) == []
+    llama = tiny_llama()  # rotary, 256 positions: a notice only when an example is longer
+    assert context_notice(asked(1024), llama, longest=256) == []
+    assert "examples of up to 300 tokens are longer than the model's context (256)" in \
+        context_notice(asked(1024), llama, longest=300)[0]
+    scaled = tiny_llama(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256})
+    assert context_notice(asked(1024), scaled, longest=300) == []  # a longer context is what the scaling is for
 
 
 def test_yaml_config_and_flag_override(tiny, tmp_path, capsys):

@@ -251,7 +251,7 @@ def _faster_backend(dtype: torch.dtype) -> str:
     """Time one GEMM both ways, best of 5 after a warm-up. bf16 keeps torch's path: torch's own
     bf16 `mm` already calls oneDNN where the CPU multiplies bf16 natively (the only CPUs where train
     picks bf16), so both ran at the same speed, and a timing on a busy machine picked either."""
-    if dtype != torch.float32 or not _onednn_runs(dtype):
+    if dtype == torch.bfloat16 or not _onednn_runs(dtype):
         return ATEN
     rows, inner, out = _TIMED_SHAPE
     generator = torch.Generator().manual_seed(0)

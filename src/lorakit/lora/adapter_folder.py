@@ -445,7 +445,7 @@ def untargeted_modules(adapter: Adapter) -> list[str]:
     """Modules holding LoRA factors that adapter_config's target_modules, by PEFT's rule, does not
     target (or exclude_modules removes). An absent target_modules or "all-linear" targets them all."""
     targets, exclude = adapter.config.get("target_modules"), adapter.config.get("exclude_modules")
-    if targets is None or targets == "all-linear":
+    if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):  # PEFT lower-cases it
         targets = None
     return [module for module in sorted(adapter.pairs)
             if (targets is not None and not _peft_targets(targets, module)) or (exclude and _peft_targets(exclude, module))]

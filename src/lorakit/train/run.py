@@ -29,7 +29,7 @@ from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
 from lorakit.lora.model import describe_modules
 from lorakit.lora.targets import ARCH_PROJECTIONS, GROUPS, group_layer_names
-from lorakit.models import learned_positions, sliding_window, training_dtype, uses_alibi
+from lorakit.models import position_table_length, rope_scaled, sliding_window, training_dtype, uses_alibi
 from lorakit.plan.model_shapes import context_length
 from lorakit.train import distributed
 from lorakit.train.loop import LoopSettings, epoch_plan, total_steps_for
@@ -73,18 +73,28 @@ def dtype_notice(config: RunConfig, model) -> list[str]:
             "adapters and optimizer state stay fp32; --dtype float32 for full precision)"]
 
 
-def context_notice(config: RunConfig, model) -> list[str]:
-    """--seq-len beyond the model's context: refused where positions are a learned table (a longer
-    sequence has no row to look up), one line where they are rotary (it runs, outside what the model learned)."""
+def context_notice(config: RunConfig, model, longest: int) -> list[str]:
+    """Rows longer than the model's positions: refused where they are a fixed table (a position
+    past it has no row to look up: GPT-2's, OPT's, GPT-J's sin/cos), one line where they are
+    rotary and unscaled (it runs, on positions the model never saw). Unpacked rows are as long as
+    their longest example; packed rows' padding continues the positions up to --seq-len."""
+    seq_len, packing = config.data.seq_len, config.data.packing
+    table = position_table_length(model)
+    if table is not None and (longest > table or (packing and seq_len > table)):
+        what = (f"an example of {longest} tokens" if longest > table else
+                f"packed rows of up to {seq_len} tokens (--seq-len; their padding continues the positions)")
+        raise ConfigError(f"{what} would run past the model's {table} positions (a fixed table with no row beyond "
+                          f"it); use --seq-len {table} or less" + ("" if longest > table else ", or --no-packing"))
     limit = context_length(model.config)
-    seq_len = config.data.seq_len
-    if limit is None or seq_len <= limit:
-        return []
-    if learned_positions(model, limit):
-        raise ConfigError(f"--seq-len {seq_len} is longer than the model's context ({limit} positions, a learned "
-                          f"table with no row beyond it); use --seq-len {limit} or less")
-    return [f"--seq-len {seq_len} is beyond the model's context ({limit}): it trains on positions the base model "
-            f"never saw; use --seq-len {limit} or less unless you are extending its context"]
+    if table is None and limit is not None and longest > limit and not rope_scaled(model.config):
+        return [f"examples of up to {longest} tokens are longer than the model's context ({limit}): they train on "
+                f"positions the base model never saw; use --seq-len {limit} or less unless you are extending its "
+                "context"]
+    return []
+
+
+def longest_example(train: TokenizedData, evaluation: TokenizedData | None) -> int:
+    return max(int(data.lengths().max()) for data in (train, evaluation) if data is not None and len(data))
 
 
 def load_data(config: RunConfig, tokenizer) -> tuple[TokenizedData, TokenizedData | None]:
@@ -159,10 +169,10 @@ def prepare(config: RunConfig) -> Prepared:
     use_fsdp, parallel_notices = distributed.choose_fsdp(distributed.requested_fsdp(config), config, device)
     torch.manual_seed(config.train.seed)
     model, tokenizer, source = load_model(config, on_cpu=use_fsdp)
-    context = context_notice(config, model)  # before tokenizing: a refusal should not wait for the data
     train, evaluation = distributed.main_first(lambda: load_data(config, tokenizer), others_too=True)  # one fills the cache
-    notices = (context + packing_notice(config, model, train, evaluation) + dtype_notice(config, model)
-               + resolve_targets(config, model))
+    longest = longest_example(train, evaluation)
+    notices = packing_notice(config, model, longest)  # first: whether rows are packed decides their length
+    notices += context_notice(config, model, longest) + dtype_notice(config, model) + resolve_targets(config, model)
     apply_lora(model, lora_config(config))
     if lora_report(model).trainable_params == 0:
         raise ConfigError("no trainable parameters after applying LoRA; check --targets")
@@ -216,14 +226,13 @@ def _checkpointing(model, config: RunConfig, fsdp: bool) -> list[str]:
     return [plan.notice]
 
 
-def packing_notice(config: RunConfig, model, train: TokenizedData, evaluation: TokenizedData | None) -> list[str]:
+def packing_notice(config: RunConfig, model, longest: int) -> list[str]:
     """Packing off, with one line, where a packed row's layout cannot carry the model's own
     attention rule: a sliding window some document is longer than (a block-causal mask or per-
     document attention would let it see past the window), or ALiBi biases (transformers builds
     them from a 2D mask). Padded rows get transformers' own masks, window included."""
     if not config.data.packing:
         return []
-    longest = max(int(data.lengths().max()) for data in (train, evaluation) if data is not None and len(data))
     window = sliding_window(model.config)
     if window is not None and longest > window:
         reason = (f"the model's sliding window ({window} tokens) is shorter than the longest example ({longest}), "
