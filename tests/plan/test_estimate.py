@@ -397,8 +397,8 @@ def test_a_seq_len_beyond_the_models_context_is_noted(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["notes"] == []
     assert main(["estimate", "--model", str(tmp_path), "--seq-len", "513", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["notes"] == [
-        "--seq-len 513 is beyond the model's context (512): lorakit train would name it, and refuse it where "
-        "positions are a learned table"]
+        "--seq-len 513 is beyond the model's context (512): lorakit train names examples longer than that, and "
+        "refuses them where positions are a fixed table"]
     assert main(["estimate", "--model", str(tmp_path), "--seq-len", "513"]) == 0
     assert "note: --seq-len 513 is beyond the model's context (512)" in " ".join(capsys.readouterr().out.split())
 

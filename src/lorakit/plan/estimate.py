@@ -604,8 +604,8 @@ class Estimate:
         context = self.model.context
         if context is None or self.shape.seq_len <= context:
             return []
-        return [f"--seq-len {self.shape.seq_len} is beyond the model's context ({context}): lorakit train would "
-                "name it, and refuse it where positions are a learned table"]
+        return [f"--seq-len {self.shape.seq_len} is beyond the model's context ({context}): lorakit train names "
+                "examples longer than that, and refuses them where positions are a fixed table"]
 
     def to_dict(self) -> dict:
         out = asdict(self)
