@@ -512,7 +512,7 @@ class _RenamedLlama(LlamaForCausalLM):
     """A causal LM the head check has not seen: it runs the check."""
 
 
-def test_the_head_check_runs_one_forward_and_keeps_each_modules_mode():
+def test_the_head_check_runs_once_per_model_and_keeps_each_modules_mode():
     torch.manual_seed(0)
     model = _RenamedLlama(LlamaConfig(**SIZES))
     model.model.layers[0].eval()  # a mixed state that a user set
@@ -520,5 +520,22 @@ def test_the_head_check_runs_one_forward_and_keeps_each_modules_mode():
     model.model.register_forward_hook(lambda *a: calls.append(1))
     assert llama_patch.chunked_loss_blocker(model) is None
     assert llama_patch.chunked_loss_blocker(model) is None  # once per model
-    assert calls == [1]
+    assert calls == [1, 1]  # the model's forward, then the backbone alone, as the chunked loss calls it
     assert model.training and not model.model.layers[0].training and model.model.layers[1].training
+
+
+def test_a_model_whose_forward_skips_its_backbone_module_is_checked_through_the_backbone(monkeypatch):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)  # OPT's forward calls model.decoder, never model.model: a hook on the backbone saw nothing
+    model = OPTForCausalLM(OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
+                                     dropout=0.0, attention_dropout=0.0))
+    assert llama_patch.chunked_loss_blocker(model) is None
+    chunked = []
+    real = llama_patch.chunked_lm_head_loss
+    monkeypatch.setattr(llama_patch, "chunked_lm_head_loss", lambda *a, **k: chunked.append(1) or real(*a, **k))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(causal_lm_loss(model, {"input_ids": ids, "labels": ids}),
+                               model(input_ids=ids, labels=ids).loss)
+    assert chunked == [1]

@@ -529,17 +529,17 @@ def chunked_loss_blocker(model: nn.Module) -> str | None:
 def _head_mismatch(model: nn.Module, backbone: nn.Module, head: nn.Module) -> tuple[str | None, bool]:
     """(why the model's logits are not the projection of its backbone's last hidden state, or None;
     whether that answer lasts). The chunked loss computes that projection; a model whose logits are
-    something else (RoBERTa's dense layer and norm first, a multiplier, a cap) keeps its own. One
-    forward of two tokens in eval mode without gradients, the backbone's output taken by a hook."""
+    something else (RoBERTa's dense layer and norm first, a multiplier, a cap) keeps its own. The
+    model and the backbone (called as the chunked loss calls it: OPT's own forward skips it for its
+    decoder) each run two tokens in eval mode without gradients."""
     ids = torch.tensor([[0, 1]], device=head.weight.device)
-    seen = []
     modes = {module: module.training for module in model.modules()}
-    handle = backbone.register_forward_hook(lambda module, args, out: seen.append(out))
     try:
         model.eval()
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits.float()
-            mine = F.linear(seen[-1].last_hidden_state, head.weight, head.bias).float()  # as the chunked loss
+            hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
+            mine = F.linear(hidden, head.weight, head.bias).float()  # as the chunked loss
     except (torch.cuda.OutOfMemoryError, MemoryError):
         return "its logits could not be checked against the output head (out of memory)", False
     except RuntimeError as exc:  # the CPU allocator's out of memory is a RuntimeError ("can't allocate memory")
@@ -548,7 +548,6 @@ def _head_mismatch(model: nn.Module, backbone: nn.Module, head: nn.Module) -> tu
     except Exception as exc:  # noqa: BLE001 - a model that cannot run this check keeps its own logits
         return f"its logits could not be checked against the output head ({type(exc).__name__})", True
     finally:
-        handle.remove()
         for module, training in modes.items():
             module.training = training
     scale = float(logits.abs().max().clamp_min(1e-6))
