@@ -145,7 +145,7 @@ def test_packed_layout():
     batch = collate([[a, b], [b]], packing=True, seq_len=8, pad_id=0, packed_attention="position_ids")
     assert set(batch) == {"input_ids", "labels", "position_ids"}
     assert batch["input_ids"].shape == (2, 5)
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]  # padding at 0
     assert batch["labels"][0].tolist() == [-100] + a["labels"][1:] + [-100, b["input_ids"][1]]
     assert batch["labels"][1, 2:].tolist() == [-100] * 3
     with pytest.raises(ValueError, match="more than seq_len"):
@@ -157,12 +157,12 @@ def test_varlen_layout():
     batch = collate([[a, b], [c], [a, c]], packing=True, seq_len=8, pad_id=0, packed_attention="varlen")
     assert set(batch) == {"input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
                           "max_length_q", "max_length_k"}
-    # rows of width 5: [a b], [c + 4-token tail], [a c + 1-token tail], as one 15-token sequence
-    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 10, 13, 14, 15]
+    # rows of width 5: [a b], [c + 4 padding tokens], [a c + 1 padding token], as one 15-token sequence
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 7, 8, 9, 10, 13, 14, 15]  # each pad token alone
     assert torch.equal(batch["cu_seq_lens_k"], batch["cu_seq_lens_q"])
     assert batch["cu_seq_lens_q"].dtype == batch["max_length_q"].dtype == torch.int32
-    assert batch["max_length_q"].shape == () and int(batch["max_length_q"]) == int(batch["max_length_k"]) == 4
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3], [0, 1, 2, 0, 0]]
+    assert batch["max_length_q"].shape == () and int(batch["max_length_q"]) == int(batch["max_length_k"]) == 3
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 0, 0, 0], [0, 1, 2, 0, 0]]
     assert batch["labels"][1, 1:].tolist() == [-100] * 4 and batch["labels"][2, 4] == -100  # tails
     four_d = collate([[a, b], [c], [a, c]], packing=True, seq_len=8, pad_id=0)
     assert count_label_tokens(batch) == count_label_tokens(four_d)

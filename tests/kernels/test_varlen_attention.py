@@ -132,13 +132,14 @@ def test_one_causal_call_per_document_length_without_a_mask(monkeypatch):
     sdpa_calls, cpu_calls = _spy_on_causal_calls(monkeypatch)
     use_varlen_attention(model)
     chunked_loss(model, collate(make_rows(), packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen"))
-    lengths = {n for row in ROWS for n in row} | {WIDTH - sum(row) for row in ROWS if sum(row) < WIDTH}
+    lengths = {n for row in ROWS for n in row} | {1}  # each padding token stands alone
     assert len(sdpa_calls) + len(cpu_calls) == len(lengths) * model.config.num_hidden_layers
     # fp32 on the CPU: documents of 2+ tokens take cpu_attention, single tokens SDPA
     assert cpu_calls and all(shape[2] > 1 and scale == 16 ** -0.5 for shape, scale in cpu_calls)
     assert all(o["is_causal"] and o.get("attn_mask") is None and o["enable_gqa"] for _, o in sdpa_calls)
-    ones = [shape for shape, _ in sdpa_calls]  # documents of length 1 and a 1-token tail
-    assert ones and all(shape[2] == 1 and shape[0] == sum(row.count(1) for row in ROWS) + 1 for shape in ones)
+    ones = [shape for shape, _ in sdpa_calls]  # documents of length 1 and every padding token
+    padding = sum(WIDTH - sum(row) for row in ROWS)
+    assert ones and all(shape[2] == 1 and shape[0] == sum(row.count(1) for row in ROWS) + padding for shape in ones)
 
 
 def test_without_the_fast_paths_every_document_takes_sdpa(monkeypatch):
@@ -226,8 +227,9 @@ def test_collated_bounds_match_the_position_ids_rule():
     batch = collate(make_rows(), packing=True, seq_len=WIDTH, pad_id=0, packed_attention="varlen")
     assert batch["cu_seq_lens_q"].tolist() == bounds_from_position_ids(batch["position_ids"], len(ROWS))
     segments = segments_from_bounds(batch["cu_seq_lens_q"].tolist(), len(ROWS), WIDTH)
-    assert segments.rows == ((5, 1, 7, 1, 2), (3, 1, 6, 6), (9, 4, 1, 1, 1), (3, 3, 10))  # with tails
-    assert segments.groups[1] == (1, 3, 6, 11, 12, 13)  # segment numbers: five documents and a tail
+    assert segments.rows == ((5, 1, 7, 1, 2), (3, 1, 6) + (1,) * 6, (9, 4, 1, 1, 1), (3, 3) + (1,) * 10)  # padding
+    # segment numbers of length 1: five documents and the 16 padding tokens, each standing alone
+    assert segments.groups[1] == (1, 3, 6, *range(8, 14), 16, 17, 18, *range(21, 31))
 
 
 @pytest.mark.parametrize("bounds,match", [([0, 5, 20, 32], "crosses a row"), ([0, 5, 30], "from 0"),
@@ -247,11 +249,16 @@ def test_bounds_with_a_mask_are_refused():
         model(**batch)
 
 
-def test_documents_longer_than_a_sliding_window_are_refused():
-    model = lora_model("mistral", sliding_window=4)
+@pytest.mark.parametrize("fast", [True, False])
+def test_documents_and_padding_tails_longer_than_a_sliding_window_see_only_the_window(fast):
+    model = lora_model("mistral", fast=fast, sliding_window=4)  # documents of up to 9 tokens, tails of up to 8
+    rows = make_rows()
+    unpacked = collate([ex for row in rows for ex in row], packing=False, seq_len=WIDTH, pad_id=0)
+    want = with_attention(model, "sdpa", unpacked, chunked_loss)  # transformers' own sliding-window masks
     assert use_varlen_attention(model) == []
-    with pytest.raises(ValueError, match="sliding window"):
-        chunked_loss(model, collate(make_rows(), True, WIDTH, 0, "varlen"))
+    assert_same(loss_and_grads(model, collate(rows, True, WIDTH, 0, "varlen"), chunked_loss), want)
+    unbounded = lora_model("mistral", fast=fast, sliding_window=None)  # the same weights: the window mattered
+    assert not torch.allclose(with_attention(unbounded, "sdpa", unpacked, chunked_loss)[0], want[0])
 
 
 def test_models_outside_the_interface_get_a_notice():
@@ -347,7 +354,7 @@ def test_the_varlen_kernel_gets_every_document_in_one_call(kernel_on_cpu, style)
     use_varlen_attention(model)
     got = loss_and_grads(model, packed_batch(), chunked_loss)
     assert_same(got, want)
-    lengths = [n for row in ROWS for n in row + ([WIDTH - sum(row)] if sum(row) < WIDTH else [])]
+    lengths = [n for row in ROWS for n in row + [1] * (WIDTH - sum(row))]  # each padding token a segment
     bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
     # the first call is checked against per-document SDPA, then one call per layer
     assert calls == [(bounds, max(lengths))] * (1 + model.config.num_hidden_layers)
@@ -405,3 +412,14 @@ def test_the_kernel_is_only_tried_where_it_can_run(monkeypatch):
     monkeypatch.setattr(varlen_attention._FLASH, "trusted", None)
     monkeypatch.setattr(varlen_attention, "_torch_varlen_attn", lambda: None)  # torch < 2.10
     assert not usable()
+
+
+def test_packed_rows_wider_than_a_position_table_run_when_every_example_fits():
+    model = tiny_gpt2()  # a table of 128 positions
+    rows = make_rows([[100, 60], [30]])  # the second row's 130 padding tokens stand alone at position 0
+    batch = collate(rows, packing=True, seq_len=160, pad_id=0, packed_attention="4d")
+    assert int(batch["position_ids"].max()) == 99
+    with torch.no_grad():
+        packed = model(**batch).logits
+        alone = model(input_ids=torch.tensor([rows[1][0]["input_ids"]])).logits
+    torch.testing.assert_close(packed[1, :30], alone[0], atol=1e-5, rtol=0)

@@ -182,17 +182,12 @@ def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
 
 
 def test_rows_beyond_the_models_positions_are_refused_where_they_are_a_table_and_named_where_rotary():
-    from types import SimpleNamespace
-
     import transformers
 
     from lorakit.errors import ConfigError
     from lorakit.train.run import context_notice
 
     from tiny_models import tiny_gpt2, tiny_llama
-
-    def asked(seq_len, packing=True):
-        return SimpleNamespace(data=SimpleNamespace(seq_len=seq_len, packing=packing))
 
     gptj = transformers.AutoModelForCausalLM.from_config(transformers.GPTJConfig(
         vocab_size=128, n_embd=64, n_layer=1, n_head=4, rotary_dim=8, n_positions=64))  # sin/cos in a buffer
@@ -205,17 +200,14 @@ def test_rows_beyond_the_models_positions_are_refused_where_they_are_a_table_and
     for model, table in ((tiny_gpt2(), 128), (gptj, 64), (opt, 64), (roberta, 64)):
         with pytest.raises(ConfigError, match=f"an example of {table + 1} tokens would run past the model's {table} "
                                               f"positions.*use --seq-len {table} or less"):
-            context_notice(asked(4 * table), model, longest=table + 1)
-        with pytest.raises(ConfigError, match="packed rows of up to .* or --no-packing"):  # the padding runs on
-            context_notice(asked(table + 1), model, longest=10)
-        assert context_notice(asked(4 * table, packing=False), model, longest=table) == []  # rows never get longer
-        assert context_notice(asked(table), model, longest=table) == []
+            context_notice(model, longest=table + 1)
+        assert context_notice(model, longest=table) == []  # rows, packed or not, hold no position past it
     llama = tiny_llama()  # rotary, 256 positions: a notice only when an example is longer
-    assert context_notice(asked(1024), llama, longest=256) == []
+    assert context_notice(llama, longest=256) == []
     assert "examples of up to 300 tokens are longer than the model's context (256)" in \
-        context_notice(asked(1024), llama, longest=300)[0]
+        context_notice(llama, longest=300)[0]
     scaled = tiny_llama(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256})
-    assert context_notice(asked(1024), scaled, longest=300) == []  # a longer context is what the scaling is for
+    assert context_notice(scaled, longest=300) == []  # a longer context is what the scaling is for
 
 
 def test_yaml_config_and_flag_override(tiny, tmp_path, capsys):

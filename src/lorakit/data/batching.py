@@ -14,7 +14,7 @@ With packing, examples are packed best-fit-decreasing into rows of at most ``seq
 A packed row, and what keeps its examples apart::
 
     input_ids     a0 a1 a2 a3 b0 b1 b2 c0 c1 p  p
-    position_ids   0  1  2  3  0  1  2  0  1 0  1     restart per example (RoPE sees no offset)
+    position_ids   0  1  2  3  0  1  2  0  1 0  0     restart per example (RoPE sees no offset); padding at 0
     labels         -  a1 a2 a3 -  b1 b2 -  c1 -  -    first label of each example is -100, so
                                                       a3 is never trained to predict b0
     attention     block-diagonal causal: a token sees only earlier tokens of its own example
@@ -34,8 +34,8 @@ Attention for packed rows (``packed_attention``), checked on a Llama model in tr
   flash-attention's varlen API takes: ``cu_seq_lens_q`` = ``cu_seq_lens_k``, int32 cumulative
   lengths over the B*T tokens read as one sequence, and ``max_length_q`` = ``max_length_k``, the
   longest segment as a 0-dim int32 tensor (a tensor so that ``{k: v.to(device)}`` works on every
-  batch value). Each row's padding tail is a segment of its own: it attends only to itself
-  (labels -100) and every token has an output. Exact with no B*T*T tensor under ``lorakit_varlen``
+  batch value). Each padding token is a segment of its own, at position 0: it attends only to
+  itself (labels -100) and every token has an output. Exact with no B*T*T tensor under ``lorakit_varlen``
   attention (kernels/varlen_attention.py: ``use_varlen_attention(model)``), which reads these
   kwargs; it is also the layout transformers' flash-attention varlen path reads (not run here).
   Under ``sdpa``/``eager`` the kwargs are ignored and transformers detects packing from
@@ -172,8 +172,10 @@ def _collate_packed(rows: Sequence[Sequence[dict]], seq_len: int,
             positions[r, at:at + n] = torch.arange(n)
             segments[r, at:at + n] = s
             at += n
-        positions[r, at:] = torch.arange(width - at)  # padding is one more "example"
-        segments[r, at:] = len(row)
+        # each pad token stands alone, at position 0: no position beyond the longest example (a
+        # table such as GPT-2's has no row past it) and no segment longer than it (a sliding window)
+        positions[r, at:] = 0
+        segments[r, at:] = len(row) + torch.arange(width - at)
     batch["position_ids"] = positions
     return batch, segments
 
@@ -203,12 +205,10 @@ def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype = torch.float32
 
 def varlen_boundaries(row_lengths: Sequence[Sequence[int]], width: int) -> dict[str, torch.Tensor]:
     """cu_seq_lens / max_length kwargs for rows of ``width`` tokens holding documents of these
-    lengths; a row's padding tail (width - its total) is one more segment."""
+    lengths; each token of a row's padding tail (width - its total) is one more segment."""
     lengths = []
     for row in row_lengths:
-        lengths += [int(n) for n in row]
-        if sum(row) < width:
-            lengths.append(width - sum(row))
+        lengths += [int(n) for n in row] + [1] * (width - sum(row))
     bounds = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)
     longest = torch.tensor(max(lengths), dtype=torch.int32)
     return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}

@@ -2,8 +2,8 @@
 
 A packed batch (``collate(..., packed_attention="varlen")``) carries its document boundaries as
 ``cu_seq_lens_q`` / ``cu_seq_lens_k``: cumulative lengths over the B*T tokens read as one long
-sequence (the convention of flash-attention's varlen API, which transformers uses), every
-row's padding tail being a segment of its own. transformers hands these kwargs, like
+sequence (the convention of flash-attention's varlen API, which transformers uses), each
+padding token a segment of its own. transformers hands these kwargs, like
 ``position_ids``, from the model's forward down to the attention function, so::
 
     model.set_attn_implementation("lorakit_varlen")   # or use_varlen_attention(model)
@@ -82,7 +82,7 @@ def segments_from_bounds(bounds: list[int], batch: int, width: int) -> Segments:
     total = batch * width
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
         raise ValueError(f"cu_seq_lens must run from 0 to batch * seq_len = {total} (every token in a segment, "
-                         f"padding tails too), got {bounds[:3]}...{bounds[-2:]}")
+                         f"padding too), got {bounds[:3]}...{bounds[-2:]}")
     rows: list[list[int]] = [[] for _ in range(batch)]
     groups: dict[int, list[int]] = defaultdict(list)
     for number, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -162,24 +162,23 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
-    _check_window(segments, kwargs.get("sliding_window"))
+    window = _binding_window(segments, kwargs.get("sliding_window"))
     key, value, gqa = _match_heads(query, key, value)
     options = dict(dropout_p=dropout, scale=scaling, is_causal=True, **({"enable_gqa": True} if gqa else {}))
     native = cpu_attention.enabled_for(module)  # the fast paths' CPU kernel, where it applies
-    if segments.one_per_row:  # nothing packed: one causal call
+    if segments.one_per_row and window is None:  # nothing packed: one causal call
         return _causal(query, key, value, options, native).contiguous(), None
-    if dropout == 0.0 and _flash_varlen_usable(module, query):
+    if window is None and dropout == 0.0 and _flash_varlen_usable(module, query):
         flash = _flash_varlen_checked(query, key, value, segments, scaling, options)
         if flash is not None:
             return flash, None
-    return _per_document(query, key, value, segments, options, native), None
+    return _per_document(query, key, value, segments, options, native, window), None
 
 
-def _check_window(segments: Segments, window: int | None) -> None:
-    # a window at least as long as every document never cuts anything: causal is then exact
-    if window is not None and max(segments.groups) > window:
-        raise ValueError(f"a packed document of {max(segments.groups)} tokens is longer than the model's "
-                         f"sliding window ({window}); lorakit_varlen cannot apply the window")
+def _binding_window(segments: Segments, window: int | None) -> int | None:
+    """The layer's sliding window where some document is longer, else None: causal attention is
+    then exact (the trainer turns packing off for such data; a caller's own rows may hold one)."""
+    return window if window is not None and max(segments.groups) > window else None
 
 
 def _match_heads(query, key, value):
@@ -192,8 +191,10 @@ def _match_heads(query, key, value):
     return repeat_kv(key, groups), repeat_kv(value, groups), False
 
 
-def _per_document(query, key, value, segments: Segments, options: dict, native: bool = False) -> torch.Tensor:
-    """Causal SDPA per document, documents of equal length stacked into one call.
+def _per_document(query, key, value, segments: Segments, options: dict, native: bool = False,
+                  window: int | None = None) -> torch.Tensor:
+    """Causal SDPA per document, documents of equal length stacked into one call; documents
+    longer than ``window`` see only its last keys, as transformers' sliding-window layers do.
 
     Documents are cut out with unbind/split (views whose backward is one stack/cat), not by
     indexing, whose backward zero-fills a full-size gradient per slice.
@@ -204,11 +205,22 @@ def _per_document(query, key, value, segments: Segments, options: dict, native: 
     for numbers in segments.groups.values():
         q, k, v = (torch.stack([p[i] for i in numbers]) if len(numbers) > 1 else p[numbers[0]][None]
                    for p in pieces)
-        out = _causal(q, k, v, options, native)  # (n, length, Hq, D)
+        windowed = window is not None and q.shape[2] > window
+        out = _windowed(q, k, v, options, window) if windowed else _causal(q, k, v, options, native)  # (n, length, Hq, D)
         for number, piece in zip(numbers, out.unbind(0)):
             outputs[number] = piece  # (length, Hq, D)
     flat = torch.cat(outputs)  # (B*T, Hq, D)
     return flat.view(len(segments.rows), segments.width, *flat.shape[1:])
+
+
+def _windowed(query, key, value, options: dict, window: int) -> torch.Tensor:
+    """Causal attention to the last ``window`` keys (query i sees keys i - window + 1 .. i), by SDPA
+    with a band mask: (B, H, T, D) -> (B, T, H, D)."""
+    position = torch.arange(query.shape[2], device=query.device)
+    distance = position[:, None] - position[None, :]
+    band = (distance >= 0) & (distance < window)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=band,
+                                          **{**options, "is_causal": False}).transpose(1, 2)
 
 
 def _causal(query, key, value, options: dict, native: bool) -> torch.Tensor:

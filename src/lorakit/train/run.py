@@ -73,18 +73,15 @@ def dtype_notice(config: RunConfig, model) -> list[str]:
             "adapters and optimizer state stay fp32; --dtype float32 for full precision)"]
 
 
-def context_notice(config: RunConfig, model, longest: int) -> list[str]:
-    """Rows longer than the model's positions: refused where they are a fixed table (a position
-    past it has no row to look up: GPT-2's, OPT's, GPT-J's sin/cos), one line where they are
-    rotary and unscaled (it runs, on positions the model never saw). Unpacked rows are as long as
-    their longest example; packed rows' padding continues the positions up to --seq-len."""
-    seq_len, packing = config.data.seq_len, config.data.packing
+def context_notice(model, longest: int) -> list[str]:
+    """Examples longer than the model's positions (rows, packed or not, hold no position past
+    their longest example): refused where positions are a fixed table (a position past it has no
+    row to look up: GPT-2's, OPT's, GPT-J's sin/cos), one line where they are rotary and unscaled
+    (it runs, on positions the model never saw)."""
     table = position_table_length(model)
-    if table is not None and (longest > table or (packing and seq_len > table)):
-        what = (f"an example of {longest} tokens" if longest > table else
-                f"packed rows of up to {seq_len} tokens (--seq-len; their padding continues the positions)")
-        raise ConfigError(f"{what} would run past the model's {table} positions (a fixed table with no row beyond "
-                          f"it); use --seq-len {table} or less" + ("" if longest > table else ", or --no-packing"))
+    if table is not None and longest > table:
+        raise ConfigError(f"an example of {longest} tokens would run past the model's {table} positions (a fixed "
+                          f"table with no row beyond it); use --seq-len {table} or less")
     limit = context_length(model.config)
     if table is None and limit is not None and longest > limit and not rope_scaled(model.config):
         return [f"examples of up to {longest} tokens are longer than the model's context ({limit}): they train on "
@@ -172,7 +169,7 @@ def prepare(config: RunConfig) -> Prepared:
     train, evaluation = distributed.main_first(lambda: load_data(config, tokenizer), others_too=True)  # one fills the cache
     longest = longest_example(train, evaluation)
     notices = packing_notice(config, model, longest)  # first: whether rows are packed decides their length
-    notices += context_notice(config, model, longest) + dtype_notice(config, model) + resolve_targets(config, model)
+    notices += context_notice(model, longest) + dtype_notice(config, model) + resolve_targets(config, model)
     apply_lora(model, lora_config(config))
     if lora_report(model).trainable_params == 0:
         raise ConfigError("no trainable parameters after applying LoRA; check --targets")
