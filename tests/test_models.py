@@ -501,3 +501,23 @@ def test_builtin_smollm2_converts_and_loads(cache):
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert "<|im_start|>user\nHi<|im_end|>\n" in text and text.endswith("<|im_start|>assistant\n")
     assert cached_s < 5
+
+
+def test_local_attention_alibi_and_context_are_read_where_each_model_keeps_them():
+    import transformers
+
+    from lorakit.models import local_attention, uses_alibi
+    from lorakit.plan.model_shapes import context_length
+
+    assert local_attention(transformers.MistralConfig(sliding_window=8)) == (8, "sliding window")
+    assert local_attention(transformers.Qwen2Config(sliding_window=8)) is None  # off unless use_sliding_window
+    assert local_attention(transformers.Gemma2Config(sliding_window=8)) == (8, "sliding window")
+    multimodal = transformers.Gemma3Config(text_config={"sliding_window": 16, "max_position_embeddings": 512})
+    assert local_attention(multimodal) == (16, "sliding window")  # in its text config
+    assert context_length(multimodal) == 512
+    assert local_attention(transformers.Llama4TextConfig(attention_chunk_size=16)) == (16, "attention chunk")
+    assert local_attention(transformers.LlamaConfig()) is None
+    assert uses_alibi(transformers.BloomConfig()) and uses_alibi(transformers.MptConfig())
+    assert not uses_alibi(transformers.MptConfig(attn_config={"alibi": False}))
+    assert uses_alibi(transformers.FalconConfig(alibi=True)) and not uses_alibi(transformers.FalconConfig())
+    assert context_length(transformers.MptConfig(max_seq_len=32)) == 32

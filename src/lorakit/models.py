@@ -454,22 +454,37 @@ def rope_scaled(model_config) -> bool:
     return isinstance(parameters, dict) and parameters.get("rope_type", parameters.get("type", "default")) != "default"
 
 
-def sliding_window(model_config) -> int | None:
-    """The attention window of the model's sliding-window layers (Mistral, Gemma 2/3, Phi-3,
-    Starcoder2), or None where no layer has one (Qwen2's is off unless use_sliding_window)."""
-    window = getattr(model_config, "sliding_window", None)
-    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
-        return None
-    if getattr(model_config, "use_sliding_window", True) is False:
-        return None
-    layer_types = getattr(model_config, "layer_types", None)
-    if isinstance(layer_types, (list, tuple)) and "sliding_attention" not in layer_types:
-        return None
-    return window
+def local_attention(model_config) -> tuple[int, str] | None:
+    """(span, what) of the shortest attention span some layer keeps: a sliding window (Mistral,
+    Gemma 2/3, Phi-3, Starcoder2; Qwen2's is off unless use_sliding_window) or an attention chunk
+    (Llama 4); None where every layer sees the whole row. Multimodal models: their text model's."""
+    config = _text_config(model_config)
+    layer_types = getattr(config, "layer_types", None)
+    layer_types = layer_types if isinstance(layer_types, (list, tuple)) else None
+    spans = []
+    window = getattr(config, "sliding_window", None)
+    if _positive_int(window) and getattr(config, "use_sliding_window", True) is not False and (
+            layer_types is None or "sliding_attention" in layer_types):
+        spans.append((window, "sliding window"))
+    chunk = getattr(config, "attention_chunk_size", None)
+    if _positive_int(chunk) and (layer_types is None or "chunked_attention" in layer_types):
+        spans.append((chunk, "attention chunk"))
+    return min(spans) if spans else None
 
 
 def uses_alibi(model_config) -> bool:
-    """Attention biased by distance (ALiBi: BLOOM, MPT, Falcon's alibi option) instead of positions."""
-    return (getattr(model_config, "model_type", None) in ("bloom", "mpt")
-            or getattr(model_config, "alibi", False) is True
-            or getattr(getattr(model_config, "attn_config", None), "alibi", False) is True)
+    """Attention biased by distance (ALiBi: BLOOM, MPT's default, Falcon's alibi option) instead of positions."""
+    config = _text_config(model_config)
+    if getattr(config, "model_type", None) == "bloom":
+        return True
+    attention = getattr(config, "attn_config", None)  # MPT's
+    return getattr(config, "alibi", False) is True or getattr(attention, "alibi", False) is True
+
+
+def _text_config(model_config):
+    get = getattr(model_config, "get_text_config", None)
+    return get() if callable(get) else model_config
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

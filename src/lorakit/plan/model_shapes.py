@@ -203,8 +203,10 @@ def shape_from_dict(data: dict, source: str) -> ModelShape:
 def context_length(config: Any) -> int | None:
     """The longest sequence the model was built for (max_position_embeddings, GPT-2's n_positions),
     from a config dict or object."""
+    if not isinstance(config, dict) and callable(getattr(config, "get_text_config", None)):
+        config = config.get_text_config()  # a multimodal model's text model
     get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-    limit = get("max_position_embeddings") or get("n_positions")
+    limit = get("max_position_embeddings") or get("n_positions") or get("max_seq_len")  # MPT's name
     return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
 

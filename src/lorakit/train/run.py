@@ -29,7 +29,7 @@ from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
 from lorakit.lora.model import describe_modules
 from lorakit.lora.targets import ARCH_PROJECTIONS, GROUPS, group_layer_names
-from lorakit.models import position_table_length, rope_scaled, sliding_window, training_dtype, uses_alibi
+from lorakit.models import local_attention, position_table_length, rope_scaled, training_dtype, uses_alibi
 from lorakit.plan.model_shapes import context_length
 from lorakit.train import distributed
 from lorakit.train.loop import LoopSettings, epoch_plan, total_steps_for
@@ -225,14 +225,15 @@ def _checkpointing(model, config: RunConfig, fsdp: bool) -> list[str]:
 
 def packing_notice(config: RunConfig, model, longest: int) -> list[str]:
     """Packing off, with one line, where a packed row's layout cannot carry the model's own
-    attention rule: a sliding window some document is longer than (a block-causal mask or per-
-    document attention would let it see past the window), or ALiBi biases (transformers builds
-    them from a 2D mask). Padded rows get transformers' own masks, window included."""
+    attention rule: a sliding window or attention chunk some example is longer than (a block-
+    causal mask, which transformers hands to every layer unchanged, would let it see past the
+    window), or ALiBi biases (transformers builds them from a 2D mask). Padded rows get
+    transformers' own masks, windows included."""
     if not config.data.packing:
         return []
-    window = sliding_window(model.config)
-    if window is not None and longest > window:
-        reason = (f"the model's sliding window ({window} tokens) is shorter than the longest example ({longest}), "
+    local = local_attention(model.config)
+    if local is not None and longest > local[0]:
+        reason = (f"the model's {local[1]} ({local[0]} tokens) is shorter than the longest example ({longest}), "
                   "and a packed row's mask cannot apply it")
     elif uses_alibi(model.config):
         reason = f"{model.config.model_type} positions tokens with ALiBi, which a packed row's mask cannot carry"
