@@ -24,14 +24,18 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     from lorakit.lora import disable_adapters, load_adapter
     from lorakit.models import inference_placement, load_model_and_tokenizer
     from lorakit.train.loop import evaluate
+    from lorakit.train.run import context_notice, longest_example, packing_blocker
 
     _check_sizes(seq_len, batch_size)
     placement, torch_dtype = inference_placement(device, dtype)
     base_model, tokenizer, _ = load_model_and_tokenizer(model or base_model_for([adapter]), dtype=torch_dtype,
                                                         device=placement, allow_pickle=allow_pickle)
     records = tokenize_records(read_records(data), tokenizer, fmt, seq_len)  # one path, or several
+    longest = longest_example(records, None)
+    context_notice(base_model, longest)  # raises where the examples run past a position table
     load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
-    settings = _eval_settings(base_model, tokenizer, seq_len, batch_size)
+    packing = packing_blocker(base_model, longest) is None  # as train decides
+    settings = _eval_settings(base_model, tokenizer, seq_len, batch_size, packing)
     with disable_adapters(base_model):
         base = evaluate(base_model, records, settings)
     tuned = evaluate(base_model, records, settings)
@@ -46,9 +50,10 @@ def _check_sizes(seq_len: int, batch_size: int) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def _eval_settings(model, tokenizer, seq_len: int, batch_size: int):
-    """The trainer's eval path (fast paths, packed rows without a 4D mask): in 16 bits their
-    roundings differ from transformers' ops, and eval should reproduce a run's own eval loss."""
+def _eval_settings(model, tokenizer, seq_len: int, batch_size: int, packing: bool):
+    """The trainer's eval path (fast paths, packed rows without a 4D mask where the model's
+    attention allows packing, as train decides): in 16 bits their roundings differ from
+    transformers' ops, and eval should reproduce a run's own eval loss."""
     from lorakit.data.formats import pad_token_id
     from lorakit.kernels.llama_patch import enable_fast_paths
     from lorakit.kernels.varlen_attention import use_varlen_attention
@@ -56,10 +61,11 @@ def _eval_settings(model, tokenizer, seq_len: int, batch_size: int):
     from lorakit.train.run import autocast_dtype_for, packed_attention_for
 
     enable_fast_paths(model)
-    use_varlen_attention(model)
+    if packing:
+        use_varlen_attention(model)
     device = next(model.parameters()).device
     return LoopSettings(lr=0, total_steps=0, warmup_steps=0, schedule="constant", grad_accum=1, max_grad_norm=0,
-                        max_bad_steps=1, batch_size=batch_size, seq_len=seq_len, packing=True, seed=0,
+                        max_bad_steps=1, batch_size=batch_size, seq_len=seq_len, packing=packing, seed=0,
                         pad_id=pad_token_id(tokenizer), device=device,
                         autocast_dtype=autocast_dtype_for(model, device),
-                        packed_attention=packed_attention_for(model, packing=True))
+                        packed_attention=packed_attention_for(model, packing=packing))

@@ -2,6 +2,8 @@
 
 import argparse
 
+import pytest
+
 from lorakit.config import add_flags, lora_config, resolve
 from lorakit.kernels import triton_ops
 from lorakit.kernels.llama_patch import fast_paths_enabled
@@ -99,7 +101,11 @@ def test_packing_turns_off_where_a_packed_row_cannot_carry_the_models_attention_
     assert run.packing_notice(config, _tiny("BloomConfig"), 5) == [] and not config.data.packing
 
 
-def test_a_sliding_window_model_trains_through_the_cli_instead_of_crashing(tmp_path, capsys):
+@pytest.mark.parametrize("arch, notice", [
+    ("MistralConfig", "packing: off, the model's sliding window (8 tokens)"),  # lorakit_varlen raised mid-run
+    ("BloomConfig", "packing: off, bloom positions tokens with ALiBi"),  # the 4D mask crashed ALiBi
+])
+def test_models_packing_cannot_serve_train_and_evaluate_through_the_cli(tmp_path, capsys, arch, notice):
     import transformers
 
     from lorakit.cli import main
@@ -107,14 +113,18 @@ def test_a_sliding_window_model_trains_through_the_cli_instead_of_crashing(tmp_p
     from tiny_models import tiny_tokenizer, write_define_data
 
     tokenizer = tiny_tokenizer()
-    config = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-                                        vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                        pad_token_id=tokenizer.pad_token_id)
+    sizes = (dict(hidden_size=64, n_layer=2, n_head=4) if arch == "BloomConfig" else
+             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, sliding_window=8))
+    config = getattr(transformers, arch)(**sizes, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     data = write_define_data(tmp_path / "data.jsonl", count=16)
     args = ["train", "--model", str(tmp_path / "model"), "--data", str(data), "--seq-len", "64", "--max-steps", "1",
             "--r", "4", "--dtype", "float32", "--eval-split", "4", "--output", str(tmp_path / "run")]
-    assert main(args) == 0  # the packed documents are longer than the window: lorakit_varlen raised mid-run
-    assert "packing: off, the model's sliding window (8 tokens)" in " ".join(capsys.readouterr().out.split())
+    assert main(args) == 0
+    assert notice in " ".join(capsys.readouterr().out.split())
+    # lorakit eval decides as train does (it packed whatever the model)
+    assert main(["eval", "--adapter", str(tmp_path / "run" / "adapter"), "--model", str(tmp_path / "model"),
+                 "--data", str(data), "--seq-len", "64", "--dtype", "float32", "--json"]) == 0

@@ -224,23 +224,27 @@ def _checkpointing(model, config: RunConfig, fsdp: bool) -> list[str]:
 
 
 def packing_notice(config: RunConfig, model, longest: int) -> list[str]:
-    """Packing off, with one line, where a packed row's layout cannot carry the model's own
-    attention rule: a sliding window or attention chunk some example is longer than (a block-
-    causal mask, which transformers hands to every layer unchanged, would let it see past the
-    window), or ALiBi biases (transformers builds them from a 2D mask). Padded rows get
-    transformers' own masks, windows included."""
-    if not config.data.packing:
-        return []
-    local = local_attention(model.config)
-    if local is not None and longest > local[0]:
-        reason = (f"the model's {local[1]} ({local[0]} tokens) is shorter than the longest example ({longest}), "
-                  "and a packed row's mask cannot apply it")
-    elif uses_alibi(model.config):
-        reason = f"{model.config.model_type} positions tokens with ALiBi, which a packed row's mask cannot carry"
-    else:
+    """Packing off, with one line, where packing_blocker says a packed row cannot carry the model's
+    attention; padded rows get transformers' own masks, windows included."""
+    reason = packing_blocker(model, longest) if config.data.packing else None
+    if reason is None:
         return []
     config.data.packing = False
     return [f"packing: off, {reason}; each row holds one example (padded)"]
+
+
+def packing_blocker(model, longest: int) -> str | None:
+    """Why a packed row cannot carry the model's own attention rule, or None: a sliding window or
+    attention chunk some example is longer than (a block-causal mask, which transformers hands to
+    every layer unchanged, would let it see past the window), or ALiBi biases (transformers builds
+    them from a 2D mask)."""
+    local = local_attention(model.config)
+    if local is not None and longest > local[0]:
+        return (f"the model's {local[1]} ({local[0]} tokens) is shorter than the longest example ({longest}), "
+                "and a packed row's mask cannot apply it")
+    if uses_alibi(model.config):
+        return f"{model.config.model_type} positions tokens with ALiBi, which a packed row's mask cannot carry"
+    return None
 
 
 def packed_attention_for(model, packing: bool) -> str:
