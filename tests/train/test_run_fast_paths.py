@@ -128,3 +128,25 @@ def test_models_packing_cannot_serve_train_and_evaluate_through_the_cli(tmp_path
     # lorakit eval decides as train does (it packed whatever the model)
     assert main(["eval", "--adapter", str(tmp_path / "run" / "adapter"), "--model", str(tmp_path / "model"),
                  "--data", str(data), "--seq-len", "64", "--dtype", "float32", "--json"]) == 0
+
+
+def test_experts_fused_into_3d_parameters_stay_frozen_and_the_default_targets_take_what_is_linear():
+    from lorakit.errors import ConfigError
+
+    mixtral = dict(num_local_experts=4, num_experts_per_tok=2)
+    config = _config()  # the default: all seven projections
+    notices = run.resolve_targets(config, _tiny("MixtralConfig", **mixtral))
+    assert config.lora.targets == "k_proj,o_proj,q_proj,v_proj"
+    assert config.sources["lora.targets"].startswith("default: the seven projections that are linear")
+    assert len(notices) == 1 and "fused 3D parameters (model.layers.0.mlp.experts.gate_up_proj and the like, in 2 " \
+        "layers)" in notices[0] and notices[0].endswith("targets: k_proj, o_proj, q_proj, v_proj")
+    with pytest.raises(ConfigError, match="--targets mlp: gate_proj, up_proj, down_proj are fused expert parameters.*"
+                                          "use --targets attention"):
+        run.resolve_targets(_config("--targets", "mlp"), _tiny("MixtralConfig", **mixtral))
+    config = _config("--targets", "attention")
+    assert "stay frozen" in run.resolve_targets(config, _tiny("MixtralConfig", **mixtral))[0]
+    assert config.lora.targets == "attention"
+    qwen2_moe = _tiny("Qwen2MoeConfig", num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64)
+    config = _config()  # the shared expert's projections are linear: the default keeps "all"
+    assert "stay frozen" in run.resolve_targets(config, qwen2_moe)[0] and config.lora.targets == "all"
+    assert run.resolve_targets(_config(), tiny_llama()) == []

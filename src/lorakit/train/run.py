@@ -113,25 +113,28 @@ def resolve_targets(config: RunConfig, model) -> list[str]:
     Experts fused into 3D parameters stay frozen: said once, and the default takes what is linear."""
     model_type = getattr(model.config, "model_type", None)
     default = config.sources.get("lora.targets", "").startswith("default")
-    if config.lora.targets in GROUPS and model_type not in ARCH_PROJECTIONS:
-        if default:
-            config.lora.targets = "all-linear"
-            return [f"model type {model_type!r} is not in the projection table: using all-linear targets"]
-        return []
+    notices = []
+    if config.lora.targets in GROUPS and model_type not in ARCH_PROJECTIONS and default:
+        config.lora.targets = "all-linear"
+        notices.append(f"model type {model_type!r} is not in the projection table: using all-linear targets")
     experts = [name for name, p in model.named_parameters() if p.dim() == 3 and "expert" in name]
     if not experts:
-        return []
-    frozen = (f"the experts' weights are fused 3D parameters ({experts[0]}, {len(experts)} in all), which LoRA on "
-              "linear layers cannot adapt: they stay frozen")
-    if config.lora.targets not in GROUPS:
-        return [frozen]
+        return notices
+    layers = len({name.rsplit(".", 1)[0] for name in experts})
+    frozen = (f"the experts' weights are fused 3D parameters ({experts[0]} and the like, in {layers} "
+              f"layer{'s' * (layers != 1)}), which LoRA on linear layers cannot adapt: they stay frozen")
+    if config.lora.targets not in GROUPS or model_type not in ARCH_PROJECTIONS:
+        return notices + [frozen]
     names, missing = group_layer_names(describe_modules(model), config.lora.targets, model_type)
     if missing and not default:
+        instead = f"choose among {', '.join(names)}" if names else "use --targets attention"
         raise ConfigError(f"--targets {config.lora.targets}: {', '.join(missing)} are fused expert parameters in this "
-                          f"model ({experts[0]}), not linear layers; choose among {', '.join(names) or 'attention'}")
+                          f"model ({experts[0]}), not linear layers; {instead}")
     if missing:
         config.lora.targets = ",".join(names)
-    return [frozen + (f"; targets: {', '.join(names)}" if missing else "")]
+        config.sources["lora.targets"] = "default: the seven projections that are linear layers here"
+        frozen += f"; targets: {', '.join(names)}"
+    return notices + [frozen]
 
 
 def autocast_dtype_for(model, device: torch.device) -> torch.dtype | None:
