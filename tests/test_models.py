@@ -517,7 +517,10 @@ def test_local_attention_alibi_and_context_are_read_where_each_model_keeps_them(
     assert context_length(multimodal) == 512
     assert local_attention(transformers.Llama4TextConfig(attention_chunk_size=16)) == (16, "attention chunk")
     assert local_attention(transformers.LlamaConfig()) is None
-    assert uses_alibi(transformers.BloomConfig()) and uses_alibi(transformers.MptConfig())
-    assert not uses_alibi(transformers.MptConfig(attn_config={"alibi": False}))
+    # where the layer types do not say "full attention" everywhere, a window counts (packing off is always exact)
+    assert local_attention(transformers.MistralConfig(sliding_window=8, layer_types=["hybrid_sliding"] * 32)) == (
+        8, "sliding window")
+    assert uses_alibi(transformers.BloomConfig())
+    assert not uses_alibi(transformers.MptConfig())  # its biases follow the key alone: packing stays exact
     assert uses_alibi(transformers.FalconConfig(alibi=True)) and not uses_alibi(transformers.FalconConfig())
     assert context_length(transformers.MptConfig(max_seq_len=32)) == 32

@@ -1,7 +1,7 @@
 """Loss and perplexity of a base model and of it with an adapter, on a data file (`lorakit eval`).
 
 It runs the trainer's own evaluation: the same tokenisation and response-only labels, packed
-rows, the fast paths, the dtype `lorakit train` picks. So it reproduces a run's eval loss for the
+rows where train packs them, the fast paths, the dtype `lorakit train` picks. So it reproduces a run's eval loss for the
 same data, and scores a new file the way training would have.
 """
 
@@ -16,7 +16,7 @@ from lorakit.errors import ConfigError
 def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], model: str | None = None, fmt: str = "auto",
                      seq_len: int = 512, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
                      allow_other_base: bool = False, allow_pickle: bool = False) -> dict:
-    """{base_loss, base_perplexity, adapter_loss, adapter_perplexity, tokens} over ``data``;
+    """{base_loss, base_perplexity, adapter_loss, adapter_perplexity, tokens, notes} over ``data``;
     ``model`` defaults to the adapter's base_model_name_or_path."""
     from lorakit.adapters import base_model_for
     from lorakit.data.formats import tokenize_records
@@ -32,15 +32,16 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
                                                         device=placement, allow_pickle=allow_pickle)
     records = tokenize_records(read_records(data), tokenizer, fmt, seq_len)  # one path, or several
     longest = longest_example(records, None)
-    context_notice(base_model, longest)  # raises where the examples run past a position table
+    notes = context_notice(base_model, longest)  # raises where the examples run past a position table
     load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
-    packing = packing_blocker(base_model, longest) is None  # as train decides
-    settings = _eval_settings(base_model, tokenizer, seq_len, batch_size, packing)
+    unpacked = packing_blocker(base_model, longest)  # as train decides
+    notes += [f"rows unpacked: {unpacked}"] if unpacked else []
+    settings = _eval_settings(base_model, tokenizer, seq_len, batch_size, packing=unpacked is None)
     with disable_adapters(base_model):
         base = evaluate(base_model, records, settings)
     tuned = evaluate(base_model, records, settings)
     return {"base_loss": base["loss"], "base_perplexity": base["perplexity"], "adapter_loss": tuned["loss"],
-            "adapter_perplexity": tuned["perplexity"], "tokens": tuned["tokens"]}
+            "adapter_perplexity": tuned["perplexity"], "tokens": tuned["tokens"], "notes": notes}
 
 
 def _check_sizes(seq_len: int, batch_size: int) -> None:

@@ -430,12 +430,14 @@ def base_model_name(model: Any) -> str:
 def position_table_length(model) -> int | None:
     """How many positions a model that looks them up in a fixed table can take (None: no table).
     GPT-2's wpe; OPT's, whose first 2 rows are an offset; RoBERTa's, whose positions start after
-    its padding index; GPT-J's and CodeGen's sin/cos, a buffer."""
+    its padding index; GPT-J's and CodeGen's sin/cos, a buffer; MPT's ALiBi, built max_seq_len wide."""
     from torch import nn
 
     limit = context_length(model.config)
     if limit is None:
         return None
+    if getattr(model.config, "model_type", None) == "mpt":  # its ALiBi tensor is built max_seq_len wide
+        return limit
     tokens = model.get_input_embeddings()
     for module in model.modules():
         if isinstance(module, nn.Embedding) and module is not tokens and limit <= module.num_embeddings <= limit + 2:
@@ -463,9 +465,9 @@ def local_attention(model_config) -> tuple[int, str] | None:
     layer_types = layer_types if isinstance(layer_types, (list, tuple)) else None
     spans = []
     window = getattr(config, "sliding_window", None)
-    if _positive_int(window) and getattr(config, "use_sliding_window", True) is not False and (
-            layer_types is None or "sliding_attention" in layer_types):
-        spans.append((window, "sliding window"))
+    every_layer_full = layer_types is not None and all(kind == "full_attention" for kind in layer_types)
+    if _positive_int(window) and getattr(config, "use_sliding_window", True) is not False and not every_layer_full:
+        spans.append((window, "sliding window"))  # where unsure, the window counts: padded rows are always exact
     chunk = getattr(config, "attention_chunk_size", None)
     if _positive_int(chunk) and (layer_types is None or "chunked_attention" in layer_types):
         spans.append((chunk, "attention chunk"))
@@ -473,12 +475,10 @@ def local_attention(model_config) -> tuple[int, str] | None:
 
 
 def uses_alibi(model_config) -> bool:
-    """Attention biased by distance (ALiBi: BLOOM, MPT's default, Falcon's alibi option) instead of positions."""
+    """ALiBi biases built from the attention mask (BLOOM, Falcon's alibi option), which a packed
+    row's 4D mask breaks. MPT's depend on the key's position alone, which packing leaves exact."""
     config = _text_config(model_config)
-    if getattr(config, "model_type", None) == "bloom":
-        return True
-    attention = getattr(config, "attn_config", None)  # MPT's
-    return getattr(config, "alibi", False) is True or getattr(attention, "alibi", False) is True
+    return getattr(config, "model_type", None) == "bloom" or getattr(config, "alibi", False) is True
 
 
 def _text_config(model_config):

@@ -250,8 +250,8 @@ def test_bounds_with_a_mask_are_refused():
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_documents_and_padding_tails_longer_than_a_sliding_window_see_only_the_window(fast):
-    model = lora_model("mistral", fast=fast, sliding_window=4)  # documents of up to 9 tokens, tails of up to 8
+def test_documents_longer_than_a_sliding_window_see_only_the_window(fast):
+    model = lora_model("mistral", fast=fast, sliding_window=4)  # documents of up to 9 tokens
     rows = make_rows()
     unpacked = collate([ex for row in rows for ex in row], packing=False, seq_len=WIDTH, pad_id=0)
     want = with_attention(model, "sdpa", unpacked, chunked_loss)  # transformers' own sliding-window masks

@@ -1,6 +1,7 @@
 """The trainer's fast-path switches: --fast-paths and the opt-in --triton-kernels."""
 
 import argparse
+import json
 
 import pytest
 
@@ -125,9 +126,11 @@ def test_models_packing_cannot_serve_train_and_evaluate_through_the_cli(tmp_path
             "--r", "4", "--dtype", "float32", "--eval-split", "4", "--output", str(tmp_path / "run")]
     assert main(args) == 0
     assert notice in " ".join(capsys.readouterr().out.split())
-    # lorakit eval decides as train does (it packed whatever the model)
+    # lorakit eval decides as train does (it packed whatever the model), and says so
     assert main(["eval", "--adapter", str(tmp_path / "run" / "adapter"), "--model", str(tmp_path / "model"),
                  "--data", str(data), "--seq-len", "64", "--dtype", "float32", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert len(notes) == 1 and notes[0].startswith("rows unpacked: ") and notice.split("off, ")[1] in notes[0]
 
 
 def test_experts_fused_into_3d_parameters_stay_frozen_and_the_default_targets_take_what_is_linear():

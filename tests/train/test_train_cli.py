@@ -197,7 +197,9 @@ def test_rows_beyond_the_models_positions_are_refused_where_they_are_a_table_and
     roberta = transformers.AutoModelForCausalLM.from_config(transformers.RobertaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         max_position_embeddings=66, is_decoder=True))  # positions start after the padding index (1)
-    for model, table in ((tiny_gpt2(), 128), (gptj, 64), (opt, 64), (roberta, 64)):
+    mpt = transformers.AutoModelForCausalLM.from_config(transformers.MptConfig(
+        vocab_size=128, d_model=64, n_heads=4, n_layers=1, max_seq_len=64))  # its ALiBi is built 64 wide
+    for model, table in ((tiny_gpt2(), 128), (gptj, 64), (opt, 64), (roberta, 64), (mpt, 64)):
         with pytest.raises(ConfigError, match=f"an example of {table + 1} tokens would run past the model's {table} "
                                               f"positions.*use --seq-len {table} or less"):
             context_notice(model, longest=table + 1)

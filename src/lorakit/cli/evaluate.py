@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        for note in result["notes"]:
+            print(f"note: {note}")
         print(f"{'':10}{'loss':>10}{'perplexity':>12}")
         print(f"{'base':10}{result['base_loss']:>10.4f}{result['base_perplexity']:>12.2f}")
         print(f"{'adapter':10}{result['adapter_loss']:>10.4f}{result['adapter_perplexity']:>12.2f}")

@@ -80,8 +80,8 @@ def context_notice(model, longest: int) -> list[str]:
     (it runs, on positions the model never saw)."""
     table = position_table_length(model)
     if table is not None and longest > table:
-        raise ConfigError(f"an example of {longest} tokens would run past the model's {table} positions (a fixed "
-                          f"table with no row beyond it); use --seq-len {table} or less")
+        raise ConfigError(f"an example of {longest} tokens would run past the model's {table} positions (it has "
+                          f"nothing for a position beyond them); use --seq-len {table} or less")
     limit = context_length(model.config)
     if table is None and limit is not None and longest > limit and not rope_scaled(model.config):
         return [f"examples of up to {longest} tokens are longer than the model's context ({limit}): they train on "
