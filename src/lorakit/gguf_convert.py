@@ -22,14 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ModelLoadError
+from lorakit.host import cache_dir
 
 CONVERSION_MARKER = "lorakit_conversion.json"
-
-
-def cache_dir() -> Path:
-    """Root of lorakit's cache: ``$LORAKIT_CACHE`` or ``~/.cache/lorakit``."""
-    root = os.environ.get("LORAKIT_CACHE") or "~/.cache/lorakit"
-    return Path(root).expanduser()
 
 
 def converted_gguf_dir(gguf_path: str | os.PathLike) -> Path:

@@ -1,4 +1,5 @@
-"""What the host (Linux, CPU side) says about memory: one reader for every command.
+"""What the host (Linux, CPU side) says: memory, the CPU's name, lorakit's cache folder; one
+reader for every command.
 
 - `peak_rss_bytes`: this process's resident-set high-water mark, from VmHWM in
   /proc/self/status. `getrusage`'s ru_maxrss is the fallback only: it carries the parent's
@@ -13,8 +14,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 import resource
 import sys
+from pathlib import Path
 
 KIB = 1024
 MEMINFO = "/proc/meminfo"
@@ -73,3 +77,14 @@ def return_freed_memory() -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def cache_dir() -> Path:
+    """Root of lorakit's cache: ``$LORAKIT_CACHE`` or ``~/.cache/lorakit``."""
+    root = os.environ.get("LORAKIT_CACHE") or "~/.cache/lorakit"
+    return Path(root).expanduser()
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
+    return proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine() or "unknown CPU"

@@ -1,6 +1,7 @@
 """cpu_gemm's products against plain PyTorch, with torch's GEMMs and with oneDNN's."""
 
 import copy
+import json
 import pickle
 import threading
 
@@ -129,10 +130,31 @@ def test_the_faster_backend_is_chosen_by_a_clear_margin(monkeypatch):
                                (1.2, 1.0, cpu_gemm.ATEN)]:
         timings = iter([onednn, aten])  # _faster_backend times oneDNN first
         monkeypatch.setattr(cpu_gemm, "_best_time", lambda product: next(timings))
-        assert cpu_gemm._faster_backend(torch.float32) == want
+        assert cpu_gemm._faster_backend(torch.float32, rounds=1) == want
     timings = iter([1.0, 2.0])  # however the timing would come out, bf16 keeps torch's path
     monkeypatch.setattr(cpu_gemm, "_best_time", lambda product: next(timings))
     assert cpu_gemm._faster_backend(torch.bfloat16) == cpu_gemm.ATEN
+    # rounds alternate, and each side keeps its best: a burst of load in one round decides nothing
+    timings = iter([5.0, 2.0, 1.0, 5.0, 1.0, 3.0])  # (oneDNN, torch) per round
+    monkeypatch.setattr(cpu_gemm, "_best_time", lambda product: next(timings))
+    assert cpu_gemm._faster_backend(torch.float32, rounds=3) == cpu_gemm.ONEDNN
+
+
+def test_the_choice_is_remembered_per_machine_so_every_run_takes_the_same_products(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    timed = []
+    monkeypatch.setattr(cpu_gemm, "_faster_backend", lambda dtype: timed.append(dtype) or cpu_gemm.ONEDNN)
+    assert cpu_gemm._remembered_choice(torch.float32) == cpu_gemm.ONEDNN
+    monkeypatch.setattr(cpu_gemm, "_faster_backend", lambda dtype: timed.append(dtype) or cpu_gemm.ATEN)
+    assert cpu_gemm._remembered_choice(torch.float32) == cpu_gemm.ONEDNN  # a later process: read, not timed
+    assert timed == [torch.float32]
+    saved = json.loads((tmp_path / cpu_gemm.CHOICES_FILE).read_text())
+    assert list(saved.values()) == [cpu_gemm.ONEDNN] and f"{torch.get_num_threads()} threads" in next(iter(saved))
+    (tmp_path / cpu_gemm.CHOICES_FILE).write_text("{damaged")
+    assert cpu_gemm._remembered_choice(torch.float32) == cpu_gemm.ATEN and len(timed) == 2  # timed again
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("")  # a cache that cannot be written: this process keeps its choice
+    assert cpu_gemm._remembered_choice(torch.float32) == cpu_gemm.ATEN
 
 
 def test_the_environment_fixes_the_backend(monkeypatch):

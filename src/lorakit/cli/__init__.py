@@ -134,7 +134,7 @@ def _path_fix(exc: OSError) -> str:
     the user gave on the command line)."""
     from pathlib import Path
 
-    from lorakit.gguf_convert import cache_dir
+    from lorakit.host import cache_dir
 
     cache, path = cache_dir().absolute(), Path(os.fsdecode(exc.filename)).absolute()
     if path == cache or cache in path.parents:

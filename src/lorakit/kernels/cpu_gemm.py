@@ -14,11 +14,13 @@ chunked loss and the frozen nn.Linear modules route their GEMMs through here:
     grad_weight(dy, x)     dy.T @ x        an adapter matrix's gradient
     frozen_linear(x, w, b) F.linear for a weight that gets no gradient, as an autograd function
 
-`backend_for(t)` decides per dtype and thread count, the first time it is asked, by timing one
-GEMM both ways (about 0.2 s, oneDNN's kernel generation included): oneDNN when it is clearly
-faster (measured on Zen 5), torch's own `mm` otherwise (expected on Intel CPUs, where MKL already
-runs AVX-512, though not measured; and always for GPU tensors). LORAKIT_CPU_GEMM=onednn or =aten
-fixes the choice. Whatever oneDNN cannot take
+`backend_for(t)` decides per dtype and thread count, the first time this machine asks, by timing
+one GEMM both ways (under a second, oneDNN's kernel generation included): oneDNN when it is
+clearly faster (measured on Zen 5), torch's own `mm` otherwise (expected on Intel CPUs, where MKL
+already runs AVX-512, though not measured; and always for GPU tensors). The choice is remembered
+in lorakit's cache (cpu_gemm.json: delete it to time again), so every run on the machine, and a
+run and its resume, take the same products and give the same bits. LORAKIT_CPU_GEMM=onednn or
+=aten fixes the choice. Whatever oneDNN cannot take
 exactly as torch would takes torch's path: a call that records an autograd graph (the op has no
 derivative), autocast, torch.compile tracing, functorch transforms, empty operands, a strided
 bias or one of another dtype.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import json
 import os
 import threading
 import time
@@ -39,6 +42,7 @@ from lorakit.errors import ConfigError
 
 ONEDNN, ATEN = "onednn", "aten"
 ENV_VAR = "LORAKIT_CPU_GEMM"
+CHOICES_FILE = "cpu_gemm.json"  # in lorakit's cache: each machine's choice, per dtype and thread count
 # oneDNN is chosen when its best time is below this share of torch's: on Zen 5 it measured
 # 0.45-0.5 in fp32 and 1.0 in bf16; where both run the same instruction set they are within a
 # few percent
@@ -73,8 +77,35 @@ def backend_for(t: torch.Tensor) -> str:
     if key not in _chosen:
         with _choosing:
             if key not in _chosen:
-                _chosen[key] = _faster_backend(t.dtype)
+                _chosen[key] = _remembered_choice(t.dtype)
     return _chosen[key]
+
+
+def _remembered_choice(dtype: torch.dtype) -> str:
+    """The backend this machine chose before (CHOICES_FILE in lorakit's cache), else timed now and
+    remembered. The two backends round differently: two runs, or a run and its resume, must take
+    the same one to give the same bits, and a timing on a busy machine could come out either way."""
+    from lorakit import host
+    from lorakit.safe_io import atomic_write_json
+
+    path = host.cache_dir() / CHOICES_FILE
+    key = f"{host.cpu_name()} | torch {torch.__version__} | {dtype} | {torch.get_num_threads()} threads"
+    known = _read_choices(path)
+    if known.get(key) in (ONEDNN, ATEN):
+        return known[key]
+    choice = _faster_backend(dtype)
+    with contextlib.suppress(OSError):  # a read-only cache: this process keeps its own choice
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {**known, key: choice})
+    return choice
+
+
+def _read_choices(path) -> dict:
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or damaged: timed again
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 @contextlib.contextmanager
@@ -247,19 +278,22 @@ def _onednn_runs(dtype: torch.dtype) -> bool:
         return False
 
 
-def _faster_backend(dtype: torch.dtype) -> str:
-    """Time one GEMM both ways, best of 5 after a warm-up. bf16 keeps torch's path: torch's own
-    bf16 `mm` already calls oneDNN where the CPU multiplies bf16 natively (the only CPUs where train
-    picks bf16), so both ran at the same speed, and a timing on a busy machine picked either."""
+def _faster_backend(dtype: torch.dtype, rounds: int = 3) -> str:
+    """Time one GEMM both ways, best of 5 after a warm-up, in `rounds` alternating rounds (a burst
+    of load on a busy machine then hits both). bf16 keeps torch's path: torch's own bf16 `mm`
+    already calls oneDNN where the CPU multiplies bf16 natively (the only CPUs where train picks
+    bf16), so both ran at the same speed, and a timing on a busy machine picked either."""
     if dtype == torch.bfloat16 or not _onednn_runs(dtype):
         return ATEN
     rows, inner, out = _TIMED_SHAPE
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, inner, generator=generator).to(dtype)
     weight = torch.randn(out, inner, generator=generator).to(dtype)
+    onednn = aten = float("inf")
     with torch.no_grad():
-        onednn = _best_time(lambda: _uncounted_linear(x, weight, None))
-        aten = _best_time(lambda: torch.nn.functional.linear(x, weight))
+        for _ in range(rounds):
+            onednn = min(onednn, _best_time(lambda: _uncounted_linear(x, weight, None)))
+            aten = min(aten, _best_time(lambda: torch.nn.functional.linear(x, weight)))
     return ONEDNN if onednn < WIN_RATIO * aten else ATEN
 
 
