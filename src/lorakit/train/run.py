@@ -110,21 +110,28 @@ def load_data(config: RunConfig, tokenizer) -> tuple[TokenizedData, TokenizedDat
 
 def resolve_targets(config: RunConfig, model) -> list[str]:
     """The guide's default "all" needs the architecture table; fall back to all-linear otherwise.
-    Experts fused into 3D parameters stay frozen: said once, and the default takes what is linear."""
+    Experts fused into 3D parameters stay frozen (_fused_experts_notice)."""
     model_type = getattr(model.config, "model_type", None)
     default = config.sources.get("lora.targets", "").startswith("default")
     notices = []
     if config.lora.targets in GROUPS and model_type not in ARCH_PROJECTIONS and default:
         config.lora.targets = "all-linear"
         notices.append(f"model type {model_type!r} is not in the projection table: using all-linear targets")
+    return notices + _fused_experts_notice(config, model, model_type, default)
+
+
+def _fused_experts_notice(config: RunConfig, model, model_type: str | None, default: bool) -> list[str]:
+    """Mixture-of-experts layers whose experts are 3D parameters (transformers 5's Mixtral,
+    Qwen3-MoE): one line; the default group keeps the projections that are linear layers; an
+    explicit group that needs the experts is refused."""
     experts = [name for name, p in model.named_parameters() if p.dim() == 3 and "expert" in name]
     if not experts:
-        return notices
+        return []
     layers = len({name.rsplit(".", 1)[0] for name in experts})
     frozen = (f"the experts' weights are fused 3D parameters ({experts[0]} and the like, in {layers} "
               f"layer{'s' * (layers != 1)}), which LoRA on linear layers cannot adapt: they stay frozen")
     if config.lora.targets not in GROUPS or model_type not in ARCH_PROJECTIONS:
-        return notices + [frozen]
+        return [frozen]
     names, missing = group_layer_names(describe_modules(model), config.lora.targets, model_type)
     if missing and not default:
         instead = f"choose among {', '.join(names)}" if names else "use --targets attention"
@@ -134,7 +141,7 @@ def resolve_targets(config: RunConfig, model) -> list[str]:
         config.lora.targets = ",".join(names)
         config.sources["lora.targets"] = "default: the seven projections that are linear layers here"
         frozen += f"; targets: {', '.join(names)}"
-    return notices + [frozen]
+    return [frozen]
 
 
 def autocast_dtype_for(model, device: torch.device) -> torch.dtype | None:
