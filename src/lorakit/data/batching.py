@@ -28,7 +28,8 @@ Attention for packed rows (``packed_attention``), checked on a Llama model in tr
   dtype is the safe choice and halves the mask's memory, which is B*T*T values).
   (A bool 4D mask works with sdpa but eager adds it to the scores, so it is not used.)
 - ``"position_ids"``: no ``attention_mask``; transformers detects packing from the restarting
-  ``position_ids`` (flash-attention reads packing from them only for a batch of one row). It only does so when no KV cache exists:
+  ``position_ids`` (flash-attention reads packing from them only for a batch of one row). It
+  only does so when no KV cache exists:
   the model MUST be called with ``use_cache=False``, otherwise examples silently see each other.
 - ``"varlen"``: no ``attention_mask``; ``position_ids`` as above plus the document boundaries
   flash-attention's varlen API takes: ``cu_seq_lens_q`` = ``cu_seq_lens_k``, int32 cumulative

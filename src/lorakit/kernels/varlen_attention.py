@@ -206,7 +206,8 @@ def _per_document(query, key, value, segments: Segments, options: dict, native: 
         q, k, v = (torch.stack([p[i] for i in numbers]) if len(numbers) > 1 else p[numbers[0]][None]
                    for p in pieces)
         windowed = window is not None and q.shape[2] > window
-        out = _windowed(q, k, v, options, window) if windowed else _causal(q, k, v, options, native)  # (n, length, Hq, D)
+        out = (_windowed(q, k, v, options, window) if windowed
+               else _causal(q, k, v, options, native))  # (n, length, Hq, D)
         for number, piece in zip(numbers, out.unbind(0)):
             outputs[number] = piece  # (length, Hq, D)
     flat = torch.cat(outputs)  # (B*T, Hq, D)

@@ -448,7 +448,8 @@ def untargeted_modules(adapter: Adapter) -> list[str]:
     if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):  # PEFT lower-cases it
         targets = None
     return [module for module in sorted(adapter.pairs)
-            if (targets is not None and not _peft_targets(targets, module)) or (exclude and _peft_targets(exclude, module))]
+            if (targets is not None and not _peft_targets(targets, module))
+            or (exclude and _peft_targets(exclude, module))]
 
 
 def _peft_targets(spec: str | list[str], module: str) -> bool:
