@@ -250,9 +250,13 @@ def test_onednn_caches_are_bounded_unless_the_user_chose():
     assert run({"LRU_CACHE_CAPACITY": "7"}) == [cpu_gemm.CACHE_CAPACITY, "7"]
 
 
-def test_choosing_the_backend_is_not_counted_as_anyones_products():
+def test_choosing_the_backend_is_not_counted_as_anyones_products(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))  # nothing remembered: the timing runs
+    timed = []
+    real = cpu_gemm._faster_backend
+    monkeypatch.setattr(cpu_gemm, "_faster_backend", lambda dtype: timed.append(dtype) or real(dtype))
     cpu_gemm._chosen.clear()
     cpu_gemm._onednn_runs.cache_clear()
     before = cpu_gemm.onednn_products()
     cpu_gemm.backend_for(torch.zeros(2, 2))
-    assert cpu_gemm.onednn_products() == before
+    assert cpu_gemm.onednn_products() == before and timed == [torch.float32]
