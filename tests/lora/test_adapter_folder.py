@@ -39,6 +39,14 @@ def saved(tmp_path):
     return tmp_path / "a", model
 
 
+def edit_config(folder, **fields):
+    """Rewrite the adapter's adapter_config.json with these fields changed."""
+    import json
+
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
 def rewrite_weights(folder, edit):
     path = folder / "adapter_model.safetensors"
     tensors = load_file(path)
@@ -218,11 +226,8 @@ def test_load_analyze_and_export_name_the_same_problem(saved, tmp_path, damage):
 
 
 def test_a_rank_the_config_contradicts_is_refused_on_load_and_warned_by_analyze(saved, tmp_path):
-    import json
-
     folder, _ = saved
-    config = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))  # the tensors have rank 4
+    edit_config(folder, r=8)  # the tensors have rank 4
     expected = "tensors have rank 4 but adapter_config gives r=8"
     with pytest.raises(AdapterFileError, match=expected):
         load_adapter(tiny_llama(), folder)
@@ -232,14 +237,11 @@ def test_a_rank_the_config_contradicts_is_refused_on_load_and_warned_by_analyze(
 
 
 def test_an_unsupported_option_is_named_before_the_ranks_it_changes(saved):
-    import json
-
     from lorakit.adapters import AdapterSet
 
     folder, _ = saved
-    config = json.loads((folder / "adapter_config.json").read_text())
     # PEFT's target_parameters saves rank r per expert: the tensors' rank is not the config's r
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 2, "target_parameters": ["experts.weight"]}))
+    edit_config(folder, r=2, target_parameters=["experts.weight"])
     with pytest.raises(AdapterFileError, match="target_parameters=.* is not supported by lorakit"):
         load_adapter(tiny_llama(), folder)
     with pytest.raises(AdapterFileError, match="target_parameters=.* is not supported by lorakit"):
@@ -258,11 +260,8 @@ def test_an_unsupported_option_is_named_before_the_ranks_it_changes(saved):
 ])
 def test_tensors_of_modules_the_config_does_not_target_are_refused_as_peft_would_skip_them(saved, tmp_path, fields,
                                                                                            covered):
-    import json
-
     folder, _ = saved
-    config = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**config, **fields}))
+    edit_config(folder, **fields)
     if covered:
         load_adapter(tiny_llama(), folder)
         assert not any("target_modules does not name" in w for w in analyze_adapter(folder).warnings)
@@ -276,10 +275,7 @@ def test_tensors_of_modules_the_config_does_not_target_are_refused_as_peft_would
 
 
 def test_an_invalid_target_regex_is_named(saved):
-    import json
-
     folder, _ = saved
-    config = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "target_modules": "(q_proj"}))
+    edit_config(folder, target_modules="(q_proj")
     with pytest.raises(AdapterFileError, match=r"target_modules '\(q_proj' is not a valid regular expression"):
         read_adapter_folder(folder)
