@@ -5,6 +5,11 @@ traceback.
 """
 
 
+class LorakitWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints it as one
+    "warning:" line, without Python's file and line)."""
+
+
 class LorakitError(Exception):
     """Base class for user-facing errors (bad flag, file, config, adapter, model)."""
 

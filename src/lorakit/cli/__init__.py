@@ -13,8 +13,9 @@ import errno
 import importlib
 import os
 import sys
+import warnings
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, LorakitWarning
 
 # A path the user gave that the system refused, where no command translated the error itself:
 # errno -> the fix (the system's own words say what happened)
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 0 if not argv else 2
+    _show_lorakit_warnings_as_one_line()
     try:
         if os.environ.get("LORAKIT_CPU_GEMM"):  # checked here, not mid-run (importing it loads torch)
             from lorakit.kernels.cpu_gemm import check_environment
@@ -127,6 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _show_lorakit_warnings_as_one_line() -> None:
+    """lorakit's own warnings are for the user, not a developer: no file, line or source."""
+    show_others = warnings.showwarning
+    if getattr(show_others, "lorakit", False):  # main() called again in one process (tests)
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, LorakitWarning):
+            return show_others(message, category, filename, lineno, file, line)
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+    show.lorakit = True
+    warnings.showwarning = show
 
 
 def _path_fix(exc: OSError) -> str:

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.errors import LorakitWarning
 from lorakit.kernels import cpu_attention, cpu_gemm, native_ops
 from lorakit.kernels.chunked_ce import IGNORE_INDEX, chunked_lm_head_loss
 from lorakit.kernels.fused_lora import fuse_blocker, lora_linear, lora_mlp, lora_qkv
@@ -357,7 +358,7 @@ def _say_once_global_hooks() -> None:
     # a profiler or FLOP counter registers these; a run that suddenly slows should say why
     warnings.warn("a global module hook is registered (torch.nn.modules.module.register_module_forward_hook "
                   "or similar): lorakit's fused paths step aside while it is, so steps run slower",
-                  stacklevel=2)
+                  LorakitWarning, stacklevel=2)
 
 
 def _original(module: nn.Module) -> Callable:

@@ -45,6 +45,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from lorakit.errors import LorakitWarning
 from lorakit.kernels import cpu_attention
 
 VARLEN = "lorakit_varlen"
@@ -286,7 +287,7 @@ def _flash_varlen_checked(query, key, value, segments: Segments, scaling, option
         _FLASH.trusted, _FLASH.reason = _flash_varlen_agrees(query, key, value, segments, scaling, options)
         if not _FLASH.trusted:
             warnings.warn(f"packed attention: torch's varlen kernel is not used ({_FLASH.reason}); each document "
-                          "gets its own SDPA call instead", stacklevel=3)
+                          "gets its own SDPA call instead", LorakitWarning, stacklevel=3)
             return None
     return _flash_varlen(query, key, value, segments, scaling)
 

@@ -44,6 +44,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from lorakit.errors import LorakitWarning
+
 
 def on_accelerator(tensor: torch.Tensor) -> bool:
     """Whether `tensor` lives outside host memory (the tensors worth offloading)."""
@@ -104,7 +106,7 @@ def offloaded_checkpoint(offload: HostOffload | None = None) -> Callable[..., An
 def _warn_keyword_inputs() -> None:
     # torch's checkpoint keeps keyword arguments in a closure, out of the saved-tensor hooks' reach
     warnings.warn("offloaded checkpointing: this transformers version passes the layer's hidden states "
-                  "by keyword, so they stay on the device; use --grad-checkpointing on", stacklevel=3)
+                  "by keyword, so they stay on the device; use --grad-checkpointing on", LorakitWarning, stacklevel=3)
 
 
 def offload_layers(layers: list[nn.Module], offload: HostOffload | None = None) -> None:
