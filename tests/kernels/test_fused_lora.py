@@ -174,4 +174,7 @@ def test_fuse_blocker_names_the_reason(change, reason):
 
 def test_dora_and_plain_linear_are_not_fusable():
     assert "DoRA" in fuse_blocker(_lora(HIDDEN, 8, 2, dora=True))
+    # both user choices named: turning DoRA off alone would leave the path unfused
+    assert fuse_blocker(_lora(HIDDEN, 8, 2, dora=True, dropout=0.1)) == \
+        "DoRA adapters are not fused, and lora dropout is 0.1 (the fused path needs 0)"
     assert "not a LoRA layer" in fuse_blocker(nn.Linear(4, 4))

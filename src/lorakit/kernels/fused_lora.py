@@ -50,12 +50,22 @@ def fuse_blocker(module: nn.Module) -> str | None:
     """Why `module` cannot take the fused path, or None when it can."""
     if not all(hasattr(module, a) for a in ("base_layer", "lora_A", "lora_B", "scaling")):
         return f"{type(module).__name__} is not a LoRA layer"
-    if getattr(module, "use_dora", False) is True:  # PEFT keeps a dict per adapter name here: not ours
-        return "DoRA adapters are not fused"
     if getattr(module, "merged", False):
         return "the adapter is merged into the base weight"
     if getattr(module, "disabled", False):
         return "the adapter is disabled"
+    # both settings a user chose, at once: turning one off alone would not make the path fuse
+    chosen = [reason for reason in (_dora_blocker(module), _dropout_blocker(module)) if reason]
+    return ", and ".join(chosen) if chosen else _base_blocker(module)
+
+
+def _dora_blocker(module: nn.Module) -> str | None:
+    if getattr(module, "use_dora", False) is True:  # PEFT keeps a dict per adapter name here: not ours
+        return "DoRA adapters are not fused"
+    return None
+
+
+def _dropout_blocker(module: nn.Module) -> str | None:
     dropout = getattr(module, "lora_dropout", None)
     # even in eval mode, where dropout does nothing: the trainer enables the fast paths on a model
     # loaded in eval mode, and its memory plan counts what they keep
@@ -63,7 +73,7 @@ def fuse_blocker(module: nn.Module) -> str | None:
         return f"lora dropout is {dropout.p} (the fused path needs 0)"
     if dropout is not None and not isinstance(dropout, (nn.Identity, nn.Dropout)):
         return f"unknown lora_dropout module {type(dropout).__name__}"
-    return _base_blocker(module)
+    return None
 
 
 def _base_blocker(module: nn.Module) -> str | None:
