@@ -58,6 +58,7 @@ def _eval_settings(model, tokenizer, seq_len: int, batch_size: int, packing: boo
     from lorakit.data.formats import pad_token_id
     from lorakit.kernels.llama_patch import enable_fast_paths
     from lorakit.kernels.varlen_attention import use_varlen_attention
+    from lorakit.models import first_position_id
     from lorakit.train.loop import LoopSettings
     from lorakit.train.run import autocast_dtype_for, packed_attention_for
 
@@ -69,4 +70,5 @@ def _eval_settings(model, tokenizer, seq_len: int, batch_size: int, packing: boo
                         max_bad_steps=1, batch_size=batch_size, seq_len=seq_len, packing=packing, seed=0,
                         pad_id=pad_token_id(tokenizer), device=device,
                         autocast_dtype=autocast_dtype_for(model, device),
-                        packed_attention=packed_attention_for(model, packing=packing))
+                        packed_attention=packed_attention_for(model, packing=packing),
+                        first_position=first_position_id(model))

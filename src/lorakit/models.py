@@ -431,22 +431,37 @@ def position_table_length(model) -> int | None:
     """How many positions a model that looks them up in a fixed table can take (None: no table).
     GPT-2's wpe; OPT's, whose first 2 rows are an offset; RoBERTa's, whose positions start after
     its padding index; GPT-J's and CodeGen's sin/cos, a buffer; MPT's ALiBi, built max_seq_len wide."""
-    from torch import nn
-
     limit = context_length(model.config)
     if limit is None:
         return None
     if getattr(model.config, "model_type", None) == "mpt":  # its ALiBi tensor is built max_seq_len wide
         return limit
-    tokens = model.get_input_embeddings()
-    for module in model.modules():
-        if isinstance(module, nn.Embedding) and module is not tokens and limit <= module.num_embeddings <= limit + 2:
-            skipped = getattr(module, "offset", 0) + (module.padding_idx + 1 if module.padding_idx is not None else 0)
-            return module.num_embeddings - skipped
+    table = _position_embedding(model, limit)
+    if table is not None:
+        return table.num_embeddings - getattr(table, "offset", 0) - first_position_id(model)
     for name, buffer in model.named_buffers():
         if name.endswith("embed_positions") and buffer.dim() == 2 and buffer.shape[0] == limit:
             return limit
     return None
+
+
+def first_position_id(model) -> int:
+    """The position id of an example's first token: 0, except where a position table keeps its
+    rows up to the padding index for padding (RoBERTa and the models built on it number positions
+    from padding_idx + 1, and take position_ids as they are; OPT adds its offset itself)."""
+    table = _position_embedding(model, context_length(model.config))
+    return table.padding_idx + 1 if table is not None and table.padding_idx is not None else 0
+
+
+def _position_embedding(model, limit: int | None):
+    """The nn.Embedding a model looks its positions up in (about as many rows as its context), or None."""
+    from torch import nn
+
+    if limit is None:
+        return None
+    tokens = model.get_input_embeddings()
+    return next((module for module in model.modules() if isinstance(module, nn.Embedding) and module is not tokens
+                 and limit <= module.num_embeddings <= limit + 2), None)
 
 
 def rope_scaled(model_config) -> bool:

@@ -278,3 +278,29 @@ def test_device_places_the_batch_and_builds_the_mask_there():
     on_meta = collate(rows, packing=True, seq_len=8, pad_id=0, device="meta")
     assert {t.device.type for t in on_meta.values()} == {"meta"}
     assert on_meta["attention_mask"].shape == on_cpu["attention_mask"].shape == (1, 1, 5, 5)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_roberta_style_positions_start_after_the_padding_index_as_the_models_own(packing):
+    import transformers
+
+    from lorakit.models import first_position_id
+
+    from tiny_models import tiny_gpt2, tiny_llama
+
+    torch.manual_seed(0)
+    roberta = transformers.AutoModelForCausalLM.from_config(transformers.RobertaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=66, is_decoder=True)).eval()
+    assert first_position_id(roberta) == 2  # padding_idx 1
+    assert first_position_id(tiny_llama()) == 0 and first_position_id(tiny_gpt2()) == 0
+    examples = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (7, 4)]
+    rows = [examples] if packing else examples
+    batch = collate(rows, packing, seq_len=16, pad_id=1, first_position=first_position_id(roberta))
+    with torch.no_grad():
+        logits = roberta(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for example, start in zip(examples, (0, 7) if packing else (0, 0)):
+            own = roberta(input_ids=torch.tensor([example["input_ids"]])).logits[0]  # its own position ids
+            row = 0 if packing else examples.index(example)
+            got = logits[row, start:start + len(example["input_ids"])]
+            torch.testing.assert_close(got, own, atol=1e-5, rtol=1e-5)

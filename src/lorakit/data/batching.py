@@ -117,21 +117,22 @@ def _pack(indices: np.ndarray, lengths: np.ndarray, seq_len: int) -> list[list[i
 
 def collate(rows: Sequence[Sequence[dict]] | Sequence[dict], packing: bool, seq_len: int, pad_id: int,
             packed_attention: str = "4d", mask_dtype: torch.dtype = torch.float32,
-            device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+            device: torch.device | str | None = None, first_position: int = 0) -> dict[str, torch.Tensor]:
     """Tensors for ``model(**batch)`` from rows of examples (dicts with input_ids, labels).
 
     With ``device`` the batch is returned there, and a 4D mask is built there (B*T*T values are
-    much cheaper to fill on a GPU than on a busy CPU).
+    much cheaper to fill on a GPU than on a busy CPU). ``first_position``: the position id of an
+    example's first token (models.first_position_id: RoBERTa's start after its padding index).
     """
     if rows and isinstance(rows[0], dict):
         rows = [[example] for example in rows]  # a flat list: one example per row
     if not packing:
         if any(len(row) != 1 for row in rows):
             raise ValueError("unpacked rows must hold exactly one example each")
-        return _to(_collate_padded([row[0] for row in rows], pad_id), device)
+        return _to(_collate_padded([row[0] for row in rows], pad_id, first_position), device)
     if packed_attention not in PACKED_ATTENTION:
         raise ConfigError(f"packed_attention must be one of {PACKED_ATTENTION}, got {packed_attention!r}")
-    batch, segments = _collate_packed(rows, seq_len, pad_id)
+    batch, segments = _collate_packed(rows, seq_len, pad_id, first_position)
     if packed_attention == "varlen":
         width = batch["input_ids"].shape[1]
         batch.update(varlen_boundaries([[len(ex["input_ids"]) for ex in row] for row in rows], width))
@@ -145,20 +146,20 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device | str | None) -> di
     return batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
 
-def _collate_padded(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def _collate_padded(examples: list[dict], pad_id: int, first_position: int) -> dict[str, torch.Tensor]:
     width = max(len(ex["input_ids"]) for ex in examples)
     batch = _blank(len(examples), width, pad_id)
     attention = torch.zeros(len(examples), width, dtype=torch.long)
     for r, ex in enumerate(examples):
         n = _place(batch, r, 0, ex)
         attention[r, :n] = 1
-    batch["position_ids"] = torch.arange(width).expand(len(examples), width).clone()
+    batch["position_ids"] = (first_position + torch.arange(width)).expand(len(examples), width).clone()
     batch["attention_mask"] = attention
     return batch
 
 
-def _collate_packed(rows: Sequence[Sequence[dict]], seq_len: int,
-                    pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _collate_packed(rows: Sequence[Sequence[dict]], seq_len: int, pad_id: int,
+                    first_position: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The packed batch without its attention mask, and each token's example number (B, T)."""
     width = max(sum(len(ex["input_ids"]) for ex in row) for row in rows)
     if width > seq_len:
@@ -177,7 +178,7 @@ def _collate_packed(rows: Sequence[Sequence[dict]], seq_len: int,
         # table such as GPT-2's has no row past it) and no segment longer than it (a sliding window)
         positions[r, at:] = 0
         segments[r, at:] = len(row) + torch.arange(width - at)
-    batch["position_ids"] = positions
+    batch["position_ids"] = positions + first_position
     return batch, segments
 
 
@@ -224,13 +225,14 @@ class BatchIterator:
     """Yields the collated batches of ``plan[start_index:]``; batch k is plan entry start_index + k."""
 
     def __init__(self, dataset: Any, plan: Plan, *, packing: bool, seq_len: int, pad_id: int,
-                 start_index: int = 0, packed_attention: str = "4d",
-                 mask_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 start_index: int = 0, packed_attention: str = "4d", mask_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, first_position: int = 0) -> None:
         if not 0 <= start_index <= len(plan):
             raise ValueError(f"start_index {start_index} outside the plan of {len(plan)} batches")
         self.dataset, self.plan, self.start_index = dataset, plan, start_index
         self.options = dict(packing=packing, seq_len=seq_len, pad_id=pad_id,
-                            packed_attention=packed_attention, mask_dtype=mask_dtype, device=device)
+                            packed_attention=packed_attention, mask_dtype=mask_dtype, device=device,
+                            first_position=first_position)
 
     def __len__(self) -> int:
         return len(self.plan) - self.start_index

@@ -66,6 +66,7 @@ class LoopSettings:
     rank: int = 0  # this process's share of each step (train/distributed.py)
     world_size: int = 1
     batches_per_epoch: int = 0  # micro-batches in epoch 0's plan (packing may make others differ by a few)
+    first_position: int = 0  # an example's first position id (models.first_position_id)
 
 
 @dataclass
@@ -120,7 +121,7 @@ class Trainer:
                                      pad_id=s.pad_id, start_index=self.state.batch_index,
                                      packed_attention=s.packed_attention,
                                      mask_dtype=s.autocast_dtype or next(self.model.parameters()).dtype,
-                                     device=s.device)
+                                     device=s.device, first_position=s.first_position)
             for index in range(self.state.batch_index, len(plan)):
                 self.state.batch_index = index + 1
                 yield iterator, index
@@ -208,7 +209,7 @@ def evaluate(model: nn.Module, dataset, settings: LoopSettings, max_batches: int
     mine, padding = distributed.shard_padded(plan, settings.rank, settings.world_size)
     iterator = BatchIterator(dataset.dataset, mine + plan[:1] * padding, packing=settings.packing,
                              seq_len=settings.seq_len, pad_id=settings.pad_id, device=settings.device,
-                             packed_attention=settings.packed_attention,
+                             packed_attention=settings.packed_attention, first_position=settings.first_position,
                              mask_dtype=settings.autocast_dtype or next(model.parameters()).dtype)
     total, tokens = 0.0, 0
     dtype = settings.autocast_dtype

@@ -29,7 +29,8 @@ from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
 from lorakit.lora.model import describe_modules
 from lorakit.lora.targets import ARCH_PROJECTIONS, GROUPS, group_layer_names
-from lorakit.models import local_attention, position_table_length, rope_scaled, training_dtype, uses_alibi
+from lorakit.models import (first_position_id, local_attention, position_table_length, rope_scaled, training_dtype,
+                            uses_alibi)
 from lorakit.plan.model_shapes import context_length
 from lorakit.train import distributed
 from lorakit.train.loop import LoopSettings, epoch_plan, total_steps_for
@@ -160,7 +161,7 @@ def loop_settings(config: RunConfig, model, tokenizer, train: TokenizedData) -> 
                             seq_len=d.seq_len, packing=d.packing, seed=t.seed, pad_id=pad_token_id(tokenizer),
                             device=device, autocast_dtype=autocast_dtype_for(model, device),
                             packed_attention=packed_attention_for(model, d.packing), rank=world.rank,
-                            world_size=world.size)
+                            world_size=world.size, first_position=first_position_id(model))
     settings.batches_per_epoch = len(epoch_plan(train, settings, 0))
     settings.total_steps = total_steps_for(settings.batches_per_epoch, t.grad_accum * world.size, t.epochs, t.max_steps)
     settings.warmup_steps = warmup_steps_for(settings.total_steps, t.warmup_ratio)
