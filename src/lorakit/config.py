@@ -71,6 +71,7 @@ class LoraChoice:
     r: int | None = opt(None, "LoRA rank (default: from --task)")
     alpha: float | None = opt(None, "LoRA alpha (default: 2 * r, from --task)")
     targets: str = opt("all", "target modules: all (the 7 projections), attention, mlp, qv, all-linear, names, a comma list of these (attention,mlp), or a regex")
+    exclude: str | None = opt(None, "modules to leave out of the targets: names, a comma list or a regex, as --targets")
     rslora: bool = opt(False, "scale by alpha/sqrt(r) (rank-stabilised LoRA) instead of alpha/r")
     dora: bool = opt(False, "weight-decomposed LoRA (DoRA)")
     dropout: float = opt(0.0, "dropout on the adapter input")
@@ -465,8 +466,9 @@ def lora_config(config: RunConfig):
     from lorakit.lora.config import LoraConfig
 
     lora = config.lora
-    return LoraConfig(r=lora.r, alpha=lora.alpha, target_modules=lora.targets, dropout=lora.dropout,
-                      scaling="rslora" if lora.rslora else "standard", use_dora=lora.dora, init=lora.init)
+    return LoraConfig(r=lora.r, alpha=lora.alpha, target_modules=lora.targets, exclude_modules=lora.exclude,
+                      dropout=lora.dropout, scaling="rslora" if lora.rslora else "standard", use_dora=lora.dora,
+                      init=lora.init)
 
 
 def effective_scale(config: RunConfig) -> float:

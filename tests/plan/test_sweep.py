@@ -126,6 +126,14 @@ def test_bad_grid_exits_2_before_training(base_config, tmp_path, capsys, args, m
     assert not (out / "points").exists()
 
 
+def test_all_linear_takes_a_rank_above_some_layers_by_leaving_them_out(base_config, tmp_path, capsys):
+    # k_proj and v_proj are 64 -> 32 here: at r=48 training leaves them out of all-linear, so the grid may ask
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(base_config), "--r", "48", "--alpha", "2r", "--targets", "all-linear",
+                 "--max-steps", "1", "--output", str(out), "--json"]) == 0
+    assert [p["status"] for p in json.loads(capsys.readouterr().out)["points"]] == ["trained"]
+
+
 def test_missing_or_dataless_config_exits_2(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "nope.yaml"), "--max-steps", "1"]) == 2
     assert "does not exist" in capsys.readouterr().err

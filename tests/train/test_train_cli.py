@@ -351,3 +351,43 @@ def test_resume_says_when_the_logged_history_is_gone(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(train_args(tiny, out, "--max-steps", "3", "--resume")) == 0
     assert "metrics.jsonl holds 0 of the" in capsys.readouterr().out
+
+
+def test_exclude_leaves_layers_out_and_is_kept_for_a_resume(tiny, tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--exclude", "o_proj,down_proj", "--max-steps", "2")) == 0
+    adapted = json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert adapted and not any(name.endswith(("o_proj", "down_proj")) for name in adapted)
+    assert any(name.endswith("q_proj") for name in adapted)
+    assert yaml.safe_load((out / "config.yaml").read_text())["lora"]["exclude"] == "o_proj,down_proj"
+    assert "all except o_proj,down_proj ->" in " ".join(capsys.readouterr().out.split())
+    assert main(train_args(tiny, out, "--exclude", "o_prj", "--max-steps", "2", "--overwrite")) == 2
+    assert "exclude_modules: target 'o_prj' matches no linear layer" in capsys.readouterr().err
+
+
+def test_a_moe_model_trains_with_all_linear_and_lorakits_warnings_print_as_one_line(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    import torch
+    import transformers
+
+    from tiny_models import tiny_tokenizer
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() installs its own
+    tokenizer = tiny_tokenizer()
+    config = transformers.Qwen2MoeConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                         moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                         vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    data = write_define_data(tmp_path / "train.jsonl", count=16)
+    assert main(train_args((tmp_path / "moe", data), tmp_path / "run", "--targets", "all-linear", "--dry-run")) == 0
+    err = capsys.readouterr().err
+    assert "warning: all-linear leaves out 2 layers narrower than the rank" in err  # the 64 -> 1 shared-expert gates
+    assert "UserWarning" not in err and "model.py" not in err
+

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.errors import LorakitWarning
+
 try:  # GPT-2 style layers store W as (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
@@ -44,10 +46,39 @@ def layer_kind(module: nn.Module) -> str:
     if isinstance(module, LoraLinear):
         return "lora"
     if isinstance(module, nn.Linear):
-        return "linear"
+        return "linear" if computes_a_linear_map(module) else type(module).__name__
     if is_conv1d(module):
         return "conv1d"
     return type(module).__name__
+
+
+# (class, in, out, device type) -> whether such an nn.Linear subclass maps x to x Wᵀ + b (see below)
+_LINEAR_SUBCLASS_VERDICTS: dict[tuple[type, int, int, str], bool] = {}
+
+
+def computes_a_linear_map(module: nn.Linear) -> bool:
+    """nn.Linear subclasses with their own forward: some are linear layers in another form
+    (Falcon's, transformers' fp8 and bitnet layers, lorakit's CpuGemmLinear), others are not a
+    layer an adapter can sit beside: MoE routers returning (scores, experts) tuples (PhiMoE,
+    Llama 4) or grouped projections (DeepSeek-V4). One probe call per class and shape decides."""
+    if type(module).forward is nn.Linear.forward or is_quantized_linear(module):
+        return True
+    key = (type(module), module.in_features, module.out_features, module.weight.device.type)  # meta may differ
+    if key not in _LINEAR_SUBCLASS_VERDICTS:
+        _LINEAR_SUBCLASS_VERDICTS[key] = _returns_one_output_row_per_input_row(module)
+    return _LINEAR_SUBCLASS_VERDICTS[key]
+
+
+def _returns_one_output_row_per_input_row(module: nn.Linear) -> bool:
+    weight = module.weight
+    dtype = weight.dtype if weight.is_floating_point() and weight.element_size() > 1 else torch.float32
+    probe = torch.ones(2, module.in_features, dtype=dtype, device=weight.device)
+    try:  # a router's jitter draws random numbers: the caller's generator must not move
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = type(module).forward(module, probe)  # the class's own, past any hook on the instance
+    except Exception:  # a forward that cannot take (rows, in_features) is not a plain linear layer
+        return False
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (2, module.out_features)
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
@@ -76,6 +107,7 @@ class LoraLinear(nn.Module):
         self.lora_magnitude_vector: nn.Parameter | None = None
         self.merged = False
         self.disabled = False
+        self.module_name = ""  # its name in the model, for messages (set by the model's wrapper)
         self.reset_lora_parameters(init)
 
     # ---- initialisation -------------------------------------------------------------------
@@ -120,6 +152,23 @@ class LoraLinear(nn.Module):
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
 
+    # A model that reads a layer's weight instead of calling it (Jamba's mamba mixer multiplies by
+    # dt_proj.weight) gets the base layer's, as under PEFT; the adapter then never takes part, which
+    # is said once instead of training it for nothing in silence.
+    @property
+    def weight(self) -> torch.Tensor:
+        if not self.__dict__.get("_said_weight_read_directly"):
+            self.__dict__["_said_weight_read_directly"] = True
+            warnings.warn(f"the model reads the weight of {self.module_name or 'a layer'} ({self.in_features} -> "
+                          f"{self.out_features}) directly instead of calling the layer, so its LoRA adapter takes no "
+                          "part in the forward pass and learns nothing: leave the layer out of the targets "
+                          "(exclude_modules / --exclude)", LorakitWarning, stacklevel=2)
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def _set_base_weight(self, new_weight: torch.Tensor) -> None:
         weight = self.base_layer.weight
         if is_quantized_linear(self.base_layer) or not weight.is_floating_point():
@@ -136,7 +185,7 @@ class LoraLinear(nn.Module):
         if self.training and torch.is_grad_enabled() and self.lora_A.weight.requires_grad:
             warnings.warn("this model's adapters are merged into the base weights (merge_lora), so training "
                           "cannot reach them: call unmerge_lora(model) before training (for inference, "
-                          "model.eval() or torch.no_grad() silences this)", stacklevel=2)
+                          "model.eval() or torch.no_grad() silences this)", LorakitWarning, stacklevel=2)
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A in fp32, (out, in)."""

@@ -12,16 +12,17 @@ import dataclasses
 import functools
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from lorakit.errors import ConfigError, MergeError
+from lorakit.errors import ConfigError, LorakitWarning, MergeError
 from lorakit.lora.config import LoraConfig, pattern_matches
 from lorakit.lora.layer import LoraLinear, in_out_features, layer_kind
-from lorakit.lora.targets import ModuleInfo, select_targets
+from lorakit.lora.targets import ModuleInfo, narrow_layers_left_out, select_targets
 
 CONFIG_ATTR = "lorakit_config"
 # base parameters a loaded adapter overwrote in full (modules_to_save, PEFT's trained biases):
@@ -73,10 +74,12 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Wrap the targeted layers with LoRA, in place. Returns the same model."""
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ConfigError("this model already has LoRA adapters; load the base model again to apply a new config")
+    modules = describe_modules(model)
     names = select_targets(
-        describe_modules(model), config.target_modules, exclude=config.exclude_modules,
+        modules, config.target_modules, exclude=config.exclude_modules,
         model_type=model_type(model), output_head=output_head_name(model),
     )
+    names = _without_narrow_layers(config, modules, names)
     _refuse_unused_patterns(config, names)
     ranks = {name: config.rank_and_alpha(name) for name in names}
     _check_ranks(model, ranks)
@@ -86,6 +89,19 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         config = dataclasses.replace(config, modules_to_save=[*config.modules_to_save, head])
     wrap_modules(model, config, ranks)
     return model
+
+
+def _without_narrow_layers(config: LoraConfig, modules: list[ModuleInfo], names: list[str]) -> list[str]:
+    left_out = narrow_layers_left_out(config.target_modules, modules, names, lambda n: config.rank_and_alpha(n)[0])
+    if not left_out:
+        return names
+    if len(left_out) == len(names):
+        raise ConfigError(f"every linear layer of this model is narrower than rank {config.r}; lower r")
+    shape = next((m.in_features, m.out_features) for m in modules if m.name == left_out[0])
+    warnings.warn(f"all-linear leaves out {len(left_out)} layer{'s' * (len(left_out) != 1)} narrower than the rank "
+                  f"({left_out[0]}, {shape[0]} -> {shape[1]}{', and the like' * (len(left_out) > 1)}): a rank above "
+                  "a layer's smaller side adds parameters that cannot add rank", LorakitWarning, stacklevel=4)
+    return [name for name in names if name not in left_out]
 
 
 def _refuse_unused_patterns(config: LoraConfig, names: list[str]) -> None:
@@ -112,6 +128,7 @@ def wrap_modules(model: nn.Module, config: LoraConfig, ranks: dict[str, tuple[in
         parent, child = _parent_and_child(model, name)
         base = getattr(parent, child)
         layer = LoraLinear(base, r, alpha, config.scale_for(r, alpha), config.dropout, config.use_dora, config.init)
+        layer.module_name = name
         setattr(parent, child, layer)
     for name in config.modules_to_save:
         _refuse_tied(model, name)

@@ -168,11 +168,12 @@ def _quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
     """bitsandbytes keeps a 4-bit weight's absmax (and its own quantisation) outside the parameter."""
     tensors = []
     for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        weight = module._parameters.get("weight")  # its own: a LoRA layer's is its base layer's, visited too
+        state = getattr(weight, "quant_state", None)
         while state is not None:
             tensors += [t for t in (state.absmax, getattr(state, "code", None), getattr(state, "offset", None)) if torch.is_tensor(t)]
             state = getattr(state, "state2", None)
-        scales = getattr(getattr(module, "weight", None), "SCB", None)  # int8: one scale per row
+        scales = getattr(weight, "SCB", None)  # int8: one scale per row
         if torch.is_tensor(scales):
             tensors.append(scales)
     return tensors

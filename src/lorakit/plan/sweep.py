@@ -259,19 +259,21 @@ def check_targets(config: RunConfig, points: list[SweepPoint]) -> None:
     """Fail before training anything when a target spec matches nothing in the model, or a
     point's rank is above a targeted layer's smaller side."""
     from lorakit.lora.model import describe_modules, model_type, output_head_name
-    from lorakit.lora.targets import select_targets
+    from lorakit.lora.targets import narrow_layers_left_out, select_targets
     from lorakit.plan.recommend import meta_model
 
     model = meta_model(config.model.name)
     modules, kind, head = describe_modules(model), model_type(model), output_head_name(model)
     sides = {m.name: min(m.in_features, m.out_features) for m in modules}
     for spec in dict.fromkeys(p.targets for p in points):
-        names = select_targets(modules, spec, model_type=kind, output_head=head)
-        smallest = min(sides[name] for name in names)
-        too_big = sorted({p.r for p in points if p.targets == spec and p.r > smallest})
-        if too_big:
-            raise ConfigError(f"--r {too_big[0]} is above the smallest targeted layer side ({smallest}) for targets "
-                              f"{spec!r}; keep the grid's ranks at {smallest} or less")
+        names = select_targets(modules, spec, exclude=config.lora.exclude, model_type=kind, output_head=head)
+        for r in sorted({p.r for p in points if p.targets == spec}):
+            left_out = set(narrow_layers_left_out(spec, modules, names, lambda _: r))
+            # all-linear leaves out layers narrower than r, unless that would leave none
+            smallest = min([sides[n] for n in names if n not in left_out] or [max(sides[n] for n in names)])
+            if r > smallest:
+                raise ConfigError(f"--r {r} is above the smallest targeted layer side ({smallest}) for targets "
+                                  f"{spec!r}; keep the grid's ranks at {smallest} or less")
 
 
 def guide_point(task: str) -> SweepPoint:

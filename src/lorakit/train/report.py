@@ -38,7 +38,8 @@ def print_plan(prepared) -> None:
 
 def _targets_text(prepared) -> str:
     leaves = sorted({name.rsplit(".", 1)[-1] for name, _ in lora_layers(prepared.model)})
-    return f"{prepared.config.lora.targets} -> {', '.join(leaves)}"
+    lora = prepared.config.lora
+    return f"{lora.targets}{f' except {lora.exclude}' if lora.exclude else ''} -> {', '.join(leaves)}"
 
 
 def print_dry_run(prepared) -> None:

@@ -319,7 +319,7 @@ class Session:
             "total_params": report.total_params,
             "adapted_modules": report.adapted_modules,
             "r": lora.r, "alpha": lora.alpha, "scale": effective_scale(self.config),
-            "target_modules": lora.targets,
+            "target_modules": lora.targets, "exclude_modules": lora.exclude,
             "model": _base_name(self.prepared),
             "dtype": str(next(self.prepared.model.parameters()).dtype).removeprefix("torch."),
             "device": self.prepared.settings.device.type,
