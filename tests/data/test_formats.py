@@ -82,7 +82,7 @@ def test_instruction_aliases_use_the_chat_template(chatml, prompt_field, answer_
     assert tokenized.format == "instruction" and answer_field in tokenized.stats.format_note
     ex = one(tokenized)
     assert render_marked(ex, chatml) == (
-        "<|im_start|>user\nwhat is it<|im_end|>\n<|im_start|>assistant\n[[the answer<|im_end|>\n]]")
+        "<|im_start|>user\nwhat is it<|im_end|>\n<|im_start|>assistant\n[[the answer<|im_end|>]]\n")
     assert chatml.eos_token_id in trained_ids(ex)
 
 
@@ -90,7 +90,7 @@ def test_instruction_input_and_system(chatml):
     data = ds([{"instruction": "say", "input": "hello", "output": "world", "system": "be brief"}])
     text = render_marked(one(tokenize_records(data, chatml)), chatml)
     assert text == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nsay\n\nhello<|im_end|>\n"
-                    "<|im_start|>assistant\n[[world<|im_end|>\n]]")
+                    "<|im_start|>assistant\n[[world<|im_end|>]]\n")
 
 
 def test_instruction_fallback_template_without_chat_template(plain):
@@ -128,7 +128,7 @@ def test_messages_multi_turn_trains_only_assistant_turns(chatml):
     ex = one(tokenize_records(ds([{"messages": messages}]), chatml))
     assert render_marked(ex, chatml) == (
         "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-        "[[hello<|im_end|>\n]]<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n[[a<|im_end|>\n]]")
+        "[[hello<|im_end|>]]\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n[[a<|im_end|>]]\n")
     assert trained_ids(ex).count(chatml.eos_token_id) == 2  # each turn's <|im_end|> is learned
 
 
@@ -138,7 +138,7 @@ def test_sharegpt_conversations_and_system_column(chatml, plain):
     assert detect_format(data) == "chat"
     assert render_marked(one(tokenize_records(data, chatml)), chatml) == (
         "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-        "[[hello<|im_end|>\n]]")
+        "[[hello<|im_end|>]]\n")
     assert render_marked(one(tokenize_records(data, plain)), plain) == (
         "<s>### System:\nsys\n\n### User:\nhi\n\n### Assistant:\n[[hello</s>]]")
 
@@ -348,7 +348,27 @@ def test_truncation_and_dropping_are_counted(chatml):
     assert stats.label_tokens == labels
     assert stats.masked_fraction == pytest.approx(1 - labels / sum(lengths))
     assert any("cut at --seq-len 24" in w for w in stats.warnings)
-    assert any("1 examples had no trained token" in w for w in stats.warnings)
+    assert "1 record with no trained token skipped (1 cut at --seq-len 24 before the response)" in stats.warnings
+
+
+def test_the_training_part_of_a_split_keeps_what_reading_found(chatml):
+    long_prompt = " ".join(["hello"] * 40)
+    rows = ([{"instruction": "hi", "output": "world"}] * 8 + [{"instruction": "hi", "output": "w " * 40}] * 4
+            + [{"instruction": long_prompt, "output": "world"}] * 3 + [{"instruction": "hi", "output": ""}])
+    train, evaluation = split_eval(tokenize_records(ds(rows), chatml, seq_len=24), 4, seed=0)
+    cut_in_eval = evaluation.stats.truncated
+    assert train.stats.dropped == 3 and train.stats.truncated == 3 + 4 - cut_in_eval
+    assert "3 records with no trained token skipped (3 cut at --seq-len 24 before the response)" in train.stats.warnings
+    assert evaluation.stats.dropped == 0  # the eval part's own figures
+
+
+def test_a_record_with_nothing_to_train_is_not_said_to_be_cut(chatml):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]},
+            {"messages": [{"role": "user", "content": "only a question"}]}]
+    stats = tokenize_records(ds(rows), chatml, seq_len=64).stats
+    assert stats.warnings == ["1 record with no trained token skipped (1 with nothing to train)"]
+    with pytest.raises(DataError, match="the others have nothing to train: no assistant turn"):
+        tokenize_records(ds(rows[1:] * 2), chatml, seq_len=64)
 
 
 def test_all_examples_too_long_is_an_error(chatml):
@@ -402,3 +422,18 @@ def test_txt_file_end_to_end(tmp_path, plain):
     assert tokenized.format == "text" and tokenized.stats.records == 2
     assert [render_marked(ex, plain) for ex in tokenized.dataset] == [
         "<s>[[hello world\nwhat is it</s>]]", "<s>[[the answer</s>]]"]
+
+
+def test_files_whose_unread_fields_differ_in_type_train_together(chatml, tmp_path):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    files = {"a.jsonl": [{"messages": turns, "id": 1}],
+             "b.jsonl": [{"messages": [{**turns[0], "name": "ann"}, turns[1]], "id": "b-1"}],  # a key per turn
+             "c.jsonl": [{"messages": turns}, {"messages": 3}]}
+    for name, rows in files.items():
+        (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    records = read_records([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], cache_dir=tmp_path / "cache")
+    tokenized = tokenize_records(records, chatml, seq_len=64)
+    assert len(tokenized) == 2 and tokenized.dataset[0]["labels"] == tokenized.dataset[1]["labels"]
+    with pytest.raises(DataError, match=r"record 4 \(.*c.jsonl line 2\)"):  # numbered across the files
+        tokenize_records(read_records([tmp_path / name for name in files], cache_dir=tmp_path / "cache"),
+                         chatml, seq_len=64)

@@ -202,11 +202,13 @@ def test_fake_parquet(tmp_path, cache):
         read_records(path, cache_dir=cache)
 
 
-def test_files_with_clashing_types(tmp_path, cache):
+def test_files_with_clashing_types_are_read_and_kept_apart(tmp_path, cache):
     a = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
     b = write_jsonl(tmp_path / "b.jsonl", [{"text": 3}])
+    recs = read_records([a, b], cache_dir=cache)  # tokenised file by file (the bad value is named there)
+    assert len(recs) == 2 and recs.columns == ["text"]
     with pytest.raises(DataError, match="cannot be combined") as err:
-        read_records([a, b], cache_dir=cache)
+        recs.dataset
     assert "b.jsonl" in str(err.value)
 
 
@@ -232,6 +234,15 @@ def test_a_jsonl_line_nested_too_deeply_is_named(tmp_path, cache):
     path.write_text('{"text": "a"}\n' + '{"x": ' + "[" * 100000 + "]" * 100000 + "}\n", encoding="utf-8")
     with pytest.raises(DataError, match="line 2 nests its values too deeply"):
         read_records(path, cache_dir=cache)
+
+
+def test_csv_cells_are_read_as_the_text_they_are_and_only_an_empty_cell_is_missing(tmp_path, cache):
+    path = tmp_path / "d.csv"
+    path.write_text('instruction,output\nWhat is 2+2?,4\nSay none.,None\nSay NA.,NA\n"Zip, please",02134\n'
+                    "Nothing here,\n", encoding="utf-8")
+    recs = read_records(path, cache_dir=cache)
+    assert recs.dataset["output"][:] == ["4", "None", "NA", "02134", None]
+    assert recs.dataset["instruction"][3] == "Zip, please"
 
 
 def test_csv_with_header_only(tmp_path, cache):

@@ -391,3 +391,12 @@ def test_a_moe_model_trains_with_all_linear_and_lorakits_warnings_print_as_one_l
     assert "warning: all-linear leaves out 2 layers narrower than the rank" in err  # the 64 -> 1 shared-expert gates
     assert "UserWarning" not in err and "model.py" not in err
 
+
+def test_a_real_run_says_what_reading_the_data_skipped_and_cut(tiny, tmp_path, capsys):
+    model, data = tiny
+    rows = data.read_text().splitlines()
+    long_prompt = json.dumps({"instruction": "Define " + "the word " * 40, "output": "no room left for this"})
+    (tmp_path / "data.jsonl").write_text("\n".join(rows + [long_prompt]) + "\n")
+    assert main(train_args((model, tmp_path / "data.jsonl"), tmp_path / "run", "--max-steps", "1")) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "warning: 1 record with no trained token skipped (1 cut at --seq-len 64 before the response)" in printed

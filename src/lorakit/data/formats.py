@@ -68,8 +68,8 @@ CHAT_COLUMNS = ("messages", "conversations")
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
                 "gpt": "assistant"}
 MASKED_WARN_FRACTION = 0.9
-TOKENIZE_REVISION = 2  # bump when the tokenised output changes, to invalidate datasets' cache (2: the straddling
-# answer token trained; slow tokenizers place spans by decoding)
+TOKENIZE_REVISION = 3  # bump when the tokenised output changes, to invalidate datasets' cache (2: the straddling
+# answer token trained; slow tokenizers place spans by decoding; 3: no whitespace after an end-of-turn token)
 
 # Newlines are Jinja string literals because HF compiles templates with trim_blocks=True.
 FALLBACK_CHAT_TEMPLATE = (
@@ -93,7 +93,7 @@ class DataStats:
     seq_len: int
     records: int  # rows read
     examples: int  # rows kept
-    dropped: int  # rows with no trained token after truncation
+    dropped: int  # rows with no trained token (cut before one, or none to begin with)
     truncated: int  # rows cut at seq_len (kept or dropped)
     total_tokens: int
     label_tokens: int
@@ -101,6 +101,7 @@ class DataStats:
     length_min: int
     length_mean: float
     length_max: int
+    dropped_cut: int = 0  # of `dropped`: those cut at seq_len before a trained token
     warnings: list[str] = field(default_factory=list)
 
 
@@ -306,8 +307,17 @@ def _assistant_spans(enc: _Encoder, messages: list[dict], full: str, index: int)
                 "from the whole conversation, so the response tokens cannot be located; use "
                 "train_on_inputs, or a tokenizer whose template renders turns independently"
             )
-        spans.append((len(before), len(through)))
+        spans.append((len(before), _end_of_turn(enc.tokenizer, through)))
     return spans
+
+
+def _end_of_turn(tokenizer: Any, through: str) -> int:
+    """Where an assistant turn's trained text ends: before the whitespace a template writes after
+    its end-of-turn token (ChatML's "<|im_end|>\n"), which the tuned model never generates, since
+    it stops at that token; as Hugging Face's assistant-token masks and TRL place it."""
+    stripped = through.rstrip()
+    stops = {tokenizer.eos_token} | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return len(stripped) if any(stop and stripped.endswith(stop) for stop in stops) else len(through)
 
 
 def _token_mask(tokenizer: Any, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
@@ -388,8 +398,10 @@ def _finish(ids: list[int], labels: list[int], seq_len: int) -> dict[str, Any]:
             "truncated": truncated}
 
 
-def _encode_batch(batch: dict[str, list], indices: list[int], enc: _Encoder) -> dict[str, list]:
+def _encode_batch(batch: dict[str, list], indices: list[int], enc: _Encoder, first: int = 0) -> dict[str, list]:
+    """`indices` within one file, whose first record is record `first` of all (for messages)."""
     rows = [{name: batch[name][k] for name in batch} for k in range(len(indices))]
+    indices = [first + i for i in indices]
     if enc.fmt == "text":
         texts = [_text_of(row, "text", i, enc) for row, i in zip(rows, indices)]
         pairs = [(ids, list(ids)) for ids in _encode_texts(texts, enc.tokenizer)]
@@ -415,21 +427,26 @@ def tokenize_records(
     num_proc: int | None = None,
 ) -> TokenizedData:
     """Tokenise every record once; drop untrainable ones; DataError if none is left."""
-    ds, sources = (records.dataset, records.sources) if isinstance(records, RecordSet) else (records, [])
+    if not isinstance(records, RecordSet):
+        records = RecordSet([records], [])
     if fmt not in DATA_FORMATS:
         raise ConfigError(f"unknown data format {fmt!r}; choose one of {', '.join(DATA_FORMATS)}")
     if seq_len < 2:
         raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
-    if len(ds) == 0:
+    if len(records) == 0:
         raise DataError("the data holds no records")
     if fmt == "auto":
-        _refuse_mixed_formats(sources)
-    fmt, fields, note = _resolve_format(list(ds.column_names), fmt)
+        _refuse_mixed_formats(records.sources)
+    fmt, fields, note = _resolve_format(records.columns, fmt)
     template = chat_template_for(tokenizer)
-    enc = _Encoder(tokenizer, fmt, seq_len, train_on_inputs, template, fields, list(sources))
-    mapped = ds.map(_encode_batch, fn_kwargs={"enc": enc}, batched=True, with_indices=True,
-                    remove_columns=ds.column_names, num_proc=num_proc, desc=f"Tokenizing ({fmt})")
-    return _keep_trainable(mapped, enc, note)
+    enc = _Encoder(tokenizer, fmt, seq_len, train_on_inputs, template, fields, list(records.sources))
+    mapped, first = [], 0
+    for part in records.parts:  # one file at a time: their tokenised columns always agree
+        mapped.append(part.map(_encode_batch, fn_kwargs={"enc": enc, "first": first}, batched=True,
+                               with_indices=True, remove_columns=part.column_names, num_proc=num_proc,
+                               desc=f"Tokenizing ({fmt})"))
+        first += len(part)
+    return _keep_trainable(datasets.concatenate_datasets(mapped) if len(mapped) > 1 else mapped[0], enc, note)
 
 
 def _keep_trainable(mapped: datasets.Dataset, enc: _Encoder, note: str) -> TokenizedData:
@@ -440,7 +457,7 @@ def _keep_trainable(mapped: datasets.Dataset, enc: _Encoder, note: str) -> Token
         raise DataError(_nothing_left(len(mapped), int(truncated.sum()), enc))
     kept = mapped if keep.size == len(mapped) else mapped.select(keep)
     stats = compute_stats(kept, enc.fmt, note, enc.seq_len, records=len(mapped),
-                          truncated=int(truncated.sum()))
+                          truncated=int(truncated.sum()), dropped_cut=int((truncated & (num_labels == 0)).sum()))
     stats.warnings += _eos_warning(kept[0], enc)
     return TokenizedData(kept, enc.fmt, stats)
 
@@ -458,13 +475,18 @@ def _nothing_left(total: int, cut: int, enc: _Encoder) -> str:
         return (f"no usable examples: all {total} examples are longer than --seq-len {enc.seq_len} "
                 "and were cut before any trained (response) token; raise --seq-len")
     return (f"no usable examples: none of the {total} examples has a trained token "
-            f"({cut} were cut at --seq-len {enc.seq_len} before their response, the others have "
-            f"no assistant turn or an empty response); check the {', '.join(enc.fields)} fields")
+            f"({cut} were cut at --seq-len {enc.seq_len} before their response, the others have nothing "
+            f"to train: {_NOTHING_TO_TRAIN[enc.fmt]}); check the {', '.join(enc.fields)} fields")
+
+
+# why an example that was not cut has no trained token, per format
+_NOTHING_TO_TRAIN = {"chat": "no assistant turn", "instruction": "no response", "text": "an empty text"}
 
 
 def compute_stats(ds: datasets.Dataset, fmt: str, note: str, seq_len: int, records: int | None = None,
-                  truncated: int | None = None) -> DataStats:
-    """Stats of a tokenized dataset (columns length, num_labels, truncated) plus warnings."""
+                  truncated: int | None = None, dropped_cut: int = 0) -> DataStats:
+    """Stats of a tokenized dataset (columns length, num_labels, truncated) plus warnings;
+    `records` read, `truncated` of them, `dropped_cut` of those with no trained token left."""
     columns = _numeric_columns(ds)
     lengths, num_labels = columns["length"], columns["num_labels"]
     cut_kept = int(columns["truncated"].sum())
@@ -476,6 +498,7 @@ def compute_stats(ds: datasets.Dataset, fmt: str, note: str, seq_len: int, recor
         dropped=records - len(ds), truncated=truncated, total_tokens=total, label_tokens=trained,
         masked_fraction=1.0 - trained / total if total else 0.0,
         length_min=int(lengths.min()), length_mean=float(lengths.mean()), length_max=int(lengths.max()),
+        dropped_cut=dropped_cut,
     )
     stats.warnings = _warnings(stats, cut_kept)
     return stats
@@ -493,7 +516,11 @@ def _warnings(stats: DataStats, cut_kept: int) -> list[str]:
         notes.append(f"{cut_kept} of {stats.examples} examples were cut at --seq-len "
                      f"{stats.seq_len}; raise --seq-len to train on their ends")
     if stats.dropped:
-        notes.append(f"{stats.dropped} examples had no trained token after truncation and were skipped")
+        cut, empty = stats.dropped_cut, stats.dropped - stats.dropped_cut
+        reasons = [f"{cut} cut at --seq-len {stats.seq_len} before the response"] if cut else []
+        reasons += [f"{empty} with nothing to train"] if empty else []
+        notes.append(f"{stats.dropped} record{'s' * (stats.dropped != 1)} with no trained token skipped "
+                     f"({', '.join(reasons)})")
     return notes
 
 
@@ -505,8 +532,11 @@ def _eos_warning(example: dict, enc: _Encoder) -> list[str]:
     stops = {tokenizer.eos_token_id} | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     if any(label in stops for label in example["labels"] if label != IGNORE_INDEX):
         return []
-    return ["the trained tokens hold no EOS or end-of-turn token, so the tuned model may not stop "
-            "generating; use a tokenizer with an eos_token (and a chat template that ends turns)"]
+    return [NO_EOS_WARNING]
+
+
+NO_EOS_WARNING = ("the trained tokens hold no EOS or end-of-turn token, so the tuned model may not stop "
+                  "generating; use a tokenizer with an eos_token (and a chat template that ends turns)")
 
 
 def render_marked(example: dict, tokenizer: Any, start: str = "[[", end: str = "]]") -> str:
@@ -526,7 +556,7 @@ def split_eval(tok: TokenizedData, fraction_or_count: float | int,
     k = _eval_count(fraction_or_count, n)
     order = np.random.default_rng(seed).permutation(n)
     eval_idx, train_idx = np.sort(order[:k]), np.sort(order[k:])
-    return _subset(tok, train_idx), _subset(tok, eval_idx)
+    return _subset(tok, train_idx, reads_for_the_whole=True), _subset(tok, eval_idx)
 
 
 def _eval_count(value: float | int, n: int) -> int:
@@ -543,10 +573,18 @@ def _eval_count(value: float | int, n: int) -> int:
     return k
 
 
-def _subset(tok: TokenizedData, indices: np.ndarray) -> TokenizedData:
-    ds = tok.dataset.select(indices)
-    note = tok.stats.format_note
-    return TokenizedData(ds, tok.format, compute_stats(ds, tok.format, note, tok.stats.seq_len))
+def _subset(tok: TokenizedData, indices: np.ndarray, reads_for_the_whole: bool = False) -> TokenizedData:
+    """The examples at `indices`. The training part of a split also keeps what reading the files
+    found (records skipped or cut, a missing EOS): the user is told once, about every record."""
+    ds, whole = tok.dataset.select(indices), tok.stats
+    if not reads_for_the_whole:
+        return TokenizedData(ds, tok.format, compute_stats(ds, tok.format, whole.format_note, whole.seq_len))
+    moved = len(tok) - len(ds)  # examples that went to the other part, none of them dropped
+    cut_moved = int(_numeric_columns(tok.dataset)["truncated"].sum() - _numeric_columns(ds)["truncated"].sum())
+    stats = compute_stats(ds, tok.format, whole.format_note, whole.seq_len, records=whole.records - moved,
+                          truncated=whole.truncated - cut_moved, dropped_cut=whole.dropped_cut)
+    stats.warnings += [w for w in whole.warnings if w == NO_EOS_WARNING]
+    return TokenizedData(ds, tok.format, stats)
 
 
 def chat_template_for(tokenizer: Any) -> str | None:

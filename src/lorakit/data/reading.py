@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import csv
 import glob
 import hashlib
 import json
@@ -68,13 +69,25 @@ class SourceFile:
 
 @dataclass
 class RecordSet:
-    """Concatenated raw records and their provenance."""
+    """Raw records, one dataset per file, and their provenance. The files are tokenised one by one
+    (formats.tokenize_records): a column no format reads, or a key inside a turn, may then differ
+    in type between files, which one concatenated dataset could not hold."""
 
-    dataset: datasets.Dataset
+    parts: list[datasets.Dataset]
     sources: list[SourceFile]
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return sum(len(part) for part in self.parts)
+
+    @property
+    def columns(self) -> list[str]:
+        """Every file's columns, in the order they first appear."""
+        return list(dict.fromkeys(name for part in self.parts for name in part.column_names))
+
+    @property
+    def dataset(self) -> datasets.Dataset:
+        """The files' records as one dataset (DataError where their columns differ in type)."""
+        return _concatenate(self.parts, self.sources)
 
     def locate(self, index: int) -> str:
         """Where global row ``index`` came from, for error messages."""
@@ -104,7 +117,7 @@ def read_records(
         parts.append(ds)
         sources.append(SourceFile(path, kind, start, len(ds), tuple(ds.column_names)))
         start += len(ds)
-    return RecordSet(_concatenate(parts, sources), sources)
+    return RecordSet(parts, sources)
 
 
 def _read_one(path: Path, cache_dir: str | Path | None) -> tuple[datasets.Dataset, str]:
@@ -140,7 +153,19 @@ def _validate(path: Path, kind: str) -> dict:
     has_blank, digest = _check_utf8(path)
     if kind == "txt":
         return {"paragraphs": has_blank, "digest": digest}
-    return {}
+    return _cells_as_text(path) if kind == "csv" else {}
+
+
+def _cells_as_text(path: Path) -> dict:
+    """Builder options that read every CSV cell as the text it is, an empty one as missing: pandas
+    would type them (a column of numeric answers becomes ints, which no format renders) and read
+    "None", "NA" or "null" as missing."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    if not header or "" in header or len(set(header)) < len(header):
+        return {}  # pandas renames such columns itself: leave them to it
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return {"features": features, "keep_default_na": False, "na_values": [""]}
 
 
 def _check_not_binary(path: Path) -> None:

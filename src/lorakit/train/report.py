@@ -34,6 +34,17 @@ def print_plan(prepared) -> None:
                   f"x {s.seq_len} tokens   device: {s.device.type}")
     for notice in prepared.notices:
         console.print(f"[dim]{notice}[/dim]")
+    for warning in data_warnings(prepared):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def data_warnings(prepared) -> list[str]:
+    """What reading the data found (records skipped or cut, no EOS): the training files', and an
+    --eval-data file's (a split's eval part was counted with the training data)."""
+    warnings = list(prepared.train.stats.warnings)
+    if prepared.eval is not None and prepared.config.data.eval_data:
+        warnings += [f"eval data: {w}" for w in prepared.eval.stats.warnings]
+    return warnings
 
 
 def _targets_text(prepared) -> str:
@@ -53,8 +64,6 @@ def print_dry_run(prepared) -> None:
                   f"tokens {stats.total_tokens:,}, trained tokens {stats.label_tokens:,} "
                   f"({100 * (1 - stats.masked_fraction):.1f}%), length min/mean/max "
                   f"{stats.length_min}/{stats.length_mean:.0f}/{stats.length_max}")
-    for warning in stats.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
     modules = [name for name, _ in lora_layers(prepared.model)]
     console.print(f"\n[bold]adapted modules[/bold] ({len(modules)}): {', '.join(modules[:8])}"
                   f"{' ...' if len(modules) > 8 else ''}")
