@@ -437,3 +437,30 @@ def test_files_whose_unread_fields_differ_in_type_train_together(chatml, tmp_pat
     with pytest.raises(DataError, match=r"record 4 \(.*c.jsonl line 2\)"):  # numbered across the files
         tokenize_records(read_records([tmp_path / name for name in files], cache_dir=tmp_path / "cache"),
                          chatml, seq_len=64)
+
+
+def test_a_text_longer_than_seq_len_becomes_pieces_that_predict_each_token_once(plain):
+    words = " ".join(f"word{i % 7} hello" for i in range(40))
+    whole = one(tokenize_records(ds([{"text": words}]), plain, fmt="text", seq_len=4096))["input_ids"]
+    tokenized = tokenize_records(ds([{"text": "hello"}, {"text": words}]), plain, fmt="text", seq_len=16)
+    pieces = [ex for ex in tokenized.dataset if ex["record"] == 1]
+    assert len(pieces) > 2 and all(1 < len(ex["input_ids"]) <= 16 for ex in pieces)
+    # each piece starts on the previous one's last token, whose prediction the previous piece trained
+    assert [t for ex in pieces for t in ex["input_ids"][1:]] == whole[1:]
+    predicted = [t for ex in pieces for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE_INDEX]
+    assert predicted == whole[1:]
+    stats = tokenized.stats
+    assert (stats.records, stats.examples, stats.split, stats.truncated) == (2, len(pieces) + 1, 1, 0)
+    assert f"1 text longer than --seq-len 16 became several examples each ({len(pieces) + 1} examples from 2 " \
+           "records)" in stats.warnings
+
+
+def test_the_eval_split_keeps_a_texts_pieces_together(plain):
+    rows = [{"text": " ".join(["hello world"] * (3 + 9 * (i % 2)))} for i in range(20)]
+    tokenized = tokenize_records(ds(rows), plain, fmt="text", seq_len=12)
+    assert tokenized.stats.split == 10 and len(tokenized) > 20
+    train, evaluation = split_eval(tokenized, 0.25, seed=1)
+    train_records, eval_records = ({ex["record"] for ex in part.dataset} for part in (train, evaluation))
+    assert len(eval_records) == 5 and not train_records & eval_records
+    assert len(train) + len(evaluation) == len(tokenized)
+    assert train.stats.records == 15 and train.stats.split == 10  # what reading found stays with training

@@ -338,7 +338,7 @@ FLAG_CASES = [
     Case("flag-targets-partly-typo", train("--targets", "q_proj,v_projj"), "'v_projj' matches no linear layer", "Did you mean 'v_proj'"),
     Case("flag-targets-empty", train("--targets", ""), "target_modules is empty", "all-linear"),
     Case("flag-rank-above-layer", train("--r", "100"), "cannot take rank 100 (at most 32)", "lower r or exclude them"),
-    Case("flag-eval-split-all", train("--eval-split", "100"), "leaves none of the 48 examples", "smaller eval split"),
+    Case("flag-eval-split-all", train("--eval-split", "100"), "leaves none of the 48 for training", "smaller eval split"),
     Case("export-bad-format", raw("export", "--adapter", "{tmp}", "--format", "onnx", "--output", "{out}"),
          "invalid choice: 'onnx'", "choose from"),
     Case("config-is-a-folder", raw("train", "{tmp}"), "is a folder", "pass a YAML file"),

@@ -4,6 +4,7 @@ Formats (``auto`` picks one from the columns: ``messages``/``conversations`` -> 
 instruction field pair -> instruction, ``text`` -> text):
 
 - ``text``: a ``text`` column; causal LM on every token, EOS appended so the model learns to stop.
+  A text longer than ``seq_len`` becomes several examples (``_text_pieces``), not one cut short.
 - ``instruction``: ``instruction`` + ``output`` (optional ``input`` appended to the instruction
   after a blank line), or the pairs ``prompt``/``response``, ``question``/``answer``,
   ``prompt``/``completion``; optional ``system``. Rendered as a one-turn chat (below).
@@ -37,7 +38,7 @@ includes the template's end-of-turn token (``<|im_end|>``) so the tuned model st
 with ``input_ids`` (the model shifts them). The first label of every example is always -100:
 no token precedes it, and packing relies on it so no example predicts its neighbour's start.
 
-Examples longer than ``seq_len`` are cut (counted); examples left with no trained token are
+Chat and instruction examples longer than ``seq_len`` are cut (counted); examples left with no trained token are
 dropped (counted). `DataStats` summarises a run for ``--dry-run``; `render_marked` shows one
 example with its trained text wrapped in ``[[...]]``. `generation_prompt_ids` renders a prompt
 for generation exactly as training rendered it (same template or fallback). ``datasets``
@@ -68,8 +69,9 @@ CHAT_COLUMNS = ("messages", "conversations")
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
                 "gpt": "assistant"}
 MASKED_WARN_FRACTION = 0.9
-TOKENIZE_REVISION = 3  # bump when the tokenised output changes, to invalidate datasets' cache (2: the straddling
-# answer token trained; slow tokenizers place spans by decoding; 3: no whitespace after an end-of-turn token)
+TOKENIZE_REVISION = 4  # bump when the tokenised output changes, to invalidate datasets' cache (2: the straddling
+# answer token trained; slow tokenizers place spans by decoding; 3: no whitespace after an end-of-turn token;
+# 4: long texts split, a record column)
 
 # Newlines are Jinja string literals because HF compiles templates with trim_blocks=True.
 FALLBACK_CHAT_TEMPLATE = (
@@ -102,12 +104,14 @@ class DataStats:
     length_mean: float
     length_max: int
     dropped_cut: int = 0  # of `dropped`: those cut at seq_len before a trained token
+    split: int = 0  # texts longer than seq_len, each become several examples
     warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
 class TokenizedData:
-    """Columns: input_ids, labels (-100 = not trained), length, num_labels, truncated."""
+    """Columns: input_ids, labels (-100 = not trained), length, num_labels, truncated, record (the
+    number of the record an example came from: a long text gives several)."""
 
     dataset: datasets.Dataset
     format: str
@@ -404,15 +408,25 @@ def _encode_batch(batch: dict[str, list], indices: list[int], enc: _Encoder, fir
     indices = [first + i for i in indices]
     if enc.fmt == "text":
         texts = [_text_of(row, "text", i, enc) for row, i in zip(rows, indices)]
-        pairs = [(ids, list(ids)) for ids in _encode_texts(texts, enc.tokenizer)]
+        pairs = [(record, piece, list(piece)) for record, ids in zip(indices, _encode_texts(texts, enc.tokenizer))
+                 for piece in _text_pieces(ids, enc.seq_len)]
     else:
         to_messages = _chat_messages if enc.fmt == "chat" else _instruction_messages
-        pairs = [_encode_messages(to_messages(row, i, enc), i, enc) for row, i in zip(rows, indices)]
-    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "num_labels", "truncated")}
-    for ids, labels in pairs:
-        for key, value in _finish(ids, labels, enc.seq_len).items():
+        pairs = [(i, *_encode_messages(to_messages(row, i, enc), i, enc)) for row, i in zip(rows, indices)]
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "num_labels", "truncated", "record")}
+    for record, ids, labels in pairs:
+        for key, value in {**_finish(ids, labels, enc.seq_len), "record": record}.items():
             out[key].append(value)
     return out
+
+
+def _text_pieces(ids: list[int], seq_len: int) -> list[list[int]]:
+    """A text as pieces of at most seq_len tokens, each starting on the previous one's last token,
+    so that every token but the text's first is predicted, once. A document is not thrown away
+    past seq_len, as pretraining-style tools (Axolotl's completion, LLaMA-Factory's pt) also do."""
+    if len(ids) <= seq_len:
+        return [ids]
+    return [ids[start:start + seq_len] for start in range(0, len(ids) - 1, seq_len - 1)]
 
 
 # ---------------------------------------------------------------- public entry points
@@ -456,18 +470,35 @@ def _keep_trainable(mapped: datasets.Dataset, enc: _Encoder, note: str) -> Token
     if keep.size == 0:
         raise DataError(_nothing_left(len(mapped), int(truncated.sum()), enc))
     kept = mapped if keep.size == len(mapped) else mapped.select(keep)
-    stats = compute_stats(kept, enc.fmt, note, enc.seq_len, records=len(mapped),
-                          truncated=int(truncated.sum()), dropped_cut=int((truncated & (num_labels == 0)).sum()))
-    stats.warnings += _eos_warning(kept[0], enc)
+    examples_per_record = np.bincount(columns["record"])
+    read = ReadFigures(records=int((examples_per_record > 0).sum()), dropped=len(mapped) - keep.size,
+                       dropped_cut=int((truncated & (num_labels == 0)).sum()), truncated=int(truncated.sum()),
+                       split=int((examples_per_record > 1).sum()))
+    stats = compute_stats(kept, enc.fmt, note, enc.seq_len, read)
+    first_record = columns["record"][keep] == columns["record"][keep[0]]
+    stats.warnings += _eos_warning(kept[int(np.flatnonzero(first_record)[-1])], enc)  # its last piece: EOS is there
     return TokenizedData(kept, enc.fmt, stats)
 
 
+@dataclass(frozen=True)
+class ReadFigures:
+    """What tokenising the records found: records read, examples dropped (with no trained token;
+    `dropped_cut` of them cut before one), examples cut at seq_len, texts split into several."""
+
+    records: int
+    dropped: int = 0
+    dropped_cut: int = 0
+    truncated: int = 0
+    split: int = 0
+
+
 def _numeric_columns(ds: datasets.Dataset) -> dict[str, np.ndarray]:
-    """length, num_labels and truncated as numpy arrays, read in one batch (not row by row)."""
-    table = ds.select_columns(["length", "num_labels", "truncated"]).with_format("numpy")[:]
+    """length, num_labels, truncated and record as numpy arrays, read in one batch (not row by row)."""
+    table = ds.select_columns(["length", "num_labels", "truncated", "record"]).with_format("numpy")[:]
     return {"length": np.asarray(table["length"], dtype=np.int64),
             "num_labels": np.asarray(table["num_labels"], dtype=np.int64),
-            "truncated": np.asarray(table["truncated"], dtype=bool)}
+            "truncated": np.asarray(table["truncated"], dtype=bool),
+            "record": np.asarray(table["record"], dtype=np.int64)}
 
 
 def _nothing_left(total: int, cut: int, enc: _Encoder) -> str:
@@ -483,22 +514,20 @@ def _nothing_left(total: int, cut: int, enc: _Encoder) -> str:
 _NOTHING_TO_TRAIN = {"chat": "no assistant turn", "instruction": "no response", "text": "an empty text"}
 
 
-def compute_stats(ds: datasets.Dataset, fmt: str, note: str, seq_len: int, records: int | None = None,
-                  truncated: int | None = None, dropped_cut: int = 0) -> DataStats:
-    """Stats of a tokenized dataset (columns length, num_labels, truncated) plus warnings;
-    `records` read, `truncated` of them, `dropped_cut` of those with no trained token left."""
+def compute_stats(ds: datasets.Dataset, fmt: str, note: str, seq_len: int, read: ReadFigures | None = None) -> DataStats:
+    """Stats of a tokenized dataset plus warnings; `read`: what tokenising found (default: these
+    examples' own records, and those of them that were cut)."""
     columns = _numeric_columns(ds)
     lengths, num_labels = columns["length"], columns["num_labels"]
     cut_kept = int(columns["truncated"].sum())
-    records = len(ds) if records is None else records
-    truncated = cut_kept if truncated is None else truncated
+    read = read or ReadFigures(records=len(np.unique(columns["record"])), truncated=cut_kept)
     total, trained = int(lengths.sum()), int(num_labels.sum())
     stats = DataStats(
-        format=fmt, format_note=note, seq_len=seq_len, records=records, examples=len(ds),
-        dropped=records - len(ds), truncated=truncated, total_tokens=total, label_tokens=trained,
+        format=fmt, format_note=note, seq_len=seq_len, records=read.records, examples=len(ds),
+        dropped=read.dropped, truncated=read.truncated, total_tokens=total, label_tokens=trained,
         masked_fraction=1.0 - trained / total if total else 0.0,
         length_min=int(lengths.min()), length_mean=float(lengths.mean()), length_max=int(lengths.max()),
-        dropped_cut=dropped_cut,
+        dropped_cut=read.dropped_cut, split=read.split,
     )
     stats.warnings = _warnings(stats, cut_kept)
     return stats
@@ -512,6 +541,10 @@ def _warnings(stats: DataStats, cut_kept: int) -> list[str]:
             f"{stats.total_tokens} are trained); fine for short answers, otherwise check the "
             "response fields or set train_on_inputs"
         )
+    if stats.split:
+        notes.append(f"{stats.split} text{'s' * (stats.split != 1)} longer than --seq-len {stats.seq_len} "
+                     f"became several examples each ({stats.examples} examples from {stats.records} "
+                     f"record{'s' * (stats.records != 1)})")
     if cut_kept:
         notes.append(f"{cut_kept} of {stats.examples} examples were cut at --seq-len "
                      f"{stats.seq_len}; raise --seq-len to train on their ends")
@@ -551,12 +584,13 @@ def render_marked(example: dict, tokenizer: Any, start: str = "[[", end: str = "
 
 def split_eval(tok: TokenizedData, fraction_or_count: float | int,
                seed: int) -> tuple[TokenizedData, TokenizedData]:
-    """(train, eval): a float in (0, 1) is a fraction, an int >= 1 a count; same seed, same split."""
-    n = len(tok.dataset)
-    k = _eval_count(fraction_or_count, n)
-    order = np.random.default_rng(seed).permutation(n)
-    eval_idx, train_idx = np.sort(order[:k]), np.sort(order[k:])
-    return _subset(tok, train_idx, reads_for_the_whole=True), _subset(tok, eval_idx)
+    """(train, eval) by record: a float in (0, 1) is a fraction, an int >= 1 a count; same seed,
+    same split. The pieces of a long text stay together, so eval holds no text trained on."""
+    record = _numeric_columns(tok.dataset)["record"]
+    records = np.unique(record)
+    k = _eval_count(fraction_or_count, len(records))
+    held_out = np.isin(record, records[np.random.default_rng(seed).permutation(len(records))[:k]])
+    return _subset(tok, np.flatnonzero(~held_out), reads_for_the_whole=True), _subset(tok, np.flatnonzero(held_out))
 
 
 def _eval_count(value: float | int, n: int) -> int:
@@ -568,8 +602,8 @@ def _eval_count(value: float | int, n: int) -> int:
     else:
         raise ConfigError(f"eval split must be a fraction in (0, 1) or a whole count >= 1, got {value!r}")
     if k >= n:
-        raise DataError(f"an eval split of {k} examples leaves none of the {n} examples for "
-                        "training; use a smaller eval split or more data")
+        raise DataError(f"an eval split of {k} record{'s' * (k != 1)} leaves none of the {n} for training; use a "
+                        "smaller eval split, more data, or --eval-data")
     return k
 
 
@@ -579,10 +613,12 @@ def _subset(tok: TokenizedData, indices: np.ndarray, reads_for_the_whole: bool =
     ds, whole = tok.dataset.select(indices), tok.stats
     if not reads_for_the_whole:
         return TokenizedData(ds, tok.format, compute_stats(ds, tok.format, whole.format_note, whole.seq_len))
-    moved = len(tok) - len(ds)  # examples that went to the other part, none of them dropped
-    cut_moved = int(_numeric_columns(tok.dataset)["truncated"].sum() - _numeric_columns(ds)["truncated"].sum())
-    stats = compute_stats(ds, tok.format, whole.format_note, whole.seq_len, records=whole.records - moved,
-                          truncated=whole.truncated - cut_moved, dropped_cut=whole.dropped_cut)
+    mine, everyone = _numeric_columns(ds), _numeric_columns(tok.dataset)
+    moved = len(np.unique(everyone["record"])) - len(np.unique(mine["record"]))  # to the other part
+    cut_moved = int(everyone["truncated"].sum() - mine["truncated"].sum())
+    read = ReadFigures(records=whole.records - moved, dropped=whole.dropped, dropped_cut=whole.dropped_cut,
+                       truncated=whole.truncated - cut_moved, split=whole.split)
+    stats = compute_stats(ds, tok.format, whole.format_note, whole.seq_len, read)
     stats.warnings += [w for w in whole.warnings if w == NO_EOS_WARNING]
     return TokenizedData(ds, tok.format, stats)
 

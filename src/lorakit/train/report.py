@@ -60,7 +60,8 @@ def print_dry_run(prepared) -> None:
     console.print("\n[bold]one training example[/bold] (trained tokens inside [[ ]]):")
     console.print(render_marked(prepared.train.dataset[0], prepared.tokenizer), markup=False, highlight=False)
     console.print(f"\n[bold]data[/bold]: {stats.format_note}")
-    console.print(f"  examples {stats.examples} (dropped {stats.dropped}, truncated {stats.truncated}), "
+    split = f", {stats.split} long texts split" if stats.split else ""
+    console.print(f"  examples {stats.examples} (dropped {stats.dropped}, truncated {stats.truncated}{split}), "
                   f"tokens {stats.total_tokens:,}, trained tokens {stats.label_tokens:,} "
                   f"({100 * (1 - stats.masked_fraction):.1f}%), length min/mean/max "
                   f"{stats.length_min}/{stats.length_mean:.0f}/{stats.length_max}")
