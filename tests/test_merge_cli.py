@@ -184,3 +184,12 @@ def test_an_output_holding_an_input_or_the_current_folder_is_refused(tmp_path, c
     assert "is or holds the current folder" in capsys.readouterr().err
     assert (run / "notes.txt").read_text() == "mine" and (run / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "base" / "config.json").exists()
+
+
+def test_the_fp32_check_scales_with_the_logits():
+    from lorakit.merge import merge_tolerance
+
+    # fp32 rounding of W + s B A moves large logits more: SmolLM2 with a strong adapter moved its logits
+    # (largest 35) by 1.5e-4, as PEFT's own merge did; a fixed 1e-4 refused that correct merge
+    assert merge_tolerance(torch.float32, torch.tensor([-35.4, 3.0])) > 1.5e-4
+    assert merge_tolerance(torch.float32, torch.tensor([0.5, -0.2])) == 1e-4  # small logits: the floor

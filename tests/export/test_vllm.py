@@ -106,6 +106,16 @@ def test_rank_limits(tmp_path, capsys):
     assert export_vllm(adapter_dir, tmp_path / "c", max_lora_rank=64).check.warnings == []
 
 
+def test_per_module_scaling_is_exported_with_a_warning_about_older_vllm(tmp_path):
+    adapter_dir, _ = make_adapter(tmp_path, r=8, lora_alpha=16, rank_pattern={"v_proj": 4},
+                                  alpha_pattern={"down_proj": 64})
+    warnings = export_vllm(adapter_dir, tmp_path / "out").check.warnings
+    assert len(warnings) == 1 and warnings[0].startswith("4 modules (model.layers.0.mlp.down_proj, ...) take their "
+                                                         "own scaling from rank_pattern / alpha_pattern")
+    plain, _ = make_adapter(tmp_path, name="plain", r=8, lora_alpha=16, rank_pattern={"v_proj": 8})
+    assert export_vllm(plain, tmp_path / "plain-out").check.warnings == []  # a pattern that changes nothing
+
+
 def test_rank_above_vllm_maximum_is_rejected(tmp_path):
     adapter_dir, _ = make_adapter(tmp_path, r=4, lora_alpha=8, rank_pattern={"down_proj": 600})
     with pytest.raises(AdapterFileError, match="rank 600 is above vLLM's largest --max-lora-rank"):

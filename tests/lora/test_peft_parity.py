@@ -292,7 +292,7 @@ def test_other_base_is_refused_with_override(tmp_path, llama):
     apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
     save_adapter(llama, tmp_path / "a")
     other = tiny_llama(layers=3)
-    with pytest.raises(AdapterMismatchError, match="another base model"):
+    with pytest.raises(AdapterMismatchError, match="a base model of another architecture or shape"):
         load_adapter(other, tmp_path / "a")
     load_adapter(tiny_llama(layers=3), tmp_path / "a", allow_other_base=True)  # shapes fit: allowed
 

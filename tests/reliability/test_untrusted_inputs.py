@@ -92,7 +92,7 @@ def test_adapter_for_another_base_loads_only_with_the_override(adapter_copy, tin
         metadata = handle.metadata()
     save_file(load_file(weights), weights, metadata={**metadata, "lorakit_base_fingerprint": "sha256:other"})
     assert main(_eval(adapter_copy, tiny)) == 2
-    assert "trained on another base model" in capsys.readouterr().err
+    assert "trained on a base model of another architecture or shape" in capsys.readouterr().err
     assert main(_eval(adapter_copy, tiny, "--allow-other-base")) == 0
 
 

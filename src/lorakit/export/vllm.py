@@ -18,6 +18,7 @@ else (PEFT's saved copies of embedding base weights are dropped; vLLM skips them
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import uuid
@@ -27,6 +28,7 @@ from pathlib import Path
 from lorakit.errors import AdapterFileError, ConfigError, OutputError
 from lorakit.export.adapter_files import (Adapter, base_shape_problems, export_tensor_problems, find_base_config,
                                          read_for_export)
+from lorakit.lora.config import lora_scale
 from lorakit.safe_io import atomic_save_safetensors, atomic_write_json, fsync_dir, output_error
 
 # vllm/config/lora.py: MaxLoRARanks and the default of LoRAConfig.max_lora_rank
@@ -98,7 +100,24 @@ def check_vllm(
     check.problems += base_shape_problems(adapter, base_config)
     _check_modules(check, adapter, allow_embeddings, base_config)
     _check_rank(check, adapter, max_lora_rank)
+    _check_scaling(check, adapter)
     return check
+
+
+def _check_scaling(check: VllmCheck, adapter: Adapter) -> None:
+    """Modules scaled otherwise than lora_alpha / r (rank_pattern, alpha_pattern): served right by
+    vLLM's PEFTHelper.get_rank_and_scaling, which older releases lack."""
+    config = adapter.config
+    if not (adapter.pairs and config.get("r") and config.get("lora_alpha")):
+        return
+    uniform = lora_scale(int(config["r"]), float(config["lora_alpha"]), "rslora" if adapter.uses_rslora() else "standard")
+    own = sorted(m for m in adapter.pairs if not math.isclose(adapter.scaling(m), uniform, rel_tol=1e-6))
+    if own:
+        check.warnings.append(
+            f"{len(own)} module{'s' * (len(own) != 1)} ({own[0]}{', ...' * (len(own) > 1)}) take their own scaling "
+            "from rank_pattern / alpha_pattern, which vLLM applies in releases whose PEFTHelper has "
+            "get_rank_and_scaling; an older vLLM scales every module by lora_alpha / r (--format gguf or merged "
+            "fold the scaling into the weights)")
 
 
 def feature_problems(config: dict) -> list[str]:

@@ -282,10 +282,10 @@ def check_fingerprint(saved: str | None, current: str, path) -> None:
     """Refuse an adapter saved for another base (`saved`: its metadata's fingerprint, if any)."""
     if saved is not None and saved != current:
         raise AdapterMismatchError(
-            f"the adapter in {path} was trained on another base model (fingerprint {saved}, "
-            f"this model {current}); load it onto its own base model (--model; without it, the one "
-            "adapter_config.json names, else the built-in model), or pass --allow-other-base if you are sure "
-            "the shapes and weights correspond"
+            f"the adapter in {path} was trained on a base model of another architecture or shape (fingerprint "
+            f"{saved}, this model {current}); load it onto its own base model (--model; without it, the one "
+            "adapter_config.json names, else the built-in model), or pass --allow-other-base to load it anyway "
+            "where its layers' shapes fit"
         )
 
 
