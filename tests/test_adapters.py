@@ -115,6 +115,22 @@ def test_generate_stops_at_every_end_token_of_the_generation_config(trained, mon
     assert seen["eos_token_id"] == [tokenizer.eos_token_id, 7, 9]
 
 
+def test_generate_takes_the_system_turn_the_data_was_trained_with(trained, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.generate import generate_text
+
+    model_dir, _, _ = trained
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    seen = []
+    monkeypatch.setattr(model, "generate", lambda inputs, **options: seen.append(inputs[0].tolist()) or inputs)
+    generate_text(model, tokenizer, "hello", max_new_tokens=3, system="Answer in one word.")
+    text = tokenizer.apply_chat_template([{"role": "system", "content": "Answer in one word."},
+                                          {"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|im_start|>system\nAnswer in one word.<|im_end|>")
+    assert seen == [tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
 def test_stop_tokens_take_any_form_and_none_means_none():
     from types import SimpleNamespace
 
@@ -133,7 +149,8 @@ def test_stop_tokens_take_any_form_and_none_means_none():
                                          (["--temperature", "nan"], "--temperature must be 0"),
                                          (["--temperature", "-1"], "--temperature must be 0"),
                                          (["--raw", ""], "the prompt is empty"),
-                                         (["--use", "zzz"], "none is loaded")])
+                                         (["--use", "zzz"], "none is loaded"),
+                                         (["--raw", "--system", "be brief"], "--system is a chat turn")])
 def test_generate_refuses_bad_sampling_values_before_loading(capsys, flags, words):
     assert main(["generate", *flags] + ([] if flags[-1] == "" else ["hello"])) == 2
     assert words in capsys.readouterr().err

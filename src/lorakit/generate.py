@@ -6,11 +6,12 @@ import torch
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
-                  stream: bool = False, raw: bool = False) -> str:
-    """Render `prompt` like the training data (chat template when there is one) and continue it."""
+                  stream: bool = False, raw: bool = False, system: str | None = None) -> str:
+    """Render `prompt` like the training data (chat template when there is one, with `system` as
+    its system turn: the template's own default where None) and continue it."""
     from lorakit.data.formats import generation_prompt_ids
 
-    ids = generation_prompt_ids(tokenizer, prompt, "text" if raw else "chat")
+    ids = generation_prompt_ids(tokenizer, prompt, "text" if raw else "chat", system=system)
     _check_context(model, len(ids), max_new_tokens)
     device = next(model.parameters()).device
     inputs = torch.tensor([ids], device=device)

@@ -20,6 +20,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--system", metavar="TEXT",
+                   help="the system turn, as in the training data's system prompt (default: the chat template's own)")
     p.add_argument("--raw", action="store_true", help="continue raw text instead of a chat turn")
     p.add_argument("--allow-other-base", action="store_true", help="load an adapter made for another base model")
     add_placement_flags(p)
@@ -38,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--use {args.use} names an adapter, but none is loaded; add --adapter DIR")
     if not args.prompt.strip():
         raise ConfigError("the prompt is empty; pass the text to answer or continue, e.g. lorakit generate \"Define 'knoll'.\"")
+    if args.system is not None and args.raw:
+        raise ConfigError("--system is a chat turn, and --raw continues plain text without one; use one of them")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not 0 <= args.temperature < float("inf"):
@@ -50,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         for path in args.adapter:
             adapters.add(path)
         adapters.activate(args.use or adapters.names[0])
-    generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, stream=True, raw=args.raw)
+    generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, stream=True, raw=args.raw,
+                  system=args.system)
     return 0
 
