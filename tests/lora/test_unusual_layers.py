@@ -82,13 +82,19 @@ def test_all_linear_leaves_out_layers_narrower_than_the_rank_with_a_warning():
     train_step(model)
 
 
+def test_all_linear_in_a_list_leaves_out_narrow_layers_too():
+    with pytest.warns(LorakitWarning, match="all-linear leaves out 2 layers narrower than the rank"):
+        apply_lora(qwen2_moe(), LoraConfig(r=4, alpha=8, target_modules=["all-linear"]))
+
+
 def test_a_narrow_layer_named_on_its_own_is_still_refused():
     with pytest.raises(ConfigError, match=r"shared_expert_gate \(64 -> 1\) cannot take rank 4"):
         apply_lora(qwen2_moe(), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "shared_expert_gate"]))
 
 
 class ReadsItsWeight(nn.Module):
-    """Like Jamba's mamba mixer with dt_proj: multiplies by a layer's weight without calling it."""
+    """Like Jamba's mamba mixer with dt_proj: multiplies by a layer's weight without calling it; and,
+    like transformers' Falcon and GPT-Neo paths, reads another layer's dtype before calling it."""
 
     def __init__(self):
         super().__init__()
@@ -96,20 +102,23 @@ class ReadsItsWeight(nn.Module):
         self.called = nn.Linear(8, 8)
 
     def forward(self, x):
-        return self.called(x) + x @ self.read.weight.T + self.read.bias
+        return self.called(x.to(self.called.weight.dtype)) + x @ self.read.weight.T + self.read.bias
 
 
-def test_a_weight_read_directly_gives_the_base_weight_and_one_warning_naming_the_layer():
+def test_a_weight_read_directly_is_the_base_weight_and_the_trainer_names_the_adapter_left_idle():
+    from lorakit.train.loop import _say_which_adapters_got_no_gradient
+
     torch.manual_seed(0)
     model = ReadsItsWeight()
     x = torch.randn(3, 8)
     expected = model(x)
     apply_lora(model, LoraConfig(r=2, alpha=4, target_modules=["read", "called"]))
-    with pytest.warns(LorakitWarning, match=r"reads the weight of read \(8 -> 8\) directly .* --exclude"):
-        torch.testing.assert_close(model(x), expected)  # B starts at zero: the base model's output
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model(x)  # said once
+        warnings.simplefilter("error")  # reading a weight (a dtype, a product) is no cause for a warning
+        torch.testing.assert_close(model(x), expected)  # B starts at zero: the base model's output
+        model(x).sum().backward()
+    with pytest.warns(LorakitWarning, match=r"1 adapted layer got no gradient in the first step \(read\).*--exclude"):
+        _say_which_adapters_got_no_gradient(model)  # "called" got one: it is not named
 
 
 def test_exclude_leaves_a_layer_out():

@@ -107,7 +107,6 @@ class LoraLinear(nn.Module):
         self.lora_magnitude_vector: nn.Parameter | None = None
         self.merged = False
         self.disabled = False
-        self.module_name = ""  # its name in the model, for messages (set by the model's wrapper)
         self.reset_lora_parameters(init)
 
     # ---- initialisation -------------------------------------------------------------------
@@ -152,17 +151,11 @@ class LoraLinear(nn.Module):
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
 
-    # A model that reads a layer's weight instead of calling it (Jamba's mamba mixer multiplies by
-    # dt_proj.weight) gets the base layer's, as under PEFT; the adapter then never takes part, which
-    # is said once instead of training it for nothing in silence.
+    # A model that reads a layer's weight (its dtype before calling it, or, as Jamba's mamba mixer
+    # with dt_proj, to multiply by it instead of calling the layer) gets the base layer's, as under
+    # PEFT. An adapter the model never calls gets no gradient: the trainer says so after its first step.
     @property
     def weight(self) -> torch.Tensor:
-        if not self.__dict__.get("_said_weight_read_directly"):
-            self.__dict__["_said_weight_read_directly"] = True
-            warnings.warn(f"the model reads the weight of {self.module_name or 'a layer'} ({self.in_features} -> "
-                          f"{self.out_features}) directly instead of calling the layer, so its LoRA adapter takes no "
-                          "part in the forward pass and learns nothing: leave the layer out of the targets "
-                          "(exclude_modules / --exclude)", LorakitWarning, stacklevel=2)
         return self.base_layer.weight
 
     @property

@@ -128,7 +128,6 @@ def wrap_modules(model: nn.Module, config: LoraConfig, ranks: dict[str, tuple[in
         parent, child = _parent_and_child(model, name)
         base = getattr(parent, child)
         layer = LoraLinear(base, r, alpha, config.scale_for(r, alpha), config.dropout, config.use_dora, config.init)
-        layer.module_name = name
         setattr(parent, child, layer)
     for name in config.modules_to_save:
         _refuse_tied(model, name)

@@ -167,7 +167,8 @@ def narrow_layers_left_out(spec, modules: Sequence[ModuleInfo], names: Sequence[
     (`rank_of(name)`), such as a mixture of experts' 64 -> 1 shared-expert gate at r=16. A layer
     named on its own is refused instead (lora/model.py's rank check): asking for it by name and
     not getting it would be the silent partial match this module exists to prevent."""
-    if not (isinstance(spec, str) and spec.strip() == "all-linear"):
+    entries = [spec] if isinstance(spec, str) else list(spec)
+    if [str(entry).strip() for entry in entries] != ["all-linear"]:
         return []
     narrowest_side = {m.name: min(m.in_features, m.out_features) for m in modules}
     return [name for name in names if rank_of(name) > narrowest_side[name]]

@@ -268,12 +268,15 @@ def check_targets(config: RunConfig, points: list[SweepPoint]) -> None:
     for spec in dict.fromkeys(p.targets for p in points):
         names = select_targets(modules, spec, exclude=config.lora.exclude, model_type=kind, output_head=head)
         for r in sorted({p.r for p in points if p.targets == spec}):
-            left_out = set(narrow_layers_left_out(spec, modules, names, lambda _: r))
-            # all-linear leaves out layers narrower than r, unless that would leave none
-            smallest = min([sides[n] for n in names if n not in left_out] or [max(sides[n] for n in names)])
-            if r > smallest:
-                raise ConfigError(f"--r {r} is above the smallest targeted layer side ({smallest}) for targets "
-                                  f"{spec!r}; keep the grid's ranks at {smallest} or less")
+            left_out = set(narrow_layers_left_out(spec, modules, names, lambda _: r))  # all-linear's narrow layers
+            kept = [sides[n] for n in names if n not in left_out]
+            if not kept:
+                widest = max(sides[n] for n in names)
+                raise ConfigError(f"--r {r} is above every targeted layer's smaller side (at most {widest}) for "
+                                  f"targets {spec!r}; keep the grid's ranks at {widest} or less")
+            if r > min(kept):
+                raise ConfigError(f"--r {r} is above the smallest targeted layer side ({min(kept)}) for targets "
+                                  f"{spec!r}; keep the grid's ranks at {min(kept)} or less")
 
 
 def guide_point(task: str) -> SweepPoint:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import signal
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -25,9 +26,10 @@ import torch
 from torch import nn
 
 from lorakit.data.batching import BatchIterator, count_label_tokens, plan_batches
-from lorakit.errors import TrainingError
-from lorakit.train import distributed
+from lorakit.errors import LorakitWarning, TrainingError
 from lorakit.kernels.llama_patch import causal_lm_loss
+from lorakit.lora.model import lora_layers
+from lorakit.train import distributed
 from lorakit.train.schedule import lr_factor
 
 
@@ -164,6 +166,9 @@ class Trainer:
         else:
             state.skipped_steps += 1
             state.bad_in_row += 1
+        if not self.__dict__.setdefault("_gradients_checked", False):
+            self._gradients_checked = True
+            _say_which_adapters_got_no_gradient(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.train_tokens += tokens
@@ -185,6 +190,18 @@ class Trainer:
             result = self.train_step(stream)
             hooks.on_step(self.state, result)
         return self.state
+
+
+def _say_which_adapters_got_no_gradient(model: nn.Module) -> None:
+    """Adapters on layers the model never calls: some models read a layer's weight instead (Jamba's
+    mamba mixer multiplies by dt_proj.weight), and an adapter there would train for nothing."""
+    idle = [name for name, layer in lora_layers(model) if layer.lora_A.weight.grad is None]
+    if idle:
+        these = "these layers" if len(idle) > 1 else "this layer"
+        warnings.warn(f"{len(idle)} adapted layer{'s' * (len(idle) != 1)} got no gradient in the first step "
+                      f"({idle[0]}{', ...' * (len(idle) > 1)}): the model did not call {these} (it may read the "
+                      f"weights directly), so an adapter there learns nothing; leave {these} out with --exclude",
+                      LorakitWarning, stacklevel=2)
 
 
 def _grad_norm(params, max_norm: float) -> float:
