@@ -131,6 +131,21 @@ def test_generate_takes_the_system_turn_the_data_was_trained_with(trained, monke
     assert seen == [tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
+def test_a_template_that_refuses_a_system_turn_is_one_clear_error():
+    from lorakit.data.formats import generation_prompt_ids
+    from lorakit.errors import ConfigError
+
+    from tiny_models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert generation_prompt_ids(tokenizer, "hello")  # no system turn: rendered
+    with pytest.raises(ConfigError, match="chat template refused this prompt: System role not supported; leave "
+                                          "out --system"):
+        generation_prompt_ids(tokenizer, "hello", system="be brief")
+
+
 def test_stop_tokens_take_any_form_and_none_means_none():
     from types import SimpleNamespace
 

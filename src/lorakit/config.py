@@ -62,7 +62,7 @@ class DataConfig:
     packing: bool = opt(True, "pack several examples into one sequence (no cross-example attention)")
     train_on_inputs: bool = opt(False, "train on prompt tokens too, not only the responses")
     eval_data: list[str] = opt([], "evaluation data files (default: split off --eval-split of the training data)")
-    eval_split: float = opt(0.05, "fraction (<1) or number (>=1) of training examples held out for evaluation")
+    eval_split: float = opt(0.05, "fraction (<1) or number (>=1) of training records held out for evaluation (a long text's pieces stay together)")
 
 
 @dataclass
@@ -436,7 +436,7 @@ def validate(config: RunConfig) -> None:
          f"--memory-budget must be a positive number of GiB, got {t.memory_budget}"),
         (d.seq_len >= 8, f"--seq-len must be at least 8, got {d.seq_len}"),
         (d.eval_split >= 0 and math.isfinite(d.eval_split) and (d.eval_split < 1 or d.eval_split == int(d.eval_split)),
-         f"--eval-split must be a fraction below 1 or a whole number of examples, got {d.eval_split}"),
+         f"--eval-split must be a fraction below 1 or a whole number of records, got {d.eval_split}"),
         (o.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {o.keep_checkpoints}"),
         (bool(o.output.strip()), "--output is empty; name the run's folder (e.g. runs/mine)"),
         (not (o.resume and o.overwrite), "--resume and --overwrite contradict each other; choose one"),

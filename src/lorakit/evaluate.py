@@ -32,7 +32,8 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
                                                         device=placement, allow_pickle=allow_pickle)
     records = tokenize_records(read_records(data), tokenizer, fmt, seq_len)  # one path, or several
     longest = longest_example(records, None)
-    notes = context_notice(base_model, longest)  # raises where the examples run past a position table
+    notes = list(records.stats.warnings)  # records skipped, cut or split
+    notes += context_notice(base_model, longest)  # raises where the examples run past a position table
     load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
     unpacked = packing_blocker(base_model, longest)  # as train decides
     notes += [f"rows unpacked: {unpacked}"] if unpacked else []

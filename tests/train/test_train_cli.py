@@ -344,6 +344,26 @@ def test_resume_on_data_with_other_contents_says_so(tiny, tmp_path, capsys):
     assert "the training data differs from the checkpoint's" in capsys.readouterr().out
 
 
+def test_resume_after_lorakit_changed_how_it_tokenises_says_so_and_measures_the_base_again(tiny, tmp_path, capsys,
+                                                                                          monkeypatch):
+    import shutil
+
+    model, _ = tiny
+    data = write_define_data(tmp_path / "data.jsonl", count=48, seed=1)
+    out = tmp_path / "run"
+    args = ["train", "--model", str(model), "--data", str(data), "--output", str(out), "--batch-size", "4",
+            "--seq-len", "64", "--r", "4", "--eval-split", "8", "--save-every", "1"]
+    assert main([*args, "--max-steps", "2"]) == 0
+    shutil.copy(write_define_data(tmp_path / "other.jsonl", count=48, seed=7), data)  # stands in for new tokens
+    monkeypatch.setattr("lorakit.train.session.TOKENIZE_REVISION", 99)  # a later lorakit
+    capsys.readouterr()
+    assert main([*args, "--max-steps", "3", "--resume"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "turns the data into examples otherwise than the one that made the checkpoint" in printed
+    assert "the training data differs" not in printed
+    assert "base model eval loss" in printed  # measured again, not taken from the checkpoint
+
+
 def test_resume_says_when_the_logged_history_is_gone(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(tiny, out, "--max-steps", "2", "--save-every", "1")) == 0
@@ -400,3 +420,7 @@ def test_a_real_run_says_what_reading_the_data_skipped_and_cut(tiny, tmp_path, c
     assert main(train_args((model, tmp_path / "data.jsonl"), tmp_path / "run", "--max-steps", "1")) == 0
     printed = " ".join(capsys.readouterr().out.split())
     assert "warning: 1 record with no trained token skipped (1 cut at --seq-len 64 before the response)" in printed
+    assert main(["eval", "--adapter", str(tmp_path / "run" / "adapter"), "--model", str(model), "--data",
+                 str(tmp_path / "data.jsonl"), "--seq-len", "64", "--json"]) == 0  # eval says it too
+    assert "1 record with no trained token skipped (1 cut at --seq-len 64 before the response)" in \
+        json.loads(capsys.readouterr().out)["notes"]

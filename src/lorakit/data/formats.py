@@ -116,12 +116,18 @@ class TokenizedData:
     dataset: datasets.Dataset
     format: str
     stats: DataStats
+    known_lengths: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def lengths(self) -> np.ndarray:
-        return _numeric_columns(self.dataset)["length"]
+        """Every example's length, read once (each epoch's plan, the fingerprint and the run's checks ask;
+        on the part of a split, an index-mapped dataset, a read gathers the column anew)."""
+        if self.known_lengths is None:
+            table = self.dataset.select_columns(["length"]).with_format("numpy")[:]
+            self.known_lengths = np.asarray(table["length"], dtype=np.int64)
+        return self.known_lengths
 
     def fingerprint(self) -> str:
         """A digest of the examples: every length, and the tokens and labels of up to 256 spread
@@ -474,7 +480,7 @@ def _keep_trainable(mapped: datasets.Dataset, enc: _Encoder, note: str) -> Token
     read = ReadFigures(records=int((examples_per_record > 0).sum()), dropped=len(mapped) - keep.size,
                        dropped_cut=int((truncated & (num_labels == 0)).sum()), truncated=int(truncated.sum()),
                        split=int((examples_per_record > 1).sum()))
-    stats = compute_stats(kept, enc.fmt, note, enc.seq_len, read)
+    stats = compute_stats({name: values[keep] for name, values in columns.items()}, enc.fmt, note, enc.seq_len, read)
     first_record = columns["record"][keep] == columns["record"][keep[0]]
     stats.warnings += _eos_warning(kept[int(np.flatnonzero(first_record)[-1])], enc)  # its last piece: EOS is there
     return TokenizedData(kept, enc.fmt, stats)
@@ -514,16 +520,16 @@ def _nothing_left(total: int, cut: int, enc: _Encoder) -> str:
 _NOTHING_TO_TRAIN = {"chat": "no assistant turn", "instruction": "no response", "text": "an empty text"}
 
 
-def compute_stats(ds: datasets.Dataset, fmt: str, note: str, seq_len: int, read: ReadFigures | None = None) -> DataStats:
-    """Stats of a tokenized dataset plus warnings; `read`: what tokenising found (default: these
-    examples' own records, and those of them that were cut)."""
-    columns = _numeric_columns(ds)
+def compute_stats(columns: dict[str, np.ndarray], fmt: str, note: str, seq_len: int,
+                  read: ReadFigures | None = None) -> DataStats:
+    """Stats of tokenized examples (their `_numeric_columns`) plus warnings; `read`: what
+    tokenising found (default: these examples' own records, and those of them that were cut)."""
     lengths, num_labels = columns["length"], columns["num_labels"]
     cut_kept = int(columns["truncated"].sum())
     read = read or ReadFigures(records=len(np.unique(columns["record"])), truncated=cut_kept)
     total, trained = int(lengths.sum()), int(num_labels.sum())
     stats = DataStats(
-        format=fmt, format_note=note, seq_len=seq_len, records=read.records, examples=len(ds),
+        format=fmt, format_note=note, seq_len=seq_len, records=read.records, examples=len(lengths),
         dropped=read.dropped, truncated=read.truncated, total_tokens=total, label_tokens=trained,
         masked_fraction=1.0 - trained / total if total else 0.0,
         length_min=int(lengths.min()), length_mean=float(lengths.mean()), length_max=int(lengths.max()),
@@ -586,11 +592,12 @@ def split_eval(tok: TokenizedData, fraction_or_count: float | int,
                seed: int) -> tuple[TokenizedData, TokenizedData]:
     """(train, eval) by record: a float in (0, 1) is a fraction, an int >= 1 a count; same seed,
     same split. The pieces of a long text stay together, so eval holds no text trained on."""
-    record = _numeric_columns(tok.dataset)["record"]
-    records = np.unique(record)
+    columns = _numeric_columns(tok.dataset)  # read once: on an index-mapped dataset each read is a gather
+    records = np.unique(columns["record"])
     k = _eval_count(fraction_or_count, len(records))
-    held_out = np.isin(record, records[np.random.default_rng(seed).permutation(len(records))[:k]])
-    return _subset(tok, np.flatnonzero(~held_out), reads_for_the_whole=True), _subset(tok, np.flatnonzero(held_out))
+    held_out = np.isin(columns["record"], records[np.random.default_rng(seed).permutation(len(records))[:k]])
+    return (_subset(tok, columns, np.flatnonzero(~held_out), reads_for_the_whole=True),
+            _subset(tok, columns, np.flatnonzero(held_out)))
 
 
 def _eval_count(value: float | int, n: int) -> int:
@@ -607,20 +614,23 @@ def _eval_count(value: float | int, n: int) -> int:
     return k
 
 
-def _subset(tok: TokenizedData, indices: np.ndarray, reads_for_the_whole: bool = False) -> TokenizedData:
-    """The examples at `indices`. The training part of a split also keeps what reading the files
-    found (records skipped or cut, a missing EOS): the user is told once, about every record."""
+def _subset(tok: TokenizedData, columns: dict[str, np.ndarray], indices: np.ndarray,
+            reads_for_the_whole: bool = False) -> TokenizedData:
+    """The examples at `indices` (`columns`: the whole set's `_numeric_columns`). The training part
+    of a split also keeps what reading the files found (records skipped or cut, a missing EOS):
+    the user is told once, about every record."""
     ds, whole = tok.dataset.select(indices), tok.stats
+    mine = {name: values[indices] for name, values in columns.items()}
     if not reads_for_the_whole:
-        return TokenizedData(ds, tok.format, compute_stats(ds, tok.format, whole.format_note, whole.seq_len))
-    mine, everyone = _numeric_columns(ds), _numeric_columns(tok.dataset)
-    moved = len(np.unique(everyone["record"])) - len(np.unique(mine["record"]))  # to the other part
-    cut_moved = int(everyone["truncated"].sum() - mine["truncated"].sum())
+        return TokenizedData(ds, tok.format, compute_stats(mine, tok.format, whole.format_note, whole.seq_len),
+                             mine["length"])
+    moved = len(np.unique(columns["record"])) - len(np.unique(mine["record"]))  # to the other part
+    cut_moved = int(columns["truncated"].sum() - mine["truncated"].sum())
     read = ReadFigures(records=whole.records - moved, dropped=whole.dropped, dropped_cut=whole.dropped_cut,
-                       truncated=whole.truncated - cut_moved, split=whole.split)
-    stats = compute_stats(ds, tok.format, whole.format_note, whole.seq_len, read)
+                       truncated=whole.truncated - cut_moved, split=int((np.bincount(mine["record"]) > 1).sum()))
+    stats = compute_stats(mine, tok.format, whole.format_note, whole.seq_len, read)
     stats.warnings += [w for w in whole.warnings if w == NO_EOS_WARNING]
-    return TokenizedData(ds, tok.format, stats)
+    return TokenizedData(ds, tok.format, stats, mine["length"])
 
 
 def chat_template_for(tokenizer: Any) -> str | None:
@@ -636,8 +646,12 @@ def generation_prompt_ids(tokenizer: Any, prompt: str | list[dict], fmt: str = "
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}] + messages
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         chat_template=chat_template_for(tokenizer))
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             chat_template=chat_template_for(tokenizer))
+    except (jinja2.TemplateError, ValueError, TypeError) as exc:  # Gemma's refuses a system turn
+        raise ConfigError(f"the model's chat template refused this prompt: {exc}"
+                          + ("; leave out --system" if system else "")) from exc
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

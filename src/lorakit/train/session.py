@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lorakit.config import effective_scale
+from lorakit.data.formats import TOKENIZE_REVISION
 from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError, DataError, OutputError, TrainingError
 from lorakit.kernels.chunked_ce import release_workspace
 from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
@@ -92,10 +93,15 @@ class Session:
                                        "resume with the same --model, or start a new --output")
         _check_tensors_fit(path, self.prepared.model, checkpoint.model_tensors)
         self._note_changed_config(saved.get("config"))
-        if saved.get("data_fingerprint") not in (None, self.data_fingerprint):
+        retokenised = saved.get("tokenize_revision") != TOKENIZE_REVISION  # none saved: made before revision 4
+        if retokenised and saved.get("data_fingerprint") not in (None, self.data_fingerprint):
+            self.log("resume: this lorakit turns the data into examples otherwise than the one that made the "
+                     "checkpoint (which tokens train, how long texts are split); the run continues at the saved "
+                     "position, so it will not match an uninterrupted run, and the base eval loss is measured again")
+        elif saved.get("data_fingerprint") not in (None, self.data_fingerprint):
             self.log("resume: the training data differs from the checkpoint's (same files, other contents); the run "
                      "continues on the new data at the saved position, so it will not match an uninterrupted run")
-        if _changes_what_base_eval_measured(saved.get("config") or {}, self.config.to_dict()):
+        if retokenised or _changes_what_base_eval_measured(saved.get("config") or {}, self.config.to_dict()):
             saved = {**saved, "base_eval": None}  # measured on other data or another base: measure again
         self._check_data_position(path, state)
         self._keep_global_batch(saved)  # may change grad_accum, and with it the run's last step
@@ -173,7 +179,7 @@ class Session:
         rng_tensors.update(distributed.gather_rank_rng())
         trainer_state = {"state": self.state.to_json(), "config": self.config.to_dict(),
                          "fingerprint": self.fingerprint, "data_fingerprint": self.data_fingerprint,
-                         "base_eval": self.base_eval,
+                         "tokenize_revision": TOKENIZE_REVISION, "base_eval": self.base_eval,
                          "train_seconds": self.train_seconds, "history_len": len(self.history),
                          "micro_batches_per_step": s.grad_accum * s.world_size, "world_size": s.world_size}
         path = self.out / "checkpoints" / ckpt.step_dir_name(self.state.step)
