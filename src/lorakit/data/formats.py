@@ -38,8 +38,8 @@ includes the template's end-of-turn token (``<|im_end|>``) so the tuned model st
 with ``input_ids`` (the model shifts them). The first label of every example is always -100:
 no token precedes it, and packing relies on it so no example predicts its neighbour's start.
 
-Chat and instruction examples longer than ``seq_len`` are cut (counted); examples left with no trained token are
-dropped (counted). `DataStats` summarises a run for ``--dry-run``; `render_marked` shows one
+Chat and instruction examples longer than ``seq_len`` are cut (counted); examples left with no
+trained token are dropped (counted). `DataStats` summarises a run for ``--dry-run``; `render_marked` shows one
 example with its trained text wrapped in ``[[...]]``. `generation_prompt_ids` renders a prompt
 for generation exactly as training rendered it (same template or fallback). ``datasets``
 caches the tokenised result, so a re-run on the same files and tokenizer does not re-tokenise.
