@@ -193,3 +193,29 @@ def test_the_fp32_check_scales_with_the_logits():
     # (largest 35) by 1.5e-4, as PEFT's own merge did; a fixed 1e-4 refused that correct merge
     assert merge_tolerance(torch.float32, torch.tensor([-35.4, 3.0])) > 1.5e-4
     assert merge_tolerance(torch.float32, torch.tensor([0.5, -0.2])) == 1e-4  # small logits: the floor
+
+
+def test_a_bf16_base_is_merged_in_fp32_and_written_in_bf16_as_peft_keeps_the_base_dtype(tmp_path, capsys):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    base_dir = save_tiny_chat_model(tmp_path / "base")
+    AutoModelForCausalLM.from_pretrained(base_dir).to(torch.bfloat16).save_pretrained(base_dir)  # config: bfloat16
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_lora(model)
+    ids = torch.randint(0, 300, (1, 10))
+    with torch.no_grad():
+        exact = model(ids).logits  # the bf16 base's weights, read in fp32, plus the adapter
+    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "m"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dtype"] == "bfloat16" and result["max_abs_logit_difference"] <= result["tolerance"]
+    with safe_open(str(next((tmp_path / "m").glob("*.safetensors"))), "pt") as f:
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    with torch.no_grad():  # one bf16 rounding of the merged weights, no bf16 arithmetic: within 2%
+        assert (merged(ids).logits - exact).abs().max() <= 0.02 * exact.abs().max()
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "f"), "--dtype",
+                 "float32", "--json"]) == 0  # asked for: fp32
+    assert json.loads(capsys.readouterr().out)["dtype"] == "float32"

@@ -57,10 +57,10 @@ def merge_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
     return DENSE_16BIT_MERGE_RTOL * largest
 
 
-def quantized_merge_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
-    """Max abs logit difference accepted between the exact adapted quantised model (fp32) and the
-    merged folder evaluated in fp32: a fraction of the largest logit (the rounding's effect
-    scales with the logits)."""
+def rounded_merge_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
+    """Max abs logit difference accepted between the exact adapted model (fp32: a dequantised base,
+    or a 16-bit base read in fp32) and the merged folder, rounded once to `dtype`, evaluated in
+    fp32: a fraction of the largest logit (the rounding's effect scales with the logits)."""
     rtol = 1e-4 if dtype == torch.float32 else QUANTIZED_MERGE_RTOL
     return rtol * float(reference.abs().max())
 
@@ -68,7 +68,8 @@ def quantized_merge_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> fl
 def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str | None = None,
                     dtype: str | None = None, allow_other_base: bool = False, overwrite: bool = False,
                     quantize: str | None = None, allow_pickle: bool = False) -> dict:
-    """dtype: of the merged weights (default float32; bfloat16 for a quantised base).
+    """dtype: of the merged weights (default: the base's own, as its config.json records it, else
+    float32; bfloat16 for a quantised base).
     quantize: "4bit"/"8bit" loads the base as it was trained with QLoRA (see lorakit.quantize)."""
     from lorakit.adapters import base_model_for
 
@@ -79,7 +80,7 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
     if quantize:
         merged = _merge_quantized(spec, adapter_dir, dtype or "bfloat16", quantize, allow_other_base, allow_pickle)
     else:
-        merged = _merge_dense(spec, adapter_dir, dtype or "float32", allow_other_base, allow_pickle)
+        merged = _merge_dense(spec, adapter_dir, dtype, allow_other_base, allow_pickle)
     resolved = output_dir.resolve()  # "." has no name: its temp folder goes beside the real one
     tmp = resolved.parent / f".tmp-{resolved.name}"
     out_dtype = merged.model.dtype
@@ -127,16 +128,40 @@ class Merged:
     figures: dict = field(default_factory=dict)
 
 
-def _merge_dense(spec, adapter_dir, dtype: str, allow_other_base: bool, allow_pickle: bool = False) -> Merged:
+def _merge_dense(spec, adapter_dir, dtype: str | None, allow_other_base: bool, allow_pickle: bool = False) -> Merged:
+    """`dtype` None: the base's own dtype; a 16-bit base is read and merged in fp32 (the exact adapted
+    model's logits are the reference) and rounded once, as PEFT's merge keeps the base's dtype."""
     from lorakit.lora import load_adapter, remove_lora
     from lorakit.models import load_model_and_tokenizer
 
-    model, tokenizer, _ = load_model_and_tokenizer(spec, dtype=dtype, allow_pickle=allow_pickle)
+    stored = _stored_dtype(spec) if dtype is None else None
+    model, tokenizer, _ = load_model_and_tokenizer(spec, dtype=dtype or "float32", allow_pickle=allow_pickle)
     load_adapter(model, adapter_dir, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
     probe = _probe_ids(model)
     reference = _logits(model, probe)
     remove_lora(model, merge=True)
+    if stored in (torch.bfloat16, torch.float16):
+        model.to(stored)  # the one rounding
+        return Merged(model, tokenizer, probe, reference, rounded_merge_tolerance(stored, reference), torch.float32)
     return Merged(model, tokenizer, probe, reference, merge_tolerance(model.dtype, reference))
+
+
+def _stored_dtype(spec) -> torch.dtype | None:
+    """The dtype a base model folder's (or hub repository's) config.json records for its weights;
+    None where it records none, or for a .gguf file or the built-in model, which lorakit converts."""
+    from transformers import AutoConfig
+
+    from lorakit.models import resolve_model
+
+    source = resolve_model(spec)
+    if source.kind not in ("local", "hub"):
+        return None
+    try:
+        config = AutoConfig.from_pretrained(source.location)
+    except (OSError, ValueError, KeyError):  # loading the model says what is wrong with it
+        return None
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return getattr(torch, stored, None) if isinstance(stored, str) else stored
 
 
 def _merge_quantized(spec, adapter_dir, dtype: str, quantize: str, allow_other_base: bool,
@@ -159,7 +184,7 @@ def _merge_quantized(spec, adapter_dir, dtype: str, quantize: str, allow_other_b
     remove_lora(model, merge=True)
     model.to(target_dtype)  # the one rounding
     figures = {"dequantized_layers": layers, **_kernel_check(model, probe, kernel_logits, quantize)}
-    return Merged(model, tokenizer, probe, reference, quantized_merge_tolerance(target_dtype, reference),
+    return Merged(model, tokenizer, probe, reference, rounded_merge_tolerance(target_dtype, reference),
                   torch.float32, figures)
 
 
