@@ -151,13 +151,13 @@ def _stored_dtype(spec) -> torch.dtype | None:
     None where it records none, or for a .gguf file or the built-in model, which lorakit converts."""
     from transformers import AutoConfig
 
-    from lorakit.models import resolve_model
+    from lorakit.models import hub_kwargs, resolve_model
 
     source = resolve_model(spec)
     if source.kind not in ("local", "hub"):
         return None
-    try:
-        config = AutoConfig.from_pretrained(source.location)
+    try:  # an unreachable hub: its local cache only, as the model's own loading does
+        config = AutoConfig.from_pretrained(source.location, **(hub_kwargs() if source.kind == "hub" else {}))
     except (OSError, ValueError, KeyError):  # loading the model says what is wrong with it
         return None
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)

@@ -193,7 +193,7 @@ def _hf_offline() -> bool:
     return any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags)
 
 
-def _hub_kwargs() -> dict[str, Any]:
+def hub_kwargs() -> dict[str, Any]:
     """Load from the Hub when it is reachable, else only from the local HF cache."""
     return {} if hub_reachable() else {"local_files_only": True}
 
@@ -278,7 +278,7 @@ def _load_target(source: ModelSource, allow_pickle: bool) -> tuple[str, dict[str
     if source.kind == "local":
         pickle_only = _check_local_folder(Path(source.location), allow_pickle)
         return source.location, {"use_safetensors": False} if pickle_only else {}
-    kwargs = _hub_kwargs()
+    kwargs = hub_kwargs()
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     return source.location, kwargs
@@ -385,16 +385,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def _load_tokenizer_from(source: ModelSource, target: str, kwargs: dict[str, Any]) -> Any:
     from transformers import AutoTokenizer
 
-    hub_kwargs = {"local_files_only": True} if kwargs.get("local_files_only") else {}
+    cache_only = {"local_files_only": True} if kwargs.get("local_files_only") else {}
     if source.kind == "local" and not any((Path(target) / name).exists() for name in TOKENIZER_FILES):
         # transformers would build an empty tokenizer from config.json alone: every text one token
         raise ModelLoadError(f"{target} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); copy the "
                              "tokenizer saved with the model into the folder (tokenizer.save_pretrained)")
     try:
-        return AutoTokenizer.from_pretrained(target, **hub_kwargs)
+        return AutoTokenizer.from_pretrained(target, **cache_only)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         if source.kind == "hub":
-            raise _hub_error(source.location, exc, offline=bool(hub_kwargs)) from exc
+            raise _hub_error(source.location, exc, offline=bool(cache_only)) from exc
         raise ModelLoadError(
             f"no usable tokenizer in {target} ({type(exc).__name__}: {exc}); copy the tokenizer "
             "files (tokenizer.json, tokenizer_config.json) saved with the model into the folder"

@@ -145,9 +145,15 @@ class Trainer:
             loss = self._loss(batch, normalizer=max(tokens, 1))
             loss.backward()
             loss_sum += loss.item()
+        self._check_gradients_once()  # before the sync, which gives a missing gradient zeros on every rank
         distributed.sync_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
         loss_sum, seen = distributed.all_reduce_sum([loss_sum, sum(int(b["input_ids"].numel()) for b in micro_batches)])
         return self._apply_update(loss_sum, lr, tokens, seen)
+
+    def _check_gradients_once(self) -> None:
+        if not self.__dict__.get("_gradients_checked") and distributed.is_main():
+            _say_which_adapters_got_no_gradient(self.model)
+        self._gradients_checked = True
 
     def _loss(self, batch: dict, normalizer) -> torch.Tensor:
         batch = {k: v.to(self.settings.device) for k, v in batch.items()}
@@ -166,9 +172,6 @@ class Trainer:
         else:
             state.skipped_steps += 1
             state.bad_in_row += 1
-        if not self.__dict__.setdefault("_gradients_checked", False):
-            self._gradients_checked = True
-            _say_which_adapters_got_no_gradient(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.train_tokens += tokens

@@ -93,7 +93,7 @@ class Session:
                                        "resume with the same --model, or start a new --output")
         _check_tensors_fit(path, self.prepared.model, checkpoint.model_tensors)
         self._note_changed_config(saved.get("config"))
-        retokenised = saved.get("tokenize_revision") != TOKENIZE_REVISION  # none saved: made before revision 4
+        retokenised = saved.get("tokenize_revision") != TOKENIZE_REVISION  # none saved: made before it was recorded
         if retokenised and saved.get("data_fingerprint") not in (None, self.data_fingerprint):
             self.log("resume: this lorakit turns the data into examples otherwise than the one that made the "
                      "checkpoint (which tokens train, how long texts are split); the run continues at the saved "
