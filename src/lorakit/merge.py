@@ -149,16 +149,15 @@ def _merge_dense(spec, adapter_dir, dtype: str | None, allow_other_base: bool, a
 def _stored_dtype(spec) -> torch.dtype | None:
     """The dtype a base model folder's (or hub repository's) config.json records for its weights;
     None where it records none, or for a .gguf file or the built-in model, which lorakit converts."""
-    from transformers import AutoConfig
-
-    from lorakit.models import hub_kwargs, resolve_model
+    from lorakit.errors import ModelLoadError
+    from lorakit.models import read_model_config, resolve_model
 
     source = resolve_model(spec)
     if source.kind not in ("local", "hub"):
         return None
-    try:  # an unreachable hub: its local cache only, as the model's own loading does
-        config = AutoConfig.from_pretrained(source.location, **(hub_kwargs() if source.kind == "hub" else {}))
-    except (OSError, ValueError, KeyError):  # loading the model says what is wrong with it
+    try:
+        config = read_model_config(source)
+    except ModelLoadError:  # loading the model says what is wrong with it
         return None
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return getattr(torch, stored, None) if isinstance(stored, str) else stored

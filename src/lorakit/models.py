@@ -193,9 +193,24 @@ def _hf_offline() -> bool:
     return any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags)
 
 
-def hub_kwargs() -> dict[str, Any]:
+def _hub_kwargs() -> dict[str, Any]:
     """Load from the Hub when it is reachable, else only from the local HF cache."""
     return {} if hub_reachable() else {"local_files_only": True}
+
+
+def read_model_config(source: ModelSource) -> Any:
+    """A model's transformers config, without its weights: a .gguf (the built-in too) through its
+    converted folder; a hub id from the local cache where the hub cannot be reached."""
+    from transformers import AutoConfig
+
+    target, options = source.location, _hub_kwargs() if source.kind == "hub" else {}
+    if source.kind in ("builtin", "gguf"):
+        target = str(ensure_gguf_converted(source.location, builtin=source.kind == "builtin"))
+    try:
+        return AutoConfig.from_pretrained(target, **options)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot read the model config of {source.name} ({type(exc).__name__}); pass a model "
+                             "folder with config.json, a .gguf file, or a hub id (needs network)") from None
 
 
 def _hub_error(hub_id: str, exc: Exception, offline: bool) -> ModelLoadError:
@@ -278,7 +293,7 @@ def _load_target(source: ModelSource, allow_pickle: bool) -> tuple[str, dict[str
     if source.kind == "local":
         pickle_only = _check_local_folder(Path(source.location), allow_pickle)
         return source.location, {"use_safetensors": False} if pickle_only else {}
-    kwargs = hub_kwargs()
+    kwargs = _hub_kwargs()
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     return source.location, kwargs

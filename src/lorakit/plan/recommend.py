@@ -305,33 +305,17 @@ def _count(n: float) -> str:
 
 def model_facts(spec: str | None) -> ModelFacts:
     """Size, context and estimator shape from the model's config alone (no weights loaded)."""
-    from lorakit.models import resolve_model
+    from lorakit.models import read_model_config, resolve_model
     from lorakit.plan.model_shapes import context_length, shape_from_dict
 
     source = resolve_model(spec)
-    config = _hf_config(source)
+    config = read_model_config(source)
     try:
         shape, note = shape_from_dict(config.to_dict(), source.name), ""
     except ConfigError as exc:
         shape, note = None, f"memory not estimated: {exc}"
     return ModelFacts(source.name, _count_params(config), getattr(config, "model_type", None),
                       context_length(config), shape, note)
-
-
-def _hf_config(source) -> Any:
-    from transformers import AutoConfig
-
-    from lorakit.errors import ModelLoadError
-    from lorakit.gguf_convert import ensure_gguf_converted
-
-    target = source.location
-    if source.kind in ("builtin", "gguf"):
-        target = str(ensure_gguf_converted(source.location, builtin=source.kind == "builtin"))
-    try:
-        return AutoConfig.from_pretrained(target)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot read the model config of {source.name} ({type(exc).__name__}); pass a model "
-                             "folder with config.json, a .gguf file, or a hub id (needs network)") from None
 
 
 def _count_params(config: Any) -> int:
@@ -354,9 +338,9 @@ def meta_model_from_config(config: Any) -> Any:
 
 def meta_model(spec: str | None) -> Any:
     """The model's modules with no weights (names, shapes, kinds), from its config alone."""
-    from lorakit.models import resolve_model
+    from lorakit.models import read_model_config, resolve_model
 
-    return meta_model_from_config(_hf_config(resolve_model(spec)))
+    return meta_model_from_config(read_model_config(resolve_model(spec)))
 
 
 def _tokenizer(spec: str | None) -> Any:
