@@ -328,33 +328,33 @@ def test_the_demo_labels_only_the_values_it_filled_in(tmp_path):
     assert config.sources["data.data"] == config.sources["train.max_steps"] == "demo default"
 
 
-def test_resume_on_data_with_other_contents_says_so(tiny, tmp_path, capsys):
+def resumable_run(tiny, tmp_path, eval_split: str) -> tuple[list[str], object]:
+    """A run's arguments (checkpoint every step) on its own data file, and a function that gives that
+    file other rows."""
     import shutil
 
     model, _ = tiny
     data = write_define_data(tmp_path / "data.jsonl", count=48, seed=1)
-    out = tmp_path / "run"
-    args = ["train", "--model", str(model), "--data", str(data), "--output", str(out), "--batch-size", "4",
-            "--seq-len", "64", "--r", "4", "--eval-split", "0", "--save-every", "1"]
+    args = ["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "run"), "--batch-size", "4",
+            "--seq-len", "64", "--r", "4", "--eval-split", eval_split, "--save-every", "1"]
+    return args, lambda: shutil.copy(write_define_data(tmp_path / "other.jsonl", count=48, seed=7), data)
+
+
+def test_resume_on_data_with_other_contents_says_so(tiny, tmp_path, capsys):
+    args, change_the_data = resumable_run(tiny, tmp_path, "0")
     assert main([*args, "--max-steps", "2"]) == 0
     assert main([*args, "--max-steps", "3", "--resume"]) == 0
     assert "the training data differs" not in capsys.readouterr().out  # same data: an exact continuation
-    shutil.copy(write_define_data(tmp_path / "other.jsonl", count=48, seed=7), data)  # same file, other rows
+    change_the_data()  # same file, other rows
     assert main([*args, "--max-steps", "4", "--resume"]) == 0
     assert "the training data differs from the checkpoint's" in capsys.readouterr().out
 
 
 def test_resume_after_lorakit_changed_how_it_tokenises_says_so_and_measures_the_base_again(tiny, tmp_path, capsys,
                                                                                           monkeypatch):
-    import shutil
-
-    model, _ = tiny
-    data = write_define_data(tmp_path / "data.jsonl", count=48, seed=1)
-    out = tmp_path / "run"
-    args = ["train", "--model", str(model), "--data", str(data), "--output", str(out), "--batch-size", "4",
-            "--seq-len", "64", "--r", "4", "--eval-split", "8", "--save-every", "1"]
+    args, change_the_data = resumable_run(tiny, tmp_path, "8")
     assert main([*args, "--max-steps", "2"]) == 0
-    shutil.copy(write_define_data(tmp_path / "other.jsonl", count=48, seed=7), data)  # stands in for new tokens
+    change_the_data()  # stands in for new tokens
     monkeypatch.setattr("lorakit.train.session.TOKENIZE_REVISION", 99)  # a later lorakit
     capsys.readouterr()
     assert main([*args, "--max-steps", "3", "--resume"]) == 0

@@ -151,6 +151,7 @@ class _Encoder:
     template: str | None  # None: the tokenizer's own chat template
     fields: tuple[str, ...]  # the columns the format reads
     sources: list[SourceFile]
+    end_tokens: tuple[str, ...] = ()  # the EOS and the special tokens: what may end an assistant turn
     # datasets caches map results by a hash of the function and these fields, but it hashes
     # module functions by name; the revision makes a new lorakit version re-tokenise.
     revision: str = f"{__version__}/{TOKENIZE_REVISION}"
@@ -317,17 +318,16 @@ def _assistant_spans(enc: _Encoder, messages: list[dict], full: str, index: int)
                 "from the whole conversation, so the response tokens cannot be located; use "
                 "train_on_inputs, or a tokenizer whose template renders turns independently"
             )
-        spans.append((len(before), _end_of_turn(enc.tokenizer, through)))
+        spans.append((len(before), _end_of_turn(enc.end_tokens, through)))
     return spans
 
 
-def _end_of_turn(tokenizer: Any, through: str) -> int:
+def _end_of_turn(end_tokens: tuple[str, ...], through: str) -> int:
     """Where an assistant turn's trained text ends: before the whitespace a template writes after
     its end-of-turn token (ChatML's "<|im_end|>\n"), which the tuned model never generates, since
     it stops at that token; as Hugging Face's assistant-token masks and TRL place it."""
     stripped = through.rstrip()
-    stops = {tokenizer.eos_token} | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-    return len(stripped) if any(stop and stripped.endswith(stop) for stop in stops) else len(through)
+    return len(stripped) if stripped.endswith(end_tokens) else len(through)
 
 
 def _token_mask(tokenizer: Any, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
@@ -459,7 +459,9 @@ def tokenize_records(
         _refuse_mixed_formats(records.sources)
     fmt, fields, note = _resolve_format(records.columns, fmt)
     template = chat_template_for(tokenizer)
-    enc = _Encoder(tokenizer, fmt, seq_len, train_on_inputs, template, fields, list(records.sources))
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    end_tokens = tuple(sorted({token for token in [tokenizer.eos_token, *specials] if token}))
+    enc = _Encoder(tokenizer, fmt, seq_len, train_on_inputs, template, fields, list(records.sources), end_tokens)
     mapped, first = [], 0
     for part in records.parts:  # one file at a time: their tokenised columns always agree
         mapped.append(part.map(_encode_batch, fn_kwargs={"enc": enc, "first": first}, batched=True,

@@ -110,6 +110,7 @@ class Trainer:
                  state: TrainState | None = None):
         self.model, self.dataset, self.settings, self.optimizer = model, train_dataset, settings, optimizer
         self.state = state or TrainState()
+        self.gradients_checked = False  # which adapters got a gradient: looked at after this process's first step
 
     # ---- data position ---------------------------------------------------------------------
 
@@ -151,9 +152,9 @@ class Trainer:
         return self._apply_update(loss_sum, lr, tokens, seen)
 
     def _check_gradients_once(self) -> None:
-        if not self.__dict__.get("_gradients_checked") and distributed.is_main():
+        if not self.gradients_checked and distributed.is_main():
             _say_which_adapters_got_no_gradient(self.model)
-        self._gradients_checked = True
+        self.gradients_checked = True
 
     def _loss(self, batch: dict, normalizer) -> torch.Tensor:
         batch = {k: v.to(self.settings.device) for k, v in batch.items()}
