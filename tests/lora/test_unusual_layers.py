@@ -125,3 +125,10 @@ def test_exclude_leaves_a_layer_out():
     model = ReadsItsWeight()
     apply_lora(model, LoraConfig(r=2, alpha=4, target_modules="all-linear", exclude_modules="read"))
     assert isinstance(model.called, LoraLinear) and isinstance(model.read, nn.Linear)
+
+
+def test_all_linear_with_a_rank_above_every_layer_is_refused():
+    from tiny_models import tiny_llama
+
+    with pytest.raises(ConfigError, match="every linear layer of this model is narrower than rank 200; lower r"):
+        apply_lora(tiny_llama(), LoraConfig(r=200, alpha=400, target_modules="all-linear"))

@@ -113,6 +113,7 @@ def test_a_damaged_point_file_retrains_that_point(base_config, tmp_path, capsys,
     (["--targets", "all+"], "has an empty name around '+'"),
     (["--max-steps", "0"], "--max-steps"),
     (["--r", "2,1000"], "--r 1000 is above the smallest targeted layer side"),  # was found after point 1 trained
+    (["--r", "1000", "--targets", "all-linear"], "--r 1000 is above every targeted layer's smaller side (at most 64)"),
 ])
 def test_bad_grid_exits_2_before_training(base_config, tmp_path, capsys, args, message):
     out = tmp_path / "sweep"
