@@ -336,7 +336,7 @@ def test_cpu_bench_in_bf16_adds_the_peft_bf16_row_and_measures_a_bf16_peak(monke
                                            (["--batch", "0"], "--batch must be at least 1"),  # was the default
                                            (["--seq-len", "1"], "--seq-len must be at least 2"),
                                            (["--variants", ""], "--variants is empty"),
-                                           (["--variants", "lorakit-triton"], "none of the asked variants runs here"),
+                                           (["--variants", "lorakit-native"], "none of the asked variants runs here"),
                                            (["--r", "1000"], "above the smallest projection side")])
 def test_bad_new_flags_exit_2_with_one_message(capsys, flags, message):
     from lorakit.cli import main

@@ -51,9 +51,9 @@ from lorakit.kernels import cpu_gemm
 from lorakit.plan.estimate import model_flops
 from lorakit.plan.model_shapes import model_shape
 
-VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-triton", "lorakit-plain", "lorakit-ce",
+VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-native", "lorakit-plain", "lorakit-ce",
             "lorakit-fused", "lorakit-eager", "lorakit-aten", "lorakit-4d", "lorakit-perdoc", "lorakit-offload")
-DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-triton", "lorakit-offload", "peft-liger")
+DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-native", "lorakit-offload", "peft-liger")
 GIB = 2**30
 DTYPES = ("float32", "bfloat16")
 
@@ -248,11 +248,8 @@ def _skip_reason(name: str, plan: Plan) -> str | None:
         return "lorakit takes oneDNN's GEMMs on CPU tensors only: here it equals lorakit"
     if name == "peft-bf16" and plan.dtype == "float32":
         return "the model is fp32 here, so it would equal peft"
-    if name == "lorakit-triton":
-        if plan.device != "cuda":
-            return "Triton kernels are for CUDA GPUs (a CPU runs them only in Triton's slow interpreter)"
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed"
+    if name == "lorakit-native" and plan.device != "cuda":
+        return "lorakit takes the Triton kernels it leaves out on CUDA only: here it equals lorakit"
     if name == "peft-liger":
         if plan.device != "cuda":
             return "Liger's kernels are Triton, GPU only"

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorakit import bench, bench_variants
+from lorakit.kernels.llama_patch import wants_triton
 
 CHECK_LR = 1e-3
 MIN_COSINE = 0.999
@@ -66,13 +67,13 @@ class _Run:
 
 
 def check_against_peft(plan: bench.Plan, inputs: dict) -> dict:
-    """lorakit (fast paths, chunked loss) vs PEFT defaults from identical weights and batches;
-    with a bf16 model also both against an fp32 reference."""
+    """lorakit (fast paths as the trainer takes them, chunked loss) vs PEFT defaults from identical
+    weights and batches; with a bf16 model also both against an fp32 reference."""
     from lorakit.lora import lora_layers
 
     s = plan.settings
     ours = bench_variants.build_model(plan)
-    bench_variants.add_lorakit_adapters(ours, plan, fused=True)
+    bench_variants.add_lorakit_adapters(ours, plan, fused=True, triton=wants_triton("auto", torch.device(plan.device)))
     _randomise_lora_b(ours, s.seed)
     theirs = bench_variants.add_peft_adapters(bench_variants.build_model(plan), plan)
     if not torch.equal(ours.get_input_embeddings().weight, theirs.get_input_embeddings().weight):

@@ -1,11 +1,12 @@
 """The variants `lorakit bench` compares: a fresh seeded model each, its adapters, loss and optimizer.
 
     lorakit        apply_lora + enable_fast_paths + causal_lm_loss (chunked lm_head + CE):
-                   what `lorakit train` runs
+                   what `lorakit train` runs (on CUDA with the Triton RMSNorm, SwiGLU and RoPE)
     peft           get_peft_model defaults (autocast_adapter_dtype=True: fp32 adapters)
     peft-bf16      autocast_adapter_dtype=False: adapters in the base dtype
     peft-liger     PEFT + Liger's Triton kernels (patches transformers classes: runs last)
-    lorakit-triton lorakit + Triton RMSNorm, SwiGLU and RoPE (enable_fast_paths(triton=True); CUDA)
+    lorakit-native CUDA ablation: lorakit with torch's ops for RMSNorm, SwiGLU and RoPE instead of
+                   the Triton kernels (`lorakit train --no-triton-kernels`)
     lorakit-plain, lorakit-ce, lorakit-fused
                    ablations: no fast path / only the chunked loss / only the fused blocks
                    (with the native RMSNorm and RoPE on a CPU)
@@ -24,7 +25,7 @@
 With --memory-budget GiB the lorakit variants checkpoint the earliest layers the memory estimate
 says are needed to fit it (bench.budget_checkpoint_layers), as `lorakit train --memory-budget` plans.
 
-Packed runs (--packing): lorakit, lorakit-fused, lorakit-triton and lorakit-perdoc switch the model to
+Packed runs (--packing): lorakit, lorakit-fused, lorakit-native and lorakit-perdoc switch the model to
 lorakit_varlen attention and train on varlen rows, as the trainer does with its fast paths.
 """
 
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.kernels import cpu_gemm
+from lorakit.kernels.llama_patch import wants_triton
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 1e-4
@@ -91,7 +93,8 @@ def prepare_variant(name: str, plan) -> Prepared:
         loss_fn, notices, key = hf_loss(model), [], "peft"
     else:
         fused, chunked, native = fast_paths(name)
-        notices = add_lorakit_adapters(model, plan, fused=fused, triton=name == "lorakit-triton",
+        triton = name != "lorakit-native" and wants_triton("auto", torch.device(plan.device))  # as the trainer
+        notices = add_lorakit_adapters(model, plan, fused=fused, triton=triton,
                                        varlen=name != "lorakit-4d", native=native)
         key = "lorakit" if fused and name != "lorakit-4d" else "lorakit-4d"  # packed: varlen rows or 4D mask
         loss_fn = lorakit_loss(model, plan, chunked=chunked)

@@ -1,13 +1,15 @@
-"""The trainer's fast-path switches: --fast-paths and the opt-in --triton-kernels."""
+"""The trainer's fast-path switches: --fast-paths and --triton-kernels (auto: on a GPU only)."""
 
 import argparse
 import json
 
 import pytest
+import torch
 
 from lorakit.config import add_flags, lora_config, resolve
 from lorakit.kernels import triton_ops
-from lorakit.kernels.llama_patch import fast_paths_enabled
+from lorakit.kernels import llama_patch
+from lorakit.kernels.llama_patch import fast_paths_enabled, wants_triton
 from lorakit.lora import apply_lora
 from lorakit.train import run
 
@@ -27,13 +29,31 @@ def _model(config):
     return model
 
 
-def test_triton_kernels_are_opt_in():
+CPU = torch.device("cpu")
+
+
+def test_triton_kernels_auto_leaves_them_off_on_a_cpu():
     config = _config()
-    assert config.train.triton_kernels is False
+    assert config.train.triton_kernels == "auto"
     model = _model(config)
-    notices = run._enable_fast_paths(model, config)
+    notices = run._enable_fast_paths(model, config, CPU)
     assert fast_paths_enabled(model)
     assert not any("Triton" in n for n in notices)
+
+
+@pytest.mark.parametrize("setting, device, expected", [
+    ("auto", "cuda", True), ("auto", "cpu", False), ("on", "cpu", True), ("off", "cuda", False)])
+def test_wants_triton_follows_the_setting_and_the_device(setting, device, expected):
+    assert wants_triton(setting, torch.device(device)) is expected
+
+
+def test_the_run_asks_for_triton_kernels_for_a_gpu_run(monkeypatch):
+    asked = []
+    monkeypatch.setattr(llama_patch, "enable_fast_paths", lambda model, triton: asked.append(triton) or [])
+    for flags in ([], ["--no-triton-kernels"], ["--triton-kernels", "on"]):
+        config = _config(*flags)
+        run._enable_fast_paths(_model(config), config, torch.device("cuda"))
+    assert asked == [True, False, True]
 
 
 def test_triton_kernels_without_a_gpu_fall_back_with_one_notice(monkeypatch):
@@ -41,7 +61,7 @@ def test_triton_kernels_without_a_gpu_fall_back_with_one_notice(monkeypatch):
     monkeypatch.setattr(triton_ops.torch.cuda, "is_available", lambda: False)
     config = _config("--triton-kernels")
     model = _model(config)
-    notices = [n for n in run._enable_fast_paths(model, config) if "Triton" in n]
+    notices = [n for n in run._enable_fast_paths(model, config, CPU) if "Triton" in n]
     assert len(notices) == 1 and "not used" in notices[0], notices
     assert fast_paths_enabled(model)  # the other fast paths stay
 
@@ -49,11 +69,11 @@ def test_triton_kernels_without_a_gpu_fall_back_with_one_notice(monkeypatch):
 def test_packed_runs_switch_to_varlen_attention_and_unpacked_runs_do_not():
     packed = _config()  # packing is the default
     model = _model(packed)
-    run._enable_fast_paths(model, packed)
+    run._enable_fast_paths(model, packed, CPU)
     assert run.packed_attention_for(model, packing=True) == "varlen"
     unpacked = _config("--no-packing")
     model = _model(unpacked)
-    run._enable_fast_paths(model, unpacked)
+    run._enable_fast_paths(model, unpacked, CPU)
     assert run.packed_attention_for(model, packing=False) == "4d"
     assert model.config._attn_implementation != "lorakit_varlen"
 
@@ -63,9 +83,9 @@ def test_the_run_says_when_its_gemms_take_onednn():
 
     config = _config()
     with cpu_gemm.use_backend(cpu_gemm.ONEDNN):
-        said = run._enable_fast_paths(_model(config), config)
+        said = run._enable_fast_paths(_model(config), config, CPU)
     with cpu_gemm.use_backend(cpu_gemm.ATEN):
-        silent = run._enable_fast_paths(_model(config), config)
+        silent = run._enable_fast_paths(_model(config), config, CPU)
     assert [n for n in said if "oneDNN" in n] == [
         "fast paths: float32 GEMMs through oneDNN, faster than torch's own on this CPU (LORAKIT_CPU_GEMM=aten for torch's)"]
     assert not any("oneDNN" in n for n in silent)

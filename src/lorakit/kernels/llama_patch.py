@@ -117,6 +117,12 @@ def enable_fast_paths(model: nn.Module, triton: bool = False, native: bool = Tru
     return notices + [_notice(reason, names) for reason, names in fallbacks.items()]
 
 
+def wants_triton(setting: str, device: torch.device) -> bool:
+    """train.triton_kernels for a model on `device`: on, off, or auto (on a CUDA GPU, where the
+    kernels measured faster; a CPU would run them only in Triton's slow interpreter)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 def _loss_notice(model: nn.Module) -> list[str]:
     """The chunked loss's own check (a small forward, once per model), run here rather than in
     the first training step."""

@@ -185,7 +185,7 @@ def prepare(config: RunConfig) -> Prepared:
     if lora_report(model).trainable_params == 0:
         raise ConfigError("no trainable parameters after applying LoRA; check --targets")
     if config.train.fast_paths:  # first: the memory plan counts what they keep and what they recompute
-        notices += _enable_fast_paths(model, config)
+        notices += _enable_fast_paths(model, config, device)
     notices += _checkpointing(model, config, use_fsdp)
     distributed.wrap_model(model, use_fsdp, device)
     distributed.diverge_rank_rng()  # after the shared initialisation: each rank its own dropout masks
@@ -266,11 +266,11 @@ def packed_attention_for(model, packing: bool) -> str:
     return "varlen" if packing and implementation == VARLEN else "4d"
 
 
-def _enable_fast_paths(model, config: RunConfig) -> list[str]:
-    from lorakit.kernels.llama_patch import enable_fast_paths
+def _enable_fast_paths(model, config: RunConfig, device: torch.device) -> list[str]:
+    from lorakit.kernels.llama_patch import enable_fast_paths, wants_triton
 
     # safe under non-reentrant checkpointing: the recomputed forward takes the same fused functions
-    notices = enable_fast_paths(model, triton=config.train.triton_kernels)
+    notices = enable_fast_paths(model, triton=wants_triton(config.train.triton_kernels, device))
     if config.data.packing:  # packed rows without a B*T*T mask, no work across documents
         notices += use_varlen_attention(model)
     return [f"fast paths: {n}" for n in notices + _gemm_notice(model)]
