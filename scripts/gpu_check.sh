@@ -75,6 +75,7 @@ LOG="$OUT/gpu_check.log"
 PARTS="${PARTS:-/tmp/lorakit_gpu_parts}"  # each bench's JSON, rewritten after every variant (not in $OUT:
 rm -rf "$PARTS" && mkdir -p "$PARTS"      # at most 8 files come back; benches.json gathers them)
 BUDGET="${BUDGET:-540}"  # seconds for all steps together; the device call's limit is 600
+PLAN="${PLAN:-full}"  # full (the steps above) or quick (a short re-measurement: see the end)
 ONLY="${ONLY:-}"  # space-separated step names to run alone, e.g. a rerun: ONLY="bench_8b_ckpt train"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # nothing outside the machine can be reached: fail fast
@@ -144,6 +145,8 @@ summarize() {
         grep -E "min cosine|no CUDA" "$LOG" || echo "  (no kernel results)"
         echo "--- lorakit train on the GPU"
         grep -E "^train smoke:|^summary.json:" "$LOG" || echo "  (no train result)"
+        echo "--- where a 1b step goes (gpu_profile.py)"
+        grep -E "^== 1b|^  by kind" "$LOG" || echo "  (no profile)"
         echo "--- pytest"
         grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$LOG" | tail -n 1
         shopt -s nullglob  # no bench result at all: the summary says each goal was not measured
@@ -164,18 +167,29 @@ os.replace(target.with_suffix(".tmp"), target)
 EOF
 }
 
-step kernels 60 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.json\" >>\"$LOG\" 2>&1"
-# the goals' benches first: a call cut short (or a budget set low for a rerun) keeps what matters most
-bench bench_1b_budget12 60 --preset gpu-1b --memory-budget 12 --variants lorakit,lorakit-native,peft-bf16 --steps 5 --warmup 2
-bench bench_1b_check 170 --preset gpu-1b --check --check-steps 50
-bench bench_1b_ckpt 110 --preset gpu-1b --grad-checkpointing --steps 5 --warmup 2
-bench bench_8b_ckpt 170 --preset gpu-8b --grad-checkpointing --variants lorakit,lorakit-offload,peft,peft-liger --steps 5 --warmup 2
-step train 90 bash -c "\"$PY\" scripts/gpu_train_smoke.py /tmp/lorakit_train_smoke >>\"$LOG\" 2>&1"
-# the rest by importance: what the budget leaves out is skipped, and the summary says so
-bench bench_1b_prompt50 50 --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5 --steps 5 --warmup 2
-bench bench_1b_packed 80 --preset gpu-1b --packing --max-doc-len 512 --variants lorakit,lorakit-perdoc,lorakit-4d,peft-bf16 --steps 5 --warmup 2
-bench bench_1b_chunk4096 60 --preset gpu-1b --variants lorakit --chunk-size 4096
-step pytest 120 bash -c "\"$PY\" -m pytest -x -p no:cacheprovider tests/kernels tests/lora -k \"not triton\" >>\"$LOG\" 2>&1"
-
+if [[ "$PLAN" == quick ]]; then
+    # a re-measurement after a change (about 4 minutes; run with BUDGET=255 when ~6 minutes of
+    # device time are left): the kernels, the 1b check and speed rows, the goals' checkpointed rows,
+    # the trainer end to end, and where a 1b step's time goes (profile.txt, trace.json.gz)
+    step kernels 40 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.json\" >>\"$LOG\" 2>&1"
+    bench bench_1b_check 90 --preset gpu-1b --check --check-steps 30 --variants lorakit,lorakit-native,peft,peft-bf16
+    bench bench_1b_ckpt 45 --preset gpu-1b --grad-checkpointing --variants lorakit,peft,peft-bf16 --steps 8 --warmup 3
+    bench bench_8b_ckpt 60 --preset gpu-8b --grad-checkpointing --variants lorakit,peft --steps 5 --warmup 2
+    step train 70 bash -c "\"$PY\" scripts/gpu_train_smoke.py /tmp/lorakit_train_smoke --steps 20 >>\"$LOG\" 2>&1"
+    step profile 40 bash -c "\"$PY\" scripts/gpu_profile.py \"$OUT\" --cases 1b:lorakit >>\"$LOG\" 2>&1"
+else
+    step kernels 60 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.json\" >>\"$LOG\" 2>&1"
+    # the goals' benches first: a call cut short (or a budget set low for a rerun) keeps what matters most
+    bench bench_1b_budget12 60 --preset gpu-1b --memory-budget 12 --variants lorakit,lorakit-native,peft-bf16 --steps 5 --warmup 2
+    bench bench_1b_check 170 --preset gpu-1b --check --check-steps 50
+    bench bench_1b_ckpt 110 --preset gpu-1b --grad-checkpointing --steps 5 --warmup 2
+    bench bench_8b_ckpt 170 --preset gpu-8b --grad-checkpointing --variants lorakit,lorakit-offload,peft,peft-liger --steps 5 --warmup 2
+    step train 90 bash -c "\"$PY\" scripts/gpu_train_smoke.py /tmp/lorakit_train_smoke >>\"$LOG\" 2>&1"
+    # the rest by importance: what the budget leaves out is skipped, and the summary says so
+    bench bench_1b_prompt50 50 --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5 --steps 5 --warmup 2
+    bench bench_1b_packed 80 --preset gpu-1b --packing --max-doc-len 512 --variants lorakit,lorakit-perdoc,lorakit-4d,peft-bf16 --steps 5 --warmup 2
+    bench bench_1b_chunk4096 60 --preset gpu-1b --variants lorakit --chunk-size 4096
+    step pytest 120 bash -c "\"$PY\" -m pytest -x -p no:cacheprovider tests/kernels tests/lora -k \"not triton\" >>\"$LOG\" 2>&1"
+fi
 summarize
 cat "$OUT/summary.txt"

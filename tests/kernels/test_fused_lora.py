@@ -178,3 +178,78 @@ def test_dora_and_plain_linear_are_not_fusable():
     assert fuse_blocker(_lora(HIDDEN, 8, 2, dora=True, dropout=0.1)) == \
         "DoRA adapters are not fused, and lora dropout is 0.1 (the fused path needs 0)"
     assert "not a LoRA layer" in fuse_blocker(nn.Linear(4, 4))
+
+
+# ---- the cast adapter copies: made once per change of the master weights --------------------------
+
+def _count_refreshes(monkeypatch):
+    from lorakit.kernels import fused_lora
+
+    calls = []
+    real = fused_lora._CastAdapters.refresh
+    monkeypatch.setattr(fused_lora._CastAdapters, "refresh", lambda self, stamp: calls.append(1) or real(self, stamp))
+    return calls
+
+
+def _without_cached_casts(layers):
+    from lorakit.kernels import fused_lora
+
+    fresh = copy.deepcopy(layers)
+    for layer in fresh:
+        layer.__dict__.pop(fused_lora.CAST_ADAPTERS, None)
+    return fresh
+
+
+@pytest.mark.parametrize("block", ["qkv", "mlp"])
+def test_bf16_casts_follow_every_optimizer_step_and_load(block, monkeypatch):
+    # fp32 masters under a bf16 base: after each change of the masters the fused block must give
+    # exactly what it gives on fresh copies of the layers (nothing cached), and between changes it
+    # must not copy again
+    refreshes = _count_refreshes(monkeypatch)
+    layers = _qkv(dtype=torch.bfloat16) if block == "qkv" else _mlp(dtype=torch.bfloat16)
+    fused_fn = (lambda ls: lambda t: lora_qkv(t, *ls)) if block == "qkv" else (lambda ls: lambda t: lora_mlp(t, *ls))
+    optimizer = torch.optim.AdamW(_adapter_params(layers), lr=0.05, fused=True)  # the trainer's: bumps no version
+    groups = 1 if block == "qkv" else 2
+    for step in range(3):
+        before = len(refreshes)
+        fused = _outputs_and_grads(fused_fn(layers), _input(torch.bfloat16), layers, seed=step)
+        again = _outputs_and_grads(fused_fn(layers), _input(torch.bfloat16), layers, seed=step)
+        assert len(refreshes) - before == groups  # one copy per group and step, none for the second call
+        fresh = _without_cached_casts(layers)
+        _assert_match(fused, _outputs_and_grads(fused_fn(fresh), _input(torch.bfloat16), fresh, seed=step), 0, 0)
+        _assert_match(again, fused, 0, 0)
+        for param, grad in zip(_adapter_params(layers), fused[1][1:]):
+            param.grad = grad
+        optimizer.step()
+    state = {k: torch.randn_like(v) for k, v in layers[0].state_dict().items() if "lora_" in k}
+    layers[0].load_state_dict(state, strict=False)
+    fused = _outputs_and_grads(fused_fn(layers), _input(torch.bfloat16), layers)
+    fresh = _without_cached_casts(layers)
+    _assert_match(fused, _outputs_and_grads(fused_fn(fresh), _input(torch.bfloat16), fresh), 0, 0)
+
+
+def test_fp32_adapters_are_not_copied_and_a_moved_layer_gets_new_copies(monkeypatch):
+    from lorakit.kernels import fused_lora
+
+    layers = _qkv()
+    with torch.no_grad():
+        casts = fused_lora.cast_adapters(layers, torch.float32)
+        assert all(b is layer.lora_B.weight for b, layer in zip(casts.b, layers))  # same dtype: the master
+        assert fused_lora.cast_adapters(layers, torch.float32) is casts
+        assert fused_lora.cast_adapters(layers, torch.bfloat16) is not casts  # another dtype, other copies
+        layers[1].to(torch.float64)  # the masters' storage moves: copies of the new values
+        moved = fused_lora.cast_adapters(layers, torch.float32)
+        torch.testing.assert_close(moved.a_cat, torch.cat([layer.lora_A.weight.float() for layer in layers]))
+
+
+def test_sharded_models_cast_afresh_in_every_forward(monkeypatch):
+    from lorakit.kernels import fused_lora
+
+    refreshes = _count_refreshes(monkeypatch)
+    layers = _qkv(dtype=torch.bfloat16)
+    container = nn.ModuleList(layers)
+    fused_lora.cast_afresh_every_forward(container)
+    for _ in range(2):
+        with torch.no_grad():
+            lora_qkv(_input(torch.bfloat16), *layers)
+    assert len(refreshes) == 2 and fused_lora.CAST_ADAPTERS not in layers[0].__dict__

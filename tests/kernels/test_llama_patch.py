@@ -242,7 +242,7 @@ def test_fused_blocks_are_the_ones_running(monkeypatch):
     for name in ("lora_mlp", "lora_qkv", "lora_linear"):
         real = getattr(llama_patch, name)
         monkeypatch.setattr(llama_patch, name,
-                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     enable_fast_paths(model)
     causal_lm_loss(model, batch)
     assert sorted(calls) == sorted(["lora_mlp", "lora_qkv", "lora_linear"] * 2)

@@ -234,6 +234,8 @@ def _onednn_linear_add(x, weight, acc):
 
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """oneDNN computes this product here, and no autograd graph is being recorded through it."""
+    if not x.is_cpu:  # first: on a GPU every fused product asks, and the answer is always no
+        return False
     tensors = [t for t in (x, weight, *others) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # the op has no derivative

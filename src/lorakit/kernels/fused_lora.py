@@ -28,13 +28,20 @@ and B products and gradients) go through kernels/cpu_gemm, which takes oneDNN wh
 faster than torch's own GEMMs.
 
 Adapters stored in a wider dtype than the activations (fp32 master weights under a bf16 base)
-are cast down for the GEMMs, and their gradients are cast back.
+are cast down for the GEMMs, and their gradients are cast back. The cast copies (A of the group
+stacked into one matrix, each B) are kept on the group's first layer and refreshed in one
+multi-tensor copy only when the master weights may have changed (after an optimizer step, a load,
+a move): forward,
+recompute under checkpointing and backward reuse them. On an H200 the per-GEMM casts and
+concatenations were about 400 kernel launches of a 1b step, whose CPU time the GPU waited for.
 
 The fused path covers plain LoRA only: `fuse_blocker(module)` names why a module cannot use
 it (dropout > 0, DoRA, merged or disabled adapter, trainable or non-float base weight).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -93,26 +100,29 @@ def can_fuse(module: nn.Module) -> bool:
     return fuse_blocker(module) is None
 
 
-def lora_linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+# checked=True in the functions below: the caller has just seen fuse_blocker pass for every layer
+# (llama_patch's forwards do, on every call), so it is not asked again
+
+def lora_linear(x: torch.Tensor, layer: nn.Module, *, checked: bool = False) -> torch.Tensor:
     """layer(x) for one LoRA projection (e.g. o_proj), update added in place."""
-    (out,) = _SharedInputLora.apply(x, *_scalings_and_params([layer]))
+    (out,) = _SharedInputLora.apply(x, (layer,), *_scalings_and_params([layer], checked))
     return out
 
 
-def lora_qkv(x: torch.Tensor, q: nn.Module, k: nn.Module,
-             v: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lora_qkv(x: torch.Tensor, q: nn.Module, k: nn.Module, v: nn.Module, *,
+             checked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q(x), k(x), v(x)) with x saved once and one merged adapter-A GEMM."""
-    return _SharedInputLora.apply(x, *_scalings_and_params([q, k, v]))
+    return _SharedInputLora.apply(x, (q, k, v), *_scalings_and_params([q, k, v], checked))
 
 
 def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, *,
-             triton: bool = False) -> torch.Tensor:
+             triton: bool = False, checked: bool = False) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) saving only x, gate(x) and up(x) for backward.
 
     triton=True: the SwiGLU elementwise part runs the Triton kernels where they can take x.
     """
-    return _LoraSwiGLU.apply(x, _triton_ops_for(x) if triton else None,
-                             *_scalings_and_params([gate, up, down]))
+    return _LoraSwiGLU.apply(x, _triton_ops_for(x) if triton else None, (gate, up, down),
+                             *_scalings_and_params([gate, up, down], checked))
 
 
 def _triton_ops_for(x):
@@ -122,10 +132,10 @@ def _triton_ops_for(x):
     return triton_ops if triton_ops.runs_on(x) else None
 
 
-def _scalings_and_params(layers):
+def _scalings_and_params(layers, checked: bool = False):
     params = []
     for layer in layers:
-        reason = fuse_blocker(layer)
+        reason = None if checked else fuse_blocker(layer)
         if reason is not None:
             raise ValueError(f"cannot fuse {type(layer).__name__}: {reason}")
         base = layer.base_layer
@@ -147,24 +157,101 @@ def _rank_slices(projections):
     return slices
 
 
-def _shared_forward(x2, projections):
+class _CastAdapters:
+    """One group's adapters in the activations' dtype: A of every projection stacked into one
+    (R, in) matrix, each B (the master itself where the dtypes agree), and the masters' versions
+    and storage they were copied from."""
+
+    def __init__(self, masters_a: list[torch.Tensor], masters_b: list[torch.Tensor], dtype: torch.dtype):
+        first = masters_a[0]
+        self.a_cat = torch.empty(sum(a.shape[0] for a in masters_a), first.shape[1], dtype=dtype, device=first.device)
+        self.b = [b if b.dtype == dtype else torch.empty_like(b, dtype=dtype) for b in masters_b]
+        self.targets = [*self.a_cat.split([a.shape[0] for a in masters_a]),
+                        *(copy for copy, b in zip(self.b, masters_b) if copy is not b)]
+        self.sources = [*masters_a, *(b for copy, b in zip(self.b, masters_b) if copy is not b)]
+        self.masters, self.dtype, self.copied_from = (*masters_a, *masters_b), dtype, None
+
+    def refresh(self, stamp: tuple) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.targets, self.sources)  # one launch for the group, casts included
+        self.copied_from = stamp
+
+
+CAST_ADAPTERS = "_lorakit_cast_adapters"  # on a group's first layer: {group's layer ids: _CastAdapters}
+# FSDP2 writes each forward's gathered weights into the same storage and may keep their version:
+# there the copies are made afresh in every forward (backward still reuses that forward's)
+FRESH_CASTS = "_lorakit_fresh_casts"
+
+
+def cast_afresh_every_forward(model: nn.Module) -> None:
+    """No cached adapter copies in `model` (for FSDP-sharded models)."""
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            module.__dict__[FRESH_CASTS] = True
+            module.__dict__.pop(CAST_ADAPTERS, None)
+
+
+_optimizer_steps = 0  # every torch.optim step anywhere in this process, once counting has started
+
+
+def _count_optimizer_step(*_):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+@functools.cache
+def _start_counting_optimizer_steps() -> None:
+    # fused AdamW (the trainer's) updates parameters without bumping their version counters, so
+    # the versions alone cannot tell that the masters changed
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def cast_adapters(layers, dtype: torch.dtype) -> _CastAdapters:
+    """The group's adapters in `dtype`, copied again only after a torch.optim step, or when a
+    master's version or storage moved (load_state_dict and other in-place writes bump the version;
+    a move to another device swaps the storage). Call with autograd off (inside a Function's
+    forward). Unseen: an optimizer outside torch.optim, or a write through `.data`: update adapter
+    weights with copy_ under no_grad, as load_state_dict does."""
+    _start_counting_optimizer_steps()
+    masters_a = [layer.lora_A.weight for layer in layers]
+    masters_b = [layer.lora_B.weight for layer in layers]
+    stamp = (_optimizer_steps, *((m._version, m.data_ptr()) for m in (*masters_a, *masters_b)))
+    if layers[0].__dict__.get(FRESH_CASTS):
+        casts = _CastAdapters(masters_a, masters_b, dtype)
+        casts.refresh(stamp)
+        return casts
+    store = layers[0].__dict__.setdefault(CAST_ADAPTERS, {})
+    key = tuple(id(layer) for layer in layers)
+    casts = store.get(key)
+    if casts is None or casts.dtype != dtype or casts.a_cat.device != masters_a[0].device \
+            or any(old is not new for old, new in zip(casts.masters, (*masters_a, *masters_b))):
+        casts = store[key] = _CastAdapters(masters_a, masters_b, dtype)
+    if casts.copied_from != stamp:
+        casts.refresh(stamp)
+    return casts
+
+
+def _shared_forward(x2, projections, casts: _CastAdapters):
     """Outputs of projections sharing input x2 (T, in), plus what backward needs."""
-    a_cat = torch.cat([p[2].to(x2.dtype) for p in projections])  # (R, in), R = sum of ranks
+    a_cat = casts.a_cat  # (R, in), R = sum of ranks
     xa = cpu_gemm.linear(x2, a_cat)  # (T, R)
     outs = []
-    for (weight, bias, _, lora_b, s), cols in zip(projections, _rank_slices(projections)):
+    for (weight, bias, _, _, s), lora_b, cols in zip(projections, casts.b, _rank_slices(projections)):
         out = cpu_gemm.linear(x2, weight, bias)  # (T, out)
-        out.addmm_(xa[:, cols], lora_b.to(x2.dtype).T, alpha=s)
+        out.addmm_(xa[:, cols], lora_b.T, alpha=s)
         outs.append(out)
     return outs, xa, a_cat
 
 
-def _shared_backward(x2, xa, a_cat, projections, grad_outs, need_input_grad):
-    """(dX or None, [dA_i], [dB_i]) for projections sharing input x2."""
+def _shared_backward(x2, xa, a_cat, cast_b, projections, grad_outs, need_input_grad):
+    """(dX or None, [dA_i], [dB_i]) for projections sharing input x2; cast_b: each B as the
+    forward took it."""
     dxa = torch.empty_like(xa)  # (T, R)
     grads_b = []
-    for (_, _, _, lora_b, s), cols, dy in zip(projections, _rank_slices(projections), grad_outs):
-        dxa[:, cols] = cpu_gemm.matmul(dy, lora_b.to(dy.dtype)).mul_(s)  # (T, r_i)
+    for (_, _, _, lora_b, s), b, cols, dy in zip(projections, cast_b, _rank_slices(projections), grad_outs):
+        dxa[:, cols] = cpu_gemm.matmul(dy, b).mul_(s)  # (T, r_i)
         grad_b = cpu_gemm.grad_weight(dy, xa[:, cols]).mul_(s)  # (out_i, r_i)
         grads_b.append(grad_b.to(lora_b.dtype).contiguous())  # oneDNN's is a transposed view
     grad_a_cat = cpu_gemm.grad_weight(dxa, x2)  # (R, in)
@@ -193,23 +280,25 @@ def _flat(t):
 
 class _SharedInputLora(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scalings, *params):
+    def forward(ctx, x, layers, scalings, *params):
         projections = _group(params, scalings)
-        outs, xa, a_cat = _shared_forward(_flat(x), projections)
-        ctx.scalings = scalings
-        ctx.save_for_backward(x, xa, a_cat, *params)
+        casts = cast_adapters(layers, x.dtype)
+        outs, xa, a_cat = _shared_forward(_flat(x), projections, casts)
+        ctx.scalings, ctx.ranks = scalings, len(casts.b)
+        ctx.save_for_backward(x, xa, a_cat, *casts.b, *params)
         lead = x.shape[:-1]
         return tuple(out.view(*lead, out.shape[-1]) for out in outs)
 
     @staticmethod
     def backward(ctx, *grad_outs):
-        x, xa, a_cat, *params = ctx.saved_tensors
+        x, xa, a_cat, *rest = ctx.saved_tensors
+        cast_b, params = rest[:ctx.ranks], rest[ctx.ranks:]
         projections = _group(params, ctx.scalings)
-        dx, grads_a, grads_b = _shared_backward(_flat(x), xa, a_cat, projections,
+        dx, grads_a, grads_b = _shared_backward(_flat(x), xa, a_cat, cast_b, projections,
                                                 [_flat(g) for g in grad_outs],
                                                 ctx.needs_input_grad[0])
         dx = None if dx is None else dx.view(x.shape)
-        return dx, None, *_param_grads(grads_a, grads_b)
+        return dx, None, None, *_param_grads(grads_a, grads_b)
 
 
 def _silu_mul_grads(e, g, silu, dh):
@@ -223,18 +312,19 @@ def _silu_mul_grads(e, g, silu, dh):
 
 class _LoraSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, triton_ops, scalings, *params):
+    def forward(ctx, x, triton_ops, layers, scalings, *params):
         gate, up, down = _group(params, scalings)
-        (e, g), xa, a_cat = _shared_forward(_flat(x), [gate, up])  # (T, I) each
+        gate_up_casts, down_casts = cast_adapters(layers[:2], x.dtype), cast_adapters(layers[2:], x.dtype)
+        (e, g), xa, a_cat = _shared_forward(_flat(x), [gate, up], gate_up_casts)  # (T, I) each
         h = triton_ops.silu_mul(e, g) if triton_ops else F.silu(e).mul_(g)  # not saved
-        (out,), ha, a_down = _shared_forward(h, [down])
+        (out,), ha, a_down = _shared_forward(h, [down], down_casts)
         ctx.scalings, ctx.triton_ops = scalings, triton_ops
-        ctx.save_for_backward(x, e, g, xa, a_cat, ha, a_down, *params)
+        ctx.save_for_backward(x, e, g, xa, a_cat, ha, a_down, *gate_up_casts.b, *down_casts.b, *params)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, e, g, xa, a_cat, ha, a_down, *params = ctx.saved_tensors
+        x, e, g, xa, a_cat, ha, a_down, b_gate, b_up, b_down, *params = ctx.saved_tensors
         gate, up, down = _group(params, ctx.scalings)
         ops = ctx.triton_ops
         if ops is None:
@@ -243,14 +333,14 @@ class _LoraSwiGLU(torch.autograd.Function):
         else:
             h = ops.silu_mul(e, g)
         dh, grads_a_down, grads_b_down = _shared_backward(
-            h, ha, a_down, [down], [_flat(grad_out)], True)
+            h, ha, a_down, [b_down], [down], [_flat(grad_out)], True)
         del h
         if ops is None:
             de, dg = _silu_mul_grads(e, g, silu, dh)
         else:  # one pass, de written over dh
             de, dg = ops.silu_mul_grads(e, g, dh, into_grad=True)
-        dx, grads_a, grads_b = _shared_backward(_flat(x), xa, a_cat, [gate, up], [de, dg],
+        dx, grads_a, grads_b = _shared_backward(_flat(x), xa, a_cat, [b_gate, b_up], [gate, up], [de, dg],
                                                 ctx.needs_input_grad[0])
         dx = None if dx is None else dx.view(x.shape)
-        return (dx, None, None,
+        return (dx, None, None, None,
                 *_param_grads(grads_a + grads_a_down, grads_b + grads_b_down))

@@ -66,6 +66,7 @@ from torch import nn
 from lorakit.errors import LorakitWarning
 from lorakit.kernels import cpu_attention, cpu_gemm, native_ops
 from lorakit.kernels.chunked_ce import IGNORE_INDEX, chunked_lm_head_loss
+from lorakit.kernels import fused_lora
 from lorakit.kernels.fused_lora import fuse_blocker, lora_linear, lora_mlp, lora_qkv
 
 # modules whose forward is exactly down(act(gate(x)) * up(x)) / calls q,k,v_proj(hidden_states)
@@ -139,6 +140,7 @@ def disable_fast_paths(model: nn.Module) -> None:
         if type(module) is cpu_gemm.CpuGemmLinear:
             module.__class__ = nn.Linear
         module.__dict__.pop(_PRECOMPUTED, None)
+        module.__dict__.pop(fused_lora.CAST_ADAPTERS, None)
         cpu_attention.set_enabled(module, False)
 
 
@@ -374,7 +376,7 @@ def _original(module: nn.Module) -> Callable:
 
 
 def _fused_mlp_forward(triton: bool) -> Callable:
-    options = {"triton": True} if triton else {}
+    options = {"triton": True, "checked": True} if triton else {"checked": True}
 
     def forward(mlp, x):
         layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
@@ -392,7 +394,7 @@ def _norm_forward(ops) -> Callable:
 
 
 def _fused_linear_forward(layer, x):
-    return lora_linear(x, layer) if _runtime_ok(x, (layer,)) else _original(layer)(x)
+    return lora_linear(x, layer, checked=True) if _runtime_ok(x, (layer,)) else _original(layer)(x)
 
 
 def _precomputed_forward(proj, x):
@@ -411,7 +413,7 @@ def _fused_attention_forward(fused_qkv: bool, rope_ops=None) -> Callable:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if not _runtime_ok(hidden, projections):
             return _original(attn)(*args, **kwargs)
-        for proj, out in zip(projections, lora_qkv(hidden, *projections) if projections else ()):
+        for proj, out in zip(projections, lora_qkv(hidden, *projections, checked=True) if projections else ()):
             proj.__dict__[_PRECOMPUTED] = (hidden, out)
         try:
             if rope_ops is not None and rope_ops.runs_on(hidden):

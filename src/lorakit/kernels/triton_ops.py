@@ -80,7 +80,7 @@ def _warps(block: int) -> int:
 
 def _launch(kernel, grid, like: torch.Tensor, *args, **meta) -> None:
     """kernel[grid](*args) on like's GPU: Triton launches on the current device otherwise."""
-    if like.is_cuda:
+    if like.is_cuda and like.device.index != torch.cuda.current_device():  # a device switch costs a launch's time
         with torch.cuda.device(like.device):
             kernel[grid](*args, **meta)
     else:

@@ -298,6 +298,9 @@ def wrap_model(model: nn.Module, fsdp: bool, device: torch.device) -> nn.Module:
         return model
     _broadcast_trainable(model)
     if fsdp:
+        from lorakit.kernels.fused_lora import cast_afresh_every_forward
+
+        cast_afresh_every_forward(model)
         _fully_shard(model, device)
     return model
 
