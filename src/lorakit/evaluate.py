@@ -57,16 +57,16 @@ def _eval_settings(model, tokenizer, seq_len: int, batch_size: int, packing: boo
     attention allows packing, as train decides): in 16 bits their roundings differ from
     transformers' ops, and eval should reproduce a run's own eval loss."""
     from lorakit.data.formats import pad_token_id
-    from lorakit.kernels.llama_patch import enable_fast_paths
+    from lorakit.kernels.llama_patch import enable_fast_paths, wants_triton
     from lorakit.kernels.varlen_attention import use_varlen_attention
     from lorakit.models import first_position_id
     from lorakit.train.loop import LoopSettings
     from lorakit.train.run import autocast_dtype_for, packed_attention_for
 
-    enable_fast_paths(model)
+    device = next(model.parameters()).device
+    enable_fast_paths(model, triton=wants_triton("auto", device))  # the trainer's default
     if packing:
         use_varlen_attention(model)
-    device = next(model.parameters()).device
     return LoopSettings(lr=0, total_steps=0, warmup_steps=0, schedule="constant", grad_accum=1, max_grad_norm=0,
                         max_bad_steps=1, batch_size=batch_size, seq_len=seq_len, packing=packing, seed=0,
                         pad_id=pad_token_id(tokenizer), device=device,
