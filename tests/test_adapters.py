@@ -195,11 +195,12 @@ def test_eval_as_a_library_call(trained):
     assert result["adapter_loss"] < result["base_loss"] and result["tokens"] > 0
 
 
-@pytest.mark.parametrize("dtype", ["auto", "float32"])
-def test_eval_reproduces_the_training_runs_own_eval(tmp_path, capsys, dtype):
+@pytest.mark.parametrize("dtype, eval_dtype", [("auto", "auto"), ("float32", "float32"), ("float32", "auto")])
+def test_eval_reproduces_the_training_runs_own_eval(tmp_path, capsys, dtype, eval_dtype):
     """`lorakit eval` reports the losses of the run's summary, in bf16 too: it loads the base in
     the dtype training picked and evaluates through the trainer's fast paths, whose 16-bit
-    roundings differ from transformers' ops."""
+    roundings differ from transformers' ops. With --dtype auto it takes the run's recorded dtype
+    (a --dtype float32 run on a CPU where auto is bf16)."""
     model = save_tiny_chat_model(tmp_path / "model")
     data, held_out = write_define_data(tmp_path / "d.jsonl", 32), write_define_data(tmp_path / "e.jsonl", 8, seed=1)
     common = ["--seq-len", "64", "--batch-size", "4"]
@@ -208,8 +209,9 @@ def test_eval_reproduces_the_training_runs_own_eval(tmp_path, capsys, dtype):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     capsys.readouterr()
     assert main(["eval", "--adapter", str(tmp_path / "run" / "adapter"), "--model", str(model), "--data", str(held_out),
-                 "--dtype", dtype, "--json", *common]) == 0
+                 "--dtype", eval_dtype, "--json", *common]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert any("as the run trained" in note for note in result["notes"]) == (eval_dtype == "auto")
     assert result["base_loss"] == pytest.approx(summary["base_eval_loss"], rel=1e-6)
     assert result["adapter_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-6)
 

@@ -1,14 +1,17 @@
 """Loss and perplexity of a base model and of it with an adapter, on a data file (`lorakit eval`).
 
 It runs the trainer's own evaluation: the same tokenisation and response-only labels, packed
-rows where train packs them, the fast paths, the dtype `lorakit train` picks. So it reproduces a run's eval loss for the
+rows where train packs them, the fast paths, the dtype the run trained in (its summary.json beside
+the adapter folder; else the one `lorakit train` picks). So it reproduces a run's eval loss for the
 same data, and scores a new file the way training would have.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from lorakit.errors import ConfigError
 
@@ -27,12 +30,14 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     from lorakit.train.run import context_notice, longest_example, packing_blocker
 
     _check_sizes(seq_len, batch_size)
-    placement, torch_dtype = inference_placement(device, dtype)
+    run_dtype = run_dtype_of(adapter) if dtype == "auto" else None
+    placement, torch_dtype = inference_placement(device, run_dtype or dtype)
     base_model, tokenizer, _ = load_model_and_tokenizer(model or base_model_for([adapter]), dtype=torch_dtype,
                                                         device=placement, allow_pickle=allow_pickle)
     records = tokenize_records(read_records(data), tokenizer, fmt, seq_len)  # one path, or several
     longest = longest_example(records, None)
     notes = list(records.stats.warnings)  # records skipped, cut or split
+    notes += [f"dtype {run_dtype}, as the run trained (its summary.json); --dtype to choose another"] if run_dtype else []
     notes += context_notice(base_model, longest)  # raises where the examples run past a position table
     load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
     unpacked = packing_blocker(base_model, longest)  # as train decides
@@ -43,6 +48,20 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     tuned = evaluate(base_model, records, settings)
     return {"base_loss": base["loss"], "base_perplexity": base["perplexity"], "adapter_loss": tuned["loss"],
             "adapter_perplexity": tuned["perplexity"], "tokens": tuned["tokens"], "notes": notes}
+
+
+def run_dtype_of(adapter: str | os.PathLike) -> str | None:
+    """The dtype the adapter's run trained in: its summary.json, beside the adapter folder that
+    the summary names; None for an adapter from elsewhere (a checkpoint, a download)."""
+    folder = Path(adapter).resolve()
+    try:
+        summary = json.loads((folder.parent / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or Path(str(summary.get("adapter", ""))).resolve() != folder:
+        return None
+    dtype = summary.get("dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
 
 
 def _check_sizes(seq_len: int, batch_size: int) -> None:
