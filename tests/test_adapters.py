@@ -245,3 +245,13 @@ def test_a_run_folder_given_as_the_adapter_is_pointed_to_its_adapter(trained, tm
             "merge": ["merge", "--adapter", str(run), "--output", str(tmp_path / "m")]}[command]
     assert main(argv) == 2
     assert f"this looks like a training run's folder: pass its adapter, {adapter}" in capsys.readouterr().err
+
+
+def test_a_refusal_with_json_also_answers_in_json(capsys):
+    assert main(["eval", "--adapter", "nowhere", "--data", "nothing.jsonl", "--seq-len", "1", "--json"]) == 2
+    captured = capsys.readouterr()
+    answer = json.loads(captured.out)
+    assert answer["exit_code"] == 2 and "--seq-len must be at least 2" in answer["error"]
+    assert captured.err.startswith("error: --seq-len must be at least 2")
+    assert main(["eval", "--adapter", "nowhere", "--data", "nothing.jsonl", "--seq-len", "1"]) == 2
+    assert capsys.readouterr().out == ""  # without --json: stderr only

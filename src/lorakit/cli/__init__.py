@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import importlib
 import os
 import sys
@@ -114,21 +115,27 @@ def main(argv: list[str] | None = None) -> int:
             check_environment()
         return int(args.func(args) or 0)
     except LorakitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _refuse(str(exc), exc.exit_code, args)
     except OSError as exc:
         if exc.errno not in PATH_FIXES or exc.filename is None:
             raise
-        print(f"error: {exc.strerror}: {exc.filename}; {_path_fix(exc)}", file=sys.stderr)
-        return 2
+        return _refuse(f"{exc.strerror}: {exc.filename}; {_path_fix(exc)}", 2, args)
     except RuntimeError as exc:  # pathlib's resolve() before Python 3.13; an OSError (ELOOP) since
         if not str(exc).startswith("Symlink loop"):
             raise
-        print(f"error: {exc}; {PATH_FIXES[errno.ELOOP]}", file=sys.stderr)
-        return 2
+        return _refuse(f"{exc}; {PATH_FIXES[errno.ELOOP]}", 2, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _refuse(message: str, exit_code: int, args) -> int:
+    """The one error line on stderr; with --json also {"error", "exit_code"} on stdout, so a script
+    reading the JSON gets an answer either way."""
+    print(f"error: {message}", file=sys.stderr)
+    if getattr(args, "json", False) is True:
+        print(json.dumps({"error": message, "exit_code": exit_code}))
+    return exit_code
 
 
 def _show_lorakit_warnings_as_one_line() -> None:
