@@ -352,3 +352,26 @@ def test_non_numeric_config_values(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": "sixteen"}))
     with pytest.raises(AdapterFileError, match="lora_alpha must be a number"):
         analyze_adapter(folder)
+
+
+def test_a_lorakit_pissa_adapter_is_judged_against_the_rank_it_trained_with(tmp_path):
+    """PiSSA is saved as rank 2r against the original base; the user chose r, and the verdict
+    and the report say r, with a warning that says why the tensors hold 2r."""
+    from lorakit.lora import LoraConfig, apply_lora, save_adapter
+
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    apply_lora(model, LoraConfig(r=4, alpha=8, init="pissa"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    save_adapter(model, tmp_path / "pissa")
+    analysis = analyze_adapter(tmp_path / "pissa")
+    assert json.loads((tmp_path / "pissa" / "adapter_config.json").read_text())["r"] == 8  # as saved
+    assert analysis.r == 4 and analysis.verdict.r == 4 and analysis.verdict.message.startswith("r=4")
+    assert any("PiSSA adapter: trained with r=4, saved as rank 8" in w for w in analysis.warnings)
+    apply_lora(plain := tiny_llama(), LoraConfig(r=4, alpha=8))
+    save_adapter(plain, tmp_path / "plain")
+    assert analyze_adapter(tmp_path / "plain").r == 4

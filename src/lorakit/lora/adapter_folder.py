@@ -49,6 +49,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILES = ("adapter_model.bin", "adapter_model.pt")
 PEFT_PREFIX = "base_model.model."
 FINGERPRINT_KEY = "lorakit_base_fingerprint"
+# a PiSSA adapter is saved as rank 2r against the original base (lora/io.py); this records the r it trained with
+PISSA_RANK_KEY = "lorakit_pissa_trained_r"
 PEFT_DEFAULT_R = 8
 PEFT_DEFAULT_ALPHA = 8
 _REFETCH = "re-copy or re-save the adapter"

@@ -7,8 +7,9 @@
                                    base_model.model.<module>.lora_magnitude_vector (DoRA, out)
                                    base_model.model.<module>.<param>         (modules_to_save)
 
-lorakit adds two entries to the safetensors metadata, which PEFT ignores: the base model's
-fingerprint (architecture fields + parameter shapes) and the lorakit version. Loading onto a
+lorakit adds entries to the safetensors metadata, which PEFT ignores: the base model's
+fingerprint (architecture fields + parameter shapes), the lorakit version, and for a PiSSA
+adapter (saved as rank 2r) the rank it trained with. Loading onto a
 model with another fingerprint is refused unless `allow_other_base=True`.
 
 Reading and checking the folder is lorakit.lora.adapter_folder's job (shared with analyze and
@@ -31,6 +32,7 @@ from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError
 from lorakit.lora.adapter_folder import (
     CONFIG_FILE,
     FINGERPRINT_KEY,
+    PISSA_RANK_KEY,
     WEIGHTS_FILE,
     Adapter,
     adapter_from_memory,
@@ -165,6 +167,8 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name: str | None
         base_model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     metadata = {"format": "pt", FINGERPRINT_KEY: base_fingerprint(model),
                 "lorakit_version": _version()}
+    if any(layer.init == "pissa" for _, layer in lora_layers(model)):
+        metadata[PISSA_RANK_KEY] = str(getattr(model, CONFIG_ATTR).r)
     atomic_save_safetensors(path / WEIGHTS_FILE, adapter_state_dict(model), metadata)
     atomic_write_json(path / CONFIG_FILE, adapter_config_dict(model, base_model_name))
     return path

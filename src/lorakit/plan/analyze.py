@@ -39,8 +39,8 @@ from typing import Sequence
 import torch
 
 from lorakit.errors import ConfigError
-from lorakit.lora.adapter_folder import (PEFT_DEFAULT_ALPHA, Adapter, raise_tensor_problems, rank_mismatches,
-                                         read_adapter_folder, untargeted_modules)
+from lorakit.lora.adapter_folder import (PEFT_DEFAULT_ALPHA, PISSA_RANK_KEY, Adapter, raise_tensor_problems,
+                                         rank_mismatches, read_adapter_folder, untargeted_modules)
 from lorakit.lora.io import base_rewriting_init
 from lorakit.safe_io import save_figure, translate_os_errors
 
@@ -191,11 +191,21 @@ def analyze_adapter(path: str | Path, energies: Sequence[float] = DEFAULT_ENERGI
     # with several ranks, by the config's r
     ranks = {m.r for m in modules}
     r = ranks.pop() if len(ranks) == 1 else int(config.get("r") or max(m.r for m in modules))
+    warnings = _config_warnings(adapter)
+    if _saved_pissa(adapter):  # saved as 2r: the choice the user made was r
+        r //= 2
+        warnings.append(f"PiSSA adapter: trained with r={r}, saved as rank {2 * r} against the original base "
+                        f"(s·(BA - B0A0), the change training made); the verdict judges it against r={r}")
     return AdapterAnalysis(
         path=str(adapter.folder), r=r, lora_alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         use_rslora=adapter.uses_rslora(), use_dora=bool(config.get("use_dora")), energies=tuple(energies),
-        modules=modules, verdict=make_verdict(modules, r, energies[0]), warnings=_config_warnings(adapter),
+        modules=modules, verdict=make_verdict(modules, r, energies[0]), warnings=warnings,
     )
+
+
+def _saved_pissa(adapter: Adapter) -> bool:
+    """A lorakit PiSSA adapter (its metadata says so), whose tensors hold twice the trained rank."""
+    return PISSA_RANK_KEY in (adapter.metadata or {}) and all(p.rank % 2 == 0 for p in adapter.pairs.values())
 
 
 def check_energies(energies: Sequence[float]) -> tuple[float, ...]:
