@@ -41,20 +41,16 @@ QUANTIZED_MERGE_RTOL = 0.02  # check 2, 16-bit merged weights (fp32 weights: no 
 KERNEL_MERGE_RTOL = {"4bit": 0.10, "8bit": 0.25}  # check 3
 
 
-DENSE_16BIT_MERGE_RTOL = 0.10  # bf16 arithmetic alone moves SmolLM2's logits by ~4% of the largest
 # fp32 rounding of W + s B A: the demo adapter with B x 10 moved SmolLM2's logits by 1.5e-4 at a largest
 # logit of 35 (4e-6 of it; PEFT's merge_and_unload by the same), which a fixed 1e-4 refused
 DENSE_FP32_MERGE_RTOL = 2e-5
 
 
-def merge_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
-    """Max abs logit difference accepted between base+adapter and the merged model: a fraction of
-    the largest logit, as the rounding's effect scales with the logits (in fp32 at least 1e-4); in
-    bf16/fp16 a larger one (one rounding of every weight, 16-bit arithmetic)."""
-    largest = float(reference.abs().max())
-    if dtype == torch.float32:
-        return max(1e-4, DENSE_FP32_MERGE_RTOL * largest)
-    return DENSE_16BIT_MERGE_RTOL * largest
+def merge_tolerance(reference: torch.Tensor) -> float:
+    """Max abs logit difference accepted between base+adapter and the merged model, both fp32: a
+    fraction of the largest logit, as the rounding's effect scales with the logits, at least 1e-4
+    (16-bit results: rounded_merge_tolerance)."""
+    return max(1e-4, DENSE_FP32_MERGE_RTOL * float(reference.abs().max()))
 
 
 def rounded_merge_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
@@ -94,7 +90,7 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
         merged.model = None  # the reloaded copy needs the memory
         _free_memory()
         reload_dtype = merged.reload_dtype or out_dtype
-        difference = _reload_difference(tmp, merged.probe, merged.reference, reload_dtype, merged.tolerance)
+        difference = _reload_difference(tmp, merged.probe, merged.reference, reload_dtype, merged.tolerance, out_dtype)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -129,21 +125,22 @@ class Merged:
 
 
 def _merge_dense(spec, adapter_dir, dtype: str | None, allow_other_base: bool, allow_pickle: bool = False) -> Merged:
-    """`dtype` None: the base's own dtype; a 16-bit base is read and merged in fp32 (the exact adapted
-    model's logits are the reference) and rounded once, as PEFT's merge keeps the base's dtype."""
+    """`dtype` None: the base's own dtype. The base is read and merged in fp32 (the exact adapted
+    model's logits are the reference); a 16-bit result is rounded once, as PEFT's merge keeps the
+    base's dtype, and checked in fp32 against the reference."""
     from lorakit.lora import load_adapter, remove_lora
     from lorakit.models import load_model_and_tokenizer
 
-    stored = _stored_dtype(spec) if dtype is None else None
-    model, tokenizer, _ = load_model_and_tokenizer(spec, dtype=dtype or "float32", allow_pickle=allow_pickle)
+    target = getattr(torch, dtype) if dtype else _stored_dtype(spec)
+    model, tokenizer, _ = load_model_and_tokenizer(spec, dtype="float32", allow_pickle=allow_pickle)
     load_adapter(model, adapter_dir, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
     probe = _probe_ids(model)
     reference = _logits(model, probe)
     remove_lora(model, merge=True)
-    if stored in (torch.bfloat16, torch.float16):
-        model.to(stored)  # the one rounding
-        return Merged(model, tokenizer, probe, reference, rounded_merge_tolerance(stored, reference), torch.float32)
-    return Merged(model, tokenizer, probe, reference, merge_tolerance(model.dtype, reference))
+    if target in (torch.bfloat16, torch.float16):
+        model.to(target)  # the one rounding
+        return Merged(model, tokenizer, probe, reference, rounded_merge_tolerance(target, reference), torch.float32)
+    return Merged(model, tokenizer, probe, reference, merge_tolerance(reference))
 
 
 def _stored_dtype(spec) -> torch.dtype | None:
@@ -257,7 +254,7 @@ def _logits(model, ids) -> torch.Tensor:
     return model(ids).logits.float()
 
 
-def _reload_difference(folder: Path, probe, reference, dtype, tolerance: float) -> float:
+def _reload_difference(folder: Path, probe, reference, dtype, tolerance: float, saved_dtype) -> float:
     from transformers import AutoModelForCausalLM
 
     from lorakit.models import loading_bar_only_when_slow
@@ -266,8 +263,8 @@ def _reload_difference(folder: Path, probe, reference, dtype, tolerance: float) 
         reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(probe.device)
     difference = float((_logits(reloaded, probe) - reference).abs().max())
     if not difference <= tolerance:
-        advice = ("; merge in float32 (the default, without --dtype), where rounding cannot account for it"
-                  if dtype in (torch.bfloat16, torch.float16) else "")
+        advice = ("; merge with --dtype float32, where no rounding can account for it"
+                  if saved_dtype in (torch.bfloat16, torch.float16) else "")
         raise MergeError(f"the merged model's logits differ from base+adapter by {difference:.3g} "
                          f"(tolerance {tolerance:.3g}); nothing was written{advice}")
     return difference

@@ -18,11 +18,10 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, metavar="DIR", help="the merged model's new folder")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the merged weights (default: the base's own, from its config.json: a bf16 base "
-                        "is merged in fp32 and rounded once, and checked against base+adapter in fp32; float32 "
-                        "where it records none or for a .gguf; bfloat16 with --quantize); with --dtype each update "
-                        "B·A is computed in fp32 and added once, and the check compares with base+adapter run in "
-                        "that dtype")
+                   help="dtype of the merged weights (default: the base's own, from its config.json; float32 "
+                        "where it records none or for a .gguf; bfloat16 with --quantize). The base is read and "
+                        "merged in fp32, a 16-bit result rounded once, and the reloaded folder checked in fp32 "
+                        "against base+adapter")
     p.add_argument("--quantize", default=None, choices=["4bit", "8bit"],
                    help="the adapter was trained on a 4-/8-bit base (QLoRA): load the base the same way, "
                         "dequantise it and merge into that (needs bitsandbytes)")
