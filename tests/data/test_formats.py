@@ -132,6 +132,20 @@ def test_messages_multi_turn_trains_only_assistant_turns(chatml):
     assert trained_ids(ex).count(chatml.eos_token_id) == 2  # each turn's <|im_end|> is learned
 
 
+def test_trl_conversational_prompt_completion_trains_the_completion_only(chatml):
+    row = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                      {"role": "user", "content": "q"}],
+           "completion": [{"role": "assistant", "content": "a"}]}
+    tokenized = tokenize_records(ds([row]), chatml)
+    assert render_marked(one(tokenized), chatml) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\nq<|im_end|>\n"
+        "<|im_start|>assistant\n[[a<|im_end|>]]\n")
+    for bad in ({**row, "completion": [{"role": "user", "content": "a"}]}, {**row, "prompt": []},
+                {**row, "prompt": row["completion"]}):
+        with pytest.raises(DataError, match="record 1"):
+            tokenize_records(ds([bad]), chatml)
+
+
 def test_sharegpt_conversations_and_system_column(chatml, plain):
     conv = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
     data = ds([{"conversations": conv, "system": "sys"}])

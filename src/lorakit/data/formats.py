@@ -7,7 +7,9 @@ instruction field pair -> instruction, ``text`` -> text):
   A text longer than ``seq_len`` becomes several examples (``_text_pieces``), not one cut short.
 - ``instruction``: ``instruction`` + ``output`` (optional ``input`` appended to the instruction
   after a blank line), or the pairs ``prompt``/``response``, ``question``/``answer``,
-  ``prompt``/``completion``; optional ``system``. Rendered as a one-turn chat (below).
+  ``prompt``/``completion``; optional ``system``. Rendered as a one-turn chat (below). TRL's
+  conversational prompt/completion (both lists of {role, content} turns) is read as a chat in
+  which only the completion's turns train.
 - ``chat``: ``messages`` = [{role, content}] with roles system/user/assistant, or ShareGPT
   ``conversations`` = [{from, value}] with human/gpt/system (mapped to user/assistant/system);
   optional ``system`` column prepended as a system turn.
@@ -246,6 +248,8 @@ def _text_of(row: dict, name: str, index: int, enc: _Encoder) -> str:
 
 def _instruction_messages(row: dict, index: int, enc: _Encoder) -> list[dict]:
     prompt_field, answer_field = enc.fields
+    if isinstance(row.get(prompt_field), list) and isinstance(row.get(answer_field), list):
+        return _conversational_pair(row, index, enc)
     prompt = _text_of(row, prompt_field, index, enc)
     context = row.get("input") if prompt_field == "instruction" else None
     if isinstance(context, str) and context.strip():
@@ -253,6 +257,25 @@ def _instruction_messages(row: dict, index: int, enc: _Encoder) -> list[dict]:
     messages = [{"role": "user", "content": prompt},
                 {"role": "assistant", "content": _text_of(row, answer_field, index, enc)}]
     return _with_system(row, messages)
+
+
+def _conversational_pair(row: dict, index: int, enc: _Encoder) -> list[dict]:
+    """TRL's conversational prompt/completion: the prompt's turns (an earlier assistant turn is
+    history, not trained) followed by the completion's assistant turns."""
+    prompt_field, answer_field = enc.fields
+    prompt = [_one_turn(turn, n, index, enc) for n, turn in enumerate(row[prompt_field], 1)]
+    answer = [_one_turn(turn, n, index, enc) for n, turn in enumerate(row[answer_field], len(prompt) + 1)]
+    if not prompt or not answer or any(m["role"] != "assistant" for m in answer):
+        raise DataError(f"{enc.where(index)}: as lists of turns, '{prompt_field}' needs at least one turn and "
+                        f"'{answer_field}' the assistant's reply (turns with role assistant only)")
+    if prompt[0]["role"] == "assistant":
+        raise DataError(f"{enc.where(index)}: the conversation starts with the assistant's turn; start it with a "
+                        "system or user turn (the answer needs something to answer)")
+    history = [{**m, UNTRAINED: True} if m["role"] == "assistant" else m for m in prompt]
+    return _with_system(row, history + answer)
+
+
+UNTRAINED = "lorakit_untrained"  # on an assistant turn that is context, not a reply to learn
 
 
 def _with_system(row: dict, messages: list[dict]) -> list[dict]:
@@ -296,6 +319,7 @@ def _one_turn(turn: Any, number: int, index: int, enc: _Encoder) -> dict:
 
 
 def _render(enc: _Encoder, messages: list[dict], generation: bool, index: int) -> str:
+    messages = [{k: v for k, v in m.items() if k != UNTRAINED} for m in messages]  # lorakit's mark, not the template's
     try:
         return enc.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation, chat_template=enc.template
@@ -308,7 +332,7 @@ def _assistant_spans(enc: _Encoder, messages: list[dict], full: str, index: int)
     """Character spans [start, end) of the assistant turns inside ``full``."""
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get(UNTRAINED):
             continue
         before = _render(enc, messages[:i], True, index)
         through = full if i == len(messages) - 1 else _render(enc, messages[: i + 1], False, index)
