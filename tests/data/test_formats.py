@@ -332,6 +332,18 @@ def test_a_list_as_role_and_an_assistant_first_conversation_are_named(chatml):
         tokenize_records(first, chatml)
 
 
+def test_openai_text_parts_are_joined_and_other_parts_refused(chatml, tmp_path):
+    parts = [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]
+    as_parts = [{"role": "user", "content": parts}, {"role": "assistant", "content": "a"}]  # mixed, as files hold them
+    as_text = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "a"}]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    tokenized = tokenize_records(_jsonl(tmp_path / "a", [{"messages": as_parts}])[0], chatml)
+    assert one(tokenized) == one(tokenize_records(ds([{"messages": as_text}]), chatml))
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, as_text[1]]
+    with pytest.raises(DataError, match=r"turn 1 \(user\) has content parts other than text"):
+        tokenize_records(_jsonl(tmp_path / "b", [{"messages": image}])[0], chatml)
+
+
 def test_unknown_sharegpt_role(chatml):
     conv = [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]
     with pytest.raises(DataError, match="unknown role 'bot'"):

@@ -10,7 +10,8 @@ instruction field pair -> instruction, ``text`` -> text):
   ``prompt``/``completion``; optional ``system``. Rendered as a one-turn chat (below). TRL's
   conversational prompt/completion (both lists of {role, content} turns) is read as a chat in
   which only the completion's turns train.
-- ``chat``: ``messages`` = [{role, content}] with roles system/user/assistant, or ShareGPT
+- ``chat``: ``messages`` = [{role, content}] with roles system/user/assistant (content a string,
+  or OpenAI's text parts [{type: text, text}], joined), or ShareGPT
   ``conversations`` = [{from, value}] with human/gpt/system (mapped to user/assistant/system);
   optional ``system`` column prepended as a system turn.
 
@@ -297,16 +298,28 @@ def _chat_messages(row: dict, index: int, enc: _Encoder) -> list[dict]:
     return _with_system(row, messages)
 
 
+def _text_parts_joined(content: Any) -> Any:
+    """OpenAI's content parts ([{"type": "text", "text": ...}, ...]) as one string; anything else
+    (a string, or parts that are not all text, which the caller then refuses) as it is."""
+    if isinstance(content, list) and content and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return content
+
+
 def _one_turn(turn: Any, number: int, index: int, enc: _Encoder) -> dict:
     turn = turn if isinstance(turn, dict) else {}
     sharegpt = turn.get("from") is not None  # ShareGPT {from, value}, else {role, content}
     role = turn.get("from") if sharegpt else turn.get("role")
-    content = turn.get("value") if sharegpt else turn.get("content")
+    content = turn.get("value") if sharegpt else _text_parts_joined(turn.get("content"))
     if not isinstance(role, str) or role not in ROLE_ALIASES:
         raise DataError(
             f"{enc.where(index)}: turn {number} has unknown role {role!r}; expected one of "
             f"{', '.join(ROLE_ALIASES)} (as 'role' with 'content', or ShareGPT 'from' with 'value')"
         )
+    if isinstance(content, list):
+        raise DataError(f"{enc.where(index)}: turn {number} ({role}) has content parts other than text "
+                        "(images, audio, ...); lorakit trains on text: keep the {\"type\": \"text\"} parts only")
     if not isinstance(content, str):
         raise DataError(
             f"{enc.where(index)}: turn {number} ({role}) has no text in "
