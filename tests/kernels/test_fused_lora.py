@@ -183,11 +183,13 @@ def test_dora_and_plain_linear_are_not_fusable():
 # ---- the cast adapter copies: made once per change of the master weights --------------------------
 
 def _count_refreshes(monkeypatch):
+    """A list that grows by one whenever a group's cast copies are made."""
     from lorakit.kernels import fused_lora
 
     calls = []
-    real = fused_lora._CastAdapters.refresh
-    monkeypatch.setattr(fused_lora._CastAdapters, "refresh", lambda self, stamp: calls.append(1) or real(self, stamp))
+    real = fused_lora._CastAdapters.__init__
+    monkeypatch.setattr(fused_lora._CastAdapters, "__init__",
+                        lambda self, *args: calls.append(1) or real(self, *args))
     return calls
 
 
@@ -237,9 +239,41 @@ def test_fp32_adapters_are_not_copied_and_a_moved_layer_gets_new_copies(monkeypa
         assert all(b is layer.lora_B.weight for b, layer in zip(casts.b, layers))  # same dtype: the master
         assert fused_lora.cast_adapters(layers, torch.float32) is casts
         assert fused_lora.cast_adapters(layers, torch.bfloat16) is not casts  # another dtype, other copies
-        layers[1].to(torch.float64)  # the masters' storage moves: copies of the new values
+        layers[1].to(torch.float64)  # the masters' storage and dtype move: copies of the new values
         moved = fused_lora.cast_adapters(layers, torch.float32)
         torch.testing.assert_close(moved.a_cat, torch.cat([layer.lora_A.weight.float() for layer in layers]))
+        assert [b.dtype for b in moved.b] == [torch.float32] * 3 and moved.b[1] is not layers[1].lora_B.weight
+    layers = _qkv()
+    lora_qkv(_input(), *layers)  # fp32 factors: the masters themselves are the copies
+    for layer in layers:  # only the adapters upcast (as diffusers' cast_training_params does)
+        layer.lora_A.to(torch.float64), layer.lora_B.to(torch.float64)
+    fused = _outputs_and_grads(lambda t: lora_qkv(t, *layers), _input(), layers)
+    fresh = _without_cached_casts(layers)
+    _assert_match(fused, _outputs_and_grads(lambda t: lora_qkv(t, *fresh), _input(), fresh), 0, 0)
+
+
+def test_a_first_forward_in_inference_mode_leaves_training_possible():
+    layers = _qkv(dtype=torch.bfloat16)
+    with torch.inference_mode():
+        lora_qkv(_input(torch.bfloat16), *layers)
+    fused = _outputs_and_grads(lambda t: lora_qkv(t, *layers), _input(torch.bfloat16), layers)
+    fresh = _without_cached_casts(layers)
+    _assert_match(fused, _outputs_and_grads(lambda t: lora_qkv(t, *fresh), _input(torch.bfloat16), fresh), 0, 0)
+
+
+def test_two_forwards_around_another_optimizers_step_backpropagate_together():
+    # one graph holding this group's copies, then any torch.optim step (another model's): the next
+    # forward makes new copies rather than writing over the ones the graph saved
+    layers = _qkv(dtype=torch.bfloat16)
+    other = nn.Linear(2, 2)
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    x = _input(torch.bfloat16)
+    first = sum(o.float().sum() for o in lora_qkv(x, *layers))
+    other(torch.ones(2)).sum().backward()
+    other_optimizer.step()
+    second = sum(o.float().sum() for o in lora_qkv(x, *layers))
+    (first + second).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _adapter_params(layers))
 
 
 def test_sharded_models_cast_afresh_in_every_forward(monkeypatch):

@@ -173,3 +173,15 @@ def test_experts_fused_into_3d_parameters_stay_frozen_and_the_default_targets_ta
     config = _config()  # the shared expert's projections are linear: the default keeps "all"
     assert "stay frozen" in run.resolve_targets(config, qwen2_moe)[0] and config.lora.targets == "all"
     assert run.resolve_targets(_config(), tiny_llama()) == []
+
+
+def test_resuming_a_checkpoint_from_before_auto_compares_what_the_setting_does(monkeypatch):
+    from lorakit.train import session
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    saved = {"train": {"triton_kernels": False, "lr": 1e-4}}
+    assert session._config_changes(saved, {"train": {"triton_kernels": "auto", "lr": 1e-4}}) == []
+    assert session._config_changes(saved, {"train": {"triton_kernels": "on", "lr": 1e-4}}) == [
+        "train.triton_kernels False -> 'on'"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto is on on a GPU: a change from false
+    assert session._config_changes(saved, {"train": {"triton_kernels": "auto", "lr": 1e-4}}) != []

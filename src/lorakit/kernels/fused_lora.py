@@ -29,10 +29,9 @@ faster than torch's own GEMMs.
 
 Adapters stored in a wider dtype than the activations (fp32 master weights under a bf16 base)
 are cast down for the GEMMs, and their gradients are cast back. The cast copies (A of the group
-stacked into one matrix, each B) are kept on the group's first layer and refreshed in one
-multi-tensor copy only when the master weights may have changed (after an optimizer step, a load,
-a move): forward,
-recompute under checkpointing and backward reuse them. On an H200 the per-GEMM casts and
+stacked into one matrix, each B) are kept on the group's first layer and made anew, in one
+multi-tensor copy, only when the master weights may have changed (after an optimizer step, a
+load, a move): forward, recompute under checkpointing and backward reuse them. On an H200 the per-GEMM casts and
 concatenations were about 400 kernel launches of a 1b step, whose CPU time the GPU waited for.
 
 The fused path covers plain LoRA only: `fuse_blocker(module)` names why a module cannot use
@@ -159,22 +158,23 @@ def _rank_slices(projections):
 
 class _CastAdapters:
     """One group's adapters in the activations' dtype: A of every projection stacked into one
-    (R, in) matrix, each B (the master itself where the dtypes agree), and the masters' versions
-    and storage they were copied from."""
+    (R, in) matrix and each B (the master itself where the dtypes agree), copied from the masters
+    in one multi-tensor copy, with the stamp of the masters they were copied from. Never written
+    again: a change of the masters makes new copies, since a graph not yet backpropagated may
+    hold these (two forwards around another model's optimizer step)."""
 
-    def __init__(self, masters_a: list[torch.Tensor], masters_b: list[torch.Tensor], dtype: torch.dtype):
+    def __init__(self, masters_a: list[torch.Tensor], masters_b: list[torch.Tensor], dtype: torch.dtype,
+                 stamp: tuple):
         first = masters_a[0]
-        self.a_cat = torch.empty(sum(a.shape[0] for a in masters_a), first.shape[1], dtype=dtype, device=first.device)
-        self.b = [b if b.dtype == dtype else torch.empty_like(b, dtype=dtype) for b in masters_b]
-        self.targets = [*self.a_cat.split([a.shape[0] for a in masters_a]),
-                        *(copy for copy, b in zip(self.b, masters_b) if copy is not b)]
-        self.sources = [*masters_a, *(b for copy, b in zip(self.b, masters_b) if copy is not b)]
-        self.masters, self.dtype, self.copied_from = (*masters_a, *masters_b), dtype, None
-
-    def refresh(self, stamp: tuple) -> None:
-        with torch.no_grad():
-            torch._foreach_copy_(self.targets, self.sources)  # one launch for the group, casts included
-        self.copied_from = stamp
+        # a first forward under inference_mode must not make inference tensors: training saves these
+        with torch.inference_mode(False), torch.no_grad():
+            self.a_cat = torch.empty(sum(a.shape[0] for a in masters_a), first.shape[1], dtype=dtype,
+                                     device=first.device)
+            self.b = [b if b.dtype == dtype else torch.empty_like(b, dtype=dtype) for b in masters_b]
+            copies = [(copy, b) for copy, b in zip(self.b, masters_b) if copy is not b]
+            torch._foreach_copy_([*self.a_cat.split([a.shape[0] for a in masters_a]), *(c for c, _ in copies)],
+                                 [*masters_a, *(b for _, b in copies)])  # one launch, casts included
+        self.masters, self.dtype, self.stamp = (*masters_a, *masters_b), dtype, stamp
 
 
 CAST_ADAPTERS = "_lorakit_cast_adapters"  # on a group's first layer: {group's layer ids: _CastAdapters}
@@ -210,26 +210,22 @@ def _start_counting_optimizer_steps() -> None:
 
 def cast_adapters(layers, dtype: torch.dtype) -> _CastAdapters:
     """The group's adapters in `dtype`, copied again only after a torch.optim step, or when a
-    master's version or storage moved (load_state_dict and other in-place writes bump the version;
-    a move to another device swaps the storage). Call with autograd off (inside a Function's
-    forward). Unseen: an optimizer outside torch.optim, or a write through `.data`: update adapter
+    master's version, storage or dtype moved (load_state_dict and other in-place writes bump the
+    version; a move to another device or dtype swaps the storage). Call inside a Function's
+    forward. Unseen: an optimizer outside torch.optim, or a write through `.data`: update adapter
     weights with copy_ under no_grad, as load_state_dict does."""
     _start_counting_optimizer_steps()
     masters_a = [layer.lora_A.weight for layer in layers]
     masters_b = [layer.lora_B.weight for layer in layers]
-    stamp = (_optimizer_steps, *((m._version, m.data_ptr()) for m in (*masters_a, *masters_b)))
+    masters = (*masters_a, *masters_b)
+    stamp = (_optimizer_steps, dtype, *((m._version, m.data_ptr(), m.dtype, m.device) for m in masters))
     if layers[0].__dict__.get(FRESH_CASTS):
-        casts = _CastAdapters(masters_a, masters_b, dtype)
-        casts.refresh(stamp)
-        return casts
+        return _CastAdapters(masters_a, masters_b, dtype, stamp)
     store = layers[0].__dict__.setdefault(CAST_ADAPTERS, {})
     key = tuple(id(layer) for layer in layers)
     casts = store.get(key)
-    if casts is None or casts.dtype != dtype or casts.a_cat.device != masters_a[0].device \
-            or any(old is not new for old, new in zip(casts.masters, (*masters_a, *masters_b))):
-        casts = store[key] = _CastAdapters(masters_a, masters_b, dtype)
-    if casts.copied_from != stamp:
-        casts.refresh(stamp)
+    if casts is None or casts.stamp != stamp or any(old is not new for old, new in zip(casts.masters, masters)):
+        casts = store[key] = _CastAdapters(masters_a, masters_b, dtype, stamp)
     return casts
 
 

@@ -436,9 +436,19 @@ def _config_changes(saved: dict, now: dict) -> list[str]:
         before = saved.get(section) if isinstance(saved.get(section), dict) else {}
         for key, value in values.items():
             name = f"{section}.{key}"
-            if name not in _NOT_COMPARED and key in before and before[key] != value:
+            if name not in _NOT_COMPARED and key in before and _effective(name, before[key]) != _effective(name, value):
                 changes.append(f"{name} {before[key]!r} -> {value!r}")
     return changes
+
+
+def _effective(name: str, value):
+    """What a setting does here: train.triton_kernels was a boolean before it had auto (a checkpoint
+    saved then reads false), and auto is on or off by the device."""
+    if name != "train.triton_kernels":
+        return value
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return ("on" if torch.cuda.is_available() else "off") if value == "auto" else value
 
 
 def _read_history(path: Path, up_to_step: int, count: int | None = None) -> list[dict]:
