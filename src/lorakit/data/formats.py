@@ -63,14 +63,13 @@ import numpy as np
 from lorakit import __version__
 from lorakit.config import DATA_FORMATS
 from lorakit.data.batching import IGNORE_INDEX
+from lorakit.data.messages import UNTRAINED, chat_messages, field_text, instruction_messages
 from lorakit.data.reading import RecordSet, SourceFile, locate
 from lorakit.errors import ConfigError, DataError
 
 INSTRUCTION_FIELDS = (("instruction", "output"), ("prompt", "response"), ("question", "answer"),
                       ("prompt", "completion"))
 CHAT_COLUMNS = ("messages", "conversations")
-ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
-                "gpt": "assistant"}
 MASKED_WARN_FRACTION = 0.9
 TOKENIZE_REVISION = 4  # bump when the tokenised output changes, to invalidate datasets' cache (2: the straddling
 # answer token trained; slow tokenizers place spans by decoding; 3: no whitespace after an end-of-turn token;
@@ -233,101 +232,6 @@ def _resolve_format(columns: list[str], fmt: str) -> tuple[str, tuple[str, ...],
     raise DataError(f"format {fmt} needs the column(s) {need[fmt]}, but the data has {columns}")
 
 
-# ---------------------------------------------------------------- records -> messages
-
-
-def _text_of(row: dict, name: str, index: int, enc: _Encoder) -> str:
-    value = row.get(name)
-    if not isinstance(value, str):
-        got = "is missing" if value is None else f"is a {type(value).__name__}, not a string"
-        raise DataError(
-            f"{enc.where(index)}: field '{name}' {got}; format {enc.fmt} expects the fields "
-            f"{', '.join(enc.fields)}"
-        )
-    return value
-
-
-def _instruction_messages(row: dict, index: int, enc: _Encoder) -> list[dict]:
-    prompt_field, answer_field = enc.fields
-    if isinstance(row.get(prompt_field), list) and isinstance(row.get(answer_field), list):
-        return _conversational_pair(row, index, enc)
-    prompt = _text_of(row, prompt_field, index, enc)
-    context = row.get("input") if prompt_field == "instruction" else None
-    if isinstance(context, str) and context.strip():
-        prompt = f"{prompt}\n\n{context}"
-    messages = [{"role": "user", "content": prompt},
-                {"role": "assistant", "content": _text_of(row, answer_field, index, enc)}]
-    return _with_system(row, messages)
-
-
-def _conversational_pair(row: dict, index: int, enc: _Encoder) -> list[dict]:
-    """TRL's conversational prompt/completion: the prompt's turns (an earlier assistant turn is
-    history, not trained) followed by the completion's assistant turns."""
-    prompt_field, answer_field = enc.fields
-    prompt = [_one_turn(turn, n, index, enc) for n, turn in enumerate(row[prompt_field], 1)]
-    answer = [_one_turn(turn, n, index, enc) for n, turn in enumerate(row[answer_field], len(prompt) + 1)]
-    if not prompt or not answer or any(m["role"] != "assistant" for m in answer):
-        raise DataError(f"{enc.where(index)}: as lists of turns, '{prompt_field}' needs at least one turn and "
-                        f"'{answer_field}' the assistant's reply (turns with role assistant only)")
-    if prompt[0]["role"] == "assistant":
-        raise DataError(f"{enc.where(index)}: the conversation starts with the assistant's turn; start it with a "
-                        "system or user turn (the answer needs something to answer)")
-    history = [{**m, UNTRAINED: True} if m["role"] == "assistant" else m for m in prompt]
-    return _with_system(row, history + answer)
-
-
-UNTRAINED = "lorakit_untrained"  # on an assistant turn that is context, not a reply to learn
-
-
-def _with_system(row: dict, messages: list[dict]) -> list[dict]:
-    system = row.get("system")
-    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system}] + messages
-    return messages
-
-
-def _chat_messages(row: dict, index: int, enc: _Encoder) -> list[dict]:
-    column = enc.fields[0]
-    turns = row.get(column)
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{enc.where(index)}: '{column}' must be a non-empty list of turns")
-    messages = [_one_turn(turn, number, index, enc) for number, turn in enumerate(turns, 1)]
-    if messages[0]["role"] == "assistant":
-        raise DataError(f"{enc.where(index)}: the conversation starts with the assistant's turn; start it with a "
-                        "system or user turn (the answer needs something to answer)")
-    return _with_system(row, messages)
-
-
-def _text_parts_joined(content: Any) -> Any:
-    """OpenAI's content parts ([{"type": "text", "text": ...}, ...]) as one string; anything else
-    (a string, or parts that are not all text, which the caller then refuses) as it is."""
-    if isinstance(content, list) and content and all(
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    return content
-
-
-def _one_turn(turn: Any, number: int, index: int, enc: _Encoder) -> dict:
-    turn = turn if isinstance(turn, dict) else {}
-    sharegpt = turn.get("from") is not None  # ShareGPT {from, value}, else {role, content}
-    role = turn.get("from") if sharegpt else turn.get("role")
-    content = turn.get("value") if sharegpt else _text_parts_joined(turn.get("content"))
-    if not isinstance(role, str) or role not in ROLE_ALIASES:
-        raise DataError(
-            f"{enc.where(index)}: turn {number} has unknown role {role!r}; expected one of "
-            f"{', '.join(ROLE_ALIASES)} (as 'role' with 'content', or ShareGPT 'from' with 'value')"
-        )
-    if isinstance(content, list):
-        raise DataError(f"{enc.where(index)}: turn {number} ({role}) has content parts other than text "
-                        "(images, audio, ...); lorakit trains on text: keep the {\"type\": \"text\"} parts only")
-    if not isinstance(content, str):
-        raise DataError(
-            f"{enc.where(index)}: turn {number} ({role}) has no text in "
-            f"'{'value' if sharegpt else 'content'}'"
-        )
-    return {"role": ROLE_ALIASES[role], "content": content}
-
-
 # ---------------------------------------------------------------- rendering and masking
 
 
@@ -450,11 +354,11 @@ def _encode_batch(batch: dict[str, list], indices: list[int], enc: _Encoder, fir
     rows = [{name: batch[name][k] for name in batch} for k in range(len(indices))]
     indices = [first + i for i in indices]
     if enc.fmt == "text":
-        texts = [_text_of(row, "text", i, enc) for row, i in zip(rows, indices)]
+        texts = [field_text(row, "text", i, enc) for row, i in zip(rows, indices)]
         pairs = [(record, piece, list(piece)) for record, ids in zip(indices, _encode_texts(texts, enc.tokenizer))
                  for piece in _text_pieces(ids, enc.seq_len)]
     else:
-        to_messages = _chat_messages if enc.fmt == "chat" else _instruction_messages
+        to_messages = chat_messages if enc.fmt == "chat" else instruction_messages
         pairs = [(i, *_encode_messages(to_messages(row, i, enc), i, enc)) for row, i in zip(rows, indices)]
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "num_labels", "truncated", "record")}
     for record, ids, labels in pairs:

@@ -1,0 +1,120 @@
+"""Records to chat messages: the fields each data format reads, checked, as the list of
+{role, content} turns that `formats` renders with the chat template and masks.
+
+- instruction: a field pair (``instruction``/``output`` with an optional ``input``, or an alias
+  pair) as one user turn and one assistant turn; TRL's conversational prompt/completion (both
+  lists of turns) as the prompt's turns, whose assistant turns are history (marked UNTRAINED),
+  then the completion's.
+- chat: ``messages`` ({role, content}; content a string or OpenAI's text parts) or ShareGPT
+  ``conversations`` ({from, value}).
+An optional ``system`` column becomes a system turn first. Errors name the record and the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from lorakit.errors import DataError
+
+UNTRAINED = "lorakit_untrained"  # on an assistant turn that is context, not a reply to learn
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
+                "gpt": "assistant"}
+
+
+class Reader(Protocol):
+    """What the functions here need from the tokenising pass: its format, the columns it reads,
+    and where a record came from (for the error messages)."""
+
+    fmt: str
+    fields: tuple[str, ...]
+
+    def where(self, index: int) -> str: ...
+
+
+def field_text(row: dict, name: str, index: int, enc: Reader) -> str:
+    value = row.get(name)
+    if not isinstance(value, str):
+        got = "is missing" if value is None else f"is a {type(value).__name__}, not a string"
+        raise DataError(
+            f"{enc.where(index)}: field '{name}' {got}; format {enc.fmt} expects the fields "
+            f"{', '.join(enc.fields)}"
+        )
+    return value
+
+
+def instruction_messages(row: dict, index: int, enc: Reader) -> list[dict]:
+    prompt_field, answer_field = enc.fields
+    if isinstance(row.get(prompt_field), list) and isinstance(row.get(answer_field), list):
+        return _conversational_pair(row, index, enc)
+    prompt = field_text(row, prompt_field, index, enc)
+    context = row.get("input") if prompt_field == "instruction" else None
+    if isinstance(context, str) and context.strip():
+        prompt = f"{prompt}\n\n{context}"
+    messages = [{"role": "user", "content": prompt},
+                {"role": "assistant", "content": field_text(row, answer_field, index, enc)}]
+    return _with_system(row, messages)
+
+
+def _conversational_pair(row: dict, index: int, enc: Reader) -> list[dict]:
+    """TRL's conversational prompt/completion: the prompt's turns (an earlier assistant turn is
+    history, not trained) followed by the completion's assistant turns."""
+    prompt_field, answer_field = enc.fields
+    prompt = [_one_turn(turn, n, index, enc) for n, turn in enumerate(row[prompt_field], 1)]
+    answer = [_one_turn(turn, n, index, enc) for n, turn in enumerate(row[answer_field], len(prompt) + 1)]
+    if not prompt or not answer or any(m["role"] != "assistant" for m in answer):
+        raise DataError(f"{enc.where(index)}: as lists of turns, '{prompt_field}' needs at least one turn and "
+                        f"'{answer_field}' the assistant's reply (turns with role assistant only)")
+    if prompt[0]["role"] == "assistant":
+        raise DataError(f"{enc.where(index)}: the conversation starts with the assistant's turn; start it with a "
+                        "system or user turn (the answer needs something to answer)")
+    history = [{**m, UNTRAINED: True} if m["role"] == "assistant" else m for m in prompt]
+    return _with_system(row, history + answer)
+
+
+def _with_system(row: dict, messages: list[dict]) -> list[dict]:
+    system = row.get("system")
+    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def chat_messages(row: dict, index: int, enc: Reader) -> list[dict]:
+    column = enc.fields[0]
+    turns = row.get(column)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{enc.where(index)}: '{column}' must be a non-empty list of turns")
+    messages = [_one_turn(turn, number, index, enc) for number, turn in enumerate(turns, 1)]
+    if messages[0]["role"] == "assistant":
+        raise DataError(f"{enc.where(index)}: the conversation starts with the assistant's turn; start it with a "
+                        "system or user turn (the answer needs something to answer)")
+    return _with_system(row, messages)
+
+
+def _text_parts_joined(content: Any) -> Any:
+    """OpenAI's content parts ([{"type": "text", "text": ...}, ...]) as one string; anything else
+    (a string, or parts that are not all text, which the caller then refuses) as it is."""
+    if isinstance(content, list) and content and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return content
+
+
+def _one_turn(turn: Any, number: int, index: int, enc: Reader) -> dict:
+    turn = turn if isinstance(turn, dict) else {}
+    sharegpt = turn.get("from") is not None  # ShareGPT {from, value}, else {role, content}
+    role = turn.get("from") if sharegpt else turn.get("role")
+    content = turn.get("value") if sharegpt else _text_parts_joined(turn.get("content"))
+    if not isinstance(role, str) or role not in ROLE_ALIASES:
+        raise DataError(
+            f"{enc.where(index)}: turn {number} has unknown role {role!r}; expected one of "
+            f"{', '.join(ROLE_ALIASES)} (as 'role' with 'content', or ShareGPT 'from' with 'value')"
+        )
+    if isinstance(content, list):
+        raise DataError(f"{enc.where(index)}: turn {number} ({role}) has content parts other than text "
+                        "(images, audio, ...); lorakit trains on text: keep the {\"type\": \"text\"} parts only")
+    if not isinstance(content, str):
+        raise DataError(
+            f"{enc.where(index)}: turn {number} ({role}) has no text in "
+            f"'{'value' if sharegpt else 'content'}'"
+        )
+    return {"role": ROLE_ALIASES[role], "content": content}
