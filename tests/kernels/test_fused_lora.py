@@ -183,13 +183,12 @@ def test_dora_and_plain_linear_are_not_fusable():
 # ---- the cast adapter copies: made once per change of the master weights --------------------------
 
 def _count_refreshes(monkeypatch):
-    """A list that grows by one whenever a group's cast copies are made."""
+    """A list that grows by one whenever a group's cast copies are written."""
     from lorakit.kernels import fused_lora
 
     calls = []
-    real = fused_lora._CastAdapters.__init__
-    monkeypatch.setattr(fused_lora._CastAdapters, "__init__",
-                        lambda self, *args: calls.append(1) or real(self, *args))
+    real = fused_lora._CastAdapters.refresh
+    monkeypatch.setattr(fused_lora._CastAdapters, "refresh", lambda self, stamp: calls.append(1) or real(self, stamp))
     return calls
 
 
@@ -274,6 +273,14 @@ def test_two_forwards_around_another_optimizers_step_backpropagate_together():
     second = sum(o.float().sum() for o in lora_qkv(x, *layers))
     (first + second).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _adapter_params(layers))
+    # a graph spanning two such steps would find its copies written over: an error, never a wrong gradient
+    x = _input(torch.bfloat16)
+    losses = []
+    for _ in range(3):
+        losses.append(sum(o.float().sum() for o in lora_qkv(x, *layers)))
+        other_optimizer.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        sum(losses).backward()
 
 
 def test_sharded_models_cast_afresh_in_every_forward(monkeypatch):

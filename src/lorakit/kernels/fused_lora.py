@@ -29,7 +29,7 @@ faster than torch's own GEMMs.
 
 Adapters stored in a wider dtype than the activations (fp32 master weights under a bf16 base)
 are cast down for the GEMMs, and their gradients are cast back. The cast copies (A of the group
-stacked into one matrix, each B) are kept on the group's first layer and made anew, in one
+stacked into one matrix, each B) are kept on the group's first layer and written again, in one
 multi-tensor copy, only when the master weights may have changed (after an optimizer step, a
 load, a move): forward, recompute under checkpointing and backward reuse them. On an H200 the per-GEMM casts and
 concatenations were about 400 kernel launches of a 1b step, whose CPU time the GPU waited for.
@@ -159,22 +159,38 @@ def _rank_slices(projections):
 class _CastAdapters:
     """One group's adapters in the activations' dtype: A of every projection stacked into one
     (R, in) matrix and each B (the master itself where the dtypes agree), copied from the masters
-    in one multi-tensor copy, with the stamp of the masters they were copied from. Never written
-    again: a change of the masters makes new copies, since a graph not yet backpropagated may
-    hold these (two forwards around another model's optimizer step)."""
+    in one multi-tensor copy, with the stamp of the masters they were copied from.
 
-    def __init__(self, masters_a: list[torch.Tensor], masters_b: list[torch.Tensor], dtype: torch.dtype,
-                 stamp: tuple):
-        first = masters_a[0]
+    Two sets of copies take turns: a graph not yet backpropagated may hold the current set (two
+    forwards around another model's optimizer step), so a refresh writes the other one. Writing
+    into kept buffers rather than making new ones each step: new ones grew the demo's peak RSS
+    by 0.15 GiB (the C allocator's fragmentation)."""
+
+    def __init__(self, masters_a: list[torch.Tensor], masters_b: list[torch.Tensor], dtype: torch.dtype):
+        self.masters, self.stamp = (*masters_a, *masters_b), None
+        self.layout = _layout(self.masters, dtype)
         # a first forward under inference_mode must not make inference tensors: training saves these
+        with torch.inference_mode(False):
+            self._sets = [_copy_buffers(masters_a, masters_b, dtype) for _ in range(2)]
+        self._turn = 0
+        self.a_cat, self.b = self._sets[0][:2]
+
+    def refresh(self, stamp: tuple) -> None:
+        self._turn ^= 1
+        a_cat, b, targets, sources = self._sets[self._turn]
         with torch.inference_mode(False), torch.no_grad():
-            self.a_cat = torch.empty(sum(a.shape[0] for a in masters_a), first.shape[1], dtype=dtype,
-                                     device=first.device)
-            self.b = [b if b.dtype == dtype else torch.empty_like(b, dtype=dtype) for b in masters_b]
-            copies = [(copy, b) for copy, b in zip(self.b, masters_b) if copy is not b]
-            torch._foreach_copy_([*self.a_cat.split([a.shape[0] for a in masters_a]), *(c for c, _ in copies)],
-                                 [*masters_a, *(b for _, b in copies)])  # one launch, casts included
-        self.masters, self.dtype, self.stamp = (*masters_a, *masters_b), dtype, stamp
+            torch._foreach_copy_(targets, sources)  # one launch for the group, casts included
+        self.a_cat, self.b, self.stamp = a_cat, b, stamp
+
+
+def _copy_buffers(masters_a, masters_b, dtype):
+    """(a_cat, [B copies or masters], the copy targets, their sources) for one set of copies."""
+    first = masters_a[0]
+    a_cat = torch.empty(sum(a.shape[0] for a in masters_a), first.shape[1], dtype=dtype, device=first.device)
+    b = [m if m.dtype == dtype else torch.empty_like(m, dtype=dtype) for m in masters_b]
+    copied = [(copy, m) for copy, m in zip(b, masters_b) if copy is not m]
+    targets = [*a_cat.split([a.shape[0] for a in masters_a]), *(copy for copy, _ in copied)]
+    return a_cat, b, targets, [*masters_a, *(m for _, m in copied)]
 
 
 CAST_ADAPTERS = "_lorakit_cast_adapters"  # on a group's first layer: {group's layer ids: _CastAdapters}
@@ -210,23 +226,32 @@ def _start_counting_optimizer_steps() -> None:
 
 def cast_adapters(layers, dtype: torch.dtype) -> _CastAdapters:
     """The group's adapters in `dtype`, copied again only after a torch.optim step, or when a
-    master's version, storage or dtype moved (load_state_dict and other in-place writes bump the
-    version; a move to another device or dtype swaps the storage). Call inside a Function's
-    forward. Unseen: an optimizer outside torch.optim, or a write through `.data`: update adapter
-    weights with copy_ under no_grad, as load_state_dict does."""
+    master's version or storage moved (load_state_dict and other in-place writes bump the version;
+    a move swaps the storage); new buffers when a master's dtype or device, or the activations'
+    dtype, changed. Call inside a Function's forward. Unseen: an optimizer outside torch.optim, or
+    a write through `.data`: update adapter weights with copy_ under no_grad, as load_state_dict does."""
     _start_counting_optimizer_steps()
     masters_a = [layer.lora_A.weight for layer in layers]
     masters_b = [layer.lora_B.weight for layer in layers]
     masters = (*masters_a, *masters_b)
-    stamp = (_optimizer_steps, dtype, *((m._version, m.data_ptr(), m.dtype, m.device) for m in masters))
+    stamp = (_optimizer_steps, *((m._version, m.data_ptr()) for m in masters))
     if layers[0].__dict__.get(FRESH_CASTS):
-        return _CastAdapters(masters_a, masters_b, dtype, stamp)
+        casts = _CastAdapters(masters_a, masters_b, dtype)
+        casts.refresh(stamp)
+        return casts
     store = layers[0].__dict__.setdefault(CAST_ADAPTERS, {})
     key = tuple(id(layer) for layer in layers)
     casts = store.get(key)
-    if casts is None or casts.stamp != stamp or any(old is not new for old, new in zip(casts.masters, masters)):
-        casts = store[key] = _CastAdapters(masters_a, masters_b, dtype, stamp)
+    if casts is None or casts.layout != _layout(masters, dtype) or any(a is not b for a, b in zip(casts.masters, masters)):
+        casts = store[key] = _CastAdapters(masters_a, masters_b, dtype)
+    if casts.stamp != stamp:
+        casts.refresh(stamp)
     return casts
+
+
+def _layout(masters, dtype: torch.dtype) -> tuple:
+    """What the copy buffers are made for: the activations' dtype, the masters' dtypes and devices."""
+    return dtype, *((m.dtype, m.device) for m in masters)
 
 
 def _shared_forward(x2, projections, casts: _CastAdapters):
