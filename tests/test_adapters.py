@@ -255,3 +255,18 @@ def test_a_refusal_with_json_also_answers_in_json(capsys):
     assert captured.err.startswith("error: --seq-len must be at least 2")
     assert main(["eval", "--adapter", "nowhere", "--data", "nothing.jsonl", "--seq-len", "1"]) == 2
     assert capsys.readouterr().out == ""  # without --json: stderr only
+
+
+def test_the_runs_dtype_is_read_beside_its_adapter_only(tmp_path):
+    from lorakit.evaluate import run_dtype_of
+
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    summary = tmp_path / "run" / "summary.json"
+    summary.write_text(json.dumps({"adapter": "runs/x/adapter", "dtype": "float32"}))  # --output given relative
+    assert run_dtype_of(tmp_path / "run" / "adapter") == "float32"
+    summary.write_text(json.dumps({"adapter": "runs/x/adapter", "dtype": "int8"}))
+    assert run_dtype_of(tmp_path / "run" / "adapter") is None
+    (tmp_path / "run" / "checkpoints" / "step-000002" / "adapter").mkdir(parents=True)
+    assert run_dtype_of(tmp_path / "run" / "checkpoints" / "step-000002" / "adapter") is None
+    summary.write_text("not json")
+    assert run_dtype_of(tmp_path / "run" / "adapter") is None

@@ -58,7 +58,8 @@ def run_dtype_of(adapter: str | os.PathLike) -> str | None:
         summary = json.loads((folder.parent / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(summary, dict) or Path(str(summary.get("adapter", ""))).resolve() != folder:
+    # the summary names the adapter as the run's --output spelled it, perhaps relative: compare names
+    if not isinstance(summary, dict) or Path(str(summary.get("adapter", ""))).name != folder.name:
         return None
     dtype = summary.get("dtype")
     return dtype if dtype in ("float32", "bfloat16", "float16") else None

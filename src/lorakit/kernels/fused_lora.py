@@ -166,17 +166,18 @@ class _CastAdapters:
     into kept buffers rather than making new ones each step: new ones grew the demo's peak RSS
     by 0.15 GiB (the C allocator's fragmentation)."""
 
-    def __init__(self, masters_a: list[torch.Tensor], masters_b: list[torch.Tensor], dtype: torch.dtype):
+    def __init__(self, masters_a: list[torch.Tensor], masters_b: list[torch.Tensor], dtype: torch.dtype,
+                 sets: int = 2):
         self.masters, self.stamp = (*masters_a, *masters_b), None
         self.layout = _layout(self.masters, dtype)
         # a first forward under inference_mode must not make inference tensors: training saves these
         with torch.inference_mode(False):
-            self._sets = [_copy_buffers(masters_a, masters_b, dtype) for _ in range(2)]
+            self._sets = [_copy_buffers(masters_a, masters_b, dtype) for _ in range(sets)]
         self._turn = 0
         self.a_cat, self.b = self._sets[0][:2]
 
     def refresh(self, stamp: tuple) -> None:
-        self._turn ^= 1
+        self._turn = (self._turn + 1) % len(self._sets)
         a_cat, b, targets, sources = self._sets[self._turn]
         with torch.inference_mode(False), torch.no_grad():
             torch._foreach_copy_(targets, sources)  # one launch for the group, casts included
@@ -235,8 +236,8 @@ def cast_adapters(layers, dtype: torch.dtype) -> _CastAdapters:
     masters_b = [layer.lora_B.weight for layer in layers]
     masters = (*masters_a, *masters_b)
     stamp = (_optimizer_steps, *((m._version, m.data_ptr()) for m in masters))
-    if layers[0].__dict__.get(FRESH_CASTS):
-        casts = _CastAdapters(masters_a, masters_b, dtype)
+    if layers[0].__dict__.get(FRESH_CASTS):  # used by this forward (and its backward) alone
+        casts = _CastAdapters(masters_a, masters_b, dtype, sets=1)
         casts.refresh(stamp)
         return casts
     store = layers[0].__dict__.setdefault(CAST_ADAPTERS, {})

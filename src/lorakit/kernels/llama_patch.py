@@ -64,9 +64,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitWarning
-from lorakit.kernels import cpu_attention, cpu_gemm, native_ops
+from lorakit.kernels import cpu_attention, cpu_gemm, fused_lora, native_ops
 from lorakit.kernels.chunked_ce import IGNORE_INDEX, chunked_lm_head_loss
-from lorakit.kernels import fused_lora
 from lorakit.kernels.fused_lora import fuse_blocker, lora_linear, lora_mlp, lora_qkv
 
 # modules whose forward is exactly down(act(gate(x)) * up(x)) / calls q,k,v_proj(hidden_states)
@@ -376,7 +375,7 @@ def _original(module: nn.Module) -> Callable:
 
 
 def _fused_mlp_forward(triton: bool) -> Callable:
-    options = {"triton": True, "checked": True} if triton else {"checked": True}
+    options = {"triton": triton, "checked": True}
 
     def forward(mlp, x):
         layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
