@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import gpu_kernels  # noqa: E402
+import gpu_profile  # noqa: E402
 import gpu_summary  # noqa: E402
 
 
@@ -130,3 +131,16 @@ def test_qlora_bench_runs_its_variants_on_the_tiny_preset():
     assert "error:" not in run.stdout and "relative gap 0.00e+00 (ok)" in run.stdout
     for variant in ("lorakit-bf16", "lorakit-qlora", "peft-qlora"):
         assert f"| {variant} |" in run.stdout
+
+
+def test_profile_reports_each_case_and_a_failed_one_by_name(tmp_path, monkeypatch, capsys):
+    # on a CPU every case runs the tiny preset: the report's shape is what is checked
+    monkeypatch.setattr(sys, "argv", ["gpu_profile.py", str(tmp_path), "--cases", "1b:lorakit,1b+ckpt:nonsense"])
+    assert gpu_profile.main() == 0
+    report = (tmp_path / "profile.txt").read_text()
+    assert report.startswith("== 1b:lorakit: wall ") and "ms/step" in report and "ops by self GPU time" in report
+    assert "== 1b+ckpt:nonsense: failed: ConfigError" in report
+    assert (tmp_path / "trace.json.gz").stat().st_size > 0
+    assert [gpu_profile.kind_of(n) for n in ("nvjet_sm90_tst_256x128", "flash_fwd", "_rope_kernel",
+                                             "vectorized_elementwise_kernel<8>", "cunn_SoftMaxForward")] == [
+        "gemm", "attention", "triton", "elementwise", "other"]
