@@ -71,6 +71,16 @@ def _triton_forwards(model):
     return sum(bool(m.__dict__.get("_lorakit_triton")) for m in model.modules())
 
 
+def test_triton_kernels_enabled_says_whether_any_module_runs_them():
+    from lorakit.kernels.llama_patch import triton_kernels_enabled
+
+    model = _model()
+    enable_fast_paths(model)
+    assert not triton_kernels_enabled(model)
+    enable_fast_paths(model, triton=True)
+    assert triton_kernels_enabled(model)
+
+
 def test_llama_triton_matches_plain_fast_paths_and_unpatched_model():
     model, batch = _model(), _batch()
     unpatched = _logits_and_grads(model, batch)

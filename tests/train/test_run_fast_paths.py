@@ -47,13 +47,16 @@ def test_wants_triton_follows_the_setting_and_the_device(setting, device, expect
     assert wants_triton(setting, torch.device(device)) is expected
 
 
-def test_the_run_asks_for_triton_kernels_for_a_gpu_run(monkeypatch):
+def test_the_run_asks_for_triton_kernels_for_a_gpu_run_and_says_so(monkeypatch):
     asked = []
     monkeypatch.setattr(llama_patch, "enable_fast_paths", lambda model, triton: asked.append(triton) or [])
+    monkeypatch.setattr(llama_patch, "triton_kernels_enabled", lambda model: asked[-1])
+    said = []
     for flags in ([], ["--no-triton-kernels"], ["--triton-kernels", "on"]):
         config = _config(*flags)
-        run._enable_fast_paths(_model(config), config, torch.device("cuda"))
+        said.append(run._enable_fast_paths(_model(config), config, torch.device("cuda")))
     assert asked == [True, False, True]
+    assert [any("Triton kernels for RMSNorm" in n for n in notices) for notices in said] == [True, False, True]
 
 
 def test_triton_kernels_without_a_gpu_fall_back_with_one_notice(monkeypatch):

@@ -149,6 +149,11 @@ def fast_paths_enabled(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def triton_kernels_enabled(model: nn.Module) -> bool:
+    """Some patched module runs the Triton kernels."""
+    return any(module.__dict__.get(_TRITON) for module in model.modules())
+
+
 def mlps_fused(model: nn.Module) -> bool:
     """Every SwiGLU MLP runs lora_mlp (which keeps neither silu(gate) nor the SwiGLU product): the
     estimator's per-layer model cannot count a mix, so a mix answers False (the larger estimate)."""
