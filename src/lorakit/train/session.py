@@ -443,12 +443,14 @@ def _config_changes(saved: dict, now: dict) -> list[str]:
 
 def _effective(name: str, value):
     """What a setting does here: train.triton_kernels was a boolean before it had auto (a checkpoint
-    saved then reads false), and auto is on or off by the device."""
+    saved then reads false), and auto is on or off by the device, as the run decides it."""
     if name != "train.triton_kernels":
         return value
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return ("on" if torch.cuda.is_available() else "off") if value == "auto" else value
+    from lorakit.kernels.llama_patch import wants_triton
+    from lorakit.train.distributed import device_of_rank
+
+    setting = ("on" if value else "off") if isinstance(value, bool) else value
+    return wants_triton(setting, device_of_rank())
 
 
 def _read_history(path: Path, up_to_step: int, count: int | None = None) -> list[dict]:
