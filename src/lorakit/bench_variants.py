@@ -104,10 +104,10 @@ def prepare_variant(name: str, plan) -> Prepared:
             from lorakit.kernels.varlen_attention import per_document_only
 
             per_document_only(model)
-        if name == "lorakit-offload":
+        if plan.settings.grad_checkpointing:  # the trainer's checkpointing (build_model's is transformers')
             from lorakit.train.memory_plan import checkpoint_every_layer
 
-            checkpoint_every_layer(model, offload=True)
+            checkpoint_every_layer(model, offload=name == "lorakit-offload")
     params = [p for p in model.parameters() if p.requires_grad]
     fused = name.startswith("lorakit")  # the trainer's fused AdamW (CUDA and CPU)
     optimizer = torch.optim.AdamW(params, lr=LR, **({"fused": True} if fused else {}))

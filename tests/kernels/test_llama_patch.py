@@ -11,7 +11,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
 
-from lorakit.kernels import cpu_attention, llama_patch, native_ops
+from lorakit.kernels import cpu_attention, fused_lora, llama_patch, native_ops
 from lorakit.kernels.llama_patch import (causal_lm_loss, disable_fast_paths, enable_fast_paths,
                                          fast_paths_enabled)
 from lorakit.lora import LoraConfig, LoraLinear, apply_lora, merge_lora
@@ -337,6 +337,49 @@ def test_with_gradient_checkpointing():
     plain = _plain(model, batch)
     enable_fast_paths(model)
     _assert_same(_fast(model, batch), plain)
+
+
+def _count_skipped_mlp_outputs(monkeypatch):
+    skipped = []
+    original = fused_lora._shared_forward
+
+    def spy(x2, projections, casts, outputs=True):
+        skipped.append(not outputs)
+        return original(x2, projections, casts, outputs)
+
+    monkeypatch.setattr(fused_lora, "_shared_forward", spy)
+    return skipped
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("offload", [False, True])
+def test_trainer_checkpointing_recomputes_without_the_mlp_output_and_matches(monkeypatch, arch, offload):
+    from lorakit.train.memory_plan import checkpoint_every_layer
+
+    model, batch = _model(arch), _batch()
+    enable_fast_paths(model)
+    model.train()
+    want = _fast(model, batch)
+    checkpoint_every_layer(model, offload=offload)  # on a CPU offload keeps tensors where they are
+    skipped = _count_skipped_mlp_outputs(monkeypatch)
+    got = _fast(model, batch)
+    # each layer's forward computes the MLP's output, each recompute leaves it out
+    assert skipped.count(True) == SIZES["num_hidden_layers"] and skipped.count(False) > 0
+    _assert_same(got, want, rtol=1e-6)
+
+
+def test_recompute_skip_only_for_layers_that_only_add_the_mlp_output(monkeypatch):
+    from lorakit.train.memory_plan import checkpoint_every_layer
+
+    model, batch = _model(), _batch()
+    enable_fast_paths(model)
+    monkeypatch.setattr(llama_patch, "DECODER_LAYERS", set())  # a layer the fast path does not know
+    checkpoint_every_layer(model.train())
+    skipped = _count_skipped_mlp_outputs(monkeypatch)
+    plain = _plain(model, batch)
+    got = _fast(model, batch)
+    assert skipped and not any(skipped)
+    _assert_same(got, plain)
 
 
 def test_disable_restores_the_original_forwards():

@@ -34,13 +34,23 @@ multi-tensor copy, only when the master weights may have changed (after an optim
 load, a move): forward, recompute under checkpointing and backward reuse them. On an H200 the per-GEMM casts and
 concatenations were about 400 kernel launches of a 1b step, whose CPU time the GPU waited for.
 
+Under activation checkpointing a decoder layer's forward runs twice, the second time (in
+backward) only to recompute what backward saves. Where the layer ends in `residual + mlp(x)`
+(llama_patch.DECODER_LAYERS), the recompute does not need the MLP's output: within
+`recompute_skips_mlp_output()`'s recompute context lora_mlp leaves out the down projection's
+base GEMM (its LoRA A product, which backward saves, still runs) and returns an uninitialised
+tensor, which only the discarded residual sum reads: about a quarter of a Llama layer's forward
+FLOPs, so of the work checkpointing adds.
+
 The fused path covers plain LoRA only: `fuse_blocker(module)` names why a module cannot use
 it (dropout > 0, DoRA, merged or disabled adapter, trainable or non-float base weight).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import torch
 import torch.nn as nn
@@ -255,10 +265,36 @@ def _layout(masters, dtype: torch.dtype) -> tuple:
     return dtype, *((m.dtype, m.device) for m in masters)
 
 
-def _shared_forward(x2, projections, casts: _CastAdapters):
-    """Outputs of projections sharing input x2 (T, in), plus what backward needs."""
+class _RecomputeState(threading.local):
+    skips_mlp_output = False  # per thread: checkpoint recomputes run in autograd's backward threads
+
+
+_RECOMPUTE = _RecomputeState()
+
+
+@contextlib.contextmanager
+def _mlp_output_unused():
+    previous, _RECOMPUTE.skips_mlp_output = _RECOMPUTE.skips_mlp_output, True
+    try:
+        yield
+    finally:
+        _RECOMPUTE.skips_mlp_output = previous
+
+
+def recompute_skips_mlp_output():
+    """A `context_fn` for torch.utils.checkpoint around a layer whose MLP output is only added to
+    the residual: the original forward runs as usual, the recompute without the down
+    projection's base GEMM. Only for layers where nothing saved for backward reads that output."""
+    return contextlib.nullcontext(), _mlp_output_unused()
+
+
+def _shared_forward(x2, projections, casts: _CastAdapters, outputs: bool = True):
+    """Outputs of projections sharing input x2 (T, in), plus what backward needs; with
+    outputs=False the outputs are left uncomputed (uninitialised), what backward needs is not."""
     a_cat = casts.a_cat  # (R, in), R = sum of ranks
     xa = cpu_gemm.linear(x2, a_cat)  # (T, R)
+    if not outputs:
+        return [x2.new_empty(x2.shape[0], weight.shape[0]) for weight, *_ in projections], xa, a_cat
     outs = []
     for (weight, bias, _, _, s), lora_b, cols in zip(projections, casts.b, _rank_slices(projections)):
         out = cpu_gemm.linear(x2, weight, bias)  # (T, out)
@@ -339,7 +375,7 @@ class _LoraSwiGLU(torch.autograd.Function):
         gate_up_casts, down_casts = cast_adapters(layers[:2], x.dtype), cast_adapters(layers[2:], x.dtype)
         (e, g), xa, a_cat = _shared_forward(_flat(x), [gate, up], gate_up_casts)  # (T, I) each
         h = triton_ops.silu_mul(e, g) if triton_ops else F.silu(e).mul_(g)  # not saved
-        (out,), ha, a_down = _shared_forward(h, [down], down_casts)
+        (out,), ha, a_down = _shared_forward(h, [down], down_casts, outputs=not _RECOMPUTE.skips_mlp_output)
         ctx.scalings, ctx.triton_ops = scalings, triton_ops
         ctx.save_for_backward(x, e, g, xa, a_cat, ha, a_down, *gate_up_casts.b, *down_casts.b, *params)
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -73,6 +73,9 @@ SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 FUSED_MLP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # the config model_types of those MLPs
 ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
 QKV, MLP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")
+# decoder layers whose forward ends in `residual + mlp(post_attention_layernorm(h))` with nothing
+# saved for backward after the MLP (transformers 5.x): a checkpoint recompute may skip its output
+DECODER_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
 # modules whose forward is exactly LlamaRMSNorm's
 RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 # what each attention passes to the attention kernel beyond LlamaAttention's arguments
@@ -115,6 +118,12 @@ def enable_fast_paths(model: nn.Module, triton: bool = False, native: bool = Tru
     if not fallbacks and not fast_paths_enabled(model):
         fallbacks.setdefault("no Llama-style attention or SwiGLU MLP with LoRA was found", [])
     return notices + [_notice(reason, names) for reason, names in fallbacks.items()]
+
+
+def recompute_context_fn(layer: nn.Module) -> Callable | None:
+    """torch.utils.checkpoint's context_fn for this decoder layer: the fused MLP's output left
+    out of the recompute where the layer only adds it to the residual; None elsewhere."""
+    return fused_lora.recompute_skips_mlp_output if type(layer).__name__ in DECODER_LAYERS else None
 
 
 def wants_triton(setting: str, device: torch.device) -> bool:

@@ -116,14 +116,10 @@ def _quantized_model(hf_config: Any, shape: TrainShape, device: str) -> nn.Modul
 def _enable_checkpointing(model: nn.Module, layers: int | None = None, offload: bool = False) -> None:
     """Checkpoint the earliest `layers` decoder layers (all when None), as the trainer picks
     them; with `offload` their inputs wait in host memory (only tensors on an accelerator move)."""
-    from lorakit.train.memory_plan import checkpointable_layers
+    from lorakit.train.memory_plan import checkpointable_layers, enable_checkpointing
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    enable = getattr(base, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:  # older transformers
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(base)
     checkpointed = checkpointable_layers(base)[:layers]
     if layers is not None:
         for index, layer in enumerate(checkpointable_layers(base)):

@@ -28,11 +28,14 @@ those inputs (L - 2 hidden states) and costs PCIe traffic; the host must have ro
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from lorakit.errors import LorakitError
@@ -133,7 +136,7 @@ def apply_checkpointing(model: nn.Module, plan: CheckpointPlan) -> None:
     if plan.mode != "selective":
         checkpoint_every_layer(model, offload=plan.mode == "offload")
         return
-    _enable_checkpointing(model)
+    enable_checkpointing(model)
     chosen = set(plan.layers)
     for index, layer in enumerate(checkpointable_layers(model)):
         layer.gradient_checkpointing = index in chosen
@@ -142,19 +145,33 @@ def apply_checkpointing(model: nn.Module, plan: CheckpointPlan) -> None:
 def checkpoint_every_layer(model: nn.Module, offload: bool = False) -> None:
     """Non-reentrant checkpointing on every decoder layer, each layer's input in host memory
     with `offload` (also the bench's way in)."""
-    _enable_checkpointing(model)
+    enable_checkpointing(model)
     if offload:
         from lorakit.train.offload import offload_layers
 
         offload_layers(checkpointable_layers(model))
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
+def enable_checkpointing(model: nn.Module) -> None:
+    """transformers' switch for non-reentrant checkpointing of every decoder layer, each layer's
+    checkpoint then told what its recompute may leave out (`layer_checkpoint`)."""
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:  # transformers before activation_checkpointing_enable
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in checkpointable_layers(model):
+        layer._gradient_checkpointing_func = layer_checkpoint(layer)
+
+
+def layer_checkpoint(layer: nn.Module) -> Callable[..., Any]:
+    """torch's non-reentrant checkpoint for one decoder layer, whose recompute skips the fused
+    MLP's output where the layer allows (llama_patch.recompute_context_fn)."""
+    from lorakit.kernels.llama_patch import recompute_context_fn
+
+    context_fn = recompute_context_fn(layer)
+    extra = {} if context_fn is None else {"context_fn": context_fn}
+    return functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, **extra)
 
 
 def checkpointable_layers(model: nn.Module) -> list[nn.Module]:

@@ -86,12 +86,15 @@ class HostOffload:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
-def offloaded_checkpoint(offload: HostOffload | None = None) -> Callable[..., Any]:
+def offloaded_checkpoint(offload: HostOffload | None = None,
+                         context_fn: Callable[[], tuple[Any, Any]] | None = None) -> Callable[..., Any]:
     """A `_gradient_checkpointing_func` for transformers' layers: non-reentrant checkpointing
-    whose saved inputs go through `offload` (the hooks wrap the checkpoint call, nothing else)."""
+    whose saved inputs go through `offload` (the hooks wrap the checkpoint call, nothing else);
+    `context_fn` is torch's (memory_plan.layer_checkpoint chooses it)."""
     if offload is None:
         offload = HostOffload()
-    checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    extra = {} if context_fn is None else {"context_fn": context_fn}
+    checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, **extra)
 
     def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not any(isinstance(a, torch.Tensor) for a in args):
@@ -113,7 +116,9 @@ def offload_layers(layers: list[nn.Module], offload: HostOffload | None = None) 
     """Checkpoint each of `layers` (transformers' `GradientCheckpointingLayer`s) with its input
     held in host memory. Call after the model-wide checkpointing enable, which sets the
     attribute this replaces."""
-    checkpoint = offloaded_checkpoint(offload)
+    from lorakit.kernels.llama_patch import recompute_context_fn
+
+    offload = offload or HostOffload()
     for layer in layers:
         layer.gradient_checkpointing = True
-        layer._gradient_checkpointing_func = checkpoint
+        layer._gradient_checkpointing_func = offloaded_checkpoint(offload, recompute_context_fn(layer))
