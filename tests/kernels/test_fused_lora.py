@@ -7,11 +7,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.kernels import fused_lora
 from lorakit.kernels.fused_lora import can_fuse, fuse_blocker, lora_linear, lora_mlp, lora_qkv
 from lorakit.lora.layer import LoraLinear
 
 HIDDEN, INTER = 24, 40
 pytestmark = pytest.mark.usefixtures("gemm_backend")  # torch's GEMMs and oneDNN's
+
+
+@pytest.fixture(params=["cpu-products", "epilogue"])
+def scaling_path(request, monkeypatch):
+    """The adapters' scaled products as the CPU runs them (cpu_gemm, then a scaling) and as a GPU
+    does (the scale in addmm's alpha, written into a column block of dXA in place)."""
+    if request.param == "epilogue":
+        monkeypatch.setattr(fused_lora, "_scale_in_epilogue", lambda t: True)
+    return request.param
 
 
 def _lora(in_f, out_f, r, alpha=None, bias=False, dtype=torch.float32, dropout=0.0, dora=False):
@@ -66,6 +76,7 @@ def _plain_mlp(gate, up, down):
 
 
 @pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.usefixtures("scaling_path")
 def test_qkv_fp32_matches_plain_modules(bias):
     layers = _qkv(bias=bias)
     fused = _outputs_and_grads(lambda x: lora_qkv(x, *layers), _input(), layers)
@@ -73,6 +84,7 @@ def test_qkv_fp32_matches_plain_modules(bias):
     _assert_match(fused, plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("scaling_path")
 def test_single_projection_fp32_matches_plain_module():
     layer = _lora(HIDDEN, 16, 4, bias=True)
     fused = _outputs_and_grads(lambda x: lora_linear(x, layer), _input(), [layer])
@@ -80,6 +92,7 @@ def test_single_projection_fp32_matches_plain_module():
     _assert_match(fused, plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("scaling_path")
 def test_mlp_fp32_matches_plain_modules():
     layers = _mlp()
     fused = _outputs_and_grads(lambda x: lora_mlp(x, *layers), _input(), layers)
@@ -97,6 +110,7 @@ def _relative_errors(got, oracle):
 
 
 @pytest.mark.parametrize("block", ["qkv", "mlp"])
+@pytest.mark.usefixtures("scaling_path")
 def test_bf16_base_with_fp32_adapters_as_accurate_as_plain_path(block):
     # LoraLinear keeps fp32 masters under a bf16 base; both paths run the GEMMs in bf16.
     # Oracle: the plain path on an fp32 copy. Stated tolerance: every output and gradient

@@ -309,12 +309,14 @@ def _shared_backward(x2, xa, a_cat, cast_b, projections, grad_outs, need_input_g
     dxa = torch.empty_like(xa)  # (T, R)
     grads_b = []
     for (_, _, _, lora_b, s), b, cols, dy in zip(projections, cast_b, _rank_slices(projections), grad_outs):
-        dxa[:, cols] = cpu_gemm.matmul(dy, b).mul_(s)  # (T, r_i)
-        grad_b = cpu_gemm.grad_weight(dy, xa[:, cols]).mul_(s)  # (out_i, r_i)
+        _scaled_matmul(dy, b, s, out=dxa[:, cols])  # (T, r_i)
+        grad_b = _scaled_grad_weight(dy, xa[:, cols], s)  # (out_i, r_i)
         grads_b.append(grad_b.to(lora_b.dtype).contiguous())  # oneDNN's is a transposed view
     grad_a_cat = cpu_gemm.grad_weight(dxa, x2)  # (R, in)
-    grads_a = [grad_a_cat[cols].to(p[2].dtype)
-               for p, cols in zip(projections, _rank_slices(projections))]
+    master_dtypes = [lora_a.dtype for _, _, lora_a, _, _ in projections]
+    if len(set(master_dtypes)) == 1:  # as apply_lora makes them: one cast for the group
+        grad_a_cat = grad_a_cat.to(master_dtypes[0])
+    grads_a = [grad_a_cat[cols].to(dtype) for cols, dtype in zip(_rank_slices(projections), master_dtypes)]
     dx = None
     if need_input_grad:
         dx = cpu_gemm.matmul(grad_outs[0], projections[0][0])  # (T, in)
@@ -322,6 +324,28 @@ def _shared_backward(x2, xa, a_cat, cast_b, projections, grad_outs, need_input_g
             dx = cpu_gemm.matmul_add(dy, weight, dx)
         dx.addmm_(dxa, a_cat)
     return dx, grads_a, grads_b
+
+
+def _scale_in_epilogue(t: torch.Tensor) -> bool:
+    """cuBLAS applies a GEMM's alpha and writes a column block of a wider matrix in place: on a
+    GPU the adapters' scaled products take one launch each instead of a product, a scaling and
+    a copy (a 1b step launched about 220 of those; its CPU, not its GPU, set the pace). The CPU
+    keeps cpu_gemm's products, which choose oneDNN."""
+    return t.is_cuda
+
+
+def _scaled_matmul(a, b, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """out = scale * (a @ b)."""
+    if _scale_in_epilogue(a):
+        return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scale, out=out)  # beta=0: input unread
+    return out.copy_(cpu_gemm.matmul(a, b).mul_(scale))
+
+
+def _scaled_grad_weight(dy, x, scale: float) -> torch.Tensor:
+    """scale * dy^T @ x, the gradient of a weight whose layer took x and returned dy's output."""
+    if _scale_in_epilogue(dy):
+        return torch.addmm(dy.new_empty(()), dy.T, x, beta=0, alpha=scale)
+    return cpu_gemm.grad_weight(dy, x).mul_(scale)
 
 
 def _param_grads(grads_a, grads_b):
