@@ -9,6 +9,9 @@ adapter masters fp32, as apply_lora makes them) and in fp32, on 1b-like widths:
     lm_head+ce   chunked_lm_head_loss(h, W, y)  vs  cross_entropy(h W^T, y)
     triton ops   rms_norm, swiglu, rope (kernels/triton_ops.py, compiled for the GPU here)
                  vs their plain references; skipped without triton
+    ce rows      cross_entropy_rows_(logits, y) at Llama-3's vocabulary: per-row loss and the
+                 softmax - onehot it writes over the logits, vs log_softmax in float64; and
+                 lm_head+ce again with triton=True, the frozen head's path through it
     varlen       torch's varlen kernel as lorakit_varlen calls it for packed rows (bf16, GQA,
                  documents of mixed lengths) vs causal SDPA per document; skipped without it
 
@@ -94,21 +97,41 @@ def check_block(name, modules, fused, plain, dtype) -> dict:
     return {"case": name, "dtype": str(dtype).removeprefix("torch."), "min_cosine": cosine, "max_rel_error": error}
 
 
-def check_lm_head(dtype) -> dict:
+def check_lm_head(dtype, triton: bool = False) -> dict:
     torch.manual_seed(0)
     hidden = torch.randn(TOKENS, HIDDEN, device=DEVICE, dtype=dtype)
     weight = torch.randn(VOCAB, HIDDEN, device=DEVICE, dtype=dtype) * HIDDEN**-0.5
     labels = torch.randint(0, VOCAB, (TOKENS,), device=DEVICE)
     labels[: TOKENS // 4] = -100  # prompt tokens carry no loss
     results = []
-    for fn, h, w in ((lambda h, w: chunked_lm_head_loss(h, w, labels, chunk_size=256), hidden, weight),
+    for fn, h, w in ((lambda h, w: chunked_lm_head_loss(h, w, labels, chunk_size=256, triton=triton),
+                      hidden, weight),
                      (lambda h, w: F.cross_entropy(h @ w.T, labels), hidden.double(), weight.double())):
         h = h.detach().requires_grad_(True)
         loss = fn(h, w)
         loss.backward()
         results.append([loss.detach().reshape(1), h.grad])
     cosine, error = _compare(*results)
-    return {"case": "lm_head+ce", "dtype": str(dtype).removeprefix("torch."), "min_cosine": cosine,
+    return {"case": "lm_head+ce" + (" triton" if triton else ""), "dtype": str(dtype).removeprefix("torch."),
+            "min_cosine": cosine, "max_rel_error": error}
+
+
+CE_VOCAB = 128256  # not a multiple of the kernel's block: the masked tail runs too
+
+
+def _check_cross_entropy_rows(dtype) -> dict:
+    from lorakit.kernels import triton_ops as ops
+
+    torch.manual_seed(0)
+    logits = torch.randn(256, CE_VOCAB, device=DEVICE, dtype=dtype) * 4
+    labels = torch.randint(0, CE_VOCAB, (256,), device=DEVICE)
+    grad = logits.clone()
+    loss = ops.cross_entropy_rows_(grad, labels, grad=True)
+    log_probs = torch.log_softmax(logits.double(), -1)
+    reference_grad = log_probs.exp()
+    reference_grad[torch.arange(256, device=DEVICE), labels] -= 1.0
+    cosine, error = _compare([loss, grad], [-log_probs.gather(1, labels[:, None]).squeeze(1), reference_grad])
+    return {"case": "ce rows", "dtype": str(dtype).removeprefix("torch."), "min_cosine": cosine,
             "max_rel_error": error}
 
 
@@ -173,6 +196,8 @@ def check_triton(dtype):
         return
     for name, case in cases.items():
         yield _guarded(name, dtype, _check_function, name, case, dtype)
+    yield _guarded("ce rows", dtype, _check_cross_entropy_rows, dtype)
+    yield _guarded("lm_head+ce triton", dtype, check_lm_head, dtype, True)
 
 
 def _raise(exc: Exception):

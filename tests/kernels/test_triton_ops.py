@@ -221,3 +221,111 @@ def test_lora_mlp_with_triton_swiglu_matches_torch_swiglu(dtype):
                                                         [x, *params]))
 
     _assert_close(run(True), run(False), dtype)
+
+
+# ---- cross-entropy rows -----------------------------------------------------------------------
+
+VOCAB = 300  # blocks of 128: two full ones and a masked tail of 44
+
+
+def _softmax_minus_onehot(logits, labels):
+    probs = torch.softmax(logits.double(), -1)
+    probs[torch.arange(len(labels)), labels] -= 1.0
+    return probs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_rows_match_float64(dtype):
+    logits = _randn(5, VOCAB, dtype=dtype, scale=4.0)
+    labels = torch.tensor([0, 299, 7, 128, 255])  # first, last, and around block edges
+    want_loss = -torch.log_softmax(logits.double(), -1).gather(1, labels[:, None]).squeeze(1)
+    want_grad = _softmax_minus_onehot(logits, labels)
+    grad = logits.clone()
+    loss = ops.cross_entropy_rows_(grad, labels, grad=True, block=128)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-6, atol=1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-7)
+    else:  # fp32 arithmetic rounded once: within one bf16 step of the exact value (the
+        # interpreter truncates where the GPU rounds to nearest)
+        torch.testing.assert_close(grad.double(), want_grad, rtol=2**-7, atol=1e-30)
+
+
+def test_cross_entropy_rows_without_grad_leave_the_logits_alone():
+    logits = _randn(5, VOCAB, dtype=torch.bfloat16, scale=4.0)
+    labels = torch.tensor([3, 1, 4, 1, 5])
+    before = logits.clone()
+    loss = ops.cross_entropy_rows_(logits, labels, grad=False, block=128)
+    assert torch.equal(logits, before)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(
+        logits.float(), labels, reduction="none"), rtol=1e-6, atol=1e-6)
+
+
+def test_cross_entropy_rows_out_of_range_label_gives_nan_not_a_stray_read():
+    loss = ops.cross_entropy_rows_(_randn(3, VOCAB), torch.tensor([VOCAB, -1, 2]), grad=False)
+    assert loss[:2].isnan().all() and loss[2].isfinite()
+
+
+def _chunked_loss_and_hidden_grad(hidden, weight, labels, triton, bias=None):
+    from lorakit.kernels.chunked_ce import chunked_lm_head_loss
+
+    hidden = hidden.detach().clone().requires_grad_()
+    loss = chunked_lm_head_loss(hidden, weight, labels, normalizer=11.0, chunk_size=4, bias=bias,
+                                triton=triton)
+    params = [hidden] + [p for p in (weight, bias) if p is not None and p.requires_grad]
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+def _head_inputs(dtype, with_bias=False):
+    hidden = _randn(13, HIDDEN, dtype=dtype)
+    weight = _randn(VOCAB, HIDDEN, dtype=dtype, seed=1, scale=0.2)
+    bias = _randn(VOCAB, dtype=dtype, seed=2, scale=0.1) if with_bias else None
+    labels = torch.randint(0, VOCAB, (13,), generator=torch.Generator().manual_seed(3))
+    labels[::4] = -100  # 9 labelled rows: chunks of 4, 4 and 1
+    return hidden, weight, bias, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_loss_with_the_fused_kernel_matches_the_torch_path(monkeypatch, dtype, with_bias):
+    from lorakit.kernels import chunked_ce
+
+    hidden, weight, bias, labels = _head_inputs(dtype, with_bias)
+    calls = []
+    monkeypatch.setattr(ops, "cross_entropy_rows_", lambda *a, _real=ops.cross_entropy_rows_, **k:
+                        calls.append(1) or _real(*a, **k))
+    monkeypatch.setattr(chunked_ce, "_workspace_for", lambda device: None)  # the GPU's path
+    fused_loss, (fused_grad,) = _chunked_loss_and_hidden_grad(hidden, weight, labels, True, bias)
+    assert len(calls) == 3
+    torch_loss, (torch_grad,) = _chunked_loss_and_hidden_grad(hidden, weight, labels, False, bias)
+    assert len(calls) == 3
+    torch.testing.assert_close(fused_loss, torch_loss, rtol=1e-6, atol=0)
+    if dtype == torch.float32:
+        torch.testing.assert_close(fused_grad, torch_grad, rtol=1e-6, atol=1e-8)
+    else:  # softmax - onehot may differ by one bf16 step (see above) before the GEMM
+        torch.testing.assert_close(fused_grad.float(), torch_grad.float(), rtol=2**-7,
+                                   atol=2**-7 * float(torch_grad.abs().max()))
+
+
+def test_chunked_loss_without_hidden_grad_skips_the_gradient_pass(monkeypatch):
+    from lorakit.kernels.chunked_ce import chunked_lm_head_loss
+
+    hidden, weight, _, labels = _head_inputs(torch.bfloat16)
+    grad_flags = []
+    monkeypatch.setattr(ops, "cross_entropy_rows_", lambda *a, _real=ops.cross_entropy_rows_, **k:
+                        grad_flags.append(k["grad"]) or _real(*a, **k))
+    got = chunked_lm_head_loss(hidden, weight, labels, chunk_size=4, triton=True)
+    assert grad_flags == [False] * 3
+    want = chunked_lm_head_loss(hidden, weight, labels, chunk_size=4)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_chunked_loss_with_a_trained_head_keeps_the_torch_path(monkeypatch):
+    hidden, weight, bias, labels = _head_inputs(torch.float32, with_bias=True)
+    weight.requires_grad_()
+    monkeypatch.setattr(ops, "cross_entropy_rows_", None)  # would fail if called
+    got = _chunked_loss_and_hidden_grad(hidden, weight, labels, True, bias)
+    want = _chunked_loss_and_hidden_grad(hidden, weight, labels, False, bias)
+    assert len(got[1]) == 2  # hidden and weight
+    for g, w in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
+        assert torch.equal(g, w)

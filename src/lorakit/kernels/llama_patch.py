@@ -510,7 +510,8 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(**inputs).last_hidden_state  # (B, T, H)
     return chunked_lm_head_loss(hidden, head.weight, shifted, normalizer=normalizer,
-                                chunk_size=chunk_size, bias=head.bias)
+                                chunk_size=chunk_size, bias=head.bias,
+                                triton=triton_kernels_enabled(model))
 
 
 # config fields of heads that transform the logits after the output projection

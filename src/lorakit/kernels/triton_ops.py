@@ -1,7 +1,9 @@
-"""Fused Triton kernels for RMSNorm, SwiGLU and RoPE, forward and backward, with autograd wrappers.
+"""Fused Triton kernels for RMSNorm, SwiGLU and RoPE, forward and backward, with autograd wrappers,
+and the cross-entropy of a chunk of logits with its gradient, in place.
 
-Each op has a plain PyTorch reference (`*_reference`, from native_ops): the tests compare against
-it, and the wrappers fall back to it for inputs the kernels do not cover (see each docstring).
+Each autograd op has a plain PyTorch reference (`*_reference`, from native_ops): the tests
+compare against it, and the wrappers fall back to it for inputs the kernels do not cover (see
+each docstring).
 
     rms_norm(x, w, eps)    y = w * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)    LlamaRMSNorm
                            saves x and one fp32 rstd per row; backward (n = x32 * rstd)
@@ -15,6 +17,12 @@ it, and the wrappers fall back to it for inputs the kernels do not cover (see ea
                            out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 (c/s halves 1, 2 of cos, sin)
                            backward is its transpose: dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1,
                            i.e. the rotation by -sin when the halves repeat (they do in Llama)
+    cross_entropy_rows_(   per row of logits (c, V) with its label y: loss = lse - logit[y] with
+      logits, labels,      lse = max + log(sum(exp(logit - max))), i.e. F.cross_entropy(logits
+      grad)                .float(), y, reduction="none"); grad=True then overwrites the logits
+                           with its gradient softmax - onehot(y) = exp(logit - lse) - (j == y),
+                           rounded once to their dtype. No autograd and no fallback: chunked_ce
+                           calls it for a frozen head, its PyTorch ops otherwise
 
 All arithmetic is fp32 in registers; inputs and outputs stay in their own dtype (fp32, bf16,
 fp16). Hidden sizes need not be powers of two: the tail of every block is masked. The kernels
@@ -49,6 +57,9 @@ except ImportError:  # the kernels below are then never called; tl.constexpr mus
 INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 MAX_NORM_WIDTH = 32768  # one row lives in one block (registers); wider rows take the reference
 _ELEMENTWISE_BLOCK = 1024
+# logits per step of the cross-entropy's loop over a row: 16 KiB of bf16 per load, 16 steps over
+# a 128k vocabulary (smaller vocabularies get one block of their own size)
+CROSS_ENTROPY_BLOCK = 8192
 
 
 def _jit(fn):
@@ -113,6 +124,16 @@ def _row_sum(x):
 @_jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
+
+
+@_jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@_jit
+def _row_max(x):
+    return tl.reduce(x, 0, _maximum)
 
 
 # ---- RMSNorm ----------------------------------------------------------------------------------
@@ -416,3 +437,60 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     if _rope_blocker(q, k, cos, sin) is not None:
         return rope_reference(q, k, cos, sin)
     return _Rope.apply(q, k, cos, sin)
+
+
+# ---- cross-entropy over rows of logits ----------------------------------------------------------
+
+@_jit
+def _cross_entropy_rows_kernel(logits_ptr, labels_ptr, loss_ptr, row_stride, n_cols,
+                               BLOCK: tl.constexpr, GRAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * row_stride
+    cols = tl.arange(0, BLOCK)
+    # pass 1: running max and sum of exp(logit - max), rescaled whenever the max grows; every
+    # block holds at least one real logit, so its max is finite and the rescale never sees inf - inf
+    running_max = tl.full((), float("-inf"), tl.float32)
+    running_sum = tl.full((), 0.0, tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        offsets = start + cols
+        x = tl.load(row_ptr + offsets, mask=offsets < n_cols, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(running_max, _row_max(x))
+        running_sum = running_sum * tl.exp(running_max - new_max) + _row_sum(tl.exp(x - new_max))
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
+    label = tl.load(labels_ptr + row)
+    # a label outside the row would read another row's memory: it gives a NaN loss instead
+    valid = (label >= 0) & (label < n_cols)
+    label_logit = tl.load(row_ptr + label, mask=valid, other=float("nan")).to(tl.float32)
+    tl.store(loss_ptr + row, lse - label_logit)
+    if GRAD:  # pass 2: softmax - onehot over the logits, in their own dtype
+        for start in range(0, n_cols, BLOCK):
+            offsets = start + cols
+            mask = offsets < n_cols
+            x = tl.load(row_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) - tl.where(offsets == label, 1.0, 0.0)
+            tl.store(row_ptr + offsets, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, grad: bool, *,
+                        block: int = CROSS_ENTROPY_BLOCK) -> torch.Tensor:
+    """Per-row cross-entropy of logits (c, V) against labels (c,), a (c,) fp32 tensor.
+
+    grad=True overwrites logits with the gradient of the loss sum, softmax - onehot(labels),
+    computed in fp32 and rounded once to the logits' dtype; grad=False leaves them as they are.
+    One kernel reads the logits twice and writes them once (the loss alone: reads them once).
+    logits need unit column stride; labels must lie in [0, V) (ignored rows dropped by the
+    caller): one outside gives a NaN loss. `block` is the logits per step of the loop over a row.
+    """
+    if logits.dim() != 2 or logits.stride(-1) != 1:
+        raise ValueError(f"logits must be (rows, V) with unit column stride, got shape "
+                         f"{tuple(logits.shape)} and strides {logits.stride()}")
+    n_rows, n_cols = logits.shape
+    labels = labels.contiguous()
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    block = min(block, triton.next_power_of_2(n_cols))
+    if n_rows:
+        _launch(_cross_entropy_rows_kernel, (n_rows,), logits, logits, labels, loss,
+                logits.stride(0), n_cols, BLOCK=block, GRAD=grad, num_warps=_warps(block))
+    return loss
+
