@@ -175,7 +175,7 @@ if [[ "$PLAN" == quick ]]; then
     bench bench_1b_check 90 --preset gpu-1b --check --check-steps 30 --variants lorakit,lorakit-native,peft,peft-bf16
     bench bench_1b_ckpt 45 --preset gpu-1b --grad-checkpointing --variants lorakit,peft,peft-bf16 --steps 8 --warmup 3
     bench bench_8b_ckpt 60 --preset gpu-8b --grad-checkpointing --variants lorakit,peft --steps 5 --warmup 2
-    step train 70 bash -c "\"$PY\" scripts/gpu_train_smoke.py /tmp/lorakit_train_smoke --steps 20 >>\"$LOG\" 2>&1"
+    step train 90 bash -c "\"$PY\" scripts/gpu_train_smoke.py /tmp/lorakit_train_smoke --steps 20 >>\"$LOG\" 2>&1"
     step profile 40 bash -c "\"$PY\" scripts/gpu_profile.py \"$OUT\" --cases 1b:lorakit >>\"$LOG\" 2>&1"
 else
     step kernels 60 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.json\" >>\"$LOG\" 2>&1"

@@ -176,7 +176,7 @@ def test_an_fp32_head_on_the_cpu_gets_the_larger_budget(monkeypatch):
     seen = []
     real = chunked_ce.default_chunk_rows
     monkeypatch.setattr(chunked_ce, "default_chunk_rows",
-                        lambda vocab, budget: seen.append(budget) or real(vocab, budget))
+                        lambda vocab, budget, bytes_per_logit=4: seen.append(budget) or real(vocab, budget))
     hidden, weight, labels = _inputs()
     for head in (weight, weight.bfloat16()):
         chunked_lm_head_loss(hidden.to(head.dtype), head, labels)
@@ -186,7 +186,7 @@ def test_an_fp32_head_on_the_cpu_gets_the_larger_budget(monkeypatch):
 def test_default_chunking_equals_the_reference_over_several_chunks(monkeypatch):
     from lorakit.kernels import chunked_ce
 
-    monkeypatch.setattr(chunked_ce, "default_chunk_rows", lambda vocab, budget: 8)  # 37 rows: 5 chunks
+    monkeypatch.setattr(chunked_ce, "default_chunk_rows", lambda vocab, budget, bytes_per_logit=4: 8)  # 37 rows: 5 chunks
     hidden, weight, labels = _inputs()
     ref = _reference(hidden, weight, labels, 10.0)
     out = chunked_lm_head_loss(hidden, weight, labels, normalizer=10.0)

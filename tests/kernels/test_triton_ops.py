@@ -329,3 +329,33 @@ def test_chunked_loss_with_a_trained_head_keeps_the_torch_path(monkeypatch):
     assert len(got[1]) == 2  # hidden and weight
     for g, w in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
         assert torch.equal(g, w)
+
+
+def test_chunked_loss_with_hidden_wider_than_the_head_matches_the_torch_path(monkeypatch):
+    # fp32 hidden states into a bf16 head: the GEMM's rows cannot land in the gradient in place
+    from lorakit.kernels import chunked_ce
+
+    hidden, weight, _, labels = _head_inputs(torch.bfloat16)
+    monkeypatch.setattr(chunked_ce, "_workspace_for", lambda device: None)  # the GPU's path
+    fused_loss, (fused_grad,) = _chunked_loss_and_hidden_grad(hidden.float(), weight, labels, True)
+    torch_loss, (torch_grad,) = _chunked_loss_and_hidden_grad(hidden.float(), weight, labels, False)
+    assert fused_grad.dtype == torch.float32
+    torch.testing.assert_close(fused_loss, torch_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused_grad, torch_grad, rtol=2**-7, atol=2**-7 * float(torch_grad.abs().max()))
+
+
+@pytest.mark.parametrize("triton, rows", [(False, 256), (True, 512)])
+def test_the_fused_kernel_s_default_chunk_counts_only_head_dtype_logits(monkeypatch, triton, rows):
+    # a bf16 head: 128 MiB hold 256 rows of fp32 logits (the torch path's), 512 of bf16 ones
+    from lorakit.kernels import chunked_ce
+
+    sizes = []
+    for path in ("_chunk_loss_and_grads", "_fused_chunk_loss_and_grads"):
+        monkeypatch.setattr(chunked_ce, path, lambda *args: sizes.append(args[-1].stop - args[-1].start)
+                            or torch.zeros(()))
+    monkeypatch.setattr(chunked_ce, "_workspace_for", lambda device: None)  # the GPU's path
+    vocab = 2**20 // 8
+    hidden = torch.zeros(600, 8, dtype=torch.bfloat16)
+    chunked_ce.chunked_lm_head_loss(hidden, torch.zeros(vocab, 8, dtype=torch.bfloat16),
+                                    torch.zeros(600, dtype=torch.long), triton=triton)
+    assert sizes[0] == rows
