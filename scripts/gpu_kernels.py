@@ -234,7 +234,7 @@ def _report(result: dict, results: list[dict], json_path: str | None) -> None:
     """Print the case at once and rewrite the JSON: a timeout keeps what was done."""
     results.append(result)
     verdict = "ok" if _passed(result) else "FAILED"
-    line = (f"{result['case']:<11}{result['dtype']:<10}min cosine {result['min_cosine']:.6f}  "
+    line = (f"{result['case']:<18}{result['dtype']:<10}min cosine {result['min_cosine']:.6f}  "
             f"max rel error {result['max_rel_error']:.2e}  {verdict}")
     print(line + (f"  ({result['error']})" if "error" in result else ""), flush=True)
     if json_path:

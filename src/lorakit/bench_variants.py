@@ -5,8 +5,8 @@
     peft           get_peft_model defaults (autocast_adapter_dtype=True: fp32 adapters)
     peft-bf16      autocast_adapter_dtype=False: adapters in the base dtype
     peft-liger     PEFT + Liger's Triton kernels (patches transformers classes: runs last)
-    lorakit-native CUDA ablation: lorakit with torch's ops for RMSNorm, SwiGLU and RoPE instead of
-                   the Triton kernels (`lorakit train --no-triton-kernels`)
+    lorakit-native CUDA ablation: lorakit with torch's ops for RMSNorm, SwiGLU, RoPE and the loss's
+                   softmax instead of the Triton kernels (`lorakit train --no-triton-kernels`)
     lorakit-plain, lorakit-ce, lorakit-fused
                    ablations: no fast path / only the chunked loss / only the fused blocks
                    (with the native RMSNorm and RoPE on a CPU)

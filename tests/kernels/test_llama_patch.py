@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from tiny_models import prefill_then_decode
 from torch import nn
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
@@ -368,6 +369,9 @@ def test_trainer_checkpointing_recomputes_without_the_mlp_output_and_matches(mon
     _assert_same(got, want, rtol=1e-6)
 
 
+GROUPS_PER_LAYER = 4  # q/k/v, o, gate/up and down each run _shared_forward once per forward
+
+
 def test_recompute_skip_only_for_layers_that_only_add_the_mlp_output(monkeypatch):
     from lorakit.train.memory_plan import checkpoint_every_layer
 
@@ -375,11 +379,65 @@ def test_recompute_skip_only_for_layers_that_only_add_the_mlp_output(monkeypatch
     enable_fast_paths(model)
     monkeypatch.setattr(llama_patch, "DECODER_LAYERS", set())  # a layer the fast path does not know
     checkpoint_every_layer(model.train())
-    skipped = _count_skipped_mlp_outputs(monkeypatch)
     plain = _plain(model, batch)
+    skipped = _count_skipped_mlp_outputs(monkeypatch)
     got = _fast(model, batch)
-    assert skipped and not any(skipped)
+    # every layer ran twice (forward and recompute) and computed its MLP's output both times
+    assert len(skipped) == 2 * GROUPS_PER_LAYER * SIZES["num_hidden_layers"] and not any(skipped)
     _assert_same(got, plain)
+
+
+def test_a_hook_reading_the_mlp_output_keeps_it_in_the_recompute(monkeypatch):
+    from lorakit.train.memory_plan import checkpoint_every_layer
+
+    model, batch = _model(), _batch()
+    enable_fast_paths(model)
+    gain = nn.Parameter(torch.tensor(1.5))  # the hook's product saves the MLP output for backward
+    for layer in model.model.layers:
+        layer.mlp.register_forward_hook(lambda module, args, out: out * gain)
+    want = _fast(model, batch)
+    want_gain = gain.grad.clone()
+    gain.grad = None
+    checkpoint_every_layer(model.train())
+    skipped = _count_skipped_mlp_outputs(monkeypatch)
+    got = _fast(model, batch)
+    assert len(skipped) == 2 * GROUPS_PER_LAYER * SIZES["num_hidden_layers"] and not any(skipped)
+    _assert_same(got, want, rtol=1e-6)
+    torch.testing.assert_close(gain.grad, want_gain, rtol=1e-6, atol=0)
+
+
+def test_a_retained_graph_recomputes_again():
+    from lorakit.train.memory_plan import checkpoint_every_layer
+
+    model, batch = _model(), _batch()
+    enable_fast_paths(model)
+    loss, want = _fast(model, batch)
+    checkpoint_every_layer(model.train())
+    model.zero_grad(set_to_none=True)
+    loss = causal_lm_loss(model, batch)
+    loss.backward(retain_graph=True)  # each recompute enters the layer's recompute context again
+    loss.backward()
+    for name, grad in _adapter_grads(model).items():
+        torch.testing.assert_close(grad, 2 * want[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_no_recompute_context_where_torch_takes_only_its_own(monkeypatch):
+    from lorakit.kernels import cpu_gemm
+    from lorakit.train.memory_plan import checkpoint_every_layer
+
+    model, batch = _model(), _batch()
+    layer = model.model.layers[0]
+    assert llama_patch.recompute_context_fn(layer) is None  # the MLP is not fused yet
+    enable_fast_paths(model)
+    assert llama_patch.recompute_context_fn(layer) is not None
+    monkeypatch.setattr(cpu_gemm, "traced", lambda: True)  # torch.compile tracing the layer
+    assert llama_patch.recompute_context_fn(layer) is None
+    monkeypatch.undo()
+    checkpoint_every_layer(model.train())
+    with torch.utils.checkpoint.set_checkpoint_debug_enabled(True):  # refuses any other context_fn
+        assert llama_patch.recompute_context_fn(layer) is None
+        got = _fast(model, batch)
+    _assert_same(got, _fast(model, batch), rtol=1e-6)
 
 
 def test_disable_restores_the_original_forwards():

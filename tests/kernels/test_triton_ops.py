@@ -359,3 +359,34 @@ def test_the_fused_kernel_s_default_chunk_counts_only_head_dtype_logits(monkeypa
     chunked_ce.chunked_lm_head_loss(hidden, torch.zeros(vocab, 8, dtype=torch.bfloat16),
                                     torch.zeros(600, dtype=torch.long), triton=triton)
     assert sizes[0] == rows
+
+
+def test_cross_entropy_rows_with_a_first_block_of_minus_inf_logits():
+    # the running max is -inf through the first block: no -inf - -inf may reach the sum
+    logits = _randn(2, VOCAB, scale=4.0)
+    logits[:, :128] = float("-inf")  # the whole first block of 128
+    labels = torch.tensor([200, 131])
+    want_loss = -torch.log_softmax(logits.double(), -1).gather(1, labels[:, None]).squeeze(1)
+    grad = logits.clone()
+    loss = ops.cross_entropy_rows_(grad, labels, grad=True, block=128)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), _softmax_minus_onehot(logits, labels), rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_loss_with_a_16_bit_hidden_and_an_fp32_head_rounds_once(monkeypatch):
+    # the fp32 head's hidden gradient is scaled in fp32 and rounded to bf16 once, as the torch
+    # path does: no further from float64 than that path
+    from lorakit.kernels import chunked_ce
+
+    hidden, weight, _, labels = _head_inputs(torch.float32)
+    hidden = hidden.bfloat16()
+    monkeypatch.setattr(chunked_ce, "_workspace_for", lambda device: None)  # the GPU's path
+    _, (fused_grad,) = _chunked_loss_and_hidden_grad(hidden, weight, labels, True)
+    _, (torch_grad,) = _chunked_loss_and_hidden_grad(hidden, weight, labels, False)
+    _, (exact,) = _chunked_loss_and_hidden_grad(hidden.double(), weight.double(), labels, False)
+    assert fused_grad.dtype == torch.bfloat16
+
+    def error(grad):
+        return float((grad.double() - exact).norm() / exact.norm())
+
+    assert error(fused_grad) <= 1.05 * error(torch_grad) + 1e-9

@@ -91,7 +91,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             chunk = (hidden[rows], weight, bias, labels[rows], inv_norm, grads, rows)
             loss_sum += (_chunk_loss_and_grads(*chunk) if fused_ops is None
                          else _fused_chunk_loss_and_grads(fused_ops, *chunk))
-        if fused_ops is not None and grads.hidden is not None:
+        if fused_ops is not None and _unscaled_rows(grads, weight):
             grads.hidden.mul_(inv_norm)  # in fp32 inside, one rounding: as _accumulate scales
         ctx.save_for_backward(*grads.as_tuple())
         return loss_sum * inv_norm
@@ -165,13 +165,17 @@ def _fused_chunk_loss_and_grads(triton_ops, h, weight, bias, labels, inv_norm, g
     h_w = h.to(weight.dtype)
     logits = cpu_gemm.linear(h_w, weight, bias)
     loss_rows = triton_ops.cross_entropy_rows_(logits, labels, grad=grads.hidden is not None)
-    if grads.hidden is None:
-        return loss_rows.sum()
-    if grads.hidden.dtype == logits.dtype:
+    if _unscaled_rows(grads, weight):
         torch.mm(logits, weight, out=grads.hidden[rows])
-    else:
-        grads.hidden[rows] = torch.mm(logits, weight)
+    elif grads.hidden is not None:  # another dtype: scaled in fp32 and rounded once, here
+        _accumulate(logits, None, inv_norm, h_w, weight, grads, rows)
     return loss_rows.sum()
+
+
+def _unscaled_rows(grads, weight) -> bool:
+    """The fused path writes the hidden gradient's rows straight from the GEMM, to be scaled
+    once after the last chunk: where the hidden gradient has the head's dtype."""
+    return grads.hidden is not None and grads.hidden.dtype == weight.dtype
 
 
 def _log_probs(h_w, weight, bias):

@@ -37,7 +37,7 @@ concatenations were about 400 kernel launches of a 1b step, whose CPU time the G
 Under activation checkpointing a decoder layer's forward runs twice, the second time (in
 backward) only to recompute what backward saves. Where the layer ends in `residual + mlp(x)`
 (llama_patch.DECODER_LAYERS), the recompute does not need the MLP's output: within
-`recompute_skips_mlp_output()`'s recompute context lora_mlp leaves out the down projection's
+the recompute context of `recompute_skipping_mlp_output` lora_mlp leaves out the down projection's
 base GEMM (its LoRA A product, which backward saves, still runs) and returns an uninitialised
 tensor, which only the discarded residual sum reads: about a quarter of a Llama layer's forward
 FLOPs, so of the work checkpointing adds.
@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -266,26 +267,38 @@ def _layout(masters, dtype: torch.dtype) -> tuple:
 
 
 class _RecomputeState(threading.local):
-    skips_mlp_output = False  # per thread: checkpoint recomputes run in autograd's backward threads
+    # per thread: checkpoint recomputes run in autograd's backward threads
+    def __init__(self) -> None:
+        self.skips_mlp_output = False
+        self.previous: list[bool] = []
 
 
 _RECOMPUTE = _RecomputeState()
 
 
-@contextlib.contextmanager
-def _mlp_output_unused():
-    previous, _RECOMPUTE.skips_mlp_output = _RECOMPUTE.skips_mlp_output, True
-    try:
-        yield
-    finally:
-        _RECOMPUTE.skips_mlp_output = previous
+class SkipMlpOutput:
+    """The recompute context of one checkpointed layer: while it is entered, lora_mlp leaves its
+    output uncomputed if `applies()` (asked at each entry: a hook added since the forward counts).
+    Reusable and re-entrant: torch enters a checkpoint's recompute context once per recompute,
+    and a graph kept with retain_graph recomputes again."""
+
+    def __init__(self, applies: Callable[[], bool]):
+        self.applies = applies
+
+    def __enter__(self) -> None:
+        _RECOMPUTE.previous.append(_RECOMPUTE.skips_mlp_output)
+        _RECOMPUTE.skips_mlp_output = self.applies()
+
+    def __exit__(self, *exc_info) -> None:
+        _RECOMPUTE.skips_mlp_output = _RECOMPUTE.previous.pop()
 
 
-def recompute_skips_mlp_output():
+def recompute_skipping_mlp_output(applies: Callable[[], bool]) -> Callable[[], tuple]:
     """A `context_fn` for torch.utils.checkpoint around a layer whose MLP output is only added to
     the residual: the original forward runs as usual, the recompute without the down
-    projection's base GEMM. Only for layers where nothing saved for backward reads that output."""
-    return contextlib.nullcontext(), _mlp_output_unused()
+    projection's base GEMM while `applies()`. Only for layers where nothing saved for backward
+    reads that output (llama_patch.recompute_context_fn decides)."""
+    return lambda: (contextlib.nullcontext(), SkipMlpOutput(applies))
 
 
 def _shared_forward(x2, projections, casts: _CastAdapters, outputs: bool = True):

@@ -61,6 +61,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from lorakit.errors import LorakitWarning
@@ -121,9 +122,17 @@ def enable_fast_paths(model: nn.Module, triton: bool = False, native: bool = Tru
 
 
 def recompute_context_fn(layer: nn.Module) -> Callable | None:
-    """torch.utils.checkpoint's context_fn for this decoder layer: the fused MLP's output left
-    out of the recompute where the layer only adds it to the residual; None elsewhere."""
-    return fused_lora.recompute_skips_mlp_output if type(layer).__name__ in DECODER_LAYERS else None
+    """torch.utils.checkpoint's context_fn for a checkpoint of this decoder layer starting now:
+    its recompute leaves out the fused MLP's output, which only the residual sum reads, unless a
+    forward hook could read it (on the layer, its MLP or every module; asked again when the
+    recompute starts). None, torch's own contexts, for a layer the fast path does not know, an
+    MLP not fused, and under torch.compile or checkpoint's debug mode, which take no others."""
+    mlp = getattr(layer, "mlp", None)
+    if (type(layer).__name__ not in DECODER_LAYERS or mlp is None or not hasattr(mlp, _SAVED_FORWARD)
+            or cpu_gemm.traced() or getattr(torch.utils.checkpoint, "_checkpoint_debug_enabled", None)):
+        return None
+    return fused_lora.recompute_skipping_mlp_output(
+        lambda: not (layer._forward_hooks or mlp._forward_hooks or _global_module_hooks()))
 
 
 def wants_triton(setting: str, device: torch.device) -> bool:

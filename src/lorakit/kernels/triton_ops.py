@@ -447,15 +447,18 @@ def _cross_entropy_rows_kernel(logits_ptr, labels_ptr, loss_ptr, row_stride, n_c
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
     cols = tl.arange(0, BLOCK)
-    # pass 1: running max and sum of exp(logit - max), rescaled whenever the max grows; every
-    # block holds at least one real logit, so its max is finite and the rescale never sees inf - inf
+    # pass 1: running max and sum of exp(logit - max), rescaled whenever the max grows. While
+    # every logit so far is -inf (masked tails, or -inf logits) the max is -inf: the shift and
+    # the rescale then avoid -inf - -inf, whose NaN would spread to the whole row
     running_max = tl.full((), float("-inf"), tl.float32)
     running_sum = tl.full((), 0.0, tl.float32)
     for start in range(0, n_cols, BLOCK):
         offsets = start + cols
         x = tl.load(row_ptr + offsets, mask=offsets < n_cols, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, _row_max(x))
-        running_sum = running_sum * tl.exp(running_max - new_max) + _row_sum(tl.exp(x - new_max))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.where(running_max == new_max, 1.0, tl.exp(running_max - shift))
+        running_sum = running_sum * rescale + _row_sum(tl.exp(x - shift))
         running_max = new_max
     lse = running_max + tl.log(running_sum)
     label = tl.load(labels_ptr + row)

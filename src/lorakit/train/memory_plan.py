@@ -28,7 +28,6 @@ those inputs (L - 2 hidden states) and costs PCIe traffic; the host must have ro
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,12 +165,15 @@ def enable_checkpointing(model: nn.Module) -> None:
 
 def layer_checkpoint(layer: nn.Module) -> Callable[..., Any]:
     """torch's non-reentrant checkpoint for one decoder layer, whose recompute skips the fused
-    MLP's output where the layer allows (llama_patch.recompute_context_fn)."""
+    MLP's output where the layer allows at the time of each call (llama_patch.recompute_context_fn)."""
     from lorakit.kernels.llama_patch import recompute_context_fn
 
-    context_fn = recompute_context_fn(layer)
-    extra = {} if context_fn is None else {"context_fn": context_fn}
-    return functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, **extra)
+    def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        context_fn = recompute_context_fn(layer)
+        extra = {} if context_fn is None else {"context_fn": context_fn}
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **extra, **kwargs)
+
+    return run
 
 
 def checkpointable_layers(model: nn.Module) -> list[nn.Module]:

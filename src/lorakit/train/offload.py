@@ -87,14 +87,14 @@ class HostOffload:
 
 
 def offloaded_checkpoint(offload: HostOffload | None = None,
-                         context_fn: Callable[[], tuple[Any, Any]] | None = None) -> Callable[..., Any]:
-    """A `_gradient_checkpointing_func` for transformers' layers: non-reentrant checkpointing
-    whose saved inputs go through `offload` (the hooks wrap the checkpoint call, nothing else);
-    `context_fn` is torch's (memory_plan.layer_checkpoint chooses it)."""
+                         checkpoint: Callable[..., Any] | None = None) -> Callable[..., Any]:
+    """A `_gradient_checkpointing_func` for transformers' layers: `checkpoint` (torch's
+    non-reentrant one by default; the trainer passes memory_plan.layer_checkpoint's) whose saved
+    inputs go through `offload` (the hooks wrap the checkpoint call, nothing else)."""
     if offload is None:
         offload = HostOffload()
-    extra = {} if context_fn is None else {"context_fn": context_fn}
-    checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, **extra)
+    if checkpoint is None:
+        checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
     def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not any(isinstance(a, torch.Tensor) for a in args):
@@ -116,9 +116,9 @@ def offload_layers(layers: list[nn.Module], offload: HostOffload | None = None) 
     """Checkpoint each of `layers` (transformers' `GradientCheckpointingLayer`s) with its input
     held in host memory. Call after the model-wide checkpointing enable, which sets the
     attribute this replaces."""
-    from lorakit.kernels.llama_patch import recompute_context_fn
+    from lorakit.train.memory_plan import layer_checkpoint
 
     offload = offload or HostOffload()
     for layer in layers:
         layer.gradient_checkpointing = True
-        layer._gradient_checkpointing_func = offloaded_checkpoint(offload, recompute_context_fn(layer))
+        layer._gradient_checkpointing_func = offloaded_checkpoint(offload, layer_checkpoint(layer))
