@@ -522,7 +522,10 @@ def head_peak_bytes(m: ModelShape, shape: TrainShape) -> int:
     log_softmax's output + NLL's grad + log_softmax's grad, all fp32 (12 B per token x vocab)."""
     tokens, vocab, b = shape.tokens, m.vocab_size, shape.compute_bytes
     labels = 8 * tokens  # int64 targets saved by the NLL loss
-    if shape.fused_loss:  # one chunk's fp32 logits + a temporary; two hidden-sized tensors (chunked_ce.py)
+    # one chunk's fp32 logits + a temporary; two hidden-sized tensors (chunked_ce.py). The Triton
+    # kernel's path on a GPU holds only 16-bit logits in chunks twice as long: about half of
+    # this (0.12 GiB at 1b), counted as the torch path's: on the safe side
+    if shape.fused_loss:
         from lorakit.kernels.chunked_ce import chunk_budget_bytes, default_chunk_rows  # torch: only when asked
 
         budget = chunk_budget_bytes(shape.device, shape.dtype == "fp32")
