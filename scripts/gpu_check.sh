@@ -145,8 +145,8 @@ summarize() {
         grep -E "min cosine|no CUDA" "$LOG" || echo "  (no kernel results)"
         echo "--- lorakit train on the GPU"
         grep -E "^train smoke:|^summary.json:" "$LOG" || echo "  (no train result)"
-        echo "--- where a 1b step goes (gpu_profile.py)"
-        grep -E "^== 1b|^  by kind" "$LOG" || echo "  (no profile)"
+        echo "--- where a step goes (gpu_profile.py)"
+        grep -E "^== (1b|8b)|^  by kind" "$LOG" || echo "  (no profile)"
         echo "--- pytest"
         grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$LOG" | tail -n 1
         shopt -s nullglob  # no bench result at all: the summary says each goal was not measured
@@ -168,15 +168,16 @@ EOF
 }
 
 if [[ "$PLAN" == quick ]]; then
-    # a re-measurement after a change (about 4 minutes; run with BUDGET=255 when ~6 minutes of
-    # device time are left): the kernels, the 1b check and speed rows, the goals' checkpointed rows,
-    # the trainer end to end, and where a 1b step's time goes (profile.txt, trace.json.gz)
+    # a re-measurement after a change (about 5 minutes; run with BUDGET=300 when ~6 minutes of
+    # device time are left): the kernels, the 1b check and speed rows, the goals' checkpointed rows
+    # (with lorakit-fullrecompute: the recompute skip's share), the trainer end to end, and where
+    # a 1b step and an 8b checkpointed step go (profile.txt; trace.json.gz of the 1b step)
     step kernels 40 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.json\" >>\"$LOG\" 2>&1"
     bench bench_1b_check 90 --preset gpu-1b --check --check-steps 30 --variants lorakit,lorakit-native,peft,peft-bf16
-    bench bench_1b_ckpt 45 --preset gpu-1b --grad-checkpointing --variants lorakit,peft,peft-bf16 --steps 8 --warmup 3
-    bench bench_8b_ckpt 60 --preset gpu-8b --grad-checkpointing --variants lorakit,peft --steps 5 --warmup 2
+    bench bench_1b_ckpt 55 --preset gpu-1b --grad-checkpointing --variants lorakit,lorakit-fullrecompute,peft,peft-bf16 --steps 8 --warmup 3
+    bench bench_8b_ckpt 75 --preset gpu-8b --grad-checkpointing --variants lorakit,lorakit-fullrecompute,peft --steps 5 --warmup 2
     step train 90 bash -c "\"$PY\" scripts/gpu_train_smoke.py /tmp/lorakit_train_smoke --steps 20 >>\"$LOG\" 2>&1"
-    step profile 40 bash -c "\"$PY\" scripts/gpu_profile.py \"$OUT\" --cases 1b:lorakit >>\"$LOG\" 2>&1"
+    step profile 75 bash -c "\"$PY\" scripts/gpu_profile.py \"$OUT\" --cases 1b:lorakit,8b+ckpt:lorakit >>\"$LOG\" 2>&1"
 else
     step kernels 60 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.json\" >>\"$LOG\" 2>&1"
     # the goals' benches first: a call cut short (or a budget set low for a rerun) keeps what matters most

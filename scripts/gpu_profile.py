@@ -28,7 +28,7 @@ from lorakit import bench, bench_inputs, bench_variants
 DEFAULT_CASES = "1b:lorakit,1b:peft-bf16,1b+budget12:lorakit,1b+ckpt:lorakit,8b+ckpt:lorakit"
 KINDS = [("gemm", ("gemm", "sm90_", "cutlass", "cublas", "nvjet", "xmma", "ampere_", "splitk")),
          ("attention", ("flash", "fmha", "attention", "sdpa")),
-         ("triton", ("triton_", "_rms_norm_", "_swiglu_", "_rope_")),  # Inductor's, then triton_ops' kernels
+         ("triton", ("triton_", "_rms_norm_", "_swiglu_", "_rope_", "_cross_entropy_rows_")),  # Inductor's, then triton_ops' kernels
          ("elementwise", ("elementwise", "vectorized", "reduce", "copy", "fill", "unrolled", "index", "cat"))]
 
 

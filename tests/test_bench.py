@@ -453,3 +453,25 @@ def test_the_report_says_whose_gemms_each_variant_ran(monkeypatch):
     ran = {r["variant"]: r["cpu_gemm"] for r in result["variants"]}
     assert ran["lorakit"].startswith("onednn (") and ran["lorakit"].endswith(" products per step)")
     assert ran["lorakit-plain"] == ran["lorakit-aten"] == ran["peft"] == "aten"
+
+
+def test_fullrecompute_variant_keeps_transformers_checkpointing_and_the_same_losses(monkeypatch):
+    # the recompute skip's share: the same model under transformers' checkpoint, whose recompute
+    # computes every MLP's output
+    from lorakit.bench import train_step
+    from lorakit.bench_variants import prepare_variant
+    from lorakit.kernels import fused_lora
+
+    plan = resolve(_settings(variants=["lorakit", "lorakit-fullrecompute"]))
+    assert plan.settings.variants == ["lorakit"] and "needs --grad-checkpointing" in plan.notices[0]
+    plan = resolve(_settings(variants=["lorakit", "lorakit-fullrecompute"], grad_checkpointing=True))
+    inputs = make_inputs(plan)
+    skipped, losses = [], {}
+    real = fused_lora._shared_forward
+    monkeypatch.setattr(fused_lora, "_shared_forward", lambda *a, outputs=True: skipped.append(not outputs) or real(*a, outputs))
+    for name in ("lorakit", "lorakit-fullrecompute"):
+        prepared = prepare_variant(name, plan)
+        skipped.clear()
+        losses[name] = [train_step(prepared, inputs["lorakit"], "cpu")[2] for _ in range(2)]
+        assert any(skipped) == (name == "lorakit")
+    assert losses["lorakit-fullrecompute"] == pytest.approx(losses["lorakit"], rel=1e-6)

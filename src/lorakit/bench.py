@@ -52,7 +52,8 @@ from lorakit.plan.estimate import model_flops
 from lorakit.plan.model_shapes import model_shape
 
 VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-native", "lorakit-plain", "lorakit-ce",
-            "lorakit-fused", "lorakit-eager", "lorakit-aten", "lorakit-4d", "lorakit-perdoc", "lorakit-offload")
+            "lorakit-fused", "lorakit-eager", "lorakit-aten", "lorakit-4d", "lorakit-perdoc", "lorakit-offload",
+            "lorakit-fullrecompute")
 DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-native", "lorakit-offload", "peft-liger")
 GIB = 2**30
 DTYPES = ("float32", "bfloat16")
@@ -242,6 +243,8 @@ def _skip_reason(name: str, plan: Plan) -> str | None:
                 "torch's varlen kernel)")
     if name == "lorakit-offload" and (plan.device != "cuda" or not plan.settings.grad_checkpointing):
         return "it offloads checkpointed layers' inputs from a GPU: needs --grad-checkpointing on CUDA"
+    if name == "lorakit-fullrecompute" and not plan.settings.grad_checkpointing:
+        return "it differs from lorakit only in what a checkpoint recomputes: needs --grad-checkpointing"
     if name == "lorakit-eager" and plan.device != "cpu":
         return "the native RMSNorm, RoPE and attention it leaves out run on CPU tensors only: here it equals lorakit"
     if name == "lorakit-aten" and plan.device != "cpu":

@@ -21,6 +21,9 @@
     lorakit-offload
                    with --grad-checkpointing on CUDA: lorakit with each checkpointed layer's
                    input in host memory (the trainer's `--grad-checkpointing offload`)
+    lorakit-fullrecompute
+                   with --grad-checkpointing: lorakit under transformers' own checkpointing, whose
+                   recompute also computes the MLP's output (the trainer's leaves it out)
 
 With --memory-budget GiB the lorakit variants checkpoint the earliest layers the memory estimate
 says are needed to fit it (bench.budget_checkpoint_layers), as `lorakit train --memory-budget` plans.
@@ -104,7 +107,8 @@ def prepare_variant(name: str, plan) -> Prepared:
             from lorakit.kernels.varlen_attention import per_document_only
 
             per_document_only(model)
-        if plan.settings.grad_checkpointing:  # the trainer's checkpointing (build_model's is transformers')
+        # the trainer's checkpointing; lorakit-fullrecompute keeps build_model's, transformers' own
+        if plan.settings.grad_checkpointing and name != "lorakit-fullrecompute":
             from lorakit.train.memory_plan import checkpoint_every_layer
 
             checkpoint_every_layer(model, offload=name == "lorakit-offload")
