@@ -155,3 +155,18 @@ def test_unavailable_triton_gives_one_notice_and_keeps_the_plain_fast_paths(monk
     assert notices == ["Triton kernels not used (no CUDA device); the other fast paths stay"]
     assert fast_paths_enabled(model) and _triton_forwards(model) == 0
     _assert_same(_logits_and_grads(model, batch), want)
+
+
+def test_the_loss_takes_the_triton_kernel_while_the_model_runs_triton_kernels(monkeypatch):
+    model, batch = _model(), _batch()
+    calls = []
+    monkeypatch.setattr(triton_ops, "cross_entropy_rows_",
+                        lambda *a, _real=triton_ops.cross_entropy_rows_, **k: calls.append(1) or _real(*a, **k))
+    labelled = {**batch, "labels": batch["input_ids"]}
+    for triton, disabled, expected in ((False, False, False), (True, False, True), (True, True, False)):
+        enable_fast_paths(model, triton=triton)
+        if disabled:
+            disable_fast_paths(model)
+        calls.clear()
+        causal_lm_loss(model, labelled).backward()
+        assert bool(calls) == expected, (triton, disabled)

@@ -94,6 +94,9 @@ _COPIED_RELEASES = "-".join(".".join(map(str, release)) for release in COPIED_AT
 _SAVED_FORWARD = "_lorakit_saved_forward"  # marks a patched module; holds its previous forward
 _PRECOMPUTED = "_lorakit_precomputed"  # (input, output) stashed on q/k/v_proj for one call
 _TRITON = "_lorakit_triton"  # marks a module whose patched forward runs Triton kernels
+# on the model enable_fast_paths patched: some module runs Triton kernels, so the loss takes its
+# Triton kernel too (read on every step: no walk over the modules there)
+_TRITON_LOSS = "_lorakit_triton_loss"
 
 
 def enable_fast_paths(model: nn.Module, triton: bool = False, native: bool = True) -> list[str]:
@@ -118,6 +121,7 @@ def enable_fast_paths(model: nn.Module, triton: bool = False, native: bool = Tru
             fallbacks[reason].append(name)
     if not fallbacks and not fast_paths_enabled(model):
         fallbacks.setdefault("no Llama-style attention or SwiGLU MLP with LoRA was found", [])
+    model.__dict__[_TRITON_LOSS] = triton_kernels_enabled(model)
     return notices + [_notice(reason, names) for reason, names in fallbacks.items()]
 
 
@@ -158,6 +162,7 @@ def disable_fast_paths(model: nn.Module) -> None:
             module.__class__ = nn.Linear
         module.__dict__.pop(_PRECOMPUTED, None)
         module.__dict__.pop(fused_lora.CAST_ADAPTERS, None)
+        module.__dict__.pop(_TRITON_LOSS, None)
         cpu_attention.set_enabled(module, False)
 
 
@@ -507,6 +512,7 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     chunk_size: rows per lm_head + loss chunk (None: chunked_ce's budget, 128 MiB of fp32 logits,
     256 MiB for an fp32 head on the CPU).
     """
+    triton = model.__dict__.get(_TRITON_LOSS, False)  # as enable_fast_paths found it
     if hasattr(model, "get_base_model"):  # a PEFT model: its base_model_prefix names the wrapper's model
         model = model.get_base_model()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -519,8 +525,7 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(**inputs).last_hidden_state  # (B, T, H)
     return chunked_lm_head_loss(hidden, head.weight, shifted, normalizer=normalizer,
-                                chunk_size=chunk_size, bias=head.bias,
-                                triton=triton_kernels_enabled(model))
+                                chunk_size=chunk_size, bias=head.bias, triton=triton)
 
 
 # config fields of heads that transform the logits after the output projection

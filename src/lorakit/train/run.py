@@ -272,7 +272,7 @@ def _enable_fast_paths(model, config: RunConfig, device: torch.device) -> list[s
     # safe under non-reentrant checkpointing: the recomputed forward takes the same fused functions
     notices = enable_fast_paths(model, triton=wants_triton(config.train.triton_kernels, device))
     if triton_kernels_enabled(model):
-        notices.append("Triton kernels for RMSNorm, SwiGLU and RoPE (--no-triton-kernels for torch's ops)")
+        notices.append("Triton kernels for RMSNorm, SwiGLU, RoPE and the loss (--no-triton-kernels for torch's ops)")
     if config.data.packing:  # packed rows without a B*T*T mask, no work across documents
         notices += use_varlen_attention(model)
     return [f"fast paths: {n}" for n in notices + _gemm_notice(model)]
