@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.kernels import fused_lora
 from lorakit.kernels.chunked_ce import chunked_lm_head_loss
 from lorakit.kernels.fused_lora import lora_linear, lora_mlp, lora_qkv
 from lorakit.lora import LoraLinear
@@ -259,6 +260,10 @@ def main() -> int:
         print("no CUDA device")
         return 2
     results: list[dict] = []
+    # the fp32 masters' gradients written in fp32 by the GEMM (fused_lora._gemm_widens), or cast
+    print("adapter gradients written in fp32 by the GEMM:",
+          fused_lora._gemm_widens(torch.device(DEVICE, 0) if DEVICE == "cuda" else torch.device(DEVICE),
+                                  torch.bfloat16, torch.float32), flush=True)
     for dtype in (torch.bfloat16, torch.float32):
         for name, (modules, fused, plain) in _cases(dtype).items():
             _report(_guarded(name, dtype, check_block, name, modules, fused, plain, dtype), results, args.json)

@@ -15,13 +15,21 @@ HIDDEN, INTER = 24, 40
 pytestmark = pytest.mark.usefixtures("gemm_backend")  # torch's GEMMs and oneDNN's
 
 
-@pytest.fixture(params=["cpu-products", "epilogue"])
+@pytest.fixture(params=["cpu-products", "epilogue", "widening"])
 def scaling_path(request, monkeypatch):
     """The adapters' scaled products as the CPU runs them (cpu_gemm, then a scaling) and as a GPU
-    does (the scale in addmm's alpha, written into a column block of dXA in place)."""
-    if request.param == "epilogue":
+    does (the scale in addmm's alpha, written into a column block of dXA in place), there with
+    the gradients of fp32 masters written in fp32 by the GEMM (torch's out_dtype, CUDA only: here
+    its stand-in, which gives the fp32 product)."""
+    widened = []  # the dtypes the widening GEMMs wrote
+    if request.param != "cpu-products":
         monkeypatch.setattr(fused_lora, "_scale_in_epilogue", lambda t: True)
-    return request.param
+    if request.param == "widening":
+        monkeypatch.setattr(fused_lora, "_gemm_widens", lambda device, operand, output: output == torch.float32)
+        monkeypatch.setattr(fused_lora, "_widening_addmm", lambda a, b, scale, dtype: widened.append(dtype) or
+                            (scale * (a.double() @ b.double())).to(dtype))
+    yield request.param, widened
+    assert set(widened) <= {torch.float32}
 
 
 def _lora(in_f, out_f, r, alpha=None, bias=False, dtype=torch.float32, dropout=0.0, dora=False):
@@ -110,8 +118,7 @@ def _relative_errors(got, oracle):
 
 
 @pytest.mark.parametrize("block", ["qkv", "mlp"])
-@pytest.mark.usefixtures("scaling_path")
-def test_bf16_base_with_fp32_adapters_as_accurate_as_plain_path(block):
+def test_bf16_base_with_fp32_adapters_as_accurate_as_plain_path(block, scaling_path):
     # LoraLinear keeps fp32 masters under a bf16 base; both paths run the GEMMs in bf16.
     # Oracle: the plain path on an fp32 copy. Stated tolerance: every output and gradient
     # within 1.5e-2 of it in norm (bf16 has 8 mantissa bits, eps 7.8e-3), and no worse than
@@ -128,6 +135,9 @@ def test_bf16_base_with_fp32_adapters_as_accurate_as_plain_path(block):
     assert [t.dtype for t in fused[0] + fused[1]] == [t.dtype for t in plain[0] + plain[1]]
     for fused_err, plain_err in zip(_relative_errors(fused, oracle), _relative_errors(plain, oracle)):
         assert fused_err < 1.5e-2 and fused_err <= 2 * plain_err + 1e-3
+    path, widened = scaling_path
+    # every adapter gradient of the group (one dA GEMM per group, one dB per projection) written wide
+    assert len(widened) == (0 if path != "widening" else 4 if block == "qkv" else 5)
 
 
 def test_frozen_base_gets_no_gradient_and_adapters_accumulate():
@@ -308,3 +318,10 @@ def test_sharded_models_cast_afresh_in_every_forward(monkeypatch):
         with torch.no_grad():
             lora_qkv(_input(torch.bfloat16), *layers)
     assert len(refreshes) == 2 and fused_lora.CAST_ADAPTERS not in layers[0].__dict__
+
+
+def test_gradients_are_written_wide_only_where_the_gemm_can():
+    # torch's out_dtype GEMMs run on CUDA only; elsewhere the gradients are cast as before
+    assert not fused_lora._gemm_widens(torch.device("cpu"), torch.bfloat16, torch.float32)
+    assert not fused_lora._gemm_widens(torch.device("cuda", 0), torch.float32, torch.float32)
+    assert not fused_lora._gemm_widens(torch.device("cuda", 0), torch.bfloat16, torch.float16)
