@@ -66,7 +66,8 @@ PARAMS_PER_PROJECTION = 4  # base weight, base bias (or None), lora_A weight, lo
 
 def fuse_blocker(module: nn.Module) -> str | None:
     """Why `module` cannot take the fused path, or None when it can."""
-    if not all(hasattr(module, a) for a in ("base_layer", "lora_A", "lora_B", "scaling")):
+    parts = lora_parts(module)
+    if parts is None:
         return f"{type(module).__name__} is not a LoRA layer"
     if getattr(module, "merged", False):
         return "the adapter is merged into the base weight"
@@ -74,7 +75,24 @@ def fuse_blocker(module: nn.Module) -> str | None:
         return "the adapter is disabled"
     # both settings a user chose, at once: turning one off alone would not make the path fuse
     chosen = [reason for reason in (_dora_blocker(module), _dropout_blocker(module)) if reason]
-    return ", and ".join(chosen) if chosen else _base_blocker(module)
+    return ", and ".join(chosen) if chosen else _base_blocker(*parts)
+
+
+def lora_parts(module: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | None:
+    """(base_layer, lora_A, lora_B) of a LoRA layer whose factors are weight matrices, else None.
+    Read from the registered children: the patched forwards ask on every call, and nn.Module's
+    attribute lookup of a child or parameter costs about half a microsecond a name."""
+    children = module.__dict__.get("_modules", {})
+    base, lora_a, lora_b = children.get("base_layer"), children.get("lora_A"), children.get("lora_B")
+    if base is None or not hasattr(module, "scaling") or _param(lora_a, "weight") is None \
+            or _param(lora_b, "weight") is None:
+        return None
+    return base, lora_a, lora_b
+
+
+def _param(module: nn.Module | None, name: str) -> torch.Tensor | None:
+    """module's registered parameter `name`, or None (no module, or no such parameter)."""
+    return None if module is None else module.__dict__.get("_parameters", {}).get(name)
 
 
 def _dora_blocker(module: nn.Module) -> str | None:
@@ -84,7 +102,7 @@ def _dora_blocker(module: nn.Module) -> str | None:
 
 
 def _dropout_blocker(module: nn.Module) -> str | None:
-    dropout = getattr(module, "lora_dropout", None)
+    dropout = module.__dict__["_modules"].get("lora_dropout")
     # even in eval mode, where dropout does nothing: the trainer enables the fast paths on a model
     # loaded in eval mode, and its memory plan counts what they keep
     if isinstance(dropout, nn.Dropout) and dropout.p > 0:
@@ -94,14 +112,14 @@ def _dropout_blocker(module: nn.Module) -> str | None:
     return None
 
 
-def _base_blocker(module: nn.Module) -> str | None:
-    base = module.base_layer
+def _base_blocker(base: nn.Module, lora_a: nn.Module, lora_b: nn.Module) -> str | None:
+    weight, bias = _param(base, "weight"), _param(base, "bias")
     # exact types: a subclass with its own forward (BitNet's, FP8 ones) computes something else
-    if type(base) not in (nn.Linear, cpu_gemm.CpuGemmLinear) or base.weight.dtype not in _FUSED_DTYPES:
+    if type(base) not in (nn.Linear, cpu_gemm.CpuGemmLinear) or weight is None or weight.dtype not in _FUSED_DTYPES:
         return f"base layer {type(base).__name__} is not a plain nn.Linear in fp16, bf16, fp32 or fp64"
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
         return "the base layer is trainable"
-    if module.lora_A.bias is not None or module.lora_B.bias is not None:
+    if _param(lora_a, "bias") is not None or _param(lora_b, "bias") is not None:
         return "adapter matrices with a bias are not fused"
     return None
 
@@ -149,8 +167,8 @@ def _scalings_and_params(layers, checked: bool = False):
         reason = None if checked else fuse_blocker(layer)
         if reason is not None:
             raise ValueError(f"cannot fuse {type(layer).__name__}: {reason}")
-        base = layer.base_layer
-        params += [base.weight, base.bias, layer.lora_A.weight, layer.lora_B.weight]
+        base, lora_a, lora_b = lora_parts(layer)
+        params += [_param(base, "weight"), _param(base, "bias"), _param(lora_a, "weight"), _param(lora_b, "weight")]
     return (tuple(float(layer.scaling) for layer in layers), *params)
 
 
@@ -186,14 +204,20 @@ class _CastAdapters:
         with torch.inference_mode(False):
             self._sets = [_copy_buffers(masters_a, masters_b, dtype) for _ in range(sets)]
         self._turn = 0
-        self.a_cat, self.b = self._sets[0][:2]
+        self._use(*self._sets[0][:2])
 
     def refresh(self, stamp: tuple) -> None:
         self._turn = (self._turn + 1) % len(self._sets)
         a_cat, b, targets, sources = self._sets[self._turn]
         with torch.inference_mode(False), torch.no_grad():
             torch._foreach_copy_(targets, sources)  # one launch for the group, casts included
-        self.a_cat, self.b, self.stamp = a_cat, b, stamp
+        self._use(a_cat, b)
+        self.stamp = stamp
+
+    def _use(self, a_cat: torch.Tensor, b: list[torch.Tensor]) -> None:
+        # the transposes as views made once: each forward's update reads B^T of every projection
+        with torch.inference_mode(False):
+            self.a_cat, self.b, self.b_t = a_cat, b, [matrix.T for matrix in b]
 
 
 def _copy_buffers(masters_a, masters_b, dtype):
@@ -244,8 +268,9 @@ def cast_adapters(layers, dtype: torch.dtype) -> _CastAdapters:
     dtype, changed. Call inside a Function's forward. Unseen: an optimizer outside torch.optim, or
     a write through `.data`: update adapter weights with copy_ under no_grad, as load_state_dict does."""
     _start_counting_optimizer_steps()
-    masters_a = [layer.lora_A.weight for layer in layers]
-    masters_b = [layer.lora_B.weight for layer in layers]
+    parts = [lora_parts(layer) for layer in layers]
+    masters_a = [_param(lora_a, "weight") for _, lora_a, _ in parts]
+    masters_b = [_param(lora_b, "weight") for _, _, lora_b in parts]
     masters = (*masters_a, *masters_b)
     stamp = (_optimizer_steps, *((m._version, m.data_ptr()) for m in masters))
     if layers[0].__dict__.get(FRESH_CASTS):  # used by this forward (and its backward) alone
@@ -310,9 +335,9 @@ def _shared_forward(x2, projections, casts: _CastAdapters, outputs: bool = True)
     if not outputs:
         return [x2.new_empty(x2.shape[0], weight.shape[0]) for weight, *_ in projections], xa, a_cat
     outs = []
-    for (weight, bias, _, _, s), lora_b, cols in zip(projections, casts.b, _rank_slices(projections)):
+    for (weight, bias, _, _, s), lora_b_t, cols in zip(projections, casts.b_t, _rank_slices(projections)):
         out = cpu_gemm.linear(x2, weight, bias)  # (T, out)
-        out.addmm_(xa[:, cols], lora_b.T, alpha=s)
+        out.addmm_(xa[:, cols], lora_b_t, alpha=s)
         outs.append(out)
     return outs, xa, a_cat
 
@@ -351,7 +376,7 @@ def _scale_in_epilogue(t: torch.Tensor) -> bool:
 def _scaled_matmul(a, b, scale: float, out: torch.Tensor) -> torch.Tensor:
     """out = scale * (a @ b)."""
     if _scale_in_epilogue(a):
-        return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scale, out=out)  # beta=0: input unread
+        return torch.addmm(_unread_input(a), a, b, beta=0, alpha=scale, out=out)
     return out.copy_(cpu_gemm.matmul(a, b).mul_(scale))
 
 
@@ -362,12 +387,24 @@ def _scaled_grad_weight(dy, x, scale: float, dtype: torch.dtype) -> torch.Tensor
     if _scale_in_epilogue(dy):
         if dtype != dy.dtype and _gemm_widens(dy.device, dy.dtype, dtype):
             return _widening_addmm(dy.T, x, scale, dtype)
-        grad = torch.addmm(dy.new_empty(()), dy.T, x, beta=0, alpha=scale)
+        grad = torch.addmm(_unread_input(dy), dy.T, x, beta=0, alpha=scale)
     else:
         grad = cpu_gemm.grad_weight(dy, x)
         if scale != 1.0:
             grad.mul_(scale)
     return grad.to(dtype)
+
+
+def _unread_input(like: torch.Tensor) -> torch.Tensor:
+    """The input of an addmm with beta=0, which reads it only for its shape: one scalar per dtype
+    and device, made once (an allocation per product cost about 7 us of CPU on the H200's host)."""
+    return _scalar(like.dtype, like.device)
+
+
+@functools.cache
+def _scalar(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return torch.zeros((), dtype=dtype, device=device)
 
 
 def _widening_addmm(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
