@@ -270,7 +270,28 @@ def main() -> int:
         _report(_guarded("lm_head+ce", dtype, check_lm_head, dtype), results, args.json)
         for result in itertools.chain(check_triton(dtype), check_varlen(dtype)):
             _report(result, results, args.json)
+    for result in check_triton_direct_launch():
+        _report(result, results, args.json)
     return 0 if all(_passed(r) for r in results) else 1
+
+
+def check_triton_direct_launch():
+    """The Triton cases again with triton_ops' direct launch (opt-in until measured): a first pass
+    keys the compiled kernels, the second launches them directly and is reported."""
+    from lorakit.kernels import triton_ops
+
+    previous = triton_ops.launch_mode("direct")
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            for _ in check_triton(dtype):
+                pass
+            before = triton_ops.direct_launches()
+            results = list(check_triton(dtype))
+            print(f"direct launches in the reported pass: {triton_ops.direct_launches() - before}", flush=True)
+            for result in results:
+                yield {**result, "case": result["case"] + " direct"}
+    finally:
+        triton_ops.launch_mode(previous)
 
 
 if __name__ == "__main__":

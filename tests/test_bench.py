@@ -475,3 +475,19 @@ def test_fullrecompute_variant_keeps_transformers_checkpointing_and_the_same_los
         losses[name] = [train_step(prepared, inputs["lorakit"], "cpu")[2] for _ in range(2)]
         assert any(skipped) == (name == "lorakit")
     assert losses["lorakit-fullrecompute"] == pytest.approx(losses["lorakit"], rel=1e-6)
+
+
+def test_directlaunch_variant_is_cuda_only_and_sets_the_launch_mode_for_its_steps_only():
+    from lorakit.bench import train_step
+    from lorakit.bench_variants import prepare_variant
+    from lorakit.kernels import triton_ops
+
+    plan = resolve(_settings(variants=["lorakit", "lorakit-directlaunch"]))
+    assert plan.settings.variants == ["lorakit"] and "lorakit-directlaunch skipped" in plan.notices[0]
+    prepared = prepare_variant("lorakit-directlaunch", plan)  # forced: the rule is checked, no kernel runs here
+    seen = []
+    real_loss = prepared.loss_fn
+    prepared.loss_fn = lambda batch: seen.append(triton_ops.launch_mode()) or real_loss(batch)
+    before = triton_ops.launch_mode()
+    train_step(prepared, make_inputs(plan)["lorakit"], plan.device)
+    assert seen == ["direct"] and triton_ops.launch_mode() == before

@@ -53,7 +53,7 @@ from lorakit.plan.model_shapes import model_shape
 
 VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-native", "lorakit-plain", "lorakit-ce",
             "lorakit-fused", "lorakit-eager", "lorakit-aten", "lorakit-4d", "lorakit-perdoc", "lorakit-offload",
-            "lorakit-fullrecompute")
+            "lorakit-fullrecompute", "lorakit-directlaunch")
 DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-native", "lorakit-offload", "peft-liger")
 GIB = 2**30
 DTYPES = ("float32", "bfloat16")
@@ -245,6 +245,8 @@ def _skip_reason(name: str, plan: Plan) -> str | None:
         return "it offloads checkpointed layers' inputs from a GPU: needs --grad-checkpointing on CUDA"
     if name == "lorakit-fullrecompute" and not plan.settings.grad_checkpointing:
         return "it differs from lorakit only in what a checkpoint recomputes: needs --grad-checkpointing"
+    if name == "lorakit-directlaunch" and plan.device != "cuda":
+        return "it differs from lorakit only in how its Triton kernels launch, on CUDA"
     if name == "lorakit-eager" and plan.device != "cpu":
         return "the native RMSNorm, RoPE and attention it leaves out run on CPU tensors only: here it equals lorakit"
     if name == "lorakit-aten" and plan.device != "cpu":
@@ -328,7 +330,7 @@ def train_step(prepared: Prepared, batch: dict, device: str, hooks=None) -> tupl
     _sync(device)
     start, cpu_start, faults_start = time.perf_counter(), time.process_time(), minor_page_faults()
     forced = cpu_gemm.use_backend(prepared.gemm_backend) if prepared.gemm_backend else contextlib.nullcontext()
-    with forced:
+    with forced, _triton_launch(prepared.triton_launch):
         with hooks or contextlib.nullcontext():
             loss = prepared.loss_fn(batch)
         loss.backward()
@@ -337,6 +339,22 @@ def train_step(prepared: Prepared, batch: dict, device: str, hooks=None) -> tupl
     value = loss.item()  # syncs the device too
     _sync(device)
     return time.perf_counter() - start, time.process_time() - cpu_start, value, minor_page_faults() - faults_start
+
+
+@contextlib.contextmanager
+def _triton_launch(mode: str | None):
+    """The variant's Triton launch mode for one step (process-wide: CUDA backwards run in
+    autograd's threads), the previous one after."""
+    if mode is None:
+        yield
+        return
+    from lorakit.kernels import triton_ops
+
+    previous = triton_ops.launch_mode(mode)
+    try:
+        yield
+    finally:
+        triton_ops.launch_mode(previous)
 
 
 def new_raw(name: str) -> dict:

@@ -24,6 +24,10 @@
     lorakit-fullrecompute
                    with --grad-checkpointing: lorakit under transformers' own checkpointing, whose
                    recompute also computes the MLP's output (the trainer's leaves it out)
+    lorakit-directlaunch
+                   CUDA: lorakit with its Triton kernels launched directly (triton_ops.launch_mode
+                   "direct", LORAKIT_TRITON_LAUNCH=direct in the trainer), not through Triton's
+                   per-call binding; opt-in until measured
 
 With --memory-budget GiB the lorakit variants checkpoint the earliest layers the memory estimate
 says are needed to fit it (bench.budget_checkpoint_layers), as `lorakit train --memory-budget` plans.
@@ -84,6 +88,7 @@ class Prepared:
     inputs_key: str  # "lorakit" or "peft": which batch this variant trains on
     notices: list[str]
     gemm_backend: str | None = None  # cpu_gemm's backend for this variant's steps; None: its own choice
+    triton_launch: str | None = None  # triton_ops' launch mode for this variant's steps; None: the process's
 
 
 def prepare_variant(name: str, plan) -> Prepared:
@@ -116,7 +121,8 @@ def prepare_variant(name: str, plan) -> Prepared:
     fused = name.startswith("lorakit")  # the trainer's fused AdamW (CUDA and CPU)
     optimizer = torch.optim.AdamW(params, lr=LR, **({"fused": True} if fused else {}))
     return Prepared(model, loss_fn, optimizer, key, notices,
-                    gemm_backend=cpu_gemm.ATEN if name == "lorakit-aten" else None)
+                    gemm_backend=cpu_gemm.ATEN if name == "lorakit-aten" else None,
+                    triton_launch="direct" if name == "lorakit-directlaunch" else None)
 
 
 def _checkpoint_earliest(model, k: int) -> None:

@@ -390,3 +390,78 @@ def test_chunked_loss_with_a_16_bit_hidden_and_an_fp32_head_rounds_once(monkeypa
         return float((grad.double() - exact).norm() / exact.norm())
 
     assert error(fused_grad) <= 1.05 * error(torch_grad) + 1e-9
+
+
+# ---- the direct launch: Triton's own launch once per specialisation, then the compiled kernel ----
+
+class _FakeCompiled:
+    """Stands in for Triton's CompiledKernel: compiled[grid](*every parameter's value)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("direct", grid, args))
+
+
+class _FakeKernel:
+    """Stands in for a JITFunction: kernel[grid](*args, **meta) launches and returns the compiled kernel."""
+
+    def __init__(self):
+        self.log = []
+        self.fn = lambda x_ptr, n, eps, BLOCK, FLAG: None  # the jitted function's signature
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.log.append(("jit", grid, args, meta))
+            return _FakeCompiled(self.log)
+        return launch
+
+
+@pytest.fixture
+def direct_launch(monkeypatch):
+    monkeypatch.setattr(ops, "INTERPRETED", False)  # the interpreter always takes Triton's path
+    monkeypatch.setattr(ops, "_compiled", {})
+    previous = ops.launch_mode("direct")
+    yield
+    ops.launch_mode(previous)
+
+
+@pytest.mark.usefixtures("direct_launch")
+def test_direct_launch_reuses_the_compiled_kernel_only_for_the_same_specialisation():
+    kernel, x = _FakeKernel(), torch.zeros(64)
+    meta = dict(BLOCK=64, FLAG=True, num_warps=4)
+    ops._launch(kernel, (8,), x, x, 64, 1e-6, **meta)
+    ops._launch(kernel, (8,), x, x, 64, 1e-5, **meta)  # another float: the same specialisation
+    assert [entry[0] for entry in kernel.log] == ["jit", "direct"]
+    # every parameter in signature order, constexprs included, launch options not; a 3-d grid
+    assert kernel.log[1] == ("direct", (8, 1, 1), (x, 64, 1e-5, 64, True))
+    for changed in ([x, 65, 1e-6], [x[1:], 64, 1e-6], [x.double(), 64, 1e-6]):  # an int, alignment, dtype
+        before = len(kernel.log)
+        ops._launch(kernel, (8,), x, *changed, **meta)
+        assert kernel.log[before][0] == "jit"
+    ops._launch(kernel, (8,), x, x, 64, 1e-6, **{**meta, "num_warps": 8})  # another launch option
+    assert kernel.log[-1][0] == "jit"
+
+
+def test_jit_launch_mode_always_takes_tritons_path(monkeypatch):
+    monkeypatch.setattr(ops, "INTERPRETED", False)
+    previous = ops.launch_mode("jit")
+    try:
+        kernel, x = _FakeKernel(), torch.zeros(16)
+        for _ in range(2):
+            ops._launch(kernel, (1,), x, x, 16, 0.0, BLOCK=16, FLAG=False)
+        assert [entry[0] for entry in kernel.log] == ["jit", "jit"]
+        with pytest.raises(ValueError, match="unknown Triton launch mode"):
+            ops.launch_mode("fast")
+    finally:
+        ops.launch_mode(previous)
+
+
+def test_an_unknown_launch_mode_in_the_environment_is_refused(monkeypatch, capsys):
+    from lorakit.cli import main
+
+    monkeypatch.setenv(ops.LAUNCH_ENV_VAR, "fast")
+    assert main(["estimate", "--model", "smollm2-135m"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: LORAKIT_TRITON_LAUNCH='fast' is not a Triton launch mode") and "Traceback" not in err

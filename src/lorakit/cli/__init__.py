@@ -109,10 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv else 2
     _show_lorakit_warnings_as_one_line()
     try:
-        if os.environ.get("LORAKIT_CPU_GEMM"):  # checked here, not mid-run (importing it loads torch)
-            from lorakit.kernels.cpu_gemm import check_environment
+        # checked here, not mid-run (importing them loads torch, and triton)
+        if os.environ.get("LORAKIT_CPU_GEMM"):
+            from lorakit.kernels import cpu_gemm
 
-            check_environment()
+            cpu_gemm.check_environment()
+        if os.environ.get("LORAKIT_TRITON_LAUNCH"):
+            from lorakit.kernels import triton_ops
+
+            triton_ops.check_environment()
         return int(args.func(args) or 0)
     except LorakitError as exc:
         return _refuse(str(exc), exc.exit_code, args)
