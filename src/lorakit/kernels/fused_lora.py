@@ -327,6 +327,105 @@ def recompute_skipping_mlp_output(applies: Callable[[], bool]) -> Callable[[], t
     return lambda: (contextlib.nullcontext(), SkipMlpOutput(applies))
 
 
+# ---- frozen weights stacked: one GEMM for projections that read the same input -----------------
+
+def stack_frozen_weights(layers) -> bool:
+    """Put the frozen base weights (and biases) of LoRA projections that read the same input
+    (q, k, v; gate, up) into one buffer, each weight a block of its rows, so that their forward is
+    one GEMM (and, where the gradients lie side by side, their input gradient too). Nothing is
+    copied for good: each weight becomes a view of the buffer, and unstack_frozen_weights undoes
+    it. True when the weights are stacked now; weights of different widths, dtypes or devices,
+    meta or sharded ones (their .data is not a plain tensor) are left alone."""
+    parts = [lora_parts(layer) for layer in layers]
+    if len(layers) < 2 or any(part is None for part in parts):
+        return False
+    weights = [_param(base, "weight") for base, _, _ in parts]
+    biases = [_param(base, "bias") for base, _, _ in parts]
+    if _stacked(weights) is not None and _biases_stacked(biases):
+        return True
+    if not _stackable(weights) or not (all(b is None for b in biases) or _stackable(biases)):
+        return False
+    with torch.no_grad():
+        for tensors in ([weights, biases] if biases[0] is not None else [weights]):
+            buffer = torch.cat([t.detach() for t in tensors])  # one group at a time: a transient copy
+            for tensor, block in zip(tensors, buffer.split([t.shape[0] for t in tensors])):
+                tensor.data = block
+    return True
+
+
+def unstack_frozen_weights(layers) -> None:
+    """Each stacked base weight and bias of these layers in its own storage again."""
+    parts = [lora_parts(layer) for layer in layers]
+    if any(part is None for part in parts):
+        return
+    for name in ("weight", "bias"):
+        tensors = [_param(base, name) for base, _, _ in parts]
+        if _stacked(tensors) is not None:
+            with torch.no_grad():
+                for tensor in tensors:
+                    tensor.data = tensor.data.clone()
+
+
+def _stackable(tensors) -> bool:
+    first = tensors[0]
+    return all(t is not None and type(t.data) is torch.Tensor and not t.is_meta and not t.requires_grad
+               and t.dtype == first.dtype and t.device == first.device and t.shape[1:] == first.shape[1:]
+               for t in tensors)
+
+
+def _stacked(tensors) -> torch.Tensor | None:
+    """The matrix (or vector) whose consecutive blocks of rows are `tensors`, when they lie so in
+    one storage (stack_frozen_weights put them there), else None. Asked on every call: the
+    weights may have been moved or replaced since."""
+    first = tensors[0]
+    if len(tensors) < 2 or first is None:
+        return None
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if (t is None or t.storage_offset() != offset or t.untyped_storage().data_ptr() != storage
+                or not t.is_contiguous() or t.dtype != first.dtype or t.device != first.device
+                or t.shape[1:] != first.shape[1:]):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, *first.shape[1:]), first.stride())
+
+
+def _biases_stacked(biases) -> bool:
+    return all(b is None for b in biases) or _stacked(biases) is not None
+
+
+def _stacked_base(projections) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(W, b) stacked over the group's projections, or None (one GEMM each)."""
+    weight = _stacked([weight for weight, *_ in projections])
+    if weight is None:
+        return None
+    biases = [bias for _, bias, *_ in projections]
+    if all(b is None for b in biases):
+        return weight, None
+    bias = _stacked(biases)
+    return None if bias is None else (weight, bias)
+
+
+def _side_by_side(blocks) -> torch.Tensor | None:
+    """The (rows, sum of widths) matrix whose consecutive column blocks are `blocks`, when they
+    fill its rows in one storage, else None."""
+    first = blocks[0]
+    if len(blocks) < 2 or first.dim() != 2:
+        return None
+    rows, row_stride = first.shape[0], first.stride(0)
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for block in blocks:
+        if (block.dim() != 2 or block.shape[0] != rows or block.stride() != (row_stride, 1)
+                or block.storage_offset() != offset or block.untyped_storage().data_ptr() != storage
+                or block.dtype != first.dtype or block.device != first.device):
+            return None
+        offset += block.shape[1]
+    if offset - first.storage_offset() != row_stride:
+        return None
+    return first.as_strided((rows, row_stride), (row_stride, 1))
+
+
 def _shared_forward(x2, projections, casts: _CastAdapters, outputs: bool = True):
     """Outputs of projections sharing input x2 (T, in), plus what backward needs; with
     outputs=False the outputs are left uncomputed (uninitialised), what backward needs is not."""
@@ -334,17 +433,19 @@ def _shared_forward(x2, projections, casts: _CastAdapters, outputs: bool = True)
     xa = cpu_gemm.linear(x2, a_cat)  # (T, R)
     if not outputs:
         return [x2.new_empty(x2.shape[0], weight.shape[0]) for weight, *_ in projections], xa, a_cat
-    outs = []
-    for (weight, bias, _, _, s), lora_b_t, cols in zip(projections, casts.b_t, _rank_slices(projections)):
-        out = cpu_gemm.linear(x2, weight, bias)  # (T, out)
+    stacked = _stacked_base(projections)
+    if stacked is None:
+        outs = [cpu_gemm.linear(x2, weight, bias) for weight, bias, *_ in projections]  # (T, out_i) each
+    else:  # one GEMM; the outputs are its column blocks
+        outs = cpu_gemm.linear(x2, *stacked).split([weight.shape[0] for weight, *_ in projections], dim=1)
+    for out, (*_, s), lora_b_t, cols in zip(outs, projections, casts.b_t, _rank_slices(projections)):
         out.addmm_(xa[:, cols], lora_b_t, alpha=s)
-        outs.append(out)
-    return outs, xa, a_cat
+    return list(outs), xa, a_cat
 
 
-def _shared_backward(x2, xa, a_cat, cast_b, projections, grad_outs, need_input_grad):
+def _shared_backward(x2, xa, a_cat, cast_b, projections, grad_outs, need_input_grad, dx_out=None):
     """(dX or None, [dA_i], [dB_i]) for projections sharing input x2; cast_b: each B as the
-    forward took it."""
+    forward took it; dx_out: where dX goes (a column block of a wider matrix), else a new tensor."""
     dxa = torch.empty_like(xa)  # (T, R)
     grads_b = []
     for (_, _, _, lora_b, s), b, cols, dy in zip(projections, cast_b, _rank_slices(projections), grad_outs):
@@ -358,11 +459,32 @@ def _shared_backward(x2, xa, a_cat, cast_b, projections, grad_outs, need_input_g
     grads_a = [grad_a_cat[cols].to(dtype) for cols, dtype in zip(_rank_slices(projections), master_dtypes)]
     dx = None
     if need_input_grad:
-        dx = cpu_gemm.matmul(grad_outs[0], projections[0][0])  # (T, in)
-        for (weight, *_), dy in zip(projections[1:], grad_outs[1:]):
-            dx = cpu_gemm.matmul_add(dy, weight, dx)
+        dx = _input_grad([weight for weight, *_ in projections], grad_outs, dx_out)  # (T, in)
         dx.addmm_(dxa, a_cat)
     return dx, grads_a, grads_b
+
+
+def _input_grad(weights, grad_outs, out=None) -> torch.Tensor:
+    """sum_i dY_i @ W_i: one GEMM where the weights are stacked and the gradients lie side by
+    side (the fused MLP writes d gate and d up so), else one per projection, accumulated."""
+    stacked, side_by_side = _stacked(weights), _side_by_side(grad_outs)
+    if stacked is not None and side_by_side is not None:
+        return _matmul_into(side_by_side, stacked, out)
+    dx = _matmul_into(grad_outs[0], weights[0], out)
+    for weight, dy in zip(weights[1:], grad_outs[1:]):
+        dx = cpu_gemm.matmul_add(dy, weight, dx)
+    if out is not None and dx is not out:  # oneDNN's sum is a new tensor
+        dx = out.copy_(dx)
+    return dx
+
+
+def _matmul_into(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """a @ weight, into `out` when given (cuBLAS writes a column block in place; the CPU copies)."""
+    if out is None:
+        return cpu_gemm.matmul(a, weight)
+    if _scale_in_epilogue(a):
+        return torch.mm(a, weight, out=out)
+    return out.copy_(cpu_gemm.matmul(a, weight))
 
 
 def _scale_in_epilogue(t: torch.Tensor) -> bool:
@@ -467,11 +589,11 @@ class _SharedInputLora(torch.autograd.Function):
         return dx, None, None, *_param_grads(grads_a, grads_b)
 
 
-def _silu_mul_grads(e, g, silu, dh):
-    """(de, dg) for h = silu(e) * g: dg in silu's buffer; de in dh's, by torch's fused silu
-    backward (dh g sigmoid(e) (1 + e (1 - sigmoid(e))) in one pass, in fp32 inside for 16-bit
-    inputs). Two passes fewer than spelling the derivative out."""
-    dg = silu.mul_(dh)
+def _silu_mul_grads(e, g, silu, dh, dg_out=None):
+    """(de, dg) for h = silu(e) * g: dg in silu's buffer (or dg_out); de in dh's, by torch's fused
+    silu backward (dh g sigmoid(e) (1 + e (1 - sigmoid(e))) in one pass, in fp32 inside for
+    16-bit inputs). Two passes fewer than spelling the derivative out."""
+    dg = silu.mul_(dh) if dg_out is None else torch.mul(silu, dh, out=dg_out)
     dh_g = dh.mul_(g)
     return torch.ops.aten.silu_backward.grad_input(dh_g, e, grad_input=dh_g), dg
 
@@ -498,13 +620,18 @@ class _LoraSwiGLU(torch.autograd.Function):
             h = silu * g
         else:
             h = ops.silu_mul(e, g)
+        # with gate and up stacked, dh (then d gate over it) and d up go side by side into one
+        # matrix, so that dX is one GEMM: on a GPU, where cuBLAS writes column blocks in place
+        d_gate_up = (torch.empty(e.shape[0], 2 * e.shape[1], dtype=e.dtype, device=e.device)
+                     if _scale_in_epilogue(e) and _stacked([gate[0], up[0]]) is not None else None)
+        dh_out, dg_out = (None, None) if d_gate_up is None else d_gate_up.split(e.shape[1], dim=1)
         dh, grads_a_down, grads_b_down = _shared_backward(
-            h, ha, a_down, [b_down], [down], [_flat(grad_out)], True)
+            h, ha, a_down, [b_down], [down], [_flat(grad_out)], True, dx_out=dh_out)
         del h
         if ops is None:
-            de, dg = _silu_mul_grads(e, g, silu, dh)
+            de, dg = _silu_mul_grads(e, g, silu, dh, dg_out)
         else:  # one pass, de written over dh
-            de, dg = ops.silu_mul_grads(e, g, dh, into_grad=True)
+            de, dg = ops.silu_mul_grads(e, g, dh, into_grad=True, d_up=dg_out)
         dx, grads_a, grads_b = _shared_backward(_flat(x), xa, a_cat, [b_gate, b_up], [gate, up], [de, dg],
                                                 ctx.needs_input_grad[0])
         dx = None if dx is None else dx.view(x.shape)

@@ -160,10 +160,19 @@ def disable_fast_paths(model: nn.Module) -> None:
             _restore_forward(module)
         if type(module) is cpu_gemm.CpuGemmLinear:
             module.__class__ = nn.Linear
+        for group in _stacked_groups(module):
+            fused_lora.unstack_frozen_weights(group)
         module.__dict__.pop(_PRECOMPUTED, None)
         module.__dict__.pop(fused_lora.CAST_ADAPTERS, None)
         module.__dict__.pop(_TRITON_LOSS, None)
         cpu_attention.set_enabled(module, False)
+
+
+def _stacked_groups(module: nn.Module) -> list[list[nn.Module]]:
+    """The projections whose frozen weights enable_fast_paths may have stacked in this module."""
+    groups = [QKV] if all(hasattr(module, name) for name in QKV) else []
+    groups += [MLP[:2]] if all(hasattr(module, name) for name in MLP) else []
+    return [[getattr(module, name) for name in names] for names in groups]
 
 
 def fast_paths_enabled(model: nn.Module) -> bool:
@@ -226,6 +235,7 @@ def _patch_if_fusable(module: nn.Module, ops) -> str | None:
         reason = _mlp_blocker(module)
         if reason is None:
             _set_forward(module, _fused_mlp_forward(_is_triton(ops)), triton=_is_triton(ops))
+            fused_lora.stack_frozen_weights([module.gate_proj, module.up_proj])
         return None if reason is None else f"MLP not fused ({reason})"
     if all(hasattr(module, p) for p in (*QKV, "o_proj")):
         return _patch_attention(module, ops)
@@ -272,6 +282,7 @@ def _patch_attention(attn: nn.Module, ops) -> str | None:
     projections = [getattr(attn, name) for name in QKV] if qkv_reason is None else []
     for proj in projections:
         _set_forward(proj, _precomputed_forward)
+    fused_lora.stack_frozen_weights(projections)  # one GEMM for q, k and v
     rope_reason = _rope_swap_blocker(attn) if ops is not None else None
     rope_ops = ops if ops is not None and rope_reason is None else None
     cpu_attention.set_enabled(attn, ops is native_ops)  # read by the copy and by varlen_attention

@@ -333,56 +333,61 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # ---- SwiGLU -----------------------------------------------------------------------------------
 
 @_jit
-def _swiglu_forward_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_forward_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_stride, up_stride, out_stride,
+                           BLOCK: tl.constexpr):
+    # one block of one row per program: rows may sit side by side in a wider matrix (row strides)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(gate_ptr + row * gate_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + row * up_stride + cols, mask=mask, other=0.0).to(tl.float32)
     out = gate * _sigmoid(gate) * up
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit
-def _swiglu_backward_kernel(gate_ptr, up_ptr, grad_ptr, dgate_ptr, dup_ptr, n,
-                            BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_backward_kernel(gate_ptr, up_ptr, grad_ptr, dgate_ptr, dup_ptr, n_cols, gate_stride, up_stride,
+                            grad_stride, dgate_stride, dup_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(gate_ptr + row * gate_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + row * up_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.load(grad_ptr + row * grad_stride + cols, mask=mask, other=0.0).to(tl.float32)
     sig = _sigmoid(gate)
     dup = grad * gate * sig
     dgate = grad * up * sig * (1.0 + gate * (1.0 - sig))
-    tl.store(dgate_ptr + offsets, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
-    tl.store(dup_ptr + offsets, dup.to(dup_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgate_ptr + row * dgate_stride + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+    tl.store(dup_ptr + row * dup_stride + cols, dup.to(dup_ptr.dtype.element_ty), mask=mask)
 
 
-def _elementwise_grid(n):
-    return (triton.cdiv(n, _ELEMENTWISE_BLOCK),)
+def _row_grid(rows: torch.Tensor):
+    return rows.shape[0], triton.cdiv(rows.shape[1], _ELEMENTWISE_BLOCK)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up without autograd; gate, up contiguous, same shape and dtype."""
-    out = torch.empty_like(gate)
-    n = gate.numel()
-    if n:
-        _launch(_swiglu_forward_kernel, _elementwise_grid(n), gate, gate, up, out, n,
-                BLOCK=_ELEMENTWISE_BLOCK)
+    """silu(gate) * up without autograd, as a new contiguous matrix; gate, up (rows, cols) of one
+    dtype with unit column stride (column blocks of a wider matrix will do)."""
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if gate.numel():
+        _launch(_swiglu_forward_kernel, _row_grid(gate), gate, gate, up, out, gate.shape[1],
+                gate.stride(0), up.stride(0), out.stride(0), BLOCK=_ELEMENTWISE_BLOCK)
     return out
 
 
-def silu_mul_grads(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, *,
-                   into_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_mul_grads(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, *, into_grad: bool = False,
+                   d_up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(d gate, d up) of silu(gate) * up for upstream grad, without autograd.
 
-    All three contiguous, same shape; into_grad=True writes d gate over `grad` (saves a buffer
-    when the caller owns grad). Both results take grad's dtype.
+    All (rows, cols) with unit column stride, same shape; into_grad=True writes d gate over
+    `grad` (saves a buffer when the caller owns grad); d_up, when given, is where d up goes (the
+    fused MLP puts both side by side, so that one GEMM takes them). Both take grad's dtype.
     """
-    dgate = grad if into_grad else torch.empty_like(grad)
-    dup = torch.empty_like(grad)
-    n = gate.numel()
-    if n:
-        _launch(_swiglu_backward_kernel, _elementwise_grid(n), gate, gate, up, grad, dgate, dup, n,
+    dgate = grad if into_grad else torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    dup = d_up if d_up is not None else torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    if gate.numel():
+        _launch(_swiglu_backward_kernel, _row_grid(gate), gate, gate, up, grad, dgate, dup, gate.shape[1],
+                gate.stride(0), up.stride(0), grad.stride(0), dgate.stride(0), dup.stride(0),
                 BLOCK=_ELEMENTWISE_BLOCK)
     return dgate, dup
 
@@ -390,14 +395,16 @@ def silu_mul_grads(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, *,
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        gate, up = gate.contiguous(), up.contiguous()
+        ctx.shape = gate.shape
+        gate, up = _rows(gate), _rows(up)
         ctx.save_for_backward(gate, up)
-        return silu_mul(gate, up)
+        return silu_mul(gate, up).view(ctx.shape)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        return silu_mul_grads(gate, up, grad.contiguous())
+        d_gate, d_up = silu_mul_grads(gate, up, _rows(grad))
+        return d_gate.view(ctx.shape), d_up.view(ctx.shape)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
