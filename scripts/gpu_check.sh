@@ -168,12 +168,12 @@ EOF
 }
 
 if [[ "$PLAN" == quick ]]; then
-    # a re-measurement after a change (about 5 minutes; run with BUDGET=300 when ~6 minutes of
+    # a re-measurement after a change (about 6 minutes; run with BUDGET=360 when ~7 minutes of
     # device time are left): the kernels, the 1b check and speed rows, the goals' checkpointed rows
     # (with lorakit-fullrecompute: the recompute skip's share), the trainer end to end, and where
     # a 1b step and an 8b checkpointed step go (profile.txt; trace.json.gz of the 1b step)
-    step kernels 40 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.json\" >>\"$LOG\" 2>&1"
-    bench bench_1b_check 100 --preset gpu-1b --check --check-steps 30 --variants lorakit,lorakit-directlaunch,lorakit-native,peft,peft-bf16
+    step kernels 60 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.json\" >>\"$LOG\" 2>&1"
+    bench bench_1b_check 120 --preset gpu-1b --check --check-steps 30 --variants lorakit,lorakit-unstacked,lorakit-directlaunch,lorakit-native,peft,peft-bf16
     bench bench_1b_ckpt 65 --preset gpu-1b --grad-checkpointing --variants lorakit,lorakit-directlaunch,lorakit-fullrecompute,peft,peft-bf16 --steps 8 --warmup 3
     bench bench_8b_ckpt 75 --preset gpu-8b --grad-checkpointing --variants lorakit,lorakit-fullrecompute,peft --steps 5 --warmup 2
     step train 90 bash -c "\"$PY\" scripts/gpu_train_smoke.py /tmp/lorakit_train_smoke --steps 20 >>\"$LOG\" 2>&1"

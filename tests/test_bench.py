@@ -491,3 +491,14 @@ def test_directlaunch_variant_is_cuda_only_and_sets_the_launch_mode_for_its_step
     before = triton_ops.launch_mode()
     train_step(prepared, make_inputs(plan)["lorakit"], plan.device)
     assert seen == ["direct"] and triton_ops.launch_mode() == before
+
+
+def test_unstacked_variant_is_cuda_only_and_keeps_each_weight_in_its_storage():
+    from lorakit.bench_variants import prepare_variant
+
+    plan = resolve(_settings(variants=["lorakit", "lorakit-unstacked"]))
+    assert plan.settings.variants == ["lorakit"] and "lorakit-unstacked skipped" in plan.notices[0]
+    for name in ("lorakit", "lorakit-unstacked"):  # on a CPU neither stacks (forced here: only the rule)
+        attention = prepare_variant(name, plan).model.model.layers[0].self_attn
+        assert len({getattr(attention, p).base_layer.weight.untyped_storage().data_ptr()
+                    for p in ("q_proj", "k_proj", "v_proj")}) == 3

@@ -53,7 +53,7 @@ from lorakit.plan.model_shapes import model_shape
 
 VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-native", "lorakit-plain", "lorakit-ce",
             "lorakit-fused", "lorakit-eager", "lorakit-aten", "lorakit-4d", "lorakit-perdoc", "lorakit-offload",
-            "lorakit-fullrecompute", "lorakit-directlaunch")
+            "lorakit-fullrecompute", "lorakit-unstacked", "lorakit-directlaunch")
 DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-native", "lorakit-offload", "peft-liger")
 GIB = 2**30
 DTYPES = ("float32", "bfloat16")
@@ -245,6 +245,8 @@ def _skip_reason(name: str, plan: Plan) -> str | None:
         return "it offloads checkpointed layers' inputs from a GPU: needs --grad-checkpointing on CUDA"
     if name == "lorakit-fullrecompute" and not plan.settings.grad_checkpointing:
         return "it differs from lorakit only in what a checkpoint recomputes: needs --grad-checkpointing"
+    if name == "lorakit-unstacked" and plan.device != "cuda":
+        return "lorakit stacks the frozen q/k/v and gate/up weights on CUDA only: here it equals lorakit"
     if name == "lorakit-directlaunch" and plan.device != "cuda":
         return "it differs from lorakit only in how its Triton kernels launch, on CUDA"
     if name == "lorakit-eager" and plan.device != "cpu":

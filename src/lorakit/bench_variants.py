@@ -24,6 +24,9 @@
     lorakit-fullrecompute
                    with --grad-checkpointing: lorakit under transformers' own checkpointing, whose
                    recompute also computes the MLP's output (the trainer's leaves it out)
+    lorakit-unstacked
+                   CUDA ablation: lorakit with each frozen q/k/v and gate/up weight in its own
+                   storage (enable_fast_paths(stack=False)): one GEMM per projection
     lorakit-directlaunch
                    CUDA: lorakit with its Triton kernels launched directly (triton_ops.launch_mode
                    "direct", LORAKIT_TRITON_LAUNCH=direct in the trainer), not through Triton's
@@ -103,7 +106,8 @@ def prepare_variant(name: str, plan) -> Prepared:
         fused, chunked, native = fast_paths(name)
         triton = name != "lorakit-native" and wants_triton("auto", torch.device(plan.device))  # as the trainer
         notices = add_lorakit_adapters(model, plan, fused=fused, triton=triton,
-                                       varlen=name != "lorakit-4d", native=native)
+                                       varlen=name != "lorakit-4d", native=native,
+                                       stack=False if name == "lorakit-unstacked" else None)
         key = "lorakit" if fused and name != "lorakit-4d" else "lorakit-4d"  # packed: varlen rows or 4D mask
         loss_fn = lorakit_loss(model, plan, chunked=chunked)
         if plan.checkpoint_layers.get(name):
@@ -134,7 +138,7 @@ def _checkpoint_earliest(model, k: int) -> None:
 
 
 def add_lorakit_adapters(model, plan, fused: bool, triton: bool = False, varlen: bool = True,
-                         native: bool = True) -> list[str]:
+                         native: bool = True, stack: bool | None = None) -> list[str]:
     """apply_lora; with `fused` the trainer's fast paths (and, packed, its varlen attention)."""
     from lorakit.lora import LoraConfig, apply_lora
 
@@ -144,7 +148,7 @@ def add_lorakit_adapters(model, plan, fused: bool, triton: bool = False, varlen:
     from lorakit.kernels.llama_patch import enable_fast_paths
     from lorakit.kernels.varlen_attention import use_varlen_attention
 
-    notices = enable_fast_paths(model, triton=triton, native=native)
+    notices = enable_fast_paths(model, triton=triton, native=native, stack=stack)
     return notices + (use_varlen_attention(model) if varlen and plan.settings.packing else [])
 
 

@@ -95,7 +95,9 @@ def test_enabling_stacks_the_frozen_qkv_and_gate_up_weights_and_disabling_separa
     def storages(module, names, kind="weight"):
         return len({getattr(module, n).base_layer._parameters[kind].untyped_storage().data_ptr() for n in names})
 
-    enable_fast_paths(model)
+    enable_fast_paths(model)  # on a CPU: each weight keeps its storage (stacked, this CPU ran 7% slower)
+    assert storages(model.model.layers[0].self_attn, ("q_proj", "k_proj", "v_proj")) == 3
+    enable_fast_paths(model, stack=True)  # as on a GPU
     for layer in model.model.layers:
         assert storages(layer.self_attn, ("q_proj", "k_proj", "v_proj")) == 1
         assert storages(layer.mlp, ("gate_proj", "up_proj")) == 1

@@ -99,11 +99,15 @@ _TRITON = "_lorakit_triton"  # marks a module whose patched forward runs Triton 
 _TRITON_LOSS = "_lorakit_triton_loss"
 
 
-def enable_fast_paths(model: nn.Module, triton: bool = False, native: bool = True) -> list[str]:
+def enable_fast_paths(model: nn.Module, triton: bool = False, native: bool = True,
+                      stack: bool | None = None) -> list[str]:
     """Patch every fusable attention, MLP and RMSNorm in place (RMSNorm and RoPE with the
     native ops, or with triton=True the Triton kernels); returns notices for what fell back.
     native=False (without triton) leaves RMSNorm and RoPE to transformers' code (an ablation).
-    Each call starts from the unpatched model, so switching triton or native takes effect."""
+    stack: put the frozen q/k/v and gate/up weights of each fused group into one buffer
+    (fused_lora.stack_frozen_weights: fewer, larger GEMMs); None: on a GPU, where each launch
+    costs CPU time the GPU waits for (on this project's CPU the column views it makes cost 7%).
+    Each call starts from the unpatched model, so switching triton, native or stack takes effect."""
     notices, ops = [], native_ops if native else None
     if triton:
         triton_ops, reason = _triton_ops()
@@ -114,9 +118,11 @@ def enable_fast_paths(model: nn.Module, triton: bool = False, native: bool = Tru
     # would otherwise keep them, wherever the modules' state cannot tell which ops they took
     disable_fast_paths(model)
     notices += _loss_notice(model)  # its check runs a small forward: on the plain modules, before patching
+    if stack is None:
+        stack = any(p.is_cuda for p in model.parameters())
     fallbacks: dict[str, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
-        reason = _patch_if_fusable(module, ops)
+        reason = _patch_if_fusable(module, ops, stack)
         if reason is not None:
             fallbacks[reason].append(name)
     if not fallbacks and not fast_paths_enabled(model):
@@ -219,7 +225,7 @@ def _accelerate_hooked(module: nn.Module) -> bool:
     return "_hf_hook" in module.__dict__  # not hasattr: a miss goes through nn.Module.__getattr__, 20x slower
 
 
-def _patch_if_fusable(module: nn.Module, ops) -> str | None:
+def _patch_if_fusable(module: nn.Module, ops, stack: bool) -> str | None:
     """Patch an attention, MLP or RMSNorm module; the reason it was left alone, or None. A plain
     nn.Linear (a frozen layer outside LoRA) becomes a CpuGemmLinear, whose GEMM may run through
     oneDNN on a CPU (kernels/cpu_gemm.py)."""
@@ -235,10 +241,11 @@ def _patch_if_fusable(module: nn.Module, ops) -> str | None:
         reason = _mlp_blocker(module)
         if reason is None:
             _set_forward(module, _fused_mlp_forward(_is_triton(ops)), triton=_is_triton(ops))
-            fused_lora.stack_frozen_weights([module.gate_proj, module.up_proj])
+            if stack:
+                fused_lora.stack_frozen_weights([module.gate_proj, module.up_proj])
         return None if reason is None else f"MLP not fused ({reason})"
     if all(hasattr(module, p) for p in (*QKV, "o_proj")):
-        return _patch_attention(module, ops)
+        return _patch_attention(module, ops, stack)
     return None
 
 
@@ -272,7 +279,7 @@ def _group_blocker(parent: nn.Module, names: tuple[str, ...]) -> str | None:
     return None
 
 
-def _patch_attention(attn: nn.Module, ops) -> str | None:
+def _patch_attention(attn: nn.Module, ops, stack: bool) -> str | None:
     if type(attn).__name__ not in ATTENTIONS:
         return f"{type(attn).__name__} is not an attention the fast path knows"
     o_reason = _group_blocker(attn, ("o_proj",))
@@ -282,7 +289,8 @@ def _patch_attention(attn: nn.Module, ops) -> str | None:
     projections = [getattr(attn, name) for name in QKV] if qkv_reason is None else []
     for proj in projections:
         _set_forward(proj, _precomputed_forward)
-    fused_lora.stack_frozen_weights(projections)  # one GEMM for q, k and v
+    if stack:
+        fused_lora.stack_frozen_weights(projections)  # one GEMM for q, k and v
     rope_reason = _rope_swap_blocker(attn) if ops is not None else None
     rope_ops = ops if ops is not None and rope_reason is None else None
     cpu_attention.set_enabled(attn, ops is native_ops)  # read by the copy and by varlen_attention
