@@ -61,11 +61,16 @@ def _cases(dtype: torch.dtype):
     """name -> (modules, fused fn, plain fn); fn(x, *modules) -> output tensor."""
     qkv = [_lora(HIDDEN, HIDDEN, dtype), _lora(HIDDEN, KV, dtype), _lora(HIDDEN, KV, dtype)]
     mlp = [_lora(HIDDEN, INTER, dtype), _lora(HIDDEN, INTER, dtype), _lora(INTER, HIDDEN, dtype)]
+    # as the trainer runs it on CUDA: gate and up stacked into one matrix, the Triton SwiGLU
+    stacked = [_lora(HIDDEN, INTER, dtype), _lora(HIDDEN, INTER, dtype), _lora(INTER, HIDDEN, dtype)]
+    fused_lora.stack_frozen_weights(stacked[:2])
+    plain_mlp = lambda x, g, u, d: d(F.silu(g(x)) * u(x))  # noqa: E731
     return {
         "q,k,v": (qkv, lambda x, *m: torch.cat(lora_qkv(x, *m), -1),
                   lambda x, *m: torch.cat([layer(x) for layer in m], -1)),
         "o": ([_lora(HIDDEN, HIDDEN, dtype)], lambda x, o: lora_linear(x, o), lambda x, o: o(x)),
-        "mlp": (mlp, lambda x, *m: lora_mlp(x, *m), lambda x, g, u, d: d(F.silu(g(x)) * u(x))),
+        "mlp": (mlp, lambda x, *m: lora_mlp(x, *m), plain_mlp),
+        "mlp stacked": (stacked, lambda x, *m: lora_mlp(x, *m, triton=True), plain_mlp),
     }
 
 

@@ -221,10 +221,15 @@ def _lora_mlp_layers(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_mlp_with_triton_swiglu_matches_torch_swiglu(dtype):
+@pytest.mark.parametrize("stacked", [False, True])
+def test_lora_mlp_with_triton_swiglu_matches_torch_swiglu(dtype, stacked, monkeypatch):
+    from lorakit.kernels import fused_lora
     from lorakit.kernels.fused_lora import lora_mlp
 
     layers = _lora_mlp_layers(dtype)
+    if stacked:  # gate and up as one matrix, d gate and d up written side by side (as on a GPU)
+        assert fused_lora.stack_frozen_weights(layers[:2])
+        monkeypatch.setattr(fused_lora, "_scale_in_epilogue", lambda t: True)
     params = [p for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
 
     def run(triton):

@@ -328,55 +328,47 @@ def recompute_skipping_mlp_output(applies: Callable[[], bool]) -> Callable[[], t
 
 
 # ---- frozen weights stacked: one GEMM for projections that read the same input -----------------
+# Only for gate and up (llama_patch): stacked q, k and v would come out as column blocks of one
+# matrix, and attention, which saves v, would keep q's and k's columns alive until backward too.
 
 def stack_frozen_weights(layers) -> bool:
-    """Put the frozen base weights (and biases) of LoRA projections that read the same input
-    (q, k, v; gate, up) into one buffer, each weight a block of its rows, so that their forward is
-    one GEMM (and, where the gradients lie side by side, their input gradient too). Nothing is
-    copied for good: each weight becomes a view of the buffer, and unstack_frozen_weights undoes
-    it. True when the weights are stacked now; weights of different widths, dtypes or devices,
-    meta or sharded ones (their .data is not a plain tensor) are left alone."""
+    """Put the frozen base weights of LoRA projections that read the same input (gate, up) into
+    one buffer, each weight a block of its rows, so that their forward is one GEMM (and, where
+    the gradients lie side by side, their input gradient too). Nothing is copied for good: each
+    weight becomes a view of the buffer, and unstack_frozen_weights undoes it. True when the
+    weights are stacked now; weights with biases, of different widths, dtypes or devices, meta
+    or sharded ones (their .data is not a plain tensor) are left alone."""
     parts = [lora_parts(layer) for layer in layers]
-    if len(layers) < 2 or any(part is None for part in parts):
+    if len(layers) < 2 or any(part is None or _param(part[0], "bias") is not None for part in parts):
         return False
     weights = [_param(base, "weight") for base, _, _ in parts]
-    biases = [_param(base, "bias") for base, _, _ in parts]
-    if _stacked(weights) is not None and _biases_stacked(biases):
+    if _stacked(weights) is not None:
         return True
-    if not _stackable(weights) or not (all(b is None for b in biases) or _stackable(biases)):
+    first = weights[0]
+    if not all(type(w.data) is torch.Tensor and not w.is_meta and not w.requires_grad and w.dtype == first.dtype
+               and w.device == first.device and w.shape[1:] == first.shape[1:] for w in weights):
         return False
     with torch.no_grad():
-        for tensors in ([weights, biases] if biases[0] is not None else [weights]):
-            buffer = torch.cat([t.detach() for t in tensors])  # one group at a time: a transient copy
-            for tensor, block in zip(tensors, buffer.split([t.shape[0] for t in tensors])):
-                tensor.data = block
+        buffer = torch.cat([w.detach() for w in weights])  # one group at a time: a transient copy
+        for weight, block in zip(weights, buffer.split([w.shape[0] for w in weights])):
+            weight.data = block
     return True
 
 
 def unstack_frozen_weights(layers) -> None:
-    """Each stacked base weight and bias of these layers in its own storage again."""
+    """Each stacked base weight of these layers in its own storage again."""
     parts = [lora_parts(layer) for layer in layers]
-    if any(part is None for part in parts):
-        return
-    for name in ("weight", "bias"):
-        tensors = [_param(base, name) for base, _, _ in parts]
-        if _stacked(tensors) is not None:
-            with torch.no_grad():
-                for tensor in tensors:
-                    tensor.data = tensor.data.clone()
-
-
-def _stackable(tensors) -> bool:
-    first = tensors[0]
-    return all(t is not None and type(t.data) is torch.Tensor and not t.is_meta and not t.requires_grad
-               and t.dtype == first.dtype and t.device == first.device and t.shape[1:] == first.shape[1:]
-               for t in tensors)
+    weights = [None if part is None else _param(part[0], "weight") for part in parts]
+    if _stacked(weights) is not None:
+        with torch.no_grad():
+            for weight in weights:
+                weight.data = weight.data.clone()
 
 
 def _stacked(tensors) -> torch.Tensor | None:
-    """The matrix (or vector) whose consecutive blocks of rows are `tensors`, when they lie so in
-    one storage (stack_frozen_weights put them there), else None. Asked on every call: the
-    weights may have been moved or replaced since."""
+    """The matrix whose consecutive blocks of rows are `tensors`, when they lie so in one storage
+    (stack_frozen_weights put them there), else None. Asked on every call: the weights may have
+    been moved or replaced since."""
     first = tensors[0]
     if len(tensors) < 2 or first is None:
         return None
@@ -391,20 +383,11 @@ def _stacked(tensors) -> torch.Tensor | None:
     return first.as_strided((rows, *first.shape[1:]), first.stride())
 
 
-def _biases_stacked(biases) -> bool:
-    return all(b is None for b in biases) or _stacked(biases) is not None
-
-
-def _stacked_base(projections) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(W, b) stacked over the group's projections, or None (one GEMM each)."""
-    weight = _stacked([weight for weight, *_ in projections])
-    if weight is None:
+def _stacked_base(projections) -> torch.Tensor | None:
+    """The group's frozen weights stacked (no biases), or None: one GEMM each."""
+    if any(bias is not None for _, bias, *_ in projections):
         return None
-    biases = [bias for _, bias, *_ in projections]
-    if all(b is None for b in biases):
-        return weight, None
-    bias = _stacked(biases)
-    return None if bias is None else (weight, bias)
+    return _stacked([weight for weight, *_ in projections])
 
 
 def _side_by_side(blocks) -> torch.Tensor | None:
@@ -437,7 +420,7 @@ def _shared_forward(x2, projections, casts: _CastAdapters, outputs: bool = True)
     if stacked is None:
         outs = [cpu_gemm.linear(x2, weight, bias) for weight, bias, *_ in projections]  # (T, out_i) each
     else:  # one GEMM; the outputs are its column blocks
-        outs = cpu_gemm.linear(x2, *stacked).split([weight.shape[0] for weight, *_ in projections], dim=1)
+        outs = cpu_gemm.linear(x2, stacked).split([weight.shape[0] for weight, *_ in projections], dim=1)
     for out, (*_, s), lora_b_t, cols in zip(outs, projections, casts.b_t, _rank_slices(projections)):
         out.addmm_(xa[:, cols], lora_b_t, alpha=s)
     return list(outs), xa, a_cat
