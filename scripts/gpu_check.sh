@@ -17,6 +17,10 @@
 #                                                input in host memory (peak and PCIe cost)
 #   4. lorakit bench --preset gpu-8b --grad-checkpointing --variants lorakit,lorakit-offload,peft,peft-liger
 #                                                8b shape, 2 x 2048: the 8b goal's comparisons
+#   3b. lorakit bench --preset gpu-1b --memory-budget 4.4 --variants lorakit
+#                                                the 1b memory goal's operating point: the layers the
+#                                                plan for 4.4 GiB checkpoints (15 of 16, 3.93 GiB
+#                                                estimated), as `lorakit train --memory-budget 4.4`
 #   5. lorakit bench --preset gpu-1b --memory-budget 12 --variants lorakit,lorakit-native,peft-bf16
 #                                                the 1b speed goal's operating point (peak <= 12 GiB):
 #                                                lorakit checkpoints the earliest layers the estimate
@@ -40,7 +44,7 @@
 #                                                is the default slower?
 #  10. pytest tests/kernels tests/lora -x        the kernel and engine tests (CPU reference paths,
 #                                                which CI runs too: last, with what time is left)
-# They run in the order 1, 5, 2, 3, 4, 6-10 (the goals' benches first: a short BUDGET keeps them).
+# They run in the order 1, 5, 2, 3, 3b, 4, 6-10 (the goals' benches first: a short BUDGET keeps them).
 # A variant or check that raises is reported as a failed row; the other rows still come back.
 # On CUDA `lorakit` runs the Triton RMSNorm/SwiGLU/RoPE kernels, as the trainer does (the first GPU
 # run measured them 1.3x faster); lorakit-native is the ablation with torch's ops. Step 1 checks the
@@ -175,6 +179,7 @@ if [[ "$PLAN" == quick ]]; then
     step kernels 60 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.json\" >>\"$LOG\" 2>&1"
     bench bench_1b_check 120 --preset gpu-1b --check --check-steps 30 --variants lorakit,lorakit-unstacked,lorakit-directlaunch,lorakit-native,peft,peft-bf16
     bench bench_1b_ckpt 65 --preset gpu-1b --grad-checkpointing --variants lorakit,lorakit-directlaunch,lorakit-fullrecompute,peft,peft-bf16 --steps 8 --warmup 3
+    bench bench_1b_budget4 40 --preset gpu-1b --memory-budget 4.4 --variants lorakit,lorakit-directlaunch --steps 5 --warmup 2
     bench bench_8b_ckpt 75 --preset gpu-8b --grad-checkpointing --variants lorakit,lorakit-fullrecompute,peft --steps 5 --warmup 2
     step train 90 bash -c "\"$PY\" scripts/gpu_train_smoke.py /tmp/lorakit_train_smoke --steps 20 >>\"$LOG\" 2>&1"
     step profile 75 bash -c "\"$PY\" scripts/gpu_profile.py \"$OUT\" --cases 1b:lorakit,8b+ckpt:lorakit >>\"$LOG\" 2>&1"
@@ -184,6 +189,7 @@ else
     bench bench_1b_budget12 60 --preset gpu-1b --memory-budget 12 --variants lorakit,lorakit-native,peft-bf16 --steps 5 --warmup 2
     bench bench_1b_check 170 --preset gpu-1b --check --check-steps 50
     bench bench_1b_ckpt 110 --preset gpu-1b --grad-checkpointing --steps 5 --warmup 2
+    bench bench_1b_budget4 40 --preset gpu-1b --memory-budget 4.4 --variants lorakit --steps 5 --warmup 2
     bench bench_8b_ckpt 170 --preset gpu-8b --grad-checkpointing --variants lorakit,lorakit-offload,peft,peft-liger --steps 5 --warmup 2
     step train 90 bash -c "\"$PY\" scripts/gpu_train_smoke.py /tmp/lorakit_train_smoke >>\"$LOG\" 2>&1"
     # the rest by importance: what the budget leaves out is skipped, and the summary says so
