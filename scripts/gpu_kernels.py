@@ -63,14 +63,20 @@ def _cases(dtype: torch.dtype):
     mlp = [_lora(HIDDEN, INTER, dtype), _lora(HIDDEN, INTER, dtype), _lora(INTER, HIDDEN, dtype)]
     # as the trainer runs it on CUDA: gate and up stacked into one matrix, the Triton SwiGLU
     stacked = [_lora(HIDDEN, INTER, dtype), _lora(HIDDEN, INTER, dtype), _lora(INTER, HIDDEN, dtype)]
-    fused_lora.stack_frozen_weights(stacked[:2])
+    is_stacked = fused_lora.stack_frozen_weights(stacked[:2])
+
+    def fused_stacked(x, *modules):
+        if not is_stacked:  # a failed row: the case would test the unstacked path
+            raise RuntimeError("gate and up were not stacked")
+        return lora_mlp(x, *modules, triton=True)
+
     plain_mlp = lambda x, g, u, d: d(F.silu(g(x)) * u(x))  # noqa: E731
     return {
         "q,k,v": (qkv, lambda x, *m: torch.cat(lora_qkv(x, *m), -1),
                   lambda x, *m: torch.cat([layer(x) for layer in m], -1)),
         "o": ([_lora(HIDDEN, HIDDEN, dtype)], lambda x, o: lora_linear(x, o), lambda x, o: o(x)),
         "mlp": (mlp, lambda x, *m: lora_mlp(x, *m), plain_mlp),
-        "mlp stacked": (stacked, lambda x, *m: lora_mlp(x, *m, triton=True), plain_mlp),
+        "mlp stacked": (stacked, fused_stacked, plain_mlp),
     }
 
 

@@ -499,6 +499,6 @@ def test_unstacked_variant_is_cuda_only_and_keeps_each_weight_in_its_storage():
     plan = resolve(_settings(variants=["lorakit", "lorakit-unstacked"]))
     assert plan.settings.variants == ["lorakit"] and "lorakit-unstacked skipped" in plan.notices[0]
     for name in ("lorakit", "lorakit-unstacked"):  # on a CPU neither stacks (forced here: only the rule)
-        attention = prepare_variant(name, plan).model.model.layers[0].self_attn
-        assert len({getattr(attention, p).base_layer.weight.untyped_storage().data_ptr()
-                    for p in ("q_proj", "k_proj", "v_proj")}) == 3
+        mlp = prepare_variant(name, plan).model.model.layers[0].mlp
+        assert len({getattr(mlp, p).base_layer.weight.untyped_storage().data_ptr()
+                    for p in ("gate_proj", "up_proj")}) == 2

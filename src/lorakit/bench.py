@@ -246,7 +246,7 @@ def _skip_reason(name: str, plan: Plan) -> str | None:
     if name == "lorakit-fullrecompute" and not plan.settings.grad_checkpointing:
         return "it differs from lorakit only in what a checkpoint recomputes: needs --grad-checkpointing"
     if name == "lorakit-unstacked" and plan.device != "cuda":
-        return "lorakit stacks the frozen q/k/v and gate/up weights on CUDA only: here it equals lorakit"
+        return "lorakit stacks the frozen gate and up weights on CUDA only: here it equals lorakit"
     if name == "lorakit-directlaunch" and plan.device != "cuda":
         return "it differs from lorakit only in how its Triton kernels launch, on CUDA"
     if name == "lorakit-eager" and plan.device != "cpu":

@@ -25,8 +25,8 @@
                    with --grad-checkpointing: lorakit under transformers' own checkpointing, whose
                    recompute also computes the MLP's output (the trainer's leaves it out)
     lorakit-unstacked
-                   CUDA ablation: lorakit with each frozen q/k/v and gate/up weight in its own
-                   storage (enable_fast_paths(stack=False)): one GEMM per projection
+                   CUDA ablation: lorakit with the frozen gate and up weights each in its own
+                   storage (enable_fast_paths(stack=False)): a GEMM each, not one for both
     lorakit-directlaunch
                    CUDA: lorakit with its Triton kernels launched directly (triton_ops.launch_mode
                    "direct", LORAKIT_TRITON_LAUNCH=direct in the trainer), not through Triton's

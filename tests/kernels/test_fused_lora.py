@@ -399,3 +399,14 @@ def test_side_by_side_finds_column_blocks_that_fill_their_rows():
     assert fused_lora._side_by_side([right, left]) is None  # out of order
     assert fused_lora._side_by_side([left, matrix[:, 6:9]]) is None  # a column left out
     assert fused_lora._side_by_side([torch.randn(4, 6), torch.randn(4, 4)]) is None  # two storages
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_deep_copy_after_a_fused_step_and_the_copy_computes_the_same(dtype):
+    # the cached casts (B itself for fp32 masters, and its transpose) must carry no autograd graph
+    layers = _qkv(dtype=dtype)
+    fused = _outputs_and_grads(lambda t: lora_qkv(t, *layers), _input(dtype), layers)
+    twins = copy.deepcopy(layers)
+    for casts in twins[0].__dict__[fused_lora.CAST_ADAPTERS].values():
+        assert all(t.grad_fn is None for t in (casts.a_cat, *casts.b, *casts.b_t))
+    _assert_match(_outputs_and_grads(lambda t: lora_qkv(t, *twins), _input(dtype), twins), fused, 0, 0)

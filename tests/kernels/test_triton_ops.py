@@ -440,6 +440,7 @@ class _FakeKernel:
 @pytest.fixture
 def direct_launch(monkeypatch):
     monkeypatch.setattr(ops, "INTERPRETED", False)  # the interpreter always takes Triton's path
+    monkeypatch.setattr(ops, "_DIRECT_LAUNCH_SUPPORTED", True)
     monkeypatch.setattr(ops, "_compiled", {})
     previous = ops.launch_mode("direct")
     yield
@@ -461,6 +462,17 @@ def test_direct_launch_reuses_the_compiled_kernel_only_for_the_same_specialisati
         assert kernel.log[before][0] == "jit"
     ops._launch(kernel, (8,), x, x, 64, 1e-6, **{**meta, "num_warps": 8})  # another launch option
     assert kernel.log[-1][0] == "jit"
+
+
+def test_a_triton_before_3_3_takes_its_own_path_even_in_direct_mode(direct_launch, monkeypatch):
+    # before 3.3 a compiled kernel took its non-constexpr arguments only
+    monkeypatch.setattr(ops, "_DIRECT_LAUNCH_SUPPORTED", False)
+    kernel, x = _FakeKernel(), torch.zeros(16)
+    for _ in range(2):
+        ops._launch(kernel, (1,), x, x, 16, 0.0, BLOCK=16, FLAG=False)
+    assert [entry[0] for entry in kernel.log] == ["jit", "jit"]
+    monkeypatch.setattr(ops.triton, "__version__", "3.2.0")
+    assert not ops._direct_launch_supported()
 
 
 def test_jit_launch_mode_always_takes_tritons_path(monkeypatch):

@@ -51,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -215,8 +214,10 @@ class _CastAdapters:
         self.stamp = stamp
 
     def _use(self, a_cat: torch.Tensor, b: list[torch.Tensor]) -> None:
-        # the transposes as views made once: each forward's update reads B^T of every projection
-        with torch.inference_mode(False):
+        # the transposes as views made once: each forward's update reads B^T of every projection.
+        # no_grad: inference_mode(False) turns grad mode on, and a view of an fp32 master made
+        # with it would carry a graph (and refuse deepcopy)
+        with torch.inference_mode(False), torch.no_grad():
             self.a_cat, self.b, self.b_t = a_cat, b, [matrix.T for matrix in b]
 
 
@@ -426,9 +427,16 @@ def _shared_forward(x2, projections, casts: _CastAdapters, outputs: bool = True)
     return list(outs), xa, a_cat
 
 
-def _shared_backward(x2, xa, a_cat, cast_b, projections, grad_outs, need_input_grad, dx_out=None):
+def _shared_backward(x2, xa, a_cat, cast_b, projections, grad_outs, need_input_grad):
     """(dX or None, [dA_i], [dB_i]) for projections sharing input x2; cast_b: each B as the
-    forward took it; dx_out: where dX goes (a column block of a wider matrix), else a new tensor."""
+    forward took it."""
+    dxa, grads_a, grads_b = _adapter_grads(x2, xa, cast_b, projections, grad_outs)
+    dx = _input_grad_with_adapters(projections, grad_outs, dxa, a_cat) if need_input_grad else None
+    return dx, grads_a, grads_b
+
+
+def _adapter_grads(x2, xa, cast_b, projections, grad_outs):
+    """(dXA (T, R), [dA_i], [dB_i]): the last use of x2."""
     dxa = torch.empty_like(xa)  # (T, R)
     grads_b = []
     for (_, _, _, lora_b, s), b, cols, dy in zip(projections, cast_b, _rank_slices(projections), grad_outs):
@@ -440,11 +448,13 @@ def _shared_backward(x2, xa, a_cat, cast_b, projections, grad_outs, need_input_g
     common = master_dtypes[0] if len(set(master_dtypes)) == 1 else dxa.dtype
     grad_a_cat = _scaled_grad_weight(dxa, x2, 1.0, common)  # (R, in)
     grads_a = [grad_a_cat[cols].to(dtype) for cols, dtype in zip(_rank_slices(projections), master_dtypes)]
-    dx = None
-    if need_input_grad:
-        dx = _input_grad([weight for weight, *_ in projections], grad_outs, dx_out)  # (T, in)
-        dx.addmm_(dxa, a_cat)
-    return dx, grads_a, grads_b
+    return dxa, grads_a, grads_b
+
+
+def _input_grad_with_adapters(projections, grad_outs, dxa, a_cat, out=None) -> torch.Tensor:
+    """dX = sum_i dY_i @ W_i + dXA @ A_cat (T, in), into `out` (a column block) when given."""
+    dx = _input_grad([weight for weight, *_ in projections], grad_outs, out)
+    return dx.addmm_(dxa, a_cat)
 
 
 def _input_grad(weights, grad_outs, out=None) -> torch.Tensor:
@@ -521,20 +531,20 @@ def _widening_addmm(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch
 @functools.cache
 def _gemm_widens(device: torch.device, operand: torch.dtype, output: torch.dtype) -> bool:
     """`_widening_addmm` runs on this device for these dtypes and gives the fp32 product: asked
-    once per device, on small operands (torch added `out_dtype` in 2.8, for CUDA's fp16 and bf16)."""
+    once per device (torch added `out_dtype` in 2.8, for CUDA's fp16 and bf16), on operands laid
+    out as the gradients' are: a transposed column block of a wider matrix times a column block.
+    Judged by the result alone (no warning filters: this runs in autograd's threads)."""
     if device.type != "cuda" or output != torch.float32 or operand not in (torch.float16, torch.bfloat16):
         return False
     generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(64, 48, device=device, generator=generator).to(operand)
-    b = torch.randn(48, 32, device=device, generator=generator).to(operand)
+    dy = torch.randn(64, 80, device=device, generator=generator).to(operand)[:, 8:56]  # (T, out) of (T, wider)
+    xa = torch.randn(64, 40, device=device, generator=generator).to(operand)[:, 8:24]  # (T, r) of (T, R)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a resize or deprecation warning: not this path
-            got = _widening_addmm(a, b, 0.5, output)
-    except (RuntimeError, TypeError, NotImplementedError, UserWarning):
+        got = _widening_addmm(dy.T, xa, 0.5, output)
+    except Exception:  # noqa: BLE001 - an older torch, another backend: the cast path then
         return False
-    want = 0.5 * (a.double() @ b.double())
-    return got.dtype == output and bool(torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5))
+    want = 0.5 * (dy.double().T @ xa.double())
+    return got.dtype == output and got.shape == want.shape and bool(torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5))
 
 
 def _param_grads(grads_a, grads_b):
@@ -572,11 +582,11 @@ class _SharedInputLora(torch.autograd.Function):
         return dx, None, None, *_param_grads(grads_a, grads_b)
 
 
-def _silu_mul_grads(e, g, silu, dh, dg_out=None):
-    """(de, dg) for h = silu(e) * g: dg in silu's buffer (or dg_out); de in dh's, by torch's fused
-    silu backward (dh g sigmoid(e) (1 + e (1 - sigmoid(e))) in one pass, in fp32 inside for
-    16-bit inputs). Two passes fewer than spelling the derivative out."""
-    dg = silu.mul_(dh) if dg_out is None else torch.mul(silu, dh, out=dg_out)
+def _silu_mul_grads(e, g, dh, silu=None, dg_out=None):
+    """(de, dg) for h = silu(e) * g: dg in silu's buffer (given), or silu(e) computed into dg_out;
+    de in dh's, by torch's fused silu backward (dh g sigmoid(e) (1 + e (1 - sigmoid(e))) in one
+    pass, in fp32 inside for 16-bit inputs). Two passes fewer than spelling the derivative out."""
+    dg = (silu if silu is not None else torch.ops.aten.silu.out(e, out=dg_out)).mul_(dh)
     dh_g = dh.mul_(g)
     return torch.ops.aten.silu_backward.grad_input(dh_g, e, grad_input=dh_g), dg
 
@@ -598,21 +608,22 @@ class _LoraSwiGLU(torch.autograd.Function):
         x, e, g, xa, a_cat, ha, a_down, b_gate, b_up, b_down, *params = ctx.saved_tensors
         gate, up, down = _group(params, ctx.scalings)
         ops = ctx.triton_ops
-        if ops is None:
-            silu = F.silu(e)  # the same kernel as forward: h is recomputed exactly
-            h = silu * g
-        else:
-            h = ops.silu_mul(e, g)
         # with gate and up stacked, dh (then d gate over it) and d up go side by side into one
         # matrix, so that dX is one GEMM: on a GPU, where cuBLAS writes column blocks in place
-        d_gate_up = (torch.empty(e.shape[0], 2 * e.shape[1], dtype=e.dtype, device=e.device)
-                     if _scale_in_epilogue(e) and _stacked([gate[0], up[0]]) is not None else None)
+        side_by_side = _scale_in_epilogue(e) and _stacked([gate[0], up[0]]) is not None
+        silu = F.silu(e) if ops is None and not side_by_side else None  # kept: d up goes into it
+        if ops is not None:
+            h = ops.silu_mul(e, g)
+        else:  # the same kernels as forward: h is recomputed exactly
+            h = silu * g if silu is not None else F.silu(e).mul_(g)
+        grad = _flat(grad_out)
+        dxa_down, grads_a_down, grads_b_down = _adapter_grads(h, ha, [b_down], [down], grad_outs=[grad])
+        del h  # before the buffers below: the MLP's backward peak stays at two (T, I) matrices
+        d_gate_up = torch.empty(e.shape[0], 2 * e.shape[1], dtype=e.dtype, device=e.device) if side_by_side else None
         dh_out, dg_out = (None, None) if d_gate_up is None else d_gate_up.split(e.shape[1], dim=1)
-        dh, grads_a_down, grads_b_down = _shared_backward(
-            h, ha, a_down, [b_down], [down], [_flat(grad_out)], True, dx_out=dh_out)
-        del h
+        dh = _input_grad_with_adapters([down], [grad], dxa_down, a_down, out=dh_out)
         if ops is None:
-            de, dg = _silu_mul_grads(e, g, silu, dh, dg_out)
+            de, dg = _silu_mul_grads(e, g, dh, silu=silu, dg_out=dg_out)
         else:  # one pass, de written over dh
             de, dg = ops.silu_mul_grads(e, g, dh, into_grad=True, d_up=dg_out)
         dx, grads_a, grads_b = _shared_backward(_flat(x), xa, a_cat, [b_gate, b_up], [gate, up], [de, dg],

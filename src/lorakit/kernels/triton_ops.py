@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from types import SimpleNamespace
 
 import torch
@@ -140,8 +141,20 @@ def check_environment() -> None:
                           f"set it to {' or '.join(LAUNCH_MODES)}, or unset it")
 
 
+def _direct_launch_supported() -> bool:
+    """Triton 3.3 and later pass a compiled kernel every parameter, constexprs included (earlier
+    releases only the others): what the direct launch calls it with. Earlier ones take Triton's path."""
+    if triton is None:
+        return False
+    major, minor = (int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    return (major, minor) >= (3, 3)
+
+
+_DIRECT_LAUNCH_SUPPORTED = _direct_launch_supported()
+
+
 def _run(kernel, grid, like: torch.Tensor, args: tuple, meta: dict) -> None:
-    if _launch_mode[0] != "direct" or INTERPRETED:
+    if _launch_mode[0] != "direct" or INTERPRETED or not _DIRECT_LAUNCH_SUPPORTED:
         kernel[grid](*args, **meta)
         return
     key = (kernel, like.device.index, _specialisation(args), *sorted(meta.items()))
