@@ -460,8 +460,9 @@ def _input_grad_with_adapters(projections, grad_outs, dxa, a_cat, out=None) -> t
 def _input_grad(weights, grad_outs, out=None) -> torch.Tensor:
     """sum_i dY_i @ W_i: one GEMM where the weights are stacked and the gradients lie side by
     side (the fused MLP writes d gate and d up so), else one per projection, accumulated."""
-    stacked, side_by_side = _stacked(weights), _side_by_side(grad_outs)
-    if stacked is not None and side_by_side is not None:
+    stacked = _stacked(weights)
+    side_by_side = _side_by_side(grad_outs) if stacked is not None else None
+    if side_by_side is not None:
         return _matmul_into(side_by_side, stacked, out)
     dx = _matmul_into(grad_outs[0], weights[0], out)
     for weight, dy in zip(weights[1:], grad_outs[1:]):
