@@ -148,3 +148,15 @@ def test_profile_reports_each_case_and_a_failed_one_by_name(tmp_path, monkeypatc
     assert [gpu_profile.kind_of(n) for n in ("nvjet_sm90_tst_256x128", "flash_fwd", "_rope_kernel",
                                              "vectorized_elementwise_kernel<8>", "cunn_SoftMaxForward")] == [
         "gemm", "attention", "triton", "elementwise", "other"]
+
+
+def test_a_gpu_step_asks_no_more_of_its_cpu_than_counted():
+    # the 1b step on the H200 waited for its CPU: scripts/count_dispatches.py counts what one
+    # decoder layer asks of it (GPU code paths forced, Triton in its interpreter). A change that
+    # adds launches shows here before it costs a GPU run (51 and 9 on 2026-11-30; 64 before)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "count_dispatches.py")], capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("per decoder layer"))
+    numbers = [int(word) for word in line.replace(",", " ").split() if word.isdigit()]
+    total, launching, triton_launches = numbers
+    assert launching <= 51 and triton_launches <= 9 and launching < total
