@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.kernels import fused_lora
+from lorakit.kernels import fused_lora, stacking
 from lorakit.kernels.fused_lora import can_fuse, fuse_blocker, lora_linear, lora_mlp, lora_qkv
 from lorakit.lora.layer import LoraLinear
 
@@ -216,7 +216,7 @@ def test_dora_and_plain_linear_are_not_fusable():
 
 def _count_refreshes(monkeypatch):
     """A list that grows by one whenever a group's cast copies are written."""
-    from lorakit.kernels import fused_lora
+    from lorakit.kernels import fused_lora, stacking
 
     calls = []
     real = fused_lora._CastAdapters.refresh
@@ -225,7 +225,7 @@ def _count_refreshes(monkeypatch):
 
 
 def _without_cached_casts(layers):
-    from lorakit.kernels import fused_lora
+    from lorakit.kernels import fused_lora, stacking
 
     fresh = copy.deepcopy(layers)
     for layer in fresh:
@@ -262,7 +262,7 @@ def test_bf16_casts_follow_every_optimizer_step_and_load(block, monkeypatch):
 
 
 def test_fp32_adapters_are_not_copied_and_a_moved_layer_gets_new_copies(monkeypatch):
-    from lorakit.kernels import fused_lora
+    from lorakit.kernels import fused_lora, stacking
 
     layers = _qkv()
     with torch.no_grad():
@@ -316,7 +316,7 @@ def test_two_forwards_around_another_optimizers_step_backpropagate_together():
 
 
 def test_sharded_models_cast_afresh_in_every_forward(monkeypatch):
-    from lorakit.kernels import fused_lora
+    from lorakit.kernels import fused_lora, stacking
 
     refreshes = _count_refreshes(monkeypatch)
     layers = _qkv(dtype=torch.bfloat16)
@@ -378,7 +378,7 @@ def test_a_stacked_weight_moved_or_replaced_takes_one_gemm_per_projection_again(
     assert fused_lora.stack_frozen_weights(layers)
     with torch.no_grad():
         layers[1].base_layer.weight.data = layers[1].base_layer.weight.data.clone() * 2  # out of the buffer
-    assert fused_lora._stacked(_base_weights(layers)) is None
+    assert stacking.row_blocks(_base_weights(layers)) is None
     fused = _outputs_and_grads(lambda t: lora_qkv(t, *layers), _input(), layers)
     _assert_match(fused, _outputs_and_grads(lambda t: tuple(m(t) for m in layers), _input(), layers), 1e-5, 1e-5)
 
@@ -395,10 +395,10 @@ def test_weights_of_different_dtypes_or_widths_or_with_biases_are_not_stacked():
 def test_side_by_side_finds_column_blocks_that_fill_their_rows():
     matrix = torch.randn(4, 10)
     left, right = matrix[:, :6], matrix[:, 6:]
-    assert fused_lora._side_by_side([left, right]).data_ptr() == matrix.data_ptr()
-    assert fused_lora._side_by_side([right, left]) is None  # out of order
-    assert fused_lora._side_by_side([left, matrix[:, 6:9]]) is None  # a column left out
-    assert fused_lora._side_by_side([torch.randn(4, 6), torch.randn(4, 4)]) is None  # two storages
+    assert stacking.column_blocks([left, right]).data_ptr() == matrix.data_ptr()
+    assert stacking.column_blocks([right, left]) is None  # out of order
+    assert stacking.column_blocks([left, matrix[:, 6:9]]) is None  # a column left out
+    assert stacking.column_blocks([torch.randn(4, 6), torch.randn(4, 4)]) is None  # two storages
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit.kernels import cpu_gemm
+from lorakit.kernels import cpu_gemm, stacking
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PARAMS_PER_PROJECTION = 4  # base weight, base bias (or None), lora_A weight, lora_B weight
@@ -334,80 +334,28 @@ def recompute_skipping_mlp_output(applies: Callable[[], bool]) -> Callable[[], t
 
 def stack_frozen_weights(layers) -> bool:
     """Put the frozen base weights of LoRA projections that read the same input (gate, up) into
-    one buffer, each weight a block of its rows, so that their forward is one GEMM (and, where
-    the gradients lie side by side, their input gradient too). Nothing is copied for good: each
-    weight becomes a view of the buffer, and unstack_frozen_weights undoes it. True when the
-    weights are stacked now; weights with biases, of different widths, dtypes or devices, meta
-    or sharded ones (their .data is not a plain tensor) are left alone."""
+    one buffer, each weight a block of its rows (stacking.stack_rows), so that their forward is
+    one GEMM (and, where the gradients lie side by side, their input gradient too). Nothing is
+    copied for good, and unstack_frozen_weights undoes it. True when the weights are stacked
+    now; layers with base biases, or weights stack_rows leaves alone, are not stacked."""
     parts = [lora_parts(layer) for layer in layers]
-    if len(layers) < 2 or any(part is None or _param(part[0], "bias") is not None for part in parts):
+    if any(part is None or _param(part[0], "bias") is not None for part in parts):
         return False
-    weights = [_param(base, "weight") for base, _, _ in parts]
-    if _stacked(weights) is not None:
-        return True
-    first = weights[0]
-    if not all(type(w.data) is torch.Tensor and not w.is_meta and not w.requires_grad and w.dtype == first.dtype
-               and w.device == first.device and w.shape[1:] == first.shape[1:] for w in weights):
-        return False
-    with torch.no_grad():
-        buffer = torch.cat([w.detach() for w in weights])  # one group at a time: a transient copy
-        for weight, block in zip(weights, buffer.split([w.shape[0] for w in weights])):
-            weight.data = block
-    return True
+    return stacking.stack_rows([_param(base, "weight") for base, _, _ in parts])
 
 
 def unstack_frozen_weights(layers) -> None:
     """Each stacked base weight of these layers in its own storage again."""
     parts = [lora_parts(layer) for layer in layers]
-    weights = [None if part is None else _param(part[0], "weight") for part in parts]
-    if _stacked(weights) is not None:
-        with torch.no_grad():
-            for weight in weights:
-                weight.data = weight.data.clone()
-
-
-def _stacked(tensors) -> torch.Tensor | None:
-    """The matrix whose consecutive blocks of rows are `tensors`, when they lie so in one storage
-    (stack_frozen_weights put them there), else None. Asked on every call: the weights may have
-    been moved or replaced since."""
-    first = tensors[0]
-    if len(tensors) < 2 or first is None:
-        return None
-    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
-    for t in tensors:
-        if (t is None or t.storage_offset() != offset or t.untyped_storage().data_ptr() != storage
-                or not t.is_contiguous() or t.dtype != first.dtype or t.device != first.device
-                or t.shape[1:] != first.shape[1:]):
-            return None
-        offset += t.numel()
-    rows = sum(t.shape[0] for t in tensors)
-    return first.as_strided((rows, *first.shape[1:]), first.stride())
+    if all(part is not None for part in parts):
+        stacking.unstack_rows([_param(base, "weight") for base, _, _ in parts])
 
 
 def _stacked_base(projections) -> torch.Tensor | None:
     """The group's frozen weights stacked (no biases), or None: one GEMM each."""
     if any(bias is not None for _, bias, *_ in projections):
         return None
-    return _stacked([weight for weight, *_ in projections])
-
-
-def _side_by_side(blocks) -> torch.Tensor | None:
-    """The (rows, sum of widths) matrix whose consecutive column blocks are `blocks`, when they
-    fill its rows in one storage, else None."""
-    first = blocks[0]
-    if len(blocks) < 2 or first.dim() != 2:
-        return None
-    rows, row_stride = first.shape[0], first.stride(0)
-    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
-    for block in blocks:
-        if (block.dim() != 2 or block.shape[0] != rows or block.stride() != (row_stride, 1)
-                or block.storage_offset() != offset or block.untyped_storage().data_ptr() != storage
-                or block.dtype != first.dtype or block.device != first.device):
-            return None
-        offset += block.shape[1]
-    if offset - first.storage_offset() != row_stride:
-        return None
-    return first.as_strided((rows, row_stride), (row_stride, 1))
+    return stacking.row_blocks([weight for weight, *_ in projections])
 
 
 def _shared_forward(x2, projections, casts: _CastAdapters, outputs: bool = True):
@@ -460,8 +408,8 @@ def _input_grad_with_adapters(projections, grad_outs, dxa, a_cat, out=None) -> t
 def _input_grad(weights, grad_outs, out=None) -> torch.Tensor:
     """sum_i dY_i @ W_i: one GEMM where the weights are stacked and the gradients lie side by
     side (the fused MLP writes d gate and d up so), else one per projection, accumulated."""
-    stacked = _stacked(weights)
-    side_by_side = _side_by_side(grad_outs) if stacked is not None else None
+    stacked = stacking.row_blocks(weights)
+    side_by_side = stacking.column_blocks(grad_outs) if stacked is not None else None
     if side_by_side is not None:
         return _matmul_into(side_by_side, stacked, out)
     dx = _matmul_into(grad_outs[0], weights[0], out)
@@ -611,7 +559,7 @@ class _LoraSwiGLU(torch.autograd.Function):
         ops = ctx.triton_ops
         # with gate and up stacked, dh (then d gate over it) and d up go side by side into one
         # matrix, so that dX is one GEMM: on a GPU, where cuBLAS writes column blocks in place
-        side_by_side = _scale_in_epilogue(e) and _stacked([gate[0], up[0]]) is not None
+        side_by_side = _scale_in_epilogue(e) and stacking.row_blocks([gate[0], up[0]]) is not None
         silu = F.silu(e) if ops is None and not side_by_side else None  # kept: d up goes into it
         if ops is not None:
             h = ops.silu_mul(e, g)
