@@ -270,3 +270,45 @@ def test_the_runs_dtype_is_read_beside_its_adapter_only(tmp_path):
     assert run_dtype_of(tmp_path / "run" / "checkpoints" / "step-000002" / "adapter") is None
     summary.write_text("not json")
     assert run_dtype_of(tmp_path / "run" / "adapter") is None
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model(tmp_path_factory):
+    """A model whose embeddings have rows for 200 ids, saved with a 347-token tokenizer."""
+    from tiny_models import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("vocab") / "model"
+    tokenizer = tiny_tokenizer()
+    tiny_llama(vocab_size=200, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "recommend"])
+def test_token_ids_past_the_models_embeddings_are_refused_before_anything_is_written(
+        small_vocab_model, trained, tmp_path, capsys, command):
+    """Such ids would raise an IndexError in the embedding lookup (a device-side assert on a GPU)."""
+    data = write_define_data(tmp_path / "d.jsonl", 16)
+    argv = {"train": ["train", "--data", str(data), "--output", str(tmp_path / "run"), "--max-steps", "1"],
+            "eval": ["eval", "--adapter", str(trained[2]), "--data", str(data)],
+            "generate": ["generate", "--raw", "define the word apple: a short definition"],
+            "recommend": ["recommend", "--data", str(data), "--device", "cpu", "--memory", "4GiB", "--output",
+                          str(tmp_path / "run.yaml")]}[command]
+    assert main(argv + ["--model", str(small_vocab_model)]) == 2
+    error = capsys.readouterr().err
+    assert "but the model has rows for ids below 200 only" in error and "(347 tokens) does not match" in error
+    assert "Traceback" not in error and not (tmp_path / "run").exists() and not (tmp_path / "run.yaml").exists()
+
+
+def test_a_tokenizer_larger_than_the_model_is_fine_while_the_ids_fit():
+    from lorakit.errors import ModelLoadError
+    from lorakit.models import check_token_ids, token_rows
+
+    from tiny_models import tiny_tokenizer
+
+    model, tokenizer = tiny_llama(vocab_size=200), tiny_tokenizer()
+    check_token_ids(token_rows(model), tokenizer, 199)
+    with pytest.raises(ModelLoadError, match=r"the prompt holds token id 200 \("):
+        check_token_ids(token_rows(model), tokenizer, 200, "the prompt")
+    model.lm_head = torch.nn.Linear(64, 150, bias=False)  # the output layer's rows count too
+    assert token_rows(model) == 150

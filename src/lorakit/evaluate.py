@@ -27,7 +27,7 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     from lorakit.lora import disable_adapters, load_adapter
     from lorakit.models import inference_placement, load_model_and_tokenizer
     from lorakit.train.loop import evaluate
-    from lorakit.train.run import context_notice, longest_example, packing_blocker
+    from lorakit.train.run import check_vocabulary, context_notice, longest_example, packing_blocker
 
     _check_sizes(seq_len, batch_size)
     run_dtype = run_dtype_of(adapter) if dtype == "auto" else None
@@ -35,6 +35,7 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     base_model, tokenizer, _ = load_model_and_tokenizer(model or base_model_for([adapter]), dtype=torch_dtype,
                                                         device=placement, allow_pickle=allow_pickle)
     records = tokenize_records(read_records(data), tokenizer, fmt, seq_len)  # one path, or several
+    check_vocabulary(base_model, tokenizer, records)
     longest = longest_example(records, None)
     notes = list(records.stats.warnings)  # records skipped, cut or split
     notes += [f"dtype {run_dtype}, as the run trained (its summary.json); --dtype to choose another"] if run_dtype else []

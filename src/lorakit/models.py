@@ -442,6 +442,36 @@ def base_model_name(model: Any) -> str:
     return str(name) if name else "unknown"
 
 
+def check_token_ids(rows: int | None, tokenizer, largest_id: int, what: str = "the data") -> None:
+    """ModelLoadError where a token id has no row (of the model's `token_rows`): a tokenizer that is
+    not the model's, or one with tokens added after the model was saved. Checked on the ids
+    themselves, not on len(tokenizer): a tokenizer may hold more tokens than the model has rows for
+    as long as the data never uses them."""
+    if rows is None or largest_id < rows:
+        return
+    token = tokenizer.convert_ids_to_tokens(largest_id)
+    raise ModelLoadError(
+        f"{what} holds token id {largest_id} ({token!r}), but the model has rows for ids below {rows} only: its "
+        f"tokenizer ({len(tokenizer)} tokens) does not match the model; use the tokenizer saved with the model, "
+        "or resize the model's embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) "
+        "and save both")
+
+
+def token_rows(model) -> int | None:
+    """How many token ids both the input embeddings and the output layer have a row for."""
+    counts = []
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, get)() if hasattr(model, get) else None
+        weight = getattr(module, "weight", None)
+        if getattr(module, "num_embeddings", None) is not None:
+            counts.append(module.num_embeddings)
+        elif getattr(module, "out_features", None) is not None:
+            counts.append(module.out_features)
+        elif weight is not None and weight.dim() == 2:
+            counts.append(weight.shape[0])
+    return min(counts) if counts else None
+
+
 def position_table_length(model) -> int | None:
     """How many positions a model that looks them up in a fixed table can take (None: no table).
     GPT-2's wpe; OPT's, whose first 2 rows are an offset; RoBERTa's, whose positions start after

@@ -219,9 +219,11 @@ def test_bad_input_exits_2(tiny, extra, message, capsys):
 def test_model_the_estimator_cannot_read_still_gets_a_runnable_config(tiny, tmp_path, capsys):
     from tiny_models import tiny_gpt2, tiny_tokenizer
 
-    folder = tmp_path / "gpt2"
-    tiny_gpt2().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    folder, tokenizer = tmp_path / "gpt2", tiny_tokenizer()
+    model = tiny_gpt2()
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     out = tmp_path / "gpt2.yaml"
     assert main(["recommend", "--model", str(folder), "--data", str(tiny[1]), "--device", "cpu", "--memory", "4GiB",
                  "--output", str(out), "--json"]) == 0

@@ -53,7 +53,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import datasets
@@ -73,7 +75,7 @@ CHAT_COLUMNS = ("messages", "conversations")
 MASKED_WARN_FRACTION = 0.9
 TOKENIZE_REVISION = 4  # bump when the tokenised output changes, to invalidate datasets' cache (2: the straddling
 # answer token trained; slow tokenizers place spans by decoding; 3: no whitespace after an end-of-turn token;
-# 4: long texts split, a record column)
+# 4: long texts split, a record column; 5: a top_id column)
 
 # Newlines are Jinja string literals because HF compiles templates with trim_blocks=True.
 FALLBACK_CHAT_TEMPLATE = (
@@ -107,13 +109,14 @@ class DataStats:
     length_max: int
     dropped_cut: int = 0  # of `dropped`: those cut at seq_len before a trained token
     split: int = 0  # texts longer than seq_len, each become several examples
+    largest_token_id: int = -1  # the model's embedding table must have a row for it
     warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
 class TokenizedData:
-    """Columns: input_ids, labels (-100 = not trained), length, num_labels, truncated, record (the
-    number of the record an example came from: a long text gives several)."""
+    """Columns: input_ids, labels (-100 = not trained), length, num_labels, truncated, top_id (the
+    largest token id), record (the number of the record an example came from: a long text gives several)."""
 
     dataset: datasets.Dataset
     format: str
@@ -142,6 +145,16 @@ class TokenizedData:
         return digest.hexdigest()[:16]
 
 
+def _encoding_code_digest() -> str:
+    """A digest of this module's and messages.py's source: what turns a record into an example."""
+    from lorakit.data import messages
+
+    digest = hashlib.sha256()
+    for module in (sys.modules[__name__], messages):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 @dataclass
 class _Encoder:
     """Everything the per-batch map function needs (hashed by datasets for its cache)."""
@@ -155,8 +168,9 @@ class _Encoder:
     sources: list[SourceFile]
     end_tokens: tuple[str, ...] = ()  # the EOS and the special tokens: what may end an assistant turn
     # datasets caches map results by a hash of the function and these fields, but it hashes
-    # module functions by name; the revision makes a new lorakit version re-tokenise.
-    revision: str = f"{__version__}/{TOKENIZE_REVISION}"
+    # module functions by name; the revision makes a new lorakit version re-tokenise, and the
+    # digest of the code that encodes a change to it that forgot to bump TOKENIZE_REVISION.
+    revision: str = f"{__version__}/{TOKENIZE_REVISION}/{_encoding_code_digest()}"
 
     def where(self, index: int) -> str:
         return locate(self.sources, index)
@@ -339,6 +353,10 @@ def _encode_texts(texts: list[str], tokenizer: Any) -> list[list[int]]:
             for ids in encoded]
 
 
+# what `_finish` gives each example; `_encode_batch` adds the record it came from
+EXAMPLE_COLUMNS = ("input_ids", "labels", "length", "num_labels", "truncated", "top_id")
+
+
 def _finish(ids: list[int], labels: list[int], seq_len: int) -> dict[str, Any]:
     truncated = len(ids) > seq_len
     ids, labels = ids[:seq_len], labels[:seq_len]
@@ -346,7 +364,7 @@ def _finish(ids: list[int], labels: list[int], seq_len: int) -> dict[str, Any]:
         labels[0] = IGNORE_INDEX  # nothing predicts the first token (see module docstring)
     num_labels = sum(label != IGNORE_INDEX for label in labels)
     return {"input_ids": ids, "labels": labels, "length": len(ids), "num_labels": num_labels,
-            "truncated": truncated}
+            "truncated": truncated, "top_id": max(ids, default=-1)}
 
 
 def _encode_batch(batch: dict[str, list], indices: list[int], enc: _Encoder, first: int = 0) -> dict[str, list]:
@@ -360,7 +378,7 @@ def _encode_batch(batch: dict[str, list], indices: list[int], enc: _Encoder, fir
     else:
         to_messages = chat_messages if enc.fmt == "chat" else instruction_messages
         pairs = [(i, *_encode_messages(to_messages(row, i, enc), i, enc)) for row, i in zip(rows, indices)]
-    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "num_labels", "truncated", "record")}
+    out: dict[str, list] = {k: [] for k in (*EXAMPLE_COLUMNS, "record")}
     for record, ids, labels in pairs:
         for key, value in {**_finish(ids, labels, enc.seq_len), "record": record}.items():
             out[key].append(value)
@@ -442,11 +460,12 @@ class ReadFigures:
 
 
 def _numeric_columns(ds: datasets.Dataset) -> dict[str, np.ndarray]:
-    """length, num_labels, truncated and record as numpy arrays, read in one batch (not row by row)."""
-    table = ds.select_columns(["length", "num_labels", "truncated", "record"]).with_format("numpy")[:]
+    """length, num_labels, truncated, top_id and record as numpy arrays, read in one batch (not row by row)."""
+    table = ds.select_columns(["length", "num_labels", "truncated", "top_id", "record"]).with_format("numpy")[:]
     return {"length": np.asarray(table["length"], dtype=np.int64),
             "num_labels": np.asarray(table["num_labels"], dtype=np.int64),
             "truncated": np.asarray(table["truncated"], dtype=bool),
+            "top_id": np.asarray(table["top_id"], dtype=np.int64),
             "record": np.asarray(table["record"], dtype=np.int64)}
 
 
@@ -476,7 +495,7 @@ def compute_stats(columns: dict[str, np.ndarray], fmt: str, note: str, seq_len: 
         dropped=read.dropped, truncated=read.truncated, total_tokens=total, label_tokens=trained,
         masked_fraction=1.0 - trained / total if total else 0.0,
         length_min=int(lengths.min()), length_mean=float(lengths.mean()), length_max=int(lengths.max()),
-        dropped_cut=read.dropped_cut, split=read.split,
+        dropped_cut=read.dropped_cut, split=read.split, largest_token_id=int(columns["top_id"].max()),
     )
     stats.warnings = _warnings(stats, cut_kept)
     return stats

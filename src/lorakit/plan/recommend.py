@@ -88,6 +88,7 @@ class ModelFacts:
     max_positions: int | None
     shape: Any = None  # plan.model_shapes.ModelShape, or None when the estimator cannot read the model
     shape_note: str = ""
+    token_rows: int | None = None  # token ids the model has embedding rows for (models.token_rows)
 
 
 @dataclass
@@ -305,7 +306,7 @@ def _count(n: float) -> str:
 
 def model_facts(spec: str | None) -> ModelFacts:
     """Size, context and estimator shape from the model's config alone (no weights loaded)."""
-    from lorakit.models import read_model_config, resolve_model
+    from lorakit.models import read_model_config, resolve_model, token_rows
     from lorakit.plan.model_shapes import context_length, shape_from_dict
 
     source = resolve_model(spec)
@@ -314,13 +315,9 @@ def model_facts(spec: str | None) -> ModelFacts:
         shape, note = shape_from_dict(config.to_dict(), source.name), ""
     except ConfigError as exc:
         shape, note = None, f"memory not estimated: {exc}"
-    return ModelFacts(source.name, _count_params(config), getattr(config, "model_type", None),
-                      context_length(config), shape, note)
-
-
-def _count_params(config: Any) -> int:
-    """Parameters of the model built on the meta device: exact, and no memory is allocated."""
-    return sum(p.numel() for p in meta_model_from_config(config).parameters())
+    meta = meta_model_from_config(config)  # on the meta device: exact counts, no memory allocated
+    return ModelFacts(source.name, sum(p.numel() for p in meta.parameters()), getattr(config, "model_type", None),
+                      context_length(config), shape, note, token_rows(meta))
 
 
 def meta_model_from_config(config: Any) -> Any:
@@ -361,12 +358,15 @@ def _tokenizer(spec: str | None) -> Any:
 
 
 def profile_data(paths: list[str], tokenizer: Any, fmt: str, max_positions: int | None,
-                 train_on_inputs: bool = False) -> DataProfile:
-    """Token counts with the real tokenizer and chat template, examples uncut (up to the context)."""
+                 train_on_inputs: bool = False, token_rows: int | None = None) -> DataProfile:
+    """Token counts with the real tokenizer and chat template, examples uncut (up to the context);
+    refused where a token id has no row of the model's `token_rows` (training would fail)."""
     from lorakit.data.formats import tokenize_records
     from lorakit.data.reading import read_records
+    from lorakit.models import check_token_ids
 
     data = tokenize_records(read_records(paths), tokenizer, fmt, max_positions or ROUND_LENGTHS[-1], train_on_inputs)
+    check_token_ids(token_rows, tokenizer, data.stats.largest_token_id, "the tokenised data")
     lengths = data.lengths()
     trained = np.asarray(data.dataset.select_columns(["num_labels"]).with_format("numpy")[:]["num_labels"])
     pct = lambda values, q: int(np.percentile(values, q, method="higher"))  # noqa: E731
@@ -388,7 +388,7 @@ def recommend(model: str | None = None, data: list[str] | None = None, task: str
     data, eval_data = _data_paths(data, eval_data)
     budget = budget or make_budget()
     facts = model_facts(model)
-    profile = profile_data(data, _tokenizer(model), fmt, facts.max_positions)
+    profile = profile_data(data, _tokenizer(model), fmt, facts.max_positions, token_rows=facts.token_rows)
     if eval_data:  # read now: a config naming an unreadable file would fail only when train starts
         from lorakit.data.reading import read_records
 

@@ -29,7 +29,8 @@ from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
 from lorakit.lora.model import describe_modules
 from lorakit.lora.targets import ARCH_PROJECTIONS, GROUPS, group_layer_names
-from lorakit.models import (first_position_id, local_attention, position_table_length, rope_scaled, training_dtype,
+from lorakit.models import (check_token_ids, first_position_id, local_attention, position_table_length, rope_scaled, token_rows,
+                            training_dtype,
                             uses_alibi)
 from lorakit.plan.model_shapes import context_length
 from lorakit.train import distributed
@@ -93,6 +94,13 @@ def context_notice(model, longest: int) -> list[str]:
 
 def longest_example(train: TokenizedData, evaluation: TokenizedData | None) -> int:
     return max(int(data.lengths().max()) for data in (train, evaluation) if data is not None and len(data))
+
+
+def check_vocabulary(model, tokenizer, train: TokenizedData, evaluation: TokenizedData | None = None) -> None:
+    """Refuse data whose token ids the model has no embedding row for (before any folder is touched:
+    the first forward would raise an IndexError, or a device-side assert on a GPU)."""
+    largest = max(data.stats.largest_token_id for data in (train, evaluation) if data is not None)
+    check_token_ids(token_rows(model), tokenizer, largest, "the tokenised data")
 
 
 def load_data(config: RunConfig, tokenizer) -> tuple[TokenizedData, TokenizedData | None]:
@@ -178,6 +186,7 @@ def prepare(config: RunConfig) -> Prepared:
     torch.manual_seed(config.train.seed)
     model, tokenizer, source = load_model(config, on_cpu=use_fsdp)
     train, evaluation = distributed.main_first(lambda: load_data(config, tokenizer), others_too=True)  # one fills the cache
+    check_vocabulary(model, tokenizer, train, evaluation)
     longest = longest_example(train, evaluation)
     notices = packing_notice(config, model, longest)  # first: whether rows are packed decides their length
     notices += context_notice(model, longest) + dtype_notice(config, model) + resolve_targets(config, model)
