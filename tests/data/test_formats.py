@@ -344,6 +344,17 @@ def test_openai_text_parts_are_joined_and_other_parts_refused(chatml, tmp_path):
         tokenize_records(_jsonl(tmp_path / "b", [{"messages": image}])[0], chatml)
 
 
+@pytest.mark.parametrize("turn, what", [
+    ({"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+     "turn 2 is an assistant's 'tool_calls'"),
+    ({"role": "tool", "content": "12 degrees"}, "turn 2 is a tool turn \\(role 'tool'\\)"),
+    ({"from": "observation", "value": "12 degrees"}, "turn 2 is a tool turn \\(role 'observation'\\)")])
+def test_tool_use_is_refused_by_name(chatml, turn, what):
+    messages = [{"role": "user", "content": "weather?"}, turn, {"role": "assistant", "content": "12 degrees"}]
+    with pytest.raises(DataError, match=what + ": lorakit trains on text conversations"):
+        tokenize_records(ds([{"messages": messages}]), chatml)
+
+
 def test_unknown_sharegpt_role(chatml):
     conv = [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]
     with pytest.raises(DataError, match="unknown role 'bot'"):

@@ -19,6 +19,10 @@ from lorakit.errors import DataError
 UNTRAINED = "lorakit_untrained"  # on an assistant turn that is context, not a reply to learn
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
                 "gpt": "assistant"}
+# the tool-use turns of OpenAI's format (role tool, an assistant's tool_calls or function_call) and
+# of ShareGPT's variants (LLaMA-Factory's function_call / observation)
+TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")
+TOOL_CALL_KEYS = ("tool_calls", "function_call")
 
 
 class Reader(Protocol):
@@ -99,11 +103,24 @@ def _text_parts_joined(content: Any) -> Any:
     return content
 
 
+def _refuse_tool_use(turn: dict, role: Any, number: int, index: int, enc: Reader) -> None:
+    """Tool calls and their results are not rendered (their chat-template arguments are not passed
+    through): refused by name, rather than as an unknown role or an empty assistant turn."""
+    call = next((key for key in TOOL_CALL_KEYS if turn.get(key)), None)
+    if call is None and role not in TOOL_ROLES:
+        return
+    what = f"an assistant's '{call}'" if call else f"a tool turn (role {role!r})"
+    raise DataError(f"{enc.where(index)}: turn {number} is {what}: lorakit trains on text conversations and does "
+                    "not render tool calls; leave out the records that use tools, or write the calls and their "
+                    "results into the turns' text")
+
+
 def _one_turn(turn: Any, number: int, index: int, enc: Reader) -> dict:
     turn = turn if isinstance(turn, dict) else {}
     sharegpt = turn.get("from") is not None  # ShareGPT {from, value}, else {role, content}
     role = turn.get("from") if sharegpt else turn.get("role")
     content = turn.get("value") if sharegpt else _text_parts_joined(turn.get("content"))
+    _refuse_tool_use(turn, role, number, index, enc)
     if not isinstance(role, str) or role not in ROLE_ALIASES:
         raise DataError(
             f"{enc.where(index)}: turn {number} has unknown role {role!r}; expected one of "
