@@ -84,13 +84,13 @@ def _model(layers: int):
 
 def count_step(layers: int) -> tuple[collections.Counter, int]:
     """(aten calls by name, Triton launches) of one forward + backward after a warm-up step."""
-    from lorakit.kernels import cpu_gemm, triton_ops
+    from lorakit.kernels import cpu_gemm, triton_launch
     from lorakit.kernels.llama_patch import causal_lm_loss
 
     model = _model(layers)
     batch = {"input_ids": torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))}
     counter, launches = _Count(), [0]
-    real_launch = triton_ops._launch
+    real_launch = triton_launch.launch
 
     def launch(*args, **kwargs):  # a Triton launch: counted once, its interpreter's tensor ops not at all
         launches[0] += 1
@@ -100,7 +100,7 @@ def count_step(layers: int) -> tuple[collections.Counter, int]:
         finally:
             counter.paused = False
 
-    triton_ops._launch = launch
+    triton_launch.launch = launch
     try:
         with cpu_gemm.use_backend(cpu_gemm.ATEN):
             causal_lm_loss(model, batch).backward()
@@ -110,7 +110,7 @@ def count_step(layers: int) -> tuple[collections.Counter, int]:
             with counter:
                 causal_lm_loss(model, batch).backward()
     finally:
-        triton_ops._launch = real_launch
+        triton_launch.launch = real_launch
         _ACTIVE.clear()
     return counter.calls, launches[0]
 

@@ -287,22 +287,22 @@ def main() -> int:
 
 
 def check_triton_direct_launch():
-    """The Triton cases again with triton_ops' direct launch (opt-in until measured): a first pass
+    """The Triton cases again with triton_launch's direct launch (opt-in until measured): a first pass
     keys the compiled kernels, the second launches them directly and is reported."""
-    from lorakit.kernels import triton_ops
+    from lorakit.kernels import triton_launch
 
-    previous = triton_ops.launch_mode("direct")
+    previous = triton_launch.launch_mode("direct")
     try:
         for dtype in (torch.bfloat16, torch.float32):
             for _ in check_triton(dtype):
                 pass
-            before = triton_ops.direct_launches()
+            before = triton_launch.direct_launches()
             results = list(check_triton(dtype))
-            print(f"direct launches in the reported pass: {triton_ops.direct_launches() - before}", flush=True)
+            print(f"direct launches in the reported pass: {triton_launch.direct_launches() - before}", flush=True)
             for result in results:
                 yield {**result, "case": result["case"] + " direct"}
     finally:
-        triton_ops.launch_mode(previous)
+        triton_launch.launch_mode(previous)
 
 
 if __name__ == "__main__":

@@ -480,17 +480,17 @@ def test_fullrecompute_variant_keeps_transformers_checkpointing_and_the_same_los
 def test_directlaunch_variant_is_cuda_only_and_sets_the_launch_mode_for_its_steps_only():
     from lorakit.bench import train_step
     from lorakit.bench_variants import prepare_variant
-    from lorakit.kernels import triton_ops
+    from lorakit.kernels import triton_launch
 
     plan = resolve(_settings(variants=["lorakit", "lorakit-directlaunch"]))
     assert plan.settings.variants == ["lorakit"] and "lorakit-directlaunch skipped" in plan.notices[0]
     prepared = prepare_variant("lorakit-directlaunch", plan)  # forced: the rule is checked, no kernel runs here
     seen = []
     real_loss = prepared.loss_fn
-    prepared.loss_fn = lambda batch: seen.append(triton_ops.launch_mode()) or real_loss(batch)
-    before = triton_ops.launch_mode()
+    prepared.loss_fn = lambda batch: seen.append(triton_launch.launch_mode()) or real_loss(batch)
+    before = triton_launch.launch_mode()
     train_step(prepared, make_inputs(plan)["lorakit"], plan.device)
-    assert seen == ["direct"] and triton_ops.launch_mode() == before
+    assert seen == ["direct"] and triton_launch.launch_mode() == before
 
 
 def test_unstacked_variant_is_cuda_only_and_keeps_each_weight_in_its_storage():

@@ -350,13 +350,13 @@ def _triton_launch(mode: str | None):
     if mode is None:
         yield
         return
-    from lorakit.kernels import triton_ops
+    from lorakit.kernels import triton_launch
 
-    previous = triton_ops.launch_mode(mode)
+    previous = triton_launch.launch_mode(mode)
     try:
         yield
     finally:
-        triton_ops.launch_mode(previous)
+        triton_launch.launch_mode(previous)
 
 
 def new_raw(name: str) -> dict:

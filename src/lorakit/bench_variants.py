@@ -28,7 +28,7 @@
                    CUDA ablation: lorakit with the frozen gate and up weights each in its own
                    storage (enable_fast_paths(stack=False)): a GEMM each, not one for both
     lorakit-directlaunch
-                   CUDA: lorakit with its Triton kernels launched directly (triton_ops.launch_mode
+                   CUDA: lorakit with its Triton kernels launched directly (triton_launch.launch_mode
                    "direct", LORAKIT_TRITON_LAUNCH=direct in the trainer), not through Triton's
                    per-call binding; opt-in until measured
 
@@ -91,7 +91,7 @@ class Prepared:
     inputs_key: str  # "lorakit" or "peft": which batch this variant trains on
     notices: list[str]
     gemm_backend: str | None = None  # cpu_gemm's backend for this variant's steps; None: its own choice
-    triton_launch: str | None = None  # triton_ops' launch mode for this variant's steps; None: the process's
+    triton_launch: str | None = None  # triton_launch's launch mode for this variant's steps; None: the process's
 
 
 def prepare_variant(name: str, plan) -> Prepared:

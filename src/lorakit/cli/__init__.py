@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 
             cpu_gemm.check_environment()
         if os.environ.get("LORAKIT_TRITON_LAUNCH"):
-            from lorakit.kernels import triton_ops
+            from lorakit.kernels import triton_launch
 
-            triton_ops.check_environment()
+            triton_launch.check_environment()
         return int(args.func(args) or 0)
     except LorakitError as exc:
         return _refuse(str(exc), exc.exit_code, args)

@@ -38,9 +38,6 @@ tensors through Triton's interpreter (slow, for tests), otherwise they need CUDA
 from __future__ import annotations
 
 import functools
-import os
-import re
-from types import SimpleNamespace
 
 import torch
 
@@ -48,14 +45,8 @@ import torch
 from lorakit.kernels.native_ops import (rms_norm_reference, rope_blocker, rope_reference,
                                         swiglu_reference)
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the kernels below are then never called; tl.constexpr must still resolve
-    triton = None
-    tl = SimpleNamespace(constexpr=None)
-
-INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+from lorakit.kernels import triton_launch
+from lorakit.kernels.triton_launch import INTERPRETED, tl, triton
 MAX_NORM_WIDTH = 32768  # one row lives in one block (registers); wider rows take the reference
 _ELEMENTWISE_BLOCK = 1024
 # logits per step of the cross-entropy's loop over a row: 16 KiB of bf16 per load, 16 steps over
@@ -88,111 +79,6 @@ def runs_on(t: torch.Tensor) -> bool:
 
 def _warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
-
-
-def _launch(kernel, grid, like: torch.Tensor, *args, **meta) -> None:
-    """kernel[grid](*args) on like's GPU: Triton launches on the current device otherwise."""
-    if like.is_cuda and like.device.index != torch.cuda.current_device():  # a device switch costs a launch's time
-        with torch.cuda.device(like.device):
-            _run(kernel, grid, like, args, meta)
-    else:
-        _run(kernel, grid, like, args, meta)
-
-
-# ---- launching ----------------------------------------------------------------------------------
-# Each `kernel[grid](...)` binds the arguments, works out their specialisation and looks the
-# compiled kernel up again: on the H200's host about 120 us of CPU per launch against about 40 us
-# for an aten op (docs/performance.md), with ~160 launches in a 1b step whose CPU set its pace.
-# The direct launch keeps each compiled kernel under a key at least as fine as Triton's
-# specialisation (every int by value, each tensor's dtype and 16-byte alignment, the constexprs
-# and launch options, the device) and calls it with the bound arguments itself; a new key takes
-# Triton's own path once. Opt-in (LORAKIT_TRITON_LAUNCH=direct, or `launch_mode`) until a GPU run
-# measures it: `lorakit bench --variants lorakit,lorakit-directlaunch`.
-LAUNCH_MODES = ("jit", "direct")
-LAUNCH_ENV_VAR = "LORAKIT_TRITON_LAUNCH"
-
-
-def _mode_from_environment() -> str:
-    return os.environ.get(LAUNCH_ENV_VAR, "jit").strip().lower() or "jit"
-
-
-_launch_mode = [_mode_from_environment()]
-_compiled: dict[tuple, tuple] = {}  # key -> (compiled kernel, constexpr values in signature order)
-_MAX_COMPILED = 4096  # keys hold exact ints: shapes that keep changing make new ones
-
-
-def launch_mode(mode: str | None = None) -> str:
-    """The launch mode in force; with `mode`, set it for the whole process (autograd runs CUDA
-    backwards in its own threads) and return the previous one."""
-    previous = _launch_mode[0]
-    if mode is not None:
-        if mode not in LAUNCH_MODES:
-            raise ValueError(f"unknown Triton launch mode {mode!r}; use one of {', '.join(LAUNCH_MODES)}")
-        _launch_mode[0] = mode
-    return previous
-
-
-def check_environment() -> None:
-    """Refuse a LORAKIT_TRITON_LAUNCH value other than jit or direct (a CLI checks at start)."""
-    if _mode_from_environment() not in LAUNCH_MODES:
-        from lorakit.errors import ConfigError
-
-        raise ConfigError(f"{LAUNCH_ENV_VAR}={os.environ[LAUNCH_ENV_VAR]!r} is not a Triton launch mode; "
-                          f"set it to {' or '.join(LAUNCH_MODES)}, or unset it")
-
-
-def _direct_launch_supported() -> bool:
-    """Triton 3.3 and later pass a compiled kernel every parameter, constexprs included (earlier
-    releases only the others): what the direct launch calls it with. Earlier ones take Triton's path."""
-    if triton is None:
-        return False
-    major, minor = (int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
-    return (major, minor) >= (3, 3)
-
-
-_DIRECT_LAUNCH_SUPPORTED = _direct_launch_supported()
-
-
-def _run(kernel, grid, like: torch.Tensor, args: tuple, meta: dict) -> None:
-    if _launch_mode[0] != "direct" or INTERPRETED or not _DIRECT_LAUNCH_SUPPORTED:
-        kernel[grid](*args, **meta)
-        return
-    key = (kernel, like.device.index, _specialisation(args), *sorted(meta.items()))
-    known = _compiled.get(key)
-    if known is None:
-        compiled = kernel[grid](*args, **meta)  # compiles or finds it, and launches
-        if compiled is not None:
-            if len(_compiled) >= _MAX_COMPILED:
-                _compiled.clear()
-            _compiled[key] = (compiled, _constexpr_values(kernel, len(args), meta))
-        return
-    compiled, constexprs = known
-    compiled[(*grid, 1, 1)[:3]](*args, *constexprs)
-    _direct_launches[0] += 1
-
-
-_direct_launches = [0]
-
-
-def direct_launches() -> int:
-    """Launches that took the compiled kernel directly in this process (the GPU check reports it)."""
-    return _direct_launches[0]
-
-
-def _specialisation(args: tuple) -> tuple:
-    """What Triton specialises a launch on, or finer: tensors by dtype and 16-byte alignment,
-    ints and bools by value, floats by type."""
-    return tuple((arg.dtype, arg.data_ptr() % 16 == 0) if isinstance(arg, torch.Tensor)
-                 else float if isinstance(arg, float) else (type(arg), arg) for arg in args)
-
-
-def _constexpr_values(kernel, positional: int, meta: dict) -> tuple:
-    """The values of the kernel's parameters after the positional ones, in signature order: the
-    compiled kernel takes every parameter, constexprs included (launch options are not parameters)."""
-    import inspect
-
-    names = list(inspect.signature(kernel.fn).parameters)[positional:]
-    return tuple(meta[name] for name in names)
 
 
 @functools.lru_cache(maxsize=None)
@@ -293,7 +179,7 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(n_cols)
         if n_rows:
-            _launch(_rms_norm_forward_kernel, (n_rows,), x2, x2, weight.contiguous(), y, rstd,
+            triton_launch.launch(_rms_norm_forward_kernel, (n_rows,), x2, x2, weight.contiguous(), y, rstd,
                     x2.stride(0), y.stride(0), n_cols, eps, BLOCK=block, num_warps=_warps(block))
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
@@ -312,7 +198,7 @@ class _RMSNorm(torch.autograd.Function):
         partial = (torch.empty((programs, block), dtype=torch.float32, device=x2.device)
                    if weight_grad else rstd)
         if programs:
-            _launch(
+            triton_launch.launch(
                 _rms_norm_backward_kernel, (programs,), x2,
                 x2, weight.contiguous(), rstd, dy, dx, partial, x2.stride(0), dy.stride(0),
                 dx.stride(0), n_rows, n_cols, rows_each,
@@ -383,7 +269,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     dtype with unit column stride (column blocks of a wider matrix will do)."""
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if gate.numel():
-        _launch(_swiglu_forward_kernel, _row_grid(gate), gate, gate, up, out, gate.shape[1],
+        triton_launch.launch(_swiglu_forward_kernel, _row_grid(gate), gate, gate, up, out, gate.shape[1],
                 gate.stride(0), up.stride(0), out.stride(0), BLOCK=_ELEMENTWISE_BLOCK)
     return out
 
@@ -399,7 +285,7 @@ def silu_mul_grads(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, *, 
     dgate = grad if into_grad else torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
     dup = d_up if d_up is not None else torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
     if gate.numel():
-        _launch(_swiglu_backward_kernel, _row_grid(gate), gate, gate, up, grad, dgate, dup, gate.shape[1],
+        triton_launch.launch(_swiglu_backward_kernel, _row_grid(gate), gate, gate, up, grad, dgate, dup, gate.shape[1],
                 gate.stride(0), up.stride(0), grad.stride(0), dgate.stride(0), dup.stride(0),
                 BLOCK=_ELEMENTWISE_BLOCK)
     return dgate, dup
@@ -492,7 +378,7 @@ def _rope_launch(q, k, cos, sin, backward):
     block_d = triton.next_power_of_2(half)
     block_h = min(triton.next_power_of_2(max(q_heads, k.shape[1])), max(1, 4096 // block_d))
     if batch * seq_len:
-        _launch(
+        triton_launch.launch(
             _rope_kernel, (batch * seq_len,), q,
             q, q_out, k, k_out, cos, sin, *_bht_strides(q), *_bht_strides(q_out),
             *_bht_strides(k), *_bht_strides(k_out), cos_b, cos.stride(1), sin_b, sin.stride(1),
@@ -597,7 +483,7 @@ def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, grad: bool, 
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     block = min(block, triton.next_power_of_2(n_cols))
     if n_rows:
-        _launch(_cross_entropy_rows_kernel, (n_rows,), logits, logits, labels, loss,
+        triton_launch.launch(_cross_entropy_rows_kernel, (n_rows,), logits, logits, labels, loss,
                 logits.stride(0), n_cols, BLOCK=block, GRAD=grad, num_warps=_warps(block))
     return loss
 
