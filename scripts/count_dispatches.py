@@ -85,7 +85,7 @@ def _model(layers: int):
 def count_step(layers: int) -> tuple[collections.Counter, int]:
     """(aten calls by name, Triton launches) of one forward + backward after a warm-up step."""
     from lorakit.kernels import cpu_gemm, triton_launch
-    from lorakit.kernels.llama_patch import causal_lm_loss
+    from lorakit.kernels.causal_loss import causal_lm_loss
 
     model = _model(layers)
     batch = {"input_ids": torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))}

@@ -94,7 +94,7 @@ def test_check_matches_peft_from_identical_weights(packing):
 
 def test_check_catches_a_wrong_loss(monkeypatch):
     def wrong_loss(model, plan, chunked):  # predicts the current token instead of the next
-        from lorakit.kernels.llama_patch import causal_lm_loss
+        from lorakit.kernels.causal_loss import causal_lm_loss
 
         return lambda batch: causal_lm_loss(model, {**batch, "labels": torch.roll(batch["labels"], 1, -1)})
 
@@ -126,7 +126,7 @@ def test_bf16_check_judges_lorakit_and_peft_against_an_fp32_reference():
 
 def test_bf16_check_catches_a_wrong_loss(monkeypatch):
     def wrong_loss(model, plan, chunked):  # predicts the current token instead of the next
-        from lorakit.kernels.llama_patch import causal_lm_loss
+        from lorakit.kernels.causal_loss import causal_lm_loss
 
         return lambda batch: causal_lm_loss(model, {**batch, "labels": torch.roll(batch["labels"], 1, -1)})
 

@@ -169,7 +169,7 @@ def hf_loss(model):
 def lorakit_loss(model, plan, chunked: bool):
     if not chunked:
         return hf_loss(model)
-    from lorakit.kernels.llama_patch import causal_lm_loss
+    from lorakit.kernels.causal_loss import causal_lm_loss
 
     return lambda batch: causal_lm_loss(model, batch, chunk_size=plan.settings.chunk_size)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.kernels import cpu_gemm, llama_patch
+from lorakit.kernels import causal_loss, cpu_gemm, llama_patch
 from lorakit.lora import LoraConfig, apply_lora
 from tiny_models import randomize_lora, tiny_llama
 
@@ -98,7 +98,7 @@ def test_frozen_linears_of_a_model_are_patched_and_match_the_plain_model(onednn_
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
-        loss = llama_patch.causal_lm_loss(model, batch)
+        loss = causal_loss.causal_lm_loss(model, batch)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
@@ -106,7 +106,7 @@ def test_frozen_linears_of_a_model_are_patched_and_match_the_plain_model(onednn_
     llama_patch.enable_fast_paths(model)
     k_proj = model.model.layers[0].self_attn.k_proj
     assert type(k_proj) is cpu_gemm.CpuGemmLinear
-    assert llama_patch.chunked_loss_blocker(model) is None  # the head's new class still chunks
+    assert causal_loss.chunked_loss_blocker(model) is None  # the head's new class still chunks
     took = set()  # the weights whose products went through frozen_linear, inputs needing grad
     real = cpu_gemm.frozen_linear
     cpu_gemm.frozen_linear = lambda x, weight, bias=None: took.add(weight) or real(x, weight, bias)

@@ -216,7 +216,7 @@ def test_dora_and_plain_linear_are_not_fusable():
 
 def _count_refreshes(monkeypatch):
     """A list that grows by one whenever a group's cast copies are written."""
-    from lorakit.kernels import fused_lora, stacking
+    from lorakit.kernels import fused_lora
 
     calls = []
     real = fused_lora._CastAdapters.refresh
@@ -225,7 +225,7 @@ def _count_refreshes(monkeypatch):
 
 
 def _without_cached_casts(layers):
-    from lorakit.kernels import fused_lora, stacking
+    from lorakit.kernels import fused_lora
 
     fresh = copy.deepcopy(layers)
     for layer in fresh:
@@ -262,7 +262,7 @@ def test_bf16_casts_follow_every_optimizer_step_and_load(block, monkeypatch):
 
 
 def test_fp32_adapters_are_not_copied_and_a_moved_layer_gets_new_copies(monkeypatch):
-    from lorakit.kernels import fused_lora, stacking
+    from lorakit.kernels import fused_lora
 
     layers = _qkv()
     with torch.no_grad():
@@ -316,7 +316,7 @@ def test_two_forwards_around_another_optimizers_step_backpropagate_together():
 
 
 def test_sharded_models_cast_afresh_in_every_forward(monkeypatch):
-    from lorakit.kernels import fused_lora, stacking
+    from lorakit.kernels import fused_lora
 
     refreshes = _count_refreshes(monkeypatch)
     layers = _qkv(dtype=torch.bfloat16)

@@ -12,9 +12,9 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
 
-from lorakit.kernels import cpu_attention, fused_lora, llama_patch, native_ops
-from lorakit.kernels.llama_patch import (causal_lm_loss, disable_fast_paths, enable_fast_paths,
-                                         fast_paths_enabled)
+from lorakit.kernels import causal_loss, cpu_attention, fused_lora, llama_patch, native_ops
+from lorakit.kernels.causal_loss import causal_lm_loss
+from lorakit.kernels.llama_patch import disable_fast_paths, enable_fast_paths, fast_paths_enabled
 from lorakit.lora import LoraConfig, LoraLinear, apply_lora, merge_lora
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -526,7 +526,7 @@ def test_rescaled_logits_use_the_full_logits_loss(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("chunked loss used on a rescaled head")
 
-    monkeypatch.setattr(llama_patch, "chunked_lm_head_loss", refuse)
+    monkeypatch.setattr(causal_loss, "chunked_lm_head_loss", refuse)
     _assert_same(_fast(model, batch), plain)
 
 
@@ -558,7 +558,7 @@ def test_a_head_that_is_more_than_a_projection_keeps_its_own_logits():
 def test_a_config_multiplier_on_the_logits_keeps_them():
     model = _model()
     model.config.lm_head_multiplier = 0.5  # FalconH1's field
-    assert "lm_head_multiplier" in llama_patch.chunked_loss_blocker(model)
+    assert "lm_head_multiplier" in causal_loss.chunked_loss_blocker(model)
 
 
 def test_a_base_layer_subclass_with_its_own_forward_is_not_fused():
@@ -627,8 +627,8 @@ def test_the_loss_of_a_peft_model_is_its_base_models_chunked(monkeypatch):
     notices = enable_fast_paths(model)
     assert not any("DoRA" in n or "full logits" in n for n in notices)  # PEFT's use_dora is a dict per adapter
     chunked = []
-    real = llama_patch.chunked_lm_head_loss
-    monkeypatch.setattr(llama_patch, "chunked_lm_head_loss", lambda *a, **k: chunked.append(1) or real(*a, **k))
+    real = causal_loss.chunked_lm_head_loss
+    monkeypatch.setattr(causal_loss, "chunked_lm_head_loss", lambda *a, **k: chunked.append(1) or real(*a, **k))
     torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss)
     assert chunked == [1]
 
@@ -643,8 +643,8 @@ def test_the_head_check_runs_once_per_model_and_keeps_each_modules_mode():
     model.model.layers[0].eval()  # a mixed state that a user set
     calls = []
     model.model.register_forward_hook(lambda *a: calls.append(1))
-    assert llama_patch.chunked_loss_blocker(model) is None
-    assert llama_patch.chunked_loss_blocker(model) is None  # once per model
+    assert causal_loss.chunked_loss_blocker(model) is None
+    assert causal_loss.chunked_loss_blocker(model) is None  # once per model
     assert calls == [1, 1]  # the model's forward, then the backbone alone, as the chunked loss calls it
     assert model.training and not model.model.layers[0].training and model.model.layers[1].training
 
@@ -656,10 +656,10 @@ def test_a_model_whose_forward_skips_its_backbone_module_is_checked_through_the_
     model = OPTForCausalLM(OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                      num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
                                      dropout=0.0, attention_dropout=0.0))
-    assert llama_patch.chunked_loss_blocker(model) is None
+    assert causal_loss.chunked_loss_blocker(model) is None
     chunked = []
-    real = llama_patch.chunked_lm_head_loss
-    monkeypatch.setattr(llama_patch, "chunked_lm_head_loss", lambda *a, **k: chunked.append(1) or real(*a, **k))
+    real = causal_loss.chunked_lm_head_loss
+    monkeypatch.setattr(causal_loss, "chunked_lm_head_loss", lambda *a, **k: chunked.append(1) or real(*a, **k))
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(causal_lm_loss(model, {"input_ids": ids, "labels": ids}),
                                model(input_ids=ids, labels=ids).loss)

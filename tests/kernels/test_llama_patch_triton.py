@@ -15,8 +15,9 @@ from transformers import (MistralConfig, MistralForCausalLM, Qwen2Config,  # noq
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from lorakit.kernels import triton_ops  # noqa: E402
-from lorakit.kernels.llama_patch import (causal_lm_loss, disable_fast_paths,  # noqa: E402
-                                         enable_fast_paths, fast_paths_enabled)
+from lorakit.kernels.causal_loss import causal_lm_loss  # noqa: E402
+from lorakit.kernels.llama_patch import (disable_fast_paths, enable_fast_paths,  # noqa: E402
+                                         fast_paths_enabled)
 from lorakit.lora import LoraConfig, apply_lora  # noqa: E402
 
 if not triton_ops.triton_available():  # triton_ops was imported earlier without the interpreter

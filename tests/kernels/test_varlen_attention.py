@@ -8,7 +8,8 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Fo
 
 from lorakit.data.batching import collate, count_label_tokens
 from lorakit.kernels import cpu_attention, varlen_attention
-from lorakit.kernels.llama_patch import causal_lm_loss, enable_fast_paths, fast_paths_enabled
+from lorakit.kernels.causal_loss import causal_lm_loss
+from lorakit.kernels.llama_patch import enable_fast_paths, fast_paths_enabled
 from lorakit.kernels.varlen_attention import (VARLEN, bounds_from_position_ids, restore_attention,
                                               segments_from_bounds, use_varlen_attention)
 from lorakit.lora import LoraConfig, apply_lora

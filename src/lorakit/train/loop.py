@@ -27,7 +27,7 @@ from torch import nn
 
 from lorakit.data.batching import BatchIterator, count_label_tokens, plan_batches
 from lorakit.errors import LorakitWarning, TrainingError
-from lorakit.kernels.llama_patch import causal_lm_loss
+from lorakit.kernels.causal_loss import causal_lm_loss
 from lorakit.lora.model import lora_layers
 from lorakit.train import distributed
 from lorakit.train.schedule import lr_factor

@@ -261,7 +261,7 @@ def _compute_dtype(model: nn.Module) -> str:
 
 def _fused_loss(model: nn.Module) -> bool:
     """Whether the trainer's loss (kernels.causal_lm_loss) takes the chunked path, no full logits."""
-    from lorakit.kernels.llama_patch import chunked_loss_blocker
+    from lorakit.kernels.causal_loss import chunked_loss_blocker
 
     return chunked_loss_blocker(model) is None
 
