@@ -108,6 +108,19 @@ def test_enabling_stacks_the_frozen_gate_up_weights_and_disabling_separates_them
     assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
 
 
+def test_stacking_under_inference_mode_leaves_weights_that_train():
+    model, batch = _model(), _batch()
+    plain = _plain(model, batch)
+    with torch.inference_mode():  # e.g. an evaluation that turned the fast paths on
+        enable_fast_paths(model, stack=True)
+    assert not model.model.layers[0].mlp.gate_proj.base_layer.weight.is_inference()
+    _assert_same(_fast(model, batch), plain)
+    with torch.inference_mode():
+        disable_fast_paths(model)
+    assert not model.model.layers[0].mlp.up_proj.base_layer.weight.is_inference()
+    _assert_same(_fast(model, batch), plain)
+
+
 def test_a_deep_copy_of_a_patched_model_computes_with_its_own_weights():
     model, batch = _model(), _batch()
     enable_fast_paths(model)

@@ -14,24 +14,28 @@ from lorakit.kernels import triton_launch as launcher  # noqa: E402
 class _FakeCompiled:
     """Stands in for Triton's CompiledKernel: compiled[grid](*every parameter's value)."""
 
-    def __init__(self, log):
-        self.log = log
+    def __init__(self, log, refuses: bool = False):
+        self.log, self.refuses = log, refuses
 
     def __getitem__(self, grid):
-        return lambda *args: self.log.append(("direct", grid, args))
+        def launch(*args):
+            if self.refuses:
+                raise TypeError("launcher takes 3 arguments")
+            self.log.append(("direct", grid, args))
+        return launch
 
 
 class _FakeKernel:
     """Stands in for a JITFunction: kernel[grid](*args, **meta) launches and returns the compiled kernel."""
 
-    def __init__(self):
-        self.log = []
+    def __init__(self, compiled_refuses: bool = False):
+        self.log, self.compiled_refuses = [], compiled_refuses
         self.fn = lambda x_ptr, n, eps, BLOCK, FLAG: None  # the jitted function's signature
 
     def __getitem__(self, grid):
         def launch(*args, **meta):
             self.log.append(("jit", grid, args, meta))
-            return _FakeCompiled(self.log)
+            return _FakeCompiled(self.log, self.compiled_refuses)
         return launch
 
 
@@ -60,6 +64,18 @@ def test_direct_launch_reuses_the_compiled_kernel_only_for_the_same_specialisati
         assert kernel.log[before][0] == "jit"
     launcher.launch(kernel, (8,), x, x, 64, 1e-6, **{**meta, "num_warps": 8})  # another launch option
     assert kernel.log[-1][0] == "jit"
+
+
+@pytest.mark.usefixtures("direct_launch")
+def test_a_compiled_kernel_that_refuses_its_arguments_turns_direct_launch_off_with_one_warning():
+    from lorakit.errors import LorakitWarning
+
+    kernel, x = _FakeKernel(compiled_refuses=True), torch.zeros(16)
+    launcher.launch(kernel, (1,), x, x, 16, 0.0, BLOCK=16, FLAG=False)  # Triton's path, keyed
+    with pytest.warns(LorakitWarning, match="direct Triton launch failed .TypeError: launcher takes 3"):
+        launcher.launch(kernel, (1,), x, x, 16, 0.0, BLOCK=16, FLAG=False)  # refused, relaunched by Triton
+    launcher.launch(kernel, (1,), x, x, 16, 0.0, BLOCK=16, FLAG=False)
+    assert [entry[0] for entry in kernel.log] == ["jit", "jit", "jit"] and launcher.launch_mode() == "jit"
 
 
 def test_a_triton_before_3_3_takes_its_own_path_even_in_direct_mode(direct_launch, monkeypatch):

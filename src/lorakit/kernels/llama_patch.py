@@ -124,6 +124,8 @@ def enable_fast_paths(model: nn.Module, triton: bool = False, native: bool = Tru
     if not fallbacks and not fast_paths_enabled(model):
         fallbacks.setdefault("no Llama-style attention or SwiGLU MLP with LoRA was found", [])
     model.__dict__[TRITON_LOSS] = triton_kernels_enabled(model)
+    if stack and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the separate weights' freed blocks: too small for the stacked ones
     return notices + [_notice(reason, names) for reason, names in fallbacks.items()]
 
 

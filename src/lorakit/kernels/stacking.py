@@ -8,6 +8,8 @@ GEMM where their output gradients are column blocks of one matrix (`column_block
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -24,7 +26,7 @@ def stack_rows(tensors) -> bool:
     if not all(type(t.data) is torch.Tensor and not t.is_meta and not t.requires_grad and t.dtype == first.dtype
                and t.device == first.device and t.shape[1:] == first.shape[1:] for t in tensors):
         return False
-    with torch.no_grad():
+    with _outside_inference_mode():
         buffer = torch.cat([t.detach() for t in tensors])  # one group at a time: a transient copy
         for tensor, block in zip(tensors, buffer.split([t.shape[0] for t in tensors])):
             tensor.data = block
@@ -34,9 +36,17 @@ def stack_rows(tensors) -> bool:
 def unstack_rows(tensors) -> None:
     """Each of these tensors in its own storage again, if they are stacked."""
     if row_blocks(tensors) is not None:
-        with torch.no_grad():
+        with _outside_inference_mode():
             for tensor in tensors:
                 tensor.data = tensor.data.clone()
+
+
+@contextlib.contextmanager
+def _outside_inference_mode():
+    """Without gradients, and outside inference mode even when called in it: an inference tensor
+    as a weight's storage could not be saved for backward in a later training step."""
+    with torch.inference_mode(False), torch.no_grad():  # inference_mode(False) turns grad mode on
+        yield
 
 
 def row_blocks(tensors) -> torch.Tensor | None:

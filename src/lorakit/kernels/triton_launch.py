@@ -99,8 +99,25 @@ def _run(kernel, grid, like: torch.Tensor, args: tuple, meta: dict) -> None:
             _compiled[key] = (compiled, _constexpr_values(kernel, len(args), meta))
         return
     compiled, constexprs = known
-    compiled[(*grid, 1, 1)[:3]](*args, *constexprs)
+    try:
+        compiled[(*grid, 1, 1)[:3]](*args, *constexprs)
+    except Exception as exc:  # noqa: BLE001 - a Triton whose compiled kernels take other arguments
+        _give_up_direct_launch(exc)
+        kernel[grid](*args, **meta)
+        return
     _direct_launches[0] += 1
+
+
+def _give_up_direct_launch(exc: Exception) -> None:
+    """Triton's own launch path for the rest of the process, said once: a training run keeps going."""
+    import warnings
+
+    from lorakit.errors import LorakitWarning
+
+    _launch_mode[0] = "jit"
+    _compiled.clear()
+    warnings.warn(f"the direct Triton launch failed ({type(exc).__name__}: {exc}); Triton's own launch path "
+                  f"is used from now on (unset {LAUNCH_ENV_VAR})", LorakitWarning, stacklevel=2)
 
 
 _direct_launches = [0]
