@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -318,11 +319,13 @@ def test_load_pretrained_hands_the_callers_loader_the_files_it_found(pickle_fold
 
     def from_pretrained(target, kwargs):
         calls.append((target, kwargs))
-        return AutoModelForCausalLM.from_pretrained(target, **kwargs).train()
+        model, info = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+        return model.train(), info
 
     source = resolve_model(pickle_folder)
     model, tokenizer = load_pretrained(source, from_pretrained, allow_pickle=True)
-    assert calls == [(source.location, {"use_safetensors": False})]  # pickle-only: transformers must read *.bin
+    # pickle-only: transformers must read *.bin; its loading info says what the weights lacked
+    assert calls == [(source.location, {"use_safetensors": False, "output_loading_info": True})]
     assert not model.training and base_model_name(model) == source.location
     assert tokenizer.pad_token == "</s>" and model.config.pad_token_id == tokenizer.pad_token_id
     torch.testing.assert_close(_logits(model), _logits(_tiny_llama(seed=3)))
@@ -345,6 +348,20 @@ def test_load_pretrained_names_the_model_when_the_loader_fails(tiny_folder):
 
     with pytest.raises(ConfigError, match="--quantize cannot run here"):  # the loader's own errors pass through
         load_pretrained(source, refuses)
+
+
+def test_weights_that_lack_tensors_are_refused_not_started_random(tiny_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "cut"
+    shutil.copytree(tiny_folder, folder)
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if ".mlp." in n][:4]:
+        del tensors[name]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"the weights of .*cut lack 4 tensors its config needs "
+                                             r"\(model\.layers\.0\.mlp\..*and 1 more\), which would start random"):
+        load_model_and_tokenizer(folder)
 
 
 def test_weights_that_do_not_fit_the_config(tmp_path):

@@ -166,6 +166,17 @@ def _check_config_json(path: Path) -> None:
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path} holds a JSON {type(config).__name__}, not a model config; restore it from "
                              "the original model")
+    for key in ("torch_dtype", "dtype"):  # transformers looks it up as an attribute of torch
+        value = config.get(key)
+        if isinstance(value, str) and not _names_a_dtype(value):
+            raise ModelLoadError(f"{path}: {key} {value!r} is not a torch dtype; set it to bfloat16, float16 or "
+                                 "float32 (as the weights are stored), or remove it")
+
+
+def _names_a_dtype(name: str) -> bool:
+    import torch
+
+    return name == "auto" or isinstance(getattr(torch, name.removeprefix("torch."), None), torch.dtype)
 
 
 # --------------------------------------------------------------------------- hub
@@ -206,9 +217,11 @@ def read_model_config(source: ModelSource) -> Any:
     target, options = source.location, _hub_kwargs() if source.kind == "hub" else {}
     if source.kind in ("builtin", "gguf"):
         target = str(ensure_gguf_converted(source.location, builtin=source.kind == "builtin"))
+    if source.kind == "local" and (Path(target) / "config.json").is_file():
+        _check_config_json(Path(target) / "config.json")
     try:
         return AutoConfig.from_pretrained(target, **options)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:  # the last two: odd field values
         raise ModelLoadError(f"cannot read the model config of {source.name} ({type(exc).__name__}); pass a model "
                              "folder with config.json, a .gguf file, or a hub id (needs network)") from None
 
@@ -335,22 +348,34 @@ def load_pretrained(
     Finds the files for ``source`` (converting a .gguf once, refusing pickle weights unless
     ``allow_pickle``), loads the tokenizer, then calls ``from_pretrained(target, kwargs)`` with
     the folder or hub id and the keyword arguments that make transformers read those files
-    (pass them on). A loading failure it raises (OSError, ValueError, ...) becomes a
-    ModelLoadError naming the source. The model is returned in eval mode, recording its name, and the tokenizer
-    with a pad token.
+    (pass them on: they also ask for its loading info, so it returns (model, info)). A loading
+    failure it raises (OSError, ValueError, ...) becomes a ModelLoadError naming the source, and
+    so do weights that lack tensors the config needs (transformers would start them random). The
+    model is returned in eval mode, recording its name, and the tokenizer with a pad token.
     """
     target, kwargs = _load_target(source, allow_pickle)
     tokenizer = _load_tokenizer_from(source, target, kwargs)
     try:
         with loading_bar_only_when_slow(target):
-            model = from_pretrained(target, dict(kwargs))
+            model, info = from_pretrained(target, {**kwargs, "output_loading_info": True})
     except _LOAD_ERRORS as exc:  # a LorakitError raised by from_pretrained passes through as it is
         raise _load_error(source, exc, kwargs) from exc
+    _refuse_missing_weights(source, info.get("missing_keys") or ())
     model.eval()
     _ensure_pad_token(tokenizer, model)
     model.name_or_path = source.name
     model.config._name_or_path = source.name
     return model, tokenizer
+
+
+def _refuse_missing_weights(source: ModelSource, missing) -> None:
+    if not missing:
+        return
+    names = sorted(missing)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise ModelLoadError(f"the weights of {source.name} lack {len(names)} tensor{'s' * (len(names) != 1)} its config "
+                         f"needs ({shown}), which would start random; re-save the model with save_pretrained, or "
+                         "copy or download all of its weight files again")
 
 
 @contextlib.contextmanager

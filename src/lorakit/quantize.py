@@ -101,8 +101,8 @@ def _from_pretrained(source, target: str, kwargs: dict, quantize: str, device: s
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=COMPUTE_DTYPE, device_map={"": device},
-                                                     quantization_config=bnb_config(quantize), **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(target, dtype=COMPUTE_DTYPE, device_map={"": device},
+                                                           quantization_config=bnb_config(quantize), **kwargs)
     except (ImportError, OSError, ValueError, KeyError, RuntimeError) as exc:
         if "bitsandbytes" in str(exc) or "GPU" in str(exc):  # transformers' quantizer refused this machine
             raise ConfigError(f"--quantize {quantize} cannot run here ({type(exc).__name__}: "
@@ -112,7 +112,7 @@ def _from_pretrained(source, target: str, kwargs: dict, quantize: str, device: s
     if not any(_quantized_linears(model)):
         raise ConfigError(f"loading {source.location} with --quantize {quantize} quantised no linear layer; "
                           "this architecture has no nn.Linear layers bitsandbytes can replace: drop --quantize")
-    return model
+    return model, info
 
 
 def _gguf_message(source) -> str:

@@ -236,6 +236,13 @@ def test_a_jsonl_line_nested_too_deeply_is_named(tmp_path, cache):
         read_records(path, cache_dir=cache)
 
 
+def test_a_jsonl_number_too_long_for_python_is_named(tmp_path, cache):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n' + '{"text": "b", "n": ' + "9" * 5000 + "}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 2 holds a number too long to read \(over 4300 digits\)"):
+        read_records(path, cache_dir=cache)
+
+
 def test_csv_cells_are_read_as_the_text_they_are_and_only_an_empty_cell_is_missing(tmp_path, cache):
     path = tmp_path / "d.csv"
     path.write_text('instruction,output\nWhat is 2+2?,4\nSay none.,None\nSay NA.,NA\n"Zip, please",02134\n'

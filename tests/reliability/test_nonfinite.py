@@ -106,3 +106,14 @@ def test_k_bad_steps_in_a_row_stop_the_run_with_the_last_good_checkpoint(tiny, t
     assert rc == 0 and "resumed from step-000004" in printed
     assert "train.lr 0.01 -> 0.005" in printed  # the changed setting is named
     assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 2  # steps 3 and 4, from the checkpoint
+
+
+def test_a_run_whose_final_eval_is_not_finite_writes_no_adapter_and_says_why(tiny, tmp_path, capsys):
+    """A learning rate this large leaves finite adapter weights whose outputs are not: the run must
+    not look finished (no adapter, no summary.json), exit 2 and name --lr."""
+    out = tmp_path / "run"
+    rc = main(train_args(tiny, out, "--max-steps", "3", "--lr", "1e30"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "error: the final eval loss is nan: training diverged" in err and "lower --lr (it is 1e+30)" in err
+    assert not (out / "summary.json").exists() and not (out / "adapter").exists()

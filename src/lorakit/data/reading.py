@@ -238,6 +238,9 @@ def _parse_jsonl_line(path: Path, number: int, text: str) -> None:
     except RecursionError:
         raise DataError(f"{path} line {number} nests its values too deeply to read: {preview!r}; "
                         "a record holds text fields and lists of turns") from None
+    except ValueError:  # Python's limit on the digits of an integer it converts
+        raise DataError(f"{path} line {number} holds a number too long to read (over 4300 digits): "
+                        f"{preview!r}; write it as a string, or leave that field out") from None
     if not isinstance(value, dict):
         raise DataError(
             f"{path} line {number} is a JSON {type(value).__name__}, not an object: {preview!r}; "

@@ -286,6 +286,7 @@ class Session:
                                 "checkpoint may overflow: --dtype float32), or lower --lr")
         self.save_checkpoint()  # before the final eval: a resume from it evaluates (and logs) it once
         final_eval = self.run_eval("final")
+        self._refuse_non_finite_final(final_eval)
         release_workspace()  # the loss's CPU buffers: no more loss in this run
         with distributed.whole_trainable(self.prepared.model):  # sharded adapters gathered on every rank
             if distributed.is_main():
@@ -302,6 +303,16 @@ class Session:
             self.tensorboard.close()
         atomic_write_json(self.out / "summary.json", _strict_json(summary))  # last: marks the run finished
         return RunResult(summary, self.out, None, self.history)
+
+    def _refuse_non_finite_final(self, final_eval: dict | None) -> None:
+        """No adapter and no summary (a run that looks finished) from training that diverged: its
+        adapter's weights are finite, but what the model computes with them is not."""
+        if final_eval is None or math.isfinite(final_eval["loss"]):
+            return
+        state, lr = self.state, self.config.train.lr
+        raise TrainingError(f"the final eval loss is {final_eval['loss']}: training diverged ({state.skipped_steps} of "
+                            f"{state.step} steps had a non-finite loss or gradient) and no adapter was written; "
+                            f"lower --lr (it is {lr:g}) and train again with --overwrite")
 
     def summary(self, final_eval: dict | None) -> dict:
         report = lora_report(self.prepared.model)
