@@ -316,7 +316,8 @@ def test_missing_tensor_and_bad_config(tmp_path, llama):
 @pytest.mark.parametrize("key,value,words", [("lora_dropout", "x", "lora_dropout must be a number"),
                                              ("lora_dropout", 1.5, "lora_dropout must be a number"),
                                              ("use_dora", "yes", "use_dora must be true or false"),
-                                             ("target_modules", [1, 2], "target_modules must be")])
+                                             ("target_modules", [1, 2], "target_modules must be"),
+                                             ("base_model_name_or_path", 5, "base_model_name_or_path must be")])
 def test_config_fields_of_the_wrong_type_are_named(tmp_path, llama, key, value, words):
     apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
     save_adapter(llama, tmp_path / "a")

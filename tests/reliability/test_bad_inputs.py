@@ -164,6 +164,11 @@ def model_damage(kind: str):
             shutil.copytree(src, dst)
             (dst / "config.json").write_text("{bad" if kind == "bad-config-json" else "[1]")
             return
+        if kind == "unknown-dtype":
+            shutil.copytree(src, dst)
+            config = json.loads((dst / "config.json").read_text())
+            (dst / "config.json").write_text(json.dumps({**config, "dtype": "float8", "torch_dtype": "float8"}))
+            return
         if kind == "nan-weights":
             shutil.copytree(src, dst)
             tensors = load_file(dst / "model.safetensors")
@@ -348,6 +353,10 @@ FLAG_CASES = [
               "num_attention_heads": 4, "vocab_size": 100}).encode())),
     Case("estimate-config-a-list", raw("estimate", "--model", "{tmp}/config.json"), "holds a JSON list",
          "pass the model's own config.json", setup=write_file("config.json", b"[1]")),
+    Case("estimate-text-config-a-string", raw("estimate", "--model", "{tmp}/config.json"), "text_config is a str",
+         "pass the model's own config.json", setup=write_file("config.json", b'{"model_type": "llava", "text_config": "x"}')),
+    Case("estimate-model-type-a-list", raw("estimate", "--model", "{tmp}/config.json"), "model_type is ['bert']",
+         "pass the model's own config.json", setup=write_file("config.json", b'{"model_type": ["bert"], "hidden_size": 64}')),
 ]
 
 DATA_CASES = [
@@ -398,6 +407,8 @@ MODEL_CASES = [
          "restore it from the original model", setup=model_damage("bad-config-json")),
     Case("model-config-json-a-list", train("--model", "{model}"), "config.json holds a JSON list",
          "restore it from the original model", setup=model_damage("list-config-json")),
+    Case("model-config-json-unknown-dtype", train("--model", "{model}"), "torch_dtype 'float8' is not a torch dtype",
+         "set it to bfloat16, float16 or float32", setup=model_damage("unknown-dtype")),
     Case("model-nan-weights", train("--model", "{model}"), "all 2 steps had a non-finite loss",
          "check the model and the data", setup=model_damage("nan-weights"), writes=True, after=nothing_finished),
     Case("model-nan-weights-eval", train("--model", "{model}", "--eval-split", "8"),

@@ -198,6 +198,10 @@ def check_adapter_config(config, where: str | Path) -> None:
     if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
         raise AdapterFileError(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}; "
                                "fix it or re-save the adapter")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterFileError(f"{where}: base_model_name_or_path must be the base model's id or folder, got "
+                               f"{base!r}; fix it (a string, or null) or re-save the adapter")
     for key in ("use_rslora", "use_dora"):
         if config.get(key) is not None and not isinstance(config[key], bool):
             raise AdapterFileError(f"{where}: {key} must be true or false, got {config[key]!r}; "

@@ -166,7 +166,12 @@ def shape_from_dict(data: dict, source: str) -> ModelShape:
         raise ConfigError(f"{source} holds a JSON {type(data).__name__}, not a model config (a mapping of "
                           "sizes); pass the model's own config.json")
     data = data.get("text_config") or data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: text_config is a {type(data).__name__}, not a mapping of sizes; pass the "
+                          "model's own config.json")
     kind = data.get("model_type")
+    if kind is not None and not isinstance(kind, str):
+        raise ConfigError(f"{source}: model_type is {kind!r}, not a name; pass the model's own config.json")
     if data.get("is_encoder_decoder") or kind in ENCODER_MODEL_TYPES:
         raise ConfigError(
             f"{source} is {'an encoder-decoder' if data.get('is_encoder_decoder') else 'an encoder'} model "
