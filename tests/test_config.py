@@ -53,6 +53,31 @@ def test_bad_yaml_is_one_clear_error(tmp_path, text, message):
         resolve(load_yaml(path), flags())
 
 
+def test_yaml_floats_without_a_dot_and_target_lists_read_as_meant(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  weight_decay: 1.0e2\nlora:\n  dropout: 5E-2\n"
+                    "  targets: [q_proj, v_proj]\n  exclude:\n    - v_proj\n")
+    config = resolve(load_yaml(path), flags())
+    assert (config.train.lr, config.train.weight_decay, config.lora.dropout) == (1e-4, 100.0, 0.05)
+    assert (config.lora.targets, config.lora.exclude) == ("q_proj,v_proj", "v_proj")
+    path.write_text('train:\n  lr: "1e-4"\n')  # quoted: text, as before
+    with pytest.raises(ConfigError, match="train.lr .config file. must be a number, got '1e-4'"):
+        resolve(load_yaml(path), flags())
+    path.write_text("lora:\n  targets: [q_proj, 3]\n")
+    with pytest.raises(ConfigError, match="lora.targets .config file. must be a string"):
+        resolve(load_yaml(path), flags())
+
+
+def test_a_flat_config_names_model_data_and_output_as_their_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: some/model\ndata: d.jsonl\noutput: runs/x\nseq_len: 128\n")
+    config = resolve(load_yaml(path), flags())
+    assert (config.model.name, config.data.data, config.output.output) == ("some/model", ["d.jsonl"], "runs/x")
+    path.write_text("train: 5\n")  # a section that is no flag must be a mapping
+    with pytest.raises(ConfigError, match="train in .* must be a mapping of options"):
+        resolve(load_yaml(path), flags())
+
+
 def test_all_problems_reported_together():
     with pytest.raises(ConfigError) as err:
         resolve(None, flags("--r", "0", "--lr", "-1", "--batch-size", "0", "--dropout", "1.5"))

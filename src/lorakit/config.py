@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -36,10 +37,12 @@ TASK_PRESETS = {
 }
 
 
-def opt(default, help: str, flag: str | None = None, choices=None, switch: tuple[str, str] | None = None):
+def opt(default, help: str, flag: str | None = None, choices=None, switch: tuple[str, str] | None = None,
+        comma_list: bool = False):
     """A field with its help and flag. `switch=(on, off)` makes a choice that also reads as a
-    yes/no: YAML true/false and the bare `--flag` / `--no-flag` mean `on` / `off`."""
-    meta = {"help": help, "flag": flag, "choices": choices, "switch": switch}
+    yes/no: YAML true/false and the bare `--flag` / `--no-flag` mean `on` / `off`. `comma_list`:
+    a comma-separated string that a YAML file may also give as a list of names (as PEFT's configs do)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "switch": switch, "comma_list": comma_list}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -70,8 +73,8 @@ class LoraChoice:
     task: str = opt("domain", "the guide's preset: domain r=16, style/classification r=8, new-concepts r=64", choices=list(TASK_PRESETS))
     r: int | None = opt(None, "LoRA rank (default: from --task)")
     alpha: float | None = opt(None, "LoRA alpha (default: 2 * r, from --task)")
-    targets: str = opt("all", "target modules: all (the 7 projections), attention, mlp, qv, all-linear, names, a comma list of these (attention,mlp), or a regex")
-    exclude: str | None = opt(None, "modules to leave out of the targets: names, a comma list or a regex, as --targets")
+    targets: str = opt("all", "target modules: all (the 7 projections), attention, mlp, qv, all-linear, names, a comma list of these (attention,mlp), or a regex", comma_list=True)
+    exclude: str | None = opt(None, "modules to leave out of the targets: names, a comma list or a regex, as --targets", comma_list=True)
     rslora: bool = opt(False, "scale by alpha/sqrt(r) (rank-stabilised LoRA) instead of alpha/r")
     dora: bool = opt(False, "weight-decomposed LoRA (DoRA)")
     dropout: float = opt(0.0, "dropout on the adapter input")
@@ -290,6 +293,13 @@ class _StrictSafeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 (PyYAML) reads 1e-4 and 1.0e4 as text: its floats need a dot and a signed exponent.
+# Read them as YAML 1.2 and Python do (a quoted "1e-4" stays text, and is refused for a number).
+_StrictSafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """One line: what is wrong and where (the YAML error text is several lines)."""
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -303,16 +313,16 @@ def _place_keys(raw: dict, path: Path) -> dict[str, dict[str, Any]]:
     placed: dict[str, dict[str, Any]] = {s.name: {} for s in SECTIONS}
     unknown = []
     for key, value in raw.items():
-        if key in placed and not isinstance(value, dict) and value is not None:
-            raise ConfigError(f"{key} in {path} must be a mapping of options (e.g. `{key}: {{...}}`), "
-                              f"not {type(value).__name__}")
         if key in placed and isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 name = _field_name(key, sub_key)
                 (placed[key].__setitem__(name, sub_value) if name else unknown.append(f"{key}.{sub_key}"))
-        elif key in owners:
+        elif key in owners:  # a flat key, named as the option or its flag: `seq_len: 128`, `model: PATH`
             section = owners[key]
             placed[section][_field_name(section, key)] = value
+        elif key in placed and value is not None:
+            raise ConfigError(f"{key} in {path} must be a mapping of options (e.g. `{key}: {{...}}`), "
+                              f"not {type(value).__name__}")
         else:
             unknown.append(str(key))
     if unknown:
@@ -362,6 +372,9 @@ def _coerce(section: str, name: str, value, origin: str):
         raise ConfigError(f"{where} is empty; give it a value, or leave the key out for the default")
     if base is list:
         return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    if (_field(section, name).metadata.get("comma_list") and isinstance(value, (list, tuple)) and value
+            and all(isinstance(v, str) and v.strip() and "," not in v for v in value)):
+        value = ",".join(v.strip() for v in value)
     switch = _field(section, name).metadata.get("switch")
     if switch and isinstance(value, bool):  # YAML reads on/off/yes/no/true/false as booleans
         return switch[0] if value else switch[1]
