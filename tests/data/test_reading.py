@@ -195,6 +195,19 @@ def test_folder_that_is_not_a_save(tmp_path, cache):
         read_records(folder, cache_dir=cache)
 
 
+def test_an_empty_parquet_and_one_with_a_map_column_are_named(tmp_path, cache):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    with pytest.raises(DataError, match="empty.parquet holds no records"):
+        read_records(tmp_path / "empty.parquet", cache_dir=cache)
+    mapped = pa.array([[("a", 1)]] * 2, pa.map_(pa.string(), pa.int64()))
+    pq.write_table(pa.table({"text": pa.array(["a", "b"]), "meta": mapped}), tmp_path / "maps.parquet")
+    with pytest.raises(DataError, match="column.s. 'meta' hold Parquet maps, which lorakit cannot read; drop them"):
+        read_records(tmp_path / "maps.parquet", cache_dir=cache)
+
+
 def test_fake_parquet(tmp_path, cache):
     path = tmp_path / "d.parquet"
     path.write_text("instruction,output\n", encoding="utf-8")

@@ -262,6 +262,19 @@ def _check_parquet(path: Path) -> None:
         tail = f.read(4)
     if head != b"PAR1" or tail != b"PAR1":
         raise DataError(f"{path} is not a Parquet file (no PAR1 magic); check the file or its extension")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"could not read {path} as parquet: {exc}") from None
+    if parquet.metadata.num_rows == 0:
+        raise DataError(f"{path} holds no records (a Parquet file of 0 rows)")
+    maps = [f.name for f in parquet.schema_arrow if pa.types.is_map(f.type)]
+    if maps:  # datasets has no type for them, and refuses the whole file
+        raise DataError(f"{path}: column(s) {', '.join(map(repr, maps))} hold Parquet maps, which lorakit cannot "
+                        "read; drop them (no data format reads them) or store them as JSON text")
 
 
 PROGRESS_BAR_BYTES = 64 * 2**20  # smaller files load in a second or two: no bar
