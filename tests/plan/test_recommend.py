@@ -191,6 +191,8 @@ def test_parse_size():
     for bad in ("abc", "0", "-4GB", "12XB", "1B", "100MiB", "1K"):  # "1B" was read as 1 GiB
         with pytest.raises(ConfigError):
             parse_size(bad)
+    with pytest.raises(ConfigError, match="'16B' reads as bytes; write the unit: e.g. 16GiB"):
+        parse_size("16B", "--memory")
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -142,7 +142,9 @@ def parse_size(text: str, flag: str = "--gpu-memory") -> int:
     """'24GiB', '24GB', '24G' or '24' (GiB) -> bytes. Units are read as binary (GB = GiB):
     GPU vendors quote binary sizes ('24 GB' cards hold 24 GiB)."""
     match = _SIZE.match(str(text))
-    if not match or float(match.group(1)) <= 0 or (match.group(3) and not match.group(2)):  # "1B": bytes?
+    if match and match.group(3) and not match.group(2):  # "16B": bytes, never what is meant
+        raise ConfigError(f"{flag} {text!r} reads as bytes; write the unit: e.g. {match.group(1)}GiB")
+    if not match or float(match.group(1)) <= 0:
         raise ConfigError(f"{flag} {text!r} is not a memory size; write e.g. 24GiB, 80GB or 16")
     unit = match.group(2).lower() or "g"
     size = int(float(match.group(1)) * 1024 ** "kmgt".index(unit) * 1024)
