@@ -309,6 +309,23 @@ def test_a_tokenizer_larger_than_the_model_is_fine_while_the_ids_fit():
     model, tokenizer = tiny_llama(vocab_size=200), tiny_tokenizer()
     check_token_ids(token_rows(model), tokenizer, 199)
     with pytest.raises(ModelLoadError, match=r"the prompt holds token id 200 \("):
-        check_token_ids(token_rows(model), tokenizer, 200, "the prompt")
+        check_token_ids(token_rows(model), tokenizer, 200, "the prompt holds")
     model.lm_head = torch.nn.Linear(64, 150, bias=False)  # the output layer's rows count too
     assert token_rows(model) == 150
+
+
+def test_a_pad_token_added_past_the_models_embeddings_is_refused(tmp_path, capsys):
+    """The data may never hold it: batches are padded with it (an IndexError at the first step)."""
+    from tiny_models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    rows = len(tokenizer)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})  # added after the model was saved
+    tiny_llama(vocab_size=rows, eos_token_id=tokenizer.eos_token_id).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = write_define_data(tmp_path / "d.jsonl", 16)
+    assert main(["train", "--model", str(tmp_path / "model"), "--data", str(data), "--output", str(tmp_path / "run"),
+                 "--max-steps", "1"]) == 2
+    assert f"the pad token is token id {rows} ('<pad>'), but the model has rows for ids below {rows}" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

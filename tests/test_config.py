@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from lorakit.config import add_flags, load_yaml, resolve
+from lorakit.config import add_flags, load_yaml, resolve, save_yaml
 from lorakit.errors import ConfigError
 
 
@@ -63,9 +63,18 @@ def test_yaml_floats_without_a_dot_and_target_lists_read_as_meant(tmp_path):
     path.write_text('train:\n  lr: "1e-4"\n')  # quoted: text, as before
     with pytest.raises(ConfigError, match="train.lr .config file. must be a number, got '1e-4'"):
         resolve(load_yaml(path), flags())
-    path.write_text("lora:\n  targets: [q_proj, 3]\n")
-    with pytest.raises(ConfigError, match="lora.targets .config file. must be a string"):
-        resolve(load_yaml(path), flags())
+    for bad in ("[q_proj, 3]", "['layers\\.0\\..*q_proj', v_proj]", "[]"):  # a regex stays one string
+        path.write_text(f"lora:\n  targets: {bad}\n")
+        with pytest.raises(ConfigError, match="lora.targets .config file. as a list takes module names or groups"):
+            resolve(load_yaml(path), flags())
+
+
+def test_a_saved_config_keeps_names_that_look_like_numbers_as_text(tmp_path):
+    config = resolve(None, flags("--output", "1e3", "--data", "2e5", "--lr", "1e-4"))
+    path = tmp_path / "c.yaml"
+    path.write_text(save_yaml(config))
+    again = resolve(load_yaml(path), flags())
+    assert (again.output.output, again.data.data, again.train.lr) == ("1e3", ["2e5"], 1e-4)
 
 
 def test_a_flat_config_names_model_data_and_output_as_their_flags(tmp_path):

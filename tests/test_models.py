@@ -364,6 +364,13 @@ def test_weights_that_lack_tensors_are_refused_not_started_random(tiny_folder, t
         load_model_and_tokenizer(folder)
 
 
+def test_a_task_head_new_to_the_checkpoint_is_not_missing_weight(tiny_folder):
+    from transformers import AutoModelForSequenceClassification
+
+    model, _, _ = load_model_and_tokenizer(tiny_folder, auto_class=AutoModelForSequenceClassification)
+    assert type(model).__name__ == "LlamaForSequenceClassification"  # its score head starts random, by design
+
+
 def test_weights_that_do_not_fit_the_config(tmp_path):
     _tiny_llama().save_pretrained(tmp_path)
     _tiny_tokenizer().save_pretrained(tmp_path)
@@ -479,6 +486,19 @@ def test_a_package_transformers_needs_for_gguf_is_named(tiny_gguf, cache, monkey
     monkeypatch.setattr(gguf_convert, "_dense_model_from_gguf", needs_a_package)
     with pytest.raises(ModelLoadError, match="needs the package notinstalledpkg: pip install notinstalledpkg"):
         ensure_gguf_converted(tiny_gguf)
+
+
+def test_a_gguf_that_lacks_tensors_is_refused_not_converted_with_random_ones(tmp_path, cache, monkeypatch):
+    import gguf
+
+    real_add = gguf.GGUFWriter.add_tensor
+    with monkeypatch.context() as patch:  # the file is written without one tensor
+        patch.setattr(gguf.GGUFWriter, "add_tensor", lambda writer, name, *a, **k: (
+            None if name == "blk.1.ffn_up.weight" else real_add(writer, name, *a, **k)))
+        cut = _write_tiny_gguf(tmp_path / "cut.gguf")
+    with pytest.raises(ModelLoadError, match=r"cut.gguf lacks 1 tensor.s. its architecture needs "
+                                             r"\(model.layers.1.mlp.up_proj.weight\); re-export it"):
+        load_model_and_tokenizer(cut)
 
 
 def test_file_that_is_not_gguf(tmp_path, cache):

@@ -293,11 +293,17 @@ class _StrictSafeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _QuotingDumper(yaml.SafeDumper):
+    """yaml.safe_dump that quotes the strings _StrictSafeLoader would read as floats (an --output
+    named 1e3), so that a saved config.yaml repeats the run."""
+
+
 # YAML 1.1 (PyYAML) reads 1e-4 and 1.0e4 as text: its floats need a dot and a signed exponent.
 # Read them as YAML 1.2 and Python do (a quoted "1e-4" stays text, and is refused for a number).
-_StrictSafeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+for _yaml_class in (_StrictSafeLoader, _QuotingDumper):
+    _yaml_class.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -372,9 +378,8 @@ def _coerce(section: str, name: str, value, origin: str):
         raise ConfigError(f"{where} is empty; give it a value, or leave the key out for the default")
     if base is list:
         return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
-    if (_field(section, name).metadata.get("comma_list") and isinstance(value, (list, tuple)) and value
-            and all(isinstance(v, str) and v.strip() and "," not in v for v in value)):
-        value = ",".join(v.strip() for v in value)
+    if _field(section, name).metadata.get("comma_list") and isinstance(value, (list, tuple)):
+        value = _comma_list(value, where)
     switch = _field(section, name).metadata.get("switch")
     if switch and isinstance(value, bool):  # YAML reads on/off/yes/no/true/false as booleans
         return switch[0] if value else switch[1]
@@ -390,6 +395,15 @@ def _coerce(section: str, name: str, value, origin: str):
     if base is str and not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, got {value!r}")
     return float(value) if base is float else value
+
+
+def _comma_list(names: list | tuple, where: str) -> str:
+    """A YAML list of module names or groups as the flag's comma list; a regex must stay one string
+    (joined with commas, it would be another regex)."""
+    if not names or not all(isinstance(n, str) and re.fullmatch(r"[\w.\-]+", n.strip()) for n in names):
+        raise ConfigError(f"{where} as a list takes module names or groups (e.g. [q_proj, v_proj]), got {names!r}; "
+                          "give a regex as one string")
+    return ",".join(n.strip() for n in names)
 
 
 def _field(section: str, name: str) -> dataclasses.Field:
@@ -497,7 +511,7 @@ def save_yaml(config: RunConfig) -> str:
     derived = [key for key in DERIVABLE["lora"] if config.sources.get(f"lora.{key}", "").startswith(DERIVED_SOURCES)]
     for key in derived:
         del values["lora"][key]
-    text = yaml.safe_dump(values, sort_keys=False)
+    text = yaml.dump(values, Dumper=_QuotingDumper, sort_keys=False)
     if not derived:
         return text
     lora = config.lora

@@ -13,7 +13,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temp
     from lorakit.models import check_token_ids, token_rows
 
     ids = generation_prompt_ids(tokenizer, prompt, "text" if raw else "chat", system=system)
-    check_token_ids(token_rows(model), tokenizer, max(ids, default=-1), "the prompt")
+    check_token_ids(token_rows(model), tokenizer, max(ids, default=-1), "the prompt holds")
     _check_context(model, len(ids), max_new_tokens)
     device = next(model.parameters()).device
     inputs = torch.tensor([ids], device=device)

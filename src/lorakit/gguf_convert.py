@@ -143,7 +143,12 @@ def _dense_model_from_gguf(gguf_path: Path) -> Any:
     dense_config = _gguf_dequantize_config(gguf_path.name)
     if dense_config is not None:
         kwargs["quantization_config"] = dense_config
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
+    loaded, info = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), output_loading_info=True, **kwargs)
+    if info.get("missing_keys"):  # transformers would start them random, and the folder would keep them
+        names = sorted(info["missing_keys"])
+        raise ModelLoadError(f"the GGUF file {gguf_path.name} lacks {len(names)} tensor(s) its architecture needs "
+                             f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); re-export it from the "
+                             "complete model, or pass a transformers model folder")
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

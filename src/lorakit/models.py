@@ -161,7 +161,7 @@ def _check_config_json(path: Path) -> None:
     """transformers reads config.json from the tokenizer first: a broken one would be blamed on it."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # bad JSON or UTF-8, or a number too long to read
         raise ModelLoadError(f"{path} is not valid JSON ({exc}); restore it from the original model") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path} holds a JSON {type(config).__name__}, not a model config; restore it from "
@@ -360,7 +360,7 @@ def load_pretrained(
             model, info = from_pretrained(target, {**kwargs, "output_loading_info": True})
     except _LOAD_ERRORS as exc:  # a LorakitError raised by from_pretrained passes through as it is
         raise _load_error(source, exc, kwargs) from exc
-    _refuse_missing_weights(source, info.get("missing_keys") or ())
+    _refuse_missing_weights(source, model, info.get("missing_keys") or ())
     model.eval()
     _ensure_pad_token(tokenizer, model)
     model.name_or_path = source.name
@@ -368,10 +368,15 @@ def load_pretrained(
     return model, tokenizer
 
 
-def _refuse_missing_weights(source: ModelSource, missing) -> None:
-    if not missing:
+def _refuse_missing_weights(source: ModelSource, model, missing) -> None:
+    """Refuse weights that leave tensors random, but a classification head a task model adds on
+    top of a base checkpoint (loaded with auto_class=AutoModelForSequenceClassification): new by design."""
+    from lorakit.lora.model import classification_head
+
+    head = classification_head(model)
+    names = sorted(name for name in missing if head is None or not name.startswith(f"{head}."))
+    if not names:
         return
-    names = sorted(missing)
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     raise ModelLoadError(f"the weights of {source.name} lack {len(names)} tensor{'s' * (len(names) != 1)} its config "
                          f"needs ({shown}), which would start random; re-save the model with save_pretrained, or "
@@ -467,7 +472,7 @@ def base_model_name(model: Any) -> str:
     return str(name) if name else "unknown"
 
 
-def check_token_ids(rows: int | None, tokenizer, largest_id: int, what: str = "the data") -> None:
+def check_token_ids(rows: int | None, tokenizer, largest_id: int, what: str = "the data holds") -> None:
     """ModelLoadError where a token id has no row (of the model's `token_rows`): a tokenizer that is
     not the model's, or one with tokens added after the model was saved. Checked on the ids
     themselves, not on len(tokenizer): a tokenizer may hold more tokens than the model has rows for
@@ -476,7 +481,7 @@ def check_token_ids(rows: int | None, tokenizer, largest_id: int, what: str = "t
         return
     token = tokenizer.convert_ids_to_tokens(largest_id)
     raise ModelLoadError(
-        f"{what} holds token id {largest_id} ({token!r}), but the model has rows for ids below {rows} only: its "
+        f"{what} token id {largest_id} ({token!r}), but the model has rows for ids below {rows} only: its "
         f"tokenizer ({len(tokenizer)} tokens) does not match the model; use the tokenizer saved with the model, "
         "or resize the model's embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) "
         "and save both")
@@ -486,7 +491,10 @@ def token_rows(model) -> int | None:
     """How many token ids both the input embeddings and the output layer have a row for."""
     counts = []
     for get in ("get_input_embeddings", "get_output_embeddings"):
-        module = getattr(model, get)() if hasattr(model, get) else None
+        try:
+            module = getattr(model, get)() if hasattr(model, get) else None
+        except NotImplementedError:  # a model class that does not say where its embeddings are
+            module = None
         weight = getattr(module, "weight", None)
         if getattr(module, "num_embeddings", None) is not None:
             counts.append(module.num_embeddings)

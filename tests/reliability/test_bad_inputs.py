@@ -353,6 +353,8 @@ FLAG_CASES = [
               "num_attention_heads": 4, "vocab_size": 100}).encode())),
     Case("estimate-config-a-list", raw("estimate", "--model", "{tmp}/config.json"), "holds a JSON list",
          "pass the model's own config.json", setup=write_file("config.json", b"[1]")),
+    Case("estimate-config-number-too-long", raw("estimate", "--model", "{tmp}/config.json"), "cannot read model config",
+         "restore the model's own config.json", setup=write_file("config.json", b'{"hidden_size": ' + b"9" * 5000 + b"}")),
     Case("estimate-text-config-a-string", raw("estimate", "--model", "{tmp}/config.json"), "text_config is a str",
          "pass the model's own config.json", setup=write_file("config.json", b'{"model_type": "llava", "text_config": "x"}')),
     Case("estimate-model-type-a-list", raw("estimate", "--model", "{tmp}/config.json"), "model_type is ['bert']",

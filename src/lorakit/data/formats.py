@@ -55,7 +55,6 @@ import hashlib
 import itertools
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import datasets
@@ -75,7 +74,8 @@ CHAT_COLUMNS = ("messages", "conversations")
 MASKED_WARN_FRACTION = 0.9
 TOKENIZE_REVISION = 4  # bump when the tokenised output changes, to invalidate datasets' cache (2: the straddling
 # answer token trained; slow tokenizers place spans by decoding; 3: no whitespace after an end-of-turn token;
-# 4: long texts split, a record column; 5: a top_id column)
+# 4: long texts split, a record column; the top_id column needed no bump: the cache key's digest
+# of the encoding code re-tokenises, and resumes see the same examples)
 
 # Newlines are Jinja string literals because HF compiles templates with trim_blocks=True.
 FALLBACK_CHAT_TEMPLATE = (
@@ -145,14 +145,20 @@ class TokenizedData:
         return digest.hexdigest()[:16]
 
 
-def _encoding_code_digest() -> str:
-    """A digest of this module's and messages.py's source: what turns a record into an example."""
+@functools.cache
+def _encoding_revision() -> str:
+    """lorakit's version, TOKENIZE_REVISION and a digest of this module's and messages.py's source
+    (what turns a record into an example): a change to them that forgot to bump TOKENIZE_REVISION
+    still re-tokenises. Where the source cannot be read (lorakit imported from a zip), the version."""
     from lorakit.data import messages
 
     digest = hashlib.sha256()
     for module in (sys.modules[__name__], messages):
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()[:12]
+        try:
+            digest.update(module.__loader__.get_data(module.__file__))
+        except (OSError, AttributeError, ImportError):
+            return f"{__version__}/{TOKENIZE_REVISION}"
+    return f"{__version__}/{TOKENIZE_REVISION}/{digest.hexdigest()[:12]}"
 
 
 @dataclass
@@ -168,9 +174,8 @@ class _Encoder:
     sources: list[SourceFile]
     end_tokens: tuple[str, ...] = ()  # the EOS and the special tokens: what may end an assistant turn
     # datasets caches map results by a hash of the function and these fields, but it hashes
-    # module functions by name; the revision makes a new lorakit version re-tokenise, and the
-    # digest of the code that encodes a change to it that forgot to bump TOKENIZE_REVISION.
-    revision: str = f"{__version__}/{TOKENIZE_REVISION}/{_encoding_code_digest()}"
+    # module functions by name: the revision makes a new lorakit, or new encoding code, re-tokenise
+    revision: str = field(default_factory=_encoding_revision)
 
     def where(self, index: int) -> str:
         return locate(self.sources, index)

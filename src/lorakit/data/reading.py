@@ -266,15 +266,29 @@ def _check_parquet(path: Path) -> None:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        with pq.ParquetFile(path) as parquet:
+            rows, schema = parquet.metadata.num_rows, parquet.schema_arrow
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"could not read {path} as parquet: {exc}") from None
-    if parquet.metadata.num_rows == 0:
+    if rows == 0:
         raise DataError(f"{path} holds no records (a Parquet file of 0 rows)")
-    maps = [f.name for f in parquet.schema_arrow if pa.types.is_map(f.type)]
+    maps = [f.name for f in schema if _holds_a_map(f.type)]
     if maps:  # datasets has no type for them, and refuses the whole file
         raise DataError(f"{path}: column(s) {', '.join(map(repr, maps))} hold Parquet maps, which lorakit cannot "
                         "read; drop them (no data format reads them) or store them as JSON text")
+
+
+def _holds_a_map(arrow_type) -> bool:
+    """A map, or a list or struct with one inside (datasets has a type for none of them)."""
+    import pyarrow as pa
+
+    if pa.types.is_map(arrow_type):
+        return True
+    if pa.types.is_struct(arrow_type):
+        return any(_holds_a_map(arrow_type.field(i).type) for i in range(arrow_type.num_fields))
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
+        return _holds_a_map(arrow_type.value_type)
+    return False
 
 
 PROGRESS_BAR_BYTES = 64 * 2**20  # smaller files load in a second or two: no bar

@@ -165,7 +165,7 @@ def read_adapter_config(folder: Path) -> dict:
         raise AdapterFileError(f"{path} is missing; {missing_config_hint(folder)}")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # bad JSON or UTF-8, or a number too long to read
         raise AdapterFileError(f"{path} is not valid JSON ({exc}); restore it from the original adapter") from None
     except OSError as exc:
         raise AdapterFileError(f"cannot read {path} ({exc.strerror or exc}); check its permissions") from None

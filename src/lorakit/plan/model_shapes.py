@@ -129,8 +129,8 @@ def _shape_from_name(name: str) -> ModelShape:
     if path.is_file():
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"cannot read model config {path}: {exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON, or a number too long to read
+            raise ModelLoadError(f"cannot read model config {path}: {exc}; restore the model's own config.json") from None
         return shape_from_dict(data, str(path))
     if Path(name).exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"{name} holds no config.json; pass a model folder, a config.json or a preset")

@@ -142,7 +142,7 @@ def parse_size(text: str, flag: str = "--gpu-memory") -> int:
     """'24GiB', '24GB', '24G' or '24' (GiB) -> bytes. Units are read as binary (GB = GiB):
     GPU vendors quote binary sizes ('24 GB' cards hold 24 GiB)."""
     match = _SIZE.match(str(text))
-    if match and match.group(3) and not match.group(2):  # "16B": bytes, never what is meant
+    if match and match.group(3) and not match.group(2) and float(match.group(1)) > 0:  # "16B": bytes, never meant
         raise ConfigError(f"{flag} {text!r} reads as bytes; write the unit: e.g. {match.group(1)}GiB")
     if not match or float(match.group(1)) <= 0:
         raise ConfigError(f"{flag} {text!r} is not a memory size; write e.g. 24GiB, 80GB or 16")
@@ -368,7 +368,7 @@ def profile_data(paths: list[str], tokenizer: Any, fmt: str, max_positions: int 
     from lorakit.models import check_token_ids
 
     data = tokenize_records(read_records(paths), tokenizer, fmt, max_positions or ROUND_LENGTHS[-1], train_on_inputs)
-    check_token_ids(token_rows, tokenizer, data.stats.largest_token_id, "the tokenised data")
+    check_token_ids(token_rows, tokenizer, data.stats.largest_token_id, "the tokenised data holds")
     lengths = data.lengths()
     trained = np.asarray(data.dataset.select_columns(["num_labels"]).with_format("numpy")[:]["num_labels"])
     pct = lambda values, q: int(np.percentile(values, q, method="higher"))  # noqa: E731

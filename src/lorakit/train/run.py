@@ -29,9 +29,8 @@ from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
 from lorakit.lora.model import describe_modules
 from lorakit.lora.targets import ARCH_PROJECTIONS, GROUPS, group_layer_names
-from lorakit.models import (check_token_ids, first_position_id, local_attention, position_table_length, rope_scaled, token_rows,
-                            training_dtype,
-                            uses_alibi)
+from lorakit.models import (check_token_ids, first_position_id, local_attention, position_table_length,
+                            rope_scaled, token_rows, training_dtype, uses_alibi)
 from lorakit.plan.model_shapes import context_length
 from lorakit.train import distributed
 from lorakit.train.loop import LoopSettings, epoch_plan, total_steps_for
@@ -97,10 +96,12 @@ def longest_example(train: TokenizedData, evaluation: TokenizedData | None) -> i
 
 
 def check_vocabulary(model, tokenizer, train: TokenizedData, evaluation: TokenizedData | None = None) -> None:
-    """Refuse data whose token ids the model has no embedding row for (before any folder is touched:
-    the first forward would raise an IndexError, or a device-side assert on a GPU)."""
+    """Refuse data, or a pad token, whose ids the model has no embedding row for (before any folder
+    is touched: the first forward would raise an IndexError, or a device-side assert on a GPU)."""
+    rows = token_rows(model)
     largest = max(data.stats.largest_token_id for data in (train, evaluation) if data is not None)
-    check_token_ids(token_rows(model), tokenizer, largest, "the tokenised data")
+    check_token_ids(rows, tokenizer, largest, "the tokenised data holds")
+    check_token_ids(rows, tokenizer, pad_token_id(tokenizer), "the pad token is")
 
 
 def load_data(config: RunConfig, tokenizer) -> tuple[TokenizedData, TokenizedData | None]:

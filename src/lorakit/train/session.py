@@ -311,8 +311,9 @@ class Session:
             return
         state, lr = self.state, self.config.train.lr
         raise TrainingError(f"the final eval loss is {final_eval['loss']}: training diverged ({state.skipped_steps} of "
-                            f"{state.step} steps had a non-finite loss or gradient) and no adapter was written; "
-                            f"lower --lr (it is {lr:g}) and train again with --overwrite")
+                            f"{state.step} steps had a non-finite loss or gradient) and no adapter was written; the "
+                            f"newest checkpoints hold the diverged weights too: lower --lr (it is {lr:g}) and train "
+                            "again, into a new --output or with --overwrite")
 
     def summary(self, final_eval: dict | None) -> dict:
         report = lora_report(self.prepared.model)
