@@ -87,6 +87,14 @@ def test_a_flat_config_names_model_data_and_output_as_their_flags(tmp_path):
         resolve(load_yaml(path), flags())
 
 
+@pytest.mark.parametrize("argv, message", [(["--model", " "], "--model is empty; name a model folder"),
+                                           (["--data", ""], "--data names an empty path"),
+                                           (["--eval-data", ""], "--eval-data names an empty path")])
+def test_an_empty_model_or_data_path_is_named_not_taken_for_the_current_folder(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(None, flags(*argv))
+
+
 def test_all_problems_reported_together():
     with pytest.raises(ConfigError) as err:
         resolve(None, flags("--r", "0", "--lr", "-1", "--batch-size", "0", "--dropout", "1.5"))

@@ -467,6 +467,10 @@ def validate(config: RunConfig) -> None:
          f"--eval-split must be a fraction below 1 or a whole number of records, got {d.eval_split}"),
         (o.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {o.keep_checkpoints}"),
         (bool(o.output.strip()), "--output is empty; name the run's folder (e.g. runs/mine)"),
+        (config.model.name is None or bool(config.model.name.strip()),
+         "--model is empty; name a model folder, a .gguf file or a hub id, or leave it out for the built-in model"),
+        (all(str(path).strip() for path in d.data), "--data names an empty path; name the data files"),
+        (all(str(path).strip() for path in d.eval_data or []), "--eval-data names an empty path; name the files"),
         (not (o.resume and o.overwrite), "--resume and --overwrite contradict each other; choose one"),
     ]
     problems += [message for ok, message in checks if not ok]

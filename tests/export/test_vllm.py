@@ -197,6 +197,10 @@ def test_gpt2_base_is_rejected_and_unknown_modules_are_named(tmp_path):
     with pytest.raises(AdapterFileError, match="GPT2LMHeadModel does not implement SupportsLoRA"):
         export_vllm(adapter_dir, tmp_path / "out", base_config_dir=gpt2_dir)
     assert cli_export(adapter_dir, tmp_path / "out", "--base-config", str(gpt2_dir)) == 2
+    renamed = tmp_path / "gpt2-config.json"  # a config file of another name is read as it is
+    renamed.write_bytes((gpt2_dir / "config.json").read_bytes())
+    with pytest.raises(AdapterFileError, match="GPT2LMHeadModel does not implement SupportsLoRA"):
+        export_vllm(adapter_dir, tmp_path / "out", base_config_dir=renamed)
 
     path = adapter_dir / "adapter_model.safetensors"
     tensors = {k.replace("q_proj", "rotary_proj"): v for k, v in load_file(path).items()}

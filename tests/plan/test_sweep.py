@@ -135,6 +135,14 @@ def test_all_linear_takes_a_rank_above_some_layers_by_leaving_them_out(base_conf
     assert [p["status"] for p in json.loads(capsys.readouterr().out)["points"]] == ["trained"]
 
 
+def test_an_output_that_is_a_file_is_refused_before_any_point_trains(base_config, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    assert main(["sweep", str(base_config), "--r", "2", "--max-steps", "1", "--output", str(tmp_path / "taken")]) == 2
+    captured = capsys.readouterr()
+    assert "is a file; choose a folder path for the sweep" in captured.err and "training point" not in captured.out
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
 def test_missing_or_dataless_config_exits_2(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "nope.yaml"), "--max-steps", "1"]) == 2
     assert "does not exist" in capsys.readouterr().err

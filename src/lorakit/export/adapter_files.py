@@ -87,7 +87,7 @@ def find_base_config(adapter: Adapter, base_config_dir: str | Path | None = None
     it was converted to for training). None when neither is available."""
     if base_config_dir is not None:
         path = Path(base_config_dir)
-        path = path if path.name == "config.json" else path / "config.json"
+        path = path if path.name == "config.json" or path.is_file() else path / "config.json"  # a file, any name
         if not path.is_file():
             raise ConfigError(f"--base-config: {path} does not exist; give the base model's folder (with config.json)")
         return _read_json(path)

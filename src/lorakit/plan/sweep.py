@@ -301,6 +301,8 @@ def run_sweep(config_path: str | Path, grid: Grid, max_steps: int | None, output
     if not max_steps or int(max_steps) < 1:
         raise ConfigError("a sweep needs a step budget: pass --max-steps N (or set train.max_steps in the config)")
     out, points = Path(output), grid.points()
+    if out.exists() and not out.is_dir():  # before any point trains
+        raise OutputError(f"--output {out} is a file; choose a folder path for the sweep")
     configs = {p.slug: point_config(values, p, int(max_steps), out / "points" / p.slug) for p in points}
     check_targets(next(iter(configs.values())), points)
     task = next(iter(configs.values())).lora.task
