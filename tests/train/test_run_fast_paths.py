@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorakit.config import add_flags, lora_config, resolve
-from lorakit.kernels import triton_ops
+from lorakit.kernels import triton_launch, triton_ops
 from lorakit.kernels import llama_patch
 from lorakit.kernels.llama_patch import fast_paths_enabled, wants_triton
 from lorakit.lora import apply_lora
@@ -60,7 +60,7 @@ def test_the_run_asks_for_triton_kernels_for_a_gpu_run_and_says_so(monkeypatch):
 
 
 def test_triton_kernels_without_a_gpu_fall_back_with_one_notice(monkeypatch):
-    monkeypatch.setattr(triton_ops, "INTERPRETED", False)  # as on a plain CPU run
+    monkeypatch.setattr(triton_launch, "INTERPRETED", False)  # as on a plain CPU run
     monkeypatch.setattr(triton_ops.torch.cuda, "is_available", lambda: False)
     config = _config("--triton-kernels")
     model = _model(config)

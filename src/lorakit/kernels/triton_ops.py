@@ -46,7 +46,7 @@ from lorakit.kernels.native_ops import (rms_norm_reference, rope_blocker, rope_r
                                         swiglu_reference)
 
 from lorakit.kernels import triton_launch
-from lorakit.kernels.triton_launch import INTERPRETED, tl, triton
+from lorakit.kernels.triton_launch import tl, triton
 MAX_NORM_WIDTH = 32768  # one row lives in one block (registers); wider rows take the reference
 _ELEMENTWISE_BLOCK = 1024
 # logits per step of the cross-entropy's loop over a row: 16 KiB of bf16 per load, 16 steps over
@@ -67,14 +67,14 @@ def unavailable_reason() -> str | None:
     """Why the kernels cannot run in this process, or None when they can."""
     if triton is None:
         return "triton is not installed"
-    if INTERPRETED or torch.cuda.is_available():
+    if triton_launch.INTERPRETED or torch.cuda.is_available():
         return None
     return "no CUDA device (and TRITON_INTERPRET=1 was not set when the kernels were built)"
 
 
 def runs_on(t: torch.Tensor) -> bool:
     """The kernels can take tensor t: a CUDA tensor, or any tensor under the interpreter."""
-    return triton is not None and (INTERPRETED or t.is_cuda)
+    return triton is not None and (triton_launch.INTERPRETED or t.is_cuda)
 
 
 def _warps(block: int) -> int:
