@@ -209,6 +209,24 @@ def test_gpt2_base_is_rejected_and_unknown_modules_are_named(tmp_path):
         export_vllm(adapter_dir, tmp_path / "out")
 
 
+def test_a_base_config_of_unknown_or_malformed_type(tmp_path):
+    adapter_dir, _ = make_adapter(tmp_path, target_modules=["q_proj"])
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps(config | {"model_type": "madeup"}))
+    warnings = export_vllm(adapter_dir, tmp_path / "out", base_config_dir=unknown).check.warnings
+    assert warnings == ["base model type 'madeup' is not in lorakit's table: module names were checked against "
+                        "the Llama-family projections"]  # it was given: no advice to give it
+    for key, value, named in (("model_type", 5, "model_type is 5, not a name"),
+                              ("architectures", "LlamaForCausalLM", "architectures is 'LlamaForCausalLM', not a list")):
+        malformed = tmp_path / f"{key}.json"
+        malformed.write_text(json.dumps(config | {key: value}))
+        with pytest.raises(ConfigError, match=named):
+            export_vllm(adapter_dir, tmp_path / f"out-{key}", base_config_dir=malformed)
+        assert cli_export(adapter_dir, tmp_path / f"out-{key}", "--base-config", str(malformed)) == 2
+        assert not (tmp_path / f"out-{key}").exists()
+
+
 def test_output_folder_rules(tmp_path):
     adapter_dir, _ = make_adapter(tmp_path, target_modules=["q_proj"])
     with pytest.raises(OutputError, match="adapter folder itself"):

@@ -37,6 +37,8 @@ def test_grid_tokens_and_points():
     for bad in (("0", "2r", "all"), ("4", "2x", "all"), ("4", "-1", "all"), ("4,,8", "2r", "all"), ("4", "2r", "")):
         with pytest.raises(ConfigError):
             make_grid(*bad)
+    with pytest.raises(ConfigError, match="empty entry; write a comma-separated list like --targets qv,attention,all"):
+        make_grid("4", "2r", "qv,")  # each flag's example is its own (was a list of ranks for every flag)
     guide = find_guide(Grid([8, 16], ["2r"], ["qv", "all"], [False]).points(), "domain")
     assert guide == SweepPoint(16, 32.0, "all", False)
     assert find_guide(Grid([8], ["2r"], ["all"], [False]).points(), "domain") is None

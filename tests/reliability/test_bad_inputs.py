@@ -351,6 +351,10 @@ FLAG_CASES = [
          "pass the model's own config.json", setup=write_file("config.json", json.dumps(
              {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 0,
               "num_attention_heads": 4, "vocab_size": 100}).encode())),
+    Case("estimate-head-dim-a-string", raw("estimate", "--model", "{tmp}/config.json"), "head_dim is '16'",
+         "not a positive integer", setup=write_file("config.json", json.dumps(
+             {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "head_dim": "16", "vocab_size": 100}).encode())),
     Case("estimate-config-a-list", raw("estimate", "--model", "{tmp}/config.json"), "holds a JSON list",
          "pass the model's own config.json", setup=write_file("config.json", b"[1]")),
     Case("estimate-config-number-too-long", raw("estimate", "--model", "{tmp}/config.json"), "cannot read model config",
@@ -359,6 +363,9 @@ FLAG_CASES = [
          "pass the model's own config.json", setup=write_file("config.json", b'{"model_type": "llava", "text_config": "x"}')),
     Case("estimate-model-type-a-list", raw("estimate", "--model", "{tmp}/config.json"), "model_type is ['bert']",
          "pass the model's own config.json", setup=write_file("config.json", b'{"model_type": ["bert"], "hidden_size": 64}')),
+    Case("bench-variants-empty-entry", raw("bench", "--variants", "lorakit,,peft"), "'lorakit,,peft' has an empty entry",
+         "write names like lorakit,peft"),
+    Case("bench-two-orders", raw("bench", "--sequential", "--interleave"), "--interleave: not allowed with", "--sequential"),
 ]
 
 DATA_CASES = [

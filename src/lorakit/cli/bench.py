@@ -51,11 +51,12 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--check-steps", type=int, default=5, help="loss-curve steps of --check")
     p.add_argument("--peak-tflops", type=float, help="matmul peak for MFU (default: measured in this run)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    p.add_argument("--sequential", dest="interleave", action="store_false", default=None,
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--sequential", dest="interleave", action="store_false", default=None,
                    help="CPU: time each variant's child process alone, one after the other (for a quiet "
                         "machine). Default on CPU: all children built first, then taking their steps in turn, "
                         "so a shared machine's load hits them alike")
-    p.add_argument("--interleave", dest="interleave", action="store_true",
+    order.add_argument("--interleave", dest="interleave", action="store_true",
                    help="the CPU default (kept for scripts)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="override the preset's device")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
@@ -80,7 +81,10 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def _variant_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+    names = [v.strip() for v in text.split(",")] if text.strip() else []  # none: named as empty later
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty entry; write names like lorakit,peft")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:

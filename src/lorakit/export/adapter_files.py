@@ -127,4 +127,16 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"{path} line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object")
+    _refuse_malformed_names(data, path)
     return data
+
+
+def _refuse_malformed_names(base_config: dict, path: Path) -> None:
+    """model_type and architectures name the base; the exporters look them up in tables."""
+    kind = base_config.get("model_type")
+    if kind is not None and not isinstance(kind, str):
+        raise ConfigError(f"{path}: model_type is {kind!r}, not a name; give the base model's own config.json")
+    names = base_config.get("architectures")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"{path}: architectures is {names!r}, not a list of class names; "
+                          "give the base model's own config.json")

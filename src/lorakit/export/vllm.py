@@ -177,12 +177,12 @@ def _check_modules(check: VllmCheck, adapter: Adapter, allow_embeddings: bool, b
     allowed = VLLM_LORA_MODULES.get(model_type)
     if allowed is None:
         allowed = _LLAMA_FAMILY
-        what = ("no base config found" if model_type is None
-                else f"base model type {model_type!r} is not in lorakit's table")
-        check.warnings.append(
-            f"{what}: module names were checked against the Llama-family projections; pass "
-            "--base-config DIR to check them against the base model's architecture"
-        )
+        if base_config is None:
+            check.warnings.append("no base config found: module names were checked against the Llama-family "
+                                  "projections; pass --base-config DIR to check them against the base model's")
+        else:
+            check.warnings.append(f"base model type {model_type!r} is not in lorakit's table: module names were "
+                                  "checked against the Llama-family projections")
     check.problems += module_problems(adapter, allowed, allow_embeddings)
 
 

@@ -219,7 +219,7 @@ def _shape_problems(shape: ModelShape, explicit_head_dim: bool) -> list[str]:
     sizes = {"hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size,
              "num_hidden_layers": shape.num_layers, "num_attention_heads": shape.num_heads,
              "num_key_value_heads": shape.num_kv_heads, "head_dim": shape.head_dim, "vocab_size": shape.vocab_size}
-    problems = [f"{key} is {value}, not a positive integer" for key, value in sizes.items()
+    problems = [f"{key} is {value!r}, not a positive integer" for key, value in sizes.items()
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0]
     if problems:
         return problems

@@ -87,10 +87,14 @@ class Grid:
 
 # ---- parsing the grid flags ------------------------------------------------------------------
 
+_LIST_EXAMPLES = {"--r": "4,16,64", "--alpha": "2r,r,16", "--targets": "qv,attention,all"}
+
+
 def _tokens(text: str, flag: str) -> list[str]:
     items = [t.strip() for t in str(text).split(",")]
     if not items or any(not t for t in items):
-        raise ConfigError(f"{flag} {text!r} has an empty entry; write a comma-separated list like 4,16,64")
+        raise ConfigError(f"{flag} {text!r} has an empty entry; write a comma-separated list like "
+                          f"{flag} {_LIST_EXAMPLES[flag]}")
     return items
 
 
