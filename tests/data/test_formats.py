@@ -7,9 +7,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from lorakit.data.examples import split_eval
 from lorakit.data.formats import (
-    IGNORE_INDEX, detect_format, generation_prompt_ids, pad_token_id, render_marked, split_eval,
-    tokenize_records,
+    IGNORE_INDEX, detect_format, generation_prompt_ids, pad_token_id, render_marked, tokenize_records,
 )
 from lorakit.data.reading import read_records
 from lorakit.errors import ConfigError, DataError

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from lorakit.config import RunConfig, lora_config, save_yaml
-from lorakit.data.formats import TokenizedData, pad_token_id, split_eval, tokenize_records
+from lorakit.data.examples import TokenizedData, split_eval
+from lorakit.data.formats import pad_token_id, tokenize_records
 from lorakit.data.reading import read_records
 from lorakit.errors import ConfigError, OutputError
 from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
