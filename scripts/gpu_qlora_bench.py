@@ -48,7 +48,7 @@ import time
 import torch
 from torch import nn
 
-from lorakit import bench, bench_inputs, bench_variants
+from lorakit import bench, bench_inputs, bench_settings, bench_variants
 
 VARIANTS = ("lorakit-bf16", "lorakit-qlora", "peft-qlora", "peft-qlora-prepared")
 DEFAULT_VARIANTS = VARIANTS[:3]
@@ -190,7 +190,7 @@ def first_loss_check(rows: list[dict]) -> str | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="gpu-8b", choices=sorted(bench.PRESETS), help="model shape, batch, device")
+    p.add_argument("--preset", default="gpu-8b", choices=sorted(bench_settings.PRESETS), help="model shape, batch, device")
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit import bench, bench_children, bench_variants
+from lorakit import bench, bench_children, bench_settings, bench_variants
 from lorakit.bench import BenchSettings, flops_per_token, resolve, run_bench
 from lorakit.bench_inputs import make_inputs
 from lorakit.bench_check import check_against_peft
@@ -358,7 +358,7 @@ def test_eager_variant_keeps_transformers_norm_and_rope_and_trains_alike():
                      for name in ("lorakit", "lorakit-eager")}
     assert patched_norms == {"lorakit": 2 * TINY["num_hidden_layers"] + 1, "lorakit-eager": 0}
     plan.settings.device = "cuda"  # no GPU here: only the rule is checked
-    assert "CPU tensors only" in bench._skip_reason("lorakit-eager", plan)
+    assert "CPU tensors only" in bench_settings._skip_reason("lorakit-eager", plan)
 
 
 def test_perdoc_variant_is_cuda_only_and_keeps_torch_varlen_kernel_out():
@@ -374,7 +374,7 @@ def test_perdoc_variant_is_cuda_only_and_keeps_torch_varlen_kernel_out():
 
 
 def test_memory_budget_checkpoints_the_fewest_earliest_layers_the_estimate_needs(capsys):
-    from lorakit.bench import budget_checkpoint_layers
+    from lorakit.bench_settings import budget_checkpoint_layers
     from lorakit.bench_variants import prepare_variant
     from lorakit.cli import main
     from lorakit.plan.estimate import TrainShape, estimate_memory
@@ -410,7 +410,7 @@ def test_bench_budget_plans_as_the_trainer_does(monkeypatch, budget_gib, layers)
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorakit.bench import budget_checkpoint_layers
+    from lorakit.bench_settings import budget_checkpoint_layers
     from lorakit.config import add_flags, lora_config
     from lorakit.config import resolve as resolve_config
     from lorakit.kernels.llama_patch import enable_fast_paths

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from lorakit.bench import Plan
+    from lorakit.bench_settings import Plan
 
 
 def make_inputs(plan: Plan) -> dict:
