@@ -145,10 +145,9 @@ def _dense_model_from_gguf(gguf_path: Path) -> Any:
         kwargs["quantization_config"] = dense_config
     loaded, info = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), output_loading_info=True, **kwargs)
     if info.get("missing_keys"):  # transformers would start them random, and the folder would keep them
-        names = sorted(info["missing_keys"])
-        raise ModelLoadError(f"the GGUF file {gguf_path.name} lacks {len(names)} tensor(s) its architecture needs "
-                             f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); re-export it from the "
-                             "complete model, or pass a transformers model folder")
+        raise ModelLoadError(f"the GGUF file {gguf_path.name} lacks {missing_tensors(info['missing_keys'])} its "
+                             "architecture needs; re-export it from the complete model, or pass a transformers "
+                             "model folder")
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -214,3 +213,10 @@ def _align_generation_tokens(model: Any, tokenizer: Any) -> None:
         config.pad_token_id = tokenizer.pad_token_id
         if tokenizer.bos_token_id is not None:
             config.bos_token_id = tokenizer.bos_token_id
+
+
+def missing_tensors(names) -> str:
+    """"3 tensors (a, b, c)" or "5 tensors (a, b, c and 2 more)": what a weight file lacks."""
+    names = sorted(names)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{len(names)} tensor{'s' * (len(names) != 1)} ({shown})"

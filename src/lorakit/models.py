@@ -32,7 +32,7 @@ from typing import Any, Callable
 from safetensors import SafetensorError
 
 from lorakit.errors import ConfigError, ModelLoadError
-from lorakit.gguf_convert import ensure_gguf_converted
+from lorakit.gguf_convert import ensure_gguf_converted, missing_tensors
 from lorakit.plan.model_shapes import context_length
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -377,10 +377,9 @@ def _refuse_missing_weights(source: ModelSource, model, missing) -> None:
     names = sorted(name for name in missing if head is None or not name.startswith(f"{head}."))
     if not names:
         return
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    raise ModelLoadError(f"the weights of {source.name} lack {len(names)} tensor{'s' * (len(names) != 1)} its config "
-                         f"needs ({shown}), which would start random; re-save the model with save_pretrained, or "
-                         "copy or download all of its weight files again")
+    raise ModelLoadError(f"the weights of {source.name} lack {missing_tensors(names)} that its config needs, which "
+                         "would start random; re-save the model with save_pretrained, or copy or download all of "
+                         "its weight files again")
 
 
 @contextlib.contextmanager
