@@ -11,7 +11,9 @@
         log / eval / checkpoint at step boundaries
 
 A checkpoint at a step boundary holds the data position and every RNG, so a resumed run
-consumes the same batches with the same dropout masks as an uninterrupted one.
+consumes the same batches with the same dropout masks as an uninterrupted one. A stop asked for
+between the micro-batches of a step (one process) gives the step up: its gradients dropped, the
+data position and the RNGs put back to its start, and the checkpoint is that boundary's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from lorakit.errors import LorakitWarning, TrainingError
 from lorakit.kernels.causal_loss import causal_lm_loss
 from lorakit.lora.model import lora_layers
 from lorakit.train import distributed
+from lorakit.train.rng import capture_rng, restore_rng
 from lorakit.train.schedule import lr_factor
 
 
@@ -132,8 +135,13 @@ class Trainer:
             self.state.batch_index = 0
 
     # ---- one optimizer step ----------------------------------------------------------------
-    def train_step(self, stream: Iterator[tuple[BatchIterator, int]]) -> StepResult:
+    def train_step(self, stream: Iterator[tuple[BatchIterator, int]],
+                   stop_asked: Callable[[], bool] = lambda: False) -> StepResult | None:
+        """One optimizer step, or None where a stop was asked for between its micro-batches: the
+        step is given up (`_give_up_step`). Only in one process, where no other rank waits in the
+        step's collectives; under torchrun the ranks agree at step boundaries."""
         s = self.settings
+        start = self._step_start() if s.world_size == 1 and s.grad_accum > 1 else None
         picks = [next(stream) for _ in range(s.grad_accum * s.world_size)]  # the global step
         micro_batches = [iterator.batch(index) for iterator, index in distributed.shard(picks, s.rank, s.world_size)]
         tokens = distributed.all_reduce_sum(sum(count_label_tokens(b) for b in micro_batches))  # global normaliser
@@ -142,7 +150,9 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         loss_sum = 0.0
-        for batch in micro_batches:
+        for number, batch in enumerate(micro_batches):
+            if number and start is not None and stop_asked():
+                return self._give_up_step(start)
             loss = self._loss(batch, normalizer=max(tokens, 1))
             loss.backward()
             loss_sum += loss.item()
@@ -150,6 +160,17 @@ class Trainer:
         distributed.sync_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
         loss_sum, seen = distributed.all_reduce_sum([loss_sum, sum(int(b["input_ids"].numel()) for b in micro_batches)])
         return self._apply_update(loss_sum, lr, tokens, seen)
+
+    def _step_start(self) -> tuple:
+        return self.state.epoch, self.state.batch_index, capture_rng()
+
+    def _give_up_step(self, start: tuple) -> None:
+        """Drop the step's gradients and put the data position and every random generator back
+        to its start: a checkpoint now resumes as if the step had never begun (a stop need not
+        wait for the rest of a long --grad-accum)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.epoch, self.state.batch_index, rng = start
+        restore_rng(*rng)
 
     def _check_gradients_once(self) -> None:
         if not self.gradients_checked and distributed.is_main():
@@ -191,7 +212,9 @@ class Trainer:
     def run(self, hooks: Hooks) -> TrainState:
         stream = self._stream()
         while self.state.step < self.settings.total_steps and not hooks.should_stop():
-            result = self.train_step(stream)
+            result = self.train_step(stream, hooks.should_stop)
+            if result is None:  # stopped part way through the step
+                break
             hooks.on_step(self.state, result)
         return self.state
 
@@ -247,7 +270,8 @@ def evaluate(model: nn.Module, dataset, settings: LoopSettings, max_batches: int
 
 
 class StopSignals:
-    """SIGTERM / SIGINT ask the loop to stop at the next step boundary (a checkpoint follows).
+    """SIGTERM / SIGINT ask the loop to stop at the next step boundary (a checkpoint follows); in
+    one process with --grad-accum above 1, at the next micro-batch (the step is given up).
 
     A second SIGINT (Ctrl-C again) stops at once. A second SIGTERM does not: a scheduler that
     signals every process of a torchrun job (SLURM's scancel, its time limit) reaches each worker
