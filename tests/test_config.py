@@ -82,6 +82,9 @@ def test_a_flat_config_names_model_data_and_output_as_their_flags(tmp_path):
     path.write_text("model: some/model\ndata: d.jsonl\noutput: runs/x\nseq_len: 128\n")
     config = resolve(load_yaml(path), flags())
     assert (config.model.name, config.data.data, config.output.output) == ("some/model", ["d.jsonl"], "runs/x")
+    path.write_text("model: m\nseq-len: 96\nbatch-size: 3\n")  # spelled as the flags, as inside a section
+    config = resolve(load_yaml(path), flags())
+    assert (config.data.seq_len, config.train.batch_size) == (96, 3)
     path.write_text("train: 5\n")  # a section that is no flag must be a mapping
     with pytest.raises(ConfigError, match="train in .* must be a mapping of options"):
         resolve(load_yaml(path), flags())

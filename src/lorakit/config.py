@@ -315,7 +315,9 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def _place_keys(raw: dict, path: Path) -> dict[str, dict[str, Any]]:
     owners = {f.name: s for s, f, _ in all_fields()}
-    owners.update({flag_of(f).lstrip("-").replace("-", "_"): s for s, f, _ in all_fields()})
+    for section, option, _ in all_fields():  # the flag's own spelling and with `_`: `seq-len`, `seq_len`
+        flag = flag_of(option).lstrip("-")
+        owners.update({flag: section, flag.replace("-", "_"): section})
     placed: dict[str, dict[str, Any]] = {s.name: {} for s in SECTIONS}
     unknown = []
     for key, value in raw.items():
