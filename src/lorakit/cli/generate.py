@@ -16,7 +16,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("prompt", help="the user message (or raw text with --raw)")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="adapter folder (repeat to load several); none: the base model alone")
-    p.add_argument("--use", metavar="NAME", help="which loaded adapter to use (folder name or path); default: the first")
+    p.add_argument("--use", metavar="NAME", help="which loaded adapter to use (folder name or path; a run's runs/NAME/adapter is NAME); "
+                        "default: the first")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
