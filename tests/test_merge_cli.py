@@ -110,7 +110,74 @@ def test_a_failed_final_move_keeps_the_checked_merge_and_says_where(tmp_path, ca
     monkeypatch.setattr(Path, "rename", refuse_into_output)
     assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 2
     assert "the checked merged model is complete in" in capsys.readouterr().err
-    assert (tmp_path / ".tmp-merged" / "config.json").exists() and not (tmp_path / "merged").exists()
+    kept = list(tmp_path.glob(".tmp-merged-*"))
+    assert len(kept) == 1 and (kept[0] / "config.json").exists() and not (tmp_path / "merged").exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_overwrite_keeps_the_old_merge_until_the_new_one_is_in_place(tmp_path, capsys, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    base_dir = save_tiny_chat_model(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    merge = ["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]
+    assert main(merge) == 0
+    (tmp_path / "merged" / "old-marker").write_text("the earlier merge")
+
+    # killed between --overwrite's two renames: the old merge aside, the new one in its temp folder
+    pid = _dead_pid()
+    (tmp_path / "merged").rename(tmp_path / f".old-merged-{pid}-0123abcd")
+    shutil.copytree(tmp_path / f".old-merged-{pid}-0123abcd", tmp_path / f".tmp-merged-{pid}-4567cdef")
+    assert main(merge) == 2  # the old merge is back under its name, so it is not replaced without --overwrite
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "merged" / "old-marker").exists() and not list(tmp_path.glob(".*-merged-*"))
+
+    real_rename = Path.rename
+
+    def refuse_the_new_one(self, target):
+        if self.name.startswith(".tmp-merged-"):
+            raise PermissionError(13, "Permission denied")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", refuse_the_new_one)
+    assert main(merge + ["--overwrite"]) == 2  # the move fails: the old merge goes back
+    assert (tmp_path / "merged" / "old-marker").exists()
+    monkeypatch.undo()
+    shutil.rmtree(next(tmp_path.glob(".tmp-merged-*")))
+    assert main(merge + ["--overwrite"]) == 0
+    assert (tmp_path / "merged" / "config.json").exists() and not (tmp_path / "merged" / "old-marker").exists()
+    assert not list(tmp_path.glob(".*-merged-*"))
+
+
+def test_a_symlinked_or_too_long_output_is_refused_before_the_merge(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    base_dir = save_tiny_chat_model(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    merge = ["merge", "--adapter", str(tmp_path / "adapter"), "--overwrite", "--output"]
+    for output, words in [("link", "is a symbolic link"), ("dangling", "is a symbolic link"),
+                          ("m" * 240, "the folder name is too long")]:
+        assert main(merge + [str(tmp_path / output)]) == 2
+        assert words in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "dangling", "link", "real"]
 
 
 @pytest.mark.parametrize("fmt, flags, message", [

@@ -85,6 +85,17 @@ def cache_dir() -> Path:
     return Path(root).expanduser()
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a lock or temp folder it named may be stale)."""
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
     return proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine() or "unknown CPU"

@@ -241,6 +241,11 @@ def test_output_folder_rules(tmp_path):
     assert cli_export(adapter_dir, empty, "--json") == 0
     assert (empty / "adapter_config.json").is_file()
     assert json.loads((empty / "adapter_config.json").read_text())["modules_to_save"] is None
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(OutputError, match="is a symbolic link; give the folder's own path"):
+        export_vllm(adapter_dir, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and list((tmp_path / "target").iterdir()) == []
 
 
 def test_split_key_roles():

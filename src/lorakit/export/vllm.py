@@ -278,6 +278,8 @@ def clean_config(adapter: Adapter) -> dict:
 def _check_output_folder(output: Path, adapter_folder: Path) -> None:
     if output.resolve() == adapter_folder.resolve():
         raise OutputError(f"--output {output} is the adapter folder itself; choose a new folder")
+    if output.is_symlink():  # the export replaces the name, which would drop the link, not fill its folder
+        raise OutputError(f"--output {output} is a symbolic link; give the folder's own path")
     if output.exists() and not output.is_dir():
         raise OutputError(f"--output {output} is a file; give a folder path")
     if output.is_dir() and any(output.iterdir()):
