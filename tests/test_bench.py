@@ -13,7 +13,7 @@ from lorakit import bench, bench_children, bench_settings, bench_variants
 from lorakit.bench import BenchSettings, flops_per_token, resolve, run_bench
 from lorakit.bench_inputs import make_inputs
 from lorakit.bench_check import check_against_peft
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, OutputError
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256)
@@ -201,6 +201,21 @@ def test_json_file_holds_the_final_result_and_bad_paths_are_refused(tmp_path, ca
         assert main([*args, "--json-file", str(bad)]) == 2
         assert message in capsys.readouterr().err
     assert notes.read_text() == '{"mine": 1}'
+
+
+def test_a_json_file_on_a_full_disk_names_the_flag_to_change(tmp_path, monkeypatch):
+    import errno
+
+    from lorakit import safe_io
+    from lorakit.cli.bench import _write_json_file
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safe_io.os, "fsync", full)
+    with pytest.raises(OutputError, match=r"disk full while writing .*b.json: choose another --json-file"):
+        _write_json_file(tmp_path / "b.json", {"variants": []})
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("packing", [False, True])

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lorakit import gguf_convert, models
-from lorakit.errors import ConfigError, ModelLoadError
+from lorakit.errors import ConfigError, ModelLoadError, OutputError
 from lorakit.gguf_convert import CONVERSION_MARKER, converted_gguf_dir, ensure_gguf_converted
 from lorakit.models import (
     DEFAULT_MODEL,
@@ -477,6 +477,20 @@ def test_killed_conversion_leaves_no_folder_that_looks_complete(tiny_gguf, cache
     monkeypatch.setattr(gguf_convert, "_write_dense_folder", real_write)
     assert ensure_gguf_converted(tiny_gguf) == target
     assert not stale.exists() and (target / CONVERSION_MARKER).is_file()
+
+
+def test_a_full_cache_during_the_conversion_names_lorakit_cache(tiny_gguf, cache, monkeypatch):
+    SafetensorError = type("SafetensorError", (Exception,), {})
+
+    def full(gguf_path, tmp, builtin):
+        tmp.mkdir()
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(gguf_convert, "_write_dense_folder", full)
+    with pytest.raises(OutputError, match=r"disk full while writing .*: free space there or set LORAKIT_CACHE "
+                                          r"to a writable folder with room for the dense copy \(~0.0 GiB\)"):
+        ensure_gguf_converted(tiny_gguf)
+    assert list(converted_gguf_dir(tiny_gguf).parent.iterdir()) == []
 
 
 def test_a_package_transformers_needs_for_gguf_is_named(tiny_gguf, cache, monkeypatch):

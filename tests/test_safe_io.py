@@ -232,3 +232,16 @@ def test_sha256_file_matches_hashlib(tmp_path):
     data = os.urandom(3 * 1024 + 5)
     (tmp_path / "f").write_bytes(data)
     assert sha256_file(tmp_path / "f", chunk_size=1024) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_rust_librarys_io_error_reads_like_any_failed_write(tmp_path):
+    # tokenizers raises a plain Exception whose text ends in Rust's "(os error N)"
+    with pytest.raises(OutputError, match=r"disk full while writing .*tok: free space"):
+        with safe_io.translate_os_errors(tmp_path / "tok"):
+            raise Exception("No space left on device (os error 28)")
+    with pytest.raises(OutputError, match=r"read-only file system while writing .*cache: set LORAKIT_CACHE"):
+        with safe_io.translate_os_errors(tmp_path / "cache", fix="set LORAKIT_CACHE"):  # not a path the user gave
+            raise OSError(errno.EROFS, "Read-only file system")
+    with pytest.raises(ValueError):  # anything else passes through
+        with safe_io.translate_os_errors(tmp_path / "tok"):
+            raise ValueError("os error in the text, but no errno")

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ModelLoadError
-from lorakit.host import cache_dir
+from lorakit.host import cache_dir, process_alive
+from lorakit.safe_io import translate_os_errors
 
 CONVERSION_MARKER = "lorakit_conversion.json"
 
@@ -42,33 +43,30 @@ def ensure_gguf_converted(gguf_path: str | os.PathLike, builtin: bool = False) -
     if (target / CONVERSION_MARKER).is_file():
         return target
     _check_gguf_header(Path(gguf_path))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _write_dense_folder(Path(gguf_path), tmp, builtin)
-        _publish(tmp, target)
+        with translate_os_errors(target, fix=f"free space there or set LORAKIT_CACHE to a writable folder with "
+                                             f"room for the dense copy (~{_dense_size_text(gguf_path)})"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(target)
+            _write_dense_folder(Path(gguf_path), tmp, builtin)
+            _publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _dense_size_text(gguf_path: str | os.PathLike) -> str:
+    """The dense fp32 copy's size, roughly: a 4-bit GGUF holds about 1/8 of it."""
+    return f"{8 * os.path.getsize(gguf_path) / 2**30:.1f} GiB"
 
 
 def _remove_stale_temps(target: Path) -> None:
     """Delete temp folders left by conversions that were killed (their process is gone)."""
     for tmp in target.parent.glob(f".tmp-{target.name}-*"):
         pid = tmp.name[len(f".tmp-{target.name}-") :].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _publish(tmp: Path, target: Path) -> None:

@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -64,17 +65,19 @@ _WRITE_ERRORS = {
     errno.EACCES: ("permission denied", _FIX_PERMISSIONS),
     errno.EPERM: ("operation not permitted", _FIX_PERMISSIONS),
     errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose another --output"),
+    errno.ENAMETOOLONG: ("a file name or the path is too long", "choose a shorter --output"),
 }
 
 
-def output_error(exc: OSError, path: str | os.PathLike) -> OutputError:
-    """Turn an OSError raised while writing ``path`` into one actionable OutputError."""
-    what, fix = _WRITE_ERRORS.get(exc.errno, (exc.strerror or str(exc), "check the output folder"))
+def output_error(exc: OSError, path: str | os.PathLike, fix: str | None = None) -> OutputError:
+    """Turn an OSError raised while writing ``path`` into one actionable OutputError (``fix``: the
+    advice, where the output is not --output)."""
+    what, advice = _WRITE_ERRORS.get(exc.errno, (exc.strerror or str(exc), "check the output folder"))
     if exc.errno == errno.EEXIST and exc.filename and os.path.isfile(exc.filename):  # mkdir(parents=True) under a file
-        what, fix = _WRITE_ERRORS[errno.ENOTDIR]
+        what, advice = _WRITE_ERRORS[errno.ENOTDIR]
     if exc.errno is None and "requested and" in str(exc):  # numpy's tofile on a full disk: no errno
-        what, fix = f"a short write ({exc}; the disk is likely full)", _FREE_SPACE
-    return OutputError(f"{what} while writing {path}: {fix}")
+        what, advice = f"a short write ({exc}; the disk is likely full)", _FREE_SPACE
+    return OutputError(f"{what} while writing {path}: {fix or advice}")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -99,19 +102,21 @@ def _remove_quietly(path: str) -> None:
 
 
 @contextmanager
-def translate_os_errors(path: str | os.PathLike) -> Iterator[None]:
-    """Inside this block, an OSError (or safetensors' own I/O error, which is not one) becomes an
-    OutputError about writing ``path``."""
+def translate_os_errors(path: str | os.PathLike, fix: str | None = None) -> Iterator[None]:
+    """Inside this block, an OSError (or the I/O error of a Rust library, which is not one:
+    safetensors' SafetensorError, tokenizers' plain Exception ending in "(os error 28)") becomes
+    an OutputError about writing ``path``; ``fix`` replaces the advice about --output (for a path
+    that is not one the user gave)."""
     try:
         yield
     except LorakitError:
         raise
     except OSError as exc:
-        raise output_error(exc, path) from exc
+        raise output_error(exc, path, fix) from exc
     except Exception as exc:
-        if type(exc).__name__ != "SafetensorError":
+        if type(exc).__name__ != "SafetensorError" and not _RUST_OS_ERROR.search(str(exc)):
             raise
-        raise output_error(_as_os_error(exc), path) from exc
+        raise output_error(_as_os_error(exc), path, fix) from exc
 
 
 def _create_temp_beside(path: Path) -> str:
@@ -122,10 +127,11 @@ def _create_temp_beside(path: Path) -> str:
     return tmp
 
 
-def _atomic_write(path: str | os.PathLike, fill: Callable[[str], None]) -> Path:
-    """Create a temp file beside ``path``, let ``fill(tmp_name)`` write it, then swap it in."""
+def _atomic_write(path: str | os.PathLike, fill: Callable[[str], None], fix: str | None = None) -> Path:
+    """Create a temp file beside ``path``, let ``fill(tmp_name)`` write it, then swap it in
+    (``fix``: the advice on failure, where ``path`` is not under --output)."""
     path = Path(path)
-    with translate_os_errors(path):
+    with translate_os_errors(path, fix):
         tmp = _create_temp_beside(path)
         try:
             fill(tmp)
@@ -175,15 +181,15 @@ def figure_made_by(path: str | os.PathLike, made_by: str) -> bool:
         return False
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str, fix: str | None = None) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically."""
-    return _atomic_write(path, _write_with("w", text, encoding="utf-8"))
+    return _atomic_write(path, _write_with("w", text, encoding="utf-8"), fix)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+def atomic_write_json(path: str | os.PathLike, obj: Any, fix: str | None = None) -> Path:
     """Write ``obj`` as indented JSON atomically. Serialise first, so a TypeError writes nothing."""
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-    return atomic_write_text(path, text)
+    return atomic_write_text(path, text, fix)
 
 
 def atomic_save_safetensors(
@@ -204,9 +210,15 @@ def atomic_save_safetensors(
     return _atomic_write(path, fill)
 
 
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's std::io::Error prints an errno
+
+
 def _as_os_error(exc: Exception) -> OSError:
-    """The OSError a safetensors write error stands for, so it reads like any failed write."""
+    """The OSError a Rust library's write error stands for, so it reads like any failed write."""
     text = str(exc)
+    rust_errno = _RUST_OS_ERROR.search(text)
+    if rust_errno:
+        return OSError(int(rust_errno.group(1)), os.strerror(int(rust_errno.group(1))))
     for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
         if os.strerror(code) in text:
             return OSError(code, os.strerror(code))

@@ -1,6 +1,7 @@
 """cpu_gemm's products against plain PyTorch, with torch's GEMMs and with oneDNN's."""
 
 import copy
+import errno
 import json
 import pickle
 import threading
@@ -154,6 +155,14 @@ def test_the_choice_is_remembered_per_machine_so_every_run_takes_the_same_produc
     assert cpu_gemm._remembered_choice(torch.float32) == cpu_gemm.ATEN and len(timed) == 2  # timed again
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "a-file"))
     (tmp_path / "a-file").write_text("")  # a cache that cannot be written: this process keeps its choice
+    assert cpu_gemm._remembered_choice(torch.float32) == cpu_gemm.ATEN
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "full"))
+    from lorakit import safe_io
+
+    def full(path, fill, fix=None):  # the failure as lorakit reports it: an OutputError, not an OSError
+        raise safe_io.output_error(OSError(errno.ENOSPC, "No space left on device"), path)
+
+    monkeypatch.setattr(safe_io, "_atomic_write", full)
     assert cpu_gemm._remembered_choice(torch.float32) == cpu_gemm.ATEN
 
 

@@ -276,6 +276,31 @@ def disk_full_at_second_checkpoint(ctx: Ctx) -> None:
     ctx.monkeypatch.setattr(safe_io, "_safetensors_save_file", save)
 
 
+def disk_full_in_metrics(ctx: Ctx) -> None:
+    """metrics.jsonl's lines go to /dev/full, where every write fails with ENOSPC."""
+    from lorakit.train.session import Session
+
+    original = Session._open_metrics
+
+    def open_metrics(session):
+        original(session)
+        session.metrics.close()
+        session.metrics = open("/dev/full", "a", encoding="utf-8")
+
+    ctx.monkeypatch.setattr(Session, "_open_metrics", open_metrics)
+
+
+def datasets_cache_full(ctx: Ctx) -> None:
+    """datasets fails to write the Arrow copy of a data file into its cache."""
+    import lorakit.data.reading as reading
+
+    def load_file(path, kind, cache_dir, options):
+        raise RuntimeError("An error occurred while generating the dataset") from OSError(
+            errno.ENOSPC, "No space left on device", "/cache/json/train.arrow")
+
+    ctx.monkeypatch.setattr(reading, "_load_file", load_file)
+
+
 def earlier_checkpoint_intact(ctx: Ctx) -> None:
     root = ctx.out / "checkpoints"
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-000001"]
@@ -448,6 +473,10 @@ OUTPUT_CASES = [
     Case("output-read-only", train(), "Read-only file system", "choose a writable folder", setup=read_only_output),
     Case("output-disk-full-during-checkpoint", train(), "disk full while writing", "free space or choose another --output",
          setup=disk_full_at_second_checkpoint, writes=True, after=earlier_checkpoint_intact),
+    Case("output-disk-full-in-metrics", train(), "disk full while writing", "metrics.jsonl",
+         setup=disk_full_in_metrics, writes=True, after=nothing_finished),
+    Case("datasets-cache-full", train(), "datasets' cache (", "is full (No space left on device): set "
+         "HF_DATASETS_CACHE (or HF_HOME) to a writable folder", setup=datasets_cache_full),
     Case("resume-other-rank", train("--resume", "--r", "8"), "does not fit this run's LoRA layers",
          "resume with the LoRA settings of that run", setup=copy_run()),
     Case("resume-other-targets", train("--resume", "--targets", "qv"), "tensor(s) this run does not train",

@@ -138,7 +138,7 @@ def _is_bench_result(path: Path) -> bool:
 def _write_json_file(path: Path, result: dict) -> None:
     from lorakit.safe_io import atomic_write_json
 
-    atomic_write_json(path, result)
+    atomic_write_json(path, result, fix="choose another --json-file")
 
 
 def _print_report(result: dict) -> None:

@@ -28,17 +28,19 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import errno
 import glob
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import datasets
 
-from lorakit.errors import DataError
+from lorakit.errors import DataError, OutputError
 
 # extension -> datasets builder name
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -135,7 +137,8 @@ def _read_one(path: Path, cache_dir: str | Path | None) -> tuple[datasets.Datase
         raise DataError(f"{path} is empty; it needs at least one record")
     kind = suffix[1:]
     options = _validate(path, kind)
-    ds = _load_text(path, cache_dir, **options) if kind == "txt" else _load_file(path, kind, cache_dir, options)
+    with refuse_unwritable_cache(cache_dir, reading=path):
+        ds = _load_text(path, cache_dir, **options) if kind == "txt" else _load_file(path, kind, cache_dir, options)
     if len(ds) == 0:
         raise DataError(f"{path} holds no records (only a header or blank lines?)")
     return ds, kind
@@ -311,6 +314,38 @@ def _load_file(path: Path, kind: str, cache_dir, options: dict) -> datasets.Data
         if "corresponds to no data" in str(exc):  # datasets' words for "zero rows"
             raise DataError(f"{path} holds no records (only a header or blank lines?)") from exc
         raise DataError(f"could not read {path} as {kind}: {_reason(exc)}") from exc
+
+
+_CACHE_WRITE_ERRORS = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its disk quota",
+                       errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable",
+                       errno.EPERM: "is not writable"}
+
+
+@contextlib.contextmanager
+def refuse_unwritable_cache(cache_dir: str | Path | None = None, reading: Path | None = None):
+    """datasets writes every file it reads, and every tokenised set, into its cache: a full or
+    read-only cache is named as such (its errors came out as the data file's, or a traceback)."""
+    try:
+        yield
+    except Exception as exc:
+        cause = _cache_write_failure(exc, reading)
+        if cause is None:
+            raise
+        folder = cache_dir or datasets.config.HF_DATASETS_CACHE
+        raise OutputError(f"datasets' cache ({folder}) {_CACHE_WRITE_ERRORS[cause.errno]} ({cause.strerror}): "
+                          "set HF_DATASETS_CACHE (or HF_HOME) to a writable folder with free space") from exc
+
+
+def _cache_write_failure(exc: BaseException, reading: Path | None) -> OSError | None:
+    """The OSError in the exception's chain that is a failed write, not a file that cannot be read."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _CACHE_WRITE_ERRORS:
+            unreadable_input = reading is not None and seen.filename is not None and \
+                Path(os.fsdecode(seen.filename)).absolute() == reading.absolute()
+            return None if unreadable_input else seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _reason(exc: BaseException) -> str:

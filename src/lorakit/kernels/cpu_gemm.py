@@ -86,6 +86,7 @@ def _remembered_choice(dtype: torch.dtype) -> str:
     remembered. The two backends round differently: two runs, or a run and its resume, must take
     the same one to give the same bits, and a timing on a busy machine could come out either way."""
     from lorakit import host
+    from lorakit.errors import OutputError
     from lorakit.safe_io import atomic_write_json
 
     path = host.cache_dir() / CHOICES_FILE
@@ -94,7 +95,7 @@ def _remembered_choice(dtype: torch.dtype) -> str:
     if known.get(key) in (ONEDNN, ATEN):
         return known[key]
     choice = _faster_backend(dtype)
-    with contextlib.suppress(OSError):  # a read-only cache: this process keeps its own choice
+    with contextlib.suppress(OSError, OutputError):  # a read-only or full cache: this process keeps its choice
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {**known, key: choice})
     return choice

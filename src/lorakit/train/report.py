@@ -89,7 +89,9 @@ def print_report(prepared, result, sample_before=None, sample_after=None) -> Non
     console.print(f"steps {s['steps']}, {s['train_tokens']:,} trained tokens, {s['tokens_per_second']:,.0f} tokens/s, "
                   f"training time {s['wall_seconds']:.0f} s, peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB "
                   f"({_peak_kind(prepared)})")
-    console.print(f"adapter: {s['adapter']}   summary: {result.output / 'summary.json'}   curves: {result.output / 'loss.png'}")
+    curves = result.output / "loss.png"  # not there when it could not be written (a warning said so)
+    console.print(f"adapter: {s['adapter']}   summary: {result.output / 'summary.json'}"
+                  + (f"   curves: {curves}" if curves.is_file() else ""))
     if sample_before and sample_after:
         console.print(f"\n[bold]prompt[/bold]: {sample_before[0]}")
         for label, sample in (("before", sample_before), ("after ", sample_after)):

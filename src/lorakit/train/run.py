@@ -13,6 +13,7 @@ the report.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -386,13 +387,15 @@ def _claim_locked(config: RunConfig, out: Path) -> Path:
 
 
 def _check_writable(out: Path) -> None:
+    probe = out / ".lorakit-write-test"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".lorakit-write-test"
         probe.write_text("ok")
-        probe.unlink()
     except OSError as exc:
         raise OutputError(f"cannot write to --output {out} ({exc.strerror}); choose a writable folder") from None
+    finally:
+        with contextlib.suppress(OSError):  # on a full disk the file is made and its bytes refused
+            probe.unlink()
 
 
 _held_locks: dict[Path, int] = {}  # run folder -> the open descriptor whose lock lasts the process

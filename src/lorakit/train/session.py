@@ -25,12 +25,13 @@ from lorakit.data.formats import TOKENIZE_REVISION
 from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError, DataError, OutputError, TrainingError
 from lorakit.kernels.chunked_ce import release_workspace
 from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
-from lorakit.safe_io import atomic_write_json, atomic_write_text, save_figure
+from lorakit.safe_io import atomic_write_json, atomic_write_text, save_figure, translate_os_errors
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.loop import Hooks, StepResult, StopSignals, Trainer, TrainState, epoch_plan, evaluate
 from lorakit.train.progress import Progress, peak_memory_bytes
 from lorakit.train.rng import capture_rng
+from lorakit.train.tensorboard_log import TensorBoardLog
 from lorakit.train.run import Prepared, keep_global_batch, write_config
 
 
@@ -195,15 +196,11 @@ class Session:
     def record(self, entry: dict) -> None:
         self.history.append(entry)
         if self.metrics is not None:  # rank 0 only
-            self.metrics.write(json.dumps(entry) + "\n")
-            self.metrics.flush()
-        self._to_tensorboard(entry)
-
-    def _to_tensorboard(self, entry: dict) -> None:
+            with translate_os_errors(self.out / "metrics.jsonl"):  # a torn last line: a resume cuts it
+                self.metrics.write(json.dumps(entry) + "\n")
+                self.metrics.flush()
         if self.tensorboard is not None:
-            for key, value in entry.items():
-                if key not in ("kind", "step") and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"{entry['kind']}/{key}", value, entry["step"])
+            self.tensorboard.add(entry)
 
     def run_eval(self, label: str) -> dict | None:
         if self.prepared.eval is None:
@@ -273,10 +270,10 @@ class Session:
             # resumed at step s: TensorBoard hides what the killed run logged from step s on (purge_step),
             # the entries at s that the checkpoint kept are logged again, and later ones come anew
             resumed = self.state.step > 0
-            self.tensorboard = _tensorboard_writer(self.out, purge_step=self.state.step if resumed else None)
+            self.tensorboard = TensorBoardLog(self.out / "tensorboard", self.state.step if resumed else None, self.log)
             for entry in self.history if resumed else []:
                 if entry.get("step") == self.state.step:
-                    self._to_tensorboard(entry)
+                    self.tensorboard.add(entry)
 
     # ---- the end ---------------------------------------------------------------------------
     def finish(self) -> RunResult:
@@ -366,15 +363,6 @@ class _NoProgress:
 
     def note(self, text: str) -> None:
         pass
-
-
-def _tensorboard_writer(out: Path, purge_step: int | None = None):
-    """TensorBoard events beside the metrics when tensorboard is installed (it is optional)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=purge_step)
 
 
 def _base_name(prepared: Prepared) -> str:
