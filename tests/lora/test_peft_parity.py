@@ -335,3 +335,64 @@ def test_saved_config_fields(tmp_path):
     assert config["peft_type"] == "LORA" and config["use_rslora"] and config["fan_in_fan_out"]
     assert config["base_model_name_or_path"] == "my/base" and config["task_type"] == "CAUSAL_LM"
     assert len(config["target_modules"]) == 8
+
+
+def test_a_peft_adapter_with_dropout_loads_in_eval_mode_onto_an_eval_model(tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.3)
+    peft_model = randomize_lora(peft.get_peft_model(tiny_llama(), config))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = logits(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter"))  # PEFT: eval mode
+    model = load_adapter(tiny_llama(), tmp_path / "adapter")
+    assert (logits(model) - expected).abs().max() <= 1e-5  # no dropout drawn (was ~0.4 off)
+
+
+def _llama_classifier():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, num_labels=3, pad_token_id=0)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def test_lora_stays_out_of_a_task_head_that_trains_in_full_so_peft_loads_the_adapter(tmp_path):
+    model = _llama_classifier()
+    with pytest.warns(UserWarning, match="score left out of the LoRA targets: the task head 'score' trains in full"):
+        apply_lora(model, LoraConfig(r=2, alpha=4, target_modules=["q_proj", "score"]))
+    randomize_lora(model)
+    with torch.no_grad():
+        model.score.weight.add_(0.1)  # trained in full
+    expected = logits(model)
+    save_adapter(model, tmp_path / "adapter")
+    peft_model = peft.PeftModel.from_pretrained(_llama_classifier(), tmp_path / "adapter").eval()
+    assert (logits(peft_model) - expected).abs().max() <= 1e-5
+    from lorakit.errors import TargetMatchError
+
+    with pytest.raises(TargetMatchError, match="only score, in the task head 'score', which trains in full"):
+        apply_lora(_llama_classifier(), LoraConfig(r=2, alpha=4, target_modules=["score"]))
+
+
+def test_modules_to_save_that_holds_an_adapted_layer_is_refused(llama):
+    from lorakit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="modules_to_save 'model.layers.0.self_attn' overlaps the adapted layer "
+                                          "model.layers.0.self_attn.q_proj"):
+        apply_lora(llama, LoraConfig(r=2, alpha=4, target_modules=["q_proj"],
+                                     modules_to_save=["model.layers.0.self_attn"]))
+
+
+def test_peft_modules_to_save_match_by_name_ending_and_survive_a_resave(tmp_path):
+    # PEFT takes every module whose name ends in the entry: "norm" is model.norm and every *_layernorm
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"])
+    peft_model = randomize_lora(peft.get_peft_model(tiny_llama(), config))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.1)
+    expected = logits(peft_model.eval())
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = load_adapter(tiny_llama(), tmp_path / "adapter")
+    assert (logits(model) - expected).abs().max() <= 1e-5
+    save_adapter(model, tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "again").eval()
+    assert (logits(again) - expected).abs().max() <= 1e-5  # was 0.05 off: the layer norms were dropped

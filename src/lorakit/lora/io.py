@@ -243,18 +243,20 @@ def _attach(model: nn.Module, adapter: Adapter, path, trainable: bool, allow_oth
     for name, param in model.named_parameters():
         param.requires_grad_(trainable and (".lora_" in name or name.endswith("lora_magnitude_vector")
                                             or _in_modules_to_save(name, config)))
+    for _, layer in lora_layers(model):  # new layers start in training mode: a model in eval keeps no dropout
+        layer.train(model.training)
     return model
 
 
 def _modules_to_save_here(model: nn.Module, config: LoraConfig, adapter: Adapter) -> LoraConfig:
-    """modules_to_save as this model's module names, the way PEFT reads them: a name matches the
-    module of that name or ending in ".name", and a name matching nothing is skipped unless the
-    adapter holds its tensors (PEFT's SEQ_CLS adapters list both "classifier" and "score")."""
+    """modules_to_save as this model's module names, the way PEFT reads them: a name matches every
+    module whose name ends in it, and a name matching nothing is skipped unless the adapter holds
+    its tensors (PEFT's SEQ_CLS adapters list both "classifier" and "score")."""
     module_names = [name for name, _ in model.named_modules() if name]
     tensor_names = list(adapter.parameter_tensors())
     resolved = []
     for wanted in config.modules_to_save:
-        matches = [name for name in module_names if name == wanted or name.endswith("." + wanted)]
+        matches = [name for name in module_names if name.endswith(wanted)]  # PEFT's rule: "norm" takes "input_layernorm"
         if not matches and any(key.startswith(wanted + ".") for key in tensor_names):
             raise AdapterMismatchError(f"the adapter trains module {wanted!r} in full, which this model does not "
                                        "have; load it onto the base model it was trained for")

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from lorakit.errors import ConfigError, LorakitWarning, MergeError
+from lorakit.errors import ConfigError, LorakitWarning, MergeError, TargetMatchError
 from lorakit.lora.config import LoraConfig, pattern_matches
 from lorakit.lora.layer import LoraLinear, in_out_features, layer_kind
 from lorakit.lora.targets import ModuleInfo, narrow_layers_left_out, select_targets
@@ -80,15 +80,45 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         model_type=model_type(model), output_head=output_head_name(model),
     )
     names = _without_narrow_layers(config, modules, names)
+    head = classification_head(model)
+    if head:
+        names = _outside_the_head(names, head)
+        if head not in config.modules_to_save:
+            # a task head starts random: it must train and be saved with the adapter (PEFT does the same)
+            config = dataclasses.replace(config, modules_to_save=[*config.modules_to_save, head])
     _refuse_unused_patterns(config, names)
+    _refuse_adapted_modules_to_save(config, names)
     ranks = {name: config.rank_and_alpha(name) for name in names}
     _check_ranks(model, ranks)
-    head = classification_head(model)
-    if head and head not in config.modules_to_save and head not in names:
-        # a task head starts random: it must train and be saved with the adapter (PEFT does the same)
-        config = dataclasses.replace(config, modules_to_save=[*config.modules_to_save, head])
     wrap_modules(model, config, ranks)
     return model
+
+
+def _within(name: str, module: str) -> bool:
+    return name == module or name.startswith(module + ".")
+
+
+def _outside_the_head(names: list[str], head: str) -> list[str]:
+    """A task head trains in full (modules_to_save, as PEFT's SEQ_CLS/TOKEN_CLS makes it): LoRA
+    inside it as well would save a file PEFT cannot load."""
+    inside = [name for name in names if _within(name, head)]
+    if inside and len(inside) == len(names):
+        raise TargetMatchError(f"the targets match only {', '.join(inside)}, in the task head {head!r}, which "
+                               "trains in full anyway; target the model's projections (e.g. all-linear)")
+    if inside:
+        warnings.warn(f"{', '.join(inside)} left out of the LoRA targets: the task head {head!r} trains in full",
+                      LorakitWarning, stacklevel=4)
+    return [name for name in names if name not in inside]
+
+
+def _refuse_adapted_modules_to_save(config: LoraConfig, names: list[str]) -> None:
+    """A module trained in full that holds, or sits in, an adapted layer: PEFT trains that layer
+    in full instead and cannot load the file lorakit would save."""
+    for module in config.modules_to_save:
+        clash = next((name for name in names if _within(name, module) or _within(module, name)), None)
+        if clash is not None:
+            raise ConfigError(f"modules_to_save {module!r} overlaps the adapted layer {clash}: a module is trained "
+                              "in full or adapted, not both; leave it out of modules_to_save or out of the targets")
 
 
 def _without_narrow_layers(config: LoraConfig, modules: list[ModuleInfo], names: list[str]) -> list[str]:
