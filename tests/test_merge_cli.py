@@ -316,3 +316,25 @@ def test_an_explicit_16_bit_merge_is_checked_in_fp32(tmp_path, capsys, monkeypat
     monkeypatch.setattr(lorakit.lora, "remove_lora", merge_half)
     assert main([*merge_args, "--output", str(tmp_path / "half")]) == 2
     assert "nothing was written" in capsys.readouterr().err and not (tmp_path / "half").exists()
+
+
+def test_a_sequence_classification_adapter_merges_into_a_classifier(tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    base_dir = save_tiny_chat_model(tmp_path / "base")  # a causal LM's folder: no num_labels, no score head
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=3)
+    model.config.pad_token_id = 0
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_lora(model)
+    ids = torch.randint(1, 300, (1, 10))
+    with torch.no_grad():
+        model.score.weight.normal_()  # the head trains in full: the adapter carries it
+        expected = model.eval()(ids).logits
+    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (merged(ids).logits - expected).abs().max() <= 1e-4  # was refused: "lack lm_head.weight"
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "q"),
+                 "--quantize", "4bit"]) == 2
+    assert "this one is for a SEQ_CLS model: merge it without --quantize" in capsys.readouterr().err

@@ -10,6 +10,8 @@ linear dequantised into a dense layer (checked against its kernel), merged in fp
 (bf16 by default), saved as a plain dense folder.
 
 The reloaded model knows nothing of lorakit, so the check proves the folder loads anywhere.
+A sequence- or token-classification adapter (PEFT's task_type) merges into that kind of model
+(`task_model`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lorakit.errors import MergeError, OutputError
+from lorakit.errors import ConfigError, MergeError, OutputError
 from lorakit.host import process_alive
 from lorakit.safe_io import give_default_modes, output_error, translate_os_errors
 
@@ -78,9 +80,11 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
     _check_output(output_dir, overwrite, inputs={"the adapter": adapter_dir, "the base model": spec})
     quantize = None if quantize in (None, "none") else quantize
     if quantize:
+        task = TaskModel("causal LM")  # _merge_quantized refuses a task head's adapter
         merged = _merge_quantized(spec, adapter_dir, dtype or "bfloat16", quantize, allow_other_base, allow_pickle)
     else:
-        merged = _merge_dense(spec, adapter_dir, dtype, allow_other_base, allow_pickle)
+        task = task_model(adapter_dir, allow_pickle)
+        merged = _merge_dense(spec, adapter_dir, dtype, allow_other_base, allow_pickle, task)
     tmp = _beside(output_dir, "tmp")
     out_dtype = merged.model.dtype
     try:
@@ -92,7 +96,8 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
         merged.model = None  # the reloaded copy needs the memory
         _free_memory()
         reload_dtype = merged.reload_dtype or out_dtype
-        difference = _reload_difference(tmp, merged.probe, merged.reference, reload_dtype, merged.tolerance, out_dtype)
+        difference = _reload_difference(tmp, merged.probe, merged.reference, reload_dtype, merged.tolerance, out_dtype,
+                                        task)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -126,7 +131,8 @@ class Merged:
     figures: dict = field(default_factory=dict)
 
 
-def _merge_dense(spec, adapter_dir, dtype: str | None, allow_other_base: bool, allow_pickle: bool = False) -> Merged:
+def _merge_dense(spec, adapter_dir, dtype: str | None, allow_other_base: bool, allow_pickle: bool,
+                 task: TaskModel) -> Merged:
     """`dtype` None: the base's own dtype. The base is read and merged in fp32 (the exact adapted
     model's logits are the reference); a 16-bit result is rounded once, as PEFT's merge keeps the
     base's dtype, and checked in fp32 against the reference."""
@@ -134,7 +140,7 @@ def _merge_dense(spec, adapter_dir, dtype: str | None, allow_other_base: bool, a
     from lorakit.models import load_model_and_tokenizer
 
     target = getattr(torch, dtype) if dtype else _stored_dtype(spec)
-    model, tokenizer, _ = load_model_and_tokenizer(spec, dtype="float32", allow_pickle=allow_pickle)
+    model, tokenizer, _ = load_model_and_tokenizer(spec, dtype="float32", allow_pickle=allow_pickle, auto_class=task)
     load_adapter(model, adapter_dir, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
     probe = _probe_ids(model)
     reference = _logits(model, probe)
@@ -162,6 +168,41 @@ def _stored_dtype(spec) -> torch.dtype | None:
     return getattr(torch, stored, None) if isinstance(stored, str) else stored
 
 
+# PEFT's task types whose models end in a task head instead of the language-model head
+_TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification"}
+
+
+@dataclass
+class TaskModel:
+    """What an adapter's task_type loads its base as: transformers' auto class and, for a task
+    head the adapter trained in full, that head's number of labels (the base's config may not
+    have it)."""
+
+    name: str
+    auto_class: Any = None  # None: AutoModelForCausalLM
+    head_labels: int | None = None
+
+    def from_pretrained(self, target, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        labels = {} if self.head_labels is None else {"num_labels": self.head_labels}
+        return (self.auto_class or AutoModelForCausalLM).from_pretrained(target, **labels, **kwargs)
+
+
+def task_model(adapter_dir: str | Path, allow_pickle: bool = False) -> TaskModel:
+    import transformers
+
+    from lorakit.lora.adapter_folder import read_adapter_config, read_adapter_folder
+
+    task = read_adapter_config(Path(adapter_dir)).get("task_type")
+    if task not in _TASK_CLASSES:
+        return TaskModel("causal LM")
+    tensors = read_adapter_folder(adapter_dir, allow_pickle, check_tensors=False).parameter_tensors()
+    head = next((tensors[name] for name in ("score.weight", "classifier.weight", "classifier.out_proj.weight")
+                 if name in tensors), None)
+    return TaskModel(task, getattr(transformers, _TASK_CLASSES[task]), None if head is None else int(head.shape[0]))
+
+
 def _merge_quantized(spec, adapter_dir, dtype: str, quantize: str, allow_other_base: bool,
                      allow_pickle: bool = False) -> Merged:
     """The base loaded in 4/8 bits as trained, its adapter attached; each quantised linear becomes
@@ -173,6 +214,10 @@ def _merge_quantized(spec, adapter_dir, dtype: str, quantize: str, allow_other_b
 
     target_dtype = torch_dtype(dtype, "cpu")
     model, tokenizer, _ = load_quantized(spec, quantize, allow_pickle)
+    task = task_model(adapter_dir, allow_pickle).name
+    if task != "causal LM":
+        raise ConfigError(f"--quantize merges a causal LM's QLoRA adapter; this one is for a {task} model: "
+                          "merge it without --quantize")
     load_adapter(model, adapter_dir, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
     kernel_logits = _logits(model, _probe_ids(model))  # bf16, through the 4/8-bit kernels
     layers = dequantize_model(model, dtype=torch.float32, device="cpu")  # check 1, layer by layer
@@ -296,13 +341,12 @@ def _logits(model, ids) -> torch.Tensor:
     return model(ids).logits.float()
 
 
-def _reload_difference(folder: Path, probe, reference, dtype, tolerance: float, saved_dtype) -> float:
-    from transformers import AutoModelForCausalLM
-
+def _reload_difference(folder: Path, probe, reference, dtype, tolerance: float, saved_dtype,
+                       task: TaskModel) -> float:
     from lorakit.models import loading_bar_only_when_slow
 
     with loading_bar_only_when_slow(str(folder)):
-        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(probe.device)
+        reloaded = task.from_pretrained(folder, dtype=dtype).to(probe.device)
     difference = float((_logits(reloaded, probe) - reference).abs().max())
     if not difference <= tolerance:
         advice = ("; merge with --dtype float32, where no rounding can account for it"
