@@ -327,6 +327,20 @@ def test_config_fields_of_the_wrong_type_are_named(tmp_path, llama, key, value, 
         load_adapter(tiny_llama(), tmp_path / "a")
 
 
+@pytest.mark.parametrize("key,value,words", [
+    ("kasa_config", {"kasa": True}, "the PEFT option kasa_config="),
+    ("velora_config", {"rank": 2}, "velora_config="), ("monteclora_config", {"n": 2}, "monteclora_config="),
+    ("use_bdlora", {"nblocks": 2}, "the PEFT option use_bdlora="), ("arrow_config", {"top_k": 2}, "arrow_config="),
+    ("init_lora_weights", "lora_ga", "init_lora_weights='lora_ga' rewrites the base weights")])
+def test_peft_variants_with_another_forward_are_refused_by_name(tmp_path, llama, key, value, words):
+    apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    save_adapter(llama, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(AdapterFileError, match=words):
+        load_adapter(tiny_llama(), tmp_path / "a")
+
+
 def test_saved_config_fields(tmp_path):
     model = tiny_gpt2()
     apply_lora(model, LoraConfig(r=4, alpha=8, scaling="rslora"))

@@ -49,14 +49,18 @@ from lorakit.safe_io import atomic_save_safetensors, atomic_write_json
 # PEFT options lorakit does not implement: loading them would silently compute something else
 _UNSUPPORTED = {"layers_to_transform": None, "layer_replication": None, "lora_bias": False,
                 "use_qalora": False, "target_parameters": None, "trainable_token_indices": None,
-                "alora_invocation_tokens": None}
+                "alora_invocation_tokens": None,
+                # LoRA variants of PEFT 0.21 whose forward is not a plain (x A) B: KaSA, VeLoRA,
+                # MonteCLoRA, block-diagonal BD-LoRA, Arrow's routing among adapters
+                "kasa_config": None, "velora_config": None, "monteclora_config": None, "use_bdlora": None,
+                "arrow_config": None}
 
 
 # PEFT initialisations that also rewrite the base weight when PEFT creates or loads the adapter
-# (W - s B0 A0 for PiSSA and OLoRA; CorDA from data statistics; LoftQ a quantised residual): the
+# (W - s B0 A0 for PiSSA, OLoRA and LoRA-GA; CorDA from data statistics; LoftQ a quantised residual): the
 # saved factors only make sense on that rewritten base. lorakit rebuilds PiSSA's (an exact SVD of W,
 # as its own --init pissa does); the others it refuses.
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def base_rewriting_init(config: dict) -> str | None:
