@@ -54,6 +54,12 @@ def test_the_output_head_is_named_as_such():
         select_targets(LLAMA, "lm_head", output_head="lm_head")
 
 
+def test_a_regex_that_also_matches_the_output_head_says_it_is_left_out():
+    with pytest.warns(UserWarning, match=r"also matches the output head \(lm_head\), which lorakit leaves out"):
+        names = select_targets(LLAMA, r".*(q_proj|lm_head)", output_head="lm_head")
+    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
 def test_a_regex_with_a_comma_is_not_split_into_names():
     assert select_targets(LLAMA, r"model\.layers\.\d{1,2}\.self_attn\.q_proj") == [
         "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
-from lorakit.errors import TargetMatchError
+from lorakit.errors import LorakitWarning, TargetMatchError
 
 GROUPS = {
     "all": ("q", "k", "v", "o", "gate", "up", "down"),
@@ -93,6 +94,9 @@ def select_targets(
         hits = [m.name for m in linear if _matches(pattern, m.name)]
         if not hits:
             raise TargetMatchError(_miss_message(label, modules, linear, pattern, output_head))
+        if output_head is not None and _matches(pattern, output_head):  # PEFT would adapt the head too
+            warnings.warn(f"target {label!r} also matches the output head ({output_head}), which lorakit leaves "
+                          "out: it trains LoRA on the other linear layers only", LorakitWarning, stacklevel=3)
         chosen.update(hits)
     chosen -= set(_excluded(exclude, model_type, linear))
     if not chosen:
