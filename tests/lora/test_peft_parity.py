@@ -410,3 +410,20 @@ def test_peft_modules_to_save_match_by_name_ending_and_survive_a_resave(tmp_path
     save_adapter(model, tmp_path / "again")
     again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "again").eval()
     assert (logits(again) - expected).abs().max() <= 1e-5  # was 0.05 off: the layer norms were dropped
+
+
+def test_a_module_the_adapter_holds_in_full_without_naming_it_is_saved_again(tmp_path):
+    # PEFT's ensure_weight_tying saves a tied lm_head beside the embed_tokens that modules_to_save names
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                             ensure_weight_tying=True)
+    peft_model = randomize_lora(peft.get_peft_model(tiny_llama(tie_word_embeddings=True), config))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.1)
+    expected = logits(peft_model.eval())
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = load_adapter(tiny_llama(tie_word_embeddings=True), tmp_path / "adapter")
+    save_adapter(model, tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), tmp_path / "again").eval()
+    assert (logits(again) - expected).abs().max() <= 1e-5  # was 3.7 off: lm_head.weight was not saved again

@@ -265,7 +265,20 @@ def _modules_to_save_here(model: nn.Module, config: LoraConfig, adapter: Adapter
             raise AdapterMismatchError(f"the adapter trains module {wanted!r} in full, which this model does not "
                                        "have; load it onto the base model it was trained for")
         resolved += [name for name in matches if name not in resolved]
-    return dataclasses.replace(config, modules_to_save=resolved)
+    return dataclasses.replace(config, modules_to_save=resolved + _held_in_full(model, adapter, resolved))
+
+
+def _held_in_full(model: nn.Module, adapter: Adapter, named: list[str]) -> list[str]:
+    """Modules whose every parameter the adapter file holds though modules_to_save does not name
+    them (PEFT's ensure_weight_tying saves a tied lm_head beside embed_tokens): trained in full
+    like the named ones, so that a re-saved adapter holds them again."""
+    tensors, held = set(adapter.parameter_tensors()), []
+    for module_name, module in model.named_modules():
+        parameters = [f"{module_name}.{p}" for p, _ in module.named_parameters(recurse=False)]
+        if (module_name and parameters and set(parameters) <= tensors and module_name not in adapter.pairs
+                and not any(module_name == m or module_name.startswith(m + ".") for m in named)):
+            held.append(module_name)
+    return held
 
 
 def lora_config_from_peft(config: dict) -> LoraConfig:
