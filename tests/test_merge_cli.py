@@ -110,8 +110,11 @@ def test_a_failed_final_move_keeps_the_checked_merge_and_says_where(tmp_path, ca
     monkeypatch.setattr(Path, "rename", refuse_into_output)
     assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 2
     assert "the checked merged model is complete in" in capsys.readouterr().err
-    kept = list(tmp_path.glob(".tmp-merged-*"))
+    kept = list(tmp_path.glob("merged.unplaced-*"))
     assert len(kept) == 1 and (kept[0] / "config.json").exists() and not (tmp_path / "merged").exists()
+    monkeypatch.undo()
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 0
+    assert list(tmp_path.glob("merged.unplaced-*")) == kept  # the next merge leaves the kept one alone
 
 
 def _dead_pid() -> int:
@@ -138,12 +141,17 @@ def test_overwrite_keeps_the_old_merge_until_the_new_one_is_in_place(tmp_path, c
     (tmp_path / "merged" / "old-marker").write_text("the earlier merge")
 
     # killed between --overwrite's two renames: the old merge aside, the new one in its temp folder
-    pid = _dead_pid()
-    (tmp_path / "merged").rename(tmp_path / f".old-merged-{pid}-0123abcd")
-    shutil.copytree(tmp_path / f".old-merged-{pid}-0123abcd", tmp_path / f".tmp-merged-{pid}-4567cdef")
+    from lorakit.publish import _host
+
+    pid, host = _dead_pid(), _host()
+    (tmp_path / "merged").rename(tmp_path / f".old-merged-{host}-{pid}-0123abcd")
+    shutil.copytree(tmp_path / f".old-merged-{host}-{pid}-0123abcd", tmp_path / f".tmp-merged-{host}-{pid}-4567cdef")
+    (tmp_path / f".tmp-merged-otherhost-{pid}-89abcdef").mkdir()  # another host's: its process cannot be seen
     assert main(merge) == 2  # the old merge is back under its name, so it is not replaced without --overwrite
     assert "pass --overwrite" in capsys.readouterr().err
-    assert (tmp_path / "merged" / "old-marker").exists() and not list(tmp_path.glob(".*-merged-*"))
+    assert (tmp_path / "merged" / "old-marker").exists()
+    assert [p.name for p in tmp_path.glob(".*-merged-*")] == [f".tmp-merged-otherhost-{pid}-89abcdef"]
+    (tmp_path / f".tmp-merged-otherhost-{pid}-89abcdef").rmdir()
 
     real_rename = Path.rename
 
@@ -156,7 +164,7 @@ def test_overwrite_keeps_the_old_merge_until_the_new_one_is_in_place(tmp_path, c
     assert main(merge + ["--overwrite"]) == 2  # the move fails: the old merge goes back
     assert (tmp_path / "merged" / "old-marker").exists()
     monkeypatch.undo()
-    shutil.rmtree(next(tmp_path.glob(".tmp-merged-*")))
+    shutil.rmtree(next(tmp_path.glob(".tmp-merged-*")))  # kept under its temp name: the rename away failed too
     assert main(merge + ["--overwrite"]) == 0
     assert (tmp_path / "merged" / "config.json").exists() and not (tmp_path / "merged" / "old-marker").exists()
     assert not list(tmp_path.glob(".*-merged-*"))
@@ -174,7 +182,7 @@ def test_a_symlinked_or_too_long_output_is_refused_before_the_merge(tmp_path, ca
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     merge = ["merge", "--adapter", str(tmp_path / "adapter"), "--overwrite", "--output"]
     for output, words in [("link", "is a symbolic link"), ("dangling", "is a symbolic link"),
-                          ("m" * 240, "the folder name is too long")]:
+                          ("m" * 240, "the folder name is too long for the merge's temp folder")]:
         assert main(merge + [str(tmp_path / output)]) == 2
         assert words in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "dangling", "link", "real"]
@@ -338,3 +346,11 @@ def test_a_sequence_classification_adapter_merges_into_a_classifier(tmp_path, ca
     assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "q"),
                  "--quantize", "4bit"]) == 2
     assert "this one is for a SEQ_CLS model: merge it without --quantize" in capsys.readouterr().err
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": None}))
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if ".score." not in k}, weights)
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "nohead")]) == 2
+    assert "a SEQ_CLS adapter without its task head" in capsys.readouterr().err  # was merged with a random head

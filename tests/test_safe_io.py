@@ -244,4 +244,4 @@ def test_a_rust_librarys_io_error_reads_like_any_failed_write(tmp_path):
             raise OSError(errno.EROFS, "Read-only file system")
     with pytest.raises(ValueError):  # anything else passes through
         with safe_io.translate_os_errors(tmp_path / "tok"):
-            raise ValueError("os error in the text, but no errno")
+            raise ValueError("reading failed (os error 28)")  # not a bare Exception: not a Rust write error

@@ -33,7 +33,7 @@
                    per-call binding; opt-in until measured
 
 With --memory-budget GiB the lorakit variants checkpoint the earliest layers the memory estimate
-says are needed to fit it (bench.budget_checkpoint_layers), as `lorakit train --memory-budget` plans.
+says are needed to fit it (bench_settings.budget_checkpoint_layers), as `lorakit train --memory-budget` plans.
 
 Packed runs (--packing): lorakit, lorakit-fused, lorakit-native and lorakit-perdoc switch the model to
 lorakit_varlen attention and train on varlen rows, as the trainer does with its fast paths.

@@ -17,9 +17,7 @@ A sequence- or token-classification adapter (PEFT's task_type) merges into that 
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,8 @@ from typing import Any
 import torch
 
 from lorakit.errors import ConfigError, MergeError, OutputError
-from lorakit.host import process_alive
-from lorakit.safe_io import give_default_modes, output_error, translate_os_errors
+from lorakit.publish import longest_output_name, move_into_place, recover_leftovers, temp_beside
+from lorakit.safe_io import give_default_modes, translate_os_errors
 
 PROBE_TOKENS = 32
 # A quantised base (QLoRA) is checked three ways (figures: max |logit difference| / max |logit|,
@@ -76,7 +74,7 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
 
     output_dir = Path(output_dir)
     spec = base or base_model_for([str(adapter_dir)])
-    _recover_earlier_merges(output_dir)
+    recover_leftovers(output_dir)
     _check_output(output_dir, overwrite, inputs={"the adapter": adapter_dir, "the base model": spec})
     quantize = None if quantize in (None, "none") else quantize
     if quantize:
@@ -85,7 +83,7 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
     else:
         task = task_model(adapter_dir, allow_pickle)
         merged = _merge_dense(spec, adapter_dir, dtype, allow_other_base, allow_pickle, task)
-    tmp = _beside(output_dir, "tmp")
+    tmp = temp_beside(output_dir)
     out_dtype = merged.model.dtype
     try:
         with translate_os_errors(output_dir):
@@ -101,7 +99,7 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _move_into_place(tmp, output_dir, overwrite)
+    move_into_place(tmp, output_dir, overwrite, "the checked merged model")
     return {"output": str(output_dir), "max_abs_logit_difference": difference, "tolerance": merged.tolerance,
             "dtype": str(out_dtype).removeprefix("torch."), "quantize": quantize or "none", **merged.figures}
 
@@ -200,7 +198,11 @@ def task_model(adapter_dir: str | Path, allow_pickle: bool = False) -> TaskModel
     tensors = read_adapter_folder(adapter_dir, allow_pickle, check_tensors=False).parameter_tensors()
     head = next((tensors[name] for name in ("score.weight", "classifier.weight", "classifier.out_proj.weight")
                  if name in tensors), None)
-    return TaskModel(task, getattr(transformers, _TASK_CLASSES[task]), None if head is None else int(head.shape[0]))
+    if head is None:  # the base's head would be merged, random where the base is not a classifier itself
+        raise ConfigError(f"{adapter_dir} is a {task} adapter without its task head (no score or classifier in "
+                          "modules_to_save): merge it with the Python API onto your classifier (load_adapter, "
+                          "remove_lora(model, merge=True), save_pretrained)")
+    return TaskModel(task, getattr(transformers, _TASK_CLASSES[task]), int(head.shape[0]))
 
 
 def _merge_quantized(spec, adapter_dir, dtype: str, quantize: str, allow_other_base: bool,
@@ -250,62 +252,15 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
-    """The checked merge replaces --output: the old one is renamed aside first and deleted only
-    once the new one is in place, so a kill leaves one whole folder under the name, or none and
-    the old one aside (`_recover_earlier_merges` puts it back). If the move fails, the merge is
-    kept where it is and the message says so: it took minutes."""
-    old = _beside(output_dir, "old") if overwrite and output_dir.exists() else None
-    try:
-        if old is not None:
-            output_dir.rename(old)
-        tmp.rename(output_dir)
-    except OSError as exc:
-        if old is not None and old.exists() and not output_dir.exists():
-            old.rename(output_dir)
-        raise OutputError(f"{output_error(exc, output_dir)}; the checked merged model is complete in {tmp}: "
-                          f"move it there yourself") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _beside(output_dir: Path, kind: str) -> Path:
-    """A new name beside --output for this process's temp folder ("tmp") or the replaced output
-    ("old"): two merges at once never share one."""
-    resolved = output_dir.resolve()  # "." has no name: the folder goes beside the real one
-    return resolved.parent / f".{kind}-{resolved.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _recover_earlier_merges(output_dir: Path) -> None:
-    """A merge killed part way leaves model-sized folders beside --output (`_beside`). Those of
-    processes that are gone: an old output goes back under its name if nothing took its place
-    (killed between --overwrite's two renames), the rest is deleted."""
-    resolved = output_dir.resolve()
-    leftover = re.compile(rf"\.(tmp|old)-{re.escape(resolved.name)}-(\d+)-[0-9a-f]{{8}}")
-    if not resolved.parent.is_dir():
-        return
-    for path in sorted(resolved.parent.iterdir()):
-        found = leftover.fullmatch(path.name)
-        if found is None or process_alive(int(found.group(2))):
-            continue
-        if found.group(1) == "old" and not resolved.exists():
-            path.rename(resolved)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-_LONGEST_NAME = 255 - 30  # a file system's longest name, less what `_beside` adds
-
-
 def _check_output(output_dir: Path, overwrite: bool, inputs: dict[str, str | Path | None]) -> None:
     """Before any work: the output can be a new folder there (created only when the merge is done),
     and replacing it would delete none of the inputs, nor the folder the command runs in."""
     _refuse_output_holding(output_dir, {**inputs, "the current folder": Path.cwd()})
     if output_dir.is_symlink():  # --overwrite would replace the link, not the folder it names
         raise OutputError(f"--output {output_dir} is a symbolic link; give the folder's own path")
-    if len(output_dir.resolve().name.encode()) > _LONGEST_NAME:
-        raise OutputError(f"--output {output_dir}: the folder name is too long (the merge's temp folder beside "
-                          f"it adds ~25 bytes to it; at most {_LONGEST_NAME}); choose a shorter name")
+    if len(output_dir.resolve().name.encode()) > longest_output_name():
+        raise OutputError(f"--output {output_dir}: the folder name is too long for the merge's temp folder beside "
+                          f"it (at most {longest_output_name()} bytes); choose a shorter name")
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputError(f"--output {output_dir} is a file; choose a folder path")
     if output_dir.exists() and not overwrite:

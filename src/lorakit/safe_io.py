@@ -114,7 +114,8 @@ def translate_os_errors(path: str | os.PathLike, fix: str | None = None) -> Iter
     except OSError as exc:
         raise output_error(exc, path, fix) from exc
     except Exception as exc:
-        if type(exc).__name__ != "SafetensorError" and not _RUST_OS_ERROR.search(str(exc)):
+        bare_with_errno = type(exc) is Exception and _RUST_OS_ERROR.search(str(exc))  # how tokenizers raises
+        if type(exc).__name__ != "SafetensorError" and not bare_with_errno:
             raise
         raise output_error(_as_os_error(exc), path, fix) from exc
 

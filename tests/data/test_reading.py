@@ -1,6 +1,7 @@
 """Reading data files: every supported kind, concatenation, provenance, and each error path."""
 
 import json
+import os
 
 import datasets
 import pytest
@@ -280,3 +281,27 @@ def test_a_small_file_loads_without_datasets_progress_bar(tmp_path, capfd):
     read_records([path], cache_dir=tmp_path / "cache")
     assert "Generating train split" not in capfd.readouterr().err
     assert not datasets.are_progress_bars_disabled()  # as it was before
+
+
+def test_a_cache_that_cannot_be_written_is_named_and_an_unreadable_data_file_is_not_blamed_on_it(tmp_path, cache,
+                                                                                                 monkeypatch):
+    import errno
+
+    from lorakit.data import reading
+    from lorakit.errors import OutputError
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n')
+
+    def fails_with(code, filename):
+        def load_file(*args, **kwargs):
+            raise RuntimeError("An error occurred while generating the dataset") from OSError(
+                code, os.strerror(code), filename)
+        return load_file
+
+    monkeypatch.setattr(reading, "_load_file", fails_with(errno.EROFS, str(tmp_path / "cache" / "x.lock")))
+    with pytest.raises(OutputError, match=r"datasets' cache \(.*\) is on a read-only file system .*HF_DATASETS_CACHE"):
+        read_records(path, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(reading, "_load_file", fails_with(errno.EACCES, str(tmp_path / "." / "d.jsonl")))
+    with pytest.raises(RuntimeError):  # the data file itself: not the cache's fault
+        read_records(path, cache_dir=tmp_path / "cache")

@@ -215,8 +215,8 @@ def test_a_base_config_of_unknown_or_malformed_type(tmp_path):
     unknown = tmp_path / "unknown.json"
     unknown.write_text(json.dumps(config | {"model_type": "madeup"}))
     warnings = export_vllm(adapter_dir, tmp_path / "out", base_config_dir=unknown).check.warnings
-    assert warnings == ["base model type 'madeup' is not in lorakit's table: module names were checked against "
-                        "the Llama-family projections"]  # it was given: no advice to give it
+    assert warnings == ["the base config model type 'madeup' is not in lorakit's table: module names were "
+                        "checked against the Llama-family projections"]  # it was given: no advice to give it
     for key, value, named in (("model_type", 5, "model_type is 5, not a name"),
                               ("architectures", "LlamaForCausalLM", "architectures is 'LlamaForCausalLM', not a list")):
         malformed = tmp_path / f"{key}.json"

@@ -427,3 +427,37 @@ def test_a_module_the_adapter_holds_in_full_without_naming_it_is_saved_again(tmp
     save_adapter(model, tmp_path / "again")
     again = peft.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), tmp_path / "again").eval()
     assert (logits(again) - expected).abs().max() <= 1e-5  # was 3.7 off: lm_head.weight was not saved again
+
+
+def _distilbert_classifier():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, vocab_size=256, num_labels=3,
+                              max_position_embeddings=64)
+    return DistilBertForSequenceClassification(config).eval()
+
+
+def test_a_head_whose_name_ends_another_module_trains_and_saves_both_as_peft_does(tmp_path):
+    # PEFT's SEQ_CLS head "classifier" takes DistilBERT's pre_classifier too (name ending)
+    model = _distilbert_classifier()
+    apply_lora(model, LoraConfig(r=2, alpha=4, target_modules="all-linear"))
+    assert getattr(model, "lorakit_config").modules_to_save == ["pre_classifier", "classifier"]
+    randomize_lora(model)
+    with torch.no_grad():
+        model.pre_classifier.weight.add_(0.1)
+        model.classifier.weight.add_(0.1)
+    expected = logits(model)
+    save_adapter(model, tmp_path / "adapter")
+    assert (logits(load_adapter(_distilbert_classifier(), tmp_path / "adapter")) - expected).abs().max() <= 1e-5
+    peft_model = peft.PeftModel.from_pretrained(_distilbert_classifier(), tmp_path / "adapter").eval()
+    assert (logits(peft_model) - expected).abs().max() <= 1e-5
+    # lorakit's adapters of before held "classifier" only: still loaded, pre_classifier left as the base's
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if "pre_classifier" not in k}, weights)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["classifier"]}))
+    older = load_adapter(_distilbert_classifier(), tmp_path / "adapter")
+    assert torch.equal(older.pre_classifier.weight, _distilbert_classifier().pre_classifier.weight)

@@ -46,3 +46,12 @@ def test_a_full_disk_under_its_writer_thread_is_one_warning_and_no_thread_traceb
     other.start()
     other.join()
     assert printed == ["Thread"]  # other threads' exceptions are printed as before
+    from torch.utils.tensorboard import SummaryWriter
+
+    writes.clear()
+    users_own = SummaryWriter(log_dir=str(tmp_path / "users"))  # not lorakit's: its failure is the user's to see
+    with pytest.raises(OSError):
+        for step in range(3):
+            users_own.add_scalar("x", 1.0, step)
+            users_own.flush()
+    assert printed == ["Thread", "_AsyncWriterThread"]

@@ -66,7 +66,7 @@ from lorakit.config import DATA_FORMATS
 from lorakit.data.batching import IGNORE_INDEX
 from lorakit.data.examples import NO_EOS_WARNING, ReadFigures, TokenizedData, compute_stats, numeric_columns
 from lorakit.data.messages import UNTRAINED, chat_messages, field_text, instruction_messages
-from lorakit.data.reading import RecordSet, SourceFile, locate, refuse_unwritable_cache
+from lorakit.data.reading import RecordSet, SourceFile, locate, name_datasets_cache_failures
 from lorakit.errors import ConfigError, DataError
 
 INSTRUCTION_FIELDS = (("instruction", "output"), ("prompt", "response"), ("question", "answer"),
@@ -373,7 +373,7 @@ def tokenize_records(
     enc = _Encoder(tokenizer, fmt, seq_len, train_on_inputs, template, fields, list(records.sources), end_tokens)
     mapped, first = [], 0
     for part in records.parts:  # one file at a time: their tokenised columns always agree
-        with refuse_unwritable_cache():
+        with name_datasets_cache_failures():
             mapped.append(part.map(_encode_batch, fn_kwargs={"enc": enc, "first": first}, batched=True,
                                    with_indices=True, remove_columns=part.column_names, num_proc=num_proc,
                                    desc=f"Tokenizing ({fmt})"))

@@ -137,7 +137,7 @@ def _read_one(path: Path, cache_dir: str | Path | None) -> tuple[datasets.Datase
         raise DataError(f"{path} is empty; it needs at least one record")
     kind = suffix[1:]
     options = _validate(path, kind)
-    with refuse_unwritable_cache(cache_dir, reading=path):
+    with name_datasets_cache_failures(cache_dir, reading=path):
         ds = _load_text(path, cache_dir, **options) if kind == "txt" else _load_file(path, kind, cache_dir, options)
     if len(ds) == 0:
         raise DataError(f"{path} holds no records (only a header or blank lines?)")
@@ -322,9 +322,9 @@ _CACHE_WRITE_ERRORS = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its disk 
 
 
 @contextlib.contextmanager
-def refuse_unwritable_cache(cache_dir: str | Path | None = None, reading: Path | None = None):
-    """datasets writes every file it reads, and every tokenised set, into its cache: a full or
-    read-only cache is named as such (its errors came out as the data file's, or a traceback)."""
+def name_datasets_cache_failures(cache_dir: str | Path | None = None, reading: Path | None = None):
+    """datasets writes every file it reads, and every tokenised set, into its cache: a failure to
+    write there names the cache and the fix (it came out as the data file's, or a traceback)."""
     try:
         yield
     except Exception as exc:
@@ -342,7 +342,7 @@ def _cache_write_failure(exc: BaseException, reading: Path | None) -> OSError | 
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _CACHE_WRITE_ERRORS:
             unreadable_input = reading is not None and seen.filename is not None and \
-                Path(os.fsdecode(seen.filename)).absolute() == reading.absolute()
+                Path(os.fsdecode(seen.filename)).resolve() == reading.resolve()
             return None if unreadable_input else seen
         seen = seen.__cause__ or seen.__context__
     return None

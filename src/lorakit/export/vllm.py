@@ -181,8 +181,10 @@ def _check_modules(check: VllmCheck, adapter: Adapter, allow_embeddings: bool, b
             check.warnings.append("no base config found: module names were checked against the Llama-family "
                                   "projections; pass --base-config DIR to check them against the base model's")
         else:
-            check.warnings.append(f"base model type {model_type!r} is not in lorakit's table: module names were "
-                                  "checked against the Llama-family projections")
+            named = ("names no model_type" if model_type is None
+                     else f"model type {model_type!r} is not in lorakit's table")
+            check.warnings.append(f"the base config {named}: module names were checked against the Llama-family "
+                                  "projections")
     check.problems += module_problems(adapter, allowed, allow_embeddings)
 
 

@@ -260,7 +260,10 @@ def _modules_to_save_here(model: nn.Module, config: LoraConfig, adapter: Adapter
     tensor_names = list(adapter.parameter_tensors())
     resolved = []
     for wanted in config.modules_to_save:
-        matches = [name for name in module_names if name.endswith(wanted)]  # PEFT's rule: "norm" takes "input_layernorm"
+        # PEFT's rule: "norm" takes "input_layernorm" too; such a match only where the file holds it
+        # (lorakit saved "classifier" without DistilBERT's "pre_classifier" before 2026-11-30)
+        matches = [name for name in module_names if name == wanted or name.endswith("." + wanted)
+                   or (name.endswith(wanted) and any(key.startswith(name + ".") for key in tensor_names))]
         if not matches and any(key.startswith(wanted + ".") for key in tensor_names):
             raise AdapterMismatchError(f"the adapter trains module {wanted!r} in full, which this model does not "
                                        "have; load it onto the base model it was trained for")

@@ -82,10 +82,12 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     names = _without_narrow_layers(config, modules, names)
     head = classification_head(model)
     if head:
-        names = _outside_the_head(names, head)
-        if head not in config.modules_to_save:
-            # a task head starts random: it must train and be saved with the adapter (PEFT does the same)
-            config = dataclasses.replace(config, modules_to_save=[*config.modules_to_save, head])
+        # a task head starts random: it must train and be saved with the adapter (PEFT does the same,
+        # taking every module whose name ends in the head's: DistilBERT's pre_classifier too)
+        heads = [name for name, _ in model.named_modules() if name.endswith(head)]
+        names = _outside_the_head(names, heads)
+        config = dataclasses.replace(config, modules_to_save=[*config.modules_to_save,
+                                                              *(h for h in heads if h not in config.modules_to_save)])
     _refuse_unused_patterns(config, names)
     _refuse_adapted_modules_to_save(config, names)
     ranks = {name: config.rank_and_alpha(name) for name in names}
@@ -98,10 +100,11 @@ def _within(name: str, module: str) -> bool:
     return name == module or name.startswith(module + ".")
 
 
-def _outside_the_head(names: list[str], head: str) -> list[str]:
+def _outside_the_head(names: list[str], heads: list[str]) -> list[str]:
     """A task head trains in full (modules_to_save, as PEFT's SEQ_CLS/TOKEN_CLS makes it): LoRA
     inside it as well would save a file PEFT cannot load."""
-    inside = [name for name in names if _within(name, head)]
+    inside = [name for name in names if any(_within(name, head) for head in heads)]
+    head = heads[-1]
     if inside and len(inside) == len(names):
         raise TargetMatchError(f"the targets match only {', '.join(inside)}, in the task head {head!r}, which "
                                "trains in full anyway; target the model's projections (e.g. all-linear)")

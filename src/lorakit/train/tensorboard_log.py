@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,8 +22,10 @@ class TensorBoardLog:
         except ImportError:
             return
         _quiet_writer_threads()
+        before = set(threading.enumerate())
         with self._guarded():
             self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
+        _OUR_WRITER_THREADS.update(set(threading.enumerate()) - before)
 
     def add(self, entry: dict) -> None:
         """An entry of metrics.jsonl: its numbers under `kind/key` at its step."""
@@ -47,16 +50,20 @@ class TensorBoardLog:
             self.writer = None
 
 
+_OUR_WRITER_THREADS: weakref.WeakSet = weakref.WeakSet()  # the writer threads of lorakit's own logs
+
+
 def _quiet_writer_threads() -> None:
     """Python prints an uncaught exception of any thread; TensorBoard's writer thread re-raises
     its I/O errors, which the next add or close raises again in the training thread (and
-    `_guarded` turns into one warning). Other threads keep the hook they had."""
+    `_guarded` turns into one warning). Other threads, a user's own SummaryWriter's among them,
+    keep the hook they had."""
     previous = threading.excepthook
     if getattr(previous, "lorakit_quiets_tensorboard", False):
         return
 
     def hook(args: threading.ExceptHookArgs) -> None:
-        if type(args.thread).__name__ != "_AsyncWriterThread":
+        if args.thread not in _OUR_WRITER_THREADS:
             previous(args)
 
     hook.lorakit_quiets_tensorboard = True
