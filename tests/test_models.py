@@ -472,7 +472,9 @@ def test_killed_conversion_leaves_no_folder_that_looks_complete(tiny_gguf, cache
     assert not target.exists()
     assert list(target.parent.iterdir()) == []
     # a temp folder left by a process that no longer exists is swept by the next conversion
-    stale = target.parent / f".tmp-{target.name}-999999999-deadbeef"
+    from lorakit.publish import _host
+
+    stale = target.parent / f".tmp-{target.name}-{_host()}-999999999-deadbeef"
     stale.mkdir()
     monkeypatch.setattr(gguf_convert, "_write_dense_folder", real_write)
     assert ensure_gguf_converted(tiny_gguf) == target

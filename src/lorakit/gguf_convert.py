@@ -17,12 +17,12 @@ import importlib.util
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ModelLoadError
-from lorakit.host import cache_dir, process_alive
+from lorakit.host import cache_dir
+from lorakit.publish import recover_leftovers, temp_beside
 from lorakit.safe_io import translate_os_errors
 
 CONVERSION_MARKER = "lorakit_conversion.json"
@@ -43,12 +43,12 @@ def ensure_gguf_converted(gguf_path: str | os.PathLike, builtin: bool = False) -
     if (target / CONVERSION_MARKER).is_file():
         return target
     _check_gguf_header(Path(gguf_path))
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_beside(target)
     try:
         with translate_os_errors(target, fix=f"free space there or set LORAKIT_CACHE to a writable folder with "
                                              f"room for the dense copy (~{_dense_size_text(gguf_path)})"):
             target.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temps(target)
+            recover_leftovers(target)  # temp folders of conversions that were killed
             _write_dense_folder(Path(gguf_path), tmp, builtin)
             _publish(tmp, target)
     finally:
@@ -59,14 +59,6 @@ def ensure_gguf_converted(gguf_path: str | os.PathLike, builtin: bool = False) -
 def _dense_size_text(gguf_path: str | os.PathLike) -> str:
     """The dense fp32 copy's size, roughly: a 4-bit GGUF holds about 1/8 of it."""
     return f"{8 * os.path.getsize(gguf_path) / 2**30:.1f} GiB"
-
-
-def _remove_stale_temps(target: Path) -> None:
-    """Delete temp folders left by conversions that were killed (their process is gone)."""
-    for tmp in target.parent.glob(f".tmp-{target.name}-*"):
-        pid = tmp.name[len(f".tmp-{target.name}-") :].split("-", 1)[0]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _publish(tmp: Path, target: Path) -> None:
