@@ -163,6 +163,7 @@ def test_stop_tokens_take_any_form_and_none_means_none():
 @pytest.mark.parametrize("flags,words", [(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
                                          (["--temperature", "nan"], "--temperature must be 0"),
                                          (["--temperature", "-1"], "--temperature must be 0"),
+                                         (["--temperature", "1e-300"], "below it the logits overflow"),
                                          (["--raw", ""], "the prompt is empty"),
                                          (["--use", "zzz"], "none is loaded"),
                                          (["--raw", "--system", "be brief"], "--system is a chat turn")])
@@ -214,6 +215,27 @@ def test_eval_reproduces_the_training_runs_own_eval(tmp_path, capsys, dtype, eva
     assert any("as the run trained" in note for note in result["notes"]) == (eval_dtype == "auto")
     assert result["base_loss"] == pytest.approx(summary["base_eval_loss"], rel=1e-6)
     assert result["adapter_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-6)
+
+
+def test_eval_scores_with_the_runs_labels_and_cut_and_refuses_a_loss_that_is_no_number(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = save_tiny_chat_model(tmp_path / "model")
+    data, held_out = write_define_data(tmp_path / "d.jsonl", 32), write_define_data(tmp_path / "e.jsonl", 8, seed=1)
+    assert main(["train", "--model", str(model), "--data", str(data), "--eval-data", str(held_out), "--output",
+                 str(tmp_path / "run"), "--max-steps", "3", "--r", "4", "--lr", "1e-2", "--dtype", "float32",
+                 "--seq-len", "48", "--batch-size", "4", "--train-on-inputs"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    capsys.readouterr()
+    adapter = tmp_path / "run" / "adapter"
+    assert main(["eval", "--adapter", str(adapter), "--data", str(held_out), "--batch-size", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)  # no --seq-len: the run's 48, and its train_on_inputs
+    assert "seq_len 48, train_on_inputs True: the run's own (its config.yaml)" in result["notes"]
+    assert result["adapter_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-6)
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v * 1e25 for k, v in load_file(weights).items()}, weights)  # finite factors that overflow
+    assert main(["eval", "--adapter", str(adapter), "--data", str(held_out), "--json"]) == 2
+    assert "the adapter's loss on this data is nan" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["eval", "generate"])

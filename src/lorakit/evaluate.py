@@ -9,6 +9,7 @@ same data, and scores a new file the way training would have.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,10 +18,11 @@ from lorakit.errors import ConfigError
 
 
 def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], model: str | None = None, fmt: str = "auto",
-                     seq_len: int = 512, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
+                     seq_len: int | None = None, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
                      allow_other_base: bool = False, allow_pickle: bool = False) -> dict:
     """{base_loss, base_perplexity, adapter_loss, adapter_perplexity, tokens, notes} over ``data``;
-    ``model`` defaults to the adapter's base_model_name_or_path."""
+    ``model`` defaults to the adapter's base_model_name_or_path; ``seq_len`` None: the run's (its
+    config.yaml beside the adapter), else 512. The run's train_on_inputs is kept: the same labels."""
     from lorakit.adapters import base_model_for
     from lorakit.data.formats import tokenize_records
     from lorakit.data.reading import read_records
@@ -29,15 +31,19 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     from lorakit.train.loop import evaluate
     from lorakit.train.run import check_vocabulary, context_notice, longest_example, packing_blocker
 
+    run = _run_data_settings(adapter)
+    seq_len = run.get("seq_len", 512) if seq_len is None else seq_len
     _check_sizes(seq_len, batch_size)
     run_dtype = run_dtype_of(adapter) if dtype == "auto" else None
     placement, torch_dtype = inference_placement(device, run_dtype or dtype)
     base_model, tokenizer, _ = load_model_and_tokenizer(model or base_model_for([adapter]), dtype=torch_dtype,
                                                         device=placement, allow_pickle=allow_pickle)
-    records = tokenize_records(read_records(data), tokenizer, fmt, seq_len)  # one path, or several
+    inputs_trained = run.get("train_on_inputs") is True
+    records = tokenize_records(read_records(data), tokenizer, fmt, seq_len, inputs_trained)  # one path, or several
     check_vocabulary(base_model, tokenizer, records)
     longest = longest_example(records, None)
     notes = list(records.stats.warnings)  # records skipped, cut or split
+    notes += [f"{', '.join(f'{k} {v}' for k, v in run.items())}: the run's own (its config.yaml)"] if run else []
     notes += [f"dtype {run_dtype}, as the run trained (its summary.json); --dtype to choose another"] if run_dtype else []
     notes += context_notice(base_model, longest)  # raises where the examples run past a position table
     load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
@@ -47,6 +53,7 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     with disable_adapters(base_model):
         base = evaluate(base_model, records, settings)
     tuned = evaluate(base_model, records, settings)
+    _refuse_non_finite(base["loss"], tuned["loss"], torch_dtype)
     return {"base_loss": base["loss"], "base_perplexity": base["perplexity"], "adapter_loss": tuned["loss"],
             "adapter_perplexity": tuned["perplexity"], "tokens": tuned["tokens"], "notes": notes}
 
@@ -54,6 +61,11 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
 def run_dtype_of(adapter: str | os.PathLike) -> str | None:
     """The dtype the adapter's run trained in: its summary.json, beside the adapter folder that
     the summary names; None for an adapter from elsewhere (a checkpoint, a download)."""
+    dtype = (_run_summary(adapter) or {}).get("dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+
+
+def _run_summary(adapter: str | os.PathLike) -> dict | None:
     folder = Path(adapter).resolve()
     try:
         summary = json.loads((folder.parent / "summary.json").read_text(encoding="utf-8"))
@@ -62,8 +74,36 @@ def run_dtype_of(adapter: str | os.PathLike) -> str | None:
     # the summary names the adapter as the run's --output spelled it, perhaps relative: compare names
     if not isinstance(summary, dict) or Path(str(summary.get("adapter", ""))).name != folder.name:
         return None
-    dtype = summary.get("dtype")
-    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+    return summary
+
+
+def _run_data_settings(adapter: str | os.PathLike) -> dict:
+    """seq_len and train_on_inputs of the adapter's run (its config.yaml, where its summary.json
+    names this adapter): the labels and cuts its eval loss was measured with. {} otherwise."""
+    from lorakit.config import load_yaml
+    from lorakit.errors import LorakitError
+
+    if _run_summary(adapter) is None:
+        return {}
+    try:
+        data = load_yaml(Path(adapter).resolve().parent / "config.yaml").get("data", {})
+    except LorakitError:  # a config edited since: score with the defaults
+        return {}
+    seq_len, inputs = data.get("seq_len"), data.get("train_on_inputs")
+    return {**({"seq_len": seq_len} if isinstance(seq_len, int) and seq_len >= 2 else {}),
+            **({"train_on_inputs": inputs} if isinstance(inputs, bool) else {})}
+
+
+def _refuse_non_finite(base_loss: float, adapter_loss: float, dtype) -> None:
+    """A loss that is not a number is no score; in 16 bits an adapter's large outputs overflow."""
+    from lorakit.errors import AdapterFileError, ModelLoadError
+
+    if not math.isfinite(base_loss):
+        raise ModelLoadError(f"the base model's loss on this data is {base_loss}: its weights or this dtype "
+                             f"({dtype}) overflow; try --dtype float32, or check the model's weights")
+    if not math.isfinite(adapter_loss):
+        raise AdapterFileError(f"the adapter's loss on this data is {adapter_loss} (the base's is {base_loss:.4f}): "
+                               f"its outputs overflow in {dtype}; try --dtype float32, or the adapter is broken")
 
 
 def _check_sizes(seq_len: int, batch_size: int) -> None:

@@ -16,7 +16,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="data files to score, read as lorakit train reads them")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="data format")
-    p.add_argument("--seq-len", type=int, default=512, help="maximum tokens per sequence (longer examples are cut)")
+    p.add_argument("--seq-len", type=int, help="maximum tokens per sequence (longer examples are cut; default: "
+                                              "the run's, from its config.yaml beside the adapter, else 512)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     p.add_argument("--allow-other-base", action="store_true", help="load an adapter made for another base model")
     add_placement_flags(p)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+MIN_TEMPERATURE = 1e-4  # logits / t must stay finite in fp32 and bf16 for the sampler
+
 
 def register(subparsers, name: str, help_text: str) -> None:
     from lorakit.cli.placement import add_placement_flags
@@ -45,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--system is a chat turn, and --raw continues plain text without one; use one of them")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not 0 <= args.temperature < float("inf"):
-        raise ConfigError(f"--temperature must be 0 (greedy) or a positive number, got {args.temperature}")
+    if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < float("inf")):
+        raise ConfigError(f"--temperature must be 0 (greedy) or a number from {MIN_TEMPERATURE:g} up, got "
+                          f"{args.temperature:g} (below it the logits overflow: use 0 for greedy)")
     device, dtype = inference_placement(args.device, args.dtype)
     model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for(args.adapter), dtype=dtype, device=device,
                                                    allow_pickle=args.allow_pickle)
