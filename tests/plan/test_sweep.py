@@ -181,3 +181,34 @@ def test_killed_sweep_retrains_only_the_unfinished_point(base_config, tmp_path, 
     assert [e["status"] for e in report["points"]] == ["reused", "trained"]
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == before
     assert json.loads((second / "summary.json").read_text())["steps"] == 8
+
+
+def test_a_stopped_sweep_says_how_to_go_on_and_keeps_no_stale_plot(base_config, tmp_path, capsys, monkeypatch):
+    import signal
+
+    from lorakit.train.loop import Trainer
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(base_config), "--r", "2", "--alpha", "2r", "--targets", "qv", "--max-steps", "2",
+                 "--output", str(out)]) == 0
+    assert (out / "sweep.png").is_file()
+    real_loss, calls = Trainer._loss, []
+
+    def loss_then_sigint(trainer, batch, normalizer):
+        calls.append(1)
+        if len(calls) == 1:  # the new point's first step
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(trainer, batch, normalizer)
+
+    monkeypatch.setattr(Trainer, "_loss", loss_then_sigint)
+    capsys.readouterr()
+    assert main(["sweep", str(base_config), "--r", "2,4", "--alpha", "2r", "--targets", "qv", "--max-steps", "2",
+                 "--output", str(out)]) == 130  # the grid grew: its new point is stopped part way
+    captured = capsys.readouterr()
+    assert "rerun the same sweep command to go on" in captured.out and "--resume" not in captured.out
+    assert not (out / "sweep.png").exists() and "plot:" not in captured.out  # the old plot showed the old grid
+
+
+def test_two_alphas_that_print_alike_are_two_points():
+    assert SweepPoint(4, 16.0, "qv", False).slug == "r4-a16-qv"
+    assert SweepPoint(4, 16.0000001, "qv", False).slug == "r4-a16.0000001-qv"

@@ -75,7 +75,9 @@ def print_report(report: dict, output: Path) -> None:
     else:
         console.print(f"the guide's point (--task {guide['task']}: r={guide['r']}, alpha={guide['alpha']:g}, targets all) "
                       "is not in this grid; add it to compare")
-    console.print(f"best: {report['best']}   results: {output / 'sweep.json'}   plot: {output / 'sweep.png'}")
+    plot = output / "sweep.png"  # not drawn for a sweep stopped part way
+    console.print(f"best: {report['best']}   results: {output / 'sweep.json'}"
+                  + (f"   plot: {plot}" if plot.is_file() else ""))
     if report["pending"]:
         console.print(f"not run yet: {', '.join(report['pending'])}")
 

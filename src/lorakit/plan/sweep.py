@@ -57,7 +57,8 @@ class SweepPoint:
         clean = re.sub(r"[^A-Za-z0-9_-]+", "_", self.targets).strip("_")[:40] or "targets"
         if clean != self.targets:  # keep two specs that clean to the same text apart
             clean += "-" + hashlib.sha256(self.targets.encode()).hexdigest()[:6]
-        return f"r{self.r}-a{self.alpha:g}-{clean}" + ("-rslora" if self.rslora else "")
+        alpha = f"{self.alpha:g}" if float(f"{self.alpha:g}") == self.alpha else repr(self.alpha)  # 16 vs 16.0000001
+        return f"r{self.r}-a{alpha}-{clean}" + ("-rslora" if self.rslora else "")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "scale": self.scale, "slug": self.slug}
@@ -229,7 +230,8 @@ def train_point(config: RunConfig, log: Callable[[str], None]) -> tuple[dict | N
     out = claim_output(config)
     try:
         atomic_write_json(out / "point.json", marker)
-        result = Session(prepared, out, log=log).run()
+        result = Session(prepared, out, log=log,
+                         resume_hint="rerun the same sweep command to go on (this point trains again from its start)").run()
     finally:
         release_run_folder(out)  # the point is done: `lorakit train --output` on it may go on
         del prepared
@@ -318,6 +320,7 @@ def run_sweep(config_path: str | Path, grid: Grid, max_steps: int | None, output
             log(f"sweep: training point {len(results) + 1}/{len(points)}: {point.slug}")
             summary, stopped = train_point(configs[point.slug], log)
             if stopped:  # Ctrl-C: the point reruns from scratch next time
+                (out / "sweep.png").unlink(missing_ok=True)  # an earlier grid's: sweep.json now describes this one
                 return write_report(out, config_path, grid, max_steps, points, results, task, interrupted=stopped)
         else:
             log(f"sweep: reusing finished point {point.slug}")

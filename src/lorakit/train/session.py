@@ -54,8 +54,9 @@ def make_optimizer(prepared: Prepared) -> torch.optim.Optimizer:
 
 
 class Session:
-    def __init__(self, prepared: Prepared, out: Path, log=print):
-        self.prepared, self.out = prepared, out
+    def __init__(self, prepared: Prepared, out: Path, log=print,
+                 resume_hint: str = "continue with the same command plus --resume"):
+        self.prepared, self.out, self.resume_hint = prepared, out, resume_hint
         self.log = log if distributed.is_main() else _quiet  # under torchrun rank 0 speaks and writes
         self.config = prepared.config
         self.optimizer = make_optimizer(prepared)
@@ -241,8 +242,7 @@ class Session:
 
     def _stop(self, signal_name: str) -> RunResult:
         path = self.save_checkpoint()
-        self.log(f"stopped by {signal_name} at step {self.state.step}; checkpoint saved to {path}; "
-                 "continue with the same command plus --resume")
+        self.log(f"stopped by {signal_name} at step {self.state.step}; checkpoint saved to {path}; {self.resume_hint}")
         return RunResult({}, self.out, signal_name, self.history)
 
     def _on_step(self, state: TrainState, result: StepResult, bar) -> None:
