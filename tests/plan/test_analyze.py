@@ -231,6 +231,13 @@ def test_cli_heatmap_replaces_its_own_picture_only(tmp_path, capsys):
     for _ in range(2):  # the second run replaces the first one's heatmap
         assert main(["analyze", str(tmp_path / "a"), "--heatmap", str(heatmap)]) == 0
     assert heatmap.read_bytes()[:4] == b"\x89PNG"
+    default = tmp_path / "a" / "effective_rank.png"  # the default path is checked the same way
+    default.write_bytes(mine.read_bytes())
+    assert main(["analyze", str(tmp_path / "a")]) == 2
+    assert "the heatmap's default path" in capsys.readouterr().err and default.read_bytes() == mine.read_bytes()
+    default.unlink()
+    for _ in range(2):
+        assert main(["analyze", str(tmp_path / "a")]) == 0
 
 
 def test_cli_heatmap_write_error_names_heatmap_not_output(tmp_path, capsys, monkeypatch):

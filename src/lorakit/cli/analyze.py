@@ -72,9 +72,10 @@ def _heatmap_target(args: argparse.Namespace) -> Path:
     target = args.heatmap or args.adapter / "effective_rank.png"
     if target.suffix.lower() != ".png":
         raise ConfigError(f"--heatmap {target} must end in .png (it is a PNG image)")
-    if args.heatmap is not None and target.exists() and not figure_made_by(target, HEATMAP_MAKER):
-        raise OutputError(f"--heatmap {target} exists and is not a heatmap lorakit analyze wrote; choose "
-                          "another path, or delete the file first")
+    if target.exists() and not figure_made_by(target, HEATMAP_MAKER):  # the default path too: a file of the user's
+        chosen = f"--heatmap {target}" if args.heatmap is not None else f"the heatmap's default path {target}"
+        raise OutputError(f"{chosen} exists and is not a heatmap lorakit analyze wrote; choose another path "
+                          "(--heatmap PATH), pass --no-heatmap, or delete the file first")
     return target
 
 
