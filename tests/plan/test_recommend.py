@@ -248,3 +248,12 @@ def test_long_runs_evaluate_and_checkpoint_about_ten_times():
     choices, _ = plan_choices("domain", profile(), one_b(), DeviceMemory("cuda", 140 * GIB, "test"))
     values = {c.key: c.value for c in choices}
     assert values["train.epochs"] == 2 and values["train.save_every"] == values["train.eval_every"] == 100
+
+
+def test_packed_rows_hold_whole_examples():
+    from lorakit.plan.recommend import rows_per_step
+
+    # 42-token examples in 64-token rows: one per row (the packer never splits one), not 16 x 42 / 64
+    assert rows_per_step(16, 42.0, 64, packing=True) == 16
+    assert rows_per_step(16, 53.0, 128, packing=True) == 8  # two per row
+    assert rows_per_step(16, 30.0, 256, packing=True) == 2  # eight per row

@@ -271,11 +271,16 @@ def _round_down_nicely(n: int) -> int:
 
 
 def rows_per_step(examples_per_step: int, mean_length: float, seq_len: int, packing: bool) -> int:
-    """Sequences per optimizer step: packed rows hold several examples each."""
+    """Sequences per optimizer step: a packed row holds the whole examples that fit in it (the
+    packer never splits one across rows), about seq_len // mean_length of them."""
     if not packing:
         return _pow2_at_least(examples_per_step)
-    rows = examples_per_step * mean_length / seq_len
+    rows = examples_per_step / examples_per_row(mean_length, seq_len)
     return max(1, 2 ** round(math.log2(max(rows, 1.0))))
+
+
+def examples_per_row(mean_length: float, seq_len: int) -> int:
+    return max(1, int(seq_len // max(mean_length, 1.0)))
 
 
 def fit_batch(rows: int, memory_of: Callable[[int, bool], int], usable: int) -> tuple[int, bool, int]:
@@ -418,12 +423,21 @@ def plan_choices(task: str, profile: DataProfile, facts: ModelFacts, budget: Dev
         r, Choice("lora.alpha", alpha, alpha_why, guide=alpha), targets,
         Choice("lora.rslora", False, "standard scaling alpha/r, as the guide assumes", guide=False),
         choose_lr(facts.params, alpha), epochs, seq_len,
-        Choice("data.packing", True, "short examples share a row (no attention across them): little compute on padding"),
+        _packing_choice(profile.length_mean, seq_len.value),
         batch, Choice("train.grad_accum", accum, f"{batch.value} x {accum} = {rows} rows of {seq_len.value} tokens "
                                                  f"per step: {per_step_why}"),
         checkpointing, *(_budget_choice(budget) if memory else []), quantize,
         *choose_eval_and_save(int(profile.examples * epochs.value) // per_step),
     ], memory
+
+
+def _packing_choice(mean_length: float, seq_len: int) -> Choice:
+    per_row = examples_per_row(mean_length, seq_len)
+    if per_row > 1:
+        return Choice("data.packing", True, f"short examples share a row (~{per_row} of {mean_length:.0f} tokens "
+                                            "in each; no attention across them): little compute on padding")
+    return Choice("data.packing", True, f"on, though a row of {seq_len} tokens holds one example of {mean_length:.0f} "
+                                        "on average (packing never splits one): the padding is computed")
 
 
 def _targets_choice(model_type: str | None) -> Choice:
