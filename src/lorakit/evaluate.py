@@ -2,8 +2,9 @@
 
 It runs the trainer's own evaluation: the same tokenisation and response-only labels, packed
 rows where train packs them, the fast paths, the dtype the run trained in (its summary.json beside
-the adapter folder; else the one `lorakit train` picks). So it reproduces a run's eval loss for the
-same data, and scores a new file the way training would have.
+the adapter folder; else the one `lorakit train` picks), and the run's seq_len and train_on_inputs
+(its config.yaml). So it reproduces a run's eval loss for the same data, and scores a new file the
+way training would have.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     from lorakit.train.run import check_vocabulary, context_notice, longest_example, packing_blocker
 
     run = _run_data_settings(adapter)
+    if seq_len is not None:  # the caller's: only train_on_inputs is the run's
+        run.pop("seq_len", None)
     seq_len = run.get("seq_len", 512) if seq_len is None else seq_len
     _check_sizes(seq_len, batch_size)
     run_dtype = run_dtype_of(adapter) if dtype == "auto" else None
