@@ -17,6 +17,8 @@ from pathlib import Path
 
 from lorakit.errors import ConfigError
 
+EVAL_DEFAULTS = {"seq_len": 512, "train_on_inputs": False}  # for an adapter whose run's config is not beside it
+
 
 def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], model: str | None = None, fmt: str = "auto",
                      seq_len: int | None = None, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
@@ -35,7 +37,7 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     run = _run_data_settings(adapter)
     if seq_len is not None:  # the caller's: only train_on_inputs is the run's
         run.pop("seq_len", None)
-    seq_len = run.get("seq_len", 512) if seq_len is None else seq_len
+    seq_len = run.get("seq_len", EVAL_DEFAULTS["seq_len"]) if seq_len is None else seq_len
     _check_sizes(seq_len, batch_size)
     run_dtype = run_dtype_of(adapter) if dtype == "auto" else None
     placement, torch_dtype = inference_placement(device, run_dtype or dtype)
@@ -46,7 +48,8 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     check_vocabulary(base_model, tokenizer, records)
     longest = longest_example(records, None)
     notes = list(records.stats.warnings)  # records skipped, cut or split
-    notes += [f"{', '.join(f'{k} {v}' for k, v in run.items())}: the run's own (its config.yaml)"] if run else []
+    taken = {k: v for k, v in run.items() if v != EVAL_DEFAULTS[k]}
+    notes += [f"{', '.join(f'{k} {v}' for k, v in taken.items())}: the run's own (its config.yaml)"] if taken else []
     notes += [f"dtype {run_dtype}, as the run trained (its summary.json); --dtype to choose another"] if run_dtype else []
     notes += context_notice(base_model, longest)  # raises where the examples run past a position table
     load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
