@@ -267,6 +267,11 @@ def test_a_run_folder_given_as_the_adapter_is_pointed_to_its_adapter(trained, tm
             "merge": ["merge", "--adapter", str(run), "--output", str(tmp_path / "m")]}[command]
     assert main(argv) == 2
     assert f"this looks like a training run's folder: pass its adapter, {adapter}" in capsys.readouterr().err
+    checkpoint = next((run / "checkpoints").iterdir())  # the training state: for --resume
+    argv = [str(checkpoint) if part == str(run) else part for part in argv]
+    assert main(argv) == 2
+    assert (f"this is a training checkpoint (for --resume), not an adapter folder: pass the run's adapter, {adapter}"
+            in capsys.readouterr().err)
 
 
 def test_a_refusal_with_json_also_answers_in_json(capsys):

@@ -175,8 +175,13 @@ def read_adapter_config(folder: Path) -> dict:
 
 def missing_config_hint(folder: Path) -> str:
     """What to pass instead of a folder without adapter_config.json: a run folder's adapter."""
-    if (Path(folder) / "adapter" / CONFIG_FILE).is_file():
-        return f"this looks like a training run's folder: pass its adapter, {Path(folder) / 'adapter'}"
+    folder = Path(folder)
+    if (folder / "adapter" / CONFIG_FILE).is_file():
+        return f"this looks like a training run's folder: pass its adapter, {folder / 'adapter'}"
+    run = folder.parent.parent  # runs/X/checkpoints/step-N: the training state, not an adapter folder
+    if (folder / "manifest.json").is_file() and folder.parent.name == "checkpoints":
+        return (f"this is a training checkpoint (for --resume), not an adapter folder: pass the run's adapter, "
+                f"{run / 'adapter'}, once the run has finished")
     return f"an adapter folder needs {CONFIG_FILE} beside its weights"
 
 
