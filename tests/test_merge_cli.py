@@ -11,6 +11,17 @@ from lorakit.cli import main
 from tiny_models import randomize_lora, save_tiny_chat_model
 
 
+def _saved_adapter(tmp_path):
+    """An untrained LoRA (B = 0) on a tiny base model folder, saved to tmp_path/adapter."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir = save_tiny_chat_model(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    return tmp_path / "adapter"
+
+
 def test_merge_writes_a_plain_model_that_matches(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -75,12 +86,7 @@ def test_merge_output_problems_are_one_message_and_leave_nothing(tmp_path, capsy
 
 
 def test_export_merged_takes_overwrite_as_its_message_says(tmp_path, capsys):
-    base_dir = save_tiny_chat_model(tmp_path / "base")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    apply_lora(model, LoraConfig(r=4, alpha=8))
-    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    _saved_adapter(tmp_path)
     (tmp_path / "out").mkdir()
     export = ["export", "--adapter", str(tmp_path / "adapter"), "--format", "merged", "--output", str(tmp_path / "out")]
     assert main(export) == 2
@@ -94,12 +100,7 @@ def test_export_merged_takes_overwrite_as_its_message_says(tmp_path, capsys):
 def test_a_failed_final_move_keeps_the_checked_merge_and_says_where(tmp_path, capsys, monkeypatch):
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM
-
-    base_dir = save_tiny_chat_model(tmp_path / "base")
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    apply_lora(model, LoraConfig(r=4, alpha=8))
-    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    _saved_adapter(tmp_path)
     real_rename = Path.rename
 
     def refuse_into_output(self, target):
@@ -130,12 +131,7 @@ def test_overwrite_keeps_the_old_merge_until_the_new_one_is_in_place(tmp_path, c
     import shutil
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM
-
-    base_dir = save_tiny_chat_model(tmp_path / "base")
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    apply_lora(model, LoraConfig(r=4, alpha=8))
-    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    _saved_adapter(tmp_path)
     merge = ["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]
     assert main(merge) == 0
     (tmp_path / "merged" / "old-marker").write_text("the earlier merge")
@@ -171,12 +167,7 @@ def test_overwrite_keeps_the_old_merge_until_the_new_one_is_in_place(tmp_path, c
 
 
 def test_a_symlinked_or_too_long_output_is_refused_before_the_merge(tmp_path, capsys):
-    from transformers import AutoModelForCausalLM
-
-    base_dir = save_tiny_chat_model(tmp_path / "base")
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    apply_lora(model, LoraConfig(r=4, alpha=8))
-    save_adapter(model, tmp_path / "adapter", base_model_name=str(base_dir))
+    _saved_adapter(tmp_path)
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")

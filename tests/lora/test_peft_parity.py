@@ -113,16 +113,22 @@ def test_peft_inits_that_rewrite_the_base_differently_are_refused(tmp_path, llam
         load_adapter(llama, tmp_path)
 
 
-def test_peft_seq_cls_adapter_loads_though_it_names_a_head_the_model_lacks(tmp_path):
-    # PEFT's SEQ_CLS adapters list modules_to_save ["classifier", "score"]; BERT has no "score"
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
-    peft_model = randomize_lora(peft.get_peft_model(tiny_bert(), config))
+def _saved_peft_adapter(base, config, folder, shift: float) -> torch.Tensor:
+    """A PEFT adapter with random LoRA factors and its fully trained copies moved by `shift`, saved
+    to `folder`; the logits PEFT computes with it."""
+    peft_model = randomize_lora(peft.get_peft_model(base, config))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "modules_to_save" in name:
-                p.add_(0.05)
-    expected = logits(peft_model.eval())
-    peft_model.save_pretrained(tmp_path / "adapter")
+                p.add_(shift)
+    peft_model.save_pretrained(folder)
+    return logits(peft_model.eval())
+
+
+def test_peft_seq_cls_adapter_loads_though_it_names_a_head_the_model_lacks(tmp_path):
+    # PEFT's SEQ_CLS adapters list modules_to_save ["classifier", "score"]; BERT has no "score"
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    expected = _saved_peft_adapter(tiny_bert(), config, tmp_path / "adapter", shift=0.05)
     model = load_adapter(tiny_bert(), tmp_path / "adapter")
     assert (logits(model) - expected).abs().max() <= 1e-5
 
@@ -398,13 +404,7 @@ def test_modules_to_save_that_holds_an_adapted_layer_is_refused(llama):
 def test_peft_modules_to_save_match_by_name_ending_and_survive_a_resave(tmp_path):
     # PEFT takes every module whose name ends in the entry: "norm" is model.norm and every *_layernorm
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"])
-    peft_model = randomize_lora(peft.get_peft_model(tiny_llama(), config))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "modules_to_save" in name:
-                p.add_(0.1)
-    expected = logits(peft_model.eval())
-    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = _saved_peft_adapter(tiny_llama(), config, tmp_path / "adapter", shift=0.1)
     model = load_adapter(tiny_llama(), tmp_path / "adapter")
     assert (logits(model) - expected).abs().max() <= 1e-5
     save_adapter(model, tmp_path / "again")
@@ -416,13 +416,7 @@ def test_a_module_the_adapter_holds_in_full_without_naming_it_is_saved_again(tmp
     # PEFT's ensure_weight_tying saves a tied lm_head beside the embed_tokens that modules_to_save names
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
                              ensure_weight_tying=True)
-    peft_model = randomize_lora(peft.get_peft_model(tiny_llama(tie_word_embeddings=True), config))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "modules_to_save" in name:
-                p.add_(0.1)
-    expected = logits(peft_model.eval())
-    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = _saved_peft_adapter(tiny_llama(tie_word_embeddings=True), config, tmp_path / "adapter", shift=0.1)
     model = load_adapter(tiny_llama(tie_word_embeddings=True), tmp_path / "adapter")
     save_adapter(model, tmp_path / "again")
     again = peft.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), tmp_path / "again").eval()
