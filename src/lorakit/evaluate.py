@@ -34,12 +34,14 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     from lorakit.train.loop import evaluate
     from lorakit.train.run import check_vocabulary, context_notice, longest_example, packing_blocker
 
-    run = _run_data_settings(adapter)
-    if seq_len is not None:  # the caller's: only train_on_inputs is the run's
+    summary = _run_summary(adapter)  # read once: the run's dtype, and whether its config.yaml is this adapter's
+    run = _run_data_settings(adapter) if summary else {}
+    if seq_len is None:
+        seq_len = run.get("seq_len", EVAL_DEFAULTS["seq_len"])
+    else:  # the caller's: only train_on_inputs is the run's
         run.pop("seq_len", None)
-    seq_len = run.get("seq_len", EVAL_DEFAULTS["seq_len"]) if seq_len is None else seq_len
     _check_sizes(seq_len, batch_size)
-    run_dtype = run_dtype_of(adapter) if dtype == "auto" else None
+    run_dtype = _dtype_of(summary) if dtype == "auto" else None
     placement, torch_dtype = inference_placement(device, run_dtype or dtype)
     base_model, tokenizer, _ = load_model_and_tokenizer(model or base_model_for([adapter]), dtype=torch_dtype,
                                                         device=placement, allow_pickle=allow_pickle)
@@ -67,7 +69,11 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
 def run_dtype_of(adapter: str | os.PathLike) -> str | None:
     """The dtype the adapter's run trained in: its summary.json, beside the adapter folder that
     the summary names; None for an adapter from elsewhere (a checkpoint, a download)."""
-    dtype = (_run_summary(adapter) or {}).get("dtype")
+    return _dtype_of(_run_summary(adapter))
+
+
+def _dtype_of(summary: dict | None) -> str | None:
+    dtype = (summary or {}).get("dtype")
     return dtype if dtype in ("float32", "bfloat16", "float16") else None
 
 
@@ -84,13 +90,12 @@ def _run_summary(adapter: str | os.PathLike) -> dict | None:
 
 
 def _run_data_settings(adapter: str | os.PathLike) -> dict:
-    """seq_len and train_on_inputs of the adapter's run (its config.yaml, where its summary.json
-    names this adapter): the labels and cuts its eval loss was measured with. {} otherwise."""
+    """seq_len and train_on_inputs of the adapter's run (its config.yaml beside the adapter folder,
+    which the caller found its summary.json to name): the labels and cuts its eval loss was measured
+    with."""
     from lorakit.config import load_yaml
     from lorakit.errors import LorakitError
 
-    if _run_summary(adapter) is None:
-        return {}
     try:
         data = load_yaml(Path(adapter).resolve().parent / "config.yaml").get("data", {})
     except LorakitError:  # a config edited since: score with the defaults
