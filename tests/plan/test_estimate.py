@@ -364,6 +364,15 @@ def test_cli_refuses_a_peak_that_is_not_a_positive_number(capsys, value):
     assert "--device-peak-tflops must be a positive number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--checkpoint-layers", "5"], "--checkpoint-layers 5 needs --grad-checkpointing on or offload"),
+    (["--checkpoint-layers", "0", "--grad-checkpointing", "on"], "must be at least 1, got 0"),
+])
+def test_cli_names_checkpoint_layers_problems_in_flag_words(capsys, flags, words):
+    assert main(["estimate", "--model", "1b", *flags]) == 2
+    assert words in capsys.readouterr().err
+
+
 def test_cli_refuses_a_rank_above_a_layers_smaller_side(capsys):
     assert main(["estimate", "--model", "smollm2-135m", "--r", "1000"]) == 2
     assert "r=1000 is above k_proj's smaller side (192)" in capsys.readouterr().err  # the tightest bound

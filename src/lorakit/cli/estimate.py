@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if args.fast_paths and args.engine == "peft":
         raise ConfigError("--fast-paths models lorakit train's step; PEFT's (--engine peft) has no fused loss or MLP: "
                           "drop one of them")
+    _check_checkpoint_layers(args.checkpoint_layers, args.grad_checkpointing)
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
     if not 0 < args.device_peak_tflops < float("inf"):
@@ -88,6 +89,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(result)
     return 0
+
+
+def _check_checkpoint_layers(k: int | None, grad_checkpointing: str) -> None:
+    """The flags' own words for what TrainShape would refuse in its field names."""
+    if k is None:
+        return
+    if k < 1:
+        raise ConfigError(f"--checkpoint-layers must be at least 1, got {k} (for no checkpointing: "
+                          "--grad-checkpointing off)")
+    if grad_checkpointing == "off":
+        raise ConfigError(f"--checkpoint-layers {k} needs --grad-checkpointing on or offload")
 
 
 def print_report(result) -> None:
