@@ -71,7 +71,8 @@ def test_tiny_data_departs_from_the_guide_and_says_so(tiny, capsys):
     assert main(recommend_args(tiny, "--json")) == 0
     rec = json.loads(capsys.readouterr().out)
     choices = {c["key"]: c for c in rec["choices"]}
-    assert rec["data"]["examples"] == 48 and rec["data"]["trained_tokens"] > 0
+    # train holds 5% of the records out for eval (no --eval-data): the plan counts the rest
+    assert rec["data"]["examples"] == 46 and rec["data"]["held_out"] == 2 and rec["data"]["trained_tokens"] > 0
     assert choices["lora.r"]["value"] == 8 and choices["lora.r"]["departs"]
     assert "instead of 16" in choices["lora.r"]["reason"]
     assert choices["lora.alpha"]["value"] == 16 and not choices["lora.alpha"]["departs"]
@@ -90,6 +91,7 @@ def test_printed_table_flags_departures(tiny, capsys):
     assert main(recommend_args(tiny, "--task", "style")) == 0
     out = capsys.readouterr().out
     assert "r=4 instead of 8" in out and "departs from the guide: lora.r" in out
+    assert "46 examples to train on (2 more held out for eval)" in out
 
 
 def test_rank_and_lr_follow_data_and_alpha():

@@ -65,7 +65,9 @@ def _print(rec, output: str | None) -> None:
     d, m = rec.data, rec.model
     console.print(f"model: {m.name} ({m.params / 1e6:,.0f}M parameters)   plan for: {rec.budget.device}, "
                   f"{rec.budget.total_bytes / 2**30:.1f} GiB ({rec.budget.source})")
-    console.print(f"data: {d.examples:,} examples ({d.format}), {d.total_tokens:,} tokens, {d.trained_tokens:,} trained; "
+    held_out = f" ({d.held_out:,} more held out for eval)" if d.held_out else ""
+    console.print(f"data: {d.examples:,} examples to train on{held_out} ({d.format}), {d.total_tokens:,} tokens, "
+                  f"{d.trained_tokens:,} trained; "
                   f"length p50/p99/max {d.length_p50}/{d.length_p99}/{d.length_max}, "
                   f"response p50/p99 {d.response_p50}/{d.response_p99}")
     table = Table(title="recommended config", header_style="bold", show_lines=False)

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lorakit.config import TASK_PRESETS, RunConfig, resolve, save_yaml
+from lorakit.config import TASK_PRESETS, DataConfig, RunConfig, TrainConfig, resolve, save_yaml
 from lorakit.errors import ConfigError
 
 GIB = 1024**3
@@ -78,6 +78,7 @@ class DataProfile:
     response_p50: int
     response_p99: int
     format: str
+    held_out: int = 0  # examples train holds out for evaluation (no --eval-data); not counted above
 
 
 @dataclass
@@ -365,15 +366,23 @@ def _tokenizer(spec: str | None) -> Any:
 
 
 def profile_data(paths: list[str], tokenizer: Any, fmt: str, max_positions: int | None,
-                 train_on_inputs: bool = False, token_rows: int | None = None) -> DataProfile:
-    """Token counts with the real tokenizer and chat template, examples uncut (up to the context);
-    refused where a token id has no row of the model's `token_rows` (training would fail)."""
+                 train_on_inputs: bool = False, token_rows: int | None = None,
+                 eval_split: float = 0.0, seed: int = 0) -> DataProfile:
+    """Token counts with the real tokenizer and chat template, examples uncut (up to the context),
+    of the part that trains: with `eval_split` > 0, what is left after train's own split (same
+    seed, same records held out). Refused where a token id has no row of the model's `token_rows`
+    (training would fail)."""
+    from lorakit.data.examples import split_eval
     from lorakit.data.formats import tokenize_records
     from lorakit.data.reading import read_records
     from lorakit.models import check_token_ids
 
     data = tokenize_records(read_records(paths), tokenizer, fmt, max_positions or ROUND_LENGTHS[-1], train_on_inputs)
     check_token_ids(token_rows, tokenizer, data.stats.largest_token_id, "the tokenised data holds")
+    held_out = 0
+    if eval_split > 0:
+        data, held = split_eval(data, eval_split, seed)
+        held_out = len(held)
     lengths = data.lengths()
     trained = np.asarray(data.dataset.select_columns(["num_labels"]).with_format("numpy")[:]["num_labels"])
     pct = lambda values, q: int(np.percentile(values, q, method="higher"))  # noqa: E731
@@ -381,6 +390,7 @@ def profile_data(paths: list[str], tokenizer: Any, fmt: str, max_positions: int 
         examples=len(data), total_tokens=int(lengths.sum()), trained_tokens=int(trained.sum()),
         length_mean=round(float(lengths.mean()), 2), length_p50=pct(lengths, 50), length_p99=pct(lengths, 99),
         length_max=int(lengths.max()), response_p50=pct(trained, 50), response_p99=pct(trained, 99), format=data.format,
+        held_out=held_out,
     )
 
 
@@ -395,7 +405,8 @@ def recommend(model: str | None = None, data: list[str] | None = None, task: str
     data, eval_data = _data_paths(data, eval_data)
     budget = budget or make_budget()
     facts = model_facts(model)
-    profile = profile_data(data, _tokenizer(model), fmt, facts.max_positions, token_rows=facts.token_rows)
+    profile = profile_data(data, _tokenizer(model), fmt, facts.max_positions, token_rows=facts.token_rows,
+                           eval_split=0.0 if eval_data else DataConfig().eval_split, seed=TrainConfig().seed)
     if eval_data:  # read now: a config naming an unreadable file would fail only when train starts
         from lorakit.data.reading import read_records
 
