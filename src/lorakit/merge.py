@@ -77,11 +77,13 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
     recover_leftovers(output_dir)
     _check_output(output_dir, overwrite, inputs={"the adapter": adapter_dir, "the base model": spec})
     quantize = None if quantize in (None, "none") else quantize
+    task = task_model(adapter_dir, allow_pickle)
     if quantize:
-        task = TaskModel("causal LM")  # _merge_quantized refuses a task head's adapter
+        if task.name != "causal LM":  # before the 4/8-bit base loads: that takes minutes on a large model
+            raise ConfigError(f"--quantize merges a causal LM's QLoRA adapter; this one is for a {task.name} model: "
+                              "merge it without --quantize")
         merged = _merge_quantized(spec, adapter_dir, dtype or "bfloat16", quantize, allow_other_base, allow_pickle)
     else:
-        task = task_model(adapter_dir, allow_pickle)
         merged = _merge_dense(spec, adapter_dir, dtype, allow_other_base, allow_pickle, task)
     tmp = temp_beside(output_dir)
     out_dtype = merged.model.dtype
@@ -216,10 +218,6 @@ def _merge_quantized(spec, adapter_dir, dtype: str, quantize: str, allow_other_b
 
     target_dtype = torch_dtype(dtype, "cpu")
     model, tokenizer, _ = load_quantized(spec, quantize, allow_pickle)
-    task = task_model(adapter_dir, allow_pickle).name
-    if task != "causal LM":
-        raise ConfigError(f"--quantize merges a causal LM's QLoRA adapter; this one is for a {task} model: "
-                          "merge it without --quantize")
     load_adapter(model, adapter_dir, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
     kernel_logits = _logits(model, _probe_ids(model))  # bf16, through the 4/8-bit kernels
     layers = dequantize_model(model, dtype=torch.float32, device="cpu")  # check 1, layer by layer
