@@ -418,7 +418,7 @@ def test_mostly_masked_is_warned(chatml):
     rows = [{"instruction": " ".join(["hello world"] * 20), "output": "a"}]
     stats = tokenize_records(ds(rows), chatml).stats
     assert stats.masked_fraction > 0.9
-    assert any("masked" in w for w in stats.warnings)
+    assert any("masked" in w and "train with --train-on-inputs" in w for w in stats.warnings)  # the flag's name
 
 
 def test_pad_token_id(chatml, plain):

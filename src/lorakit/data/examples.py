@@ -118,7 +118,7 @@ def _warnings(stats: DataStats, cut_kept: int) -> list[str]:
         notes.append(
             f"{stats.masked_fraction:.0%} of the tokens are masked (only {stats.label_tokens} of "
             f"{stats.total_tokens} are trained); fine for short answers, otherwise check the "
-            "response fields or set train_on_inputs"
+            "response fields, or train with --train-on-inputs (eval then scores every token too)"
         )
     if stats.split:
         notes.append(f"{stats.split} text{'s' * (stats.split != 1)} longer than --seq-len {stats.seq_len} "

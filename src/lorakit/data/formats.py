@@ -220,8 +220,8 @@ def _assistant_spans(enc: _Encoder, messages: list[dict], full: str, index: int)
         if not (full.startswith(before) and full.startswith(through)):
             raise DataError(
                 f"{enc.where(index)}: the chat template renders a conversation prefix differently "
-                "from the whole conversation, so the response tokens cannot be located; use "
-                "train_on_inputs, or a tokenizer whose template renders turns independently"
+                "from the whole conversation, so the response tokens cannot be located; train with "
+                "--train-on-inputs, or use a tokenizer whose template renders turns independently"
             )
         spans.append((len(before), _end_of_turn(enc.end_tokens, through)))
     return spans
