@@ -285,7 +285,10 @@ def test_a_refusal_with_json_also_answers_in_json(capsys):
 
 
 def test_the_runs_dtype_is_read_beside_its_adapter_only(tmp_path):
-    from lorakit.evaluate import run_dtype_of
+    from lorakit.evaluate import _dtype_of, _run_summary
+
+    def run_dtype_of(adapter):
+        return _dtype_of(_run_summary(adapter))
 
     (tmp_path / "run" / "adapter").mkdir(parents=True)
     summary = tmp_path / "run" / "summary.json"

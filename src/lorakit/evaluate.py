@@ -66,12 +66,6 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
             "adapter_perplexity": tuned["perplexity"], "tokens": tuned["tokens"], "notes": notes}
 
 
-def run_dtype_of(adapter: str | os.PathLike) -> str | None:
-    """The dtype the adapter's run trained in: its summary.json, beside the adapter folder that
-    the summary names; None for an adapter from elsewhere (a checkpoint, a download)."""
-    return _dtype_of(_run_summary(adapter))
-
-
 def _dtype_of(summary: dict | None) -> str | None:
     dtype = (summary or {}).get("dtype")
     return dtype if dtype in ("float32", "bfloat16", "float16") else None

@@ -6,7 +6,7 @@ import os
 import datasets
 import pytest
 
-from lorakit.data.reading import read_records
+from lorakit.data.reading import locate, read_records
 from lorakit.errors import DataError
 
 
@@ -24,9 +24,15 @@ def write_jsonl(path, rows, blank_lines=False):
 ROWS = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
 
 
+def only_part(recs):
+    """The one file's records."""
+    assert len(recs.parts) == 1
+    return recs.parts[0]
+
+
 def test_jsonl(tmp_path, cache):
     recs = read_records(write_jsonl(tmp_path / "d.jsonl", ROWS), cache_dir=cache)
-    assert recs.dataset[:] == {"instruction": ["q0", "q1", "q2"], "output": ["a0", "a1", "a2"]}
+    assert only_part(recs)[:] == {"instruction": ["q0", "q1", "q2"], "output": ["a0", "a1", "a2"]}
 
 
 def test_json_array_csv_and_parquet(tmp_path, cache):
@@ -35,34 +41,34 @@ def test_json_array_csv_and_parquet(tmp_path, cache):
     datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "d.parquet"))
     for name in ("d.json", "d.csv", "d.parquet"):
         recs = read_records(tmp_path / name, cache_dir=cache)
-        assert recs.dataset["output"][:] == ["a0", "a1", "a2"], name
+        assert only_part(recs)["output"][:] == ["a0", "a1", "a2"], name
 
 
 def test_txt_paragraphs_when_blank_lines(tmp_path, cache):
     path = tmp_path / "d.txt"
     path.write_text("first para\nstill first\n\n\n\nsecond para\n  \n", encoding="utf-8")
     recs = read_records(path, cache_dir=cache)
-    assert recs.dataset["text"][:] == ["first para\nstill first", "second para"]
+    assert only_part(recs)["text"][:] == ["first para\nstill first", "second para"]
 
 
 def test_txt_lines_when_no_blank_line(tmp_path, cache):
     path = tmp_path / "d.txt"
     path.write_text("one\n two \nthree", encoding="utf-8")
-    assert read_records(path, cache_dir=cache).dataset["text"][:] == ["one", "two", "three"]
+    assert only_part(read_records(path, cache_dir=cache))["text"][:] == ["one", "two", "three"]
 
 
 def test_txt_trailing_blank_lines_keep_one_example_per_line(tmp_path, cache):
     # a blank line only at the end separates nothing: the file was read as ONE paragraph before
     path = tmp_path / "d.txt"
     path.write_text("".join(f"line {i}\n" for i in range(50)) + "\n\n \n", encoding="utf-8")
-    assert read_records(path, cache_dir=cache).dataset["text"][:] == [f"line {i}" for i in range(50)]
+    assert only_part(read_records(path, cache_dir=cache))["text"][:] == [f"line {i}" for i in range(50)]
 
 
 def test_txt_whitespace_only_lines_separate_paragraphs(tmp_path, cache):
     # datasets' own paragraph mode splits on an exact "\n\n" and kept these three as one example
     path = tmp_path / "d.txt"
     path.write_bytes(b"one a\r\none b\r\n \r\ntwo\n\t\nthree\n")
-    assert read_records(path, cache_dir=cache).dataset["text"][:] == ["one a\none b", "two", "three"]
+    assert only_part(read_records(path, cache_dir=cache))["text"][:] == ["one a\none b", "two", "three"]
 
 
 def test_txt_edited_file_is_read_anew(tmp_path, cache):
@@ -70,11 +76,11 @@ def test_txt_edited_file_is_read_anew(tmp_path, cache):
 
     path = tmp_path / "d.txt"
     path.write_text("old one\nold two\n", encoding="utf-8")
-    assert read_records(path, cache_dir=cache).dataset["text"][:] == ["old one", "old two"]
+    assert only_part(read_records(path, cache_dir=cache))["text"][:] == ["old one", "old two"]
     stamp = (path.stat().st_atime_ns, path.stat().st_mtime_ns)
     path.write_text("new one\nnew two\n", encoding="utf-8")  # the same size
     os.utime(path, ns=stamp)  # and the same time, as cp -p or rsync -t leave it
-    assert read_records(path, cache_dir=cache).dataset["text"][:] == ["new one", "new two"]
+    assert only_part(read_records(path, cache_dir=cache))["text"][:] == ["new one", "new two"]
 
 
 def test_saved_dataset_and_dict(tmp_path, cache):
@@ -83,7 +89,7 @@ def test_saved_dataset_and_dict(tmp_path, cache):
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:2]),
                                "test": datasets.Dataset.from_list(ROWS[2:])})
     dd.save_to_disk(str(tmp_path / "dict"))
-    assert read_records(tmp_path / "dict", cache_dir=cache).dataset["output"][:] == ["a0", "a1"]
+    assert only_part(read_records(tmp_path / "dict", cache_dir=cache))["output"][:] == ["a0", "a1"]
 
 
 def test_saved_dict_without_train_split_is_an_error(tmp_path, cache):
@@ -98,11 +104,11 @@ def test_several_files_concatenate_in_order_and_locate(tmp_path, cache):
     b = tmp_path / "b.csv"
     b.write_text("instruction,output,input\nq9,a9,ctx\n", encoding="utf-8")
     recs = read_records([a, b], cache_dir=cache)
-    assert recs.dataset["instruction"][:] == ["q0", "q1", "q9"]
-    assert recs.dataset["input"][:] == [None, None, "ctx"]
+    assert [part["instruction"][:] for part in recs.parts] == [["q0", "q1"], ["q9"]]
+    assert recs.parts[1]["input"][:] == ["ctx"] and recs.columns == ["instruction", "output", "input"]
     # a.jsonl has a blank line between its two records: the second record is on line 3
-    assert recs.locate(1) == f"record 2 ({a} line 3)"
-    assert recs.locate(2) == f"record 3 ({b} data row 1)"
+    assert locate(recs.sources, 1) == f"record 2 ({a} line 3)"
+    assert locate(recs.sources, 2) == f"record 3 ({b} data row 1)"
 
 
 def test_missing_file(tmp_path, cache):
@@ -221,9 +227,7 @@ def test_files_with_clashing_types_are_read_and_kept_apart(tmp_path, cache):
     b = write_jsonl(tmp_path / "b.jsonl", [{"text": 3}])
     recs = read_records([a, b], cache_dir=cache)  # tokenised file by file (the bad value is named there)
     assert len(recs) == 2 and recs.columns == ["text"]
-    with pytest.raises(DataError, match="cannot be combined") as err:
-        recs.dataset
-    assert "b.jsonl" in str(err.value)
+    assert [part["text"][:] for part in recs.parts] == [["x"], [3]]
 
 
 def test_malformed_csv_and_json_name_the_cause(tmp_path, cache):
@@ -240,7 +244,7 @@ def test_a_file_name_with_glob_characters_is_read_as_named(tmp_path, cache):
     # datasets took "data[1].jsonl" as a pattern and read data1.jsonl instead
     write_jsonl(tmp_path / "data[1].jsonl", ROWS[:1])
     write_jsonl(tmp_path / "data1.jsonl", ROWS)
-    assert read_records(tmp_path / "data[1].jsonl", cache_dir=cache).dataset["output"][:] == ["a0"]
+    assert only_part(read_records(tmp_path / "data[1].jsonl", cache_dir=cache))["output"][:] == ["a0"]
 
 
 def test_a_jsonl_line_nested_too_deeply_is_named(tmp_path, cache):
@@ -262,8 +266,8 @@ def test_csv_cells_are_read_as_the_text_they_are_and_only_an_empty_cell_is_missi
     path.write_text('instruction,output\nWhat is 2+2?,4\nSay none.,None\nSay NA.,NA\n"Zip, please",02134\n'
                     "Nothing here,\n", encoding="utf-8")
     recs = read_records(path, cache_dir=cache)
-    assert recs.dataset["output"][:] == ["4", "None", "NA", "02134", None]
-    assert recs.dataset["instruction"][3] == "Zip, please"
+    assert only_part(recs)["output"][:] == ["4", "None", "NA", "02134", None]
+    assert only_part(recs)["instruction"][3] == "Zip, please"
 
 
 def test_csv_with_header_only(tmp_path, cache):

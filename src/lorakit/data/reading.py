@@ -3,7 +3,8 @@
 Inputs: one or more ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` or ``.txt`` files, or a folder
 written by ``datasets.Dataset.save_to_disk``. Each file is loaded on its own (``datasets``
 converts it to Arrow in its cache and memory-maps it, so files larger than RAM work) and the
-parts are concatenated in the order given.
+parts are kept in the order given, one dataset per file (tokenised one at a time later, so
+files whose columns differ in type still combine).
 
 ``datasets`` reports malformed input with errors that rarely name the line, so every text file
 is first streamed once, cheaply, to check what ``datasets`` would choke on::
@@ -11,7 +12,7 @@ is first streamed once, cheaply, to check what ``datasets`` would choke on::
     file ──> exists? supported extension? not empty? not binary (NUL bytes)? UTF-8?
         .jsonl: every non-blank line parses as a JSON object  (line number in the error)
         .parquet: starts and ends with the ``PAR1`` magic
-    ──> datasets.load_dataset(...)  ──> concatenate
+    ──> datasets.load_dataset(...)  ──> one part per file
 
 Plain text (``.txt``): one example per paragraph (blocks separated by blank or
 whitespace-only lines). A file with no blank line between two lines of text (trailing blank
@@ -19,8 +20,8 @@ lines do not count) has one example per line. Surrounding whitespace is stripped
 examples are skipped. lorakit splits ``.txt`` files itself, into an Arrow dataset like the
 others: ``datasets``' own paragraph mode splits on an exact ``"\n\n"`` only.
 
-``read_records`` returns a `RecordSet`: the concatenated dataset plus where each row came
-from, so later stages can name "data.jsonl line 18" in their errors.
+``read_records`` returns a `RecordSet`: the files' datasets plus where each row came from, so
+later stages can name "data.jsonl line 18" in their errors.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class SourceFile:
     kind: str  # "jsonl", "json", "csv", "parquet", "txt" or "saved"
     start: int  # index of its first row in the concatenated dataset
     count: int
-    columns: tuple[str, ...] = ()  # its own fields (the concatenation holds every file's)
+    columns: tuple[str, ...] = ()  # its own fields (RecordSet.columns: every file's)
 
     def describe_row(self, row: int) -> str:
         """Human position of the file's row ``row`` (0-based), e.g. ``data.jsonl line 18``."""
@@ -85,15 +86,6 @@ class RecordSet:
     def columns(self) -> list[str]:
         """Every file's columns, in the order they first appear."""
         return list(dict.fromkeys(name for part in self.parts for name in part.column_names))
-
-    @property
-    def dataset(self) -> datasets.Dataset:
-        """The files' records as one dataset (DataError where their columns differ in type)."""
-        return _concatenate(self.parts, self.sources)
-
-    def locate(self, index: int) -> str:
-        """Where global row ``index`` came from, for error messages."""
-        return locate(self.sources, index)
 
 
 def locate(sources: Sequence[SourceFile], index: int) -> str:
@@ -444,28 +436,6 @@ def _pick_split(folder: Path, loaded: datasets.DatasetDict) -> datasets.Dataset:
         f"{folder} holds several splits ({', '.join(loaded)}) and none is named 'train'; "
         "pass the split's folder (e.g. path/to/save/<split>)"
     )
-
-
-def _concatenate(parts: list[datasets.Dataset], sources: list[SourceFile]) -> datasets.Dataset:
-    if len(parts) == 1:
-        return parts[0]
-    try:
-        return datasets.concatenate_datasets([_plain_strings(p) for p in parts])
-    except ValueError as exc:
-        columns = "; ".join(f"{s.path}: {dict(p.features)}" for s, p in zip(sources, parts))
-        raise DataError(
-            f"the data files cannot be combined, their columns differ in type ({columns}); "
-            "use the same fields with the same types in every file"
-        ) from exc
-
-
-def _plain_strings(ds: datasets.Dataset) -> datasets.Dataset:
-    """CSV and some Parquet files give ``large_string`` columns, which do not align with JSON's ``string``."""
-    large = [name for name, feature in ds.features.items()
-             if isinstance(feature, datasets.Value) and feature.dtype == "large_string"]
-    for name in large:
-        ds = ds.cast_column(name, datasets.Value("string"))
-    return ds
 
 
 def _nth_nonblank_line(path: Path, row: int) -> int | str:

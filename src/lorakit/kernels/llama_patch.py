@@ -13,8 +13,8 @@ the module would:
 
 RMSNorm and RoPE take the ops of native_ops (plain PyTorch with hand-written backwards) on CPU
 tensors; enable_fast_paths(model, triton=True) takes the Triton kernels of triton_ops instead, on
-a GPU (opt-in until they are measured there; when Triton cannot run here, one notice says why and
-the rest stays):
+a GPU (the trainer's default there, `--triton-kernels auto`; when Triton cannot run, one notice
+says why and the rest stays):
 
     RMSNorm.forward    -> ops.rms_norm(x, weight, eps)                 the RMSNorms we know
     mlp.forward        -> lora_mlp(..., triton=True)                   Triton only: SwiGLU part

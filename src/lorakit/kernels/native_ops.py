@@ -18,7 +18,8 @@ the same functions with the fewest passes PyTorch ops allow:
                           In 16-bit this rounds twice where transformers rounds three times.
 
 `runs_on(t)` says where the trainer uses them by default: CPU tensors. On a GPU the Triton
-kernels of triton_ops (opt-in) fuse each op into one kernel instead.
+kernels of triton_ops (the default there, `--triton-kernels auto`) fuse each op into one kernel
+instead.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ _LLAMA_STYLE = {
 ARCH_PROJECTIONS: dict[str, dict[str, str]] = {
     **{arch: _LLAMA_STYLE for arch in (
         "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-        "gemma3_text", "olmo", "olmo2", "granite", "smollm3", "cohere", "starcoder2_llama")},
+        "gemma3_text", "olmo", "olmo2", "granite", "smollm3", "cohere")},
     "phi3": {
         "q": r".*\.qkv_proj", "k": r".*\.qkv_proj", "v": r".*\.qkv_proj", "o": r".*\.o_proj",
         "gate": r".*\.gate_up_proj", "up": r".*\.gate_up_proj", "down": r".*\.down_proj",
@@ -60,7 +60,7 @@ ARCH_PROJECTIONS: dict[str, dict[str, str]] = {
         "up": r".*\.intermediate\.dense", "down": r".*\.layer\.\d+\.output\.dense",
     },
 }
-for _alias in ("roberta", "xlm-roberta", "distilbert_like_bert", "electra"):
+for _alias in ("roberta", "xlm-roberta", "electra"):
     ARCH_PROJECTIONS.setdefault(_alias, ARCH_PROJECTIONS["bert"])
 
 LINEAR_KINDS = ("linear", "conv1d")
