@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import ConfigError, MergeError, OutputError
-from lorakit.publish import longest_output_name, move_into_place, recover_leftovers, temp_beside
+from lorakit.publish import check_placeable, move_into_place, recover_leftovers, temp_beside
 from lorakit.safe_io import give_default_modes, translate_os_errors
 
 PROBE_TOKENS = 32
@@ -254,11 +254,7 @@ def _check_output(output_dir: Path, overwrite: bool, inputs: dict[str, str | Pat
     """Before any work: the output can be a new folder there (created only when the merge is done),
     and replacing it would delete none of the inputs, nor the folder the command runs in."""
     _refuse_output_holding(output_dir, {**inputs, "the current folder": Path.cwd()})
-    if output_dir.is_symlink():  # --overwrite would replace the link, not the folder it names
-        raise OutputError(f"--output {output_dir} is a symbolic link; give the folder's own path")
-    if len(output_dir.resolve().name.encode()) > longest_output_name():
-        raise OutputError(f"--output {output_dir}: the folder name is too long for the merge's temp folder beside "
-                          f"it (at most {longest_output_name()} bytes); choose a shorter name")
+    check_placeable(output_dir, "merge")
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputError(f"--output {output_dir} is a file; choose a folder path")
     if output_dir.exists() and not overwrite:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lorakit.errors import OutputError
 from lorakit.host import process_alive
-from lorakit.safe_io import output_error
+from lorakit.safe_io import fsync_dir, output_error
 
 LONGEST_NAME = 255  # bytes in a file name, on the file systems lorakit meets
 
@@ -44,12 +44,26 @@ def temp_beside(output: Path, kind: str = "tmp") -> Path:
     return resolved.parent / f".{kind}-{resolved.name}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def check_placeable(output: Path, what: str) -> None:
+    """Refuse, before the work, an output that `move_into_place` could not fill: a symbolic link
+    (the rename would replace the link, not fill the folder it names) or a name too long for the
+    temp folder beside it."""
+    if output.is_symlink():
+        raise OutputError(f"--output {output} is a symbolic link; give the folder's own path")
+    if len(output.resolve().name.encode()) > longest_output_name():
+        raise OutputError(f"--output {output}: the folder name is too long for the {what}'s temp folder beside "
+                          f"it (at most {longest_output_name()} bytes); choose a shorter name")
+
+
 def move_into_place(tmp: Path, output: Path, overwrite: bool, what: str) -> None:
+    """Rename `tmp` to `output` (an empty folder there is replaced; a full one only with
+    `overwrite`, renamed aside first)."""
     old = temp_beside(output, "old") if overwrite and output.exists() else None
     try:
         if old is not None:
             output.rename(old)
         tmp.rename(output)
+        fsync_dir(output.parent)  # the new name survives a power cut
     except OSError as exc:
         raise OutputError(f"{output_error(exc, output)}; {_keep(tmp, output, old, what)}") from None
     if old is not None:

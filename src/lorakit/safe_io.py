@@ -128,7 +128,7 @@ def _create_temp_beside(path: Path) -> str:
     return tmp
 
 
-def _atomic_write(path: str | os.PathLike, fill: Callable[[str], None], fix: str | None = None) -> Path:
+def atomic_write_with(path: str | os.PathLike, fill: Callable[[str], None], fix: str | None = None) -> Path:
     """Create a temp file beside ``path``, let ``fill(tmp_name)`` write it, then swap it in
     (``fix``: the advice on failure, where ``path`` is not under --output)."""
     path = Path(path)
@@ -159,7 +159,7 @@ def _write_with(
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see the module docstring)."""
-    return _atomic_write(path, _write_with("wb", data))
+    return atomic_write_with(path, _write_with("wb", data))
 
 
 def save_figure(figure: Any, path: str | os.PathLike, made_by: str = "lorakit") -> Path:
@@ -184,7 +184,7 @@ def figure_made_by(path: str | os.PathLike, made_by: str) -> bool:
 
 def atomic_write_text(path: str | os.PathLike, text: str, fix: str | None = None) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically."""
-    return _atomic_write(path, _write_with("w", text, encoding="utf-8"), fix)
+    return atomic_write_with(path, _write_with("w", text, encoding="utf-8"), fix)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, fix: str | None = None) -> Path:
@@ -208,7 +208,7 @@ def atomic_save_safetensors(
         os.chmod(tmp, mode)  # readable like any other written file (a server under another user)
         _sort_metadata_in_header(tmp)
 
-    return _atomic_write(path, fill)
+    return atomic_write_with(path, fill)
 
 
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's std::io::Error prints an errno

@@ -246,6 +246,21 @@ def test_output_folder_rules(tmp_path):
     with pytest.raises(OutputError, match="is a symbolic link; give the folder's own path"):
         export_vllm(adapter_dir, tmp_path / "link")
     assert (tmp_path / "link").is_symlink() and list((tmp_path / "target").iterdir()) == []
+    with pytest.raises(OutputError, match="the folder name is too long for the export's temp folder"):
+        export_vllm(adapter_dir, tmp_path / ("e" * 240))
+
+
+def test_a_killed_exports_temp_folder_is_removed_by_the_next_export(tmp_path):
+    from lorakit.publish import _host
+
+    adapter_dir, _ = make_adapter(tmp_path, target_modules=["q_proj"])
+    never_a_pid = 4194304  # Linux's pids stay below pid_max, which is at most 2**22
+    killed = tmp_path / f".tmp-out-{_host()}-{never_a_pid}-0123abcd"
+    killed.mkdir()
+    (killed / "adapter_model.safetensors").write_bytes(b"cut off")
+    export_vllm(adapter_dir, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_split_key_roles():

@@ -30,8 +30,6 @@ form and are refused.
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +41,7 @@ from lorakit.errors import AdapterFileError, ConfigError, OutputError
 from lorakit.export.adapter_files import (Adapter, LoraPair, base_shape_problems, export_tensor_problems,
                                          find_base_config, read_for_export)
 from lorakit.lora.io import base_rewriting_init
-from lorakit.safe_io import fsync_dir, output_error
+from lorakit.safe_io import atomic_write_with, translate_os_errors
 
 OUTTYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -232,11 +230,10 @@ def _output_path(output: Path, adapter_folder: Path, outtype: str) -> Path:
 
 
 def _write_gguf(path: Path, arch: str, name: str, alpha: float, outtype: str, tensors: dict) -> None:
-    """Write to a temp file beside ``path`` and rename it into place."""
+    """Write to a temp file beside ``path``, read it back, and rename it into place."""
     qtype, file_type = OUTTYPES[outtype]
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def fill(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, arch=arch)
         _add_metadata(writer, name, alpha, file_type)
         for base_name, (lora_a, lora_b) in tensors.items():
@@ -246,16 +243,11 @@ def _write_gguf(path: Path, arch: str, name: str, alpha: float, outtype: str, te
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
         _check_written(tmp, path, 2 * len(tensors))
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        raise output_error(exc, path) from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    with translate_os_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(path, fill)
 
 
 def _check_written(tmp: Path, path: Path, expected_tensors: int) -> None:

@@ -19,9 +19,7 @@ else (PEFT's saved copies of embedding base weights are dropped; vLLM skips them
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +27,8 @@ from lorakit.errors import AdapterFileError, ConfigError, OutputError
 from lorakit.export.adapter_files import (Adapter, base_shape_problems, export_tensor_problems, find_base_config,
                                          read_for_export)
 from lorakit.lora.config import lora_scale
-from lorakit.safe_io import atomic_save_safetensors, atomic_write_json, fsync_dir, output_error
+from lorakit.publish import check_placeable, move_into_place, recover_leftovers, temp_beside
+from lorakit.safe_io import atomic_save_safetensors, atomic_write_json, translate_os_errors
 
 # vllm/config/lora.py: MaxLoRARanks and the default of LoRAConfig.max_lora_rank
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -252,6 +251,7 @@ def export_vllm(
             "from its training run):\n  - " + "\n  - ".join(check.problems)
         )
     output = Path(output_dir)
+    recover_leftovers(output)
     _check_output_folder(output, adapter.folder)
     tensors = clean_tensors(adapter)
     _write_folder(output, clean_config(adapter), tensors)
@@ -280,8 +280,7 @@ def clean_config(adapter: Adapter) -> dict:
 def _check_output_folder(output: Path, adapter_folder: Path) -> None:
     if output.resolve() == adapter_folder.resolve():
         raise OutputError(f"--output {output} is the adapter folder itself; choose a new folder")
-    if output.is_symlink():  # the export replaces the name, which would drop the link, not fill its folder
-        raise OutputError(f"--output {output} is a symbolic link; give the folder's own path")
+    check_placeable(output, "export")
     if output.exists() and not output.is_dir():
         raise OutputError(f"--output {output} is a file; give a folder path")
     if output.is_dir() and any(output.iterdir()):
@@ -289,23 +288,15 @@ def _check_output_folder(output: Path, adapter_folder: Path) -> None:
 
 
 def _write_folder(output: Path, config: dict, tensors: dict) -> None:
-    """Write into a temp folder beside ``output``, then rename it into place."""
-    parent = output.parent
+    """Write into a temp folder beside ``output`` (publish.temp_beside: a killed export's is
+    removed by the next export into that path), then rename it into place."""
+    tmp = temp_beside(output)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as exc:
-        raise output_error(exc, output) from exc
-    try:
-        atomic_save_safetensors(tmp / "adapter_model.safetensors", tensors)
-        atomic_write_json(tmp / "adapter_config.json", config)
-        if output.is_dir():
-            output.rmdir()  # empty: checked above
-        os.rename(tmp, output)
-        fsync_dir(parent)
-    except OSError as exc:
-        raise output_error(exc, output) from exc
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with translate_os_errors(output):
+            tmp.mkdir(parents=True)
+            atomic_save_safetensors(tmp / "adapter_model.safetensors", tensors)
+            atomic_write_json(tmp / "adapter_config.json", config)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    move_into_place(tmp, output, overwrite=False, what="the exported adapter")
