@@ -264,10 +264,10 @@ def test_a_problem_that_follows_from_another_is_not_listed(yaml_values, argv, sh
 def test_a_refused_path_in_the_cache_points_to_lorakit_cache(tmp_path, monkeypatch):
     import errno
 
-    from lorakit.cli import PATH_FIXES, _path_fix
+    from lorakit.cli import _path_fix
 
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
     inside = OSError(errno.ENOTDIR, "Not a directory", str(tmp_path / "cache" / "models"))
-    assert "set LORAKIT_CACHE" in _path_fix(inside)
+    assert "set LORAKIT_CACHE" in _path_fix(inside, "choose another path")
     elsewhere = OSError(errno.ENOTDIR, "Not a directory", str(tmp_path / "out"))
-    assert _path_fix(elsewhere) == PATH_FIXES[errno.ENOTDIR]
+    assert _path_fix(elsewhere, "choose another path") == "choose another path"

@@ -55,28 +55,38 @@ from lorakit.errors import AdapterFileError, LorakitError, OutputError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
-# errno -> (what happened, what the user should do)
-_FREE_SPACE = "free space or choose another --output"
-_FIX_PERMISSIONS = "fix the folder's permissions or choose another --output"
-_WRITE_ERRORS = {
+# errno -> (what happened, the fix for a `{target}` the user gave): one wording wherever lorakit
+# names a failed write or a path the system refused (--output, a path on the command line, a cache)
+_FREE_SPACE = "free space or choose another {target}"
+_FIX_PERMISSIONS = "fix the folder's permissions or choose another {target}"
+OS_ERROR_WORDS = {
     errno.ENOSPC: ("disk full", _FREE_SPACE),
     errno.EDQUOT: ("disk quota exceeded", _FREE_SPACE),
-    errno.EROFS: ("read-only file system", "choose a writable --output"),
+    errno.EROFS: ("read-only file system", "choose a writable {target}"),
     errno.EACCES: ("permission denied", _FIX_PERMISSIONS),
     errno.EPERM: ("operation not permitted", _FIX_PERMISSIONS),
-    errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose another --output"),
-    errno.ENAMETOOLONG: ("a file name or the path is too long", "choose a shorter --output"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose another {target}"),
+    errno.ENAMETOOLONG: ("a file name or the path is too long", "choose a shorter {target}"),
+    errno.ELOOP: ("a symbolic-link loop", "fix the symbolic-link loop or choose another {target}"),
 }
+
+
+def os_error_words(exc: OSError, target: str) -> tuple[str, str] | None:
+    """(what happened, the fix) for an errno in OS_ERROR_WORDS; None for another."""
+    if exc.errno not in OS_ERROR_WORDS:
+        return None
+    what, fix = OS_ERROR_WORDS[exc.errno]
+    return what, fix.format(target=target)
 
 
 def output_error(exc: OSError, path: str | os.PathLike, fix: str | None = None) -> OutputError:
     """Turn an OSError raised while writing ``path`` into one actionable OutputError (``fix``: the
     advice, where the output is not --output)."""
-    what, advice = _WRITE_ERRORS.get(exc.errno, (exc.strerror or str(exc), "check the output folder"))
     if exc.errno == errno.EEXIST and exc.filename and os.path.isfile(exc.filename):  # mkdir(parents=True) under a file
-        what, advice = _WRITE_ERRORS[errno.ENOTDIR]
+        exc = OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), exc.filename)
+    what, advice = os_error_words(exc, "--output") or (exc.strerror or str(exc), "check the output folder")
     if exc.errno is None and "requested and" in str(exc):  # numpy's tofile on a full disk: no errno
-        what, advice = f"a short write ({exc}; the disk is likely full)", _FREE_SPACE
+        what, advice = f"a short write ({exc}; the disk is likely full)", _FREE_SPACE.format(target="--output")
     return OutputError(f"{what} while writing {path}: {fix or advice}")
 
 

@@ -304,7 +304,7 @@ def test_a_cache_that_cannot_be_written_is_named_and_an_unreadable_data_file_is_
         return load_file
 
     monkeypatch.setattr(reading, "_load_file", fails_with(errno.EROFS, str(tmp_path / "cache" / "x.lock")))
-    with pytest.raises(OutputError, match=r"datasets' cache \(.*\) is on a read-only file system .*HF_DATASETS_CACHE"):
+    with pytest.raises(OutputError, match=r"read-only file system while writing datasets' cache \(.*\): set HF_DATASETS_CACHE"):
         read_records(path, cache_dir=tmp_path / "cache")
     monkeypatch.setattr(reading, "_load_file", fails_with(errno.EACCES, str(tmp_path / "." / "d.jsonl")))
     with pytest.raises(RuntimeError):  # the data file itself: not the cache's fault

@@ -475,7 +475,7 @@ OUTPUT_CASES = [
          setup=disk_full_at_second_checkpoint, writes=True, after=earlier_checkpoint_intact),
     Case("output-disk-full-in-metrics", train(), "disk full while writing", "metrics.jsonl",
          setup=disk_full_in_metrics, writes=True, after=nothing_finished),
-    Case("datasets-cache-full", train(), "datasets' cache (", "is full (No space left on device): set "
+    Case("datasets-cache-full", train(), "disk full while writing datasets' cache (", "): set "
          "HF_DATASETS_CACHE (or HF_HOME) to a writable folder", setup=datasets_cache_full),
     Case("resume-other-rank", train("--resume", "--r", "8"), "does not fit this run's LoRA layers",
          "resume with the LoRA settings of that run", setup=copy_run()),

@@ -17,16 +17,8 @@ import sys
 import warnings
 
 from lorakit.errors import LorakitError, LorakitWarning
+from lorakit.safe_io import os_error_words
 
-# A path the user gave that the system refused, where no command translated the error itself:
-# errno -> the fix (the system's own words say what happened)
-PATH_FIXES = {
-    errno.ENAMETOOLONG: "choose a shorter path", errno.ELOOP: "fix the symbolic-link loop or choose another path",
-    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
-    errno.ENOSPC: "free some space or choose another path", errno.EDQUOT: "free some space or choose another path",
-    errno.EROFS: "choose a path on a writable file system",
-    errno.EACCES: "fix its permissions or choose another path", errno.EPERM: "fix its permissions or choose another path",
-}
 
 # (command, module under lorakit.cli, one-line help)
 COMMANDS = [
@@ -121,14 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except LorakitError as exc:
         return _refuse(str(exc), exc.exit_code, args)
-    except OSError as exc:
-        if exc.errno not in PATH_FIXES or exc.filename is None:
+    except OSError as exc:  # a path the user gave that the system refused, where no command said why
+        words = os_error_words(exc, "path")
+        if words is None or exc.filename is None:
             raise
-        return _refuse(f"{exc.strerror}: {exc.filename}; {_path_fix(exc)}", 2, args)
+        return _refuse(f"{exc.filename}: {words[0]} ({exc.strerror}); {_path_fix(exc, words[1])}", 2, args)
     except RuntimeError as exc:  # pathlib's resolve() before Python 3.13; an OSError (ELOOP) since
         if not str(exc).startswith("Symlink loop"):
             raise
-        return _refuse(f"{exc}; {PATH_FIXES[errno.ELOOP]}", 2, args)
+        return _refuse(f"{exc}; {os_error_words(OSError(errno.ELOOP, ''), 'path')[1]}", 2, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -158,9 +151,9 @@ def _show_lorakit_warnings_as_one_line() -> None:
     warnings.showwarning = show
 
 
-def _path_fix(exc: OSError) -> str:
-    """PATH_FIXES' advice, pointed at LORAKIT_CACHE when the path is in lorakit's own cache (not one
-    the user gave on the command line)."""
+def _path_fix(exc: OSError, fix: str) -> str:
+    """`fix`, or LORAKIT_CACHE when the path is in lorakit's own cache (not one the user gave on
+    the command line)."""
     from pathlib import Path
 
     from lorakit.host import cache_dir
@@ -168,7 +161,7 @@ def _path_fix(exc: OSError) -> str:
     cache, path = cache_dir().absolute(), Path(os.fsdecode(exc.filename)).absolute()
     if path == cache or cache in path.parents:
         return f"it is in lorakit's cache ({cache}): set LORAKIT_CACHE to a writable folder"
-    return PATH_FIXES[exc.errno]
+    return fix
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from typing import Sequence
 import datasets
 
 from lorakit.errors import DataError, OutputError
+from lorakit.safe_io import os_error_words
 
 # extension -> datasets builder name
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -308,9 +309,7 @@ def _load_file(path: Path, kind: str, cache_dir, options: dict) -> datasets.Data
         raise DataError(f"could not read {path} as {kind}: {_reason(exc)}") from exc
 
 
-_CACHE_WRITE_ERRORS = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its disk quota",
-                       errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable",
-                       errno.EPERM: "is not writable"}
+_CACHE_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 @contextlib.contextmanager
@@ -324,8 +323,9 @@ def name_datasets_cache_failures(cache_dir: str | Path | None = None, reading: P
         if cause is None:
             raise
         folder = cache_dir or datasets.config.HF_DATASETS_CACHE
-        raise OutputError(f"datasets' cache ({folder}) {_CACHE_WRITE_ERRORS[cause.errno]} ({cause.strerror}): "
-                          "set HF_DATASETS_CACHE (or HF_HOME) to a writable folder with free space") from exc
+        what, _ = os_error_words(cause, "folder")
+        raise OutputError(f"{what} while writing datasets' cache ({folder}): set HF_DATASETS_CACHE (or HF_HOME) "
+                          "to a writable folder with free space") from exc
 
 
 def _cache_write_failure(exc: BaseException, reading: Path | None) -> OSError | None:
