@@ -77,6 +77,8 @@ def test_gguf_is_refused_with_the_converted_folder_named(tmp_path, capsys):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))
     (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(  # read first: a causal LM's adapter
+        '{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}')
     code = main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "out"),
                  "--model", str(gguf), "--quantize", "4bit"])
     err = capsys.readouterr().err

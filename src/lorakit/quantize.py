@@ -177,10 +177,11 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = COMPUTE_DTYPE, devic
     `device` (default: where it is), one layer at a time. verify=True first reads PROBE_COLUMNS columns back through
     the layer's own kernel and raises MergeError if the dense weight differs."""
     from lorakit.lora.layer import dequantize_weight, is_quantized_linear
+    from lorakit.lora.model import parent_and_child
 
     names = [name for name, module in model.named_modules() if is_quantized_linear(module)]
     for name in names:
-        parent, child = _parent_and_child(model, name)
+        parent, child = parent_and_child(model, name)
         quantized = getattr(parent, child)
         weight = dequantize_weight(quantized).float()  # 4-bit: the kernel's bf16 values, exactly
         if verify:
@@ -247,8 +248,3 @@ def _forget_quantization(model: nn.Module) -> None:
         sub_config = getattr(module, "config", None)
         if getattr(sub_config, "_is_quantized", False):
             sub_config._is_quantized = False
-
-
-def _parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child

@@ -42,8 +42,9 @@ from lorakit.lora.adapter_folder import (
 from lorakit.lora.adapter_folder import PEFT_PREFIX as PREFIX
 from lorakit.lora.config import LoraConfig, lora_scale
 from lorakit.lora.layer import LoraLinear
-from lorakit.lora.model import (CONFIG_ATTR, base_fingerprint, lora_layers, on_the_compiled_model, overwritten_originals,
-                                refuse_meta_tensors, remember_original, untie_modules_to_save, wrap_modules)
+from lorakit.lora.model import (CONFIG_ATTR, base_fingerprint, is_adapter_parameter, lora_layers, on_the_compiled_model,
+                                overwritten_originals, refuse_meta_tensors, remember_original, untie_modules_to_save,
+                                within, wrap_modules)
 from lorakit.safe_io import atomic_save_safetensors, atomic_write_json
 
 # PEFT options lorakit does not implement: loading them would silently compute something else
@@ -245,8 +246,7 @@ def _attach(model: nn.Module, adapter: Adapter, path, trainable: bool, allow_oth
     wrap_modules(model, config, ranks)
     _load_tensors(model, config, adapter.parameter_tensors(), path)
     for name, param in model.named_parameters():
-        param.requires_grad_(trainable and (".lora_" in name or name.endswith("lora_magnitude_vector")
-                                            or _in_modules_to_save(name, config)))
+        param.requires_grad_(trainable and (is_adapter_parameter(name) or _in_modules_to_save(name, config)))
     for _, layer in lora_layers(model):  # new layers start in training mode: a model in eval keeps no dropout
         layer.train(model.training)
     return model
@@ -279,7 +279,7 @@ def _held_in_full(model: nn.Module, adapter: Adapter, named: list[str]) -> list[
     for module_name, module in model.named_modules():
         parameters = [f"{module_name}.{p}" for p, _ in module.named_parameters(recurse=False)]
         if (module_name and parameters and set(parameters) <= tensors and module_name not in adapter.pairs
-                and not any(module_name == m or module_name.startswith(m + ".") for m in named)):
+                and not any(within(module_name, m) for m in named)):
             held.append(module_name)
     return held
 
@@ -345,7 +345,7 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 def _load_tensors(model: nn.Module, config: LoraConfig, tensors: dict, path) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head keeps its own name
-    expected = {k for k in params if _is_adapter_parameter(k) or _in_modules_to_save(k, config)}
+    expected = {k for k in params if is_adapter_parameter(k) or _in_modules_to_save(k, config)}
     missing = sorted(expected - set(tensors))
     if missing:
         raise AdapterFileError(f"{path}: tensor {PREFIX}{missing[0]} is missing ({len(missing)} in all); the adapter is incomplete")
@@ -359,16 +359,12 @@ def _load_tensors(model: nn.Module, config: LoraConfig, tensors: dict, path) -> 
                 "the adapter was made for another base model"
             )
     for key in tensors:  # all before any copy: tied names (embed_tokens, lm_head) share one tensor
-        if not _is_adapter_parameter(key):
+        if not is_adapter_parameter(key):
             remember_original(model, key, params[key])
     with torch.no_grad():
         for key, tensor in tensors.items():
             params[key].copy_(tensor.to(params[key].dtype))
 
 
-def _is_adapter_parameter(name: str) -> bool:
-    return ".lora_" in name or name.endswith("lora_magnitude_vector")
-
-
 def _in_modules_to_save(param_name: str, config: LoraConfig) -> bool:
-    return any(param_name.startswith(m + ".") for m in config.modules_to_save)
+    return any(within(param_name, m) for m in config.modules_to_save)

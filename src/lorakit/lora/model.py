@@ -96,14 +96,15 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     return model
 
 
-def _within(name: str, module: str) -> bool:
+def within(name: str, module: str) -> bool:
+    """`name` is `module` or inside it (a parameter's or a submodule's full name)."""
     return name == module or name.startswith(module + ".")
 
 
 def _outside_the_head(names: list[str], heads: list[str]) -> list[str]:
     """A task head trains in full (modules_to_save, as PEFT's SEQ_CLS/TOKEN_CLS makes it): LoRA
     inside it as well would save a file PEFT cannot load."""
-    inside = [name for name in names if any(_within(name, head) for head in heads)]
+    inside = [name for name in names if any(within(name, head) for head in heads)]
     head = heads[-1]
     if inside and len(inside) == len(names):
         raise TargetMatchError(f"the targets match only {', '.join(inside)}, in the task head {head!r}, which "
@@ -118,7 +119,7 @@ def _refuse_adapted_modules_to_save(config: LoraConfig, names: list[str]) -> Non
     """A module trained in full that holds, or sits in, an adapted layer: PEFT trains that layer
     in full instead and cannot load the file lorakit would save."""
     for module in config.modules_to_save:
-        clash = next((name for name in names if _within(name, module) or _within(module, name)), None)
+        clash = next((name for name in names if within(name, module) or within(module, name)), None)
         if clash is not None:
             raise ConfigError(f"modules_to_save {module!r} overlaps the adapted layer {clash}: a module is trained "
                               "in full or adapted, not both; leave it out of modules_to_save or out of the targets")
@@ -158,7 +159,7 @@ def wrap_modules(model: nn.Module, config: LoraConfig, ranks: dict[str, tuple[in
     for param in model.parameters():
         param.requires_grad_(False)
     for name, (r, alpha) in ranks.items():
-        parent, child = _parent_and_child(model, name)
+        parent, child = parent_and_child(model, name)
         base = getattr(parent, child)
         layer = LoraLinear(base, r, alpha, config.scale_for(r, alpha), config.dropout, config.use_dora, config.init)
         setattr(parent, child, layer)
@@ -236,7 +237,12 @@ def _module(model: nn.Module, name: str) -> nn.Module:
         raise ConfigError(f"the model has no module named {name!r}") from None
 
 
-def _parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def is_adapter_parameter(name: str) -> bool:
+    """A LoRA factor or DoRA magnitude, by its full parameter name."""
+    return ".lora_" in name or name.endswith("lora_magnitude_vector")
+
+
+def parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
 
@@ -304,7 +310,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         if not merge:
             layer.restore_base()
-        parent, child = _parent_and_child(model, name)
+        parent, child = parent_and_child(model, name)
         setattr(parent, child, layer.base_layer)
     for attr in (CONFIG_ATTR, ORIGINALS_ATTR):
         if hasattr(model, attr):
@@ -394,7 +400,7 @@ def base_fingerprint(model: nn.Module) -> str:
     arch = {f: getattr(config, f, None) for f in _ARCH_FIELDS} if config is not None else {}
     shapes = []
     for name, param in model.named_parameters():
-        if ".lora_" in name or name.endswith("lora_magnitude_vector"):
+        if is_adapter_parameter(name):
             continue
         shapes.append((name.replace(".base_layer", ""), list(_logical_shape(param))))
     blob = json.dumps({"arch": arch, "shapes": sorted(shapes)}, sort_keys=True)
