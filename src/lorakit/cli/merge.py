@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lorakit.config import DTYPES, QUANTIZE
+
 
 def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=__doc__)
@@ -17,12 +19,12 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter folder (PEFT format)")
     p.add_argument("--output", required=True, metavar="DIR", help="the merged model's new folder")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default=None, choices=[d for d in DTYPES if d != "auto"],
                    help="dtype of the merged weights (default: the base's own, from its config.json; float32 "
                         "where it records none or for a .gguf; bfloat16 with --quantize). The base is read and "
                         "merged in fp32, a 16-bit result rounded once, and the reloaded folder checked in fp32 "
                         "against base+adapter")
-    p.add_argument("--quantize", default=None, choices=["4bit", "8bit"],
+    p.add_argument("--quantize", default=None, choices=[q for q in QUANTIZE if q != "none"],
                    help="the adapter was trained on a 4-/8-bit base (QLoRA): load the base the same way, "
                         "dequantise it and merge into that (needs bitsandbytes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")

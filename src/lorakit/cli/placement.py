@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from lorakit.models import DTYPES
+from lorakit.config import DTYPES
 
 
 def add_placement_flags(parser: argparse.ArgumentParser) -> None:
