@@ -48,6 +48,7 @@ import torch
 
 from lorakit.kernels import cpu_gemm
 from lorakit.kernels.llama_patch import wants_triton
+from lorakit.train.memory_plan import checkpoint_layers
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 1e-4
@@ -111,30 +112,20 @@ def prepare_variant(name: str, plan) -> Prepared:
         key = "lorakit" if fused and name != "lorakit-4d" else "lorakit-4d"  # packed: varlen rows or 4D mask
         loss_fn = lorakit_loss(model, plan, chunked=chunked)
         if plan.checkpoint_layers.get(name):
-            _checkpoint_earliest(model, plan.checkpoint_layers[name])
+            checkpoint_layers(model, plan.checkpoint_layers[name])
         if name == "lorakit-perdoc":
             from lorakit.kernels.varlen_attention import per_document_only
 
             per_document_only(model)
         # the trainer's checkpointing; lorakit-fullrecompute keeps build_model's, transformers' own
         if plan.settings.grad_checkpointing and name != "lorakit-fullrecompute":
-            from lorakit.train.memory_plan import checkpoint_every_layer
-
-            checkpoint_every_layer(model, offload=name == "lorakit-offload")
+            checkpoint_layers(model, offload=name == "lorakit-offload")
     params = [p for p in model.parameters() if p.requires_grad]
     fused = name.startswith("lorakit")  # the trainer's fused AdamW (CUDA and CPU)
     optimizer = torch.optim.AdamW(params, lr=LR, **({"fused": True} if fused else {}))
     return Prepared(model, loss_fn, optimizer, key, notices,
                     gemm_backend=cpu_gemm.ATEN if name == "lorakit-aten" else None,
                     triton_launch="direct" if name == "lorakit-directlaunch" else None)
-
-
-def _checkpoint_earliest(model, k: int) -> None:
-    """The trainer's selective checkpointing: the first k decoder layers."""
-    from lorakit.train.memory_plan import Budget, CheckpointPlan, apply_checkpointing, checkpointable_layers
-
-    layers = len(checkpointable_layers(model))
-    apply_checkpointing(model, CheckpointPlan("selective", tuple(range(k)), layers, None, Budget(None, "bench"), ""))
 
 
 def add_lorakit_adapters(model, plan, fused: bool, triton: bool = False, varlen: bool = True,

@@ -390,7 +390,7 @@ def _count_skipped_mlp_outputs(monkeypatch):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("offload, stack", [(False, False), (True, False), (False, True)])
 def test_trainer_checkpointing_recomputes_without_the_mlp_output_and_matches(monkeypatch, arch, offload, stack):
-    from lorakit.train.memory_plan import checkpoint_every_layer
+    from lorakit.train.memory_plan import checkpoint_layers
 
     model, batch = _model(arch), _batch()
     if stack:  # stacked gate and up with the GPU's epilogues: d gate and d up side by side
@@ -398,7 +398,7 @@ def test_trainer_checkpointing_recomputes_without_the_mlp_output_and_matches(mon
     enable_fast_paths(model, stack=stack)
     model.train()
     want = _fast(model, batch)
-    checkpoint_every_layer(model, offload=offload)  # on a CPU offload keeps tensors where they are
+    checkpoint_layers(model, offload=offload)  # on a CPU offload keeps tensors where they are
     skipped = _count_skipped_mlp_outputs(monkeypatch)
     got = _fast(model, batch)
     # each layer's forward computes the MLP's output, each recompute leaves it out
@@ -410,12 +410,12 @@ GROUPS_PER_LAYER = 4  # q/k/v, o, gate/up and down each run _shared_forward once
 
 
 def test_recompute_skip_only_for_layers_that_only_add_the_mlp_output(monkeypatch):
-    from lorakit.train.memory_plan import checkpoint_every_layer
+    from lorakit.train.memory_plan import checkpoint_layers
 
     model, batch = _model(), _batch()
     enable_fast_paths(model)
     monkeypatch.setattr(llama_patch, "DECODER_LAYERS", set())  # a layer the fast path does not know
-    checkpoint_every_layer(model.train())
+    checkpoint_layers(model.train())
     plain = _plain(model, batch)
     skipped = _count_skipped_mlp_outputs(monkeypatch)
     got = _fast(model, batch)
@@ -425,7 +425,7 @@ def test_recompute_skip_only_for_layers_that_only_add_the_mlp_output(monkeypatch
 
 
 def test_a_hook_reading_the_mlp_output_keeps_it_in_the_recompute(monkeypatch):
-    from lorakit.train.memory_plan import checkpoint_every_layer
+    from lorakit.train.memory_plan import checkpoint_layers
 
     model, batch = _model(), _batch()
     enable_fast_paths(model)
@@ -435,7 +435,7 @@ def test_a_hook_reading_the_mlp_output_keeps_it_in_the_recompute(monkeypatch):
     want = _fast(model, batch)
     want_gain = gain.grad.clone()
     gain.grad = None
-    checkpoint_every_layer(model.train())
+    checkpoint_layers(model.train())
     skipped = _count_skipped_mlp_outputs(monkeypatch)
     got = _fast(model, batch)
     assert len(skipped) == 2 * GROUPS_PER_LAYER * SIZES["num_hidden_layers"] and not any(skipped)
@@ -444,12 +444,12 @@ def test_a_hook_reading_the_mlp_output_keeps_it_in_the_recompute(monkeypatch):
 
 
 def test_a_retained_graph_recomputes_again():
-    from lorakit.train.memory_plan import checkpoint_every_layer
+    from lorakit.train.memory_plan import checkpoint_layers
 
     model, batch = _model(), _batch()
     enable_fast_paths(model)
     loss, want = _fast(model, batch)
-    checkpoint_every_layer(model.train())
+    checkpoint_layers(model.train())
     model.zero_grad(set_to_none=True)
     loss = causal_lm_loss(model, batch)
     loss.backward(retain_graph=True)  # each recompute enters the layer's recompute context again
@@ -460,7 +460,7 @@ def test_a_retained_graph_recomputes_again():
 
 def test_no_recompute_context_where_torch_takes_only_its_own(monkeypatch):
     from lorakit.kernels import cpu_gemm
-    from lorakit.train.memory_plan import checkpoint_every_layer
+    from lorakit.train.memory_plan import checkpoint_layers
 
     model, batch = _model(), _batch()
     layer = model.model.layers[0]
@@ -470,7 +470,7 @@ def test_no_recompute_context_where_torch_takes_only_its_own(monkeypatch):
     monkeypatch.setattr(cpu_gemm, "traced", lambda: True)  # torch.compile tracing the layer
     assert llama_patch.recompute_context_fn(layer) is None
     monkeypatch.undo()
-    checkpoint_every_layer(model.train())
+    checkpoint_layers(model.train())
     with torch.utils.checkpoint.set_checkpoint_debug_enabled(True):  # refuses any other context_fn
         assert llama_patch.recompute_context_fn(layer) is None
         got = _fast(model, batch)

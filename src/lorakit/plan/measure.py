@@ -34,6 +34,7 @@ the estimator models. `measure_step_cuda` measures the same components with
 
 from __future__ import annotations
 
+import gc
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -93,7 +94,10 @@ def build_model(hf_config: Any, shape: TrainShape, engine: str = "lorakit", devi
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
     if shape.grad_checkpointing:
-        _enable_checkpointing(model, shape.checkpoint_layers, shape.offload_checkpoints)
+        from lorakit.train.memory_plan import checkpoint_layers
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT's wrapper
+        checkpoint_layers(base, shape.checkpoint_layers, shape.offload_checkpoints)
     return model.train()
 
 
@@ -111,23 +115,6 @@ def _quantized_model(hf_config: Any, shape: TrainShape, device: str) -> nn.Modul
         AutoModelForCausalLM.from_config(hf_config, dtype=dtype).save_pretrained(folder)
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quant,
                                                     attn_implementation="sdpa", device_map={"": device})
-
-
-def _enable_checkpointing(model: nn.Module, layers: int | None = None, offload: bool = False) -> None:
-    """Checkpoint the earliest `layers` decoder layers (all when None), as the trainer picks
-    them; with `offload` their inputs wait in host memory (only tensors on an accelerator move)."""
-    from lorakit.train.memory_plan import checkpointable_layers, enable_checkpointing
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    enable_checkpointing(base)
-    checkpointed = checkpointable_layers(base)[:layers]
-    if layers is not None:
-        for index, layer in enumerate(checkpointable_layers(base)):
-            layer.gradient_checkpointing = index < layers
-    if offload:
-        from lorakit.train.offload import offload_layers
-
-        offload_layers(checkpointed)
 
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
@@ -262,6 +249,18 @@ def _profiler_mark(label: str) -> None:
         pass
 
 
+@contextmanager
+def _no_garbage_collection():
+    """The timeline counts every free: a collection mid-step that frees an earlier test's or
+    step's tensors would lower the measured levels (seen as a flaky 5% miss)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def measure_step(hf_config: Any, shape: TrainShape, engine: str = "lorakit", seed: int = 0) -> MeasuredMemory:
     """Measure one CPU training step from the allocator timeline (see the module docstring)."""
     from torch.profiler import ProfilerActivity, profile
@@ -271,7 +270,7 @@ def measure_step(hf_config: Any, shape: TrainShape, engine: str = "lorakit", see
     tracker = SavedTensorTracker({p.untyped_storage().data_ptr() for p in model.parameters()})
     hooks = torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack)
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _no_garbage_collection(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with _head_markers(model, _profiler_mark), hooks:
             _step(model, optimizer, batch, _profiler_mark)
     seconds = time.perf_counter() - start

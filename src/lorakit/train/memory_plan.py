@@ -128,27 +128,25 @@ def _offload_if_it_fits(model: nn.Module, config, device: torch.device, needs: l
 
 
 def apply_checkpointing(model: nn.Module, plan: CheckpointPlan) -> None:
-    """Non-reentrant checkpointing on the plan's decoder layers (none when the plan is off),
-    their inputs offloaded to host memory when the plan says so."""
-    if plan.mode == "off":
-        return
-    if plan.mode != "selective":
-        checkpoint_every_layer(model, offload=plan.mode == "offload")
-        return
-    enable_checkpointing(model)
-    chosen = set(plan.layers)
-    for index, layer in enumerate(checkpointable_layers(model)):
-        layer.gradient_checkpointing = index in chosen
+    """Non-reentrant checkpointing on the plan's decoder layers (the earliest; none when the plan
+    is off), their inputs offloaded to host memory when the plan says so."""
+    if plan.mode != "off":
+        checkpoint_layers(model, len(plan.layers) if plan.mode == "selective" else None, plan.mode == "offload")
 
 
-def checkpoint_every_layer(model: nn.Module, offload: bool = False) -> None:
-    """Non-reentrant checkpointing on every decoder layer, each layer's input in host memory
-    with `offload` (also the bench's way in)."""
+def checkpoint_layers(model: nn.Module, count: int | None = None, offload: bool = False) -> None:
+    """Non-reentrant checkpointing on the earliest `count` decoder layers (every one when None),
+    their inputs in host memory with `offload`; the trainer's, the bench's and the estimator's
+    measurement's one way in."""
     enable_checkpointing(model)
+    layers = checkpointable_layers(model)
+    if count is not None:
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index < count
     if offload:
         from lorakit.train.offload import offload_layers
 
-        offload_layers(checkpointable_layers(model))
+        offload_layers(layers[:count])
 
 
 def enable_checkpointing(model: nn.Module) -> None:
