@@ -97,3 +97,21 @@ def write_define_data(path, count: int = 48, seed: int = 0):
             word = rng.choice(words)
             handle.write(json.dumps({"instruction": f"Define the word {word}.", "output": f"{word}: a short definition"}) + "\n")
     return path
+
+
+def edit_checkpoint_state(folder, change) -> None:
+    """Hand-edit a checkpoint's trainer_state.json (`change` edits the dict in place, or returns
+    what replaces it) and make its manifest match, as a user or an older lorakit could have."""
+    import hashlib
+    import json
+
+    from lorakit.train import checkpoint as ckpt
+
+    state = json.loads((folder / ckpt.TRAINER_STATE).read_text())
+    replaced = change(state)
+    (folder / ckpt.TRAINER_STATE).write_text(json.dumps(state if replaced is None else replaced))
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    for name, entry in manifest["files"].items():
+        data = (folder / name).read_bytes()
+        entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from lorakit.cli import main
 from lorakit.train import checkpoint as ckpt
 from reliability_kit import CORPUS, LORAKIT, child_env
-from tiny_models import write_define_data
+from tiny_models import edit_checkpoint_state, write_define_data
 
 
 @dataclass
@@ -201,24 +201,13 @@ def copy_run(finished: bool = True):
     return setup
 
 
-def _rewrite_manifest(folder: Path) -> None:
-    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
-    for name, entry in manifest["files"].items():
-        data = (folder / name).read_bytes()
-        entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
-    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
-
-
 def edit_trainer_state(change: Callable[[dict], object]):
     """A hand-edited (or hostile) trainer_state.json in every checkpoint, manifests made to match;
     `change` edits the dict in place, or returns what replaces it."""
     def setup(ctx: Ctx) -> None:
         copy_run()(ctx)
         for folder in ckpt.list_checkpoints(ctx.out / "checkpoints"):
-            state = json.loads((folder / ckpt.TRAINER_STATE).read_text())
-            replaced = change(state)
-            (folder / ckpt.TRAINER_STATE).write_text(json.dumps(state if replaced is None else replaced))
-            _rewrite_manifest(folder)
+            edit_checkpoint_state(folder, change)
     return setup
 
 

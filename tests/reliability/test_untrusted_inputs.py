@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from lorakit.cli import main
 from lorakit.train import checkpoint as ckpt
 from reliability_kit import train_args
+from tiny_models import edit_checkpoint_state
 
 
 def _eval(adapter, tiny, *extra) -> list[str]:
@@ -130,23 +131,15 @@ def test_allow_other_base_reaches_every_command_that_loads_onto_a_base(command, 
     assert main(argv + ["--allow-other-base"] + tail) == 0
 
 
-def _rewrite_manifest(folder) -> None:
-    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
-    for name, entry in manifest["files"].items():
-        data = (folder / name).read_bytes()
-        entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
-    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
-
-
 def test_a_hostile_checkpoint_cannot_redirect_writes(run_copy, tiny, tmp_path):
     elsewhere = tmp_path / "elsewhere"
-    for folder in ckpt.list_checkpoints(run_copy / "checkpoints"):
-        state = json.loads((folder / ckpt.TRAINER_STATE).read_text())
+    def redirect(state: dict) -> None:
         state["config"]["output"]["output"] = str(elsewhere)
         state["config"]["model"]["name"] = str(elsewhere / "model")
         state.update(output=str(elsewhere), adapter=str(elsewhere / "adapter"), path="../../elsewhere")
-        (folder / ckpt.TRAINER_STATE).write_text(json.dumps(state))
-        _rewrite_manifest(folder)
+
+    for folder in ckpt.list_checkpoints(run_copy / "checkpoints"):
+        edit_checkpoint_state(folder, redirect)
     assert main(train_args(tiny, run_copy, "--resume", "--max-steps", "4")) == 0
     assert not elsewhere.exists()
     assert json.loads((run_copy / "summary.json").read_text())["steps"] == 4

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 
 from lorakit.cli import main
 
@@ -161,8 +162,6 @@ def test_resume_past_max_steps_is_refused_and_new_eval_data_gets_a_new_base_loss
 
 
 def test_resume_with_a_new_grad_accum_on_the_same_processes_takes_it(tiny, tmp_path, capsys):
-    import yaml
-
     out = tmp_path / "run"
     assert main(train_args(tiny, out, "--max-steps", "4", "--save-every", "2")) == 0
     (out / "summary.json").unlink()
@@ -171,6 +170,34 @@ def test_resume_with_a_new_grad_accum_on_the_same_processes_takes_it(tiny, tmp_p
     printed = capsys.readouterr().out
     assert "train.grad_accum 1 -> 3" in printed and "instead of 3" not in printed  # it said one thing, did another
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["grad_accum"] == 3
+
+
+def test_the_same_resume_command_keeps_the_global_batch_after_another_number_of_processes(tiny, tmp_path, capsys):
+    """A checkpoint of two processes with --grad-accum 2 (4 micro-batches a step), resumed in one:
+    grad_accum becomes 4 then, and stays 4 when the same command resumes again (it went back to 2,
+    the saved config's adjusted 4 taken for the old request); --grad-accum 4, the docs' advice for
+    one process, is the same global batch and no change either."""
+    from lorakit.train import checkpoint as ckpt
+
+    from tiny_models import edit_checkpoint_state
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--max-steps", "6", "--save-every", "2", "--grad-accum", "2")) == 0
+    (out / "summary.json").unlink()
+    for folder in ckpt.list_checkpoints(out / "checkpoints"):  # as two processes saved it
+        edit_checkpoint_state(folder, lambda state: state.update(world_size=2, micro_batches_per_step=4))
+    capsys.readouterr()
+    assert main(train_args(tiny, out, "--max-steps", "7", "--resume", "--grad-accum", "2")) == 0
+    printed = capsys.readouterr().out
+    assert "--grad-accum 4 instead of 2" in printed and "train.grad_accum" not in printed
+    (out / "summary.json").unlink()
+    assert main(train_args(tiny, out, "--max-steps", "8", "--resume", "--grad-accum", "2")) == 0
+    printed = capsys.readouterr().out  # it was: "train.grad_accum 4 -> 2", and 2 taken
+    assert "--grad-accum 4 instead of 2" in printed and "train.grad_accum" not in printed
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["grad_accum"] == 4
+    (out / "summary.json").unlink()
+    assert main(train_args(tiny, out, "--max-steps", "9", "--resume", "--grad-accum", "4")) == 0
+    assert "grad_accum" not in capsys.readouterr().out
 
 
 def test_dry_run_writes_nothing(tiny, tmp_path, capsys):

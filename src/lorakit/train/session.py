@@ -69,6 +69,8 @@ class Session:
         self.train_seconds = 0.0
         self.fingerprint = base_fingerprint(prepared.model)
         self.data_fingerprint = prepared.train.fingerprint()
+        # the grad_accum the user last asked for: a resume may adjust the config's (keep_global_batch)
+        self.requested_grad_accum = self.config.train.grad_accum
 
     # ---- resume --------------------------------------------------------------------------
     def resume_if_asked(self) -> None:
@@ -94,7 +96,8 @@ class Session:
             raise AdapterMismatchError(f"the checkpoint {path} was made for another base model; "
                                        "resume with the same --model, or start a new --output")
         _check_tensors_fit(path, self.prepared.model, checkpoint.model_tensors)
-        self._note_changed_config(saved.get("config"))
+        new_global_batch = self._asks_for_another_global_batch(saved)
+        self._note_changed_config(saved.get("config"), new_global_batch)
         retokenised = saved.get("tokenize_revision") != TOKENIZE_REVISION  # none saved: made before it was recorded
         if retokenised and saved.get("data_fingerprint") not in (None, self.data_fingerprint):
             self.log("resume: this lorakit turns the data into examples otherwise than the one that made the "
@@ -106,7 +109,8 @@ class Session:
         if retokenised or _changes_what_base_eval_measured(saved.get("config") or {}, self.config.to_dict()):
             saved = {**saved, "base_eval": None}  # measured on other data or another base: measure again
         self._check_data_position(path, state)
-        self._keep_global_batch(saved)  # may change grad_accum, and with it the run's last step
+        if not new_global_batch:
+            self._keep_global_batch(saved)  # may change grad_accum, and with it the run's last step
         if state.step > self.prepared.settings.total_steps:
             raise ConfigError(f"the checkpoint {path} is at step {state.step}, past this run's last step "
                               f"({self.prepared.settings.total_steps}); resume with --max-steps {state.step} or more, "
@@ -152,21 +156,34 @@ class Session:
                             f"but the data now makes {batches} micro-batches per epoch; resume with the same data, "
                             "--batch-size, --seq-len and --seed, or start a new --output")
 
-    def _note_changed_config(self, saved: dict | None) -> None:
-        """Resuming with other settings is allowed (e.g. more --max-steps) but not exact: say so."""
-        changed = _config_changes(saved or {}, self.config.to_dict())
+    def _note_changed_config(self, saved: dict | None, new_global_batch: bool) -> None:
+        """Resuming with other settings is allowed (e.g. more --max-steps) but not exact: say so.
+        grad_accum counts as changed only where the global batch does (`_asks_for_another_global_batch`)."""
+        changed = [change for change in _config_changes(saved or {}, self.config.to_dict())
+                   if new_global_batch or not change.startswith("train.grad_accum ")]
         if changed:
             self.log("resume: settings differ from the checkpoint's (the run continues with the new ones, "
                      "so it will not match an uninterrupted run): " + ", ".join(changed))
 
-    def _keep_global_batch(self, saved: dict) -> None:
-        """Another world size continues the same global batch (grad_accum adjusted). The same
-        world size with a grad_accum given anew (flag or config file) takes the new one (the
-        changed-settings line has said so)."""
+    def _asks_for_another_global_batch(self, saved: dict) -> bool:
+        """Whether this resume takes a new global batch: a grad_accum given (flag or config file)
+        other than the one the run last asked for, making other micro-batches per step than the
+        checkpoint's. Otherwise the checkpoint's global batch is kept, on any number of processes:
+        the same command resumes the same run, however often (the checkpoint's config may hold a
+        grad_accum adjusted for another number of processes, so the request is saved apart)."""
+        saved_config = (saved.get("config") or {}).get("train") or {}
+        requested = saved.get("requested_grad_accum", saved_config.get("grad_accum"))
+        asked = self.config.train.grad_accum
+        if self.config.sources.get("train.grad_accum") not in ("flag", "config file") or asked == requested:
+            self.requested_grad_accum = requested or asked
+            return False
+        self.requested_grad_accum = asked
         per_step = saved.get("micro_batches_per_step")
-        same_world = saved.get("world_size", 1) == distributed.world_size()
-        if same_world and self.config.sources.get("train.grad_accum") in ("flag", "config file"):
-            return
+        return per_step is not None and asked * distributed.world_size() != per_step
+
+    def _keep_global_batch(self, saved: dict) -> None:
+        """The checkpoint's micro-batches per step, on this run's processes (grad_accum adjusted)."""
+        per_step = saved.get("micro_batches_per_step")
         notice = keep_global_batch(self.prepared, per_step) if per_step else None
         if notice:
             self.log(notice)
@@ -183,7 +200,8 @@ class Session:
                          "fingerprint": self.fingerprint, "data_fingerprint": self.data_fingerprint,
                          "tokenize_revision": TOKENIZE_REVISION, "base_eval": self.base_eval,
                          "train_seconds": self.train_seconds, "history_len": len(self.history),
-                         "micro_batches_per_step": s.grad_accum * s.world_size, "world_size": s.world_size}
+                         "micro_batches_per_step": s.grad_accum * s.world_size, "world_size": s.world_size,
+                         "requested_grad_accum": self.requested_grad_accum}
         path = self.out / "checkpoints" / ckpt.step_dir_name(self.state.step)
         if distributed.is_main():
             path = ckpt.save_checkpoint(self.out / "checkpoints", self.state.step, model_tensors=tensors,
