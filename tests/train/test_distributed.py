@@ -173,6 +173,27 @@ def test_a_failed_run_frees_its_model_before_leaving_the_group(monkeypatch):
     assert alive_at_shutdown == [False]
 
 
+def test_rank_0_alone_speaks_and_a_lost_peer_is_one_line(monkeypatch, capsys):
+    from lorakit.cli import estimate
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # every rank meets the same bad input: the others stay quiet
+    assert main(["estimate", "--mfu", "2"]) == 2 and capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        main(["estimate", "--no-such-flag"])
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["estimate", "--mfu", "2"]) == 2 and "--mfu must be in (0, 1]" in capsys.readouterr().err
+
+    def peer_gone(args):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [::1]:5")
+
+    monkeypatch.setattr(estimate, "run", peer_gone)
+    assert main(["estimate"]) == 1
+    assert capsys.readouterr().err == ("error: another process of this torchrun job stopped (its error is above); "
+                                       "fix that and run again\n")
+
+
 def test_plan_is_identical_for_every_rank():
     lengths = np.array([3, 5, 7, 2, 9, 4, 6])
     assert plan_batches(lengths, 2, 16, True, True, 3, 1) == plan_batches(lengths, 2, 16, True, True, 3, 1)
@@ -294,9 +315,24 @@ def test_existing_output_fails_on_every_rank_without_hanging(tiny, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "summary.json").write_text("{}")
+    result = torchrun(2, train_args(tiny, out, "--max-steps", "1", "--bogus-flag"))
+    assert result.returncode != 0 and result.stderr.count("unrecognized arguments: --bogus-flag") == 1  # rank 0's
     result = torchrun(2, train_args(tiny, out, "--max-steps", "1"))
     assert result.returncode != 0
     assert "already holds a finished run" in result.stderr and "--resume" in result.stderr
+    assert result.stderr.count("error:") == 1  # rank 0 speaks; rank 1 exits with the same code, silently
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_message(tiny, tmp_path):
+    """A full disk as rank 0 writes the second checkpoint: its one line, no collective's traceback
+    from rank 1 (it waited for the checkpoint, and was told rank 0 stopped)."""
+    out = tmp_path / "run"
+    result = torchrun(2, train_args(tiny, out, "--max-steps", "6", "--save-every", "2"),
+                      kill_at="full:optimizer.safetensors:2@0")
+    assert result.returncode != 0
+    assert result.stderr.count("error:") == 1 and "disk full while writing" in result.stderr, result.stderr[-3000:]
+    assert "[rank1]" not in result.stderr and "closed by peer" not in result.stderr  # was rank 1's traceback
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]  # the earlier one intact
 
 
 # ---- kill and resume --------------------------------------------------------------------------

@@ -9,7 +9,9 @@ never breaks the others.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import io
 import json
 import importlib
 import os
@@ -92,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
         argv = explicit_switches(argv)
     parser = build_parser(argv)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # report it with the subcommand's usage, which lists the flags that do exist
-        command = _subparsers(parser).get(getattr(args, "command", None), parser)
-        command.error(f"unrecognized arguments: {' '.join(unknown)} (see `{command.prog} --help`)")
+    with contextlib.redirect_stderr(io.StringIO()) if not _speaks() else contextlib.nullcontext():
+        args, unknown = parser.parse_known_args(argv)  # argparse prints its errors itself
+        if unknown:  # report it with the subcommand's usage, which lists the flags that do exist
+            command = _subparsers(parser).get(getattr(args, "command", None), parser)
+            command.error(f"unrecognized arguments: {' '.join(unknown)} (see `{command.prog} --help`)")
     if not hasattr(args, "func"):
         parser.print_help()
         return 0 if not argv else 2
@@ -119,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _refuse(f"{exc.filename}: {words[0]} ({exc.strerror}); {_path_fix(exc, words[1])}", 2, args)
     except RuntimeError as exc:  # pathlib's resolve() before Python 3.13; an OSError (ELOOP) since
+        if _a_peer_stopped(exc):
+            return _refuse("another process of this torchrun job stopped (its error is above); fix that and run "
+                           "again", 1, args)
         if not str(exc).startswith("Symlink loop"):
             raise
         return _refuse(f"{exc}; {os_error_words(OSError(errno.ELOOP, ''), 'path')[1]}", 2, args)
@@ -127,9 +133,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _speaks() -> bool:
+    """Under torchrun every process runs this command on the same input and meets the same
+    problem: rank 0 alone says what it is (the others exit with the same code)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+# a collective's words when the process at the other end is gone (gloo; NCCL's watchdog says it otherwise)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _a_peer_stopped(exc: RuntimeError) -> bool:
+    """A collective failed because another torchrun process stopped first (it said why)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(words in str(exc) for words in _PEER_GONE)
+
+
 def _refuse(message: str, exit_code: int, args) -> int:
     """The one error line on stderr; with --json also {"error", "exit_code"} on stdout, so a script
     reading the JSON gets an answer either way."""
+    if not _speaks():
+        return exit_code
     print(f"error: {message}", file=sys.stderr)
     if getattr(args, "json", False) is True:
         print(json.dumps({"error": message, "exit_code": exit_code}))

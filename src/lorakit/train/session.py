@@ -202,14 +202,16 @@ class Session:
                          "train_seconds": self.train_seconds, "history_len": len(self.history),
                          "micro_batches_per_step": s.grad_accum * s.world_size, "world_size": s.world_size,
                          "requested_grad_accum": self.requested_grad_accum}
-        path = self.out / "checkpoints" / ckpt.step_dir_name(self.state.step)
-        if distributed.is_main():
-            path = ckpt.save_checkpoint(self.out / "checkpoints", self.state.step, model_tensors=tensors,
+        def write() -> Path:
+            return ckpt.save_checkpoint(self.out / "checkpoints", self.state.step, model_tensors=tensors,
                                         optimizer=optimizer, scheduler_state={"step": self.state.step},
                                         trainer_state=trainer_state, keep=self.config.output.keep_checkpoints,
                                         rng=(rng_tensors, rng_meta))
-        distributed.barrier()  # no rank goes on (or exits) before the checkpoint is complete
-        return path
+
+        # no rank goes on (or exits) before the checkpoint is complete; a failed write (a full
+        # disk) stops every rank with rank 0's one message, not the others with a collective's error
+        written = distributed.main_first(write)
+        return written or self.out / "checkpoints" / ckpt.step_dir_name(self.state.step)
 
     # ---- logging ---------------------------------------------------------------------------
     def record(self, entry: dict) -> None:

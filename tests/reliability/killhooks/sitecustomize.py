@@ -10,6 +10,8 @@ counted in this process):
                              dies before the atomic rename (a torn write, as on a real crash)
     rmtree:PREFIX:n          SIGKILL half way through the n-th rmtree (in lorakit's checkpoint
                              module) of a folder whose name starts with PREFIX
+    full:SUFFIX:n            no kill: the n-th atomic write of a file whose path ends with SUFFIX
+                             fails as on a full disk (OSError ENOSPC), and the process goes on
 
 A spec ending in @R (`call:MODULE:QUALNAME:n@1`) arms the hook only in the torchrun worker whose
 RANK is R, so one rank of a distributed run dies while the others wait in a collective.
@@ -66,6 +68,19 @@ def _kill_on_write(suffix: str, hit) -> None:
     os.replace = replace
 
 
+def _full_disk_on_write(suffix: str, hit) -> None:
+    import errno
+
+    original = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if str(dst).endswith(suffix) and hit():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
+        return original(src, dst, *args, **kwargs)
+
+    os.replace = replace
+
+
 def _kill_in_rmtree(prefix: str, hit) -> None:
     import shutil
     import types
@@ -93,6 +108,8 @@ def _install(spec: str) -> None:
         _kill_on_write(rest[0], hit)
     elif kind == "rmtree":
         _kill_in_rmtree(rest[0], hit)
+    elif kind == "full":
+        _full_disk_on_write(rest[0], hit)
     else:
         raise SystemExit(f"LORAKIT_KILL_AT: unknown kind {kind!r}")
 
