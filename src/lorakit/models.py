@@ -412,13 +412,35 @@ def _load_error(source: ModelSource, exc: Exception, kwargs: dict[str, Any]) -> 
     )
 
 
-def load_tokenizer(spec: str | os.PathLike | None = None, allow_pickle: bool = False) -> Any:
-    """Only the tokenizer (for commands that count tokens or format data), with a pad token."""
+def load_tokenizer(spec: str | os.PathLike | None = None) -> Any:
+    """Only the tokenizer, with a pad token: for commands that count tokens or format data before
+    any weights are needed (a local folder needs none, a hub model's are not downloaded)."""
     source = resolve_model(spec)
-    target, kwargs = _load_target(source, allow_pickle)
+    target, kwargs = (source.location, {}) if source.kind == "local" else _load_target(source, allow_pickle=True)
     tokenizer = _load_tokenizer_from(source, target, kwargs)
     _ensure_pad_token(tokenizer, None)
     return tokenizer
+
+
+def meta_model_from_config(config: Any) -> Any:
+    """The model a config describes, on the meta device: its modules, names and shapes, exact
+    parameter counts, no memory."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    for auto in (AutoModelForCausalLM, AutoModel):
+        try:
+            with torch.device("meta"):
+                return auto.from_config(config)
+        except (ValueError, KeyError):
+            continue
+    raise ConfigError(f"cannot build a {getattr(config, 'model_type', '?')} model from its config")
+
+
+def meta_model(spec: str | None) -> Any:
+    """The model's modules with no weights (names, shapes, kinds), from its config alone."""
+    return meta_model_from_config(read_model_config(resolve_model(spec)))
+
 
 
 # what AutoTokenizer reads a tokenizer from: one of these must be in a local model folder

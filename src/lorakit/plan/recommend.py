@@ -314,7 +314,7 @@ def _count(n: float) -> str:
 
 def model_facts(spec: str | None) -> ModelFacts:
     """Size, context and estimator shape from the model's config alone (no weights loaded)."""
-    from lorakit.models import read_model_config, resolve_model, token_rows
+    from lorakit.models import meta_model_from_config, read_model_config, resolve_model, token_rows
     from lorakit.plan.model_shapes import context_length, shape_from_dict
 
     source = resolve_model(spec)
@@ -326,43 +326,6 @@ def model_facts(spec: str | None) -> ModelFacts:
     meta = meta_model_from_config(config)  # on the meta device: exact counts, no memory allocated
     return ModelFacts(source.name, sum(p.numel() for p in meta.parameters()), getattr(config, "model_type", None),
                       context_length(config), shape, note, token_rows(meta))
-
-
-def meta_model_from_config(config: Any) -> Any:
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    for auto in (AutoModelForCausalLM, AutoModel):
-        try:
-            with torch.device("meta"):
-                return auto.from_config(config)
-        except (ValueError, KeyError):
-            continue
-    raise ConfigError(f"cannot build a {getattr(config, 'model_type', '?')} model from its config")
-
-
-def meta_model(spec: str | None) -> Any:
-    """The model's modules with no weights (names, shapes, kinds), from its config alone."""
-    from lorakit.models import read_model_config, resolve_model
-
-    return meta_model_from_config(read_model_config(resolve_model(spec)))
-
-
-def _tokenizer(spec: str | None) -> Any:
-    """The model's tokenizer; a local folder needs no weights (plan before downloading them)."""
-    from lorakit.errors import ModelLoadError
-    from lorakit.models import load_tokenizer, resolve_model
-
-    source = resolve_model(spec)
-    if source.kind != "local":
-        return load_tokenizer(spec)
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source.location)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"no usable tokenizer in {source.location} ({type(exc).__name__}); copy the tokenizer "
-                             "files (tokenizer.json, tokenizer_config.json) next to config.json") from None
 
 
 def profile_data(paths: list[str], tokenizer: Any, fmt: str, max_positions: int | None,
@@ -405,7 +368,9 @@ def recommend(model: str | None = None, data: list[str] | None = None, task: str
     data, eval_data = _data_paths(data, eval_data)
     budget = budget or make_budget()
     facts = model_facts(model)
-    profile = profile_data(data, _tokenizer(model), fmt, facts.max_positions, token_rows=facts.token_rows,
+    from lorakit.models import load_tokenizer
+
+    profile = profile_data(data, load_tokenizer(model), fmt, facts.max_positions, token_rows=facts.token_rows,
                            eval_split=0.0 if eval_data else DataConfig().eval_split, seed=TrainConfig().seed)
     if eval_data:  # read now: a config naming an unreadable file would fail only when train starts
         from lorakit.data.reading import read_records

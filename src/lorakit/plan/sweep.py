@@ -266,7 +266,7 @@ def check_targets(config: RunConfig, points: list[SweepPoint]) -> None:
     point's rank is above a targeted layer's smaller side."""
     from lorakit.lora.model import describe_modules, model_type, output_head_name
     from lorakit.lora.targets import narrow_layers_left_out, select_targets
-    from lorakit.plan.recommend import meta_model
+    from lorakit.models import meta_model
 
     model = meta_model(config.model.name)
     modules, kind, head = describe_modules(model), model_type(model), output_head_name(model)
