@@ -122,20 +122,10 @@ def _eval_settings(model, tokenizer, seq_len: int, batch_size: int, packing: boo
     """The trainer's eval path (fast paths, packed rows without a 4D mask where the model's
     attention allows packing, as train decides): in 16 bits their roundings differ from
     transformers' ops, and eval should reproduce a run's own eval loss."""
-    from lorakit.data.formats import pad_token_id
-    from lorakit.kernels.llama_patch import enable_fast_paths, wants_triton
-    from lorakit.kernels.varlen_attention import use_varlen_attention
-    from lorakit.models import first_position_id
     from lorakit.train.loop import LoopSettings
-    from lorakit.train.run import autocast_dtype_for, packed_attention_for
+    from lorakit.train.run import enable_fast_paths_for, forward_settings
 
     device = next(model.parameters()).device
-    enable_fast_paths(model, triton=wants_triton("auto", device))  # the trainer's default
-    if packing:
-        use_varlen_attention(model)
+    enable_fast_paths_for(model, "auto", packing, device)  # the trainer's default
     return LoopSettings(lr=0, total_steps=0, warmup_steps=0, schedule="constant", grad_accum=1, max_grad_norm=0,
-                        max_bad_steps=1, batch_size=batch_size, seq_len=seq_len, packing=packing, seed=0,
-                        pad_id=pad_token_id(tokenizer), device=device,
-                        autocast_dtype=autocast_dtype_for(model, device),
-                        packed_attention=packed_attention_for(model, packing=packing),
-                        first_position=first_position_id(model))
+                        max_bad_steps=1, seed=0, **forward_settings(model, tokenizer, device, batch_size, seq_len, packing))

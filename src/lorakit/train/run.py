@@ -168,15 +168,21 @@ def loop_settings(config: RunConfig, model, tokenizer, train: TokenizedData) -> 
     world = distributed.world()  # a step takes world.size x grad_accum micro-batches of the plan
     device = distributed.device_of_rank()
     settings = LoopSettings(lr=t.lr, total_steps=0, warmup_steps=0, schedule=t.schedule, grad_accum=t.grad_accum,
-                            max_grad_norm=t.max_grad_norm, max_bad_steps=t.max_bad_steps, batch_size=t.batch_size,
-                            seq_len=d.seq_len, packing=d.packing, seed=t.seed, pad_id=pad_token_id(tokenizer),
-                            device=device, autocast_dtype=autocast_dtype_for(model, device),
-                            packed_attention=packed_attention_for(model, d.packing), rank=world.rank,
-                            world_size=world.size, first_position=first_position_id(model))
+                            max_grad_norm=t.max_grad_norm, max_bad_steps=t.max_bad_steps, seed=t.seed,
+                            rank=world.rank, world_size=world.size,
+                            **forward_settings(model, tokenizer, device, t.batch_size, d.seq_len, d.packing))
     settings.batches_per_epoch = len(epoch_plan(train, settings, 0))
     settings.total_steps = total_steps_for(settings.batches_per_epoch, t.grad_accum * world.size, t.epochs, t.max_steps)
     settings.warmup_steps = warmup_steps_for(settings.total_steps, t.warmup_ratio)
     return settings
+
+
+def forward_settings(model, tokenizer, device: torch.device, batch_size: int, seq_len: int, packing: bool) -> dict:
+    """The LoopSettings fields a forward pass reads, as train sets them (eval takes the same, so
+    that it reproduces a run's own eval loss)."""
+    return dict(batch_size=batch_size, seq_len=seq_len, packing=packing, pad_id=pad_token_id(tokenizer), device=device,
+                autocast_dtype=autocast_dtype_for(model, device), packed_attention=packed_attention_for(model, packing),
+                first_position=first_position_id(model))
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -197,7 +203,7 @@ def prepare(config: RunConfig) -> Prepared:
     if lora_report(model).trainable_params == 0:
         raise ConfigError("no trainable parameters after applying LoRA; check --targets")
     if config.train.fast_paths:  # first: the memory plan counts what they keep and what they recompute
-        notices += _enable_fast_paths(model, config, device)
+        notices += enable_fast_paths_for(model, config.train.triton_kernels, config.data.packing, device)
     notices += _checkpointing(model, config, use_fsdp)
     distributed.wrap_model(model, use_fsdp, device)
     distributed.diverge_rank_rng()  # after the shared initialisation: each rank its own dropout masks
@@ -278,14 +284,15 @@ def packed_attention_for(model, packing: bool) -> str:
     return "varlen" if packing and implementation == VARLEN else "4d"
 
 
-def _enable_fast_paths(model, config: RunConfig, device: torch.device) -> list[str]:
+def enable_fast_paths_for(model, triton_kernels: str, packing: bool, device: torch.device) -> list[str]:
+    """train's fast paths (eval's too); the notices saying which."""
     from lorakit.kernels.llama_patch import enable_fast_paths, triton_kernels_enabled, wants_triton
 
     # safe under non-reentrant checkpointing: the recomputed forward takes the same fused functions
-    notices = enable_fast_paths(model, triton=wants_triton(config.train.triton_kernels, device))
+    notices = enable_fast_paths(model, triton=wants_triton(triton_kernels, device))
     if triton_kernels_enabled(model):
         notices.append("Triton kernels for RMSNorm, SwiGLU, RoPE and the loss (--no-triton-kernels for torch's ops)")
-    if config.data.packing:  # packed rows without a B*T*T mask, no work across documents
+    if packing:  # packed rows without a B*T*T mask, no work across documents
         notices += use_varlen_attention(model)
     return [f"fast paths: {n}" for n in notices + _gemm_notice(model)]
 
