@@ -427,44 +427,59 @@ def _targets_choice(model_type: str | None) -> Choice:
 
 
 def _fit(facts: ModelFacts, budget: DeviceMemory, rows: int, seq_len: int, r: int) -> tuple[list[Choice], int, dict]:
-    """([quantize, batch, checkpointing] choices, grad_accum, memory estimate) for the budget.
-
-    A GPU plan falls back to a 4-bit base (QLoRA) when the 16-bit base cannot fit at all."""
-    usable = budget.usable_bytes
+    """([quantize, batch, checkpointing] choices, grad_accum, memory estimate) for the budget."""
     if facts.shape is None:
-        batch = min(rows, 4)
-        return [Choice("model.quantize", "none", "no quantisation: memory could not be estimated"),
-                Choice("train.batch_size", batch, "a cautious micro-batch: the estimator cannot read this model"),
-                Choice("train.grad_checkpointing", "auto", "auto: memory could not be estimated here; the trainer "
-                                                           "keeps it off for models its estimator cannot describe")], rows // batch, {}
-    from lorakit.kernels.llama_patch import FUSED_MLP_MODEL_TYPES
-
-    options = ("none", "4bit") if budget.device == "cuda" else ("none",)  # bitsandbytes runs on GPUs only
-    for quantize in options:
-        memory_of = _memory_function(facts.shape, seq_len, r, budget.device, quantize,
-                                     fused_mlp=quantize == "none" and facts.model_type in FUSED_MLP_MODEL_TYPES)
-        try:
-            batch, checkpointing, need = fit_batch(rows, memory_of, usable)
-            break
-        except ConfigError:
-            if quantize == options[-1]:
-                raise
-            plain_need = memory_of(1, True)
+        return _unestimated_choices(rows), rows // min(rows, 4), {}
+    fit = _first_fitting_base(facts, budget, rows, seq_len, r)
+    usable = budget.usable_bytes
     where = f"{_gib(usable)} GiB usable of {_gib(budget.total_bytes)} GiB ({budget.source})"
-    quantize_why = ("the unquantised base fits: no quantisation" if quantize == "none" else
-                    f"QLoRA (4-bit NF4 base): the 16-bit base needs {_gib(plain_need)} GiB even at 1 row with "
+    quantize_why = ("the unquantised base fits: no quantisation" if fit.quantize == "none" else
+                    f"QLoRA (4-bit NF4 base): the 16-bit base needs {_gib(fit.plain_need)} GiB even at 1 row with "
                     "checkpointing")
     # auto, not on/off: the trainer re-estimates on the card it runs on, and checkpoints only the layers it must
-    gc_why = (f"auto (expected on): without it even 1 row needs {_gib(memory_of(1, False))} GiB; the trainer "
-              "checkpoints the fewest layers that fit" if checkpointing else
+    gc_why = (f"auto (expected on): without it even 1 row needs {_gib(fit.memory_of(1, False))} GiB; the trainer "
+              "checkpoints the fewest layers that fit" if fit.checkpointing else
               "auto (expected off): the batch fits without it; recomputing activations costs about a third more compute")
-    memory = {"predicted_peak_bytes": need, "usable_bytes": usable, "quantize": quantize,
-              "expects_checkpointing": checkpointing,
-              "without_checkpointing_bytes": memory_of(batch, False), "with_checkpointing_bytes": memory_of(batch, True)}
-    return [Choice("model.quantize", quantize, quantize_why),
-            Choice("train.batch_size", batch, f"the largest micro-batch of {seq_len}-token rows that fits {where}: "
-                                              f"{_gib(need)} GiB predicted"),
-            Choice("train.grad_checkpointing", "auto", gc_why)], rows // batch, memory
+    memory = {"predicted_peak_bytes": fit.need, "usable_bytes": usable, "quantize": fit.quantize,
+              "expects_checkpointing": fit.checkpointing, "without_checkpointing_bytes": fit.memory_of(fit.batch, False),
+              "with_checkpointing_bytes": fit.memory_of(fit.batch, True)}
+    return [Choice("model.quantize", fit.quantize, quantize_why),
+            Choice("train.batch_size", fit.batch, f"the largest micro-batch of {seq_len}-token rows that fits {where}: "
+                                                  f"{_gib(fit.need)} GiB predicted"),
+            Choice("train.grad_checkpointing", "auto", gc_why)], rows // fit.batch, memory
+
+
+def _unestimated_choices(rows: int) -> list[Choice]:
+    return [Choice("model.quantize", "none", "no quantisation: memory could not be estimated"),
+            Choice("train.batch_size", min(rows, 4), "a cautious micro-batch: the estimator cannot read this model"),
+            Choice("train.grad_checkpointing", "auto", "auto: memory could not be estimated here; the trainer keeps it "
+                                                       "off for models its estimator cannot describe")]
+
+
+@dataclass
+class _BaseFit:
+    quantize: str
+    batch: int
+    checkpointing: bool
+    need: int  # predicted peak bytes of that batch
+    memory_of: Callable[[int, bool], int]  # (rows, checkpointing) -> predicted peak bytes with this base
+    plain_need: int | None = None  # the 16-bit base's need at 1 row with checkpointing, when it did not fit
+
+
+def _first_fitting_base(facts: ModelFacts, budget: DeviceMemory, rows: int, seq_len: int, r: int) -> _BaseFit:
+    """The 16-bit base's largest fitting batch; on a GPU where it cannot fit at all, a 4-bit base's
+    (QLoRA; bitsandbytes runs on GPUs only). ConfigError where none fits."""
+    from lorakit.kernels.llama_patch import FUSED_MLP_MODEL_TYPES
+
+    plain = _memory_function(facts.shape, seq_len, r, budget.device, "none",
+                             fused_mlp=facts.model_type in FUSED_MLP_MODEL_TYPES)
+    try:
+        return _BaseFit("none", *fit_batch(rows, plain, budget.usable_bytes), plain)
+    except ConfigError:
+        if budget.device != "cuda":
+            raise
+    quantized = _memory_function(facts.shape, seq_len, r, budget.device, "4bit", fused_mlp=False)
+    return _BaseFit("4bit", *fit_batch(rows, quantized, budget.usable_bytes), quantized, plain_need=plain(1, True))
 
 
 def _floor_significant(value: float, digits: int) -> float:
