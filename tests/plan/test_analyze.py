@@ -1,5 +1,6 @@
 """lorakit analyze: spectra of s·BA from the factors, the verdict, the heatmap, the CLI."""
 
+import dataclasses
 import json
 import math
 
@@ -12,6 +13,7 @@ from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.plan.analyze import (
     analyze_adapter,
     energy_rank,
+    make_verdict,
     parse_module_name,
     plot_effective_rank,
     stable_rank,
@@ -382,3 +384,8 @@ def test_a_lorakit_pissa_adapter_is_judged_against_the_rank_it_trained_with(tmp_
     apply_lora(plain := tiny_llama(), LoraConfig(r=4, alpha=8))
     save_adapter(plain, tmp_path / "plain")
     assert analyze_adapter(tmp_path / "plain").r == 4
+    # its change can span 2r: 5 dimensions of r=4 is not saturation there, as it is for plain LoRA
+    five = [dataclasses.replace(m, energy_ranks={k: 5 for k in m.energy_ranks}) for m in analysis.modules]
+    assert make_verdict(five, 4, 0.9).kind == "saturated"
+    pissa = make_verdict(five, 4, 0.9, capacity=8)
+    assert pissa.kind == "fits" and "at most 5 dimensions (90% energy) of the 8 a PiSSA change can span" in pissa.message

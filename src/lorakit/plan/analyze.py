@@ -26,6 +26,8 @@ modules' rank (the config's r, unless a rank_pattern gives them all another one)
   - "oversized" if the suggested r is below r: "r=64, but 95% of modules use at most 12
     dimensions (90% energy): r=16 would likely do";
   - "fits" otherwise; "untrained" if every B is zero (no update yet).
+A lorakit PiSSA adapter's change s·(BA - B0A0) spans up to 2r dimensions: it is saturated at
+3/4 of 2r, and judged against the r it trained with otherwise.
 """
 
 from __future__ import annotations
@@ -192,14 +194,16 @@ def analyze_adapter(path: str | Path, energies: Sequence[float] = DEFAULT_ENERGI
     ranks = {m.r for m in modules}
     r = ranks.pop() if len(ranks) == 1 else int(config.get("r") or max(m.r for m in modules))
     warnings = _config_warnings(adapter)
-    if _saved_pissa(adapter):  # saved as 2r: the choice the user made was r
+    pissa = _saved_pissa(adapter)
+    if pissa:  # saved as 2r: the choice the user made was r
         r //= 2
         warnings.append(f"PiSSA adapter: trained with r={r}, saved as rank {2 * r} against the original base "
                         f"(s·(BA - B0A0), the change training made); the verdict judges it against r={r}")
     return AdapterAnalysis(
         path=str(adapter.folder), r=r, lora_alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         use_rslora=adapter.uses_rslora(), use_dora=bool(config.get("use_dora")), energies=tuple(energies),
-        modules=modules, verdict=make_verdict(modules, r, energies[0]), warnings=warnings,
+        modules=modules, verdict=make_verdict(modules, r, energies[0], capacity=2 * r if pissa else r),
+        warnings=warnings,
     )
 
 
@@ -268,8 +272,10 @@ def _next_power_of_two(k: int) -> int:
     return 1 << max(0, k - 1).bit_length()
 
 
-def make_verdict(modules: list[ModuleRank], r: int, energy: float) -> Verdict:
-    """The rule of the module docstring."""
+def make_verdict(modules: list[ModuleRank], r: int, energy: float, capacity: int | None = None) -> Verdict:
+    """The rule of the module docstring; `capacity`: the most dimensions the change can span (r;
+    2r for a PiSSA adapter's)."""
+    capacity = capacity or r
     pct = f"{energy * 100:g}% energy"
     trained = [m for m in modules if not m.is_zero]
     if not trained:
@@ -278,7 +284,9 @@ def make_verdict(modules: list[ModuleRank], r: int, energy: float) -> Verdict:
     k95 = _percentile_nearest_rank([m.rank_at(energy) for m in trained], PERCENTILE)
     suggested = max(MIN_SUGGESTED_R, _next_power_of_two(k95))
     usage = f"95% of modules use at most {k95} dimension{'s' if k95 != 1 else ''} ({pct})"
-    if k95 >= SATURATION * r:
+    if capacity != r:
+        usage += f" of the {capacity} a PiSSA change can span"
+    if k95 >= SATURATION * capacity:
         kind, message = "saturated", f"r={r}, and {usage}: rank is saturated: consider a larger r (e.g. {2 * r})"
     elif suggested < r:
         kind, message = "oversized", f"r={r}, but {usage}: r={suggested} would likely do"
