@@ -5,6 +5,12 @@ traceback.
 """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training run's steps (StopSignals handles it within them): the command
+    stops at once, like Ctrl-C, and says how to go on. A KeyboardInterrupt, not an Exception, so
+    that no `except Exception` on the way turns it into another error."""
+
+
 class LorakitWarning(UserWarning):
     """Something the user should know that does not stop the run (the CLI prints it as one
     "warning:" line, without Python's file and line)."""

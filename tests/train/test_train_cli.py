@@ -200,6 +200,27 @@ def test_the_same_resume_command_keeps_the_global_batch_after_another_number_of_
     assert "grad_accum" not in capsys.readouterr().out
 
 
+def test_sigterm_outside_the_training_steps_stops_with_one_line(monkeypatch, capsys):
+    """While the model loads or an evaluation runs (no StopSignals there), SIGTERM ended the
+    process without a word; now: one line, exit 143, and the earlier handler back."""
+    import os
+    import signal
+    import time
+
+    from lorakit.cli import train as train_cli
+
+    def evaluating(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(train_cli, "_train", evaluating)
+    assert main(["train"]) == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(tiny, out, "--dry-run")) == 0

@@ -18,7 +18,7 @@ import os
 import sys
 import warnings
 
-from lorakit.errors import LorakitError, LorakitWarning
+from lorakit.errors import LorakitError, LorakitWarning, Terminated
 from lorakit.safe_io import os_error_words
 
 
@@ -128,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         if not str(exc).startswith("Symlink loop"):
             raise
         return _refuse(f"{exc}; {os_error_words(OSError(errno.ELOOP, ''), 'path')[1]}", 2, args)
+    except Terminated:
+        if _speaks():
+            print("stopped by SIGTERM (between the training steps: loading, evaluating or saving); every file "
+                  "written is whole: run the same command with --resume to go on", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -6,12 +6,15 @@ Several GPUs or nodes: `torchrun --nproc_per_node N -m lorakit train ...` (docs/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import textwrap
 import traceback
 from pathlib import Path
 
 from lorakit.config import add_flags, load_yaml, resolve
+from lorakit.errors import Terminated
 
 # `lorakit train` with no data: the built-in SmolLM2 on the bundled WordNet set, sized to finish
 # in a few minutes on 2 CPU cores. Each value applies only where the user gave none.
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train import distributed
 
     try:
-        return _train(args)
+        with _terminated_on_sigterm():
+            return _train(args)
     except BaseException as exc:
         # the traceback's frames hold the model: drop them, so that shutdown frees its DTensors
         # before leaving the process group (distributed.shutdown says why that order matters)
@@ -85,6 +89,25 @@ def run(args: argparse.Namespace) -> int:
         raise
     finally:
         distributed.shutdown()
+
+
+@contextlib.contextmanager
+def _terminated_on_sigterm():
+    """SIGTERM while the model loads, an evaluation runs or the adapter is saved raises Terminated
+    (the CLI's one line, exit 143) instead of ending the process without a word; the training
+    steps' own handler (loop.StopSignals) takes over while they run."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (tests in threads): leave the default
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train(args: argparse.Namespace) -> int:
