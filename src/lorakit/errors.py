@@ -20,6 +20,10 @@ class LorakitError(Exception):
     """Base class for user-facing errors (bad flag, file, config, adapter, model)."""
 
     exit_code = 2
+    # under torchrun every process runs the same command on the same input and meets the same
+    # problem, which rank 0 alone reports; False for one a process meets on its own (its node's
+    # GPUs or files), which it reports itself
+    every_rank_alike = True
 
 
 class ConfigError(LorakitError):

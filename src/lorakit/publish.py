@@ -63,11 +63,13 @@ def move_into_place(tmp: Path, output: Path, overwrite: bool, what: str) -> None
         if old is not None:
             output.rename(old)
         tmp.rename(output)
-        fsync_dir(output.parent)  # the new name survives a power cut
     except OSError as exc:
         raise OutputError(f"{output_error(exc, output)}; {_keep(tmp, output, old, what)}") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    # the new name survives a power cut; a parent this user may not open for reading is no failed move
+    with contextlib.suppress(OSError):
+        fsync_dir(output.parent)
 
 
 def _keep(tmp: Path, output: Path, old: Path | None, what: str) -> str:

@@ -162,7 +162,7 @@ def test_the_choice_is_remembered_per_machine_so_every_run_takes_the_same_produc
     def full(path, fill, fix=None):  # the failure as lorakit reports it: an OutputError, not an OSError
         raise safe_io.output_error(OSError(errno.ENOSPC, "No space left on device"), path)
 
-    monkeypatch.setattr(safe_io, "_atomic_write", full)
+    monkeypatch.setattr(safe_io, "atomic_write_with", full)
     assert cpu_gemm._remembered_choice(torch.float32) == cpu_gemm.ATEN
 
 

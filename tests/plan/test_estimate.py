@@ -361,10 +361,12 @@ def test_cli_refuses_a_peak_that_is_not_a_positive_number(capsys, value):
 @pytest.mark.parametrize("flags, words", [
     (["--checkpoint-layers", "5"], "--checkpoint-layers 5 needs --grad-checkpointing on or offload"),
     (["--checkpoint-layers", "0", "--grad-checkpointing", "on"], "must be at least 1, got 0"),
+    (["--checkpoint-layers", "-1"], "must be at least 1, got -1"),
 ])
 def test_cli_names_checkpoint_layers_problems_in_flag_words(capsys, flags, words):
     assert main(["estimate", "--model", "1b", *flags]) == 2
     assert words in capsys.readouterr().err
+    assert main(["estimate", "--model", "1b", "--checkpoint-layers", "0", "--json"]) == 0  # 0 of 16, off: as asked
 
 
 def test_cli_refuses_a_rank_above_a_layers_smaller_side(capsys):

@@ -182,6 +182,17 @@ def test_rank_0_alone_speaks_and_a_lost_peer_is_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["estimate", "--no-such-flag"])
     assert capsys.readouterr().err == ""
+    def on_a_node_with_2_gpus(args):  # ranks 2 and 3 of --nproc_per_node 4: their own problem, said by each
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        distributed._check_gpu(local_rank=3)
+
+    monkeypatch.setattr(estimate, "run", on_a_node_with_2_gpus)
+    assert main(["estimate"]) == 2
+    assert capsys.readouterr().err.startswith("error: [rank 1] LOCAL_RANK is 3 but this node has 2 GPU(s)")
+    monkeypatch.undo()
+    monkeypatch.setenv("RANK", "1")  # a stray RANK outside torchrun silences nothing
+    assert main(["estimate", "--mfu", "2"]) == 2 and "--mfu must be in (0, 1]" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     assert main(["estimate", "--mfu", "2"]) == 2 and "--mfu must be in (0, 1]" in capsys.readouterr().err
 

@@ -115,19 +115,19 @@ def main(argv: list[str] | None = None) -> int:
             triton_launch.check_environment()
         return int(args.func(args) or 0)
     except LorakitError as exc:
-        return _refuse(str(exc), exc.exit_code, args)
+        return refuse(exc, args)
     except OSError as exc:  # a path the user gave that the system refused, where no command said why
         words = os_error_words(exc, "path")
         if words is None or exc.filename is None:
             raise
-        return _refuse(f"{exc.filename}: {words[0]} ({exc.strerror}); {_path_fix(exc, words[1])}", 2, args)
+        return _say_error(f"{exc.filename}: {words[0]} ({exc.strerror}); {_path_fix(exc, words[1])}", 2, args)
     except RuntimeError as exc:  # pathlib's resolve() before Python 3.13; an OSError (ELOOP) since
         if _a_peer_stopped(exc):
-            return _refuse("another process of this torchrun job stopped (its error is above); fix that and run "
-                           "again", 1, args)
+            return _say_error("another process of this torchrun job stopped (its error is above); fix that and "
+                              "run again", 1, args)
         if not str(exc).startswith("Symlink loop"):
             raise
-        return _refuse(f"{exc}; {os_error_words(OSError(errno.ELOOP, ''), 'path')[1]}", 2, args)
+        return _say_error(f"{exc}; {os_error_words(OSError(errno.ELOOP, ''), 'path')[1]}", 2, args)
     except Terminated:
         if _speaks():
             print("stopped by SIGTERM (between the training steps: loading, evaluating or saving); every file "
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _speaks() -> bool:
-    """Under torchrun every process runs this command on the same input and meets the same
-    problem: rank 0 alone says what it is (the others exit with the same code)."""
-    return os.environ.get("RANK", "0") == "0"
+    """Whether this process reports the problems every process of a torchrun job meets alike:
+    rank 0 does (the others exit with the same code), as does any process outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0"
 
 
 # a collective's words when the process at the other end is gone (gloo; NCCL's watchdog says it otherwise)
@@ -153,10 +153,18 @@ def _a_peer_stopped(exc: RuntimeError) -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(words in str(exc) for words in _PEER_GONE)
 
 
-def _refuse(message: str, exit_code: int, args) -> int:
+def refuse(exc: LorakitError, args) -> int:
+    """A user error's one line (see `_say_error`); under torchrun, one the other processes met
+    alike only from rank 0, and one a process met on its own from that process, marked."""
+    if exc.every_rank_alike or _speaks():
+        return _say_error(str(exc), exc.exit_code, args)
+    return _say_error(f"[rank {os.environ.get('RANK')}] {exc}", exc.exit_code, args, every_rank_alike=False)
+
+
+def _say_error(message: str, exit_code: int, args, every_rank_alike: bool = True) -> int:
     """The one error line on stderr; with --json also {"error", "exit_code"} on stdout, so a script
     reading the JSON gets an answer either way."""
-    if not _speaks():
+    if every_rank_alike and not _speaks():
         return exit_code
     print(f"error: {message}", file=sys.stderr)
     if getattr(args, "json", False) is True:

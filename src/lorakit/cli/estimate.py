@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_checkpoint_layers(k: int | None, grad_checkpointing: str) -> None:
     """The flags' own words for what TrainShape would refuse in its field names."""
-    if k is None:
+    if k is None or (k == 0 and grad_checkpointing == "off"):
         return
     if k < 1:
         raise ConfigError(f"--checkpoint-layers must be at least 1, got {k} (for no checkpointing: "

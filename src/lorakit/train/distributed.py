@@ -93,8 +93,10 @@ def init_from_env() -> World:
 def _check_gpu(local_rank: int) -> None:
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise ConfigError(f"LOCAL_RANK is {local_rank} but this node has {count} GPU(s); "
-                          f"pass --nproc_per_node {count} (or fewer) to torchrun")
+        error = ConfigError(f"LOCAL_RANK is {local_rank} but this node has {count} GPU(s); "
+                            f"pass --nproc_per_node {count} (or fewer) to torchrun")
+        error.every_rank_alike = False
+        raise error
 
 
 def shutdown() -> None:
@@ -190,7 +192,13 @@ def main_first(action, others_too: bool = False):
         if error is not None:
             raise error
         raise LorakitError("rank 0 stopped with the error shown above; fix it and run again")
-    return action() if others_too and not is_main() else result
+    if not (others_too and not is_main()):
+        return result
+    try:
+        return action()
+    except LorakitError as exc:  # rank 0 got through: this rank's own problem (its node's files)
+        exc.every_rank_alike = False
+        raise
 
 
 # ---- the data split -------------------------------------------------------------------------

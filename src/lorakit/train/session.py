@@ -178,8 +178,8 @@ class Session:
             self.requested_grad_accum = requested or asked
             return False
         self.requested_grad_accum = asked
-        per_step = saved.get("micro_batches_per_step")
-        return per_step is not None and asked * distributed.world_size() != per_step
+        per_step = saved.get("micro_batches_per_step")  # None: a checkpoint older than the field
+        return per_step is None or asked * distributed.world_size() != per_step
 
     def _keep_global_batch(self, saved: dict) -> None:
         """The checkpoint's micro-batches per step, on this run's processes (grad_accum adjusted)."""
