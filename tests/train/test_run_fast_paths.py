@@ -32,11 +32,16 @@ def _model(config):
 CPU = torch.device("cpu")
 
 
+def enable_fast_paths(model, config, device):
+    """The run's fast paths for this config (train/run.py), and their notices."""
+    return run.enable_fast_paths_for(model, config.train.triton_kernels, config.data.packing, device)
+
+
 def test_triton_kernels_auto_leaves_them_off_on_a_cpu():
     config = _config()
     assert config.train.triton_kernels == "auto"
     model = _model(config)
-    notices = run._enable_fast_paths(model, config, CPU)
+    notices = enable_fast_paths(model, config, CPU)
     assert fast_paths_enabled(model)
     assert not any("Triton" in n for n in notices)
 
@@ -54,7 +59,7 @@ def test_the_run_asks_for_triton_kernels_for_a_gpu_run_and_says_so(monkeypatch):
     said = []
     for flags in ([], ["--no-triton-kernels"], ["--triton-kernels", "on"]):
         config = _config(*flags)
-        said.append(run._enable_fast_paths(_model(config), config, torch.device("cuda")))
+        said.append(enable_fast_paths(_model(config), config, torch.device("cuda")))
     assert asked == [True, False, True]
     assert [any("Triton kernels for RMSNorm" in n for n in notices) for notices in said] == [True, False, True]
 
@@ -64,7 +69,7 @@ def test_triton_kernels_without_a_gpu_fall_back_with_one_notice(monkeypatch):
     monkeypatch.setattr(triton_ops.torch.cuda, "is_available", lambda: False)
     config = _config("--triton-kernels")
     model = _model(config)
-    notices = [n for n in run._enable_fast_paths(model, config, CPU) if "Triton" in n]
+    notices = [n for n in enable_fast_paths(model, config, CPU) if "Triton" in n]
     assert len(notices) == 1 and "not used" in notices[0], notices
     assert fast_paths_enabled(model)  # the other fast paths stay
 
@@ -72,11 +77,11 @@ def test_triton_kernels_without_a_gpu_fall_back_with_one_notice(monkeypatch):
 def test_packed_runs_switch_to_varlen_attention_and_unpacked_runs_do_not():
     packed = _config()  # packing is the default
     model = _model(packed)
-    run._enable_fast_paths(model, packed, CPU)
+    enable_fast_paths(model, packed, CPU)
     assert run.packed_attention_for(model, packing=True) == "varlen"
     unpacked = _config("--no-packing")
     model = _model(unpacked)
-    run._enable_fast_paths(model, unpacked, CPU)
+    enable_fast_paths(model, unpacked, CPU)
     assert run.packed_attention_for(model, packing=False) == "4d"
     assert model.config._attn_implementation != "lorakit_varlen"
 
@@ -86,9 +91,9 @@ def test_the_run_says_when_its_gemms_take_onednn():
 
     config = _config()
     with cpu_gemm.use_backend(cpu_gemm.ONEDNN):
-        said = run._enable_fast_paths(_model(config), config, CPU)
+        said = enable_fast_paths(_model(config), config, CPU)
     with cpu_gemm.use_backend(cpu_gemm.ATEN):
-        silent = run._enable_fast_paths(_model(config), config, CPU)
+        silent = enable_fast_paths(_model(config), config, CPU)
     assert [n for n in said if "oneDNN" in n] == [
         "fast paths: float32 GEMMs through oneDNN, faster than torch's own on this CPU (LORAKIT_CPU_GEMM=aten for torch's)"]
     assert not any("oneDNN" in n for n in silent)
