@@ -55,7 +55,7 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     notes += [f"dtype {run_dtype}, as the run trained (its summary.json); --dtype to choose another"] if run_dtype else []
     notes += context_notice(base_model, longest)  # raises where the examples run past a position table
     load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
-    unpacked = packing_blocker(base_model, longest)  # as train decides
+    unpacked = packing_blocker(base_model, longest, seq_len)  # as train decides
     notes += [f"rows unpacked: {unpacked}"] if unpacked else []
     settings = _eval_settings(base_model, tokenizer, seq_len, batch_size, packing=unpacked is None)
     with disable_adapters(base_model):

@@ -106,6 +106,8 @@ def _tiny(config_class: str, **options):
                  num_key_value_heads=2, vocab_size=128)
     if config_class == "BloomConfig":
         small = dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=128)
+    if config_class == "MptConfig":
+        small = dict(d_model=64, n_layers=2, n_heads=4, vocab_size=128)
     return transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**small, **options))
 
 
@@ -116,6 +118,8 @@ def test_packing_turns_off_where_a_packed_row_cannot_carry_the_models_attention_
         (_tiny("Gemma2Config", sliding_window=8, head_dim=16), 20, False),  # a 4D mask would drop the window
         (_tiny("Qwen2Config", sliding_window=8), 20, True),  # Qwen2's window is off unless use_sliding_window
         (_tiny("BloomConfig"), 5, False),  # ALiBi: transformers builds its biases from a 2D mask
+        (_tiny("MptConfig", max_seq_len=256), 64, False),  # its ALiBi table spans a row of --seq-len 512
+        (_tiny("MptConfig", max_seq_len=512), 64, True),
         (tiny_llama(), 64, True),
     ]
     for model, longest, kept in cases:
@@ -133,6 +137,8 @@ def test_packing_turns_off_where_a_packed_row_cannot_carry_the_models_attention_
 @pytest.mark.parametrize("arch, notice", [
     ("MistralConfig", "packing: off, the model's sliding window (8 tokens)"),  # lorakit_varlen raised mid-run
     ("BloomConfig", "packing: off, bloom positions tokens with ALiBi"),  # the 4D mask crashed ALiBi
+    ("MptConfig", "packing: off, a packed row of up to 64 tokens (--seq-len) is longer than the 48 positions of "
+                  "MPT's ALiBi table"),  # a traceback mid-run
 ])
 def test_models_packing_cannot_serve_train_and_evaluate_through_the_cli(tmp_path, capsys, arch, notice):
     import transformers
@@ -142,9 +148,10 @@ def test_models_packing_cannot_serve_train_and_evaluate_through_the_cli(tmp_path
     from tiny_models import tiny_tokenizer, write_define_data
 
     tokenizer = tiny_tokenizer()
-    sizes = (dict(hidden_size=64, n_layer=2, n_head=4) if arch == "BloomConfig" else
-             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, sliding_window=8))
+    sizes = {"BloomConfig": dict(hidden_size=64, n_layer=2, n_head=4),
+             "MptConfig": dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=48)}.get(arch) or \
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             sliding_window=8)
     config = getattr(transformers, arch)(**sizes, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                                          pad_token_id=tokenizer.pad_token_id)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")

@@ -255,18 +255,22 @@ def _checkpointing(model, config: RunConfig, fsdp: bool) -> list[str]:
 def packing_notice(config: RunConfig, model, longest: int) -> list[str]:
     """Packing off, with one line, where packing_blocker says a packed row cannot carry the model's
     attention; padded rows get transformers' own masks, windows included."""
-    reason = packing_blocker(model, longest) if config.data.packing else None
+    reason = packing_blocker(model, longest, config.data.seq_len) if config.data.packing else None
     if reason is None:
         return []
     config.data.packing = False
     return [f"packing: off, {reason}; each row holds one example (padded)"]
 
 
-def packing_blocker(model, longest: int) -> str | None:
-    """Why a packed row cannot carry the model's own attention rule, or None: a sliding window or
-    attention chunk some example is longer than (a block-causal mask, which transformers hands to
-    every layer unchanged, would let it see past the window), or ALiBi biases (transformers builds
-    them from a 2D mask)."""
+def packing_blocker(model, longest: int, row_tokens: int) -> str | None:
+    """Why a packed row (of up to `row_tokens`) cannot carry the model's own attention rule, or
+    None: a sliding window or attention chunk some example is longer than (a block-causal mask,
+    which transformers hands to every layer unchanged, would let it see past the window), ALiBi
+    biases (transformers builds them from a 2D mask), or MPT's ALiBi table, which spans the whole
+    row (not each document) and is only max_seq_len wide."""
+    if getattr(model.config, "model_type", None) == "mpt" and row_tokens > (position_table_length(model) or row_tokens):
+        return (f"a packed row of up to {row_tokens} tokens (--seq-len) is longer than the {model.config.max_seq_len} "
+                "positions of MPT's ALiBi table")
     local = local_attention(model.config)
     if local is not None and longest > local[0]:
         return (f"the model's {local[1]} ({local[0]} tokens) is shorter than the longest example ({longest}), "
