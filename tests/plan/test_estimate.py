@@ -333,6 +333,13 @@ def test_bad_models_and_shapes_are_user_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**bert, "model_type": "t5", "is_encoder_decoder": True}))
     with pytest.raises(ConfigError, match="is an encoder-decoder model"):
         model_shape(tmp_path)
+    # Mixtral's config reads as a dense decoder's too: 8x7B counted as 7.2B (it has 46.7B)
+    mixtral = {**bert, "model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2}
+    (tmp_path / "config.json").write_text(json.dumps(mixtral))
+    with pytest.raises(ConfigError, match=r"is a mixture-of-experts model \(8 experts per layer"):
+        model_shape(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**mixtral, "num_local_experts": 1}))  # one expert: dense
+    assert model_shape(tmp_path).num_layers == 2
     with pytest.raises(ConfigError, match="dtype"):
         TrainShape(dtype="int3")
     with pytest.raises(ConfigError, match="unknown target 'qkv'"):

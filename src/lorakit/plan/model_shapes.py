@@ -160,6 +160,16 @@ ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "deberta", "d
                                  "xlm", "esm", "nomic_bert", "roformer", "funnel", "luke", "megatron-bert"})
 
 
+# where configs give the experts of a mixture-of-experts layer (Mixtral, Qwen-MoE, OLMoE, DeepSeek...)
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _experts_per_layer(data: dict) -> int | None:
+    """The experts per layer a mixture-of-experts config names (above 1), or None for a dense one."""
+    counts = [data[key] for key in EXPERT_COUNT_KEYS if isinstance(data.get(key), int) and data[key] > 1]
+    return max(counts) if counts else None
+
+
 def shape_from_dict(data: dict, source: str) -> ModelShape:
     """Read a Llama-style config dict (multimodal configs: their text_config)."""
     if not isinstance(data, dict):
@@ -177,6 +187,13 @@ def shape_from_dict(data: dict, source: str) -> ModelShape:
             f"{source} is {'an encoder-decoder' if data.get('is_encoder_decoder') else 'an encoder'} model "
             f"(model_type {kind!r}); the estimator models Llama-style decoders (Llama, Mistral, Qwen, SmolLM, "
             "Gemma-like) only, so it has no figures for it"
+        )
+    experts = _experts_per_layer(data)
+    if experts:
+        raise ConfigError(
+            f"{source} is a mixture-of-experts model ({experts} experts per layer, model_type {kind!r}); the "
+            "estimator models dense Llama-style decoders only, so it has no figures for it (its count would miss "
+            "the experts' weights)"
         )
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     wrong = [f"{k} is {data[k]!r}, not a positive integer" for k in required
