@@ -337,6 +337,11 @@ def test_a_sequence_classification_adapter_merges_into_a_classifier(tmp_path, ca
     assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "q"),
                  "--quantize", "4bit"]) == 2
     assert "this one is for a SEQ_CLS model: merge it without --quantize" in capsys.readouterr().err
+    # eval and generate run causal LMs: refused by name, not "the weights lack tensors" after a load report
+    assert main(["eval", "--adapter", str(tmp_path / "adapter"), "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert "is a SEQ_CLS adapter (a classifier's); eval works with causal LM adapters" in capsys.readouterr().err
+    assert main(["generate", "--adapter", str(tmp_path / "adapter"), "hello"]) == 2
+    assert "is a SEQ_CLS adapter (a classifier's); generate works" in capsys.readouterr().err
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": None}))
     from safetensors.torch import load_file, save_file

@@ -212,6 +212,21 @@ def test_a_small_local_model_loads_without_transformers_progress_bar(tiny_folder
     assert "Loading weights" in capfd.readouterr().err
 
 
+def test_a_classifiers_folder_is_named_as_such_not_blamed_for_missing_weights(tmp_path, capsys):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lorakit.cli import main
+
+    BertForSequenceClassification(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, vocab_size=64)).save_pretrained(tmp_path)
+    _tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"holds a classifier \(BertForSequenceClassification\)"):
+        load_model_and_tokenizer(tmp_path)
+    assert main(["train", "--model", str(tmp_path), "--output", str(tmp_path / "run")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("error:") == 1 and "LOAD REPORT" not in captured.out + captured.err  # transformers' table
+
+
 def test_existing_pad_token_is_kept(tmp_path):
     _tiny_llama().save_pretrained(tmp_path)
     _tiny_tokenizer(with_pad=True).save_pretrained(tmp_path)

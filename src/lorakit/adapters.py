@@ -94,6 +94,21 @@ class AdapterSet:
         raise ConfigError(f"no adapter named {name!r} is loaded; loaded: {', '.join(self._adapters) or 'none'}")
 
 
+# PEFT task types whose adapter trains a classifier's head with it (merge loads their base as one)
+TASK_HEAD_TYPES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification"}
+
+
+def refuse_classifier_adapters(adapter_paths: list[str], command: str) -> None:
+    """eval and generate run causal LMs: a classifier's adapter would load its base as one, which
+    then lacks the LM head (transformers' load report, and a misleading 'weights lack' error)."""
+    for path in adapter_paths:
+        task = read_adapter_config(Path(path)).get("task_type")
+        if task in TASK_HEAD_TYPES:
+            raise ConfigError(f"{path} is a {task} adapter (a classifier's); {command} works with causal LM adapters: "
+                              "merge it with lorakit merge, or load it onto the classifier with the Python API "
+                              "(lorakit.lora.load_adapter)")
+
+
 def base_model_for(adapter_paths: list[str]) -> str | None:
     """The base model named in the first adapter's config (None: use the built-in default)."""
     if not adapter_paths:

@@ -26,7 +26,7 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     """{base_loss, base_perplexity, adapter_loss, adapter_perplexity, tokens, notes} over ``data``;
     ``model`` defaults to the adapter's base_model_name_or_path; ``seq_len`` None: the run's (its
     config.yaml beside the adapter), else 512. The run's train_on_inputs is kept: the same labels."""
-    from lorakit.adapters import base_model_for
+    from lorakit.adapters import base_model_for, refuse_classifier_adapters
     from lorakit.data.formats import tokenize_records
     from lorakit.data.reading import read_records
     from lorakit.lora import disable_adapters, load_adapter
@@ -34,6 +34,7 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     from lorakit.train.loop import evaluate
     from lorakit.train.run import check_vocabulary, context_notice, longest_example, packing_blocker
 
+    refuse_classifier_adapters([adapter], "eval")
     summary = _run_summary(adapter)  # read once: the run's dtype, and whether its config.yaml is this adapter's
     run = _run_data_settings(adapter) if summary else {}
     if seq_len is None:

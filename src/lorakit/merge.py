@@ -169,7 +169,6 @@ def _stored_dtype(spec) -> torch.dtype | None:
 
 
 # PEFT's task types whose models end in a task head instead of the language-model head
-_TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification"}
 
 
 @dataclass
@@ -192,10 +191,11 @@ class TaskModel:
 def task_model(adapter_dir: str | Path, allow_pickle: bool = False) -> TaskModel:
     import transformers
 
+    from lorakit.adapters import TASK_HEAD_TYPES
     from lorakit.lora.adapter_folder import read_adapter_config, read_adapter_folder
 
     task = read_adapter_config(Path(adapter_dir)).get("task_type")
-    if task not in _TASK_CLASSES:
+    if task not in TASK_HEAD_TYPES:
         return TaskModel("causal LM")
     tensors = read_adapter_folder(adapter_dir, allow_pickle, check_tensors=False).parameter_tensors()
     head = next((tensors[name] for name in ("score.weight", "classifier.weight", "classifier.out_proj.weight")
@@ -204,7 +204,7 @@ def task_model(adapter_dir: str | Path, allow_pickle: bool = False) -> TaskModel
         raise ConfigError(f"{adapter_dir} is a {task} adapter without its task head (no score or classifier in "
                           "modules_to_save): merge it with the Python API onto your classifier (load_adapter, "
                           "remove_lora(model, merge=True), save_pretrained)")
-    return TaskModel(task, getattr(transformers, _TASK_CLASSES[task]), int(head.shape[0]))
+    return TaskModel(task, getattr(transformers, TASK_HEAD_TYPES[task]), int(head.shape[0]))
 
 
 def _merge_quantized(spec, adapter_dir, dtype: str, quantize: str, allow_other_base: bool,

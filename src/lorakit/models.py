@@ -331,6 +331,7 @@ def load_model_and_tokenizer(
     device = _resolve_device(device)
     weights_dtype = torch_dtype(dtype, device)
     if auto_class is None:
+        _refuse_a_classifier(source)
         from transformers import AutoModelForCausalLM as auto_class
 
     def from_pretrained(target: str, kwargs: dict[str, Any]) -> Any:
@@ -338,6 +339,26 @@ def load_model_and_tokenizer(
 
     model, tokenizer = load_pretrained(source, from_pretrained, allow_pickle)
     return model.to(device), tokenizer, source
+
+
+CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification")
+
+
+def _refuse_a_classifier(source: ModelSource) -> None:
+    """A classifier's folder loaded as a causal LM lacks the LM head: transformers prints its load
+    report and the missing-weights check blames the files. Name what the folder holds instead."""
+    if source.kind != "local":
+        return
+    try:
+        architectures = json.loads((Path(source.location) / "config.json").read_text(encoding="utf-8"))["architectures"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # the loader names an unreadable config itself
+    if isinstance(architectures, list) and architectures and all(
+            isinstance(a, str) and a.endswith(CLASSIFIER_SUFFIXES) for a in architectures):
+        raise ModelLoadError(f"{source.location} holds a classifier ({architectures[0]}), and lorakit's commands load "
+                             "causal language models; train a classifier's LoRA with the Python API (apply_lora, "
+                             "save_adapter; lorakit merge merges it), or pass a causal LM (--task classification "
+                             "trains one to answer with the label)")
 
 
 def load_pretrained(
