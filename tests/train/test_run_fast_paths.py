@@ -168,6 +168,14 @@ def test_models_packing_cannot_serve_train_and_evaluate_through_the_cli(tmp_path
     assert len(notes) == 1 and notes[0].startswith("rows unpacked: ") and notice.split("off, ")[1] in notes[0]
 
 
+def test_an_architecture_without_a_projection_table_takes_all_linear_and_the_table_says_why():
+    config = _config()
+    notices = run.resolve_targets(config, _tiny("GPTNeoXConfig"))
+    assert config.lora.targets == "all-linear" and notices == [
+        "model type 'gpt_neox' is not in the projection table: using all-linear targets"]
+    assert config.sources["lora.targets"] == "default: all-linear ('gpt_neox' has no projection table)"  # was: seven
+
+
 def test_experts_fused_into_3d_parameters_stay_frozen_and_the_default_targets_take_what_is_linear():
     from lorakit.errors import ConfigError
 

@@ -128,6 +128,7 @@ def resolve_targets(config: RunConfig, model) -> list[str]:
     notices = []
     if config.lora.targets in GROUPS and model_type not in ARCH_PROJECTIONS and default:
         config.lora.targets = "all-linear"
+        config.sources["lora.targets"] = f"default: all-linear ({model_type!r} has no projection table)"
         notices.append(f"model type {model_type!r} is not in the projection table: using all-linear targets")
     return notices + _fused_experts_notice(config, model, model_type, default)
 
