@@ -207,6 +207,14 @@ def test_a_stopped_sweep_says_how_to_go_on_and_keeps_no_stale_plot(base_config, 
     captured = capsys.readouterr()
     assert "rerun the same sweep command to go on" in captured.out and "--resume" not in captured.out
     assert not (out / "sweep.png").exists() and "plot:" not in captured.out  # the old plot showed the old grid
+    # the rerun goes on from the stop's checkpoint (it trained the point again from its start), exactly
+    monkeypatch.setattr(Trainer, "_loss", real_loss)
+    grid = ["--r", "2,4", "--alpha", "2r", "--targets", "qv", "--max-steps", "2"]
+    assert main(["sweep", str(base_config), *grid, "--output", str(out)]) == 0
+    assert "resumed from step-000001" in capsys.readouterr().out
+    assert main(["sweep", str(base_config), *grid, "--output", str(tmp_path / "whole")]) == 0
+    point = "points/r4-a8-qv/adapter/adapter_model.safetensors"
+    assert (out / point).read_bytes() == (tmp_path / "whole" / point).read_bytes()
 
 
 def test_two_alphas_that_print_alike_are_two_points():

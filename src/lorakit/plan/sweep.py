@@ -8,8 +8,10 @@
                                           and peak memory
 
 Resuming: a point whose folder holds summary.json (written last by every run) and the same
-requested config (point.json) is reused, not retrained; a point killed half-way has no
-summary.json and is retrained from scratch. A finished point whose config differs (another
+requested config (point.json) is reused, not retrained; a point stopped or killed half-way has
+no summary.json and goes on from its newest checkpoint (the stop's own, or one of
+--save-every's), to the result of an uninterrupted run, or trains again from its start when it
+has none. A finished point whose config differs (another
 --max-steps, another base config) is never silently replaced: the sweep stops and asks for
 --overwrite or another --output.
 
@@ -224,19 +226,29 @@ def train_point(config: RunConfig, log: Callable[[str], None]) -> tuple[dict | N
     from lorakit.train.session import Session
 
     folder, marker = Path(config.output.output), requested(config)
-    config.output.overwrite = folder.exists()  # a half-finished point starts again from scratch
+    config.output.resume = _stopped_with_a_checkpoint(folder, marker)  # it goes on from there, exactly
+    config.output.overwrite = folder.exists() and not config.output.resume  # any other unfinished point starts again
     _reset_peak_memory(device_of_rank())
     prepared = prepare(config)
     out = claim_output(config)
     try:
         atomic_write_json(out / "point.json", marker)
         result = Session(prepared, out, log=log,
-                         resume_hint="rerun the same sweep command to go on (this point trains again from its start)").run()
+                         resume_hint="rerun the same sweep command to go on (this point from its checkpoint)").run()
     finally:
         release_run_folder(out)  # the point is done: `lorakit train --output` on it may go on
         del prepared
         _release_memory()
     return (None, result.interrupted) if result.interrupted else (result.summary, None)
+
+
+def _stopped_with_a_checkpoint(folder: Path, marker: dict) -> bool:
+    """A point of these very settings that was stopped (or killed) after a checkpoint."""
+    from lorakit.train import checkpoint as ckpt
+
+    if _json_or_none(folder / "point.json") != marker:
+        return False
+    return ckpt.find_latest_valid(folder / "checkpoints", clean=False) is not None
 
 
 def _reset_peak_memory(device) -> None:
@@ -319,7 +331,7 @@ def run_sweep(config_path: str | Path, grid: Grid, max_steps: int | None, output
         if summary is None:
             log(f"sweep: training point {len(results) + 1}/{len(points)}: {point.slug}")
             summary, stopped = train_point(configs[point.slug], log)
-            if stopped:  # Ctrl-C: the point reruns from scratch next time
+            if stopped:  # Ctrl-C: the point goes on from its checkpoint next time
                 (out / "sweep.png").unlink(missing_ok=True)  # an earlier grid's: sweep.json now describes this one
                 return write_report(out, config_path, grid, max_steps, points, results, task, interrupted=stopped)
         else:
