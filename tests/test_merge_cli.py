@@ -1,12 +1,15 @@
 """`lorakit merge` writes a plain transformers folder that reproduces base + adapter."""
 
+import errno
 import json
+import os
 
 import pytest
 import torch
 
 from lorakit import LoraConfig, apply_lora, save_adapter
 from lorakit.cli import main
+from lorakit.errors import OutputError
 
 from tiny_models import randomize_lora, save_tiny_chat_model
 
@@ -350,3 +353,24 @@ def test_a_sequence_classification_adapter_merges_into_a_classifier(tmp_path, ca
     save_file({k: v for k, v in load_file(weights).items() if ".score." not in k}, weights)
     assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "nohead")]) == 2
     assert "a SEQ_CLS adapter without its task head" in capsys.readouterr().err  # was merged with a random head
+
+
+@pytest.mark.parametrize("code, said", [(errno.EACCES, False), (errno.EIO, True)])
+def test_a_parent_folder_that_cannot_be_flushed_after_the_move(tmp_path, monkeypatch, code, said):
+    """The folder is in place once renamed: a parent this user may not open for reading is no
+    failure; an I/O error flushing it is said (the new name may not survive a power cut)."""
+    from lorakit import publish
+
+    def cannot_flush(path):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(publish, "fsync_dir", cannot_flush)
+    tmp = publish.temp_beside(tmp_path / "out")
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"x")
+    if said:
+        with pytest.raises(OutputError, match="while writing"):
+            publish.move_into_place(tmp, tmp_path / "out", False, "the checked merged model")
+    else:
+        publish.move_into_place(tmp, tmp_path / "out", False, "the checked merged model")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"x" and not tmp.exists()

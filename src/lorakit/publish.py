@@ -16,6 +16,7 @@ keeps the new folder as NAME.unplaced-XXXXXXXX, which no recovery touches, and s
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -67,9 +68,11 @@ def move_into_place(tmp: Path, output: Path, overwrite: bool, what: str) -> None
         raise OutputError(f"{output_error(exc, output)}; {_keep(tmp, output, old, what)}") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    # the new name survives a power cut; a parent this user may not open for reading is no failed move
-    with contextlib.suppress(OSError):
-        fsync_dir(output.parent)
+    try:
+        fsync_dir(output.parent)  # the new name survives a power cut
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM):  # a parent this user may not read: no failed move
+            raise output_error(exc, output) from exc
 
 
 def _keep(tmp: Path, output: Path, old: Path | None, what: str) -> str:

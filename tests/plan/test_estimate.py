@@ -340,6 +340,17 @@ def test_bad_models_and_shapes_are_user_errors(tmp_path):
         model_shape(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**mixtral, "num_local_experts": 1}))  # one expert: dense
     assert model_shape(tmp_path).num_layers == 2
+    doge = {**bert, "model_type": "doge", "is_moe": False, "num_experts": 16384}  # a class default, dense model
+    (tmp_path / "config.json").write_text(json.dumps(doge))
+    assert model_shape(tmp_path).num_layers == 2
+    nemotron_h = {**bert, "model_type": "nemotron_h", "n_routed_experts": 8}
+    for blocks, dense in ((["mamba", "attention", "mlp"], True), (["mamba", "moe", "attention"], False)):
+        (tmp_path / "config.json").write_text(json.dumps({**nemotron_h, "layers_block_type": blocks}))
+        if dense:
+            assert model_shape(tmp_path).num_layers == 2
+        else:
+            with pytest.raises(ConfigError, match="mixture-of-experts"):
+                model_shape(tmp_path)
     with pytest.raises(ConfigError, match="dtype"):
         TrainShape(dtype="int3")
     with pytest.raises(ConfigError, match="unknown target 'qkv'"):

@@ -215,6 +215,15 @@ def test_a_stopped_sweep_says_how_to_go_on_and_keeps_no_stale_plot(base_config, 
     assert main(["sweep", str(base_config), *grid, "--output", str(tmp_path / "whole")]) == 0
     point = "points/r4-a8-qv/adapter/adapter_model.safetensors"
     assert (out / point).read_bytes() == (tmp_path / "whole" / point).read_bytes()
+    # with --overwrite a stopped point trains again from its start (to the same adapter)
+    monkeypatch.setattr(Trainer, "_loss", loss_then_sigint)
+    calls.clear()
+    one = ["sweep", str(base_config), "--r", "4", *grid[2:], "--output", str(tmp_path / "again")]
+    assert main(one) == 130
+    monkeypatch.setattr(Trainer, "_loss", real_loss)
+    capsys.readouterr()
+    assert main([*one, "--overwrite"]) == 0 and "resumed from" not in capsys.readouterr().out
+    assert (tmp_path / "again" / point).read_bytes() == (tmp_path / "whole" / point).read_bytes()
 
 
 def test_two_alphas_that_print_alike_are_two_points():

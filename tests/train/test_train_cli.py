@@ -200,6 +200,31 @@ def test_the_same_resume_command_keeps_the_global_batch_after_another_number_of_
     assert "grad_accum" not in capsys.readouterr().out
 
 
+def test_a_resumed_run_keeps_the_earlier_peak_and_an_old_checkpoints_new_grad_accum_is_named(tiny, tmp_path, capsys):
+    """The peak memory of the processes before a resume counts (a run stopped in its final eval
+    resumes into no step, and reported only loading and eval); a checkpoint older than the
+    global-batch fields takes a new --grad-accum, and the settings line says so."""
+    from lorakit.train import checkpoint as ckpt
+
+    from tiny_models import edit_checkpoint_state
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--max-steps", "2", "--save-every", "2")) == 0
+    (out / "summary.json").unlink()
+
+    def as_an_older_lorakit_saved_it_on_a_larger_machine(state: dict) -> None:
+        for key in ("micro_batches_per_step", "world_size", "requested_grad_accum"):
+            state.pop(key)
+        state["peak_memory_bytes"] = 10**15
+
+    for folder in ckpt.list_checkpoints(out / "checkpoints"):
+        edit_checkpoint_state(folder, as_an_older_lorakit_saved_it_on_a_larger_machine)
+    capsys.readouterr()
+    assert main(train_args(tiny, out, "--max-steps", "3", "--resume", "--grad-accum", "2")) == 0
+    assert "train.grad_accum 1 -> 2" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["peak_memory_bytes"] == 10**15
+
+
 def test_sigterm_outside_the_training_steps_stops_with_one_line(monkeypatch, capsys):
     """While the model loads or an evaluation runs (no StopSignals there), SIGTERM ended the
     process without a word; now: one line, exit 143, and the earlier handler back."""

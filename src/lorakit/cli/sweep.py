@@ -24,7 +24,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--rslora", default="off", choices=["off", "on", "both"], help="rsLoRA scaling")
     p.add_argument("--max-steps", type=int, help="optimizer steps per point (default: train.max_steps of the config)")
     p.add_argument("--output", metavar="DIR", help="sweep folder (default: runs/sweep-<config name>)")
-    p.add_argument("--overwrite", action="store_true", help="retrain finished points whose settings changed")
+    p.add_argument("--overwrite", action="store_true", help="retrain finished points whose settings changed, and stopped points from their start")
     p.add_argument("--json", action="store_true", help="print sweep.json")
     p.set_defaults(func=run)
 

@@ -165,8 +165,19 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "mo
 
 
 def _experts_per_layer(data: dict) -> int | None:
-    """The experts per layer a mixture-of-experts config names (above 1), or None for a dense one."""
-    counts = [data[key] for key in EXPERT_COUNT_KEYS if isinstance(data.get(key), int) and data[key] > 1]
+    """The experts per layer a mixture-of-experts config names (above 1), or None for a dense one.
+    Some dense configs carry an expert count among their class defaults: they say they are dense
+    (Doge's is_moe, enable_moe_block; Nemotron-H's layer types without "moe")."""
+    if data.get("is_moe") is False or data.get("enable_moe_block") is False:
+        return None
+    block_types = data.get("layers_block_type")
+    if isinstance(block_types, list) and "moe" not in block_types:
+        return None
+    counts = []
+    for key in EXPERT_COUNT_KEYS:
+        value = data.get(key)
+        values = value if isinstance(value, list) else [value]  # per modality in some (Ernie-4.5-VL)
+        counts += [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 1]
     return max(counts) if counts else None
 
 

@@ -17,7 +17,8 @@ has none. A finished point whose config differs (another
 
 Peak memory is per point: the CUDA allocator's peak is reset before each point, and on Linux
 the process's resident-set high-water mark is reset through /proc/self/clear_refs (so CPU
-figures are the whole process, base model included, during that point).
+figures are the whole process, base model included, during that point); a resumed point's
+also counts the run before its stop (saved with its checkpoint).
 
 Alpha tokens: `2r` (any `<k>r`), `r`, or a number. Targets tokens: any lorakit target spec
 (all, attention, mlp, qv, all-linear, a module name); join names with `+` (q_proj+v_proj).
@@ -218,15 +219,17 @@ def _json_or_none(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def train_point(config: RunConfig, log: Callable[[str], None]) -> tuple[dict | None, str | None]:
-    """(summary, interrupted signal) of one normal training run in this process."""
+def train_point(config: RunConfig, log: Callable[[str], None],
+                from_start: bool = False) -> tuple[dict | None, str | None]:
+    """(summary, interrupted signal) of one normal training run in this process; a stopped point
+    goes on from its checkpoint unless `from_start` (sweep --overwrite)."""
     from lorakit.safe_io import atomic_write_json
     from lorakit.train.distributed import device_of_rank
     from lorakit.train.run import claim_output, prepare, release_run_folder
     from lorakit.train.session import Session
 
     folder, marker = Path(config.output.output), requested(config)
-    config.output.resume = _stopped_with_a_checkpoint(folder, marker)  # it goes on from there, exactly
+    config.output.resume = not from_start and _stopped_with_a_checkpoint(folder, marker)  # on from there, exactly
     config.output.overwrite = folder.exists() and not config.output.resume  # any other unfinished point starts again
     _reset_peak_memory(device_of_rank())
     prepared = prepare(config)
@@ -330,7 +333,7 @@ def run_sweep(config_path: str | Path, grid: Grid, max_steps: int | None, output
         status = "reused" if summary is not None else "trained"
         if summary is None:
             log(f"sweep: training point {len(results) + 1}/{len(points)}: {point.slug}")
-            summary, stopped = train_point(configs[point.slug], log)
+            summary, stopped = train_point(configs[point.slug], log, from_start=overwrite)
             if stopped:  # Ctrl-C: the point goes on from its checkpoint next time
                 (out / "sweep.png").unlink(missing_ok=True)  # an earlier grid's: sweep.json now describes this one
                 return write_report(out, config_path, grid, max_steps, points, results, task, interrupted=stopped)

@@ -71,6 +71,7 @@ class Session:
         self.data_fingerprint = prepared.train.fingerprint()
         # the grad_accum the user last asked for: a resume may adjust the config's (keep_global_batch)
         self.requested_grad_accum = self.config.train.grad_accum
+        self.earlier_peak_bytes = 0  # the peak memory of the processes before a resume (their checkpoint's)
 
     # ---- resume --------------------------------------------------------------------------
     def resume_if_asked(self) -> None:
@@ -132,6 +133,7 @@ class Session:
                      "before the checkpoint (the file was removed or damaged); the run goes on, and metrics.jsonl, "
                      "loss.png and the final report's train loss cover what is left")
         self.train_seconds = saved.get("train_seconds", 0.0)
+        self.earlier_peak_bytes = saved.get("peak_memory_bytes") or 0
         checkpoint.restore_rng()
         if not distributed.restore_rank_rng(checkpoint.rng_tensors):  # another number of processes
             distributed.diverge_rank_rng()
@@ -189,6 +191,11 @@ class Session:
             self.log(notice)
 
     # ---- checkpoints -----------------------------------------------------------------------
+    def peak_bytes(self) -> int:
+        """The run's peak memory: this process's, or that of the run before a resume where higher (a
+        run stopped in its final evaluation resumes into no training step at all)."""
+        return max(peak_memory_bytes(self.prepared.settings.device), self.earlier_peak_bytes)
+
     def save_checkpoint(self) -> Path:
         """Every rank gathers (sharded tensors need all of them); rank 0 alone writes."""
         s = self.prepared.settings
@@ -201,7 +208,7 @@ class Session:
                          "tokenize_revision": TOKENIZE_REVISION, "base_eval": self.base_eval,
                          "train_seconds": self.train_seconds, "history_len": len(self.history),
                          "micro_batches_per_step": s.grad_accum * s.world_size, "world_size": s.world_size,
-                         "requested_grad_accum": self.requested_grad_accum}
+                         "requested_grad_accum": self.requested_grad_accum, "peak_memory_bytes": self.peak_bytes()}
         def write() -> Path:
             return ckpt.save_checkpoint(self.out / "checkpoints", self.state.step, model_tensors=tensors,
                                         optimizer=optimizer, scheduler_state={"step": self.state.step},
@@ -348,7 +355,7 @@ class Session:
             "skipped_steps": self.state.skipped_steps,
             "train_tokens": self.state.train_tokens,
             "tokens_per_second": self.state.seen_tokens / max(self.train_seconds, 1e-9),
-            "peak_memory_bytes": peak_memory_bytes(self.prepared.settings.device),
+            "peak_memory_bytes": self.peak_bytes(),
             "wall_seconds": self.train_seconds,
             "trainable_params": report.trainable_params,
             "total_params": report.total_params,
@@ -424,7 +431,8 @@ def _train_state_from(path: Path, saved: dict) -> TrainState:
 
 # trainer_state.json's other entries a resume reads: key -> the JSON types it may have (or null)
 _SAVED_TYPES = {"config": dict, "base_eval": dict, "history_len": int, "train_seconds": (int, float),
-                "micro_batches_per_step": int, "world_size": int}
+                "micro_batches_per_step": int, "world_size": int, "requested_grad_accum": int,
+                "peak_memory_bytes": int}
 
 
 def _trainer_state_problem(path: Path, saved) -> str | None:
