@@ -96,6 +96,22 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_parent(signum: int) -> bool:
+    """Ask Linux to send `signum` to this process when its parent dies (prctl PR_SET_PDEATHSIG);
+    False where that is not available. torchrun's workers run in sessions of their own: with
+    torchrun killed (SIGKILL, the OOM killer) they would train on, holding the GPUs and --output."""
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return False
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
+    return False
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
     return proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine() or "unknown CPU"

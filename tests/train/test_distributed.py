@@ -354,6 +354,50 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_message(tiny
 KILL_RANK_1_AT_THIRD_SAVE = "call:lorakit.train.session:Session.save_checkpoint:3@1"
 
 
+def test_workers_stop_with_a_checkpoint_when_torchrun_is_killed(tiny, tmp_path):
+    """torchrun's workers run in sessions of their own: with torchrun SIGKILLed (the OOM killer, a
+    wrong pid) they trained on to the end, holding --output (and GPUs). Now its death is their
+    SIGTERM: a stop at the next step boundary, with a checkpoint, and --output let go."""
+    import fcntl
+    import time
+
+    out = tmp_path / "run"
+    command = _torchrun_cmd(2, train_args(tiny, out, "--max-steps", "100000", "--log-every", "1"))
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + TORCHRUN_TIMEOUT
+    while not (out / "metrics.jsonl").is_file() or '"train"' not in (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+        time.sleep(0.5)
+    proc.kill()  # torchrun alone: its workers are not in its process group
+    proc.wait()
+    try:
+        while True:  # the workers hold --output's lock while they run
+            held = os.open(out, os.O_RDONLY)
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the workers still run after torchrun was killed"
+                time.sleep(0.5)
+            finally:
+                os.close(held)
+    finally:  # a failure must not leave them training on
+        _kill_processes_naming(str(out))
+    assert list((out / "checkpoints").glob("step-*")), "no checkpoint at the stop"
+
+
+def _kill_processes_naming(text: str) -> None:
+    import signal
+
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
 def test_killed_run_resumes_with_two_and_with_one_process(tiny, tmp_path, capsys):
     steps, common = 24, ("--max-steps", "24", "--save-every", "2", "--dtype", "float32")
     args = (*common, "--grad-accum", "1")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -45,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lorakit import host
 from lorakit.errors import ConfigError, LorakitError
 
 FSDP_MEMORY_FRACTION = 0.9  # auto mode shards when the estimate needs more of one GPU than this
@@ -78,6 +80,8 @@ def init_from_env() -> World:
         _world = World()
         return _world
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: stop (as on SIGTERM: a checkpoint) when it dies
+        host.stop_with_parent(signal.SIGTERM)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         _check_gpu(local_rank)
