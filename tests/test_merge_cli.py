@@ -3,13 +3,13 @@
 import errno
 import json
 import os
+import warnings
 
 import pytest
 import torch
 
 from lorakit import LoraConfig, apply_lora, save_adapter
 from lorakit.cli import main
-from lorakit.errors import OutputError
 
 from tiny_models import randomize_lora, save_tiny_chat_model
 
@@ -358,7 +358,8 @@ def test_a_sequence_classification_adapter_merges_into_a_classifier(tmp_path, ca
 @pytest.mark.parametrize("code, said", [(errno.EACCES, False), (errno.EIO, True)])
 def test_a_parent_folder_that_cannot_be_flushed_after_the_move(tmp_path, monkeypatch, code, said):
     """The folder is in place once renamed: a parent this user may not open for reading is no
-    failure; an I/O error flushing it is said (the new name may not survive a power cut)."""
+    failure; an I/O error flushing it is a warning (the new name may not survive a power cut), not
+    an error that would have the checked work redone."""
     from lorakit import publish
 
     def cannot_flush(path):
@@ -368,9 +369,9 @@ def test_a_parent_folder_that_cannot_be_flushed_after_the_move(tmp_path, monkeyp
     tmp = publish.temp_beside(tmp_path / "out")
     tmp.mkdir()
     (tmp / "model.safetensors").write_bytes(b"x")
-    if said:
-        with pytest.raises(OutputError, match="while writing"):
-            publish.move_into_place(tmp, tmp_path / "out", False, "the checked merged model")
-    else:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         publish.move_into_place(tmp, tmp_path / "out", False, "the checked merged model")
+    flush_warnings = [w for w in caught if "may not survive a power cut" in str(w.message)]
+    assert len(flush_warnings) == (1 if said else 0)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"x" and not tmp.exists()

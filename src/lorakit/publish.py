@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import warnings
 import re
 import shutil
 import socket
 import uuid
 from pathlib import Path
 
-from lorakit.errors import OutputError
+from lorakit.errors import LorakitWarning, OutputError
 from lorakit.host import process_alive
 from lorakit.safe_io import fsync_dir, output_error
 
@@ -71,8 +72,10 @@ def move_into_place(tmp: Path, output: Path, overwrite: bool, what: str) -> None
     try:
         fsync_dir(output.parent)  # the new name survives a power cut
     except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM):  # a parent this user may not read: no failed move
-            raise output_error(exc, output) from exc
+        if exc.errno not in (errno.EACCES, errno.EPERM):  # a parent this user may not read: nothing to say
+            # the folder is in place and checked: an error now would have the work redone for nothing
+            warnings.warn(f"{what} is in place in {output}, but flushing its name to disk failed "
+                          f"({exc.strerror}): it may not survive a power cut", LorakitWarning, stacklevel=2)
 
 
 def _keep(tmp: Path, output: Path, old: Path | None, what: str) -> str:

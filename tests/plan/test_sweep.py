@@ -219,9 +219,9 @@ def test_a_stopped_sweep_says_how_to_go_on_and_keeps_no_stale_plot(base_config, 
     monkeypatch.setattr(Trainer, "_loss", loss_then_sigint)
     calls.clear()
     one = ["sweep", str(base_config), "--r", "4", *grid[2:], "--output", str(tmp_path / "again")]
-    assert main(one) == 130
+    assert main([*one, "--overwrite"]) == 130  # with it, the stop's advice is to rerun without it
+    assert "rerun it without --overwrite" in capsys.readouterr().err
     monkeypatch.setattr(Trainer, "_loss", real_loss)
-    capsys.readouterr()
     assert main([*one, "--overwrite"]) == 0 and "resumed from" not in capsys.readouterr().out
     assert (tmp_path / "again" / point).read_bytes() == (tmp_path / "whole" / point).read_bytes()
 

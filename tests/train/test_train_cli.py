@@ -223,6 +223,11 @@ def test_a_resumed_run_keeps_the_earlier_peak_and_an_old_checkpoints_new_grad_ac
     assert main(train_args(tiny, out, "--max-steps", "3", "--resume", "--grad-accum", "2")) == 0
     assert "train.grad_accum 1 -> 2" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["peak_memory_bytes"] == 10**15
+    (out / "summary.json").unlink()  # a peak measured otherwise (per GPU, not this host's RSS) is not carried
+    for folder in ckpt.list_checkpoints(out / "checkpoints"):
+        edit_checkpoint_state(folder, lambda state: state.update(peak_memory_device="cuda"))
+    assert main(train_args(tiny, out, "--max-steps", "4", "--resume", "--grad-accum", "2")) == 0
+    assert json.loads((out / "summary.json").read_text())["peak_memory_bytes"] < 10**15
 
 
 def test_sigterm_outside_the_training_steps_stops_with_one_line(monkeypatch, capsys):

@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(report, Path(output))
     if report["interrupted"]:
-        print(f"sweep stopped by {report['interrupted']}; rerun the same command to continue", file=sys.stderr)
+        again = "the same command" if not args.overwrite else "it without --overwrite (which starts a stopped point again)"
+        print(f"sweep stopped by {report['interrupted']}; rerun {again} to continue", file=sys.stderr)
         return 130
     return 0
 

@@ -236,8 +236,9 @@ def train_point(config: RunConfig, log: Callable[[str], None],
     out = claim_output(config)
     try:
         atomic_write_json(out / "point.json", marker)
-        result = Session(prepared, out, log=log,
-                         resume_hint="rerun the same sweep command to go on (this point from its checkpoint)").run()
+        hint = ("rerun the sweep without --overwrite to go on (this point from its checkpoint)" if from_start else
+                "rerun the same sweep command to go on (this point from its checkpoint)")
+        result = Session(prepared, out, log=log, resume_hint=hint).run()
     finally:
         release_run_folder(out)  # the point is done: `lorakit train --output` on it may go on
         del prepared

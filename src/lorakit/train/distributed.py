@@ -75,13 +75,13 @@ def init_from_env() -> World:
     global _world, _we_initialised
     if _world is not None:
         return _world
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: stop (as on SIGTERM: a checkpoint) when it dies
+        host.stop_with_parent(signal.SIGTERM)
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         _world = World()
         return _world
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: stop (as on SIGTERM: a checkpoint) when it dies
-        host.stop_with_parent(signal.SIGTERM)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         _check_gpu(local_rank)
@@ -160,6 +160,15 @@ def all_reduce_sum(value):
 def any_rank(flag: bool) -> bool:
     """True on every rank when it is true on at least one (e.g. a stop signal)."""
     return bool(all_reduce_sum(int(bool(flag)))) if world_size() > 1 else bool(flag)
+
+
+def max_int(value: int) -> int:
+    """The largest of the ranks' values, on every rank."""
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def broadcast_int(value: int) -> int:

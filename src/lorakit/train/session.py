@@ -133,7 +133,9 @@ class Session:
                      "before the checkpoint (the file was removed or damaged); the run goes on, and metrics.jsonl, "
                      "loss.png and the final report's train loss cover what is left")
         self.train_seconds = saved.get("train_seconds", 0.0)
-        self.earlier_peak_bytes = saved.get("peak_memory_bytes") or 0
+        measured_alike = (saved.get("peak_memory_device") == self.prepared.settings.device.type
+                          and saved.get("world_size", 1) == distributed.world_size())  # per GPU, or a host's RSS
+        self.earlier_peak_bytes = (saved.get("peak_memory_bytes") or 0) if measured_alike else 0
         checkpoint.restore_rng()
         if not distributed.restore_rank_rng(checkpoint.rng_tensors):  # another number of processes
             distributed.diverge_rank_rng()
@@ -192,9 +194,10 @@ class Session:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def peak_bytes(self) -> int:
-        """The run's peak memory: this process's, or that of the run before a resume where higher (a
-        run stopped in its final evaluation resumes into no training step at all)."""
-        return max(peak_memory_bytes(self.prepared.settings.device), self.earlier_peak_bytes)
+        """The run's peak memory: the highest of its processes' (a collective: every rank calls it),
+        or that of the run before a resume where higher (a run stopped in its final evaluation
+        resumes into no training step at all)."""
+        return max(distributed.max_int(peak_memory_bytes(self.prepared.settings.device)), self.earlier_peak_bytes)
 
     def save_checkpoint(self) -> Path:
         """Every rank gathers (sharded tensors need all of them); rank 0 alone writes."""
@@ -208,7 +211,8 @@ class Session:
                          "tokenize_revision": TOKENIZE_REVISION, "base_eval": self.base_eval,
                          "train_seconds": self.train_seconds, "history_len": len(self.history),
                          "micro_batches_per_step": s.grad_accum * s.world_size, "world_size": s.world_size,
-                         "requested_grad_accum": self.requested_grad_accum, "peak_memory_bytes": self.peak_bytes()}
+                         "requested_grad_accum": self.requested_grad_accum, "peak_memory_bytes": self.peak_bytes(),
+                         "peak_memory_device": s.device.type}
         def write() -> Path:
             return ckpt.save_checkpoint(self.out / "checkpoints", self.state.step, model_tensors=tensors,
                                         optimizer=optimizer, scheduler_state={"step": self.state.step},
@@ -315,9 +319,10 @@ class Session:
         with distributed.whole_trainable(self.prepared.model):  # sharded adapters gathered on every rank
             if distributed.is_main():
                 save_adapter(self.prepared.model, self.out / "adapter", base_model_name=_base_name(self.prepared))
+        peak = self.peak_bytes()  # every rank: the highest of theirs
         if not distributed.is_main():
             return RunResult({}, self.out, None, self.history)
-        summary = self.summary(final_eval)
+        summary = self.summary(final_eval, peak)
         try:
             _plot(self.history, self.out / "loss.png")
         except (OutputError, RuntimeError, ValueError) as exc:  # a picture: the run's figures are in metrics.jsonl
@@ -339,7 +344,7 @@ class Session:
                             f"newest checkpoints hold the diverged weights too: lower --lr (it is {lr:g}) and train "
                             "again, into a new --output or with --overwrite")
 
-    def summary(self, final_eval: dict | None) -> dict:
+    def summary(self, final_eval: dict | None, peak_bytes: int) -> dict:
         report = lora_report(self.prepared.model)
         lora = self.config.lora
         train_losses = [e["loss"] for e in self.history if e["kind"] == "train" and e["loss"] == e["loss"]]
@@ -355,7 +360,7 @@ class Session:
             "skipped_steps": self.state.skipped_steps,
             "train_tokens": self.state.train_tokens,
             "tokens_per_second": self.state.seen_tokens / max(self.train_seconds, 1e-9),
-            "peak_memory_bytes": self.peak_bytes(),
+            "peak_memory_bytes": peak_bytes,
             "wall_seconds": self.train_seconds,
             "trainable_params": report.trainable_params,
             "total_params": report.total_params,
@@ -432,7 +437,7 @@ def _train_state_from(path: Path, saved: dict) -> TrainState:
 # trainer_state.json's other entries a resume reads: key -> the JSON types it may have (or null)
 _SAVED_TYPES = {"config": dict, "base_eval": dict, "history_len": int, "train_seconds": (int, float),
                 "micro_batches_per_step": int, "world_size": int, "requested_grad_accum": int,
-                "peak_memory_bytes": int}
+                "peak_memory_bytes": int, "peak_memory_device": str}
 
 
 def _trainer_state_problem(path: Path, saved) -> str | None:
