@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.lora.adapter_folder import FINGERPRINT_KEY, read_adapter_config
 from lorakit.lora.io import attach_adapter, base_rewriting_init, check_fingerprint, read_adapter
 from lorakit.lora.model import CONFIG_ATTR, base_fingerprint, remove_lora
@@ -102,7 +102,10 @@ def refuse_classifier_adapters(adapter_paths: list[str], command: str) -> None:
     """eval and generate run causal LMs: a classifier's adapter would load its base as one, which
     then lacks the LM head (transformers' load report, and a misleading 'weights lack' error)."""
     for path in adapter_paths:
-        task = read_adapter_config(Path(path)).get("task_type")
+        try:
+            task = read_adapter_config(Path(path)).get("task_type")
+        except LorakitError:  # no folder, no config: the loading names that, in its own words
+            continue
         if task in TASK_HEAD_TYPES:
             raise ConfigError(f"{path} is a {task} adapter (a classifier's); {command} works with causal LM adapters: "
                               "merge it with lorakit merge, or load it onto the classifier with the Python API "

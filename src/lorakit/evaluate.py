@@ -34,7 +34,6 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     from lorakit.train.loop import evaluate
     from lorakit.train.run import check_vocabulary, context_notice, longest_example, packing_blocker
 
-    refuse_classifier_adapters([adapter], "eval")
     summary = _run_summary(adapter)  # read once: the run's dtype, and whether its config.yaml is this adapter's
     run = _run_data_settings(adapter) if summary else {}
     if seq_len is None:
@@ -42,6 +41,7 @@ def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], mode
     else:  # the caller's: only train_on_inputs is the run's
         run.pop("seq_len", None)
     _check_sizes(seq_len, batch_size)
+    refuse_classifier_adapters([adapter], "eval")
     run_dtype = _dtype_of(summary) if dtype == "auto" else None
     placement, torch_dtype = inference_placement(device, run_dtype or dtype)
     base_model, tokenizer, _ = load_model_and_tokenizer(model or base_model_for([adapter]), dtype=torch_dtype,
