@@ -174,7 +174,8 @@ class Session:
         other than the one the run last asked for, making other micro-batches per step than the
         checkpoint's. Otherwise the checkpoint's global batch is kept, on any number of processes:
         the same command resumes the same run, however often (the checkpoint's config may hold a
-        grad_accum adjusted for another number of processes, so the request is saved apart)."""
+        grad_accum adjusted for another number of processes, so the request is saved apart, and
+        recorded here for the next checkpoint)."""
         saved_config = (saved.get("config") or {}).get("train") or {}
         requested = saved.get("requested_grad_accum", saved_config.get("grad_accum"))
         asked = self.config.train.grad_accum
@@ -213,6 +214,7 @@ class Session:
                          "micro_batches_per_step": s.grad_accum * s.world_size, "world_size": s.world_size,
                          "requested_grad_accum": self.requested_grad_accum, "peak_memory_bytes": self.peak_bytes(),
                          "peak_memory_device": s.device.type}
+
         def write() -> Path:
             return ckpt.save_checkpoint(self.out / "checkpoints", self.state.step, model_tensors=tensors,
                                         optimizer=optimizer, scheduler_state={"step": self.state.step},
