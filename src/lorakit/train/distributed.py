@@ -205,7 +205,7 @@ def main_first(action, others_too: bool = False):
         if error is not None:
             raise error
         raise LorakitError("rank 0 stopped with the error shown above; fix it and run again")
-    if not (others_too and not is_main()):
+    if is_main() or not others_too:
         return result
     try:
         return action()
