@@ -1,6 +1,6 @@
 """Put a finished output folder (a merged model, a GGUF model's dense copy in the cache:
-gigabytes, minutes to make) under its name, whole or not at all, beside other processes doing
-the same.
+gigabytes, minutes to make; a vLLM export) under its name, whole or not at all, beside other
+processes doing the same.
 
     tmp = temp_beside(output)            # .tmp-NAME-HOST-PID-XXXXXXXX: this process's own
     ... write and check the folder in tmp ...

@@ -205,6 +205,27 @@ def test_rank_0_alone_speaks_and_a_lost_peer_is_one_line(monkeypatch, capsys):
                                        "fix that and run again\n")
 
 
+@pytest.mark.parametrize("world, asked, said", [
+    (2, 1, None),  # the run's own request on its own world: kept, nothing to say
+    (1, 1, None),  # one process: keep_global_batch makes it 2 a step, and says so itself
+    (1, 2, None),  # --grad-accum 2 on one process: the same 2 micro-batches a step
+    (2, 2, "train.grad_accum 1 -> 2 (2 -> 4 micro-batches per step)"),  # 2 x 1 -> 1 x 2 -> 2 x 2: named
+])
+def test_a_new_global_batch_is_named_even_where_the_saved_config_holds_an_adjusted_grad_accum(
+        monkeypatch, world, asked, said):
+    """A 2-process run with --grad-accum 1 (2 micro-batches a step), resumed on one process (its
+    config then says grad_accum 2), resumed again: only a request that changes the global batch is
+    a change, and it is named even where it equals the adjusted value the saved config holds."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    saved = {"config": {"train": {"grad_accum": 2}}, "requested_grad_accum": 1, "micro_batches_per_step": 2}
+    run = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(grad_accum=asked),
+                                                 sources={"train.grad_accum": "flag"}), requested_grad_accum=None)
+    assert session.Session._global_batch_change(run, saved) == said
+    assert run.requested_grad_accum == asked
+
+
 def test_plan_is_identical_for_every_rank():
     lengths = np.array([3, 5, 7, 2, 9, 4, 6])
     assert plan_batches(lengths, 2, 16, True, True, 3, 1) == plan_batches(lengths, 2, 16, True, True, 3, 1)

@@ -97,8 +97,8 @@ class Session:
             raise AdapterMismatchError(f"the checkpoint {path} was made for another base model; "
                                        "resume with the same --model, or start a new --output")
         _check_tensors_fit(path, self.prepared.model, checkpoint.model_tensors)
-        new_global_batch = self._asks_for_another_global_batch(saved)
-        self._note_changed_config(saved.get("config"), new_global_batch)
+        batch_change = self._global_batch_change(saved)
+        self._note_changed_config(saved.get("config"), batch_change)
         retokenised = saved.get("tokenize_revision") != TOKENIZE_REVISION  # none saved: made before it was recorded
         if retokenised and saved.get("data_fingerprint") not in (None, self.data_fingerprint):
             self.log("resume: this lorakit turns the data into examples otherwise than the one that made the "
@@ -110,7 +110,7 @@ class Session:
         if retokenised or _changes_what_base_eval_measured(saved.get("config") or {}, self.config.to_dict()):
             saved = {**saved, "base_eval": None}  # measured on other data or another base: measure again
         self._check_data_position(path, state)
-        if not new_global_batch:
+        if batch_change is None:
             self._keep_global_batch(saved)  # may change grad_accum, and with it the run's last step
         if state.step > self.prepared.settings.total_steps:
             raise ConfigError(f"the checkpoint {path} is at step {state.step}, past this run's last step "
@@ -160,31 +160,36 @@ class Session:
                             f"but the data now makes {batches} micro-batches per epoch; resume with the same data, "
                             "--batch-size, --seq-len and --seed, or start a new --output")
 
-    def _note_changed_config(self, saved: dict | None, new_global_batch: bool) -> None:
+    def _note_changed_config(self, saved: dict | None, batch_change: str | None) -> None:
         """Resuming with other settings is allowed (e.g. more --max-steps) but not exact: say so.
-        grad_accum counts as changed only where the global batch does (`_asks_for_another_global_batch`)."""
+        grad_accum counts as changed only where the global batch does (`_global_batch_change`)."""
         changed = [change for change in _config_changes(saved or {}, self.config.to_dict())
-                   if new_global_batch or not change.startswith("train.grad_accum ")]
+                   if not change.startswith("train.grad_accum ")] + ([batch_change] if batch_change else [])
         if changed:
             self.log("resume: settings differ from the checkpoint's (the run continues with the new ones, "
                      "so it will not match an uninterrupted run): " + ", ".join(changed))
 
-    def _asks_for_another_global_batch(self, saved: dict) -> bool:
-        """Whether this resume takes a new global batch: a grad_accum given (flag or config file)
-        other than the one the run last asked for, making other micro-batches per step than the
-        checkpoint's. Otherwise the checkpoint's global batch is kept, on any number of processes:
-        the same command resumes the same run, however often (the checkpoint's config may hold a
-        grad_accum adjusted for another number of processes, so the request is saved apart, and
-        recorded here for the next checkpoint)."""
+    def _global_batch_change(self, saved: dict) -> str | None:
+        """The new global batch this resume takes, in words, or None: a grad_accum given (flag or
+        config file) other than the one the run last asked for, making other micro-batches per step
+        than the checkpoint's. Otherwise the checkpoint's global batch is kept, on any number of
+        processes: the same command resumes the same run, however often (the checkpoint's config
+        may hold a grad_accum adjusted for another number of processes, so the request is saved
+        apart, and recorded here for the next checkpoint)."""
         saved_config = (saved.get("config") or {}).get("train") or {}
         requested = saved.get("requested_grad_accum", saved_config.get("grad_accum"))
         asked = self.config.train.grad_accum
         if self.config.sources.get("train.grad_accum") not in ("flag", "config file") or asked == requested:
             self.requested_grad_accum = requested or asked
-            return False
+            return None
         self.requested_grad_accum = asked
         per_step = saved.get("micro_batches_per_step")  # None: a checkpoint older than the field
-        return per_step is None or asked * distributed.world_size() != per_step
+        now = asked * distributed.world_size()
+        if per_step is None:
+            return f"train.grad_accum {requested!r} -> {asked!r}"
+        if now == per_step:
+            return None
+        return f"train.grad_accum {requested!r} -> {asked!r} ({per_step} -> {now} micro-batches per step)"
 
     def _keep_global_batch(self, saved: dict) -> None:
         """The checkpoint's micro-batches per step, on this run's processes (grad_accum adjusted)."""
