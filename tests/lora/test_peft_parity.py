@@ -319,18 +319,23 @@ def test_missing_tensor_and_bad_config(tmp_path, llama):
         load_adapter(tiny_llama(), tmp_path / "a")
 
 
+def _load_with_config_field(tmp_path, llama, key, value):
+    """Save an adapter of `llama`, set one field of its adapter_config.json, load it onto a fresh model."""
+    apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    save_adapter(llama, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+    load_adapter(tiny_llama(), tmp_path / "a")
+
+
 @pytest.mark.parametrize("key,value,words", [("lora_dropout", "x", "lora_dropout must be a number"),
                                              ("lora_dropout", 1.5, "lora_dropout must be a number"),
                                              ("use_dora", "yes", "use_dora must be true or false"),
                                              ("target_modules", [1, 2], "target_modules must be"),
                                              ("base_model_name_or_path", 5, "base_model_name_or_path must be")])
 def test_config_fields_of_the_wrong_type_are_named(tmp_path, llama, key, value, words):
-    apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
-    save_adapter(llama, tmp_path / "a")
-    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, key: value}))
     with pytest.raises(AdapterFileError, match=words):
-        load_adapter(tiny_llama(), tmp_path / "a")
+        _load_with_config_field(tmp_path, llama, key, value)
 
 
 @pytest.mark.parametrize("key,value,words", [
@@ -339,12 +344,8 @@ def test_config_fields_of_the_wrong_type_are_named(tmp_path, llama, key, value, 
     ("use_bdlora", {"nblocks": 2}, "the PEFT option use_bdlora="), ("arrow_config", {"top_k": 2}, "arrow_config="),
     ("init_lora_weights", "lora_ga", "init_lora_weights='lora_ga' rewrites the base weights")])
 def test_peft_variants_with_another_forward_are_refused_by_name(tmp_path, llama, key, value, words):
-    apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
-    save_adapter(llama, tmp_path / "a")
-    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, key: value}))
     with pytest.raises(AdapterFileError, match=words):
-        load_adapter(tiny_llama(), tmp_path / "a")
+        _load_with_config_field(tmp_path, llama, key, value)
 
 
 def test_saved_config_fields(tmp_path):
