@@ -332,7 +332,7 @@ def test_token_ids_past_the_models_embeddings_are_refused_before_anything_is_wri
 
 def test_a_tokenizer_larger_than_the_model_is_fine_while_the_ids_fit():
     from lorakit.errors import ModelLoadError
-    from lorakit.models import check_token_ids, token_rows
+    from lorakit.model_limits import check_token_ids, token_rows
 
     from tiny_models import tiny_tokenizer
 

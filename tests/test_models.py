@@ -575,7 +575,7 @@ def test_builtin_smollm2_converts_and_loads(cache):
 def test_local_attention_alibi_and_context_are_read_where_each_model_keeps_them():
     import transformers
 
-    from lorakit.models import local_attention, uses_alibi
+    from lorakit.model_limits import local_attention, uses_alibi
     from lorakit.plan.model_shapes import context_length
 
     assert local_attention(transformers.MistralConfig(sliding_window=8)) == (8, "sliding window")

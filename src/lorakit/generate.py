@@ -10,7 +10,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temp
     """Render `prompt` like the training data (chat template when there is one, with `system` as
     its system turn: the template's own default where None) and continue it."""
     from lorakit.data.formats import generation_prompt_ids
-    from lorakit.models import check_token_ids, token_rows
+    from lorakit.model_limits import check_token_ids, token_rows
 
     ids = generation_prompt_ids(tokenizer, prompt, "text" if raw else "chat", system=system)
     check_token_ids(token_rows(model), tokenizer, max(ids, default=-1), "the prompt holds")

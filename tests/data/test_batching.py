@@ -284,7 +284,7 @@ def test_device_places_the_batch_and_builds_the_mask_there():
 def test_roberta_style_positions_start_after_the_padding_index_as_the_models_own(packing):
     import transformers
 
-    from lorakit.models import first_position_id
+    from lorakit.model_limits import first_position_id
 
     from tiny_models import tiny_gpt2, tiny_llama
 

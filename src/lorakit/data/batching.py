@@ -122,7 +122,7 @@ def collate(rows: Sequence[Sequence[dict]] | Sequence[dict], packing: bool, seq_
 
     With ``device`` the batch is returned there, and a 4D mask is built there (B*T*T values are
     much cheaper to fill on a GPU than on a busy CPU). ``first_position``: the position id of an
-    example's first token (models.first_position_id: RoBERTa's start after its padding index).
+    example's first token (model_limits.first_position_id: RoBERTa's start after its padding index).
     """
     if rows and isinstance(rows[0], dict):
         rows = [[example] for example in rows]  # a flat list: one example per row

@@ -89,7 +89,7 @@ class ModelFacts:
     max_positions: int | None
     shape: Any = None  # plan.model_shapes.ModelShape, or None when the estimator cannot read the model
     shape_note: str = ""
-    token_rows: int | None = None  # token ids the model has embedding rows for (models.token_rows)
+    token_rows: int | None = None  # token ids the model has embedding rows for (model_limits.token_rows)
 
 
 @dataclass
@@ -314,7 +314,8 @@ def _count(n: float) -> str:
 
 def model_facts(spec: str | None) -> ModelFacts:
     """Size, context and estimator shape from the model's config alone (no weights loaded)."""
-    from lorakit.models import meta_model_from_config, read_model_config, resolve_model, token_rows
+    from lorakit.model_limits import token_rows
+    from lorakit.models import meta_model_from_config, read_model_config, resolve_model
     from lorakit.plan.model_shapes import context_length, shape_from_dict
 
     source = resolve_model(spec)
@@ -338,7 +339,7 @@ def profile_data(paths: list[str], tokenizer: Any, fmt: str, max_positions: int 
     from lorakit.data.examples import split_eval
     from lorakit.data.formats import tokenize_records
     from lorakit.data.reading import read_records
-    from lorakit.models import check_token_ids
+    from lorakit.model_limits import check_token_ids
 
     data = tokenize_records(read_records(paths), tokenizer, fmt, max_positions or ROUND_LENGTHS[-1], train_on_inputs)
     check_token_ids(token_rows, tokenizer, data.stats.largest_token_id, "the tokenised data holds")

@@ -71,7 +71,7 @@ class LoopSettings:
     rank: int = 0  # this process's share of each step (train/distributed.py)
     world_size: int = 1
     batches_per_epoch: int = 0  # micro-batches in epoch 0's plan (packing may make others differ by a few)
-    first_position: int = 0  # an example's first position id (models.first_position_id)
+    first_position: int = 0  # an example's first position id (model_limits.first_position_id)
 
 
 @dataclass

@@ -31,8 +31,9 @@ from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
 from lorakit.lora.model import describe_modules
 from lorakit.lora.targets import ARCH_PROJECTIONS, GROUPS, group_layer_names
-from lorakit.models import (check_token_ids, first_position_id, local_attention, position_table_length,
-                            rope_scaled, token_rows, training_dtype, uses_alibi)
+from lorakit.model_limits import (check_token_ids, first_position_id, local_attention, position_table_length,
+                                  rope_scaled, token_rows, uses_alibi)
+from lorakit.models import training_dtype
 from lorakit.plan.model_shapes import context_length
 from lorakit.train import distributed
 from lorakit.train.loop import LoopSettings, epoch_plan, total_steps_for
