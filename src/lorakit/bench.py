@@ -42,7 +42,7 @@ import torch
 
 from lorakit.bench_inputs import make_inputs
 from lorakit.bench_settings import GIB, BenchSettings, Plan, resolve
-from lorakit.bench_variants import TARGETS, Prepared, prepare_variant
+from lorakit.bench_variants import TARGETS, VARIANTS, Prepared, prepare_variant
 from lorakit.host import minor_page_faults, peak_rss_bytes, proc_field
 from lorakit.kernels import cpu_gemm
 from lorakit.plan.estimate import model_flops
@@ -190,8 +190,9 @@ def measure_variant(name: str, plan: Plan, inputs: dict) -> dict:
 
 def _attention_notice(name: str, plan: Plan) -> list[str]:
     """Packed GPU rows: whether torch's varlen kernel ran (it is dropped if its first call fails)."""
-    if not (plan.settings.packing and plan.device == "cuda") or name in ("lorakit-4d", "lorakit-perdoc") \
-            or not name.startswith("lorakit"):
+    variant = VARIANTS[name]
+    if not (plan.settings.packing and plan.device == "cuda") or variant.peft or variant.mask_4d \
+            or variant.per_document:
         return []
     from lorakit.kernels.varlen_attention import varlen_kernel_status
 

@@ -1,4 +1,4 @@
-"""What a benchmark runs: the presets (the shapes of docs/performance.md), the variants,
+"""What a benchmark runs: the presets (the shapes of docs/performance.md),
 `BenchSettings` as the command line gives them, and `resolve`, which fills the preset's
 defaults in, refuses what cannot run, drops the variants that do not apply here (saying why
 when they were asked for) and plans --memory-budget's checkpointing as the trainer would."""
@@ -13,13 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorakit.bench_variants import TARGETS, fast_paths
+from lorakit.bench_variants import TARGETS, VARIANTS, fast_paths
 from lorakit.errors import ConfigError
 from lorakit.plan.model_shapes import model_shape
 
-VARIANTS = ("lorakit", "peft", "peft-bf16", "peft-liger", "lorakit-native", "lorakit-plain", "lorakit-ce",
-            "lorakit-fused", "lorakit-eager", "lorakit-aten", "lorakit-4d", "lorakit-perdoc", "lorakit-offload",
-            "lorakit-fullrecompute", "lorakit-unstacked", "lorakit-directlaunch")
 DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-native", "lorakit-offload", "peft-liger")
 GIB = 2**30
 DTYPES = ("float32", "bfloat16")
@@ -117,7 +114,7 @@ def _plan_memory_budget(plan: Plan) -> str:
     from lorakit.train.memory_plan import SAFETY_MARGIN
 
     parts = []
-    for name in (v for v in plan.settings.variants if v.startswith("lorakit")):
+    for name in (v for v in plan.settings.variants if not VARIANTS[v].peft):
         plan.checkpoint_layers[name], part = budget_checkpoint_layers(plan, name)
         parts.append(part)
     return (f"--memory-budget {plan.settings.memory_budget_gib:g} GiB, planned as `lorakit train` does "
@@ -195,37 +192,23 @@ def _choose_variants(asked: list[str] | None, plan: Plan) -> list[str]:
             plan.notices.append(f"{name} skipped: {reason}")
     if asked and not chosen:
         raise ConfigError("none of the asked variants runs here: " + "; ".join(plan.notices[-len(asked):]))
-    if any(v.startswith("peft") for v in chosen) and importlib.util.find_spec("peft") is None:
+    if any(VARIANTS[v].peft for v in chosen) and importlib.util.find_spec("peft") is None:
         raise ConfigError("the PEFT variants need peft: pip install peft, or run --variants lorakit")
     # Liger patches transformers classes for the whole process: it runs last
-    return sorted(dict.fromkeys(chosen), key=lambda v: v == "peft-liger")
+    return sorted(dict.fromkeys(chosen), key=lambda v: VARIANTS[v].liger)
 
 
 def _skip_reason(name: str, plan: Plan) -> str | None:
-    if name == "lorakit-4d" and not plan.settings.packing:
-        return "it differs from lorakit only in packed rows (--packing)"
-    if name == "lorakit-perdoc" and (plan.device != "cuda" or not plan.settings.packing):
-        return ("it differs from lorakit only in packed rows on CUDA (an SDPA call per document instead of "
-                "torch's varlen kernel)")
-    if name == "lorakit-offload" and (plan.device != "cuda" or not plan.settings.grad_checkpointing):
-        return "it offloads checkpointed layers' inputs from a GPU: needs --grad-checkpointing on CUDA"
-    if name == "lorakit-fullrecompute" and not plan.settings.grad_checkpointing:
-        return "it differs from lorakit only in what a checkpoint recomputes: needs --grad-checkpointing"
-    if name == "lorakit-unstacked" and plan.device != "cuda":
-        return "lorakit stacks the frozen gate and up weights on CUDA only: here it equals lorakit"
-    if name == "lorakit-directlaunch" and plan.device != "cuda":
-        return "it differs from lorakit only in how its Triton kernels launch, on CUDA"
-    if name == "lorakit-eager" and plan.device != "cpu":
-        return "the native RMSNorm, RoPE and attention it leaves out run on CPU tensors only: here it equals lorakit"
-    if name == "lorakit-aten" and plan.device != "cpu":
-        return "lorakit takes oneDNN's GEMMs on CPU tensors only: here it equals lorakit"
-    if name == "peft-bf16" and plan.dtype == "float32":
-        return "the model is fp32 here, so it would equal peft"
-    if name == "lorakit-native" and plan.device != "cuda":
-        return "lorakit takes the Triton kernels it leaves out on CUDA only: here it equals lorakit"
-    if name == "peft-liger":
-        if plan.device != "cuda":
-            return "Liger's kernels are Triton, GPU only"
-        if importlib.util.find_spec("liger_kernel") is None:
-            return "liger-kernel is not installed"
+    """Why `name` measures nothing of its own here (bench_variants.RunsWhere), or None."""
+    needs = VARIANTS[name].runs_where
+    if needs is None:
+        return None
+    s = plan.settings
+    unmet = ((needs.device is not None and plan.device != needs.device) or (needs.packing and not s.packing)
+             or (needs.checkpointing and not s.grad_checkpointing)
+             or (needs.half_precision and plan.dtype == "float32"))
+    if unmet:
+        return needs.why
+    if needs.package is not None and importlib.util.find_spec(needs.package) is None:
+        return f"{needs.package.replace('_', '-')} is not installed"
     return None

@@ -1,4 +1,5 @@
-"""The variants `lorakit bench` compares: a fresh seeded model each, its adapters, loss and optimizer.
+"""The variants `lorakit bench` compares: a fresh seeded model each, its adapters, loss and optimizer,
+as its row of VARIANTS says (where it departs from lorakit, and where it measures something of its own).
 
     lorakit        apply_lora + enable_fast_paths + causal_lm_loss (chunked lm_head + CE):
                    what `lorakit train` runs (on CUDA with the Triton RMSNorm, SwiGLU and RoPE)
@@ -53,15 +54,79 @@ from lorakit.train.memory_plan import checkpoint_layers
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 1e-4
 
-# the lorakit variants that leave out the fused blocks (enable_fast_paths) or the chunked loss
-_UNFUSED = ("lorakit-plain", "lorakit-ce")
-_UNCHUNKED = ("lorakit-plain", "lorakit-fused")
+@dataclass(frozen=True)
+class RunsWhere:
+    """Where a variant measures something of its own; elsewhere it would equal another row."""
+
+    why: str  # the skip notice when a need is not met
+    device: str | None = None  # "cpu" or "cuda"
+    packing: bool = False
+    checkpointing: bool = False
+    half_precision: bool = False  # a 16-bit model (an fp32 one makes peft-bf16 equal peft)
+    package: str | None = None  # an import name that must be installed
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What one variant runs: each field is where it departs from `lorakit`, what the trainer runs."""
+
+    peft: bool = False  # PEFT's adapters and the model's own loss, not lorakit's
+    fp32_adapters: bool = True  # peft: autocast_adapter_dtype (its default)
+    liger: bool = False  # peft: Liger's kernels patched into transformers first
+    fused: bool = True  # the fused LoRA blocks (enable_fast_paths)
+    chunked: bool = True  # the chunked lm_head + loss
+    native: bool = True  # the native CPU RMSNorm, RoPE and attention
+    triton: bool = True  # the Triton kernels, where the trainer takes them
+    mask_4d: bool = False  # packed rows: a block-causal 4D mask instead of varlen attention
+    per_document: bool = False  # packed CUDA rows: an SDPA call per document, not the varlen kernel
+    stack: bool | None = None  # gate and up stacked; None: as the trainer decides
+    checkpointing: str = "lorakit"  # under checkpointing: "lorakit", "offload" or "transformers"
+    gemm_backend: str | None = None  # cpu_gemm's backend; None: its own choice
+    triton_launch: str | None = None  # triton_launch's mode; None: the process's
+    runs_where: RunsWhere | None = None
+
+
+VARIANTS = {
+    "lorakit": Variant(),
+    "peft": Variant(peft=True),
+    "peft-bf16": Variant(peft=True, fp32_adapters=False,
+                         runs_where=RunsWhere("the model is fp32 here, so it would equal peft", half_precision=True)),
+    "peft-liger": Variant(peft=True, liger=True,
+                          runs_where=RunsWhere("Liger's kernels are Triton, GPU only", device="cuda",
+                                               package="liger_kernel")),
+    "lorakit-native": Variant(triton=False, runs_where=RunsWhere(
+        "lorakit takes the Triton kernels it leaves out on CUDA only: here it equals lorakit", device="cuda")),
+    "lorakit-plain": Variant(fused=False, chunked=False),
+    "lorakit-ce": Variant(fused=False),
+    "lorakit-fused": Variant(chunked=False),
+    "lorakit-eager": Variant(native=False, runs_where=RunsWhere(
+        "the native RMSNorm, RoPE and attention it leaves out run on CPU tensors only: here it equals lorakit",
+        device="cpu")),
+    "lorakit-aten": Variant(gemm_backend=cpu_gemm.ATEN, runs_where=RunsWhere(
+        "lorakit takes oneDNN's GEMMs on CPU tensors only: here it equals lorakit", device="cpu")),
+    "lorakit-4d": Variant(mask_4d=True, runs_where=RunsWhere(
+        "it differs from lorakit only in packed rows (--packing)", packing=True)),
+    "lorakit-perdoc": Variant(per_document=True, runs_where=RunsWhere(
+        "it differs from lorakit only in packed rows on CUDA (an SDPA call per document instead of torch's "
+        "varlen kernel)", device="cuda", packing=True)),
+    "lorakit-offload": Variant(checkpointing="offload", runs_where=RunsWhere(
+        "it offloads checkpointed layers' inputs from a GPU: needs --grad-checkpointing on CUDA", device="cuda",
+        checkpointing=True)),
+    "lorakit-fullrecompute": Variant(checkpointing="transformers", runs_where=RunsWhere(
+        "it differs from lorakit only in what a checkpoint recomputes: needs --grad-checkpointing",
+        checkpointing=True)),
+    "lorakit-unstacked": Variant(stack=False, runs_where=RunsWhere(
+        "lorakit stacks the frozen gate and up weights on CUDA only: here it equals lorakit", device="cuda")),
+    "lorakit-directlaunch": Variant(triton_launch="direct", runs_where=RunsWhere(
+        "it differs from lorakit only in how its Triton kernels launch, on CUDA", device="cuda")),
+}
 
 
 def fast_paths(name: str) -> tuple[bool, bool, bool]:
     """A lorakit variant's (fused blocks, chunked loss, native CPU kernels): what it runs and what
     the memory estimate must assume for it."""
-    return name not in _UNFUSED, name not in _UNCHUNKED, name != "lorakit-eager"
+    variant = VARIANTS[name]
+    return variant.fused, variant.chunked, variant.native
 
 
 def build_model(plan) -> torch.nn.Module:
@@ -97,35 +162,43 @@ class Prepared:
 
 def prepare_variant(name: str, plan) -> Prepared:
     """A fresh model with the variant's adapters, loss and optimizer."""
-    if name == "peft-liger":
+    variant = VARIANTS[name]
+    if variant.liger:
         _apply_liger()  # before the model exists: it swaps classes' forwards
     model = build_model(plan)
-    if name.startswith("peft"):
-        model = add_peft_adapters(model, plan, autocast_adapter_dtype=name != "peft-bf16")
+    if variant.peft:
+        model = add_peft_adapters(model, plan, autocast_adapter_dtype=variant.fp32_adapters)
         loss_fn, notices, key = hf_loss(model), [], "peft"
     else:
-        fused, chunked, native = fast_paths(name)
-        triton = name != "lorakit-native" and wants_triton("auto", torch.device(plan.device))  # as the trainer
-        notices = add_lorakit_adapters(model, plan, fused=fused, triton=triton,
-                                       varlen=name != "lorakit-4d", native=native,
-                                       stack=False if name == "lorakit-unstacked" else None)
-        key = "lorakit" if fused and name != "lorakit-4d" else "lorakit-4d"  # packed: varlen rows or 4D mask
-        loss_fn = lorakit_loss(model, plan, chunked=chunked)
-        if plan.checkpoint_layers.get(name):
-            checkpoint_layers(model, plan.checkpoint_layers[name])
-        if name == "lorakit-perdoc":
-            from lorakit.kernels.varlen_attention import per_document_only
-
-            per_document_only(model)
-        # the trainer's checkpointing; lorakit-fullrecompute keeps build_model's, transformers' own
-        if plan.settings.grad_checkpointing and name != "lorakit-fullrecompute":
-            checkpoint_layers(model, offload=name == "lorakit-offload")
+        notices = _lorakit_fast_paths(model, variant, plan)
+        key = "lorakit" if variant.fused and not variant.mask_4d else "lorakit-4d"  # packed: varlen rows or 4D mask
+        loss_fn = lorakit_loss(model, plan, chunked=variant.chunked)
+        _lorakit_checkpointing(model, name, variant, plan)
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = name.startswith("lorakit")  # the trainer's fused AdamW (CUDA and CPU)
-    optimizer = torch.optim.AdamW(params, lr=LR, **({"fused": True} if fused else {}))
-    return Prepared(model, loss_fn, optimizer, key, notices,
-                    gemm_backend=cpu_gemm.ATEN if name == "lorakit-aten" else None,
-                    triton_launch="direct" if name == "lorakit-directlaunch" else None)
+    fused_adamw = {} if variant.peft else {"fused": True}  # the trainer's (CUDA and CPU)
+    optimizer = torch.optim.AdamW(params, lr=LR, **fused_adamw)
+    return Prepared(model, loss_fn, optimizer, key, notices, gemm_backend=variant.gemm_backend,
+                    triton_launch=variant.triton_launch)
+
+
+def _lorakit_fast_paths(model, variant: Variant, plan) -> list[str]:
+    triton = variant.triton and wants_triton("auto", torch.device(plan.device))  # as the trainer
+    notices = add_lorakit_adapters(model, plan, fused=variant.fused, triton=triton, varlen=not variant.mask_4d,
+                                   native=variant.native, stack=variant.stack)
+    if variant.per_document:
+        from lorakit.kernels.varlen_attention import per_document_only
+
+        per_document_only(model)
+    return notices
+
+
+def _lorakit_checkpointing(model, name: str, variant: Variant, plan) -> None:
+    """--memory-budget's earliest layers, or with --grad-checkpointing the trainer's checkpointing
+    (transformers' own, which build_model set, for `checkpointing="transformers"`)."""
+    if plan.checkpoint_layers.get(name):
+        checkpoint_layers(model, plan.checkpoint_layers[name])
+    if plan.settings.grad_checkpointing and variant.checkpointing != "transformers":
+        checkpoint_layers(model, offload=variant.checkpointing == "offload")
 
 
 def add_lorakit_adapters(model, plan, fused: bool, triton: bool = False, varlen: bool = True,
