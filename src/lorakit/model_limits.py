@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from lorakit.errors import ModelLoadError
 from lorakit.plan.model_shapes import context_length
+from lorakit.values import is_positive_int
 
 
 def check_token_ids(rows: int | None, tokenizer, largest_id: int, what: str = "the data holds") -> None:
@@ -97,10 +98,10 @@ def local_attention(model_config) -> tuple[int, str] | None:
     spans = []
     window = getattr(config, "sliding_window", None)
     every_layer_full = layer_types is not None and all(kind == "full_attention" for kind in layer_types)
-    if _positive_int(window) and getattr(config, "use_sliding_window", True) is not False and not every_layer_full:
+    if is_positive_int(window) and getattr(config, "use_sliding_window", True) is not False and not every_layer_full:
         spans.append((window, "sliding window"))  # where unsure, the window counts: padded rows are always exact
     chunk = getattr(config, "attention_chunk_size", None)
-    if _positive_int(chunk) and (layer_types is None or "chunked_attention" in layer_types):
+    if is_positive_int(chunk) and (layer_types is None or "chunked_attention" in layer_types):
         spans.append((chunk, "attention chunk"))
     return min(spans) if spans else None
 
@@ -115,7 +116,3 @@ def uses_alibi(model_config) -> bool:
 def _text_config(model_config):
     get = getattr(model_config, "get_text_config", None)
     return get() if callable(get) else model_config
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0

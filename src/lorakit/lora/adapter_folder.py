@@ -32,7 +32,6 @@ the file and the fix:
 from __future__ import annotations
 
 import json
-import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import torch
 from lorakit.errors import AdapterFileError
 from lorakit.lora.config import lora_scale, pattern_value
 from lorakit.safe_io import load_safetensors_checked, load_tensor_file, refuse_pickle
+from lorakit.values import is_number, is_positive_int, is_positive_number
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -194,13 +194,13 @@ def check_adapter_config(config, where: str | Path) -> None:
     if str(peft_type).upper() != "LORA":
         raise AdapterFileError(f"{where} describes a {peft_type} adapter; lorakit reads LoRA adapters only: "
                                "pass a LoRA adapter folder")
-    if "r" in config and not _is_positive_int(config["r"]):
+    if "r" in config and not is_positive_int(config["r"]):
         raise AdapterFileError(f"{where}: r must be a positive integer, got {config['r']!r}; fix it or re-save the adapter")
-    if "lora_alpha" in config and not _is_positive_number(config["lora_alpha"]):
+    if "lora_alpha" in config and not is_positive_number(config["lora_alpha"]):
         raise AdapterFileError(f"{where}: lora_alpha must be a number above 0, got {config['lora_alpha']!r}; "
                                "fix it or re-save the adapter")
     dropout = config.get("lora_dropout")
-    if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
+    if dropout is not None and not (is_number(dropout) and 0 <= dropout < 1):
         raise AdapterFileError(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}; "
                                "fix it or re-save the adapter")
     base = config.get("base_model_name_or_path")
@@ -219,8 +219,8 @@ def check_adapter_config(config, where: str | Path) -> None:
                                    f"got {value!r}; fix it or re-save the adapter")
         if isinstance(value, str) and key != "modules_to_save":
             _check_regex(value, key, where)
-    for key, valid, what in (("rank_pattern", _is_positive_int, "positive integers"),
-                             ("alpha_pattern", _is_positive_number, "numbers above 0")):
+    for key, valid, what in (("rank_pattern", is_positive_int, "positive integers"),
+                             ("alpha_pattern", is_positive_number, "numbers above 0")):
         _check_pattern(config.get(key) or {}, key, valid, what, where)
 
 
@@ -238,18 +238,6 @@ def _check_regex(regex: str, what: str, where) -> None:
     except re.error as exc:
         raise AdapterFileError(f"{where}: {what} {regex!r} is not a valid regular expression ({exc}); "
                                "fix it or re-save the adapter") from None
-
-
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_positive_number(value) -> bool:
-    return _is_number(value) and value > 0
 
 
 def find_weights_file(folder: Path, allow_pickle: bool = False) -> Path:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Union
 
 from lorakit.errors import ConfigError
+from lorakit.values import is_number, is_positive_int, is_positive_number
 
 TargetSpec = Union[str, list[str]]
 
@@ -53,11 +54,11 @@ class LoraConfig:
 
     def problems(self) -> list[str]:
         out: list[str] = []
-        if not _is_int(self.r) or self.r < 1:
+        if not is_positive_int(self.r):
             out.append(f"r must be a positive integer, got {self.r!r} (the guide: 8, 16 or 64)")
-        if not _is_number(self.alpha) or self.alpha <= 0:
+        if not is_positive_number(self.alpha):
             out.append(f"alpha must be a positive number, got {self.alpha!r} (the guide: alpha = 2 * r)")
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             out.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.scaling not in SCALINGS:
             out.append(f"scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
@@ -101,14 +102,6 @@ def pattern_matches(key: str, module_name: str) -> bool:
     return re.match(rf"(.*\.)?({key})$", module_name) is not None
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _target_problems(field_name: str, spec) -> list[str]:
     if isinstance(spec, str):
         if not spec.strip():
@@ -134,11 +127,11 @@ def _pattern_problems(rank_pattern, alpha_pattern) -> list[str]:
     if not isinstance(alpha_pattern, dict):
         return [f"alpha_pattern must be a mapping of module pattern to alpha, got {alpha_pattern!r}"]
     for key, value in rank_pattern.items():
-        if not _is_int(value) or value < 1:
+        if not is_positive_int(value):
             out.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
         out += _regex_problems("rank_pattern key", key)
     for key, value in alpha_pattern.items():
-        if not _is_number(value) or value <= 0:
+        if not is_positive_number(value):
             out.append(f"alpha_pattern[{key!r}] must be a positive number, got {value!r}")
         out += _regex_problems("alpha_pattern key", key)
     return out

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 from lorakit.errors import ConfigError, ModelLoadError
+from lorakit.values import is_positive_int
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGET_GROUPS = {
@@ -248,7 +249,7 @@ def _shape_problems(shape: ModelShape, explicit_head_dim: bool) -> list[str]:
              "num_hidden_layers": shape.num_layers, "num_attention_heads": shape.num_heads,
              "num_key_value_heads": shape.num_kv_heads, "head_dim": shape.head_dim, "vocab_size": shape.vocab_size}
     problems = [f"{key} is {value!r}, not a positive integer" for key, value in sizes.items()
-                if not isinstance(value, int) or isinstance(value, bool) or value <= 0]
+                if not is_positive_int(value)]
     if problems:
         return problems
     if not explicit_head_dim and shape.hidden_size % shape.num_heads:

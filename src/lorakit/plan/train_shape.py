@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from lorakit.errors import ConfigError
 from lorakit.plan.model_shapes import TargetSpec, resolve_targets
+from lorakit.values import is_positive_int
 
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
 QUANTIZE = (None, "4bit", "8bit")
@@ -66,7 +67,7 @@ def _shape_problems(shape: TrainShape) -> list[str]:
         value = getattr(shape, name)
         if name == "loss_chunk_tokens" and value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_positive_int(value):
             out.append(f"{name} must be a positive integer, got {value!r}")
     if shape.dtype not in DTYPE_BYTES:
         out.append(f"dtype must be one of bf16, fp16, fp32, got {shape.dtype!r}")
