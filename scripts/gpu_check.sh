@@ -177,7 +177,7 @@ if [[ "$PLAN" == quick ]]; then
     # (with lorakit-fullrecompute: the recompute skip's share), the trainer end to end, and where
     # a 1b step and an 8b checkpointed step go (profile.txt; trace.json.gz of the 1b step)
     step kernels 60 bash -c "\"$PY\" scripts/gpu_kernels.py --json \"$OUT/kernels.json\" >>\"$LOG\" 2>&1"
-    bench bench_1b_check 120 --preset gpu-1b --check --check-steps 30 --variants lorakit,lorakit-unstacked,lorakit-directlaunch,lorakit-native,peft,peft-bf16
+    bench bench_1b_check 135 --preset gpu-1b --check --check-steps 30 --variants lorakit,lorakit-unstacked,lorakit-directlaunch,lorakit-graphed,lorakit-native,peft,peft-bf16
     bench bench_1b_ckpt 65 --preset gpu-1b --grad-checkpointing --variants lorakit,lorakit-directlaunch,lorakit-fullrecompute,peft,peft-bf16 --steps 8 --warmup 3
     bench bench_1b_budget4 40 --preset gpu-1b --memory-budget 4.4 --variants lorakit,lorakit-directlaunch --steps 5 --warmup 2
     bench bench_8b_ckpt 75 --preset gpu-8b --grad-checkpointing --variants lorakit,lorakit-fullrecompute,peft --steps 5 --warmup 2

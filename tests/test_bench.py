@@ -517,3 +517,36 @@ def test_unstacked_variant_is_cuda_only_and_keeps_each_weight_in_its_storage():
         mlp = prepare_variant(name, plan).model.model.layers[0].mlp
         assert len({getattr(mlp, p).base_layer.weight.untyped_storage().data_ptr()
                     for p in ("gate_proj", "up_proj")}) == 2
+
+
+def test_graphed_variant_is_cuda_only_and_its_steps_leave_the_replayed_gradients_in_place():
+    from lorakit.bench import train_step
+    from lorakit.bench_variants import prepare_variant
+
+    plan = resolve(_settings(variants=["lorakit", "lorakit-graphed"]))
+    assert plan.settings.variants == ["lorakit"] and "lorakit-graphed skipped" in plan.notices[0]
+    for flags in (dict(grad_checkpointing=True), dict(packing=True)):  # a capture takes plain rows only
+        assert "lorakit-graphed skipped" in resolve(_settings(variants=["lorakit", "lorakit-graphed"],
+                                                              **flags)).notices[0]
+    prepared = prepare_variant("lorakit", plan)
+    replays = []
+
+    def replay(batch):  # a replay writes its gradients into the tensors .grad holds
+        loss = prepared.loss_fn(batch)
+        loss.backward()
+        replays.append(1)
+        return loss.detach()
+
+    prepared.captured = replay
+    train_step(prepared, make_inputs(plan)["lorakit"], plan.device)
+    params = [p for p in prepared.model.parameters() if p.requires_grad]
+    assert replays == [1] and all(p.grad is not None for p in params)  # not set to None after the step
+
+
+def test_a_graphed_row_reports_its_losses_against_lorakit_s():
+    raw = [{"variant": "lorakit", "losses": [2.0, 1.5, 1.0]},
+           {"variant": "lorakit-graphed", "graphed": True, "losses": [2.0, 1.5, 1.001]}]
+    rows = [{"variant": r["variant"], "notices": []} for r in raw]
+    bench._compare_replayed_losses(raw, rows)
+    assert rows[0]["notices"] == [] and rows[1]["loss_vs_lorakit"] == pytest.approx(1e-3)
+    assert "max relative difference 1.0e-03" in rows[1]["notices"][0]

@@ -115,14 +115,22 @@ def train_step(prepared: Prepared, batch: dict, device: str, hooks=None) -> tupl
     start, cpu_start, faults_start = time.perf_counter(), time.process_time(), minor_page_faults()
     forced = cpu_gemm.use_backend(prepared.gemm_backend) if prepared.gemm_backend else contextlib.nullcontext()
     with forced, _triton_launch(prepared.triton_launch):
-        with hooks or contextlib.nullcontext():
-            loss = prepared.loss_fn(batch)
-        loss.backward()
+        loss = _forward_backward(prepared, batch, hooks)
     prepared.optimizer.step()
-    prepared.optimizer.zero_grad(set_to_none=True)
+    if prepared.captured is None:  # a replayed graph writes its gradients where they are
+        prepared.optimizer.zero_grad(set_to_none=True)
     value = loss.item()  # syncs the device too
     _sync(device)
     return time.perf_counter() - start, time.process_time() - cpu_start, value, minor_page_faults() - faults_start
+
+
+def _forward_backward(prepared: Prepared, batch: dict, hooks=None) -> torch.Tensor:
+    if prepared.captured is not None:
+        return prepared.captured(batch)
+    with hooks or contextlib.nullcontext():
+        loss = prepared.loss_fn(batch)
+    loss.backward()
+    return loss
 
 
 @contextlib.contextmanager
@@ -157,13 +165,14 @@ def record_step(raw: dict, timed: bool, result: tuple[float, float, float, int])
 def run_steps(name: str, prepared: Prepared, batch: dict, plan: Plan) -> dict:
     """Warm-up then timed steps of one variant; the first warm-up step also counts saved bytes."""
     s, saved, raw = plan.settings, SavedForBackward(prepared.model), new_raw(name)
+    counts_saved = s.warmup > 0 and prepared.captured is None  # a graph's saved tensors live in its pool
     products = cpu_gemm.onednn_products()
     for step in range(s.warmup + s.steps):
         if step == s.warmup and plan.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        hooks = saved.hooks() if step == 0 and s.warmup > 0 else None
+        hooks = saved.hooks() if step == 0 and counts_saved else None
         record_step(raw, step >= s.warmup, train_step(prepared, batch, plan.device, hooks))
-    raw.update(saved_bytes=saved.nbytes if s.warmup > 0 else None,
+    raw.update(saved_bytes=saved.nbytes if counts_saved else None, graphed=prepared.captured is not None,
                cpu_gemm=gemm_backend(cpu_gemm.onednn_products() - products, s.warmup + s.steps, plan.device))
     return raw
 
@@ -284,7 +293,8 @@ def summarize(raw: dict, tokens: int, flops: float, peak_tflops: float, device: 
            "cpu_gemm": raw.get("cpu_gemm")}
     if device == "cuda":
         row.update(peak_allocated_gib=mem["peak_allocated"] / GIB, peak_reserved_gib=mem["peak_reserved"] / GIB)
-        row["peak_gib"] = row["peak_allocated_gib"]
+        # a replayed graph allocates nothing: the pool it holds, reserved, is its step's memory
+        row["peak_gib"] = row["peak_reserved_gib" if raw.get("graphed") else "peak_allocated_gib"]
     else:
         row.update(peak_rss_gib=mem["peak_rss"] / GIB, rss_growth_gib=(mem["peak_rss"] - mem["rss_built"]) / GIB)
         row["peak_gib"] = row["peak_rss_gib"]
@@ -375,10 +385,25 @@ def _result(plan: Plan, inputs: dict, flops: dict, raw: list[dict], peak: float,
     s = plan.settings
     rows = [summarize(r, inputs["tokens"], flops["per_token"], peak, s.device) for r in raw]
     add_ratios(rows)
+    _compare_replayed_losses(raw, rows)
     return {"settings": asdict(s), "shape": plan.shape, "dtype": plan.dtype, "environment": environment(plan),
             "tokens_per_step": inputs["tokens"], "labelled_fraction": inputs["labelled"], "flops": flops,
             "peak": {"tflops": peak, "source": "--peak-tflops" if s.peak_tflops else _peak_source(plan)},
             "memory_note": _memory_note(plan), "notices": plan.notices, "variants": rows, "check": check}
+
+
+def _compare_replayed_losses(raw: list[dict], rows: list[dict]) -> None:
+    """A graphed row's losses against lorakit's, step by step (same seed, same batch, same
+    kernels): a replay that computes something else (a copy left out of the capture) shows here."""
+    eager = next((r["losses"] for r in raw if r["variant"] == "lorakit" and "error" not in r), None)
+    for measured, row in zip(raw, rows):
+        if not measured.get("graphed") or eager is None:
+            continue
+        pairs = list(zip(measured["losses"], eager))
+        worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in pairs)
+        row["loss_vs_lorakit"] = worst
+        row["notices"] = row["notices"] + [f"losses against lorakit's over {len(pairs)} steps: max relative "
+                                           f"difference {worst:.1e}"]
 
 
 def _peak_source(plan: Plan) -> str:

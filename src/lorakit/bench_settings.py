@@ -206,7 +206,8 @@ def _skip_reason(name: str, plan: Plan) -> str | None:
     s = plan.settings
     unmet = ((needs.device is not None and plan.device != needs.device) or (needs.packing and not s.packing)
              or (needs.checkpointing and not s.grad_checkpointing)
-             or (needs.half_precision and plan.dtype == "float32"))
+             or (needs.half_precision and plan.dtype == "float32")
+             or (needs.plain_rows and (s.packing or s.grad_checkpointing or s.memory_budget_gib is not None)))
     if unmet:
         return needs.why
     if needs.package is not None and importlib.util.find_spec(needs.package) is None:

@@ -32,6 +32,10 @@ as its row of VARIANTS says (where it departs from lorakit, and where it measure
                    CUDA: lorakit with its Triton kernels launched directly (triton_launch.launch_mode
                    "direct", LORAKIT_TRITON_LAUNCH=direct in the trainer), not through Triton's
                    per-call binding; opt-in until measured
+    lorakit-graphed
+                   CUDA, plain rows: lorakit's forward and backward captured once as a CUDA graph and
+                   replayed (kernels/cuda_graph.py; the optimizer steps outside it): what the host's
+                   launches cost lorakit's step; bench only until measured
 
 With --memory-budget GiB the lorakit variants checkpoint the earliest layers the memory estimate
 says are needed to fit it (bench_settings.budget_checkpoint_layers), as `lorakit train --memory-budget` plans.
@@ -48,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.kernels import cpu_gemm
+from lorakit.kernels.cuda_graph import CapturedStep
 from lorakit.kernels.llama_patch import wants_triton
 from lorakit.train.memory_plan import checkpoint_layers
 
@@ -63,6 +68,7 @@ class RunsWhere:
     packing: bool = False
     checkpointing: bool = False
     half_precision: bool = False  # a 16-bit model (an fp32 one makes peft-bf16 equal peft)
+    plain_rows: bool = False  # neither packed rows nor checkpointed layers (a CUDA graph's capture)
     package: str | None = None  # an import name that must be installed
 
 
@@ -83,6 +89,7 @@ class Variant:
     checkpointing: str = "lorakit"  # under checkpointing: "lorakit", "offload" or "transformers"
     gemm_backend: str | None = None  # cpu_gemm's backend; None: its own choice
     triton_launch: str | None = None  # triton_launch's mode; None: the process's
+    graphed: bool = False  # forward and backward captured once as a CUDA graph, then replayed
     runs_where: RunsWhere | None = None
 
 
@@ -119,6 +126,9 @@ VARIANTS = {
         "lorakit stacks the frozen gate and up weights on CUDA only: here it equals lorakit", device="cuda")),
     "lorakit-directlaunch": Variant(triton_launch="direct", runs_where=RunsWhere(
         "it differs from lorakit only in how its Triton kernels launch, on CUDA", device="cuda")),
+    "lorakit-graphed": Variant(graphed=True, runs_where=RunsWhere(
+        "it replays lorakit's step as a CUDA graph: needs CUDA, and rows neither packed nor checkpointed",
+        device="cuda", plain_rows=True)),
 }
 
 
@@ -158,6 +168,7 @@ class Prepared:
     notices: list[str]
     gemm_backend: str | None = None  # cpu_gemm's backend for this variant's steps; None: its own choice
     triton_launch: str | None = None  # triton_launch's launch mode for this variant's steps; None: the process's
+    captured: CapturedStep | None = None  # lorakit-graphed: forward and backward as one replayed graph
 
 
 def prepare_variant(name: str, plan) -> Prepared:
@@ -177,8 +188,9 @@ def prepare_variant(name: str, plan) -> Prepared:
     params = [p for p in model.parameters() if p.requires_grad]
     fused_adamw = {} if variant.peft else {"fused": True}  # the trainer's (CUDA and CPU)
     optimizer = torch.optim.AdamW(params, lr=LR, **fused_adamw)
+    captured = CapturedStep(loss_fn, params) if variant.graphed else None
     return Prepared(model, loss_fn, optimizer, key, notices, gemm_backend=variant.gemm_backend,
-                    triton_launch=variant.triton_launch)
+                    triton_launch=variant.triton_launch, captured=captured)
 
 
 def _lorakit_fast_paths(model, variant: Variant, plan) -> list[str]:

@@ -285,6 +285,46 @@ def test_cross_entropy_rows_out_of_range_label_gives_nan_not_a_stray_read():
     assert loss[:2].isnan().all() and loss[2].isfinite()
 
 
+def test_cross_entropy_rows_give_an_ignored_row_no_loss_and_no_gradient():
+    logits = _randn(3, VOCAB, dtype=torch.bfloat16, scale=4.0)
+    labels = torch.tensor([5, -100, 299])
+    grad = logits.clone()
+    loss = ops.cross_entropy_rows_(grad, labels, grad=True, block=128)
+    assert loss[1] == 0 and torch.equal(grad[1], torch.zeros_like(grad[1]))
+    kept = torch.tensor([0, 2])
+    want = ops.cross_entropy_rows_(logits[kept].clone(), labels[kept], grad=False, block=128)
+    torch.testing.assert_close(loss[kept], want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_loss_while_a_cuda_graph_is_captured_keeps_every_row_to_the_same_result(monkeypatch, with_bias):
+    # capture forbids the host read that selects the labelled rows: all 13 rows go through the
+    # kernel, the 4 ignored ones with no loss and no gradient
+    from lorakit.kernels import chunked_ce, cuda_graph
+
+    hidden, weight, bias, labels = _head_inputs(torch.float32, with_bias)
+    monkeypatch.setattr(chunked_ce, "_workspace_for", lambda device: None)  # the GPU's path
+    selected_loss, (selected_grad,) = _chunked_loss_and_hidden_grad(hidden, weight, labels, True, bias)
+    rows_seen = []
+    monkeypatch.setattr(ops, "cross_entropy_rows_", lambda logits, *a, _real=ops.cross_entropy_rows_, **k:
+                        rows_seen.append(logits.shape[0]) or _real(logits, *a, **k))
+    monkeypatch.setattr(cuda_graph, "capturing", lambda tensor: True)
+    kept_loss, (kept_grad,) = _chunked_loss_and_hidden_grad(hidden, weight, labels, True, bias)
+    assert sum(rows_seen) == 13
+    torch.testing.assert_close(kept_loss, selected_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(kept_grad, selected_grad, rtol=1e-6, atol=1e-8)
+    assert torch.equal(kept_grad[labels == -100], torch.zeros_like(kept_grad[labels == -100]))
+
+
+def test_chunked_loss_refuses_its_torch_path_inside_a_cuda_graph_capture(monkeypatch):
+    from lorakit.kernels import cuda_graph
+
+    hidden, weight, _, labels = _head_inputs(torch.float32)
+    monkeypatch.setattr(cuda_graph, "capturing", lambda tensor: True)
+    with pytest.raises(ValueError, match="inside a CUDA graph only through its Triton kernel"):
+        _chunked_loss_and_hidden_grad(hidden, weight, labels, False)
+
+
 def _chunked_loss_and_hidden_grad(hidden, weight, labels, triton, bias=None):
     from lorakit.kernels.chunked_ce import chunked_lm_head_loss
 

@@ -51,7 +51,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from lorakit.kernels import cpu_gemm
+from lorakit.kernels import cpu_gemm, cuda_graph
 
 IGNORE_INDEX = -100  # torch's cross_entropy default; the data's label masks (data/batching.py) use it
 # fp32 logits held per chunk; rows = budget / (4 V), kept between the bounds below. 128 MiB is
@@ -290,11 +290,24 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"labels hold {labels_1d.shape[0]} tokens but hidden holds "
                          f"{hidden_2d.shape[0]}")
     inv_norm = _inverse_normalizer(normalizer, labels_1d)
-    kept = (labels_1d != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync
-    if kept.numel() < labels_1d.numel():  # ignored rows: no loss, no gradient, no head GEMMs
-        hidden_2d, labels_1d = hidden_2d.index_select(0, kept), labels_1d.index_select(0, kept)
+    if not _keeps_ignored_rows(hidden_2d, weight, bias, triton):
+        kept = (labels_1d != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync
+        if kept.numel() < labels_1d.numel():  # ignored rows: no loss, no gradient, no head GEMMs
+            hidden_2d, labels_1d = hidden_2d.index_select(0, kept), labels_1d.index_select(0, kept)
     return _ChunkedLMHeadLoss.apply(hidden_2d, weight, bias, labels_1d, inv_norm, chunk_size,
                                     triton)
+
+
+def _keeps_ignored_rows(hidden, weight, bias, triton: bool) -> bool:
+    """True while a CUDA graph is captured (cuda_graph.CapturedStep): choosing the labelled rows
+    needs the host to read their count, which capture forbids, so every row stays and the Triton
+    kernel gives the ignored ones no loss and no gradient. The PyTorch ops cannot: refused."""
+    if not cuda_graph.capturing(hidden):
+        return False
+    if not triton or weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("the chunked loss runs inside a CUDA graph only through its Triton kernel, for a "
+                         "frozen head (triton=True)")
+    return True
 
 
 def _inverse_normalizer(normalizer, labels):

@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit.kernels import cpu_gemm, stacking
+from lorakit.kernels import cpu_gemm, cuda_graph, stacking
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PARAMS_PER_PROJECTION = 4  # base weight, base bias (or None), lora_A weight, lora_B weight
@@ -283,7 +283,8 @@ def cast_adapters(layers, dtype: torch.dtype) -> _CastAdapters:
     casts = store.get(key)
     if casts is None or casts.layout != _layout(masters, dtype) or any(a is not b for a, b in zip(casts.masters, masters)):
         casts = store[key] = _CastAdapters(masters_a, masters_b, dtype)
-    if casts.stamp != stamp:
+    # a CUDA graph replays what its capture recorded: the copy must be in it, due or not
+    if casts.stamp != stamp or cuda_graph.capturing(masters[0]):
         casts.refresh(stamp)
     return casts
 

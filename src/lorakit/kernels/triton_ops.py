@@ -452,16 +452,19 @@ def _cross_entropy_rows_kernel(logits_ptr, labels_ptr, loss_ptr, row_stride, n_c
         running_max = new_max
     lse = running_max + tl.log(running_sum)
     label = tl.load(labels_ptr + row)
-    # a label outside the row would read another row's memory: it gives a NaN loss instead
+    # an ignored row (label -100) has no loss and a zero gradient; any other label outside the
+    # row would read another row's memory: it gives a NaN loss instead
+    ignored = label == -100  # chunked_ce.IGNORE_INDEX (a global would need tl.constexpr)
     valid = (label >= 0) & (label < n_cols)
     label_logit = tl.load(row_ptr + label, mask=valid, other=float("nan")).to(tl.float32)
-    tl.store(loss_ptr + row, lse - label_logit)
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - label_logit))
     if GRAD:  # pass 2: softmax - onehot over the logits, in their own dtype
+        keep = tl.where(ignored, 0.0, 1.0)
         for start in range(0, n_cols, BLOCK):
             offsets = start + cols
             mask = offsets < n_cols
             x = tl.load(row_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            grad = tl.exp(x - lse) - tl.where(offsets == label, 1.0, 0.0)
+            grad = (tl.exp(x - lse) - tl.where(offsets == label, 1.0, 0.0)) * keep
             tl.store(row_ptr + offsets, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -472,8 +475,9 @@ def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, grad: bool, 
     grad=True overwrites logits with the gradient of the loss sum, softmax - onehot(labels),
     computed in fp32 and rounded once to the logits' dtype; grad=False leaves them as they are.
     One kernel reads the logits twice and writes them once (the loss alone: reads them once).
-    logits need unit column stride; labels must lie in [0, V) (ignored rows dropped by the
-    caller): one outside gives a NaN loss. `block` is the logits per step of the loop over a row.
+    logits need unit column stride; labels lie in [0, V), or are -100 for a row without loss
+    (loss 0, gradient 0: chunked_ce drops such rows before, except while a CUDA graph is
+    captured); any other label gives a NaN loss. `block` is the logits per step of the loop over a row.
     """
     if logits.dim() != 2 or logits.stride(-1) != 1:
         raise ValueError(f"logits must be (rows, V) with unit column stride, got shape "
