@@ -550,3 +550,11 @@ def test_a_graphed_row_reports_its_losses_against_lorakit_s():
     bench._compare_replayed_losses(raw, rows)
     assert rows[0]["notices"] == [] and rows[1]["loss_vs_lorakit"] == pytest.approx(1e-3)
     assert "max relative difference 1.0e-03" in rows[1]["notices"][0]
+
+
+def test_a_graphed_row_whose_losses_are_not_numbers_is_infinitely_off():
+    raw = [{"variant": "lorakit", "losses": [2.0, 1.5, 1.0]},
+           {"variant": "lorakit-graphed", "graphed": True, "losses": [2.0, float("nan"), float("nan")]}]
+    rows = [{"variant": r["variant"], "notices": []} for r in raw]
+    bench._compare_replayed_losses(raw, rows)
+    assert rows[1]["loss_vs_lorakit"] == float("inf")

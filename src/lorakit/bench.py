@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import math
 import os
 import platform
 import statistics
@@ -293,8 +294,11 @@ def summarize(raw: dict, tokens: int, flops: float, peak_tflops: float, device: 
            "cpu_gemm": raw.get("cpu_gemm")}
     if device == "cuda":
         row.update(peak_allocated_gib=mem["peak_allocated"] / GIB, peak_reserved_gib=mem["peak_reserved"] / GIB)
-        # a replayed graph allocates nothing: the pool it holds, reserved, is its step's memory
-        row["peak_gib"] = row["peak_reserved_gib" if raw.get("graphed") else "peak_allocated_gib"]
+        row["peak_gib"] = row["peak_allocated_gib"]
+        if raw.get("graphed"):
+            row["peak_gib"] = row["peak_reserved_gib"]
+            row["notices"] = row["notices"] + ["peak = reserved memory: a replay allocates nothing, the graph's "
+                                               "pool holds the step's memory"]
     else:
         row.update(peak_rss_gib=mem["peak_rss"] / GIB, rss_growth_gib=(mem["peak_rss"] - mem["rss_built"]) / GIB)
         row["peak_gib"] = row["peak_rss_gib"]
@@ -400,7 +404,8 @@ def _compare_replayed_losses(raw: list[dict], rows: list[dict]) -> None:
         if not measured.get("graphed") or eager is None:
             continue
         pairs = list(zip(measured["losses"], eager))
-        worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in pairs)
+        # a NaN compares as no difference in max(): a loss that is not a number is infinitely off
+        worst = max(abs(a - b) / max(abs(b), 1e-12) if math.isfinite(a) else math.inf for a, b in pairs)
         row["loss_vs_lorakit"] = worst
         row["notices"] = row["notices"] + [f"losses against lorakit's over {len(pairs)} steps: max relative "
                                            f"difference {worst:.1e}"]

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.kernels import cpu_gemm
-from lorakit.kernels.cuda_graph import CapturedStep
+from lorakit.kernels.cuda_graph import CapturedStep, keep_plain_rows_unmasked
 from lorakit.kernels.llama_patch import wants_triton
 from lorakit.train.memory_plan import checkpoint_layers
 
@@ -127,7 +127,8 @@ VARIANTS = {
     "lorakit-directlaunch": Variant(triton_launch="direct", runs_where=RunsWhere(
         "it differs from lorakit only in how its Triton kernels launch, on CUDA", device="cuda")),
     "lorakit-graphed": Variant(graphed=True, runs_where=RunsWhere(
-        "it replays lorakit's step as a CUDA graph: needs CUDA, and rows neither packed nor checkpointed",
+        "it replays lorakit's step as a CUDA graph: needs CUDA, and rows neither packed nor checkpointed (no "
+        "--packing, --grad-checkpointing or --memory-budget)",
         device="cuda", plain_rows=True)),
 }
 
@@ -188,7 +189,10 @@ def prepare_variant(name: str, plan) -> Prepared:
     params = [p for p in model.parameters() if p.requires_grad]
     fused_adamw = {} if variant.peft else {"fused": True}  # the trainer's (CUDA and CPU)
     optimizer = torch.optim.AdamW(params, lr=LR, **fused_adamw)
-    captured = CapturedStep(loss_fn, params) if variant.graphed else None
+    captured = None
+    if variant.graphed:
+        keep_plain_rows_unmasked(model)
+        captured = CapturedStep(loss_fn, params)
     return Prepared(model, loss_fn, optimizer, key, notices, gemm_backend=variant.gemm_backend,
                     triton_launch=variant.triton_launch, captured=captured)
 

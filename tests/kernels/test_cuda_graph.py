@@ -21,7 +21,7 @@ from tiny_models import randomize_lora, tiny_llama  # noqa: E402
 
 from lorakit.kernels import cuda_graph, fused_lora, triton_ops  # noqa: E402
 from lorakit.kernels.causal_loss import causal_lm_loss  # noqa: E402
-from lorakit.kernels.cuda_graph import CapturedStep  # noqa: E402
+from lorakit.kernels.cuda_graph import CapturedStep, keep_plain_rows_unmasked  # noqa: E402
 from lorakit.kernels.llama_patch import enable_fast_paths  # noqa: E402
 from lorakit.lora import LoraConfig, apply_lora  # noqa: E402
 
@@ -32,12 +32,17 @@ VOCAB = 96
 
 
 class RerunGraph:
-    """The CUDA graph's stand-in: capture runs the step once, replay runs it again from
-    .grad = None and copies the results into the captured tensors."""
+    """The CUDA graph's stand-in: capture runs the step once, replay runs it again and writes the
+    results into the captured tensors, a gradient added to where the capture found one (a
+    recorded accumulation) and written where it found none. Python state read on the way is
+    held as the capture saw it (the optimizer-step count that decides whether the adapters'
+    casts are copied): a replay runs only what was recorded."""
 
     def __init__(self, params, monkeypatch):
         self.params, self.active, self.replays = list(params), False, 0
         monkeypatch.setattr(cuda_graph, "capturing", lambda tensor: self.active)
+        # transformers asks torch whether a capture is on (it then takes the step for traced)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: self.active)
 
     @contextlib.contextmanager
     def _capturing(self):
@@ -52,7 +57,8 @@ class RerunGraph:
             run()
 
     def capture(self, run):
-        self.run = run
+        self.run, self.steps_at_capture = run, fused_lora._optimizer_steps
+        self.accumulates = [p.grad is not None for p in self.params]
         with self._capturing():
             self.loss = run()
         self.grads = [p.grad for p in self.params]
@@ -62,21 +68,29 @@ class RerunGraph:
         self.replays += 1
         for param in self.params:
             param.grad = None
-        with self._capturing():
-            loss = self.run()
+        steps_now, fused_lora._optimizer_steps = fused_lora._optimizer_steps, self.steps_at_capture
+        try:
+            with self._capturing():
+                loss = self.run()
+        finally:
+            fused_lora._optimizer_steps = steps_now
         self.loss.copy_(loss)
-        for param, static in zip(self.params, self.grads):
-            static.copy_(param.grad)
+        for param, static, adds in zip(self.params, self.grads, self.accumulates):
+            static.add_(param.grad) if adds else static.copy_(param.grad)
             param.grad = static
 
 
-def _trained_model():
+def _trained_model(graphed=False):
     model = tiny_llama(vocab_size=VOCAB).train()
     apply_lora(model, LoraConfig(r=4, alpha=8))
     randomize_lora(model)
     enable_fast_paths(model, triton=True)
+    if graphed:
+        keep_plain_rows_unmasked(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, params, torch.optim.AdamW(params, lr=1e-2)
+    # fused, as the bench's: it leaves the parameters' versions alone, so only the optimizer-step
+    # count tells the adapters' casts to copy again
+    return model, params, torch.optim.AdamW(params, lr=1e-2, fused=True)
 
 
 def _batches(steps):
@@ -101,7 +115,7 @@ def test_a_replayed_step_trains_as_the_eager_step(monkeypatch):
         eager_opt.zero_grad(set_to_none=True)
         eager_losses.append(loss.item())
 
-    graphed, params, opt = _trained_model()
+    graphed, params, opt = _trained_model(graphed=True)
     graph = RerunGraph(params, monkeypatch)
     step = CapturedStep(lambda batch: causal_lm_loss(graphed, batch), params, backend=graph, warmup_steps=1)
     losses = []
@@ -115,7 +129,7 @@ def test_a_replayed_step_trains_as_the_eager_step(monkeypatch):
 
 
 def test_the_warm_up_leaves_the_weights_and_no_gradients(monkeypatch):
-    model, params, _ = _trained_model()
+    model, params, _ = _trained_model(graphed=True)
     before = [p.detach().clone() for p in params]
     step = CapturedStep(lambda batch: causal_lm_loss(model, batch), params, backend=RerunGraph(params, monkeypatch),
                         warmup_steps=1)
@@ -125,7 +139,7 @@ def test_the_warm_up_leaves_the_weights_and_no_gradients(monkeypatch):
 
 
 def test_a_batch_of_another_shape_is_refused(monkeypatch):
-    model, params, _ = _trained_model()
+    model, params, _ = _trained_model(graphed=True)
     step = CapturedStep(lambda batch: causal_lm_loss(model, batch), params, backend=RerunGraph(params, monkeypatch),
                         warmup_steps=1)
     step(_batches(1)[0])
@@ -149,3 +163,46 @@ def test_the_adapters_cast_copies_are_written_in_every_captured_step(monkeypatch
     monkeypatch.setattr(cuda_graph, "capturing", lambda tensor: True)
     fused_lora.cast_adapters([q], torch.bfloat16)
     assert len(refreshes) == 2
+
+
+def _attention_masks_seen(model, monkeypatch, capturing):
+    """The attention_mask each decoder layer's attention got in one forward."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    seen = []
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")),
+                                                  with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=torch.zeros(2, 9, dtype=torch.long), use_cache=False)  # as causal_lm_loss calls it
+    return seen
+
+
+def test_plain_rows_keep_no_attention_mask_while_a_graph_is_captured(monkeypatch):
+    # transformers takes a capture for tracing and then builds the (B, 1, T, T) mask its eager
+    # path skips: SDPA would run masked, another attention than the eager step's
+    model = tiny_llama(vocab_size=VOCAB)
+    assert all(mask is None for mask in _attention_masks_seen(model, monkeypatch, capturing=False))
+    assert all(mask is not None for mask in _attention_masks_seen(tiny_llama(vocab_size=VOCAB), monkeypatch,
+                                                                  capturing=True))
+    keep_plain_rows_unmasked(model)
+    assert all(mask is None for mask in _attention_masks_seen(model, monkeypatch, capturing=True))
+
+
+def test_gradients_captured_on_top_of_old_ones_would_accumulate(monkeypatch):
+    # the reason the capture starts from .grad = None: the stand-in, like a graph, adds where a
+    # gradient was there at capture. Left in place, the first replay's gradient is twice the step's
+    model, params, _ = _trained_model(graphed=True)
+    batch = _batches(1)[0]
+    causal_lm_loss(model, batch).backward()
+    want = [p.grad.clone() for p in params]
+    graph = RerunGraph(params, monkeypatch)
+    graph.capture(lambda: causal_lm_loss(model, batch).detach())  # no backward: the old gradients stay
+    graph.run = lambda: (lambda loss: loss.backward() or loss.detach())(causal_lm_loss(model, batch))
+    graph.replay()
+    torch.testing.assert_close(params[0].grad, 2 * want[0])
+    model.zero_grad(set_to_none=True)
+    step = CapturedStep(lambda b: causal_lm_loss(model, b), params, backend=RerunGraph(params, monkeypatch),
+                        warmup_steps=1)
+    step(batch)
+    for got, expected in zip(params, want):
+        torch.testing.assert_close(got.grad, expected, rtol=1e-5, atol=1e-7)

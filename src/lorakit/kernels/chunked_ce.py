@@ -304,7 +304,10 @@ def _keeps_ignored_rows(hidden, weight, bias, triton: bool) -> bool:
     kernel gives the ignored ones no loss and no gradient. The PyTorch ops cannot: refused."""
     if not cuda_graph.capturing(hidden):
         return False
-    if not triton or weight.requires_grad or (bias is not None and bias.requires_grad):
+    from lorakit.kernels import triton_ops  # decides interpreter vs GPU when first imported
+
+    frozen_head = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    if not (triton and frozen_head and triton_ops.runs_on(hidden)):
         raise ValueError("the chunked loss runs inside a CUDA graph only through its Triton kernel, for a "
                          "frozen head (triton=True)")
     return True

@@ -17,7 +17,10 @@ What capture asks of a step, and how lorakit's fast paths meet it:
   tensors (no accumulation), the optimizer steps outside the graph, and nothing may set `.grad`
   to None afterwards (the replays would write where no parameter looks);
 - no dropout, checkpointing or packed rows (random state, host-side segment lengths): the bench
-  variant runs on plain rows only.
+  variant runs on plain rows only, with `keep_plain_rows_unmasked` (transformers would build a
+  full attention mask while capturing);
+- every row goes through the output head, labelled or not: with prompt tokens in the batch the
+  graph computes more than the eager step, which skips them.
 Memory: between replays the graph's private pool keeps what one step allocates, so the step's
 peak is its reserved memory (a replay allocates nothing, and torch's allocated-memory peak does
 not see it).
@@ -32,9 +35,28 @@ import torch
 WARMUP_STEPS = 3  # eager steps before capture: Triton compiles, probes and caches fill there
 
 
+UNMASKED_SDPA = "lorakit_sdpa_unmasked"  # transformers' SDPA, no mask built for rows without padding
+
+
 def capturing(tensor: torch.Tensor) -> bool:
     """True while a CUDA graph is being captured on the current stream (for a CUDA tensor)."""
     return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def keep_plain_rows_unmasked(model) -> None:
+    """Give `model` transformers' SDPA under a name whose mask entry builds nothing for rows
+    without padding or a cache offset. transformers takes a capture for tracing, and while
+    tracing it builds the (B, 1, T, T) mask its eager path skips: SDPA would then run masked,
+    without is_causal or grouped-query heads, another (slower) attention than the eager step's."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from lorakit.kernels.varlen_attention import varlen_mask  # None unless padded or offset
+
+    AttentionInterface.register(UNMASKED_SDPA, sdpa_attention_forward)
+    AttentionMaskInterface.register(UNMASKED_SDPA, varlen_mask)
+    model.set_attn_implementation(UNMASKED_SDPA)
 
 
 class CudaGraphBackend:
@@ -83,9 +105,13 @@ class CapturedStep:
 
     def _capture(self, batch) -> None:
         self.inputs = {key: value.clone() for key, value in batch.items()}
-        self.backend.warm_up(self._eager_step, self.warmup_steps)
-        self._drop_grads()
-        self.loss = self.backend.capture(self._forward_backward)
+        try:
+            self.backend.warm_up(self._eager_step, self.warmup_steps)
+            self._drop_grads()  # captured from None: each replay writes the gradients, adds nothing
+            self.loss = self.backend.capture(self._forward_backward)
+        except BaseException:
+            self.inputs = None  # nothing captured: the next call tries again, never replays an empty graph
+            raise
 
     def _eager_step(self) -> None:
         self._forward_backward()
