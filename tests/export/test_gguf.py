@@ -366,3 +366,23 @@ def test_a_write_cut_short_is_an_error_and_leaves_nothing(tmp_path, monkeypatch)
     with pytest.raises(OutputError, match="could not be written completely"):
         export_gguf(adapter_dir, out)
     assert list(tmp_path.glob("*.gguf*")) == []
+
+
+def test_sigterm_during_the_write_leaves_no_temp_file_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    adapter_dir, _, _ = make_peft_adapter(tmp_path, tiny_llama_config(), dict(r=4, lora_alpha=8, target_modules=ALL_SEVEN))
+    real_write = gguf.GGUFWriter.write_tensors_to_file
+
+    def write_then_get_stopped(self, **kwargs):
+        real_write(self, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", write_then_get_stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "adapter.gguf"
+    assert main(["export", "--adapter", str(adapter_dir), "--format", "gguf", "--output", str(out)]) == 143
+    assert capsys.readouterr().err.strip() == "stopped by SIGTERM; nothing half-written is left: run the same command again"
+    assert list(tmp_path.glob("*.gguf*")) == [] and list(tmp_path.glob(".*")) == []
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -15,6 +15,7 @@ import io
 import json
 import importlib
 import os
+import signal
 import sys
 import warnings
 
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             from lorakit.kernels import triton_launch
 
             triton_launch.check_environment()
-        return int(args.func(args) or 0)
+        with _terminated_on_sigterm():
+            return int(args.func(args) or 0)
     except LorakitError as exc:
         return refuse(exc, args)
     except OSError as exc:  # a path the user gave that the system refused, where no command said why
@@ -130,12 +132,45 @@ def main(argv: list[str] | None = None) -> int:
         return _say_error(f"{exc}; {os_error_words(OSError(errno.ELOOP, ''), 'path')[1]}", 2, args)
     except Terminated:
         if _speaks():
-            print("stopped by SIGTERM (between the training steps: loading, evaluating or saving); every file "
-                  "written is whole: run the same command with --resume to go on", file=sys.stderr)
+            print(_stopped_by_sigterm(getattr(args, "command", None)), file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _terminated_on_sigterm():
+    """In one process, SIGTERM raises Terminated (one line, exit 143) instead of ending the process
+    without a word, and a half-written output's temp file or folder is removed on the way out;
+    a training run's steps have their own handler (loop.StopSignals: a checkpoint at the next step
+    boundary). Not under torchrun: a Python handler waits for a collective blocked in C++ (up to
+    its 30-minute timeout), and there SIGTERM is how torchrun stops the others when one failed."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (tests in threads): leave the default
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped_by_sigterm(command: str) -> str:
+    if command == "train":
+        return ("stopped by SIGTERM (between the training steps: loading, evaluating or saving); every file "
+                "written is whole: run the same command with --resume to go on")
+    if command == "sweep":
+        return ("stopped by SIGTERM; every file written is whole: run the same command again to go on (a "
+                "stopped point continues from its checkpoint)")
+    return "stopped by SIGTERM; nothing half-written is left: run the same command again"
 
 
 def _speaks() -> bool:

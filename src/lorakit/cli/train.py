@@ -6,15 +6,13 @@ Several GPUs or nodes: `torchrun --nproc_per_node N -m lorakit train ...` (docs/
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import textwrap
 import traceback
 from pathlib import Path
 
 from lorakit.config import add_flags, load_yaml, resolve
-from lorakit.errors import LorakitError, Terminated
+from lorakit.errors import LorakitError
 
 # `lorakit train` with no data: the built-in SmolLM2 on the bundled WordNet set, sized to finish
 # in a few minutes on 2 CPU cores. Each value applies only where the user gave none.
@@ -82,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.cli import refuse
 
     try:
-        with _terminated_on_sigterm():
-            return _train(args)
+        return _train(args)
     except LorakitError as exc:
         traceback.clear_frames(exc.__traceback__)
         # said before leaving the process group: torchrun stops the others once one has exited
@@ -95,30 +92,6 @@ def run(args: argparse.Namespace) -> int:
         raise
     finally:
         distributed.shutdown()
-
-
-@contextlib.contextmanager
-def _terminated_on_sigterm():
-    """In one process, SIGTERM while the model loads, an evaluation runs or the adapter is saved
-    raises Terminated (the CLI's one line, exit 143) instead of ending the process without a word;
-    the training steps' own handler (loop.StopSignals) takes over while they run. Not under
-    torchrun: a Python handler waits for a collective blocked in C++ (up to its 30-minute
-    timeout), and there SIGTERM is how torchrun stops the others when one process failed."""
-    def terminate(signum, frame):
-        raise Terminated()
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        yield
-        return
-    try:
-        previous = signal.signal(signal.SIGTERM, terminate)
-    except ValueError:  # not the main thread (tests in threads): leave the default
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _train(args: argparse.Namespace) -> int:
