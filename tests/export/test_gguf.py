@@ -386,3 +386,14 @@ def test_sigterm_during_the_write_leaves_no_temp_file_and_says_so_in_one_line(tm
     assert capsys.readouterr().err.strip() == "stopped by SIGTERM; nothing half-written is left: run the same command again"
     assert list(tmp_path.glob("*.gguf*")) == [] and list(tmp_path.glob(".*")) == []
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_an_activated_lora_is_refused_not_written_as_an_always_on_one(tmp_path):
+    # aLoRA changes nothing until its invocation tokens appear: plain factors in a GGUF file would
+    # apply everywhere
+    alora_dir, _, _ = make_peft_adapter(
+        tmp_path, tiny_llama_config(), dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            alora_invocation_tokens=[5, 6]), "alora")
+    with pytest.raises(AdapterFileError, match="alora_invocation_tokens=\\[5, 6\\]: a GGUF adapter holds plain"):
+        export_gguf(alora_dir, tmp_path / "a.gguf")
+    assert list(tmp_path.glob("*.gguf")) == []

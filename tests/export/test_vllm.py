@@ -271,3 +271,12 @@ def test_split_key_roles():
     assert split_key("base_model.model.x.q_proj.lora_magnitude_vector")[1] == "magnitude"
     assert split_key("base_model.model.lm_head.weight") == ("lm_head.weight", "other", "")
     assert split_key("base_model.model.model.embed_tokens.base_layer.weight")[1] == "base_copy"
+
+
+def test_a_lora_ga_adapter_exports_with_a_warning_that_its_base_was_rewritten(tmp_path):
+    # vLLM accepts it, and applies it to the original weights, as PEFT does: not what was trained
+    adapter_dir, _ = make_adapter(tmp_path, r=8, lora_alpha=16)
+    config_path = adapter_dir / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "init_lora_weights": "lora_ga"}))
+    warnings = export_vllm(adapter_dir, tmp_path / "out").check.warnings
+    assert len(warnings) == 1 and "trained on base weights LoRA-GA rewrote" in warnings[0]

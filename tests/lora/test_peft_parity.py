@@ -342,7 +342,7 @@ def test_config_fields_of_the_wrong_type_are_named(tmp_path, llama, key, value, 
     ("kasa_config", {"kasa": True}, "the PEFT option kasa_config="),
     ("velora_config", {"rank": 2}, "velora_config="), ("monteclora_config", {"n": 2}, "monteclora_config="),
     ("use_bdlora", {"nblocks": 2}, "the PEFT option use_bdlora="), ("arrow_config", {"top_k": 2}, "arrow_config="),
-    ("init_lora_weights", "lora_ga", "init_lora_weights='lora_ga' rewrites the base weights")])
+    ("init_lora_weights", "lora_ga", "init_lora_weights='lora_ga' rewrites the base weights when PEFT creates")])
 def test_peft_variants_with_another_forward_are_refused_by_name(tmp_path, llama, key, value, words):
     with pytest.raises(AdapterFileError, match=words):
         _load_with_config_field(tmp_path, llama, key, value)
@@ -456,3 +456,21 @@ def test_a_head_whose_name_ends_another_module_trains_and_saves_both_as_peft_doe
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["classifier"]}))
     older = load_adapter(_distilbert_classifier(), tmp_path / "adapter")
     assert torch.equal(older.pre_classifier.weight, _distilbert_classifier().pre_classifier.weight)
+
+
+def test_an_adapter_made_for_some_layers_only_loads_as_peft_computes_it(tmp_path, llama):
+    # layers_to_transform only chose which layers got tensors: the tensors say the same
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(llama, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      layers_to_transform=[1], init_lora_weights=False))
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    peft_model.save_pretrained(tmp_path / "a")
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        got = load_adapter(tiny_llama(), tmp_path / "a")(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -40,7 +40,7 @@ import torch
 from lorakit.errors import AdapterFileError, ConfigError, OutputError
 from lorakit.export.adapter_files import (Adapter, LoraPair, base_shape_problems, export_tensor_problems,
                                          find_base_config, read_for_export)
-from lorakit.lora.io import base_rewriting_init
+from lorakit.lora.io import base_rewriting_init, unsupported_options
 from lorakit.safe_io import atomic_write_with, translate_os_errors
 
 OUTTYPES = {
@@ -118,6 +118,8 @@ def _refuse_unconvertible(adapter: Adapter, base_config: dict | None) -> None:
         shown = adapter.other_keys[:3] or adapter.config.get("modules_to_save")
         problems.append(f"it holds fully trained modules ({shown}): a GGUF adapter carries only LoRA "
                         "factors; use --format merged")
+    problems += [f"it sets the PEFT option {option}: a GGUF adapter holds plain LoRA factors only; load it "
+                 "with PEFT instead" for option in unsupported_options(adapter.config)]
     init = base_rewriting_init(adapter.config)
     if init is not None:
         problems.append(f"init_lora_weights is {init!r}: its factors apply to a rewritten base weight, which "

@@ -94,6 +94,11 @@ def check_vllm(
             "adapter_config.json has no target_modules, a field vLLM requires; the copy lists the adapted modules"
         )
     check.problems += feature_problems(adapter.config)
+    if str(adapter.config.get("init_lora_weights", "")).lower().startswith("lora_ga"):
+        check.warnings.append(
+            "init_lora_weights is 'lora_ga': its factors were trained on base weights LoRA-GA rewrote (W - s B0 A0), "
+            "and vLLM, like PEFT, applies them to the original base; have PEFT convert the adapter to a plain LoRA "
+            "first (save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     check.problems += tensor_key_problems(adapter)
     check.problems += export_tensor_problems(adapter)
     check.problems += base_shape_problems(adapter, base_config)

@@ -48,7 +48,8 @@ from lorakit.lora.model import (CONFIG_ATTR, base_fingerprint, is_adapter_parame
 from lorakit.safe_io import atomic_save_safetensors, atomic_write_json
 
 # PEFT options lorakit does not implement: loading them would silently compute something else
-_UNSUPPORTED = {"layers_to_transform": None, "layer_replication": None, "lora_bias": False,
+# (layers_to_transform is not here: it only chose which layers got tensors, and the tensors say so)
+_UNSUPPORTED = {"layer_replication": None, "lora_bias": False,
                 "use_qalora": False, "target_parameters": None, "trainable_token_indices": None,
                 "alora_invocation_tokens": None,
                 # LoRA variants of PEFT 0.21 whose forward is not a plain (x A) B: KaSA, VeLoRA,
@@ -57,10 +58,10 @@ _UNSUPPORTED = {"layers_to_transform": None, "layer_replication": None, "lora_bi
                 "arrow_config": None}
 
 
-# PEFT initialisations that also rewrite the base weight when PEFT creates or loads the adapter
-# (W - s B0 A0 for PiSSA, OLoRA and LoRA-GA; CorDA from data statistics; LoftQ a quantised residual): the
-# saved factors only make sense on that rewritten base. lorakit rebuilds PiSSA's (an exact SVD of W,
-# as its own --init pissa does); the others it refuses.
+# PEFT initialisations that also rewrite the base weight when PEFT creates the adapter (W - s B0 A0
+# for PiSSA, OLoRA and LoRA-GA; CorDA from data statistics; LoftQ a quantised residual): the saved
+# factors were trained on that rewritten base. lorakit rebuilds PiSSA's (an exact SVD of W, as its
+# own --init pissa does); the others it refuses (PEFT itself loads LoRA-GA's onto the original W).
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
@@ -200,21 +201,28 @@ def _read_supported(path: str | Path, allow_pickle: bool) -> Adapter:
     return adapter
 
 
+def unsupported_options(config: dict) -> list[str]:
+    """`key=value` of each PEFT option set in `config` that makes the adapter compute something
+    other than plain LoRA factors (the engine, merge and the GGUF export cannot)."""
+    return [f"{key}={config[key]!r}" for key, neutral in _UNSUPPORTED.items()
+            if config.get(key, neutral) not in (neutral, None, False, [], {})]
+
+
 def check_engine_supports(config: dict, where) -> None:
     """Refuse PEFT options the engine does not implement: loading them would compute something else."""
-    for key, neutral in _UNSUPPORTED.items():
-        if config.get(key, neutral) not in (neutral, None, False, [], {}):
-            raise AdapterFileError(f"{where}: the PEFT option {key}={config[key]!r} is not supported by lorakit; "
-                                   "load this adapter with PEFT instead")
+    unsupported = unsupported_options(config)
+    if unsupported:
+        raise AdapterFileError(f"{where}: the PEFT option {unsupported[0]} is not supported by lorakit; "
+                               "load this adapter with PEFT instead")
     init = base_rewriting_init(config)
     if init is not None and init.lower() == "pissa" and config.get("use_dora"):
         raise AdapterFileError(f"{where}: a PiSSA adapter with DoRA is not supported by lorakit; load this adapter "
                                "with PEFT instead")
     if init is not None and init.lower() != "pissa":
         raise AdapterFileError(
-            f"{where}: init_lora_weights={init!r} rewrites the base weights when PEFT loads the adapter, which "
-            "lorakit does not reproduce; load it with PEFT, or have PEFT convert it to a plain LoRA "
-            "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and load that")
+            f"{where}: init_lora_weights={init!r} rewrites the base weights when PEFT creates the adapter, and "
+            "its factors were trained on that rewritten base, which lorakit does not reproduce; have PEFT convert "
+            "it to a plain LoRA (save_pretrained(..., path_initial_model_for_weight_conversion=...)) and load that")
 
 
 @on_the_compiled_model
