@@ -8,7 +8,7 @@ import torch
 peft = pytest.importorskip("peft")
 
 from lorakit import LoraConfig, apply_lora, load_adapter, save_adapter
-from lorakit.errors import AdapterFileError, AdapterMismatchError
+from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError
 
 from tiny_models import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
@@ -474,3 +474,20 @@ def test_an_adapter_made_for_some_layers_only_loads_as_peft_computes_it(tmp_path
         want = peft_model(input_ids=ids).logits
         got = load_adapter(tiny_llama(), tmp_path / "a")(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_modules_to_save_by_the_end_of_a_name_trains_and_saves_as_peft_reads_it(tmp_path):
+    # PEFT takes ["ln_f"] for every module whose name ends in ".ln_f": GPT-2's transformer.ln_f
+    model = tiny_gpt2()
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["c_attn"], modules_to_save=["ln_f"]))
+    assert [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n] == [
+        "transformer.ln_f.weight", "transformer.ln_f.bias"]
+    randomize_lora(model)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.add_(0.5)
+    expected = logits(model)
+    save_adapter(model, tmp_path / "adapter")
+    peft_model = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "adapter").eval()
+    assert (logits(peft_model) - expected).abs().max() <= 1e-5
+    with pytest.raises(ConfigError, match="no module of that name or ending in '.nope'"):
+        apply_lora(tiny_gpt2(), LoraConfig(r=4, alpha=8, target_modules=["c_attn"], modules_to_save=["nope"]))

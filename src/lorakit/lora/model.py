@@ -74,6 +74,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Wrap the targeted layers with LoRA, in place. Returns the same model."""
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ConfigError("this model already has LoRA adapters; load the base model again to apply a new config")
+    config = _modules_to_save_by_full_name(model, config)
     modules = describe_modules(model)
     names = select_targets(
         modules, config.target_modules, exclude=config.exclude_modules,
@@ -94,6 +95,20 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     _check_ranks(model, ranks)
     wrap_modules(model, config, ranks)
     return model
+
+
+def _modules_to_save_by_full_name(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """modules_to_save as full module names: an entry names a module, or, as PEFT reads it, the
+    end of module names after a '.' (["ln_f"] on GPT-2: transformer.ln_f)."""
+    names = [name for name, _ in model.named_modules() if name]
+    full: list[str] = []
+    for entry in config.modules_to_save:
+        matches = [name for name in names if name == entry or name.endswith("." + entry)]
+        if not matches:
+            raise ConfigError(f"modules_to_save names {entry!r}, and the model has no module of that name or "
+                              f"ending in '.{entry}'; name one of its modules (e.g. {names[-1]!r})")
+        full += [name for name in matches if name not in full]
+    return dataclasses.replace(config, modules_to_save=full)
 
 
 def within(name: str, module: str) -> bool:
