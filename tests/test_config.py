@@ -45,6 +45,9 @@ def test_flags_override_yaml(tmp_path):
     ("data: {packing: maybe}\n", "true or false"),
     ("- just\n- a list\n", "mapping"),
     ("!!python/object/apply:os.system [echo hacked]\n", "not valid YAML"),
+    # one option under two spellings: an error, as a key given twice is (not the last one winning)
+    ("seq-len: 64\nseq_len: 128\n", r"sets data.seq_len twice \(seq-len and seq_len\); keep one"),
+    ("lora: {r: 8}\nr: 16\n", r"sets lora.r twice \(lora.r and r\); keep one"),
 ])
 def test_bad_yaml_is_one_clear_error(tmp_path, text, message):
     path = tmp_path / "c.yaml"

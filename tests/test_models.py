@@ -365,8 +365,11 @@ def test_load_pretrained_names_the_model_when_the_loader_fails(tiny_folder):
         load_pretrained(source, refuses)
 
 
-def test_weights_that_lack_tensors_are_refused_not_started_random(tiny_folder, tmp_path):
+def test_weights_that_lack_tensors_are_refused_not_started_random(tiny_folder, tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
+
+    reports = []
+    monkeypatch.setattr(models._HeldLoadReport, "release", lambda self: reports.append(self))
 
     folder = tmp_path / "cut"
     shutil.copytree(tiny_folder, folder)
@@ -378,6 +381,27 @@ def test_weights_that_lack_tensors_are_refused_not_started_random(tiny_folder, t
                                              r"\(model\.layers\.0\.mlp\..*and 1 more\) that its config needs, "
                                              r"which would start random"):
         load_model_and_tokenizer(folder)
+    assert reports == []  # transformers' 13-line table held back: lorakit's one line says it
+
+
+def test_the_load_report_is_held_while_loading_and_printed_when_lorakit_has_nothing_to_add():
+    import logging
+
+    report = models._HeldLoadReport()
+    printed = []
+    handler = logging.Handler()
+    handler.emit = lambda record: printed.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with report.held():
+            logging.getLogger("transformers.modeling_utils").warning("LlamaForCausalLM LOAD REPORT from: x")
+            logging.getLogger("transformers.modeling_utils").warning("something else")
+        assert printed == ["something else"]
+        report.release()
+        assert printed == ["something else", "LlamaForCausalLM LOAD REPORT from: x"]
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_a_task_head_new_to_the_checkpoint_is_not_missing_weight(tiny_folder):
@@ -593,3 +617,24 @@ def test_local_attention_alibi_and_context_are_read_where_each_model_keeps_them(
     assert not uses_alibi(transformers.MptConfig())  # its biases follow the key alone: packing stays exact
     assert uses_alibi(transformers.FalconConfig(alibi=True)) and not uses_alibi(transformers.FalconConfig())
     assert context_length(transformers.MptConfig(max_seq_len=32)) == 32
+
+
+def _edited_copy(tiny_folder, tmp_path, name, text):
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_folder, folder)
+    (folder / name).write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("tokenizer_config.json", lambda text: "[1, 2]", "no usable tokenizer in"),
+    ("tokenizer_config.json", lambda text: "[" * 100000 + "]" * 100000, "no usable tokenizer in"),
+    ("config.json", lambda text: text.replace('"vocab_size": 256', '"vocab_size": 0'), "could not load the model"),
+    ("config.json", lambda text: text.replace('"num_attention_heads": 4', '"num_attention_heads": 3'),
+     "config.json is not a config transformers accepts"),
+    ("config.json", lambda text: '{"a": ' + "[" * 100000 + "]" * 100000 + "}", "is not valid JSON \\(nested too "
+                                                                                "deeply\\)")])
+def test_files_transformers_cannot_read_are_one_error_not_a_traceback(tiny_folder, tmp_path, name, edit, message):
+    text = (tiny_folder / name).read_text()
+    with pytest.raises(ModelLoadError, match=message):
+        load_model_and_tokenizer(_edited_copy(tiny_folder, tmp_path, name, edit(text)))

@@ -321,15 +321,23 @@ def _place_keys(raw: dict, path: Path) -> dict[str, dict[str, Any]]:
         flag = flag_of(option).lstrip("-")
         owners.update({flag: section, flag.replace("-", "_"): section})
     placed: dict[str, dict[str, Any]] = {s.name: {} for s in SECTIONS}
+    spelled: dict[tuple[str, str], str] = {}  # (section, option) -> the key that set it
     unknown = []
+
+    def place(section: str, name: str, value, key: str) -> None:
+        if (section, name) in spelled:  # `seq-len` and `seq_len`, or `r` and `lora: {r: ...}`
+            raise ConfigError(f"{path} sets {section}.{name} twice ({spelled[section, name]} and {key}); keep one")
+        spelled[section, name] = key
+        placed[section][name] = value
+
     for key, value in raw.items():
         if key in placed and isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 name = _field_name(key, sub_key)
-                (placed[key].__setitem__(name, sub_value) if name else unknown.append(f"{key}.{sub_key}"))
+                (place(key, name, sub_value, f"{key}.{sub_key}") if name else unknown.append(f"{key}.{sub_key}"))
         elif key in owners:  # a flat key, named as the option or its flag: `seq_len: 128`, `model: PATH`
             section = owners[key]
-            placed[section][_field_name(section, key)] = value
+            place(section, _field_name(section, key), value, str(key))
         elif key in placed and value is not None:
             raise ConfigError(f"{key} in {path} must be a mapping of options (e.g. `{key}: {{...}}`), "
                               f"not {type(value).__name__}")

@@ -112,6 +112,32 @@ def stop_with_parent(signum: int) -> bool:
     return False
 
 
+def torchrun_number(name: str, default: int | None, least: int = 0) -> int | None:
+    """The whole number torchrun set in `name` (WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE),
+    `default` where unset; ConfigError where it is not a whole number of at least `least`."""
+    from lorakit.errors import ConfigError
+
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise ConfigError(f"{name}={text!r} is not a whole number of at least {least}; torchrun sets it: unset it "
+                          "to run one process, or start the processes with torchrun")
+    return value
+
+
+def several_processes() -> bool:
+    """WORLD_SIZE says this process is one of several (a value that is not a number: no; the
+    trainer's own start refuses it with one message)."""
+    with contextlib.suppress(ValueError):
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return False
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
     return proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine() or "unknown CPU"

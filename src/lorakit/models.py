@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import urllib.error
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from lorakit.config import DTYPES
@@ -47,8 +49,11 @@ LOADING_BAR_BYTES = 2 * 1024**3  # smaller local weights load in seconds: no pro
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _SPEC_HINT = "pass a local folder with config.json and weights, a hub id, or a .gguf file"
 
-# what from_pretrained raises for a bad file, folder or id (a truncated file: SafetensorError)
-_LOAD_ERRORS = (ImportError, OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+# what from_pretrained raises for a bad file, folder or id (a truncated file: SafetensorError; a
+# config.json transformers' own validation refuses: huggingface_hub's StrictDataclassError; a
+# vocab_size of 0: IndexError; JSON nested beyond Python's recursion limit: RecursionError)
+_LOAD_ERRORS = (ImportError, OSError, ValueError, KeyError, RuntimeError, SafetensorError, StrictDataclassError,
+                IndexError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,9 @@ def _check_config_json(path: Path) -> None:
     """transformers reads config.json from the tokenizer first: a broken one would be blamed on it."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # bad JSON or UTF-8, or a number too long to read
-        raise ModelLoadError(f"{path} is not valid JSON ({exc}); restore it from the original model") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a number too long, nesting too deep
+        raise ModelLoadError(f"{path} is not valid JSON ({_json_problem(exc)}); restore it from the original "
+                             "model") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path} holds a JSON {type(config).__name__}, not a model config; restore it from "
                              "the original model")
@@ -170,6 +176,25 @@ def _check_config_json(path: Path) -> None:
         if isinstance(value, str) and not _names_a_dtype(value):
             raise ModelLoadError(f"{path}: {key} {value!r} is not a torch dtype; set it to bfloat16, float16 or "
                                  "float32 (as the weights are stored), or remove it")
+    _check_config_validates(path)
+
+
+def _check_config_validates(path: Path) -> None:
+    """transformers' own checks of the config (hidden size a multiple of the heads, ...), which it
+    runs first while loading the tokenizer: its error would be blamed on the tokenizer."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path.parent, local_files_only=True)
+    except (StrictDataclassError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = (first[-1] if first else type(exc).__name__).strip()
+        raise ModelLoadError(f"{path} is not a config transformers accepts ({detail}); restore it from the "
+                             "original model") from None
+
+
+def _json_problem(exc: Exception) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 def _names_a_dtype(name: str) -> bool:
@@ -350,7 +375,7 @@ def _refuse_a_classifier(source: ModelSource) -> None:
         return
     try:
         architectures = json.loads((Path(source.location) / "config.json").read_text(encoding="utf-8"))["architectures"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return  # the loader names an unreadable config itself
     if isinstance(architectures, list) and architectures and all(
             isinstance(a, str) and a.endswith(CLASSIFIER_SUFFIXES) for a in architectures):
@@ -375,17 +400,52 @@ def load_pretrained(
     """
     target, kwargs = _load_target(source, allow_pickle)
     tokenizer = _load_tokenizer_from(source, target, kwargs)
+    report = _HeldLoadReport()
     try:
-        with loading_bar_only_when_slow(target):
+        with loading_bar_only_when_slow(target), report.held():
             model, info = from_pretrained(target, {**kwargs, "output_loading_info": True})
     except _LOAD_ERRORS as exc:  # a LorakitError raised by from_pretrained passes through as it is
         raise _load_error(source, exc, kwargs) from exc
     _refuse_missing_weights(source, model, info.get("missing_keys") or ())
+    report.release()  # lorakit had nothing to say of its own: transformers' table after all
     model.eval()
     _ensure_pad_token(tokenizer, model)
     model.name_or_path = source.name
     model.config._name_or_path = source.name
     return model, tokenizer
+
+
+class _HeldLoadReport(logging.Filter):
+    """transformers' LOAD REPORT (a 13-line table of missing or mismatched weights), held back
+    while the model loads: where lorakit then refuses the weights, its one line is the message;
+    otherwise `release` prints the table as transformers would have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            if not any(held is record for held in self.records):  # each handler asks: keep it once
+                self.records.append(record)
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def held(self):
+        handlers = logging.getLogger("transformers").handlers
+        for handler in handlers:
+            handler.addFilter(self)
+        try:
+            yield
+        finally:
+            for handler in handlers:
+                handler.removeFilter(self)
+
+    def release(self) -> None:
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+        self.records.clear()
 
 
 def _refuse_missing_weights(source: ModelSource, model, missing) -> None:
@@ -478,7 +538,7 @@ def _load_tokenizer_from(source: ModelSource, target: str, kwargs: dict[str, Any
                              "tokenizer saved with the model into the folder (tokenizer.save_pretrained)")
     try:
         return AutoTokenizer.from_pretrained(target, **cache_only)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, StrictDataclassError) as exc:
         if source.kind == "hub":
             raise _hub_error(source.location, exc, offline=bool(cache_only)) from exc
         raise ModelLoadError(

@@ -309,3 +309,11 @@ def test_a_cache_that_cannot_be_written_is_named_and_an_unreadable_data_file_is_
     monkeypatch.setattr(reading, "_load_file", fails_with(errno.EACCES, str(tmp_path / "." / "d.jsonl")))
     with pytest.raises(RuntimeError):  # the data file itself: not the cache's fault
         read_records(path, cache_dir=tmp_path / "cache")
+    # a cache path that cannot be made (HF_DATASETS_CACHE naming a file) is the cache's; a data
+    # file that is not there is not
+    monkeypatch.setattr(reading, "_load_file", fails_with(errno.EEXIST, str(tmp_path / "cache")))
+    with pytest.raises(OutputError, match=r"File exists at .*cache while writing datasets' cache"):
+        read_records(path, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(reading, "_load_file", fails_with(errno.ENOENT, str(tmp_path / "elsewhere.jsonl")))
+    with pytest.raises(RuntimeError):
+        read_records(path, cache_dir=tmp_path / "cache")

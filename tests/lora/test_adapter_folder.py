@@ -85,7 +85,11 @@ def test_missing_folder_config_and_weights(saved, tmp_path):
     ("[1, 2]", "adapter_config.json must hold a JSON object, not list"),
     ('{"peft_type": "IA3"}', "describes a IA3 adapter; lorakit reads LoRA adapters only"),
     ('{"r": "8"}', "r must be a positive integer, got '8'"),
-    ('{"r": 4, "lora_alpha": 0}', "lora_alpha must be a number above 0, got 0"),
+    ('{"r": 4, "lora_alpha": 0}', "lora_alpha must be a number above 0 that fits in float32 .*, got 0"),
+    ('{"r": 4, "lora_alpha": 1e300}', "lora_alpha must be a number above 0 that fits in float32 .*, got 1e\\+300"),
+    ('{"r": 4, "alpha_pattern": {"q_proj": 1e300}}', "alpha_pattern must map module patterns to numbers above 0 "
+                                                     "that fit in float32"),
+    ("[" * 100000 + "]" * 100000, "adapter_config.json is nested too deeply to be an adapter config"),
     ('{"r": 4, "rank_pattern": {"q_proj": 2.5}}', "rank_pattern must map module patterns to positive integers"),
     ('{"r": 4, "alpha_pattern": {"(q_proj": 2}}', "alpha_pattern key '\\(q_proj' is not a valid regular expression"),
 ])
@@ -278,4 +282,14 @@ def test_an_invalid_target_regex_is_named(saved):
     folder, _ = saved
     edit_config(folder, target_modules="(q_proj")
     with pytest.raises(AdapterFileError, match=r"target_modules '\(q_proj' is not a valid regular expression"):
+        read_adapter_folder(folder)
+
+
+def test_rank_0_tensors_are_named_as_damage(saved):
+    folder, _ = saved
+    tensors = load_file(folder / "adapter_model.safetensors")
+    for key in tensors:
+        tensors[key] = tensors[key][:0] if "lora_A" in key else tensors[key][:, :0]
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(AdapterFileError, match="have rank 0; the adapter is damaged"):
         read_adapter_folder(folder)

@@ -502,3 +502,36 @@ def test_a_real_run_says_what_reading_the_data_skipped_and_cut(tiny, tmp_path, c
                  str(tmp_path / "data.jsonl"), "--seq-len", "64", "--json"]) == 0  # eval says it too
     assert "1 record with no trained token skipped (1 cut at --seq-len 64 before the response)" in \
         json.loads(capsys.readouterr().out)["notes"]
+
+
+def test_resume_over_a_finished_run_without_checkpoints_is_refused_not_trained_again(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--max-steps", "2")) == 0
+    shutil.rmtree(out / "checkpoints")
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(train_args(tiny, out, "--max-steps", "4", "--resume")) == 2
+    assert "holds a finished run (summary.json and adapter) but no checkpoint" in capsys.readouterr().err
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
+
+def test_a_file_where_the_checkpoints_go_is_refused_before_the_model_loads(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("x")
+    assert main(train_args(tiny, out, "--resume")) == 2
+    assert "holds checkpoints as a file or a broken link" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number of at least 1"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE is 2 but RANK is not set"),
+    ({"LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0' is not a whole number of at least 1")])
+def test_bad_torchrun_variables_are_one_line_not_a_traceback(tiny, tmp_path, capsys, monkeypatch, env, message):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(train_args(tiny, tmp_path / "run", "--dry-run")) == 2
+    assert message in capsys.readouterr().err

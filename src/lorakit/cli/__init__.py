@@ -19,6 +19,7 @@ import signal
 import sys
 import warnings
 
+from lorakit import host
 from lorakit.errors import LorakitError, LorakitWarning, Terminated
 from lorakit.safe_io import os_error_words
 
@@ -149,7 +150,7 @@ def _terminated_on_sigterm():
     def terminate(signum, frame):
         raise Terminated()
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if host.several_processes():
         yield
         return
     try:
@@ -176,7 +177,7 @@ def _stopped_by_sigterm(command: str) -> str:
 def _speaks() -> bool:
     """Whether this process reports the problems every process of a torchrun job meets alike:
     rank 0 does (the others exit with the same code), as does any process outside torchrun."""
-    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0"
+    return not host.several_processes() or os.environ.get("RANK", "0") == "0"
 
 
 # a collective's words when the process at the other end is gone (gloo; NCCL's watchdog says it otherwise)
@@ -185,7 +186,7 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken p
 
 def _a_peer_stopped(exc: RuntimeError) -> bool:
     """A collective failed because another torchrun process stopped first (it said why)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(words in str(exc) for words in _PEER_GONE)
+    return host.several_processes() and any(words in str(exc) for words in _PEER_GONE)
 
 
 def refuse(exc: LorakitError, args) -> int:

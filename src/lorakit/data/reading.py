@@ -310,6 +310,9 @@ def _load_file(path: Path, kind: str, cache_dir, options: dict) -> datasets.Data
 
 
 _CACHE_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+# a cache path that cannot be made (a file where a folder goes, a parent that cannot exist): the
+# cache's own fault only when the path named is inside it
+_CACHE_PATH_ERRORS = (errno.EEXIST, errno.ENOTDIR, errno.ENOENT)
 
 
 @contextlib.contextmanager
@@ -319,25 +322,35 @@ def name_datasets_cache_failures(cache_dir: str | Path | None = None, reading: P
     try:
         yield
     except Exception as exc:
-        cause = _cache_write_failure(exc, reading)
+        folder = cache_dir or datasets.config.HF_DATASETS_CACHE
+        cause = _cache_write_failure(exc, reading, Path(folder))
         if cause is None:
             raise
-        folder = cache_dir or datasets.config.HF_DATASETS_CACHE
-        what, _ = os_error_words(cause, "folder")
+        words = os_error_words(cause, "folder")  # none for a path that cannot be made
+        what = words[0] if words else f"{cause.strerror or type(cause).__name__} at {os.fsdecode(cause.filename)}"
         raise OutputError(f"{what} while writing datasets' cache ({folder}): set HF_DATASETS_CACHE (or HF_HOME) "
                           "to a writable folder with free space") from exc
 
 
-def _cache_write_failure(exc: BaseException, reading: Path | None) -> OSError | None:
+def _cache_write_failure(exc: BaseException, reading: Path | None, cache: Path) -> OSError | None:
     """The OSError in the exception's chain that is a failed write, not a file that cannot be read."""
     seen = exc
     while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _CACHE_PATH_ERRORS and _inside(seen.filename, cache):
+            return seen
         if isinstance(seen, OSError) and seen.errno in _CACHE_WRITE_ERRORS:
             unreadable_input = reading is not None and seen.filename is not None and \
                 Path(os.fsdecode(seen.filename)).resolve() == reading.resolve()
             return None if unreadable_input else seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _inside(filename, folder: Path) -> bool:
+    if filename is None:
+        return False
+    path, folder = Path(os.fsdecode(filename)).absolute(), folder.absolute()
+    return path == folder or folder in path.parents
 
 
 def _reason(exc: BaseException) -> str:

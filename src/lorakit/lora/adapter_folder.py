@@ -167,6 +167,9 @@ def read_adapter_config(folder: Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:  # bad JSON or UTF-8, or a number too long to read
         raise AdapterFileError(f"{path} is not valid JSON ({exc}); restore it from the original adapter") from None
+    except RecursionError:
+        raise AdapterFileError(f"{path} is nested too deeply to be an adapter config; restore it from the original "
+                               "adapter") from None
     except OSError as exc:
         raise AdapterFileError(f"cannot read {path} ({exc.strerror or exc}); check its permissions") from None
     check_adapter_config(config, path)
@@ -196,9 +199,9 @@ def check_adapter_config(config, where: str | Path) -> None:
                                "pass a LoRA adapter folder")
     if "r" in config and not is_positive_int(config["r"]):
         raise AdapterFileError(f"{where}: r must be a positive integer, got {config['r']!r}; fix it or re-save the adapter")
-    if "lora_alpha" in config and not is_positive_number(config["lora_alpha"]):
-        raise AdapterFileError(f"{where}: lora_alpha must be a number above 0, got {config['lora_alpha']!r}; "
-                               "fix it or re-save the adapter")
+    if "lora_alpha" in config and not _fits_a_scale(config["lora_alpha"]):
+        raise AdapterFileError(f"{where}: lora_alpha must be a number above 0 that fits in float32 (at most "
+                               f"{FLOAT32_MAX:.3g}), got {config['lora_alpha']!r}; fix it or re-save the adapter")
     dropout = config.get("lora_dropout")
     if dropout is not None and not (is_number(dropout) and 0 <= dropout < 1):
         raise AdapterFileError(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}; "
@@ -220,7 +223,7 @@ def check_adapter_config(config, where: str | Path) -> None:
         if isinstance(value, str) and key != "modules_to_save":
             _check_regex(value, key, where)
     for key, valid, what in (("rank_pattern", is_positive_int, "positive integers"),
-                             ("alpha_pattern", is_positive_number, "numbers above 0")):
+                             ("alpha_pattern", _fits_a_scale, "numbers above 0 that fit in float32")):
         _check_pattern(config.get(key) or {}, key, valid, what, where)
 
 
@@ -238,6 +241,14 @@ def _check_regex(regex: str, what: str, where) -> None:
     except re.error as exc:
         raise AdapterFileError(f"{where}: {what} {regex!r} is not a valid regular expression ({exc}); "
                                "fix it or re-save the adapter") from None
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _fits_a_scale(value) -> bool:
+    """An alpha the GEMMs can scale by: above 0, finite in float32 (1e300 passed, then overflowed)."""
+    return is_positive_number(value) and value <= FLOAT32_MAX
 
 
 def find_weights_file(folder: Path, allow_pickle: bool = False) -> Path:
@@ -403,6 +414,8 @@ def _pair_problems(pair: LoraPair) -> list[str]:
     if not factors_chain(pair):
         out.append(f"{pair.module}: lora_A is {tuple(pair.A.shape)} and lora_B is {tuple(pair.B.shape)}; "
                    "they do not multiply (A is (r, in), B is (out, r))")
+    elif pair.A.shape[0] == 0:  # its scale alpha / r would divide by zero
+        out.append(f"{pair.module}: lora_A and lora_B have rank 0; the adapter is damaged: re-save it")
     return out
 
 

@@ -130,8 +130,10 @@ def _shape_from_name(name: str) -> ModelShape:
     if path.is_file():
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:  # ValueError: bad JSON, or a number too long to read
-            raise ModelLoadError(f"cannot read model config {path}: {exc}; restore the model's own config.json") from None
+        except (OSError, ValueError, RecursionError) as exc:  # bad JSON, a number too long, nesting too deep
+            problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            raise ModelLoadError(f"cannot read model config {path}: {problem}; restore the model's own "
+                                 "config.json") from None
         return shape_from_dict(data, str(path))
     if Path(name).exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"{name} holds no config.json; pass a model folder, a config.json or a preset")

@@ -77,11 +77,14 @@ def init_from_env() -> World:
         return _world
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: stop (as on SIGTERM: a checkpoint) when it dies
         host.stop_with_parent(signal.SIGTERM)
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = host.torchrun_number("WORLD_SIZE", 1, least=1)
     if size <= 1:
         _world = World()
         return _world
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = host.torchrun_number("RANK", None), host.torchrun_number("LOCAL_RANK", 0)
+    if rank is None:
+        raise ConfigError(f"WORLD_SIZE is {size} but RANK is not set; start the processes with torchrun (it sets "
+                          "both), or unset WORLD_SIZE to run one process")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         _check_gpu(local_rank)

@@ -28,7 +28,6 @@ those inputs (L - 2 hidden states) and costs PCIe traffic; the host must have ro
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +37,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.host import available_memory_bytes
+from lorakit.host import available_memory_bytes, torchrun_number
 
 SAFETY_MARGIN = 0.9  # the estimate leaves out allocator fragmentation and library workspaces
 GIB = 1024**3
@@ -330,7 +329,7 @@ def _host_has_room(nbytes: int) -> bool:
 
 def _processes_on_node() -> int:
     """torchrun's processes on this node: they share its host memory."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return torchrun_number("LOCAL_WORLD_SIZE", 1, least=1)
 
 
 def _held_bytes(model: nn.Module, device: torch.device) -> int:

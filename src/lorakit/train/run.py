@@ -338,6 +338,7 @@ def refuse_occupied_output(config: RunConfig) -> list[str]:
     first before the model loads, so that a refusal is immediate."""
     out = Path(config.output.output)
     out.resolve()  # a symbolic-link loop raises here, before the model loads (the CLI names it)
+    _refuse_files_where_folders_go(out)
     existing = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
     if existing and not (config.output.resume or config.output.overwrite or config.output.dry_run):
         if "summary.json" in existing:
@@ -347,6 +348,16 @@ def refuse_occupied_output(config: RunConfig) -> list[str]:
         raise OutputError(f"--output {out} already holds {state}; {go_on}, --overwrite to replace it, "
                           "or choose another --output")
     return existing
+
+
+def _refuse_files_where_folders_go(out: Path) -> None:
+    """A file or a dangling link where the run writes a folder would be found only when the first
+    checkpoint or the adapter is saved, after the training steps."""
+    for name in ("checkpoints", "adapter"):
+        path = out / name
+        if (path.is_symlink() or path.exists()) and not path.is_dir():
+            raise OutputError(f"--output {out} holds {name} as a file or a broken link, where the run writes its "
+                              f"{name} folder; remove it, or choose another --output")
 
 
 def refuse_config_inside_output(config_file: str | None, config) -> None:

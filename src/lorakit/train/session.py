@@ -79,6 +79,7 @@ class Session:
             return
         path = self._latest_checkpoint()
         if path is None:
+            self._refuse_restarting_a_finished_run()
             self.log("resume: no complete checkpoint found; starting from the beginning")
             return
         checkpoint = ckpt.load_checkpoint(path)
@@ -87,6 +88,15 @@ class Session:
         if distributed.is_main():  # a finished run continued (more --max-steps) is unfinished until it ends
             (self.out / "summary.json").unlink(missing_ok=True)
         self.log(f"resumed from {path.name} (step {state.step}, epoch {state.epoch}, batch {state.batch_index})")
+
+    def _refuse_restarting_a_finished_run(self) -> None:
+        """--resume where a run ended (its adapter or summary is there) but no checkpoint is left:
+        starting from the beginning would silently replace the finished adapter."""
+        finished = [name for name in ("summary.json", "adapter") if (self.out / name).exists()]
+        if finished:
+            raise ConfigError(f"--resume: {self.out} holds a finished run ({' and '.join(finished)}) but no checkpoint "
+                              "to go on from; pass --overwrite to train it again from the start, or choose another "
+                              "--output")
 
     def _check_resumable(self, path: Path, checkpoint) -> tuple[TrainState, dict]:
         """The checkpoint's position and trainer state, once it is known to fit this model, data
