@@ -638,3 +638,25 @@ def test_files_transformers_cannot_read_are_one_error_not_a_traceback(tiny_folde
     text = (tiny_folder / name).read_text()
     with pytest.raises(ModelLoadError, match=message):
         load_model_and_tokenizer(_edited_copy(tiny_folder, tmp_path, name, edit(text)))
+
+
+def test_a_config_of_a_model_type_transformers_lacks_says_to_upgrade(tiny_folder, tmp_path):
+    text = (tiny_folder / "config.json").read_text().replace('"model_type": "llama"', '"model_type": "brandnewarch"')
+    with pytest.raises(ModelLoadError, match="its model_type is not one transformers .* knows; upgrade transformers"):
+        load_model_and_tokenizer(_edited_copy(tiny_folder, tmp_path, "config.json", text))
+
+
+def test_a_weight_of_another_shape_prints_transformers_table_before_the_error(tiny_folder, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "mismatch"
+    shutil.copytree(tiny_folder, folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("mlp.down_proj.weight"))
+    tensors[name] = torch.zeros(tensors[name].shape[0], 100)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    released = []
+    monkeypatch.setattr(models._HeldLoadReport, "release", lambda self: released.append(list(self.records)))
+    with pytest.raises(ModelLoadError, match="could not load the model"):
+        load_model_and_tokenizer(folder)
+    assert released and any("LOAD REPORT" in str(r.msg) for r in released[0])  # the error points at it

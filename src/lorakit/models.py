@@ -184,13 +184,23 @@ def _check_config_validates(path: Path) -> None:
     runs first while loading the tokenizer: its error would be blamed on the tokenizer."""
     from transformers import AutoConfig
 
+    import transformers
+
     try:
         AutoConfig.from_pretrained(path.parent, local_files_only=True)
-    except (StrictDataclassError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()
-        detail = (first[-1] if first else type(exc).__name__).strip()
-        raise ModelLoadError(f"{path} is not a config transformers accepts ({detail}); restore it from the "
-                             "original model") from None
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises for a config it cannot take
+        text = str(exc).strip()
+        if "does not recognize this architecture" in text or "Unrecognized model" in text:
+            raise ModelLoadError(f"{path}: its model_type is not one transformers {transformers.__version__} knows; "
+                                 "upgrade transformers, or pass a model of a supported architecture") from None
+        if "trust_remote_code" in text:
+            raise ModelLoadError(f"{path}: the model needs its own code (auto_map), which lorakit does not run; pass "
+                                 "a model of an architecture transformers has built in") from None
+        detail = text.splitlines()[0] if text else type(exc).__name__
+        if "validation error" in detail and len(text.splitlines()) > 1:  # the validator's own words come last
+            detail = text.splitlines()[-1].strip()
+        raise ModelLoadError(f"{path} is not a config transformers accepts ({type(exc).__name__}: {detail}); "
+                             "restore it from the original model") from None
 
 
 def _json_problem(exc: Exception) -> str:
@@ -405,6 +415,7 @@ def load_pretrained(
         with loading_bar_only_when_slow(target), report.held():
             model, info = from_pretrained(target, {**kwargs, "output_loading_info": True})
     except _LOAD_ERRORS as exc:  # a LorakitError raised by from_pretrained passes through as it is
+        report.release()  # a mismatch's error says to look at the table above it
         raise _load_error(source, exc, kwargs) from exc
     _refuse_missing_weights(source, model, info.get("missing_keys") or ())
     report.release()  # lorakit had nothing to say of its own: transformers' table after all

@@ -535,3 +535,12 @@ def test_bad_torchrun_variables_are_one_line_not_a_traceback(tiny, tmp_path, cap
         monkeypatch.setenv(name, value)
     assert main(train_args(tiny, tmp_path / "run", "--dry-run")) == 2
     assert message in capsys.readouterr().err
+
+
+def test_overwrite_replaces_a_file_or_a_dangling_link_where_the_adapter_goes(tiny, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "adapter").write_text("x")
+    (out / "checkpoints").symlink_to(tmp_path / "nowhere")
+    assert main(train_args(tiny, out, "--max-steps", "1", "--overwrite")) == 0
+    assert (out / "adapter").is_dir() and not (out / "checkpoints").is_symlink()

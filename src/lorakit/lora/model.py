@@ -98,15 +98,16 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 
 def _modules_to_save_by_full_name(model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """modules_to_save as full module names: an entry names a module, or, as PEFT reads it, the
-    end of module names after a '.' (["ln_f"] on GPT-2: transformer.ln_f)."""
+    """modules_to_save as full module names: an entry names a module, or the end of module names
+    after a '.' (["ln_f"] on GPT-2: transformer.ln_f). PEFT's rule is looser (any name ending in
+    the entry: "norm" takes every input_layernorm too); the full names saved read alike in both."""
     names = [name for name, _ in model.named_modules() if name]
     full: list[str] = []
     for entry in config.modules_to_save:
         matches = [name for name in names if name == entry or name.endswith("." + entry)]
         if not matches:
             raise ConfigError(f"modules_to_save names {entry!r}, and the model has no module of that name or "
-                              f"ending in '.{entry}'; name one of its modules (e.g. {names[-1]!r})")
+                              f"ending in '.{entry}'; name one of its modules (model.named_modules())")
         full += [name for name in matches if name not in full]
     return dataclasses.replace(config, modules_to_save=full)
 

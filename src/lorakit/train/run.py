@@ -338,8 +338,11 @@ def refuse_occupied_output(config: RunConfig) -> list[str]:
     first before the model loads, so that a refusal is immediate."""
     out = Path(config.output.output)
     out.resolve()  # a symbolic-link loop raises here, before the model loads (the CLI names it)
-    _refuse_files_where_folders_go(out)
-    existing = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+    if not config.output.overwrite:  # --overwrite removes them with the rest
+        _refuse_files_where_folders_go(out)
+    # a dangling link counts too: --overwrite removes it
+    existing = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()] \
+        if out.is_dir() else []
     if existing and not (config.output.resume or config.output.overwrite or config.output.dry_run):
         if "summary.json" in existing:
             state, go_on = "a finished run", "pass --resume with a larger --max-steps to train it further"
@@ -357,7 +360,7 @@ def _refuse_files_where_folders_go(out: Path) -> None:
         path = out / name
         if (path.is_symlink() or path.exists()) and not path.is_dir():
             raise OutputError(f"--output {out} holds {name} as a file or a broken link, where the run writes its "
-                              f"{name} folder; remove it, or choose another --output")
+                              f"{name} folder; remove it, pass --overwrite, or choose another --output")
 
 
 def refuse_config_inside_output(config_file: str | None, config) -> None:
@@ -458,9 +461,9 @@ def release_run_folder(out: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    elif path.exists():
+    elif path.exists() or path.is_symlink():
         path.unlink()
 
 
