@@ -164,7 +164,7 @@ def _terminated_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _stopped_by_sigterm(command: str) -> str:
+def _stopped_by_sigterm(command: str | None) -> str:
     if command == "train":
         return ("stopped by SIGTERM (between the training steps: loading, evaluating or saving); every file "
                 "written is whole: run the same command with --resume to go on")
