@@ -280,3 +280,13 @@ def test_a_lora_ga_adapter_exports_with_a_warning_that_its_base_was_rewritten(tm
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "init_lora_weights": "lora_ga"}))
     warnings = export_vllm(adapter_dir, tmp_path / "out").check.warnings
     assert len(warnings) == 1 and "trained on base weights LoRA-GA rewrote" in warnings[0]
+
+
+@pytest.mark.parametrize("key, value", [("kasa_config", {"kasa": True}), ("trainable_token_indices", [1, 2]),
+                                        ("target_parameters", ["mlp.experts.gate_up_proj"])])
+def test_peft_variants_vllm_would_read_as_plain_lora_are_refused(tmp_path, key, value):
+    adapter_dir, _ = make_adapter(tmp_path, r=8, lora_alpha=16)
+    config_path = adapter_dir / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), key: value}))
+    with pytest.raises(AdapterFileError, match=f"{key}=.*more than plain LoRA factors"):
+        export_vllm(adapter_dir, tmp_path / "out")

@@ -625,3 +625,16 @@ def test_real_processes_print_no_traceback(tiny, trained, other_model, tmp_path,
         out, err = child.communicate(timeout=240)
         assert_one_clear_message(case, child.returncode, out, err)
         assert not ctx.out.exists()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["recommend", "--gpu-memory", ""], "--gpu-memory"), (["eval", "--adapter", "a", "--data", ""], "--data"),
+    (["generate", "--adapter", "a", "--use", "", "hi"], "--use"), (["sweep", "c.yaml", "--output", ""], "--output")])
+def test_an_empty_flag_value_is_refused_not_taken_for_not_given(argv, flag, capsys):
+    # recommend planned for this machine's memory, sweep wrote into runs/, eval read "." as data
+    from lorakit.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert f"error: {flag} is empty; give it a value, or leave the flag out" in capsys.readouterr().err

@@ -75,6 +75,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+EMPTY_ALLOWED = {"system"}  # generate --system "": an empty system turn is a choice
+
+
+def _empty_option(command: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The first flag given an empty string (train's config names its own empty values)."""
+    if getattr(args, "command", None) == "train":
+        return None
+    for action in command._actions:
+        value = getattr(args, action.dest, None)
+        values = value if isinstance(value, list) else [value]
+        if action.option_strings and action.dest not in EMPTY_ALLOWED and "" in values:
+            return action.option_strings[-1]
+    return None
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return dict(actions[0].choices) if actions else {}
@@ -98,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     with contextlib.redirect_stderr(io.StringIO()) if not _speaks() else contextlib.nullcontext():
         args, unknown = parser.parse_known_args(argv)  # argparse prints its errors itself
+        command = _subparsers(parser).get(getattr(args, "command", None), parser)
         if unknown:  # report it with the subcommand's usage, which lists the flags that do exist
-            command = _subparsers(parser).get(getattr(args, "command", None), parser)
             command.error(f"unrecognized arguments: {' '.join(unknown)} (see `{command.prog} --help`)")
+        empty = _empty_option(command, args)
+        if empty is not None:  # taken for "not given" (a default path, this machine's memory) or for "."
+            command.error(f"{empty} is empty; give it a value, or leave the flag out")
     if not hasattr(args, "func"):
         parser.print_help()
         return 0 if not argv else 2

@@ -27,6 +27,7 @@ from lorakit.errors import AdapterFileError, ConfigError, OutputError
 from lorakit.export.adapter_files import (Adapter, base_shape_problems, export_tensor_problems, find_base_config,
                                          read_for_export)
 from lorakit.lora.config import lora_scale
+from lorakit.lora.io import unsupported_options
 from lorakit.publish import check_placeable, move_into_place, recover_leftovers, temp_beside
 from lorakit.safe_io import atomic_save_safetensors, atomic_write_json, translate_os_errors
 
@@ -140,11 +141,15 @@ def feature_problems(config: dict) -> list[str]:
             f"init_lora_weights is {init!r}: this init also changes the base weights, which vLLM does "
             "not do; convert it to a plain LoRA adapter first or use --format merged"
         )
-    for name, what in (("alora_invocation_tokens", "Activated LoRA (aLoRA)"),
-                       ("layer_replication", "layer_replication"), ("use_qalora", "QALoRA"),
-                       ("use_bdlora", "block-diagonal LoRA")):
+    named = {"alora_invocation_tokens": "Activated LoRA (aLoRA)", "layer_replication": "layer_replication",
+             "use_qalora": "QALoRA", "use_bdlora": "block-diagonal LoRA"}
+    for name, what in named.items():
         if config.get(name):
             out.append(f"{name} is set: vLLM does not support {what}")
+    # the other PEFT variants lorakit's engine refuses: vLLM would read their factors as plain LoRA
+    out += [f"{option}: this PEFT variant is more than plain LoRA factors, which is all vLLM applies; use PEFT"
+            for option in unsupported_options(config)
+            if option.split("=")[0] not in named and not option.startswith("lora_bias=")]
     return out
 
 
