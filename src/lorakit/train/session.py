@@ -79,7 +79,6 @@ class Session:
             return
         path = self._latest_checkpoint()
         if path is None:
-            self._refuse_restarting_a_finished_run()
             self.log("resume: no complete checkpoint found; starting from the beginning")
             return
         checkpoint = ckpt.load_checkpoint(path)
@@ -88,15 +87,6 @@ class Session:
         if distributed.is_main():  # a finished run continued (more --max-steps) is unfinished until it ends
             (self.out / "summary.json").unlink(missing_ok=True)
         self.log(f"resumed from {path.name} (step {state.step}, epoch {state.epoch}, batch {state.batch_index})")
-
-    def _refuse_restarting_a_finished_run(self) -> None:
-        """--resume where a run ended (its adapter or summary is there) but no checkpoint is left:
-        starting from the beginning would silently replace the finished adapter."""
-        finished = [name for name in ("summary.json", "adapter") if (self.out / name).exists()]
-        if finished:
-            raise ConfigError(f"--resume: {self.out} holds a finished run ({' and '.join(finished)}) but no checkpoint "
-                              "to go on from; pass --overwrite to train it again from the start, or choose another "
-                              "--output")
 
     def _check_resumable(self, path: Path, checkpoint) -> tuple[TrainState, dict]:
         """The checkpoint's position and trainer state, once it is known to fit this model, data
@@ -157,11 +147,20 @@ class Session:
         code = -1 if found is None else int(found.name.rsplit("-", 1)[1])
         if found is None and distributed.is_main() and ckpt.list_checkpoints(root):
             code = -2  # checkpoints exist but none is usable: never silently start over
+        elif found is None and distributed.is_main() and self._finished_files():
+            code = -3  # a run ended here: starting over would replace its adapter
         step = distributed.broadcast_int(code)
         if step == -2:
             raise AdapterFileError(f"--resume: every checkpoint in {root} is damaged (see the warnings above); "
                                    "restore one, or pass --overwrite instead of --resume to start again")
+        if step == -3:
+            raise ConfigError(f"--resume: {self.out} holds a finished run ({' and '.join(self._finished_files())}) "
+                              "but no checkpoint to go on from; pass --overwrite to train it again from the start, "
+                              "or choose another --output")
         return None if step < 0 else root / ckpt.step_dir_name(step)
+
+    def _finished_files(self) -> list[str]:
+        return [name for name in ("summary.json", "adapter") if (self.out / name).exists()]
 
     def _check_data_position(self, path: Path, state: TrainState) -> None:
         batches = len(epoch_plan(self.prepared.train, self.prepared.settings, state.epoch))
