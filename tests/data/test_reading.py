@@ -317,3 +317,23 @@ def test_a_cache_that_cannot_be_written_is_named_and_an_unreadable_data_file_is_
     monkeypatch.setattr(reading, "_load_file", fails_with(errno.ENOENT, str(tmp_path / "elsewhere.jsonl")))
     with pytest.raises(RuntimeError):
         read_records(path, cache_dir=tmp_path / "cache")
+
+
+def test_a_jsonl_key_given_twice_is_named_not_kept_last(tmp_path, cache):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "a", "text": "b"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl line 2 gives the key 'text' twice in one object"):
+        read_records(path, cache_dir=cache)
+
+
+def test_a_dangling_link_and_a_pipe_are_named_as_such(tmp_path, cache):
+    import os
+
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(tmp_path / "gone.jsonl")
+    with pytest.raises(DataError, match="is a symbolic link to nothing readable"):
+        read_records(link, cache_dir=cache)
+    pipe = tmp_path / "pipe.jsonl"
+    os.mkfifo(pipe)
+    with pytest.raises(DataError, match="is not a regular file \\(a pipe or a device\\)"):
+        read_records(pipe, cache_dir=cache)

@@ -117,6 +117,9 @@ def read_records(
 
 def _read_one(path: Path, cache_dir: str | Path | None) -> tuple[datasets.Dataset, str]:
     if not path.exists():
+        if path.is_symlink():  # exists() follows the link: a dangling one, or a loop
+            raise DataError(f"data file {path} is a symbolic link to nothing readable (a missing target or a "
+                            "loop); point it at the file, or pass the file's own path")
         raise DataError(f"data file {path} does not exist; check the path")
     if path.is_dir():
         return _load_saved(path), "saved"
@@ -126,6 +129,8 @@ def _read_one(path: Path, cache_dir: str | Path | None) -> tuple[datasets.Datase
             f"{path}: unsupported extension {suffix or '(none)'!r}; use .jsonl, .json, .csv, "
             ".parquet or .txt, or a folder written by datasets' save_to_disk"
         )
+    if not path.is_file():  # a FIFO, a device: its size says nothing, and datasets would read it twice
+        raise DataError(f"{path} is not a regular file (a pipe or a device); write the data to a file and pass that")
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty; it needs at least one record")
     kind = suffix[1:]
@@ -225,12 +230,15 @@ def _parse_jsonl_line(path: Path, number: int, text: str) -> None:
     if number == 1 and text.startswith("\ufeff"):
         raise DataError(f"{path} starts with a byte-order mark (BOM); save it as UTF-8 without BOM")
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_refusing_repeated_keys)
     except json.JSONDecodeError as exc:
         raise DataError(
             f"{path} line {number} is not valid JSON ({exc.msg}): {preview!r}; each line of a "
             ".jsonl file must be one JSON object"
         ) from exc
+    except _RepeatedKey as exc:
+        raise DataError(f"{path} line {number} gives the key {exc.args[0]!r} twice in one object: {preview!r}; "
+                        "keep one") from None
     except RecursionError:
         raise DataError(f"{path} line {number} nests its values too deeply to read: {preview!r}; "
                         "a record holds text fields and lists of turns") from None
@@ -242,6 +250,19 @@ def _parse_jsonl_line(path: Path, number: int, text: str) -> None:
             f"{path} line {number} is a JSON {type(value).__name__}, not an object: {preview!r}; "
             'each line must look like {"text": "..."}'
         )
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _refusing_repeated_keys(pairs: list) -> dict:
+    """json.loads keeps a repeated key's last value; datasets' reader refuses the line in its own words."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen = set()
+        raise _RepeatedKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return value
 
 
 def _not_utf8(path: Path, line: int) -> DataError:
