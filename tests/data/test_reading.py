@@ -337,3 +337,10 @@ def test_a_dangling_link_and_a_pipe_are_named_as_such(tmp_path, cache):
     os.mkfifo(pipe)
     with pytest.raises(DataError, match="is not a regular file \\(a pipe or a device\\)"):
         read_records(pipe, cache_dir=cache)
+
+
+def test_a_json_array_of_plain_values_is_named_not_read_as_a_made_up_field(tmp_path, cache):
+    path = tmp_path / "d.json"
+    path.write_text("[1, 2, 3]\n")
+    with pytest.raises(DataError, match=r"d.json is a JSON array of values like 1, not of objects"):
+        read_records(path, cache_dir=cache)

@@ -154,6 +154,8 @@ def _validate(path: Path, kind: str) -> dict:
     has_blank, digest = _check_utf8(path)
     if kind == "txt":
         return {"paragraphs": has_blank, "digest": digest}
+    if kind == "json":
+        _check_json_array_of_objects(path)
     return _cells_as_text(path) if kind == "csv" else {}
 
 
@@ -402,6 +404,16 @@ def _quiet_builders(path: Path):
         logger.setLevel(level)
         if not bars_were_off:
             datasets.enable_progress_bars()
+
+
+def _check_json_array_of_objects(path: Path) -> None:
+    """A .json array must hold objects: datasets reads [1, 2, 3] as records of a made-up field."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith("[") and head[1:].lstrip()[:1] not in ("{", "]", ""):
+        first = head[1:].lstrip().split(",")[0].split("]")[0].strip()[:20]
+        raise DataError(f"{path} is a JSON array of values like {first}, not of objects; a .json file holds "
+                        '[{"text": "..."}, ...] or one object per line')
 
 
 def _first_char(path: Path) -> str:

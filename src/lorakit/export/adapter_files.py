@@ -124,9 +124,13 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg})") from None
+        raise ConfigError(f"{path} line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); --base-config "
+                          "takes the base model's folder or its config.json") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a model config; --base-config takes the base "
+                          "model's folder or its config.json") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
+        raise ConfigError(f"{path} must hold a JSON object (a model's config.json)")
     _refuse_malformed_names(data, path)
     return data
 
