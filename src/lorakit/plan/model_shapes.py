@@ -13,12 +13,12 @@ adapted projection (`count_lora_params`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
 
 from lorakit.errors import ConfigError, ModelLoadError
+from lorakit.safe_io import read_json
 from lorakit.values import is_positive_int
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -129,10 +129,9 @@ def _shape_from_name(name: str) -> ModelShape:
         path = path / "config.json"
     if path.is_file():
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:  # bad JSON, a number too long, nesting too deep
-            problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
-            raise ModelLoadError(f"cannot read model config {path}: {problem}; restore the model's own "
+            data = read_json(path)
+        except (OSError, ValueError) as exc:  # bad JSON, a number too long, nesting too deep
+            raise ModelLoadError(f"cannot read model config {path}: {exc}; restore the model's own "
                                  "config.json") from None
         return shape_from_dict(data, str(path))
     if Path(name).exists() or name.startswith((".", "/", "~")):
