@@ -372,8 +372,7 @@ def _cache_write_failure(exc: BaseException, reading: Path | None, cache: Path) 
 def _inside(filename, folder: Path) -> bool:
     if filename is None:
         return False
-    path, folder = Path(os.fsdecode(filename)).absolute(), folder.absolute()
-    return path == folder or folder in path.parents
+    return Path(os.fsdecode(filename)).absolute().is_relative_to(folder.absolute())
 
 
 def _reason(exc: BaseException) -> str:
