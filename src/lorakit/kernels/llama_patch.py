@@ -67,16 +67,18 @@ from lorakit.kernels import cpu_attention, cpu_gemm, fused_lora, native_ops
 from lorakit.kernels.causal_loss import TRITON_LOSS, chunked_loss_blocker
 from lorakit.kernels.fused_lora import fuse_blocker, lora_linear, lora_mlp, lora_qkv
 
-# modules whose forward is exactly down(act(gate(x)) * up(x)) / calls q,k,v_proj(hidden_states)
-SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
-FUSED_MLP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # the config model_types of those MLPs
-ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
+# the model families whose modules the fast paths know (transformers 5.17-5.24): their MLPs
+# compute exactly down(act(gate(x)) * up(x)), their attentions call q,k,v_proj(hidden_states),
+# their RMSNorms compute exactly LlamaRMSNorm's, and their decoder layers end in
+# `residual + mlp(post_attention_layernorm(h))` with nothing saved for backward after the MLP
+# (so a checkpoint recompute may skip its output)
+FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
+SWIGLU_MLPS = {f"{family}MLP" for family in FAMILIES}
+FUSED_MLP_MODEL_TYPES = tuple(family.lower() for family in FAMILIES)  # their config model_types
+ATTENTIONS = {f"{family}Attention" for family in FAMILIES}
+DECODER_LAYERS = {f"{family}DecoderLayer" for family in FAMILIES}
+RMS_NORMS = {f"{family}RMSNorm" for family in FAMILIES}
 QKV, MLP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")
-# decoder layers whose forward ends in `residual + mlp(post_attention_layernorm(h))` with nothing
-# saved for backward after the MLP (transformers 5.x): a checkpoint recompute may skip its output
-DECODER_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
-# modules whose forward is exactly LlamaRMSNorm's
-RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 # what each attention passes to the attention kernel beyond LlamaAttention's arguments
 _EXTRA_ATTENTION_ARGS = {
     "LlamaAttention": lambda attn: {},
@@ -235,11 +237,12 @@ def _patch_if_fusable(module: nn.Module, ops, stack: bool) -> str | None:
         return _patch_norm(module, ops) if ops is not None else None
     if all(hasattr(module, p) for p in MLP):
         reason = _mlp_blocker(module)
-        if reason is None:
-            _set_forward(module, _fused_mlp_forward(_is_triton(ops)), triton=_is_triton(ops))
-            if stack:
-                fused_lora.stack_frozen_weights([module.gate_proj, module.up_proj])
-        return None if reason is None else f"MLP not fused ({reason})"
+        if reason is not None:
+            return f"MLP not fused ({reason})"
+        _set_forward(module, _fused_mlp_forward(_is_triton(ops)), triton=_is_triton(ops))
+        if stack:
+            fused_lora.stack_frozen_weights([module.gate_proj, module.up_proj])
+        return None
     if all(hasattr(module, p) for p in (*QKV, "o_proj")):
         return _patch_attention(module, ops)
     return None
@@ -330,7 +333,7 @@ def _transformers_version() -> tuple[int, ...]:
 
 
 @functools.cache
-def _names_its_cache_cache(attention_class: type) -> bool:
+def _forward_takes_cache_kwarg(attention_class: type) -> bool:
     """True from transformers 5.24, whose attention passes its kwargs on to cache.update."""
     return "cache" in inspect.signature(attention_class.forward).parameters
 
@@ -492,7 +495,7 @@ def _attention_with_rope(attn, rope, hidden_states, position_embeddings=None,
     cos, sin = position_embeddings
     query_states, key_states = rope(query_states, key_states, cos, sin)
     if cache is not None:
-        extra = {"kwargs": kwargs} if _names_its_cache_cache(type(attn)) else {}
+        extra = {"kwargs": kwargs} if _forward_takes_cache_kwarg(type(attn)) else {}
         key_states, value_states = cache.update(key_states, value_states, attn.layer_idx,
                                                 **extra)
 
