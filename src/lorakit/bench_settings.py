@@ -132,7 +132,7 @@ def budget_checkpoint_layers(plan: Plan, variant: str = "lorakit") -> tuple[int,
     s = plan.settings
     fused, chunked, native = fast_paths(variant)
     step = dict(batch_size=s.batch, seq_len=s.seq_len, r=s.r, targets=list(TARGETS), fused_loss=chunked,
-                dtype="bf16" if plan.dtype == "bfloat16" else "fp32", device=s.device,
+                dtype=plan.dtype, device=s.device,
                 loss_chunk_tokens=s.chunk_size, cpu_attention=s.device == "cpu" and fused and native,
                 fused_mlp=fused)
     peaks = [estimate_memory(plan.shape, TrainShape(**step, grad_checkpointing=k > 0, checkpoint_layers=k or None)).total

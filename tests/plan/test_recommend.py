@@ -256,6 +256,6 @@ def test_packed_rows_hold_whole_examples():
     from lorakit.plan.recommend import rows_per_step
 
     # 42-token examples in 64-token rows: one per row (the packer never splits one), not 16 x 42 / 64
-    assert rows_per_step(16, 42.0, 64, packing=True) == 16
-    assert rows_per_step(16, 53.0, 128, packing=True) == 8  # two per row
-    assert rows_per_step(16, 30.0, 256, packing=True) == 2  # eight per row
+    assert rows_per_step(16, 42.0, 64) == 16
+    assert rows_per_step(16, 53.0, 128) == 8  # two per row
+    assert rows_per_step(16, 30.0, 256) == 2  # eight per row

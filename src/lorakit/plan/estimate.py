@@ -288,7 +288,7 @@ def _lora_saved_bytes(m: ModelShape, shape: TrainShape, adapted: set[str], attn_
     where the input needs a grad (CUDA's fused dropout keeps a bool mask, the CPU a float one)."""
     b = shape.compute_bytes
     cast = shape.engine == "peft" and b < 4  # PEFT keeps adapters in fp32 and casts x per adapter
-    lora_b = 4 if cast else b
+    branch_bytes = 4 if cast else b  # per element of what the adapter branch computes
     shapes = m.projection_shapes()
     saved: dict[str, float] = {}
     groups = {"attention input": ("q_proj", "k_proj", "v_proj"), "o_proj input": ("o_proj",),
@@ -299,14 +299,23 @@ def _lora_saved_bytes(m: ModelShape, shape: TrainShape, adapted: set[str], attn_
             continue
         width = shapes[users[0]][0]
         if shape.lora_dropout > 0:
-            mask = (lora_b if shape.device == "cpu" else 1) if stream_grad or label != "attention input" else 0
-            saved[f"{label}: dropped copy (+ mask) per adapter"] = len(users) * width * (lora_b + mask)
+            saved[f"{label}: dropped copy (+ mask) per adapter"] = len(users) * width * (
+                branch_bytes + _dropout_mask_bytes(shape, branch_bytes, needs_grad=stream_grad or label != "attention input"))
         elif cast:
             saved[f"{label}: fp32 copy per adapter"] = len(users) * width * 4
         elif not (label == "o_proj input" and attn_grad):  # sdpa's output is o_proj's input
             saved[label] = width * b
-    saved["LoRA intermediates (x @ A)"] = len(adapted) * shape.r * lora_b
+    saved["LoRA intermediates (x @ A)"] = len(adapted) * shape.r * branch_bytes
     return saved
+
+
+def _dropout_mask_bytes(shape: TrainShape, branch_bytes: int, needs_grad: bool) -> int:
+    """Bytes per element of the mask dropout keeps for backward: none where its input needs no
+    gradient (the first layer's attention input, without a streamed gradient), a bool on CUDA,
+    a float like the input on the CPU."""
+    if not needs_grad:
+        return 0
+    return branch_bytes if shape.device == "cpu" else 1
 
 
 def _per_step_saved_bytes(m: ModelShape, shape: TrainShape) -> int:

@@ -40,6 +40,8 @@ SMALL_SET_TOKENS = 1_000_000
 MIN_RANK, MAX_RANK = 4, 256
 ROUND_LENGTHS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192,
                  12288, 16384, 24576, 32768, 65536, 131072)
+MIN_MEMORY = 256 * 2**20  # a memory size below this is refused as a typo (a unit left out)
+CAUTIOUS_BATCH = 4  # the micro-batch where the estimator cannot read the model
 MIN_STEPS = 50  # shrink the effective batch rather than train for fewer optimizer steps
 # (params below, lr at alpha = 32, evidence) from the smallest model up; see the docs.
 LR_TIERS = ((1e9, 1e-3, "under 1B: small models take a high LR (lorakit's demo trains SmolLM2-135M at 1e-3)"),
@@ -155,9 +157,6 @@ def parse_size(text: str, flag: str = "--gpu-memory") -> int:
     return size
 
 
-MIN_MEMORY = 256 * 2**20
-
-
 def machine_memory_bytes() -> int:
     """Total RAM (not free RAM: that changes from minute to minute, the recommendation must not)."""
     try:
@@ -271,11 +270,10 @@ def _round_down_nicely(n: int) -> int:
     return max(1, max(m * scale for m in (1, 2, 5) if m * scale <= max(n, 1)))
 
 
-def rows_per_step(examples_per_step: int, mean_length: float, seq_len: int, packing: bool) -> int:
-    """Sequences per optimizer step: a packed row holds the whole examples that fit in it (the
-    packer never splits one across rows), about seq_len // mean_length of them."""
-    if not packing:
-        return _pow2_at_least(examples_per_step)
+def rows_per_step(examples_per_step: int, mean_length: float, seq_len: int) -> int:
+    """Sequences per optimizer step, packed as `lorakit train` packs by default: a row holds the
+    whole examples that fit in it (the packer never splits one across rows), about
+    seq_len // mean_length of them."""
     rows = examples_per_step / examples_per_row(mean_length, seq_len)
     return max(1, 2 ** round(math.log2(max(rows, 1.0))))
 
@@ -297,10 +295,6 @@ def fit_batch(rows: int, memory_of: Callable[[int, bool], int], usable: int) -> 
     raise ConfigError(f"the model does not fit: one sequence with activation checkpointing needs "
                       f"{memory_of(1, True) / GIB:.2f} GiB but the budget leaves {usable / GIB:.2f} GiB; "
                       "plan for more memory or a smaller model")
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 def _count(n: float) -> str:
@@ -394,7 +388,7 @@ def plan_choices(task: str, profile: DataProfile, facts: ModelFacts, budget: Dev
     epochs = choose_epochs(profile.trained_tokens)
     seq_len = choose_seq_len(profile.length_p99, profile.length_max, facts.max_positions)
     per_step, per_step_why = target_examples(profile.examples, epochs.value)
-    rows = rows_per_step(per_step, profile.length_mean, seq_len.value, packing=True)
+    rows = rows_per_step(per_step, profile.length_mean, seq_len.value)
     (quantize, batch, checkpointing), accum, memory = _fit(facts, budget, rows, seq_len.value, r.value)
     return [
         r, Choice("lora.alpha", alpha, alpha_why, guide=alpha), targets,
@@ -430,7 +424,8 @@ def _targets_choice(model_type: str | None) -> Choice:
 def _fit(facts: ModelFacts, budget: DeviceMemory, rows: int, seq_len: int, r: int) -> tuple[list[Choice], int, dict]:
     """([quantize, batch, checkpointing] choices, grad_accum, memory estimate) for the budget."""
     if facts.shape is None:
-        return _unestimated_choices(rows), rows // min(rows, 4), {}
+        batch = min(rows, CAUTIOUS_BATCH)
+        return _unestimated_choices(batch), rows // batch, {}
     fit = _first_fitting_base(facts, budget, rows, seq_len, r)
     usable = budget.usable_bytes
     where = f"{_gib(usable)} GiB usable of {_gib(budget.total_bytes)} GiB ({budget.source})"
@@ -450,9 +445,9 @@ def _fit(facts: ModelFacts, budget: DeviceMemory, rows: int, seq_len: int, r: in
             Choice("train.grad_checkpointing", "auto", gc_why)], rows // fit.batch, memory
 
 
-def _unestimated_choices(rows: int) -> list[Choice]:
+def _unestimated_choices(batch: int) -> list[Choice]:
     return [Choice("model.quantize", "none", "no quantisation: memory could not be estimated"),
-            Choice("train.batch_size", min(rows, 4), "a cautious micro-batch: the estimator cannot read this model"),
+            Choice("train.batch_size", batch, "a cautious micro-batch: the estimator cannot read this model"),
             Choice("train.grad_checkpointing", "auto", "auto: memory could not be estimated here; the trainer keeps it "
                                                        "off for models its estimator cannot describe")]
 
@@ -513,7 +508,7 @@ def _memory_function(shape: Any, seq_len: int, r: int, device: str, quantize: st
 
     from lorakit.models import training_dtype
 
-    dtype = "bf16" if training_dtype("auto", device) == "bfloat16" else "fp32"  # what `--dtype auto` loads
+    dtype = training_dtype("auto", device)  # what `--dtype auto` loads
 
     def memory_of(batch: int, checkpointing: bool) -> int:
         step = TrainShape(batch_size=batch, seq_len=seq_len, r=r, targets="all-linear", grad_checkpointing=checkpointing,

@@ -10,7 +10,8 @@ from lorakit.errors import ConfigError
 from lorakit.plan.model_shapes import TargetSpec, resolve_targets
 from lorakit.values import is_positive_int
 
-DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}  # torch's names, also taken
 QUANTIZE = (None, "4bit", "8bit")
 ENGINES = ("lorakit", "peft")
 
@@ -24,7 +25,7 @@ class TrainShape:
     r: int = 16
     targets: TargetSpec = "all-linear"
     grad_checkpointing: bool = False
-    dtype: str = "bf16"
+    dtype: str = "bf16"  # bf16, fp16 or fp32 (torch's bfloat16, float16, float32 taken too)
     quantize: str | None = None
     world_size: int = 1
     fused_loss: bool = False  # chunked lm_head + cross-entropy: no full logits
@@ -48,6 +49,7 @@ class TrainShape:
     def __post_init__(self) -> None:
         if self.quantize in ("none", ""):
             self.quantize = None
+        self.dtype = SHORT_DTYPE.get(self.dtype, self.dtype)  # one spelling for the estimator's checks
         problems = _shape_problems(self)
         if problems:
             raise ConfigError("invalid training shape:\n  - " + "\n  - ".join(problems))
