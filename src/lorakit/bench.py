@@ -44,6 +44,7 @@ import torch
 from lorakit.bench_inputs import make_inputs
 from lorakit.bench_settings import GIB, BenchSettings, Plan, resolve
 from lorakit.bench_variants import TARGETS, VARIANTS, Prepared, prepare_variant
+from lorakit.errors import first_line
 from lorakit.host import minor_page_faults, peak_rss_bytes, proc_field
 from lorakit.kernels import cpu_gemm
 from lorakit.plan.estimate import model_flops
@@ -259,7 +260,7 @@ def _measure_here(name: str, plan: Plan, inputs: dict, log=print) -> dict:
     try:
         return measure_variant(name, plan, inputs)
     except torch.cuda.OutOfMemoryError as exc:
-        return {"variant": name, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+        return {"variant": name, "error": f"out of memory: {first_line(exc)}"}
     except Exception as exc:  # noqa: BLE001 - one broken variant (a kernel, a peer's patch) must not cost the others
         traceback.print_exc(file=sys.stderr)
         return {"variant": name, "error": _one_line(exc)}
@@ -271,8 +272,7 @@ def _measure_here(name: str, plan: Plan, inputs: dict, log=print) -> dict:
 
 
 def _one_line(exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}"[:300]
+    return f"{type(exc).__name__}: {first_line(exc)}"[:300]
 
 
 # ---- summary -----------------------------------------------------------------------------------

@@ -5,6 +5,13 @@ traceback.
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" for none): for one-line reports of an error
+    whose full text is long (a traceback-like dump, a validator's listing)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM outside a training run's steps (StopSignals handles it within them): the command
     stops at once, like Ctrl-C, and says how to go on. A KeyboardInterrupt, not an Exception, so

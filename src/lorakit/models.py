@@ -34,7 +34,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from lorakit.config import DTYPES
-from lorakit.errors import ConfigError, ModelLoadError
+from lorakit.errors import ConfigError, ModelLoadError, first_line
 from lorakit.gguf_convert import ensure_gguf_converted, missing_tensors
 from lorakit.safe_io import read_json
 
@@ -265,7 +265,7 @@ def _hub_error(hub_id: str, exc: Exception, offline: bool) -> ModelLoadError:
         )
     return ModelLoadError(
         f"could not load {hub_id!r} from the Hugging Face Hub ({type(exc).__name__}: "
-        f"{str(exc).splitlines()[0] if str(exc) else ''}); check the id and your access "
+        f"{first_line(exc)}); check the id and your access "
         "token (gated models), pass --allow-pickle if the repository has only *.bin weights, "
         f"or {_SPEC_HINT}"
     )
@@ -492,9 +492,8 @@ def loading_bar_only_when_slow(target: str):
 def _load_error(source: ModelSource, exc: Exception, kwargs: dict[str, Any]) -> ModelLoadError:
     if source.kind == "hub":
         return _hub_error(source.location, exc, offline=kwargs.get("local_files_only", False))
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return ModelLoadError(
-        f"could not load the model in {source.location} ({type(exc).__name__}: {first_line}); "
+        f"could not load the model in {source.location} ({type(exc).__name__}: {first_line(exc)}); "
         "check that config.json matches the weights, or re-save the model with save_pretrained"
     )
 

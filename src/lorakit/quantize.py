@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lorakit.config import QUANTIZE
-from lorakit.errors import ConfigError, MergeError
+from lorakit.errors import ConfigError, MergeError, first_line
 
 QUANTIZE_CHOICES = tuple(q for q in QUANTIZE if q != "none")
 COMPUTE_DTYPE = torch.bfloat16
@@ -107,7 +107,7 @@ def _from_pretrained(source, target: str, kwargs: dict, quantize: str, device: s
     except (ImportError, OSError, ValueError, KeyError, RuntimeError) as exc:
         if "bitsandbytes" in str(exc) or "GPU" in str(exc):  # transformers' quantizer refused this machine
             raise ConfigError(f"--quantize {quantize} cannot run here ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0]}); it needs a CUDA GPU, or bitsandbytes >= 0.48 "
+                              f"{first_line(exc)}); it needs a CUDA GPU, or bitsandbytes >= 0.48 "
                               "on CPU (pip install -U bitsandbytes); or drop --quantize") from exc
         raise  # models.load_pretrained names the model in a ModelLoadError
     if not any(_quantized_linears(model)):

@@ -45,7 +45,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from lorakit.errors import LorakitWarning
+from lorakit.errors import LorakitWarning, first_line
 from lorakit.kernels import cpu_attention
 
 VARLEN = "lorakit_varlen"
@@ -298,7 +298,7 @@ def _flash_varlen_agrees(query, key, value, segments, scaling, options) -> tuple
             got = _flash_varlen(query, key, value, segments, scaling).float()
             want = _per_document(query, key, value, segments, options).float()
     except Exception as exc:  # noqa: BLE001 - any failure of an optional kernel means: do not use it
-        return False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        return False, f"{type(exc).__name__}: {first_line(exc)}"
     error = float((got - want).abs().max())
     scale = float(want.abs().max())
     cosine = float(F.cosine_similarity(got.flatten(), want.flatten(), dim=0))
