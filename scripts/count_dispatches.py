@@ -58,7 +58,7 @@ def _widening_stand_in(a, b, scale, dtype):
 def _force_gpu_paths():
     from lorakit.kernels import fused_lora
 
-    fused_lora._scale_in_epilogue = lambda t: True
+    fused_lora._cublas_writes_in_place = lambda t: True
     if hasattr(fused_lora, "_gemm_widens"):  # the fp32-writing GEMM (CUDA only): its stand-in
         fused_lora._gemm_widens = lambda device, operand, output: output == torch.float32
         fused_lora._widening_addmm = _widening_stand_in

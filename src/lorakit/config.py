@@ -28,7 +28,7 @@ import yaml
 from lorakit.errors import ConfigError
 
 DATA_FORMATS = ("auto", "text", "instruction", "chat")  # data/formats.py reads each
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtype picks for the device
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.training_dtype picks for the device
 QUANTIZE = ("none", "4bit", "8bit")  # the base's weights (quantize.py)
 # The guide's presets: rank by task, alpha = 2r, adapters on all seven projections.
 TASK_PRESETS = {
@@ -334,7 +334,10 @@ def _place_keys(raw: dict, path: Path) -> dict[str, dict[str, Any]]:
         if key in placed and isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 name = _field_name(key, sub_key)
-                (place(key, name, sub_value, f"{key}.{sub_key}") if name else unknown.append(f"{key}.{sub_key}"))
+                if name:
+                    place(key, name, sub_value, f"{key}.{sub_key}")
+                else:
+                    unknown.append(f"{key}.{sub_key}")
         elif key in owners:  # a flat key, named as the option or its flag: `seq_len: 128`, `model: PATH`
             section = owners[key]
             place(section, _field_name(section, key), value, str(key))

@@ -31,7 +31,7 @@ def scaling_path(request, monkeypatch):
     its stand-in, which gives the fp32 product)."""
     widened = []  # the dtypes the widening GEMMs wrote
     if request.param != "cpu-products":
-        monkeypatch.setattr(fused_lora, "_scale_in_epilogue", lambda t: True)
+        monkeypatch.setattr(fused_lora, "_cublas_writes_in_place", lambda t: True)
     if request.param == "widening":
         monkeypatch.setattr(fused_lora, "_gemm_widens", lambda device, operand, output: output == torch.float32)
         monkeypatch.setattr(fused_lora, "_widening_addmm", lambda a, b, scale, dtype: widened.append(dtype) or

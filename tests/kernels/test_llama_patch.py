@@ -394,7 +394,7 @@ def test_trainer_checkpointing_recomputes_without_the_mlp_output_and_matches(mon
 
     model, batch = _model(arch), _batch()
     if stack:  # stacked gate and up with the GPU's epilogues: d gate and d up side by side
-        monkeypatch.setattr(fused_lora, "_scale_in_epilogue", lambda t: True)
+        monkeypatch.setattr(fused_lora, "_cublas_writes_in_place", lambda t: True)
     enable_fast_paths(model, stack=stack)
     model.train()
     want = _fast(model, batch)

@@ -229,7 +229,7 @@ def test_lora_mlp_with_triton_swiglu_matches_torch_swiglu(dtype, stacked, monkey
     layers = _lora_mlp_layers(dtype)
     if stacked:  # gate and up as one matrix, d gate and d up written side by side (as on a GPU)
         assert fused_lora.stack_frozen_weights(layers[:2])
-        monkeypatch.setattr(fused_lora, "_scale_in_epilogue", lambda t: True)
+        monkeypatch.setattr(fused_lora, "_cublas_writes_in_place", lambda t: True)
     params = [p for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
 
     def run(triton):

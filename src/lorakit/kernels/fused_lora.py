@@ -425,12 +425,12 @@ def _matmul_into(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None
     """a @ weight, into `out` when given (cuBLAS writes a column block in place; the CPU copies)."""
     if out is None:
         return cpu_gemm.matmul(a, weight)
-    if _scale_in_epilogue(a):
+    if _cublas_writes_in_place(a):
         return torch.mm(a, weight, out=out)
     return out.copy_(cpu_gemm.matmul(a, weight))
 
 
-def _scale_in_epilogue(t: torch.Tensor) -> bool:
+def _cublas_writes_in_place(t: torch.Tensor) -> bool:
     """cuBLAS applies a GEMM's alpha and writes a column block of a wider matrix in place: on a
     GPU the adapters' scaled products take one launch each instead of a product, a scaling and
     a copy (a 1b step launched about 220 of those; its CPU, not its GPU, set the pace). The CPU
@@ -440,7 +440,7 @@ def _scale_in_epilogue(t: torch.Tensor) -> bool:
 
 def _scaled_matmul(a, b, scale: float, out: torch.Tensor) -> torch.Tensor:
     """out = scale * (a @ b)."""
-    if _scale_in_epilogue(a):
+    if _cublas_writes_in_place(a):
         return torch.addmm(_unread_input(a), a, b, beta=0, alpha=scale, out=out)
     return out.copy_(cpu_gemm.matmul(a, b).mul_(scale))
 
@@ -449,7 +449,7 @@ def _scaled_grad_weight(dy, x, scale: float, dtype: torch.dtype) -> torch.Tensor
     """scale * dy^T @ x in `dtype` (its master's): the gradient of a weight whose layer took x
     and returned dy's output. On a GPU whose GEMMs write fp32 from 16-bit operands, written in
     the master's fp32 directly: no rounding to 16 bits, and no cast (11 launches per Llama layer)."""
-    if _scale_in_epilogue(dy):
+    if _cublas_writes_in_place(dy):
         if dtype != dy.dtype and _gemm_widens(dy.device, dy.dtype, dtype):
             return _widening_addmm(dy.T, x, scale, dtype)
         grad = torch.addmm(_unread_input(dy), dy.T, x, beta=0, alpha=scale)
@@ -560,7 +560,7 @@ class _LoraSwiGLU(torch.autograd.Function):
         ops = ctx.triton_ops
         # with gate and up stacked, dh (then d gate over it) and d up go side by side into one
         # matrix, so that dX is one GEMM: on a GPU, where cuBLAS writes column blocks in place
-        side_by_side = _scale_in_epilogue(e) and stacking.row_blocks([gate[0], up[0]]) is not None
+        side_by_side = _cublas_writes_in_place(e) and stacking.row_blocks([gate[0], up[0]]) is not None
         silu = F.silu(e) if ops is None and not side_by_side else None  # kept: d up goes into it
         if ops is not None:
             h = ops.silu_mul(e, g)

@@ -183,11 +183,6 @@ def broadcast_int(value: int) -> int:
     return int(tensor.item())
 
 
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
 def main_first(action, others_too: bool = False):
     """Run `action` on rank 0, share whether it worked, then (with `others_too`) on the others.
 

@@ -7,6 +7,7 @@ The output folder during and after a run:
     OUTPUT/checkpoints/     crash-safe step checkpoints (train/checkpoint.py)
     OUTPUT/adapter/         the final adapter, PEFT format
     OUTPUT/loss.png         train and eval curves
+    OUTPUT/tensorboard/     the same metrics for TensorBoard (unless output.tensorboard is off)
     OUTPUT/summary.json     written LAST: a folder without it is an unfinished run
 """
 
@@ -33,6 +34,9 @@ from lorakit.train.progress import Progress, peak_memory_bytes
 from lorakit.train.rng import capture_rng
 from lorakit.train.tensorboard_log import TensorBoardLog
 from lorakit.train.run import Prepared, keep_global_batch, write_config
+
+# what rank 0 tells the others when --resume finds no checkpoint to load (else the step it loads)
+_NO_CHECKPOINT, _ALL_DAMAGED, _FINISHED_RUN = -1, -2, -3
 
 
 @dataclass
@@ -65,7 +69,6 @@ class Session:
         self.metrics = None
         self.tensorboard = None
         self.base_eval: dict | None = None
-        self.last_eval: dict | None = None
         self.train_seconds = 0.0
         self.fingerprint = base_fingerprint(prepared.model)
         self.data_fingerprint = prepared.train.fingerprint()
@@ -143,21 +146,26 @@ class Session:
     def _latest_checkpoint(self) -> Path | None:
         """Rank 0 picks (and tidies) the newest complete checkpoint; every rank loads that one."""
         root = self.out / "checkpoints"
-        found = ckpt.find_latest_valid(root) if distributed.is_main() else None
-        code = -1 if found is None else int(found.name.rsplit("-", 1)[1])
-        if found is None and distributed.is_main() and ckpt.list_checkpoints(root):
-            code = -2  # checkpoints exist but none is usable: never silently start over
-        elif found is None and distributed.is_main() and self._finished_files():
-            code = -3  # a run ended here: starting over would replace its adapter
-        step = distributed.broadcast_int(code)
-        if step == -2:
+        step = distributed.broadcast_int(self._checkpoint_code(root) if distributed.is_main() else _NO_CHECKPOINT)
+        if step == _ALL_DAMAGED:
             raise AdapterFileError(f"--resume: every checkpoint in {root} is damaged (see the warnings above); "
                                    "restore one, or pass --overwrite instead of --resume to start again")
-        if step == -3:
+        if step == _FINISHED_RUN:
             raise ConfigError(f"--resume: {self.out} holds a finished run ({' and '.join(self._finished_files())}) "
                               "but no checkpoint to go on from; pass --overwrite to train it again from the start, "
                               "or choose another --output")
         return None if step < 0 else root / ckpt.step_dir_name(step)
+
+    def _checkpoint_code(self, root: Path) -> int:
+        """The step of the newest complete checkpoint, or why there is none (a negative code)."""
+        found = ckpt.find_latest_valid(root)
+        if found is not None:
+            return int(found.name.rsplit("-", 1)[1])
+        if ckpt.list_checkpoints(root):
+            return _ALL_DAMAGED  # never silently start over
+        if self._finished_files():
+            return _FINISHED_RUN  # starting over would replace its adapter
+        return _NO_CHECKPOINT
 
     def _finished_files(self) -> list[str]:
         return [name for name in ("summary.json", "adapter") if (self.out / name).exists()]
@@ -208,7 +216,7 @@ class Session:
             self.log(notice)
 
     # ---- checkpoints -----------------------------------------------------------------------
-    def peak_bytes(self) -> int:
+    def gather_peak_bytes(self) -> int:
         """The run's peak memory: the highest of its processes' (a collective: every rank calls it),
         or that of the run before a resume where higher (a run stopped in its final evaluation
         resumes into no training step at all)."""
@@ -221,12 +229,13 @@ class Session:
         optimizer = distributed.full_optimizer_state(self.optimizer) if s.world_size > 1 else self.optimizer
         rng_tensors, rng_meta = capture_rng()
         rng_tensors.update(distributed.gather_rank_rng())
+        peak_bytes = self.gather_peak_bytes()  # a collective: every rank, before rank 0 alone writes
         trainer_state = {"state": self.state.to_json(), "config": self.config.to_dict(),
                          "fingerprint": self.fingerprint, "data_fingerprint": self.data_fingerprint,
                          "tokenize_revision": TOKENIZE_REVISION, "base_eval": self.base_eval,
                          "train_seconds": self.train_seconds, "history_len": len(self.history),
                          "micro_batches_per_step": s.grad_accum * s.world_size, "world_size": s.world_size,
-                         "requested_grad_accum": self.requested_grad_accum, "peak_memory_bytes": self.peak_bytes(),
+                         "requested_grad_accum": self.requested_grad_accum, "peak_memory_bytes": peak_bytes,
                          "peak_memory_device": s.device.type}
 
         def write() -> Path:
@@ -303,8 +312,8 @@ class Session:
             self.record({"kind": "train", "step": state.step, "loss": result.loss, "lr": result.lr,
                          "grad_norm": result.grad_norm, "tokens": state.train_tokens, "skipped": state.skipped_steps})
         if t.eval_every and state.step % t.eval_every == 0 and state.step < self.prepared.settings.total_steps:
-            self.last_eval = self.run_eval(f"step {state.step}")
-            bar.note(f"step {state.step}: eval loss {self.last_eval['loss']:.4f}" if self.last_eval else "")
+            evaluation = self.run_eval(f"step {state.step}")
+            bar.note(f"step {state.step}: eval loss {evaluation['loss']:.4f}" if evaluation else "")
         if t.save_every and state.step % t.save_every == 0 and state.step < self.prepared.settings.total_steps:
             self.save_checkpoint()
 
@@ -318,9 +327,10 @@ class Session:
             # the entries at s that the checkpoint kept are logged again, and later ones come anew
             resumed = self.state.step > 0
             self.tensorboard = TensorBoardLog(self.out / "tensorboard", self.state.step if resumed else None, self.log)
-            for entry in self.history if resumed else []:
-                if entry.get("step") == self.state.step:
-                    self.tensorboard.add(entry)
+            if resumed:
+                for entry in self.history:
+                    if entry.get("step") == self.state.step:
+                        self.tensorboard.add(entry)
 
     # ---- the end ---------------------------------------------------------------------------
     def finish(self) -> RunResult:
@@ -335,7 +345,7 @@ class Session:
         with distributed.whole_trainable(self.prepared.model):  # sharded adapters gathered on every rank
             if distributed.is_main():
                 save_adapter(self.prepared.model, self.out / "adapter", base_model_name=_base_name(self.prepared))
-        peak = self.peak_bytes()  # every rank: the highest of theirs
+        peak = self.gather_peak_bytes()  # every rank: the highest of theirs
         if not distributed.is_main():
             return RunResult({}, self.out, None, self.history)
         summary = self.summary(final_eval, peak)
@@ -363,6 +373,7 @@ class Session:
     def summary(self, final_eval: dict | None, peak_bytes: int) -> dict:
         report = lora_report(self.prepared.model)
         lora = self.config.lora
+        # NaN alone is unequal to itself (a metrics line edited to hold null stays in, as before)
         train_losses = [e["loss"] for e in self.history if e["kind"] == "train" and e["loss"] == e["loss"]]
         tail = train_losses[-max(1, len(train_losses) // 10):] if train_losses else [float("nan")]
         return {
