@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # lorakit on one H200, in ONE device run: correctness of the fast paths on CUDA, then
-# `lorakit bench` on the PERF.md shapes against PEFT. Capped at 9 minutes (each step has its own
+# `lorakit bench` on the shapes of docs/performance.md against PEFT. Capped at 9 minutes (each step has its own
 # timeout inside an overall budget), so one call with timeout_s=600 plus the machine's start
 # takes most of the 15 minutes of device time: a second call can rerun a few steps only
 # (ONLY="step names", e.g. ONLY="bench_8b_ckpt train" bash scripts/gpu_check.sh).

@@ -477,3 +477,19 @@ def test_ranks_draw_different_dropout_masks(tiny, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rng = load_file(out / "checkpoints" / "step-000001" / "rng.safetensors")
     assert not torch.equal(rng["rank.0.cpu"], rng["rank.1.cpu"])
+
+
+def test_the_auto_fsdp_estimate_is_the_figure_estimate_prints_for_the_same_step(monkeypatch, capsys):
+    """docs/distributed.md tells users to compare `lorakit estimate --fast-paths --grad-checkpointing
+    on --world-size N` with what auto mode decides on: the two must be one figure."""
+    import json
+
+    from lorakit.cli import main
+    from lorakit.config import resolve
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    config = resolve(None, {"model.name": "1b", "train.batch_size": 4, "data.seq_len": 2048, "lora.r": 16})
+    assert main(["estimate", "--model", "1b", "--batch-size", "4", "--seq-len", "2048", "--r", "16", "--fast-paths",
+                 "--grad-checkpointing", "on", "--world-size", "2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)["memory"]["total"]
+    assert distributed.estimated_step_bytes(config) == printed
