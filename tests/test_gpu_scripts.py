@@ -160,3 +160,10 @@ def test_a_gpu_step_asks_no_more_of_its_cpu_than_counted():
     numbers = [int(word) for word in line.replace(",", " ").split() if word.isdigit()]
     total, launching, triton_launches = numbers
     assert launching <= 51 and triton_launches <= 9 and launching < total
+
+
+def test_host_time_reports_every_variant_per_step_and_per_layer():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "host_time.py"), "--steps", "2"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.endswith("ms per layer")}
+    assert set(rows) == {"plain", "lorakit", "fused-lora", "peft"} and all(ms > 0 for ms in rows.values())
