@@ -527,6 +527,7 @@ def test_a_file_where_the_checkpoints_go_is_refused_before_the_model_loads(tiny,
 @pytest.mark.parametrize("env, message", [
     ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number of at least 1"),
     ({"WORLD_SIZE": "2"}, "WORLD_SIZE is 2 but RANK is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "[rank 2] RANK is 2 but WORLD_SIZE is 2: ranks run from 0 to 1"),  # hung
     ({"LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0' is not a whole number of at least 1")])
 def test_bad_torchrun_variables_are_one_line_not_a_traceback(tiny, tmp_path, capsys, monkeypatch, env, message):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):

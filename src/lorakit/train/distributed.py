@@ -85,6 +85,11 @@ def init_from_env() -> World:
     if rank is None:
         raise ConfigError(f"WORLD_SIZE is {size} but RANK is not set; start the processes with torchrun (it sets "
                           "both), or unset WORLD_SIZE to run one process")
+    if rank >= size:  # init_process_group would wait (30 minutes) for a rank that cannot join
+        error = ConfigError(f"RANK is {rank} but WORLD_SIZE is {size}: ranks run from 0 to {size - 1}; start the "
+                            "processes with torchrun (it sets both), or unset WORLD_SIZE to run one process")
+        error.every_rank_alike = False  # this process's own: rank 0, which reports the others', may be fine
+        raise error
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         _check_gpu(local_rank)
