@@ -161,6 +161,43 @@ def test_resume_past_max_steps_is_refused_and_new_eval_data_gets_a_new_base_loss
     assert measured[0] == "base"  # the saved base loss was of the other eval set
 
 
+def test_resume_with_only_the_output_goes_on_with_the_runs_own_settings(tiny, tmp_path, capsys):
+    # a user's `lorakit train --output DIR --resume`: without the run's config.yaml as the base,
+    # lorakit's defaults applied, and with no --data those are the demo's data and model
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--max-steps", "4", "--save-every", "2")) == 0
+    (out / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(["train", "--output", str(out), "--resume", "--max-steps", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert f"the settings of {out / 'config.yaml'} (the run's own)" in printed
+    assert "uninterrupted run): train.max_steps 4 -> 6\n" in printed  # the one setting given anew
+    assert "training data differs" not in printed
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data"]["data"] == [str(tiny[1])] and saved["model"]["name"] == str(tiny[0])
+    assert saved["train"]["max_steps"] == 6 and json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+def test_a_checkpoint_taken_mid_run_carries_the_training_time_so_far(tiny, tmp_path):
+    # it saved 0 s: a resume after a kill reported the time and tokens/s of its own steps alone
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--max-steps", "4", "--save-every", "2")) == 0
+    mid_run = json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    final = json.loads((out / "summary.json").read_text())["wall_seconds"]
+    assert 0 < mid_run["train_seconds"] < final
+
+
+def test_resume_on_other_files_says_the_data_differs_not_that_the_files_are_the_same(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--max-steps", "4", "--save-every", "2")) == 0
+    (out / "summary.json").unlink()
+    other = write_define_data(tmp_path / "other.jsonl", count=64, seed=7)
+    capsys.readouterr()
+    assert main(["train", "--output", str(out), "--resume", "--max-steps", "6", "--data", str(other)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "the training data differs from the checkpoint's;" in printed and "same files" not in printed
+
+
 def test_resume_with_a_new_grad_accum_on_the_same_processes_takes_it(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(tiny, out, "--max-steps", "4", "--save-every", "2")) == 0

@@ -48,13 +48,37 @@ def _demo_text() -> str:
 
 def resolve_args(args: argparse.Namespace):
     flags = {k: v for k, v in vars(args).items() if "." in k}
-    yaml_values = load_yaml(args.config_file) if args.config_file else None
+    config_file = args.config_file or _resumed_run_config(flags)
+    yaml_values = load_yaml(config_file) if config_file else None
     demo = not flags.get("data.data") and not (yaml_values or {}).get("data", {}).get("data")
     demo_keys = _apply_demo(flags, yaml_values or {}) if demo else []
     config = resolve(yaml_values, flags)
     for key in demo_keys:  # resolve took them for flags
         config.sources[key] = "demo default"
-    return config, demo
+    if config_file and not args.config_file and os.environ.get("RANK", "0") == "0":
+        print(f"resume: the settings of {config_file} (the run's own); flags given replace them", flush=True)
+    return config, demo or _is_demo_data(config)
+
+
+def _resumed_run_config(flags: dict) -> Path | None:
+    """With --resume and no config file: the run's own OUTPUT/config.yaml, so that resuming with
+    `--output DIR --resume` alone goes on with the run's data and settings, not lorakit's
+    defaults (which without --data are the demo's)."""
+    if not flags.get("output.resume"):
+        return None
+    from lorakit.config import default_of
+
+    output = flags.get("output.output") or (default_of("output.output") if flags.get("data.data")
+                                            else DEMO_DEFAULTS["output.output"])
+    saved = Path(output) / "config.yaml"
+    return saved if saved.is_file() else None
+
+
+def _is_demo_data(config) -> bool:
+    """The run trains on the demo's data (a resumed demo, whose saved config names it)."""
+    from lorakit.demo import DEMO_TRAIN
+
+    return [str(path) for path in config.data.data] == [str(DEMO_TRAIN)]
 
 
 def _apply_demo(flags: dict, yaml_values: dict) -> list[str]:

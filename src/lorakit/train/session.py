@@ -69,7 +69,8 @@ class Session:
         self.metrics = None
         self.tensorboard = None
         self.base_eval: dict | None = None
-        self.train_seconds = 0.0
+        self.train_seconds = 0.0  # of the steps run before this process's current stretch of them
+        self._steps_started: float | None = None  # when that stretch began, while it runs
         self.fingerprint = base_fingerprint(prepared.model)
         self.data_fingerprint = prepared.train.fingerprint()
         # the grad_accum the user last asked for: a resume may adjust the config's (keep_global_batch)
@@ -108,8 +109,9 @@ class Session:
                      "checkpoint (which tokens train, how long texts are split); the run continues at the saved "
                      "position, so it will not match an uninterrupted run, and the base eval loss is measured again")
         elif saved.get("data_fingerprint") not in (None, self.data_fingerprint):
-            self.log("resume: the training data differs from the checkpoint's (same files, other contents); the run "
-                     "continues on the new data at the saved position, so it will not match an uninterrupted run")
+            same_files = ((saved.get("config") or {}).get("data") or {}).get("data") == self.config.data.data
+            self.log(f"resume: the training data differs from the checkpoint's{' (same files, other contents)' if same_files else ''}; "
+                     "the run continues on the new data at the saved position, so it will not match an uninterrupted run")
         if retokenised or _changes_what_base_eval_measured(saved.get("config") or {}, self.config.to_dict()):
             saved = {**saved, "base_eval": None}  # measured on other data or another base: measure again
         self._check_data_position(path, state)
@@ -216,6 +218,12 @@ class Session:
             self.log(notice)
 
     # ---- checkpoints -----------------------------------------------------------------------
+    def _train_seconds_so_far(self) -> float:
+        """Training time up to now: a checkpoint taken mid-run must carry it, or a resume after a
+        kill would report the time (and tokens/s) of its own steps alone."""
+        running = time.perf_counter() - self._steps_started if self._steps_started is not None else 0.0
+        return self.train_seconds + running
+
     def gather_peak_bytes(self) -> int:
         """The run's peak memory: the highest of its processes' (a collective: every rank calls it),
         or that of the run before a resume where higher (a run stopped in its final evaluation
@@ -233,7 +241,7 @@ class Session:
         trainer_state = {"state": self.state.to_json(), "config": self.config.to_dict(),
                          "fingerprint": self.fingerprint, "data_fingerprint": self.data_fingerprint,
                          "tokenize_revision": TOKENIZE_REVISION, "base_eval": self.base_eval,
-                         "train_seconds": self.train_seconds, "history_len": len(self.history),
+                         "train_seconds": self._train_seconds_so_far(), "history_len": len(self.history),
                          "micro_batches_per_step": s.grad_accum * s.world_size, "world_size": s.world_size,
                          "requested_grad_accum": self.requested_grad_accum, "peak_memory_bytes": peak_bytes,
                          "peak_memory_device": s.device.type}
@@ -287,11 +295,12 @@ class Session:
                 # every rank stops at the same step, whichever rank got the signal
                 hooks = Hooks(on_step=lambda s, r: self._on_step(s, r, bar),
                               should_stop=lambda: distributed.any_rank(signals.received is not None))
-                started = time.perf_counter()
+                self._steps_started = time.perf_counter()
                 try:
                     trainer.run(hooks)
                 finally:
-                    self.train_seconds += time.perf_counter() - started
+                    self.train_seconds = self._train_seconds_so_far()
+                    self._steps_started = None
             if distributed.any_rank(signals.received is not None):
                 return self._stop(signals.received or "a signal to another rank")
         return self.finish()
