@@ -82,6 +82,18 @@ def test_generate_streams_text(trained, capsys):
     assert capsys.readouterr().out.strip() != ""
 
 
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_generate_and_eval_take_the_threads_asked_for(trained, monkeypatch, command):
+    import torch
+
+    model, data, adapter = trained
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # this process keeps its own
+    rest = ["--data", str(data)] if command == "eval" else ["--max-new-tokens", "3", "Define the word apple."]
+    assert main([command, "--adapter", str(adapter), "--model", str(model), "--threads", "1", *rest]) == 0
+    assert threads == [1]
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "gptj"])
 def test_generate_refuses_more_tokens_than_a_position_table_holds(tmp_path, capsys, arch):
     """GPT-2's positions are a table of n_positions rows, GPT-J's precomputed sin/cos too: a longer

@@ -9,6 +9,8 @@ reader for every command.
   swapping (free memory plus reclaimable caches), None where there is no such file.
 - `reset_peak_rss` and `return_freed_memory`: so that a sweep's next point in the same process
   reads its own peak, starting from a small resident set.
+- `cores_busy_elsewhere`: how many of the machine's cores other processes keep busy now
+  (/proc/stat sampled twice, this process's own time taken out).
 """
 
 from __future__ import annotations
@@ -136,6 +138,33 @@ def several_processes() -> bool:
     with contextlib.suppress(ValueError):
         return int(os.environ.get("WORLD_SIZE", "1")) > 1
     return False
+
+
+def cores_busy_elsewhere(interval: float = 0.25) -> float | None:
+    """Cores' worth of CPU time that other processes used over `interval` seconds (0.0 to the
+    machine's count), None where /proc/stat cannot be read."""
+    import time
+
+    first, own_first = _cpu_jiffies(), os.times()
+    time.sleep(interval)
+    second, own_second = _cpu_jiffies(), os.times()
+    if first is None or second is None or second[1] <= first[1]:
+        return None
+    (busy_before, total_before), (busy_after, total_after) = first, second
+    cores = os.cpu_count() or 1
+    own = (own_second.user + own_second.system) - (own_first.user + own_first.system)  # seconds
+    busy_fraction = (busy_after - busy_before) / (total_after - total_before)
+    return max(0.0, busy_fraction * cores - own / interval)
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all cores since boot, from the first line of /proc/stat."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/stat") as f:
+            fields = [int(value) for value in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+    return None
 
 
 def cpu_name() -> str:

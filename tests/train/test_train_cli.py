@@ -1,6 +1,7 @@
 """End to end through the CLI on a tiny model: loss goes down, the output folder is complete."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -582,3 +583,28 @@ def test_overwrite_replaces_a_file_or_a_dangling_link_where_the_adapter_goes(tin
     (out / "checkpoints").symlink_to(tmp_path / "nowhere")
     assert main(train_args(tiny, out, "--max-steps", "1", "--overwrite")) == 0
     assert (out / "adapter").is_dir() and not (out / "checkpoints").is_symlink()
+
+
+@pytest.mark.parametrize("busy, threads_flag, notice", [(1.0, None, True), (0.2, None, False), (1.0, 2, False),
+                                                        (None, None, False)])
+def test_cores_busy_elsewhere_are_named_with_the_threads_to_pass(monkeypatch, busy, threads_flag, notice):
+    import torch
+
+    from lorakit import host
+    from lorakit.config import resolve
+    from lorakit.train import run
+
+    monkeypatch.setattr(host, "cores_busy_elsewhere", lambda interval: busy)
+    monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    config = resolve(None, {"train.threads": threads_flag})
+    lines = run._busy_cores_notice(config, torch.device("cpu"))
+    assert bool(lines) == notice
+    assert not lines or "about 1.0 cores busy and torch runs 2 threads" in lines[0] and "--threads 1" in lines[0]
+
+
+def test_busy_cores_are_measured_from_proc_stat():
+    from lorakit import host
+
+    busy = host.cores_busy_elsewhere(0.05)
+    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)

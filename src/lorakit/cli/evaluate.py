@@ -28,8 +28,10 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.cli.placement import use_threads
     from lorakit.evaluate import evaluate_adapter
 
+    use_threads(args)
     result = evaluate_adapter(args.adapter, args.data, model=args.model, fmt=args.format, seq_len=args.seq_len,
                               batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                               allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle)

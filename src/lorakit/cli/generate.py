@@ -35,6 +35,7 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.adapters import AdapterSet, base_model_for, refuse_classifier_adapters
+    from lorakit.cli.placement import use_threads
     from lorakit.errors import ConfigError
     from lorakit.generate import generate_text
     from lorakit.models import inference_placement, load_model_and_tokenizer
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--temperature must be 0 (greedy) or a number from {MIN_TEMPERATURE:g} up, got "
                           f"{args.temperature:g} (below it the logits overflow: use 0 for greedy)")
     refuse_classifier_adapters(args.adapter or [], "generate")
+    use_threads(args)
     device, dtype = inference_placement(args.device, args.dtype)
     model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for(args.adapter), dtype=dtype, device=device,
                                                    allow_pickle=args.allow_pickle)

@@ -1,11 +1,11 @@
-"""--device and --dtype, as `lorakit eval` and `lorakit generate` take them."""
+"""--device, --dtype and --threads, as `lorakit eval` and `lorakit generate` take them."""
 
 from __future__ import annotations
 
 import argparse
 import re
 
-from lorakit.config import DTYPES
+from lorakit.config import DTYPES, MAX_THREADS
 
 
 def add_placement_flags(parser: argparse.ArgumentParser) -> None:
@@ -14,6 +14,24 @@ def add_placement_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights dtype; auto: what lorakit train picks on that device (bfloat16 on a GPU "
                              "or a CPU with native bf16, else float32), so the losses match training's eval")
+    parser.add_argument("--threads", type=thread_count, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's choice, all cores); on a shared machine, "
+                             "about as many as the free cores")
+
+
+def use_threads(args: argparse.Namespace) -> None:
+    """torch's CPU threads as --threads asks (none given: torch's own choice)."""
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def thread_count(text: str) -> int:
+    if text.strip().isdigit() and 1 <= int(text) <= MAX_THREADS:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a thread count: use a whole number from 1 to {MAX_THREADS}, "
+                                     "about as many as the free cores")
 
 
 def device_name(text: str) -> str:

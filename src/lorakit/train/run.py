@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lorakit import host
 from lorakit.config import RunConfig, lora_config, save_yaml
 from lorakit.data.examples import TokenizedData, split_eval
 from lorakit.data.formats import pad_token_id, tokenize_records
@@ -211,7 +212,22 @@ def prepare(config: RunConfig) -> Prepared:
     distributed.diverge_rank_rng()  # after the shared initialisation: each rank its own dropout masks
     notices += parallel_notices + distributed.global_batch_notice(config.train)
     settings = loop_settings(config, model, tokenizer, train)
-    return Prepared(config, model, tokenizer, source, train, evaluation, settings, notices + _long_step_notice(settings))
+    notices += _long_step_notice(settings) + _busy_cores_notice(config, device)
+    return Prepared(config, model, tokenizer, source, train, evaluation, settings, notices)
+
+
+def _busy_cores_notice(config: RunConfig, device: torch.device) -> list[str]:
+    """One line when other processes keep cores busy that torch's threads would share: each step
+    then waits for its slowest thread (the demo's steps, 2 threads on 2 cores with one kept busy
+    elsewhere, took 3.2x as long as on idle cores, and 2x as long as with --threads 1)."""
+    if device.type != "cpu" or config.train.threads or distributed.world_size() > 1:  # chosen, or ranks share cores
+        return []
+    busy, threads = host.cores_busy_elsewhere(0.1), torch.get_num_threads()
+    free = len(os.sched_getaffinity(0)) - (busy or 0.0) if hasattr(os, "sched_getaffinity") else None
+    if busy is None or free is None or busy < 0.5 or threads <= free + 0.5:
+        return []
+    return [f"other processes keep about {busy:.1f} cores busy and torch runs {threads} threads: each step waits for "
+            f"the busy cores (the demo's steps took twice as long as with fewer threads); pass --threads {max(1, round(free))} to use the free ones"]
 
 
 def _long_step_notice(settings: LoopSettings) -> list[str]:
