@@ -608,3 +608,12 @@ def test_busy_cores_are_measured_from_proc_stat():
 
     busy = host.cores_busy_elsewhere(0.05)
     assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)
+
+
+def test_a_run_of_few_steps_from_its_epochs_says_so_and_points_to_recommend(tiny, tmp_path, capsys):
+    args = train_args(tiny, tmp_path / "run", "--dry-run")
+    without_steps = args[:args.index("--max-steps")] + args[args.index("--max-steps") + 2:]
+    assert main(without_steps) == 0
+    assert "optimizer steps (1 epoch(s) of" in " ".join(capsys.readouterr().out.split())
+    assert main(args) == 0  # --max-steps chosen: no notice
+    assert "optimizer steps (" not in capsys.readouterr().out

@@ -212,8 +212,22 @@ def prepare(config: RunConfig) -> Prepared:
     distributed.diverge_rank_rng()  # after the shared initialisation: each rank its own dropout masks
     notices += parallel_notices + distributed.global_batch_notice(config.train)
     settings = loop_settings(config, model, tokenizer, train)
-    notices += _long_step_notice(settings) + _busy_cores_notice(config, device)
+    notices += _long_step_notice(settings) + _few_steps_notice(config, settings) + _busy_cores_notice(config, device)
     return Prepared(config, model, tokenizer, source, train, evaluation, settings, notices)
+
+
+FEW_STEPS = 20  # fewer optimizer steps than this from --epochs alone: a run too short to learn much
+
+
+def _few_steps_notice(config: RunConfig, settings: LoopSettings) -> list[str]:
+    """One line when the epochs of a small data set make only a few optimizer steps (50 records
+    at the defaults: 2 steps), unless the user chose the step count."""
+    if config.train.max_steps is not None or settings.total_steps >= FEW_STEPS:
+        return []
+    return [f"only {settings.total_steps} optimizer steps ({config.train.epochs:g} epoch(s) of "
+            f"{settings.batches_per_epoch} micro-batches, {settings.grad_accum * settings.world_size} per step): too "
+            "few to learn much; `lorakit recommend --data ...` suggests epochs and batch for this data, or pass "
+            "--epochs or --max-steps"]
 
 
 def _busy_cores_notice(config: RunConfig, device: torch.device) -> list[str]:
