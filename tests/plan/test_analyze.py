@@ -214,6 +214,15 @@ def test_cli_json_parses_and_writes_the_default_heatmap(tmp_path, capsys):
     assert (tmp_path / "effective_rank.png").exists() and report["heatmap"] == str(tmp_path / "effective_rank.png")
 
 
+def test_cli_takes_the_adapter_as_other_commands_do_and_refuses_none_or_two(tmp_path, capsys):
+    write_adapter(tmp_path / "a", _modules([3.0, 2.0, 1.0], 16, count=2))
+    assert main(["analyze", "--adapter", str(tmp_path / "a"), "--no-heatmap", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"]["kind"] == "oversized"
+    assert main(["analyze", "--no-heatmap"]) == 2 and "no adapter given" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "a"), "--adapter", str(tmp_path / "b")]) == 2
+    assert "two adapters given" in capsys.readouterr().err
+
+
 def test_cli_heatmap_must_be_an_image_name(tmp_path, capsys):
     write_adapter(tmp_path, _modules([3.0, 2.0, 1.0], 16, count=2))
     (tmp_path / "notes.txt").write_text("mine")

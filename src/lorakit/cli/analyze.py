@@ -23,8 +23,10 @@ r = the next power of two >= k95 (at least 4); "saturated" when k95 >= 3/4 of r.
 
 def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION)
-    p.add_argument("adapter", type=Path, metavar="ADAPTER_DIR",
+    p.add_argument("adapter", type=Path, metavar="ADAPTER_DIR", nargs="?",
                    help="adapter folder (adapter_config.json + adapter_model.safetensors), lorakit's or PEFT's")
+    p.add_argument("--adapter", type=Path, dest="adapter_flag", metavar="DIR",
+                   help="the same, spelled as the other commands take it")
     p.add_argument("--energy", default="0.9,0.99",
                    help="energy levels, comma-separated fractions; the first drives the heatmap and verdict")
     p.add_argument("--heatmap", type=Path, default=None,
@@ -47,6 +49,7 @@ def parse_energies(text: str) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     from lorakit.plan.analyze import analyze_adapter, plot_effective_rank
 
+    args.adapter = _one_adapter(args)
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     target = None if args.no_heatmap else _heatmap_target(args)
@@ -62,6 +65,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(analysis, args.top)
     return 0
+
+
+def _one_adapter(args: argparse.Namespace) -> Path:
+    if args.adapter is not None and args.adapter_flag is not None and args.adapter != args.adapter_flag:
+        raise ConfigError(f"two adapters given ({args.adapter} and --adapter {args.adapter_flag}); analyze reads one")
+    if args.adapter is None and args.adapter_flag is None:
+        raise ConfigError("no adapter given; pass its folder: lorakit analyze runs/NAME/adapter")
+    return args.adapter if args.adapter is not None else args.adapter_flag
 
 
 def _heatmap_target(args: argparse.Namespace) -> Path:
