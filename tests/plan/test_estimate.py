@@ -413,6 +413,15 @@ def test_cli_json(capsys):
     assert report["tokens_per_step"] == 8192
 
 
+def test_cli_takes_trains_spellings_of_dtype_and_dropout(capsys):
+    totals = []
+    for flags in (["--dtype", "fp32", "--lora-dropout", "0.1"], ["--dtype", "float32", "--dropout", "0.1"]):
+        assert main(["estimate", "--model", "1b", "--json", *flags]) == 0
+        totals.append(json.loads(capsys.readouterr().out)["memory"]["total"])
+    assert main(["estimate", "--model", "1b", "--json"]) == 0  # bf16, no dropout: another step
+    assert totals[0] == totals[1] != json.loads(capsys.readouterr().out)["memory"]["total"]
+
+
 def test_a_seq_len_beyond_the_models_context_is_noted(tmp_path, capsys):
     tiny_config(max_position_embeddings=512).save_pretrained(tmp_path)
     assert model_shape(tmp_path).context == 512 and model_shape("smollm2-135m").context == 8192

@@ -39,7 +39,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--checkpoint-layers", type=int, default=None, metavar="K",
                    help="with --grad-checkpointing on or offload: checkpoint only the first K layers (selective; "
                         "default: all)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights and activations")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "bfloat16", "float16", "float32"), default="bf16",
+                   help="weights and activations (train's spellings, bfloat16 ..., taken too)")
     p.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none", help="base weights (bitsandbytes)")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel devices (memory is per device)")
     p.add_argument("--fsdp", action="store_true",
@@ -52,7 +53,8 @@ def register(subparsers, name: str, help_text: str) -> None:
                         "own step with lorakit's adapters")
     p.add_argument("--engine", choices=("lorakit", "peft"), default="lorakit",
                    help="peft: PEFT's defaults (fp32 adapters, an input copy per adapter)")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (above 0 it keeps a mask)")
+    p.add_argument("--lora-dropout", "--dropout", type=float, default=0.0,
+                   help="dropout on the adapter input (above 0 it keeps a mask); --dropout as train spells it")
     p.add_argument("--labelled-fraction", type=float, default=1.0, metavar="F",
                    help="share of tokens with a label (instruction data: the responses); with --fused-loss "
                         "the head runs for those only, which lowers the FLOPs")
