@@ -11,7 +11,8 @@ from lorakit.cli import main
 
 from tiny_models import save_tiny_chat_model, write_define_data
 
-SUMMARY_KEYS = {"base_eval_loss", "final_eval_loss", "train_loss", "steps", "train_tokens", "tokens_per_second",
+SUMMARY_KEYS = {"base_eval_loss", "final_eval_loss", "train_loss", "steps", "train_tokens", "seen_tokens",
+                "tokens_per_second",
                 "peak_memory_bytes", "wall_seconds", "trainable_params", "total_params", "r", "alpha", "target_modules",
                 "dtype", "device"}
 
@@ -47,6 +48,7 @@ def test_end_to_end_training(tiny, tmp_path, capsys, monkeypatch):
     assert SUMMARY_KEYS <= set(summary)
     assert summary["final_eval_loss"] < 0.92 * summary["base_eval_loss"]
     assert summary["steps"] == 12 and summary["r"] == 4 and summary["alpha"] == 8
+    assert 12 * 4 * 64 >= summary["seen_tokens"] > summary["train_tokens"]  # rows of 64 tokens at most; labels fewer
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml",
                  "metrics.jsonl", "loss.png", "checkpoints", "tensorboard"):
         assert (out / name).exists(), name

@@ -86,7 +86,8 @@ def print_report(prepared, result, sample_before=None, sample_after=None) -> Non
         drop = 100 * (1 - s["final_eval_loss"] / s["base_eval_loss"])
         console.print(f"eval loss: base {s['base_eval_loss']:.4f} -> final {s['final_eval_loss']:.4f} "
                       f"({drop:.1f}% lower); perplexity {s['base_eval_perplexity']:.2f} -> {s['final_eval_perplexity']:.2f}")
-    console.print(f"steps {s['steps']}, {s['train_tokens']:,} trained tokens, {s['tokens_per_second']:,.0f} tokens/s, "
+    console.print(f"steps {s['steps']}, {s['seen_tokens']:,} tokens ({s['train_tokens']:,} with a label), "
+                  f"{s['tokens_per_second']:,.0f} tokens/s, "
                   f"training time {s['wall_seconds']:.0f} s, peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB "
                   f"({_peak_kind(prepared)})")
     curves = result.output / "loss.png"  # not there when it could not be written (a warning said so)

@@ -394,7 +394,8 @@ class Session:
             "steps": self.state.step,
             "world_size": distributed.world_size(),
             "skipped_steps": self.state.skipped_steps,
-            "train_tokens": self.state.train_tokens,
+            "train_tokens": self.state.train_tokens,  # those with a label: the loss's
+            "seen_tokens": self.state.seen_tokens,  # every token of the batches: what tokens_per_second counts
             "tokens_per_second": self.state.seen_tokens / max(self.train_seconds, 1e-9),
             "peak_memory_bytes": peak_bytes,
             "wall_seconds": self.train_seconds,
