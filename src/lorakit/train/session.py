@@ -558,7 +558,8 @@ def _plot(history: list[dict], path: Path) -> None:
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+        # base and final alone (no --eval-every): two markers, not a line that reads as a curve
+        ax.plot(*zip(*evals), "o-" if len(evals) > 2 else "o", label="eval loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy per token")
     ax.legend()
