@@ -274,3 +274,12 @@ def test_a_refused_path_in_the_cache_points_to_lorakit_cache(tmp_path, monkeypat
     assert "set LORAKIT_CACHE" in _path_fix(inside, "choose another path")
     elsewhere = OSError(errno.ENOTDIR, "Not a directory", str(tmp_path / "out"))
     assert _path_fix(elsewhere, "choose another path") == "choose another path"
+
+
+def test_version_prints_the_packages_version(capsys):
+    import lorakit
+    from lorakit.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0 and capsys.readouterr().out.strip() == f"lorakit {lorakit.__version__}"

@@ -44,6 +44,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         prog="lorakit",
         description="Fine-tune LLMs with LoRA and choose rank, alpha and target modules well.",
     )
+    from lorakit import __version__
+
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = _requested_command(argv)
     for name, module, help_text in COMMANDS:
