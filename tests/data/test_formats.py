@@ -262,6 +262,13 @@ def test_detect_format(row, expected):
     assert detect_format(ds([row])) == expected
 
 
+def test_the_detection_note_names_every_column_it_reads():
+    from lorakit.data.formats import _detect
+
+    assert _detect(["instruction", "input", "output"])[1].endswith("columns 'instruction', 'output', 'input'")
+    assert _detect(["instruction", "output"])[1].endswith("columns 'instruction', 'output'")
+
+
 def test_undetectable_columns_are_named():
     with pytest.raises(DataError, match=r"\['foo', 'bar'\]"):
         detect_format(ds([{"foo": "x", "bar": "y"}]))

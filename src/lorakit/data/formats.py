@@ -140,7 +140,9 @@ def _detect(columns: list[str]) -> tuple[str, str]:
             return "chat", f"auto-detected chat from column '{name}'"
     pair = _instruction_pair(columns)
     if pair:
-        return "instruction", f"auto-detected instruction from columns '{pair[0]}', '{pair[1]}'"
+        # Alpaca's optional `input` is added to the instruction (messages.py): name it when it is there
+        extra = ", 'input'" if pair[0] == "instruction" and "input" in columns else ""
+        return "instruction", f"auto-detected instruction from columns '{pair[0]}', '{pair[1]}'{extra}"
     if "text" in columns:
         return "text", "auto-detected text from column 'text'"
     raise DataError(
