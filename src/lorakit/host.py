@@ -140,30 +140,45 @@ def several_processes() -> bool:
     return False
 
 
+def usable_cores() -> list[int]:
+    """The cores this process may run on (its affinity: a container's or `taskset`'s share)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def cores_busy_elsewhere(interval: float = 0.25) -> float | None:
-    """Cores' worth of CPU time that other processes used over `interval` seconds (0.0 to the
-    machine's count), None where /proc/stat cannot be read."""
+    """Cores' worth of CPU time that other processes used over `interval` seconds on the cores
+    this process may run on (0.0 to their count), None where /proc/stat cannot be read."""
     import time
 
-    first, own_first = _cpu_jiffies(), os.times()
+    cores = usable_cores()
+    first, own_first = _cpu_jiffies(cores), os.times()
     time.sleep(interval)
-    second, own_second = _cpu_jiffies(), os.times()
-    if first is None or second is None or second[1] <= first[1]:
+    second, own_second = _cpu_jiffies(cores), os.times()
+    if first is None or second is None:
         return None
-    (busy_before, total_before), (busy_after, total_after) = first, second
-    cores = os.cpu_count() or 1
+    busy = 0.0
+    for core in cores:
+        (busy_before, total_before), (busy_after, total_after) = first[core], second[core]
+        if total_after > total_before:
+            busy += (busy_after - busy_before) / (total_after - total_before)
     own = (own_second.user + own_second.system) - (own_first.user + own_first.system)  # seconds
-    busy_fraction = (busy_after - busy_before) / (total_after - total_before)
-    return max(0.0, busy_fraction * cores - own / interval)
+    return max(0.0, busy - own / interval)
 
 
-def _cpu_jiffies() -> tuple[int, int] | None:
-    """(busy, total) clock ticks of all cores since boot, from the first line of /proc/stat."""
-    with contextlib.suppress(OSError, ValueError):
+def _cpu_jiffies(cores: list[int]) -> dict[int, tuple[int, int]] | None:
+    """{core: (busy, total) clock ticks since boot} from the per-core lines of /proc/stat."""
+    ticks = {}
+    with contextlib.suppress(OSError, ValueError, IndexError):
         with open("/proc/stat") as f:
-            fields = [int(value) for value in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]) - idle, sum(fields[:8])
+            for line in f:
+                name, *values = line.split()
+                if name.startswith("cpu") and name[3:].isdigit():
+                    fields = [int(value) for value in values[:8]]
+                    idle = fields[3] + fields[4]  # idle + iowait
+                    ticks[int(name[3:])] = (sum(fields) - idle, sum(fields))
+        return ticks if all(core in ticks for core in cores) else None
     return None
 
 

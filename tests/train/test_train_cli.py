@@ -190,6 +190,26 @@ def test_a_checkpoint_taken_mid_run_carries_the_training_time_so_far(tiny, tmp_p
     assert 0 < mid_run["train_seconds"] < final
 
 
+def test_resume_with_only_the_output_takes_no_run_action_and_no_batch_request_from_the_runs_file(tiny, tmp_path,
+                                                                                                capsys):
+    from lorakit.cli import build_parser
+    from lorakit.cli.train import resolve_args
+
+    out = tmp_path / "run"  # started with --overwrite, whose saved `overwrite: true` refused every --resume
+    assert main(train_args(tiny, out, "--max-steps", "4", "--save-every", "2", "--overwrite")) == 0
+    (out / "summary.json").unlink()
+    assert main(["train", "--output", str(out), "--resume", "--max-steps", "5"]) == 0
+    # a resume on other processes rewrites grad_accum in config.yaml: read back, it is no request
+    # to change the global batch (that doubled it when the run went back to its processes)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved["train"]["grad_accum"] = 2
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    config, _ = resolve_args(build_parser().parse_args(["train", "--output", str(out), "--resume"]))
+    assert config.train.grad_accum == 2 and config.sources["train.grad_accum"] == "the run's config.yaml"
+    config, _ = resolve_args(build_parser().parse_args(["train", "--output", str(out), "--resume", "--grad-accum", "3"]))
+    assert config.sources["train.grad_accum"] == "flag" and config.output.resume and not config.output.overwrite
+
+
 def test_resume_on_other_files_says_the_data_differs_not_that_the_files_are_the_same(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(tiny, out, "--max-steps", "4", "--save-every", "2")) == 0
@@ -587,9 +607,10 @@ def test_overwrite_replaces_a_file_or_a_dangling_link_where_the_adapter_goes(tin
     assert (out / "adapter").is_dir() and not (out / "checkpoints").is_symlink()
 
 
-@pytest.mark.parametrize("busy, threads_flag, notice", [(1.0, None, True), (0.2, None, False), (1.0, 2, False),
-                                                        (None, None, False)])
-def test_cores_busy_elsewhere_are_named_with_the_threads_to_pass(monkeypatch, busy, threads_flag, notice):
+@pytest.mark.parametrize("busy, threads_flag, threads, notice", [(1.0, None, 2, True), (0.2, None, 2, False),
+                                                                 (1.0, 2, 2, False), (None, None, 2, False),
+                                                                 (1.0, None, 1, False)])  # 1 thread: nothing to give up
+def test_cores_busy_elsewhere_are_named_with_the_threads_to_pass(monkeypatch, busy, threads_flag, threads, notice):
     import torch
 
     from lorakit import host
@@ -597,19 +618,29 @@ def test_cores_busy_elsewhere_are_named_with_the_threads_to_pass(monkeypatch, bu
     from lorakit.train import run
 
     monkeypatch.setattr(host, "cores_busy_elsewhere", lambda interval: busy)
-    monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    config = resolve(None, {"train.threads": threads_flag})
-    lines = run._busy_cores_notice(config, torch.device("cpu"))
+    monkeypatch.setattr(host, "usable_cores", lambda: [0, 1])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    lines = run._busy_cores_notice(resolve(None, {"train.threads": threads_flag}), torch.device("cpu"))
     assert bool(lines) == notice
-    assert not lines or "about 1.0 cores busy and torch runs 2 threads" in lines[0] and "--threads 1" in lines[0]
+    assert not lines or "about 1.0 of this process's 2 cores busy and torch runs 2 threads" in lines[0] \
+        and "--threads 1 " in lines[0]
 
 
-def test_busy_cores_are_measured_from_proc_stat():
+def test_busy_cores_count_the_cores_this_process_may_use_less_its_own_time(monkeypatch):
+    from types import SimpleNamespace
+
     from lorakit import host
 
-    busy = host.cores_busy_elsewhere(0.05)
-    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)
+    real = host._cpu_jiffies(host.usable_cores())  # this machine's /proc/stat, where there is one
+    assert real is None or all(0 <= busy <= total for busy, total in real.values())
+    # core 0 busy half the interval, core 1 all of it, core 2 (not ours) all of it; 0.05 s ours
+    samples = iter([{0: (0, 0), 1: (0, 0), 2: (0, 0)}, {0: (50, 100), 1: (100, 100), 2: (100, 100)}])
+    times = iter([SimpleNamespace(user=1.0, system=0.0), SimpleNamespace(user=1.05, system=0.0)])
+    monkeypatch.setattr(host, "_cpu_jiffies", lambda cores: next(samples))
+    monkeypatch.setattr(host.os, "times", lambda: next(times))
+    monkeypatch.setattr(host, "usable_cores", lambda: [0, 1])
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    assert host.cores_busy_elsewhere(0.1) == pytest.approx(1.5 - 0.5)
 
 
 def test_a_run_of_few_steps_from_its_epochs_says_so_and_points_to_recommend(tiny, tmp_path, capsys):

@@ -299,7 +299,7 @@ def estimated_step_bytes(config, fsdp: bool = False) -> int | None:
     from lorakit.plan.model_shapes import model_shape
 
     t, lora = config.train, config.lora
-    dtype = {"float32": "fp32", "float16": "fp16"}.get(config.model.dtype, "bf16")
+    dtype = "bfloat16" if config.model.dtype == "auto" else config.model.dtype  # auto: a GPU's bf16
     try:
         targets = lora.targets if lora.targets in ("all", "all-linear", "attention", "mlp", "qv") else "all-linear"
         shape = TrainShape(batch_size=t.batch_size, seq_len=config.data.seq_len, r=lora.r, targets=targets,

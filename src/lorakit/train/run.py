@@ -231,17 +231,18 @@ def _few_steps_notice(config: RunConfig, settings: LoopSettings) -> list[str]:
 
 
 def _busy_cores_notice(config: RunConfig, device: torch.device) -> list[str]:
-    """One line when other processes keep cores busy that torch's threads would share: each step
+    """One line when other processes keep busy the cores torch's threads would share: each step
     then waits for its slowest thread (the demo's steps, 2 threads on 2 cores with one kept busy
     elsewhere, took 3.2x as long as on idle cores, and 2x as long as with --threads 1)."""
     if device.type != "cpu" or config.train.threads or distributed.world_size() > 1:  # chosen, or ranks share cores
         return []
-    busy, threads = host.cores_busy_elsewhere(0.1), torch.get_num_threads()
-    free = len(os.sched_getaffinity(0)) - (busy or 0.0) if hasattr(os, "sched_getaffinity") else None
-    if busy is None or free is None or busy < 0.5 or threads <= free + 0.5:
+    busy, threads, cores = host.cores_busy_elsewhere(0.1), torch.get_num_threads(), len(host.usable_cores())
+    suggested = max(1, round(cores - busy)) if busy is not None else threads
+    if busy is None or busy < 0.5 or suggested >= threads:
         return []
-    return [f"other processes keep about {busy:.1f} cores busy and torch runs {threads} threads: each step waits for "
-            f"the busy cores (the demo's steps took twice as long as with fewer threads); pass --threads {max(1, round(free))} to use the free ones"]
+    return [f"other processes keep about {busy:.1f} of this process's {cores} cores busy and torch runs {threads} "
+            f"threads: each step waits for the busy cores (on 2 cores with one busy, steps took twice as long as "
+            f"with one thread); pass --threads {suggested} to use the free ones"]
 
 
 def _long_step_notice(settings: LoopSettings) -> list[str]:
