@@ -9,8 +9,8 @@ reader for every command.
   swapping (free memory plus reclaimable caches), None where there is no such file.
 - `reset_peak_rss` and `return_freed_memory`: so that a sweep's next point in the same process
   reads its own peak, starting from a small resident set.
-- `cores_busy_elsewhere`: how many of the machine's cores other processes keep busy now
-  (/proc/stat sampled twice, this process's own time taken out).
+- `usable_cores`, `cores_busy_elsewhere`: the cores this process may run on, and how many of
+  them other processes keep busy now (/proc/stat sampled twice, this process's own time out).
 """
 
 from __future__ import annotations

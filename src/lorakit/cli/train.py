@@ -48,23 +48,19 @@ def _demo_text() -> str:
 
 def resolve_args(args: argparse.Namespace):
     flags = {k: v for k, v in vars(args).items() if "." in k}
-    config_file = args.config_file or _resumed_run_config(flags)
-    yaml_values = load_yaml(config_file) if config_file else None
-    own = config_file is not None and not args.config_file  # the run's own config.yaml, for --resume
-    if own:  # how that run was started is no part of its settings: --overwrite there would refuse --resume
-        for key in RUN_ACTIONS:
-            yaml_values.get("output", {}).pop(key, None)
+    run_file = None if args.config_file else _resumed_run_config(flags)  # the run's own config.yaml
+    yaml_values = _run_settings(run_file) if run_file else load_yaml(args.config_file) if args.config_file else None
     demo = not flags.get("data.data") and not (yaml_values or {}).get("data", {}).get("data")
     demo_keys = _apply_demo(flags, yaml_values or {}) if demo else []
     config = resolve(yaml_values, flags)
     for key in demo_keys:  # resolve took them for flags
         config.sources[key] = "demo default"
-    if own and config.sources.get("train.grad_accum") == "config file":
+    if run_file and config.sources.get("train.grad_accum") == "config file":
         # the run's file holds the grad_accum a resume on other processes adjusted: not a request to
         # change the global batch (Session._global_batch_change keeps the checkpoint's)
         config.sources["train.grad_accum"] = "the run's config.yaml"
-    if own and os.environ.get("RANK", "0") == "0":
-        print(f"resume: the settings of {config_file} (the run's own); flags given replace them", flush=True)
+    if run_file and os.environ.get("RANK", "0") == "0":
+        print(f"resume: the settings of {run_file} (the run's own); flags given replace them", flush=True)
     return config, demo or _is_demo_data(config)
 
 
@@ -83,6 +79,15 @@ def _resumed_run_config(flags: dict) -> Path | None:
                                             else DEMO_DEFAULTS["output.output"])
     saved = Path(output) / "config.yaml"
     return saved if saved.is_file() else None
+
+
+def _run_settings(path: Path) -> dict:
+    """A run's config.yaml less what its command did (--resume, --overwrite, --dry-run): the
+    `overwrite: true` of a run started so would otherwise refuse every --resume."""
+    values = load_yaml(path)
+    for key in RUN_ACTIONS:
+        values.get("output", {}).pop(key, None)
+    return values
 
 
 def _is_demo_data(config) -> bool:
