@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -196,7 +195,7 @@ def _check_config_validates(path: Path) -> None:
         if "trust_remote_code" in text:
             raise ModelLoadError(f"{path}: the model needs its own code (auto_map), which lorakit does not run; pass "
                                  "a model of an architecture transformers has built in") from None
-        detail = text.splitlines()[0] if text else type(exc).__name__
+        detail = first_line(exc) or type(exc).__name__
         if "validation error" in detail and len(text.splitlines()) > 1:  # the validator's own words come last
             detail = text.splitlines()[-1].strip()
         raise ModelLoadError(f"{path} is not a config transformers accepts ({type(exc).__name__}: {detail}); "
@@ -380,8 +379,8 @@ def _refuse_a_classifier(source: ModelSource) -> None:
     if source.kind != "local":
         return
     try:
-        architectures = json.loads((Path(source.location) / "config.json").read_text(encoding="utf-8"))["architectures"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        architectures = read_json(Path(source.location) / "config.json")["architectures"]
+    except (OSError, ValueError, KeyError, TypeError):
         return  # the loader names an unreadable config itself
     if isinstance(architectures, list) and architectures and all(
             isinstance(a, str) and a.endswith(CLASSIFIER_SUFFIXES) for a in architectures):

@@ -49,7 +49,10 @@ def _demo_text() -> str:
 def resolve_args(args: argparse.Namespace):
     flags = {k: v for k, v in vars(args).items() if "." in k}
     run_file = None if args.config_file else _resumed_run_config(flags)  # the run's own config.yaml
-    yaml_values = _run_settings(run_file) if run_file else load_yaml(args.config_file) if args.config_file else None
+    if run_file:
+        yaml_values = _run_settings(run_file)
+    else:
+        yaml_values = load_yaml(args.config_file) if args.config_file else None
     demo = not flags.get("data.data") and not (yaml_values or {}).get("data", {}).get("data")
     demo_keys = _apply_demo(flags, yaml_values or {}) if demo else []
     config = resolve(yaml_values, flags)
