@@ -94,6 +94,16 @@ def test_generate_and_eval_take_the_threads_asked_for(trained, monkeypatch, comm
     assert threads == [1]
 
 
+@pytest.mark.parametrize("command, value", [("generate", "0"), ("eval", "two")])
+def test_a_bad_thread_count_is_one_line_and_exit_2(capsys, command, value):
+    rest = ["--data", "d.jsonl"] if command == "eval" else ["hello"]
+    with pytest.raises(SystemExit) as stopped:  # argparse's own exit, as for every flag it refuses
+        main([command, "--adapter", "a", "--threads", value, *rest])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert f"argument --threads: {value!r} is not a thread count" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "gptj"])
 def test_generate_refuses_more_tokens_than_a_position_table_holds(tmp_path, capsys, arch):
     """GPT-2's positions are a table of n_positions rows, GPT-J's precomputed sin/cos too: a longer
