@@ -153,6 +153,24 @@ def test_generate_takes_the_system_turn_the_data_was_trained_with(trained, monke
     assert seen == [tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
+def test_generate_answers_under_the_system_turn_the_adapter_was_trained_with(tmp_path, capsys, monkeypatch):
+    model = save_tiny_chat_model(tmp_path / "model")
+    records = [{"messages": [{"role": "system", "content": "Answer as a pirate."},
+                             {"role": "user", "content": f"Define the word {w}."},
+                             {"role": "assistant", "content": f"{w}: a short definition"}]} for w in ("apple", "river") * 4]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["train", "--model", str(model), "--data", str(tmp_path / "chats.jsonl"), "--output", str(tmp_path / "run"),
+                 "--max-steps", "1", "--batch-size", "2", "--seq-len", "64", "--r", "4", "--eval-split", "0"]) == 0
+    seen = []
+    monkeypatch.setattr("lorakit.generate.generate_text", lambda *args, system=None, **kw: seen.append(system))
+    for flags in ([], ["--system", "Be brief."], ["--system", ""]):
+        capsys.readouterr()
+        assert main(["generate", "--adapter", str(tmp_path / "run" / "adapter"), *flags, "Define the word stone."]) == 0
+        told = "system turn: the one all its training records opened with ('Answer as a pirate.')" in capsys.readouterr().err
+        assert told == (flags == [])
+    assert seen == ["Answer as a pirate.", "Be brief.", ""]  # "": the chat template's own
+
+
 def test_a_template_that_refuses_a_system_turn_is_one_clear_error():
     from lorakit.data.formats import generation_prompt_ids
     from lorakit.errors import ConfigError

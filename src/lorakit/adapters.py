@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.lora.adapter_folder import FINGERPRINT_KEY, read_adapter_config
+from lorakit.lora.adapter_folder import FINGERPRINT_KEY, SYSTEM_TURN_KEY, read_adapter_config
 from lorakit.lora.io import attach_adapter, base_rewriting_init, check_fingerprint, read_adapter
 from lorakit.lora.model import CONFIG_ATTR, base_fingerprint, remove_lora
 
@@ -77,6 +77,10 @@ class AdapterSet:
                        allow_other_base=self.allow_other_base)
         self.active = name
         return self.model
+
+    def system_turn(self) -> str | None:
+        """The system turn the active adapter's training records all opened with, if it saved one."""
+        return None if self.active is None else self._adapters[self.active].metadata.get(SYSTEM_TURN_KEY)
 
     def deactivate(self) -> nn.Module:
         if self.active is not None:

@@ -157,6 +157,35 @@ def test_sharegpt_conversations_and_system_column(chatml, plain):
         "<s>### System:\nsys\n\n### User:\nhi\n\n### Assistant:\n[[hello</s>]]")
 
 
+def _chat(system, question="hi", answer="hello"):
+    turns = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": ([{"role": "system", "content": system}] if system is not None else []) + turns}
+
+
+def test_the_system_turn_every_record_opens_with_is_kept(chatml, tmp_path):
+    assert tokenize_records(ds([_chat("Be brief."), _chat("Be brief.", "what")]), chatml).system_turn == "Be brief."
+    assert tokenize_records(ds([_chat("Be brief."), _chat("Be long.")]), chatml).system_turn is None
+    assert tokenize_records(ds([_chat("Be brief."), _chat(None)]), chatml).system_turn is None
+    assert tokenize_records(ds([_chat(None), _chat(None)]), chatml).system_turn is None
+    assert tokenize_records(ds([_chat(" "), _chat(" ")]), chatml).system_turn is None  # empty: the template's own
+    pairs = [{"instruction": "hi", "output": "hello", "system": "Answer as a pirate."}] * 2
+    assert tokenize_records(ds(pairs), chatml).system_turn == "Answer as a pirate."  # the system column
+    assert tokenize_records(ds([{"text": "hello world"}] * 2), chatml).system_turn is None
+    for name, system in (("a.jsonl", "Be brief."), ("b.jsonl", "Be brief.")):  # across files
+        (tmp_path / name).write_text(json.dumps(_chat(system)) + "\n")
+    assert tokenize_records(read_records([tmp_path / "a.jsonl", tmp_path / "b.jsonl"]), chatml).system_turn == "Be brief."
+    (tmp_path / "b.jsonl").write_text(json.dumps(_chat("Be long.")) + "\n")
+    assert tokenize_records(read_records([tmp_path / "a.jsonl", tmp_path / "b.jsonl"]), chatml).system_turn is None
+
+
+def test_a_dropped_record_neither_gives_nor_breaks_the_shared_system_turn(chatml):
+    untrainable = _chat("Something else.", question="what is the answer " * 40)  # cut before its answer: dropped
+    tokenized = tokenize_records(ds([untrainable, _chat("Be brief."), _chat("Be brief.")]), chatml, seq_len=64)
+    assert tokenized.stats.dropped == 1 and tokenized.system_turn == "Be brief."
+    train, held_out = split_eval(tokenized, 1, seed=0)
+    assert train.system_turn == held_out.system_turn == "Be brief."
+
+
 class _SlowView:
     """The chatml tokenizer seen as a slow one (no offsets), to test the other masking path."""
 

@@ -7,6 +7,7 @@ once and the adapters are switched in place.
 from __future__ import annotations
 
 import argparse
+import sys
 
 MIN_TEMPERATURE = 1e-4  # logits / t must stay finite in fp32 and bf16 for the sampler
 
@@ -24,7 +25,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--system", metavar="TEXT",
-                   help="the system turn, as in the training data's system prompt (default: the chat template's own)")
+                   help="the system turn (default: the one the adapter's training records all opened with, "
+                        "else the chat template's own; \"\" for the template's own)")
     p.add_argument("--raw", action="store_true", help="continue raw text instead of a chat turn")
     p.add_argument("--allow-other-base", action="store_true", help="load an adapter made for another base model")
     add_placement_flags(p)
@@ -56,12 +58,26 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = inference_placement(args.device, args.dtype)
     model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for(args.adapter), dtype=dtype, device=device,
                                                    allow_pickle=args.allow_pickle)
+    system = args.system
     if args.adapter:
         adapters = AdapterSet(model, allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle)
         for path in args.adapter:
             adapters.add(path)
         adapters.activate(args.use or adapters.names[0])
+        if system is None and not args.raw:
+            system = _trained_system_turn(adapters)
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, stream=True, raw=args.raw,
-                  system=args.system)
+                  system=system)
     return 0
+
+
+def _trained_system_turn(adapters) -> str | None:
+    """The system turn the adapter was trained under, said on stderr: answering without it would
+    ask the adapter something other than what it learned."""
+    saved = adapters.system_turn()
+    if saved:
+        shown = saved if len(saved) <= 60 else saved[:57] + "..."
+        print(f"system turn: the one all its training records opened with ({shown!r}); --system TEXT for "
+              "another, --system \"\" for the chat template's own", file=sys.stderr)
+    return saved
 

@@ -42,12 +42,14 @@ class DataStats:
 @dataclass
 class TokenizedData:
     """Columns: input_ids, labels (-100 = not trained), length, num_labels, truncated, top_id (the
-    largest token id), record (the number of the record an example came from: a long text gives several)."""
+    largest token id), record (the number of the record an example came from: a long text gives several),
+    system (a digest of its record's system turn, '' for none)."""
 
     dataset: datasets.Dataset
     format: str
     stats: DataStats
     known_lengths: np.ndarray | None = field(default=None, repr=False, compare=False)
+    system_turn: str | None = None  # the system turn every record opens with, when they share one
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -175,11 +177,11 @@ def _subset(tok: TokenizedData, columns: dict[str, np.ndarray], indices: np.ndar
     mine = {name: values[indices] for name, values in columns.items()}
     if not reads_for_the_whole:
         return TokenizedData(ds, tok.format, compute_stats(mine, tok.format, whole.format_note, whole.seq_len),
-                             mine["length"])
+                             mine["length"], tok.system_turn)
     moved = len(np.unique(columns["record"])) - len(np.unique(mine["record"]))  # to the other part
     cut_moved = int(columns["truncated"].sum() - mine["truncated"].sum())
     read = ReadFigures(records=whole.records - moved, dropped=whole.dropped, dropped_cut=whole.dropped_cut,
                        truncated=whole.truncated - cut_moved, split=int((np.bincount(mine["record"]) > 1).sum()))
     stats = compute_stats(mine, tok.format, whole.format_note, whole.seq_len, read)
     stats.warnings += [w for w in whole.warnings if w == NO_EOS_WARNING]
-    return TokenizedData(ds, tok.format, stats, mine["length"])
+    return TokenizedData(ds, tok.format, stats, mine["length"], tok.system_turn)

@@ -75,7 +75,7 @@ CHAT_COLUMNS = ("messages", "conversations")
 TOKENIZE_REVISION = 4  # bump when the tokenised output changes, to invalidate datasets' cache (2: the straddling
 # answer token trained; slow tokenizers place spans by decoding; 3: no whitespace after an end-of-turn token;
 # 4: long texts split, a record column; the top_id column needed no bump: the cache key's digest
-# of the encoding code re-tokenises, and resumes see the same examples)
+# of the encoding code re-tokenises, and resumes see the same examples; nor did the system column)
 
 # Newlines are Jinja string literals because HF compiles templates with trim_blocks=True.
 FALLBACK_CHAT_TEMPLATE = (
@@ -325,16 +325,46 @@ def _encode_batch(batch: dict[str, list], indices: list[int], enc: _Encoder, fir
     indices = [first + i for i in indices]
     if enc.fmt == "text":
         texts = [field_text(row, "text", i, enc) for row, i in zip(rows, indices)]
-        pairs = [(record, piece, list(piece)) for record, ids in zip(indices, _encode_texts(texts, enc.tokenizer))
+        pairs = [(record, piece, list(piece), "") for record, ids in zip(indices, _encode_texts(texts, enc.tokenizer))
                  for piece in _text_pieces(ids, enc.seq_len)]
     else:
-        to_messages = chat_messages if enc.fmt == "chat" else instruction_messages
-        pairs = [(i, *_encode_messages(to_messages(row, i, enc), i, enc)) for row, i in zip(rows, indices)]
-    out: dict[str, list] = {k: [] for k in (*EXAMPLE_COLUMNS, "record")}
-    for record, ids, labels in pairs:
-        for key, value in {**_finish(ids, labels, enc.seq_len), "record": record}.items():
+        chats = [(i, _record_messages(row, i, enc)) for row, i in zip(rows, indices)]
+        pairs = [(i, *_encode_messages(messages, i, enc), _system_digest(messages)) for i, messages in chats]
+    out: dict[str, list] = {k: [] for k in (*EXAMPLE_COLUMNS, "record", "system")}
+    for record, ids, labels, system in pairs:
+        for key, value in {**_finish(ids, labels, enc.seq_len), "record": record, "system": system}.items():
             out[key].append(value)
     return out
+
+
+def _record_messages(row: dict, index: int, enc: _Encoder) -> list[dict]:
+    return (chat_messages if enc.fmt == "chat" else instruction_messages)(row, index, enc)
+
+
+def _system_digest(messages: list[dict]) -> str:
+    """A digest of the record's system turn, '' when it has none: the examples' column of them says
+    whether every record shares one (a column of the texts could repeat a long prompt a million times)."""
+    if messages and messages[0]["role"] == "system" and messages[0]["content"].strip():
+        return hashlib.sha256(messages[0]["content"].encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return ""
+
+
+def _shared_system_turn(kept: datasets.Dataset, records: RecordSet, enc: _Encoder) -> str | None:
+    """The system turn every kept example's record opens with, when they all share one (None when
+    they differ or have none): generate answers with it unless told otherwise."""
+    if enc.fmt == "text" or len(kept.unique("system")) != 1 or not kept[0]["system"]:
+        return None
+    index = row = int(kept[0]["record"])
+    for part in records.parts:  # the record's file, and its row there
+        if row < len(part):
+            break
+        row -= len(part)
+    text = _record_messages(part[row], index, enc)[0]["content"]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (a JSON "\\ud800" escape): the metadata could not hold it
+        return None
+    return text
 
 
 def _text_pieces(ids: list[int], seq_len: int) -> list[list[int]]:
@@ -380,7 +410,9 @@ def tokenize_records(
                                    with_indices=True, remove_columns=part.column_names, num_proc=num_proc,
                                    desc=f"Tokenizing ({fmt})"))
         first += len(part)
-    return _keep_trainable(datasets.concatenate_datasets(mapped) if len(mapped) > 1 else mapped[0], enc, note)
+    tokenized = _keep_trainable(datasets.concatenate_datasets(mapped) if len(mapped) > 1 else mapped[0], enc, note)
+    tokenized.system_turn = _shared_system_turn(tokenized.dataset, records, enc)
+    return tokenized
 
 
 def _keep_trainable(mapped: datasets.Dataset, enc: _Encoder, note: str) -> TokenizedData:

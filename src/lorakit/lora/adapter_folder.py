@@ -49,6 +49,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILES = ("adapter_model.bin", "adapter_model.pt")
 PEFT_PREFIX = "base_model.model."
 FINGERPRINT_KEY = "lorakit_base_fingerprint"
+# the system turn every training record opened with (generate's default for --system)
+SYSTEM_TURN_KEY = "lorakit_system_turn"
 # a PiSSA adapter is saved as rank 2r against the original base (lora/io.py); this records the r it trained with
 PISSA_RANK_KEY = "lorakit_pissa_trained_r"
 PEFT_DEFAULT_R = 8
@@ -109,6 +111,12 @@ class Adapter:
     def base_fingerprint(self) -> str | None:
         """The fingerprint of the base lorakit trained on (None: saved by another tool)."""
         return self.metadata.get(FINGERPRINT_KEY)
+
+    @property
+    def system_turn(self) -> str | None:
+        """The system turn all its training records shared (None: they had none or several, or
+        another tool saved it)."""
+        return self.metadata.get(SYSTEM_TURN_KEY)
 
     def uses_rslora(self) -> bool:
         return bool(self.config.get("use_rslora", False))

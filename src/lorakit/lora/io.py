@@ -33,6 +33,7 @@ from lorakit.lora.adapter_folder import (
     CONFIG_FILE,
     FINGERPRINT_KEY,
     PISSA_RANK_KEY,
+    SYSTEM_TURN_KEY,
     WEIGHTS_FILE,
     Adapter,
     adapter_from_memory,
@@ -162,8 +163,10 @@ def _task_type(model: nn.Module) -> str | None:
 
 
 @on_the_compiled_model
-def save_adapter(model: nn.Module, path: str | Path, base_model_name: str | None = None) -> Path:
-    """Write the adapter folder. Each file is written atomically."""
+def save_adapter(model: nn.Module, path: str | Path, base_model_name: str | None = None,
+                 system_turn: str | None = None) -> Path:
+    """Write the adapter folder. Each file is written atomically. ``system_turn``: the one every
+    training record opened with, kept in the weights' metadata for generate."""
     if not hasattr(model, CONFIG_ATTR):
         raise AdapterFileError("this model has no LoRA adapters to save; call apply_lora or load_adapter first")
     refuse_meta_tensors(model, "save its adapter")
@@ -175,6 +178,8 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name: str | None
                 "lorakit_version": _version()}
     if any(layer.init == "pissa" for _, layer in lora_layers(model)):
         metadata[PISSA_RANK_KEY] = str(getattr(model, CONFIG_ATTR).r)
+    if system_turn:
+        metadata[SYSTEM_TURN_KEY] = system_turn
     atomic_save_safetensors(path / WEIGHTS_FILE, adapter_state_dict(model), metadata)
     atomic_write_json(path / CONFIG_FILE, adapter_config_dict(model, base_model_name))
     return path

@@ -65,6 +65,9 @@ def print_dry_run(prepared) -> None:
                   f"tokens {stats.total_tokens:,}, trained tokens {stats.label_tokens:,} "
                   f"({100 * (1 - stats.masked_fraction):.1f}%), length min/mean/max "
                   f"{stats.length_min}/{stats.length_mean:.0f}/{stats.length_max}")
+    if prepared.train.system_turn:
+        console.print(f"  every record opens with the same system turn: the adapter keeps it, and generate answers "
+                      f"under it by default", markup=False, highlight=False)
     modules = [name for name, _ in lora_layers(prepared.model)]
     console.print(f"\n[bold]adapted modules[/bold] ({len(modules)}): {', '.join(modules[:8])}"
                   f"{' ...' if len(modules) > 8 else ''}")

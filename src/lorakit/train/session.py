@@ -353,7 +353,8 @@ class Session:
         release_workspace()  # the loss's CPU buffers: no more loss in this run
         with distributed.whole_trainable(self.prepared.model):  # sharded adapters gathered on every rank
             if distributed.is_main():
-                save_adapter(self.prepared.model, self.out / "adapter", base_model_name=_base_name(self.prepared))
+                save_adapter(self.prepared.model, self.out / "adapter", base_model_name=_base_name(self.prepared),
+                             system_turn=self.prepared.train.system_turn)
         peak = self.gather_peak_bytes()  # every rank: the highest of theirs
         if not distributed.is_main():
             return RunResult({}, self.out, None, self.history)
