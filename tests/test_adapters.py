@@ -8,7 +8,7 @@ import torch
 from lorakit import LoraConfig, apply_lora, save_adapter
 from lorakit.adapters import AdapterSet
 from lorakit.cli import main
-from lorakit.errors import AdapterMismatchError, ConfigError
+from lorakit.errors import AdapterMismatchError, ConfigError, LorakitError
 
 from tiny_models import randomize_lora, save_tiny_chat_model, tiny_llama, write_define_data
 
@@ -221,6 +221,36 @@ def test_eval_reports_base_and_adapter(trained, capsys):
     assert result["adapter_loss"] < result["base_loss"] and result["tokens"] > 0
 
 
+def test_every_command_that_reads_an_adapter_takes_a_training_runs_folder_for_it(trained, tmp_path, capsys):
+    model, data, adapter = trained
+    run = adapter.parent
+    results = []
+    for folder in (adapter, run):
+        assert main(["eval", "--adapter", str(folder), "--model", str(model), "--data", str(data), "--seq-len", "64",
+                     "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out)["adapter_loss"])
+    assert results[0] == results[1]
+    assert main(["generate", "--adapter", str(run), "--model", str(model), "--max-new-tokens", "2", "--use",
+                 run.name, "hi"]) == 0
+    assert main(["export", "--adapter", str(run), "--format", "vllm", "--output", str(tmp_path / "vllm")]) == 0
+    assert (tmp_path / "vllm" / "adapter_model.safetensors").is_file()
+    assert main(["merge", "--adapter", str(run), "--model", str(model), "--output", str(tmp_path / "merged")]) == 0
+    before, _ = sorted(p.name for p in adapter.iterdir()), capsys.readouterr()
+    assert main(["analyze", str(run), "--json"]) == 0  # a run's heatmap goes beside its loss.png
+    assert json.loads(capsys.readouterr().out)["heatmap"] == str(run / "effective_rank.png")
+    assert sorted(p.name for p in adapter.iterdir()) == before  # the adapter folder is left as trained
+    for command in (["eval", "--data", str(data)], ["merge", "--output", str(tmp_path / "m2")], ["analyze"],
+                    ["export", "--format", "vllm", "--output", str(tmp_path / "v2")], ["generate", "hi"]):
+        with pytest.raises(SystemExit) as stop:  # argparse's error, not "." taken for the adapter
+            main([*command, "--adapter", ""])
+        assert stop.value.code == 2 and "--adapter is empty" in capsys.readouterr().err
+    assert main(["analyze", ""]) == 2 and "the adapter folder is empty" in capsys.readouterr().err
+    from lorakit.lora.adapter_folder import read_adapter_folder
+
+    with pytest.raises(LorakitError, match=f"this looks like a training run's folder: pass its adapter, {adapter}"):
+        read_adapter_folder(run)  # the library reads what it is given
+
+
 @pytest.mark.parametrize("flags, message", [(["--seq-len", "1"], "--seq-len must be at least 2"),
                                            (["--batch-size", "0"], "--batch-size must be at least 1")])
 def test_eval_refuses_sizes_it_cannot_run_before_loading(capsys, flags, message):
@@ -300,15 +330,11 @@ def test_eval_and_generate_load_the_base_as_train_does(monkeypatch, capsys, comm
 
 
 @pytest.mark.parametrize("command", ["generate", "analyze", "merge"])
-def test_a_run_folder_given_as_the_adapter_is_pointed_to_its_adapter(trained, tmp_path, capsys, command):
+def test_a_checkpoint_given_as_the_adapter_is_pointed_to_the_runs_adapter(trained, tmp_path, capsys, command):
     _, _, adapter = trained
-    run = adapter.parent
-    argv = {"generate": ["generate", "--adapter", str(run), "hello"], "analyze": ["analyze", str(run)],
-            "merge": ["merge", "--adapter", str(run), "--output", str(tmp_path / "m")]}[command]
-    assert main(argv) == 2
-    assert f"this looks like a training run's folder: pass its adapter, {adapter}" in capsys.readouterr().err
-    checkpoint = next((run / "checkpoints").iterdir())  # the training state: for --resume
-    argv = [str(checkpoint) if part == str(run) else part for part in argv]
+    checkpoint = next((adapter.parent / "checkpoints").iterdir())  # the training state: for --resume
+    argv = {"generate": ["generate", "--adapter", str(checkpoint), "hello"], "analyze": ["analyze", str(checkpoint)],
+            "merge": ["merge", "--adapter", str(checkpoint), "--output", str(tmp_path / "m")]}[command]
     assert main(argv) == 2
     assert (f"this is a training checkpoint (for --resume), not an adapter folder: pass the run's adapter, {adapter}"
             in capsys.readouterr().err)

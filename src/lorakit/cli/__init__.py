@@ -78,7 +78,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-EMPTY_ALLOWED = {"system"}  # generate --system "": an empty system turn is a choice
+EMPTY_ALLOWED = {"system"}  # generate --system "": the chat template's own system turn, a choice
 
 
 def _empty_option(command: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:

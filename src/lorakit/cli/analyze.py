@@ -22,15 +22,19 @@ r = the next power of two >= k95 (at least 4); "saturated" when k95 >= 3/4 of r.
 
 
 def register(subparsers, name: str, help_text: str) -> None:
+    from lorakit.lora.adapter_folder import adapter_or_run_folder
+
     p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION)
-    p.add_argument("adapter", type=Path, metavar="ADAPTER_DIR", nargs="?",
-                   help="adapter folder (adapter_config.json + adapter_model.safetensors), lorakit's or PEFT's")
-    p.add_argument("--adapter", type=Path, dest="adapter_flag", metavar="DIR",
+    p.add_argument("adapter", type=adapter_or_run_folder, metavar="ADAPTER_DIR", nargs="?",
+                   help="adapter folder (adapter_config.json + adapter_model.safetensors), lorakit's or PEFT's, "
+                        "or a training run's folder for its adapter")
+    p.add_argument("--adapter", type=adapter_or_run_folder, dest="adapter_flag", metavar="DIR",
                    help="the same, spelled as the other commands take it")
     p.add_argument("--energy", default="0.9,0.99",
                    help="energy levels, comma-separated fractions; the first drives the heatmap and verdict")
     p.add_argument("--heatmap", type=Path, default=None,
-                   help="where to write the PNG (default: ADAPTER_DIR/effective_rank.png)")
+                   help="where to write the PNG (default: effective_rank.png in the training run's folder, for a run's "
+                        "adapter, else in ADAPTER_DIR)")
     p.add_argument("--no-heatmap", action="store_true", help="do not write the heatmap")
     p.add_argument("--top", type=int, default=15, help="modules listed in the table (highest rank first)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -68,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _one_adapter(args: argparse.Namespace) -> Path:
+    if args.adapter == "":  # the flag's empty value is refused with the others' (cli.main)
+        raise ConfigError("the adapter folder is empty; pass its path: lorakit analyze runs/NAME/adapter")
     if args.adapter is not None and args.adapter_flag is not None and args.adapter != args.adapter_flag:
         raise ConfigError(f"two adapters given ({args.adapter} and --adapter {args.adapter_flag}); analyze reads one")
     if args.adapter is None and args.adapter_flag is None:
@@ -75,12 +81,21 @@ def _one_adapter(args: argparse.Namespace) -> Path:
     return args.adapter if args.adapter is not None else args.adapter_flag
 
 
+def _default_heatmap(adapter: Path) -> Path:
+    """A training run's adapter: its run folder, beside loss.png (the adapter folder stays what
+    export and PEFT read); any other adapter: its own folder."""
+    run = adapter.parent
+    if adapter.name == "adapter" and (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file():
+        return run / "effective_rank.png"
+    return adapter / "effective_rank.png"
+
+
 def _heatmap_target(args: argparse.Namespace) -> Path:
     """Where the heatmap goes, checked before the analysis runs."""
     from lorakit.plan.analyze import HEATMAP_MAKER
     from lorakit.safe_io import figure_made_by
 
-    target = args.heatmap or args.adapter / "effective_rank.png"
+    target = args.heatmap or _default_heatmap(args.adapter)
     if target.suffix.lower() != ".png":
         raise ConfigError(f"--heatmap {target} must end in .png (it is a PNG image)")
     if target.exists() and not figure_made_by(target, HEATMAP_MAKER):  # the default path too: a file of the user's

@@ -9,10 +9,13 @@ from lorakit.config import DATA_FORMATS
 
 
 def register(subparsers, name: str, help_text: str) -> None:
+    from lorakit.lora.adapter_folder import adapter_or_run_folder
+
     from lorakit.cli.placement import add_placement_flags
 
     p = subparsers.add_parser(name, help=help_text, description=__doc__)
-    p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter folder (PEFT format)")
+    p.add_argument("--adapter", required=True, metavar="DIR", type=adapter_or_run_folder,
+                   help="the adapter folder (PEFT format), or a training run's folder for its adapter")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="data files to score, read as lorakit train reads them")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="data format")

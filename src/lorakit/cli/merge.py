@@ -16,7 +16,10 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter folder (PEFT format)")
+    from lorakit.lora.adapter_folder import adapter_or_run_folder
+
+    p.add_argument("--adapter", required=True, metavar="DIR", type=adapter_or_run_folder,
+                   help="the adapter folder (PEFT format), or a training run's folder for its adapter")
     p.add_argument("--output", required=True, metavar="DIR", help="the merged model's new folder")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--dtype", default=None, choices=[d for d in DTYPES if d != "auto"],

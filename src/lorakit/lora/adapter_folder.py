@@ -184,6 +184,19 @@ def read_adapter_config(folder: Path) -> dict:
     return config
 
 
+def adapter_or_run_folder(path: str | Path) -> Path | str:
+    """The adapter folder a command was given: a training run's folder (runs/NAME) stands for its
+    adapter (runs/NAME/adapter), what users type after `lorakit train --output runs/NAME`. An empty
+    path stays the empty string, for the command line's check of empty flags (Path("") is ".")."""
+    if path == "":
+        return path
+    folder = Path(path)
+    inside = folder / "adapter"
+    if not (folder / CONFIG_FILE).exists() and (inside / CONFIG_FILE).is_file():
+        return inside
+    return folder
+
+
 def missing_config_hint(folder: Path) -> str:
     """What to pass instead of a folder without adapter_config.json: a run folder's adapter."""
     folder = Path(folder)
