@@ -92,6 +92,35 @@ def test_changed_settings_need_overwrite(base_config, tmp_path, capsys):
     assert json.loads((out / "points" / "r2-a4-qv" / "summary.json").read_text())["steps"] == 2
 
 
+@pytest.fixture
+def torch_threads_restored():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_threads_reach_every_point_and_do_not_count_as_another_setting(base_config, tmp_path, capsys,
+                                                                      torch_threads_restored):
+    import torch
+
+    out = tmp_path / "sweep"
+    args = ["sweep", str(base_config), "--r", "2", "--targets", "qv", "--max-steps", "1", "--output", str(out)]
+    assert main(args + ["--threads", "1"]) == 0 and torch.get_num_threads() == 1
+    marker = out / "points" / "r2-a4-qv" / "point.json"
+    settings = json.loads(marker.read_text())
+    assert "threads" not in settings["train"]
+    settings["train"]["threads"] = 1  # as an older lorakit wrote it
+    marker.write_text(json.dumps(settings))
+    capsys.readouterr()
+    assert main(args + ["--threads", "2"]) == 0
+    assert "reusing finished point r2-a4-qv" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(args + ["--threads", "0"])
+    assert "is not a thread count" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damaged, edit", [("point.json", None), ("summary.json", None),
                                            ("summary.json", {"final_eval_loss": "x"}),
                                            ("summary.json", {"wall_seconds": None})])

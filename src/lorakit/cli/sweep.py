@@ -16,6 +16,8 @@ from pathlib import Path
 
 
 def register(subparsers, name: str, help_text: str) -> None:
+    from lorakit.cli.placement import thread_count
+
     p = subparsers.add_parser(name, help=help_text, description=__doc__)
     p.add_argument("config_file", metavar="CONFIG.yaml", help="the base training config (e.g. from `lorakit recommend`)")
     p.add_argument("--r", default="4,16,64", help="ranks, comma-separated")
@@ -24,6 +26,9 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--rslora", default="off", choices=["off", "on", "both"], help="rsLoRA scaling")
     p.add_argument("--max-steps", type=int, help="optimizer steps per point (default: train.max_steps of the config)")
     p.add_argument("--output", metavar="DIR", help="sweep folder (default: runs/sweep-<config name>)")
+    p.add_argument("--threads", type=thread_count, metavar="N",
+                   help="CPU threads for torch in every point (default: the config's train.threads, else torch's "
+                        "choice); a finished point is reused whatever its threads were")
     p.add_argument("--overwrite", action="store_true", help="retrain finished points whose settings changed, and stopped points from their start")
     p.add_argument("--json", action="store_true", help="print sweep.json")
     p.set_defaults(func=run)
@@ -38,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-steps must be at least 1, got {args.max_steps}")
     output = args.output or f"runs/sweep-{Path(args.config_file).stem}"
     log = (lambda text: print(text, file=sys.stderr)) if args.json else print
-    report = run_sweep(args.config_file, grid, args.max_steps, output, args.overwrite, log)
+    report = run_sweep(args.config_file, grid, args.max_steps, output, args.overwrite, log, args.threads)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -165,18 +165,30 @@ def base_values(config_path: str | Path) -> dict[str, dict]:
     return values
 
 
-def point_config(values: dict[str, dict], point: SweepPoint, max_steps: int, folder: Path) -> RunConfig:
-    """The YAML's config with the point's LoRA values, --max-steps and the point's folder."""
+def point_config(values: dict[str, dict], point: SweepPoint, max_steps: int, folder: Path,
+                 threads: int | None = None) -> RunConfig:
+    """The YAML's config with the point's LoRA values, --max-steps, --threads and the point's folder."""
     merged = {section: dict(entries) for section, entries in values.items()}
     merged.setdefault("lora", {}).update(r=point.r, alpha=point.alpha, targets=point.targets, rslora=point.rslora)
     merged.setdefault("train", {})["max_steps"] = max_steps
+    if threads is not None:
+        merged["train"]["threads"] = threads
     merged.setdefault("output", {}).update(output=str(folder), resume=False, overwrite=False, dry_run=False)
     return resolve(merged, {})
 
 
 def requested(config: RunConfig) -> dict:
-    """What decides a point's result: everything but the output section."""
-    return {k: v for k, v in config.to_dict().items() if k != "output"}
+    """What decides a point's result: everything but the output section and the CPU threads."""
+    return _decisive(config.to_dict())
+
+
+def _decisive(settings: dict) -> dict:
+    """A point's settings less where and how fast it ran (a point.json of an older lorakit holds
+    the threads too): a sweep rerun with other --threads reuses its finished points."""
+    kept = {k: v for k, v in settings.items() if k != "output"}
+    if isinstance(kept.get("train"), dict):
+        kept["train"] = {k: v for k, v in kept["train"].items() if k != "threads"}
+    return kept
 
 
 def finished_summary(folder: Path, config: RunConfig, overwrite: bool) -> dict | None:
@@ -187,7 +199,7 @@ def finished_summary(folder: Path, config: RunConfig, overwrite: bool) -> dict |
     saved, result = _json_or_none(marker), _summary_or_none(summary)
     if result is None or (marker.is_file() and saved is None):  # damaged (a kill, a full disk, an edit): train again
         return None
-    if saved == requested(config):
+    if saved is not None and _decisive(saved) == requested(config):
         return result
     if overwrite:
         return None
@@ -250,7 +262,8 @@ def _stopped_with_a_checkpoint(folder: Path, marker: dict) -> bool:
     """A point of these very settings that was stopped (or killed) after a checkpoint."""
     from lorakit.train import checkpoint as ckpt
 
-    if _json_or_none(folder / "point.json") != marker:
+    saved = _json_or_none(folder / "point.json")
+    if saved is None or _decisive(saved) != marker:
         return False
     return ckpt.find_latest_valid(folder / "checkpoints", clean=False) is not None
 
@@ -315,7 +328,7 @@ def find_guide(points: list[SweepPoint], task: str) -> SweepPoint | None:
 
 
 def run_sweep(config_path: str | Path, grid: Grid, max_steps: int | None, output: str | Path,
-              overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+              overwrite: bool = False, log: Callable[[str], None] = print, threads: int | None = None) -> dict:
     """Train (or reuse) every point, then write sweep.json and sweep.png. Returns sweep.json
     (its "interrupted" names the signal when a point was stopped)."""
     values = base_values(config_path)
@@ -325,7 +338,7 @@ def run_sweep(config_path: str | Path, grid: Grid, max_steps: int | None, output
     out, points = Path(output), grid.points()
     if out.exists() and not out.is_dir():  # before any point trains
         raise OutputError(f"--output {out} is a file; choose a folder path for the sweep")
-    configs = {p.slug: point_config(values, p, int(max_steps), out / "points" / p.slug) for p in points}
+    configs = {p.slug: point_config(values, p, int(max_steps), out / "points" / p.slug, threads) for p in points}
     check_targets(next(iter(configs.values())), points)
     task = next(iter(configs.values())).lora.task
     results: dict[str, dict] = {}
