@@ -650,3 +650,21 @@ def test_a_run_of_few_steps_from_its_epochs_says_so_and_points_to_recommend(tiny
     assert "optimizer steps (1 epoch(s) of" in " ".join(capsys.readouterr().out.split())
     assert main(args) == 0  # --max-steps chosen: no notice
     assert "optimizer steps (" not in capsys.readouterr().out
+
+
+def test_the_progress_lines_tokens_per_second_leave_out_evals_and_checkpoints(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import torch
+
+    from lorakit.train import progress
+
+    clock = iter([0.0, 10.0, 40.0, 50.0])  # started; an eval from 10 to 40 s; the update at 50 s
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    bar = progress.Progress(total=20, start=0, device=torch.device("cpu"))
+    with bar.paused():
+        pass
+    bar.live = False
+    bar.update(SimpleNamespace(seen_tokens=2000, step=10), SimpleNamespace(loss=1.0, lr=1e-4))
+    line = capsys.readouterr().err
+    assert "100 tok/s" in line and "ETA 50s" in line  # 2000 tokens in 20 s of steps; the ETA keeps the pauses

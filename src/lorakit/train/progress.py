@@ -7,6 +7,7 @@ the run so logs stay short.
 from __future__ import annotations
 
 import sys
+import contextlib
 import time
 
 import torch
@@ -34,6 +35,7 @@ class Progress:
         self.console = Console(stderr=True)
         self.live = self.console.is_terminal
         self.started = time.perf_counter()
+        self.paused_seconds = 0.0  # evals and checkpoints: not training, so not in the tokens/s
         self._last_print = -1
         self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
@@ -47,9 +49,19 @@ class Progress:
     def __exit__(self, *exc):
         return self.bar.__exit__(*exc)
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent in here (an eval, a checkpoint) leaves the tokens/s; the ETA keeps it, as the
+        steps left will pause as often."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - began
+
     def update(self, state, result) -> None:
         elapsed = time.perf_counter() - self.started
-        rate = (state.seen_tokens - self.tokens0) / max(elapsed, 1e-9)
+        rate = (state.seen_tokens - self.tokens0) / max(elapsed - self.paused_seconds, 1e-9)
         done = state.step - self.start
         eta = elapsed / max(done, 1) * (self.total - state.step)
         info = (f"loss {result.loss:.4f}  lr {result.lr:.2e}  {rate:,.0f} tok/s  "

@@ -13,6 +13,7 @@ The output folder during and after a run:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -321,10 +322,12 @@ class Session:
             self.record({"kind": "train", "step": state.step, "loss": result.loss, "lr": result.lr,
                          "grad_norm": result.grad_norm, "tokens": state.train_tokens, "skipped": state.skipped_steps})
         if t.eval_every and state.step % t.eval_every == 0 and state.step < self.prepared.settings.total_steps:
-            evaluation = self.run_eval(f"step {state.step}")
+            with bar.paused():
+                evaluation = self.run_eval(f"step {state.step}")
             bar.note(f"step {state.step}: eval loss {evaluation['loss']:.4f}" if evaluation else "")
         if t.save_every and state.step % t.save_every == 0 and state.step < self.prepared.settings.total_steps:
-            self.save_checkpoint()
+            with bar.paused():
+                self.save_checkpoint()
 
     def _open_metrics(self) -> None:
         path = self.out / "metrics.jsonl"
@@ -430,6 +433,9 @@ class _NoProgress:
 
     def update(self, state, result) -> None:
         pass
+
+    def paused(self):
+        return contextlib.nullcontext()
 
     def note(self, text: str) -> None:
         pass
