@@ -44,6 +44,16 @@ def test_grid_tokens_and_points():
     assert find_guide(Grid([8], ["2r"], ["all"], [False]).points(), "domain") is None
 
 
+def test_single_module_names_as_separate_points_are_pointed_out():
+    from lorakit.plan.sweep import parse_targets, separate_names_note
+
+    note = separate_names_note(parse_targets("q_proj,v_proj"))
+    assert note.endswith("makes 2 points, one module name each; for one point that adapts them together, join "
+                         "them with '+': --targets q_proj+v_proj")
+    for meant in ("qv,all", "q_proj+v_proj", "q_proj", "q_proj,all-linear", "q_proj+v_proj,o_proj"):
+        assert separate_names_note(parse_targets(meant)) is None, meant
+
+
 def sweep_args(config, out, *extra):
     return ["sweep", str(config), "--r", "2,16", "--alpha", "2r", "--targets", "all", "--max-steps", "2",
             "--output", str(out), *extra]

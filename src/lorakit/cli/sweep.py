@@ -36,13 +36,16 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.errors import ConfigError
-    from lorakit.plan.sweep import make_grid, run_sweep
+    from lorakit.plan.sweep import make_grid, run_sweep, separate_names_note
 
     grid = make_grid(args.r, args.alpha, args.targets, args.rslora)
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError(f"--max-steps must be at least 1, got {args.max_steps}")
     output = args.output or f"runs/sweep-{Path(args.config_file).stem}"
     log = (lambda text: print(text, file=sys.stderr)) if args.json else print
+    note = separate_names_note(grid.targets)
+    if note:
+        log(note)
     report = run_sweep(args.config_file, grid, args.max_steps, output, args.overwrite, log, args.threads)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -143,6 +143,18 @@ def parse_targets(text: str) -> list[str]:
     return specs
 
 
+def separate_names_note(specs: list[str]) -> str | None:
+    """`--targets q_proj,v_proj` makes two points here, while train reads it as one set of modules:
+    said when every spec is one module name, the likely slip."""
+    from lorakit.lora.targets import GROUPS
+
+    names = [spec for spec in specs if "," not in spec and spec not in (*GROUPS, "all-linear")]
+    if len(specs) < 2 or len(names) < len(specs):
+        return None
+    return (f"sweep: --targets {','.join(specs)} makes {len(specs)} points, one module name each; for one point "
+            f"that adapts them together, join them with '+': --targets {'+'.join(specs)}")
+
+
 def parse_rslora(text: str) -> list[bool]:
     choices = {"off": [False], "on": [True], "both": [False, True]}
     if text not in choices:
