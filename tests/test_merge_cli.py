@@ -185,8 +185,8 @@ def test_a_symlinked_or_too_long_output_is_refused_before_the_merge(tmp_path, ca
 @pytest.mark.parametrize("fmt, flags, message", [
     ("vllm", ["--outtype", "f16"], "--outtype is for --format gguf, not vllm"),
     ("gguf", ["--max-lora-rank", "64"], "--max-lora-rank is for --format vllm, not gguf"),
-    ("gguf", ["--base", "some/model"], "--base is for --format merged, not gguf"),
-    ("merged", ["--base-config", "x"], "--base-config is for --format vllm or gguf, not merged"),
+    ("gguf", ["--allow-other-base"], "--allow-other-base is for --format merged, not gguf"),
+    ("merged", ["--allow-embeddings"], "--allow-embeddings is for --format vllm, not merged"),
     ("vllm", ["--overwrite"], "a vllm export never replaces a file"),
 ])
 def test_an_option_the_format_would_ignore_is_refused(tmp_path, capsys, fmt, flags, message):

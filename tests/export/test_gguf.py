@@ -237,7 +237,7 @@ def test_unknown_base_architecture_is_a_clear_error(tmp_path):
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "some-org/not-downloaded"
     (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="--base-config"):
+    with pytest.raises(ConfigError, match="--model"):
         export_gguf(adapter_dir, tmp_path / "x.gguf")
     args = ["export", "--adapter", str(adapter_dir), "--format", "gguf", "--output", str(tmp_path / "x.gguf")]
     assert main(args) == 2
@@ -345,7 +345,7 @@ def test_without_the_built_in_models_package_an_export_that_needs_no_base_config
     monkeypatch.setattr(models, "builtin_gguf_path", not_installed)
     assert find_base_config(read_for_export(adapter_dir)) is None
     assert main(["export", "--adapter", str(adapter_dir), "--format", "vllm", "--output", str(tmp_path / "v")]) == 0
-    with pytest.raises(ConfigError, match="--base-config"):  # GGUF needs the architecture
+    with pytest.raises(ConfigError, match="--model"):  # GGUF needs the architecture
         export_gguf(adapter_dir, tmp_path / "x.gguf")
 
 

@@ -196,7 +196,9 @@ def test_gpt2_base_is_rejected_and_unknown_modules_are_named(tmp_path):
     transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4).save_pretrained(gpt2_dir)
     with pytest.raises(AdapterFileError, match="GPT2LMHeadModel does not implement SupportsLoRA"):
         export_vllm(adapter_dir, tmp_path / "out", base_config_dir=gpt2_dir)
-    assert cli_export(adapter_dir, tmp_path / "out", "--base-config", str(gpt2_dir)) == 2
+    for flag in ("--model", "--base-config", "--base"):  # one flag, as merge spells it, and its older spellings
+        assert cli_export(adapter_dir, tmp_path / "out", flag, str(gpt2_dir)) == 2
+        assert not (tmp_path / "out").exists()
     renamed = tmp_path / "gpt2-config.json"  # a config file of another name is read as it is
     renamed.write_bytes((gpt2_dir / "config.json").read_bytes())
     with pytest.raises(AdapterFileError, match="GPT2LMHeadModel does not implement SupportsLoRA"):

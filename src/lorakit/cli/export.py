@@ -1,7 +1,7 @@
 """`lorakit export`: write an adapter for vLLM, llama.cpp (GGUF), or as a merged model.
 
     lorakit export --adapter runs/demo/adapter --format vllm --output served/demo
-    lorakit export --adapter runs/demo/adapter --format gguf --output demo-lora.gguf --base-config BASE
+    lorakit export --adapter runs/demo/adapter --format gguf --output demo-lora.gguf --model BASE
     lorakit export --adapter runs/demo/adapter --format merged --output merged/demo
 """
 
@@ -33,15 +33,16 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--format", required=True, choices=("vllm", "gguf", "merged"), help="what to write")
     p.add_argument("--output", required=True, type=Path,
                    help="vllm / merged: a new folder; gguf: a .gguf file path (or an existing folder)")
-    p.add_argument("--base-config", type=Path, default=None,
-                   help="base model folder with config.json (default: the adapter's base_model_name_or_path, if local)")
+    p.add_argument("--model", "--base", "--base-config", dest="model", default=None, metavar="MODEL",
+                   help="the base model (default: the adapter's base_model_name_or_path): merged: its folder or hub "
+                        "id, as merge --model; vllm, gguf: its folder (or config.json), whose config the adapter is "
+                        "checked against (--base and --base-config: the same flag, as older lorakit spelled it)")
     p.add_argument("--allow-embeddings", action="store_true",
                    help="vllm: accept LoRA on embed_tokens / lm_head (only some vLLM models support it)")
     p.add_argument("--max-lora-rank", type=int, default=None,
                    help="vllm: the --max-lora-rank you will serve with (vLLM's default is 16)")
     p.add_argument("--outtype", choices=("f32", "f16", "bf16"), default=None,
                    help="gguf: tensor type (default f32, as llama.cpp's convert_lora_to_gguf.py)")
-    p.add_argument("--base", default=None, help="merged: base model folder or id (default: the adapter's base)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read a pickle adapter_model.bin (with torch.load(weights_only=True))")
     p.add_argument("--allow-other-base", action="store_true",
@@ -52,9 +53,8 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 # the options that only some formats read: given to another, they would be silently ignored
-FORMATS_OF_OPTION = {"base_config": ("vllm", "gguf"), "allow_embeddings": ("vllm",), "max_lora_rank": ("vllm",),
-                     "outtype": ("gguf",), "base": ("merged",), "allow_other_base": ("merged",),
-                     "overwrite": ("merged",)}
+FORMATS_OF_OPTION = {"allow_embeddings": ("vllm",), "max_lora_rank": ("vllm",), "outtype": ("gguf",),
+                     "allow_other_base": ("merged",), "overwrite": ("merged",)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "gguf":
         result = _export_gguf(args)
     else:
-        result = export_merged(args.adapter, args.output, base=args.base, allow_pickle=args.allow_pickle,
+        result = export_merged(args.adapter, args.output, base=args.model, allow_pickle=args.allow_pickle,
                                allow_other_base=args.allow_other_base, overwrite=args.overwrite)
         if not args.json:
             print(f"wrote merged model to {args.output}")
@@ -84,11 +84,15 @@ def _refuse_options_of_other_formats(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} is for --format {' or '.join(formats)}, not {args.format}{why}")
 
 
+def _base_config(args: argparse.Namespace) -> Path | None:
+    return None if args.model is None else Path(args.model)
+
+
 def _export_vllm(args: argparse.Namespace) -> dict:
     from lorakit.export.vllm import export_vllm
 
     done = export_vllm(args.adapter, args.output, max_lora_rank=args.max_lora_rank,
-                       allow_embeddings=args.allow_embeddings, base_config_dir=args.base_config,
+                       allow_embeddings=args.allow_embeddings, base_config_dir=_base_config(args),
                        allow_pickle=args.allow_pickle)
     for warning in done.check.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -102,7 +106,7 @@ def _export_vllm(args: argparse.Namespace) -> dict:
 def _export_gguf(args: argparse.Namespace) -> dict:
     from lorakit.export.gguf import export_gguf
 
-    done = export_gguf(args.adapter, args.output, base_config_dir=args.base_config,
+    done = export_gguf(args.adapter, args.output, base_config_dir=_base_config(args),
                        outtype=args.outtype, allow_pickle=args.allow_pickle)
     if not args.json:
         print(f"wrote {done.output} (arch {done.arch}, {done.tensors} tensor pairs, "

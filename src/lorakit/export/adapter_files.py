@@ -89,7 +89,7 @@ def find_base_config(adapter: Adapter, base_config_dir: str | Path | None = None
         path = Path(base_config_dir)
         path = path if path.name == "config.json" or path.is_file() else path / "config.json"  # a file, any name
         if not path.is_file():
-            raise ConfigError(f"--base-config: {path} does not exist; give the base model's folder (with config.json)")
+            raise ConfigError(f"--model: {path} does not exist; give the base model's folder (with config.json)")
         return _read_json(path)
     base = adapter.config.get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
@@ -124,10 +124,10 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); --base-config "
+        raise ConfigError(f"{path} line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); --model "
                           "takes the base model's folder or its config.json") from None
     except RecursionError:
-        raise ConfigError(f"{path} is nested too deeply to be a model config; --base-config takes the base "
+        raise ConfigError(f"{path} is nested too deeply to be a model config; --model takes the base "
                           "model's folder or its config.json") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object (a model's config.json)")

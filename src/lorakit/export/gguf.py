@@ -134,7 +134,7 @@ def arch_spec(base_config: dict | None) -> ArchSpec:
     if base_config is None:
         raise ConfigError(
             "the base model's architecture is unknown: the adapter's base_model_name_or_path is not a "
-            "local folder with config.json; pass --base-config DIR (the base model's folder)"
+            "local folder with config.json; pass --model DIR (the base model's folder)"
         )
     names = list(base_config.get("architectures") or [])
     if base_config.get("model_type") in _MODEL_TYPES:
@@ -168,7 +168,7 @@ def gguf_tensors(
     if unmapped:
         raise AdapterFileError(
             f"no GGUF tensor for these {gguf.MODEL_ARCH_NAMES[spec.gguf_arch]} modules: {', '.join(unmapped)}; "
-            "check that the adapter was trained on this base model (--base-config)"
+            "check that the adapter was trained on this base model (--model)"
         )
     return out, baked
 

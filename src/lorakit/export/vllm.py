@@ -188,7 +188,7 @@ def _check_modules(check: VllmCheck, adapter: Adapter, allow_embeddings: bool, b
         allowed = _LLAMA_FAMILY
         if base_config is None:
             check.warnings.append("no base config found: module names were checked against the Llama-family "
-                                  "projections; pass --base-config DIR to check them against the base model's")
+                                  "projections; pass --model DIR to check them against the base model's")
         else:
             named = ("names no model_type" if model_type is None
                      else f"model type {model_type!r} is not in lorakit's table")
