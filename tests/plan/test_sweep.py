@@ -246,6 +246,9 @@ def test_a_stopped_sweep_says_how_to_go_on_and_keeps_no_stale_plot(base_config, 
     captured = capsys.readouterr()
     assert "rerun the same sweep command to go on" in captured.out and "--resume" not in captured.out
     assert not (out / "sweep.png").exists() and "plot:" not in captured.out  # the old plot showed the old grid
+    assert "best so far: r2-a4-qv" in captured.out and "stopped: r4-a8-qv (goes on from its last checkpoint" \
+        in captured.out and "not run yet" not in captured.out
+    assert "peak GiB on a CPU: the process's resident set" in captured.out
     # the rerun goes on from the stop's checkpoint (it trained the point again from its start), exactly
     monkeypatch.setattr(Trainer, "_loss", real_loss)
     grid = ["--r", "2,4", "--alpha", "2r", "--targets", "qv", "--max-steps", "2"]

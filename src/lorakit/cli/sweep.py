@@ -84,11 +84,19 @@ def print_report(report: dict, output: Path) -> None:
     else:
         console.print(f"the guide's point (--task {guide['task']}: r={guide['r']}, alpha={guide['alpha']:g}, targets all) "
                       "is not in this grid; add it to compare")
+    if any(entry["summary"].get("device") == "cpu" for entry in report["points"]):
+        console.print("peak GiB on a CPU: the process's resident set during the point, which moves by up to "
+                      "~0.1 GiB between points with the C allocator alone; lorakit estimate compares ranks "
+                      "without that noise")
     plot = output / "sweep.png"  # not drawn for a sweep stopped part way
-    console.print(f"best: {report['best']}   results: {output / 'sweep.json'}"
+    best = "best so far" if report["pending"] else "best"
+    console.print(f"{best}: {report['best']}   results: {output / 'sweep.json'}"
                   + (f"   plot: {plot}" if plot.is_file() else ""))
     if report["pending"]:
-        console.print(f"not run yet: {', '.join(report['pending'])}")
+        stopped = report["pending"][0] if report["interrupted"] else None
+        waiting = [slug for slug in report["pending"] if slug != stopped]
+        console.print(", ".join(([f"stopped: {stopped} (goes on from its last checkpoint, if it reached one)"]
+                                 if stopped else []) + ([f"not run yet: {', '.join(waiting)}"] if waiting else [])))
 
 
 def _loss(value) -> str:
