@@ -151,8 +151,20 @@ def test_oversized_rank_suggests_a_smaller_r(tmp_path):
 def test_saturated_rank_says_so(tmp_path):
     write_adapter(tmp_path, _modules([1.0] * 8, 8), r=8, lora_alpha=8)
     verdict = analyze_adapter(tmp_path).verdict
-    assert verdict.kind == "saturated" and verdict.percentile_rank == 8
-    assert "rank is saturated: consider a larger r" in verdict.message
+    assert (verdict.kind, verdict.percentile_rank, verdict.suggested_r) == ("saturated", 8, 16)
+    assert ("with a flat spectrum (median smallest/largest singular value 1.00): rank is saturated: consider a "
+            "larger r (e.g. 16), unless it trained only briefly") in verdict.message
+
+
+def test_most_of_the_rank_at_90_percent_energy_is_no_saturation_when_the_spectrum_decays(tmp_path):
+    """The spectrum a one-step run left (lorakit train --max-steps 1, r=8): 90% of its energy takes 6 of
+    8 directions, yet its smallest value is 0.3 of its largest: a larger r would add little."""
+    decaying = [1.0, 0.73, 0.56, 0.53, 0.39, 0.38, 0.33, 0.30]
+    write_adapter(tmp_path, _modules(decaying, 8), r=8, lora_alpha=8)
+    verdict = analyze_adapter(tmp_path).verdict
+    assert (verdict.kind, verdict.percentile_rank, verdict.suggested_r) == ("fits", 6, 8)
+    assert verdict.message == ("r=8 fits: 95% of modules use at most 6 dimensions (90% energy), but the spectrum "
+                               "decays within r (median smallest/largest singular value 0.30)")
 
 
 def test_a_rank_pattern_is_judged_by_the_modules_own_rank(tmp_path):
@@ -394,7 +406,8 @@ def test_a_lorakit_pissa_adapter_is_judged_against_the_rank_it_trained_with(tmp_
     save_adapter(plain, tmp_path / "plain")
     assert analyze_adapter(tmp_path / "plain").r == 4
     # its change can span 2r: 5 dimensions of r=4 is not saturation there, as it is for plain LoRA
-    five = [dataclasses.replace(m, energy_ranks={k: 5 for k in m.energy_ranks}) for m in analysis.modules]
+    five = [dataclasses.replace(m, energy_ranks={k: 5 for k in m.energy_ranks}, singular_values=[1.0] * 8)
+            for m in analysis.modules]  # flat
     assert make_verdict(five, 4, 0.9).kind == "saturated"
     pissa = make_verdict(five, 4, 0.9, capacity=8)
     assert pissa.kind == "fits" and "at most 5 dimensions (90% energy) of the 8 a PiSSA change can span" in pissa.message

@@ -21,8 +21,13 @@ Per module: the singular values σ, the rank holding a fraction of the energy Σ
 The verdict, over the modules with a non-zero update, at the first energy level (90%), with r the
 modules' rank (the config's r, unless a rank_pattern gives them all another one):
   k95 = the 95th percentile (nearest rank) of the per-module rank at that energy,
-  suggested r = the next power of two >= k95, at least 4;
-  - "saturated" if k95 >= 3/4 of r: the adapter uses most of its rank, a larger r may help;
+  suggested r = the next power of two >= k95, at least 4 (2r when saturated);
+  - "saturated" if k95 >= 3/4 of r and the spectrum is flat (the median module's smallest singular
+    value at least half its largest): the adapter spreads over all of its rank, a larger r may
+    help (or it trained too briefly to tell: an update that is still mostly noise is flat too).
+    One that reaches 3/4 of r at 90% energy while decaying (smallest/largest below 1/2, as every
+    adapter lorakit's demo and a one-step run trained showed: 0.2-0.3) "fits": 90% of the energy
+    of a decaying spectrum still takes most of its directions;
   - "oversized" if the suggested r is below r: "r=64, but 95% of modules use at most 12
     dimensions (90% energy): r=16 would likely do";
   - "fits" otherwise; "untrained" if every B is zero (no update yet).
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -48,6 +54,7 @@ from lorakit.safe_io import save_figure, translate_os_errors
 
 DEFAULT_ENERGIES = (0.9, 0.99)
 SATURATION = 0.75
+FLAT_TAIL = 0.5  # a spectrum whose smallest value is at least half its largest has not decayed within r
 PERCENTILE = 0.95
 MIN_SUGGESTED_R = 4
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
@@ -74,6 +81,13 @@ class ModuleRank:
     @property
     def is_zero(self) -> bool:
         return self.frobenius_norm == 0.0
+
+    @property
+    def tail_ratio(self) -> float:
+        """The smallest singular value over the largest: near 1 for a flat spectrum, small for one
+        that decays within the rank (0 for a zero update)."""
+        values = self.singular_values
+        return values[-1] / values[0] if values and values[0] > 0 else 0.0
 
     def rank_at(self, energy: float) -> int:
         return self.energy_ranks[_energy_key(energy)]
@@ -286,8 +300,15 @@ def make_verdict(modules: list[ModuleRank], r: int, energy: float, capacity: int
     usage = f"95% of modules use at most {k95} dimension{'s' if k95 != 1 else ''} ({pct})"
     if capacity != r:
         usage += f" of the {capacity} a PiSSA change can span"
-    if k95 >= SATURATION * capacity:
-        kind, message = "saturated", f"r={r}, and {usage}: rank is saturated: consider a larger r (e.g. {2 * r})"
+    tail = statistics.median(m.tail_ratio for m in trained)
+    shape = f"median smallest/largest singular value {tail:.2f}"
+    if k95 >= SATURATION * capacity and tail >= FLAT_TAIL:
+        suggested = 2 * r
+        kind, message = "saturated", (f"r={r}, and {usage}, with a flat spectrum ({shape}): rank is saturated: "
+                                      f"consider a larger r (e.g. {suggested}), unless it trained only briefly "
+                                      "(an update that is still mostly noise is flat too)")
+    elif k95 >= SATURATION * capacity:
+        kind, message = "fits", f"r={r} fits: {usage}, but the spectrum decays within r ({shape})"
     elif suggested < r:
         kind, message = "oversized", f"r={r}, but {usage}: r={suggested} would likely do"
     else:
