@@ -36,6 +36,16 @@ def test_flags_override_yaml(tmp_path):
     assert config.sources["lora.r"] == "config file" and config.sources["lora.alpha"] == "flag"
 
 
+def test_a_repeated_file_flag_takes_every_file(tmp_path):
+    """`--data a --data b` read only b (argparse's store: the last wins), silently."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {data: [yaml.jsonl]}\n")
+    config = resolve(load_yaml(path), flags("--data", "a.jsonl", "--data", "b.jsonl", "c.jsonl", "--eval-data", "e.jsonl",
+                                            "--eval-data", "f.jsonl"))
+    assert config.data.data == ["a.jsonl", "b.jsonl", "c.jsonl"] and config.data.eval_data == ["e.jsonl", "f.jsonl"]
+    assert resolve(load_yaml(path), flags()).data.data == ["yaml.jsonl"]  # no flag: the file's
+
+
 @pytest.mark.parametrize("text,message", [
     ("lora: {r: 4\n", "not valid YAML"),
     ("lora: {rank: 4}\n", "unknown key"),

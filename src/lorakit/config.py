@@ -180,7 +180,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         elif base is bool:
             group.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, **kwargs)
         elif base is list:
-            group.add_argument(flag_of(f), nargs="+", metavar="PATH", **kwargs)
+            group.add_argument(flag_of(f), nargs="+", action="extend", metavar="PATH", **kwargs)  # --data a --data b: both
         else:
             group.add_argument(flag_of(f), type=base, choices=f.metadata.get("choices"), **kwargs)
 
