@@ -46,6 +46,11 @@ def test_same_inputs_same_config_and_it_trains(tiny, tmp_path, capsys):
     # the written YAML is a complete config that `lorakit train` accepts as is
     assert main(["train", str(first), "--dry-run"]) == 0
     assert "trainable parameters" in capsys.readouterr().out
+    # alpha = 2r is left to follow r, as in a run's own config.yaml: another --r takes alpha along
+    lora = yaml.safe_load(first.read_text())["lora"]
+    assert "alpha" not in lora and "alpha follows from r" in first.read_text()
+    assert main(["train", str(first), "--r", "32", "--dry-run"]) == 0
+    assert "│ alpha     │ 64" in capsys.readouterr().out
 
 
 def test_a_budget_from_the_command_line_reaches_the_trainer(tiny, tmp_path, capsys, monkeypatch):

@@ -527,6 +527,8 @@ def build_config(model: str | None, data: list[str], eval_data: list[str], fmt: 
     for choice in choices:
         section, name = choice.key.split(".")
         values[section][name] = choice.value
+    if values["lora"].get("alpha") == 2 * values["lora"]["r"]:  # the guide's rule: left to follow r, as
+        del values["lora"]["alpha"]  # train's own config.yaml does, so that `--r 32` takes alpha along
     return resolve(values, {})
 
 
