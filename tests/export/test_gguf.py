@@ -263,7 +263,9 @@ def test_dora_and_modules_to_save_are_refused(tmp_path):
 
 def test_cli_writes_into_an_existing_folder(tmp_path, capsys):
     lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    adapter_dir, _, _ = make_peft_adapter(tmp_path, tiny_llama_config(), lora)
+    (tmp_path / "rec").mkdir()  # a run's folder: its adapter is rec/adapter, as every run's is called
+    adapter_dir, _, _ = make_peft_adapter(tmp_path / "rec", tiny_llama_config(), lora)
+    other, _, _ = make_peft_adapter(tmp_path, tiny_llama_config(), lora, name="mine")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     code = main(["export", "--adapter", str(adapter_dir), "--format", "gguf", "--output", str(out_dir),
@@ -271,7 +273,9 @@ def test_cli_writes_into_an_existing_folder(tmp_path, capsys):
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     written = Path(report["output"])
-    assert written.parent == out_dir and written.name == "adapter-lora-f16.gguf"
+    assert written.parent == out_dir and written.name == "rec-lora-f16.gguf"  # named by the run
+    assert main(["export", "--adapter", str(other), "--format", "gguf", "--output", str(out_dir)]) == 0
+    assert (out_dir / "mine-lora-f32.gguf").is_file()  # any other folder: by its own name
     _, tensors = read_gguf(written)
     assert report["tensors"] == 4 and len(tensors) == 8
     assert all(t.tensor_type == gguf.GGMLQuantizationType.F16 for t in tensors.values())

@@ -223,12 +223,19 @@ def rotary_permute(rows: torch.Tensor, n_head: int, name: str = "tensor") -> tor
 
 
 def _output_path(output: Path, adapter_folder: Path, outtype: str) -> Path:
-    path = output / f"{adapter_folder.resolve().name}-lora-{outtype}.gguf" if output.is_dir() else output
+    path = output / f"{_adapter_name(adapter_folder)}-lora-{outtype}.gguf" if output.is_dir() else output
     if path.suffix.lower() != ".gguf":
         raise ConfigError(f"--output {output} must end in .gguf, or be an existing folder to write into")
     if path.exists():  # as vllm and merged exports: never replace a file the user has
         raise OutputError(f"{path} already exists; choose another --output, or delete it first")
     return path
+
+
+def _adapter_name(adapter_folder: Path) -> str:
+    """The folder's name, or for a training run's adapter (runs/NAME/adapter) the run's: every run's
+    adapter folder is called "adapter", and two runs exported into one folder would collide."""
+    folder = adapter_folder.resolve()
+    return folder.parent.name if folder.name == "adapter" and folder.parent.name else folder.name
 
 
 def _write_gguf(path: Path, arch: str, name: str, alpha: float, outtype: str, tensors: dict) -> None:
