@@ -36,6 +36,21 @@ def test_flags_override_yaml(tmp_path):
     assert config.sources["lora.r"] == "config file" and config.sources["lora.alpha"] == "flag"
 
 
+@pytest.mark.parametrize("text, gib", [("8GiB", 8.0), ("8GB", 8.0), ("8", 8.0), ("512MiB", 0.5), ("1.5g", 1.5)])
+def test_a_memory_budget_takes_a_size_with_its_unit_as_recommend_does(tmp_path, text, gib):
+    assert resolve(None, flags("--memory-budget", text)).train.memory_budget == gib
+    path = tmp_path / "c.yaml"
+    path.write_text(f"memory_budget: {text}\n")
+    assert resolve(load_yaml(path), flags()).train.memory_budget == gib
+
+
+def test_a_memory_budget_that_is_no_size_is_named():
+    with pytest.raises(ConfigError, match="--memory-budget '8x' is not a memory size; write e.g. 24GiB"):
+        resolve(None, flags("--memory-budget", "8x"))
+    with pytest.raises(ConfigError, match="--memory-budget '16B' reads as bytes"):
+        resolve(None, flags("--memory-budget", "16B"))
+
+
 def test_a_repeated_file_flag_takes_every_file(tmp_path):
     """`--data a --data b` read only b (argparse's store: the last wins), silently."""
     path = tmp_path / "c.yaml"

@@ -26,6 +26,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from lorakit.errors import ConfigError
+from lorakit.values import parse_size
 
 DATA_FORMATS = ("auto", "text", "instruction", "chat")  # data/formats.py reads each
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.training_dtype picks for the device
@@ -40,11 +41,12 @@ TASK_PRESETS = {
 
 
 def opt(default, help: str, flag: str | None = None, choices=None, switch: tuple[str, str] | None = None,
-        comma_list: bool = False):
+        comma_list: bool = False, gib: bool = False):
     """A field with its help and flag. `switch=(on, off)` makes a choice that also reads as a
     yes/no: YAML true/false and the bare `--flag` / `--no-flag` mean `on` / `off`. `comma_list`:
-    a comma-separated string that a YAML file may also give as a list of names (as PEFT's configs do)."""
-    meta = {"help": help, "flag": flag, "choices": choices, "switch": switch, "comma_list": comma_list}
+    a comma-separated string that a YAML file may also give as a list of names (as PEFT's configs do).
+    `gib`: a memory size in GiB, also written with its unit (8GiB, 8GB, 512MiB) as recommend takes them."""
+    meta = {"help": help, "flag": flag, "choices": choices, "switch": switch, "comma_list": comma_list, "gib": gib}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -104,7 +106,7 @@ class TrainConfig:
     memory_budget: float | None = opt(None, "GiB the training step may take on its device (under torchrun: per "
                                             "process), weights included: --grad-checkpointing auto plans for 90%% "
                                             "of the smaller of this and the free memory (to leave room for other "
-                                            "work; the allocator is not capped)")
+                                            "work; the allocator is not capped); 8, 8GiB or 512MiB", gib=True)
     seed: int = opt(42, "random seed (runs are deterministic on a CPU)")
     eval_every: int = opt(0, "evaluate every N steps (0: only before and after training)")
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
@@ -181,8 +183,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, **kwargs)
         elif base is list:
             group.add_argument(flag_of(f), nargs="+", action="extend", metavar="PATH", **kwargs)  # --data a --data b: both
-        else:
-            group.add_argument(flag_of(f), type=base, choices=f.metadata.get("choices"), **kwargs)
+        else:  # a size in GiB is read by _coerce, which knows its units
+            group.add_argument(flag_of(f), type=str if f.metadata.get("gib") else base,
+                               choices=f.metadata.get("choices"), **kwargs)
 
 
 def default_of(key: str) -> Any:
@@ -395,6 +398,9 @@ def _coerce(section: str, name: str, value, origin: str):
         return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
     if _field(section, name).metadata.get("comma_list") and isinstance(value, (list, tuple)):
         value = _comma_list(value, where)
+    if _field(section, name).metadata.get("gib") and isinstance(value, str):
+        flag = flag_of(_field(section, name)) if origin == "flag" else where
+        value = parse_size(value, flag) / 2**30
     switch = _field(section, name).metadata.get("switch")
     if switch and isinstance(value, bool):  # YAML reads on/off/yes/no/true/false as booleans
         return switch[0] if value else switch[1]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
+
+MIN_MEMORY = 256 * 2**20  # a memory size below this is refused as a typo (a unit left out)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
 def is_int(value) -> bool:
@@ -20,3 +24,21 @@ def is_number(value) -> bool:
 
 def is_positive_number(value) -> bool:
     return is_number(value) and value > 0
+
+
+def parse_size(text: str, flag: str = "--gpu-memory") -> int:
+    """'24GiB', '24GB', '24G' or '24' (GiB) -> bytes. Units are read as binary (GB = GiB):
+    GPU vendors quote binary sizes ('24 GB' cards hold 24 GiB)."""
+    from lorakit.errors import ConfigError
+
+    match = _SIZE.match(str(text))
+    if match and match.group(3) and not match.group(2) and float(match.group(1)) > 0:  # "16B": bytes, never meant
+        raise ConfigError(f"{flag} {text!r} reads as bytes; write the unit: e.g. {match.group(1)}GiB")
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"{flag} {text!r} is not a memory size; write e.g. 24GiB, 80GB or 16")
+    unit = match.group(2).lower() or "g"
+    size = int(float(match.group(1)) * 1024 ** "kmgt".index(unit) * 1024)
+    if size < MIN_MEMORY:
+        raise ConfigError(f"{flag} {text!r} is below {MIN_MEMORY // 2**20} MiB, too little to train any model; "
+                          "write the size with its unit, e.g. 24GiB")
+    return size

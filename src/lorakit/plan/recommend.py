@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +32,7 @@ import numpy as np
 
 from lorakit.config import TASK_PRESETS, DataConfig, RunConfig, TrainConfig, resolve, save_yaml
 from lorakit.errors import ConfigError
+from lorakit.values import parse_size
 
 GIB = 1024**3
 TINY_TOKENS, LARGE_TOKENS, HUGE_TOKENS = 100_000, 10_000_000, 100_000_000
@@ -40,7 +40,6 @@ SMALL_SET_TOKENS = 1_000_000
 MIN_RANK, MAX_RANK = 4, 256
 ROUND_LENGTHS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192,
                  12288, 16384, 24576, 32768, 65536, 131072)
-MIN_MEMORY = 256 * 2**20  # a memory size below this is refused as a typo (a unit left out)
 CAUTIOUS_BATCH = 4  # the micro-batch where the estimator cannot read the model
 MIN_STEPS = 50  # shrink the effective batch rather than train for fewer optimizer steps
 # (params below, lr at alpha = 32, evidence) from the smallest model up; see the docs.
@@ -137,25 +136,6 @@ class Recommendation:
 
 
 # ---- memory budgets --------------------------------------------------------------------------
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str, flag: str = "--gpu-memory") -> int:
-    """'24GiB', '24GB', '24G' or '24' (GiB) -> bytes. Units are read as binary (GB = GiB):
-    GPU vendors quote binary sizes ('24 GB' cards hold 24 GiB)."""
-    match = _SIZE.match(str(text))
-    if match and match.group(3) and not match.group(2) and float(match.group(1)) > 0:  # "16B": bytes, never meant
-        raise ConfigError(f"{flag} {text!r} reads as bytes; write the unit: e.g. {match.group(1)}GiB")
-    if not match or float(match.group(1)) <= 0:
-        raise ConfigError(f"{flag} {text!r} is not a memory size; write e.g. 24GiB, 80GB or 16")
-    unit = match.group(2).lower() or "g"
-    size = int(float(match.group(1)) * 1024 ** "kmgt".index(unit) * 1024)
-    if size < MIN_MEMORY:
-        raise ConfigError(f"{flag} {text!r} is below {MIN_MEMORY // 2**20} MiB, too little to train any model; "
-                          "write the size with its unit, e.g. 24GiB")
-    return size
-
 
 def machine_memory_bytes() -> int:
     """Total RAM (not free RAM: that changes from minute to minute, the recommendation must not)."""
