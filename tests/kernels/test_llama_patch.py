@@ -192,7 +192,7 @@ def test_attention_without_fused_projections_still_takes_the_native_rope_and_att
     real_rope, rope_calls = native_ops.rope, []
     monkeypatch.setattr(native_ops, "rope", lambda *a: rope_calls.append(1) or real_rope(*a))
     notices = enable_fast_paths(model)
-    assert any("self_attn" in n and "is not a LoRA layer" in n for n in notices)
+    assert any("self_attn" in n and "no adapter on this Linear" in n for n in notices)
     _assert_same(_fast(model, batch), plain)
     layers = len(model.model.layers)
     assert len(attention_calls) == layers and len(rope_calls) == layers
@@ -329,7 +329,7 @@ def test_patched_norms_alone_do_not_count_as_fast_paths():
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(**SIZES))  # no adapters: no block can fuse
     notices = enable_fast_paths(llama)
-    assert len(notices) == 2 and all("is not a LoRA layer" in n for n in notices)
+    assert len(notices) == 2 and all("no adapter on this Linear" in n for n in notices)
     assert not fast_paths_enabled(llama) and "forward" in llama.model.norm.__dict__
     norms_only = nn.Sequential(nn.Linear(8, 8), LlamaRMSNorm(8))
     assert enable_fast_paths(norms_only) == ["no Llama-style attention or SwiGLU MLP with LoRA was found"]

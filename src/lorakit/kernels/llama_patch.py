@@ -238,7 +238,7 @@ def _patch_if_fusable(module: nn.Module, ops, stack: bool) -> str | None:
     if all(hasattr(module, p) for p in MLP):
         reason = _mlp_blocker(module)
         if reason is not None:
-            return f"MLP not fused ({reason})"
+            return f"the MLP runs unfused ({reason})"
         _set_forward(module, _fused_mlp_forward(_is_triton(ops)), triton=_is_triton(ops))
         if stack:
             fused_lora.stack_frozen_weights([module.gate_proj, module.up_proj])
@@ -298,9 +298,9 @@ def _patch_attention(attn: nn.Module, ops) -> str | None:
                      triton=rope_ops is not None and _is_triton(rope_ops))
     if qkv_reason is not None:
         still_fast = "; the fast RoPE (and on a CPU attention) still apply" if rope_ops is not None else ""
-        return f"q, k, v not fused ({qkv_reason}){still_fast}"
+        return f"q, k, v run unfused ({qkv_reason}){still_fast}"
     if o_reason is not None:
-        return f"o_proj not fused ({o_reason})"
+        return f"o_proj runs unfused ({o_reason})"
     return rope_reason
 
 
