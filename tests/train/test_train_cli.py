@@ -668,3 +668,13 @@ def test_the_progress_lines_tokens_per_second_leave_out_evals_and_checkpoints(mo
     bar.update(SimpleNamespace(seen_tokens=2000, step=10), SimpleNamespace(loss=1.0, lr=1e-4))
     line = capsys.readouterr().err
     assert "100 tok/s" in line and "ETA 50s" in line  # 2000 tokens in 20 s of steps; the ETA keeps the pauses
+
+
+def test_the_few_steps_notice_counts_in_good_english():
+    from types import SimpleNamespace
+
+    from lorakit.train.run import _few_steps_notice
+
+    config = SimpleNamespace(train=SimpleNamespace(max_steps=None, epochs=1.0))
+    one = SimpleNamespace(total_steps=1, batches_per_epoch=1, grad_accum=1, world_size=1)
+    assert _few_steps_notice(config, one)[0].startswith("only 1 optimizer step (1 epoch(s) of 1 micro-batch, 1 per")

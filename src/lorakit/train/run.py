@@ -224,8 +224,9 @@ def _few_steps_notice(config: RunConfig, settings: LoopSettings) -> list[str]:
     at the defaults: 2 steps), unless the user chose the step count."""
     if config.train.max_steps is not None or settings.total_steps >= FEW_STEPS:
         return []
-    return [f"only {settings.total_steps} optimizer steps ({config.train.epochs:g} epoch(s) of "
-            f"{settings.batches_per_epoch} micro-batches, {settings.grad_accum * settings.world_size} per step): too "
+    steps, batches = settings.total_steps, settings.batches_per_epoch
+    return [f"only {steps} optimizer step{'s' * (steps != 1)} ({config.train.epochs:g} epoch(s) of "
+            f"{batches} micro-batch{'es' * (batches != 1)}, {settings.grad_accum * settings.world_size} per step): too "
             "few to learn much; `lorakit recommend --data ...` suggests epochs and batch for this data, or pass "
             "--epochs or --max-steps"]
 
