@@ -51,6 +51,20 @@ def test_a_memory_budget_that_is_no_size_is_named():
         resolve(None, flags("--memory-budget", "16B"))
 
 
+@pytest.mark.parametrize("spelled, dtype", [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"),
+                                            ("bfloat16", "bfloat16")])
+def test_a_dtype_takes_the_short_spellings_other_tools_use(tmp_path, spelled, dtype):
+    from lorakit.cli import build_parser
+
+    assert resolve(None, flags("--dtype", spelled)).model.dtype == dtype
+    path = tmp_path / "c.yaml"
+    path.write_text(f"dtype: {spelled}\n")
+    assert resolve(load_yaml(path), flags()).model.dtype == dtype
+    for command in (["eval", "--adapter", "a", "--data", "d"], ["generate", "hi"], ["merge", "--adapter", "a",
+                                                                                   "--output", "o"]):
+        assert build_parser(command).parse_args([*command, "--dtype", spelled]).dtype == dtype
+
+
 def test_a_repeated_file_flag_takes_every_file(tmp_path):
     """`--data a --data b` read only b (argparse's store: the last wins), silently."""
     path = tmp_path / "c.yaml"

@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Callable, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -30,6 +30,12 @@ from lorakit.values import parse_size
 
 DATA_FORMATS = ("auto", "text", "instruction", "chat")  # data/formats.py reads each
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.training_dtype picks for the device
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # as estimate and other tools spell them
+
+
+def dtype_name(text: str) -> str:
+    """torch's name for a dtype given as bf16, fp16 or fp32 (any other text as it is, for the choices to check)."""
+    return DTYPE_ALIASES.get(text, text)
 QUANTIZE = ("none", "4bit", "8bit")  # the base's weights (quantize.py)
 # The guide's presets: rank by task, alpha = 2r, adapters on all seven projections.
 TASK_PRESETS = {
@@ -41,12 +47,14 @@ TASK_PRESETS = {
 
 
 def opt(default, help: str, flag: str | None = None, choices=None, switch: tuple[str, str] | None = None,
-        comma_list: bool = False, gib: bool = False):
+        comma_list: bool = False, gib: bool = False, spelling: Callable[[str], str] | None = None):
     """A field with its help and flag. `switch=(on, off)` makes a choice that also reads as a
     yes/no: YAML true/false and the bare `--flag` / `--no-flag` mean `on` / `off`. `comma_list`:
     a comma-separated string that a YAML file may also give as a list of names (as PEFT's configs do).
-    `gib`: a memory size in GiB, also written with its unit (8GiB, 8GB, 512MiB) as recommend takes them."""
-    meta = {"help": help, "flag": flag, "choices": choices, "switch": switch, "comma_list": comma_list, "gib": gib}
+    `gib`: a memory size in GiB, also written with its unit (8GiB, 8GB, 512MiB) as recommend takes them.
+    `spelling`: maps another spelling of a choice to the choice (bf16 -> bfloat16)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "switch": switch, "comma_list": comma_list, "gib": gib,
+            "spelling": spelling}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -56,7 +64,8 @@ def opt(default, help: str, flag: str | None = None, choices=None, switch: tuple
 class ModelConfig:
     name: str | None = opt(None, "model: local folder, hub id, or .gguf file (default: built-in SmolLM2-135M-Instruct)", flag="--model")
     dtype: str = opt("auto", "weights dtype; auto: bfloat16 on a GPU with bf16 or a CPU with native bf16 "
-                     "(AVX512-BF16, AMX), else float32", choices=list(DTYPES))
+                     "(AVX512-BF16, AMX), else float32; bf16, fp16, fp32 too", choices=list(DTYPES),
+                     spelling=dtype_name)
     quantize: str = opt("none", "load the base in 4-bit (NF4) or 8-bit with bitsandbytes (GPU)", choices=list(QUANTIZE))
     allow_pickle: bool = opt(False, "allow pickle weight files (.bin), loaded with weights_only=True")
 
@@ -184,7 +193,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         elif base is list:
             group.add_argument(flag_of(f), nargs="+", action="extend", metavar="PATH", **kwargs)  # --data a --data b: both
         else:  # a size in GiB is read by _coerce, which knows its units
-            group.add_argument(flag_of(f), type=str if f.metadata.get("gib") else base,
+            group.add_argument(flag_of(f), type=str if f.metadata.get("gib") else f.metadata.get("spelling") or base,
                                choices=f.metadata.get("choices"), **kwargs)
 
 
@@ -398,6 +407,9 @@ def _coerce(section: str, name: str, value, origin: str):
         return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
     if _field(section, name).metadata.get("comma_list") and isinstance(value, (list, tuple)):
         value = _comma_list(value, where)
+    spelling = _field(section, name).metadata.get("spelling")
+    if spelling and isinstance(value, str):
+        value = spelling(value)
     if _field(section, name).metadata.get("gib") and isinstance(value, str):
         flag = flag_of(_field(section, name)) if origin == "flag" else where
         value = parse_size(value, flag) / 2**30

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lorakit.config import DTYPES, QUANTIZE
+from lorakit.config import DTYPES, QUANTIZE, dtype_name
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -22,7 +22,7 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
                    help="the adapter folder (PEFT format), or a training run's folder for its adapter")
     p.add_argument("--output", required=True, metavar="DIR", help="the merged model's new folder")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--dtype", default=None, choices=[d for d in DTYPES if d != "auto"],
+    p.add_argument("--dtype", default=None, choices=[d for d in DTYPES if d != "auto"], type=dtype_name,
                    help="dtype of the merged weights (default: the base's own, from its config.json; float32 "
                         "where it records none or for a .gguf; bfloat16 with --quantize). The base is read and "
                         "merged in fp32, a 16-bit result rounded once, and the reloaded folder checked in fp32 "

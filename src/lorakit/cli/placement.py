@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import re
 
-from lorakit.config import DTYPES, MAX_THREADS
+from lorakit.config import DTYPES, MAX_THREADS, dtype_name
 
 
 def add_placement_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", type=device_name,
                         help="auto, cpu, cuda or cuda:N (the N-th GPU); auto: the GPU when there is one, else the CPU")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, type=dtype_name,
                         help="weights dtype; auto: what lorakit train picks on that device (bfloat16 on a GPU "
                              "or a CPU with native bf16, else float32), so the losses match training's eval")
     parser.add_argument("--threads", type=thread_count, default=None, metavar="N",
