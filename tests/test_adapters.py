@@ -122,6 +122,17 @@ def test_generate_refuses_more_tokens_than_a_position_table_holds(tmp_path, caps
     assert "exceed the model's context of 32 positions; lower --max-new-tokens to" in capsys.readouterr().err
 
 
+def test_a_seed_makes_sampling_repeat(trained, capsys):
+    model, _, adapter = trained
+    texts = []
+    for seed in (5, 5, 6):
+        capsys.readouterr()
+        assert main(["generate", "--adapter", str(adapter), "--model", str(model), "--max-new-tokens", "12",
+                     "--temperature", "1.5", "--seed", str(seed), "hello"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0] != texts[2]
+
+
 def test_generate_stops_at_every_end_token_of_the_generation_config(trained, monkeypatch):
     """Chat models end a turn with a token listed only in generation_config (Llama 3's <|eot_id|>)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -206,7 +217,8 @@ def test_stop_tokens_take_any_form_and_none_means_none():
                                          (["--temperature", "1e-300"], "below it the logits overflow"),
                                          (["--raw", ""], "the prompt is empty"),
                                          (["--use", "zzz"], "none is loaded"),
-                                         (["--raw", "--system", "be brief"], "--system is a chat turn")])
+                                         (["--raw", "--system", "be brief"], "--system is a chat turn"),
+                                         (["--seed", "3"], "--temperature 0 is greedy, without one")])
 def test_generate_refuses_bad_sampling_values_before_loading(capsys, flags, words):
     assert main(["generate", *flags] + ([] if flags[-1] == "" else ["hello"])) == 2
     assert words in capsys.readouterr().err

@@ -27,6 +27,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="with --temperature above 0: the sampler's seed, so that the same command gives the same text")
     p.add_argument("--system", metavar="TEXT",
                    help="the system turn (default: the one the adapter's training records all opened with, "
                         "else the chat template's own; \"\" for the template's own)")
@@ -56,8 +58,15 @@ def run(args: argparse.Namespace) -> int:
     if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < float("inf")):
         raise ConfigError(f"--temperature must be 0 (greedy) or a number from {MIN_TEMPERATURE:g} up, got "
                           f"{args.temperature:g} (below it the logits overflow: use 0 for greedy)")
+    if args.seed is not None and args.temperature == 0:
+        raise ConfigError("--seed sets the sampler's seed, and --temperature 0 is greedy, without one: pass "
+                          "--temperature above 0 (e.g. 0.7), or leave --seed out")
     refuse_classifier_adapters(args.adapter or [], "generate")
     use_threads(args)
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
     device, dtype = inference_placement(args.device, args.dtype)
     model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for(args.adapter), dtype=dtype, device=device,
                                                    allow_pickle=args.allow_pickle)
