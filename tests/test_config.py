@@ -162,7 +162,10 @@ def test_eval_split_is_a_fraction_or_a_whole_count(value):
     (("--epochs", "inf"), "--epochs must be a positive number"), (("--seed", "-1"), "--seed must be in"),
     (("--seed", str(2**64)), "--seed must be in"), (("--threads", "100000"), "--threads must be at most"),
     (("--output", " "), "--output is empty"), (("--epochs", "1e30"), "up to 1,000,000"),
-    (("--max-steps", str(10**26)), "at most 1,000,000,000")])
+    (("--max-steps", str(10**26)), "at most 1,000,000,000"),
+    # found by a hostile-input hunt: RAM filled before the first step, NaN after the base eval, an overflow
+    (("--grad-accum", str(10**12)), "--grad-accum must be from 1 to 4,096"),
+    (("--alpha", "1e39"), "--alpha must be at most 100,000"), (("--memory-budget", "1e300"), "not a memory size")])
 def test_values_that_crashed_a_run_after_its_folder_was_cleared(argv, message):
     with pytest.raises(ConfigError, match=message):
         resolve(None, flags(*argv))

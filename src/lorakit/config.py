@@ -26,7 +26,7 @@ from typing import Any, Callable, get_args, get_origin, get_type_hints
 import yaml
 
 from lorakit.errors import ConfigError
-from lorakit.values import parse_size
+from lorakit.values import is_number, parse_size
 
 DATA_FORMATS = ("auto", "text", "instruction", "chat")  # data/formats.py reads each
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.training_dtype picks for the device
@@ -465,6 +465,9 @@ def _apply_task_preset(config: RunConfig, sources: dict[str, str]) -> None:
 
 MAX_THREADS = 1024  # far above any CPU's cores; 100000 threads exhaust memory before they run
 MAX_STEPS, MAX_EPOCHS = 10**9, 10**6  # far beyond any run: a larger value is a typo (1e26), not a plan
+# as far beyond: a step holds its micro-batches in memory (exact token normalisation), 1e12 of them filled
+# the RAM before the first step; an alpha of 1e30 trains to NaN; a budget of 1e300 GiB overflows the plan
+MAX_GRAD_ACCUM, MAX_ALPHA, MAX_MEMORY_BUDGET_GIB = 4096, 100_000, 2**20
 
 
 def validate(config: RunConfig) -> None:
@@ -487,14 +490,17 @@ def validate(config: RunConfig) -> None:
         (t.max_steps is None or 0 < t.max_steps <= MAX_STEPS,
          f"--max-steps must be positive and at most {MAX_STEPS:,}, got {t.max_steps}"),
         (t.batch_size >= 1, f"--batch-size must be at least 1, got {t.batch_size}"),
-        (t.grad_accum >= 1, f"--grad-accum must be at least 1, got {t.grad_accum}"),
+        (1 <= t.grad_accum <= MAX_GRAD_ACCUM,
+         f"--grad-accum must be from 1 to {MAX_GRAD_ACCUM:,}, got {t.grad_accum}"),
+        (not is_number(config.lora.alpha) or config.lora.alpha <= MAX_ALPHA,  # the engine names other alphas
+         f"--alpha must be at most {MAX_ALPHA:,} (the guide: alpha = 2 * r), got {config.lora.alpha!r}"),
         (0 <= t.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {t.warmup_ratio}"),
         (t.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {t.max_grad_norm}"),
         (t.eval_every >= 0 and t.save_every >= 0, "--eval-every and --save-every must be >= 0"),
         (t.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {t.max_bad_steps}"),
         (t.threads is None or t.threads >= 1, f"--threads must be at least 1, got {t.threads}"),
-        (t.memory_budget is None or (t.memory_budget > 0 and math.isfinite(t.memory_budget)),
-         f"--memory-budget must be a positive number of GiB, got {t.memory_budget}"),
+        (t.memory_budget is None or 0 < t.memory_budget <= MAX_MEMORY_BUDGET_GIB,
+         f"--memory-budget must be a positive number of GiB up to {MAX_MEMORY_BUDGET_GIB:,}, got {t.memory_budget}"),
         (d.seq_len >= 8, f"--seq-len must be at least 8, got {d.seq_len}"),
         (d.eval_split >= 0 and math.isfinite(d.eval_split) and (d.eval_split < 1 or d.eval_split == int(d.eval_split)),
          f"--eval-split must be a fraction below 1 or a whole number of records, got {d.eval_split}"),
