@@ -638,3 +638,16 @@ def test_an_empty_flag_value_is_refused_not_taken_for_not_given(argv, flag, caps
         main(argv)
     assert stop.value.code == 2
     assert f"error: {flag} is empty; give it a value, or leave the flag out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["train", "--data", "bad\udcff.jsonl", "--output", "runs/x"],
+                                  ["merge", "--adapter", "a", "--output", "m\udcff"], ["sweep", "sw\udcff.yaml"]])
+def test_a_path_that_is_not_utf8_is_refused_before_anything_runs(argv, tmp_path, capsys, monkeypatch):
+    # a finished training run lost its checkpoint and adapter to such a path (JSON cannot hold it)
+    from lorakit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and "holds bytes that are not UTF-8" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

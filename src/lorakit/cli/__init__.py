@@ -93,6 +93,15 @@ def _empty_option(command: argparse.ArgumentParser, args: argparse.Namespace) ->
     return None
 
 
+def _is_utf8(arg: str) -> bool:
+    """Python reads a command line's non-UTF-8 bytes as lone surrogates, which UTF-8 cannot encode."""
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return dict(actions[0].choices) if actions else {}
@@ -122,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         empty = _empty_option(command, args)
         if empty is not None:  # taken for "not given" (a default path, this machine's memory) or for "."
             command.error(f"{empty} is empty; give it a value, or leave the flag out")
+        undecodable = next((arg for arg in argv if not _is_utf8(arg)), None)
+        if undecodable is not None:  # a finished run lost its checkpoint to such a path: refused up front
+            command.error(f"{ascii(undecodable)} holds bytes that are not UTF-8 (a name in another encoding?); "
+                          "lorakit records paths in its JSON and YAML files, which hold UTF-8: rename it")
     if not hasattr(args, "func"):
         parser.print_help()
         return 0 if not argv else 2
