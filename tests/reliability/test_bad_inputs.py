@@ -211,6 +211,24 @@ def edit_trainer_state(change: Callable[[dict], object]):
     return setup
 
 
+def replace_optimizer_json(text: str):
+    """optimizer.json replaced in every checkpoint, manifests made to match (found by a hunt: a KeyError)."""
+    def setup(ctx: Ctx) -> None:
+        copy_run()(ctx)
+        for folder in ckpt.list_checkpoints(ctx.out / "checkpoints"):
+            (folder / ckpt.OPTIMIZER_JSON).write_text(text)
+            edit_checkpoint_state(folder, lambda state: None)  # re-hashes every file
+    return setup
+
+
+def run_file_as_folder(name: str):
+    def setup(ctx: Ctx) -> None:
+        copy_run()(ctx)
+        (ctx.out / name).unlink(missing_ok=True)
+        (ctx.out / name).mkdir()
+    return setup
+
+
 def damage_all_checkpoints(ctx: Ctx) -> None:
     copy_run()(ctx)
     for folder in ckpt.list_checkpoints(ctx.out / "checkpoints"):
@@ -480,7 +498,12 @@ OUTPUT_CASES = [
         ("config-a-string", lambda s: s.update(config="oops"), "invalid value(s) for config"),
         ("history-len-a-string", lambda s: s.update(history_len="x"), "invalid value(s) for history_len"),
         ("step-not-the-folders", lambda s: s["state"].update(step=s["state"]["step"] + 2), "is not the step its folder"),
+        ("rng-without-python", lambda s: s["rng"].pop("python") and None, "its random state (rng.safetensors"),
     ]],
+    *[Case(f"resume-{name}-a-folder", train("--resume"), f"{name} is not a file, where the run keeps its",
+           "move it out of the run folder", setup=run_file_as_folder(name)) for name in ("metrics.jsonl", "summary.json")],
+    Case("resume-optimizer-json-empty", train("--resume"), "optimizer.json does not describe an optimizer state",
+         "delete this", setup=replace_optimizer_json("{}")),
     Case("resume-hostile-trainer-state", train("--resume"), "is not a valid lorakit training state",
          "delete this checkpoint folder", setup=edit_trainer_state(lambda s: s["state"].update(step=-3, evil="x"))),
     Case("resume-other-data", train("--resume", data="{tmp}/small.jsonl"), "the data now makes",

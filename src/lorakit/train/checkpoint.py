@@ -65,7 +65,7 @@ from lorakit.safe_io import (
     sha256_file,
     translate_os_errors,
 )
-from lorakit.train.rng import capture_rng, restore_rng
+from lorakit.train.rng import CPU_KEY, capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 
@@ -437,27 +437,34 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     folder = Path(path)
     problem = verify_checkpoint(folder)
     if problem is not None:
-        raise AdapterFileError(
-            f"checkpoint {folder} is damaged: {problem}; resume from an earlier checkpoint "
-            "or delete this folder"
-        )
+        raise _damaged(folder, problem)
     trainer_state = _decode(_read_json(folder / TRAINER_STATE), {})
     if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step"), int) \
             or not isinstance(trainer_state.get("rng"), dict):
-        raise AdapterFileError(f"checkpoint {folder} is damaged: its {TRAINER_STATE} lacks the step or the random "
-                               "state; resume from an earlier checkpoint or delete this folder")
-    optimizer_sd = unflatten_optimizer_state(
-        load_safetensors_checked(folder / OPTIMIZER_TENSORS), _read_json(folder / OPTIMIZER_JSON)
-    )
+        raise _damaged(folder, f"its {TRAINER_STATE} lacks the step or the random state")
+    try:  # files whose checksums match but whose contents are not what a save writes (an edit)
+        optimizer_sd = unflatten_optimizer_state(
+            load_safetensors_checked(folder / OPTIMIZER_TENSORS), _read_json(folder / OPTIMIZER_JSON)
+        )
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise _damaged(folder, f"its {OPTIMIZER_JSON} does not describe an optimizer state ({exc!r})") from None
+    rng_tensors, rng_meta = load_safetensors_checked(folder / RNG_FILE), trainer_state["rng"]
+    if CPU_KEY not in rng_tensors or not {"python", "numpy"} <= set(rng_meta):
+        raise _damaged(folder, f"its random state ({RNG_FILE}, {TRAINER_STATE}) is incomplete")
     return Checkpoint(
         path=folder,
         step=int(trainer_state["step"]),
         model_tensors=load_safetensors_checked(folder / ADAPTER_FILE),
         optimizer_state_dict=optimizer_sd,
         trainer_state=trainer_state,
-        rng_tensors=load_safetensors_checked(folder / RNG_FILE),
-        rng_meta=trainer_state["rng"],
+        rng_tensors=rng_tensors,
+        rng_meta=rng_meta,
     )
+
+
+def _damaged(folder: Path, problem: str) -> AdapterFileError:
+    return AdapterFileError(f"checkpoint {folder} is damaged: {problem}; resume from an earlier checkpoint or "
+                            "delete this folder")
 
 
 def _optimizer_mismatch(optimizer: torch.optim.Optimizer, state_dict: Mapping) -> str | None:

@@ -82,6 +82,10 @@ class Session:
     def resume_if_asked(self) -> None:
         if not self.config.output.resume:
             return
+        for name in RUN_FILES:  # read or replaced below: a folder of that name would stop the resume mid-way
+            if (self.out / name).exists() and not (self.out / name).is_file():
+                raise OutputError(f"{self.out / name} is not a file, where the run keeps its {name}; move it out "
+                                  "of the run folder and resume again")
         path = self._latest_checkpoint()
         if path is None:
             self.log("resume: no complete checkpoint found; starting from the beginning")
@@ -528,6 +532,9 @@ def _effective(name: str, value):
 
     setting = ("on" if value else "off") if isinstance(value, bool) else value
     return wants_triton(setting, device_of_rank())
+
+
+RUN_FILES = ("metrics.jsonl", "summary.json")  # the run's own files a resume reads or removes
 
 
 def _read_history(path: Path, up_to_step: int, count: int | None = None) -> list[dict]:
