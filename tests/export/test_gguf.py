@@ -401,3 +401,14 @@ def test_an_activated_lora_is_refused_not_written_as_an_always_on_one(tmp_path):
     with pytest.raises(AdapterFileError, match="alora_invocation_tokens=\\[5, 6\\]: a GGUF adapter holds plain"):
         export_gguf(alora_dir, tmp_path / "a.gguf")
     assert list(tmp_path.glob("*.gguf")) == []
+
+
+def test_a_factor_beyond_float16_is_one_error_without_numpys_warning(recwarn):
+    import numpy as np
+
+    from lorakit.errors import AdapterFileError
+    from lorakit.export.gguf import _encode
+
+    with pytest.raises(AdapterFileError, match=r"exceeds float16's range \(65504\); use --outtype f32 or bf16"):
+        _encode(np.array([1e6], dtype=np.float32), gguf.GGMLQuantizationType.F16)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

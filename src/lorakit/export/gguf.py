@@ -284,7 +284,8 @@ def _encode(array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     if qtype == gguf.GGMLQuantizationType.F32:
         return np.ascontiguousarray(array, dtype=np.float32)
     if qtype == gguf.GGMLQuantizationType.F16:
-        half = np.ascontiguousarray(array, dtype=np.float16)
+        with np.errstate(over="ignore"):  # an overflow is reported below, in one line
+            half = np.ascontiguousarray(array, dtype=np.float16)
         if not np.isfinite(half).all():
             raise AdapterFileError("a LoRA factor exceeds float16's range (65504); use --outtype f32 or bf16")
         return half
