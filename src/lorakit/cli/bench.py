@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_report(result)
     check = result["check"]
+    if all("error" in row for row in result["variants"]):  # nothing was measured (a shape no variant could run)
+        print("bench: every variant failed (above); nothing was measured", file=sys.stderr)
+        return 1
     return 1 if check is not None and not check["passed"] else 0
 
 
