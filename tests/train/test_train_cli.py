@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -678,3 +679,21 @@ def test_the_few_steps_notice_counts_in_good_english():
     config = SimpleNamespace(train=SimpleNamespace(max_steps=None, epochs=1.0))
     one = SimpleNamespace(total_steps=1, batches_per_epoch=1, grad_accum=1, world_size=1)
     assert _few_steps_notice(config, one)[0].startswith("only 1 optimizer step (1 epoch(s) of 1 micro-batch, 1 per")
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line_not_a_traceback(tmp_path):
+    """`import lorakit` loaded torch and transformers before the command line's handler existed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import lorakit
+
+    source = str(Path(lorakit.__file__).parents[1])  # this lorakit, and no test folder's sitecustomize
+    child = subprocess.Popen([sys.executable, "-m", "lorakit", "train", "--output", str(tmp_path / "run")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": source})
+    time.sleep(1.0)  # inside the imports of torch and transformers (they take about 2 s here)
+    child.send_signal(signal.SIGINT)
+    out = child.communicate(timeout=120)[0].decode()
+    assert child.returncode == 130 and "Traceback" not in out and out.strip().endswith("interrupted")

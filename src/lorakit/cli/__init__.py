@@ -21,7 +21,6 @@ import warnings
 
 from lorakit import host
 from lorakit.errors import LorakitError, LorakitWarning, Terminated
-from lorakit.safe_io import os_error_words
 
 
 # (command, module under lorakit.cli, one-line help)
@@ -117,6 +116,14 @@ def _requested_command(argv: list[str] | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also while torch and transformers load, before any command runs
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if _requested_command(argv) == "train":
         from lorakit.config import explicit_switches
@@ -154,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     except LorakitError as exc:
         return refuse(exc, args)
     except OSError as exc:  # a path the user gave that the system refused, where no command said why
+        from lorakit.safe_io import os_error_words
+
         words = os_error_words(exc, "path")
         if words is None or exc.filename is None:
             raise
@@ -164,14 +173,13 @@ def main(argv: list[str] | None = None) -> int:
                               "run again", 1, args)
         if not str(exc).startswith("Symlink loop"):
             raise
+        from lorakit.safe_io import os_error_words
+
         return _say_error(f"{exc}; {os_error_words(OSError(errno.ELOOP, ''), 'path')[1]}", 2, args)
     except Terminated:
         if _speaks():
             print(_stopped_by_sigterm(getattr(args, "command", None)), file=sys.stderr)
         return 143
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 @contextlib.contextmanager
