@@ -65,6 +65,14 @@ def test_a_dtype_takes_the_short_spellings_other_tools_use(tmp_path, spelled, dt
         assert build_parser(command).parse_args([*command, "--dtype", spelled]).dtype == dtype
 
 
+def test_an_eval_split_beside_eval_files_is_refused_not_ignored(tmp_path):
+    with pytest.raises(ConfigError, match="--eval-split holds out part of the training data, and --eval-data names"):
+        resolve(None, flags("--eval-data", "e.jsonl", "--eval-split", "0.5"))
+    path = tmp_path / "config.yaml"  # as a run's own config.yaml holds them both
+    path.write_text("data: {eval_data: [e.jsonl], eval_split: 0.05}\n")
+    assert resolve(load_yaml(path), flags()).data.eval_data == ["e.jsonl"]
+
+
 def test_a_repeated_file_flag_takes_every_file(tmp_path):
     """`--data a --data b` read only b (argparse's store: the last wins), silently."""
     path = tmp_path / "c.yaml"

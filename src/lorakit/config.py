@@ -511,6 +511,8 @@ def validate(config: RunConfig) -> None:
         (all(str(path).strip() for path in d.data), "--data names an empty path; name the data files"),
         (all(str(path).strip() for path in d.eval_data or []), "--eval-data names an empty path; name the files"),
         (not (o.resume and o.overwrite), "--resume and --overwrite contradict each other; choose one"),
+        (not (d.eval_data and d.eval_split and config.sources.get("data.eval_split") == "flag"),  # a run's config.yaml holds both
+         "--eval-split holds out part of the training data, and --eval-data names separate eval files: use one"),
     ]
     problems += [message for ok, message in checks if not ok]
     try:
