@@ -182,6 +182,11 @@ def test_an_output_that_is_a_file_is_refused_before_any_point_trains(base_config
     captured = capsys.readouterr()
     assert "is a file; choose a folder path for the sweep" in captured.err and "training point" not in captured.out
     assert (tmp_path / "taken").read_text() == "a file"
+    (tmp_path / "model").mkdir()  # a folder of other things (found by a hunt: points/ went into a model's folder)
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert main(["sweep", str(base_config), "--r", "2", "--max-steps", "1", "--output", str(tmp_path / "model")]) == 2
+    assert "holds files that are not a sweep's" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json"]
 
 
 def test_missing_or_dataless_config_exits_2(tmp_path, capsys):

@@ -350,6 +350,9 @@ def run_sweep(config_path: str | Path, grid: Grid, max_steps: int | None, output
     out, points = Path(output), grid.points()
     if out.exists() and not out.is_dir():  # before any point trains
         raise OutputError(f"--output {out} is a file; choose a folder path for the sweep")
+    if out.is_dir() and any(out.iterdir()) and not ((out / "sweep.json").exists() or (out / "points").exists()):
+        raise OutputError(f"--output {out} holds files that are not a sweep's (a run, a model?); choose a new or "
+                          "empty folder, or the folder of the sweep to go on with")
     configs = {p.slug: point_config(values, p, int(max_steps), out / "points" / p.slug, threads) for p in points}
     check_targets(next(iter(configs.values())), points)
     task = next(iter(configs.values())).lora.task
