@@ -432,7 +432,9 @@ def test_hub_id_fails_fast_when_offline(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 10
     message = str(info.value)
     assert "'some-org/some-model'" in message and "could not be downloaded" in message
-    assert "pass a local folder" in message
+    assert "pass a local folder" in message and "built-in" not in message
+    with pytest.raises(ModelLoadError, match="the built-in model is 'smollm2-135m-instruct'"):
+        load_model_and_tokenizer("smollm2-135m")  # estimate's preset name, a near miss of the built-in's
 
 
 def test_unreachable_hub_is_detected_without_retries(tmp_path, monkeypatch):

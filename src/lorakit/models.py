@@ -19,6 +19,7 @@ caller passes ``allow_pickle=True``; even then transformers loads them with
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.util
 import logging
 import os
@@ -97,6 +98,12 @@ def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
 def names_the_builtin(spec: str | os.PathLike) -> bool:
     """The alias of the built-in model (what adapters trained on it record as their base)."""
     return str(spec).strip().lower() == DEFAULT_MODEL
+
+
+def _builtin_hint(name: str) -> str:
+    """A name close to the built-in model's (smollm2-135m, as estimate's preset is called)."""
+    close = difflib.get_close_matches(name.strip().lower(), [DEFAULT_MODEL], n=1, cutoff=0.6)
+    return f"the built-in model is {DEFAULT_MODEL!r} (or leave --model out); " if close else ""
 
 
 def _looks_like_path(text: str) -> bool:
@@ -260,7 +267,7 @@ def _hub_error(hub_id: str, exc: Exception, offline: bool) -> ModelLoadError:
         return ModelLoadError(
             f"model {hub_id!r} is not a local folder or file, and it could not be downloaded from "
             "the Hugging Face Hub (no network, or offline mode) nor found in the local HF cache; "
-            f"{_SPEC_HINT}"
+            f"{_builtin_hint(hub_id)}{_SPEC_HINT}"
         )
     return ModelLoadError(
         f"could not load {hub_id!r} from the Hugging Face Hub ({type(exc).__name__}: "
