@@ -55,6 +55,7 @@ def test_two_adapter_folders_of_one_name_are_told_apart_by_path(tmp_path):
     assert adapters.add(tmp_path / "old" / "a" / "adapter") == str((tmp_path / "old" / "a" / "adapter").resolve())
     assert (logits(adapters.activate(f"{tmp_path}/old/./a/adapter/")) - second).abs().max() <= 1e-6  # any spelling
     assert (logits(adapters.activate("a")) - first).abs().max() <= 1e-6
+    assert (logits(adapters.activate(f"{tmp_path}/old/a")) - second).abs().max() <= 1e-6  # the run's folder
 
 
 def test_adapter_for_another_base_is_refused(tmp_path):
@@ -180,6 +181,9 @@ def test_generate_answers_under_the_system_turn_the_adapter_was_trained_with(tmp
         told = "system turn: the one all its training records opened with ('Answer as a pirate.')" in capsys.readouterr().err
         assert told == (flags == [])
     assert seen == ["Answer as a pirate.", "Be brief.", ""]  # "": the chat template's own
+    assert main(["export", "--adapter", str(tmp_path / "run"), "--format", "vllm", "--output", str(tmp_path / "v")]) == 0
+    assert "trained with every record opening on the system turn 'Answer as a pirate.'; the result does not keep it" \
+        in capsys.readouterr().err
 
 
 def test_a_template_that_refuses_a_system_turn_is_one_clear_error():
@@ -218,7 +222,9 @@ def test_stop_tokens_take_any_form_and_none_means_none():
                                          (["--raw", ""], "the prompt is empty"),
                                          (["--use", "zzz"], "none is loaded"),
                                          (["--raw", "--system", "be brief"], "--system is a chat turn"),
-                                         (["--seed", "3"], "--temperature 0 is greedy, without one")])
+                                         (["--seed", "3"], "--temperature 0 is greedy, without one"),
+                                         (["--seed", str(2**64), "--temperature", "0.7"], "--seed must be in [0, 2**32)"),
+                                         (["--seed", "-5", "--temperature", "0.7"], "--seed must be in [0, 2**32)")])
 def test_generate_refuses_bad_sampling_values_before_loading(capsys, flags, words):
     assert main(["generate", *flags] + ([] if flags[-1] == "" else ["hello"])) == 2
     assert words in capsys.readouterr().err

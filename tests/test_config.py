@@ -36,7 +36,8 @@ def test_flags_override_yaml(tmp_path):
     assert config.sources["lora.r"] == "config file" and config.sources["lora.alpha"] == "flag"
 
 
-@pytest.mark.parametrize("text, gib", [("8GiB", 8.0), ("8GB", 8.0), ("8", 8.0), ("512MiB", 0.5), ("1.5g", 1.5)])
+@pytest.mark.parametrize("text, gib", [("8GiB", 8.0), ("8GB", 8.0), ("8", 8.0), ("512MiB", 0.5), ("1.5g", 1.5),
+                                       ("0.003", 0.003), ("1e2", 100.0), ("3MiB", 3 / 1024)])
 def test_a_memory_budget_takes_a_size_with_its_unit_as_recommend_does(tmp_path, text, gib):
     assert resolve(None, flags("--memory-budget", text)).train.memory_budget == gib
     path = tmp_path / "c.yaml"
@@ -81,6 +82,10 @@ def test_a_repeated_file_flag_takes_every_file(tmp_path):
                                             "--eval-data", "f.jsonl"))
     assert config.data.data == ["a.jsonl", "b.jsonl", "c.jsonl"] and config.data.eval_data == ["e.jsonl", "f.jsonl"]
     assert resolve(load_yaml(path), flags()).data.data == ["yaml.jsonl"]  # no flag: the file's
+    from lorakit.cli import build_parser
+
+    for command in (["eval", "--adapter", "x"], ["recommend"]):  # the other commands that read data files
+        assert build_parser(command).parse_args([*command, "--data", "a", "--data", "b"]).data == ["a", "b"]
 
 
 @pytest.mark.parametrize("text,message", [
@@ -173,7 +178,8 @@ def test_eval_split_is_a_fraction_or_a_whole_count(value):
     (("--max-steps", str(10**26)), "at most 1,000,000,000"),
     # found by a hostile-input hunt: RAM filled before the first step, NaN after the base eval, an overflow
     (("--grad-accum", str(10**12)), "--grad-accum must be from 1 to 4,096"),
-    (("--alpha", "1e39"), "--alpha must be at most 100,000"), (("--memory-budget", "1e300"), "not a memory size")])
+    (("--alpha", "1e39"), "--alpha must be at most 100,000"), (("--memory-budget", "1e300"), "up to 1,048,576"),
+    (("--memory-budget", "2000000"), "up to 1,048,576")])
 def test_values_that_crashed_a_run_after_its_folder_was_cleared(argv, message):
     with pytest.raises(ConfigError, match=message):
         resolve(None, flags(*argv))
@@ -333,3 +339,14 @@ def test_version_prints_the_packages_version(capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["--version"])
     assert stopped.value.code == 0 and capsys.readouterr().out.strip() == f"lorakit {lorakit.__version__}"
+
+
+def test_the_package_exports_load_on_first_use_and_stay_reachable():
+    import subprocess
+    import sys
+
+    code = ("import sys, lorakit.cli; assert 'torch' not in sys.modules, 'the command line loaded torch'; "
+            "import lorakit; assert lorakit.lora.LoraConfig is lorakit.LoraConfig; "
+            "assert 'apply_lora' in dir(lorakit); "
+            "import pytest; pytest.raises(AttributeError, getattr, lorakit, 'nothing_here')")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.lora.adapter_folder import FINGERPRINT_KEY, SYSTEM_TURN_KEY, read_adapter_config
+from lorakit.lora.adapter_folder import FINGERPRINT_KEY, SYSTEM_TURN_KEY, adapter_or_run_folder, read_adapter_config
 from lorakit.lora.io import attach_adapter, base_rewriting_init, check_fingerprint, read_adapter
 from lorakit.lora.model import CONFIG_ATTR, base_fingerprint, remove_lora
 
@@ -91,7 +91,7 @@ class AdapterSet:
     def _lookup(self, name: str) -> _Stored:
         if name in self._adapters:
             return self._adapters[name]
-        wanted = Path(name).resolve()
+        wanted = adapter_or_run_folder(name).resolve()  # --use runs/NAME, as --adapter takes it
         by_path = [n for n, s in self._adapters.items() if s.path.resolve() == wanted]
         if by_path:
             return self._adapters[by_path[0]]

@@ -411,8 +411,7 @@ def _coerce(section: str, name: str, value, origin: str):
     if spelling and isinstance(value, str):
         value = spelling(value)
     if _field(section, name).metadata.get("gib") and isinstance(value, str):
-        flag = flag_of(_field(section, name)) if origin == "flag" else where
-        value = parse_size(value, flag) / 2**30
+        value = _gib(value, flag_of(_field(section, name)) if origin == "flag" else where)
     switch = _field(section, name).metadata.get("switch")
     if switch and isinstance(value, bool):  # YAML reads on/off/yes/no/true/false as booleans
         return switch[0] if value else switch[1]
@@ -428,6 +427,14 @@ def _coerce(section: str, name: str, value, origin: str):
     if base is str and not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, got {value!r}")
     return float(value) if base is float else value
+
+
+def _gib(text: str, flag: str) -> float:
+    """A size in GiB: a plain number (0.003, 1e2) as it always was, or one with its unit (8GiB, 512MiB)."""
+    try:
+        return float(text)
+    except ValueError:
+        return parse_size(text, flag, minimum=1) / 2**30
 
 
 def _comma_list(names: list | tuple, where: str) -> str:

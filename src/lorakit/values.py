@@ -26,9 +26,9 @@ def is_positive_number(value) -> bool:
     return is_number(value) and value > 0
 
 
-def parse_size(text: str, flag: str = "--gpu-memory") -> int:
+def parse_size(text: str, flag: str = "--gpu-memory", minimum: int = MIN_MEMORY) -> int:
     """'24GiB', '24GB', '24G' or '24' (GiB) -> bytes. Units are read as binary (GB = GiB):
-    GPU vendors quote binary sizes ('24 GB' cards hold 24 GiB)."""
+    GPU vendors quote binary sizes ('24 GB' cards hold 24 GiB). Below `minimum`: refused as a typo."""
     from lorakit.errors import ConfigError
 
     match = _SIZE.match(str(text))
@@ -38,7 +38,7 @@ def parse_size(text: str, flag: str = "--gpu-memory") -> int:
         raise ConfigError(f"{flag} {text!r} is not a memory size; write e.g. 24GiB, 80GB or 16")
     unit = match.group(2).lower() or "g"
     size = int(float(match.group(1)) * 1024 ** "kmgt".index(unit) * 1024)
-    if size < MIN_MEMORY:
-        raise ConfigError(f"{flag} {text!r} is below {MIN_MEMORY // 2**20} MiB, too little to train any model; "
+    if size < minimum:
+        raise ConfigError(f"{flag} {text!r} is below {minimum // 2**20} MiB, too little to train any model; "
                           "write the size with its unit, e.g. 24GiB")
     return size

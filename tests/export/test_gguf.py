@@ -264,6 +264,7 @@ def test_dora_and_modules_to_save_are_refused(tmp_path):
 def test_cli_writes_into_an_existing_folder(tmp_path, capsys):
     lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     (tmp_path / "rec").mkdir()  # a run's folder: its adapter is rec/adapter, as every run's is called
+    (tmp_path / "rec" / "config.yaml").write_text("lora: {r: 4}\n")
     adapter_dir, _, _ = make_peft_adapter(tmp_path / "rec", tiny_llama_config(), lora)
     other, _, _ = make_peft_adapter(tmp_path, tiny_llama_config(), lora, name="mine")
     out_dir = tmp_path / "out"
@@ -412,3 +413,20 @@ def test_a_factor_beyond_float16_is_one_error_without_numpys_warning(recwarn):
     with pytest.raises(AdapterFileError, match=r"exceeds float16's range \(65504\); use --outtype f32 or bf16"):
         _encode(np.array([1e6], dtype=np.float32), gguf.GGMLQuantizationType.F16)
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_model_names_the_base_as_merge_takes_it_or_says_what_it_cannot_read(tmp_path, capsys, monkeypatch):
+    from lorakit.export import adapter_files
+
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    adapter_dir, base_dir, _ = make_peft_adapter(tmp_path, tiny_llama_config(), lora)
+    (tmp_path / "base.gguf").write_bytes(b"GGUF\x00\xff binary")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00 binary")
+    for model, words in (("base.gguf", "is a GGUF file; give the base model's folder"),
+                         ("binary.json", "is not a JSON text file (a binary file?)")):
+        assert main(["export", "--adapter", str(adapter_dir), "--format", "gguf", "--output",
+                     str(tmp_path / "o.gguf"), "--model", str(tmp_path / model)]) == 2
+        assert words in capsys.readouterr().err and not (tmp_path / "o.gguf").exists()
+    monkeypatch.setattr(adapter_files, "_builtin_folder", lambda: base_dir)  # the built-in's converted folder
+    assert main(["export", "--adapter", str(adapter_dir), "--format", "gguf", "--output", str(tmp_path / "o.gguf"),
+                 "--model", "smollm2-135m-instruct"]) == 0

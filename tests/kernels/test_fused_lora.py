@@ -209,7 +209,7 @@ def test_dora_and_plain_linear_are_not_fusable():
     # both user choices named: turning DoRA off alone would leave the path unfused
     assert fuse_blocker(_lora(HIDDEN, 8, 2, dora=True, dropout=0.1)) == \
         "DoRA adapters are not fused, and lora dropout is 0.1 (the fused path needs 0)"
-    assert "not a LoRA layer" in fuse_blocker(nn.Linear(4, 4))
+    assert "no adapter on this Linear" in fuse_blocker(nn.Linear(4, 4))
 
 
 # ---- the cast adapter copies: made once per change of the master weights --------------------------

@@ -50,7 +50,8 @@ def test_single_module_names_as_separate_points_are_pointed_out():
     note = separate_names_note(parse_targets("q_proj,v_proj"))
     assert note.endswith("makes 2 points, one module name each; for one point that adapts them together, join "
                          "them with '+': --targets q_proj+v_proj")
-    for meant in ("qv,all", "q_proj+v_proj", "q_proj", "q_proj,all-linear", "q_proj+v_proj,o_proj"):
+    for meant in ("qv,all", "q_proj+v_proj", "q_proj", "q_proj,all-linear", "q_proj+v_proj,o_proj",
+                  ".*attn.*,.*mlp.*"):  # regular expressions: one point each, on purpose
         assert separate_names_note(parse_targets(meant)) is None, meant
 
 

@@ -17,8 +17,10 @@ DESCRIPTION = """\
 Singular values of every module's update s·BA, computed from the factors (no base model
 needed), the rank holding 90% / 99% of the energy, the stable rank and the norm; a summary
 per module type, a heatmap of the effective rank by layer, and a verdict on r:
-k95 = the 95th percentile of the modules' rank at the first energy level; suggested
-r = the next power of two >= k95 (at least 4); "saturated" when k95 >= 3/4 of r."""
+k95 = the 95th percentile of the modules' rank at the first energy level; "oversized" when
+the next power of two >= k95 (at least 4) is below r; "saturated" when k95 >= 3/4 of r and the
+spectrum is flat (the median module's smallest singular value at least half its largest);
+else "fits" (docs/choosing-parameters.md)."""
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -84,10 +86,9 @@ def _one_adapter(args: argparse.Namespace) -> Path:
 def _default_heatmap(adapter: Path) -> Path:
     """A training run's adapter: its run folder, beside loss.png (the adapter folder stays what
     export and PEFT read); any other adapter: its own folder."""
-    run = adapter.parent
-    if adapter.name == "adapter" and (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file():
-        return run / "effective_rank.png"
-    return adapter / "effective_rank.png"
+    from lorakit.lora.adapter_folder import run_of
+
+    return (run_of(adapter) or adapter) / "effective_rank.png"
 
 
 def _heatmap_target(args: argparse.Namespace) -> Path:

@@ -16,7 +16,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=__doc__)
     p.add_argument("--adapter", required=True, metavar="DIR", type=adapter_or_run_folder,
                    help="the adapter folder (PEFT format), or a training run's folder for its adapter")
-    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="data files to score, read as lorakit train reads them")
+    p.add_argument("--data", required=True, nargs="+", action="extend", metavar="FILE", help="data files to score, read as lorakit train reads them")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="data format")
     p.add_argument("--seq-len", type=int, help="maximum tokens per sequence (longer examples are cut; default: "

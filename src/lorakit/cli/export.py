@@ -58,6 +58,8 @@ FORMATS_OF_OPTION = {"allow_embeddings": ("vllm",), "max_lora_rank": ("vllm",), 
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.cli.merge import say_lost_system_turn
+
     _refuse_options_of_other_formats(args)
     if args.format == "gguf" and args.outtype is None:
         args.outtype = "f32"
@@ -70,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
                                allow_other_base=args.allow_other_base, overwrite=args.overwrite)
         if not args.json:
             print(f"wrote merged model to {args.output}")
+    say_lost_system_turn(args.adapter)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     return 0

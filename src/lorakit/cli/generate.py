@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < float("inf")):
         raise ConfigError(f"--temperature must be 0 (greedy) or a number from {MIN_TEMPERATURE:g} up, got "
                           f"{args.temperature:g} (below it the logits overflow: use 0 for greedy)")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed must be in [0, 2**32), as train's, got {args.seed}")
     if args.seed is not None and args.temperature == 0:
         raise ConfigError("--seed sets the sampler's seed, and --temperature 0 is greedy, without one: pass "
                           "--temperature above 0 (e.g. 0.7), or leave --seed out")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from lorakit.config import DTYPES, QUANTIZE, dtype_name
 
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = merge_to_folder(args.adapter, args.output, args.model, args.dtype, args.allow_other_base, args.overwrite,
                              quantize=getattr(args, "quantize", None), allow_pickle=getattr(args, "allow_pickle", False))
+    say_lost_system_turn(args.adapter)
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2))
     else:
@@ -51,3 +53,12 @@ def run(args: argparse.Namespace) -> int:
                   f"kernel; vs the {result['quantize']} model as trained (16-bit arithmetic): max logit difference "
                   f"{result['max_abs_logit_difference_vs_quantized']:.2e} (tolerance {result['tolerance_vs_quantized']:.3g})")
     return 0
+
+
+def say_lost_system_turn(adapter) -> None:
+    """merge and export: the adapter's trained system turn, which their outputs do not keep."""
+    from lorakit.lora.adapter_folder import lost_system_turn_note
+
+    note = lost_system_turn_note(adapter)
+    if note:
+        print(note, file=sys.stderr)

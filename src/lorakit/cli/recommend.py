@@ -18,8 +18,8 @@ from lorakit.config import DATA_FORMATS, TASK_PRESETS
 def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=__doc__)
     p.add_argument("--model", help="local folder, hub id, or .gguf file (default: built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--data", nargs="+", metavar="FILE", help="training data files (default: the built-in demo set)")
-    p.add_argument("--eval-data", nargs="+", metavar="FILE", help="evaluation data files (default: split off 5%%)")
+    p.add_argument("--data", nargs="+", action="extend", metavar="FILE", help="training data files (default: the built-in demo set)")
+    p.add_argument("--eval-data", nargs="+", action="extend", metavar="FILE", help="evaluation data files (default: split off 5%%)")
     p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="data format")
     p.add_argument("--task", default="domain", choices=list(TASK_PRESETS), help="the guide's preset to start from")
     p.add_argument("--gpu-memory", metavar="SIZE", help="plan for a GPU with this much memory, e.g. 24GiB")

@@ -484,7 +484,8 @@ def generation_prompt_ids(tokenizer: Any, prompt: str | list[dict], fmt: str = "
                                              chat_template=chat_template_for(tokenizer))
     except (jinja2.TemplateError, ValueError, TypeError) as exc:  # Gemma's refuses a system turn
         raise ConfigError(f"the model's chat template refused this prompt: {exc}"
-                          + ("; leave out --system" if system else "")) from exc
+                          + ("; leave out --system (--system \"\" where the adapter brings its training's system turn)"
+                             if system else "")) from exc
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -86,7 +86,15 @@ def find_base_config(adapter: Adapter, base_config_dir: str | Path | None = None
     base_model_name_or_path when that is a local folder or lorakit's built-in model (the folder
     it was converted to for training). None when neither is available."""
     if base_config_dir is not None:
+        from lorakit.models import names_the_builtin
+
+        if names_the_builtin(base_config_dir):  # --model smollm2-135m-instruct, as the adapter records it
+            folder = _builtin_folder()
+            return None if folder is None else _read_json(folder / "config.json")
         path = Path(base_config_dir)
+        if path.suffix.lower() == ".gguf":
+            raise ConfigError(f"--model {path} is a GGUF file; give the base model's folder (with config.json), "
+                              "or leave --model out for the adapter's own base")
         path = path if path.name == "config.json" or path.is_file() else path / "config.json"  # a file, any name
         if not path.is_file():
             raise ConfigError(f"--model: {path} does not exist; give the base model's folder (with config.json)")
@@ -126,6 +134,9 @@ def _read_json(path: Path) -> dict:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); --model "
                           "takes the base model's folder or its config.json") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a JSON text file (a binary file?); --model takes the base model's "
+                          "folder or its config.json") from None
     except RecursionError:
         raise ConfigError(f"{path} is nested too deeply to be a model config; --model takes the base "
                           "model's folder or its config.json") from None

@@ -234,8 +234,9 @@ def _output_path(output: Path, adapter_folder: Path, outtype: str) -> Path:
 def _adapter_name(adapter_folder: Path) -> str:
     """The folder's name, or for a training run's adapter (runs/NAME/adapter) the run's: every run's
     adapter folder is called "adapter", and two runs exported into one folder would collide."""
-    folder = adapter_folder.resolve()
-    return folder.parent.name if folder.name == "adapter" and folder.parent.name else folder.name
+    from lorakit.lora.adapter_folder import run_of
+
+    return (run_of(adapter_folder) or adapter_folder.resolve()).name
 
 
 def _write_gguf(path: Path, arch: str, name: str, alpha: float, outtype: str, tensors: dict) -> None:

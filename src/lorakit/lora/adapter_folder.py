@@ -112,12 +112,6 @@ class Adapter:
         """The fingerprint of the base lorakit trained on (None: saved by another tool)."""
         return self.metadata.get(FINGERPRINT_KEY)
 
-    @property
-    def system_turn(self) -> str | None:
-        """The system turn all its training records shared (None: they had none or several, or
-        another tool saved it)."""
-        return self.metadata.get(SYSTEM_TURN_KEY)
-
     def uses_rslora(self) -> bool:
         return bool(self.config.get("use_rslora", False))
 
@@ -195,6 +189,29 @@ def adapter_or_run_folder(path: str | Path) -> Path | str:
     if not (folder / CONFIG_FILE).exists() and (inside / CONFIG_FILE).is_file():
         return inside
     return folder
+
+
+def lost_system_turn_note(adapter: str | Path) -> str | None:
+    """For merge and export, whose outputs carry no metadata: the system turn the adapter was
+    trained under, which whoever serves the result must now give as the system prompt."""
+    path = Path(adapter) / WEIGHTS_FILE
+    try:
+        turn = safetensors_metadata(path).get(SYSTEM_TURN_KEY) if path.is_file() else None
+    except (AdapterFileError, OSError):  # the command that read it has said what is wrong with it
+        return None
+    if not turn:
+        return None
+    shown = turn if len(turn) <= 60 else turn[:57] + "..."
+    return (f"note: the adapter was trained with every record opening on the system turn {shown!r}; the result does "
+            "not keep it: give it as the system prompt where you serve it")
+
+
+def run_of(adapter: str | Path) -> Path | None:
+    """The training run a folder is the adapter of (runs/NAME for runs/NAME/adapter, beside the
+    run's config.yaml), or None."""
+    folder = Path(adapter).resolve()
+    run = folder.parent
+    return run if folder.name == "adapter" and (run / "config.yaml").is_file() else None
 
 
 def missing_config_hint(folder: Path) -> str:

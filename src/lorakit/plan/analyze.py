@@ -21,7 +21,7 @@ Per module: the singular values σ, the rank holding a fraction of the energy Σ
 The verdict, over the modules with a non-zero update, at the first energy level (90%), with r the
 modules' rank (the config's r, unless a rank_pattern gives them all another one):
   k95 = the 95th percentile (nearest rank) of the per-module rank at that energy,
-  suggested r = the next power of two >= k95, at least 4 (2r when saturated);
+  suggested r = the next power of two >= k95, at least 4 (2r when saturated, r when it fits);
   - "saturated" if k95 >= 3/4 of r and the spectrum is flat (the median module's smallest singular
     value at least half its largest): the adapter spreads over all of its rank, a larger r may
     help (or it trained too briefly to tell: an update that is still mostly noise is flat too).
@@ -308,11 +308,12 @@ def make_verdict(modules: list[ModuleRank], r: int, energy: float, capacity: int
                                       f"consider a larger r (e.g. {suggested}), unless it trained only briefly "
                                       "(an update that is still mostly noise is flat too)")
     elif k95 >= SATURATION * capacity:
-        kind, message = "fits", f"r={r} fits: {usage}, but the spectrum decays within r ({shape})"
+        suggested, kind = r, "fits"
+        message = f"r={r} fits: {usage}, but the spectrum decays within r ({shape})"
     elif suggested < r:
         kind, message = "oversized", f"r={r}, but {usage}: r={suggested} would likely do"
     else:
-        kind, message = "fits", f"r={r} fits: {usage}"
+        suggested, kind, message = r, "fits", f"r={r} fits: {usage}"
     idle = len(modules) - len(trained)
     if idle:
         message += f"; {idle} module{'s have' if idle != 1 else ' has'} no update (B = 0)"

@@ -148,7 +148,7 @@ def separate_names_note(specs: list[str]) -> str | None:
     said when every spec is one module name, the likely slip."""
     from lorakit.lora.targets import GROUPS
 
-    names = [spec for spec in specs if "," not in spec and spec not in (*GROUPS, "all-linear")]
+    names = [spec for spec in specs if re.fullmatch(r"[\w.]+", spec) and spec not in (*GROUPS, "all-linear")]
     if len(specs) < 2 or len(names) < len(specs):
         return None
     return (f"sweep: --targets {','.join(specs)} makes {len(specs)} points, one module name each; for one point "
