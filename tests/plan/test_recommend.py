@@ -49,6 +49,7 @@ def test_same_inputs_same_config_and_it_trains(tiny, tmp_path, capsys):
     # alpha = 2r is left to follow r, as in a run's own config.yaml: another --r takes alpha along
     lora = yaml.safe_load(first.read_text())["lora"]
     assert "alpha" not in lora and "alpha follows from r" in first.read_text()
+    assert "x 32/alpha above alpha 32; another --r moves alpha, not this" in first.read_text()  # lr stays
     assert main(["train", str(first), "--r", "32", "--dry-run"]) == 0
     assert "│ alpha     │ 64" in capsys.readouterr().out
 

@@ -119,7 +119,13 @@ class Recommendation:
     notes: list[str] = field(default_factory=list)
 
     def yaml(self) -> str:
-        return save_yaml(self.config)
+        """The config; its lr says the alpha it was chosen for, as alpha now follows a changed r and the
+        lr does not (above alpha 32 the rule lowers lr by 32/alpha)."""
+        alpha, lr = self.config.lora.alpha, self.config.train.lr
+        tier = float(f"{lr * max(alpha, 32) / 32:.2g}")
+        return save_yaml(self.config).replace(
+            f"\n  lr: {lr!r}\n", f"\n  lr: {lr!r}  # for alpha {alpha:g}: {tier:g}, x 32/alpha above alpha 32; "
+                                f"another --r moves alpha, not this\n", 1)
 
     def to_dict(self) -> dict:
         return {
