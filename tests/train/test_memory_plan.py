@@ -34,7 +34,7 @@ CUDA = torch.device("cuda", 0)  # only planned for: the budget is monkeypatched,
 def run_config(*argv):
     parser = argparse.ArgumentParser()
     add_flags(parser)
-    base = ["--data", "unused.jsonl", "--batch-size", "2", "--seq-len", "64", "--r", "4"]
+    base = ([] if "--data" in argv else ["--data", "unused.jsonl"]) + ["--batch-size", "2", "--seq-len", "64", "--r", "4"]
     return resolve(None, {k: v for k, v in vars(parser.parse_args(base + list(argv))).items()})
 
 
@@ -370,7 +370,7 @@ def test_bad_memory_budget_exits_2_with_one_message(capsys, tmp_path, value):
 
     assert main(["train", "--memory-budget", value, "--data", str(tmp_path / "none.jsonl")]) == 2
     err = capsys.readouterr().err
-    assert f"--memory-budget must be a positive number of GiB, got {float(value)}" in err
+    assert f"--memory-budget must be a positive number of GiB up to 1,048,576, got {float(value)}" in err
     assert "Traceback" not in err
 
 

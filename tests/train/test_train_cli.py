@@ -161,7 +161,9 @@ def test_resume_past_max_steps_is_refused_and_new_eval_data_gets_a_new_base_loss
     other = write_define_data(tmp_path / "other.jsonl", count=40, seed=7)
     measured, real = [], session.Session.run_eval
     monkeypatch.setattr(session.Session, "run_eval", lambda self, label: measured.append(label) or real(self, label))
-    assert main(train_args(tiny, out, "--max-steps", "5", "--resume", "--eval-data", str(other))) == 0
+    args = train_args(tiny, out, "--max-steps", "5", "--resume", "--eval-data", str(other))
+    split = args.index("--eval-split")  # with --eval-data it is refused (it was ignored)
+    assert main(args[:split] + args[split + 2:]) == 0
     assert measured[0] == "base"  # the saved base loss was of the other eval set
 
 

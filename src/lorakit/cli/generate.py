@@ -13,9 +13,8 @@ MIN_TEMPERATURE = 1e-4  # logits / t must stay finite in fp32 and bf16 for the s
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    from lorakit.lora.adapter_folder import adapter_or_run_folder
-
     from lorakit.cli.placement import add_placement_flags
+    from lorakit.lora.adapter_folder import adapter_or_run_folder
 
     p = subparsers.add_parser(name, help=help_text, description=__doc__)
     p.add_argument("prompt", help="the user message (or raw text with --raw)")
