@@ -12,6 +12,11 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def shortened(text: str, width: int = 60) -> str:
+    """A user's text quoted in a one-line message, cut to `width` characters."""
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM outside a training run's steps (StopSignals handles it within them): the command
     stops at once, like Ctrl-C, and says how to go on. A KeyboardInterrupt, not an Exception, so

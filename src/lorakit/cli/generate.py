@@ -87,10 +87,11 @@ def run(args: argparse.Namespace) -> int:
 def _trained_system_turn(adapters) -> str | None:
     """The system turn the adapter was trained under, said on stderr: answering without it would
     ask the adapter something other than what it learned."""
+    from lorakit.errors import shortened
+
     saved = adapters.system_turn()
     if saved:
-        shown = saved if len(saved) <= 60 else saved[:57] + "..."
-        print(f"system turn: the one all its training records opened with ({shown!r}); --system TEXT for "
+        print(f"system turn: the one all its training records opened with ({shortened(saved)!r}); --system TEXT for "
               "another, --system \"\" for the chat template's own", file=sys.stderr)
     return saved
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, shortened
 from lorakit.lora.config import lora_scale, pattern_value
 from lorakit.safe_io import load_safetensors_checked, load_tensor_file, refuse_pickle
 from lorakit.values import is_number, is_positive_int, is_positive_number
@@ -201,9 +201,8 @@ def lost_system_turn_note(adapter: str | Path) -> str | None:
         return None
     if not turn:
         return None
-    shown = turn if len(turn) <= 60 else turn[:57] + "..."
-    return (f"note: the adapter was trained with every record opening on the system turn {shown!r}; the result does "
-            "not keep it: give it as the system prompt where you serve it")
+    return (f"note: the adapter was trained with every record opening on the system turn {shortened(turn)!r}; "
+            "the result does not keep it: give it as the system prompt where you serve it")
 
 
 def run_of(adapter: str | Path) -> Path | None:

@@ -80,3 +80,25 @@ class Progress:
     def note(self, text: str) -> None:
         if text:
             self.console.print(text)
+
+
+class SilentProgress:
+    """The progress bar's interface, silent: ranks other than 0."""
+
+    def __init__(self, *args):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, state, result) -> None:
+        pass
+
+    def paused(self):
+        return contextlib.nullcontext()
+
+    def note(self, text: str) -> None:
+        pass

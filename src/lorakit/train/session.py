@@ -13,7 +13,6 @@ The output folder during and after a run:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -31,7 +30,7 @@ from lorakit.safe_io import atomic_write_json, atomic_write_text, save_figure, t
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.loop import Hooks, StepResult, StopSignals, Trainer, TrainState, epoch_plan, evaluate
-from lorakit.train.progress import Progress, peak_memory_bytes
+from lorakit.train.progress import Progress, SilentProgress, peak_memory_bytes
 from lorakit.train.rng import capture_rng
 from lorakit.train.tensorboard_log import TensorBoardLog
 from lorakit.train.run import Prepared, keep_global_batch, write_config
@@ -292,7 +291,7 @@ class Session:
             self.log(f"base model eval loss {self.base_eval['loss']:.4f} (perplexity {self.base_eval['perplexity']:.2f})")
             _refuse_non_finite_base(self.base_eval["loss"])
         trainer = Trainer(self.prepared.model, self.prepared.train, self.prepared.settings, self.optimizer, self.state)
-        progress = Progress if distributed.is_main() else _NoProgress
+        progress = Progress if distributed.is_main() else SilentProgress
         # the handlers stay through the stop's checkpoint: a late signal must not kill its save
         with StopSignals() as signals:
             with progress(self.prepared.settings.total_steps, self.state.step, self.prepared.settings.device,
@@ -421,28 +420,6 @@ class Session:
 
 def _quiet(*args, **kwargs) -> None:
     pass
-
-
-class _NoProgress:
-    """The progress bar's interface, silent: ranks other than 0."""
-
-    def __init__(self, *args):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, state, result) -> None:
-        pass
-
-    def paused(self):
-        return contextlib.nullcontext()
-
-    def note(self, text: str) -> None:
-        pass
 
 
 def _base_name(prepared: Prepared) -> str:
