@@ -322,6 +322,18 @@ def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
     assert "[[" in printed and "trainable parameters" in printed
 
 
+def test_eval_data_that_is_also_training_data_is_named(tiny, tmp_path, capsys, monkeypatch):
+    model, data = tiny
+    monkeypatch.chdir(data.parent)
+    args = ["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "run"), "--dry-run",
+            "--seq-len", "64", "--r", "4"]
+    assert main(args + ["--eval-data", f"./{data.name}"]) == 0  # another spelling of the same file
+    assert f"--eval-data ./{data.name} is also training data" in capsys.readouterr().out
+    held_out = write_define_data(tmp_path / "held_out.jsonl", count=8)
+    assert main(args + ["--eval-data", str(held_out)]) == 0
+    assert "is also training data" not in capsys.readouterr().out
+
+
 def test_rows_beyond_the_models_positions_are_refused_where_they_are_a_table_and_named_where_rotary():
     import transformers
 

@@ -213,7 +213,24 @@ def prepare(config: RunConfig) -> Prepared:
     notices += parallel_notices + distributed.global_batch_notice(config.train)
     settings = loop_settings(config, model, tokenizer, train)
     notices += _long_step_notice(settings) + _few_steps_notice(config, settings) + _busy_cores_notice(config, device)
+    notices += _eval_is_training_data_notice(config)
     return Prepared(config, model, tokenizer, source, train, evaluation, settings, notices)
+
+
+def _eval_is_training_data_notice(config: RunConfig) -> list[str]:
+    """One line when an --eval-data file is also a training file: its loss then says how well the
+    run memorised, not how it does on text it has not seen."""
+    def same_file(a: str, b: str) -> bool:
+        try:
+            return os.path.samefile(a, b)
+        except OSError:  # not a local file (read_records said so already, or a dataset name)
+            return a == b
+
+    shared = [path for path in config.data.eval_data if any(same_file(path, train) for train in config.data.data)]
+    if not shared:
+        return []
+    return [f"--eval-data {', '.join(map(str, shared))} is also training data: its eval loss measures memorising, "
+            "not how the adapter does on unseen text; pass a held-out file, or --eval-split to set some aside"]
 
 
 FEW_STEPS = 20  # fewer optimizer steps than this from --epochs alone: a run too short to learn much
