@@ -322,6 +322,18 @@ def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
     assert "[[" in printed and "trainable parameters" in printed
 
 
+def test_r_and_its_torchrun_spelling_are_one_setting(tiny, tmp_path, capsys):
+    from lorakit.cli import build_parser
+    from lorakit.cli.train import resolve_args
+
+    config, _ = resolve_args(build_parser().parse_args(train_args(tiny, tmp_path / "a", "--lora-r", "4")))
+    assert config.lora.r == 4 and config.sources["lora.r"] == "flag"  # the same rank twice is no conflict
+    assert main(train_args(tiny, tmp_path / "b", "--lora-r", "16")) == 2  # train_args passes --r 4
+    err = capsys.readouterr().err
+    assert "--r 4 and --lora-r 16 are one setting" in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_eval_data_that_is_also_training_data_is_named(tiny, tmp_path, capsys, monkeypatch):
     model, data = tiny
     monkeypatch.chdir(data.parent)

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from lorakit.config import add_flags, load_yaml, resolve
-from lorakit.errors import LorakitError
+from lorakit.errors import ConfigError, LorakitError
 
 # `lorakit train` with no data: the built-in SmolLM2 on the bundled WordNet set, sized to finish
 # in a few minutes on 2 CPU cores. Each value applies only where the user gave none.
@@ -27,7 +27,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("config_file", nargs="?", metavar="CONFIG.yaml", help="a YAML config (flags override it)")
     add_flags(p)
     # torchrun's own parser reads every later "--x" too and rejects --r as ambiguous (--rdzv-*, --role ...)
-    p.add_argument("--lora-r", dest="lora.r", type=int, default=None, metavar="R",
+    p.add_argument("--lora-r", dest="lora_r_spelling", type=int, default=None, metavar="R",
                    help="same as --r; use this spelling after `torchrun ... -m lorakit train`")
     p.set_defaults(func=run)
 
@@ -48,6 +48,7 @@ def _demo_text() -> str:
 
 def resolve_args(args: argparse.Namespace):
     flags = {k: v for k, v in vars(args).items() if "." in k}
+    _take_lora_r_spelling(flags, getattr(args, "lora_r_spelling", None))
     run_file = None if args.config_file else _resumed_run_config(flags)  # the run's own config.yaml
     if run_file:
         yaml_values = _run_settings(run_file)
@@ -65,6 +66,15 @@ def resolve_args(args: argparse.Namespace):
     if run_file and os.environ.get("RANK", "0") == "0":
         print(f"resume: the settings of {run_file} (the run's own); flags given replace them", flush=True)
     return config, demo or _is_demo_data(config)
+
+
+def _take_lora_r_spelling(flags: dict, lora_r: int | None) -> None:
+    """--lora-r is --r spelled for torchrun; both at once, each with its own rank, is no request."""
+    if lora_r is None:
+        return
+    if flags.get("lora.r") not in (None, lora_r):
+        raise ConfigError(f"--r {flags['lora.r']} and --lora-r {lora_r} are one setting, the rank; give one of them")
+    flags["lora.r"] = lora_r
 
 
 RUN_ACTIONS = ("resume", "overwrite", "dry_run")  # output options that say what a command does, not the run
