@@ -419,6 +419,18 @@ def test_memory_budget_checkpoints_the_fewest_earliest_layers_the_estimate_needs
         assert "--memory-budget must be a positive number of GiB" in capsys.readouterr().err
 
 
+def test_bench_takes_the_dtype_and_size_spellings_train_takes():
+    from lorakit.cli import build_parser
+    from lorakit.cli.bench import bench_settings
+
+    args = build_parser().parse_args(["bench", "--dtype", "bf16", "--memory-budget", "512MiB"])
+    settings = bench_settings(args)
+    assert settings.dtype == "bfloat16" and settings.memory_budget_gib == 0.5
+    assert bench_settings(build_parser().parse_args(["bench", "--memory-budget", "1.5"])).memory_budget_gib == 1.5
+    with pytest.raises(ConfigError, match="--memory-budget"):
+        bench_settings(build_parser().parse_args(["bench", "--memory-budget", "8 apples"]))
+
+
 # the tiny 4-layer shape's estimated peaks with the fast paths' savings and costs (the fused MLP,
 # the CPU attention's probabilities): 2.71, 2.51, 2.30, 2.08, 2.00 MiB with 0-4 layers checkpointed
 # (2.96, 2.70, 2.42, 2.14, 2.07 without the fused MLP). 90% of each budget below fits 0, 1 and 3

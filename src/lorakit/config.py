@@ -411,7 +411,7 @@ def _coerce(section: str, name: str, value, origin: str):
     if spelling and isinstance(value, str):
         value = spelling(value)
     if _field(section, name).metadata.get("gib") and isinstance(value, str):
-        value = _gib(value, flag_of(_field(section, name)) if origin == "flag" else where)
+        value = parse_gib(value, flag_of(_field(section, name)) if origin == "flag" else where)
     switch = _field(section, name).metadata.get("switch")
     if switch and isinstance(value, bool):  # YAML reads on/off/yes/no/true/false as booleans
         return switch[0] if value else switch[1]
@@ -429,7 +429,7 @@ def _coerce(section: str, name: str, value, origin: str):
     return float(value) if base is float else value
 
 
-def _gib(text: str, flag: str) -> float:
+def parse_gib(text: str, flag: str) -> float:
     """A size in GiB: a plain number (0.003, 1e2) as it always was, or one with its unit (8GiB, 512MiB)."""
     try:
         return float(text)

@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from lorakit.config import dtype_name, parse_gib
 from lorakit.errors import ConfigError
 
 DESCRIPTION = """\
@@ -60,7 +61,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     order.add_argument("--interleave", dest="interleave", action="store_true",
                    help="the CPU default (kept for scripts)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="override the preset's device")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), type=dtype_name,
                    help="weights dtype for every variant (default: the preset's: bf16 on a GPU, fp32 on the CPU; "
                         "bfloat16 on a CPU with native bf16 is what `lorakit train` picks there)")
     p.add_argument("--chunk-size", type=int,
@@ -71,9 +72,9 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--prompt-fraction", type=float, default=0.0, metavar="F",
                    help="the first F of each example is prompt, without labels, as in instruction data "
                         "(default 0: every token is trained)")
-    p.add_argument("--memory-budget", type=float, metavar="GIB",
+    p.add_argument("--memory-budget", metavar="GIB",
                    help="lorakit variants checkpoint the fewest earliest layers that the memory estimate says "
-                        "fit this many GiB, as `lorakit train --memory-budget` plans it (PEFT variants as they are)")
+                        "fit this many GiB (or a size: 8GiB, 512MiB), as `lorakit train --memory-budget` plans it (PEFT variants as they are)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--json-file", metavar="PATH",
                    help="also write the results as JSON to PATH, rewritten after each variant, so a run stopped "
@@ -88,16 +89,23 @@ def _variant_list(text: str) -> list[str]:
     return names
 
 
-def run(args: argparse.Namespace) -> int:
-    from lorakit.bench import BenchSettings, run_bench
+def bench_settings(args: argparse.Namespace):
+    from lorakit.bench import BenchSettings
 
-    settings = BenchSettings(
+    return BenchSettings(
         preset=args.preset, r=args.r, batch=args.batch, seq_len=args.seq_len, layers=args.layers,
         grad_checkpointing=args.grad_checkpointing, packing=args.packing, steps=args.steps, warmup=args.warmup,
         variants=args.variants, check=args.check, check_steps=args.check_steps, peak_tflops=args.peak_tflops,
         threads=args.threads, interleave=args.interleave, device=args.device,
         chunk_size=args.chunk_size, prompt_fraction=args.prompt_fraction, max_doc_len=args.max_doc_len,
-        memory_budget_gib=args.memory_budget, dtype=args.dtype)
+        memory_budget_gib=None if args.memory_budget is None else parse_gib(args.memory_budget, "--memory-budget"),
+        dtype=args.dtype)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.bench import run_bench
+
+    settings = bench_settings(args)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, every step
     write_file = None
     if args.json_file:
