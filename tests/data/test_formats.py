@@ -346,6 +346,15 @@ def test_missing_field_names_record_line_and_expected_fields(tmp_path, chatml):
     assert "'output' is missing" in message and "instruction, output" in message
 
 
+def test_a_record_of_another_format_says_the_set_mixes_formats(tmp_path, chatml):
+    records, path = _jsonl(tmp_path, [{"text": "plain prose"}, {"instruction": "a", "output": "b"}])
+    with pytest.raises(DataError) as err:
+        tokenize_records(records, chatml)  # auto picks instruction from the columns of both
+    message = str(err.value)
+    assert f"record 1 ({path} line 1): field 'instruction' is missing" in message
+    assert "this record has 'text': records of different formats in one set" in message
+
+
 def test_wrong_field_type_is_named(chatml):
     with pytest.raises(DataError, match="record 1: field 'text' is a int"):
         tokenize_records(ds([{"text": 5}]), chatml, fmt="text")

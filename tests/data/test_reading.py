@@ -344,3 +344,25 @@ def test_a_json_array_of_plain_values_is_named_not_read_as_a_made_up_field(tmp_p
     path.write_text("[1, 2, 3]\n")
     with pytest.raises(DataError, match=r"d.json is a JSON array of values like 1, not of objects"):
         read_records(path, cache_dir=cache)
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, cache):
+    path = tmp_path / "d.csv"
+    path.write_text("text,text\nhello,world\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.csv: the header names the column 'text' twice"):
+        read_records(path, cache_dir=cache)
+
+
+@pytest.mark.parametrize("columns", [{"instruction": ["q0", "q1"], "output": ["a0", "a1"]},
+                                     {"messages": [[{"role": "user", "content": "hi"}]] * 2}])
+def test_a_json_object_of_columns_is_refused_with_the_layout_to_write(tmp_path, cache, columns):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(columns), encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.json is one JSON object of columns \(\w+: 2 values.*write a list of records"):
+        read_records(path, cache_dir=cache)
+
+
+def test_a_json_file_of_one_record_whose_fields_are_turns_is_still_read(tmp_path, cache):
+    pair = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}
+    (tmp_path / "d.json").write_text(json.dumps(pair), encoding="utf-8")
+    assert len(read_records(tmp_path / "d.json", cache_dir=cache)) == 1

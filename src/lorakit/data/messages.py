@@ -41,9 +41,19 @@ def field_text(row: dict, name: str, index: int, enc: Reader) -> str:
         got = "is missing" if value is None else f"is a {type(value).__name__}, not a string"
         raise DataError(
             f"{enc.where(index)}: field '{name}' {got}; format {enc.fmt} expects the fields "
-            f"{', '.join(enc.fields)}"
+            f"{', '.join(enc.fields)}{_fields_of_another_format(row, enc)}"
         )
     return value
+
+
+def _fields_of_another_format(row: dict, enc: Reader) -> str:
+    """A record without any of the format's fields: say which it has. The format is chosen from
+    the columns of all the records, so a file mixing formats blames the first record of another."""
+    present = [key for key, value in row.items() if value is not None]
+    if not present or any(field in present for field in enc.fields):
+        return ""
+    return (f" (this record has {', '.join(map(repr, present))}: records of different formats in one set; "
+            "give every record the same fields)")
 
 
 def instruction_messages(row: dict, index: int, enc: Reader) -> list[dict]:

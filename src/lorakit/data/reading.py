@@ -156,6 +156,7 @@ def _validate(path: Path, kind: str) -> dict:
         return {"paragraphs": has_blank, "digest": digest}
     if kind == "json":
         _check_json_array_of_objects(path)
+        _check_not_columns(path)
     return _cells_as_text(path) if kind == "csv" else {}
 
 
@@ -165,8 +166,12 @@ def _cells_as_text(path: Path) -> dict:
     "None", "NA" or "null" as missing."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f), [])
-    if not header or "" in header or len(set(header)) < len(header):
-        return {}  # pandas renames such columns itself: leave them to it
+    repeated = sorted({name for name in header if name and header.count(name) > 1})
+    if repeated:  # pandas would read the second as 'text.1', and the first alone would be trained on
+        raise DataError(f"{path}: the header names the column{'s' * (len(repeated) > 1)} "
+                        f"{', '.join(map(repr, repeated))} twice; give each column its own name")
+    if not header or "" in header:
+        return {}  # pandas names unnamed columns itself: leave them to it
     features = datasets.Features({name: datasets.Value("string") for name in header})
     return {"features": features, "keep_default_na": False, "na_values": [""]}
 
@@ -413,6 +418,26 @@ def _check_json_array_of_objects(path: Path) -> None:
         first = head[1:].lstrip().split(",")[0].split("]")[0].strip()[:20]
         raise DataError(f"{path} is a JSON array of values like {first}, not of objects; a .json file holds "
                         '[{"text": "..."}, ...] or one object per line')
+
+
+def _check_not_columns(path: Path) -> None:
+    """One object of columns ({"instruction": ["a", "b"], ...}, as a dataset's to_dict writes it)
+    reads as a single record whose fields are lists: refused with the layout to write instead. A
+    record's own list fields hold turns (objects), never plain texts or lists."""
+    if _first_char(path) != "{":
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            top = json.load(f)
+    except ValueError:  # one object per line (JSON Lines in a .json file), or broken: read as before
+        return
+    columns = top if isinstance(top, dict) and top and all(isinstance(v, list) for v in top.values()) else {}
+    if not columns or all(isinstance(item, dict) for values in columns.values() for item in values):
+        return
+    sizes = ", ".join(f"{name}: {len(values)} values" for name, values in list(columns.items())[:3])
+    fields = ", ".join(f'"{name}": ...' for name in list(columns)[:3])
+    raise DataError(f"{path} is one JSON object of columns ({sizes}), which would read as a single record; write a "
+                    f"list of records, [{{{fields}}}, ...], or one record per line (.jsonl)")
 
 
 def _first_char(path: Path) -> str:
