@@ -26,6 +26,14 @@ def recommend_args(tiny, *extra):
     return ["recommend", "--model", str(model), "--data", str(data), "--device", "cpu", "--memory", "8GiB", *extra]
 
 
+def test_a_run_output_that_is_a_file_is_refused_before_any_config_is_written(tiny, tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    assert main(recommend_args(tiny, "--output", str(tmp_path / "a.yaml"), "--run-output", str(taken))) == 2
+    assert f"--run-output {taken} is a file" in capsys.readouterr().err
+    assert not (tmp_path / "a.yaml").exists() and taken.read_text() == "mine\n"
+
+
 def test_same_inputs_same_config_and_it_trains(tiny, tmp_path, capsys):
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
     assert main(recommend_args(tiny, "--output", str(first))) == 0

@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--output {args.output} must end in .yaml or .yml")
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise OutputError(f"--output {args.output} already exists; pass --overwrite to replace it, or choose another name")
+    if args.run_output and Path(args.run_output).exists() and not Path(args.run_output).is_dir():
+        raise ConfigError(f"--run-output {args.run_output} is a file; the run writes a folder there: choose another "
+                          "name (or leave it out: runs/<name of FILE.yaml>)")
     run_output = args.run_output or (f"runs/{Path(args.output).stem}" if args.output else "runs/lorakit")
     budget = make_budget(args.device, args.gpu_memory, args.memory)
     rec = recommend(args.model, args.data, args.task, budget, args.format, args.eval_data, run_output)
