@@ -239,6 +239,21 @@ def test_eval_reports_base_and_adapter(trained, capsys):
     assert result["adapter_loss"] < result["base_loss"] and result["tokens"] > 0
 
 
+def test_eval_scores_a_merged_model_alone_as_the_adapter_scored(trained, tmp_path, capsys):
+    model, data, adapter = trained
+    assert main(["merge", "--adapter", str(adapter), "--model", str(model), "--output", str(tmp_path / "merged")]) == 0
+    scored = {}
+    for flags in (["--adapter", str(adapter), "--model", str(model)], ["--model", str(tmp_path / "merged")]):
+        capsys.readouterr()
+        assert main(["eval", *flags, "--data", str(data), "--seq-len", "64", "--dtype", "fp32", "--json"]) == 0
+        scored.update(json.loads(capsys.readouterr().out))
+    assert scored["model_loss"] == pytest.approx(scored["adapter_loss"], abs=1e-5)  # both in fp32 (eval of an adapter takes its run's dtype)
+    assert main(["eval", "--model", str(tmp_path / "merged"), "--data", str(data), "--seq-len", "64"]) == 0
+    assert "model " in capsys.readouterr().out
+    assert main(["eval", "--data", str(data)]) == 2
+    assert "eval needs --adapter (base and adapter scored), or --model" in capsys.readouterr().err
+
+
 def test_every_command_that_reads_an_adapter_takes_a_training_runs_folder_for_it(trained, tmp_path, capsys):
     model, data, adapter = trained
     run = adapter.parent

@@ -20,51 +20,66 @@ from lorakit.errors import ConfigError
 EVAL_DEFAULTS = {"seq_len": 512, "train_on_inputs": False}  # for an adapter whose run's config is not beside it
 
 
-def evaluate_adapter(adapter: str, data: str | os.PathLike | Sequence[str], model: str | None = None, fmt: str = "auto",
-                     seq_len: int | None = None, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
-                     allow_other_base: bool = False, allow_pickle: bool = False) -> dict:
+def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str], model: str | None = None,
+                     fmt: str = "auto", seq_len: int | None = None, batch_size: int = 8, device: str = "auto",
+                     dtype: str = "auto", allow_other_base: bool = False, allow_pickle: bool = False) -> dict:
     """{base_loss, base_perplexity, adapter_loss, adapter_perplexity, tokens, notes} over ``data``;
     ``model`` defaults to the adapter's base_model_name_or_path; ``seq_len`` None: the run's (its
-    config.yaml beside the adapter), else 512. The run's train_on_inputs is kept: the same labels."""
+    config.yaml beside the adapter), else 512. The run's train_on_inputs is kept: the same labels.
+    Without an adapter, ``model`` alone (a merged one, say): {model_loss, model_perplexity, tokens, notes}."""
     from lorakit.adapters import base_model_for, refuse_classifier_adapters
-    from lorakit.data.formats import tokenize_records
-    from lorakit.data.reading import read_records
     from lorakit.lora import disable_adapters, load_adapter
     from lorakit.models import inference_placement, load_model_and_tokenizer
     from lorakit.train.loop import evaluate
-    from lorakit.train.run import check_vocabulary, context_notice, longest_example, packing_blocker
 
-    summary = _run_summary(adapter)  # read once: the run's dtype, and whether its config.yaml is this adapter's
+    if adapter is None and model is None:
+        raise ConfigError("eval needs --adapter (base and adapter scored), or --model to score a model alone")
+    summary = _run_summary(adapter) if adapter else None  # read once: the run's dtype, and whether its config.yaml is this adapter's
     run = _run_data_settings(adapter) if summary else {}
     if seq_len is None:
         seq_len = run.get("seq_len", EVAL_DEFAULTS["seq_len"])
     else:  # the caller's: only train_on_inputs is the run's
         run.pop("seq_len", None)
     _check_sizes(seq_len, batch_size)
-    refuse_classifier_adapters([adapter], "eval")
+    if adapter:
+        refuse_classifier_adapters([adapter], "eval")
     run_dtype = _dtype_of(summary) if dtype == "auto" else None
     placement, torch_dtype = inference_placement(device, run_dtype or dtype)
     base_model, tokenizer, _ = load_model_and_tokenizer(model or base_model_for([adapter]), dtype=torch_dtype,
                                                         device=placement, allow_pickle=allow_pickle)
-    inputs_trained = run.get("train_on_inputs") is True
-    records = tokenize_records(read_records(data), tokenizer, fmt, seq_len, inputs_trained)  # one path, or several
-    check_vocabulary(base_model, tokenizer, records)
-    longest = longest_example(records, None)
-    notes = list(records.stats.warnings)  # records skipped, cut or split
-    taken = {k: v for k, v in run.items() if v != EVAL_DEFAULTS[k]}
-    notes += [f"{', '.join(f'{k} {v}' for k, v in taken.items())}: the run's own (its config.yaml)"] if taken else []
+    records, notes = _scored_records(base_model, tokenizer, data, fmt, seq_len, run)
     notes += [f"dtype {run_dtype}, as the run trained (its summary.json); --dtype to choose another"] if run_dtype else []
-    notes += context_notice(base_model, longest)  # raises where the examples run past a position table
-    load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
-    unpacked = packing_blocker(base_model, longest, seq_len)  # as train decides
+    if adapter:
+        load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
+    settings, unpacked = _eval_settings(base_model, tokenizer, records, seq_len, batch_size)
     notes += [f"rows unpacked: {unpacked}"] if unpacked else []
-    settings = _eval_settings(base_model, tokenizer, seq_len, batch_size, packing=unpacked is None)
+    if not adapter:
+        scored = evaluate(base_model, records, settings)
+        _refuse_non_finite(scored["loss"], 0.0, torch_dtype)
+        return {"model_loss": scored["loss"], "model_perplexity": scored["perplexity"], "tokens": scored["tokens"],
+                "notes": notes}
     with disable_adapters(base_model):
         base = evaluate(base_model, records, settings)
     tuned = evaluate(base_model, records, settings)
     _refuse_non_finite(base["loss"], tuned["loss"], torch_dtype)
     return {"base_loss": base["loss"], "base_perplexity": base["perplexity"], "adapter_loss": tuned["loss"],
             "adapter_perplexity": tuned["perplexity"], "tokens": tuned["tokens"], "notes": notes}
+
+
+def _scored_records(model, tokenizer, data, fmt: str, seq_len: int, run: dict):
+    """The data tokenised as the run's training would (its train_on_inputs), checked against the
+    model; with the notes on what was skipped, cut or taken from the run."""
+    from lorakit.data.formats import tokenize_records
+    from lorakit.data.reading import read_records
+    from lorakit.train.run import check_vocabulary, context_notice, longest_example
+
+    records = tokenize_records(read_records(data), tokenizer, fmt, seq_len, run.get("train_on_inputs") is True)
+    check_vocabulary(model, tokenizer, records)
+    notes = list(records.stats.warnings)  # records skipped, cut or split
+    taken = {k: v for k, v in run.items() if v != EVAL_DEFAULTS[k]}
+    notes += [f"{', '.join(f'{k} {v}' for k, v in taken.items())}: the run's own (its config.yaml)"] if taken else []
+    notes += context_notice(model, longest_example(records, None))  # raises past a position table
+    return records, notes
 
 
 def _dtype_of(summary: dict | None) -> str | None:
@@ -119,14 +134,18 @@ def _check_sizes(seq_len: int, batch_size: int) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def _eval_settings(model, tokenizer, seq_len: int, batch_size: int, packing: bool):
+def _eval_settings(model, tokenizer, records, seq_len: int, batch_size: int):
     """The trainer's eval path (fast paths, packed rows without a 4D mask where the model's
     attention allows packing, as train decides): in 16 bits their roundings differ from
-    transformers' ops, and eval should reproduce a run's own eval loss."""
+    transformers' ops, and eval should reproduce a run's own eval loss. With why rows are not
+    packed, if they are not."""
     from lorakit.train.loop import LoopSettings
-    from lorakit.train.run import enable_fast_paths_for, forward_settings
+    from lorakit.train.run import enable_fast_paths_for, forward_settings, longest_example, packing_blocker
 
+    unpacked = packing_blocker(model, longest_example(records, None), seq_len)  # as train decides
     device = next(model.parameters()).device
-    enable_fast_paths_for(model, "auto", packing, device)  # the trainer's default
-    return LoopSettings(lr=0, total_steps=0, warmup_steps=0, schedule="constant", grad_accum=1, max_grad_norm=0,
-                        max_bad_steps=1, seed=0, **forward_settings(model, tokenizer, device, batch_size, seq_len, packing))
+    enable_fast_paths_for(model, "auto", unpacked is None, device)  # the trainer's default
+    settings = LoopSettings(lr=0, total_steps=0, warmup_steps=0, schedule="constant", grad_accum=1, max_grad_norm=0,
+                            max_bad_steps=1, seed=0,
+                            **forward_settings(model, tokenizer, device, batch_size, seq_len, unpacked is None))
+    return settings, unpacked

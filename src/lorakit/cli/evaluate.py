@@ -1,4 +1,5 @@
-"""`lorakit eval --adapter DIR --data FILE`: loss and perplexity of the base and the adapter."""
+"""`lorakit eval --adapter DIR --data FILE`: loss and perplexity of the base and the adapter;
+`lorakit eval --model DIR --data FILE`: of a model alone (a merged one, say)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ def register(subparsers, name: str, help_text: str) -> None:
     from lorakit.cli.placement import add_placement_flags
 
     p = subparsers.add_parser(name, help=help_text, description=__doc__)
-    p.add_argument("--adapter", required=True, metavar="DIR", type=adapter_or_run_folder,
-                   help="the adapter folder (PEFT format), or a training run's folder for its adapter")
+    p.add_argument("--adapter", metavar="DIR", type=adapter_or_run_folder,
+                   help="the adapter folder (PEFT format), or a training run's folder for its adapter (without it, "
+                        "--model is scored alone)")
     p.add_argument("--data", required=True, nargs="+", action="extend", metavar="FILE", help="data files to score, read as lorakit train reads them")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="data format")
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         for note in result["notes"]:
             print(f"note: {note}")
         print(f"{'':10}{'loss':>10}{'perplexity':>12}")
-        print(f"{'base':10}{result['base_loss']:>10.4f}{result['base_perplexity']:>12.2f}")
-        print(f"{'adapter':10}{result['adapter_loss']:>10.4f}{result['adapter_perplexity']:>12.2f}")
+        for row in ("base", "adapter", "model"):
+            if f"{row}_loss" in result:
+                print(f"{row:10}{result[f'{row}_loss']:>10.4f}{result[f'{row}_perplexity']:>12.2f}")
         print(f"({result['tokens']:,} scored tokens)")
     return 0
