@@ -184,13 +184,17 @@ def test_resume_with_only_the_output_goes_on_with_the_runs_own_settings(tiny, tm
     assert saved["train"]["max_steps"] == 6 and json.loads((out / "summary.json").read_text())["steps"] == 6
 
 
-def test_a_checkpoint_taken_mid_run_carries_the_training_time_so_far(tiny, tmp_path):
+def test_a_checkpoint_taken_mid_run_carries_the_training_and_eval_time_so_far(tiny, tmp_path):
     # it saved 0 s: a resume after a kill reported the time and tokens/s of its own steps alone
     out = tmp_path / "run"
-    assert main(train_args(tiny, out, "--max-steps", "4", "--save-every", "2")) == 0
+    assert main(train_args(tiny, out, "--max-steps", "4", "--save-every", "2", "--eval-every", "1")) == 0
     mid_run = json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
-    final = json.loads((out / "summary.json").read_text())["wall_seconds"]
-    assert 0 < mid_run["train_seconds"] < final
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < mid_run["train_seconds"] < summary["wall_seconds"]
+    # the evals after steps 1-3 and the checkpoint at 2: in the training time, not in the tokens/s
+    assert 0 < mid_run["paused_seconds"] < summary["eval_and_checkpoint_seconds"] < summary["wall_seconds"]
+    steps_only = summary["wall_seconds"] - summary["eval_and_checkpoint_seconds"]
+    assert summary["tokens_per_second"] == pytest.approx(summary["seen_tokens"] / steps_only)
 
 
 def test_resume_with_only_the_output_takes_no_run_action_and_no_batch_request_from_the_runs_file(tiny, tmp_path,

@@ -82,6 +82,12 @@ def _peak_kind(prepared) -> str:
     return "the process's resident memory: the step's tensors plus Python, torch and the data"
 
 
+def _pauses(summary: dict) -> str:
+    """The part of the training time the tokens/s leaves out, when it is worth a word."""
+    paused = summary.get("eval_and_checkpoint_seconds", 0.0)
+    return f" ({paused:.0f} s of it mid-run evals and checkpoints)" if paused >= 1 else ""
+
+
 def print_report(prepared, result, sample_before=None, sample_after=None) -> None:
     s = result.summary
     console.print("\n[bold green]training finished[/bold green]")
@@ -91,7 +97,7 @@ def print_report(prepared, result, sample_before=None, sample_after=None) -> Non
                       f"({drop:.1f}% lower); perplexity {s['base_eval_perplexity']:.2f} -> {s['final_eval_perplexity']:.2f}")
     console.print(f"steps {s['steps']}, {s['seen_tokens']:,} tokens ({s['train_tokens']:,} with a label), "
                   f"{s['tokens_per_second']:,.0f} tokens/s, "
-                  f"training time {s['wall_seconds']:.0f} s, peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB "
+                  f"training time {s['wall_seconds']:.0f} s{_pauses(s)}, peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB "
                   f"({_peak_kind(prepared)})")
     curves = result.output / "loss.png"  # not there when it could not be written (a warning said so)
     console.print(f"adapter: {s['adapter']}   summary: {result.output / 'summary.json'}"

@@ -13,6 +13,7 @@ The output folder during and after a run:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -71,6 +72,7 @@ class Session:
         self.base_eval: dict | None = None
         self.train_seconds = 0.0  # of the steps run before this process's current stretch of them
         self._steps_started: float | None = None  # when that stretch began, while it runs
+        self.paused_seconds = 0.0  # of the training time: mid-run evals and checkpoints, not in the tokens/s
         self.fingerprint = base_fingerprint(prepared.model)
         self.data_fingerprint = prepared.train.fingerprint()
         # the grad_accum the user last asked for: a resume may adjust the config's (keep_global_batch)
@@ -142,6 +144,7 @@ class Session:
                      "before the checkpoint (the file was removed or damaged); the run goes on, and metrics.jsonl, "
                      "loss.png and the final report's train loss cover what is left")
         self.train_seconds = saved.get("train_seconds", 0.0)
+        self.paused_seconds = saved.get("paused_seconds", 0.0)
         measured_alike = (saved.get("peak_memory_device") == self.prepared.settings.device.type
                           and saved.get("world_size", 1) == distributed.world_size())  # per GPU, or a host's RSS
         self.earlier_peak_bytes = (saved.get("peak_memory_bytes") or 0) if measured_alike else 0
@@ -245,7 +248,8 @@ class Session:
         trainer_state = {"state": self.state.to_json(), "config": self.config.to_dict(),
                          "fingerprint": self.fingerprint, "data_fingerprint": self.data_fingerprint,
                          "tokenize_revision": TOKENIZE_REVISION, "base_eval": self.base_eval,
-                         "train_seconds": self._train_seconds_so_far(), "history_len": len(self.history),
+                         "train_seconds": self._train_seconds_so_far(), "paused_seconds": self.paused_seconds,
+                         "history_len": len(self.history),
                          "micro_batches_per_step": s.grad_accum * s.world_size, "world_size": s.world_size,
                          "requested_grad_accum": self.requested_grad_accum, "peak_memory_bytes": peak_bytes,
                          "peak_memory_device": s.device.type}
@@ -325,12 +329,20 @@ class Session:
             self.record({"kind": "train", "step": state.step, "loss": result.loss, "lr": result.lr,
                          "grad_norm": result.grad_norm, "tokens": state.train_tokens, "skipped": state.skipped_steps})
         if t.eval_every and state.step % t.eval_every == 0 and state.step < self.prepared.settings.total_steps:
-            with bar.paused():
+            with self._paused(bar):
                 evaluation = self.run_eval(f"step {state.step}")
             bar.note(f"step {state.step}: eval loss {evaluation['loss']:.4f}" if evaluation else "")
         if t.save_every and state.step % t.save_every == 0 and state.step < self.prepared.settings.total_steps:
-            with bar.paused():
+            with self._paused(bar):
                 self.save_checkpoint()
+
+    @contextlib.contextmanager
+    def _paused(self, bar):
+        """A mid-run eval or checkpoint: training time, but no step's (the tokens/s leaves it out)."""
+        began = time.perf_counter()
+        with bar.paused():
+            yield
+        self.paused_seconds += time.perf_counter() - began
 
     def _open_metrics(self) -> None:
         path = self.out / "metrics.jsonl"
@@ -403,9 +415,10 @@ class Session:
             "skipped_steps": self.state.skipped_steps,
             "train_tokens": self.state.train_tokens,  # those with a label: the loss's
             "seen_tokens": self.state.seen_tokens,  # every token of the batches: what tokens_per_second counts
-            "tokens_per_second": self.state.seen_tokens / max(self.train_seconds, 1e-9),
+            "tokens_per_second": self.state.seen_tokens / max(self.train_seconds - self.paused_seconds, 1e-9),
             "peak_memory_bytes": peak_bytes,
-            "wall_seconds": self.train_seconds,
+            "wall_seconds": self.train_seconds,  # the steps' time, with mid-run evals and checkpoints
+            "eval_and_checkpoint_seconds": self.paused_seconds,
             "trainable_params": report.trainable_params,
             "total_params": report.total_params,
             "adapted_modules": report.adapted_modules,
@@ -461,6 +474,7 @@ def _train_state_from(path: Path, saved: dict) -> TrainState:
 
 # trainer_state.json's other entries a resume reads: key -> the JSON types it may have (or null)
 _SAVED_TYPES = {"config": dict, "base_eval": dict, "history_len": int, "train_seconds": (int, float),
+                "paused_seconds": (int, float),
                 "micro_batches_per_step": int, "world_size": int, "requested_grad_accum": int,
                 "peak_memory_bytes": int, "peak_memory_device": str}
 
