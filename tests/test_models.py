@@ -468,6 +468,18 @@ def test_gguf_converts_once_to_a_plain_folder(tiny_gguf, cache):
     assert base_model_name(model) == str(tiny_gguf.resolve())
 
 
+@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json"])
+def test_a_damaged_converted_copy_is_named_with_its_folder_not_the_gguf(tiny_gguf, cache, damaged):
+    load_model_and_tokenizer(tiny_gguf)
+    folder = converted_gguf_dir(tiny_gguf)
+    (folder / damaged).write_bytes(b"{")
+    with pytest.raises(ModelLoadError) as err:
+        load_model_and_tokenizer(tiny_gguf)
+    message = str(err.value)
+    assert f"the converted copy of tiny-test.gguf in {folder} could not be loaded" in message
+    assert "delete that folder" in message and "\n" not in message
+
+
 def test_special_tokens_come_from_the_gguf_metadata(tiny_gguf):
     from transformers import AutoTokenizer
 

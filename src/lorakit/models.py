@@ -418,7 +418,7 @@ def load_pretrained(
             model, info = from_pretrained(target, {**kwargs, "output_loading_info": True})
     except _LOAD_ERRORS as exc:  # a LorakitError raised by from_pretrained passes through as it is
         report.release()  # a mismatch's error says to look at the table above it
-        raise _load_error(source, exc, kwargs) from exc
+        raise _load_error(source, target, exc, kwargs) from exc
     _refuse_missing_weights(source, model, info.get("missing_keys") or ())
     report.release()  # lorakit had nothing to say of its own: transformers' table after all
     model.eval()
@@ -495,13 +495,23 @@ def loading_bar_only_when_slow(target: str):
             hf_logging.enable_progress_bar()
 
 
-def _load_error(source: ModelSource, exc: Exception, kwargs: dict[str, Any]) -> ModelLoadError:
+def _load_error(source: ModelSource, target: str, exc: Exception, kwargs: dict[str, Any]) -> ModelLoadError:
     if source.kind == "hub":
         return _hub_error(source.location, exc, offline=kwargs.get("local_files_only", False))
+    if source.kind in ("builtin", "gguf"):
+        return _damaged_conversion(source, target, exc)
     return ModelLoadError(
         f"could not load the model in {source.location} ({type(exc).__name__}: {first_line(exc)}); "
         "check that config.json matches the weights, or re-save the model with save_pretrained"
     )
+
+
+def _damaged_conversion(source: ModelSource, folder: str, exc: Exception) -> ModelLoadError:
+    """A .gguf's converted copy in lorakit's cache that no longer loads (a disk error, an edit):
+    the .gguf itself is not at fault, and a new conversion is the fix."""
+    return ModelLoadError(f"the converted copy of {Path(source.location).name} in {folder} could not be loaded "
+                          f"({type(exc).__name__}: {first_line(exc)}); delete that folder, and lorakit converts the "
+                          ".gguf again on the next run")
 
 
 def load_tokenizer(spec: str | os.PathLike | None = None) -> Any:
@@ -553,8 +563,10 @@ def _load_tokenizer_from(source: ModelSource, target: str, kwargs: dict[str, Any
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, StrictDataclassError) as exc:
         if source.kind == "hub":
             raise _hub_error(source.location, exc, offline=bool(cache_only)) from exc
+        if source.kind in ("builtin", "gguf"):
+            raise _damaged_conversion(source, target, exc) from exc
         raise ModelLoadError(
-            f"no usable tokenizer in {target} ({type(exc).__name__}: {exc}); copy the tokenizer "
+            f"no usable tokenizer in {target} ({type(exc).__name__}: {first_line(exc)}); copy the tokenizer "
             "files (tokenizer.json, tokenizer_config.json) saved with the model into the folder"
         ) from exc
 
