@@ -6,6 +6,10 @@ exist, wherever the model's logits are exactly its output head applied to the la
 (chunked_loss_blocker says why not otherwise: a head that rescales or caps its logits, a head
 that is not a linear layer; such models get transformers' full logits and torch's
 cross-entropy).
+
+A mixture-of-experts model whose config asks for its router's load-balancing loss
+(output_router_logits) trains on it too, as transformers' own loss adds it (`router_aux=True`, the
+trainer's steps; an eval scores the cross-entropy alone).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ TRITON_LOSS = "_lorakit_triton_loss"
 
 def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
                    normalizer: float | int | torch.Tensor | None = None, *,
-                   chunk_size: int | None = None) -> torch.Tensor:
+                   chunk_size: int | None = None, router_aux: bool = False) -> torch.Tensor:
     """Next-token cross-entropy of a causal LM: sum over label tokens / normalizer.
 
     batch: model inputs plus optional "labels" (default: input_ids), -100 where no loss.
@@ -34,6 +38,8 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     Heads that rescale logits (softcapping, logit scale) fall back to full logits.
     chunk_size: rows per lm_head + loss chunk (None: chunked_ce's budget, 128 MiB of fp32 logits,
     256 MiB for an fp32 head on the CPU).
+    router_aux: add the router's load-balancing loss where the model's config asks for it, weighted
+    by this batch's share of the normalizer's tokens (over a step's micro-batches: their mean).
     """
     triton = model.__dict__.get(TRITON_LOSS, False)  # as enable_fast_paths found it
     if hasattr(model, "get_base_model"):  # a PEFT model: its base_model_prefix names the wrapper's model
@@ -44,7 +50,7 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # (B, T)
     head = model.get_output_embeddings()
     if chunked_loss_blocker(model) is not None:
-        return _full_logits_loss(model, inputs, shifted, normalizer)
+        return _full_logits_loss(model, inputs, shifted, normalizer, router_aux)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(**inputs).last_hidden_state  # (B, T, H)
     return chunked_lm_head_loss(hidden, head.weight, shifted, normalizer=normalizer,
@@ -73,6 +79,8 @@ def chunked_loss_blocker(model: nn.Module) -> str | None:
     for field in LOGIT_TRANSFORMS:
         if getattr(config, field, None) not in (None, 1, 1.0):
             return f"the model rescales its logits ({field})"
+    if getattr(config, "output_router_logits", False):  # the model's own forward computes that loss
+        return "the model adds its router's load-balancing loss (output_router_logits)"
     prefix = getattr(model, "base_model_prefix", None)
     if not prefix or not hasattr(model, prefix):
         return "the model has no decoder backbone attribute to call"
@@ -116,10 +124,16 @@ def _head_mismatch(model: nn.Module, backbone: nn.Module, head: nn.Module) -> tu
     return None, True
 
 
-def _full_logits_loss(model, inputs, shifted, normalizer):
-    logits = model(**inputs).logits.float()  # (B, T, V)
+def _full_logits_loss(model, inputs, shifted, normalizer, router_aux: bool):
+    outputs = model(**inputs)
+    logits = outputs.logits.float()  # (B, T, V)
     total = F.cross_entropy(logits.flatten(0, -2), shifted.flatten().to(logits.device),
                             ignore_index=IGNORE_INDEX, reduction="sum")
-    if normalizer is None:
-        normalizer = (shifted != IGNORE_INDEX).sum().clamp_min(1)
-    return total / normalizer
+    labelled = (shifted != IGNORE_INDEX).sum()
+    loss = total / (labelled.clamp_min(1) if normalizer is None else normalizer)
+    aux = getattr(outputs, "aux_loss", None) if router_aux else None
+    if aux is None:
+        return loss
+    coefficient = getattr(model.config, "router_aux_loss_coef", 0.0)
+    share = 1.0 if normalizer is None else labelled / normalizer  # the step's sum: the token-weighted mean
+    return loss + coefficient * share * aux.to(loss.device)

@@ -181,7 +181,7 @@ class Trainer:
         batch = {k: v.to(self.settings.device) for k, v in batch.items()}
         dtype = self.settings.autocast_dtype
         with torch.autocast(self.settings.device.type, dtype=dtype, enabled=dtype is not None):
-            return causal_lm_loss(self.model, batch, normalizer)
+            return causal_lm_loss(self.model, batch, normalizer, router_aux=True)
 
     def _apply_update(self, loss: float, lr: float, tokens: int, seen: int) -> StepResult:
         s, state = self.settings, self.state
