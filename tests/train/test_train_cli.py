@@ -711,6 +711,21 @@ def test_the_few_steps_notice_counts_in_good_english():
     assert _few_steps_notice(config, one)[0].startswith("only 1 optimizer step (1 epoch(s) of 1 micro-batch, 1 per")
 
 
+def test_output_into_a_closed_pipe_stops_quietly_not_with_a_traceback():
+    """`lorakit analyze --json | head -1`: the reader goes away before the output is written."""
+    import subprocess
+    import sys
+
+    import lorakit
+
+    source = str(Path(lorakit.__file__).parents[1])
+    child = subprocess.Popen([sys.executable, "-m", "lorakit", "estimate", "--json"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": source})
+    child.stdout.close()  # before the child has written anything (its imports take a second)
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141 and err == ""  # 128 + SIGPIPE, as a shell tool stopped so
+
+
 def test_ctrl_c_while_the_libraries_load_is_one_line_not_a_traceback(tmp_path):
     """`import lorakit` loaded torch and transformers before the command line's handler existed."""
     import signal

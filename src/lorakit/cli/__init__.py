@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # also while torch and transformers load, before any command runs
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output went away (`| head`): stop without a word, as others do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # or the interpreter's last flush raises it again
+        return 128 + signal.SIGPIPE
 
 
 def _main(argv: list[str] | None) -> int:
