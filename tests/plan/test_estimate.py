@@ -708,3 +708,24 @@ def test_cpu_fast_paths_save_no_more_than_the_estimate(monkeypatch, dtype, targe
     a_copies = sum(p.numel() * 4 for name, p in model.named_parameters() if "lora_A" in name)
     # a tight bound: 100-102% of the estimate in fp32, 90-91% in bf16, whatever the targets
     assert 0.85 * with_probs <= kept <= with_probs + a_copies
+
+
+def test_a_training_config_gives_the_shape_and_flags_given_beside_it_replace_its_values(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("lora: {task: style, targets: qv, dropout: 0.1}\ntrain: {batch_size: 2}\n"
+                      "data: {seq_len: 64}\nmodel: {dtype: float32}\n")
+
+    def shape(*args) -> dict:
+        capsys.readouterr()
+        assert main(["estimate", *args, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["shape"]
+
+    taken = shape(str(config))  # the style preset's r, the built-in model's preset shape, train's fast paths
+    assert {k: taken[k] for k in ("r", "targets", "batch_size", "seq_len", "dtype", "lora_dropout", "fused_mlp")} == \
+        {"r": 8, "targets": "qv", "batch_size": 2, "seq_len": 64, "dtype": "fp32", "lora_dropout": 0.1,
+         "fused_mlp": True}
+    replaced = shape(str(config), "--r", "32", "--seq-len", "128", "--engine", "peft")
+    assert (replaced["r"], replaced["seq_len"], replaced["batch_size"], replaced["fused_mlp"]) == (32, 128, 2, False)
+    assert shape()["r"] == 16 and shape()["seq_len"] == 2048  # no config: the defaults, as before
+    assert main(["estimate", "--model", str(config)]) == 2
+    assert f"--model {config} is a training config, not a model" in capsys.readouterr().err

@@ -6,6 +6,7 @@
     lorakit estimate --model 8b --seq-len 32768 --grad-checkpointing offload     (inputs in host memory)
     lorakit estimate --model 8b --world-size 8 --fsdp                           (per rank, base sharded)
     lorakit estimate --model 1b --fast-paths          (lorakit train's step: chunked loss, fused MLP)
+    lorakit estimate run.yaml --batch-size 8          (a training config's model and settings; flags override)
 """
 
 from __future__ import annotations
@@ -22,39 +23,49 @@ inputs wait in host memory), the FLOPs per token and per step, and
 the step time implied at 100% and at a given MFU of the device's peak; with --world-size N
 --fsdp, one rank's share of a sharded base (FSDP2). Only the model's
 config is read (presets: 1b, 8b, smollm2-135m; or a config.json / model folder / hub id).
-The memory model and its validation: docs/estimator-validation.md."""
+A training config (CONFIG.yaml, as `lorakit train` and `lorakit recommend` take and write) gives
+the model, r, targets, batch, sequence length, dtype, quantisation, dropout and fast paths; flags
+given beside it replace its values. The memory model and its validation: docs/estimator-validation.md."""
+
+# the shape estimated where neither a flag nor a training config gives one
+DEFAULTS = {"model": "smollm2-135m", "r": 16, "targets": "all-linear", "batch_size": 4, "seq_len": 2048,
+            "grad_checkpointing": "off", "dtype": "bf16", "quantize": "none", "lora_dropout": 0.0,
+            "fast_paths": False}
 
 
 def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION)
-    p.add_argument("--model", default="smollm2-135m",
-                   help="preset (1b, 8b, smollm2-135m), config.json, model folder or hub id (default: smollm2-135m)")
-    p.add_argument("--r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--targets", default="all-linear",
-                   help="all-linear, attention, mlp, qv, or projections such as q_proj,v_proj")
-    p.add_argument("--batch-size", type=int, default=4, help="micro-batch per device")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
-    p.add_argument("--grad-checkpointing", choices=("on", "off", "offload"), default="off",
+    p.add_argument("config_file", nargs="?", metavar="CONFIG.yaml",
+                   help="a training config whose model and settings to estimate (flags override it)")
+    p.add_argument("--model", help="preset (1b, 8b, smollm2-135m), config.json, model folder or hub id "
+                                   f"(default: {DEFAULTS['model']})")
+    p.add_argument("--r", type=int, help=f"LoRA rank (default: {DEFAULTS['r']})")
+    p.add_argument("--targets", help="all-linear, attention, mlp, qv, or projections such as q_proj,v_proj "
+                                     f"(default: {DEFAULTS['targets']})")
+    p.add_argument("--batch-size", type=int, help=f"micro-batch per device (default: {DEFAULTS['batch_size']})")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default: {DEFAULTS['seq_len']})")
+    p.add_argument("--grad-checkpointing", choices=("on", "off", "offload"),
                    help="on: checkpoint the layers; offload: and hold their inputs in host memory (default: off)")
     p.add_argument("--checkpoint-layers", type=int, default=None, metavar="K",
                    help="with --grad-checkpointing on or offload: checkpoint only the first K layers (selective; "
                         "default: all)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "bfloat16", "float16", "float32"), default="bf16",
-                   help="weights and activations (train's spellings, bfloat16 ..., taken too)")
-    p.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none", help="base weights (bitsandbytes)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "bfloat16", "float16", "float32"),
+                   help="weights and activations (train's spellings, bfloat16 ..., taken too; default: bf16)")
+    p.add_argument("--quantize", choices=("none", "4bit", "8bit"), help="base weights (bitsandbytes; default: none)")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel devices (memory is per device)")
     p.add_argument("--fsdp", action="store_true",
                    help="with --world-size N > 1: the base and adapters sharded over the N devices (FSDP2, "
                         "lorakit train --fsdp); default: replicated (DDP)")
     p.add_argument("--fused-loss", action="store_true", help="chunked lm_head + cross-entropy (no full logits)")
-    p.add_argument("--fast-paths", action="store_true",
+    p.add_argument("--fast-paths", action="store_true", default=None,
                    help="what `lorakit train` runs on a GPU with its fast paths (its default): the chunked loss "
                         "and the fused MLP where gate, up and down all carry plain LoRA; without it, transformers' "
                         "own step with lorakit's adapters")
     p.add_argument("--engine", choices=("lorakit", "peft"), default="lorakit",
                    help="peft: PEFT's defaults (fp32 adapters, an input copy per adapter)")
-    p.add_argument("--lora-dropout", "--dropout", type=float, default=0.0,
-                   help="dropout on the adapter input (above 0 it keeps a mask); --dropout as train spells it")
+    p.add_argument("--lora-dropout", "--dropout", type=float,
+                   help="dropout on the adapter input (above 0 it keeps a mask); --dropout as train spells it "
+                        "(default: 0)")
     p.add_argument("--labelled-fraction", type=float, default=1.0, metavar="F",
                    help="share of tokens with a label (instruction data: the responses); with --fused-loss "
                         "the head runs for those only, which lowers the FLOPs")
@@ -68,6 +79,7 @@ def register(subparsers, name: str, help_text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.plan.estimate import TrainShape, estimate
 
+    _fill_settings(args)
     if args.fast_paths and args.engine == "peft":
         raise ConfigError("--fast-paths models lorakit train's step; PEFT's (--engine peft) has no fused loss or MLP: "
                           "drop one of them")
@@ -91,6 +103,39 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(result)
     return 0
+
+
+def _fill_settings(args: argparse.Namespace) -> None:
+    """Each setting from its flag, else the training config, else DEFAULTS."""
+    if args.model and args.model.lower().endswith((".yaml", ".yml")):
+        raise ConfigError(f"--model {args.model} is a training config, not a model; estimate its run with "
+                          f"`lorakit estimate {args.model}` (its model and settings; flags override them)")
+    from_config = _training_config_settings(args.config_file) if args.config_file else {}
+    if args.fast_paths is None and args.engine == "peft":
+        args.fast_paths = False  # PEFT's step has none (a config's fast paths are lorakit's default)
+    for key, default in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, from_config.get(key, default))
+
+
+def _training_config_settings(path: str) -> dict:
+    """A training config's values in estimate's terms: its dtype "auto" and checkpointing "auto"
+    as estimate's defaults (a GPU's bf16 step; the report shows the step with and without
+    checkpointing), the built-in model as its preset."""
+    from lorakit.config import load_yaml, resolve
+    from lorakit.models import names_the_builtin
+
+    config = resolve(load_yaml(path), {})
+    model = config.model.name
+    settings = {"model": DEFAULTS["model"] if model is None or names_the_builtin(model) else model, "r": config.lora.r, "targets": config.lora.targets,
+                "batch_size": config.train.batch_size, "seq_len": config.data.seq_len,
+                "quantize": config.model.quantize, "lora_dropout": config.lora.dropout,
+                "fast_paths": config.train.fast_paths}
+    if config.model.dtype != "auto":
+        settings["dtype"] = config.model.dtype
+    if config.train.grad_checkpointing != "auto":
+        settings["grad_checkpointing"] = config.train.grad_checkpointing
+    return settings
 
 
 def _check_checkpoint_layers(k: int | None, grad_checkpointing: str) -> None:
