@@ -179,6 +179,14 @@ def test_budget_moves_batch_and_checkpointing():
         plan_choices("domain", profile(), one_b(), DeviceMemory("cpu", int(need(1, True) * 1.0), "test"))
 
 
+def test_the_batch_reason_names_what_capped_it_memory_or_the_steps_rows():
+    def reason(budget):
+        return next(c.reason for c in plan_choices("domain", profile(), one_b(), budget)[0] if c.key == "train.batch_size")
+
+    assert reason(DeviceMemory("cuda", 140 * GIB, "test")).startswith("the step's 32 rows of 2048 tokens in one micro")
+    assert reason(budget_for(need(4, False))).startswith("the largest micro-batch of 2048-token rows that fits")
+
+
 def test_budget_changes_the_written_config(tiny, capsys):
     capsys.readouterr()
     assert main(recommend_args(tiny, "--json")) == 0

@@ -426,9 +426,16 @@ def _fit(facts: ModelFacts, budget: DeviceMemory, rows: int, seq_len: int, r: in
               "expects_checkpointing": fit.checkpointing, "without_checkpointing_bytes": fit.memory_of(fit.batch, False),
               "with_checkpointing_bytes": fit.memory_of(fit.batch, True)}
     return [Choice("model.quantize", fit.quantize, quantize_why),
-            Choice("train.batch_size", fit.batch, f"the largest micro-batch of {seq_len}-token rows that fits {where}: "
-                                                  f"{_gib(fit.need)} GiB predicted"),
+            Choice("train.batch_size", fit.batch, _batch_why(fit, rows, seq_len, where)),
             Choice("train.grad_checkpointing", "auto", gc_why)], rows // fit.batch, memory
+
+
+def _batch_why(fit: "_BaseFit", rows: int, seq_len: int, where: str) -> str:
+    """Memory caps the micro-batch, or the step's rows do (a small effective batch fits whole)."""
+    if fit.batch == rows:
+        return (f"the step's {rows} row{'s' * (rows != 1)} of {seq_len} tokens in one micro-batch (the effective "
+                f"batch); it fits {where}: {_gib(fit.need)} GiB predicted")
+    return f"the largest micro-batch of {seq_len}-token rows that fits {where}: {_gib(fit.need)} GiB predicted"
 
 
 def _unestimated_choices(batch: int) -> list[Choice]:
