@@ -657,6 +657,21 @@ def test_cores_busy_elsewhere_are_named_with_the_threads_to_pass(monkeypatch, bu
         and "--threads 1 " in lines[0]
 
 
+def test_every_core_busy_elsewhere_is_said_without_free_cores_to_use(monkeypatch):
+    import torch
+
+    from lorakit import host
+    from lorakit.config import resolve
+    from lorakit.train import run
+
+    monkeypatch.setattr(host, "cores_busy_elsewhere", lambda interval: 2.0)
+    monkeypatch.setattr(host, "usable_cores", lambda: [0, 1])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    lines = run._busy_cores_notice(resolve(None, {}), torch.device("cpu"))
+    assert lines == ["other processes keep about 2.0 of this process's 2 cores busy and torch runs 2 threads: steps "
+                     "will take longer than on an idle machine"]
+
+
 def test_busy_cores_count_the_cores_this_process_may_use_less_its_own_time(monkeypatch):
     from types import SimpleNamespace
 

@@ -255,12 +255,14 @@ def _busy_cores_notice(config: RunConfig, device: torch.device) -> list[str]:
     if device.type != "cpu" or config.train.threads or distributed.world_size() > 1:  # chosen, or ranks share cores
         return []
     busy, threads, cores = host.cores_busy_elsewhere(0.1), torch.get_num_threads(), len(host.usable_cores())
-    suggested = max(1, round(cores - busy)) if busy is not None else threads
-    if busy is None or busy < 0.5 or suggested >= threads:
+    free = round(cores - busy) if busy is not None else threads
+    if busy is None or busy < 0.5 or free >= threads:
         return []
-    return [f"other processes keep about {busy:.1f} of this process's {cores} cores busy and torch runs {threads} "
-            f"threads: each step waits for the busy cores (on 2 cores with one busy, steps took twice as long as "
-            f"with one thread); pass --threads {suggested} to use the free ones"]
+    said = f"other processes keep about {busy:.1f} of this process's {cores} cores busy and torch runs {threads} threads"
+    if free < 1:  # no core to move to: nothing to suggest, but the steps will be slow
+        return [f"{said}: steps will take longer than on an idle machine"]
+    return [f"{said}: each step waits for the busy cores (on 2 cores with one busy, steps took twice as long as "
+            f"with one thread); pass --threads {free} to use the free ones"]
 
 
 def _long_step_notice(settings: LoopSettings) -> list[str]:
