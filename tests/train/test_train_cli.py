@@ -338,6 +338,16 @@ def test_r_and_its_torchrun_spelling_are_one_setting(tiny, tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+def test_resume_into_a_folder_without_a_run_says_it_starts_one_there(tiny, tmp_path, capsys):
+    out = tmp_path / "typo"
+    assert main(train_args(tiny, out, "--max-steps", "1", "--resume")) == 0  # a job script's first launch
+    assert f"resume: {out} holds no earlier run; starting a new one there (check --output" in capsys.readouterr().out
+    for name in ("checkpoints", "adapter", "summary.json"):  # as a run killed before its first checkpoint
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    assert main(train_args(tiny, out, "--max-steps", "2", "--resume")) == 0
+    assert "resume: no complete checkpoint found; starting from the beginning" in capsys.readouterr().out
+
+
 def test_eval_data_that_is_also_training_data_is_named(tiny, tmp_path, capsys, monkeypatch):
     model, data = tiny
     monkeypatch.chdir(data.parent)

@@ -34,6 +34,7 @@ from lorakit.train.loop import Hooks, StepResult, StopSignals, Trainer, TrainSta
 from lorakit.train.progress import Progress, SilentProgress, peak_memory_bytes
 from lorakit.train.rng import capture_rng
 from lorakit.train.tensorboard_log import TensorBoardLog
+from lorakit.train.run import RUN_FILES as RUN_FOLDER_FILES
 from lorakit.train.run import Prepared, keep_global_batch, write_config
 
 # what rank 0 tells the others when --resume finds no checkpoint to load (else the step it loads)
@@ -89,7 +90,7 @@ class Session:
                                   "of the run folder and resume again")
         path = self._latest_checkpoint()
         if path is None:
-            self.log("resume: no complete checkpoint found; starting from the beginning")
+            self.log(self._nothing_to_resume())
             return
         checkpoint = ckpt.load_checkpoint(path)
         state, saved = self._check_resumable(path, checkpoint)
@@ -97,6 +98,14 @@ class Session:
         if distributed.is_main():  # a finished run continued (more --max-steps) is unfinished until it ends
             (self.out / "summary.json").unlink(missing_ok=True)
         self.log(f"resumed from {path.name} (step {state.step}, epoch {state.epoch}, batch {state.batch_index})")
+
+    def _nothing_to_resume(self) -> str:
+        """A folder without a run's files may be a mistyped --output: say where the new run starts
+        (a job script that always passes --resume starts its first run so, and must go on)."""
+        if any((self.out / name).exists() for name in RUN_FOLDER_FILES):
+            return "resume: no complete checkpoint found; starting from the beginning"
+        return (f"resume: {self.out} holds no earlier run; starting a new one there (check --output if you meant "
+                "to continue a run)")
 
     def _check_resumable(self, path: Path, checkpoint) -> tuple[TrainState, dict]:
         """The checkpoint's position and trainer state, once it is known to fit this model, data
