@@ -348,6 +348,18 @@ def test_resume_into_a_folder_without_a_run_says_it_starts_one_there(tiny, tmp_p
     assert "resume: no complete checkpoint found; starting from the beginning" in capsys.readouterr().out
 
 
+def test_resume_of_a_finished_run_without_more_steps_does_nothing_and_says_so(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--max-steps", "2")) == 0
+    before = {name: (out / name).read_bytes() for name in ("summary.json", "metrics.jsonl", "config.yaml")}
+    capsys.readouterr()
+    assert main(train_args(tiny, out, "--max-steps", "2", "--resume")) == 0
+    printed = capsys.readouterr().out
+    assert f"the run in {out} finished at step 2, its last; nothing to train" in printed
+    assert "training finished" not in printed
+    assert {name: (out / name).read_bytes() for name in before} == before  # not even its final eval again
+
+
 def test_eval_data_that_is_also_training_data_is_named(tiny, tmp_path, capsys, monkeypatch):
     model, data = tiny
     monkeypatch.chdir(data.parent)

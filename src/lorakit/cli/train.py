@@ -177,6 +177,8 @@ def _train(args: argparse.Namespace) -> int:
         release_run_folder(Path(config.output.output))
     if result.interrupted:
         return 130
+    if result.already_finished:  # said so; its files stay as they were
+        return 0
     sample_after = _sample(prepared) if demo else None
     if is_main():
         print_report(prepared, result, sample_before, sample_after)

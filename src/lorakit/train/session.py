@@ -27,7 +27,7 @@ from lorakit.data.formats import TOKENIZE_REVISION
 from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError, DataError, OutputError, TrainingError
 from lorakit.kernels.chunked_ce import release_workspace
 from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
-from lorakit.safe_io import atomic_write_json, atomic_write_text, save_figure, translate_os_errors
+from lorakit.safe_io import atomic_write_json, atomic_write_text, read_json, save_figure, translate_os_errors
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.loop import Hooks, StepResult, StopSignals, Trainer, TrainState, epoch_plan, evaluate
@@ -47,6 +47,7 @@ class RunResult:
     output: Path
     interrupted: str | None = None
     history: list[dict] = field(default_factory=list)
+    already_finished: bool = False  # --resume of a finished run at its last step: nothing was done
 
 
 def make_optimizer(prepared: Prepared) -> torch.optim.Optimizer:
@@ -79,6 +80,7 @@ class Session:
         # the grad_accum the user last asked for: a resume may adjust the config's (keep_global_batch)
         self.requested_grad_accum = self.config.train.grad_accum
         self.earlier_peak_bytes = 0  # the peak memory of the processes before a resume (their checkpoint's)
+        self.finished_summary: dict | None = None  # a finished run's, when --resume finds nothing to train
 
     # ---- resume --------------------------------------------------------------------------
     def resume_if_asked(self) -> None:
@@ -94,6 +96,10 @@ class Session:
             return
         checkpoint = ckpt.load_checkpoint(path)
         state, saved = self._check_resumable(path, checkpoint)
+        if state.step == self.prepared.settings.total_steps:
+            self.finished_summary = _finished_summary(self.out / "summary.json")
+            if self.finished_summary is not None:
+                return
         self._restore(checkpoint, state, saved)
         if distributed.is_main():  # a finished run continued (more --max-steps) is unfinished until it ends
             (self.out / "summary.json").unlink(missing_ok=True)
@@ -295,6 +301,10 @@ class Session:
     # ---- the run ---------------------------------------------------------------------------
     def run(self) -> RunResult:
         self.resume_if_asked()
+        if self.finished_summary is not None:
+            self.log(f"the run in {self.out} finished at step {self.prepared.settings.total_steps}, its last; nothing "
+                     "to train (pass a larger --max-steps or --epochs to train it further)")
+            return RunResult(self.finished_summary, self.out, None, [], already_finished=True)
         if distributed.is_main():
             write_config(self.out, self.config)  # after resume: it may keep the checkpoint's global batch
             self._open_metrics()
@@ -535,6 +545,16 @@ def _effective(name: str, value):
 
 
 RUN_FILES = ("metrics.jsonl", "summary.json")  # the run's own files a resume reads or removes
+
+
+def _finished_summary(path: Path) -> dict | None:
+    """A finished run's summary.json; None where there is none, or none to trust (the run then
+    finishes again: its final eval, adapter and summary)."""
+    try:
+        summary = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 def _read_history(path: Path, up_to_step: int, count: int | None = None) -> list[dict]:
