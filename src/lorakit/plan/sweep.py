@@ -259,6 +259,8 @@ def train_point(config: RunConfig, log: Callable[[str], None],
     prepared = prepare(config)
     out = claim_output(config)
     try:
+        if config.output.resume:  # a summary.json here failed finished_summary's checks: the point finishes again
+            (out / "summary.json").unlink(missing_ok=True)
         atomic_write_json(out / "point.json", marker)
         hint = ("rerun the sweep without --overwrite to go on (this point from its checkpoint)" if from_start else
                 "rerun the same sweep command to go on (this point from its checkpoint)")
