@@ -76,3 +76,28 @@ def test_the_trainers_steps_train_on_the_routers_loss():
 
 def test_a_model_without_the_routers_loss_keeps_the_chunked_loss():
     assert chunked_loss_blocker(_moe(output_router_logits=False)) is None
+
+
+def test_a_run_on_such_a_model_trains_and_scores_on_unpacked_rows(tmp_path, capsys):
+    """transformers' router loss reads a 2D padding mask: packed rows (a 4D mask) are left off."""
+    import json
+
+    from lorakit.cli import main
+    from tiny_models import tiny_tokenizer, write_define_data
+
+    tokenizer = tiny_tokenizer()
+    model = MixtralForCausalLM(MixtralConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    data = write_define_data(tmp_path / "d.jsonl", count=24)
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tmp_path / "moe"), "--data", str(data), "--output", str(run),
+                 "--max-steps", "2", "--batch-size", "4", "--seq-len", "64", "--eval-split", "4"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps its lines
+    assert "router load-balancing loss (output_router_logits) needs each row's own padding mask" in printed
+    final = json.loads((run / "summary.json").read_text())["final_eval_loss"]
+    assert main(["eval", "--adapter", str(run), "--data", str(data), "--seq-len", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["adapter_loss"] > 0 and final > 0

@@ -33,8 +33,8 @@ def poison(monkeypatch, bad: dict[int, str]) -> list[int]:
     """Make the training loss of the given steps (1-based; grad-accum 1) nan / inf / spike / nan-grad."""
     original, steps = loop.causal_lm_loss, []
 
-    def loss(model, batch, normalizer):
-        value = original(model, batch, normalizer)
+    def loss(model, batch, normalizer, **options):
+        value = original(model, batch, normalizer, **options)
         if not model.training:
             return value
         steps.append(len(steps) + 1)

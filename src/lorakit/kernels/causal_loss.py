@@ -125,6 +125,8 @@ def _head_mismatch(model: nn.Module, backbone: nn.Module, head: nn.Module) -> tu
 
 
 def _full_logits_loss(model, inputs, shifted, normalizer, router_aux: bool):
+    if not router_aux and getattr(model.config, "output_router_logits", False):  # an eval: no router loss at all
+        inputs = {**inputs, "output_router_logits": False}
     outputs = model(**inputs)
     logits = outputs.logits.float()  # (B, T, V)
     total = F.cross_entropy(logits.flatten(0, -2), shifted.flatten().to(logits.device),

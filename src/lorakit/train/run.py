@@ -330,6 +330,8 @@ def packing_blocker(model, longest: int, row_tokens: int) -> str | None:
                 "and a packed row's mask cannot apply it")
     if uses_alibi(model.config):
         return f"{model.config.model_type} positions tokens with ALiBi, which a packed row's mask cannot carry"
+    if getattr(model.config, "output_router_logits", False):  # transformers' router loss reads a 2D padding mask
+        return "the model's router load-balancing loss (output_router_logits) needs each row's own padding mask"
     return None
 
 
