@@ -756,11 +756,12 @@ def test_output_into_a_closed_pipe_stops_quietly_not_with_a_traceback():
     import lorakit
 
     source = str(Path(lorakit.__file__).parents[1])
-    child = subprocess.Popen([sys.executable, "-m", "lorakit", "estimate", "--json"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": source})
-    child.stdout.close()  # before the child has written anything (its imports take a second)
-    err = child.stderr.read().decode()
-    assert child.wait(timeout=120) == 141 and err == ""  # 128 + SIGPIPE, as a shell tool stopped so
+    for printed_by in (["--json"], []):  # print, and rich's console (whose own handler exits 1)
+        child = subprocess.Popen([sys.executable, "-m", "lorakit", "estimate", *printed_by], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": source})
+        child.stdout.close()  # before the child has written anything (its imports take a second)
+        err = child.stderr.read().decode()
+        assert child.wait(timeout=120) == 141 and err == ""  # 128 + SIGPIPE, as a shell tool stopped so
 
 
 def test_ctrl_c_while_the_libraries_load_is_one_line_not_a_traceback(tmp_path):

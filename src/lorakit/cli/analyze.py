@@ -107,7 +107,7 @@ def _heatmap_target(args: argparse.Namespace) -> Path:
 
 
 def print_report(analysis, top: int) -> None:
-    from rich.console import Console
+    from lorakit.terminal import Console
 
     console = Console()
     energy = analysis.energies[0]

@@ -219,8 +219,9 @@ def _cells(row: dict) -> list[str]:
 def _print_table(result: dict) -> None:
     rows = [_cells(r) for r in result["variants"]]
     try:
-        from rich.console import Console
         from rich.table import Table
+
+        from lorakit.terminal import Console
     except ImportError:  # the GPU machine may lack rich: plain columns
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
         for line in [COLUMNS, *rows]:

@@ -150,7 +150,7 @@ def _check_checkpoint_layers(k: int | None, grad_checkpointing: str) -> None:
 
 
 def print_report(result) -> None:
-    from rich.console import Console
+    from lorakit.terminal import Console
 
     console = Console()
     m, s = result.model, result.shape

@@ -61,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print(rec, output: str | None) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from lorakit.terminal import Console
 
     console = Console()
     d, m = rec.data, rec.model

@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_report(report: dict, output: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from lorakit.terminal import Console
 
     from lorakit.plan.sweep import table_rows
 

@@ -6,15 +6,15 @@ the run so logs stay short.
 
 from __future__ import annotations
 
-import sys
 import contextlib
+import sys
 import time
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 
 from lorakit.host import peak_rss_bytes
+from lorakit.terminal import Console
 
 
 def peak_memory_bytes(device: torch.device) -> int:

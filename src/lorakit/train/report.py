@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from lorakit.config import effective_scale
 from lorakit.lora import lora_layers, lora_report
+from lorakit.terminal import Console
 
 console = Console()
 
@@ -66,8 +66,8 @@ def print_dry_run(prepared) -> None:
                   f"({100 * (1 - stats.masked_fraction):.1f}%), length min/mean/max "
                   f"{stats.length_min}/{stats.length_mean:.0f}/{stats.length_max}")
     if prepared.train.system_turn:
-        console.print(f"  every record opens with the same system turn: the adapter keeps it, and generate answers "
-                      f"under it by default", markup=False, highlight=False)
+        console.print("  every record opens with the same system turn: the adapter keeps it, and generate answers "
+                      "under it by default", markup=False, highlight=False)
     modules = [name for name, _ in lora_layers(prepared.model)]
     console.print(f"\n[bold]adapted modules[/bold] ({len(modules)}): {', '.join(modules[:8])}"
                   f"{' ...' if len(modules) > 8 else ''}")
