@@ -199,12 +199,12 @@ def test_experts_fused_into_3d_parameters_stay_frozen_and_the_default_targets_ta
 
 
 def test_resuming_a_checkpoint_from_before_auto_compares_what_the_setting_does(monkeypatch):
-    from lorakit.train import session
+    from lorakit.train import saved_run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     saved = {"train": {"triton_kernels": False, "lr": 1e-4}}
-    assert session._config_changes(saved, {"train": {"triton_kernels": "auto", "lr": 1e-4}}) == []
-    assert session._config_changes(saved, {"train": {"triton_kernels": "on", "lr": 1e-4}}) == [
+    assert saved_run.config_changes(saved, {"train": {"triton_kernels": "auto", "lr": 1e-4}}) == []
+    assert saved_run.config_changes(saved, {"train": {"triton_kernels": "on", "lr": 1e-4}}) == [
         "train.triton_kernels False -> 'on'"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto is on on a GPU: a change from false
-    assert session._config_changes(saved, {"train": {"triton_kernels": "auto", "lr": 1e-4}}) != []
+    assert saved_run.config_changes(saved, {"train": {"triton_kernels": "auto", "lr": 1e-4}}) != []

@@ -358,6 +358,15 @@ def test_resume_of_a_finished_run_without_more_steps_does_nothing_and_says_so(ti
     assert f"the run in {out} finished at step 2, its last; nothing to train" in printed
     assert "training finished" not in printed
     assert {name: (out / name).read_bytes() for name in before} == before  # not even its final eval again
+    for damage in ("adapter", "summary.json"):  # a run that lacks what a finished one has: it finishes again
+        if damage == "adapter":
+            shutil.rmtree(out / "adapter")
+        else:
+            (out / damage).write_text("{}")
+        assert main(train_args(tiny, out, "--max-steps", "2", "--resume")) == 0
+        assert "training finished" in capsys.readouterr().out
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+        assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
 
 def test_eval_data_that_is_also_training_data_is_named(tiny, tmp_path, capsys, monkeypatch):

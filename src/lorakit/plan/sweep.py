@@ -205,10 +205,12 @@ def _decisive(settings: dict) -> dict:
 
 def finished_summary(folder: Path, config: RunConfig, overwrite: bool) -> dict | None:
     """The saved summary when this exact point already finished; None when it must (re)train."""
+    from lorakit.train.saved_run import read_summary
+
     summary, marker = folder / "summary.json", folder / "point.json"
     if not summary.is_file():
         return None
-    saved, result = _json_or_none(marker), _summary_or_none(summary)
+    saved, result = _json_or_none(marker), read_summary(summary)
     if result is None or (marker.is_file() and saved is None):  # damaged (a kill, a full disk, an edit): train again
         return None
     if saved is not None and _decisive(saved) == requested(config):
@@ -217,22 +219,6 @@ def finished_summary(folder: Path, config: RunConfig, overwrite: bool) -> dict |
         return None
     raise OutputError(f"{folder} holds a finished run with different settings than this sweep asks for "
                       "(another base config or --max-steps); pass --overwrite to retrain it, or choose another --output")
-
-
-# what the table and the plot read from a point's summary.json
-SUMMARY_NUMBERS = {"trainable_params": False, "wall_seconds": False, "peak_memory_bytes": False,
-                   "final_eval_loss": True, "base_eval_loss": True, "train_loss": True}  # key -> may be null
-
-
-def _summary_or_none(path: Path) -> dict | None:
-    summary = _json_or_none(path)
-    if summary is None:
-        return None
-    for key, nullable in SUMMARY_NUMBERS.items():
-        value = summary.get(key)
-        if not (value is None and nullable) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            return None
-    return summary
 
 
 def _json_or_none(path: Path) -> dict | None:
@@ -259,8 +245,6 @@ def train_point(config: RunConfig, log: Callable[[str], None],
     prepared = prepare(config)
     out = claim_output(config)
     try:
-        if config.output.resume:  # a summary.json here failed finished_summary's checks: the point finishes again
-            (out / "summary.json").unlink(missing_ok=True)
         atomic_write_json(out / "point.json", marker)
         hint = ("rerun the sweep without --overwrite to go on (this point from its checkpoint)" if from_start else
                 "rerun the same sweep command to go on (this point from its checkpoint)")

@@ -17,7 +17,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,15 +27,16 @@ from lorakit.data.formats import TOKENIZE_REVISION
 from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError, DataError, OutputError, TrainingError
 from lorakit.kernels.chunked_ce import release_workspace
 from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
-from lorakit.safe_io import atomic_write_json, atomic_write_text, read_json, save_figure, translate_os_errors
+from lorakit.safe_io import atomic_write_json, atomic_write_text, save_figure, translate_os_errors
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.loop import Hooks, StepResult, StopSignals, Trainer, TrainState, epoch_plan, evaluate
 from lorakit.train.progress import Progress, SilentProgress, peak_memory_bytes
 from lorakit.train.rng import capture_rng
+from lorakit.train.run import RUN_FILES, Prepared, keep_global_batch, write_config
+from lorakit.train.saved_run import (changes_what_base_eval_measured, check_tensors_fit, config_changes, finished_summary,
+                                     read_history, train_state_from)
 from lorakit.train.tensorboard_log import TensorBoardLog
-from lorakit.train.run import RUN_FILES as RUN_FOLDER_FILES
-from lorakit.train.run import Prepared, keep_global_batch, write_config
 
 # what rank 0 tells the others when --resume finds no checkpoint to load (else the step it loads)
 _NO_CHECKPOINT, _ALL_DAMAGED, _FINISHED_RUN = -1, -2, -3
@@ -86,7 +87,7 @@ class Session:
     def resume_if_asked(self) -> None:
         if not self.config.output.resume:
             return
-        for name in RUN_FILES:  # read or replaced below: a folder of that name would stop the resume mid-way
+        for name in RESUME_FILES:  # read or replaced below: a folder of that name would stop the resume mid-way
             if (self.out / name).exists() and not (self.out / name).is_file():
                 raise OutputError(f"{self.out / name} is not a file, where the run keeps its {name}; move it out "
                                   "of the run folder and resume again")
@@ -97,8 +98,9 @@ class Session:
         checkpoint = ckpt.load_checkpoint(path)
         state, saved = self._check_resumable(path, checkpoint)
         if state.step == self.prepared.settings.total_steps:
-            self.finished_summary = _finished_summary(self.out / "summary.json")
-            if self.finished_summary is not None:
+            found = finished_summary(self.out) if distributed.is_main() else None
+            if distributed.broadcast_int(int(found is not None)):  # rank 0's answer: every rank returns, or none
+                self.finished_summary = found or {}
                 return
         self._restore(checkpoint, state, saved)
         if distributed.is_main():  # a finished run continued (more --max-steps) is unfinished until it ends
@@ -108,7 +110,7 @@ class Session:
     def _nothing_to_resume(self) -> str:
         """A folder without a run's files may be a mistyped --output: say where the new run starts
         (a job script that always passes --resume starts its first run so, and must go on)."""
-        if any((self.out / name).exists() for name in RUN_FOLDER_FILES):
+        if any((self.out / name).exists() for name in RUN_FILES):
             return "resume: no complete checkpoint found; starting from the beginning"
         return (f"resume: {self.out} holds no earlier run; starting a new one there (check --output if you meant "
                 "to continue a run)")
@@ -117,11 +119,11 @@ class Session:
         """The checkpoint's position and trainer state, once it is known to fit this model, data
         and run (grad_accum may be changed to keep its global batch)."""
         saved = checkpoint.trainer_state
-        state = _train_state_from(path, saved)
+        state = train_state_from(path, saved)
         if saved.get("fingerprint") not in (None, self.fingerprint):
             raise AdapterMismatchError(f"the checkpoint {path} was made for another base model; "
                                        "resume with the same --model, or start a new --output")
-        _check_tensors_fit(path, self.prepared.model, checkpoint.model_tensors)
+        check_tensors_fit(path, self.prepared.model, checkpoint.model_tensors)
         batch_change = self._global_batch_change(saved)
         self._note_changed_config(saved.get("config"), batch_change)
         retokenised = saved.get("tokenize_revision") != TOKENIZE_REVISION  # none saved: made before it was recorded
@@ -133,7 +135,7 @@ class Session:
             same_files = ((saved.get("config") or {}).get("data") or {}).get("data") == self.config.data.data
             self.log(f"resume: the training data differs from the checkpoint's{' (same files, other contents)' if same_files else ''}; "
                      "the run continues on the new data at the saved position, so it will not match an uninterrupted run")
-        if retokenised or _changes_what_base_eval_measured(saved.get("config") or {}, self.config.to_dict()):
+        if retokenised or changes_what_base_eval_measured(saved.get("config") or {}, self.config.to_dict()):
             saved = {**saved, "base_eval": None}  # measured on other data or another base: measure again
         self._check_data_position(path, state)
         if batch_change is None:
@@ -153,7 +155,7 @@ class Session:
         ckpt.load_optimizer_state(self.optimizer, checkpoint)
         self.state = state
         self.base_eval = saved.get("base_eval")
-        self.history = _read_history(self.out / "metrics.jsonl", state.step, saved.get("history_len"))
+        self.history = read_history(self.out / "metrics.jsonl", state.step, saved.get("history_len"))
         if len(self.history) < (saved.get("history_len") or 0):
             self.log(f"resume: metrics.jsonl holds {len(self.history)} of the {saved['history_len']} entries logged "
                      "before the checkpoint (the file was removed or damaged); the run goes on, and metrics.jsonl, "
@@ -204,7 +206,7 @@ class Session:
     def _note_changed_config(self, saved: dict | None, batch_change: str | None) -> None:
         """Resuming with other settings is allowed (e.g. more --max-steps) but not exact: say so.
         grad_accum counts as changed only where the global batch does (`_global_batch_change`)."""
-        changed = [change for change in _config_changes(saved or {}, self.config.to_dict())
+        changed = [change for change in config_changes(saved or {}, self.config.to_dict())
                    if not change.startswith("train.grad_accum ")] + ([batch_change] if batch_change else [])
         if changed:
             self.log("resume: settings differ from the checkpoint's (the run continues with the new ones, "
@@ -460,119 +462,7 @@ def _base_name(prepared: Prepared) -> str:
     return base_model_name(prepared.model)
 
 
-def _check_tensors_fit(path: Path, model, tensors: dict[str, torch.Tensor]) -> None:
-    """The checkpoint must hold exactly this run's trainable tensors, with the same shapes."""
-    params = {name: tuple(p.shape) for name, p in trainable_parameters(model)}
-    extra = sorted(set(tensors) - set(params))
-    missing = sorted(set(params) - set(tensors))
-    wrong = [n for n in sorted(set(params) & set(tensors)) if tuple(tensors[n].shape) != params[n]]
-    if not (extra or missing or wrong):
-        return
-    if wrong:
-        problem = f"{wrong[0]} has shape {tuple(tensors[wrong[0]].shape)} there, {params[wrong[0]]} now (another --r?)"
-    elif extra:
-        problem = f"it holds {len(extra)} tensor(s) this run does not train, e.g. {extra[0]} (other --targets?)"
-    else:
-        problem = f"it lacks {len(missing)} tensor(s) this run trains, e.g. {missing[0]} (other --targets?)"
-    raise AdapterMismatchError(f"the checkpoint {path} does not fit this run's LoRA layers: {problem}; "
-                               "resume with the LoRA settings of that run (see its config.yaml), "
-                               "or start a new --output")
-
-
-_STATE_FIELDS = {f.name: f.type for f in fields(TrainState)}
-
-
-def _train_state_from(path: Path, saved: dict) -> TrainState:
-    """TrainState from a checkpoint's JSON, checked: the file may be damaged or hand-edited."""
-    problem = _trainer_state_problem(path, saved)
-    if problem:
-        raise AdapterFileError(f"{path / ckpt.TRAINER_STATE} is not a valid lorakit training state ({problem}); "
-                               "delete this checkpoint folder to resume from the previous one")
-    return TrainState(**saved["state"])
-
-
-# trainer_state.json's other entries a resume reads: key -> the JSON types it may have (or null)
-_SAVED_TYPES = {"config": dict, "base_eval": dict, "history_len": int, "train_seconds": (int, float),
-                "paused_seconds": (int, float),
-                "micro_batches_per_step": int, "world_size": int, "requested_grad_accum": int,
-                "peak_memory_bytes": int, "peak_memory_device": str}
-
-
-def _trainer_state_problem(path: Path, saved) -> str | None:
-    if not isinstance(saved, dict):
-        return "it is not a JSON object"
-    raw = saved.get("state")
-    if not isinstance(raw, dict) or set(raw) != set(_STATE_FIELDS):
-        return "its 'state' entry does not have the training-state fields"
-    counters = [k for k in raw if k != "loss_ema"]
-    bad = [k for k in counters if isinstance(raw[k], bool) or not isinstance(raw[k], int) or raw[k] < 0]
-    ema = raw["loss_ema"]
-    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not math.isfinite(ema)):
-        bad.append("loss_ema")
-    bad += [k for k, kinds in _SAVED_TYPES.items() if saved.get(k) is not None
-            and (isinstance(saved[k], bool) or not isinstance(saved[k], kinds) or (kinds is int and saved[k] < 0))]
-    if bad:
-        return f"invalid value(s) for {', '.join(bad)}"
-    if ckpt.step_dir_name(raw["step"]) != path.name:
-        return f"its step {raw['step']} is not the step its folder {path.name} names"
-    return None
-
-
-_NOT_COMPARED = {"output.resume", "output.overwrite", "output.output", "output.dry_run", "output.keep_checkpoints"}
-
-
-def _config_changes(saved: dict, now: dict) -> list[str]:
-    changes = []
-    for section, values in now.items():
-        before = saved.get(section) if isinstance(saved.get(section), dict) else {}
-        for key, value in values.items():
-            name = f"{section}.{key}"
-            if name not in _NOT_COMPARED and key in before and _effective(name, before[key]) != _effective(name, value):
-                changes.append(f"{name} {before[key]!r} -> {value!r}")
-    return changes
-
-
-def _effective(name: str, value):
-    """What a setting does here: train.triton_kernels was a boolean before it had auto (a checkpoint
-    saved then reads false), and auto is on or off by the device, as the run decides it."""
-    if name != "train.triton_kernels":
-        return value
-    from lorakit.kernels.llama_patch import wants_triton
-    from lorakit.train.distributed import device_of_rank
-
-    setting = ("on" if value else "off") if isinstance(value, bool) else value
-    return wants_triton(setting, device_of_rank())
-
-
-RUN_FILES = ("metrics.jsonl", "summary.json")  # the run's own files a resume reads or removes
-
-
-def _finished_summary(path: Path) -> dict | None:
-    """A finished run's summary.json; None where there is none, or none to trust (the run then
-    finishes again: its final eval, adapter and summary)."""
-    try:
-        summary = read_json(path)
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None
-
-
-def _read_history(path: Path, up_to_step: int, count: int | None = None) -> list[dict]:
-    """The metrics logged before the checkpoint was taken: its first `count` lines (older
-    checkpoints without a count: the entries up to its step)."""
-    if not path.exists():
-        return []
-    entries = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if count is not None and len(entries) >= count:
-            break
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut by the kill: everything after it is newer than the checkpoint anyway
-        if isinstance(entry, dict) and (count is not None or entry.get("step", 0) <= up_to_step):
-            entries.append(entry)
-    return entries
+RESUME_FILES = ("metrics.jsonl", "summary.json")  # the run's own files a resume reads or removes
 
 
 def _refuse_non_finite_base(loss: float) -> None:
@@ -600,16 +490,6 @@ def _plot(history: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def _changes_what_base_eval_measured(saved: dict, now: dict) -> bool:
-    """The base model's eval loss depends on the model, its precision and the eval examples (the
-    split's seed, and with eval_batches the batches that are evaluated)."""
-    keys = [("model", "name"), ("model", "dtype"), ("model", "quantize"), ("data", "data"), ("data", "eval_data"),
-            ("data", "eval_split"), ("data", "seq_len"), ("data", "format"), ("data", "train_on_inputs"),
-            ("data", "packing"), ("train", "seed"), ("train", "eval_batches"), ("train", "batch_size")]
-    return any((saved.get(section) or {}).get(name) != (now.get(section) or {}).get(name) for section, name in keys
-               if section in saved)
 
 
 def _strict_json(value):
