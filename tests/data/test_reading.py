@@ -366,3 +366,10 @@ def test_a_json_file_of_one_record_whose_fields_are_turns_is_still_read(tmp_path
     pair = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}
     (tmp_path / "d.json").write_text(json.dumps(pair), encoding="utf-8")
     assert len(read_records(tmp_path / "d.json", cache_dir=cache)) == 1
+
+
+def test_a_json_object_nested_too_deeply_is_one_error_not_a_crash(tmp_path, cache):
+    path = tmp_path / "deep.json"
+    path.write_text('{"a": ' + "[" * 200_000, encoding="utf-8")
+    with pytest.raises(DataError, match="deep.json nests its values too deeply to read"):
+        read_records(path, cache_dir=cache)

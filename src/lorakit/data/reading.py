@@ -42,7 +42,7 @@ from typing import Sequence
 import datasets
 
 from lorakit.errors import DataError, OutputError
-from lorakit.safe_io import os_error_words
+from lorakit.safe_io import os_error_words, read_json
 
 # extension -> datasets builder name
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -427,14 +427,16 @@ def _check_not_columns(path: Path) -> None:
     if _first_char(path) != "{":
         return
     try:
-        with open(path, encoding="utf-8") as f:
-            top = json.load(f)
-    except ValueError:  # one object per line (JSON Lines in a .json file), or broken: read as before
+        top = read_json(path)
+    except ValueError as exc:  # one object per line (JSON Lines in a .json file), or broken: read as before
+        if str(exc) == "nested too deeply":  # the datasets reader would crash the interpreter on it
+            raise DataError(f"{path} nests its values too deeply to read; a record holds texts and turns") from None
         return
     columns = top if isinstance(top, dict) and top and all(isinstance(v, list) for v in top.values()) else {}
     if not columns or all(isinstance(item, dict) for values in columns.values() for item in values):
         return
-    sizes = ", ".join(f"{name}: {len(values)} values" for name, values in list(columns.items())[:3])
+    sizes = ", ".join(f"{name}: {len(values)} value{'s' * (len(values) != 1)}"
+                      for name, values in list(columns.items())[:3])
     fields = ", ".join(f'"{name}": ...' for name in list(columns)[:3])
     raise DataError(f"{path} is one JSON object of columns ({sizes}), which would read as a single record; write a "
                     f"list of records, [{{{fields}}}, ...], or one record per line (.jsonl)")
