@@ -480,6 +480,15 @@ def test_a_damaged_converted_copy_is_named_with_its_folder_not_the_gguf(tiny_ggu
     assert "delete that folder" in message and "\n" not in message
 
 
+def test_the_estimate_reads_a_gguf_config_from_its_converted_copy(tiny_gguf, cache):
+    from lorakit.plan.model_shapes import model_shape
+
+    with pytest.raises(ModelLoadError, match=r"is a .gguf, whose config the estimate reads from the copy"):
+        model_shape(str(tiny_gguf))
+    model, _, _ = load_model_and_tokenizer(tiny_gguf)
+    assert model_shape(str(tiny_gguf)).hidden_size == model.config.hidden_size
+
+
 def test_special_tokens_come_from_the_gguf_metadata(tiny_gguf):
     from transformers import AutoTokenizer
 

@@ -729,3 +729,21 @@ def test_a_training_config_gives_the_shape_and_flags_given_beside_it_replace_its
     assert shape()["r"] == 16 and shape()["seq_len"] == 2048  # no config: the defaults, as before
     assert main(["estimate", "--model", str(config)]) == 2
     assert f"--model {config} is a training config, not a model" in capsys.readouterr().err
+
+
+def test_a_training_configs_settings_the_estimate_leaves_out_are_named(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("lora: {exclude: 'down_proj,lm_head', dora: true}\ntrain: {memory_budget: 4}\n")
+    assert main(["estimate", str(config), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["shape"]["targets"] == "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj"  # down_proj left out
+    assert (result["shape"]["fused_loss"], result["shape"]["fused_mlp"]) == (True, False)  # DoRA: unfused
+    assert [note.split(":")[0] for note in result["notes"]] == ["lora.exclude 'down_proj,lm_head'", "lora.dora",
+                                                                "train.memory_budget 4 GiB"]
+    assert main(["estimate", str(config), "--no-fused-loss", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["shape"]["fused_loss"] is False
+    config.write_text("lora: {targets: '.*(q|v)_proj'}\n")
+    assert main(["estimate", str(config)]) == 2
+    assert "lora.targets '.*(q|v)_proj' is not one the estimator reads; pass --targets" in capsys.readouterr().err
+    assert main(["estimate", "8b"]) == 2
+    assert "8b names a model (a preset, config.json or folder), not a training config" in capsys.readouterr().err

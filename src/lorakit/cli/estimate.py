@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from lorakit.errors import ConfigError
 
@@ -30,7 +31,7 @@ given beside it replace its values. The memory model and its validation: docs/es
 # the shape estimated where neither a flag nor a training config gives one
 DEFAULTS = {"model": "smollm2-135m", "r": 16, "targets": "all-linear", "batch_size": 4, "seq_len": 2048,
             "grad_checkpointing": "off", "dtype": "bf16", "quantize": "none", "lora_dropout": 0.0,
-            "fast_paths": False}
+            "fast_paths": False, "fused_loss": False}
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -56,11 +57,12 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--fsdp", action="store_true",
                    help="with --world-size N > 1: the base and adapters sharded over the N devices (FSDP2, "
                         "lorakit train --fsdp); default: replicated (DDP)")
-    p.add_argument("--fused-loss", action="store_true", help="chunked lm_head + cross-entropy (no full logits)")
-    p.add_argument("--fast-paths", action="store_true", default=None,
+    p.add_argument("--fused-loss", action=argparse.BooleanOptionalAction,
+                   help="chunked lm_head + cross-entropy (no full logits)")
+    p.add_argument("--fast-paths", action=argparse.BooleanOptionalAction,
                    help="what `lorakit train` runs on a GPU with its fast paths (its default): the chunked loss "
-                        "and the fused MLP where gate, up and down all carry plain LoRA; without it, transformers' "
-                        "own step with lorakit's adapters")
+                        "and the fused MLP where gate, up and down all carry plain LoRA; without it (the default "
+                        "without a training config), transformers' own step with lorakit's adapters")
     p.add_argument("--engine", choices=("lorakit", "peft"), default="lorakit",
                    help="peft: PEFT's defaults (fp32 adapters, an input copy per adapter)")
     p.add_argument("--lora-dropout", "--dropout", type=float,
@@ -99,43 +101,79 @@ def run(args: argparse.Namespace) -> int:
     )
     result = estimate(args.model, shape, peak_tflops=args.device_peak_tflops, mfu=args.mfu)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        payload = result.to_dict()
+        payload["notes"] = args.config_notes + payload["notes"]
+        print(json.dumps(payload, indent=2))
     else:
-        print_report(result)
+        print_report(result, args.config_notes)
     return 0
 
 
 def _fill_settings(args: argparse.Namespace) -> None:
-    """Each setting from its flag, else the training config, else DEFAULTS."""
+    """Each setting from its flag, else the training config, else DEFAULTS; the config's notes
+    (what the estimate does not model) in args.config_notes."""
     if args.model and args.model.lower().endswith((".yaml", ".yml")):
         raise ConfigError(f"--model {args.model} is a training config, not a model; estimate its run with "
                           f"`lorakit estimate {args.model}` (its model and settings; flags override them)")
-    from_config = _training_config_settings(args.config_file) if args.config_file else {}
-    if args.fast_paths is None and args.engine == "peft":
-        args.fast_paths = False  # PEFT's step has none (a config's fast paths are lorakit's default)
+    from_config, args.config_notes = _training_config_settings(args.config_file) if args.config_file else ({}, [])
+    if args.engine == "peft":  # PEFT's step has no fast path (a config's are lorakit's default)
+        from_config.update(fast_paths=False, fused_loss=False)
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, from_config.get(key, default))
 
 
-def _training_config_settings(path: str) -> dict:
-    """A training config's values in estimate's terms: its dtype "auto" and checkpointing "auto"
-    as estimate's defaults (a GPU's bf16 step; the report shows the step with and without
-    checkpointing), the built-in model as its preset."""
-    from lorakit.config import load_yaml, resolve
+def _training_config_settings(path: str) -> tuple[dict, list[str]]:
+    """A training config's values in estimate's terms, and notes on what it sets that the estimate
+    leaves out. Its dtype and checkpointing "auto" take estimate's defaults (a GPU's bf16 step;
+    the report shows the step with and without checkpointing); the built-in model, its preset."""
     from lorakit.models import names_the_builtin
 
-    config = resolve(load_yaml(path), {})
-    model = config.model.name
-    settings = {"model": DEFAULTS["model"] if model is None or names_the_builtin(model) else model, "r": config.lora.r, "targets": config.lora.targets,
-                "batch_size": config.train.batch_size, "seq_len": config.data.seq_len,
-                "quantize": config.model.quantize, "lora_dropout": config.lora.dropout,
-                "fast_paths": config.train.fast_paths}
-    if config.model.dtype != "auto":
-        settings["dtype"] = config.model.dtype
-    if config.train.grad_checkpointing != "auto":
-        settings["grad_checkpointing"] = config.train.grad_checkpointing
-    return settings
+    config = _training_config(path)
+    model, lora, train = config.model.name, config.lora, config.train
+    targets, notes = _targets_less_excluded(path, lora.targets, lora.exclude)
+    settings = {"model": DEFAULTS["model"] if model is None or names_the_builtin(model) else model, "r": lora.r,
+                "targets": targets, "batch_size": train.batch_size, "seq_len": config.data.seq_len,
+                "quantize": config.model.quantize, "lora_dropout": lora.dropout,
+                "fast_paths": train.fast_paths and not lora.dora, "fused_loss": train.fast_paths}
+    settings.update({k: v for k, v in (("dtype", config.model.dtype), ("grad_checkpointing", train.grad_checkpointing))
+                     if v != "auto"})
+    if lora.dora:
+        notes.append("lora.dora: estimated as plain LoRA, unfused (DoRA's magnitude vectors and the activations "
+                     "of its norm come on top)")
+    if train.memory_budget is not None:
+        notes.append(f"train.memory_budget {train.memory_budget:g} GiB: the trainer checkpoints the fewest layers "
+                     "that fit it; compare it with the totals below")
+    return settings, notes
+
+
+def _training_config(path: str):
+    """The training config at `path`, resolved as train resolves it; a model or preset given
+    there instead is named."""
+    from lorakit.config import load_yaml, resolve
+    from lorakit.plan.model_shapes import PRESETS
+
+    if path.lower() in PRESETS or path.lower().endswith(".json") or Path(path).is_dir():
+        raise ConfigError(f"{path} names a model (a preset, config.json or folder), not a training config; pass a "
+                          f"model as --model {path}")
+    return resolve(load_yaml(path), {})
+
+
+def _targets_less_excluded(path: str, targets, exclude) -> tuple[str, list[str]]:
+    """The config's targets as the estimator names projections, less the ones it excludes."""
+    from lorakit.plan.model_shapes import resolve_targets
+
+    try:
+        chosen = list(resolve_targets(targets))
+    except ConfigError:
+        raise ConfigError(f"{path}: lora.targets {targets!r} is not one the estimator reads; pass --targets with "
+                          "a group (all-linear, attention, mlp, qv) or projection names") from None
+    excluded = [n.strip() for n in exclude.split(",")] if isinstance(exclude, str) else []
+    projections = {name if name.endswith("_proj") else f"{name}_proj" for name in excluded}
+    left = [p for p in chosen if p not in projections]
+    notes = [f"lora.exclude {exclude!r}: the estimate leaves out projections only"] \
+        if projections - set(chosen) else []
+    return (targets if left == chosen else ",".join(left)), notes
 
 
 def _check_checkpoint_layers(k: int | None, grad_checkpointing: str) -> None:
@@ -149,7 +187,7 @@ def _check_checkpoint_layers(k: int | None, grad_checkpointing: str) -> None:
         raise ConfigError(f"--checkpoint-layers {k} needs --grad-checkpointing on or offload")
 
 
-def print_report(result) -> None:
+def print_report(result, config_notes: list[str] = ()) -> None:
     from lorakit.terminal import Console
 
     console = Console()
@@ -161,7 +199,7 @@ def print_report(result) -> None:
     console.print(f"[bold]{m.name}[/]: {m.num_params() / 1e6:,.1f}M params, {m.num_layers} layers, hidden {m.hidden_size}, "
                   f"vocab {m.vocab_size:,}; LoRA r={s.r} on {s.targets} = {result.memory.trainable_params / 1e6:,.2f}M "
                   f"trainable; {s.batch_size} x {s.seq_len} tokens, {s.dtype}{suffix}; {_step_kind(result)}")
-    for note in result.notes():
+    for note in [*config_notes, *result.notes()]:
         console.print(f"[yellow]note:[/] {note}")
     console.print(_memory_table(result))
     console.print(_speed_table(result))

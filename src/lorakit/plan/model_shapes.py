@@ -125,6 +125,8 @@ def _shape_from_name(name: str) -> ModelShape:
     if name.lower() in PRESETS:
         return PRESETS[name.lower()]
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        path = _converted_config(path)
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
@@ -137,6 +139,19 @@ def _shape_from_name(name: str) -> ModelShape:
     if Path(name).exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"{name} holds no config.json; pass a model folder, a config.json or a preset")
     return _shape_from_hub(name)
+
+
+def _converted_config(gguf: Path) -> Path:
+    """A .gguf's config.json: the one in the folder lorakit converts it to on its first load (the
+    estimate reads configs only, and converting dequantises every weight)."""
+    from lorakit.gguf_convert import converted_gguf_dir
+
+    folder = converted_gguf_dir(gguf)
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{gguf} is a .gguf, whose config the estimate reads from the copy lorakit converts it "
+                             f"to on first use; run `lorakit train --model {gguf} --dry-run` once, or pass the "
+                             "original model's folder or config.json")
+    return folder / "config.json"
 
 
 def _shape_from_hub(name: str) -> ModelShape:
