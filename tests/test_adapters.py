@@ -335,6 +335,14 @@ def test_eval_scores_with_the_runs_labels_and_cut_and_refuses_a_loss_that_is_no_
     result = json.loads(capsys.readouterr().out)  # no --seq-len: the run's 48, and its train_on_inputs
     assert "seq_len 48, train_on_inputs True: the run's own (its config.yaml)" in result["notes"]
     assert result["adapter_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-6)
+    assert main(["eval", "--adapter", str(adapter), "--data", str(held_out), "--no-train-on-inputs", "--json"]) == 0
+    responses = json.loads(capsys.readouterr().out)  # the flag's choice, not the run's: fewer scored tokens
+    assert responses["tokens"] < result["tokens"] and "seq_len 48: the run's own (its config.yaml)" in responses["notes"]
+    assert main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()  # a merged model has no run to take the labels from: the flags give them
+    assert main(["eval", "--model", str(tmp_path / "merged"), "--data", str(held_out), "--seq-len", "48",
+                 "--train-on-inputs", "--dtype", "float32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_loss"] == pytest.approx(summary["final_eval_loss"], abs=1e-5)
     weights = adapter / "adapter_model.safetensors"
     save_file({k: v * 1e25 for k, v in load_file(weights).items()}, weights)  # finite factors that overflow
     assert main(["eval", "--adapter", str(adapter), "--data", str(held_out), "--json"]) == 2

@@ -22,10 +22,12 @@ EVAL_DEFAULTS = {"seq_len": 512, "train_on_inputs": False}  # for an adapter who
 
 def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str], model: str | None = None,
                      fmt: str = "auto", seq_len: int | None = None, batch_size: int = 8, device: str = "auto",
-                     dtype: str = "auto", allow_other_base: bool = False, allow_pickle: bool = False) -> dict:
+                     dtype: str = "auto", allow_other_base: bool = False, allow_pickle: bool = False,
+                     train_on_inputs: bool | None = None) -> dict:
     """{base_loss, base_perplexity, adapter_loss, adapter_perplexity, tokens, notes} over ``data``;
     ``model`` defaults to the adapter's base_model_name_or_path; ``seq_len`` None: the run's (its
-    config.yaml beside the adapter), else 512. The run's train_on_inputs is kept: the same labels.
+    config.yaml beside the adapter), else 512. The run's train_on_inputs is kept (the same labels)
+    unless ``train_on_inputs`` says otherwise.
     Without an adapter, ``model`` alone (a merged one, say): {model_loss, model_perplexity, tokens, notes}."""
     from lorakit.adapters import base_model_for, refuse_classifier_adapters
     from lorakit.lora import disable_adapters, load_adapter
@@ -38,8 +40,11 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
     run = _run_data_settings(adapter) if summary else {}
     if seq_len is None:
         seq_len = run.get("seq_len", EVAL_DEFAULTS["seq_len"])
-    else:  # the caller's: only train_on_inputs is the run's
+    else:  # the caller's
         run.pop("seq_len", None)
+    if train_on_inputs is not None:  # the caller's
+        run.pop("train_on_inputs", None)
+    inputs_trained = train_on_inputs if train_on_inputs is not None else run.get("train_on_inputs") is True
     _check_sizes(seq_len, batch_size)
     if adapter:
         refuse_classifier_adapters([adapter], "eval")
@@ -47,7 +52,7 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
     placement, torch_dtype = inference_placement(device, run_dtype or dtype)
     base_model, tokenizer, _ = load_model_and_tokenizer(model or base_model_for([adapter]), dtype=torch_dtype,
                                                         device=placement, allow_pickle=allow_pickle)
-    records, notes = _scored_records(base_model, tokenizer, data, fmt, seq_len, run)
+    records, notes = _scored_records(base_model, tokenizer, data, fmt, seq_len, run, inputs_trained)
     notes += [f"dtype {run_dtype}, as the run trained (its summary.json); --dtype to choose another"] if run_dtype else []
     if adapter:
         load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
@@ -66,14 +71,14 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
             "adapter_perplexity": tuned["perplexity"], "tokens": tuned["tokens"], "notes": notes}
 
 
-def _scored_records(model, tokenizer, data, fmt: str, seq_len: int, run: dict):
-    """The data tokenised as the run's training would (its train_on_inputs), checked against the
-    model; with the notes on what was skipped, cut or taken from the run."""
+def _scored_records(model, tokenizer, data, fmt: str, seq_len: int, run: dict, inputs_trained: bool):
+    """The data tokenised as the run's training would (the prompts' tokens scored or not), checked
+    against the model; with the notes on what was skipped, cut or taken from the run."""
     from lorakit.data.formats import tokenize_records
     from lorakit.data.reading import read_records
     from lorakit.train.run import check_vocabulary, context_notice, longest_example
 
-    records = tokenize_records(read_records(data), tokenizer, fmt, seq_len, run.get("train_on_inputs") is True)
+    records = tokenize_records(read_records(data), tokenizer, fmt, seq_len, inputs_trained)
     check_vocabulary(model, tokenizer, records)
     notes = list(records.stats.warnings)  # records skipped, cut or split
     taken = {k: v for k, v in run.items() if v != EVAL_DEFAULTS[k]}

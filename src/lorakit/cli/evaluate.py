@@ -19,10 +19,14 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help="the adapter folder (PEFT format), or a training run's folder for its adapter (without it, "
                         "--model is scored alone)")
     p.add_argument("--data", required=True, nargs="+", action="extend", metavar="FILE", help="data files to score, read as lorakit train reads them")
-    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path); without "
+                                   "--adapter, the model to score")
     p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="data format")
     p.add_argument("--seq-len", type=int, help="maximum tokens per sequence (longer examples are cut; default: "
                                               "the run's, from its config.yaml beside the adapter, else 512)")
+    p.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction,
+                   help="score the prompts' tokens too, as a run with --train-on-inputs trained (default: the run's "
+                        "setting, from its config.yaml beside the adapter; else off)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     p.add_argument("--allow-other-base", action="store_true", help="load an adapter made for another base model")
     add_placement_flags(p)
@@ -39,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     use_threads(args)
     result = evaluate_adapter(args.adapter, args.data, model=args.model, fmt=args.format, seq_len=args.seq_len,
                               batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                              train_on_inputs=args.train_on_inputs,
                               allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps(result, indent=2))
