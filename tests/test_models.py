@@ -480,6 +480,12 @@ def test_a_damaged_converted_copy_is_named_with_its_folder_not_the_gguf(tiny_ggu
     assert "delete that folder" in message and "\n" not in message
 
 
+def test_a_gguf_models_other_load_errors_are_not_blamed_on_its_converted_copy(tiny_gguf):
+    source = models.resolve_model(tiny_gguf)
+    oom = models._load_error(source, "cache-folder", RuntimeError("CUDA out of memory"), {})
+    assert "could not load the model" in str(oom) and "delete that folder" not in str(oom)
+
+
 def test_the_estimate_reads_a_gguf_config_from_its_converted_copy(tiny_gguf, cache):
     from lorakit.plan.model_shapes import model_shape
 
