@@ -353,6 +353,9 @@ def test_a_record_of_another_format_says_the_set_mixes_formats(tmp_path, chatml)
     message = str(err.value)
     assert f"record 1 ({path} line 1): field 'instruction' is missing" in message
     assert "this record has 'text': records of different formats in one set" in message
+    chats, _ = _jsonl(tmp_path, [{"instruction": "a", "output": "b"}, {"messages": [{"role": "user", "content": "c"}]}])
+    with pytest.raises(DataError, match="this record has 'instruction', 'output': records of different formats"):
+        tokenize_records(chats, chatml)  # auto picks chat from the messages column
 
 
 def test_wrong_field_type_is_named(chatml):

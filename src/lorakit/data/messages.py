@@ -96,7 +96,8 @@ def chat_messages(row: dict, index: int, enc: Reader) -> list[dict]:
     column = enc.fields[0]
     turns = row.get(column)
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{enc.where(index)}: '{column}' must be a non-empty list of turns")
+        raise DataError(f"{enc.where(index)}: '{column}' must be a non-empty list of turns"
+                        f"{_fields_of_another_format(row, enc)}")
     messages = [_one_turn(turn, number, index, enc) for number, turn in enumerate(turns, 1)]
     if messages[0]["role"] == "assistant":
         raise DataError(f"{enc.where(index)}: the conversation starts with the assistant's turn; start it with a "
