@@ -26,7 +26,7 @@ import torch
 
 from lorakit.errors import ConfigError, MergeError, OutputError
 from lorakit.publish import check_placeable, move_into_place, recover_leftovers, temp_beside
-from lorakit.safe_io import give_default_modes, translate_os_errors
+from lorakit.safe_io import file_in_the_way, give_default_modes, translate_os_errors
 
 PROBE_TOKENS = 32
 # A quantised base (QLoRA) is checked three ways (figures: max |logit difference| / max |logit|,
@@ -255,13 +255,13 @@ def _check_output(output_dir: Path, overwrite: bool, inputs: dict[str, str | Pat
     and replacing it would delete none of the inputs, nor the folder the command runs in."""
     _refuse_output_holding(output_dir, {**inputs, "the current folder": Path.cwd()})
     check_placeable(output_dir, "merge")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OutputError(f"--output {output_dir} is a file; choose a folder path")
+    blocking = file_in_the_way(output_dir)
+    if blocking is not None:
+        where = "is a file" if blocking == output_dir.absolute() else f"is under {blocking}, which is a file"
+        raise OutputError(f"--output {output_dir} {where}; choose a folder path")
     if output_dir.exists() and not overwrite:
         raise OutputError(f"--output {output_dir} already exists; choose a new folder or pass --overwrite")
     above = next((p for p in output_dir.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise OutputError(f"--output {output_dir} is under {above}, which is a file; choose a folder path")
     if above is not None and not os.access(above, os.W_OK):
         raise OutputError(f"cannot write under {above} for --output {output_dir} (permission denied or read-only); "
                           "choose a writable folder")

@@ -197,6 +197,14 @@ def atomic_write_text(path: str | os.PathLike, text: str, fix: str | None = None
     return atomic_write_with(path, _write_with("w", text, encoding="utf-8"), fix)
 
 
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """Where a folder is to be made: the file at that path, or at the nearest path above it that
+    exists, if there is one (the folder could not be made there)."""
+    path = Path(folder).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """A UTF-8 JSON file's value. ValueError for bad JSON or UTF-8, a number too long to convert,
     or nesting beyond Python's recursion limit (json recurses once per level), as "nested too

@@ -29,8 +29,9 @@ def recommend_args(tiny, *extra):
 def test_a_run_output_that_is_a_file_is_refused_before_any_config_is_written(tiny, tmp_path, capsys):
     taken = tmp_path / "notes.txt"
     taken.write_text("mine\n")
-    assert main(recommend_args(tiny, "--output", str(tmp_path / "a.yaml"), "--run-output", str(taken))) == 2
-    assert f"--run-output {taken} is a file" in capsys.readouterr().err
+    for run_output in (taken, taken / "run"):  # the file, or a path under it
+        assert main(recommend_args(tiny, "--output", str(tmp_path / "a.yaml"), "--run-output", str(run_output))) == 2
+        assert f"--run-output {run_output}: {taken} is a file" in capsys.readouterr().err
     assert not (tmp_path / "a.yaml").exists() and taken.read_text() == "mine\n"
 
 

@@ -37,15 +37,16 @@ def register(subparsers, name: str, help_text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.errors import ConfigError, OutputError
     from lorakit.plan.recommend import make_budget, recommend
-    from lorakit.safe_io import atomic_write_text, translate_os_errors
+    from lorakit.safe_io import atomic_write_text, file_in_the_way, translate_os_errors
 
     if args.output and Path(args.output).suffix.lower() not in (".yaml", ".yml"):
         raise ConfigError(f"--output {args.output} must end in .yaml or .yml")
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise OutputError(f"--output {args.output} already exists; pass --overwrite to replace it, or choose another name")
-    if args.run_output and Path(args.run_output).exists() and not Path(args.run_output).is_dir():
-        raise ConfigError(f"--run-output {args.run_output} is a file; the run writes a folder there: choose another "
-                          "name (or leave it out: runs/<name of FILE.yaml>)")
+    blocking = file_in_the_way(args.run_output) if args.run_output else None
+    if blocking is not None:
+        raise ConfigError(f"--run-output {args.run_output}: {blocking} is a file, where the run makes its folder; "
+                          "choose another path, or leave the flag out")
     run_output = args.run_output or (f"runs/{Path(args.output).stem}" if args.output else "runs/lorakit")
     budget = make_budget(args.device, args.gpu_memory, args.memory)
     rec = recommend(args.model, args.data, args.task, budget, args.format, args.eval_data, run_output)
