@@ -252,6 +252,8 @@ def test_eval_scores_a_merged_model_alone_as_the_adapter_scored(trained, tmp_pat
     assert "model " in capsys.readouterr().out
     assert main(["eval", "--data", str(data)]) == 2
     assert "eval needs --adapter (base and adapter scored), or --model" in capsys.readouterr().err
+    assert main(["eval", "--model", str(adapter.parent), "--data", str(data)]) == 2
+    assert "it holds a training run: pass the folder as the adapter" in capsys.readouterr().err
 
 
 def test_every_command_that_reads_an_adapter_takes_a_training_runs_folder_for_it(trained, tmp_path, capsys):

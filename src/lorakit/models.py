@@ -150,6 +150,8 @@ def _check_local_folder(folder: Path, allow_pickle: bool) -> bool:
         hint = ""
         if (folder / "adapter_config.json").is_file():
             hint = " (it holds a LoRA adapter: pass its base model as the model, and the folder as the adapter)"
+        elif (folder / "adapter" / "adapter_config.json").is_file():
+            hint = " (it holds a training run: pass the folder as the adapter, and its base model as the model)"
         raise ModelLoadError(f"model folder {folder} has no config.json{hint}; {_SPEC_HINT}")
     _check_config_json(folder / "config.json")
     if any(folder.glob("*.safetensors")):
