@@ -28,14 +28,28 @@ def memory_text(device: torch.device) -> str:
     return f"{peak_memory_bytes(device) / 2**30:.1f} GiB{' RSS' if device.type != 'cuda' else ''}"
 
 
-class Progress:
+class PauseClock:
+    """The seconds spent in `paused()` blocks: mid-run evals and checkpoints, which the tokens/s
+    leaves out (the progress line's, and summary.json's through the session)."""
+
+    paused_seconds = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - began
+
+
+class Progress(PauseClock):
     def __init__(self, total: int, start: int, device: torch.device, start_tokens: int = 0):
         self.total, self.start, self.device = total, start, device
         self.tokens0 = start_tokens
         self.console = Console(stderr=True)
         self.live = self.console.is_terminal
         self.started = time.perf_counter()
-        self.paused_seconds = 0.0  # evals and checkpoints: not training, so not in the tokens/s
         self._last_print = -1
         self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
@@ -49,21 +63,11 @@ class Progress:
     def __exit__(self, *exc):
         return self.bar.__exit__(*exc)
 
-    @contextlib.contextmanager
-    def paused(self):
-        """Time spent in here (an eval, a checkpoint) leaves the tokens/s; the ETA keeps it, as the
-        steps left will pause as often."""
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.paused_seconds += time.perf_counter() - began
-
     def update(self, state, result) -> None:
         elapsed = time.perf_counter() - self.started
         rate = (state.seen_tokens - self.tokens0) / max(elapsed - self.paused_seconds, 1e-9)
         done = state.step - self.start
-        eta = elapsed / max(done, 1) * (self.total - state.step)
+        eta = elapsed / max(done, 1) * (self.total - state.step)  # pauses in: the steps left will pause as often
         info = (f"loss {result.loss:.4f}  lr {result.lr:.2e}  {rate:,.0f} tok/s  "
                 f"ETA {eta:,.0f}s  mem {memory_text(self.device)}")
         self.bar.update(self.task, completed=state.step, info=info)
@@ -82,7 +86,7 @@ class Progress:
             self.console.print(text)
 
 
-class SilentProgress:
+class SilentProgress(PauseClock):
     """The progress bar's interface, silent: ranks other than 0."""
 
     def __init__(self, *args):
@@ -96,9 +100,6 @@ class SilentProgress:
 
     def update(self, state, result) -> None:
         pass
-
-    def paused(self):
-        return contextlib.nullcontext()
 
     def note(self, text: str) -> None:
         pass

@@ -360,10 +360,10 @@ class Session:
     @contextlib.contextmanager
     def _paused(self, bar):
         """A mid-run eval or checkpoint: training time, but no step's (the tokens/s leaves it out)."""
-        began = time.perf_counter()
+        before = bar.paused_seconds
         with bar.paused():
             yield
-        self.paused_seconds += time.perf_counter() - began
+        self.paused_seconds += bar.paused_seconds - before
 
     def _open_metrics(self) -> None:
         path = self.out / "metrics.jsonl"
