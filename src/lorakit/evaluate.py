@@ -36,7 +36,8 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
 
     if adapter is None and model is None:
         raise ConfigError("eval needs --adapter (base and adapter scored), or --model to score a model alone")
-    summary = _run_summary(adapter) if adapter else None  # read once: the run's dtype, and whether its config.yaml is this adapter's
+    # read once: the run's dtype, and whether its config.yaml is this adapter's
+    summary = _run_summary(adapter) if adapter else None
     run = _run_data_settings(adapter) if summary else {}
     if seq_len is None:
         seq_len = run.get("seq_len", EVAL_DEFAULTS["seq_len"])

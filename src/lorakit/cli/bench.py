@@ -74,7 +74,8 @@ def register(subparsers, name: str, help_text: str) -> None:
                         "(default 0: every token is trained)")
     p.add_argument("--memory-budget", metavar="GIB",
                    help="lorakit variants checkpoint the fewest earliest layers that the memory estimate says "
-                        "fit this many GiB (or a size: 8GiB, 512MiB), as `lorakit train --memory-budget` plans it (PEFT variants as they are)")
+                        "fit this many GiB (or a size: 8GiB, 512MiB), as `lorakit train --memory-budget` plans it "
+                        "(PEFT variants as they are)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--json-file", metavar="PATH",
                    help="also write the results as JSON to PATH, rewritten after each variant, so a run stopped "

@@ -97,7 +97,8 @@ def print_report(prepared, result, sample_before=None, sample_after=None) -> Non
                       f"({drop:.1f}% lower); perplexity {s['base_eval_perplexity']:.2f} -> {s['final_eval_perplexity']:.2f}")
     console.print(f"steps {s['steps']}, {s['seen_tokens']:,} tokens ({s['train_tokens']:,} with a label), "
                   f"{s['tokens_per_second']:,.0f} tokens/s, "
-                  f"training time {s['wall_seconds']:.0f} s{_pauses(s)}, peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB "
+                  f"training time {s['wall_seconds']:.0f} s{_pauses(s)}, "
+                  f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB "
                   f"({_peak_kind(prepared)})")
     curves = result.output / "loss.png"  # not there when it could not be written (a warning said so)
     console.print(f"adapter: {s['adapter']}   summary: {result.output / 'summary.json'}"

@@ -258,7 +258,8 @@ def _busy_cores_notice(config: RunConfig, device: torch.device) -> list[str]:
     free = round(cores - busy) if busy is not None else threads
     if busy is None or busy < 0.5 or free >= threads:
         return []
-    said = f"other processes keep about {busy:.1f} of this process's {cores} cores busy and torch runs {threads} threads"
+    said = (f"other processes keep about {busy:.1f} of this process's {cores} cores busy and torch runs "
+            f"{threads} threads")
     if free < 1:  # no core to move to: nothing to suggest, but the steps will be slow
         return [f"{said}: steps will take longer than on an idle machine"]
     return [f"{said}: each step waits for the busy cores (on 2 cores with one busy, steps took twice as long as "

@@ -34,8 +34,8 @@ from lorakit.train.loop import Hooks, StepResult, StopSignals, Trainer, TrainSta
 from lorakit.train.progress import Progress, SilentProgress, peak_memory_bytes
 from lorakit.train.rng import capture_rng
 from lorakit.train.run import RUN_FILES, Prepared, keep_global_batch, write_config
-from lorakit.train.saved_run import (changes_what_base_eval_measured, check_tensors_fit, config_changes, finished_summary,
-                                     read_history, train_state_from)
+from lorakit.train.saved_run import (changes_what_base_eval_measured, check_tensors_fit, config_changes,
+                                     finished_summary, read_history, train_state_from)
 from lorakit.train.tensorboard_log import TensorBoardLog
 
 # what rank 0 tells the others when --resume finds no checkpoint to load (else the step it loads)
