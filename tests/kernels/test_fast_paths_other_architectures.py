@@ -1,6 +1,7 @@
 """The trainer's fast paths on layouts beyond the four families test_llama_patch covers: the
-loss and every adapter's gradient equal the plain model's, whatever each path decides to take or
-leave for these models (biases, other head sizes, a tied head, softcapping, windows, other norms)."""
+fused layers take Llama's other layouts (biases, another head size, a tied head), step aside with
+a notice for the others (softcapping, windows, other norms), and either way the loss and every
+adapter's gradient equal the plain model's."""
 
 import pytest
 import torch
@@ -12,15 +13,17 @@ from lorakit.lora import LoraConfig, apply_lora
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256)
+# layout -> (config class, model class, config options, whether the fused attention and MLP take its layers)
 LAYOUTS = {
     "llama, biases and head_dim 24": ("LlamaConfig", "LlamaForCausalLM",
-                                      dict(attention_bias=True, mlp_bias=True, head_dim=24)),
+                                      dict(attention_bias=True, mlp_bias=True, head_dim=24), True),
     "llama, one kv head and a tied head": ("LlamaConfig", "LlamaForCausalLM",
-                                           dict(num_key_value_heads=1, tie_word_embeddings=True)),
-    "gemma2, softcapping and a window": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=4)),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
-    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(num_key_value_heads=None)),
+                                           dict(num_key_value_heads=1, tie_word_embeddings=True), True),
+    "gemma2, softcapping and a window": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=4),
+                                         False),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2), False),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}, False),
+    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(num_key_value_heads=None), False),
 }
 
 
@@ -56,10 +59,12 @@ def _loss_and_grads(model, compute):
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_fast_paths_compute_the_plain_models_loss_and_gradients(layout, padded):
-    config_name, model_name, extra = LAYOUTS[layout]
+    config_name, model_name, extra, fused = LAYOUTS[layout]
     model, batch = _model(config_name, model_name, extra, "all-linear"), _batch(padded)
     plain_loss, plain_grads = _loss_and_grads(model, lambda: model(**batch).loss)
-    enable_fast_paths(model)
+    notices = enable_fast_paths(model)
+    patched = any("forward" in module.__dict__ for module in model.modules())  # a layer's fused forward
+    assert (patched, notices == []) == (fused, fused)  # where the fused path steps aside, a notice says why
     loss, grads = _loss_and_grads(model, lambda: causal_lm_loss(model, batch))
     assert loss == pytest.approx(plain_loss, rel=1e-5)
     assert grads.keys() == plain_grads.keys() and grads
