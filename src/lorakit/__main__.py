@@ -1,5 +1,9 @@
 import sys
 
-from lorakit.cli import main
+try:
+    from lorakit.cli import main
+except KeyboardInterrupt:  # Ctrl-C before main's own handler exists
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -785,7 +785,9 @@ def test_ctrl_c_while_the_libraries_load_is_one_line_not_a_traceback(tmp_path):
     source = str(Path(lorakit.__file__).parents[1])  # this lorakit, and no test folder's sitecustomize
     child = subprocess.Popen([sys.executable, "-m", "lorakit", "train", "--output", str(tmp_path / "run")],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": source})
-    time.sleep(1.0)  # inside the imports of torch and transformers (they take about 2 s here)
+    maps, deadline = Path(f"/proc/{child.pid}/maps"), time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)  # until torch's libraries load: inside the command (a loaded machine starts Python late)
     child.send_signal(signal.SIGINT)
     out = child.communicate(timeout=120)[0].decode()
     assert child.returncode == 130 and "Traceback" not in out  # "interrupted", or a stop's checkpoint if fast
