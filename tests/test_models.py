@@ -482,8 +482,11 @@ def test_a_damaged_converted_copy_is_named_with_its_folder_not_the_gguf(tiny_ggu
 
 def test_a_gguf_models_other_load_errors_are_not_blamed_on_its_converted_copy(tiny_gguf):
     source = models.resolve_model(tiny_gguf)
-    oom = models._load_error(source, "cache-folder", RuntimeError("CUDA out of memory"), {})
-    assert "could not load the model" in str(oom) and "delete that folder" not in str(oom)
+    for cause in (RuntimeError("CUDA out of memory"), ImportError("no module named gguf")):
+        error = models._load_error(source, "cache-folder", cause, {})
+        assert "could not load the model" in str(error) and "delete that folder" not in str(error)
+    edited = models._load_error(source, "cache-folder", RuntimeError("size mismatch for model.norm.weight"), {})
+    assert "the converted copy of tiny-test.gguf in cache-folder could not be loaded" in str(edited)
 
 
 def test_the_estimate_reads_a_gguf_config_from_its_converted_copy(tiny_gguf, cache):

@@ -500,7 +500,7 @@ def loading_bar_only_when_slow(target: str):
 def _load_error(source: ModelSource, target: str, exc: Exception, kwargs: dict[str, Any]) -> ModelLoadError:
     if source.kind == "hub":
         return _hub_error(source.location, exc, offline=kwargs.get("local_files_only", False))
-    if source.kind in ("builtin", "gguf") and isinstance(exc, _DAMAGED_FILE_ERRORS):
+    if source.kind in ("builtin", "gguf") and not _not_the_files(exc):
         return _damaged_conversion(source, target, exc)
     return ModelLoadError(
         f"could not load the model in {source.location} ({type(exc).__name__}: {first_line(exc)}); "
@@ -508,8 +508,9 @@ def _load_error(source: ModelSource, target: str, exc: Exception, kwargs: dict[s
     )
 
 
-# what a converted copy's unreadable files raise (not an out-of-memory RuntimeError, a missing package)
-_DAMAGED_FILE_ERRORS = (OSError, ValueError, KeyError, SafetensorError, StrictDataclassError, IndexError)
+def _not_the_files(exc: Exception) -> bool:
+    """A load error no file is to blame for: memory ran out, a package is missing."""
+    return isinstance(exc, (ImportError, MemoryError)) or "out of memory" in str(exc).lower()
 
 
 def _damaged_conversion(source: ModelSource, folder: str, exc: Exception) -> ModelLoadError:
