@@ -738,12 +738,23 @@ def test_a_training_configs_settings_the_estimate_leaves_out_are_named(tmp_path,
     result = json.loads(capsys.readouterr().out)
     assert result["shape"]["targets"] == "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj"  # down_proj left out
     assert (result["shape"]["fused_loss"], result["shape"]["fused_mlp"]) == (True, False)  # DoRA: unfused
-    assert [note.split(":")[0] for note in result["notes"]] == ["lora.exclude 'down_proj,lm_head'", "lora.dora",
+    assert [note.split(":")[0] for note in result["notes"]] == ["lora.exclude lm_head", "lora.dora",
                                                                 "train.memory_budget 4 GiB"]
-    assert main(["estimate", str(config), "--no-fused-loss", "--json"]) == 0
+    assert main(["estimate", str(config), "--no-fused-loss", "--json"]) == 0  # DoRA: no fast paths to keep it
     assert json.loads(capsys.readouterr().out)["shape"]["fused_loss"] is False
+    config.write_text("train: {batch_size: 2}\n")  # train's fast paths: the chunked loss and the fused MLP
+    assert main(["estimate", str(config), "--no-fast-paths", "--json"]) == 0
+    shape = json.loads(capsys.readouterr().out)["shape"]
+    assert (shape["fused_loss"], shape["fused_mlp"]) == (False, False)  # train without them has neither
+    for flags in (["--no-fused-loss"], ["--engine", "peft", "--fused-loss"]):  # steps no training runs
+        assert main(["estimate", str(config), *flags]) == 2 and "Traceback" not in capsys.readouterr().err
     config.write_text("lora: {targets: '.*(q|v)_proj'}\n")
     assert main(["estimate", str(config)]) == 2
     assert "lora.targets '.*(q|v)_proj' is not one the estimator reads; pass --targets" in capsys.readouterr().err
-    assert main(["estimate", "8b"]) == 2
-    assert "8b names a model (a preset, config.json or folder), not a training config" in capsys.readouterr().err
+    config.write_text("lora: {exclude: mlp}\n")  # a group, as train reads it
+    assert main(["estimate", str(config), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["shape"]["targets"] == "q_proj,k_proj,v_proj,o_proj"
+    for model in ("8b", "model.gguf", "meta-llama/Llama-3.1-8B"):
+        assert main(["estimate", model]) == 2
+        assert f"{model} is not a training config (a .yaml file); to estimate a model, pass it as --model" in \
+            capsys.readouterr().err

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from lorakit.errors import ConfigError
 
@@ -82,9 +81,6 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.plan.estimate import TrainShape, estimate
 
     _fill_settings(args)
-    if args.fast_paths and args.engine == "peft":
-        raise ConfigError("--fast-paths models lorakit train's step; PEFT's (--engine peft) has no fused loss or MLP: "
-                          "drop one of them")
     _check_checkpoint_layers(args.checkpoint_layers, args.grad_checkpointing)
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
@@ -116,11 +112,25 @@ def _fill_settings(args: argparse.Namespace) -> None:
         raise ConfigError(f"--model {args.model} is a training config, not a model; estimate its run with "
                           f"`lorakit estimate {args.model}` (its model and settings; flags override them)")
     from_config, args.config_notes = _training_config_settings(args.config_file) if args.config_file else ({}, [])
+    _check_fast_path_flags(args, from_config.get("fast_paths", False))
     if args.engine == "peft":  # PEFT's step has no fast path (a config's are lorakit's default)
         from_config.update(fast_paths=False, fused_loss=False)
+    if args.fast_paths is False:  # train without its fast paths has no chunked loss either
+        from_config["fused_loss"] = False
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, from_config.get(key, default))
+
+
+def _check_fast_path_flags(args: argparse.Namespace, config_fast_paths: bool) -> None:
+    """Combinations no training step runs (the flags as given, before the config or a default fills them)."""
+    if args.engine == "peft" and (args.fast_paths or args.fused_loss):
+        raise ConfigError("--fast-paths and --fused-loss model lorakit train's step; PEFT's (--engine peft) has no "
+                          "fused loss or MLP: drop one of them")
+    fast_paths = config_fast_paths if args.fast_paths is None else args.fast_paths
+    if args.fused_loss is False and fast_paths and args.engine != "peft":
+        raise ConfigError("--no-fused-loss: lorakit train's fast paths (--fast-paths, or the training config's) "
+                          "include the chunked loss; pass --no-fast-paths too")
 
 
 def _training_config_settings(path: str) -> tuple[dict, list[str]]:
@@ -151,11 +161,10 @@ def _training_config(path: str):
     """The training config at `path`, resolved as train resolves it; a model or preset given
     there instead is named."""
     from lorakit.config import load_yaml, resolve
-    from lorakit.plan.model_shapes import PRESETS
 
-    if path.lower() in PRESETS or path.lower().endswith(".json") or Path(path).is_dir():
-        raise ConfigError(f"{path} names a model (a preset, config.json or folder), not a training config; pass a "
-                          f"model as --model {path}")
+    if not path.lower().endswith((".yaml", ".yml")):  # a preset, a folder, a config.json, a .gguf, a hub id
+        raise ConfigError(f"{path} is not a training config (a .yaml file); to estimate a model, pass it as "
+                          f"--model {path}")
     return resolve(load_yaml(path), {})
 
 
@@ -168,12 +177,16 @@ def _targets_less_excluded(path: str, targets, exclude) -> tuple[str, list[str]]
     except ConfigError:
         raise ConfigError(f"{path}: lora.targets {targets!r} is not one the estimator reads; pass --targets with "
                           "a group (all-linear, attention, mlp, qv) or projection names") from None
-    excluded = [n.strip() for n in exclude.split(",")] if isinstance(exclude, str) else []
-    projections = {name if name.endswith("_proj") else f"{name}_proj" for name in excluded}
-    left = [p for p in chosen if p not in projections]
-    notes = [f"lora.exclude {exclude!r}: the estimate leaves out projections only"] \
-        if projections - set(chosen) else []
-    return (targets if left == chosen else ",".join(left)), notes
+    left, others = set(chosen), []
+    for name in (n.strip() for n in exclude.split(",")) if isinstance(exclude, str) else ():
+        try:
+            left -= set(resolve_targets(name))  # a projection, or a group of them (mlp, attention, qv)
+        except ConfigError:
+            others.append(name)
+    notes = [f"lora.exclude {', '.join(others)}: the estimate leaves out projections and their groups only"] \
+        if others else []
+    kept = [p for p in chosen if p in left]
+    return (targets if kept == chosen else ",".join(kept)), notes
 
 
 def _check_checkpoint_layers(k: int | None, grad_checkpointing: str) -> None:
