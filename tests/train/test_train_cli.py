@@ -353,10 +353,10 @@ def test_resume_of_a_finished_run_without_more_steps_does_nothing_and_says_so(ti
     assert main(train_args(tiny, out, "--max-steps", "2")) == 0
     before = {name: (out / name).read_bytes() for name in ("summary.json", "metrics.jsonl", "config.yaml")}
     capsys.readouterr()
-    assert main(train_args(tiny, out, "--max-steps", "2", "--resume")) == 0
+    assert main(train_args(tiny, out, "--max-steps", "2", "--resume", "--lr", "5e-3")) == 0
     printed = capsys.readouterr().out
-    assert f"the run in {out} finished at step 2, its last; nothing to train" in printed
-    assert "training finished" not in printed
+    assert f"the run in {out} finished at step 2, its last; nothing to train (pass a larger --max-steps " in printed
+    assert "training finished" not in printed and "settings differ" not in printed  # nothing goes on with them
     assert {name: (out / name).read_bytes() for name in before} == before  # not even its final eval again
     for damage in ("adapter", "summary.json"):  # a run that lacks what a finished one has: it finishes again
         if damage == "adapter":

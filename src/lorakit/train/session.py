@@ -96,12 +96,19 @@ class Session:
             self.log(self._nothing_to_resume())
             return
         checkpoint = ckpt.load_checkpoint(path)
-        state, saved = self._check_resumable(path, checkpoint)
+        log, notes = self.log, []
+        self.log = notes.append  # what the checks say (changed settings, data): only where the run goes on
+        try:
+            state, saved = self._check_resumable(path, checkpoint)
+        finally:
+            self.log = log
         if state.step == self.prepared.settings.total_steps:
             found = finished_summary(self.out) if distributed.is_main() else None
             if distributed.broadcast_int(int(found is not None)):  # rank 0's answer: every rank returns, or none
                 self.finished_summary = found or {}
                 return
+        for note in notes:
+            self.log(note)
         self._restore(checkpoint, state, saved)
         if distributed.is_main():  # a finished run continued (more --max-steps) is unfinished until it ends
             (self.out / "summary.json").unlink(missing_ok=True)
@@ -304,8 +311,9 @@ class Session:
     def run(self) -> RunResult:
         self.resume_if_asked()
         if self.finished_summary is not None:
+            more = "--max-steps" if self.config.train.max_steps is not None else "--epochs or --max-steps"
             self.log(f"the run in {self.out} finished at step {self.prepared.settings.total_steps}, its last; nothing "
-                     "to train (pass a larger --max-steps or --epochs to train it further)")
+                     f"to train (pass a larger {more} to train it further)")
             return RunResult(self.finished_summary, self.out, None, [], already_finished=True)
         if distributed.is_main():
             write_config(self.out, self.config)  # after resume: it may keep the checkpoint's global batch
