@@ -340,6 +340,8 @@ def test_eval_scores_with_the_runs_labels_and_cut_and_refuses_a_loss_that_is_no_
     assert main(["eval", "--adapter", str(adapter), "--data", str(held_out), "--no-train-on-inputs", "--json"]) == 0
     responses = json.loads(capsys.readouterr().out)  # the flag's choice, not the run's: fewer scored tokens
     assert responses["tokens"] < result["tokens"] and "seq_len 48: the run's own (its config.yaml)" in responses["notes"]
+    assert "train_on_inputs False, where the run trained with True: other labels than its eval loss's" in \
+        responses["notes"]
     assert main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 0
     capsys.readouterr()  # a merged model has no run to take the labels from: the flags give them
     assert main(["eval", "--model", str(tmp_path / "merged"), "--data", str(held_out), "--seq-len", "48",

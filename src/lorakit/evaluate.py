@@ -43,8 +43,7 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
         seq_len = run.get("seq_len", EVAL_DEFAULTS["seq_len"])
     else:  # the caller's
         run.pop("seq_len", None)
-    if train_on_inputs is not None:  # the caller's
-        run.pop("train_on_inputs", None)
+    run_inputs = run.pop("train_on_inputs", None) if train_on_inputs is not None else None  # the caller's instead
     inputs_trained = train_on_inputs if train_on_inputs is not None else run.get("train_on_inputs") is True
     _check_sizes(seq_len, batch_size)
     if adapter:
@@ -54,6 +53,8 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
     base_model, tokenizer, _ = load_model_and_tokenizer(model or base_model_for([adapter]), dtype=torch_dtype,
                                                         device=placement, allow_pickle=allow_pickle)
     records, notes = _scored_records(base_model, tokenizer, data, fmt, seq_len, run, inputs_trained)
+    notes += [f"train_on_inputs {train_on_inputs}, where the run trained with {run_inputs}: other labels than its "
+              "eval loss's"] if run_inputs is not None and run_inputs != train_on_inputs else []
     notes += [f"dtype {run_dtype}, as the run trained (its summary.json); --dtype to choose another"] if run_dtype else []
     if adapter:
         load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
