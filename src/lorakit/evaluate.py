@@ -30,21 +30,14 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
     unless ``train_on_inputs`` says otherwise.
     Without an adapter, ``model`` alone (a merged one, say): {model_loss, model_perplexity, tokens, notes}."""
     from lorakit.adapters import base_model_for, refuse_classifier_adapters
-    from lorakit.lora import disable_adapters, load_adapter
+    from lorakit.lora import load_adapter
     from lorakit.models import inference_placement, load_model_and_tokenizer
-    from lorakit.train.loop import evaluate
 
     if adapter is None and model is None:
         raise ConfigError("eval needs --adapter (base and adapter scored), or --model to score a model alone")
     # read once: the run's dtype, and whether its config.yaml is this adapter's
     summary = _run_summary(adapter) if adapter else None
-    run = _run_data_settings(adapter) if summary else {}
-    if seq_len is None:
-        seq_len = run.get("seq_len", EVAL_DEFAULTS["seq_len"])
-    else:  # the caller's
-        run.pop("seq_len", None)
-    run_inputs = run.pop("train_on_inputs", None) if train_on_inputs is not None else None  # the caller's instead
-    inputs_trained = train_on_inputs if train_on_inputs is not None else run.get("train_on_inputs") is True
+    seq_len, run, inputs_trained, label_notes = _labels_and_cut(adapter if summary else None, seq_len, train_on_inputs)
     _check_sizes(seq_len, batch_size)
     if adapter:
         refuse_classifier_adapters([adapter], "eval")
@@ -53,24 +46,47 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
     base_model, tokenizer, _ = load_model_and_tokenizer(model or base_model_for([adapter]), dtype=torch_dtype,
                                                         device=placement, allow_pickle=allow_pickle)
     records, notes = _scored_records(base_model, tokenizer, data, fmt, seq_len, run, inputs_trained)
-    notes += [f"train_on_inputs {train_on_inputs}, where the run trained with {run_inputs}: other labels than its "
-              "eval loss's"] if run_inputs is not None and run_inputs != train_on_inputs else []
+    notes += label_notes
     notes += [f"dtype {run_dtype}, as the run trained (its summary.json); --dtype to choose another"] if run_dtype else []
     if adapter:
         load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
     settings, unpacked = _eval_settings(base_model, tokenizer, records, seq_len, batch_size)
     notes += [f"rows unpacked: {unpacked}"] if unpacked else []
-    if not adapter:
-        scored = evaluate(base_model, records, settings)
+    return {**_scores(base_model, records, settings, adapter is not None, torch_dtype), "notes": notes}
+
+
+def _labels_and_cut(run_adapter: str | None, seq_len: int | None, train_on_inputs: bool | None):
+    """(seq_len, the run's settings taken, whether the prompts are scored, notes): the caller's
+    where given, else those of the run `run_adapter` came from (its config.yaml), else the defaults;
+    a note where the caller's labels differ from the run's."""
+    run = _run_data_settings(run_adapter) if run_adapter else {}
+    if seq_len is None:
+        seq_len = run.get("seq_len", EVAL_DEFAULTS["seq_len"])
+    else:
+        run.pop("seq_len", None)
+    if train_on_inputs is None:
+        return seq_len, run, run.get("train_on_inputs") is True, []
+    trained_with = run.pop("train_on_inputs", None)
+    differs = trained_with is not None and trained_with != train_on_inputs
+    return seq_len, run, train_on_inputs, [f"train_on_inputs {train_on_inputs}, where the run trained with "
+                                           f"{trained_with}: other labels than its eval loss's"] if differs else []
+
+
+def _scores(model, records, settings, with_adapter: bool, torch_dtype) -> dict:
+    """The model's loss and perplexity on the records, and its base's (adapters off) where it has one."""
+    from lorakit.lora import disable_adapters
+    from lorakit.train.loop import evaluate
+
+    if not with_adapter:
+        scored = evaluate(model, records, settings)
         _refuse_non_finite(scored["loss"], 0.0, torch_dtype)
-        return {"model_loss": scored["loss"], "model_perplexity": scored["perplexity"], "tokens": scored["tokens"],
-                "notes": notes}
-    with disable_adapters(base_model):
-        base = evaluate(base_model, records, settings)
-    tuned = evaluate(base_model, records, settings)
+        return {"model_loss": scored["loss"], "model_perplexity": scored["perplexity"], "tokens": scored["tokens"]}
+    with disable_adapters(model):
+        base = evaluate(model, records, settings)
+    tuned = evaluate(model, records, settings)
     _refuse_non_finite(base["loss"], tuned["loss"], torch_dtype)
     return {"base_loss": base["loss"], "base_perplexity": base["perplexity"], "adapter_loss": tuned["loss"],
-            "adapter_perplexity": tuned["perplexity"], "tokens": tuned["tokens"], "notes": notes}
+            "adapter_perplexity": tuned["perplexity"], "tokens": tuned["tokens"]}
 
 
 def _scored_records(model, tokenizer, data, fmt: str, seq_len: int, run: dict, inputs_trained: bool):
