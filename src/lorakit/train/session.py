@@ -8,7 +8,8 @@ The output folder during and after a run:
     OUTPUT/adapter/         the final adapter, PEFT format
     OUTPUT/loss.png         train and eval curves
     OUTPUT/tensorboard/     the same metrics for TensorBoard (unless output.tensorboard is off)
-    OUTPUT/summary.json     written LAST: a folder without it is an unfinished run
+    OUTPUT/summary.json     written LAST: a folder without it (or without a whole one and the
+                            adapter) is an unfinished run, which --resume finishes
 """
 
 from __future__ import annotations
