@@ -8,7 +8,7 @@ import pytest
 
 from lorakit.cli import main
 from lorakit.errors import ConfigError
-from lorakit.plan.sweep import Grid, SweepPoint, alpha_for, find_guide, make_grid
+from lorakit.plan.sweep import Grid, SweepPoint, alpha_for, find_guide, make_grid, uneven_speed_note
 
 from tiny_models import save_tiny_chat_model, write_define_data
 
@@ -58,6 +58,17 @@ def test_single_module_names_as_separate_points_are_pointed_out():
 def sweep_args(config, out, *extra):
     return ["sweep", str(config), "--r", "2,16", "--alpha", "2r", "--targets", "all", "--max-steps", "2",
             "--output", str(out), *extra]
+
+
+def test_a_point_far_slower_than_the_others_is_named():
+    def report(*speeds):
+        return {"points": [{"point": {"slug": f"r{i}"}, "summary": {"tokens_per_second": speed}}
+                           for i, speed in enumerate(speeds)]}
+
+    assert uneven_speed_note(report(213, 150, 120)) is None  # r and targets: under 2x apart
+    note = uneven_speed_note(report(10, 213, None))  # 20x: another job on the cores while r0 trained
+    assert note.startswith("tokens/s: r0 (10) against 213 for the fastest point") and "r1" not in note
+    assert uneven_speed_note(report(None)) is None and uneven_speed_note(report()) is None
 
 
 def test_sweep_resumes_without_retraining(base_config, tmp_path, capsys):

@@ -382,6 +382,25 @@ def write_report(out: Path, config_path, grid: Grid, max_steps: int, points: lis
     return report
 
 
+# a point this many times slower than the fastest: more than r and targets change a step (rank 256
+# on all seven projections of SmolLM2 adds about as many FLOPs as its frozen layers: at most twice)
+UNEVEN_SPEED = 4
+
+
+def uneven_speed_note(report: dict) -> str | None:
+    """Points that trained far slower than the others (the machine was busier while they ran):
+    their time is not comparable with the others'."""
+    speeds = {entry["point"]["slug"]: entry["summary"].get("tokens_per_second") for entry in report["points"]}
+    speeds = {slug: speed for slug, speed in speeds.items() if isinstance(speed, (int, float)) and speed > 0}
+    fastest = max(speeds.values(), default=0)
+    slow = [f"{slug} ({speed:,.0f})" for slug, speed in speeds.items() if speed * UNEVEN_SPEED < fastest]
+    if not slow:
+        return None
+    return (f"tokens/s: {', '.join(slow)} against {fastest:,.0f} for the fastest point, more than r and targets "
+            "explain (was the machine busier then?): their time s is not comparable; rerun the sweep with "
+            "--overwrite on a quiet machine to compare times")
+
+
 def _best(results: dict[str, dict], metric: str) -> str | None:
     """Lowest loss; ties go to the point with fewer trainable parameters."""
     scored = [(r["summary"][metric], r["summary"]["trainable_params"], slug) for slug, r in results.items()
