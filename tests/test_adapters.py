@@ -265,8 +265,9 @@ def test_every_command_that_reads_an_adapter_takes_a_training_runs_folder_for_it
                      "--json"]) == 0
         results.append(json.loads(capsys.readouterr().out)["adapter_loss"])
     assert results[0] == results[1]
-    assert main(["generate", "--adapter", str(run), "--model", str(model), "--max-new-tokens", "2", "--use",
-                 run.name, "hi"]) == 0
+    for use in (run.name, str(run), str(adapter)):  # its name, or the folder as --adapter took it
+        assert main(["generate", "--adapter", str(run), "--model", str(model), "--max-new-tokens", "2", "--use",
+                     use, "hi"]) == 0
     assert main(["export", "--adapter", str(run), "--format", "vllm", "--output", str(tmp_path / "vllm")]) == 0
     assert (tmp_path / "vllm" / "adapter_model.safetensors").is_file()
     assert main(["merge", "--adapter", str(run), "--model", str(model), "--output", str(tmp_path / "merged")]) == 0

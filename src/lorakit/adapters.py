@@ -71,11 +71,13 @@ class AdapterSet:
                               "plain LoRA (load_adapter, then save_adapter) first")
 
     def activate(self, name: str) -> nn.Module:
-        stored = self._lookup(name)
+        """The adapter loaded under `name`, or from the folder `name` names (a run's folder too)."""
+        key = self._loaded_name(name)
+        stored = self._adapters[key]
         self.deactivate()
         attach_adapter(self.model, stored.config, stored.tensors, stored.metadata, stored.path,
                        allow_other_base=self.allow_other_base)
-        self.active = name
+        self.active = key
         return self.model
 
     def system_turn(self) -> str | None:
@@ -88,13 +90,13 @@ class AdapterSet:
             self.active = None
         return self.model
 
-    def _lookup(self, name: str) -> _Stored:
+    def _loaded_name(self, name: str) -> str:
         if name in self._adapters:
-            return self._adapters[name]
+            return name
         wanted = adapter_or_run_folder(name).resolve()  # --use runs/NAME, as --adapter takes it
         by_path = [n for n, s in self._adapters.items() if s.path.resolve() == wanted]
         if by_path:
-            return self._adapters[by_path[0]]
+            return by_path[0]
         raise ConfigError(f"no adapter named {name!r} is loaded; loaded: {', '.join(self._adapters) or 'none'}")
 
 
