@@ -168,6 +168,18 @@ def test_shape_and_dtype_problems_are_all_listed(tmp_path):
     assert "layers.1.self_attn.v_proj.lora_A.weight has dtype torch.int8" in message
 
 
+def test_a_rank_0_pair_is_named_not_divided_by(tmp_path):
+    adapter_dir, _ = make_adapter(tmp_path, target_modules=["q_proj", "v_proj"])
+    path = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(0, 64)
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(64, 0)
+    save_file(tensors, path)
+    with pytest.raises(AdapterFileError, match="layers.0.self_attn.q_proj: lora_A and lora_B have rank 0"):
+        export_vllm(adapter_dir, tmp_path / "out")  # a ZeroDivisionError in the scaling check before
+    assert not (tmp_path / "out").exists()
+
+
 def test_truncated_safetensors_names_the_lost_tensors(tmp_path):
     adapter_dir, _ = make_adapter(tmp_path)
     path = adapter_dir / "adapter_model.safetensors"

@@ -113,8 +113,8 @@ def _check_scaling(check: VllmCheck, adapter: Adapter) -> None:
     """Modules scaled otherwise than lora_alpha / r (rank_pattern, alpha_pattern): served right by
     vLLM's PEFTHelper.get_rank_and_scaling, which older releases lack."""
     config = adapter.config
-    if not (adapter.pairs and config.get("r") and config.get("lora_alpha")):
-        return
+    if check.problems or not (adapter.pairs and config.get("r") and config.get("lora_alpha")):
+        return  # refused already: a damaged pair's scaling may not even be a number (rank 0)
     uniform = lora_scale(int(config["r"]), float(config["lora_alpha"]), "rslora" if adapter.uses_rslora() else "standard")
     own = sorted(m for m in adapter.pairs if not math.isclose(adapter.scaling(m), uniform, rel_tol=1e-6))
     if own:
