@@ -278,6 +278,20 @@ def test_tensors_of_modules_the_config_does_not_target_are_refused_as_peft_would
     assert any("target_modules does not name" in w for w in analyze_adapter(folder).warnings)
 
 
+def test_all_linear_in_a_config_leaves_the_output_layer_out_as_peft_does(tmp_path):
+    """PEFT's "all-linear" targets every linear layer but the output layer: lm_head factors under it
+    would be skipped (merge gave other logits than PEFT)."""
+    model = randomize_lora(apply_lora(tiny_llama(), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])))
+    save_adapter(model, tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    save_file({**load_file(weights), "base_model.model.lm_head.lora_A.weight": torch.randn(4, hidden),
+               "base_model.model.lm_head.lora_B.weight": torch.randn(vocab, 4)}, weights)  # as PEFT saves it
+    edit_config(tmp_path / "a", target_modules="all-linear")
+    with pytest.raises(AdapterFileError, match=r"does not cover 1 modules the tensors adapt \(e.g. lm_head\)"):
+        load_adapter(tiny_llama(), tmp_path / "a")
+
+
 def test_an_invalid_target_regex_is_named(saved):
     folder, _ = saved
     edit_config(folder, target_modules="(q_proj")

@@ -490,14 +490,20 @@ def rank_mismatches(adapter: Adapter) -> list[tuple[str, int, int]]:
     return out
 
 
+# the output layer's names, which PEFT's "all-linear" leaves out (Llama's, GPT-NeoX's, InternLM2's)
+OUTPUT_LAYER_NAMES = ("lm_head", "embed_out", "output")
+
+
 def untargeted_modules(adapter: Adapter) -> list[str]:
     """Modules holding LoRA factors that adapter_config's target_modules, by PEFT's rule, does not
-    target (or exclude_modules removes). An absent target_modules or "all-linear" targets them all."""
+    target (or exclude_modules removes). "all-linear" targets every linear layer but the output
+    layer. An absent target_modules (adapters from some other tools) is read from the tensors: all
+    of them (PEFT would take its default for the model type; lorakit's exports write the names)."""
     targets, exclude = adapter.config.get("target_modules"), adapter.config.get("exclude_modules")
-    if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):  # PEFT lower-cases it
-        targets = None
+    all_linear = isinstance(targets, str) and targets.lower() == "all-linear"  # PEFT lower-cases it
     return [module for module in sorted(adapter.pairs)
-            if (targets is not None and not _peft_targets(targets, module))
+            if (all_linear and module.rsplit(".", 1)[-1] in OUTPUT_LAYER_NAMES)
+            or (targets is not None and not all_linear and not _peft_targets(targets, module))
             or (exclude and _peft_targets(exclude, module))]
 
 
