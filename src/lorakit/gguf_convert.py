@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lorakit.errors import ModelLoadError
+from lorakit.errors import ModelLoadError, first_line
 from lorakit.host import cache_dir
 from lorakit.publish import recover_leftovers, temp_beside
 from lorakit.safe_io import translate_os_errors
@@ -203,6 +203,19 @@ def _align_generation_tokens(model: Any, tokenizer: Any) -> None:
         config.pad_token_id = tokenizer.pad_token_id
         if tokenizer.bos_token_id is not None:
             config.bos_token_id = tokenizer.bos_token_id
+
+
+def load_error_of_no_file(exc: Exception) -> bool:
+    """A load error no file is to blame for: memory ran out, a package is missing."""
+    return isinstance(exc, (ImportError, MemoryError)) or "out of memory" in str(exc).lower()
+
+
+def damaged_copy_error(gguf_path: str | os.PathLike, folder: str | os.PathLike, exc: Exception) -> ModelLoadError:
+    """A converted copy in lorakit's cache that no longer loads (a disk error, an edit): the .gguf
+    itself is not at fault, and a new conversion is the fix."""
+    return ModelLoadError(f"the converted copy of {Path(gguf_path).name} in {folder} could not be loaded "
+                          f"({type(exc).__name__}: {first_line(exc)}); delete that folder, and lorakit converts the "
+                          ".gguf again on the next run")
 
 
 def missing_tensors(names) -> str:

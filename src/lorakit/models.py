@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 
 from lorakit.config import DTYPES
 from lorakit.errors import ConfigError, ModelLoadError, first_line
-from lorakit.gguf_convert import ensure_gguf_converted, missing_tensors
+from lorakit.gguf_convert import damaged_copy_error, ensure_gguf_converted, load_error_of_no_file, missing_tensors
 from lorakit.safe_io import read_json
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -500,25 +500,12 @@ def loading_bar_only_when_slow(target: str):
 def _load_error(source: ModelSource, target: str, exc: Exception, kwargs: dict[str, Any]) -> ModelLoadError:
     if source.kind == "hub":
         return _hub_error(source.location, exc, offline=kwargs.get("local_files_only", False))
-    if source.kind in ("builtin", "gguf") and not _not_the_files(exc):
-        return _damaged_conversion(source, target, exc)
+    if source.kind in ("builtin", "gguf") and not load_error_of_no_file(exc):
+        return damaged_copy_error(source.location, target, exc)
     return ModelLoadError(
         f"could not load the model in {source.location} ({type(exc).__name__}: {first_line(exc)}); "
         "check that config.json matches the weights, or re-save the model with save_pretrained"
     )
-
-
-def _not_the_files(exc: Exception) -> bool:
-    """A load error no file is to blame for: memory ran out, a package is missing."""
-    return isinstance(exc, (ImportError, MemoryError)) or "out of memory" in str(exc).lower()
-
-
-def _damaged_conversion(source: ModelSource, folder: str, exc: Exception) -> ModelLoadError:
-    """A .gguf's converted copy in lorakit's cache that no longer loads (a disk error, an edit):
-    the .gguf itself is not at fault, and a new conversion is the fix."""
-    return ModelLoadError(f"the converted copy of {Path(source.location).name} in {folder} could not be loaded "
-                          f"({type(exc).__name__}: {first_line(exc)}); delete that folder, and lorakit converts the "
-                          ".gguf again on the next run")
 
 
 def load_tokenizer(spec: str | os.PathLike | None = None) -> Any:
@@ -571,7 +558,7 @@ def _load_tokenizer_from(source: ModelSource, target: str, kwargs: dict[str, Any
         if source.kind == "hub":
             raise _hub_error(source.location, exc, offline=bool(cache_only)) from exc
         if source.kind in ("builtin", "gguf"):
-            raise _damaged_conversion(source, target, exc) from exc
+            raise damaged_copy_error(source.location, target, exc) from exc
         raise ModelLoadError(
             f"no usable tokenizer in {target} ({type(exc).__name__}: {first_line(exc)}); copy the tokenizer "
             "files (tokenizer.json, tokenizer_config.json) saved with the model into the folder"
