@@ -79,7 +79,7 @@ def _scores(model, records, settings, with_adapter: bool, torch_dtype) -> dict:
 
     if not with_adapter:
         scored = evaluate(model, records, settings)
-        _refuse_non_finite(scored["loss"], 0.0, torch_dtype)
+        _refuse_non_finite(scored["loss"], None, torch_dtype)
         return {"model_loss": scored["loss"], "model_perplexity": scored["perplexity"], "tokens": scored["tokens"]}
     with disable_adapters(model):
         base = evaluate(model, records, settings)
@@ -138,14 +138,14 @@ def _run_data_settings(adapter: str | os.PathLike) -> dict:
             **({"train_on_inputs": inputs} if isinstance(inputs, bool) else {})}
 
 
-def _refuse_non_finite(base_loss: float, adapter_loss: float, dtype) -> None:
+def _refuse_non_finite(base_loss: float, adapter_loss: float | None, dtype) -> None:
     """A loss that is not a number is no score; in 16 bits an adapter's large outputs overflow."""
     from lorakit.errors import AdapterFileError, ModelLoadError
 
-    if not math.isfinite(base_loss):
-        raise ModelLoadError(f"the base model's loss on this data is {base_loss}: its weights or this dtype "
+    if not math.isfinite(base_loss):  # the base, or a model scored alone
+        raise ModelLoadError(f"the model's loss on this data is {base_loss}: its weights or this dtype "
                              f"({dtype}) overflow; try --dtype float32, or check the model's weights")
-    if not math.isfinite(adapter_loss):
+    if adapter_loss is not None and not math.isfinite(adapter_loss):
         raise AdapterFileError(f"the adapter's loss on this data is {adapter_loss} (the base's is {base_loss:.4f}): "
                                f"its outputs overflow in {dtype}; try --dtype float32, or the adapter is broken")
 
