@@ -84,3 +84,71 @@ def test_a_stop_between_micro_batches_gives_the_step_up_and_the_resume_is_exact(
     assert (stopped / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
     reference, resumed = load_file(tmp_path / "reference" / name), load_file(stopped / name)
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGINT"])
+def test_a_signal_the_process_ignores_stays_ignored(name):
+    """`nohup lorakit train` ignores SIGHUP and a shell's background job ignores Ctrl-C: the run must
+    not stop for what its user set it to outlive."""
+    sig = getattr(signal, name)
+    before = signal.signal(sig, signal.SIG_IGN)
+    try:
+        with StopSignals() as signals:
+            os.kill(os.getpid(), sig)
+            assert signals.received is None and signal.getsignal(sig) == signal.SIG_IGN
+    finally:
+        signal.signal(sig, before)
+
+
+def test_a_closed_terminal_stops_as_sigterm_does():
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert signals.received == "SIGHUP"
+
+
+def test_a_stream_whose_reader_went_away_goes_to_devnull_and_says_so():
+    from lorakit.terminal import _SurvivingStream
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader exited (`| head`)
+    stream, gone = os.fdopen(write_end, "w"), []
+    surviving = _SurvivingStream(stream, "stdout", gone.append)
+    surviving.write("step 1\n")
+    surviving.flush()  # the buffered write fails here: EPIPE
+    assert gone == ["stdout"]
+    assert os.path.samestat(os.fstat(write_end), os.stat(os.devnull))
+    surviving.write("step 2\n" * 10_000)
+    surviving.flush()  # into /dev/null, no error
+    assert gone == ["stdout"]
+    stream.close()
+
+
+def test_a_closed_output_mid_run_stops_with_a_checkpoint_and_the_resume_finishes(tiny, tmp_path, capsys):
+    """`lorakit train 2>&1 | tee log` with tee killed: the next progress line found no reader, and
+    the process ended with a BrokenPipeError mid-run, the steps since the last checkpoint lost.
+    Now the run stops at the step boundary with a checkpoint and exits 141."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lorakit
+    from lorakit.cli import main
+
+    model, data = tiny
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "lorakit", "train", "--model", str(model), "--data", str(data),
+            "--max-steps", "40", "--batch-size", "2", "--seq-len", "32", "--r", "2", "--eval-split", "0",
+            "--output", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(lorakit.__file__).parents[1])}
+    child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    for line in child.stderr:  # the progress, one line per tenth of the steps on a pipe
+        if line.startswith(b"step "):
+            break
+    child.stderr.close()  # the reader goes away after the first progress line
+    assert child.wait(timeout=300) == 141
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and "step-000004" <= checkpoints[0] < "step-000040"
+    assert not (out / "summary.json").exists()
+    assert main([*args[3:], "--resume"]) == 0
+    assert "resumed from " + checkpoints[0] in capsys.readouterr().out
+    assert (out / "summary.json").exists()

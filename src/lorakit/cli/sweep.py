@@ -37,6 +37,7 @@ def register(subparsers, name: str, help_text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.errors import ConfigError
     from lorakit.plan.sweep import make_grid, run_sweep, separate_names_note
+    from lorakit.train.loop import stop_exit_code
 
     grid = make_grid(args.r, args.alpha, args.targets, args.rslora)
     if args.max_steps is not None and args.max_steps < 1:
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if report["interrupted"]:
         again = "the same command" if not args.overwrite else "it without --overwrite (which starts a stopped point again)"
         print(f"sweep stopped by {report['interrupted']}; rerun {again} to continue", file=sys.stderr)
-        return 130
+        return stop_exit_code(report["interrupted"])
     return 0
 
 

@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from lorakit.train import distributed
     from lorakit.train.distributed import is_main
+    from lorakit.train.loop import stop_exit_code
     from lorakit.train.report import print_plan, print_report
     from lorakit.train.run import (claim_output, prepare, refuse_config_inside_output, refuse_occupied_output,
                                    release_run_folder)
@@ -176,7 +177,7 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         release_run_folder(Path(config.output.output))
     if result.interrupted:
-        return 130
+        return stop_exit_code(result.interrupted)
     if result.already_finished:  # said so; its files stay as they were
         return 0
     sample_after = _sample(prepared) if demo else None

@@ -269,22 +269,37 @@ def evaluate(model: nn.Module, dataset, settings: LoopSettings, max_batches: int
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens}
 
 
+# what StopSignals.received says when the run stops because its output's reader went away
+CLOSED_OUTPUT = "a closed output"
+
+
+def stop_exit_code(reason: str) -> int:
+    """A stopped run's exit code: 141 (128 + SIGPIPE) where its output closed, as a shell tool
+    stopped so; 130 for a signal."""
+    return 128 + signal.SIGPIPE if reason == CLOSED_OUTPUT else 130
+
+
 class StopSignals:
-    """SIGTERM / SIGINT ask the loop to stop at the next step boundary (a checkpoint follows); in
-    one process with --grad-accum above 1, at the next micro-batch (the step is given up).
+    """SIGTERM, SIGINT and SIGHUP (a closed terminal) ask the loop to stop at the next step boundary
+    (a checkpoint follows); in one process with --grad-accum above 1, at the next micro-batch (the
+    step is given up). So does an output whose reader went away (`output_closed`).
 
     A second SIGINT (Ctrl-C again) stops at once. A second SIGTERM does not: a scheduler that
     signals every process of a torchrun job (SLURM's scancel, its time limit) reaches each worker
-    twice, directly and through torchrun, and the checkpoint must still be written."""
+    twice, directly and through torchrun, and the checkpoint must still be written. A signal the
+    process was started ignoring stays ignored (`nohup`; a shell's background job ignores Ctrl-C)."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 
     def __init__(self):
         self.received: str | None = None
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self.SIGNALS:
             try:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) != signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. tests in threads)
                 pass
         return self
@@ -293,6 +308,9 @@ class StopSignals:
         if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = self.received or signal.Signals(signum).name
+
+    def output_closed(self, stream: str) -> None:
+        self.received = self.received or CLOSED_OUTPUT
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

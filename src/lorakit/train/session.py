@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +29,11 @@ from lorakit.data.formats import TOKENIZE_REVISION
 from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError, DataError, OutputError, TrainingError
 from lorakit.kernels.chunked_ce import release_workspace
 from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
+from lorakit.terminal import surviving_closed_output
 from lorakit.safe_io import atomic_write_json, atomic_write_text, save_figure, translate_os_errors
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
-from lorakit.train.loop import Hooks, StepResult, StopSignals, Trainer, TrainState, epoch_plan, evaluate
+from lorakit.train.loop import CLOSED_OUTPUT, Hooks, StepResult, StopSignals, Trainer, TrainState, epoch_plan, evaluate
 from lorakit.train.progress import Progress, SilentProgress, peak_memory_bytes
 from lorakit.train.rng import capture_rng
 from lorakit.train.run import RUN_FILES, Prepared, keep_global_batch, write_config
@@ -327,7 +329,7 @@ class Session:
         trainer = Trainer(self.prepared.model, self.prepared.train, self.prepared.settings, self.optimizer, self.state)
         progress = Progress if distributed.is_main() else SilentProgress
         # the handlers stay through the stop's checkpoint: a late signal must not kill its save
-        with StopSignals() as signals:
+        with StopSignals() as signals, surviving_closed_output(signals.output_closed):
             with progress(self.prepared.settings.total_steps, self.state.step, self.prepared.settings.device,
                           self.state.seen_tokens) as bar:
                 # every rank stops at the same step, whichever rank got the signal
@@ -345,7 +347,9 @@ class Session:
 
     def _stop(self, signal_name: str) -> RunResult:
         path = self.save_checkpoint()
-        self.log(f"stopped by {signal_name} at step {self.state.step}; checkpoint saved to {path}; {self.resume_hint}")
+        closed = signal_name == CLOSED_OUTPUT and distributed.is_main()
+        log = _to_stderr if closed else self.log  # stdout may be the output that closed (`| head`)
+        log(f"stopped by {signal_name} at step {self.state.step}; checkpoint saved to {path}; {self.resume_hint}")
         return RunResult({}, self.out, signal_name, self.history)
 
     def _on_step(self, state: TrainState, result: StepResult, bar) -> None:
@@ -459,6 +463,10 @@ class Session:
             "device": self.prepared.settings.device.type,
             "adapter": str(self.out / "adapter"),
         }
+
+
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr)
 
 
 def _quiet(*args, **kwargs) -> None:
