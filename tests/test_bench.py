@@ -431,6 +431,16 @@ def test_bench_takes_the_dtype_and_size_spellings_train_takes():
         bench_settings(build_parser().parse_args(["bench", "--memory-budget", "8 apples"]))
 
 
+def test_bench_names_an_unmeasured_dtype_as_it_was_spelled(capsys):
+    from lorakit.cli import main
+
+    with pytest.raises(SystemExit) as stopped:  # argparse's own error: one line and exit 2
+        main(["bench", "--dtype", "fp16"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert "'fp16': the bench measures bf16 or fp32" in err and "float16'" not in err
+
+
 # the tiny 4-layer shape's estimated peaks with the fast paths' savings and costs (the fused MLP,
 # the CPU attention's probabilities): 2.71, 2.51, 2.30, 2.08, 2.00 MiB with 0-4 layers checkpointed
 # (2.96, 2.70, 2.42, 2.14, 2.07 without the fused MLP). 90% of each budget below fits 0, 1 and 3

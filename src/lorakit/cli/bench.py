@@ -61,7 +61,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     order.add_argument("--interleave", dest="interleave", action="store_true",
                    help="the CPU default (kept for scripts)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="override the preset's device")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), type=dtype_name,
+    p.add_argument("--dtype", type=_bench_dtype, metavar="{bf16,fp32}",
                    help="weights dtype for every variant (default: the preset's: bf16 on a GPU, fp32 on the CPU; "
                         "bfloat16 on a CPU with native bf16 is what `lorakit train` picks there)")
     p.add_argument("--chunk-size", type=int,
@@ -82,6 +82,15 @@ def register(subparsers, name: str, help_text: str) -> None:
                         "part way keeps the rows it measured")
     p.set_defaults(func=run)
 
+
+
+def _bench_dtype(text: str) -> str:
+    """argparse's choices would name the converted value ('float16' for fp16) in their error."""
+    name = dtype_name(text)
+    if name not in ("float32", "bfloat16"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the bench measures bf16 or fp32 (float16 training needs loss "
+                                         "scaling, which no variant has)")
+    return name
 
 def _variant_list(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",")] if text.strip() else []  # none: named as empty later
