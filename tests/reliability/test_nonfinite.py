@@ -77,6 +77,21 @@ def test_bad_steps_are_skipped_counted_and_reported(tiny, tmp_path, monkeypatch,
     assert all(torch.isfinite(t).all() for t in final.values())
 
 
+def test_a_float16_overflow_skips_the_step_halves_the_loss_scale_and_is_no_bad_step(tiny, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A finite loss with non-finite gradients, in float16 (whose loss is scaled): the scale's doing."""
+    poison(monkeypatch, {2: "nan-grad"})
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--eval-split", "0", "--dtype", "float16")) == 0
+    assert "step 2: float16 gradients overflowed; update skipped, loss scale lowered to 32768" in capsys.readouterr().out
+    states = [json.loads((out / "checkpoints" / ckpt.step_dir_name(k) / ckpt.TRAINER_STATE).read_text())["state"]
+              for k in (1, 2, 3)]
+    assert [s["loss_scale"] for s in states] == [65536.0, 32768.0, 32768.0]
+    assert [(s["skipped_steps"], s["bad_in_row"], s["finite_at_scale"]) for s in states] == [(0, 0, 1), (1, 0, 0),
+                                                                                           (1, 0, 1)]
+    assert equal(adapter_at(out, 1), adapter_at(out, 2))
+
+
 def test_a_loss_spike_is_reported(tiny, tmp_path, monkeypatch, capsys):
     poison(monkeypatch, {4: "spike"})
     assert main(train_args(tiny, tmp_path / "run", "--max-steps", "4", "--eval-split", "0")) == 0

@@ -36,6 +36,16 @@ from lorakit.train.rng import capture_rng, restore_rng
 from lorakit.train.schedule import lr_factor
 
 
+# float16 holds about 5 decades below 1, and a step's token-mean gradients (1/tokens each) fall
+# under them: 12% of a small adapter's gradient entries flushed to zero at 40k tokens a step. So
+# float16 activations train on the loss times a dynamic scale, the gradients divided back before
+# clipping (torch's GradScaler does the same for HF Trainer's fp16): the scale starts at 2^16,
+# halves at each step whose gradients overflow (that step is skipped) and doubles after
+# LOSS_SCALE_GROWTH finite steps. Powers of two: scaling and unscaling round nothing.
+LOSS_SCALE_START = 2.0 ** 16
+LOSS_SCALE_GROWTH = 2000
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
@@ -46,6 +56,8 @@ class TrainState:
     skipped_steps: int = 0
     bad_in_row: int = 0
     loss_ema: float | None = None
+    loss_scale: float | None = None  # float16 training's dynamic loss scale (None: no scaling)
+    finite_at_scale: int = 0  # finite steps since the scale last changed
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -72,6 +84,7 @@ class LoopSettings:
     world_size: int = 1
     batches_per_epoch: int = 0  # micro-batches in epoch 0's plan (packing may make others differ by a few)
     first_position: int = 0  # an example's first position id (model_limits.first_position_id)
+    loss_scaling: bool = False  # float16 activations: the loss is scaled (LOSS_SCALE_START)
 
 
 @dataclass
@@ -82,6 +95,7 @@ class StepResult:
     skipped: bool
     grad_norm: float
     spike: bool = False
+    overflowed: bool = False  # float16 gradients beyond range at this loss scale: the step skipped, the scale halved
 
 
 @dataclass
@@ -149,17 +163,26 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        scale = self._loss_scale()
+        normalizer = max(tokens, 1) if scale == 1 else max(tokens, 1) / scale  # sum(CE) / normalizer: scaled
         loss_sum = 0.0
         for number, batch in enumerate(micro_batches):
             if number and start is not None and stop_asked():
                 return self._give_up_step(start)
-            loss = self._loss(batch, normalizer=max(tokens, 1))
+            loss = self._loss(batch, normalizer=normalizer)
             loss.backward()
             loss_sum += loss.item()
         self._check_gradients_once()  # before the sync, which gives a missing gradient zeros on every rank
         distributed.sync_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
         loss_sum, seen = distributed.all_reduce_sum([loss_sum, sum(int(b["input_ids"].numel()) for b in micro_batches)])
-        return self._apply_update(loss_sum, lr, tokens, seen)
+        return self._apply_update(loss_sum / scale, lr, tokens, seen)
+
+    def _loss_scale(self) -> float:
+        if not self.settings.loss_scaling:
+            return 1.0
+        if self.state.loss_scale is None:
+            self.state.loss_scale = LOSS_SCALE_START
+        return self.state.loss_scale
 
     def _step_start(self) -> tuple:
         return self.state.epoch, self.state.batch_index, capture_rng()
@@ -186,14 +209,20 @@ class Trainer:
     def _apply_update(self, loss: float, lr: float, tokens: int, seen: int) -> StepResult:
         s, state = self.settings, self.state
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        scale = self._loss_scale()
+        if scale != 1:
+            _unscale_gradients(params, scale)
         norm = _grad_norm(params, s.max_grad_norm)
         finite = math.isfinite(loss) and math.isfinite(norm)
+        overflowed = not finite and scale > 1 and math.isfinite(loss)  # the scale's doing, not the model's
         if finite:
             self.optimizer.step()
             state.bad_in_row = 0
         else:
             state.skipped_steps += 1
-            state.bad_in_row += 1
+            if not overflowed:
+                state.bad_in_row += 1
+        self._adjust_loss_scale(finite)
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.train_tokens += tokens
@@ -207,7 +236,18 @@ class Trainer:
                 "the run stopped (any checkpoint saved before is intact): lower --lr, check the data, or use "
                 "--dtype float32, then run again (--resume continues from the newest checkpoint, if there is one)"
             )
-        return StepResult(loss, lr, tokens, not finite, norm, spike)
+        return StepResult(loss, lr, tokens, not finite, norm, spike, overflowed)
+
+    def _adjust_loss_scale(self, finite: bool) -> None:
+        state = self.state
+        if state.loss_scale is None:
+            return
+        if not finite:
+            state.loss_scale, state.finite_at_scale = max(state.loss_scale / 2, 1.0), 0
+            return
+        state.finite_at_scale += 1
+        if state.finite_at_scale >= LOSS_SCALE_GROWTH:
+            state.loss_scale, state.finite_at_scale = state.loss_scale * 2, 0
 
     def run(self, hooks: Hooks) -> TrainState:
         stream = self._stream()
@@ -229,6 +269,12 @@ def _say_which_adapters_got_no_gradient(model: nn.Module) -> None:
                       f"({idle[0]}{', ...' * (len(idle) > 1)}): the model did not call {these} (it may read the "
                       f"weights directly), so an adapter there learns nothing; leave {these} out with --exclude",
                       LorakitWarning, stacklevel=2)
+
+
+def _unscale_gradients(params, scale: float) -> None:
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(1 / scale)
 
 
 def _grad_norm(params, max_norm: float) -> float:

@@ -174,6 +174,7 @@ def loop_settings(config: RunConfig, model, tokenizer, train: TokenizedData) -> 
                             max_grad_norm=t.max_grad_norm, max_bad_steps=t.max_bad_steps, seed=t.seed,
                             rank=world.rank, world_size=world.size,
                             **forward_settings(model, tokenizer, device, t.batch_size, d.seq_len, d.packing))
+    settings.loss_scaling = torch.float16 in (settings.autocast_dtype, next(model.parameters()).dtype)
     settings.batches_per_epoch = len(epoch_plan(train, settings, 0))
     settings.total_steps = total_steps_for(settings.batches_per_epoch, t.grad_accum * world.size, t.epochs, t.max_steps)
     settings.warmup_steps = warmup_steps_for(settings.total_steps, t.warmup_ratio)

@@ -38,6 +38,11 @@ def check_tensors_fit(path: Path, model, tensors: dict[str, torch.Tensor]) -> No
 
 
 _STATE_FIELDS = {f.name: f.type for f in fields(TrainState)}
+_LATER_STATE_FIELDS = {"loss_scale", "finite_at_scale"}  # a checkpoint made before them holds neither
+
+
+def _finite_or_none(value) -> bool:
+    return value is None or (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value))
 
 
 def train_state_from(path: Path, saved: dict) -> TrainState:
@@ -60,13 +65,13 @@ def _trainer_state_problem(path: Path, saved) -> str | None:
     if not isinstance(saved, dict):
         return "it is not a JSON object"
     raw = saved.get("state")
-    if not isinstance(raw, dict) or set(raw) != set(_STATE_FIELDS):
+    if not isinstance(raw, dict) or not set(_STATE_FIELDS) - _LATER_STATE_FIELDS <= set(raw) <= set(_STATE_FIELDS):
         return "its 'state' entry does not have the training-state fields"
-    counters = [k for k in raw if k != "loss_ema"]
+    counters = [k for k in raw if k not in ("loss_ema", "loss_scale")]
     bad = [k for k in counters if isinstance(raw[k], bool) or not isinstance(raw[k], int) or raw[k] < 0]
-    ema = raw["loss_ema"]
-    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not math.isfinite(ema)):
-        bad.append("loss_ema")
+    bad += [k for k in ("loss_ema", "loss_scale") if not _finite_or_none(raw.get(k))]
+    if raw.get("loss_scale") is not None and raw["loss_scale"] < 1:
+        bad.append("loss_scale")
     bad += [k for k, kinds in _SAVED_TYPES.items() if saved.get(k) is not None
             and (isinstance(saved[k], bool) or not isinstance(saved[k], kinds) or (kinds is int and saved[k] < 0))]
     if bad:

@@ -355,7 +355,10 @@ class Session:
     def _on_step(self, state: TrainState, result: StepResult, bar) -> None:
         t = self.config.train
         bar.update(state, result)
-        if result.skipped:
+        if result.overflowed:
+            self.log(f"step {state.step}: float16 gradients overflowed; update skipped, loss scale lowered to "
+                     f"{state.loss_scale:g}")
+        elif result.skipped:
             self.log(f"step {state.step}: non-finite loss or gradient, update skipped ({state.bad_in_row} in a row)")
         if result.spike:
             self.log(f"step {state.step}: loss spike ({result.loss:.3f}, running mean {state.loss_ema:.3f})")
