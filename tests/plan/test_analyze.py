@@ -175,14 +175,35 @@ def test_a_rank_pattern_is_judged_by_the_modules_own_rank(tmp_path):
     assert analysis.r == 8 and analysis.verdict.kind == "saturated"
 
 
-def test_mixed_ranks_are_judged_by_the_configs_r(tmp_path):
-    """r=8 with one module raised to 64 by rank_pattern, every module using all of its 8: the
-    adapter is saturated at 8, not 'r=64 is oversized, r=8 would do'."""
+def test_mixed_ranks_are_each_judged_against_their_own(tmp_path):
+    """r=8 with one module raised to 64 by rank_pattern, every module using 8 dimensions: the rank-8
+    modules are saturated (and so the adapter), the rank-64 one oversized, not 'r=64 would do'."""
     factors = _modules([1.0] * 8, 8)
     factors["model.layers.0.self_attn.o_proj"] = low_rank_factors(64, 64, 64, [1.0] * 8, seed=9)
     write_adapter(tmp_path, factors, r=8, lora_alpha=8, rank_pattern={"o_proj": 64})
     analysis = analyze_adapter(tmp_path)
     assert analysis.r == 8 and analysis.verdict.kind == "saturated"
+    assert [(v.r, v.module_types, v.kind, v.suggested_r) for v in analysis.rank_verdicts] == [
+        (8, ["q_proj"], "saturated", 16), (64, ["o_proj"], "oversized", 8)]
+    assert analysis.verdict.message.startswith("modules of 2 ranks, each judged against its own: q_proj: r=8, and ")
+    assert "; o_proj: r=64, but 95% of modules use at most 8 dimensions (90% energy): r=8 would likely do" in \
+        analysis.verdict.message
+
+
+def test_a_rank_16_module_is_not_judged_by_the_configs_r_8(tmp_path):
+    """One percentile over every module compared with the config's r=8 said 'r=8 fits' of an adapter
+    whose rank-16 modules use 11 dimensions, more than 8 can hold (a review found it)."""
+    factors = _modules([3.0, 2.0, 1.0, 0.5], 8)
+    decaying = [2.0 * 0.93 ** i for i in range(16)]
+    factors.update({f"model.layers.{i}.mlp.down_proj": low_rank_factors(64, 64, 16, decaying, seed=20 + i)
+                    for i in range(8)})
+    write_adapter(tmp_path, factors, r=8, lora_alpha=16, rank_pattern={"down_proj": 16})
+    analysis = analyze_adapter(tmp_path)
+    down = analysis.rank_verdicts[1]
+    assert (down.r, down.module_types, down.kind) == (16, ["down_proj"], "fits")
+    assert down.percentile_rank > 8 and f"r=16 fits: 95% of modules use at most {down.percentile_rank}" in down.message
+    assert analysis.rank_verdicts[0].kind == "oversized" and analysis.verdict.kind == "fits"
+    assert "r=8 fits" not in analysis.verdict.message
 
 
 def test_rank_that_fits(tmp_path):

@@ -20,7 +20,8 @@ per module type, a heatmap of the effective rank by layer, and a verdict on r:
 k95 = the 95th percentile of the modules' rank at the first energy level; "oversized" when
 the next power of two >= k95 (at least 4) is below r; "saturated" when k95 >= 3/4 of r and the
 spectrum is flat (the median module's smallest singular value at least half its largest);
-else "fits" (docs/choosing-parameters.md)."""
+else "fits"; with a rank_pattern of several ranks, each rank's modules against their own
+(docs/choosing-parameters.md)."""
 
 
 def register(subparsers, name: str, help_text: str) -> None:

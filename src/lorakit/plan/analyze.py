@@ -19,7 +19,9 @@ Per module: the singular values σ, the rank holding a fraction of the energy Σ
 (`model.layers.3.self_attn.q_proj` -> layer 3, `q_proj`; GPT-2 `transformer.h.3.attn.c_attn`).
 
 The verdict, over the modules with a non-zero update, at the first energy level (90%), with r the
-modules' rank (the config's r, unless a rank_pattern gives them all another one):
+modules' rank (the config's r, unless a rank_pattern gives them all another one; where it mixes
+ranks, each rank's modules get this verdict against their own, and the adapter's is saturated
+where any of them is, oversized where all trained ones are):
   k95 = the 95th percentile (nearest rank) of the per-module rank at that energy,
   suggested r = the next power of two >= k95, at least 4 (2r when saturated, r when it fits);
   - "saturated" if k95 >= 3/4 of r and the spectrum is flat (the median module's smallest singular
@@ -101,6 +103,7 @@ class Verdict:
     energy: float
     percentile_rank: int | None = None  # k95: 95% of modules need at most this many dimensions
     suggested_r: int | None = None
+    module_types: list[str] = field(default_factory=list)  # one rank's modules, where an adapter mixes ranks
 
 
 @dataclass
@@ -115,6 +118,7 @@ class AdapterAnalysis:
     verdict: Verdict
     warnings: list[str] = field(default_factory=list)
     heatmap: str | None = None
+    rank_verdicts: list[Verdict] = field(default_factory=list)  # one per rank, where a rank_pattern mixes them
 
     def by_type(self) -> list[dict]:
         """Per module type: count, mean and max rank at the first energy, means of the rest."""
@@ -203,22 +207,50 @@ def analyze_adapter(path: str | Path, energies: Sequence[float] = DEFAULT_ENERGI
     modules = [_module_rank(adapter, name, energies) for name in sorted(adapter.pairs)]
     _shorten_types(modules)
     config = adapter.config
-    # a rank_pattern may give every module another rank than the config's r: judge by that one;
-    # with several ranks, by the config's r
+    # a rank_pattern may give every module another rank than the config's r: judge by that one
     ranks = {m.r for m in modules}
     r = ranks.pop() if len(ranks) == 1 else int(config.get("r") or max(m.r for m in modules))
     warnings = _config_warnings(adapter)
     pissa = _saved_pissa(adapter)
-    if pissa:  # saved as 2r: the choice the user made was r
+    half = 2 if pissa else 1  # saved as 2r: the choice the user made was r
+    if pissa:
         r //= 2
         warnings.append(f"PiSSA adapter: trained with r={r}, saved as rank {2 * r} against the original base "
                         f"(s·(BA - B0A0), the change training made); the verdict judges it against r={r}")
+    by_rank = _by_rank(modules)
+    rank_verdicts = [] if len(by_rank) == 1 else [
+        make_verdict(group, rank // half, energies[0], capacity=rank, module_types=_types_of(group))
+        for rank, group in by_rank.items()]
+    verdict = (make_verdict(modules, r, energies[0], capacity=r * half) if not rank_verdicts
+               else combined_verdict(rank_verdicts, r, energies[0]))
     return AdapterAnalysis(
         path=str(adapter.folder), r=r, lora_alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         use_rslora=adapter.uses_rslora(), use_dora=bool(config.get("use_dora")), energies=tuple(energies),
-        modules=modules, verdict=make_verdict(modules, r, energies[0], capacity=2 * r if pissa else r),
-        warnings=warnings,
+        modules=modules, verdict=verdict, warnings=warnings, rank_verdicts=rank_verdicts,
     )
+
+
+def _by_rank(modules: list[ModuleRank]) -> dict[int, list[ModuleRank]]:
+    groups: dict[int, list[ModuleRank]] = {}
+    for module in sorted(modules, key=lambda m: m.r):
+        groups.setdefault(module.r, []).append(module)
+    return groups
+
+
+def _types_of(modules: list[ModuleRank]) -> list[str]:
+    return _ordered_types({m.module_type for m in modules})
+
+
+def combined_verdict(rank_verdicts: list[Verdict], r: int, energy: float) -> Verdict:
+    """An adapter whose rank_pattern mixes ranks, each rank's modules judged against their own
+    rank (one percentile over all of them would judge a rank-16 module by an r of 8): saturated
+    where any rank is, oversized where every trained one is."""
+    kinds = {v.kind for v in rank_verdicts} - {"untrained"}
+    kind = ("untrained" if not kinds else "saturated" if "saturated" in kinds
+            else "oversized" if kinds == {"oversized"} else "fits")
+    parts = [f"{', '.join(v.module_types)}: {v.message}" for v in rank_verdicts]
+    return Verdict(kind, f"modules of {len(rank_verdicts)} ranks, each judged against its own: " + "; ".join(parts),
+                   r, energy)
 
 
 def _saved_pissa(adapter: Adapter) -> bool:
@@ -286,7 +318,8 @@ def _next_power_of_two(k: int) -> int:
     return 1 << max(0, k - 1).bit_length()
 
 
-def make_verdict(modules: list[ModuleRank], r: int, energy: float, capacity: int | None = None) -> Verdict:
+def make_verdict(modules: list[ModuleRank], r: int, energy: float, capacity: int | None = None,
+                 module_types: list[str] | None = None) -> Verdict:
     """The rule of the module docstring; `capacity`: the most dimensions the change can span (r;
     2r for a PiSSA adapter's)."""
     capacity = capacity or r
@@ -294,7 +327,8 @@ def make_verdict(modules: list[ModuleRank], r: int, energy: float, capacity: int
     trained = [m for m in modules if not m.is_zero]
     if not trained:
         return Verdict("untrained", f"r={r}, but every lora_B is zero: the adapter holds no update yet "
-                                    "(untrained, or saved before the first step)", r, energy)
+                                    "(untrained, or saved before the first step)", r, energy,
+                       module_types=module_types or [])
     k95 = _percentile_nearest_rank([m.rank_at(energy) for m in trained], PERCENTILE)
     suggested = max(MIN_SUGGESTED_R, _next_power_of_two(k95))
     usage = f"95% of modules use at most {k95} dimension{'s' if k95 != 1 else ''} ({pct})"
@@ -317,7 +351,7 @@ def make_verdict(modules: list[ModuleRank], r: int, energy: float, capacity: int
     idle = len(modules) - len(trained)
     if idle:
         message += f"; {idle} module{'s have' if idle != 1 else ' has'} no update (B = 0)"
-    return Verdict(kind, message, r, energy, k95, suggested)
+    return Verdict(kind, message, r, energy, k95, suggested, module_types or [])
 
 
 # ---- the heatmap ----------------------------------------------------------------------------
@@ -338,7 +372,8 @@ def plot_effective_rank(analysis: AdapterAnalysis, path: str | Path, energy: flo
         grid[types.index(m.module_type), layers.index(m.layer)] = m.rank_at(energy)
     fig = Figure(figsize=(min(max(5.0, 2 + 0.45 * len(layers)), 24), 1.5 + 0.45 * len(types)))
     ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=0, vmax=analysis.r)
+    top = max((m.r for m in analysis.modules), default=analysis.r)  # the largest rank a module has
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=0, vmax=top)
     fig.colorbar(image, ax=ax, label=f"rank at {energy * 100:g}% energy")
     if grid.size <= 600:
         for (row, col), value in np.ndenumerate(grid):
