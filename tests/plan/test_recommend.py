@@ -1,5 +1,6 @@
 """`lorakit recommend`: deterministic, runnable, explains its departures, follows the budget."""
 
+import dataclasses
 import json
 
 import pytest
@@ -276,9 +277,37 @@ def test_long_runs_evaluate_and_checkpoint_about_ten_times():
 
 
 def test_packed_rows_hold_whole_examples():
-    from lorakit.plan.recommend import rows_per_step
+    from lorakit.plan.recommend import packed_rows_per_epoch, rows_per_step
 
-    # 42-token examples in 64-token rows: one per row (the packer never splits one), not 16 x 42 / 64
-    assert rows_per_step(16, 42.0, 64) == 16
-    assert rows_per_step(16, 53.0, 128) == 8  # two per row
-    assert rows_per_step(16, 30.0, 256) == 2  # eight per row
+    # without the packer's count: whole examples of the mean length per row (never split), so 42-token
+    # examples in 64-token rows take one row each, not 16 x 42 / 64
+    assert packed_rows_per_epoch(profile(1600, 42.0), 64) == 1600
+    assert packed_rows_per_epoch(profile(1600, 53.0), 128) == 800  # two per row
+    assert packed_rows_per_epoch(profile(1600, 30.0), 256) == 200  # eight per row
+    assert rows_per_step(16, 1600, 1600, 1.0) == (16, False)
+    assert rows_per_step(16, 1600, 800, 1.0) == (8, False)
+    assert rows_per_step(16, 1600, 200, 1.0) == (2, False)
+    assert rows_per_step(16, 1600, 200, 0.25) == (1, True)  # 50 rows in all: one a step keeps 50 steps
+
+
+def test_the_packers_own_count_sets_the_batch_and_the_steps():
+    """Examples of 20-45 tokens (mean 33) in rows of 64: the packer fits ~1.45 a row where the mean
+    says one, and the plan said ~50 steps of ~16 examples where training ran 36 of ~23 (a review)."""
+    import numpy as np
+
+    from lorakit.plan.recommend import packed_rows
+
+    lengths = np.random.default_rng(0).integers(20, 46, size=270)
+    rows = packed_rows(lengths, 64, seed=0)
+    assert 270 / 2 <= rows < 270 / 1.3
+    data = dataclasses.replace(profile(270, float(lengths.mean())), trained_tokens=20_000, length_p99=45,
+                               length_max=45, packed_rows=rows, packed_seq_len=64)
+    choices, _ = plan_choices("style", data, one_b(), DeviceMemory("cuda", 140 * GIB, "test"))
+    values = {c.key: c for c in choices}
+    step_rows = values["train.batch_size"].value * values["train.grad_accum"].value
+    assert 3 * rows / step_rows >= 50  # three epochs of the packer's rows: at least 50 steps
+    per_row = 270 / rows
+    assert f"~{per_row:.2g} of {lengths.mean():.0f} tokens" in values["data.packing"].reason
+    assert f"an effective batch of ~{step_rows * per_row:.0f} examples" in values["train.grad_accum"].reason
+
+

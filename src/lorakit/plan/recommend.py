@@ -80,6 +80,9 @@ class DataProfile:
     response_p99: int
     format: str
     held_out: int = 0  # examples train holds out for evaluation (no --eval-data); not counted above
+    # the rows train's packer makes of one epoch at the seq_len the rules choose (None: not counted)
+    packed_rows: int | None = None
+    packed_seq_len: int | None = None
 
 
 @dataclass
@@ -228,14 +231,18 @@ def choose_lr(params: int, alpha: float) -> Choice:
                                   f"{alpha / 32:g}x larger than at r=16 (Hu et al.: the update grows with r)")
 
 
-def target_examples(examples: int, epochs: float) -> tuple[int, str]:
-    """Examples per optimizer step: 16, or 32 for large sets; fewer when steps would be too few."""
-    target = 32 if examples >= 10_000 else 16
+def target_examples(examples: int, epochs: float) -> tuple[int, bool]:
+    """(examples per optimizer step, whether fewer than usual): 16, or 32 for large sets; fewer
+    when steps would be too few."""
+    target = _usual_examples_per_step(examples)
     passes = int(examples * epochs)
     if passes // target >= MIN_STEPS:
-        return target, f"an effective batch of ~{target} examples"
-    smaller = max(1, 2 ** int(math.log2(max(1, passes // MIN_STEPS))))
-    return smaller, f"an effective batch of ~{smaller} examples (not {target}: keeps >= {MIN_STEPS} optimizer steps)"
+        return target, False
+    return max(1, 2 ** int(math.log2(max(1, passes // MIN_STEPS)))), True
+
+
+def _usual_examples_per_step(examples: int) -> int:
+    return 32 if examples >= 10_000 else 16
 
 
 def choose_eval_and_save(total_steps: int) -> list[Choice]:
@@ -256,16 +263,23 @@ def _round_down_nicely(n: int) -> int:
     return max(1, max(m * scale for m in (1, 2, 5) if m * scale <= max(n, 1)))
 
 
-def rows_per_step(examples_per_step: int, mean_length: float, seq_len: int) -> int:
-    """Sequences per optimizer step, packed as `lorakit train` packs by default: a row holds the
-    whole examples that fit in it (the packer never splits one across rows), about
-    seq_len // mean_length of them."""
-    rows = examples_per_step / examples_per_row(mean_length, seq_len)
-    return max(1, 2 ** round(math.log2(max(rows, 1.0))))
+def packed_rows_per_epoch(profile: DataProfile, seq_len: int) -> float:
+    """The rows one epoch packs into, as `lorakit train` packs by default: the packer's own count
+    where profile_data ran it at this seq_len, else whole examples of the mean length in each row
+    (the packer never splits one across rows)."""
+    if profile.packed_rows and profile.packed_seq_len == seq_len:
+        return profile.packed_rows
+    return profile.examples / max(1, int(seq_len // max(profile.length_mean, 1.0)))
 
 
-def examples_per_row(mean_length: float, seq_len: int) -> int:
-    return max(1, int(seq_len // max(mean_length, 1.0)))
+def rows_per_step(examples_per_step: int, examples: int, rows_per_epoch: float, epochs: float) -> tuple[int, bool]:
+    """(rows per optimizer step, a power of two holding about `examples_per_step` examples; whether
+    it was lowered to keep MIN_STEPS optimizer steps)."""
+    rows = 2 ** round(math.log2(max(examples_per_step * rows_per_epoch / max(examples, 1), 1.0)))
+    fewer = False
+    while rows > 1 and epochs * rows_per_epoch / rows < MIN_STEPS:
+        rows, fewer = rows // 2, True
+    return rows, fewer
 
 
 def fit_batch(rows: int, memory_of: Callable[[int, bool], int], usable: int) -> tuple[int, bool, int]:
@@ -330,12 +344,20 @@ def profile_data(paths: list[str], tokenizer: Any, fmt: str, max_positions: int 
     lengths = data.lengths()
     trained = np.asarray(data.dataset.select_columns(["num_labels"]).with_format("numpy")[:]["num_labels"])
     pct = lambda values, q: int(np.percentile(values, q, method="higher"))  # noqa: E731
+    seq_len = choose_seq_len(pct(lengths, 99), int(lengths.max()), max_positions).value
     return DataProfile(
         examples=len(data), total_tokens=int(lengths.sum()), trained_tokens=int(trained.sum()),
         length_mean=round(float(lengths.mean()), 2), length_p50=pct(lengths, 50), length_p99=pct(lengths, 99),
         length_max=int(lengths.max()), response_p50=pct(trained, 50), response_p99=pct(trained, 99), format=data.format,
-        held_out=held_out,
+        held_out=held_out, packed_rows=packed_rows(lengths, seq_len, seed), packed_seq_len=seq_len,
     )
+
+
+def packed_rows(lengths: np.ndarray, seq_len: int, seed: int) -> int:
+    """The rows `lorakit train`'s packer makes of one epoch (longer examples cut to seq_len)."""
+    from lorakit.data.batching import plan_batches
+
+    return len(plan_batches(np.minimum(lengths, seq_len), 1, seq_len, packing=True, shuffle=True, seed=seed, epoch=0))
 
 
 # ---- putting it together ---------------------------------------------------------------------
@@ -373,25 +395,34 @@ def plan_choices(task: str, profile: DataProfile, facts: ModelFacts, budget: Dev
     targets = _targets_choice(facts.model_type)
     epochs = choose_epochs(profile.trained_tokens)
     seq_len = choose_seq_len(profile.length_p99, profile.length_max, facts.max_positions)
-    per_step, per_step_why = target_examples(profile.examples, epochs.value)
-    rows = rows_per_step(per_step, profile.length_mean, seq_len.value)
+    per_step, fewer = target_examples(profile.examples, epochs.value)
+    rows_per_epoch = packed_rows_per_epoch(profile, seq_len.value)
+    rows, fewer_rows = rows_per_step(per_step, profile.examples, rows_per_epoch, epochs.value)
     (quantize, batch, checkpointing), accum, memory = _fit(facts, budget, rows, seq_len.value, r.value)
+    per_row = profile.examples / rows_per_epoch
+    batch_why = _batch_size_why(rows * per_row, profile.examples, fewer or fewer_rows)
     return [
         r, Choice("lora.alpha", alpha, alpha_why, guide=alpha), targets,
         Choice("lora.rslora", False, "standard scaling alpha/r, as the guide assumes", guide=False),
         choose_lr(facts.params, alpha), epochs, seq_len,
-        _packing_choice(profile.length_mean, seq_len.value),
+        _packing_choice(per_row, profile.length_mean, seq_len.value),
         batch, Choice("train.grad_accum", accum, f"{batch.value} x {accum} = {rows} rows of {seq_len.value} tokens "
-                                                 f"per step: {per_step_why}"),
+                                                 f"per step: {batch_why}"),
         checkpointing, *(_budget_choice(budget) if memory else []), quantize,
-        *choose_eval_and_save(int(profile.examples * epochs.value) // per_step),
+        *choose_eval_and_save(math.ceil(epochs.value * rows_per_epoch / rows)),
     ], memory
 
 
-def _packing_choice(mean_length: float, seq_len: int) -> Choice:
-    per_row = examples_per_row(mean_length, seq_len)
-    if per_row > 1:
-        return Choice("data.packing", True, f"short examples share a row (~{per_row} of {mean_length:.0f} tokens "
+def _batch_size_why(examples_per_step: float, examples: int, fewer: bool) -> str:
+    why = f"an effective batch of ~{examples_per_step:.0f} examples"
+    if fewer:
+        why += f" (not {_usual_examples_per_step(examples)}: keeps >= {MIN_STEPS} optimizer steps)"
+    return why
+
+
+def _packing_choice(per_row: float, mean_length: float, seq_len: int) -> Choice:
+    if per_row >= 1.1:
+        return Choice("data.packing", True, f"short examples share a row (~{per_row:.2g} of {mean_length:.0f} tokens "
                                             "in each; no attention across them): little compute on padding")
     return Choice("data.packing", True, f"on, though a row of {seq_len} tokens holds one example of {mean_length:.0f} "
                                         "on average (packing never splits one): the padding is computed")
