@@ -101,7 +101,7 @@ class TrainConfig:
     max_steps: int | None = opt(None, "stop after this many optimizer steps")
     batch_size: int = opt(4, "sequences per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    warmup_ratio: float = opt(0.05, "fraction of steps for linear warm-up")
+    warmup_ratio: float = opt(0.05, "fraction of steps for linear warm-up (step k of w at (k+1)/w of --lr)")
     schedule: str = opt("cosine", "learning-rate decay after warm-up", choices=["cosine", "linear", "constant"])
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")

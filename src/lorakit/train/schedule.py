@@ -10,7 +10,9 @@ import math
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str = "cosine") -> float:
-    """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based). Warm-up step k
+    trains at (k+1)/warmup of the peak, so the first step already learns (transformers' schedules
+    give step 0 a zero lr, a step spent for nothing) and the last warm-up step reaches the peak."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if kind == "constant":
