@@ -174,35 +174,63 @@ def test_a_failed_run_frees_its_model_before_leaving_the_group(monkeypatch):
 
 
 def test_rank_0_alone_speaks_and_a_lost_peer_is_one_line(monkeypatch, capsys):
-    from lorakit.cli import estimate
+    from lorakit.cli import train
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")  # every rank meets the same bad input: the others stay quiet
-    assert main(["estimate", "--mfu", "2"]) == 2 and capsys.readouterr().err == ""
+    assert main(["train", "--lr", "-1"]) == 2 and capsys.readouterr().err == ""
     with pytest.raises(SystemExit):
-        main(["estimate", "--no-such-flag"])
+        main(["train", "--no-such-flag"])
     assert capsys.readouterr().err == ""
     def on_a_node_with_2_gpus(args):  # ranks 2 and 3 of --nproc_per_node 4: their own problem, said by each
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
         distributed._check_gpu(local_rank=3)
 
-    monkeypatch.setattr(estimate, "run", on_a_node_with_2_gpus)
-    assert main(["estimate"]) == 2
+    monkeypatch.setattr(train, "run", on_a_node_with_2_gpus)
+    assert main(["train"]) == 2
     assert capsys.readouterr().err.startswith("error: [rank 1] LOCAL_RANK is 3 but this node has 2 GPU(s)")
     monkeypatch.undo()
     monkeypatch.setenv("RANK", "1")  # a stray RANK outside torchrun silences nothing
-    assert main(["estimate", "--mfu", "2"]) == 2 and "--mfu must be in (0, 1]" in capsys.readouterr().err
+    assert main(["train", "--lr", "-1"]) == 2 and "--lr" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    assert main(["estimate", "--mfu", "2"]) == 2 and "--mfu must be in (0, 1]" in capsys.readouterr().err
+    assert main(["train", "--lr", "-1"]) == 2 and "--lr" in capsys.readouterr().err
 
     def peer_gone(args):
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [::1]:5")
 
-    monkeypatch.setattr(estimate, "run", peer_gone)
-    assert main(["estimate"]) == 1
+    monkeypatch.setattr(train, "run", peer_gone)
+    assert main(["train"]) == 1
     assert capsys.readouterr().err == ("error: another process of this torchrun job stopped (its error is above); "
                                        "fix that and run again\n")
+
+
+@pytest.mark.parametrize("command", [["sweep", "grid.yaml"], ["eval", "--model", "m", "--data", "d.jsonl"], ["estimate"], ["recommend"],
+                                     ["merge", "--adapter", "a", "--output", "o"], ["bench"]])
+def test_commands_other_than_train_refuse_torchrun_at_once(monkeypatch, capsys, command):
+    """Each process ran the whole command: a sweep's ranks fought over one point's folder lock and
+    left it half made, eval and estimate printed everything twice (a hunt found it)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(command) == 2
+    assert capsys.readouterr().err == (f"error: lorakit {command[0]} runs in one process; start it without torchrun "
+                                       "(only `lorakit train` shares its work across processes)\n")
+    monkeypatch.setenv("RANK", "1")
+    assert main(command) == 2 and capsys.readouterr().err == ""
+
+
+def test_a_warning_every_rank_meets_is_printed_by_rank_0_alone(monkeypatch, capsys):
+    import warnings
+
+    from lorakit.cli import _show_lorakit_warnings_as_one_line
+    from lorakit.errors import LorakitWarning
+
+    _show_lorakit_warnings_as_one_line()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("1", ""), ("0", "warning: all-linear leaves out 4 layers\n")):
+        monkeypatch.setenv("RANK", rank)
+        warnings.showwarning("all-linear leaves out 4 layers", LorakitWarning, "targets.py", 1)
+        assert capsys.readouterr().err == printed
 
 
 @pytest.mark.parametrize("world, asked, said", [

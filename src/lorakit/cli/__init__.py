@@ -149,6 +149,9 @@ def _main(argv: list[str] | None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 0 if not argv else 2
+    if host.several_processes() and args.command != "train":  # each process would run all of it, twice over
+        return _say_error(f"lorakit {args.command} runs in one process; start it without torchrun (only "
+                          "`lorakit train` shares its work across processes)", 2, args)
     _show_lorakit_warnings_as_one_line()
     try:
         # checked here, not mid-run (importing them loads torch, and triton)
@@ -263,7 +266,8 @@ def _show_lorakit_warnings_as_one_line() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
         if not issubclass(category, LorakitWarning):
             return show_others(message, category, filename, lineno, file, line)
-        print(f"warning: {message}", file=sys.stderr if file is None else file)
+        if _speaks():  # under torchrun every rank meets the same setting: rank 0 says it once
+            print(f"warning: {message}", file=sys.stderr if file is None else file)
 
     show.lorakit = True
     warnings.showwarning = show
