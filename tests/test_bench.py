@@ -439,6 +439,9 @@ def test_bench_names_an_unmeasured_dtype_as_it_was_spelled(capsys):
     err = capsys.readouterr().err
     assert stopped.value.code == 2
     assert "'fp16': the bench measures bf16 or fp32" in err and "float16'" not in err
+    with pytest.raises(SystemExit):
+        main(["bench", "--dtype", "float64"])
+    assert "'float64': the bench measures bf16 or fp32\n" in capsys.readouterr().err  # no float16 reason
 
 
 # the tiny 4-layer shape's estimated peaks with the fast paths' savings and costs (the fused MLP,

@@ -78,6 +78,7 @@ def test_a_bfloat16_or_float32_run_keeps_no_scale(tiny, tmp_path):
 
 @pytest.mark.parametrize("change, valid", [({}, True), ({"loss_scale": None}, True), ({"loss_scale": 0.5}, False),
                                            ({"loss_scale": float("inf")}, False), ({"loss_scale": True}, False),
+                                           ({"loss_scale": "big"}, False), ({"loss_scale": 0}, False),
                                            ({"finite_at_scale": -1}, False), ("before", True)])
 def test_a_checkpoints_loss_scale_is_checked_and_one_made_before_it_loads(tmp_path, change, valid):
     from lorakit.train.saved_run import _trainer_state_problem
@@ -89,3 +90,14 @@ def test_a_checkpoints_loss_scale_is_checked_and_one_made_before_it_loads(tmp_pa
         state.update(change)
     problem = _trainer_state_problem(tmp_path / "step-000002", {"state": state})
     assert (problem is None) == valid, problem
+
+
+def test_a_float16_checkpoint_resumed_in_another_dtype_keeps_no_scale():
+    import torch
+
+    settings = loop.LoopSettings(lr=1e-3, total_steps=1, warmup_steps=0, schedule="constant", grad_accum=1,
+                                 max_grad_norm=1.0, max_bad_steps=5, batch_size=1, seq_len=8, packing=False, seed=0,
+                                 pad_id=0, device=torch.device("cpu"))
+    state = loop.TrainState(step=3, loss_scale=1024.0, finite_at_scale=3)
+    loop.Trainer(torch.nn.Linear(1, 1), None, settings, None, state)
+    assert (state.loss_scale, state.finite_at_scale) == (None, 0)

@@ -140,15 +140,49 @@ def test_a_closed_output_mid_run_stops_with_a_checkpoint_and_the_resume_finishes
             "--max-steps", "40", "--batch-size", "2", "--seq-len", "32", "--r", "2", "--eval-split", "0",
             "--output", str(out)]
     env = {**os.environ, "PYTHONPATH": str(Path(lorakit.__file__).parents[1])}
-    child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     for line in child.stderr:  # the progress, one line per tenth of the steps on a pipe
         if line.startswith(b"step "):
             break
     child.stderr.close()  # the reader goes away after the first progress line
     assert child.wait(timeout=300) == 141
+    assert b"stopped by a closed output at step " in child.stdout.read()  # on the output still open
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and "step-000004" <= checkpoints[0] < "step-000040"
     assert not (out / "summary.json").exists()
     assert main([*args[3:], "--resume"]) == 0
     assert "resumed from " + checkpoints[0] in capsys.readouterr().out
     assert (out / "summary.json").exists()
+
+
+def test_a_terminal_that_hangs_up_under_the_live_progress_bar_stops_the_run(tiny, tmp_path):
+    """rich asks the terminal again before each redraw, and a hung-up one says "no terminal": the
+    bar stopped writing, nothing failed, and the run trained on to its last step (a review)."""
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import lorakit
+
+    model, data = tiny
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "lorakit", "train", "--model", str(model), "--data", str(data),
+            "--max-steps", "100000", "--batch-size", "2", "--seq-len", "32", "--r", "2", "--eval-split", "0",
+            "--output", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(lorakit.__file__).parents[1]), "COLUMNS": "100"}
+    terminal, its_end = pty.openpty()
+    child = subprocess.Popen(args, stdin=its_end, stdout=its_end, stderr=its_end, env=env, start_new_session=True)
+    os.close(its_end)
+    shown, deadline = b"", time.monotonic() + 120
+    while b"/100000" not in shown and time.monotonic() < deadline:  # the live bar is drawn
+        if select.select([terminal], [], [], 1)[0]:
+            shown += os.read(terminal, 65536)
+    os.close(terminal)  # the terminal goes away (a session of its own: no SIGHUP, only failing writes)
+    try:
+        assert child.wait(timeout=300) == 141
+    finally:
+        child.kill()  # not left training its 100,000 steps where the stop failed
+    assert len(list((out / "checkpoints").iterdir())) == 1 and not (out / "summary.json").exists()

@@ -83,14 +83,14 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.set_defaults(func=run)
 
 
-
 def _bench_dtype(text: str) -> str:
     """argparse's choices would name the converted value ('float16' for fp16) in their error."""
     name = dtype_name(text)
     if name not in ("float32", "bfloat16"):
-        raise argparse.ArgumentTypeError(f"{text!r}: the bench measures bf16 or fp32 (float16 training needs loss "
-                                         "scaling, which no variant has)")
+        why = " (float16 training needs loss scaling, which no variant has)" if name == "float16" else ""
+        raise argparse.ArgumentTypeError(f"{text!r}: the bench measures bf16 or fp32{why}")
     return name
+
 
 def _variant_list(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",")] if text.strip() else []  # none: named as empty later

@@ -422,7 +422,8 @@ def _batch_size_why(examples_per_step: float, examples: int, fewer: bool) -> str
 
 def _packing_choice(per_row: float, mean_length: float, seq_len: int) -> Choice:
     if per_row >= 1.1:
-        return Choice("data.packing", True, f"short examples share a row (~{per_row:.2g} of {mean_length:.0f} tokens "
+        share = f"{per_row:.2g}" if per_row < 10 else f"{per_row:.0f}"
+        return Choice("data.packing", True, f"short examples share a row (~{share} of {mean_length:.0f} tokens "
                                             "in each; no attention across them): little compute on padding")
     return Choice("data.packing", True, f"on, though a row of {seq_len} tokens holds one example of {mean_length:.0f} "
                                         "on average (packing never splits one): the padding is computed")

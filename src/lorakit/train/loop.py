@@ -127,6 +127,8 @@ class Trainer:
                  state: TrainState | None = None):
         self.model, self.dataset, self.settings, self.optimizer = model, train_dataset, settings, optimizer
         self.state = state or TrainState()
+        if not settings.loss_scaling:  # a float16 run's checkpoint resumed in bf16 or fp32: no scale to keep
+            self.state.loss_scale, self.state.finite_at_scale = None, 0
         self.gradients_checked = False  # which adapters got a gradient: looked at after this process's first step
 
     # ---- data position ---------------------------------------------------------------------
@@ -339,6 +341,7 @@ class StopSignals:
 
     def __init__(self):
         self.received: str | None = None
+        self.closed_streams: set[str] = set()  # "stdout", "stderr": where the stop's own line cannot go
         self._previous = {}
 
     def __enter__(self):
@@ -356,6 +359,7 @@ class StopSignals:
         self.received = self.received or signal.Signals(signum).name
 
     def output_closed(self, stream: str) -> None:
+        self.closed_streams.add(stream)
         self.received = self.received or CLOSED_OUTPUT
 
     def __exit__(self, *exc):

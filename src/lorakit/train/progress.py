@@ -47,8 +47,10 @@ class Progress(PauseClock):
     def __init__(self, total: int, start: int, device: torch.device, start_tokens: int = 0):
         self.total, self.start, self.device = total, start, device
         self.tokens0 = start_tokens
-        self.console = Console(stderr=True)
-        self.live = self.console.is_terminal
+        self.live = Console(stderr=True).is_terminal
+        # asked once: rich asks the terminal again before each redraw, and one that hung up says
+        # "no terminal" instead of failing the write that tells the run its output is gone
+        self.console = Console(stderr=True, force_terminal=self.live)
         self.started = time.perf_counter()
         self._last_print = -1
         self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),

@@ -70,7 +70,7 @@ def _trainer_state_problem(path: Path, saved) -> str | None:
     counters = [k for k in raw if k not in ("loss_ema", "loss_scale")]
     bad = [k for k in counters if isinstance(raw[k], bool) or not isinstance(raw[k], int) or raw[k] < 0]
     bad += [k for k in ("loss_ema", "loss_scale") if not _finite_or_none(raw.get(k))]
-    if raw.get("loss_scale") is not None and raw["loss_scale"] < 1:
+    if "loss_scale" not in bad and raw.get("loss_scale") is not None and raw["loss_scale"] < 1:
         bad.append("loss_scale")
     bad += [k for k, kinds in _SAVED_TYPES.items() if saved.get(k) is not None
             and (isinstance(saved[k], bool) or not isinstance(saved[k], kinds) or (kinds is int and saved[k] < 0))]

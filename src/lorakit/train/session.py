@@ -341,14 +341,16 @@ class Session:
                 finally:
                     self.train_seconds = self._train_seconds_so_far()
                     self._steps_started = None
-            if distributed.any_rank(signals.received is not None):
-                return self._stop(signals.received or "a signal to another rank")
+            # an output that closed as the last step ended leaves nothing to stop: the run finishes
+            stop = signals.received is not None and (signals.received != CLOSED_OUTPUT
+                                                     or self.state.step < self.prepared.settings.total_steps)
+            if distributed.any_rank(stop):
+                return self._stop(signals.received or "a signal to another rank", signals.closed_streams)
         return self.finish()
 
-    def _stop(self, signal_name: str) -> RunResult:
+    def _stop(self, signal_name: str, closed_streams: set[str]) -> RunResult:
         path = self.save_checkpoint()
-        closed = signal_name == CLOSED_OUTPUT and distributed.is_main()
-        log = _to_stderr if closed else self.log  # stdout may be the output that closed (`| head`)
+        log = _to_stderr if "stdout" in closed_streams and distributed.is_main() else self.log  # `| head`
         log(f"stopped by {signal_name} at step {self.state.step}; checkpoint saved to {path}; {self.resume_hint}")
         return RunResult({}, self.out, signal_name, self.history)
 
