@@ -29,8 +29,8 @@ from lorakit.data.formats import TOKENIZE_REVISION
 from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError, DataError, OutputError, TrainingError
 from lorakit.kernels.chunked_ce import release_workspace
 from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
-from lorakit.terminal import surviving_closed_output
 from lorakit.safe_io import atomic_write_json, atomic_write_text, save_figure, translate_os_errors
+from lorakit.terminal import surviving_closed_output
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.loop import CLOSED_OUTPUT, Hooks, StepResult, StopSignals, Trainer, TrainState, epoch_plan, evaluate
