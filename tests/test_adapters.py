@@ -354,6 +354,29 @@ def test_eval_scores_with_the_runs_labels_and_cut_and_refuses_a_loss_that_is_no_
     assert "the adapter's loss on this data is nan" in capsys.readouterr().err
 
 
+def test_eval_reads_the_data_in_the_runs_format(tmp_path, capsys):
+    """A run trained with --format text on records that also hold prompt and completion: eval's own
+    detection read them as instruction records, other tokens and labels than the run's (a hunt)."""
+    model = save_tiny_chat_model(tmp_path / "model")
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"define the word {w}", "completion": f"a {w}",
+                                        "text": f"the {w} is a word people use often"}) + "\n"
+                            for w in ("apple", "river", "stone", "cloud")))
+    assert main(["train", "--model", str(model), "--data", str(data), "--eval-data", str(data), "--format", "text",
+                 "--output", str(tmp_path / "run"), "--max-steps", "1", "--r", "4", "--seq-len", "64",
+                 "--dtype", "float32"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    capsys.readouterr()
+    adapter = str(tmp_path / "run" / "adapter")
+    assert main(["eval", "--adapter", adapter, "--data", str(data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["adapter_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-6)
+    assert any("format text" in note and "the run's own" in note for note in result["notes"])
+    assert main(["eval", "--adapter", adapter, "--data", str(data), "--format", "instruction", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert "format instruction, where the run read its data as text: other examples than its eval loss's" in notes
+
+
 @pytest.mark.parametrize("command", ["eval", "generate"])
 def test_eval_and_generate_load_the_base_as_train_does(monkeypatch, capsys, command):
     from lorakit import models

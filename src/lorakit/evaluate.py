@@ -2,8 +2,8 @@
 
 It runs the trainer's own evaluation: the same tokenisation and response-only labels, packed
 rows where train packs them, the fast paths, the dtype the run trained in (its summary.json beside
-the adapter folder; else the one `lorakit train` picks), and the run's seq_len and train_on_inputs
-(its config.yaml). So it reproduces a run's eval loss for the same data, and scores a new file the
+the adapter folder; else the one `lorakit train` picks), and the run's seq_len, train_on_inputs
+and data format (its config.yaml). So it reproduces a run's eval loss for the same data, and scores a new file the
 way training would have.
 """
 
@@ -15,9 +15,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from lorakit.config import DATA_FORMATS
 from lorakit.errors import ConfigError
 
-EVAL_DEFAULTS = {"seq_len": 512, "train_on_inputs": False}  # for an adapter whose run's config is not beside it
+# for an adapter whose run's config is not beside it
+EVAL_DEFAULTS = {"seq_len": 512, "train_on_inputs": False, "format": "auto"}
 
 
 def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str], model: str | None = None,
@@ -38,6 +40,7 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
     # read once: the run's dtype, and whether its config.yaml is this adapter's
     summary = _run_summary(adapter) if adapter else None
     seq_len, run, inputs_trained, label_notes = _labels_and_cut(adapter if summary else None, seq_len, train_on_inputs)
+    fmt, format_notes = _data_format(fmt, run)
     _check_sizes(seq_len, batch_size)
     if adapter:
         refuse_classifier_adapters([adapter], "eval")
@@ -46,7 +49,7 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
     base_model, tokenizer, _ = load_model_and_tokenizer(model or base_model_for([adapter]), dtype=torch_dtype,
                                                         device=placement, allow_pickle=allow_pickle)
     records, notes = _scored_records(base_model, tokenizer, data, fmt, seq_len, run, inputs_trained)
-    notes += label_notes
+    notes += label_notes + format_notes
     notes += [f"dtype {run_dtype}, as the run trained (its summary.json); --dtype to choose another"] if run_dtype else []
     if adapter:
         load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)
@@ -70,6 +73,18 @@ def _labels_and_cut(run_adapter: str | None, seq_len: int | None, train_on_input
     differs = trained_with is not None and trained_with != train_on_inputs
     return seq_len, run, train_on_inputs, [f"train_on_inputs {train_on_inputs}, where the run trained with "
                                            f"{trained_with}: other labels than its eval loss's"] if differs else []
+
+
+def _data_format(fmt: str, run: dict) -> tuple[str, list[str]]:
+    """The format to read the data as: the caller's, else the run's (auto-detection may read a file
+    the run read as text as instruction records), with a note where the caller's differs."""
+    trained_as = run.get("format", "auto")
+    if fmt == "auto":
+        return trained_as, []
+    run.pop("format", None)
+    differs = trained_as not in ("auto", fmt)
+    return fmt, [f"format {fmt}, where the run read its data as {trained_as}: other examples than its eval loss's"] \
+        if differs else []
 
 
 def _scores(model, records, settings, with_adapter: bool, torch_dtype) -> dict:
@@ -123,7 +138,7 @@ def _run_summary(adapter: str | os.PathLike) -> dict | None:
 
 
 def _run_data_settings(adapter: str | os.PathLike) -> dict:
-    """seq_len and train_on_inputs of the adapter's run (its config.yaml beside the adapter folder,
+    """seq_len, train_on_inputs and the data format of the adapter's run (its config.yaml beside the adapter folder,
     which the caller found its summary.json to name): the labels and cuts its eval loss was measured
     with."""
     from lorakit.config import load_yaml
@@ -133,9 +148,10 @@ def _run_data_settings(adapter: str | os.PathLike) -> dict:
         data = load_yaml(Path(adapter).resolve().parent / "config.yaml").get("data", {})
     except LorakitError:  # a config edited since: score with the defaults
         return {}
-    seq_len, inputs = data.get("seq_len"), data.get("train_on_inputs")
+    seq_len, inputs, fmt = data.get("seq_len"), data.get("train_on_inputs"), data.get("format")
     return {**({"seq_len": seq_len} if isinstance(seq_len, int) and seq_len >= 2 else {}),
-            **({"train_on_inputs": inputs} if isinstance(inputs, bool) else {})}
+            **({"train_on_inputs": inputs} if isinstance(inputs, bool) else {}),
+            **({"format": fmt} if fmt in DATA_FORMATS else {})}
 
 
 def _refuse_non_finite(base_loss: float, adapter_loss: float | None, dtype) -> None:

@@ -21,7 +21,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--data", required=True, nargs="+", action="extend", metavar="FILE", help="data files to score, read as lorakit train reads them")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path); without "
                                    "--adapter, the model to score")
-    p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="data format")
+    p.add_argument("--format", default="auto", choices=DATA_FORMATS,
+                   help="data format (default: the run's, from its config.yaml beside the adapter; else detected)")
     p.add_argument("--seq-len", type=int, help="maximum tokens per sequence (longer examples are cut; default: "
                                               "the run's, from its config.yaml beside the adapter, else 512)")
     p.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction,
