@@ -71,6 +71,16 @@ def test_text_trains_every_token_and_appends_eos(plain):
     assert render_marked(ex, plain) == "<s>[[hello world</s>]]"
 
 
+@pytest.mark.parametrize("tokenizer", ["plain", "chatml"])  # with a BOS (Llama-like) and without
+def test_a_blank_text_is_dropped_not_trained_to_stop_at_once(tokenizer, request):
+    """"" gave [BOS, EOS] with the EOS trained, " " and "\\n" their token then EOS: each taught the
+    model to end a text at once (a hunt found it)."""
+    tok = request.getfixturevalue(tokenizer)
+    tokenized = tokenize_records(ds([{"text": t} for t in ("", " ", "\n", "\t \n", "hello world")]), tok, fmt="text")
+    assert tokenized.stats.dropped == 4 and len(tokenized.dataset) == 1
+    assert trained_ids(tokenized.dataset[0])[-1] == tok.eos_token_id
+
+
 # ---------------------------------------------------------------- instruction
 
 

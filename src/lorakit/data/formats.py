@@ -298,11 +298,13 @@ def _encode_messages(messages: list[dict], index: int, enc: _Encoder) -> tuple[l
 
 
 def _encode_texts(texts: list[str], tokenizer: Any) -> list[list[int]]:
-    """Tokenise plain texts in one call (fast tokenizers parallelise it) and append EOS."""
+    """Tokenise plain texts in one call (fast tokenizers parallelise it) and append EOS. A blank
+    text gets no tokens (it is dropped as an empty text): whitespace then EOS would teach the model
+    to end a text at once, as wikitext's empty rows would."""
     eos = tokenizer.eos_token_id
     encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    return [list(ids) + ([eos] if eos is not None and (not ids or ids[-1] != eos) else [])
-            for ids in encoded]
+    return [list(ids) + ([eos] if eos is not None and (not ids or ids[-1] != eos) else []) if text.strip() else []
+            for text, ids in zip(texts, encoded)]
 
 
 # what `_finish` gives each example; `_encode_batch` adds the record it came from
