@@ -81,6 +81,19 @@ def test_a_blank_text_is_dropped_not_trained_to_stop_at_once(tokenizer, request)
     assert trained_ids(tokenized.dataset[0])[-1] == tok.eos_token_id
 
 
+def test_an_example_that_loses_only_untrained_tokens_is_not_counted_as_cut(chatml):
+    """One token past seq_len in ChatML is the newline after the last <|im_end|>: every trained
+    token is there, and 'raise --seq-len to train on their ends' was a false warning (a hunt)."""
+    data = ds([{"messages": [{"role": "user", "content": "what is the answer"},
+                             {"role": "assistant", "content": "hello world"}]}])
+    whole = one(tokenize_records(data, chatml, fmt="chat", seq_len=512))
+    assert whole["labels"][-1] == IGNORE_INDEX  # the template's trailing newline: not trained
+    tokenized = tokenize_records(data, chatml, fmt="chat", seq_len=whole["length"] - 1)
+    assert one(tokenized)["num_labels"] == whole["num_labels"] and tokenized.stats.truncated == 0
+    assert not any("were cut" in warning for warning in tokenized.stats.warnings)
+    assert tokenize_records(data, chatml, fmt="chat", seq_len=whole["length"] - 2).stats.truncated == 1
+
+
 # ---------------------------------------------------------------- instruction
 
 

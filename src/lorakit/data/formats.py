@@ -312,7 +312,8 @@ EXAMPLE_COLUMNS = ("input_ids", "labels", "length", "num_labels", "truncated", "
 
 
 def _finish(ids: list[int], labels: list[int], seq_len: int) -> dict[str, Any]:
-    truncated = len(ids) > seq_len
+    # cut only where a trained token is lost: ChatML's newline after the last <|im_end|> is not one
+    truncated = any(label != IGNORE_INDEX for label in labels[seq_len:])
     ids, labels = ids[:seq_len], labels[:seq_len]
     if labels:
         labels[0] = IGNORE_INDEX  # nothing predicts the first token (see module docstring)
