@@ -71,6 +71,20 @@ def test_txt_whitespace_only_lines_separate_paragraphs(tmp_path, cache):
     assert only_part(read_records(path, cache_dir=cache))["text"][:] == ["one a\none b", "two", "three"]
 
 
+def test_txt_with_cr_line_ends_splits_into_paragraphs(tmp_path, cache, monkeypatch):
+    """Old Mac line ends: the blank-line check split on LF only, found no blank line, and the file
+    was read one line per example (a hunt); a CR LF across two read chunks is one line end."""
+    from lorakit.data import reading
+
+    path = tmp_path / "cr.txt"
+    path.write_bytes(b"para one a\rpara one b\r\rpara two\r")
+    assert only_part(read_records(path, cache_dir=cache))["text"][:] == ["para one a\npara one b", "para two"]
+    monkeypatch.setattr(reading, "_CHUNK", 7)  # "line a\r" | "\nline b" | ...: a CR LF split between reads
+    lines = tmp_path / "crlf.txt"
+    lines.write_bytes(b"line a\r\nline b\r\nline c\r\n")
+    assert only_part(read_records(lines, cache_dir=cache))["text"][:] == ["line a", "line b", "line c"]
+
+
 def test_txt_edited_file_is_read_anew(tmp_path, cache):
     import os
 

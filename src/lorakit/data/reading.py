@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -185,6 +186,9 @@ def _check_not_binary(path: Path) -> None:
         raise DataError(f"{path} looks binary (it contains NUL bytes), not a {path.suffix} text file")
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def _check_utf8(path: Path) -> tuple[bool, str]:
     """Stream-decode the file as UTF-8; return whether a blank (or whitespace-only) line stands
     between two lines of text, and the sha256 of its bytes."""
@@ -200,8 +204,12 @@ def _check_utf8(path: Path) -> tuple[bool, str]:
                 bad_line = line + chunk[: exc.start].count(b"\n")
                 raise _not_utf8(path, bad_line) from exc
             line += chunk.count(b"\n")
-            lines = (carry + text).split("\n")
-            carry = lines.pop()
+            # CRLF, LF and CR end lines, as _text_examples reads them; a CR at a chunk's end waits
+            # for the next chunk, whose LF may complete it
+            joined = carry + text
+            held = "\r" if joined.endswith("\r") else ""
+            lines = _LINE_BREAK.split(joined[:len(joined) - len(held)])
+            carry = lines.pop() + held
             for piece in lines:
                 if piece.strip():
                     has_blank = has_blank or blank_after_text
