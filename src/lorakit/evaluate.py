@@ -3,8 +3,8 @@
 It runs the trainer's own evaluation: the same tokenisation and response-only labels, packed
 rows where train packs them, the fast paths, the dtype the run trained in (its summary.json beside
 the adapter folder; else the one `lorakit train` picks), and the run's seq_len, train_on_inputs
-and data format (its config.yaml). So it reproduces a run's eval loss for the same data, and scores a new file the
-way training would have.
+and data format (its config.yaml). So it reproduces a run's eval loss for the same data, and
+scores a new file the way training would have.
 """
 
 from __future__ import annotations
@@ -138,9 +138,9 @@ def _run_summary(adapter: str | os.PathLike) -> dict | None:
 
 
 def _run_data_settings(adapter: str | os.PathLike) -> dict:
-    """seq_len, train_on_inputs and the data format of the adapter's run (its config.yaml beside the adapter folder,
-    which the caller found its summary.json to name): the labels and cuts its eval loss was measured
-    with."""
+    """seq_len, train_on_inputs and the data format of the adapter's run (its config.yaml beside
+    the adapter folder, which the caller found its summary.json to name): the examples, labels and
+    cuts its eval loss was measured with."""
     from lorakit.config import load_yaml
     from lorakit.errors import LorakitError
 
