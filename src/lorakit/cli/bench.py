@@ -85,8 +85,10 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 def _bench_dtype(text: str) -> str:
     """argparse's choices would name the converted value ('float16' for fp16) in their error."""
+    from lorakit.bench_settings import DTYPES
+
     name = dtype_name(text)
-    if name not in ("float32", "bfloat16"):
+    if name not in DTYPES:
         why = " (float16 training needs loss scaling, which no variant has)" if name == "float16" else ""
         raise argparse.ArgumentTypeError(f"{text!r}: the bench measures bf16 or fp32{why}")
     return name

@@ -302,9 +302,12 @@ def _encode_texts(texts: list[str], tokenizer: Any) -> list[list[int]]:
     text gets no tokens (it is dropped as an empty text): whitespace then EOS would teach the model
     to end a text at once, as wikitext's empty rows would."""
     eos = tokenizer.eos_token_id
+
+    def ended(ids: list[int]) -> list[int]:
+        return list(ids) + ([eos] if eos is not None and (not ids or ids[-1] != eos) else [])
+
     encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    return [list(ids) + ([eos] if eos is not None and (not ids or ids[-1] != eos) else []) if text.strip() else []
-            for text, ids in zip(texts, encoded)]
+    return [ended(ids) if text.strip() else [] for text, ids in zip(texts, encoded)]
 
 
 # what `_finish` gives each example; `_encode_batch` adds the record it came from
