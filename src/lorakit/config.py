@@ -66,7 +66,7 @@ class ModelConfig:
     dtype: str = opt("auto", "weights dtype; auto: bfloat16 on a GPU with bf16 or a CPU with native bf16 "
                      "(AVX512-BF16, AMX), else float32; bf16, fp16, fp32 too", choices=list(DTYPES),
                      spelling=dtype_name)
-    quantize: str = opt("none", "load the base in 4-bit (NF4) or 8-bit with bitsandbytes (GPU)", choices=list(QUANTIZE))
+    quantize: str = opt("none", "load the base in 4-bit (NF4) or 8-bit with bitsandbytes (a GPU, or a CPU with bitsandbytes >= 0.48); computes in bf16", choices=list(QUANTIZE))
     allow_pickle: bool = opt(False, "allow pickle weight files (.bin), loaded with weights_only=True")
 
 
@@ -518,6 +518,9 @@ def validate(config: RunConfig) -> None:
         (all(str(path).strip() for path in d.data), "--data names an empty path; name the data files"),
         (all(str(path).strip() for path in d.eval_data or []), "--eval-data names an empty path; name the files"),
         (not (o.resume and o.overwrite), "--resume and --overwrite contradict each other; choose one"),
+        (config.model.quantize == "none" or config.model.dtype in ("auto", "bfloat16"),  # quantize.COMPUTE_DTYPE
+         f"--quantize {config.model.quantize} computes in bfloat16 (the layers it leaves unquantised too), so "
+         f"--dtype {config.model.dtype} would not be used; drop --dtype, or drop --quantize"),
         (not (d.eval_data and d.eval_split and config.sources.get("data.eval_split") == "flag"),  # a run's config.yaml holds both
          "--eval-split holds out part of the training data, and --eval-data names separate eval files: use one"),
     ]
@@ -556,10 +559,18 @@ def effective_scale(config: RunConfig) -> float:
     return lora_config(config).scale_for(config.lora.r, config.lora.alpha)
 
 
+# output options that say what one command did, not the run: a config.yaml that kept them would
+# replace a finished run when used to start another (`train run/config.yaml --output other`)
+RUN_ACTIONS = ("resume", "overwrite", "dry_run")
+
+
 def save_yaml(config: RunConfig) -> str:
-    """The config as YAML that repeats the run. r and alpha that followed from --task or from
-    alpha = 2r are left out, so they follow again: `train config.yaml --r 32` then gets alpha 64."""
+    """The config as YAML that repeats the run, less RUN_ACTIONS. r and alpha that followed from
+    --task or from alpha = 2r are left out, so they follow again: `train config.yaml --r 32` then
+    gets alpha 64."""
     values = config.to_dict()
+    for key in RUN_ACTIONS:
+        del values["output"][key]
     derived = [key for key in DERIVABLE["lora"] if config.sources.get(f"lora.{key}", "").startswith(DERIVED_SOURCES)]
     for key in derived:
         del values["lora"][key]

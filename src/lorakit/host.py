@@ -127,8 +127,11 @@ def torchrun_number(name: str, default: int | None, least: int = 0) -> int | Non
     except ValueError:
         value = None
     if value is None or value < least:
-        raise ConfigError(f"{name}={text!r} is not a whole number of at least {least}; torchrun sets it: unset it "
-                          "to run one process, or start the processes with torchrun")
+        error = ConfigError(f"{name}={text!r} is not a whole number of at least {least}; torchrun sets it: unset it "
+                            "to run one process, or start the processes with torchrun")
+        # a process's own rank: rank 0, which speaks for the rest, is not this one when RANK is damaged
+        error.every_rank_alike = name not in ("RANK", "LOCAL_RANK")
+        raise error
     return value
 
 

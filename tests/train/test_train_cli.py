@@ -79,6 +79,20 @@ def test_existing_run_needs_resume_or_overwrite(tiny, tmp_path, capsys):
     assert main(train_args(tiny, out, "--max-steps", "2", "--overwrite")) == 0
 
 
+
+def test_a_runs_config_started_with_overwrite_or_resume_replaces_no_other_run(tiny, tmp_path, capsys):
+    kept, other = tmp_path / "kept", tmp_path / "other"
+    assert main(train_args(tiny, kept, "--max-steps", "2")) == 0
+    adapter = (kept / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert main(train_args(tiny, other, "--max-steps", "2", "--overwrite")) == 0
+    assert main(["train", "--output", str(other), "--resume", "--max-steps", "3"]) == 0
+    saved = yaml.safe_load((other / "config.yaml").read_text())
+    assert not {"overwrite", "resume", "dry_run"} & set(saved["output"])
+    capsys.readouterr()
+    assert main(["train", str(other / "config.yaml"), "--output", str(kept)]) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert (kept / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
 def test_a_finished_run_continued_with_more_steps_is_unfinished_until_it_ends(tiny, tmp_path, monkeypatch):
     from lorakit.train import session
 
@@ -488,6 +502,23 @@ def test_the_run_trains_in_the_chosen_dtype_and_says_so(tiny, tmp_path, monkeypa
     assert ("dtype: bfloat16 (auto" in printed) == native
 
 
+def test_the_auto_dtype_notice_is_not_said_of_quantizes_own_bf16(monkeypatch):
+    import argparse
+
+    import torch
+    from lorakit.config import add_flags, resolve
+    from lorakit.train.run import dtype_notice
+
+    monkeypatch.setattr("lorakit.train.distributed.device_of_rank", lambda: torch.device("cpu"))
+    bf16_model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    config = resolve(None, vars(parser.parse_args([])))
+    assert dtype_notice(config, bf16_model)  # auto chose bf16 on this CPU
+    config.model.quantize = "4bit"
+    assert dtype_notice(config, bf16_model) == []
+
+
 def test_float32_flag_overrides_auto(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("lorakit.models.cpu_has_native_bf16", lambda: True)
     assert main(train_args(tiny, tmp_path / "run", "--max-steps", "3", "--dtype", "float32")) == 0
@@ -650,9 +681,14 @@ def test_a_file_where_the_checkpoints_go_is_refused_before_the_model_loads(tiny,
     ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number of at least 1"),
     ({"WORLD_SIZE": "2"}, "WORLD_SIZE is 2 but RANK is not set"),
     ({"WORLD_SIZE": "2", "RANK": "2"}, "[rank 2] RANK is 2 but WORLD_SIZE is 2: ranks run from 0 to 1"),  # hung
-    ({"LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0' is not a whole number of at least 1")])
+    ({"LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0' is not a whole number of at least 1"),
+    # a damaged rank is this process's own: said by it, though rank 0 speaks for the others
+    ({"WORLD_SIZE": "2", "RANK": "abc"}, "[rank abc] RANK='abc' is not a whole number of at least 0"),
+    # WORLD_SIZE and RANK set by hand, without torchrun's meeting point: was init_process_group's traceback
+    ({"WORLD_SIZE": "2", "RANK": "1"}, "[rank 1] WORLD_SIZE is 2 but MASTER_ADDR and MASTER_PORT are not set; start "
+                                       "the processes with torchrun")])
 def test_bad_torchrun_variables_are_one_line_not_a_traceback(tiny, tmp_path, capsys, monkeypatch, env, message):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -11,7 +11,7 @@ import textwrap
 import traceback
 from pathlib import Path
 
-from lorakit.config import add_flags, load_yaml, resolve
+from lorakit.config import RUN_ACTIONS, add_flags, load_yaml, resolve
 from lorakit.errors import ConfigError, LorakitError
 
 # `lorakit train` with no data: the built-in SmolLM2 on the bundled WordNet set, sized to finish
@@ -77,9 +77,6 @@ def _take_lora_r_spelling(flags: dict, lora_r: int | None) -> None:
     flags["lora.r"] = lora_r
 
 
-RUN_ACTIONS = ("resume", "overwrite", "dry_run")  # output options that say what a command does, not the run
-
-
 def _resumed_run_config(flags: dict) -> Path | None:
     """With --resume and no config file: the run's own OUTPUT/config.yaml, so that resuming with
     `--output DIR --resume` alone goes on with the run's data and settings, not lorakit's
@@ -95,8 +92,9 @@ def _resumed_run_config(flags: dict) -> Path | None:
 
 
 def _run_settings(path: Path) -> dict:
-    """A run's config.yaml less what its command did (--resume, --overwrite, --dry-run): the
-    `overwrite: true` of a run started so would otherwise refuse every --resume."""
+    """A run's config.yaml less what its command did (--resume, --overwrite, --dry-run), which
+    runs saved before save_yaml left them out still hold: `overwrite: true` would refuse every
+    --resume."""
     values = load_yaml(path)
     for key in RUN_ACTIONS:
         values.get("output", {}).pop(key, None)

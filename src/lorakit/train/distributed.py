@@ -90,6 +90,7 @@ def init_from_env() -> World:
                             "processes with torchrun (it sets both), or unset WORLD_SIZE to run one process")
         error.every_rank_alike = False  # this process's own: rank 0, which reports the others', may be fine
         raise error
+    _check_rendezvous(size)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         _check_gpu(local_rank)
@@ -100,6 +101,18 @@ def init_from_env() -> World:
         _we_initialised = True
     _world = World(rank, size, local_rank, dist.get_backend())
     return _world
+
+
+def _check_rendezvous(size: int) -> None:
+    """The address torchrun gives its processes to meet at: init_process_group's own error
+    without it is a traceback that does not say that WORLD_SIZE came without torchrun."""
+    unset = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if unset:
+        error = ConfigError(f"WORLD_SIZE is {size} but {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} "
+                            "not set; start the processes with torchrun (it sets them), or unset WORLD_SIZE to run "
+                            "one process")
+        error.every_rank_alike = False  # no torchrun: no rank 0 that is sure to speak for this process
+        raise error
 
 
 def _check_gpu(local_rank: int) -> None:

@@ -72,7 +72,8 @@ def load_model(config: RunConfig, on_cpu: bool = False):
 def dtype_notice(config: RunConfig, model) -> list[str]:
     """One line when "auto" chose bf16 on a CPU (a GPU run in bf16 is what users expect)."""
     weights = next(model.parameters()).dtype
-    if config.model.dtype != "auto" or weights != torch.bfloat16 or distributed.device_of_rank().type != "cpu":
+    if (config.model.dtype != "auto" or config.model.quantize != "none" or weights != torch.bfloat16
+            or distributed.device_of_rank().type != "cpu"):  # --quantize's bf16 is its own, not auto's
         return []
     return ["dtype: bfloat16 (auto: this CPU multiplies bf16 natively; on one such CPU training ran 1.6x faster than fp32; "
             "adapters and optimizer state stay fp32; --dtype float32 for full precision)"]
