@@ -310,6 +310,20 @@ def test_other_commands_help_shows_defaults(capsys, command, shown):
     assert shown in " ".join(capsys.readouterr().out.split())
 
 
+def test_help_loads_no_torch_except_for_bench():
+    """`lorakit --help` and each command's --help print without importing torch (seconds to load):
+    the commands are listed without being built, and --adapter's check is imported when used."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom lorakit.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+              "print('torch loaded' if 'torch' in sys.modules else 'no torch', file=sys.stderr)")
+    for argv in ([], ["--help"], ["trian"], ["train", "--help"], ["merge", "--help"], ["analyze", "--help"],
+                 ["generate", "--help"], ["eval", "--help"], ["export", "--help"], ["sweep", "--help"]):
+        result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+        assert result.stderr.strip().endswith("no torch"), (argv, result.stderr[-300:])
+
+
 @pytest.mark.parametrize("yaml_values, argv, shown, hidden", [
     (None, ("--r", "0"), "r must be a positive integer, got 0", "alpha must"),  # alpha = 2r follows from r
     ({"lora": {"task": "poetry"}}, (), "--task must be one of", "got None"),  # no preset: no r, no alpha

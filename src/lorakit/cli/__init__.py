@@ -48,8 +48,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = _requested_command(argv)
+    # `lorakit --help` (or no command, or a mistyped one) lists the commands: none is built, as
+    # building some loads torch (seconds)
+    listing_only = argv is not None and wanted is None
     for name, module, help_text in COMMANDS:
-        if wanted is not None and name != wanted:
+        if listing_only or (wanted is not None and name != wanted):
             sub.add_parser(name, help=help_text)  # listed in --help, built only when used
             continue
         try:
@@ -104,6 +107,14 @@ def _is_utf8(arg: str) -> bool:
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return dict(actions[0].choices) if actions else {}
+
+
+def adapter_folder_arg(path: str):
+    """argparse's type for an adapter folder (adapter_or_run_folder), imported when a value is
+    parsed: the adapter code loads torch, which `COMMAND --help` need not wait for."""
+    from lorakit.lora.adapter_folder import adapter_or_run_folder
+
+    return adapter_or_run_folder(path)
 
 
 def _requested_command(argv: list[str] | None) -> str | None:

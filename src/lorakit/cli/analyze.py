@@ -25,13 +25,13 @@ else "fits"; with a rank_pattern of several ranks, each rank's modules against t
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    from lorakit.lora.adapter_folder import adapter_or_run_folder
+    from lorakit.cli import adapter_folder_arg
 
     p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION)
-    p.add_argument("adapter", type=adapter_or_run_folder, metavar="ADAPTER_DIR", nargs="?",
+    p.add_argument("adapter", type=adapter_folder_arg, metavar="ADAPTER_DIR", nargs="?",
                    help="adapter folder (adapter_config.json + adapter_model.safetensors), lorakit's or PEFT's, "
                         "or a training run's folder for its adapter")
-    p.add_argument("--adapter", type=adapter_or_run_folder, dest="adapter_flag", metavar="DIR",
+    p.add_argument("--adapter", type=adapter_folder_arg, dest="adapter_flag", metavar="DIR",
                    help="the same, spelled as the other commands take it")
     p.add_argument("--energy", default="0.9,0.99",
                    help="energy levels, comma-separated fractions; the first drives the heatmap and verdict")

@@ -10,12 +10,12 @@ from lorakit.config import DATA_FORMATS
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    from lorakit.lora.adapter_folder import adapter_or_run_folder
+    from lorakit.cli import adapter_folder_arg
 
     from lorakit.cli.placement import add_placement_flags
 
     p = subparsers.add_parser(name, help=help_text, description=__doc__)
-    p.add_argument("--adapter", metavar="DIR", type=adapter_or_run_folder,
+    p.add_argument("--adapter", metavar="DIR", type=adapter_folder_arg,
                    help="the adapter folder (PEFT format), or a training run's folder for its adapter (without it, "
                         "--model is scored alone)")
     p.add_argument("--data", required=True, nargs="+", action="extend", metavar="FILE", help="data files to score, read as lorakit train reads them")

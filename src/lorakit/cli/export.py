@@ -24,10 +24,10 @@ See docs/export.md for the rules and their sources."""
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    from lorakit.lora.adapter_folder import adapter_or_run_folder
+    from lorakit.cli import adapter_folder_arg
 
     p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION)
-    p.add_argument("--adapter", required=True, type=adapter_or_run_folder,
+    p.add_argument("--adapter", required=True, type=adapter_folder_arg,
                    help="adapter folder (adapter_config.json + adapter_model.safetensors), or a training run's "
                         "folder for its adapter")
     p.add_argument("--format", required=True, choices=("vllm", "gguf", "merged"), help="what to write")

@@ -14,11 +14,11 @@ MIN_TEMPERATURE = 1e-4  # logits / t must stay finite in fp32 and bf16 for the s
 
 def register(subparsers, name: str, help_text: str) -> None:
     from lorakit.cli.placement import add_placement_flags
-    from lorakit.lora.adapter_folder import adapter_or_run_folder
+    from lorakit.cli import adapter_folder_arg
 
     p = subparsers.add_parser(name, help=help_text, description=__doc__)
     p.add_argument("prompt", help="the user message (or raw text with --raw)")
-    p.add_argument("--adapter", action="append", default=[], metavar="DIR", type=adapter_or_run_folder,
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR", type=adapter_folder_arg,
                    help="adapter folder, or a training run's folder for its adapter (repeat to load several); "
                         "none: the base model alone")
     p.add_argument("--use", metavar="NAME", help="which loaded adapter to use (folder name or path; a run's runs/NAME/adapter is NAME); "

@@ -17,9 +17,9 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
-    from lorakit.lora.adapter_folder import adapter_or_run_folder
+    from lorakit.cli import adapter_folder_arg
 
-    p.add_argument("--adapter", required=True, metavar="DIR", type=adapter_or_run_folder,
+    p.add_argument("--adapter", required=True, metavar="DIR", type=adapter_folder_arg,
                    help="the adapter folder (PEFT format), or a training run's folder for its adapter")
     p.add_argument("--output", required=True, metavar="DIR", help="the merged model's new folder")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
