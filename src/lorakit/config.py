@@ -529,9 +529,17 @@ def validate(config: RunConfig) -> None:
         lora_config(config)
     except ConfigError as exc:
         lora_problems = [line.strip()[2:] for line in str(exc).splitlines()[1:]] or [str(exc)]
-        problems += [p for p in lora_problems if not _follows_from_another(p, config)]
+        problems += [_engine_names_as_flags(p) for p in lora_problems if not _follows_from_another(p, config)]
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _engine_names_as_flags(problem: str) -> str:
+    """The engine's LoraConfig names its fields; the user gave the flags (or their YAML keys)."""
+    for field_name, flag in (("target_modules", "--targets"), ("exclude_modules", "--exclude")):
+        if problem.startswith(field_name):
+            return flag + problem[len(field_name):]
+    return problem
 
 
 def _follows_from_another(problem: str, config: RunConfig) -> bool:

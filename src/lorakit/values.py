@@ -6,6 +6,7 @@ import math
 import re
 
 MIN_MEMORY = 256 * 2**20  # a memory size below this is refused as a typo (a unit left out)
+MAX_MEMORY = 2**50  # 1 PiB: above it, a typo (config.MAX_MEMORY_BUDGET_GIB, the budget it becomes, is the same)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -41,4 +42,6 @@ def parse_size(text: str, flag: str = "--gpu-memory", minimum: int = MIN_MEMORY)
     if size < minimum:
         raise ConfigError(f"{flag} {text!r} is below {minimum // 2**20} MiB, too little to train any model; "
                           "write the size with its unit, e.g. 24GiB")
+    if size > MAX_MEMORY:
+        raise ConfigError(f"{flag} {text!r} is more than 1 PiB (a typo?); write the size with its unit, e.g. 24GiB")
     return size

@@ -387,3 +387,11 @@ def test_a_json_object_nested_too_deeply_is_one_error_not_a_crash(tmp_path, cach
     path.write_text('{"a": ' + "[" * 200_000, encoding="utf-8")
     with pytest.raises(DataError, match="deep.json nests its values too deeply to read"):
         read_records(path, cache_dir=cache)
+
+
+def test_a_config_file_among_the_data_says_to_put_it_first(tmp_path, cache):
+    path = tmp_path / "run.yaml"
+    path.write_text("lora:\n  r: 8\n", encoding="utf-8")
+    with pytest.raises(DataError, match="run.yaml is a config file, not data .--data takes every name after it.; "
+                                        "put the config first"):
+        read_records(path, cache_dir=cache)

@@ -285,7 +285,10 @@ def test_cli_writes_into_an_existing_folder(tmp_path, capsys):
                  "--outtype", "f16"]) == 2
     assert "already exists" in capsys.readouterr().err and written.read_bytes() == before
     assert main(["export", "--adapter", str(adapter_dir), "--format", "gguf", "--output", str(tmp_path / "noext")]) == 2
-    assert "must end in .gguf" in capsys.readouterr().err and not (tmp_path / "noext").exists()
+    assert "must be a file name ending in .gguf" in capsys.readouterr().err and not (tmp_path / "noext").exists()
+    # ".gguf" alone is a hidden file's name with no extension: the message asks for a name, not the ending it has
+    assert main(["export", "--adapter", str(adapter_dir), "--format", "gguf", "--output", str(tmp_path / ".gguf")]) == 2
+    assert "(e.g. adapter.gguf)" in capsys.readouterr().err and not (tmp_path / ".gguf").exists()
 
 
 @pytest.mark.parametrize("export_format", ["gguf", "vllm"])

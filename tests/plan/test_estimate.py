@@ -758,3 +758,13 @@ def test_a_training_configs_settings_the_estimate_leaves_out_are_named(tmp_path,
         assert main(["estimate", model]) == 2
         assert f"{model} is not a training config (a .yaml file); to estimate a model, pass it as --model" in \
             capsys.readouterr().err
+
+
+def test_a_model_path_that_does_not_exist_is_named_as_missing_with_the_folder_it_is_read_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="empty holds no config.json"):
+        model_shape("./empty")
+    with pytest.raises(ModelLoadError, match=f"model ../tiny does not exist .relative paths are read from the current "
+                                             f"folder, {tmp_path}"):
+        model_shape("../tiny")

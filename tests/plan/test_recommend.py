@@ -219,6 +219,10 @@ def test_parse_size():
             parse_size(bad)
     with pytest.raises(ConfigError, match="'16B' reads as bytes; write the unit: e.g. 16GiB"):
         parse_size("16B", "--memory")
+    # a typo's size, once named as --memory-budget (the budget it became), a flag not given
+    with pytest.raises(ConfigError, match="--gpu-memory '100000000GiB' is more than 1 PiB"):
+        parse_size("100000000GiB")
+    assert parse_size("1048576GiB") == 2**50
 
 
 @pytest.mark.parametrize("extra, message", [

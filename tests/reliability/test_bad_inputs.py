@@ -375,7 +375,9 @@ FLAG_CASES = [
     Case("flag-r-not-int", train("--r", "abc"), "invalid int value: 'abc'", "usage:"),
     Case("flag-targets-typo", train("--targets", "q_projj"), "'q_projj' matches no linear layer", "Did you mean 'q_proj'"),
     Case("flag-targets-partly-typo", train("--targets", "q_proj,v_projj"), "'v_projj' matches no linear layer", "Did you mean 'v_proj'"),
-    Case("flag-targets-empty", train("--targets", ""), "target_modules is empty", "all-linear"),
+    Case("flag-targets-empty", train("--targets", ""), "--targets is empty", "all-linear"),
+    # the engine's field names the flag; excluding "all-linear" (the advice for --targets) would leave nothing
+    Case("flag-exclude-empty", train("--exclude", ""), "--exclude is empty", "leave it out to exclude nothing"),
     Case("flag-rank-above-layer", train("--r", "100"), "cannot take rank 100 (at most 32)", "lower r or exclude them"),
     Case("flag-eval-split-all", train("--eval-split", "100"), "leaves none of the 48 for training", "smaller eval split"),
     Case("export-bad-format", raw("export", "--adapter", "{tmp}", "--format", "onnx", "--output", "{out}"),
@@ -652,17 +654,20 @@ def test_real_processes_print_no_traceback(tiny, trained, other_model, tmp_path,
         assert not ctx.out.exists()
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["recommend", "--gpu-memory", ""], "--gpu-memory"), (["eval", "--adapter", "a", "--data", ""], "--data"),
-    (["generate", "--adapter", "a", "--use", "", "hi"], "--use"), (["sweep", "c.yaml", "--output", ""], "--output")])
-def test_an_empty_flag_value_is_refused_not_taken_for_not_given(argv, flag, capsys):
+@pytest.mark.parametrize("argv, said", [
+    (["recommend", "--gpu-memory", ""], "--gpu-memory is empty; give it a value, or leave the flag out"),
+    (["eval", "--adapter", "a", "--data", ""], "--data is empty; give it a value\n"),  # required: no leaving it out
+    (["merge", "--adapter", "", "--output", "m"], "--adapter is empty; give it a value\n"),
+    (["generate", "--adapter", "a", "--use", "", "hi"], "--use is empty; give it a value, or leave the flag out"),
+    (["sweep", "c.yaml", "--output", ""], "--output is empty; give it a value, or leave the flag out")])
+def test_an_empty_flag_value_is_refused_not_taken_for_not_given(argv, said, capsys):
     # recommend planned for this machine's memory, sweep wrote into runs/, eval read "." as data
     from lorakit.cli import main
 
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2
-    assert f"error: {flag} is empty; give it a value, or leave the flag out" in capsys.readouterr().err
+    assert f"error: {said}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["train", "--data", "bad\udcff.jsonl", "--output", "runs/x"],

@@ -84,14 +84,16 @@ EMPTY_ALLOWED = {"system"}  # generate --system "": the chat template's own syst
 
 
 def _empty_option(command: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
-    """The first flag given an empty string (train's config names its own empty values)."""
+    """What to say of the first flag given an empty string (train's config names its own empty
+    values)."""
     if getattr(args, "command", None) == "train":
         return None
     for action in command._actions:
         value = getattr(args, action.dest, None)
         values = value if isinstance(value, list) else [value]
         if action.option_strings and action.dest not in EMPTY_ALLOWED and "" in values:
-            return action.option_strings[-1]
+            fix = "give it a value" if action.required else "give it a value, or leave the flag out"
+            return f"{action.option_strings[-1]} is empty; {fix}"
     return None
 
 
@@ -152,7 +154,7 @@ def _main(argv: list[str] | None) -> int:
             command.error(f"unrecognized arguments: {' '.join(unknown)} (see `{command.prog} --help`)")
         empty = _empty_option(command, args)
         if empty is not None:  # taken for "not given" (a default path, this machine's memory) or for "."
-            command.error(f"{empty} is empty; give it a value, or leave the flag out")
+            command.error(empty)
         undecodable = next((arg for arg in argv if not _is_utf8(arg)), None)
         if undecodable is not None:  # a finished run lost its checkpoint to such a path: refused up front
             command.error(f"{ascii(undecodable)} holds bytes that are not UTF-8 (a name in another encoding?); "

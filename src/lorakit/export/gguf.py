@@ -225,7 +225,8 @@ def rotary_permute(rows: torch.Tensor, n_head: int, name: str = "tensor") -> tor
 def _output_path(output: Path, adapter_folder: Path, outtype: str) -> Path:
     path = output / f"{_adapter_name(adapter_folder)}-lora-{outtype}.gguf" if output.is_dir() else output
     if path.suffix.lower() != ".gguf":
-        raise ConfigError(f"--output {output} must end in .gguf, or be an existing folder to write into")
+        raise ConfigError(f"--output {output} must be a file name ending in .gguf (e.g. adapter.gguf), or an "
+                          "existing folder to write into")
     if path.exists():  # as vllm and merged exports: never replace a file the user has
         raise OutputError(f"{path} already exists; choose another --output, or delete it first")
     return path

@@ -105,6 +105,8 @@ def pattern_matches(key: str, module_name: str) -> bool:
 def _target_problems(field_name: str, spec) -> list[str]:
     if isinstance(spec, str):
         if not spec.strip():
+            if field_name == "exclude_modules":
+                return [f"{field_name} is empty; leave it out to exclude nothing, or name modules such as ['lm_head']"]
             return [f"{field_name} is empty; use 'all-linear' or a list such as ['q_proj', 'v_proj']"]
         return _regex_problems(field_name, spec)
     if isinstance(spec, list) and spec and all(isinstance(s, str) and s for s in spec):

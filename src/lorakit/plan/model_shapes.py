@@ -136,8 +136,11 @@ def _shape_from_name(name: str) -> ModelShape:
             raise ModelLoadError(f"cannot read model config {path}: {exc}; restore the model's own "
                                  "config.json") from None
         return shape_from_dict(data, str(path))
-    if Path(name).exists() or name.startswith((".", "/", "~")):
+    if Path(name).exists():
         raise ModelLoadError(f"{name} holds no config.json; pass a model folder, a config.json or a preset")
+    if name.startswith((".", "/", "~")):  # a path, not a hub id
+        raise ModelLoadError(f"model {name} does not exist (relative paths are read from the current folder, "
+                             f"{Path.cwd()}); pass a model folder, a config.json or a preset")
     return _shape_from_hub(name)
 
 
