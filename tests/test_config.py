@@ -364,3 +364,11 @@ def test_the_package_exports_load_on_first_use_and_stay_reachable():
             "assert 'apply_lora' in dir(lorakit); "
             "import pytest; pytest.raises(AttributeError, getattr, lorakit, 'nothing_here')")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_data_file_named_twice_is_refused(tmp_path, monkeypatch):
+    """Its records trained twice, and the --eval-split held out copies of training records."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="--data names ./d.jsonl more than once .* name each file once"):
+        resolve(None, flags("--data", "d.jsonl", "--data", "./d.jsonl"))
+    assert resolve(None, flags("--data", "d.jsonl", "--data", "e.jsonl")).data.data == ["d.jsonl", "e.jsonl"]

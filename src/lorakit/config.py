@@ -485,6 +485,7 @@ def validate(config: RunConfig) -> None:
         if choices and value not in choices:
             problems.append(f"{flag_of(f)} must be one of {', '.join(choices)}, got {value!r}")
     t, d, o = config.train, config.data, config.output
+    twice = _named_twice(d.data)
     checks = [
         (t.lr > 0 and math.isfinite(t.lr), f"--lr must be positive, got {t.lr}"),
         (0 < t.epochs <= MAX_EPOCHS, f"--epochs must be a positive number up to {MAX_EPOCHS:,}, got {t.epochs}"),
@@ -516,6 +517,9 @@ def validate(config: RunConfig) -> None:
         (config.model.name is None or bool(config.model.name.strip()),
          "--model is empty; name a model folder, a .gguf file or a hub id, or leave it out for the built-in model"),
         (all(str(path).strip() for path in d.data), "--data names an empty path; name the data files"),
+        (twice is None, f"--data names {twice} more than once (its records would train twice "
+                              "and leak into the --eval-split held out); name each file once, and use --epochs to "
+                              "train on the data more than once"),
         (all(str(path).strip() for path in d.eval_data or []), "--eval-data names an empty path; name the files"),
         (not (o.resume and o.overwrite), "--resume and --overwrite contradict each other; choose one"),
         (config.model.quantize == "none" or config.model.dtype in ("auto", "bfloat16"),  # quantize.COMPUTE_DTYPE
@@ -532,6 +536,19 @@ def validate(config: RunConfig) -> None:
         problems += [_engine_names_as_flags(p) for p in lora_problems if not _follows_from_another(p, config)]
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _named_twice(paths: list) -> str | None:
+    """The first data file named again (as itself, or by another path to the same file)."""
+    seen = set()
+    for path in paths:
+        if not str(path).strip():  # named as empty by its own check
+            continue
+        resolved = Path(str(path)).expanduser().resolve()
+        if resolved in seen:
+            return str(path)
+        seen.add(resolved)
+    return None
 
 
 def _engine_names_as_flags(problem: str) -> str:
