@@ -130,6 +130,29 @@ def test_the_users_own_config_in_the_output_folder_is_never_replaced(tiny, tmp_p
     assert main(["train", str(run / "config.yaml"), "--output", str(run), "--resume"]) == 0
 
 
+def test_a_users_config_in_the_output_folder_is_neither_taken_for_a_run_nor_replaced(tiny, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.yaml").write_text("# my notes\nlora:\n  r: 4\n")
+    for extra in ([], ["--resume"], ["--overwrite"]):  # it was "an unfinished run"; --resume adopted it
+        assert main(train_args(tiny, out, "--max-steps", "1", *extra)) == 2
+        assert "holds a config.yaml that no lorakit run wrote" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text().startswith("# my notes") and len(list(out.iterdir())) == 1
+
+
+def test_overwrite_into_a_folder_without_a_run_deletes_none_of_its_files(tiny, tmp_path):
+    out = tmp_path / "shared"
+    (out / "tensorboard").mkdir(parents=True)
+    for name in ("report.txt", "tensorboard/my-events"):
+        (out / name).write_text("the user's")
+    assert main(train_args(tiny, out, "--max-steps", "1", "--overwrite")) == 0
+    assert (out / "report.txt").read_text() == (out / "tensorboard" / "my-events").read_text() == "the user's"
+    assert (out / "summary.json").is_file() and (out / "loss.png").is_file()
+    (out / "loss.png").unlink()  # a run there now: --overwrite replaces it, the files beside it stay
+    assert main(train_args(tiny, out, "--max-steps", "1", "--overwrite")) == 0
+    assert (out / "report.txt").is_file() and (out / "loss.png").is_file()
+
+
 def test_a_runs_own_config_is_recognised_whichever_of_r_and_alpha_it_leaves_out(tmp_path):
     import argparse
 

@@ -87,8 +87,9 @@ def _resumed_run_config(flags: dict) -> Path | None:
 
     output = flags.get("output.output") or (default_of("output.output") if flags.get("data.data")
                                             else DEMO_DEFAULTS["output.output"])
-    saved = Path(output) / "config.yaml"
-    return saved if saved.is_file() else None
+    from lorakit.train.run import holds_a_run_config
+
+    return Path(output) / "config.yaml" if holds_a_run_config(Path(output)) else None
 
 
 def _run_settings(path: Path) -> dict:

@@ -399,6 +399,9 @@ def refuse_occupied_output(config: RunConfig) -> list[str]:
     # a dangling link counts too: --overwrite removes it
     existing = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()] \
         if out.is_dir() else []
+    if "config.yaml" in existing and not holds_a_run_config(out):  # any run would replace it, --overwrite delete it
+        raise OutputError(f"--output {out} holds a config.yaml that no lorakit run wrote, where a run writes its "
+                          "own; move your file elsewhere (and pass it as CONFIG.yaml), or choose another --output")
     if existing and not (config.output.resume or config.output.overwrite or config.output.dry_run):
         if "summary.json" in existing:
             state, go_on = "a finished run", "pass --resume with a larger --max-steps to train it further"
@@ -427,29 +430,36 @@ def refuse_config_inside_output(config_file: str | None, config) -> None:
     written = out / "config.yaml"
     if not (config_file and written.exists() and written.resolve() == Path(config_file).resolve()):
         return
-    # a run leaves one of these (a metrics.jsonl of the user's beside the file does not make one)
-    holds_a_run = any((out / name).exists() for name in ("summary.json", "adapter", "checkpoints"))
-    if not holds_a_run and not _written_by_a_run(written):
+    if not holds_a_run_config(out):
         raise OutputError(f"{config_file} is where this run writes its own config.yaml (--output "
                           f"{config.output.output}); keep your file elsewhere or choose another --output")
 
 
+def holds_a_run_config(out: Path) -> bool:
+    """OUTPUT/config.yaml is a run's own, not a file of the user's: beside a run's other files (a
+    metrics.jsonl of the user's does not make one), or, where a run was killed before its first
+    checkpoint, by what it holds."""
+    holds_a_run = any((out / name).exists() for name in ("summary.json", "adapter", "checkpoints"))
+    return (out / "config.yaml").is_file() and (holds_a_run or _written_by_a_run(out / "config.yaml"))
+
+
 def _written_by_a_run(path: Path) -> bool:
     """A run's own config.yaml holds every option of every section but those that followed from
-    others (a run killed before its first checkpoint leaves one); a hand-written file names a few."""
+    others and what its command did; a hand-written file names a few."""
     import dataclasses
 
     import yaml
 
-    from lorakit.config import DERIVABLE, SECTIONS, section_types
+    from lorakit.config import DERIVABLE, RUN_ACTIONS, SECTIONS, section_types
 
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
+    left_out = {**DERIVABLE, "output": RUN_ACTIONS}
     return isinstance(saved, dict) and all(
         isinstance(saved.get(section.name), dict)
-        and {f.name for f in dataclasses.fields(section_types()[section.name])} - set(DERIVABLE.get(section.name, ()))
+        and {f.name for f in dataclasses.fields(section_types()[section.name])} - set(left_out.get(section.name, ()))
         <= set(saved[section.name])
         for section in SECTIONS)
 
@@ -458,7 +468,8 @@ def _claim_locked(config: RunConfig, out: Path) -> Path:
     existing = refuse_occupied_output(config)
     _check_writable(out)  # before --overwrite deletes anything: a read-only folder keeps its run
     if config.output.overwrite:
-        for name in existing + ["loss.png", "tensorboard", "report.txt"]:
+        # the run's other files, only where there was a run: a folder without one may hold the user's
+        for name in existing + (["loss.png", "tensorboard"] if existing else []):
             try:
                 _remove(out / name)
             except OSError as exc:
