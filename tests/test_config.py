@@ -372,3 +372,10 @@ def test_a_data_file_named_twice_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="--data names ./d.jsonl more than once .* name each file once"):
         resolve(None, flags("--data", "d.jsonl", "--data", "./d.jsonl"))
     assert resolve(None, flags("--data", "d.jsonl", "--data", "e.jsonl")).data.data == ["d.jsonl", "e.jsonl"]
+
+
+def test_a_section_whose_options_are_all_commented_out_sets_nothing(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  # r: 8\ntrain:\n  lr: 0.001\n")  # was "unknown key(s) in c.yaml: lora"
+    config = resolve(load_yaml(path), flags())
+    assert config.train.lr == 0.001 and config.lora.r == resolve(None, flags()).lora.r

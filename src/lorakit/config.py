@@ -353,7 +353,9 @@ def _place_keys(raw: dict, path: Path) -> dict[str, dict[str, Any]]:
         elif key in owners:  # a flat key, named as the option or its flag: `seq_len: 128`, `model: PATH`
             section = owners[key]
             place(section, _field_name(section, key), value, str(key))
-        elif key in placed and value is not None:
+        elif key in placed and value is None:
+            continue  # `lora:` with its options commented out: a section that sets nothing
+        elif key in placed:
             raise ConfigError(f"{key} in {path} must be a mapping of options (e.g. `{key}: {{...}}`), "
                               f"not {type(value).__name__}")
         else:

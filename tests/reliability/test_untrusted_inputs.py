@@ -192,3 +192,57 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_ends_identical(r
     assert "resumed from step-000002" in capsys.readouterr().out
     assert (run_copy / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (trained / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: m.update(format_version=None), lambda m: m.update(format_version="2"),
+    lambda m: m.update(files=list(m["files"])), lambda m: m["files"].update({next(iter(m["files"])): 5}),
+    "nested"])
+def test_a_garbled_manifest_is_a_damaged_checkpoint_the_resume_steps_past(run_copy, tiny, caplog, capsys, damage):
+    # each was a traceback (a comparison with None, .items() of a list, a RecursionError), exit 1
+    newest = ckpt.list_checkpoints(run_copy / "checkpoints")[0]
+    if damage == "nested":
+        (newest / ckpt.MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        manifest = json.loads((newest / ckpt.MANIFEST).read_text())
+        damage(manifest)
+        (newest / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        assert main(train_args(tiny, run_copy, "--resume")) == 0
+    assert "skipping damaged checkpoint" in caplog.text
+    assert "resumed from step-000002" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda state: state["rng"].update(python=[1, 2]), "cannot be restored"),
+    (lambda state: state.update(base_eval={}), "invalid value(s) for base_eval"),
+    (lambda state: state.update(base_eval={"__tensor__": "x"}), "holds what a save does not write")])
+def test_a_hand_edited_checkpoint_that_passes_its_checksums_is_refused_in_one_line(run_copy, tiny, capsys, edit, said):
+    # each failed part way through the resume with a traceback
+    for folder in ckpt.list_checkpoints(run_copy / "checkpoints"):
+        edit_checkpoint_state(folder, edit)
+    assert main(train_args(tiny, run_copy, "--resume", "--max-steps", "4")) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+
+
+def test_an_optimizer_group_without_its_parameters_is_refused_in_one_line(run_copy, tiny, capsys):
+    for folder in ckpt.list_checkpoints(run_copy / "checkpoints"):
+        saved = json.loads((folder / ckpt.OPTIMIZER_JSON).read_text())
+        for group in saved["param_groups"]:
+            del group["params"]
+        (folder / ckpt.OPTIMIZER_JSON).write_text(json.dumps(saved))
+        edit_checkpoint_state(folder, lambda state: None)  # the manifest made to match
+    assert main(train_args(tiny, run_copy, "--resume", "--max-steps", "4")) == 2
+    err = capsys.readouterr().err
+    assert "does not describe an optimizer state" in err and "Traceback" not in err
+
+
+def test_a_metrics_line_edited_out_of_shape_is_left_out_and_the_run_finishes(run_copy, tiny, capsys):
+    # a line without "kind" (one flipped bit) made every later resume end in a KeyError at the summary
+    lines = (run_copy / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1].replace('"kind"', '"kimd"', 1)
+    (run_copy / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(train_args(tiny, run_copy, "--resume", "--max-steps", "4")) == 0
+    assert "the file was removed or damaged" in " ".join(capsys.readouterr().out.split())
+    assert json.loads((run_copy / "summary.json").read_text())["steps"] == 4

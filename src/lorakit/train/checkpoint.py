@@ -65,7 +65,7 @@ from lorakit.safe_io import (
     sha256_file,
     translate_os_errors,
 )
-from lorakit.train.rng import CPU_KEY, capture_rng, restore_rng
+from lorakit.train.rng import CPU_KEY, capture_rng, restore_rng, rng_problem
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +373,8 @@ def prune_checkpoints(ckpt_root: str | os.PathLike, keep: int | None, up_to_step
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:  # JSON nested thousands deep
+        raise AdapterFileError(f"cannot read {path}: it is nested too deep to be one lorakit wrote") from None
     except (OSError, ValueError) as exc:
         raise AdapterFileError(f"cannot read {path}: {exc}") from exc
 
@@ -399,11 +401,15 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
         return f"{MANIFEST} is missing (the save did not finish)"
     try:
         manifest = _read_json(folder / MANIFEST)
-        files = manifest["files"]
-    except (AdapterFileError, KeyError, TypeError) as exc:
+    except AdapterFileError as exc:
         return f"{MANIFEST} is unreadable: {exc}"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(entry, dict) for entry in files.values()):
+        return f"{MANIFEST} does not list its files as a save writes them"
     if manifest.get("format") != FORMAT:
         return f"{MANIFEST} is not a {FORMAT} manifest"
+    if not isinstance(manifest.get("format_version", 0), int):
+        return f"{MANIFEST} has no format version"
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         return f"it was written by a newer lorakit (format {manifest['format_version']}): upgrade"
     missing = [name for name in DATA_FILES if name not in files]
@@ -438,7 +444,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     problem = verify_checkpoint(folder)
     if problem is not None:
         raise _damaged(folder, problem)
-    trainer_state = _decode(_read_json(folder / TRAINER_STATE), {})
+    try:
+        trainer_state = _decode(_read_json(folder / TRAINER_STATE), {})
+    except (KeyError, TypeError) as exc:  # a tensor reference where a save writes none (an edit)
+        raise _damaged(folder, f"its {TRAINER_STATE} holds what a save does not write ({exc!r})") from None
     if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step"), int) \
             or not isinstance(trainer_state.get("rng"), dict):
         raise _damaged(folder, f"its {TRAINER_STATE} lacks the step or the random state")
@@ -446,11 +455,17 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         optimizer_sd = unflatten_optimizer_state(
             load_safetensors_checked(folder / OPTIMIZER_TENSORS), _read_json(folder / OPTIMIZER_JSON)
         )
+        if not all(isinstance(group, dict) and isinstance(group.get("params"), list)
+                   for group in optimizer_sd["param_groups"]):
+            raise KeyError("params")
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise _damaged(folder, f"its {OPTIMIZER_JSON} does not describe an optimizer state ({exc!r})") from None
     rng_tensors, rng_meta = load_safetensors_checked(folder / RNG_FILE), trainer_state["rng"]
     if CPU_KEY not in rng_tensors or not {"python", "numpy"} <= set(rng_meta):
         raise _damaged(folder, f"its random state ({RNG_FILE}, {TRAINER_STATE}) is incomplete")
+    problem = rng_problem(rng_tensors, rng_meta)
+    if problem is not None:
+        raise _damaged(folder, f"its random state ({RNG_FILE}, {TRAINER_STATE}) cannot be restored ({problem})")
     return Checkpoint(
         path=folder,
         step=int(trainer_state["step"]),

@@ -79,16 +79,28 @@ def capture_rng(
     return tensors, meta
 
 
-def _restore_python(state: list[Any]) -> None:
+def _restore_python(state: list[Any], into: Any = random) -> None:
     version, internal, gauss_next = state
-    random.setstate((version, tuple(internal), gauss_next))
+    into.setstate((version, tuple(internal), gauss_next))
 
 
-def _restore_numpy(state: dict[str, Any]) -> None:
+def _restore_numpy(state: dict[str, Any], into: Any = np.random) -> None:
     key = np.asarray(state["key"], dtype=np.uint32)
-    np.random.set_state(
+    into.set_state(
         (state["bit_generator"], key, state["pos"], state["has_gauss"], state["cached_gaussian"])
     )
+
+
+def rng_problem(tensors: Mapping[str, torch.Tensor], meta: Any) -> str | None:
+    """What keeps a saved random state from being restored, tried on scratch generators (a file
+    edited by hand, its checksum updated, would otherwise fail part way through a resume)."""
+    try:
+        _restore_python(meta["python"], random.Random())
+        _restore_numpy(meta["numpy"], np.random.RandomState())
+        torch.Generator().set_state(tensors[CPU_KEY])
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _restore_cuda(tensors: Mapping[str, torch.Tensor], saved_devices: int) -> None:

@@ -74,6 +74,8 @@ def _trainer_state_problem(path: Path, saved) -> str | None:
         bad.append("loss_scale")
     bad += [k for k, kinds in _SAVED_TYPES.items() if saved.get(k) is not None
             and (isinstance(saved[k], bool) or not isinstance(saved[k], kinds) or (kinds is int and saved[k] < 0))]
+    if isinstance(saved.get("base_eval"), dict) and not _is_number(saved["base_eval"].get("loss")):
+        bad.append("base_eval")  # the summary reports its loss
     if bad:
         return f"invalid value(s) for {', '.join(bad)}"
     if ckpt.step_dir_name(raw["step"]) != path.name:
@@ -143,16 +145,29 @@ def read_history(path: Path, up_to_step: int, count: int | None = None) -> list[
     if not path.exists():
         return []
     entries = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if count is not None and len(entries) >= count:
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines()):
+        if count is not None and number >= count:
             break
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             break  # a line cut by the kill: everything after it is newer than the checkpoint anyway
-        if isinstance(entry, dict) and (count is not None or entry.get("step", 0) <= up_to_step):
+        # a line edited out of shape is left out (the resume names the entries missing)
+        if _well_formed(entry) and (count is not None or entry["step"] <= up_to_step):
             entries.append(entry)
     return entries
+
+
+def _well_formed(entry) -> bool:
+    """An entry as Session.record writes it: the summary and loss.png read its kind, step and loss."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+        return False
+    loss_key = {"train": "loss", "eval": "eval_loss"}.get(entry.get("kind"))
+    return loss_key is not None and _is_number(entry.get(loss_key))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def changes_what_base_eval_measured(saved: dict, now: dict) -> bool:
