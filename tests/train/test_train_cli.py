@@ -193,8 +193,11 @@ def test_resume_past_max_steps_is_refused_and_new_eval_data_gets_a_new_base_loss
     out = tmp_path / "run"
     assert main(train_args(tiny, out, "--max-steps", "4", "--save-every", "2")) == 0
     (out / "summary.json").unlink()
-    assert main(train_args(tiny, out, "--max-steps", "3", "--resume")) == 2
-    assert "is at step 4, past this run's last step (3)" in capsys.readouterr().err
+    assert main(train_args(tiny, out, "--max-steps", "3", "--resume", "--lr", "0.5")) == 2
+    said = capsys.readouterr()
+    assert "is at step 4, past this run's last step (3)" in said.err
+    # what the resume found changed is said before the refusal, which it may explain (it was dropped)
+    assert "train.lr 0.01 -> 0.5" in " ".join(said.out.split())
     other = write_define_data(tmp_path / "other.jsonl", count=40, seed=7)
     measured, real = [], session.Session.run_eval
     monkeypatch.setattr(session.Session, "run_eval", lambda self, label: measured.append(label) or real(self, label))
@@ -404,6 +407,17 @@ def test_resume_of_a_finished_run_without_more_steps_does_nothing_and_says_so(ti
         assert "training finished" in capsys.readouterr().out
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
         assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_the_demos_sample_answers_are_generated_only_where_the_run_trains(tiny, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr("lorakit.cli.train._is_demo_data", lambda config: True)
+    monkeypatch.setattr("lorakit.cli.train._sample", lambda prepared: calls.append(1) or ("a prompt", "an answer"))
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--max-steps", "2")) == 0
+    assert len(calls) == 2 and "an answer" in capsys.readouterr().out  # before and after
+    assert main(train_args(tiny, out, "--max-steps", "2", "--resume")) == 0
+    assert len(calls) == 2  # a finished run resumed without more steps: nothing trains, nothing to compare
 
 
 def test_eval_data_that_is_also_training_data_is_named(tiny, tmp_path, capsys, monkeypatch):

@@ -170,9 +170,9 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     session = Session(prepared, Path(config.output.output))  # the optimizer too, before a folder is cleared
     distributed.main_first(lambda: claim_output(config))  # rank 0 checks, creates and locks it; then the others
+    samples = []  # the demo's answer before training, where it trains: every rank (a sharded model generates together)
     try:
-        sample_before = _sample(prepared) if demo else None  # every rank: a sharded model generates together
-        result = session.run()
+        result = session.run(before_training=lambda: samples.append(_sample(prepared) if demo else None))
     finally:
         release_run_folder(Path(config.output.output))
     if result.interrupted:
@@ -181,7 +181,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     sample_after = _sample(prepared) if demo else None
     if is_main():
-        print_report(prepared, result, sample_before, sample_after)
+        print_report(prepared, result, samples[0], sample_after)
     return 0
 
 

@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,8 @@ import torch
 
 from lorakit.config import effective_scale
 from lorakit.data.formats import TOKENIZE_REVISION
-from lorakit.errors import AdapterFileError, AdapterMismatchError, ConfigError, DataError, OutputError, TrainingError
+from lorakit.errors import (AdapterFileError, AdapterMismatchError, ConfigError, DataError, LorakitError, OutputError,
+                            TrainingError)
 from lorakit.kernels.chunked_ce import release_workspace
 from lorakit.lora import base_fingerprint, disable_adapters, lora_report, save_adapter, trainable_parameters
 from lorakit.safe_io import atomic_write_json, atomic_write_text, save_figure, translate_os_errors
@@ -100,9 +102,13 @@ class Session:
             return
         checkpoint = ckpt.load_checkpoint(path)
         log, notes = self.log, []
-        self.log = notes.append  # what the checks say (changed settings, data): only where the run goes on
+        self.log = notes.append  # what the checks say (changed settings, data): where the run goes on,
         try:
             state, saved = self._check_resumable(path, checkpoint)
+        except LorakitError:
+            for note in notes:  # or where a check refuses it: a changed setting may be why
+                log(note)
+            raise
         finally:
             self.log = log
         if state.step == self.prepared.settings.total_steps:
@@ -311,13 +317,16 @@ class Session:
         return result
 
     # ---- the run ---------------------------------------------------------------------------
-    def run(self) -> RunResult:
+    def run(self, before_training: Callable[[], None] = lambda: None) -> RunResult:
+        """Resume if asked, train, save; `before_training` is called once it is known that the run
+        trains (not for a finished run resumed without more steps)."""
         self.resume_if_asked()
         if self.finished_summary is not None:
             more = "--max-steps" if self.config.train.max_steps is not None else "--epochs or --max-steps"
             self.log(f"the run in {self.out} finished at step {self.prepared.settings.total_steps}, its last; nothing "
                      f"to train (pass a larger {more} to train it further)")
             return RunResult(self.finished_summary, self.out, None, [], already_finished=True)
+        before_training()
         if distributed.is_main():
             write_config(self.out, self.config)  # after resume: it may keep the checkpoint's global batch
             self._open_metrics()
