@@ -185,7 +185,6 @@ def test_a_symlinked_or_too_long_output_is_refused_before_the_merge(tmp_path, ca
 @pytest.mark.parametrize("fmt, flags, message", [
     ("vllm", ["--outtype", "f16"], "--outtype is for --format gguf, not vllm"),
     ("gguf", ["--max-lora-rank", "64"], "--max-lora-rank is for --format vllm, not gguf"),
-    ("gguf", ["--allow-other-base"], "--allow-other-base is for --format merged, not gguf"),
     ("merged", ["--allow-embeddings"], "--allow-embeddings is for --format vllm, not merged"),
     ("vllm", ["--overwrite"], "a vllm export never replaces a file"),
 ])
@@ -375,3 +374,17 @@ def test_a_parent_folder_that_cannot_be_flushed_after_the_move(tmp_path, monkeyp
     flush_warnings = [w for w in caught if "may not survive a power cut" in str(w.message)]
     assert len(flush_warnings) == (1 if said else 0)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"x" and not tmp.exists()
+
+
+@pytest.mark.parametrize("fmt, output", [("vllm", "served"), ("gguf", "a.gguf")])
+def test_export_refuses_a_base_of_another_depth_whose_shapes_fit_as_merge_does(tmp_path, capsys, fmt, output):
+    """A 3-layer base takes every factor of a 2-layer adapter: only the fingerprint, taken from the
+    model --model's config.json describes, tells them apart (export went ahead)."""
+    adapter = _saved_adapter(tmp_path)
+    deeper = save_tiny_chat_model(tmp_path / "deeper", layers=3)
+    export = ["export", "--adapter", str(adapter), "--format", fmt, "--output", str(tmp_path / output)]
+    assert main(export + ["--model", str(deeper)]) == 2
+    assert "trained on a base model of another architecture or shape" in capsys.readouterr().err
+    assert not (tmp_path / output).exists()
+    assert main(export + ["--model", str(deeper), "--allow-other-base"]) == 0
+    assert main(export[:-1] + [str(tmp_path / ("own-" + output)), "--model", str(tmp_path / "base")]) == 0

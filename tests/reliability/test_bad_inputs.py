@@ -545,6 +545,9 @@ ADAPTER_CASES = [
          "choose a folder path", setup=write_file("afile", b"mine")),
     Case("merge-adapter-other-base", adapter_cmd("merge"), "was trained on a base model of another architecture or shape", "pass --allow-other-base",
          setup=adapter_damage("other-base")),
+    # export reads the base's config.json only: the fingerprint is taken from the model it describes
+    Case("export-adapter-other-base", adapter_cmd("export"), "was trained on a base model of another architecture or shape",
+         "pass --allow-other-base", setup=adapter_damage("other-base")),
     Case("eval-adapter-on-smaller-model", adapter_cmd("eval", "--model", "{other}", "--allow-other-base"),
          "targets modules this model does not have", "load it onto the base model it was trained for",
          setup=adapter_damage("none")),

@@ -46,7 +46,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read a pickle adapter_model.bin (with torch.load(weights_only=True))")
     p.add_argument("--allow-other-base", action="store_true",
-                   help="merged: merge an adapter made for another base model")
+                   help="export an adapter made for another base model (its fingerprint differs from --model's)")
     p.add_argument("--overwrite", action="store_true", help="merged: replace an existing --output folder")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -54,7 +54,7 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 # the options that only some formats read: given to another, they would be silently ignored
 FORMATS_OF_OPTION = {"allow_embeddings": ("vllm",), "max_lora_rank": ("vllm",), "outtype": ("gguf",),
-                     "allow_other_base": ("merged",), "overwrite": ("merged",)}
+                     "overwrite": ("merged",)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,7 +96,7 @@ def _export_vllm(args: argparse.Namespace) -> dict:
 
     done = export_vllm(args.adapter, args.output, max_lora_rank=args.max_lora_rank,
                        allow_embeddings=args.allow_embeddings, base_config_dir=_base_config(args),
-                       allow_pickle=args.allow_pickle)
+                       allow_pickle=args.allow_pickle, allow_other_base=args.allow_other_base)
     for warning in done.check.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if not args.json:
@@ -110,7 +110,7 @@ def _export_gguf(args: argparse.Namespace) -> dict:
     from lorakit.export.gguf import export_gguf
 
     done = export_gguf(args.adapter, args.output, base_config_dir=_base_config(args),
-                       outtype=args.outtype, allow_pickle=args.allow_pickle)
+                       outtype=args.outtype, allow_pickle=args.allow_pickle, allow_other_base=args.allow_other_base)
     if not args.json:
         print(f"wrote {done.output} (arch {done.arch}, {done.tensors} tensor pairs, "
               f"alpha {done.alpha:g}, {done.outtype})")

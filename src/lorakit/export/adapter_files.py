@@ -81,6 +81,36 @@ def base_shape_problems(adapter: Adapter, base_config: dict | None) -> list[str]
     return problems[:3] + ([f"... and {len(problems) - 3} more"] if len(problems) > 3 else [])
 
 
+def refuse_another_base(adapter: Adapter, base_config: dict | None, allow_other_base: bool = False) -> None:
+    """The check merge, eval and generate make on a loaded base, made on its config.json: an
+    adapter lorakit saved records its base's fingerprint (architecture fields and every weight's
+    shape), which a base of other depth or vocabulary fails where the factors' shapes fit."""
+    if allow_other_base or base_config is None or adapter.base_fingerprint is None:
+        return
+    from lorakit.lora.io import check_fingerprint
+
+    current = config_fingerprint(base_config)
+    if current is not None:
+        check_fingerprint(adapter.base_fingerprint, current, adapter.folder)
+
+
+def config_fingerprint(base_config: dict) -> str | None:
+    """lorakit.lora.model.base_fingerprint of the model `base_config` describes, built on the meta
+    device (no weights, no memory); None where transformers cannot build it from the config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorakit.lora.model import base_fingerprint
+
+    try:
+        config = AutoConfig.for_model(**base_config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 -- any model transformers cannot build here: no check, as without a config
+        return None
+    return base_fingerprint(model)
+
+
 def find_base_config(adapter: Adapter, base_config_dir: str | Path | None = None) -> dict | None:
     """The base model's config.json: from ``base_config_dir`` if given, else from the adapter's
     base_model_name_or_path when that is a local folder or lorakit's built-in model (the folder

@@ -39,7 +39,7 @@ import torch
 
 from lorakit.errors import AdapterFileError, ConfigError, OutputError
 from lorakit.export.adapter_files import (Adapter, LoraPair, base_shape_problems, export_tensor_problems,
-                                         find_base_config, read_for_export)
+                                         find_base_config, read_for_export, refuse_another_base)
 from lorakit.lora.io import base_rewriting_init, unsupported_options
 from lorakit.safe_io import atomic_write_with, translate_os_errors
 
@@ -92,12 +92,14 @@ def export_gguf(
     base_config_dir: str | Path | None = None,
     outtype: str = DEFAULT_OUTTYPE,
     allow_pickle: bool = False,
+    allow_other_base: bool = False,
 ) -> GgufExport:
     """Convert the adapter in ``adapter_dir`` to a llama.cpp LoRA GGUF at ``output``."""
     if outtype not in OUTTYPES:
         raise ConfigError(f"--outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
     adapter = read_for_export(adapter_dir, allow_pickle=allow_pickle)
     base_config = find_base_config(adapter, base_config_dir)
+    refuse_another_base(adapter, base_config, allow_other_base)
     _refuse_unconvertible(adapter, base_config)
     spec = arch_spec(base_config)
     alpha = float(adapter.config["lora_alpha"])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lorakit.errors import AdapterFileError, ConfigError, OutputError
 from lorakit.export.adapter_files import (Adapter, base_shape_problems, export_tensor_problems, find_base_config,
-                                         read_for_export)
+                                         read_for_export, refuse_another_base)
 from lorakit.lora.config import lora_scale
 from lorakit.lora.io import unsupported_options
 from lorakit.publish import check_placeable, move_into_place, recover_leftovers, temp_beside
@@ -250,10 +250,12 @@ def export_vllm(
     allow_embeddings: bool = False,
     base_config_dir: str | Path | None = None,
     allow_pickle: bool = False,
+    allow_other_base: bool = False,
 ) -> VllmExport:
     """Check the adapter for vLLM and write a clean copy to ``output_dir`` (a new folder)."""
     adapter = read_for_export(adapter_dir, allow_pickle=allow_pickle)
     base_config = find_base_config(adapter, base_config_dir)
+    refuse_another_base(adapter, base_config, allow_other_base)
     check = check_vllm(adapter, max_lora_rank, allow_embeddings, base_config)
     if check.problems:
         raise AdapterFileError(
