@@ -310,8 +310,8 @@ def test_other_commands_help_shows_defaults(capsys, command, shown):
     assert shown in " ".join(capsys.readouterr().out.split())
 
 
-def test_help_loads_no_torch_except_for_bench():
-    """`lorakit --help` and each command's --help print without importing torch (seconds to load):
+def test_help_loads_no_torch():
+    """`lorakit --help` and each command's --help but bench's print without importing torch (seconds):
     the commands are listed without being built, and --adapter's check is imported when used."""
     import subprocess
     import sys
@@ -379,3 +379,9 @@ def test_a_section_whose_options_are_all_commented_out_sets_nothing(tmp_path):
     path.write_text("lora:\n  # r: 8\ntrain:\n  lr: 0.001\n")  # was "unknown key(s) in c.yaml: lora"
     config = resolve(load_yaml(path), flags())
     assert config.train.lr == 0.001 and config.lora.r == resolve(None, flags()).lora.r
+
+
+def test_a_data_path_holding_a_nul_byte_is_named_by_its_own_check_not_a_traceback(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text('data:\n  data: ["a\\0b.jsonl", "c.jsonl"]\n')
+    assert resolve(load_yaml(path), flags()).data.data[1] == "c.jsonl"

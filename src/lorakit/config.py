@@ -354,7 +354,9 @@ def _place_keys(raw: dict, path: Path) -> dict[str, dict[str, Any]]:
             section = owners[key]
             place(section, _field_name(section, key), value, str(key))
         elif key in placed and value is None:
-            continue  # `lora:` with its options commented out: a section that sets nothing
+            # `lora:` with its options commented out: a section that sets nothing (`data:` and `output:`
+            # are flat keys too, whose null the owners' branch names as an empty value)
+            continue
         elif key in placed:
             raise ConfigError(f"{key} in {path} must be a mapping of options (e.g. `{key}: {{...}}`), "
                               f"not {type(value).__name__}")
@@ -526,7 +528,8 @@ def validate(config: RunConfig) -> None:
         (not (o.resume and o.overwrite), "--resume and --overwrite contradict each other; choose one"),
         (config.model.quantize == "none" or config.model.dtype in ("auto", "bfloat16"),  # quantize.COMPUTE_DTYPE
          f"--quantize {config.model.quantize} computes in bfloat16 (the layers it leaves unquantised too), so "
-         f"--dtype {config.model.dtype} would not be used; drop --dtype, or drop --quantize"),
+         f"--dtype {config.model.dtype} would not be used; drop --dtype (or pass --dtype bfloat16 where a config "
+         "file sets it), or drop --quantize"),
         (not (d.eval_data and d.eval_split and config.sources.get("data.eval_split") == "flag"),  # a run's config.yaml holds both
          "--eval-split holds out part of the training data, and --eval-data names separate eval files: use one"),
     ]
@@ -546,7 +549,10 @@ def _named_twice(paths: list) -> str | None:
     for path in paths:
         if not str(path).strip():  # named as empty by its own check
             continue
-        resolved = Path(str(path)).expanduser().resolve()
+        try:
+            resolved = Path(str(path)).expanduser().resolve()
+        except (OSError, ValueError):  # a NUL byte: the file's own check names it
+            resolved = str(path)
         if resolved in seen:
             return str(path)
         seen.add(resolved)

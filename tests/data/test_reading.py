@@ -392,6 +392,6 @@ def test_a_json_object_nested_too_deeply_is_one_error_not_a_crash(tmp_path, cach
 def test_a_config_file_among_the_data_says_to_put_it_first(tmp_path, cache):
     path = tmp_path / "run.yaml"
     path.write_text("lora:\n  r: 8\n", encoding="utf-8")
-    with pytest.raises(DataError, match="run.yaml is a config file, not data .--data takes every name after it.; "
-                                        "put the config first"):
+    with pytest.raises(DataError, match="run.yaml is a YAML config, not a data file .* if it is train's CONFIG.yaml, "
+                                        "put it before the flags"):
         read_records(path, cache_dir=cache)

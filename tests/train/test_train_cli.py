@@ -91,6 +91,11 @@ def test_a_runs_config_started_with_overwrite_or_resume_replaces_no_other_run(ti
     capsys.readouterr()
     assert main(["train", str(other / "config.yaml"), "--output", str(kept)]) == 2
     assert "already holds a finished run" in capsys.readouterr().err
+    # a run saved by an older lorakit kept them: a run's own file, passed by name, is read without them
+    saved["output"].update(overwrite=True, resume=True)
+    (other / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["train", str(other / "config.yaml"), "--output", str(kept)]) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
     assert (kept / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
 
 def test_a_finished_run_continued_with_more_steps_is_unfinished_until_it_ends(tiny, tmp_path, monkeypatch):
@@ -147,17 +152,26 @@ def test_overwrite_into_a_folder_without_a_run_deletes_none_of_its_files(tiny, t
         (out / name).write_text("the user's")
     assert main(train_args(tiny, out, "--max-steps", "1", "--overwrite")) == 0
     assert (out / "report.txt").read_text() == (out / "tensorboard" / "my-events").read_text() == "the user's"
-    assert (out / "summary.json").is_file() and (out / "loss.png").is_file()
-    (out / "loss.png").unlink()  # a run there now: --overwrite replaces it, the files beside it stay
-    assert main(train_args(tiny, out, "--max-steps", "1", "--overwrite")) == 0
-    assert (out / "report.txt").is_file() and (out / "loss.png").is_file()
+    assert (out / "summary.json").is_file()
+    # a run there now: --overwrite deletes its tensorboard/ (this run writes none), the user's file beside it stays
+    assert main(train_args(tiny, out, "--max-steps", "1", "--overwrite", "--no-tensorboard")) == 0
+    assert (out / "report.txt").is_file() and not (out / "tensorboard").exists()
+
+
+def test_overwrite_beside_only_a_metrics_file_of_the_users_keeps_their_other_files(tiny, tmp_path):
+    out = tmp_path / "mine"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "my-events").write_text("the user's")
+    (out / "metrics.jsonl").write_text("{}\n")  # taken for an unfinished run's: --overwrite replaces it
+    assert main(train_args(tiny, out, "--max-steps", "1", "--overwrite", "--no-tensorboard")) == 0
+    assert (out / "tensorboard" / "my-events").read_text() == "the user's"
 
 
 def test_a_runs_own_config_is_recognised_whichever_of_r_and_alpha_it_leaves_out(tmp_path):
     import argparse
 
     from lorakit.config import add_flags, resolve, save_yaml
-    from lorakit.train.run import _written_by_a_run
+    from lorakit.train.run import written_by_a_run
 
     for argv in ((), ("--r", "8"), ("--alpha", "4"), ("--r", "8", "--alpha", "4")):
         parser = argparse.ArgumentParser()
@@ -165,9 +179,12 @@ def test_a_runs_own_config_is_recognised_whichever_of_r_and_alpha_it_leaves_out(
         path = tmp_path / "config.yaml"
         text = save_yaml(resolve(None, vars(parser.parse_args(list(argv)))))
         path.write_text(text)
-        assert _written_by_a_run(path), argv
-        path.write_text(text.replace("  targets: all\n", ""))  # a key a run always writes
-        assert not _written_by_a_run(path), argv
+        assert written_by_a_run(path), argv
+        path.write_text(text.replace("  threads: null\n", ""))  # an older lorakit's, before --threads
+        assert written_by_a_run(path), argv
+    path.write_text("model:\n  name: m\nlora:\n  r: 4\ntrain:\n  lr: 0.001\ndata:\n  data: [d.jsonl]\noutput:\n"
+                    "  output: runs/x\n")  # by hand: every section, a few of its options
+    assert not written_by_a_run(path)
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused(tiny, tmp_path, capsys):

@@ -50,8 +50,8 @@ def resolve_args(args: argparse.Namespace):
     flags = {k: v for k, v in vars(args).items() if "." in k}
     _take_lora_r_spelling(flags, getattr(args, "lora_r_spelling", None))
     run_file = None if args.config_file else _resumed_run_config(flags)  # the run's own config.yaml
-    if run_file:
-        yaml_values = _run_settings(run_file)
+    if run_file or (args.config_file and _is_a_runs_config(args.config_file)):
+        yaml_values = _run_settings(run_file or Path(args.config_file))  # older runs saved what their command did
     else:
         yaml_values = load_yaml(args.config_file) if args.config_file else None
     demo = not flags.get("data.data") and not (yaml_values or {}).get("data", {}).get("data")
@@ -100,6 +100,12 @@ def _run_settings(path: Path) -> dict:
     for key in RUN_ACTIONS:
         values.get("output", {}).pop(key, None)
     return values
+
+
+def _is_a_runs_config(path: str) -> bool:
+    from lorakit.train.run import written_by_a_run
+
+    return written_by_a_run(Path(path))
 
 
 def _is_demo_data(config) -> bool:

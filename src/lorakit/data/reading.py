@@ -126,8 +126,9 @@ def _read_one(path: Path, cache_dir: str | Path | None) -> tuple[datasets.Datase
         return _load_saved(path), "saved"
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):  # `train --data d.jsonl run.yaml`: --data takes every name after it
-        raise DataError(f"{path} is a config file, not data (--data takes every name after it); put the config "
-                        f"first: lorakit train {path} --data ...")
+        raise DataError(f"{path} is a YAML config, not a data file (.jsonl, .json, .csv, .parquet, .txt); if it is "
+                        f"train's CONFIG.yaml, put it before the flags (`lorakit train {path} --data ...`): a data "
+                        "flag takes every name after it")
     if suffix not in BUILDERS:
         raise DataError(
             f"{path}: unsupported extension {suffix or '(none)'!r}; use .jsonl, .json, .csv, "

@@ -403,15 +403,15 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
         manifest = _read_json(folder / MANIFEST)
     except AdapterFileError as exc:
         return f"{MANIFEST} is unreadable: {exc}"
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(isinstance(entry, dict) for entry in files.values()):
-        return f"{MANIFEST} does not list its files as a save writes them"
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return f"{MANIFEST} is not a {FORMAT} manifest"
     if not isinstance(manifest.get("format_version", 0), int):
         return f"{MANIFEST} has no format version"
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    if manifest.get("format_version", 0) > FORMAT_VERSION:  # before the files: a newer one may list them otherwise
         return f"it was written by a newer lorakit (format {manifest['format_version']}): upgrade"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(entry, dict) for entry in files.values()):
+        return f"{MANIFEST} does not list its files as a save writes them"
     missing = [name for name in DATA_FILES if name not in files]
     if missing:
         return f"{MANIFEST} does not list {', '.join(missing)}"
@@ -446,8 +446,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise _damaged(folder, problem)
     try:
         trainer_state = _decode(_read_json(folder / TRAINER_STATE), {})
-    except (KeyError, TypeError) as exc:  # a tensor reference where a save writes none (an edit)
-        raise _damaged(folder, f"its {TRAINER_STATE} holds what a save does not write ({exc!r})") from None
+    except (KeyError, TypeError, RecursionError) as exc:  # a tensor reference, or nesting, a save does not write
+        raise _damaged(folder, f"its {TRAINER_STATE} holds what a save does not write ({type(exc).__name__})") from None
     if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step"), int) \
             or not isinstance(trainer_state.get("rng"), dict):
         raise _damaged(folder, f"its {TRAINER_STATE} lacks the step or the random state")

@@ -439,29 +439,35 @@ def holds_a_run_config(out: Path) -> bool:
     """OUTPUT/config.yaml is a run's own, not a file of the user's: beside a run's other files (a
     metrics.jsonl of the user's does not make one), or, where a run was killed before its first
     checkpoint, by what it holds."""
-    holds_a_run = any((out / name).exists() for name in ("summary.json", "adapter", "checkpoints"))
-    return (out / "config.yaml").is_file() and (holds_a_run or _written_by_a_run(out / "config.yaml"))
+    return (out / "config.yaml").is_file() and (_holds_run_files(out) or written_by_a_run(out / "config.yaml"))
 
 
-def _written_by_a_run(path: Path) -> bool:
-    """A run's own config.yaml holds every option of every section but those that followed from
-    others and what its command did; a hand-written file names a few."""
+def _holds_run_files(out: Path) -> bool:
+    return any((out / name).exists() for name in ("summary.json", "adapter", "checkpoints"))
+
+
+def written_by_a_run(path: Path) -> bool:
+    """A run's own config.yaml holds every section, each with most of its options (all but those
+    that followed from others and what its command did; a lorakit older than an option lacks that
+    one); a hand-written file names a few."""
     import dataclasses
 
     import yaml
 
-    from lorakit.config import DERIVABLE, RUN_ACTIONS, SECTIONS, section_types
+    from lorakit.config import SECTIONS, section_types
 
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
         return False
-    left_out = {**DERIVABLE, "output": RUN_ACTIONS}
-    return isinstance(saved, dict) and all(
-        isinstance(saved.get(section.name), dict)
-        and {f.name for f in dataclasses.fields(section_types()[section.name])} - set(left_out.get(section.name, ()))
-        <= set(saved[section.name])
-        for section in SECTIONS)
+    if not isinstance(saved, dict):
+        return False
+    for section in SECTIONS:
+        options = {f.name for f in dataclasses.fields(section_types()[section.name])}
+        held = saved.get(section.name)
+        if not isinstance(held, dict) or len(options & set(held)) < len(options) / 2:
+            return False
+    return True
 
 
 def _claim_locked(config: RunConfig, out: Path) -> Path:
@@ -469,7 +475,7 @@ def _claim_locked(config: RunConfig, out: Path) -> Path:
     _check_writable(out)  # before --overwrite deletes anything: a read-only folder keeps its run
     if config.output.overwrite:
         # the run's other files, only where there was a run: a folder without one may hold the user's
-        for name in existing + (["loss.png", "tensorboard"] if existing else []):
+        for name in existing + (["loss.png", "tensorboard"] if _holds_run_files(out) or holds_a_run_config(out) else []):
             try:
                 _remove(out / name)
             except OSError as exc:

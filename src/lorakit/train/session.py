@@ -449,7 +449,7 @@ class Session:
     def summary(self, final_eval: dict | None, peak_bytes: int) -> dict:
         report = lora_report(self.prepared.model)
         lora = self.config.lora
-        # NaN alone is unequal to itself (a metrics line edited to hold null stays in, as before)
+        # NaN losses (a skipped step's) are left out: NaN alone is unequal to itself
         train_losses = [e["loss"] for e in self.history if e["kind"] == "train" and e["loss"] == e["loss"]]
         tail = train_losses[-max(1, len(train_losses) // 10):] if train_losses else [float("nan")]
         return {
