@@ -90,12 +90,12 @@ def init_from_env() -> World:
                             "processes with torchrun (it sets both), or unset WORLD_SIZE to run one process")
         error.every_rank_alike = False  # this process's own: rank 0, which reports the others', may be fine
         raise error
-    _check_rendezvous(size)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         _check_gpu(local_rank)
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
+    if not dist.is_initialized():  # a group the caller made (a FileStore's) needs no address
+        _check_rendezvous(size)
         extra = {"device_id": torch.device("cuda", local_rank)} if backend == "nccl" else {}
         dist.init_process_group(backend, **extra)
         _we_initialised = True
