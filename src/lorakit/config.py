@@ -26,7 +26,7 @@ from typing import Any, Callable, get_args, get_origin, get_type_hints
 import yaml
 
 from lorakit.errors import ConfigError
-from lorakit.values import is_number, parse_size
+from lorakit.values import first_repeated_path, is_number, parse_gib
 
 DATA_FORMATS = ("auto", "text", "instruction", "chat")  # data/formats.py reads each
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.training_dtype picks for the device
@@ -433,14 +433,6 @@ def _coerce(section: str, name: str, value, origin: str):
     return float(value) if base is float else value
 
 
-def parse_gib(text: str, flag: str) -> float:
-    """A size in GiB: a plain number (0.003, 1e2) as it always was, or one with its unit (8GiB, 512MiB)."""
-    try:
-        return float(text)
-    except ValueError:
-        return parse_size(text, flag, minimum=1) / 2**30
-
-
 def _comma_list(names: list | tuple, where: str) -> str:
     """A YAML list of module names or groups as the flag's comma list; a regex must stay one string
     (joined with commas, it would be another regex)."""
@@ -489,7 +481,7 @@ def validate(config: RunConfig) -> None:
         if choices and value not in choices:
             problems.append(f"{flag_of(f)} must be one of {', '.join(choices)}, got {value!r}")
     t, d, o = config.train, config.data, config.output
-    twice = _named_twice(d.data)
+    twice = first_repeated_path(d.data)
     checks = [
         (t.lr > 0 and math.isfinite(t.lr), f"--lr must be positive, got {t.lr}"),
         (0 < t.epochs <= MAX_EPOCHS, f"--epochs must be a positive number up to {MAX_EPOCHS:,}, got {t.epochs}"),
@@ -541,22 +533,6 @@ def validate(config: RunConfig) -> None:
         problems += [_engine_names_as_flags(p) for p in lora_problems if not _follows_from_another(p, config)]
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-
-
-def _named_twice(paths: list) -> str | None:
-    """The first data file named again (as itself, or by another path to the same file)."""
-    seen = set()
-    for path in paths:
-        if not str(path).strip():  # named as empty by its own check
-            continue
-        try:
-            resolved = Path(str(path)).expanduser().resolve()
-        except (OSError, ValueError):  # a NUL byte: the file's own check names it
-            resolved = str(path)
-        if resolved in seen:
-            return str(path)
-        seen.add(resolved)
-    return None
 
 
 def _engine_names_as_flags(problem: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 MIN_MEMORY = 256 * 2**20  # a memory size below this is refused as a typo (a unit left out)
 MAX_MEMORY = 2**50  # 1 PiB: above it, a typo (config.MAX_MEMORY_BUDGET_GIB, the budget it becomes, is the same)
@@ -45,3 +46,27 @@ def parse_size(text: str, flag: str = "--gpu-memory", minimum: int = MIN_MEMORY)
     if size > MAX_MEMORY:
         raise ConfigError(f"{flag} {text!r} is more than 1 PiB (a typo?); write the size with its unit, e.g. 24GiB")
     return size
+
+
+def parse_gib(text: str, flag: str) -> float:
+    """A size in GiB: a plain number (0.003, 1e2) as it always was, or one with its unit (8GiB, 512MiB)."""
+    try:
+        return float(text)
+    except ValueError:
+        return parse_size(text, flag, minimum=1) / 2**30
+
+
+def first_repeated_path(paths: list) -> str | None:
+    """The first path named again (as itself, or by another path to the same file)."""
+    seen = set()
+    for path in paths:
+        if not str(path).strip():  # named as empty by its own check
+            continue
+        try:
+            resolved = Path(str(path)).expanduser().resolve()
+        except (OSError, ValueError):  # a NUL byte: the file's own check names it
+            resolved = str(path)
+        if resolved in seen:
+            return str(path)
+        seen.add(resolved)
+    return None

@@ -14,7 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from lorakit.config import dtype_name, parse_gib
+from lorakit.config import dtype_name
+from lorakit.values import parse_gib
 from lorakit.errors import ConfigError
 
 DESCRIPTION = """\
