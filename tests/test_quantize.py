@@ -160,6 +160,16 @@ def test_rank_check_and_fingerprint_use_logical_shapes(base_dir):
 
 
 @needs_bnb
+def test_the_parameter_count_is_the_bases_whichever_way_it_is_stored(base_dir):
+    from lorakit.lora.model import lora_report
+
+    # a 4-bit weight holds two values a byte: the count read 36,864 fewer of the tiny model's (the summary's total)
+    counts = {lora_report(apply_lora(model, LoraConfig(r=4, alpha=8))).total_params
+              for model in (load(base_dir, "4bit"), load(base_dir, "8bit"), dense(base_dir))}
+    assert len(counts) == 1
+
+
+@needs_bnb
 def test_dora_reads_the_dequantized_weight(base_dir):
     from lorakit.lora.layer import dequantize_weight
     from lorakit.merge import _logits
@@ -264,3 +274,32 @@ def test_merge_refuses_the_unquantized_weights(base_dir, tmp_path, monkeypatch, 
         with pytest.raises(MergeError, match="differ from the 4bit base"):
             merge_to_folder(tmp_path / "adapter", tmp_path / "merged", quantize=kind)
         assert not (tmp_path / "merged").exists()
+
+
+@needs_bnb
+def test_a_peft_adapter_saving_a_layer_that_is_quantised_here_is_refused_in_one_line(base_dir, tmp_path, capsys):
+    # bitsandbytes refused the gradient with a traceback, from `merge --quantize`
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(dense(base_dir).float(), PeftConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                  modules_to_save=["model.layers.0.mlp.down_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--model", str(base_dir), "--output",
+                 str(tmp_path / "merged"), "--quantize", "4bit"]) == 2
+    err = capsys.readouterr().err
+    assert "a quantised (4- or 8-bit) layer of this base" in err and "Traceback" not in err
+    assert not (tmp_path / "merged").exists()
+
+
+@needs_bnb
+def test_merging_a_quantised_runs_adapter_into_other_weights_says_so(base_dir, tmp_path, capsys):
+    # a plain merge of a QLoRA adapter gave another model than training saw, without a word
+    run = tmp_path / "run"
+    _trained_adapter(base_dir, run / "adapter", "4bit")
+    (run / "config.yaml").write_text("model:\n  quantize: 4bit\n")
+    merge = ["merge", "--adapter", str(run), "--model", str(base_dir)]
+    assert main([*merge, "--output", str(tmp_path / "plain")]) == 0
+    assert "trained on the 4bit base" in capsys.readouterr().err
+    assert main([*merge, "--output", str(tmp_path / "as-trained"), "--quantize", "4bit"]) == 0
+    assert "trained on the 4bit base" not in capsys.readouterr().err

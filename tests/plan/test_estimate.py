@@ -450,6 +450,14 @@ def test_cli_fast_paths_model_the_trainers_step(capsys):
     assert "the MLP unfused" in " ".join(capsys.readouterr().out.split())
 
 
+def test_a_quantised_base_in_another_dtype_is_refused_as_train_refuses_it(capsys):
+    # estimate gave fp32 activations for a run lorakit train refuses
+    assert main(["estimate", "--model", "smollm2-135m", "--quantize", "4bit", "--dtype", "fp32"]) == 2
+    assert "--quantize 4bit computes in bf16 in lorakit train" in capsys.readouterr().err
+    assert main(["estimate", "--model", "smollm2-135m", "--quantize", "4bit", "--dtype", "fp32", "--engine",
+                 "peft"]) == 0  # PEFT's compute dtype is the user's
+
+
 def test_cli_table(capsys):
     assert main(["estimate", "--model", "smollm2-135m", "--grad-checkpointing", "on", "--quantize", "4bit"]) == 0
     out = capsys.readouterr().out

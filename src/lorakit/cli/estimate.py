@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     _fill_settings(args)
     _check_checkpoint_layers(args.checkpoint_layers, args.grad_checkpointing)
+    _check_quantized_dtype(args)
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
     if not 0 < args.device_peak_tflops < float("inf"):
@@ -103,6 +104,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(result, args.config_notes)
     return 0
+
+
+def _check_quantized_dtype(args: argparse.Namespace) -> None:
+    """lorakit train's quantised base computes in bf16 and refuses another --dtype: no step to model
+    (PEFT's may compute in fp16 or fp32)."""
+    from lorakit.config import dtype_name
+
+    if args.engine == "lorakit" and args.quantize != "none" and dtype_name(args.dtype) not in ("bfloat16", "auto"):
+        raise ConfigError(f"--quantize {args.quantize} computes in bf16 in lorakit train, which refuses --dtype "
+                          f"{args.dtype} with it; drop --dtype, or --quantize (or model PEFT's step: --engine peft)")
 
 
 def _fill_settings(args: argparse.Namespace) -> None:

@@ -58,7 +58,7 @@ FORMATS_OF_OPTION = {"allow_embeddings": ("vllm",), "max_lora_rank": ("vllm",), 
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.cli.merge import say_lost_system_turn
+    from lorakit.cli.merge import say_lost_system_turn, say_quantized_training
 
     _refuse_options_of_other_formats(args)
     if args.format == "gguf" and args.outtype is None:
@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"wrote merged model to {args.output}")
     say_lost_system_turn(args.adapter)
+    if args.format == "merged":  # vllm and gguf keep the adapter apart: it meets the base it is served with
+        say_quantized_training(args.adapter, None)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     return 0

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     result = merge_to_folder(args.adapter, args.output, args.model, args.dtype, args.allow_other_base, args.overwrite,
                              quantize=getattr(args, "quantize", None), allow_pickle=getattr(args, "allow_pickle", False))
     say_lost_system_turn(args.adapter)
+    say_quantized_training(args.adapter, getattr(args, "quantize", None))
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2))
     else:
@@ -53,6 +54,24 @@ def run(args: argparse.Namespace) -> int:
                   f"kernel; vs the {result['quantize']} model as trained (16-bit arithmetic): max logit difference "
                   f"{result['max_abs_logit_difference_vs_quantized']:.2e} (tolerance {result['tolerance_vs_quantized']:.3g})")
     return 0
+
+
+def say_quantized_training(adapter, quantize: str | None) -> None:
+    """merge and export: an adapter whose run trained on a 4/8-bit base, merged into the base's
+    full weights, gives another model than the one training saw (on SmolLM2, logits 41% apart)."""
+    from lorakit.config import load_yaml
+    from lorakit.errors import LorakitError
+    from lorakit.lora.adapter_folder import run_of
+
+    run = run_of(adapter)
+    try:
+        trained = load_yaml(run / "config.yaml").get("model", {}).get("quantize") if run else None
+    except LorakitError:  # a config edited since: nothing to say
+        return
+    if trained in ("4bit", "8bit") and quantize != trained:
+        print(f"note: the adapter was trained on the {trained} base (its run's config.yaml); merged into other "
+              f"weights it gives another model than training saw: `lorakit merge --quantize {trained}` folds it "
+              "into the weights it trained with", file=sys.stderr)
 
 
 def say_lost_system_turn(adapter) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -181,8 +182,17 @@ def wrap_modules(model: nn.Module, config: LoraConfig, ranks: dict[str, tuple[in
         setattr(parent, child, layer)
     for name in config.modules_to_save:
         _refuse_tied(model, name)
+        _refuse_quantized(model, name)
         _module(model, name).requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
+
+
+def _refuse_quantized(model: nn.Module, name: str) -> None:
+    """A module trained in full holds full weights: a 4- or 8-bit layer of a quantised base can
+    neither train them nor take them back from an adapter (bitsandbytes refuses a gradient)."""
+    if any(not p.is_floating_point() for p in _module(model, name).parameters()):
+        raise ConfigError(f"modules_to_save names {name!r}, a quantised (4- or 8-bit) layer of this base: its full "
+                          "weights cannot be put into it; load the base without --quantize to use this adapter")
 
 
 def _refuse_tied(model: nn.Module, name: str) -> None:
@@ -398,7 +408,7 @@ class LoraReport:
 
 def lora_report(model: nn.Module) -> LoraReport:
     trainable = sum(p.numel() for _, p in trainable_parameters(model))
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(math.prod(_logical_shape(p)) for p in model.parameters())  # a 4-bit weight packs two in a byte
     return LoraReport(sum(1 for _ in lora_layers(model)), trainable, total)
 
 
