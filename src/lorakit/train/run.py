@@ -454,7 +454,7 @@ def written_by_a_run(path: Path) -> bool:
 
     import yaml
 
-    from lorakit.config import SECTIONS, section_types
+    from lorakit.config import DERIVABLE, RUN_ACTIONS, SECTIONS, section_types
 
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -462,10 +462,11 @@ def written_by_a_run(path: Path) -> bool:
         return False
     if not isinstance(saved, dict):
         return False
+    left_out = {**DERIVABLE, "output": RUN_ACTIONS}
     for section in SECTIONS:
-        options = {f.name for f in dataclasses.fields(section_types()[section.name])}
+        written = {f.name for f in dataclasses.fields(section_types()[section.name])} - set(left_out.get(section.name, ()))
         held = saved.get(section.name)
-        if not isinstance(held, dict) or len(options & set(held)) < len(options) / 2:
+        if not isinstance(held, dict) or len(written & set(held)) < len(written) / 2:
             return False
     return True
 
@@ -475,7 +476,8 @@ def _claim_locked(config: RunConfig, out: Path) -> Path:
     _check_writable(out)  # before --overwrite deletes anything: a read-only folder keeps its run
     if config.output.overwrite:
         # the run's other files, only where there was a run: a folder without one may hold the user's
-        for name in existing + (["loss.png", "tensorboard"] if _holds_run_files(out) or holds_a_run_config(out) else []):
+        ran_here = _holds_run_files(out) or written_by_a_run(out / "config.yaml")
+        for name in existing + (["loss.png", "tensorboard"] if ran_here else []):
             try:
                 _remove(out / name)
             except OSError as exc:
