@@ -16,6 +16,7 @@ from lorakit.lora import trainable_parameters
 from lorakit.safe_io import read_json
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.loop import TrainState
+from lorakit.values import is_number
 
 
 def check_tensors_fit(path: Path, model, tensors: dict[str, torch.Tensor]) -> None:
@@ -74,7 +75,7 @@ def _trainer_state_problem(path: Path, saved) -> str | None:
         bad.append("loss_scale")
     bad += [k for k, kinds in _SAVED_TYPES.items() if saved.get(k) is not None
             and (isinstance(saved[k], bool) or not isinstance(saved[k], kinds) or (kinds is int and saved[k] < 0))]
-    if isinstance(saved.get("base_eval"), dict) and not _is_number(saved["base_eval"].get("loss")):
+    if isinstance(saved.get("base_eval"), dict) and not is_number(saved["base_eval"].get("loss")):
         bad.append("base_eval")  # the summary reports its loss
     if bad:
         return f"invalid value(s) for {', '.join(bad)}"
@@ -163,11 +164,8 @@ def _well_formed(entry) -> bool:
     if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
         return False
     loss_key = {"train": "loss", "eval": "eval_loss"}.get(entry.get("kind"))
-    return loss_key is not None and _is_number(entry.get(loss_key))
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    value = entry.get(loss_key)  # NaN too: a skipped step's loss
+    return loss_key is not None and isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def changes_what_base_eval_measured(saved: dict, now: dict) -> bool:
