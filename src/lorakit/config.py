@@ -66,7 +66,8 @@ class ModelConfig:
     dtype: str = opt("auto", "weights dtype; auto: bfloat16 on a GPU with bf16 or a CPU with native bf16 "
                      "(AVX512-BF16, AMX), else float32; bf16, fp16, fp32 too", choices=list(DTYPES),
                      spelling=dtype_name)
-    quantize: str = opt("none", "load the base in 4-bit (NF4) or 8-bit with bitsandbytes (a GPU, or a CPU with bitsandbytes >= 0.48); computes in bf16", choices=list(QUANTIZE))
+    quantize: str = opt("none", "load the base in 4-bit (NF4) or 8-bit with bitsandbytes (a GPU, or a CPU with "
+                        "bitsandbytes >= 0.48); computes in bf16", choices=list(QUANTIZE))
     allow_pickle: bool = opt(False, "allow pickle weight files (.bin), loaded with weights_only=True")
 
 

@@ -464,7 +464,8 @@ def written_by_a_run(path: Path) -> bool:
         return False
     left_out = {**DERIVABLE, "output": RUN_ACTIONS}
     for section in SECTIONS:
-        written = {f.name for f in dataclasses.fields(section_types()[section.name])} - set(left_out.get(section.name, ()))
+        options = {f.name for f in dataclasses.fields(section_types()[section.name])}
+        written = options - set(left_out.get(section.name, ()))
         held = saved.get(section.name)
         if not isinstance(held, dict) or len(written & set(held)) < len(written) / 2:
             return False
