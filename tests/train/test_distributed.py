@@ -205,6 +205,26 @@ def test_rank_0_alone_speaks_and_a_lost_peer_is_one_line(monkeypatch, capsys):
                                        "fix that and run again\n")
 
 
+def test_a_quiet_rank_leaves_rank_0_time_to_say_the_error_they_share(monkeypatch, capsys):
+    """torchrun stops every process once one fails: rank 1, quicker to fail, ended rank 0 before it
+    printed a bad flag's line (seen in CI). Under torchrun a quiet rank waits for rank 0; rank 0,
+    a process's own error and a run outside torchrun do not wait."""
+    import lorakit.cli as cli
+
+    waits = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--lr", "-1"]) == 2 and waits == []  # no torchrun agent: nobody stops the rest
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    assert main(["train", "--lr", "-1"]) == 2 and waits == [cli.RANK_0_GRACE_SECONDS]
+    with pytest.raises(SystemExit):
+        main(["train", "--no-such-flag"])
+    assert waits == [cli.RANK_0_GRACE_SECONDS] * 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--lr", "-1"]) == 2 and "--lr" in capsys.readouterr().err and len(waits) == 2
+
+
 @pytest.mark.parametrize("command", [["sweep", "grid.yaml"], ["eval", "--model", "m", "--data", "d.jsonl"], ["estimate"], ["recommend"],
                                      ["merge", "--adapter", "a", "--output", "o"], ["bench"]])
 def test_commands_other_than_train_refuse_torchrun_at_once(monkeypatch, capsys, command):

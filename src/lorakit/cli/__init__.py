@@ -17,6 +17,7 @@ import importlib
 import os
 import signal
 import sys
+import time
 import warnings
 
 from lorakit import host
@@ -147,7 +148,7 @@ def _main(argv: list[str] | None) -> int:
 
         argv = explicit_switches(argv)
     parser = build_parser(argv)
-    with contextlib.redirect_stderr(io.StringIO()) if not _speaks() else contextlib.nullcontext():
+    with _quiet_unless_speaking():
         args, unknown = parser.parse_known_args(argv)  # argparse prints its errors itself
         command = _subparsers(parser).get(getattr(args, "command", None), parser)
         if unknown:  # report it with the subcommand's usage, which lists the flags that do exist
@@ -236,6 +237,38 @@ def _stopped_by_sigterm(command: str | None) -> str:
     return "stopped by SIGTERM; nothing half-written is left: run the same command again"
 
 
+@contextlib.contextmanager
+def _quiet_unless_speaking():
+    """argparse's own error line from rank 0 alone; the others exit with its code once rank 0 had
+    its time to say it."""
+    if _speaks():
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            yield
+        except SystemExit as exit:
+            if exit.code:
+                _leave_rank_0_time_to_speak()
+            raise
+
+
+# how long a quiet rank waits for rank 0 to say the error they share (torchrun stops it sooner)
+RANK_0_GRACE_SECONDS = 10.0
+
+
+def _leave_rank_0_time_to_speak() -> None:
+    """torchrun stops every process once one fails: a quiet rank that failed first ended rank 0
+    before it printed the error they share (CI saw a bad flag's torchrun job end without a word).
+    So a quiet rank waits, with SIGTERM's default action, for torchrun to end it after rank 0 has
+    spoken and exited; the wait is bounded in case rank 0 went another way."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # another launcher may not stop the rest: no wait
+        return
+    with contextlib.suppress(ValueError):  # not the main thread: the handler stays as it is
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(RANK_0_GRACE_SECONDS)
+
+
 def _speaks() -> bool:
     """Whether this process reports the problems every process of a torchrun job meets alike:
     rank 0 does (the others exit with the same code), as does any process outside torchrun."""
@@ -263,6 +296,7 @@ def _say_error(message: str, exit_code: int, args, every_rank_alike: bool = True
     """The one error line on stderr; with --json also {"error", "exit_code"} on stdout, so a script
     reading the JSON gets an answer either way."""
     if every_rank_alike and not _speaks():
+        _leave_rank_0_time_to_speak()
         return exit_code
     print(f"error: {message}", file=sys.stderr)
     if getattr(args, "json", False) is True:
