@@ -108,6 +108,25 @@ def test_bad_yaml_is_one_clear_error(tmp_path, text, message):
         resolve(load_yaml(path), flags())
 
 
+@pytest.mark.parametrize("text,named", [
+    ("learning_rate: 0.001\n", "learning_rate (lorakit's name: lr)"),  # transformers' / Axolotl's name
+    ("lora: {lora_alpha: 32}\n", "lora.lora_alpha (lorakit's name: alpha)"),
+    ("train: {gradient_acumulation_steps: 2}\n", "train.gradient_acumulation_steps (lorakit's name: grad_accum)"),
+    ("train: {bach_size: 2}\n", "train.bach_size (did you mean batch_size?)"),
+    ("train: {r: 8}\n", "train.r (lorakit's r goes under lora: or at the top level)"),
+    ("lora: {learning_rate: 1}\n", "lora.learning_rate (lorakit's lr goes under train: or at the top level)"),
+    ("colour: red\n", "colour; see"),  # nothing near: the key alone
+])
+def test_an_unknown_key_is_told_lorakits_spelling_of_what_it_probably_meant(tmp_path, text, named):
+    """A config carried over from PEFT, Axolotl or transformers names its options their way: each
+    unknown key is told lorakit's name for it, a typo its nearest option (nothing is read in place)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        resolve(load_yaml(path), flags())
+    assert f"unknown key(s) in {path}: {named}" in str(error.value)
+
+
 def test_yaml_floats_without_a_dot_and_target_lists_read_as_meant(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 1e-4\n  weight_decay: 1.0e2\nlora:\n  dropout: 5E-2\n"

@@ -25,6 +25,7 @@ from typing import Any, Callable, get_args, get_origin, get_type_hints
 
 import yaml
 
+from lorakit.config_hints import hint
 from lorakit.errors import ConfigError
 from lorakit.values import first_repeated_path, is_number, parse_gib
 
@@ -350,7 +351,7 @@ def _place_keys(raw: dict, path: Path) -> dict[str, dict[str, Any]]:
                 if name:
                     place(key, name, sub_value, f"{key}.{sub_key}")
                 else:
-                    unknown.append(f"{key}.{sub_key}")
+                    unknown.append(hint(sub_key, key, _keys_of(key), owners))
         elif key in owners:  # a flat key, named as the option or its flag: `seq_len: 128`, `model: PATH`
             section = owners[key]
             place(section, _field_name(section, key), value, str(key))
@@ -362,18 +363,22 @@ def _place_keys(raw: dict, path: Path) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{key} in {path} must be a mapping of options (e.g. `{key}: {{...}}`), "
                               f"not {type(value).__name__}")
         else:
-            unknown.append(str(key))
+            unknown.append(hint(key, None, [*owners, *placed], owners))
     if unknown:
         raise ConfigError(f"unknown key(s) in {path}: {', '.join(unknown)}; see `lorakit train --help` for the options")
     return placed
 
 
 def _field_name(section: str, key: str) -> str | None:
-    cls = section_types()[section]
-    for f in fields(cls):
-        if key in (f.name, flag_of(f).lstrip("-").replace("-", "_"), flag_of(f).lstrip("-")):
-            return f.name
-    return None
+    return next((f.name for f in fields(section_types()[section]) if key in _spellings(f)), None)
+
+
+def _spellings(f: dataclasses.Field) -> tuple[str, str, str]:
+    return f.name, flag_of(f).lstrip("-").replace("-", "_"), flag_of(f).lstrip("-")
+
+
+def _keys_of(section: str) -> list[str]:
+    return [key for f in fields(section_types()[section]) for key in _spellings(f)]
 
 
 def resolve(yaml_values: dict[str, dict] | None, flag_values: dict[str, Any]) -> RunConfig:
