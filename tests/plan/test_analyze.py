@@ -254,6 +254,10 @@ def test_cli_takes_the_adapter_as_other_commands_do_and_refuses_none_or_two(tmp_
     assert main(["analyze", "--no-heatmap"]) == 2 and "no adapter given" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "a"), "--adapter", str(tmp_path / "b")]) == 2
     assert "two adapters given" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:  # a heatmap asked for and declined: which one was meant?
+        main(["analyze", str(tmp_path / "a"), "--heatmap", str(tmp_path / "h.png"), "--no-heatmap"])
+    assert exit.value.code == 2 and "--no-heatmap: not allowed with argument --heatmap" in capsys.readouterr().err
+    assert not (tmp_path / "h.png").exists()
 
 
 def test_cli_heatmap_must_be_an_image_name(tmp_path, capsys):

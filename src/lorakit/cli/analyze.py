@@ -35,10 +35,11 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help="the same, spelled as the other commands take it")
     p.add_argument("--energy", default="0.9,0.99",
                    help="energy levels, comma-separated fractions; the first drives the heatmap and verdict")
-    p.add_argument("--heatmap", type=Path, default=None,
-                   help="where to write the PNG (default: effective_rank.png in the training run's folder, for a run's "
-                        "adapter, else in ADAPTER_DIR)")
-    p.add_argument("--no-heatmap", action="store_true", help="do not write the heatmap")
+    heatmap = p.add_mutually_exclusive_group()
+    heatmap.add_argument("--heatmap", type=Path, default=None,
+                         help="where to write the PNG (default: effective_rank.png in the training run's folder, for "
+                              "a run's adapter, else in ADAPTER_DIR)")
+    heatmap.add_argument("--no-heatmap", action="store_true", help="do not write the heatmap")
     p.add_argument("--top", type=int, default=15, help="modules listed in the table (highest rank first)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read a pickle adapter_model.bin (with torch.load(weights_only=True))")
