@@ -303,3 +303,34 @@ def test_merging_a_quantised_runs_adapter_into_other_weights_says_so(base_dir, t
     assert "trained on the 4bit base" in capsys.readouterr().err
     assert main([*merge, "--output", str(tmp_path / "as-trained"), "--quantize", "4bit"]) == 0
     assert "trained on the 4bit base" not in capsys.readouterr().err
+
+
+# ---- eval and generate on a quantised base ------------------------------------------------
+
+@needs_bnb
+def test_eval_and_generate_load_a_qlora_runs_base_as_it_trained(base_dir, tmp_path, capsys):
+    """A QLoRA run's adapter was scored (in training) and trained against the 4-bit base; eval
+    and generate loaded the full-precision one, so eval did not reproduce the run's eval loss."""
+    run = tmp_path / "run"
+    _trained_adapter(base_dir, run / "adapter", "4bit")
+    (run / "config.yaml").write_text("model:\n  quantize: 4bit\n")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps over the lazy dog"}) + "\n"
+                            for i in range(4)))
+
+    def scores(*flags):
+        assert main(["eval", "--adapter", str(run), "--model", str(base_dir), "--data", str(data), "--json",
+                     *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    as_trained, in_4bit, dense_base = scores(), scores("--quantize", "4bit"), scores("--quantize", "none")
+    assert any("base in 4bit, as the run trained" in note for note in as_trained["notes"])
+    assert (as_trained["base_loss"], as_trained["adapter_loss"]) == (in_4bit["base_loss"], in_4bit["adapter_loss"])
+    assert abs(dense_base["adapter_loss"] - in_4bit["adapter_loss"]) > 1e-4  # NF4 is another model
+    assert any("where the run trained on the 4bit base" in note for note in dense_base["notes"])
+    assert main(["eval", "--adapter", str(run), "--model", str(base_dir), "--data", str(data),
+                 "--dtype", "float32"]) == 2
+    assert "the 4bit base computes in bfloat16, so --dtype float32" in capsys.readouterr().err
+
+    assert main(["generate", "--adapter", str(run), "--model", str(base_dir), "--max-new-tokens", "3", "hi"]) == 0
+    assert "base in 4bit, as the run trained" in capsys.readouterr().err

@@ -25,15 +25,16 @@ EVAL_DEFAULTS = {"seq_len": 512, "train_on_inputs": False, "format": "auto"}
 def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str], model: str | None = None,
                      fmt: str = "auto", seq_len: int | None = None, batch_size: int = 8, device: str = "auto",
                      dtype: str = "auto", allow_other_base: bool = False, allow_pickle: bool = False,
-                     train_on_inputs: bool | None = None) -> dict:
+                     train_on_inputs: bool | None = None, quantize: str | None = None) -> dict:
     """{base_loss, base_perplexity, adapter_loss, adapter_perplexity, tokens, notes} over ``data``;
     ``model`` defaults to the adapter's base_model_name_or_path; ``seq_len`` None: the run's (its
     config.yaml beside the adapter), else 512. The run's train_on_inputs is kept (the same labels)
-    unless ``train_on_inputs`` says otherwise.
+    unless ``train_on_inputs`` says otherwise, and so is the base's quantisation unless ``quantize``
+    ("none", "4bit", "8bit") says otherwise.
     Without an adapter, ``model`` alone (a merged one, say): {model_loss, model_perplexity, tokens, notes}."""
     from lorakit.adapters import base_model_for, refuse_classifier_adapters
     from lorakit.lora import load_adapter
-    from lorakit.models import inference_placement, load_model_and_tokenizer
+    from lorakit.quantize import inference_quantize, load_for_inference
 
     if adapter is None and model is None:
         raise ConfigError("eval needs --adapter (base and adapter scored), or --model to score a model alone")
@@ -44,12 +45,12 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
     _check_sizes(seq_len, batch_size)
     if adapter:
         refuse_classifier_adapters([adapter], "eval")
-    run_dtype = _dtype_of(summary) if dtype == "auto" else None
-    placement, torch_dtype = inference_placement(device, run_dtype or dtype)
-    base_model, tokenizer, _ = load_model_and_tokenizer(model or base_model_for([adapter]), dtype=torch_dtype,
-                                                        device=placement, allow_pickle=allow_pickle)
+    quantize, quantize_notes = inference_quantize(quantize, adapter, dtype)
+    run_dtype = _dtype_of(summary) if dtype == "auto" and quantize == "none" else None
+    base_model, tokenizer, torch_dtype = load_for_inference(model or base_model_for([adapter]), quantize, device,
+                                                            run_dtype or dtype, allow_pickle)
     records, notes = _scored_records(base_model, tokenizer, data, fmt, seq_len, run, inputs_trained)
-    notes += label_notes + format_notes
+    notes += label_notes + format_notes + quantize_notes
     notes += [f"dtype {run_dtype}, as the run trained (its summary.json); --dtype to choose another"] if run_dtype else []
     if adapter:
         load_adapter(base_model, adapter, allow_other_base=allow_other_base, allow_pickle=allow_pickle)

@@ -98,6 +98,53 @@ def load_quantized(spec: str | os.PathLike | None, quantize: str, allow_pickle: 
     return model, tokenizer, source
 
 
+def trained_quantize(adapter: str | os.PathLike) -> str | None:
+    """"4bit" or "8bit" where the run the adapter comes from trained on a quantised base (its
+    config.yaml beside the adapter folder), else None."""
+    from lorakit.config import load_yaml
+    from lorakit.errors import LorakitError
+    from lorakit.lora.adapter_folder import run_of
+
+    run = run_of(adapter)
+    try:
+        trained = load_yaml(run / "config.yaml").get("model", {}).get("quantize") if run else None
+    except LorakitError:  # a config edited since: nothing known
+        return None
+    return trained if trained in QUANTIZE_CHOICES else None
+
+
+def inference_quantize(quantize: str | None, adapter, dtype: str) -> tuple[str, list[str]]:
+    """(the bits eval and generate load the base in, notes): --quantize where given, else those
+    the adapter's run trained on (its eval loss was the quantised model's), else none."""
+    trained = trained_quantize(adapter) if adapter else None
+    chosen = quantize or trained or "none"
+    if chosen != "none" and dtype not in ("auto", "bfloat16"):
+        raise ConfigError(f"the {chosen} base computes in bfloat16, so --dtype {dtype} would not be used; drop "
+                          f"--dtype, or pass --quantize none for the full-precision base in {dtype}")
+    if quantize is None and trained:
+        return chosen, [f"base in {trained}, as the run trained (its config.yaml); --quantize none for the "
+                        "full-precision base"]
+    if trained and chosen != trained:
+        return chosen, [f"--quantize {chosen}, where the run trained on the {trained} base: another model than "
+                        "training's"]
+    return chosen, []
+
+
+def load_for_inference(spec, quantize: str, device: str, dtype: str, allow_pickle: bool = False):
+    """(model, tokenizer, dtype name) for eval and generate: the base dense in `dtype` on `device`
+    (see models.inference_placement), or in 4/8 bits computing in bfloat16."""
+    from lorakit import models
+
+    if quantize == "none":
+        placement, dtype = models.inference_placement(device, dtype)
+        model, tokenizer, _ = models.load_model_and_tokenizer(spec, dtype=dtype, device=placement,
+                                                              allow_pickle=allow_pickle)
+        return model, tokenizer, dtype
+    placement, _ = models.inference_placement(device, "bfloat16")
+    model, tokenizer, _ = load_quantized(spec, quantize, allow_pickle, device=placement)
+    return model, tokenizer, str(COMPUTE_DTYPE).removeprefix("torch.")
+
+
 def _from_pretrained(source, target: str, kwargs: dict, quantize: str, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 

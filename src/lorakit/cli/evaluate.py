@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     use_threads(args)
     result = evaluate_adapter(args.adapter, args.data, model=args.model, fmt=args.format, seq_len=args.seq_len,
                               batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                              train_on_inputs=args.train_on_inputs,
+                              train_on_inputs=args.train_on_inputs, quantize=args.quantize,
                               allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.cli.placement import use_threads
     from lorakit.errors import ConfigError
     from lorakit.generate import generate_text
-    from lorakit.models import inference_placement, load_model_and_tokenizer
+    from lorakit.quantize import inference_quantize, load_for_inference
 
     if args.use and not args.adapter:
         raise ConfigError(f"--use {args.use} names an adapter, but none is loaded; add --adapter DIR")
@@ -68,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.manual_seed(args.seed)
-    device, dtype = inference_placement(args.device, args.dtype)
-    model, tokenizer, _ = load_model_and_tokenizer(args.model or base_model_for(args.adapter), dtype=dtype, device=device,
-                                                   allow_pickle=args.allow_pickle)
+    quantize, notes = inference_quantize(args.quantize, args.adapter[0] if args.adapter else None, args.dtype)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    model, tokenizer, _ = load_for_inference(args.model or base_model_for(args.adapter), quantize, args.device,
+                                             args.dtype, args.allow_pickle)
     system = args.system
     if args.adapter:
         adapters = AdapterSet(model, allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle)

@@ -59,16 +59,10 @@ def run(args: argparse.Namespace) -> int:
 def say_quantized_training(adapter, quantize: str | None) -> None:
     """merge and export: an adapter whose run trained on a 4/8-bit base, merged into the base's
     full weights, gives another model than the one training saw (on SmolLM2, logits 41% apart)."""
-    from lorakit.config import load_yaml
-    from lorakit.errors import LorakitError
-    from lorakit.lora.adapter_folder import run_of
+    from lorakit.quantize import trained_quantize
 
-    run = run_of(adapter)
-    try:
-        trained = load_yaml(run / "config.yaml").get("model", {}).get("quantize") if run else None
-    except LorakitError:  # a config edited since: nothing to say
-        return
-    if trained in ("4bit", "8bit") and quantize != trained:
+    trained = trained_quantize(adapter)
+    if trained and quantize != trained:
         print(f"note: the adapter was trained on the {trained} base (its run's config.yaml); merged into other "
               f"weights it gives another model than training saw: `lorakit merge --quantize {trained}` folds it "
               "into the weights it trained with", file=sys.stderr)

@@ -1,11 +1,11 @@
-"""--device, --dtype and --threads, as `lorakit eval` and `lorakit generate` take them."""
+"""--device, --dtype, --quantize and --threads, as `lorakit eval` and `lorakit generate` take them."""
 
 from __future__ import annotations
 
 import argparse
 import re
 
-from lorakit.config import DTYPES, MAX_THREADS, dtype_name
+from lorakit.config import DTYPES, MAX_THREADS, QUANTIZE, dtype_name
 
 
 def add_placement_flags(parser: argparse.ArgumentParser) -> None:
@@ -14,6 +14,9 @@ def add_placement_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=DTYPES, type=dtype_name,
                         help="weights dtype; auto: what lorakit train picks on that device (bfloat16 on a GPU "
                              "or a CPU with native bf16, else float32), so the losses match training's eval")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE,
+                        help="load the base in 4 or 8 bits (bitsandbytes), as QLoRA trains; default: as the "
+                             "adapter's run trained (its config.yaml), else none")
     parser.add_argument("--threads", type=thread_count, default=None, metavar="N",
                         help="CPU threads for torch (default: torch's choice, all cores); on a shared machine, "
                              "about as many as the free cores")
