@@ -334,3 +334,22 @@ def test_eval_and_generate_load_a_qlora_runs_base_as_it_trained(base_dir, tmp_pa
 
     assert main(["generate", "--adapter", str(run), "--model", str(base_dir), "--max-new-tokens", "3", "hi"]) == 0
     assert "base in 4bit, as the run trained" in capsys.readouterr().err
+
+
+@needs_bnb
+def test_a_qlora_run_records_its_bits_and_eval_reproduces_its_eval_loss(base_dir, tmp_path, capsys):
+    train, held_out = tmp_path / "t.jsonl", tmp_path / "e.jsonl"
+    lines = [json.dumps({"text": f"the quick brown fox {i} jumps over the lazy dog number {7 * i}"}) + "\n"
+             for i in range(24)]
+    train.write_text("".join(lines[8:]))
+    held_out.write_text("".join(lines[:8]))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(base_dir), "--data", str(train), "--eval-data", str(held_out),
+                 "--quantize", "4bit", "--max-steps", "3", "--seq-len", "32", "--output", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["quantize"] == "4bit" and summary["dtype"] == "bfloat16"
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(run), "--data", str(held_out), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["adapter_loss"] == pytest.approx(summary["final_eval_loss"], abs=1e-5)
+    assert scored["base_loss"] == pytest.approx(summary["base_eval_loss"], abs=1e-5)

@@ -474,6 +474,7 @@ class Session:
             "target_modules": lora.targets, "exclude_modules": lora.exclude,
             "model": _base_name(self.prepared),
             "dtype": str(next(self.prepared.model.parameters()).dtype).removeprefix("torch."),
+            "quantize": self.config.model.quantize,  # the base's bits: "none", "4bit", "8bit"
             "device": self.prepared.settings.device.type,
             "adapter": str(self.out / "adapter"),
         }
