@@ -133,6 +133,13 @@ def test_generation_prompt_matches_the_trained_prefix(chatml, plain):
         assert generation_prompt_ids(tok, "what is it") == ex["input_ids"][:first_trained]
     text = one(tokenize_records(ds([{"text": "hello"}]), plain))
     assert generation_prompt_ids(plain, "hello", fmt="text") == text["input_ids"][:-1]
+    tok = _bpe()  # a tokenizer that ends every text with EOS itself (generate continued after it)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))])
+    ending = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    text = one(tokenize_records(ds([{"text": "hello"}]), ending))
+    assert text["input_ids"][-1] == ending.eos_token_id and text["input_ids"].count(ending.eos_token_id) == 1
+    assert generation_prompt_ids(ending, "hello", fmt="text") == text["input_ids"][:-1]
 
 
 def test_train_on_inputs_trains_everything_but_the_first_token(chatml):

@@ -480,8 +480,10 @@ def chat_template_for(tokenizer: Any) -> str | None:
 def generation_prompt_ids(tokenizer: Any, prompt: str | list[dict], fmt: str = "chat",
                           system: str | None = None) -> list[int]:
     """Token ids to generate from, rendered exactly like the training data of ``fmt``."""
-    if fmt == "text":
-        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if fmt == "text":  # a training text's ids up to the EOS it ends with, which some tokenizers add
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        added_eos = ids[-1:] == [tokenizer.eos_token_id] and not prompt.rstrip().endswith(str(tokenizer.eos_token))
+        return ids[:-1] if added_eos and len(ids) > 1 else ids
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}] + messages
