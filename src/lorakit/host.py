@@ -98,6 +98,18 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def torchrun_job() -> str | None:
+    """The torchrun job this process is a worker of (its run id: the same in each restart of its
+    workers, a new one for each torchrun started with --standalone); None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+def torchrun_restarts() -> int:
+    """How often torchrun restarted this job's workers so far (--max-restarts); 0 outside it."""
+    value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0").strip()
+    return int(value) if value.isdigit() else 0
+
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 

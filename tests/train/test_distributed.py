@@ -304,19 +304,19 @@ def _env(kill_at: str | None = None) -> dict:
     return dict(env, LORAKIT_KILL_AT=kill_at) if kill_at else env
 
 
-def _torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
+def _torchrun_cmd(nproc: int, args: list[str], restarts: int = 0) -> list[str]:
     # --standalone: torchrun's store listens on a port the kernel assigns and the workers are told
     # which; a free port picked here could be taken (by another test's gloo sockets) before torchrun
     # binds it, and the run would fail with EADDRINUSE
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "lorakit", *args]
+            "--max-restarts", str(restarts), "-m", "lorakit", *args]
 
 
-def torchrun(nproc: int, args: list[str], kill_at: str | None = None,
-             timeout: float = TORCHRUN_TIMEOUT) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, args: list[str], kill_at: str | None = None, timeout: float = TORCHRUN_TIMEOUT,
+             restarts: int = 0) -> subprocess.CompletedProcess:
     """Run torchrun to its end. Past `timeout` it gets SIGTERM, which it passes to its workers
     (they run in sessions of their own, so killing torchrun alone would orphan them)."""
-    command = _torchrun_cmd(nproc, args)
+    command = _torchrun_cmd(nproc, args, restarts)
     with subprocess.Popen(command, env=_env(kill_at), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True) as proc:
         try:
@@ -499,6 +499,46 @@ def test_killed_run_resumes_with_two_and_with_one_process(tiny, tmp_path, capsys
         assert all(torch.equal(got[k], expected[k]) for k in expected), out.name
         assert summary(out)["steps"] == steps
     assert "grad_accum: 2" in (copy / "config.yaml").read_text()
+
+
+def test_only_a_restart_of_the_job_that_wrote_the_run_resumes_it(tmp_path, monkeypatch):
+    from lorakit.config import RunConfig
+    from lorakit.train.run import JOB_LINE, resume_a_restarted_job
+
+    config = RunConfig()
+    config.output.output, config.output.overwrite = str(tmp_path), True
+    (tmp_path / "config.yaml").write_text(f"{JOB_LINE}job-a\nlora: {{r: 8}}\n")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # the first attempt: the command's own flags
+    assert not resume_a_restarted_job(config) and config.output.overwrite
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")  # a restart of another job: its flags too
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert not resume_a_restarted_job(config) and config.output.overwrite
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    assert resume_a_restarted_job(config) and config.output.resume and not config.output.overwrite
+
+
+def test_torchruns_restarts_resume_the_job_they_restart(tiny, tmp_path):
+    """torchrun --max-restarts starts the same command again after a worker died: it refused the
+    folder its first attempt had written ("already holds an unfinished run"), and the attempts met
+    in a store that still held the dead processes' addresses (connection refused, or a hang). A
+    restart resumes its own job's run (an --overwrite is not done again) and trains on to the
+    adapter an uninterrupted run makes."""
+    common = ("--max-steps", "8", "--save-every", "2", "--dtype", "float32")
+    restarted = tmp_path / "restarted"
+    restarted.mkdir()
+    (restarted / "summary.json").write_text("{}")  # an older run, which --overwrite replaces once
+    run = torchrun(2, train_args(tiny, restarted, *common, "--grad-accum", "1", "--overwrite"),
+                   kill_at=KILL_RANK_1_AT_THIRD_SAVE, restarts=2)
+    log = run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0, log
+    assert "torchrun restarted this job (restart 1)" in run.stdout and "resumed from step-000004" in run.stdout, log
+    assert "Connection refused" not in run.stderr, log
+    reference = tmp_path / "reference"
+    single(train_args(tiny, reference, *common, "--grad-accum", "2"))
+    got, expected = adapter(restarted), adapter(reference)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert summary(restarted)["steps"] == 8
 
 
 def test_fsdp_run_resumes_into_the_right_shards(tiny, tmp_path):

@@ -11,6 +11,7 @@ import textwrap
 import traceback
 from pathlib import Path
 
+from lorakit import host
 from lorakit.config import RUN_ACTIONS, add_flags, load_yaml, resolve
 from lorakit.errors import ConfigError, LorakitError
 
@@ -65,6 +66,11 @@ def resolve_args(args: argparse.Namespace):
         config.sources["train.grad_accum"] = "the run's config.yaml"
     if run_file and os.environ.get("RANK", "0") == "0":
         print(f"resume: the settings of {run_file} (the run's own); flags given replace them", flush=True)
+    from lorakit.train.run import resume_a_restarted_job
+
+    if resume_a_restarted_job(config) and os.environ.get("RANK", "0") == "0":
+        print(f"resume: torchrun restarted this job (restart {host.torchrun_restarts()}); it goes on from the newest "
+              f"checkpoint of its run in {config.output.output}", flush=True)
     return config, demo or _is_demo_data(config)
 
 

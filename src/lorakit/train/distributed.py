@@ -97,10 +97,25 @@ def init_from_env() -> World:
     if not dist.is_initialized():  # a group the caller made (a FileStore's) needs no address
         _check_rendezvous(size)
         extra = {"device_id": torch.device("cuda", local_rank)} if backend == "nccl" else {}
-        dist.init_process_group(backend, **extra)
+        dist.init_process_group(backend, **extra, **_store_of_this_attempt(rank, size))
         _we_initialised = True
     _world = World(rank, size, local_rank, dist.get_backend())
     return _world
+
+
+def _store_of_this_attempt(rank: int, size: int) -> dict:
+    """init_process_group's store where torchrun restarted the workers (--max-restarts): torchrun
+    keeps one store for every attempt, and the new processes read the dead ones' addresses left
+    in it (connection refused, or a hang). Keys under a prefix of the attempt's own keep them
+    apart; a first attempt takes torchrun's store as it is."""
+    restarts = host.torchrun_restarts()
+    if restarts == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}  # no attempt before, or one whose store died with its rank 0
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
+                          timeout=default_pg_timeout)
+    return {"store": dist.PrefixStore(f"lorakit.attempt.{restarts}", store), "rank": rank, "world_size": size}
 
 
 def _check_rendezvous(size: int) -> None:

@@ -543,8 +543,29 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+JOB_LINE = "# torchrun job: "  # config.yaml's first line under torchrun: the job that runs in the folder
+
+
 def write_config(out: Path, config: RunConfig) -> None:
     from lorakit.safe_io import atomic_write_text
 
-    atomic_write_text(out / "config.yaml", save_yaml(config))
+    job = host.torchrun_job()
+    atomic_write_text(out / "config.yaml", (f"{JOB_LINE}{job}\n" if job else "") + save_yaml(config))
+
+
+def resume_a_restarted_job(config: RunConfig) -> bool:
+    """torchrun --max-restarts restarts the same command after a worker died: where this job's
+    earlier attempt wrote --output's run (config.yaml names the job), the restart resumes it (and
+    an --overwrite is not done twice). A folder another job wrote keeps the command's own flags."""
+    if host.torchrun_restarts() < 1 or host.torchrun_job() is None:
+        return False
+    try:
+        with open(Path(config.output.output) / "config.yaml", encoding="utf-8") as saved:
+            first_line = saved.readline().rstrip("\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if first_line != JOB_LINE + host.torchrun_job():
+        return False
+    config.output.resume, config.output.overwrite = True, False
+    return True
 
