@@ -98,7 +98,8 @@ def test_an_example_that_loses_only_untrained_tokens_is_not_counted_as_cut(chatm
 
 
 @pytest.mark.parametrize("prompt_field,answer_field", [
-    ("instruction", "output"), ("prompt", "response"), ("question", "answer"), ("prompt", "completion")])
+    ("instruction", "output"), ("prompt", "response"), ("question", "answer"), ("prompt", "completion"),
+    ("instruction", "response"), ("query", "response"), ("input", "output")])
 def test_instruction_aliases_use_the_chat_template(chatml, prompt_field, answer_field):
     data = ds([{prompt_field: "what is it", answer_field: "the answer"}])
     tokenized = tokenize_records(data, chatml)
@@ -114,6 +115,19 @@ def test_instruction_input_and_system(chatml):
     text = render_marked(one(tokenize_records(data, chatml)), chatml)
     assert text == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nsay\n\nhello<|im_end|>\n"
                     "<|im_start|>assistant\n[[world<|im_end|>]]\n")
+
+
+def test_dollys_context_is_the_instruction_s_input_and_unread_columns_are_named(chatml):
+    """Dolly's instruction/context/response was refused; with `output` its context was dropped
+    without a word, as every column a format does not read was (LLaMA-Factory's `history`)."""
+    data = ds([{"instruction": "say", "context": "hello", "response": "world", "category": "qa"}])
+    tokenized = tokenize_records(data, chatml)
+    assert render_marked(one(tokenized), chatml) == (
+        "<|im_start|>user\nsay\n\nhello<|im_end|>\n<|im_start|>assistant\n[[world<|im_end|>]]\n")
+    assert tokenized.stats.format_note == ("auto-detected instruction from columns 'instruction', 'response', "
+                                           "'context'; columns not read: 'category'")
+    unread = tokenize_records(ds([{"instruction": "a", "output": "b", "history": [["q", "r"]]}]), chatml)
+    assert unread.stats.format_note.endswith("; columns not read: 'history'")
 
 
 def test_instruction_fallback_template_without_chat_template(plain):

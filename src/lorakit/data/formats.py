@@ -5,9 +5,10 @@ instruction field pair -> instruction, ``text`` -> text):
 
 - ``text``: a ``text`` column; causal LM on every token, EOS appended so the model learns to stop.
   A text longer than ``seq_len`` becomes several examples (``_text_pieces``), not one cut short.
-- ``instruction``: ``instruction`` + ``output`` (optional ``input`` appended to the instruction
-  after a blank line), or the pairs ``prompt``/``response``, ``question``/``answer``,
-  ``prompt``/``completion``; optional ``system``. Rendered as a one-turn chat (below). TRL's
+- ``instruction``: ``instruction`` + ``output`` or ``response`` (optional ``input``, or Dolly's
+  ``context``, appended to the instruction after a blank line), or the pairs ``prompt``/``response``,
+  ``question``/``answer``, ``prompt``/``completion``, ``query``/``response``, ``input``/``output``;
+  optional ``system``. The stats name the columns a format leaves unread. Rendered as a one-turn chat (below). TRL's
   conversational prompt/completion (both lists of {role, content} turns) is read as a chat in
   which only the completion's turns train.
 - ``chat``: ``messages`` = [{role, content}] with roles system/user/assistant (content a string,
@@ -65,12 +66,12 @@ from lorakit import __version__
 from lorakit.config import DATA_FORMATS
 from lorakit.data.batching import IGNORE_INDEX
 from lorakit.data.examples import NO_EOS_WARNING, ReadFigures, TokenizedData, compute_stats, numeric_columns
-from lorakit.data.messages import UNTRAINED, chat_messages, field_text, instruction_messages
+from lorakit.data.messages import CONTEXT_FIELDS, UNTRAINED, chat_messages, field_text, instruction_messages
 from lorakit.data.reading import RecordSet, SourceFile, locate, name_datasets_cache_failures
 from lorakit.errors import ConfigError, DataError
 
-INSTRUCTION_FIELDS = (("instruction", "output"), ("prompt", "response"), ("question", "answer"),
-                      ("prompt", "completion"))
+INSTRUCTION_FIELDS = (("instruction", "output"), ("instruction", "response"), ("prompt", "response"),
+                      ("question", "answer"), ("prompt", "completion"), ("query", "response"), ("input", "output"))
 CHAT_COLUMNS = ("messages", "conversations")
 TOKENIZE_REVISION = 4  # bump when the tokenised output changes, to invalidate datasets' cache (2: the straddling
 # answer token trained; slow tokenizers place spans by decoding; 3: no whitespace after an end-of-turn token;
@@ -140,8 +141,9 @@ def _detect(columns: list[str]) -> tuple[str, str]:
             return "chat", f"auto-detected chat from column '{name}'"
     pair = _instruction_pair(columns)
     if pair:
-        # Alpaca's optional `input` is added to the instruction (messages.py): name it when it is there
-        extra = ", 'input'" if pair[0] == "instruction" and "input" in columns else ""
+        # Alpaca's optional `input` (Dolly's `context`) is added to the instruction (messages.py): name it
+        context = next((c for c in CONTEXT_FIELDS if c in columns), None) if pair[0] == "instruction" else None
+        extra = f", '{context}'" if context else ""
         return "instruction", f"auto-detected instruction from columns '{pair[0]}', '{pair[1]}'{extra}"
     if "text" in columns:
         return "text", "auto-detected text from column 'text'"
@@ -179,7 +181,14 @@ def _pairs_text() -> str:
 
 
 def _resolve_format(columns: list[str], fmt: str) -> tuple[str, tuple[str, ...], str]:
-    """(format, the columns it reads, a note saying how it was chosen)."""
+    """(format, the columns it reads, a note saying how it was chosen and which columns it leaves)."""
+    fmt, fields, note = _format_and_fields(columns, fmt)
+    read = {*fields, "system", *(CONTEXT_FIELDS if fields[0] == "instruction" else ())}
+    unread = [c for c in columns if c not in read]
+    return fmt, fields, note + (f"; columns not read: {', '.join(map(repr, unread))}" if unread else "")
+
+
+def _format_and_fields(columns: list[str], fmt: str) -> tuple[str, tuple[str, ...], str]:
     if fmt == "auto":
         fmt, note = _detect(columns)
     else:

@@ -1,8 +1,8 @@
 """Records to chat messages: the fields each data format reads, checked, as the list of
 {role, content} turns that `formats` renders with the chat template and masks.
 
-- instruction: a field pair (``instruction``/``output`` with an optional ``input``, or an alias
-  pair) as one user turn and one assistant turn; TRL's conversational prompt/completion (both
+- instruction: a field pair (``instruction``/``output`` with an optional ``input`` or Dolly's
+  ``context``, or an alias pair) as one user turn and one assistant turn; TRL's conversational prompt/completion (both
   lists of turns) as the prompt's turns, whose assistant turns are history (marked UNTRAINED),
   then the completion's.
 - chat: ``messages`` ({role, content}; content a string or OpenAI's text parts) or ShareGPT
@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from lorakit.errors import DataError
 
 UNTRAINED = "lorakit_untrained"  # on an assistant turn that is context, not a reply to learn
+CONTEXT_FIELDS = ("input", "context")  # an instruction's optional text (Alpaca's, Dolly's), after it
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
                 "gpt": "assistant"}
 # the tool-use turns of OpenAI's format (role tool, an assistant's tool_calls or function_call) and
@@ -61,8 +62,9 @@ def instruction_messages(row: dict, index: int, enc: Reader) -> list[dict]:
     if isinstance(row.get(prompt_field), list) and isinstance(row.get(answer_field), list):
         return _conversational_pair(row, index, enc)
     prompt = field_text(row, prompt_field, index, enc)
-    context = row.get("input") if prompt_field == "instruction" else None
-    if isinstance(context, str) and context.strip():
+    context = next((row[c] for c in CONTEXT_FIELDS if isinstance(row.get(c), str) and row[c].strip()), None) \
+        if prompt_field == "instruction" else None
+    if context:
         prompt = f"{prompt}\n\n{context}"
     messages = [{"role": "user", "content": prompt},
                 {"role": "assistant", "content": field_text(row, answer_field, index, enc)}]
