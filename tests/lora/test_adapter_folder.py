@@ -12,6 +12,7 @@ from lorakit.lora import base_fingerprint, lora_layers
 from lorakit.lora.adapter_folder import (
     adapter_from_memory,
     parameter_name,
+    read_adapter_config,
     read_adapter_folder,
     split_key,
     tensor_problems,
@@ -71,6 +72,8 @@ def test_missing_folder_config_and_weights(saved, tmp_path):
     folder, _ = saved
     with pytest.raises(AdapterFileError, match="no adapter folder at .*pass the folder that holds adapter_config.json"):
         read_adapter_folder(tmp_path / "nope")
+    with pytest.raises(AdapterFileError, match="no adapter folder at"):  # eval and generate read the config first:
+        read_adapter_config(tmp_path / "nope")  # it said "nope/adapter_config.json is missing"
     (folder / "adapter_model.safetensors").rename(tmp_path / "elsewhere.safetensors")
     with pytest.raises(AdapterFileError, match=r"has no adapter_model.safetensors; the adapter's weights are missing "
                                                r"\(the folder holds: adapter_config.json\)"):

@@ -139,9 +139,6 @@ class Adapter:
 def read_adapter_folder(folder: str | Path, allow_pickle: bool = False, check_tensors: bool = True) -> Adapter:
     """Read, group and (unless ``check_tensors=False``) check an adapter folder."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise AdapterFileError(f"no adapter folder at {folder}; pass the folder that holds {CONFIG_FILE} "
-                               f"and {WEIGHTS_FILE}")
     config = read_adapter_config(folder)
     weights_file = find_weights_file(folder, allow_pickle)
     tensors, metadata = read_weights(weights_file, allow_pickle)
@@ -163,6 +160,9 @@ def adapter_from_memory(config: dict, tensors: dict[str, torch.Tensor], metadata
 def read_adapter_config(folder: Path) -> dict:
     """adapter_config.json as a dict, its fields checked (see check_adapter_config)."""
     path = folder / CONFIG_FILE
+    if not folder.is_dir():  # a mistyped path: the folder, not its file, is what is missing
+        raise AdapterFileError(f"no adapter folder at {folder}; pass the folder that holds {CONFIG_FILE} "
+                               f"and {WEIGHTS_FILE} (or a training run's folder)")
     if not path.is_file():
         raise AdapterFileError(f"{path} is missing; {missing_config_hint(folder)}")
     try:
