@@ -390,6 +390,15 @@ def test_missing_field_names_record_line_and_expected_fields(tmp_path, chatml):
     assert "'output' is missing" in message and "instruction, output" in message
 
 
+def test_an_integer_label_is_its_digits_and_other_types_are_named(tmp_path, chatml):
+    labels = tokenize_records(ds([{"instruction": "which class?", "output": 1}]), chatml)  # was "is a int"
+    assert render_marked(one(labels), chatml).endswith("<|im_start|>assistant\n[[1<|im_end|>]]\n")
+    with pytest.raises(DataError, match="field 'output' is a float, not a string"):
+        tokenize_records(ds([{"instruction": "a", "output": 0.5}]), chatml)
+    with pytest.raises(DataError, match="field 'output' is missing or null"):
+        tokenize_records(ds([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": None}]), chatml)
+
+
 def test_a_record_of_another_format_says_the_set_mixes_formats(tmp_path, chatml):
     records, path = _jsonl(tmp_path, [{"text": "plain prose"}, {"instruction": "a", "output": "b"}])
     with pytest.raises(DataError) as err:
@@ -403,7 +412,7 @@ def test_a_record_of_another_format_says_the_set_mixes_formats(tmp_path, chatml)
 
 
 def test_wrong_field_type_is_named(chatml):
-    with pytest.raises(DataError, match="record 1: field 'text' is a int"):
+    with pytest.raises(DataError, match="record 1: field 'text' is an int, not a string"):
         tokenize_records(ds([{"text": 5}]), chatml, fmt="text")
 
 

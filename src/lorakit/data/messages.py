@@ -38,8 +38,11 @@ class Reader(Protocol):
 
 def field_text(row: dict, name: str, index: int, enc: Reader) -> str:
     value = row.get(name)
+    if isinstance(value, int) and not isinstance(value, bool) and enc.fmt == "instruction":  # a class label
+        return str(value)
     if not isinstance(value, str):
-        got = "is missing" if value is None else f"is a {type(value).__name__}, not a string"
+        kind = type(value).__name__
+        got = "is missing or null" if value is None else f"is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a string"
         raise DataError(
             f"{enc.where(index)}: field '{name}' {got}; format {enc.fmt} expects the fields "
             f"{', '.join(enc.fields)}{_fields_of_another_format(row, enc)}"
