@@ -128,7 +128,15 @@ def test_several_files_concatenate_in_order_and_locate(tmp_path, cache):
 def test_missing_file(tmp_path, cache):
     with pytest.raises(DataError, match="does not exist") as err:
         read_records(tmp_path / "nope.jsonl", cache_dir=cache)
-    assert "nope.jsonl" in str(err.value)
+    assert "nope.jsonl" in str(err.value) and "hub dataset" not in str(err.value)
+
+
+def test_a_hub_dataset_id_is_told_how_to_save_it_locally(tmp_path, cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # all four peers take hub ids: say why this one does not, and what to do
+    with pytest.raises(DataError, match=r"data file tatsu-lab/alpaca does not exist; check the path \(lorakit reads "
+                                        r"local files; .*load_dataset\('tatsu-lab/alpaca', split='train'\)"
+                                        r"\.save_to_disk\('alpaca'\)\", then --data alpaca\)"):
+        read_records("tatsu-lab/alpaca", cache_dir=cache)
 
 
 @pytest.mark.parametrize("content", [b"", b"\n  \n\n"])

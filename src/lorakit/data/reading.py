@@ -116,12 +116,21 @@ def read_records(
     return RecordSet(parts, sources)
 
 
+def _hub_dataset_hint(path: Path) -> str:
+    """A missing path spelled like a Hugging Face dataset id (`tatsu-lab/alpaca`): how to get it."""
+    text = str(path)
+    if path.is_absolute() or path.suffix or text.count("/") != 1:
+        return ""
+    return (f" (lorakit reads local files; for the hub dataset {text}: python -c \"import datasets; "
+            f"datasets.load_dataset('{text}', split='train').save_to_disk('{path.name}')\", then --data {path.name})")
+
+
 def _read_one(path: Path, cache_dir: str | Path | None) -> tuple[datasets.Dataset, str]:
     if not path.exists():
         if path.is_symlink():  # exists() follows the link: a dangling one, or a loop
             raise DataError(f"data file {path} is a symbolic link to nothing readable (a missing target or a "
                             "loop); point it at the file, or pass the file's own path")
-        raise DataError(f"data file {path} does not exist; check the path")
+        raise DataError(f"data file {path} does not exist; check the path{_hub_dataset_hint(path)}")
     if path.is_dir():
         return _load_saved(path), "saved"
     suffix = path.suffix.lower()
