@@ -70,8 +70,12 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--labelled-fraction", type=float, default=1.0, metavar="F",
                    help="share of tokens with a label (instruction data: the responses); with --fused-loss "
                         "the head runs for those only, which lowers the FLOPs")
-    p.add_argument("--device-peak-tflops", type=float, default=817.0,
-                   help="the device's dense matmul peak in TFLOP/s (817: measured bf16 on one H200)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="the device the step runs on: cuda (a GPU's step, bf16 unless --dtype) or cpu (the "
+                        "dtype lorakit train picks on this CPU unless --dtype or the config's)")
+    p.add_argument("--device-peak-tflops", type=float, default=None,
+                   help="the device's dense matmul peak in TFLOP/s (default: 817, measured bf16 on one H200; "
+                        "with --device cpu, measured on this CPU)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the second step time")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     p.set_defaults(func=run)
@@ -85,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     _check_quantized_dtype(args)
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
+    if args.device_peak_tflops is None:
+        args.device_peak_tflops = _this_cpus_peak(args.dtype) if args.device == "cpu" else H200_BF16_TFLOPS
     if not 0 < args.device_peak_tflops < float("inf"):
         raise ConfigError(f"--device-peak-tflops must be a positive number, got {args.device_peak_tflops}")
     shape = TrainShape(
@@ -94,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype, quantize=args.quantize,
         world_size=args.world_size, fsdp=args.fsdp, fused_loss=args.fused_loss or args.fast_paths,
         fused_mlp=args.fast_paths, engine=args.engine,
-        lora_dropout=args.lora_dropout, labelled_fraction=args.labelled_fraction,
+        lora_dropout=args.lora_dropout, labelled_fraction=args.labelled_fraction, device=args.device,
+        cpu_attention=args.device == "cpu" and args.fast_paths and args.engine == "lorakit",  # train's there
     )
     result = estimate(args.model, shape, peak_tflops=args.device_peak_tflops, mfu=args.mfu)
     if args.json:
@@ -104,6 +111,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(result, args.config_notes)
     return 0
+
+
+H200_BF16_TFLOPS = 817.0  # the device peak the GPU step times assume unless told another
+
+
+def _this_cpus_peak(dtype: str) -> float:
+    """This CPU's fp32 (or bf16) matmul TFLOP/s, as lorakit bench measures it (about a second)."""
+    from lorakit.bench import measure_matmul_peak
+    from lorakit.config import dtype_name
+
+    return measure_matmul_peak("cpu", "bfloat16" if dtype_name(dtype) == "bfloat16" else "float32")
 
 
 def _check_quantized_dtype(args: argparse.Namespace) -> None:
@@ -128,6 +146,10 @@ def _fill_settings(args: argparse.Namespace) -> None:
         from_config.update(fast_paths=False, fused_loss=False)
     if args.fast_paths is False:  # train without its fast paths has no chunked loss either
         from_config["fused_loss"] = False
+    if args.device == "cpu":  # what lorakit train loads on this CPU (a config's "auto" too), as recommend plans
+        from lorakit.models import training_dtype
+
+        from_config.setdefault("dtype", training_dtype("auto", "cpu"))
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, from_config.get(key, default))
@@ -269,7 +291,8 @@ def _memory_table(result):
     table.add_row("[bold]total (timeline peak)[/]", f"[bold]{gib(off.total):.2f}[/]", f"[bold]{gib(on.total):.2f}[/]")
     if on.offloaded_to_host:
         table.add_row("in host memory: offloaded layer inputs", "0.00", f"{gib(on.offloaded_to_host):.2f}")
-    table.caption = ("allocated bytes; the CUDA context (~0.5 GiB), library workspaces and allocator "
+    table.caption = ("allocated bytes; the process's resident memory adds Python, torch and the data" if s.device == "cpu"
+                     else "allocated bytes; the CUDA context (~0.5 GiB), library workspaces and allocator "
                      "fragmentation come on top")
     return table
 
@@ -297,7 +320,7 @@ def _speed_table(result):
 
     s = result.shape
     tokens = s.tokens
-    table = Table(title=f"FLOPs and time at {result.peak_tflops:g} TFLOP/s peak",
+    table = Table(title=f"FLOPs and time at {result.peak_tflops:.3g} TFLOP/s peak",
                   caption="model FLOPs per token: 4 N_mm + 6 N_lora + 6 L s h_q (docs/performance.md)")
     table.add_column("")
     table.add_column("value", justify="right")

@@ -85,7 +85,8 @@ def _print(rec, output: str | None) -> None:
     console.print(table)
     if rec.memory:
         console.print(f"predicted peak memory {rec.memory['predicted_peak_bytes'] / 2**30:.2f} GiB "
-                      f"of {rec.memory['usable_bytes'] / 2**30:.2f} GiB usable (lorakit estimate)")
+                      f"of {rec.memory['usable_bytes'] / 2**30:.2f} GiB usable (lorakit estimate --device "
+                      f"{'cpu' if rec.budget.device == 'cpu' else 'cuda'})")
     departures = [c.key for c in rec.choices if c.departs]
     console.print(f"departs from the guide: {', '.join(departures)} (in yellow)" if departures
                   else "follows the guide's preset everywhere the guide has a rule")
