@@ -304,3 +304,21 @@ def test_peft_variants_vllm_would_read_as_plain_lora_are_refused(tmp_path, key, 
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), key: value}))
     with pytest.raises(AdapterFileError, match=f"{key}=.*more than plain LoRA factors"):
         export_vllm(adapter_dir, tmp_path / "out")
+
+
+def test_the_printed_serve_commands_name_files_that_hold_the_base(tmp_path):
+    """For an adapter of the built-in model they named `BASE`, whose alias (smollm2-135m-instruct)
+    neither vLLM nor llama.cpp resolves: now its converted folder and its GGUF file."""
+    from argparse import Namespace
+
+    from lorakit.cli.export import _served_base
+    from lorakit.gguf_convert import converted_gguf_dir
+    from lorakit.models import DEFAULT_MODEL, builtin_gguf_path
+
+    for base, folder in ((DEFAULT_MODEL, "builtin"), ("org/base-model", "hub")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+    builtin, hub = (Namespace(model=None, adapter=str(tmp_path / f)) for f in ("builtin", "hub"))
+    assert _served_base(builtin, gguf=True) == str(builtin_gguf_path())
+    assert _served_base(builtin, gguf=False) == str(converted_gguf_dir(builtin_gguf_path()))
+    assert (_served_base(hub, gguf=False), _served_base(hub, gguf=True)) == ("org/base-model", "BASE.gguf")

@@ -103,7 +103,8 @@ def _export_vllm(args: argparse.Namespace) -> dict:
         print(f"warning: {warning}", file=sys.stderr)
     if not args.json:
         print(f"wrote {done.output} ({done.modules} modules, {done.tensors} tensors, max rank {done.check.max_rank})")
-        print(f"serve it with: vllm serve BASE --enable-lora --max-lora-rank {done.check.max_lora_rank} "
+        print(f"serve it with: vllm serve {_served_base(args, gguf=False)} --enable-lora --max-lora-rank "
+              f"{done.check.max_lora_rank} "
               f"--lora-modules NAME={done.output}")
     return done.to_dict()
 
@@ -119,8 +120,23 @@ def _export_gguf(args: argparse.Namespace) -> dict:
         if done.baked:
             print(f"folded per-module scale factors into lora_b for {len(done.baked)} modules "
                   "(rsLoRA / alpha_pattern; llama.cpp applies one alpha)")
-        print(f"use it with: llama-cli -m BASE.gguf --lora {done.output}")
+        print(f"use it with: llama-cli -m {_served_base(args, gguf=True)} --lora {done.output}")
     return done.to_dict()
+
+
+def _served_base(args: argparse.Namespace, gguf: bool) -> str:
+    """The base the printed command names: for the built-in model the files that hold it (its
+    alias resolves in lorakit only), else the adapter's base (a GGUF of it is the user's to make)."""
+    from lorakit.adapters import base_model_for
+    from lorakit.models import names_the_builtin
+
+    base = args.model or base_model_for([args.adapter])
+    if base is None or names_the_builtin(base):
+        from lorakit.gguf_convert import converted_gguf_dir
+        from lorakit.models import builtin_gguf_path
+
+        return str(builtin_gguf_path() if gguf else converted_gguf_dir(builtin_gguf_path()))
+    return "BASE.gguf" if gguf else str(base)
 
 
 def export_merged(adapter_dir: Path, output_dir: Path, base: str | None = None, allow_pickle: bool = False,
