@@ -8,7 +8,8 @@ import pytest
 
 from lorakit.cli import main
 from lorakit.errors import ConfigError
-from lorakit.plan.sweep import Grid, SweepPoint, alpha_for, find_guide, make_grid, uneven_speed_note
+from lorakit.plan.sweep import (Grid, SweepPoint, alpha_for, close_call_note, find_guide, make_grid,
+                                uneven_speed_note)
 
 from tiny_models import save_tiny_chat_model, write_define_data
 
@@ -69,6 +70,19 @@ def test_a_point_far_slower_than_the_others_is_named():
     note = uneven_speed_note(report(10, 213, None))  # 20x: another job on the cores while r0 trained
     assert note.startswith("tokens/s: r0 (10) against 213 for the fastest point") and "r1" not in note
     assert uneven_speed_note(report(None)) is None and uneven_speed_note(report()) is None
+
+
+def test_a_best_point_within_a_percent_of_others_is_called_too_close():
+    """A UX hunt's sweep named a best point 0.004 below the next on two eval records, as a verdict."""
+    def report(best, **losses):
+        return {"metric": "final_eval_loss", "best": best,
+                "points": [{"point": {"slug": slug}, "summary": {"final_eval_loss": loss}} for slug, loss in losses.items()]}
+
+    note = close_call_note(report("r8", r8=2.000, r16=2.015, r64=2.5))
+    assert note.startswith("r8 (2.0000) is within 1% of r16 (2.0150) on final_eval_loss: too close to call") \
+        and "r64" not in note
+    assert close_call_note(report("r8", r8=2.0, r16=2.1)) is None  # 5% apart: a difference the sweep measured
+    assert close_call_note(report("r8", r8=2.0)) is None and close_call_note(report(None, r8=None)) is None
 
 
 def test_sweep_resumes_without_retraining(base_config, tmp_path, capsys):

@@ -64,7 +64,7 @@ def print_report(report: dict, output: Path) -> None:
 
     from lorakit.terminal import Console
 
-    from lorakit.plan.sweep import table_rows, uneven_speed_note
+    from lorakit.plan.sweep import close_call_note, table_rows, uneven_speed_note
 
     console = Console()
     if not console.is_terminal:  # logs and files: no need to squeeze the table into 80 columns
@@ -90,9 +90,9 @@ def print_report(report: dict, output: Path) -> None:
         console.print("peak GiB on a CPU: the process's resident set during the point, which moves by up to "
                       "~0.1 GiB between points with the C allocator alone; lorakit estimate compares ranks "
                       "without that noise")
-    uneven = uneven_speed_note(report)
-    if uneven:
-        console.print(f"[yellow]note:[/] {uneven}")
+    for note in (uneven_speed_note(report), close_call_note(report)):
+        if note:
+            console.print(f"[yellow]note:[/] {note}")
     plot = output / "sweep.png"  # not drawn for a sweep stopped part way
     best = "best so far" if report["pending"] else "best"
     console.print(f"{best}: {report['best']}   results: {output / 'sweep.json'}"

@@ -401,6 +401,26 @@ def uneven_speed_note(report: dict) -> str | None:
             "--overwrite on a quiet machine to compare times")
 
 
+# the best point's loss within this share of the runner-up's: a short sweep on a small eval set
+# does not tell them apart (the spread between seeds of one point is of this order)
+CLOSE_CALL = 0.01
+
+
+def close_call_note(report: dict) -> str | None:
+    """The best point and the next ones within CLOSE_CALL of its loss: named, so that a difference
+    of noise is not read as a verdict."""
+    metric, best = report["metric"], report["best"]
+    losses = {e["point"]["slug"]: e["summary"].get(metric) for e in report["points"]}
+    if best is None or len(losses) < 2 or not losses.get(best):
+        return None
+    near = [f"{slug} ({loss:.4f})" for slug, loss in losses.items()
+            if slug != best and loss is not None and loss <= losses[best] * (1 + CLOSE_CALL)]
+    if not near:
+        return None
+    return (f"{best} ({losses[best]:.4f}) is within {CLOSE_CALL:.0%} of {', '.join(near)} on {metric}: too close "
+            "to call at this budget; more --max-steps or a larger eval set would tell them apart")
+
+
 def _best(results: dict[str, dict], metric: str) -> str | None:
     """Lowest loss; ties go to the point with fewer trainable parameters."""
     scored = [(r["summary"][metric], r["summary"]["trainable_params"], slug) for slug, r in results.items()
