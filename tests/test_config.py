@@ -116,6 +116,8 @@ def test_bad_yaml_is_one_clear_error(tmp_path, text, message):
     ("train: {r: 8}\n", "train.r (lorakit's r goes under lora: or at the top level)"),
     ("lora: {learning_rate: 1}\n", "lora.learning_rate (lorakit's lr goes under train: or at the top level)"),
     ("colour: red\n", "colour; see"),  # nothing near: the key alone
+    ("1: x\n", "1; see"),  # a number as a key (it was a TypeError's traceback)
+    ("train: {lora: {r: 8}}\n", "train.lora (lora: is a section of its own, at the top level)"),
 ])
 def test_an_unknown_key_is_told_lorakits_spelling_of_what_it_probably_meant(tmp_path, text, named):
     """A config carried over from PEFT, Axolotl or transformers names its options their way: each

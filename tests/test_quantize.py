@@ -63,6 +63,11 @@ def test_missing_bitsandbytes_is_a_clear_error(monkeypatch, base_dir):
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # import raises ImportError
     with pytest.raises(ConfigError, match="pip install bitsandbytes"):
         load_quantized(base_dir, "4bit")
+    from lorakit.quantize import load_for_inference  # eval of a QLoRA run's adapter: the bits were the run's
+
+    with pytest.raises(ConfigError, match=r"pip install bitsandbytes.*The 4bit base is the one the adapter's run "
+                                          r"trained on \(its config.yaml\): --quantize none loads the full-precision"):
+        load_for_inference(base_dir, "4bit", "cpu", "auto", chosen_by_run=True)
 
 
 def test_unknown_quantize_value(base_dir):

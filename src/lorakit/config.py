@@ -351,7 +351,7 @@ def _place_keys(raw: dict, path: Path) -> dict[str, dict[str, Any]]:
                 if name:
                     place(key, name, sub_value, f"{key}.{sub_key}")
                 else:
-                    unknown.append(hint(sub_key, key, _keys_of(key), owners))
+                    unknown.append(hint(sub_key, key, _keys_of(key), owners, tuple(placed)))
         elif key in owners:  # a flat key, named as the option or its flag: `seq_len: 128`, `model: PATH`
             section = owners[key]
             place(section, _field_name(section, key), value, str(key))

@@ -32,12 +32,15 @@ PEER_NAMES = {
 }
 
 
-def hint(key: str, section: str | None, known: list[str], owners: dict[str, str]) -> str:
+def hint(key, section: str | None, known: list[str], owners: dict[str, str], sections: tuple[str, ...] = ()) -> str:
     """`key` with what it probably meant, e.g. "learning_rate (lorakit's name: lr)", or the key
     alone. `section` is where it stood (`train.learning_rate`) or None for a flat key; `known`
-    the keys that place may hold; `owners` every option's section, by each of its spellings."""
-    shown = f"{section}.{key}" if section else key
+    the keys that place may hold; `owners` every option's section, by each of its spellings;
+    `sections` the sections' names."""
+    shown = f"{section}.{key}" if section else str(key)  # YAML keys may be numbers, booleans or null
     normal = str(key).strip().lower().replace("-", "_")
+    if section and normal in sections:  # `train: {lora: ...}`
+        return f"{shown} ({normal}: is a section of its own, at the top level)"
     close = difflib.get_close_matches(normal, [*known, *PEER_NAMES], n=1, cutoff=0.75)
     meant = normal if normal in PEER_NAMES or normal in owners else (close[0] if close else None)
     name = PEER_NAMES.get(meant, meant)

@@ -45,10 +45,11 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
     _check_sizes(seq_len, batch_size)
     if adapter:
         refuse_classifier_adapters([adapter], "eval")
-    quantize, quantize_notes = inference_quantize(quantize, adapter, dtype)
+    asked, (quantize, quantize_notes) = quantize, inference_quantize(quantize, adapter, dtype)
     run_dtype = _dtype_of(summary) if dtype == "auto" and quantize == "none" else None
     base_model, tokenizer, torch_dtype = load_for_inference(model or base_model_for([adapter]), quantize, device,
-                                                            run_dtype or dtype, allow_pickle)
+                                                            run_dtype or dtype, allow_pickle,
+                                                            chosen_by_run=asked is None)
     records, notes = _scored_records(base_model, tokenizer, data, fmt, seq_len, run, inputs_trained)
     notes += label_notes + format_notes + quantize_notes
     notes += [f"dtype {run_dtype}, as the run trained (its summary.json); --dtype to choose another"] if run_dtype else []

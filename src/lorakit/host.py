@@ -99,15 +99,23 @@ def process_alive(pid: int) -> bool:
 
 
 def torchrun_job() -> str | None:
-    """The torchrun job this process is a worker of (its run id: the same in each restart of its
-    workers, a new one for each torchrun started with --standalone); None outside torchrun."""
-    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+    """The torchrun job this process is a worker of: its run id, the same in each restart of its
+    workers (a new uuid for each `torchrun --standalone`; --rdzv-id's value, which the user keeps
+    unique per launch); None outside torchrun and for "none", torchrun's id where none was given."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "").strip()
+    return None if run_id in ("", "none") else run_id
 
 
 def torchrun_restarts() -> int:
-    """How often torchrun restarted this job's workers so far (--max-restarts); 0 outside it."""
+    """How often torchrun restarted this job's workers so far (--max-restarts); 0 outside it. Only
+    on one node is it the same in every process: each node's torchrun counts its own."""
     value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0").strip()
     return int(value) if value.isdigit() else 0
+
+
+def one_node() -> bool:
+    """Every process of the job runs on this node (torchrun's LOCAL_WORLD_SIZE is its WORLD_SIZE)."""
+    return os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1")
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -130,9 +130,11 @@ def inference_quantize(quantize: str | None, adapter, dtype: str) -> tuple[str, 
     return chosen, []
 
 
-def load_for_inference(spec, quantize: str, device: str, dtype: str, allow_pickle: bool = False):
+def load_for_inference(spec, quantize: str, device: str, dtype: str, allow_pickle: bool = False,
+                       chosen_by_run: bool = False):
     """(model, tokenizer, dtype name) for eval and generate: the base dense in `dtype` on `device`
-    (see models.inference_placement), or in 4/8 bits computing in bfloat16."""
+    (see models.inference_placement), or in 4/8 bits computing in bfloat16. `chosen_by_run`: the
+    bits are the adapter's run's, not a --quantize the user gave (a refusal says how to leave them)."""
     from lorakit import models
 
     if quantize == "none":
@@ -141,7 +143,13 @@ def load_for_inference(spec, quantize: str, device: str, dtype: str, allow_pickl
                                                               allow_pickle=allow_pickle)
         return model, tokenizer, dtype
     placement, _ = models.inference_placement(device, "bfloat16")
-    model, tokenizer, _ = load_quantized(spec, quantize, allow_pickle, device=placement)
+    try:
+        model, tokenizer, _ = load_quantized(spec, quantize, allow_pickle, device=placement)
+    except ConfigError as exc:
+        if not chosen_by_run:
+            raise
+        raise ConfigError(f"{exc}. The {quantize} base is the one the adapter's run trained on (its config.yaml): "
+                          "--quantize none loads the full-precision base instead") from None
     return model, tokenizer, str(COMPUTE_DTYPE).removeprefix("torch.")
 
 

@@ -128,6 +128,12 @@ def test_dollys_context_is_the_instruction_s_input_and_unread_columns_are_named(
                                            "'context'; columns not read: 'category'")
     unread = tokenize_records(ds([{"instruction": "a", "output": "b", "history": [["q", "r"]]}]), chatml)
     assert unread.stats.format_note.endswith("; columns not read: 'history'")
+    both = tokenize_records(ds([{"instruction": "say", "input": "x", "context": "y", "output": "z"}]), chatml)
+    assert "user\nsay\n\nx\n\ny<|im_end|>" in render_marked(one(both), chatml)  # neither dropped
+    from lorakit.data.formats import _detect
+
+    assert _detect(["input", "output", "text"])[0] == "text"  # a text column still wins over input/output
+    assert _detect(["instruction", "prompt", "response"])[1].endswith("columns 'prompt', 'response'")  # as before
 
 
 def test_instruction_fallback_template_without_chat_template(plain):

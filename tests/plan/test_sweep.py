@@ -75,8 +75,8 @@ def test_a_point_far_slower_than_the_others_is_named():
 def test_a_best_point_within_a_percent_of_others_is_called_too_close():
     """A UX hunt's sweep named a best point 0.004 below the next on two eval records, as a verdict."""
     def report(best, **losses):
-        return {"metric": "final_eval_loss", "best": best,
-                "points": [{"point": {"slug": slug}, "summary": {"final_eval_loss": loss}} for slug, loss in losses.items()]}
+        points = [{"point": {"slug": slug}, "summary": {"final_eval_loss": loss}} for slug, loss in losses.items()]
+        return {"metric": "final_eval_loss", "best": best, "points": points}
 
     note = close_call_note(report("r8", r8=2.000, r16=2.015, r64=2.5))
     assert note.startswith("r8 (2.0000) is within 1% of r16 (2.0150) on final_eval_loss: too close to call") \

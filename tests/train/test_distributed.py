@@ -213,6 +213,7 @@ def test_a_quiet_rank_leaves_rank_0_time_to_say_the_error_they_share(monkeypatch
 
     waits = []
     monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setattr(cli.signal, "signal", lambda signum, handler: None)  # pytest's own handler stays
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert main(["train", "--lr", "-1"]) == 2 and waits == []  # no torchrun agent: nobody stops the rest
@@ -514,8 +515,16 @@ def test_only_a_restart_of_the_job_that_wrote_the_run_resumes_it(tmp_path, monke
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")  # a restart of another job: its flags too
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert not resume_a_restarted_job(config) and config.output.overwrite
+    monkeypatch.setenv("WORLD_SIZE", "4")  # two nodes of 2: each node's torchrun counts its own restarts
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    assert not resume_a_restarted_job(config) and config.output.overwrite
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert resume_a_restarted_job(config) and config.output.resume and not config.output.overwrite
+    (tmp_path / "config.yaml").write_text(f"{JOB_LINE}none\nlora: {{r: 8}}\n")  # torchrun's id when none given:
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # shared by every launch, so no job at all
+    config.output.resume, config.output.overwrite = False, True
+    assert not resume_a_restarted_job(config) and config.output.overwrite
 
 
 def test_torchruns_restarts_resume_the_job_they_restart(tiny, tmp_path):

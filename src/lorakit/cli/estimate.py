@@ -146,7 +146,8 @@ def _fill_settings(args: argparse.Namespace) -> None:
         from_config.update(fast_paths=False, fused_loss=False)
     if args.fast_paths is False:  # train without its fast paths has no chunked loss either
         from_config["fused_loss"] = False
-    if args.device == "cpu":  # what lorakit train loads on this CPU (a config's "auto" too), as recommend plans
+    quantized = (args.quantize or from_config.get("quantize", "none")) != "none"
+    if args.device == "cpu" and not quantized:  # what lorakit train loads on this CPU (a config's "auto" too)
         from lorakit.models import training_dtype
 
         from_config.setdefault("dtype", training_dtype("auto", "cpu"))
@@ -291,9 +292,9 @@ def _memory_table(result):
     table.add_row("[bold]total (timeline peak)[/]", f"[bold]{gib(off.total):.2f}[/]", f"[bold]{gib(on.total):.2f}[/]")
     if on.offloaded_to_host:
         table.add_row("in host memory: offloaded layer inputs", "0.00", f"{gib(on.offloaded_to_host):.2f}")
-    table.caption = ("allocated bytes; the process's resident memory adds Python, torch and the data" if s.device == "cpu"
-                     else "allocated bytes; the CUDA context (~0.5 GiB), library workspaces and allocator "
-                     "fragmentation come on top")
+    cpu = "allocated bytes; the process's resident memory adds Python, torch and the data"
+    gpu = "allocated bytes; the CUDA context (~0.5 GiB), library workspaces and allocator fragmentation come on top"
+    table.caption = cpu if s.device == "cpu" else gpu
     return table
 
 

@@ -136,7 +136,9 @@ def _served_base(args: argparse.Namespace, gguf: bool) -> str:
         from lorakit.models import builtin_gguf_path
 
         return str(builtin_gguf_path() if gguf else converted_gguf_dir(builtin_gguf_path()))
-    return "BASE.gguf" if gguf else str(base)
+    if gguf:
+        return str(base) if str(base).lower().endswith(".gguf") else "BASE.gguf"
+    return str(Path(base).parent) if Path(base).name == "config.json" else str(base)  # --model may name its config
 
 
 def export_merged(adapter_dir: Path, output_dir: Path, base: str | None = None, allow_pickle: bool = False,

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     model, tokenizer, _ = load_for_inference(args.model or base_model_for(args.adapter), quantize, args.device,
-                                             args.dtype, args.allow_pickle)
+                                             args.dtype, args.allow_pickle, chosen_by_run=args.quantize is None)
     system = args.system
     if args.adapter:
         adapters = AdapterSet(model, allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle)

@@ -7,8 +7,9 @@ instruction field pair -> instruction, ``text`` -> text):
   A text longer than ``seq_len`` becomes several examples (``_text_pieces``), not one cut short.
 - ``instruction``: ``instruction`` + ``output`` or ``response`` (optional ``input``, or Dolly's
   ``context``, appended to the instruction after a blank line), or the pairs ``prompt``/``response``,
-  ``question``/``answer``, ``prompt``/``completion``, ``query``/``response``, ``input``/``output``;
-  optional ``system``. The stats name the columns a format leaves unread. Rendered as a one-turn chat (below). TRL's
+  ``question``/``answer``, ``prompt``/``completion``, ``query``/``response``, and ``input``/``output``
+  where there is no ``text`` column; optional ``system``. The stats name the columns a format
+  leaves unread. Rendered as a one-turn chat (below). TRL's
   conversational prompt/completion (both lists of {role, content} turns) is read as a chat in
   which only the completion's turns train.
 - ``chat``: ``messages`` = [{role, content}] with roles system/user/assistant (content a string,
@@ -70,8 +71,10 @@ from lorakit.data.messages import CONTEXT_FIELDS, UNTRAINED, chat_messages, fiel
 from lorakit.data.reading import RecordSet, SourceFile, locate, name_datasets_cache_failures
 from lorakit.errors import ConfigError, DataError
 
-INSTRUCTION_FIELDS = (("instruction", "output"), ("instruction", "response"), ("prompt", "response"),
-                      ("question", "answer"), ("prompt", "completion"), ("query", "response"), ("input", "output"))
+INSTRUCTION_FIELDS = (("instruction", "output"), ("prompt", "response"), ("question", "answer"),
+                      ("prompt", "completion"), ("instruction", "response"), ("query", "response"))
+# a pair weaker than a `text` column: [input, output, text] stays text, as it was read before
+INPUT_OUTPUT = ("input", "output")
 CHAT_COLUMNS = ("messages", "conversations")
 TOKENIZE_REVISION = 4  # bump when the tokenised output changes, to invalidate datasets' cache (2: the straddling
 # answer token trained; slow tokenizers place spans by decoding; 3: no whitespace after an end-of-turn token;
@@ -139,14 +142,15 @@ def _detect(columns: list[str]) -> tuple[str, str]:
     for name in CHAT_COLUMNS:
         if name in columns:
             return "chat", f"auto-detected chat from column '{name}'"
-    pair = _instruction_pair(columns)
+    pair = _instruction_pair(columns, with_input_output=False)
     if pair:
         # Alpaca's optional `input` (Dolly's `context`) is added to the instruction (messages.py): name it
-        context = next((c for c in CONTEXT_FIELDS if c in columns), None) if pair[0] == "instruction" else None
-        extra = f", '{context}'" if context else ""
+        extra = "".join(f", '{c}'" for c in CONTEXT_FIELDS if c in columns) if pair[0] == "instruction" else ""
         return "instruction", f"auto-detected instruction from columns '{pair[0]}', '{pair[1]}'{extra}"
     if "text" in columns:
         return "text", "auto-detected text from column 'text'"
+    if all(c in columns for c in INPUT_OUTPUT):
+        return "instruction", "auto-detected instruction from columns 'input', 'output'"
     raise DataError(
         f"cannot tell the data format from the columns {columns}; expected 'messages' or "
         f"'conversations' (chat), {_pairs_text()} (instruction), or 'text' (text)"
@@ -172,18 +176,19 @@ def _refuse_mixed_formats(sources: Sequence[SourceFile]) -> None:
                         "format and field names, or train on one kind at a time")
 
 
-def _instruction_pair(columns: Sequence[str]) -> tuple[str, str] | None:
-    return next((p for p in INSTRUCTION_FIELDS if p[0] in columns and p[1] in columns), None)
+def _instruction_pair(columns: Sequence[str], with_input_output: bool = True) -> tuple[str, str] | None:
+    pairs = (*INSTRUCTION_FIELDS, INPUT_OUTPUT) if with_input_output else INSTRUCTION_FIELDS
+    return next((p for p in pairs if p[0] in columns and p[1] in columns), None)
 
 
 def _pairs_text() -> str:
-    return " or ".join(f"'{a}'+'{b}'" for a, b in INSTRUCTION_FIELDS)
+    return " or ".join(f"'{a}'+'{b}'" for a, b in (*INSTRUCTION_FIELDS, INPUT_OUTPUT))
 
 
 def _resolve_format(columns: list[str], fmt: str) -> tuple[str, tuple[str, ...], str]:
     """(format, the columns it reads, a note saying how it was chosen and which columns it leaves)."""
     fmt, fields, note = _format_and_fields(columns, fmt)
-    read = {*fields, "system", *(CONTEXT_FIELDS if fields[0] == "instruction" else ())}
+    read = {*fields, *(("system",) if fmt != "text" else ()), *(CONTEXT_FIELDS if fields[0] == "instruction" else ())}
     unread = [c for c in columns if c not in read]
     return fmt, fields, note + (f"; columns not read: {', '.join(map(repr, unread))}" if unread else "")
 

@@ -42,7 +42,8 @@ def field_text(row: dict, name: str, index: int, enc: Reader) -> str:
         return str(value)
     if not isinstance(value, str):
         kind = type(value).__name__
-        got = "is missing or null" if value is None else f"is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a string"
+        article = "an" if kind[0] in "aeiou" else "a"
+        got = "is missing or null" if value is None else f"is {article} {kind}, not a string"
         raise DataError(
             f"{enc.where(index)}: field '{name}' {got}; format {enc.fmt} expects the fields "
             f"{', '.join(enc.fields)}{_fields_of_another_format(row, enc)}"
@@ -65,10 +66,9 @@ def instruction_messages(row: dict, index: int, enc: Reader) -> list[dict]:
     if isinstance(row.get(prompt_field), list) and isinstance(row.get(answer_field), list):
         return _conversational_pair(row, index, enc)
     prompt = field_text(row, prompt_field, index, enc)
-    context = next((row[c] for c in CONTEXT_FIELDS if isinstance(row.get(c), str) and row[c].strip()), None) \
-        if prompt_field == "instruction" else None
-    if context:
-        prompt = f"{prompt}\n\n{context}"
+    if prompt_field == "instruction":  # each context field given, after the instruction
+        given = [row[c] for c in CONTEXT_FIELDS if isinstance(row.get(c), str) and row[c].strip()]
+        prompt = "\n\n".join([prompt, *given])
     messages = [{"role": "user", "content": prompt},
                 {"role": "assistant", "content": field_text(row, answer_field, index, enc)}]
     return _with_system(row, messages)

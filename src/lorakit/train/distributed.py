@@ -107,9 +107,10 @@ def _store_of_this_attempt(rank: int, size: int) -> dict:
     """init_process_group's store where torchrun restarted the workers (--max-restarts): torchrun
     keeps one store for every attempt, and the new processes read the dead ones' addresses left
     in it (connection refused, or a hang). Keys under a prefix of the attempt's own keep them
-    apart; a first attempt takes torchrun's store as it is."""
+    apart; a first attempt takes torchrun's store as it is, as do jobs over several nodes (each
+    node's torchrun counts its own restarts: the prefixes would differ)."""
     restarts = host.torchrun_restarts()
-    if restarts == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    if restarts == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not host.one_node():
         return {}  # no attempt before, or one whose store died with its rank 0
     from torch.distributed.constants import default_pg_timeout
 

@@ -556,8 +556,9 @@ def write_config(out: Path, config: RunConfig) -> None:
 def resume_a_restarted_job(config: RunConfig) -> bool:
     """torchrun --max-restarts restarts the same command after a worker died: where this job's
     earlier attempt wrote --output's run (config.yaml names the job), the restart resumes it (and
-    an --overwrite is not done twice). A folder another job wrote keeps the command's own flags."""
-    if host.torchrun_restarts() < 1 or host.torchrun_job() is None:
+    an --overwrite is not done twice). A folder another job wrote keeps the command's own flags, as
+    do jobs over several nodes (each node's torchrun counts its own restarts: ranks would differ)."""
+    if host.torchrun_restarts() < 1 or host.torchrun_job() is None or not host.one_node():
         return False
     try:
         with open(Path(config.output.output) / "config.yaml", encoding="utf-8") as saved:
