@@ -36,9 +36,10 @@ class Reader(Protocol):
     def where(self, index: int) -> str: ...
 
 
-def field_text(row: dict, name: str, index: int, enc: Reader) -> str:
+def field_text(row: dict, name: str, index: int, enc: Reader, label: bool = False) -> str:
+    """The field's string; `label`: an answer, where an integer (a class label) reads as its digits."""
     value = row.get(name)
-    if isinstance(value, int) and not isinstance(value, bool) and enc.fmt == "instruction":  # a class label
+    if label and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
         kind = type(value).__name__
@@ -70,7 +71,7 @@ def instruction_messages(row: dict, index: int, enc: Reader) -> list[dict]:
         given = [row[c] for c in CONTEXT_FIELDS if isinstance(row.get(c), str) and row[c].strip()]
         prompt = "\n\n".join([prompt, *given])
     messages = [{"role": "user", "content": prompt},
-                {"role": "assistant", "content": field_text(row, answer_field, index, enc)}]
+                {"role": "assistant", "content": field_text(row, answer_field, index, enc, label=True)}]
     return _with_system(row, messages)
 
 
