@@ -132,10 +132,14 @@ def _served_base(args: argparse.Namespace, gguf: bool) -> str:
 
     base = args.model or base_model_for([args.adapter])
     if base is None or names_the_builtin(base):
+        from lorakit.errors import LorakitError
         from lorakit.gguf_convert import converted_gguf_dir
         from lorakit.models import builtin_gguf_path
 
-        return str(builtin_gguf_path() if gguf else converted_gguf_dir(builtin_gguf_path()))
+        try:
+            return str(builtin_gguf_path() if gguf else converted_gguf_dir(builtin_gguf_path()))
+        except LorakitError:  # its package is not installed here: the export itself needs no base
+            return "BASE.gguf" if gguf else "BASE"
     if gguf:
         return str(base) if str(base).lower().endswith(".gguf") else "BASE.gguf"
     return str(Path(base).parent) if Path(base).name == "config.json" else str(base)  # --model may name its config
