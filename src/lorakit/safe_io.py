@@ -209,7 +209,7 @@ def read_json(path: str | os.PathLike) -> Any:
     """A UTF-8 JSON file's value. ValueError for bad JSON or UTF-8, a number too long to convert,
     or nesting beyond Python's recursion limit (json recurses once per level), as "nested too
     deeply"; OSError where the file cannot be read."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = Path(path).read_text(encoding="utf-8-sig")  # Windows editors may put a byte-order mark first
     try:
         return json.loads(text)
     except RecursionError:

@@ -172,6 +172,28 @@ def test_not_utf8_names_the_line(tmp_path, cache):
         assert f"{name} line {line}" in str(err.value)
 
 
+def test_a_utf8_byte_order_mark_is_read_past_in_every_text_kind(tmp_path, cache):
+    """Windows tools (Notepad, Excel's 'CSV UTF-8') write one; it must not reach a record or a column name."""
+    bom = "\ufeff"
+    (tmp_path / "d.jsonl").write_text(bom + "\n".join(json.dumps(r) for r in ROWS) + "\n", encoding="utf-8")
+    (tmp_path / "d.json").write_text(bom + json.dumps(ROWS), encoding="utf-8")
+    (tmp_path / "d.csv").write_text(bom + "instruction,output\nq0,a0\nq1,a1\nq2,a2\n", encoding="utf-8")
+    for name in ("d.jsonl", "d.json", "d.csv"):
+        part = only_part(read_records(tmp_path / name, cache_dir=cache))
+        assert part[:] == {"instruction": ["q0", "q1", "q2"], "output": ["a0", "a1", "a2"]}, name
+    (tmp_path / "d.txt").write_text(bom + "one\ntwo\n", encoding="utf-8")
+    assert only_part(read_records(tmp_path / "d.txt", cache_dir=cache))["text"][:] == ["one", "two"]
+
+
+def test_a_byte_order_mark_does_not_hide_a_bad_jsonl_line_or_a_json_array_of_values(tmp_path, cache):
+    (tmp_path / "d.jsonl").write_text("\ufeff" + json.dumps(ROWS[0]) + "\n{oops\n", encoding="utf-8")
+    with pytest.raises(DataError, match="d.jsonl line 2 is not valid JSON"):
+        read_records(tmp_path / "d.jsonl", cache_dir=cache)
+    (tmp_path / "d.json").write_text("\ufeff[1, 2, 3]", encoding="utf-8")
+    with pytest.raises(DataError, match="JSON array of values like 1"):
+        read_records(tmp_path / "d.json", cache_dir=cache)
+
+
 def test_utf16_is_named(tmp_path, cache):
     path = tmp_path / "d.jsonl"
     path.write_bytes('{"text": "hi"}\n'.encode("utf-16"))

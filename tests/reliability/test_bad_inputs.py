@@ -413,7 +413,6 @@ DATA_CASES = [
     Case("data-utf16", train(data="utf16.jsonl"), "is UTF-16 encoded", "convert it to UTF-8"),
     Case("data-latin1-jsonl", train(data="latin1.jsonl"), "line 1 is not valid UTF-8", "re-save the file as UTF-8"),
     Case("data-latin1-txt", train(data="latin1.txt"), "line 1 is not valid UTF-8", "re-save the file as UTF-8"),
-    Case("data-bom", train(data="bom.jsonl"), "starts with a byte-order mark", "UTF-8 without BOM"),
     Case("data-bad-json-line", train(data="bad_json_line.jsonl"), "line 3 is not valid JSON", "must be one JSON object"),
     Case("data-array-line", train(data="array_line.jsonl"), "line 2 is a JSON list, not an object", 'must look like {"text": "..."}'),
     Case("data-no-known-fields", train(data="no_known_fields.jsonl"), "cannot tell the data format", "expected 'messages'"),

@@ -164,7 +164,7 @@ def _validate(path: Path, kind: str) -> dict:
     _check_not_binary(path)
     if kind == "jsonl":
         _check_jsonl(path)
-        return {}
+        return {"encoding": "utf-8-sig"} if _starts_with_bom(path) else {}
     has_blank, digest = _check_utf8(path)
     if kind == "txt":
         return {"paragraphs": has_blank, "digest": digest}
@@ -188,6 +188,12 @@ def _cells_as_text(path: Path) -> dict:
         return {}  # pandas names unnamed columns itself: leave them to it
     features = datasets.Features({name: datasets.Value("string") for name in header})
     return {"features": features, "keep_default_na": False, "na_values": [""]}
+
+
+def _starts_with_bom(path: Path) -> bool:
+    """A UTF-8 byte-order mark, which Windows tools (Notepad, Excel's 'CSV UTF-8') put first."""
+    with open(path, "rb") as f:
+        return f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
 
 
 def _check_not_binary(path: Path) -> None:
@@ -255,8 +261,8 @@ def _check_jsonl(path: Path) -> None:
 
 def _parse_jsonl_line(path: Path, number: int, text: str) -> None:
     preview = text.strip()[:_PREVIEW]
-    if number == 1 and text.startswith("\ufeff"):
-        raise DataError(f"{path} starts with a byte-order mark (BOM); save it as UTF-8 without BOM")
+    if number == 1:  # Windows tools write a byte-order mark; the json builder is told to skip it
+        text = text.removeprefix("\ufeff")
     try:
         value = json.loads(text, object_pairs_hook=_refusing_repeated_keys)
     except json.JSONDecodeError as exc:
@@ -433,7 +439,7 @@ def _quiet_builders(path: Path):
 
 def _check_json_array_of_objects(path: Path) -> None:
     """A .json array must hold objects: datasets reads [1, 2, 3] as records of a made-up field."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         head = f.read(4096).lstrip()
     if head.startswith("[") and head[1:].lstrip()[:1] not in ("{", "]", ""):
         first = head[1:].lstrip().split(",")[0].split("]")[0].strip()[:20]
@@ -464,7 +470,7 @@ def _check_not_columns(path: Path) -> None:
 
 
 def _first_char(path: Path) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         while chunk := f.read(4096):
             if chunk.strip():
                 return chunk.strip()[0]
@@ -473,7 +479,7 @@ def _first_char(path: Path) -> str:
 
 # part of the .txt cache key: datasets hashes _text_examples by name, not by its code, so a change
 # to how .txt files are split must bump this or old caches would be reused
-TXT_SPLITTING = 2
+TXT_SPLITTING = 3
 
 
 def _load_text(path: Path, cache_dir, paragraphs: bool, digest: str) -> datasets.Dataset:
@@ -491,7 +497,7 @@ def _text_examples(path: str, paragraphs: bool, key: tuple):
     universal newlines: CRLF and CR end lines too."""
     del key  # only in the cache key
     block = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
         for line in f:
             if not paragraphs:
                 if line.strip():
