@@ -74,7 +74,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data: list[str] = opt([], "training data: .jsonl .json .csv .parquet .txt files or a `datasets` folder (default: the demo set)")
+    data: list[str] = opt([], "training data: .jsonl .json .csv .parquet .txt files, a folder of them, or a "
+                                  "`datasets` folder (default: the demo set)")
     format: str = opt("auto", "data format", choices=list(DATA_FORMATS))
     seq_len: int = opt(512, "maximum tokens per sequence")
     packing: bool = opt(True, "pack several examples into one sequence (no cross-example attention)")

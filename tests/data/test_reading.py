@@ -2,11 +2,13 @@
 
 import json
 import os
+from pathlib import Path
 
 import datasets
 import pytest
 
-from lorakit.data.reading import locate, read_records
+from lorakit.data.folders import folder_notices, split_of
+from lorakit.data.reading import BUILDERS, locate, read_records
 from lorakit.errors import DataError
 
 
@@ -104,6 +106,57 @@ def test_saved_dataset_and_dict(tmp_path, cache):
                                "test": datasets.Dataset.from_list(ROWS[2:])})
     dd.save_to_disk(str(tmp_path / "dict"))
     assert only_part(read_records(tmp_path / "dict", cache_dir=cache))["output"][:] == ["a0", "a1"]
+
+
+def test_a_folder_of_data_files_reads_them_in_name_order_skipping_hidden_and_other_files(tmp_path, cache):
+    folder = tmp_path / "copy_of_a_hub_repo"
+    (folder / "data").mkdir(parents=True)
+    (folder / ".git").mkdir()
+    write_jsonl(folder / "data" / "train-00001-of-00002.jsonl", ROWS[2:])
+    write_jsonl(folder / "data" / "train-00000-of-00002.jsonl", ROWS[:2])
+    write_jsonl(folder / ".git" / "stray.jsonl", [{"text": "not data"}])
+    (folder / "README.md").write_text("# card\n", encoding="utf-8")
+    recs = read_records(folder, cache_dir=cache)
+    assert [p[:]["output"] for p in recs.parts] == [["a0", "a1"], ["a2"]]
+    assert [src.path.name for src in recs.sources] == ["train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl"]
+    assert folder_notices([folder], BUILDERS) == [
+        f"data folder {folder}/: 2 .jsonl files read in name order "
+        "(data/train-00000-of-00002.jsonl, data/train-00001-of-00002.jsonl)"]
+
+
+def test_a_folder_holding_several_splits_is_refused_with_the_train_files_named(tmp_path, cache):
+    (tmp_path / "d").mkdir()
+    for name in ("train.jsonl", "validation.jsonl"):
+        write_jsonl(tmp_path / "d" / name, ROWS)
+    with pytest.raises(DataError, match="several splits: train \\(1 file\\), validation \\(1 file\\)") as err:
+        read_records(tmp_path / "d", cache_dir=cache)
+    assert f"--data {tmp_path / 'd' / 'train.jsonl'} (and another's to --eval-data)" in str(err.value)
+
+
+def test_a_folder_holding_several_kinds_of_file_is_refused(tmp_path, cache):
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "part1.jsonl", ROWS)
+    (tmp_path / "d" / "LICENSE.txt").write_text("MIT\n", encoding="utf-8")
+    with pytest.raises(DataError, match="2 kinds \\(1 .jsonl, 1 .txt\\)") as err:
+        read_records(tmp_path / "d", cache_dir=cache)
+    assert str(err.value).endswith(f"--data {tmp_path / 'd' / 'part1.jsonl'}")
+
+
+def test_a_folder_without_data_files_is_refused(tmp_path, cache):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.md").write_text("hi\n", encoding="utf-8")
+    with pytest.raises(DataError, match="holds no data files .* and is not a dataset saved with datasets' save_to_disk"):
+        read_records(tmp_path / "d", cache_dir=cache)
+
+
+@pytest.mark.parametrize("relative, split", [
+    ("data/train-00000-of-00002.parquet", "train"), ("validation/part-0.jsonl", "validation"),
+    ("dev.csv", "validation"), ("en/test_2023.jsonl", "test"), ("notes.jsonl", None),
+    ("dev/train_test_mix.jsonl", "validation"),  # the file names two splits: its folder decides
+    ("trainer_logs/x.jsonl", None),  # a word that starts like a split is not one
+])
+def test_the_split_a_files_path_names(relative, split):
+    assert split_of(Path(relative)) == split
 
 
 def test_saved_dict_without_train_split_is_an_error(tmp_path, cache):
@@ -238,12 +291,11 @@ def test_unsupported_extension(tmp_path, cache):
         read_records(path, cache_dir=cache)
 
 
-def test_folder_that_is_not_a_save(tmp_path, cache):
+def test_a_folder_that_is_not_a_save_stands_for_its_data_file(tmp_path, cache):
     folder = tmp_path / "plain"
     folder.mkdir()
     write_jsonl(folder / "d.jsonl", ROWS)
-    with pytest.raises(DataError, match="not a dataset saved"):
-        read_records(folder, cache_dir=cache)
+    assert only_part(read_records(folder, cache_dir=cache))["output"][:] == ["a0", "a1", "a2"]
 
 
 def test_an_empty_parquet_and_one_with_a_map_column_are_named(tmp_path, cache):

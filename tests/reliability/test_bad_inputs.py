@@ -434,7 +434,8 @@ DATA_CASES = [
     Case("data-unsupported-extension", train(data="data.xml"), "unsupported extension '.xml'", "use .jsonl"),
     Case("data-wrong-format-flag", train("--format", "instruction", data="chat_as_instruction.jsonl"),
          "format instruction needs the column(s)", "but the data has ['messages']"),
-    Case("data-folder-not-dataset", train(data="{tmp}"), "is a folder but not a dataset saved", "pass the data files inside it"),
+    Case("data-folder-not-dataset", train(data="{tmp}"), "holds no data files (.csv, .json, .jsonl, .parquet, .txt) "
+         "and is not a dataset saved", "pass the data files, or the folder save_to_disk wrote"),
     Case("data-eval-file-missing", train("--eval-data", "{tmp}/nope-eval.jsonl"), "nope-eval.jsonl does not exist", "check the path"),
 ]
 

@@ -1,10 +1,10 @@
 """Read training records from files with Hugging Face `datasets`.
 
-Inputs: one or more ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` or ``.txt`` files, or a folder
-written by ``datasets.Dataset.save_to_disk``. Each file is loaded on its own (``datasets``
-converts it to Arrow in its cache and memory-maps it, so files larger than RAM work) and the
-parts are kept in the order given, one dataset per file (tokenised one at a time later, so
-files whose columns differ in type still combine).
+Inputs: one or more ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` or ``.txt`` files, a folder
+written by ``datasets.Dataset.save_to_disk``, or a folder of data files (data/folders.py). Each
+file is loaded on its own (``datasets`` converts it to Arrow in its cache and memory-maps it, so
+files larger than RAM work) and the parts are kept in the order given, one dataset per file
+(tokenised one at a time later, so files whose columns differ in type still combine).
 
 ``datasets`` reports malformed input with errors that rarely name the line, so every text file
 is first streamed once, cheaply, to check what ``datasets`` would choke on::
@@ -42,6 +42,7 @@ from typing import Sequence
 
 import datasets
 
+from lorakit.data import folders
 from lorakit.errors import DataError, OutputError
 from lorakit.safe_io import os_error_words, read_json
 
@@ -108,12 +109,19 @@ def read_records(
         raise DataError("no data files given; pass at least one .jsonl/.json/.csv/.parquet/.txt file")
     parts, sources, start = [], [], 0
     for raw in paths:
-        path = Path(raw)
-        ds, kind = _read_one(path, cache_dir)
-        parts.append(ds)
-        sources.append(SourceFile(path, kind, start, len(ds), tuple(ds.column_names)))
-        start += len(ds)
+        for path in _files_of(Path(raw)):
+            ds, kind = _read_one(path, cache_dir)
+            parts.append(ds)
+            sources.append(SourceFile(path, kind, start, len(ds), tuple(ds.column_names)))
+            start += len(ds)
     return RecordSet(parts, sources)
+
+
+def _files_of(path: Path) -> list[Path]:
+    """A folder of data files (not a saved dataset) stands for its files (data/folders.py)."""
+    if not path.is_dir() or folders.is_saved_dataset(path):
+        return [path]
+    return folders.data_files_in(path, BUILDERS)
 
 
 def _hub_dataset_hint(path: Path) -> str:
@@ -512,11 +520,6 @@ def _text_examples(path: str, paragraphs: bool, key: tuple):
 
 
 def _load_saved(folder: Path) -> datasets.Dataset:
-    if not ((folder / "state.json").exists() or (folder / "dataset_dict.json").exists()):
-        raise DataError(
-            f"{folder} is a folder but not a dataset saved with datasets' save_to_disk "
-            "(no state.json or dataset_dict.json); pass the data files inside it instead"
-        )
     try:
         loaded = datasets.load_from_disk(str(folder))
     except Exception as exc:  # a damaged save: name the folder rather than leak internals

@@ -26,7 +26,8 @@ from lorakit import host
 from lorakit.config import RunConfig, lora_config, save_yaml
 from lorakit.data.examples import TokenizedData, split_eval
 from lorakit.data.formats import pad_token_id, tokenize_records
-from lorakit.data.reading import read_records
+from lorakit.data.folders import folder_notices
+from lorakit.data.reading import BUILDERS, read_records
 from lorakit.errors import ConfigError, OutputError
 from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
@@ -202,7 +203,8 @@ def prepare(config: RunConfig) -> Prepared:
     train, evaluation = distributed.main_first(lambda: load_data(config, tokenizer), others_too=True)  # one fills the cache
     check_vocabulary(model, tokenizer, train, evaluation)
     longest = longest_example(train, evaluation)
-    notices = packing_notice(config, model, longest)  # first: whether rows are packed decides their length
+    notices = folder_notices(config.data.data + config.data.eval_data, BUILDERS)
+    notices += packing_notice(config, model, longest)  # whether rows are packed decides their length
     notices += context_notice(model, longest) + dtype_notice(config, model) + resolve_targets(config, model)
     apply_lora(model, lora_config(config))
     if lora_report(model).trainable_params == 0:
