@@ -359,14 +359,26 @@ def test_files_of_different_formats_are_named_together(chatml, tmp_path):
     more.write_text(json.dumps({"instruction": "c", "input": "d", "output": "e"}) + "\n")
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
                                              {"role": "assistant", "content": "b"}]}) + "\n")
-    with pytest.raises(DataError, match=r"different fields \(.*i.jsonl: instruction \(instruction, output\), "
+    with pytest.raises(DataError, match=r"different formats \(.*i.jsonl: instruction \(instruction, output\), "
                                         r".*c.jsonl: chat \(messages\)\)"):
         tokenize_records(read_records([instruction, chat]), chatml)
-    completion = tmp_path / "p.jsonl"
-    completion.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
-    with pytest.raises(DataError, match=r"p.jsonl: instruction \(prompt, completion\)"):
-        tokenize_records(read_records([instruction, completion]), chatml)
     assert len(tokenize_records(read_records([instruction, more]), chatml).dataset) == 2  # extra fields are fine
+
+
+def test_instruction_files_that_name_their_fields_differently_are_each_read_through_their_own(chatml, tmp_path):
+    dolly, alpaca = tmp_path / "dolly.jsonl", tmp_path / "alpaca.jsonl"
+    dolly.write_text(json.dumps({"instruction": "Name a colour.", "context": "Sky.", "response": "Blue."}) + "\n")
+    alpaca.write_text(json.dumps({"instruction": "Name a fruit.", "input": "", "output": "Pear."}) + "\n")
+    both = tokenize_records(read_records([dolly, alpaca]), chatml)
+    alone = [tokenize_records(read_records(path), chatml) for path in (dolly, alpaca)]
+    assert both.dataset["input_ids"] == [ids for one in alone for ids in one.dataset["input_ids"]]
+    assert both.dataset["labels"] == [labels for one in alone for labels in one.dataset["labels"]]
+    assert both.stats.format_note == "; ".join(f"{name}: {one.stats.format_note}"
+                                               for name, one in zip(("dolly.jsonl", "alpaca.jsonl"), alone))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "Name a tree.", "answer": "Oak."}) + "\n")
+    chosen = tokenize_records(read_records([qa, alpaca]), chatml, fmt="instruction")  # a chosen format, too
+    assert len(chosen.dataset) == 2 and all(sum(x != -100 for x in labels) for labels in chosen.dataset["labels"])
 
 
 def test_chosen_format_needs_its_columns(chatml):

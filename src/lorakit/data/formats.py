@@ -157,23 +157,28 @@ def _detect(columns: list[str]) -> tuple[str, str]:
     )
 
 
-def _refuse_mixed_formats(sources: Sequence[SourceFile]) -> None:
-    """Files read through different fields (instruction beside chat, instruction/output beside
-    prompt/completion) would all be read through the first file's, and the others' rows blamed
-    for lacking them."""
-    if len(sources) < 2:
-        return
-    found = {}
-    for src in sources:
-        try:
-            fmt, fields, _ = _resolve_format(list(src.columns), "auto")
-        except DataError as exc:
-            raise DataError(f"{src.path}: {exc}") from None
-        found[src.path] = f"{fmt} ({', '.join(fields)})"
-    if len(set(found.values())) > 1:
-        listed = ", ".join(f"{path}: {how}" for path, how in found.items())
-        raise DataError(f"the data files are read through different fields ({listed}); give every file the same "
-                        "format and field names, or train on one kind at a time")
+def _per_file_reading(records: RecordSet, fmt: str) -> tuple[str, list[tuple[str, ...]], str]:
+    """(the format, each file's fields, the note): files may name their fields differently
+    (instruction/output beside question/answer), each read through its own; files of different
+    formats (instruction beside chat or text) are refused, since a run trains one format."""
+    sources = records.sources if len(records.sources) == len(records.parts) else [None] * len(records.parts)
+    readings = [_file_reading(part.column_names, fmt, src) for part, src in zip(records.parts, sources)]
+    formats = {reading[0] for reading in readings}
+    if len(formats) > 1:
+        listed = ", ".join(f"{src.path}: {f} ({', '.join(fields)})" for src, (f, fields, _) in zip(sources, readings))
+        raise DataError(f"the data files hold different formats ({listed}); give every file the same format, or "
+                        "train on one kind at a time")
+    notes = [note for _, _, note in readings]
+    if len(set(notes)) > 1:
+        notes = [f"{src.path.name}: {note}" for src, note in zip(sources, notes)]
+    return formats.pop(), [fields for _, fields, _ in readings], "; ".join(dict.fromkeys(notes))
+
+
+def _file_reading(columns: list[str], fmt: str, src: SourceFile | None) -> tuple[str, tuple[str, ...], str]:
+    try:
+        return _resolve_format(columns, fmt)
+    except DataError as exc:
+        raise DataError(f"{src.path}: {exc}" if src else str(exc)) from None
 
 
 def _instruction_pair(columns: Sequence[str], with_input_output: bool = True) -> tuple[str, str] | None:
@@ -369,13 +374,13 @@ def _system_digest(messages: list[dict]) -> str:
     return ""
 
 
-def _shared_system_turn(kept: datasets.Dataset, records: RecordSet, enc: _Encoder) -> str | None:
+def _shared_system_turn(kept: datasets.Dataset, records: RecordSet, encoders: list[_Encoder]) -> str | None:
     """The system turn every kept example's record opens with, when they all share one (None when
     they differ or have none): generate answers with it unless told otherwise."""
-    if enc.fmt == "text" or len(kept.unique("system")) != 1 or not kept[0]["system"]:
+    if encoders[0].fmt == "text" or len(kept.unique("system")) != 1 or not kept[0]["system"]:
         return None
     index = row = int(kept[0]["record"])
-    for part in records.parts:  # the record's file, and its row there
+    for part, enc in zip(records.parts, encoders):  # the record's file, and its row there
         if row < len(part):
             break
         row -= len(part)
@@ -416,22 +421,22 @@ def tokenize_records(
         raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
     if len(records) == 0:
         raise DataError("the data holds no records")
-    if fmt == "auto":
-        _refuse_mixed_formats(records.sources)
-    fmt, fields, note = _resolve_format(records.columns, fmt)
+    fmt, fields_per_file, note = _per_file_reading(records, fmt)
     template = chat_template_for(tokenizer)
     specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
     end_tokens = tuple(sorted({token for token in [tokenizer.eos_token, *specials] if token}))
-    enc = _Encoder(tokenizer, fmt, seq_len, train_on_inputs, template, fields, list(records.sources), end_tokens)
+    encoders = [_Encoder(tokenizer, fmt, seq_len, train_on_inputs, template, fields, list(records.sources),
+                         end_tokens) for fields in fields_per_file]
     mapped, first = [], 0
-    for part in records.parts:  # one file at a time: their tokenised columns always agree
+    for part, enc in zip(records.parts, encoders):  # one file at a time: their tokenised columns always agree
         with name_datasets_cache_failures():
             mapped.append(part.map(_encode_batch, fn_kwargs={"enc": enc, "first": first}, batched=True,
                                    with_indices=True, remove_columns=part.column_names, num_proc=num_proc,
                                    desc=f"Tokenizing ({fmt})"))
         first += len(part)
-    tokenized = _keep_trainable(datasets.concatenate_datasets(mapped) if len(mapped) > 1 else mapped[0], enc, note)
-    tokenized.system_turn = _shared_system_turn(tokenized.dataset, records, enc)
+    joined = datasets.concatenate_datasets(mapped) if len(mapped) > 1 else mapped[0]
+    tokenized = _keep_trainable(joined, encoders[0], note)
+    tokenized.system_turn = _shared_system_turn(tokenized.dataset, records, encoders)
     return tokenized
 
 
