@@ -377,6 +377,29 @@ def test_eval_reads_the_data_in_the_runs_format(tmp_path, capsys):
     assert "format instruction, where the run read its data as text: other examples than its eval loss's" in notes
 
 
+def test_eval_reads_the_data_through_the_runs_columns(tmp_path, capsys):
+    model = save_tiny_chat_model(tmp_path / "model")
+    data = tmp_path / "odd.jsonl"
+    data.write_text("".join(json.dumps({"q_text": f"define the word {w}", "target": f"a {w}"}) + "\n"
+                            for w in ("apple", "river", "stone", "cloud")))
+    assert main(["train", "--model", str(model), "--data", str(data), "--eval-data", str(data), "--columns",
+                 "instruction=q_text", "output=target", "--output", str(tmp_path / "run"), "--max-steps", "1",
+                 "--r", "4", "--seq-len", "64", "--dtype", "float32"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    capsys.readouterr()
+    adapter = str(tmp_path / "run" / "adapter")
+    assert main(["eval", "--adapter", adapter, "--data", str(data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["adapter_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-6)
+    assert any("columns ['instruction=q_text', 'output=target']" in note and "the run's own" in note
+               for note in result["notes"])
+    assert main(["eval", "--adapter", adapter, "--data", str(data), "--columns", "prompt=q_text",
+                 "completion=target", "--json"]) == 0  # the caller's own, instead
+    assert not any("columns" in note for note in json.loads(capsys.readouterr().out)["notes"])
+    assert main(["eval", "--adapter", adapter, "--data", str(data), "--columns", "output=nothing"]) == 2
+    assert "no data file has a column 'nothing'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["eval", "generate"])
 def test_eval_and_generate_load_the_base_as_train_does(monkeypatch, capsys, command):
     from lorakit import models

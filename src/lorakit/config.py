@@ -77,6 +77,8 @@ class DataConfig:
     data: list[str] = opt([], "training data: .jsonl .json .csv .parquet .txt files, a folder of them, or a "
                                   "`datasets` folder (default: the demo set)")
     format: str = opt("auto", "data format", choices=list(DATA_FORMATS))
+    columns: list[str] = opt([], "your columns under lorakit's names, FIELD=COLUMN pairs: instruction=question "
+                                 "output=answer (for columns no format recognises)")
     seq_len: int = opt(512, "maximum tokens per sequence")
     packing: bool = opt(True, "pack several examples into one sequence (no cross-example attention)")
     train_on_inputs: bool = opt(False, "train on prompt tokens too, not only the responses")
@@ -532,7 +534,7 @@ def validate(config: RunConfig) -> None:
         (not (d.eval_data and d.eval_split and config.sources.get("data.eval_split") == "flag"),  # a run's config.yaml holds both
          "--eval-split holds out part of the training data, and --eval-data names separate eval files: use one"),
     ]
-    problems += [message for ok, message in checks if not ok]
+    problems += [message for ok, message in checks if not ok] + _column_map_problems(d.columns)
     try:
         lora_config(config)
     except ConfigError as exc:
@@ -540,6 +542,16 @@ def validate(config: RunConfig) -> None:
         problems += [_engine_names_as_flags(p) for p in lora_problems if not _follows_from_another(p, config)]
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _column_map_problems(columns: list[str]) -> list[str]:
+    from lorakit.data.columns import column_map  # with the data code: not loaded for --help
+
+    try:
+        column_map(columns)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
 
 
 def _engine_names_as_flags(problem: str) -> str:

@@ -19,18 +19,19 @@ from lorakit.config import DATA_FORMATS
 from lorakit.errors import ConfigError
 
 # for an adapter whose run's config is not beside it
-EVAL_DEFAULTS = {"seq_len": 512, "train_on_inputs": False, "format": "auto"}
+EVAL_DEFAULTS = {"seq_len": 512, "train_on_inputs": False, "format": "auto", "columns": []}
 
 
 def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str], model: str | None = None,
                      fmt: str = "auto", seq_len: int | None = None, batch_size: int = 8, device: str = "auto",
                      dtype: str = "auto", allow_other_base: bool = False, allow_pickle: bool = False,
-                     train_on_inputs: bool | None = None, quantize: str | None = None) -> dict:
+                     train_on_inputs: bool | None = None, quantize: str | None = None,
+                     columns: Sequence[str] | None = None) -> dict:
     """{base_loss, base_perplexity, adapter_loss, adapter_perplexity, tokens, notes} over ``data``;
     ``model`` defaults to the adapter's base_model_name_or_path; ``seq_len`` None: the run's (its
     config.yaml beside the adapter), else 512. The run's train_on_inputs is kept (the same labels)
-    unless ``train_on_inputs`` says otherwise, and so is the base's quantisation unless ``quantize``
-    ("none", "4bit", "8bit") says otherwise.
+    unless ``train_on_inputs`` says otherwise, and so are its ``--columns`` and the base's quantisation
+    unless ``columns`` or ``quantize`` ("none", "4bit", "8bit") say otherwise.
     Without an adapter, ``model`` alone (a merged one, say): {model_loss, model_perplexity, tokens, notes}."""
     from lorakit.adapters import base_model_for, refuse_classifier_adapters
     from lorakit.lora import load_adapter
@@ -42,6 +43,9 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
     summary = _run_summary(adapter) if adapter else None
     seq_len, run, inputs_trained, label_notes = _labels_and_cut(adapter if summary else None, seq_len, train_on_inputs)
     fmt, format_notes = _data_format(fmt, run)
+    if columns is not None:
+        run.pop("columns", None)
+    columns = run.get("columns", []) if columns is None else columns
     _check_sizes(seq_len, batch_size)
     if adapter:
         refuse_classifier_adapters([adapter], "eval")
@@ -50,7 +54,7 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
     base_model, tokenizer, torch_dtype = load_for_inference(model or base_model_for([adapter]), quantize, device,
                                                             run_dtype or dtype, allow_pickle,
                                                             chosen_by_run=asked is None)
-    records, notes = _scored_records(base_model, tokenizer, data, fmt, seq_len, run, inputs_trained)
+    records, notes = _scored_records(base_model, tokenizer, data, fmt, seq_len, run, inputs_trained, columns)
     notes += label_notes + format_notes + quantize_notes
     notes += [f"dtype {run_dtype}, as the run trained (its summary.json); --dtype to choose another"] if run_dtype else []
     if adapter:
@@ -106,14 +110,15 @@ def _scores(model, records, settings, with_adapter: bool, torch_dtype) -> dict:
             "adapter_perplexity": tuned["perplexity"], "tokens": tuned["tokens"]}
 
 
-def _scored_records(model, tokenizer, data, fmt: str, seq_len: int, run: dict, inputs_trained: bool):
+def _scored_records(model, tokenizer, data, fmt: str, seq_len: int, run: dict, inputs_trained: bool, columns):
     """The data tokenised as the run's training would (the prompts' tokens scored or not), checked
     against the model; with the notes on what was skipped, cut or taken from the run."""
+    from lorakit.data.columns import rename_columns
     from lorakit.data.formats import tokenize_records
     from lorakit.data.reading import read_records
     from lorakit.train.run import check_vocabulary, context_notice, longest_example
 
-    records = tokenize_records(read_records(data), tokenizer, fmt, seq_len, inputs_trained)
+    records = tokenize_records(rename_columns(read_records(data), columns), tokenizer, fmt, seq_len, inputs_trained)
     check_vocabulary(model, tokenizer, records)
     notes = list(records.stats.warnings)  # records skipped, cut or split
     taken = {k: v for k, v in run.items() if v != EVAL_DEFAULTS[k]}
@@ -150,10 +155,11 @@ def _run_data_settings(adapter: str | os.PathLike) -> dict:
         data = load_yaml(Path(adapter).resolve().parent / "config.yaml").get("data", {})
     except LorakitError:  # a config edited since: score with the defaults
         return {}
-    seq_len, inputs, fmt = data.get("seq_len"), data.get("train_on_inputs"), data.get("format")
+    seq_len, inputs, fmt, columns = (data.get(key) for key in ("seq_len", "train_on_inputs", "format", "columns"))
     return {**({"seq_len": seq_len} if isinstance(seq_len, int) and seq_len >= 2 else {}),
             **({"train_on_inputs": inputs} if isinstance(inputs, bool) else {}),
-            **({"format": fmt} if fmt in DATA_FORMATS else {})}
+            **({"format": fmt} if fmt in DATA_FORMATS else {}),
+            **({"columns": columns} if isinstance(columns, list) and all(isinstance(c, str) for c in columns) else {})}
 
 
 def _refuse_non_finite(base_loss: float, adapter_loss: float | None, dtype) -> None:

@@ -354,6 +354,12 @@ CONFIG_CASES = [
 ]
 
 FLAG_CASES = [
+    Case("flag-columns-not-a-pair", train("--columns", "instruction"), "got 'instruction'",
+         "takes FIELD=COLUMN pairs (e.g. instruction=question output=answer)"),
+    Case("flag-columns-unknown-field", train("--columns", "prompt_text=question"), "'prompt_text' is not a field",
+         "map to one of text, messages"),
+    Case("flag-columns-missing-column", train("--columns", "output=answr"), "no data file has a column 'answr'",
+         "the files' columns:"),
     Case("flag-r-zero", train("--r", "0"), "got 0", "r must be a positive integer"),
     Case("flag-alpha-negative", train("--alpha", "-8"), "got -8", "alpha must be a positive number"),
     Case("flag-dropout-range", train("--dropout", "1.5"), "got 1.5", "dropout must be in [0, 1)"),

@@ -23,6 +23,9 @@ def register(subparsers, name: str, help_text: str) -> None:
                                    "--adapter, the model to score")
     p.add_argument("--format", default="auto", choices=DATA_FORMATS,
                    help="data format (default: the run's, from its config.yaml beside the adapter; else detected)")
+    p.add_argument("--columns", nargs="+", metavar="FIELD=COLUMN",
+                   help="your columns under lorakit's names, as train's --columns (default: the run's, from its "
+                        "config.yaml beside the adapter)")
     p.add_argument("--seq-len", type=int, help="maximum tokens per sequence (longer examples are cut; default: "
                                               "the run's, from its config.yaml beside the adapter, else 512)")
     p.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction,
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     use_threads(args)
     result = evaluate_adapter(args.adapter, args.data, model=args.model, fmt=args.format, seq_len=args.seq_len,
                               batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                              train_on_inputs=args.train_on_inputs, quantize=args.quantize,
+                              train_on_inputs=args.train_on_inputs, quantize=args.quantize, columns=args.columns,
                               allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps(result, indent=2))

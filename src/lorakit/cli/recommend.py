@@ -21,6 +21,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--data", nargs="+", action="extend", metavar="FILE", help="training data files (default: the built-in demo set)")
     p.add_argument("--eval-data", nargs="+", action="extend", metavar="FILE", help="evaluation data files (default: split off 5%%)")
     p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="data format")
+    p.add_argument("--columns", nargs="+", default=[], metavar="FIELD=COLUMN",
+                   help="your columns under lorakit's names, as train's --columns (written into the config)")
     p.add_argument("--task", default="domain", choices=list(TASK_PRESETS), help="the guide's preset to start from")
     p.add_argument("--gpu-memory", metavar="SIZE", help="plan for a GPU with this much memory, e.g. 24GiB")
     p.add_argument("--memory", metavar="SIZE", help="plan for CPU training with this much RAM (default: this machine's)")
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                           "choose another path, or leave the flag out")
     run_output = args.run_output or (f"runs/{Path(args.output).stem}" if args.output else "runs/lorakit")
     budget = make_budget(args.device, args.gpu_memory, args.memory)
-    rec = recommend(args.model, args.data, args.task, budget, args.format, args.eval_data, run_output)
+    rec = recommend(args.model, args.data, args.task, budget, args.format, args.eval_data, run_output, args.columns)
     if args.output:
         with translate_os_errors(args.output):  # a new folder for it, as the other outputs get one
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -153,7 +153,8 @@ def _detect(columns: list[str]) -> tuple[str, str]:
         return "instruction", "auto-detected instruction from columns 'input', 'output'"
     raise DataError(
         f"cannot tell the data format from the columns {columns}; expected 'messages' or "
-        f"'conversations' (chat), {_pairs_text()} (instruction), or 'text' (text)"
+        f"'conversations' (chat), {_pairs_text()} (instruction), or 'text' (text); or name yours with "
+        "--columns FIELD=COLUMN (e.g. --columns instruction=question output=answer)"
     )
 
 

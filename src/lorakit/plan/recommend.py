@@ -26,7 +26,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -325,17 +325,19 @@ def model_facts(spec: str | None) -> ModelFacts:
 
 def profile_data(paths: list[str], tokenizer: Any, fmt: str, max_positions: int | None,
                  train_on_inputs: bool = False, token_rows: int | None = None,
-                 eval_split: float = 0.0, seed: int = 0) -> DataProfile:
+                 eval_split: float = 0.0, seed: int = 0, columns: Sequence[str] = ()) -> DataProfile:
     """Token counts with the real tokenizer and chat template, examples uncut (up to the context),
     of the part that trains: with `eval_split` > 0, what is left after train's own split (same
     seed, same records held out). Refused where a token id has no row of the model's `token_rows`
     (training would fail)."""
+    from lorakit.data.columns import rename_columns
     from lorakit.data.examples import split_eval
     from lorakit.data.formats import tokenize_records
     from lorakit.data.reading import read_records
     from lorakit.model_limits import check_token_ids
 
-    data = tokenize_records(read_records(paths), tokenizer, fmt, max_positions or ROUND_LENGTHS[-1], train_on_inputs)
+    records = rename_columns(read_records(paths), columns)
+    data = tokenize_records(records, tokenizer, fmt, max_positions or ROUND_LENGTHS[-1], train_on_inputs)
     check_token_ids(token_rows, tokenizer, data.stats.largest_token_id, "the tokenised data holds")
     held_out = 0
     if eval_split > 0:
@@ -364,7 +366,7 @@ def packed_rows(lengths: np.ndarray, seq_len: int, seed: int) -> int:
 
 def recommend(model: str | None = None, data: list[str] | None = None, task: str = "domain",
               budget: DeviceMemory | None = None, fmt: str = "auto", eval_data: list[str] | None = None,
-              run_output: str = "runs/lorakit") -> Recommendation:
+              run_output: str = "runs/lorakit", columns: Sequence[str] = ()) -> Recommendation:
     """The whole recommendation. data None: the built-in demo set (as `lorakit train`)."""
     if task not in TASK_PRESETS:
         raise ConfigError(f"--task must be one of {', '.join(TASK_PRESETS)}, got {task!r}")
@@ -374,14 +376,15 @@ def recommend(model: str | None = None, data: list[str] | None = None, task: str
     from lorakit.models import load_tokenizer
 
     profile = profile_data(data, load_tokenizer(model), fmt, facts.max_positions, token_rows=facts.token_rows,
-                           eval_split=0.0 if eval_data else DataConfig().eval_split, seed=TrainConfig().seed)
+                           eval_split=0.0 if eval_data else DataConfig().eval_split, seed=TrainConfig().seed,
+                           columns=columns)
     if eval_data:  # read now: a config naming an unreadable file would fail only when train starts
         from lorakit.data.reading import read_records
 
         read_records(eval_data)
     choices, memory = plan_choices(task, profile, facts, budget)
     notes = [facts.shape_note] if facts.shape_note else []
-    config = build_config(_model_spec(model), data, eval_data, fmt, task, choices, run_output)
+    config = build_config(_model_spec(model), data, eval_data, fmt, task, choices, run_output, columns)
     return Recommendation(config, choices, profile, facts, budget, memory, notes)
 
 
@@ -545,9 +548,10 @@ def _memory_function(shape: Any, seq_len: int, r: int, device: str, quantize: st
 
 
 def build_config(model: str | None, data: list[str], eval_data: list[str], fmt: str, task: str,
-                 choices: list[Choice], run_output: str) -> RunConfig:
+                 choices: list[Choice], run_output: str, columns: Sequence[str] = ()) -> RunConfig:
     """A RunConfig from the choices, through the same resolve() that `lorakit train` uses."""
-    values: dict[str, dict] = {"model": {"name": model}, "data": {"data": data, "format": fmt, "eval_data": eval_data},
+    values: dict[str, dict] = {"model": {"name": model},
+                               "data": {"data": data, "format": fmt, "eval_data": eval_data, "columns": list(columns)},
                                "lora": {"task": task}, "train": {"max_steps": None}, "output": {"output": run_output}}
     for choice in choices:
         section, name = choice.key.split(".")

@@ -24,6 +24,7 @@ import torch
 
 from lorakit import host
 from lorakit.config import RunConfig, lora_config, save_yaml
+from lorakit.data.columns import rename_columns
 from lorakit.data.examples import TokenizedData, split_eval
 from lorakit.data.formats import pad_token_id, tokenize_records
 from lorakit.data.folders import folder_notices
@@ -112,9 +113,11 @@ def check_vocabulary(model, tokenizer, train: TokenizedData, evaluation: Tokeniz
 
 def load_data(config: RunConfig, tokenizer) -> tuple[TokenizedData, TokenizedData | None]:
     d = config.data
-    train = tokenize_records(read_records(d.data), tokenizer, d.format, d.seq_len, d.train_on_inputs)
+    train = tokenize_records(rename_columns(read_records(d.data), d.columns), tokenizer, d.format, d.seq_len,
+                             d.train_on_inputs)
     if d.eval_data:
-        evaluation = tokenize_records(read_records(d.eval_data), tokenizer, d.format, d.seq_len, d.train_on_inputs)
+        evaluation = tokenize_records(rename_columns(read_records(d.eval_data), d.columns), tokenizer, d.format,
+                                      d.seq_len, d.train_on_inputs)
         return train, evaluation
     if d.eval_split <= 0:
         return train, None
