@@ -111,6 +111,7 @@ def test_bad_yaml_is_one_clear_error(tmp_path, text, message):
 @pytest.mark.parametrize("text,named", [
     ("learning_rate: 0.001\n", "learning_rate (lorakit's name: lr)"),  # transformers' / Axolotl's name
     ("lora: {lora_alpha: 32}\n", "lora.lora_alpha (lorakit's name: alpha)"),
+    ("data: {field_instruction: question}\n", "data.field_instruction (lorakit's name: columns)"),  # Axolotl's
     ("train: {gradient_acumulation_steps: 2}\n", "train.gradient_acumulation_steps (lorakit's name: grad_accum)"),
     ("train: {bach_size: 2}\n", "train.bach_size (did you mean batch_size?)"),
     ("train: {r: 8}\n", "train.r (lorakit's r goes under lora: or at the top level)"),

@@ -18,6 +18,8 @@ PEER_NAMES = {
     "sequence_len": "seq_len", "max_seq_length": "seq_len", "max_seq_len": "seq_len", "cutoff_len": "seq_len",
     "max_length": "seq_len", "sample_packing": "packing",
     "val_set_size": "eval_split", "val_size": "eval_split",
+    "field_instruction": "columns", "field_input": "columns", "field_output": "columns", "field_system": "columns",
+    "field_messages": "columns", "column_mapping": "columns",
     "lora_r": "r", "rank": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
     "target_modules": "targets", "lora_target": "targets", "lora_target_modules": "targets",
     "lora_attn_modules": "targets", "lora_target_linear": "targets",
