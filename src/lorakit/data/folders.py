@@ -45,8 +45,8 @@ def data_files_in(folder: Path, extensions) -> list[Path]:
 
 
 def folder_notices(paths, extensions) -> list[str]:
-    """`--data data/: the 3 .parquet files in it, in name order` for each folder of files given (the
-    run prints it: a stray file read as data would otherwise go unseen)."""
+    """`data folder hub/: 2 .parquet files read in name order (data/train-0.parquet, ...)` for each
+    folder of files given (the run prints it: a stray file read as data would otherwise go unseen)."""
     notices = []
     for path in map(Path, paths):
         if path.is_dir() and not is_saved_dataset(path):
