@@ -5,16 +5,30 @@ from __future__ import annotations
 import torch
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
+def generate_text(model, tokenizer, prompt: str | list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
                   stream: bool = False, raw: bool = False, system: str | None = None) -> str:
     """Render `prompt` like the training data (chat template when there is one, with `system` as
     its system turn: the template's own default where None) and continue it."""
+    ids = prompt_ids(model, tokenizer, prompt, max_new_tokens, raw=raw, system=system)
+    return complete_ids(model, tokenizer, ids, max_new_tokens, temperature, stream=stream)
+
+
+def prompt_ids(model, tokenizer, prompt: str | list[dict], max_new_tokens: int, raw: bool = False,
+               system: str | None = None) -> list[int]:
+    """The token ids `generate_text` continues (a user message, or a chat's turns up to the reply),
+    checked against the model's vocabulary and context: a batch checks all of them before any runs."""
     from lorakit.data.formats import generation_prompt_ids
     from lorakit.model_limits import check_token_ids, token_rows
 
     ids = generation_prompt_ids(tokenizer, prompt, "text" if raw else "chat", system=system)
     check_token_ids(token_rows(model), tokenizer, max(ids, default=-1), "the prompt holds")
     _check_context(model, len(ids), max_new_tokens)
+    return ids
+
+
+def complete_ids(model, tokenizer, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                 stream: bool = False) -> str:
+    """The text the model continues `ids` with (greedy at temperature 0), streamed to stdout if asked."""
     device = next(model.parameters()).device
     inputs = torch.tensor([ids], device=device)
     streamer = None

@@ -169,7 +169,7 @@ def _validate(path: Path, kind: str) -> dict:
     if kind == "parquet":
         _check_parquet(path)
         return {}
-    _check_not_binary(path)
+    check_not_binary(path)
     if kind == "jsonl":
         _check_jsonl(path)
         return {"encoding": "utf-8-sig"} if _starts_with_bom(path) else {}
@@ -204,7 +204,7 @@ def _starts_with_bom(path: Path) -> bool:
         return f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
 
 
-def _check_not_binary(path: Path) -> None:
+def check_not_binary(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(8192)
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -229,7 +229,7 @@ def _check_utf8(path: Path) -> tuple[bool, str]:
                 text = decoder.decode(chunk)
             except UnicodeDecodeError as exc:
                 bad_line = line + chunk[: exc.start].count(b"\n")
-                raise _not_utf8(path, bad_line) from exc
+                raise not_utf8(path, bad_line) from exc
             line += chunk.count(b"\n")
             # CRLF, LF and CR end lines, as _text_examples reads them; a CR at a chunk's end waits
             # for the next chunk, whose LF may complete it
@@ -258,16 +258,17 @@ def _check_jsonl(path: Path) -> None:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise _not_utf8(path, number) from exc
+                raise not_utf8(path, number) from exc
             if not text.strip():
                 continue
             seen = True
-            _parse_jsonl_line(path, number, text)
+            parse_jsonl_line(path, number, text)
     if not seen:
         raise DataError(f"{path} is empty (only blank lines); it needs at least one JSON record")
 
 
-def _parse_jsonl_line(path: Path, number: int, text: str) -> None:
+def parse_jsonl_line(path: Path, number: int, text: str, shape: str = '{"text": "..."}') -> dict:
+    """Line `number` of a .jsonl file as the JSON object it must be (`shape`: an example of one)."""
     preview = text.strip()[:_PREVIEW]
     if number == 1:  # Windows tools write a byte-order mark; the json builder is told to skip it
         text = text.removeprefix("\ufeff")
@@ -290,8 +291,9 @@ def _parse_jsonl_line(path: Path, number: int, text: str) -> None:
     if not isinstance(value, dict):
         raise DataError(
             f"{path} line {number} is a JSON {type(value).__name__}, not an object: {preview!r}; "
-            'each line must look like {"text": "..."}'
+            f"each line must look like {shape}"
         )
+    return value
 
 
 class _RepeatedKey(Exception):
@@ -307,7 +309,7 @@ def _refusing_repeated_keys(pairs: list) -> dict:
     return value
 
 
-def _not_utf8(path: Path, line: int) -> DataError:
+def not_utf8(path: Path, line: int) -> DataError:
     return DataError(
         f"{path} line {line} is not valid UTF-8; re-save the file as UTF-8 "
         "(e.g. iconv -f latin1 -t utf-8 in.txt > out.txt)"
