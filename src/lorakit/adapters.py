@@ -80,9 +80,11 @@ class AdapterSet:
         self.active = key
         return self.model
 
-    def system_turn(self) -> str | None:
-        """The system turn the active adapter's training records all opened with, if it saved one."""
-        return None if self.active is None else self._adapters[self.active].metadata.get(SYSTEM_TURN_KEY)
+    def system_turn(self, name: str | None = None) -> str | None:
+        """The system turn the training records of adapter `name` (default: the active one) all
+        opened with, if it saved one."""
+        key = self.active if name is None else self._loaded_name(name)
+        return None if key is None else self._adapters[key].metadata.get(SYSTEM_TURN_KEY)
 
     def deactivate(self) -> nn.Module:
         if self.active is not None:
