@@ -1,0 +1,202 @@
+"""`lorakit generate` beyond one argument: PROMPT - (stdin), --prompts FILE (.txt, .jsonl) with one
+load of the model, --output, --use all, and every bad input as one error line with exit code 2."""
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorakit.cli import main
+
+from tiny_models import randomize_lora, save_tiny_chat_model
+
+PROMPT = "Define the word apple."
+TOKENS = ["--max-new-tokens", "6"]
+
+
+@pytest.fixture(scope="module")
+def base_and_adapters(tmp_path_factory):
+    """A tiny chat model and two random adapters for it, "first" and "second"."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import LoraConfig, apply_lora, save_adapter
+
+    root = tmp_path_factory.mktemp("generate-batch")
+    model_dir = save_tiny_chat_model(root / "model")
+    for seed, name in ((1, "first"), (2, "second")):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        apply_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+        save_adapter(randomize_lora(model, seed=seed, std=0.5), root / name)
+    return model_dir, root / "first", root / "second"
+
+
+@pytest.fixture
+def generate(base_and_adapters, capsys):
+    """`lorakit generate --model M --adapter first ARGS...` in this process: (exit code, stdout, stderr)."""
+    model_dir, first, _ = base_and_adapters
+
+    def call(*args, adapters=(first,)):
+        capsys.readouterr()
+        flags = [f for a in adapters for f in ("--adapter", str(a))]
+        code = main(["generate", "--model", str(model_dir), *flags, *TOKENS, *map(str, args)])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return call
+
+
+def stdin_of(monkeypatch, data: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+
+def answers(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_greedy_answers_alike_from_the_argument_stdin_and_each_kind_of_file(generate, tmp_path, monkeypatch):
+    code, streamed, _ = generate(PROMPT)
+    assert code == 0 and streamed.strip()
+    stdin_of(monkeypatch, f"{PROMPT}\n".encode())  # echo's line break is not part of the prompt
+    assert generate("-")[:2] == (0, streamed)
+    records = [{"prompt": PROMPT}, {"instruction": PROMPT, "output": "apple: a fruit"},
+               {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "a fruit"}]},
+               {"conversations": [{"from": "human", "value": PROMPT}]}]
+    files = [write(tmp_path / "p.txt", f"\n  {PROMPT}  \n\n"),
+             write(tmp_path / "p.jsonl", "".join(json.dumps(r) + "\n" for r in records))]
+    for path in files:
+        code, out, _ = generate("--prompts", path)
+        assert code == 0
+        assert [a["completion"] for a in answers(out)] == [streamed.strip()] * (1 if path.suffix == ".txt" else 4)
+    assert answers(generate("--prompts", files[0])[1])[0] == {"prompt": PROMPT, "completion": streamed.strip(),
+                                                              "adapter": "first", "line": 2}
+
+
+def test_a_records_system_field_is_its_system_turn(generate, tmp_path):
+    code, streamed, _ = generate("--system", "Answer as a pirate.", PROMPT)
+    path = write(tmp_path / "p.jsonl", json.dumps({"prompt": PROMPT, "system": "Answer as a pirate."}) + "\n")
+    code, out, _ = generate("--system", "Be brief.", "--prompts", path)  # the record's comes first
+    assert code == 0 and answers(out)[0]["completion"] == streamed.strip()
+    assert answers(out)[0]["system"] == "Answer as a pirate."
+
+
+def test_the_model_loads_once_for_every_prompt_and_adapter(generate, base_and_adapters, tmp_path, monkeypatch):
+    import lorakit.quantize
+
+    loads, load = [], lorakit.quantize.load_for_inference
+    monkeypatch.setattr(lorakit.quantize, "load_for_inference", lambda *a, **k: loads.append(a) or load(*a, **k))
+    path = write(tmp_path / "p.txt", "Define the word apple.\nDefine the word river.\nDefine the word stone.\n")
+    code, out, _ = generate("--use", "all", "--prompts", path, adapters=base_and_adapters[1:])
+    assert code == 0 and len(loads) == 1
+    got = answers(out)
+    expected = [(name, line) for name in ("first", "second") for line in (1, 2, 3)]  # one adapter after the other
+    assert [(a["adapter"], a["line"]) for a in got] == expected
+    assert [a["completion"] for a in got[:3]] != [a["completion"] for a in got[3:]]  # each adapter answered
+    code, streamed, err = generate("--use", "all", PROMPT, adapters=base_and_adapters[1:])
+    assert code == 0 and len(loads) == 2 and "adapter first:" in err and "adapter second:" in err
+    first, second = got[0]["completion"], got[3]["completion"]  # line 1 is PROMPT
+    assert first in streamed and second in streamed[streamed.index(first) + len(first):]
+
+
+def test_output_is_written_whole_and_replaced_only_when_asked(generate, tmp_path):
+    prompts = write(tmp_path / "p.txt", "Define the word apple.\nDefine the word river.\n")
+    code, printed, _ = generate("--prompts", prompts)
+    output = tmp_path / "new" / "answers.jsonl"
+    code, out, _ = generate("--prompts", prompts, "--output", output)
+    assert code == 0 and output.read_text(encoding="utf-8") == printed and f"wrote 2 answers to {output}" in out
+    write(output, "mine\n")
+    code, _, err = generate("--prompts", prompts, "--output", output)
+    assert code == 2 and "already exists; pass --overwrite" in err and output.read_text() == "mine\n"
+    assert generate("--prompts", prompts, "--output", output, "--overwrite")[0] == 0
+    assert output.read_text(encoding="utf-8") == printed
+    assert sorted(p.name for p in output.parent.iterdir()) == ["answers.jsonl"]  # no temp file left beside it
+
+
+def test_stdin_is_the_whole_prompt_less_its_closing_line_breaks():
+    from lorakit.data.prompts import read_stdin_prompt
+
+    piped = io.BytesIO(b"\xef\xbb\xbfFirst line.\n\nSecond line.\r\n\n")  # a BOM, as PowerShell may send
+    assert read_stdin_prompt(piped) == "First line.\n\nSecond line."
+    assert read_stdin_prompt(io.StringIO("  indented\n")) == "  indented"
+
+
+BAD_FILES = {  # name: (contents, what the message names: the problem, the fix)
+    "empty.txt": ("", "holds no prompt", "one prompt per line"),
+    "blank.jsonl": ("\n  \n", "holds no prompt", '{"prompt": "..."}'),
+    "bad.jsonl": ('{"prompt": "a"}\n{"prompt": "b",\n', "bad.jsonl line 2 is not valid JSON", "one JSON object"),
+    "list.jsonl": ('["a"]\n', "line 1 is a JSON list, not an object", '{"prompt": "..."}'),
+    "answer-only.jsonl": ('{"prompt": "a"}\n{"output": "b"}\n', "line 2 has no field to read a prompt from (its "
+                          "fields: 'output')", "'messages', 'conversations' (a chat) or 'instruction', 'prompt'"),
+    "number.jsonl": ('{"prompt": 7}\n', "line 1: field 'prompt' is an int, not a string", "give it the prompt's text"),
+    "blank-prompt.jsonl": ('{"prompt": " "}\n', "line 1: field 'prompt' is empty", "give it the text to answer"),
+    "no-user.jsonl": ('{"messages": [{"role": "system", "content": "s"}]}\n', "has no user turn", "end it with"),
+    "role.jsonl": ('{"messages": [{"role": "robot", "content": "s"}]}\n', "turn 1 has unknown role 'robot'",
+                   "expected one of"),
+    "system.jsonl": ('{"prompt": "a", "system": ["s"]}\n', "field 'system' is a list", "or leave it out"),
+    "latin1.txt": (None, "line 2 is not valid UTF-8", "re-save the file as UTF-8"),
+    "prompts.csv": ("prompt\na\n", "unsupported extension '.csv'", "use .txt (one prompt per line) or .jsonl"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_a_bad_prompts_file_is_one_error_line_and_exit_2(name, generate, tmp_path):
+    text, problem, fix = BAD_FILES[name]
+    path = tmp_path / name
+    path.write_bytes(b"ok\ncaf\xe9\n" if text is None else text.encode())
+    output = tmp_path / "answers.jsonl"
+    assert_one_error(generate("--prompts", path, "--output", output), problem, fix)
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("args, problem, fix", [
+    (["--prompts", "missing.txt"], "prompts file missing.txt does not exist", "check the path"),
+    (["--prompts", "p.txt", "hi"], "both a prompt ('hi') and --prompts p.txt were given", "pass one"),
+    ([], "no prompt given", "- to read it from stdin, or --prompts FILE"),
+    (["--output", "a.jsonl", "hi"], "--output writes the JSON lines of --prompts", "redirect the answer"),
+    (["--overwrite", "hi"], "--overwrite replaces an existing --output file", "leave it out"),
+    (["--prompts", "p.txt", "--output", "a.txt"], "--output a.txt must be a file name ending in .jsonl", ".jsonl"),
+    (["--prompts", "p.txt", "--output", "."], "must be a file name ending in .jsonl", ".jsonl"),
+    (["--prompts", "p.jsonl", "--output", "p.jsonl", "--overwrite"], "--output p.jsonl is the --prompts file",
+     "write the answers to another file"),
+    (["--prompts", "p.txt", "--output", "p.txt/a.jsonl"], "p.txt is a file, where its folder would be",
+     "choose another path"),
+])
+def test_bad_prompt_options_are_one_error_line_and_exit_2(args, problem, fix, generate, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "p.txt", "hello\n")
+    write(tmp_path / "p.jsonl", '{"prompt": "hello"}\n')
+    before = sorted(os.listdir(tmp_path))
+    stdin_of(monkeypatch, b"never read\n")
+    assert_one_error(generate(*args), problem, fix)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("data, problem, fix", [
+    (b"\n\n", "stdin held no prompt", "pipe the text in"),
+    (b"caf\xe9\n", "stdin line 1 is not valid UTF-8", "send the prompt as UTF-8")])
+def test_bad_stdin_is_one_error_line_and_exit_2(data, problem, fix, generate, monkeypatch):
+    stdin_of(monkeypatch, data)
+    assert_one_error(generate("-"), problem, fix)
+
+
+def test_a_bad_prompt_after_good_ones_stops_the_batch_before_any_answer(generate, tmp_path):
+    """Every prompt is rendered and checked before the first is answered: no half-written stdout."""
+    path = write(tmp_path / "p.jsonl", '{"prompt": "hello"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    code, out, err = generate("--raw", "--prompts", path)
+    assert_one_error((code, out, err), f"{path} line 2 is a chat (a list of turns), and --raw continues plain text",
+                     "leave out --raw")
+    assert out == ""
+
+
+def assert_one_error(result, problem: str, fix: str) -> None:
+    code, out, err = result
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in out + err and len(errors) == 1, err[-2000:]
+    assert problem in errors[0] and fix in errors[0], errors[0]
