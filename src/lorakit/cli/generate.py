@@ -1,4 +1,4 @@
-"""`lorakit generate --adapter DIR [--model M] PROMPT`: chat-aware generation that streams tokens.
+"""`lorakit generate --adapter DIR [--model M] PROMPT | - | --prompts FILE`: chat-aware, streamed generation.
 
     lorakit generate --adapter runs/mine "Define the word knoll."
     echo "Define the word knoll." | lorakit generate --adapter runs/mine -     # PROMPT - : stdin
