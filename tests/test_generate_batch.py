@@ -19,7 +19,8 @@ TOKENS = ["--max-new-tokens", "6"]
 
 @pytest.fixture(scope="module")
 def base_and_adapters(tmp_path_factory):
-    """A tiny chat model and two random adapters for it, "first" and "second"."""
+    """A tiny chat model and two random adapters for it, "first" and "second" (trained, as it were,
+    under a system turn)."""
     from transformers import AutoModelForCausalLM
 
     from lorakit import LoraConfig, apply_lora, save_adapter
@@ -29,7 +30,8 @@ def base_and_adapters(tmp_path_factory):
     for seed, name in ((1, "first"), (2, "second")):
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         apply_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
-        save_adapter(randomize_lora(model, seed=seed, std=0.5), root / name)
+        system = "Answer as a pirate." if name == "second" else None
+        save_adapter(randomize_lora(model, seed=seed, std=0.5), root / name, system_turn=system)
     return model_dir, root / "first", root / "second"
 
 
@@ -92,8 +94,9 @@ def test_the_model_loads_once_for_every_prompt_and_adapter(generate, base_and_ad
     loads, load = [], lorakit.quantize.load_for_inference
     monkeypatch.setattr(lorakit.quantize, "load_for_inference", lambda *a, **k: loads.append(a) or load(*a, **k))
     path = write(tmp_path / "p.txt", "Define the word apple.\nDefine the word river.\nDefine the word stone.\n")
-    code, out, _ = generate("--use", "all", "--prompts", path, adapters=base_and_adapters[1:])
+    code, out, err = generate("--use", "all", "--prompts", path, adapters=base_and_adapters[1:])
     assert code == 0 and len(loads) == 1
+    assert err.count("system turn of second: the one all its training records opened with") == 1
     got = answers(out)
     expected = [(name, line) for name in ("first", "second") for line in (1, 2, 3)]  # one adapter after the other
     assert [(a["adapter"], a["line"]) for a in got] == expected
@@ -102,6 +105,8 @@ def test_the_model_loads_once_for_every_prompt_and_adapter(generate, base_and_ad
     assert code == 0 and len(loads) == 2 and "adapter first:" in err and "adapter second:" in err
     first, second = got[0]["completion"], got[3]["completion"]  # line 1 is PROMPT
     assert first in streamed and second in streamed[streamed.index(first) + len(first):]
+    code, alone, _ = generate("--system", "Answer as a pirate.", PROMPT, adapters=base_and_adapters[2:])
+    assert alone.strip() == second  # the batch answered under the second adapter's own system turn
 
 
 def test_output_is_written_whole_and_replaced_only_when_asked(generate, tmp_path):

@@ -220,8 +220,10 @@ def _answer_all(args: argparse.Namespace, model, tokenizer, adapters, prompts: l
     command before any answer is written), then answered one adapter at a time (one switch each)."""
     from lorakit.generate import complete_ids
 
-    plan = [(name, [(p, _checked_ids(args, model, tokenizer, p, _system_turn(args, adapters, name)))
-                    for p in prompts]) for name in _adapter_names(args, adapters)]
+    plan = []
+    for name in _adapter_names(args, adapters):
+        system = _system_turn(args, adapters, name)
+        plan.append((name, [(prompt, _checked_ids(args, model, tokenizer, prompt, system)) for prompt in prompts]))
     lines, total = [], sum(len(jobs) for _, jobs in plan)
     for name, jobs in plan:
         if name is not None:
