@@ -260,7 +260,7 @@ def _patch_norm(norm: nn.Module, ops) -> str | None:
 
 def _mlp_blocker(mlp: nn.Module) -> str | None:
     if type(mlp).__name__ not in SWIGLU_MLPS:
-        return f"{type(mlp).__name__} is not a SwiGLU MLP the fast path knows"
+        return f"{type(mlp).__name__} is not an MLP class the fast path knows (it fuses only the ones it has checked)"
     act = getattr(mlp, "act_fn", None)
     if not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
         return f"activation {type(act).__name__} is not SiLU"
