@@ -124,6 +124,13 @@ def test_a_folder_of_data_files_reads_them_in_name_order_skipping_hidden_and_oth
         "(data/train-00000-of-00002.jsonl, data/train-00001-of-00002.jsonl)"]
 
 
+def test_a_file_named_and_read_through_its_folder_too_is_refused(tmp_path, cache):
+    (tmp_path / "d").mkdir()
+    shard = write_jsonl(tmp_path / "d" / "part-0.jsonl", ROWS)
+    with pytest.raises(DataError, match=f"{shard} is read twice, through {tmp_path / 'd'} and {shard}; name each"):
+        read_records([tmp_path / "d", shard], cache_dir=cache)
+
+
 def test_a_folder_holding_several_splits_is_refused_with_the_train_files_named(tmp_path, cache):
     (tmp_path / "d").mkdir()
     for name in ("train.jsonl", "validation.jsonl"):

@@ -108,20 +108,28 @@ def read_records(
     if not paths:
         raise DataError("no data files given; pass at least one .jsonl/.json/.csv/.parquet/.txt file")
     parts, sources, start = [], [], 0
-    for raw in paths:
-        for path in _files_of(Path(raw)):
-            ds, kind = _read_one(path, cache_dir)
-            parts.append(ds)
-            sources.append(SourceFile(path, kind, start, len(ds), tuple(ds.column_names)))
-            start += len(ds)
+    for path in _files_of(paths):
+        ds, kind = _read_one(path, cache_dir)
+        parts.append(ds)
+        sources.append(SourceFile(path, kind, start, len(ds), tuple(ds.column_names)))
+        start += len(ds)
     return RecordSet(parts, sources)
 
 
-def _files_of(path: Path) -> list[Path]:
-    """A folder of data files (not a saved dataset) stands for its files (data/folders.py)."""
-    if not path.is_dir() or folders.is_saved_dataset(path):
-        return [path]
-    return folders.data_files_in(path, BUILDERS)
+def _files_of(paths: Sequence[str | Path]) -> list[Path]:
+    """The files to read: a folder of data files (not a saved dataset) stands for its files
+    (data/folders.py). A file named directly and through its folder would train twice."""
+    files, named_as = [], {}
+    for raw in map(Path, paths):
+        inside = raw.is_dir() and not folders.is_saved_dataset(raw)
+        for path in folders.data_files_in(raw, BUILDERS) if inside else [raw]:
+            key = path.resolve() if path.exists() else path
+            if key in named_as:
+                raise DataError(f"{path} is read twice, through {named_as[key]} and {raw}; name each file once "
+                                "(--epochs trains on the data more than once)")
+            named_as[key] = raw
+            files.append(path)
+    return files
 
 
 def _hub_dataset_hint(path: Path) -> str:
