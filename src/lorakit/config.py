@@ -48,14 +48,15 @@ TASK_PRESETS = {
 
 
 def opt(default, help: str, flag: str | None = None, choices=None, switch: tuple[str, str] | None = None,
-        comma_list: bool = False, gib: bool = False, spelling: Callable[[str], str] | None = None):
+        comma_list: bool = False, gib: bool = False, spelling: Callable[[str], str] | None = None,
+        metavar: str = "PATH"):
     """A field with its help and flag. `switch=(on, off)` makes a choice that also reads as a
     yes/no: YAML true/false and the bare `--flag` / `--no-flag` mean `on` / `off`. `comma_list`:
     a comma-separated string that a YAML file may also give as a list of names (as PEFT's configs do).
     `gib`: a memory size in GiB, also written with its unit (8GiB, 8GB, 512MiB) as recommend takes them.
-    `spelling`: maps another spelling of a choice to the choice (bf16 -> bfloat16)."""
+    `spelling`: maps another spelling of a choice to the choice (bf16 -> bfloat16). `metavar`: a list's items."""
     meta = {"help": help, "flag": flag, "choices": choices, "switch": switch, "comma_list": comma_list, "gib": gib,
-            "spelling": spelling}
+            "spelling": spelling, "metavar": metavar}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -78,7 +79,7 @@ class DataConfig:
                                   "`datasets` folder (default: the demo set)")
     format: str = opt("auto", "data format", choices=list(DATA_FORMATS))
     columns: list[str] = opt([], "your columns under lorakit's names, FIELD=COLUMN pairs: instruction=question "
-                                 "output=answer (for columns no format recognises)")
+                                 "output=answer (for columns no format recognises)", metavar="FIELD=COLUMN")
     seq_len: int = opt(512, "maximum tokens per sequence")
     packing: bool = opt(True, "pack several examples into one sequence (no cross-example attention)")
     train_on_inputs: bool = opt(False, "train on prompt tokens too, not only the responses")
@@ -196,7 +197,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         elif base is bool:
             group.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, **kwargs)
         elif base is list:
-            group.add_argument(flag_of(f), nargs="+", action="extend", metavar="PATH", **kwargs)  # --data a --data b: both
+            group.add_argument(flag_of(f), nargs="+", action="extend", metavar=f.metadata["metavar"],
+                               **kwargs)  # --data a --data b: both
         else:  # a size in GiB is read by _coerce, which knows its units
             group.add_argument(flag_of(f), type=str if f.metadata.get("gib") else f.metadata.get("spelling") or base,
                                choices=f.metadata.get("choices"), **kwargs)

@@ -108,7 +108,7 @@ def read_records(
     if not paths:
         raise DataError("no data files given; pass at least one .jsonl/.json/.csv/.parquet/.txt file")
     parts, sources, start = [], [], 0
-    for path in _files_of(paths):
+    for path in data_files(paths):
         ds, kind = _read_one(path, cache_dir)
         parts.append(ds)
         sources.append(SourceFile(path, kind, start, len(ds), tuple(ds.column_names)))
@@ -116,7 +116,7 @@ def read_records(
     return RecordSet(parts, sources)
 
 
-def _files_of(paths: Sequence[str | Path]) -> list[Path]:
+def data_files(paths: Sequence[str | Path]) -> list[Path]:
     """The files to read: a folder of data files (not a saved dataset) stands for its files
     (data/folders.py). A file named directly and through its folder would train twice."""
     files, named_as = [], {}

@@ -28,7 +28,7 @@ from lorakit.data.columns import rename_columns
 from lorakit.data.examples import TokenizedData, split_eval
 from lorakit.data.formats import pad_token_id, tokenize_records
 from lorakit.data.folders import folder_notices
-from lorakit.data.reading import BUILDERS, read_records
+from lorakit.data.reading import BUILDERS, data_files, read_records
 from lorakit.errors import ConfigError, OutputError
 from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
@@ -233,7 +233,10 @@ def _eval_is_training_data_notice(config: RunConfig) -> list[str]:
         except OSError:  # not a local file (read_records said so already, or a dataset name)
             return a == b
 
-    shared = [path for path in config.data.eval_data if any(same_file(path, train) for train in config.data.data)]
+    training = data_files(config.data.data)  # a folder's files too
+    named = [(raw, path) for raw in config.data.eval_data for path in data_files([raw])]
+    shared = [raw if str(path) == str(Path(raw)) else path for raw, path in named  # as the user spelled a file
+              if any(same_file(path, train) for train in training)]
     if not shared:
         return []
     return [f"--eval-data {', '.join(map(str, shared))} is also training data: its eval loss measures memorising, "

@@ -148,7 +148,9 @@ class Session:
                      "checkpoint (which tokens train, how long texts are split); the run continues at the saved "
                      "position, so it will not match an uninterrupted run, and the base eval loss is measured again")
         elif saved.get("data_fingerprint") not in (None, self.data_fingerprint):
-            same_files = ((saved.get("config") or {}).get("data") or {}).get("data") == self.config.data.data
+            saved_data = (saved.get("config") or {}).get("data") or {}
+            same_files = saved_data.get("data") == self.config.data.data and \
+                saved_data.get("columns", []) == self.config.data.columns  # else other columns read
             self.log(f"resume: the training data differs from the checkpoint's{' (same files, other contents)' if same_files else ''}; "
                      "the run continues on the new data at the saved position, so it will not match an uninterrupted run")
         if retokenised or changes_what_base_eval_measured(saved.get("config") or {}, self.config.to_dict()):
