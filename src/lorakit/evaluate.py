@@ -118,7 +118,8 @@ def _scored_records(model, tokenizer, data, fmt: str, seq_len: int, run: dict, i
     from lorakit.data.reading import read_records
     from lorakit.train.run import check_vocabulary, context_notice, longest_example
 
-    records = tokenize_records(rename_columns(read_records(data), columns), tokenizer, fmt, seq_len, inputs_trained)
+    [renamed] = rename_columns([read_records(data)], columns, fmt, from_the_run="columns" in run)
+    records = tokenize_records(renamed, tokenizer, fmt, seq_len, inputs_trained)
     check_vocabulary(model, tokenizer, records)
     notes = list(records.stats.warnings)  # records skipped, cut or split
     taken = {k: v for k, v in run.items() if v != EVAL_DEFAULTS[k]}

@@ -38,14 +38,14 @@ def test_mapped_columns_read_as_the_fields_they_name_in_each_file(tmp_path):
     chatml = tiny_tokenizer()
     odd = write(tmp_path / "odd.jsonl", [{"Q": "Name a colour.", "A": "Blue.", "id": 1}])
     plain = write(tmp_path / "plain.jsonl", [{"instruction": "Name a colour.", "output": "Blue."}])
-    renamed = rename_columns(read_records([odd]), ["instruction=Q", "output=A"])
+    [renamed] = rename_columns([read_records([odd])], ["instruction=Q", "output=A"])
     assert renamed.parts[0].column_names == ["instruction", "output", "id"]
     assert renamed.sources[0].columns == ("instruction", "output", "id")
     ours = tokenize_records(renamed, chatml)
     reference = tokenize_records(read_records([plain]), chatml)
     assert ours.dataset["input_ids"] == reference.dataset["input_ids"]
     assert ours.dataset["labels"] == reference.dataset["labels"]
-    both = rename_columns(read_records([odd, plain]), ["instruction=Q", "output=A"])  # a file without them: as it is
+    [both] = rename_columns([read_records([odd, plain])], ["instruction=Q", "output=A"])  # a file without them: as is
     assert [part.column_names for part in both.parts] == [["instruction", "output", "id"], ["instruction", "output"]]
 
 
@@ -53,8 +53,28 @@ def test_a_column_no_file_has_or_a_field_a_file_already_has_is_named(tmp_path):
     odd = write(tmp_path / "odd.jsonl", [{"Q": "a", "A": "b", "output": "c"}])
     with pytest.raises(DataError, match="--columns instruction=Qx: no data file has a column 'Qx'; the files' "
                                         "columns: 'Q', 'A', 'output'"):
-        rename_columns(read_records([odd]), ["instruction=Qx"])
+        rename_columns([read_records([odd])], ["instruction=Qx"])
     with pytest.raises(DataError, match="odd.jsonl already has a column 'output': --columns output=A would give it two"):
-        rename_columns(read_records([odd]), ["instruction=Q", "output=A"])
-    swapped = rename_columns(read_records([odd]), ["instruction=Q", "response=output", "output=A"])
-    assert swapped.parts[0].column_names == ["instruction", "output", "response"]
+        rename_columns([read_records([odd])], ["instruction=Q", "output=A"])
+    [swapped] = rename_columns([read_records([odd])], ["instruction=Q", "input=output", "output=A"])
+    assert swapped.parts[0].column_names == ["instruction", "output", "input"]
+
+
+def test_a_mapped_field_another_format_would_leave_unread_is_refused(tmp_path):
+    both = write(tmp_path / "both.jsonl", [{"body": "a text", "prompt": "Name a colour.", "response": "Blue."}])
+    with pytest.raises(DataError, match="--columns text=body maps a field that is not read: the file reads as "
+                                        "instruction through prompt, response; map those fields instead, pass --format"):
+        rename_columns([read_records([both])], ["text=body"])
+    [as_text] = rename_columns([read_records([both])], ["text=body"], fmt="text")  # the format chosen: read
+    assert "text" in as_text.columns
+
+
+def test_a_mapped_column_may_be_in_the_eval_files_only_and_a_runs_mapping_may_find_none(tmp_path):
+    train = write(tmp_path / "train.jsonl", [{"instruction": "Name a colour.", "output": "Blue."}])
+    held = write(tmp_path / "held.jsonl", [{"Q": "Name a fruit.", "output": "Pear."}])
+    renamed = rename_columns([read_records([train]), read_records([held])], ["instruction=Q"])
+    assert [r.columns for r in renamed] == [["instruction", "output"], ["instruction", "output"]]
+    with pytest.raises(DataError, match="no data file has a column 'Q'"):
+        rename_columns([read_records([train])], ["instruction=Q"])
+    [as_is] = rename_columns([read_records([train])], ["instruction=Q"], from_the_run=True)  # eval of a run's adapter
+    assert as_is.columns == ["instruction", "output"]

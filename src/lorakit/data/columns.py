@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from lorakit.data.formats import CHAT_COLUMNS, INPUT_OUTPUT, INSTRUCTION_FIELDS
+from lorakit.data.formats import CHAT_COLUMNS, INPUT_OUTPUT, INSTRUCTION_FIELDS, columns_read
 from lorakit.data.messages import CONTEXT_FIELDS
 from lorakit.data.reading import RecordSet
 from lorakit.errors import ConfigError, DataError
@@ -35,27 +35,51 @@ def column_map(items: Sequence[str]) -> dict[str, str]:
     return mapping
 
 
-def rename_columns(records: RecordSet, items: Sequence[str]) -> RecordSet:
-    """The records with each file's mapped columns under lorakit's names (before tokenize_records)."""
+def rename_columns(record_sets: list[RecordSet], items: Sequence[str], fmt: str = "auto",
+                   from_the_run: bool = False) -> list[RecordSet]:
+    """Each set's files with their mapped columns under lorakit's names (before tokenize_records).
+    A mapped column must be in some file (the training or the eval data), unless the mapping is a
+    run's, applied to data that may already use lorakit's names; a mapped field a file's format
+    would not read (another format won its detection) is refused rather than dropped."""
     mapping = column_map(items)
     if not mapping:
-        return records
-    missing = [column for column in mapping if column not in records.columns]
-    if missing:
+        return record_sets
+    present = list(dict.fromkeys(column for records in record_sets for column in records.columns))
+    missing = [column for column in mapping if column not in present]
+    if missing and not from_the_run:
         raise DataError(f"--columns {mapping[missing[0]]}={missing[0]}: no data file has a column {missing[0]!r}; "
-                        f"the files' columns: {', '.join(map(repr, records.columns))}")
+                        f"the files' columns: {', '.join(map(repr, present))}")
+    return [_renamed_set(records, mapping, fmt) for records in record_sets]
+
+
+def _renamed_set(records: RecordSet, mapping: dict[str, str], fmt: str) -> RecordSet:
     sources = records.sources or [None] * len(records.parts)
-    renamed = [_renamed(part, src, mapping) for part, src in zip(records.parts, sources)]
+    renamed = [_renamed(part, src, mapping, fmt) for part, src in zip(records.parts, sources)]
     return RecordSet([part for part, _ in renamed], [src for _, src in renamed] if records.sources else [])
 
 
-def _renamed(part, src, mapping: dict[str, str]):
+def _renamed(part, src, mapping: dict[str, str], fmt: str):
     here = {column: field for column, field in mapping.items() if column in part.column_names}
-    taken = [field for field in here.values() if field in part.column_names and field not in here]
-    if taken:
-        column = next(c for c, f in here.items() if f == taken[0])
-        where = src.path if src else "the data"
-        raise DataError(f"{where} already has a column {taken[0]!r}: --columns {taken[0]}={column} would give it "
-                        f"two; leave that pair out, or map {taken[0]!r} to another field as well")
+    where = src.path if src else "the data"
+    # a field the file has already, not itself renamed away, would be a second column of that name
+    doubled = [(column, field) for column, field in here.items() if field in part.column_names and field not in here]
+    if doubled:
+        column, field = doubled[0]
+        raise DataError(f"{where} already has a column {field!r}: --columns {field}={column} would give it "
+                        f"two; leave that pair out, or map {field!r} to another field as well")
     part = part.rename_columns(here) if here else part
+    _refuse_unread(part.column_names, here, fmt, where)
     return part, (dataclasses.replace(src, columns=tuple(part.column_names)) if src else None)
+
+
+def _refuse_unread(columns: list[str], here: dict[str, str], fmt: str, where) -> None:
+    try:
+        read_as, fields, read = columns_read(columns, fmt)
+    except DataError:  # no format at all: tokenize_records says so, naming the file
+        return
+    unread = [(column, field) for column, field in here.items() if field not in read]
+    if unread:
+        column, field = unread[0]
+        raise DataError(f"{where}: --columns {field}={column} maps a field that is not read: the file reads as "
+                        f"{read_as} through {', '.join(fields)}; map those fields instead, pass --format, or leave "
+                        "that pair out")

@@ -191,10 +191,17 @@ def _pairs_text() -> str:
     return " or ".join(f"'{a}'+'{b}'" for a, b in (*INSTRUCTION_FIELDS, INPUT_OUTPUT))
 
 
+def columns_read(columns: list[str], fmt: str) -> tuple[str, tuple[str, ...], set[str]]:
+    """(the format a file with these columns is read as, its main fields, every column it reads)."""
+    fmt, fields, _ = _format_and_fields(columns, fmt)
+    return fmt, fields, {*fields, *(("system",) if fmt != "text" else ()),
+                         *(CONTEXT_FIELDS if fields[0] == "instruction" else ())}
+
+
 def _resolve_format(columns: list[str], fmt: str) -> tuple[str, tuple[str, ...], str]:
     """(format, the columns it reads, a note saying how it was chosen and which columns it leaves)."""
     fmt, fields, note = _format_and_fields(columns, fmt)
-    read = {*fields, *(("system",) if fmt != "text" else ()), *(CONTEXT_FIELDS if fields[0] == "instruction" else ())}
+    read = columns_read(columns, fmt)[2]
     unread = [c for c in columns if c not in read]
     return fmt, fields, note + (f"; columns not read: {', '.join(map(repr, unread))}" if unread else "")
 

@@ -336,7 +336,7 @@ def profile_data(paths: list[str], tokenizer: Any, fmt: str, max_positions: int 
     from lorakit.data.reading import read_records
     from lorakit.model_limits import check_token_ids
 
-    records = rename_columns(read_records(paths), columns)
+    [records] = rename_columns([read_records(paths)], columns, fmt)
     data = tokenize_records(records, tokenizer, fmt, max_positions or ROUND_LENGTHS[-1], train_on_inputs)
     check_token_ids(token_rows, tokenizer, data.stats.largest_token_id, "the tokenised data holds")
     held_out = 0

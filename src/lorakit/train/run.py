@@ -113,12 +113,11 @@ def check_vocabulary(model, tokenizer, train: TokenizedData, evaluation: Tokeniz
 
 def load_data(config: RunConfig, tokenizer) -> tuple[TokenizedData, TokenizedData | None]:
     d = config.data
-    train = tokenize_records(rename_columns(read_records(d.data), d.columns), tokenizer, d.format, d.seq_len,
-                             d.train_on_inputs)
-    if d.eval_data:
-        evaluation = tokenize_records(rename_columns(read_records(d.eval_data), d.columns), tokenizer, d.format,
-                                      d.seq_len, d.train_on_inputs)
-        return train, evaluation
+    read = [read_records(d.data)] + ([read_records(d.eval_data)] if d.eval_data else [])
+    train, *evaluation = [tokenize_records(records, tokenizer, d.format, d.seq_len, d.train_on_inputs)
+                          for records in rename_columns(read, d.columns, d.format)]
+    if evaluation:
+        return train, evaluation[0]
     if d.eval_split <= 0:
         return train, None
     split = int(d.eval_split) if d.eval_split >= 1 else d.eval_split
