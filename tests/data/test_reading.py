@@ -149,6 +149,29 @@ def test_a_folder_holding_several_kinds_of_file_is_refused(tmp_path, cache):
     assert str(err.value).endswith(f"--data {tmp_path / 'd' / 'part1.jsonl'}")
 
 
+def test_a_linked_folder_is_read_once_and_a_saved_dataset_inside_is_named(tmp_path, cache):
+    elsewhere, folder = tmp_path / "elsewhere", tmp_path / "d"
+    elsewhere.mkdir()
+    folder.mkdir()
+    write_jsonl(elsewhere / "b.jsonl", ROWS[1:])
+    write_jsonl(folder / "a.jsonl", ROWS[:1])
+    (folder / "linked").symlink_to(elsewhere)
+    (elsewhere / "loop").symlink_to(folder)  # a link back up the tree ends the walk there
+    assert [p[:]["output"] for p in read_records(folder, cache_dir=cache).parts] == [["a0"], ["a1", "a2"]]
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(folder / "saved"))
+    with pytest.raises(DataError, match=f"holds a dataset saved with datasets' save_to_disk in {folder / 'saved'}; "
+                                        "pass that folder itself"):
+        read_records(folder, cache_dir=cache)
+
+
+def test_two_hub_splits_that_start_alike_are_two_splits(tmp_path, cache):
+    (tmp_path / "d").mkdir()
+    for split in ("train_sft", "train_gen"):
+        write_jsonl(tmp_path / "d" / f"{split}-00000-of-00001.jsonl", ROWS)
+    with pytest.raises(DataError, match=r"several splits: train_gen \(1 file\), train_sft \(1 file\)"):
+        read_records(tmp_path / "d", cache_dir=cache)
+
+
 def test_a_folder_without_data_files_is_refused(tmp_path, cache):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "notes.md").write_text("hi\n", encoding="utf-8")
@@ -161,6 +184,8 @@ def test_a_folder_without_data_files_is_refused(tmp_path, cache):
     ("dev.csv", "validation"), ("en/test_2023.jsonl", "test"), ("notes.jsonl", None),
     ("dev/train_test_mix.jsonl", "validation"),  # the file names two splits: its folder decides
     ("trainer_logs/x.jsonl", None),  # a word that starts like a split is not one
+    ("data/train_sft-00000-of-00003.parquet", "train_sft"),  # a hub shard names its split whole
+    ("data/Validation-00000-of-00001.parquet", "validation"),
 ])
 def test_the_split_a_files_path_names(relative, split):
     assert split_of(Path(relative)) == split

@@ -22,6 +22,7 @@ SPLIT_WORDS = {"train": "train", "training": "train", "test": "test", "testing":
                "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation",
                "eval": "validation"}
 _WORDS = re.compile(r"[a-z]+")
+_HUB_SHARD = re.compile(r"^([A-Za-z0-9_.]+)-\d{5}-of-\d{5}$")  # how the hub names a split's parquet files
 _SHOWN = 4
 # which kind of file, of as many, is more likely the data: READMEs and licences are .txt, dataset cards' infos .json
 _LIKELY_DATA = [".parquet", ".jsonl", ".csv", ".json", ".txt"]
@@ -59,8 +60,17 @@ def folder_notices(paths, extensions) -> list[str]:
 
 
 def _files_under(folder: Path, extensions: set[str]):
-    for root, dirs, names in os.walk(folder):  # os.walk does not follow links to folders: no loops
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .cache, .ipynb_checkpoints
+    visited = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):  # a linked folder's files are the folder's too
+        real = os.path.realpath(root)
+        if real in visited:  # a link back up the tree
+            dirs[:] = []
+            continue
+        visited.add(real)
+        if root != str(folder) and is_saved_dataset(Path(root)):  # its state.json is no record
+            raise DataError(f"{folder} holds a dataset saved with datasets' save_to_disk in {root}; pass that "
+                            "folder itself as --data")
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .git, .cache, .ipynb_checkpoints
         for name in names:
             path = Path(root) / name
             if not name.startswith(".") and path.suffix.lower() in extensions and path.is_file():
@@ -92,7 +102,12 @@ def _refuse_mixed_splits(folder: Path, files: list[Path]) -> None:
 
 
 def split_of(relative: Path) -> str | None:
-    """The split a file's name, else its nearest folder's name, says it holds; None if none does."""
+    """The split a file's name, else its nearest folder's name, says it holds; None if none does.
+    A hub shard (`train_sft-00000-of-00003.parquet`) names its split whole: train_sft and
+    train_gen are two datasets, not one train split."""
+    shard = _HUB_SHARD.match(relative.stem)
+    if shard:
+        return shard.group(1).lower()
     for part in [relative.stem, *reversed(relative.parent.parts)]:
         found = {SPLIT_WORDS[word] for word in _WORDS.findall(part.lower()) if word in SPLIT_WORDS}
         if len(found) == 1:
