@@ -129,6 +129,14 @@ def test_stdin_is_the_whole_prompt_less_its_closing_line_breaks():
     piped = io.BytesIO(b"\xef\xbb\xbfFirst line.\n\nSecond line.\r\n\n")  # a BOM, as PowerShell may send
     assert read_stdin_prompt(piped) == "First line.\n\nSecond line."
     assert read_stdin_prompt(io.StringIO("  indented\n")) == "  indented"
+    assert read_stdin_prompt(io.BytesIO(b"line one\r\nline two\rthree\r\n")) == "line one\nline two\nthree"
+
+
+def test_a_byte_order_mark_before_a_blank_first_line_is_no_prompt(tmp_path):
+    from lorakit.data.prompts import read_prompt_file
+
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbf\r\nDefine apple.\r\n")
+    assert [prompt.content for prompt in read_prompt_file(tmp_path / "p.txt")] == ["Define apple."]
 
 
 BAD_FILES = {  # name: (contents, what the message names: the problem, the fix)

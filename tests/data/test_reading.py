@@ -270,6 +270,13 @@ def test_a_utf8_byte_order_mark_is_read_past_in_every_text_kind(tmp_path, cache)
     assert only_part(read_records(tmp_path / "d.txt", cache_dir=cache))["text"][:] == ["one", "two"]
 
 
+def test_a_byte_order_mark_on_a_blank_first_line_is_a_blank_line(tmp_path, cache):
+    (tmp_path / "d.jsonl").write_text("\ufeff\n" + json.dumps(ROWS[0]) + "\n", encoding="utf-8")
+    assert only_part(read_records(tmp_path / "d.jsonl", cache_dir=cache))["output"][:] == ["a0"]
+    (tmp_path / "d.txt").write_text("\ufeff\none\ntwo\n", encoding="utf-8")  # no paragraph break after text
+    assert only_part(read_records(tmp_path / "d.txt", cache_dir=cache))["text"][:] == ["one", "two"]
+
+
 def test_a_byte_order_mark_does_not_hide_a_bad_jsonl_line_or_a_json_array_of_values(tmp_path, cache):
     (tmp_path / "d.jsonl").write_text("\ufeff" + json.dumps(ROWS[0]) + "\n{oops\n", encoding="utf-8")
     with pytest.raises(DataError, match="d.jsonl line 2 is not valid JSON"):

@@ -81,7 +81,7 @@ def read_stdin_prompt(stream: IO | None) -> str:
             line = data[:exc.start].count(b"\n") + 1
             raise DataError(f"stdin line {line} is not valid UTF-8; send the prompt "
                             "as UTF-8 (e.g. iconv -f latin1 -t utf-8 prompt.txt | lorakit generate ... -)") from None
-    text = data.removeprefix("\ufeff").rstrip("\r\n")
+    text = data.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")  # as files are read
     if not text.strip():
         raise DataError("stdin held no prompt (it was empty); pipe the text in, e.g. "
                         "echo \"Define 'knoll'.\" | lorakit generate --adapter DIR -")
@@ -107,7 +107,7 @@ def _lines(path: Path):
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise not_utf8(path, number) from None
-            if text.strip():
+            if text.removeprefix("\ufeff").strip():  # str.strip keeps a byte-order mark
                 yield number, text
 
 

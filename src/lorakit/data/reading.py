@@ -227,7 +227,7 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 def _check_utf8(path: Path) -> tuple[bool, str]:
     """Stream-decode the file as UTF-8; return whether a blank (or whitespace-only) line stands
     between two lines of text, and the sha256 of its bytes."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()  # a byte-order mark is no text
     line, seen_text, blank_after_text, has_blank, carry = 1, False, False, False, ""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -267,7 +267,7 @@ def _check_jsonl(path: Path) -> None:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise not_utf8(path, number) from exc
-            if not text.strip():
+            if not text.removeprefix("\ufeff").strip():  # str.strip keeps a byte-order mark
                 continue
             seen = True
             parse_jsonl_line(path, number, text)
