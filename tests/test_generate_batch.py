@@ -123,6 +123,15 @@ def test_output_is_written_whole_and_replaced_only_when_asked(generate, tmp_path
     assert sorted(p.name for p in output.parent.iterdir()) == ["answers.jsonl"]  # no temp file left beside it
 
 
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loads(generate, tmp_path, monkeypatch):
+    from lorakit.cli import generate as generate_cli
+
+    prompts = write(tmp_path / "p.txt", "Define the word apple.\n")
+    monkeypatch.setattr(generate_cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    code, _, err = generate("--prompts", prompts, "--output", "/proc/no-such-folder/answers.jsonl")
+    assert code == 2 and err.count("error:") == 1 and "/proc/no-such-folder" in err and "Traceback" not in err
+
+
 def test_stdin_is_the_whole_prompt_less_its_closing_line_breaks():
     from lorakit.data.prompts import read_stdin_prompt
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 MIN_TEMPERATURE = 1e-4  # logits / t must stay finite in fp32 and bf16 for the sampler
@@ -139,7 +140,7 @@ def _read_prompts(args: argparse.Namespace) -> list:
 def _check_output(args: argparse.Namespace) -> None:
     """Refused before the model loads, not after every prompt was answered."""
     from lorakit.errors import ConfigError, OutputError
-    from lorakit.safe_io import file_in_the_way
+    from lorakit.safe_io import file_in_the_way, translate_os_errors
 
     output = Path(args.output)
     if output.suffix.lower() != ".jsonl":
@@ -153,6 +154,9 @@ def _check_output(args: argparse.Namespace) -> None:
     blocking = file_in_the_way(output.parent)
     if blocking is not None:
         raise OutputError(f"--output {output}: {blocking} is a file, where its folder would be; choose another path")
+    with translate_os_errors(output):  # a folder that cannot be made or written to: said now, not after the answers
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output.parent).close()
 
 
 def _load(args: argparse.Namespace):
@@ -268,9 +272,7 @@ def _say_progress(done: int, total: int) -> None:
 
 
 def _write_answers(output: Path, lines: list) -> None:
-    from lorakit.safe_io import atomic_write_text, translate_os_errors
+    from lorakit.safe_io import atomic_write_text
 
-    with translate_os_errors(output):
-        output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output, "".join(f"{line}\n" for line in lines))
+    atomic_write_text(output, "".join(f"{line}\n" for line in lines))  # its folder: made by _check_output
     print(f"wrote {len(lines)} answers to {output}")
