@@ -66,13 +66,18 @@ def instruction_messages(row: dict, index: int, enc: Reader) -> list[dict]:
     prompt_field, answer_field = enc.fields
     if isinstance(row.get(prompt_field), list) and isinstance(row.get(answer_field), list):
         return _conversational_pair(row, index, enc)
-    prompt = field_text(row, prompt_field, index, enc)
-    if prompt_field == "instruction":  # each context field given, after the instruction
-        given = [row[c] for c in CONTEXT_FIELDS if isinstance(row.get(c), str) and row[c].strip()]
-        prompt = "\n\n".join([prompt, *given])
+    prompt = with_context(row, prompt_field, field_text(row, prompt_field, index, enc))
     messages = [{"role": "user", "content": prompt},
                 {"role": "assistant", "content": field_text(row, answer_field, index, enc, label=True)}]
     return _with_system(row, messages)
+
+
+def with_context(row: dict, prompt_field: str, prompt: str) -> str:
+    """An instruction followed by each context field the record gives (Alpaca's input, Dolly's context)."""
+    if prompt_field != "instruction":
+        return prompt
+    given = [row[c] for c in CONTEXT_FIELDS if isinstance(row.get(c), str) and row[c].strip()]
+    return "\n\n".join([prompt, *given])
 
 
 def _conversational_pair(row: dict, index: int, enc: Reader) -> list[dict]:

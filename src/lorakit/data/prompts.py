@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lorakit.data.formats import CHAT_COLUMNS, INPUT_OUTPUT, INSTRUCTION_FIELDS
-from lorakit.data.messages import CONTEXT_FIELDS, chat_messages
+from lorakit.data.messages import chat_messages, with_context
 from lorakit.data.reading import check_not_binary, not_utf8, parse_jsonl_line
 from lorakit.errors import DataError
 
@@ -152,10 +152,7 @@ def _text(row: dict, name: str, where: str) -> str:
         raise DataError(f"{where}: field '{name}' is {_a_kind(value)}, not a string; give it the prompt's text")
     if not value.strip():
         raise DataError(f"{where}: field '{name}' is empty; give it the text to answer, or delete the line")
-    if name == "instruction":  # each context field given, after the instruction, as training reads them
-        given = [row[c] for c in CONTEXT_FIELDS if isinstance(row.get(c), str) and row[c].strip()]
-        value = "\n\n".join([value, *given])
-    return value
+    return with_context(row, name, value)  # as training reads them
 
 
 def _turns_to_answer(row: dict, name: str, where: str) -> list[dict]:
