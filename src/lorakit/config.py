@@ -536,7 +536,9 @@ def validate(config: RunConfig) -> None:
         (not (d.eval_data and d.eval_split and config.sources.get("data.eval_split") == "flag"),  # a run's config.yaml holds both
          "--eval-split holds out part of the training data, and --eval-data names separate eval files: use one"),
     ]
-    problems += [message for ok, message in checks if not ok] + _column_map_problems(d.columns)
+    from lorakit.data.columns import column_map_problems  # with the data code: not loaded for --help
+
+    problems += [message for ok, message in checks if not ok] + column_map_problems(d.columns)
     try:
         lora_config(config)
     except ConfigError as exc:
@@ -544,16 +546,6 @@ def validate(config: RunConfig) -> None:
         problems += [_engine_names_as_flags(p) for p in lora_problems if not _follows_from_another(p, config)]
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-
-
-def _column_map_problems(columns: list[str]) -> list[str]:
-    from lorakit.data.columns import column_map  # with the data code: not loaded for --help
-
-    try:
-        column_map(columns)
-    except ConfigError as exc:
-        return [str(exc)]
-    return []
 
 
 def _engine_names_as_flags(problem: str) -> str:

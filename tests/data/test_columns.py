@@ -54,7 +54,8 @@ def test_a_column_no_file_has_or_a_field_a_file_already_has_is_named(tmp_path):
     with pytest.raises(DataError, match="--columns instruction=Qx: no data file has a column 'Qx'; the files' "
                                         "columns: 'Q', 'A', 'output'"):
         rename_columns([read_records([odd])], ["instruction=Qx"])
-    with pytest.raises(DataError, match="odd.jsonl already has a column 'output': --columns output=A would give it two"):
+    with pytest.raises(DataError, match="odd.jsonl already has a column 'output': --columns output=A would give "
+                                        "it two"):
         rename_columns([read_records([odd])], ["instruction=Q", "output=A"])
     [swapped] = rename_columns([read_records([odd])], ["instruction=Q", "input=output", "output=A"])
     assert swapped.parts[0].column_names == ["instruction", "output", "input"]
@@ -63,7 +64,8 @@ def test_a_column_no_file_has_or_a_field_a_file_already_has_is_named(tmp_path):
 def test_a_mapped_field_another_format_would_leave_unread_is_refused(tmp_path):
     both = write(tmp_path / "both.jsonl", [{"body": "a text", "prompt": "Name a colour.", "response": "Blue."}])
     with pytest.raises(DataError, match="--columns text=body maps a field that is not read: the file reads as "
-                                        "instruction through prompt, response; map those fields instead, pass --format"):
+                                        "instruction through prompt, response; map those fields instead, "
+                                        "pass --format"):
         rename_columns([read_records([both])], ["text=body"])
     [as_text] = rename_columns([read_records([both])], ["text=body"], fmt="text")  # the format chosen: read
     assert "text" in as_text.columns

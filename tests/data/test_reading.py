@@ -175,7 +175,8 @@ def test_two_hub_splits_that_start_alike_are_two_splits(tmp_path, cache):
 def test_a_folder_without_data_files_is_refused(tmp_path, cache):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "notes.md").write_text("hi\n", encoding="utf-8")
-    with pytest.raises(DataError, match="holds no data files .* and is not a dataset saved with datasets' save_to_disk"):
+    with pytest.raises(DataError, match="holds no data files .* and is not a dataset saved with datasets' "
+                                        "save_to_disk"):
         read_records(tmp_path / "d", cache_dir=cache)
 
 

@@ -897,3 +897,12 @@ def test_ctrl_c_while_the_libraries_load_is_one_line_not_a_traceback(tmp_path):
     child.send_signal(signal.SIGINT)
     out = child.communicate(timeout=120)[0].decode()
     assert child.returncode == 130 and "Traceback" not in out  # "interrupted", or a stop's checkpoint if fast
+
+
+def test_a_resume_with_other_columns_measures_the_base_eval_again():
+    from lorakit.train.saved_run import changes_what_base_eval_measured
+
+    saved = {"data": {"data": ["d.jsonl"], "columns": ["instruction=q", "output=a"]}}
+    assert not changes_what_base_eval_measured(saved, {"data": {"data": ["d.jsonl"],
+                                                                "columns": ["instruction=q", "output=a"]}})
+    assert changes_what_base_eval_measured(saved, {"data": {"data": ["d.jsonl"], "columns": ["instruction=a"]}})

@@ -35,6 +35,15 @@ def column_map(items: Sequence[str]) -> dict[str, str]:
     return mapping
 
 
+def column_map_problems(items: Sequence[str]) -> list[str]:
+    """What is wrong with a mapping, for the config's list of problems."""
+    try:
+        column_map(items)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
+
+
 def rename_columns(record_sets: list[RecordSet], items: Sequence[str], fmt: str = "auto",
                    from_the_run: bool = False) -> list[RecordSet]:
     """Each set's files with their mapped columns under lorakit's names (before tokenize_records).

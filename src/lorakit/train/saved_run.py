@@ -172,7 +172,8 @@ def changes_what_base_eval_measured(saved: dict, now: dict) -> bool:
     """The base model's eval loss depends on the model, its precision and the eval examples (the
     split's seed, and with eval_batches the batches that are evaluated)."""
     keys = [("model", "name"), ("model", "dtype"), ("model", "quantize"), ("data", "data"), ("data", "eval_data"),
-            ("data", "eval_split"), ("data", "seq_len"), ("data", "format"), ("data", "columns"), ("data", "train_on_inputs"),
-            ("data", "packing"), ("train", "seed"), ("train", "eval_batches"), ("train", "batch_size")]
+            ("data", "eval_split"), ("data", "seq_len"), ("data", "format"), ("data", "columns"),
+            ("data", "train_on_inputs"), ("data", "packing"), ("train", "seed"), ("train", "eval_batches"),
+            ("train", "batch_size")]
     return any((saved.get(section) or {}).get(name) != (now.get(section) or {}).get(name) for section, name in keys
                if section in saved)
