@@ -354,15 +354,13 @@ def test_eval_scores_with_the_runs_labels_and_cut_and_refuses_a_loss_that_is_no_
     assert "the adapter's loss on this data is nan" in capsys.readouterr().err
 
 
-def test_eval_reads_the_data_in_the_runs_format(tmp_path, capsys):
-    """A run trained with --format text on records that also hold prompt and completion: eval's own
-    detection read them as instruction records, other tokens and labels than the run's (a hunt)."""
+def _run_then_its_eval(tmp_path, capsys, record, *train_flags):
+    """A one-step run on four records (evaluated on them too), then `eval --json` of its adapter on
+    the same file, which must give the run's final eval loss: (data, adapter, eval's result)."""
     model = save_tiny_chat_model(tmp_path / "model")
-    data = tmp_path / "mixed.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"define the word {w}", "completion": f"a {w}",
-                                        "text": f"the {w} is a word people use often"}) + "\n"
-                            for w in ("apple", "river", "stone", "cloud")))
-    assert main(["train", "--model", str(model), "--data", str(data), "--eval-data", str(data), "--format", "text",
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(record(w)) + "\n" for w in ("apple", "river", "stone", "cloud")))
+    assert main(["train", "--model", str(model), "--data", str(data), "--eval-data", str(data), *train_flags,
                  "--output", str(tmp_path / "run"), "--max-steps", "1", "--r", "4", "--seq-len", "64",
                  "--dtype", "float32"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -371,6 +369,15 @@ def test_eval_reads_the_data_in_the_runs_format(tmp_path, capsys):
     assert main(["eval", "--adapter", adapter, "--data", str(data), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["adapter_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-6)
+    return data, adapter, result
+
+
+def test_eval_reads_the_data_in_the_runs_format(tmp_path, capsys):
+    """A run trained with --format text on records that also hold prompt and completion: eval's own
+    detection read them as instruction records, other tokens and labels than the run's (a hunt)."""
+    data, adapter, result = _run_then_its_eval(tmp_path, capsys, lambda w: {
+        "prompt": f"define the word {w}", "completion": f"a {w}", "text": f"the {w} is a word people use often"},
+        "--format", "text")
     assert any("format text" in note and "the run's own" in note for note in result["notes"])
     assert main(["eval", "--adapter", adapter, "--data", str(data), "--format", "instruction", "--json"]) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
@@ -378,19 +385,8 @@ def test_eval_reads_the_data_in_the_runs_format(tmp_path, capsys):
 
 
 def test_eval_reads_the_data_through_the_runs_columns(tmp_path, capsys):
-    model = save_tiny_chat_model(tmp_path / "model")
-    data = tmp_path / "odd.jsonl"
-    data.write_text("".join(json.dumps({"q_text": f"define the word {w}", "target": f"a {w}"}) + "\n"
-                            for w in ("apple", "river", "stone", "cloud")))
-    assert main(["train", "--model", str(model), "--data", str(data), "--eval-data", str(data), "--columns",
-                 "instruction=q_text", "output=target", "--output", str(tmp_path / "run"), "--max-steps", "1",
-                 "--r", "4", "--seq-len", "64", "--dtype", "float32"]) == 0
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    capsys.readouterr()
-    adapter = str(tmp_path / "run" / "adapter")
-    assert main(["eval", "--adapter", adapter, "--data", str(data), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["adapter_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-6)
+    data, adapter, result = _run_then_its_eval(tmp_path, capsys, lambda w: {
+        "q_text": f"define the word {w}", "target": f"a {w}"}, "--columns", "instruction=q_text", "output=target")
     assert any("columns ['instruction=q_text', 'output=target']" in note and "the run's own" in note
                for note in result["notes"])
     assert main(["eval", "--adapter", adapter, "--data", str(data), "--columns", "prompt=q_text",
