@@ -499,6 +499,14 @@ def test_the_report_says_whose_gemms_each_variant_ran(monkeypatch):
     assert ran["lorakit-plain"] == ran["lorakit-aten"] == ran["peft"] == "aten"
 
 
+def test_the_aten_variant_names_cpu_gemms_own_backend():
+    """The variants' table is torch-free (bench --help), so it spells the backend: it must be cpu_gemm's."""
+    from lorakit.bench_table import VARIANTS
+    from lorakit.kernels import cpu_gemm
+
+    assert VARIANTS["lorakit-aten"].gemm_backend == cpu_gemm.ATEN
+
+
 def test_fullrecompute_variant_keeps_transformers_checkpointing_and_the_same_losses(monkeypatch):
     # the recompute skip's share: the same model under transformers' checkpoint, whose recompute
     # computes every MLP's output

@@ -333,15 +333,17 @@ def test_other_commands_help_shows_defaults(capsys, command, shown):
 
 
 def test_help_loads_no_torch():
-    """`lorakit --help` and each command's --help but bench's print without importing torch (seconds):
-    the commands are listed without being built, and --adapter's check is imported when used."""
+    """`lorakit --help` and each command's --help print without importing torch (seconds): the commands
+    are listed without being built, --adapter's check is imported when used, bench's variants and
+    presets are tables apart from the code that builds them."""
     import subprocess
     import sys
 
     script = ("import sys\nfrom lorakit.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
               "print('torch loaded' if 'torch' in sys.modules else 'no torch', file=sys.stderr)")
     for argv in ([], ["--help"], ["trian"], ["train", "--help"], ["merge", "--help"], ["analyze", "--help"],
-                 ["generate", "--help"], ["eval", "--help"], ["export", "--help"], ["sweep", "--help"]):
+                 ["generate", "--help"], ["eval", "--help"], ["export", "--help"], ["sweep", "--help"],
+                 ["bench", "--help"], ["estimate", "--help"], ["recommend", "--help"]):
         result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
         assert result.stderr.strip().endswith("no torch"), (argv, result.stderr[-300:])
 

@@ -11,11 +11,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import torch
-
-from lorakit.bench_variants import TARGETS, VARIANTS, fast_paths
+from lorakit.bench_table import TARGETS, VARIANTS, fast_paths
 from lorakit.errors import ConfigError
-from lorakit.plan.model_shapes import model_shape
 
 DEFAULT_VARIANTS = ("lorakit", "peft", "peft-bf16", "lorakit-native", "lorakit-offload", "peft-liger")
 GIB = 2**30
@@ -97,6 +94,8 @@ def resolve(settings: BenchSettings) -> Plan:
     if s.interleave is None:
         s.interleave = s.device == "cpu" and s.isolate
     _validate(s)
+    from lorakit.plan.model_shapes import model_shape  # here: it loads torch, which `bench --help` need not
+
     shape = {**shape, "num_hidden_layers": s.layers, "max_position_embeddings": max(s.seq_len, 2048)}
     smallest = min(min(dims) for dims in model_shape(shape).projection_shapes().values())
     if s.r > smallest:
@@ -160,6 +159,8 @@ def _validate(s: BenchSettings) -> None:
         raise ConfigError(f"--warmup must be 0 or more, got {s.warmup}")
     if s.device not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, got {s.device!r}")
+    import torch  # here: `bench --help` lists the presets without it
+
     if s.device == "cuda" and not torch.cuda.is_available():
         chosen = f"--preset {s.preset}" if PRESETS[s.preset][3] == "cuda" else "--device cuda"
         raise ConfigError(f"{chosen} runs on a CUDA GPU and none is visible; use --preset cpu or --device cpu")
@@ -199,7 +200,7 @@ def _choose_variants(asked: list[str] | None, plan: Plan) -> list[str]:
 
 
 def _skip_reason(name: str, plan: Plan) -> str | None:
-    """Why `name` measures nothing of its own here (bench_variants.RunsWhere), or None."""
+    """Why `name` measures nothing of its own here (bench_table.RunsWhere), or None."""
     needs = VARIANTS[name].runs_where
     if needs is None:
         return None

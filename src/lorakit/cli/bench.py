@@ -35,7 +35,7 @@ alike); --sequential runs them one after the other. Method and numbers: docs/per
 
 def register(subparsers, name: str, help_text: str) -> None:
     from lorakit.bench_settings import PRESETS
-    from lorakit.bench_variants import VARIANTS
+    from lorakit.bench_table import VARIANTS
 
     p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="model shape, batch and device")
