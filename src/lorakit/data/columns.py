@@ -62,9 +62,13 @@ def rename_columns(record_sets: list[RecordSet], items: Sequence[str], fmt: str 
 
 
 def _renamed_set(records: RecordSet, mapping: dict[str, str], fmt: str) -> RecordSet:
-    sources = records.sources or [None] * len(records.parts)
-    renamed = [_renamed(part, src, mapping, fmt) for part, src in zip(records.parts, sources)]
-    return RecordSet([part for part, _ in renamed], [src for _, src in renamed] if records.sources else [])
+    """Each load renamed once: the files it holds share their columns (the first is named in errors)."""
+    loads, sources = [], []
+    for load, files in records.by_load():
+        renamed = _renamed(load, files[0] if files else None, mapping, fmt)
+        loads.append(renamed)
+        sources += [dataclasses.replace(src, columns=tuple(renamed.column_names)) for src in files]
+    return RecordSet(loads, sources)
 
 
 def _renamed(part, src, mapping: dict[str, str], fmt: str):
@@ -78,7 +82,7 @@ def _renamed(part, src, mapping: dict[str, str], fmt: str):
                         f"two; leave that pair out, or map {field!r} to another field as well")
     part = part.rename_columns(here) if here else part
     _refuse_unread(part.column_names, here, fmt, where)
-    return part, (dataclasses.replace(src, columns=tuple(part.column_names)) if src else None)
+    return part
 
 
 def _refuse_unread(columns: list[str], here: dict[str, str], fmt: str, where) -> None:

@@ -120,7 +120,7 @@ class _Encoder:
     train_on_inputs: bool
     template: str | None  # None: the tokenizer's own chat template
     fields: tuple[str, ...]  # the columns the format reads
-    sources: list[SourceFile]
+    sources: list[SourceFile]  # the files it reads (theirs alone: the hash of every file's, per map, added up)
     end_tokens: tuple[str, ...] = ()  # the EOS and the special tokens: what may end an assistant turn
     # datasets caches map results by a hash of the function and these fields, but it hashes
     # module functions by name: the revision makes a new lorakit, or new encoding code, re-tokenise
@@ -159,19 +159,21 @@ def _detect(columns: list[str]) -> tuple[str, str]:
 
 
 def _per_file_reading(records: RecordSet, fmt: str) -> tuple[str, list[tuple[str, ...]], str]:
-    """(the format, each file's fields, the note): files may name their fields differently
-    (instruction/output beside question/answer), each read through its own; files of different
-    formats (instruction beside chat or text) are refused, since a run trains one format."""
-    sources = records.sources if len(records.sources) == len(records.parts) else [None] * len(records.parts)
-    readings = [_file_reading(part.column_names, fmt, src) for part, src in zip(records.parts, sources)]
+    """(the format, each load's fields, the note): files may name their fields differently
+    (instruction/output beside question/answer), each read through its own (the files of one load
+    share their columns, so their reading); files of different formats (instruction beside chat or
+    text) are refused, since a run trains one format."""
+    loads = records.by_load()
+    readings = [_file_reading(load.column_names, fmt, files[0] if files else None) for load, files in loads]
+    per_file = [(src, reading) for (_, files), reading in zip(loads, readings) for src in files or [None]]
     formats = {reading[0] for reading in readings}
     if len(formats) > 1:
-        listed = ", ".join(f"{src.path}: {f} ({', '.join(fields)})" for src, (f, fields, _) in zip(sources, readings))
+        listed = ", ".join(f"{src.path}: {f} ({', '.join(fields)})" for src, (f, fields, _) in per_file)
         raise DataError(f"the data files hold different formats ({listed}); give every file the same format, or "
                         "train on one kind at a time")
-    notes = [note for _, _, note in readings]
+    notes = [note for _, (_, _, note) in per_file]
     if len(set(notes)) > 1:
-        notes = [f"{src.path.name}: {note}" for src, note in zip(sources, notes)]
+        notes = [f"{src.path.name}: {note}" for src, (_, _, note) in per_file]
     return formats.pop(), [fields for _, fields, _ in readings], "; ".join(dict.fromkeys(notes))
 
 
@@ -382,13 +384,13 @@ def _system_digest(messages: list[dict]) -> str:
     return ""
 
 
-def _shared_system_turn(kept: datasets.Dataset, records: RecordSet, encoders: list[_Encoder]) -> str | None:
+def _shared_system_turn(kept: datasets.Dataset, groups: list[tuple[datasets.Dataset, _Encoder]]) -> str | None:
     """The system turn every kept example's record opens with, when they all share one (None when
     they differ or have none): generate answers with it unless told otherwise."""
-    if encoders[0].fmt == "text" or len(kept.unique("system")) != 1 or not kept[0]["system"]:
+    if groups[0][1].fmt == "text" or len(kept.unique("system")) != 1 or not kept[0]["system"]:
         return None
     index = row = int(kept[0]["record"])
-    for part, enc in zip(records.parts, encoders):  # the record's file, and its row there
+    for part, enc in groups:  # the record's group of files, and its row there
         if row < len(part):
             break
         row -= len(part)
@@ -429,23 +431,38 @@ def tokenize_records(
         raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
     if len(records) == 0:
         raise DataError("the data holds no records")
-    fmt, fields_per_file, note = _per_file_reading(records, fmt)
+    fmt, fields_per_load, note = _per_file_reading(records, fmt)
     template = chat_template_for(tokenizer)
     specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
     end_tokens = tuple(sorted({token for token in [tokenizer.eos_token, *specials] if token}))
-    encoders = [_Encoder(tokenizer, fmt, seq_len, train_on_inputs, template, fields, list(records.sources),
-                         end_tokens) for fields in fields_per_file]
+    groups = [(part, _Encoder(tokenizer, fmt, seq_len, train_on_inputs, template, fields, sources, end_tokens))
+              for part, fields, sources in _alike_loads(records, fields_per_load)]
     mapped, first = [], 0
-    for part, enc in zip(records.parts, encoders):  # one file at a time: their tokenised columns always agree
+    for part, enc in groups:  # one map per group: a map costs a cache file and a hash of the encoder
         with name_datasets_cache_failures():
             mapped.append(part.map(_encode_batch, fn_kwargs={"enc": enc, "first": first}, batched=True,
                                    with_indices=True, remove_columns=part.column_names, num_proc=num_proc,
                                    desc=f"Tokenizing ({fmt})"))
         first += len(part)
     joined = datasets.concatenate_datasets(mapped) if len(mapped) > 1 else mapped[0]
-    tokenized = _keep_trainable(joined, encoders[0], note)
-    tokenized.system_turn = _shared_system_turn(tokenized.dataset, records, encoders)
+    tokenized = _keep_trainable(joined, groups[0][1], note)
+    tokenized.system_turn = _shared_system_turn(tokenized.dataset, groups)
     return tokenized
+
+
+def _alike_loads(records: RecordSet, fields_per_load: list[tuple[str, ...]]):
+    """(dataset, fields, its files) for each run of consecutive loads with the same columns, of the
+    same types, read through the same fields: they are tokenised as one. Loads that differ are
+    tokenised apart, so that their tokenised columns always agree."""
+    runs: list[tuple[list[datasets.Dataset], tuple[str, ...], list[SourceFile]]] = []
+    for (load, files), fields in zip(records.by_load(), fields_per_load):
+        if runs and runs[-1][1] == fields and runs[-1][0][-1].features == load.features:
+            runs[-1][0].append(load)
+            runs[-1][2].extend(files)
+        else:
+            runs.append(([load], fields, list(files)))
+    return [(datasets.concatenate_datasets(loads) if len(loads) > 1 else loads[0], fields, files)
+            for loads, fields, files in runs]
 
 
 def _keep_trainable(mapped: datasets.Dataset, enc: _Encoder, note: str) -> TokenizedData:

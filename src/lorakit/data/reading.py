@@ -2,9 +2,12 @@
 
 Inputs: one or more ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` or ``.txt`` files, a folder
 written by ``datasets.Dataset.save_to_disk``, or a folder of data files (data/folders.py). Each
-file is loaded on its own (``datasets`` converts it to Arrow in its cache and memory-maps it, so
-files larger than RAM work) and the parts are kept in the order given, one dataset per file
-(tokenised one at a time later, so files whose columns differ in type still combine).
+file is loaded through ``datasets`` (which converts it to Arrow in its cache and memory-maps it,
+so files larger than RAM work) and the parts are kept in the order given, one dataset per file
+(files whose columns differ in type still combine: formats.py tokenises together only parts
+whose columns agree). Consecutive files the builder reads alike (data/shards.py: one kind, one
+record shape) share one load, cut back into one part per file: a load costs about 60 ms before
+it reads a record, minutes for a folder of many shards.
 
 ``datasets`` reports malformed input with errors that rarely name the line, so every text file
 is first streamed once, cheaply, to check what ``datasets`` would choke on::
@@ -12,7 +15,7 @@ is first streamed once, cheaply, to check what ``datasets`` would choke on::
     file ──> exists? supported extension? not empty? not binary (NUL bytes)? UTF-8?
         .jsonl: every non-blank line parses as a JSON object  (line number in the error)
         .parquet: starts and ends with the ``PAR1`` magic
-    ──> datasets.load_dataset(...)  ──> one part per file
+    ──> datasets.load_dataset(...)  ──> one part per file  (alike files: one load, then split)
 
 Plain text (``.txt``): one example per paragraph (blocks separated by blank or
 whitespace-only lines). A file with no blank line between two lines of text (trailing blank
@@ -38,11 +41,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import datasets
 
-from lorakit.data import folders
+from lorakit.data import folders, shards
 from lorakit.errors import DataError, OutputError
 from lorakit.safe_io import os_error_words, read_json
 
@@ -75,20 +78,47 @@ class SourceFile:
 
 @dataclass
 class RecordSet:
-    """Raw records, one dataset per file, and their provenance. The files are tokenised one by one
-    (formats.tokenize_records): a column no format reads, or a key inside a turn, may then differ
-    in type between files, which one concatenated dataset could not hold."""
+    """Raw records and their provenance. `loads` are the datasets read, in order: one file's, or
+    consecutive files' read alike in one load (data/shards.py), which share their columns and
+    types. They are not concatenated into one: a column no format reads, or a key inside a turn,
+    may differ in type between files, which one dataset could not hold (formats.tokenize_records
+    tokenises together only loads whose columns agree). `sources`: each file's rows, in order."""
 
-    parts: list[datasets.Dataset]
+    loads: list[datasets.Dataset]
     sources: list[SourceFile]
 
     def __len__(self) -> int:
-        return sum(len(part) for part in self.parts)
+        return sum(len(load) for load in self.loads)
 
     @property
     def columns(self) -> list[str]:
         """Every file's columns, in the order they first appear."""
-        return list(dict.fromkeys(name for part in self.parts for name in part.column_names))
+        return list(dict.fromkeys(name for load in self.loads for name in load.column_names))
+
+    def by_load(self) -> list[tuple[datasets.Dataset, list[SourceFile]]]:
+        """Each load with the files it holds, in order (none where the set has no sources)."""
+        grouped, files, end = [], iter(self.sources), 0
+        file = next(files, None)
+        for load in self.loads:
+            end += len(load)
+            held = []
+            while file is not None and file.start < end:
+                held.append(file)
+                file = next(files, None)
+            grouped.append((load, held))
+        return grouped
+
+    @property
+    def parts(self) -> list[datasets.Dataset]:
+        """One dataset per file, views of the loads (a few ms each: to look at a file's records)."""
+        if not self.sources:
+            return list(self.loads)
+        parts = []
+        for load, files in self.by_load():
+            first = files[0].start
+            parts += [load] if len(files) == 1 else \
+                [load.select(range(src.start - first, src.start - first + src.count)) for src in files]
+        return parts
 
 
 def locate(sources: Sequence[SourceFile], index: int) -> str:
@@ -107,13 +137,16 @@ def read_records(
         paths = [paths]
     if not paths:
         raise DataError("no data files given; pass at least one .jsonl/.json/.csv/.parquet/.txt file")
-    parts, sources, start = [], [], 0
-    for path in data_files(paths):
-        ds, kind = _read_one(path, cache_dir)
-        parts.append(ds)
-        sources.append(SourceFile(path, kind, start, len(ds), tuple(ds.column_names)))
-        start += len(ds)
-    return RecordSet(parts, sources)
+    checked = [_checked(path) for path in data_files(paths)]  # every file's own errors before any load
+    loads, sources, start = [], [], 0
+    for run in shards.runs(checked):
+        load, counts = shards.read_together(run, lambda files: _load_together(files, cache_dir),
+                                            lambda file: _load_checked(file, cache_dir))
+        loads += load
+        for file, count in zip(run, counts):
+            sources.append(SourceFile(file.path, file.kind, start, count, tuple(load[-1].column_names)))
+            start += count
+    return RecordSet(loads, sources)
 
 
 def data_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -141,14 +174,15 @@ def _hub_dataset_hint(path: Path) -> str:
             f"datasets.load_dataset('{text}', split='train').save_to_disk('{path.name}')\", then --data {path.name})")
 
 
-def _read_one(path: Path, cache_dir: str | Path | None) -> tuple[datasets.Dataset, str]:
+def _checked(path: Path) -> shards.Checked:
+    """The file's checks (what datasets would choke on, named with the line), before any load."""
     if not path.exists():
         if path.is_symlink():  # exists() follows the link: a dangling one, or a loop
             raise DataError(f"data file {path} is a symbolic link to nothing readable (a missing target or a "
                             "loop); point it at the file, or pass the file's own path")
         raise DataError(f"data file {path} does not exist; check the path{_hub_dataset_hint(path)}")
     if path.is_dir():
-        return _load_saved(path), "saved"
+        return shards.Checked(path, "saved", {})
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):  # `train --data d.jsonl run.yaml`: --data takes every name after it
         raise DataError(f"{path} is a YAML config, not a data file (.jsonl, .json, .csv, .parquet, .txt); if it is "
@@ -163,31 +197,40 @@ def _read_one(path: Path, cache_dir: str | Path | None) -> tuple[datasets.Datase
         raise DataError(f"{path} is not a regular file (a pipe or a device); write the data to a file and pass that")
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty; it needs at least one record")
-    kind = suffix[1:]
-    options = _validate(path, kind)
+    return _validate(path, suffix[1:])
+
+
+def _load_checked(file: shards.Checked, cache_dir) -> datasets.Dataset:
+    """One checked file (or saved folder) loaded on its own."""
+    path, kind, options = file.path, file.kind, file.options
+    if kind == "saved":
+        return _load_saved(path)
     with name_datasets_cache_failures(cache_dir, reading=path):
         ds = _load_text(path, cache_dir, **options) if kind == "txt" else _load_file(path, kind, cache_dir, options)
     if len(ds) == 0:
         raise DataError(f"{path} holds no records (only a header or blank lines?)")
-    return ds, kind
+    return ds
 
 
-def _validate(path: Path, kind: str) -> dict:
-    """Cheap streaming checks; returns extra options for the datasets builder."""
+def _validate(path: Path, kind: str) -> shards.Checked:
+    """Cheap streaming checks; the file with the extra options for the datasets builder and, where
+    it may be read with others, its rows and shape (data/shards.py)."""
     if kind == "parquet":
-        _check_parquet(path)
-        return {}
+        rows, shape = _check_parquet(path)
+        return shards.Checked(path, kind, {}, rows, shape)
     check_not_binary(path)
     if kind == "jsonl":
-        _check_jsonl(path)
-        return {"encoding": "utf-8-sig"} if _starts_with_bom(path) else {}
+        shapes = shards.RecordShapes() if path.stat().st_size < shards.JSON_CHUNK else None
+        _check_jsonl(path, shapes)
+        options = {"encoding": "utf-8-sig"} if _starts_with_bom(path) else {}
+        return shards.Checked(path, kind, options, *((shapes.rows, shapes.signature()) if shapes else ()))
     has_blank, digest = _check_utf8(path)
     if kind == "txt":
-        return {"paragraphs": has_blank, "digest": digest}
+        return shards.Checked(path, kind, {"paragraphs": has_blank, "digest": digest})
     if kind == "json":
         _check_json_array_of_objects(path)
         _check_not_columns(path)
-    return _cells_as_text(path) if kind == "csv" else {}
+    return shards.Checked(path, kind, _cells_as_text(path) if kind == "csv" else {})
 
 
 def _cells_as_text(path: Path) -> dict:
@@ -258,8 +301,9 @@ def _check_utf8(path: Path) -> tuple[bool, str]:
     return has_blank, digest.hexdigest()
 
 
-def _check_jsonl(path: Path) -> None:
-    """Every non-blank line must be a JSON object; errors name the line and show its start."""
+def _check_jsonl(path: Path, shapes: shards.RecordShapes | None = None) -> None:
+    """Every non-blank line must be a JSON object; errors name the line and show its start. Each
+    record's shape goes into `shapes`, if given."""
     seen = False
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -270,7 +314,9 @@ def _check_jsonl(path: Path) -> None:
             if not text.removeprefix("\ufeff").strip():  # str.strip keeps a byte-order mark
                 continue
             seen = True
-            parse_jsonl_line(path, number, text)
+            record = parse_jsonl_line(path, number, text)
+            if shapes is not None:
+                shapes.add(record)
     if not seen:
         raise DataError(f"{path} is empty (only blank lines); it needs at least one JSON record")
 
@@ -324,7 +370,8 @@ def not_utf8(path: Path, line: int) -> DataError:
     )
 
 
-def _check_parquet(path: Path) -> None:
+def _check_parquet(path: Path) -> tuple[int, Hashable]:
+    """The file's rows and shape (data/shards.py), once it is known to be Parquet datasets can read."""
     with open(path, "rb") as f:
         head = f.read(4)
         f.seek(max(path.stat().st_size - 4, 0))
@@ -345,6 +392,7 @@ def _check_parquet(path: Path) -> None:
     if maps:  # datasets has no type for them, and refuses the whole file
         raise DataError(f"{path}: column(s) {', '.join(map(repr, maps))} hold Parquet maps, which lorakit cannot "
                         "read; drop them (no data format reads them) or store them as JSON text")
+    return rows, shards.parquet_shape(schema)
 
 
 def _holds_a_map(arrow_type) -> bool:
@@ -364,13 +412,8 @@ PROGRESS_BAR_BYTES = 64 * 2**20  # smaller files load in a second or two: no bar
 
 
 def _load_file(path: Path, kind: str, cache_dir, options: dict) -> datasets.Dataset:
-    builder = BUILDERS["." + kind]
     try:
-        with _quiet_builders(path):
-            return datasets.load_dataset(  # datasets expands * ? [ ] in data_files: "data[1].jsonl" is a name
-                builder, data_files=[glob.escape(str(path))], split="train",
-                cache_dir=str(cache_dir) if cache_dir else None, **options,
-            )
+        return _builder_load([path], kind, cache_dir, options)
     except Exception as exc:  # datasets/pyarrow raise many types for malformed files
         if kind == "json" and _first_char(path) == "{":
             _check_jsonl(path)  # a JSON-lines file named .json: find the bad line
@@ -380,6 +423,21 @@ def _load_file(path: Path, kind: str, cache_dir, options: dict) -> datasets.Data
         if "corresponds to no data" in str(exc):  # datasets' words for "zero rows"
             raise DataError(f"{path} holds no records (only a header or blank lines?)") from exc
         raise DataError(f"could not read {path} as {kind}: {_reason(exc)}") from exc
+
+
+def _load_together(files: list[shards.Checked], cache_dir) -> datasets.Dataset:
+    """Files of one kind, options and shape (data/shards.py) in one load: any failure is the
+    caller's cue to load them one by one."""
+    return _builder_load([file.path for file in files], files[0].kind, cache_dir, files[0].options)
+
+
+def _builder_load(paths: list[Path], kind: str, cache_dir, options: dict) -> datasets.Dataset:
+    """The files' records, in order, through datasets' builder for their kind, cached."""
+    with _quiet_builders(sum(path.stat().st_size for path in paths)):
+        return datasets.load_dataset(  # datasets expands * ? [ ] in data_files: "data[1].jsonl" is a name
+            BUILDERS["." + kind], data_files=[glob.escape(str(path)) for path in paths], split="train",
+            cache_dir=str(cache_dir) if cache_dir else None, **options,
+        )
 
 
 _CACHE_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
@@ -438,14 +496,14 @@ def _reason(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_builders(path: Path):
+def _quiet_builders(size: int):
     """datasets' CSV and JSON builders log a malformed file's error (with its traceback) before
     raising it; lorakit's own message names it, once. Their progress bar ("Generating train
-    split") only for a file big enough to take a while."""
+    split") only for files (`size` bytes in all) big enough to take a while."""
     logger = logging.getLogger("datasets.packaged_modules")
     level, bars_were_off = logger.level, datasets.are_progress_bars_disabled()
     logger.setLevel(logging.CRITICAL)
-    if path.stat().st_size < PROGRESS_BAR_BYTES:
+    if size < PROGRESS_BAR_BYTES:
         datasets.disable_progress_bars()
     try:
         yield
@@ -503,7 +561,7 @@ TXT_SPLITTING = 3
 def _load_text(path: Path, cache_dir, paragraphs: bool, digest: str) -> datasets.Dataset:
     """A .txt file's examples (see the module docstring) as an Arrow dataset in the cache, keyed
     by the file's content (its sha256) and the splitting rule."""
-    with _quiet_builders(path):
+    with _quiet_builders(path.stat().st_size):
         return datasets.Dataset.from_generator(
             _text_examples, cache_dir=str(cache_dir) if cache_dir else None,
             gen_kwargs={"path": str(path.resolve()), "paragraphs": paragraphs, "key": (digest, TXT_SPLITTING)},
