@@ -8,7 +8,8 @@ import datasets
 import pytest
 
 from lorakit.data.folders import folder_notices, split_of
-from lorakit.data.reading import BUILDERS, locate, read_records
+from lorakit.data.reading import BUILDERS, read_records
+from lorakit.data.records import locate
 from lorakit.errors import DataError
 
 

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from lorakit.data.formats import CHAT_COLUMNS, INPUT_OUTPUT, INSTRUCTION_FIELDS, columns_read
 from lorakit.data.messages import CONTEXT_FIELDS
-from lorakit.data.reading import RecordSet
+from lorakit.data.records import RecordSet
 from lorakit.errors import ConfigError, DataError
 
 # every column name some format reads

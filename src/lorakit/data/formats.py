@@ -68,7 +68,8 @@ from lorakit.config import DATA_FORMATS
 from lorakit.data.batching import IGNORE_INDEX
 from lorakit.data.examples import NO_EOS_WARNING, ReadFigures, TokenizedData, compute_stats, numeric_columns
 from lorakit.data.messages import CONTEXT_FIELDS, UNTRAINED, chat_messages, field_text, instruction_messages
-from lorakit.data.reading import RecordSet, SourceFile, locate, name_datasets_cache_failures
+from lorakit.data.reading import name_datasets_cache_failures
+from lorakit.data.records import RecordSet, SourceFile, locate
 from lorakit.errors import ConfigError, DataError
 
 INSTRUCTION_FIELDS = (("instruction", "output"), ("prompt", "response"), ("question", "answer"),
