@@ -115,7 +115,9 @@ def test_files_that_differ_in_columns_or_types_are_read_apart_as_before(tmp_path
         [{"instruction": "q0", "output": "a0", "id": 1}], [{"instruction": "q1", "output": "a1", "id": "b"}],
         [{"question": "q2", "answer": "a2"}], [{"question": "q3", "answer": "a3"}, {"question": "q4", "answer": "a4"}],
         [{"instruction": "q5", "output": "a5", "input": "ctx", "id": 2}]]
-    assert [src.columns for src in recs.sources][2:4] == [("question", "answer")] * 2
+    assert [src.columns for src in recs.sources] == [("instruction", "output", "id"), ("instruction", "output", "id"),
+                                                     ("question", "answer"), ("question", "answer"),
+                                                     ("instruction", "output", "input", "id")]
     assert locate(recs.sources, 4) == f"record 5 ({folder / 'd.jsonl'} line 2)"
     tokenized = tokenize_records(recs, tiny_tokenizer(), seq_len=64)  # each file read through its own fields
     assert tokenized.dataset["record"] == [0, 1, 2, 3, 4, 5]

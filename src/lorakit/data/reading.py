@@ -64,14 +64,15 @@ def read_records(
     if not paths:
         raise DataError("no data files given; pass at least one .jsonl/.json/.csv/.parquet/.txt file")
     checked = [_checked(path) for path in data_files(paths)]  # every file's own errors before any load
-    loads, sources, start = [], [], 0
+    loads, sources = [], []
     for run in shards.runs(checked):
-        load, counts = shards.read_together(run, lambda files: _load_together(files, cache_dir),
-                                            lambda file: _load_checked(file, cache_dir))
-        loads += load
-        for file, count in zip(run, counts):
-            sources.append(SourceFile(file.path, file.kind, start, count, tuple(load[-1].column_names)))
-            start += count
+        files = iter(run)
+        for load, counts in shards.read_together(run, lambda group: _load_together(group, cache_dir),
+                                                 lambda file: _load_checked(file, cache_dir)):
+            loads.append(load)
+            for count, file in zip(counts, files):  # counts first: zip would take a file past the last count
+                start = sources[-1].start + sources[-1].count if sources else 0
+                sources.append(SourceFile(file.path, file.kind, start, count, tuple(load.column_names)))
     return RecordSet(loads, sources)
 
 

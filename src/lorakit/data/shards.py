@@ -96,15 +96,14 @@ def runs(files: list[Checked]) -> list[list[Checked]]:
 
 
 def read_together(files: list[Checked], load_together: Callable[[list[Checked]], datasets.Dataset],
-                  load_alone: Callable[[Checked], datasets.Dataset]) -> tuple[list[datasets.Dataset], list[int]]:
-    """(the datasets read, each file's rows): one load where it gives every file its known rows,
-    else one per file."""
+                  load_alone: Callable[[Checked], datasets.Dataset]) -> list[tuple[datasets.Dataset, list[int]]]:
+    """Each dataset read, with the rows of each of `files` it holds, in order: one load where it
+    gives every file its known rows, else one per file."""
     if len(files) > 1:
         try:
             whole = load_together(files)
         except Exception:  # a malformed file or a full cache: file by file, the error names the file as before
             whole = None
         if whole is not None and len(whole) == sum(file.rows for file in files):
-            return [whole], [file.rows for file in files]
-    alone = [load_alone(file) for file in files]
-    return alone, [len(ds) for ds in alone]
+            return [(whole, [file.rows for file in files])]
+    return [(ds, [len(ds)]) for ds in map(load_alone, files)]
