@@ -381,6 +381,16 @@ def test_instruction_files_that_name_their_fields_differently_are_each_read_thro
     assert len(chosen.dataset) == 2 and all(sum(x != -100 for x in labels) for labels in chosen.dataset["labels"])
 
 
+def test_files_with_nothing_to_train_name_every_files_fields(chatml, tmp_path):
+    """Nothing trained in any file (chats without a reply): the message names each file's field."""
+    messages, conversations = tmp_path / "m.jsonl", tmp_path / "c.jsonl"
+    messages.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    conversations.write_text(json.dumps({"conversations": [{"role": "user", "content": "hello"}]}) + "\n")
+    with pytest.raises(DataError, match=r"none of the 2 examples has a trained token .*no assistant turn\); check "
+                                        r"the messages, conversations fields"):
+        tokenize_records(read_records([messages, conversations]), chatml)
+
+
 def test_chosen_format_needs_its_columns(chatml):
     with pytest.raises(DataError, match="format chat needs .*'messages'.*'text'"):
         tokenize_records(ds([{"text": "x"}]), chatml, fmt="chat")

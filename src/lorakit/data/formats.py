@@ -446,7 +446,8 @@ def tokenize_records(
                                    desc=f"Tokenizing ({fmt})"))
         first += len(part)
     joined = datasets.concatenate_datasets(mapped) if len(mapped) > 1 else mapped[0]
-    tokenized = _keep_trainable(joined, groups[0][1], note)
+    read_fields = tuple(dict.fromkeys(field for _, enc in groups for field in enc.fields))  # every file's
+    tokenized = _keep_trainable(joined, groups[0][1], note, read_fields)
     tokenized.system_turn = _shared_system_turn(tokenized.dataset, groups)
     return tokenized
 
@@ -466,12 +467,12 @@ def _alike_loads(records: RecordSet, fields_per_load: list[tuple[str, ...]]):
             for loads, fields, files in runs]
 
 
-def _keep_trainable(mapped: datasets.Dataset, enc: _Encoder, note: str) -> TokenizedData:
+def _keep_trainable(mapped: datasets.Dataset, enc: _Encoder, note: str, read_fields: tuple[str, ...]) -> TokenizedData:
     columns = numeric_columns(mapped)
     num_labels, truncated = columns["num_labels"], columns["truncated"]
     keep = np.flatnonzero(num_labels > 0)
     if keep.size == 0:
-        raise DataError(_nothing_left(len(mapped), int(truncated.sum()), enc))
+        raise DataError(_nothing_left(len(mapped), int(truncated.sum()), enc, read_fields))
     kept = mapped if keep.size == len(mapped) else mapped.select(keep)
     examples_per_record = np.bincount(columns["record"])
     read = ReadFigures(records=int((examples_per_record > 0).sum()), dropped=len(mapped) - keep.size,
@@ -483,13 +484,13 @@ def _keep_trainable(mapped: datasets.Dataset, enc: _Encoder, note: str) -> Token
     return TokenizedData(kept, enc.fmt, stats)
 
 
-def _nothing_left(total: int, cut: int, enc: _Encoder) -> str:
+def _nothing_left(total: int, cut: int, enc: _Encoder, read_fields: tuple[str, ...]) -> str:
     if cut == total:
         return (f"no usable examples: all {total} examples are longer than --seq-len {enc.seq_len} "
                 "and were cut before any trained (response) token; raise --seq-len")
     return (f"no usable examples: none of the {total} examples has a trained token "
             f"({cut} were cut at --seq-len {enc.seq_len} before their response, the others have nothing "
-            f"to train: {_NOTHING_TO_TRAIN[enc.fmt]}); check the {', '.join(enc.fields)} fields")
+            f"to train: {_NOTHING_TO_TRAIN[enc.fmt]}); check the {', '.join(read_fields)} fields")
 
 
 # why an example that was not cut has no trained token, per format
