@@ -132,6 +132,47 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loa
     assert code == 2 and err.count("error:") == 1 and "/proc/no-such-folder" in err and "Traceback" not in err
 
 
+# prompts of very different lengths (2 to ~200 tokens), so that a batch pads most of its rows
+UNEVEN = ["hi", "Define the word apple.", "Define the word river. " * 20, "What is a stone?",
+          "define the word apple: a round fruit " * 6, "Define the word cloud.", "x", "a large natural stream " * 3]
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(base_and_adapters):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = base_and_adapters[0]
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def test_each_row_stops_at_its_own_stop_token_and_padding_leaves_the_tokenizer_as_it_was(tiny_chat, monkeypatch):
+    """A token the model writes often made a stop token, so that rows end at different steps;
+    a tokenizer without a pad token pads with EOS, and still has none afterwards."""
+    import torch
+
+    from lorakit.generate import complete_batch, complete_ids, prompt_ids
+
+    model, tokenizer = tiny_chat
+    prompts = [prompt_ids(model, tokenizer, text, 30) for text in UNEVEN]
+    with torch.no_grad():
+        written = model.generate(torch.tensor([prompts[1]]), max_new_tokens=30, do_sample=False)[0, len(prompts[1]):]
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, int(written[4])])
+    monkeypatch.setattr(tokenizer, "pad_token", None)
+    alone = [complete_ids(model, tokenizer, ids, 30) for ids in prompts]
+    assert len({len(text) for text in alone}) > 3  # the rows stopped at different steps
+    assert complete_batch(model, tokenizer, prompts, 30) == alone
+    assert tokenizer.pad_token is None
+
+
+def test_batches_hold_prompts_of_like_lengths_longest_first_within_each_window():
+    from lorakit.generate import length_sorted_batches
+
+    lengths = [5, 50, 7, 40, 6, 60]
+    assert length_sorted_batches(lengths, 2) == [[5, 1], [3, 2], [4, 0]]
+    assert length_sorted_batches(lengths, 2, window=3) == [[1, 2], [0], [5, 3], [4]]
+    assert length_sorted_batches([], 4) == []
+
+
 def test_stdin_is_the_whole_prompt_less_its_closing_line_breaks():
     from lorakit.data.prompts import read_stdin_prompt
 

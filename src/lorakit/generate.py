@@ -1,4 +1,4 @@
-"""Text generation with a base model plus adapter: chat-aware, greedy by default, streaming."""
+"""Text generation with a base model plus adapter: chat-aware, greedy by default, streaming or in batches."""
 
 from __future__ import annotations
 
@@ -29,23 +29,104 @@ def prompt_ids(model, tokenizer, prompt: str | list[dict], max_new_tokens: int, 
 def complete_ids(model, tokenizer, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
                  stream: bool = False) -> str:
     """The text the model continues `ids` with (greedy at temperature 0), streamed to stdout if asked."""
-    device = next(model.parameters()).device
-    inputs = torch.tensor([ids], device=device)
-    streamer = None
-    if stream:
-        from transformers import TextStreamer
+    if not stream:
+        return complete_batch(model, tokenizer, [ids], max_new_tokens, temperature)[0]
+    from transformers import TextStreamer
 
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    options = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=tokenizer.pad_token_id,
-                   eos_token_id=stop_token_ids(model, tokenizer), streamer=streamer)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    inputs = torch.tensor([ids], device=next(model.parameters()).device)
+    output = _generate(model, tokenizer, inputs, torch.ones_like(inputs), max_new_tokens, temperature, streamer)
+    return _answer_text(tokenizer, output[0, len(ids):], stop_token_ids(model, tokenizer))
+
+
+def complete_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: int,
+                   temperature: float = 0.0) -> list[str]:
+    """Each prompt's continuation, the prompts answered together by one `generate` call. They are
+    padded on the left, so that every row's new tokens start in the same column, and masked:
+    transformers then numbers each row's positions from its own first token (position ids from
+    the attention mask), and a greedy answer is the one the prompt gets alone."""
+    stops = stop_token_ids(model, tokenizer)
+    width = max(len(ids) for ids in batch)
+    inputs = torch.full((len(batch), width), padding_id(model, tokenizer, stops), dtype=torch.long)
+    mask = torch.zeros_like(inputs)
+    for row, ids in enumerate(batch):
+        inputs[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        mask[row, width - len(ids):] = 1
+    device = next(model.parameters()).device
+    output = _generate(model, tokenizer, inputs.to(device), mask.to(device), max_new_tokens, temperature)
+    return [_answer_text(tokenizer, row[width:], stops) for row in output]
+
+
+def complete_in_order(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                      batch_size: int = 8, window: int | None = None):
+    """Every prompt's answer, in the prompts' order, answered `batch_size` at a time in batches of
+    like lengths (see `length_sorted_batches`). After each batch: (how many it answered, the
+    answers now ready in order); the second is empty while an earlier prompt waits for a later batch."""
+    batch_size = batch_size if pads_safely(model) else 1
+    answered, ready = {}, 0
+    for batch in length_sorted_batches([len(ids) for ids in prompts], batch_size, window):
+        answered.update(zip(batch, complete_batch(model, tokenizer, [prompts[i] for i in batch], max_new_tokens,
+                                                  temperature)))
+        texts = []
+        while ready in answered:
+            texts.append(answered.pop(ready))
+            ready += 1
+        yield len(batch), texts
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int, window: int | None = None) -> list[list[int]]:
+    """The indices of `lengths` in batches: each `window` of consecutive ones (default: all) sorted
+    longest first, so that a batch pads its rows little and the largest batch, the one most likely
+    to run out of memory, runs first. A smaller window returns the first answers sooner."""
+    window = window or max(len(lengths), 1)
+    batches = []
+    for start in range(0, len(lengths), window):
+        indices = sorted(range(start, min(start + window, len(lengths))), key=lambda i: -lengths[i])
+        batches += [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    return batches
+
+
+def pads_safely(model) -> bool:
+    """Whether a left-padded row is answered as it is alone: transformers numbers a padded row's
+    positions from its attention mask for a model whose forward takes position ids; one that
+    numbers them itself would start a row's positions at its padding."""
+    import inspect
+
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def padding_id(model, tokenizer, stops: list[int] | None) -> int:
+    """The id that fills the left padding and a finished row's tail: the tokenizer's pad token,
+    else its first stop token (EOS), else 0, the first the model has an embedding row for. Either
+    is masked or cut away; the tokenizer itself is left as the caller has it."""
+    from lorakit.model_limits import token_rows
+
+    rows = token_rows(model)
+    candidates = [tokenizer.pad_token_id, *(stops or []), 0]
+    return next(int(i) for i in candidates if i is not None and (rows is None or int(i) < rows))
+
+
+def _generate(model, tokenizer, inputs, mask, max_new_tokens: int, temperature: float, streamer=None):
+    stops = stop_token_ids(model, tokenizer)
+    options = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, eos_token_id=stops,
+                   pad_token_id=padding_id(model, tokenizer, stops), streamer=streamer)
     if temperature > 0:
         options["temperature"] = temperature
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        output = model.generate(inputs, attention_mask=torch.ones_like(inputs), **options)
-    model.train(was_training)
-    return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
+    try:
+        with torch.no_grad():
+            return model.generate(inputs, attention_mask=mask, **options)
+    finally:
+        model.train(was_training)
+
+
+def _answer_text(tokenizer, new_ids, stops: list[int] | None) -> str:
+    """A row's new tokens up to its own first stop token (a batch's finished rows go on with
+    padding, and a stop token need not be a special token the decoding would skip)."""
+    ids = new_ids.tolist()
+    end = next((i for i, token in enumerate(ids) if token in (stops or ())), len(ids))
+    return tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
 
 
 def stop_token_ids(model, tokenizer) -> list[int] | None:
