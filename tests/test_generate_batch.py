@@ -137,6 +137,19 @@ UNEVEN = ["hi", "Define the word apple.", "Define the word river. " * 20, "What 
           "define the word apple: a round fruit " * 6, "Define the word cloud.", "x", "a large natural stream " * 3]
 
 
+def test_batched_greedy_answers_are_the_one_at_a_time_answers_in_the_files_order(generate, tmp_path):
+    path = write(tmp_path / "p.txt", "\n".join(UNEVEN) + "\n")
+    alone = answers(generate("--batch-size", "1", "--max-new-tokens", "24", "--prompts", path)[1])
+    assert [a["line"] for a in alone] == list(range(1, len(UNEVEN) + 1))
+    assert len({a["completion"] for a in alone}) > 4  # the prompts are answered apart, not all alike
+    for size in ("3", "8", "100"):  # a short last batch; the default; all in one
+        code, out, _ = generate("--batch-size", size, "--max-new-tokens", "24", "--prompts", path)
+        assert code == 0 and answers(out) == alone, size
+    output = tmp_path / "answers.jsonl"  # sorted over the whole file, not a few batches at a time
+    assert generate("--batch-size", "3", "--max-new-tokens", "24", "--prompts", path, "--output", output)[0] == 0
+    assert answers(output.read_text(encoding="utf-8")) == alone
+
+
 @pytest.fixture(scope="module")
 def tiny_chat(base_and_adapters):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -171,6 +184,20 @@ def test_batches_hold_prompts_of_like_lengths_longest_first_within_each_window()
     assert length_sorted_batches(lengths, 2) == [[5, 1], [3, 2], [4, 0]]
     assert length_sorted_batches(lengths, 2, window=3) == [[1, 2], [0], [5, 3], [4]]
     assert length_sorted_batches([], 4) == []
+
+
+def test_sampled_answers_in_batches_come_one_per_prompt(generate, tmp_path):
+    path = write(tmp_path / "p.txt", "\n".join(UNEVEN) + "\n")
+    code, out, _ = generate("--temperature", "0.8", "--seed", "3", "--prompts", path)
+    assert code == 0 and [a["line"] for a in answers(out)] == list(range(1, len(UNEVEN) + 1))
+    assert generate("--temperature", "0.8", "--seed", "3", "--prompts", path)[1] == out  # seeded: the same again
+
+
+def test_a_batch_size_that_is_not_a_whole_number_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "--batch-size", "2.5", "--prompts", "p.txt"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("error:") == 1 and "--batch-size: invalid int value: '2.5'" in err
 
 
 def test_stdin_is_the_whole_prompt_less_its_closing_line_breaks():
@@ -229,6 +256,8 @@ def test_a_bad_prompts_file_is_one_error_line_and_exit_2(name, generate, tmp_pat
      "write the answers to another file"),
     (["--prompts", "p.txt", "--output", "p.txt/a.jsonl"], "p.txt is a file, where its folder would be",
      "choose another path"),
+    (["--prompts", "p.txt", "--batch-size", "0"], "--batch-size must be at least 1", "got 0"),
+    (["--prompts", "p.txt", "--batch-size", "-4"], "--batch-size must be at least 1", "got -4"),
 ])
 def test_bad_prompt_options_are_one_error_line_and_exit_2(args, problem, fix, generate, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

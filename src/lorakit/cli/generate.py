@@ -10,6 +10,8 @@ line; a .jsonl one object per line, with the prompt side of a record the trainer
 "messages"/"conversations", whose closing assistant turns are left out), and an optional
 "system". It writes one JSON line per answer: {"prompt", "completion", "adapter", "line"} (and
 "system" where the record had one), to stdout or, written whole or not at all, to --output.
+The prompts are answered --batch-size at a time (default 8), in batches of like lengths, in the
+file's order.
 
 Several adapters can be loaded at once (`--adapter a --adapter b --use b`); the base is loaded
 once and the adapters are switched in place. `--use all` answers with each in turn (with
@@ -27,6 +29,8 @@ from pathlib import Path
 MIN_TEMPERATURE = 1e-4  # logits / t must stay finite in fp32 and bf16 for the sampler
 STDIN = "-"
 ALL_ADAPTERS = "all"
+BATCH_SIZE = 8  # prompts per generate call: on a CPU or a GPU several times faster than one at a time
+STREAM_WINDOW = 4  # printed to stdout: the batches sorted by length together, before their answers print
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -42,6 +46,9 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--output", metavar="FILE.jsonl",
                    help="with --prompts: write the JSON lines to this file (whole, or not at all) instead of stdout")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, metavar="N",
+                   help="with --prompts: answer N prompts at a time, left-padded (greedy answers are the same as "
+                        "one at a time; 1: one at a time)")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR", type=adapter_folder_arg,
                    help="adapter folder, or a training run's folder for its adapter (repeat to load several); "
                         "none: the base model alone")
@@ -102,6 +109,8 @@ def _refuse_bad_values(args: argparse.Namespace) -> None:
     if args.seed is not None and args.temperature == 0:
         raise ConfigError("--seed sets the sampler's seed, and --temperature 0 is greedy, without one: pass "
                           "--temperature above 0 (e.g. 0.7), or leave --seed out")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1 (1: one prompt at a time), got {args.batch_size}")
 
 
 def _refuse_bad_prompt_options(args: argparse.Namespace) -> None:
@@ -222,26 +231,35 @@ def _answer_one(args: argparse.Namespace, model, tokenizer, adapters, prompt: st
 def _answer_all(args: argparse.Namespace, model, tokenizer, adapters, prompts: list) -> None:
     """Every prompt, with each adapter asked for: all rendered and checked first (a bad one stops the
     command before any answer is written), then answered one adapter at a time (one switch each)."""
-    from lorakit.generate import complete_ids
-
     plan = []
     for name in _adapter_names(args, adapters):
         system = _system_turn(args, adapters, name)
         plan.append((name, [(prompt, _checked_ids(args, model, tokenizer, prompt, system)) for prompt in prompts]))
-    lines, total = [], sum(len(jobs) for _, jobs in plan)
+    lines, answered, total = [], 0, sum(len(jobs) for _, jobs in plan)
     for name, jobs in plan:
         if name is not None:
             adapters.activate(name)
-        for prompt, ids in jobs:
-            text = complete_ids(model, tokenizer, ids, args.max_new_tokens, args.temperature)
-            line = json.dumps(_answer_record(prompt, text, name), ensure_ascii=False)
-            if args.output is None:
-                print(line, flush=True)  # as each is answered: a long batch shows its progress, `| head` works
-            else:
+        ready = iter(prompt for prompt, _ in jobs)  # the answers come in the file's order
+        for count, texts in _answers(args, model, tokenizer, [ids for _, ids in jobs]):
+            for text in texts:
+                line = json.dumps(_answer_record(next(ready), text, name), ensure_ascii=False)
+                if args.output is None:
+                    print(line, flush=True)  # as they are answered: a long batch shows its progress, `| head` works
                 lines.append(line)
-                _say_progress(len(lines), total)
+            answered += count
+            if args.output is not None:
+                _say_progress(answered, total)
     if args.output is not None:
         _write_answers(Path(args.output), lines)
+
+
+def _answers(args: argparse.Namespace, model, tokenizer, prompts: list):
+    """complete_in_order's batches: for stdout sorted by length a few batches at a time, so that the
+    first answers print soon; for --output, written at the end, all at once (the least padding)."""
+    from lorakit.generate import complete_in_order
+
+    window = None if args.output is not None else STREAM_WINDOW * args.batch_size
+    return complete_in_order(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.batch_size, window)
 
 
 def _checked_ids(args: argparse.Namespace, model, tokenizer, prompt, system: str | None) -> list:
