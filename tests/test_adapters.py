@@ -396,6 +396,25 @@ def test_eval_reads_the_data_through_the_runs_columns(tmp_path, capsys):
     assert "no data file has a column 'nothing'" in capsys.readouterr().err
 
 
+def test_generate_reads_a_prompts_file_through_the_runs_columns(tmp_path, capsys):
+    """A run trained with --columns is asked its own test file's prompts (eval scores it so), and a
+    file in lorakit's names is read as it is; --columns replaces the run's mapping."""
+    words = ("apple", "river", "stone", "cloud")
+    data, adapter, _ = _run_then_its_eval(tmp_path, capsys, lambda w: {
+        "q_text": f"define the word {w}", "target": f"a {w}"}, "--columns", "instruction=q_text", "output=target")
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"instruction": f"define the word {w}"}) + "\n" for w in words))
+    asked = ["generate", "--adapter", adapter, "--max-new-tokens", "5", "--prompts"]
+    answers = []
+    for path, flags in ((renamed, []), (data, []), (data, ["--columns", "prompt=q_text"])):
+        assert main([*asked, str(path), *flags]) == 0
+        out, err = capsys.readouterr()
+        answers.append([json.loads(line)["completion"] for line in out.splitlines()])
+        said = "note: --columns instruction=q_text output=target: the run's own (its config.yaml)" in err
+        assert said == (not flags)
+    assert answers[0] == answers[1] == answers[2] and len(answers[0]) == len(words)
+
+
 @pytest.mark.parametrize("command", ["eval", "generate"])
 def test_eval_and_generate_load_the_base_as_train_does(monkeypatch, capsys, command):
     from lorakit import models

@@ -200,6 +200,34 @@ def test_a_batch_size_that_is_not_a_whole_number_is_refused_by_the_parser(capsys
     assert stop.value.code == 2 and err.count("error:") == 1 and "--batch-size: invalid int value: '2.5'" in err
 
 
+def test_columns_rename_a_jsonl_files_fields(generate, tmp_path):
+    plain = write(tmp_path / "plain.jsonl", json.dumps({"prompt": PROMPT, "system": "Be brief."}) + "\n")
+    mine = write(tmp_path / "mine.jsonl", json.dumps({"q": PROMPT, "sys": "Be brief.", "a": "a fruit"}) + "\n")
+    expected = answers(generate("--prompts", plain)[1])
+    code, out, _ = generate("--prompts", mine, "--columns", "prompt=q", "system=sys", "output=a")
+    assert code == 0 and answers(out) == expected
+    code, out, _ = generate("--prompts", mine, "--columns", "prompt=q", "system=sys", "output=answer")
+    assert code == 0 and answers(out) == expected  # an answer's column, unread, may be missing (train's pairs)
+
+
+@pytest.mark.parametrize("lines, columns, problem, fix", [
+    ([{"q": "a"}], ["prompt=qq"], "--columns prompt=qq: no line of", "its lines' fields: 'q'"),
+    ([{"q": "a", "prompt": "b"}], ["prompt=q"], "line 1 already has a field 'prompt'", "leave that pair out"),
+    ([{"q": "a"}], ["prompt"], "--columns takes FIELD=COLUMN pairs", "instruction=question output=answer"),
+    ([{"q": "a"}], ["prompt_text=q"], "'prompt_text' is not a field lorakit reads", "map to one of"),
+    (None, ["prompt=q"], "holds one prompt per line, without fields for --columns", "leave --columns out"),
+])
+def test_bad_columns_for_a_prompts_file_are_one_error_line(lines, columns, problem, fix, generate, tmp_path):
+    path = write(tmp_path / "p.txt", "hello\n") if lines is None else \
+        write(tmp_path / "p.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
+    assert_one_error(generate("--prompts", path, "--columns", *columns), problem, fix)
+
+
+def test_columns_without_a_prompts_file_are_refused(generate):
+    assert_one_error(generate("--columns", "prompt=q", "--", PROMPT), "--columns renames the fields of a --prompts",
+                     "leave --columns out")
+
+
 def test_stdin_is_the_whole_prompt_less_its_closing_line_breaks():
     from lorakit.data.prompts import read_stdin_prompt
 

@@ -72,7 +72,7 @@ class AdapterSet:
 
     def activate(self, name: str) -> nn.Module:
         """The adapter loaded under `name`, or from the folder `name` names (a run's folder too)."""
-        key = self._loaded_name(name)
+        key = self.loaded_name(name)
         stored = self._adapters[key]
         self.deactivate()
         attach_adapter(self.model, stored.config, stored.tensors, stored.metadata, stored.path,
@@ -83,7 +83,7 @@ class AdapterSet:
     def system_turn(self, name: str | None = None) -> str | None:
         """The system turn the training records of adapter `name` (default: the active one) all
         opened with, if it saved one."""
-        key = self.active if name is None else self._loaded_name(name)
+        key = self.active if name is None else self.loaded_name(name)
         return None if key is None else self._adapters[key].metadata.get(SYSTEM_TURN_KEY)
 
     def deactivate(self) -> nn.Module:
@@ -92,7 +92,8 @@ class AdapterSet:
             self.active = None
         return self.model
 
-    def _loaded_name(self, name: str) -> str:
+    def loaded_name(self, name: str) -> str:
+        """The name an adapter is loaded under, given it or the folder it was read from."""
         if name in self._adapters:
             return name
         wanted = adapter_or_run_folder(name).resolve()  # --use runs/NAME, as --adapter takes it

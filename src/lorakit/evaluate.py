@@ -145,6 +145,12 @@ def _run_summary(adapter: str | os.PathLike) -> dict | None:
     return summary
 
 
+def run_columns(adapter: str | os.PathLike) -> list[str]:
+    """The --columns (FIELD=COLUMN pairs) of the run `adapter` was trained by (its config.yaml, where
+    its summary.json names this adapter); [] for none, or an adapter not beside its run's files."""
+    return _run_data_settings(adapter).get("columns", []) if _run_summary(adapter) else []
+
+
 def _run_data_settings(adapter: str | os.PathLike) -> dict:
     """seq_len, train_on_inputs and the data format of the adapter's run (its config.yaml beside
     the adapter folder, which the caller found its summary.json to name): the examples, labels and

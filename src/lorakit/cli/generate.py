@@ -11,7 +11,8 @@ line; a .jsonl one object per line, with the prompt side of a record the trainer
 "system". It writes one JSON line per answer: {"prompt", "completion", "adapter", "line"} (and
 "system" where the record had one), to stdout or, written whole or not at all, to --output.
 The prompts are answered --batch-size at a time (default 8), in batches of like lengths, in the
-file's order.
+file's order. --columns FIELD=COLUMN renames a .jsonl file's fields as train's --columns renames
+its data's columns; by default an adapter's run's own mapping renames the fields a line has.
 
 Several adapters can be loaded at once (`--adapter a --adapter b --use b`); the base is loaded
 once and the adapters are switched in place. `--use all` answers with each in turn (with
@@ -49,6 +50,9 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, metavar="N",
                    help="with --prompts: answer N prompts at a time, left-padded (greedy answers are the same as "
                         "one at a time; 1: one at a time)")
+    p.add_argument("--columns", nargs="+", metavar="FIELD=COLUMN",
+                   help="with a .jsonl --prompts file: its fields under lorakit's names, as train's --columns "
+                        "(default: the adapter's run's, from its config.yaml, where a line has those fields)")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR", type=adapter_folder_arg,
                    help="adapter folder, or a training run's folder for its adapter (repeat to load several); "
                         "none: the base model alone")
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     _refuse_bad_values(args)
     _refuse_bad_prompt_options(args)
-    prompts = _read_prompts(args)
+    prompts = _read_prompts(args)  # one list per adapter: each is read with its own run's --columns
     if args.output is not None:
         _check_output(args)
     use_threads(args)
@@ -86,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
     model, tokenizer, adapters = _load(args)
     if args.prompts is None:
-        _answer_one(args, model, tokenizer, adapters, prompts[0].content)
+        _answer_one(args, model, tokenizer, adapters, prompts[0][0].content)
     else:
         _answer_all(args, model, tokenizer, adapters, prompts)
     return 0
@@ -132,18 +136,43 @@ def _refuse_bad_prompt_options(args: argparse.Namespace) -> None:
                           "instead (lorakit generate ... PROMPT > answer.txt), or put the prompt in a file")
     if args.overwrite and args.output is None:
         raise ConfigError("--overwrite replaces an existing --output file, and none is given; leave it out")
+    if args.columns and args.prompts is None:
+        raise ConfigError("--columns renames the fields of a --prompts FILE's lines, and one PROMPT has none; leave "
+                          "--columns out, or put the prompt in a .jsonl file")
 
 
-def _read_prompts(args: argparse.Namespace) -> list:
-    from lorakit.data.prompts import Prompt, read_prompt_file, read_stdin_prompt
+def _read_prompts(args: argparse.Namespace) -> list[list]:
+    """The prompts, once per --adapter (once for the base alone): a .jsonl file's fields renamed
+    by --columns, else by the adapter's run's own mapping."""
+    from lorakit.data.prompts import Prompt, read_stdin_prompt
 
     if args.prompts is not None:
-        return read_prompt_file(args.prompts)
+        return _prompt_file_per_adapter(args)
     if args.prompt != STDIN:
-        return [Prompt(args.prompt)]
+        return [[Prompt(args.prompt)]] * max(len(args.adapter), 1)
     if sys.stdin is not None and sys.stdin.isatty():  # typed by hand: say how to end it
         print("reading the prompt from stdin; end it with Ctrl-D (Ctrl-Z, Enter on Windows)", file=sys.stderr)
-    return [Prompt(read_stdin_prompt(sys.stdin), where="stdin")]
+    return [[Prompt(read_stdin_prompt(sys.stdin), where="stdin")]] * max(len(args.adapter), 1)
+
+
+def _prompt_file_per_adapter(args: argparse.Namespace) -> list[list]:
+    """A run trained on data whose columns it renamed (`data.columns` in its config.yaml) is asked
+    its test file's prompts under the same mapping, as eval scores that file (said on stderr);
+    lines already in lorakit's names are read as they are."""
+    from lorakit.data.prompts import read_prompt_file
+    from lorakit.evaluate import run_columns
+
+    if args.columns or not args.adapter:
+        return [read_prompt_file(args.prompts, args.columns or ())] * max(len(args.adapter), 1)
+    mappings = [tuple(run_columns(path)) for path in args.adapter]
+    read = {}
+    for columns in mappings:
+        if columns not in read:
+            if columns:
+                print(f"note: --columns {' '.join(columns)}: the run's own (its config.yaml), for the lines that "
+                      "have those fields; pass --columns for others", file=sys.stderr)
+            read[columns] = read_prompt_file(args.prompts, columns, from_the_run=True)
+    return [read[columns] for columns in mappings]
 
 
 def _check_output(args: argparse.Namespace) -> None:
@@ -228,12 +257,14 @@ def _answer_one(args: argparse.Namespace, model, tokenizer, adapters, prompt: st
                       system=system)
 
 
-def _answer_all(args: argparse.Namespace, model, tokenizer, adapters, prompts: list) -> None:
+def _answer_all(args: argparse.Namespace, model, tokenizer, adapters, prompt_sets: list) -> None:
     """Every prompt, with each adapter asked for: all rendered and checked first (a bad one stops the
     command before any answer is written), then answered one adapter at a time (one switch each)."""
     plan = []
     for name in _adapter_names(args, adapters):
         system = _system_turn(args, adapters, name)
+        # read per --adapter, in the order of adapters.names
+        prompts = prompt_sets[adapters.names.index(adapters.loaded_name(name))] if name is not None else prompt_sets[0]
         plan.append((name, [(prompt, _checked_ids(args, model, tokenizer, prompt, system)) for prompt in prompts]))
     lines, answered, total = [], 0, sum(len(jobs) for _, jobs in plan)
     for name, jobs in plan:

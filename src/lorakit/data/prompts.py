@@ -11,6 +11,9 @@ model loads.
   An optional ``system`` field is the record's system turn. The answer's fields (``output``,
   ``response``, ...) are not read, so a training or test file serves as it is.
 
+``--columns FIELD=COLUMN`` renames a .jsonl line's own fields to those, as it renames a training
+file's columns (a run's mapping, applied by default, renames only the fields a line has).
+
 Stdin is one prompt, the whole of it, less the line breaks that end it (as a shell's `$(...)`
 drops them: `echo` adds one the positional prompt would not have). Every problem is a DataError
 that names the file and line and what to write instead.
@@ -21,10 +24,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Sequence
 
+from lorakit.data.columns import column_map
 from lorakit.data.formats import CHAT_COLUMNS, INPUT_OUTPUT, INSTRUCTION_FIELDS
-from lorakit.data.messages import chat_messages, with_context
+from lorakit.data.messages import CONTEXT_FIELDS, chat_messages, with_context
 from lorakit.data.reading import check_not_binary, not_utf8, parse_jsonl_line
 from lorakit.errors import DataError
 
@@ -32,6 +36,8 @@ from lorakit.errors import DataError
 # instruction pairs' first fields, then text, then input/output's input)
 TEXT_FIELDS = tuple(dict.fromkeys([*(pair[0] for pair in INSTRUCTION_FIELDS), "text", INPUT_OUTPUT[0]]))
 PROMPT_FIELDS = (*CHAT_COLUMNS, *TEXT_FIELDS)
+# every field a line's prompt is read from: a mapped column whose field is not one (an answer's) need not be there
+FIELDS_READ = frozenset((*PROMPT_FIELDS, *CONTEXT_FIELDS, "system"))
 SUFFIXES = (".txt", ".jsonl")
 JSONL_SHAPE = '{"prompt": "..."} or {"messages": [{"role": "user", "content": "..."}]}'
 
@@ -58,11 +64,21 @@ class _Record:
         return self.place
 
 
-def read_prompt_file(path: str | Path) -> list[Prompt]:
-    """Every prompt in a .txt or .jsonl file; DataError for a missing, empty or malformed one."""
+def read_prompt_file(path: str | Path, columns: Sequence[str] = (), from_the_run: bool = False) -> list[Prompt]:
+    """Every prompt in a .txt or .jsonl file, a .jsonl line's fields renamed by `columns`
+    (FIELD=COLUMN pairs); DataError for a missing, empty or malformed file. A mapping
+    `from_the_run` (an adapter's training run's) need not find its columns: the file may use
+    lorakit's names already, or be a .txt."""
     path = Path(path)
     _check_readable(path)
-    prompts = _read_txt(path) if path.suffix.lower() == ".txt" else _read_jsonl(path)
+    mapping = column_map(columns)
+    if path.suffix.lower() == ".txt":
+        if mapping and not from_the_run:
+            raise DataError(f"prompts file {path} holds one prompt per line, without fields for --columns to rename; "
+                            "leave --columns out, or write the prompts as a .jsonl file")
+        prompts = _read_txt(path)
+    else:
+        prompts = _read_jsonl(path, mapping, from_the_run)
     if not prompts:
         example = "one prompt per line" if path.suffix.lower() == ".txt" else f"one object per line, {JSONL_SHAPE}"
         raise DataError(f"prompts file {path} holds no prompt (it is empty, or blank lines only); write {example}")
@@ -116,9 +132,33 @@ def _read_txt(path: Path) -> list[Prompt]:
             for number, text in _lines(path)]
 
 
-def _read_jsonl(path: Path) -> list[Prompt]:
-    return [_record_prompt(parse_jsonl_line(path, number, text, JSONL_SHAPE), f"{path} line {number}", number)
-            for number, text in _lines(path)]
+def _read_jsonl(path: Path, mapping: dict[str, str], from_the_run: bool) -> list[Prompt]:
+    rows = [(number, parse_jsonl_line(path, number, text, JSONL_SHAPE)) for number, text in _lines(path)]
+    if mapping and not from_the_run:
+        _refuse_missing_columns(path, [row for _, row in rows], mapping)
+    return [_record_prompt(_renamed(row, mapping, f"{path} line {number}"), f"{path} line {number}", number)
+            for number, row in rows]
+
+
+def _renamed(row: dict, mapping: dict[str, str], where: str) -> dict:
+    """The line's mapped fields under lorakit's names (a training file's columns are renamed so)."""
+    here = {column: field for column, field in mapping.items() if column in row}
+    doubled = [(column, field) for column, field in here.items() if field in row and field not in here]
+    if doubled:
+        column, field = doubled[0]
+        raise DataError(f"{where} already has a field {field!r}: --columns {field}={column} would give it two; "
+                        f"leave that pair out, or map {field!r} to another field as well")
+    return {here.get(key, key): value for key, value in row.items()}
+
+
+def _refuse_missing_columns(path: Path, rows: list[dict], mapping: dict[str, str]) -> None:
+    """A mapped column that the prompt would be read from, in no line: a typo, as train refuses it.
+    An answer's column (output=answer, kept from train's --columns) may be missing."""
+    present = list(dict.fromkeys(key for row in rows for key in row))
+    missing = [column for column, field in mapping.items() if field in FIELDS_READ and column not in present]
+    if missing:
+        raise DataError(f"--columns {mapping[missing[0]]}={missing[0]}: no line of {path} has a field {missing[0]!r}; "
+                        f"its lines' fields: {', '.join(map(repr, present)) or 'none'}")
 
 
 def _record_prompt(row: dict, where: str, line: int) -> Prompt:
