@@ -899,6 +899,36 @@ def test_ctrl_c_while_the_libraries_load_is_one_line_not_a_traceback(tmp_path):
     assert child.returncode == 130 and "Traceback" not in out  # "interrupted", or a stop's checkpoint if fast
 
 
+
+def test_a_ctrl_c_during_a_held_import_reaches_the_caller_after_it(tmp_path, monkeypatch):
+    """A library whose import swallows KeyboardInterrupt (a bare except) never sees the Ctrl-C.
+    Sent to this thread: this test process has torch's threads, which a terminal's Ctrl-C could
+    reach instead; the command line holds it before any such thread exists."""
+    import signal
+    import sys
+
+    from lorakit.cli import import_holding_ctrl_c
+
+    (tmp_path / "swallower.py").write_text(
+        "import signal, threading, time\n"
+        "interrupted_inside = False\n"
+        "try:\n"
+        "    signal.pthread_kill(threading.get_ident(), signal.SIGINT)\n"
+        "    time.sleep(0.2)\n"
+        "except:\n"
+        "    interrupted_inside = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            import_holding_ctrl_c(["swallower"])
+            for _ in range(1000):  # the handler runs at the next bytecode boundary
+                pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sys.modules["swallower"].interrupted_inside is False
+    del sys.modules["swallower"]
+
 def test_a_resume_with_other_columns_measures_the_base_eval_again():
     from lorakit.train.saved_run import changes_what_base_eval_measured
 

@@ -177,6 +177,7 @@ def _main(argv: list[str] | None) -> int:
             from lorakit.kernels import triton_launch
 
             triton_launch.check_environment()
+        _load_libraries_holding_ctrl_c(args.command)
         with _terminated_on_sigterm():
             return int(args.func(args) or 0)
     except LorakitError as exc:
@@ -201,6 +202,36 @@ def _main(argv: list[str] | None) -> int:
         if _speaks():
             print(_stopped_by_sigterm(getattr(args, "command", None)), file=sys.stderr)
         return 143
+
+
+MODEL_LOADING_COMMANDS = {"train", "generate", "eval", "merge", "sweep", "export"}
+
+
+def _load_libraries_holding_ctrl_c(command: str) -> None:
+    """Imports torch, and for the commands that load a model transformers' model code, before
+    the command runs: with Ctrl-C held back (import_holding_ctrl_c)."""
+    modules = ["torch"] + (["transformers.modeling_utils"] if command in MODEL_LOADING_COMMANDS else [])
+    import_holding_ctrl_c([name for name in modules if name not in sys.modules])
+
+
+def import_holding_ctrl_c(modules: list[str]) -> None:
+    """Imports modules with SIGINT held back, then lets a Ctrl-C that came meanwhile through.
+    Raised inside a library's import code, the KeyboardInterrupt can be swallowed by a bare
+    `except:` (numpy left half-imported: a RecursionError later) or mark the process as killed
+    by SIGINT (exit -2 after "interrupted", not 130). A terminal's Ctrl-C comes to a thread that
+    does not hold it: called before torch starts any, as the command line does, that is this one."""
+    if not modules:
+        return
+    try:
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    except (AttributeError, ValueError, OSError):  # no sigmask on this platform: import as is
+        held = None
+    try:
+        for name in modules:  # threads these imports start inherit the mask: SIGINT comes to this one
+            importlib.import_module(name)
+    finally:
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a pending Ctrl-C is raised here
 
 
 @contextlib.contextmanager
