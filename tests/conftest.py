@@ -1,3 +1,5 @@
+import signal
+
 import pytest
 import torch
 
@@ -5,6 +7,14 @@ from lorakit.kernels import cpu_gemm
 from tiny_models import tiny_llama
 
 torch.set_num_threads(2)
+
+# A suite started in the background without job control (`pytest &` in a script) inherits SIGINT
+# ignored, under nohup SIGHUP too, and so would every process it starts: the tests of Ctrl-C and
+# of a closed terminal need them live, as at a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture
