@@ -45,7 +45,7 @@ from lorakit.bench_inputs import make_inputs
 from lorakit.bench_settings import GIB, BenchSettings, Plan, resolve
 from lorakit.bench_variants import TARGETS, VARIANTS, Prepared, prepare_variant
 from lorakit.errors import first_line
-from lorakit.host import minor_page_faults, peak_rss_bytes, proc_field
+from lorakit.host import cpu_model, minor_page_faults, peak_rss_bytes
 from lorakit.kernels import cpu_gemm
 from lorakit.plan.estimate import model_flops
 
@@ -326,7 +326,7 @@ def environment(plan: Plan) -> dict:
 
     env = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "python": platform.python_version(),
            "torch": torch.__version__, "transformers": transformers.__version__, "lorakit": lorakit.__version__,
-           "peft": _version("peft"), "liger_kernel": _version("liger_kernel"), "cpu": _cpu_name(),
+           "peft": _version("peft"), "liger_kernel": _version("liger_kernel"), "cpu": cpu_model(),
            "cpu_count": os.cpu_count(), "threads": plan.settings.threads, "load_average": _load_average()}
     if plan.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
@@ -340,10 +340,6 @@ def _version(module: str) -> str | None:
         return metadata.version(module.replace("_", "-"))
     except metadata.PackageNotFoundError:
         return None
-
-
-def _cpu_name() -> str:
-    return proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 
 def _load_average() -> list[float] | None:

@@ -208,3 +208,10 @@ def _cpu_jiffies(cores: list[int]) -> dict[int, tuple[int, int]] | None:
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
     return proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_model() -> str:
+    """cpu_name, with the family and model numbers where /proc/cpuinfo has them: a VM may show
+    every generation as "AMD EPYC", and Zen 4 (family 25) and Zen 5 (26) pick other GEMMs."""
+    family, model = proc_field("/proc/cpuinfo", "cpu family"), proc_field("/proc/cpuinfo", "model")
+    return f"{cpu_name()} (family {family}, model {model})" if family and model else cpu_name()

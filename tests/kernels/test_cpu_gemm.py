@@ -141,6 +141,23 @@ def test_the_faster_backend_is_chosen_by_a_clear_margin(monkeypatch):
     assert cpu_gemm._faster_backend(torch.float32, rounds=3) == cpu_gemm.ONEDNN
 
 
+
+def test_another_generation_behind_the_same_cpu_name_times_again(monkeypatch, tmp_path):
+    """A VM shows Zen 4 and Zen 5 alike as "AMD EPYC"; oneDNN pays on one and not the other."""
+    from lorakit import host
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    cpuinfo = {"model name": "AMD EPYC", "cpu family": "25", "model": "17"}
+    monkeypatch.setattr(host, "proc_field", lambda path, key: cpuinfo.get(key))
+    monkeypatch.setattr(cpu_gemm, "_faster_backend", lambda dtype: cpu_gemm.ATEN)
+    assert cpu_gemm._remembered_choice(torch.float32) == cpu_gemm.ATEN
+    cpuinfo["cpu family"] = "26"
+    monkeypatch.setattr(cpu_gemm, "_faster_backend", lambda dtype: cpu_gemm.ONEDNN)
+    assert cpu_gemm._remembered_choice(torch.float32) == cpu_gemm.ONEDNN
+    saved = json.loads((tmp_path / cpu_gemm.CHOICES_FILE).read_text())
+    assert sorted(key.split(" | ")[0] for key in saved) == ["AMD EPYC (family 25, model 17)",
+                                                            "AMD EPYC (family 26, model 17)"]
+
 def test_the_choice_is_remembered_per_machine_so_every_run_takes_the_same_products(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
     timed = []

@@ -16,9 +16,10 @@ chunked loss and the frozen nn.Linear modules route their GEMMs through here:
 
 `backend_for(t)` decides per dtype and thread count, the first time this machine asks, by timing
 one GEMM both ways (under a second, oneDNN's kernel generation included): oneDNN when it is
-clearly faster (measured on Zen 5), torch's own `mm` otherwise (expected on Intel CPUs, where MKL
-already runs AVX-512, though not measured; and always for GPU tensors). The choice is remembered
-in lorakit's cache (cpu_gemm.json: delete it to time again), so every run on the machine, and a
+clearly faster (measured on Zen 5), torch's own `mm` otherwise (measured on an Intel Xeon and on
+Zen 4, whose AVX-512 runs at AVX2's width; always for GPU tensors). The choice is remembered per
+CPU model (name, family and model numbers) in lorakit's cache (cpu_gemm.json: delete it to time
+again), so every run on the machine, and a
 run and its resume, take the same products and give the same bits. LORAKIT_CPU_GEMM=onednn or
 =aten fixes the choice. Whatever oneDNN cannot take
 exactly as torch would takes torch's path: a call that records an autograd graph (the op has no
@@ -90,7 +91,7 @@ def _remembered_choice(dtype: torch.dtype) -> str:
     from lorakit.safe_io import atomic_write_json
 
     path = host.cache_dir() / CHOICES_FILE
-    key = f"{host.cpu_name()} | torch {torch.__version__} | {dtype} | {torch.get_num_threads()} threads"
+    key = f"{host.cpu_model()} | torch {torch.__version__} | {dtype} | {torch.get_num_threads()} threads"
     known = _read_choices(path)
     if known.get(key) in (ONEDNN, ATEN):
         return known[key]
