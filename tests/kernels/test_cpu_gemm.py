@@ -142,10 +142,32 @@ def test_the_faster_backend_is_chosen_by_a_clear_margin(monkeypatch):
 
 
 
+
+@pytest.mark.parametrize("vendor, flags, dtype, want", [
+    ("AuthenticAMD", "fpu avx2 avx512f avx512bw", torch.float32, cpu_gemm.ONEDNN),
+    ("AuthenticAMD", "fpu avx2 avx512f avx512bw", torch.bfloat16, None),  # torch's bf16 mm is oneDNN already
+    ("AuthenticAMD", "fpu avx2", torch.float32, None),  # Zen 3 and older: not measured, timed
+    ("GenuineIntel", "fpu avx2 avx512f", torch.float32, None),  # MKL runs AVX-512 there: timed
+])
+def test_an_amd_cpu_with_avx512_takes_onednn_for_fp32_without_a_timing(monkeypatch, tmp_path, vendor, flags,
+                                                                       dtype, want):
+    from lorakit import host
+
+    if not cpu_gemm._onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    cpuinfo = {"vendor_id": vendor, "flags": flags}
+    monkeypatch.setattr(host, "proc_field", lambda path, key: cpuinfo.get(key))
+    assert cpu_gemm._known_choice(dtype) == want
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_gemm, "_faster_backend", lambda dtype: cpu_gemm.ATEN)
+    assert cpu_gemm._remembered_choice(dtype) == (want or cpu_gemm.ATEN)
+    assert (tmp_path / cpu_gemm.CHOICES_FILE).exists() == (want is None)  # a known choice is not timed or kept
+
 def test_another_generation_behind_the_same_cpu_name_times_again(monkeypatch, tmp_path):
     """A VM shows Zen 4 and Zen 5 alike as "AMD EPYC"; oneDNN pays on one and not the other."""
     from lorakit import host
 
+    monkeypatch.setattr(cpu_gemm, "_known_choice", lambda dtype: None)  # timed on every machine
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
     cpuinfo = {"model name": "AMD EPYC", "cpu family": "25", "model": "17"}
     monkeypatch.setattr(host, "proc_field", lambda path, key: cpuinfo.get(key))
@@ -159,6 +181,7 @@ def test_another_generation_behind_the_same_cpu_name_times_again(monkeypatch, tm
                                                             "AMD EPYC (family 26, model 17)"]
 
 def test_the_choice_is_remembered_per_machine_so_every_run_takes_the_same_products(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_gemm, "_known_choice", lambda dtype: None)  # timed on every machine
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
     timed = []
     monkeypatch.setattr(cpu_gemm, "_faster_backend", lambda dtype: timed.append(dtype) or cpu_gemm.ONEDNN)
@@ -277,6 +300,7 @@ def test_onednn_caches_are_bounded_unless_the_user_chose():
 
 
 def test_choosing_the_backend_is_not_counted_as_anyones_products(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_gemm, "_known_choice", lambda dtype: None)  # timed on every machine
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))  # nothing remembered: the timing runs
     timed = []
     real = cpu_gemm._faster_backend

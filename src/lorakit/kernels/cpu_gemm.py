@@ -16,11 +16,11 @@ chunked loss and the frozen nn.Linear modules route their GEMMs through here:
 
 `backend_for(t)` decides per dtype and thread count, the first time this machine asks, by timing
 one GEMM both ways (under a second, oneDNN's kernel generation included): oneDNN when it is
-clearly faster (measured on Zen 5), torch's own `mm` otherwise (measured on an Intel Xeon and on
-Zen 4, whose AVX-512 runs at AVX2's width; always for GPU tensors). The choice is remembered per
-CPU model (name, family and model numbers) in lorakit's cache (cpu_gemm.json: delete it to time
-again), so every run on the machine, and a
-run and its resume, take the same products and give the same bits. LORAKIT_CPU_GEMM=onednn or
+clearly faster, torch's own `mm` otherwise (on an Intel Xeon, where oneDNN forced was slower;
+always for GPU tensors). fp32 on an AMD CPU with AVX-512 takes oneDNN untimed (_known_choice).
+The choice is remembered per CPU model (name, family and model numbers) in lorakit's cache
+(cpu_gemm.json: delete it to time again), so every run on the machine, and a run and its resume,
+take the same products and give the same bits. LORAKIT_CPU_GEMM=onednn or
 =aten fixes the choice. Whatever oneDNN cannot take
 exactly as torch would takes torch's path: a call that records an autograd graph (the op has no
 derivative), autocast, torch.compile tracing, functorch transforms, empty operands, a strided
@@ -85,11 +85,15 @@ def backend_for(t: torch.Tensor) -> str:
 def _remembered_choice(dtype: torch.dtype) -> str:
     """The backend this machine chose before (CHOICES_FILE in lorakit's cache), else timed now and
     remembered. The two backends round differently: two runs, or a run and its resume, must take
-    the same one to give the same bits, and a timing on a busy machine could come out either way."""
+    the same one to give the same bits, and a timing on a busy machine could come out either way.
+    Where the answer is known (_known_choice) nothing is timed."""
     from lorakit import host
     from lorakit.errors import OutputError
     from lorakit.safe_io import atomic_write_json
 
+    known_choice = _known_choice(dtype)
+    if known_choice is not None:
+        return known_choice
     path = host.cache_dir() / CHOICES_FILE
     key = f"{host.cpu_model()} | torch {torch.__version__} | {dtype} | {torch.get_num_threads()} threads"
     known = _read_choices(path)
@@ -101,6 +105,16 @@ def _remembered_choice(dtype: torch.dtype) -> str:
         atomic_write_json(path, {**known, key: choice})
     return choice
 
+
+def _known_choice(dtype: torch.dtype) -> str | None:
+    """oneDNN for fp32 on an AMD CPU with AVX-512: torch's MKL ran its fp32 GEMMs there at
+    0.45-0.5 of oneDNN's rate on Zen 5 and 0.65-0.85 on Zen 4, and a timing on a busy Zen 4 once
+    picked MKL (cached, every later run kept it: 1.2x PEFT instead of 1.4x). None elsewhere: timed."""
+    from lorakit import host
+
+    flags = (host.proc_field("/proc/cpuinfo", "flags") or "").split()
+    amd = host.proc_field("/proc/cpuinfo", "vendor_id") == "AuthenticAMD"
+    return ONEDNN if dtype == torch.float32 and amd and "avx512f" in flags and _onednn_runs(dtype) else None
 
 def _read_choices(path) -> dict:
     try:
