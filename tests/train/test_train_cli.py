@@ -926,8 +926,7 @@ def test_a_ctrl_c_during_a_held_import_reaches_the_caller_after_it(tmp_path, mon
                 pass
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert sys.modules["swallower"].interrupted_inside is False
-    del sys.modules["swallower"]
+    assert sys.modules.pop("swallower").interrupted_inside is False
 
 def test_a_resume_with_other_columns_measures_the_base_eval_again():
     from lorakit.train.saved_run import changes_what_base_eval_measured
