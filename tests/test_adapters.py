@@ -415,6 +415,33 @@ def test_generate_reads_a_prompts_file_through_the_runs_columns(tmp_path, capsys
     assert answers[0] == answers[1] == answers[2] and len(answers[0]) == len(words)
 
 
+
+def test_generate_use_all_reads_the_prompts_through_each_adapters_own_run_columns(tmp_path, capsys):
+    """Two runs on one base, each trained through other columns of the same file: under --use all
+    each adapter is asked its own run's prompts, as it is alone with its mapping given."""
+    model = save_tiny_chat_model(tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    words = ("apple", "river", "stone", "cloud")
+    data.write_text("".join(json.dumps({"q_text": f"define the word {w}", "question": f"what is a {w}?",
+                                        "target": f"a {w}"}) + "\n" for w in words))
+    adapters = {}
+    for name, column in (("a", "q_text"), ("b", "question")):
+        assert main(["train", "--model", str(model), "--data", str(data), "--columns", f"instruction={column}",
+                     "output=target", "--output", str(tmp_path / name), "--max-steps", "1", "--r", "4",
+                     "--seq-len", "64", "--dtype", "float32", "--eval-split", "0"]) == 0
+        adapters[name] = (str(tmp_path / name / "adapter"), column)
+    capsys.readouterr()
+    asked = ["--max-new-tokens", "5", "--prompts", str(data)]
+    assert main(["generate", "--adapter", adapters["a"][0], "--adapter", adapters["b"][0], "--use", "all", *asked]) == 0
+    together = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for adapter, column in adapters.values():
+        assert main(["generate", "--adapter", adapter, *asked, "--columns", f"instruction={column}"]) == 0
+        alone = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        mine = [answer for answer in together if answer["adapter"] == alone[0]["adapter"]]
+        assert [(a["prompt"], a["completion"]) for a in mine] == [(a["prompt"], a["completion"]) for a in alone]
+        asked_as = {"q_text": "define the word", "question": "what is a"}[column]
+        assert len(alone) == len(words) and all(asked_as in answer["prompt"] for answer in alone)
+
 @pytest.mark.parametrize("command", ["eval", "generate"])
 def test_eval_and_generate_load_the_base_as_train_does(monkeypatch, capsys, command):
     from lorakit import models
