@@ -20,11 +20,10 @@ clearly faster, torch's own `mm` otherwise (on an Intel Xeon, where oneDNN force
 always for GPU tensors). fp32 on an AMD CPU with AVX-512 takes oneDNN untimed (_known_choice).
 The choice is remembered per CPU model (name, family and model numbers) in lorakit's cache
 (cpu_gemm.json: delete it to time again), so every run on the machine, and a run and its resume,
-take the same products and give the same bits. LORAKIT_CPU_GEMM=onednn or
-=aten fixes the choice. Whatever oneDNN cannot take
-exactly as torch would takes torch's path: a call that records an autograd graph (the op has no
-derivative), autocast, torch.compile tracing, functorch transforms, empty operands, a strided
-bias or one of another dtype.
+take the same products and give the same bits. LORAKIT_CPU_GEMM=onednn or =aten fixes the choice.
+Whatever oneDNN cannot take exactly as torch would takes torch's path: a call that records an
+autograd graph (the op has no derivative), autocast, torch.compile tracing, functorch transforms,
+empty operands, a strided bias or one of another dtype.
 """
 
 from __future__ import annotations
@@ -112,9 +111,11 @@ def _known_choice(dtype: torch.dtype) -> str | None:
     picked MKL (cached, every later run kept it: 1.2x PEFT instead of 1.4x). None elsewhere: timed."""
     from lorakit import host
 
-    flags = (host.proc_field("/proc/cpuinfo", "flags") or "").split()
-    amd = host.proc_field("/proc/cpuinfo", "vendor_id") == "AuthenticAMD"
-    return ONEDNN if dtype == torch.float32 and amd and "avx512f" in flags and _onednn_runs(dtype) else None
+    if dtype != torch.float32 or host.proc_field("/proc/cpuinfo", "vendor_id") != "AuthenticAMD":
+        return None
+    avx512 = getattr(torch.cpu, "_is_avx512_supported", lambda: False)()  # torch.cpu: private, as models' bf16 probe
+    return ONEDNN if avx512 and _onednn_runs(dtype) else None
+
 
 def _read_choices(path) -> dict:
     try:
