@@ -3,6 +3,7 @@ would cost that run. (scripts/gpu_check.sh itself is plain shell around these.)"
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,7 +133,11 @@ def test_qlora_bench_runs_its_variants_on_the_tiny_preset():
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_qlora_bench.py"), "--preset", "tiny", "--steps", "1",
                           "--warmup", "0"], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "error:" not in run.stdout and "relative gap 0.00e+00 (ok)" in run.stdout
+    assert "error:" not in run.stdout
+    # fp32 on the CPU: the same function, so the first losses differ by a rounding at most (lorakit's
+    # attention and chunked loss sum in another order: 0 on some CPUs, one ulp on others)
+    gap = re.search(r"relative gap (\S+) \(ok\)", run.stdout)
+    assert gap and float(gap.group(1)) < 1e-6, run.stdout[-2000:]
     for variant in ("lorakit-bf16", "lorakit-qlora", "peft-qlora"):
         assert f"| {variant} |" in run.stdout
 
