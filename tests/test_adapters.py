@@ -394,6 +394,14 @@ def test_eval_reads_the_data_through_the_runs_columns(tmp_path, capsys):
     assert not any("columns" in note for note in json.loads(capsys.readouterr().out)["notes"])
     assert main(["eval", "--adapter", adapter, "--data", str(data), "--columns", "output=nothing"]) == 2
     assert "no data file has a column 'nothing'" in capsys.readouterr().err
+    doubled = tmp_path / "doubled.jsonl"  # the run's instruction=q_text would make a second 'instruction'
+    doubled.write_text(json.dumps({"q_text": "define the word apple", "instruction": "x", "target": "a"}) + "\n")
+    assert main(["eval", "--adapter", adapter, "--data", str(doubled)]) == 2
+    assert ("the run's columns instruction=q_text (its config.yaml) would give it two; pass --columns"
+            in capsys.readouterr().err)
+    assert main(["generate", "--adapter", adapter, "--prompts", str(doubled)]) == 2
+    assert ("line 1 already has a field 'instruction': the run's columns instruction=q_text (its config.yaml)"
+            in capsys.readouterr().err)
 
 
 def test_generate_reads_a_prompts_file_through_the_runs_columns(tmp_path, capsys):

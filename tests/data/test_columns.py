@@ -80,3 +80,13 @@ def test_a_mapped_column_may_be_in_the_eval_files_only_and_a_runs_mapping_may_fi
         rename_columns([read_records([train])], ["instruction=Q"])
     [as_is] = rename_columns([read_records([train])], ["instruction=Q"], from_the_run=True)  # eval of a run's adapter
     assert as_is.columns == ["instruction", "output"]
+
+
+def test_a_runs_mapping_that_does_not_fit_is_named_as_the_runs_with_the_override(tmp_path):
+    """The user did not type a run's pairs (eval and generate take them from its config.yaml):
+    the error says whose they are and that --columns replaces them."""
+    both = write(tmp_path / "both.jsonl", [{"Q": "Name a colour.", "instruction": "Name one.", "output": "Blue."}])
+    with pytest.raises(DataError, match=r"already has a column 'instruction': the run's columns instruction=Q "
+                                        r"\(its config.yaml\) would give it two; pass --columns with the pairs this "
+                                        r"file needs \(they replace the run's\)"):
+        rename_columns([read_records([both])], ["instruction=Q"], from_the_run=True)

@@ -58,34 +58,44 @@ def rename_columns(record_sets: list[RecordSet], items: Sequence[str], fmt: str 
     if missing and not from_the_run:
         raise DataError(f"--columns {mapping[missing[0]]}={missing[0]}: no data file has a column {missing[0]!r}; "
                         f"the files' columns: {', '.join(map(repr, present))}")
-    return [_renamed_set(records, mapping, fmt) for records in record_sets]
+    return [_renamed_set(records, mapping, fmt, from_the_run) for records in record_sets]
 
 
-def _renamed_set(records: RecordSet, mapping: dict[str, str], fmt: str) -> RecordSet:
+def pair_and_fix(field: str, column: str, from_the_run: bool, fix: str) -> tuple[str, str]:
+    """How an error names a mapped pair, and the fix it offers: the user's own --columns, or the
+    pair the adapter's run was trained with, which the user did not type and replaces with --columns."""
+    if from_the_run:
+        return (f"the run's columns {field}={column} (its config.yaml)",
+                "pass --columns with the pairs this file needs (they replace the run's)")
+    return f"--columns {field}={column}", fix
+
+
+def _renamed_set(records: RecordSet, mapping: dict[str, str], fmt: str, from_the_run: bool) -> RecordSet:
     """Each load renamed once: the files it holds share their columns (the first is named in errors)."""
     loads, sources = [], []
     for load, files in records.by_load():
-        renamed = _renamed(load, files[0] if files else None, mapping, fmt)
+        renamed = _renamed(load, files[0] if files else None, mapping, fmt, from_the_run)
         loads.append(renamed)
         sources += [dataclasses.replace(src, columns=tuple(renamed.column_names)) for src in files]
     return RecordSet(loads, sources)
 
 
-def _renamed(part, src, mapping: dict[str, str], fmt: str):
+def _renamed(part, src, mapping: dict[str, str], fmt: str, from_the_run: bool):
     here = {column: field for column, field in mapping.items() if column in part.column_names}
     where = src.path if src else "the data"
     # a field the file has already, not itself renamed away, would be a second column of that name
     doubled = [(column, field) for column, field in here.items() if field in part.column_names and field not in here]
     if doubled:
         column, field = doubled[0]
-        raise DataError(f"{where} already has a column {field!r}: --columns {field}={column} would give it "
-                        f"two; leave that pair out, or map {field!r} to another field as well")
+        pair, fix = pair_and_fix(field, column, from_the_run,
+                                 f"leave that pair out, or map {field!r} to another field as well")
+        raise DataError(f"{where} already has a column {field!r}: {pair} would give it two; {fix}")
     part = part.rename_columns(here) if here else part
-    _refuse_unread(part.column_names, here, fmt, where)
+    _refuse_unread(part.column_names, here, fmt, where, from_the_run)
     return part
 
 
-def _refuse_unread(columns: list[str], here: dict[str, str], fmt: str, where) -> None:
+def _refuse_unread(columns: list[str], here: dict[str, str], fmt: str, where, from_the_run: bool) -> None:
     try:
         read_as, fields, read = columns_read(columns, fmt)
     except DataError:  # no format at all: tokenize_records says so, naming the file
@@ -93,6 +103,7 @@ def _refuse_unread(columns: list[str], here: dict[str, str], fmt: str, where) ->
     unread = [(column, field) for column, field in here.items() if field not in read]
     if unread:
         column, field = unread[0]
-        raise DataError(f"{where}: --columns {field}={column} maps a field that is not read: the file reads as "
-                        f"{read_as} through {', '.join(fields)}; map those fields instead, pass --format, or leave "
-                        "that pair out")
+        pair, fix = pair_and_fix(field, column, from_the_run,
+                                 "map those fields instead, pass --format, or leave that pair out")
+        raise DataError(f"{where}: {pair} maps a field that is not read: the file reads as {read_as} through "
+                        f"{', '.join(fields)}; {fix}")

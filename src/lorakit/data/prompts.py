@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Sequence
 
-from lorakit.data.columns import column_map
+from lorakit.data.columns import column_map, pair_and_fix
 from lorakit.data.formats import CHAT_COLUMNS, INPUT_OUTPUT, INSTRUCTION_FIELDS
 from lorakit.data.messages import CONTEXT_FIELDS, chat_messages, with_context
 from lorakit.data.reading import check_not_binary, not_utf8, parse_jsonl_line
@@ -136,18 +136,19 @@ def _read_jsonl(path: Path, mapping: dict[str, str], from_the_run: bool) -> list
     rows = [(number, parse_jsonl_line(path, number, text, JSONL_SHAPE)) for number, text in _lines(path)]
     if mapping and not from_the_run:
         _refuse_missing_columns(path, [row for _, row in rows], mapping)
-    return [_record_prompt(_renamed(row, mapping, f"{path} line {number}"), f"{path} line {number}", number)
-            for number, row in rows]
+    return [_record_prompt(_renamed(row, mapping, f"{path} line {number}", from_the_run), f"{path} line {number}",
+                           number) for number, row in rows]
 
 
-def _renamed(row: dict, mapping: dict[str, str], where: str) -> dict:
+def _renamed(row: dict, mapping: dict[str, str], where: str, from_the_run: bool) -> dict:
     """The line's mapped fields under lorakit's names (a training file's columns are renamed so)."""
     here = {column: field for column, field in mapping.items() if column in row}
     doubled = [(column, field) for column, field in here.items() if field in row and field not in here]
     if doubled:
         column, field = doubled[0]
-        raise DataError(f"{where} already has a field {field!r}: --columns {field}={column} would give it two; "
-                        f"leave that pair out, or map {field!r} to another field as well")
+        pair, fix = pair_and_fix(field, column, from_the_run,
+                                 f"leave that pair out, or map {field!r} to another field as well")
+        raise DataError(f"{where} already has a field {field!r}: {pair} would give it two; {fix}")
     return {here.get(key, key): value for key, value in row.items()}
 
 
