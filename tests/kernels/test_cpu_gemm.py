@@ -141,16 +141,16 @@ def test_the_faster_backend_is_chosen_by_a_clear_margin(monkeypatch):
     assert cpu_gemm._faster_backend(torch.float32, rounds=3) == cpu_gemm.ONEDNN
 
 
-
-
 @pytest.mark.parametrize("vendor, flags, dtype, want", [
     ("AuthenticAMD", "fpu avx2 avx512f avx512bw", torch.float32, cpu_gemm.ONEDNN),
     ("AuthenticAMD", "fpu avx2 avx512f avx512bw", torch.bfloat16, None),  # torch's bf16 mm is oneDNN already
     ("AuthenticAMD", "fpu avx2", torch.float32, None),  # Zen 3 and older: not measured, timed
-    ("GenuineIntel", "fpu avx2 avx512f", torch.float32, None),  # a Xeon measured MKL faster: timed
+    ("GenuineIntel", "fpu avx2 avx512f", torch.float32, cpu_gemm.ATEN),  # two Xeons measured MKL faster
+    ("GenuineIntel", "fpu avx2 avx512f", torch.bfloat16, None),  # not measured: timed
+    ("HygonGenuine", "fpu avx2", torch.float32, None),  # another vendor: timed
 ])
-def test_an_amd_cpu_with_avx512_takes_onednn_for_fp32_without_a_timing(monkeypatch, tmp_path, vendor, flags,
-                                                                       dtype, want):
+def test_fp32_on_an_amd_cpu_with_avx512_or_an_intel_cpu_is_chosen_without_a_timing(monkeypatch, tmp_path, vendor,
+                                                                                    flags, dtype, want):
     from lorakit import host
 
     if not cpu_gemm._onednn_available():
@@ -159,8 +159,10 @@ def test_an_amd_cpu_with_avx512_takes_onednn_for_fp32_without_a_timing(monkeypat
     monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: "avx512f" in flags.split())
     assert cpu_gemm._known_choice(dtype) == want
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_gemm, "_faster_backend", lambda dtype: cpu_gemm.ATEN)
-    assert cpu_gemm._remembered_choice(dtype) == (want or cpu_gemm.ATEN)
+    opposite = {cpu_gemm.ATEN: cpu_gemm.ONEDNN, cpu_gemm.ONEDNN: cpu_gemm.ATEN}
+    timing = opposite.get(want, cpu_gemm.ATEN)  # a known choice must win over what a timing would say
+    monkeypatch.setattr(cpu_gemm, "_faster_backend", lambda dtype: timing)
+    assert cpu_gemm._remembered_choice(dtype) == (want or timing)
     assert (tmp_path / cpu_gemm.CHOICES_FILE).exists() == (want is None)  # a known choice is not timed or kept
 
 

@@ -17,7 +17,8 @@ chunked loss and the frozen nn.Linear modules route their GEMMs through here:
 `backend_for(t)` decides per dtype and thread count, the first time this machine asks, by timing
 one GEMM both ways (under a second, oneDNN's kernel generation included): oneDNN when it is
 clearly faster, torch's own `mm` otherwise (on an Intel Xeon, where oneDNN forced was slower;
-always for GPU tensors). fp32 on an AMD CPU with AVX-512 takes oneDNN untimed (_known_choice).
+always for GPU tensors). fp32 on an AMD CPU with AVX-512 takes oneDNN untimed, on an Intel CPU
+torch's (_known_choice).
 The choice is remembered per CPU model (name, family and model numbers) in lorakit's cache
 (cpu_gemm.json: delete it to time again), so every run on the machine, and a run and its resume,
 take the same products and give the same bits. LORAKIT_CPU_GEMM=onednn or =aten fixes the choice.
@@ -106,12 +107,17 @@ def _remembered_choice(dtype: torch.dtype) -> str:
 
 
 def _known_choice(dtype: torch.dtype) -> str | None:
-    """oneDNN for fp32 on an AMD CPU with AVX-512: torch's MKL ran its fp32 GEMMs there at
-    0.45-0.5 of oneDNN's rate on Zen 5 and 0.65-0.85 on Zen 4, and a timing on a busy Zen 4 once
-    picked MKL (cached, every later run kept it: 1.2x PEFT instead of 1.4x). None elsewhere: timed."""
+    """The fp32 choice where it is known, so that a timing on a busy machine cannot pick the slower
+    and keep it (a busy Zen 4 once cached MKL: 1.2x PEFT instead of 1.4x). oneDNN on an AMD CPU
+    with AVX-512: torch's MKL ran its fp32 GEMMs there at 0.45-0.5 of oneDNN's rate on Zen 5 and
+    0.65-0.85 on Zen 4. torch's (MKL) on an Intel CPU, whose widest kernels MKL, Intel's own, runs:
+    on two Xeons a step took 12-13% longer with oneDNN's (docs/performance.md). None elsewhere: timed."""
     from lorakit import host
 
-    if dtype != torch.float32 or host.proc_field("/proc/cpuinfo", "vendor_id") != "AuthenticAMD":
+    vendor = host.proc_field("/proc/cpuinfo", "vendor_id") if dtype == torch.float32 else None
+    if vendor == "GenuineIntel":
+        return ATEN
+    if vendor != "AuthenticAMD":
         return None
     avx512 = getattr(torch.cpu, "_is_avx512_supported", lambda: False)()  # torch.cpu: private, as models' bf16 probe
     return ONEDNN if avx512 and _onednn_runs(dtype) else None
