@@ -16,9 +16,9 @@ chunked loss and the frozen nn.Linear modules route their GEMMs through here:
 
 `backend_for(t)` decides per dtype and thread count, the first time this machine asks, by timing
 one GEMM both ways (under a second, oneDNN's kernel generation included): oneDNN when it is
-clearly faster, torch's own `mm` otherwise (on an Intel Xeon, where oneDNN forced was slower;
-always for GPU tensors). fp32 on an AMD CPU with AVX-512 takes oneDNN untimed, on an Intel CPU
-torch's (_known_choice).
+clearly faster, torch's own `mm` otherwise (always for GPU tensors). Where the answer is known,
+nothing is timed (_known_choice): fp32 takes oneDNN on an AMD CPU with AVX-512 and torch's on an
+Intel CPU, where a step with oneDNN's took 12-13% longer.
 The choice is remembered per CPU model (name, family and model numbers) in lorakit's cache
 (cpu_gemm.json: delete it to time again), so every run on the machine, and a run and its resume,
 take the same products and give the same bits. LORAKIT_CPU_GEMM=onednn or =aten fixes the choice.
