@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorakit.cli import main
 
@@ -177,6 +178,24 @@ def test_each_row_stops_at_its_own_stop_token_and_padding_leaves_the_tokenizer_a
     assert tokenizer.pad_token is None
 
 
+@pytest.mark.parametrize("top_k, top_p, min_p", [(None, None, None), (20, 0.9, None), (0, None, 0.05)])
+def test_a_rows_sampler_draws_what_transformers_sampling_draws_from_a_generator_seeded_alike(
+        tiny_chat, monkeypatch, top_k, top_p, min_p):
+    from lorakit.generate import complete_batch, stop_token_ids
+
+    model, tokenizer = tiny_chat
+    for name, value in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p)):
+        monkeypatch.setattr(model.generation_config, name, value)
+    ids = tokenizer("Define the word apple.")["input_ids"]
+    torch.manual_seed(7)  # transformers' sampling draws from the global generator
+    with torch.no_grad():
+        drawn = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=True, temperature=0.7,
+                               eos_token_id=stop_token_ids(model, tokenizer))[0, len(ids):]
+    expected = tokenizer.decode(drawn, skip_special_tokens=True).strip()
+    assert complete_batch(model, tokenizer, [ids], 20, temperature=0.7, seeds=[7]) == [expected]
+    assert complete_batch(model, tokenizer, [ids], 20, temperature=0.7, seeds=[8]) != [expected]
+
+
 def test_batches_hold_prompts_of_like_lengths_longest_first_within_each_window():
     from lorakit.generate import length_sorted_batches
 
@@ -186,11 +205,31 @@ def test_batches_hold_prompts_of_like_lengths_longest_first_within_each_window()
     assert length_sorted_batches([], 4) == []
 
 
-def test_sampled_answers_in_batches_come_one_per_prompt(generate, tmp_path):
+def test_a_prompts_sampled_answer_is_the_same_in_any_batch_and_written_or_printed(generate, tmp_path):
     path = write(tmp_path / "p.txt", "\n".join(UNEVEN) + "\n")
-    code, out, _ = generate("--temperature", "0.8", "--seed", "3", "--prompts", path)
-    assert code == 0 and [a["line"] for a in answers(out)] == list(range(1, len(UNEVEN) + 1))
-    assert generate("--temperature", "0.8", "--seed", "3", "--prompts", path)[1] == out  # seeded: the same again
+    sampled = ("--temperature", "0.8", "--seed", "3", "--max-new-tokens", "24", "--prompts", path)
+    alone = answers(generate("--batch-size", "1", *sampled)[1])
+    assert [a["line"] for a in alone] == list(range(1, len(UNEVEN) + 1))
+    greedy = answers(generate("--batch-size", "1", *sampled[4:])[1])
+    assert sum(a != g for a, g in zip(alone, greedy)) > 4  # sampled: most answers are not the greedy ones
+    for size in ("3", "100"):  # the seeds go with the prompts, not with the batches' rows
+        code, out, _ = generate("--batch-size", size, *sampled)
+        assert code == 0 and answers(out) == alone, size
+    output = tmp_path / "answers.jsonl"  # batched otherwise (sorted over the whole file)
+    assert generate("--batch-size", "3", *sampled, "--output", output)[0] == 0
+    assert answers(output.read_text(encoding="utf-8")) == alone
+    reseeded = answers(generate("--batch-size", "1", *sampled[:3], "4", *sampled[4:])[1])
+    assert sum(a != b for a, b in zip(alone, reseeded)) > 4
+
+
+def test_every_adapter_of_use_all_samples_a_prompt_as_it_would_alone(generate, base_and_adapters, tmp_path):
+    _, first, second = base_and_adapters
+    path = write(tmp_path / "p.txt", "\n".join(UNEVEN[:4]) + "\n")
+    sampled = ("--temperature", "0.8", "--seed", "5", "--max-new-tokens", "12", "--prompts", path)
+    both = answers(generate(*sampled, "--use", "all", adapters=(first, second))[1])
+    for name in ("first", "second"):
+        alone = answers(generate(*sampled, "--use", name, adapters=(first, second))[1])
+        assert [a["completion"] for a in both if a["adapter"] == name] == [a["completion"] for a in alone], name
 
 
 def test_a_batch_size_that_is_not_a_whole_number_is_refused_by_the_parser(capsys):

@@ -1,4 +1,10 @@
-"""Text generation with a base model plus adapter: chat-aware, greedy by default, streaming or in batches."""
+"""Text generation with a base model plus adapter: chat-aware, greedy by default, streaming or in batches.
+
+Sampling (a temperature above 0) draws each prompt's tokens from a generator of its own, seeded per
+prompt from torch's global one (which `--seed` sets): a prompt's sampled answer is then the same
+whether it runs alone, streamed, or in any batch, and every adapter of `--use all` answers it with
+the same random draws.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,14 @@ import torch
 
 
 def generate_text(model, tokenizer, prompt: str | list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
-                  stream: bool = False, raw: bool = False, system: str | None = None) -> str:
+                  stream: bool = False, raw: bool = False, system: str | None = None,
+                  seed: int | None = None) -> str:
     """Render `prompt` like the training data (chat template when there is one, with `system` as
-    its system turn: the template's own default where None) and continue it."""
+    its system turn: the template's own default where None) and continue it; `seed`: the sampler's
+    (drawn from torch's global generator where None)."""
     ids = prompt_ids(model, tokenizer, prompt, max_new_tokens, raw=raw, system=system)
-    return complete_ids(model, tokenizer, ids, max_new_tokens, temperature, stream=stream)
+    return complete_ids(model, tokenizer, ids, max_new_tokens, temperature, stream=stream,
+                        seeds=None if seed is None else [seed])
 
 
 def prompt_ids(model, tokenizer, prompt: str | list[dict], max_new_tokens: int, raw: bool = False,
@@ -27,20 +36,21 @@ def prompt_ids(model, tokenizer, prompt: str | list[dict], max_new_tokens: int, 
 
 
 def complete_ids(model, tokenizer, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                 stream: bool = False) -> str:
+                 stream: bool = False, seeds: list[int] | None = None) -> str:
     """The text the model continues `ids` with (greedy at temperature 0), streamed to stdout if asked."""
     if not stream:
-        return complete_batch(model, tokenizer, [ids], max_new_tokens, temperature)[0]
+        return complete_batch(model, tokenizer, [ids], max_new_tokens, temperature, seeds)[0]
     from transformers import TextStreamer
 
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     inputs = torch.tensor([ids], device=next(model.parameters()).device)
-    output = _generate(model, tokenizer, inputs, torch.ones_like(inputs), max_new_tokens, temperature, streamer)
+    output = _generate(model, tokenizer, inputs, torch.ones_like(inputs), max_new_tokens,
+                       _sampler(model, temperature, seeds, 1), streamer)
     return _answer_text(tokenizer, output[0, len(ids):], stop_token_ids(model, tokenizer))
 
 
 def complete_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: int,
-                   temperature: float = 0.0) -> list[str]:
+                   temperature: float = 0.0, seeds: list[int] | None = None) -> list[str]:
     """Each prompt's continuation, the prompts answered together by one `generate` call. They are
     padded on the left, so that every row's new tokens start in the same column, and masked:
     transformers then numbers each row's positions from its own first token (position ids from
@@ -53,20 +63,24 @@ def complete_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: int
         inputs[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         mask[row, width - len(ids):] = 1
     device = next(model.parameters()).device
-    output = _generate(model, tokenizer, inputs.to(device), mask.to(device), max_new_tokens, temperature)
+    output = _generate(model, tokenizer, inputs.to(device), mask.to(device), max_new_tokens,
+                       _sampler(model, temperature, seeds, len(batch)))
     return [_answer_text(tokenizer, row[width:], stops) for row in output]
 
 
 def complete_in_order(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                      batch_size: int = 8, window: int | None = None):
+                      batch_size: int = 8, window: int | None = None, seeds: list[int] | None = None):
     """Every prompt's answer, in the prompts' order, answered `batch_size` at a time in batches of
     like lengths (see `length_sorted_batches`). After each batch: (how many it answered, the
-    answers now ready in order); the second is empty while an earlier prompt waits for a later batch."""
+    answers now ready in order); the second is empty while an earlier prompt waits for a later batch.
+    `seeds`: one per prompt for sampling (drawn from torch's global generator where None)."""
     batch_size = batch_size if pads_safely(model) else 1
+    if temperature > 0 and seeds is None:
+        seeds = sampling_seeds(len(prompts))
     answered, ready = {}, 0
     for batch in length_sorted_batches([len(ids) for ids in prompts], batch_size, window):
         answered.update(zip(batch, complete_batch(model, tokenizer, [prompts[i] for i in batch], max_new_tokens,
-                                                  temperature)))
+                                                  temperature, seeds and [seeds[i] for i in batch])))
         texts = []
         while ready in answered:
             texts.append(answered.pop(ready))
@@ -106,12 +120,63 @@ def padding_id(model, tokenizer, stops: list[int] | None) -> int:
     return next(int(i) for i in candidates if i is not None and (rows is None or int(i) < rows))
 
 
-def _generate(model, tokenizer, inputs, mask, max_new_tokens: int, temperature: float, streamer=None):
+def sampling_seeds(count: int) -> list[int]:
+    """`count` sampler seeds from torch's global generator: after `torch.manual_seed(s)`, the same
+    list for the same s."""
+    return torch.randint(0, 2**62, (count,)).tolist()
+
+
+class RowSampler:
+    """A logits processor that samples each row's next token with the row's own generator, after
+    the warpers transformers' sampling would apply (temperature, then the model's generation
+    config's top-k, top-p and min-p). It returns scores that leave only the sampled token finite,
+    so that greedy decoding, which draws nothing from torch's generator, emits it: transformers'
+    own sampling draws a batch's tokens from one generator, so a row's tokens would depend on the
+    rows beside it."""
+
+    def __init__(self, warpers: list, seeds: list[int]):
+        self.warpers, self.seeds, self.generators = warpers, seeds, None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        if self.generators is None:  # on the device the logits are on, known at the first token
+            self.generators = [torch.Generator(scores.device).manual_seed(seed) for seed in self.seeds]
+        probabilities = torch.softmax(scores.float(), dim=-1)
+        chosen = torch.cat([torch.multinomial(row, 1, generator=generator)
+                            for row, generator in zip(probabilities, self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
+
+
+# transformers' own default where a model's generation config sets no top-k
+DEFAULT_TOP_K = 50
+
+
+def _sampler(model, temperature: float, seeds: list[int] | None, rows: int) -> RowSampler | None:
+    """The sampler for `rows` prompts at `temperature` (None: greedy), with their seeds (drawn where None)."""
+    if temperature <= 0:
+        return None
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    config = getattr(model, "generation_config", None)
+    top_k, top_p, min_p = (getattr(config, name, None) for name in ("top_k", "top_p", "min_p"))
+    top_k = DEFAULT_TOP_K if top_k is None else top_k
+    warpers = [TemperatureLogitsWarper(temperature)]
+    warpers += [TopKLogitsWarper(top_k)] if top_k > 0 else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p is not None and top_p < 1.0 else []
+    warpers += [MinPLogitsWarper(min_p)] if min_p is not None else []
+    return RowSampler(warpers, sampling_seeds(rows) if seeds is None else seeds)
+
+
+def _generate(model, tokenizer, inputs, mask, max_new_tokens: int, sampler: RowSampler | None, streamer=None):
+    from transformers import LogitsProcessorList
+
     stops = stop_token_ids(model, tokenizer)
-    options = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, eos_token_id=stops,
+    # greedy either way: a sampler leaves greedy decoding one token per row
+    options = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                    pad_token_id=padding_id(model, tokenizer, stops), streamer=streamer)
-    if temperature > 0:
-        options["temperature"] = temperature
+    if sampler is not None:
+        options["logits_processor"] = LogitsProcessorList([sampler])
     was_training = model.training
     model.eval()
     try:

@@ -13,6 +13,9 @@ line; a .jsonl one object per line, with the prompt side of a record the trainer
 The prompts are answered --batch-size at a time (default 8), in batches of like lengths, in the
 file's order. --columns FIELD=COLUMN renames a .jsonl file's fields as train's --columns renames
 its data's columns; by default an adapter's run's own mapping renames the fields a line has.
+With --temperature above 0 each prompt samples from a generator of its own (--seed seeds them
+all): its answer does not depend on --batch-size, --output or the prompts beside it, and every
+adapter of --use all draws the same numbers for it.
 
 Several adapters can be loaded at once (`--adapter a --adapter b --use b`); the base is loaded
 once and the adapters are switched in place. `--use all` answers with each in turn (with
@@ -62,7 +65,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=None, metavar="N",
-                   help="with --temperature above 0: the sampler's seed, so that the same command gives the same text")
+                   help="with --temperature above 0: the sampler's seed, so that the same command gives the same text "
+                        "(a prompt's answer is the same at any --batch-size)")
     p.add_argument("--system", metavar="TEXT",
                    help="the system turn (default: the one the adapter's training records all opened with, "
                         "else the chat template's own; \"\" for the template's own; a --prompts record's "
@@ -244,9 +248,10 @@ def _system_turn(args: argparse.Namespace, adapters, name) -> str | None:
 
 def _answer_one(args: argparse.Namespace, model, tokenizer, adapters, prompt: str) -> None:
     """One prompt, streamed to stdout; with --use all once per adapter, each named on stderr first."""
-    from lorakit.generate import generate_text
+    from lorakit.generate import generate_text, sampling_seeds
 
     names = _adapter_names(args, adapters)
+    seed = sampling_seeds(1)[0] if args.temperature > 0 else None  # each adapter draws the same numbers
     for name in names:
         if name is not None:
             adapters.activate(name)
@@ -254,7 +259,7 @@ def _answer_one(args: argparse.Namespace, model, tokenizer, adapters, prompt: st
         if len(names) > 1:
             print(f"adapter {name}:", file=sys.stderr, flush=True)
         generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, stream=True, raw=args.raw,
-                      system=system)
+                      system=system, seed=seed)
 
 
 def _answer_all(args: argparse.Namespace, model, tokenizer, adapters, prompt_sets: list) -> None:
@@ -267,11 +272,12 @@ def _answer_all(args: argparse.Namespace, model, tokenizer, adapters, prompt_set
         prompts = prompt_sets[adapters.names.index(adapters.loaded_name(name))] if name is not None else prompt_sets[0]
         plan.append((name, [(prompt, _checked_ids(args, model, tokenizer, prompt, system)) for prompt in prompts]))
     lines, answered, total = [], 0, sum(len(jobs) for _, jobs in plan)
+    seeds = _prompt_seeds(args, max(len(jobs) for _, jobs in plan))
     for name, jobs in plan:
         if name is not None:
             adapters.activate(name)
         ready = iter(prompt for prompt, _ in jobs)  # the answers come in the file's order
-        for count, texts in _answers(args, model, tokenizer, [ids for _, ids in jobs]):
+        for count, texts in _answers(args, model, tokenizer, [ids for _, ids in jobs], seeds):
             for text in texts:
                 line = json.dumps(_answer_record(next(ready), text, name), ensure_ascii=False)
                 if args.output is None:
@@ -284,13 +290,21 @@ def _answer_all(args: argparse.Namespace, model, tokenizer, adapters, prompt_set
         _write_answers(Path(args.output), lines)
 
 
-def _answers(args: argparse.Namespace, model, tokenizer, prompts: list):
+def _prompt_seeds(args: argparse.Namespace, count: int) -> list[int] | None:
+    """The sampler's seed for each prompt's place in the file, the same for every adapter (None: greedy)."""
+    from lorakit.generate import sampling_seeds
+
+    return sampling_seeds(count) if args.temperature > 0 else None
+
+
+def _answers(args: argparse.Namespace, model, tokenizer, prompts: list, seeds: list[int] | None):
     """complete_in_order's batches: for stdout sorted by length a few batches at a time, so that the
     first answers print soon; for --output, written at the end, all at once (the least padding)."""
     from lorakit.generate import complete_in_order
 
     window = None if args.output is not None else STREAM_WINDOW * args.batch_size
-    return complete_in_order(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.batch_size, window)
+    return complete_in_order(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.batch_size, window,
+                             seeds and seeds[:len(prompts)])
 
 
 def _checked_ids(args: argparse.Namespace, model, tokenizer, prompt, system: str | None) -> list:
