@@ -1,6 +1,7 @@
 """Many data files read in one datasets load (data/shards.py): the same records, rows and errors
 as reading them one by one."""
 
+import csv
 import json
 
 import datasets
@@ -29,6 +30,18 @@ def write_jsonl(path, rows, blank_every=0):
     return path
 
 
+def write_csv(path, rows, blank_every=0):
+    """A header and the rows, with a blank line after every `blank_every`-th (pandas skips those)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for i, row in enumerate(rows):
+            writer.writerow(row)
+            if blank_every and i % blank_every == 0:
+                f.write("\r\n")
+    return path
+
+
 def shard_folder(root, files=12, kind="jsonl"):
     """`files` shards of 1 to 4 instruction records each, some with blank lines between records."""
     folder = root / "shards"
@@ -37,6 +50,8 @@ def shard_folder(root, files=12, kind="jsonl"):
         rows = [{"instruction": f"q{f}.{i}", "output": f"a{f}.{i}"} for i in range(1 + f % 4)]
         if kind == "jsonl":
             write_jsonl(folder / f"part-{f:03d}.jsonl", rows, blank_every=f % 3)
+        elif kind == "csv":
+            write_csv(folder / f"part-{f:03d}.csv", rows, blank_every=f % 3)
         else:
             datasets.Dataset.from_list(rows).to_parquet(str(folder / f"part-{f:03d}.parquet"))
     return folder
@@ -52,7 +67,7 @@ def one_by_one(files, cache):
     return records, where
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "csv"])
 def test_a_folder_of_alike_files_is_one_load_with_each_files_records_and_rows(tmp_path, cache, kind):
     folder = shard_folder(tmp_path, kind=kind)
     recs = read_records(folder, cache_dir=cache)
@@ -123,6 +138,24 @@ def test_files_that_differ_in_columns_or_types_are_read_apart_as_before(tmp_path
     assert tokenized.dataset["record"] == [0, 1, 2, 3, 4, 5]
     assert "a.jsonl: auto-detected instruction from columns 'instruction', 'output'" in tokenized.stats.format_note
     assert "c.jsonl: auto-detected instruction from columns 'question', 'answer'" in tokenized.stats.format_note
+
+
+def test_csv_files_with_one_header_are_one_load_of_text_cells_and_others_are_read_apart(tmp_path, cache):
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    write_csv(folder / "a.csv", [{"question": "q0", "answer": "42"}, {"question": "two\nlines", "answer": "NA"}])
+    write_csv(folder / "b.csv", [{"question": "q2", "answer": ""}, {"question": "q3", "answer": "007"}], blank_every=1)
+    write_csv(folder / "c.csv", [{"answer": "a4", "question": "q4"}])  # the columns in another order
+    (folder / "d.csv").write_text("question,\nq5,a5\n", encoding="utf-8")  # an unnamed column: pandas names it
+    write_csv(folder / "e.csv", [{"question": "q6", "answer": "a6"}])
+    recs = read_records(folder, cache_dir=cache)
+    assert [len(load) for load in recs.loads] == [4, 1, 1, 1]
+    files = sorted(folder.iterdir())
+    records, where = one_by_one(files, cache)
+    assert [row for load in recs.loads for row in load.to_list()] == records
+    assert records[:4] == [{"question": "q0", "answer": "42"}, {"question": "two\nlines", "answer": "NA"},
+                           {"question": "q2", "answer": None}, {"question": "q3", "answer": "007"}]
+    assert locate(recs.sources, 3) == f"record 4 ({folder / 'b.csv'} data row 2)"
 
 
 def test_the_shape_tells_apart_what_the_builder_would_type_apart():

@@ -157,7 +157,25 @@ def _validate(path: Path, kind: str) -> shards.Checked:
     if kind == "json":
         _check_json_array_of_objects(path)
         _check_not_columns(path)
-    return shards.Checked(path, kind, _cells_as_text(path) if kind == "csv" else {})
+    if kind != "csv":
+        return shards.Checked(path, kind, {})
+    options = _cells_as_text(path)
+    return shards.Checked(path, kind, options, *(_csv_rows_and_header(path) if options else ()))
+
+
+def _csv_rows_and_header(path: Path) -> tuple[int | None, tuple | None]:
+    """A small CSV file's records and its header, which with every cell read as text make its shape
+    (data/shards.py); (None, None), read alone, for a large file, whose load's fixed cost is small
+    beside its reading, or one Python's csv module cannot read (a cell past its size limit)."""
+    if path.stat().st_size >= shards.SMALL_FILE:
+        return None, None
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, [])
+            return sum(1 for row in reader if row), tuple(header)  # pandas skips blank lines too
+    except csv.Error:
+        return None, None
 
 
 def _cells_as_text(path: Path) -> dict:

@@ -12,9 +12,12 @@ files the builder would type alike are read together, consecutive ones in the or
   the same *shape*, every column in order of first appearance with the kinds of value it holds,
   in order of first appearance too (objects with their keys, lists with their items' kinds, a
   text that pyarrow would read as a timestamp apart from other texts);
+- ``.csv`` smaller than ``SMALL_FILE`` with a header that names every column: the same header
+  (its cells are all read as text, so the header alone types them);
 - the same builder options (a byte-order mark's encoding).
 
-The row count of each file is known before the load (the non-blank lines, the Parquet footer):
+The row count of each file is known before the load (the non-blank lines, the CSV records that
+Python's csv module reads, the Parquet footer):
 the load's rows are checked against their sum, and each file's rows within it are its own (a
 `SourceFile` range of data/reading.py). A load that fails or disagrees is redone file by file,
 which names the file at fault as before.
@@ -32,6 +35,8 @@ from datasets.packaged_modules.json.json import JsonConfig
 
 # the json builder infers a file's types from its first chunk of this many bytes
 JSON_CHUNK = JsonConfig.chunksize
+# a CSV file read with others is this much smaller: a larger one's reading dwarfs a load's fixed cost
+SMALL_FILE = 16 * 2**20
 # pyarrow's JSON reader reads an ISO date or time as a timestamp, not as text
 _TIMESTAMP_LIKE = re.compile(r"\s*\d{4}-\d\d-\d\d")
 
