@@ -52,6 +52,10 @@ def shard_folder(root, files=12, kind="jsonl"):
             write_jsonl(folder / f"part-{f:03d}.jsonl", rows, blank_every=f % 3)
         elif kind == "csv":
             write_csv(folder / f"part-{f:03d}.csv", rows, blank_every=f % 3)
+        elif kind == "txt":  # a line per example, or (every third file) paragraphs of two lines
+            lines = [f"{row['instruction']} {row['output']}" for row in rows]
+            text = "\n\n".join(f"{line}\n  more of {line}" for line in lines) if f % 3 == 2 else "\n".join(lines)
+            (folder / f"part-{f:03d}.txt").write_text(text + "\n" * (f % 2), encoding="utf-8")
         else:
             datasets.Dataset.from_list(rows).to_parquet(str(folder / f"part-{f:03d}.parquet"))
     return folder
@@ -67,7 +71,7 @@ def one_by_one(files, cache):
     return records, where
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "parquet", "csv"])
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "csv", "txt"])
 def test_a_folder_of_alike_files_is_one_load_with_each_files_records_and_rows(tmp_path, cache, kind):
     folder = shard_folder(tmp_path, kind=kind)
     recs = read_records(folder, cache_dir=cache)
@@ -156,6 +160,19 @@ def test_csv_files_with_one_header_are_one_load_of_text_cells_and_others_are_rea
     assert records[:4] == [{"question": "q0", "answer": "42"}, {"question": "two\nlines", "answer": "NA"},
                            {"question": "q2", "answer": None}, {"question": "q3", "answer": "007"}]
     assert locate(recs.sources, 3) == f"record 4 ({folder / 'b.csv'} data row 2)"
+
+
+def test_txt_files_each_split_by_their_own_rule_are_one_load(tmp_path, cache):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"one\r\ntwo\r\n\r\n  \r\nthree\r\n")  # CRLF paragraphs
+    (folder / "b.txt").write_bytes(b"\xef\xbb\xbf first\rsecond\r\r")  # a byte-order mark, CR lines
+    (folder / "c.txt").write_text("x" * 2**20 + "\n\n" + "y\n" * 3, encoding="utf-8")  # past a read chunk
+    recs = read_records(folder, cache_dir=cache)
+    assert len(recs.loads) == 1
+    assert recs.loads[0]["text"] == ["one\ntwo", "three", "first", "second", "x" * 2**20, "y\ny\ny"]
+    assert recs.loads[0].to_list() == one_by_one(sorted(folder.iterdir()), cache)[0]
+    assert locate(recs.sources, 3) == f"record 4 ({folder / 'b.txt'} example 2)"
 
 
 def test_the_shape_tells_apart_what_the_builder_would_type_apart():

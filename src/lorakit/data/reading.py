@@ -133,7 +133,7 @@ def _load_checked(file: shards.Checked, cache_dir) -> datasets.Dataset:
     if kind == "saved":
         return _load_saved(path)
     with name_datasets_cache_failures(cache_dir, reading=path):
-        ds = _load_text(path, cache_dir, **options) if kind == "txt" else _load_file(path, kind, cache_dir, options)
+        ds = _load_text([file], cache_dir) if kind == "txt" else _load_file(path, kind, cache_dir, options)
     if len(ds) == 0:
         raise DataError(f"{path} holds no records (only a header or blank lines?)")
     return ds
@@ -151,9 +151,9 @@ def _validate(path: Path, kind: str) -> shards.Checked:
         _check_jsonl(path, shapes)
         options = {"encoding": "utf-8-sig"} if _starts_with_bom(path) else {}
         return shards.Checked(path, kind, options, *((shapes.rows, shapes.signature()) if shapes else ()))
-    has_blank, digest = _check_utf8(path)
+    has_blank, digest, examples = _check_utf8(path)
     if kind == "txt":
-        return shards.Checked(path, kind, {"paragraphs": has_blank, "digest": digest})
+        return shards.Checked(path, kind, {}, examples, "text", text_split=(digest, has_blank))
     if kind == "json":
         _check_json_array_of_objects(path)
         _check_not_columns(path)
@@ -212,11 +212,13 @@ def check_not_binary(path: Path) -> None:
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
-def _check_utf8(path: Path) -> tuple[bool, str]:
+def _check_utf8(path: Path) -> tuple[bool, str, int]:
     """Stream-decode the file as UTF-8; return whether a blank (or whitespace-only) line stands
-    between two lines of text, and the sha256 of its bytes."""
+    between two lines of text, the sha256 of its bytes, and its examples as a .txt file (its
+    paragraphs where such a blank line splits it, else its lines of text)."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")()  # a byte-order mark is no text
     line, seen_text, blank_after_text, has_blank, carry = 1, False, False, False, ""
+    text_lines, paragraphs, in_paragraph = 0, 0, False
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -237,13 +239,16 @@ def _check_utf8(path: Path) -> tuple[bool, str]:
                 if piece.strip():
                     has_blank = has_blank or blank_after_text
                     seen_text = True
+                    text_lines, paragraphs = text_lines + 1, paragraphs + (not in_paragraph)
                 else:
                     blank_after_text = blank_after_text or seen_text
+                in_paragraph = bool(piece.strip())
     if carry.strip():
         has_blank = has_blank or blank_after_text
+        text_lines, paragraphs = text_lines + 1, paragraphs + (not in_paragraph)
     if not (seen_text or carry.strip()):
         raise DataError(f"{path} is empty (only whitespace); it needs at least one record")
-    return has_blank, digest.hexdigest()
+    return has_blank, digest.hexdigest(), paragraphs if has_blank else text_lines
 
 
 def _check_jsonl(path: Path, shapes: shards.RecordShapes | None = None) -> None:
@@ -373,6 +378,8 @@ def _load_file(path: Path, kind: str, cache_dir, options: dict) -> datasets.Data
 def _load_together(files: list[shards.Checked], cache_dir) -> datasets.Dataset:
     """Files of one kind, options and shape (data/shards.py) in one load: any failure is the
     caller's cue to load them one by one."""
+    if files[0].kind == "txt":
+        return _load_text(files, cache_dir)
     return _builder_load([file.path for file in files], files[0].kind, cache_dir, files[0].options)
 
 
@@ -500,23 +507,29 @@ def _first_char(path: Path) -> str:
 
 # part of the .txt cache key: datasets hashes _text_examples by name, not by its code, so a change
 # to how .txt files are split must bump this or old caches would be reused
-TXT_SPLITTING = 3
+TXT_SPLITTING = 4
 
 
-def _load_text(path: Path, cache_dir, paragraphs: bool, digest: str) -> datasets.Dataset:
-    """A .txt file's examples (see the module docstring) as an Arrow dataset in the cache, keyed
-    by the file's content (its sha256) and the splitting rule."""
-    with _quiet_builders(path.stat().st_size):
+def _load_text(files: list[shards.Checked], cache_dir) -> datasets.Dataset:
+    """.txt files' examples (see the module docstring), in order, as one Arrow dataset in the
+    cache, keyed by the files' contents (their sha256) and the splitting rule."""
+    with _quiet_builders(sum(file.path.stat().st_size for file in files)):
         return datasets.Dataset.from_generator(
             _text_examples, cache_dir=str(cache_dir) if cache_dir else None,
-            gen_kwargs={"path": str(path.resolve()), "paragraphs": paragraphs, "key": (digest, TXT_SPLITTING)},
+            gen_kwargs={"files": [(str(file.path.resolve()), file.text_split[1]) for file in files],
+                        "key": ([file.text_split[0] for file in files], TXT_SPLITTING)},
         )
 
 
-def _text_examples(path: str, paragraphs: bool, key: tuple):
-    """{"text": ...} per line, or per paragraph; stripped, empty ones skipped. Read with
-    universal newlines: CRLF and CR end lines too."""
+def _text_examples(files: list[tuple[str, bool]], key: tuple):
+    """{"text": ...} per line, or per paragraph, of each (path, paragraphs); stripped, empty ones
+    skipped. Read with universal newlines: CRLF and CR end lines too."""
     del key  # only in the cache key
+    for path, paragraphs in files:
+        yield from _file_examples(path, paragraphs)
+
+
+def _file_examples(path: str, paragraphs: bool):
     block = []
     with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
         for line in f:

@@ -12,12 +12,13 @@ files the builder would type alike are read together, consecutive ones in the or
   the same *shape*, every column in order of first appearance with the kinds of value it holds,
   in order of first appearance too (objects with their keys, lists with their items' kinds, a
   text that pyarrow would read as a timestamp apart from other texts);
+- ``.txt``: lorakit splits them itself (data/reading.py), each file by its own rule, into text;
 - ``.csv`` smaller than ``SMALL_FILE`` with a header that names every column: the same header
   (its cells are all read as text, so the header alone types them);
 - the same builder options (a byte-order mark's encoding).
 
-The row count of each file is known before the load (the non-blank lines, the CSV records that
-Python's csv module reads, the Parquet footer):
+The row count of each file is known before the load (the non-blank lines, a .txt file's
+examples, the CSV records that Python's csv module reads, the Parquet footer):
 the load's rows are checked against their sum, and each file's rows within it are its own (a
 `SourceFile` range of data/reading.py). A load that fails or disagrees is redone file by file,
 which names the file at fault as before.
@@ -50,6 +51,7 @@ class Checked:
     options: dict
     rows: int | None = None  # known before loading; None: only the load tells
     shape: Hashable = None  # files of one kind, options and shape read alike; None: read alone
+    text_split: tuple[str, bool] | None = None  # a .txt file's sha256 and whether it splits by paragraph
 
     def group(self) -> Hashable:
         if self.rows is None or self.shape is None:
