@@ -236,13 +236,14 @@ def _check_utf8(path: Path) -> tuple[bool, str, int]:
             lines = _LINE_BREAK.split(joined[:len(joined) - len(held)])
             carry = lines.pop() + held
             for piece in lines:
-                if piece.strip():
+                has_text = bool(piece.strip())
+                if has_text:
                     has_blank = has_blank or blank_after_text
                     seen_text = True
                     text_lines, paragraphs = text_lines + 1, paragraphs + (not in_paragraph)
                 else:
                     blank_after_text = blank_after_text or seen_text
-                in_paragraph = bool(piece.strip())
+                in_paragraph = has_text
     if carry.strip():
         has_blank = has_blank or blank_after_text
         text_lines, paragraphs = text_lines + 1, paragraphs + (not in_paragraph)
