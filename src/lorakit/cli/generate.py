@@ -248,10 +248,10 @@ def _system_turn(args: argparse.Namespace, adapters, name) -> str | None:
 
 def _answer_one(args: argparse.Namespace, model, tokenizer, adapters, prompt: str) -> None:
     """One prompt, streamed to stdout; with --use all once per adapter, each named on stderr first."""
-    from lorakit.generate import generate_text, sampling_seeds
+    from lorakit.generate import generate_text
 
     names = _adapter_names(args, adapters)
-    seed = sampling_seeds(1)[0] if args.temperature > 0 else None  # each adapter draws the same numbers
+    seeds = _prompt_seeds(args, 1)  # each adapter draws the same numbers
     for name in names:
         if name is not None:
             adapters.activate(name)
@@ -259,7 +259,7 @@ def _answer_one(args: argparse.Namespace, model, tokenizer, adapters, prompt: st
         if len(names) > 1:
             print(f"adapter {name}:", file=sys.stderr, flush=True)
         generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, stream=True, raw=args.raw,
-                      system=system, seed=seed)
+                      system=system, seed=seeds and seeds[0])
 
 
 def _answer_all(args: argparse.Namespace, model, tokenizer, adapters, prompt_sets: list) -> None:
