@@ -178,13 +178,18 @@ def test_each_row_stops_at_its_own_stop_token_and_padding_leaves_the_tokenizer_a
     assert tokenizer.pad_token is None
 
 
-@pytest.mark.parametrize("top_k, top_p, min_p", [(None, None, None), (20, 0.9, None), (0, None, 0.05)])
+@pytest.mark.parametrize("settings", [
+    {}, {"top_k": 20, "top_p": 0.9}, {"top_k": 0, "min_p": 0.05}, {"top_k": 0, "typical_p": 0.5},
+    # the tiny model's next-token probabilities are near 1/347: cutoffs that drop about half of them
+    {"top_k": 0, "epsilon_cutoff": 2.8e-3}, {"top_k": 0, "eta_cutoff": 0.9}, {"top_k": 0, "top_h": 0.5}])
 def test_a_rows_sampler_draws_what_transformers_sampling_draws_from_a_generator_seeded_alike(
-        tiny_chat, monkeypatch, top_k, top_p, min_p):
+        tiny_chat, monkeypatch, settings):
+    """The generation config's sampling settings (none: transformers' top-k of 50) warp the scores
+    as transformers' sampling does; each case fails where its warper is left out."""
     from lorakit.generate import complete_batch, stop_token_ids
 
     model, tokenizer = tiny_chat
-    for name, value in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p)):
+    for name, value in settings.items():
         monkeypatch.setattr(model.generation_config, name, value)
     ids = tokenizer("Define the word apple.")["input_ids"]
     torch.manual_seed(7)  # transformers' sampling draws from the global generator

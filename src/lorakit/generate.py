@@ -128,11 +128,10 @@ def sampling_seeds(count: int) -> list[int]:
 
 class RowSampler:
     """A logits processor that samples each row's next token with the row's own generator, after
-    the warpers transformers' sampling would apply (temperature, then the model's generation
-    config's top-k, top-p and min-p). It returns scores that leave only the sampled token finite,
-    so that greedy decoding, which draws nothing from torch's generator, emits it: transformers'
-    own sampling draws a batch's tokens from one generator, so a row's tokens would depend on the
-    rows beside it."""
+    the warpers transformers' sampling would apply (`sampling_warpers`). It returns scores that
+    leave only the sampled token finite, so that greedy decoding, which draws nothing from torch's
+    generator, emits it: transformers' own sampling draws a batch's tokens from one generator, so a
+    row's tokens would depend on the rows beside it."""
 
     def __init__(self, warpers: list, seeds: list[int]):
         self.warpers, self.seeds, self.generators = warpers, seeds, None
@@ -152,20 +151,40 @@ class RowSampler:
 DEFAULT_TOP_K = 50
 
 
+def sampling_warpers(model, temperature: float) -> list:
+    """The warpers transformers' sampling applies at `temperature` under the model's generation
+    config, in its order: temperature, top-h, top-k, top-p, min-p, typical-p, epsilon, eta."""
+    import transformers
+
+    config = getattr(model, "generation_config", None)
+
+    def setting(name: str):
+        return getattr(config, name, None)
+
+    def below_one(name: str) -> bool:
+        return setting(name) is not None and setting(name) < 1.0
+
+    def cutoff(name: str) -> bool:
+        return below_one(name) and setting(name) > 0.0
+
+    top_k = DEFAULT_TOP_K if setting("top_k") is None else setting("top_k")
+    warpers = [transformers.TemperatureLogitsWarper(temperature)]
+    warpers += [transformers.TopHLogitsWarper(setting("top_h"))] if setting("top_h") is not None else []
+    warpers += [transformers.TopKLogitsWarper(top_k)] if top_k > 0 else []
+    warpers += [transformers.TopPLogitsWarper(setting("top_p"))] if below_one("top_p") else []
+    warpers += [transformers.MinPLogitsWarper(setting("min_p"))] if setting("min_p") is not None else []
+    warpers += [transformers.TypicalLogitsWarper(setting("typical_p"))] if below_one("typical_p") else []
+    warpers += [transformers.EpsilonLogitsWarper(setting("epsilon_cutoff"))] if cutoff("epsilon_cutoff") else []
+    if cutoff("eta_cutoff"):
+        warpers.append(transformers.EtaLogitsWarper(setting("eta_cutoff"), device=model.device))
+    return warpers
+
+
 def _sampler(model, temperature: float, seeds: list[int] | None, rows: int) -> RowSampler | None:
     """The sampler for `rows` prompts at `temperature` (None: greedy), with their seeds (drawn where None)."""
     if temperature <= 0:
         return None
-    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    config = getattr(model, "generation_config", None)
-    top_k, top_p, min_p = (getattr(config, name, None) for name in ("top_k", "top_p", "min_p"))
-    top_k = DEFAULT_TOP_K if top_k is None else top_k
-    warpers = [TemperatureLogitsWarper(temperature)]
-    warpers += [TopKLogitsWarper(top_k)] if top_k > 0 else []
-    warpers += [TopPLogitsWarper(top_p)] if top_p is not None and top_p < 1.0 else []
-    warpers += [MinPLogitsWarper(min_p)] if min_p is not None else []
-    return RowSampler(warpers, sampling_seeds(rows) if seeds is None else seeds)
+    return RowSampler(sampling_warpers(model, temperature), sampling_seeds(rows) if seeds is None else seeds)
 
 
 def _generate(model, tokenizer, inputs, mask, max_new_tokens: int, sampler: RowSampler | None, streamer=None):
