@@ -23,8 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, get_args, get_origin, get_type_hints
 
-import yaml
-
+from lorakit import config_yaml
 from lorakit.config_hints import hint
 from lorakit.errors import ConfigError
 from lorakit.values import first_repeated_path, is_number, parse_gib
@@ -272,66 +271,7 @@ def _base_type(typ) -> type:
 
 def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     """Read a config file into {section: {field: value}}; flat keys are placed in their section."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a folder; pass a YAML file (a run's own is OUTPUT/config.yaml)")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass a YAML file written by lorakit or by hand")
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictSafeLoader) or {}
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
-    except yaml.constructor.ConstructorError as exc:
-        problem = _yaml_problem(exc)
-        fix = "keep one of them" if "given twice" in problem else \
-            "use a plain option name" if "not a plain name" in problem else \
-            "remove the tag: a config holds plain values (numbers, strings, lists, mappings) only"
-        raise ConfigError(f"config file {path} is not valid YAML for lorakit: {problem}; {fix}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}; fix the syntax") from None
-    except RecursionError:  # yaml's reader recurses once per nesting level
-        raise ConfigError(f"config file {path} nests too deeply to read; a config is sections of plain options "
-                          "(e.g. `lora: {r: 16}`)") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of options (e.g. `lora: {{r: 16}}`), not {type(raw).__name__}")
-    return _place_keys(raw, path)
-
-
-class _StrictSafeLoader(yaml.SafeLoader):
-    """yaml.safe_load (no Python object tags), and a key given twice is an error, not last-wins."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, (str, int, float, bool)) and key is not None:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"a key is a {type(key).__name__}, not a plain name", key_node.start_mark)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-class _QuotingDumper(yaml.SafeDumper):
-    """yaml.safe_dump that quotes the strings _StrictSafeLoader would read as floats (an --output
-    named 1e3), so that a saved config.yaml repeats the run."""
-
-
-# YAML 1.1 (PyYAML) reads 1e-4 and 1.0e4 as text: its floats need a dot and a signed exponent.
-# Read them as YAML 1.2 and Python do (a quoted "1e-4" stays text, and is refused for a number).
-for _yaml_class in (_StrictSafeLoader, _QuotingDumper):
-    _yaml_class.add_implicit_resolver(
-        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-        list("-+0123456789."))
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """One line: what is wrong and where (the YAML error text is several lines)."""
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    mark = getattr(exc, "problem_mark", None)
-    return f"{problem} (line {mark.line + 1})" if mark is not None else problem
+    return _place_keys(config_yaml.read_mapping(Path(path)), Path(path))
 
 
 def _place_keys(raw: dict, path: Path) -> dict[str, dict[str, Any]]:
@@ -596,7 +536,7 @@ def save_yaml(config: RunConfig) -> str:
     derived = [key for key in DERIVABLE["lora"] if config.sources.get(f"lora.{key}", "").startswith(DERIVED_SOURCES)]
     for key in derived:
         del values["lora"][key]
-    text = yaml.dump(values, Dumper=_QuotingDumper, sort_keys=False)
+    text = config_yaml.dump(values)
     if not derived:
         return text
     lora = config.lora
