@@ -237,6 +237,28 @@ def test_what_onednn_cannot_take_exactly_takes_torchs_path(onednn_calls):
     torch.testing.assert_close(cpu_gemm.linear(x3, weight), F.linear(x3, weight), rtol=1e-5, atol=1e-5)
 
 
+def test_a_weight_onednn_would_pack_slowly_takes_torchs_path(onednn_calls):
+    """An expanded or sliced weight took oneDNN's reference path, hundreds of times slower than
+    torch's product (cpu_gemm._packs_fast); its dense copy, or a transpose, takes oneDNN's."""
+    x, dy, big, acc = _tensors(torch.float32, (6, 24), (6, 40), (80, 48), (6, 24))
+    odd = {"expanded": big[:1, :24].expand(40, 24), "every 2nd row": big[::2, :24], "every 2nd column": big[:40, ::2]}
+    for name, weight in odd.items():
+        torch.testing.assert_close(cpu_gemm.linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cpu_gemm.matmul(dy, weight), dy @ weight, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cpu_gemm.matmul_add(dy, weight, acc.clone()), acc + dy @ weight,
+                                   rtol=1e-5, atol=1e-5)
+        narrow = x[:, :5]  # the wider operand is the one oneDNN reads as its weight
+        torch.testing.assert_close(cpu_gemm.grad_weight(narrow, weight[:6]), narrow.T @ weight[:6],
+                                   rtol=1e-5, atol=1e-5)
+        assert not onednn_calls, name
+    dense = big[:40, :24].contiguous()
+    column_block = torch.zeros(6, 48)[:, :24]  # a sum not stored densely: torch's addmm_ writes into it
+    torch.testing.assert_close(cpu_gemm.matmul_add(dy, dense, column_block), dy @ dense, rtol=1e-5, atol=1e-5)
+    assert not onednn_calls
+    for weight in (dense, big[:24, :40].contiguous().t()):  # the fixture checks that these take oneDNN's
+        torch.testing.assert_close(cpu_gemm.linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.usefixtures("gemm_backend")  # with torch's GEMMs and oneDNN's
 def test_calls_that_record_a_graph_or_run_under_autocast_take_torchs_path():
     x, weight, bias, acc = _tensors(torch.float32, (6, 24), (40, 24), (40,), (6, 40))
