@@ -39,6 +39,22 @@ def test_lorakit_adapter_loads_in_peft(tmp_path, arch, variant):
     assert (logits(FACTORIES[arch]()) - expected).abs().max() > 1e-4  # the adapter matters: the check can fail
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_bf16_model_answers_with_a_lorakit_adapter_as_with_peft_bit_for_bit(tmp_path, arch):
+    """Inference adds the update as PEFT does (fp32 masters, fp32 sum, one rounding): the same
+    logits to the bit, where the training forward's bf16 update differs in the last bits."""
+    model = FACTORIES[arch]().to(torch.bfloat16)
+    apply_lora(model, LoraConfig(r=4, alpha=12))
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "adapter")
+    peft_model = peft.PeftModel.from_pretrained(FACTORIES[arch]().to(torch.bfloat16), tmp_path / "adapter").eval()
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
+    expected = logits(peft_model)
+    assert torch.equal(logits(model.eval()), expected)
+    with torch.enable_grad():  # the training forward: bf16 products
+        assert not torch.equal(model(IDS).logits.detach(), expected)
+
+
 def peft_config(variant: str, **extra):
     options = VARIANTS[variant]
     return peft.LoraConfig(r=4, lora_alpha=12, target_modules="all-linear", init_lora_weights=True,
