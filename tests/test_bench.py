@@ -595,3 +595,21 @@ def test_a_graphed_row_whose_losses_are_not_numbers_is_infinitely_off():
     rows = [{"variant": r["variant"], "notices": []} for r in raw]
     bench._compare_replayed_losses(raw, rows)
     assert rows[1]["loss_vs_lorakit"] == float("inf")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_cpu_peak_times_each_backend_that_runs_and_stops_at_its_time_budget(monkeypatch, dtype):
+    """Five tries after a warm-up through each backend that takes the dtype here (oneDNN has no
+    bf16 kernel on an AVX2-only CPU); products slower than the budget in all are not repeated."""
+    from lorakit.kernels import cpu_gemm
+
+    runs = (cpu_gemm.ATEN, cpu_gemm.ONEDNN) if cpu_gemm._onednn_runs(getattr(torch, dtype)) else (cpu_gemm.ATEN,)
+    assert bench._backends_that_run(torch.zeros(2, 2, dtype=getattr(torch, dtype))) == runs
+    tried = []
+    monkeypatch.setattr(cpu_gemm, "matmul", lambda a, b: tried.append(cpu_gemm.backend_for(a)))
+    assert bench.measure_matmul_peak("cpu", dtype) > 0
+    assert tried == [backend for backend in runs for _ in range(6)]
+    tried.clear()
+    monkeypatch.setattr(bench, "PEAK_TIMING_BUDGET_S", 0.0)  # every product over it: one try each
+    bench.measure_matmul_peak("cpu", dtype)
+    assert tried == list(runs)
