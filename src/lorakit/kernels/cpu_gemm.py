@@ -154,21 +154,21 @@ def check_environment() -> None:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) for x (..., in) and weight (out, in)."""
-    if _takes_onednn(x, weight, bias) and _bias_fits(bias, x) and _packs_fast(weight):
+    if _takes_onednn(x, weight, bias) and _bias_fits(bias, x):
         return _onednn_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight for x (T, out) and weight (out, in): a projection's input gradient."""
-    if _takes_onednn(x, weight) and _packs_fast(weight):
+    if _takes_onednn(x, weight):
         return _onednn_linear(x, weight.t(), None)
     return x @ weight
 
 
 def matmul_add(x: torch.Tensor, weight: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     """acc + x @ weight; torch's path adds into acc in place, oneDNN's in its output's epilogue."""
-    if _takes_onednn(x, weight, acc) and acc.dtype == x.dtype and _packs_fast(weight) and acc.is_contiguous():
+    if _takes_onednn(x, weight, acc) and acc.dtype == x.dtype and acc.is_contiguous():
         return _onednn_linear_add(x, weight.t(), acc)
     return acc.addmm_(x, weight)
 
@@ -178,7 +178,7 @@ def grad_weight(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     (an adapter's A or B). oneDNN takes the narrower of the two as its input and the wider as
     its weight, read in place: 1.4-3x torch's time the other way round, on this machine."""
     narrow, wide = (dy, x) if dy.shape[1] <= x.shape[1] else (x, dy)
-    if not (_takes_onednn(x, dy) and _packs_fast(wide)):
+    if not _takes_onednn(narrow, wide):
         return dy.T @ x
     product = _onednn_linear(narrow.t(), wide.t(), None)
     return product if narrow is dy else product.t()
@@ -267,10 +267,11 @@ def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor |
 
 
 def _onednn_eligible(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """oneDNN computes what torch would for these operands, and is this machine's choice."""
+    """oneDNN computes what torch would for these operands, from a weight it packs fast, and is
+    this machine's choice."""
     if traced() or torch.is_autocast_enabled("cpu"):  # autocast: F.linear would cast
         return False
-    return (x.dtype == weight.dtype and x.dim() >= 2 and weight.dim() == 2
+    return (x.dtype == weight.dtype and x.dim() >= 2 and weight.dim() == 2 and _packs_fast(weight)
             and all(n > 0 for n in (*x.shape, *weight.shape)) and backend_for(x) == ONEDNN)
 
 
