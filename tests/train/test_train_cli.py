@@ -573,20 +573,44 @@ def test_the_run_trains_in_the_chosen_dtype_and_says_so(tiny, tmp_path, monkeypa
 
 
 def test_the_auto_dtype_notice_is_not_said_of_quantizes_own_bf16(monkeypatch):
-    import argparse
-
     import torch
-    from lorakit.config import add_flags, resolve
     from lorakit.train.run import dtype_notice
 
     monkeypatch.setattr("lorakit.train.distributed.device_of_rank", lambda: torch.device("cpu"))
     bf16_model = torch.nn.Linear(2, 2).to(torch.bfloat16)
-    parser = argparse.ArgumentParser()
-    add_flags(parser)
-    config = resolve(None, vars(parser.parse_args([])))
+    config = _default_config()
     assert dtype_notice(config, bf16_model)  # auto chose bf16 on this CPU
     config.model.quantize = "4bit"
     assert dtype_notice(config, bf16_model) == []
+
+
+@pytest.mark.parametrize("requested", ["bfloat16", "float16"])
+@pytest.mark.parametrize("native", [True, False])
+def test_a_half_dtype_asked_for_on_a_cpu_without_bf16_instructions_is_said_to_be_slow(monkeypatch, requested, native):
+    import torch
+    from lorakit.train.run import dtype_notice
+
+    monkeypatch.setattr("lorakit.train.distributed.device_of_rank", lambda: torch.device("cpu"))
+    monkeypatch.setattr("lorakit.train.run.cpu_has_native_bf16", lambda: native)
+    config = _default_config()
+    config.model.dtype = requested
+    notices = dtype_notice(config, torch.nn.Linear(2, 2).to(getattr(torch, requested)))
+    if native:
+        assert notices == []
+    else:
+        assert len(notices) == 1 and "without bf16 instructions" in notices[0] and requested in notices[0]
+    config.model.dtype = "float32"
+    assert dtype_notice(config, torch.nn.Linear(2, 2)) == []
+
+
+def _default_config():
+    import argparse
+
+    from lorakit.config import add_flags, resolve
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    return resolve(None, vars(parser.parse_args([])))
 
 
 def test_float32_flag_overrides_auto(tiny, tmp_path, monkeypatch, capsys):
