@@ -340,12 +340,35 @@ def test_load_pretrained_hands_the_callers_loader_the_files_it_found(pickle_fold
     source = resolve_model(pickle_folder)
     model, tokenizer = load_pretrained(source, from_pretrained, allow_pickle=True)
     # pickle-only: transformers must read *.bin; its loading info says what the weights lacked
-    assert calls == [(source.location, {"use_safetensors": False, "output_loading_info": True})]
+    assert calls == [(source.location, {"use_safetensors": False, "use_kernels": False,
+                                      "output_loading_info": True})]
     assert not model.training and base_model_name(model) == source.location
     assert tokenizer.pad_token == "</s>" and model.config.pad_token_id == tokenizer.pad_token_id
     torch.testing.assert_close(_logits(model), _logits(_tiny_llama(seed=3)))
     with pytest.raises(ModelLoadError, match="only pickle weights"):
         load_pretrained(source, from_pretrained)
+
+
+def test_every_model_lorakit_loads_keeps_transformers_torch_code(tiny_folder, tiny_gguf, cache, monkeypatch):
+    """transformers 5.25 fetches kernels from the Hub at load time unless told not to (use_kernels):
+    each of lorakit's loads says no, whatever the release's default."""
+    from transformers import PreTrainedModel
+
+    from lorakit.merge import TaskModel
+
+    asked = []
+    load = PreTrainedModel.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        asked.append(kwargs.get("use_kernels", "unset"))
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(recording))
+    load_model_and_tokenizer(tiny_folder)
+    ensure_gguf_converted(tiny_gguf)
+    TaskModel("causal LM").from_pretrained(tiny_folder)
+    load_model_and_tokenizer(tiny_folder, dtype="float32", auto_class=TaskModel("causal LM"))  # as merge loads
+    assert asked == [False, False, False, False]
 
 
 def test_load_pretrained_names_the_model_when_the_loader_fails(tiny_folder):

@@ -129,7 +129,9 @@ def _dense_model_from_gguf(gguf_path: Path) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name}
+    from lorakit.models import WITHOUT_HUB_KERNELS
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name, **WITHOUT_HUB_KERNELS}
     dense_config = _gguf_dequantize_config(gguf_path.name)
     if dense_config is not None:
         kwargs["quantization_config"] = dense_config

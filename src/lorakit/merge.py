@@ -184,8 +184,11 @@ class TaskModel:
     def from_pretrained(self, target, **kwargs):
         from transformers import AutoModelForCausalLM
 
+        from lorakit.models import WITHOUT_HUB_KERNELS
+
         labels = {} if self.head_labels is None else {"num_labels": self.head_labels}
-        return (self.auto_class or AutoModelForCausalLM).from_pretrained(target, **labels, **kwargs)
+        return (self.auto_class or AutoModelForCausalLM).from_pretrained(target, **labels,
+                                                                         **{**WITHOUT_HUB_KERNELS, **kwargs})
 
 
 def task_model(adapter_dir: str | Path, allow_pickle: bool = False) -> TaskModel:

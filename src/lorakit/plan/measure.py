@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.models import WITHOUT_HUB_KERNELS
 from lorakit.plan.estimate import TrainShape
 from lorakit.plan.model_shapes import resolve_targets
 
@@ -114,7 +115,8 @@ def _quantized_model(hf_config: Any, shape: TrainShape, device: str) -> nn.Modul
     with tempfile.TemporaryDirectory() as folder:
         AutoModelForCausalLM.from_config(hf_config, dtype=dtype).save_pretrained(folder)
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quant,
-                                                    attn_implementation="sdpa", device_map={"": device})
+                                                    attn_implementation="sdpa", device_map={"": device},
+                                                    **WITHOUT_HUB_KERNELS)
 
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
