@@ -21,7 +21,7 @@ python3 -c 'import sys, torch; sys.exit(tuple(map(int, torch.__version__.split("
 if [[ "${1:-}" == "--dev" ]]; then
     # tests: transformers within the releases whose attention forward kernels/llama_patch.py
     # copies (COPIED_ATTENTION_RANGE); a newer one gets a notice in use, and the tests would fail
-    $PIP install -q -e ".[dev]" "transformers>=5.17,<5.25"
+    $PIP install -q -e ".[dev]" "transformers>=5.17,<5.26"
 else
     $PIP install -q -e .
 fi

@@ -63,7 +63,7 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 _HEAD_CHECKED = "_lorakit_head_check"  # model.__dict__: why its logits are not head(last hidden), or None
 
 
-# causal LMs whose logits are exactly lm_head(last hidden state) (transformers 5.17-5.24): no check
+# causal LMs whose logits are exactly lm_head(last hidden state) (transformers 5.17-5.25): no check
 HEAD_IS_A_PROJECTION = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                         "GPT2LMHeadModel"}
 

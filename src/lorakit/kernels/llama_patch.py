@@ -18,7 +18,7 @@ says why and the rest stays):
 
     RMSNorm.forward    -> ops.rms_norm(x, weight, eps)                 the RMSNorms we know
     mlp.forward        -> lora_mlp(..., triton=True)                   Triton only: SwiGLU part
-    self_attn.forward  -> a copy of transformers 5.17-5.24 LlamaAttention.forward (with the q/k
+    self_attn.forward  -> a copy of transformers 5.17-5.25 LlamaAttention.forward (with the q/k
                           norms of Qwen3 and the sliding window of Mistral/Qwen2/Qwen3) whose only
                           change is ops.rope(q, k, cos, sin) in place of apply_rotary_pos_emb;
                           projections, cache update and attention kernel are called as there.
@@ -67,7 +67,7 @@ from lorakit.kernels import cpu_attention, cpu_gemm, fused_lora, native_ops
 from lorakit.kernels.causal_loss import TRITON_LOSS, chunked_loss_blocker
 from lorakit.kernels.fused_lora import fuse_blocker, lora_linear, lora_mlp, lora_qkv
 
-# the model families whose modules the fast paths know (transformers 5.17-5.24): their MLPs
+# the model families whose modules the fast paths know (transformers 5.17-5.25): their MLPs
 # compute exactly down(act(gate(x)) * up(x)), their attentions call q,k,v_proj(hidden_states),
 # their RMSNorms compute exactly LlamaRMSNorm's, and their decoder layers end in
 # `residual + mlp(post_attention_layernorm(h))` with nothing saved for backward after the MLP
@@ -89,8 +89,8 @@ _EXTRA_ATTENTION_ARGS = {
 }
 
 # the transformers releases (major, minor) whose LlamaAttention.forward _attention_with_rope copies
-COPIED_ATTENTION_RANGE = ((5, 17), (5, 24))
-_COPIED_RELEASES = "-".join(".".join(map(str, release)) for release in COPIED_ATTENTION_RANGE)  # "5.17-5.24"
+COPIED_ATTENTION_RANGE = ((5, 17), (5, 25))
+_COPIED_RELEASES = "-".join(".".join(map(str, release)) for release in COPIED_ATTENTION_RANGE)  # "5.17-5.25"
 _SAVED_FORWARD = "_lorakit_saved_forward"  # marks a patched module; holds its previous forward
 _PRECOMPUTED = "_lorakit_precomputed"  # (input, output) stashed on q/k/v_proj for one call
 _TRITON = "_lorakit_triton"  # marks a module whose patched forward runs Triton kernels
@@ -479,7 +479,7 @@ def _fused_attention_forward(fused_qkv: bool, rope_ops=None) -> Callable:
 
 def _attention_with_rope(attn, rope, hidden_states, position_embeddings=None,
                          attention_mask=None, cache=None, **kwargs):
-    """transformers 5.17-5.24 LlamaAttention.forward (plus Qwen3's q/k norms and the sliding window
+    """transformers 5.17-5.25 LlamaAttention.forward (plus Qwen3's q/k norms and the sliding window
     of Mistral/Qwen2/Qwen3), with rope(q, k, cos, sin) for apply_rotary_pos_emb."""
     if "past_key_values" in kwargs:  # the name before 5.24, still accepted since
         cache = kwargs.pop("past_key_values")
