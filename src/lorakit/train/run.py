@@ -84,7 +84,7 @@ def dtype_notice(config: RunConfig, model) -> list[str]:
     if weights in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16():
         name = config.model.dtype
         return [f"dtype: {name} on a CPU without bf16 instructions (AVX512-BF16 or AMX): torch emulates {name} "
-                "products here, and a training step took 46x as long as in float32 on one such CPU; --dtype auto "
+                "products here (a bf16 training step took 46x as long as in float32 on one such CPU); --dtype auto "
                 "trains in float32 here, at twice the frozen weights' memory"]
     return []
 
