@@ -17,8 +17,9 @@ chunked loss and the frozen nn.Linear modules route their GEMMs through here:
 `backend_for(t)` decides per dtype and thread count, the first time this machine asks, by timing
 one GEMM both ways (under a second, oneDNN's kernel generation included): oneDNN when it is
 clearly faster, torch's own `mm` otherwise (always for GPU tensors). Where the answer is known,
-nothing is timed (_known_choice): fp32 takes oneDNN on an AMD CPU with AVX-512 and torch's on an
-Intel CPU, where a step with oneDNN's took 12-13% longer.
+nothing is timed (_known_choice): fp32 takes oneDNN on an AMD CPU with AVX-512, and torch's on an
+Intel CPU, where a step with oneDNN's took 12-13% longer, and on an AMD CPU without AVX-512 (a
+Zen 3: as long or 15% longer).
 The choice is remembered per CPU model (name, family and model numbers) in lorakit's cache
 (cpu_gemm.json: delete it to time again), so every run on the machine, and a run and its resume,
 take the same products and give the same bits. LORAKIT_CPU_GEMM=onednn or =aten fixes the choice.
@@ -112,7 +113,9 @@ def _known_choice(dtype: torch.dtype) -> str | None:
     and keep it (a busy Zen 4 once cached MKL: 1.2x PEFT instead of 1.4x). oneDNN on an AMD CPU
     with AVX-512: torch's MKL ran its fp32 GEMMs there at 0.45-0.5 of oneDNN's rate on Zen 5 and
     0.65-0.85 on Zen 4. torch's (MKL) on an Intel CPU, whose widest kernels MKL, Intel's own, runs:
-    on two Xeons a step took 12-13% longer with oneDNN's (docs/performance.md). None elsewhere: timed."""
+    on two Xeons a step took 12-13% longer with oneDNN's; and on an AMD CPU without AVX-512, where
+    the timed forward product chose oneDNN but a Zen 3's step took as long with it as with MKL on
+    one day and 15% longer on another (docs/performance.md). None elsewhere: timed."""
     from lorakit import host
 
     vendor = host.proc_field("/proc/cpuinfo", "vendor_id") if dtype == torch.float32 else None
@@ -121,7 +124,7 @@ def _known_choice(dtype: torch.dtype) -> str | None:
     if vendor != "AuthenticAMD":
         return None
     avx512 = getattr(torch.cpu, "_is_avx512_supported", lambda: False)()  # torch.cpu: private, as models' bf16 probe
-    return ONEDNN if avx512 and _onednn_runs(dtype) else None
+    return ONEDNN if avx512 and _onednn_runs(dtype) else ATEN
 
 
 def _read_choices(path) -> dict:
