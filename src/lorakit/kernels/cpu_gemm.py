@@ -19,7 +19,7 @@ one GEMM both ways (under a second, oneDNN's kernel generation included): oneDNN
 clearly faster, torch's own `mm` otherwise (always for GPU tensors). Where the answer is known,
 nothing is timed (_known_choice): fp32 takes oneDNN on an AMD CPU with AVX-512, and torch's on an
 Intel CPU, where a step with oneDNN's took 12-13% longer, and on an AMD CPU without AVX-512 (a
-Zen 3: as long or 15% longer).
+Zen 3: as long, or 13-15% longer).
 The choice is remembered per CPU model (name, family and model numbers) in lorakit's cache
 (cpu_gemm.json: delete it to time again), so every run on the machine, and a run and its resume,
 take the same products and give the same bits. LORAKIT_CPU_GEMM=onednn or =aten fixes the choice.
@@ -115,7 +115,7 @@ def _known_choice(dtype: torch.dtype) -> str | None:
     0.65-0.85 on Zen 4. torch's (MKL) on an Intel CPU, whose widest kernels MKL, Intel's own, runs:
     on two Xeons a step took 12-13% longer with oneDNN's; and on an AMD CPU without AVX-512, where
     the timed forward product chose oneDNN but a Zen 3's step took as long with it as with MKL on
-    one day and 15% longer on another (docs/performance.md). None elsewhere: timed."""
+    one day and 13-15% longer on another (docs/performance.md). None elsewhere: timed."""
     from lorakit import host
 
     vendor = host.proc_field("/proc/cpuinfo", "vendor_id") if dtype == torch.float32 else None
