@@ -139,15 +139,18 @@ UNEVEN = ["hi", "Define the word apple.", "Define the word river. " * 20, "What 
 
 
 def test_batched_greedy_answers_are_the_one_at_a_time_answers_in_the_files_order(generate, tmp_path):
+    """In float32: in a 16-bit dtype a padded batch's products round otherwise than a row's alone
+    (on a CPU with native bf16, "auto"'s choice there, 1 of these 8 answers changed in batches of 8)."""
     path = write(tmp_path / "p.txt", "\n".join(UNEVEN) + "\n")
-    alone = answers(generate("--batch-size", "1", "--max-new-tokens", "24", "--prompts", path)[1])
+    flags = ("--dtype", "float32", "--max-new-tokens", "24", "--prompts", path)
+    alone = answers(generate("--batch-size", "1", *flags)[1])
     assert [a["line"] for a in alone] == list(range(1, len(UNEVEN) + 1))
     assert len({a["completion"] for a in alone}) > 4  # the prompts are answered apart, not all alike
     for size in ("3", "8", "100"):  # a short last batch; the default; all in one
-        code, out, _ = generate("--batch-size", size, "--max-new-tokens", "24", "--prompts", path)
+        code, out, _ = generate("--batch-size", size, *flags)
         assert code == 0 and answers(out) == alone, size
     output = tmp_path / "answers.jsonl"  # sorted over the whole file, not a few batches at a time
-    assert generate("--batch-size", "3", "--max-new-tokens", "24", "--prompts", path, "--output", output)[0] == 0
+    assert generate("--batch-size", "3", *flags, "--output", output)[0] == 0
     assert answers(output.read_text(encoding="utf-8")) == alone
 
 
@@ -212,10 +215,12 @@ def test_batches_hold_prompts_of_like_lengths_longest_first_within_each_window()
 
 def test_a_prompts_sampled_answer_is_the_same_in_any_batch_and_written_or_printed(generate, tmp_path):
     path = write(tmp_path / "p.txt", "\n".join(UNEVEN) + "\n")
-    sampled = ("--temperature", "0.8", "--seed", "3", "--max-new-tokens", "24", "--prompts", path)
+    # float32, as the greedy test: a 16-bit batch's rounding could tip a near tie of the draws
+    sampled = ("--temperature", "0.8", "--seed", "3", "--max-new-tokens", "24", "--dtype", "float32", "--prompts",
+               path)
     alone = answers(generate("--batch-size", "1", *sampled)[1])
     assert [a["line"] for a in alone] == list(range(1, len(UNEVEN) + 1))
-    greedy = answers(generate("--batch-size", "1", *sampled[4:])[1])
+    greedy = answers(generate("--batch-size", "1", *sampled[4:])[1])  # the same flags without the sampling
     assert sum(a != g for a, g in zip(alone, greedy)) > 4  # sampled: most answers are not the greedy ones
     for size in ("3", "100"):  # the seeds go with the prompts, not with the batches' rows
         code, out, _ = generate("--batch-size", size, *sampled)

@@ -20,7 +20,8 @@ def onednn_calls(request, monkeypatch, gemm_backend):
     oneDNN runs the test's dtype on this CPU) and torch's none, so a test cannot pass on torch's
     path while meaning to test oneDNN's."""
     dtype = getattr(request.node, "callspec", None) and request.node.callspec.params.get("dtype")
-    runs = cpu_gemm._onednn_runs(dtype or torch.float32)  # an AVX2-only CPU has no bf16 kernel
+    computed_in = torch.float32 if dtype in cpu_gemm._widened_dtypes() else dtype or torch.float32
+    runs = cpu_gemm._onednn_runs(computed_in)  # an AVX2-only CPU has no bf16 kernel (and widens bf16)
     calls = []
     for name in ("_onednn_linear", "_onednn_linear_add"):
         real = getattr(cpu_gemm, name)
@@ -334,3 +335,111 @@ def test_choosing_the_backend_is_not_counted_as_anyones_products(monkeypatch, tm
     before = cpu_gemm.onednn_products()
     cpu_gemm.backend_for(torch.zeros(2, 2))
     assert cpu_gemm.onednn_products() == before and timed == [torch.float32]
+
+
+@pytest.fixture
+def widened(monkeypatch):
+    """This CPU taken for one without bf16 or fp16 instructions: their products widened to fp32.
+    Returns the list of the widened products' fp32 calls (the weight blocks' shapes)."""
+    monkeypatch.setattr(cpu_gemm, "_widened_dtypes", lambda: frozenset({torch.bfloat16, torch.float16}))
+    blocks = []
+    real = cpu_gemm._fp32_row_blocks
+
+    def counted(weight):
+        for rows, block in real(weight):
+            blocks.append(block.shape)
+            yield rows, block
+
+    monkeypatch.setattr(cpu_gemm, "_fp32_row_blocks", counted)
+    return blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_products_this_cpu_cannot_multiply_are_fp32_products_rounded_once(dtype, widened):
+    """With torch's fp32 GEMMs, each widened product is bit for bit the plain fp32 product of
+    the upcast operands, rounded to the 16-bit dtype: what a native 16-bit GEMM computes, with
+    fp32 accumulation (torch's emulation on a Zen 3 ran at 1/50 of the rate)."""
+    x, weight, bias, dy, acc, out = _tensors(dtype, (3, 7, 24), (40, 24), (40,), (21, 40), (21, 24), (21, 40))
+    f = lambda t: t.float()
+    with cpu_gemm.use_backend(cpu_gemm.ATEN):
+        assert torch.equal(cpu_gemm.linear(x, weight, bias), F.linear(f(x), f(weight), f(bias)).to(dtype))
+        assert torch.equal(cpu_gemm.matmul(dy, weight), (f(dy) @ f(weight)).to(dtype))
+        assert torch.equal(cpu_gemm.matmul_add(dy, weight, acc.clone()), (f(acc) + f(dy) @ f(weight)).to(dtype))
+        xa = x.reshape(21, 24)
+        assert torch.equal(cpu_gemm.addmm_(out.clone(), xa, weight.T, alpha=0.5),
+                           (f(out) + 0.5 * (f(xa) @ f(weight).T)).to(dtype))
+        assert torch.equal(cpu_gemm.grad_weight(dy, xa), (f(dy).T @ f(xa)).to(dtype))
+    # each weight widened whole (grad_weight's operands, activations, are not weights: not blocked)
+    assert len(widened) == 4 and all(shape in ((40, 24), (24, 40)) for shape in widened)
+
+
+@pytest.mark.usefixtures("gemm_backend")  # the fp32 products through torch's GEMMs and oneDNN's
+def test_a_large_weight_is_widened_a_block_of_rows_at_a_time(monkeypatch, widened):
+    monkeypatch.setattr(cpu_gemm, "WIDEN_BLOCK_BYTES", 4 * 24 * 16)  # 16 rows of 24 columns
+    x, weight, bias, dy, acc = _tensors(torch.bfloat16, (5, 24), (40, 24), (40,), (5, 40), (5, 24))
+    f = lambda t: t.double()
+    close = dict(rtol=2 ** -7, atol=1e-6)  # the fp32 sums in another order: one bf16 rounding apart at most
+    torch.testing.assert_close(cpu_gemm.linear(x, weight, bias).double(),
+                               F.linear(f(x), f(weight), f(bias)), **close)
+    assert widened == [(16, 24), (16, 24), (8, 24)]
+    torch.testing.assert_close(cpu_gemm.matmul(dy, weight).double(), f(dy) @ f(weight), **close)
+    torch.testing.assert_close(cpu_gemm.matmul_add(dy, weight, acc.clone()).double(), f(acc) + f(dy) @ f(weight),
+                               **close)
+    assert len(widened) == 9
+
+
+def test_widened_products_record_no_graph_and_keep_torchs_path_there(widened):
+    x, weight = _tensors(torch.bfloat16, (6, 24), (40, 24))
+    weight.requires_grad_()
+    out = cpu_gemm.linear(x, weight)  # autograd would keep the fp32 copies: torch's own product
+    out.float().sum().backward()
+    assert weight.grad is not None and not widened
+    with torch.no_grad():
+        cpu_gemm.linear(x, weight)
+    assert widened == [(40, 24)]
+    assert cpu_gemm._route(x, weight.detach(), torch.zeros(40)) == cpu_gemm.ATEN  # an fp32 bias: F.linear's error
+
+
+@pytest.mark.parametrize("flags, amx_fp16, native_bf16, want", [
+    ("fpu avx2", False, False, {torch.bfloat16, torch.float16}),  # AMD Zen 3
+    ("avx512f avx512_bf16", False, True, {torch.float16}),  # AMD Zen 4 and 5
+    ("avx512f avx512_bf16 avx512_fp16 amx_tile", False, True, set()),  # Intel Sapphire Rapids
+    ("avx512f amx_tile", True, True, set()),  # AMX-FP16 alone
+])
+def test_the_dtypes_widened_are_those_this_cpu_cannot_multiply(monkeypatch, flags, amx_fp16, native_bf16, want):
+    from lorakit import host, models
+
+    monkeypatch.setattr(host, "proc_field", lambda path, key: flags if key == "flags" else None)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: amx_fp16, raising=False)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native_bf16)
+    assert cpu_gemm._widened_dtypes.__wrapped__() == want
+
+
+def test_a_bf16_model_on_a_cpu_without_bf16_trains_the_same_through_widened_products(monkeypatch, widened):
+    """The fused blocks, the frozen projections and the chunked loss of a bf16 model: their
+    products widened, and the loss and adapter gradients those of torch's bf16 products."""
+    model = tiny_llama().to(torch.bfloat16)
+    targets = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]  # o_proj stays a frozen nn.Linear
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=targets))
+    randomize_lora(model)
+    llama_patch.enable_fast_paths(model)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = causal_loss.causal_lm_loss(model, batch)
+        loss.backward()
+        return loss.detach().float(), [p.grad.float() for p in model.parameters() if p.requires_grad]
+
+    fast = loss_and_grads()
+    assert llama_patch.fast_paths_enabled(model)
+    # the head (chunked loss), gate and up, down, o_proj (frozen), q/k/v's merged A (3 x rank 4), down's A
+    assert {(256, 64), (128, 64), (64, 128), (64, 64), (12, 64), (4, 128)} <= set(widened)
+    products = len(widened)
+    monkeypatch.setattr(cpu_gemm, "_widened_dtypes", lambda: frozenset())  # torch's own bf16 products
+    native = loss_and_grads()
+    assert len(widened) == products
+    torch.testing.assert_close(fast[0], native[0], rtol=1e-2, atol=0)
+    for got, want in zip(fast[1], native[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-3)

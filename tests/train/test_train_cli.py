@@ -586,19 +586,23 @@ def test_the_auto_dtype_notice_is_not_said_of_quantizes_own_bf16(monkeypatch):
 
 @pytest.mark.parametrize("requested", ["bfloat16", "float16"])
 @pytest.mark.parametrize("native", [True, False])
-def test_a_half_dtype_asked_for_on_a_cpu_without_bf16_instructions_is_said_to_be_slow(monkeypatch, requested, native):
+def test_a_half_dtype_asked_for_on_a_cpu_without_its_instructions_is_said_to_save_no_time(monkeypatch, requested,
+                                                                                          native):
     import torch
+    from lorakit.kernels import cpu_gemm
     from lorakit.train.run import dtype_notice
 
+    dtype = getattr(torch, requested)
     monkeypatch.setattr("lorakit.train.distributed.device_of_rank", lambda: torch.device("cpu"))
-    monkeypatch.setattr("lorakit.train.run.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(cpu_gemm, "_widened_dtypes", lambda: frozenset() if native else frozenset({dtype}))
     config = _default_config()
     config.model.dtype = requested
-    notices = dtype_notice(config, torch.nn.Linear(2, 2).to(getattr(torch, requested)))
+    notices = dtype_notice(config, torch.nn.Linear(2, 2).to(dtype))
     if native:
         assert notices == []
     else:
-        assert len(notices) == 1 and "without bf16 instructions" in notices[0] and requested in notices[0]
+        assert len(notices) == 1 and f"without {requested} instructions" in notices[0]
+        assert "computed in float32" in notices[0]
     config.model.dtype = "float32"
     assert dtype_notice(config, torch.nn.Linear(2, 2)) == []
 

@@ -52,7 +52,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, metavar="N",
                    help="with --prompts: answer N prompts at a time, left-padded (greedy answers are the same as "
-                        "one at a time; 1: one at a time)")
+                        "one at a time in float32, and may tip a near tie in bf16 or fp16; 1: one at a time)")
     p.add_argument("--columns", nargs="+", metavar="FIELD=COLUMN",
                    help="with a .jsonl --prompts file: its fields under lorakit's names, as train's --columns "
                         "(default: the adapter's run's, from its config.yaml, where a line has those fields)")
@@ -66,7 +66,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=None, metavar="N",
                    help="with --temperature above 0: the sampler's seed, so that the same command gives the same text "
-                        "(a prompt's answer is the same at any --batch-size)")
+                        "(a prompt's answer is the same at any --batch-size, in float32)")
     p.add_argument("--system", metavar="TEXT",
                    help="the system turn (default: the one the adapter's training records all opened with, "
                         "else the chat template's own; \"\" for the template's own; a --prompts record's "

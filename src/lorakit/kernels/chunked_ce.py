@@ -200,8 +200,9 @@ def _log_probs(h_w, weight, bias):
 def _head_logits(h_w, weight, bias, workspace):
     """h_w @ weight.T (+ bias), in the workspace's buffer where torch's mm computes it. oneDNN
     returns a buffer of its own, whose pages are faulted in anew each chunk: it still took
-    about 0.6x MKL's time on a machine where MKL runs at half speed (cpu_gemm)."""
-    if cpu_gemm.backend_for(h_w) == cpu_gemm.ONEDNN:
+    about 0.6x MKL's time on a machine where MKL runs at half speed (cpu_gemm). So does a
+    product cpu_gemm widens to fp32 (a 16-bit dtype this CPU cannot multiply)."""
+    if cpu_gemm.backend_for(h_w) == cpu_gemm.ONEDNN or cpu_gemm.widens(h_w):
         return cpu_gemm.linear(h_w, weight, bias)
     out = workspace.get("logits", h_w.shape[0], weight.shape[0], weight.dtype)
     if bias is None:

@@ -1,4 +1,5 @@
-"""Products with frozen weights on the CPU, through oneDNN where it beats torch's BLAS.
+"""Products with frozen weights on the CPU: through oneDNN where it beats torch's BLAS, in fp32
+where the CPU has no instructions for a 16-bit dtype.
 
 torch's fp32 `mm` on the CPU calls MKL. MKL picks its kernels by CPU vendor as well as by
 instruction set, and on this project's machines (AMD EPYC, Zen 5) its fp32 GEMMs run at about
@@ -12,7 +13,13 @@ chunked loss and the frozen nn.Linear modules route their GEMMs through here:
     matmul(x, w)           x @ w           its input gradient; w.T is read in place, not copied
     matmul_add(x, w, acc)  acc + x @ w     the same, summed over the projections sharing x
     grad_weight(dy, x)     dy.T @ x        an adapter matrix's gradient
+    addmm_(out, x, w, s)   out += s * x @ w in place: an adapter's rank-r product
     frozen_linear(x, w, b) F.linear for a weight that gets no gradient, as an autograd function
+
+A 16-bit product on a CPU without instructions for its dtype (bf16 without AVX512-BF16 or AMX,
+fp16 without AVX512-FP16 or AMX-FP16) is computed from fp32 copies of its operands and rounded
+once (`widens`): the product a native 16-bit GEMM gives (fp32 accumulation), summation order
+aside, at fp32's rate instead of torch's emulation (3-50x slower, docs/performance.md).
 
 `backend_for(t)` decides per dtype and thread count, the first time this machine asks, by timing
 one GEMM both ways (under a second, oneDNN's kernel generation included): oneDNN when it is
@@ -44,6 +51,8 @@ import torch
 from lorakit.errors import ConfigError
 
 ONEDNN, ATEN = "onednn", "aten"
+WIDEN = "fp32"  # a route, not a backend: a 16-bit product computed from fp32 copies (widens)
+WIDEN_BLOCK_BYTES = 64 << 20  # the largest fp32 copy of a weight's rows a widened product makes
 ENV_VAR = "LORAKIT_CPU_GEMM"
 CHOICES_FILE = "cpu_gemm.json"  # in lorakit's cache: each machine's choice, per dtype and thread count
 # oneDNN is chosen when its best time is below this share of torch's: on Zen 5 it measured
@@ -157,23 +166,38 @@ def check_environment() -> None:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) for x (..., in) and weight (out, in)."""
-    if _takes_onednn(x, weight, bias) and _bias_fits(bias, x):
-        return _onednn_linear(x, weight, bias)
+    route = _route(x, weight, bias)
+    if route != ATEN and _bias_fits(bias, x):
+        return _widened_linear(x, weight, bias) if route == WIDEN else _onednn_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight for x (T, out) and weight (out, in): a projection's input gradient."""
-    if _takes_onednn(x, weight):
+    route = _route(x, weight)
+    if route == WIDEN:
+        return _widened_matmul(x, weight).to(x.dtype)
+    if route == ONEDNN:
         return _onednn_linear(x, weight.t(), None)
     return x @ weight
 
 
 def matmul_add(x: torch.Tensor, weight: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     """acc + x @ weight; torch's path adds into acc in place, oneDNN's in its output's epilogue."""
-    if _takes_onednn(x, weight, acc) and acc.dtype == x.dtype and acc.is_contiguous():
+    route = _route(x, weight, acc)
+    if route == WIDEN:
+        return acc.add_(_widened_matmul(x, weight))  # computed in fp32, rounded once
+    if route == ONEDNN and acc.dtype == x.dtype and acc.is_contiguous():
         return _onednn_linear_add(x, weight.t(), acc)
     return acc.addmm_(x, weight)
+
+
+def addmm_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """out += alpha * x @ weight, in place (an adapter's rank-r product added into its
+    projection's output or input gradient): torch's addmm_, or its fp32 product where WIDEN."""
+    if _route(x, weight, out) == WIDEN:
+        return out.add_(_widened_matmul(x, weight), alpha=alpha)
+    return out.addmm_(x, weight, alpha=alpha)
 
 
 def grad_weight(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +205,10 @@ def grad_weight(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     (an adapter's A or B). oneDNN takes the narrower of the two as its input and the wider as
     its weight, read in place: 1.4-3x torch's time the other way round, on this machine."""
     narrow, wide = (dy, x) if dy.shape[1] <= x.shape[1] else (x, dy)
-    if not _takes_onednn(narrow, wide):
+    route = _route(narrow, wide)
+    if route == WIDEN:
+        return grad_weight(dy.float(), x.float()).to(dy.dtype)
+    if route == ATEN:
         return dy.T @ x
     product = _onednn_linear(narrow.t(), wide.t(), None)
     return product if narrow is dy else product.t()
@@ -217,7 +244,7 @@ class CpuGemmLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == self.weight.dtype and self._frozen()
-                and _onednn_eligible(x, self.weight, self.bias)):
+                and _eligible_route(x, self.weight, self.bias) != ATEN):
             return frozen_linear(x, self.weight, self.bias)
         return super().forward(x)
 
@@ -259,23 +286,81 @@ def _onednn_linear_add(x, weight, acc):
     return torch.ops.mkldnn._linear_pointwise.binary(x, acc, weight, None, "add")
 
 
-def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """oneDNN computes this product here, and no autograd graph is being recorded through it."""
-    if not x.is_cpu:  # first: on a GPU every fused product asks, and the answer is always no
-        return False
+def _route(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> str:
+    """How this product is computed (WIDEN, ONEDNN or ATEN), where no autograd graph is being
+    recorded through it: oneDNN's op has no derivative, and a widened product would have
+    autograd keep its fp32 copies."""
+    if not x.is_cpu:  # first: on a GPU every fused product asks, and the answer is always ATEN
+        return ATEN
     tensors = [t for t in (x, weight, *others) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False  # the op has no derivative
-    return _onednn_eligible(x, weight, *others)
+        return ATEN
+    return _eligible_route(x, weight, *others)
 
 
-def _onednn_eligible(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """oneDNN computes what torch would for these operands, from a weight it packs fast, and is
-    this machine's choice."""
+def _eligible_route(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> str:
+    """WIDEN where this CPU has no instructions for x's 16-bit dtype; ONEDNN where oneDNN
+    computes what torch would for these operands, from a weight it packs fast, and is this
+    machine's choice; ATEN otherwise."""
     if traced() or torch.is_autocast_enabled("cpu"):  # autocast: F.linear would cast
-        return False
-    return (x.dtype == weight.dtype and x.dim() >= 2 and weight.dim() == 2 and _packs_fast(weight)
-            and all(n > 0 for n in (*x.shape, *weight.shape)) and backend_for(x) == ONEDNN)
+        return ATEN
+    if not (x.dtype == weight.dtype and x.dim() >= 2 and weight.dim() == 2
+            and all(n > 0 for n in (*x.shape, *weight.shape))):
+        return ATEN
+    if widens(x):
+        return WIDEN if all(t.dtype == x.dtype for t in others if t is not None) else ATEN
+    return ONEDNN if _packs_fast(weight) and backend_for(x) == ONEDNN else ATEN
+
+
+def widens(t: torch.Tensor) -> bool:
+    """The products of `t` here are computed in fp32 and rounded to its 16-bit dtype: a CPU
+    tensor of a dtype this CPU has no multiply instructions for."""
+    return t.is_cpu and t.dtype in _widened_dtypes()
+
+
+@functools.cache
+def _widened_dtypes() -> frozenset[torch.dtype]:
+    """The 16-bit dtypes whose products torch emulates on this CPU, element by element: a bf16
+    GEMM ran at 0.9-3 GFLOP/s on an AMD Zen 3 (AVX2) against 150 in fp32, an fp16 one at 26-29
+    on a Zen 4 (AVX512-BF16, no AVX512-FP16) against 96-118 (docs/performance.md). From fp32
+    copies of the operands the same product, accumulated in fp32 as a native 16-bit GEMM's is
+    and rounded once, runs at fp32's rate."""
+    from lorakit import host
+    from lorakit.models import cpu_has_native_bf16
+
+    flags = (host.proc_field("/proc/cpuinfo", "flags") or "").split()
+    native_fp16 = "avx512_fp16" in flags or getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)()
+    return frozenset(dtype for dtype, native in ((torch.bfloat16, cpu_has_native_bf16()),
+                                                 (torch.float16, native_fp16)) if not native)
+
+
+def _widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """linear's product in fp32, rounded to x's dtype; the weight widened a block of rows
+    (output columns) at a time."""
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    x32 = x.float()
+    for rows, weight32 in _fp32_row_blocks(weight):
+        out[..., rows] = linear(x32, weight32, None if bias is None else bias[rows].float())
+    return out
+
+
+def _widened_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight in fp32 (not rounded): the weight's rows, which the product sums over, and
+    x's matching columns widened a block at a time."""
+    total = None
+    for rows, weight32 in _fp32_row_blocks(weight):
+        part = x[:, rows].float()
+        total = matmul(part, weight32) if total is None else matmul_add(part, weight32, total)
+    return total
+
+
+def _fp32_row_blocks(weight: torch.Tensor):
+    """(row slice, fp32 copy of those rows) over the weight, each copy at most WIDEN_BLOCK_BYTES:
+    a whole fp32 copy of an 8B model's head would be 2.1 GB, twice its own size."""
+    rows_per_block = max(1, WIDEN_BLOCK_BYTES // (4 * weight.shape[1]))
+    for start in range(0, weight.shape[0], rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        yield rows, weight[rows].float()
 
 
 def _packs_fast(weight: torch.Tensor) -> bool:

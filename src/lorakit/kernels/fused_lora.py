@@ -372,7 +372,7 @@ def _shared_forward(x2, projections, casts: _CastAdapters, outputs: bool = True)
     else:  # one GEMM; the outputs are its column blocks
         outs = cpu_gemm.linear(x2, stacked).split([weight.shape[0] for weight, *_ in projections], dim=1)
     for out, (*_, s), lora_b_t, cols in zip(outs, projections, casts.b_t, _rank_slices(projections)):
-        out.addmm_(xa[:, cols], lora_b_t, alpha=s)
+        cpu_gemm.addmm_(out, xa[:, cols], lora_b_t, alpha=s)
     return list(outs), xa, a_cat
 
 
@@ -403,7 +403,7 @@ def _adapter_grads(x2, xa, cast_b, projections, grad_outs):
 def _input_grad_with_adapters(projections, grad_outs, dxa, a_cat, out=None) -> torch.Tensor:
     """dX = sum_i dY_i @ W_i + dXA @ A_cat (T, in), into `out` (a column block) when given."""
     dx = _input_grad([weight for weight, *_ in projections], grad_outs, out)
-    return dx.addmm_(dxa, a_cat)
+    return cpu_gemm.addmm_(dx, dxa, a_cat)
 
 
 def _input_grad(weights, grad_outs, out=None) -> torch.Tensor:

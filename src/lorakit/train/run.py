@@ -30,13 +30,14 @@ from lorakit.data.formats import pad_token_id, tokenize_records
 from lorakit.data.folders import folder_notices
 from lorakit.data.reading import BUILDERS, data_files, read_records
 from lorakit.errors import ConfigError, OutputError
+from lorakit.kernels import cpu_gemm
 from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
 from lorakit.lora.model import describe_modules
 from lorakit.lora.targets import ARCH_PROJECTIONS, GROUPS, group_layer_names
 from lorakit.model_limits import (check_token_ids, first_position_id, local_attention, position_table_length,
                                   rope_scaled, token_rows, uses_alibi)
-from lorakit.models import cpu_has_native_bf16, training_dtype
+from lorakit.models import training_dtype
 from lorakit.plan.model_shapes import context_length
 from lorakit.train import distributed
 from lorakit.train.loop import LoopSettings, epoch_plan, total_steps_for
@@ -73,20 +74,23 @@ def load_model(config: RunConfig, on_cpu: bool = False):
 
 def dtype_notice(config: RunConfig, model) -> list[str]:
     """One line when "auto" chose bf16 on a CPU (a GPU run in bf16 is what users expect), and one
-    when bf16 or fp16 was asked for on a CPU that multiplies neither natively (torch emulates
-    their products there: a training step took 46x as long as in fp32 on an AMD Zen 3)."""
-    weights = next(model.parameters()).dtype
+    when bf16 or fp16 was asked for on a CPU without instructions for it: its products are
+    computed in fp32 there (kernels/cpu_gemm.widens), so it saves memory but not time."""
+    weights = next(model.parameters())
     if config.model.quantize != "none" or distributed.device_of_rank().type != "cpu":
         return []  # --quantize's bf16 is its own choice, not the user's nor auto's
-    if config.model.dtype == "auto" and weights == torch.bfloat16:
+    if config.model.dtype == "auto" and weights.dtype == torch.bfloat16:
         return ["dtype: bfloat16 (auto: this CPU multiplies bf16 natively; on one such CPU training ran 1.6x faster "
                 "than fp32; adapters and optimizer state stay fp32; --dtype float32 for full precision)"]
-    if weights in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16():
+    if weights.dtype in HALF_INSTRUCTIONS and cpu_gemm.widens(weights):
         name = config.model.dtype
-        return [f"dtype: {name} on a CPU without bf16 instructions (AVX512-BF16 or AMX): torch emulates {name} "
-                "products here (a bf16 training step took 46x as long as in float32 on one such CPU); --dtype auto "
-                "trains in float32 here, at twice the frozen weights' memory"]
+        return [f"dtype: {name} on a CPU without {name} instructions ({HALF_INSTRUCTIONS[weights.dtype]}): its "
+                "products are computed in float32 and rounded (on one such CPU a step took as long as in float32, "
+                "in 0.8x its memory); --dtype auto trains in float32 here, as fast and in full precision"]
     return []
+
+
+HALF_INSTRUCTIONS = {torch.bfloat16: "AVX512-BF16 or AMX", torch.float16: "AVX512-FP16 or AMX-FP16"}
 
 
 def context_notice(model, longest: int) -> list[str]:
