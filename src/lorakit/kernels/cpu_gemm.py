@@ -195,7 +195,7 @@ def matmul_add(x: torch.Tensor, weight: torch.Tensor, acc: torch.Tensor) -> torc
 def addmm_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """out += alpha * x @ weight, in place (an adapter's rank-r product added into its
     projection's output or input gradient): torch's addmm_, or its fp32 product where WIDEN."""
-    if _route(x, weight, out) == WIDEN:
+    if widens(x) and _route(x, weight, out) == WIDEN:  # widens first: cheap, and false on most CPUs' fp32 and GPUs
         return out.add_(_widened_matmul(x, weight), alpha=alpha)
     return out.addmm_(x, weight, alpha=alpha)
 
