@@ -20,7 +20,7 @@ def onednn_calls(request, monkeypatch, gemm_backend):
     oneDNN runs the test's dtype on this CPU) and torch's none, so a test cannot pass on torch's
     path while meaning to test oneDNN's."""
     dtype = getattr(request.node, "callspec", None) and request.node.callspec.params.get("dtype")
-    computed_in = torch.float32 if dtype in cpu_gemm._widened_dtypes() else dtype or torch.float32
+    computed_in = torch.float32 if dtype in cpu_gemm.widened_dtypes() else dtype or torch.float32
     runs = cpu_gemm._onednn_runs(computed_in)  # an AVX2-only CPU has no bf16 kernel (and widens bf16)
     calls = []
     for name in ("_onednn_linear", "_onednn_linear_add"):
@@ -341,7 +341,7 @@ def test_choosing_the_backend_is_not_counted_as_anyones_products(monkeypatch, tm
 def widened(monkeypatch):
     """This CPU taken for one without bf16 or fp16 instructions: their products widened to fp32.
     Returns the list of the widened products' fp32 calls (the weight blocks' shapes)."""
-    monkeypatch.setattr(cpu_gemm, "_widened_dtypes", lambda: frozenset({torch.bfloat16, torch.float16}))
+    monkeypatch.setattr(cpu_gemm, "widened_dtypes", lambda: frozenset({torch.bfloat16, torch.float16}))
     blocks = []
     real = cpu_gemm._fp32_row_blocks
 
@@ -412,7 +412,7 @@ def test_the_dtypes_widened_are_those_this_cpu_cannot_multiply(monkeypatch, flag
     monkeypatch.setattr(host, "proc_field", lambda path, key: flags if key == "flags" else None)
     monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: amx_fp16, raising=False)
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native_bf16)
-    assert cpu_gemm._widened_dtypes.__wrapped__() == want
+    assert cpu_gemm.widened_dtypes.__wrapped__() == want
 
 
 def test_a_bf16_model_on_a_cpu_without_bf16_trains_the_same_through_widened_products(monkeypatch, widened):
@@ -437,7 +437,7 @@ def test_a_bf16_model_on_a_cpu_without_bf16_trains_the_same_through_widened_prod
     # the head (chunked loss), gate and up, down, o_proj (frozen), q/k/v's merged A (3 x rank 4), down's A
     assert {(256, 64), (128, 64), (64, 128), (64, 64), (12, 64), (4, 128)} <= set(widened)
     products = len(widened)
-    monkeypatch.setattr(cpu_gemm, "_widened_dtypes", lambda: frozenset())  # torch's own bf16 products
+    monkeypatch.setattr(cpu_gemm, "widened_dtypes", lambda: frozenset())  # torch's own bf16 products
     native = loss_and_grads()
     assert len(widened) == products
     torch.testing.assert_close(fast[0], native[0], rtol=1e-2, atol=0)

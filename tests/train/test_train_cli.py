@@ -572,16 +572,23 @@ def test_the_run_trains_in_the_chosen_dtype_and_says_so(tiny, tmp_path, monkeypa
     assert ("dtype: bfloat16 (auto" in printed) == native
 
 
-def test_the_auto_dtype_notice_is_not_said_of_quantizes_own_bf16(monkeypatch):
+@pytest.mark.parametrize("native", [True, False])
+def test_the_auto_dtype_notice_is_not_said_of_quantizes_own_bf16(monkeypatch, native):
+    """--quantize's bf16 is not auto's choice; on a CPU without bf16 instructions its emulated
+    products are."""
     import torch
+    from lorakit.kernels import cpu_gemm
     from lorakit.train.run import dtype_notice
 
     monkeypatch.setattr("lorakit.train.distributed.device_of_rank", lambda: torch.device("cpu"))
+    monkeypatch.setattr(cpu_gemm, "widened_dtypes", lambda: frozenset() if native else frozenset({torch.bfloat16}))
     bf16_model = torch.nn.Linear(2, 2).to(torch.bfloat16)
     config = _default_config()
-    assert dtype_notice(config, bf16_model)  # auto chose bf16 on this CPU
+    assert "auto" in dtype_notice(config, bf16_model)[0]  # auto chose bf16 on this CPU
     config.model.quantize = "4bit"
-    assert dtype_notice(config, bf16_model) == []
+    notices = dtype_notice(config, bf16_model)
+    emulated = len(notices) == 1 and "bitsandbytes multiplies its layers in bf16" in notices[0]
+    assert notices == [] if native else emulated
 
 
 @pytest.mark.parametrize("requested", ["bfloat16", "float16"])
@@ -594,7 +601,7 @@ def test_a_half_dtype_asked_for_on_a_cpu_without_its_instructions_is_said_to_sav
 
     dtype = getattr(torch, requested)
     monkeypatch.setattr("lorakit.train.distributed.device_of_rank", lambda: torch.device("cpu"))
-    monkeypatch.setattr(cpu_gemm, "_widened_dtypes", lambda: frozenset() if native else frozenset({dtype}))
+    monkeypatch.setattr(cpu_gemm, "widened_dtypes", lambda: frozenset() if native else frozenset({dtype}))
     config = _default_config()
     config.model.dtype = requested
     notices = dtype_notice(config, torch.nn.Linear(2, 2).to(dtype))

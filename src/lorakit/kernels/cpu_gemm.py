@@ -315,11 +315,11 @@ def _eligible_route(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor
 def widens(t: torch.Tensor) -> bool:
     """The products of `t` here are computed in fp32 and rounded to its 16-bit dtype: a CPU
     tensor of a dtype this CPU has no multiply instructions for."""
-    return t.is_cpu and t.dtype in _widened_dtypes()
+    return t.is_cpu and t.dtype in widened_dtypes()
 
 
 @functools.cache
-def _widened_dtypes() -> frozenset[torch.dtype]:
+def widened_dtypes() -> frozenset[torch.dtype]:
     """The 16-bit dtypes whose products torch emulates on this CPU, element by element: a bf16
     GEMM ran at 0.9-3 GFLOP/s on an AMD Zen 3 (AVX2) against 150 in fp32, an fp16 one at 26-29
     on a Zen 4 (AVX512-BF16, no AVX512-FP16) against 96-118 (docs/performance.md). From fp32
