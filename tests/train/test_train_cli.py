@@ -610,6 +610,9 @@ def test_a_half_dtype_asked_for_on_a_cpu_without_its_instructions_is_said_to_sav
     else:
         assert len(notices) == 1 and f"without {requested} instructions" in notices[0]
         assert "computed in float32" in notices[0]
+        for auto in ("float32", "bfloat16"):  # fp16 on a CPU with bf16: auto's choice is bf16, not fp32
+            monkeypatch.setattr("lorakit.train.run.training_dtype", lambda name, device, _auto=auto: _auto)
+            assert f"--dtype auto trains in {auto} here" in dtype_notice(config, torch.nn.Linear(2, 2).to(dtype))[0]
     config.model.dtype = "float32"
     assert dtype_notice(config, torch.nn.Linear(2, 2)) == []
 

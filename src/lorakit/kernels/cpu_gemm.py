@@ -19,7 +19,8 @@ chunked loss and the frozen nn.Linear modules route their GEMMs through here:
 A 16-bit product on a CPU without instructions for its dtype (bf16 without AVX512-BF16 or AMX,
 fp16 without AVX512-FP16 or AMX-FP16) is computed from fp32 copies of its operands and rounded
 once (`widens`): the product a native 16-bit GEMM gives (fp32 accumulation), summation order
-aside, at fp32's rate instead of torch's emulation (3-50x slower, docs/performance.md).
+aside, at fp32's rate instead of torch's emulation (an fp16 GEMM 5x slower on a Zen 4, a bf16 step
+46x on a Zen 3; docs/performance.md).
 
 `backend_for(t)` decides per dtype and thread count, the first time this machine asks, by timing
 one GEMM both ways (under a second, oneDNN's kernel generation included): oneDNN when it is

@@ -86,10 +86,11 @@ def dtype_notice(config: RunConfig, model) -> list[str]:
         return ["dtype: bfloat16 (auto: this CPU multiplies bf16 natively; on one such CPU training ran 1.6x faster "
                 "than fp32; adapters and optimizer state stay fp32; --dtype float32 for full precision)"]
     if weights.dtype in HALF_INSTRUCTIONS and cpu_gemm.widens(weights):
-        name = config.model.dtype
+        name, auto = config.model.dtype, training_dtype("auto", "cpu")
+        advice = ("as fast and in full precision" if auto == "float32" else "which this CPU multiplies natively")
         return [f"dtype: {name} on a CPU without {name} instructions ({HALF_INSTRUCTIONS[weights.dtype]}): its "
                 "products are computed in float32 and rounded (on one such CPU a step took as long as in float32, "
-                "in 0.8x its memory); --dtype auto trains in float32 here, as fast and in full precision"]
+                f"in 0.8x its memory); --dtype auto trains in {auto} here, {advice}"]
     return []
 
 
