@@ -56,9 +56,10 @@ def _widening_stand_in(a, b, scale, dtype):
 
 
 def _force_gpu_paths():
-    from lorakit.kernels import fused_lora
+    from lorakit.kernels import cpu_gemm, fused_lora
 
     fused_lora._cublas_writes_in_place = lambda t: True
+    cpu_gemm.widened_dtypes = lambda: frozenset()  # a GPU widens nothing: only a CPU without bf16 does
     if hasattr(fused_lora, "_gemm_widens"):  # the fp32-writing GEMM (CUDA only): its stand-in
         fused_lora._gemm_widens = lambda device, operand, output: output == torch.float32
         fused_lora._widening_addmm = _widening_stand_in

@@ -388,16 +388,19 @@ def test_a_large_weight_is_widened_a_block_of_rows_at_a_time(monkeypatch, widene
     assert len(widened) == 9
 
 
-def test_widened_products_record_no_graph_and_keep_torchs_path_there(widened):
-    x, weight = _tensors(torch.bfloat16, (6, 24), (40, 24))
+def test_widened_products_other_than_linear_keep_torchs_path_where_a_graph_is_recorded(widened):
+    """Only linear has an autograd function for widened operands (_WidenedLinear); the products
+    the fused blocks call inside their own autograd functions take torch's, with its derivative."""
+    dy, weight, acc = _tensors(torch.bfloat16, (6, 40), (40, 24), (6, 24))
     weight.requires_grad_()
-    out = cpu_gemm.linear(x, weight)  # autograd would keep the fp32 copies: torch's own product
-    out.float().sum().backward()
-    assert weight.grad is not None and not widened
+    cpu_gemm.matmul_add(dy, weight, acc.clone()).float().sum().backward()
+    cpu_gemm.matmul(dy, weight).float().sum().backward()
+    torch.testing.assert_close(weight.grad.float(), 2 * dy.float().sum(0)[:, None].expand(40, 24), rtol=2e-2, atol=0)
+    assert not widened
     with torch.no_grad():
-        cpu_gemm.linear(x, weight)
+        cpu_gemm.matmul(dy, weight)
     assert widened == [(40, 24)]
-    assert cpu_gemm._route(x, weight.detach(), torch.zeros(40)) == cpu_gemm.ATEN  # an fp32 bias: F.linear's error
+    assert cpu_gemm._route(dy, weight.detach(), torch.zeros(24)) == cpu_gemm.ATEN  # an fp32 operand: torch's error
 
 
 @pytest.mark.parametrize("flags, amx_fp16, native_bf16, want", [
@@ -442,4 +445,46 @@ def test_a_bf16_model_on_a_cpu_without_bf16_trains_the_same_through_widened_prod
     assert len(widened) == products
     torch.testing.assert_close(fast[0], native[0], rtol=1e-2, atol=0)
     for got, want in zip(fast[1], native[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_widened_linear_that_records_a_graph_saves_its_16bit_operands(dtype, widened):
+    """An unfused adapter's products need gradients: the forward and both gradients are the fp32
+    products rounded, bit for bit with torch's fp32 GEMMs, and autograd keeps only 16-bit tensors."""
+    x, weight, bias, grad = _tensors(dtype, (3, 5, 24), (40, 24), (40,), (3, 5, 40))
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    saved = []
+    with cpu_gemm.use_backend(cpu_gemm.ATEN):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+            out = cpu_gemm.linear(*leaves)
+        out.backward(grad)
+    assert saved and set(saved) == {dtype} and len(widened) == 2  # the weight in forward and in the input gradient
+    f = lambda t: t.float()
+    assert torch.equal(out, F.linear(f(x), f(weight), f(bias)).to(dtype))
+    assert torch.equal(leaves[0].grad, (f(grad) @ f(weight)).to(dtype))
+    assert torch.equal(leaves[1].grad, (f(grad).reshape(15, 40).T @ f(x).reshape(15, 24)).to(dtype))
+    assert torch.equal(leaves[2].grad, f(grad).sum((0, 1)).to(dtype))
+
+
+def test_unfused_adapters_train_the_same_through_widened_products(monkeypatch, widened):
+    """LoRA layers outside the fused blocks (dropout, another architecture, QLoRA's base): their
+    adapters' products widened too, and the loss and gradients those of torch's fp16 products."""
+    model = tiny_llama().to(torch.float16)
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"]))
+    randomize_lora(model)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach().float(), [p.grad.float() for p in model.parameters() if p.requires_grad]
+
+    widening = loss_and_grads()
+    assert {(4, 64), (64, 4), (4, 128)} <= set(widened)  # A of q, B of q and down (as weights), A of down
+    monkeypatch.setattr(cpu_gemm, "widened_dtypes", lambda: frozenset())  # torch's own fp16 products
+    plain = loss_and_grads()
+    torch.testing.assert_close(widening[0], plain[0], rtol=1e-2, atol=0)
+    for got, want in zip(widening[1], plain[1], strict=True):
         torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-3)

@@ -20,7 +20,8 @@ A 16-bit product on a CPU without instructions for its dtype (bf16 without AVX51
 fp16 without AVX512-FP16 or AMX-FP16) is computed from fp32 copies of its operands and rounded
 once (`widens`): the product a native 16-bit GEMM gives (fp32 accumulation), summation order
 aside, at fp32's rate instead of torch's emulation (an fp16 GEMM 5x slower on a Zen 4, a bf16 step
-46x on a Zen 3; docs/performance.md).
+46x on a Zen 3; docs/performance.md). `linear` does so where autograd records it too (the unfused
+LoRA layers' adapters), through an autograd function that saves the 16-bit operands.
 
 `backend_for(t)` decides per dtype and thread count, the first time this machine asks, by timing
 one GEMM both ways (under a second, oneDNN's kernel generation included): oneDNN when it is
@@ -166,10 +167,13 @@ def check_environment() -> None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for x (..., in) and weight (out, in)."""
+    """x @ weight.T (+ bias) for x (..., in) and weight (out, in). Where autograd records it, a
+    widened product goes through an autograd function (_WidenedLinear); oneDNN's, torch's path."""
     route = _route(x, weight, bias)
     if route != ATEN and _bias_fits(bias, x):
         return _widened_linear(x, weight, bias) if route == WIDEN else _onednn_linear(x, weight, bias)
+    if widens(x) and _eligible_route(x, weight, bias) == WIDEN and _bias_fits(bias, x):
+        return _WidenedLinear.apply(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -234,6 +238,32 @@ class _FrozenLinear(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         grad_in = matmul(grad_out.reshape(-1, grad_out.shape[-1]), weight)
         return grad_in.view(*grad_out.shape[:-1], weight.shape[1]), None, None
+
+
+class _WidenedLinear(torch.autograd.Function):
+    """linear of 16-bit operands that need gradients (an unfused adapter's A and B), on a CPU that
+    widens their dtype: every product widened, and the 16-bit operands saved, where autograd
+    through fp32 copies would save the copies (twice the bytes)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _widened_linear(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = matmul(rows, weight).view(*grad_out.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_weight(rows, x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = rows.sum(0, dtype=torch.float32).to(grad_out.dtype)
+        return grad_x, grad_w, grad_b
 
 
 class CpuGemmLinear(torch.nn.Linear):

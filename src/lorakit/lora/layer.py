@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitWarning
+from lorakit.kernels import cpu_gemm
 
 try:  # GPT-2 style layers store W as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -200,7 +201,9 @@ class LoraLinear(nn.Module):
         dtype = dropped.dtype if torch.is_floating_point(dropped) else self.lora_A.weight.dtype
         a = self.lora_A.weight.to(dtype)
         b = self.lora_B.weight.to(dtype)
-        lora = F.linear(F.linear(dropped, a), b)  # (..., out)
+        # a 16-bit dtype this CPU has no instructions for: products in fp32 (kernels/cpu_gemm.widens)
+        linear = cpu_gemm.linear if cpu_gemm.widens(dropped) else F.linear
+        lora = linear(linear(dropped, a), b)  # (..., out)
         if self.use_dora:
             return result + self._dora_term(dropped, result, lora)
         return result + (lora * self.scaling).to(result.dtype)
