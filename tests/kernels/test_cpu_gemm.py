@@ -33,6 +33,21 @@ def onednn_calls(request, monkeypatch, gemm_backend):
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
+def _loss_and_grads(model, loss_of):
+    """(loss, the trainable parameters' gradients) of one fresh backward, in fp32."""
+    model.zero_grad(set_to_none=True)  # the previous gradients, returned before, stay as they were
+    loss = loss_of(model)
+    loss.backward()
+    return loss.detach().float(), [p.grad.float() for p in model.parameters() if p.requires_grad]
+
+
+def _assert_16bit_close(got, want):
+    """Two (loss, gradients) of a 16-bit model whose products rounded differently."""
+    torch.testing.assert_close(got[0], want[0], rtol=1e-2, atol=0)
+    for got_grad, want_grad in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(got_grad, want_grad, rtol=5e-2, atol=5e-3)
+
+
 def _tensors(dtype, *shapes, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(*shape, generator=g).to(dtype) for shape in shapes]
@@ -98,11 +113,7 @@ def test_frozen_linears_of_a_model_are_patched_and_match_the_plain_model(onednn_
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids}
 
-    def loss_and_grads():
-        model.zero_grad(set_to_none=True)
-        loss = causal_loss.causal_lm_loss(model, batch)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    loss_and_grads = lambda: _loss_and_grads(model, lambda m: causal_loss.causal_lm_loss(m, batch))  # noqa: E731
 
     plain = loss_and_grads()
     llama_patch.enable_fast_paths(model)
@@ -429,11 +440,7 @@ def test_a_bf16_model_on_a_cpu_without_bf16_trains_the_same_through_widened_prod
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids}
 
-    def loss_and_grads():
-        model.zero_grad(set_to_none=True)
-        loss = causal_loss.causal_lm_loss(model, batch)
-        loss.backward()
-        return loss.detach().float(), [p.grad.float() for p in model.parameters() if p.requires_grad]
+    loss_and_grads = lambda: _loss_and_grads(model, lambda m: causal_loss.causal_lm_loss(m, batch))  # noqa: E731
 
     fast = loss_and_grads()
     assert llama_patch.fast_paths_enabled(model)
@@ -443,9 +450,7 @@ def test_a_bf16_model_on_a_cpu_without_bf16_trains_the_same_through_widened_prod
     monkeypatch.setattr(cpu_gemm, "widened_dtypes", lambda: frozenset())  # torch's own bf16 products
     native = loss_and_grads()
     assert len(widened) == products
-    torch.testing.assert_close(fast[0], native[0], rtol=1e-2, atol=0)
-    for got, want in zip(fast[1], native[1], strict=True):
-        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-3)
+    _assert_16bit_close(fast, native)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -475,16 +480,10 @@ def test_unfused_adapters_train_the_same_through_widened_products(monkeypatch, w
     randomize_lora(model)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 
-    def loss_and_grads():
-        model.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach().float(), [p.grad.float() for p in model.parameters() if p.requires_grad]
+    loss_and_grads = lambda: _loss_and_grads(model, lambda m: m(input_ids=ids, labels=ids).loss)  # noqa: E731
 
     widening = loss_and_grads()
     assert {(4, 64), (64, 4), (4, 128)} <= set(widened)  # A of q, B of q and down (as weights), A of down
     monkeypatch.setattr(cpu_gemm, "widened_dtypes", lambda: frozenset())  # torch's own fp16 products
     plain = loss_and_grads()
-    torch.testing.assert_close(widening[0], plain[0], rtol=1e-2, atol=0)
-    for got, want in zip(widening[1], plain[1], strict=True):
-        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-3)
+    _assert_16bit_close(widening, plain)
