@@ -491,6 +491,26 @@ def test_gguf_converts_once_to_a_plain_folder(tiny_gguf, cache):
     assert base_model_name(model) == str(tiny_gguf.resolve())
 
 
+def test_a_conversion_reads_the_gguf_file_once_and_leaves_the_gguf_package_as_it_was(tiny_gguf, cache, monkeypatch):
+    """transformers opens the file for the config, the weights and the tokenizer, lorakit for the
+    special tokens: one parse of its metadata serves them all (the slow part for a real tokenizer)."""
+    import gguf
+
+    opened = []
+
+    class CountedReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            opened.append(Path(path).name)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountedReader)
+    names = gguf.get_tensor_name_map
+    model, tokenizer, _ = load_model_and_tokenizer(tiny_gguf)
+    assert opened == [tiny_gguf.name]
+    assert gguf.GGUFReader is CountedReader and gguf.get_tensor_name_map is names
+    assert tokenizer.eos_token == "<|im_end|>" and model.config.num_hidden_layers == 2
+
+
 @pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json"])
 def test_a_damaged_converted_copy_is_named_with_its_folder_not_the_gguf(tiny_gguf, cache, damaged):
     load_model_and_tokenizer(tiny_gguf)
