@@ -496,7 +496,7 @@ def test_the_runs_dtype_is_read_beside_its_adapter_only(tmp_path):
     from lorakit.evaluate import _dtype_of, _run_summary
 
     def run_dtype_of(adapter):
-        return _dtype_of(_run_summary(adapter))
+        return _dtype_of(_run_summary(adapter), "none")
 
     (tmp_path / "run" / "adapter").mkdir(parents=True)
     summary = tmp_path / "run" / "summary.json"

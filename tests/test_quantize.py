@@ -334,15 +334,29 @@ def test_eval_and_generate_load_a_qlora_runs_base_as_it_trained(base_dir, tmp_pa
     assert abs(dense_base["adapter_loss"] - in_4bit["adapter_loss"]) > 1e-4  # NF4 is another model
     assert any("where the run trained on the 4bit base" in note for note in dense_base["notes"])
     assert main(["eval", "--adapter", str(run), "--model", str(base_dir), "--data", str(data),
-                 "--dtype", "float32"]) == 2
-    assert "the 4bit base computes in bfloat16, so --dtype float32" in capsys.readouterr().err
+                 "--dtype", "float16"]) == 2
+    assert "the 4bit base computes in bfloat16, or float32 with --dtype float32 or on a CPU without bf16 " \
+           "instructions, not in --dtype float16" in capsys.readouterr().err
 
     assert main(["generate", "--adapter", str(run), "--model", str(base_dir), "--max-new-tokens", "3", "hi"]) == 0
     assert "base in 4bit, as the run trained" in capsys.readouterr().err
 
 
 @needs_bnb
-def test_a_qlora_run_records_its_bits_and_eval_reproduces_its_eval_loss(base_dir, tmp_path, capsys):
+@pytest.mark.parametrize("flags, bf16_instructions, computes_in", [
+    ([], True, torch.bfloat16),
+    (["--dtype", "float32"], True, torch.float32),
+    ([], False, torch.float32),  # bf16 products would be emulated: 46x float32's time on one such CPU
+])
+def test_a_qlora_run_records_its_bits_and_eval_reproduces_its_eval_loss(base_dir, tmp_path, capsys, monkeypatch,
+                                                                         flags, bf16_instructions, computes_in):
+    from lorakit import quantize
+    from lorakit.kernels import cpu_gemm
+
+    monkeypatch.setattr(cpu_gemm, "widened_dtypes", lambda: frozenset() if bf16_instructions else
+                        frozenset({torch.bfloat16}))
+    loaded, prepare = [], quantize.prepare_for_kbit_training
+    monkeypatch.setattr(quantize, "prepare_for_kbit_training", lambda model: loaded.append(model) or prepare(model))
     train, held_out = tmp_path / "t.jsonl", tmp_path / "e.jsonl"
     lines = [json.dumps({"text": f"the quick brown fox {i} jumps over the lazy dog number {7 * i}"}) + "\n"
              for i in range(24)]
@@ -350,11 +364,17 @@ def test_a_qlora_run_records_its_bits_and_eval_reproduces_its_eval_loss(base_dir
     held_out.write_text("".join(lines[:8]))
     run = tmp_path / "run"
     assert main(["train", "--model", str(base_dir), "--data", str(train), "--eval-data", str(held_out),
-                 "--quantize", "4bit", "--max-steps", "3", "--seq-len", "32", "--output", str(run)]) == 0
+                 "--quantize", "4bit", "--max-steps", "3", "--seq-len", "32", "--output", str(run), *flags]) == 0
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["quantize"] == "4bit" and summary["dtype"] == "bfloat16"
-    capsys.readouterr()
+    assert summary["quantize"] == "4bit" and summary["dtype"] == str(computes_in).removeprefix("torch.")
+    printed = " ".join(capsys.readouterr().out.split())
+    assert ("--quantize on a CPU without bf16 instructions" in printed) == (not bf16_instructions)
     assert main(["eval", "--adapter", str(run), "--data", str(held_out), "--json"]) == 0
+    for model in loaded:  # the run's and eval's: every layer in one dtype, the 4-bit ones computing in it
+        four_bit = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+        assert four_bit and all(m.compute_dtype == computes_in for m in four_bit)
+        assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {computes_in, torch.uint8}
+    assert len(loaded) == 2
     scored = json.loads(capsys.readouterr().out)
     assert scored["adapter_loss"] == pytest.approx(summary["final_eval_loss"], abs=1e-5)
     assert scored["base_loss"] == pytest.approx(summary["base_eval_loss"], abs=1e-5)

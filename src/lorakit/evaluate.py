@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorakit.config import DATA_FORMATS
+from lorakit.config import DATA_FORMATS, DTYPES, QUANTIZED_DTYPES
 from lorakit.errors import ConfigError
 
 # for an adapter whose run's config is not beside it
@@ -50,7 +50,7 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
     if adapter:
         refuse_classifier_adapters([adapter], "eval")
     asked, (quantize, quantize_notes) = quantize, inference_quantize(quantize, adapter, dtype)
-    run_dtype = _dtype_of(summary) if dtype == "auto" and quantize == "none" else None
+    run_dtype = _dtype_of(summary, quantize) if dtype == "auto" else None
     base_model, tokenizer, torch_dtype = load_for_inference(model or base_model_for([adapter]), quantize, device,
                                                             run_dtype or dtype, allow_pickle,
                                                             chosen_by_run=asked is None)
@@ -128,9 +128,10 @@ def _scored_records(model, tokenizer, data, fmt: str, seq_len: int, run: dict, i
     return records, notes
 
 
-def _dtype_of(summary: dict | None) -> str | None:
+def _dtype_of(summary: dict | None, quantize: str) -> str | None:
+    """The dtype the run trained in, where the base as loaded (`quantize`) can compute in it."""
     dtype = (summary or {}).get("dtype")
-    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+    return dtype if dtype in (DTYPES if quantize == "none" else QUANTIZED_DTYPES) and dtype != "auto" else None
 
 
 def _run_summary(adapter: str | os.PathLike) -> dict | None:

@@ -11,12 +11,19 @@ stores those absmax values in 8 bits with one fp32 scale per 256 of them: ~4.13 
 with bf16 compute; 8bit is LLM.int8 (int8 rows, one fp32 scale per output row, outlier input
 features kept in 16 bits).
 
+The compute dtype (the unquantised layers' too) is bf16, except on a CPU without bf16
+instructions (AVX512-BF16 or AMX), where torch emulates bf16 products (a bf16 step's products
+took 46x fp32's time on one such CPU: kernels/cpu_gemm.py) and bitsandbytes multiplies its
+dequantised weights with torch's own: there it is fp32 (`compute_dtype`), unless --dtype
+bfloat16 asks for bf16. --dtype float32 computes in fp32 anywhere. The 4/8-bit weights are the
+same either way.
+
 Preparing for k-bit training, the lean way: PEFT's prepare_model_for_kbit_training casts every
 unquantised parameter to fp32 (for Llama-8B the embeddings and head alone: +2 GB, and fp32
-activations after every norm). lorakit keeps them in bf16: they are frozen, and the RMSNorm /
-LayerNorm statistics are computed in fp32 inside the norms anyway. It only makes sure the
-embeddings' output requires grad while activation checkpointing is on (reentrant checkpoints
-need a grad-requiring input to backpropagate through a layer).
+activations after every norm). lorakit keeps them in the compute dtype: they are frozen, and
+the RMSNorm / LayerNorm statistics are computed in fp32 inside the norms anyway. It only makes
+sure the embeddings' output requires grad while activation checkpointing is on (reentrant
+checkpoints need a grad-requiring input to backpropagate through a layer).
 
 Merging (merge.py, `lorakit merge --quantize`): `dequantize_model` replaces each quantised linear
 by a dense nn.Linear holding exactly the weight the kernel multiplies by, checked against the
@@ -34,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.config import QUANTIZE
+from lorakit.config import QUANTIZE, QUANTIZED_DTYPE_WORDS, QUANTIZED_DTYPES
 from lorakit.errors import ConfigError, MergeError, first_line
 
 QUANTIZE_CHOICES = tuple(q for q in QUANTIZE if q != "none")
@@ -59,14 +66,40 @@ def require_bitsandbytes() -> Any:
     return bitsandbytes
 
 
-def bnb_config(quantize: str) -> Any:
-    """BitsAndBytesConfig for QLoRA's NF4 (double quantisation, bf16 compute) or LLM.int8."""
+def compute_dtype(device: str | torch.device, dtype: str = "auto") -> torch.dtype:
+    """The dtype a quantised model computes in on `device` for --dtype `dtype` (QUANTIZED_DTYPES):
+    auto is bf16, but fp32 on a CPU without bf16 instructions (see the module docstring)."""
+    from lorakit.kernels import cpu_gemm
+
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    emulated = torch.device(device).type == "cpu" and COMPUTE_DTYPE in cpu_gemm.widened_dtypes()
+    return torch.float32 if emulated else COMPUTE_DTYPE
+
+
+def emulated_bf16_notice(dtype: str) -> list[str]:
+    """On a CPU without bf16 instructions, one line on what a quantised model computes in there
+    (`dtype`: --dtype, one of QUANTIZED_DTYPES); elsewhere none."""
+    from lorakit.kernels import cpu_gemm
+
+    if COMPUTE_DTYPE not in cpu_gemm.widened_dtypes() or dtype == "float32":
+        return []
+    if dtype == "auto":
+        return ["--quantize on a CPU without bf16 instructions (AVX512-BF16 or AMX): the model computes in float32 "
+                "(bf16 products are emulated here: 46x float32's time on one such CPU); its weights stay in 4/8 bits"]
+    return ["--quantize with --dtype bfloat16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): bitsandbytes "
+            "multiplies its layers in bf16, which torch emulates here (on one such CPU a step of bf16 products took "
+            "46x as long as in float32); drop --dtype to compute in float32"]
+
+
+def bnb_config(quantize: str, dtype: torch.dtype = COMPUTE_DTYPE) -> Any:
+    """BitsAndBytesConfig for QLoRA's NF4 (double quantisation, computing in `dtype`) or LLM.int8."""
     from transformers import BitsAndBytesConfig
 
     check_quantize(quantize)
     if quantize == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=COMPUTE_DTYPE)
+                                  bnb_4bit_compute_dtype=dtype)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -76,11 +109,12 @@ def check_quantize(quantize: str) -> None:
 
 
 def load_quantized(spec: str | os.PathLike | None, quantize: str, allow_pickle: bool = False,
-                   device: str | None = None) -> tuple[Any, Any, Any]:
+                   device: str | None = None, dtype: str = "auto") -> tuple[Any, Any, Any]:
     """Load a model with its linear layers in 4 or 8 bits: (model, tokenizer, ModelSource).
 
     device: this process's GPU when there is one (under torchrun, the local rank's: init_from_env
-    set it), else "cpu" (bitsandbytes >= 0.48 runs both on CPU)."""
+    set it), else "cpu" (bitsandbytes >= 0.48 runs both on CPU). dtype: --dtype, one of
+    QUANTIZED_DTYPES (`compute_dtype`)."""
     from lorakit import models
 
     check_quantize(quantize)
@@ -91,7 +125,7 @@ def load_quantized(spec: str | os.PathLike | None, quantize: str, allow_pickle: 
     device = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
 
     def from_pretrained(target: str, kwargs: dict) -> Any:
-        return _from_pretrained(source, target, kwargs, quantize, device)
+        return _from_pretrained(source, target, kwargs, quantize, device, compute_dtype(device, dtype))
 
     model, tokenizer = models.load_pretrained(source, from_pretrained, allow_pickle)
     prepare_for_kbit_training(model)
@@ -118,8 +152,8 @@ def inference_quantize(quantize: str | None, adapter, dtype: str) -> tuple[str, 
     the adapter's run trained on (its eval loss was the quantised model's), else none."""
     trained = trained_quantize(adapter) if adapter else None
     chosen = quantize or trained or "none"
-    if chosen != "none" and dtype not in ("auto", "bfloat16"):
-        raise ConfigError(f"the {chosen} base computes in bfloat16, so --dtype {dtype} would not be used; drop "
+    if chosen != "none" and dtype not in QUANTIZED_DTYPES:
+        raise ConfigError(f"the {chosen} base computes in {QUANTIZED_DTYPE_WORDS}, not in --dtype {dtype}; drop "
                           f"--dtype, or pass --quantize none for the full-precision base in {dtype}")
     if quantize is None and trained:
         return chosen, [f"base in {trained}, as the run trained (its config.yaml); --quantize none for the "
@@ -133,8 +167,8 @@ def inference_quantize(quantize: str | None, adapter, dtype: str) -> tuple[str, 
 def load_for_inference(spec, quantize: str, device: str, dtype: str, allow_pickle: bool = False,
                        chosen_by_run: bool = False):
     """(model, tokenizer, dtype name) for eval and generate: the base dense in `dtype` on `device`
-    (see models.inference_placement), or in 4/8 bits computing in bfloat16. `chosen_by_run`: the
-    bits are the adapter's run's, not a --quantize the user gave (a refusal says how to leave them)."""
+    (see models.inference_placement), or in 4/8 bits computing in `compute_dtype`. `chosen_by_run`:
+    the bits are the adapter's run's, not a --quantize the user gave (a refusal says how to leave them)."""
     from lorakit import models
 
     if quantize == "none":
@@ -144,21 +178,21 @@ def load_for_inference(spec, quantize: str, device: str, dtype: str, allow_pickl
         return model, tokenizer, dtype
     placement, _ = models.inference_placement(device, "bfloat16")
     try:
-        model, tokenizer, _ = load_quantized(spec, quantize, allow_pickle, device=placement)
+        model, tokenizer, _ = load_quantized(spec, quantize, allow_pickle, device=placement, dtype=dtype)
     except ConfigError as exc:
         if not chosen_by_run:
             raise
         raise ConfigError(f"{exc}. The {quantize} base is the one the adapter's run trained on (its config.yaml): "
                           "--quantize none loads the full-precision base instead") from None
-    return model, tokenizer, str(COMPUTE_DTYPE).removeprefix("torch.")
+    return model, tokenizer, str(compute_dtype(placement, dtype)).removeprefix("torch.")
 
 
-def _from_pretrained(source, target: str, kwargs: dict, quantize: str, device: str) -> Any:
+def _from_pretrained(source, target: str, kwargs: dict, quantize: str, device: str, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(target, dtype=COMPUTE_DTYPE, device_map={"": device},
-                                                           quantization_config=bnb_config(quantize), **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map={"": device},
+                                                           quantization_config=bnb_config(quantize, dtype), **kwargs)
     except (ImportError, OSError, ValueError, KeyError, RuntimeError) as exc:
         if "bitsandbytes" in str(exc) or "GPU" in str(exc):  # transformers' quantizer refused this machine
             raise ConfigError(f"--quantize {quantize} cannot run here ({type(exc).__name__}: "
@@ -239,7 +273,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = COMPUTE_DTYPE, devic
     for name in names:
         parent, child = parent_and_child(model, name)
         quantized = getattr(parent, child)
-        weight = dequantize_weight(quantized).float()  # 4-bit: the kernel's bf16 values, exactly
+        weight = dequantize_weight(quantized).float()  # 4-bit: the kernel's values (its compute dtype's), exactly
         if verify:
             check_dequantized(quantized, weight, name)
         setattr(parent, child, _dense_linear(quantized, weight).to(device=device, dtype=dtype))

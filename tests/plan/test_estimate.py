@@ -452,10 +452,11 @@ def test_cli_fast_paths_model_the_trainers_step(capsys):
 
 def test_a_quantised_base_in_another_dtype_is_refused_as_train_refuses_it(capsys):
     # estimate gave fp32 activations for a run lorakit train refuses
-    assert main(["estimate", "--model", "smollm2-135m", "--quantize", "4bit", "--dtype", "fp32"]) == 2
-    assert "--quantize 4bit computes in bf16 in lorakit train" in capsys.readouterr().err
-    assert main(["estimate", "--model", "smollm2-135m", "--quantize", "4bit", "--dtype", "fp32", "--engine",
+    assert main(["estimate", "--model", "smollm2-135m", "--quantize", "4bit", "--dtype", "fp16"]) == 2
+    assert "--quantize 4bit computes in bf16 or fp32 in lorakit train" in capsys.readouterr().err
+    assert main(["estimate", "--model", "smollm2-135m", "--quantize", "4bit", "--dtype", "fp16", "--engine",
                  "peft"]) == 0  # PEFT's compute dtype is the user's
+    assert main(["estimate", "--model", "smollm2-135m", "--quantize", "4bit", "--dtype", "fp32"]) == 0
 
 
 def test_cli_table(capsys):

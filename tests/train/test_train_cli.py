@@ -574,8 +574,8 @@ def test_the_run_trains_in_the_chosen_dtype_and_says_so(tiny, tmp_path, monkeypa
 
 @pytest.mark.parametrize("native", [True, False])
 def test_the_auto_dtype_notice_is_not_said_of_quantizes_own_bf16(monkeypatch, native):
-    """--quantize's bf16 is not auto's choice; on a CPU without bf16 instructions its emulated
-    products are."""
+    """--quantize's bf16 is not auto's choice; on a CPU without bf16 instructions it computes in
+    fp32, or, with --dtype bfloat16, emulates bf16 products."""
     import torch
     from lorakit.kernels import cpu_gemm
     from lorakit.train.run import dtype_notice
@@ -586,9 +586,16 @@ def test_the_auto_dtype_notice_is_not_said_of_quantizes_own_bf16(monkeypatch, na
     config = _default_config()
     assert "auto" in dtype_notice(config, bf16_model)[0]  # auto chose bf16 on this CPU
     config.model.quantize = "4bit"
-    notices = dtype_notice(config, bf16_model)
-    emulated = len(notices) == 1 and "bitsandbytes multiplies its layers in bf16" in notices[0]
-    assert notices == [] if native else emulated
+    notices = {}
+    for dtype in ("auto", "bfloat16", "float32"):
+        config.model.dtype = dtype
+        notices[dtype] = dtype_notice(config, bf16_model)
+    if native:
+        assert notices == {"auto": [], "bfloat16": [], "float32": []}
+        return
+    assert len(notices["auto"]) == 1 and "the model computes in float32" in notices["auto"][0]
+    assert len(notices["bfloat16"]) == 1 and "multiplies its layers in bf16" in notices["bfloat16"][0]
+    assert notices["float32"] == []
 
 
 @pytest.mark.parametrize("requested", ["bfloat16", "float16"])

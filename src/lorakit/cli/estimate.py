@@ -125,13 +125,14 @@ def _this_cpus_peak(dtype: str) -> float:
 
 
 def _check_quantized_dtype(args: argparse.Namespace) -> None:
-    """lorakit train's quantised base computes in bf16 and refuses another --dtype: no step to model
-    (PEFT's may compute in fp16 or fp32)."""
-    from lorakit.config import dtype_name
+    """lorakit train's quantised base computes in bf16 or fp32 and refuses fp16: no step to model
+    (PEFT's may compute in fp16)."""
+    from lorakit.config import QUANTIZED_DTYPES, dtype_name
 
-    if args.engine == "lorakit" and args.quantize != "none" and dtype_name(args.dtype) not in ("bfloat16", "auto"):
-        raise ConfigError(f"--quantize {args.quantize} computes in bf16 in lorakit train, which refuses --dtype "
-                          f"{args.dtype} with it; drop --dtype, or --quantize (or model PEFT's step: --engine peft)")
+    if args.engine == "lorakit" and args.quantize != "none" and dtype_name(args.dtype) not in QUANTIZED_DTYPES:
+        raise ConfigError(f"--quantize {args.quantize} computes in bf16 or fp32 in lorakit train, which refuses "
+                          f"--dtype {args.dtype} with it; drop --dtype, or --quantize (or model PEFT's step: --engine "
+                          "peft)")
 
 
 def _fill_settings(args: argparse.Namespace) -> None:
@@ -147,13 +148,18 @@ def _fill_settings(args: argparse.Namespace) -> None:
     if args.fast_paths is False:  # train without its fast paths has no chunked loss either
         from_config["fused_loss"] = False
     quantized = (args.quantize or from_config.get("quantize", "none")) != "none"
-    if args.device == "cpu" and not quantized:  # what lorakit train loads on this CPU (a config's "auto" too)
-        from lorakit.models import training_dtype
-
-        from_config.setdefault("dtype", training_dtype("auto", "cpu"))
+    if args.device == "cpu":  # what lorakit train computes in on this CPU (a config's "auto" too)
+        from_config.setdefault("dtype", _cpu_training_dtype(quantized))
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, from_config.get(key, default))
+
+
+def _cpu_training_dtype(quantized: bool) -> str:
+    from lorakit.models import training_dtype
+    from lorakit.quantize import compute_dtype
+
+    return str(compute_dtype("cpu")).removeprefix("torch.") if quantized else training_dtype("auto", "cpu")
 
 
 def _check_fast_path_flags(args: argparse.Namespace, config_fast_paths: bool) -> None:

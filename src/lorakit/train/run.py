@@ -66,7 +66,8 @@ def load_model(config: RunConfig, on_cpu: bool = False):
     if config.model.quantize != "none":
         from lorakit.quantize import load_quantized
 
-        return load_quantized(config.model.name, config.model.quantize, config.model.allow_pickle)
+        return load_quantized(config.model.name, config.model.quantize, config.model.allow_pickle,
+                              dtype=config.model.dtype)
     dtype = training_dtype(config.model.dtype, device.type)
     return load_model_and_tokenizer(config.model.name, dtype=dtype, device="cpu" if on_cpu else device.type,
                                     allow_pickle=config.model.allow_pickle)
@@ -76,12 +77,14 @@ def dtype_notice(config: RunConfig, model) -> list[str]:
     """One line when "auto" chose bf16 on a CPU (a GPU run in bf16 is what users expect), one
     when bf16 or fp16 was asked for on a CPU without instructions for it: its products are
     computed in fp32 there (kernels/cpu_gemm.widens), so it saves memory but not time; and one
-    when --quantize's bf16 layers would be emulated there."""
+    on what --quantize computes in on a CPU without bf16 instructions."""
     weights = next(model.parameters())
     if distributed.device_of_rank().type != "cpu":
         return []
-    if config.model.quantize != "none":  # its bf16 is --quantize's own choice, not the user's nor auto's
-        return [QUANTIZED_ON_EMULATED_BF16] if torch.bfloat16 in cpu_gemm.widened_dtypes() else []
+    if config.model.quantize != "none":  # its dtype is --quantize's own choice
+        from lorakit.quantize import emulated_bf16_notice
+
+        return emulated_bf16_notice(config.model.dtype)
     if config.model.dtype == "auto" and weights.dtype == torch.bfloat16:
         return ["dtype: bfloat16 (auto: this CPU multiplies bf16 natively; on one such CPU training ran 1.6x faster "
                 "than fp32; adapters and optimizer state stay fp32; --dtype float32 for full precision)"]
@@ -95,11 +98,6 @@ def dtype_notice(config: RunConfig, model) -> list[str]:
 
 
 HALF_INSTRUCTIONS = {torch.bfloat16: "AVX512-BF16 or AMX", torch.float16: "AVX512-FP16 or AMX-FP16"}
-# bitsandbytes multiplies its 4/8-bit layers' dequantised weights in bf16 itself, outside cpu_gemm
-QUANTIZED_ON_EMULATED_BF16 = (
-    "--quantize on a CPU without bf16 instructions (AVX512-BF16 or AMX): bitsandbytes multiplies its layers in bf16, "
-    "which torch emulates here (on one such CPU a step of bf16 products took 46x as long as in float32); "
-    "--quantize none trains in float32 here, at 4 bytes a frozen weight")
 
 
 def context_notice(model, longest: int) -> list[str]:
