@@ -280,7 +280,10 @@ class CpuGemmLinear(torch.nn.Linear):
         return super().forward(x)
 
     def _frozen(self) -> bool:
-        return not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        """Nothing records a gradient for the weight or bias: they need none, or no graph is being
+        recorded (eval and generation, whose model's weights may still ask for gradients)."""
+        return not torch.is_grad_enabled() or not (self.weight.requires_grad
+                                                    or (self.bias is not None and self.bias.requires_grad))
 
 
 def traced() -> bool:
