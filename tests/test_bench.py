@@ -189,15 +189,17 @@ def test_a_run_stopped_part_way_keeps_the_rows_it_measured(monkeypatch):
 def test_json_file_holds_the_final_result_and_bad_paths_are_refused(tmp_path, capsys):
     from lorakit.cli import main
 
+    from lorakit.cli.bench import _checked_json_file
+
     target = tmp_path / "bench.json"
+    target.write_text(json.dumps({"environment": {}, "settings": {}, "variants": []}))  # an earlier result
     args = ["bench", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--sequential", "--variants", "lorakit",
             "--threads", "1", "--peak-tflops", "1"]
-    assert main([*args, "--json-file", str(target)]) == 0
+    assert main([*args, "--json-file", str(target)]) == 0  # one real bench: each run starts a child process
     assert [r["variant"] for r in json.loads(target.read_text())["variants"]] == ["lorakit"]
-    assert main([*args, "--json-file", str(target)]) == 0  # an earlier result is replaced
     empty = tmp_path / "mktemp.json"
     empty.touch()
-    assert main([*args, "--json-file", str(empty)]) == 0 and json.loads(empty.read_text())["variants"]
+    assert _checked_json_file(str(empty)) == empty and _checked_json_file(str(target)) == target
     notes = tmp_path / "notes.json"
     notes.write_text('{"mine": 1}')
     for bad, message in ((tmp_path, "is a folder"), (tmp_path / "no" / "b.json", "does not exist"),
