@@ -1,6 +1,10 @@
 """host.py: the /proc readers against what the process just did."""
 
 import resource
+import subprocess
+import sys
+
+import pytest
 
 from lorakit import host
 
@@ -47,3 +51,32 @@ def test_reset_peak_rss_starts_the_high_water_mark_from_now():
     host.return_freed_memory()
     host.reset_peak_rss()
     assert host.peak_rss_bytes() < high - 128 * 2**20
+
+
+FAULTS_OF_REPEATED_BLOCKS = """
+import resource, sys, torch
+from lorakit import host
+if sys.argv[1] == "keep":
+    assert host.keep_freed_memory()
+faults = []
+for _ in range(10):  # a step's large tensors, allocated, written and freed again and again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    head, grad = torch.empty(1020, 49152), torch.empty(1020, 49152)  # 200 MB each, SmolLM2's logits
+    head.fill_(1.0), grad.fill_(2.0)
+    del head, grad
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[6:]))  # the heap's layout settles in the first rounds
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_kept_freed_memory_serves_a_steps_large_tensors_again_without_page_faults():
+    """In a process of its own: the setting is process-wide."""
+    def faults(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", FAULTS_OF_REPEATED_BLOCKS, mode], capture_output=True,
+                              text=True, timeout=120, check=True)
+        return int(done.stdout.split()[-1])
+
+    pages = 4 * 2 * 200 * 2**20 // resource.getpagesize()  # the last 4 rounds of two 200 MB tensors
+    assert faults("default") > pages // 2  # mapped anew and faulted in each time
+    assert faults("keep") < pages // 100

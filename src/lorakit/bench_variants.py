@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.bench_table import TARGETS, VARIANTS, Variant
+from lorakit.host import keep_freed_memory
 from lorakit.kernels.cuda_graph import CapturedStep, keep_plain_rows_unmasked
 from lorakit.kernels.llama_patch import wants_triton
 from lorakit.train.memory_plan import checkpoint_layers
@@ -77,6 +78,8 @@ def _lorakit_fast_paths(model, variant: Variant, plan) -> list[str]:
     triton = variant.triton and wants_triton("auto", torch.device(plan.device))  # as the trainer
     notices = add_lorakit_adapters(model, plan, fused=variant.fused, triton=triton, varlen=not variant.mask_4d,
                                    native=variant.native, stack=variant.stack)
+    if variant.fused and plan.device == "cpu":  # as the trainer's fast paths (a CPU variant has its own process)
+        keep_freed_memory()
     if variant.per_document:
         from lorakit.kernels.varlen_attention import per_document_only
 

@@ -208,3 +208,22 @@ def test_resuming_a_checkpoint_from_before_auto_compares_what_the_setting_does(m
         "train.triton_kernels False -> 'on'"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto is on on a GPU: a change from false
     assert saved_run.config_changes(saved, {"train": {"triton_kernels": "auto", "lr": 1e-4}}) != []
+
+
+def test_a_cpu_runs_fast_paths_keep_freed_memory_as_the_benchs_lorakit_variants_do(monkeypatch):
+    """The heap setting (host.keep_freed_memory) is part of a CPU run's fast paths, and the bench
+    gives it to exactly the variants that stand for them, so that it measures what train runs."""
+    from lorakit import bench, bench_variants, host
+
+    calls = []
+    monkeypatch.setattr(host, "keep_freed_memory", lambda: calls.append("train") or True)
+    monkeypatch.setattr(bench_variants, "keep_freed_memory", lambda: calls.append("bench") or True)
+    config = _config()
+    enable_fast_paths(_model(config), config, CPU)
+    assert calls == ["train"]
+    plan = bench.resolve(bench.BenchSettings(preset="tiny", steps=1, warmup=0, variants=["lorakit", "peft"],
+                                             peak_tflops=1.0, isolate=False, threads=1))
+    for name, keeps in (("peft", False), ("lorakit-plain", False), ("lorakit", True)):  # plain: --no-fast-paths
+        calls.clear()
+        bench_variants.prepare_variant(name, plan)
+        assert calls == (["bench"] if keeps else []), name

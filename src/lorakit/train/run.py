@@ -378,6 +378,8 @@ def enable_fast_paths_for(model, triton_kernels: str, packing: bool, device: tor
 
     # safe under non-reentrant checkpointing: the recomputed forward takes the same fused functions
     notices = enable_fast_paths(model, triton=wants_triton(triton_kernels, device))
+    if device.type == "cpu":
+        host.keep_freed_memory()
     if triton_kernels_enabled(model):
         notices.append("Triton kernels for RMSNorm, SwiGLU, RoPE and the loss (--no-triton-kernels for torch's ops)")
     if packing:  # packed rows without a B*T*T mask, no work across documents
