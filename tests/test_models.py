@@ -509,6 +509,9 @@ def test_a_conversion_reads_the_gguf_file_once_and_leaves_the_gguf_package_as_it
     assert opened == [tiny_gguf.name]
     assert gguf.GGUFReader is CountedReader and gguf.get_tensor_name_map is names
     assert tokenizer.eos_token == "<|im_end|>" and model.config.num_hidden_layers == 2
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # not installed: transformers says so, not lorakit
+    with gguf_convert._one_reader_per_file():
+        pass
 
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json"])

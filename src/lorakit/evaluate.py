@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorakit.config import DATA_FORMATS, DTYPES, QUANTIZED_DTYPES
+from lorakit.config import DATA_FORMATS
 from lorakit.errors import ConfigError
 
 # for an adapter whose run's config is not beside it
@@ -129,9 +129,13 @@ def _scored_records(model, tokenizer, data, fmt: str, seq_len: int, run: dict, i
 
 
 def _dtype_of(summary: dict | None, quantize: str) -> str | None:
-    """The dtype the run trained in, where the base as loaded (`quantize`) can compute in it."""
+    """The dtype the run trained in. A quantised base takes only float32 from it: its bf16 is
+    --dtype auto's own choice where this machine multiplies bf16 (quantize.compute_dtype), and
+    an emulated one would cost bitsandbytes' products 26x float32's time."""
     dtype = (summary or {}).get("dtype")
-    return dtype if dtype in (DTYPES if quantize == "none" else QUANTIZED_DTYPES) and dtype != "auto" else None
+    if quantize != "none":
+        return "float32" if dtype == "float32" else None
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
 
 
 def _run_summary(adapter: str | os.PathLike) -> dict | None:

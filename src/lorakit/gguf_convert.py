@@ -127,8 +127,13 @@ def _one_reader_per_file():
     """While open, gguf.GGUFReader hands out one reader per file (transformers imports it from
     the module at each call, so it takes this one), and gguf's tensor-name table for one
     architecture is built once, not once per submodule (transformers asks for it ~400 times).
-    Both are read-only once built. Restored on leaving, so no file stays mapped."""
-    import gguf
+    Both are read-only once built. Restored on leaving, so no file stays mapped. Without the gguf
+    package nothing is shared: transformers' own error names it."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
 
     original_reader, original_names = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict[str, Any] = {}
