@@ -77,6 +77,6 @@ def test_kept_freed_memory_serves_a_steps_large_tensors_again_without_page_fault
                               text=True, timeout=120, check=True)
         return int(done.stdout.split()[-1])
 
-    pages = 4 * 2 * 200 * 2**20 // resource.getpagesize()  # the last 4 rounds of two 200 MB tensors
-    assert faults("default") > pages // 2  # mapped anew and faulted in each time
-    assert faults("keep") < pages // 100
+    anew = faults("default")  # the last 4 rounds' pages, mapped anew and faulted in each round
+    assert anew >= 4 * 2 * 200 * 2**20 // (2 * 2**20)  # at least one fault per 2 MiB (huge pages, if on)
+    assert faults("keep") < anew // 50
