@@ -69,20 +69,15 @@ def require_bitsandbytes() -> Any:
 def compute_dtype(device: str | torch.device, dtype: str = "auto") -> torch.dtype:
     """The dtype a quantised model computes in on `device` for --dtype `dtype` (QUANTIZED_DTYPES):
     auto is bf16, but fp32 on a CPU without bf16 instructions (see the module docstring)."""
-    from lorakit.kernels import cpu_gemm
-
     if dtype != "auto":
         return getattr(torch, dtype)
-    emulated = torch.device(device).type == "cpu" and COMPUTE_DTYPE in cpu_gemm.widened_dtypes()
-    return torch.float32 if emulated else COMPUTE_DTYPE
+    return torch.float32 if torch.device(device).type == "cpu" and _cpu_emulates_bf16() else COMPUTE_DTYPE
 
 
 def emulated_bf16_notice(dtype: str) -> list[str]:
     """On a CPU without bf16 instructions, one line on what a quantised model computes in there
     (`dtype`: --dtype, one of QUANTIZED_DTYPES); elsewhere none."""
-    from lorakit.kernels import cpu_gemm
-
-    if COMPUTE_DTYPE not in cpu_gemm.widened_dtypes() or dtype == "float32":
+    if dtype == "float32" or not _cpu_emulates_bf16():
         return []
     if dtype == "auto":
         return ["--quantize on a CPU without bf16 instructions (AVX512-BF16 or AMX): the model computes in float32 "
@@ -90,6 +85,12 @@ def emulated_bf16_notice(dtype: str) -> list[str]:
     return ["--quantize with --dtype bfloat16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): bitsandbytes "
             "multiplies its layers in bf16, which torch emulates here (on one such CPU a step of bf16 products took "
             "46x as long as in float32); drop --dtype to compute in float32"]
+
+
+def _cpu_emulates_bf16() -> bool:
+    from lorakit.kernels import cpu_gemm
+
+    return COMPUTE_DTYPE in cpu_gemm.widened_dtypes()
 
 
 def bnb_config(quantize: str, dtype: torch.dtype = COMPUTE_DTYPE) -> Any:
