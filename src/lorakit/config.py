@@ -37,9 +37,6 @@ def dtype_name(text: str) -> str:
     """torch's name for a dtype given as bf16, fp16 or fp32 (any other text as it is, for the choices to check)."""
     return DTYPE_ALIASES.get(text, text)
 QUANTIZE = ("none", "4bit", "8bit")  # the base's weights (quantize.py)
-# what a quantised base computes in (quantize.compute_dtype); float16 would need loss scaling there
-QUANTIZED_DTYPES = ("auto", "bfloat16", "float32")
-QUANTIZED_DTYPE_WORDS = "bfloat16, or float32 with --dtype float32 or on a CPU without bf16 instructions"
 # The guide's presets: rank by task, alpha = 2r, adapters on all seven projections.
 TASK_PRESETS = {
     "domain": {"r": 16, "alpha": 32},
@@ -68,11 +65,11 @@ def opt(default, help: str, flag: str | None = None, choices=None, switch: tuple
 class ModelConfig:
     name: str | None = opt(None, "model: local folder, hub id, or .gguf file (default: built-in SmolLM2-135M-Instruct)", flag="--model")
     dtype: str = opt("auto", "weights dtype; auto: bfloat16 on a GPU with bf16 or a CPU with native bf16 "
-                     "(AVX512-BF16, AMX), else float32; bf16, fp16, fp32 too", choices=list(DTYPES),
+                     "(AVX512-BF16, AMX), else float32 (under fp16 autocast on a GPU); bf16, fp16, fp32 too", choices=list(DTYPES),
                      spelling=dtype_name)
     quantize: str = opt("none", "load the base in 4-bit (NF4) or 8-bit with bitsandbytes (a GPU, or a CPU with "
-                        "bitsandbytes >= 0.48); computes in bf16 (fp32 with --dtype float32, or on a CPU without "
-                        "bf16 instructions)", choices=list(QUANTIZE))
+                        "bitsandbytes >= 0.48); computes in --dtype; auto: bf16 where the hardware has it, else "
+                        "fp32 on a CPU, fp16 on a GPU", choices=list(QUANTIZE))
     allow_pickle: bool = opt(False, "allow pickle weight files (.bin), loaded with weights_only=True")
 
 
@@ -473,10 +470,6 @@ def validate(config: RunConfig) -> None:
                               "train on the data more than once"),
         (all(str(path).strip() for path in d.eval_data or []), "--eval-data names an empty path; name the files"),
         (not (o.resume and o.overwrite), "--resume and --overwrite contradict each other; choose one"),
-        (config.model.quantize == "none" or config.model.dtype in QUANTIZED_DTYPES,
-         f"--quantize {config.model.quantize} computes in {QUANTIZED_DTYPE_WORDS} (the layers it leaves unquantised "
-         f"too), not in --dtype {config.model.dtype}; drop --dtype (or pass --dtype bfloat16 or float32 where a "
-         "config file sets it), or drop --quantize"),
         (not (d.eval_data and d.eval_split and config.sources.get("data.eval_split") == "flag"),  # a run's config.yaml holds both
          "--eval-split holds out part of the training data, and --eval-data names separate eval files: use one"),
     ]

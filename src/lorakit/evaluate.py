@@ -49,7 +49,7 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
     _check_sizes(seq_len, batch_size)
     if adapter:
         refuse_classifier_adapters([adapter], "eval")
-    asked, (quantize, quantize_notes) = quantize, inference_quantize(quantize, adapter, dtype)
+    asked, (quantize, quantize_notes) = quantize, inference_quantize(quantize, adapter)
     run_dtype = _dtype_of(summary, quantize) if dtype == "auto" else None
     base_model, tokenizer, torch_dtype = load_for_inference(model or base_model_for([adapter]), quantize, device,
                                                             run_dtype or dtype, allow_pickle,
@@ -129,9 +129,9 @@ def _scored_records(model, tokenizer, data, fmt: str, seq_len: int, run: dict, i
 
 
 def _dtype_of(summary: dict | None, quantize: str) -> str | None:
-    """The dtype the run trained in. A quantised base takes only float32 from it: its bf16 is
-    --dtype auto's own choice where this machine multiplies bf16 (quantize.compute_dtype), and
-    an emulated one would cost bitsandbytes' products 26x float32's time."""
+    """The dtype the run trained in. A quantised base takes only float32 from it: its bf16 (fp16
+    on a GPU without bf16) is --dtype auto's own choice for that machine (quantize.compute_dtype),
+    and an emulated one here would cost bitsandbytes' products 26x float32's time."""
     dtype = (summary or {}).get("dtype")
     if quantize != "none":
         return "float32" if dtype == "float32" else None

@@ -291,7 +291,8 @@ def training_dtype(requested: str, device: str) -> str:
     """The weights dtype `lorakit train` loads: `requested` unless it is "auto". Auto is bf16 where
     the hardware multiplies bf16 natively (a GPU with bf16; a CPU with AVX512-BF16 or AMX, where
     bf16 matmuls ran 4x faster than fp32 and the demo trained 2x faster to the same eval loss:
-    docs/performance.md), else fp32 (fp16 would need loss scaling)."""
+    docs/performance.md), else fp32 (a GPU without bf16 computes it under fp16 autocast:
+    train/precision.py)."""
     import torch
 
     if requested not in DTYPES:
@@ -299,7 +300,7 @@ def training_dtype(requested: str, device: str) -> str:
     if requested != "auto":
         return requested
     if device.startswith("cuda"):  # a plan for a GPU elsewhere (none here) assumes one with bf16
-        return "float32" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bfloat16"
+        return "float32" if torch.cuda.is_available() and not gpu_has_native_bf16() else "bfloat16"
     return "bfloat16" if device == "cpu" and cpu_has_native_bf16() else "float32"
 
 
@@ -308,6 +309,15 @@ def inference_placement(device: str = "auto", dtype: str = "auto") -> tuple[str,
     dtype `lorakit train` picks there, so that eval reproduces training's own eval loss."""
     resolved = _resolve_device(device)
     return resolved, training_dtype(dtype, resolved)
+
+
+def gpu_has_native_bf16() -> bool:
+    """Whether this process's GPU multiplies bf16 natively (NVIDIA compute capability 8.0 on, or
+    ROCm). torch.cuda.is_bf16_supported() alone also says yes on a T4 or a V100, which only
+    emulate bf16 products in fp32; they multiply fp16 natively (train/precision.py)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def cpu_has_native_bf16() -> bool:

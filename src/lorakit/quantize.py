@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.config import QUANTIZE, QUANTIZED_DTYPE_WORDS, QUANTIZED_DTYPES
+from lorakit.config import QUANTIZE
 from lorakit.errors import ConfigError, MergeError, first_line
 
 QUANTIZE_CHOICES = tuple(q for q in QUANTIZE if q != "none")
@@ -67,24 +67,19 @@ def require_bitsandbytes() -> Any:
 
 
 def compute_dtype(device: str | torch.device, dtype: str = "auto") -> torch.dtype:
-    """The dtype a quantised model computes in on `device` for --dtype `dtype` (QUANTIZED_DTYPES):
-    auto is bf16, but fp32 on a CPU without bf16 instructions (see the module docstring)."""
+    """The dtype a quantised model computes in on `device` for --dtype `dtype`: auto is bf16, but
+    fp32 on a CPU without bf16 instructions and fp16 on a GPU without bf16 arithmetic (a T4, a
+    V100: train/precision.py)."""
+    from lorakit.models import gpu_has_native_bf16
+
     if dtype != "auto":
         return getattr(torch, dtype)
-    return torch.float32 if torch.device(device).type == "cpu" and _cpu_emulates_bf16() else COMPUTE_DTYPE
-
-
-def emulated_bf16_notice(dtype: str) -> list[str]:
-    """On a CPU without bf16 instructions, one line on what a quantised model computes in there
-    (`dtype`: --dtype, one of QUANTIZED_DTYPES); elsewhere none."""
-    if dtype == "float32" or not _cpu_emulates_bf16():
-        return []
-    if dtype == "auto":
-        return ["--quantize on a CPU without bf16 instructions (AVX512-BF16 or AMX): the model computes in float32 "
-                "(bf16 products are emulated here: 46x float32's time on one such CPU); its weights stay in 4/8 bits"]
-    return ["--quantize with --dtype bfloat16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): bitsandbytes "
-            "multiplies its layers in bf16, which torch emulates here (on one such CPU a step of bf16 products took "
-            "46x as long as in float32); drop --dtype to compute in float32"]
+    kind = torch.device(device).type
+    if kind == "cpu" and _cpu_emulates_bf16():
+        return torch.float32
+    if kind == "cuda" and torch.cuda.is_available() and not gpu_has_native_bf16():
+        return torch.float16
+    return COMPUTE_DTYPE
 
 
 def _cpu_emulates_bf16() -> bool:
@@ -148,14 +143,11 @@ def trained_quantize(adapter: str | os.PathLike) -> str | None:
     return trained if trained in QUANTIZE_CHOICES else None
 
 
-def inference_quantize(quantize: str | None, adapter, dtype: str) -> tuple[str, list[str]]:
+def inference_quantize(quantize: str | None, adapter) -> tuple[str, list[str]]:
     """(the bits eval and generate load the base in, notes): --quantize where given, else those
     the adapter's run trained on (its eval loss was the quantised model's), else none."""
     trained = trained_quantize(adapter) if adapter else None
     chosen = quantize or trained or "none"
-    if chosen != "none" and dtype not in QUANTIZED_DTYPES:
-        raise ConfigError(f"the {chosen} base computes in {QUANTIZED_DTYPE_WORDS}, not in --dtype {dtype}; drop "
-                          f"--dtype, or pass --quantize none for the full-precision base in {dtype}")
     if quantize is None and trained:
         return chosen, [f"base in {trained}, as the run trained (its config.yaml); --quantize none for the "
                         "full-precision base"]

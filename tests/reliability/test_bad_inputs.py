@@ -371,9 +371,6 @@ FLAG_CASES = [
     Case("flag-seq-len-tiny", train("--seq-len", "4"), "got 4", "--seq-len must be at least 8"),
     Case("flag-keep-zero", train("--keep-checkpoints", "0"), "got 0", "--keep-checkpoints must be at least 1"),
     Case("flag-resume-and-overwrite", train("--resume", "--overwrite"), "contradict each other", "choose one"),
-    Case("flag-quantize-with-float16", train("--quantize", "4bit", "--dtype", "float16"),
-         "--quantize 4bit computes in bfloat16, or float32", "not in --dtype float16; drop --dtype (or pass --dtype "
-         "bfloat16 or float32 where a config file sets it), or drop --quantize"),
     # the run folder it would replace stays as it was (the value used to crash after --overwrite had cleared it)
     Case("flag-bad-weight-decay-over-a-run", train("--overwrite", "--weight-decay", "-1"), "--weight-decay",
          "must be >= 0", setup=copy_run()),

@@ -578,7 +578,7 @@ def test_the_auto_dtype_notice_is_not_said_of_quantizes_own_bf16(monkeypatch, na
     fp32, or, with --dtype bfloat16, emulates bf16 products."""
     import torch
     from lorakit.kernels import cpu_gemm
-    from lorakit.train.run import dtype_notice
+    from lorakit.train.precision import dtype_notice
 
     monkeypatch.setattr("lorakit.train.distributed.device_of_rank", lambda: torch.device("cpu"))
     monkeypatch.setattr(cpu_gemm, "widened_dtypes", lambda: frozenset() if native else frozenset({torch.bfloat16}))
@@ -587,15 +587,19 @@ def test_the_auto_dtype_notice_is_not_said_of_quantizes_own_bf16(monkeypatch, na
     assert "auto" in dtype_notice(config, bf16_model)[0]  # auto chose bf16 on this CPU
     config.model.quantize = "4bit"
     notices = {}
-    for dtype in ("auto", "bfloat16", "float32"):
+    for dtype in ("auto", "bfloat16", "float32", "float16"):
         config.model.dtype = dtype
         notices[dtype] = dtype_notice(config, bf16_model)
     if native:
-        assert notices == {"auto": [], "bfloat16": [], "float32": []}
+        assert notices == {"auto": [], "bfloat16": [], "float32": [], "float16": []}
+        monkeypatch.setattr(cpu_gemm, "widened_dtypes", lambda: frozenset({torch.float16}))  # a Zen 4
+        [fp16] = dtype_notice(config, bf16_model)
+        assert "multiplies its layers in float16, which torch emulates" in fp16 and "compute in bfloat16" in fp16
         return
     assert len(notices["auto"]) == 1 and "the model computes in float32" in notices["auto"][0]
-    assert len(notices["bfloat16"]) == 1 and "multiplies its layers in bf16" in notices["bfloat16"][0]
-    assert notices["float32"] == []
+    assert len(notices["bfloat16"]) == 1 and "multiplies its layers in bfloat16" in notices["bfloat16"][0]
+    assert "drop --dtype to compute in float32" in notices["bfloat16"][0]
+    assert notices["float32"] == notices["float16"] == []
 
 
 @pytest.mark.parametrize("requested", ["bfloat16", "float16"])
@@ -604,7 +608,7 @@ def test_a_half_dtype_asked_for_on_a_cpu_without_its_instructions_is_said_to_sav
                                                                                           native):
     import torch
     from lorakit.kernels import cpu_gemm
-    from lorakit.train.run import dtype_notice
+    from lorakit.train.precision import dtype_notice
 
     dtype = getattr(torch, requested)
     monkeypatch.setattr("lorakit.train.distributed.device_of_rank", lambda: torch.device("cpu"))
@@ -618,7 +622,7 @@ def test_a_half_dtype_asked_for_on_a_cpu_without_its_instructions_is_said_to_sav
         assert len(notices) == 1 and f"without {requested} instructions" in notices[0]
         assert "computed in float32" in notices[0]
         for auto in ("float32", "bfloat16"):  # fp16 on a CPU with bf16: auto's choice is bf16, not fp32
-            monkeypatch.setattr("lorakit.train.run.training_dtype", lambda name, device, _auto=auto: _auto)
+            monkeypatch.setattr("lorakit.train.precision.training_dtype", lambda name, device, _auto=auto: _auto)
             assert f"--dtype auto trains in {auto} here" in dtype_notice(config, torch.nn.Linear(2, 2).to(dtype))[0]
     config.model.dtype = "float32"
     assert dtype_notice(config, torch.nn.Linear(2, 2)) == []

@@ -86,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
 
     _fill_settings(args)
     _check_checkpoint_layers(args.checkpoint_layers, args.grad_checkpointing)
-    _check_quantized_dtype(args)
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
     if args.device_peak_tflops is None:
@@ -122,17 +121,6 @@ def _this_cpus_peak(dtype: str) -> float:
     from lorakit.config import dtype_name
 
     return measure_matmul_peak("cpu", "bfloat16" if dtype_name(dtype) == "bfloat16" else "float32")
-
-
-def _check_quantized_dtype(args: argparse.Namespace) -> None:
-    """lorakit train's quantised base computes in bf16 or fp32 and refuses fp16: no step to model
-    (PEFT's may compute in fp16)."""
-    from lorakit.config import QUANTIZED_DTYPES, dtype_name
-
-    if args.engine == "lorakit" and args.quantize != "none" and dtype_name(args.dtype) not in QUANTIZED_DTYPES:
-        raise ConfigError(f"--quantize {args.quantize} computes in bf16 or fp32 in lorakit train, which refuses "
-                          f"--dtype {args.dtype} with it; drop --dtype, or --quantize (or model PEFT's step: --engine "
-                          "peft)")
 
 
 def _fill_settings(args: argparse.Namespace) -> None:

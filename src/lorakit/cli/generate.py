@@ -208,7 +208,7 @@ def _load(args: argparse.Namespace):
     from lorakit.quantize import inference_quantize, load_for_inference
 
     refuse_classifier_adapters(args.adapter or [], "generate")
-    quantize, notes = inference_quantize(args.quantize, args.adapter[0] if args.adapter else None, args.dtype)
+    quantize, notes = inference_quantize(args.quantize, args.adapter[0] if args.adapter else None)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     model, tokenizer, _ = load_for_inference(args.model or base_model_for(args.adapter), quantize, args.device,

@@ -324,11 +324,12 @@ def estimated_step_bytes(config, fsdp: bool = False) -> int | None:
 
     Replicated by default (what auto mode compares with the GPU); `fsdp`: one rank's share of a
     sharded run (None in a single process, where nothing is sharded)."""
+    from lorakit.models import training_dtype
     from lorakit.plan.estimate import TrainShape, estimate_memory
     from lorakit.plan.model_shapes import model_shape
 
     t, lora = config.train, config.lora
-    dtype = "bfloat16" if config.model.dtype == "auto" else config.model.dtype  # auto: a GPU's bf16
+    dtype = training_dtype(config.model.dtype, "cuda")  # the weights: fp32 (under fp16 autocast) on a GPU without bf16
     try:
         targets = lora.targets if lora.targets in ("all", "all-linear", "attention", "mlp", "qv") else "all-linear"
         shape = TrainShape(batch_size=t.batch_size, seq_len=config.data.seq_len, r=lora.r, targets=targets,

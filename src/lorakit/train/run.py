@@ -30,7 +30,6 @@ from lorakit.data.formats import pad_token_id, tokenize_records
 from lorakit.data.folders import folder_notices
 from lorakit.data.reading import BUILDERS, data_files, read_records
 from lorakit.errors import ConfigError, OutputError
-from lorakit.kernels import cpu_gemm
 from lorakit.kernels.varlen_attention import VARLEN, use_varlen_attention
 from lorakit.lora import apply_lora, lora_report
 from lorakit.lora.model import describe_modules
@@ -41,6 +40,7 @@ from lorakit.models import training_dtype
 from lorakit.plan.model_shapes import context_length
 from lorakit.train import distributed
 from lorakit.train.loop import LoopSettings, epoch_plan, total_steps_for
+from lorakit.train.precision import autocast_dtype_for, dtype_notice
 from lorakit.train.schedule import warmup_steps_for
 
 RUN_FILES = ("summary.json", "adapter", "checkpoints", "metrics.jsonl", "config.yaml")
@@ -71,33 +71,6 @@ def load_model(config: RunConfig, on_cpu: bool = False):
     dtype = training_dtype(config.model.dtype, device.type)
     return load_model_and_tokenizer(config.model.name, dtype=dtype, device="cpu" if on_cpu else device.type,
                                     allow_pickle=config.model.allow_pickle)
-
-
-def dtype_notice(config: RunConfig, model) -> list[str]:
-    """One line when "auto" chose bf16 on a CPU (a GPU run in bf16 is what users expect), one
-    when bf16 or fp16 was asked for on a CPU without instructions for it: its products are
-    computed in fp32 there (kernels/cpu_gemm.widens), so it saves memory but not time; and one
-    on what --quantize computes in on a CPU without bf16 instructions."""
-    weights = next(model.parameters())
-    if distributed.device_of_rank().type != "cpu":
-        return []
-    if config.model.quantize != "none":  # its dtype is --quantize's own choice
-        from lorakit.quantize import emulated_bf16_notice
-
-        return emulated_bf16_notice(config.model.dtype)
-    if config.model.dtype == "auto" and weights.dtype == torch.bfloat16:
-        return ["dtype: bfloat16 (auto: this CPU multiplies bf16 natively; on one such CPU training ran 1.6x faster "
-                "than fp32; adapters and optimizer state stay fp32; --dtype float32 for full precision)"]
-    if weights.dtype in HALF_INSTRUCTIONS and cpu_gemm.widens(weights):
-        name, auto = config.model.dtype, training_dtype("auto", "cpu")
-        advice = ("as fast and in full precision" if auto == "float32" else "which this CPU multiplies natively")
-        return [f"dtype: {name} on a CPU without {name} instructions ({HALF_INSTRUCTIONS[weights.dtype]}): its "
-                "products are computed in float32 and rounded (on one such CPU a step took as long as in float32, "
-                f"in 0.8x its memory); --dtype auto trains in {auto} here, {advice}"]
-    return []
-
-
-HALF_INSTRUCTIONS = {torch.bfloat16: "AVX512-BF16 or AMX", torch.float16: "AVX512-FP16 or AMX-FP16"}
 
 
 def context_notice(model, longest: int) -> list[str]:
@@ -180,13 +153,6 @@ def _fused_experts_notice(config: RunConfig, model, model_type: str | None, defa
         config.sources["lora.targets"] = "default: the seven projections that are linear layers here"
         frozen += f"; targets: {', '.join(names)}"
     return [frozen]
-
-
-def autocast_dtype_for(model, device: torch.device) -> torch.dtype | None:
-    """fp32 weights on a GPU train (and evaluate) under 16-bit autocast; elsewhere none."""
-    if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
 
 
 def loop_settings(config: RunConfig, model, tokenizer, train: TokenizedData) -> LoopSettings:
