@@ -14,9 +14,9 @@ features kept in 16 bits).
 The compute dtype (the unquantised layers' too) is bf16, except on a CPU without bf16
 instructions (AVX512-BF16 or AMX), where torch emulates bf16 products (a bf16 step's products
 took 46x fp32's time on one such CPU: kernels/cpu_gemm.py) and bitsandbytes multiplies its
-dequantised weights with torch's own: there it is fp32 (`compute_dtype`), unless --dtype
-bfloat16 asks for bf16. --dtype float32 computes in fp32 anywhere. The 4/8-bit weights are the
-same either way.
+dequantised weights with torch's own: there it is fp32 (`compute_dtype`); and except on a GPU
+without bf16 arithmetic (a T4, a V100), where it is fp16, the loss scaled (train/precision.py).
+Any --dtype asks for that dtype instead. The 4/8-bit weights are the same either way.
 
 Preparing for k-bit training, the lean way: PEFT's prepare_model_for_kbit_training casts every
 unquantised parameter to fp32 (for Llama-8B the embeddings and head alone: +2 GB, and fp32
@@ -109,8 +109,8 @@ def load_quantized(spec: str | os.PathLike | None, quantize: str, allow_pickle: 
     """Load a model with its linear layers in 4 or 8 bits: (model, tokenizer, ModelSource).
 
     device: this process's GPU when there is one (under torchrun, the local rank's: init_from_env
-    set it), else "cpu" (bitsandbytes >= 0.48 runs both on CPU). dtype: --dtype, one of
-    QUANTIZED_DTYPES (`compute_dtype`)."""
+    set it), else "cpu" (bitsandbytes >= 0.48 runs both on CPU). dtype: --dtype (auto:
+    `compute_dtype` decides)."""
     from lorakit import models
 
     check_quantize(quantize)
