@@ -55,6 +55,27 @@ def dense(base_dir):
 IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
+@needs_bnb
+def test_bitsandbytes_hub_kernel_advice_is_left_out_and_its_other_warnings_kept(caplog):
+    """bitsandbytes, imported on a CPU with AVX512-BF16, warned on every QLoRA run that it could
+    not fetch a 4-bit GEMM from the Hugging Face Hub (lorakit fetches no Hub kernels)."""
+    import logging
+    import subprocess
+    import sys
+
+    from lorakit.quantize import BNB_CPU_LOGGER, require_bitsandbytes
+
+    code = "from lorakit.quantize import require_bitsandbytes; require_bitsandbytes()"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "kernels-community" not in imported.stderr
+    require_bitsandbytes()
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=BNB_CPU_LOGGER):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s", "no kernels")
+        logger.warning("another warning")
+    assert [record.getMessage() for record in caplog.records] == ["another warning"]
+
+
 # ---- errors a user can cause ----------------------------------------------------------------
 
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch, base_dir):

@@ -47,6 +47,7 @@ from lorakit.errors import ConfigError, MergeError, first_line
 QUANTIZE_CHOICES = tuple(q for q in QUANTIZE if q != "none")
 COMPUTE_DTYPE = torch.bfloat16
 INSTALL_HINT = "pip install bitsandbytes (or pip install 'lorakit[qlora]')"
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 # The one-hot check reads PROBE_COLUMNS columns of W back through the kernel. The kernel's output
 # is W rounded to bf16 (< 2^-9 relative); skipping the dequantisation would leave the int8 error
 # (> 0.4% of a row's RMS even for uniform weights) or NF4's (~10%): far above this tolerance.
@@ -58,12 +59,20 @@ DEQUANT_RTOL = 2e-3
 
 def require_bitsandbytes() -> Any:
     """Import bitsandbytes, or explain how to get it."""
+    logging.getLogger(BNB_CPU_LOGGER).addFilter(_without_hub_kernel_advice)
     try:
         import bitsandbytes
     except Exception as exc:  # not installed, or its native library cannot load here
         raise ConfigError(f"--quantize needs the bitsandbytes package, which is not installed or cannot load "
                           f"({type(exc).__name__}: {exc}); {INSTALL_HINT}, or drop --quantize") from None
     return bitsandbytes
+
+
+def _without_hub_kernel_advice(record: logging.LogRecord) -> bool:
+    # bitsandbytes, imported on a CPU with AVX512-BF16, fetches a 4-bit GEMM from the Hugging Face
+    # Hub through the `kernels` package and, without it, warns on every run; lorakit fetches no Hub
+    # kernels (models.WITHOUT_HUB_KERNELS), and bitsandbytes' own CPU kernel is what runs
+    return "kernels-community" not in record.getMessage()
 
 
 def compute_dtype(device: str | torch.device, dtype: str = "auto") -> torch.dtype:

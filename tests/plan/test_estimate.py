@@ -192,6 +192,16 @@ def test_measured_step_agrees_with_the_estimate():
             assert measured.saved_peak == pytest.approx(saved, rel=0.02)
 
 
+@pytest.mark.parametrize("quantize", ["4bit", "8bit"])
+def test_a_quantised_step_is_measured_and_agrees_with_the_estimate(quantize):
+    pytest.importorskip("bitsandbytes")
+    config = tiny_config()
+    shape = TrainShape(batch_size=2, seq_len=64, r=8, dtype="bf16", quantize=quantize, device="cpu")
+    measured, predicted = measure_step(config, shape), estimate_memory(config, shape)
+    assert measured.weights == pytest.approx(predicted.weights, rel=0.15)  # a tiny model's quantisation overhead
+    assert measured.total == pytest.approx(predicted.total, rel=0.1)
+
+
 def test_selective_checkpointing_lies_between_and_keeps_both_ends():
     m = PRESETS["1b"]
     shape = dict(batch_size=4, seq_len=2048, fused_loss=True)

@@ -106,12 +106,13 @@ def _quantized_model(hf_config: Any, shape: TrainShape, device: str) -> nn.Modul
     """bitsandbytes quantises while loading, so save a random model and load it back."""
     import tempfile
 
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
+    from lorakit.quantize import bnb_config, require_bitsandbytes
+
+    require_bitsandbytes()
     dtype = TORCH_DTYPES[shape.dtype]
-    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=dtype)
-             if shape.quantize == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+    quant = bnb_config(shape.quantize, dtype)
     with tempfile.TemporaryDirectory() as folder:
         AutoModelForCausalLM.from_config(hf_config, dtype=dtype).save_pretrained(folder)
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quant,

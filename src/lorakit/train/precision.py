@@ -71,8 +71,8 @@ def _quantized_cpu_notice(requested: str) -> list[str]:
     name = str(computes).removeprefix("torch.")
     auto = str(compute_dtype("cpu")).removeprefix("torch.")
     return [f"--quantize with --dtype {name} on a CPU without {name} instructions ({HALF_INSTRUCTIONS[computes]}): "
-            f"bitsandbytes multiplies its layers in {name}, which torch emulates here (on one such CPU a step of "
-            f"emulated products took 46x as long as in float32); drop --dtype to compute in {auto}"]
+            f"bitsandbytes multiplies its layers in {name}, which torch emulates here (26-46x float32's time on the "
+            f"CPUs measured); drop --dtype to compute in {auto}"]
 
 
 def _gpu_notice(config: RunConfig) -> list[str]:
