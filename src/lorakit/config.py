@@ -65,7 +65,7 @@ def opt(default, help: str, flag: str | None = None, choices=None, switch: tuple
 class ModelConfig:
     name: str | None = opt(None, "model: local folder, hub id, or .gguf file (default: built-in SmolLM2-135M-Instruct)", flag="--model")
     dtype: str = opt("auto", "weights dtype; auto: bfloat16 on a GPU with bf16 or a CPU with native bf16 "
-                     "(AVX512-BF16, AMX), else float32 (under fp16 autocast on a GPU); bf16, fp16, fp32 too", choices=list(DTYPES),
+                     "(AVX512-BF16, AMX), else float16 on a GPU, float32 on a CPU; bf16, fp16, fp32 too", choices=list(DTYPES),
                      spelling=dtype_name)
     quantize: str = opt("none", "load the base in 4-bit (NF4) or 8-bit with bitsandbytes (a GPU, or a CPU with "
                         "bitsandbytes >= 0.48); computes in --dtype; auto: bf16 where the hardware has it, else "

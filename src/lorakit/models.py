@@ -291,8 +291,9 @@ def training_dtype(requested: str, device: str) -> str:
     """The weights dtype `lorakit train` loads: `requested` unless it is "auto". Auto is bf16 where
     the hardware multiplies bf16 natively (a GPU with bf16; a CPU with AVX512-BF16 or AMX, where
     bf16 matmuls ran 4x faster than fp32 and the demo trained 2x faster to the same eval loss:
-    docs/performance.md), else fp32 (a GPU without bf16 computes it under fp16 autocast:
-    train/precision.py)."""
+    docs/performance.md). A GPU without bf16 (a T4, a V100) gets fp16, as Unsloth and LLaMA-Factory
+    pick there: half fp32's memory (a 7B base fits a 16 GB card), the fused paths, the loss scaled
+    (train/precision.py). A CPU without bf16 gets fp32 (its fp16 products are emulated too)."""
     import torch
 
     if requested not in DTYPES:
@@ -300,7 +301,7 @@ def training_dtype(requested: str, device: str) -> str:
     if requested != "auto":
         return requested
     if device.startswith("cuda"):  # a plan for a GPU elsewhere (none here) assumes one with bf16
-        return "float32" if torch.cuda.is_available() and not gpu_has_native_bf16() else "bfloat16"
+        return "float16" if torch.cuda.is_available() and not gpu_has_native_bf16() else "bfloat16"
     return "bfloat16" if device == "cpu" and cpu_has_native_bf16() else "float32"
 
 

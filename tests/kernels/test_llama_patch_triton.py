@@ -1,6 +1,7 @@
 """enable_fast_paths(model, triton=True) on tiny models with LoRA, in Triton's interpreter: same
 logits and adapter gradients as triton=False and as the unpatched model."""
 
+import copy
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton_ops builds its kernels
@@ -92,6 +93,25 @@ def test_llama_triton_matches_plain_fast_paths_and_unpatched_model():
     triton_fast = _logits_and_grads(model, batch)
     _assert_same(triton_fast, plain_fast)
     _assert_same(triton_fast, unpatched)
+
+
+def test_a_float16_model_through_the_triton_fast_paths_matches_its_float64_copy():
+    """fp16 weights are what --dtype auto trains on a GPU without bf16 (a T4): the fused blocks
+    and Triton kernels in fp16, the adapters' fp32 masters, against the model in float64."""
+    torch.manual_seed(0)
+    model = apply_lora(tiny_llama(**SIZES).to(torch.float16), LoraConfig(r=4, alpha=8))
+    model = randomize_lora(model)
+    reference = copy.deepcopy(model).double()
+    batch = _batch()
+    want = _logits_and_grads(reference, batch)
+    assert enable_fast_paths(model, triton=True) == [] and _triton_forwards(model) == 9
+    logits, grads = _logits_and_grads(model, batch)
+    assert logits.dtype == torch.float16
+    torch.testing.assert_close(logits.double(), want[0], rtol=2e-2, atol=2e-2)
+    for name, g in want[1].items():
+        assert grads[name].dtype == torch.float32  # the masters
+        cosine = torch.nn.functional.cosine_similarity(grads[name].double().flatten(), g.flatten(), dim=0)
+        assert cosine > 0.999, name
 
 
 def test_triton_kernels_are_the_ones_running(monkeypatch):

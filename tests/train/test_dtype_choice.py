@@ -49,7 +49,7 @@ def _pretend_gpu(monkeypatch, gpu: str) -> None:
 
 
 @pytest.mark.parametrize("gpu, weights, autocast, quantized", [
-    ("t4", "float32", "float16", "float16"),  # fp16 is what a T4 multiplies natively; the loss is scaled
+    ("t4", "float16", "float16", "float16"),  # fp16 is what a T4 multiplies natively; the loss is scaled
     ("a100", "bfloat16", "bfloat16", "bfloat16"),
 ])
 def test_auto_on_a_gpu_follows_native_bf16_not_emulated(monkeypatch, gpu, weights, autocast, quantized):
@@ -60,6 +60,7 @@ def test_auto_on_a_gpu_follows_native_bf16_not_emulated(monkeypatch, gpu, weight
 
     _pretend_gpu(monkeypatch, gpu)
     assert models.training_dtype("auto", "cuda") == weights
+    # --dtype float32 on a GPU: fp32 weights under the 16-bit autocast the GPU multiplies natively
     assert autocast_dtype_for(torch.nn.Linear(2, 2), torch.device("cuda", 0)) == getattr(torch, autocast)
     assert compute_dtype("cuda:0") == getattr(torch, quantized)
     assert compute_dtype("cuda:0", "float32") == torch.float32  # --dtype is kept with --quantize

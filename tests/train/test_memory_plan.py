@@ -335,8 +335,8 @@ def test_estimated_step_bytes_stays_replicated_unless_asked(monkeypatch):
     assert distributed.estimated_step_bytes(config) == estimate_memory("8b", TrainShape(**sizes)).total
     sharded = estimate_memory("8b", TrainShape(**sizes, fsdp=True)).total
     assert distributed.estimated_step_bytes(config, fsdp=True) == sharded
-    monkeypatch.setattr("lorakit.models.training_dtype", lambda requested, device: "float32")  # a T4's auto
-    assert distributed.estimated_step_bytes(config) == estimate_memory("8b", TrainShape(**sizes, dtype="fp32")).total
+    monkeypatch.setattr("lorakit.models.training_dtype", lambda requested, device: "float16")  # a T4's auto
+    assert distributed.estimated_step_bytes(config) == estimate_memory("8b", TrainShape(**sizes, dtype="fp16")).total
     monkeypatch.setattr(distributed, "world_size", lambda: 1)
     assert distributed.estimated_step_bytes(config, fsdp=True) is None  # nothing to shard
 

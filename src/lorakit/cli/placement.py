@@ -13,7 +13,8 @@ def add_placement_flags(parser: argparse.ArgumentParser) -> None:
                         help="auto, cpu, cuda or cuda:N (the N-th GPU); auto: the GPU when there is one, else the CPU")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, type=dtype_name,
                         help="weights dtype; auto: what lorakit train picks on that device (bfloat16 where the "
-                             "GPU or CPU multiplies it natively, else float32), so the losses match training's eval")
+                             "GPU or CPU multiplies it natively, else float16 on a GPU, float32 on a CPU), so the "
+                             "losses match training's eval")
     parser.add_argument("--quantize", default=None, choices=QUANTIZE,
                         help="load the base in 4 or 8 bits (bitsandbytes), as QLoRA trains; default: as the "
                              "adapter's run trained (its config.yaml), else none")

@@ -329,7 +329,7 @@ def estimated_step_bytes(config, fsdp: bool = False) -> int | None:
     from lorakit.plan.model_shapes import model_shape
 
     t, lora = config.train, config.lora
-    dtype = training_dtype(config.model.dtype, "cuda")  # the weights: fp32 (under fp16 autocast) on a GPU without bf16
+    dtype = training_dtype(config.model.dtype, "cuda")  # the weights: fp16 on a GPU without bf16
     try:
         targets = lora.targets if lora.targets in ("all", "all-linear", "attention", "mlp", "qv") else "all-linear"
         shape = TrainShape(batch_size=t.batch_size, seq_len=config.data.seq_len, r=lora.r, targets=targets,

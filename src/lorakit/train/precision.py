@@ -1,15 +1,16 @@
 """What a run computes in on its device, and the one-line notices that explain a choice.
 
-    --dtype auto ─► models.training_dtype: the weights (bf16 where the hardware multiplies it, else fp32)
+    --dtype      ─► models.training_dtype: the weights (auto: bf16 where the hardware multiplies it)
                  ─► autocast_dtype_for: fp32 weights on a GPU compute under 16-bit autocast
     --quantize   ─► quantize.compute_dtype: what bitsandbytes' layers (and the rest) compute in
 
 Native bf16: a CPU with AVX512-BF16 or AMX (models.cpu_has_native_bf16), a GPU of compute
 capability 8.0 on (models.gpu_has_native_bf16). Elsewhere torch emulates bf16 products in fp32:
 on a CPU (kernels/cpu_gemm.py widens them) a step took 46x fp32's time on one such CPU; on a T4
-or a V100 cuBLAS has no bf16 kernels. Those GPUs multiply fp16 natively, so there auto trains fp32
-weights under fp16 autocast and QLoRA computes in fp16, the loss scaled either way (train/loop.py:
-fp16's range would flush small gradients to zero).
+or a V100 cuBLAS has no bf16 kernels. Those GPUs multiply fp16 natively, so there auto loads the
+weights in fp16 (a quantised base computes in it), the loss scaled (train/loop.py: fp16's range
+would flush small gradients to zero); --dtype float32 keeps fp32 weights under fp16 autocast,
+for a model whose activations overflow fp16.
 """
 
 from __future__ import annotations
@@ -85,6 +86,6 @@ def _gpu_notice(config: RunConfig) -> list[str]:
                 "drop --dtype to train in float16 (its loss scaled)"]
     if config.model.dtype != "auto":
         return []
-    what = "the quantised model computes in float16" if config.model.quantize != "none" else \
-        "float32 weights train under float16 autocast"
-    return [f"dtype: {what} (auto: {card}); the loss is scaled so that small gradients survive float16's range"]
+    what = "the quantised model computes in float16" if config.model.quantize != "none" else "float16"
+    return [f"dtype: {what} (auto: {card}); the loss is scaled so that small gradients survive float16's range; "
+            "--dtype float32 if the model's activations overflow float16"]
