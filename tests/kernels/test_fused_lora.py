@@ -125,18 +125,19 @@ def _relative_errors(got, oracle):
                                                                     oracle[0] + oracle[1])]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # fp16: auto's on a GPU without bf16
 @pytest.mark.parametrize("block", ["qkv", "mlp"])
-def test_bf16_base_with_fp32_adapters_as_accurate_as_plain_path(block, scaling_path):
-    # LoraLinear keeps fp32 masters under a bf16 base; both paths run the GEMMs in bf16.
+def test_16_bit_base_with_fp32_adapters_as_accurate_as_plain_path(block, dtype, scaling_path):
+    # LoraLinear keeps fp32 masters under a bf16 or fp16 base; both paths run the GEMMs in it.
     # Oracle: the plain path on an fp32 copy. Stated tolerance: every output and gradient
-    # within 1.5e-2 of it in norm (bf16 has 8 mantissa bits, eps 7.8e-3), and no worse than
-    # twice the plain bf16 path's own error.
-    layers = _qkv(dtype=torch.bfloat16) if block == "qkv" else _mlp(dtype=torch.bfloat16)
+    # within 1.5e-2 of it in norm (bf16 has 8 mantissa bits, eps 7.8e-3; fp16 10), and no worse
+    # than twice the plain 16-bit path's own error.
+    layers = _qkv(dtype=dtype) if block == "qkv" else _mlp(dtype=dtype)
     assert layers[0].lora_A.weight.dtype == torch.float32
     fused_fn = (lambda t, ls: lora_qkv(t, *ls)) if block == "qkv" else (lambda t, ls: lora_mlp(t, *ls))
     plain_fn = ((lambda t, ls: tuple(m(t) for m in ls)) if block == "qkv"
                 else (lambda t, ls: _plain_mlp(*ls)(t)))
-    x, layers32 = _input(torch.bfloat16), _fp32_copy(layers)
+    x, layers32 = _input(dtype), _fp32_copy(layers)
     oracle = _outputs_and_grads(lambda t: plain_fn(t, layers32), x.float(), layers32)
     fused = _outputs_and_grads(lambda t: fused_fn(t, layers), x, layers)
     plain = _outputs_and_grads(lambda t: plain_fn(t, layers), x, layers)
