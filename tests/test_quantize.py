@@ -374,6 +374,7 @@ def test_a_qlora_run_records_its_bits_and_eval_reproduces_its_eval_loss(base_dir
 
     monkeypatch.setattr(cpu_gemm, "widened_dtypes", lambda: frozenset() if bf16_instructions else
                         frozenset({torch.bfloat16}))
+    monkeypatch.setattr("lorakit.models.cpu_has_native_bf16", lambda: bf16_instructions)
     loaded, prepare = [], quantize.prepare_for_kbit_training
     monkeypatch.setattr(quantize, "prepare_for_kbit_training", lambda model: loaded.append(model) or prepare(model))
     scales, loss_scale = [], loop.Trainer._loss_scale

@@ -11,12 +11,12 @@ stores those absmax values in 8 bits with one fp32 scale per 256 of them: ~4.13 
 with bf16 compute; 8bit is LLM.int8 (int8 rows, one fp32 scale per output row, outlier input
 features kept in 16 bits).
 
-The compute dtype (the unquantised layers' too) is bf16, except on a CPU without bf16
-instructions (AVX512-BF16 or AMX), where torch emulates bf16 products (a bf16 step's products
-took 46x fp32's time on one such CPU: kernels/cpu_gemm.py) and bitsandbytes multiplies its
-dequantised weights with torch's own: there it is fp32 (`compute_dtype`); and except on a GPU
-without bf16 arithmetic (a T4, a V100), where it is fp16, the loss scaled (train/precision.py).
-Any --dtype asks for that dtype instead. The 4/8-bit weights are the same either way.
+The compute dtype (the unquantised layers' too) is --dtype auto's, as for a dense model: bf16,
+except on a CPU without bf16 instructions (AVX512-BF16 or AMX), where torch emulates bf16
+products (a bf16 step's products took 46x fp32's time on one such CPU: kernels/cpu_gemm.py) and
+bitsandbytes multiplies its dequantised weights with torch's own: there it is fp32; and on a GPU
+without bf16 arithmetic (a T4, a V100), fp16, the loss scaled (train/precision.py). Any --dtype
+asks for that dtype instead. The 4/8-bit weights are the same either way.
 
 Preparing for k-bit training, the lean way: PEFT's prepare_model_for_kbit_training casts every
 unquantised parameter to fp32 (for Llama-8B the embeddings and head alone: +2 GB, and fp32
@@ -76,25 +76,12 @@ def _without_hub_kernel_advice(record: logging.LogRecord) -> bool:
 
 
 def compute_dtype(device: str | torch.device, dtype: str = "auto") -> torch.dtype:
-    """The dtype a quantised model computes in on `device` for --dtype `dtype`: auto is bf16, but
-    fp32 on a CPU without bf16 instructions and fp16 on a GPU without bf16 arithmetic (a T4, a
-    V100: train/precision.py)."""
-    from lorakit.models import gpu_has_native_bf16
+    """The dtype a quantised model computes in on `device` for --dtype `dtype`: auto is what
+    `lorakit train` loads a dense model in there (models.training_dtype): bf16 where the hardware
+    multiplies it, else fp32 on a CPU and fp16 on a GPU (a T4, a V100: train/precision.py)."""
+    from lorakit.models import training_dtype
 
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    kind = torch.device(device).type
-    if kind == "cpu" and _cpu_emulates_bf16():
-        return torch.float32
-    if kind == "cuda" and torch.cuda.is_available() and not gpu_has_native_bf16():
-        return torch.float16
-    return COMPUTE_DTYPE
-
-
-def _cpu_emulates_bf16() -> bool:
-    from lorakit.kernels import cpu_gemm
-
-    return COMPUTE_DTYPE in cpu_gemm.widened_dtypes()
+    return getattr(torch, training_dtype(dtype, torch.device(device).type))
 
 
 def bnb_config(quantize: str, dtype: torch.dtype = COMPUTE_DTYPE) -> Any:

@@ -582,6 +582,7 @@ def test_the_auto_dtype_notice_is_not_said_of_quantizes_own_bf16(monkeypatch, na
 
     monkeypatch.setattr("lorakit.train.distributed.device_of_rank", lambda: torch.device("cpu"))
     monkeypatch.setattr(cpu_gemm, "widened_dtypes", lambda: frozenset() if native else frozenset({torch.bfloat16}))
+    monkeypatch.setattr("lorakit.models.cpu_has_native_bf16", lambda: native)
     bf16_model = torch.nn.Linear(2, 2).to(torch.bfloat16)
     config = _default_config()
     assert "auto" in dtype_notice(config, bf16_model)[0]  # auto chose bf16 on this CPU

@@ -135,19 +135,13 @@ def _fill_settings(args: argparse.Namespace) -> None:
         from_config.update(fast_paths=False, fused_loss=False)
     if args.fast_paths is False:  # train without its fast paths has no chunked loss either
         from_config["fused_loss"] = False
-    quantized = (args.quantize or from_config.get("quantize", "none")) != "none"
-    if args.device == "cpu":  # what lorakit train computes in on this CPU (a config's "auto" too)
-        from_config.setdefault("dtype", _cpu_training_dtype(quantized))
+    if args.device == "cpu":  # what lorakit train computes in on this CPU (a config's "auto" too), QLoRA's too
+        from lorakit.models import training_dtype
+
+        from_config.setdefault("dtype", training_dtype("auto", "cpu"))
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, from_config.get(key, default))
-
-
-def _cpu_training_dtype(quantized: bool) -> str:
-    from lorakit.models import training_dtype
-    from lorakit.quantize import compute_dtype
-
-    return str(compute_dtype("cpu")).removeprefix("torch.") if quantized else training_dtype("auto", "cpu")
 
 
 def _check_fast_path_flags(args: argparse.Namespace, config_fast_paths: bool) -> None:
