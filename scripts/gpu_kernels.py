@@ -1,7 +1,8 @@
 """CUDA correctness of lorakit's fused paths against a plain float64 reference, on the GPU.
 
 tests/kernels run on the CPU; this runs the same functions on CUDA, in bf16 (base weights bf16,
-adapter masters fp32, as apply_lora makes them) and in fp32, on 1b-like widths:
+adapter masters fp32, as apply_lora makes them), in fp32 and in fp16 (--dtype auto's on a GPU
+without bf16), on 1b-like widths:
 
     q,k,v        lora_qkv(x, q, k, v)          vs  q(x), k(x), v(x)
     o            lora_linear(x, o)              vs  o(x)
@@ -275,7 +276,8 @@ def main() -> int:
     print("adapter gradients written in fp32 by the GEMM:",
           fused_lora._gemm_widens(torch.device(DEVICE, 0) if DEVICE == "cuda" else torch.device(DEVICE),
                                   torch.bfloat16, torch.float32), flush=True)
-    for dtype in (torch.bfloat16, torch.float32):
+    # fp16 last: what --dtype auto trains in on a GPU without bf16 (a T4), checked here on CUDA too
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
         for name, (modules, fused, plain) in _cases(dtype).items():
             _report(_guarded(name, dtype, check_block, name, modules, fused, plain, dtype), results, args.json)
         _report(_guarded("lm_head+ce", dtype, check_lm_head, dtype), results, args.json)
