@@ -115,7 +115,10 @@ def _write_dense_folder(gguf_path: Path, out: Path, builtin: bool) -> None:
     if builtin:
         _fix_smollm2_tokens(tokenizer)
     _align_generation_tokens(model, tokenizer)
-    model.save_pretrained(out)  # safetensors
+    from lorakit.models import saving_bar_only_when_slow
+
+    with saving_bar_only_when_slow(model):
+        model.save_pretrained(out)  # safetensors
     tokenizer.save_pretrained(out)
     marker = {"source": str(gguf_path.resolve()), "size": gguf_path.stat().st_size}
     (out / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2) + "\n")

@@ -71,6 +71,7 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
     float32; bfloat16 for a quantised base).
     quantize: "4bit"/"8bit" loads the base as it was trained with QLoRA (see lorakit.quantize)."""
     from lorakit.adapters import base_model_for
+    from lorakit.models import saving_bar_only_when_slow
 
     output_dir = Path(output_dir)
     spec = base or base_model_for([str(adapter_dir)])
@@ -90,7 +91,8 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
     try:
         with translate_os_errors(output_dir):
             output_dir.parent.mkdir(parents=True, exist_ok=True)
-            merged.model.save_pretrained(tmp, safe_serialization=True)
+            with saving_bar_only_when_slow(merged.model):
+                merged.model.save_pretrained(tmp, safe_serialization=True)
             _keep_training_chat_format(merged.tokenizer).save_pretrained(tmp)
             give_default_modes(tmp)
         merged.model = None  # the reloaded copy needs the memory

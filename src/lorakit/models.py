@@ -493,17 +493,28 @@ def _refuse_missing_weights(source: ModelSource, model, missing) -> None:
                          "its weight files again")
 
 
-@contextlib.contextmanager
 def loading_bar_only_when_slow(target: str):
     """transformers draws a "Loading weights" bar for every model; it is noise before lorakit's
     own output for a small local model (the built-in loads in under a second), and kept where
     loading takes a while (large weights, or a hub id whose size is not known here)."""
-    from transformers.utils import logging as hf_logging
-
     folder = Path(target)
     weights = (sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern))
                if folder.is_dir() else None)
-    hide = weights is not None and weights < LOADING_BAR_BYTES and hf_logging.is_progress_bar_enabled()
+    return bars_only_when_slow(weights)
+
+
+def saving_bar_only_when_slow(model):
+    """As loading_bar_only_when_slow, for save_pretrained's "Writing model shards" bar."""
+    return bars_only_when_slow(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+@contextlib.contextmanager
+def bars_only_when_slow(weight_bytes: int | None):
+    """transformers' progress bars hidden while it moves fewer than LOADING_BAR_BYTES of weights
+    (None: a size not known here, the bars kept)."""
+    from transformers.utils import logging as hf_logging
+
+    hide = weight_bytes is not None and weight_bytes < LOADING_BAR_BYTES and hf_logging.is_progress_bar_enabled()
     if hide:
         hf_logging.disable_progress_bar()
     try:
