@@ -112,6 +112,9 @@ def add_lorakit_adapters(model, plan, fused: bool, triton: bool = False, varlen:
 
 
 def add_peft_adapters(model, plan, autocast_adapter_dtype: bool = True):
+    from lorakit.quantize import quiet_hub_kernel_advice
+
+    quiet_hub_kernel_advice()  # PEFT imports bitsandbytes
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 

@@ -50,7 +50,7 @@ def evaluate_adapter(adapter: str | None, data: str | os.PathLike | Sequence[str
     if adapter:
         refuse_classifier_adapters([adapter], "eval")
     asked, (quantize, quantize_notes) = quantize, inference_quantize(quantize, adapter)
-    run_dtype = _dtype_of(summary, quantize) if dtype == "auto" else None
+    run_dtype = _dtype_of(summary, quantize, adapter) if dtype == "auto" else None
     base_model, tokenizer, torch_dtype = load_for_inference(model or base_model_for([adapter]), quantize, device,
                                                             run_dtype or dtype, allow_pickle,
                                                             chosen_by_run=asked is None)
@@ -128,14 +128,28 @@ def _scored_records(model, tokenizer, data, fmt: str, seq_len: int, run: dict, i
     return records, notes
 
 
-def _dtype_of(summary: dict | None, quantize: str) -> str | None:
-    """The dtype the run trained in. A quantised base takes only float32 from it: its bf16 (fp16
-    on a GPU without bf16) is --dtype auto's own choice for that machine (quantize.compute_dtype),
-    and an emulated one here would cost bitsandbytes' products 26x float32's time."""
+def _dtype_of(summary: dict | None, quantize: str, adapter) -> str | None:
+    """The dtype the run trained in. A quantised base takes a 16-bit one only where the run asked
+    for it (--dtype, its config.yaml): auto's bf16 (fp16 on a GPU without bf16) was that machine's
+    choice (quantize.compute_dtype), and an emulated one here would cost bitsandbytes' products 26x
+    float32's time, which no widening reaches."""
     dtype = (summary or {}).get("dtype")
-    if quantize != "none":
-        return "float32" if dtype == "float32" else None
-    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+    if dtype not in ("float32", "bfloat16", "float16"):
+        return None
+    if quantize != "none" and dtype != "float32" and _asked_dtype(adapter) != dtype:
+        return None
+    return dtype
+
+
+def _asked_dtype(adapter) -> str | None:
+    """The --dtype the adapter's run was started with (its config.yaml), or None."""
+    from lorakit.config import load_yaml
+    from lorakit.errors import LorakitError
+
+    try:
+        return load_yaml(Path(adapter).resolve().parent / "config.yaml").get("model", {}).get("dtype")
+    except LorakitError:  # a config edited since: nothing known
+        return None
 
 
 def _run_summary(adapter: str | os.PathLike) -> dict | None:

@@ -1,14 +1,14 @@
 """QLoRA: LoRA adapters on a base model whose linear layers are stored in 4 or 8 bits.
 
-    model folder ─► transformers + bitsandbytes ─► decoder linears quantised, the rest in bf16
-                                                   (embeddings, norms, output head unquantised)
+    model folder ─► transformers + bitsandbytes ─► decoder linears quantised, the rest in the
+                                                   compute dtype (embeddings, norms, output head)
                  ─► apply_lora: each Linear4bit / Linear8bitLt is wrapped like any nn.Linear
 
     y = dequant(W_q) x + s · B A x        W_q frozen in 4/8 bits; A, B trained in fp32 masters
 
 4bit is QLoRA's NF4 (4-bit NormalFloat codes, one absmax per 64 weights; "double quantisation"
 stores those absmax values in 8 bits with one fp32 scale per 256 of them: ~4.13 bits a weight)
-with bf16 compute; 8bit is LLM.int8 (int8 rows, one fp32 scale per output row, outlier input
+computing in bf16 (below); 8bit is LLM.int8 (int8 rows, one fp32 scale per output row, outlier input
 features kept in 16 bits).
 
 The compute dtype (the unquantised layers' too) is --dtype auto's, as for a dense model: bf16,
@@ -59,7 +59,7 @@ DEQUANT_RTOL = 2e-3
 
 def require_bitsandbytes() -> Any:
     """Import bitsandbytes, or explain how to get it."""
-    logging.getLogger(BNB_CPU_LOGGER).addFilter(_without_hub_kernel_advice)
+    quiet_hub_kernel_advice()
     try:
         import bitsandbytes
     except Exception as exc:  # not installed, or its native library cannot load here
@@ -68,10 +68,15 @@ def require_bitsandbytes() -> Any:
     return bitsandbytes
 
 
+def quiet_hub_kernel_advice() -> None:
+    """Before bitsandbytes is imported (by lorakit, or by PEFT's import): on a CPU with AVX512-BF16
+    it fetches a 4-bit GEMM from the Hugging Face Hub through the `kernels` package and, without
+    it, warns on every run; lorakit fetches no Hub kernels (models.WITHOUT_HUB_KERNELS), and
+    bitsandbytes' own CPU kernel is what runs. That one warning is left out."""
+    logging.getLogger(BNB_CPU_LOGGER).addFilter(_without_hub_kernel_advice)
+
+
 def _without_hub_kernel_advice(record: logging.LogRecord) -> bool:
-    # bitsandbytes, imported on a CPU with AVX512-BF16, fetches a 4-bit GEMM from the Hugging Face
-    # Hub through the `kernels` package and, without it, warns on every run; lorakit fetches no Hub
-    # kernels (models.WITHOUT_HUB_KERNELS), and bitsandbytes' own CPU kernel is what runs
     return "kernels-community" not in record.getMessage()
 
 

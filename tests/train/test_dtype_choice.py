@@ -79,6 +79,7 @@ def test_a_gpu_without_bf16_says_what_auto_chose_and_what_bf16_costs(monkeypatch
     _pretend_gpu(monkeypatch, "t4")
     [auto] = dtype_notice(config, model)
     assert "compute capability 7.5" in auto and "float16" in auto and "loss is scaled" in auto
+    assert ("the quantised model computes in float16" in auto) == (quantize != "none")
     config.model.dtype = "bfloat16"
     [bf16] = dtype_notice(config, model)
     assert "torch emulates its products" in bf16 and "drop --dtype" in bf16

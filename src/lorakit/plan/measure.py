@@ -84,6 +84,9 @@ def build_model(hf_config: Any, shape: TrainShape, engine: str = "lorakit", devi
         model.to(device)
     targets = list(resolve_targets(shape.targets))
     if engine == "peft":
+        from lorakit.quantize import quiet_hub_kernel_advice
+
+        quiet_hub_kernel_advice()  # PEFT imports bitsandbytes
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
         config = PeftLoraConfig(r=shape.r, lora_alpha=2 * shape.r, target_modules=targets, lora_dropout=shape.lora_dropout)

@@ -413,8 +413,9 @@ class Session:
     def finish(self) -> RunResult:
         if self.state.step and self.state.skipped_steps >= self.state.step:
             raise TrainingError(f"all {self.state.step} steps had a non-finite loss or gradient, so nothing was "
-                                "learned and no adapter was written: check the model and the data (a float16 "
-                                "checkpoint may overflow: --dtype float32), or lower --lr")
+                                "learned and no adapter was written: check the model and the data (in float16, "
+                                "--dtype auto's on a GPU without bf16, a model may overflow: --dtype float32), or "
+                                "lower --lr")
         self.save_checkpoint()  # before the final eval: a resume from it evaluates (and logs) it once
         final_eval = self.run_eval("final")
         self._refuse_non_finite_final(final_eval)
@@ -502,8 +503,8 @@ RESUME_FILES = ("metrics.jsonl", "summary.json")  # the run's own files a resume
 def _refuse_non_finite_base(loss: float) -> None:
     if not math.isfinite(loss):
         raise TrainingError(f"the base model's eval loss is {loss} before any training: its weights or the data give "
-                            "non-finite values; check the model (a float16 checkpoint may overflow: --dtype "
-                            "float32) and the data")
+                            "non-finite values; check the model (in float16, --dtype auto's on a GPU without bf16, "
+                            "a model may overflow: --dtype float32) and the data")
 
 
 def _plot(history: list[dict], path: Path) -> None:
