@@ -136,7 +136,8 @@ class TrainConfig:
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice, all cores); on a shared "
                                     "machine set it to the idle cores: a busy core stalls every parallel op")
     triton_kernels: str = opt("auto", "Triton RMSNorm, SwiGLU and RoPE kernels in the fast paths; auto: on for a model on "
-                                      "a CUDA GPU (an H200 ran 1.3x faster with them: docs/performance.md), off on a CPU",
+                                      "a CUDA GPU Triton supports (compute capability 8.0 on; an H200 ran 1.3x faster "
+                                      "with them: docs/performance.md), off on a CPU",
                               choices=["auto", "on", "off"], switch=("on", "off"))
 
 

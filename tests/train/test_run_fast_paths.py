@@ -64,6 +64,24 @@ def test_the_run_asks_for_triton_kernels_for_a_gpu_run_and_says_so(monkeypatch):
     assert [any("Triton kernels for RMSNorm" in n for n in notices) for notices in said] == [True, False, True]
 
 
+@pytest.mark.parametrize("capability, auto", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_triton_kernels_auto_skips_a_gpu_older_than_triton_supports_and_says_so(monkeypatch, capability, auto):
+    """Triton supports NVIDIA GPUs of compute capability 8.0 on (since 3.3): a T4 (7.5) runs the
+    plain fast paths unless --triton-kernels on asks for the kernels."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    gpu = torch.device("cuda", 0)
+    assert wants_triton("auto", gpu) is auto and wants_triton("on", gpu) is True
+    asked = []
+    monkeypatch.setattr(llama_patch, "enable_fast_paths", lambda model, triton: asked.append(triton) or [])
+    config = _config()
+    notices = enable_fast_paths(_model(config), config, gpu)
+    assert asked == [auto]
+    older = [n for n in notices if "no Triton kernels" in n]
+    assert older == ([] if auto else ["fast paths: no Triton kernels: Triton supports GPUs of compute capability "
+                                      "8.0 on, and this one's is 7.5 (--triton-kernels on to try them)"])
+
+
 def test_triton_kernels_without_a_gpu_fall_back_with_one_notice(monkeypatch):
     monkeypatch.setattr(triton_launch, "INTERPRETED", False)  # as on a plain CPU run
     monkeypatch.setattr(triton_ops.torch.cuda, "is_available", lambda: False)
@@ -207,6 +225,7 @@ def test_resuming_a_checkpoint_from_before_auto_compares_what_the_setting_does(m
     assert saved_run.config_changes(saved, {"train": {"triton_kernels": "on", "lr": 1e-4}}) == [
         "train.triton_kernels False -> 'on'"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto is on on a GPU: a change from false
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert saved_run.config_changes(saved, {"train": {"triton_kernels": "auto", "lr": 1e-4}}) != []
 
 

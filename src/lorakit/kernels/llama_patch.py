@@ -146,9 +146,21 @@ def recompute_context_fn(layer: nn.Module) -> Callable | None:
 
 
 def wants_triton(setting: str, device: torch.device) -> bool:
-    """train.triton_kernels for a model on `device`: on, off, or auto (on a CUDA GPU, where the
-    kernels measured faster; a CPU would run them only in Triton's slow interpreter)."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+    """train.triton_kernels for a model on `device`: on, off, or auto (on a CUDA GPU Triton
+    supports, where the kernels measured faster; a CPU would run them only in Triton's slow
+    interpreter)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda" and triton_supports(device))
+
+
+TRITON_MIN_CAPABILITY = (8, 0)  # Triton's supported NVIDIA GPUs since 3.3 (a T4 or a V100 is older)
+
+
+def triton_supports(device: torch.device) -> bool:
+    """Whether Triton supports this CUDA device: NVIDIA's of compute capability 8.0 on, or ROCm's
+    (a GPU elsewhere, none here, is assumed one it supports)."""
+    if torch.version.hip or not torch.cuda.is_available():
+        return True
+    return torch.cuda.get_device_capability(device) >= TRITON_MIN_CAPABILITY
 
 
 def _loss_notice(model: nn.Module) -> list[str]:

@@ -340,10 +340,13 @@ def packed_attention_for(model, packing: bool) -> str:
 
 def enable_fast_paths_for(model, triton_kernels: str, packing: bool, device: torch.device) -> list[str]:
     """train's fast paths (eval's too); the notices saying which."""
-    from lorakit.kernels.llama_patch import enable_fast_paths, triton_kernels_enabled, wants_triton
+    from lorakit.kernels.llama_patch import enable_fast_paths, triton_kernels_enabled, triton_supports, wants_triton
 
     # safe under non-reentrant checkpointing: the recomputed forward takes the same fused functions
     notices = enable_fast_paths(model, triton=wants_triton(triton_kernels, device))
+    if triton_kernels == "auto" and device.type == "cuda" and not triton_supports(device):
+        notices.append("no Triton kernels: Triton supports GPUs of compute capability 8.0 on, and this one's is "
+                       "%d.%d (--triton-kernels on to try them)" % torch.cuda.get_device_capability(device))
     if device.type == "cpu":
         host.keep_freed_memory()
     if triton_kernels_enabled(model):
