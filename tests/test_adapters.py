@@ -496,7 +496,7 @@ def test_the_runs_dtype_is_read_beside_its_adapter_only(tmp_path):
     from lorakit.evaluate import _dtype_of, _run_summary
 
     def run_dtype_of(adapter):
-        return _dtype_of(_run_summary(adapter), "none")
+        return _dtype_of(_run_summary(adapter), "none", adapter)
 
     (tmp_path / "run" / "adapter").mkdir(parents=True)
     summary = tmp_path / "run" / "summary.json"
@@ -508,6 +508,14 @@ def test_the_runs_dtype_is_read_beside_its_adapter_only(tmp_path):
     assert run_dtype_of(tmp_path / "run" / "checkpoints" / "step-000002" / "adapter") is None
     summary.write_text("not json")
     assert run_dtype_of(tmp_path / "run" / "adapter") is None
+    # a quantised base takes a 16-bit dtype only where the run asked for it (its config.yaml)
+    adapter, config = tmp_path / "run" / "adapter", tmp_path / "run" / "config.yaml"
+    for trained, asked, taken in (("bfloat16", "auto", None), ("float16", "auto", None), ("float16", "float16",
+                                  "float16"), ("float32", "auto", "float32"), ("bfloat16", None, None)):
+        summary.write_text(json.dumps({"adapter": "runs/x/adapter", "dtype": trained}))
+        config.write_text(f"model:\n  dtype: {asked}\n" if asked else "")
+        assert _dtype_of(_run_summary(adapter), "4bit", adapter) == taken
+        assert _dtype_of(_run_summary(adapter), "none", adapter) == trained  # a dense base: as it trained
 
 
 @pytest.fixture(scope="module")
