@@ -615,3 +615,16 @@ def test_the_cpu_peak_times_each_backend_that_runs_and_stops_at_its_time_budget(
     monkeypatch.setattr(bench, "PEAK_TIMING_BUDGET_S", 0.0)  # every product over it: one try each
     bench.measure_matmul_peak("cpu", dtype)
     assert tried == list(runs)
+
+
+def test_peft_variants_import_peft_with_bitsandbytes_hub_advice_filtered(monkeypatch):
+    """PEFT imports bitsandbytes, which on an AVX512-BF16 CPU warns at import that it fetched no Hub
+    kernel: the bench's PEFT variants install quantize.quiet_hub_kernel_advice's filter (their own
+    code calls it just before importing PEFT; here PEFT is imported already)."""
+    from lorakit import quantize
+
+    calls = []
+    monkeypatch.setattr(quantize, "quiet_hub_kernel_advice", lambda: calls.append("quiet"))
+    plan = resolve(_settings())
+    model = bench_variants.add_peft_adapters(bench_variants.build_model(plan), plan)
+    assert calls == ["quiet"] and hasattr(model, "get_base_model")
