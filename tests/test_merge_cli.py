@@ -393,7 +393,7 @@ def test_export_refuses_a_base_of_another_depth_whose_shapes_fit_as_merge_does(t
 def test_a_small_merge_writes_without_transformers_progress_bar(tmp_path, capfd, monkeypatch):
     from transformers.utils import logging as hf_logging
 
-    from lorakit import models
+    from lorakit import terminal
 
     adapter = _saved_adapter(tmp_path)
     hf_logging.enable_progress_bar()
@@ -401,6 +401,6 @@ def test_a_small_merge_writes_without_transformers_progress_bar(tmp_path, capfd,
     assert main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 0
     assert "Writing model shards" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # the user's setting is restored
-    monkeypatch.setattr(models, "LOADING_BAR_BYTES", 0)  # as if the weights took a while to write
+    monkeypatch.setattr(terminal, "LOADING_BAR_BYTES", 0)  # as if the weights took a while to write
     assert main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "again")]) == 0
     assert "Writing model shards" in capfd.readouterr().err

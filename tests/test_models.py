@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorakit import gguf_convert, models
+from lorakit import gguf_convert, models, terminal
 from lorakit.errors import ConfigError, ModelLoadError, OutputError
 from lorakit.gguf_convert import CONVERSION_MARKER, converted_gguf_dir, ensure_gguf_converted
 from lorakit.models import (
@@ -207,7 +207,7 @@ def test_a_small_local_model_loads_without_transformers_progress_bar(tiny_folder
     load_model_and_tokenizer(str(tiny_folder))
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # the user's setting is restored
-    monkeypatch.setattr(models, "LOADING_BAR_BYTES", 0)  # as if the weights took a while to load
+    monkeypatch.setattr(terminal, "LOADING_BAR_BYTES", 0)  # as if the weights took a while to load
     load_model_and_tokenizer(str(tiny_folder))
     assert "Loading weights" in capfd.readouterr().err
 

@@ -115,7 +115,7 @@ def _write_dense_folder(gguf_path: Path, out: Path, builtin: bool) -> None:
     if builtin:
         _fix_smollm2_tokens(tokenizer)
     _align_generation_tokens(model, tokenizer)
-    from lorakit.models import saving_bar_only_when_slow
+    from lorakit.terminal import saving_bar_only_when_slow
 
     with saving_bar_only_when_slow(model):
         model.save_pretrained(out)  # safetensors

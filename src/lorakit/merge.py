@@ -71,7 +71,7 @@ def merge_to_folder(adapter_dir: str | Path, output_dir: str | Path, base: str |
     float32; bfloat16 for a quantised base).
     quantize: "4bit"/"8bit" loads the base as it was trained with QLoRA (see lorakit.quantize)."""
     from lorakit.adapters import base_model_for
-    from lorakit.models import saving_bar_only_when_slow
+    from lorakit.terminal import saving_bar_only_when_slow
 
     output_dir = Path(output_dir)
     spec = base or base_model_for([str(adapter_dir)])
@@ -297,7 +297,7 @@ def _logits(model, ids) -> torch.Tensor:
 
 def _reload_difference(folder: Path, probe, reference, dtype, tolerance: float, saved_dtype,
                        task: TaskModel) -> float:
-    from lorakit.models import loading_bar_only_when_slow
+    from lorakit.terminal import loading_bar_only_when_slow
 
     with loading_bar_only_when_slow(str(folder)):
         reloaded = task.from_pretrained(folder, dtype=dtype).to(probe.device)

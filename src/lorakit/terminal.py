@@ -1,5 +1,6 @@
-"""The rich console every lorakit command prints through, and the streams a training run prints
-through while its steps run."""
+"""The rich console every lorakit command prints through, the streams a training run prints
+through while its steps run, and transformers' progress bars, kept only where loading or saving
+weights takes a while."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import contextlib
 import errno
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Iterator
 
 from rich.console import Console as RichConsole
 
+LOADING_BAR_BYTES = 2 * 1024**3  # smaller local weights load (and save) in seconds: no progress bar
 # a write to a pipe whose reader exited (`| head`, a dead `tee`), or to a terminal that hung up
 GONE_ERRNOS = (errno.EPIPE, errno.EIO)
 
@@ -68,3 +71,34 @@ def surviving_closed_output(on_gone: Callable[[str], None]) -> Iterator[None]:
         yield
     finally:
         sys.stdout, sys.stderr = saved
+
+
+def loading_bar_only_when_slow(target: str):
+    """transformers draws a "Loading weights" bar for every model; it is noise before lorakit's
+    own output for a small local model (the built-in loads in under a second), and kept where
+    loading takes a while (large weights, or a hub id whose size is not known here)."""
+    folder = Path(target)
+    weights = (sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern))
+               if folder.is_dir() else None)
+    return bars_only_when_slow(weights)
+
+
+def saving_bar_only_when_slow(model):
+    """As loading_bar_only_when_slow, for save_pretrained's "Writing model shards" bar."""
+    return bars_only_when_slow(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+@contextlib.contextmanager
+def bars_only_when_slow(weight_bytes: int | None):
+    """transformers' progress bars hidden while it moves fewer than LOADING_BAR_BYTES of weights
+    (None: a size not known here, the bars kept)."""
+    from transformers.utils import logging as hf_logging
+
+    hide = weight_bytes is not None and weight_bytes < LOADING_BAR_BYTES and hf_logging.is_progress_bar_enabled()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
