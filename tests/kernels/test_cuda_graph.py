@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 from tiny_models import randomize_lora, tiny_llama  # noqa: E402
 
-from lorakit.kernels import cuda_graph, fused_lora, triton_ops  # noqa: E402
+from lorakit.kernels import adapter_casts, cuda_graph, triton_ops  # noqa: E402
 from lorakit.kernels.causal_loss import causal_lm_loss  # noqa: E402
 from lorakit.kernels.cuda_graph import CapturedStep, keep_plain_rows_unmasked  # noqa: E402
 from lorakit.kernels.llama_patch import enable_fast_paths  # noqa: E402
@@ -57,7 +57,7 @@ class RerunGraph:
             run()
 
     def capture(self, run):
-        self.run, self.steps_at_capture = run, fused_lora._optimizer_steps
+        self.run, self.steps_at_capture = run, adapter_casts._optimizer_steps
         self.accumulates = [p.grad is not None for p in self.params]
         with self._capturing():
             self.loss = run()
@@ -68,12 +68,12 @@ class RerunGraph:
         self.replays += 1
         for param in self.params:
             param.grad = None
-        steps_now, fused_lora._optimizer_steps = fused_lora._optimizer_steps, self.steps_at_capture
+        steps_now, adapter_casts._optimizer_steps = adapter_casts._optimizer_steps, self.steps_at_capture
         try:
             with self._capturing():
                 loss = self.run()
         finally:
-            fused_lora._optimizer_steps = steps_now
+            adapter_casts._optimizer_steps = steps_now
         self.loss.copy_(loss)
         for param, static, adds in zip(self.params, self.grads, self.accumulates):
             static.add_(param.grad) if adds else static.copy_(param.grad)
@@ -155,13 +155,13 @@ def test_the_adapters_cast_copies_are_written_in_every_captured_step(monkeypatch
     apply_lora(layer, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
     q = layer.q_proj
     refreshes = []
-    monkeypatch.setattr(fused_lora._CastAdapters, "refresh", lambda self, stamp, _real=fused_lora._CastAdapters.refresh:
+    monkeypatch.setattr(adapter_casts.CastAdapters, "refresh", lambda self, stamp, _real=adapter_casts.CastAdapters.refresh:
                         refreshes.append(stamp) or _real(self, stamp))
-    fused_lora.cast_adapters([q], torch.bfloat16)
-    fused_lora.cast_adapters([q], torch.bfloat16)
+    adapter_casts.cast_adapters([q], torch.bfloat16)
+    adapter_casts.cast_adapters([q], torch.bfloat16)
     assert len(refreshes) == 1  # eager: copied once, then reused
     monkeypatch.setattr(cuda_graph, "capturing", lambda tensor: True)
-    fused_lora.cast_adapters([q], torch.bfloat16)
+    adapter_casts.cast_adapters([q], torch.bfloat16)
     assert len(refreshes) == 2
 
 

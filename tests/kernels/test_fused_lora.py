@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.kernels import fused_lora, stacking
+from lorakit.kernels import adapter_casts, fused_lora, stacking
 from lorakit.kernels.fused_lora import can_fuse, fuse_blocker, lora_linear, lora_mlp, lora_qkv
 from lorakit.lora.layer import LoraLinear
 
@@ -217,20 +217,18 @@ def test_dora_and_plain_linear_are_not_fusable():
 
 def _count_refreshes(monkeypatch):
     """A list that grows by one whenever a group's cast copies are written."""
-    from lorakit.kernels import fused_lora
 
     calls = []
-    real = fused_lora._CastAdapters.refresh
-    monkeypatch.setattr(fused_lora._CastAdapters, "refresh", lambda self, stamp: calls.append(1) or real(self, stamp))
+    real = adapter_casts.CastAdapters.refresh
+    monkeypatch.setattr(adapter_casts.CastAdapters, "refresh", lambda self, stamp: calls.append(1) or real(self, stamp))
     return calls
 
 
 def _without_cached_casts(layers):
-    from lorakit.kernels import fused_lora
 
     fresh = copy.deepcopy(layers)
     for layer in fresh:
-        layer.__dict__.pop(fused_lora.CAST_ADAPTERS, None)
+        layer.__dict__.pop(adapter_casts.CAST_ADAPTERS, None)
     return fresh
 
 
@@ -263,16 +261,15 @@ def test_bf16_casts_follow_every_optimizer_step_and_load(block, monkeypatch):
 
 
 def test_fp32_adapters_are_not_copied_and_a_moved_layer_gets_new_copies(monkeypatch):
-    from lorakit.kernels import fused_lora
 
     layers = _qkv()
     with torch.no_grad():
-        casts = fused_lora.cast_adapters(layers, torch.float32)
+        casts = adapter_casts.cast_adapters(layers, torch.float32)
         assert all(b is layer.lora_B.weight for b, layer in zip(casts.b, layers))  # same dtype: the master
-        assert fused_lora.cast_adapters(layers, torch.float32) is casts
-        assert fused_lora.cast_adapters(layers, torch.bfloat16) is not casts  # another dtype, other copies
+        assert adapter_casts.cast_adapters(layers, torch.float32) is casts
+        assert adapter_casts.cast_adapters(layers, torch.bfloat16) is not casts  # another dtype, other copies
         layers[1].to(torch.float64)  # the masters' storage and dtype move: copies of the new values
-        moved = fused_lora.cast_adapters(layers, torch.float32)
+        moved = adapter_casts.cast_adapters(layers, torch.float32)
         torch.testing.assert_close(moved.a_cat, torch.cat([layer.lora_A.weight.float() for layer in layers]))
         assert [b.dtype for b in moved.b] == [torch.float32] * 3 and moved.b[1] is not layers[1].lora_B.weight
     layers = _qkv()
@@ -317,16 +314,15 @@ def test_two_forwards_around_another_optimizers_step_backpropagate_together():
 
 
 def test_sharded_models_cast_afresh_in_every_forward(monkeypatch):
-    from lorakit.kernels import fused_lora
 
     refreshes = _count_refreshes(monkeypatch)
     layers = _qkv(dtype=torch.bfloat16)
     container = nn.ModuleList(layers)
-    fused_lora.cast_afresh_every_forward(container)
+    adapter_casts.cast_afresh_every_forward(container)
     for _ in range(2):
         with torch.no_grad():
             lora_qkv(_input(torch.bfloat16), *layers)
-    assert len(refreshes) == 2 and fused_lora.CAST_ADAPTERS not in layers[0].__dict__
+    assert len(refreshes) == 2 and adapter_casts.CAST_ADAPTERS not in layers[0].__dict__
 
 
 def test_gradients_are_written_wide_only_where_the_gemm_can():
@@ -408,6 +404,6 @@ def test_layers_deep_copy_after_a_fused_step_and_the_copy_computes_the_same(dtyp
     layers = _qkv(dtype=dtype)
     fused = _outputs_and_grads(lambda t: lora_qkv(t, *layers), _input(dtype), layers)
     twins = copy.deepcopy(layers)
-    for casts in twins[0].__dict__[fused_lora.CAST_ADAPTERS].values():
+    for casts in twins[0].__dict__[adapter_casts.CAST_ADAPTERS].values():
         assert all(t.grad_fn is None for t in (casts.a_cat, *casts.b, *casts.b_t))
     _assert_match(_outputs_and_grads(lambda t: lora_qkv(t, *twins), _input(dtype), twins), fused, 0, 0)

@@ -12,7 +12,7 @@ What capture asks of a step, and how lorakit's fast paths meet it:
 - no host reads of device values: the chunked loss keeps the rows without a label, which its
   Triton kernel gives no loss and no gradient (chunked_ce._keeps_ignored_rows), instead of
   selecting the labelled rows by their count; the adapters' cast copies are written in every
-  replay (fused_lora.cast_adapters copies while capturing, whatever its stamp says);
+  replay (adapter_casts.cast_adapters copies while capturing, whatever its stamp says);
 - gradients captured from `.grad = None`: each replay writes the step's gradients into the same
   tensors (no accumulation), the optimizer steps outside the graph, and nothing may set `.grad`
   to None afterwards (the replays would write where no parameter looks);

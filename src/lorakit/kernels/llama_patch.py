@@ -63,7 +63,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from lorakit.errors import LorakitWarning
-from lorakit.kernels import cpu_attention, cpu_gemm, fused_lora, native_ops
+from lorakit.kernels import adapter_casts, cpu_attention, cpu_gemm, fused_lora, native_ops
 from lorakit.kernels.causal_loss import TRITON_LOSS, chunked_loss_blocker
 from lorakit.kernels.fused_lora import fuse_blocker, lora_linear, lora_mlp, lora_qkv
 
@@ -181,7 +181,7 @@ def disable_fast_paths(model: nn.Module) -> None:
         for group in _stacked_groups(module):
             fused_lora.unstack_frozen_weights(group)
         module.__dict__.pop(_PRECOMPUTED, None)
-        module.__dict__.pop(fused_lora.CAST_ADAPTERS, None)
+        module.__dict__.pop(adapter_casts.CAST_ADAPTERS, None)
         module.__dict__.pop(TRITON_LOSS, None)
         cpu_attention.set_enabled(module, False)
 

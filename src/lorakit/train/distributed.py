@@ -353,7 +353,7 @@ def wrap_model(model: nn.Module, fsdp: bool, device: torch.device) -> nn.Module:
         return model
     _broadcast_trainable(model)
     if fsdp:
-        from lorakit.kernels.fused_lora import cast_afresh_every_forward
+        from lorakit.kernels.adapter_casts import cast_afresh_every_forward
 
         cast_afresh_every_forward(model)
         _fully_shard(model, device)
