@@ -358,13 +358,29 @@ def test_cpu_bench_in_bf16_adds_the_peft_bf16_row_and_measures_a_bf16_peak(monke
                                            (["--seq-len", "1"], "--seq-len must be at least 2"),
                                            (["--variants", ""], "--variants is empty"),
                                            (["--variants", "lorakit-native"], "none of the asked variants runs here"),
-                                           (["--r", "1000"], "above the smallest projection side")])
+                                           (["--r", "1000"], "above the smallest projection side"),
+                                           (["--dropout", "1"], "--dropout must be at least 0 and below 1"),
+                                           (["--dropout", "0.1", "--check"], "each draws its own dropout masks")])
 def test_bad_new_flags_exit_2_with_one_message(capsys, flags, message):
     from lorakit.cli import main
 
     assert main(["bench", "--preset", "tiny", "--steps", "1", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_dropout_reaches_every_variant_and_lorakit_stays_fused():
+    from lorakit.bench_variants import prepare_variant
+
+    plan = resolve(_settings(dropout=0.1))
+    prepared = {name: prepare_variant(name, plan) for name in ("lorakit", "peft")}
+    for name, variant in prepared.items():
+        rates = [m.p for n, m in variant.model.named_modules() if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
+        assert rates == [0.1] * 7 * plan.settings.layers, name
+    lorakit = prepared["lorakit"]
+    assert lorakit.notices == [] and "forward" in lorakit.model.model.layers[0].mlp.__dict__  # fused, no fallback
+    result = run_bench(_settings(dropout=0.1, steps=2), log=lambda line: None)
+    assert result["settings"]["dropout"] == 0.1 and all("error" not in r for r in result["variants"])
 
 
 def test_eager_variant_keeps_transformers_norm_and_rope_and_trains_alike():
@@ -522,7 +538,8 @@ def test_fullrecompute_variant_keeps_transformers_checkpointing_and_the_same_los
     inputs = make_inputs(plan)
     skipped, losses = [], {}
     real = fused_lora._shared_forward
-    monkeypatch.setattr(fused_lora, "_shared_forward", lambda *a, outputs=True: skipped.append(not outputs) or real(*a, outputs))
+    monkeypatch.setattr(fused_lora, "_shared_forward",
+                        lambda *a, outputs=True: skipped.append(not outputs) or real(*a, outputs=outputs))
     for name in ("lorakit", "lorakit-fullrecompute"):
         prepared = prepare_variant(name, plan)
         skipped.clear()

@@ -1,8 +1,8 @@
 """Benchmark lorakit against PEFT: same model shape, same inputs, same LoRA, one table.
 
 Every variant gets a fresh random-initialised Llama-shaped model built from the preset's
-config (same seed), LoRA r on q,k,v,o,gate,up,down with alpha = 2r and dropout 0, AdamW
-(lr 1e-4) and the same batch. A step is forward + backward + optimizer step.
+config (same seed), LoRA r on q,k,v,o,gate,up,down with alpha = 2r and dropout 0 (or
+--dropout's), AdamW (lr 1e-4) and the same batch. A step is forward + backward + optimizer step.
 
 The variants (lorakit, peft, peft-bf16, peft-liger and lorakit's ablations) are built in
 bench_variants.py; the CPU child processes are run by bench_children.py.

@@ -37,6 +37,7 @@ class BenchSettings:
 
     preset: str = "cpu"
     r: int = 16
+    dropout: float = 0.0  # on every adapter's input, each variant's (PEFT's lora_dropout)
     batch: int | None = None
     seq_len: int | None = None
     layers: int | None = None
@@ -133,7 +134,7 @@ def budget_checkpoint_layers(plan: Plan, variant: str = "lorakit") -> tuple[int,
     step = dict(batch_size=s.batch, seq_len=s.seq_len, r=s.r, targets=list(TARGETS), fused_loss=chunked,
                 dtype=plan.dtype, device=s.device,
                 loss_chunk_tokens=s.chunk_size, cpu_attention=s.device == "cpu" and fused and native,
-                fused_mlp=fused)
+                fused_mlp=fused, lora_dropout=s.dropout)
     peaks = [estimate_memory(plan.shape, TrainShape(**step, grad_checkpointing=k > 0, checkpoint_layers=k or None)).total
              for k in range(s.layers + 1)]
     budget = s.memory_budget_gib * GIB * SAFETY_MARGIN  # the trainer's margin: fragmentation, workspaces
@@ -176,6 +177,11 @@ def _validate(s: BenchSettings) -> None:
         raise ConfigError(f"--memory-budget must be a positive number of GiB, got {s.memory_budget_gib:g}")
     if s.dtype not in (None, *DTYPES):
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {s.dtype!r}")
+    if not 0 <= s.dropout < 1:
+        raise ConfigError(f"--dropout must be at least 0 and below 1, got {s.dropout}")
+    if s.dropout and s.check:
+        raise ConfigError("--check compares the variants' gradients of one function, and each draws its own "
+                          "dropout masks: drop --dropout, or --check")
     if s.memory_budget_gib is not None and s.grad_checkpointing:
         raise ConfigError("--memory-budget chooses the checkpointed layers itself: drop --grad-checkpointing")
 
@@ -208,7 +214,8 @@ def _skip_reason(name: str, plan: Plan) -> str | None:
     unmet = ((needs.device is not None and plan.device != needs.device) or (needs.packing and not s.packing)
              or (needs.checkpointing and not s.grad_checkpointing)
              or (needs.half_precision and plan.dtype == "float32")
-             or (needs.plain_rows and (s.packing or s.grad_checkpointing or s.memory_budget_gib is not None)))
+             or (needs.plain_rows and (s.packing or s.grad_checkpointing or s.memory_budget_gib is not None
+                                       or s.dropout)))
     if unmet:
         return needs.why
     if needs.package is not None and importlib.util.find_spec(needs.package) is None:

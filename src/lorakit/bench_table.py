@@ -62,7 +62,7 @@ class RunsWhere:
     packing: bool = False
     checkpointing: bool = False
     half_precision: bool = False  # a 16-bit model (an fp32 one makes peft-bf16 equal peft)
-    plain_rows: bool = False  # neither packed rows nor checkpointed layers (a CUDA graph's capture)
+    plain_rows: bool = False  # no packed rows, checkpointed layers or dropout (a CUDA graph's capture)
     package: str | None = None  # an import name that must be installed
 
 
@@ -121,8 +121,8 @@ VARIANTS = {
     "lorakit-directlaunch": Variant(triton_launch="direct", runs_where=RunsWhere(
         "it differs from lorakit only in how its Triton kernels launch, on CUDA", device="cuda")),
     "lorakit-graphed": Variant(graphed=True, runs_where=RunsWhere(
-        "it replays lorakit's step as a CUDA graph: needs CUDA, and rows neither packed nor checkpointed (no "
-        "--packing, --grad-checkpointing or --memory-budget)",
+        "it replays lorakit's step as a CUDA graph: needs CUDA, and rows neither packed nor checkpointed, "
+        "without dropout (no --packing, --grad-checkpointing, --memory-budget or --dropout)",
         device="cuda", plain_rows=True)),
 }
 

@@ -101,7 +101,8 @@ def add_lorakit_adapters(model, plan, fused: bool, triton: bool = False, varlen:
     """apply_lora; with `fused` the trainer's fast paths (and, packed, its varlen attention)."""
     from lorakit.lora import LoraConfig, apply_lora
 
-    apply_lora(model, LoraConfig(r=plan.settings.r, alpha=2 * plan.settings.r, target_modules=TARGETS))
+    apply_lora(model, LoraConfig(r=plan.settings.r, alpha=2 * plan.settings.r, target_modules=TARGETS,
+                                 dropout=plan.settings.dropout))
     if not fused:
         return []
     from lorakit.kernels.llama_patch import enable_fast_paths
@@ -118,7 +119,7 @@ def add_peft_adapters(model, plan, autocast_adapter_dtype: bool = True):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    config = PeftLoraConfig(r=plan.settings.r, lora_alpha=2 * plan.settings.r, lora_dropout=0.0,
+    config = PeftLoraConfig(r=plan.settings.r, lora_alpha=2 * plan.settings.r, lora_dropout=plan.settings.dropout,
                             target_modules=TARGETS)
     return get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
 

@@ -191,7 +191,7 @@ def test_mlp_saves_no_silu_product():
 
 
 @pytest.mark.parametrize("change, reason", [
-    (lambda m: setattr(m, "lora_dropout", nn.Dropout(0.1)), "dropout"),
+    (lambda m: setattr(m, "lora_dropout", nn.AlphaDropout(0.1)), "unknown lora_dropout module AlphaDropout"),
     (lambda m: setattr(m, "merged", True), "merged"),
     (lambda m: setattr(m, "disabled", True), "disabled"),
     (lambda m: m.base_layer.weight.requires_grad_(True), "trainable"),
@@ -207,10 +207,89 @@ def test_fuse_blocker_names_the_reason(change, reason):
 
 def test_dora_and_plain_linear_are_not_fusable():
     assert "DoRA" in fuse_blocker(_lora(HIDDEN, 8, 2, dora=True))
-    # both user choices named: turning DoRA off alone would leave the path unfused
-    assert fuse_blocker(_lora(HIDDEN, 8, 2, dora=True, dropout=0.1)) == \
-        "DoRA adapters are not fused, and lora dropout is 0.1 (the fused path needs 0)"
+    assert fuse_blocker(_lora(HIDDEN, 8, 2, dora=True, dropout=0.1)) == "DoRA adapters are not fused"
     assert "no adapter on this Linear" in fuse_blocker(nn.Linear(4, 4))
+
+
+# ---- adapter dropout: a mask per projection, the plain path's --------------------------------------
+
+def _dropout_block(block, dtype=torch.float32):
+    """Layers in training mode with mixed dropout rates (one without: no mask) and their fused
+    and plain calls."""
+    def lora(in_f, out_f, r, rate, alpha=None):
+        return _lora(in_f, out_f, r, alpha=alpha, dtype=dtype, dropout=rate).train()
+
+    if block == "qkv":
+        layers = (lora(HIDDEN, HIDDEN, 4, 0.3), lora(HIDDEN, 12, 2, 0.0, alpha=5), lora(HIDDEN, 12, 3, 0.5))
+        return layers, lambda x: lora_qkv(x, *layers), lambda x: tuple(layer(x) for layer in layers)
+    if block == "mlp":
+        layers = (lora(HIDDEN, INTER, 4, 0.1), lora(HIDDEN, INTER, 2, 0.4, alpha=3), lora(INTER, HIDDEN, 4, 0.25))
+        return layers, lambda x: lora_mlp(x, *layers), _plain_mlp(*layers)
+    layers = (lora(HIDDEN, 16, 4, 0.2),)
+    return layers, lambda x: lora_linear(x, layers[0]), layers[0]
+
+
+def _seeded(fn, seed=7):
+    def run(x):
+        torch.manual_seed(seed)
+        return fn(x)
+    return run
+
+
+@pytest.mark.parametrize("block", ["qkv", "mlp", "linear"])
+@pytest.mark.usefixtures("scaling_path")
+def test_dropout_blocks_match_the_plain_modules_with_the_same_seed(block):
+    layers, fused_fn, plain_fn = _dropout_block(block)
+    fused = _outputs_and_grads(_seeded(fused_fn), _input(), layers)
+    plain = _outputs_and_grads(_seeded(plain_fn), _input(), layers)
+    _assert_match(fused, plain, rtol=1e-5, atol=1e-5)
+    # and the masks matter: the same call without dropout gives other outputs and gradients
+    for layer in layers:
+        layer.lora_dropout.eval()
+    undropped = _outputs_and_grads(fused_fn, _input(), layers)
+    assert not torch.allclose(undropped[1][0], fused[1][0], rtol=1e-3)  # dX
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", ["qkv", "mlp"])
+def test_dropout_blocks_in_16_bits_agree_with_the_plain_path(block, dtype):
+    # same dtype, so the same masks; the paths round differently (and on a CPU torch's 16-bit
+    # dropout scales by 1/(1-p) rounded to the dtype in forward, exactly in backward)
+    layers, fused_fn, plain_fn = _dropout_block(block, dtype)
+    fused = _outputs_and_grads(_seeded(fused_fn), _input(dtype), layers)
+    plain = _outputs_and_grads(_seeded(plain_fn), _input(dtype), layers)
+    errors = _relative_errors(fused, [[t.float() for t in part] for part in plain])
+    assert max(errors) < 2e-2, errors
+
+
+@pytest.mark.parametrize("block", ["qkv", "mlp"])
+def test_dropout_in_eval_mode_is_the_plain_block_and_saves_no_mask(block):
+    layers, fused_fn, _ = _dropout_block(block)
+    x = _input().requires_grad_()
+    for layer in layers:
+        layer.eval()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = fused_fn(x)
+    assert not any(t.dtype == torch.bool for t in saved)
+    for layer in layers:
+        layer.lora_dropout = nn.Identity()
+    want = fused_fn(x)
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        assert torch.equal(g, w)
+
+
+def test_dropout_qkv_saves_the_input_once_and_a_bool_mask_per_dropping_projection():
+    layers, fused_fn, _ = _dropout_block("qkv")
+    x = _input().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused_fn(x)
+    params = [p for layer in layers for p in layer.parameters()]
+    big = [t for t in saved if t.numel() >= x.numel() and not any(t is p for p in params)]
+    masks = [t for t in big if t.dtype == torch.bool]
+    assert len(masks) == 2 and all(m.shape == (x.numel() // HIDDEN, HIDDEN) for m in masks)  # q and v drop, k not
+    assert [t.data_ptr() for t in big if t.dtype != torch.bool] == [x.data_ptr()]  # no dropped copy
 
 
 # ---- the cast adapter copies: made once per change of the master weights --------------------------

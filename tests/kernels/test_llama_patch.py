@@ -223,17 +223,40 @@ def test_switching_native_off_unpatches_what_the_norms_do_not_show():
     assert "forward" in attn.__dict__  # q, k, v still fused, RoPE and attention transformers' own
 
 
-def test_dropout_adapters_draw_the_same_masks_through_the_copied_forward():
-    """Dropout keeps q, k, v unfused; the copy calls them in transformers' order, so in training
-    mode the same seed gives the plain model's masks, loss and gradients."""
-    model, batch = _model(dropout=0.3), _unpadded_batch()
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("stack", [False, True])
+def test_dropout_adapters_fuse_and_draw_the_plain_models_masks(monkeypatch, arch, stack):
+    """Every group fuses with adapter dropout on; each projection draws its own mask in the
+    plain path's order, so in training mode the same seed gives the plain model's loss and
+    gradients (stack: gate and up stacked, with the GPU's in-place epilogues)."""
+    model, batch = _model(arch, dropout=0.3), _unpadded_batch()
     model.train()
     torch.manual_seed(11)
     plain = _plain(model, batch)
-    enable_fast_paths(model)
-    assert "forward" in model.model.layers[0].self_attn.__dict__
+    if stack:
+        monkeypatch.setattr(fused_lora, "_cublas_writes_in_place", lambda t: True)
+    assert enable_fast_paths(model, stack=stack) == []
+    assert "forward" in model.model.layers[0].self_attn.q_proj.__dict__
     torch.manual_seed(11)
     _assert_same(_fast(model, batch), plain)
+    torch.manual_seed(12)  # other masks: another loss, so the masks are in it
+    assert not torch.equal(_fast(model, batch)[0], plain[0])
+
+
+def test_dropout_masks_are_drawn_again_alike_in_a_checkpointed_recompute(monkeypatch):
+    from lorakit.train.memory_plan import checkpoint_layers
+
+    model, batch = _model(dropout=0.2), _batch()
+    enable_fast_paths(model)
+    model.train()
+    torch.manual_seed(5)
+    want = _fast(model, batch)
+    checkpoint_layers(model)
+    skipped = _count_skipped_mlp_outputs(monkeypatch)
+    torch.manual_seed(5)
+    got = _fast(model, batch)
+    assert skipped.count(True) == SIZES["num_hidden_layers"]
+    _assert_same(got, want, rtol=1e-6)
 
 
 def test_enabling_twice_patches_each_module_once():
@@ -379,9 +402,9 @@ def _count_skipped_mlp_outputs(monkeypatch):
     skipped = []
     original = fused_lora._shared_forward
 
-    def spy(x2, projections, casts, outputs=True):
+    def spy(x2, projections, casts, rates, outputs=True):
         skipped.append(not outputs)
-        return original(x2, projections, casts, outputs)
+        return original(x2, projections, casts, rates, outputs)
 
     monkeypatch.setattr(fused_lora, "_shared_forward", spy)
     return skipped
@@ -488,11 +511,9 @@ def test_disable_restores_the_original_forwards():
     model(**batch)
 
 
-@pytest.mark.parametrize("options, reason", [(dict(dropout=0.1), "dropout"),
-                                             (dict(use_dora=True), "DoRA")])
-def test_unfusable_adapters_fall_back_with_a_notice(options, reason):
+def test_unfusable_adapters_fall_back_with_a_notice():
+    options, reason = dict(use_dora=True), "DoRA"
     model, batch = _model(**options), _batch()
-    model.eval()  # dropout off: both paths compute the same function
     notices = enable_fast_paths(model)
     assert notices and all(reason in n for n in notices)
     assert not fast_paths_enabled(model)  # the norms alone take the native op

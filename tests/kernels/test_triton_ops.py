@@ -206,14 +206,14 @@ def test_rope_with_trainable_cos_takes_the_reference():
 
 # ---- lora_mlp's SwiGLU part -------------------------------------------------------------------
 
-def _lora_mlp_layers(dtype):
+def _lora_mlp_layers(dtype, dropout=0.0):
     from lorakit.lora.layer import LoraLinear
 
     torch.manual_seed(0)
     layers = []
     for in_f, out_f in ((HIDDEN, 40), (HIDDEN, 40), (40, HIDDEN)):
         base = torch.nn.Linear(in_f, out_f, bias=False).to(dtype).requires_grad_(False)
-        layer = LoraLinear(base, 4, 8, 2.0)
+        layer = LoraLinear(base, 4, 8, 2.0, dropout=dropout)
         with torch.no_grad():
             layer.lora_B.weight.normal_(std=0.5)
         layers.append(layer)
@@ -221,12 +221,12 @@ def _lora_mlp_layers(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("stacked", [False, True])
-def test_lora_mlp_with_triton_swiglu_matches_torch_swiglu(dtype, stacked, monkeypatch):
+@pytest.mark.parametrize("stacked, dropout", [(False, 0.0), (True, 0.0), (False, 0.2)])
+def test_lora_mlp_with_triton_swiglu_matches_torch_swiglu(dtype, stacked, dropout, monkeypatch):
     from lorakit.kernels import fused_lora
     from lorakit.kernels.fused_lora import lora_mlp
 
-    layers = _lora_mlp_layers(dtype)
+    layers = _lora_mlp_layers(dtype, dropout)  # dropout: the same seed, the same masks in both runs
     if stacked:  # gate and up as one matrix, d gate and d up written side by side (as on a GPU)
         assert fused_lora.stack_frozen_weights(layers[:2])
         monkeypatch.setattr(fused_lora, "_cublas_writes_in_place", lambda t: True)
@@ -234,6 +234,7 @@ def test_lora_mlp_with_triton_swiglu_matches_torch_swiglu(dtype, stacked, monkey
 
     def run(triton):
         x = _randn(5, HIDDEN, dtype=dtype).requires_grad_()
+        torch.manual_seed(3)
         out = lora_mlp(x, *layers, triton=triton)
         weights = _randn(*out.shape, seed=9)
         return [out.detach()], list(torch.autograd.grad((out.float() * weights).sum(),

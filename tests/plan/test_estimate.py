@@ -672,9 +672,10 @@ def test_cli_labelled_fraction_lowers_the_flops_and_refuses_zero(capsys):
     assert "labelled_fraction must be in (0, 1], got 0.0" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("targets", ["all-linear", "attention", "mlp", "qv"])
+@pytest.mark.parametrize("targets, dropout", [("all-linear", 0.0), ("attention", 0.0), ("mlp", 0.0), ("qv", 0.0),
+                                              ("all-linear", 0.1), ("qv", 0.1)])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_cpu_fast_paths_save_no_more_than_the_estimate(monkeypatch, dtype, targets):
+def test_cpu_fast_paths_save_no_more_than_the_estimate(monkeypatch, dtype, targets, dropout):
     """What the trainer's memory plan estimates on a CPU with the fast paths: the attention
     probabilities the CPU attention keeps (`cpu_attention`), no silu(gate) or SwiGLU product
     where the MLP is fused (`fused_mlp`). A plan made from it must hold whatever the targets
@@ -692,8 +693,9 @@ def test_cpu_fast_paths_save_no_more_than_the_estimate(monkeypatch, dtype, targe
                          num_hidden_layers=2, vocab_size=256)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-    apply_lora(model, LoraConfig(r=16, alpha=32, target_modules=targets))
+    apply_lora(model, LoraConfig(r=16, alpha=32, target_modules=targets, dropout=dropout))
     enable_fast_paths(model)
+    model.train()  # dropout draws its masks
     ids = torch.randint(0, 256, (2, 256))
 
     def saved_bytes(keep_probs_up_to):
@@ -707,7 +709,7 @@ def test_cpu_fast_paths_save_no_more_than_the_estimate(monkeypatch, dtype, targe
 
     def estimated_saved(**options):
         shape = TrainShape(batch_size=2, seq_len=256, r=16, targets=targets, dtype=dtype, device="cpu",
-                           fused_mlp=True, **options)
+                           fused_mlp=True, lora_dropout=dropout, **options)
         layers = sum(layer_saved_bytes(m, shape, stream_grad=False).values()) + sum(layer_saved_bytes(m, shape).values())
         return shape.tokens * layers + _per_step_saved_bytes(m, shape)
 

@@ -40,6 +40,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=DESCRIPTION)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="model shape, batch and device")
     p.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2r) on all 7 projections")
+    p.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="dropout on every adapter's input, in every variant (default 0)")
     p.add_argument("--batch", type=int, help="rows per step (default: the preset's)")
     p.add_argument("--seq-len", type=int, help="tokens per row (default: the preset's)")
     p.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
@@ -106,7 +108,7 @@ def bench_settings(args: argparse.Namespace):
     from lorakit.bench import BenchSettings
 
     return BenchSettings(
-        preset=args.preset, r=args.r, batch=args.batch, seq_len=args.seq_len, layers=args.layers,
+        preset=args.preset, r=args.r, dropout=args.dropout, batch=args.batch, seq_len=args.seq_len, layers=args.layers,
         grad_checkpointing=args.grad_checkpointing, packing=args.packing, steps=args.steps, warmup=args.warmup,
         variants=args.variants, check=args.check, check_steps=args.check_steps, peak_tflops=args.peak_tflops,
         threads=args.threads, interleave=args.interleave, device=args.device,
@@ -172,7 +174,8 @@ def _print_report(result: dict) -> None:
     print(f"{result['environment']['date']}  {hardware}")
     print(f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
           f"lorakit {env['lorakit']}, liger-kernel {env['liger_kernel']}")
-    print(f"{s['preset']}: {s['layers']} layers, batch {s['batch']} x {s['seq_len']}, {result['dtype']}, r={s['r']}, "
+    lora = f"r={s['r']}" + (f", dropout {s['dropout']:g}" if s.get("dropout") else "")
+    print(f"{s['preset']}: {s['layers']} layers, batch {s['batch']} x {s['seq_len']}, {result['dtype']}, {lora}, "
           f"grad ckpt {'on' if s['grad_checkpointing'] else 'off'}, packing {'on' if s['packing'] else 'off'}; "
           f"{result['tokens_per_step']} real tokens per step ({100 * result['labelled_fraction']:.0f}% labelled), "
           f"median of {s['steps']} steps "

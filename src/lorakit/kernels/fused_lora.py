@@ -71,9 +71,7 @@ def fuse_blocker(module: nn.Module) -> str | None:
         return "the adapter is merged into the base weight"
     if getattr(module, "disabled", False):
         return "the adapter is disabled"
-    # both settings a user chose, at once: turning one off alone would not make the path fuse
-    chosen = [reason for reason in (_dora_blocker(module), _dropout_blocker(module)) if reason]
-    return ", and ".join(chosen) if chosen else _base_blocker(*parts)
+    return _dora_blocker(module) or _dropout_blocker(module) or _base_blocker(*parts)
 
 
 def _dora_blocker(module: nn.Module) -> str | None:
@@ -84,13 +82,15 @@ def _dora_blocker(module: nn.Module) -> str | None:
 
 def _dropout_blocker(module: nn.Module) -> str | None:
     dropout = module.__dict__["_modules"].get("lora_dropout")
-    # even in eval mode, where dropout does nothing: the trainer enables the fast paths on a model
-    # loaded in eval mode, and its memory plan counts what they keep
-    if isinstance(dropout, nn.Dropout) and dropout.p > 0:
-        return f"lora dropout is {dropout.p} (the fused path needs 0)"
-    if dropout is not None and not isinstance(dropout, (nn.Identity, nn.Dropout)):
+    if dropout is not None and type(dropout) not in (nn.Identity, nn.Dropout):  # a subclass may drop otherwise
         return f"unknown lora_dropout module {type(dropout).__name__}"
     return None
+
+
+def _dropout_rate(layer: nn.Module) -> float:
+    """The share of the adapter's input its dropout zeroes in this call: 0 in eval mode."""
+    dropout = layer.__dict__["_modules"].get("lora_dropout")
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
 def _base_blocker(base: nn.Module, lora_a: nn.Module, lora_b: nn.Module) -> str | None:
@@ -150,7 +150,7 @@ def _scalings_and_params(layers, checked: bool = False):
             raise ValueError(f"cannot fuse {type(layer).__name__}: {reason}")
         base, lora_a, lora_b = lora_parts(layer)
         params += [_param(base, "weight"), _param(base, "bias"), _param(lora_a, "weight"), _param(lora_b, "weight")]
-    return (tuple(float(layer.scaling) for layer in layers), *params)
+    return (tuple(float(layer.scaling) for layer in layers), tuple(_dropout_rate(layer) for layer in layers), *params)
 
 
 def _group(params, scalings):
@@ -232,13 +232,13 @@ def _stacked_base(projections) -> torch.Tensor | None:
     return stacking.row_blocks([weight for weight, *_ in projections])
 
 
-def _shared_forward(x2, projections, casts: CastAdapters, outputs: bool = True):
-    """Outputs of projections sharing input x2 (T, in), plus what backward needs; with
+def _shared_forward(x2, projections, casts: CastAdapters, rates, outputs: bool = True):
+    """(outputs, XA, A_cat, dropout masks) of projections sharing input x2 (T, in); with
     outputs=False the outputs are left uncomputed (uninitialised), what backward needs is not."""
     a_cat = casts.a_cat  # (R, in), R = sum of ranks
-    xa = cpu_gemm.linear(x2, a_cat)  # (T, R)
+    xa, masks = _times_a(x2, a_cat, projections, rates)  # (T, R)
     if not outputs:
-        return [x2.new_empty(x2.shape[0], weight.shape[0]) for weight, *_ in projections], xa, a_cat
+        return [x2.new_empty(x2.shape[0], weight.shape[0]) for weight, *_ in projections], xa, a_cat, masks
     stacked = _stacked_base(projections)
     if stacked is None:
         outs = [cpu_gemm.linear(x2, weight, bias) for weight, bias, *_ in projections]  # (T, out_i) each
@@ -246,18 +246,45 @@ def _shared_forward(x2, projections, casts: CastAdapters, outputs: bool = True):
         outs = cpu_gemm.linear(x2, stacked).split([weight.shape[0] for weight, *_ in projections], dim=1)
     for out, (*_, s), lora_b_t, cols in zip(outs, projections, casts.b_t, _rank_slices(projections)):
         cpu_gemm.addmm_(out, xa[:, cols], lora_b_t, alpha=s)
-    return list(outs), xa, a_cat
+    return list(outs), xa, a_cat, masks
 
 
-def _shared_backward(x2, xa, a_cat, cast_b, projections, grad_outs, need_input_grad):
+# ---- adapter dropout: y_i = x W_i^T + s_i * (drop_i(x) A_i^T) B_i^T, a mask per projection -------
+# As the plain path's nn.Dropout makes them: each projection's own mask, drawn in the projections'
+# order by the same kernel, so a seed gives the same masks fused or not. Backward keeps the bool
+# masks (1 byte an element; the plain path keeps each dropped copy as well) and makes each copy
+# again with torch's dropout backward, which equals the forward's copy except on a CPU in 16 bits
+# (there torch's forward rounds the scale 1/(1-p) to the dtype, its backward does not: 0.2% at
+# p = 0.1, below bf16's rounding).
+
+def _times_a(x2, a_cat, projections, rates):
+    """(XA (T, R), [mask_i or None]): without dropout one GEMM for the group; with it, each
+    projection's A times its own dropped copy of x2, made and freed one at a time."""
+    if not any(rates):
+        return cpu_gemm.linear(x2, a_cat), [None] * len(rates)
+    products, masks = [], []
+    for cols, rate in zip(_rank_slices(projections), rates):
+        dropped, mask = torch.ops.aten.native_dropout(x2, rate, True) if rate else (x2, None)
+        products.append(cpu_gemm.linear(dropped, a_cat[cols]))
+        masks.append(mask)
+    return torch.cat(products, dim=1), masks
+
+
+def _redropped(t: torch.Tensor, mask: torch.Tensor | None, rate: float) -> torch.Tensor:
+    """t with the dropout of `mask` (drawn at `rate`) applied: the dropped input again, or a
+    gradient through the dropout."""
+    return t if mask is None else torch.ops.aten.native_dropout_backward(t, mask, 1.0 / (1.0 - rate))
+
+
+def _shared_backward(x2, xa, a_cat, cast_b, projections, grad_outs, need_input_grad, dropouts):
     """(dX or None, [dA_i], [dB_i]) for projections sharing input x2; cast_b: each B as the
-    forward took it."""
-    dxa, grads_a, grads_b = _adapter_grads(x2, xa, cast_b, projections, grad_outs)
-    dx = _input_grad_with_adapters(projections, grad_outs, dxa, a_cat) if need_input_grad else None
+    forward took it; dropouts: each projection's (mask or None, rate)."""
+    dxa, grads_a, grads_b = _adapter_grads(x2, xa, cast_b, projections, grad_outs, dropouts)
+    dx = _input_grad_with_adapters(projections, grad_outs, dxa, a_cat, dropouts) if need_input_grad else None
     return dx, grads_a, grads_b
 
 
-def _adapter_grads(x2, xa, cast_b, projections, grad_outs):
+def _adapter_grads(x2, xa, cast_b, projections, grad_outs, dropouts):
     """(dXA (T, R), [dA_i], [dB_i]): the last use of x2."""
     dxa = torch.empty_like(xa)  # (T, R)
     grads_b = []
@@ -266,6 +293,9 @@ def _adapter_grads(x2, xa, cast_b, projections, grad_outs):
         grad_b = _scaled_grad_weight(dy, xa[:, cols], s, lora_b.dtype)  # (out_i, r_i)
         grads_b.append(grad_b.contiguous())  # oneDNN's is a transposed view
     master_dtypes = [lora_a.dtype for _, _, lora_a, _, _ in projections]
+    if _dropped_any(dropouts):  # dA_i = dXA_i^T @ drop_i(X), one dropped copy at a time
+        return dxa, [_scaled_grad_weight(dxa[:, cols], _redropped(x2, mask, rate), 1.0, dtype)
+                     for cols, (mask, rate), dtype in zip(_rank_slices(projections), dropouts, master_dtypes)], grads_b
     # as apply_lora makes them, the group's masters share a dtype: one GEMM gives every dA in it
     common = master_dtypes[0] if len(set(master_dtypes)) == 1 else dxa.dtype
     grad_a_cat = _scaled_grad_weight(dxa, x2, 1.0, common)  # (R, in)
@@ -273,10 +303,19 @@ def _adapter_grads(x2, xa, cast_b, projections, grad_outs):
     return dxa, grads_a, grads_b
 
 
-def _input_grad_with_adapters(projections, grad_outs, dxa, a_cat, out=None) -> torch.Tensor:
-    """dX = sum_i dY_i @ W_i + dXA @ A_cat (T, in), into `out` (a column block) when given."""
+def _dropped_any(dropouts) -> bool:
+    return any(mask is not None for mask, _ in dropouts)
+
+
+def _input_grad_with_adapters(projections, grad_outs, dxa, a_cat, dropouts, out=None) -> torch.Tensor:
+    """dX = sum_i dY_i @ W_i + sum_i drop_i'(dXA_i @ A_i) (T, in), into `out` (a column block)
+    when given; without dropout the adapters' part is one GEMM, dXA @ A_cat."""
     dx = _input_grad([weight for weight, *_ in projections], grad_outs, out)
-    return cpu_gemm.addmm_(dx, dxa, a_cat)
+    if not _dropped_any(dropouts):
+        return cpu_gemm.addmm_(dx, dxa, a_cat)
+    for cols, (mask, rate) in zip(_rank_slices(projections), dropouts):
+        dx.add_(_redropped(cpu_gemm.matmul(dxa[:, cols], a_cat[cols]), mask, rate))
+    return dx
 
 
 def _input_grad(weights, grad_outs, out=None) -> torch.Tensor:
@@ -384,25 +423,26 @@ def _flat(t):
 
 class _SharedInputLora(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, layers, scalings, *params):
+    def forward(ctx, x, layers, scalings, rates, *params):
         projections = _group(params, scalings)
         casts = cast_adapters(layers, x.dtype)
-        outs, xa, a_cat = _shared_forward(_flat(x), projections, casts)
-        ctx.scalings, ctx.ranks = scalings, len(casts.b)
-        ctx.save_for_backward(x, xa, a_cat, *casts.b, *params)
+        outs, xa, a_cat, masks = _shared_forward(_flat(x), projections, casts, rates)
+        ctx.scalings, ctx.rates, ctx.ranks = scalings, rates, len(casts.b)
+        ctx.save_for_backward(x, xa, a_cat, *casts.b, *masks, *params)
         lead = x.shape[:-1]
         return tuple(out.view(*lead, out.shape[-1]) for out in outs)
 
     @staticmethod
     def backward(ctx, *grad_outs):
         x, xa, a_cat, *rest = ctx.saved_tensors
-        cast_b, params = rest[:ctx.ranks], rest[ctx.ranks:]
+        n = ctx.ranks
+        cast_b, masks, params = rest[:n], rest[n:2 * n], rest[2 * n:]
         projections = _group(params, ctx.scalings)
         dx, grads_a, grads_b = _shared_backward(_flat(x), xa, a_cat, cast_b, projections,
                                                 [_flat(g) for g in grad_outs],
-                                                ctx.needs_input_grad[0])
+                                                ctx.needs_input_grad[0], list(zip(masks, ctx.rates)))
         dx = None if dx is None else dx.view(x.shape)
-        return dx, None, None, *_param_grads(grads_a, grads_b)
+        return dx, None, None, None, *_param_grads(grads_a, grads_b)
 
 
 def _silu_mul_grads(e, g, dh, silu=None, dg_out=None):
@@ -416,19 +456,22 @@ def _silu_mul_grads(e, g, dh, silu=None, dg_out=None):
 
 class _LoraSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, triton_ops, layers, scalings, *params):
+    def forward(ctx, x, triton_ops, layers, scalings, rates, *params):
         gate, up, down = _group(params, scalings)
         gate_up_casts, down_casts = cast_adapters(layers[:2], x.dtype), cast_adapters(layers[2:], x.dtype)
-        (e, g), xa, a_cat = _shared_forward(_flat(x), [gate, up], gate_up_casts)  # (T, I) each
+        (e, g), xa, a_cat, masks = _shared_forward(_flat(x), [gate, up], gate_up_casts, rates[:2])  # (T, I) each
         h = triton_ops.silu_mul(e, g) if triton_ops else F.silu(e).mul_(g)  # not saved
-        (out,), ha, a_down = _shared_forward(h, [down], down_casts, outputs=not _RECOMPUTE.skips_mlp_output)
-        ctx.scalings, ctx.triton_ops = scalings, triton_ops
-        ctx.save_for_backward(x, e, g, xa, a_cat, ha, a_down, *gate_up_casts.b, *down_casts.b, *params)
+        (out,), ha, a_down, (down_mask,) = _shared_forward(h, [down], down_casts, rates[2:],
+                                                           outputs=not _RECOMPUTE.skips_mlp_output)
+        ctx.scalings, ctx.rates, ctx.triton_ops = scalings, rates, triton_ops
+        ctx.save_for_backward(x, e, g, xa, a_cat, ha, a_down, *gate_up_casts.b, *down_casts.b, *masks, down_mask,
+                              *params)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, e, g, xa, a_cat, ha, a_down, b_gate, b_up, b_down, *params = ctx.saved_tensors
+        x, e, g, xa, a_cat, ha, a_down, b_gate, b_up, b_down, *rest = ctx.saved_tensors
+        dropouts, params = list(zip(rest[:3], ctx.rates)), rest[3:]
         gate, up, down = _group(params, ctx.scalings)
         ops = ctx.triton_ops
         # with gate and up stacked, dh (then d gate over it) and d up go side by side into one
@@ -440,17 +483,17 @@ class _LoraSwiGLU(torch.autograd.Function):
         else:  # the same kernels as forward: h is recomputed exactly
             h = silu * g if silu is not None else F.silu(e).mul_(g)
         grad = _flat(grad_out)
-        dxa_down, grads_a_down, grads_b_down = _adapter_grads(h, ha, [b_down], [down], grad_outs=[grad])
+        dxa_down, grads_a_down, grads_b_down = _adapter_grads(h, ha, [b_down], [down], [grad], dropouts[2:])
         del h  # before the buffers below: the MLP's backward peak stays at two (T, I) matrices
         d_gate_up = torch.empty(e.shape[0], 2 * e.shape[1], dtype=e.dtype, device=e.device) if side_by_side else None
         dh_out, dg_out = (None, None) if d_gate_up is None else d_gate_up.split(e.shape[1], dim=1)
-        dh = _input_grad_with_adapters([down], [grad], dxa_down, a_down, out=dh_out)
+        dh = _input_grad_with_adapters([down], [grad], dxa_down, a_down, dropouts[2:], out=dh_out)
         if ops is None:
             de, dg = _silu_mul_grads(e, g, dh, silu=silu, dg_out=dg_out)
         else:  # one pass, de written over dh
             de, dg = ops.silu_mul_grads(e, g, dh, into_grad=True, d_up=dg_out)
         dx, grads_a, grads_b = _shared_backward(_flat(x), xa, a_cat, [b_gate, b_up], [gate, up], [de, dg],
-                                                ctx.needs_input_grad[0])
+                                                ctx.needs_input_grad[0], dropouts[:2])
         dx = None if dx is None else dx.view(x.shape)
-        return (dx, None, None, None,
+        return (dx, None, None, None, None,
                 *_param_grads(grads_a + grads_a_down, grads_b + grads_b_down))

@@ -27,7 +27,9 @@ Peak memory (per device, allocated bytes) is the largest of four moments of the 
   also o_proj's input) and the fp32 logsumexp (with `cpu_attention`, lorakit's CPU attention: the
   fp32 probabilities of up to 256 positions instead); SwiGLU saves gate, up and silu(gate);
   down_proj's LoRA saves the product (with `fused_mlp`, lorakit's fused MLP, neither: both are
-  recomputed). Layer 0 saves less: the frozen embedding's output needs no grad.
+  recomputed). Adapter dropout: each adapter saves its dropped copy and mask; in lorakit's fused
+  blocks (`fused_mlp`) a group saves its input once and a bool mask per adapter. Layer 0 saves
+  less: the frozen embedding's output needs no grad.
   With activation checkpointing a layer keeps only its input, and the backward recomputes one
   layer at a time: the peak is all the checkpoints plus one layer's full saved set.
   Selective checkpointing (`checkpoint_layers` k of L, the earliest k, as lorakit's trainer
@@ -276,16 +278,21 @@ def mlp_runs_fused(shape: TrainShape) -> bool:
 
 
 def _mlp_is_fused(shape: TrainShape, adapted: set[str]) -> bool:
-    """Whether lorakit's fused MLP runs: plain LoRA (no dropout, no quantised base) on all three."""
-    return (shape.fused_mlp and shape.engine == "lorakit" and shape.lora_dropout == 0 and shape.quantize is None
-            and {"gate_proj", "up_proj", "down_proj"} <= adapted)
+    """Whether lorakit's fused MLP runs: plain LoRA (no quantised base) on all three."""
+    return _blocks_fused(shape) and {"gate_proj", "up_proj", "down_proj"} <= adapted
+
+
+def _blocks_fused(shape: TrainShape) -> bool:
+    """Whether lorakit's fused LoRA blocks run where their projections all carry an adapter."""
+    return shape.fused_mlp and shape.engine == "lorakit" and shape.quantize is None
 
 
 def _lora_saved_bytes(m: ModelShape, shape: TrainShape, adapted: set[str], attn_grad: bool,
                       stream_grad: bool) -> dict[str, float]:
     """What the LoRA branches add: their inputs (shared per group, or a copy per adapter) and
     the rank-r intermediates. With dropout each adapter saves its dropped copy, and its mask
-    where the input needs a grad (CUDA's fused dropout keeps a bool mask, the CPU a float one)."""
+    where the input needs a grad (CUDA's fused dropout keeps a bool mask, the CPU a float one);
+    in lorakit's fused blocks a group saves its input once and a bool mask per adapter."""
     b = shape.compute_bytes
     cast = shape.engine == "peft" and b < 4  # PEFT keeps adapters in fp32 and casts x per adapter
     branch_bytes = 4 if cast else b  # per element of what the adapter branch computes
@@ -298,15 +305,26 @@ def _lora_saved_bytes(m: ModelShape, shape: TrainShape, adapted: set[str], attn_
         if not users:
             continue
         width = shapes[users[0]][0]
-        if shape.lora_dropout > 0:
+        fused = _group_fused(shape, adapted, label, whole=len(users) == len(members))
+        if shape.lora_dropout > 0 and not fused:
             saved[f"{label}: dropped copy (+ mask) per adapter"] = len(users) * width * (
                 branch_bytes + _dropout_mask_bytes(shape, branch_bytes, needs_grad=stream_grad or label != "attention input"))
-        elif cast:
+            continue
+        if shape.lora_dropout > 0:
+            saved[f"{label}: dropout mask (bool) per adapter"] = len(users) * width
+        if cast:
             saved[f"{label}: fp32 copy per adapter"] = len(users) * width * 4
         elif not (label == "o_proj input" and attn_grad):  # sdpa's output is o_proj's input
             saved[label] = width * b
     saved["LoRA intermediates (x @ A)"] = len(adapted) * shape.r * branch_bytes
     return saved
+
+
+def _group_fused(shape: TrainShape, adapted: set[str], label: str, whole: bool) -> bool:
+    """Whether the projections reading this input run as one fused group (every one adapted)."""
+    if label in ("MLP input", "down_proj input (SwiGLU product)"):
+        return _mlp_is_fused(shape, adapted)
+    return whole and _blocks_fused(shape)
 
 
 def _dropout_mask_bytes(shape: TrainShape, branch_bytes: int, needs_grad: bool) -> int:

@@ -42,8 +42,9 @@ class TrainShape:
     # lorakit's CPU attention (kernels/cpu_attention.py, on with the fast paths on a CPU): it keeps
     # the fp32 probabilities for backward, rows up to 256 positions, instead of the logsumexp
     cpu_attention: bool = False
-    # lorakit's fused LoRA MLP (kernels/fused_lora.lora_mlp, a fast path on every device when gate,
-    # up and down all carry plain LoRA): it recomputes silu(gate) and the SwiGLU product in backward
+    # lorakit's fused LoRA blocks (kernels/fused_lora, a fast path on every device; the MLP's when gate,
+    # up and down all carry plain LoRA): the MLP recomputes silu(gate) and the SwiGLU product in
+    # backward, and with dropout each fused group keeps a bool mask per adapter, not a dropped copy
     fused_mlp: bool = False
 
     def __post_init__(self) -> None:
