@@ -1,0 +1,48 @@
+"""The adapter-dropout masks lorakit's fused blocks draw, recorded and replayed into the plain
+LoRA layers: the oracle for the fused dropout, whose CPU masks come from another random stream
+than nn.Dropout's (kernels/fused_lora._cpu_mask)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from lorakit.kernels import fused_lora
+
+
+class RecordedMasks:
+    """Every mask the fused path draws while installed, in the order drawn."""
+
+    def __init__(self, monkeypatch):
+        self.masks: list[torch.Tensor] = []
+        drawn = fused_lora._dropped
+
+        def recording(x, rate):
+            dropped, mask = drawn(x, rate)
+            self.masks.append(mask)
+            return dropped, mask
+
+        monkeypatch.setattr(fused_lora, "_dropped", recording)
+
+    def replay_into(self, layers: Iterable[nn.Module]) -> None:
+        """Make each LoRA layer's dropout apply the recorded masks, taken in call order (the
+        plain path calls the projections in the order the fused path drew for them)."""
+        queue = iter(list(self.masks))
+        for layer in layers:
+            if isinstance(layer.lora_dropout, nn.Dropout):
+                layer.lora_dropout = ReplayedDropout(layer.lora_dropout.p, queue)
+
+
+class ReplayedDropout(nn.Module):
+    """Dropout in plain PyTorch with given masks: x * mask / (1 - p)."""
+
+    def __init__(self, p: float, masks: Iterator[torch.Tensor]):
+        super().__init__()
+        self.p, self.masks = p, masks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = next(self.masks)  # drawn over the (tokens, features) view of the input
+        assert mask.numel() == x.numel(), "the masks replay in another order than they were drawn"
+        return x * mask.view(x.shape) / (1 - self.p)
