@@ -7,6 +7,8 @@ without bf16), on 1b-like widths:
     q,k,v        lora_qkv(x, q, k, v)          vs  q(x), k(x), v(x)
     o            lora_linear(x, o)              vs  o(x)
     mlp          lora_mlp(x, gate, up, down)    vs  down(silu(gate(x)) * up(x))
+    ... dropout  q,k,v and the stacked MLP with adapter dropout 0.1 (torch's fused dropout kernel
+                 draws the masks), vs the plain modules replaying the masks drawn
     lm_head+ce   chunked_lm_head_loss(h, W, y)  vs  cross_entropy(h W^T, y)
     triton ops   rms_norm, swiglu, rope (kernels/triton_ops.py, compiled for the GPU here)
                  vs their plain references; skipped without triton
@@ -31,6 +33,7 @@ import copy
 import itertools
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +44,9 @@ from lorakit.kernels.chunked_ce import chunked_lm_head_loss
 from lorakit.kernels.fused_lora import lora_linear, lora_mlp, lora_qkv
 from lorakit.lora import LoraLinear
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from replayed_dropout import recorded_masks, replay_masks  # noqa: E402
+
 HIDDEN, KV, INTER, VOCAB, TOKENS, RANK = 2048, 512, 8192, 32768, 1024, 16
 MIN_COSINE = 0.999
 # and the largest error relative to the reference's largest value: cosine alone ignores scale (a
@@ -50,9 +56,9 @@ MAX_REL_ERROR = {"bfloat16": 5e-2, "float16": 5e-2, "float32": 1e-3}
 DEVICE = "cuda"  # set from --device
 
 
-def _lora(n_in: int, n_out: int, dtype: torch.dtype) -> LoraLinear:
+def _lora(n_in: int, n_out: int, dtype: torch.dtype, dropout: float = 0.0) -> LoraLinear:
     base = nn.Linear(n_in, n_out, bias=False, device=DEVICE, dtype=dtype).requires_grad_(False)
-    layer = LoraLinear(base, RANK, 2 * RANK, 2.0)
+    layer = LoraLinear(base, RANK, 2 * RANK, 2.0, dropout=dropout)
     with torch.no_grad():
         layer.lora_B.weight.normal_(std=0.02)  # B = 0 would hide half of the algebra
     return layer
@@ -60,24 +66,32 @@ def _lora(n_in: int, n_out: int, dtype: torch.dtype) -> LoraLinear:
 
 def _cases(dtype: torch.dtype):
     """name -> (modules, fused fn, plain fn); fn(x, *modules) -> output tensor."""
-    qkv = [_lora(HIDDEN, HIDDEN, dtype), _lora(HIDDEN, KV, dtype), _lora(HIDDEN, KV, dtype)]
-    mlp = [_lora(HIDDEN, INTER, dtype), _lora(HIDDEN, INTER, dtype), _lora(INTER, HIDDEN, dtype)]
+    def qkv(dropout=0.0):
+        return [_lora(HIDDEN, out, dtype, dropout) for out in (HIDDEN, KV, KV)]
+
+    def mlp(dropout=0.0):
+        return [_lora(HIDDEN, INTER, dtype, dropout), _lora(HIDDEN, INTER, dtype, dropout),
+                _lora(INTER, HIDDEN, dtype, dropout)]
+
     # as the trainer runs it on CUDA: gate and up stacked into one matrix, the Triton SwiGLU
-    stacked = [_lora(HIDDEN, INTER, dtype), _lora(HIDDEN, INTER, dtype), _lora(INTER, HIDDEN, dtype)]
-    is_stacked = fused_lora.stack_frozen_weights(stacked[:2])
+    stacked, stacked_dropout = mlp(), mlp(0.1)
+    is_stacked = [fused_lora.stack_frozen_weights(layers[:2]) for layers in (stacked, stacked_dropout)]
 
     def fused_stacked(x, *modules):
-        if not is_stacked:  # a failed row: the case would test the unstacked path
+        if not all(is_stacked):  # a failed row: the case would test the unstacked path
             raise RuntimeError("gate and up were not stacked")
         return lora_mlp(x, *modules, triton=True)
 
+    fused_qkv = lambda x, *m: torch.cat(lora_qkv(x, *m), -1)  # noqa: E731
+    plain_qkv = lambda x, *m: torch.cat([layer(x) for layer in m], -1)  # noqa: E731
     plain_mlp = lambda x, g, u, d: d(F.silu(g(x)) * u(x))  # noqa: E731
     return {
-        "q,k,v": (qkv, lambda x, *m: torch.cat(lora_qkv(x, *m), -1),
-                  lambda x, *m: torch.cat([layer(x) for layer in m], -1)),
+        "q,k,v": (qkv(), fused_qkv, plain_qkv),
         "o": ([_lora(HIDDEN, HIDDEN, dtype)], lambda x, o: lora_linear(x, o), lambda x, o: o(x)),
-        "mlp": (mlp, lambda x, *m: lora_mlp(x, *m), plain_mlp),
+        "mlp": (mlp(), lambda x, *m: lora_mlp(x, *m), plain_mlp),
         "mlp stacked": (stacked, fused_stacked, plain_mlp),
+        "q,k,v dropout": (qkv(0.1), fused_qkv, plain_qkv),
+        "mlp st. dropout": (stacked_dropout, fused_stacked, plain_mlp),
     }
 
 
@@ -103,8 +117,10 @@ def check_block(name, modules, fused, plain, dtype) -> dict:
     torch.manual_seed(0)
     x = torch.randn(TOKENS, modules[0].in_features, device=DEVICE, dtype=dtype)
     upstream = torch.randn_like(fused(x, *modules).float())
-    ours = _grads(fused, x, modules, upstream)
+    with recorded_masks() as masks:  # none without dropout
+        ours = _grads(fused, x, modules, upstream)
     reference_modules = [copy.deepcopy(m).double() for m in modules]
+    replay_masks(masks, reference_modules)
     reference = _grads(plain, x.double(), reference_modules, upstream.double())
     cosine, error = _compare(ours, reference)
     return {"case": name, "dtype": str(dtype).removeprefix("torch."), "min_cosine": cosine, "max_rel_error": error}

@@ -1,9 +1,10 @@
 """The adapter-dropout masks lorakit's fused blocks draw, recorded and replayed into the plain
 LoRA layers: the oracle for the fused dropout, whose CPU masks come from another random stream
-than nn.Dropout's (kernels/fused_lora._cpu_mask)."""
+than nn.Dropout's (kernels/fused_lora._cpu_mask). Also used by scripts/gpu_kernels.py."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -12,27 +13,31 @@ from torch import nn
 from lorakit.kernels import fused_lora
 
 
-class RecordedMasks:
-    """Every mask the fused path draws while installed, in the order drawn."""
+@contextlib.contextmanager
+def recorded_masks() -> Iterator[list[torch.Tensor]]:
+    """A list that receives every mask the fused path draws inside the block, in the order drawn."""
+    masks: list[torch.Tensor] = []
+    drawn = fused_lora._dropped
 
-    def __init__(self, monkeypatch):
-        self.masks: list[torch.Tensor] = []
-        drawn = fused_lora._dropped
+    def recording(x, rate):
+        dropped, mask = drawn(x, rate)
+        masks.append(mask)
+        return dropped, mask
 
-        def recording(x, rate):
-            dropped, mask = drawn(x, rate)
-            self.masks.append(mask)
-            return dropped, mask
+    fused_lora._dropped = recording
+    try:
+        yield masks
+    finally:
+        fused_lora._dropped = drawn
 
-        monkeypatch.setattr(fused_lora, "_dropped", recording)
 
-    def replay_into(self, layers: Iterable[nn.Module]) -> None:
-        """Make each LoRA layer's dropout apply the recorded masks, taken in call order (the
-        plain path calls the projections in the order the fused path drew for them)."""
-        queue = iter(list(self.masks))
-        for layer in layers:
-            if isinstance(layer.lora_dropout, nn.Dropout):
-                layer.lora_dropout = ReplayedDropout(layer.lora_dropout.p, queue)
+def replay_masks(masks: list[torch.Tensor], layers: Iterable[nn.Module]) -> None:
+    """Make each LoRA layer's dropout apply these masks, taken in call order (the plain path
+    calls the projections in the order the fused path drew for them)."""
+    queue = iter(list(masks))
+    for layer in layers:
+        if isinstance(layer.lora_dropout, nn.Dropout):
+            layer.lora_dropout = ReplayedDropout(layer.lora_dropout.p, queue)
 
 
 class ReplayedDropout(nn.Module):
@@ -45,4 +50,4 @@ class ReplayedDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = next(self.masks)  # drawn over the (tokens, features) view of the input
         assert mask.numel() == x.numel(), "the masks replay in another order than they were drawn"
-        return x * mask.view(x.shape) / (1 - self.p)
+        return x * mask.view(x.shape).to(x.device) / (1 - self.p)

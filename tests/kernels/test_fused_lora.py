@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from replayed_dropout import RecordedMasks
+from replayed_dropout import recorded_masks, replay_masks
 from torch import nn
 
 from lorakit.kernels import adapter_casts, fused_lora, stacking
@@ -230,22 +230,22 @@ def _dropout_block(block, dtype=torch.float32):
     return layers, lambda x: lora_linear(x, layers[0]), layers[0]
 
 
-def _fused_then_replayed(monkeypatch, block, dtype=torch.float32):
+def _fused_then_replayed(block, dtype=torch.float32):
     """(fused, plain) outputs and gradients: the fused block in training mode, then the plain
     modules with the masks it drew."""
     layers, fused_fn, plain_fn = _dropout_block(block, dtype)
-    recorded = RecordedMasks(monkeypatch)
-    fused = _outputs_and_grads(fused_fn, _input(dtype), layers)
-    assert len(recorded.masks) == sum(isinstance(layer.lora_dropout, nn.Dropout) for layer in layers)
-    recorded.replay_into(layers)
+    with recorded_masks() as masks:
+        fused = _outputs_and_grads(fused_fn, _input(dtype), layers)
+    assert len(masks) == sum(isinstance(layer.lora_dropout, nn.Dropout) for layer in layers)
+    replay_masks(masks, layers)
     return fused, _outputs_and_grads(plain_fn, _input(dtype), layers)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("block", ["qkv", "mlp", "linear"])
 @pytest.mark.usefixtures("scaling_path")
-def test_dropout_blocks_match_the_plain_modules_with_the_same_masks(monkeypatch, block, dtype, tolerance):
-    fused, plain = _fused_then_replayed(monkeypatch, block, dtype)
+def test_dropout_blocks_match_the_plain_modules_with_the_same_masks(block, dtype, tolerance):
+    fused, plain = _fused_then_replayed(block, dtype)
     # fp32: relative to each tensor's largest entry (the GEMMs sum in another order than autograd's)
     for got, want in zip(fused[0] + fused[1], plain[0] + plain[1]):
         assert got.dtype == want.dtype
@@ -263,8 +263,8 @@ def test_dropout_masks_matter():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block", ["qkv", "mlp"])
-def test_dropout_blocks_in_16_bits_agree_with_the_plain_path(monkeypatch, block, dtype):
-    fused, plain = _fused_then_replayed(monkeypatch, block, dtype)  # the paths round differently
+def test_dropout_blocks_in_16_bits_agree_with_the_plain_path(block, dtype):
+    fused, plain = _fused_then_replayed(block, dtype)  # the paths round differently
     errors = _relative_errors(fused, [[t.float() for t in part] for part in plain])
     assert max(errors) < 2e-2, errors
 

@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 import torch.utils.checkpoint
-from replayed_dropout import RecordedMasks
+from replayed_dropout import recorded_masks, replay_masks
 from tiny_models import prefill_then_decode
 from torch import nn
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
@@ -236,11 +236,11 @@ def test_dropout_adapters_fuse_and_match_the_plain_model_with_their_masks(monkey
         monkeypatch.setattr(fused_lora, "_cublas_writes_in_place", lambda t: True)
     assert enable_fast_paths(model, stack=stack) == []
     assert "forward" in model.model.layers[0].self_attn.q_proj.__dict__
-    recorded = RecordedMasks(monkeypatch)
-    fast = _fast(model, batch)
-    assert len(recorded.masks) == 7 * SIZES["num_hidden_layers"]
+    with recorded_masks() as masks:
+        fast = _fast(model, batch)
+    assert len(masks) == 7 * SIZES["num_hidden_layers"]
     disable_fast_paths(model)
-    recorded.replay_into(m for m in model.modules() if isinstance(m, LoraLinear))
+    replay_masks(masks, (m for m in model.modules() if isinstance(m, LoraLinear)))
     _assert_same(fast, _plain(model, batch))
 
 
