@@ -510,7 +510,9 @@ class _LoraSwiGLU(torch.autograd.Function):
             h = silu * g if silu is not None else F.silu(e).mul_(g)
         grad = _flat(grad_out)
         dxa_down, grads_a_down, grads_b_down = _adapter_grads(h, ha, [b_down], [down], [grad], dropouts[2:])
-        del h  # before the buffers below: the MLP's backward peak stays at two (T, I) matrices
+        # before the buffers below: the MLP's backward peak stays at two (T, I) matrices (with dropout
+        # the down adapter's dropped copy of h was a third, for its dA alone)
+        del h
         d_gate_up = torch.empty(e.shape[0], 2 * e.shape[1], dtype=e.dtype, device=e.device) if side_by_side else None
         dh_out, dg_out = (None, None) if d_gate_up is None else d_gate_up.split(e.shape[1], dim=1)
         dh = _input_grad_with_adapters([down], [grad], dxa_down, a_down, dropouts[2:], out=dh_out)
