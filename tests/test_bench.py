@@ -375,7 +375,8 @@ def test_dropout_reaches_every_variant_and_lorakit_stays_fused():
     plan = resolve(_settings(dropout=0.1))
     prepared = {name: prepare_variant(name, plan) for name in ("lorakit", "peft")}
     for name, variant in prepared.items():
-        rates = [m.p for n, m in variant.model.named_modules() if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
+        rates = [m.p for n, m in variant.model.named_modules()
+                 if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
         assert rates == [0.1] * 7 * plan.settings.layers, name
     lorakit = prepared["lorakit"]
     assert lorakit.notices == [] and "forward" in lorakit.model.model.layers[0].mlp.__dict__  # fused, no fallback
