@@ -134,7 +134,7 @@ def budget_checkpoint_layers(plan: Plan, variant: str = "lorakit") -> tuple[int,
     step = dict(batch_size=s.batch, seq_len=s.seq_len, r=s.r, targets=list(TARGETS), fused_loss=chunked,
                 dtype=plan.dtype, device=s.device,
                 loss_chunk_tokens=s.chunk_size, cpu_attention=s.device == "cpu" and fused and native,
-                fused_mlp=fused, lora_dropout=s.dropout)
+                fused_mlp=fused, fused_attention=fused, lora_dropout=s.dropout)
     peaks = [estimate_memory(plan.shape, TrainShape(**step, grad_checkpointing=k > 0, checkpoint_layers=k or None)).total
              for k in range(s.layers + 1)]
     budget = s.memory_budget_gib * GIB * SAFETY_MARGIN  # the trainer's margin: fragmentation, workspaces

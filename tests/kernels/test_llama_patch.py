@@ -244,6 +244,21 @@ def test_dropout_adapters_fuse_and_match_the_plain_model_with_their_masks(monkey
     _assert_same(fast, _plain(model, batch))
 
 
+def test_unfused_dropout_adapters_draw_the_plain_models_masks_through_the_copied_forward():
+    """LoRA on q and v only leaves q, k, v unfused: the copied attention forward calls them in
+    transformers' order, so in training mode the same seed gives nn.Dropout's masks, loss and
+    gradients."""
+    model, batch = _model(target_modules=["q_proj", "v_proj"], dropout=0.3), _unpadded_batch()
+    model.train()
+    torch.manual_seed(11)
+    plain = _plain(model, batch)
+    enable_fast_paths(model)
+    attn = model.model.layers[0].self_attn
+    assert "forward" in attn.__dict__ and "forward" not in attn.q_proj.__dict__  # the copy, around unfused q, v
+    torch.manual_seed(11)
+    _assert_same(_fast(model, batch), plain)
+
+
 def test_dropout_masks_are_drawn_again_alike_in_a_checkpointed_recompute(monkeypatch):
     from lorakit.train.memory_plan import checkpoint_layers
 

@@ -673,7 +673,7 @@ def test_cli_labelled_fraction_lowers_the_flops_and_refuses_zero(capsys):
 
 
 @pytest.mark.parametrize("targets, dropout", [("all-linear", 0.0), ("attention", 0.0), ("mlp", 0.0), ("qv", 0.0),
-                                              ("all-linear", 0.1), ("qv", 0.1)])
+                                              ("all-linear", 0.1), ("attention", 0.1), ("qv", 0.1)])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_cpu_fast_paths_save_no_more_than_the_estimate(monkeypatch, dtype, targets, dropout):
     """What the trainer's memory plan estimates on a CPU with the fast paths: the attention
@@ -709,7 +709,7 @@ def test_cpu_fast_paths_save_no_more_than_the_estimate(monkeypatch, dtype, targe
 
     def estimated_saved(**options):
         shape = TrainShape(batch_size=2, seq_len=256, r=16, targets=targets, dtype=dtype, device="cpu",
-                           fused_mlp=True, lora_dropout=dropout, **options)
+                           fused_mlp=True, fused_attention=True, lora_dropout=dropout, **options)
         layers = sum(layer_saved_bytes(m, shape, stream_grad=False).values()) + sum(layer_saved_bytes(m, shape).values())
         return shape.tokens * layers + _per_step_saved_bytes(m, shape)
 

@@ -399,6 +399,27 @@ def test_the_plan_counts_the_cpu_attention_probabilities_where_the_fast_paths_ke
     assert not planned()
 
 
+def test_the_plan_knows_which_blocks_run_fused():
+    """With dropout the fused groups keep bool masks instead of dropped copies: the plan asks the
+    patched model which groups fused (a mix answers False, the larger estimate)."""
+    from lorakit.kernels import llama_patch
+    from lorakit.kernels.llama_patch import enable_fast_paths
+    from lorakit.lora import LoraConfig
+
+    def fused(model):
+        sizes = memory_plan._estimator_step(model, run_config(), CPU, fsdp=False)[1]
+        return sizes["fused_attention"], sizes["fused_mlp"]
+
+    everything, attention_only = lora_model(), tiny_llama(layers=2)
+    apply_lora(attention_only, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    assert fused(everything) == (False, False)
+    enable_fast_paths(everything)
+    enable_fast_paths(attention_only)
+    assert fused(everything) == (True, True) and fused(attention_only) == (True, False)
+    llama_patch._restore_forward(attention_only.model.layers[0].self_attn.q_proj)  # one attention unfused
+    assert fused(attention_only) == (False, False)
+
+
 def test_the_trainer_plans_after_enabling_the_fast_paths(monkeypatch, tmp_path):
     """prepare() enables the fast paths before it plans checkpointing, so the plan counts what
     they keep (on a CPU the attention probabilities) and what they do not (the fused MLP's

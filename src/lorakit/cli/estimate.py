@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         offload_checkpoints=args.grad_checkpointing == "offload",
         dtype=args.dtype, quantize=args.quantize,
         world_size=args.world_size, fsdp=args.fsdp, fused_loss=args.fused_loss or args.fast_paths,
-        fused_mlp=args.fast_paths, engine=args.engine,
+        fused_mlp=args.fast_paths, fused_attention=args.fast_paths, engine=args.engine,
         lora_dropout=args.lora_dropout, labelled_fraction=args.labelled_fraction, device=args.device,
         cpu_attention=args.device == "cpu" and args.fast_paths and args.engine == "lorakit",  # train's there
     )

@@ -39,8 +39,9 @@ base GEMM (its LoRA A product, which backward saves, still runs) and returns an 
 tensor, which only the discarded residual sum reads: about a quarter of a Llama layer's forward
 FLOPs, so of the work checkpointing adds.
 
-The fused path covers plain LoRA only: `fuse_blocker(module)` names why a module cannot use
-it (dropout > 0, DoRA, merged or disabled adapter, trainable or non-float base weight).
+The fused path covers plain LoRA, with or without adapter dropout (below): `fuse_blocker(module)`
+names why a module cannot use it (DoRA, merged or disabled adapter, trainable or non-float base
+weight, a dropout module other than nn.Dropout).
 """
 
 from __future__ import annotations
@@ -257,6 +258,8 @@ def _shared_forward(x2, projections, casts: CastAdapters, rates, outputs: bool =
 # (1 byte an element; the plain path keeps each dropped copy as well) and makes each copy again.
 # A mask multiplies as bytes: torch multiplies by a bool tensor 6-35x slower on a CPU (a
 # conversion per element), which made the first version of this path slower than the plain one.
+# A byte mask still makes transient converted copies on a CPU (freed at once; the step's peak RSS
+# grew by the masks alone, 0.14 GiB); masked_fill_, which makes none, ran 5x slower.
 
 def _times_a(x2, a_cat, projections, rates):
     """(XA (T, R), [mask_i or None]): without dropout one GEMM for the group; with it, each
@@ -273,7 +276,7 @@ def _times_a(x2, a_cat, projections, rates):
 
 def _dropped(x: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x with dropout at `rate`, its bool mask)."""
-    if x.is_cuda:  # mask and copy in one pass
+    if x.device.type != "cpu":  # mask and copy in one pass, on any device torch drops on
         return torch.ops.aten.native_dropout(x, rate, True)
     mask = _cpu_mask(x, rate)
     return _masked(x, mask, rate), mask
@@ -294,8 +297,9 @@ def _cpu_mask(x: torch.Tensor, rate: float) -> torch.Tensor:
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor, rate: float) -> torch.Tensor:
-    """x * mask / (1 - rate), a new tensor: the dropped copy `_dropped` made, again (on a GPU too:
-    its dropout kernel also rounds x / (1 - rate) once). The bool mask is read as bytes (above)."""
+    """x * mask / (1 - rate), a new tensor: on a CPU the dropped copy `_dropped` made, again; on a
+    GPU within an ulp of it (its kernel scales by 1 / (1 - rate) computed in fp32, this in fp64).
+    The bool mask is read as bytes (above)."""
     return x.mul(mask.view(torch.uint8)).mul_(1.0 / (1.0 - rate))
 
 
@@ -317,8 +321,11 @@ def _adapter_grads(x2, xa, cast_b, projections, grad_outs, dropouts):
         grads_b.append(grad_b.contiguous())  # oneDNN's is a transposed view
     master_dtypes = [lora_a.dtype for _, _, lora_a, _, _ in projections]
     if _dropped_any(dropouts):  # dA_i = dXA_i^T @ drop_i(X), one dropped copy at a time
-        return dxa, [_scaled_grad_weight(dxa[:, cols], x2 if mask is None else _masked(x2, mask, rate), 1.0, dtype)
-                     for cols, (mask, rate), dtype in zip(_rank_slices(projections), dropouts, master_dtypes)], grads_b
+        grads_a = []
+        for cols, (mask, rate), dtype in zip(_rank_slices(projections), dropouts, master_dtypes):
+            dropped = x2 if mask is None else _masked(x2, mask, rate)
+            grads_a.append(_scaled_grad_weight(dxa[:, cols], dropped, 1.0, dtype))
+        return dxa, grads_a, grads_b
     # as apply_lora makes them, the group's masters share a dtype: one GEMM gives every dA in it
     common = master_dtypes[0] if len(set(master_dtypes)) == 1 else dxa.dtype
     grad_a_cat = _scaled_grad_weight(dxa, x2, 1.0, common)  # (R, in)

@@ -23,8 +23,7 @@ says why and the rest stays):
                           change is ops.rope(q, k, cos, sin) in place of apply_rotary_pos_emb;
                           projections, cache update and attention kernel are called as there.
                           It runs also where q, k, v cannot fuse (LoRA on some of them only, or
-                          on the MLP only, dropout, DoRA): it then calls each projection's own
-                          forward
+                          on the MLP only, DoRA): it then calls each projection's own forward
 
 With the native ops, the copied forward also hands causal attention over CPU tensors to
 cpu_attention.causal_attention (block-causal GEMMs over grouped query heads; the varlen path of
@@ -202,6 +201,14 @@ def triton_kernels_enabled(model: nn.Module) -> bool:
     return any(module.__dict__.get(_TRITON) for module in model.modules())
 
 
+def attentions_fused(model: nn.Module) -> bool:
+    """Every attention runs its q, k, v as lora_qkv, and its o_proj as lora_linear where adapted
+    (the estimator's per-layer model cannot count a mix: a mix answers False)."""
+    attentions = [m for m in model.modules() if type(m).__name__ in ATTENTIONS]
+    return bool(attentions) and all(hasattr(attn.q_proj, _SAVED_FORWARD) and (
+        hasattr(attn.o_proj, _SAVED_FORWARD) or adapter_casts.lora_parts(attn.o_proj) is None) for attn in attentions)
+
+
 def mlps_fused(model: nn.Module) -> bool:
     """Every SwiGLU MLP runs lora_mlp (which keeps neither silu(gate) nor the SwiGLU product): the
     estimator's per-layer model cannot count a mix, so a mix answers False (the larger estimate)."""
@@ -303,7 +310,7 @@ def _patch_attention(attn: nn.Module, ops) -> str | None:
     rope_reason = _rope_swap_blocker(attn) if ops is not None else None
     rope_ops = ops if ops is not None and rope_reason is None else None
     cpu_attention.set_enabled(attn, ops is native_ops)  # read by the copy and by varlen_attention
-    # without fused q, k, v (LoRA on some of them only, dropout, DoRA, none) the copied forward
+    # without fused q, k, v (LoRA on some of them only, DoRA, none) the copied forward
     # still pays for its RoPE and, on the CPU, its attention: it calls the projections as they are
     if projections or rope_ops is not None:
         _set_forward(attn, _fused_attention_forward(bool(projections), rope_ops),

@@ -28,8 +28,8 @@ Peak memory (per device, allocated bytes) is the largest of four moments of the 
   fp32 probabilities of up to 256 positions instead); SwiGLU saves gate, up and silu(gate);
   down_proj's LoRA saves the product (with `fused_mlp`, lorakit's fused MLP, neither: both are
   recomputed). Adapter dropout: each adapter saves its dropped copy and mask; in lorakit's fused
-  blocks (`fused_mlp`) a group saves its input once and a bool mask per adapter. Layer 0 saves
-  less: the frozen embedding's output needs no grad.
+  blocks (`fused_attention`, `fused_mlp`) a group saves its input once and a bool mask per
+  adapter. Layer 0 saves less: the frozen embedding's output needs no grad.
   With activation checkpointing a layer keeps only its input, and the backward recomputes one
   layer at a time: the peak is all the checkpoints plus one layer's full saved set.
   Selective checkpointing (`checkpoint_layers` k of L, the earliest k, as lorakit's trainer
@@ -279,12 +279,12 @@ def mlp_runs_fused(shape: TrainShape) -> bool:
 
 def _mlp_is_fused(shape: TrainShape, adapted: set[str]) -> bool:
     """Whether lorakit's fused MLP runs: plain LoRA (no quantised base) on all three."""
-    return _blocks_fused(shape) and {"gate_proj", "up_proj", "down_proj"} <= adapted
+    return shape.fused_mlp and _fusable_engine(shape) and {"gate_proj", "up_proj", "down_proj"} <= adapted
 
 
-def _blocks_fused(shape: TrainShape) -> bool:
-    """Whether lorakit's fused LoRA blocks run where their projections all carry an adapter."""
-    return shape.fused_mlp and shape.engine == "lorakit" and shape.quantize is None
+def _fusable_engine(shape: TrainShape) -> bool:
+    """lorakit's engine on a dense base: where its fused blocks can run."""
+    return shape.engine == "lorakit" and shape.quantize is None
 
 
 def _lora_saved_bytes(m: ModelShape, shape: TrainShape, adapted: set[str], attn_grad: bool,
@@ -292,7 +292,8 @@ def _lora_saved_bytes(m: ModelShape, shape: TrainShape, adapted: set[str], attn_
     """What the LoRA branches add: their inputs (shared per group, or a copy per adapter) and
     the rank-r intermediates. With dropout each adapter saves its dropped copy, and its mask
     where the input needs a grad (CUDA's fused dropout keeps a bool mask, the CPU a float one);
-    in lorakit's fused blocks a group saves its input once and a bool mask per adapter."""
+    in lorakit's fused blocks a group saves its input once and a bool mask per adapter
+    (`fused_attention` for q/k/v and o, `fused_mlp` for the MLP)."""
     b = shape.compute_bytes
     cast = shape.engine == "peft" and b < 4  # PEFT keeps adapters in fp32 and casts x per adapter
     branch_bytes = 4 if cast else b  # per element of what the adapter branch computes
@@ -324,7 +325,7 @@ def _group_fused(shape: TrainShape, adapted: set[str], label: str, whole: bool) 
     """Whether the projections reading this input run as one fused group (every one adapted)."""
     if label in ("MLP input", "down_proj input (SwiGLU product)"):
         return _mlp_is_fused(shape, adapted)
-    return whole and _blocks_fused(shape)
+    return whole and shape.fused_attention and _fusable_engine(shape)
 
 
 def _dropout_mask_bytes(shape: TrainShape, branch_bytes: int, needs_grad: bool) -> int:

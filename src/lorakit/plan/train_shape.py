@@ -42,10 +42,13 @@ class TrainShape:
     # lorakit's CPU attention (kernels/cpu_attention.py, on with the fast paths on a CPU): it keeps
     # the fp32 probabilities for backward, rows up to 256 positions, instead of the logsumexp
     cpu_attention: bool = False
-    # lorakit's fused LoRA blocks (kernels/fused_lora, a fast path on every device; the MLP's when gate,
-    # up and down all carry plain LoRA): the MLP recomputes silu(gate) and the SwiGLU product in
-    # backward, and with dropout each fused group keeps a bool mask per adapter, not a dropped copy
+    # lorakit's fused LoRA MLP (kernels/fused_lora.lora_mlp, a fast path on every device when gate,
+    # up and down all carry plain LoRA): it recomputes silu(gate) and the SwiGLU product in backward
     fused_mlp: bool = False
+    # lorakit's fused q/k/v and o_proj (lora_qkv, lora_linear). Without dropout they save what the
+    # plain layers save; with dropout each fused group, the MLP's too, keeps its input once and a
+    # bool mask per adapter instead of each adapter's dropped copy
+    fused_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.quantize in ("none", ""):

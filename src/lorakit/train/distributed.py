@@ -335,7 +335,8 @@ def estimated_step_bytes(config, fsdp: bool = False) -> int | None:
         shape = TrainShape(batch_size=t.batch_size, seq_len=config.data.seq_len, r=lora.r, targets=targets,
                            grad_checkpointing=t.grad_checkpointing != "off",
                            offload_checkpoints=t.grad_checkpointing == "offload", dtype=dtype, fused_loss=t.fast_paths,
-                           fused_mlp=t.fast_paths, lora_dropout=lora.dropout,  # as `estimate --fast-paths` models it
+                           fused_mlp=t.fast_paths, fused_attention=t.fast_paths,  # as `estimate --fast-paths` models it
+                           lora_dropout=lora.dropout,
                            world_size=world_size(), fsdp=fsdp)  # replicated (the all-reduce buffer too) or one rank's shard
         return estimate_memory(model_shape(config.model.name or "smollm2-135m"), shape).total
     except (LorakitError, KeyError, ValueError, TypeError, OSError):

@@ -216,7 +216,7 @@ def _estimator_step(model: nn.Module, config, device: torch.device,
     """The estimator's model shape and this run's step sizes (one rank's share when the base is
     sharded), or None when it cannot describe the model or the model has no per-layer
     checkpointing."""
-    from lorakit.kernels.llama_patch import mlps_fused
+    from lorakit.kernels.llama_patch import attentions_fused, mlps_fused
     from lorakit.plan.model_shapes import model_shape
 
     try:
@@ -231,7 +231,7 @@ def _estimator_step(model: nn.Module, config, device: torch.device,
         quantize=None if config.model.quantize == "none" else config.model.quantize, world_size=_world_size(),
         fused_loss=_fused_loss(model), lora_dropout=config.lora.dropout,
         device="cuda" if device.type == "cuda" else "cpu", cpu_attention=_cpu_attention(model, device),
-        fused_mlp=mlps_fused(model),
+        fused_mlp=mlps_fused(model), fused_attention=attentions_fused(model),
         fsdp=sharded_run(config, device) if fsdp is None else fsdp)
 
 
