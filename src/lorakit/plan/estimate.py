@@ -306,7 +306,7 @@ def _lora_saved_bytes(m: ModelShape, shape: TrainShape, adapted: set[str], attn_
         if not users:
             continue
         width = shapes[users[0]][0]
-        fused = _group_fused(shape, adapted, label, whole=len(users) == len(members))
+        fused = _group_fused(shape, adapted, members)
         if shape.lora_dropout > 0 and not fused:
             saved[f"{label}: dropped copy (+ mask) per adapter"] = len(users) * width * (
                 branch_bytes + _dropout_mask_bytes(shape, branch_bytes, needs_grad=stream_grad or label != "attention input"))
@@ -321,11 +321,11 @@ def _lora_saved_bytes(m: ModelShape, shape: TrainShape, adapted: set[str], attn_
     return saved
 
 
-def _group_fused(shape: TrainShape, adapted: set[str], label: str, whole: bool) -> bool:
-    """Whether the projections reading this input run as one fused group (every one adapted)."""
-    if label in ("MLP input", "down_proj input (SwiGLU product)"):
+def _group_fused(shape: TrainShape, adapted: set[str], members: tuple[str, ...]) -> bool:
+    """Whether the projections reading one input run as one fused group (every one adapted)."""
+    if set(members) <= {"gate_proj", "up_proj", "down_proj"}:
         return _mlp_is_fused(shape, adapted)
-    return whole and shape.fused_attention and _fusable_engine(shape)
+    return set(members) <= adapted and shape.fused_attention and _fusable_engine(shape)
 
 
 def _dropout_mask_bytes(shape: TrainShape, branch_bytes: int, needs_grad: bool) -> int:
