@@ -1,3 +1,4 @@
+import os
 import signal
 
 import pytest
@@ -6,7 +7,10 @@ import torch
 from lorakit.kernels import cpu_gemm
 from tiny_models import tiny_llama
 
-torch.set_num_threads(2)
+# pytest-xdist runs the suite in several worker processes (pyproject's addopts): each gets its
+# share of the cores, as torch's spinning threads oversubscribed ran a test up to 4x slower
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)) // WORKERS)))
 
 # A suite started in the background without job control (`pytest &` in a script) inherits SIGINT
 # ignored, under nohup SIGHUP too, and so would every process it starts: the tests of Ctrl-C and
@@ -30,3 +34,4 @@ def gemm_backend(request):
         pytest.skip("this torch build has no oneDNN linear")
     with cpu_gemm.use_backend(request.param):
         yield request.param
+

@@ -34,6 +34,8 @@ from safetensors.torch import load_file
 from lorakit.train import checkpoint as ckpt
 from reliability_kit import LORAKIT, child_env
 
+pytestmark = pytest.mark.xdist_group("kill-chain")  # one worker runs the chain, once (`--dist loadgroup`)
+
 TIMEOUT = 240
 ARGS = ["--max-steps", "12", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "64", "--lr", "1e-2",
         "--r", "4", "--dropout", "0.1", "--eval-split", "8", "--seed", "3", "--save-every", "2",
