@@ -4,7 +4,7 @@ import signal
 import pytest
 import torch
 
-from lorakit.kernels import cpu_gemm
+from lorakit.kernels import adapter_dropout, cpu_gemm
 from tiny_models import tiny_llama
 
 # pytest-xdist runs the suite in several worker processes (pyproject's addopts): each gets its
@@ -35,3 +35,11 @@ def gemm_backend(request):
     with cpu_gemm.use_backend(request.param):
         yield request.param
 
+
+@pytest.fixture(params=["kept", "redrawn"])
+def mask_keeping(request, monkeypatch):
+    """Runs a test with the fused blocks' dropout masks kept for backward (the CPU's way) and
+    drawn again in backward from the generator's saved state (CUDA's, kernels/adapter_dropout)."""
+    if request.param == "redrawn":
+        monkeypatch.setattr(adapter_dropout, "REDRAWN_ON", adapter_dropout.REDRAWN_ON | {"cpu"})
+    return request.param

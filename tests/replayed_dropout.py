@@ -1,6 +1,6 @@
 """The adapter-dropout masks lorakit's fused blocks draw, recorded and replayed into the plain
 LoRA layers: the oracle for the fused dropout, whose CPU masks come from another random stream
-than nn.Dropout's (kernels/fused_lora._cpu_mask). Also used by scripts/gpu_kernels.py."""
+than nn.Dropout's (kernels/adapter_dropout.cpu_mask). Also used by scripts/gpu_kernels.py."""
 
 from __future__ import annotations
 
@@ -10,25 +10,26 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from lorakit.kernels import fused_lora
+from lorakit.kernels import adapter_dropout
 
 
 @contextlib.contextmanager
 def recorded_masks() -> Iterator[list[torch.Tensor]]:
-    """A list that receives every mask the fused path draws inside the block, in the order drawn."""
+    """A list that receives every mask the fused blocks' forwards draw inside the block, in the
+    order drawn (backward's draws again are not recorded)."""
     masks: list[torch.Tensor] = []
-    drawn = fused_lora._dropped
+    drawn = adapter_dropout.draw
 
     def recording(x, rate):
         dropped, mask = drawn(x, rate)
         masks.append(mask)
         return dropped, mask
 
-    fused_lora._dropped = recording
+    adapter_dropout.draw = recording
     try:
         yield masks
     finally:
-        fused_lora._dropped = drawn
+        adapter_dropout.draw = drawn
 
 
 def replay_masks(masks: list[torch.Tensor], layers: Iterable[nn.Module]) -> None:

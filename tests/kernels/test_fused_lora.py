@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from replayed_dropout import recorded_masks, replay_masks
 from torch import nn
 
-from lorakit.kernels import adapter_casts, fused_lora, stacking
+from lorakit.kernels import adapter_casts, adapter_dropout, fused_lora, stacking
 from lorakit.kernels.fused_lora import can_fuse, fuse_blocker, lora_linear, lora_mlp, lora_qkv
 from lorakit.lora.layer import LoraLinear
 
@@ -243,7 +243,7 @@ def _fused_then_replayed(block, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("block", ["qkv", "mlp", "linear"])
-@pytest.mark.usefixtures("scaling_path")
+@pytest.mark.usefixtures("scaling_path", "mask_keeping")
 def test_dropout_blocks_match_the_plain_modules_with_the_same_masks(block, dtype, tolerance):
     fused, plain = _fused_then_replayed(block, dtype)
     # fp32: relative to each tensor's largest entry (the GEMMs sum in another order than autograd's)
@@ -272,7 +272,7 @@ def test_dropout_blocks_in_16_bits_agree_with_the_plain_path(block, dtype):
 @pytest.mark.parametrize("rate", [0.05, 0.1, 0.5, 0.9])
 def test_cpu_masks_keep_each_element_independently_with_probability_one_minus_rate(rate):
     torch.manual_seed(3)
-    mask = fused_lora._cpu_mask(torch.empty(1000, 1003), rate)  # a numel that is no multiple of 4
+    mask = adapter_dropout.cpu_mask(torch.empty(1000, 1003), rate)  # a numel that is no multiple of 4
     keep, n = 1 - rate, mask.numel()
     sigma = (keep * rate / n) ** 0.5
     assert mask.dtype == torch.bool and mask.shape == (1000, 1003)
@@ -282,8 +282,8 @@ def test_cpu_masks_keep_each_element_independently_with_probability_one_minus_ra
         both = (flat[:-lag] & flat[lag:]).float().mean().item()
         assert abs(both - keep * keep) < 5 * (keep * keep * (1 - keep * keep) / n) ** 0.5, lag
     torch.manual_seed(3)
-    assert torch.equal(fused_lora._cpu_mask(torch.empty(1000, 1003), rate), mask)  # the generator's draws
-    assert fused_lora._cpu_mask(torch.empty(5), 1e-9).all() and not fused_lora._cpu_mask(torch.empty(5), 1 - 1e-9).any()
+    assert torch.equal(adapter_dropout.cpu_mask(torch.empty(1000, 1003), rate), mask)  # the generator's draws
+    assert adapter_dropout.cpu_mask(torch.empty(5), 1e-9).all() and not adapter_dropout.cpu_mask(torch.empty(5), 1 - 1e-9).any()
 
 
 @pytest.mark.parametrize("block", ["qkv", "mlp"])
@@ -314,6 +314,31 @@ def test_dropout_qkv_saves_the_input_once_and_a_bool_mask_per_dropping_projectio
     masks = [t for t in big if t.dtype == torch.bool]
     assert len(masks) == 2 and all(m.shape == (x.numel() // HIDDEN, HIDDEN) for m in masks)  # q and v drop, k not
     assert [t.data_ptr() for t in big if t.dtype != torch.bool] == [x.data_ptr()]  # no dropped copy
+
+
+@pytest.mark.parametrize("block", ["qkv", "mlp"])
+def test_redrawn_masks_are_not_saved_give_the_kept_masks_gradients_and_leave_the_generator_alone(block, monkeypatch):
+    """CUDA's way, run on the CPU's generator: backward draws each mask again from the state
+    saved before it, and puts the generator back where forward left it."""
+    def step():
+        torch.manual_seed(9)
+        layers, fused_fn, _ = _dropout_block(block)
+        x = _input().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            outs = fused_fn(x)
+        after_forward = torch.get_rng_state()
+        sum(out.square().sum() for out in (outs if isinstance(outs, tuple) else (outs,))).backward()
+        assert torch.equal(torch.get_rng_state(), after_forward)
+        grads = [x.grad] + [p.grad for layer in layers for p in layer.parameters() if p.requires_grad]
+        return grads, [t for t in saved if t.dtype == torch.bool]
+
+    kept_grads, kept_masks = step()
+    monkeypatch.setattr(adapter_dropout, "REDRAWN_ON", adapter_dropout.REDRAWN_ON | {"cpu"})
+    redrawn_grads, redrawn_masks = step()
+    assert len(kept_masks) == 2 + (block == "mlp") and redrawn_masks == []
+    for got, want in zip(redrawn_grads, kept_grads, strict=True):
+        assert torch.equal(got, want)
 
 
 # ---- the cast adapter copies: made once per change of the master weights --------------------------

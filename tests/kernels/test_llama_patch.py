@@ -226,6 +226,7 @@ def test_switching_native_off_unpatches_what_the_norms_do_not_show():
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("stack", [False, True])
+@pytest.mark.usefixtures("mask_keeping")
 def test_dropout_adapters_fuse_and_match_the_plain_model_with_their_masks(monkeypatch, arch, stack):
     """Every group fuses with adapter dropout on; replayed into the plain model in training mode,
     the masks it drew give the same loss and gradients (stack: gate and up stacked, with the
@@ -259,6 +260,7 @@ def test_unfused_dropout_adapters_draw_the_plain_models_masks_through_the_copied
     _assert_same(_fast(model, batch), plain)
 
 
+@pytest.mark.usefixtures("mask_keeping")
 def test_dropout_masks_are_drawn_again_alike_in_a_checkpointed_recompute(monkeypatch):
     from lorakit.train.memory_plan import checkpoint_layers
 

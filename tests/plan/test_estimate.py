@@ -123,6 +123,20 @@ def test_saved_bytes_per_layer_by_hand():
     assert sum(peft.values()) - by_hand == (3 * 4 - 2) * 2048 + 4 * 2048 + (2 * 4 - 2) * 2048 + (4 - 2) * 8192 + 7 * 16 * 2
 
 
+def test_fused_groups_keep_a_dropout_mask_per_adapter_on_the_cpu_and_none_on_cuda():
+    m = PRESETS["1b"]
+
+    def saved(device, dropout):
+        return layer_saved_bytes(m, TrainShape(r=16, dtype="bf16", device=device, fused_mlp=True, fused_attention=True,
+                                               lora_dropout=dropout))
+
+    masks = {key: n for key, n in saved("cpu", 0.1).items() if "mask" in key}
+    assert sum(masks.values()) == 3 * 2048 + 2048 + 2 * 2048 + 8192 and len(masks) == 4  # a byte per element
+    assert saved("cuda", 0.1) == saved("cuda", 0.0)  # kernels/adapter_dropout draws them again in backward
+    unfused = layer_saved_bytes(m, TrainShape(r=16, dtype="bf16", device="cuda", lora_dropout=0.1))
+    assert sum(unfused.values()) > sum(saved("cuda", 0.0).values())  # a dropped copy and a mask per adapter
+
+
 def test_layer_zero_saves_less():
     m = PRESETS["smollm2-135m"]
     first = layer_saved_bytes(m, TrainShape(), stream_grad=False)

@@ -39,9 +39,9 @@ base GEMM (its LoRA A product, which backward saves, still runs) and returns an 
 tensor, which only the discarded residual sum reads: about a quarter of a Llama layer's forward
 FLOPs, so of the work checkpointing adds.
 
-The fused path covers plain LoRA, with or without adapter dropout (below): `fuse_blocker(module)`
-names why a module cannot use it (DoRA, merged or disabled adapter, trainable or non-float base
-weight, a dropout module other than nn.Dropout).
+The fused path covers plain LoRA, with or without adapter dropout (kernels/adapter_dropout):
+`fuse_blocker(module)` names why a module cannot use it (DoRA, merged or disabled adapter,
+trainable or non-float base weight, a dropout module other than nn.Dropout).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit.kernels import cpu_gemm, stacking
+from lorakit.kernels import adapter_dropout, cpu_gemm, stacking
 from lorakit.kernels.adapter_casts import CastAdapters, cast_adapters, lora_parts
 from lorakit.kernels.adapter_casts import param as _param
 
@@ -234,12 +234,13 @@ def _stacked_base(projections) -> torch.Tensor | None:
 
 
 def _shared_forward(x2, projections, casts: CastAdapters, rates, outputs: bool = True):
-    """(outputs, XA, A_cat, dropout masks) of projections sharing input x2 (T, in); with
-    outputs=False the outputs are left uncomputed (uninitialised), what backward needs is not."""
+    """(outputs, XA, A_cat, what backward keeps for the dropout masks) of projections sharing
+    input x2 (T, in); with outputs=False the outputs are left uncomputed (uninitialised), what
+    backward needs is not."""
     a_cat = casts.a_cat  # (R, in), R = sum of ranks
-    xa, masks = _times_a(x2, a_cat, projections, rates)  # (T, R)
+    xa, kept = _times_a(x2, a_cat, projections, rates)  # (T, R)
     if not outputs:
-        return [x2.new_empty(x2.shape[0], weight.shape[0]) for weight, *_ in projections], xa, a_cat, masks
+        return [x2.new_empty(x2.shape[0], weight.shape[0]) for weight, *_ in projections], xa, a_cat, kept
     stacked = _stacked_base(projections)
     if stacked is None:
         outs = [cpu_gemm.linear(x2, weight, bias) for weight, bias, *_ in projections]  # (T, out_i) each
@@ -247,65 +248,27 @@ def _shared_forward(x2, projections, casts: CastAdapters, rates, outputs: bool =
         outs = cpu_gemm.linear(x2, stacked).split([weight.shape[0] for weight, *_ in projections], dim=1)
     for out, (*_, s), lora_b_t, cols in zip(outs, projections, casts.b_t, _rank_slices(projections)):
         cpu_gemm.addmm_(out, xa[:, cols], lora_b_t, alpha=s)
-    return list(outs), xa, a_cat, masks
+    return list(outs), xa, a_cat, kept
 
-
-# ---- adapter dropout: y_i = x W_i^T + s_i * (drop_i(x) A_i^T) B_i^T, a mask per projection -------
-# Each projection draws its own mask, in the projections' order, from torch's generator (so a
-# seed, and a checkpointed recompute, give the same masks). On a GPU torch's fused dropout kernel
-# draws them, as nn.Dropout does; on a CPU `_cpu_mask` does, 3.6-3.8x faster than nn.Dropout's
-# bernoulli_, which there cost about a quarter of a SmolLM2 step. Backward keeps the bool masks
-# (1 byte an element; the plain path keeps each dropped copy as well) and makes each copy again.
-# A mask multiplies as bytes: torch multiplies by a bool tensor 6-35x slower on a CPU (a
-# conversion per element), which made the first version of this path slower than the plain one.
-# A byte mask still makes transient converted copies on a CPU (freed at once; the step's peak RSS
-# grew by the masks alone, 0.14 GiB); masked_fill_, which makes none, ran 5x slower.
 
 def _times_a(x2, a_cat, projections, rates):
-    """(XA (T, R), [mask_i or None]): without dropout one GEMM for the group; with it, each
-    projection's A times its own dropped copy of x2, made and freed one at a time."""
+    """(XA (T, R), [what backward keeps for mask_i, or None]): without dropout one GEMM for the
+    group; with it (kernels/adapter_dropout), each projection's A times its own dropped copy of
+    x2, made and freed one at a time."""
     if not any(rates):
         return cpu_gemm.linear(x2, a_cat), [None] * len(rates)
-    products, masks = [], []
+    products, kept = [], []
     for cols, rate in zip(_rank_slices(projections), rates):
-        dropped, mask = _dropped(x2, rate) if rate else (x2, None)
-        products.append(cpu_gemm.linear(dropped, a_cat[cols]))
-        masks.append(mask)
-    return torch.cat(products, dim=1), masks
-
-
-def _dropped(x: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x with dropout at `rate`, its bool mask)."""
-    if x.device.type != "cpu":  # mask and copy in one pass, on any device torch drops on
-        return torch.ops.aten.native_dropout(x, rate, True)
-    mask = _cpu_mask(x, rate)
-    return _masked(x, mask, rate), mask
-
-
-_KEEP_LEVELS = 1 << 16  # a CPU mask compares 16 random bits per element
-
-
-def _cpu_mask(x: torch.Tensor, rate: float) -> torch.Tensor:
-    """A bool mask shaped like x that keeps each element with probability 1 - rate, rounded to a
-    multiple of 1/65536: four elements from each 64-bit random number of torch's generator
-    (bernoulli_ draws a number per element: 4.5 against 1.2 ms for 1024 x 576 on 2 cores)."""
-    threshold = round((1.0 - rate) * _KEEP_LEVELS) - _KEEP_LEVELS // 2  # int16 values below it keep
-    if threshold >= _KEEP_LEVELS // 2 or threshold <= -_KEEP_LEVELS // 2:  # all kept, or none
-        return torch.full_like(x, threshold > 0, dtype=torch.bool)
-    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
-    return (words.view(torch.int16)[:x.numel()] < threshold).view(x.shape)
-
-
-def _masked(x: torch.Tensor, mask: torch.Tensor, rate: float) -> torch.Tensor:
-    """x * mask / (1 - rate), a new tensor: on a CPU the dropped copy `_dropped` made, again; on a
-    GPU within an ulp of it (its kernel scales by 1 / (1 - rate) computed in fp32, this in fp64).
-    The bool mask is read as bytes (above)."""
-    return x.mul(mask.view(torch.uint8)).mul_(1.0 / (1.0 - rate))
+        copy, for_mask = adapter_dropout.dropped(x2, rate) if rate else (x2, None)
+        products.append(cpu_gemm.linear(copy, a_cat[cols]))
+        kept.append(for_mask)
+    return torch.cat(products, dim=1), kept
 
 
 def _shared_backward(x2, xa, a_cat, cast_b, projections, grad_outs, need_input_grad, dropouts):
     """(dX or None, [dA_i], [dB_i]) for projections sharing input x2; cast_b: each B as the
-    forward took it; dropouts: each projection's (mask or None, rate)."""
+    forward took it; dropouts: each projection's (what forward kept for its mask or None, rate)."""
+    dropouts = adapter_dropout.masks_for(x2, dropouts)
     dxa, grads_a, grads_b = _adapter_grads(x2, xa, cast_b, projections, grad_outs, dropouts)
     dx = _input_grad_with_adapters(projections, grad_outs, dxa, a_cat, dropouts) if need_input_grad else None
     return dx, grads_a, grads_b
@@ -323,7 +286,7 @@ def _adapter_grads(x2, xa, cast_b, projections, grad_outs, dropouts):
     if _dropped_any(dropouts):  # dA_i = dXA_i^T @ drop_i(X), one dropped copy at a time
         grads_a = []
         for cols, (mask, rate), dtype in zip(_rank_slices(projections), dropouts, master_dtypes):
-            dropped = x2 if mask is None else _masked(x2, mask, rate)
+            dropped = x2 if mask is None else adapter_dropout.masked(x2, mask, rate)
             grads_a.append(_scaled_grad_weight(dxa[:, cols], dropped, 1.0, dtype))
         return dxa, grads_a, grads_b
     # as apply_lora makes them, the group's masters share a dtype: one GEMM gives every dA in it
@@ -442,6 +405,17 @@ def _gemm_widens(device: torch.device, operand: torch.dtype, output: torch.dtype
     return got.dtype == output and got.shape == want.shape and bool(torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5))
 
 
+def _masks_to_save(ctx, kept) -> list:
+    """The kept dropout masks (or None) for save_for_backward; a Redraw (no activation) stays on ctx."""
+    ctx.redraws = [k if isinstance(k, adapter_dropout.Redraw) else None for k in kept]
+    return [k if isinstance(k, torch.Tensor) else None for k in kept]
+
+
+def _kept_for_masks(ctx, saved_masks) -> list:
+    """What forward kept for each projection's mask, as `_masks_to_save` split it."""
+    return [redraw if redraw is not None else mask for mask, redraw in zip(saved_masks, ctx.redraws)]
+
+
 def _param_grads(grads_a, grads_b):
     """Gradient list in argument order: None for the frozen W and b."""
     out = []
@@ -459,9 +433,9 @@ class _SharedInputLora(torch.autograd.Function):
     def forward(ctx, x, layers, scalings, rates, *params):
         projections = _group(params, scalings)
         casts = cast_adapters(layers, x.dtype)
-        outs, xa, a_cat, masks = _shared_forward(_flat(x), projections, casts, rates)
+        outs, xa, a_cat, kept = _shared_forward(_flat(x), projections, casts, rates)
         ctx.scalings, ctx.rates, ctx.ranks = scalings, rates, len(casts.b)
-        ctx.save_for_backward(x, xa, a_cat, *casts.b, *masks, *params)
+        ctx.save_for_backward(x, xa, a_cat, *casts.b, *_masks_to_save(ctx, kept), *params)
         lead = x.shape[:-1]
         return tuple(out.view(*lead, out.shape[-1]) for out in outs)
 
@@ -469,7 +443,7 @@ class _SharedInputLora(torch.autograd.Function):
     def backward(ctx, *grad_outs):
         x, xa, a_cat, *rest = ctx.saved_tensors
         n = ctx.ranks
-        cast_b, masks, params = rest[:n], rest[n:2 * n], rest[2 * n:]
+        cast_b, masks, params = rest[:n], _kept_for_masks(ctx, rest[n:2 * n]), rest[2 * n:]
         projections = _group(params, ctx.scalings)
         dx, grads_a, grads_b = _shared_backward(_flat(x), xa, a_cat, cast_b, projections,
                                                 [_flat(g) for g in grad_outs],
@@ -492,19 +466,19 @@ class _LoraSwiGLU(torch.autograd.Function):
     def forward(ctx, x, triton_ops, layers, scalings, rates, *params):
         gate, up, down = _group(params, scalings)
         gate_up_casts, down_casts = cast_adapters(layers[:2], x.dtype), cast_adapters(layers[2:], x.dtype)
-        (e, g), xa, a_cat, masks = _shared_forward(_flat(x), [gate, up], gate_up_casts, rates[:2])  # (T, I) each
+        (e, g), xa, a_cat, kept = _shared_forward(_flat(x), [gate, up], gate_up_casts, rates[:2])  # (T, I) each
         h = triton_ops.silu_mul(e, g) if triton_ops else F.silu(e).mul_(g)  # not saved
-        (out,), ha, a_down, (down_mask,) = _shared_forward(h, [down], down_casts, rates[2:],
-                                                           outputs=not _RECOMPUTE.skips_mlp_output)
+        (out,), ha, a_down, kept_down = _shared_forward(h, [down], down_casts, rates[2:],
+                                                        outputs=not _RECOMPUTE.skips_mlp_output)
         ctx.scalings, ctx.rates, ctx.triton_ops = scalings, rates, triton_ops
-        ctx.save_for_backward(x, e, g, xa, a_cat, ha, a_down, *gate_up_casts.b, *down_casts.b, *masks, down_mask,
-                              *params)
+        ctx.save_for_backward(x, e, g, xa, a_cat, ha, a_down, *gate_up_casts.b, *down_casts.b,
+                              *_masks_to_save(ctx, kept + kept_down), *params)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x, e, g, xa, a_cat, ha, a_down, b_gate, b_up, b_down, *rest = ctx.saved_tensors
-        dropouts, params = list(zip(rest[:3], ctx.rates)), rest[3:]
+        dropouts, params = list(zip(_kept_for_masks(ctx, rest[:3]), ctx.rates)), rest[3:]
         gate, up, down = _group(params, ctx.scalings)
         ops = ctx.triton_ops
         # with gate and up stacked, dh (then d gate over it) and d up go side by side into one
@@ -516,13 +490,14 @@ class _LoraSwiGLU(torch.autograd.Function):
         else:  # the same kernels as forward: h is recomputed exactly
             h = silu * g if silu is not None else F.silu(e).mul_(g)
         grad = _flat(grad_out)
-        dxa_down, grads_a_down, grads_b_down = _adapter_grads(h, ha, [b_down], [down], [grad], dropouts[2:])
+        down_dropout = adapter_dropout.masks_for(h, dropouts[2:])
+        dxa_down, grads_a_down, grads_b_down = _adapter_grads(h, ha, [b_down], [down], [grad], down_dropout)
         # before the buffers below: the MLP's backward peak stays at two (T, I) matrices (with dropout
         # the down adapter's dropped copy of h was a third, for its dA alone)
         del h
         d_gate_up = torch.empty(e.shape[0], 2 * e.shape[1], dtype=e.dtype, device=e.device) if side_by_side else None
         dh_out, dg_out = (None, None) if d_gate_up is None else d_gate_up.split(e.shape[1], dim=1)
-        dh = _input_grad_with_adapters([down], [grad], dxa_down, a_down, dropouts[2:], out=dh_out)
+        dh = _input_grad_with_adapters([down], [grad], dxa_down, a_down, down_dropout, out=dh_out)
         if ops is None:
             de, dg = _silu_mul_grads(e, g, dh, silu=silu, dg_out=dg_out)
         else:  # one pass, de written over dh

@@ -28,8 +28,9 @@ Peak memory (per device, allocated bytes) is the largest of four moments of the 
   fp32 probabilities of up to 256 positions instead); SwiGLU saves gate, up and silu(gate);
   down_proj's LoRA saves the product (with `fused_mlp`, lorakit's fused MLP, neither: both are
   recomputed). Adapter dropout: each adapter saves its dropped copy and mask; in lorakit's fused
-  blocks (`fused_attention`, `fused_mlp`) a group saves its input once and a bool mask per
-  adapter. Layer 0 saves less: the frozen embedding's output needs no grad.
+  blocks (`fused_attention`, `fused_mlp`) a group saves its input once, and on the CPU a bool
+  mask per adapter (CUDA draws the masks again in backward). Layer 0 saves less: the frozen
+  embedding's output needs no grad.
   With activation checkpointing a layer keeps only its input, and the backward recomputes one
   layer at a time: the peak is all the checkpoints plus one layer's full saved set.
   Selective checkpointing (`checkpoint_layers` k of L, the earliest k, as lorakit's trainer
@@ -292,7 +293,7 @@ def _lora_saved_bytes(m: ModelShape, shape: TrainShape, adapted: set[str], attn_
     """What the LoRA branches add: their inputs (shared per group, or a copy per adapter) and
     the rank-r intermediates. With dropout each adapter saves its dropped copy, and its mask
     where the input needs a grad (CUDA's fused dropout keeps a bool mask, the CPU a float one);
-    in lorakit's fused blocks a group saves its input once and a bool mask per adapter
+    in lorakit's fused blocks a group saves its input once, and on the CPU a bool mask per adapter
     (`fused_attention` for q/k/v and o, `fused_mlp` for the MLP)."""
     b = shape.compute_bytes
     cast = shape.engine == "peft" and b < 4  # PEFT keeps adapters in fp32 and casts x per adapter
@@ -311,7 +312,7 @@ def _lora_saved_bytes(m: ModelShape, shape: TrainShape, adapted: set[str], attn_
             saved[f"{label}: dropped copy (+ mask) per adapter"] = len(users) * width * (
                 branch_bytes + _dropout_mask_bytes(shape, branch_bytes, needs_grad=stream_grad or label != "attention input"))
             continue
-        if shape.lora_dropout > 0:
+        if shape.lora_dropout > 0 and shape.device == "cpu":  # CUDA draws them again (kernels/adapter_dropout)
             saved[f"{label}: dropout mask (bool) per adapter"] = len(users) * width
         if cast:
             saved[f"{label}: fp32 copy per adapter"] = len(users) * width * 4

@@ -46,8 +46,8 @@ class TrainShape:
     # up and down all carry plain LoRA): it recomputes silu(gate) and the SwiGLU product in backward
     fused_mlp: bool = False
     # lorakit's fused q/k/v and o_proj (lora_qkv, lora_linear). Without dropout they save what the
-    # plain layers save; with dropout each fused group, the MLP's too, keeps its input once and a
-    # bool mask per adapter instead of each adapter's dropped copy
+    # plain layers save; with dropout each fused group, the MLP's too, keeps its input once (and
+    # on the CPU a bool mask per adapter; CUDA draws them again) instead of each adapter's dropped copy
     fused_attention: bool = False
 
     def __post_init__(self) -> None:
