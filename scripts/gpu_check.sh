@@ -43,7 +43,8 @@
 #                                                256 (128 MiB budget): ~3 GiB more memory predicted;
 #                                                is the default slower?
 #  10. pytest tests/kernels tests/lora -x        the kernel and engine tests (CPU reference paths,
-#                                                which CI runs too: last, with what time is left)
+#                                                which CI runs too: last, with what time is left;
+#                                                in one process: the image has no pytest-xdist)
 # They run in the order 1, 5, 2, 3, 3b, 4, 6-10 (the goals' benches first: a short BUDGET keeps them).
 # A variant or check that raises is reported as a failed row; the other rows still come back.
 # On CUDA `lorakit` runs the Triton RMSNorm/SwiGLU/RoPE kernels, as the trainer does (the first GPU
@@ -196,7 +197,7 @@ else
     bench bench_1b_prompt50 50 --preset gpu-1b --variants lorakit,peft-bf16 --prompt-fraction 0.5 --steps 5 --warmup 2
     bench bench_1b_packed 80 --preset gpu-1b --packing --max-doc-len 512 --variants lorakit,lorakit-perdoc,lorakit-4d,peft-bf16 --steps 5 --warmup 2
     bench bench_1b_chunk4096 60 --preset gpu-1b --variants lorakit --chunk-size 4096
-    step pytest 120 bash -c "\"$PY\" -m pytest -x -p no:cacheprovider tests/kernels tests/lora -k \"not triton\" >>\"$LOG\" 2>&1"
+    step pytest 120 bash -c "\"$PY\" -m pytest -o 'addopts=-q --import-mode=importlib' -x -p no:cacheprovider tests/kernels tests/lora -k \"not triton\" >>\"$LOG\" 2>&1"
 fi
 summarize
 cat "$OUT/summary.txt"

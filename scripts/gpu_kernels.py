@@ -8,7 +8,9 @@ without bf16), on 1b-like widths:
     o            lora_linear(x, o)              vs  o(x)
     mlp          lora_mlp(x, gate, up, down)    vs  down(silu(gate(x)) * up(x))
     ... dropout  q,k,v and the stacked MLP with adapter dropout 0.1 (torch's fused dropout kernel
-                 draws the masks), vs the plain modules replaying the masks drawn
+                 draws the masks, and backward draws them again from the generator's saved
+                 state), vs the plain modules replaying the masks drawn; the generator is left
+                 as forward left it
     lm_head+ce   chunked_lm_head_loss(h, W, y)  vs  cross_entropy(h W^T, y)
     triton ops   rms_norm, swiglu, rope (kernels/triton_ops.py, compiled for the GPU here)
                  vs their plain references; skipped without triton
@@ -98,9 +100,16 @@ def _cases(dtype: torch.dtype):
 def _grads(fn, x, modules, upstream):
     x = x.detach().requires_grad_(True)
     out = fn(x, *modules)
+    after_forward = _generator_state(x)
     (out.to(upstream.dtype) * upstream).sum().backward()
+    if not torch.equal(_generator_state(x), after_forward):  # masks drawn again must put it back
+        raise AssertionError("backward left the random generator elsewhere than forward did")
     params = [p for m in modules for p in (m.lora_A.weight, m.lora_B.weight)]
     return [out.detach(), x.grad] + [p.grad for p in params]
+
+
+def _generator_state(x: torch.Tensor) -> torch.Tensor:
+    return torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()
 
 
 def _compare(ours, reference) -> tuple[float, float]:

@@ -4,13 +4,23 @@ import signal
 import pytest
 import torch
 
+from lorakit import host
 from lorakit.kernels import adapter_dropout, cpu_gemm
 from tiny_models import tiny_llama
 
-# pytest-xdist runs the suite in several worker processes (pyproject's addopts): each gets its
-# share of the cores, as torch's spinning threads oversubscribed ran a test up to 4x slower
+MAX_WORKERS = 4  # each worker loads its own models and data
+
+
+def pytest_xdist_auto_num_workers(config):
+    # pyproject's `-n auto`: a worker per core this process may use (xdist's own count reads the
+    # physical cores and ignores a container's or taskset's share)
+    return min(MAX_WORKERS, len(host.usable_cores()))
+
+
+# each worker's torch gets its share of the cores: oversubscribed, torch's spinning threads ran a
+# test up to 4x slower
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)) // WORKERS)))
+torch.set_num_threads(max(1, min(2, len(host.usable_cores()) // WORKERS)))
 
 # A suite started in the background without job control (`pytest &` in a script) inherits SIGINT
 # ignored, under nohup SIGHUP too, and so would every process it starts: the tests of Ctrl-C and

@@ -114,6 +114,7 @@ def test_a_goal_whose_lorakit_rows_all_failed_is_not_measured():
 
 
 @pytest.mark.parametrize("broken", [False, True])
+@pytest.mark.usefixtures("mask_keeping")
 def test_the_kernel_checks_blocks_pass_on_the_cpu_and_catch_a_dropout_mask_left_out(monkeypatch, broken):
     """The block cases at small widths on the CPU, the dropout ones against the plain modules
     replaying the drawn masks; a backward that forgets the masks (dA and dX as without dropout,
@@ -128,6 +129,28 @@ def test_the_kernel_checks_blocks_pass_on_the_cpu_and_catch_a_dropout_mask_left_
                for name, case in gpu_kernels._cases(torch.float32).items()}
     failed = {name for name, result in results.items() if not gpu_kernels._passed(result)}
     assert failed == ({"q,k,v dropout", "mlp st. dropout"} if broken else set()), results
+
+
+def test_the_kernel_check_fails_a_backward_that_moves_the_random_generator(monkeypatch):
+    """CUDA's masks drawn again from a saved state, here on the CPU's generator: a backward that
+    neither restores that state nor puts the generator back raises inside the case."""
+    from lorakit.kernels import adapter_dropout
+
+    class StuckState:  # set_state does nothing: backward draws fresh masks and moves the generator
+        def get_state(self):
+            return torch.default_generator.get_state()
+
+        def set_state(self, state):
+            pass
+
+    for name, value in (("DEVICE", "cpu"), ("HIDDEN", 64), ("KV", 32), ("INTER", 128), ("TOKENS", 64), ("RANK", 4)):
+        monkeypatch.setattr(gpu_kernels, name, value)
+    monkeypatch.setattr(adapter_dropout, "REDRAWN_ON", adapter_dropout.REDRAWN_ON | {"cpu"})
+    monkeypatch.setattr(adapter_dropout, "_generator", lambda device: StuckState())
+    cases = gpu_kernels._cases(torch.float32)
+    assert gpu_kernels._passed(gpu_kernels.check_block("q,k,v", *cases["q,k,v"], torch.float32))  # draws nothing
+    with pytest.raises(AssertionError, match="random generator"):
+        gpu_kernels.check_block("q,k,v dropout", *cases["q,k,v dropout"], torch.float32)
 
 
 @pytest.mark.parametrize("scale, passed", [(1.0, True), (0.75, False)])

@@ -331,12 +331,13 @@ def test_redrawn_masks_are_not_saved_give_the_kept_masks_gradients_and_leave_the
         sum(out.square().sum() for out in (outs if isinstance(outs, tuple) else (outs,))).backward()
         assert torch.equal(torch.get_rng_state(), after_forward)
         grads = [x.grad] + [p.grad for layer in layers for p in layer.parameters() if p.requires_grad]
-        return grads, [t for t in saved if t.dtype == torch.bool]
+        return grads, [t for t in saved if t.dtype == torch.bool], after_forward
 
-    kept_grads, kept_masks = step()
+    kept_grads, kept_masks, kept_state = step()
     monkeypatch.setattr(adapter_dropout, "REDRAWN_ON", adapter_dropout.REDRAWN_ON | {"cpu"})
-    redrawn_grads, redrawn_masks = step()
+    redrawn_grads, redrawn_masks, redrawn_state = step()
     assert len(kept_masks) == 2 + (block == "mlp") and redrawn_masks == []
+    assert torch.equal(redrawn_state, kept_state)  # forward draws alike: a run and its resume take the same masks
     for got, want in zip(redrawn_grads, kept_grads, strict=True):
         assert torch.equal(got, want)
 

@@ -14,6 +14,7 @@ from lorakit.plan.estimate import (
     _per_step_saved_bytes,
     NF4_BYTES_PER_PARAM,
     TrainShape,
+    backward_workspace_bytes,
     estimate,
     estimate_memory,
     flops_per_token,
@@ -133,6 +134,11 @@ def test_fused_groups_keep_a_dropout_mask_per_adapter_on_the_cpu_and_none_on_cud
     masks = {key: n for key, n in saved("cpu", 0.1).items() if "mask" in key}
     assert sum(masks.values()) == 3 * 2048 + 2048 + 2 * 2048 + 8192 and len(masks) == 4  # a byte per element
     assert saved("cuda", 0.1) == saved("cuda", 0.0)  # kernels/adapter_dropout draws them again in backward
+    workspace = {dropout: backward_workspace_bytes(m, TrainShape(r=16, dtype="bf16", device="cuda", fused_mlp=True,
+                                                                 lora_dropout=dropout))
+                 for dropout in (0.0, 0.1)}
+    tokens = TrainShape().tokens
+    assert [a - b for a, b in zip(workspace[0.1], workspace[0.0])] == [0, tokens * 8192, tokens * 8192]  # down's mask
     unfused = layer_saved_bytes(m, TrainShape(r=16, dtype="bf16", device="cuda", lora_dropout=0.1))
     assert sum(unfused.values()) > sum(saved("cuda", 0.0).values())  # a dropped copy and a mask per adapter
 

@@ -400,7 +400,7 @@ def test_the_plan_counts_the_cpu_attention_probabilities_where_the_fast_paths_ke
 
 
 def test_the_plan_knows_which_blocks_run_fused():
-    """With dropout the fused groups keep bool masks instead of dropped copies: the plan asks the
+    """With dropout the fused groups keep no dropped copies (on the CPU bool masks): the plan asks the
     patched model which groups fused (a mix answers False, the larger estimate)."""
     from lorakit.kernels import llama_patch
     from lorakit.kernels.llama_patch import enable_fast_paths

@@ -9,9 +9,12 @@ What backward keeps to apply a mask again (`dropped` returns it; `masks_for` giv
 - on a CPU the bool mask itself (1 byte an element: drawing it twice would cost a step another
   6%, while the masks are 0.14 GiB of its 2.5);
 - on CUDA the generator's state before the draw, from which backward draws the same mask again,
-  as torch's checkpointing recomputes dropout: the same kernel on the same state and shape. The
-  kept masks of a Llama-3.2-1B step (4 x 2048 tokens, all seven projections) were about 2.7 GB;
-  drawing them again is a pass over each input, microseconds each on an H200.
+  as torch's checkpointing recomputes dropout: the same kernel on the same state, shape, strides
+  and alignment (its vector width follows them; backward's input is forward's saved tensor, or
+  the MLP's product recomputed alike). The kept masks of a Llama-3.2-1B step (4 x 2048 tokens,
+  all seven projections) were about 2.7 GB; drawing them again reads each input once more and
+  writes a copy and the mask: about 13 GB of memory traffic a step, 3-4 ms on an H200 (an
+  estimate, not yet measured on one).
 
 A mask multiplies as bytes: torch multiplies by a bool tensor 6-35x slower on a CPU (a
 conversion per element), which made the first version of this path slower than the plain one.
@@ -29,7 +32,7 @@ REDRAWN_ON = frozenset({"cuda"})  # device types whose masks backward draws agai
 _KEEP_LEVELS = 1 << 16  # a CPU mask compares 16 random bits per element
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Redraw:
     """A mask not kept: the state of the default generator just before it was drawn."""
     state: torch.Tensor
@@ -61,7 +64,7 @@ def _drawn_again(x: torch.Tensor, redraw: Redraw, rate: float) -> torch.Tensor:
     generator = _generator(x.device)
     now = generator.get_state()
     generator.set_state(redraw.state)
-    try:  # draw's random numbers, the same ones: native_dropout's, or cpu_mask's
+    try:  # draw's random numbers, without its copy on a CPU (and unseen by tests that record `draw`)
         return cpu_mask(x, rate) if x.device.type == "cpu" else torch.ops.aten.native_dropout(x, rate, True)[1]
     finally:
         generator.set_state(now)
@@ -70,7 +73,7 @@ def _drawn_again(x: torch.Tensor, redraw: Redraw, rate: float) -> torch.Tensor:
 def _generator(device: torch.device) -> torch.Generator:
     if device.type == "cpu":
         return torch.default_generator
-    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.cuda.default_generators[device.index]  # a tensor's device always has its index
 
 
 def cpu_mask(x: torch.Tensor, rate: float) -> torch.Tensor:

@@ -16,9 +16,10 @@ What capture asks of a step, and how lorakit's fast paths meet it:
 - gradients captured from `.grad = None`: each replay writes the step's gradients into the same
   tensors (no accumulation), the optimizer steps outside the graph, and nothing may set `.grad`
   to None afterwards (the replays would write where no parameter looks);
-- no dropout, checkpointing or packed rows (random state, host-side segment lengths): the bench
-  variant runs on plain rows only, with `keep_plain_rows_unmasked` (transformers would build a
-  full attention mask while capturing);
+- no dropout, checkpointing or packed rows (random state, which the fused blocks' dropout also
+  reads and sets on the host, where a graph's replay would not; host-side segment lengths): the
+  bench variant runs on plain rows only, with `keep_plain_rows_unmasked` (transformers would build
+  a full attention mask while capturing);
 - every row goes through the output head, labelled or not: with prompt tokens in the batch the
   graph computes more than the eager step, which skips them.
 Memory: between replays the graph's private pool keeps what one step allocates, so the step's

@@ -498,6 +498,7 @@ class _LoraSwiGLU(torch.autograd.Function):
         d_gate_up = torch.empty(e.shape[0], 2 * e.shape[1], dtype=e.dtype, device=e.device) if side_by_side else None
         dh_out, dg_out = (None, None) if d_gate_up is None else d_gate_up.split(e.shape[1], dim=1)
         dh = _input_grad_with_adapters([down], [grad], dxa_down, a_down, down_dropout, out=dh_out)
+        del down_dropout  # a mask drawn again (CUDA) would live through the gate and up backward
         if ops is None:
             de, dg = _silu_mul_grads(e, g, dh, silu=silu, dg_out=dg_out)
         else:  # one pass, de written over dh

@@ -477,10 +477,13 @@ def backward_workspace_bytes(m: ModelShape, shape: TrainShape) -> tuple[int, int
       recomputed forward adds the LoRA branches' out-of-place temporaries on top of the full
       recomputed layer; PEFT's fp32 adapters double them (fp32 branch output, scaled, sum).
       lorakit's fused MLP recomputes silu(gate) and the product in its backward, and holds both
-      with the product's grad: one intermediate-sized tensor more (counted, not yet measured)."""
+      with the product's grad: one intermediate-sized tensor more (counted, not yet measured);
+      with dropout on CUDA also the down adapter's mask, drawn again there (a byte an element)."""
     h, i, b, tokens = m.hidden_size, m.intermediate_size, shape.compute_bytes, shape.tokens
     norm = 20 * h
     fused = i * b if _mlp_is_fused(shape, set(resolve_targets(shape.targets))) else 0
+    if fused and shape.lora_dropout > 0 and shape.device != "cpu":
+        fused += i
     plain = 2 * i * b + h * b - (4 * h + 4) + fused
     recomputed = 4 * i * b + 4 * h * b if shape.engine == "peft" and b < 4 else 2 * i * b + h * b + fused
     return int(tokens * norm), int(tokens * plain), int(tokens * recomputed)
