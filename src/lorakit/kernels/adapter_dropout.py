@@ -1,4 +1,6 @@
-"""Adapter dropout inside the fused LoRA blocks (kernels/fused_lora): y_i = x W_i^T + s_i * (drop_i(x) A_i^T) B_i^T.
+"""Adapter dropout inside the fused LoRA blocks (kernels/fused_lora):
+
+    y_i = x W_i^T + s_i * (drop_i(x) A_i^T) B_i^T
 
 Each projection of a group draws its own mask, in the projections' order, from torch's default
 generator, so a seed, a resume and a checkpointed recompute give the same masks. On a GPU
