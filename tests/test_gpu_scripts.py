@@ -113,16 +113,21 @@ def test_a_goal_whose_lorakit_rows_all_failed_is_not_measured():
     assert gpu_summary._row({"variant": "lorakit-offload", "error": "x"}).startswith("lorakit-offload failed: x")
 
 
+@pytest.fixture
+def small_kernel_checks(monkeypatch):
+    """gpu_kernels' block cases on the CPU at small widths."""
+    for name, value in (("DEVICE", "cpu"), ("HIDDEN", 64), ("KV", 32), ("INTER", 128), ("TOKENS", 64), ("RANK", 4)):
+        monkeypatch.setattr(gpu_kernels, name, value)
+
+
 @pytest.mark.parametrize("broken", [False, True])
-@pytest.mark.usefixtures("mask_keeping")
+@pytest.mark.usefixtures("mask_keeping", "small_kernel_checks")
 def test_the_kernel_checks_blocks_pass_on_the_cpu_and_catch_a_dropout_mask_left_out(monkeypatch, broken):
     """The block cases at small widths on the CPU, the dropout ones against the plain modules
     replaying the drawn masks; a backward that forgets the masks (dA and dX as without dropout,
     the forward untouched) must fail them."""
     from lorakit.kernels import fused_lora
 
-    for name, value in (("DEVICE", "cpu"), ("HIDDEN", 64), ("KV", 32), ("INTER", 128), ("TOKENS", 64), ("RANK", 4)):
-        monkeypatch.setattr(gpu_kernels, name, value)
     if broken:  # asked only in backward
         monkeypatch.setattr(fused_lora, "_dropped_any", lambda dropouts: False)
     results = {name: gpu_kernels.check_block(name, *case, torch.float32)
@@ -131,6 +136,7 @@ def test_the_kernel_checks_blocks_pass_on_the_cpu_and_catch_a_dropout_mask_left_
     assert failed == ({"q,k,v dropout", "mlp st. dropout"} if broken else set()), results
 
 
+@pytest.mark.usefixtures("small_kernel_checks")
 def test_the_kernel_check_fails_a_backward_that_moves_the_random_generator(monkeypatch):
     """CUDA's masks drawn again from a saved state, here on the CPU's generator: a backward that
     neither restores that state nor puts the generator back raises inside the case."""
@@ -143,8 +149,6 @@ def test_the_kernel_check_fails_a_backward_that_moves_the_random_generator(monke
         def set_state(self, state):
             pass
 
-    for name, value in (("DEVICE", "cpu"), ("HIDDEN", 64), ("KV", 32), ("INTER", 128), ("TOKENS", 64), ("RANK", 4)):
-        monkeypatch.setattr(gpu_kernels, name, value)
     monkeypatch.setattr(adapter_dropout, "REDRAWN_ON", adapter_dropout.REDRAWN_ON | {"cpu"})
     monkeypatch.setattr(adapter_dropout, "_generator", lambda device: StuckState())
     cases = gpu_kernels._cases(torch.float32)
